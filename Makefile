@@ -1,0 +1,42 @@
+# The two commands that matter: `make run` and `make test` (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+
+.PHONY: run test bench lint install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+## Set up, migrate the embedded SQLite database and serve on http://127.0.0.1:8000
+run: install
+	$(BIN)/cadence db upgrade
+	$(BIN)/cadence serve
+
+## Set up and run the whole suite on SQLite and on a throw-away PostgreSQL
+test: install-test
+	CADENCE_REQUIRE_POSTGRES=1 scripts/with-postgres.sh $(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+
+## Run the benchmarks and write docs/benchmarks.md
+bench: install-test
+	scripts/with-postgres.sh $(PY) -m benchmarks $(BENCH_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check cadence tests benchmarks
+	$(BIN)/ruff format --check cadence tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+"""``python -m cadence`` runs the CLI."""
+
+from cadence.cli import main
+
+main()

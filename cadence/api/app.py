@@ -1,0 +1,116 @@
+"""The FastAPI application, built by :func:`create_app` from settings or a runtime."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from cadence import __version__
+from cadence.api.metrics import Metrics
+from cadence.api.security import KeyRing, RateLimiter
+from cadence.errors import CadenceError, EventError, PayloadTooLarge
+from cadence.runtime import Runtime, open_runtime
+from cadence.settings import Settings, load_settings
+
+__all__ = ["ROUTERS", "create_app"]
+
+log = logging.getLogger("cadence.api")
+
+# Each module exposes ``router``; plugins add more through ``cadence_register_routers``.
+ROUTERS = (
+    "cadence.api.routers.health",
+    "cadence.api.routers.ingest",
+)
+
+# Hooks run at startup and shutdown, in order, each given the app. Later parts (the
+# engine loop, the scheduler) register themselves here from their own modules.
+Lifecycle = Callable[[FastAPI], Awaitable[None] | None]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    background: bool = True,
+) -> FastAPI:
+    """Build the API.
+
+    :param settings: used to open a runtime when ``runtime`` is not given.
+    :param runtime: an open runtime (tests pass one with a fresh database).
+    :param background: start the engine loop (and later the scheduler) in-process.
+    """
+    if runtime is None:
+        runtime = open_runtime(settings or load_settings())
+    settings = runtime.settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for hook in app.state.on_startup:
+            result = hook(app)
+            if result is not None:
+                await result
+        try:
+            yield
+        finally:
+            for hook in reversed(app.state.on_shutdown):
+                result = hook(app)
+                if result is not None:
+                    await result
+
+    app = FastAPI(
+        title="cadence",
+        version=__version__,
+        description="Decisions, events and attribution for marketing.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.keyring = KeyRing(settings, runtime.engine)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    app.state.on_startup = []
+    app.state.on_shutdown = []
+    app.state.background = background
+
+    for name in ROUTERS:
+        module = importlib.import_module(name)
+        app.include_router(module.router)
+        setup = getattr(module, "setup", None)
+        if setup is not None:
+            setup(app)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def _too_large(_request: Request, exc: PayloadTooLarge) -> JSONResponse:
+        return JSONResponse(
+            status_code=400, content={"error": str(exc), "field": exc.field, "code": "too_large"}
+        )
+
+    @app.exception_handler(EventError)
+    async def _bad_event(_request: Request, exc: EventError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"error": str(exc), "field": exc.field})
+
+    @app.exception_handler(CadenceError)
+    async def _cadence_error(_request: Request, exc: CadenceError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"error": str(exc)})
+
+    @app.middleware("http")
+    async def _timing(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path: Any = getattr(route, "path", "unmatched")
+        app.state.metrics.requests.labels(path, str(response.status_code)).observe(
+            time.perf_counter() - started
+        )
+        return response
+
+    return app

@@ -1,0 +1,127 @@
+"""Segment-compatible ingestion: ``POST /v1/track|identify|alias|page|screen|group|batch``.
+
+Existing Segment and RudderStack libraries can point their host here and send with the
+write key as HTTP Basic user name. Every accepted event is committed before the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from cadence.api.security import Principal, Scope
+from cadence.clock import now_ms
+from cadence.engine.events import NewEvent, parse_call
+from cadence.engine.ingest import IngestResult, record_events
+from cadence.errors import EventError, PayloadTooLarge
+
+router = APIRouter(prefix="/v1", tags=["ingest"])
+
+
+class IngestResponse(BaseModel):
+    """What the log made of the request."""
+
+    success: bool = True
+    accepted: int
+    duplicates: int
+
+
+class Rejected(BaseModel):
+    """One batch item that was not accepted, with the field at fault."""
+
+    index: int
+    field: str | None
+    error: str
+
+
+async def _body(request: Request, limit: int) -> Any:
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLarge(
+            f"request body is {len(raw)} bytes; the limit is {limit} bytes", field="body"
+        )
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(f"body: not valid JSON ({exc})", field="body") from exc
+
+
+async def _store(request: Request, batch: list[NewEvent], source: str) -> IngestResult:
+    engine = request.app.state.runtime.engine
+    result = await run_in_threadpool(record_events, engine=engine, batch=batch)
+    metrics = request.app.state.metrics
+    metrics.events_accepted.labels(source).inc(result.accepted)
+    metrics.events_duplicate.labels(source).inc(result.duplicates)
+    wake = getattr(request.app.state, "wake_engine", None)
+    if wake is not None and result.accepted:
+        wake()
+    return result
+
+
+def _single(call_type: str) -> Any:
+    async def endpoint(
+        request: Request, _principal: Annotated[Principal, Scope("ingest")]
+    ) -> IngestResponse:
+        body = await _body(request, request.app.state.settings.max_call_bytes)
+        event = parse_call(body, received_ms=now_ms(), call_type=call_type)
+        result = await _store(request, [event], "api")
+        return IngestResponse(accepted=result.accepted, duplicates=result.duplicates)
+
+    endpoint.__name__ = f"ingest_{call_type}"
+    endpoint.__doc__ = f"Record one Segment `{call_type}` call."
+    return endpoint
+
+
+for _call in ("track", "identify", "alias", "page", "screen", "group"):
+    router.add_api_route(
+        f"/{_call}", _single(_call), methods=["POST"], response_model=IngestResponse
+    )
+
+
+@router.post("/batch", response_model=IngestResponse, responses={400: {"model": Rejected}})
+async def ingest_batch(
+    request: Request, _principal: Annotated[Principal, Scope("ingest")]
+) -> JSONResponse:
+    """Record a Segment ``batch``: valid items are stored even when others are rejected.
+
+    Top-level ``context`` and ``integrations`` are merged into each item. When any
+    item is rejected the answer is 400 and lists each with its field; the valid
+    items are committed all the same (Segment libraries do not retry a 400).
+    """
+    settings = request.app.state.settings
+    body = await _body(request, settings.max_batch_bytes)
+    if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
+        raise EventError("batch: expected an object with a `batch` array", field="batch")
+    items = body["batch"]
+    if len(items) > settings.max_batch_events:
+        raise PayloadTooLarge(
+            f"batch: {len(items)} events; the limit is {settings.max_batch_events}", field="batch"
+        )
+    shared_context = body.get("context") if isinstance(body.get("context"), dict) else None
+    received = now_ms()
+    good: list[NewEvent] = []
+    rejected: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if shared_context and isinstance(item, dict):
+            item = {**item, "context": {**shared_context, **(item.get("context") or {})}}
+        try:
+            good.append(parse_call(item, received_ms=received, prefix=f"batch.{index}."))
+        except EventError as exc:
+            rejected.append({"index": index, "field": exc.field, "error": str(exc)})
+    result = await _store(request, good, "api")
+    content: dict[str, Any] = {
+        "success": not rejected,
+        "accepted": result.accepted,
+        "duplicates": result.duplicates,
+    }
+    if rejected:
+        request.app.state.metrics.events_rejected.labels("api").inc(len(rejected))
+        content["rejected"] = rejected
+        content["error"] = f"{len(rejected)} of {len(items)} events rejected"
+        return JSONResponse(status_code=400, content=content)
+    return JSONResponse(content=content)

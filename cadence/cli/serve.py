@@ -1,0 +1,44 @@
+"""``cadence serve``: the API, the engine loop and the scheduler in one process."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from cadence.api.app import create_app
+from cadence.api.security import KeyRing, create_key
+from cadence.cli import settings_from_cli
+from cadence.logs import configure_logging
+from cadence.runtime import open_runtime
+
+console = Console()
+
+
+def serve(
+    ctx: typer.Context,
+    host: str | None = typer.Option(None, help="Interface to bind (default from settings)."),
+    port: int | None = typer.Option(None, help="Port to bind (default from settings)."),
+) -> None:
+    """Apply migrations, then run the API with the engine loop and the scheduler."""
+    settings = settings_from_cli(ctx, host=host, port=port)
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+    runtime = open_runtime(settings, upgrade=True)
+    if KeyRing(settings, runtime.engine).is_empty():
+        key = create_key(runtime.engine, name="bootstrap-admin", scopes=["admin"])
+        console.print(
+            "[bold yellow]No API key was configured; created one with the admin scope "
+            "(shown once, store it):[/]\n  " + key
+        )
+    app = create_app(runtime=runtime)
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(f"cadence is serving on {url} - API docs at [bold]{url}/docs[/]")
+    logging.getLogger("cadence").info("database %s", runtime.engine.url.render_as_string())
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cadence serve`` to the root app."""
+    app.command("serve")(serve)

@@ -1,0 +1,223 @@
+"""Segment-spec calls: validation, timestamp correction, and the :class:`NewEvent` they become.
+
+Every source (the HTTP API, file imports, provider webhooks) turns its input into
+:class:`NewEvent` objects and hands them to :func:`cadence.engine.ingest.record_events`.
+A malformed call raises :class:`~cadence.errors.EventError` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from cadence.clock import datetime_to_ms
+from cadence.errors import EventError
+
+__all__ = ["CALL_TYPES", "NewEvent", "parse_call", "parse_timestamp"]
+
+CALL_TYPES = ("track", "identify", "alias", "page", "screen", "group")
+MAX_ID = 200
+MAX_MESSAGE_ID = 100
+MAX_EVENT_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event ready for the log: ids and time pulled out, the rest kept in ``payload``."""
+
+    message_id: str
+    type: str
+    ts_ms: int
+    payload: dict[str, Any]
+    event: str | None = None
+    user_id: str | None = None
+    anonymous_id: str | None = None
+    source: str = "api"
+    received_ms: int = field(default=0, compare=False)
+
+
+def parse_timestamp(value: Any, where: str) -> datetime:
+    """Parse an ISO-8601 timestamp (``Z``, an offset, or none for UTC) or epoch seconds.
+
+    >>> parse_timestamp("2026-03-04T05:06:07Z", "timestamp").isoformat()
+    '2026-03-04T05:06:07+00:00'
+    >>> parse_timestamp("2026-03-04 05:06:07", "timestamp").isoformat()
+    '2026-03-04T05:06:07+00:00'
+    """
+    if isinstance(value, bool):
+        raise EventError(f"{where}: expected an ISO-8601 timestamp, got a boolean", field=where)
+    if isinstance(value, int | float):
+        try:
+            return datetime.fromtimestamp(float(value), tz=UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise EventError(f"{where}: {value!r} is not a valid epoch time", field=where) from exc
+    if not isinstance(value, str):
+        raise EventError(f"{where}: expected an ISO-8601 timestamp string", field=where)
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise EventError(f"{where}: {value!r} is not an ISO-8601 timestamp", field=where) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _optional_id(raw: dict[str, Any], name: str, prefix: str, limit: int = MAX_ID) -> str | None:
+    value = raw.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise EventError(f"{prefix}{name}: expected a string", field=prefix + name)
+    text = str(value)
+    if len(text) > limit:
+        raise EventError(
+            f"{prefix}{name}: longer than {limit} characters ({len(text)})", field=prefix + name
+        )
+    return text
+
+
+def _object(raw: dict[str, Any], name: str, prefix: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EventError(f"{prefix}{name}: expected an object", field=prefix + name)
+    return value
+
+
+def corrected_timestamp(raw: dict[str, Any], *, received_ms: int, prefix: str = "") -> int:
+    """The event time in ms, corrected for client clock skew as Segment does.
+
+    ``timestamp = receivedAt - (sentAt - originalTimestamp)`` when ``sentAt`` is given;
+    an explicit ``timestamp`` without ``sentAt`` is trusted; else the receive time.
+
+    >>> corrected_timestamp({"originalTimestamp": "2026-01-01T00:00:00Z",
+    ...     "sentAt": "2026-01-01T00:00:10Z"}, received_ms=1767225605000)
+    1767225595000
+    """
+    original = raw.get("originalTimestamp") or raw.get("timestamp")
+    sent_at = raw.get("sentAt")
+    if original is not None and sent_at is not None:
+        where = "originalTimestamp" if raw.get("originalTimestamp") else "timestamp"
+        original_ms = datetime_to_ms(parse_timestamp(original, prefix + where))
+        sent_ms = datetime_to_ms(parse_timestamp(sent_at, prefix + "sentAt"))
+        return received_ms - (sent_ms - original_ms)
+    if raw.get("timestamp") is not None:
+        return datetime_to_ms(parse_timestamp(raw["timestamp"], prefix + "timestamp"))
+    if original is not None:
+        return datetime_to_ms(parse_timestamp(original, prefix + "originalTimestamp"))
+    return received_ms
+
+
+def _auto_message_id(raw: dict[str, Any]) -> str:
+    """A stable id for a call sent without ``messageId``: its content hash, so a retry dedupes."""
+    digest = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return "auto-" + digest[:40]
+
+
+def parse_call(
+    raw: Any,
+    *,
+    received_ms: int,
+    call_type: str | None = None,
+    source: str = "api",
+    prefix: str = "",
+) -> NewEvent:
+    """Validate one Segment-spec call and turn it into a :class:`NewEvent`.
+
+    :param raw: the decoded JSON object.
+    :param call_type: the type implied by the route (``/v1/track``); ``raw["type"]``
+        is used when None (batches, imports).
+    :param prefix: prepended to field names in errors (``"batch.3."``).
+
+    >>> e = parse_call({"type": "track", "event": "Order Completed", "userId": "u1",
+    ...     "messageId": "m1", "timestamp": "2026-01-01T00:00:00Z"}, received_ms=0)
+    >>> (e.type, e.event, e.user_id, e.ts_ms)
+    ('track', 'Order Completed', 'u1', 1767225600000)
+    """
+    if not isinstance(raw, dict):
+        raise EventError(
+            f"{prefix or 'body'}: expected a JSON object", field=prefix.rstrip(".") or None
+        )
+    declared = raw.get("type")
+    kind = call_type or declared
+    if kind is None:
+        raise EventError(
+            f"{prefix}type: required (one of {', '.join(CALL_TYPES)})", field=prefix + "type"
+        )
+    if kind not in CALL_TYPES:
+        raise EventError(
+            f"{prefix}type: {kind!r} is not a Segment call type ({', '.join(CALL_TYPES)})",
+            field=prefix + "type",
+        )
+    user_id = _optional_id(raw, "userId", prefix)
+    anonymous_id = _optional_id(raw, "anonymousId", prefix)
+    if user_id is None and anonymous_id is None:
+        raise EventError(
+            f"{prefix}userId: userId or anonymousId is required", field=prefix + "userId"
+        )
+    message_id = _optional_id(raw, "messageId", prefix, MAX_MESSAGE_ID) or _auto_message_id(raw)
+
+    event_name: str | None = None
+    payload: dict[str, Any] = {}
+    context = _object(raw, "context", prefix)
+    if context:
+        payload["context"] = context
+    integrations = _object(raw, "integrations", prefix)
+    if integrations:
+        payload["integrations"] = integrations
+    if kind == "track":
+        event_name = raw.get("event")
+        if not isinstance(event_name, str) or not event_name.strip():
+            raise EventError(
+                f"{prefix}event: required for track, a non-empty string", field=prefix + "event"
+            )
+        if len(event_name) > MAX_EVENT_NAME:
+            raise EventError(
+                f"{prefix}event: longer than {MAX_EVENT_NAME} characters", field=prefix + "event"
+            )
+        payload["properties"] = _object(raw, "properties", prefix)
+    elif kind in ("identify", "group"):
+        payload["traits"] = _object(raw, "traits", prefix)
+        if kind == "group":
+            group_id = _optional_id(raw, "groupId", prefix)
+            if group_id is None:
+                raise EventError(f"{prefix}groupId: required for group", field=prefix + "groupId")
+            payload["groupId"] = group_id
+    elif kind in ("page", "screen"):
+        name = raw.get("name")
+        if name is not None and not isinstance(name, str):
+            raise EventError(f"{prefix}name: expected a string", field=prefix + "name")
+        event_name = name
+        payload["properties"] = _object(raw, "properties", prefix)
+        if raw.get("category") is not None:
+            payload["category"] = raw["category"]
+    elif kind == "alias":
+        previous = _optional_id(raw, "previousId", prefix)
+        if previous is None:
+            raise EventError(f"{prefix}previousId: required for alias", field=prefix + "previousId")
+        if user_id is None:
+            raise EventError(f"{prefix}userId: required for alias", field=prefix + "userId")
+        payload["previousId"] = previous
+    if raw.get("channel") is not None:  # RudderStack's optional field
+        payload["channel"] = raw["channel"]
+
+    ts_ms = corrected_timestamp(raw, received_ms=received_ms, prefix=prefix)
+    return NewEvent(
+        message_id=message_id,
+        type=kind,
+        event=event_name,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        ts_ms=ts_ms,
+        payload=payload,
+        source=source,
+        received_ms=received_ms,
+    )

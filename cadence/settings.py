@@ -1,0 +1,124 @@
+"""Configuration: environment variables ``CADENCE_*`` over an optional ``cadence.toml``.
+
+Nested settings use ``__`` in environment variables, e.g.
+``CADENCE_CONNECTORS__SENDGRID__API_KEY``. Build settings with :func:`load_settings`
+(it turns a validation failure into a :class:`~cadence.errors.ConfigError` that names
+the setting); never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from cadence.errors import ConfigError
+
+__all__ = ["ApiKeyConfig", "Scope", "Settings", "load_settings"]
+
+Scope = Literal["ingest", "decide", "admin"]
+SCOPES: tuple[Scope, ...] = ("ingest", "decide", "admin")
+
+
+class ApiKeyConfig(BaseModel):
+    """An API key given in configuration: only its SHA-256 hash is ever stored."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
+    scopes: list[Scope] = Field(default_factory=lambda: ["ingest"])
+
+
+class Settings(BaseSettings):
+    """Everything cadence can be told. Field names map to ``CADENCE_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CADENCE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file="cadence.toml",
+    )
+
+    database_url: str = "sqlite:///./cadence.db"
+    rules_paths: list[Path] = Field(default_factory=lambda: [Path("rules")])
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    default_timezone: str = "UTC"
+
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    rate_limit_per_second: float = Field(default=200.0, gt=0)
+    rate_limit_burst: int = Field(default=400, ge=1)
+
+    max_call_bytes: int = Field(default=32 * 1024, ge=1024)
+    max_batch_bytes: int = Field(default=500 * 1024, ge=1024)
+    max_batch_events: int = Field(default=2500, ge=1)
+
+    engine_enabled: bool = True
+    engine_batch_size: int = Field(default=2000, ge=1)
+    engine_poll_seconds: float = Field(default=0.5, gt=0)
+
+    disable_plugin_autoload: bool = False
+    plugins_allow: list[str] | None = None
+    connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme.split("+", 1)[0] not in {"sqlite", "postgresql", "postgres"}:
+            raise ValueError(
+                f"unsupported database {scheme!r}: use sqlite:///PATH or postgresql://..."
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("CADENCE_CONFIG", "cadence.toml"))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_path),
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment, ``cadence.toml`` and ``overrides``.
+
+    A bad value raises :class:`ConfigError` naming each wrong setting as its
+    environment variable, e.g. ``CADENCE_PORT: Input should be less than or equal to 65535``.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "CADENCE_" + "__".join(str(part).upper() for part in err["loc"])
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from exc

@@ -1,0 +1,115 @@
+"""Database engines and schema migrations, built by factories (never at import time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+from cadence.errors import StorageError
+
+__all__ = ["create_db_engine", "is_postgres", "migrate", "pending_migrations"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def normalise_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL URLs given without a driver.
+
+    >>> normalise_url("postgresql://u@h/db")
+    'postgresql+psycopg://u@h/db'
+    >>> normalise_url("sqlite:///x.db")
+    'sqlite:///x.db'
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def create_db_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine for ``url`` tuned for cadence's workload.
+
+    SQLite runs in WAL mode with ``synchronous=NORMAL`` (a committed transaction
+    survives a process crash), foreign keys on, and a busy timeout so the engine
+    loop and the API can share the file.
+    """
+    url = normalise_url(url)
+    parsed = make_url(url)
+    options: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+    if parsed.get_backend_name() == "sqlite":
+        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        if parsed.database in (None, "", ":memory:"):
+            options["poolclass"] = StaticPool
+    else:
+        options["pool_pre_ping"] = True
+        options["pool_size"] = 10
+        options["max_overflow"] = 20
+    options.update(kwargs)
+    engine = create_engine(url, **options)
+    if parsed.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not pysqlite, decide when transactions begin.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # IMMEDIATE takes the write lock up front: no deadlock-prone lock upgrades.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_postgres(engine: Engine) -> bool:
+    """True when ``engine`` talks to PostgreSQL."""
+    return engine.dialect.name == "postgresql"
+
+
+def _alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+def migrate(engine: Engine, revision: str = "heads") -> None:
+    """Apply Alembic migrations up to ``revision`` (all heads by default)."""
+    try:
+        command.upgrade(_alembic_config(engine), revision)
+    except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear message
+        raise StorageError(f"could not migrate {engine.url!r}: {exc}") from exc
+
+
+def pending_migrations(engine: Engine) -> list[str]:
+    """Revisions not yet applied to the database behind ``engine``."""
+    script = ScriptDirectory.from_config(_alembic_config(engine))
+    with engine.connect() as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    heads = set(script.get_heads())
+    if heads <= current:
+        return []
+    pending = []
+    for rev in script.walk_revisions():
+        if rev.revision not in current:
+            pending.append(rev.revision)
+    return pending

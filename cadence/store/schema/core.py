@@ -1,0 +1,156 @@
+"""Core tables: the event log, customers and identities, profiles, consent, checkpoints.
+
+Times are stored as integer milliseconds since the Unix epoch (UTC) in columns named
+``*_ms``: portable between SQLite and PostgreSQL, cheap to compare and to bucket.
+
+The event log (``events``) is append-only; everything else is derived from it by the
+engine loop, except ``api_keys`` and ``erasures`` (operator actions) and the
+connector tables (``sends``), which record what was done in the outside world.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+from cadence.store.schema.base import Id, Json, metadata
+
+__all__ = [
+    "api_keys",
+    "checkpoints",
+    "consent",
+    "customers",
+    "erasures",
+    "events",
+    "identities",
+    "profile_daily",
+    "profile_event_stats",
+    "profiles",
+]
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(100), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("event", String(200)),
+    Column("user_id", String(200)),
+    Column("anonymous_id", String(200)),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("payload", Json, nullable=False),
+    UniqueConstraint("message_id"),
+    Index(None, "user_id"),
+    Index(None, "anonymous_id"),
+)
+
+customers = Table(
+    "customers",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("created_ms", BigInteger, nullable=False),
+    # Set when this customer was stitched into another one; reads follow the chain.
+    Column("merged_into", Id, ForeignKey("customers.id", ondelete="SET NULL")),
+)
+
+identities = Table(
+    "identities",
+    metadata,
+    Column("kind", String(16), nullable=False),  # "user" or "anonymous"
+    Column("value", String(200), nullable=False),
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("first_seen_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("kind", "value"),
+    Index(None, "customer_id"),
+)
+
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True),
+    Column("first_seen_ms", BigInteger, nullable=False),
+    Column("last_seen_ms", BigInteger, nullable=False),
+    Column("event_count", BigInteger, nullable=False, default=0),
+    Column("traits", Json, nullable=False),
+    Column("timezone", String(64)),
+    Column("updated_event_id", BigInteger, nullable=False, default=0),
+)
+
+profile_event_stats = Table(
+    "profile_event_stats",
+    metadata,
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("event", String(200), nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("sum_value", Float, nullable=False),
+    Column("first_ms", BigInteger, nullable=False),
+    Column("last_ms", BigInteger, nullable=False),
+    Column("last_value", Float),
+    PrimaryKeyConstraint("customer_id", "event"),
+)
+
+profile_daily = Table(
+    "profile_daily",
+    metadata,
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("event", String(200), nullable=False),
+    Column("day", Integer, nullable=False),  # days since 1970-01-01 UTC
+    Column("count", BigInteger, nullable=False),
+    Column("sum_value", Float, nullable=False),
+    PrimaryKeyConstraint("customer_id", "event", "day"),
+)
+
+consent = Table(
+    "consent",
+    metadata,
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("channel", String(32), nullable=False),
+    Column("granted", Boolean, nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("changed_ms", BigInteger, nullable=False),
+    Column("event_id", BigInteger, nullable=False),
+    PrimaryKeyConstraint("customer_id", "channel"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+erasures = Table(
+    "erasures",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("requested_ms", BigInteger, nullable=False),
+    Column("events_removed", Integer, nullable=False),
+    Column("identities_removed", Integer, nullable=False),
+    Column("requested_by", String(100), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(100), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("scopes", String(100), nullable=False),  # comma-separated
+    Column("created_ms", BigInteger, nullable=False),
+    Column("revoked_ms", BigInteger),
+    UniqueConstraint("sha256"),
+)
