@@ -109,9 +109,7 @@ class RateLimited(ConnectorError):
 
     retryable = True
 
-    def __init__(
-        self, message: str, *, retry_after: float, provider_error: object | None = None
-    ) -> None:
+    def __init__(self, message: str, *, retry_after: float, provider_error: object | None = None) -> None:
         super().__init__(message, provider_error=provider_error)
         self.retry_after = retry_after
 

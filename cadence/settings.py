@@ -86,9 +86,7 @@ class Settings(BaseSettings):
     def _supported_database(cls, value: str) -> str:
         scheme = value.split(":", 1)[0]
         if scheme.split("+", 1)[0] not in {"sqlite", "postgresql", "postgres"}:
-            raise ValueError(
-                f"unsupported database {scheme!r}: use sqlite:///PATH or postgresql://..."
-            )
+            raise ValueError(f"unsupported database {scheme!r}: use sqlite:///PATH or postgresql://...")
         return value
 
     @classmethod

@@ -84,7 +84,5 @@ def settings(tmp_path: os.PathLike[str]) -> Settings:
 @pytest.fixture
 def runtime(db_engine: Engine, settings: Settings) -> Iterator[Runtime]:
     """A runtime on ``db_engine`` (both databases)."""
-    rt = open_runtime(
-        settings.model_copy(update={"database_url": str(db_engine.url)}), engine=db_engine
-    )
+    rt = open_runtime(settings.model_copy(update={"database_url": str(db_engine.url)}), engine=db_engine)
     yield rt

@@ -77,9 +77,7 @@ def _optional_id(raw: dict[str, Any], name: str, prefix: str, limit: int = MAX_I
         raise EventError(f"{prefix}{name}: expected a string", field=prefix + name)
     text = str(value)
     if len(text) > limit:
-        raise EventError(
-            f"{prefix}{name}: longer than {limit} characters ({len(text)})", field=prefix + name
-        )
+        raise EventError(f"{prefix}{name}: longer than {limit} characters ({len(text)})", field=prefix + name)
     return text
 
 
@@ -143,15 +141,11 @@ def parse_call(
     ('track', 'Order Completed', 'u1', 1767225600000)
     """
     if not isinstance(raw, dict):
-        raise EventError(
-            f"{prefix or 'body'}: expected a JSON object", field=prefix.rstrip(".") or None
-        )
+        raise EventError(f"{prefix or 'body'}: expected a JSON object", field=prefix.rstrip(".") or None)
     declared = raw.get("type")
     kind = call_type or declared
     if kind is None:
-        raise EventError(
-            f"{prefix}type: required (one of {', '.join(CALL_TYPES)})", field=prefix + "type"
-        )
+        raise EventError(f"{prefix}type: required (one of {', '.join(CALL_TYPES)})", field=prefix + "type")
     if kind not in CALL_TYPES:
         raise EventError(
             f"{prefix}type: {kind!r} is not a Segment call type ({', '.join(CALL_TYPES)})",
@@ -160,9 +154,7 @@ def parse_call(
     user_id = _optional_id(raw, "userId", prefix)
     anonymous_id = _optional_id(raw, "anonymousId", prefix)
     if user_id is None and anonymous_id is None:
-        raise EventError(
-            f"{prefix}userId: userId or anonymousId is required", field=prefix + "userId"
-        )
+        raise EventError(f"{prefix}userId: userId or anonymousId is required", field=prefix + "userId")
     message_id = _optional_id(raw, "messageId", prefix, MAX_MESSAGE_ID) or _auto_message_id(raw)
 
     event_name: str | None = None
@@ -176,9 +168,7 @@ def parse_call(
     if kind == "track":
         event_name = raw.get("event")
         if not isinstance(event_name, str) or not event_name.strip():
-            raise EventError(
-                f"{prefix}event: required for track, a non-empty string", field=prefix + "event"
-            )
+            raise EventError(f"{prefix}event: required for track, a non-empty string", field=prefix + "event")
         if len(event_name) > MAX_EVENT_NAME:
             raise EventError(
                 f"{prefix}event: longer than {MAX_EVENT_NAME} characters", field=prefix + "event"

@@ -45,9 +45,7 @@ def append_events(conn: Connection, batch: Sequence[NewEvent]) -> IngestResult:
         chunk = items[start : start + CHUNK]
         known = set(
             conn.scalars(
-                select(events.c.message_id).where(
-                    events.c.message_id.in_([e.message_id for e in chunk])
-                )
+                select(events.c.message_id).where(events.c.message_id.in_([e.message_id for e in chunk]))
             )
         )
         rows = [

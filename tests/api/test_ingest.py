@@ -34,9 +34,7 @@ def count(runtime: Runtime) -> int:
         return conn.scalar(select(func.count()).select_from(events)) or 0
 
 
-def test_track_is_stored_once_per_message_id(
-    client: TestClient, runtime: Runtime, key: str
-) -> None:
+def test_track_is_stored_once_per_message_id(client: TestClient, runtime: Runtime, key: str) -> None:
     body = {
         "userId": "u1",
         "event": "Order Completed",
@@ -69,9 +67,7 @@ def test_malformed_field_is_named(client: TestClient, key: str) -> None:
     assert response.json()["field"] == "event"
 
 
-def test_batch_keeps_good_items_and_names_bad_ones(
-    client: TestClient, runtime: Runtime, key: str
-) -> None:
+def test_batch_keeps_good_items_and_names_bad_ones(client: TestClient, runtime: Runtime, key: str) -> None:
     batch = {
         "batch": [
             {"type": "track", "userId": "u1", "event": "A", "messageId": "a"},
@@ -100,10 +96,7 @@ def test_batch_keeps_good_items_and_names_bad_ones(
 
 def test_oversized_batch_is_refused(client: TestClient, runtime: Runtime, key: str) -> None:
     big = {
-        "batch": [
-            {"type": "track", "userId": "u", "event": "x" * 100, "properties": {"p": "y" * 1000}}
-        ]
-        * 600
+        "batch": [{"type": "track", "userId": "u", "event": "x" * 100, "properties": {"p": "y" * 1000}}] * 600
     }
     response = client.post("/v1/batch", json=big, headers=basic(key))
     assert response.status_code == 400

@@ -42,9 +42,7 @@ class Rejected(BaseModel):
 async def _body(request: Request, limit: int) -> Any:
     raw = await request.body()
     if len(raw) > limit:
-        raise PayloadTooLarge(
-            f"request body is {len(raw)} bytes; the limit is {limit} bytes", field="body"
-        )
+        raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {limit} bytes", field="body")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -64,9 +62,7 @@ async def _store(request: Request, batch: list[NewEvent], source: str) -> Ingest
 
 
 def _single(call_type: str) -> Any:
-    async def endpoint(
-        request: Request, _principal: Annotated[Principal, Scope("ingest")]
-    ) -> IngestResponse:
+    async def endpoint(request: Request, _principal: Annotated[Principal, Scope("ingest")]) -> IngestResponse:
         body = await _body(request, request.app.state.settings.max_call_bytes)
         event = parse_call(body, received_ms=now_ms(), call_type=call_type)
         result = await _store(request, [event], "api")
@@ -78,15 +74,11 @@ def _single(call_type: str) -> Any:
 
 
 for _call in ("track", "identify", "alias", "page", "screen", "group"):
-    router.add_api_route(
-        f"/{_call}", _single(_call), methods=["POST"], response_model=IngestResponse
-    )
+    router.add_api_route(f"/{_call}", _single(_call), methods=["POST"], response_model=IngestResponse)
 
 
 @router.post("/batch", response_model=IngestResponse, responses={400: {"model": Rejected}})
-async def ingest_batch(
-    request: Request, _principal: Annotated[Principal, Scope("ingest")]
-) -> JSONResponse:
+async def ingest_batch(request: Request, _principal: Annotated[Principal, Scope("ingest")]) -> JSONResponse:
     """Record a Segment ``batch``: valid items are stored even when others are rejected.
 
     Top-level ``context`` and ``integrations`` are merged into each item. When any

@@ -51,9 +51,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("created_ms", sa.BigInteger(), nullable=False),
-        sa.Column(
-            "merged_into", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
-        ),
+        sa.Column("merged_into", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.ForeignKeyConstraint(
             ["merged_into"],
             ["customers.id"],
@@ -106,9 +104,7 @@ def upgrade() -> None:
 
     op.create_table(
         "consent",
-        sa.Column(
-            "customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("channel", sa.String(length=32), nullable=False),
         sa.Column("granted", sa.Boolean(), nullable=False),
         sa.Column("source", sa.String(length=64), nullable=False),
@@ -126,9 +122,7 @@ def upgrade() -> None:
         "identities",
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("value", sa.String(length=200), nullable=False),
-        sa.Column(
-            "customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("first_seen_ms", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
             ["customer_id"],
@@ -139,15 +133,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("kind", "value", name=op.f("pk_identities")),
     )
     with op.batch_alter_table("identities", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_identities_customer_id"), ["customer_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_identities_customer_id"), ["customer_id"], unique=False)
 
     op.create_table(
         "profile_daily",
-        sa.Column(
-            "customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("event", sa.String(length=200), nullable=False),
         sa.Column("day", sa.Integer(), nullable=False),
         sa.Column("count", sa.BigInteger(), nullable=False),
@@ -162,9 +152,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "profile_event_stats",
-        sa.Column(
-            "customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("event", sa.String(length=200), nullable=False),
         sa.Column("count", sa.BigInteger(), nullable=False),
         sa.Column("sum_value", sa.Float(), nullable=False),
@@ -181,9 +169,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "profiles",
-        sa.Column(
-            "customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("first_seen_ms", sa.BigInteger(), nullable=False),
         sa.Column("last_seen_ms", sa.BigInteger(), nullable=False),
         sa.Column("event_count", sa.BigInteger(), nullable=False),
