@@ -20,7 +20,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_db_engine(f"sqlite:///{Path(tmp) / 'scratch.db'}")
         migrate(engine)
-        command.revision(_alembic_config(engine), message=message, autogenerate=True, rev_id=rev_id)
+        script = command.revision(_alembic_config(engine), message=message, autogenerate=True, rev_id=rev_id)
+    # Alembic renders JSONB(astext_type=Text()) without the sa. prefix it imports.
+    for item in script if isinstance(script, list) else [script]:
+        if item is not None:
+            path = Path(item.path)
+            path.write_text(path.read_text().replace("astext_type=Text()", "astext_type=sa.Text()"))
 
 
 if __name__ == "__main__":

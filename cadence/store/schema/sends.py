@@ -1,0 +1,47 @@
+"""The send queue: one row per message cadence decided to send, with its fate.
+
+A row is written when a decision is committed (or an audience push enqueues it) with
+the time it is due. The dispatcher takes due rows, hands them to the connector, and
+records the outcome. ``idempotency_key`` (campaign, customer, occurrence) is unique,
+so enqueuing the same send twice is a no-op and a restart never sends twice.
+
+Statuses: ``queued`` -> ``sending`` -> ``sent`` | ``failed`` (dead letter, with the
+provider's error) | ``suppressed`` (opted out or capped at dispatch time) |
+``expired`` (campaign ended before it was due).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint
+
+from cadence.store.schema.base import Id, Json, metadata
+
+__all__ = ["SEND_STATUSES", "sends"]
+
+SEND_STATUSES = ("queued", "sending", "sent", "failed", "suppressed", "expired")
+
+sends = Table(
+    "sends",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(200), nullable=False),
+    Column("decision_id", String(64)),
+    Column("campaign", String(200), nullable=False),
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("channel", String(32), nullable=False),
+    Column("connector", String(64)),
+    Column("template", String(200)),
+    Column("variables", Json, nullable=False),
+    Column("due_ms", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_ms", BigInteger),
+    Column("provider_message_id", String(200)),
+    Column("last_error", Text),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    UniqueConstraint("idempotency_key"),
+    Index(None, "status", "due_ms"),
+    Index(None, "customer_id", "created_ms"),
+    Index(None, "decision_id"),
+)
