@@ -47,6 +47,7 @@ SUPPRESSION_REASONS = (
     "spacing",  # too soon after the last message
     "exclusive",  # another campaign of the same exclusive group won or was sent today
     "priority",  # another campaign won on priority (or the tie-break)
+    "score",  # the learners expect more unsubscribe cost than engagement value
 )
 
 
