@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
+
+import numpy as np
 
 from cadence.engine.campaign import (
     DAY_MS,
@@ -41,7 +43,16 @@ from cadence.engine.campaign import (
 from cadence.engine.decision import Candidate, Decision, PastSend, Scorer, Suppression
 from cadence.engine.slots import candidate_slots, local_datetime, local_day, quiet_zone, zone_named
 
-__all__ = ["WINDOW_SLOTS", "cap_allows", "decide", "split_arm", "stable_share"]
+__all__ = [
+    "WINDOW_SLOTS",
+    "BulkScorer",
+    "BulkScores",
+    "OptionGroup",
+    "cap_allows",
+    "decide",
+    "split_arm",
+    "stable_share",
+]
 
 #: How many send-time slots a scorer chooses among: now, then the next 23 hours.
 WINDOW_SLOTS = 24
@@ -155,7 +166,7 @@ class _Plan:
     campaign: Campaign
     arm: SplitArm | None
     variants: tuple[SplitArm, ...]
-    options: list[tuple[str, int]] = field(default_factory=list)
+    options: dict[str, list[int]] = field(default_factory=dict)  # channel -> allowed send times
     channel_rank: dict[str, int] = field(default_factory=dict)
 
 
@@ -214,6 +225,7 @@ def decide(
     all_opted_out = profile.consented("all") is False
     slot_count = WINDOW_SLOTS if scorer is not None else 1
     wanted = set(campaigns) if campaigns is not None else None
+    slot_cache: dict[tuple[int, Any, str, int | None], tuple[list[int], bool]] = {}
 
     for name in sorted(ruleset.campaigns):
         campaign = ruleset.campaigns[name]
@@ -301,9 +313,17 @@ def decide(
 
         # Send-time slots, in the quiet-hours zone.
         zone = quiet_zone(campaign.quiet, profile.timezone) if campaign.quiet else customer_zone
-        slots, now_quiet = candidate_slots(
-            earliest_ms=earliest, count=slot_count, quiet=campaign.quiet, zone=zone, until_ms=campaign.ends_ms
-        )
+        slot_key = (earliest, campaign.quiet, zone.key, campaign.ends_ms)
+        cached = slot_cache.get(slot_key)
+        if cached is None:
+            cached = slot_cache[slot_key] = candidate_slots(
+                earliest_ms=earliest,
+                count=slot_count,
+                quiet=campaign.quiet,
+                zone=zone,
+                until_ms=campaign.ends_ms,
+            )
+        slots, now_quiet = cached
         quiet = campaign.quiet
         if quiet is not None and now_quiet:
             window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}"
@@ -333,23 +353,32 @@ def decide(
         caps = campaign.caps + settings.caps
         for rank, channel in enumerate(usable):
             plan.channel_rank[channel] = rank
-            cap_times = [(cap, _cap_times(cap, campaign, channel, history)) for cap in caps]
+            cap_times = []
+            for cap in caps:
+                times = _cap_times(cap, campaign, channel, history)
+                if times is not None and (times or cap.count <= 0):
+                    cap_times.append((cap, times))
             first_failure: tuple[str, str] | None = None
-            kept = 0
-            for t in slots:
-                failure = _check(
-                    t=t,
-                    campaign=campaign,
-                    cap_times=cap_times,
-                    history=history,
-                    min_spacing_ms=settings.min_spacing_ms,
-                    zone=customer_zone,
-                )
-                if failure is None:
-                    plan.options.append((channel, t))
-                    kept += 1
-                elif first_failure is None:
-                    first_failure = failure
+            if not cap_times and not history:
+                kept_slots = slots  # nothing to collide with
+            else:
+                kept_slots = []
+                for t in slots:
+                    failure = _check(
+                        t=t,
+                        campaign=campaign,
+                        cap_times=cap_times,
+                        history=history,
+                        min_spacing_ms=settings.min_spacing_ms,
+                        zone=customer_zone,
+                    )
+                    if failure is None:
+                        kept_slots.append(t)
+                    elif first_failure is None:
+                        first_failure = failure
+            kept = len(kept_slots)
+            if kept:
+                plan.options[channel] = kept_slots
             if kept == 0 and first_failure is not None:
                 suppressions.append(Suppression(name, first_failure[0], first_failure[1], channel))
             if kept and campaign.channels.mode == "ordered":
@@ -367,23 +396,27 @@ def decide(
     if not plans:
         return Decision(action="none", suppressions=tuple(suppressions), **base)  # type: ignore[arg-type]
 
-    # Candidates, scored.
+    # Candidates, scored: in bulk when the scorer offers it, one Candidate each otherwise.
+    bulk = getattr(scorer, "score_options", None) if scorer is not None else None
     candidates: list[Candidate] = []
-    for plan in plans:
-        arms = plan.variants or (plan.arm,)
-        for channel, t in plan.options:
-            for arm in arms:
-                candidates.append(
-                    Candidate(
-                        campaign=plan.campaign.name,
-                        channel=channel,
-                        send_at_ms=t,
-                        score=0.0,
-                        arm=arm.name if arm is not None else None,
+    if bulk is not None:
+        candidates = _score_in_bulk(bulk, plans, profile, now_ms, seed)
+    else:
+        for plan in plans:
+            arms = plan.variants or (plan.arm,)
+            for channel, times in plan.options.items():
+                for t, arm in ((t, arm) for t in times for arm in arms):
+                    candidates.append(
+                        Candidate(
+                            campaign=plan.campaign.name,
+                            channel=channel,
+                            send_at_ms=t,
+                            score=0.0,
+                            arm=arm.name if arm is not None else None,
+                        )
                     )
-                )
-    if scorer is not None:
-        candidates = list(scorer.score(profile=profile, candidates=candidates, now_ms=now_ms, seed=seed))
+        if scorer is not None:
+            candidates = list(scorer.score(profile=profile, candidates=candidates, now_ms=now_ms, seed=seed))
 
     by_name = {p.campaign.name: p for p in plans}
     best: dict[str, Candidate] = {}
@@ -465,6 +498,29 @@ def decide(
         arm = next((a for a in wcamp.split if a.name == winner.arm), arm)
     template = (arm.template if arm is not None and arm.template else None) or wcamp.template.name
     variables = wcamp.template.variables(ctx)
+    notes: list[str] = []
+    if wplan.variants:
+        per_arm: dict[str, Candidate] = {}
+        for c in candidates:
+            if (
+                c.campaign == wcamp.name
+                and c.arm is not None
+                and (c.arm not in per_arm or c.score > per_arm[c.arm].score)
+            ):
+                per_arm[c.arm] = c
+        ranked = sorted(per_arm.values(), key=lambda c: -c.score)
+        if len(ranked) > 1:
+            first, second = ranked[0], ranked[1]
+            how = "explored (minimum exploration share or posterior draw)" if winner.explored else "exploited"
+            notes.append(
+                f"variant {winner.arm!r} {how}; best variant {first.arm!r} "
+                f"by {first.score - second.score:.4f} "
+                f"over {second.arm!r} (expected engagement {first.engagement:.3f} vs {second.engagement:.3f})"
+            )
+    if winner.explored and not wplan.variants:
+        notes.append(
+            "send time/channel chosen by exploration: the posterior draw favoured a less-known option"
+        )
     return Decision(
         action="send",
         campaign=wcamp.name,
@@ -474,9 +530,88 @@ def decide(
         variables=variables,
         arm=arm.name if arm is not None else None,
         candidates=tuple(candidates),
+        notes=tuple(notes),
         suppressions=tuple(suppressions),
         **base,  # type: ignore[arg-type]
     )
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Send times of one (campaign, channel, variant) for a bulk scorer."""
+
+    campaign: Campaign
+    channel: str
+    arm: str | None
+    times: Sequence[int]
+
+
+@dataclass(frozen=True)
+class BulkScores:
+    """A bulk scorer's answer: flat arrays over every group's times, in group order.
+
+    Group ``k`` owns positions ``bounds[k]:bounds[k + 1]``.
+    """
+
+    bounds: Sequence[int]
+    score: np.ndarray
+    engagement: np.ndarray
+    unsubscribe: np.ndarray
+    explored: np.ndarray
+
+
+class BulkScorer(Protocol):
+    """A scorer that values many send times at once (the learners); decide() prefers it."""
+
+    def score_options(
+        self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int
+    ) -> BulkScores:
+        """Value every time of every group; ``score`` is what decide maximises."""
+        ...
+
+
+def _score_in_bulk(
+    bulk: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
+) -> list[Candidate]:
+    """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
+
+    Materialising hundreds of frozen candidates would cost more than scoring them, so the
+    explanation lists each campaign's best send time per channel (and variant).
+    """
+    groups: list[OptionGroup] = []
+    for plan in plans:
+        arm_names = (
+            [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
+        )
+        for channel, times in plan.options.items():
+            for arm in arm_names:
+                groups.append(OptionGroup(plan.campaign, channel, arm, times))
+    res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
+    starts = np.asarray(res.bounds[:-1], dtype=np.int64)
+    lengths = np.diff(np.asarray(res.bounds, dtype=np.int64))
+    seg_max = np.maximum.reduceat(res.score, starts)
+    at_max = np.flatnonzero(res.score >= np.repeat(seg_max, lengths))
+    # The first maximum of each group: the earliest of equally good times.
+    best = at_max[np.searchsorted(at_max, starts)]
+    score = res.score[best].tolist()
+    engagement = res.engagement[best].tolist()
+    unsubscribe = res.unsubscribe[best].tolist()
+    explored = res.explored[best].tolist()
+    out = []
+    for k, group in enumerate(groups):
+        out.append(
+            Candidate(
+                campaign=group.campaign.name,
+                channel=group.channel,
+                send_at_ms=group.times[int(best[k]) - int(starts[k])],
+                score=score[k],
+                engagement=engagement[k],
+                unsubscribe=unsubscribe[k],
+                explored=explored[k],
+                arm=group.arm,
+            )
+        )
+    return out
 
 
 def _check(

@@ -113,6 +113,7 @@ class Decision:
     candidates: Sequence[Candidate] = ()
     suppressions: Sequence[Suppression] = ()
     holdout: Sequence[str] = ()  # campaigns this customer is held out of (recorded for lift)
+    notes: Sequence[str] = ()  # further explanation, e.g. the winning variant's margin
 
     def suppressed(self, campaign: str, reason: str | None = None) -> bool:
         """True when ``campaign`` was suppressed (for ``reason``, if given)."""
