@@ -253,7 +253,7 @@ class DecisionLearner:
             "unsubscribe_auc": utils.Rolling(metrics.ROCAUC, window_size=self.config.quality_window),
         }
         self._horizon: deque[tuple[int, str]] = deque()
-        self._bank = np.random.default_rng(20260101).standard_normal((257, self.layout.size))
+        self._bank = np.random.default_rng(20260101).standard_normal((509, self.layout.size))
 
     def _model(self, prior: float, prior_var: np.ndarray) -> ProbitModel:
         lay = self.layout
@@ -268,15 +268,13 @@ class DecisionLearner:
         """Two standard normal vectors for ``seed``: rows of a fixed bank, rotated.
 
         Seeding a fresh generator per decision costs more than the rest of the scoring,
-        so draws come from a bank made once; (row, rotation) pairs repeat only after
-        ``rows * size`` seeds.
+        so draws come from a bank made once; (engagement, unsubscribe) row pairs repeat
+        only after ``rows ** 2`` seeds.
         """
         bank = self._bank
-        rows, size = bank.shape
+        rows = bank.shape[0]
         k = (seed * 2654435761) & 0xFFFFFFFF
-        r1, r2 = k % rows, (k // rows + 7) % rows
-        shift = (k // (rows * rows)) % size
-        return np.roll(bank[r1], shift), np.roll(bank[r2], -shift)
+        return bank[k % rows], bank[(k // rows + 7) % rows]
 
     # -- features -------------------------------------------------------------------------------
 
