@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 from datetime import datetime, time
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from cadence.channels import Feedback
@@ -57,10 +58,14 @@ ALLOWED_HOURS = tuple(range(QUIET_END, QUIET_START))
 
 def at_local_hour(now_ms: int, zone: str, hour: float) -> int:
     """Epoch ms of ``hour`` (fractional) on the local date of ``now_ms``."""
-    tz = ZoneInfo(zone)
-    local = datetime.fromtimestamp(now_ms / 1000, tz=tz)
+    local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(zone))
+    return _local_ms(zone, local.year, local.month, local.day, hour)
+
+
+@lru_cache(maxsize=200_000)
+def _local_ms(zone: str, year: int, month: int, day: int, hour: float) -> int:
     h = int(hour)
-    at = datetime(local.year, local.month, local.day, h, int(round((hour - h) * 60)) % 60, tzinfo=tz)
+    at = datetime(year, month, day, h, int(round((hour - h) * 60)) % 60, tzinfo=ZoneInfo(zone))
     return int(at.timestamp() * 1000)
 
 
@@ -160,10 +165,13 @@ class OraclePolicy:
         """The channel and hour with the best true click value net of unsubscribe cost."""
         c = state.customer
         best: tuple[float, str, int] | None = None
+        local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(c.zone))
+        slots = []
+        for hour in ALLOWED_HOURS:
+            at = _local_ms(c.zone, local.year, local.month, local.day, hour)
+            slots.append((hour, at, state.load(at)))
         for channel in _usable(state):
-            for hour in ALLOWED_HOURS:
-                at = at_local_hour(now_ms, c.zone, hour)
-                load = state.load(at)
+            for hour, at, load in slots:
                 value = click_probability(
                     c, channel, hour, load
                 ) - self.unsubscribe_cost * unsubscribe_probability(c, channel, hour, load)

@@ -52,18 +52,18 @@ class PopulationShape:
 
 SHAPES: dict[str, PopulationShape] = {
     "balanced": PopulationShape(
-        "balanced", {"email": 0.07, "sms": 0.08, "push": 0.08}, description="channels roughly even"
+        "balanced", {"email": 0.055, "sms": 0.075, "push": 0.075}, description="channels roughly even"
     ),
     "email_heavy": PopulationShape(
         "email_heavy",
-        {"email": 0.09, "sms": 0.04, "push": 0.05},
+        {"email": 0.05, "sms": 0.03, "push": 0.04},
         app_share=0.3,
         young_share=0.25,
         description="older, desktop-heavy customers who read email",
     ),
     "mobile_first": PopulationShape(
         "mobile_first",
-        {"email": 0.05, "sms": 0.10, "push": 0.12},
+        {"email": 0.09, "sms": 0.09, "push": 0.11},
         app_share=0.75,
         young_share=0.65,
         fatigue=0.2,
