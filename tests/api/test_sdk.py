@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +17,7 @@ from cadence.runtime import Runtime, open_runtime
 from cadence.store.schema.core import events
 
 PAGE_ORIGIN = "http://shop.example"
+STATIC = Path(__file__).resolve().parents[2] / "cadence" / "api" / "static"
 
 
 @pytest.fixture
@@ -38,17 +41,35 @@ def stored(runtime: Runtime) -> list[str]:
         return list(conn.scalars(select(events.c.message_id).order_by(events.c.id)))
 
 
-def test_script_is_served_with_cache_headers_and_revalidates(client: TestClient) -> None:
+def test_script_is_served_minified_with_cache_headers_and_revalidates(client: TestClient) -> None:
     first = client.get("/sdk/cadence.js")
     assert first.status_code == 200
     assert first.headers["content-type"].startswith("application/javascript")
     assert "max-age=86400" in first.headers["cache-control"]
-    assert "cadence.load" in first.text and len(first.content) < 30_000
+    assert first.content == (STATIC / "cadence.min.js").read_bytes()
+    assert len(first.content) < 10_000
     etag = first.headers["etag"]
     again = client.get("/sdk/cadence.js", headers={"If-None-Match": etag})
     assert again.status_code == 304 and again.content == b""
     changed = client.get("/sdk/cadence.js", headers={"If-None-Match": '"other"'})
     assert changed.status_code == 200
+
+
+def test_source_is_served_and_gzip_is_used_when_accepted(client: TestClient) -> None:
+    source = client.get("/sdk/cadence.src.js", headers={"Accept-Encoding": "identity"})
+    assert source.content == (STATIC / "cadence.js").read_bytes()
+    assert "content-encoding" not in source.headers
+    zipped = client.get("/sdk/cadence.src.js", headers={"Accept-Encoding": "gzip, br"})
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert int(zipped.headers["content-length"]) < len(source.content) / 2
+    assert zipped.content == source.content  # the client decodes it
+    assert source.headers["etag"] != client.get("/sdk/cadence.js").headers["etag"]
+
+
+def test_minified_copy_was_built_from_the_current_source() -> None:
+    source_hash = hashlib.sha256((STATIC / "cadence.js").read_bytes()).hexdigest()
+    first_line = (STATIC / "cadence.min.js").read_text().splitlines()[0]
+    assert source_hash in first_line, "cadence.js changed: run scripts/minify-tracker.sh"
 
 
 def test_write_key_in_body_authorises_a_beacon_batch(client: TestClient, runtime: Runtime, key: str) -> None:

@@ -107,9 +107,17 @@ class Site:
             return [dict(row) for row in rows]
 
     def wait_for(
-        self, anonymous_id: str, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 10.0
+        self,
+        anonymous_id: str,
+        done: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 10.0,
+        page: Any = None,
     ) -> list[dict[str, Any]]:
-        """Poll the event log until ``done(events)`` holds; fail with what arrived otherwise."""
+        """Poll the event log until ``done(events)`` holds; fail with what arrived otherwise.
+
+        Pass ``page`` when Playwright handlers (routes, listeners) must run meanwhile: the
+        sync API only dispatches them inside its own calls.
+        """
         deadline = time.monotonic() + timeout
         while True:
             found = self.events_of(anonymous_id)
@@ -118,7 +126,10 @@ class Site:
             if time.monotonic() > deadline:
                 summary = [(e["type"], e["event"]) for e in found]
                 pytest.fail(f"timed out waiting for events of {anonymous_id}; got {summary}")
-            time.sleep(0.05)
+            if page is not None:
+                page.wait_for_timeout(50)
+            else:
+                time.sleep(0.05)
 
 
 def _static_server(pages: dict[str, str]) -> ThreadingHTTPServer:

@@ -57,6 +57,13 @@ PAGE = """<!doctype html>
 </body></html>
 """
 
+# The simplest include: one tag, the host is the script's origin, a page view is sent at once.
+TAG_ONLY = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Tag only</title>
+<script src="{host}/sdk/cadence.src.js" data-write-key="{key}"></script></head>
+<body><h1>Tag only</h1></body></html>
+"""
+
 BYE = "<!doctype html><html><head><title>Bye</title></head><body><h1>Another page</h1></body></html>"
 
 
@@ -64,6 +71,9 @@ BYE = "<!doctype html><html><head><title>Bye</title></head><body><h1>Another pag
 def site(cadence_site: Site) -> Site:
     cadence_site.pages["/shop.html"] = PAGE.format(
         title="Test shop", key=cadence_site.write_key, host=cadence_site.cadence_url
+    )
+    cadence_site.pages["/tag.html"] = TAG_ONLY.format(
+        key=cadence_site.write_key, host=cadence_site.cadence_url
     )
     cadence_site.pages["/bye.html"] = BYE
     return cadence_site
@@ -226,11 +236,13 @@ def test_consent_mode_sends_and_stores_nothing_until_consent(
 
 
 def test_opt_out_stops_collection_and_is_recorded(context: Any, site: Site, artifacts: Path) -> None:
-    page, requests = open_shop(context, site)
+    # A long interval: the page view and both calls are still queued at the opt-out.
+    page, requests = open_shop(context, site, "interval=60000&at=1000")
     aid = anonymous_id(page)
     page.evaluate("cadence.track('Before Opt Out')")
     page.evaluate("cadence.track('Queued At Opt Out')")
-    page.evaluate("cadence.optOut()")  # before the flush interval: the queue is dropped
+    assert page.evaluate("cadence.state().queued") == 3
+    page.evaluate("cadence.optOut()")  # the queue is dropped, only the opt-out is sent
     found = site.wait_for(aid, lambda e: any(x["event"] == "Consent Updated" for x in e))
     assert names(found) == [("track", "Consent Updated")]
     assert found[0]["payload"]["properties"] == {"consent": {"all": False}, "source": "cadence.js"}
@@ -247,7 +259,7 @@ def test_opt_out_stops_collection_and_is_recorded(context: Any, site: Site, arti
     assert len(site.events_of(aid)) == 1
     assert len(requests.posts()) == 1  # only the opt-out record ever left
 
-    page.evaluate("cadence.optIn(); cadence.track('After Opt In')")
+    page.evaluate("cadence.optIn(); cadence.track('After Opt In'); cadence.flush()")
     back = site.wait_for(aid, lambda e: len(e) >= 3)
     assert names(back[1:]) == [("track", "Consent Updated"), ("track", "After Opt In")]
     assert back[1]["payload"]["properties"]["consent"] == {"all": True}
@@ -310,3 +322,67 @@ def test_rate_limited_batches_are_retried_after_retry_after(context: Any, site: 
         site.app.state.rate_limiter = saved
     assert names(found) == [("page", None), ("track", "First"), ("track", "Second")]
     assert 429 in requests.statuses
+
+
+def test_a_single_script_tag_with_data_attributes_sends_a_page_view(context: Any, site: Site) -> None:
+    page = context.new_page()
+    page.goto(f"{site.site_url}/tag.html?utm_source=ads")
+    page.wait_for_function("window.cadence && window.cadence.VERSION")
+    aid = anonymous_id(page)
+    page.evaluate("cadence.flush()")
+    found = site.wait_for(aid, lambda e: len(e) >= 1)
+    assert names(found) == [("page", None)]
+    assert found[0]["payload"]["context"]["campaign"] == {"source": "ads"}
+    assert found[0]["payload"]["context"]["page"]["title"] == "Tag only"
+
+
+def test_a_hidden_tab_flushes_by_beacon_and_a_visible_one_resumes(context: Any, site: Site) -> None:
+    page, _ = open_shop(context, site, "interval=60000&at=1000")
+    aid = anonymous_id(page)
+    page.evaluate("cadence.track('Read Article')")
+    page.wait_for_timeout(200)
+    assert site.events_of(aid) == []
+    # Switch the tab to the background as the browser would (visibilitychange to hidden).
+    page.evaluate(
+        """Object.defineProperty(document, "visibilityState", {configurable: true, get: () => "hidden"});
+           document.dispatchEvent(new Event("visibilitychange"));"""
+    )
+    found = site.wait_for(aid, lambda e: len(e) >= 2)
+    assert names(found) == [("page", None), ("track", "Read Article")]
+    assert page.evaluate("cadence.state().queued") == 0
+
+
+def test_network_errors_and_5xx_are_retried_honouring_retry_after(context: Any, site: Site) -> None:
+    attempts: list[tuple[float, str]] = []
+
+    def flaky(route: Any) -> None:
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        attempts.append((time.monotonic(), route.request.post_data or ""))
+        if len(attempts) == 1:
+            route.abort("connectionreset")
+        elif len(attempts) == 2:
+            route.fulfill(
+                status=503,
+                headers={
+                    "Retry-After": "1",
+                    "Access-Control-Allow-Origin": site.site_url,
+                    "Access-Control-Expose-Headers": "Retry-After",
+                },
+                body="busy",
+            )
+        else:
+            route.continue_()
+
+    context.route(f"{site.cadence_url}/v1/batch", flaky)
+    page, _ = open_shop(context, site, "at=1")
+    aid = anonymous_id(page)
+    found = site.wait_for(aid, lambda e: len(e) >= 1, page=page)
+    page.wait_for_timeout(300)  # would a duplicate follow?
+    assert names(site.events_of(aid)) == names(found) == [("page", None)]
+    assert len(attempts) == 3
+    # The same calls each time (same messageIds): the server dedupes a retry that did arrive.
+    ids = [[m["messageId"] for m in json.loads(body)["batch"]] for _, body in attempts]
+    assert ids[0] == ids[1] == ids[2]
+    assert attempts[2][0] - attempts[1][0] >= 0.95  # Retry-After: 1

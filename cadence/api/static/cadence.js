@@ -388,9 +388,12 @@
         granted = !opts.consentRequired;
         pending = [];
         if (opts.consentRequired) {
+          // Withdrawn: drop what waits and every identifier this script stored.
           queue = [];
           local("remove", PREFIX + "queue");
           remove("consent");
+          remove("anonymous_id");
+          remove("user_id");
         }
         return;
       }
