@@ -386,3 +386,23 @@ def test_network_errors_and_5xx_are_retried_honouring_retry_after(context: Any, 
     ids = [[m["messageId"] for m in json.loads(body)["batch"]] for _, body in attempts]
     assert ids[0] == ids[1] == ids[2]
     assert attempts[2][0] - attempts[1][0] >= 0.95  # Retry-After: 1
+
+
+def test_calls_a_refused_beacon_left_behind_are_sent_from_the_next_page(context: Any, site: Site) -> None:
+    # The browser refuses beacons (as it does over its quota): the queue must survive.
+    context.add_init_script("navigator.sendBeacon = () => false;")
+    page, _ = open_shop(context, site, "interval=60000&at=1000")
+    aid = anonymous_id(page)
+    page.evaluate("cadence.track('Left Behind')")
+    page.goto(f"{site.site_url}/bye.html")
+    page.wait_for_timeout(300)
+    assert site.events_of(aid) == []
+    stored = json.loads(page.evaluate("localStorage.getItem('cadence_queue')"))
+    assert [m.get("event") for m in stored] == [None, "Left Behind"]
+
+    page.goto(f"{site.site_url}/shop.html")  # the next page sends what was left, then its own
+    page.wait_for_function("window.cadence && window.cadence.VERSION")
+    page.evaluate("cadence.flush()")
+    found = site.wait_for(aid, lambda e: len(e) >= 3, page=page)
+    assert names(found) == [("page", None), ("track", "Left Behind"), ("page", None)]
+    assert page.evaluate("localStorage.getItem('cadence_queue')") is None
