@@ -53,6 +53,8 @@ def test_script_is_served_minified_with_cache_headers_and_revalidates(client: Te
     assert again.status_code == 304 and again.content == b""
     changed = client.get("/sdk/cadence.js", headers={"If-None-Match": '"other"'})
     assert changed.status_code == 200
+    head = client.head("/sdk/cadence.js")
+    assert head.status_code == 200 and head.headers["etag"] == etag
 
 
 def test_source_is_served_and_gzip_is_used_when_accepted(client: TestClient) -> None:

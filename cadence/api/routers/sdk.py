@@ -78,13 +78,23 @@ def _serve(request: Request, script: Script) -> Response:
     return Response(content=body, media_type="application/javascript; charset=utf-8", headers=headers)
 
 
-@router.get("/cadence.js", response_class=Response, responses={304: {"description": "not modified"}})
+@router.api_route(
+    "/cadence.js",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses={304: {"description": "not modified"}},
+)
 def tracker_script(request: Request) -> Response:
     """The browser tracker, minified (see docs/tracker.md)."""
     return _serve(request, load_script(SCRIPTS["cadence.js"]))
 
 
-@router.get("/cadence.src.js", response_class=Response, responses={304: {"description": "not modified"}})
+@router.api_route(
+    "/cadence.src.js",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses={304: {"description": "not modified"}},
+)
 def tracker_source(request: Request) -> Response:
     """The browser tracker's readable source, the same behaviour as ``/sdk/cadence.js``."""
     return _serve(request, load_script(SCRIPTS["cadence.src.js"]))
