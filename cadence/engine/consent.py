@@ -8,7 +8,8 @@ feedback), and each row keeps its source, time and the event that set it. Reader
 Traits that set consent on ``identify``: ``consent: {"email": true, "sms": false}``
 (or a list of granted channels), and Segment-style ``unsubscribed: true`` (all channels).
 A ``track`` event named ``Consent Updated`` with ``properties.channels: {"sms": true}``
-(or ``channel`` and ``granted``) sets it explicitly; ``POST /v1/consent`` sends one.
+(or ``properties.consent``, or ``channel`` and ``granted``) sets it explicitly;
+``POST /v1/consent`` and the browser tracker's ``optOut()``/``consent()`` send one.
 ``Unsubscribed`` and ``Spam Reported`` feedback (``properties.channel``, or ``all``)
 refuse it; a hard ``... Bounced`` marks the channel undeliverable until a new address.
 """
@@ -74,7 +75,10 @@ def consent_changes(event: LoggedEvent) -> list[tuple[str, bool | None, str]]:
     >>> consent_changes(E(1, "m", "identify", None, "u", None, 1, 0, "api",
     ...     {"traits": {"consent": {"email": True, "sms": False}}}))
     [('email', True, 'identify'), ('sms', False, 'identify')]
-    >>> consent_changes(E(2, "m2", "track", "Email Bounced", "u", None, 1, 0, "webhook:sendgrid", {}))
+    >>> consent_changes(E(2, "m2", "track", "Consent Updated", "u", None, 1, 0, "api",
+    ...     {"properties": {"consent": {"all": False}, "source": "cadence.js"}}))
+    [('all', False, 'cadence.js')]
+    >>> consent_changes(E(3, "m3", "track", "Email Bounced", "u", None, 1, 0, "webhook:sendgrid", {}))
     [('email', False, 'bounce:webhook:sendgrid')]
     """
     changes: list[tuple[str, bool | None, str]] = []
@@ -99,10 +103,10 @@ def consent_changes(event: LoggedEvent) -> list[tuple[str, bool | None, str]]:
     props = event.properties
     if event.event == CONSENT_EVENT:
         source = str(props.get("source") or event.source)
-        if isinstance(props.get("channels"), dict):
-            changes += [
-                (str(ch), bool(v), source) for ch, v in props["channels"].items() if isinstance(v, bool)
-            ]
+        # ``channels`` (POST /v1/consent) and ``consent`` (cadence.js, as in identify traits)
+        for key in ("channels", "consent"):
+            if isinstance(props.get(key), dict):
+                changes += [(str(ch), v, source) for ch, v in props[key].items() if isinstance(v, bool)]
         if props.get("channel") and isinstance(props.get("granted"), bool):
             changes.append((str(props["channel"]), props["granted"], source))
         return changes
