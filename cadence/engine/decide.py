@@ -327,7 +327,9 @@ def decide(
             if blocked is None:
                 usable.append(channel)
             else:
-                suppressions.append(Suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel))
+                suppressions.append(
+                    Suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel)
+                )
         if not usable:
             if not any(s.campaign == name for s in suppressions):
                 suppressions.append(Suppression(name, "no_channel", "the campaign allows no channel"))
