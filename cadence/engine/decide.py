@@ -276,8 +276,8 @@ def decide(
                     )
                     continue
             event_ms = event.get("ts_ms") if event is not None else None
-            base = int(event_ms) if isinstance(event_ms, (int, float)) else now_ms
-            earliest = max(now_ms, base + trigger.delay_ms)
+            event_at = int(event_ms) if isinstance(event_ms, (int, float)) else now_ms
+            earliest = max(now_ms, event_at + trigger.delay_ms)
 
         if campaign.audience is not None:
             parts.extend(_explain(campaign.audience, ctx))
@@ -613,7 +613,7 @@ def _score_in_bulk(
                 groups.append(OptionGroup(plan.campaign, channel, arm, times))
     res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
     starts = np.asarray(res.bounds[:-1], dtype=np.int64)
-    lengths = np.diff(np.asarray(res.bounds, dtype=np.int64))
+    lengths = np.diff(np.asarray(res.bounds, dtype=np.int64)).astype(np.int64)
     seg_max = np.maximum.reduceat(res.score, starts)
     at_max = np.flatnonzero(res.score >= np.repeat(seg_max, lengths))
     # The first maximum of each group: the earliest of equally good times.

@@ -34,14 +34,14 @@ import math
 import random
 import zlib
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from river import base, metrics, utils
-from scipy.special import erfcinv, ndtr
+from scipy.special import erfcinv, ndtr  # type: ignore[import-untyped]
 
 from cadence.channels import CHANNELS, Feedback
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
@@ -170,7 +170,7 @@ class ProbitModel:
 
     def sample(self, noise: np.ndarray) -> np.ndarray:
         """One weight vector drawn from the posterior (Thompson sampling), given standard normal ``noise``."""
-        return self.mean + np.sqrt(self.var) * noise
+        return np.asarray(self.mean + np.sqrt(self.var) * noise, dtype=float)
 
 
 class ProbitClassifier(base.Classifier):
@@ -189,14 +189,16 @@ class ProbitClassifier(base.Classifier):
         self.prior_var = prior_var
         self._model = ProbitModel(size=size, prior_mean=np.zeros(size), prior_var=np.full(size, prior_var))
 
-    def _encode(self, x: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.array([_bucket(k, self.size) for k in x], dtype=np.int64)
+    def _encode(self, x: Mapping[Hashable, Any]) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.array([_bucket(str(k), self.size) for k in x], dtype=np.int64)
         return idx, np.array([float(v) for v in x.values()])
 
-    def learn_one(self, x: dict[str, Any], y: Any) -> None:  # noqa: D102 (river's contract)
+    def learn_one(self, x: dict[Hashable, Any], y: Any) -> None:  # noqa: D102 (river's contract)
         self._model.learn(*self._encode(x), bool(y))
 
-    def predict_proba_one(self, x: dict[str, Any]) -> dict[Any, float]:  # noqa: D102 (river's contract)
+    def predict_proba_one(  # noqa: D102 (river's contract)
+        self, x: dict[Hashable, Any], **kwargs: Any
+    ) -> dict[bool | str | int, float]:
         p = self._model.predict(*self._encode(x))
         return {False: 1.0 - p, True: p}
 
@@ -250,9 +252,9 @@ class DecisionLearner:
         self.labels = 0
         self.quality: dict[str, Any] = {
             # RollingROCAUC is exact; ROCAUC's 10 thresholds cannot rank probabilities below 0.1.
-            "engagement_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),
+            "engagement_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),  # type: ignore[no-untyped-call]
             "engagement_logloss": utils.Rolling(metrics.LogLoss, window_size=self.config.quality_window),
-            "unsubscribe_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),
+            "unsubscribe_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),  # type: ignore[no-untyped-call]
         }
         self._horizon: deque[tuple[int, str]] = deque()
         self._bank = np.random.default_rng(20260101).standard_normal((509, self.layout.size))
@@ -464,7 +466,7 @@ class DecisionLearner:
             if has_arm.any():
                 arm_table = w[:, lay.arm : lay.size].reshape(rows, ARM_BUCKETS, lay.n_traits1) @ t1
                 per_group = per_group + np.where(has_arm, arm_table[:, arm_rows], 0.0)
-            return per_group[:, group_of] + per_time[:, ti] + wp[:, 1:2] * match[ti]
+            return np.asarray(per_group[:, group_of] + per_time[:, ti] + wp[:, 1:2] * match[ti], dtype=float)
 
         # Means and one posterior draw per model; variances (on squared features) for the
         # predictive probability Phi(mean / sqrt(beta^2 + variance)).
