@@ -114,7 +114,7 @@ class LearnerConfig:
     """
 
     click_value: float = 1.0
-    unsubscribe_cost: float = 8.0
+    unsubscribe_cost: float = 5.0
     horizon_ms: int = 48 * HOUR_MS
     engagement_prior: float = 0.03
     unsubscribe_prior: float = 0.002
