@@ -26,6 +26,7 @@ log = logging.getLogger("cadence.api")
 # Each module exposes ``router``; plugins add more through ``cadence_register_routers``.
 ROUTERS = (
     "cadence.api.routers.health",
+    "cadence.api.routers.engine",
     "cadence.api.routers.ingest",
     "cadence.api.routers.customers",
     "cadence.api.routers.sdk",
