@@ -6,7 +6,8 @@
 * W504 two campaigns with the same priority, the same trigger and the same audience
   (only the tie-break decides between them);
 * W505 quiet hours that cover the whole day;
-* W506 a cap stricter than the campaign's schedule (most runs would be capped).
+* W506 a cap stricter than the schedule of a campaign without an audience (every run
+  targets everyone, so most runs would be capped).
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def _lint_scope(checker: Checker, scope: ModuleScope, result: LoadResult, now_ms
                 _warn(checker, quiet, "W505", f"quiet hours {start.text}..{end.text} cover the whole day: "
                       f"campaign '{block.name}' can never send", len("quiet"))
         schedule = clauses.get("schedule")
-        if schedule is not None:
+        # with an audience, membership changes from run to run and the cap is fatigue control;
+        # without one, every run targets everyone and a stricter cap silently thins the schedule
+        if schedule is not None and "audience" not in clauses:
             unit = schedule.args["every"][0]
             per_day = RUNS_PER_DAY.get(unit, 1 / 7)
             for cap in (c for c in block.clauses if c.keyword == "cap"):
@@ -148,7 +151,7 @@ def _used_by_tests(result: LoadResult, name: str) -> bool:
 
 
 def _overlaps(checker: Checker, scopes: list[ModuleScope]) -> None:
-    seen: dict[tuple[int, str | None, str, str | None], tuple[str, str, int]] = {}
+    seen: dict[tuple[int, str | None, str], tuple[str, str, int]] = {}
     for scope in scopes:
         checker._current = scope.module
         for block in scope.module.blocks:
@@ -161,13 +164,12 @@ def _overlaps(checker: Checker, scopes: list[ModuleScope]) -> None:
             text = format_expr(audience.args["expr"]) if audience else "everyone"
             trigger = clauses.get("trigger")
             event = _event_of(trigger.args["event"]) if trigger else None
-            group = clauses["exclusive"].args["group"] if "exclusive" in clauses else None
-            key = (prio, event, text, group)
+            key = (prio, event, text)
             if key in seen:
                 other, file, line = seen[key]
                 _warn(checker, block, "W504",
                       f"campaigns '{other}' ({file}:{line}) and '{block.name}' have the same priority {prio}, "
                       f"trigger and audience: only the tie-break decides", len("campaign"),
-                      "give one a different priority, or put both in one exclusive group")
+                      "give one a different priority, or narrow one audience")
             else:
                 seen[key] = (block.name, scope.module.file, block.line)

@@ -222,22 +222,27 @@ def _run_one(  # noqa: C901 - one loop over the steps
         else:
             decision = decide(ruleset=ruleset, profile=profile, now_ms=now, history=tuple(history),
                               available_channels=available_channels, event=event_payload, seed=0)
-            sent_now = decision.action == "send" and (decision.send_at_ms is None or decision.send_at_ms <= now)
+            # "on time": now, or the trigger's event time plus its delay; later means deferred
+            on_time = now
+            if decision.campaign in ruleset.campaigns and event_payload is not None:
+                trig = ruleset.campaigns[decision.campaign].trigger
+                on_time = now + (trig.delay_ms if trig is not None else 0)
+            sent_now = decision.action == "send" and (decision.send_at_ms is None or decision.send_at_ms <= on_time)
             if step.expect == "send":
                 if not (sent_now and decision.campaign == step.target
                         and (step.channel is None or decision.channel == step.channel)):
-                    res.status, res.message = "failed", _decision_text(decision, now)
+                    res.status, res.message = "failed", _decision_text(decision, on_time, step)
             else:
                 deferred = decision.action == "send" and not sent_now
                 if sent_now:
-                    res.status, res.message = "failed", _decision_text(decision, now)
+                    res.status, res.message = "failed", _decision_text(decision, on_time, step)
                 elif step.reason is not None:
                     by_reason = decision.suppressed(step.reason_campaign, step.reason) or (
                         step.reason == "quiet" and deferred and decision.campaign == step.reason_campaign)
                     if not by_reason:
                         res.status = "failed"
                         res.message = f"{step.reason_campaign} was not held back by {step.reason}: " + _decision_text(
-                            decision, now)
+                            decision, now, step)
             if decision.action == "send" and decision.campaign:
                 from cadence.engine.decision import PastSend
 
@@ -254,12 +259,15 @@ def _describe(step: ast.Step) -> str:
     return f"at {_moment(step.at)} expect {_expectation(step)}"
 
 
-def _decision_text(decision: Any, now: int) -> str:
+def _decision_text(decision: Any, now: int, step: ast.Step) -> str:
     if decision.action == "send":
         when = "now" if not decision.send_at_ms or decision.send_at_ms <= now else (
             datetime.fromtimestamp(decision.send_at_ms / 1000, tz=UTC).isoformat())
         text = f"decided: send {decision.campaign} via {decision.channel} {when}"
     else:
         text = "decided: no send"
-    reasons = "; ".join(f"{s.campaign}: {s.reason} ({s.detail})" for s in decision.suppressions)
+    named = {step.target, step.reason_campaign}
+    reasons = "; ".join(
+        dict.fromkeys(f"{s.campaign}: {s.reason} ({s.detail})" for s in decision.suppressions if s.campaign in named)
+    )
     return text + (f"; suppressed: {reasons}" if reasons else "")
