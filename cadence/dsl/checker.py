@@ -493,7 +493,10 @@ class Checker:
     def _mismatch(self, node: ast.Binary, left: T, right: T, op: str) -> None:
         hint = None
         kinds = {left.kind, right.kind}
-        if kinds == {"money", "number"}:
+        sums = any(isinstance(n, ast.Call) and n.name in ("sum", "count") for n in (node.left, node.right))
+        if kinds == {"money", "number"} and sums:
+            hint = "count() and sum() give plain numbers: compare with 100, not €100"
+        elif kinds == {"money", "number"}:
             hint = "amounts of money are written with a currency sign, e.g. €50"
         elif kinds == {"duration", "number"}:
             hint = "durations need a unit, e.g. 7d, 12h or 30m"
@@ -732,8 +735,10 @@ class Checker:
             node = args[key]
             t = self.expr(node, env)
             if t.kind not in ("timeofday", "error"):
+                # one mistake (e.g. "21..8") is one diagnostic, however many ends it affects
                 self.at(node, "E302", f"quiet hours need a time of day, got {t}", _len(node),
                         "write e.g. quiet 21:00..08:00")
+                break
         zone = args["zone"]
         if zone is not None:
             self.zone_expr(zone, env)

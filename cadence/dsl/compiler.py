@@ -116,6 +116,7 @@ class Codegen:
         self.consts: list[Any] = []
         self._const_ids: dict[tuple[type, Any], int] = {}
         self.lines: list[str] = []
+        self.sources: list[str] = []  # every generated module, kept for inspection and tests
         self.aggregates: set[AggregateNeed] = set()
         self.segment_funcs: dict[str, str] = {}
         self.segment_predicates: dict[str, CompiledPredicate] = {}
@@ -164,6 +165,7 @@ class Codegen:
     def build(self, filename: str) -> None:
         """``compile()`` the queued source once and hand each function to its owner."""
         source = "\n".join(self.lines) + "\n"
+        self.sources.append(source)
         code = compile(source, filename, "exec")
         exec(code, self.namespace)  # noqa: S102 - compiler-generated source; user text only in _K
         for fname, on_ready in self._pending:
