@@ -96,6 +96,7 @@ class Between(Node):
     subject: Expr
     older: Expr
     newer: Expr
+    ago: bool = True  # False when the closing "ago" is missing (a checker error)
 
 
 @dataclass(slots=True)

@@ -349,6 +349,10 @@ class Checker:
         if isinstance(node, ast.Call):
             return self.call(node, env)
         if isinstance(node, ast.Between):
+            if not node.ago:
+                self.at(node.newer, "E301", "a time range ends with 'ago'", _len(node.newer),
+                        f"write 'between {_text(node.older)} and {_text(node.newer)} ago'")
+                return ERROR
             ev = self.event_ref(node.subject, env)
             older = self.expr(node.older, env)
             newer = self.expr(node.newer, env)
@@ -568,7 +572,7 @@ class Checker:
         if not prefix and len(parts) == 1 and name in CHANNELS:
             self.channel_name(name, node)
             return ERROR
-        if any(name in s.module.broken for s in scopes):
+        if any(name in s.module.broken or "*" in s.module.broken for s in scopes):
             return ERROR
         candidates = self._visible_names(env.scope) if not prefix else [
             *scopes[0].aliases, *scopes[0].segments]

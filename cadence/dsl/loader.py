@@ -201,6 +201,8 @@ def load_rules(
                 siblings = list(sources)
             checker.at(imp, "E205", f"cannot import '{imp.path}': no such file", len("import"),
                        did_you_mean(imp.path, siblings))
+            # what the file would have defined is unknown: do not report each use of it again
+            scope.module.broken[imp.alias or "*"] = "import"
             continue
         if imp.alias is None:
             scope.open_imports.append(scopes[target])

@@ -254,8 +254,14 @@ class _Builder(Transformer[Token, Any]):
     def within(self, subject: Any, _kw: Token, window: Any) -> ast.Binary:
         return ast.Binary("within", subject, window, **_pos(subject))
 
-    def between(self, subject: Any, _kw: Token, older: Any, newer: Any, _ago: Token) -> ast.Between:
-        return ast.Between(subject, older, newer, **_pos(subject))
+    def between(self, subject: Any, _kw: Token, older: Any, newer: Any) -> ast.Between:
+        # "between 90d and 30d ago": the trailing "ago" parses as a postfix of the second bound
+        ago = isinstance(newer, ast.Unary) and newer.op == "ago"
+        if ago:
+            newer = newer.operand
+        if isinstance(older, ast.Unary) and older.op == "ago":
+            older = older.operand
+        return ast.Between(subject, older, newer, ago, **_pos(subject))
 
     def ago(self, operand: Any, _kw: Token) -> ast.Unary:
         return ast.Unary("ago", operand, **_pos(operand))
