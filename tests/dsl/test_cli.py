@@ -117,7 +117,7 @@ def test_explain_reads_the_profile_tables(db_engine: Engine) -> None:
     assert checks["count(email.opened within 30d) > 0"] == (1, True)
     assert checks["seg.lapsed > not purchased within 60d"] == (True, True)
     assert record["decision"]["action"] == "send" and record["decision"]["channel"] == "email"
-    not_eligible = runner.invoke(app, [*base[:3], "explain", "cart_rescue", "--rules", str(RULES), "--customer", "1"])
+    not_eligible = runner.invoke(app, [*base[:2], "explain", "cart_rescue", "--rules", str(RULES), "--customer", "1"])
     assert not_eligible.exit_code == 0, not_eligible.output
     assert "why not:" in not_eligible.output and "trigger" in not_eligible.output
     unknown = runner.invoke(app, [*base, "--customer", "nobody"])
