@@ -26,6 +26,7 @@ CODES: dict[str, str] = {
     "E103": "syntax error: a character that is not part of the language",
     "E104": "unknown top-level keyword",
     "E105": "bad literal (date, time or string)",
+    "E106": "expression nested too deeply",
     "E201": "unknown name",
     "E202": "unknown channel, or a channel no installed connector offers",
     "E203": "unknown function",

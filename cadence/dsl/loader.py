@@ -210,7 +210,13 @@ def load_rules(
             checker.at(imp, "E204", f"the alias '{imp.alias}' is already used", len("import"))
         else:
             scope.named_imports[imp.alias] = scopes[target]
-    checker.run()
+    try:
+        checker.run()
+    except RecursionError:
+        # only a pathologically nested expression gets here; name the file rather than crash
+        checker.diagnostics.append(
+            Diagnostic("E101", "an expression is nested too deeply", next(iter(scopes.values())).module.file, 1, 1)
+        )
     diagnostics.extend(checker.diagnostics)
     diagnostics = sort_diagnostics(diagnostics)
     digest = content_hash(texts)
@@ -218,8 +224,17 @@ def load_rules(
                         checker.used_segments)
     if any(d.severity == "error" for d in diagnostics):
         return result
-    result.ruleset = build_ruleset(list(scopes.values()), digest=digest, default_zone=checker.default_zone
+    try:
+        ruleset = build_ruleset(list(scopes.values()), digest=digest, default_zone=checker.default_zone
                                    if _has_timezone(scopes.values()) else default_zone)
+    except (RecursionError, MemoryError, SyntaxError) as exc:
+        # the generated module is too deep for Python's own compiler: report, do not crash
+        result.diagnostics.append(
+            Diagnostic("E101", f"the rules are too deeply nested to compile ({type(exc).__name__})",
+                       next(iter(scopes.values())).module.file, 1, 1)
+        )
+        return result
+    result.ruleset = ruleset
     return result
 
 

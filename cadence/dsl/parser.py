@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, time
 from functools import cache
 from pathlib import Path as FilePath
@@ -30,6 +30,7 @@ from cadence.dsl.diagnostics import Diagnostic, did_you_mean
 __all__ = ["KEYWORDS", "TOP_LEVEL", "ParsedModule", "grammar", "parse_text"]
 
 GRAMMAR_FILE = FilePath(__file__).with_name("cadence.lark")
+MAX_DEPTH = 200
 TOP_LEVEL = ("import", "event", "segment", "campaign", "attribution", "settings", "test")
 DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
 
@@ -635,8 +636,34 @@ def parse_text(text: str, file: str = "<string>") -> ParsedModule:
                 _diag("E101", "expression nested too deeply", file, lines, start_line, 1, 1, None)
             )
             continue
+        if len(block) > MAX_DEPTH * 4 and _depth(node) > MAX_DEPTH:
+            # bounded language: the checker, compiler and formatter recurse over expressions
+            module.diagnostics.append(_diag(
+                "E106", f"an expression is nested more than {MAX_DEPTH} levels deep", file, lines, start_line, 1, 1,
+                "split it into named segments"))
+            m = _FIRST_WORD.match(_first_code_line(block))
+            if m and m.group(2):
+                module.broken[m.group(2)] = m.group(1)
+            continue
         module.blocks.append(node)
     return module
+
+
+def _depth(root: Any) -> int:
+    """The deepest nesting of AST nodes under ``root`` (iterative: safe on any input)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, ast.Node):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((getattr(item, f.name), depth) for f in fields(item))
+        elif isinstance(item, list | tuple):
+            stack.extend((x, depth) for x in item)
+        elif isinstance(item, dict):
+            stack.extend((x, depth) for x in item.values())
+    return deepest
 
 
 def _is_first_code_line(block: str, number: int) -> bool:
