@@ -77,9 +77,8 @@ def _known_events(ctx: typer.Context, settings: Settings | None) -> Collection[s
         return None
     explicit = bool(obj.get("database_url")) or "CADENCE_DATABASE_URL" in os.environ
     url = settings.database_url
-    if not explicit:
-        if not url.startswith("sqlite:///") or not Path(url[len("sqlite:///"):]).exists():
-            return None
+    if not explicit and (not url.startswith("sqlite:///") or not Path(url[len("sqlite:///") :]).exists()):
+        return None
     from cadence.store.db import create_db_engine
     from cadence.store.schema.core import events
 
@@ -118,16 +117,25 @@ def check(
     """Parse, type-check and compile rule files; exit 1 on any error."""
     result = _load(ctx, paths)
     if as_json:
-        out.print(orjson.dumps({"ok": result.ok, "hash": result.hash,
-                                "diagnostics": [d.to_dict() for d in result.diagnostics]}).decode())
+        out.print(
+            orjson.dumps(
+                {
+                    "ok": result.ok,
+                    "hash": result.hash,
+                    "diagnostics": [d.to_dict() for d in result.diagnostics],
+                }
+            ).decode()
+        )
     elif result.diagnostics:
         out.print(render_all(result.diagnostics), markup=False)
     if result.ok:
         rs = result.ruleset
         assert rs is not None
         if not as_json:
-            out.print(f"ok: {len(result.modules)} file(s), {len(rs.campaigns)} campaign(s), {len(rs.segments)} "
-                      f"segment(s), {len(rs.attribution)} attribution rule set(s); ruleset {rs.hash[:12]}")
+            out.print(
+                f"ok: {len(result.modules)} file(s), {len(rs.campaigns)} campaign(s), {len(rs.segments)} "
+                f"segment(s), {len(rs.attribution)} attribution rule set(s); ruleset {rs.hash[:12]}"
+            )
         return
     raise typer.Exit(1)
 
@@ -157,8 +165,14 @@ def fmt(
         if check_only:
             out.print(f"would reformat {file}", markup=False)
             if diff:
-                out.print("".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
-                                                       str(file), str(file) + " (formatted)")), markup=False)
+                out.print(
+                    "".join(
+                        difflib.unified_diff(
+                            text.splitlines(True), new.splitlines(True), str(file), str(file) + " (formatted)"
+                        )
+                    ),
+                    markup=False,
+                )
         else:
             tmp = file.with_name(f".{file.name}.fmt-tmp")
             tmp.write_text(new, encoding="utf-8")
@@ -176,7 +190,9 @@ def lint(ctx: typer.Context, paths: list[Path] | None = PATHS) -> None:
     if not result.ok:
         out.print(render_all(result.diagnostics), markup=False)
         raise typer.Exit(1)
-    findings = [d for d in result.diagnostics if d.severity == "warning"] + lint_rules(result, now_ms=now_ms())
+    findings = [d for d in result.diagnostics if d.severity == "warning"] + lint_rules(
+        result, now_ms=now_ms()
+    )
     if findings:
         out.print(render_all(findings), markup=False)
         raise typer.Exit(1)
@@ -197,16 +213,22 @@ def test(
     report = run_tests(result, available_channels=available_channels(settings))
     for r in report.results:
         if r.status != "passed" or verbose:
-            out.print(f"{r.status.upper():<7} {r.file}:{r.line} [{r.test}] {r.expectation}"
-                      + (f"\n        {r.message}" if r.message else ""), markup=False)
+            out.print(
+                f"{r.status.upper():<7} {r.file}:{r.line} [{r.test}] {r.expectation}"
+                + (f"\n        {r.message}" if r.message else ""),
+                markup=False,
+            )
     passed = sum(1 for r in report.results if r.status == "passed")
     skipped = sum(1 for r in report.results if r.status == "skipped")
     out.print(f"{passed} passed, {len(report.failed)} failed, {skipped} skipped")
     out.print(f"coverage: {report.coverage_percent():.0f}% of rules")
     for name, cov in sorted(report.coverage.items(), key=lambda kv: (kv[1].file, kv[0])):
         mark = "covered  " if cov.covered else "UNTESTED "
-        out.print(f"  {mark}{cov.kind:<9}{name:<28} fired {cov.fired:>3}, not fired {cov.not_fired:>3}, "
-                  f"expectations {cov.expected}  ({cov.file})", markup=False)
+        out.print(
+            f"  {mark}{cov.kind:<9}{name:<28} fired {cov.fired:>3}, not fired {cov.not_fired:>3}, "
+            f"expectations {cov.expected}  ({cov.file})",
+            markup=False,
+        )
     if skipped:
         out.print("note: send/no-send steps need cadence.engine.decide, which is not installed")
     if not report.ok:
@@ -228,7 +250,9 @@ def _parse_at(at: str | None) -> int:
 def explain(
     ctx: typer.Context,
     campaign: str = typer.Argument(..., help="Campaign name."),
-    customer: str = typer.Option(..., "--customer", help="Customer: a user id, an anonymous id or a numeric id."),
+    customer: str = typer.Option(
+        ..., "--customer", help="Customer: a user id, an anonymous id or a numeric id."
+    ),
     at: str | None = typer.Option(None, "--at", help="ISO-8601 time to evaluate at (default: now)."),
     rules: list[Path] | None = typer.Option(None, "--rules", help="Rule files or directories."),
     as_json: bool = typer.Option(False, "--json", help="Print the explain record as JSON."),
@@ -265,19 +289,30 @@ def explain(
                 raise ConfigError(f"--customer: no customer with the id {customer!r}")
             profile = DatabaseProfile.load(conn, customer_id)
             history = [
-                PastSend(row.due_ms, row.campaign, row.channel,
-                         ruleset.campaigns[row.campaign].exclusive if row.campaign in ruleset.campaigns else None)
+                PastSend(
+                    row.due_ms,
+                    row.campaign,
+                    row.channel,
+                    ruleset.campaigns[row.campaign].exclusive if row.campaign in ruleset.campaigns else None,
+                )
                 for row in conn.execute(
                     select(sends.c.due_ms, sends.c.campaign, sends.c.channel).where(
-                        sends.c.customer_id == customer_id, sends.c.status.in_(("queued", "sending", "sent")),
+                        sends.c.customer_id == customer_id,
+                        sends.c.status.in_(("queued", "sending", "sent")),
                         sends.c.due_ms <= when,
                     )
                 )
             ]
     finally:
         runtime.close()
-    record = explain_campaign(ruleset=ruleset, campaign=campaign, profile=profile, now_ms=when,
-                              available_channels=available_channels(settings), history=history)
+    record = explain_campaign(
+        ruleset=ruleset,
+        campaign=campaign,
+        profile=profile,
+        now_ms=when,
+        available_channels=available_channels(settings),
+        history=history,
+    )
     if as_json:
         out.print(orjson.dumps(record).decode(), markup=False)
     else:

@@ -26,8 +26,17 @@ __all__ = ["FUNCTIONS", "Checker", "ModuleScope", "T", "feedback_event_name"]
 DAY_MS = 86_400_000
 FUNCTIONS = ("count", "sum", "last", "first", "has", "consent")
 SCHEDULE_UNITS = (
-    "day", "weekday", "weekend", "hour",
-    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+    "day",
+    "weekday",
+    "weekend",
+    "hour",
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
 )
 TOUCH_FIELDS = ("channel", "campaign", "source", "medium")
 CHANNEL_RULE_FIELDS = ("source", "medium", "event", "referrer", "campaign")
@@ -149,20 +158,44 @@ class Checker:
         self._seen_event_warnings: set[tuple[str, int, int]] = set()
 
     # ---- reporting
-    def error(self, code: str, message: str, line: int, column: int, length: int = 1,
-              hint: str | None = None, severity: str = "error") -> None:
+    def error(
+        self,
+        code: str,
+        message: str,
+        line: int,
+        column: int,
+        length: int = 1,
+        hint: str | None = None,
+        severity: str = "error",
+    ) -> None:
         """Record one diagnostic at a position of the current module."""
         module = self._current
         assert module is not None
         lines = module.lines
         source = lines[line - 1] if 0 < line <= len(lines) else ""
         self.diagnostics.append(
-            Diagnostic(code, message, module.file, line, column, max(1, length), hint, severity,  # type: ignore[arg-type]
-                       source)
+            Diagnostic(
+                code,
+                message,
+                module.file,
+                line,
+                column,
+                max(1, length),
+                hint,
+                severity,  # type: ignore[arg-type]
+                source,
+            )
         )
 
-    def at(self, node: ast.Node | dict[str, int] | tuple[int, int], code: str, message: str,
-           length: int = 1, hint: str | None = None, severity: str = "error") -> None:
+    def at(
+        self,
+        node: ast.Node | dict[str, int] | tuple[int, int],
+        code: str,
+        message: str,
+        length: int = 1,
+        hint: str | None = None,
+        severity: str = "error",
+    ) -> None:
         """Record one diagnostic at a node or a ``{"line", "column"}`` position."""
         if isinstance(node, dict):
             line, column = node["line"], node["column"]
@@ -180,9 +213,10 @@ class Checker:
                 if isinstance(block, ast.Settings):
                     self._current = scope.module
                     for clause in block.clauses:
-                        if clause.keyword == "timezone":
-                            if self._check_zone(clause.args["zone"], clause.args["zone_pos"]):
-                                self.default_zone = clause.args["zone"]
+                        if clause.keyword == "timezone" and self._check_zone(
+                            clause.args["zone"], clause.args["zone_pos"]
+                        ):
+                            self.default_zone = clause.args["zone"]
         for scope in self.scopes:
             self._current = scope.module
             for block in scope.module.blocks:
@@ -207,9 +241,7 @@ class Checker:
 
     def _segment_cycles(self) -> None:
         state: dict[str, int] = {}
-        owners = {
-            b.name: (s, b) for s in self.scopes for b in s.module.blocks if isinstance(b, ast.Segment)
-        }
+        owners = {b.name: (s, b) for s in self.scopes for b in s.module.blocks if isinstance(b, ast.Segment)}
 
         def visit(name: str, stack: list[str]) -> None:
             state[name] = 1
@@ -217,8 +249,14 @@ class Checker:
                 if state.get(ref) == 1:
                     scope, block = owners[name]
                     self._current = scope.module
-                    cycle = " -> ".join([*stack[stack.index(ref):], name, ref]) if ref in stack else f"{name} -> {ref}"
-                    self.at(block, "E208", f"segment '{name}' refers to itself through {cycle}", len("segment"))
+                    cycle = (
+                        " -> ".join([*stack[stack.index(ref) :], name, ref])
+                        if ref in stack
+                        else f"{name} -> {ref}"
+                    )
+                    self.at(
+                        block, "E208", f"segment '{name}' refers to itself through {cycle}", len("segment")
+                    )
                 elif ref not in state:
                     visit(ref, [*stack, name])
             state[name] = 2
@@ -231,7 +269,13 @@ class Checker:
     def _check_zone(self, zone: str, pos: Any) -> bool:
         if zone in _zones():
             return True
-        self.at(pos, "E403", f"unknown time zone '{zone}'", len(zone) + 2, did_you_mean(zone, _zones(), cutoff=0.7))
+        self.at(
+            pos,
+            "E403",
+            f"unknown time zone '{zone}'",
+            len(zone) + 2,
+            did_you_mean(zone, _zones(), cutoff=0.7),
+        )
         return False
 
     def _warn_unknown_event(self, name: str, node: Any, length: int) -> None:
@@ -249,11 +293,21 @@ class Checker:
         if name in self.available:
             return True
         if name in CHANNELS:
-            self.at(pos, "E202", f"channel '{name}' is not offered by any installed connector", len(name),
-                    f"installed: {', '.join(self.available) or 'none'}")
+            self.at(
+                pos,
+                "E202",
+                f"channel '{name}' is not offered by any installed connector",
+                len(name),
+                f"installed: {', '.join(self.available) or 'none'}",
+            )
             return False
-        self.at(pos, "E202", f"unknown channel '{name}'", len(name),
-                did_you_mean(name, [*self.available, *CHANNELS]))
+        self.at(
+            pos,
+            "E202",
+            f"unknown channel '{name}'",
+            len(name),
+            did_you_mean(name, [*self.available, *CHANNELS]),
+        )
         return False
 
     def _visible_names(self, scope: ModuleScope) -> list[str]:
@@ -274,8 +328,13 @@ class Checker:
             return node.value
         if not isinstance(node, ast.Path):
             what = KIND_NAMES.get(node.kind, "this") if isinstance(node, ast.Lit) else "this expression"
-            self.at(node, "E301", f"expected an event here, got {what}", 1,
-                    'name an event: an alias declared with `event`, a quoted name or email.opened')
+            self.at(
+                node,
+                "E301",
+                f"expected an event here, got {what}",
+                1,
+                "name an event: an alias declared with `event`, a quoted name or email.opened",
+            )
             return None
         t = self.path(node, env, as_event=True)
         if t.kind == "error":
@@ -286,11 +345,20 @@ class Checker:
         if ref and ref[0] == "eventprop" and allow_prop:
             return str(ref[1])
         if ref and ref[0] == "eventprop":
-            self.at(node, "E301", f"'{'.'.join(node.parts)}' is an event property, not an event",
-                    len(".".join(node.parts)))
+            self.at(
+                node,
+                "E301",
+                f"'{'.'.join(node.parts)}' is an event property, not an event",
+                len(".".join(node.parts)),
+            )
             return None
-        self.at(node, "E301", f"'{'.'.join(node.parts)}' is {t}, not an event", len(".".join(node.parts)),
-                "declare it with: event NAME = \"Event Name\"")
+        self.at(
+            node,
+            "E301",
+            f"'{'.'.join(node.parts)}' is {t}, not an event",
+            len(".".join(node.parts)),
+            'declare it with: event NAME = "Event Name"',
+        )
         return None
 
     # ---- expressions
@@ -313,14 +381,23 @@ class Checker:
             self.at(node, "E301", f"{where} needs a condition (true or false), got {t}", _len(node), hint)
             return False
         code = "E302" if kind in UNIT_EXAMPLES and t.kind in UNIT_EXAMPLES else "E301"
-        hint = f"write {KIND_NAMES.get(kind, kind)} such as {UNIT_EXAMPLES[kind]}" if kind in UNIT_EXAMPLES else None
+        hint = (
+            f"write {KIND_NAMES.get(kind, kind)} such as {UNIT_EXAMPLES[kind]}"
+            if kind in UNIT_EXAMPLES
+            else None
+        )
         self.at(node, code, f"{where} needs {KIND_NAMES.get(kind, kind)}, got {t}", _len(node), hint)
         return False
 
     def _optional(self, node: ast.Expr) -> bool:
         text = _text(node)
-        self.at(node, "E303", f"'{text}' may be missing", len(text),
-                f"write '{text} ?? DEFAULT' or guard it with has({text})")
+        self.at(
+            node,
+            "E303",
+            f"'{text}' may be missing",
+            len(text),
+            f"write '{text} ?? DEFAULT' or guard it with has({text})",
+        )
         return False
 
     def expr(self, node: ast.Expr, env: _Env) -> T:  # noqa: C901 - one dispatch over node kinds
@@ -350,18 +427,29 @@ class Checker:
             return self.call(node, env)
         if isinstance(node, ast.Between):
             if not node.ago:
-                self.at(node.newer, "E301", "a time range ends with 'ago'", _len(node.newer),
-                        f"write 'between {_text(node.older)} and {_text(node.newer)} ago'")
+                self.at(
+                    node.newer,
+                    "E301",
+                    "a time range ends with 'ago'",
+                    _len(node.newer),
+                    f"write 'between {_text(node.older)} and {_text(node.newer)} ago'",
+                )
                 return ERROR
             ev = self.event_ref(node.subject, env)
             older = self.expr(node.older, env)
             newer = self.expr(node.newer, env)
-            ok = self._want(node.older, older, "duration", "between") & self._want(node.newer, newer, "duration",
-                                                                                     "between")
-            if ok and _lit_value(node.older) is not None and _lit_value(node.newer) is not None:
-                if _lit_value(node.older) <= _lit_value(node.newer):
-                    self.at(node.older, "E402", "in 'between A and B ago' A must be the longer time ago",
-                            len(_text(node.older)), f"write 'between {_text(node.newer)} and {_text(node.older)} ago'")
+            ok = self._want(node.older, older, "duration", "between") & self._want(
+                node.newer, newer, "duration", "between"
+            )
+            older_v, newer_v = _lit_value(node.older), _lit_value(node.newer)
+            if ok and older_v is not None and newer_v is not None and older_v <= newer_v:
+                self.at(
+                    node.older,
+                    "E402",
+                    "in 'between A and B ago' A must be the longer time ago",
+                    len(_text(node.older)),
+                    f"write 'between {_text(node.newer)} and {_text(node.older)} ago'",
+                )
             return BOOL if ev is not None else ERROR
         if isinstance(node, ast.Unary):
             return self.unary(node, env)
@@ -442,19 +530,33 @@ class Checker:
             if not _compatible(left, right):
                 self._mismatch(node, left, right, op)
             elif left.kind not in ORDERED | {"any"} or right.kind not in ORDERED | {"any"}:
-                self.at(node, "E301", f"cannot order {left}: '{op}' compares numbers, amounts, durations and times",
-                        _len(node.left))
+                self.at(
+                    node,
+                    "E301",
+                    f"cannot order {left}: '{op}' compares numbers, amounts, durations and times",
+                    _len(node.left),
+                )
             return BOOL
         if op in ("in", "not in"):
             if right.kind not in ("set", "any"):
-                self.at(node.right, "E301", f"'{op}' needs a set on its right, got {right}", _len(node.right),
-                        'write e.g. ["gold", "silver"]')
+                self.at(
+                    node.right,
+                    "E301",
+                    f"'{op}' needs a set on its right, got {right}",
+                    _len(node.right),
+                    'write e.g. ["gold", "silver"]',
+                )
             elif right.elem and left.kind not in ("any", right.elem):
                 self._mismatch(node, left, T(right.elem), op)
             return BOOL
         if op == "matches":
             if not (isinstance(node.right, ast.Lit) and node.right.kind == "string"):
-                self.at(node.right, "E301", "'matches' needs a quoted pattern such as \"brand*\"", _len(node.right))
+                self.at(
+                    node.right,
+                    "E301",
+                    "'matches' needs a quoted pattern such as \"brand*\"",
+                    _len(node.right),
+                )
             if left.kind not in ("string", "any"):
                 self._mismatch(node, left, T("string"), op)
             return BOOL
@@ -469,25 +571,27 @@ class Checker:
         for k in ("number", "money", "percent", "duration"):
             table[("+", k, k)] = k
             table[("-", k, k)] = k
-        table.update({
-            ("+", "timestamp", "duration"): "timestamp",
-            ("-", "timestamp", "duration"): "timestamp",
-            ("-", "timestamp", "timestamp"): "duration",
-            ("*", "number", "number"): "number",
-            ("/", "number", "number"): "number",
-            ("*", "money", "number"): "money",
-            ("*", "number", "money"): "money",
-            ("/", "money", "number"): "money",
-            ("/", "money", "money"): "number",
-            ("*", "money", "percent"): "money",
-            ("*", "percent", "money"): "money",
-            ("*", "number", "percent"): "number",
-            ("*", "percent", "number"): "number",
-            ("*", "duration", "number"): "duration",
-            ("*", "number", "duration"): "duration",
-            ("/", "duration", "number"): "duration",
-            ("/", "duration", "duration"): "number",
-        })
+        table.update(
+            {
+                ("+", "timestamp", "duration"): "timestamp",
+                ("-", "timestamp", "duration"): "timestamp",
+                ("-", "timestamp", "timestamp"): "duration",
+                ("*", "number", "number"): "number",
+                ("/", "number", "number"): "number",
+                ("*", "money", "number"): "money",
+                ("*", "number", "money"): "money",
+                ("/", "money", "number"): "money",
+                ("/", "money", "money"): "number",
+                ("*", "money", "percent"): "money",
+                ("*", "percent", "money"): "money",
+                ("*", "number", "percent"): "number",
+                ("*", "percent", "number"): "number",
+                ("*", "duration", "number"): "duration",
+                ("*", "number", "duration"): "duration",
+                ("/", "duration", "number"): "duration",
+                ("/", "duration", "duration"): "number",
+            }
+        )
         result = table.get((op, lk, rk))
         if result is None:
             self._mismatch(node, left, right, op)
@@ -525,16 +629,26 @@ class Checker:
             return T("any", optional=parts not in env.guarded)
         if head == "event" and len(parts) >= 2:
             if not env.event_allowed:
-                self.at(node, "E207", f"'{'.'.join(parts)}' is only known in a campaign with a trigger", length,
-                        "add 'trigger on EVENT', or read the customer's history with count(...) or last(...)")
+                self.at(
+                    node,
+                    "E207",
+                    f"'{'.'.join(parts)}' is only known in a campaign with a trigger",
+                    length,
+                    "add 'trigger on EVENT', or read the customer's history with count(...) or last(...)",
+                )
                 return ERROR
             node.ref = ("prop", parts[1:])
             return T("any", optional=parts not in env.guarded)
         if len(parts) == 2 and head in (*CHANNELS, *self.available) and head not in scope.named_imports:
             kinds = [f.value for f in Feedback]
             if parts[1] not in kinds:
-                self.at(node, "E206", f"'{parts[1]}' is not something that happens on {head}", length,
-                        did_you_mean(parts[1], kinds) or f"one of: {', '.join(kinds)}")
+                self.at(
+                    node,
+                    "E206",
+                    f"'{parts[1]}' is not something that happens on {head}",
+                    length,
+                    did_you_mean(parts[1], kinds) or f"one of: {', '.join(kinds)}",
+                )
                 return ERROR
             name = feedback_event_name(head, parts[1])
             self._warn_unknown_event(name, node, length)
@@ -548,8 +662,15 @@ class Checker:
             return self._resolve_in([target], node, parts[1:], env, length, prefix=head + ".")
         return self._resolve_in(list(scope.visible()), node, parts, env, length, prefix="")
 
-    def _resolve_in(self, scopes: list[ModuleScope], node: ast.Path, parts: tuple[str, ...], env: _Env,
-                    length: int, prefix: str) -> T:
+    def _resolve_in(
+        self,
+        scopes: list[ModuleScope],
+        node: ast.Path,
+        parts: tuple[str, ...],
+        env: _Env,
+        length: int,
+        prefix: str,
+    ) -> T:
         name = parts[0]
         for s in scopes:
             if name in s.aliases:
@@ -574,8 +695,9 @@ class Checker:
             return ERROR
         if any(name in s.module.broken or "*" in s.module.broken for s in scopes):
             return ERROR
-        candidates = self._visible_names(env.scope) if not prefix else [
-            *scopes[0].aliases, *scopes[0].segments]
+        candidates = (
+            self._visible_names(env.scope) if not prefix else [*scopes[0].aliases, *scopes[0].segments]
+        )
         what = f"'{prefix}{name}'"
         hint = did_you_mean(name, candidates)
         if not prefix and name in ("purchased", "opened", "clicked") and hint is None:
@@ -590,8 +712,13 @@ class Checker:
         """Built-in functions."""
         name, args = node.name, node.args
         if name not in FUNCTIONS:
-            self.at(node, "E203", f"unknown function '{name}'", len(name),
-                    did_you_mean(name, FUNCTIONS) or f"the functions are {', '.join(FUNCTIONS)}")
+            self.at(
+                node,
+                "E203",
+                f"unknown function '{name}'",
+                len(name),
+                did_you_mean(name, FUNCTIONS) or f"the functions are {', '.join(FUNCTIONS)}",
+            )
             for arg in args:
                 self.expr(arg, env)
             return ERROR
@@ -605,8 +732,13 @@ class Checker:
             else:
                 t = self.expr(arg, env)
             if t.kind != "error" and not t.optional:
-                self.at(arg, "E304", f"'{_text(arg)}' is never missing; has() checks customer traits, "
-                        "event properties and last()/first()", _len(arg))
+                self.at(
+                    arg,
+                    "E304",
+                    f"'{_text(arg)}' is never missing; has() checks customer traits, "
+                    "event properties and last()/first()",
+                    _len(arg),
+                )
             return BOOL
         if name == "consent":
             t = self.expr(arg, env)
@@ -632,8 +764,12 @@ class Checker:
         if ev is None:
             return ERROR
         if not (isinstance(inner, ast.Path) and inner.ref and inner.ref[0] == "eventprop"):
-            self.at(inner, "E304", "sum() adds up an event property: write sum(EVENT.PROPERTY within 30d)",
-                    _len(inner))
+            self.at(
+                inner,
+                "E304",
+                "sum() adds up an event property: write sum(EVENT.PROPERTY within 30d)",
+                _len(inner),
+            )
             return ERROR
         return T("number")
 
@@ -642,20 +778,29 @@ class Checker:
         seen: dict[str, ast.Clause] = {}
         for clause in clauses:
             if clause.keyword in seen and clause.keyword not in repeatable:
-                self.at(clause, "E405", f"'{clause.keyword}' is given twice", len(clause.keyword),
-                        f"first given on line {seen[clause.keyword].line}")
+                self.at(
+                    clause,
+                    "E405",
+                    f"'{clause.keyword}' is given twice",
+                    len(clause.keyword),
+                    f"first given on line {seen[clause.keyword].line}",
+                )
                 continue
             seen.setdefault(clause.keyword, clause)
         return seen
 
-    def _number(self, node: ast.Expr, env: _Env, where: str, *, integer: bool = True, minimum: float = 0) -> None:
+    def _number(
+        self, node: ast.Expr, env: _Env, where: str, *, integer: bool = True, minimum: float = 0
+    ) -> None:
         t = self.expr(node, env)
         if not self._want(node, t, "number", where):
             return
         value = _lit_value(node)
         if value is not None and ((integer and value != int(value)) or value < minimum):
             kind = "a whole number" if integer else "a number"
-            self.at(node, "E402", f"{where} must be {kind} of at least {minimum:g}, got {_text(node)}", _len(node))
+            self.at(
+                node, "E402", f"{where} must be {kind} of at least {minimum:g}, got {_text(node)}", _len(node)
+            )
 
     def _duration(self, node: ast.Expr, env: _Env, where: str, *, positive: bool = True) -> None:
         t = self.expr(node, env)
@@ -673,8 +818,12 @@ class Checker:
             if in_settings:
                 self.channel_name(on[0], on[1])
             else:
-                self.at(on[1], "E406", "a campaign's cap counts that campaign's sends; per-channel caps go in "
-                        "'settings'", len(on[0]))
+                self.at(
+                    on[1],
+                    "E406",
+                    "a campaign's cap counts that campaign's sends; per-channel caps go in 'settings'",
+                    len(on[0]),
+                )
 
     def campaign(self, block: ast.Campaign, scope: ModuleScope) -> None:  # noqa: C901
         """Check a campaign block."""
@@ -684,8 +833,13 @@ class Checker:
         for keyword in ("send", "channel"):
             if keyword not in seen and block.name not in scope.module.broken:
                 example = 'send template "NAME"' if keyword == "send" else "channel email"
-                self.at(block, "E404", f"campaign '{block.name}' has no '{keyword}' clause", len("campaign"),
-                        f"add e.g. `{example}`")
+                self.at(
+                    block,
+                    "E404",
+                    f"campaign '{block.name}' has no '{keyword}' clause",
+                    len("campaign"),
+                    f"add e.g. `{example}`",
+                )
         for clause in block.clauses:
             kw, args = clause.keyword, clause.args
             if kw in ("audience", "unless"):
@@ -724,12 +878,22 @@ class Checker:
                 self.split(clause, env)
             elif kw in ("starts", "ends"):
                 t = self.expr(args["expr"], env)
-                if self._want(args["expr"], t, "timestamp", f"'{kw}'") and not isinstance(args["expr"], ast.Lit):
-                    self.at(args["expr"], "E301", f"'{kw}' needs a date such as 2026-03-01", _len(args["expr"]))
+                if self._want(args["expr"], t, "timestamp", f"'{kw}'") and not isinstance(
+                    args["expr"], ast.Lit
+                ):
+                    self.at(
+                        args["expr"], "E301", f"'{kw}' needs a date such as 2026-03-01", _len(args["expr"])
+                    )
         starts, ends = seen.get("starts"), seen.get("ends")
         if starts and ends:
             a, b = starts.args["expr"], ends.args["expr"]
-            if isinstance(a, ast.Lit) and isinstance(b, ast.Lit) and a.value and b.value and b.value <= a.value:
+            if (
+                isinstance(a, ast.Lit)
+                and isinstance(b, ast.Lit)
+                and a.value
+                and b.value
+                and b.value <= a.value
+            ):
                 self.at(b, "E402", "the campaign ends before it starts", len(b.text))
 
     def quiet(self, clause: ast.Clause, env: _Env) -> None:
@@ -740,16 +904,26 @@ class Checker:
             t = self.expr(node, env)
             if t.kind not in ("timeofday", "error"):
                 # one mistake (e.g. "21..8") is one diagnostic, however many ends it affects
-                self.at(node, "E302", f"quiet hours need a time of day, got {t}", _len(node),
-                        "write e.g. quiet 21:00..08:00")
+                self.at(
+                    node,
+                    "E302",
+                    f"quiet hours need a time of day, got {t}",
+                    _len(node),
+                    "write e.g. quiet 21:00..08:00",
+                )
                 break
         zone = args["zone"]
         if zone is not None:
             self.zone_expr(zone, env)
         action = args["action"]
         if action is not None and action[0] not in ("defer", "drop"):
-            self.at(action[1], "E206", f"quiet hours end with 'then defer' or 'then drop', not '{action[0]}'",
-                    len(action[0]), did_you_mean(action[0], ("defer", "drop")))
+            self.at(
+                action[1],
+                "E206",
+                f"quiet hours end with 'then defer' or 'then drop', not '{action[0]}'",
+                len(action[0]),
+                did_you_mean(action[0], ("defer", "drop")),
+            )
 
     def zone_expr(self, node: ast.Expr, env: _Env) -> None:
         """A zone: "Europe/Berlin", customer.timezone, or customer.timezone ?? "Europe/Berlin"."""
@@ -759,31 +933,53 @@ class Checker:
         if isinstance(node, ast.Path) and node.parts == ("customer", "timezone"):
             node.ref = ("timezone",)
             return
-        if (isinstance(node, ast.Binary) and node.op == "??" and isinstance(node.left, ast.Path)
-                and node.left.parts == ("customer", "timezone") and isinstance(node.right, ast.Lit)
-                and node.right.kind == "string"):
+        if (
+            isinstance(node, ast.Binary)
+            and node.op == "??"
+            and isinstance(node.left, ast.Path)
+            and node.left.parts == ("customer", "timezone")
+            and isinstance(node.right, ast.Lit)
+            and node.right.kind == "string"
+        ):
             node.left.ref = ("timezone",)
             self._check_zone(node.right.value, node.right)
             return
-        self.at(node, "E301", "a time zone is a quoted zone name or customer.timezone", _len(node),
-                'write e.g. in customer.timezone ?? "Europe/Berlin"')
+        self.at(
+            node,
+            "E301",
+            "a time zone is a quoted zone name or customer.timezone",
+            _len(node),
+            'write e.g. in customer.timezone ?? "Europe/Berlin"',
+        )
 
     def schedule(self, clause: ast.Clause, env: _Env) -> None:
         """``schedule every UNIT [at TIME] [in ZONE]``."""
         unit, pos = clause.args["every"]
         if unit not in SCHEDULE_UNITS:
-            self.at(pos, "E206", f"'{unit}' is not a schedule", len(unit),
-                    did_you_mean(unit, SCHEDULE_UNITS) or f"one of: {', '.join(SCHEDULE_UNITS)}")
+            self.at(
+                pos,
+                "E206",
+                f"'{unit}' is not a schedule",
+                len(unit),
+                did_you_mean(unit, SCHEDULE_UNITS) or f"one of: {', '.join(SCHEDULE_UNITS)}",
+            )
         at = clause.args["at"]
         if at is not None:
             t = self.expr(at, env)
             if t.kind not in ("timeofday", "error"):
-                self.at(at, "E302", f"a schedule runs at a time of day, got {t}", _len(at), "write e.g. at 09:00")
+                self.at(
+                    at, "E302", f"a schedule runs at a time of day, got {t}", _len(at), "write e.g. at 09:00"
+                )
             if unit == "hour":
                 self.at(at, "E406", "'every hour' runs on the hour; it takes no 'at'", _len(at))
         elif unit != "hour" and unit in SCHEDULE_UNITS:
-            self.at(clause, "E404", f"'schedule every {unit}' needs a time", len("schedule"),
-                    f"write e.g. schedule every {unit} at 09:00")
+            self.at(
+                clause,
+                "E404",
+                f"'schedule every {unit}' needs a time",
+                len("schedule"),
+                f"write e.g. schedule every {unit} at 09:00",
+            )
         if clause.args["zone"] is not None:
             self.zone_expr(clause.args["zone"], env)
 
@@ -798,8 +994,13 @@ class Checker:
             names.add(arm.name)
             t = self.expr(arm.share, env)
             if t.kind == "number" and isinstance(arm.share, ast.Lit):
-                self.at(arm.share, "E302", f"a split share is a percentage, got the number {arm.share.text}",
-                        len(arm.share.text), f"write {arm.share.text}%")
+                self.at(
+                    arm.share,
+                    "E302",
+                    f"a split share is a percentage, got the number {arm.share.text}",
+                    len(arm.share.text),
+                    f"write {arm.share.text}%",
+                )
                 known = False
             elif not self._want(arm.share, t, "percent", "a split share"):
                 known = False
@@ -808,39 +1009,62 @@ class Checker:
             else:
                 known = False
         if known and abs(total - 1.0) > 1e-9:
-            self.at(clause, "E401", f"split shares add up to {total * 100:g}%, not 100%", len("split"),
-                    "make the shares add up to exactly 100%")
+            self.at(
+                clause,
+                "E401",
+                f"split shares add up to {total * 100:g}%, not 100%",
+                len("split"),
+                "make the shares add up to exactly 100%",
+            )
 
     def attribution(self, block: ast.Attribution, scope: ModuleScope) -> None:  # noqa: C901
         """Check an attribution block."""
         seen = self._clauses(block.clauses, ("channel_rule", "credit", "weight", "exclude"))
         env = _Env(scope)
         if "conversion" not in seen and block.name not in scope.module.broken:
-            self.at(block, "E404", f"attribution '{block.name}' has no 'conversion' clause", len("attribution"),
-                    "add e.g. `conversion purchased value event.revenue`")
+            self.at(
+                block,
+                "E404",
+                f"attribution '{block.name}' has no 'conversion' clause",
+                len("attribution"),
+                "add e.g. `conversion purchased value event.revenue`",
+            )
         for clause in block.clauses:
             kw, args = clause.keyword, clause.args
             if kw == "conversion":
                 self.event_ref(args["event"], env)
                 if args["value"] is not None and args["value"][0] != "event":
                     head, _prop, pos = args["value"]
-                    self.at(pos, "E206", "the conversion value is a property of the event: write value event.NAME",
-                            len(head))
+                    self.at(
+                        pos,
+                        "E206",
+                        "the conversion value is a property of the event: write value event.NAME",
+                        len(head),
+                    )
             elif kw == "window":
                 node = args["expr"]
                 t = self.expr(node, env)
                 if self._want(node, t, "duration", "the attribution window"):
                     value = _lit_value(node)
                     if value is not None and not (DAY_MS <= value <= 90 * DAY_MS):
-                        self.at(node, "E402", f"the attribution window must be between 1d and 90d, got {_text(node)}",
-                                _len(node))
+                        self.at(
+                            node,
+                            "E402",
+                            f"the attribution window must be between 1d and 90d, got {_text(node)}",
+                            _len(node),
+                        )
             elif kw == "model":
                 self.model(clause, env)
             elif kw == "channel_rule":
                 for fname, _op, _glob, pos in args["when"]:
                     if fname not in CHANNEL_RULE_FIELDS:
-                        self.at(pos, "E206", f"a touch is matched on {', '.join(CHANNEL_RULE_FIELDS)}, not '{fname}'",
-                                len(fname), did_you_mean(fname, CHANNEL_RULE_FIELDS))
+                        self.at(
+                            pos,
+                            "E206",
+                            f"a touch is matched on {', '.join(CHANNEL_RULE_FIELDS)}, not '{fname}'",
+                            len(fname),
+                            did_you_mean(fname, CHANNEL_RULE_FIELDS),
+                        )
             elif kw in ("credit", "weight", "exclude"):
                 value = args["value"]
                 if kw == "credit" and value is not None:
@@ -866,15 +1090,25 @@ class Checker:
         else:
             _q, _quant, fname, _op, _value, pos = pred
             if fname not in TOUCH_FIELDS:
-                self.at(pos, "E206", f"a touch has {', '.join(TOUCH_FIELDS)}, not '{fname}'", len(fname),
-                        did_you_mean(fname, TOUCH_FIELDS))
+                self.at(
+                    pos,
+                    "E206",
+                    f"a touch has {', '.join(TOUCH_FIELDS)}, not '{fname}'",
+                    len(fname),
+                    did_you_mean(fname, TOUCH_FIELDS),
+                )
 
     def model(self, clause: ast.Clause, env: _Env) -> None:
         """A model name and its parameters."""
         name = clause.args["name"]
         if name not in MODELS:
-            self.at(clause.args["name_pos"], "E206", f"unknown attribution model '{name}'", len(name),
-                    did_you_mean(name, MODELS) or f"one of: {', '.join(MODELS)}")
+            self.at(
+                clause.args["name_pos"],
+                "E206",
+                f"unknown attribution model '{name}'",
+                len(name),
+                did_you_mean(name, MODELS) or f"one of: {', '.join(MODELS)}",
+            )
             return
         allowed = MODEL_PARAMS.get(name, {})
         for pname, expr, pos in clause.args["params"]:
@@ -928,21 +1162,41 @@ class Checker:
         for step in block.steps:
             self._moment(step.at)
             if step.expect in ("send", "eligible", "not_eligible") and step.target not in campaigns | broken:
-                self.at(step.target_pos, "E407", f"unknown campaign '{step.target}'", len(step.target or ""),
-                        did_you_mean(step.target or "", campaigns))
+                self.at(
+                    step.target_pos,
+                    "E407",
+                    f"unknown campaign '{step.target}'",
+                    len(step.target or ""),
+                    did_you_mean(step.target or "", campaigns),
+                )
             if step.expect in ("member", "not_member") and step.target not in segments | broken:
-                self.at(step.target_pos, "E407", f"unknown segment '{step.target}'", len(step.target or ""),
-                        did_you_mean(step.target or "", segments))
+                self.at(
+                    step.target_pos,
+                    "E407",
+                    f"unknown segment '{step.target}'",
+                    len(step.target or ""),
+                    did_you_mean(step.target or "", segments),
+                )
             if step.channel is not None:
                 self.channel_name(step.channel, step.target_pos)
             if step.reason is not None:
                 if step.reason not in SUPPRESSION_REASONS:
-                    self.at(step.target_pos, "E407", f"'{step.reason}' is not a reason", len(step.reason),
-                            did_you_mean(step.reason, SUPPRESSION_REASONS)
-                            or f"one of: {', '.join(SUPPRESSION_REASONS)}")
+                    self.at(
+                        step.target_pos,
+                        "E407",
+                        f"'{step.reason}' is not a reason",
+                        len(step.reason),
+                        did_you_mean(step.reason, SUPPRESSION_REASONS)
+                        or f"one of: {', '.join(SUPPRESSION_REASONS)}",
+                    )
                 if step.reason_campaign not in campaigns | broken:
-                    self.at(step.target_pos, "E407", f"unknown campaign '{step.reason_campaign}'",
-                            len(step.reason or ""), did_you_mean(step.reason_campaign or "", campaigns))
+                    self.at(
+                        step.target_pos,
+                        "E407",
+                        f"unknown campaign '{step.reason_campaign}'",
+                        len(step.reason or ""),
+                        did_you_mean(step.reason_campaign or "", campaigns),
+                    )
 
     def _fixture_value(self, expr: ast.Expr, env: _Env) -> None:
         if isinstance(expr, ast.Lit) and expr.kind != "now":
@@ -963,7 +1217,9 @@ class Checker:
             if _timestamp(moment.absolute) is None:
                 self.at(moment, "E105", f"'{moment.absolute}' is not a valid date", len(moment.absolute))
             if moment.zone is not None:
-                self._check_zone(moment.zone, {"line": moment.line, "column": moment.column + len(moment.absolute) + 1})
+                self._check_zone(
+                    moment.zone, {"line": moment.line, "column": moment.column + len(moment.absolute) + 1}
+                )
 
 
 def _lit_value(node: ast.Expr) -> Any:

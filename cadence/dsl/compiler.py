@@ -12,6 +12,7 @@ only the profile aggregates the rules read.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -74,16 +75,23 @@ class CompiledPredicate:
 
     __slots__ = ("source", "pos", "_fn", "_parts", "_gen", "_explainers", "_file")
 
-    def __init__(self, source: str, fn: Callable[[EvalContext], bool], parts: list[ast.Expr],
-                 gen: Codegen, pos: SourcePos | None) -> None:
+    def __init__(
+        self,
+        source: str,
+        fn: Callable[[EvalContext], bool],
+        parts: list[ast.Expr],
+        gen: Codegen,
+        pos: SourcePos | None,
+    ) -> None:
         self.source = source
         self.pos = pos
         self._fn = fn
         self._parts = parts
         self._gen = gen
         self._file = pos.file if pos is not None else "<rules>"
-        self._explainers: list[tuple[str, Callable[[EvalContext], tuple[Any, bool]], SourcePos | None,
-                                     str | None]] | None = None
+        self._explainers: (
+            list[tuple[str, Callable[[EvalContext], tuple[Any, bool]], SourcePos | None, str | None]] | None
+        ) = None
 
     def __call__(self, ctx: EvalContext) -> bool:
         return self._fn(ctx)
@@ -103,7 +111,9 @@ class CompiledPredicate:
                 inner = self._gen.segment_predicates.get(segment)
                 if inner is not None and inner is not self:
                     for part in inner.explain(ctx):
-                        results.append(ConditionResult(f"{text} > {part.text}", part.value, part.passed, part.pos))
+                        results.append(
+                            ConditionResult(f"{text} > {part.text}", part.value, part.passed, part.pos)
+                        )
         return results
 
 
@@ -142,10 +152,8 @@ class Codegen:
         if index is None:
             index = len(self.consts)
             self.consts.append(value)
-            try:
+            with contextlib.suppress(TypeError):  # unhashable constants are simply not shared
                 self._const_ids[key] = index
-            except TypeError:
-                pass
         return f"_K[{index}]"
 
     def fresh(self, prefix: str) -> str:
@@ -153,8 +161,9 @@ class Codegen:
         self._n += 1
         return f"{prefix}{self._n}"
 
-    def function(self, body: list[str], on_ready: Callable[[Callable[..., Any]], None], *,
-                 name: str | None = None) -> str:
+    def function(
+        self, body: list[str], on_ready: Callable[[Callable[..., Any]], None], *, name: str | None = None
+    ) -> str:
         """Queue a function ``def NAME(ctx): BODY``; ``on_ready`` receives it after :meth:`build`."""
         fname = name or self.fresh("_f")
         self.lines.append(f"def {fname}(ctx):")
@@ -187,9 +196,11 @@ class Codegen:
     def cond(self, node: ast.Expr) -> str:
         """A Python expression that is a bool."""
         src = self.expr(node)
-        if isinstance(node, ast.Binary | ast.Unary | ast.Between | ast.Call) or (
-            isinstance(node, ast.Path) and node.ref and node.ref[0] == "segment"
-        ) or (isinstance(node, ast.Lit) and node.kind == "bool"):
+        if (
+            isinstance(node, ast.Binary | ast.Unary | ast.Between | ast.Call)
+            or (isinstance(node, ast.Path) and node.ref and node.ref[0] == "segment")
+            or (isinstance(node, ast.Lit) and node.kind == "bool")
+        ):
             return src
         return f"bool({src})"
 
@@ -230,8 +241,10 @@ class Codegen:
                 return self.const(ref[1])
             raise AssertionError(f"cannot compile {ref}")
         if isinstance(node, ast.SetLit):
-            if all(isinstance(i, ast.Lit) or isinstance(i, ast.Path) and i.ref and i.ref[0] == "channel"
-                   for i in node.items):
+            if all(
+                isinstance(i, ast.Lit) or isinstance(i, ast.Path) and i.ref and i.ref[0] == "channel"
+                for i in node.items
+            ):
                 values = frozenset(
                     i.value if isinstance(i, ast.Lit) else i.ref[1]  # type: ignore[union-attr]
                     for i in node.items
@@ -307,7 +320,11 @@ class Codegen:
         if isinstance(arg, ast.Binary) and arg.op == "within":
             since, inner = f"(_n - {self.expr(arg.right)})", arg.left
         elif isinstance(arg, ast.Between):
-            since, until, inner = f"(_n - {self.expr(arg.older)})", f"(_n - {self.expr(arg.newer)})", arg.subject
+            since, until, inner = (
+                f"(_n - {self.expr(arg.older)})",
+                f"(_n - {self.expr(arg.newer)})",
+                arg.subject,
+            )
         if name == "count":
             return self._count(self._event(inner), since, until)
         assert isinstance(inner, ast.Path) and inner.ref is not None
@@ -328,7 +345,9 @@ class Codegen:
                 parts.append(n)
 
         flatten(node)
-        pred = CompiledPredicate(format_expr(node), _unbuilt, parts, self, SourcePos(file, node.line, node.column))
+        pred = CompiledPredicate(
+            format_expr(node), _unbuilt, parts, self, SourcePos(file, node.line, node.column)
+        )
 
         def ready(fn: Callable[..., Any]) -> None:
             pred._fn = fn
@@ -339,8 +358,9 @@ class Codegen:
             self.segment_predicates[segment] = pred
         return pred
 
-    def explainers(self, parts: list[ast.Expr], file: str) -> list[tuple[str, Callable[[EvalContext], tuple[Any, bool]],
-                                                             SourcePos | None, str | None]]:
+    def explainers(
+        self, parts: list[ast.Expr], file: str
+    ) -> list[tuple[str, Callable[[EvalContext], tuple[Any, bool]], SourcePos | None, str | None]]:
         """Generate (on first use) one function per part returning ``(value, passed)``."""
         out: list[Any] = []
         for part in parts:
@@ -350,9 +370,16 @@ class Codegen:
                 body = [f"_l = {value}", f"return _l, bool({test})"]
             else:
                 body = [f"_l = {self.cond(part)}", "return _l, bool(_l)"]
-            lines = ["_p = ctx.profile; _n = ctx.now_ms; _u = _n + 1", "try:",
-                     *("    " + b for b in body), "except _ERR as exc:", "    return f'error: {exc}', False"]
-            segment = part.ref[1] if isinstance(part, ast.Path) and part.ref and part.ref[0] == "segment" else None
+            lines = [
+                "_p = ctx.profile; _n = ctx.now_ms; _u = _n + 1",
+                "try:",
+                *("    " + b for b in body),
+                "except _ERR as exc:",
+                "    return f'error: {exc}', False",
+            ]
+            segment = (
+                part.ref[1] if isinstance(part, ast.Path) and part.ref and part.ref[0] == "segment" else None
+            )
             slot: list[Any] = [format_expr(part), None, SourcePos(file, part.line, part.column), segment]
             out.append(slot)
 
@@ -463,7 +490,9 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
         elif k == "send":
             template = _template(gen, a["template"], a["vars"])
         elif k == "channel":
-            channels = ChannelPolicy(tuple(n for n, _p in a["channels"]), "best" if a["mode"] == "best" else "ordered")
+            channels = ChannelPolicy(
+                tuple(n for n, _p in a["channels"]), "best" if a["mode"] == "best" else "ordered"
+            )
         elif k == "cap":
             caps.append(Cap(int(_num(a["count"])), int(_num(a["window"])), "campaign"))
         elif k == "quiet":
@@ -484,12 +513,16 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
                 zone_name = str(zone.value)
             else:
                 zone_name = "customer"
-            text = f"every {unit}" + (f" at {a['at'].text}" if at else "") + (
-                f" in {format_expr(zone)}" if zone is not None else "")
+            text = (
+                f"every {unit}"
+                + (f" at {a['at'].text}" if at else "")
+                + (f" in {format_expr(zone)}" if zone is not None else "")
+            )
             kw["schedule"] = Schedule(cron_for(unit, at), zone_name, text)
         elif k == "split":
             kw["split"] = tuple(
-                SplitArm(arm.name, _num(arm.share), arm.template, holdout=arm.name == "holdout") for arm in a["arms"]
+                SplitArm(arm.name, _num(arm.share), arm.template, holdout=arm.name == "holdout")
+                for arm in a["arms"]
             )
         elif k in ("starts", "ends"):
             kw[f"{k}_ms"] = gen.timestamp_ms(a["expr"].value)
@@ -513,8 +546,13 @@ def _template(gen: Codegen, name: str, variables: list[Any]) -> TemplateSpec:
     items = ", ".join(f"{gen.const(n)}: {gen.expr(e)}" for n, e, _p in variables)
     holder: list[Callable[..., dict[str, Any]]] = []
     gen.function(
-        ["_p = ctx.profile; _n = ctx.now_ms; _u = _n + 1", "try:", f"    return {{{items}}}", "except _ERR:",
-         "    return {}"],
+        [
+            "_p = ctx.profile; _n = ctx.now_ms; _u = _n + 1",
+            "try:",
+            f"    return {{{items}}}",
+            "except _ERR:",
+            "    return {}",
+        ],
         holder.append,
     )
 
@@ -559,7 +597,9 @@ def compile_attribution(gen: Codegen, block: ast.Attribution, file: str) -> Attr
             when = gen.touch_predicate(a["when"]) if a["when"] is not None else None
             value = _num(a["value"]) if a["value"] is not None else 0.0
             source = format_expr(a["value"]) if a["value"] is not None else ""
-            credits.append(CreditRule(a["channel"], action, value, when, f"{k} {a['channel']} {source}".strip()))
+            credits.append(
+                CreditRule(a["channel"], action, value, when, f"{k} {a['channel']} {source}".strip())
+            )
     return AttributionSpec(
         name=block.name,
         title=block.title or block.name,
@@ -579,8 +619,14 @@ def compile_settings(blocks: list[ast.Settings], default_zone: str) -> GlobalSet
             a = clause.args
             if clause.keyword == "cap":
                 on = a["on"]
-                caps.append(Cap(int(_num(a["count"])), int(_num(a["window"])),
-                                "channel" if on else "customer", on[0] if on else None))
+                caps.append(
+                    Cap(
+                        int(_num(a["count"])),
+                        int(_num(a["window"])),
+                        "channel" if on else "customer",
+                        on[0] if on else None,
+                    )
+                )
             elif clause.keyword == "spacing":
                 spacing = int(_num(a["expr"]))
     return GlobalSettings(caps=tuple(caps), min_spacing_ms=spacing, default_zone=default_zone)

@@ -125,5 +125,7 @@ def render_all(diags: Sequence[Diagnostic]) -> str:
     errors = sum(1 for d in diags if d.severity == "error")
     warnings = len(diags) - errors
     parts = [render(d) for d in diags]
-    parts.append(f"{errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}")
+    parts.append(
+        f"{errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}"
+    )
     return "\n".join(parts)

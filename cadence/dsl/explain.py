@@ -32,8 +32,13 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"stage": self.stage, "text": self.text, "value": _jsonable(self.value), "passed": self.passed,
-                "at": self.at}
+        return {
+            "stage": self.stage,
+            "text": self.text,
+            "value": _jsonable(self.value),
+            "passed": self.passed,
+            "at": self.at,
+        }
 
 
 @dataclass
@@ -66,7 +71,9 @@ def eligibility(campaign: Campaign, ctx: EvalContext, *, detail: bool = True) ->
     if campaign.starts_ms is not None and now < campaign.starts_ms:
         out.eligible = False
         out.reasons.append("not_started")
-        out.checks.append(Check("dates", f"starts {ms_to_datetime(campaign.starts_ms).isoformat()}", now, False))
+        out.checks.append(
+            Check("dates", f"starts {ms_to_datetime(campaign.starts_ms).isoformat()}", now, False)
+        )
     if campaign.ends_ms is not None and now >= campaign.ends_ms:
         out.eligible = False
         out.reasons.append("ended")
@@ -84,11 +91,14 @@ def eligibility(campaign: Campaign, ctx: EvalContext, *, detail: bool = True) ->
         event = ctx.event
         name = event.get("event") if event else None
         matched = name == campaign.trigger.event
-        out.checks.append(Check("trigger", f"on \"{campaign.trigger.event}\"", name, matched))
+        out.checks.append(Check("trigger", f'on "{campaign.trigger.event}"', name, matched))
         if matched and campaign.trigger.where is not None:
             passed = campaign.trigger.where(ctx)
-            out.checks.extend(_checks("where", campaign.trigger.where.explain(ctx)) if detail else
-                              [Check("where", campaign.trigger.where.source, passed, passed)])
+            out.checks.extend(
+                _checks("where", campaign.trigger.where.explain(ctx))
+                if detail
+                else [Check("where", campaign.trigger.where.source, passed, passed)]
+            )
             matched = passed
         if not matched:
             out.eligible = False
@@ -153,8 +163,13 @@ def explain_campaign(
     decide = decide or find_decide()
     if decide is not None:
         decision = decide(
-            ruleset=ruleset, profile=profile, now_ms=now_ms, history=history,
-            available_channels=available_channels, event=event, campaigns=[campaign],
+            ruleset=ruleset,
+            profile=profile,
+            now_ms=now_ms,
+            history=history,
+            available_channels=available_channels,
+            event=event,
+            campaigns=[campaign],
         )
         record["decision"] = {
             "action": decision.action,
@@ -173,16 +188,24 @@ def explain_campaign(
                 why_not.append({"reason": s.reason, "detail": s.detail})
     else:
         record["decision_note"] = (
-            "cadence.engine.decide is not installed: caps, quiet hours, consent and priority were not evaluated"
+            "cadence.engine.decide is not installed: caps, quiet hours, consent and priority "
+            "were not evaluated"
         )
     record["why_not"] = why_not
     return record
 
 
 def _detail(reason: str, checks: list[Check]) -> str:
-    stage = {"audience": "audience", "trigger": "trigger", "unless": "unless", "not_started": "dates",
-             "ended": "dates"}.get(reason, reason)
-    failed = [c for c in checks if c.stage in (stage, "where" if stage == "trigger" else stage) and not c.passed]
+    stage = {
+        "audience": "audience",
+        "trigger": "trigger",
+        "unless": "unless",
+        "not_started": "dates",
+        "ended": "dates",
+    }.get(reason, reason)
+    failed = [
+        c for c in checks if c.stage in (stage, "where" if stage == "trigger" else stage) and not c.passed
+    ]
     return "; ".join(f"{c.text} (value: {c.value!r})" for c in failed)
 
 
@@ -195,14 +218,18 @@ def render_explain(record: Mapping[str, Any]) -> str:
     ]
     for c in record["checks"]:
         mark = "ok " if c["passed"] else "NO "
-        lines.append(f"  {mark} {c['stage']:<8} {c['text']}  = {c['value']!r}" + (f"  ({c['at']})" if c["at"] else ""))
+        lines.append(
+            f"  {mark} {c['stage']:<8} {c['text']}  = {c['value']!r}" + (f"  ({c['at']})" if c["at"] else "")
+        )
     decision = record.get("decision")
     if decision is not None:
         if decision["action"] == "send" and decision["campaign"] == record["campaign"]:
             lines.append(f"decision: send via {decision['channel']} at {decision['send_at']}")
         else:
-            lines.append(f"decision: {decision['action']}" + (f" ({decision['campaign']})" if decision["campaign"]
-                                                               else ""))
+            lines.append(
+                f"decision: {decision['action']}"
+                + (f" ({decision['campaign']})" if decision["campaign"] else "")
+            )
     elif record.get("decision_note"):
         lines.append(f"note: {record['decision_note']}")
     if record["why_not"]:

@@ -7,7 +7,7 @@ line stays at the end of the line that now holds the same clause (or condition);
 comment on its own line stays before what followed it. Formatting is idempotent:
 ``format(format(x)) == format(x)``.
 
->>> print(format_text('segment  vip="VIPs"=customer.tier??""=="gold"  # top'), end="")
+>>> print(format_text('segment  vip "VIPs"=customer.tier??""=="gold"  # top'), end="")
 segment vip "VIPs" = customer.tier ?? "" == "gold"  # top
 """
 
@@ -62,8 +62,10 @@ def _expr(node: ast.Expr) -> str:  # noqa: C901 - one case per node kind
     if isinstance(node, ast.SetLit):
         return "[" + ", ".join(format_expr(i) for i in node.items) + "]"
     if isinstance(node, ast.Between):
-        return (f"{format_expr(node.subject, 10)} between {format_expr(node.older, 6)} "
-                f"and {format_expr(node.newer, 6)} ago")
+        return (
+            f"{format_expr(node.subject, 10)} between {format_expr(node.older, 6)} "
+            f"and {format_expr(node.newer, 6)} ago"
+        )
     if isinstance(node, ast.Unary):
         if node.op == "not":
             return f"not {format_expr(node.operand, PREC['not'])}"
@@ -144,7 +146,9 @@ def _quote(text: str) -> str:
     >>> _quote('say "hi"')
     '"say \\\\"hi\\\\""'
     """
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    return (
+        '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    )
 
 
 def _vars(items: list[Any]) -> str:
@@ -190,10 +194,7 @@ def _clause(w: _Writer, clause: ast.Clause, width: int) -> None:  # noqa: C901 -
         w.line(anchor, head + text, 4)
     elif kw == "channel":
         names = [n for n, _p in a["channels"]]
-        if a["mode"] == "best":
-            text = "best of [" + ", ".join(names) + "]"
-        else:
-            text = ", fallback ".join(names)
+        text = "best of [" + ", ".join(names) + "]" if a["mode"] == "best" else ", fallback ".join(names)
         w.line(anchor, head + text, 4)
     elif kw == "cap":
         text = f"{format_expr(a['count'], 5)} per {format_expr(a['window'], 5)}"
@@ -219,8 +220,10 @@ def _clause(w: _Writer, clause: ast.Clause, width: int) -> None:  # noqa: C901 -
     elif kw == "split":
         arms = []
         for arm in a["arms"]:
-            arms.append(f"{arm.name} {format_expr(arm.share, 5)}"
-                        + (f" template {_quote(arm.template)}" if arm.template is not None else ""))
+            arms.append(
+                f"{arm.name} {format_expr(arm.share, 5)}"
+                + (f" template {_quote(arm.template)}" if arm.template is not None else "")
+            )
         w.line(anchor, head + ", ".join(arms), 4)
     elif kw == "conversion":
         text = format_expr(a["event"])
@@ -262,8 +265,12 @@ def _expectation(s: ast.Step) -> str:
         return f"send {s.target}" + (f" via {s.channel}" if s.channel else "")
     if s.expect == "no_send":
         return "no send" + (f" because {s.reason}({s.reason_campaign})" if s.reason else "")
-    return {"eligible": "eligible ", "not_eligible": "not eligible ", "member": "in ", "not_member": "not in "}[
-        s.expect] + str(s.target)
+    return {
+        "eligible": "eligible ",
+        "not_eligible": "not eligible ",
+        "member": "in ",
+        "not_member": "not in ",
+    }[s.expect] + str(s.target)
 
 
 def _block(w: _Writer, block: ast.Block, end_line: int) -> None:  # noqa: C901
@@ -321,7 +328,9 @@ def format_module(module: ParsedModule) -> str:
             w.blank()
         _block(w, block, ends[i])
     lines = module.text.split("\n")
-    comments = [(line, text, not lines[line - 1][: column - 1].strip()) for line, column, text in module.comments]
+    comments = [
+        (line, text, not lines[line - 1][: column - 1].strip()) for line, column, text in module.comments
+    ]
     return _with_comments(w.units, comments)
 
 

@@ -38,8 +38,12 @@ def _always_false(node: ast.Expr) -> str | None:
             return left if left and right else None
         if node.op == "within" and isinstance(node.right, ast.Lit) and node.right.value == 0:
             return f"'{format_expr(node)}' looks at an empty window"
-        if (isinstance(node.left, ast.Call) and node.left.name == "count" and isinstance(node.right, ast.Lit)
-                and node.right.kind == "number"):
+        if (
+            isinstance(node.left, ast.Call)
+            and node.left.name == "count"
+            and isinstance(node.right, ast.Lit)
+            and node.right.kind == "number"
+        ):
             v = node.right.value
             if (node.op == "<" and v <= 0) or (node.op == "<=" and v < 0) or (node.op == "==" and v < 0):
                 return f"'{format_expr(node)}': a count is never negative"
@@ -76,7 +80,9 @@ def lint(result: LoadResult, *, now_ms: int | None = None) -> list[Diagnostic]:
     return sort_diagnostics(checker.diagnostics)
 
 
-def _warn(checker: Checker, node: ast.Node, code: str, message: str, length: int, hint: str | None = None) -> None:
+def _warn(
+    checker: Checker, node: ast.Node, code: str, message: str, length: int, hint: str | None = None
+) -> None:
     checker.at(node, code, message, length, hint, "warning")
 
 
@@ -84,11 +90,19 @@ def _lint_scope(checker: Checker, scope: ModuleScope, result: LoadResult, now_ms
     for block in scope.module.blocks:
         if isinstance(block, ast.Segment):
             if block.name not in result.used_segments and not _used_by_tests(result, block.name):
-                _warn(checker, block, "W502", f"segment '{block.name}' is never used", len("segment"),
-                      "use it in an audience, or remove it")
+                _warn(
+                    checker,
+                    block,
+                    "W502",
+                    f"segment '{block.name}' is never used",
+                    len("segment"),
+                    "use it in an audience, or remove it",
+                )
             why = _always_false(block.condition)
             if why:
-                _warn(checker, block, "W503", f"segment '{block.name}' can never match: {why}", len("segment"))
+                _warn(
+                    checker, block, "W503", f"segment '{block.name}' can never match: {why}", len("segment")
+                )
         if not isinstance(block, ast.Campaign):
             continue
         clauses = {c.keyword: c for c in block.clauses}
@@ -99,19 +113,35 @@ def _lint_scope(checker: Checker, scope: ModuleScope, result: LoadResult, now_ms
             expr = clause.args["expr"] if key == "audience" else clause.args.get("where")
             why = _always_false(expr) if expr is not None else None
             if why:
-                _warn(checker, clause, "W503", f"campaign '{block.name}' can never fire: {why}", len(clause.keyword))
+                _warn(
+                    checker,
+                    clause,
+                    "W503",
+                    f"campaign '{block.name}' can never fire: {why}",
+                    len(clause.keyword),
+                )
         trigger, unless = clauses.get("trigger"), clauses.get("unless")
         if trigger is not None and unless is not None:
             event = _event_of(trigger.args["event"])
             after = trigger.args["after"]
             delay = after.value if isinstance(after, ast.Lit) else 0
             for part in _parts(unless.args["expr"]):
-                if (isinstance(part, ast.Binary) and part.op == "within" and _event_of(part.left) == event
-                        and isinstance(part.right, ast.Lit) and part.right.value > delay):
-                    _warn(checker, unless, "W503",
-                          f"campaign '{block.name}' can never fire: '{format_expr(part)}' always holds, because the "
-                          "triggering event itself is within that window", len("unless"),
-                          "make the unless window shorter than the trigger delay, or test another event")
+                if (
+                    isinstance(part, ast.Binary)
+                    and part.op == "within"
+                    and _event_of(part.left) == event
+                    and isinstance(part.right, ast.Lit)
+                    and part.right.value > delay
+                ):
+                    _warn(
+                        checker,
+                        unless,
+                        "W503",
+                        f"campaign '{block.name}' can never fire: '{format_expr(part)}' always holds, "
+                        "because the triggering event itself is within that window",
+                        len("unless"),
+                        "make the unless window shorter than the trigger delay, or test another event",
+                    )
         ends = clauses.get("ends")
         if ends is not None and now_ms is not None and isinstance(ends.args["expr"], ast.Lit):
             from cadence.dsl.compiler import Codegen
@@ -123,8 +153,14 @@ def _lint_scope(checker: Checker, scope: ModuleScope, result: LoadResult, now_ms
         if quiet is not None:
             start, end = quiet.args["start"], quiet.args["end"]
             if isinstance(start, ast.Lit) and isinstance(end, ast.Lit) and start.value == end.value:
-                _warn(checker, quiet, "W505", f"quiet hours {start.text}..{end.text} cover the whole day: "
-                      f"campaign '{block.name}' can never send", len("quiet"))
+                _warn(
+                    checker,
+                    quiet,
+                    "W505",
+                    f"quiet hours {start.text}..{end.text} cover the whole day: "
+                    f"campaign '{block.name}' can never send",
+                    len("quiet"),
+                )
         schedule = clauses.get("schedule")
         # with an audience, membership changes from run to run and the cap is fatigue control;
         # without one, every run targets everyone and a stricter cap silently thins the schedule
@@ -136,16 +172,23 @@ def _lint_scope(checker: Checker, scope: ModuleScope, result: LoadResult, now_ms
                 if isinstance(count, ast.Lit) and isinstance(window, ast.Lit) and window.kind == "duration":
                     runs = per_day * window.value / DAY_MS
                     if runs > count.value + 1e-9:
-                        _warn(checker, cap, "W506",
-                              f"the schedule runs about {runs:g} times per {window.text} but the cap allows "
-                              f"{count.text}: most runs will be capped", len("cap"),
-                              "loosen the cap or schedule less often")
+                        _warn(
+                            checker,
+                            cap,
+                            "W506",
+                            f"the schedule runs about {runs:g} times per {window.text} but the cap allows "
+                            f"{count.text}: most runs will be capped",
+                            len("cap"),
+                            "loosen the cap or schedule less often",
+                        )
 
 
 def _used_by_tests(result: LoadResult, name: str) -> bool:
     return any(
         step.target == name
-        for scope in result.scopes for block in scope.module.blocks if isinstance(block, ast.Test)
+        for scope in result.scopes
+        for block in scope.module.blocks
+        if isinstance(block, ast.Test)
         for step in block.steps
     )
 
@@ -159,7 +202,11 @@ def _overlaps(checker: Checker, scopes: list[ModuleScope]) -> None:
                 continue
             clauses = {c.keyword: c for c in block.clauses}
             priority = clauses.get("priority")
-            prio = int(priority.args["expr"].value) if priority and isinstance(priority.args["expr"], ast.Lit) else 0
+            prio = (
+                int(priority.args["expr"].value)
+                if priority and isinstance(priority.args["expr"], ast.Lit)
+                else 0
+            )
             audience = clauses.get("audience")
             text = format_expr(audience.args["expr"]) if audience else "everyone"
             trigger = clauses.get("trigger")
@@ -167,9 +214,14 @@ def _overlaps(checker: Checker, scopes: list[ModuleScope]) -> None:
             key = (prio, event, text)
             if key in seen:
                 other, file, line = seen[key]
-                _warn(checker, block, "W504",
-                      f"campaigns '{other}' ({file}:{line}) and '{block.name}' have the same priority {prio}, "
-                      f"trigger and audience: only the tie-break decides", len("campaign"),
-                      "give one a different priority, or narrow one audience")
+                _warn(
+                    checker,
+                    block,
+                    "W504",
+                    f"campaigns '{other}' ({file}:{line}) and '{block.name}' have the same priority {prio}, "
+                    f"trigger and audience: only the tie-break decides",
+                    len("campaign"),
+                    "give one a different priority, or narrow one audience",
+                )
             else:
                 seen[key] = (block.name, scope.module.file, block.line)

@@ -23,7 +23,13 @@ from pathlib import Path
 from cadence.channels import CHANNELS
 from cadence.dsl import ast
 from cadence.dsl.checker import Checker, ModuleScope
-from cadence.dsl.compiler import Codegen, compile_attribution, compile_campaign, compile_segment, compile_settings
+from cadence.dsl.compiler import (
+    Codegen,
+    compile_attribution,
+    compile_campaign,
+    compile_segment,
+    compile_settings,
+)
 from cadence.dsl.diagnostics import Diagnostic, did_you_mean, sort_diagnostics
 from cadence.dsl.parser import ParsedModule, parse_text
 from cadence.engine.campaign import CompiledRuleset
@@ -161,7 +167,7 @@ def load_rules(
                 queue.append(target)
 
     scopes = {key: ModuleScope(module) for key, module in modules.items()}
-    for key, scope in scopes.items():
+    for scope in scopes.values():
         diagnostics.extend(scope.module.diagnostics)
     checker = Checker(list(scopes.values()), available_channels=available_channels, known_events=known_events)
 
@@ -171,24 +177,47 @@ def load_rules(
         checker._current = scope.module
         for block in scope.module.blocks:
             if isinstance(block, ast.EventAlias | ast.Segment | ast.Campaign | ast.Attribution):
-                kind = {ast.EventAlias: "event", ast.Segment: "segment", ast.Campaign: "campaign",
-                        ast.Attribution: "attribution"}[type(block)]
+                kind = {
+                    ast.EventAlias: "event",
+                    ast.Segment: "segment",
+                    ast.Campaign: "campaign",
+                    ast.Attribution: "attribution",
+                }[type(block)]
                 # campaigns, segments and attributions are global; event aliases belong to their file
                 space = f"event:{scope.module.file}" if kind == "event" else kind
                 key2 = (space, block.name)
-                if kind == "segment" and block.name in scope.aliases or kind == "event" and (
-                        block.name in scope.segments):
-                    checker.at(block, "E204", f"'{block.name}' is both an event and a segment in this file",
-                               len(kind))
+                if (
+                    kind == "segment"
+                    and block.name in scope.aliases
+                    or kind == "event"
+                    and (block.name in scope.segments)
+                ):
+                    checker.at(
+                        block,
+                        "E204",
+                        f"'{block.name}' is both an event and a segment in this file",
+                        len(kind),
+                    )
                     continue
                 if key2 in first_def:
                     where, line = first_def[key2]
-                    checker.at(block, "E204", f"{kind} '{block.name}' is already defined at {where}:{line}",
-                               len(kind))
+                    checker.at(
+                        block,
+                        "E204",
+                        f"{kind} '{block.name}' is already defined at {where}:{line}",
+                        len(kind),
+                    )
                     continue
                 first_def[key2] = (scope.module.file, block.line)
-                getattr(scope, {"event": "aliases", "segment": "segments", "campaign": "campaigns",
-                                "attribution": "attributions"}[kind])[block.name] = block
+                getattr(
+                    scope,
+                    {
+                        "event": "aliases",
+                        "segment": "segments",
+                        "campaign": "campaigns",
+                        "attribution": "attributions",
+                    }[kind],
+                )[block.name] = block
     for source_key, imp, target in import_edges:
         scope = scopes[source_key]
         checker._current = scope.module
@@ -199,8 +228,13 @@ def load_rules(
                 siblings = [p.name for p in base.glob(f"*{SUFFIX}")]
             elif sources is not None:
                 siblings = list(sources)
-            checker.at(imp, "E205", f"cannot import '{imp.path}': no such file", len("import"),
-                       did_you_mean(imp.path, siblings))
+            checker.at(
+                imp,
+                "E205",
+                f"cannot import '{imp.path}': no such file",
+                len("import"),
+                did_you_mean(imp.path, siblings),
+            )
             # what the file would have defined is unknown: do not report each use of it again
             scope.module.broken[imp.alias or "*"] = "import"
             continue
@@ -215,23 +249,34 @@ def load_rules(
     except RecursionError:
         # only a pathologically nested expression gets here; name the file rather than crash
         checker.diagnostics.append(
-            Diagnostic("E101", "an expression is nested too deeply", next(iter(scopes.values())).module.file, 1, 1)
+            Diagnostic(
+                "E101", "an expression is nested too deeply", next(iter(scopes.values())).module.file, 1, 1
+            )
         )
     diagnostics.extend(checker.diagnostics)
     diagnostics = sort_diagnostics(diagnostics)
     digest = content_hash(texts)
-    result = LoadResult(None, diagnostics, list(modules.values()), list(scopes.values()), digest,
-                        checker.used_segments)
+    result = LoadResult(
+        None, diagnostics, list(modules.values()), list(scopes.values()), digest, checker.used_segments
+    )
     if any(d.severity == "error" for d in diagnostics):
         return result
     try:
-        ruleset = build_ruleset(list(scopes.values()), digest=digest, default_zone=checker.default_zone
-                                   if _has_timezone(scopes.values()) else default_zone)
+        ruleset = build_ruleset(
+            list(scopes.values()),
+            digest=digest,
+            default_zone=checker.default_zone if _has_timezone(scopes.values()) else default_zone,
+        )
     except (RecursionError, MemoryError, SyntaxError) as exc:
         # the generated module is too deep for Python's own compiler: report, do not crash
         result.diagnostics.append(
-            Diagnostic("E101", f"the rules are too deeply nested to compile ({type(exc).__name__})",
-                       next(iter(scopes.values())).module.file, 1, 1)
+            Diagnostic(
+                "E101",
+                f"the rules are too deeply nested to compile ({type(exc).__name__})",
+                next(iter(scopes.values())).module.file,
+                1,
+                1,
+            )
         )
         return result
     result.ruleset = ruleset
@@ -241,7 +286,10 @@ def load_rules(
 def _has_timezone(scopes: Iterable[ModuleScope]) -> bool:
     return any(
         c.keyword == "timezone"
-        for s in scopes for b in s.module.blocks if isinstance(b, ast.Settings) for c in b.clauses
+        for s in scopes
+        for b in s.module.blocks
+        if isinstance(b, ast.Settings)
+        for c in b.clauses
     )
 
 
@@ -254,11 +302,15 @@ def build_ruleset(scopes: Sequence[ModuleScope], *, digest: str, default_zone: s
     segments = {b.name: compile_segment(gen, b, f) for f, b in segments_ast}
     campaigns = {
         b.name: compile_campaign(gen, b, s.module.file, default_zone)
-        for s in scopes for b in s.module.blocks if isinstance(b, ast.Campaign)
+        for s in scopes
+        for b in s.module.blocks
+        if isinstance(b, ast.Campaign)
     }
     attribution = {
         b.name: compile_attribution(gen, b, s.module.file)
-        for s in scopes for b in s.module.blocks if isinstance(b, ast.Attribution)
+        for s in scopes
+        for b in s.module.blocks
+        if isinstance(b, ast.Attribution)
     }
     settings = compile_settings(
         [b for s in scopes for b in s.module.blocks if isinstance(b, ast.Settings)], default_zone
@@ -301,8 +353,13 @@ class RulesetHolder:
     without errors; a failed reload keeps the old one and returns the diagnostics.
     """
 
-    def __init__(self, paths: Sequence[str | Path], *, available_channels: Collection[str] = CHANNELS,
-                 default_zone: str = "UTC") -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        available_channels: Collection[str] = CHANNELS,
+        default_zone: str = "UTC",
+    ) -> None:
         self.paths = list(paths)
         self.available_channels = tuple(available_channels)
         self.default_zone = default_zone
@@ -312,8 +369,9 @@ class RulesetHolder:
     def reload(self) -> LoadResult:
         """Load the paths again; swap the ruleset in when it changed and has no error."""
         with self._lock:
-            result = load_rules(self.paths, available_channels=self.available_channels,
-                                default_zone=self.default_zone)
+            result = load_rules(
+                self.paths, available_channels=self.available_channels, default_zone=self.default_zone
+            )
             if result.ruleset is not None and (self.current is None or self.current.hash != result.hash):
                 self.current = result.ruleset
             return result

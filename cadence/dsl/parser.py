@@ -378,7 +378,9 @@ class _Builder(Transformer[Token, Any]):
 
     def channel_rule(self, kw: Token, name: Token, *matches: Any) -> ast.Clause:
         return ast.Clause(
-            "channel_rule", {"channel": str(name), "channel_pos": _pos(name), "when": list(matches)}, **_pos(kw)
+            "channel_rule",
+            {"channel": str(name), "channel_pos": _pos(name), "when": list(matches)},
+            **_pos(kw),
         )
 
     def field_match(self, name: Token, *rest: Token) -> tuple[str, str, str, dict[str, int]]:
@@ -418,7 +420,9 @@ class _Builder(Transformer[Token, Any]):
 
     def moment_abs(self, ts: Token, zone: Token | None = None) -> ast.Moment:
         text = str(ts) + (f" {zone}" if zone is not None else "")
-        return ast.Moment(absolute=str(ts), zone=str(zone) if zone is not None else None, text=text, **_pos(ts))
+        return ast.Moment(
+            absolute=str(ts), zone=str(zone) if zone is not None else None, text=text, **_pos(ts)
+        )
 
     def moment_rel(self, sign: Token, dur: Token) -> ast.Moment:
         ms = duration_ms(str(dur))
@@ -440,13 +444,23 @@ class _Builder(Transformer[Token, Any]):
 
     def expect_send(self, _send: Token, name: Token, channel: Token | None = None) -> ast.Step:
         return ast.Step(
-            ast.Moment(), "send", str(name), str(channel) if channel is not None else None, target_pos=_tp(name)
+            ast.Moment(),
+            "send",
+            str(name),
+            str(channel) if channel is not None else None,
+            target_pos=_tp(name),
         )
 
     def expect_no_send(self, _no: Token, _send: Token, *because: Token) -> ast.Step:
         if because:
             return ast.Step(
-                ast.Moment(), "no_send", None, None, str(because[0]), str(because[1]), target_pos=_tp(because[0])
+                ast.Moment(),
+                "no_send",
+                None,
+                None,
+                str(because[0]),
+                str(because[1]),
+                target_pos=_tp(because[0]),
             )
         return ast.Step(ast.Moment(), "no_send", None, target_pos=_tp(_send))
 
@@ -557,7 +571,9 @@ def _describe_expected(expected: set[str]) -> str:
     return ", ".join(items)
 
 
-def _syntax_diagnostic(exc: UnexpectedInput, file: str, lines: list[str], offset: int, block: str) -> Diagnostic:
+def _syntax_diagnostic(
+    exc: UnexpectedInput, file: str, lines: list[str], offset: int, block: str
+) -> Diagnostic:
     line = exc.line or 1
     column = exc.column or 1
     if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
@@ -576,15 +592,27 @@ def _syntax_diagnostic(exc: UnexpectedInput, file: str, lines: list[str], offset
         want = _describe_expected(expected)
         candidates = [KEYWORDS[t] for t in expected if t in KEYWORDS]
         hint = did_you_mean(value, candidates) if tok.type == "NAME" else None
-        if tok.type == "NAME" and column == 1 and value not in TOP_LEVEL and _is_first_code_line(block, line - offset):
+        if (
+            tok.type == "NAME"
+            and column == 1
+            and value not in TOP_LEVEL
+            and _is_first_code_line(block, line - offset)
+        ):
             hint = did_you_mean(value, TOP_LEVEL) or hint
             return _diag(
                 "E104",
                 f"'{value}' does not start a block; expected one of {', '.join(TOP_LEVEL)}",
-                file, lines, line, column, len(value), hint,
+                file,
+                lines,
+                line,
+                column,
+                len(value),
+                hint,
             )
         shown = value if len(value) < 30 else value[:27] + "..."
-        return _diag("E101", f"unexpected '{shown}'; expected {want}", file, lines, line, column, len(value), hint)
+        return _diag(
+            "E101", f"unexpected '{shown}'; expected {want}", file, lines, line, column, len(value), hint
+        )
     assert isinstance(exc, UnexpectedCharacters)
     ch = lines[line - 1][column - 1] if 0 < line <= len(lines) and 0 < column <= len(lines[line - 1]) else "?"
     hint = None
@@ -600,7 +628,14 @@ def _syntax_diagnostic(exc: UnexpectedInput, file: str, lines: list[str], offset
 
 
 def _diag(
-    code: str, message: str, file: str, lines: list[str], line: int, column: int, length: int, hint: str | None
+    code: str,
+    message: str,
+    file: str,
+    lines: list[str],
+    line: int,
+    column: int,
+    length: int,
+    hint: str | None,
 ) -> Diagnostic:
     source = lines[line - 1] if 0 < line <= len(lines) else ""
     return Diagnostic(code, message, file, line, column, max(1, length), hint, "error", source)
@@ -638,9 +673,18 @@ def parse_text(text: str, file: str = "<string>") -> ParsedModule:
             continue
         if len(block) > MAX_DEPTH * 4 and _depth(node) > MAX_DEPTH:
             # bounded language: the checker, compiler and formatter recurse over expressions
-            module.diagnostics.append(_diag(
-                "E106", f"an expression is nested more than {MAX_DEPTH} levels deep", file, lines, start_line, 1, 1,
-                "split it into named segments"))
+            module.diagnostics.append(
+                _diag(
+                    "E106",
+                    f"an expression is nested more than {MAX_DEPTH} levels deep",
+                    file,
+                    lines,
+                    start_line,
+                    1,
+                    1,
+                    "split it into named segments",
+                )
+            )
             m = _FIRST_WORD.match(_first_code_line(block))
             if m and m.group(2):
                 module.broken[m.group(2)] = m.group(1)

@@ -45,8 +45,10 @@ class MemoryProfile:
 
     >>> p = MemoryProfile(1, events=[ProfileEvent("Order Completed", 1000, {"revenue": 5.0}),
     ...                              ProfileEvent("Order Completed", 2000, {"revenue": 7.0})])
-    >>> p.count("Order Completed", 0, 1500), p.sum("Order Completed", "revenue", 0, 3000), p.last_at("Order Completed")
-    (1, 12.0, 2000)
+    >>> p.count("Order Completed", 0, 1500), p.sum("Order Completed", "revenue", 0, 3000)
+    (1, 12.0)
+    >>> p.last_at("Order Completed")
+    2000
     >>> p.at(1500).last_at("Order Completed")
     1000
     """
@@ -77,13 +79,25 @@ class MemoryProfile:
 
     def at(self, as_of_ms: int) -> MemoryProfile:
         """The same customer seen at another moment."""
-        return MemoryProfile(self._customer_id, traits=self._traits, timezone=self._timezone, events=self.events,
-                             consent=self._consent, as_of_ms=as_of_ms)
+        return MemoryProfile(
+            self._customer_id,
+            traits=self._traits,
+            timezone=self._timezone,
+            events=self.events,
+            consent=self._consent,
+            as_of_ms=as_of_ms,
+        )
 
     def with_event(self, event: ProfileEvent) -> MemoryProfile:
         """A copy with one more event."""
-        return MemoryProfile(self._customer_id, traits=self._traits, timezone=self._timezone,
-                             events=[*self.events, event], consent=self._consent, as_of_ms=self.as_of_ms)
+        return MemoryProfile(
+            self._customer_id,
+            traits=self._traits,
+            timezone=self._timezone,
+            events=[*self.events, event],
+            consent=self._consent,
+            as_of_ms=self.as_of_ms,
+        )
 
     @property
     def customer_id(self) -> int:
@@ -137,9 +151,15 @@ class MemoryProfile:
 class DatabaseProfile:
     """A customer read from the profile tables, loaded once (see the module docstring)."""
 
-    def __init__(self, customer_id: int, traits: Mapping[str, Any], timezone: str | None,
-                 stats: Mapping[str, tuple[int, float, int, int]], daily: Mapping[str, list[tuple[int, int, float]]],
-                 consent_rows: Mapping[str, bool]) -> None:
+    def __init__(
+        self,
+        customer_id: int,
+        traits: Mapping[str, Any],
+        timezone: str | None,
+        stats: Mapping[str, tuple[int, float, int, int]],
+        daily: Mapping[str, list[tuple[int, int, float]]],
+        consent_rows: Mapping[str, bool],
+    ) -> None:
         self._customer_id = customer_id
         self._traits = traits
         self._timezone = timezone
@@ -157,16 +177,22 @@ class DatabaseProfile:
         timezone = row[1] if row else None
         stats = {
             r.event: (int(r.count), float(r.sum_value), int(r.first_ms), int(r.last_ms))
-            for r in conn.execute(select(profile_event_stats).where(profile_event_stats.c.customer_id == customer_id))
+            for r in conn.execute(
+                select(profile_event_stats).where(profile_event_stats.c.customer_id == customer_id)
+            )
         }
         daily: dict[str, list[tuple[int, int, float]]] = {}
         for r in conn.execute(
-            select(profile_daily).where(profile_daily.c.customer_id == customer_id).order_by(profile_daily.c.day)
+            select(profile_daily)
+            .where(profile_daily.c.customer_id == customer_id)
+            .order_by(profile_daily.c.day)
         ):
             daily.setdefault(r.event, []).append((int(r.day), int(r.count), float(r.sum_value)))
         consent_rows = {
             r.channel: bool(r.granted)
-            for r in conn.execute(select(consent.c.channel, consent.c.granted).where(consent.c.customer_id == customer_id))
+            for r in conn.execute(
+                select(consent.c.channel, consent.c.granted).where(consent.c.customer_id == customer_id)
+            )
         }
         return cls(customer_id, traits, timezone, stats, daily, consent_rows)
 
@@ -186,7 +212,7 @@ class DatabaseProfile:
         days = self._daily.get(event, [])
         first, last = since_ms // DAY_MS, (until_ms - 1) // DAY_MS
         keys = [d for d, _c, _s in days]
-        return days[bisect.bisect_left(keys, first): bisect.bisect_right(keys, last)]
+        return days[bisect.bisect_left(keys, first) : bisect.bisect_right(keys, last)]
 
     def count(self, event: str, since_ms: int, until_ms: int) -> int:
         """From daily buckets; all-time questions from the running totals."""

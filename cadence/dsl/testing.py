@@ -168,7 +168,9 @@ def _run_one(  # noqa: C901 - one loop over the steps
         else:
             traits[name] = _value(expr, zone)
     events = [
-        ProfileEvent(_event_name(f.event), _moment_ms(f.at, base_ms, zone), {n: _value(e, zone) for n, e in f.props})
+        ProfileEvent(
+            _event_name(f.event), _moment_ms(f.at, base_ms, zone), {n: _value(e, zone) for n, e in f.props}
+        )
         for f in test.events
     ]
     customer = MemoryProfile(1, traits=traits, timezone=timezone, events=events, consent=consent)
@@ -207,30 +209,52 @@ def _run_one(  # noqa: C901 - one loop over the steps
             segment = ruleset.segments[str(step.target)]
             held = segment.condition(ctx)
             if held != (step.expect == "member"):
-                parts = "; ".join(f"{c.text} = {c.value!r}" for c in segment.condition.explain(ctx) if not c.passed)
-                res.status, res.message = "failed", f"customer {'is not' if not held else 'is'} in {step.target}" + (
-                    f" ({parts})" if parts else "")
+                parts = "; ".join(
+                    f"{c.text} = {c.value!r}" for c in segment.condition.explain(ctx) if not c.passed
+                )
+                res.status, res.message = (
+                    "failed",
+                    f"customer {'is not' if not held else 'is'} in {step.target}"
+                    + (f" ({parts})" if parts else ""),
+                )
         elif step.expect in ("eligible", "not_eligible"):
             verdict = eligibility(ruleset.campaigns[str(step.target)], ctx)
             if verdict.eligible != (step.expect == "eligible"):
-                failed = "; ".join(f"{c.stage}: {c.text} = {c.value!r}" for c in verdict.checks if not c.passed)
+                failed = "; ".join(
+                    f"{c.stage}: {c.text} = {c.value!r}" for c in verdict.checks if not c.passed
+                )
                 res.status = "failed"
-                res.message = ("eligible" if verdict.eligible else f"not eligible ({', '.join(verdict.reasons)}: "
-                               f"{failed})")
+                res.message = (
+                    "eligible"
+                    if verdict.eligible
+                    else f"not eligible ({', '.join(verdict.reasons)}: {failed})"
+                )
         elif decide is None:
             res.status, res.message = "skipped", "needs the decision pipeline (cadence.engine.decide)"
         else:
-            decision = decide(ruleset=ruleset, profile=profile, now_ms=now, history=tuple(history),
-                              available_channels=available_channels, event=event_payload, seed=0)
+            decision = decide(
+                ruleset=ruleset,
+                profile=profile,
+                now_ms=now,
+                history=tuple(history),
+                available_channels=available_channels,
+                event=event_payload,
+                seed=0,
+            )
             # "on time": now, or the trigger's event time plus its delay; later means deferred
             on_time = now
             if decision.campaign in ruleset.campaigns and event_payload is not None:
                 trig = ruleset.campaigns[decision.campaign].trigger
                 on_time = now + (trig.delay_ms if trig is not None else 0)
-            sent_now = decision.action == "send" and (decision.send_at_ms is None or decision.send_at_ms <= on_time)
+            sent_now = decision.action == "send" and (
+                decision.send_at_ms is None or decision.send_at_ms <= on_time
+            )
             if step.expect == "send":
-                if not (sent_now and decision.campaign == step.target
-                        and (step.channel is None or decision.channel == step.channel)):
+                if not (
+                    sent_now
+                    and decision.campaign == step.target
+                    and (step.channel is None or decision.channel == step.channel)
+                ):
                     res.status, res.message = "failed", _decision_text(decision, on_time, step)
             else:
                 deferred = decision.action == "send" and not sent_now
@@ -238,17 +262,21 @@ def _run_one(  # noqa: C901 - one loop over the steps
                     res.status, res.message = "failed", _decision_text(decision, on_time, step)
                 elif step.reason is not None:
                     by_reason = decision.suppressed(step.reason_campaign, step.reason) or (
-                        step.reason == "quiet" and deferred and decision.campaign == step.reason_campaign)
+                        step.reason == "quiet" and deferred and decision.campaign == step.reason_campaign
+                    )
                     if not by_reason:
                         res.status = "failed"
-                        res.message = f"{step.reason_campaign} was not held back by {step.reason}: " + _decision_text(
-                            decision, now, step)
+                        res.message = (
+                            f"{step.reason_campaign} was not held back by {step.reason}: "
+                            + _decision_text(decision, now, step)
+                        )
             if decision.action == "send" and decision.campaign:
                 from cadence.engine.decision import PastSend
 
                 exclusive = ruleset.campaigns[decision.campaign].exclusive
-                history.append(PastSend(decision.send_at_ms or now, decision.campaign, decision.channel or "",
-                                        exclusive))
+                history.append(
+                    PastSend(decision.send_at_ms or now, decision.campaign, decision.channel or "", exclusive)
+                )
         out.append(res)
     return out
 
@@ -261,13 +289,18 @@ def _describe(step: ast.Step) -> str:
 
 def _decision_text(decision: Any, now: int, step: ast.Step) -> str:
     if decision.action == "send":
-        when = "now" if not decision.send_at_ms or decision.send_at_ms <= now else (
-            datetime.fromtimestamp(decision.send_at_ms / 1000, tz=UTC).isoformat())
+        when = (
+            "now"
+            if not decision.send_at_ms or decision.send_at_ms <= now
+            else (datetime.fromtimestamp(decision.send_at_ms / 1000, tz=UTC).isoformat())
+        )
         text = f"decided: send {decision.campaign} via {decision.channel} {when}"
     else:
         text = "decided: no send"
     named = {step.target, step.reason_campaign}
     reasons = "; ".join(
-        dict.fromkeys(f"{s.campaign}: {s.reason} ({s.detail})" for s in decision.suppressions if s.campaign in named)
+        dict.fromkeys(
+            f"{s.campaign}: {s.reason} ({s.detail})" for s in decision.suppressions if s.campaign in named
+        )
     )
     return text + (f"; suppressed: {reasons}" if reasons else "")

@@ -12,7 +12,7 @@ from cadence.dsl.parser import parse_text
 
 RULES = sorted((Path(__file__).resolve().parents[2] / "rules").glob("*.cadence"))
 
-MESSY = '''# leading comment
+MESSY = """# leading comment
 import "segments.cadence"   # shared names
 event   a="A"
 event b = "B"
@@ -33,13 +33,16 @@ test "t" {
   at 2026-01-02 09:00 on a {v: 2} expect eligible c
 }
 # trailing comment
-'''
+"""
 
 
 def _shape(value: object) -> object:
     """The tree without positions, for comparing two parses."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return (type(value).__name__, *(_shape(getattr(value, f.name)) for f in dataclasses.fields(value) if f.compare))
+        return (
+            type(value).__name__,
+            *(_shape(getattr(value, f.name)) for f in dataclasses.fields(value) if f.compare),
+        )
     if isinstance(value, dict):
         if set(value) == {"line", "column"}:
             return None
@@ -56,8 +59,15 @@ def _strip_positions(text: str) -> object:
 def test_messy_file_is_made_canonical_and_keeps_every_comment() -> None:
     out = format_text(MESSY)
     assert out == format_text(out)
-    for comment in ("# leading comment", "# shared names", "# why", "# header note", "# before audience",
-                    "# closing note", "# trailing comment"):
+    for comment in (
+        "# leading comment",
+        "# shared names",
+        "# why",
+        "# header note",
+        "# before audience",
+        "# closing note",
+        "# trailing comment",
+    ):
         assert comment in out
     assert "    audience  s\n" in out
     assert "    cap       2 per 7d\n    priority  3\n" in out
@@ -78,7 +88,9 @@ def test_long_chains_break_one_condition_per_line() -> None:
 
 
 def test_parentheses_only_where_needed() -> None:
-    out = format_text("segment s = ((a within 1d) or (b within 1d)) and not (c within 1d) and (1 + 2) * 3 > 4\n")
+    out = format_text(
+        "segment s = ((a within 1d) or (b within 1d)) and not (c within 1d) and (1 + 2) * 3 > 4\n"
+    )
     assert out == "segment s = (a within 1d or b within 1d) and not c within 1d and (1 + 2) * 3 > 4\n"
 
 

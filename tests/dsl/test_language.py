@@ -20,10 +20,15 @@ Load = Callable[..., LoadResult]
 HEADER = 'event purchased = "Order Completed"\nevent viewed = "Product Viewed"\n'
 
 
-def ctx(events: list[tuple[str, int, dict[str, object]]] = (), traits: dict[str, object] | None = None,  # type: ignore[assignment]
-        event: dict[str, object] | None = None, consent: dict[str, bool] | None = None) -> EvalContext:
-    profile = MemoryProfile(7, traits=traits or {}, events=[ProfileEvent(n, NOW + t, p) for n, t, p in events],
-                            consent=consent)
+def ctx(
+    events: list[tuple[str, int, dict[str, object]]] = (),
+    traits: dict[str, object] | None = None,  # type: ignore[assignment]
+    event: dict[str, object] | None = None,
+    consent: dict[str, bool] | None = None,
+) -> EvalContext:
+    profile = MemoryProfile(
+        7, traits=traits or {}, events=[ProfileEvent(n, NOW + t, p) for n, t, p in events], consent=consent
+    )
     return EvalContext(profile=profile, now_ms=NOW, event=event)
 
 
@@ -40,14 +45,14 @@ def test_grammar_is_built_once() -> None:
 
 
 def test_one_syntax_error_per_broken_block_and_good_blocks_survive() -> None:
-    module = parse_text('segment a = (\nsegment b = true\ncampaign c {\n  sendd\n}\nsegment d = false\n', "f")
+    module = parse_text("segment a = (\nsegment b = true\ncampaign c {\n  sendd\n}\nsegment d = false\n", "f")
     assert [d.line for d in module.diagnostics] == [1, 4]
     assert [b.name for b in module.blocks] == ["b", "d"]
     assert set(module.broken) == {"a", "c"}
 
 
 def test_uses_of_a_broken_block_are_not_reported_again(load: Load) -> None:
-    result = load("segment a = (\ncampaign c {\n  audience a\n  send template \"t\"\n  channel email\n}\n")
+    result = load('segment a = (\ncampaign c {\n  audience a\n  send template "t"\n  channel email\n}\n')
     assert [d.code for d in result.errors] == ["E102"]
 
 
@@ -57,16 +62,25 @@ def test_uses_of_a_broken_block_are_not_reported_again(load: Load) -> None:
         ("purchased within 30d", [("Order Completed", -10 * DAY, {})], True),
         ("purchased within 30d", [("Order Completed", -40 * DAY, {})], False),
         ("not purchased within 30d", [("Order Completed", -40 * DAY, {})], True),
-        ("count(purchased within 7d) >= 2",
-         [("Order Completed", -1 * DAY, {}), ("Order Completed", -2 * DAY, {})], True),
+        (
+            "count(purchased within 7d) >= 2",
+            [("Order Completed", -1 * DAY, {}), ("Order Completed", -2 * DAY, {})],
+            True,
+        ),
         ("count(purchased) > 2", [("Order Completed", -100 * DAY, {})], False),
         ("purchased between 90d and 30d ago", [("Order Completed", -45 * DAY, {})], True),
         ("purchased between 90d and 30d ago", [("Order Completed", -10 * DAY, {})], False),
         ("count(purchased between 90d and 30d ago) == 1", [("Order Completed", -45 * DAY, {})], True),
-        ("sum(purchased.revenue within 30d) > 100",
-         [("Order Completed", -1 * DAY, {"revenue": 60}), ("Order Completed", -2 * DAY, {"revenue": 50})], True),
-        ("sum(purchased.revenue within 30d) > 100",
-         [("Order Completed", -1 * DAY, {"revenue": 60}), ("Order Completed", -50 * DAY, {"revenue": 50})], False),
+        (
+            "sum(purchased.revenue within 30d) > 100",
+            [("Order Completed", -1 * DAY, {"revenue": 60}), ("Order Completed", -2 * DAY, {"revenue": 50})],
+            True,
+        ),
+        (
+            "sum(purchased.revenue within 30d) > 100",
+            [("Order Completed", -1 * DAY, {"revenue": 60}), ("Order Completed", -50 * DAY, {"revenue": 50})],
+            False,
+        ),
         ("(last(purchased) ?? now) < 30d ago", [("Order Completed", -40 * DAY, {})], True),
         ("(last(purchased) ?? now) < 30d ago", [], False),
         ("has(last(purchased)) and last(purchased) > 7d ago", [("Order Completed", -1 * DAY, {})], True),
@@ -90,15 +104,17 @@ def test_conditions_over_the_event_history(
         ('customer.tier ?? "" == "gold"', {}, False),
         ('customer.tier ?? "none" in ["gold", "silver"]', {"tier": "silver"}, True),
         ('customer.tier ?? "none" not in ["gold", "silver"]', {}, True),
-        ('has(customer.age) and customer.age >= 18', {"age": 30}, True),
-        ('has(customer.age) and customer.age >= 18', {}, False),
+        ("has(customer.age) and customer.age >= 18", {"age": 30}, True),
+        ("has(customer.age) and customer.age >= 18", {}, False),
         ('customer.address.city ?? "" == "Berlin"', {"address": {"city": "Berlin"}}, True),
         ('customer.address.city ?? "" == "Berlin"', {"address": "nowhere"}, False),
         ('customer.email ?? "" matches "*@example.com"', {"email": "a@example.com"}, True),
         ("customer.age ?? 0 > 18", {"age": "not a number"}, False),  # bad data: false, never an exception
     ],
 )
-def test_conditions_over_traits(load: Load, condition: str, traits: dict[str, object], expected: bool) -> None:
+def test_conditions_over_traits(
+    load: Load, condition: str, traits: dict[str, object], expected: bool
+) -> None:
     assert segment(load, condition)(ctx(traits=traits)) is expected
 
 
@@ -115,10 +131,14 @@ def test_has_narrows_only_on_the_right_of_and(load: Load) -> None:
 
 
 def test_explain_gives_each_part_its_actual_value(load: Load) -> None:
-    result = load(HEADER + "segment buyers = count(purchased) > 0\n"
-                  "segment s = buyers and count(viewed within 7d) >= 3 and customer.tier ?? \"\" == \"gold\"\n")
+    result = load(
+        HEADER + "segment buyers = count(purchased) > 0\n"
+        'segment s = buyers and count(viewed within 7d) >= 3 and customer.tier ?? "" == "gold"\n'
+    )
     pred = result.ruleset.segments["s"].condition
-    parts = pred.explain(ctx([("Order Completed", -DAY, {}), ("Product Viewed", -DAY, {})], traits={"tier": "x"}))
+    parts = pred.explain(
+        ctx([("Order Completed", -DAY, {}), ("Product Viewed", -DAY, {})], traits={"tier": "x"})
+    )
     assert [(p.text, p.value, p.passed) for p in parts] == [
         ("buyers", True, True),
         ("buyers > count(purchased) > 0", 1, True),
@@ -130,10 +150,13 @@ def test_explain_gives_each_part_its_actual_value(load: Load) -> None:
 
 def test_no_user_text_reaches_the_generated_source(load: Load) -> None:
     evil = 'x"); __import__("os").system("echo pwned"); ("'
-    text = (f'event weird = "{evil.replace(chr(34), chr(92) + chr(34))}"\n'
-            f'segment s = weird within 1d and customer.tier ?? "{evil.replace(chr(34), chr(92) + chr(34))}" == "a"\n'
-            f'campaign c {{\n  audience s\n  send template "t" with {{ note: "{evil.replace(chr(34), chr(92) + chr(34))}" }}\n'
-            '  channel email\n}\n')
+    quoted = evil.replace('"', '\\"')
+    text = (
+        f'event weird = "{quoted}"\n'
+        f'segment s = weird within 1d and customer.tier ?? "{quoted}" == "a"\n'
+        f'campaign c {{\n  audience s\n  send template "t" with {{ note: "{quoted}" }}\n'
+        "  channel email\n}\n"
+    )
     result = load(text)
     assert result.ok, [str(d) for d in result.diagnostics]
     pred = result.ruleset.segments["s"].condition
@@ -146,7 +169,9 @@ def test_no_user_text_reaches_the_generated_source(load: Load) -> None:
 
 
 def test_ruleset_ir_from_a_campaign(load: Load) -> None:
-    result = load(HEADER + """
+    result = load(
+        HEADER
+        + """
 settings {
     timezone "Europe/Berlin"
     cap 3 per 7d on email
@@ -167,7 +192,8 @@ campaign cart "Cart" {
     ends      2026-04-01 12:00
     schedule  every weekday at 09:30 in customer.timezone
 }
-""")
+"""
+    )
     assert result.ok, [str(d) for d in result.diagnostics]
     rs = result.ruleset
     c = rs.campaigns["cart"]
@@ -177,13 +203,17 @@ campaign cart "Cart" {
     assert c.quiet.action == "drop" and c.quiet.use_customer_zone and c.quiet.fallback_zone == "UTC"
     assert (c.priority, c.exclusive) == (8, "touch")
     assert [(a.name, a.share, a.template, a.holdout) for a in c.split] == [
-        ("holdout", 0.1, None, True), ("a", 0.9, "cart_b", False)]
+        ("holdout", 0.1, None, True),
+        ("a", 0.9, "cart_b", False),
+    ]
     assert c.schedule.cron == "30 9 * * 1-5" and c.schedule.zone == "customer"
     assert c.starts_ms == 1772319600000  # 2026-03-01 00:00 Europe/Berlin
     assert c.ends_ms == 1775037600000  # 2026-04-01 12:00 Europe/Berlin (summer time)
     assert rs.settings.default_zone == "Europe/Berlin" and rs.settings.min_spacing_ms == 4 * 3_600_000
     assert [(cap.scope, cap.channel, cap.count) for cap in rs.settings.caps] == [
-        ("channel", "email", 3), ("customer", None, 5)]
+        ("channel", "email", 3),
+        ("customer", None, 5),
+    ]
     assert {(a.event, a.prop) for a in rs.aggregates} == {("Order Completed", None)}
     ev = {"event": "Cart Abandoned", "properties": {"value": 80}}
     assert c.trigger.where(ctx(event=ev)) is True
@@ -195,7 +225,9 @@ campaign cart "Cart" {
 def test_attribution_spec(load: Load) -> None:
     from cadence.engine.attribution.spec import Touch
 
-    result = load(HEADER + """
+    result = load(
+        HEADER
+        + """
 attribution fair "Fair" {
     conversion  purchased value event.revenue
     window      30d
@@ -205,11 +237,16 @@ attribution fair "Fair" {
     weight      email 0.5 when any touch.channel == "email" and not any touch.source == "x"
     exclude     direct
 }
-""")
+"""
+    )
     assert result.ok, [str(d) for d in result.diagnostics]
     spec = result.ruleset.attribution["fair"]
     assert (spec.conversion_event, spec.value_prop, spec.window_ms, spec.model) == (
-        "Order Completed", "revenue", 30 * DAY, "time_decay")
+        "Order Completed",
+        "revenue",
+        30 * DAY,
+        "time_decay",
+    )
     assert spec.params == {"half_life_ms": 7 * DAY}
     assert spec.channel_rules[0].when == {"medium": "cpc", "source": "google*"}
     credit, weight, exclude = spec.credit_rules
@@ -223,16 +260,20 @@ attribution fair "Fair" {
 
 def test_imports_aliases_and_cycles(load: Load) -> None:
     seg = 'event purchased = "Order Completed"\nsegment buyers = count(purchased) > 0\n'
-    main = ('import "seg.cadence" as s\nsegment again = s.buyers and s.purchased within 9d\n'
-            'segment loop1 = loop2\nsegment loop2 = loop1\n')
+    main = (
+        'import "seg.cadence" as s\nsegment again = s.buyers and s.purchased within 9d\n'
+        "segment loop1 = loop2\nsegment loop2 = loop1\n"
+    )
     result = load_source(main, file="main.cadence", extra={"seg.cadence": seg})
     assert [(d.code, d.line) for d in result.errors] == [("E208", 4)]
-    bad = load_source('import "sge.cadence" as s\nsegment x = s.buyer\n', file="m.cadence",
-                      extra={"seg.cadence": seg})
+    bad = load_source(
+        'import "sge.cadence" as s\nsegment x = s.buyer\n', file="m.cadence", extra={"seg.cadence": seg}
+    )
     assert [d.code for d in bad.errors] == ["E205"]
     assert "seg.cadence" in (bad.errors[0].hint or "")
-    typo = load_source('import "seg.cadence" as s\nsegment x = s.buyer\n', file="m.cadence",
-                       extra={"seg.cadence": seg})
+    typo = load_source(
+        'import "seg.cadence" as s\nsegment x = s.buyer\n', file="m.cadence", extra={"seg.cadence": seg}
+    )
     assert [(d.code, d.hint) for d in typo.errors] == [("E201", "did you mean 'buyers'?")]
 
 
@@ -240,16 +281,20 @@ def test_channels_must_be_installed(load: Load) -> None:
     text = 'campaign c {\n  send template "t"\n  channel facebook\n}\n'
     result = load(text, available_channels=("email", "sms"))
     assert [(d.code, d.message) for d in result.errors] == [
-        ("E202", "channel 'facebook' is not offered by any installed connector")]
+        ("E202", "channel 'facebook' is not offered by any installed connector")
+    ]
     assert load(text).ok
 
 
 def test_unseen_event_names_are_warned_about(load: Load) -> None:
-    result = load('event purchased = "Order Complete"\nsegment s = purchased within 1d or "Signed Up" within 1d\n',
-                  known_events={"Order Completed", "Signed Up"})
+    result = load(
+        'event purchased = "Order Complete"\nsegment s = purchased within 1d or "Signed Up" within 1d\n',
+        known_events={"Order Completed", "Signed Up"},
+    )
     assert result.ok
     assert [(d.code, d.line, d.hint) for d in result.diagnostics] == [
-        ("W501", 1, "did you mean 'Order Completed'?")]
+        ("W501", 1, "did you mean 'Order Completed'?")
+    ]
 
 
 def test_content_hash_and_atomic_reload(tmp_path: Path) -> None:
