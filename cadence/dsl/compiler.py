@@ -131,6 +131,7 @@ class Codegen:
         self.segment_funcs: dict[str, str] = {}
         self.segment_predicates: dict[str, CompiledPredicate] = {}
         self._pending: list[tuple[str, Callable[[Callable[..., Any]], None]]] = []
+        self._bodies: dict[tuple[str, ...], str] = {}
         self._n = 0
         self.namespace: dict[str, Any] = {
             "_K": self.consts,
@@ -165,7 +166,14 @@ class Codegen:
         self, body: list[str], on_ready: Callable[[Callable[..., Any]], None], *, name: str | None = None
     ) -> str:
         """Queue a function ``def NAME(ctx): BODY``; ``on_ready`` receives it after :meth:`build`."""
+        key = tuple(body)
+        if name is None and key in self._bodies:
+            # identical conditions share one function (content-addressed, so still one compile)
+            self._pending.append((self._bodies[key], on_ready))
+            return self._bodies[key]
         fname = name or self.fresh("_f")
+        if name is None:
+            self._bodies[key] = fname
         self.lines.append(f"def {fname}(ctx):")
         self.lines.extend("    " + line for line in body)
         self._pending.append((fname, on_ready))
@@ -185,13 +193,8 @@ class Codegen:
     # ---- expressions
     def predicate_body(self, node: ast.Expr) -> list[str]:
         """The body of a condition function."""
-        return [
-            "_p = ctx.profile; _n = ctx.now_ms; _u = _n + 1",
-            "try:",
-            f"    return {self.cond(node)}",
-            "except _ERR:",
-            "    return False",
-        ]
+        expr = self.cond(node)
+        return [*_prologue(expr), "try:", f"    return {expr}", "except _ERR:", "    return False"]
 
     def cond(self, node: ast.Expr) -> str:
         """A Python expression that is a bool."""
@@ -371,7 +374,7 @@ class Codegen:
             else:
                 body = [f"_l = {self.cond(part)}", "return _l, bool(_l)"]
             lines = [
-                "_p = ctx.profile; _n = ctx.now_ms; _u = _n + 1",
+                *_prologue("\n".join(body)),
                 "try:",
                 *("    " + b for b in body),
                 "except _ERR as exc:",
@@ -421,6 +424,18 @@ class Codegen:
             test = f"({field_} {op} {self.const(value)})"
         fn = "all" if quant == "every" else "any"
         return f"{fn}({test} for t in touches)"
+
+
+def _prologue(src: str) -> list[str]:
+    """Bind only the locals ``src`` reads: ``_p`` (profile), ``_n`` (now), ``_u`` (now + 1 ms)."""
+    parts = []
+    if "_p." in src:
+        parts.append("_p = ctx.profile")
+    if "_n" in src or "_u" in src:
+        parts.append("_n = ctx.now_ms")
+    if "_u" in src:
+        parts.append("_u = _n + 1")
+    return ["; ".join(parts)] if parts else []
 
 
 def _unbuilt(_ctx: EvalContext) -> bool:
@@ -547,7 +562,7 @@ def _template(gen: Codegen, name: str, variables: list[Any]) -> TemplateSpec:
     holder: list[Callable[..., dict[str, Any]]] = []
     gen.function(
         [
-            "_p = ctx.profile; _n = ctx.now_ms; _u = _n + 1",
+            *_prologue(items),
             "try:",
             f"    return {{{items}}}",
             "except _ERR:",

@@ -221,41 +221,29 @@ class _Builder(Transformer[Token, Any]):
     def set_lit(self, bracket: Token, *items: Any) -> ast.SetLit:
         return ast.SetLit(tuple(items), **_pos(bracket))
 
-    # ---- operators
-    def or_(self, left: Any, right: Any) -> ast.Binary:
-        return ast.Binary("or", left, right, **_pos(left))
+    # ---- operators: a flat operand/operator list, given its precedence here
+    def eqop(self) -> Token:
+        return Token("EQEQ", "==")
 
-    def and_(self, left: Any, right: Any) -> ast.Binary:
-        return ast.Binary("and", left, right, **_pos(left))
+    def item(self, *children: Any) -> _Prefixed:
+        return _Prefixed(list(children[:-1]), children[-1])
 
-    def not_(self, tok: Token, operand: Any) -> ast.Unary:
-        return ast.Unary("not", operand, **_pos(tok))
-
-    def compare(self, left: Any, *rest: Any) -> ast.Binary:
-        text = str(rest[0]) if len(rest) == 2 else "="
-        right = rest[-1]
-        return ast.Binary("==" if text == "=" else text, left, right, **_pos(left))
-
-    def member(self, left: Any, *rest: Any) -> ast.Binary:
-        negated = len(rest) == 3
-        return ast.Binary("not in" if negated else "in", left, rest[-1], **_pos(left))
-
-    def matches(self, left: Any, _op: Token, right: Any) -> ast.Binary:
-        return ast.Binary("matches", left, right, **_pos(left))
-
-    def coalesce(self, left: Any, _op: Token, right: Any) -> ast.Binary:
-        return ast.Binary("??", left, right, **_pos(left))
-
-    def arith(self, left: Any, op: Token, right: Any) -> ast.Binary:
-        return ast.Binary(str(op), left, right, **_pos(left))
-
-    def neg(self, tok: Token, operand: Any) -> ast.Unary:
-        return ast.Unary("-", operand, **_pos(tok))
+    def binexpr(self, *children: Any) -> ast.Expr:
+        if len(children) == 1 and not isinstance(children[0], _Prefixed):
+            return children[0]  # type: ignore[no-any-return]
+        seq: list[Any] = []
+        for child in children:
+            if isinstance(child, _Prefixed):
+                seq.extend(child.prefixes)
+                seq.append(child.operand)
+            else:
+                seq.append(child)
+        return _climb(seq)
 
     def within(self, subject: Any, _kw: Token, window: Any) -> ast.Binary:
         return ast.Binary("within", subject, window, **_pos(subject))
 
-    def between(self, subject: Any, _kw: Token, older: Any, newer: Any) -> ast.Between:
+    def between(self, subject: Any, _kw: Token, older: Any, _and: Token, newer: Any) -> ast.Between:
         # "between 90d and 30d ago": the trailing "ago" parses as a postfix of the second bound
         ago = isinstance(newer, ast.Unary) and newer.op == "ago"
         if ago:
@@ -392,10 +380,10 @@ class _Builder(Transformer[Token, Any]):
         when = rest[-1] if rest and (kw.type == "EXCLUDE" or len(rest) == 2) else None
         return self._clause(kw, channel=str(channel), channel_pos=_pos(channel), value=value, when=when)
 
-    def tp_or(self, left: Any, right: Any) -> tuple[Any, ...]:
+    def tp_or(self, left: Any, _op: Token, right: Any) -> tuple[Any, ...]:
         return ("or", left, right)
 
-    def tp_and(self, left: Any, right: Any) -> tuple[Any, ...]:
+    def tp_and(self, left: Any, _op: Token, right: Any) -> tuple[Any, ...]:
         return ("and", left, right)
 
     def tp_neg(self, _tok: Token, operand: Any) -> tuple[Any, ...]:
@@ -512,6 +500,81 @@ class _Builder(Transformer[Token, Any]):
 
     def start(self, block: Any) -> Any:
         return block
+
+
+@dataclass
+class _Prefixed:
+    """An operand with prefix operators (``not``, ``-``) before it, before precedence is applied."""
+
+    prefixes: list[Token]
+    operand: Any
+
+
+#: Binary operator precedence (higher binds tighter); ``??`` is right-associative.
+BINARY_PREC = {
+    "or": 1,
+    "and": 2,
+    "==": 4,
+    "!=": 4,
+    ">": 4,
+    "<": 4,
+    ">=": 4,
+    "<=": 4,
+    "in": 4,
+    "not in": 4,
+    "matches": 4,
+    "??": 5,
+    "+": 6,
+    "-": 6,
+    "*": 7,
+    "/": 7,
+}
+NOT_PREC = 3
+
+
+def _op_name(tok: Token) -> str:
+    text = str(tok)
+    if tok.type == "NOTIN":
+        return "not in"
+    return text
+
+
+def _climb(seq: list[Any]) -> ast.Expr:
+    """Precedence climbing over ``[operand, op, operand, ...]`` with prefix tokens before operands.
+
+    >>> from cadence.dsl.parser import parse_text
+    >>> from cadence.dsl.formatter import format_expr
+    >>> format_expr(parse_text("segment s = not a == 1 + 2 * 3 and b ?? c ?? d").blocks[0].condition)
+    'not a == 1 + 2 * 3 and b ?? c ?? d'
+    """
+    pos = 0
+
+    def unary() -> ast.Expr:
+        nonlocal pos
+        item = seq[pos]
+        pos += 1
+        if isinstance(item, Token):
+            if item.type == "NOT":
+                operand = parse(NOT_PREC + 1)
+                return ast.Unary("not", operand, **_pos(item))
+            operand = unary()
+            return ast.Unary("-", operand, **_pos(item))
+        return item  # type: ignore[no-any-return]
+
+    def parse(min_prec: int) -> ast.Expr:
+        nonlocal pos
+        left = unary()
+        while pos < len(seq):
+            op = _op_name(seq[pos])
+            prec = BINARY_PREC[op]
+            if prec < min_prec:
+                break
+            pos += 1
+            right = parse(prec if op == "??" else prec + 1)
+            left = ast.Binary(op, left, right, line=left.line, column=left.column)
+        return left
+
+    return parse(0)
 
 
 def _tp(tok: Token) -> tuple[int, int]:
