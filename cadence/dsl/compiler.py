@@ -46,6 +46,7 @@ __all__ = ["CompiledPredicate", "Codegen", "RUNTIME_ERRORS"]
 #: the condition is then false, and explain shows the value.
 RUNTIME_ERRORS = (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError, OverflowError)
 _EMPTY: Mapping[str, Any] = {}
+INLINE_LIMIT = 600  # segment conditions up to this much source are inlined where they are used
 WEEKDAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 
 
@@ -132,6 +133,8 @@ class Codegen:
         self.segment_predicates: dict[str, CompiledPredicate] = {}
         self._pending: list[tuple[str, Callable[[Callable[..., Any]], None]]] = []
         self._bodies: dict[tuple[str, ...], str] = {}
+        self.segment_ast: dict[str, ast.Expr] = {}
+        self._segment_src: dict[str, str] = {}
         self._n = 0
         self.namespace: dict[str, Any] = {
             "_K": self.consts,
@@ -239,7 +242,14 @@ class Codegen:
                     src = f"_get({src}, {self.const(part)})"
                 return src
             if kind == "segment":
-                return f"{self.segment_funcs[ref[1]]}(ctx)"
+                # inlined: no call per reference (cycles were rejected by the checker)
+                name = ref[1]
+                if name not in self._segment_src:
+                    self._segment_src[name] = self.cond(self.segment_ast[name])
+                src = self._segment_src[name]
+                if len(src) <= INLINE_LIMIT:
+                    return f"({src})"
+                return f"{self.segment_funcs[name]}(ctx)"
             if kind == "channel":
                 return self.const(ref[1])
             raise AssertionError(f"cannot compile {ref}")

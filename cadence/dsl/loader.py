@@ -299,6 +299,7 @@ def build_ruleset(scopes: Sequence[ModuleScope], *, digest: str, default_zone: s
     segments_ast = [(s.module.file, b) for s in scopes for b in s.module.blocks if isinstance(b, ast.Segment)]
     for _file, block in segments_ast:
         gen.segment_funcs[block.name] = gen.fresh("_s")
+        gen.segment_ast[block.name] = block.condition
     segments = {b.name: compile_segment(gen, b, f) for f, b in segments_ast}
     campaigns = {
         b.name: compile_campaign(gen, b, s.module.file, default_zone)
