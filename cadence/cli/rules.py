@@ -12,7 +12,6 @@ counts as installed.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -23,11 +22,10 @@ import typer
 from rich.console import Console
 from sqlalchemy import select
 
-from cadence.channels import CHANNELS
 from cadence.cli import settings_from_cli
 from cadence.clock import datetime_to_ms, now_ms
 from cadence.dsl.diagnostics import render, render_all
-from cadence.dsl.explain import explain_campaign, render_explain
+from cadence.dsl.explain import explain_from_database, installed_channels, render_explain
 from cadence.dsl.formatter import format_module
 from cadence.dsl.lint import lint as lint_rules
 from cadence.dsl.loader import LoadResult, discover, load_rules
@@ -46,14 +44,7 @@ PATHS = typer.Argument(None, help="Rule files or directories (default: the confi
 
 def available_channels(settings: Settings | None) -> tuple[str, ...]:
     """Channels an installed connector offers (see the module docstring for the fallback)."""
-    try:
-        plugins = importlib.import_module("cadence.plugins")
-    except ImportError:
-        return CHANNELS
-    fn = getattr(plugins, "available_channels", None)
-    if callable(fn):
-        return tuple(fn(settings))
-    return CHANNELS
+    return installed_channels(settings)
 
 
 def _settings(ctx: typer.Context) -> Settings | None:
@@ -258,12 +249,7 @@ def explain(
     as_json: bool = typer.Option(False, "--json", help="Print the explain record as JSON."),
 ) -> None:
     """Show every condition of CAMPAIGN for one customer with its actual value, and why it did not fire."""
-    from cadence.dsl.profiles import DatabaseProfile
-    from cadence.engine.decision import PastSend
-    from cadence.engine.identity import canonical, resolve_customer
     from cadence.runtime import open_runtime
-    from cadence.store.schema.core import customers
-    from cadence.store.schema.sends import sends
 
     settings = settings_from_cli(ctx)
     result = _load(ctx, rules, with_events=False)
@@ -272,47 +258,22 @@ def explain(
         raise typer.Exit(1)
     ruleset = result.ruleset
     assert ruleset is not None
-    if campaign not in ruleset.campaigns:
-        from cadence.dsl.diagnostics import did_you_mean
-
-        hint = did_you_mean(campaign, ruleset.campaigns)
-        raise ConfigError(f"no campaign named {campaign!r}" + (f"; {hint}" if hint else ""))
     when = _parse_at(at)
     runtime = open_runtime(settings)
     try:
         with runtime.engine.connect() as conn:
-            customer_id = resolve_customer(conn, customer)
-            if customer_id is None and customer.isdigit():
-                found = conn.scalar(select(customers.c.id).where(customers.c.id == int(customer)))
-                customer_id = canonical(conn, found) if found is not None else None
-            if customer_id is None:
-                raise ConfigError(f"--customer: no customer with the id {customer!r}")
-            profile = DatabaseProfile.load(conn, customer_id)
-            history = [
-                PastSend(
-                    row.due_ms,
-                    row.campaign,
-                    row.channel,
-                    ruleset.campaigns[row.campaign].exclusive if row.campaign in ruleset.campaigns else None,
-                )
-                for row in conn.execute(
-                    select(sends.c.due_ms, sends.c.campaign, sends.c.channel).where(
-                        sends.c.customer_id == customer_id,
-                        sends.c.status.in_(("queued", "sending", "sent")),
-                        sends.c.due_ms <= when,
-                    )
-                )
-            ]
+            record = explain_from_database(
+                conn,
+                ruleset=ruleset,
+                campaign=campaign,
+                customer=customer,
+                now_ms=when,
+                available_channels=available_channels(settings),
+            )
+    except LookupError as exc:
+        raise ConfigError(str(exc)) from exc
     finally:
         runtime.close()
-    record = explain_campaign(
-        ruleset=ruleset,
-        campaign=campaign,
-        profile=profile,
-        now_ms=when,
-        available_channels=available_channels(settings),
-        history=history,
-    )
     if as_json:
         out.print(orjson.dumps(record).decode(), markup=False)
     else:

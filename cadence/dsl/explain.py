@@ -17,7 +17,16 @@ from typing import Any
 from cadence.clock import ms_to_datetime
 from cadence.engine.campaign import Campaign, CompiledRuleset, ConditionResult, EvalContext, ProfileView
 
-__all__ = ["Check", "Eligibility", "eligibility", "explain_campaign", "find_decide"]
+__all__ = [
+    "Check",
+    "Eligibility",
+    "eligibility",
+    "explain_campaign",
+    "explain_from_database",
+    "find_decide",
+    "installed_channels",
+    "render_explain",
+]
 
 
 @dataclass(frozen=True)
@@ -238,3 +247,81 @@ def render_explain(record: Mapping[str, Any]) -> str:
     elif record["eligible"]:
         lines.append("eligible: every condition holds")
     return "\n".join(lines)
+
+
+def installed_channels(settings: Any) -> tuple[str, ...]:
+    """Channels an installed connector offers.
+
+    Asks ``cadence.plugins.available_channels(settings)`` when the plugin package
+    provides it; until then every channel in :data:`cadence.channels.CHANNELS` counts
+    as installed.
+    """
+    from cadence.channels import CHANNELS
+
+    try:
+        plugins = importlib.import_module("cadence.plugins")
+    except ImportError:
+        return CHANNELS
+    fn = getattr(plugins, "available_channels", None)
+    if callable(fn):
+        return tuple(fn(settings))
+    return CHANNELS
+
+
+def explain_from_database(
+    conn: Any,
+    *,
+    ruleset: CompiledRuleset,
+    campaign: str,
+    customer: str,
+    now_ms: int,
+    available_channels: Collection[str],
+) -> dict[str, Any]:
+    """The explain record for a customer named by user id, anonymous id or numeric id.
+
+    Reads the profile tables (:class:`~cadence.dsl.profiles.DatabaseProfile`) and the
+    customer's queued and sent messages (for caps); raises ``LookupError`` when the
+    customer or the campaign is unknown.
+    """
+    from sqlalchemy import select
+
+    from cadence.dsl.diagnostics import did_you_mean
+    from cadence.dsl.profiles import DatabaseProfile
+    from cadence.engine.decision import PastSend
+    from cadence.engine.identity import canonical, resolve_customer
+    from cadence.store.schema.core import customers
+    from cadence.store.schema.sends import sends
+
+    if campaign not in ruleset.campaigns:
+        hint = did_you_mean(campaign, ruleset.campaigns)
+        raise LookupError(f"no campaign named {campaign!r}" + (f"; {hint}" if hint else ""))
+    customer_id = resolve_customer(conn, customer)
+    if customer_id is None and customer.isdigit():
+        found = conn.scalar(select(customers.c.id).where(customers.c.id == int(customer)))
+        customer_id = canonical(conn, found) if found is not None else None
+    if customer_id is None:
+        raise LookupError(f"no customer with the id {customer!r}")
+    profile = DatabaseProfile.load(conn, customer_id)
+    history = [
+        PastSend(
+            row.due_ms,
+            row.campaign,
+            row.channel,
+            ruleset.campaigns[row.campaign].exclusive if row.campaign in ruleset.campaigns else None,
+        )
+        for row in conn.execute(
+            select(sends.c.due_ms, sends.c.campaign, sends.c.channel).where(
+                sends.c.customer_id == customer_id,
+                sends.c.status.in_(("queued", "sending", "sent")),
+                sends.c.due_ms <= now_ms,
+            )
+        )
+    ]
+    return explain_campaign(
+        ruleset=ruleset,
+        campaign=campaign,
+        profile=profile,
+        now_ms=now_ms,
+        available_channels=available_channels,
+        history=history,
+    )
