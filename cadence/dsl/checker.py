@@ -325,7 +325,7 @@ class Checker:
         """Resolve ``node`` as an event (or ``event.prop`` when ``allow_prop``); None if it is not one."""
         if isinstance(node, ast.Lit) and node.kind == "string":
             self._warn_unknown_event(node.value, node, len(node.text))
-            return node.value
+            return str(node.value)
         if not isinstance(node, ast.Path):
             what = KIND_NAMES.get(node.kind, "this") if isinstance(node, ast.Lit) else "this expression"
             self.at(

@@ -17,7 +17,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, time
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from cadence.dsl import ast
@@ -522,7 +522,7 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
             caps.append(Cap(int(_num(a["count"])), int(_num(a["window"])), "campaign"))
         elif k == "quiet":
             use_customer, fallback = _zone_of(a["zone"], default_zone)
-            action = a["action"][0] if a["action"] else "defer"
+            action: Literal["defer", "drop"] = "drop" if a["action"] and a["action"][0] == "drop" else "defer"
             kw["quiet"] = QuietHours(a["start"].value, a["end"].value, fallback, use_customer, action)
         elif k == "priority":
             kw["priority_"] = int(_num(a["expr"]))
@@ -618,7 +618,12 @@ def compile_attribution(gen: Codegen, block: ast.Attribution, file: str) -> Attr
         elif k == "channel_rule":
             rules.append(ChannelRule(a["channel"], {f: v for f, _op, v, _p in a["when"]}))
         elif k in ("credit", "weight", "exclude"):
-            action = {"credit": "fixed", "weight": "weight", "exclude": "exclude"}[k]
+            credit_actions: dict[str, Literal["fixed", "weight", "exclude"]] = {
+                "credit": "fixed",
+                "weight": "weight",
+                "exclude": "exclude",
+            }
+            action = credit_actions[k]
             when = gen.touch_predicate(a["when"]) if a["when"] is not None else None
             value = _num(a["value"]) if a["value"] is not None else 0.0
             source = format_expr(a["value"]) if a["value"] is not None else ""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, time
 from functools import cache
 from pathlib import Path as FilePath
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
@@ -167,7 +167,12 @@ def _timestamp(text: str) -> datetime | None:
         return None
 
 
-def _pos(item: Any) -> dict[str, int]:
+class _Pos(TypedDict):
+    line: int
+    column: int
+
+
+def _pos(item: Any) -> _Pos:
     if isinstance(item, Token):
         return {"line": item.line or 0, "column": item.column or 0}
     return {"line": getattr(item, "line", 0), "column": getattr(item, "column", 0)}
@@ -308,7 +313,7 @@ class _Builder(Transformer[Token, Any]):
             kw, template=_decode_string(str(template)), template_pos=_pos(template), vars=list(variables)
         )
 
-    def var(self, name: Token, expr: Any) -> tuple[str, Any, dict[str, int]]:
+    def var(self, name: Token, expr: Any) -> tuple[str, Any, _Pos]:
         return (str(name), expr, _pos(name))
 
     def channel_best(self, kw: Token, _best: Token, *names: Token) -> ast.Clause:
@@ -361,7 +366,7 @@ class _Builder(Transformer[Token, Any]):
     def model(self, kw: Token, name: Token, *params: Any) -> ast.Clause:
         return self._clause(kw, name=str(name), name_pos=_pos(name), params=list(params))
 
-    def model_arg(self, name: Token, expr: Any) -> tuple[str, Any, dict[str, int]]:
+    def model_arg(self, name: Token, expr: Any) -> tuple[str, Any, _Pos]:
         return (str(name), expr, _pos(name))
 
     def channel_rule(self, kw: Token, name: Token, *matches: Any) -> ast.Clause:
@@ -371,7 +376,7 @@ class _Builder(Transformer[Token, Any]):
             **_pos(kw),
         )
 
-    def field_match(self, name: Token, *rest: Token) -> tuple[str, str, str, dict[str, int]]:
+    def field_match(self, name: Token, *rest: Token) -> tuple[str, str, str, _Pos]:
         op = "matches" if rest[0].type == "MATCHES" else "="
         return (str(name), op, _decode_string(str(rest[-1])), _pos(name))
 
@@ -752,7 +757,7 @@ def parse_text(text: str, file: str = "<string>") -> ParsedModule:
             if m and m.group(2):
                 module.broken[m.group(2)] = m.group(1)
             continue
-        module.blocks.append(node)
+        module.blocks.append(cast(ast.Block, node))
     return module
 
 

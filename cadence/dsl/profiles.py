@@ -175,19 +175,27 @@ class DatabaseProfile:
         ).first()
         traits = dict(row[0] or {}) if row else {}
         timezone = row[1] if row else None
+        stats_table, daily_table = profile_event_stats.c, profile_daily.c
+        # columns named explicitly: Row.count is the tuple method, not the "count" column
         stats = {
-            r.event: (int(r.count), float(r.sum_value), int(r.first_ms), int(r.last_ms))
-            for r in conn.execute(
-                select(profile_event_stats).where(profile_event_stats.c.customer_id == customer_id)
+            event: (int(count), float(sum_value), int(first_ms), int(last_ms))
+            for event, count, sum_value, first_ms, last_ms in conn.execute(
+                select(
+                    stats_table.event,
+                    stats_table["count"],
+                    stats_table.sum_value,
+                    stats_table.first_ms,
+                    stats_table.last_ms,
+                ).where(stats_table.customer_id == customer_id)
             )
         }
         daily: dict[str, list[tuple[int, int, float]]] = {}
-        for r in conn.execute(
-            select(profile_daily)
-            .where(profile_daily.c.customer_id == customer_id)
-            .order_by(profile_daily.c.day)
+        for event, day, count, sum_value in conn.execute(
+            select(daily_table.event, daily_table.day, daily_table["count"], daily_table.sum_value)
+            .where(daily_table.customer_id == customer_id)
+            .order_by(daily_table.day)
         ):
-            daily.setdefault(r.event, []).append((int(r.day), int(r.count), float(r.sum_value)))
+            daily.setdefault(event, []).append((int(day), int(count), float(sum_value)))
         consent_rows = {
             r.channel: bool(r.granted)
             for r in conn.execute(
