@@ -726,19 +726,22 @@ def parse_text(text: str, file: str = "<string>") -> ParsedModule:
         ):
             continue
         try:
-            # padding with newlines keeps lark's line numbers true to the file
-            node = parser.parse("\n" * offset + block)
-        except UnexpectedInput as exc:
-            module.diagnostics.append(_syntax_diagnostic(exc, file, lines, offset, block))
-            m = _FIRST_WORD.match(_first_code_line(block))
-            if m and m.group(2):
-                module.broken[m.group(2)] = m.group(1)
-            continue
+            node, errors = _parse_block(parser, block, offset, file, lines)
         except RecursionError:
             module.diagnostics.append(
                 _diag("E101", "expression nested too deeply", file, lines, start_line, 1, 1, None)
             )
             continue
+        if errors:
+            module.diagnostics.extend(errors)
+            m = _FIRST_WORD.match(_first_code_line(block))
+            if m and m.group(2):
+                # a block that failed, or parsed only without its broken clauses: its name
+                # is known, but it is not complete enough to judge what is missing
+                module.broken[m.group(2)] = m.group(1)
+            if node is None:
+                continue
+        assert node is not None
         if len(block) > MAX_DEPTH * 4 and _depth(node) > MAX_DEPTH:
             # bounded language: the checker, compiler and formatter recurse over expressions
             module.diagnostics.append(
@@ -759,6 +762,85 @@ def parse_text(text: str, file: str = "<string>") -> ParsedModule:
             continue
         module.blocks.append(cast(ast.Block, node))
     return module
+
+
+#: Words that start a clause inside a braced block (where a broken clause can be skipped).
+CLAUSE_WORDS = frozenset(
+    [
+        "audience",
+        "trigger",
+        "unless",
+        "send",
+        "channel",
+        "cap",
+        "quiet",
+        "priority",
+        "exclusive",
+        "schedule",
+        "split",
+        "starts",
+        "ends",
+        "conversion",
+        "window",
+        "model",
+        "credit",
+        "weight",
+        "exclude",
+        "timezone",
+        "spacing",
+        "given",
+        "at",
+    ]
+)
+MAX_RECOVERIES = 20
+
+
+def _clause_range(block_lines: list[str], index: int) -> tuple[int, int] | None:
+    """The lines (start, end exclusive) of the clause holding line ``index`` of a braced block."""
+    if index <= 0 or index >= len(block_lines):
+        return None
+
+    def starts_clause(i: int) -> bool:
+        m = _FIRST_WORD.match(block_lines[i].lstrip())
+        word = m.group(1) if m else ""
+        return word in CLAUSE_WORDS or bool(difflib.get_close_matches(word, CLAUSE_WORDS, n=1, cutoff=0.75))
+
+    start = index
+    while start > 1 and not starts_clause(start):
+        start -= 1
+    end = index + 1
+    while end < len(block_lines) and not starts_clause(end) and not block_lines[end].lstrip().startswith("}"):
+        end += 1
+    return start, end
+
+
+def _parse_block(
+    parser: Lark, block: str, offset: int, file: str, lines: list[str]
+) -> tuple[Any, list[Diagnostic]]:
+    """Parse one block; on an error inside braces, skip that clause and go on to find the next error.
+
+    Returns the tree (None when the block could not be parsed at all) and the syntax errors.
+    """
+    errors: list[Diagnostic] = []
+    block_lines = block.split("\n")
+    for _ in range(MAX_RECOVERIES):
+        try:
+            # padding with newlines keeps lark's line numbers true to the file
+            return parser.parse("\n" * offset + "\n".join(block_lines)), errors
+        except UnexpectedInput as exc:
+            errors.append(_syntax_diagnostic(exc, file, lines, offset, "\n".join(block_lines)))
+            if (
+                "{" not in block_lines[0]
+                or isinstance(exc, UnexpectedEOF)
+                or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END")
+            ):
+                return None, errors
+            span = _clause_range(block_lines, (exc.line or 1) - offset - 1)
+            if span is None:
+                return None, errors
+            for i in range(*span):
+                block_lines[i] = ""
+    return None, errors
 
 
 def _depth(root: Any) -> int:

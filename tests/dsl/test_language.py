@@ -47,8 +47,19 @@ def test_grammar_is_built_once() -> None:
 def test_one_syntax_error_per_broken_block_and_good_blocks_survive() -> None:
     module = parse_text("segment a = (\nsegment b = true\ncampaign c {\n  sendd\n}\nsegment d = false\n", "f")
     assert [d.line for d in module.diagnostics] == [1, 4]
-    assert [b.name for b in module.blocks] == ["b", "d"]
+    assert [b.name for b in module.blocks] == ["b", "c", "d"]  # c parsed without its broken clause
     assert set(module.broken) == {"a", "c"}
+
+
+def test_several_errors_in_one_block_each_reported_once(load: Load) -> None:
+    text = 'campaign x {\n    audiance foo\n    channel emial\n    sendd template "x"\n    cap 2 per 7\n}\n'
+    result = load(text)
+    assert [(d.code, d.line, d.hint) for d in result.errors] == [
+        ("E101", 2, "did you mean 'audience'?"),
+        ("E202", 3, "did you mean 'email'?"),
+        ("E101", 4, "did you mean 'send'?"),
+        ("E302", 5, "write a duration such as 7d, 2h or 30m"),
+    ]
 
 
 def test_uses_of_a_broken_block_are_not_reported_again(load: Load) -> None:
