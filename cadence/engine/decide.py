@@ -23,7 +23,7 @@ Every campaign that is not chosen carries at least one :class:`Suppression`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
@@ -106,7 +106,9 @@ def _window_peak(times: Sequence[int], t: int, width: int) -> int:
     return best
 
 
-def cap_allows(cap: Cap, times: Sequence[int], t: int, zone: ZoneInfo) -> bool:
+def cap_allows(
+    cap: Cap, times: Sequence[int], t: int, zone: ZoneInfo, day_of: Callable[[int], int] | None = None
+) -> bool:
     """True when one more send at ``t`` keeps every window of ``cap`` at or under its count.
 
     ``times`` are the sends the cap counts (already filtered to its scope). A rolling cap
@@ -123,8 +125,9 @@ def cap_allows(cap: Cap, times: Sequence[int], t: int, zone: ZoneInfo) -> bool:
     if cap.count <= 0:
         return False
     if cap.calendar:
+        day = day_of or (lambda ms: local_day(ms, zone))
         days = max(1, cap.window_ms // DAY_MS)
-        return _window_peak([local_day(x, zone) for x in times], local_day(t, zone), days) < cap.count
+        return _window_peak([day(x) for x in times], day(t), days) < cap.count
     return _window_peak(times, t, max(1, cap.window_ms)) < cap.count
 
 
@@ -226,6 +229,13 @@ def decide(
     slot_count = WINDOW_SLOTS if scorer is not None else 1
     wanted = set(campaigns) if campaigns is not None else None
     slot_cache: dict[tuple[int, Any, str, int | None], tuple[list[int], bool]] = {}
+    day_cache: dict[int, int] = {}
+
+    def day_of(ms: int) -> int:
+        day = day_cache.get(ms)
+        if day is None:
+            day = day_cache[ms] = local_day(ms, customer_zone)
+        return day
 
     for name in sorted(ruleset.campaigns):
         campaign = ruleset.campaigns[name]
@@ -357,7 +367,7 @@ def decide(
             for cap in caps:
                 times = _cap_times(cap, campaign, channel, history)
                 if times is not None and (times or cap.count <= 0):
-                    cap_times.append((cap, times))
+                    cap_times.append((cap, [day_of(x) for x in times] if cap.calendar else times))
             first_failure: tuple[str, str] | None = None
             if not cap_times and not history:
                 kept_slots = slots  # nothing to collide with
@@ -371,6 +381,7 @@ def decide(
                         history=history,
                         min_spacing_ms=settings.min_spacing_ms,
                         zone=customer_zone,
+                        day_of=day_of,
                     )
                     if failure is None:
                         kept_slots.append(t)
@@ -618,14 +629,24 @@ def _check(
     *,
     t: int,
     campaign: Campaign,
-    cap_times: Sequence[tuple[Cap, list[int] | None]],
+    cap_times: Sequence[tuple[Cap, list[int]]],
     history: Sequence[PastSend],
     min_spacing_ms: int,
     zone: ZoneInfo,
+    day_of: Callable[[int], int],
 ) -> tuple[str, str] | None:
     """The first rule a send at ``t`` would break, as ``(reason, detail)``, or None."""
-    for cap, times in cap_times:
-        if times is not None and not cap_allows(cap, times, t, zone):
+    for cap, points in cap_times:
+        # Calendar caps come with their sends already turned into local day numbers.
+        if (
+            cap.count <= 0
+            or (
+                _window_peak(points, day_of(t), max(1, cap.window_ms // DAY_MS))
+                if cap.calendar
+                else _window_peak(points, t, max(1, cap.window_ms))
+            )
+            >= cap.count
+        ):
             return "cap", f"{_describe_cap(cap)} reached"
     if min_spacing_ms > 0:
         for h in history:
@@ -635,8 +656,8 @@ def _check(
                     f"{min_spacing_ms / 3_600_000:g}h"
                 )
     if campaign.exclusive is not None:
-        day = local_day(t, zone)
+        day = day_of(t)
         for h in history:
-            if h.exclusive == campaign.exclusive and local_day(h.ts_ms, zone) == day:
+            if h.exclusive == campaign.exclusive and day_of(h.ts_ms) == day:
                 return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day"
     return None

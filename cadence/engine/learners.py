@@ -23,7 +23,7 @@ traits (the contextual bandit over a campaign's template variants).
 
 river is used for what it does well here: :class:`ProbitClassifier` follows river's
 ``Classifier`` contract for one-off use, and the recent quality of each model is a
-rolling ``river.metrics`` ROC AUC and log loss. (river 0.26.1's ``LogisticRegression``
+rolling ``river.metrics`` ROC AUC (``RollingROCAUC``) and log loss. (river 0.26.1's ``LogisticRegression``
 has no posterior to sample, ``bandit.ThompsonSampling`` fails on its first pull with
 default settings and ``LinUCBDisjoint`` is slow, so scoring is vectorised numpy.)
 """
@@ -57,7 +57,7 @@ __all__ = [
     "ProbitModel",
 ]
 
-TRAIT_BUCKETS = 32
+TRAIT_BUCKETS = 64
 CAMPAIGN_BUCKETS = 64
 ARM_BUCKETS = 32
 N_CHANNELS = len(CHANNELS)
@@ -79,7 +79,7 @@ class FeatureLayout:
     """
 
     n_customer = 1 + TRAIT_BUCKETS + 5  # bias, traits, fatigue 1/7/30d, recency, never clicked
-    n_time = 5  # cos h, sin h, cos 2h, sin 2h, weekend
+    n_time = 27  # one-hot hour of day, cos h, sin h, weekend
     n_traits1 = 1 + TRAIT_BUCKETS
     n_personal = 3  # own click rate on channel, hour match, experience on channel
 
@@ -114,7 +114,7 @@ class LearnerConfig:
     """
 
     click_value: float = 1.0
-    unsubscribe_cost: float = 6.0
+    unsubscribe_cost: float = 8.0
     horizon_ms: int = 48 * HOUR_MS
     engagement_prior: float = 0.03
     unsubscribe_prior: float = 0.004
@@ -122,6 +122,7 @@ class LearnerConfig:
     engagement_events: frozenset[Feedback] = frozenset({Feedback.CLICKED, Feedback.CONVERTED})
     quality_window: int = 5000
     min_explore: float = 0.1  # variant exploration share when a campaign does not say
+    explore_unsubscribe: bool = False  # sample the risk too (False: value risk at its posterior mean)
 
 
 class ProbitModel:
@@ -248,12 +249,13 @@ class DecisionLearner:
         self.position = 0  # the last event id reflected (set by the loop subscriber)
         self.labels = 0
         self.quality: dict[str, Any] = {
-            "engagement_auc": utils.Rolling(metrics.ROCAUC, window_size=self.config.quality_window),
+            # RollingROCAUC is exact; ROCAUC's 10 thresholds cannot rank probabilities below 0.1.
+            "engagement_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),
             "engagement_logloss": utils.Rolling(metrics.LogLoss, window_size=self.config.quality_window),
-            "unsubscribe_auc": utils.Rolling(metrics.ROCAUC, window_size=self.config.quality_window),
+            "unsubscribe_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),
         }
         self._horizon: deque[tuple[int, str]] = deque()
-        self._bank = np.random.default_rng(20260101).standard_normal((257, self.layout.size))
+        self._bank = np.random.default_rng(20260101).standard_normal((509, self.layout.size))
 
     def _model(self, prior: float, prior_var: np.ndarray) -> ProbitModel:
         lay = self.layout
@@ -268,15 +270,13 @@ class DecisionLearner:
         """Two standard normal vectors for ``seed``: rows of a fixed bank, rotated.
 
         Seeding a fresh generator per decision costs more than the rest of the scoring,
-        so draws come from a bank made once; (row, rotation) pairs repeat only after
-        ``rows * size`` seeds.
+        so draws come from a bank made once; (engagement, unsubscribe) row pairs repeat
+        only after ``rows ** 2`` seeds.
         """
         bank = self._bank
-        rows, size = bank.shape
+        rows = bank.shape[0]
         k = (seed * 2654435761) & 0xFFFFFFFF
-        r1, r2 = k % rows, (k // rows + 7) % rows
-        shift = (k // (rows * rows)) % size
-        return np.roll(bank[r1], shift), np.roll(bank[r2], -shift)
+        return bank[k % rows], bank[(k // rows + 7) % rows]
 
     # -- features -------------------------------------------------------------------------------
 
@@ -362,7 +362,7 @@ class DecisionLearner:
             val.append(float(b[i]))
         local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
         hour = local.hour + local.minute / 60
-        harm = _harmonics(hour, local.weekday() >= 5)
+        harm = _time_code(hour, local.weekday() >= 5)
         for k, h in enumerate(harm):
             if h == 0.0:
                 continue
@@ -405,7 +405,7 @@ class DecisionLearner:
 
         # Unique send times -> local hour harmonics, and the hour-match personal feature.
         uniq: dict[int, int] = {}
-        harm_rows: list[tuple[float, float, float, float, float]] = []
+        harm_rows: list[tuple[float, ...]] = []
         hours: list[float] = []
         per_list: dict[int, np.ndarray] = {}
         parts = []
@@ -418,7 +418,7 @@ class DecisionLearner:
                         local = local_datetime(t, zone)
                         hour = local.hour + local.minute / 60
                         hours.append(hour)
-                        harm_rows.append(_harmonics(hour, local.weekday() >= 5))
+                        harm_rows.append(_time_code(hour, local.weekday() >= 5))
                 arr = per_list[id(g.times)] = np.array([uniq[t] for t in g.times], dtype=np.int64)
             parts.append(arr)
         ti = np.concatenate(parts)
@@ -452,26 +452,34 @@ class DecisionLearner:
         has_arm = arm_b >= 0
         arm_rows = np.maximum(arm_b, 0)
 
-        # Four weight vectors at once: engagement draw, engagement mean, unsubscribe draw and mean.
-        w = np.stack(
-            [
-                self.engagement.sample(noise_e),
-                self.engagement.mean,
-                self.unsubscribe.sample(noise_u),
-                self.unsubscribe.mean,
-            ]
+        def linear(
+            w: np.ndarray, b: np.ndarray, harm: np.ndarray, rate_exp: np.ndarray, match: np.ndarray
+        ) -> np.ndarray:
+            """``w @ x`` for every option, for each row of ``w``, without building ``x``."""
+            rows = w.shape[0]
+            chan = w[:, lay.channel : lay.time].reshape(rows, N_CHANNELS, lay.n_customer)[:, ch_global, :] @ b
+            per_time = (w[:, lay.time : lay.personal].reshape(rows, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+            wp = w[:, lay.personal : lay.personal + lay.n_personal]
+            per_group = chan + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
+            if has_arm.any():
+                arm_table = w[:, lay.arm : lay.size].reshape(rows, ARM_BUCKETS, lay.n_traits1) @ t1
+                per_group = per_group + np.where(has_arm, arm_table[:, arm_rows], 0.0)
+            return per_group[:, group_of] + per_time[:, ti] + wp[:, 1:2] * match[ti]
+
+        # Means and one posterior draw per model; variances (on squared features) for the
+        # predictive probability Phi(mean / sqrt(beta^2 + variance)).
+        weights = [self.engagement.mean, self.unsubscribe.mean, self.engagement.sample(noise_e)]
+        if cfg.explore_unsubscribe:
+            weights.append(self.unsubscribe.sample(noise_u))
+        mean = linear(np.stack(weights), b, harm, rate_exp, match)
+        var = linear(
+            np.stack([self.engagement.var, self.unsubscribe.var]), b * b, harm * harm, rate_exp**2, match**2
         )
-        chan = w[:, lay.channel : lay.time].reshape(4, N_CHANNELS, lay.n_customer)[:, ch_global, :] @ b
-        per_time = (w[:, lay.time : lay.personal].reshape(4, lay.n_time, lay.n_traits1) @ t1) @ harm.T
-        wp = w[:, lay.personal : lay.personal + lay.n_personal]
-        arm_table = w[:, lay.arm : lay.size].reshape(4, ARM_BUCKETS, lay.n_traits1) @ t1
-        per_group = chan + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
-        if has_arm.any():
-            per_group = per_group + np.where(has_arm, arm_table[:, arm_rows], 0.0)
-        logit = per_group[:, group_of] + per_time[:, ti] + wp[:, 1:2] * match[ti]
-        prob = ndtr(logit / cfg.beta)
-        score = cfg.click_value * prob[0] - cfg.unsubscribe_cost * prob[2]
-        p_eng, p_uns = prob[1], prob[3]
+        beta2 = cfg.beta**2
+        p_eng = ndtr(mean[0] / np.sqrt(beta2 + var[0]))
+        p_uns = ndtr(mean[1] / np.sqrt(beta2 + var[1]))
+        draw_uns = ndtr(mean[3] / cfg.beta) if cfg.explore_unsubscribe else p_uns
+        score = cfg.click_value * ndtr(mean[2] / cfg.beta) - cfg.unsubscribe_cost * draw_uns
         mean_score = cfg.click_value * p_eng - cfg.unsubscribe_cost * p_uns
 
         bounds = [0, *np.cumsum(lengths).tolist()]
@@ -626,9 +634,12 @@ class DecisionLearner:
         return {k: round(float(m.get()), 4) for k, m in self.quality.items()}
 
 
-def _harmonics(hour: float, weekend: bool) -> tuple[float, float, float, float, float]:
+def _time_code(hour: float, weekend: bool) -> tuple[float, ...]:
+    """The local hour of the week as features: a one-hot hour of day, a smooth daily cycle, weekend."""
     a = TWO_PI * hour / 24
-    return (math.cos(a), math.sin(a), math.cos(2 * a), math.sin(2 * a), 1.0 if weekend else 0.0)
+    onehot = [0.0] * 24
+    onehot[int(hour) % 24] = 1.0
+    return (*onehot, math.cos(a), math.sin(a), 1.0 if weekend else 0.0)
 
 
 def _erfcinv(y: float) -> float:

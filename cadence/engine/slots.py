@@ -11,7 +11,7 @@ from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cadence.engine.campaign import HOUR_MS, QuietHours
+from cadence.engine.campaign import DAY_MS, HOUR_MS, QuietHours
 
 __all__ = [
     "candidate_slots",
@@ -137,6 +137,15 @@ def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
     return ms if allowed is local else _ms(allowed)
 
 
+def _offset_ms(ms: int, zone: ZoneInfo) -> int:
+    offset = local_datetime(ms, zone).utcoffset()
+    return int(offset.total_seconds() * 1000) if offset is not None else 0
+
+
+def _time_ms(t: time) -> int:
+    return ((t.hour * 60 + t.minute) * 60 + t.second) * 1000
+
+
 def hour_of_week(ms: int, zone: ZoneInfo) -> int:
     """Local hour of the week, 0 = Monday 00:00..00:59, 167 = Sunday 23:00.
 
@@ -173,15 +182,39 @@ def candidate_slots(
     now_is_quiet = False
     out: list[int] = []
     seen: set[int] = set()
+    # Fast path: one UTC offset across the whole window (no DST change inside it), so the
+    # local time of day is plain arithmetic; only quiet slots need the calendar.
+    offset = _offset_ms(raw[0], zone)
+    constant = offset == _offset_ms(raw[-1], zone)
+    start_ms = _time_ms(quiet.start) if quiet is not None else 0
+    end_ms = _time_ms(quiet.end) if quiet is not None else 0
+    deferred: dict[int, int] = {}
     for i, ms in enumerate(raw):
         if quiet is not None:
-            local = local_datetime(ms, zone)
-            if is_quiet(quiet, local.timetz().replace(tzinfo=None)):
+            if constant:
+                tod = (ms + offset) % DAY_MS
+                inside = (
+                    False
+                    if start_ms == end_ms
+                    else (start_ms <= tod < end_ms if start_ms < end_ms else tod >= start_ms or tod < end_ms)
+                )
+            else:
+                inside = is_quiet(quiet, local_datetime(ms, zone).timetz().replace(tzinfo=None))
+            if inside:
                 if i == 0:
                     now_is_quiet = True
                 if quiet.action == "drop":
                     continue
-                ms = _ms(next_allowed(quiet, local))
+                # Every slot of one quiet stretch defers to the same instant: compute it once.
+                key = (ms + offset) // DAY_MS * 2 + (
+                    1 if constant and (ms + offset) % DAY_MS >= start_ms else 0
+                )
+                target = deferred.get(key) if constant else None
+                if target is None:
+                    target = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+                    if constant:
+                        deferred[key] = target
+                ms = target
         if until_ms is not None and ms >= until_ms:
             continue
         if ms not in seen:
