@@ -30,6 +30,7 @@ ROUTERS = (
     "cadence.api.routers.ingest",
     "cadence.api.routers.customers",
     "cadence.api.routers.sdk",
+    "cadence.api.routers.rules",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the

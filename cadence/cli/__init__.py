@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "cadence.cli.ingest",
     "cadence.cli.customers",
     "cadence.cli.keys",
+    "cadence.cli.decisions",
+    "cadence.cli.rules",
 )
 
 err_console = Console(stderr=True)
