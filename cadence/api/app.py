@@ -27,6 +27,7 @@ log = logging.getLogger("cadence.api")
 ROUTERS = (
     "cadence.api.routers.health",
     "cadence.api.routers.ingest",
+    "cadence.api.routers.webhooks",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the
