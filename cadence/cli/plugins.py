@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import typer
 from rich.console import Console
@@ -26,7 +28,7 @@ def list_plugins(
     settings = settings_from_cli(ctx)
     pm = make_plugin_manager(settings)
     registry = build_connectors(settings, pm=pm)
-    connectors = [
+    connectors: list[dict[str, Any]] = [
         {
             "name": c.name,
             "channels": sorted(c.channels),

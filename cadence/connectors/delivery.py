@@ -384,10 +384,15 @@ class Dispatcher:
         found = self.deliverers.get(connector.name)
         if found is None or found.connector is not connector:
             policy = DeliveryPolicy.from_config(connector.config)
+            name = connector.name
+
+            def on_change(cb: CircuitBreaker) -> None:
+                self._save_circuit(name, cb)
+
             breaker = CircuitBreaker(
                 failure_threshold=policy.circuit_failure_threshold,
                 reset_seconds=policy.circuit_reset_seconds,
-                on_change=lambda cb, name=connector.name: self._save_circuit(name, cb),
+                on_change=on_change,
             )
             found = Deliverer(connector, policy, breaker=breaker)
             self.deliverers[connector.name] = found

@@ -147,7 +147,9 @@ class Facebook(Connector):
         """The Conversions API event of one message."""
         variables = dict(message.variables)
         event_ms = variables.pop("event_time_ms", None)
-        custom = {k: variables[k] for k in ("value", "currency", "content_ids") if k in variables}
+        custom: dict[str, Any] = {
+            k: variables[k] for k in ("value", "currency", "content_ids") if k in variables
+        }
         custom.update({"decision_id": message.decision_id, "campaign": message.campaign})
         event: dict[str, Any] = {
             "event_name": variables.get("event_name") or message.template or "CadenceMessage",
@@ -228,7 +230,9 @@ class Facebook(Connector):
         raise self._graph_error(response.status_code, payload)
 
     def _graph_error(self, status: int, payload: Any) -> ConnectorError:
-        error = payload.get("error", {}) if isinstance(payload, dict) else {}
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if not isinstance(error, dict):  # a proxy or load balancer answered, not the Graph API
+            error = {"message": str(payload)[:500]}
         code = error.get("code")
         message = (
             f"Graph API {status} code {code}: {error.get('message')} (fbtrace {error.get('fbtrace_id')})"

@@ -41,6 +41,7 @@ def cadence_register_connectors(settings: Settings) -> list[type[Connector]]:
     :param settings: the process settings (read ``settings.connectors[name]`` if the
         classes you return depend on configuration).
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec
@@ -55,6 +56,7 @@ def cadence_register_webhook_parsers(settings: Settings) -> list[Any]:
 
     :param settings: the process settings.
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec
@@ -71,6 +73,7 @@ def cadence_enrich_feedback(
     :param provider_event: what the connector parsed.
     :param properties: the properties cadence built so far (do not modify).
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec
@@ -82,6 +85,7 @@ def cadence_register_routers(settings: Settings) -> list[APIRouter]:
 
     :param settings: the process settings.
     """
+    raise NotImplementedError  # a specification: plugins implement it
 
 
 @hookspec(firstresult=True)
