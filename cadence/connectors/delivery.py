@@ -35,7 +35,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,11 +136,17 @@ class TokenBucket:
     """
 
     def __init__(
-        self, rate: float | None, burst: int = 1, *, now: Callable[[], float] = time.monotonic
+        self,
+        rate: float | None,
+        burst: int = 1,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.rate = rate
         self.burst = max(1, burst)
         self._now = now
+        self._sleep = sleep
         self._tokens = float(self.burst)
         self._stamp = now()
         self._paused_until = 0.0
@@ -168,7 +174,7 @@ class TokenBucket:
         """Wait for a token."""
         async with self._lock:
             while (wait := self.wait_time()) > 0:
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
 
 
 class CircuitBreaker:
@@ -241,7 +247,8 @@ class Deliverer:
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     limiter: TokenBucket | None = None
     breaker: CircuitBreaker | None = None
-    sleep: Callable[[float], Any] = asyncio.sleep
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+    now: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
@@ -249,12 +256,16 @@ class Deliverer:
         rate = self.connector.config.get("rate_limit_per_second", caps.rate_limit_per_second)
         if self.limiter is None:
             self.limiter = TokenBucket(
-                float(rate) if rate else None, int(self.connector.config.get("burst", caps.burst))
+                float(rate) if rate else None,
+                int(self.connector.config.get("burst", caps.burst)),
+                now=self.now,
+                sleep=self.sleep,
             )
         if self.breaker is None:
             self.breaker = CircuitBreaker(
                 failure_threshold=self.policy.circuit_failure_threshold,
                 reset_seconds=self.policy.circuit_reset_seconds,
+                now=self.now,
             )
         self.semaphore = asyncio.Semaphore(int(self.connector.config.get("concurrency", caps.concurrency)))
 
@@ -285,12 +296,13 @@ class Deliverer:
                     results = await self.connector.send(batch)
             except RateLimited as exc:
                 wait = min(exc.retry_after, self.policy.backoff_max_seconds * 10)
-                self.limiter.pause(wait)
+                # Pause every sender of this connector (not just this batch) until the reset,
+                # plus a little jitter so the waiting batches do not all fire at once.
+                self.limiter.pause(wait + self.rng.uniform(0, min(1.0, wait / 10 + 0.01)))
                 attempt += 1
                 if wait > self.policy.max_inline_wait_seconds or attempt >= self.policy.max_attempts:
                     raise
                 log.info("%s throttled, waiting %.2fs (attempt %d)", self.connector.name, wait, attempt)
-                await self.sleep(wait + self.rng.uniform(0, min(1.0, wait / 10 + 0.01)))
                 continue
             except TransientFailure as exc:
                 self.breaker.record_failure(str(exc))

@@ -170,17 +170,24 @@ def bad_request(name: str) -> tuple[int, Any]:
 
 
 @dataclass
-class Sleeps:
+class FakeTime:
+    """A monotonic clock that sleeping moves forward, recording each wait."""
+
     waits: list[float]
+    t: float = 1000.0
 
-    async def __call__(self, seconds: float) -> None:
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
         self.waits.append(seconds)
+        self.t += seconds
 
 
-def deliverer(connector: Any) -> tuple[Deliverer, Sleeps]:
-    sleeps = Sleeps([])
+def deliverer(connector: Any) -> tuple[Deliverer, FakeTime]:
+    clock = FakeTime([])
     policy = DeliveryPolicy(max_attempts=4, backoff_base_seconds=0.1, circuit_failure_threshold=10)
-    return Deliverer(connector, policy, sleep=sleeps), sleeps
+    return Deliverer(connector, policy, sleep=clock.sleep, now=clock.now), clock
 
 
 needs_http = pytest.mark.parametrize("name", [n for n in BUILTINS if n != "outbox"])
