@@ -190,6 +190,8 @@ class CircuitBreaker:
     False
     >>> t[0] = 11; cb.allow(), cb.state
     (True, 'half_open')
+    >>> cb.allow()  # one trial batch at a time while half-open
+    False
     >>> cb.record_success(); cb.state
     'closed'
     """
@@ -210,18 +212,30 @@ class CircuitBreaker:
         self.failures = 0
         self.open_until = 0.0
         self.last_error: str | None = None
+        self._trial = False
 
     def allow(self) -> bool:
-        """True when a batch may be sent now (moves open -> half-open when the pause is over)."""
+        """True when a batch may be sent now.
+
+        When the pause is over the circuit turns half-open and lets exactly one trial
+        batch through; the others wait for its outcome.
+        """
         if self.state == "open":
             if self._now() < self.open_until:
                 return False
             self._set("half_open")
+            self._trial = True
+            return True
+        if self.state == "half_open":
+            if self._trial:
+                return False
+            self._trial = True
         return True
 
     def record_success(self) -> None:
         """A batch went through: close the circuit."""
         self.failures = 0
+        self._trial = False
         if self.state != "closed":
             self._set("closed")
 
@@ -229,6 +243,7 @@ class CircuitBreaker:
         """A batch failed for a reason the provider may recover from."""
         self.failures += 1
         self.last_error = error
+        self._trial = False
         if self.state == "half_open" or self.failures >= self.failure_threshold:
             self.open_until = self._now() + self.reset_seconds
             self._set("open")
@@ -283,17 +298,24 @@ class Deliverer:
         ``max_inline_wait_seconds`` (the dispatcher re-queues the rows for then).
         """
         assert self.limiter is not None and self.breaker is not None
+        async with self.semaphore:
+            return await self._deliver(batch)
+
+    async def _deliver(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
+        assert self.limiter is not None and self.breaker is not None
         attempt = 0
         while True:
             if not self.breaker.allow():
+                until = self.breaker.open_until
+                if self.breaker.state == "half_open":  # a trial batch is deciding: look again soon
+                    until = self.now() + 1.0
                 raise CircuitOpen(
                     f"{self.connector.name} is paused after repeated failures: {self.breaker.last_error}",
-                    until=self.breaker.open_until,
+                    until=until,
                 )
             await self.limiter.acquire()
             try:
-                async with self.semaphore:
-                    results = await self.connector.send(batch)
+                results = await self.connector.send(batch)
             except RateLimited as exc:
                 wait = min(exc.retry_after, self.policy.backoff_max_seconds * 10)
                 # Pause every sender of this connector (not just this batch) until the reset,
@@ -607,7 +629,7 @@ class Dispatcher:
         try:
             results = await deliverer.deliver(batch)
         except CircuitOpen as exc:
-            wait_ms = int(max(0.0, exc.until - time.monotonic()) * 1000) + 1
+            wait_ms = int(max(0.0, exc.until - deliverer.now()) * 1000) + 1
             return [
                 _Outcome(
                     m.send_id, "queued", error=str(exc), next_attempt_ms=now + wait_ms, refund_attempt=True

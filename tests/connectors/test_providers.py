@@ -1,4 +1,4 @@
-"""Provider-specific behaviour: signatures (known answers and local keys), hashing, batching, partial failures."""
+"""Provider specifics: signatures (known answers, local keys), hashing, batching, partial failures."""
 
 from __future__ import annotations
 
