@@ -26,7 +26,10 @@ from cadence.errors import RateLimited, WebhookRejected
 from cadence.store.schema.connectors import provider_messages
 
 # SendGrid's published Event Webhook test vector (sendgrid-python / sendgrid-nodejs test suites).
-SG_PUBLIC_KEY = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g=="
+SG_PUBLIC_KEY = (
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3G"  # split for line length
+    "Rqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g=="
+)
 SG_SIGNATURE = (
     "MEUCIGHQVtGj+Y3LkG9fLcxf3qfI10QysgDWmMOVmxG0u6ZUAiEAyBiXDWzM+uOe5W0JuG+luQAbPIqHh89M15TluLtEZtM="
 )
