@@ -27,7 +27,7 @@ from cadence.store.schema.connectors import provider_messages
 
 # SendGrid's published Event Webhook test vector (sendgrid-python / sendgrid-nodejs test suites).
 SG_PUBLIC_KEY = (
-    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3G"  # split for line length
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3G"
     "Rqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g=="
 )
 SG_SIGNATURE = (
