@@ -14,6 +14,7 @@ from cadence.plugins.manager import build_connectors, make_plugin_manager
 
 plugins_app = typer.Typer(help="Plugins and the connectors they provide.", no_args_is_help=True)
 console = Console()
+err_console = Console(stderr=True)
 
 
 @plugins_app.command("list")
@@ -75,6 +76,10 @@ def list_plugins(
             )
         console.print(ctable)
     if failed:
+        for info in failed:
+            err_console.print(
+                f"[bold red]plugin {info.name} ({info.module}) failed:[/] {info.error}", highlight=False
+            )
         raise typer.Exit(1)
 
 
