@@ -49,8 +49,8 @@ class Outbox(Connector):
     async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
         """Record ``batch``; every message succeeds with id ``outbox-<hash of key>``."""
         rows = [self._row(m) for m in batch]
-        fresh = await asyncio.to_thread(self._store, rows)
         path = self.config.get("jsonl_path")
+        fresh = await asyncio.to_thread(self._store, rows, bool(path))
         if path and fresh:
             lines = b"".join(orjson.dumps(r) + b"\n" for r in fresh)
             await asyncio.to_thread(_append, Path(path), lines)
@@ -73,23 +73,48 @@ class Outbox(Connector):
             "created_ms": now_ms(),
         }
 
-    def _store(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _store(self, rows: list[dict[str, Any]], report_fresh: bool) -> list[dict[str, Any]]:
+        """Insert ``rows`` unless their key is already recorded; the new ones if ``report_fresh``."""
         if self.engine is None:
             known = {r["idempotency_key"] for r in self.memory}
             fresh = [r for r in rows if r["idempotency_key"] not in known]
             self.memory.extend(fresh)
             return fresh
         with self.engine.begin() as conn:
-            known = set(
-                conn.scalars(
-                    select(outbox.c.idempotency_key).where(
-                        outbox.c.idempotency_key.in_([r["idempotency_key"] for r in rows])
+            fresh = rows
+            if report_fresh:
+                known = set(
+                    conn.scalars(
+                        select(outbox.c.idempotency_key).where(
+                            outbox.c.idempotency_key.in_([r["idempotency_key"] for r in rows])
+                        )
                     )
                 )
+                fresh = [r for r in rows if r["idempotency_key"] not in known]
+            # Driver-level executemany: the SQL compiler per row would cost more than the insert.
+            sql = (
+                "INSERT INTO outbox (idempotency_key, send_id, channel, campaign, decision_id, customer_id, "
+                "message, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (idempotency_key) DO NOTHING"
             )
-            fresh = [r for r in rows if r["idempotency_key"] not in known]
-            if fresh:
-                conn.execute(outbox.insert(), fresh)
+            if conn.dialect.paramstyle != "qmark":
+                sql = sql.replace("?", "%s")
+            conn.exec_driver_sql(
+                sql,
+                [
+                    (
+                        r["idempotency_key"],
+                        r["send_id"],
+                        r["channel"],
+                        r["campaign"],
+                        r["decision_id"],
+                        r["customer_id"],
+                        orjson.dumps(r["message"]).decode(),
+                        r["created_ms"],
+                    )
+                    for r in fresh
+                ],
+            )
         return fresh
 
 

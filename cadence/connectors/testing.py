@@ -109,6 +109,9 @@ class FakeProviders:
 
     async def dispatch(self, request: Request) -> Response:
         path = "/" + request.path_params["path"]
+        if path == "/_fake/stats":  # for a fake running in another process (benchmarks)
+            return JSONResponse({"delivered": sum(self.delivered.values()), "keys": len(self.delivered),
+                                 "max_per_key": max(self.delivered.values(), default=0)})
         raw = await request.body()
         headers = {k.lower(): v for k, v in request.headers.items()}
         provider, handler = self._route(request.method, path)
@@ -355,6 +358,16 @@ def _graph_error(status: int, code: int, message: str, kind: str, subcode: int |
     if subcode:
         error["error_subcode"] = subcode
     return JSONResponse({"error": error}, status)
+
+
+def serve_in_process(ready: Any, sendgrid_remaining: int = 10**9) -> None:
+    """Run :class:`FakeProviders` until killed, putting its URL on ``ready`` (a multiprocessing queue)."""
+    fake = FakeProviders()
+    fake.sendgrid_remaining = sendgrid_remaining
+    server = LoopbackServer(fake.app)
+    fake.base_url = server.url
+    ready.put(server.url)
+    server.server.run(sockets=[server.sock])
 
 
 class LoopbackServer:
