@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from cadence.channels import Feedback
 from cadence.clock import now_ms
@@ -258,10 +259,18 @@ class TwilioSms(Connector):
 
     def _moves_forward(self, sid: str, status: str, error_code: str | None) -> bool:
         """Record ``status`` for ``sid`` if it is further along than the one stored."""
-        rank = STATUS_RANK[status]
         if self.engine is None:
             return True
+        try:
+            return self._record_status(sid, status, error_code)
+        except IntegrityError:
+            # Two callbacks for a new message raced to insert it: the loser compares again.
+            return self._record_status(sid, status, error_code)
+
+    def _record_status(self, sid: str, status: str, error_code: str | None) -> bool:
+        rank = STATUS_RANK[status]
         now = now_ms()
+        assert self.engine is not None
         with self.engine.begin() as conn:
             stored = conn.execute(
                 select(provider_messages.c.rank)

@@ -110,8 +110,13 @@ class FakeProviders:
     async def dispatch(self, request: Request) -> Response:
         path = "/" + request.path_params["path"]
         if path == "/_fake/stats":  # for a fake running in another process (benchmarks)
-            return JSONResponse({"delivered": sum(self.delivered.values()), "keys": len(self.delivered),
-                                 "max_per_key": max(self.delivered.values(), default=0)})
+            return JSONResponse(
+                {
+                    "delivered": sum(self.delivered.values()),
+                    "keys": len(self.delivered),
+                    "max_per_key": max(self.delivered.values(), default=0),
+                }
+            )
         raw = await request.body()
         headers = {k.lower(): v for k, v in request.headers.items()}
         provider, handler = self._route(request.method, path)

@@ -31,7 +31,6 @@ from cadence.clock import now_ms
 from cadence.connectors.base import ProviderEvent, WebhookRequest
 from cadence.connectors.delivery import Dispatcher
 from cadence.engine.events import NewEvent
-from cadence.engine.identity import resolve_customer
 from cadence.engine.ingest import record_events
 from cadence.errors import WebhookRejected
 from cadence.plugins.manager import (
@@ -124,9 +123,6 @@ def _link(
                         user_id = value
                         break
                     anonymous_id = anonymous_id or value
-        known = item.user_id is not None and resolve_customer(conn, item.user_id) is not None
-        if user_id is None and anonymous_id is None and known:
-            user_id = item.user_id
     return user_id, anonymous_id, decision_id, campaign
 
 

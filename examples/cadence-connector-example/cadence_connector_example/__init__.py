@@ -64,9 +64,13 @@ class ExampleWebhook(Connector):
         )
         headers = {"Content-Type": "application/json", "Idempotency-Key": batch[0].idempotency_key}
         if self.setting("secret"):
-            headers["X-Signature"] = hmac.new(str(self.setting("secret")).encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Signature"] = hmac.new(
+                str(self.setting("secret")).encode(), body, hashlib.sha256
+            ).hexdigest()
         try:
-            response = await self.client.post(str(self.setting("url", required=True)), content=body, headers=headers)
+            response = await self.client.post(
+                str(self.setting("url", required=True)), content=body, headers=headers
+            )
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.name) from exc
         if response.status_code >= 300:
