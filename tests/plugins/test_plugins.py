@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -250,6 +251,8 @@ def test_cli_lists_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, site
 
 def test_example_package_installs_with_pip_and_loads_through_its_entry_point(tmp_path: Path) -> None:
     target = tmp_path / "site"
+    source = tmp_path / "src"  # build a copy: pip's setuptools build writes into the source tree
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     pip = [
         sys.executable,
         "-m",
@@ -261,7 +264,7 @@ def test_example_package_installs_with_pip_and_loads_through_its_entry_point(tmp
         "--no-index",
         "--target",
         str(target),
-        str(EXAMPLE),
+        str(source),
     ]
     subprocess.run(pip, check=True, cwd=tmp_path, capture_output=True)
     env = {
