@@ -26,6 +26,7 @@ from cadence.runtime import Runtime, open_runtime
 from cadence.settings import Settings
 from cadence.store.schema.connectors import outbox
 from cadence.store.schema.core import customers, events, identities, profiles
+from cadence.store.schema.sends import sends
 
 UNREACHABLE = "http://127.0.0.1:9"
 
@@ -244,3 +245,54 @@ def test_the_app_runs_the_dispatcher_in_the_background(rt: Runtime) -> None:
             time.sleep(0.05)
     with rt.engine.connect() as conn:
         assert conn.scalar(select(outbox.c.idempotency_key)) == "push:1"
+
+
+def test_unlinked_unsubscribes_find_the_customer_by_address(client: TestClient, rt: Runtime) -> None:
+    with rt.engine.begin() as conn:
+        for user, traits in (("ada", {"email": "ada@example.com"}), ("bo", {"phone": "+14155550199"})):
+            cid = int(conn.execute(insert(customers).values(created_ms=0)).inserted_primary_key[0])
+            conn.execute(insert(identities).values(kind="user", value=user, customer_id=cid, first_seen_ms=0))
+            conn.execute(
+                insert(profiles).values(
+                    customer_id=cid,
+                    first_seen_ms=0,
+                    last_seen_ms=0,
+                    event_count=1,
+                    traits=traits,
+                    updated_event_id=0,
+                )
+            )
+    email = [{"email": "ada@example.com", "event": "group_unsubscribe", "sg_event_id": "u1", "timestamp": 1}]
+    assert post(client, "sendgrid", sendgrid_request(email)).json()["accepted"] == 1
+    stop = {
+        "MessageSid": "SM5",
+        "From": "+14155550199",
+        "To": "+15005550006",
+        "Body": "STOP",
+        "OptOutType": "STOP",
+    }
+    assert post(client, "sms", twilio_request(stop)).json()["accepted"] == 1
+    rows = logged(rt)
+    assert [(r.event, r.user_id, r.payload["properties"]["channel"]) for r in rows] == [
+        ("Unsubscribed", "ada", "email"),
+        ("Unsubscribed", "bo", "sms"),
+    ]
+
+
+def test_a_message_id_shared_by_a_whole_request_does_not_pick_a_customer(
+    client: TestClient, rt: Runtime
+) -> None:
+    with rt.engine.begin() as conn:
+        for n in (1, 2):
+            cid = int(conn.execute(insert(customers).values(created_ms=0)).inserted_primary_key[0])
+            conn.execute(
+                insert(identities).values(kind="user", value=f"user{n}", customer_id=cid, first_seen_ms=0)
+            )
+            enqueue_send(
+                conn, key=f"k{n}", campaign="spring", customer_id=cid, channel="email", due_ms=0, now_ms=0
+            )
+        conn.execute(sends.update().values(provider_message_id="shared"))
+    items = [{"event": "open", "sg_event_id": "o1", "timestamp": 1, "sg_message_id": "shared.filter1"}]
+    post(client, "sendgrid", sendgrid_request(items))
+    [row] = logged(rt)
+    assert row.user_id is None and row.anonymous_id.startswith("sendgrid:")

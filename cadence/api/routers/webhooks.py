@@ -18,12 +18,13 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine, select
 
 from cadence.api.security import Principal, Scope
 from cadence.channels import Feedback
@@ -40,7 +41,7 @@ from cadence.plugins.manager import (
     call_each,
     make_plugin_manager,
 )
-from cadence.store.schema.core import identities
+from cadence.store.schema.core import identities, profiles
 from cadence.store.schema.sends import sends
 
 __all__ = ["event_name", "router", "setup", "to_new_events"]
@@ -88,42 +89,90 @@ def _message_id(connector: str, event_id: str) -> str:
     return f"{connector}:h:" + hashlib.sha256(event_id.encode()).hexdigest()[:64]
 
 
-def _link(
-    engine: Engine, connector: str, item: ProviderEvent
-) -> tuple[str | None, str | None, str | None, str | None]:
-    """(user_id, anonymous_id, decision_id, campaign) for a provider event, from its send."""
+@dataclass(frozen=True)
+class _Link:
+    user_id: str | None
+    anonymous_id: str | None
+    decision_id: str | None
+    campaign: str | None
+
+
+#: The customer trait that holds each channel's address, for events not linked to a send.
+ADDRESS_TRAIT = {"email": "email", "sms": "phone"}
+
+
+def _link_all(engine: Engine, items: Sequence[ProviderEvent]) -> list[_Link]:
+    """Link each provider event to its send and customer, with a handful of queries per webhook.
+
+    By decision id first; then by the provider's message id when it names exactly one
+    customer (SendGrid's id is shared by a whole request); then by the address trait
+    (email, phone) in the customer's profile.
+    """
+    decisions = sorted({i.decision_id for i in items if i.decision_id})
+    message_ids = sorted({i.provider_message_id for i in items if i.provider_message_id})
     with engine.connect() as conn:
-        clauses = []
-        if item.decision_id:
-            clauses.append(sends.c.decision_id == item.decision_id)
-        if item.provider_message_id:
-            clauses.append(sends.c.provider_message_id == item.provider_message_id)
-        row = None
-        if clauses:
-            row = conn.execute(
-                select(sends.c.customer_id, sends.c.decision_id, sends.c.campaign)
-                .where(or_(*clauses))
-                .order_by(sends.c.id.desc())
+        by_decision: dict[str, tuple[int, str]] = {}
+        for start in range(0, len(decisions), 500):
+            rows = conn.execute(
+                select(sends.c.decision_id, sends.c.customer_id, sends.c.campaign)
+                .where(sends.c.decision_id.in_(decisions[start : start + 500]))
+                .order_by(sends.c.id)
+            )
+            by_decision.update({d: (c, camp) for d, c, camp in rows})
+        by_message: dict[str, set[tuple[int, str, str | None]]] = {}
+        for start in range(0, len(message_ids), 500):
+            matches = conn.execute(
+                select(
+                    sends.c.provider_message_id, sends.c.customer_id, sends.c.campaign, sends.c.decision_id
+                ).where(sends.c.provider_message_id.in_(message_ids[start : start + 500]))
+            )
+            for mid, cid, camp, did in matches:
+                by_message.setdefault(mid, set()).add((cid, camp, did))
+        by_address: dict[tuple[str, str], int] = {}
+        for item in items:
+            trait = ADDRESS_TRAIT.get(item.channel)
+            linked = (item.decision_id in by_decision) or len(
+                by_message.get(item.provider_message_id or "", ())
+            ) == 1
+            if linked or trait is None or not item.recipient or (trait, item.recipient) in by_address:
+                continue
+            found = conn.scalar(
+                select(profiles.c.customer_id)
+                .where(profiles.c.traits[trait].as_string() == item.recipient)
                 .limit(1)
-            ).first()
-        user_id = item.user_id
-        anonymous_id = None
-        decision_id, campaign = item.decision_id, item.campaign
-        if row is not None:
-            decision_id = decision_id or row.decision_id
-            campaign = campaign or row.campaign
-            if user_id is None:
-                ids = conn.execute(
-                    select(identities.c.kind, identities.c.value)
-                    .where(identities.c.customer_id == row.customer_id)
-                    .order_by(identities.c.kind.desc(), identities.c.first_seen_ms)
-                ).all()
-                for kind, value in ids:  # "user" sorts after "anonymous": desc puts users first
-                    if kind == "user":
-                        user_id = value
-                        break
-                    anonymous_id = anonymous_id or value
-    return user_id, anonymous_id, decision_id, campaign
+            )
+            if found is not None:
+                by_address[(trait, item.recipient)] = found
+        plan: list[tuple[int | None, str | None, str | None]] = []
+        for item in items:
+            customer: int | None = None
+            decision_id, campaign = item.decision_id, item.campaign
+            if item.decision_id in by_decision:
+                customer, found_campaign = by_decision[item.decision_id]
+                campaign = campaign or found_campaign
+            elif len(by_message.get(item.provider_message_id or "", ())) == 1:
+                [(customer, found_campaign, found_decision)] = by_message[item.provider_message_id or ""]
+                campaign, decision_id = campaign or found_campaign, decision_id or found_decision
+            elif item.recipient and (ADDRESS_TRAIT.get(item.channel), item.recipient) in by_address:
+                customer = by_address[(ADDRESS_TRAIT[item.channel], item.recipient)]
+            plan.append((customer, decision_id, campaign))
+        wanted = sorted({c for c, _, _ in plan if c is not None})
+        users: dict[int, str] = {}
+        anonymous: dict[int, str] = {}
+        for start in range(0, len(wanted), 500):
+            ids = conn.execute(
+                select(identities.c.customer_id, identities.c.kind, identities.c.value)
+                .where(identities.c.customer_id.in_(wanted[start : start + 500]))
+                .order_by(identities.c.first_seen_ms, identities.c.value)
+            )
+            for cid, kind, value in ids:
+                (users if kind == "user" else anonymous).setdefault(cid, value)
+    links = []
+    for item, (customer, decision_id, campaign) in zip(items, plan, strict=True):
+        user_id = item.user_id or (users.get(customer) if customer is not None else None)
+        anonymous_id = None if user_id else (anonymous.get(customer) if customer is not None else None)
+        links.append(_Link(user_id, anonymous_id, decision_id, campaign))
+    return links
 
 
 def to_new_events(
@@ -136,8 +185,13 @@ def to_new_events(
 ) -> list[NewEvent]:
     """Normalise provider events into cadence feedback events linked to their send and decision."""
     found = []
-    for item in items:
-        user_id, anonymous_id, decision_id, campaign = _link(engine, connector, item)
+    for item, link in zip(items, _link_all(engine, items), strict=True):
+        user_id, anonymous_id, decision_id, campaign = (
+            link.user_id,
+            link.anonymous_id,
+            link.decision_id,
+            link.campaign,
+        )
         if user_id is None and anonymous_id is None:
             answers = call_each(pm, "cadence_resolve_identity", connector=connector, provider_event=item)
             user_id = str(answers[0][1]) if answers else None
