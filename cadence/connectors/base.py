@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import httpx
+import orjson
 from sqlalchemy import Engine
 
 from cadence.channels import Feedback
@@ -43,6 +44,8 @@ __all__ = [
     "ProviderEvent",
     "SendResult",
     "WebhookRequest",
+    "as_bool",
+    "as_list",
     "classify_http_error",
     "retry_after_seconds",
     "sha256_normalised",
@@ -188,6 +191,10 @@ class Connector(ABC):
             await self._client.aclose()
             self._client = None
 
+    def flag(self, key: str, default: bool = False) -> bool:
+        """A boolean setting (``true``/``1``/``yes``/``on`` from the environment count as true)."""
+        return as_bool(self.config.get(key, default))
+
     def setting(self, key: str, default: Any = None, *, required: bool = False) -> Any:
         """One of this connector's settings; a missing required one is a :class:`ConfigError`."""
         value = self.config.get(key, default)
@@ -218,6 +225,38 @@ class Connector(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} channels={sorted(self.channels)}>"
+
+
+def as_bool(value: Any) -> bool:
+    """A setting as a boolean; environment variables arrive as text.
+
+    >>> [as_bool(v) for v in (True, "true", "1", "yes", "on", False, "false", "0", "", None)]
+    [True, True, True, True, True, False, False, False, False, False]
+    """
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+def as_list(value: Any) -> list[Any]:
+    """A setting as a list: a list, a JSON array, or comma-separated text.
+
+    >>> as_list('["a", "b"]'), as_list("a, b"), as_list(None)
+    (['a', 'b'], ['a', 'b'], [])
+    """
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, list):
+                return parsed
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return list(value)
 
 
 def retry_after_seconds(

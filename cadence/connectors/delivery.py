@@ -49,6 +49,7 @@ from cadence.engine.events import NewEvent
 from cadence.engine.ingest import append_events
 from cadence.errors import (
     AuthenticationFailure,
+    ConfigError,
     ConnectorError,
     PermanentFailure,
     RateLimited,
@@ -113,9 +114,22 @@ class DeliveryPolicy:
     circuit_reset_seconds: float = 30.0
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> DeliveryPolicy:
-        """The policy for a connector's settings, defaults for what is not given."""
-        known = {k: type(getattr(cls(), k))(v) for k, v in config.items() if k in cls.__dataclass_fields__}
+    def from_config(cls, config: Mapping[str, Any], *, connector: str = "?") -> DeliveryPolicy:
+        """The policy for a connector's settings, defaults for what is not given.
+
+        >>> DeliveryPolicy.from_config({"max_attempts": "6", "api_key": "x"}).max_attempts
+        6
+        """
+        defaults = cls()
+        known: dict[str, Any] = {}
+        for key, value in config.items():
+            if key in cls.__dataclass_fields__:
+                kind = type(getattr(defaults, key))
+                try:
+                    known[key] = kind(float(value)) if kind is int else kind(value)
+                except (TypeError, ValueError) as exc:
+                    variable = f"CADENCE_CONNECTORS__{connector.upper()}__{key.upper()}"
+                    raise ConfigError(f"{variable}: expected a number, got {value!r}") from exc
         return cls(**known)
 
 
@@ -417,7 +431,7 @@ class Dispatcher:
         """The (cached) deliverer of ``connector``, its breaker persisted to ``connector_state``."""
         found = self.deliverers.get(connector.name)
         if found is None or found.connector is not connector:
-            policy = DeliveryPolicy.from_config(connector.config)
+            policy = DeliveryPolicy.from_config(connector.config, connector=connector.name)
             name = connector.name
 
             def on_change(cb: CircuitBreaker) -> None:

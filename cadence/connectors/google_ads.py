@@ -151,7 +151,7 @@ class GoogleAds(Connector):
             body = {
                 "conversions": [self.conversion_for(m) for m in conversions],
                 "partialFailure": True,
-                "validateOnly": bool(self.setting("validate_only", False)),
+                "validateOnly": self.flag("validate_only"),
             }
             answer = await self._post(f"customers/{customer}:uploadClickConversions", body)
             errors = row_errors(answer.get("partialFailureError"), "conversions")

@@ -30,6 +30,7 @@ from cadence.connectors.base import (
     ProviderEvent,
     SendResult,
     WebhookRequest,
+    as_list,
     classify_http_error,
     transport_error,
 )
@@ -157,10 +158,10 @@ class SendGrid(Connector):
             body["subject"] = subject
             body["content"] = [{"type": "text/plain", "value": text}]
         if self.setting("categories"):
-            body["categories"] = list(self.setting("categories"))
+            body["categories"] = [str(c) for c in as_list(self.setting("categories"))]
         if self.setting("asm_group_id") is not None:
             body["asm"] = {"group_id": int(self.setting("asm_group_id"))}
-        if self.setting("sandbox_mode", False):
+        if self.flag("sandbox_mode"):
             body["mail_settings"] = {"sandbox_mode": {"enable": True}}
         return body
 

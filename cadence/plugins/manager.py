@@ -23,7 +23,7 @@ import httpx
 import pluggy
 from sqlalchemy import Engine
 
-from cadence.connectors.base import Connector
+from cadence.connectors.base import Connector, as_bool
 from cadence.plugins import hookspecs
 from cadence.settings import Settings
 
@@ -287,7 +287,9 @@ def build_connectors(
     enabled = [
         name
         for name in instances
-        if name != "outbox" and name in settings.connectors and settings.connectors[name].get("enabled", True)
+        if name != "outbox"
+        and name in settings.connectors
+        and as_bool(settings.connectors[name].get("enabled", True))
     ]
     parsers: dict[str, Any] = {}
     for plugin_name, receivers in call_each(pm, "cadence_register_webhook_parsers", settings=settings):

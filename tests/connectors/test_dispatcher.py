@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -286,3 +287,52 @@ async def test_unconfigured_channels_go_to_the_outbox(
     assert report.sent == 2 and fake.calls == []
     with sqlite_engine.connect() as conn:
         assert set(conn.scalars(select(sends.c.connector))) == {"outbox"}
+
+
+async def test_settings_from_the_environment_are_understood(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {
+        **connector_config("sendgrid", fake.base_url),
+        "sandbox_mode": "false",
+        "categories": "spring, promo",
+        "max_attempts": "2",
+    }.items():
+        monkeypatch.setenv(f"CADENCE_CONNECTORS__SENDGRID__{key.upper()}", str(value))
+    monkeypatch.setenv("CADENCE_CONNECTORS__SMS__ENABLED", "false")
+    settings = Settings(disable_plugin_autoload=True, _env_file=None)  # type: ignore[call-arg]
+    connectors = build_connectors(
+        settings, pm=make_plugin_manager(settings), engine=sqlite_engine, client=http
+    )
+    assert connectors.route("sms") is connectors.get("outbox")  # "false" from the environment disables
+    ids = seed(sqlite_engine, 1)
+    enqueue(sqlite_engine, ids)
+    await Dispatcher(engine=sqlite_engine, route=connectors.route).drain()
+    [call] = fake.calls_to("sendgrid")
+    assert "mail_settings" not in call.body and call.body["categories"] == ["spring", "promo"]
+    assert statuses(sqlite_engine) == {"sent": 1}
+
+
+async def test_outbox_also_writes_json_lines_once_per_send(
+    http: httpx.AsyncClient, sqlite_engine: Engine, tmp_path: Any
+) -> None:
+    path = tmp_path / "out" / "sends.jsonl"
+    settings = Settings(
+        disable_plugin_autoload=True, connectors={"outbox": {"jsonl_path": str(path)}}, _env_file=None
+    )  # type: ignore[call-arg]
+    connectors = build_connectors(
+        settings, pm=make_plugin_manager(settings), engine=sqlite_engine, client=http
+    )
+    ids = seed(sqlite_engine, 3)
+    enqueue(sqlite_engine, ids, channel="push")
+    outbox_connector = connectors.get("outbox")
+    assert outbox_connector is not None
+    await Dispatcher(engine=sqlite_engine, route=connectors.route).drain()
+    with sqlite_engine.begin() as conn:  # a crash left the rows in doubt; the outbox may safely resend
+        conn.execute(update(sends).values(status="sending", updated_ms=0))
+    dispatcher = Dispatcher(engine=sqlite_engine, route=connectors.route)
+    assert dispatcher.recover_stale(is_safe_to_retry=connectors.safe_to_retry) == (3, 0)
+    await dispatcher.drain()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(line["idempotency_key"] for line in lines) == sorted(f"spring:{c}:1" for c in ids)
+    assert lines[0]["channel"] == "push" and lines[0]["campaign"] == "spring"
