@@ -320,3 +320,13 @@ async def test_example_connector_sends_through_the_same_contract(
         and seen[0].headers["x-signature"]
         and json.loads(seen[0].content)["messages"][0]["id"] == "k1"
     )
+
+
+def test_public_names_exist() -> None:
+    import cadence.connectors.base as base
+    import cadence.connectors.delivery as delivery
+    import cadence.plugins as plugins
+
+    for module in (base, delivery, plugins):
+        missing = [name for name in module.__all__ if not hasattr(module, name)]
+        assert missing == [], f"{module.__name__}.__all__ names {missing}"
