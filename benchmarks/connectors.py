@@ -51,6 +51,7 @@ def _seed(engine: Engine, n: int) -> None:
                     "event_count": 1,
                     "traits": {"email": f"c{i}@example.com", "first_name": "Ada"},
                     "updated_event_id": 0,
+                    "trait_events": {},
                 }
                 for i in range(1, n + 1)
             ],

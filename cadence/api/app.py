@@ -27,6 +27,8 @@ log = logging.getLogger("cadence.api")
 ROUTERS = (
     "cadence.api.routers.health",
     "cadence.api.routers.ingest",
+    "cadence.api.routers.customers",
+    "cadence.api.routers.sdk",
     "cadence.api.routers.webhooks",
 )
 

@@ -22,6 +22,9 @@ __all__ = ["app", "main", "settings_from_cli"]
 COMMAND_MODULES = (
     "cadence.cli.db",
     "cadence.cli.serve",
+    "cadence.cli.ingest",
+    "cadence.cli.customers",
+    "cadence.cli.keys",
     "cadence.cli.plugins",
 )
 

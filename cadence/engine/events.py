@@ -17,7 +17,7 @@ import orjson
 from cadence.clock import datetime_to_ms
 from cadence.errors import EventError
 
-__all__ = ["CALL_TYPES", "NewEvent", "parse_call", "parse_timestamp"]
+__all__ = ["CALL_TYPES", "LoggedEvent", "NewEvent", "parse_call", "parse_timestamp"]
 
 CALL_TYPES = ("track", "identify", "alias", "page", "screen", "group")
 MAX_ID = 200
@@ -211,3 +211,35 @@ def parse_call(
         source=source,
         received_ms=received_ms,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """An event from the log, with the canonical customer it belongs to (at processing time)."""
+
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    customer_id: int
+    ts_ms: int
+    source: str
+    payload: dict[str, Any]
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """``payload["properties"]`` (track, page, screen), else empty."""
+        return self.payload.get("properties") or {}
+
+    @property
+    def traits(self) -> dict[str, Any]:
+        """``payload["traits"]`` (identify, group) merged over ``context.traits``."""
+        context = self.payload.get("context") or {}
+        return {**(context.get("traits") or {}), **(self.payload.get("traits") or {})}
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """``payload["context"]``, else empty."""
+        return self.payload.get("context") or {}

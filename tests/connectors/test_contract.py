@@ -255,6 +255,7 @@ def seed_customer(engine: Engine, user_id: str, traits: dict[str, Any], *, sms_o
                 event_count=1,
                 traits=traits,
                 updated_event_id=0,
+                trait_events={},
             )
         )
         if sms_opt_in:

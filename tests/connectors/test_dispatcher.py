@@ -55,6 +55,7 @@ def seed(engine: Engine, n: int, *, email: bool = True, sms_consent: bool | None
                     "event_count": 1,
                     "traits": t,
                     "updated_event_id": 0,
+                    "trait_events": {},
                 }
                 for c, t in zip(ids, traits, strict=True)
             ],

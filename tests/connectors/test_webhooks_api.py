@@ -232,7 +232,13 @@ def test_the_app_runs_the_dispatcher_in_the_background(rt: Runtime) -> None:
         cid = int(conn.execute(insert(customers).values(created_ms=0)).inserted_primary_key[0])
         conn.execute(
             insert(profiles).values(
-                customer_id=cid, first_seen_ms=0, last_seen_ms=0, event_count=0, traits={}, updated_event_id=0
+                customer_id=cid,
+                first_seen_ms=0,
+                last_seen_ms=0,
+                event_count=0,
+                traits={},
+                updated_event_id=0,
+                trait_events={},
             )
         )
         enqueue_send(conn, key="push:1", campaign="app", customer_id=cid, channel="push", due_ms=0, now_ms=0)
@@ -260,6 +266,7 @@ def test_unlinked_unsubscribes_find_the_customer_by_address(client: TestClient, 
                     event_count=1,
                     traits=traits,
                     updated_event_id=0,
+                    trait_events={},
                 )
             )
     email = [{"email": "ada@example.com", "event": "group_unsubscribe", "sg_event_id": "u1", "timestamp": 1}]
