@@ -31,6 +31,7 @@ ROUTERS = (
     "cadence.api.routers.customers",
     "cadence.api.routers.sdk",
     "cadence.api.routers.rules",
+    "cadence.api.routers.webhooks",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the

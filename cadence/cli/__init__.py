@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "cadence.cli.keys",
     "cadence.cli.decisions",
     "cadence.cli.rules",
+    "cadence.cli.plugins",
 )
 
 err_console = Console(stderr=True)
