@@ -22,7 +22,15 @@ import numpy.typing as npt
 
 from cadence.errors import CadenceError
 
-__all__ = ["DAY_MS", "AttributionError", "Journeys", "build_journeys", "parse_window"]
+__all__ = [
+    "DAY_MS",
+    "AttributionError",
+    "Journeys",
+    "TouchLog",
+    "build_journeys",
+    "parse_duration",
+    "parse_window",
+]
 
 DAY_MS = 86_400_000
 
@@ -264,3 +272,42 @@ def build_journeys(
         touch_journey=journey,
         customer_ids=customer_ids,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class TouchLog:
+    """Every customer's raw touches and conversions, as integer-coded columns."""
+
+    channels: tuple[str, ...]
+    customer_ids: Sequence[str]
+    touch_customer: IntArray
+    touch_ms: IntArray
+    touch_channel: IntArray
+    conv_customer: IntArray
+    conv_ms: IntArray
+    conv_value: FloatArray
+
+    @property
+    def n_customers(self) -> int:
+        """Customers seen in either file."""
+        return len(self.customer_ids)
+
+    def period(self) -> tuple[int, int]:
+        """The observation period: first and last timestamp over touches and conversions."""
+        lows = [int(a.min()) for a in (self.touch_ms, self.conv_ms) if a.size]
+        highs = [int(a.max()) for a in (self.touch_ms, self.conv_ms) if a.size]
+        return (min(lows), max(highs)) if lows else (0, 0)
+
+    def journeys(self, window_ms: int) -> Journeys:
+        """Cut into journeys with :func:`build_journeys`."""
+        return build_journeys(
+            channels=self.channels,
+            touch_customer=self.touch_customer,
+            touch_ms=self.touch_ms,
+            touch_channel=self.touch_channel,
+            conv_customer=self.conv_customer,
+            conv_ms=self.conv_ms,
+            conv_value=self.conv_value,
+            window_ms=window_ms,
+            customer_ids=self.customer_ids,
+        )

@@ -50,7 +50,9 @@ class TransitionTally:
             self.counts[(a, b)] = self.counts.get((a, b), 0.0) + count
 
 
-def transition_tally(journeys: Journeys, *, order: int = 1) -> tuple[IntArray, IntArray, FloatArray, IntArray]:
+def transition_tally(
+    journeys: Journeys, *, order: int = 1
+) -> tuple[IntArray, IntArray, FloatArray, IntArray]:
     """Vectorised transition counts: (from state, to state, count) over state ids, and
     per state id its channels as a bit mask (0 for the special states 0=start,
     1=conversion, 2=null)."""

@@ -88,7 +88,9 @@ def _zeta(values: FloatArray, k: int, *, inverse: bool = False, op: str = "sum")
     return out
 
 
-def coalition_shares(journeys_by_mask: dict[int, int], conversions_by_mask: dict[int, int], k: int) -> FloatArray:
+def coalition_shares(
+    journeys_by_mask: dict[int, int], conversions_by_mask: dict[int, int], k: int
+) -> FloatArray:
     """Per coalition mask (rows, 2^k) and channel (columns): that channel's share of
     the coalition's conversions (rows sum to 1 where the coalition has any value).
 
@@ -123,7 +125,9 @@ def coalition_shares(journeys_by_mask: dict[int, int], conversions_by_mask: dict
     return np.where(totals > 0, phi / np.where(totals > 0, totals, 1.0), equal)
 
 
-def _spread(journeys: Journeys, share_of_pair: FloatArray, inverse: IntArray, touches: IntArray) -> FloatArray:
+def _spread(
+    journeys: Journeys, share_of_pair: FloatArray, inverse: IntArray, touches: IntArray
+) -> FloatArray:
     """Per touch credit: the (journey, channel) pair's share over its touches."""
     return (share_of_pair / touches)[inverse]
 
