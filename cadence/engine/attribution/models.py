@@ -65,7 +65,7 @@ def parse_models(values: Sequence[str]) -> list[str]:
     >>> parse_models(["lineer"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    cadence.engine.attribution.journeys.AttributionError: unknown model 'lineer' (choose from first_touch, ...)
+    cadence.engine.attribution.journeys.AttributionError: unknown model 'lineer' (choose from ...)
     """
     out: list[str] = []
     for value in values:
@@ -139,7 +139,8 @@ def apply_credit_rules(journeys: Journeys, credit: FloatArray, rules: Sequence[C
     keeping each journey's total.
 
     >>> j = Journeys.from_paths([["a", "b"]], converted=[1])
-    >>> zero_a, triple_a = CreditRule("a", action="fixed", value=0.0), CreditRule("a", action="weight", value=3.0)
+    >>> zero_a = CreditRule("a", action="fixed", value=0.0)
+    >>> triple_a = CreditRule("a", action="weight", value=3.0)
     >>> apply_credit_rules(j, heuristics.linear(j), [zero_a]).tolist()
     [0.0, 1.0]
     >>> apply_credit_rules(j, heuristics.linear(j), [triple_a]).tolist()
