@@ -22,6 +22,7 @@ __all__ = ["app", "main", "settings_from_cli"]
 COMMAND_MODULES = (
     "cadence.cli.db",
     "cadence.cli.serve",
+    "cadence.cli.attribution",
 )
 
 err_console = Console(stderr=True)

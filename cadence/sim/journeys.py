@@ -78,20 +78,28 @@ def _targeted() -> tuple[ChannelSim, ...]:
     out = []
     for c in _CHANNELS:
         if c.name == "display":
-            c = replace(c, targeting=1.0, holdout=0.2)  # retargeting: follows intent
+            c = replace(c, targeting=1.5, holdout=0.2)  # retargeting: follows intent
         if c.name == "email":
-            c = replace(c, targeting=0.5, holdout=0.1)
+            c = replace(c, targeting=1.0, holdout=0.1)
         out.append(c)
-    out.append(ChannelSim("direct", frequency=0.005, effect=0.0, intent_touch=0.3))
     return tuple(out)
 
 
+def _intent() -> tuple[ChannelSim, ...]:
+    return (*_CHANNELS, ChannelSim("direct", frequency=0.005, effect=0.0, intent_touch=0.3))
+
+
+#: Scenarios: ``simple`` (independent channels, two with no effect at all),
+#: ``synergy`` (plus pair synergies), ``targeted`` (display and email follow intent,
+#: with randomised holdouts on both), ``intent`` (direct visits caused by the coming
+#: conversion).
 SCENARIOS: dict[str, Scenario] = {
     "simple": Scenario("simple", _CHANNELS),
     "synergy": Scenario(
         "synergy", _CHANNELS, synergies={("email", "sms"): 0.05, ("display", "paid_search"): 0.03}
     ),
     "targeted": Scenario("targeted", _targeted(), synergies={("email", "sms"): 0.05}),
+    "intent": Scenario("intent", _intent()),
 }
 
 
@@ -108,7 +116,8 @@ class SimResult:
     conv_ms: npt.NDArray[np.int64]
     conv_value: npt.NDArray[np.float64]
     holdout: dict[str, npt.NDArray[np.bool_]]  # per channel: per customer, withheld?
-    truth: dict[str, float]  # expected incremental conversions per channel
+    truth: dict[str, float]  # expected incremental conversions per channel (Shapley split)
+    removal: dict[str, float]  # expected conversions lost when the channel is removed
     baseline: float  # expected conversions with no marketing
     expected: float  # expected conversions with everything
 
@@ -163,7 +172,9 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
     tch: list[npt.NDArray[np.int64]] = []
     cc: list[npt.NDArray[np.int64]] = []
     ct: list[npt.NDArray[np.float64]] = []
-    truth = np.zeros(k)
+    removal = np.zeros(k)
+    effective = [i for i, c in enumerate(sc.channels) if c.effect > 0]
+    coalition = np.zeros(1 << len(effective))
     baseline = expected = 0.0
     holdout = {c.name: rng.random(customers) < c.holdout for c in sc.channels if c.holdout > 0}
     for lo in range(0, customers, chunk):
@@ -208,7 +219,17 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
                 for a, b, pi in pair_int:
                     if ci in (a, b):
                         without = without - pi
-                truth[ci] += float((p_full - (1.0 - np.exp(-without))).sum())
+                removal[ci] += float((p_full - (1.0 - np.exp(-without))).sum())
+        # Expected conversions of every coalition of effective channels (for Shapley).
+        for m in range(1 << len(effective)):
+            members = {effective[i] for i in range(len(effective)) if m >> i & 1}
+            h_end = base_rate * sc.days
+            for ci in members:
+                h_end = h_end + channel_int[ci]
+            for a, b, pi in pair_int:
+                if a in members and b in members:
+                    h_end = h_end + pi
+            coalition[m] += float((1.0 - np.exp(-h_end)).sum())
         # Conversion time: first crossing of an Exp(1) draw, interpolated in the step.
         draw = rng.exponential(1.0, n)
         crossed = full[-1] > draw
@@ -243,10 +264,31 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
         conv_ms=(EPOCH_MS + np.concatenate(ct) * DAY_MS).astype(np.int64),
         conv_value=np.round(rng.gamma(2.0, 40.0, conv_customer.shape[0]), 2),
         holdout=holdout,
-        truth={c: float(t) for c, t in zip(names, truth, strict=True)},
+        truth=_shapley_truth(names, effective, coalition),
+        removal={c: float(t) for c, t in zip(names, removal, strict=True)},
         baseline=baseline,
         expected=expected,
     )
+
+
+def _shapley_truth(
+    names: Sequence[str], effective: Sequence[int], value: npt.NDArray[np.float64]
+) -> dict[str, float]:
+    """Exact Shapley values of the expected-conversions game over effective channels."""
+    from math import factorial
+
+    n = len(effective)
+    out = dict.fromkeys(names, 0.0)
+    for i, ci in enumerate(effective):
+        total = 0.0
+        for m in range(1 << n):
+            if m >> i & 1:
+                continue
+            size = bin(m).count("1")
+            weight = factorial(size) * factorial(n - size - 1) / factorial(n)
+            total += weight * (value[m | 1 << i] - value[m])
+        out[names[ci]] = float(total)
+    return out
 
 
 def _iso(ms: npt.NDArray[np.int64]) -> list[str]:
@@ -282,10 +324,10 @@ def write_files(result: SimResult, out_dir: Path) -> dict[str, Path]:
         )
     with paths["truth"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["channel", "incremental"])
+        w.writerow(["channel", "incremental", "removal"])
         for c, v in result.truth.items():
-            w.writerow([c, f"{v:.3f}"])
-        w.writerow(["(baseline)", f"{result.baseline:.3f}"])
+            w.writerow([c, f"{v:.3f}", f"{result.removal[c]:.3f}"])
+        w.writerow(["(baseline)", f"{result.baseline:.3f}", ""])
     if result.holdout:
         paths["holdouts"] = out_dir / "holdouts.csv"
         with paths["holdouts"].open("w", newline="") as f:

@@ -41,13 +41,16 @@ from scipy.optimize import minimize
 
 from cadence.engine.attribution.journeys import DAY_MS, FloatArray, IntArray, Journeys, TouchLog
 
-__all__ = ["HALF_LIVES_DAYS", "CausalFit", "causal", "fit_causal"]
+__all__ = ["DEFAULT_MIN_LAG_MS", "HALF_LIVES_DAYS", "CausalFit", "causal", "default_min_lag", "fit_causal"]
 
 #: Half-lives of the decay bases, in days (those longer than the window are dropped).
 HALF_LIVES_DAYS = (0.25, 1.0, 3.0, 10.0)
 #: The half-life of the stocks whose products model pair synergies.
 INTERACTION_HALF_LIFE_DAYS = 2.0
 LN2 = float(np.log(2.0))
+#: By default a touch acts from one hour after it: touches in the last hour before a
+#: conversion may be *caused by* it (a branded search, a direct visit to buy).
+DEFAULT_MIN_LAG_MS = 3_600_000
 
 
 @dataclass
@@ -60,6 +63,7 @@ class CausalFit:
     main: FloatArray  # (channels, bases) rate per unit of basis stock, per day
     pairs: FloatArray  # (channels, channels) symmetric synergy rates, zero diagonal
     repeat: bool  # customers convert more than once: at risk throughout
+    min_lag_days: float = 0.0  # a touch acts only this long after it happens
     credit: FloatArray = field(default_factory=lambda: np.zeros(0))  # per channel
     baseline_conversions: float = 0.0  # expected conversions that happen anyway
     expected_conversions: float = 0.0  # expected conversions with all marketing
@@ -158,9 +162,17 @@ def fit_causal(
     half_lives_days: Sequence[float] = HALF_LIVES_DAYS,
     interactions: bool = True,
     max_fit_customers: int = 200_000,
+    min_lag_ms: int = 0,
     seed: int = 0,
 ) -> CausalFit:
-    """Fit the conversion-rate model on every customer (see the module docstring)."""
+    """Fit the conversion-rate model on every customer (see the module docstring).
+
+    ``min_lag_ms`` guards against touches *caused by* the coming conversion (a
+    branded search minutes before buying): a touch only starts to act that long
+    after it happens, so such touches explain nothing. ``max_fit_customers`` fits on a
+    random subset of customers (all of their touches and conversions) when there are
+    more; credit is always computed for every customer.
+    """
     k = len(log.channels)
     window_days = window_ms / DAY_MS
     hls = tuple(h for h in half_lives_days if h <= window_days) or (min(half_lives_days),)
@@ -179,7 +191,8 @@ def fit_causal(
     keep = chosen[cust]
     cust, ms, chan = cust[keep], ms[keep], chan[keep]
     seg_end, seg_id, at_risk = _segment_end(cust, ms, log, t1_ms, repeat)
-    t_days = (ms - t0_ms) / DAY_MS
+    lag_days = min_lag_ms / DAY_MS
+    t_days = (ms - t0_ms) / DAY_MS + lag_days
     upto = (np.minimum(ms + window_ms, seg_end) - t0_ms) / DAY_MS
     dur = np.clip(upto - t_days, 0.0, None) * at_risk
 
@@ -214,7 +227,7 @@ def fit_causal(
 
     # Features at each conversion of the chosen customers (their journeys' touches).
     conv_j = np.flatnonzero((journeys.converted > 0) & chosen[journeys.customer])
-    x = _event_features(journeys, conv_j, taus, pair_index if interactions else None, n_feat)
+    x = _event_features(journeys, conv_j, taus, pair_index if interactions else None, n_feat, lag_days)
 
     usable = integral > 0
     usable[0] = True
@@ -253,11 +266,17 @@ def fit_causal(
         main=main,
         pairs=pairs,
         repeat=repeat,
+        min_lag_days=lag_days,
     )
 
 
 def _event_features(
-    journeys: Journeys, conv_j: IntArray, taus: FloatArray, pair_index: IntArray | None, n_feat: int
+    journeys: Journeys,
+    conv_j: IntArray,
+    taus: FloatArray,
+    pair_index: IntArray | None,
+    n_feat: int,
+    lag_days: float,
 ) -> FloatArray:
     """(len(conv_j), n_feat) features at the conversions ending journeys ``conv_j``."""
     k = len(journeys.channels)
@@ -267,8 +286,9 @@ def _event_features(
     touch_row = row_of[journeys.touch_journey]
     sel = touch_row >= 0
     rows = touch_row[sel]
-    age = (journeys.end_ms[journeys.touch_journey[sel]] - journeys.touch_ms[sel]) / DAY_MS
-    ch = journeys.touch_channel[sel]
+    age = (journeys.end_ms[journeys.touch_journey[sel]] - journeys.touch_ms[sel]) / DAY_MS - lag_days
+    acts = age >= 0
+    rows, age, ch = rows[acts], age[acts], journeys.touch_channel[sel][acts]
     x = np.zeros((conv_j.shape[0], n_feat))
     x[:, 0] = 1.0
     flat = x.reshape(-1)
@@ -294,7 +314,7 @@ def _customer_hazards(
     taus = np.array(fit.half_lives_days) / LN2
     lam = np.zeros((n_cust, k))
     cust, ms, chan = _sorted_touches(log)
-    t_days = (ms - t0_ms) / DAY_MS
+    t_days = (ms - t0_ms) / DAY_MS + fit.min_lag_days
     upto = (np.minimum(ms + window_ms, t1_ms) - t0_ms) / DAY_MS
     dur = np.clip(upto - t_days, 0.0, None)
     contrib = np.zeros(cust.shape[0])
@@ -317,6 +337,19 @@ def _customer_hazards(
     return lam, base
 
 
+def default_min_lag(log: TouchLog) -> int:
+    """One hour, or 0 when every timestamp is a whole day (dates without a time).
+
+    >>> log = TouchLog(channels=("a",), customer_ids=["x"], touch_customer=np.array([0]),
+    ...     touch_ms=np.array([5 * DAY_MS]), touch_channel=np.array([0]), conv_customer=np.array([0]),
+    ...     conv_ms=np.array([6 * DAY_MS]), conv_value=np.array([1.0]))
+    >>> default_min_lag(log)
+    0
+    """
+    whole_days = not (np.any(log.touch_ms % DAY_MS) or np.any(log.conv_ms % DAY_MS))
+    return 0 if whole_days else DEFAULT_MIN_LAG_MS
+
+
 def causal(
     log: TouchLog,
     journeys: Journeys,
@@ -326,6 +359,7 @@ def causal(
     interactions: bool = True,
     calibration: Mapping[str, float] | None = None,
     max_fit_customers: int = 200_000,
+    min_lag_ms: int | None = None,
     fit: CausalFit | None = None,
 ) -> tuple[FloatArray, CausalFit]:
     """Fit, then credit: per touch credit (conversions) and the fit with its report.
@@ -340,6 +374,8 @@ def causal(
     >>> top in ("email", "paid_search"), 0.4 < fit.share_anyway < 0.8
     (True, True)
     """
+    if min_lag_ms is None:
+        min_lag_ms = default_min_lag(log)
     if fit is None:
         fit = fit_causal(
             log,
@@ -348,6 +384,7 @@ def causal(
             half_lives_days=half_lives_days,
             interactions=interactions,
             max_fit_customers=max_fit_customers,
+            min_lag_ms=min_lag_ms,
         )
     k = len(fit.channels)
     factors = np.ones(k)
@@ -386,13 +423,14 @@ def _touch_posteriors(
     the conversions attributed to the synergy."""
     k = len(fit.channels)
     taus = np.array(fit.half_lives_days) / LN2
-    conv = journeys.converted[journeys.touch_journey] > 0
-    age = (journeys.end_ms[journeys.touch_journey] - journeys.touch_ms) / DAY_MS
+    age = (journeys.end_ms[journeys.touch_journey] - journeys.touch_ms) / DAY_MS - fit.min_lag_days
+    conv = (journeys.converted[journeys.touch_journey] > 0) & (age >= 0)
+    age = np.maximum(age, 0.0)
     ch = journeys.touch_channel
     main = np.zeros(journeys.n_touches)
     for b, tau in enumerate(taus):
         main += fit.main[ch, b] * np.exp(-age / tau)
-    main *= factors[ch]
+    main *= factors[ch] * conv
     rate = np.full(journeys.n_journeys, fit.baseline_rate)
     rate += np.bincount(journeys.touch_journey, weights=main, minlength=journeys.n_journeys)
     pair_credit = np.zeros((k, k))

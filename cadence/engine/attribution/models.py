@@ -231,7 +231,8 @@ def run_model(
     """Run model ``name`` (with its ``params``) and the credit rules.
 
     Params: ``half_life_ms`` (time_decay), ``first``/``last`` (position), ``order``
-    (markov, 1-3), ``interactions`` (causal, default True).
+    (markov, 1-3), ``interactions`` (causal, default True), ``min_lag_ms`` (causal,
+    how long after a touch it starts to act; default 1 h, 0 for date-only data).
     """
     params = params or {}
     journeys = exclude_touches(journeys, credit_rules)
@@ -242,6 +243,7 @@ def run_model(
             journeys,
             window_ms=window_ms,
             interactions=bool(params.get("interactions", True)),
+            min_lag_ms=None if params.get("min_lag_ms") is None else int(params["min_lag_ms"]),
             calibration=calibration,
             fit=causal_fit,
         )
