@@ -321,18 +321,30 @@ def _customer_hazards(
     for b, tau in enumerate(taus):
         contrib += fit.main[chan, b] * tau * (1.0 - np.exp(-dur / tau))
     np.add.at(lam.reshape(-1), cust * k + chan, contrib)
-    if fit.pairs.any():
+    paired = np.flatnonzero(fit.pairs.any(axis=0))
+    lo = 0
+    n = cust.shape[0]
+    while paired.size and lo < n:
+        # Chunks of whole customers keep the pair arrays small.
+        hi = min(lo + chunk, n)
+        if hi < n:
+            hi = int(np.searchsorted(cust, cust[hi], side="left")) or n
+        sl = slice(lo, hi)
+        c_cust, c_chan, c_t, c_up = cust[sl], chan[sl], t_days[sl], upto[sl]
+        # Only touches on channels with a synergy can form a pair that matters.
+        useful = np.flatnonzero(np.isin(c_chan, paired))
+        c_cust, c_chan, c_t, c_up = c_cust[useful], c_chan[useful], c_t[useful], c_up[useful]
         # The counterfactual has no conversions: one segment per customer.
-        seg = -1 - cust
-        li, ri = _touch_pairs(cust, seg, chan)
-        w = fit.pairs[chan[li], chan[ri]]
+        li, ri = _touch_pairs(c_cust, -1 - c_cust, c_chan)
+        w = fit.pairs[c_chan[li], c_chan[ri]]
         live = w > 0
         li, ri, w = li[live], ri[live], w[live]
         val = w * _pair_integral(
-            t_days[li], t_days[ri], np.minimum(upto[li], upto[ri]), INTERACTION_HALF_LIFE_DAYS / LN2
+            c_t[li], c_t[ri], np.minimum(c_up[li], c_up[ri]), INTERACTION_HALF_LIFE_DAYS / LN2
         )
-        np.add.at(lam.reshape(-1), cust[li] * k + chan[li], val / 2)
-        np.add.at(lam.reshape(-1), cust[ri] * k + chan[ri], val / 2)
+        np.add.at(lam.reshape(-1), c_cust[li] * k + c_chan[li], val / 2)
+        np.add.at(lam.reshape(-1), c_cust[ri] * k + c_chan[ri], val / 2)
+        lo = hi
     base = np.full(n_cust, fit.baseline_rate * (t1_ms - t0_ms) / DAY_MS)
     return lam, base
 

@@ -114,18 +114,46 @@ def read_table(path: Path, columns: Sequence[str]) -> pa.Table:
         raise _locate(path, columns, message.splitlines()[0]) from None
     for name in columns:
         col = pc.utf8_trim_whitespace(table[name])
-        if pc.any(pc.equal(col, "")).as_py():
+        shortest = pc.min(pc.utf8_length(col)).as_py()
+        if shortest is not None and shortest == 0:
             raise _locate(path, columns, f"empty value in column {name}")
         table = table.set_column(table.schema.get_field_index(name), name, col)
     return table
 
 
+def _read_typed(path: Path, columns: Sequence[str], numeric: str) -> pa.Table | None:
+    """The fast path: let the multi-threaded reader parse ``ts`` (and ``numeric``,
+    if a number) itself; None when any value needs the careful path."""
+    types: dict[str, pa.DataType] = {name: pa.string() for name in columns}
+    for ts_type in (pa.timestamp("ms"), pa.timestamp("ms", tz="UTC")):
+        types["ts"] = ts_type
+        if numeric == "value":
+            types["value"] = pa.float64()
+        try:
+            table = pacsv.read_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=16 << 20),
+                parse_options=pacsv.ParseOptions(newlines_in_values=False),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=list(columns), column_types=types, strings_can_be_null=False
+                ),
+            )
+        except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError):
+            continue
+        if any(table[name].null_count for name in columns):
+            return None
+        return table
+    return None
+
+
 def _timestamps(path: Path, columns: Sequence[str], col: pa.ChunkedArray) -> IntArray:
     """Epoch milliseconds of an ISO-8601 string column (zones honoured, UTC by default)."""
+    if pa.types.is_timestamp(col.type):
+        return np.asarray(pc.cast(col, pa.int64()).to_numpy(), dtype=np.int64)
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     has_zone = pc.match_substring_regex(col, _ZONE)
     out = np.empty(len(col), dtype=np.int64)
-    zoned = np.asarray(has_zone.to_numpy(zero_copy_only=False), dtype=bool)
+    zoned = _bools(has_zone)
     try:
         for mask, tz in ((~zoned, None), (zoned, "UTC")):
             if not mask.any():
@@ -136,6 +164,11 @@ def _timestamps(path: Path, columns: Sequence[str], col: pa.ChunkedArray) -> Int
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise _locate(path, columns, str(exc).splitlines()[0]) from None
     return out
+
+
+def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A boolean Arrow array as numpy, without going through pandas."""
+    return np.asarray(pc.cast(values, pa.uint8()).to_numpy(), dtype=bool)
 
 
 def _floats(path: Path, columns: Sequence[str], col: pa.ChunkedArray) -> FloatArray:
@@ -161,34 +194,44 @@ def load_touch_log(
     step = on_step or (lambda _name: None)
     t_cols = ("customer_id", "ts", "channel")
     c_cols = ("customer_id", "ts", "value")
-    touches = read_table(touchpoints, t_cols)
+    touches = _read_typed(touchpoints, t_cols, "") if touchpoints.exists() else None
+    touches = touches if touches is not None else read_table(touchpoints, t_cols)
     t_ms = _timestamps(touchpoints, t_cols, touches["ts"])
     step("touchpoints")
-    convs = read_table(conversions, c_cols)
+    convs = _read_typed(conversions, c_cols, "value") if conversions.exists() else None
+    convs = convs if convs is not None else read_table(conversions, c_cols)
     c_ms = _timestamps(conversions, c_cols, convs["ts"])
     c_val = _floats(conversions, c_cols, convs["value"])
     step("conversions")
     ids = pa.chunked_array(touches["customer_id"].chunks + convs["customer_id"].chunks, type=pa.string())
     encoded = ids.dictionary_encode().combine_chunks()
     codes = encoded.indices.to_numpy().astype(np.int64)
+    dictionary = encoded.dictionary
+    trimmed = pc.utf8_trim_whitespace(dictionary)
+    if not trimmed.equals(dictionary):
+        # Spaces around ids (unquoted CSV written with ", "): merge the trimmed duplicates.
+        uniq, inverse = np.unique(np.array(trimmed.to_pylist(), dtype=object), return_inverse=True)
+        codes = inverse.astype(np.int64)[codes]
+        dictionary = pa.array(uniq.tolist(), type=pa.string())
+    shortest = pc.min(pc.utf8_length(dictionary)).as_py() if len(dictionary) else 1
+    if shortest == 0:
+        empty_t = pc.min(pc.utf8_length(pc.utf8_trim_whitespace(touches["customer_id"]))).as_py() == 0
+        raise _locate(
+            touchpoints if empty_t else conversions, t_cols if empty_t else c_cols, "empty customer_id"
+        )
     n_t = touches.num_rows
     channel_enc = touches["channel"].dictionary_encode().combine_chunks()
-    names = [str(x) for x in channel_enc.dictionary.to_pylist()]
+    names = [str(x).strip() for x in channel_enc.dictionary.to_pylist()]
+    if any(not n for n in names):
+        raise _locate(touchpoints, t_cols, "empty channel")
     chan_codes = channel_enc.indices.to_numpy().astype(np.int64)
-    if channel_map is not None:
-        mapped = [channel_map(n) for n in names]
-        channels = sorted(set(mapped))
-        remap = np.array([channels.index(m) for m in mapped], dtype=np.int64)
-        chan_codes = remap[chan_codes] if remap.size else chan_codes
-    else:
-        order = np.argsort(np.array(names, dtype=object)) if names else np.zeros(0, dtype=np.int64)
-        channels = [names[i] for i in order]
-        rank = np.empty(len(names), dtype=np.int64)
-        rank[order] = np.arange(len(names))
-        chan_codes = rank[chan_codes] if names else chan_codes
+    mapped = [channel_map(n) for n in names] if channel_map is not None else names
+    channels = sorted(set(mapped))
+    remap = np.array([channels.index(m) for m in mapped], dtype=np.int64)
+    chan_codes = remap[chan_codes] if remap.size else chan_codes
     return TouchLog(
         channels=tuple(channels),
-        customer_ids=_LazyIds(encoded.dictionary),
+        customer_ids=_LazyIds(dictionary),
         touch_customer=codes[:n_t],
         touch_ms=t_ms,
         touch_channel=chan_codes,
@@ -241,7 +284,7 @@ def load_holdouts(path: Path, log: TouchLog) -> Holdouts:
         if not (_HOLD.match(g) or _TREAT.match(g)):
             raise _locate_group(path, g)
     held = pc.match_substring_regex(table["group"], _HOLD.pattern, ignore_case=True)
-    held_np = np.asarray(held.to_numpy(), dtype=bool)
+    held_np = _bools(held)
     ids = log.customer_ids
     cust_col = table["customer_id"].combine_chunks()
     if isinstance(ids, _LazyIds):
@@ -253,13 +296,15 @@ def load_holdouts(path: Path, log: TouchLog) -> Holdouts:
     if unknown.any():
         # Unknown customers never touched nor converted: give them unique codes.
         codes[unknown] = log.n_customers + np.arange(int(unknown.sum()))
-    channels = np.asarray(table["channel"].to_numpy(zero_copy_only=False), dtype=object)
+    enc = table["channel"].combine_chunks().dictionary_encode()
+    names = [str(x) for x in enc.dictionary.to_pylist()]
+    idx = enc.indices.to_numpy()
     out_c: dict[str, IntArray] = {}
     out_h: dict[str, np.ndarray] = {}
-    for ch in sorted(set(channels.tolist())):
-        mask = channels == ch
-        out_c[str(ch)] = codes[mask]
-        out_h[str(ch)] = held_np[mask]
+    for i, ch in sorted(enumerate(names), key=lambda p: p[1]):
+        mask = idx == i
+        out_c[ch] = codes[mask]
+        out_h[ch] = held_np[mask]
     return Holdouts(customers=out_c, held_out=out_h)
 
 

@@ -231,35 +231,40 @@ def build_journeys(
     conv_touch = same & (c_ms[nxt_c] - t_ms <= window_ms)
 
     # Open journeys: touches after a customer's last conversion, within the window of
-    # that customer's last touch.
+    # that customer's last touch (touches are in (customer, time) order).
     open_touch = ~same
+    last_of_customer = np.append(t_cust[1:] != t_cust[:-1], True)
     last_ms = np.zeros(n_cust, dtype=np.int64)
-    np.maximum.at(last_ms, t_cust[open_touch], t_ms[open_touch])
+    last_ms[t_cust[last_of_customer]] = t_ms[last_of_customer]
     open_touch &= last_ms[t_cust] - t_ms <= window_ms
+    oc = t_cust[open_touch]
+    open_customers = oc[np.append(True, oc[1:] != oc[:-1])] if oc.size else oc
 
-    open_customers = np.unique(t_cust[open_touch])
+    # Journey ids in (customer, time) order: a customer's conversions, then the open
+    # journey, so touches (already in that order) need no second sort.
+    n_journeys = n_conv + int(open_customers.shape[0])
+    j_cust = np.concatenate([c_cust, open_customers])
+    j_kind = np.concatenate([np.zeros(n_conv, dtype=np.int64), np.ones(open_customers.shape[0], dtype=np.int64)])
+    j_ms = np.concatenate([c_ms, last_ms[open_customers]])
+    j_order = np.lexsort((j_ms, j_kind, j_cust))
+    j_rank = np.empty(n_journeys, dtype=np.int64)
+    j_rank[j_order] = np.arange(n_journeys)
     open_id = np.full(n_cust, -1, dtype=np.int64)
-    open_id[open_customers] = np.arange(open_customers.shape[0]) + n_conv
+    open_id[open_customers] = j_rank[n_conv:]
 
     journey = np.full(t_key.shape, -1, dtype=np.int64)
-    journey[conv_touch] = nxt_c[conv_touch]
+    journey[conv_touch] = j_rank[nxt_c[conv_touch]]
     journey[open_touch] = open_id[t_cust[open_touch]]
     keep = journey >= 0
     journey, t_ms, t_chan = journey[keep], t_ms[keep], t_chan[keep]
-    # Touches were in (customer, time) order, and journey ids grow with both.
-    order = np.argsort(journey, kind="stable")
-    journey, t_ms, t_chan = journey[order], t_ms[order], t_chan[order]
 
-    n_journeys = n_conv + int(open_customers.shape[0])
     counts = np.bincount(journey, minlength=n_journeys)
     start = np.zeros(n_journeys + 1, dtype=np.int64)
     np.cumsum(counts, out=start[1:])
-    converted = np.zeros(n_journeys)
-    converted[:n_conv] = 1.0
-    value = np.zeros(n_journeys)
-    value[:n_conv] = c_val
-    end_ms = np.concatenate([c_ms, last_ms[open_customers]])
-    customer = np.concatenate([c_cust, open_customers])
+    converted = np.concatenate([np.ones(n_conv), np.zeros(open_customers.shape[0])])[j_order]
+    value = np.concatenate([c_val, np.zeros(open_customers.shape[0])])[j_order]
+    end_ms = j_ms[j_order]
+    customer = j_cust[j_order]
     return Journeys(
         channels=tuple(channels),
         start=start,
