@@ -103,9 +103,8 @@ def accuracy(n: int, tmp: Path) -> list[str]:
             if name == "causal":
                 fit = result.causal
                 assert fit is not None
-                s0 = run_model(
-                    name, log=log, journeys=journeys, window_ms=WINDOW_MS, params={"min_lag_ms": 0}, causal_fit=None
-                )
+                no_guard = {"min_lag_ms": 0}
+                s0 = run_model(name, log=log, journeys=journeys, window_ms=WINDOW_MS, params=no_guard)
                 s = score(s0.by_channel(), sim.truth)
                 scores["causal (no intent guard)"] = (s.pearson, s.wrong_share)
                 if "holdouts" in paths:
@@ -131,7 +130,8 @@ def accuracy(n: int, tmp: Path) -> list[str]:
                     s = score(cal.by_channel(), sim.truth)
                     scores["causal + holdouts"] = (s.pearson, s.wrong_share)
         if has_ca:
-            s = score(_ca_markov(paths["touchpoints"], paths["conversions"], tmp / f"{scenario}-ca.csv"), sim.truth)
+            ca_credit = _ca_markov(paths["touchpoints"], paths["conversions"], tmp / f"{scenario}-ca.csv")
+            s = score(ca_credit, sim.truth)
             scores["ChannelAttribution markov"] = (s.pearson, s.wrong_share)
         for name, (r, wrong) in scores.items():
             goal = ""
@@ -149,7 +149,8 @@ def speed(n: int, tmp: Path) -> list[str]:
     paths = write_files(sim, tmp / "speed")
     t_path, c_path = paths["touchpoints"], paths["conversions"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    rows = [f"_{n:,} customers, {sim.touch_ms.shape[0]:,} touchpoints, {sim.conv_ms.shape[0]:,} conversions._", ""]
+    sizes = f"{n:,} customers, {sim.touch_ms.shape[0]:,} touchpoints, {sim.conv_ms.shape[0]:,} conversions"
+    rows = [f"_{sizes}._", ""]
     rows += ["| process | seconds | peak memory (MiB) | goal |", "|---|---:|---:|---|"]
     base = [sys.executable, "-m", "cadence", "attribution", "run", "-t", str(t_path), "-c", str(c_path)]
     results = {}

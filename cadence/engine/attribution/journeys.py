@@ -244,7 +244,8 @@ def build_journeys(
     # journey, so touches (already in that order) need no second sort.
     n_journeys = n_conv + int(open_customers.shape[0])
     j_cust = np.concatenate([c_cust, open_customers])
-    j_kind = np.concatenate([np.zeros(n_conv, dtype=np.int64), np.ones(open_customers.shape[0], dtype=np.int64)])
+    n_open = int(open_customers.shape[0])
+    j_kind = np.concatenate([np.zeros(n_conv, dtype=np.int64), np.ones(n_open, dtype=np.int64)])
     j_ms = np.concatenate([c_ms, last_ms[open_customers]])
     j_order = np.lexsort((j_ms, j_kind, j_cust))
     j_rank = np.empty(n_journeys, dtype=np.int64)
