@@ -121,12 +121,14 @@ def run(
         journeys = log.journeys(window_ms)
         step("journeys")
         results: list[ModelResult] = []
+        raw_on_treated: dict[str, float] = {}
         for name in models:
             result = run_model(name, log=log, journeys=journeys, window_ms=window_ms, params=params)
             if name == "causal" and hold_data is not None and calibrate:
                 assert result.causal is not None
                 fit = result.causal
                 on_treated = _causal_on_treated(fit, hold_data, lifts)
+                raw_on_treated = on_treated
                 factors = calibration_factors(lifts, on_treated)
                 result = run_model(
                     name,
@@ -143,7 +145,14 @@ def run(
             _write_credits(out, results, value=value)
             step(f"wrote {out.name}")
     if report:
-        _report(results, value=value, lifts=lifts, holdouts=hold_data, n_customers=log.n_customers)
+        _report(
+            results,
+            value=value,
+            lifts=lifts,
+            holdouts=hold_data,
+            n_customers=log.n_customers,
+            raw_on_treated=raw_on_treated,
+        )
     elif not out:
         _report(results, value=value, lifts={}, holdouts=None, n_customers=log.n_customers)
 
@@ -178,24 +187,33 @@ def _write_credits(path: Path, results: Sequence[Any], *, value: bool) -> None:
 
 
 def _report(
-    results: Sequence[Any], *, value: bool, lifts: dict[str, Any], holdouts: Any, n_customers: int
+    results: Sequence[Any],
+    *,
+    value: bool,
+    lifts: dict[str, Any],
+    holdouts: Any,
+    n_customers: int,
+    raw_on_treated: dict[str, float] | None = None,
 ) -> None:
     unit = "value" if value else "conversions"
     totals = [r.by_channel(value=value) for r in results]
     channels = sorted({c for t in totals for c in t})
-    table = Table(title=f"Credited {unit} by channel", show_lines=False)
-    table.add_column("channel", style="bold")
-    for r in results:
-        table.add_column(r.model, justify="right")
-    for c in channels:
-        cells = []
-        for t in totals:
-            s = sum(t.values())
-            v = t.get(c, 0.0)
-            cells.append(f"{v:,.1f} [dim]{(100 * v / s if s else 0):.0f}%[/]")
-        table.add_row(c, *cells)
-    table.add_row("[dim]total", *[f"[dim]{sum(t.values()):,.1f}" for t in totals])
-    console.print(table)
+    per_table = 4  # keep each table readable in an 80-column terminal
+    for lo in range(0, len(results), per_table):
+        group = list(zip(results[lo : lo + per_table], totals[lo : lo + per_table], strict=True))
+        table = Table(title=f"Credited {unit} by channel (share of each model's total)")
+        table.add_column("channel", style="bold")
+        for r, _ in group:
+            table.add_column(r.model, justify="right")
+        for c in channels:
+            cells = []
+            for _, t in group:
+                s = sum(t.values())
+                v = t.get(c, 0.0)
+                cells.append(f"{v:,.1f} [dim]{(100 * v / s if s else 0):.0f}%[/]")
+            table.add_row(c, *cells)
+        table.add_row("[dim]total", *[f"[dim]{sum(t.values()):,.1f}" for _, t in group])
+        console.print(table)
     for r in results:
         fit = r.causal
         if fit is None:
@@ -228,28 +246,43 @@ def _report(
                 it.add_row(f"{a} x {b}", f"{v:,.1f}")
             console.print(it)
     if lifts and holdouts is not None:
-        lt = Table(title="Holdout lift vs observational credit (treated customers)")
+        lt = Table(title="Holdout lift: measured incremental conversions among the treated")
         lt.add_column("channel", style="bold")
         lt.add_column("treated / held out", justify="right")
-        lt.add_column("measured incremental [95% CI]", justify="right")
-        for r in results:
-            lt.add_column(r.model, justify="right")
+        lt.add_column("rates", justify="right")
+        lt.add_column("incremental [95% CI]", justify="right")
         for channel, lift in sorted(lifts.items()):
             low, high = lift.incremental_interval
-            treated = holdouts.customers[channel][~holdouts.held_out[channel]]
-            cells = []
-            for r in results:
-                v = r.on_customers(treated, n_customers=n_customers).get(channel, 0.0)
-                inside = low <= v <= high
-                cells.append(f"{v:,.1f}" if inside else f"[red]{v:,.1f}[/]")
             lt.add_row(
                 channel,
                 f"{lift.treated:,} / {lift.held_out:,}",
+                f"{100 * lift.treated_rate:.2f}% vs {100 * lift.held_out_rate:.2f}%",
                 f"{lift.incremental:,.1f} [{low:,.1f}, {high:,.1f}]",
-                *cells,
             )
         console.print(lt)
-        console.print("[dim]red: outside the measured interval (observational credit and lift disagree)[/]")
+        ct = Table(
+            title="Observational credit on the same treated customers (red: outside the measured interval)"
+        )
+        ct.add_column("model", style="bold")
+        for channel in sorted(lifts):
+            ct.add_column(channel, justify="right")
+        for r in results:
+            cells = []
+            for channel, lift in sorted(lifts.items()):
+                low, high = lift.incremental_interval
+                treated = holdouts.customers[channel][~holdouts.held_out[channel]]
+                v = r.on_customers(treated, n_customers=n_customers).get(channel, 0.0)
+                cells.append(f"{v:,.1f}" if low <= v <= high else f"[red]{v:,.1f}[/]")
+            label = f"{r.model} (calibrated)" if r.causal is not None and r.causal.calibration else r.model
+            ct.add_row(label, *cells)
+        if raw_on_treated:
+            cells = []
+            for channel, lift in sorted(lifts.items()):
+                low, high = lift.incremental_interval
+                v = raw_on_treated.get(channel, 0.0)
+                cells.append(f"{v:,.1f}" if low <= v <= high else f"[red]{v:,.1f}[/]")
+            ct.add_row("causal (observational)", *cells)
+        console.print(ct)
 
 
 @attribution_app.command("simulate")
