@@ -28,7 +28,8 @@ run: install
 
 ## Set up and run the whole suite on SQLite and on a throw-away PostgreSQL
 test: install-test
-	CADENCE_REQUIRE_POSTGRES=1 scripts/with-postgres.sh $(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+	scripts/ensure-chromium.sh
+	CADENCE_REQUIRE_POSTGRES=1 CADENCE_REQUIRE_BROWSER=1 scripts/with-postgres.sh $(PY) -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 ## Run the benchmarks and write docs/benchmarks.md
 bench: install-test

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     max_call_bytes: int = Field(default=32 * 1024, ge=1024)
     max_batch_bytes: int = Field(default=500 * 1024, ge=1024)
     max_batch_events: int = Field(default=2500, ge=1)
+    # Origins (``https://shop.example.com``, or ``*``) whose pages may POST to the ingestion routes.
+    cors_origins: list[str] = Field(default_factory=list)
 
     engine_enabled: bool = True
     engine_batch_size: int = Field(default=2000, ge=1)

@@ -27,6 +27,8 @@ log = logging.getLogger("cadence.api")
 ROUTERS = (
     "cadence.api.routers.health",
     "cadence.api.routers.ingest",
+    "cadence.api.routers.customers",
+    "cadence.api.routers.sdk",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the

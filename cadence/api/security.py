@@ -23,7 +23,7 @@ from cadence.clock import now_ms
 from cadence.settings import SCOPES, Settings
 from cadence.store.schema.core import api_keys
 
-__all__ = ["KeyRing", "Principal", "RateLimiter", "create_key", "hash_key", "require_scope"]
+__all__ = ["KeyRing", "Principal", "RateLimiter", "check_key", "create_key", "hash_key", "require_scope"]
 
 
 def hash_key(key: str) -> str:
@@ -164,32 +164,36 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or request.query_params.get("key")
 
 
+def check_key(request: Request, key: str | None, scope: str) -> Principal:
+    """The principal for ``key`` if it holds ``scope``; raises 401, 403 or 429 otherwise."""
+    keyring: KeyRing = request.app.state.keyring
+    if key is None:
+        raise HTTPException(
+            401,
+            detail="missing API key: send it as HTTP Basic user name, Bearer token or X-API-Key",
+            headers={"WWW-Authenticate": 'Basic realm="cadence"'},
+        )
+    principal = keyring.lookup(key)
+    if principal is None:
+        raise HTTPException(401, detail="unknown or revoked API key")
+    if scope not in principal.scopes and "admin" not in principal.scopes:
+        raise HTTPException(403, detail=f"this key lacks the {scope!r} scope")
+    wait = request.app.state.rate_limiter.acquire(principal.name)
+    if wait > 0:
+        raise HTTPException(
+            429,
+            detail=f"rate limit exceeded for key {principal.name!r}",
+            headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+        )
+    request.state.principal = principal
+    return principal
+
+
 def require_scope(scope: str) -> Callable[[Request], Principal]:
     """A FastAPI dependency: the caller must hold ``scope`` (``admin`` holds all)."""
 
     def dependency(request: Request) -> Principal:
-        keyring: KeyRing = request.app.state.keyring
-        key = presented_key(request)
-        if key is None:
-            raise HTTPException(
-                401,
-                detail="missing API key: send it as HTTP Basic user name, Bearer token or X-API-Key",
-                headers={"WWW-Authenticate": 'Basic realm="cadence"'},
-            )
-        principal = keyring.lookup(key)
-        if principal is None:
-            raise HTTPException(401, detail="unknown or revoked API key")
-        if scope not in principal.scopes and "admin" not in principal.scopes:
-            raise HTTPException(403, detail=f"this key lacks the {scope!r} scope")
-        wait = request.app.state.rate_limiter.acquire(principal.name)
-        if wait > 0:
-            raise HTTPException(
-                429,
-                detail=f"rate limit exceeded for key {principal.name!r}",
-                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
-            )
-        request.state.principal = principal
-        return principal
+        return check_key(request, presented_key(request), scope)
 
     return dependency
 

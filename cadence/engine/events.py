@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from cadence.clock import datetime_to_ms
 from cadence.errors import EventError
 
-__all__ = ["CALL_TYPES", "NewEvent", "parse_call", "parse_timestamp"]
+__all__ = ["CALL_TYPES", "LoggedEvent", "NewEvent", "parse_call", "parse_timestamp"]
 
 CALL_TYPES = ("track", "identify", "alias", "page", "screen", "group")
 MAX_ID = 200
@@ -211,3 +211,38 @@ def parse_call(
         source=source,
         received_ms=received_ms,
     )
+
+
+class LoggedEvent(NamedTuple):
+    """An event from the log, with the canonical customer it belongs to (at processing time).
+
+    A named tuple rather than a dataclass: the engine loop builds one per event, and a
+    tuple is several times cheaper to create than a frozen dataclass.
+    """
+
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    customer_id: int
+    ts_ms: int
+    source: str
+    payload: dict[str, Any]
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """``payload["properties"]`` (track, page, screen), else empty."""
+        return self.payload.get("properties") or {}
+
+    @property
+    def traits(self) -> dict[str, Any]:
+        """``payload["traits"]`` (identify, group) merged over ``context.traits``."""
+        context = self.payload.get("context") or {}
+        return {**(context.get("traits") or {}), **(self.payload.get("traits") or {})}
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """``payload["context"]``, else empty."""
+        return self.payload.get("context") or {}

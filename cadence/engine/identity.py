@@ -7,11 +7,16 @@ history at read time.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select
+from collections.abc import Sequence
+from typing import Any
 
+from sqlalchemy import Connection, select, update
+
+from cadence.engine.events import LoggedEvent
+from cadence.store.fast import execute_many, fetch_in
 from cadence.store.schema.core import customers, identities
 
-__all__ = ["canonical", "identities_of", "resolve_customer"]
+__all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
 
 
 def canonical(conn: Connection, customer_id: int) -> int:
@@ -52,3 +57,235 @@ def identities_of(conn: Connection, customer_id: int) -> list[tuple[str, str]]:
             .order_by(identities.c.kind, identities.c.value)
         )
     ]
+
+
+# --------------------------------------------------------------------------- stitching
+
+IdKey = tuple[str, str]  # (kind, value)
+
+
+class IdentityResolver:
+    """Stitches ids into customers as the engine loop applies the log.
+
+    Rules, applied in log order:
+
+    * an event with ids nobody has seen creates a customer;
+    * an event carrying a user id and an anonymous id links them; if they belong to
+      two customers, the younger is merged into the older, unless both already carry
+      (different) user ids: a shared device never merges two known people, the event
+      goes to the user id's customer;
+    * ``alias(previousId, userId)`` always merges: it is an explicit statement.
+
+    Merged customers keep their row with ``merged_into`` set and their identities
+    repointed, so reads follow the chain and history moves with the person.
+    """
+
+    def resolve(
+        self, conn: Connection, rows: Sequence[Any], *, apply_after: int, now_ms: int
+    ) -> tuple[list[LoggedEvent], list[tuple[int, int]]]:
+        """Resolve each row's customer, creating and merging for rows after ``apply_after``.
+
+        Returns the events with their canonical customer and the ``(winner, loser)``
+        merges of existing customers made in this batch.
+        """
+        keys: set[IdKey] = set()
+        for r in rows:
+            if r.user_id:
+                keys.add(("user", r.user_id))
+            if r.anonymous_id:
+                keys.add(("anonymous", r.anonymous_id))
+            if r.type == "alias" and r.payload.get("previousId"):
+                prev = str(r.payload["previousId"])
+                keys.update({("user", prev), ("anonymous", prev)})
+        owner: dict[IdKey, int] = {}
+        for kind in ("user", "anonymous"):
+            found = fetch_in(
+                conn,
+                "SELECT value, customer_id FROM identities WHERE kind = ? AND value IN_VALUES",
+                (v for k, v in keys if k == kind),
+                kind,
+            )
+            owner.update(((kind, value), cid) for value, cid in found)
+        # Merges repoint identities to the surviving customer, so owners are roots.
+        parent: dict[int, int] = {cid: cid for cid in owner.values()}
+        with_user: set[int] = {
+            cid
+            for (cid,) in fetch_in(
+                conn,
+                "SELECT DISTINCT customer_id FROM identities WHERE kind = 'user' AND customer_id IN_VALUES",
+                set(owner.values()),
+            )
+        }
+
+        next_temp = -1
+        new_keys: dict[IdKey, int] = {}
+        merges: list[tuple[int, int]] = []
+
+        def find(cid: int) -> int:
+            return self._find(parent, cid)
+
+        def lookup(key: IdKey | None) -> int | None:
+            if key is None:
+                return None
+            cid = owner.get(key)
+            return None if cid is None else find(cid)
+
+        def create() -> int:
+            nonlocal next_temp
+            cid = next_temp
+            next_temp -= 1
+            parent[cid] = cid
+            return cid
+
+        def attach(key: IdKey, cid: int) -> None:
+            owner[key] = cid
+            new_keys[key] = cid
+            if key[0] == "user":
+                with_user.add(find(cid))
+
+        def merge(a: int, b: int) -> int:
+            # The older customer (a real id before a new one, then the smaller id) survives.
+            winner, loser = sorted((a, b), key=lambda c: (c < 0, abs(c)))
+            parent[loser] = winner
+            if loser in with_user:
+                with_user.add(winner)
+            merges.append((winner, loser))
+            return winner
+
+        resolved: list[tuple[Any, int | None]] = []
+        for r in rows:
+            ukey: IdKey | None = ("user", r.user_id) if r.user_id else None
+            akey: IdKey | None = ("anonymous", r.anonymous_id) if r.anonymous_id else None
+            cu, ca = lookup(ukey), lookup(akey)
+            if r.id > apply_after:
+                if r.type == "alias" and ukey is not None and r.payload.get("previousId"):
+                    prev = str(r.payload["previousId"])
+                    pkey: IdKey = (
+                        ("user", prev) if lookup(("user", prev)) is not None else ("anonymous", prev)
+                    )
+                    cp = lookup(pkey)
+                    if cu is None and cp is None:
+                        cu = create()
+                        attach(ukey, cu)
+                        attach(pkey, cu)
+                    elif cu is None:
+                        attach(ukey, cp)  # type: ignore[arg-type]
+                        cu = cp
+                    elif cp is None:
+                        attach(pkey, cu)
+                    elif cu != cp:
+                        cu = merge(cu, cp)
+                    ca = lookup(akey)
+                    if akey is not None and ca is None:
+                        attach(akey, cu)  # type: ignore[arg-type]
+                else:
+                    if cu is None and ca is None:
+                        cid = create()
+                        if ukey:
+                            attach(ukey, cid)
+                        if akey:
+                            attach(akey, cid)
+                        cu = cid if ukey else None
+                        ca = cid if akey else None
+                    elif ukey is not None and cu is None:
+                        if ca in with_user:  # the device belongs to someone else: new person
+                            cu = create()
+                            attach(ukey, cu)
+                        else:
+                            attach(ukey, ca)  # type: ignore[arg-type]
+                            cu = ca
+                    elif akey is not None and ca is None:
+                        attach(akey, cu)  # type: ignore[arg-type]
+                        ca = cu
+                    elif cu is not None and ca is not None and cu != ca and ca not in with_user:
+                        cu = merge(cu, ca)
+            resolved.append((r, cu if cu is not None else ca))
+
+        real_ids = self._persist(conn, parent, new_keys, merges, now_ms)
+
+        def final(cid: int | None) -> int | None:
+            if cid is None:
+                return None
+            root = find(cid)
+            return real_ids.get(root, root)
+
+        out = [
+            LoggedEvent(
+                id=r.id,
+                message_id=r.message_id,
+                type=r.type,
+                event=r.event,
+                user_id=r.user_id,
+                anonymous_id=r.anonymous_id,
+                customer_id=cust,
+                ts_ms=r.ts_ms,
+                source=r.source,
+                payload=r.payload,
+            )
+            for r, cid in resolved
+            if (cust := final(cid)) is not None
+        ]
+        real_merges = [(final(w), loser) for w, loser in merges if loser > 0]
+        return out, [(w, loser) for w, loser in real_merges if w is not None]
+
+    @staticmethod
+    def _find(parent: dict[int, int], cid: int) -> int:
+        root = cid
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(cid, cid) != root:  # path compression
+            parent[cid], cid = root, parent[cid]
+        return root
+
+    def _persist(
+        self,
+        conn: Connection,
+        parent: dict[int, int],
+        new_keys: dict[IdKey, int],
+        merges: list[tuple[int, int]],
+        now_ms: int,
+    ) -> dict[int, int]:
+        """Write new customers, identities and merges; map temporary ids to real ones."""
+        roots = sorted({c for c in parent if c < 0 and self._find(parent, c) == c}, reverse=True)
+        real: dict[int, int] = {}
+        if roots:
+            created = _reserve_customer_ids(conn, len(roots))
+            execute_many(
+                conn, "INSERT INTO customers (id, created_ms) VALUES (?, ?)", [(c, now_ms) for c in created]
+            )
+            real = dict(zip(roots, created, strict=True))
+        for winner, loser in merges:
+            if loser < 0:
+                continue
+            target = self._find(parent, winner)
+            target = real.get(target, target)
+            conn.execute(update(customers).where(customers.c.id == loser).values(merged_into=target))
+            conn.execute(
+                update(identities).where(identities.c.customer_id == loser).values(customer_id=target)
+            )
+        if new_keys:
+            rows = []
+            for (kind, value), cid in new_keys.items():
+                root = self._find(parent, cid)
+                rows.append((kind, value, real.get(root, root), now_ms))
+            execute_many(
+                conn,
+                "INSERT INTO identities (kind, value, customer_id, first_seen_ms) VALUES (?, ?, ?, ?)",
+                rows,
+            )
+        return real
+
+
+def _reserve_customer_ids(conn: Connection, count: int) -> list[int]:
+    """``count`` fresh customer ids, without a round trip per row.
+
+    PostgreSQL draws them from the column's sequence; on SQLite the loop's batch
+    holds the write lock (``BEGIN IMMEDIATE``), so the ids after the maximum are free.
+    """
+    if conn.dialect.name == "postgresql":
+        rows = conn.exec_driver_sql(
+            "SELECT nextval(pg_get_serial_sequence('customers', 'id')) FROM generate_series(1, %s)", (count,)
+        )
+        return [int(r[0]) for r in rows]
+    start = int(conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM customers").scalar() or 0)
+    return list(range(start + 1, start + count + 1))

@@ -14,45 +14,27 @@ loop replays the log after it.
 
 from __future__ import annotations
 
+import importlib
+import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from sqlalchemy import Connection
+import orjson
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-__all__ = ["LoggedEvent", "Subscriber"]
+from cadence.engine.events import LoggedEvent
+from cadence.engine.identity import IdentityResolver
+from cadence.store.schema.core import checkpoints, events
 
+if TYPE_CHECKING:
+    from cadence.runtime import Runtime
 
-@dataclass(frozen=True, slots=True)
-class LoggedEvent:
-    """An event from the log, with the canonical customer it belongs to (at processing time)."""
+__all__ = ["EngineLoop", "LoggedEvent", "Subscriber", "make_subscribers"]
 
-    id: int
-    message_id: str
-    type: str
-    event: str | None
-    user_id: str | None
-    anonymous_id: str | None
-    customer_id: int
-    ts_ms: int
-    source: str
-    payload: dict[str, Any]
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        """``payload["properties"]`` (track, page, screen), else empty."""
-        return self.payload.get("properties") or {}
-
-    @property
-    def traits(self) -> dict[str, Any]:
-        """``payload["traits"]`` (identify, group) merged over ``context.traits``."""
-        context = self.payload.get("context") or {}
-        return {**(context.get("traits") or {}), **(self.payload.get("traits") or {})}
-
-    @property
-    def context(self) -> dict[str, Any]:
-        """``payload["context"]``, else empty."""
-        return self.payload.get("context") or {}
+IDENTITY = "identity"
 
 
 class Subscriber(Protocol):
@@ -61,6 +43,9 @@ class Subscriber(Protocol):
 
     #: Unique, stable: it names the subscriber's checkpoint row.
     name: str
+
+    # Optional: ``in_memory = True`` for subscribers whose state lives in this process
+    # (learners); their position is their own, not the stored checkpoint.
 
     def start(self, conn: Connection, checkpoint: int) -> int:
         """Load state; return the last event id it reflects.
@@ -82,3 +67,238 @@ class Subscriber(Protocol):
     def erased(self, conn: Connection, customer_id: int) -> None:
         """Customer ``customer_id`` was erased: remove or correct everything that counted them."""
         ...
+
+
+# --------------------------------------------------------------------------- the loop
+
+#: Subscribers every loop runs, as "module:factory"; each factory takes the Runtime.
+#: Later parts (learners, attribution) add their own line here.
+SUBSCRIBER_FACTORIES: tuple[str, ...] = (
+    "cadence.engine.profiles:ProfilesSubscriber",
+    "cadence.engine.consent:ConsentSubscriber",
+)
+
+LEADER_LOCK_ID = 0x0CADE9CE  # pg advisory lock held by the process that runs the loop
+BATCH_LOCK_ID = 0x0CADE9CF  # pg transaction lock serialising batches across processes
+log = logging.getLogger("cadence.engine")
+
+
+def make_subscribers(runtime: Runtime) -> list[Subscriber]:
+    """Instantiate every subscriber in :data:`SUBSCRIBER_FACTORIES` for ``runtime``."""
+    built = []
+    for spec in SUBSCRIBER_FACTORIES:
+        module, _, attr = spec.partition(":")
+        built.append(getattr(importlib.import_module(module), attr)(runtime))
+    return built
+
+
+class EngineLoop:
+    """Applies the event log to every subscriber, in order, with checkpoints.
+
+    :meth:`run_once` processes one batch in one transaction; :meth:`catch_up` runs
+    batches until the log is drained; :meth:`start` does it in a background thread,
+    woken by :meth:`wake` after ingestion and otherwise polling.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        subscribers: Sequence[Subscriber] | None = None,
+        *,
+        batch_size: int | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.engine = runtime.engine
+        self.subscribers = list(subscribers) if subscribers is not None else make_subscribers(runtime)
+        names = [s.name for s in self.subscribers]
+        if len(set(names)) != len(names) or IDENTITY in names:
+            raise ValueError(f"subscriber names must be unique and not {IDENTITY!r}: {names}")
+        self.batch_size = batch_size or runtime.settings.engine_batch_size
+        self.identity = IdentityResolver()
+        self._positions: dict[str, int] | None = None
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._leader_conn: Connection | None = None
+        self.processed = 0
+
+    # -- positions
+    def _load_positions(self, conn: Connection) -> dict[str, int]:
+        stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
+        positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+        for sub in self.subscribers:
+            positions[sub.name] = int(sub.start(conn, int(stored.get(sub.name, 0))))
+        return positions
+
+    def positions(self) -> dict[str, int]:
+        """The last event id applied, per subscriber (and ``identity``)."""
+        with self._lock:
+            if self._positions is None:
+                with self.engine.begin() as conn:
+                    self._positions = self._load_positions(conn)
+            return dict(self._positions)
+
+    def lag(self) -> int:
+        """How many events are in the log after the slowest subscriber's position."""
+        low = min(self.positions().values())
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(events).where(events.c.id > low)) or 0)
+
+    # -- processing
+    def run_once(self) -> int:
+        """Process one batch; return how many events were read (0 when drained).
+
+        Safe to call from several threads or processes at once: the batch runs under a
+        database-wide lock (``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped advisory
+        lock on PostgreSQL) and re-reads the stored checkpoints of database-backed
+        subscribers inside it, so no event is ever applied twice.
+        """
+        with self._lock:
+            cached = self.positions()
+            try:
+                with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
+                    stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
+                    positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+                    for sub in self.subscribers:
+                        in_memory = getattr(sub, "in_memory", False)
+                        positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
+                    low = min(positions.values())
+                    rows = read_events(conn, after=low, limit=self.batch_size)
+                    if not rows:
+                        self._positions = positions
+                        return 0
+                    now = self.runtime.clock.now_ms()
+                    batch, merges = self.identity.resolve(
+                        conn, rows, apply_after=positions[IDENTITY], now_ms=now
+                    )
+                    for winner, loser in merges:
+                        for sub in self.subscribers:
+                            sub.merged(conn, winner, loser)
+                    last = rows[-1].id
+                    new_positions = {IDENTITY: max(positions[IDENTITY], last)}
+                    for sub in self.subscribers:
+                        seen = positions[sub.name]
+                        unseen = [e for e in batch if e.id > seen]
+                        if unseen:
+                            sub.apply(conn, unseen)
+                        new_positions[sub.name] = max(seen, last)
+                    _store_positions(conn, new_positions, now)
+            except BaseException:
+                self._positions = None  # reload from the database: the transaction rolled back
+                raise
+            self._positions = new_positions
+            self.processed += len(rows)
+            return len(rows)
+
+    def catch_up(self) -> int:
+        """Process batches until the log is drained; return how many events were read."""
+        total = 0
+        while n := self.run_once():
+            total += n
+        return total
+
+    def erase(self, conn: Connection, customer_ids: Sequence[int]) -> None:
+        """Tell every subscriber that these customers are being erased (in ``conn``'s transaction)."""
+        with self._lock:
+            for cid in customer_ids:
+                for sub in self.subscribers:
+                    sub.erased(conn, cid)
+
+    # -- background
+    def wake(self) -> None:
+        """Ask the background thread to look at the log now."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Run in a daemon thread until :meth:`stop` (only while holding leadership on PostgreSQL)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="cadence-engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the background thread after its current batch."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._release_leadership()
+
+    def _is_leader(self) -> bool:
+        """On PostgreSQL only one process runs the loop: the one holding the advisory lock."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        if self._leader_conn is not None:
+            return True
+        conn = self.engine.connect()
+        got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_ID}))
+        conn.commit()
+        if got:
+            self._leader_conn = conn
+            log.info("this process is now the engine leader")
+            return True
+        conn.close()
+        return False
+
+    def _release_leadership(self) -> None:
+        if self._leader_conn is not None:
+            try:
+                self._leader_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_ID})
+                self._leader_conn.commit()
+            finally:
+                self._leader_conn.close()
+                self._leader_conn = None
+
+    def _run(self) -> None:
+        poll = self.runtime.settings.engine_poll_seconds
+        while not self._stop.is_set():
+            try:
+                if self._is_leader() and self.run_once():
+                    continue  # more may be waiting
+            except Exception:
+                log.exception("engine loop batch failed; retrying")
+                self._positions = None
+            self._wake.wait(poll)
+            self._wake.clear()
+
+
+class _Row(NamedTuple):
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    ts_ms: int
+    source: str
+    payload: dict[str, Any]
+
+
+def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
+    """Up to ``limit`` events with ids after ``after``, in order, payloads decoded."""
+    rows = conn.exec_driver_sql(
+        "SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, payload FROM events"
+        f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}"
+    ).fetchall()
+    loads = orjson.loads
+    return [
+        _Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8] if isinstance(r[8], dict) else loads(r[8]))
+        for r in rows
+    ]
+
+
+def _store_positions(conn: Connection, positions: dict[str, int], now_ms: int) -> None:
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(checkpoints)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"position": stmt.excluded.position, "updated_ms": stmt.excluded.updated_ms},
+        ),
+        [{"name": name, "position": pos, "updated_ms": now_ms} for name, pos in positions.items()],
+    )

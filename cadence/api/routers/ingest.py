@@ -1,7 +1,10 @@
 """Segment-compatible ingestion: ``POST /v1/track|identify|alias|page|screen|group|batch``.
 
 Existing Segment and RudderStack libraries can point their host here and send with the
-write key as HTTP Basic user name. Every accepted event is committed before the answer.
+write key as HTTP Basic user name, or (for ``navigator.sendBeacon``, which cannot set
+headers) as ``writeKey`` in the JSON body. Every accepted event is committed before the
+answer. Browsers on the origins in ``cors_origins`` may call these routes (see
+:mod:`cadence.api.cors`).
 """
 
 from __future__ import annotations
@@ -9,18 +12,49 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from cadence.api.security import Principal, Scope
+from cadence.api.cors import PathCORS
+from cadence.api.security import Principal, check_key, presented_key
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
 from cadence.engine.ingest import IngestResult, record_events
 from cadence.errors import EventError, PayloadTooLarge
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
+
+#: The routes a browser may call cross-origin when ``cors_origins`` allows its origin.
+INGEST_PATHS = tuple(
+    f"/v1/{call}" for call in ("track", "identify", "alias", "page", "screen", "group", "batch")
+)
+
+
+def setup(app: FastAPI) -> None:
+    """Allow the configured origins to call the ingestion routes from a browser."""
+    origins = app.state.settings.cors_origins
+    if origins:
+        app.add_middleware(PathCORS, origins=origins, paths=INGEST_PATHS)
+
+
+async def ingest_principal(request: Request) -> Principal:
+    """The caller, by its key in the headers or else in the body's ``writeKey`` (Segment's field)."""
+    key = presented_key(request)
+    if key is None:
+        raw = await request.body()  # cached: the route reads the same bytes again
+        if len(raw) <= request.app.state.settings.max_batch_bytes:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("writeKey"), str) and body["writeKey"]:
+                key = body["writeKey"]
+    return await run_in_threadpool(check_key, request, key, "ingest")
+
+
+IngestPrincipal = Annotated[Principal, Depends(ingest_principal)]
 
 
 class IngestResponse(BaseModel):
@@ -62,7 +96,7 @@ async def _store(request: Request, batch: list[NewEvent], source: str) -> Ingest
 
 
 def _single(call_type: str) -> Any:
-    async def endpoint(request: Request, _principal: Annotated[Principal, Scope("ingest")]) -> IngestResponse:
+    async def endpoint(request: Request, _principal: IngestPrincipal) -> IngestResponse:
         body = await _body(request, request.app.state.settings.max_call_bytes)
         event = parse_call(body, received_ms=now_ms(), call_type=call_type)
         result = await _store(request, [event], "api")
@@ -78,7 +112,7 @@ for _call in ("track", "identify", "alias", "page", "screen", "group"):
 
 
 @router.post("/batch", response_model=IngestResponse, responses={400: {"model": Rejected}})
-async def ingest_batch(request: Request, _principal: Annotated[Principal, Scope("ingest")]) -> JSONResponse:
+async def ingest_batch(request: Request, _principal: IngestPrincipal) -> JSONResponse:
     """Record a Segment ``batch``: valid items are stored even when others are rejected.
 
     Top-level ``context`` and ``integrations`` are merged into each item. When any

@@ -178,6 +178,11 @@ def upgrade() -> None:
             sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
             nullable=False,
         ),
+        sa.Column(
+            "trait_events",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
         sa.Column("timezone", sa.String(length=64), nullable=True),
         sa.Column("updated_event_id", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(

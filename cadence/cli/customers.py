@@ -1,0 +1,43 @@
+"""``cadence customers``: privacy export and erasure."""
+
+from __future__ import annotations
+
+import sys
+
+import orjson
+import typer
+from rich.console import Console
+
+from cadence.cli import runtime_for
+from cadence.engine.privacy import erase_customer, export_customer
+
+customers_app = typer.Typer(help="Customer data requests.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@customers_app.command("export")
+def export(ctx: typer.Context, ref: str = typer.Argument(..., help="A user id or anonymous id.")) -> None:
+    """Print everything held about a customer as JSON."""
+    runtime = runtime_for(ctx)
+    data = export_customer(engine=runtime.engine, ref=ref)
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+@customers_app.command("erase")
+def erase(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="A user id or anonymous id."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    operator: str = typer.Option("cli", help="Who asked (recorded; never the customer's ids)."),
+) -> None:
+    """Erase a customer's events, identities and traits and correct every derived state."""
+    if not yes:
+        typer.confirm(f"Erase everything about {ref!r}? This cannot be undone", abort=True)
+    runtime = runtime_for(ctx)
+    counts = erase_customer(runtime=runtime, ref=ref, requested_by=f"cli:{operator}")
+    console.print(f"erased: {counts['events_removed']} events, {counts['identities_removed']} identities")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cadence customers`` to the root app."""
+    app.add_typer(customers_app, name="customers")

@@ -1,0 +1,117 @@
+"""Data-subject requests: export everything about a customer, or erase it.
+
+Erasure removes the customer's events from the log, their identities, traits,
+profiles, consent rows and queued sends, and lets every engine-loop subscriber correct
+the derived state that counted them, all in one transaction. It is recorded in
+``erasures`` with counts and the operator's name, never with the erased ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, or_, select
+
+from cadence.clock import now_ms
+from cadence.engine.consent import consent_of
+from cadence.engine.identity import identities_of, resolve_customer
+from cadence.engine.loop import EngineLoop
+from cadence.engine.profiles import load_profile
+from cadence.errors import IdentityError
+from cadence.runtime import Runtime
+from cadence.store.schema.core import customers, erasures, events, identities
+from cadence.store.schema.sends import sends
+
+__all__ = ["erase_customer", "export_customer"]
+
+
+def _members(conn: Any, customer_id: int) -> list[int]:
+    members, frontier = [customer_id], [customer_id]
+    while frontier:
+        frontier = [
+            c
+            for c in conn.scalars(select(customers.c.id).where(customers.c.merged_into.in_(frontier)))
+            if c not in members
+        ]
+        members.extend(frontier)
+    return members
+
+
+def _event_filter(ids: list[tuple[str, str]]) -> Any:
+    users = [v for k, v in ids if k == "user"]
+    anons = [v for k, v in ids if k == "anonymous"]
+    return or_(events.c.user_id.in_(users), events.c.anonymous_id.in_(anons))
+
+
+def export_customer(*, engine: Engine, ref: str, now: int | None = None) -> dict[str, Any]:
+    """Everything cadence holds about the customer behind ``ref`` (a user or anonymous id).
+
+    Raises :class:`IdentityError` when no customer has that id.
+    """
+    now = now or now_ms()
+    with engine.connect() as conn:
+        cid = resolve_customer(conn, ref)
+        if cid is None:
+            raise IdentityError(f"no customer with user or anonymous id {ref!r}")
+        ids = identities_of(conn, cid)
+        profile = load_profile(conn, cid, now_ms=now)
+        rows = conn.execute(
+            select(
+                events.c.id,
+                events.c.message_id,
+                events.c.type,
+                events.c.event,
+                events.c.user_id,
+                events.c.anonymous_id,
+                events.c.ts_ms,
+                events.c.source,
+                events.c.payload,
+            )
+            .where(_event_filter(ids))
+            .order_by(events.c.id)
+        ).all()
+        queued = conn.execute(
+            select(
+                sends.c.campaign, sends.c.channel, sends.c.status, sends.c.due_ms, sends.c.decision_id
+            ).where(sends.c.customer_id.in_(_members(conn, cid)))
+        ).all()
+        return {
+            "customer_id": cid,
+            "identities": [{"kind": k, "value": v} for k, v in ids],
+            "traits": dict(profile.traits),
+            "timezone": profile.timezone,
+            "first_seen_ms": profile.first_seen_ms,
+            "last_seen_ms": profile.last_seen_ms,
+            "consent": consent_of(conn, cid),
+            "aggregates": {
+                name: {"count": s[0], "sum_value": s[1], "first_ms": s[2], "last_ms": s[3]}
+                for name, s in sorted(profile.stats.items())
+            },
+            "events": [dict(r._mapping) for r in rows],
+            "sends": [dict(r._mapping) for r in queued],
+        }
+
+
+def erase_customer(
+    *, runtime: Runtime, ref: str, requested_by: str, loop: EngineLoop | None = None
+) -> dict[str, int]:
+    """Erase the customer behind ``ref`` and everything derived from their events.
+
+    ``loop`` is the engine loop whose subscribers must correct their state; without
+    one, a loop with the standard subscribers is built. Returns the counts recorded.
+    """
+    loop = loop or EngineLoop(runtime)
+    with runtime.engine.begin() as conn:
+        cid = resolve_customer(conn, ref)
+        if cid is None:
+            raise IdentityError(f"no customer with user or anonymous id {ref!r}")
+        members = _members(conn, cid)
+        ids = identities_of(conn, cid)
+        loop.erase(conn, members)
+        removed = conn.execute(delete(events).where(_event_filter(ids))).rowcount
+        n_ids = conn.execute(delete(identities).where(identities.c.customer_id.in_(members))).rowcount
+        conn.execute(customers.update().where(customers.c.id.in_(members)).values(merged_into=None))
+        conn.execute(delete(customers).where(customers.c.id.in_(members)))
+        counts = {"events_removed": int(removed), "identities_removed": int(n_ids)}
+        conn.execute(insert(erasures).values(requested_ms=now_ms(), requested_by=requested_by, **counts))
+    return counts

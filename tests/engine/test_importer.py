@@ -1,0 +1,87 @@
+"""``cadence import``: NDJSON and CSV files with bad lines, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+from sqlalchemy import Engine, func, select
+from typer.testing import CliRunner
+
+from cadence.cli import app
+from cadence.engine.importer import import_file
+from cadence.store.schema.core import events
+
+
+def count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(events)) or 0)
+
+
+def test_ndjson_import_keeps_good_lines_and_reports_bad_ones(tmp_path: Path, db_engine: Engine) -> None:
+    path = tmp_path / "events.ndjson"
+    lines = [
+        json.dumps({"type": "track", "userId": f"u{i}", "event": "Order Completed", "messageId": f"m{i}"})
+        for i in range(25)
+    ]
+    lines.insert(3, "{broken")
+    lines.insert(10, json.dumps({"type": "track", "event": "No Id"}))
+    path.write_text("\n".join(lines) + "\n")
+    report = import_file(engine=db_engine, path=path, batch_size=4)
+    assert (report.lines, report.accepted, report.rejected) == (27, 25, 2)
+    rejects = [orjson.loads(line) for line in report.rejects_path.read_bytes().splitlines()]  # type: ignore[union-attr]
+    assert [(r["line"], r["field"]) for r in rejects] == [(4, "line"), (11, "userId")]
+    again = import_file(engine=db_engine, path=path)
+    assert (again.accepted, again.duplicates) == (0, 25)
+    assert count(db_engine) == 25
+
+
+def test_csv_import_with_column_mapping_via_cli(tmp_path: Path, db_engine: Engine) -> None:
+    path = tmp_path / "orders.csv"
+    path.write_text(
+        "customer,when,amount,sku\n"
+        "c1,2026-01-02 10:00:00,12.5,A\n"
+        ",2026-01-02 11:00:00,3,B\n"
+        "c2,not-a-date,4,C\n"
+        "c3,2026-01-03T09:00:00Z,7,D\n"
+    )
+    url = db_engine.url.render_as_string(hide_password=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "--database-url",
+            url,
+            "import",
+            str(path),
+            "--map",
+            "customer=userId",
+            "--map",
+            "when=timestamp",
+            "--map",
+            "amount=properties.revenue",
+            "--map",
+            "sku=event",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 rejected" in result.output
+    with db_engine.connect() as conn:
+        rows = conn.execute(
+            select(events.c.user_id, events.c.event, events.c.payload).order_by(events.c.id)
+        ).all()
+    assert [(r.user_id, r.event, r.payload["properties"]["revenue"]) for r in rows] == [
+        ("c1", "A", 12.5),
+        ("c3", "D", 7),
+    ]
+    rejects = (tmp_path / "orders.csv.rejects.ndjson").read_text()
+    assert '"field":"userId"' in rejects and '"field":"timestamp"' in rejects
+
+
+def test_mapping_to_a_missing_column_is_a_clear_error(tmp_path: Path, sqlite_engine: Engine) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("a,b\n1,2\n")
+    url = sqlite_engine.url.render_as_string(hide_password=False)
+    result = CliRunner().invoke(app, ["--database-url", url, "import", str(path), "--map", "user=userId"])
+    assert result.exit_code == 2
+    assert "user" in result.output and "not in the CSV header" in result.output
