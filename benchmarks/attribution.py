@@ -14,6 +14,7 @@ process, in the same run, with the peak memory of each process.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,15 +67,22 @@ def _have_channelattribution() -> bool:
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (MiB) and exit status of a whole process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 and proc.stderr is not None:
-        sys.stderr.write(proc.stderr.read().decode(errors="replace")[-2000:])
-    return elapsed, usage.ru_maxrss / 1024, proc.returncode
+    """Wall seconds, peak RSS (MiB) and exit status of a whole process.
+
+    The peak is measured by GNU time when present: a child forked from this (large)
+    process would otherwise report this process's pages as its own high-water mark.
+    """
+    gnu_time = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+        full = [gnu_time, "-f", "%M", "-o", rss.name, *cmd] if gnu_time else cmd
+        start = time.perf_counter()
+        proc = subprocess.run(full, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
+        text = Path(rss.name).read_text().strip().splitlines() if gnu_time else []
+        peak = float(text[-1]) / 1024 if text and text[-1].isdigit() else float("nan")
+    return elapsed, peak, proc.returncode
 
 
 def _ca_markov(t_path: Path, c_path: Path, out: Path) -> dict[str, float]:

@@ -29,6 +29,7 @@ ROUTERS = (
     "cadence.api.routers.ingest",
     "cadence.api.routers.customers",
     "cadence.api.routers.sdk",
+    "cadence.api.routers.attribution",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the
