@@ -32,6 +32,7 @@ ROUTERS = (
     "cadence.api.routers.sdk",
     "cadence.api.routers.rules",
     "cadence.api.routers.webhooks",
+    "cadence.api.routers.attribution",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "cadence.cli.decisions",
     "cadence.cli.rules",
     "cadence.cli.plugins",
+    "cadence.cli.attribution",
 )
 
 err_console = Console(stderr=True)

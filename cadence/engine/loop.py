@@ -76,6 +76,7 @@ class Subscriber(Protocol):
 SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.profiles:ProfilesSubscriber",
     "cadence.engine.consent:ConsentSubscriber",
+    "cadence.engine.attribution.online:AttributionSubscriber",
 )
 
 LEADER_LOCK_ID = 0x0CADE9CE  # pg advisory lock held by the process that runs the loop
