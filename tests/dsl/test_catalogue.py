@@ -138,6 +138,14 @@ CATALOGUE = [
         "only known in a campaign with a trigger",
         "trigger on EVENT",
     ),
+    (
+        'campaign c {\n    send template "t"\n    channel email\n    cap 2 per week\n}\n',
+        "E302",
+        6,
+        15,
+        "'week' is not a duration",
+        "1w or 7d",
+    ),
     # splits not adding up
     (
         'campaign c {\n    send template "t"\n    channel email\n    split holdout 10%, a 45%, b 40%\n}\n',
