@@ -16,7 +16,7 @@ from typing import Any
 
 from cadence.channels import CHANNELS, Feedback
 from cadence.dsl import ast
-from cadence.dsl.diagnostics import Diagnostic, did_you_mean
+from cadence.dsl.diagnostics import UNIT_WORDS, Diagnostic, did_you_mean
 from cadence.dsl.parser import ParsedModule
 from cadence.engine.attribution.spec import MODELS
 from cadence.engine.decision import SUPPRESSION_REASONS
@@ -51,19 +51,6 @@ UNIT_EXAMPLES = {
     "number": "3",
     "string": '"text"',
     "bool": "true or a condition",
-}
-UNIT_WORDS = {
-    word: example
-    for words, example in (
-        (("second", "seconds", "sec", "secs"), "30s"),
-        (("minute", "minutes", "min", "mins"), "15m"),
-        (("hour", "hours", "hr", "hrs"), "1h"),
-        (("day", "days", "daily"), "1d"),
-        (("week", "weeks", "weekly"), "1w or 7d"),
-        (("month", "months", "monthly"), "30d"),
-        (("year", "years", "yearly"), "365d"),
-    )
-    for word in words
 }
 KIND_NAMES = {
     "number": "a number",

@@ -25,7 +25,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from cadence.dsl import ast
-from cadence.dsl.diagnostics import Diagnostic, did_you_mean
+from cadence.dsl.diagnostics import UNIT_WORDS, Diagnostic, did_you_mean
 
 __all__ = ["KEYWORDS", "TOP_LEVEL", "ParsedModule", "grammar", "parse_text"]
 
@@ -671,6 +671,14 @@ def _syntax_diagnostic(
         want = _describe_expected(expected)
         candidates = [KEYWORDS[t] for t in expected if t in KEYWORDS]
         hint = did_you_mean(value, candidates) if tok.type == "NAME" else None
+        if value in UNIT_WORDS:
+            hint = f"durations are a number and a unit: write {UNIT_WORDS[value]}"
+        elif value == ":":
+            hint = "clause keywords are not followed by ':'"
+        elif expected == {"STRING"} and tok.type == "NAME":
+            hint = f'names of templates, groups and zones are quoted: "{value}"'
+        elif expected == {"DOTDOT"}:
+            hint = "write a time range with two dots: 22:00..07:00"
         if (
             tok.type == "NAME"
             and column == 1
@@ -806,16 +814,46 @@ CLAUSE_WORDS = frozenset(
 MAX_RECOVERIES = 20
 
 
-def _clause_range(block_lines: list[str], index: int) -> tuple[int, int] | None:
-    """The lines (start, end exclusive) of the clause holding line ``index`` of a braced block."""
+def _starts_clause(block_lines: list[str], i: int) -> bool:
+    m = _FIRST_WORD.match(block_lines[i].lstrip())
+    word = m.group(1) if m else ""
+    return word in CLAUSE_WORDS or bool(difflib.get_close_matches(word, CLAUSE_WORDS, n=1, cutoff=0.75))
+
+
+def _clause_range(block_lines: list[str], index: int, column: int = 0) -> tuple[int, int] | None:
+    """The lines (start, end exclusive) of the broken clause, for an error at line ``index``.
+
+    An error on the first word of a line that is a correct clause keyword (or ``}``)
+    means the clause before it did not end properly: that one is the broken clause.
+    """
     if index <= 0 or index >= len(block_lines):
         return None
+    line = block_lines[index]
+    first = len(line) - len(line.lstrip()) + 1
+    word_match = _FIRST_WORD.match(line.lstrip())
+    if column == first and word_match and word_match.group(1) in CLAUSE_WORDS and index > 1:
+        index -= 1
+        while index > 1 and not block_lines[index].strip():
+            index -= 1
+        start = index
+        while start > 1 and not _starts_clause(block_lines, start):
+            start -= 1
+        return start, index + 1
 
     def starts_clause(i: int) -> bool:
         m = _FIRST_WORD.match(block_lines[i].lstrip())
         word = m.group(1) if m else ""
         return word in CLAUSE_WORDS or bool(difflib.get_close_matches(word, CLAUSE_WORDS, n=1, cutoff=0.75))
 
+    if block_lines[index].lstrip().startswith("}"):
+        # the error is at the closing brace: the clause before it is the broken one
+        index -= 1
+        while index > 1 and not block_lines[index].strip():
+            index -= 1
+        start = index
+        while start > 1 and not starts_clause(start):
+            start -= 1
+        return start, index + 1
     start = index
     while start > 1 and not starts_clause(start):
         start -= 1
@@ -846,7 +884,7 @@ def _parse_block(
                 or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END")
             ):
                 return None, errors
-            span = _clause_range(block_lines, (exc.line or 1) - offset - 1)
+            span = _clause_range(block_lines, (exc.line or 1) - offset - 1, exc.column or 0)
             if span is None:
                 return None, errors
             for i in range(*span):
