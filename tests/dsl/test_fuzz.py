@@ -157,6 +157,8 @@ def _exercise(text: str) -> None:
     if not module.diagnostics:
         once = format_module(module)
         assert format_module(parse_text(once, "f")) == once
+        for _line, _column, comment in module.comments:
+            assert comment in once  # formatting never loses a comment
     assert time.perf_counter() - started < 5
 
 
