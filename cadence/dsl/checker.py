@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from cadence.channels import CHANNELS, Feedback
+from cadence.channels import CHANNELS, Feedback, feedback_aggregate
 from cadence.dsl import ast
 from cadence.dsl.diagnostics import UNIT_WORDS, Diagnostic, did_you_mean
 from cadence.dsl.parser import ParsedModule
@@ -75,21 +75,12 @@ def _zones() -> frozenset[str]:
 
 
 def feedback_event_name(channel: str, kind: str) -> str:
-    """The log event name ``CHANNEL.KIND`` stands for.
-
-    Segment's own names where its spec has one, else ``"<Channel> <Kind>"``.
+    """The profile aggregate ``CHANNEL.KIND`` stands for (see :func:`cadence.channels.feedback_aggregate`).
 
     >>> feedback_event_name("email", "opened"), feedback_event_name("sms", "clicked")
-    ('Email Opened', 'Sms Clicked')
-    >>> feedback_event_name("email", "clicked")
-    'Email Link Clicked'
+    ('email.opened', 'sms.clicked')
     """
-    from cadence.channels import FEEDBACK_EVENTS, IMPLIED_CHANNEL
-
-    for name, implied in IMPLIED_CHANNEL.items():
-        if implied == channel and FEEDBACK_EVENTS[name].value == kind:
-            return name
-    return f"{channel.replace('_', ' ').title()} {kind.replace('_', ' ').title()}"
+    return feedback_aggregate(channel, kind)
 
 
 @dataclass(frozen=True)
@@ -650,8 +641,9 @@ class Checker:
                     did_you_mean(parts[1], kinds) or f"one of: {', '.join(kinds)}",
                 )
                 return ERROR
+            # A feedback aggregate, counted from whatever name the feedback arrived under:
+            # the checker has validated both parts, and the log never holds this name.
             name = feedback_event_name(head, parts[1])
-            self._warn_unknown_event(name, node, length)
             node.ref = ("event", name)
             return T("event")
         if head in scope.named_imports:

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from cadence.engine.profiles import counted_names
 from cadence.store.schema.core import consent, profile_daily, profile_event_stats, profiles
 
 __all__ = ["DatabaseProfile", "MemoryProfile", "ProfileEvent"]
@@ -74,8 +75,9 @@ class MemoryProfile:
         for e in self.events:
             if as_of_ms is not None and e.ts_ms > as_of_ms:
                 continue
-            self._times.setdefault(e.event, []).append(e.ts_ms)
-            self._values.setdefault(e.event, []).append(e.properties)
+            for name in counted_names(e.event, e.properties):
+                self._times.setdefault(name, []).append(e.ts_ms)
+                self._values.setdefault(name, []).append(e.properties)
 
     def at(self, as_of_ms: int) -> MemoryProfile:
         """The same customer seen at another moment."""

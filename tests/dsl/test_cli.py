@@ -7,19 +7,15 @@ from pathlib import Path
 
 import orjson
 import pytest
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from cadence.cli import app
-from cadence.store.schema.core import (
-    consent,
-    customers,
-    events,
-    identities,
-    profile_daily,
-    profile_event_stats,
-    profiles,
-)
+from cadence.engine.events import parse_call
+from cadence.engine.ingest import record_events
+from cadence.engine.loop import EngineLoop
+from cadence.runtime import open_runtime
+from cadence.settings import Settings
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 DAY = 86_400_000
@@ -100,54 +96,36 @@ def test_failing_rule_test_exits_1_with_the_reason(tmp_path: Path) -> None:
 
 
 def _customer(engine: Engine, now: int) -> None:
-    with engine.begin() as conn:
-        conn.execute(insert(customers).values(id=1, created_ms=now - 400 * DAY))
-        conn.execute(insert(identities).values(kind="user", value="u-1", customer_id=1, first_seen_ms=0))
-        conn.execute(
-            insert(profiles).values(
-                customer_id=1,
-                first_seen_ms=0,
-                last_seen_ms=now,
-                event_count=3,
-                traits={"first_name": "Ada"},
-                timezone="Europe/Berlin",
-                updated_event_id=3,
-            )
-        )
-        for name, ts in (("Order Completed", now - 90 * DAY), ("Email Opened", now - 3 * DAY)):
-            conn.execute(
-                insert(profile_event_stats).values(
-                    customer_id=1,
-                    event=name,
-                    count=1,
-                    sum_value=80.0,
-                    first_ms=ts,
-                    last_ms=ts,
-                    last_value=80.0,
-                )
-            )
-            conn.execute(
-                insert(profile_daily).values(
-                    customer_id=1, event=name, day=ts // DAY, count=1, sum_value=80.0
-                )
-            )
-            conn.execute(
-                insert(events).values(
-                    message_id=f"m{ts}",
-                    type="track",
-                    event=name,
-                    user_id="u-1",
-                    ts_ms=ts,
-                    received_ms=ts,
-                    source="api",
-                    payload={},
-                )
-            )
-        conn.execute(
-            insert(consent).values(
-                customer_id=1, channel="email", granted=True, source="identify", changed_ms=0, event_id=1
-            )
-        )
+    """Ada: bought 90 days ago, opened an email 3 days ago, consented to email; through the real loop."""
+    calls = [
+        {
+            "type": "identify",
+            "userId": "u-1",
+            "messageId": "i1",
+            "timestamp": (now - 400 * DAY) / 1000,
+            "traits": {"first_name": "Ada", "timezone": "Europe/Berlin", "consent": {"email": True}},
+        },
+        {
+            "type": "track",
+            "userId": "u-1",
+            "event": "Order Completed",
+            "messageId": "o1",
+            "timestamp": (now - 90 * DAY) / 1000,
+            "properties": {"revenue": 80},
+        },
+        {
+            "type": "track",
+            "userId": "u-1",
+            "event": "Email Opened",
+            "messageId": "e1",
+            "timestamp": (now - 3 * DAY) / 1000,
+        },
+    ]
+    record_events(engine=engine, batch=[parse_call(c, received_ms=now) for c in calls])
+    runtime = open_runtime(
+        Settings(database_url=engine.url.render_as_string(hide_password=False)), engine=engine
+    )
+    EngineLoop(runtime).catch_up()
 
 
 def test_explain_reads_the_profile_tables(db_engine: Engine) -> None:
