@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, and_, bindparam, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, or_, select, update
 
 from cadence.clock import Clock
 from cadence.connectors.base import Connector, OutgoingMessage, SendResult
@@ -474,14 +474,20 @@ class Dispatcher:
         with self.engine.begin() as conn:
             # The customer's traits, ids and whether any consent row exists come along in
             # the same query: one round trip per claim, whatever the batch size.
-            def first_id(kind: str) -> Any:
-                return (
-                    select(identities.c.value)
-                    .where(identities.c.customer_id == sends.c.customer_id, identities.c.kind == kind)
-                    .order_by(identities.c.first_seen_ms, identities.c.value)
-                    .limit(1)
-                    .scalar_subquery()
+            # The first identity, user ids first, as "kind:value". Filtering on kind in SQL
+            # would let PostgreSQL (without statistics, e.g. right after a large push) AND in
+            # the whole primary-key range of that kind for every row.
+            first_identity = (
+                select(identities.c.kind + ":" + identities.c.value)
+                .where(identities.c.customer_id == sends.c.customer_id)
+                .order_by(
+                    case((identities.c.kind == "user", 0), else_=1),
+                    identities.c.first_seen_ms,
+                    identities.c.value,
                 )
+                .limit(1)
+                .scalar_subquery()
+            )
 
             has_consent = (
                 select(consent.c.customer_id).where(consent.c.customer_id == sends.c.customer_id).exists()
@@ -490,7 +496,7 @@ class Dispatcher:
                 select(
                     sends,
                     profiles.c.traits.label("_traits"),
-                    first_id("user").label("_user_id"),
+                    first_identity.label("_identity"),
                     has_consent.label("_has_consent"),
                 )
                 .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
@@ -509,7 +515,11 @@ class Dispatcher:
                 return [], report
             report.claimed = len(rows)
             traits = {r["customer_id"]: dict(r["_traits"] or {}) for r in rows}
-            user_ids = {r["customer_id"]: r["_user_id"] for r in rows if r["_user_id"]}
+            user_ids = {
+                r["customer_id"]: r["_identity"][len("user:") :]
+                for r in rows
+                if (r["_identity"] or "").startswith("user:")
+            }
             with_consent_rows = {r["customer_id"] for r in rows if r["_has_consent"]}
             claimed: list[tuple[Connector, OutgoingMessage]] = []
             finals: list[dict[str, Any]] = []
