@@ -406,6 +406,8 @@ class Dispatcher:
         for a row (its own ``connector`` column wins; else the channel's default).
     :param clock: "now" for due times and bookkeeping.
     :param batch_limit: rows claimed per round.
+    :param parallel_rounds: rounds in flight at once (claims never take the same row: SKIP
+        LOCKED on PostgreSQL, the write lock on SQLite); default 2 on PostgreSQL, 1 on SQLite.
     """
 
     def __init__(
@@ -417,6 +419,7 @@ class Dispatcher:
         batch_limit: int = 1000,
         lease_ms: int = 5 * 60 * 1000,
         deliverers: dict[str, Deliverer] | None = None,
+        parallel_rounds: int | None = None,
     ) -> None:
         self.engine = engine
         self.route = route
@@ -424,6 +427,9 @@ class Dispatcher:
         self.batch_limit = batch_limit
         self.lease_ms = lease_ms
         self.deliverers: dict[str, Deliverer] = deliverers if deliverers is not None else {}
+        # SQLite serialises writers, so a second round only waits; PostgreSQL overlaps them.
+        default_rounds = 2 if engine.dialect.name == "postgresql" else 1
+        self.parallel_rounds = max(1, parallel_rounds or default_rounds)
         self._row_attempts: dict[int, int] = {}
 
     def deliverer_for(self, connector: Connector) -> Deliverer:
@@ -756,11 +762,20 @@ class Dispatcher:
 
     # -- loops and recovery ---------------------------------------------------------
 
+    async def _rounds(self) -> DispatchReport:
+        """``parallel_rounds`` rounds at once: one claims while another waits on the provider."""
+        if self.parallel_rounds == 1:
+            return await self.dispatch_once()
+        total = DispatchReport()
+        for report in await asyncio.gather(*(self.dispatch_once() for _ in range(self.parallel_rounds))):
+            total.add(report)
+        return total
+
     async def drain(self, *, max_rounds: int = 1_000_000) -> DispatchReport:
         """Dispatch rounds until nothing due is left (deferred rows wait for their time)."""
         total = DispatchReport()
         for _ in range(max_rounds):
-            report = await self.dispatch_once()
+            report = await self._rounds()
             total.add(report)
             if report.claimed == 0:
                 break
@@ -770,7 +785,7 @@ class Dispatcher:
         """Dispatch until ``stop`` is set. A round in flight when cancelled is finished first."""
         total = DispatchReport()
         while not stop.is_set():
-            task = asyncio.ensure_future(self.dispatch_once())
+            task = asyncio.ensure_future(self._rounds())
             try:
                 report = await asyncio.shield(task)
             except asyncio.CancelledError:
