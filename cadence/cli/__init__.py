@@ -15,9 +15,10 @@ import typer
 from rich.console import Console
 
 from cadence.errors import CadenceError
+from cadence.runtime import Runtime, open_runtime
 from cadence.settings import Settings, load_settings
 
-__all__ = ["app", "main", "settings_from_cli"]
+__all__ = ["app", "runtime_for", "main", "settings_from_cli"]
 
 COMMAND_MODULES = (
     "cadence.cli.db",
@@ -25,7 +26,10 @@ COMMAND_MODULES = (
     "cadence.cli.ingest",
     "cadence.cli.customers",
     "cadence.cli.keys",
+    "cadence.cli.decisions",
+    "cadence.cli.rules",
     "cadence.cli.plugins",
+    "cadence.cli.attribution",
 )
 
 err_console = Console(stderr=True)
@@ -48,6 +52,13 @@ def _root(
 ) -> None:
     """cadence: decide what each customer gets, and credit what worked."""
     ctx.obj = {"database_url": database_url}
+
+
+def runtime_for(ctx: typer.Context, *, upgrade: bool = False, **overrides: Any) -> Runtime:
+    """A runtime for one command; its database connections close when the command ends."""
+    runtime = open_runtime(settings_from_cli(ctx, **overrides), upgrade=upgrade)
+    ctx.call_on_close(runtime.close)
+    return runtime
 
 
 def settings_from_cli(ctx: typer.Context, **overrides: Any) -> Settings:

@@ -8,9 +8,8 @@ import orjson
 import typer
 from rich.console import Console
 
-from cadence.cli import settings_from_cli
+from cadence.cli import runtime_for
 from cadence.engine.privacy import erase_customer, export_customer
-from cadence.runtime import open_runtime
 
 customers_app = typer.Typer(help="Customer data requests.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -19,7 +18,7 @@ console = Console(stderr=True)
 @customers_app.command("export")
 def export(ctx: typer.Context, ref: str = typer.Argument(..., help="A user id or anonymous id.")) -> None:
     """Print everything held about a customer as JSON."""
-    runtime = open_runtime(settings_from_cli(ctx))
+    runtime = runtime_for(ctx)
     data = export_customer(engine=runtime.engine, ref=ref)
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -34,7 +33,7 @@ def erase(
     """Erase a customer's events, identities and traits and correct every derived state."""
     if not yes:
         typer.confirm(f"Erase everything about {ref!r}? This cannot be undone", abort=True)
-    runtime = open_runtime(settings_from_cli(ctx))
+    runtime = runtime_for(ctx)
     counts = erase_customer(runtime=runtime, ref=ref, requested_by=f"cli:{operator}")
     console.print(f"erased: {counts['events_removed']} events, {counts['identities_removed']} identities")
 

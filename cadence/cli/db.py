@@ -17,6 +17,7 @@ def upgrade(ctx: typer.Context) -> None:
     """Apply every pending migration to the configured database."""
     settings = settings_from_cli(ctx)
     engine = create_db_engine(settings.database_url)
+    ctx.call_on_close(engine.dispose)
     migrate(engine)
     console.print(f"database at [bold]{engine.url.render_as_string()}[/] is up to date")
 
@@ -25,7 +26,9 @@ def upgrade(ctx: typer.Context) -> None:
 def status(ctx: typer.Context) -> None:
     """Show whether migrations are pending (exit 1 if they are)."""
     settings = settings_from_cli(ctx)
-    pending = pending_migrations(create_db_engine(settings.database_url))
+    engine = create_db_engine(settings.database_url)
+    ctx.call_on_close(engine.dispose)
+    pending = pending_migrations(engine)
     if pending:
         console.print(f"pending migrations: {', '.join(sorted(pending))}")
         raise typer.Exit(1)

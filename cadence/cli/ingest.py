@@ -9,9 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from cadence.cli import settings_from_cli
+from cadence.cli import runtime_for
 from cadence.engine.importer import import_file, parse_mapping
-from cadence.runtime import open_runtime
 
 console = Console()
 
@@ -30,8 +29,7 @@ def import_command(
     batch_size: int = typer.Option(1000, min=1, help="Events per committed batch."),
 ) -> None:
     """Import Segment-spec events; bad lines are reported and skipped, never fatal."""
-    settings = settings_from_cli(ctx)
-    runtime = open_runtime(settings, upgrade=True)
+    runtime = runtime_for(ctx, upgrade=True)
     try:
         column_map = parse_mapping(mapping)
     except ValueError as exc:

@@ -8,9 +8,8 @@ from rich.table import Table
 from sqlalchemy import select
 
 from cadence.api.security import create_key, revoke_key
-from cadence.cli import settings_from_cli
+from cadence.cli import runtime_for
 from cadence.clock import ms_to_datetime
-from cadence.runtime import open_runtime
 from cadence.settings import SCOPES
 from cadence.store.schema.core import api_keys
 
@@ -25,7 +24,7 @@ def create(
     scope: list[str] = typer.Option(["ingest"], "--scope", help=f"Repeatable: {', '.join(SCOPES)}."),
 ) -> None:
     """Create a key and print it once (only its hash is stored)."""
-    runtime = open_runtime(settings_from_cli(ctx), upgrade=True)
+    runtime = runtime_for(ctx, upgrade=True)
     try:
         key = create_key(runtime.engine, name=name, scopes=scope)
     except ValueError as exc:
@@ -36,7 +35,7 @@ def create(
 @keys_app.command("list")
 def list_keys(ctx: typer.Context) -> None:
     """List stored keys (names, scopes, dates; never the keys)."""
-    runtime = open_runtime(settings_from_cli(ctx))
+    runtime = runtime_for(ctx)
     table = Table("name", "scopes", "created", "revoked")
     with runtime.engine.connect() as conn:
         for row in conn.execute(select(api_keys).order_by(api_keys.c.id)):
@@ -48,7 +47,7 @@ def list_keys(ctx: typer.Context) -> None:
 @keys_app.command("revoke")
 def revoke(ctx: typer.Context, name: str = typer.Argument(...)) -> None:
     """Revoke every active key with this name."""
-    runtime = open_runtime(settings_from_cli(ctx))
+    runtime = runtime_for(ctx)
     count = revoke_key(runtime.engine, name=name)
     if not count:
         console.print(f"no active key named {name!r}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, select, update
 
 from cadence.engine.events import LoggedEvent
+from cadence.store.fast import execute_many, fetch_in
 from cadence.store.schema.core import customers, identities
 
 __all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
@@ -97,27 +98,24 @@ class IdentityResolver:
                 prev = str(r.payload["previousId"])
                 keys.update({("user", prev), ("anonymous", prev)})
         owner: dict[IdKey, int] = {}
-        key_list = sorted(keys)
-        for start in range(0, len(key_list), 400):
-            chunk = key_list[start : start + 400]
-            cond = or_(*(and_(identities.c.kind == k, identities.c.value == v) for k, v in chunk))
-            for kind, value, cid in conn.execute(
-                select(identities.c.kind, identities.c.value, identities.c.customer_id).where(cond)
-            ):
-                owner[(kind, value)] = cid
-        parent: dict[int, int] = {}
-        self._load_chains(conn, set(owner.values()), parent)
-        with_user: set[int] = set()
-        involved = {self._find(parent, c) for c in owner.values()}
-        if involved:
-            with_user.update(
-                conn.scalars(
-                    select(identities.c.customer_id)
-                    .where(identities.c.kind == "user", identities.c.customer_id.in_(involved))
-                    .distinct()
-                )
+        for kind in ("user", "anonymous"):
+            found = fetch_in(
+                conn,
+                "SELECT value, customer_id FROM identities WHERE kind = ? AND value IN_VALUES",
+                (v for k, v in keys if k == kind),
+                kind,
             )
-            with_user = {self._find(parent, c) for c in with_user}
+            owner.update(((kind, value), cid) for value, cid in found)
+        # Merges repoint identities to the surviving customer, so owners are roots.
+        parent: dict[int, int] = {cid: cid for cid in owner.values()}
+        with_user: set[int] = {
+            cid
+            for (cid,) in fetch_in(
+                conn,
+                "SELECT DISTINCT customer_id FROM identities WHERE kind = 'user' AND customer_id IN_VALUES",
+                set(owner.values()),
+            )
+        }
 
         next_temp = -1
         new_keys: dict[IdKey, int] = {}
@@ -239,19 +237,6 @@ class IdentityResolver:
             parent[cid], cid = root, parent[cid]
         return root
 
-    @staticmethod
-    def _load_chains(conn: Connection, ids: set[int], parent: dict[int, int]) -> None:
-        frontier = {i for i in ids if i not in parent}
-        while frontier:
-            rows = conn.execute(
-                select(customers.c.id, customers.c.merged_into).where(customers.c.id.in_(frontier))
-            ).all()
-            frontier = set()
-            for cid, merged_into in rows:
-                parent[cid] = merged_into if merged_into is not None else cid
-                if merged_into is not None and merged_into not in parent:
-                    frontier.add(merged_into)
-
     def _persist(
         self,
         conn: Connection,
@@ -264,13 +249,9 @@ class IdentityResolver:
         roots = sorted({c for c in parent if c < 0 and self._find(parent, c) == c}, reverse=True)
         real: dict[int, int] = {}
         if roots:
-            created = (
-                conn.execute(
-                    insert(customers).returning(customers.c.id, sort_by_parameter_order=True),
-                    [{"created_ms": now_ms} for _ in roots],
-                )
-                .scalars()
-                .all()
+            created = _reserve_customer_ids(conn, len(roots))
+            execute_many(
+                conn, "INSERT INTO customers (id, created_ms) VALUES (?, ?)", [(c, now_ms) for c in created]
             )
             real = dict(zip(roots, created, strict=True))
         for winner, loser in merges:
@@ -286,13 +267,25 @@ class IdentityResolver:
             rows = []
             for (kind, value), cid in new_keys.items():
                 root = self._find(parent, cid)
-                rows.append(
-                    {
-                        "kind": kind,
-                        "value": value,
-                        "customer_id": real.get(root, root),
-                        "first_seen_ms": now_ms,
-                    }
-                )
-            conn.execute(insert(identities), rows)
+                rows.append((kind, value, real.get(root, root), now_ms))
+            execute_many(
+                conn,
+                "INSERT INTO identities (kind, value, customer_id, first_seen_ms) VALUES (?, ?, ?, ?)",
+                rows,
+            )
         return real
+
+
+def _reserve_customer_ids(conn: Connection, count: int) -> list[int]:
+    """``count`` fresh customer ids, without a round trip per row.
+
+    PostgreSQL draws them from the column's sequence; on SQLite the loop's batch
+    holds the write lock (``BEGIN IMMEDIATE``), so the ids after the maximum are free.
+    """
+    if conn.dialect.name == "postgresql":
+        rows = conn.exec_driver_sql(
+            "SELECT nextval(pg_get_serial_sequence('customers', 'id')) FROM generate_series(1, %s)", (count,)
+        )
+        return [int(r[0]) for r in rows]
+    start = int(conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM customers").scalar() or 0)
+    return list(range(start + 1, start + count + 1))

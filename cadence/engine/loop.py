@@ -17,9 +17,10 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+import orjson
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -34,17 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["EngineLoop", "LoggedEvent", "Subscriber", "make_subscribers"]
 
 IDENTITY = "identity"
-EVENT_COLUMNS = (
-    events.c.id,
-    events.c.message_id,
-    events.c.type,
-    events.c.event,
-    events.c.user_id,
-    events.c.anonymous_id,
-    events.c.ts_ms,
-    events.c.source,
-    events.c.payload,
-)
 
 
 class Subscriber(Protocol):
@@ -86,6 +76,7 @@ class Subscriber(Protocol):
 SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.profiles:ProfilesSubscriber",
     "cadence.engine.consent:ConsentSubscriber",
+    "cadence.engine.attribution.online:AttributionSubscriber",
 )
 
 LEADER_LOCK_ID = 0x0CADE9CE  # pg advisory lock held by the process that runs the loop
@@ -132,6 +123,8 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._leader_conn: Connection | None = None
         self.processed = 0
+        #: Called after each committed batch with the new positions and the batch size.
+        self.on_batch: list[Callable[[dict[str, int], int], None]] = []
 
     # -- positions
     def _load_positions(self, conn: Connection) -> dict[str, int]:
@@ -176,12 +169,7 @@ class EngineLoop:
                         in_memory = getattr(sub, "in_memory", False)
                         positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
                     low = min(positions.values())
-                    rows = conn.execute(
-                        select(*EVENT_COLUMNS)
-                        .where(events.c.id > low)
-                        .order_by(events.c.id)
-                        .limit(self.batch_size)
-                    ).all()
+                    rows = read_events(conn, after=low, limit=self.batch_size)
                     if not rows:
                         self._positions = positions
                         return 0
@@ -206,6 +194,8 @@ class EngineLoop:
                 raise
             self._positions = new_positions
             self.processed += len(rows)
+            for listener in self.on_batch:
+                listener(new_positions, len(rows))
             return len(rows)
 
     def catch_up(self) -> int:
@@ -223,6 +213,11 @@ class EngineLoop:
                     sub.erased(conn, cid)
 
     # -- background
+    @property
+    def running(self) -> bool:
+        """True while the background thread runs."""
+        return self._thread is not None
+
     def wake(self) -> None:
         """Ask the background thread to look at the log now."""
         self._wake.set()
@@ -280,6 +275,31 @@ class EngineLoop:
                 self._positions = None
             self._wake.wait(poll)
             self._wake.clear()
+
+
+class _Row(NamedTuple):
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    ts_ms: int
+    source: str
+    payload: dict[str, Any]
+
+
+def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
+    """Up to ``limit`` events with ids after ``after``, in order, payloads decoded."""
+    rows = conn.exec_driver_sql(
+        "SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, payload FROM events"
+        f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}"
+    ).fetchall()
+    loads = orjson.loads
+    return [
+        _Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8] if isinstance(r[8], dict) else loads(r[8]))
+        for r in rows
+    ]
 
 
 def _store_positions(conn: Connection, positions: dict[str, int], now_ms: int) -> None:

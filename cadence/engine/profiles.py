@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 from sqlalchemy import Connection, case, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -23,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from cadence.engine.consent import consent_of
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
+from cadence.store.fast import dump_json, execute_many, fetch_in
 from cadence.store.schema.core import profile_daily, profile_event_stats, profiles
 
 __all__ = ["ProfilesSubscriber", "StoredProfile", "event_name", "event_value", "load_profile"]
@@ -81,6 +83,13 @@ def valid_zone(name: Any) -> str | None:
 
 def _insert(conn: Connection) -> Any:
     return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+
+
+def _json(value: Any) -> dict[str, Any]:
+    """A JSON column as fetched by the driver: text on SQLite, already decoded on PostgreSQL."""
+    if value is None:
+        return {}
+    return value if isinstance(value, dict) else orjson.loads(value)
 
 
 def _least(a: Any, b: Any) -> Any:
@@ -146,120 +155,70 @@ class ProfilesSubscriber:
             d[0] += 1
             d[1] += value
         self._write_profiles(conn, summary)
-        self._add_stats(
-            conn,
-            [
-                {
-                    "customer_id": c,
-                    "event": n,
-                    "count": s[0],
-                    "sum_value": s[1],
-                    "first_ms": s[2],
-                    "last_ms": s[3],
-                    "last_value": s[4],
-                }
-                for (c, n), s in stats.items()
-            ],
-        )
-        self._add_daily(
-            conn,
-            [
-                {"customer_id": c, "event": n, "day": day, "count": d[0], "sum_value": d[1]}
-                for (c, n, day), d in daily.items()
-            ],
-        )
+        self._add_stats(conn, [(c, n, *v) for (c, n), v in stats.items()])
+        self._add_daily(conn, [(c, n, day, d[0], d[1]) for (c, n, day), d in daily.items()])
 
     def _write_profiles(self, conn: Connection, summary: dict[int, dict[str, Any]]) -> None:
         if not summary:
             return
         existing = {
-            row.customer_id: row
-            for row in conn.execute(select(profiles).where(profiles.c.customer_id.in_(list(summary))))
+            row[0]: row
+            for row in fetch_in(
+                conn,
+                "SELECT customer_id, first_seen_ms, last_seen_ms, event_count, traits, trait_events, timezone, "
+                "updated_event_id FROM profiles WHERE customer_id IN_VALUES",
+                summary,
+            )
         }
         rows = []
         for cid, p in summary.items():
             old = existing.get(cid)
             if old is None:
-                rows.append(
-                    {
-                        "customer_id": cid,
-                        "first_seen_ms": p["first"],
-                        "last_seen_ms": p["last"],
-                        "event_count": p["count"],
-                        "traits": p["traits"],
-                        "trait_events": p["trait_events"],
-                        "timezone": p["tz"],
-                        "updated_event_id": p["eid"],
-                    }
-                )
+                first, last, count = p["first"], p["last"], p["count"]
+                traits, trait_events, zone, eid = p["traits"], p["trait_events"], p["tz"], p["eid"]
             else:
-                rows.append(
-                    {
-                        "customer_id": cid,
-                        "first_seen_ms": min(old.first_seen_ms, p["first"]),
-                        "last_seen_ms": max(old.last_seen_ms, p["last"]),
-                        "event_count": old.event_count + p["count"],
-                        "traits": {**(old.traits or {}), **p["traits"]},
-                        "trait_events": {**(old.trait_events or {}), **p["trait_events"]},
-                        "timezone": p["tz"] or old.timezone,
-                        "updated_event_id": max(old.updated_event_id, p["eid"]),
-                    }
-                )
-        stmt = _insert(conn)(profiles)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["customer_id"],
-                set_={
-                    c: stmt.excluded[c]
-                    for c in (
-                        "first_seen_ms",
-                        "last_seen_ms",
-                        "event_count",
-                        "traits",
-                        "trait_events",
-                        "timezone",
-                        "updated_event_id",
-                    )
-                },
-            ),
+                first, last, count = min(old[1], p["first"]), max(old[2], p["last"]), old[3] + p["count"]
+                traits = {**_json(old[4]), **p["traits"]}
+                trait_events = {**_json(old[5]), **p["trait_events"]}
+                zone, eid = p["tz"] or old[6], max(old[7], p["eid"])
+            rows.append((cid, first, last, count, dump_json(traits), dump_json(trait_events), zone, eid))
+        execute_many(
+            conn,
+            "INSERT INTO profiles (customer_id, first_seen_ms, last_seen_ms, event_count, traits, trait_events,"
+            " timezone, updated_event_id) VALUES (?, ?, ?, ?, ?::json, ?::json, ?, ?)"
+            " ON CONFLICT (customer_id) DO UPDATE SET first_seen_ms = excluded.first_seen_ms,"
+            " last_seen_ms = excluded.last_seen_ms, event_count = excluded.event_count,"
+            " traits = excluded.traits, trait_events = excluded.trait_events, timezone = excluded.timezone,"
+            " updated_event_id = excluded.updated_event_id",
             rows,
         )
 
     @staticmethod
-    def _add_stats(conn: Connection, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        t = profile_event_stats
-        stmt = _insert(conn)(t)
-        x = stmt.excluded
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["customer_id", "event"],
-                set_={
-                    "count": t.c.count + x.count,
-                    "sum_value": t.c.sum_value + x.sum_value,
-                    "first_ms": _least(t.c.first_ms, x.first_ms),
-                    "last_value": case((x.last_ms >= t.c.last_ms, x.last_value), else_=t.c.last_value),
-                    "last_ms": _greatest(t.c.last_ms, x.last_ms),
-                },
-            ),
+    def _add_stats(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Add (customer_id, event, count, sum, first_ms, last_ms, last_value) rows."""
+        execute_many(
+            conn,
+            "INSERT INTO profile_event_stats (customer_id, event, count, sum_value, first_ms, last_ms, last_value)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, event) DO UPDATE SET"
+            " count = profile_event_stats.count + excluded.count,"
+            " sum_value = profile_event_stats.sum_value + excluded.sum_value,"
+            " first_ms = CASE WHEN excluded.first_ms < profile_event_stats.first_ms"
+            " THEN excluded.first_ms ELSE profile_event_stats.first_ms END,"
+            " last_value = CASE WHEN excluded.last_ms >= profile_event_stats.last_ms"
+            " THEN excluded.last_value ELSE profile_event_stats.last_value END,"
+            " last_ms = CASE WHEN excluded.last_ms > profile_event_stats.last_ms"
+            " THEN excluded.last_ms ELSE profile_event_stats.last_ms END",
             rows,
         )
 
     @staticmethod
-    def _add_daily(conn: Connection, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        t = profile_daily
-        stmt = _insert(conn)(t)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["customer_id", "event", "day"],
-                set_={
-                    "count": t.c.count + stmt.excluded.count,
-                    "sum_value": t.c.sum_value + stmt.excluded.sum_value,
-                },
-            ),
+    def _add_daily(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Add (customer_id, event, day, count, sum) rows."""
+        execute_many(
+            conn,
+            "INSERT INTO profile_daily (customer_id, event, day, count, sum_value) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (customer_id, event, day) DO UPDATE SET count = profile_daily.count + excluded.count,"
+            " sum_value = profile_daily.sum_value + excluded.sum_value",
             rows,
         )
 
@@ -276,10 +235,16 @@ class ProfilesSubscriber:
         ]
         old = conn.execute(select(profiles).where(profiles.c.customer_id == loser)).first()
         self.erased(conn, loser)
-        for row in stats_rows + daily_rows:
-            row["customer_id"] = winner
-        self._add_stats(conn, stats_rows)
-        self._add_daily(conn, daily_rows)
+        self._add_stats(
+            conn,
+            [
+                (winner, r["event"], r["count"], r["sum_value"], r["first_ms"], r["last_ms"], r["last_value"])
+                for r in stats_rows
+            ],
+        )
+        self._add_daily(
+            conn, [(winner, r["event"], r["day"], r["count"], r["sum_value"]) for r in daily_rows]
+        )
         if old is None:
             return
         mine = conn.execute(select(profiles).where(profiles.c.customer_id == winner)).first()
