@@ -31,7 +31,7 @@ from cadence.store.schema.sends import sends
 GOAL = 5000.0
 
 
-def _seed(engine: Engine, n: int) -> None:
+def _seed(engine: Engine, n: int, campaign: str) -> None:
     with engine.begin() as conn:
         conn.execute(insert(customers), [{"id": i, "created_ms": 0} for i in range(1, n + 1)])
         conn.execute(
@@ -60,9 +60,9 @@ def _seed(engine: Engine, n: int) -> None:
             insert(sends),
             [
                 {
-                    "idempotency_key": idempotency_key("bench", i, "1"),
+                    "idempotency_key": idempotency_key(campaign, i, "1"),
                     "decision_id": f"d{i}",
-                    "campaign": "bench",
+                    "campaign": campaign,
                     "customer_id": i,
                     "channel": "email",
                     "template": "d-bench",
@@ -119,7 +119,11 @@ def _wait_until_up(url: str) -> None:
 def _case(label: str, n: int, url: str | None, tmp: Path, connectors: dict[str, Any]) -> list[str]:
     engine = _engine(url, tmp, label.split()[0].lower())
     try:
-        _seed(engine, n)
+        # Each case its own campaign, so keys never repeat at the shared fake provider.
+        _seed(engine, n, f"bench-{label.split()[0]}-{'pg' if url else 'sqlite'}")
+        if url is not None:  # statistics, as autovacuum keeps them on a live database
+            with engine.begin() as conn:
+                conn.execute(text("ANALYZE"))
         elapsed, sent = asyncio.run(_drain(engine, connectors))
     finally:
         engine.dispose()

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, and_, bindparam, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, case, or_, select, update
 
 from cadence.clock import Clock
 from cadence.connectors.base import Connector, OutgoingMessage, SendResult
@@ -406,6 +406,8 @@ class Dispatcher:
         for a row (its own ``connector`` column wins; else the channel's default).
     :param clock: "now" for due times and bookkeeping.
     :param batch_limit: rows claimed per round.
+    :param parallel_rounds: rounds in flight at once (claims never take the same row: SKIP
+        LOCKED on PostgreSQL, the write lock on SQLite); default 2 on PostgreSQL, 1 on SQLite.
     """
 
     def __init__(
@@ -417,6 +419,7 @@ class Dispatcher:
         batch_limit: int = 1000,
         lease_ms: int = 5 * 60 * 1000,
         deliverers: dict[str, Deliverer] | None = None,
+        parallel_rounds: int | None = None,
     ) -> None:
         self.engine = engine
         self.route = route
@@ -424,8 +427,10 @@ class Dispatcher:
         self.batch_limit = batch_limit
         self.lease_ms = lease_ms
         self.deliverers: dict[str, Deliverer] = deliverers if deliverers is not None else {}
+        # SQLite serialises writers, so a second round only waits; PostgreSQL overlaps them.
+        default_rounds = 2 if engine.dialect.name == "postgresql" else 1
+        self.parallel_rounds = max(1, parallel_rounds or default_rounds)
         self._row_attempts: dict[int, int] = {}
-        self._anonymous: dict[int, str] = {}
 
     def deliverer_for(self, connector: Connector) -> Deliverer:
         """The (cached) deliverer of ``connector``, its breaker persisted to ``connector_state``."""
@@ -475,14 +480,20 @@ class Dispatcher:
         with self.engine.begin() as conn:
             # The customer's traits, ids and whether any consent row exists come along in
             # the same query: one round trip per claim, whatever the batch size.
-            def first_id(kind: str) -> Any:
-                return (
-                    select(identities.c.value)
-                    .where(identities.c.customer_id == sends.c.customer_id, identities.c.kind == kind)
-                    .order_by(identities.c.first_seen_ms, identities.c.value)
-                    .limit(1)
-                    .scalar_subquery()
+            # The first identity, user ids first, as "kind:value". Filtering on kind in SQL
+            # would let PostgreSQL (without statistics, e.g. right after a large push) AND in
+            # the whole primary-key range of that kind for every row.
+            first_identity = (
+                select(identities.c.kind + ":" + identities.c.value)
+                .where(identities.c.customer_id == sends.c.customer_id)
+                .order_by(
+                    case((identities.c.kind == "user", 0), else_=1),
+                    identities.c.first_seen_ms,
+                    identities.c.value,
                 )
+                .limit(1)
+                .scalar_subquery()
+            )
 
             has_consent = (
                 select(consent.c.customer_id).where(consent.c.customer_id == sends.c.customer_id).exists()
@@ -491,8 +502,7 @@ class Dispatcher:
                 select(
                     sends,
                     profiles.c.traits.label("_traits"),
-                    first_id("user").label("_user_id"),
-                    first_id("anonymous").label("_anonymous_id"),
+                    first_identity.label("_identity"),
                     has_consent.label("_has_consent"),
                 )
                 .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
@@ -511,8 +521,11 @@ class Dispatcher:
                 return [], report
             report.claimed = len(rows)
             traits = {r["customer_id"]: dict(r["_traits"] or {}) for r in rows}
-            user_ids = {r["customer_id"]: r["_user_id"] for r in rows if r["_user_id"]}
-            self._anonymous.update({r["customer_id"]: r["_anonymous_id"] for r in rows if r["_anonymous_id"]})
+            user_ids = {
+                r["customer_id"]: r["_identity"][len("user:") :]
+                for r in rows
+                if (r["_identity"] or "").startswith("user:")
+            }
             with_consent_rows = {r["customer_id"] for r in rows if r["_has_consent"]}
             claimed: list[tuple[Connector, OutgoingMessage]] = []
             finals: list[dict[str, Any]] = []
@@ -571,14 +584,20 @@ class Dispatcher:
                     .values(status=bindparam("st"), last_error=bindparam("err"), updated_ms=now),
                     finals,
                 )
-            if claimed:
-                sql = (
-                    "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = ?, "
-                    "updated_ms = ? WHERE id = ?"
+            if claimed and conn.dialect.name == "postgresql":
+                # One statement for the whole claim: arrays unnested server-side.
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = 'sending', attempts = sends.attempts + 1, connector = v.conn, "
+                    "updated_ms = %s FROM unnest(%s::bigint[], %s::text[]) AS v(id, conn) "
+                    "WHERE sends.id = v.id",
+                    (now, [m.send_id for _, m in claimed], [c.name for c, _ in claimed]),
                 )
-                if conn.dialect.paramstyle != "qmark":
-                    sql = sql.replace("?", "%s")
-                conn.exec_driver_sql(sql, [(c.name, now, m.send_id) for c, m in claimed])
+            elif claimed:
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = ?, "
+                    "updated_ms = ? WHERE id = ?",
+                    [(c.name, now, m.send_id) for c, m in claimed],
+                )
         return claimed, report
 
     # -- recording ------------------------------------------------------------------
@@ -600,19 +619,32 @@ class Dispatcher:
         with self.engine.begin() as conn:
             # Driver-level executemany: building thousands of parameter sets through the
             # SQL compiler costs more than the database work.
-            sql = (
-                "UPDATE sends SET status = ?, provider_message_id = ?, last_error = ?, next_attempt_ms = ?, "
-                "attempts = attempts - ?, updated_ms = ? WHERE id = ? AND status = 'sending'"
-            )
-            if conn.dialect.paramstyle != "qmark":
-                sql = sql.replace("?", "%s")
-            conn.exec_driver_sql(
-                sql,
-                [(p["st"], p["pmid"], p["err"], p["nxt"], p["refund"], now, p["sid"]) for p in params],
-            )
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = v.st, provider_message_id = v.pmid, last_error = v.err, "
+                    "next_attempt_ms = v.nxt, attempts = sends.attempts - v.refund, updated_ms = %s "
+                    "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[]) "
+                    "AS v(id, st, pmid, err, nxt, refund) WHERE sends.id = v.id AND sends.status = 'sending'",
+                    (
+                        now,
+                        [p["sid"] for p in params],
+                        [p["st"] for p in params],
+                        [p["pmid"] for p in params],
+                        [p["err"] for p in params],
+                        [p["nxt"] for p in params],
+                        [p["refund"] for p in params],
+                    ),
+                )
+            else:
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = ?, provider_message_id = ?, last_error = ?, "
+                    "next_attempt_ms = ?, attempts = attempts - ?, updated_ms = ? "
+                    "WHERE id = ? AND status = 'sending'",
+                    [(p["st"], p["pmid"], p["err"], p["nxt"], p["refund"], now, p["sid"]) for p in params],
+                )
             if opt_outs:
                 append_events(
-                    conn, [_opt_out_event(m, now, self._anonymous.get(m.customer_id)) for m in opt_outs]
+                    conn, [_opt_out_event(m, now, _anonymous_id(conn, m.customer_id)) for m in opt_outs]
                 )
         for o in outcomes:
             self._row_attempts.pop(o.send_id, None)
@@ -730,11 +762,20 @@ class Dispatcher:
 
     # -- loops and recovery ---------------------------------------------------------
 
+    async def _rounds(self) -> DispatchReport:
+        """``parallel_rounds`` rounds at once: one claims while another waits on the provider."""
+        if self.parallel_rounds == 1:
+            return await self.dispatch_once()
+        total = DispatchReport()
+        for report in await asyncio.gather(*(self.dispatch_once() for _ in range(self.parallel_rounds))):
+            total.add(report)
+        return total
+
     async def drain(self, *, max_rounds: int = 1_000_000) -> DispatchReport:
         """Dispatch rounds until nothing due is left (deferred rows wait for their time)."""
         total = DispatchReport()
         for _ in range(max_rounds):
-            report = await self.dispatch_once()
+            report = await self._rounds()
             total.add(report)
             if report.claimed == 0:
                 break
@@ -744,7 +785,7 @@ class Dispatcher:
         """Dispatch until ``stop`` is set. A round in flight when cancelled is finished first."""
         total = DispatchReport()
         while not stop.is_set():
-            task = asyncio.ensure_future(self.dispatch_once())
+            task = asyncio.ensure_future(self._rounds())
             try:
                 report = await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -806,6 +847,17 @@ def _error_text(exc: ConnectorError) -> str:
     except TypeError:
         rendered = str(detail)
     return f"{type(exc).__name__}: {exc} | provider: {rendered[:2000]}"
+
+
+def _anonymous_id(conn: Connection, customer_id: int) -> str | None:
+    """The customer's first anonymous id (for events about a customer without a user id)."""
+    found: str | None = conn.scalar(
+        select(identities.c.value)
+        .where(identities.c.customer_id == customer_id, identities.c.kind == "anonymous")
+        .order_by(identities.c.first_seen_ms, identities.c.value)
+        .limit(1)
+    )
+    return found
 
 
 def _opt_out_event(message: OutgoingMessage, now: int, anonymous_id: str | None) -> NewEvent:

@@ -91,30 +91,36 @@ class Outbox(Connector):
                     )
                 )
                 fresh = [r for r in rows if r["idempotency_key"] not in known]
-            # Driver-level executemany: the SQL compiler per row would cost more than the insert.
-            sql = (
-                "INSERT INTO outbox (idempotency_key, send_id, channel, campaign, decision_id, customer_id, "
-                "message, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (idempotency_key) DO NOTHING"
+            # Driver-level statements: the SQL compiler per row would cost more than the insert.
+            values = [
+                (
+                    r["idempotency_key"],
+                    r["send_id"],
+                    r["channel"],
+                    r["campaign"],
+                    r["decision_id"],
+                    r["customer_id"],
+                    orjson.dumps(r["message"]).decode(),
+                    r["created_ms"],
+                )
+                for r in fresh
+            ]
+            columns = (
+                "idempotency_key, send_id, channel, campaign, decision_id, customer_id, message, created_ms"
             )
-            if conn.dialect.paramstyle != "qmark":
-                sql = sql.replace("?", "%s")
-            conn.exec_driver_sql(
-                sql,
-                [
-                    (
-                        r["idempotency_key"],
-                        r["send_id"],
-                        r["channel"],
-                        r["campaign"],
-                        r["decision_id"],
-                        r["customer_id"],
-                        orjson.dumps(r["message"]).decode(),
-                        r["created_ms"],
-                    )
-                    for r in fresh
-                ],
-            )
+            if values and conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(
+                    f"INSERT INTO outbox ({columns}) SELECT k, s, ch, ca, d, cu, m::jsonb, t FROM unnest("
+                    "%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], "
+                    "%s::bigint[]) AS v(k, s, ch, ca, d, cu, m, t) ON CONFLICT (idempotency_key) DO NOTHING",
+                    tuple([list(column) for column in zip(*values, strict=True)]),
+                )
+            elif values:
+                conn.exec_driver_sql(
+                    f"INSERT INTO outbox ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (idempotency_key) DO NOTHING",
+                    values,
+                )
         return fresh
 
 

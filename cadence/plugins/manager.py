@@ -23,6 +23,7 @@ import httpx
 import pluggy
 from sqlalchemy import Engine
 
+from cadence.channels import CHANNELS
 from cadence.connectors.base import Connector, as_bool
 from cadence.plugins import hookspecs
 from cadence.settings import Settings
@@ -33,6 +34,7 @@ __all__ = [
     "CadencePluginManager",
     "ConnectorRegistry",
     "PluginInfo",
+    "available_channels",
     "build_connectors",
     "call_each",
     "connector_classes",
@@ -218,6 +220,17 @@ def installed_channels(settings: Settings, *, pm: CadencePluginManager | None = 
     for cls in connector_classes(pm, settings).values():
         channels |= cls.channels
     return frozenset(channels)
+
+
+def available_channels(settings: Settings) -> tuple[str, ...]:
+    """:func:`installed_channels` in a stable order (known channels first), for the rule checker.
+
+    >>> available_channels(Settings(disable_plugin_autoload=True, _env_file=None))[:3]
+    ('email', 'sms', 'push')
+    """
+    offered = installed_channels(settings)
+    known = [c for c in CHANNELS if c in offered]
+    return tuple(known + sorted(offered - set(known)))
 
 
 @dataclass

@@ -218,6 +218,7 @@ async def test_restart_mid_push_delivers_everything_exactly_once(
     ids = seed(sqlite_engine, 3000)
     enqueue(sqlite_engine, ids)
     connectors = registry(fake, http, sqlite_engine, sendgrid={"batch_size": 100})
+    fake.latency = 0.005  # a provider that takes a moment, so the stop lands mid-push
     first = Dispatcher(engine=sqlite_engine, route=connectors.route, batch_limit=300)
     stop = asyncio.Event()
     task = asyncio.create_task(first.run(stop=stop, poll_seconds=0.01))

@@ -330,3 +330,14 @@ def test_public_names_exist() -> None:
     for module in (base, delivery, plugins):
         missing = [name for name in module.__all__ if not hasattr(module, name)]
         assert missing == [], f"{module.__name__}.__all__ names {missing}"
+
+
+def test_the_rule_checker_sees_the_installed_channels(site: Path) -> None:
+    from cadence.dsl.explain import installed_channels as checker_channels
+    from cadence.plugins import available_channels
+
+    assert checker_channels(settings()) == available_channels(settings()) == CHANNELS
+    pm = make_plugin_manager(settings())
+    for name in ("outbox", "facebook", "google_ads"):
+        pm.unregister(name=name)
+    assert installed_channels(settings(), pm=pm) == frozenset({"email", "sms"})
