@@ -408,6 +408,9 @@ class Dispatcher:
     :param batch_limit: rows claimed per round.
     :param parallel_rounds: rounds in flight at once (claims never take the same row: SKIP
         LOCKED on PostgreSQL, the write lock on SQLite); default 2 on PostgreSQL, 1 on SQLite.
+    :param before_round: run (in a thread) before each round: ``cadence serve`` passes the
+        engine loop's ``catch_up``, so an opt-out already in the event log is applied to
+        consent before any send is claimed.
     """
 
     def __init__(
@@ -420,8 +423,10 @@ class Dispatcher:
         lease_ms: int = 5 * 60 * 1000,
         deliverers: dict[str, Deliverer] | None = None,
         parallel_rounds: int | None = None,
+        before_round: Callable[[], object] | None = None,
     ) -> None:
         self.engine = engine
+        self.before_round = before_round
         self.route = route
         self.clock = clock or Clock()
         self.batch_limit = batch_limit
@@ -785,6 +790,8 @@ class Dispatcher:
         """Dispatch until ``stop`` is set. A round in flight when cancelled is finished first."""
         total = DispatchReport()
         while not stop.is_set():
+            if self.before_round is not None:
+                await asyncio.to_thread(self.before_round)
             task = asyncio.ensure_future(self._rounds())
             try:
                 report = await asyncio.shield(task)

@@ -333,7 +333,13 @@ def setup(app: FastAPI) -> None:
         if not app.state.background:
             return
         registry: ConnectorRegistry = app.state.connectors
-        dispatcher = Dispatcher(engine=runtime.engine, route=registry.route, clock=runtime.clock)
+        loop = getattr(app.state, "engine_loop", None)
+        dispatcher = Dispatcher(
+            engine=runtime.engine,
+            route=registry.route,
+            clock=runtime.clock,
+            before_round=loop.catch_up if loop is not None and app.state.settings.engine_enabled else None,
+        )
         await asyncio.to_thread(dispatcher.recover_stale, is_safe_to_retry=registry.safe_to_retry)
         stop = asyncio.Event()
         app.state.dispatcher = dispatcher
