@@ -181,6 +181,132 @@ def speed(n: int, tmp: Path) -> list[str]:
     return rows
 
 
+def online(quick: bool, tmp: Path) -> list[str]:
+    """Per-event update cost through the engine loop, and query latency on the aggregates."""
+    import random
+    import statistics
+
+    from sqlalchemy import text
+
+    from cadence.engine.attribution.online import AttributionSubscriber, query_attribution
+    from cadence.engine.events import parse_call
+    from cadence.engine.ingest import record_events
+    from cadence.engine.loop import EngineLoop
+    from cadence.runtime import open_runtime
+    from cadence.settings import Settings
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp}/online.db", rules_paths=[], disable_plugin_autoload=True
+    )
+    runtime = open_runtime(settings, upgrade=True)
+    rng = random.Random(3)
+    t0 = 1_767_225_600_000
+    calls = []
+    n_customers = 1_000 if quick else 5_000
+    channels = ["email", "sms", "push"]
+    for c in range(n_customers):
+        for k in range(5):
+            ts = (t0 + rng.randrange(60 * 86_400_000)) / 1000
+            calls.append(
+                {
+                    "type": "track",
+                    "messageId": f"t{c}-{k}",
+                    "userId": f"u{c}",
+                    "timestamp": ts,
+                    "event": "Message Clicked",
+                    "properties": {"channel": rng.choice(channels)},
+                }
+            )
+        if rng.random() < 0.3:
+            ts = (t0 + rng.randrange(60 * 86_400_000)) / 1000
+            calls.append(
+                {
+                    "type": "track",
+                    "messageId": f"o{c}",
+                    "userId": f"u{c}",
+                    "timestamp": ts,
+                    "event": "Order Completed",
+                    "properties": {"revenue": 10},
+                }
+            )
+    calls.sort(key=lambda x: x["timestamp"])
+    record_events(engine=runtime.engine, batch=[parse_call(x, received_ms=t0) for x in calls])
+    # Identity first (its cost is not attribution's), then attribution alone.
+    EngineLoop(runtime, subscribers=[]).catch_up()
+    loop = EngineLoop(runtime, subscribers=[AttributionSubscriber(runtime)])
+    start = time.perf_counter()
+    loop.catch_up()
+    per_event_us = (time.perf_counter() - start) / len(calls) * 1e6
+
+    # Aggregates the size a year of 10M touchpoints produces: one row per model,
+    # window, day, channel and campaign (15 channels x 20 campaigns).
+    days = 30 if quick else 365
+    models = [
+        "first_touch",
+        "last_touch",
+        "last_non_direct",
+        "linear",
+        "time_decay",
+        "position",
+        "shapley_simplified",
+    ]
+    windows = [1, 7, 14, 30, 60, 90]
+    rows = [
+        {
+            "spec": "big",
+            "model": m,
+            "w": w,
+            "day": 20_454 + d,
+            "ch": f"ch{c}",
+            "cp": f"cp{p}",
+            "n": 1.0,
+            "v": 2.0,
+        }
+        for m in models
+        for w in windows
+        for d in range(days)
+        for c in range(15)
+        for p in range(20)
+    ]
+    with runtime.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO attribution_credits (spec, model, window_days, day, channel, campaign, conversions, value) "
+                "VALUES (:spec, :model, :w, :day, :ch, :cp, :n, :v)"
+            ),
+            rows,
+        )
+    timings = []
+    with runtime.engine.connect() as conn:
+        for i in range(60):
+            lo = 20_454 + rng.randrange(days // 2)
+            group = ("channel", "campaign", "day")[i % 3]
+            start = time.perf_counter()
+            query_attribution(
+                conn,
+                spec="big",
+                models=["linear", "last_touch"],
+                window_days=30,
+                since_day=lo,
+                until_day=lo + days // 2,
+                group_by=group,
+            )
+            timings.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        query_attribution(conn, spec="default", models=["shapley", "markov"], window_days=30)
+        tally_ms = (time.perf_counter() - start) * 1000
+    runtime.close()
+    p95 = statistics.quantiles(timings, n=20)[-1]
+    return [
+        "| measure | value | goal |",
+        "|---|---:|---|",
+        f"| attribution subscriber, per event ({len(calls):,} events, SQLite) | {per_event_us:,.0f} us | |",
+        f"| GET-equivalent query p95, 2 models, {len(rows):,} aggregate rows ({days} days x 15 channels x 20 campaigns"
+        f" x 7 models x 6 windows) | {p95:.1f} ms | < 50 ms |",
+        f"| shapley + markov from tallies ({n_customers:,} customers' open journeys) | {tally_ms:.1f} ms | |",
+    ]
+
+
 def run(*, quick: bool, postgres_url: str | None) -> str:
     """The attribution benchmark section (Markdown)."""
     del postgres_url
@@ -190,6 +316,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         tmp = Path(d)
         acc = accuracy(n_acc, tmp)
         spd = speed(n_speed, tmp)
+        onl = online(quick, tmp)
     lines = [
         "## Attribution",
         "",
@@ -205,5 +332,11 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "Speed: whole process (start, read both CSV files, model, write), same files for both.",
         "",
         *spd,
+        "",
+        "Online: the engine-loop subscriber's cost per event, and queries served from the aggregates "
+        "(the aggregate tables' size depends on days x channels x campaigns, not on how many touchpoints "
+        "produced them).",
+        "",
+        *onl,
     ]
     return "\n".join(lines)
