@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import minimize  # type: ignore[import-untyped]
 
 from cadence.engine.attribution.journeys import DAY_MS, FloatArray, IntArray, Journeys, TouchLog
 

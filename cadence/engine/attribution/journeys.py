@@ -154,7 +154,7 @@ class Journeys:
         start = np.zeros(len(paths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=start[1:])
         end = np.full(len(paths), 100 * DAY_MS, dtype=np.int64)
-        touch_ms = []
+        touch_ms: list[int] = []
         for j, p in enumerate(paths):
             gaps = gaps_ms[j] if gaps_ms is not None else [(len(p) - i - 1) * DAY_MS for i in range(len(p))]
             touch_ms.extend(int(end[j]) - int(g) for g in gaps)

@@ -259,7 +259,7 @@ class AttributionSubscriber:
                 [(spec.name, c) for c in chunk],
             )
         newest = max(e.ts_ms for e, _ in relevant)
-        rows = [
+        open_rows = [
             (spec.name, c, t[0], t[1], t[2], t[3])
             for c, touches in open_.items()
             for t in touches
@@ -269,7 +269,7 @@ class AttributionSubscriber:
             conn,
             "INSERT INTO attribution_touches (spec, customer_id, ts_ms, channel, campaign, event_id) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
+            open_rows,
         )
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
@@ -423,7 +423,7 @@ def _tally_model(conn: Connection, spec: str, model: str, window_days: int) -> l
 
 def _removal_credit(tally: TransitionTally, k: int, total: float) -> np.ndarray:
     """Markov removal-effect credit from a transition tally (states are channel tuples)."""
-    special = {(-1,): 0, (-2,): 1, (-3,): 2}
+    special: dict[tuple[int, ...], int] = {(-1,): 0, (-2,): 1, (-3,): 2}
     ids: dict[tuple[int, ...], int] = dict(special)
     src, dst, counts = [], [], []
     for (a, b), n in tally.counts.items():
