@@ -87,7 +87,12 @@ def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
 
 def _ca_markov(t_path: Path, c_path: Path, out: Path) -> dict[str, float]:
     env = {**os.environ}
-    subprocess.run([sys.executable, "-c", CA_SCRIPT, str(t_path), str(c_path), str(out)], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-c", CA_SCRIPT, str(t_path), str(c_path), str(out)],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     import csv
 
     with out.open() as f:
