@@ -78,7 +78,9 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     >>> touch_of(E(2, "m", "page", None, "u", None, 1, 0, "api",
     ...     {"context": {"campaign": {"source": "google", "medium": "cpc", "name": "brand"}}}), spec)
     ('paid_search', 'brand')
-    >>> touch_of(E(3, "m", "track", "Order Completed", "u", None, 1, 0, "api", {}), spec) is None
+    >>> touch_of(E(3, "m", "track", "Ad Viewed", "u", None, 1, 0, "api", {"properties": {"channel": "display"}}), spec)
+    ('display', '')
+    >>> touch_of(E(4, "m", "track", "Order Completed", "u", None, 1, 0, "api", {}), spec) is None
     True
     """
     if event.type == "track" and event.event == spec.conversion_event:
@@ -97,14 +99,23 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     fields = {
         "source": campaign.get("source") or props.get("utm_source"),
         "medium": campaign.get("medium") or props.get("utm_medium"),
-        "campaign": campaign.get("name") or props.get("utm_campaign"),
+        "campaign": campaign.get("name") or props.get("utm_campaign") or props.get("campaign"),
         "referrer": page.get("referrer") or props.get("referrer"),
         "event": event.event,
     }
+    label = str(fields["campaign"] or "")
+    if spec.channel_rules:
+        # The block's own rules first: they may name events ("Ad Clicked" -> display).
+        channel = group_channel(fields, spec.channel_rules)
+        if channel:
+            return channel, label
+    own = props.get("channel")
+    if isinstance(own, str) and own.strip():
+        return own.strip(), label
     if not (fields["source"] or fields["medium"] or fields["referrer"]):
         return None
-    channel = group_channel(fields, spec.channel_rules or DEFAULT_CHANNEL_RULES)
-    return (channel, str(fields["campaign"] or "")) if channel else None
+    channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
+    return (channel, label) if channel else None
 
 
 def journey_credits(
