@@ -26,6 +26,9 @@ COMMAND_MODULES = (
     "cadence.cli.ingest",
     "cadence.cli.customers",
     "cadence.cli.keys",
+    "cadence.cli.decisions",
+    "cadence.cli.rules",
+    "cadence.cli.plugins",
     "cadence.cli.attribution",
 )
 

@@ -47,6 +47,7 @@ SUPPRESSION_REASONS = (
     "spacing",  # too soon after the last message
     "exclusive",  # another campaign of the same exclusive group won or was sent today
     "priority",  # another campaign won on priority (or the tie-break)
+    "score",  # the learners expect more unsubscribe cost than engagement value
 )
 
 
@@ -112,6 +113,7 @@ class Decision:
     candidates: Sequence[Candidate] = ()
     suppressions: Sequence[Suppression] = ()
     holdout: Sequence[str] = ()  # campaigns this customer is held out of (recorded for lift)
+    notes: Sequence[str] = ()  # further explanation, e.g. the winning variant's margin
 
     def suppressed(self, campaign: str, reason: str | None = None) -> bool:
         """True when ``campaign`` was suppressed (for ``reason``, if given)."""

@@ -8,7 +8,6 @@ A malformed call raises :class:`~cadence.errors.EventError` naming the field.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -25,8 +24,7 @@ MAX_MESSAGE_ID = 100
 MAX_EVENT_NAME = 200
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
+class NewEvent(NamedTuple):
     """An event ready for the log: ids and time pulled out, the rest kept in ``payload``."""
 
     message_id: str
@@ -37,7 +35,7 @@ class NewEvent:
     user_id: str | None = None
     anonymous_id: str | None = None
     source: str = "api"
-    received_ms: int = field(default=0, compare=False)
+    received_ms: int = 0
 
 
 def parse_timestamp(value: Any, where: str) -> datetime:
@@ -57,11 +55,8 @@ def parse_timestamp(value: Any, where: str) -> datetime:
             raise EventError(f"{where}: {value!r} is not a valid epoch time", field=where) from exc
     if not isinstance(value, str):
         raise EventError(f"{where}: expected an ISO-8601 timestamp string", field=where)
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
     try:
-        parsed = datetime.fromisoformat(text)
+        parsed = datetime.fromisoformat(value.strip())  # 3.11+: "Z", offsets, a space for "T"
     except ValueError as exc:
         raise EventError(f"{where}: {value!r} is not an ISO-8601 timestamp", field=where) from exc
     if parsed.tzinfo is None:
@@ -71,6 +66,8 @@ def parse_timestamp(value: Any, where: str) -> datetime:
 
 def _optional_id(raw: dict[str, Any], name: str, prefix: str, limit: int = MAX_ID) -> str | None:
     value = raw.get(name)
+    if type(value) is str and 0 < len(value) <= limit:  # the common case, checked first
+        return value
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):

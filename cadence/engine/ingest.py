@@ -9,17 +9,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+import orjson
+from sqlalchemy import Connection, Engine
 
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent
-from cadence.store.schema.core import events
+from cadence.store.fast import dialect_sql
 
 __all__ = ["IngestResult", "append_events", "record_events"]
 
-CHUNK = 500
+CHUNK = 1000
+INSERT_EVENT = (
+    "INSERT INTO events (message_id, type, event, user_id, anonymous_id, ts_ms, received_ms, source, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?::json) ON CONFLICT (message_id) DO NOTHING"
+)
 
 
 @dataclass(frozen=True)
@@ -31,41 +34,37 @@ class IngestResult:
 
 
 def append_events(conn: Connection, batch: Sequence[NewEvent]) -> IngestResult:
-    """Append ``batch`` inside the caller's transaction, skipping known ``message_id``s."""
+    """Append ``batch`` inside the caller's transaction, skipping known ``message_id``s.
+
+    Duplicates are dropped by the unique index (``ON CONFLICT DO NOTHING``), so two
+    writers racing with the same message never store it twice; the accepted count is
+    the driver's row count.
+    """
     if not batch:
         return IngestResult(0, 0)
     received = now_ms()
-    unique: dict[str, NewEvent] = {}
-    for item in batch:
-        unique.setdefault(item.message_id, item)
-    accepted = 0
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    items = list(unique.values())
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        known = set(
-            conn.scalars(
-                select(events.c.message_id).where(events.c.message_id.in_([e.message_id for e in chunk]))
-            )
+    dumps = orjson.dumps
+    rows = [
+        (
+            e.message_id,
+            e.type,
+            e.event,
+            e.user_id,
+            e.anonymous_id,
+            e.ts_ms,
+            e.received_ms or received,
+            e.source,
+            dumps(e.payload).decode(),
         )
-        rows = [
-            {
-                "message_id": e.message_id,
-                "type": e.type,
-                "event": e.event,
-                "user_id": e.user_id,
-                "anonymous_id": e.anonymous_id,
-                "ts_ms": e.ts_ms,
-                "received_ms": e.received_ms or received,
-                "source": e.source,
-                "payload": e.payload,
-            }
-            for e in chunk
-            if e.message_id not in known
-        ]
-        if rows:
-            conn.execute(insert(events).on_conflict_do_nothing(index_elements=["message_id"]), rows)
-            accepted += len(rows)
+        for e in batch
+    ]
+    accepted = 0
+    for start in range(0, len(rows), CHUNK):
+        result = conn.exec_driver_sql(
+            dialect_sql(conn, INSERT_EVENT),
+            rows[start : start + CHUNK],
+        )
+        accepted += max(result.rowcount, 0)
     return IngestResult(accepted=accepted, duplicates=len(batch) - accepted)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection
 
-__all__ = ["dump_json", "execute_many", "fetch_in", "is_postgres", "json_param"]
+__all__ = ["dialect_sql", "dump_json", "execute_many", "fetch_in", "is_postgres", "json_param"]
 
 
 def is_postgres(conn: Connection) -> bool:
@@ -22,7 +22,7 @@ def is_postgres(conn: Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
-def _sql(conn: Connection, sql: str) -> str:
+def dialect_sql(conn: Connection, sql: str) -> str:
     """Write statements with ``?`` and ``:json`` markers; adapt them to the dialect.
 
     ``?::json`` marks a JSON parameter: ``CAST(%s AS JSONB)`` on PostgreSQL, plain on SQLite.
@@ -49,7 +49,7 @@ def json_param(value: Any) -> str:
 def execute_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     """Run ``sql`` (with ``?`` placeholders) once per row, in one round of the driver."""
     if rows:
-        conn.exec_driver_sql(_sql(conn, sql), list(rows))
+        conn.exec_driver_sql(dialect_sql(conn, sql), list(rows))
 
 
 def fetch_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) -> list[Any]:
@@ -67,4 +67,4 @@ def fetch_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) ->
     else:
         text = sql.replace("IN_VALUES", "IN (SELECT value FROM json_each(?))")
         arg = dump_json(values)
-    return list(conn.exec_driver_sql(_sql(conn, text), (*params, arg)).fetchall())
+    return list(conn.exec_driver_sql(dialect_sql(conn, text), (*params, arg)).fetchall())

@@ -1,0 +1,216 @@
+"""Ingestion throughput: ``cadence import``, ``POST /v1/batch`` over HTTP, and the engine loop.
+
+Each is measured on SQLite and, when a server is given, on PostgreSQL, with the
+same generated Segment-spec events (10% identify calls, 50,000 distinct users, a
+mix of anonymous and known ids, realistic context objects).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+from sqlalchemy import text
+
+from cadence.api.security import hash_key
+from cadence.engine.loop import EngineLoop
+from cadence.runtime import open_runtime
+from cadence.settings import Settings
+from cadence.store.db import create_db_engine, migrate
+
+KEY = "bench-key"
+EVENTS = ("Product Viewed", "Product Added", "Order Completed", "Email Opened", "Email Link Clicked")
+
+
+def make_calls(n: int, seed: int = 7) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    calls: list[dict[str, object]] = []
+    for i in range(n):
+        user = rng.randrange(50_000)
+        base: dict[str, object] = {
+            "messageId": f"bench-{seed}-{i}",
+            "timestamp": f"2026-03-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
+            "context": {
+                "ip": "203.0.113.9",
+                "campaign": {"source": "google", "medium": "cpc", "name": "spring"},
+                "page": {"path": "/p", "url": "https://shop.example.com/p"},
+            },
+        }
+        ids = {"userId": f"u{user}"} if rng.random() < 0.7 else {"anonymousId": f"a{user}"}
+        if rng.random() < 0.1:
+            calls.append(
+                {
+                    "type": "identify",
+                    "userId": f"u{user}",
+                    "anonymousId": f"a{user}",
+                    "traits": {"email": f"u{user}@example.com", "plan": "gold"},
+                    **base,
+                }
+            )
+        else:
+            calls.append(
+                {
+                    "type": "track",
+                    "event": rng.choice(EVENTS),
+                    **ids,
+                    "properties": {"revenue": rng.randrange(100), "sku": f"S{rng.randrange(500)}"},
+                    **base,
+                }
+            )
+    return calls
+
+
+class Database:
+    """A fresh database on SQLite or PostgreSQL, dropped afterwards."""
+
+    def __init__(self, kind: str, postgres_url: str | None, tmp: Path) -> None:
+        self.kind = kind
+        if kind == "sqlite":
+            self.url = f"sqlite:///{tmp}/bench-{uuid.uuid4().hex[:6]}.db"
+            self._admin = None
+        else:
+            assert postgres_url
+            self.name = "bench_" + uuid.uuid4().hex[:10]
+            self._admin = create_db_engine(postgres_url, isolation_level="AUTOCOMMIT")
+            with self._admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{self.name}"'))
+            self.url = postgres_url.rsplit("/", 1)[0] + "/" + self.name
+        engine = create_db_engine(self.url)
+        migrate(engine)
+        engine.dispose()
+
+    def drop(self) -> None:
+        if self._admin is not None:
+            with self._admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+            self._admin.dispose()
+
+
+def bench_import(db: Database, path: Path, n: int) -> float:
+    env = {**os.environ, "CADENCE_DATABASE_URL": db.url}
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "cadence", "import", str(path)], env=env, check=True, stdout=subprocess.DEVNULL
+    )
+    return n / (time.perf_counter() - started)
+
+
+def bench_loop(db: Database) -> tuple[float, int]:
+    runtime = open_runtime(Settings(database_url=db.url, _env_file=None))  # type: ignore[call-arg]
+    loop = EngineLoop(runtime)
+    started = time.perf_counter()
+    done = loop.catch_up()
+    rate = done / (time.perf_counter() - started)
+    runtime.close()
+    return rate, done
+
+
+CLIENT = r"""
+import sys, time, threading, httpx, orjson
+port, path, threads = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+calls = orjson.loads(open(path, "rb").read())
+batches = [calls[i:i + 100] for i in range(0, len(calls), 100)]
+errors = []
+def work(mine):
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=(sys.argv[4], ""), timeout=30) as c:
+        for b in mine:
+            r = c.post("/v1/batch", content=orjson.dumps({"batch": b}), headers={"content-type": "application/json"})
+            if r.status_code != 200:
+                errors.append(r.status_code)
+started = time.perf_counter()
+ts = [threading.Thread(target=work, args=(batches[k::threads],)) for k in range(threads)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(orjson.dumps({"seconds": time.perf_counter() - started, "errors": len(errors)}).decode())
+"""
+
+
+def bench_http(db: Database, calls: list[dict[str, object]], tmp: Path) -> tuple[float, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "CADENCE_DATABASE_URL": db.url,
+        "CADENCE_API_KEYS": orjson.dumps(
+            [{"name": "b", "sha256": hash_key(KEY), "scopes": ["ingest"]}]
+        ).decode(),
+        "CADENCE_RATE_LIMIT_PER_SECOND": "1000000",
+        "CADENCE_RATE_LIMIT_BURST": "1000000",
+        "CADENCE_ENGINE_ENABLED": "false",
+        "CADENCE_LOG_LEVEL": "WARNING",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cadence", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import httpx
+
+        for _ in range(200):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        data = tmp / "http-calls.json"
+        data.write_bytes(orjson.dumps(calls))
+        out = subprocess.run(
+            [sys.executable, "-c", CLIENT, str(port), str(data), "4", KEY],
+            capture_output=True,
+            check=True,
+            text=True,
+        )
+        result = orjson.loads(out.stdout)
+        return len(calls) / result["seconds"], int(result["errors"])
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def run(*, quick: bool, postgres_url: str | None) -> str:
+    n_import = 5_000 if quick else 200_000
+    n_http = 2_000 if quick else 100_000
+    calls = make_calls(n_import)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        path = tmp / "events.ndjson"
+        path.write_bytes(b"\n".join(orjson.dumps(c) for c in calls) + b"\n")
+        for kind in ("sqlite", "postgres") if postgres_url else ("sqlite",):
+            db = Database(kind, postgres_url, tmp)
+            try:
+                imported = bench_import(db, path, n_import)
+                looped, done = bench_loop(db)
+            finally:
+                db.drop()
+            db = Database(kind, postgres_url, tmp)
+            try:
+                http, errors = bench_http(db, make_calls(n_http, seed=11), tmp)
+            finally:
+                db.drop()
+            rows.append((kind, imported, http, errors, looped, done))
+    lines = [
+        "## Ingestion",
+        "",
+        f"`cadence import` of {n_import:,} Segment-spec NDJSON events (whole process, start-up included); "
+        f"`POST /v1/batch` with {n_http:,} events in batches of 100 from 4 client threads in another process "
+        "to `cadence serve` (uvicorn, one process, engine loop off so only ingestion is measured); "
+        f"the engine loop applying the imported {n_import:,} events to identities, profiles and consent.",
+        "",
+        "| database | import (events/s) | HTTP batch (events/s) | HTTP errors | engine loop (events/s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for kind, imported, http, errors, looped, _done in rows:
+        lines.append(f"| {kind} | {imported:,.0f} | {http:,.0f} | {errors} | {looped:,.0f} |")
+    lines += ["| goal | 50,000 | 10,000 | 0 | 20,000 |", ""]
+    return "\n".join(lines)

@@ -1,0 +1,663 @@
+"""The decision pipeline: which campaign, on which channel, at what time, and why.
+
+:func:`decide` is pure. For one customer it
+
+1. checks each message campaign's eligibility (start/end, trigger, audience, unless),
+2. assigns split and holdout arms by a stable hash (a holdout never receives and is
+   listed in :attr:`Decision.holdout` so attribution can measure lift),
+3. finds the channels it may use: allowed by the campaign, offered by a connector,
+   not opted out of, not bounced (``ordered`` keeps the first that works, ``best``
+   keeps them all for the learner),
+4. finds send-time slots: the earliest moment (now, or the trigger's event time plus
+   its delay), deferred out of quiet hours in the customer's zone or dropped; with a
+   scorer, also the following top-of-hour slots across :data:`WINDOW_SLOTS` hours,
+5. removes candidates that break a cap (campaign, channel, customer or exclusive
+   group; rolling window or calendar days in the customer's zone), the minimum
+   spacing, or an exclusive group already used that local day,
+6. scores the rest (the learners, or a deterministic order without a scorer), and
+7. picks one: highest priority, then highest score, then earliest send, then name.
+
+Every campaign that is not chosen carries at least one :class:`Suppression`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from cadence.engine.campaign import (
+    DAY_MS,
+    Campaign,
+    Cap,
+    CompiledRuleset,
+    ConditionResult,
+    EvalContext,
+    ProfileView,
+    SplitArm,
+)
+from cadence.engine.decision import Candidate, Decision, PastSend, Scorer, Suppression
+from cadence.engine.slots import candidate_slots, local_datetime, local_day, quiet_zone, zone_named
+
+__all__ = [
+    "WINDOW_SLOTS",
+    "BulkScorer",
+    "BulkScores",
+    "OptionGroup",
+    "cap_allows",
+    "decide",
+    "split_arm",
+    "stable_share",
+]
+
+#: How many send-time slots a scorer chooses among: now, then the next 23 hours.
+WINDOW_SLOTS = 24
+
+#: Segment spec bounce events, by channel (a bounced address is never chosen).
+_BOUNCE_EVENTS = {"email": ("Email Bounced",), "push": ("Push Notification Bounced",)}
+
+
+def stable_share(customer_id: int, salt: str) -> float:
+    """A number in [0, 1) fixed for a (customer, salt) pair: the basis of splits and holdouts.
+
+    >>> stable_share(42, "winback") == stable_share(42, "winback")
+    True
+    >>> 0.0 <= stable_share(42, "winback") < 1.0
+    True
+    """
+    digest = hashlib.blake2b(f"{salt}\x00{customer_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_arm(arms: Sequence[SplitArm], share: float) -> SplitArm | None:
+    """The arm whose cumulative share range holds ``share``; None past the last arm.
+
+    >>> arms = (SplitArm("holdout", 0.1, holdout=True), SplitArm("a", 0.45), SplitArm("b", 0.45))
+    >>> [split_arm(arms, x).name for x in (0.05, 0.3, 0.99)]
+    ['holdout', 'a', 'b']
+    """
+    upto = 0.0
+    for arm in arms:
+        upto += arm.share
+        if share < upto:
+            return arm
+    return None
+
+
+def _window_peak(times: Sequence[int], t: int, width: int) -> int:
+    """The most of ``times`` inside any half-open window ``[s, s + width)`` that contains ``t``."""
+    near = [x for x in times if t - width < x < t + width]
+    if not near:
+        return 0
+    starts = {t - width + 1}
+    for x in near:
+        starts.add(x)
+        starts.add(x - width + 1)
+    best = 0
+    for s in starts:
+        if t - width < s <= t:
+            n = sum(1 for x in near if s <= x < s + width)
+            if n > best:
+                best = n
+    return best
+
+
+def cap_allows(
+    cap: Cap, times: Sequence[int], t: int, zone: ZoneInfo, day_of: Callable[[int], int] | None = None
+) -> bool:
+    """True when one more send at ``t`` keeps every window of ``cap`` at or under its count.
+
+    ``times`` are the sends the cap counts (already filtered to its scope). A rolling cap
+    checks every window of ``window_ms`` containing ``t``, past and queued sends alike;
+    a calendar cap counts local calendar days in ``zone``.
+
+    >>> from zoneinfo import ZoneInfo
+    >>> two_a_week = Cap(count=2, window_ms=7 * DAY_MS)
+    >>> cap_allows(two_a_week, [0, DAY_MS], 3 * DAY_MS, ZoneInfo("UTC"))
+    False
+    >>> cap_allows(two_a_week, [0, DAY_MS], 8 * DAY_MS, ZoneInfo("UTC"))
+    True
+    """
+    if cap.count <= 0:
+        return False
+    if cap.calendar:
+        day = day_of or (lambda ms: local_day(ms, zone))
+        days = max(1, cap.window_ms // DAY_MS)
+        return _window_peak([day(x) for x in times], day(t), days) < cap.count
+    return _window_peak(times, t, max(1, cap.window_ms)) < cap.count
+
+
+def _cap_times(cap: Cap, campaign: Campaign, channel: str, history: Sequence[PastSend]) -> list[int] | None:
+    """The send times ``cap`` counts for a candidate, or None when it does not apply."""
+    if cap.channel is not None and cap.channel != channel:
+        return None
+    if cap.scope == "campaign":
+        return (
+            [h.ts_ms for h in history if h.campaign == campaign.name and h.channel == channel]
+            if (cap.channel is not None)
+            else [h.ts_ms for h in history if h.campaign == campaign.name]
+        )
+    if cap.scope == "channel":
+        return [h.ts_ms for h in history if h.channel == channel]
+    if cap.scope == "group":
+        if campaign.exclusive is None:
+            return None
+        return [h.ts_ms for h in history if h.exclusive == campaign.exclusive]
+    return [h.ts_ms for h in history]  # customer
+
+
+def _describe_cap(cap: Cap) -> str:
+    days = cap.window_ms / DAY_MS
+    span = f"{days:g}d" if days >= 1 else f"{cap.window_ms / 3_600_000:g}h"
+    where = f" on {cap.channel}" if cap.channel else ""
+    kind = " (calendar days)" if cap.calendar else ""
+    return f"{cap.scope} cap {cap.count} per {span}{where}{kind}"
+
+
+def _fmt(ms: int, zone: ZoneInfo) -> str:
+    return local_datetime(ms, zone).strftime("%Y-%m-%d %H:%M %Z")
+
+
+@dataclass
+class _Plan:
+    """One eligible campaign with its surviving (channel, send time) options."""
+
+    campaign: Campaign
+    arm: SplitArm | None
+    variants: tuple[SplitArm, ...]
+    options: dict[str, list[int]] = field(default_factory=dict)  # channel -> allowed send times
+    channel_rank: dict[str, int] = field(default_factory=dict)
+
+
+def _bounced(profile: ProfileView, channel: str) -> bool:
+    bounced = profile.traits.get("bounced")
+    if bounced is True or (isinstance(bounced, (list, tuple, set, frozenset)) and channel in bounced):
+        return True
+    if isinstance(bounced, Mapping) and bounced.get(channel):
+        return True
+    return any(profile.last_at(name) is not None for name in _BOUNCE_EVENTS.get(channel, ()))
+
+
+def _explain(pred: Any, ctx: EvalContext) -> list[ConditionResult]:
+    explain = getattr(pred, "explain", None)
+    return list(explain(ctx)) if explain is not None else []
+
+
+def decide(
+    *,
+    ruleset: CompiledRuleset,
+    profile: ProfileView,
+    now_ms: int,
+    history: Sequence[PastSend],
+    available_channels: Collection[str],
+    scorer: Scorer | None = None,
+    event: Mapping[str, Any] | None = None,
+    campaigns: Collection[str] | None = None,
+    context: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> Decision:
+    """Decide what one customer gets now (or at a later slot), or nothing, and why.
+
+    Pure: everything is passed in and nothing is written. Without a ``scorer`` the
+    result is deterministic: the earliest allowed send on the first usable channel
+    of the highest-priority campaign (ties broken by name).
+
+    >>> from cadence.engine.campaign import ChannelPolicy, CompiledRuleset, GlobalSettings, TemplateSpec
+    >>> from cadence.engine.profiles_memory import MemoryProfile
+    >>> welcome = Campaign(name="welcome", title="Welcome", priority=1, audience=None,
+    ...                    template=TemplateSpec("hello"), channels=ChannelPolicy(("email",)))
+    >>> rules = CompiledRuleset(hash="h", campaigns={"welcome": welcome}, segments={},
+    ...                         settings=GlobalSettings(), aggregates=frozenset())
+    >>> d = decide(ruleset=rules, profile=MemoryProfile(customer_id=1), now_ms=0, history=[],
+    ...            available_channels={"email"})
+    >>> d.action, d.campaign, d.channel, d.send_at_ms
+    ('send', 'welcome', 'email', 0)
+    """
+    ctx = EvalContext(profile=profile, now_ms=now_ms, event=event, context=context or {})
+    settings = ruleset.settings
+    customer_zone = zone_named(profile.timezone, settings.default_zone)
+    suppressions: list[Suppression] = []
+    conditions: dict[str, list[ConditionResult]] = {}
+    holdout: list[str] = []
+    plans: list[_Plan] = []
+    available = set(available_channels)
+    all_opted_out = profile.consented("all") is False
+    slot_count = WINDOW_SLOTS if scorer is not None else 1
+    wanted = set(campaigns) if campaigns is not None else None
+    slot_cache: dict[tuple[int, Any, str, int | None], tuple[list[int], bool]] = {}
+    day_cache: dict[int, int] = {}
+
+    def day_of(ms: int) -> int:
+        day = day_cache.get(ms)
+        if day is None:
+            day = day_cache[ms] = local_day(ms, customer_zone)
+        return day
+
+    for name in sorted(ruleset.campaigns):
+        campaign = ruleset.campaigns[name]
+        if campaign.kind != "message" or (wanted is not None and name not in wanted):
+            continue
+        parts: list[ConditionResult] = []
+        conditions[name] = parts
+        if campaign.starts_ms is not None and now_ms < campaign.starts_ms:
+            suppressions.append(Suppression(name, "not_started", f"starts at {campaign.starts_ms} ms"))
+            continue
+        if campaign.ends_ms is not None and now_ms >= campaign.ends_ms:
+            suppressions.append(Suppression(name, "ended", f"ended at {campaign.ends_ms} ms"))
+            continue
+
+        earliest = now_ms
+        trigger = campaign.trigger
+        if trigger is not None:
+            names = {trigger.event, ruleset.event_aliases.get(trigger.event, trigger.event)}
+            got = event.get("event") if event is not None else None
+            if got not in names:
+                detail = (
+                    f"needs event {trigger.event!r}, got {got!r}" if got else f"needs event {trigger.event!r}"
+                )
+                suppressions.append(Suppression(name, "trigger", detail))
+                continue
+            if trigger.where is not None:
+                parts.extend(_explain(trigger.where, ctx))
+                if not trigger.where(ctx):
+                    suppressions.append(
+                        Suppression(name, "trigger", f"where {trigger.where.source} is false")
+                    )
+                    continue
+            event_ms = event.get("ts_ms") if event is not None else None
+            base = int(event_ms) if isinstance(event_ms, (int, float)) else now_ms
+            earliest = max(now_ms, base + trigger.delay_ms)
+
+        if campaign.audience is not None:
+            parts.extend(_explain(campaign.audience, ctx))
+            if not campaign.audience(ctx):
+                suppressions.append(Suppression(name, "audience", f"not in {campaign.audience.source}"))
+                continue
+        if campaign.unless is not None:
+            parts.extend(_explain(campaign.unless, ctx))
+            if campaign.unless(ctx):
+                suppressions.append(Suppression(name, "unless", f"{campaign.unless.source} holds"))
+                continue
+
+        arm: SplitArm | None = None
+        variants: tuple[SplitArm, ...] = ()
+        if campaign.split:
+            arm = split_arm(campaign.split, stable_share(profile.customer_id, name))
+            if arm is not None and arm.holdout:
+                holdout.append(name)
+                suppressions.append(
+                    Suppression(name, "holdout", f"in holdout arm {arm.name!r} ({arm.share:.0%})")
+                )
+                continue
+            if campaign.learn_variants:
+                variants = tuple(a for a in campaign.split if not a.holdout)
+                if scorer is None and variants:
+                    # Without a learner, a stable hash picks the variant in proportion to its share.
+                    arm = split_arm(
+                        variants,
+                        stable_share(profile.customer_id, name + "/variant") * sum(a.share for a in variants),
+                    )
+                    variants = ()
+
+        # Channels: allowed, offered, consented, not bounced.
+        usable: list[str] = []
+        for channel in campaign.channels.channels:
+            if channel not in available:
+                suppressions.append(
+                    Suppression(name, "no_channel", f"no installed connector offers {channel}", channel)
+                )
+            elif all_opted_out or profile.consented(channel) is False:
+                suppressions.append(Suppression(name, "consent", f"opted out of {channel}", channel))
+            elif _bounced(profile, channel):
+                suppressions.append(Suppression(name, "bounced", f"{channel} address bounced", channel))
+            else:
+                usable.append(channel)
+        if not usable:
+            if not any(s.campaign == name for s in suppressions):
+                suppressions.append(Suppression(name, "no_channel", "the campaign allows no channel"))
+            continue
+
+        # Send-time slots, in the quiet-hours zone.
+        zone = quiet_zone(campaign.quiet, profile.timezone) if campaign.quiet else customer_zone
+        slot_key = (earliest, campaign.quiet, zone.key, campaign.ends_ms)
+        cached = slot_cache.get(slot_key)
+        if cached is None:
+            cached = slot_cache[slot_key] = candidate_slots(
+                earliest_ms=earliest,
+                count=slot_count,
+                quiet=campaign.quiet,
+                zone=zone,
+                until_ms=campaign.ends_ms,
+            )
+        slots, now_quiet = cached
+        quiet = campaign.quiet
+        if quiet is not None and now_quiet:
+            window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}"
+            if quiet.action == "drop":
+                suppressions.append(
+                    Suppression(
+                        name, "quiet", f"{_fmt(earliest, zone)} is inside quiet hours {window}: dropped"
+                    )
+                )
+                continue
+            if slot_count == 1 and slots:
+                suppressions.append(
+                    Suppression(
+                        name,
+                        "quiet",
+                        f"{_fmt(earliest, zone)} is inside quiet hours {window}: "
+                        f"deferred to {_fmt(slots[0], zone)}",
+                    )
+                )
+        if not slots:
+            suppressions.append(
+                Suppression(name, "quiet", "no allowed send time left before the campaign ends")
+            )
+            continue
+
+        plan = _Plan(campaign, arm, variants)
+        caps = campaign.caps + settings.caps
+        for rank, channel in enumerate(usable):
+            plan.channel_rank[channel] = rank
+            cap_times = []
+            for cap in caps:
+                times = _cap_times(cap, campaign, channel, history)
+                if times is not None and (times or cap.count <= 0):
+                    cap_times.append((cap, [day_of(x) for x in times] if cap.calendar else times))
+            first_failure: tuple[str, str] | None = None
+            if not cap_times and not history:
+                kept_slots = slots  # nothing to collide with
+            else:
+                kept_slots = []
+                for t in slots:
+                    failure = _check(
+                        t=t,
+                        campaign=campaign,
+                        cap_times=cap_times,
+                        history=history,
+                        min_spacing_ms=settings.min_spacing_ms,
+                        zone=customer_zone,
+                        day_of=day_of,
+                    )
+                    if failure is None:
+                        kept_slots.append(t)
+                    elif first_failure is None:
+                        first_failure = failure
+            kept = len(kept_slots)
+            if kept:
+                plan.options[channel] = kept_slots
+            if kept == 0 and first_failure is not None:
+                suppressions.append(Suppression(name, first_failure[0], first_failure[1], channel))
+            if kept and campaign.channels.mode == "ordered":
+                break  # the first channel that works wins; the rest are fallbacks
+        if plan.options:
+            plans.append(plan)
+
+    base = dict(
+        ruleset_hash=ruleset.hash,
+        customer_id=profile.customer_id,
+        decided_at_ms=now_ms,
+        conditions=conditions,
+        holdout=tuple(holdout),
+    )
+    if not plans:
+        return Decision(action="none", suppressions=tuple(suppressions), **base)  # type: ignore[arg-type]
+
+    # Candidates, scored: in bulk when the scorer offers it, one Candidate each otherwise.
+    bulk = getattr(scorer, "score_options", None) if scorer is not None else None
+    candidates: list[Candidate] = []
+    if bulk is not None:
+        candidates = _score_in_bulk(bulk, plans, profile, now_ms, seed)
+    else:
+        for plan in plans:
+            arms = plan.variants or (plan.arm,)
+            for channel, times in plan.options.items():
+                for t, arm in ((t, arm) for t in times for arm in arms):
+                    candidates.append(
+                        Candidate(
+                            campaign=plan.campaign.name,
+                            channel=channel,
+                            send_at_ms=t,
+                            score=0.0,
+                            arm=arm.name if arm is not None else None,
+                        )
+                    )
+        if scorer is not None:
+            candidates = list(scorer.score(profile=profile, candidates=candidates, now_ms=now_ms, seed=seed))
+
+    by_name = {p.campaign.name: p for p in plans}
+    best: dict[str, Candidate] = {}
+    for cand in candidates:
+        plan = by_name[cand.campaign]
+        current = best.get(cand.campaign)
+        key = (cand.score, -cand.send_at_ms, -plan.channel_rank.get(cand.channel, 0))
+        if current is None or key > (
+            current.score,
+            -current.send_at_ms,
+            -plan.channel_rank.get(current.channel, 0),
+        ):
+            best[cand.campaign] = cand
+
+    contenders = sorted(
+        best.values(), key=lambda c: (-by_name[c.campaign].campaign.priority, -c.score, c.campaign)
+    )
+    if scorer is not None:
+        worth = [c for c in contenders if c.score > 0]
+        for c in contenders:
+            if c.score <= 0:
+                suppressions.append(
+                    Suppression(
+                        c.campaign,
+                        "score",
+                        f"best expected value {c.score:.4f} <= 0 (engagement {c.engagement:.3f}, "
+                        f"unsubscribe {c.unsubscribe:.4f})",
+                        c.channel,
+                    )
+                )
+        contenders = worth
+    if not contenders:
+        return Decision(
+            action="none",
+            candidates=tuple(candidates),
+            suppressions=tuple(suppressions),
+            **base,  # type: ignore[arg-type]
+        )
+
+    winner = contenders[0]
+    wplan = by_name[winner.campaign]
+    wcamp = wplan.campaign
+    for loser in contenders[1:]:
+        lcamp = by_name[loser.campaign].campaign
+        if wcamp.exclusive is not None and lcamp.exclusive == wcamp.exclusive:
+            suppressions.append(
+                Suppression(
+                    loser.campaign, "exclusive", f"{wcamp.name} won exclusive group {wcamp.exclusive!r}"
+                )
+            )
+        elif lcamp.priority < wcamp.priority:
+            suppressions.append(
+                Suppression(
+                    loser.campaign,
+                    "priority",
+                    f"{wcamp.name} has priority {wcamp.priority} > {lcamp.priority}",
+                )
+            )
+        elif loser.score < winner.score:
+            suppressions.append(
+                Suppression(
+                    loser.campaign,
+                    "priority",
+                    f"tie on priority {wcamp.priority}; "
+                    f"{wcamp.name} scored {winner.score:.4f} > {loser.score:.4f}",
+                )
+            )
+        else:
+            suppressions.append(
+                Suppression(
+                    loser.campaign,
+                    "priority",
+                    f"tie on priority {wcamp.priority} and score; {wcamp.name} first by name",
+                )
+            )
+
+    arm = wplan.arm
+    if winner.arm is not None:
+        arm = next((a for a in wcamp.split if a.name == winner.arm), arm)
+    template = (arm.template if arm is not None and arm.template else None) or wcamp.template.name
+    variables = wcamp.template.variables(ctx)
+    notes: list[str] = []
+    if wplan.variants:
+        per_arm: dict[str, Candidate] = {}
+        for c in candidates:
+            if (
+                c.campaign == wcamp.name
+                and c.arm is not None
+                and (c.arm not in per_arm or c.score > per_arm[c.arm].score)
+            ):
+                per_arm[c.arm] = c
+        ranked = sorted(per_arm.values(), key=lambda c: -c.score)
+        if len(ranked) > 1:
+            first, second = ranked[0], ranked[1]
+            how = "explored (minimum exploration share or posterior draw)" if winner.explored else "exploited"
+            notes.append(
+                f"variant {winner.arm!r} {how}; best variant {first.arm!r} "
+                f"by {first.score - second.score:.4f} "
+                f"over {second.arm!r} (expected engagement {first.engagement:.3f} vs {second.engagement:.3f})"
+            )
+    if winner.explored and not wplan.variants:
+        notes.append(
+            "send time/channel chosen by exploration: the posterior draw favoured a less-known option"
+        )
+    return Decision(
+        action="send",
+        campaign=wcamp.name,
+        channel=winner.channel,
+        send_at_ms=winner.send_at_ms,
+        template=template,
+        variables=variables,
+        arm=arm.name if arm is not None else None,
+        candidates=tuple(candidates),
+        notes=tuple(notes),
+        suppressions=tuple(suppressions),
+        **base,  # type: ignore[arg-type]
+    )
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Send times of one (campaign, channel, variant) for a bulk scorer."""
+
+    campaign: Campaign
+    channel: str
+    arm: str | None
+    times: Sequence[int]
+
+
+@dataclass(frozen=True)
+class BulkScores:
+    """A bulk scorer's answer: flat arrays over every group's times, in group order.
+
+    Group ``k`` owns positions ``bounds[k]:bounds[k + 1]``.
+    """
+
+    bounds: Sequence[int]
+    score: np.ndarray
+    engagement: np.ndarray
+    unsubscribe: np.ndarray
+    explored: np.ndarray
+
+
+class BulkScorer(Protocol):
+    """A scorer that values many send times at once (the learners); decide() prefers it."""
+
+    def score_options(
+        self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int
+    ) -> BulkScores:
+        """Value every time of every group; ``score`` is what decide maximises."""
+        ...
+
+
+def _score_in_bulk(
+    bulk: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
+) -> list[Candidate]:
+    """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
+
+    Materialising hundreds of frozen candidates would cost more than scoring them, so the
+    explanation lists each campaign's best send time per channel (and variant).
+    """
+    groups: list[OptionGroup] = []
+    for plan in plans:
+        arm_names = (
+            [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
+        )
+        for channel, times in plan.options.items():
+            for arm in arm_names:
+                groups.append(OptionGroup(plan.campaign, channel, arm, times))
+    res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
+    starts = np.asarray(res.bounds[:-1], dtype=np.int64)
+    lengths = np.diff(np.asarray(res.bounds, dtype=np.int64))
+    seg_max = np.maximum.reduceat(res.score, starts)
+    at_max = np.flatnonzero(res.score >= np.repeat(seg_max, lengths))
+    # The first maximum of each group: the earliest of equally good times.
+    best = at_max[np.searchsorted(at_max, starts)]
+    score = res.score[best].tolist()
+    engagement = res.engagement[best].tolist()
+    unsubscribe = res.unsubscribe[best].tolist()
+    explored = res.explored[best].tolist()
+    out = []
+    for k, group in enumerate(groups):
+        out.append(
+            Candidate(
+                campaign=group.campaign.name,
+                channel=group.channel,
+                send_at_ms=group.times[int(best[k]) - int(starts[k])],
+                score=score[k],
+                engagement=engagement[k],
+                unsubscribe=unsubscribe[k],
+                explored=explored[k],
+                arm=group.arm,
+            )
+        )
+    return out
+
+
+def _check(
+    *,
+    t: int,
+    campaign: Campaign,
+    cap_times: Sequence[tuple[Cap, list[int]]],
+    history: Sequence[PastSend],
+    min_spacing_ms: int,
+    zone: ZoneInfo,
+    day_of: Callable[[int], int],
+) -> tuple[str, str] | None:
+    """The first rule a send at ``t`` would break, as ``(reason, detail)``, or None."""
+    for cap, points in cap_times:
+        # Calendar caps come with their sends already turned into local day numbers.
+        if (
+            cap.count <= 0
+            or (
+                _window_peak(points, day_of(t), max(1, cap.window_ms // DAY_MS))
+                if cap.calendar
+                else _window_peak(points, t, max(1, cap.window_ms))
+            )
+            >= cap.count
+        ):
+            return "cap", f"{_describe_cap(cap)} reached"
+    if min_spacing_ms > 0:
+        for h in history:
+            if abs(h.ts_ms - t) < min_spacing_ms:
+                return "spacing", (
+                    f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, zone)} is within "
+                    f"{min_spacing_ms / 3_600_000:g}h"
+                )
+    if campaign.exclusive is not None:
+        day = day_of(t)
+        for h in history:
+            if h.exclusive == campaign.exclusive and day_of(h.ts_ms) == day:
+                return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day"
+    return None

@@ -1,0 +1,252 @@
+"""Learner state over time: snapshots in the database and the engine-loop subscriber.
+
+:class:`LearnerSubscriber` is the engine loop's learner: it joins feedback events
+(``properties.decision_id``) to the decisions they answer and teaches the
+:class:`~cadence.engine.learners.DecisionLearner`; it snapshots the learner with the
+event-log position it reflects, and on start loads the latest snapshot so the loop
+replays only the events after it. A restart therefore does not change what the
+learners know.
+
+Snapshots are versioned per learner name. Pinning one (``cadence models pin``)
+makes :meth:`LearnerSubscriber.scorer` serve that frozen version while the live
+learner keeps learning; rolling back pins an older version; unpinning resumes the
+live one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from cadence.channels import feedback_kind
+from cadence.engine.learners import DecisionLearner, LearnerConfig
+from cadence.engine.loop import LoggedEvent
+from cadence.errors import CadenceError
+from cadence.store.schema.decisions import learner_snapshots
+
+__all__ = [
+    "LearnerSubscriber",
+    "SnapshotInfo",
+    "UnknownSnapshot",
+    "list_snapshots",
+    "load_snapshot",
+    "pin_snapshot",
+    "save_snapshot",
+    "unpin",
+]
+
+SNAPSHOT_FORMAT = 1
+
+
+class UnknownSnapshot(CadenceError):
+    """No snapshot with that name and version."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One stored snapshot, without its state."""
+
+    name: str
+    version: int
+    position: int
+    created_ms: int
+    labels: int
+    quality: dict[str, float]
+    pinned: bool
+    size_bytes: int
+
+
+def _dump(learner: DecisionLearner) -> bytes:
+    return zlib.compress(pickle.dumps((SNAPSHOT_FORMAT, learner), protocol=pickle.HIGHEST_PROTOCOL), 3)
+
+
+def _load(blob: bytes) -> DecisionLearner:
+    # Snapshots are written by cadence itself into its own database: trusted input.
+    fmt, learner = pickle.loads(zlib.decompress(blob))  # noqa: S301
+    if fmt != SNAPSHOT_FORMAT or not isinstance(learner, DecisionLearner):
+        raise CadenceError(f"learner snapshot format {fmt!r} is not supported (expected {SNAPSHOT_FORMAT})")
+    return learner
+
+
+def save_snapshot(conn: Connection, *, name: str, learner: DecisionLearner, now_ms: int) -> int:
+    """Store ``learner`` as the next version of ``name``; returns the version."""
+    latest = conn.execute(
+        select(func.max(learner_snapshots.c.version)).where(learner_snapshots.c.name == name)
+    ).scalar()
+    version = int(latest or 0) + 1
+    conn.execute(
+        learner_snapshots.insert().values(
+            name=name,
+            version=version,
+            position=learner.position,
+            created_ms=now_ms,
+            labels=learner.labels,
+            quality=learner.recent_quality(),
+            state=_dump(learner),
+            pinned=False,
+        )
+    )
+    return version
+
+
+def list_snapshots(conn: Connection, *, name: str) -> list[SnapshotInfo]:
+    """Every snapshot of ``name``, newest first."""
+    rows = conn.execute(
+        select(
+            learner_snapshots.c.name,
+            learner_snapshots.c.version,
+            learner_snapshots.c.position,
+            learner_snapshots.c.created_ms,
+            learner_snapshots.c.labels,
+            learner_snapshots.c.quality,
+            learner_snapshots.c.pinned,
+            func.length(learner_snapshots.c.state),
+        )
+        .where(learner_snapshots.c.name == name)
+        .order_by(learner_snapshots.c.version.desc())
+    )
+    return [
+        SnapshotInfo(
+            name=r[0],
+            version=r[1],
+            position=r[2],
+            created_ms=r[3],
+            labels=r[4],
+            quality=dict(r[5] or {}),
+            pinned=bool(r[6]),
+            size_bytes=int(r[7] or 0),
+        )
+        for r in rows
+    ]
+
+
+def load_snapshot(
+    conn: Connection, *, name: str, version: int | None = None, pinned: bool = False
+) -> DecisionLearner | None:
+    """A stored learner: ``version``, else the pinned one (``pinned=True``), else the latest."""
+    query = select(learner_snapshots.c.state).where(learner_snapshots.c.name == name)
+    if version is not None:
+        query = query.where(learner_snapshots.c.version == version)
+    elif pinned:
+        query = query.where(learner_snapshots.c.pinned.is_(True))
+    blob = conn.execute(query.order_by(learner_snapshots.c.version.desc()).limit(1)).scalar()
+    if blob is None:
+        if version is not None:
+            raise UnknownSnapshot(f"no snapshot {version} of learner {name!r} (see `cadence models list`)")
+        return None
+    return _load(bytes(blob))
+
+
+def pin_snapshot(conn: Connection, *, name: str, version: int) -> None:
+    """Serve ``version`` of ``name`` (frozen) until unpinned; rolling back is pinning an older version."""
+    exists = conn.execute(
+        select(learner_snapshots.c.id).where(
+            learner_snapshots.c.name == name, learner_snapshots.c.version == version
+        )
+    ).first()
+    if exists is None:
+        raise UnknownSnapshot(f"no snapshot {version} of learner {name!r} (see `cadence models list`)")
+    conn.execute(update(learner_snapshots).where(learner_snapshots.c.name == name).values(pinned=False))
+    conn.execute(
+        update(learner_snapshots)
+        .where(learner_snapshots.c.name == name, learner_snapshots.c.version == version)
+        .values(pinned=True)
+    )
+
+
+def unpin(conn: Connection, *, name: str) -> None:
+    """Serve the live learner again."""
+    conn.execute(update(learner_snapshots).where(learner_snapshots.c.name == name).values(pinned=False))
+
+
+class LearnerSubscriber:
+    """The engine loop's learner: feedback in, snapshots out.
+
+    Decisions are registered with :meth:`record` when they are committed (the API
+    does this); feedback events that name an unknown ``decision_id`` are ignored.
+    """
+
+    name = "learners"
+
+    def __init__(
+        self,
+        *,
+        config: LearnerConfig | None = None,
+        snapshot_every: int = 10_000,
+    ) -> None:
+        self.config = config
+        self.learner = DecisionLearner(config)
+        self.pinned: DecisionLearner | None = None
+        self.snapshot_every = snapshot_every
+        self._since_snapshot = 0
+
+    def scorer(self) -> DecisionLearner:
+        """What decisions should be scored with: the pinned snapshot if any, else the live learner."""
+        return self.pinned or self.learner
+
+    def start(self, conn: Connection, checkpoint: int) -> int:
+        """Load the latest snapshot (and the pinned one); return the position it reflects."""
+        latest = load_snapshot(conn, name=self.name)
+        self.learner = latest if latest is not None else DecisionLearner(self.config)
+        self.pinned = load_snapshot(conn, name=self.name, pinned=True)
+        return self.learner.position
+
+    def record(self, **decision: Any) -> None:
+        """Remember a committed decision (see :meth:`DecisionLearner.record_decision`)."""
+        self.learner.record_decision(**decision)
+
+    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
+        """Learn from each feedback event in ``batch``; snapshot every ``snapshot_every`` events."""
+        for event in batch:
+            self.learner.advance(event.ts_ms)
+            kind = feedback_kind(event.event)
+            decision_id = event.properties.get("decision_id")
+            if kind is not None and isinstance(decision_id, str):
+                zone = event.context.get("timezone")
+                self.learner.observe(
+                    decision_id=decision_id,
+                    kind=kind,
+                    ts_ms=event.ts_ms,
+                    zone=zone if isinstance(zone, str) else None,
+                )
+            self.learner.position = event.id
+            self._since_snapshot += 1
+        if batch and self._since_snapshot >= self.snapshot_every:
+            self.snapshot(conn, now_ms=batch[-1].ts_ms)
+
+    def snapshot(self, conn: Connection, *, now_ms: int) -> int:
+        """Write a snapshot now; returns its version."""
+        self._since_snapshot = 0
+        return save_snapshot(conn, name=self.name, learner=self.learner, now_ms=now_ms)
+
+    def merged(self, conn: Connection, winner: int, loser: int) -> None:
+        """Fold the loser's customer stats into the winner's."""
+        stats = self.learner.customers.pop(loser, None)
+        if stats is None:
+            return
+        target = self.learner.customer(winner)
+        target.sends.extend(stats.sends)
+        target.sends = type(target.sends)(sorted(target.sends))
+        for ch, n in stats.channel_sends.items():
+            target.channel_sends[ch] = target.channel_sends.get(ch, 0) + n
+        for ch, n in stats.channel_clicks.items():
+            target.channel_clicks[ch] = target.channel_clicks.get(ch, 0) + n
+        target.hour_cos += stats.hour_cos
+        target.hour_sin += stats.hour_sin
+        target.clicks += stats.clicks
+        if stats.last_click_ms is not None:
+            target.last_click_ms = max(target.last_click_ms or 0, stats.last_click_ms)
+        for p in self.learner.pending.values():
+            if p.customer_id == loser:
+                p.customer_id = winner
+
+    def erased(self, conn: Connection, customer_id: int) -> None:
+        """Forget the customer's stats and pending decisions (model weights hold no per-customer data)."""
+        self.learner.customers.pop(customer_id, None)
+        for key in [k for k, p in self.learner.pending.items() if p.customer_id == customer_id]:
+            del self.learner.pending[key]

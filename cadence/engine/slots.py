@@ -1,0 +1,223 @@
+"""Send-time arithmetic: customer zones, quiet hours, candidate slots, calendar days.
+
+Every function here is pure and works on epoch milliseconds (UTC) at the edges and
+on zone-aware local datetimes inside, so daylight-saving changes are handled by
+``zoneinfo`` rather than by adding hours to wall-clock times.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cadence.engine.campaign import DAY_MS, HOUR_MS, QuietHours
+
+__all__ = [
+    "candidate_slots",
+    "hour_of_week",
+    "is_quiet",
+    "local_datetime",
+    "local_day",
+    "next_allowed",
+    "next_allowed_ms",
+    "quiet_zone",
+    "zone_named",
+]
+
+
+@lru_cache(maxsize=1024)
+def _zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def zone_named(name: str | None, fallback: str) -> ZoneInfo:
+    """The zone called ``name``, or ``fallback`` when ``name`` is empty or unknown.
+
+    A customer's bad time-zone trait must not break a decision, so an unknown name
+    falls back instead of raising.
+
+    >>> zone_named("Europe/Berlin", "UTC").key
+    'Europe/Berlin'
+    >>> zone_named("Mars/Olympus", "UTC").key
+    'UTC'
+    """
+    if name:
+        zone = _zone(name)
+        if zone is not None:
+            return zone
+    return _zone(fallback) or ZoneInfo("UTC")
+
+
+def quiet_zone(quiet: QuietHours, customer_zone: str | None) -> ZoneInfo:
+    """The zone a campaign's quiet hours are read in for this customer."""
+    return zone_named(customer_zone if quiet.use_customer_zone else None, quiet.fallback_zone)
+
+
+def local_datetime(ms: int, zone: ZoneInfo) -> datetime:
+    """Epoch milliseconds as a zone-aware local datetime.
+
+    >>> local_datetime(0, ZoneInfo("Asia/Tokyo")).isoformat()
+    '1970-01-01T09:00:00+09:00'
+    """
+    return datetime.fromtimestamp(ms / 1000, tz=zone)
+
+
+def _ms(dt: datetime) -> int:
+    return int(round(dt.timestamp() * 1000))
+
+
+def local_day(ms: int, zone: ZoneInfo) -> int:
+    """The local calendar day of ``ms`` as a proleptic ordinal (for calendar caps).
+
+    >>> from datetime import date
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> local_day(_ms(datetime(2026, 3, 4, 23, 30, tzinfo=UTC)), berlin) - date(2026, 3, 4).toordinal()
+    1
+    """
+    return local_datetime(ms, zone).date().toordinal()
+
+
+def is_quiet(quiet: QuietHours, local: time) -> bool:
+    """True when the wall-clock time ``local`` falls inside the quiet range.
+
+    The range is ``[start, end)`` and may wrap midnight; ``start == end`` is empty.
+
+    >>> q = QuietHours(start=time(21), end=time(8), fallback_zone="UTC")
+    >>> is_quiet(q, time(22, 30)), is_quiet(q, time(7, 59)), is_quiet(q, time(8))
+    (True, True, False)
+    """
+    start, end = quiet.start, quiet.end
+    if start == end:
+        return False
+    if start < end:
+        return start <= local < end
+    return local >= start or local < end
+
+
+def next_allowed(quiet: QuietHours, local: datetime) -> datetime:
+    """The first instant at or after ``local`` (zone-aware) outside the quiet hours.
+
+    Built on the wall clock of the right day, then normalised through UTC, so a quiet
+    range that ends inside a spring-forward gap ends at the first real instant after it.
+
+    >>> q = QuietHours(start=time(21), end=time(8), fallback_zone="UTC")
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> next_allowed(q, datetime(2026, 3, 28, 22, 30, tzinfo=berlin)).isoformat()
+    '2026-03-29T08:00:00+02:00'
+    >>> next_allowed(q, datetime(2026, 3, 29, 12, 0, tzinfo=berlin)).isoformat()
+    '2026-03-29T12:00:00+02:00'
+    """
+    wall = local.timetz().replace(tzinfo=None)
+    if not is_quiet(quiet, wall):
+        return local
+    day = local.date()
+    if quiet.start > quiet.end and wall >= quiet.start:
+        day = day + timedelta(days=1)
+    zone = local.tzinfo
+    assert zone is not None, "next_allowed needs a zone-aware datetime"
+    target = datetime.combine(day, quiet.end, tzinfo=zone)
+    # Round-trip through UTC: a wall time inside a DST gap becomes the real instant after it.
+    normalised = target.astimezone(UTC).astimezone(zone)
+    return normalised
+
+
+def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
+    """:func:`next_allowed` on epoch milliseconds.
+
+    >>> q = QuietHours(start=time(22), end=time(7), fallback_zone="UTC")
+    >>> next_allowed_ms(q, 23 * 3_600_000, ZoneInfo("UTC")) == 31 * 3_600_000
+    True
+    """
+    local = local_datetime(ms, zone)
+    allowed = next_allowed(quiet, local)
+    return ms if allowed is local else _ms(allowed)
+
+
+def _offset_ms(ms: int, zone: ZoneInfo) -> int:
+    offset = local_datetime(ms, zone).utcoffset()
+    return int(offset.total_seconds() * 1000) if offset is not None else 0
+
+
+def _time_ms(t: time) -> int:
+    return ((t.hour * 60 + t.minute) * 60 + t.second) * 1000
+
+
+def hour_of_week(ms: int, zone: ZoneInfo) -> int:
+    """Local hour of the week, 0 = Monday 00:00..00:59, 167 = Sunday 23:00.
+
+    >>> hour_of_week(0, ZoneInfo("UTC"))  # 1970-01-01 was a Thursday
+    72
+    """
+    local = local_datetime(ms, zone)
+    return local.weekday() * 24 + local.hour
+
+
+def candidate_slots(
+    *,
+    earliest_ms: int,
+    count: int,
+    quiet: QuietHours | None,
+    zone: ZoneInfo,
+    until_ms: int | None = None,
+) -> tuple[list[int], bool]:
+    """Send times to consider: ``earliest_ms``, then the next ``count - 1`` top-of-hour instants.
+
+    Slots inside quiet hours are moved to the next allowed time (``defer``) or removed
+    (``drop``); duplicates collapse. Slots at or after ``until_ms`` (the campaign's end)
+    are removed. Returns ``(slots, now_is_quiet)`` where the flag says whether the
+    earliest instant itself fell inside quiet hours.
+
+    >>> q = QuietHours(start=time(22), end=time(7), fallback_zone="UTC")
+    >>> slots, quiet_now = candidate_slots(earliest_ms=21 * HOUR_MS, count=3, quiet=q, zone=ZoneInfo("UTC"))
+    >>> [s // HOUR_MS for s in slots], quiet_now
+    ([21, 31], False)
+    """
+    raw = [earliest_ms]
+    first_hour = (earliest_ms // HOUR_MS + 1) * HOUR_MS
+    raw.extend(first_hour + i * HOUR_MS for i in range(max(count - 1, 0)))
+    now_is_quiet = False
+    out: list[int] = []
+    seen: set[int] = set()
+    # Fast path: one UTC offset across the whole window (no DST change inside it), so the
+    # local time of day is plain arithmetic; only quiet slots need the calendar.
+    offset = _offset_ms(raw[0], zone)
+    constant = offset == _offset_ms(raw[-1], zone)
+    start_ms = _time_ms(quiet.start) if quiet is not None else 0
+    end_ms = _time_ms(quiet.end) if quiet is not None else 0
+    deferred: dict[int, int] = {}
+    for i, ms in enumerate(raw):
+        if quiet is not None:
+            if constant:
+                tod = (ms + offset) % DAY_MS
+                inside = (
+                    False
+                    if start_ms == end_ms
+                    else (start_ms <= tod < end_ms if start_ms < end_ms else tod >= start_ms or tod < end_ms)
+                )
+            else:
+                inside = is_quiet(quiet, local_datetime(ms, zone).timetz().replace(tzinfo=None))
+            if inside:
+                if i == 0:
+                    now_is_quiet = True
+                if quiet.action == "drop":
+                    continue
+                # Every slot of one quiet stretch defers to the same instant: compute it once.
+                key = (ms + offset) // DAY_MS * 2 + (
+                    1 if constant and (ms + offset) % DAY_MS >= start_ms else 0
+                )
+                target = deferred.get(key) if constant else None
+                if target is None:
+                    target = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+                    if constant:
+                        deferred[key] = target
+                ms = target
+        if until_ms is not None and ms >= until_ms:
+            continue
+        if ms not in seen:
+            seen.add(ms)
+            out.append(ms)
+    return out, now_is_quiet

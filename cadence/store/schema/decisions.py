@@ -1,0 +1,41 @@
+"""Learner snapshots: the learners' state, versioned with the event-log position it reflects.
+
+A snapshot is written by the leader's learner subscriber every so often; a restart
+loads the latest one and the engine loop replays the log after ``position``.
+``cadence models`` lists them with their recent quality; an operator can pin one
+(decisions are then scored by that frozen version) or roll back to an older one.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+from cadence.store.schema.base import Id, Json, metadata
+
+__all__ = ["learner_snapshots"]
+
+learner_snapshots = Table(
+    "learner_snapshots",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),  # which learner ("decisions")
+    Column("version", Integer, nullable=False),  # 1, 2, ... per name
+    Column("position", BigInteger, nullable=False),  # last event id reflected
+    Column("created_ms", BigInteger, nullable=False),
+    Column("labels", BigInteger, nullable=False),  # labels learned so far
+    Column("quality", Json, nullable=False),  # rolling AUC / log loss at snapshot time
+    Column("state", LargeBinary, nullable=False),
+    Column("pinned", Boolean, nullable=False, default=False),
+    UniqueConstraint("name", "version"),
+    Index(None, "name", "pinned"),
+)

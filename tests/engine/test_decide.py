@@ -1,0 +1,438 @@
+"""The decision pipeline: eligibility, arms, channels, quiet hours, caps, conflicts."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, time
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cadence.engine.campaign import (
+    DAY_MS,
+    HOUR_MS,
+    Campaign,
+    Cap,
+    ChannelPolicy,
+    CompiledRuleset,
+    ConditionResult,
+    EvalContext,
+    GlobalSettings,
+    QuietHours,
+    SplitArm,
+    TemplateSpec,
+    Trigger,
+)
+from cadence.engine.decide import decide, stable_share
+from cadence.engine.decision import SUPPRESSION_REASONS, Candidate, Decision, PastSend
+from cadence.engine.profiles_memory import MemoryProfile
+from cadence.engine.slots import is_quiet, local_datetime, local_day
+
+
+@dataclass
+class Cond:
+    """A hand-written predicate (the compiler's output has the same shape)."""
+
+    source: str
+    fn: Callable[[EvalContext], bool]
+
+    def __call__(self, ctx: EvalContext) -> bool:
+        return self.fn(ctx)
+
+    def explain(self, ctx: EvalContext) -> list[ConditionResult]:
+        value = self.fn(ctx)
+        return [ConditionResult(text=self.source, value=value, passed=value)]
+
+
+class RandomScorer:
+    """Scores candidates at random (seeded): exercises every slot and channel choice."""
+
+    def score(
+        self, *, profile: Any, candidates: Sequence[Candidate], now_ms: int, seed: int
+    ) -> Sequence[Candidate]:
+        rng = random.Random(seed)
+        return [replace(c, score=rng.uniform(0.01, 1.0)) for c in candidates]
+
+
+def camp(name: str, **kw: Any) -> Campaign:
+    base: dict[str, Any] = dict(
+        name=name,
+        title=name,
+        priority=1,
+        audience=None,
+        template=TemplateSpec(f"t_{name}"),
+        channels=ChannelPolicy(("email",)),
+    )
+    base.update(kw)
+    return Campaign(**base)
+
+
+def rules(*campaigns: Campaign, **settings_kw: Any) -> CompiledRuleset:
+    return CompiledRuleset(
+        hash="test",
+        campaigns={c.name: c for c in campaigns},
+        segments={},
+        settings=GlobalSettings(**settings_kw),
+        aggregates=frozenset(),
+    )
+
+
+def ms(text: str, zone: str = "UTC") -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=ZoneInfo(zone)).timestamp() * 1000)
+
+
+NOW = ms("2026-03-04T12:00")
+ALL = {"email", "sms", "push"}
+
+
+def run(ruleset: CompiledRuleset, profile: MemoryProfile | None = None, **kw: Any) -> Decision:
+    kw.setdefault("now_ms", NOW)
+    kw.setdefault("history", [])
+    kw.setdefault("available_channels", ALL)
+    return decide(ruleset=ruleset, profile=profile or MemoryProfile(customer_id=1), **kw)
+
+
+def test_every_suppression_reason_is_a_known_one() -> None:
+    d = run(
+        rules(
+            camp("a", audience=Cond("vip", lambda c: bool(c.profile.traits.get("vip")))),
+            camp("b", starts_ms=NOW + 1),
+            camp("c", ends_ms=NOW),
+            camp("d", trigger=Trigger("Cart Abandoned")),
+            camp("e", unless=Cond("always", lambda c: True)),
+        )
+    )
+    assert d.action == "none"
+    assert {(s.campaign, s.reason) for s in d.suppressions} == {
+        ("a", "audience"),
+        ("b", "not_started"),
+        ("c", "ended"),
+        ("d", "trigger"),
+        ("e", "unless"),
+    }
+    assert all(s.reason in SUPPRESSION_REASONS for s in d.suppressions)
+    assert d.conditions["a"][0].value is False
+
+
+def test_trigger_delay_and_where() -> None:
+    c = camp(
+        "cart",
+        trigger=Trigger(
+            "cart_abandoned",
+            where=Cond("event.value >= 50", lambda x: x.event["properties"]["value"] >= 50),
+            delay_ms=2 * HOUR_MS,
+        ),
+    )
+    r = replace(rules(c), event_aliases={"cart_abandoned": "Cart Abandoned"})
+    small = {"event": "Cart Abandoned", "ts_ms": NOW, "properties": {"value": 10}}
+    big = {"event": "Cart Abandoned", "ts_ms": NOW, "properties": {"value": 80}}
+    assert run(r, event=small).suppressed("cart", "trigger")
+    d = run(r, event=big)
+    assert (d.action, d.send_at_ms) == ("send", NOW + 2 * HOUR_MS)
+    assert d.template == "t_cart"
+
+
+def test_priority_then_name_breaks_ties_and_losers_are_explained() -> None:
+    d = run(
+        rules(
+            camp("b", priority=5),
+            camp("a", priority=5),
+            camp("z", priority=9, exclusive="g"),
+            camp("y", priority=1, exclusive="g"),
+        )
+    )
+    assert d.campaign == "z"
+    assert d.suppressed("y", "exclusive") and d.suppressed("a", "priority") and d.suppressed("b", "priority")
+    d2 = run(rules(camp("b", priority=5), camp("a", priority=5)))
+    assert d2.campaign == "a"
+    assert "by name" in next(s.detail for s in d2.suppressions if s.campaign == "b")
+
+
+def test_ordered_channels_fall_back_and_skip_opted_out_bounced_and_unoffered() -> None:
+    c = camp("c", channels=ChannelPolicy(("sms", "push", "email", "webhook")))
+    p = MemoryProfile(customer_id=1, consent={"sms": False}, traits={"bounced": ["push"]})
+    d = run(rules(c), p)
+    assert d.channel == "email"
+    assert d.suppressed("c", "consent") and d.suppressed("c", "bounced") and d.suppressed("c", "no_channel")
+    p.consent["all"] = False
+    assert run(rules(c), p).action == "none"
+
+
+def test_quiet_hours_defer_to_next_local_morning_and_drop_suppresses() -> None:
+    quiet = QuietHours(start=time(21), end=time(8), fallback_zone="Europe/Berlin")
+    p = MemoryProfile(customer_id=1, timezone=None)
+    now = ms("2026-03-04T22:30", "Europe/Berlin")
+    d = run(rules(camp("w", quiet=quiet)), p, now_ms=now)
+    assert d.action == "send" and d.send_at_ms == ms("2026-03-05T08:00", "Europe/Berlin")
+    assert d.suppressed("w", "quiet")
+    d = run(rules(camp("w", quiet=replace(quiet, action="drop"))), p, now_ms=now)
+    assert d.action == "none" and d.suppressed("w", "quiet")
+    # The customer's own zone wins over the fallback: 22:30 Berlin is 16:30 in New York.
+    p.timezone = "America/New_York"
+    assert run(rules(camp("w", quiet=quiet)), p, now_ms=now).send_at_ms == now
+
+
+def test_spacing_and_calendar_cap_in_customer_zone() -> None:
+    tokyo = MemoryProfile(customer_id=1, timezone="Asia/Tokyo")
+    sent = [PastSend(ts_ms=ms("2026-03-04T23:30", "Asia/Tokyo"), campaign="x", channel="email")]
+    daily = camp("d", caps=(Cap(count=1, window_ms=DAY_MS, scope="customer", calendar=True),))
+    # 2026-03-05 02:00 Tokyo is a new local day, though within 24h of the last send.
+    now = ms("2026-03-05T02:00", "Asia/Tokyo")
+    assert run(rules(daily), tokyo, now_ms=now, history=sent).action == "send"
+    rolling = camp("d", caps=(Cap(count=1, window_ms=DAY_MS, scope="customer"),))
+    assert run(rules(rolling), tokyo, now_ms=now, history=sent).suppressed("d", "cap")
+    spaced = run(rules(camp("d")), tokyo, now_ms=now, history=sent, **{})
+    assert spaced.action == "send"
+    spaced = run(rules(camp("d"), min_spacing_ms=4 * HOUR_MS), tokyo, now_ms=now, history=sent)
+    assert spaced.action == "none" and spaced.suppressed("d", "spacing")
+
+
+def test_exclusive_group_already_sent_that_day() -> None:
+    sent = [PastSend(ts_ms=NOW - HOUR_MS, campaign="other", channel="sms", exclusive="touch")]
+    d = run(rules(camp("c", exclusive="touch")), history=sent)
+    assert d.action == "none" and d.suppressed("c", "exclusive")
+    assert run(rules(camp("c", exclusive="touch")), history=sent, now_ms=NOW + DAY_MS).action == "send"
+
+
+def test_scorer_picks_slot_and_negative_value_suppresses() -> None:
+    class PreferLate:
+        def score(
+            self, *, profile: Any, candidates: Sequence[Candidate], now_ms: int, seed: int
+        ) -> list[Candidate]:
+            return [replace(c, score=(c.send_at_ms - now_ms) / DAY_MS - 0.5) for c in candidates]
+
+    d = run(rules(camp("c", channels=ChannelPolicy(("email", "sms"), mode="best"))), scorer=PreferLate())
+    assert d.action == "send" and d.send_at_ms == (NOW // HOUR_MS + 23) * HOUR_MS
+    assert len(d.candidates) == 48
+
+    class Negative:
+        def score(
+            self, *, profile: Any, candidates: Sequence[Candidate], now_ms: int, seed: int
+        ) -> list[Candidate]:
+            return [replace(c, score=-0.1) for c in candidates]
+
+    d = run(rules(camp("c")), scorer=Negative())
+    assert d.action == "none" and d.suppressed("c", "score")
+
+
+def test_split_arms_choose_template_and_learn_variants_offer_each_variant() -> None:
+    arms = (SplitArm("hold", 0.1, holdout=True), SplitArm("a", 0.45, "t_a"), SplitArm("b", 0.45, "t_b"))
+    templates = {run(rules(camp("s", split=arms)), MemoryProfile(customer_id=i)).template for i in range(200)}
+    assert templates == {"t_a", "t_b", None}
+    learned = camp("s", split=arms, learn_variants=True)
+    profile = next(MemoryProfile(customer_id=i) for i in range(100) if stable_share(i, "s") >= 0.1)
+    d = run(rules(learned), profile, scorer=RandomScorer())
+    assert {c.arm for c in d.candidates} == {"a", "b"}
+    assert d.template in {"t_a", "t_b"} and d.arm in {"a", "b"}
+
+
+# -- properties -------------------------------------------------------------------------------------
+
+ZONES = ["Europe/Berlin", "America/New_York", "Australia/Sydney", "Asia/Kolkata", "UTC", None]
+# Around the 2026 DST changes in Europe, the US and Australia.
+DST_DAYS = [
+    ms("2026-03-08T00:00"),
+    ms("2026-03-29T00:00"),
+    ms("2026-04-05T00:00"),
+    ms("2026-10-25T00:00"),
+    ms("2026-11-01T00:00"),
+]
+
+caps_st = st.builds(
+    Cap,
+    count=st.integers(1, 3),
+    window_ms=st.sampled_from([HOUR_MS, 6 * HOUR_MS, DAY_MS, 2 * DAY_MS, 7 * DAY_MS]),
+    scope=st.sampled_from(["campaign", "channel", "customer", "group"]),
+    channel=st.sampled_from([None, "email", "sms"]),
+    calendar=st.booleans(),
+)
+
+
+def _peak_violated(times: list[int], t: int, width: int, limit: int) -> bool:
+    """Independent check: some run of sends spanning < width and containing t exceeds limit."""
+    pts = sorted(times + [t])
+    for i in range(len(pts)):
+        for j in range(i, len(pts)):
+            if pts[j] - pts[i] < width and pts[i] <= t <= pts[j] and j - i + 1 > limit:
+                return True
+    return False
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    campaign_caps=st.lists(caps_st, max_size=2),
+    global_caps=st.lists(caps_st, max_size=2),
+    offsets=st.lists(st.integers(-10 * DAY_MS, 2 * DAY_MS), max_size=8),
+    sent_campaigns=st.lists(st.sampled_from(["c", "other"]), min_size=8, max_size=8),
+    sent_channels=st.lists(st.sampled_from(["email", "sms"]), min_size=8, max_size=8),
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    hour=st.integers(0, 47),
+    scored=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_no_decision_breaks_a_cap(
+    campaign_caps: list[Cap],
+    global_caps: list[Cap],
+    offsets: list[int],
+    sent_campaigns: list[str],
+    sent_channels: list[str],
+    zone: str | None,
+    day: int,
+    hour: int,
+    scored: bool,
+    seed: int,
+) -> None:
+    now = day + hour * HOUR_MS
+    c = camp(
+        "c", caps=tuple(campaign_caps), exclusive="g", channels=ChannelPolicy(("email", "sms"), mode="best")
+    )
+    history = [
+        PastSend(ts_ms=now + off, campaign=cn, channel=ch, exclusive="g" if cn == "c" else None)
+        for off, cn, ch in zip(offsets, sent_campaigns, sent_channels, strict=False)
+    ]
+    profile = MemoryProfile(customer_id=seed, timezone=zone)
+    d = run(
+        rules(c, caps=tuple(global_caps), default_zone="Europe/Berlin"),
+        profile,
+        now_ms=now,
+        history=history,
+        scorer=RandomScorer() if scored else None,
+        seed=seed,
+    )
+    if d.action != "send":
+        assert d.suppressions
+        return
+    assert d.send_at_ms is not None and d.channel is not None
+    t = d.send_at_ms
+    tz = ZoneInfo(zone or "Europe/Berlin")
+    for cap in (*campaign_caps, *global_caps):
+        if cap.channel is not None and cap.channel != d.channel:
+            continue
+        counted = [
+            h.ts_ms
+            for h in history
+            if (cap.scope == "customer")
+            or (cap.scope == "channel" and h.channel == d.channel)
+            or (cap.scope == "group" and h.exclusive == "g")
+            or (
+                cap.scope == "campaign"
+                and h.campaign == "c"
+                and (cap.channel is None or h.channel == d.channel)
+            )
+        ]
+        if cap.calendar:
+            days = max(1, cap.window_ms // DAY_MS)
+            assert not _peak_violated(
+                [local_day(x, tz) for x in counted], local_day(t, tz), days, cap.count
+            ), cap
+        else:
+            assert not _peak_violated(counted, t, cap.window_ms, cap.count), cap
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    minute=st.integers(0, 48 * 60),
+    start=st.integers(0, 23),
+    end=st.integers(0, 23),
+    action=st.sampled_from(["defer", "drop"]),
+    scored=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_no_send_inside_quiet_hours_across_dst(
+    zone: str | None, day: int, minute: int, start: int, end: int, action: str, scored: bool, seed: int
+) -> None:
+    quiet = QuietHours(
+        start=time(start, 30 if start == 2 else 0),
+        end=time(end, 30 if end == 2 else 0),
+        fallback_zone="America/New_York",
+        action=action,
+    )  # type: ignore[arg-type]
+    now = day + minute * 60_000
+    profile = MemoryProfile(customer_id=seed, timezone=zone)
+    d = run(
+        rules(camp("q", quiet=quiet)),
+        profile,
+        now_ms=now,
+        scorer=RandomScorer() if scored else None,
+        seed=seed,
+    )
+    tz = ZoneInfo(zone or "America/New_York")
+    local_now = local_datetime(now, tz)
+    if d.action == "send":
+        assert d.send_at_ms is not None and d.send_at_ms >= now
+        local = local_datetime(d.send_at_ms, tz)
+        assert not is_quiet(quiet, local.time()), (local, quiet)
+        if not scored:
+            # Deterministic: now, unless quiet; then the first allowed minute after it.
+            if is_quiet(quiet, local_now.time()):
+                assert local.time().replace(second=0) >= quiet.end or local.astimezone(UTC) > local_now
+            else:
+                assert d.send_at_ms == now
+    else:
+        assert action == "drop" and is_quiet(quiet, local_now.time()) and d.suppressed("q", "quiet")
+
+
+@settings(max_examples=60, deadline=None)
+@given(share=st.floats(0.05, 0.5), customer=st.integers(0, 10**9), scored=st.booleans())
+def test_holdout_never_receives_and_is_recorded(share: float, customer: int, scored: bool) -> None:
+    arms = (SplitArm("holdout", share, holdout=True), SplitArm("rest", 1 - share))
+    d = run(
+        rules(camp("h", split=arms), camp("other", priority=0)),
+        MemoryProfile(customer_id=customer),
+        scorer=RandomScorer() if scored else None,
+    )
+    held = stable_share(customer, "h") < share
+    assert ("h" in d.holdout) == held
+    if held:
+        assert d.campaign != "h" and d.suppressed("h", "holdout")
+    else:
+        assert d.campaign == "h"
+
+
+def test_holdout_share_is_close_to_configured() -> None:
+    arms = (SplitArm("holdout", 0.2, holdout=True), SplitArm("rest", 0.8))
+    r = rules(camp("h", split=arms))
+    held = sum("h" in run(r, MemoryProfile(customer_id=i)).holdout for i in range(4000))
+    assert 0.17 < held / 4000 < 0.23
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    consent=st.dictionaries(st.sampled_from(["email", "sms", "push", "all"]), st.booleans()),
+    bounced=st.lists(st.sampled_from(["email", "sms", "push"]), unique=True),
+    order=st.permutations(["email", "sms", "push"]),
+    mode=st.sampled_from(["best", "ordered"]),
+    offered=st.sets(st.sampled_from(["email", "sms", "push"])),
+    scored=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_opted_out_bounced_and_unoffered_channels_are_never_chosen(
+    consent: dict[str, bool],
+    bounced: list[str],
+    order: list[str],
+    mode: str,
+    offered: set[str],
+    scored: bool,
+    seed: int,
+) -> None:
+    profile = MemoryProfile(customer_id=seed, consent=dict(consent), traits={"bounced": bounced})
+    c = camp("c", channels=ChannelPolicy(tuple(order), mode=mode))  # type: ignore[arg-type]
+    d = run(
+        rules(c), profile, available_channels=offered, scorer=RandomScorer() if scored else None, seed=seed
+    )
+    ok = [ch for ch in order if ch in offered and consent.get(ch) is not False and ch not in bounced]
+    if consent.get("all") is False:
+        ok = []
+    if not ok:
+        assert d.action == "none"
+        return
+    assert d.channel in ok
+    if mode == "ordered":
+        assert d.channel == ok[0]
