@@ -25,8 +25,9 @@ from cadence.engine.attribution import heuristics
 from cadence.engine.attribution.grouping import DEFAULT_CHANNEL_RULES, group_channel
 from cadence.engine.attribution.journeys import DAY_MS, AttributionError, Journeys
 from cadence.engine.attribution.markov import TransitionTally, _conversion_probability
+from cadence.engine.attribution.models import apply_credit_rules
 from cadence.engine.attribution.shapley import MAX_EXACT_CHANNELS, coalition_shares
-from cadence.engine.attribution.spec import AttributionSpec
+from cadence.engine.attribution.spec import AttributionSpec, CreditRule, Touch
 from cadence.engine.events import LoggedEvent
 from cadence.engine.profiles import event_value
 from cadence.store.fast import execute_many, fetch_in
@@ -38,6 +39,7 @@ __all__ = [
     "default_specs",
     "journey_credits",
     "query_attribution",
+    "specs_of",
     "touch_of",
 ]
 
@@ -56,6 +58,14 @@ RULE_MODELS = (
 #: Models the query API serves (the others are offline: ``cadence attribution run``).
 ONLINE_MODELS = (*RULE_MODELS, "shapley", "markov")
 KEEP_MS = 90 * DAY_MS
+
+
+def specs_of(runtime: Any) -> list[AttributionSpec]:
+    """The ``attribution`` blocks of the runtime's loaded rules, else :func:`default_specs`."""
+    holder = getattr(runtime, "extensions", {}).get("rules") if runtime is not None else None
+    ruleset = getattr(holder, "current", None)
+    blocks = getattr(ruleset, "attribution", None) or {}
+    return list(blocks.values()) or default_specs()
 
 
 def default_specs() -> list[AttributionSpec]:
@@ -119,24 +129,31 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
 
 
 def journey_credits(
-    touches: Sequence[tuple[int, str, str]], conv_ms: int, *, params: Mapping[str, Any] | None = None
+    touches: Sequence[tuple[int, str, str]],
+    conv_ms: int,
+    *,
+    params: Mapping[str, Any] | None = None,
+    credit_rules: Sequence[CreditRule] = (),
 ) -> dict[str, list[tuple[str, str, float]]]:
     """Per rule-based model: (channel, campaign, credit) of one converting journey.
 
-    ``touches`` are (ts_ms, channel, campaign), oldest first, all at or before ``conv_ms``.
+    ``touches`` are (ts_ms, channel, campaign), oldest first, all at or before ``conv_ms``;
+    the block's credit rules apply (exclusions first).
 
     >>> c = journey_credits([(0, "email", "a"), (DAY_MS, "search", "")], 2 * DAY_MS)
     >>> c["linear"], c["last_touch"][1]
     ([('email', 'a', 0.5), ('search', '', 0.5)], ('search', '', 1.0))
     """
     params = params or {}
+    if credit_rules and touches:
+        seen = [Touch(ts_ms=t[0], channel=t[1], campaign=t[2] or None) for t in touches]
+        gone = {r.channel for r in credit_rules if r.action == "exclude" and (r.when is None or r.when(seen))}
+        touches = [t for t in touches if t[1] not in gone]
     if not touches:
         return {m: [] for m in RULE_MODELS}
     j = Journeys.from_paths(
         [[t[1] for t in touches]], converted=[1.0], gaps_ms=[[conv_ms - t[0] for t in touches]]
     )
-    code = {c: i for i, c in enumerate(j.channels)}
-    del code
     credits = {
         "first_touch": heuristics.first_touch(j),
         "last_touch": heuristics.last_touch(j),
@@ -148,6 +165,8 @@ def journey_credits(
         ),
         "shapley_simplified": heuristics.shapley_simplified(j),
     }
+    if any(r.action != "exclude" for r in credit_rules):
+        credits = {m: apply_credit_rules(j, c, credit_rules) for m, c in credits.items()}
     return {m: [(t[1], t[2], float(c[i])) for i, t in enumerate(touches)] for m, c in credits.items()}
 
 
@@ -178,9 +197,10 @@ class AttributionSubscriber:
     specs: Sequence[AttributionSpec] | None = None
     name: str = "attribution"
 
-    def __post_init__(self) -> None:
-        if self.specs is None:
-            self.specs = default_specs()
+    def current_specs(self) -> list[AttributionSpec]:
+        """The blocks to keep: given ones, else the loaded rules' ``attribution`` blocks,
+        else :func:`default_specs`."""
+        return list(self.specs) if self.specs is not None else specs_of(self.runtime)
 
     def windows(self, spec: AttributionSpec) -> list[int]:
         """Windows (days) kept for ``spec``."""
@@ -193,7 +213,7 @@ class AttributionSubscriber:
 
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
         """Record touches, credit conversions, close journeys."""
-        for spec in self.specs or ():
+        for spec in self.current_specs():
             self._apply_spec(conn, spec, batch)
 
     def _apply_spec(self, conn: Connection, spec: AttributionSpec, batch: Sequence[LoggedEvent]) -> None:
@@ -232,7 +252,9 @@ class AttributionSubscriber:
             before = [t for t in touches if t[0] <= e.ts_ms]
             for w in windows:
                 inside = [(t[0], t[1], t[2]) for t in before if e.ts_ms - t[0] <= w * DAY_MS]
-                per_model = journey_credits(inside, e.ts_ms, params=spec.params)
+                per_model = journey_credits(
+                    inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
+                )
                 for model, rows in per_model.items():
                     if not rows:
                         key = (model, w, day, "", "")
