@@ -191,8 +191,6 @@ def online(quick: bool, tmp: Path) -> list[str]:
     import random
     import statistics
 
-    from sqlalchemy import text
-
     from cadence.engine.attribution.online import AttributionSubscriber, query_attribution
     from cadence.engine.events import parse_call
     from cadence.engine.ingest import record_events
@@ -256,32 +254,29 @@ def online(quick: bool, tmp: Path) -> list[str]:
         "shapley_simplified",
     ]
     windows = [1, 7, 14, 30, 60, 90]
-    rows = [
-        {
-            "spec": "big",
-            "model": m,
-            "w": w,
-            "day": 20_454 + d,
-            "ch": f"ch{c}",
-            "cp": f"cp{p}",
-            "n": 1.0,
-            "v": 2.0,
-        }
-        for m in models
-        for w in windows
-        for d in range(days)
-        for c in range(15)
-        for p in range(20)
-    ]
+    n_rows = 0
     with runtime.engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO attribution_credits (spec, model, window_days, day, channel, campaign, conversions, value) "
-                "VALUES (:spec, :model, :w, :day, :ch, :cp, :n, :v)"
-            ),
-            rows,
-        )
-    timings = []
+        for m in models:
+            for w in windows:
+                # One (model, window) at a time: tuples through the driver, little memory.
+                chunk = [
+                    ("big", m, w, 20_454 + d, f"ch{c}", f"cp{p}", 1.0, 2.0)
+                    for d in range(days)
+                    for c in range(15)
+                    for p in range(20)
+                ]
+                conn.exec_driver_sql(
+                    "INSERT INTO attribution_credits (spec, model, window_days, day, channel, campaign, "
+                    "conversions, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    chunk,
+                )
+                n_rows += len(chunk)
+                conn.exec_driver_sql(
+                    "INSERT INTO attribution_channel_credits (spec, model, window_days, day, channel, "
+                    "conversions, value) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [("big", m, w, 20_454 + d, f"ch{c}", 20.0, 40.0) for d in range(days) for c in range(15)],
+                )
+    timings: dict[str, list[float]] = {"channel": [], "campaign": [], "day": []}
     with runtime.engine.connect() as conn:
         for i in range(60):
             lo = 20_454 + rng.randrange(days // 2)
@@ -296,18 +291,20 @@ def online(quick: bool, tmp: Path) -> list[str]:
                 until_day=lo + days // 2,
                 group_by=group,
             )
-            timings.append((time.perf_counter() - start) * 1000)
+            timings[group].append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
         query_attribution(conn, spec="default", models=["shapley", "markov"], window_days=30)
         tally_ms = (time.perf_counter() - start) * 1000
     runtime.close()
-    p95 = statistics.quantiles(timings, n=20)[-1]
+    p95 = statistics.quantiles(timings["channel"] + timings["day"], n=20)[-1]
+    p95_campaign = statistics.quantiles(timings["campaign"], n=20)[-1]
     return [
         "| measure | value | goal |",
         "|---|---:|---|",
         f"| attribution subscriber, per event ({len(calls):,} events, SQLite) | {per_event_us:,.0f} us | |",
-        f"| GET-equivalent query p95, 2 models, {len(rows):,} aggregate rows ({days} days x 15 channels x 20 campaigns"
-        f" x 7 models x 6 windows) | {p95:.1f} ms | < 50 ms |",
+        f"| query p95 by channel or day, 2 models, half of {days} days ({n_rows:,} campaign-level rows: "
+        f"{days} days x 15 channels x 20 campaigns x 7 models x 6 windows) | {p95:.1f} ms | < 50 ms |",
+        f"| query p95 by campaign, same | {p95_campaign:.1f} ms | |",
         f"| shapley + markov from tallies ({n_customers:,} customers' open journeys) | {tally_ms:.1f} ms | |",
     ]
 

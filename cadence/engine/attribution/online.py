@@ -5,7 +5,8 @@ their channel; visits with UTM parameters or a referrer through channel grouping
 to conversions (the attribution block's conversion event), for every
 :class:`AttributionSpec`. A customer's open journey lives in ``attribution_touches``;
 a conversion credits it at once with every rule-based model for every standard window
-(:data:`WINDOWS_DAYS`) into ``attribution_credits``, adds the journey to the coalition
+(:data:`WINDOWS_DAYS`) into ``attribution_credits`` (and, without the campaign, into
+``attribution_channel_credits``, which channel and day queries read), adds the journey to the coalition
 and path tallies, and closes it. :func:`query_attribution` answers from those tables
 only: rule-based credit by channel, campaign or day over a date range; Shapley from
 coalition tallies and Markov removal effects from path tallies (all time).
@@ -176,6 +177,12 @@ _UPSERT_CREDIT = (
     "DO UPDATE SET conversions = attribution_credits.conversions + excluded.conversions, "
     "value = attribution_credits.value + excluded.value"
 )
+_UPSERT_CHANNEL_CREDIT = (
+    "INSERT INTO attribution_channel_credits (spec, model, window_days, day, channel, conversions, value) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel) "
+    "DO UPDATE SET conversions = attribution_channel_credits.conversions + excluded.conversions, "
+    "value = attribution_channel_credits.value + excluded.value"
+)
 _UPSERT_COALITION = (
     "INSERT INTO attribution_coalitions (spec, window_days, channels, journeys, conversions) "
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (spec, window_days, channels) "
@@ -279,6 +286,16 @@ class AttributionSubscriber:
             _UPSERT_CREDIT,
             [(spec.name, m, w, d, ch, cp, v[0], v[1]) for (m, w, d, ch, cp), v in credits.items()],
         )
+        by_channel: dict[tuple[str, int, int, str], list[float]] = {}
+        for (m, w, d, ch, _cp), v in credits.items():
+            acc = by_channel.setdefault((m, w, d, ch), [0.0, 0.0])
+            acc[0] += v[0]
+            acc[1] += v[1]
+        execute_many(
+            conn,
+            _UPSERT_CHANNEL_CREDIT,
+            [(spec.name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
+        )
         execute_many(
             conn, _UPSERT_COALITION, [(spec.name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()]
         )
@@ -350,8 +367,9 @@ def query_attribution(
     out: dict[str, list[dict[str, Any]]] = {}
     for model in models:
         if model in RULE_MODELS:
+            table = "attribution_credits" if group_by == "campaign" else "attribution_channel_credits"
             sql = (
-                f"SELECT {GROUPS[group_by]}, SUM(conversions), SUM(value) FROM attribution_credits "
+                f"SELECT {GROUPS[group_by]}, SUM(conversions), SUM(value) FROM {table} "
                 "WHERE spec = ? AND model = ? AND window_days = ? AND day >= ? AND day <= ? "
                 f"GROUP BY {GROUPS[group_by]} ORDER BY {GROUPS[group_by]}"
             )
