@@ -365,6 +365,7 @@ def query_attribution(
     if group_by not in GROUPS:
         raise AttributionError(f"group_by must be channel, campaign or day, not {group_by!r}")
     out: dict[str, list[dict[str, Any]]] = {}
+    open_paths: list[list[str]] | None = None  # read once for shapley and markov
     for model in models:
         if model in RULE_MODELS:
             table = "attribution_credits" if group_by == "campaign" else "attribution_channel_credits"
@@ -387,7 +388,9 @@ def query_attribution(
         elif model in ("shapley", "markov"):
             if group_by != "channel":
                 raise AttributionError(f"{model} is solved from all-time tallies: group_by must be channel")
-            out[model] = _tally_model(conn, spec, model, window_days)
+            if open_paths is None:
+                open_paths = _open_paths(conn, spec, window_days)
+            out[model] = _tally_model(conn, spec, model, window_days, open_paths)
         else:
             raise AttributionError(
                 f"model {model!r} is not served online (choose from {', '.join(ONLINE_MODELS)}); "
@@ -422,8 +425,9 @@ def _open_paths(conn: Connection, spec: str, window_days: int) -> list[list[str]
     return paths
 
 
-def _tally_model(conn: Connection, spec: str, model: str, window_days: int) -> list[dict[str, Any]]:
-    open_paths = _open_paths(conn, spec, window_days)
+def _tally_model(
+    conn: Connection, spec: str, model: str, window_days: int, open_paths: list[list[str]]
+) -> list[dict[str, Any]]:
     if model == "shapley":
         rows = conn.exec_driver_sql(
             _placeholders(
