@@ -16,7 +16,7 @@ from typing import Any
 
 from cadence.channels import CHANNELS, Feedback
 from cadence.dsl import ast
-from cadence.dsl.diagnostics import Diagnostic, did_you_mean
+from cadence.dsl.diagnostics import UNIT_WORDS, Diagnostic, did_you_mean
 from cadence.dsl.parser import ParsedModule
 from cadence.engine.attribution.spec import MODELS
 from cadence.engine.decision import SUPPRESSION_REASONS
@@ -695,6 +695,15 @@ class Checker:
             return ERROR
         if any(name in s.module.broken or "*" in s.module.broken for s in scopes):
             return ERROR
+        if not prefix and len(parts) == 1 and name in UNIT_WORDS:
+            self.at(
+                node,
+                "E302",
+                f"'{name}' is not a duration",
+                length,
+                f"durations are a number and a unit: write {UNIT_WORDS[name]}",
+            )
+            return ERROR
         candidates = (
             self._visible_names(env.scope) if not prefix else [*scopes[0].aliases, *scopes[0].segments]
         )
@@ -793,7 +802,7 @@ class Checker:
         self, node: ast.Expr, env: _Env, where: str, *, integer: bool = True, minimum: float = 0
     ) -> None:
         t = self.expr(node, env)
-        if not self._want(node, t, "number", where):
+        if not self._want(node, t, "number", where) or not self._literal(node, where, t):
             return
         value = _lit_value(node)
         if value is not None and ((integer and value != int(value)) or value < minimum):
@@ -804,10 +813,25 @@ class Checker:
 
     def _duration(self, node: ast.Expr, env: _Env, where: str, *, positive: bool = True) -> None:
         t = self.expr(node, env)
-        if self._want(node, t, "duration", where) and positive:
+        if self._want(node, t, "duration", where) and self._literal(node, where, t) and positive:
             value = _lit_value(node)
             if value is not None and value <= 0:
                 self.at(node, "E402", f"{where} must be longer than 0", _len(node))
+
+    def _literal(self, node: ast.Expr, where: str, t: T | None = None) -> bool:
+        """Settings of a rule (counts, windows, shares, times) are written as values, not computed."""
+        if isinstance(node, ast.Lit) and node.value is not None:
+            return True
+        if t is not None and t.kind == "error":
+            return False  # already reported
+        self.at(
+            node,
+            "E301",
+            f"{where} must be written as a plain value, not computed",
+            _len(node),
+            "write e.g. 3, 7d, 45% or 09:00",
+        )
+        return False
 
     def cap(self, clause: ast.Clause, env: _Env, *, in_settings: bool) -> None:
         """``cap N per DURATION [on CHANNEL]``."""
@@ -902,6 +926,8 @@ class Checker:
         for key in ("start", "end"):
             node = args[key]
             t = self.expr(node, env)
+            if t.kind == "timeofday" and not self._literal(node, "quiet hours"):
+                break
             if t.kind not in ("timeofday", "error"):
                 # one mistake (e.g. "21..8") is one diagnostic, however many ends it affects
                 self.at(
@@ -966,7 +992,9 @@ class Checker:
         at = clause.args["at"]
         if at is not None:
             t = self.expr(at, env)
-            if t.kind not in ("timeofday", "error"):
+            if t.kind == "timeofday":
+                self._literal(at, "a schedule time")
+            elif t.kind != "error":
                 self.at(
                     at, "E302", f"a schedule runs at a time of day, got {t}", _len(at), "write e.g. at 09:00"
                 )
@@ -1004,8 +1032,8 @@ class Checker:
                 known = False
             elif not self._want(arm.share, t, "percent", "a split share"):
                 known = False
-            elif isinstance(arm.share, ast.Lit):
-                total += arm.share.value
+            elif self._literal(arm.share, "a split share", t):
+                total += float(_lit_value(arm.share) or 0.0)
             else:
                 known = False
         if known and abs(total - 1.0) > 1e-9:
@@ -1044,7 +1072,9 @@ class Checker:
             elif kw == "window":
                 node = args["expr"]
                 t = self.expr(node, env)
-                if self._want(node, t, "duration", "the attribution window"):
+                if self._want(node, t, "duration", "the attribution window") and self._literal(
+                    node, "the attribution window", t
+                ):
                     value = _lit_value(node)
                     if value is not None and not (DAY_MS <= value <= 90 * DAY_MS):
                         self.at(
@@ -1071,7 +1101,9 @@ class Checker:
                     t = self.expr(value, env)
                     if t.kind == "number" and _lit_value(value) == 0:
                         pass
-                    elif self._want(value, t, "percent", "a fixed credit"):
+                    elif self._want(value, t, "percent", "a fixed credit") and self._literal(
+                        value, "a credit"
+                    ):
                         v = _lit_value(value)
                         if v is not None and not 0 <= v <= 1:
                             self.at(value, "E402", "a credit share must be between 0% and 100%", _len(value))
@@ -1117,7 +1149,8 @@ class Checker:
                 self.at(pos, "E206", f"'{name}' has no parameter '{pname}'", len(pname), hint)
                 continue
             t = self.expr(expr, env)
-            self._want(expr, t, allowed[pname], f"'{pname}'")
+            if self._want(expr, t, allowed[pname], f"'{pname}'"):
+                self._literal(expr, f"'{pname}'", t)
 
     def settings(self, block: ast.Settings, scope: ModuleScope) -> None:
         """Global settings."""

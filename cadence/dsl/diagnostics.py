@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-__all__ = ["CODES", "Diagnostic", "did_you_mean", "render", "render_all", "sort_diagnostics"]
+__all__ = ["CODES", "UNIT_WORDS", "Diagnostic", "did_you_mean", "render", "render_all", "sort_diagnostics"]
 
 #: Every diagnostic code, with what it means (the language reference lists them too).
 CODES: dict[str, str] = {
@@ -52,6 +52,22 @@ CODES: dict[str, str] = {
     "W504": "campaigns with equal priority and overlapping audiences",
     "W505": "quiet hours cover the whole day",
     "W506": "cap is stricter than the schedule",
+}
+
+
+#: Words people use for durations, and how to write them instead.
+UNIT_WORDS = {
+    word: example
+    for words, example in (
+        (("second", "seconds", "sec", "secs"), "30s"),
+        (("minute", "minutes", "min", "mins"), "15m"),
+        (("hour", "hours", "hr", "hrs"), "1h"),
+        (("day", "days", "daily"), "1d"),
+        (("week", "weeks", "weekly"), "1w or 7d"),
+        (("month", "months", "monthly"), "30d"),
+        (("year", "years", "yearly"), "365d"),
+    )
+    for word in words
 }
 
 

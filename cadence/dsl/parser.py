@@ -25,11 +25,21 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from cadence.dsl import ast
-from cadence.dsl.diagnostics import Diagnostic, did_you_mean
+from cadence.dsl.diagnostics import UNIT_WORDS, Diagnostic, did_you_mean
 
 __all__ = ["KEYWORDS", "TOP_LEVEL", "ParsedModule", "grammar", "parse_text"]
 
 GRAMMAR_FILE = FilePath(__file__).with_name("cadence.lark")
+
+try:  # the Cython build of lark's LALR parser and lexer: same results, about 1.6x faster
+    import lark_cython  # type: ignore[import-untyped]
+
+    _PLUGINS: dict[str, Any] | None = lark_cython.plugins
+    # its tokens are not lark.Token subclasses, but have the same type/line/column/str()
+    TOKEN_TYPES: tuple[type[Token], ...] = (Token, cast(type[Token], lark_cython.Token))
+except ImportError:  # pragma: no cover - pure-Python lark is the fallback
+    _PLUGINS = None
+    TOKEN_TYPES = (Token,)
 MAX_DEPTH = 200
 TOP_LEVEL = ("import", "event", "segment", "campaign", "attribution", "settings", "test")
 DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
@@ -113,6 +123,7 @@ def grammar() -> Lark:
         transformer=_Builder(),
         maybe_placeholders=False,
         cache=True,
+        **({"_plugins": _PLUGINS} if _PLUGINS else {}),
     )
 
 
@@ -173,13 +184,13 @@ class _Pos(TypedDict):
 
 
 def _pos(item: Any) -> _Pos:
-    if isinstance(item, Token):
+    if isinstance(item, TOKEN_TYPES):
         return {"line": item.line or 0, "column": item.column or 0}
     return {"line": getattr(item, "line", 0), "column": getattr(item, "column", 0)}
 
 
 def _strs(items: list[Any], kind: str) -> list[Token]:
-    return [t for t in items if isinstance(t, Token) and t.type == kind]
+    return [t for t in items if isinstance(t, TOKEN_TYPES) and t.type == kind]
 
 
 @v_args(inline=True)
@@ -188,16 +199,16 @@ class _Builder(Transformer[Token, Any]):
 
     # ---- literals and atoms
     def number(self, tok: Token) -> ast.Lit:
-        return ast.Lit("number", float(tok), str(tok), **_pos(tok))
+        return ast.Lit("number", float(str(tok)), str(tok), **_pos(tok))
 
     def duration(self, tok: Token) -> ast.Lit:
         return ast.Lit("duration", duration_ms(str(tok)), str(tok), **_pos(tok))
 
     def percent(self, tok: Token) -> ast.Lit:
-        return ast.Lit("percent", float(tok[:-1]) / 100.0, str(tok), **_pos(tok))
+        return ast.Lit("percent", float(str(tok)[:-1]) / 100.0, str(tok), **_pos(tok))
 
     def money(self, tok: Token) -> ast.Lit:
-        return ast.Lit("money", float(tok[1:]), str(tok), **_pos(tok))
+        return ast.Lit("money", float(str(tok)[1:]), str(tok), **_pos(tok))
 
     def timeofday(self, tok: Token) -> ast.Lit:
         return ast.Lit("timeofday", _time_of_day(str(tok)), str(tok), **_pos(tok))
@@ -331,7 +342,7 @@ class _Builder(Transformer[Token, Any]):
         items = list(rest)
         while items:
             item = items.pop(0)
-            if isinstance(item, Token) and item.type == "IN":
+            if isinstance(item, TOKEN_TYPES) and item.type == "IN":
                 zone = items.pop(0)
             else:
                 action = (str(item), _pos(item))
@@ -342,7 +353,7 @@ class _Builder(Transformer[Token, Any]):
         items = list(rest)
         while items:
             item = items.pop(0)
-            if isinstance(item, Token) and item.type == "IN":
+            if isinstance(item, TOKEN_TYPES) and item.type == "IN":
                 zone = items.pop(0)
             else:
                 at = item
@@ -424,9 +435,9 @@ class _Builder(Transformer[Token, Any]):
     def step(self, moment: ast.Moment, *rest: Any) -> ast.Step:
         items = list(rest)
         trigger = None
-        if not (isinstance(items[0], Token) and items[0].type == "EXPECT"):
+        if not (isinstance(items[0], TOKEN_TYPES) and items[0].type == "EXPECT"):
             event = items.pop(0)
-            props = items.pop(0) if not isinstance(items[0], Token) else []
+            props = items.pop(0) if not isinstance(items[0], TOKEN_TYPES) else []
             trigger = ast.Fixture(event, moment, tuple((n, e) for n, e, _p in props), **_pos(event))
         items.pop(0)  # EXPECT
         step: ast.Step = items[0]
@@ -558,7 +569,7 @@ def _climb(seq: list[Any]) -> ast.Expr:
         nonlocal pos
         item = seq[pos]
         pos += 1
-        if isinstance(item, Token):
+        if isinstance(item, TOKEN_TYPES):
             if item.type == "NOT":
                 operand = parse(NOT_PREC + 1)
                 return ast.Unary("not", operand, **_pos(item))
@@ -587,7 +598,7 @@ def _tp(tok: Token) -> tuple[int, int]:
 
 
 def _title_and_clauses(rest: tuple[Any, ...]) -> tuple[str | None, list[ast.Clause]]:
-    if rest and isinstance(rest[0], Token):
+    if rest and isinstance(rest[0], TOKEN_TYPES):
         return _decode_string(str(rest[0])), list(rest[1:])
     return None, list(rest)
 
@@ -660,6 +671,14 @@ def _syntax_diagnostic(
         want = _describe_expected(expected)
         candidates = [KEYWORDS[t] for t in expected if t in KEYWORDS]
         hint = did_you_mean(value, candidates) if tok.type == "NAME" else None
+        if value in UNIT_WORDS:
+            hint = f"durations are a number and a unit: write {UNIT_WORDS[value]}"
+        elif value == ":":
+            hint = "clause keywords are not followed by ':'"
+        elif expected == {"STRING"} and tok.type == "NAME":
+            hint = f'names of templates, groups and zones are quoted: "{value}"'
+        elif expected == {"DOTDOT"}:
+            hint = "write a time range with two dots: 22:00..07:00"
         if (
             tok.type == "NAME"
             and column == 1
@@ -795,16 +814,46 @@ CLAUSE_WORDS = frozenset(
 MAX_RECOVERIES = 20
 
 
-def _clause_range(block_lines: list[str], index: int) -> tuple[int, int] | None:
-    """The lines (start, end exclusive) of the clause holding line ``index`` of a braced block."""
+def _starts_clause(block_lines: list[str], i: int) -> bool:
+    m = _FIRST_WORD.match(block_lines[i].lstrip())
+    word = m.group(1) if m else ""
+    return word in CLAUSE_WORDS or bool(difflib.get_close_matches(word, CLAUSE_WORDS, n=1, cutoff=0.75))
+
+
+def _clause_range(block_lines: list[str], index: int, column: int = 0) -> tuple[int, int] | None:
+    """The lines (start, end exclusive) of the broken clause, for an error at line ``index``.
+
+    An error on the first word of a line that is a correct clause keyword (or ``}``)
+    means the clause before it did not end properly: that one is the broken clause.
+    """
     if index <= 0 or index >= len(block_lines):
         return None
+    line = block_lines[index]
+    first = len(line) - len(line.lstrip()) + 1
+    word_match = _FIRST_WORD.match(line.lstrip())
+    if column == first and word_match and word_match.group(1) in CLAUSE_WORDS and index > 1:
+        index -= 1
+        while index > 1 and not block_lines[index].strip():
+            index -= 1
+        start = index
+        while start > 1 and not _starts_clause(block_lines, start):
+            start -= 1
+        return start, index + 1
 
     def starts_clause(i: int) -> bool:
         m = _FIRST_WORD.match(block_lines[i].lstrip())
         word = m.group(1) if m else ""
         return word in CLAUSE_WORDS or bool(difflib.get_close_matches(word, CLAUSE_WORDS, n=1, cutoff=0.75))
 
+    if block_lines[index].lstrip().startswith("}"):
+        # the error is at the closing brace: the clause before it is the broken one
+        index -= 1
+        while index > 1 and not block_lines[index].strip():
+            index -= 1
+        start = index
+        while start > 1 and not starts_clause(start):
+            start -= 1
+        return start, index + 1
     start = index
     while start > 1 and not starts_clause(start):
         start -= 1
@@ -835,7 +884,7 @@ def _parse_block(
                 or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END")
             ):
                 return None, errors
-            span = _clause_range(block_lines, (exc.line or 1) - offset - 1)
+            span = _clause_range(block_lines, (exc.line or 1) - offset - 1, exc.column or 0)
             if span is None:
                 return None, errors
             for i in range(*span):

@@ -116,7 +116,10 @@ class MemoryProfile:
         times = self._times.get(event)
         if not times:
             return 0
-        return bisect.bisect_left(times, until_ms) - bisect.bisect_left(times, since_ms)
+        # the usual window ends now, after the last event, and often starts before the first
+        hi = len(times) if times[-1] < until_ms else bisect.bisect_left(times, until_ms)
+        lo = 0 if since_ms <= times[0] else bisect.bisect_left(times, since_ms)
+        return hi - lo
 
     def sum(self, event: str, prop: str, since_ms: int, until_ms: int) -> float:
         """The sum of a numeric property over ``event``s in ``[since_ms, until_ms)``."""

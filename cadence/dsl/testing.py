@@ -15,6 +15,7 @@ the compiled conditions.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -173,7 +174,9 @@ def _run_one(  # noqa: C901 - one loop over the steps
         )
         for f in test.events
     ]
-    customer = MemoryProfile(1, traits=traits, timezone=timezone, events=events, consent=consent)
+    customer = MemoryProfile(
+        _customer_number(traits.get("id")), traits=traits, timezone=timezone, events=events, consent=consent
+    )
     history: list[Any] = []
     out: list[StepResult] = []
     for step in test.steps:
@@ -279,6 +282,22 @@ def _run_one(  # noqa: C901 - one loop over the steps
                 )
         out.append(res)
     return out
+
+
+def _customer_number(label: Any) -> int:
+    """The numeric customer id a test customer gets: its ``id`` if numeric, else a stable hash of it.
+
+    Splits and holdouts hash this number, so a test's customer always lands in the same arm.
+
+    >>> _customer_number("42"), _customer_number("c1") == _customer_number("c1"), _customer_number(None)
+    (42, True, 1)
+    """
+    if label is None:
+        return 1
+    text = str(label)
+    if text.isdigit():
+        return int(text)
+    return zlib.crc32(text.encode()) % 1_000_000_000 + 1
 
 
 def _describe(step: ast.Step) -> str:

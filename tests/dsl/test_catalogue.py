@@ -44,6 +44,39 @@ CATALOGUE = [
         "'then defer' or 'then drop'",
         "did you mean 'defer'?",
     ),
+    # habits from other languages
+    (
+        'campaign c {\n    audience: buyers\n    send template "t"\n    channel email\n}\n',
+        "E101",
+        4,
+        13,
+        "unexpected ':'",
+        "not followed by ':'",
+    ),
+    (
+        "campaign c {\n    send template welcome\n    channel email\n}\n",
+        "E101",
+        4,
+        19,
+        "unexpected 'welcome'",
+        '"welcome"',
+    ),
+    (
+        'campaign c {\n    trigger on purchased after 2 hours\n    send template "t"\n    channel email\n}\n',
+        "E101",
+        4,
+        34,
+        "unexpected 'hours'",
+        "write 1h",
+    ),
+    (
+        'campaign c {\n    send template "t"\n    channel email\n    quiet 22:00-07:00\n}\n',
+        "E101",
+        7,
+        1,
+        "expected '..'",
+        "two dots",
+    ),
     # misspelt channels
     (
         'campaign c {\n    send template "t"\n    channel emial\n}\n',
@@ -137,6 +170,14 @@ CATALOGUE = [
         14,
         "only known in a campaign with a trigger",
         "trigger on EVENT",
+    ),
+    (
+        'campaign c {\n    send template "t"\n    channel email\n    cap 2 per week\n}\n',
+        "E302",
+        6,
+        15,
+        "'week' is not a duration",
+        "1w or 7d",
     ),
     # splits not adding up
     (
