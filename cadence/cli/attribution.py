@@ -94,7 +94,7 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
     """Run attribution models over touchpoint and conversion files."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     from cadence.engine.attribution.files import load_holdouts, load_touch_log
     from cadence.engine.attribution.holdout import calibration_factors, measure_lifts

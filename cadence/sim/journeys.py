@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -292,7 +293,7 @@ def _shapley_truth(
 
 
 def _iso(ms: npt.NDArray[np.int64]) -> list[str]:
-    return np.datetime_as_string(ms.astype("datetime64[ms]"), unit="s").tolist()
+    return cast(list[str], np.datetime_as_string(ms.astype("datetime64[ms]"), unit="s").tolist())
 
 
 def write_files(result: SimResult, out_dir: Path) -> dict[str, Path]:

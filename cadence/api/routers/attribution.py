@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from cadence.api.security import Principal, Scope
 from cadence.engine.attribution.journeys import DAY_MS, AttributionError, parse_window
-from cadence.engine.attribution.online import ONLINE_MODELS, query_attribution
+from cadence.engine.attribution.online import ONLINE_MODELS, query_attribution, specs_of
 
 router = APIRouter(prefix="/v1", tags=["attribution"])
 
@@ -49,7 +49,7 @@ async def get_attribution(
     since: Annotated[date | None, Query(alias="from")] = None,
     until: Annotated[date | None, Query(alias="to")] = None,
     group_by: Literal["channel", "campaign", "day"] = "channel",
-    spec: str = "default",
+    spec: str | None = None,
 ) -> dict[str, Any]:
     """Credit per model from incrementally maintained aggregates (no history scan)."""
     try:
@@ -57,13 +57,17 @@ async def get_attribution(
     except AttributionError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
     models = [m.strip() for value in (model or ["last_touch"]) for m in value.split(",") if m.strip()]
-    engine = request.app.state.runtime.engine
+    runtime = request.app.state.runtime
+    engine = runtime.engine
+    if spec is None:
+        spec = specs_of(runtime)[0].name
+    block = spec
 
     def run() -> dict[str, list[dict[str, Any]]]:
         with engine.connect() as conn:
             return query_attribution(
                 conn,
-                spec=spec,
+                spec=block,
                 models=models,
                 window_days=window_days,
                 since_day=_day(since),

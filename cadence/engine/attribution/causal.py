@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import minimize  # type: ignore[import-untyped]
 
 from cadence.engine.attribution.journeys import DAY_MS, FloatArray, IntArray, Journeys, TouchLog
 
@@ -230,7 +230,6 @@ def fit_causal(
     x = _event_features(journeys, conv_j, taus, pair_index if interactions else None, n_feat, lag_days)
 
     usable = integral > 0
-    usable[0] = True
     xs = x[:, usable] / integral[usable]
     n_ev = xs.shape[0]
 
@@ -242,6 +241,17 @@ def fit_causal(
         return value, grad
 
     m = int(usable.sum())
+    if m == 0 or n_ev == 0:
+        # No exposure or no conversion to learn from: nothing is credited.
+        return CausalFit(
+            channels=log.channels,
+            half_lives_days=hls,
+            baseline_rate=0.0,
+            main=np.zeros((k, n_b)),
+            pairs=np.zeros((k, k)),
+            repeat=repeat,
+            min_lag_days=lag_days,
+        )
     start = np.full(m, max(n_ev, 1) / m)
     result = minimize(
         objective,
@@ -460,7 +470,9 @@ def _touch_posteriors(
         pair_rate = 0.5 * (stock * weighted).sum(axis=1)
         rate[conv_j] += pair_rate
         inter[conv] = 0.5 * weighted[rows[conv], ch[conv]] * kern[conv]
-        per_event = stock[:, :, None] * stock[:, None, :] * pairs[None, :, :] / rate[conv_j][:, None, None]
+        safe = np.maximum(rate[conv_j], 1e-300)
+        per_event = stock[:, :, None] * stock[:, None, :] * pairs[None, :, :] / safe[:, None, None]
         pair_credit = per_event.sum(axis=0) if conv_j.shape[0] * k * k < 50_000_000 else pair_credit
-    credit = np.where(conv, (main + inter) / rate[journeys.touch_journey], 0.0)
+    denom = rate[journeys.touch_journey]
+    credit = np.divide(main + inter, denom, out=np.zeros_like(main), where=conv & (denom > 0))
     return credit, pair_credit

@@ -154,7 +154,7 @@ class Journeys:
         start = np.zeros(len(paths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=start[1:])
         end = np.full(len(paths), 100 * DAY_MS, dtype=np.int64)
-        touch_ms = []
+        touch_ms: list[int] = []
         for j, p in enumerate(paths):
             gaps = gaps_ms[j] if gaps_ms is not None else [(len(p) - i - 1) * DAY_MS for i in range(len(p))]
             touch_ms.extend(int(end[j]) - int(g) for g in gaps)
@@ -228,12 +228,12 @@ def build_journeys(
     has_next = nxt < n_conv
     nxt_c = np.minimum(nxt, max(n_conv - 1, 0))
     same = has_next & (c_cust[nxt_c] == t_cust) if n_conv else np.zeros(t_key.shape, dtype=bool)
-    conv_touch = same & (c_ms[nxt_c] - t_ms <= window_ms)
+    conv_touch = same & (c_ms[nxt_c] - t_ms <= window_ms) if n_conv else same
 
     # Open journeys: touches after a customer's last conversion, within the window of
     # that customer's last touch (touches are in (customer, time) order).
     open_touch = ~same
-    last_of_customer = np.append(t_cust[1:] != t_cust[:-1], True)
+    last_of_customer = np.append(t_cust[1:] != t_cust[:-1], True) if t_cust.size else np.zeros(0, dtype=bool)
     last_ms = np.zeros(n_cust, dtype=np.int64)
     last_ms[t_cust[last_of_customer]] = t_ms[last_of_customer]
     open_touch &= last_ms[t_cust] - t_ms <= window_ms

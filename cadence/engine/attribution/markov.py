@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
+import scipy.sparse as sp  # type: ignore[import-untyped]
+import scipy.sparse.linalg as spla  # type: ignore[import-untyped]
 
 from cadence.engine.attribution.heuristics import distinct_pairs
 from cadence.engine.attribution.journeys import AttributionError, FloatArray, IntArray, Journeys

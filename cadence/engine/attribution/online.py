@@ -5,7 +5,8 @@ their channel; visits with UTM parameters or a referrer through channel grouping
 to conversions (the attribution block's conversion event), for every
 :class:`AttributionSpec`. A customer's open journey lives in ``attribution_touches``;
 a conversion credits it at once with every rule-based model for every standard window
-(:data:`WINDOWS_DAYS`) into ``attribution_credits``, adds the journey to the coalition
+(:data:`WINDOWS_DAYS`) into ``attribution_credits`` (and, without the campaign, into
+``attribution_channel_credits``, which channel and day queries read), adds the journey to the coalition
 and path tallies, and closes it. :func:`query_attribution` answers from those tables
 only: rule-based credit by channel, campaign or day over a date range; Shapley from
 coalition tallies and Markov removal effects from path tallies (all time).
@@ -25,8 +26,9 @@ from cadence.engine.attribution import heuristics
 from cadence.engine.attribution.grouping import DEFAULT_CHANNEL_RULES, group_channel
 from cadence.engine.attribution.journeys import DAY_MS, AttributionError, Journeys
 from cadence.engine.attribution.markov import TransitionTally, _conversion_probability
+from cadence.engine.attribution.models import apply_credit_rules
 from cadence.engine.attribution.shapley import MAX_EXACT_CHANNELS, coalition_shares
-from cadence.engine.attribution.spec import AttributionSpec
+from cadence.engine.attribution.spec import AttributionSpec, CreditRule, Touch
 from cadence.engine.events import LoggedEvent
 from cadence.engine.profiles import event_value
 from cadence.store.fast import execute_many, fetch_in
@@ -38,6 +40,7 @@ __all__ = [
     "default_specs",
     "journey_credits",
     "query_attribution",
+    "specs_of",
     "touch_of",
 ]
 
@@ -56,6 +59,14 @@ RULE_MODELS = (
 #: Models the query API serves (the others are offline: ``cadence attribution run``).
 ONLINE_MODELS = (*RULE_MODELS, "shapley", "markov")
 KEEP_MS = 90 * DAY_MS
+
+
+def specs_of(runtime: Any) -> list[AttributionSpec]:
+    """The ``attribution`` blocks of the runtime's loaded rules, else :func:`default_specs`."""
+    holder = getattr(runtime, "extensions", {}).get("rules") if runtime is not None else None
+    ruleset = getattr(holder, "current", None)
+    blocks = getattr(ruleset, "attribution", None) or {}
+    return list(blocks.values()) or default_specs()
 
 
 def default_specs() -> list[AttributionSpec]:
@@ -78,7 +89,9 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     >>> touch_of(E(2, "m", "page", None, "u", None, 1, 0, "api",
     ...     {"context": {"campaign": {"source": "google", "medium": "cpc", "name": "brand"}}}), spec)
     ('paid_search', 'brand')
-    >>> touch_of(E(3, "m", "track", "Order Completed", "u", None, 1, 0, "api", {}), spec) is None
+    >>> touch_of(E(3, "m", "track", "Ad Viewed", "u", None, 1, 0, "api", {"properties": {"channel": "display"}}), spec)
+    ('display', '')
+    >>> touch_of(E(4, "m", "track", "Order Completed", "u", None, 1, 0, "api", {}), spec) is None
     True
     """
     if event.type == "track" and event.event == spec.conversion_event:
@@ -97,35 +110,51 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     fields = {
         "source": campaign.get("source") or props.get("utm_source"),
         "medium": campaign.get("medium") or props.get("utm_medium"),
-        "campaign": campaign.get("name") or props.get("utm_campaign"),
+        "campaign": campaign.get("name") or props.get("utm_campaign") or props.get("campaign"),
         "referrer": page.get("referrer") or props.get("referrer"),
         "event": event.event,
     }
+    label = str(fields["campaign"] or "")
+    if spec.channel_rules:
+        # The block's own rules first: they may name events ("Ad Clicked" -> display).
+        channel = group_channel(fields, spec.channel_rules)
+        if channel:
+            return channel, label
+    own = props.get("channel")
+    if isinstance(own, str) and own.strip():
+        return own.strip(), label
     if not (fields["source"] or fields["medium"] or fields["referrer"]):
         return None
-    channel = group_channel(fields, spec.channel_rules or DEFAULT_CHANNEL_RULES)
-    return (channel, str(fields["campaign"] or "")) if channel else None
+    channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
+    return (channel, label) if channel else None
 
 
 def journey_credits(
-    touches: Sequence[tuple[int, str, str]], conv_ms: int, *, params: Mapping[str, Any] | None = None
+    touches: Sequence[tuple[int, str, str]],
+    conv_ms: int,
+    *,
+    params: Mapping[str, Any] | None = None,
+    credit_rules: Sequence[CreditRule] = (),
 ) -> dict[str, list[tuple[str, str, float]]]:
     """Per rule-based model: (channel, campaign, credit) of one converting journey.
 
-    ``touches`` are (ts_ms, channel, campaign), oldest first, all at or before ``conv_ms``.
+    ``touches`` are (ts_ms, channel, campaign), oldest first, all at or before ``conv_ms``;
+    the block's credit rules apply (exclusions first).
 
     >>> c = journey_credits([(0, "email", "a"), (DAY_MS, "search", "")], 2 * DAY_MS)
     >>> c["linear"], c["last_touch"][1]
     ([('email', 'a', 0.5), ('search', '', 0.5)], ('search', '', 1.0))
     """
     params = params or {}
+    if credit_rules and touches:
+        seen = [Touch(ts_ms=t[0], channel=t[1], campaign=t[2] or None) for t in touches]
+        gone = {r.channel for r in credit_rules if r.action == "exclude" and (r.when is None or r.when(seen))}
+        touches = [t for t in touches if t[1] not in gone]
     if not touches:
         return {m: [] for m in RULE_MODELS}
     j = Journeys.from_paths(
         [[t[1] for t in touches]], converted=[1.0], gaps_ms=[[conv_ms - t[0] for t in touches]]
     )
-    code = {c: i for i, c in enumerate(j.channels)}
-    del code
     credits = {
         "first_touch": heuristics.first_touch(j),
         "last_touch": heuristics.last_touch(j),
@@ -137,6 +166,8 @@ def journey_credits(
         ),
         "shapley_simplified": heuristics.shapley_simplified(j),
     }
+    if any(r.action != "exclude" for r in credit_rules):
+        credits = {m: apply_credit_rules(j, c, credit_rules) for m, c in credits.items()}
     return {m: [(t[1], t[2], float(c[i])) for i, t in enumerate(touches)] for m, c in credits.items()}
 
 
@@ -145,6 +176,12 @@ _UPSERT_CREDIT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel, campaign) "
     "DO UPDATE SET conversions = attribution_credits.conversions + excluded.conversions, "
     "value = attribution_credits.value + excluded.value"
+)
+_UPSERT_CHANNEL_CREDIT = (
+    "INSERT INTO attribution_channel_credits (spec, model, window_days, day, channel, conversions, value) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel) "
+    "DO UPDATE SET conversions = attribution_channel_credits.conversions + excluded.conversions, "
+    "value = attribution_channel_credits.value + excluded.value"
 )
 _UPSERT_COALITION = (
     "INSERT INTO attribution_coalitions (spec, window_days, channels, journeys, conversions) "
@@ -167,9 +204,10 @@ class AttributionSubscriber:
     specs: Sequence[AttributionSpec] | None = None
     name: str = "attribution"
 
-    def __post_init__(self) -> None:
-        if self.specs is None:
-            self.specs = default_specs()
+    def current_specs(self) -> list[AttributionSpec]:
+        """The blocks to keep: given ones, else the loaded rules' ``attribution`` blocks,
+        else :func:`default_specs`."""
+        return list(self.specs) if self.specs is not None else specs_of(self.runtime)
 
     def windows(self, spec: AttributionSpec) -> list[int]:
         """Windows (days) kept for ``spec``."""
@@ -182,7 +220,7 @@ class AttributionSubscriber:
 
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
         """Record touches, credit conversions, close journeys."""
-        for spec in self.specs or ():
+        for spec in self.current_specs():
             self._apply_spec(conn, spec, batch)
 
     def _apply_spec(self, conn: Connection, spec: AttributionSpec, batch: Sequence[LoggedEvent]) -> None:
@@ -221,7 +259,9 @@ class AttributionSubscriber:
             before = [t for t in touches if t[0] <= e.ts_ms]
             for w in windows:
                 inside = [(t[0], t[1], t[2]) for t in before if e.ts_ms - t[0] <= w * DAY_MS]
-                per_model = journey_credits(inside, e.ts_ms, params=spec.params)
+                per_model = journey_credits(
+                    inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
+                )
                 for model, rows in per_model.items():
                     if not rows:
                         key = (model, w, day, "", "")
@@ -246,6 +286,16 @@ class AttributionSubscriber:
             _UPSERT_CREDIT,
             [(spec.name, m, w, d, ch, cp, v[0], v[1]) for (m, w, d, ch, cp), v in credits.items()],
         )
+        by_channel: dict[tuple[str, int, int, str], list[float]] = {}
+        for (m, w, d, ch, _cp), v in credits.items():
+            acc = by_channel.setdefault((m, w, d, ch), [0.0, 0.0])
+            acc[0] += v[0]
+            acc[1] += v[1]
+        execute_many(
+            conn,
+            _UPSERT_CHANNEL_CREDIT,
+            [(spec.name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
+        )
         execute_many(
             conn, _UPSERT_COALITION, [(spec.name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()]
         )
@@ -259,7 +309,7 @@ class AttributionSubscriber:
                 [(spec.name, c) for c in chunk],
             )
         newest = max(e.ts_ms for e, _ in relevant)
-        rows = [
+        open_rows = [
             (spec.name, c, t[0], t[1], t[2], t[3])
             for c, touches in open_.items()
             for t in touches
@@ -269,7 +319,7 @@ class AttributionSubscriber:
             conn,
             "INSERT INTO attribution_touches (spec, customer_id, ts_ms, channel, campaign, event_id) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
+            open_rows,
         )
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
@@ -315,10 +365,12 @@ def query_attribution(
     if group_by not in GROUPS:
         raise AttributionError(f"group_by must be channel, campaign or day, not {group_by!r}")
     out: dict[str, list[dict[str, Any]]] = {}
+    open_paths: list[list[str]] | None = None  # read once for shapley and markov
     for model in models:
         if model in RULE_MODELS:
+            table = "attribution_credits" if group_by == "campaign" else "attribution_channel_credits"
             sql = (
-                f"SELECT {GROUPS[group_by]}, SUM(conversions), SUM(value) FROM attribution_credits "
+                f"SELECT {GROUPS[group_by]}, SUM(conversions), SUM(value) FROM {table} "
                 "WHERE spec = ? AND model = ? AND window_days = ? AND day >= ? AND day <= ? "
                 f"GROUP BY {GROUPS[group_by]} ORDER BY {GROUPS[group_by]}"
             )
@@ -336,7 +388,9 @@ def query_attribution(
         elif model in ("shapley", "markov"):
             if group_by != "channel":
                 raise AttributionError(f"{model} is solved from all-time tallies: group_by must be channel")
-            out[model] = _tally_model(conn, spec, model, window_days)
+            if open_paths is None:
+                open_paths = _open_paths(conn, spec, window_days)
+            out[model] = _tally_model(conn, spec, model, window_days, open_paths)
         else:
             raise AttributionError(
                 f"model {model!r} is not served online (choose from {', '.join(ONLINE_MODELS)}); "
@@ -371,8 +425,9 @@ def _open_paths(conn: Connection, spec: str, window_days: int) -> list[list[str]
     return paths
 
 
-def _tally_model(conn: Connection, spec: str, model: str, window_days: int) -> list[dict[str, Any]]:
-    open_paths = _open_paths(conn, spec, window_days)
+def _tally_model(
+    conn: Connection, spec: str, model: str, window_days: int, open_paths: list[list[str]]
+) -> list[dict[str, Any]]:
     if model == "shapley":
         rows = conn.exec_driver_sql(
             _placeholders(
@@ -423,7 +478,7 @@ def _tally_model(conn: Connection, spec: str, model: str, window_days: int) -> l
 
 def _removal_credit(tally: TransitionTally, k: int, total: float) -> np.ndarray:
     """Markov removal-effect credit from a transition tally (states are channel tuples)."""
-    special = {(-1,): 0, (-2,): 1, (-3,): 2}
+    special: dict[tuple[int, ...], int] = {(-1,): 0, (-2,): 1, (-3,): 2}
     ids: dict[tuple[int, ...], int] = dict(special)
     src, dst, counts = [], [], []
     for (a, b), n in tally.counts.items():

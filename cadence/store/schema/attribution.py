@@ -16,7 +16,13 @@ from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, St
 
 from cadence.store.schema.base import Id, metadata
 
-__all__ = ["attribution_coalitions", "attribution_credits", "attribution_paths", "attribution_touches"]
+__all__ = [
+    "attribution_channel_credits",
+    "attribution_coalitions",
+    "attribution_credits",
+    "attribution_paths",
+    "attribution_touches",
+]
 
 attribution_touches = Table(
     "attribution_touches",
@@ -40,6 +46,20 @@ attribution_credits = Table(
     Column("day", Integer, primary_key=True),  # UTC day number of the conversion
     Column("channel", String(64), primary_key=True),  # "" for conversions with no touch
     Column("campaign", String(200), primary_key=True),
+    Column("conversions", Float, nullable=False, default=0.0),
+    Column("value", Float, nullable=False, default=0.0),
+)
+
+#: The same credit without the campaign: what channel and day queries read (15 rows a
+#: day instead of channels x campaigns), so a long date range stays fast.
+attribution_channel_credits = Table(
+    "attribution_channel_credits",
+    metadata,
+    Column("spec", String(100), primary_key=True),
+    Column("model", String(32), primary_key=True),
+    Column("window_days", Integer, primary_key=True),
+    Column("day", Integer, primary_key=True),
+    Column("channel", String(64), primary_key=True),
     Column("conversions", Float, nullable=False, default=0.0),
     Column("value", Float, nullable=False, default=0.0),
 )

@@ -234,3 +234,23 @@ def test_credit_rules_exclude_fix_and_weight_under_conditions() -> None:
         credit_rules=[CreditRule("email", action="weight", value=2.0)],
     )
     assert weighted.by_channel() == {"display": 0.0, "email": 1.0, "search": 2.0}
+
+
+@pytest.mark.parametrize(("n_touch", "n_conv"), [(5, 0), (0, 3), (0, 0)])
+def test_every_model_survives_empty_touches_or_conversions(n_touch: int, n_conv: int) -> None:
+    rng = np.random.default_rng(0)
+    log = TouchLog(
+        channels=("a", "b"),
+        customer_ids=[str(i) for i in range(5)],
+        touch_customer=rng.integers(0, 5, n_touch),
+        touch_ms=rng.integers(0, 10 * DAY_MS, n_touch),
+        touch_channel=rng.integers(0, 2, n_touch),
+        conv_customer=rng.integers(0, 5, n_conv),
+        conv_ms=rng.integers(0, 10 * DAY_MS, n_conv),
+        conv_value=np.ones(n_conv),
+    )
+    j = log.journeys(30 * DAY_MS)
+    assert int(j.converted.sum()) == n_conv
+    for model in MODELS:
+        credit = run_model(model, log=log, journeys=j, window_ms=30 * DAY_MS).by_channel()
+        assert all(v == 0.0 for v in credit.values()), model

@@ -117,3 +117,33 @@ def test_api_serves_several_models_with_scopes(journeys: Runtime) -> None:
         "/v1/attribution?model=last_touch&from=2026-01-05&to=2026-01-31&group_by=day", headers=auth
     )
     assert [row["key"] for row in ranged.json()["models"]["last_touch"]] == ["2026-01-11", "2026-01-12"]
+
+
+def test_the_blocks_credit_rules_apply_online(runtime: Runtime) -> None:
+    from cadence.engine.attribution.online import AttributionSubscriber
+    from cadence.engine.attribution.spec import AttributionSpec, CreditRule
+
+    spec = AttributionSpec(
+        name="ruled",
+        title="ruled",
+        conversion_event="Order Completed",
+        value_prop="revenue",
+        credit_rules=(CreditRule("sms", action="exclude"), CreditRule("email", action="weight", value=3.0)),
+    )
+    record_events(
+        engine=runtime.engine,
+        batch=[
+            parse_call(c, received_ms=T0)
+            for c in (
+                click(1, "a", 0, "email"),
+                click(2, "a", 0.5, "sms"),
+                visit(3, "a", 1, "google", "cpc"),
+                order(4, "a", 2, 10.0),
+            )
+        ],
+    )
+    EngineLoop(runtime, subscribers=[AttributionSubscriber(runtime, specs=[spec])]).catch_up()
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="ruled", models=["linear"], window_days=30)
+    # sms is excluded; email's half is tripled then renormalised: 0.75 / 0.25.
+    assert {r["key"]: r["conversions"] for r in got["linear"]} == {"email": 0.75, "paid_search": 0.25}
