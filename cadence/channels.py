@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["CHANNELS", "FEEDBACK_EVENTS", "Feedback", "feedback_kind"]
+__all__ = ["CHANNELS", "FEEDBACK_EVENTS", "Feedback", "feedback_aggregate", "feedback_kind", "feedback_of"]
 
 #: Every channel name the language accepts; a ruleset may only use those an
 #: installed connector offers.
@@ -81,3 +81,35 @@ def feedback_kind(event: str | None) -> Feedback | None:
     if event is None:
         return None
     return FEEDBACK_EVENTS.get(event)
+
+
+def feedback_aggregate(channel: str, kind: str) -> str:
+    """The profile aggregate name of feedback on a channel, as rules write it.
+
+    Whatever name the feedback arrived under (``"Email Opened"``, or ``"Message
+    Opened"`` with ``properties.channel = "email"``), profiles also count it as
+    ``email.opened``, and ``count(email.opened within 7d)`` reads that.
+
+    >>> feedback_aggregate("sms", "clicked")
+    'sms.clicked'
+    """
+    return f"{channel}.{kind}"
+
+
+def feedback_of(event: str | None, properties: dict[str, object]) -> tuple[str, Feedback] | None:
+    """``(channel, kind)`` of a feedback event, or None when it is not feedback or names no channel.
+
+    >>> feedback_of("Message Clicked", {"channel": "sms"})
+    ('sms', <Feedback.CLICKED: 'clicked'>)
+    >>> feedback_of("Email Opened", {})
+    ('email', <Feedback.OPENED: 'opened'>)
+    >>> feedback_of("Unsubscribed", {}) is None
+    True
+    """
+    kind = feedback_kind(event)
+    if kind is None:
+        return None
+    channel = properties.get("channel") or IMPLIED_CHANNEL.get(event or "")
+    if not isinstance(channel, str) or not channel:
+        return None
+    return channel, kind

@@ -12,6 +12,7 @@ The tree::
     │   ├── RuleSyntaxError
     │   └── RuleTypeError
     ├── PluginError                 a plugin failed to load or misbehaved
+    ├── WebhookRejected             a provider webhook is forged, stale or malformed (401/400)
     └── ConnectorError              a provider call failed
         ├── RateLimited             wait ``retry_after`` seconds, then try again
         ├── TransientFailure        5xx, timeouts, connection errors: retry
@@ -40,6 +41,7 @@ __all__ = [
     "RuleTypeError",
     "StorageError",
     "TransientFailure",
+    "WebhookRejected",
 ]
 
 
@@ -92,6 +94,18 @@ class RuleTypeError(RuleError):
 
 class PluginError(CadenceError):
     """A plugin failed to load or returned something unusable."""
+
+
+class WebhookRejected(CadenceError):
+    """A webhook request failed verification or parsing.
+
+    ``status`` is the HTTP answer: 401 for a missing, forged or stale signature, 400
+    for a body that is not what the provider sends. The message says why (it is logged).
+    """
+
+    def __init__(self, message: str, *, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ConnectorError(CadenceError):

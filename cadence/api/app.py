@@ -26,9 +26,13 @@ log = logging.getLogger("cadence.api")
 # Each module exposes ``router``; plugins add more through ``cadence_register_routers``.
 ROUTERS = (
     "cadence.api.routers.health",
+    "cadence.api.routers.engine",
     "cadence.api.routers.ingest",
     "cadence.api.routers.customers",
     "cadence.api.routers.sdk",
+    "cadence.api.routers.rules",
+    "cadence.api.routers.webhooks",
+    "cadence.api.routers.attribution",
     "cadence.api.routers.decisions",
 )
 

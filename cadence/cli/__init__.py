@@ -27,6 +27,9 @@ COMMAND_MODULES = (
     "cadence.cli.customers",
     "cadence.cli.keys",
     "cadence.cli.decisions",
+    "cadence.cli.rules",
+    "cadence.cli.plugins",
+    "cadence.cli.attribution",
 )
 
 err_console = Console(stderr=True)

@@ -7,9 +7,9 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from cadence.api.security import create_key, revoke_key
 from cadence.cli import runtime_for
 from cadence.clock import ms_to_datetime
+from cadence.keys import create_key, revoke_key
 from cadence.settings import SCOPES
 from cadence.store.schema.core import api_keys
 

@@ -5,14 +5,9 @@ from __future__ import annotations
 import logging
 
 import typer
-import uvicorn
 from rich.console import Console
 
-from cadence.api.app import create_app
-from cadence.api.security import KeyRing, create_key
 from cadence.cli import settings_from_cli
-from cadence.logs import configure_logging
-from cadence.runtime import open_runtime
 
 console = Console()
 
@@ -23,6 +18,14 @@ def serve(
     port: int | None = typer.Option(None, help="Port to bind (default from settings)."),
 ) -> None:
     """Apply migrations, then run the API with the engine loop and the scheduler."""
+    # Imported here: the web stack is heavy and other commands should start fast.
+    import uvicorn
+
+    from cadence.api.app import create_app
+    from cadence.api.security import KeyRing, create_key
+    from cadence.logs import configure_logging
+    from cadence.runtime import open_runtime
+
     settings = settings_from_cli(ctx, host=host, port=port)
     configure_logging(settings.log_level, json_logs=settings.log_json)
     runtime = open_runtime(settings, upgrade=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -76,6 +76,7 @@ class Subscriber(Protocol):
 SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.profiles:ProfilesSubscriber",
     "cadence.engine.consent:ConsentSubscriber",
+    "cadence.engine.attribution.online:AttributionSubscriber",
     "cadence.engine.learning:LearnerSubscriber",
 )
 
@@ -123,6 +124,8 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._leader_conn: Connection | None = None
         self.processed = 0
+        #: Called after each committed batch with the new positions and the batch size.
+        self.on_batch: list[Callable[[dict[str, int], int], None]] = []
 
     # -- positions
     def _load_positions(self, conn: Connection) -> dict[str, int]:
@@ -192,6 +195,8 @@ class EngineLoop:
                 raise
             self._positions = new_positions
             self.processed += len(rows)
+            for listener in self.on_batch:
+                listener(new_positions, len(rows))
             return len(rows)
 
     def catch_up(self) -> int:
@@ -209,6 +214,11 @@ class EngineLoop:
                     sub.erased(conn, cid)
 
     # -- background
+    @property
+    def running(self) -> bool:
+        """True while the background thread runs."""
+        return self._thread is not None
+
     def wake(self) -> None:
         """Ask the background thread to look at the log now."""
         self._wake.set()

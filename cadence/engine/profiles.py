@@ -7,6 +7,9 @@ aggregates (``count(x within 7d)``) read a handful of rows and never the log.
 
 An event's *value* is the first numeric of ``properties.revenue``, ``value``,
 ``total``, ``price``. Pages count as ``Page Viewed`` and screens as ``Screen Viewed``.
+Feedback on a message is counted under its own name and also as ``CHANNEL.KIND``
+(``email.opened``, ``sms.clicked``), whatever name it arrived under, which is what
+rules read (:func:`cadence.channels.feedback_aggregate`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sqlalchemy import Connection, case, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from cadence.channels import feedback_aggregate, feedback_of
 from cadence.engine.consent import consent_of
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
@@ -64,6 +68,18 @@ def event_value(properties: Mapping[str, Any]) -> float | None:
         except (TypeError, ValueError):
             continue
     return None
+
+
+def counted_names(name: str, properties: Mapping[str, Any]) -> list[str]:
+    """The names an event is counted under: its own, and ``CHANNEL.KIND`` for message feedback.
+
+    >>> counted_names("Message Clicked", {"channel": "sms"}), counted_names("Order Completed", {})
+    (['Message Clicked', 'sms.clicked'], ['Order Completed'])
+    """
+    feedback = feedback_of(name, dict(properties))
+    if feedback is None:
+        return [name]
+    return [name, feedback_aggregate(feedback[0], feedback[1].value)]
 
 
 def valid_zone(name: Any) -> str | None:
@@ -142,18 +158,20 @@ class ProfilesSubscriber:
             if name is None:
                 continue
             value = event_value(e.properties) or 0.0
-            s = stats.get((e.customer_id, name))
-            if s is None:
-                stats[(e.customer_id, name)] = [1, value, e.ts_ms, e.ts_ms, value]
-            else:
-                s[0] += 1
-                s[1] += value
-                s[2] = min(s[2], e.ts_ms)
-                if e.ts_ms >= s[3]:
-                    s[3], s[4] = e.ts_ms, value
-            d = daily.setdefault((e.customer_id, name, e.ts_ms // DAY_MS), [0, 0.0])
-            d[0] += 1
-            d[1] += value
+            names = counted_names(name, e.properties)
+            for counted in names:
+                s = stats.get((e.customer_id, counted))
+                if s is None:
+                    stats[(e.customer_id, counted)] = [1, value, e.ts_ms, e.ts_ms, value]
+                else:
+                    s[0] += 1
+                    s[1] += value
+                    s[2] = min(s[2], e.ts_ms)
+                    if e.ts_ms >= s[3]:
+                        s[3], s[4] = e.ts_ms, value
+                d = daily.setdefault((e.customer_id, counted, e.ts_ms // DAY_MS), [0, 0.0])
+                d[0] += 1
+                d[1] += value
         self._write_profiles(conn, summary)
         self._add_stats(conn, [(c, n, *v) for (c, n), v in stats.items()])
         self._add_daily(conn, [(c, n, day, d[0], d[1]) for (c, n, day), d in daily.items()])

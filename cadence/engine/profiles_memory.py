@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cadence.engine.profiles import counted_names
+
 __all__ = ["MemoryProfile"]
 
 
@@ -30,13 +32,14 @@ class MemoryProfile:
     events: dict[str, list[tuple[int, Mapping[str, Any]]]] = field(default_factory=dict)
 
     def add(self, event: str, ts_ms: int, properties: Mapping[str, Any] | None = None) -> None:
-        """Record ``event`` at ``ts_ms`` (kept sorted by time)."""
-        rows = self.events.setdefault(event, [])
+        """Record ``event`` at ``ts_ms`` (kept sorted by time), under every name profiles count it as."""
         item = (ts_ms, properties or {})
-        if not rows or rows[-1][0] <= ts_ms:
-            rows.append(item)
-        else:
-            rows.insert(bisect_left([r[0] for r in rows], ts_ms), item)
+        for name in counted_names(event, item[1]):
+            rows = self.events.setdefault(name, [])
+            if not rows or rows[-1][0] <= ts_ms:
+                rows.append(item)
+            else:
+                rows.insert(bisect_left([r[0] for r in rows], ts_ms), item)
 
     def _between(self, event: str, since_ms: int, until_ms: int) -> list[tuple[int, Mapping[str, Any]]]:
         rows = self.events.get(event, [])

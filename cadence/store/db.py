@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from cadence.errors import StorageError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 __all__ = ["create_db_engine", "is_postgres", "migrate", "pending_migrations"]
 
@@ -86,6 +85,8 @@ def is_postgres(engine: Engine) -> bool:
 
 
 def _alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config  # alembic is imported only when migrating
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["engine"] = engine
@@ -94,6 +95,8 @@ def _alembic_config(engine: Engine) -> Config:
 
 def migrate(engine: Engine, revision: str = "heads") -> None:
     """Apply Alembic migrations up to ``revision`` (all heads by default)."""
+    from alembic import command
+
     try:
         command.upgrade(_alembic_config(engine), revision)
     except Exception as exc:  # noqa: BLE001 - any driver error becomes one clear message
@@ -102,6 +105,9 @@ def migrate(engine: Engine, revision: str = "heads") -> None:
 
 def pending_migrations(engine: Engine) -> list[str]:
     """Revisions not yet applied to the database behind ``engine``."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(_alembic_config(engine))
     with engine.connect() as conn:
         current = set(MigrationContext.configure(conn).get_current_heads())

@@ -215,3 +215,19 @@ def test_crash_mid_batch_rolls_back_state_and_checkpoint_together(runtime: Runti
     partial = snapshot(runtime.engine)
     assert sum(c for *_rest, c, _s in [(s[0], s[1], s[2], s[3]) for s in partial["stats"]]) > 0
     assert loop.lag() == 0 or restarted.lag() == 0
+
+
+def test_feedback_is_counted_under_the_name_rules_read(runtime: Runtime) -> None:
+    ingest(
+        runtime,
+        ev(1, event="Email Opened", userId="u1"),
+        ev(2, event="Message Opened", userId="u1", properties={"channel": "email", "decision_id": "d1"}),
+        ev(3, event="Message Clicked", userId="u1", properties={"channel": "sms"}),
+        ev(4, event="Message Clicked", userId="u1"),  # no channel: only its own name
+    )
+    EngineLoop(runtime).catch_up()
+    with runtime.engine.connect() as conn:
+        p = load_profile(conn, customer(runtime, "u1"), now_ms=T0 + DAY)
+    assert p.count("email.opened", T0 - DAY, T0 + DAY) == 2
+    assert p.count("sms.clicked", T0 - DAY, T0 + DAY) == 1
+    assert p.count("Message Clicked", T0 - DAY, T0 + DAY) == 2

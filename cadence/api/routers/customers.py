@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -39,23 +39,6 @@ class ConsentResponse(BaseModel):
 
     customer_id: int
     consent: dict[str, dict[str, Any]]
-
-
-def setup(app: FastAPI) -> None:
-    """Run the engine loop in this process when the app runs in the background mode."""
-    loop = EngineLoop(app.state.runtime)
-    app.state.engine_loop = loop
-    app.state.wake_engine = loop.wake
-
-    def start(app: FastAPI) -> None:
-        if app.state.background and app.state.settings.engine_enabled:
-            loop.start()
-
-    def stop(app: FastAPI) -> None:
-        loop.stop()
-
-    app.state.on_startup.append(start)
-    app.state.on_shutdown.append(stop)
 
 
 @router.get("/customers/{ref}")

@@ -1,8 +1,9 @@
 """``/v1/decisions``: decide for a customer (preview or commit), in batches, and read a decision back.
 
-The ruleset comes from ``app.state.ruleset`` (set by whoever loads and compiles the
-rule files); the learners are the engine loop's :class:`LearnerSubscriber`. Channels
-offered by connectors come from ``app.state.available_channels`` when set.
+The ruleset is the loaded rule files' (``runtime.extensions["rules"]``, or
+``app.state.ruleset`` when set); the learners are the engine loop's
+:class:`LearnerSubscriber`; the channels offered are the installed connectors'
+(``app.state.available_channels`` overrides).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from cadence.api.security import Principal, Scope
+from cadence.dsl.explain import installed_channels
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decisions_service import get_decision, make_decision
 from cadence.engine.learning import LearnerSubscriber
@@ -22,8 +24,6 @@ from cadence.errors import IdentityError
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
 
-#: Offered when no connector registry says otherwise (the outbox connector takes every one).
-DEFAULT_CHANNELS = ("email", "sms", "push", "webhook")
 MAX_BATCH = 1000
 
 
@@ -71,6 +71,9 @@ def _learners(request: Request) -> LearnerSubscriber | None:
 def _ruleset(request: Request) -> CompiledRuleset:
     ruleset = getattr(request.app.state, "ruleset", None)
     if ruleset is None:
+        holder = getattr(request.app.state.runtime, "extensions", {}).get("rules")
+        ruleset = getattr(holder, "current", None)
+    if ruleset is None:
         raise HTTPException(
             503, detail="no ruleset is loaded: add rule files and restart (or reload) cadence"
         )
@@ -80,7 +83,9 @@ def _ruleset(request: Request) -> CompiledRuleset:
 def _decide_many(request: Request, items: list[DecisionRequest]) -> list[dict[str, Any]]:
     ruleset = _ruleset(request)
     learners = _learners(request)
-    channels = getattr(request.app.state, "available_channels", None) or DEFAULT_CHANNELS
+    channels = getattr(request.app.state, "available_channels", None) or installed_channels(
+        request.app.state.settings
+    )
     out: list[dict[str, Any]] = []
     engine = request.app.state.runtime.engine
     with engine.begin() as conn:

@@ -84,9 +84,9 @@ profiles = Table(
     Column("first_seen_ms", BigInteger, nullable=False),
     Column("last_seen_ms", BigInteger, nullable=False),
     Column("event_count", BigInteger, nullable=False, default=0),
-    Column("traits", Json, nullable=False),
+    Column("traits", Json, nullable=False, default=dict),
     # trait -> id of the event that last set it: merges keep the latest value of each.
-    Column("trait_events", Json, nullable=False),
+    Column("trait_events", Json, nullable=False, default=dict),
     Column("timezone", String(64)),
     Column("updated_event_id", BigInteger, nullable=False, default=0),
 )

@@ -1,0 +1,54 @@
+"""The engine loop inside the API process: started with the app, and its status."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
+
+from cadence.api.security import Principal, Scope
+from cadence.engine.loop import EngineLoop
+from cadence.store.schema.core import events
+
+router = APIRouter(prefix="/v1", tags=["engine"])
+
+
+def setup(app: FastAPI) -> None:
+    """Build the engine loop; run it in the background when the app does background work."""
+    loop = EngineLoop(app.state.runtime)
+    app.state.engine_loop = loop
+    app.state.wake_engine = loop.wake
+    metrics = app.state.metrics
+
+    def record(positions: dict[str, int], _count: int) -> None:
+        low = min(positions.values())
+        metrics.engine_position.set(low)
+        with app.state.runtime.engine.connect() as conn:
+            newest = conn.scalar(select(func.max(events.c.id))) or 0
+        metrics.engine_lag.set(max(0, newest - low))
+
+    loop.on_batch.append(record)
+
+    def start(app: FastAPI) -> None:
+        if app.state.background and app.state.settings.engine_enabled:
+            loop.start()
+
+    def stop(app: FastAPI) -> None:
+        loop.stop()
+
+    app.state.on_startup.append(start)
+    app.state.on_shutdown.append(stop)
+
+
+@router.get("/engine")
+async def engine_status(request: Request, _p: Annotated[Principal, Scope("admin")]) -> dict[str, Any]:
+    """Each subscriber's position in the event log, and how far the slowest one lags."""
+    loop: EngineLoop = request.app.state.engine_loop
+
+    def status() -> dict[str, Any]:
+        positions = loop.positions()
+        return {"positions": positions, "lag": loop.lag(), "running": loop.running}
+
+    return await run_in_threadpool(status)

@@ -1,0 +1,350 @@
+"""The connector contract: what every channel connector, built-in or third-party, provides.
+
+A connector is a class with a ``name``, the ``channels`` it offers and its
+:class:`Capabilities`; an instance sends batches of :class:`OutgoingMessage` and turns
+provider webhooks into :class:`ProviderEvent` objects. It never retries, sleeps or
+checks consent: the delivery layer (:mod:`cadence.connectors.delivery`) does that for
+every connector alike. A request-level failure raises a
+:class:`~cadence.errors.ConnectorError` subclass; a per-message failure inside an
+accepted request comes back as a failed :class:`SendResult`.
+
+Connectors take an injected :class:`httpx.AsyncClient` so tests swap the transport or
+point the base URL at a local server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+from sqlalchemy import Engine
+
+from cadence.channels import Feedback
+from cadence.errors import (
+    AuthenticationFailure,
+    ConfigError,
+    ConnectorError,
+    PermanentFailure,
+    RateLimited,
+    TransientFailure,
+    WebhookRejected,
+)
+
+__all__ = [
+    "Capabilities",
+    "Connector",
+    "OutgoingMessage",
+    "ProviderEvent",
+    "SendResult",
+    "WebhookRequest",
+    "as_bool",
+    "as_list",
+    "classify_http_error",
+    "retry_after_seconds",
+    "sha256_normalised",
+]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a connector can do; the rule checker and the dispatcher read these.
+
+    :param max_batch_size: most messages one :meth:`Connector.send` call accepts.
+    :param rate_limit_per_second: provider requests per second we allow ourselves
+        (None: no client-side limit).
+    :param burst: requests that may go at once before the rate limit applies.
+    :param supports_scheduling: the provider can hold a message until a send time.
+    :param required_fields: customer traits a message needs (``email``, ``phone``).
+    :param consent_required: the channel needs an explicit opt-in, not just no opt-out.
+    :param provider_deduplicates: the provider drops a repeated idempotency key (so an
+        interrupted send may safely be retried after a crash).
+    :param concurrency: requests in flight at once for this connector.
+    """
+
+    max_batch_size: int = 1
+    rate_limit_per_second: float | None = None
+    burst: int = 1
+    supports_scheduling: bool = False
+    required_fields: tuple[str, ...] = ()
+    consent_required: bool = False
+    provider_deduplicates: bool = False
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One message to deliver: the send row plus what the customer profile says.
+
+    ``recipient`` holds the customer's traits (email, phone, first_name, ...) and
+    ``user_id`` their user id, so connectors never read the database.
+    """
+
+    send_id: int
+    idempotency_key: str
+    campaign: str
+    channel: str
+    customer_id: int
+    decision_id: str | None = None
+    user_id: str | None = None
+    template: str | None = None
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    recipient: Mapping[str, Any] = field(default_factory=dict)
+    send_at_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What happened to one message of a batch.
+
+    ``ok`` with the provider's message id; otherwise ``error`` in the provider's words,
+    ``retryable`` when trying again may help, and ``opted_out`` when the provider says
+    the recipient opted out (Twilio 21610): the delivery layer records an unsubscribe.
+    """
+
+    idempotency_key: str
+    ok: bool
+    provider_message_id: str | None = None
+    error: str | None = None
+    retryable: bool = False
+    opted_out: bool = False
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """A provider's HTTP request as received: raw body, lower-case header names, full URL."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
+
+    def header(self, name: str) -> str | None:
+        """A header by case-insensitive name."""
+        return self.headers.get(name.lower())
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """A provider's report about a message, before it becomes a cadence event.
+
+    ``event_id`` is the provider's own id for the report (the dedupe key); the webhook
+    router links it to the send through ``decision_id`` or ``provider_message_id``.
+    """
+
+    event_id: str
+    kind: Feedback
+    channel: str
+    ts_ms: int
+    decision_id: str | None = None
+    campaign: str | None = None
+    provider_message_id: str | None = None
+    user_id: str | None = None
+    recipient: str | None = None
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Connector(ABC):
+    """Base class of every connector. Subclasses set the class attributes and ``send``.
+
+    Construct with the connector's settings (``settings.connectors[name]``), an
+    optional shared :class:`httpx.AsyncClient` and the database engine (only the
+    outbox and stateful webhooks use it).
+    """
+
+    name: ClassVar[str]
+    channels: ClassVar[frozenset[str]]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Setting names this connector reads, with a one-line description (shown in docs and ``plugins list``).
+    settings_help: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(
+        self,
+        *,
+        config: Mapping[str, Any] | None = None,
+        client: httpx.AsyncClient | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.config: Mapping[str, Any] = dict(config or {})
+        self._client = client
+        self._owns_client = client is None
+        self.engine = engine
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The HTTP client (created on first use when none was injected)."""
+        if self._client is None:
+            timeout = float(self.config.get("timeout_seconds", 10.0))
+            self._client = httpx.AsyncClient(timeout=timeout)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this connector created it."""
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+            self._client = None
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        """A boolean setting (``true``/``1``/``yes``/``on`` from the environment count as true)."""
+        return as_bool(self.config.get(key, default))
+
+    def setting(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        """One of this connector's settings; a missing required one is a :class:`ConfigError`."""
+        value = self.config.get(key, default)
+        if required and (value is None or value == ""):
+            variable = f"CADENCE_CONNECTORS__{self.name.upper()}__{key.upper()}"
+            raise ConfigError(f"{variable}: required by the {self.name} connector")
+        return value
+
+    @abstractmethod
+    async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Deliver ``batch`` (at most ``capabilities.max_batch_size`` messages).
+
+        Returns one result per message, in order. Raises a ConnectorError subclass
+        when the whole request failed.
+        """
+
+    def verify_webhook(self, request: WebhookRequest) -> None:
+        """Check the request's signature on the raw body; raise :class:`WebhookRejected` if bad."""
+        raise WebhookRejected(f"the {self.name} connector takes no webhooks", status=404)
+
+    def parse_webhook(self, request: WebhookRequest) -> list[ProviderEvent]:
+        """Turn a verified webhook into provider events (raise WebhookRejected(400) if malformed)."""
+        raise WebhookRejected(f"the {self.name} connector takes no webhooks", status=404)
+
+    def webhook_challenge(self, request: WebhookRequest) -> str | None:
+        """Answer a provider's GET verification handshake, or None when it is not one of ours."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} channels={sorted(self.channels)}>"
+
+
+def as_bool(value: Any) -> bool:
+    """A setting as a boolean; environment variables arrive as text.
+
+    >>> [as_bool(v) for v in (True, "true", "1", "yes", "on", False, "false", "0", "", None)]
+    [True, True, True, True, True, False, False, False, False, False]
+    """
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+def as_list(value: Any) -> list[Any]:
+    """A setting as a list: a list, a JSON array, or comma-separated text.
+
+    >>> as_list('["a", "b"]'), as_list("a, b"), as_list(None)
+    (['a', 'b'], ['a', 'b'], [])
+    """
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, list):
+                return parsed
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return list(value)
+
+
+def retry_after_seconds(
+    headers: Mapping[str, str], *, now: float | None = None, default: float = 1.0
+) -> float:
+    """The wait a throttled response asks for: ``Retry-After`` or SendGrid's ``X-RateLimit-Reset``.
+
+    ``Retry-After`` may be seconds or an HTTP date; ``X-RateLimit-Reset`` is a Unix epoch.
+
+    >>> retry_after_seconds({"retry-after": "7"})
+    7.0
+    >>> retry_after_seconds({"x-ratelimit-reset": "1000"}, now=990.5)
+    9.5
+    >>> retry_after_seconds({}, default=2.0)
+    2.0
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    now = time.time() if now is None else now
+    value = lowered.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+            except (TypeError, ValueError):
+                pass
+    reset = lowered.get("x-ratelimit-reset")
+    if reset:
+        try:
+            return max(0.0, float(reset) - now)
+        except ValueError:
+            pass
+    return default
+
+
+def classify_http_error(response: httpx.Response, *, provider_error: object | None = None) -> ConnectorError:
+    """The connector error for a failed HTTP response, per the shared conventions.
+
+    429 -> RateLimited (with the wait), 401/403 -> AuthenticationFailure, 408 and 5xx
+    -> TransientFailure, other 4xx -> PermanentFailure.
+    """
+    status = response.status_code
+    detail = provider_error if provider_error is not None else _body_of(response)
+    message = f"HTTP {status} from {response.request.url.host}: {str(detail)[:500]}"
+    if status == 429:
+        return RateLimited(message, retry_after=retry_after_seconds(response.headers), provider_error=detail)
+    if status in (401, 403):
+        return AuthenticationFailure(message, provider_error=detail)
+    if status == 408 or status >= 500:
+        return TransientFailure(message, provider_error=detail)
+    return PermanentFailure(message, provider_error=detail)
+
+
+def _body_of(response: httpx.Response) -> object:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:1000]
+
+
+def sha256_normalised(value: str) -> str:
+    """Lower-case and trim, then SHA-256 hex; a value already 64 hex characters passes through.
+
+    >>> sha256_normalised("  Jane@Example.com ") == hashlib.sha256(b"jane@example.com").hexdigest()
+    True
+    >>> sha256_normalised("a" * 64) == "a" * 64
+    True
+    """
+    text = value.strip().lower()
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def transport_error(exc: httpx.HTTPError, name: str) -> TransientFailure:
+    """A timeout or connection error as a retryable failure."""
+    return TransientFailure(f"{name}: {type(exc).__name__}: {exc}", provider_error=str(exc))
+
+
+def as_dict_list(value: Any) -> list[dict[str, Any]]:
+    """``value`` if it is a list of objects, else an empty list."""
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, dict)]
+    return []
+
+
+def headers_of(items: Mapping[str, str] | Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Lower-case header names."""
+    pairs = items.items() if isinstance(items, Mapping) else items
+    return {k.lower(): v for k, v in pairs}

@@ -1,0 +1,887 @@
+"""Reliable delivery, shared by every connector: retries, rate limits, circuit breaker, dispatcher.
+
+The pieces, from the inside out:
+
+- :func:`backoff_delay` - jittered exponential backoff (pure, doctested).
+- :class:`TokenBucket` - the client-side rate limit of one connector; a 429 pauses it
+  for everyone until the provider's reset time.
+- :class:`CircuitBreaker` - after ``failure_threshold`` consecutive transient failures
+  the connector is paused for ``reset_seconds``, then one trial batch decides whether
+  it resumes.
+- :class:`Deliverer` - sends one batch through a connector with all of the above:
+  transient failures and 429s are retried (the 429 wait honours ``Retry-After`` and
+  SendGrid's ``X-RateLimit-Reset``), permanent 4xx and auth failures are not.
+- :class:`Dispatcher` - takes due ``queued`` rows of the ``sends`` table (``FOR UPDATE
+  SKIP LOCKED`` on PostgreSQL), re-checks consent with
+  :func:`cadence.engine.consent.may_send`, batches them per connector, delivers, and
+  records each outcome: ``sent`` with the provider's id, ``failed`` (the dead letter,
+  with the provider's error), ``suppressed`` (opted out), or back to ``queued`` with a
+  later ``next_attempt_ms``.
+
+Idempotency: a row is claimed (``queued`` -> ``sending``) in one transaction before
+any provider call, so two dispatchers never take the same row and a retry or restart
+never re-sends a ``sent`` row. A batch in flight when the dispatcher is cancelled is
+finished and recorded first (shielded). A row left ``sending`` by a crash is *in
+doubt*: :meth:`Dispatcher.recover_stale` re-queues it only for connectors whose provider
+drops repeated idempotency keys, and dead-letters it otherwise, so nothing is ever
+delivered twice and nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, and_, bindparam, case, or_, select, update
+
+from cadence.clock import Clock
+from cadence.connectors.base import Connector, OutgoingMessage, SendResult
+from cadence.engine.consent import may_send
+from cadence.engine.events import NewEvent
+from cadence.engine.ingest import append_events
+from cadence.errors import (
+    AuthenticationFailure,
+    ConfigError,
+    ConnectorError,
+    PermanentFailure,
+    RateLimited,
+    TransientFailure,
+)
+from cadence.store.schema.connectors import connector_state
+from cadence.store.schema.core import consent, identities, profiles
+from cadence.store.schema.sends import sends
+
+__all__ = [
+    "CircuitBreaker",
+    "CircuitOpen",
+    "DeliveryPolicy",
+    "Deliverer",
+    "DispatchReport",
+    "Dispatcher",
+    "TokenBucket",
+    "backoff_delay",
+]
+
+log = logging.getLogger("cadence.delivery")
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): full jitter, capped.
+
+    The upper bound doubles each attempt (``base * 2**attempt``, at most ``cap``) and the
+    wait is drawn uniformly below it, so many clients retrying at once spread out.
+
+    >>> rng = random.Random(7)
+    >>> waits = [backoff_delay(a, base=0.5, cap=4.0, rng=rng) for a in range(40)]
+    >>> all(0 <= w <= min(4.0, 0.5 * 2**a) for a, w in enumerate(waits))
+    True
+    >>> backoff_delay(3, base=0.5, cap=4.0, rng=random.Random(1)) != backoff_delay(3, base=0.5, cap=4.0)
+    True
+    """
+    bound = min(cap, base * (2**attempt))
+    return (rng or random).uniform(0, bound)
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """How hard to try: read per connector from ``settings.connectors[name]``.
+
+    :param max_attempts: provider calls per batch before a transient failure is final
+        for this dispatch round (the row is retried later until ``max_row_attempts``).
+    :param max_row_attempts: dispatch rounds a row may take before it is dead-lettered.
+    :param backoff_base_seconds: first retry waits up to this long.
+    :param backoff_max_seconds: no single wait is longer.
+    :param max_inline_wait_seconds: a 429 asking for a longer wait puts the rows back on
+        the queue for later instead of holding the dispatcher.
+    :param circuit_failure_threshold: consecutive failed batches that open the circuit.
+    :param circuit_reset_seconds: how long an open circuit pauses the connector.
+    """
+
+    max_attempts: int = 4
+    max_row_attempts: int = 8
+    backoff_base_seconds: float = 0.2
+    backoff_max_seconds: float = 30.0
+    max_inline_wait_seconds: float = 30.0
+    circuit_failure_threshold: int = 5
+    circuit_reset_seconds: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, connector: str = "?") -> DeliveryPolicy:
+        """The policy for a connector's settings, defaults for what is not given.
+
+        >>> DeliveryPolicy.from_config({"max_attempts": "6", "api_key": "x"}).max_attempts
+        6
+        """
+        defaults = cls()
+        known: dict[str, Any] = {}
+        for key, value in config.items():
+            if key in cls.__dataclass_fields__:
+                kind = type(getattr(defaults, key))
+                try:
+                    known[key] = kind(float(value)) if kind is int else kind(value)
+                except (TypeError, ValueError) as exc:
+                    variable = f"CADENCE_CONNECTORS__{connector.upper()}__{key.upper()}"
+                    raise ConfigError(f"{variable}: expected a number, got {value!r}") from exc
+        return cls(**known)
+
+
+class CircuitOpen(ConnectorError):
+    """The connector is paused by its circuit breaker until ``until`` (monotonic seconds)."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class TokenBucket:
+    """An async token bucket: ``rate`` requests a second, ``burst`` at once.
+
+    :meth:`pause` holds every caller until a time (a provider's rate-limit reset).
+    """
+
+    def __init__(
+        self,
+        rate: float | None,
+        burst: int = 1,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._now = now
+        self._sleep = sleep
+        self._tokens = float(self.burst)
+        self._stamp = now()
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def pause(self, seconds: float) -> None:
+        """Let nobody through for ``seconds`` (extends, never shortens, a pause)."""
+        self._paused_until = max(self._paused_until, self._now() + seconds)
+
+    def wait_time(self) -> float:
+        """Seconds until the next request may go (0 when it may go now); takes a token if so."""
+        now = self._now()
+        if now < self._paused_until:
+            return self._paused_until - now
+        if self.rate is None:
+            return 0.0
+        self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    async def acquire(self) -> None:
+        """Wait for a token."""
+        async with self._lock:
+            while (wait := self.wait_time()) > 0:
+                await self._sleep(wait)
+
+
+class CircuitBreaker:
+    """Closed -> open after repeated failures -> half-open after a pause -> closed on success.
+
+    >>> t = [0.0]
+    >>> cb = CircuitBreaker(failure_threshold=2, reset_seconds=10, now=lambda: t[0])
+    >>> cb.record_failure("boom"); cb.state
+    'closed'
+    >>> cb.record_failure("boom"); cb.state
+    'open'
+    >>> cb.allow()
+    False
+    >>> t[0] = 11; cb.allow(), cb.state
+    (True, 'half_open')
+    >>> cb.allow()  # one trial batch at a time while half-open
+    False
+    >>> cb.record_success(); cb.state
+    'closed'
+    """
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        reset_seconds: float,
+        now: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitBreaker], None] | None = None,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.reset_seconds = reset_seconds
+        self._now = now
+        self._on_change = on_change
+        self.state = "closed"
+        self.failures = 0
+        self.open_until = 0.0
+        self.last_error: str | None = None
+        self._trial = False
+
+    def allow(self) -> bool:
+        """True when a batch may be sent now.
+
+        When the pause is over the circuit turns half-open and lets exactly one trial
+        batch through; the others wait for its outcome.
+        """
+        if self.state == "open":
+            if self._now() < self.open_until:
+                return False
+            self._set("half_open")
+            self._trial = True
+            return True
+        if self.state == "half_open":
+            if self._trial:
+                return False
+            self._trial = True
+        return True
+
+    def record_success(self) -> None:
+        """A batch went through: close the circuit."""
+        self.failures = 0
+        self._trial = False
+        if self.state != "closed":
+            self._set("closed")
+
+    def record_failure(self, error: str) -> None:
+        """A batch failed for a reason the provider may recover from."""
+        self.failures += 1
+        self.last_error = error
+        self._trial = False
+        if self.state == "half_open" or self.failures >= self.failure_threshold:
+            self.open_until = self._now() + self.reset_seconds
+            self._set("open")
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        if self._on_change is not None:
+            self._on_change(self)
+
+
+@dataclass
+class Deliverer:
+    """One connector with its policy, rate limit and circuit breaker."""
+
+    connector: Connector
+    policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    limiter: TokenBucket | None = None
+    breaker: CircuitBreaker | None = None
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+    now: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        caps = self.connector.capabilities
+        rate = self.connector.config.get("rate_limit_per_second", caps.rate_limit_per_second)
+        if self.limiter is None:
+            self.limiter = TokenBucket(
+                float(rate) if rate else None,
+                int(self.connector.config.get("burst", caps.burst)),
+                now=self.now,
+                sleep=self.sleep,
+            )
+        if self.breaker is None:
+            self.breaker = CircuitBreaker(
+                failure_threshold=self.policy.circuit_failure_threshold,
+                reset_seconds=self.policy.circuit_reset_seconds,
+                now=self.now,
+            )
+        self.semaphore = asyncio.Semaphore(int(self.connector.config.get("concurrency", caps.concurrency)))
+
+    @property
+    def batch_size(self) -> int:
+        """Messages per provider call: the capability, or less if configured."""
+        cap = self.connector.capabilities.max_batch_size
+        return max(1, min(cap, int(self.connector.config.get("batch_size", cap))))
+
+    async def deliver(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Send ``batch`` with retries; raise the last ConnectorError if it finally failed.
+
+        Raises :class:`CircuitOpen` without calling the provider when the connector is
+        paused, and :class:`RateLimited` when the provider asks for a wait longer than
+        ``max_inline_wait_seconds`` (the dispatcher re-queues the rows for then).
+        """
+        assert self.limiter is not None and self.breaker is not None
+        async with self.semaphore:
+            return await self._deliver(batch)
+
+    async def _deliver(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
+        assert self.limiter is not None and self.breaker is not None
+        attempt = 0
+        while True:
+            if not self.breaker.allow():
+                until = self.breaker.open_until
+                if self.breaker.state == "half_open":  # a trial batch is deciding: look again soon
+                    until = self.now() + 1.0
+                raise CircuitOpen(
+                    f"{self.connector.name} is paused after repeated failures: {self.breaker.last_error}",
+                    until=until,
+                )
+            await self.limiter.acquire()
+            try:
+                results = await self.connector.send(batch)
+            except RateLimited as exc:
+                wait = min(exc.retry_after, self.policy.backoff_max_seconds * 10)
+                # Pause every sender of this connector (not just this batch) until the reset,
+                # plus a little jitter so the waiting batches do not all fire at once.
+                self.limiter.pause(wait + self.rng.uniform(0, min(1.0, wait / 10 + 0.01)))
+                attempt += 1
+                if wait > self.policy.max_inline_wait_seconds or attempt >= self.policy.max_attempts:
+                    raise
+                log.info("%s throttled, waiting %.2fs (attempt %d)", self.connector.name, wait, attempt)
+                continue
+            except TransientFailure as exc:
+                self.breaker.record_failure(str(exc))
+                attempt += 1
+                if attempt >= self.policy.max_attempts or self.breaker.state == "open":
+                    raise
+                delay = backoff_delay(
+                    attempt - 1,
+                    base=self.policy.backoff_base_seconds,
+                    cap=self.policy.backoff_max_seconds,
+                    rng=self.rng,
+                )
+                log.info("%s transient failure (%s), retry in %.2fs", self.connector.name, exc, delay)
+                await self.sleep(delay)
+                continue
+            except AuthenticationFailure as exc:
+                # Bad credentials will not fix themselves: pause the connector at once.
+                self.breaker.failures = self.breaker.failure_threshold - 1
+                self.breaker.record_failure(str(exc))
+                raise
+            if len(results) != len(batch):
+                raise PermanentFailure(
+                    f"{self.connector.name} returned {len(results)} results for {len(batch)} messages"
+                )
+            self.breaker.record_success()
+            return results
+
+
+@dataclass
+class DispatchReport:
+    """What one dispatch round did."""
+
+    claimed: int = 0
+    sent: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    deferred: int = 0
+    opted_out: int = 0
+
+    def add(self, other: DispatchReport) -> None:
+        """Accumulate another round's counts."""
+        for name in ("claimed", "sent", "failed", "suppressed", "deferred", "opted_out"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    send_id: int
+    status: str  # sent | failed | queued
+    provider_message_id: str | None = None
+    error: str | None = None
+    next_attempt_ms: int | None = None
+    opted_out: bool = False
+    refund_attempt: bool = False
+
+
+RouteFn = Callable[[str, str | None], Connector | None]
+
+
+class Dispatcher:
+    """Takes due sends off the queue and delivers them through their connectors.
+
+    :param engine: the database.
+    :param route: ``route(channel, connector_name) -> Connector | None``: the connector
+        for a row (its own ``connector`` column wins; else the channel's default).
+    :param clock: "now" for due times and bookkeeping.
+    :param batch_limit: rows claimed per round.
+    :param parallel_rounds: rounds in flight at once (claims never take the same row: SKIP
+        LOCKED on PostgreSQL, the write lock on SQLite); default 2 on PostgreSQL, 1 on SQLite.
+    :param before_round: run (in a thread) before each round: ``cadence serve`` passes the
+        engine loop's ``catch_up``, so an opt-out already in the event log is applied to
+        consent before any send is claimed.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        route: RouteFn,
+        clock: Clock | None = None,
+        batch_limit: int = 1000,
+        lease_ms: int = 5 * 60 * 1000,
+        deliverers: dict[str, Deliverer] | None = None,
+        parallel_rounds: int | None = None,
+        before_round: Callable[[], object] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.before_round = before_round
+        self.route = route
+        self.clock = clock or Clock()
+        self.batch_limit = batch_limit
+        self.lease_ms = lease_ms
+        self.deliverers: dict[str, Deliverer] = deliverers if deliverers is not None else {}
+        # SQLite serialises writers, so a second round only waits; PostgreSQL overlaps them.
+        default_rounds = 2 if engine.dialect.name == "postgresql" else 1
+        self.parallel_rounds = max(1, parallel_rounds or default_rounds)
+        self._row_attempts: dict[int, int] = {}
+
+    def deliverer_for(self, connector: Connector) -> Deliverer:
+        """The (cached) deliverer of ``connector``, its breaker persisted to ``connector_state``."""
+        found = self.deliverers.get(connector.name)
+        if found is None or found.connector is not connector:
+            policy = DeliveryPolicy.from_config(connector.config, connector=connector.name)
+            name = connector.name
+
+            def on_change(cb: CircuitBreaker) -> None:
+                self._save_circuit(name, cb)
+
+            breaker = CircuitBreaker(
+                failure_threshold=policy.circuit_failure_threshold,
+                reset_seconds=policy.circuit_reset_seconds,
+                on_change=on_change,
+            )
+            found = Deliverer(connector, policy, breaker=breaker)
+            self.deliverers[connector.name] = found
+        return found
+
+    def _save_circuit(self, name: str, breaker: CircuitBreaker) -> None:
+        now = self.clock.now_ms()
+        until = now + int(max(0.0, breaker.open_until - time.monotonic()) * 1000)
+        values = {
+            "circuit": breaker.state,
+            "failures": breaker.failures,
+            "open_until_ms": until if breaker.state == "open" else None,
+            "last_error": breaker.last_error,
+            "updated_ms": now,
+        }
+        try:
+            with self.engine.begin() as conn:
+                done = conn.execute(
+                    update(connector_state).where(connector_state.c.connector == name).values(**values)
+                ).rowcount
+                if not done:
+                    conn.execute(connector_state.insert().values(connector=name, **values))
+        except Exception:  # noqa: BLE001 - bookkeeping must never stop delivery
+            log.exception("could not record the circuit state of %s", name)
+        log.warning("connector %s circuit is now %s (%s)", name, breaker.state, breaker.last_error)
+
+    # -- claiming -------------------------------------------------------------------
+
+    def _claim(self, limit: int) -> tuple[list[tuple[Connector, OutgoingMessage]], DispatchReport]:
+        now = self.clock.now_ms()
+        report = DispatchReport()
+        with self.engine.begin() as conn:
+            # The customer's traits, ids and whether any consent row exists come along in
+            # the same query: one round trip per claim, whatever the batch size.
+            # The first identity, user ids first, as "kind:value". Filtering on kind in SQL
+            # would let PostgreSQL (without statistics, e.g. right after a large push) AND in
+            # the whole primary-key range of that kind for every row.
+            first_identity = (
+                select(identities.c.kind + ":" + identities.c.value)
+                .where(identities.c.customer_id == sends.c.customer_id)
+                .order_by(
+                    case((identities.c.kind == "user", 0), else_=1),
+                    identities.c.first_seen_ms,
+                    identities.c.value,
+                )
+                .limit(1)
+                .scalar_subquery()
+            )
+
+            has_consent = (
+                select(consent.c.customer_id).where(consent.c.customer_id == sends.c.customer_id).exists()
+            )
+            due = (
+                select(
+                    sends,
+                    profiles.c.traits.label("_traits"),
+                    first_identity.label("_identity"),
+                    has_consent.label("_has_consent"),
+                )
+                .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
+                .where(
+                    sends.c.status == "queued",
+                    sends.c.due_ms <= now,
+                    or_(sends.c.next_attempt_ms.is_(None), sends.c.next_attempt_ms <= now),
+                )
+                .order_by(sends.c.due_ms, sends.c.id)
+                .limit(limit)
+            )
+            if conn.dialect.name == "postgresql":
+                due = due.with_for_update(skip_locked=True, of=sends)
+            rows = conn.execute(due).mappings().all()
+            if not rows:
+                return [], report
+            report.claimed = len(rows)
+            traits = {r["customer_id"]: dict(r["_traits"] or {}) for r in rows}
+            user_ids = {
+                r["customer_id"]: r["_identity"][len("user:") :]
+                for r in rows
+                if (r["_identity"] or "").startswith("user:")
+            }
+            with_consent_rows = {r["customer_id"] for r in rows if r["_has_consent"]}
+            claimed: list[tuple[Connector, OutgoingMessage]] = []
+            finals: list[dict[str, Any]] = []
+            for row in rows:
+                connector = self.route(row["channel"], row["connector"])
+                if connector is None:
+                    finals.append(
+                        _final(row["id"], "failed", f"no connector offers channel {row['channel']!r}")
+                    )
+                    report.failed += 1
+                    continue
+                caps = connector.capabilities
+                customer = row["customer_id"]
+                allowed = (
+                    may_send(conn, customer, row["channel"], require_opt_in=caps.consent_required)
+                    if customer in with_consent_rows or caps.consent_required
+                    else True
+                )
+                if not allowed:
+                    finals.append(
+                        _final(row["id"], "suppressed", f"customer has no consent for {row['channel']}")
+                    )
+                    report.suppressed += 1
+                    continue
+                recipient = traits.get(customer, {})
+                missing = [f for f in caps.required_fields if not recipient.get(f)]
+                if missing:
+                    finals.append(
+                        _final(row["id"], "failed", f"customer {customer} has no {', '.join(missing)} trait")
+                    )
+                    report.failed += 1
+                    continue
+                self._row_attempts[row["id"]] = row["attempts"] + 1
+                claimed.append(
+                    (
+                        connector,
+                        OutgoingMessage(
+                            send_id=row["id"],
+                            idempotency_key=row["idempotency_key"],
+                            campaign=row["campaign"],
+                            channel=row["channel"],
+                            customer_id=customer,
+                            decision_id=row["decision_id"],
+                            user_id=user_ids.get(customer),
+                            template=row["template"],
+                            variables=row["variables"] or {},
+                            recipient=recipient,
+                            send_at_ms=row["due_ms"] if row["due_ms"] > now else None,
+                        ),
+                    )
+                )
+            if finals:
+                conn.execute(
+                    update(sends)
+                    .where(sends.c.id == bindparam("sid"))
+                    .values(status=bindparam("st"), last_error=bindparam("err"), updated_ms=now),
+                    finals,
+                )
+            if claimed and conn.dialect.name == "postgresql":
+                # One statement for the whole claim: arrays unnested server-side.
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = 'sending', attempts = sends.attempts + 1, connector = v.conn, "
+                    "updated_ms = %s FROM unnest(%s::bigint[], %s::text[]) AS v(id, conn) "
+                    "WHERE sends.id = v.id",
+                    (now, [m.send_id for _, m in claimed], [c.name for c, _ in claimed]),
+                )
+            elif claimed:
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = ?, "
+                    "updated_ms = ? WHERE id = ?",
+                    [(c.name, now, m.send_id) for c, m in claimed],
+                )
+        return claimed, report
+
+    # -- recording ------------------------------------------------------------------
+
+    def _record(self, outcomes: Sequence[_Outcome], messages: Mapping[int, OutgoingMessage]) -> None:
+        now = self.clock.now_ms()
+        params = [
+            {
+                "sid": o.send_id,
+                "st": o.status,
+                "pmid": o.provider_message_id,
+                "err": o.error,
+                "nxt": o.next_attempt_ms,
+                "refund": 1 if o.refund_attempt else 0,
+            }
+            for o in outcomes
+        ]
+        opt_outs = [messages[o.send_id] for o in outcomes if o.opted_out]
+        with self.engine.begin() as conn:
+            # Driver-level executemany: building thousands of parameter sets through the
+            # SQL compiler costs more than the database work.
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = v.st, provider_message_id = v.pmid, last_error = v.err, "
+                    "next_attempt_ms = v.nxt, attempts = sends.attempts - v.refund, updated_ms = %s "
+                    "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[]) "
+                    "AS v(id, st, pmid, err, nxt, refund) WHERE sends.id = v.id AND sends.status = 'sending'",
+                    (
+                        now,
+                        [p["sid"] for p in params],
+                        [p["st"] for p in params],
+                        [p["pmid"] for p in params],
+                        [p["err"] for p in params],
+                        [p["nxt"] for p in params],
+                        [p["refund"] for p in params],
+                    ),
+                )
+            else:
+                conn.exec_driver_sql(
+                    "UPDATE sends SET status = ?, provider_message_id = ?, last_error = ?, "
+                    "next_attempt_ms = ?, attempts = attempts - ?, updated_ms = ? "
+                    "WHERE id = ? AND status = 'sending'",
+                    [(p["st"], p["pmid"], p["err"], p["nxt"], p["refund"], now, p["sid"]) for p in params],
+                )
+            if opt_outs:
+                append_events(
+                    conn, [_opt_out_event(m, now, _anonymous_id(conn, m.customer_id)) for m in opt_outs]
+                )
+        for o in outcomes:
+            self._row_attempts.pop(o.send_id, None)
+
+    # -- one round ------------------------------------------------------------------
+
+    async def dispatch_once(self, *, limit: int | None = None) -> DispatchReport:
+        """Claim up to ``limit`` due rows, deliver them, record every outcome."""
+        claimed, report = await asyncio.to_thread(self._claim, limit or self.batch_limit)
+        if not claimed:
+            return report
+        # One provider call carries one template: group by connector and template.
+        by_connector: dict[tuple[str, str | None], list[OutgoingMessage]] = defaultdict(list)
+        connectors: dict[str, Connector] = {}
+        for connector, message in claimed:
+            by_connector[(connector.name, message.template)].append(message)
+            connectors[connector.name] = connector
+        jobs = []
+        for (name, _template), messages in by_connector.items():
+            deliverer = self.deliverer_for(connectors[name])
+            size = deliverer.batch_size
+            for start in range(0, len(messages), size):
+                jobs.append(self._deliver_chunk(deliverer, messages[start : start + size]))
+        chunks = await asyncio.gather(*jobs)
+        outcomes = [o for chunk in chunks for o in chunk]
+        messages_by_id = {m.send_id: m for _, m in claimed}
+        await asyncio.to_thread(self._record, outcomes, messages_by_id)
+        for o in outcomes:
+            if o.status == "sent":
+                report.sent += 1
+            elif o.status == "failed":
+                report.failed += 1
+            else:
+                report.deferred += 1
+            report.opted_out += int(o.opted_out)
+        return report
+
+    async def _deliver_chunk(self, deliverer: Deliverer, batch: list[OutgoingMessage]) -> list[_Outcome]:
+        now = self.clock.now_ms()
+        name = deliverer.connector.name
+        try:
+            results = await deliverer.deliver(batch)
+        except CircuitOpen as exc:
+            wait_ms = int(max(0.0, exc.until - deliverer.now()) * 1000) + 1
+            return [
+                _Outcome(
+                    m.send_id, "queued", error=str(exc), next_attempt_ms=now + wait_ms, refund_attempt=True
+                )
+                for m in batch
+            ]
+        except RateLimited as exc:
+            return [
+                _Outcome(
+                    m.send_id,
+                    "queued",
+                    error=_error_text(exc),
+                    next_attempt_ms=now + int(exc.retry_after * 1000) + 1,
+                    refund_attempt=True,
+                )
+                for m in batch
+            ]
+        except ConnectorError as exc:
+            outcomes = []
+            for m in batch:
+                if exc.retryable and self._attempts_left(m, deliverer.policy):
+                    delay = backoff_delay(
+                        self._row_attempts.get(m.send_id, 1),
+                        base=deliverer.policy.backoff_base_seconds * 5,
+                        cap=300.0,
+                    )
+                    outcomes.append(
+                        _Outcome(
+                            m.send_id,
+                            "queued",
+                            error=_error_text(exc),
+                            next_attempt_ms=now + int(delay * 1000),
+                        )
+                    )
+                else:
+                    outcomes.append(_Outcome(m.send_id, "failed", error=_error_text(exc)))
+            log.warning("%s: batch of %d failed: %s", name, len(batch), exc)
+            return outcomes
+        except Exception as exc:  # noqa: BLE001 - a plugin bug must not kill the dispatcher
+            log.exception("%s raised an unexpected error", name)
+            return [_Outcome(m.send_id, "failed", error=f"connector bug: {exc!r}") for m in batch]
+        outcomes = []
+        for message, result in zip(batch, results, strict=True):
+            if result.ok:
+                outcomes.append(
+                    _Outcome(message.send_id, "sent", provider_message_id=result.provider_message_id)
+                )
+            elif result.retryable and self._attempts_left(message, deliverer.policy):
+                outcomes.append(
+                    _Outcome(
+                        message.send_id,
+                        "queued",
+                        error=result.error,
+                        next_attempt_ms=now + int(deliverer.policy.backoff_base_seconds * 5000),
+                    )
+                )
+            else:
+                outcomes.append(
+                    _Outcome(
+                        message.send_id,
+                        "failed",
+                        provider_message_id=result.provider_message_id,
+                        error=result.error,
+                        opted_out=result.opted_out,
+                    )
+                )
+        return outcomes
+
+    def _attempts_left(self, message: OutgoingMessage, policy: DeliveryPolicy) -> bool:
+        return self._row_attempts.get(message.send_id, 1) < policy.max_row_attempts
+
+    # -- loops and recovery ---------------------------------------------------------
+
+    async def _rounds(self) -> DispatchReport:
+        """``parallel_rounds`` rounds at once: one claims while another waits on the provider."""
+        if self.parallel_rounds == 1:
+            return await self.dispatch_once()
+        total = DispatchReport()
+        for report in await asyncio.gather(*(self.dispatch_once() for _ in range(self.parallel_rounds))):
+            total.add(report)
+        return total
+
+    async def drain(self, *, max_rounds: int = 1_000_000) -> DispatchReport:
+        """Dispatch rounds until nothing due is left (deferred rows wait for their time)."""
+        total = DispatchReport()
+        for _ in range(max_rounds):
+            report = await self._rounds()
+            total.add(report)
+            if report.claimed == 0:
+                break
+        return total
+
+    async def run(self, *, stop: asyncio.Event, poll_seconds: float = 0.5) -> DispatchReport:
+        """Dispatch until ``stop`` is set. A round in flight when cancelled is finished first."""
+        total = DispatchReport()
+        while not stop.is_set():
+            if self.before_round is not None:
+                await asyncio.to_thread(self.before_round)
+            task = asyncio.ensure_future(self._rounds())
+            try:
+                report = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # Let the provider calls already made be recorded, then stop.
+                await asyncio.wait({task})
+                raise
+            total.add(report)
+            if report.claimed == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), poll_seconds)
+        return total
+
+    def recover_stale(self, *, is_safe_to_retry: Callable[[str | None], bool]) -> tuple[int, int]:
+        """Settle rows left ``sending`` by a crash; returns (re-queued, dead-lettered).
+
+        ``is_safe_to_retry(connector_name)`` says whether the provider drops repeated
+        idempotency keys; other in-doubt rows are dead-lettered, never re-sent.
+        """
+        now = self.clock.now_ms()
+        cutoff = now - self.lease_ms
+        requeued = dead = 0
+        with self.engine.begin() as conn:
+            stale = conn.execute(
+                select(sends.c.id, sends.c.connector).where(
+                    and_(sends.c.status == "sending", sends.c.updated_ms <= cutoff)
+                )
+            ).all()
+            for send_id, connector_name in stale:
+                if is_safe_to_retry(connector_name):
+                    conn.execute(
+                        update(sends).where(sends.c.id == send_id).values(status="queued", updated_ms=now)
+                    )
+                    requeued += 1
+                else:
+                    conn.execute(
+                        update(sends)
+                        .where(sends.c.id == send_id)
+                        .values(
+                            status="failed",
+                            last_error="in doubt: interrupted during delivery; not re-sent to avoid a "
+                            "duplicate (re-queue by hand after checking the provider)",
+                            updated_ms=now,
+                        )
+                    )
+                    dead += 1
+        return requeued, dead
+
+
+def _final(send_id: int, status: str, error: str) -> dict[str, Any]:
+    return {"sid": send_id, "st": status, "err": error}
+
+
+def _error_text(exc: ConnectorError) -> str:
+    detail = exc.provider_error
+    if detail is None:
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        rendered = orjson.dumps(detail).decode()
+    except TypeError:
+        rendered = str(detail)
+    return f"{type(exc).__name__}: {exc} | provider: {rendered[:2000]}"
+
+
+def _anonymous_id(conn: Connection, customer_id: int) -> str | None:
+    """The customer's first anonymous id (for events about a customer without a user id)."""
+    found: str | None = conn.scalar(
+        select(identities.c.value)
+        .where(identities.c.customer_id == customer_id, identities.c.kind == "anonymous")
+        .order_by(identities.c.first_seen_ms, identities.c.value)
+        .limit(1)
+    )
+    return found
+
+
+def _opt_out_event(message: OutgoingMessage, now: int, anonymous_id: str | None) -> NewEvent:
+    """The ``Unsubscribed`` event recorded when a provider refuses a send as opted out."""
+    properties = {
+        "channel": message.channel,
+        "campaign": message.campaign,
+        "decision_id": message.decision_id,
+        "reason": "provider reported the recipient opted out",
+    }
+    return NewEvent(
+        message_id=f"optout:{message.idempotency_key}"[:100],
+        type="track",
+        event="Unsubscribed",
+        user_id=message.user_id,
+        anonymous_id=None if message.user_id else anonymous_id,
+        ts_ms=now,
+        payload={"properties": properties},
+        source="connector",
+    )

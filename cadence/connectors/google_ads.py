@@ -1,0 +1,244 @@
+"""The ``google_ads`` connector: offline click conversions and Customer Match through the REST API.
+
+A send becomes a click conversion (``customers/{id}:uploadClickConversions`` with
+``partialFailure: true``) whose ``orderId`` is derived from the send's idempotency key,
+so Google drops a repeat; row errors in ``partialFailureError`` are mapped back to the
+messages they belong to. A send whose variables say ``operation: add`` or ``remove``
+goes to Customer Match instead: an offline user data job is created, given the hashed
+identifiers, and run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+
+from cadence.connectors.base import (
+    Capabilities,
+    Connector,
+    OutgoingMessage,
+    SendResult,
+    classify_http_error,
+    sha256_normalised,
+    transport_error,
+)
+from cadence.errors import ConnectorError, RateLimited
+from cadence.plugins.hookspecs import hookimpl
+from cadence.settings import Settings
+
+__all__ = ["GoogleAds", "cadence_register_connectors", "conversion_time", "row_errors"]
+
+
+def conversion_time(ms: int) -> str:
+    """Google's ``yyyy-mm-dd hh:mm:ss+hh:mm`` in UTC.
+
+    >>> conversion_time(1767225600000)
+    '2026-01-01 00:00:00+00:00'
+    """
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S+00:00")
+
+
+def row_errors(partial_failure: Any, field: str) -> dict[int, list[str]]:
+    """Per-row messages from a ``partialFailureError``, keyed by the index in ``field``.
+
+    >>> row_errors({"code": 3, "message": "x", "details": [{"errors": [{"message": "bad gclid",
+    ...     "errorCode": {"conversionUploadError": "UNPARSEABLE_GCLID"},
+    ...     "location": {"fieldPathElements": [{"fieldName": "conversions", "index": 1},
+    ...                                        {"fieldName": "gclid"}]}}]}]}, "conversions")
+    {1: ['UNPARSEABLE_GCLID: bad gclid']}
+    """
+    found: dict[int, list[str]] = {}
+    if not isinstance(partial_failure, dict):
+        return found
+    for detail in partial_failure.get("details") or []:
+        for error in (detail or {}).get("errors") or []:
+            path = ((error.get("location") or {}).get("fieldPathElements")) or []
+            index = next((p.get("index") for p in path if p.get("fieldName") == field and "index" in p), None)
+            if index is None:
+                continue
+            codes = ", ".join(str(v) for v in (error.get("errorCode") or {}).values())
+            found.setdefault(int(index), []).append(
+                f"{codes}: {error.get('message')}" if codes else str(error.get("message"))
+            )
+    return found
+
+
+def _order_id(key: str) -> str:
+    return key if len(key) <= 64 else hashlib.sha256(key.encode()).hexdigest()[:64]
+
+
+def _digits(value: Any) -> str:
+    return re.sub(r"\D", "", str(value))
+
+
+class GoogleAds(Connector):
+    """Google Ads offline conversions and Customer Match."""
+
+    name: ClassVar[str] = "google_ads"
+    channels: ClassVar[frozenset[str]] = frozenset({"google_ads"})
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        max_batch_size=2000,
+        rate_limit_per_second=5.0,
+        burst=5,
+        supports_scheduling=False,
+        required_fields=(),
+        consent_required=False,
+        provider_deduplicates=True,
+        concurrency=2,
+    )
+    settings_help: ClassVar[dict[str, str]] = {
+        "developer_token": "Google Ads API developer token (required)",
+        "access_token": "OAuth 2 access token with the adwords scope (required)",
+        "customer_id": "account that owns the conversion actions, digits only (required)",
+        "login_customer_id": "manager account id, when acting through one",
+        "conversion_action": "default conversion action resource name (customers/X/conversionActions/Y)",
+        "user_list": "Customer Match user list resource name (customers/X/userLists/Y)",
+        "base_url": "API root (default https://googleads.googleapis.com)",
+        "api_version": "API version (default v18)",
+        "validate_only": "validate uploads without applying them (default false)",
+        "ad_user_data_consent": "consent.adUserData sent with conversions (GRANTED, DENIED; default unset)",
+    }
+
+    def _url(self, action: str) -> str:
+        base = str(self.setting("base_url", "https://googleads.googleapis.com")).rstrip("/")
+        return f"{base}/{self.setting('api_version', 'v18')}/{action}"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {
+            "Authorization": f"Bearer {self.setting('access_token', required=True)}",
+            "developer-token": str(self.setting("developer_token", required=True)),
+            "Content-Type": "application/json",
+        }
+        if self.setting("login_customer_id"):
+            headers["login-customer-id"] = _digits(self.setting("login_customer_id"))
+        return headers
+
+    def conversion_for(self, message: OutgoingMessage) -> dict[str, Any]:
+        """One ``ClickConversion``."""
+        v = message.variables
+        conversion: dict[str, Any] = {
+            "conversionAction": v.get("conversion_action")
+            or self.setting("conversion_action", required=True),
+            "conversionDateTime": conversion_time(
+                int(v.get("conversion_time_ms") or message.send_at_ms or _now_ms())
+            ),
+            "orderId": _order_id(message.idempotency_key),
+        }
+        for ours, theirs in (("gclid", "gclid"), ("gbraid", "gbraid"), ("wbraid", "wbraid")):
+            value = v.get(ours) or message.recipient.get(ours)
+            if value:
+                conversion[theirs] = str(value)
+        if v.get("value") is not None:
+            conversion["conversionValue"] = float(v["value"])
+            conversion["currencyCode"] = str(v.get("currency", "USD"))
+        if self.setting("ad_user_data_consent"):
+            conversion["consent"] = {"adUserData": self.setting("ad_user_data_consent")}
+        return conversion
+
+    async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Conversions in one upload; Customer Match through one offline user data job per operation."""
+        results: dict[str, SendResult] = {}
+        conversions = [m for m in batch if m.variables.get("operation") not in ("add", "remove")]
+        matches = [m for m in batch if m.variables.get("operation") in ("add", "remove")]
+        customer = _digits(self.setting("customer_id", required=True))
+        if conversions:
+            body = {
+                "conversions": [self.conversion_for(m) for m in conversions],
+                "partialFailure": True,
+                "validateOnly": self.flag("validate_only"),
+            }
+            answer = await self._post(f"customers/{customer}:uploadClickConversions", body)
+            errors = row_errors(answer.get("partialFailureError"), "conversions")
+            for index, message in enumerate(conversions):
+                results[message.idempotency_key] = self._result(
+                    message, errors.get(index), f"order:{_order_id(message.idempotency_key)}"
+                )
+        for op in ("add", "remove"):
+            members = [m for m in matches if m.variables.get("operation") == op]
+            if members:
+                results.update(await self._customer_match(customer, op, members))
+        return [results[m.idempotency_key] for m in batch]
+
+    def _result(self, message: OutgoingMessage, errors: list[str] | None, provider_id: str) -> SendResult:
+        if errors:
+            return SendResult(message.idempotency_key, False, error="; ".join(errors))
+        return SendResult(message.idempotency_key, True, provider_message_id=provider_id)
+
+    async def _customer_match(
+        self, customer: str, op: str, members: Sequence[OutgoingMessage]
+    ) -> dict[str, SendResult]:
+        user_list = members[0].variables.get("user_list") or self.setting("user_list", required=True)
+        job = await self._post(
+            f"customers/{customer}/offlineUserDataJobs:create",
+            {
+                "job": {
+                    "type": "CUSTOMER_MATCH_USER_LIST",
+                    "customerMatchUserListMetadata": {"userList": user_list},
+                }
+            },
+        )
+        resource = str(job.get("resourceName") or "")
+        if not resource:
+            raise ConnectorError(
+                "google_ads: offlineUserDataJobs:create returned no resourceName", provider_error=job
+            )
+        operations = []
+        for message in members:
+            identifiers = []
+            if message.recipient.get("email"):
+                identifiers.append({"hashedEmail": sha256_normalised(str(message.recipient["email"]))})
+            if message.recipient.get("phone"):
+                phone = "+" + _digits(message.recipient["phone"])
+                identifiers.append({"hashedPhoneNumber": sha256_normalised(phone)})
+            operations.append({"create" if op == "add" else "remove": {"userIdentifiers": identifiers}})
+        answer = await self._post(
+            f"{resource}:addOperations", {"operations": operations, "enablePartialFailure": True}
+        )
+        errors = row_errors(answer.get("partialFailureError"), "operations")
+        await self._post(f"{resource}:run", {})
+        return {m.idempotency_key: self._result(m, errors.get(i), resource) for i, m in enumerate(members)}
+
+    async def _post(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self.client.post(
+                self._url(action), content=orjson.dumps(body), headers=self._headers()
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.name) from exc
+        if response.status_code == 200:
+            payload = response.json()
+            return payload if isinstance(payload, dict) else {}
+        error = classify_http_error(response)
+        if isinstance(error, RateLimited) and "retry-after" not in response.headers:
+            error.retry_after = _retry_delay(error.provider_error) or error.retry_after
+        raise error
+
+
+def _retry_delay(payload: Any) -> float | None:
+    """``google.rpc.RetryInfo.retryDelay`` ("30s") from an error body, if present."""
+    if not isinstance(payload, dict):
+        return None
+    for detail in (payload.get("error") or {}).get("details") or []:
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return float(delay[:-1])
+            except ValueError:
+                return None
+    return None
+
+
+def _now_ms() -> int:
+    return int(datetime.now(tz=UTC).timestamp() * 1000)
+
+
+@hookimpl
+def cadence_register_connectors(settings: Settings) -> list[type[Connector]]:
+    """Google Ads for the google_ads channel."""
+    return [GoogleAds]

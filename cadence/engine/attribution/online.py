@@ -1,0 +1,504 @@
+"""Attribution in the engine loop: per-event updates, aggregate queries.
+
+:class:`AttributionSubscriber` maps events to touches (our own sends and clicks on
+their channel; visits with UTM parameters or a referrer through channel grouping) and
+to conversions (the attribution block's conversion event), for every
+:class:`AttributionSpec`. A customer's open journey lives in ``attribution_touches``;
+a conversion credits it at once with every rule-based model for every standard window
+(:data:`WINDOWS_DAYS`) into ``attribution_credits`` (and, without the campaign, into
+``attribution_channel_credits``, which channel and day queries read), adds the journey to the coalition
+and path tallies, and closes it. :func:`query_attribution` answers from those tables
+only: rule-based credit by channel, campaign or day over a date range; Shapley from
+coalition tallies and Markov removal effects from path tallies (all time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection
+
+from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
+from cadence.engine.attribution import heuristics
+from cadence.engine.attribution.grouping import DEFAULT_CHANNEL_RULES, group_channel
+from cadence.engine.attribution.journeys import DAY_MS, AttributionError, Journeys
+from cadence.engine.attribution.markov import TransitionTally, _conversion_probability
+from cadence.engine.attribution.models import apply_credit_rules
+from cadence.engine.attribution.shapley import MAX_EXACT_CHANNELS, coalition_shares
+from cadence.engine.attribution.spec import AttributionSpec, CreditRule, Touch
+from cadence.engine.events import LoggedEvent
+from cadence.engine.profiles import event_value
+from cadence.store.fast import execute_many, fetch_in
+
+__all__ = [
+    "ONLINE_MODELS",
+    "WINDOWS_DAYS",
+    "AttributionSubscriber",
+    "default_specs",
+    "journey_credits",
+    "query_attribution",
+    "specs_of",
+    "touch_of",
+]
+
+#: Windows kept for every block (plus the block's own window).
+WINDOWS_DAYS = (1, 7, 14, 30, 60, 90)
+#: Models credited per conversion as it arrives.
+RULE_MODELS = (
+    "first_touch",
+    "last_touch",
+    "last_non_direct",
+    "linear",
+    "time_decay",
+    "position",
+    "shapley_simplified",
+)
+#: Models the query API serves (the others are offline: ``cadence attribution run``).
+ONLINE_MODELS = (*RULE_MODELS, "shapley", "markov")
+KEEP_MS = 90 * DAY_MS
+
+
+def specs_of(runtime: Any) -> list[AttributionSpec]:
+    """The ``attribution`` blocks of the runtime's loaded rules, else :func:`default_specs`."""
+    holder = getattr(runtime, "extensions", {}).get("rules") if runtime is not None else None
+    ruleset = getattr(holder, "current", None)
+    blocks = getattr(ruleset, "attribution", None) or {}
+    return list(blocks.values()) or default_specs()
+
+
+def default_specs() -> list[AttributionSpec]:
+    """The block used when no rules define one: ``Order Completed``, valued by ``revenue``."""
+    return [
+        AttributionSpec(
+            name="default", title="Orders", conversion_event="Order Completed", value_prop="revenue"
+        )
+    ]
+
+
+def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | None:
+    """(channel, campaign) if ``event`` is a touch for ``spec``, else None.
+
+    >>> from cadence.engine.events import LoggedEvent as E
+    >>> spec = default_specs()[0]
+    >>> touch_of(E(1, "m", "track", "Message Clicked", "u", None, 1, 0, "api",
+    ...     {"properties": {"channel": "sms", "campaign": "spring"}}), spec)
+    ('sms', 'spring')
+    >>> touch_of(E(2, "m", "page", None, "u", None, 1, 0, "api",
+    ...     {"context": {"campaign": {"source": "google", "medium": "cpc", "name": "brand"}}}), spec)
+    ('paid_search', 'brand')
+    >>> touch_of(E(3, "m", "track", "Ad Viewed", "u", None, 1, 0, "api", {"properties": {"channel": "display"}}), spec)
+    ('display', '')
+    >>> touch_of(E(4, "m", "track", "Order Completed", "u", None, 1, 0, "api", {}), spec) is None
+    True
+    """
+    if event.type == "track" and event.event == spec.conversion_event:
+        return None
+    props = event.properties
+    kind = feedback_kind(event.event) if event.type == "track" else None
+    if kind in (Feedback.SENT, Feedback.CLICKED):
+        channel = props.get("channel") or IMPLIED_CHANNEL.get(event.event or "")
+        if isinstance(channel, str) and channel:
+            return channel, str(props.get("campaign") or "")
+        return None
+    if kind is not None or event.type not in ("track", "page", "screen"):
+        return None
+    campaign = event.context.get("campaign") or {}
+    page = event.context.get("page") or {}
+    fields = {
+        "source": campaign.get("source") or props.get("utm_source"),
+        "medium": campaign.get("medium") or props.get("utm_medium"),
+        "campaign": campaign.get("name") or props.get("utm_campaign") or props.get("campaign"),
+        "referrer": page.get("referrer") or props.get("referrer"),
+        "event": event.event,
+    }
+    label = str(fields["campaign"] or "")
+    if spec.channel_rules:
+        # The block's own rules first: they may name events ("Ad Clicked" -> display).
+        channel = group_channel(fields, spec.channel_rules)
+        if channel:
+            return channel, label
+    own = props.get("channel")
+    if isinstance(own, str) and own.strip():
+        return own.strip(), label
+    if not (fields["source"] or fields["medium"] or fields["referrer"]):
+        return None
+    channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
+    return (channel, label) if channel else None
+
+
+def journey_credits(
+    touches: Sequence[tuple[int, str, str]],
+    conv_ms: int,
+    *,
+    params: Mapping[str, Any] | None = None,
+    credit_rules: Sequence[CreditRule] = (),
+) -> dict[str, list[tuple[str, str, float]]]:
+    """Per rule-based model: (channel, campaign, credit) of one converting journey.
+
+    ``touches`` are (ts_ms, channel, campaign), oldest first, all at or before ``conv_ms``;
+    the block's credit rules apply (exclusions first).
+
+    >>> c = journey_credits([(0, "email", "a"), (DAY_MS, "search", "")], 2 * DAY_MS)
+    >>> c["linear"], c["last_touch"][1]
+    ([('email', 'a', 0.5), ('search', '', 0.5)], ('search', '', 1.0))
+    """
+    params = params or {}
+    if credit_rules and touches:
+        seen = [Touch(ts_ms=t[0], channel=t[1], campaign=t[2] or None) for t in touches]
+        gone = {r.channel for r in credit_rules if r.action == "exclude" and (r.when is None or r.when(seen))}
+        touches = [t for t in touches if t[1] not in gone]
+    if not touches:
+        return {m: [] for m in RULE_MODELS}
+    j = Journeys.from_paths(
+        [[t[1] for t in touches]], converted=[1.0], gaps_ms=[[conv_ms - t[0] for t in touches]]
+    )
+    credits = {
+        "first_touch": heuristics.first_touch(j),
+        "last_touch": heuristics.last_touch(j),
+        "last_non_direct": heuristics.last_non_direct(j),
+        "linear": heuristics.linear(j),
+        "time_decay": heuristics.time_decay(j, half_life_ms=int(params.get("half_life_ms", 7 * DAY_MS))),
+        "position": heuristics.position(
+            j, first=float(params.get("first", 0.4)), last=float(params.get("last", 0.4))
+        ),
+        "shapley_simplified": heuristics.shapley_simplified(j),
+    }
+    if any(r.action != "exclude" for r in credit_rules):
+        credits = {m: apply_credit_rules(j, c, credit_rules) for m, c in credits.items()}
+    return {m: [(t[1], t[2], float(c[i])) for i, t in enumerate(touches)] for m, c in credits.items()}
+
+
+_UPSERT_CREDIT = (
+    "INSERT INTO attribution_credits (spec, model, window_days, day, channel, campaign, conversions, value) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel, campaign) "
+    "DO UPDATE SET conversions = attribution_credits.conversions + excluded.conversions, "
+    "value = attribution_credits.value + excluded.value"
+)
+_UPSERT_CHANNEL_CREDIT = (
+    "INSERT INTO attribution_channel_credits (spec, model, window_days, day, channel, conversions, value) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel) "
+    "DO UPDATE SET conversions = attribution_channel_credits.conversions + excluded.conversions, "
+    "value = attribution_channel_credits.value + excluded.value"
+)
+_UPSERT_COALITION = (
+    "INSERT INTO attribution_coalitions (spec, window_days, channels, journeys, conversions) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (spec, window_days, channels) "
+    "DO UPDATE SET journeys = attribution_coalitions.journeys + excluded.journeys, "
+    "conversions = attribution_coalitions.conversions + excluded.conversions"
+)
+_UPSERT_PATH = (
+    "INSERT INTO attribution_paths (spec, window_days, path, conversions) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (spec, window_days, path) "
+    "DO UPDATE SET conversions = attribution_paths.conversions + excluded.conversions"
+)
+
+
+@dataclass
+class AttributionSubscriber:
+    """The engine-loop subscriber keeping attribution aggregates for every block."""
+
+    runtime: Any = None
+    specs: Sequence[AttributionSpec] | None = None
+    name: str = "attribution"
+
+    def current_specs(self) -> list[AttributionSpec]:
+        """The blocks to keep: given ones, else the loaded rules' ``attribution`` blocks,
+        else :func:`default_specs`."""
+        return list(self.specs) if self.specs is not None else specs_of(self.runtime)
+
+    def windows(self, spec: AttributionSpec) -> list[int]:
+        """Windows (days) kept for ``spec``."""
+        own = max(1, min(90, round(spec.window_ms / DAY_MS)))
+        return sorted({*WINDOWS_DAYS, own})
+
+    def start(self, conn: Connection, checkpoint: int) -> int:
+        """State is in the database: resume from the stored checkpoint."""
+        return checkpoint
+
+    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
+        """Record touches, credit conversions, close journeys."""
+        for spec in self.current_specs():
+            self._apply_spec(conn, spec, batch)
+
+    def _apply_spec(self, conn: Connection, spec: AttributionSpec, batch: Sequence[LoggedEvent]) -> None:
+        relevant: list[tuple[LoggedEvent, tuple[str, str] | None]] = []
+        for e in batch:
+            is_conv = e.type == "track" and e.event == spec.conversion_event
+            touch = None if is_conv else touch_of(e, spec)
+            if is_conv or touch is not None:
+                relevant.append((e, touch))
+        if not relevant:
+            return
+        customers = sorted({e.customer_id for e, _ in relevant})
+        open_: dict[int, list[tuple[int, str, str, int]]] = {c: [] for c in customers}
+        for row in fetch_in(
+            conn,
+            "SELECT customer_id, ts_ms, channel, campaign, event_id FROM attribution_touches "
+            "WHERE spec = ? AND customer_id IN_VALUES",
+            customers,
+            spec.name,
+        ):
+            open_[int(row[0])].append((int(row[1]), str(row[2]), str(row[3]), int(row[4])))
+        for touches in open_.values():
+            touches.sort()
+        credits: dict[tuple[str, int, int, str, str], list[float]] = {}
+        coalitions: dict[tuple[int, str], list[float]] = {}
+        paths: dict[tuple[int, str], float] = {}
+        windows = self.windows(spec)
+        for e, touch in relevant:
+            touches = open_[e.customer_id]
+            if touch is not None:
+                touches.append((e.ts_ms, touch[0], touch[1], e.id))
+                touches.sort()
+                continue
+            value = _conversion_value(e, spec)
+            day = e.ts_ms // DAY_MS
+            before = [t for t in touches if t[0] <= e.ts_ms]
+            for w in windows:
+                inside = [(t[0], t[1], t[2]) for t in before if e.ts_ms - t[0] <= w * DAY_MS]
+                per_model = journey_credits(
+                    inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
+                )
+                for model, rows in per_model.items():
+                    if not rows:
+                        key = (model, w, day, "", "")
+                        acc = credits.setdefault(key, [0.0, 0.0])
+                        acc[0] += 1.0
+                        acc[1] += value
+                    for channel, campaign, credit in rows:
+                        acc = credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
+                        acc[0] += credit
+                        acc[1] += credit * value
+                if inside:
+                    key_c = (w, "+".join(sorted({t[1] for t in inside})))
+                    tally = coalitions.setdefault(key_c, [0.0, 0.0])
+                    tally[0] += 1.0
+                    tally[1] += 1.0
+                    key_p = (w, ">".join(t[1] for t in inside))
+                    paths[key_p] = paths.get(key_p, 0.0) + 1.0
+            # The journey is closed: later conversions start from scratch.
+            open_[e.customer_id] = [t for t in touches if t[0] > e.ts_ms]
+        execute_many(
+            conn,
+            _UPSERT_CREDIT,
+            [(spec.name, m, w, d, ch, cp, v[0], v[1]) for (m, w, d, ch, cp), v in credits.items()],
+        )
+        by_channel: dict[tuple[str, int, int, str], list[float]] = {}
+        for (m, w, d, ch, _cp), v in credits.items():
+            acc = by_channel.setdefault((m, w, d, ch), [0.0, 0.0])
+            acc[0] += v[0]
+            acc[1] += v[1]
+        execute_many(
+            conn,
+            _UPSERT_CHANNEL_CREDIT,
+            [(spec.name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
+        )
+        execute_many(
+            conn, _UPSERT_COALITION, [(spec.name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()]
+        )
+        execute_many(conn, _UPSERT_PATH, [(spec.name, w, k, v) for (w, k), v in paths.items()])
+        # Rewrite the open journeys of these customers (pruned to the longest window).
+        for chunk_start in range(0, len(customers), 500):
+            chunk = customers[chunk_start : chunk_start + 500]
+            execute_many(
+                conn,
+                "DELETE FROM attribution_touches WHERE spec = ? AND customer_id = ?",
+                [(spec.name, c) for c in chunk],
+            )
+        newest = max(e.ts_ms for e, _ in relevant)
+        open_rows = [
+            (spec.name, c, t[0], t[1], t[2], t[3])
+            for c, touches in open_.items()
+            for t in touches
+            if newest - t[0] <= KEEP_MS
+        ]
+        execute_many(
+            conn,
+            "INSERT INTO attribution_touches (spec, customer_id, ts_ms, channel, campaign, event_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            open_rows,
+        )
+
+    def merged(self, conn: Connection, winner: int, loser: int) -> None:
+        """The loser's open journey becomes the winner's."""
+        execute_many(
+            conn, "UPDATE attribution_touches SET customer_id = ? WHERE customer_id = ?", [(winner, loser)]
+        )
+
+    def erased(self, conn: Connection, customer_id: int) -> None:
+        """Forget the customer's open journey (credited aggregates hold no customer)."""
+        execute_many(conn, "DELETE FROM attribution_touches WHERE customer_id = ?", [(customer_id,)])
+
+
+def _conversion_value(event: LoggedEvent, spec: AttributionSpec) -> float:
+    props = event.properties
+    if spec.value_prop:
+        raw = props.get(spec.value_prop)
+        try:
+            return float(raw) if raw is not None and not isinstance(raw, bool) else 0.0
+        except (TypeError, ValueError):
+            return 0.0
+    return event_value(props) or 0.0
+
+
+GROUPS = {"channel": "channel", "campaign": "campaign", "day": "day"}
+
+
+def query_attribution(
+    conn: Connection,
+    *,
+    spec: str,
+    models: Sequence[str],
+    window_days: int,
+    since_day: int | None = None,
+    until_day: int | None = None,
+    group_by: str = "channel",
+) -> dict[str, list[dict[str, Any]]]:
+    """Per model: rows ``{"key", "conversions", "value"}`` from the aggregates only.
+
+    Rule-based models honour the date range (UTC days of the conversions) and every
+    grouping; ``shapley`` and ``markov`` are solved from all-time tallies, by channel.
+    """
+    if group_by not in GROUPS:
+        raise AttributionError(f"group_by must be channel, campaign or day, not {group_by!r}")
+    out: dict[str, list[dict[str, Any]]] = {}
+    open_paths: list[list[str]] | None = None  # read once for shapley and markov
+    for model in models:
+        if model in RULE_MODELS:
+            table = "attribution_credits" if group_by == "campaign" else "attribution_channel_credits"
+            sql = (
+                f"SELECT {GROUPS[group_by]}, SUM(conversions), SUM(value) FROM {table} "
+                "WHERE spec = ? AND model = ? AND window_days = ? AND day >= ? AND day <= ? "
+                f"GROUP BY {GROUPS[group_by]} ORDER BY {GROUPS[group_by]}"
+            )
+            params = (spec, model, window_days, since_day or 0, until_day if until_day is not None else 10**9)
+            rows = conn.exec_driver_sql(_placeholders(conn, sql), params).all()
+            out[model] = [
+                {
+                    "key": r[0] if group_by != "day" else _day(int(r[0])),
+                    "conversions": float(r[1]),
+                    "value": float(r[2]),
+                }
+                for r in rows
+                if group_by == "day" or r[0] != ""
+            ]
+        elif model in ("shapley", "markov"):
+            if group_by != "channel":
+                raise AttributionError(f"{model} is solved from all-time tallies: group_by must be channel")
+            if open_paths is None:
+                open_paths = _open_paths(conn, spec, window_days)
+            out[model] = _tally_model(conn, spec, model, window_days, open_paths)
+        else:
+            raise AttributionError(
+                f"model {model!r} is not served online (choose from {', '.join(ONLINE_MODELS)}); "
+                "run it offline with `cadence attribution run`"
+            )
+    return out
+
+
+def _day(day: int) -> str:
+    return str(np.datetime64(day, "D"))
+
+
+def _placeholders(conn: Connection, sql: str) -> str:
+    return sql.replace("?", "%s") if conn.dialect.name == "postgresql" else sql
+
+
+def _open_paths(conn: Connection, spec: str, window_days: int) -> list[list[str]]:
+    rows = conn.exec_driver_sql(
+        _placeholders(
+            conn,
+            "SELECT customer_id, ts_ms, channel FROM attribution_touches WHERE spec = ? ORDER BY customer_id, ts_ms",
+        ),
+        (spec,),
+    ).all()
+    by_customer: dict[int, list[tuple[int, str]]] = {}
+    for cid, ts, channel in rows:
+        by_customer.setdefault(int(cid), []).append((int(ts), str(channel)))
+    paths = []
+    for touches in by_customer.values():
+        last = touches[-1][0]
+        paths.append([c for ts, c in touches if last - ts <= window_days * DAY_MS])
+    return paths
+
+
+def _tally_model(
+    conn: Connection, spec: str, model: str, window_days: int, open_paths: list[list[str]]
+) -> list[dict[str, Any]]:
+    if model == "shapley":
+        rows = conn.exec_driver_sql(
+            _placeholders(
+                conn,
+                "SELECT channels, journeys, conversions FROM attribution_coalitions WHERE spec = ? AND window_days = ?",
+            ),
+            (spec, window_days),
+        ).all()
+        tallies = {str(r[0]): [float(r[1]), float(r[2])] for r in rows}
+        for p in open_paths:
+            key = "+".join(sorted(set(p)))
+            tallies.setdefault(key, [0.0, 0.0])[0] += 1.0
+        channels = sorted({c for k in tallies for c in k.split("+") if c})
+        if len(channels) > MAX_EXACT_CHANNELS:
+            raise AttributionError(f"exact Shapley handles at most {MAX_EXACT_CHANNELS} channels")
+        code = {c: i for i, c in enumerate(channels)}
+
+        def mask(key: str) -> int:
+            return sum(1 << code[c] for c in key.split("+") if c)
+
+        journeys = {mask(k): int(round(v[0])) for k, v in tallies.items()}
+        conversions = {mask(k): int(round(v[1])) for k, v in tallies.items()}
+        shares = coalition_shares(journeys, conversions, len(channels))
+        credit = np.zeros(len(channels))
+        for k, v in tallies.items():
+            credit += shares[mask(k)] * v[1]
+        return [
+            {"key": c, "conversions": float(x), "value": None} for c, x in zip(channels, credit, strict=True)
+        ]
+    rows = conn.exec_driver_sql(
+        _placeholders(
+            conn, "SELECT path, conversions FROM attribution_paths WHERE spec = ? AND window_days = ?"
+        ),
+        (spec, window_days),
+    ).all()
+    channels = sorted({c for r in rows for c in str(r[0]).split(">")} | {c for p in open_paths for c in p})
+    code = {c: i for i, c in enumerate(channels)}
+    tally = TransitionTally(order=1)
+    total_conv = 0.0
+    for path, conv in rows:
+        tally.add_path([code[c] for c in str(path).split(">")], converted=True, count=float(conv))
+        total_conv += float(conv)
+    for p in open_paths:
+        tally.add_path([code[c] for c in p], converted=False)
+    credit = _removal_credit(tally, len(channels), total_conv)
+    return [{"key": c, "conversions": float(x), "value": None} for c, x in zip(channels, credit, strict=True)]
+
+
+def _removal_credit(tally: TransitionTally, k: int, total: float) -> np.ndarray:
+    """Markov removal-effect credit from a transition tally (states are channel tuples)."""
+    special: dict[tuple[int, ...], int] = {(-1,): 0, (-2,): 1, (-3,): 2}
+    ids: dict[tuple[int, ...], int] = dict(special)
+    src, dst, counts = [], [], []
+    for (a, b), n in tally.counts.items():
+        for s in (a, b):
+            if s not in ids:
+                ids[s] = len(ids)
+        src.append(ids[a])
+        dst.append(ids[b])
+        counts.append(n)
+    if not counts:
+        return np.zeros(k)
+    state_mask = np.zeros(len(ids), dtype=np.int64)
+    for s, i in ids.items():
+        if i >= 3:
+            state_mask[i] = sum(1 << c for c in set(s))
+    s_arr, d_arr, c_arr = np.array(src), np.array(dst), np.array(counts, dtype=np.float64)
+    base = _conversion_probability(s_arr, d_arr, c_arr, len(ids), None)
+    effects = np.zeros(k)
+    if base > 0:
+        for c in range(k):
+            removed = (state_mask >> c) & 1 == 1
+            effects[c] = max(0.0, 1 - _conversion_probability(s_arr, d_arr, c_arr, len(ids), removed) / base)
+    return total * effects / effects.sum() if effects.sum() > 0 else effects

@@ -1,0 +1,84 @@
+"""Attribution aggregates kept incrementally by the engine loop.
+
+``attribution_touches`` holds each customer's *open* journey per attribution block
+(touches since their last conversion, at most 90 days old): it is all a conversion
+needs to be credited, so no query and no conversion ever rescans the event log.
+When a conversion arrives, every rule-based model's credit is added to
+``attribution_credits`` (per block, model, window, UTC day, channel and campaign), the
+journey's channel set to ``attribution_coalitions`` and its path to
+``attribution_paths`` (Shapley and Markov are solved from those tallies at query
+time), and the journey is closed.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, String, Table
+
+from cadence.store.schema.base import Id, metadata
+
+__all__ = [
+    "attribution_channel_credits",
+    "attribution_coalitions",
+    "attribution_credits",
+    "attribution_paths",
+    "attribution_touches",
+]
+
+attribution_touches = Table(
+    "attribution_touches",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("spec", String(100), nullable=False),
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("channel", String(64), nullable=False),
+    Column("campaign", String(200), nullable=False, default=""),
+    Column("event_id", BigInteger, nullable=False),
+    Index(None, "spec", "customer_id", "ts_ms"),
+)
+
+attribution_credits = Table(
+    "attribution_credits",
+    metadata,
+    Column("spec", String(100), primary_key=True),
+    Column("model", String(32), primary_key=True),
+    Column("window_days", Integer, primary_key=True),
+    Column("day", Integer, primary_key=True),  # UTC day number of the conversion
+    Column("channel", String(64), primary_key=True),  # "" for conversions with no touch
+    Column("campaign", String(200), primary_key=True),
+    Column("conversions", Float, nullable=False, default=0.0),
+    Column("value", Float, nullable=False, default=0.0),
+)
+
+#: The same credit without the campaign: what channel and day queries read (15 rows a
+#: day instead of channels x campaigns), so a long date range stays fast.
+attribution_channel_credits = Table(
+    "attribution_channel_credits",
+    metadata,
+    Column("spec", String(100), primary_key=True),
+    Column("model", String(32), primary_key=True),
+    Column("window_days", Integer, primary_key=True),
+    Column("day", Integer, primary_key=True),
+    Column("channel", String(64), primary_key=True),
+    Column("conversions", Float, nullable=False, default=0.0),
+    Column("value", Float, nullable=False, default=0.0),
+)
+
+attribution_coalitions = Table(
+    "attribution_coalitions",
+    metadata,
+    Column("spec", String(100), primary_key=True),
+    Column("window_days", Integer, primary_key=True),
+    Column("channels", String(1000), primary_key=True),  # sorted distinct channels joined by "+"
+    Column("journeys", Float, nullable=False, default=0.0),
+    Column("conversions", Float, nullable=False, default=0.0),
+)
+
+attribution_paths = Table(
+    "attribution_paths",
+    metadata,
+    Column("spec", String(100), primary_key=True),
+    Column("window_days", Integer, primary_key=True),
+    Column("path", String(2000), primary_key=True),  # a converting journey's channels joined by ">"
+    Column("conversions", Float, nullable=False, default=0.0),
+)

@@ -1,0 +1,340 @@
+"""The dispatcher on a real database against the fake providers: consent, batching, failures, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, func, insert, select, update
+
+from cadence.connectors.delivery import Dispatcher
+from cadence.connectors.testing import FakeProviders, connector_config
+from cadence.engine.sendqueue import enqueue_send
+from cadence.plugins.manager import ConnectorRegistry, build_connectors, make_plugin_manager
+from cadence.settings import Settings
+from cadence.store.schema.connectors import connector_state
+from cadence.store.schema.core import consent, customers, events, identities, profiles
+from cadence.store.schema.sends import sends
+
+
+def registry(
+    fake: FakeProviders, http: httpx.AsyncClient, engine: Engine, **extra: dict[str, Any]
+) -> ConnectorRegistry:
+    """Connectors as the app builds them: SendGrid and Twilio configured, the rest via the outbox."""
+    configured = {
+        name: {**connector_config(name, fake.base_url), **extra.get(name, {})} for name in ("sendgrid", "sms")
+    }
+    settings = Settings(disable_plugin_autoload=True, connectors=configured, _env_file=None)  # type: ignore[call-arg]
+    return build_connectors(settings, pm=make_plugin_manager(settings), engine=engine, client=http)
+
+
+def seed(engine: Engine, n: int, *, email: bool = True, sms_consent: bool | None = None) -> list[int]:
+    """``n`` customers with a user id and traits (and optionally an SMS consent row)."""
+    with engine.begin() as conn:
+        first = conn.execute(insert(customers).values(created_ms=0)).inserted_primary_key[0]
+        if n > 1:
+            conn.execute(insert(customers), [{"created_ms": 0}] * (n - 1))
+        ids = list(range(int(first), int(first) + n))
+        conn.execute(
+            insert(identities),
+            [{"kind": "user", "value": f"u{c}", "customer_id": c, "first_seen_ms": 0} for c in ids],
+        )
+        traits = [{"email": f"c{c}@example.com"} if email else {} for c in ids]
+        for t, c in zip(traits, ids, strict=True):
+            t["phone"] = f"+1415{c:07d}"
+        conn.execute(
+            insert(profiles),
+            [
+                {
+                    "customer_id": c,
+                    "first_seen_ms": 0,
+                    "last_seen_ms": 0,
+                    "event_count": 1,
+                    "traits": t,
+                    "updated_event_id": 0,
+                    "trait_events": {},
+                }
+                for c, t in zip(ids, traits, strict=True)
+            ],
+        )
+        if sms_consent is not None:
+            conn.execute(
+                insert(consent),
+                [
+                    {
+                        "customer_id": c,
+                        "channel": "sms",
+                        "granted": sms_consent,
+                        "source": "test",
+                        "changed_ms": 0,
+                        "event_id": 0,
+                    }
+                    for c in ids
+                ],
+            )
+    return ids
+
+
+def enqueue(engine: Engine, ids: list[int], channel: str = "email", template: str = "d-abc") -> None:
+    with engine.begin() as conn:
+        for c in ids:
+            enqueue_send(
+                conn,
+                key=f"spring:{c}:1",
+                campaign="spring",
+                customer_id=c,
+                channel=channel,
+                due_ms=0,
+                now_ms=0,
+                template=template,
+                decision_id=f"dec-{c}",
+            )
+
+
+def statuses(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return dict(conn.execute(select(sends.c.status, func.count()).group_by(sends.c.status)).all())
+
+
+async def test_batches_of_1000_per_request(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 2500)
+    enqueue(sqlite_engine, ids)
+    dispatcher = Dispatcher(
+        engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route, batch_limit=5000
+    )
+    report = await dispatcher.drain()
+    assert report.sent == 2500 and statuses(sqlite_engine) == {"sent": 2500}
+    sizes = sorted(len(c.body["personalizations"]) for c in fake.calls_to("sendgrid"))
+    assert sizes == [500, 1000, 1000]
+    assert set(fake.delivered.values()) == {1} and len(fake.delivered) == 2500
+
+
+async def test_opted_out_customers_are_never_sent_to(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    out, fine = seed(sqlite_engine, 2)
+    with sqlite_engine.begin() as conn:
+        conn.execute(
+            insert(consent).values(
+                customer_id=out, channel="email", granted=False, source="webhook", changed_ms=1, event_id=1
+            )
+        )
+    enqueue(sqlite_engine, [out, fine])
+    report = await Dispatcher(engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route).drain()
+    assert (report.sent, report.suppressed) == (1, 1)
+    assert list(fake.delivered) == [f"spring:{fine}:1"]
+
+
+async def test_sms_needs_an_explicit_opt_in(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    unknown = seed(sqlite_engine, 2)
+    granted = seed(sqlite_engine, 1, sms_consent=True)
+    enqueue(sqlite_engine, unknown + granted, channel="sms", template="Hello")
+    report = await Dispatcher(engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route).drain()
+    assert (report.sent, report.suppressed) == (1, 2)
+    assert [c.body["To"] for c in fake.calls_to("twilio")] == [f"+1415{granted[0]:07d}"]
+
+
+async def test_missing_required_trait_is_dead_lettered(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 1, email=False)
+    enqueue(sqlite_engine, ids)
+    await Dispatcher(engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route).drain()
+    with sqlite_engine.connect() as conn:
+        status, error = conn.execute(select(sends.c.status, sends.c.last_error)).one()
+    assert status == "failed" and "no email trait" in error and fake.calls == []
+
+
+async def test_permanent_failure_is_dead_lettered_with_the_providers_words(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 3)
+    enqueue(sqlite_engine, ids)
+    fake.fail_next(
+        "sendgrid", 400, {"errors": [{"field": "template_id", "message": "The template_id must be valid"}]}
+    )
+    report = await Dispatcher(engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route).drain()
+    assert report.failed == 3 and len(fake.calls_to("sendgrid")) == 1
+    with sqlite_engine.connect() as conn:
+        errors = set(conn.scalars(select(sends.c.last_error)))
+    [error] = errors
+    assert "PermanentFailure" in error and "The template_id must be valid" in error
+
+
+async def test_twilio_stop_becomes_an_unsubscribe_event(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    [cid] = seed(sqlite_engine, 1, sms_consent=True)
+    fake.twilio_opted_out.add(f"+1415{cid:07d}")
+    enqueue(sqlite_engine, [cid], channel="sms", template="Hello")
+    report = await Dispatcher(engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route).drain()
+    assert report.opted_out == 1 and report.failed == 1
+    with sqlite_engine.connect() as conn:
+        row = conn.execute(select(events.c.event, events.c.user_id, events.c.payload)).one()
+    assert row.event == "Unsubscribed" and row.user_id == f"u{cid}"
+    assert row.payload["properties"]["channel"] == "sms"
+
+
+async def test_circuit_opens_on_repeated_failures_and_resumes(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 4)
+    enqueue(sqlite_engine, ids)
+    tight = {
+        "batch_size": 1,
+        "concurrency": 1,
+        "max_attempts": 1,
+        "circuit_failure_threshold": 2,
+        "circuit_reset_seconds": 0.3,
+        "backoff_base_seconds": 0.01,
+    }
+    connectors = registry(fake, http, sqlite_engine, sendgrid=tight)
+    for _ in range(2):
+        fake.fail_next("sendgrid", 503, {"errors": [{"message": "service unavailable"}]})
+    dispatcher = Dispatcher(engine=sqlite_engine, route=connectors.route)
+    first = await dispatcher.dispatch_once()
+    assert first.sent == 0 and first.deferred == 4
+    assert len(fake.calls_to("sendgrid")) == 2  # the other two batches never reached the provider
+    with sqlite_engine.connect() as conn:
+        assert conn.scalar(select(connector_state.c.circuit)) == "open"
+    await asyncio.sleep(0.45)
+    await dispatcher.drain()
+    assert statuses(sqlite_engine) == {"sent": 4}
+    with sqlite_engine.connect() as conn:
+        assert conn.scalar(select(connector_state.c.circuit)) == "closed"
+        assert set(conn.scalars(select(sends.c.attempts))) <= {1, 2}
+
+
+async def test_restart_mid_push_delivers_everything_exactly_once(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 3000)
+    enqueue(sqlite_engine, ids)
+    connectors = registry(fake, http, sqlite_engine, sendgrid={"batch_size": 100})
+    fake.latency = 0.005  # a provider that takes a moment, so the stop lands mid-push
+    first = Dispatcher(engine=sqlite_engine, route=connectors.route, batch_limit=300)
+    stop = asyncio.Event()
+    task = asyncio.create_task(first.run(stop=stop, poll_seconds=0.01))
+    while sum(fake.delivered.values()) < 600:
+        await asyncio.sleep(0.005)
+    task.cancel()  # the process is told to stop in the middle of the push
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    partial = statuses(sqlite_engine)
+    assert 0 < partial.get("sent", 0) < 3000 and "sending" not in partial
+    second = Dispatcher(engine=sqlite_engine, route=connectors.route, batch_limit=300)
+    assert second.recover_stale(is_safe_to_retry=connectors.safe_to_retry) == (0, 0)
+    await second.drain()
+    assert statuses(sqlite_engine) == {"sent": 3000}
+    assert len(fake.delivered) == 3000 and set(fake.delivered.values()) == {1}
+
+
+def test_rows_left_sending_by_a_crash_are_settled_without_duplicates(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 4)
+    enqueue(sqlite_engine, ids[:2])
+    enqueue(sqlite_engine, ids[2:], channel="push")
+    with sqlite_engine.begin() as conn:
+        conn.execute(
+            update(sends)
+            .where(sends.c.channel == "email")
+            .values(status="sending", connector="sendgrid", updated_ms=0)
+        )
+        conn.execute(
+            update(sends)
+            .where(sends.c.channel == "push")
+            .values(status="sending", connector="outbox", updated_ms=0)
+        )
+    connectors = registry(fake, http, sqlite_engine)
+    dispatcher = Dispatcher(engine=sqlite_engine, route=connectors.route)
+    assert dispatcher.recover_stale(is_safe_to_retry=connectors.safe_to_retry) == (2, 2)
+    with sqlite_engine.connect() as conn:
+        rows = dict(conn.execute(select(sends.c.channel, sends.c.status)).all())
+        errors = set(conn.scalars(select(sends.c.last_error).where(sends.c.status == "failed")))
+    assert rows == {"email": "failed", "push": "queued"}
+    assert any("in doubt" in (e or "") for e in errors)
+
+
+async def test_two_dispatchers_never_take_the_same_row(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    ids = seed(db_engine, 1200)
+    enqueue(db_engine, ids)
+    connectors = registry(fake, http, db_engine, sendgrid={"batch_size": 50})
+    a = Dispatcher(engine=db_engine, route=connectors.route, batch_limit=100)
+    b = Dispatcher(engine=db_engine, route=connectors.route, batch_limit=100)
+    ra, rb = await asyncio.gather(a.drain(), b.drain())
+    assert ra.sent + rb.sent == 1200 and ra.sent > 0 and rb.sent > 0
+    assert len(fake.delivered) == 1200 and set(fake.delivered.values()) == {1}
+    assert statuses(db_engine) == {"sent": 1200}
+
+
+async def test_unconfigured_channels_go_to_the_outbox(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 2)
+    enqueue(sqlite_engine, ids, channel="push")
+    connectors = registry(fake, http, sqlite_engine)
+    assert connectors.route("push") is connectors.get("outbox")
+    assert connectors.route("email") is connectors.get("sendgrid")
+    report = await Dispatcher(engine=sqlite_engine, route=connectors.route).drain()
+    assert report.sent == 2 and fake.calls == []
+    with sqlite_engine.connect() as conn:
+        assert set(conn.scalars(select(sends.c.connector))) == {"outbox"}
+
+
+async def test_settings_from_the_environment_are_understood(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {
+        **connector_config("sendgrid", fake.base_url),
+        "sandbox_mode": "false",
+        "categories": "spring, promo",
+        "max_attempts": "2",
+    }.items():
+        monkeypatch.setenv(f"CADENCE_CONNECTORS__SENDGRID__{key.upper()}", str(value))
+    monkeypatch.setenv("CADENCE_CONNECTORS__SMS__ENABLED", "false")
+    settings = Settings(disable_plugin_autoload=True, _env_file=None)  # type: ignore[call-arg]
+    connectors = build_connectors(
+        settings, pm=make_plugin_manager(settings), engine=sqlite_engine, client=http
+    )
+    assert connectors.route("sms") is connectors.get("outbox")  # "false" from the environment disables
+    ids = seed(sqlite_engine, 1)
+    enqueue(sqlite_engine, ids)
+    await Dispatcher(engine=sqlite_engine, route=connectors.route).drain()
+    [call] = fake.calls_to("sendgrid")
+    assert "mail_settings" not in call.body and call.body["categories"] == ["spring", "promo"]
+    assert statuses(sqlite_engine) == {"sent": 1}
+
+
+async def test_outbox_also_writes_json_lines_once_per_send(
+    http: httpx.AsyncClient, sqlite_engine: Engine, tmp_path: Any
+) -> None:
+    path = tmp_path / "out" / "sends.jsonl"
+    settings = Settings(
+        disable_plugin_autoload=True, connectors={"outbox": {"jsonl_path": str(path)}}, _env_file=None
+    )  # type: ignore[call-arg]
+    connectors = build_connectors(
+        settings, pm=make_plugin_manager(settings), engine=sqlite_engine, client=http
+    )
+    ids = seed(sqlite_engine, 3)
+    enqueue(sqlite_engine, ids, channel="push")
+    outbox_connector = connectors.get("outbox")
+    assert outbox_connector is not None
+    await Dispatcher(engine=sqlite_engine, route=connectors.route).drain()
+    with sqlite_engine.begin() as conn:  # a crash left the rows in doubt; the outbox may safely resend
+        conn.execute(update(sends).values(status="sending", updated_ms=0))
+    dispatcher = Dispatcher(engine=sqlite_engine, route=connectors.route)
+    assert dispatcher.recover_stale(is_safe_to_retry=connectors.safe_to_retry) == (3, 0)
+    await dispatcher.drain()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(line["idempotency_key"] for line in lines) == sorted(f"spring:{c}:1" for c in ids)
+    assert lines[0]["channel"] == "push" and lines[0]["campaign"] == "spring"

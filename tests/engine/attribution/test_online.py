@@ -1,0 +1,149 @@
+"""The attribution subscriber and GET /v1/attribution, on both databases."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cadence.api.app import create_app
+from cadence.api.security import create_key
+from cadence.engine.attribution.online import query_attribution
+from cadence.engine.events import parse_call
+from cadence.engine.ingest import record_events
+from cadence.engine.loop import EngineLoop
+from cadence.runtime import Runtime
+
+DAY = 86_400_000
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def call(n: int, user: str, day: float, **fields: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "messageId": f"m{n}",
+        "userId": user,
+        "timestamp": (T0 + day * DAY) / 1000,
+        **fields,
+    }
+
+
+def click(n: int, user: str, day: float, channel: str, campaign: str = "spring") -> dict[str, Any]:
+    return call(n, user, day, event="Message Clicked", properties={"channel": channel, "campaign": campaign})
+
+
+def visit(n: int, user: str, day: float, source: str, medium: str) -> dict[str, Any]:
+    return {
+        "type": "page",
+        "messageId": f"m{n}",
+        "userId": user,
+        "timestamp": (T0 + day * DAY) / 1000,
+        "context": {"campaign": {"source": source, "medium": medium, "name": "brand"}},
+    }
+
+
+def order(n: int, user: str, day: float, revenue: float) -> dict[str, Any]:
+    return call(n, user, day, event="Order Completed", properties={"revenue": revenue})
+
+
+def ingest(runtime: Runtime, *calls: dict[str, Any]) -> None:
+    record_events(engine=runtime.engine, batch=[parse_call(c, received_ms=T0) for c in calls])
+    EngineLoop(runtime).catch_up()
+
+
+@pytest.fixture
+def journeys(runtime: Runtime) -> Runtime:
+    ingest(
+        runtime,
+        click(1, "a", 0, "email"),
+        visit(2, "a", 1, "google", "cpc"),
+        order(3, "a", 2, 100.0),
+        click(4, "a", 3, "sms"),  # after the conversion: not credited for it
+        click(5, "b", 0, "email"),
+        click(6, "c", 0, "sms"),
+    )
+    # A second batch: the open journeys are picked up from the table, not the log.
+    ingest(runtime, order(7, "b", 10, 50.0), order(8, "d", 11, 20.0), click(9, "c", 40, "email"))
+    return runtime
+
+
+def test_conversions_are_credited_per_event_from_open_journeys(journeys: Runtime) -> None:
+    with journeys.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["last_touch", "linear"], window_days=30)
+        assert {r["key"]: r["conversions"] for r in got["last_touch"]} == {"paid_search": 1.0, "email": 1.0}
+        linear = {r["key"]: (r["conversions"], r["value"]) for r in got["linear"]}
+        assert linear == {"email": (1.5, 100.0), "paid_search": (0.5, 50.0)}
+        # A one-day window keeps only a's search visit (a day old); b's click is 10 days old.
+        short = query_attribution(conn, spec="default", models=["linear"], window_days=1)
+        assert {r["key"]: r["conversions"] for r in short["linear"]} == {"paid_search": 1.0}
+        by_day = query_attribution(
+            conn, spec="default", models=["first_touch"], window_days=30, group_by="day"
+        )
+        assert [(r["key"], r["conversions"]) for r in by_day["first_touch"]] == [
+            ("2026-01-03", 1.0),
+            ("2026-01-11", 1.0),
+            ("2026-01-12", 1.0),
+        ]
+        ranged = query_attribution(
+            conn, spec="default", models=["first_touch"], window_days=30, since_day=(T0 // DAY) + 5
+        )
+        assert [r["key"] for r in ranged["first_touch"]] == ["email"]
+        by_campaign = query_attribution(
+            conn, spec="default", models=["last_touch"], window_days=30, group_by="campaign"
+        )
+        assert {r["key"] for r in by_campaign["last_touch"]} == {"brand", "spring"}
+        tallies = query_attribution(conn, spec="default", models=["shapley", "markov"], window_days=30)
+        for model in ("shapley", "markov"):
+            total = sum(r["conversions"] for r in tallies[model])
+            assert total == pytest.approx(2.0)
+
+
+def test_api_serves_several_models_with_scopes(journeys: Runtime) -> None:
+    client = TestClient(create_app(runtime=journeys, background=False))
+    key = create_key(journeys.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    assert client.get("/v1/attribution").status_code == 401
+    r = client.get("/v1/attribution?model=linear&model=markov,shapley&window=30d", headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body["models"]) == {"linear", "markov", "shapley"}
+    assert body["notes"]
+    bad = client.get("/v1/attribution?model=causal", headers=auth)
+    assert bad.status_code == 422 and "offline" in bad.json()["detail"]
+    assert client.get("/v1/attribution?window=200d", headers=auth).status_code == 422
+    ranged = client.get(
+        "/v1/attribution?model=last_touch&from=2026-01-05&to=2026-01-31&group_by=day", headers=auth
+    )
+    assert [row["key"] for row in ranged.json()["models"]["last_touch"]] == ["2026-01-11", "2026-01-12"]
+
+
+def test_the_blocks_credit_rules_apply_online(runtime: Runtime) -> None:
+    from cadence.engine.attribution.online import AttributionSubscriber
+    from cadence.engine.attribution.spec import AttributionSpec, CreditRule
+
+    spec = AttributionSpec(
+        name="ruled",
+        title="ruled",
+        conversion_event="Order Completed",
+        value_prop="revenue",
+        credit_rules=(CreditRule("sms", action="exclude"), CreditRule("email", action="weight", value=3.0)),
+    )
+    record_events(
+        engine=runtime.engine,
+        batch=[
+            parse_call(c, received_ms=T0)
+            for c in (
+                click(1, "a", 0, "email"),
+                click(2, "a", 0.5, "sms"),
+                visit(3, "a", 1, "google", "cpc"),
+                order(4, "a", 2, 10.0),
+            )
+        ],
+    )
+    EngineLoop(runtime, subscribers=[AttributionSubscriber(runtime, specs=[spec])]).catch_up()
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="ruled", models=["linear"], window_days=30)
+    # sms is excluded; email's half is tripled then renormalised: 0.75 / 0.25.
+    assert {r["key"]: r["conversions"] for r in got["linear"]} == {"email": 0.75, "paid_search": 0.25}
