@@ -7,21 +7,31 @@ from datetime import UTC, datetime
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import Engine
 
 from cadence.cli import settings_from_cli
-from cadence.engine.learning import LearnerSubscriber, list_snapshots, pin_snapshot, unpin
 from cadence.store.db import create_db_engine
 
 models_app = typer.Typer(help="Learner snapshots: list, pin, roll back.", no_args_is_help=True)
 console = Console()
 
-NAME = LearnerSubscriber.name
+# ``LearnerSubscriber.name``; spelled out so the CLI starts without importing river
+# (tests/engine/test_learning.py checks they agree).
+NAME = "learners"
+
+
+def _engine(ctx: typer.Context) -> Engine:
+    engine = create_db_engine(settings_from_cli(ctx).database_url)
+    ctx.call_on_close(engine.dispose)
+    return engine
 
 
 @models_app.command("list")
 def list_models(ctx: typer.Context, name: str = typer.Option(NAME, "--name", help="Learner name.")) -> None:
     """Every snapshot, newest first, with the log position, labels and recent quality."""
-    engine = create_db_engine(settings_from_cli(ctx).database_url)
+    from cadence.engine.learning import list_snapshots
+
+    engine = _engine(ctx)
     with engine.connect() as conn:
         snaps = list_snapshots(conn, name=name)
     if not snaps:
@@ -63,7 +73,9 @@ def pin(
     name: str = typer.Option(NAME, "--name", help="Learner name."),
 ) -> None:
     """Serve this snapshot, frozen, until `cadence models unpin` (the live learner keeps learning)."""
-    engine = create_db_engine(settings_from_cli(ctx).database_url)
+    from cadence.engine.learning import pin_snapshot
+
+    engine = _engine(ctx)
     with engine.begin() as conn:
         pin_snapshot(conn, name=name, version=version)
     console.print(f"learner {name!r} pinned to version {version}")
@@ -76,7 +88,9 @@ def rollback(
     name: str = typer.Option(NAME, "--name", help="Learner name."),
 ) -> None:
     """Go back to an earlier snapshot (pins it); `unpin` returns to the live learner."""
-    engine = create_db_engine(settings_from_cli(ctx).database_url)
+    from cadence.engine.learning import pin_snapshot
+
+    engine = _engine(ctx)
     with engine.begin() as conn:
         pin_snapshot(conn, name=name, version=version)
     console.print(f"learner {name!r} rolled back to version {version} (pinned)")
@@ -85,7 +99,9 @@ def rollback(
 @models_app.command("unpin")
 def unpin_model(ctx: typer.Context, name: str = typer.Option(NAME, "--name", help="Learner name.")) -> None:
     """Serve the live learner again."""
-    engine = create_db_engine(settings_from_cli(ctx).database_url)
+    from cadence.engine.learning import unpin
+
+    engine = _engine(ctx)
     with engine.begin() as conn:
         unpin(conn, name=name)
     console.print(f"learner {name!r} unpinned: serving the live learner")

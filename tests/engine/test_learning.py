@@ -144,3 +144,10 @@ def test_simulate_cli_writes_a_chart(tmp_path: Path) -> None:
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(app, ["simulate", "-p", "nowhere"])
     assert bad.exit_code != 0
+
+
+def test_the_cli_names_the_learner_as_the_subscriber_does() -> None:
+    from cadence.cli.models import NAME
+    from cadence.engine.learning import LearnerSubscriber
+
+    assert LearnerSubscriber.name == NAME
