@@ -38,6 +38,7 @@ scheduled_jobs = Table(
     Column("cron", String(100), nullable=False),
     Column("zone", String(64), nullable=False),  # a zone name, or "customer"
     Column("registered_ms", BigInteger, nullable=False),
+    Column("last_fire_ms", BigInteger, nullable=False),  # occurrences up to here are planned
     Column("next_run_ms", BigInteger),
     Column("removed_ms", BigInteger),  # the campaign (or its schedule) left the rules
     Column("updated_ms", BigInteger, nullable=False),

@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("cron", sa.String(length=100), nullable=False),
         sa.Column("zone", sa.String(length=64), nullable=False),
         sa.Column("registered_ms", sa.BigInteger(), nullable=False),
+        sa.Column("last_fire_ms", sa.BigInteger(), nullable=False),
         sa.Column("next_run_ms", sa.BigInteger(), nullable=True),
         sa.Column("removed_ms", sa.BigInteger(), nullable=True),
         sa.Column("updated_ms", sa.BigInteger(), nullable=False),
