@@ -481,7 +481,7 @@ def _iso_ms(value: int | None) -> str | None:
     return datetime.fromtimestamp(value / 1000, tz=UTC).isoformat(timespec="seconds")
 
 
-def _rules_signature(paths: Sequence[str | Path]) -> tuple[tuple[str, float, int], ...]:
+def _rules_signature(paths: Sequence[str | Path]) -> tuple[tuple[str, int, int], ...]:
     from cadence.dsl.loader import discover
 
     out = []
@@ -490,7 +490,7 @@ def _rules_signature(paths: Sequence[str | Path]) -> tuple[tuple[str, float, int
             stat = path.stat()
         except OSError:
             continue
-        out.append((str(path), stat.st_mtime, stat.st_size))
+        out.append((str(path), stat.st_mtime_ns, stat.st_size))
     return tuple(out)
 
 
@@ -523,7 +523,7 @@ class SchedulerService:
         self.snapshot_seconds = snapshot_seconds
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self._synced_hash: str | None = None
-        self._signature: tuple[tuple[str, float, int], ...] | None = None
+        self._signature: tuple[tuple[str, int, int], ...] | None = None
         self._refresh_lock = threading.Lock()
 
     # -- jobs in APScheduler ----------------------------------------------------------
