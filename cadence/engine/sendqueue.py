@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from cadence.store.fast import dialect_sql
 from cadence.store.schema.sends import sends
 
 __all__ = ["enqueue_send", "enqueue_sends", "idempotency_key"]
@@ -65,7 +67,7 @@ def enqueue_send(
 
 
 def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> int:
-    """Queue many sends in one statement (audience pushes); returns how many were new.
+    """Queue many sends in one driver-level statement (audience pushes); returns how many were new.
 
     Each row has the keyword arguments of :func:`enqueue_send` but ``now_ms``
     (``key``, ``campaign``, ``customer_id``, ``channel``, ``due_ms``, optional
@@ -74,24 +76,26 @@ def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms
     """
     if not rows:
         return 0
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    values = [
-        {
-            "idempotency_key": row["key"],
-            "decision_id": row.get("decision_id"),
-            "campaign": row["campaign"],
-            "customer_id": row["customer_id"],
-            "channel": row["channel"],
-            "connector": row.get("connector"),
-            "template": row.get("template"),
-            "variables": row.get("variables") or {},
-            "due_ms": row["due_ms"],
-            "status": "queued",
-            "attempts": 0,
-            "created_ms": now_ms,
-            "updated_ms": now_ms,
-        }
+    sql = (
+        "INSERT INTO sends (idempotency_key, decision_id, campaign, customer_id, channel, connector, template,"
+        " variables, due_ms, status, attempts, created_ms, updated_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?::json, ?, 'queued', 0, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
+    )
+    params = [
+        (
+            row["key"],
+            row.get("decision_id"),
+            row["campaign"],
+            row["customer_id"],
+            row["channel"],
+            row.get("connector"),
+            row.get("template"),
+            orjson.dumps(row.get("variables") or {}).decode(),
+            row["due_ms"],
+            now_ms,
+            now_ms,
+        )
         for row in rows
     ]
-    stmt = insert(sends).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(sends.c.id)
-    return len(conn.execute(stmt, values).all())
+    result = conn.exec_driver_sql(dialect_sql(conn, sql), params)
+    return max(int(result.rowcount), 0)

@@ -313,3 +313,24 @@ def test_audience_campaign_syncs_the_membership_difference(db_engine: Engine, se
     with db_engine.connect() as conn:
         members = sorted(conn.scalars(select(audience_members.c.customer_id)))
     assert members == [1, 3, 50]
+
+
+def test_enqueue_sends_counts_only_new_keys(db_engine: Engine, seed: Seed) -> None:
+    from cadence.engine.sendqueue import enqueue_sends
+
+    seed(customers(3))
+    rows = [
+        {
+            "key": f"c:{i}:o",
+            "campaign": "c",
+            "customer_id": i,
+            "channel": "email",
+            "due_ms": MONDAY,
+            "variables": {"n": i},
+        }
+        for i in (1, 2, 3)
+    ]
+    with db_engine.begin() as conn:
+        assert enqueue_sends(conn, rows[:2], now_ms=MONDAY) == 2
+        assert enqueue_sends(conn, rows, now_ms=MONDAY) == 1
+    assert [r.variables for r in send_rows(db_engine)] == [{"n": 1}, {"n": 2}, {"n": 3}]
