@@ -137,12 +137,12 @@ def bench(kind: str, n: int, postgres_url: str | None, tmp: Path) -> dict[str, f
         )
         scheduler.tick()  # registers the jobs
         clock.set(T0 + 8 * 3_600_000)  # 09:00 Berlin
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         [report] = scheduler.tick()
-        pushed = time.perf_counter() - started
-        started = time.perf_counter()
+        pushed, pushed_cpu = time.perf_counter() - started, time.process_time() - cpu
+        started, cpu = time.perf_counter(), time.process_time()
         sent = asyncio.run(_dispatch(engine))
-        dispatched = time.perf_counter() - started
+        dispatched, dispatched_cpu = time.perf_counter() - started, time.process_time() - cpu
         with engine.connect() as conn:
             queued = conn.scalar(select(func.count()).select_from(sends)) or 0
             in_outbox = conn.scalar(select(func.count()).select_from(outbox)) or 0
@@ -158,6 +158,7 @@ def bench(kind: str, n: int, postgres_url: str | None, tmp: Path) -> dict[str, f
             "winback": report.enqueued.get("winback", 0),
             "push": pushed,
             "dispatch": dispatched,
+            "cpu": pushed_cpu + dispatched_cpu,
         }
     finally:
         engine.dispose()
@@ -172,10 +173,12 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "A scheduled tick with two campaigns (win-back with windowed counts, caps, quiet hours and a",
         f"holdout; a digest) over {n:,} customers: plan and claim the run, evaluate every customer with",
         "`decide()` and queue the winners in chunks of 2,000 (push), then deliver the queue to the",
-        "dry-run outbox with the dispatcher (dispatch). Goal: evaluation to outbox under 60 s.",
+        "dry-run outbox with the dispatcher (dispatch). Goal: evaluation to outbox under 60 s (wall",
+        "clock). The CPU column is this process's CPU time (the database server's is not in it).",
         "",
-        "| database | customers | sends queued | push (s) | dispatch (s) | total (s) | customers/s | goal | met |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| database | customers | sends queued | push (s) | dispatch (s) | total (s) | CPU of this process (s) |"
+        " customers/s | goal | met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp_dir:
         for kind in ("sqlite", "postgres") if postgres_url else ("sqlite",):
@@ -184,7 +187,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
             label = "SQLite" if kind == "sqlite" else "PostgreSQL"
             lines.append(
                 f"| {label} | {int(r['evaluated']):,} | {int(r['queued']):,} | {r['push']:.1f} | {r['dispatch']:.1f} |"
-                f" {total:.1f} | {r['evaluated'] / r['push']:,.0f} | < {GOAL_SECONDS:.0f} s |"
+                f" {total:.1f} | {r['cpu']:.1f} | {r['evaluated'] / r['push']:,.0f} | < {GOAL_SECONDS:.0f} s |"
                 f" {'yes' if total < GOAL_SECONDS else 'no'} |"
             )
     return "\n".join(lines) + "\n"
