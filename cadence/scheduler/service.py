@@ -396,15 +396,23 @@ class PushScheduler:
             reports.append(report)
         return reports
 
-    def tick(self) -> list[PushReport]:
-        """Sync jobs with the current rules, plan what is owed, run it."""
-        with self._lock:
+    def tick(self, *, blocking: bool = True) -> list[PushReport]:
+        """Sync jobs with the current rules, plan what is owed, run it.
+
+        With ``blocking=False`` a tick already in progress in this process makes this
+        one return at once (it will have planned, or the next tick will).
+        """
+        if not self._lock.acquire(blocking=blocking):
+            return []
+        try:
             ruleset = self.rules()
             if ruleset is None:
                 return []
             self.sync_jobs(ruleset)
             self.plan(ruleset)
             return self.run_due(ruleset)
+        finally:
+            self._lock.release()
 
     # -- chores ----------------------------------------------------------------------
 
@@ -570,7 +578,7 @@ class SchedulerService:
         """A campaign job fired: if this process leads, do whatever is owed."""
         try:
             if self.leadership.acquire():
-                self.core.tick()
+                self.core.tick(blocking=False)
         except Exception:
             log.exception("scheduled tick failed")
 
@@ -589,11 +597,16 @@ class SchedulerService:
             log.exception("learner snapshot failed")
 
     def _watch(self) -> None:
+        """Every few seconds: pick up rule changes, and (leader only) do what is owed.
+
+        Ticking here too means a process that just became leader, or a run whose
+        owner died, is dealt with within seconds rather than at the next fire time.
+        """
         try:
-            if self.refresh() and self.leadership.acquire():
-                self.core.tick()
+            self.refresh()
         except Exception:
             log.exception("reloading the rules failed")
+        self.fire()
 
     def start(self) -> None:
         """Build the jobs and start the background thread (a catch-up tick runs at once)."""
