@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]  # no stubs
 
 from cadence.engine.campaign import Schedule
 from cadence.errors import ConfigError

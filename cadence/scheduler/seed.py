@@ -54,7 +54,8 @@ def seed_customers(engine: Engine, customers: Sequence[SeedCustomer], *, now_ms:
                 for c in customers
             ],
         )
-        stats, daily = [], []
+        stats: list[tuple[Any, ...]] = []
+        daily: list[tuple[Any, ...]] = []
         for c in customers:
             for event, times in c.events.items():
                 if not times:

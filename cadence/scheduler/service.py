@@ -454,7 +454,7 @@ def list_jobs(engine: Engine, ruleset: CompiledRuleset | None, *, now_ms: int) -
     for name in sorted(set(wanted) | set(stored)):
         campaign = wanted.get(name)
         schedule = campaign.schedule if campaign is not None else None
-        row = stored.get(name)
+        job = stored.get(name)
         last = last_runs.get(name)
         nxt = _next_run(schedule, now_ms) if schedule is not None else None
         out.append(
@@ -462,9 +462,9 @@ def list_jobs(engine: Engine, ruleset: CompiledRuleset | None, *, now_ms: int) -
                 "id": f"campaign:{name}",
                 "campaign": name,
                 "kind": campaign.kind if campaign is not None else None,
-                "schedule": schedule.text if schedule else (row.schedule if row else None),
-                "cron": schedule.cron if schedule else (row.cron if row else None),
-                "zone": schedule.zone if schedule else (row.zone if row else None),
+                "schedule": schedule.text if schedule else (job.schedule if job else None),
+                "cron": schedule.cron if schedule else (job.cron if job else None),
+                "zone": schedule.zone if schedule else (job.zone if job else None),
                 "next_run": _iso_ms(nxt),
                 "next_run_ms": nxt,
                 "removed": schedule is None,
@@ -521,7 +521,7 @@ class SchedulerService:
         snapshot: Callable[[], Any] | None = None,
         snapshot_seconds: float = 3600.0,
     ) -> None:
-        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]  # no stubs
 
         self.core = core
         self.holder = holder
