@@ -611,8 +611,15 @@ class SchedulerService:
     def start(self) -> None:
         """Build the jobs and start the background thread (a catch-up tick runs at once)."""
         self.refresh()
+        # The first poll runs at once: it catches up on what was owed while no process ran
+        # (misfire policy). A one-shot job would race with shutdown inside APScheduler.
         self.scheduler.add_job(
-            self._watch, "interval", seconds=self.rules_poll_seconds, id="rules", name="reload rule files"
+            self._watch,
+            "interval",
+            seconds=self.rules_poll_seconds,
+            id="rules",
+            name="reload rule files; catch up",
+            next_run_time=datetime.now(UTC),
         )
         self.scheduler.add_job(
             self._expire, "interval", seconds=60, id="expire-sends", name="expire sends of ended campaigns"
@@ -625,8 +632,6 @@ class SchedulerService:
                 id="learner-snapshot",
                 name="learner snapshot",
             )
-        # Catch up on what was owed while no process ran (misfire policy), right away.
-        self.scheduler.add_job(self.fire, id="catch-up", name="catch up on missed runs")
         self.scheduler.start()
 
     def stop(self) -> None:
