@@ -38,6 +38,7 @@ __all__ = [
     "local_label",
     "matches_local",
     "ms",
+    "next_local_run",
     "plan_occurrences",
     "tick_cron",
     "trigger_for",
@@ -196,6 +197,23 @@ def due_zones(schedule: Schedule, fire_ms: int, zones: Iterable[str]) -> dict[st
     {'Europe/Berlin': '2026-03-05T09:00', 'Europe/Paris': '2026-03-05T09:00'}
     """
     return {z: local_label(fire_ms, z) for z in sorted(set(zones)) if matches_local(schedule, fire_ms, z)}
+
+
+def next_local_run(schedule: Schedule, now_ms: int, zones: Iterable[str]) -> int | None:
+    """The next time any customer in ``zones`` is due, for a customer-zone schedule.
+
+    >>> s = Schedule("0 9 * * *", "customer", "every day at 09:00 in customer.timezone")
+    >>> iso(next_local_run(s, ms("2026-03-05T08:30"), ["Europe/Berlin", "America/New_York"]))
+    '2026-03-05T14:00Z'
+    """
+    at = datetime.fromtimestamp(now_ms / 1000 + 0.001, tz=UTC)
+    best: int | None = None
+    for zone in set(zones):
+        nxt = _cron(schedule.cron, zone).get_next_fire_time(None, at)
+        if nxt is not None:
+            value = int(nxt.timestamp() * 1000)
+            best = value if best is None else min(best, value)
+    return best
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from cadence.scheduler.occurrences import (
     due_zones,
     iso,
     local_label,
+    next_local_run,
     plan_occurrences,
     trigger_for,
 )
@@ -447,6 +448,8 @@ def list_jobs(engine: Engine, ruleset: CompiledRuleset | None, *, now_ms: int) -
     wanted = scheduled_campaigns(ruleset)
     with engine.connect() as conn:
         stored = {r.campaign: r for r in conn.execute(select(scheduled_jobs))}
+        default_zone = ruleset.settings.default_zone if ruleset is not None else "UTC"
+        zones = {z for (z,) in conn.execute(select(profiles.c.timezone).distinct()) if z} | {default_zone}
         last_runs: dict[str, Any] = {}
         for row in conn.execute(select(scheduled_runs).order_by(scheduled_runs.c.fire_ms)):
             last_runs[row.campaign] = row
@@ -456,7 +459,12 @@ def list_jobs(engine: Engine, ruleset: CompiledRuleset | None, *, now_ms: int) -
         schedule = campaign.schedule if campaign is not None else None
         job = stored.get(name)
         last = last_runs.get(name)
-        nxt = _next_run(schedule, now_ms) if schedule is not None else None
+        if schedule is None:
+            nxt = None
+        elif schedule.zone == CUSTOMER_ZONE:
+            nxt = next_local_run(schedule, now_ms, zones)  # the first customer due, not the next check
+        else:
+            nxt = _next_run(schedule, now_ms)
         out.append(
             {
                 "id": f"campaign:{name}",
@@ -529,6 +537,10 @@ class SchedulerService:
         self.rules_poll_seconds = rules_poll_seconds
         self.snapshot = snapshot
         self.snapshot_seconds = snapshot_seconds
+        apscheduler_log = logging.getLogger("apscheduler")
+        if apscheduler_log.level == logging.NOTSET:
+            # Its INFO lines ("Running job ...", every few seconds) would drown ours.
+            apscheduler_log.setLevel(logging.WARNING)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self._synced_hash: str | None = None
         self._signature: tuple[tuple[str, int, int], ...] | None = None
