@@ -6,8 +6,9 @@ campaigns fire in the same tick (09:00 Berlin): a win-back whose audience reads
 windowed counts (about 60% of customers qualify; 5% opted out of email) with caps,
 quiet hours and a 10% holdout, and a lower-priority digest for everyone else. The
 scheduler plans the run, claims it and pushes it: every customer is evaluated by
-``decide()`` and the winners are queued (chunks of 2,000). Then the dispatcher
-delivers the queue to the dry-run outbox connector. Both phases are timed.
+``decide()`` and the winners are queued (chunks of 2,000). Meanwhile the dispatcher
+delivers what is queued to the dry-run outbox connector, as it does in ``cadence
+serve``. Timed: until the push is done, and until the last send is in the outbox.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,13 +115,22 @@ def _drop(postgres_url: str | None, name: str | None) -> None:
         admin.dispose()
 
 
-async def _dispatch(engine: Engine) -> int:
+async def _dispatch_until(engine: Engine, pushed: threading.Event) -> int:
+    """Deliver due sends as they are queued (as `cadence serve` does) until the push is over and drained."""
     settings = Settings(disable_plugin_autoload=True, _env_file=None)  # type: ignore[call-arg]
     registry = build_connectors(settings, pm=make_plugin_manager(settings), engine=engine)
     dispatcher = Dispatcher(engine=engine, route=registry.route, batch_limit=5000)
-    report = await dispatcher.drain()
+    sent = 0
+    while True:
+        finished = pushed.is_set()
+        report = await dispatcher.dispatch_once()
+        sent += report.sent
+        if report.claimed == 0:
+            if finished:
+                break
+            await asyncio.sleep(0.1)
     await registry.aclose()
-    return report.sent
+    return sent
 
 
 def bench(kind: str, n: int, postgres_url: str | None, tmp: Path) -> dict[str, float]:
@@ -137,12 +148,21 @@ def bench(kind: str, n: int, postgres_url: str | None, tmp: Path) -> dict[str, f
         )
         scheduler.tick()  # registers the jobs
         clock.set(T0 + 8 * 3_600_000)  # 09:00 Berlin
+        pushed = threading.Event()
+        delivered: list[int] = []
+        dispatcher = threading.Thread(
+            target=lambda: delivered.append(asyncio.run(_dispatch_until(engine, pushed)))
+        )
         started, cpu = time.perf_counter(), time.process_time()
-        [report] = scheduler.tick()
-        pushed, pushed_cpu = time.perf_counter() - started, time.process_time() - cpu
-        started, cpu = time.perf_counter(), time.process_time()
-        sent = asyncio.run(_dispatch(engine))
-        dispatched, dispatched_cpu = time.perf_counter() - started, time.process_time() - cpu
+        dispatcher.start()
+        try:
+            [report] = scheduler.tick()
+        finally:
+            pushed.set()
+            push_seconds = time.perf_counter() - started
+            dispatcher.join()
+        total_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+        sent = delivered[0]
         with engine.connect() as conn:
             queued = conn.scalar(select(func.count()).select_from(sends)) or 0
             in_outbox = conn.scalar(select(func.count()).select_from(outbox)) or 0
@@ -156,9 +176,9 @@ def bench(kind: str, n: int, postgres_url: str | None, tmp: Path) -> dict[str, f
             "evaluated": report.evaluated,
             "queued": queued,
             "winback": report.enqueued.get("winback", 0),
-            "push": pushed,
-            "dispatch": dispatched,
-            "cpu": pushed_cpu + dispatched_cpu,
+            "push": push_seconds,
+            "total": total_seconds,
+            "cpu": cpu_seconds,
         }
     finally:
         engine.dispose()
@@ -172,22 +192,23 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "",
         "A scheduled tick with two campaigns (win-back with windowed counts, caps, quiet hours and a",
         f"holdout; a digest) over {n:,} customers: plan and claim the run, evaluate every customer with",
-        "`decide()` and queue the winners in chunks of 2,000 (push), then deliver the queue to the",
-        "dry-run outbox with the dispatcher (dispatch). Goal: evaluation to outbox under 60 s (wall",
-        "clock). The CPU column is this process's CPU time (the database server's is not in it).",
+        "`decide()` and queue the winners in chunks of 2,000 (push), while the dispatcher delivers",
+        "what is queued to the dry-run outbox, as in `cadence serve`. *Push* ends with the last chunk",
+        "queued; *total* when the last send is in the outbox. Goal: evaluation to outbox (total, wall",
+        "clock) under 60 s. CPU is this process's CPU time (the database server's is not in it).",
         "",
-        "| database | customers | sends queued | push (s) | dispatch (s) | total (s) | CPU of this process (s) |"
+        "| database | customers | sends queued | push (s) | total to outbox (s) | CPU of this process (s) |"
         " customers/s | goal | met |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp_dir:
         for kind in ("sqlite", "postgres") if postgres_url else ("sqlite",):
             r = bench(kind, n, postgres_url, Path(tmp_dir))
-            total = r["push"] + r["dispatch"]
+            total = r["total"]
             label = "SQLite" if kind == "sqlite" else "PostgreSQL"
             lines.append(
-                f"| {label} | {int(r['evaluated']):,} | {int(r['queued']):,} | {r['push']:.1f} | {r['dispatch']:.1f} |"
-                f" {total:.1f} | {r['cpu']:.1f} | {r['evaluated'] / r['push']:,.0f} | < {GOAL_SECONDS:.0f} s |"
+                f"| {label} | {int(r['evaluated']):,} | {int(r['queued']):,} | {r['push']:.1f} | {total:.1f} |"
+                f" {r['cpu']:.1f} | {r['evaluated'] / r['push']:,.0f} | < {GOAL_SECONDS:.0f} s |"
                 f" {'yes' if total < GOAL_SECONDS else 'no'} |"
             )
     return "\n".join(lines) + "\n"
