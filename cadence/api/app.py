@@ -34,6 +34,7 @@ ROUTERS = (
     "cadence.api.routers.webhooks",
     "cadence.api.routers.attribution",
     "cadence.api.routers.decisions",
+    "cadence.api.routers.jobs",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the

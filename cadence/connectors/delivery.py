@@ -44,7 +44,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, case, or_, select, u
 
 from cadence.clock import Clock
 from cadence.connectors.base import Connector, OutgoingMessage, SendResult
-from cadence.engine.consent import may_send
+from cadence.engine.consent import consent_allows
 from cadence.engine.events import NewEvent
 from cadence.engine.ingest import append_events
 from cadence.errors import (
@@ -532,6 +532,15 @@ class Dispatcher:
                 if (r["_identity"] or "").startswith("user:")
             }
             with_consent_rows = {r["customer_id"] for r in rows if r["_has_consent"]}
+            # Everyone's consent rows in one query: a query per row would dominate a large push.
+            consents: dict[int, dict[str, bool]] = {}
+            if with_consent_rows:
+                for cid, channel, granted in conn.execute(
+                    select(consent.c.customer_id, consent.c.channel, consent.c.granted).where(
+                        consent.c.customer_id.in_(sorted(with_consent_rows))
+                    )
+                ):
+                    consents.setdefault(cid, {})[channel] = bool(granted)
             claimed: list[tuple[Connector, OutgoingMessage]] = []
             finals: list[dict[str, Any]] = []
             for row in rows:
@@ -545,7 +554,9 @@ class Dispatcher:
                 caps = connector.capabilities
                 customer = row["customer_id"]
                 allowed = (
-                    may_send(conn, customer, row["channel"], require_opt_in=caps.consent_required)
+                    consent_allows(
+                        consents.get(customer, {}), row["channel"], require_opt_in=caps.consent_required
+                    )
                     if customer in with_consent_rows or caps.consent_required
                     else True
                 )

@@ -16,7 +16,7 @@ refuse it; a hard ``... Bounced`` marks the channel undeliverable until a new ad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, delete, select
@@ -27,7 +27,14 @@ from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
 from cadence.engine.events import LoggedEvent
 from cadence.store.schema.core import consent
 
-__all__ = ["CONSENT_EVENT", "ConsentSubscriber", "consent_changes", "consent_of", "may_send"]
+__all__ = [
+    "CONSENT_EVENT",
+    "ConsentSubscriber",
+    "consent_allows",
+    "consent_changes",
+    "consent_of",
+    "may_send",
+]
 
 
 def consent_of(conn: Connection, customer_id: int) -> dict[str, dict[str, object]]:
@@ -56,6 +63,17 @@ def may_send(conn: Connection, customer_id: int, channel: str, *, require_opt_in
             )
         ).all()
     )
+    return consent_allows(rows, channel, require_opt_in=require_opt_in)
+
+
+def consent_allows(rows: Mapping[str, bool], channel: str, *, require_opt_in: bool = False) -> bool:
+    """:func:`may_send` over a customer's consent rows already read (``{channel: granted}``).
+
+    >>> consent_allows({"all": False}, "email"), consent_allows({}, "sms", require_opt_in=True)
+    (False, False)
+    >>> consent_allows({"email": True}, "email"), consent_allows({}, "email")
+    (True, True)
+    """
     if rows.get("all") is False or rows.get(channel) is False:
         return False
     if require_opt_in:

@@ -205,12 +205,15 @@ def decide(
     campaigns: Collection[str] | None = None,
     context: Mapping[str, Any] | None = None,
     seed: int = 0,
+    explain: bool = True,
 ) -> Decision:
     """Decide what one customer gets now (or at a later slot), or nothing, and why.
 
     Pure: everything is passed in and nothing is written. Without a ``scorer`` the
     result is deterministic: the earliest allowed send on the first usable channel
-    of the highest-priority campaign (ties broken by name).
+    of the highest-priority campaign (ties broken by name). ``explain=False`` leaves
+    :attr:`Decision.conditions` empty (bulk pushes do not keep them); the decision
+    itself is the same.
 
     >>> from cadence.engine.campaign import ChannelPolicy, CompiledRuleset, GlobalSettings, TemplateSpec
     >>> from cadence.engine.profiles_memory import MemoryProfile
@@ -269,7 +272,8 @@ def decide(
                 suppressions.append(Suppression(name, "trigger", detail))
                 continue
             if trigger.where is not None:
-                parts.extend(_explain(trigger.where, ctx))
+                if explain:
+                    parts.extend(_explain(trigger.where, ctx))
                 if not trigger.where(ctx):
                     suppressions.append(
                         Suppression(name, "trigger", f"where {trigger.where.source} is false")
@@ -280,12 +284,14 @@ def decide(
             earliest = max(now_ms, event_at + trigger.delay_ms)
 
         if campaign.audience is not None:
-            parts.extend(_explain(campaign.audience, ctx))
+            if explain:
+                parts.extend(_explain(campaign.audience, ctx))
             if not campaign.audience(ctx):
                 suppressions.append(Suppression(name, "audience", f"not in {campaign.audience.source}"))
                 continue
         if campaign.unless is not None:
-            parts.extend(_explain(campaign.unless, ctx))
+            if explain:
+                parts.extend(_explain(campaign.unless, ctx))
             if campaign.unless(ctx):
                 suppressions.append(Suppression(name, "unless", f"{campaign.unless.source} holds"))
                 continue

@@ -16,6 +16,7 @@ signature is::
         campaigns: Collection[str] | None = None,  # restrict to these campaigns
         context: Mapping[str, Any] | None = None,
         seed: int = 0,
+        explain: bool = True,                 # False: no per-condition record (bulk pushes)
     ) -> Decision
 
 It is pure: everything it needs is passed in; it writes nothing.

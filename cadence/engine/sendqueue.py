@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from cadence.store.fast import dialect_sql
 from cadence.store.schema.sends import sends
 
-__all__ = ["enqueue_send", "idempotency_key"]
+__all__ = ["enqueue_send", "enqueue_sends", "idempotency_key"]
 
 
 def idempotency_key(campaign: str, customer_id: int, occurrence: str) -> str:
@@ -61,3 +64,38 @@ def enqueue_send(
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
     )
     return bool(result.rowcount)
+
+
+def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> int:
+    """Queue many sends in one driver-level statement (audience pushes); returns how many were new.
+
+    Each row has the keyword arguments of :func:`enqueue_send` but ``now_ms``
+    (``key``, ``campaign``, ``customer_id``, ``channel``, ``due_ms``, optional
+    ``template``, ``variables``, ``decision_id``, ``connector``). A key already
+    queued is skipped, exactly as with :func:`enqueue_send`.
+    """
+    if not rows:
+        return 0
+    sql = (
+        "INSERT INTO sends (idempotency_key, decision_id, campaign, customer_id, channel, connector, template,"
+        " variables, due_ms, status, attempts, created_ms, updated_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?::json, ?, 'queued', 0, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
+    )
+    params = [
+        (
+            row["key"],
+            row.get("decision_id"),
+            row["campaign"],
+            row["customer_id"],
+            row["channel"],
+            row.get("connector"),
+            row.get("template"),
+            orjson.dumps(row.get("variables") or {}).decode(),
+            row["due_ms"],
+            now_ms,
+            now_ms,
+        )
+        for row in rows
+    ]
+    result = conn.exec_driver_sql(dialect_sql(conn, sql), params)
+    return max(int(result.rowcount), 0)

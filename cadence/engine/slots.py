@@ -164,6 +164,33 @@ def candidate_slots(
     zone: ZoneInfo,
     until_ms: int | None = None,
 ) -> tuple[list[int], bool]:
+    """Send times to consider (see :func:`_candidate_slots`), memoised.
+
+    A push decides for many customers at the same instant and in few zones, so the
+    same slots are asked for again and again; the answer is a fresh list each time.
+    """
+    slots, now_is_quiet = _memo_slots(earliest_ms, count, quiet, zone, until_ms)
+    return list(slots), now_is_quiet
+
+
+@lru_cache(maxsize=4096)
+def _memo_slots(
+    earliest_ms: int, count: int, quiet: QuietHours | None, zone: ZoneInfo, until_ms: int | None
+) -> tuple[tuple[int, ...], bool]:
+    slots, now_is_quiet = _candidate_slots(
+        earliest_ms=earliest_ms, count=count, quiet=quiet, zone=zone, until_ms=until_ms
+    )
+    return tuple(slots), now_is_quiet
+
+
+def _candidate_slots(
+    *,
+    earliest_ms: int,
+    count: int,
+    quiet: QuietHours | None,
+    zone: ZoneInfo,
+    until_ms: int | None = None,
+) -> tuple[list[int], bool]:
     """Send times to consider: ``earliest_ms``, then the next ``count - 1`` top-of-hour instants.
 
     Slots inside quiet hours are moved to the next allowed time (``defer``) or removed
