@@ -44,7 +44,7 @@ from cadence.engine.decision import PastSend, Scorer
 from cadence.engine.profiles import StoredProfile
 from cadence.engine.sendqueue import enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
-from cadence.store.fast import dialect_sql, fetch_in
+from cadence.store.fast import dialect_sql, dump_json, execute_many, fetch_in
 
 __all__ = ["DueCampaign", "LostRun", "PushProfile", "PushReport", "load_profiles", "push"]
 
@@ -251,6 +251,27 @@ def _histories(
     return out
 
 
+def push_decision_id(key: str) -> str:
+    """The decision id of a pushed send: derived from its idempotency key, so a resumed
+    push records the same decision once and feedback joins it.
+
+    >>> push_decision_id("newsletter:42:2026-03-05T09:00") == push_decision_id("newsletter:42:2026-03-05T09:00")
+    True
+    """
+    return "push-" + hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
+def record_push_decisions(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Record pushed sends in ``decisions`` (the learners join feedback to them by id)."""
+    execute_many(
+        conn,
+        "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template,"
+        " arm, ruleset_hash, explanation, inputs, outcome) VALUES (?, ?, ?, 'send', ?, ?, ?, ?, ?, ?, ?::json,"
+        " ?::json, '{}') ON CONFLICT (id) DO NOTHING",
+        rows,
+    )
+
+
 def _seed(customer_id: int, occurrence: str) -> int:
     digest = hashlib.blake2b(f"{customer_id}\x00{occurrence}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big")
@@ -346,6 +367,7 @@ def push(
                 lo, hi = profiles[0].customer_id, profiles[-1].customer_id
                 histories = _histories(conn, lo, hi, now, ruleset)
                 queued: list[dict[str, Any]] = []
+                decided: list[tuple[Any, ...]] = []
                 per_run: dict[int, list[int]] = {run_id: [0, 0] for run_id in run_ids}  # evaluated, enqueued
                 adds: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
                 outs: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
@@ -388,9 +410,12 @@ def push(
                     assert decision.channel is not None and decision.send_at_ms is not None
                     occurrence, run_id = wanted[decision.campaign]
                     per_run[run_id][1] += 1
+                    key = idempotency_key(decision.campaign, profile.customer_id, occurrence)
+                    decision_id = push_decision_id(key)
                     queued.append(
                         {
-                            "key": idempotency_key(decision.campaign, profile.customer_id, occurrence),
+                            "key": key,
+                            "decision_id": decision_id,
                             "campaign": decision.campaign,
                             "customer_id": profile.customer_id,
                             "channel": decision.channel,
@@ -399,6 +424,22 @@ def push(
                             "variables": _jsonable(decision.variables),
                         }
                     )
+                    decided.append(
+                        (
+                            decision_id,
+                            profile.customer_id,
+                            now,
+                            decision.campaign,
+                            decision.channel,
+                            decision.send_at_ms,
+                            decision.template,
+                            decision.arm,
+                            decision.ruleset_hash,
+                            dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
+                            dump_json({"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}),
+                        )
+                    )
+                record_push_decisions(conn, decided)
                 new = enqueue_sends(conn, queued, now_ms=now)
                 for d in audiences:
                     added, removed = _sync_audience(

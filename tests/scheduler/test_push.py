@@ -12,7 +12,9 @@ from sqlalchemy import Engine, create_engine, select
 from cadence.clock import FixedClock
 from cadence.scheduler.push import PushReport
 from cadence.scheduler.seed import SeedCustomer
+from cadence.store.schema.decisions import decisions
 from cadence.store.schema.scheduler import audience_members, scheduled_jobs
+from cadence.store.schema.sends import sends
 from tests.scheduler.conftest import MONDAY, Rules, customers, make_scheduler, runs, send_rows, sent_keys
 
 HOUR = 3_600_000
@@ -57,6 +59,26 @@ def test_daily_campaign_over_a_week_sends_each_day_once(db_engine: Engine, seed:
     assert [(r.status, r.evaluated, r.enqueued) for r in done] == [
         ("done", 17, 12)
     ] * 7  # all evaluated, readers queued
+
+
+def test_pushed_sends_are_recorded_decisions_that_feedback_can_join(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(3))
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, Rules(DAILY), clock)
+    scheduler.tick()  # registers the job
+    clock.set(MONDAY + 8 * HOUR)
+    scheduler.tick()
+    scheduler.tick()  # the same occurrence again records nothing new
+    with db_engine.connect() as conn:
+        queued = conn.execute(select(sends.c.decision_id, sends.c.customer_id, sends.c.channel)).all()
+        recorded = {
+            r.id: r
+            for r in conn.execute(select(decisions.c.id, decisions.c.customer_id, decisions.c.channel))
+        }
+    assert len(queued) == 3 and len(recorded) == 3
+    for decision_id, customer_id, channel in queued:
+        assert decision_id is not None
+        assert (recorded[decision_id].customer_id, recorded[decision_id].channel) == (customer_id, channel)
 
 
 def test_a_restart_mid_push_finishes_without_duplicates_or_gaps(db_engine: Engine, seed: Seed) -> None:
