@@ -33,6 +33,7 @@ ROUTERS = (
     "cadence.api.routers.rules",
     "cadence.api.routers.webhooks",
     "cadence.api.routers.attribution",
+    "cadence.api.routers.ui",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the

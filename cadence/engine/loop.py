@@ -77,6 +77,7 @@ SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.profiles:ProfilesSubscriber",
     "cadence.engine.consent:ConsentSubscriber",
     "cadence.engine.attribution.online:AttributionSubscriber",
+    "cadence.engine.campaign_stats:CampaignStatsSubscriber",
 )
 
 LEADER_LOCK_ID = 0x0CADE9CE  # pg advisory lock held by the process that runs the loop
