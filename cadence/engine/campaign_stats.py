@@ -40,11 +40,11 @@ _UPSERT = (
 def feedback_key(event: LoggedEvent) -> tuple[str, str, int, str] | None:
     """(campaign, channel, day, kind) counted for ``event``, or None if it is not feedback.
 
-    >>> e = LoggedEvent(1, "m", "track", "Email Opened", "u", None, 86_400_000 * 3, 0, "api",
+    >>> e = LoggedEvent(1, "m", "track", "Email Opened", "u", None, 1, 86_400_000 * 3, "api",
     ...                 {"properties": {"campaign": "spring"}})
     >>> feedback_key(e)
     ('spring', 'email', 3, 'opened')
-    >>> feedback_key(LoggedEvent(2, "m", "track", "Order Completed", "u", None, 0, 0, "api", {})) is None
+    >>> feedback_key(LoggedEvent(2, "m", "track", "Order Completed", "u", None, 1, 0, "api", {})) is None
     True
     """
     if event.type != "track":

@@ -40,7 +40,9 @@ def demo_events(*, now_ms: int, customers: int = 40, days: int = 14, seed: int =
         user = f"demo-{i}"
         t = start + rng.randrange(0, DAY_MS)
 
-        def add(kind: str, at: int, payload: dict[str, object], name: str | None = None) -> None:
+        def add(
+            kind: str, at: int, payload: dict[str, object], name: str | None = None, user: str = user
+        ) -> None:
             out.append(
                 NewEvent(
                     message_id=f"demo-{seed}-{len(out)}",
