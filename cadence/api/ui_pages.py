@@ -80,7 +80,7 @@ def _line_chart(labels: Sequence[str], series: Mapping[str, Sequence[float]]) ->
             "data": [round(float(v), 4) for v in values],
             "borderColor": _color(i),
             "backgroundColor": _color(i),
-            "tension": 0.2,
+            "tension": 0,
             "pointRadius": 0,
         }
         for i, (name, values) in enumerate(series.items())

@@ -1,16 +1,15 @@
 """A small demo shop's event stream: sign-ups, visits from ads, campaign feedback and orders.
 
-:func:`demo_events` returns Segment-spec calls as :class:`~cadence.engine.events.NewEvent`
-rows, ready for :func:`~cadence.engine.ingest.record_events`; the engine loop turns
-them into profiles, attribution credits and campaign counts, which is what the
-dashboard shows. The browser tests and a hand-run demo use it.
+:func:`demo_events` returns Segment-spec calls (the JSON a ``POST /v1/batch`` carries);
+once ingested, the engine loop turns them into profiles, attribution credits and
+campaign counts, which is what the dashboard shows. The dashboard's tests use it.
 """
 
 from __future__ import annotations
 
 import random
-
-from cadence.engine.events import NewEvent
+from datetime import UTC, datetime
+from typing import Any
 
 __all__ = ["demo_events"]
 
@@ -24,36 +23,36 @@ AD_SOURCES = (
 ZONES = ("Europe/Berlin", "America/New_York", "Asia/Tokyo", "UTC")
 
 
-def demo_events(*, now_ms: int, customers: int = 40, days: int = 14, seed: int = 7) -> list[NewEvent]:
-    """Events of ``customers`` demo customers over the ``days`` before ``now_ms``, oldest first.
+def demo_events(*, now_ms: int, customers: int = 40, days: int = 14, seed: int = 7) -> list[dict[str, Any]]:
+    """Calls of ``customers`` demo customers over the ``days`` before ``now_ms``, oldest first.
 
-    >>> events = demo_events(now_ms=100 * DAY_MS, customers=5, days=3)
-    >>> events[0].type, sorted({e.user_id for e in events})
+    >>> calls = demo_events(now_ms=100 * DAY_MS, customers=5, days=3)
+    >>> calls[0]["type"], sorted({c["userId"] for c in calls})
     ('identify', ['demo-0', 'demo-1', 'demo-2', 'demo-3', 'demo-4'])
-    >>> all(100 * DAY_MS - 3 * DAY_MS <= e.ts_ms < 100 * DAY_MS for e in events)
-    True
+    >>> calls[0]["timestamp"][:10]  # day 97: three days before day 100
+    '1970-04-08'
     """
     rng = random.Random(seed)
-    out: list[NewEvent] = []
+    out: list[tuple[int, dict[str, Any]]] = []
     start = now_ms - days * DAY_MS
     for i in range(customers):
         user = f"demo-{i}"
         t = start + rng.randrange(0, DAY_MS)
 
         def add(
-            kind: str, at: int, payload: dict[str, object], name: str | None = None, user: str = user
+            kind: str, at: int, payload: dict[str, Any], name: str | None = None, user: str = user
         ) -> None:
-            out.append(
-                NewEvent(
-                    message_id=f"demo-{seed}-{len(out)}",
-                    type=kind,
-                    ts_ms=min(at, now_ms - 1),
-                    payload=payload,
-                    event=name,
-                    user_id=user,
-                    received_ms=now_ms,
-                )
-            )
+            at = min(at, now_ms - 1)
+            call = {
+                "type": kind,
+                "messageId": f"demo-{seed}-{len(out)}",
+                "userId": user,
+                "timestamp": datetime.fromtimestamp(at / 1000, tz=UTC).isoformat(timespec="milliseconds"),
+                **payload,
+            }
+            if name is not None:
+                call["event"] = name
+            out.append((at, call))
 
         add(
             "identify",
@@ -97,5 +96,5 @@ def demo_events(*, now_ms: int, customers: int = 40, days: int = 14, seed: int =
         if rng.random() < 0.45:
             at = t + rng.randrange(DAY_MS, days * DAY_MS - DAY_MS)
             add("track", at, {"properties": {"revenue": round(rng.uniform(20, 200), 2)}}, "Order Completed")
-    out.sort(key=lambda e: e.ts_ms)
-    return out
+    out.sort(key=lambda pair: pair[0])
+    return [call for _at, call in out]

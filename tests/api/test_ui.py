@@ -14,8 +14,6 @@ from cadence.api.app import create_app
 from cadence.api.security import KeyRing, create_key, revoke_key
 from cadence.api.ui_auth import SESSION_COOKIE
 from cadence.clock import now_ms
-from cadence.engine.ingest import record_events
-from cadence.engine.loop import EngineLoop
 from cadence.runtime import Runtime
 from cadence.sim.demo import demo_events
 
@@ -29,12 +27,15 @@ def client(runtime: Runtime, tmp_path: Path) -> Iterator[TestClient]:
     rules = tmp_path / "rules"
     shutil.copytree(RULES, rules)
     runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
-    record_events(engine=runtime.engine, batch=demo_events(now_ms=now_ms(), customers=30, days=10))
-    EngineLoop(runtime).catch_up()
     app = create_app(runtime=runtime, background=False)
     # Revocations are seen at the key ring's next refresh; make that every request here.
     app.state.keyring = KeyRing(runtime.settings, runtime.engine, refresh_seconds=0)
     with TestClient(app) as c:
+        ingest = {"X-API-Key": create_key(runtime.engine, name="ingest", scopes=["ingest"])}
+        calls = demo_events(now_ms=now_ms(), customers=30, days=10)
+        stored = c.post("/v1/batch", json={"batch": calls}, headers=ingest)
+        assert stored.status_code == 200, stored.text
+        app.state.engine_loop.catch_up()
         yield c
 
 
