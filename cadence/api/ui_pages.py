@@ -9,6 +9,7 @@ counts, one customer's profile rows), so their cost does not grow with the event
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
@@ -99,10 +100,26 @@ def _has_table(conn: Connection, name: str) -> bool:
 # --------------------------------------------------------------------------- attribution
 
 
+#: How long Shapley and Markov credit (solved from all-time tallies and the open journeys)
+#: is reused before it is solved again.
+TALLY_MODELS_TTL_S = 300.0
+
+
 def attribution_page(
-    runtime: Runtime, *, spec: str, models: Sequence[str], window_days: int, since: date, until: date
+    runtime: Runtime,
+    *,
+    spec: str,
+    models: Sequence[str],
+    window_days: int,
+    since: date,
+    until: date,
+    cache: MutableMapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Credit by channel for several models, conversions per day, interactions, holdout lift."""
+    """Credit by channel for several models, conversions per day, interactions, holdout lift.
+
+    Shapley and Markov credit is kept in ``cache`` for :data:`TALLY_MODELS_TTL_S`: it
+    covers all time, and solving it reads every open journey.
+    """
     errors: list[str] = []
     models = [m for m in models if m in ONLINE_MODELS] or ["last_touch"]
     if window_days not in WINDOWS_DAYS:
@@ -112,18 +129,29 @@ def attribution_page(
         window_days = 30
     since_day, until_day = _day(since), _day(until)
     with runtime.engine.connect() as conn:
-        try:
-            by_model = query_attribution(
-                conn,
-                spec=spec,
-                models=models,
-                window_days=window_days,
-                since_day=since_day,
-                until_day=until_day,
-            )
-        except AttributionError as exc:
-            errors.append(str(exc))
-            by_model = {}
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for model in models:
+            key = f"tally:{spec}:{model}:{window_days}"
+            cached = (cache or {}).get(key)
+            if cached is not None and time.monotonic() - cached[0] < TALLY_MODELS_TTL_S:
+                by_model[model] = cached[1]
+                continue
+            try:
+                by_model.update(
+                    query_attribution(
+                        conn,
+                        spec=spec,
+                        models=[model],
+                        window_days=window_days,
+                        since_day=since_day,
+                        until_day=until_day,
+                    )
+                )
+            except AttributionError as exc:
+                errors.append(str(exc))
+                continue
+            if cache is not None and model in ("shapley", "markov"):
+                cache[key] = (time.monotonic(), by_model[model])
         per_day = query_attribution(
             conn,
             spec=spec,

@@ -2,7 +2,8 @@
 
 :class:`CampaignStatsSubscriber` counts every feedback event (``Message Sent``,
 ``Email Opened``, ``Unsubscribed``, ... see :data:`cadence.channels.FEEDBACK_EVENTS`)
-by ``properties.campaign``, channel, UTC day and kind into ``campaign_daily``.
+by UTC day, ``properties.campaign`` and channel into ``campaign_daily`` (a count
+column per kind).
 :func:`campaign_stats` reads those counts back for a date range, and
 :func:`queue_outcomes` counts the send queue's rows that did not go out (suppressed at
 dispatch, failed, expired, still queued), by campaign and channel: the sent rows,
@@ -19,21 +20,22 @@ from sqlalchemy import Connection, func, select
 
 from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import execute_many
-from cadence.store.schema.dashboard import campaign_daily
+from cadence.store.fast import dialect_sql, execute_many
+from cadence.store.schema.dashboard import FEEDBACK_KINDS
 from cadence.store.schema.sends import sends
 
 __all__ = ["KINDS", "CampaignStats", "CampaignStatsSubscriber", "campaign_stats", "queue_outcomes"]
 
 DAY_MS = 86_400_000
-#: Feedback kinds in funnel order.
-KINDS: tuple[str, ...] = tuple(k.value for k in Feedback)
+#: Feedback kinds, one count column each.
+KINDS: tuple[str, ...] = FEEDBACK_KINDS
 #: Send-queue statuses that mean a message did not (yet) go out.
 UNSENT_STATUSES = ("queued", "failed", "suppressed", "expired")
 
 _UPSERT = (
-    "INSERT INTO campaign_daily (campaign, channel, day, kind, count) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (campaign, channel, day, kind) DO UPDATE SET count = campaign_daily.count + excluded.count"
+    f"INSERT INTO campaign_daily (day, campaign, channel, {', '.join(KINDS)}) "
+    f"VALUES (?, ?, ?, {', '.join('?' for _ in KINDS)}) ON CONFLICT (day, campaign, channel) DO UPDATE SET "
+    + ", ".join(f"{k} = campaign_daily.{k} + excluded.{k}" for k in KINDS)
 )
 
 
@@ -71,12 +73,14 @@ class CampaignStatsSubscriber:
 
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
         """Add the batch's feedback events to the daily counts."""
-        counts: dict[tuple[str, str, int, str], int] = {}
+        column = {k: i for i, k in enumerate(KINDS)}
+        counts: dict[tuple[int, str, str], list[int]] = {}
         for event in batch:
             key = feedback_key(event)
             if key is not None:
-                counts[key] = counts.get(key, 0) + 1
-        execute_many(conn, _UPSERT, [(*k, n) for k, n in sorted(counts.items())])
+                campaign, channel, day, kind = key
+                counts.setdefault((day, campaign, channel), [0] * len(KINDS))[column[kind]] += 1
+        execute_many(conn, _UPSERT, [(*k, *n) for k, n in sorted(counts.items())])
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """Counts hold no customer: nothing to fold."""
@@ -112,24 +116,26 @@ def campaign_stats(conn: Connection, *, since_day: int, until_day: int) -> Campa
     if until_day < since_day:
         raise ValueError(f"the range ends (day {until_day}) before it starts (day {since_day})")
     stats = CampaignStats(days=list(range(since_day, until_day + 1)))
-    rows = conn.execute(
-        select(
-            campaign_daily.c.campaign,
-            campaign_daily.c.channel,
-            campaign_daily.c.day,
-            campaign_daily.c.kind,
-            campaign_daily.c.count,
-        ).where(campaign_daily.c.day >= since_day, campaign_daily.c.day <= until_day)
-    )
-    for campaign, channel, day, kind, count in rows:
-        n = int(count)
-        acc = stats.totals.setdefault((campaign, channel), {})
-        acc[kind] = acc.get(kind, 0) + n
-        per_day = stats.daily.setdefault(kind, {})
-        per_day[day] = per_day.get(day, 0) + n
-        if kind == Feedback.SENT:
+    # One range scan in key order (the day leads the key), summed here: cheaper than
+    # three GROUP BYs, each of which would sort.
+    rows = conn.exec_driver_sql(
+        dialect_sql(
+            conn,
+            f"SELECT day, campaign, channel, {', '.join(KINDS)} FROM campaign_daily WHERE day >= ? AND day <= ?",
+        ),
+        (since_day, until_day),
+    ).fetchall()
+    sent = KINDS.index(Feedback.SENT.value)
+    for day, campaign, channel, *counts in rows:
+        acc = stats.totals.setdefault((campaign, channel), dict.fromkeys(KINDS, 0))
+        for kind, n in zip(KINDS, counts, strict=True):
+            if n:
+                acc[kind] += int(n)
+                per_day = stats.daily.setdefault(kind, {})
+                per_day[day] = per_day.get(day, 0) + int(n)
+        if counts[sent]:
             by_day = stats.sent_by_campaign.setdefault(campaign, {})
-            by_day[day] = by_day.get(day, 0) + n
+            by_day[day] = by_day.get(day, 0) + int(counts[sent])
     return stats
 
 

@@ -269,7 +269,13 @@ async def attribution(request: Request) -> Response:
         request,
         "attribution",
         lambda: attribution_page(
-            request.app.state.runtime, spec=spec, models=models, window_days=window, since=since, until=until
+            request.app.state.runtime,
+            spec=spec,
+            models=models,
+            window_days=window,
+            since=since,
+            until=until,
+            cache=request.app.state.ui_cache,
         ),
     )
     return _render(

@@ -1,10 +1,10 @@
 """Tables behind the dashboard: per-campaign daily feedback counts, and the UI's secrets.
 
 ``campaign_daily`` is kept by :class:`~cadence.engine.campaign_stats.CampaignStatsSubscriber`
-in the engine loop: one row per campaign, channel, UTC day and feedback kind (``sent``,
-``delivered``, ``opened``, ``clicked``, ``bounced``, ``failed``, ``unsubscribed``,
-``spam_report``, ``converted``), so the campaigns page reads a few hundred rows
-instead of the event log. ``ui_secrets`` holds the key that signs session cookies when
+in the engine loop: one row per UTC day, campaign and channel with a count per feedback
+kind (``sent``, ``delivered``, ``opened``, ``clicked``, ``bounced``, ``failed``,
+``unsubscribed``, ``spam_report``, ``converted``), so the campaigns page reads a few
+rows per campaign and day instead of the event log. ``ui_secrets`` holds the key that signs session cookies when
 the settings give none.
 """
 
@@ -14,16 +14,31 @@ from sqlalchemy import BigInteger, Column, Integer, String, Table, Text
 
 from cadence.store.schema.base import metadata
 
-__all__ = ["campaign_daily", "ui_secrets"]
+#: The count columns of ``campaign_daily``: the values of :class:`cadence.channels.Feedback`.
+FEEDBACK_KINDS = (
+    "sent",
+    "delivered",
+    "opened",
+    "clicked",
+    "bounced",
+    "failed",
+    "unsubscribed",
+    "spam_report",
+    "converted",
+)
+
+__all__ = ["FEEDBACK_KINDS", "campaign_daily", "ui_secrets"]
 
 campaign_daily = Table(
     "campaign_daily",
     metadata,
+    # The day leads the key: every read is a range of days.
+    Column("day", Integer, primary_key=True),  # days since 1970-01-01 UTC
     Column("campaign", String(200), primary_key=True),  # "" when the feedback names none
     Column("channel", String(32), primary_key=True),
-    Column("day", Integer, primary_key=True),  # days since 1970-01-01 UTC
-    Column("kind", String(16), primary_key=True),  # a cadence.channels.Feedback value
-    Column("count", BigInteger, nullable=False),
+    # One count per feedback kind (cadence.channels.Feedback), so a day is one row per campaign.
+    *(Column(kind, BigInteger, nullable=False, default=0) for kind in FEEDBACK_KINDS),
+    sqlite_with_rowid=False,  # clustered on the key: a range of days is one sequential read
 )
 
 ui_secrets = Table(

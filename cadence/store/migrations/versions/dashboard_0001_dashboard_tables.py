@@ -19,12 +19,20 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "campaign_daily",
+        sa.Column("day", sa.Integer(), nullable=False),
         sa.Column("campaign", sa.String(length=200), nullable=False),
         sa.Column("channel", sa.String(length=32), nullable=False),
-        sa.Column("day", sa.Integer(), nullable=False),
-        sa.Column("kind", sa.String(length=16), nullable=False),
-        sa.Column("count", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("campaign", "channel", "day", "kind", name=op.f("pk_campaign_daily")),
+        sa.Column("sent", sa.BigInteger(), nullable=False),
+        sa.Column("delivered", sa.BigInteger(), nullable=False),
+        sa.Column("opened", sa.BigInteger(), nullable=False),
+        sa.Column("clicked", sa.BigInteger(), nullable=False),
+        sa.Column("bounced", sa.BigInteger(), nullable=False),
+        sa.Column("failed", sa.BigInteger(), nullable=False),
+        sa.Column("unsubscribed", sa.BigInteger(), nullable=False),
+        sa.Column("spam_report", sa.BigInteger(), nullable=False),
+        sa.Column("converted", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("day", "campaign", "channel", name=op.f("pk_campaign_daily")),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "ui_secrets",
