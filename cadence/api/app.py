@@ -33,6 +33,7 @@ ROUTERS = (
     "cadence.api.routers.rules",
     "cadence.api.routers.webhooks",
     "cadence.api.routers.attribution",
+    "cadence.api.routers.decisions",
     "cadence.api.routers.ui",
 )
 

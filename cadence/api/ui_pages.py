@@ -8,16 +8,14 @@ counts, one customer's profile rows), so their cost does not grow with the event
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Connection, inspect, select
+from sqlalchemy import Connection, select
 
-from cadence.channels import Feedback
 from cadence.clock import datetime_to_ms, now_ms
 from cadence.connectors.delivery import circuit_states
 from cadence.dsl.explain import installed_channels
@@ -33,11 +31,15 @@ from cadence.engine.attribution.online import (
     unattributed_share,
 )
 from cadence.engine.campaign_stats import KINDS, campaign_stats, queue_outcomes
+from cadence.engine.decisions_service import decision_record, make_decision
 from cadence.engine.identity import canonical, identities_of, resolve_customer
+from cadence.engine.learning import LearnerSubscriber
 from cadence.engine.profiles import load_profile
 from cadence.errors import CadenceError, IdentityError
 from cadence.runtime import Runtime
-from cadence.store.schema.core import customers
+from cadence.store.schema.core import customers, profile_event_stats
+from cadence.store.schema.decisions import decisions
+from cadence.store.schema.sends import sends
 
 __all__ = ["attribution_page", "campaigns_page", "customer_page", "preview_decision", "rules_page"]
 
@@ -91,10 +93,6 @@ def _line_chart(labels: Sequence[str], series: Mapping[str, Sequence[float]]) ->
         "data": {"labels": list(labels), "datasets": datasets},
         "options": {"scales": {"y": {"beginAtZero": True}}},
     }
-
-
-def _has_table(conn: Connection, name: str) -> bool:
-    return bool(inspect(conn).has_table(name))
 
 
 # --------------------------------------------------------------------------- attribution
@@ -215,26 +213,35 @@ def attribution_page(
     }
 
 
-def holdout_lifts(conn: Connection, *, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
-    """Measured lift per campaign with a holdout arm, from recorded decisions.
+def holdout_lifts(
+    conn: Connection, *, since_ms: int, until_ms: int, conversion_event: str = "Order Completed"
+) -> list[dict[str, Any]]:
+    """Measured lift per campaign with a holdout arm, from the committed decisions of a range.
 
-    Needs the ``decisions`` table (``POST /v1/decisions`` with ``mode=commit``): a
-    customer decided for in the range is *held out* of a campaign when the explanation
-    lists it under ``holdout``, *treated* when the campaign was sent; they converted
-    when their ``converted`` outcome is set. Empty when nothing is recorded.
+    A customer decided for in the range is *held out* of a campaign when the decision's
+    explanation lists it under ``holdout``, *treated* when the campaign was sent; either
+    *converted* when their profile has a ``conversion_event`` after the decision. One
+    query over the range's decisions (joined to one profile row each), not the event log.
     """
-    if not _has_table(conn, "decisions"):
-        return []
-    from cadence.store.schema.decisions import decisions  # type: ignore[attr-defined]  # present once merged
-
     arms: dict[str, dict[str, list[int]]] = {}
     rows = conn.execute(
-        select(decisions.c.campaign, decisions.c.action, decisions.c.explanation, decisions.c.outcome).where(
-            decisions.c.decided_at_ms >= since_ms, decisions.c.decided_at_ms < until_ms
+        select(
+            decisions.c.campaign,
+            decisions.c.action,
+            decisions.c.explanation,
+            profile_event_stats.c.last_ms >= decisions.c.decided_at_ms,
         )
+        .select_from(
+            decisions.outerjoin(
+                profile_event_stats,
+                (profile_event_stats.c.customer_id == decisions.c.customer_id)
+                & (profile_event_stats.c.event == conversion_event),
+            )
+        )
+        .where(decisions.c.decided_at_ms >= since_ms, decisions.c.decided_at_ms < until_ms)
     )
-    for campaign, action, explanation, outcome in rows:
-        converted = 1 if (outcome or {}).get(Feedback.CONVERTED.value) else 0
+    for campaign, action, explanation, converted_after in rows:
+        converted = 1 if converted_after else 0
         for held in (explanation or {}).get("holdout", []):
             acc = arms.setdefault(held, {"treated": [0, 0], "held": [0, 0]})
             acc["held"][0] += 1
@@ -323,18 +330,11 @@ def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, A
     }
 
 
-def decision_mix(
-    conn: Connection, *, since_ms: int, until_ms: int, limit: int = 50_000
-) -> dict[str, Any] | None:
-    """Exploration vs exploitation, and suppressions by reason, over recorded decisions.
+def decision_mix(conn: Connection, *, since_ms: int, until_ms: int, limit: int = 50_000) -> dict[str, Any]:
+    """Exploration vs exploitation, and suppressions by reason, over committed decisions.
 
-    Reads at most ``limit`` decisions of the range (the newest); None when decisions are
-    not recorded (the ``decisions`` table is absent).
+    Reads at most ``limit`` decisions of the range (the newest).
     """
-    if not _has_table(conn, "decisions"):
-        return None
-    from cadence.store.schema.decisions import decisions  # type: ignore[attr-defined]  # present once merged
-
     rows = conn.execute(
         select(decisions.c.action, decisions.c.campaign, decisions.c.channel, decisions.c.explanation)
         .where(decisions.c.decided_at_ms >= since_ms, decisions.c.decided_at_ms < until_ms)
@@ -417,19 +417,23 @@ def customer_page(runtime: Runtime, *, customer: str) -> dict[str, Any]:
     }
 
 
-def last_decisions(conn: Connection, *, customer_id: int, limit: int) -> list[dict[str, Any]] | None:
-    """The customer's newest recorded decisions with their explanations (None: not recorded)."""
-    if not _has_table(conn, "decisions"):
-        return None
-    from cadence.store.schema.decisions import decisions  # type: ignore[attr-defined]  # present once merged
-
+def last_decisions(
+    conn: Connection, *, customer_id: int, limit: int, fallback_zone: str = "UTC"
+) -> list[dict[str, Any]]:
+    """The customer's newest committed decisions, as ``GET /v1/decisions/{id}`` shows them."""
     rows = conn.execute(
         select(decisions)
         .where(decisions.c.customer_id == customer_id)
         .order_by(decisions.c.decided_at_ms.desc())
         .limit(limit)
-    ).mappings()
-    return [dict(r) for r in rows]
+    ).all()
+    status = {
+        r.decision_id: r.status
+        for r in conn.execute(
+            select(sends.c.decision_id, sends.c.status).where(sends.c.decision_id.in_([r.id for r in rows]))
+        )
+    }
+    return [decision_record(r, send_status=status.get(r.id), fallback_zone=fallback_zone) for r in rows]
 
 
 def _parse_at(text: str, zone: str) -> int:
@@ -447,9 +451,18 @@ def _parse_at(text: str, zone: str) -> int:
 
 
 def preview_decision(
-    runtime: Runtime, *, holder: RulesetHolder, customer: str, at: str, zone: str, scorer: Any = None
+    runtime: Runtime,
+    *,
+    holder: RulesetHolder,
+    customer: str,
+    at: str,
+    zone: str,
+    learners: LearnerSubscriber | None = None,
 ) -> dict[str, Any]:
     """A decision for ``customer`` at ``at`` (now when empty), computed and shown, never recorded.
+
+    The same service as ``POST /v1/decisions`` in ``preview`` mode, on the loaded rules
+    and the learners of the engine loop (when it runs in this process).
 
     Returns ``{"error": message}`` when it cannot be made (unknown customer, rules that
     do not compile, a bad time).
@@ -463,113 +476,19 @@ def preview_decision(
         when = _parse_at(at, zone)
     except CadenceError as exc:
         return {"error": str(exc)}
-    service = _decisions_service()
-    channels = installed_channels(runtime.settings)
     with runtime.engine.connect() as conn:
         try:
-            if service is not None:
-                return dict(
-                    service.make_decision(
-                        conn=conn,
-                        ruleset=ruleset,
-                        customer_ref=customer,
-                        now_ms=when,
-                        available_channels=channels,
-                        learners=None,
-                        mode="preview",
-                    )
-                )
-            return _preview_with_decide(
-                conn, ruleset=ruleset, customer=customer, now=when, channels=channels, scorer=scorer
+            return make_decision(
+                conn=conn,
+                ruleset=ruleset,
+                customer_ref=customer,
+                now_ms=when,
+                available_channels=installed_channels(runtime.settings),
+                learners=learners,
+                mode="preview",
             )
         except IdentityError as exc:
             return {"error": str(exc)}
-
-
-def _decisions_service() -> Any:
-    """``cadence.engine.decisions_service`` when installed (the decisions API), else None."""
-    try:
-        return importlib.import_module("cadence.engine.decisions_service")
-    except ImportError:
-        return None
-
-
-def _preview_with_decide(
-    conn: Connection, *, ruleset: Any, customer: str, now: int, channels: Sequence[str], scorer: Any
-) -> dict[str, Any]:
-    from cadence.engine.decide import decide
-    from cadence.engine.decision import PastSend
-    from cadence.store.schema.sends import sends
-
-    cid = _customer_id(conn, customer)
-    if cid is None:
-        raise IdentityError(f"customer: no customer with user or anonymous id {customer!r}")
-    profile = load_profile(conn, cid, now_ms=now)
-    history = [
-        PastSend(
-            row.due_ms,
-            row.campaign,
-            row.channel,
-            ruleset.campaigns[row.campaign].exclusive if row.campaign in ruleset.campaigns else None,
-        )
-        for row in conn.execute(
-            select(sends.c.due_ms, sends.c.campaign, sends.c.channel).where(
-                sends.c.customer_id == cid,
-                sends.c.status.in_(("queued", "sending", "sent")),
-                sends.c.due_ms > now - 35 * 86_400_000,
-            )
-        )
-    ]
-    d = decide(
-        ruleset=ruleset,
-        profile=profile,
-        now_ms=now,
-        history=history,
-        available_channels=channels,
-        scorer=scorer,
-    )
-    tz = ZoneInfo(profile.timezone) if profile.timezone else UTC
-
-    def iso(ms: int | None) -> str | None:
-        return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(timespec="seconds")
-
-    return {
-        "mode": "preview",
-        "action": d.action,
-        "customer_id": cid,
-        "campaign": d.campaign,
-        "channel": d.channel,
-        "send_at": iso(d.send_at_ms),
-        "template": d.template,
-        "arm": d.arm,
-        "ruleset_hash": d.ruleset_hash,
-        "decided_at": iso(now),
-        "explanation": {
-            "conditions": {
-                name: [{"text": c.text, "value": repr(c.value), "passed": c.passed} for c in parts]
-                for name, parts in d.conditions.items()
-            },
-            "candidates": [
-                {
-                    "campaign": c.campaign,
-                    "channel": c.channel,
-                    "send_at": iso(c.send_at_ms),
-                    "score": round(c.score, 6),
-                    "engagement": round(c.engagement, 6),
-                    "unsubscribe": round(c.unsubscribe, 6),
-                    "explored": c.explored,
-                    "arm": c.arm,
-                }
-                for c in sorted(d.candidates, key=lambda c: -c.score)
-            ],
-            "suppressions": [
-                {"campaign": s.campaign, "reason": s.reason, "detail": s.detail, "channel": s.channel}
-                for s in d.suppressions
-            ],
-            "holdout": list(d.holdout),
-            "notes": list(d.notes),
-        },
-    }
 
 
 # --------------------------------------------------------------------------- rules

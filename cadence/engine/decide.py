@@ -57,6 +57,12 @@ __all__ = [
 #: How many send-time slots a scorer chooses among: now, then the next 23 hours.
 WINDOW_SLOTS = 24
 
+_CHANNEL_DETAIL = {
+    "no_channel": "no installed connector offers {}",
+    "consent": "opted out of {}",
+    "bounced": "{} address bounced",
+}
+
 #: Segment spec bounce events, by channel (a bounced address is never chosen).
 _BOUNCE_EVENTS = {"email": ("Email Bounced",), "push": ("Push Notification Bounced",)}
 
@@ -230,6 +236,7 @@ def decide(
     wanted = set(campaigns) if campaigns is not None else None
     slot_cache: dict[tuple[int, Any, str, int | None], tuple[list[int], bool]] = {}
     day_cache: dict[int, int] = {}
+    channel_block: dict[str, str | None] = {}  # channel -> suppression reason, None when usable
 
     def day_of(ms: int) -> int:
         day = day_cache.get(ms)
@@ -306,16 +313,23 @@ def decide(
         # Channels: allowed, offered, consented, not bounced.
         usable: list[str] = []
         for channel in campaign.channels.channels:
-            if channel not in available:
-                suppressions.append(
-                    Suppression(name, "no_channel", f"no installed connector offers {channel}", channel)
-                )
-            elif all_opted_out or profile.consented(channel) is False:
-                suppressions.append(Suppression(name, "consent", f"opted out of {channel}", channel))
-            elif _bounced(profile, channel):
-                suppressions.append(Suppression(name, "bounced", f"{channel} address bounced", channel))
-            else:
+            blocked = channel_block.get(channel, "")
+            if blocked == "":
+                if channel not in available:
+                    blocked = "no_channel"
+                elif all_opted_out or profile.consented(channel) is False:
+                    blocked = "consent"
+                elif _bounced(profile, channel):
+                    blocked = "bounced"
+                else:
+                    blocked = None
+                channel_block[channel] = blocked
+            if blocked is None:
                 usable.append(channel)
+            else:
+                suppressions.append(
+                    Suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel)
+                )
         if not usable:
             if not any(s.campaign == name for s in suppressions):
                 suppressions.append(Suppression(name, "no_channel", "the campaign allows no channel"))

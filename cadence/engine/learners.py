@@ -117,7 +117,7 @@ class LearnerConfig:
     unsubscribe_cost: float = 8.0
     horizon_ms: int = 48 * HOUR_MS
     engagement_prior: float = 0.03
-    unsubscribe_prior: float = 0.004
+    unsubscribe_prior: float = 0.002
     beta: float = 1.0
     engagement_events: frozenset[Feedback] = frozenset({Feedback.CLICKED, Feedback.CONVERTED})
     quality_window: int = 5000
@@ -481,6 +481,10 @@ class DecisionLearner:
         draw_uns = ndtr(mean[3] / cfg.beta) if cfg.explore_unsubscribe else p_uns
         score = cfg.click_value * ndtr(mean[2] / cfg.beta) - cfg.unsubscribe_cost * draw_uns
         mean_score = cfg.click_value * p_eng - cfg.unsubscribe_cost * p_uns
+        # Whether to send at all: a draw below zero only holds a send back when the posterior
+        # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
+        rescue = (score <= 0) & (mean_score > 0)
+        score = np.where(rescue, mean_score * 1e-6, score)
 
         bounds = [0, *np.cumsum(lengths).tolist()]
         group_best = np.maximum.reduceat(mean_score, bounds[:-1]).tolist()

@@ -27,7 +27,7 @@ from cadence.channels import feedback_kind
 from cadence.engine.learners import DecisionLearner, LearnerConfig
 from cadence.engine.loop import LoggedEvent
 from cadence.errors import CadenceError
-from cadence.store.schema.decisions import learner_snapshots
+from cadence.store.schema.decisions import decisions, learner_snapshots
 
 __all__ = [
     "LearnerSubscriber",
@@ -172,9 +172,11 @@ class LearnerSubscriber:
     """
 
     name = "learners"
+    in_memory = True  # the loop trusts start()'s position, not the stored checkpoint
 
     def __init__(
         self,
+        runtime: Any = None,
         *,
         config: LearnerConfig | None = None,
         snapshot_every: int = 10_000,
@@ -207,17 +209,58 @@ class LearnerSubscriber:
             kind = feedback_kind(event.event)
             decision_id = event.properties.get("decision_id")
             if kind is not None and isinstance(decision_id, str):
-                zone = event.context.get("timezone")
-                self.learner.observe(
-                    decision_id=decision_id,
-                    kind=kind,
-                    ts_ms=event.ts_ms,
-                    zone=zone if isinstance(zone, str) else None,
-                )
+                zone = self._known(conn, decision_id, kind.value, event.ts_ms)
+                self.learner.observe(decision_id=decision_id, kind=kind, ts_ms=event.ts_ms, zone=zone)
             self.learner.position = event.id
             self._since_snapshot += 1
         if batch and self._since_snapshot >= self.snapshot_every:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)
+
+    def _known(self, conn: Connection, decision_id: str, kind: str, ts_ms: int) -> str | None:
+        """Note the outcome on the stored decision; re-register it with the learner if it forgot it.
+
+        After a restart from a snapshot, decisions committed after the snapshot are known
+        only from the ``decisions`` table: they are recorded again from its stored inputs.
+        Returns the customer's zone at decision time.
+        """
+        row = conn.execute(
+            select(
+                decisions.c.customer_id,
+                decisions.c.campaign,
+                decisions.c.channel,
+                decisions.c.send_at_ms,
+                decisions.c.arm,
+                decisions.c.decided_at_ms,
+                decisions.c.inputs,
+                decisions.c.outcome,
+            ).where(decisions.c.id == decision_id)
+        ).first()
+        if row is None:
+            return None
+        outcome = dict(row.outcome or {})
+        if kind not in outcome:
+            outcome[kind] = ts_ms
+            conn.execute(update(decisions).where(decisions.c.id == decision_id).values(outcome=outcome))
+        inputs = row.inputs or {}
+        zone = inputs.get("zone")
+        if (
+            decision_id not in self.learner.pending
+            and row.channel
+            and row.send_at_ms is not None
+            and ts_ms < row.send_at_ms + self.learner.config.horizon_ms
+        ):
+            self.learner.record_decision(
+                decision_id=decision_id,
+                customer_id=row.customer_id,
+                traits=inputs.get("traits") or {},
+                zone=zone,
+                campaign=row.campaign,
+                channel=row.channel,
+                send_at_ms=row.send_at_ms,
+                arm=row.arm,
+                now_ms=row.decided_at_ms,
+            )
+        return zone if isinstance(zone, str) else None
 
     def snapshot(self, conn: Connection, *, now_ms: int) -> int:
         """Write a snapshot now; returns its version."""

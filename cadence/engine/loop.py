@@ -78,6 +78,7 @@ SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.consent:ConsentSubscriber",
     "cadence.engine.attribution.online:AttributionSubscriber",
     "cadence.engine.campaign_stats:CampaignStatsSubscriber",
+    "cadence.engine.learning:LearnerSubscriber",
 )
 
 LEADER_LOCK_ID = 0x0CADE9CE  # pg advisory lock held by the process that runs the loop

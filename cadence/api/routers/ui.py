@@ -40,6 +40,7 @@ from cadence.api.ui_pages import (
     rules_page,
 )
 from cadence.clock import now_ms
+from cadence.engine.learning import LearnerSubscriber
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -348,7 +349,7 @@ async def preview(request: Request) -> Response:
             customer=customer,
             at=at_text,
             zone=zone,
-            scorer=_scorer(request),
+            learners=_learners(request),
         )
         return data
 
@@ -365,13 +366,12 @@ async def preview(request: Request) -> Response:
     )
 
 
-def _scorer(request: Request) -> Any:
-    """The learners' scorer when the engine loop runs one, else None (deterministic order)."""
+def _learners(request: Request) -> LearnerSubscriber | None:
+    """The engine loop's learners when the loop runs in this process, else None (deterministic order)."""
     loop = getattr(request.app.state, "engine_loop", None)
     for sub in getattr(loop, "subscribers", ()) or ():
-        scorer = getattr(sub, "scorer", None)
-        if callable(scorer):
-            return scorer()
+        if isinstance(sub, LearnerSubscriber):
+            return sub
     return None
 
 

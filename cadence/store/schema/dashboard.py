@@ -10,9 +10,10 @@ the settings give none.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
 
 from cadence.store.schema.base import metadata
+from cadence.store.schema.decisions import decisions
 
 #: The count columns of ``campaign_daily``: the values of :class:`cadence.channels.Feedback`.
 FEEDBACK_KINDS = (
@@ -48,3 +49,7 @@ ui_secrets = Table(
     Column("value", Text, nullable=False),
     Column("created_ms", BigInteger, nullable=False),
 )
+
+#: The campaigns and attribution pages read the decisions of a date range (exploration
+#: share, suppressions, holdout lift).
+Index("ix_decisions_decided_at_ms", decisions.c.decided_at_ms)

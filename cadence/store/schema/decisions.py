@@ -1,4 +1,6 @@
-"""Learner snapshots: the learners' state, versioned with the event-log position it reflects.
+"""Decisions and learner snapshots.
+
+Learner snapshots: the learners' state, versioned with the event-log position it reflects.
 
 A snapshot is written by the leader's learner subscriber every so often; a restart
 loads the latest one and the engine loop replays the log after ``position``.
@@ -12,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -22,7 +25,7 @@ from sqlalchemy import (
 
 from cadence.store.schema.base import Id, Json, metadata
 
-__all__ = ["learner_snapshots"]
+__all__ = ["decisions", "learner_snapshots"]
 
 learner_snapshots = Table(
     "learner_snapshots",
@@ -38,4 +41,26 @@ learner_snapshots = Table(
     Column("pinned", Boolean, nullable=False, default=False),
     UniqueConstraint("name", "version"),
     Index(None, "name", "pinned"),
+)
+
+#: Committed decisions (``POST /v1/decisions`` with ``mode=commit``): what was decided,
+#: the explanation, the inputs the learners need to learn from its feedback, and the
+#: outcome so far (feedback kind -> first time seen), kept by the learner subscriber.
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("decided_at_ms", BigInteger, nullable=False),
+    Column("action", String(8), nullable=False),
+    Column("campaign", String(200)),
+    Column("channel", String(32)),
+    Column("send_at_ms", BigInteger),
+    Column("template", String(200)),
+    Column("arm", String(200)),
+    Column("ruleset_hash", String(128), nullable=False),
+    Column("explanation", Json, nullable=False),
+    Column("inputs", Json, nullable=False),  # traits and zone at decision time
+    Column("outcome", Json, nullable=False),
+    Index(None, "customer_id", "decided_at_ms"),
 )

@@ -1,0 +1,238 @@
+"""Deciding for a stored customer: read profile and history, run decide(), record and queue on commit.
+
+The I/O edge around the pure :func:`~cadence.engine.decide.decide`: it resolves the
+customer, loads the profile the engine loop keeps, reads recent sends from the send
+queue as history, and, in ``commit`` mode, writes a ``decisions`` row, queues the send
+(idempotently, keyed by the decision id) and tells the learners so that feedback
+carrying ``properties.decision_id`` is learned from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Connection, select
+
+from cadence.engine.campaign import DAY_MS, CompiledRuleset
+from cadence.engine.decide import decide
+from cadence.engine.decision import Decision, PastSend
+from cadence.engine.identity import resolve_customer
+from cadence.engine.learning import LearnerSubscriber
+from cadence.engine.profiles import load_profile
+from cadence.engine.sendqueue import enqueue_send, idempotency_key
+from cadence.engine.slots import zone_named
+from cadence.errors import IdentityError
+from cadence.store.schema.decisions import decisions
+from cadence.store.schema.sends import sends
+
+__all__ = ["decision_record", "explain", "get_decision", "history_of", "make_decision"]
+
+HISTORY_MS = 35 * DAY_MS
+
+
+def history_of(
+    conn: Connection, *, customer_id: int, ruleset: CompiledRuleset, now_ms: int
+) -> list[PastSend]:
+    """Sends queued or made for the customer in the last 35 days (and any still due)."""
+    rows = conn.execute(
+        select(sends.c.due_ms, sends.c.campaign, sends.c.channel).where(
+            sends.c.customer_id == customer_id,
+            sends.c.status.in_(("queued", "sending", "sent")),
+            sends.c.due_ms > now_ms - HISTORY_MS,
+        )
+    )
+    out = []
+    for due_ms, campaign, channel in rows:
+        known = ruleset.campaigns.get(campaign)
+        out.append(
+            PastSend(
+                ts_ms=due_ms, campaign=campaign, channel=channel, exclusive=known.exclusive if known else None
+            )
+        )
+    return out
+
+
+def _iso(ms: int | None, zone: str | None, fallback: str) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=zone_named(zone, fallback)).isoformat(timespec="seconds")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def explain(decision: Decision, *, zone: str | None, fallback_zone: str) -> dict[str, Any]:
+    """The explanation as JSON: conditions with values, candidates with scores, suppressions, notes."""
+    return {
+        "conditions": {
+            name: [{"text": c.text, "value": _jsonable(c.value), "passed": c.passed} for c in parts]
+            for name, parts in decision.conditions.items()
+        },
+        "candidates": [
+            {
+                "campaign": c.campaign,
+                "channel": c.channel,
+                "send_at": _iso(c.send_at_ms, zone, fallback_zone),
+                "score": round(c.score, 6),
+                "engagement": round(c.engagement, 6),
+                "unsubscribe": round(c.unsubscribe, 6),
+                "explored": c.explored,
+                "arm": c.arm,
+            }
+            for c in sorted(decision.candidates, key=lambda c: -c.score)
+        ],
+        "suppressions": [
+            {"campaign": s.campaign, "reason": s.reason, "detail": s.detail, "channel": s.channel}
+            for s in decision.suppressions
+        ],
+        "holdout": list(decision.holdout),
+        "notes": list(decision.notes),
+    }
+
+
+def make_decision(
+    *,
+    conn: Connection,
+    ruleset: CompiledRuleset,
+    customer_ref: str,
+    now_ms: int,
+    available_channels: Collection[str],
+    learners: LearnerSubscriber | None,
+    mode: Literal["preview", "commit"] = "preview",
+    context: Mapping[str, Any] | None = None,
+    campaigns: Collection[str] | None = None,
+    event: Mapping[str, Any] | None = None,
+    decision_id: str | None = None,
+) -> dict[str, Any]:
+    """Decide for the customer behind ``customer_ref`` (user or anonymous id); record it on commit.
+
+    Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
+    """
+    customer_id = resolve_customer(conn, customer_ref)
+    if customer_id is None:
+        raise IdentityError(f"customer_id: no customer with user or anonymous id {customer_ref!r}")
+    profile = load_profile(conn, customer_id, now_ms=now_ms)
+    history = history_of(conn, customer_id=customer_id, ruleset=ruleset, now_ms=now_ms)
+    decision_id = decision_id or uuid.uuid4().hex
+    seed = int.from_bytes(hashlib.blake2b(decision_id.encode(), digest_size=4).digest(), "big")
+    decision = decide(
+        ruleset=ruleset,
+        profile=profile,
+        now_ms=now_ms,
+        history=history,
+        available_channels=available_channels,
+        scorer=learners.scorer() if learners is not None else None,
+        event=event,
+        campaigns=campaigns,
+        context=context,
+        seed=seed,
+    )
+    fallback = ruleset.settings.default_zone
+    explanation = explain(decision, zone=profile.timezone, fallback_zone=fallback)
+    body: dict[str, Any] = {
+        "decision_id": decision_id,
+        "mode": mode,
+        "action": decision.action,
+        "customer_id": customer_id,
+        "campaign": decision.campaign,
+        "channel": decision.channel,
+        "send_at": _iso(decision.send_at_ms, profile.timezone, fallback),
+        "template": decision.template,
+        "variables": _jsonable(decision.variables),
+        "arm": decision.arm,
+        "ruleset_hash": decision.ruleset_hash,
+        "decided_at": _iso(now_ms, profile.timezone, fallback),
+        "explanation": explanation,
+    }
+    if decision.action == "none":
+        body["reasons"] = [
+            f"{s['campaign']}: {s['reason']} ({s['detail']})" for s in explanation["suppressions"]
+        ]
+    if mode == "commit":
+        inputs = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
+        conn.execute(
+            decisions.insert().values(
+                id=decision_id,
+                customer_id=customer_id,
+                decided_at_ms=now_ms,
+                action=decision.action,
+                campaign=decision.campaign,
+                channel=decision.channel,
+                send_at_ms=decision.send_at_ms,
+                template=decision.template,
+                arm=decision.arm,
+                ruleset_hash=decision.ruleset_hash,
+                explanation=explanation,
+                inputs=inputs,
+                outcome={},
+            )
+        )
+        if decision.action == "send":
+            assert decision.campaign and decision.channel and decision.send_at_ms is not None
+            body["queued"] = enqueue_send(
+                conn,
+                key=idempotency_key(decision.campaign, customer_id, decision_id),
+                campaign=decision.campaign,
+                customer_id=customer_id,
+                channel=decision.channel,
+                due_ms=decision.send_at_ms,
+                now_ms=now_ms,
+                template=decision.template,
+                variables=dict(body["variables"] or {}),
+                decision_id=decision_id,
+            )
+            if learners is not None:
+                learners.record(
+                    decision_id=decision_id,
+                    customer_id=customer_id,
+                    traits=profile.traits,
+                    zone=profile.timezone,
+                    campaign=decision.campaign,
+                    channel=decision.channel,
+                    send_at_ms=decision.send_at_ms,
+                    arm=decision.arm,
+                    now_ms=now_ms,
+                )
+    return body
+
+
+def decision_record(row: Any, *, send_status: str | None, fallback_zone: str) -> dict[str, Any]:
+    """A stored decision row as the API returns it."""
+    zone = (row.inputs or {}).get("zone")
+    return {
+        "decision_id": row.id,
+        "action": row.action,
+        "customer_id": row.customer_id,
+        "campaign": row.campaign,
+        "channel": row.channel,
+        "send_at": _iso(row.send_at_ms, zone, fallback_zone),
+        "template": row.template,
+        "arm": row.arm,
+        "ruleset_hash": row.ruleset_hash,
+        "decided_at": _iso(row.decided_at_ms, zone, fallback_zone),
+        "explanation": row.explanation,
+        "outcome": {
+            "send_status": send_status,
+            **{k: _iso(v, zone, fallback_zone) for k, v in (row.outcome or {}).items()},
+        },
+    }
+
+
+def get_decision(conn: Connection, *, decision_id: str, fallback_zone: str = "UTC") -> dict[str, Any] | None:
+    """A recorded decision with its outcome so far, or None."""
+    row = conn.execute(select(decisions).where(decisions.c.id == decision_id)).first()
+    if row is None:
+        return None
+    status = conn.scalar(select(sends.c.status).where(sends.c.decision_id == decision_id).limit(1))
+    return decision_record(row, send_status=status, fallback_zone=fallback_zone)

@@ -1,0 +1,148 @@
+"""``/v1/decisions``: preview and commit, batch, read-back with outcome, on both databases."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cadence.api.app import create_app
+from cadence.api.security import create_key
+from cadence.engine.campaign import (
+    Campaign,
+    ChannelPolicy,
+    CompiledRuleset,
+    GlobalSettings,
+    QuietHours,
+    SplitArm,
+    TemplateSpec,
+)
+from cadence.engine.learning import LearnerSubscriber
+from cadence.runtime import Runtime
+
+
+def basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+RULES = CompiledRuleset(
+    hash="rules-v1",
+    campaigns={
+        "winback": Campaign(
+            name="winback",
+            title="Win back",
+            priority=5,
+            audience=None,
+            template=TemplateSpec(
+                "offer_x", variables=lambda ctx: {"first_name": ctx.profile.traits.get("name")}
+            ),
+            channels=ChannelPolicy(("sms", "email")),
+            quiet=QuietHours(start=time(21), end=time(8), fallback_zone="Europe/Berlin"),
+        ),
+        "held": Campaign(
+            name="held",
+            title="Always held out",
+            priority=9,
+            audience=None,
+            template=TemplateSpec("t"),
+            channels=ChannelPolicy(("email",)),
+            split=(SplitArm("holdout", 1.0, holdout=True),),
+        ),
+    },
+    segments={},
+    settings=GlobalSettings(default_zone="Europe/Berlin"),
+    aggregates=frozenset(),
+)
+
+
+@pytest.fixture
+def setup(runtime: Runtime) -> tuple[TestClient, dict[str, str], object]:
+    app = create_app(runtime=runtime, background=False)
+    client = TestClient(app)
+    ingest = basic(create_key(runtime.engine, name="w", scopes=["ingest"]))
+    decide = basic(create_key(runtime.engine, name="d", scopes=["decide"]))
+    r = client.post(
+        "/v1/identify",
+        json={
+            "userId": "u1",
+            "traits": {"name": "Ada", "timezone": "Europe/Berlin", "consent": {"sms": False}},
+        },
+        headers=ingest,
+    )
+    assert r.status_code == 200, r.text
+    app.state.engine_loop.catch_up()
+    return client, {"ingest": ingest, "decide": decide}, app  # type: ignore[return-value]
+
+
+def test_no_ruleset_is_a_503(setup: tuple[TestClient, dict[str, dict[str, str]], object]) -> None:
+    client, keys, _app = setup
+    r = client.post("/v1/decisions", json={"customer_id": "u1"}, headers=keys["decide"])  # type: ignore[arg-type]
+    assert r.status_code == 503 and "ruleset" in r.json()["detail"]
+
+
+def test_preview_commit_read_back_and_feedback(
+    setup: tuple[TestClient, dict[str, dict[str, str]], object],
+) -> None:
+    client, keys, app = setup
+    app.state.ruleset = RULES  # type: ignore[attr-defined]
+    body = {"customer_id": "u1", "at": "2026-03-04T22:30:00+01:00"}
+    preview = client.post("/v1/decisions", json=body, headers=keys["decide"])  # type: ignore[arg-type]
+    assert preview.status_code == 200, preview.text
+    got = preview.json()
+    assert (got["action"], got["campaign"], got["channel"]) == ("send", "winback", "email")
+    # The learners pick the hour; never inside quiet hours, and shown with the customer's offset.
+    send_at = datetime.fromisoformat(got["send_at"])
+    assert got["send_at"].endswith("+01:00") and 8 <= send_at.hour < 21
+    assert send_at >= datetime.fromisoformat("2026-03-05T08:00:00+01:00")
+    assert got["template"] == "offer_x" and got["variables"] == {"first_name": "Ada"}
+    reasons = {(s["campaign"], s["reason"]) for s in got["explanation"]["suppressions"]}
+    assert {("held", "holdout"), ("winback", "consent")} <= reasons
+    assert all(c["send_at"] >= "2026-03-05T08:00" for c in got["explanation"]["candidates"])
+    assert got["explanation"]["holdout"] == ["held"] and got["ruleset_hash"] == "rules-v1"
+    assert client.get(f"/v1/decisions/{got['decision_id']}", headers=keys["decide"]).status_code == 404  # type: ignore[arg-type]
+
+    committed = client.post("/v1/decisions", json={**body, "mode": "commit"}, headers=keys["decide"]).json()  # type: ignore[arg-type]
+    did = committed["decision_id"]
+    assert committed["queued"] is True
+    record = client.get(f"/v1/decisions/{did}", headers=keys["decide"]).json()  # type: ignore[arg-type]
+    assert record["outcome"]["send_status"] == "queued" and record["campaign"] == "winback"
+
+    clicked = {
+        "userId": "u1",
+        "event": "Email Link Clicked",
+        "properties": {"decision_id": did},
+        "timestamp": record["send_at"],
+    }
+    assert client.post("/v1/track", json=clicked, headers=keys["ingest"]).status_code == 200  # type: ignore[arg-type]
+    app.state.engine_loop.catch_up()  # type: ignore[attr-defined]
+    record = client.get(f"/v1/decisions/{did}", headers=keys["decide"]).json()  # type: ignore[arg-type]
+    assert "clicked" in record["outcome"]
+    learners = next(s for s in app.state.engine_loop.subscribers if isinstance(s, LearnerSubscriber))  # type: ignore[attr-defined]
+    assert learners.learner.pending[did].engaged
+
+
+def test_batch_and_unknown_customers(setup: tuple[TestClient, dict[str, dict[str, str]], object]) -> None:
+    client, keys, app = setup
+    app.state.ruleset = RULES  # type: ignore[attr-defined]
+    r = client.post("/v1/decisions", json={"customer_id": "nobody"}, headers=keys["decide"])  # type: ignore[arg-type]
+    assert r.status_code == 404 and "nobody" in r.json()["detail"]
+    r = client.post(
+        "/v1/decisions/batch",
+        json={
+            "requests": [{"customer_id": "u1", "at": "2026-03-05T10:00:00+01:00"}, {"customer_id": "nobody"}]
+        },
+        headers=keys["decide"],  # type: ignore[arg-type]
+    )
+    assert r.status_code == 200
+    first, second = r.json()["decisions"]
+    assert first["action"] == "send" and first["send_at"] >= "2026-03-05T10:00:00+01:00"
+    assert second["action"] == "error"
+    too_many = {"requests": [{"customer_id": "u1"}] * 1001}
+    assert client.post("/v1/decisions/batch", json=too_many, headers=keys["decide"]).status_code == 422  # type: ignore[arg-type]
+    naive = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": "2026-03-05T10:00:00"}, headers=keys["decide"]
+    )  # type: ignore[arg-type]
+    assert naive.status_code == 422
+    assert client.post("/v1/decisions", json={"customer_id": "u1"}, headers=keys["ingest"]).status_code == 403  # type: ignore[arg-type]
