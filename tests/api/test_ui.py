@@ -14,6 +14,7 @@ from cadence.api.app import create_app
 from cadence.api.security import KeyRing, create_key, revoke_key
 from cadence.api.ui_auth import SESSION_COOKIE
 from cadence.clock import now_ms
+from cadence.engine.decisions_service import make_decision
 from cadence.runtime import Runtime
 from cadence.sim.demo import demo_events
 
@@ -150,3 +151,72 @@ def test_login_never_redirects_off_site(client: TestClient) -> None:
     for target in ("https://evil.example/", "//evil.example/ui/", "/v1/rules"):
         response = client.post("/ui/login", data={"key": key, "next": target}, follow_redirects=False)
         assert response.headers["location"] == "/ui/attribution", target
+
+
+PROMO = """
+campaign promo "Spring promo" {
+    send      template "promo_a"
+    channel   email
+    priority  5
+    split     holdout 30%, promo_a 70%
+}
+"""
+
+
+def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "promo.cadence").write_text(PROMO)
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+    app = create_app(runtime=runtime, background=False)
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
+        now = now_ms()
+        calls = demo_events(now_ms=now - 3_600_000, customers=40, days=5)
+        assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+        ruleset = runtime.extensions["rules"].reload().raise_for_errors()
+        held = treated = held_buyers = treated_buyers = 0
+        with engine.begin() as conn:
+            for i in range(40):
+                body = make_decision(
+                    conn=conn,
+                    ruleset=ruleset,
+                    customer_ref=f"demo-{i}",
+                    now_ms=now - 7_200_000,
+                    available_channels=["email"],
+                    learners=None,
+                    mode="commit",
+                )
+                held += "promo" in body["explanation"]["holdout"]
+                treated += body["action"] == "send"
+                if i < 10:  # these buy after the decision, below
+                    held_buyers += "promo" in body["explanation"]["holdout"]
+                    treated_buyers += body["action"] == "send"
+        assert held > 0 and treated > 0  # (a few demo customers unsubscribed: neither)
+        # Conversions after the decisions: every demo customer with an index below 10 buys.
+        orders = [
+            {
+                "type": "track",
+                "event": "Order Completed",
+                "userId": f"demo-{i}",
+                "messageId": f"o{i}",
+                "properties": {"revenue": 10},
+            }
+            for i in range(10)
+        ]
+        assert client.post("/v1/batch", json={"batch": orders}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+
+        key = create_key(engine, name="viewer", scopes=["ingest"])
+        campaigns = client.get("/ui/campaigns", params={"key": key}).text
+        assert f"0 explored, {treated} exploited" in campaigns  # no learner: every send exploits
+        assert '<td>holdout</td><td class="n">' + str(held) + "</td>" in campaigns
+        attribution = client.get("/ui/attribution", params={"key": key}).text
+        assert 'id="lifts"' in attribution and "<td>promo</td>" in attribution
+        assert f'<td class="n">{treated}</td><td class="n">{held}</td>' in attribution
+        rates = f'<td class="n">{100 * treated_buyers / treated:.1f}%</td><td class="n">{100 * held_buyers / held:.1f}%</td>'
+        assert rates in attribution
+        decisions = client.get("/ui/decisions", params={"key": key, "customer": "demo-0"}).text
+        assert 'class="decision"' in decisions and "promo" in decisions
