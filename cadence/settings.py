@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     engine_batch_size: int = Field(default=2000, ge=1)
     engine_poll_seconds: float = Field(default=0.5, gt=0)
 
+    scheduler_enabled: bool = True
+    # A run missed while no process was up: "run_once" runs the latest one late, "skip" records it skipped.
+    scheduler_misfire: Literal["run_once", "skip"] = "run_once"
+    scheduler_misfire_grace_seconds: float = Field(default=3600.0, ge=0)
+    scheduler_lease_seconds: float = Field(default=120.0, gt=0)
+    scheduler_chunk_size: int = Field(default=2000, ge=1)
+    scheduler_rules_poll_seconds: float = Field(default=5.0, gt=0)
+
     disable_plugin_autoload: bool = False
     plugins_allow: list[str] | None = None
     connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)

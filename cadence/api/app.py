@@ -34,6 +34,7 @@ ROUTERS = (
     "cadence.api.routers.webhooks",
     "cadence.api.routers.attribution",
     "cadence.api.routers.decisions",
+    "cadence.api.routers.jobs",
     "cadence.api.routers.ui",
 )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -37,6 +37,7 @@ from cadence.engine.learning import LearnerSubscriber
 from cadence.engine.profiles import load_profile
 from cadence.errors import CadenceError, IdentityError
 from cadence.runtime import Runtime
+from cadence.scheduler.service import SchedulerService, list_jobs
 from cadence.store.schema.core import customers, profile_event_stats
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
@@ -495,7 +496,12 @@ def preview_decision(
 
 
 def rules_page(
-    runtime: Runtime, *, holder: RulesetHolder, cache: MutableMapping[str, Any], recheck: bool = False
+    runtime: Runtime,
+    *,
+    holder: RulesetHolder,
+    cache: MutableMapping[str, Any],
+    scheduler: SchedulerService | None = None,
+    recheck: bool = False,
 ) -> dict[str, Any]:
     """The loaded ruleset, check and test results (cached per content hash), jobs, connector health."""
     if holder.current is None:
@@ -545,7 +551,7 @@ def rules_page(
         "paths": [str(p) for p in holder.paths],
         "campaigns": campaigns,
         "check": checked,
-        "jobs": scheduled_jobs(runtime, ruleset),
+        "jobs": scheduled_jobs(runtime, ruleset, scheduler),
         "circuits": circuits,
         "channels": installed_channels(runtime.settings),
         "health": health,
@@ -588,36 +594,11 @@ def _check_rules(runtime: Runtime, holder: RulesetHolder) -> dict[str, Any]:
     return out
 
 
-def scheduled_jobs(runtime: Runtime, ruleset: Any) -> list[dict[str, Any]]:
-    """Recurring jobs and their next runs: the scheduler's when it runs, else from each schedule's cron."""
-    scheduler = runtime.extensions.get("scheduler")
-    jobs_of = getattr(scheduler, "jobs", None)
-    if callable(jobs_of):
-        return [dict(j) for j in jobs_of()]
-    if ruleset is None:
-        return []
-    from apscheduler.triggers.cron import CronTrigger
-
-    now = datetime.now(UTC)
-    out = []
-    for name, c in sorted(ruleset.campaigns.items()):
-        if c.schedule is None:
-            continue
-        zone = ruleset.settings.default_zone if c.schedule.zone == "customer" else c.schedule.zone
-        try:
-            trigger = CronTrigger.from_crontab(c.schedule.cron, timezone=ZoneInfo(zone))
-            nxt = trigger.get_next_fire_time(None, now)
-        except (ValueError, ZoneInfoNotFoundError) as exc:
-            out.append(
-                {"id": f"campaign:{name}", "schedule": c.schedule.text, "next_run": None, "note": str(exc)}
-            )
-            continue
-        out.append(
-            {
-                "id": f"campaign:{name}",
-                "schedule": c.schedule.text,
-                "next_run": nxt.isoformat(timespec="minutes") if nxt else None,
-                "note": "in each customer's local time" if c.schedule.zone == "customer" else zone,
-            }
-        )
-    return out
+def scheduled_jobs(runtime: Runtime, ruleset: Any, scheduler: SchedulerService | None) -> dict[str, Any]:
+    """Scheduled campaigns with their next and last runs, and the scheduler's own jobs (``GET /v1/jobs``)."""
+    running = scheduler is not None and scheduler.scheduler.running
+    return {
+        "running": running,
+        "campaigns": list_jobs(runtime.engine, ruleset, now_ms=runtime.clock.now_ms()),
+        "background": scheduler.jobs() if scheduler is not None and running else [],
+    }

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "cadence.cli.rules",
     "cadence.cli.plugins",
     "cadence.cli.attribution",
+    "cadence.cli.jobs",
 )
 
 err_console = Console(stderr=True)

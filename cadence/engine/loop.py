@@ -27,6 +27,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
+from cadence.engine.leader import Leadership
 from cadence.store.schema.core import checkpoints, events
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._leader_conn: Connection | None = None
+        self.leadership = Leadership(self.engine, lock_id=LEADER_LOCK_ID, role="engine")
         self.processed = 0
         #: Called after each committed batch with the new positions and the batch size.
         self.on_batch: list[Callable[[dict[str, int], int], None]] = []
@@ -243,28 +244,10 @@ class EngineLoop:
 
     def _is_leader(self) -> bool:
         """On PostgreSQL only one process runs the loop: the one holding the advisory lock."""
-        if self.engine.dialect.name != "postgresql":
-            return True
-        if self._leader_conn is not None:
-            return True
-        conn = self.engine.connect()
-        got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_ID}))
-        conn.commit()
-        if got:
-            self._leader_conn = conn
-            log.info("this process is now the engine leader")
-            return True
-        conn.close()
-        return False
+        return self.leadership.acquire()
 
     def _release_leadership(self) -> None:
-        if self._leader_conn is not None:
-            try:
-                self._leader_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_ID})
-                self._leader_conn.commit()
-            finally:
-                self._leader_conn.close()
-                self._leader_conn = None
+        self.leadership.release()
 
     def _run(self) -> None:
         poll = self.runtime.settings.engine_poll_seconds

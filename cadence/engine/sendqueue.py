@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -10,7 +11,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cadence.store.schema.sends import sends
 
-__all__ = ["enqueue_send", "idempotency_key"]
+__all__ = ["enqueue_send", "enqueue_sends", "idempotency_key"]
 
 
 def idempotency_key(campaign: str, customer_id: int, occurrence: str) -> str:
@@ -61,3 +62,36 @@ def enqueue_send(
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
     )
     return bool(result.rowcount)
+
+
+def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> int:
+    """Queue many sends in one statement (audience pushes); returns how many were new.
+
+    Each row has the keyword arguments of :func:`enqueue_send` but ``now_ms``
+    (``key``, ``campaign``, ``customer_id``, ``channel``, ``due_ms``, optional
+    ``template``, ``variables``, ``decision_id``, ``connector``). A key already
+    queued is skipped, exactly as with :func:`enqueue_send`.
+    """
+    if not rows:
+        return 0
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    values = [
+        {
+            "idempotency_key": row["key"],
+            "decision_id": row.get("decision_id"),
+            "campaign": row["campaign"],
+            "customer_id": row["customer_id"],
+            "channel": row["channel"],
+            "connector": row.get("connector"),
+            "template": row.get("template"),
+            "variables": row.get("variables") or {},
+            "due_ms": row["due_ms"],
+            "status": "queued",
+            "attempts": 0,
+            "created_ms": now_ms,
+            "updated_ms": now_ms,
+        }
+        for row in rows
+    ]
+    stmt = insert(sends).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(sends.c.id)
+    return len(conn.execute(stmt, values).all())

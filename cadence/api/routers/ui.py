@@ -389,6 +389,7 @@ async def rules(request: Request) -> Response:
             app.state.runtime,
             holder=app.state.runtime.extensions["rules"],
             cache=app.state.ui_cache,
+            scheduler=getattr(app.state, "scheduler", None),
             recheck=recheck,
         ),
     )

@@ -1,0 +1,140 @@
+"""The scheduler inside the API process: started with the app (leader only), and ``GET /v1/jobs``.
+
+``setup(app)`` builds a :class:`~cadence.scheduler.service.SchedulerService` over the
+ruleset holder of :mod:`cadence.api.routers.rules` and registers its Prometheus
+metrics; the app's startup hook starts it when the app does background work and
+``scheduler_enabled`` is set. On PostgreSQL every process builds it, but only the
+one holding the scheduler's advisory lock pushes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import Counter, Gauge
+
+from cadence.api.security import Principal, Scope
+from cadence.dsl.explain import installed_channels
+from cadence.dsl.loader import RulesetHolder
+from cadence.engine.decision import Scorer
+from cadence.scheduler.push import PushReport
+from cadence.scheduler.service import PushScheduler, SchedulerConfig, SchedulerService, list_jobs
+
+router = APIRouter(prefix="/v1", tags=["scheduler"])
+
+
+def _learners(app: FastAPI) -> Any:
+    loop = getattr(app.state, "engine_loop", None)
+    for sub in getattr(loop, "subscribers", ()):
+        if getattr(sub, "name", None) == "learners" and hasattr(sub, "scorer"):
+            return sub
+    return None
+
+
+def setup(app: FastAPI) -> None:
+    """Build the scheduler and its metrics; start and stop it with the app."""
+    runtime = app.state.runtime
+    settings = app.state.settings
+    holder: RulesetHolder = runtime.extensions.setdefault(
+        "rules",
+        RulesetHolder(
+            list(settings.rules_paths),
+            available_channels=installed_channels(settings),
+            default_zone=settings.default_timezone,
+        ),
+    )
+    registry = app.state.metrics.registry
+    evaluated = Counter(
+        "cadence_push_customers_evaluated_total", "Customers evaluated by scheduled pushes", registry=registry
+    )
+    enqueued = Counter(
+        "cadence_push_sends_enqueued_total",
+        "Sends queued by scheduled pushes",
+        ["campaign"],
+        registry=registry,
+    )
+    runs = Counter(
+        "cadence_scheduled_runs_total",
+        "Scheduled runs finished, by outcome",
+        ["campaign", "status"],
+        registry=registry,
+    )
+    cursor = Gauge(
+        "cadence_push_cursor", "Last customer id pushed by the push in progress", registry=registry
+    )
+    seen: dict[str, int] = {"evaluated": 0}
+    seen_campaign: dict[str, int] = {}
+
+    def on_chunk(report: PushReport) -> None:
+        evaluated.inc(report.evaluated - seen["evaluated"])
+        seen["evaluated"] = report.evaluated
+        for name, count in report.enqueued.items():
+            enqueued.labels(name).inc(count - seen_campaign.get(name, 0))
+            seen_campaign[name] = count
+        cursor.set(report.cursor)
+
+    def on_run(campaign: str, status: str, _report: PushReport | None) -> None:
+        runs.labels(campaign, status).inc()
+        seen["evaluated"] = 0
+        seen_campaign.clear()
+
+    def scorer() -> Scorer | None:
+        learners = _learners(app)
+        return learners.scorer() if learners is not None else None
+
+    def snapshot() -> None:
+        learners = _learners(app)
+        if learners is None:
+            return
+        with app.state.engine_loop._lock, runtime.engine.begin() as conn:
+            learners.snapshot(conn, now_ms=runtime.clock.now_ms())
+
+    core = PushScheduler(
+        engine=runtime.engine,
+        clock=runtime.clock,
+        rules=lambda: holder.current,
+        available_channels=installed_channels(settings),
+        config=SchedulerConfig.from_settings(settings),
+        scorer=scorer,
+        on_chunk=on_chunk,
+        on_run=on_run,
+    )
+    service = SchedulerService(
+        core,
+        holder=holder,
+        rules_poll_seconds=settings.scheduler_rules_poll_seconds,
+        snapshot=snapshot,
+    )
+    app.state.scheduler = service
+
+    async def start(app: FastAPI) -> None:
+        if app.state.background and settings.scheduler_enabled:
+            await run_in_threadpool(service.start)
+
+    async def stop(app: FastAPI) -> None:
+        await run_in_threadpool(service.stop)
+
+    app.state.on_startup.append(start)
+    app.state.on_shutdown.append(stop)
+
+
+@router.get("/jobs")
+async def jobs(request: Request, _principal: Annotated[Principal, Scope("admin")]) -> dict[str, Any]:
+    """Every scheduled campaign with its next and last run, and the scheduler's own jobs."""
+    service: SchedulerService = request.app.state.scheduler
+
+    def collect() -> dict[str, Any]:
+        holder = service.holder
+        if holder.current is None:
+            holder.reload()
+        now = request.app.state.runtime.clock.now_ms()
+        return {
+            "running": service.scheduler.running,
+            "leader": service.leadership.held and service.scheduler.running,
+            "campaigns": list_jobs(service.core.engine, holder.current, now_ms=now),
+            "background": service.jobs() if service.scheduler.running else [],
+        }
+
+    return await run_in_threadpool(collect)

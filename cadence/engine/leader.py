@@ -1,0 +1,83 @@
+"""One leader among many processes: a PostgreSQL session advisory lock, held on its own connection.
+
+On PostgreSQL several ``cadence serve`` processes share the database; background
+work that must run once (the engine loop, the scheduler) runs only in the process
+holding its lock. The lock belongs to a database session, so it is released when
+the process dies or its connection drops, and another process takes over at its
+next :meth:`Leadership.acquire`. On SQLite one process does everything: it always leads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import Connection, Engine, text
+
+__all__ = ["Leadership"]
+
+log = logging.getLogger("cadence.leader")
+
+
+class Leadership:
+    """Try to take, keep and release one advisory lock.
+
+    :param engine: the database; on anything but PostgreSQL every process leads.
+    :param lock_id: the advisory lock key (one per kind of background work).
+    :param role: a name for log lines ("engine", "scheduler").
+    """
+
+    def __init__(self, engine: Engine, *, lock_id: int, role: str) -> None:
+        self.engine = engine
+        self.lock_id = lock_id
+        self.role = role
+        self._conn: Connection | None = None
+
+    @property
+    def held(self) -> bool:
+        """True while this process holds the lock (always on SQLite)."""
+        return self.engine.dialect.name != "postgresql" or self._conn is not None
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free; True when this process leads (now or already)."""
+        if self.held:
+            if self._conn is not None and not self._alive():
+                return self.acquire()
+            return True
+        conn = self.engine.connect()
+        try:
+            got = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.lock_id}))
+            conn.commit()
+        except Exception:
+            conn.close()
+            raise
+        if got:
+            self._conn = conn
+            log.info("this process is now the %s leader", self.role)
+            return True
+        conn.close()
+        return False
+
+    def _alive(self) -> bool:
+        """Check the lock's session still exists; forget it when the connection dropped."""
+        assert self._conn is not None
+        try:
+            self._conn.scalar(text("SELECT 1"))
+            self._conn.commit()
+            return True
+        except Exception:  # noqa: BLE001 - any driver error means the session (and the lock) is gone
+            log.warning("lost the %s leader lock: its connection dropped", self.role)
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+            return False
+
+    def release(self) -> None:
+        """Give the lock up (no-op when not held)."""
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.lock_id})
+                self._conn.commit()
+            finally:
+                self._conn.close()
+                self._conn = None

@@ -1,0 +1,450 @@
+"""One scheduled run: evaluate the audience in chunks, decide per customer, enqueue idempotently.
+
+:func:`push` walks the customers with a profile in id order, ``chunk_size`` at a time.
+For each chunk it reads, in a handful of range queries, only what the rules need: the
+profile rows (restricted in SQL to the time zones that are due, for customer-zone
+schedules), the per-event stats and day buckets of the events the ruleset reads
+(``CompiledRuleset.aggregates``, plus bounces), consent, and recent sends (for caps).
+Every customer then goes through the same :func:`~cadence.engine.decide.decide` as an
+API decision, restricted to the campaigns due for them in this tick, so caps, quiet
+hours, holdouts and priority between campaigns firing together all apply; the winner
+is queued with :func:`~cadence.engine.sendqueue.enqueue_sends` under the key
+``campaign:customer:occurrence`` (the occurrence is the local wall-clock fire time).
+
+Each chunk is one transaction that first re-asserts ownership of the run (so a
+process that lost it stops), then queues the chunk's sends and advances the run's
+cursor. A crash loses at most the chunk in flight, which the next owner redoes; the
+idempotency keys make any overlap harmless.
+
+Audience-type campaigns (``Campaign.kind == "audience"``) send no message: the
+members are compared with ``audience_members`` and each change is queued as an
+``operation: add|remove`` send on the campaign's first channel, which the
+``facebook`` (Custom Audiences, with ``audience_id``) and ``google_ads`` (Customer
+Match, with ``user_list``) connectors turn into membership calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine
+
+from cadence.clock import Clock
+from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
+from cadence.engine.decide import decide
+from cadence.engine.decision import PastSend, Scorer
+from cadence.engine.profiles import StoredProfile
+from cadence.engine.sendqueue import enqueue_sends, idempotency_key
+from cadence.errors import CadenceError
+from cadence.store.fast import dialect_sql, fetch_in
+
+__all__ = ["DueCampaign", "LostRun", "PushReport", "load_profiles", "push"]
+
+log = logging.getLogger("cadence.scheduler")
+
+HISTORY_MS = 35 * DAY_MS
+HORIZON_DAYS = 400
+#: Events decide() reads whatever the rules say (a bounced address is never chosen).
+ALWAYS_READ = ("Email Bounced", "Push Notification Bounced")
+
+
+class LostRun(CadenceError):
+    """Another process took this run over (this one was presumed dead): stop pushing."""
+
+
+@dataclass(frozen=True)
+class DueCampaign:
+    """A campaign firing in this tick, with its run row and its occurrence label(s).
+
+    ``label`` is the occurrence for every customer (campaign-zone schedules);
+    ``zones`` maps each due zone to its local label (customer-zone schedules), and
+    customers in other zones are not due.
+    """
+
+    campaign: Campaign
+    run_id: int
+    fire_ms: int
+    label: str | None = None
+    zones: Mapping[str, str] | None = None
+
+    def occurrence_for(self, zone: str) -> str | None:
+        """The occurrence label for a customer in ``zone``, or None when not due for them."""
+        if self.zones is None:
+            return self.label
+        return self.zones.get(zone)
+
+
+@dataclass
+class PushReport:
+    """What a push did so far."""
+
+    evaluated: int = 0
+    chunks: int = 0
+    enqueued: dict[str, int] = field(default_factory=dict)
+    audience_added: int = 0
+    audience_removed: int = 0
+    seconds: float = 0.0
+    cursor: int = 0
+
+    @property
+    def total_enqueued(self) -> int:
+        """Sends queued, all campaigns together."""
+        return sum(self.enqueued.values())
+
+
+def _json(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else (value or {})
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def load_profiles(
+    conn: Connection,
+    *,
+    after: int,
+    limit: int,
+    now_ms: int,
+    events: Collection[str] | None,
+    zones: Collection[str] | None = None,
+    include_unzoned: bool = True,
+) -> list[StoredProfile]:
+    """The next ``limit`` profiles after customer id ``after``, with their aggregates and consent.
+
+    :param events: only these events' stats and day buckets are read (None: all).
+    :param zones: only customers whose stored zone is one of these (None: everyone);
+        ``include_unzoned`` adds those with no zone (they fall back to the default zone).
+    """
+    where = "customer_id > ?"
+    params: list[Any] = [after]
+    if zones is not None:
+        zone_list = sorted(zones)
+        marks = ", ".join("?" for _ in zone_list)
+        parts = [f"timezone IN ({marks})"] if zone_list else []
+        if include_unzoned:
+            parts.append("timezone IS NULL")
+        where += " AND (" + (" OR ".join(parts) or "1 = 0") + ")"
+        params.extend(zone_list)
+    rows = conn.exec_driver_sql(
+        dialect_sql(
+            conn,
+            "SELECT customer_id, traits, timezone, first_seen_ms, last_seen_ms FROM profiles"
+            f" WHERE {where} ORDER BY customer_id LIMIT {int(limit)}",
+        ),
+        tuple(params),
+    ).fetchall()
+    if not rows:
+        return []
+    lo, hi = rows[0][0], rows[-1][0]
+    stats: dict[int, dict[str, tuple[int, float, int, int, float | None]]] = {}
+    days: dict[int, dict[str, dict[int, tuple[int, float]]]] = {}
+    stats_sql = (
+        "SELECT customer_id, event, count, sum_value, first_ms, last_ms, last_value FROM profile_event_stats"
+        " WHERE customer_id BETWEEN ? AND ?"
+    )
+    daily_sql = (
+        "SELECT customer_id, event, day, count, sum_value FROM profile_daily"
+        " WHERE customer_id BETWEEN ? AND ? AND day >= ?"
+    )
+    since_day = now_ms // DAY_MS - HORIZON_DAYS
+    if events is None:
+        stat_rows = conn.exec_driver_sql(dialect_sql(conn, stats_sql), (lo, hi)).fetchall()
+        day_rows = conn.exec_driver_sql(dialect_sql(conn, daily_sql), (lo, hi, since_day)).fetchall()
+    else:
+        wanted = sorted(set(events))
+        stat_rows = fetch_in(conn, stats_sql + " AND event IN_VALUES", wanted, lo, hi) if wanted else []
+        day_rows = (
+            fetch_in(conn, daily_sql + " AND event IN_VALUES", wanted, lo, hi, since_day) if wanted else []
+        )
+    for cid, event, count, total, first, last, last_value in stat_rows:
+        stats.setdefault(cid, {})[event] = (count, total, first, last, last_value)
+    for cid, event, day, count, total in day_rows:
+        days.setdefault(cid, {}).setdefault(event, {})[day] = (count, total)
+    consent: dict[int, dict[str, bool]] = {}
+    for cid, channel, granted in conn.exec_driver_sql(
+        dialect_sql(
+            conn, "SELECT customer_id, channel, granted FROM consent WHERE customer_id BETWEEN ? AND ?"
+        ),
+        (lo, hi),
+    ):
+        consent.setdefault(cid, {})[channel] = bool(granted)
+    return [
+        StoredProfile(
+            customer_id=cid,
+            traits=_json(traits),
+            timezone=zone,
+            stats=stats.get(cid, {}),
+            days=days.get(cid, {}),
+            consent=consent.get(cid, {}),
+            first_seen_ms=first,
+            last_seen_ms=last,
+        )
+        for cid, traits, zone, first, last in rows
+    ]
+
+
+def _histories(
+    conn: Connection, lo: int, hi: int, now_ms: int, ruleset: CompiledRuleset
+) -> dict[int, list[PastSend]]:
+    out: dict[int, list[PastSend]] = {}
+    for cid, due_ms, campaign, channel in conn.exec_driver_sql(
+        dialect_sql(
+            conn,
+            "SELECT customer_id, due_ms, campaign, channel FROM sends WHERE customer_id BETWEEN ? AND ?"
+            " AND status IN ('queued', 'sending', 'sent') AND due_ms > ?",
+        ),
+        (lo, hi, now_ms - HISTORY_MS),
+    ):
+        known = ruleset.campaigns.get(campaign)
+        out.setdefault(cid, []).append(
+            PastSend(due_ms, campaign, channel, known.exclusive if known else None)
+        )
+    return out
+
+
+def _seed(customer_id: int, occurrence: str) -> int:
+    digest = hashlib.blake2b(f"{customer_id}\x00{occurrence}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _in_audience(campaign: Campaign, profile: StoredProfile, now_ms: int) -> bool:
+    """Whether a customer belongs to an audience-type campaign now (dates, audience, unless, consent)."""
+    if campaign.starts_ms is not None and now_ms < campaign.starts_ms:
+        return False
+    if campaign.ends_ms is not None and now_ms >= campaign.ends_ms:
+        return False
+    ctx = EvalContext(profile=profile, now_ms=now_ms)
+    if campaign.audience is not None and not campaign.audience(ctx):
+        return False
+    if campaign.unless is not None and campaign.unless(ctx):
+        return False
+    channel = campaign.channels.channels[0] if campaign.channels.channels else None
+    return channel is not None and profile.consented(channel) is not False
+
+
+def _claim_chunk(conn: Connection, run_ids: Sequence[int], owner: str, now_ms: int) -> int:
+    """Re-assert ownership of every run (locking their rows); the cursor to continue from."""
+    sql = dialect_sql(
+        conn, "UPDATE scheduled_runs SET heartbeat_ms = ? WHERE id = ? AND owner = ? AND status = 'running'"
+    )
+    for run_id in run_ids:
+        if conn.exec_driver_sql(sql, (now_ms, run_id, owner)).rowcount != 1:
+            raise LostRun(f"run {run_id} is no longer owned by {owner}")
+    cursors = fetch_in(conn, "SELECT cursor FROM scheduled_runs WHERE id IN_VALUES", list(run_ids))
+    return min(int(c[0]) for c in cursors)
+
+
+def push(
+    *,
+    engine: Engine,
+    ruleset: CompiledRuleset,
+    due: Sequence[DueCampaign],
+    owner: str,
+    clock: Clock,
+    available_channels: Collection[str],
+    scorer: Scorer | None = None,
+    chunk_size: int = 2000,
+    on_chunk: Callable[[PushReport], None] | None = None,
+) -> PushReport:
+    """Push the campaigns in ``due`` (one tick, runs already claimed by ``owner``) to their audience.
+
+    Returns when every customer is done (the runs are then ``done``); raises
+    :class:`LostRun` when another process took a run over. ``on_chunk`` is called after
+    each committed chunk (progress logs and metrics; tests use it to crash mid-push).
+    """
+    started = time.perf_counter()
+    report = PushReport()
+    run_ids = [d.run_id for d in due]
+    default_zone = ruleset.settings.default_zone
+    messages = [d for d in due if d.campaign.kind == "message"]
+    audiences = [d for d in due if d.campaign.kind == "audience"]
+    events = {a.event for a in ruleset.aggregates} | set(ALWAYS_READ)
+    zones: set[str] | None = None
+    include_unzoned = False
+    if all(d.zones is not None for d in due):
+        zones = set()
+        for d in due:
+            zones.update(d.zones or {})
+        include_unzoned = default_zone in zones
+    names = ", ".join(d.campaign.name for d in due)
+    while True:
+        now = clock.now_ms()
+        with engine.begin() as conn:
+            cursor = _claim_chunk(conn, run_ids, owner, now)
+            profiles = load_profiles(
+                conn,
+                after=cursor,
+                limit=chunk_size,
+                now_ms=now,
+                events=events,
+                zones=zones,
+                include_unzoned=include_unzoned,
+            )
+            if not profiles:
+                conn.exec_driver_sql(
+                    dialect_sql(
+                        conn,
+                        "UPDATE scheduled_runs SET status = 'done', finished_ms = ?, heartbeat_ms = ?"
+                        " WHERE id = ? AND owner = ?",
+                    ),
+                    [(now, now, run_id, owner) for run_id in run_ids],
+                )
+                break
+            lo, hi = profiles[0].customer_id, profiles[-1].customer_id
+            histories = _histories(conn, lo, hi, now, ruleset)
+            queued: list[dict[str, Any]] = []
+            per_run: dict[int, list[int]] = {run_id: [0, 0] for run_id in run_ids}  # evaluated, enqueued
+            adds: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+            outs: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+            for profile in profiles:
+                zone = profile.timezone or default_zone
+                wanted: dict[str, tuple[str, int]] = {}
+                for d in messages:
+                    occurrence = d.occurrence_for(zone)
+                    if occurrence is not None:
+                        wanted[d.campaign.name] = (occurrence, d.run_id)
+                        per_run[d.run_id][0] += 1
+                for d in audiences:
+                    occurrence = d.occurrence_for(zone)
+                    if occurrence is None:
+                        continue
+                    per_run[d.run_id][0] += 1
+                    name = d.campaign.name
+                    target = adds if _in_audience(d.campaign, profile, now) else outs
+                    variables = d.campaign.template.variables(EvalContext(profile=profile, now_ms=now))
+                    target.setdefault(name, []).append(
+                        (profile.customer_id, occurrence, _jsonable(variables))
+                    )
+                if not wanted:
+                    continue
+                report.evaluated += 1
+                first = next(iter(wanted.values()))[0]
+                decision = decide(
+                    ruleset=ruleset,
+                    profile=profile,
+                    now_ms=now,
+                    history=histories.get(profile.customer_id, ()),
+                    available_channels=available_channels,
+                    scorer=scorer,
+                    campaigns=wanted,
+                    seed=_seed(profile.customer_id, first),
+                )
+                if decision.action != "send" or decision.campaign not in wanted:
+                    continue
+                assert decision.channel is not None and decision.send_at_ms is not None
+                occurrence, run_id = wanted[decision.campaign]
+                per_run[run_id][1] += 1
+                queued.append(
+                    {
+                        "key": idempotency_key(decision.campaign, profile.customer_id, occurrence),
+                        "campaign": decision.campaign,
+                        "customer_id": profile.customer_id,
+                        "channel": decision.channel,
+                        "due_ms": decision.send_at_ms,
+                        "template": decision.template,
+                        "variables": _jsonable(decision.variables),
+                    }
+                )
+            new = enqueue_sends(conn, queued, now_ms=now)
+            for d in audiences:
+                added, removed = _sync_audience(
+                    conn, d, adds.get(d.campaign.name, []), outs.get(d.campaign.name, []), now
+                )
+                report.audience_added += added
+                report.audience_removed += removed
+                per_run[d.run_id][1] += added + removed
+            conn.exec_driver_sql(
+                dialect_sql(
+                    conn,
+                    "UPDATE scheduled_runs SET cursor = ?, evaluated = evaluated + ?, enqueued = enqueued + ?,"
+                    " heartbeat_ms = ? WHERE id = ? AND owner = ?",
+                ),
+                [(hi, ev, enq, now, run_id, owner) for run_id, (ev, enq) in per_run.items()],
+            )
+        for d in due:
+            report.enqueued[d.campaign.name] = report.enqueued.get(d.campaign.name, 0) + per_run[d.run_id][1]
+        report.chunks += 1
+        report.cursor = hi
+        report.seconds = time.perf_counter() - started
+        log.info(
+            "push %s: %d customers evaluated, %d sends queued (%d new in this chunk), up to customer %d",
+            names,
+            report.evaluated,
+            report.total_enqueued,
+            new,
+            hi,
+        )
+        if on_chunk is not None:
+            on_chunk(report)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _sync_audience(
+    conn: Connection,
+    due: DueCampaign,
+    members: Sequence[tuple[int, str, dict[str, Any]]],
+    others: Sequence[tuple[int, str, dict[str, Any]]],
+    now_ms: int,
+) -> tuple[int, int]:
+    """Queue the membership changes of one chunk and record the new membership; (added, removed)."""
+    campaign = due.campaign
+    name = campaign.name
+    ids = [m[0] for m in members] + [o[0] for o in others]
+    if not ids:
+        return 0, 0
+    stored = {
+        row[0]
+        for row in fetch_in(
+            conn,
+            "SELECT customer_id FROM audience_members WHERE campaign = ? AND customer_id IN_VALUES",
+            ids,
+            name,
+        )
+    }
+    channel = campaign.channels.channels[0]
+    rows: list[dict[str, Any]] = []
+    added = [m for m in members if m[0] not in stored]
+    removed = [o for o in others if o[0] in stored]
+    for op, changes in (("add", added), ("remove", removed)):
+        for cid, occurrence, variables in changes:
+            rows.append(
+                {
+                    "key": idempotency_key(name, cid, f"{occurrence}:{op}"),
+                    "campaign": name,
+                    "customer_id": cid,
+                    "channel": channel,
+                    "due_ms": now_ms,
+                    "template": campaign.template.name or None,
+                    "variables": {**variables, "operation": op},
+                }
+            )
+    enqueue_sends(conn, rows, now_ms=now_ms)
+    if added:
+        conn.exec_driver_sql(
+            dialect_sql(
+                conn,
+                "INSERT INTO audience_members (campaign, customer_id, added_ms, run_id) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (campaign, customer_id) DO NOTHING",
+            ),
+            [(name, m[0], now_ms, due.run_id) for m in added],
+        )
+    if removed:
+        conn.exec_driver_sql(
+            dialect_sql(conn, "DELETE FROM audience_members WHERE campaign = ? AND customer_id = ?"),
+            [(name, o[0]) for o in removed],
+        )
+    return len(added), len(removed)

@@ -1,0 +1,315 @@
+"""Scheduled pushes over simulated time: once per occurrence, restarts, misfires, races, zones."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import pytest
+from sqlalchemy import Engine, create_engine, select
+
+from cadence.clock import FixedClock
+from cadence.scheduler.push import PushReport
+from cadence.scheduler.seed import SeedCustomer
+from cadence.store.schema.scheduler import audience_members, scheduled_jobs
+from tests.scheduler.conftest import MONDAY, Rules, customers, make_scheduler, runs, send_rows, sent_keys
+
+HOUR = 3_600_000
+DAY = 24 * HOUR
+
+DAILY = """
+event opened = "Email Opened"
+campaign daily "Daily digest" {
+    audience count(opened within 30d) > 0
+    send template "digest"
+    channel email
+    schedule every day at 09:00 in "Europe/Berlin"
+}
+"""
+
+Seed = Callable[[Sequence[SeedCustomer]], None]
+
+
+def readers(n: int, *, start: int = 1, zone: str | None = None) -> list[SeedCustomer]:
+    return customers(n, start=start, timezone=zone, events={"Email Opened": [MONDAY - 2 * DAY]})
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing on the way catches it."""
+
+
+def test_daily_campaign_over_a_week_sends_each_day_once(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(12) + customers(5, start=100))  # 12 readers, 5 who never opened
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, Rules(DAILY), clock)
+    while clock.now_ms() < MONDAY + 7 * DAY:
+        scheduler.tick()
+        clock.advance(HOUR)
+    rows = send_rows(db_engine)
+    per_customer = Counter(r.customer_id for r in rows)
+    assert set(per_customer) == set(range(1, 13))
+    assert set(per_customer.values()) == {7}
+    # One send a day, at 09:00 Berlin (08:00 UTC in March), keyed by the local occurrence.
+    assert sorted({r.due_ms for r in rows}) == [MONDAY + d * DAY + 8 * HOUR for d in range(7)]
+    assert "daily:1:2026-03-02T09:00" in {r.idempotency_key for r in rows}
+    done = runs(db_engine)
+    assert [(r.status, r.evaluated, r.enqueued) for r in done] == [
+        ("done", 17, 12)
+    ] * 7  # all evaluated, readers queued
+
+
+def test_a_restart_mid_push_finishes_without_duplicates_or_gaps(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(45))
+    clock = FixedClock(MONDAY)
+    rules = Rules(DAILY)
+    make_scheduler(db_engine, rules, clock).tick()  # registers the job
+    clock.set(MONDAY + 8 * HOUR)
+
+    def crash_after_two(report: PushReport) -> None:
+        if report.chunks == 2:
+            raise Killed
+
+    first = make_scheduler(db_engine, rules, clock, owner="first", chunk_size=10)
+    first.on_chunk = crash_after_two
+    with pytest.raises(Killed):
+        first.tick()
+    assert len(sent_keys(db_engine)) == 20
+    [run] = runs(db_engine)
+    assert (run.status, run.owner, run.cursor) == ("running", "first", 20)
+
+    # A new process within the lease leaves the run alone (its owner may be alive)...
+    second = make_scheduler(db_engine, rules, clock, owner="second", chunk_size=10, lease_ms=60_000)
+    clock.advance(30_000)
+    assert second.tick() == []
+    # ...and takes it over once the owner stopped heart-beating for longer than the lease.
+    clock.advance(31_000)
+    [report] = second.tick()
+    assert report.evaluated == 25
+    keys = sent_keys(db_engine)
+    assert len(keys) == len(set(keys)) == 45
+    [run] = runs(db_engine)
+    assert (run.status, run.owner, run.evaluated, run.enqueued) == ("done", "second", 45, 45)
+    # Later ticks, by either process, never repeat the run.
+    clock.advance(HOUR)
+    assert second.tick() == [] and first.tick() == []
+    assert len(sent_keys(db_engine)) == 45
+
+
+def test_a_process_that_lost_its_run_stops_and_nothing_is_sent_twice(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(30))
+    rules = Rules(DAILY)
+    slow_clock = FixedClock(MONDAY)
+    make_scheduler(db_engine, rules, slow_clock).tick()
+    slow_clock.set(MONDAY + 8 * HOUR)
+    fast_clock = FixedClock(MONDAY + 8 * HOUR + 5 * 60_000)  # the other process thinks the first is dead
+    slow = make_scheduler(db_engine, rules, slow_clock, owner="slow", chunk_size=10, lease_ms=60_000)
+    fast = make_scheduler(db_engine, rules, fast_clock, owner="fast", chunk_size=10, lease_ms=60_000)
+    taken: list[PushReport] = []
+
+    def steal(report: PushReport) -> None:
+        if report.chunks == 1 and not taken:
+            taken.extend(fast.tick())
+
+    slow.on_chunk = steal
+    assert slow.tick() == []  # it lost the run after its first chunk
+    assert taken and taken[0].evaluated == 20
+    keys = sent_keys(db_engine)
+    assert len(keys) == len(set(keys)) == 30
+    [run] = runs(db_engine)
+    assert (run.status, run.owner) == ("done", "fast")
+
+
+def test_two_processes_racing_never_double_send(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(300))
+    rules = Rules(DAILY)
+    clock = FixedClock(MONDAY)
+    make_scheduler(db_engine, rules, clock).tick()
+    clock.set(MONDAY + 8 * HOUR)
+    other_engine = (
+        create_engine(db_engine.url, poolclass=None) if db_engine.dialect.name == "postgresql" else db_engine
+    )
+    a = make_scheduler(db_engine, rules, clock, owner="a", chunk_size=25)
+    b = make_scheduler(other_engine, rules, clock, owner="b", chunk_size=25)
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def run(s: object) -> None:
+        try:
+            barrier.wait()
+            s.tick()  # type: ignore[attr-defined]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if other_engine is not db_engine:
+        other_engine.dispose()
+    assert not errors
+    keys = sent_keys(db_engine)
+    assert len(keys) == len(set(keys)) == 300
+    [run_row] = runs(db_engine)
+    assert run_row.status == "done" and run_row.evaluated == 300
+
+
+@pytest.mark.parametrize(
+    ("misfire", "expected"),
+    [("run_once", ["skipped", "skipped", "done"]), ("skip", ["skipped", "skipped", "skipped"])],
+)
+def test_runs_missed_during_downtime_follow_the_misfire_policy(
+    db_engine: Engine, seed: Seed, misfire: str, expected: list[str]
+) -> None:
+    seed(readers(3))
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, Rules(DAILY), clock, misfire=misfire, grace_ms=HOUR)
+    scheduler.tick()
+    clock.set(MONDAY + 2 * DAY + 12 * HOUR)  # down from Monday 00:00 to Wednesday 12:00
+    scheduler.tick()
+    assert [r.status for r in runs(db_engine)] == expected
+    assert len(sent_keys(db_engine)) == (3 if misfire == "run_once" else 0)
+    late = [r for r in runs(db_engine) if r.status == "done"]
+    assert all(r.late_ms == 4 * HOUR for r in late)  # Wednesday 08:00 UTC, run at 12:00
+    # A run late by less than the grace time simply runs.
+    clock.set(MONDAY + 3 * DAY + 8 * HOUR + 30 * 60_000)
+    scheduler.tick()
+    assert runs(db_engine)[-1].status == "done"
+
+
+def test_customer_zone_schedule_pushes_each_customer_at_their_local_time(
+    db_engine: Engine, seed: Seed
+) -> None:
+    seed(
+        readers(2, start=1, zone="Europe/Berlin")
+        + readers(2, start=10, zone="America/New_York")
+        + readers(2, start=20, zone="Asia/Kolkata")
+        + readers(2, start=30)  # no zone: the ruleset's default (UTC)
+    )
+    text = DAILY.replace('in "Europe/Berlin"', "in customer.timezone")
+    clock = FixedClock(MONDAY - DAY)
+    scheduler = make_scheduler(db_engine, Rules(text), clock)
+    while clock.now_ms() <= MONDAY + DAY:
+        scheduler.tick()
+        clock.advance(15 * 60_000)
+    rows = [r for r in send_rows(db_engine) if MONDAY <= r.due_ms < MONDAY + DAY]
+    due = {r.customer_id: r.due_ms for r in rows}
+    assert due == {
+        1: MONDAY + 8 * HOUR,
+        2: MONDAY + 8 * HOUR,
+        10: MONDAY + 14 * HOUR,
+        11: MONDAY + 14 * HOUR,
+        20: MONDAY + 3 * HOUR + 30 * 60_000,
+        21: MONDAY + 3 * HOUR + 30 * 60_000,
+        30: MONDAY + 9 * HOUR,
+        31: MONDAY + 9 * HOUR,
+    }
+    assert all(r.idempotency_key.endswith("2026-03-02T09:00") for r in rows)
+    # Only ticks where some customer's local time matched left a run behind.
+    assert all(r.evaluated == 2 for r in runs(db_engine) if r.fire_ms >= MONDAY)
+
+
+def test_campaigns_firing_in_the_same_tick_compete_per_customer(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(4))
+    text = (
+        DAILY
+        + """
+campaign promo "Promo" {
+    send template "promo"
+    channel email
+    priority 3
+    schedule every day at 09:00 in "Europe/Berlin"
+}
+"""
+    )
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, Rules(text), clock)
+    scheduler.tick()
+    clock.set(MONDAY + 8 * HOUR)
+    [report] = scheduler.tick()
+    assert report.enqueued == {"daily": 0, "promo": 4}
+    assert Counter(r.customer_id for r in send_rows(db_engine)) == {1: 1, 2: 1, 3: 1, 4: 1}
+
+
+def test_rules_edited_between_ticks_change_the_jobs(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(2))
+    rules = Rules(DAILY)
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, rules, clock)
+    scheduler.tick()
+    rules.set(DAILY.replace("09:00", "18:00"))
+    clock.set(MONDAY + 8 * HOUR)  # 09:00 Berlin: no longer the schedule
+    assert scheduler.tick() == []
+    clock.set(MONDAY + 17 * HOUR)
+    assert len(scheduler.tick()) == 1
+    rules.set(DAILY.replace("campaign daily", "campaign other"))
+    clock.set(MONDAY + DAY)
+    scheduler.tick()
+    clock.set(MONDAY + DAY + 8 * HOUR)
+    scheduler.tick()
+    with db_engine.connect() as conn:
+        jobs = {r.campaign: r for r in conn.execute(select(scheduled_jobs))}
+    assert jobs["daily"].removed_ms == MONDAY + DAY
+    assert jobs["other"].removed_ms is None
+    assert [(r.campaign, r.occurrence) for r in runs(db_engine)] == [
+        ("daily", "2026-03-02T17:00Z"),
+        ("other", "2026-03-03T08:00Z"),
+    ]
+
+
+def test_queued_sends_of_an_ended_campaign_expire(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(2))
+    text = DAILY.replace(
+        "channel email", 'channel email\n    quiet 08:00..12:00 in "Europe/Berlin"\n    ends 2026-03-02T12:00'
+    )
+    rules = Rules(text)
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, rules, clock)
+    scheduler.tick()
+    clock.set(MONDAY + 8 * HOUR)
+    scheduler.tick()
+    assert scheduler.expire_sends() == 0
+    assert {r.due_ms for r in send_rows(db_engine)} == {MONDAY + 11 * HOUR}  # deferred past quiet hours
+    clock.set(MONDAY + 12 * HOUR)
+    assert scheduler.expire_sends() == 2
+    assert {r.status for r in send_rows(db_engine)} == {"expired"}
+
+
+def test_audience_campaign_syncs_the_membership_difference(db_engine: Engine, seed: Seed) -> None:
+    from dataclasses import replace
+
+    from cadence.engine.campaign import ChannelPolicy
+
+    seed(readers(3) + customers(2, start=10))
+    base = Rules(DAILY.replace("channel email", "channel facebook"))
+    assert base.current is not None
+    campaign = replace(
+        base.current.campaigns["daily"], kind="audience", channels=ChannelPolicy(("facebook",))
+    )
+    base.current = replace(base.current, campaigns={"daily": campaign})
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, base, clock)
+    scheduler.tick()
+    clock.set(MONDAY + 8 * HOUR)
+    scheduler.tick()
+    first = send_rows(db_engine)
+    assert sorted((r.customer_id, r.variables["operation"]) for r in first) == [
+        (1, "add"),
+        (2, "add"),
+        (3, "add"),
+    ]
+    # Customer 2 opts out of facebook and a new reader (50) arrives: next day, only the changes go.
+    seed([SeedCustomer(id=50, events={"Email Opened": [MONDAY]})])
+    with db_engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO consent (customer_id, channel, granted, source, changed_ms, event_id)"
+            " VALUES (2, 'facebook', false, 'test', 0, 0)"
+        )
+    clock.set(MONDAY + DAY + 8 * HOUR)
+    scheduler.tick()
+    later = send_rows(db_engine)[len(first) :]
+    assert sorted((r.customer_id, r.variables["operation"]) for r in later) == [(2, "remove"), (50, "add")]
+    with db_engine.connect() as conn:
+        members = sorted(conn.scalars(select(audience_members.c.customer_id)))
+    assert members == [1, 3, 50]
