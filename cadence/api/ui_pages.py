@@ -293,7 +293,7 @@ def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, A
         decided = decision_mix(conn, since_ms=since_day * 86_400_000, until_ms=(until_day + 1) * 86_400_000)
     credit = {row["key"]: row["conversions"] for row in attributed}
     keys = sorted(set(stats.totals) | set(outcomes))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for campaign, channel in keys:
         kinds = stats.totals.get((campaign, channel), {})
         sent = kinds.get("sent", 0)
@@ -308,9 +308,6 @@ def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, A
                 "queue": outcomes.get((campaign, channel), {}),
             }
         )
-    per_campaign: dict[str, float] = {}
-    for row in rows:
-        per_campaign[row["campaign"]] = per_campaign.get(row["campaign"], 0) + row["counts"]["sent"]
     labels = [_label(d) for d in stats.days]
     funnel_chart = _line_chart(
         labels, {k: [stats.daily.get(k, {}).get(d, 0) for d in stats.days] for k in FUNNEL}
