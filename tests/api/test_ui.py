@@ -17,6 +17,7 @@ from cadence.clock import now_ms
 from cadence.engine.decisions_service import make_decision
 from cadence.runtime import Runtime
 from cadence.sim.demo import demo_events
+from cadence.store.schema.connectors import connector_state
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 PAGES = ("/ui/attribution", "/ui/campaigns", "/ui/decisions", "/ui/rules")
@@ -220,3 +221,22 @@ def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) ->
         assert rates in attribution
         decisions = client.get("/ui/decisions", params={"key": key, "customer": "demo-0"}).text
         assert 'class="decision"' in decisions and "promo" in decisions
+
+
+def test_rules_page_shows_an_open_circuit(client: TestClient) -> None:
+    engine = client.app.state.runtime.engine
+    with engine.begin() as conn:  # what the dispatcher records when a connector keeps failing
+        conn.execute(
+            connector_state.insert().values(
+                connector="sendgrid",
+                circuit="open",
+                failures=5,
+                open_until_ms=now_ms() + 30_000,
+                last_error="401 unauthorized",
+                updated_ms=now_ms(),
+            )
+        )
+    page = client.get("/ui/rules", params={"key": create_key(engine, name="ops", scopes=["ingest"])}).text
+    circuits = page[page.index('id="circuits"') :]
+    assert '<td>sendgrid</td><td class="bad">open</td><td class="n">5</td>' in circuits
+    assert "401 unauthorized" in circuits
