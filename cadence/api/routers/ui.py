@@ -241,7 +241,8 @@ def _range(request: Request, days: int = 30) -> tuple[date, date]:
     return since, until
 
 
-def _timed(request: Request, name: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _timed(build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``build()``, with how long it took (shown at the foot of the page)."""
     started = time.perf_counter()
     data = build()
     data["elapsed_ms"] = (time.perf_counter() - started) * 1000
@@ -267,8 +268,6 @@ async def attribution(request: Request) -> Response:
     spec = q.get("spec") or "default"
     data = await run_in_threadpool(
         _timed,
-        request,
-        "attribution",
         lambda: attribution_page(
             request.app.state.runtime,
             spec=spec,
@@ -291,8 +290,6 @@ async def campaigns(request: Request) -> Response:
     since, until = _range(request)
     data = await run_in_threadpool(
         _timed,
-        request,
-        "campaigns",
         lambda: campaigns_page(request.app.state.runtime, since=since, until=until),
     )
     return _render(
@@ -306,7 +303,7 @@ async def decisions(request: Request) -> Response:
     viewer = await viewer_of(request)
     customer = (request.query_params.get("customer") or "").strip()
     data = await run_in_threadpool(
-        _timed, request, "decisions", lambda: customer_page(request.app.state.runtime, customer=customer)
+        _timed, lambda: customer_page(request.app.state.runtime, customer=customer)
     )
     return _render(
         request,
@@ -353,7 +350,7 @@ async def preview(request: Request) -> Response:
         )
         return data
 
-    data = await run_in_threadpool(_timed, request, "preview", build)
+    data = await run_in_threadpool(_timed, build)
     return _render(
         request,
         "decisions.html",
@@ -383,8 +380,6 @@ async def rules(request: Request) -> Response:
     app = request.app
     data = await run_in_threadpool(
         _timed,
-        request,
-        "rules",
         lambda: rules_page(
             app.state.runtime,
             holder=app.state.runtime.extensions["rules"],
