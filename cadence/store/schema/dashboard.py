@@ -13,6 +13,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
 
 from cadence.store.schema.base import metadata
+from cadence.store.schema.core import customers
 from cadence.store.schema.decisions import decisions
 
 #: The count columns of ``campaign_daily``: the values of :class:`cadence.channels.Feedback`.
@@ -53,3 +54,6 @@ ui_secrets = Table(
 #: The campaigns and attribution pages read the decisions of a date range (exploration
 #: share, suppressions, holdout lift).
 Index("ix_decisions_decided_at_ms", decisions.c.decided_at_ms)
+#: Looking a customer up lists the ids of the customers merged into it
+#: (:func:`cadence.engine.identity.identities_of`): without this, a scan of every customer.
+Index("ix_customers_merged_into", customers.c.merged_into)
