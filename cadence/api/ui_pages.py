@@ -425,6 +425,8 @@ def last_decisions(
         .order_by(decisions.c.decided_at_ms.desc())
         .limit(limit)
     ).all()
+    if not rows:  # an empty IN would still walk the whole send queue on SQLite
+        return []
     status = {
         r.decision_id: r.status
         for r in conn.execute(
