@@ -81,6 +81,18 @@ class KeyRing:
                     self._misses.add(digest)
             return found
 
+    def lookup_digest(self, digest: str) -> Principal | None:
+        """The principal whose key hashes to ``digest`` (what a session cookie holds), or None.
+
+        Revocations take effect at the next refresh, within ``refresh_seconds``.
+        """
+        with self._lock:
+            if time.monotonic() - self._loaded_at > self._refresh_seconds:
+                self._keys = self._load()
+                self._misses = set()
+                self._loaded_at = time.monotonic()
+            return self._keys.get(digest)
+
     def invalidate(self) -> None:
         """Forget the cache (after a key was created or revoked)."""
         with self._lock:

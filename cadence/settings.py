@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     max_batch_events: int = Field(default=2500, ge=1)
     # Origins (``https://shop.example.com``, or ``*``) whose pages may POST to the ingestion routes.
     cors_origins: list[str] = Field(default_factory=list)
+    # Signs the dashboard's session cookies; when unset one is generated and kept in the database.
+    ui_secret: SecretStr | None = None
 
     engine_enabled: bool = True
     engine_batch_size: int = Field(default=2000, ge=1)

@@ -35,6 +35,7 @@ ROUTERS = (
     "cadence.api.routers.attribution",
     "cadence.api.routers.decisions",
     "cadence.api.routers.jobs",
+    "cadence.api.routers.ui",
 )
 
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the

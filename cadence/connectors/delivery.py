@@ -60,6 +60,7 @@ from cadence.store.schema.core import consent, identities, profiles
 from cadence.store.schema.sends import sends
 
 __all__ = [
+    "circuit_states",
     "CircuitBreaker",
     "CircuitOpen",
     "DeliveryPolicy",
@@ -896,3 +897,13 @@ def _opt_out_event(message: OutgoingMessage, now: int, anonymous_id: str | None)
         payload={"properties": properties},
         source="connector",
     )
+
+
+def circuit_states(conn: Connection) -> list[dict[str, Any]]:
+    """Every connector's last recorded circuit: ``closed``, ``open`` or ``half_open``.
+
+    A connector appears once its circuit has changed state at least once; one missing
+    has always been closed.
+    """
+    rows = conn.execute(select(connector_state).order_by(connector_state.c.connector)).mappings()
+    return [dict(row) for row in rows]

@@ -5,7 +5,8 @@ when absent, and driven by Playwright for Python (never ``playwright install``: 
 the system browser). Without a browser the tests skip with the reason, unless
 ``CADENCE_REQUIRE_BROWSER=1`` turns that into a failure.
 
-Fixtures: ``browser`` (one per session), ``cadence_site`` (cadence under uvicorn on a
+Fixtures: ``browser`` (one per session), ``serve(app)`` (a context manager running an
+app under uvicorn on a free loopback port), ``cadence_site`` (cadence under uvicorn on a
 loopback port with a fresh SQLite database, plus a static web server on another port
 whose origin is allowed by ``cors_origins``), and ``artifacts`` (where screenshots go).
 """
@@ -18,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -154,6 +156,29 @@ def _static_server(pages: dict[str, str]) -> ThreadingHTTPServer:
     return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 
 
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
 @pytest.fixture(scope="session")
 def cadence_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """cadence (uvicorn, fresh SQLite) and a static site on another port that may call it."""
@@ -177,34 +202,26 @@ def cadence_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     key = create_key(engine, name="website", scopes=["ingest"])
     app = create_app(runtime=runtime, background=False)
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
     try:
-        yield Site(
-            cadence_url=f"http://127.0.0.1:{port}",
-            site_url=site_url,
-            write_key=key,
-            runtime=runtime,
-            app=app,
-            pages=pages,
-        )
+        with serve(app) as cadence_url:
+            yield Site(
+                cadence_url=cadence_url,
+                site_url=site_url,
+                write_key=key,
+                runtime=runtime,
+                app=app,
+                pages=pages,
+            )
     finally:
-        server.should_exit = True
-        thread.join(10)
         static.shutdown()
         static.server_close()
-        sock.close()
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def serve_app() -> Callable[[Any], Any]:
+    """:func:`serve`, for tests that run an app of their own."""
+    return serve
 
 
 @pytest.fixture(scope="session")

@@ -37,11 +37,13 @@ __all__ = [
     "ONLINE_MODELS",
     "WINDOWS_DAYS",
     "AttributionSubscriber",
+    "channel_interactions",
     "default_specs",
     "journey_credits",
     "query_attribution",
     "specs_of",
     "touch_of",
+    "unattributed_share",
 ]
 
 #: Windows kept for every block (plus the block's own window).
@@ -397,6 +399,62 @@ def query_attribution(
                 "run it offline with `cadence attribution run`"
             )
     return out
+
+
+def channel_interactions(conn: Connection, *, spec: str, window_days: int) -> dict[str, Any]:
+    """How channels work together on converting journeys, from the coalition tallies.
+
+    Returns ``{"channels": [...], "solo": {channel: conversions with only it},
+    "pairs": {(a, b): conversions whose journey had both}, "total": conversions with a touch}``
+    (all time, the ``window_days`` tallies).
+    """
+    rows = conn.exec_driver_sql(
+        _placeholders(
+            conn,
+            "SELECT channels, conversions FROM attribution_coalitions WHERE spec = ? AND window_days = ?",
+        ),
+        (spec, window_days),
+    ).all()
+    solo: dict[str, float] = {}
+    pairs: dict[tuple[str, str], float] = {}
+    seen: set[str] = set()
+    total = 0.0
+    for key, conv in rows:
+        members = sorted(c for c in str(key).split("+") if c)
+        n = float(conv)
+        total += n
+        seen.update(members)
+        if len(members) == 1:
+            solo[members[0]] = solo.get(members[0], 0.0) + n
+        for i, a in enumerate(members):
+            for b in members[i + 1 :]:
+                pairs[(a, b)] = pairs.get((a, b), 0.0) + n
+    return {"channels": sorted(seen), "solo": solo, "pairs": pairs, "total": total}
+
+
+def unattributed_share(
+    conn: Connection,
+    *,
+    spec: str,
+    window_days: int,
+    since_day: int | None = None,
+    until_day: int | None = None,
+) -> tuple[float, float]:
+    """(conversions with no touch inside the window, all conversions) over a date range.
+
+    Counted from the last-touch credits, where a journey without touches is credited to
+    no channel: these conversions happened with no marketing that the window saw.
+    """
+    row = conn.exec_driver_sql(
+        _placeholders(
+            conn,
+            "SELECT SUM(CASE WHEN channel = '' THEN conversions ELSE 0 END), SUM(conversions) "
+            "FROM attribution_credits WHERE spec = ? AND model = 'last_touch' AND window_days = ? "
+            "AND day >= ? AND day <= ?",
+        ),
+        (spec, window_days, since_day or 0, until_day if until_day is not None else 10**9),
+    ).one()
+    return float(row[0] or 0.0), float(row[1] or 0.0)
 
 
 def _day(day: int) -> str:

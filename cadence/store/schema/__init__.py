@@ -6,7 +6,7 @@ it below, and adds an Alembic revision under ``cadence/store/migrations/versions
 
 from __future__ import annotations
 
-from cadence.store.schema import attribution, connectors, core, decisions, scheduler, sends
+from cadence.store.schema import attribution, connectors, core, dashboard, decisions, scheduler, sends
 from cadence.store.schema.base import metadata
 
-__all__ = ["attribution", "connectors", "core", "decisions", "metadata", "scheduler", "sends"]
+__all__ = ["attribution", "connectors", "core", "dashboard", "decisions", "metadata", "scheduler", "sends"]
