@@ -45,17 +45,23 @@ def open_runtime(
     With ``upgrade=True`` pending migrations are applied first; otherwise a database
     behind the code raises :class:`StorageError` telling the operator what to run.
     """
+    owned = engine is None
     engine = engine or create_db_engine(settings.database_url)
-    if upgrade:
-        migrate(engine)
-    else:
-        try:
-            pending = pending_migrations(engine)
-        except Exception as exc:  # noqa: BLE001 - any driver error: say where we tried
-            raise StorageError(f"cannot open database {settings.database_url!r}: {exc}") from exc
-        if pending:
-            raise StorageError(
-                f"database {settings.database_url!r} needs migrations "
-                f"({', '.join(sorted(pending))}): run `cadence db upgrade`"
-            )
+    try:
+        if upgrade:
+            migrate(engine)
+        else:
+            try:
+                pending = pending_migrations(engine)
+            except Exception as exc:  # noqa: BLE001 - any driver error: say where we tried
+                raise StorageError(f"cannot open database {settings.database_url!r}: {exc}") from exc
+            if pending:
+                raise StorageError(
+                    f"database {settings.database_url!r} needs migrations "
+                    f"({', '.join(sorted(pending))}): run `cadence db upgrade`"
+                )
+    except BaseException:
+        if owned:
+            engine.dispose()  # do not leave pooled connections behind a failed start
+        raise
     return Runtime(settings=settings, engine=engine, clock=clock or Clock())
