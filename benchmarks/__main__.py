@@ -59,7 +59,7 @@ def main() -> None:
     existing.update(
         {
             n: f"_Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, "
-            f"commit {commit()}._\n\n{body}"
+            f"load average {os.getloadavg()[0]:.1f} when written, commit {commit()}._\n\n{body}"
             for n, body in sections.items()
         }
     )

@@ -205,7 +205,8 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         f"`cadence import` of {n_import:,} Segment-spec NDJSON events (whole process, start-up included); "
         f"`POST /v1/batch` with {n_http:,} events in batches of 100 from 4 client threads in another process "
         "to `cadence serve` (uvicorn, one process, engine loop off so only ingestion is measured); "
-        f"the engine loop applying the imported {n_import:,} events to identities, profiles and consent.",
+        f"the engine loop applying the imported {n_import:,} events to every subscriber (identity, profiles, "
+        "consent, attribution for every model and window, learners, campaign statistics).",
         "",
         "| database | import (events/s) | HTTP batch (events/s) | HTTP errors | engine loop (events/s) |",
         "|---|---:|---:|---:|---:|",
