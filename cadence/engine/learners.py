@@ -1,12 +1,17 @@
 """The learners: P(engagement) and P(unsubscribe) per channel and local hour, with Thompson sampling.
 
-Two Bayesian probit regressions (the online "assumed density filtering" update of
-Graepel et al., *Web-scale Bayesian click-through rate prediction*, ICML 2010) share
-one feature layout. Each weight has a Gaussian posterior (mean, variance), so the
-model knows what it does not know:
+P(engagement) is a Bayesian probit regression (the online "assumed density filtering"
+update of Graepel et al., *Web-scale Bayesian click-through rate prediction*, ICML
+2010): each weight has a Gaussian posterior (mean, variance), so the model knows what
+it does not know. P(unsubscribe) is a :class:`FatigueHazard`: Beta-Bernoulli counts per
+channel and recent load (sends in the last 7 days), so the risk of messaging a customer
+who was left alone stays visible however often the rest were messaged. (A probit
+regression over the same features as engagement still learns unsubscribes alongside,
+but it is not used for scoring: with rare positives it predicted the pooled rate
+whatever the load, and the learners stopped sending on large populations.)
 
-- **scoring** draws one weight vector from each posterior per decision (Thompson
-  sampling) and values every candidate at
+- **scoring** draws one weight vector from the engagement posterior per decision
+  (Thompson sampling) and values every candidate at
   ``click_value * P(engagement) - unsubscribe_cost * P(unsubscribe)``; a candidate worth
   nothing is not sent. Unseen campaigns, channels and variants have wide posteriors,
   so they are tried (cold start explores, it is not starved) until the data says no;
@@ -51,6 +56,7 @@ from cadence.engine.slots import local_datetime, zone_named
 
 __all__ = [
     "DecisionLearner",
+    "FatigueHazard",
     "FeatureLayout",
     "LearnerConfig",
     "ProbitClassifier",
@@ -123,6 +129,8 @@ class LearnerConfig:
     quality_window: int = 5000
     min_explore: float = 0.1  # variant exploration share when a campaign does not say
     explore_unsubscribe: bool = False  # sample the risk too (False: value risk at its posterior mean)
+    hazard_strength: float = 300.0  # prior weight (in sends) of each fatigue-hazard cell
+    hazard_load_slope: float = 0.3  # prior: each recent send raises the unsubscribe risk by this share
 
 
 class ProbitModel:
@@ -203,6 +211,57 @@ class ProbitClassifier(base.Classifier):
         return {False: 1.0 - p, True: p}
 
 
+class FatigueHazard:
+    """P(unsubscribe) per channel and recent load (sends in the last 7 days), as Beta-Bernoulli counts.
+
+    The unsubscribe risk of a message depends above all on how many messages the customer
+    got lately; a regression over hundreds of features sees too few unsubscribes to learn
+    that, and once daily sends have pushed the pooled rate up it predicts that rate whatever
+    the load. Here every (channel, load) cell keeps its own count of sends and unsubscribes,
+    so the risk after a quiet week stays visible and cheap to learn. The prior of cell ``k``
+    is ``prior * (1 + slope * k)`` with the weight of ``strength`` sends; the estimate is
+    made non-decreasing in the load (more messages never lower the risk).
+
+    >>> h = FatigueHazard(prior=0.002, strength=100, slope=0.3)
+    >>> for _ in range(2000):
+    ...     h.learn(0, 0, False)
+    ...     h.learn(0, 6, False)
+    >>> for _ in range(40):
+    ...     h.learn(0, 6, True)
+    >>> bool(h.rates()[0, 0] < 0.002 < h.rates()[0, 6])
+    True
+    """
+
+    loads = 8  # 0..6 sends in the last 7 days, and 7 or more
+
+    def __init__(self, *, prior: float, strength: float, slope: float) -> None:
+        k = np.arange(self.loads)
+        self.prior = np.tile(prior * (1 + slope * k), (N_CHANNELS, 1))
+        self.strength = strength
+        self.sends = np.zeros((N_CHANNELS, self.loads))
+        self.unsubscribes = np.zeros((N_CHANNELS, self.loads))
+        self._rates: np.ndarray | None = None
+
+    def bucket(self, load: int) -> int:
+        """The cell of a load."""
+        return min(max(load, 0), self.loads - 1)
+
+    def learn(self, channel: int, load: int, unsubscribed: bool) -> None:
+        """Count one labelled send (``unsubscribed`` or not) on ``channel`` at ``load``."""
+        k = self.bucket(load)
+        self.sends[channel, k] += 1
+        if unsubscribed:
+            self.unsubscribes[channel, k] += 1
+        self._rates = None
+
+    def rates(self) -> np.ndarray:
+        """Posterior mean risk per (channel, load cell), non-decreasing in load."""
+        if self._rates is None:
+            raw = (self.unsubscribes + self.strength * self.prior) / (self.sends + self.strength)
+            self._rates = np.maximum.accumulate(raw, axis=1)
+        return self._rates
+
+
 @dataclass
 class CustomerStats:
     """What the learner remembers about one customer (from feedback joined to its decisions)."""
@@ -229,6 +288,7 @@ class Pending:
     arm: str | None
     engaged: bool = False
     unsubscribed: bool = False
+    load: int = 0  # sends in the 7 days before the decision
 
 
 class DecisionLearner:
@@ -246,6 +306,7 @@ class DecisionLearner:
         prior_var = lay.prior_variance()
         self.engagement = self._model(self.config.engagement_prior, prior_var)
         self.unsubscribe = self._model(self.config.unsubscribe_prior, prior_var * 0.5)
+        self.hazard = self._hazard()
         self.customers: dict[int, CustomerStats] = {}
         self.pending: dict[str, Pending] = {}
         self.position = 0  # the last event id reflected (set by the loop subscriber)
@@ -258,6 +319,23 @@ class DecisionLearner:
         }
         self._horizon: deque[tuple[int, str]] = deque()
         self._bank = np.random.default_rng(20260101).standard_normal((509, self.layout.size))
+
+    def _hazard(self) -> FatigueHazard:
+        cfg = self.config
+        return FatigueHazard(
+            prior=cfg.unsubscribe_prior, strength=cfg.hazard_strength, slope=cfg.hazard_load_slope
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Load a snapshot; one written before the fatigue hazard existed starts it from its prior."""
+        self.__dict__.update(state)
+        if "hazard" not in state:
+            self.hazard = self._hazard()
+
+    def recent_load(self, customer_id: int, now_ms: int) -> int:
+        """Sends to the customer in the 7 days before ``now_ms`` (as the learner has seen them)."""
+        sends = self.customer(customer_id).sends
+        return sum(1 for s in sends if now_ms - 7 * DAY_MS <= s < now_ms)
 
     def _model(self, prior: float, prior_var: np.ndarray) -> ProbitModel:
         lay = self.layout
@@ -468,20 +546,26 @@ class DecisionLearner:
                 per_group = per_group + np.where(has_arm, arm_table[:, arm_rows], 0.0)
             return np.asarray(per_group[:, group_of] + per_time[:, ti] + wp[:, 1:2] * match[ti], dtype=float)
 
-        # Means and one posterior draw per model; variances (on squared features) for the
-        # predictive probability Phi(mean / sqrt(beta^2 + variance)).
-        weights = [self.engagement.mean, self.unsubscribe.mean, self.engagement.sample(noise_e)]
-        if cfg.explore_unsubscribe:
-            weights.append(self.unsubscribe.sample(noise_u))
-        mean = linear(np.stack(weights), b, harm, rate_exp, match)
-        var = linear(
-            np.stack([self.engagement.var, self.unsubscribe.var]), b * b, harm * harm, rate_exp**2, match**2
+        # Engagement: the posterior mean and one posterior draw; the variance (on squared
+        # features) for the predictive probability Phi(mean / sqrt(beta^2 + variance)).
+        mean = linear(
+            np.stack([self.engagement.mean, self.engagement.sample(noise_e)]), b, harm, rate_exp, match
         )
+        var = linear(self.engagement.var[None, :], b * b, harm * harm, rate_exp**2, match**2)
         beta2 = cfg.beta**2
         p_eng = ndtr(mean[0] / np.sqrt(beta2 + var[0]))
-        p_uns = ndtr(mean[1] / np.sqrt(beta2 + var[1]))
-        draw_uns = ndtr(mean[3] / cfg.beta) if cfg.explore_unsubscribe else p_uns
-        score = cfg.click_value * ndtr(mean[2] / cfg.beta) - cfg.unsubscribe_cost * draw_uns
+        # Unsubscribe: the fatigue hazard of each channel at the customer's recent load.
+        cell = self.hazard.bucket(self.recent_load(profile.customer_id, now_ms))
+        ch_rates = self.hazard.rates()[ch_global, cell]
+        if cfg.explore_unsubscribe:
+            seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
+            spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
+            ch_draw = np.maximum(ch_rates + spread * noise_u[: len(groups)], 0.0)
+        else:
+            ch_draw = ch_rates
+        p_uns = ch_rates[group_of]
+        draw_uns = ch_draw[group_of]
+        score = cfg.click_value * ndtr(mean[1] / cfg.beta) - cfg.unsubscribe_cost * draw_uns
         mean_score = cfg.click_value * p_eng - cfg.unsubscribe_cost * p_uns
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
@@ -584,6 +668,7 @@ class DecisionLearner:
             channel=channel,
             campaign=campaign,
             arm=arm,
+            load=self.recent_load(customer_id, now_ms),
         )
         self._horizon.append((send_at_ms + self.config.horizon_ms, decision_id))
 
@@ -628,6 +713,15 @@ class DecisionLearner:
                 self._learn(self.unsubscribe, "unsubscribe", p, False)
 
     def _learn(self, model: ProbitModel, name: str, p: Pending, label: bool) -> None:
+        if name == "unsubscribe":
+            # Scored by the fatigue hazard; the trait regression keeps learning alongside it.
+            ci = CHANNEL_INDEX.get(p.channel, 0)
+            prob = float(self.hazard.rates()[ci, self.hazard.bucket(p.load)])
+            self.hazard.learn(ci, p.load, label)
+            self.quality["unsubscribe_auc"].update(label, prob)
+            model.learn(p.idx, p.val, label)
+            self.labels += 1
+            return
         prob = model.predict(p.idx, p.val)
         self.quality[f"{name}_auc"].update(label, prob)
         if name == "engagement":

@@ -179,3 +179,46 @@ def test_variants_keep_a_minimum_exploration_share_and_explain_the_margin() -> N
         notes.extend(d.notes)
     assert arms_chosen["a"] > arms_chosen["b"] >= 0.3 * 400 / 2 * 0.6, arms_chosen
     assert any("best variant 'a'" in n for n in notes)
+
+
+def test_unsubscribe_risk_follows_recent_load_so_a_rested_customer_is_messaged_again() -> None:
+    """Daily sends that make customers unsubscribe must not silence customers who were left alone."""
+    learner = DecisionLearner()
+    rules = ruleset(best_of("email"))
+
+    def send(customer: int, at: int, did: str) -> None:
+        learner.record_decision(
+            decision_id=did,
+            customer_id=customer,
+            traits={},
+            zone="UTC",
+            campaign="promo",
+            channel="email",
+            send_at_ms=at,
+            arm=None,
+            now_ms=at,
+        )
+        learner.observe(decision_id=did, kind=Feedback.DELIVERED, ts_ms=at)
+
+    day = 24 * HOUR_MS
+    for c in range(400):
+        for k in range(7):  # daily messages for a week: the last one, at load 6, often unsubscribes
+            send(c, NOW + k * day, f"{c}:{k}")
+        if c % 10 == 0:
+            learner.observe(decision_id=f"{c}:6", kind=Feedback.UNSUBSCRIBED, ts_ms=NOW + 6 * day + 1)
+    learner.advance(NOW + 8 * day)
+
+    def risk(customer: int) -> float:
+        d = decide(
+            ruleset=rules,
+            profile=MemoryProfile(customer_id=customer, timezone="UTC"),
+            now_ms=NOW + 6 * day + HOUR_MS,
+            history=[],
+            available_channels={"email"},
+            scorer=learner,
+            seed=customer,
+        )
+        return max(c.unsubscribe for c in d.candidates)
+
+    busy, rested = risk(3), risk(10_000)  # 6 sends in the last 7 days vs none
+    assert busy > 0.05 and rested < 0.01, (busy, rested)
