@@ -279,16 +279,16 @@ def explain_from_database(
 ) -> dict[str, Any]:
     """The explain record for a customer named by user id, anonymous id or numeric id.
 
-    Reads the profile tables (:class:`~cadence.dsl.profiles.DatabaseProfile`) and the
+    Reads the profile tables (:func:`~cadence.engine.profiles.load_profile`) and the
     customer's queued and sent messages (for caps); raises ``LookupError`` when the
     customer or the campaign is unknown.
     """
     from sqlalchemy import select
 
     from cadence.dsl.diagnostics import did_you_mean
-    from cadence.dsl.profiles import DatabaseProfile
     from cadence.engine.decision import PastSend
     from cadence.engine.identity import canonical, resolve_customer
+    from cadence.engine.profiles import load_profile
     from cadence.store.schema.core import customers
     from cadence.store.schema.sends import sends
 
@@ -301,7 +301,7 @@ def explain_from_database(
         customer_id = canonical(conn, found) if found is not None else None
     if customer_id is None:
         raise LookupError(f"no customer with the id {customer!r}")
-    profile = DatabaseProfile.load(conn, customer_id)
+    profile = load_profile(conn, customer_id, now_ms=now_ms)
     history = [
         PastSend(
             row.due_ms,

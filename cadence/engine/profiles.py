@@ -313,12 +313,20 @@ class StoredProfile:
     first_seen_ms: int | None = None
     last_seen_ms: int | None = None
 
+    def _whole_history(self, event: str, since_ms: int, until_ms: int) -> bool:
+        s = self.stats.get(event)
+        return s is not None and since_ms <= s[2] and until_ms > s[3]
+
     def count(self, event: str, since_ms: int, until_ms: int) -> int:
+        if self._whole_history(event, since_ms, until_ms):  # exact, from the running totals
+            return int(self.stats[event][0])
         buckets = self.days.get(event, {})
         lo, hi = since_ms // DAY_MS, (until_ms - 1) // DAY_MS
         return sum(c for day, (c, _s) in buckets.items() if lo <= day <= hi)
 
     def sum(self, event: str, prop: str, since_ms: int, until_ms: int) -> float:
+        if self._whole_history(event, since_ms, until_ms):
+            return float(self.stats[event][1])
         buckets = self.days.get(event, {})
         lo, hi = since_ms // DAY_MS, (until_ms - 1) // DAY_MS
         return float(sum(s for day, (_c, s) in buckets.items() if lo <= day <= hi))
@@ -338,9 +346,13 @@ class StoredProfile:
 
 
 def load_profile(
-    conn: Connection, customer_id: int, *, now_ms: int, horizon_days: int = 400
+    conn: Connection, customer_id: int, *, now_ms: int, horizon_days: int | None = None
 ) -> StoredProfile:
-    """Read one customer's profile for rules and decisions (an empty one if never seen)."""
+    """Read one customer's profile for rules and decisions (an empty one if never seen).
+
+    Every day bucket is read unless ``horizon_days`` limits them (displays that show a
+    recent period); rules may ask for any window (``within 730d``), so decisions read all.
+    """
     row = conn.execute(select(profiles).where(profiles.c.customer_id == customer_id)).first()
     stats = {
         r.event: (r.count, r.sum_value, r.first_ms, r.last_ms, r.last_value)
@@ -349,12 +361,12 @@ def load_profile(
         )
     }
     days: dict[str, dict[int, tuple[int, float]]] = {}
-    since_day = now_ms // DAY_MS - horizon_days
-    for r in conn.execute(
-        select(
-            profile_daily.c.event, profile_daily.c.day, profile_daily.c.count, profile_daily.c.sum_value
-        ).where(profile_daily.c.customer_id == customer_id, profile_daily.c.day >= since_day)
-    ):
+    query = select(
+        profile_daily.c.event, profile_daily.c.day, profile_daily.c.count, profile_daily.c.sum_value
+    ).where(profile_daily.c.customer_id == customer_id)
+    if horizon_days is not None:
+        query = query.where(profile_daily.c.day >= now_ms // DAY_MS - horizon_days)
+    for r in conn.execute(query):
         days.setdefault(r.event, {})[r.day] = (r.count, r.sum_value)
     consent = {ch: bool(v["granted"]) for ch, v in consent_of(conn, customer_id).items()}
     return StoredProfile(

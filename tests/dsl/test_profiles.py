@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, insert
 
-from cadence.dsl.profiles import DatabaseProfile, MemoryProfile, ProfileEvent
+from cadence.dsl.profiles import MemoryProfile, ProfileEvent
+from cadence.engine.profiles import load_profile
 from cadence.store.schema.core import consent, customers, profile_daily, profile_event_stats, profiles
 
 DAY = 86_400_000
@@ -58,7 +59,7 @@ def test_database_profile_reads_the_aggregate_tables(db_engine: Engine) -> None:
             )
         )
     with db_engine.connect() as conn:
-        db = DatabaseProfile.load(conn, 5)
+        db = load_profile(conn, 5, now_ms=NOW)
     memory = MemoryProfile(
         5,
         traits={"tier": "gold"},
