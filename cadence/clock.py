@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-__all__ = ["Clock", "FixedClock", "SystemClock", "ms_to_datetime", "datetime_to_ms", "now_ms"]
+__all__ = ["Clock", "FixedClock", "datetime_to_ms", "ms_to_datetime", "now_ms"]
 
 
 def now_ms() -> int:
@@ -47,9 +47,6 @@ class Clock:
     def now(self) -> datetime:
         """An aware UTC datetime."""
         return ms_to_datetime(self.now_ms())
-
-
-SystemClock = Clock
 
 
 class FixedClock(Clock):

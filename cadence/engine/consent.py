@@ -20,11 +20,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
 from cadence.engine.events import LoggedEvent
+from cadence.store.fast import dialect_insert
 from cadence.store.schema.core import consent
 
 __all__ = [
@@ -192,8 +191,7 @@ def _upsert(
     conn: Connection, cid: int, channel: str, granted: bool, source: str, ts_ms: int, eid: int
 ) -> None:
     """Write a consent row unless a later event already set this channel."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(consent).values(
+    stmt = dialect_insert(conn, consent).values(
         customer_id=cid, channel=channel, granted=granted, source=source, changed_ms=ts_ms, event_id=eid
     )
     conn.execute(

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 from sqlalchemy import Connection, func, select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.leader import Leadership
+from cadence.store.fast import dialect_insert
 from cadence.store.schema.core import checkpoints, events
 
 if TYPE_CHECKING:
@@ -288,8 +287,7 @@ def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
 
 
 def _store_positions(conn: Connection, positions: dict[str, int], now_ms: int) -> None:
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(checkpoints)
+    stmt = dialect_insert(conn, checkpoints)
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["name"],

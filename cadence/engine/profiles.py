@@ -20,9 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-from sqlalchemy import Connection, case, delete, func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, delete, select
 
 from cadence.channels import feedback_aggregate, feedback_of
 from cadence.engine.consent import consent_of
@@ -97,23 +95,11 @@ def valid_zone(name: Any) -> str | None:
     return name
 
 
-def _insert(conn: Connection) -> Any:
-    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-
-
 def _json(value: Any) -> dict[str, Any]:
     """A JSON column as fetched by the driver: text on SQLite, already decoded on PostgreSQL."""
     if value is None:
         return {}
     return value if isinstance(value, dict) else orjson.loads(value)
-
-
-def _least(a: Any, b: Any) -> Any:
-    return case((a < b, a), else_=b)
-
-
-def _greatest(a: Any, b: Any) -> Any:
-    return case((a > b, a), else_=b)
 
 
 class ProfilesSubscriber:
@@ -379,8 +365,3 @@ def load_profile(
         first_seen_ms=row.first_seen_ms if row else None,
         last_seen_ms=row.last_seen_ms if row else None,
     )
-
-
-def profile_counts(conn: Connection) -> int:
-    """How many customers have a profile."""
-    return int(conn.scalar(select(func.count()).select_from(profiles)) or 0)

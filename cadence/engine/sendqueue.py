@@ -7,10 +7,8 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from cadence.store.fast import dialect_sql
+from cadence.store.fast import dialect_insert, dialect_sql
 from cadence.store.schema.sends import sends
 
 __all__ = ["enqueue_send", "enqueue_sends", "idempotency_key"]
@@ -43,9 +41,8 @@ def enqueue_send(
     connector: str | None = None,
 ) -> bool:
     """Queue a send inside the caller's transaction; False if ``key`` was already queued."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     result = conn.execute(
-        insert(sends)
+        dialect_insert(conn, sends)
         .values(
             idempotency_key=key,
             decision_id=decision_id,

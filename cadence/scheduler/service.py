@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cadence.clock import Clock
 from cadence.engine.campaign import Campaign, CompiledRuleset, Schedule
@@ -52,6 +50,7 @@ from cadence.scheduler.occurrences import (
     trigger_for,
 )
 from cadence.scheduler.push import DueCampaign, LostRun, PushReport, push
+from cadence.store.fast import dialect_insert
 from cadence.store.schema.core import profiles
 from cadence.store.schema.scheduler import scheduled_jobs, scheduled_runs
 from cadence.store.schema.sends import sends
@@ -81,10 +80,6 @@ class SchedulerConfig:
             lease_ms=int(settings.scheduler_lease_seconds * 1000),
             chunk_size=settings.scheduler_chunk_size,
         )
-
-
-def _insert(conn: Connection) -> Any:
-    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
 def _next_run(schedule: Schedule, now_ms: int) -> int | None:
@@ -158,7 +153,7 @@ class PushScheduler:
                 row = stored.get(name)
                 if row is None:
                     conn.execute(
-                        _insert(conn)(scheduled_jobs)
+                        dialect_insert(conn, scheduled_jobs)
                         .values(
                             campaign=name,
                             schedule=schedule.text,
@@ -265,7 +260,7 @@ class PushScheduler:
                     )
                 if rows:
                     result = conn.execute(
-                        _insert(conn)(scheduled_runs)
+                        dialect_insert(conn, scheduled_runs)
                         .on_conflict_do_nothing(index_elements=["campaign", "occurrence"])
                         .returning(scheduled_runs.c.status),
                         rows,

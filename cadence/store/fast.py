@@ -12,9 +12,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-__all__ = ["dialect_sql", "dump_json", "execute_many", "fetch_in", "is_postgres", "json_param"]
+__all__ = ["dialect_insert", "dialect_sql", "dump_json", "execute_many", "fetch_in", "is_postgres"]
 
 
 def is_postgres(conn: Connection) -> bool:
@@ -41,9 +43,9 @@ def dump_json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def json_param(value: Any) -> str:
-    """Alias of :func:`dump_json`, for readability at call sites."""
-    return dump_json(value)
+def dialect_insert(conn: Connection, table: Table) -> Any:
+    """``INSERT`` for ``table`` in the connection's dialect, so ``on_conflict_do_*`` is available."""
+    return (pg_insert if is_postgres(conn) else sqlite_insert)(table)
 
 
 def execute_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
