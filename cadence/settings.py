@@ -76,6 +76,23 @@ class Settings(BaseSettings):
     scheduler_lease_seconds: float = Field(default=120.0, gt=0)
     scheduler_chunk_size: int = Field(default=2000, ge=1)
     scheduler_rules_poll_seconds: float = Field(default=5.0, gt=0)
+    # Processes that do not lead reload the latest learner snapshot this often.
+    learner_refresh_seconds: float = Field(default=30.0, gt=0)
+
+    # Compaction of derived state (leader only; `cadence db compact` runs it by hand).
+    compaction_enabled: bool = True
+    compaction_interval_seconds: float = Field(default=3600.0, gt=0)
+    # Day buckets of profile aggregates are kept at least this long (and as long as the rules read).
+    compaction_profile_days: int = Field(default=400, ge=1)
+    # Finished sends and scheduled runs are kept at least this long (and as long as caps look back).
+    compaction_sends_days: int = Field(default=90, ge=1)
+    # Unpinned learner snapshots kept per learner (pinned ones are always kept).
+    compaction_snapshots_kept: int = Field(default=5, ge=1)
+    # Open attribution journeys with no touch for this long are dropped (None: kept; Markov counts
+    # them as journeys that did not convert).
+    compaction_journey_days: int | None = Field(default=None, ge=91)
+    # Events older than this are deleted from the log once every part has applied them (None: never).
+    event_retention_days: int | None = Field(default=None, ge=1)
 
     disable_plugin_autoload: bool = False
     plugins_allow: list[str] | None = None

@@ -10,6 +10,7 @@ next :meth:`Leadership.acquire`. On SQLite one process does everything: it alway
 from __future__ import annotations
 
 import logging
+import threading
 
 from sqlalchemy import Connection, Engine, text
 
@@ -31,6 +32,9 @@ class Leadership:
         self.lock_id = lock_id
         self.role = role
         self._conn: Connection | None = None
+        # One object may be shared by the engine loop, the scheduler and the dispatcher
+        # (one leader for all background work): their threads must not share the connection at once.
+        self._mutex = threading.RLock()
 
     @property
     def held(self) -> bool:
@@ -39,9 +43,13 @@ class Leadership:
 
     def acquire(self) -> bool:
         """Take the lock if it is free; True when this process leads (now or already)."""
+        with self._mutex:
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         if self.held:
             if self._conn is not None and not self._alive():
-                return self.acquire()
+                return self._acquire()
             return True
         conn = self.engine.connect()
         try:
@@ -74,10 +82,11 @@ class Leadership:
 
     def release(self) -> None:
         """Give the lock up (no-op when not held)."""
-        if self._conn is not None:
-            try:
-                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.lock_id})
-                self._conn.commit()
-            finally:
-                self._conn.close()
-                self._conn = None
+        with self._mutex:
+            if self._conn is not None:
+                try:
+                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.lock_id})
+                    self._conn.commit()
+                finally:
+                    self._conn.close()
+                    self._conn = None

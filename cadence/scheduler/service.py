@@ -510,8 +510,9 @@ class SchedulerService:
 
     Jobs: ``campaign:<name>`` (one cron job per scheduled campaign; each fire runs
     :meth:`PushScheduler.tick`, which does whatever is owed), ``rules`` (reload the
-    rule files when they change and re-sync the jobs), ``expire-sends`` and, when the
-    learners run in this process, ``learner-snapshot``.
+    rule files when they change and re-sync the jobs), ``expire-sends``, ``compact``
+    (compaction of derived state) and, when the learners run in this process,
+    ``learner-snapshot`` (the leader) and ``follow`` (the others reload the latest snapshot).
     """
 
     def __init__(
@@ -523,15 +524,26 @@ class SchedulerService:
         rules_poll_seconds: float = 5.0,
         snapshot: Callable[[], Any] | None = None,
         snapshot_seconds: float = 3600.0,
+        follow: Callable[[], Any] | None = None,
+        follow_seconds: float = 30.0,
+        compact: Callable[[], Any] | None = None,
+        compact_seconds: float = 3600.0,
     ) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]  # no stubs
 
         self.core = core
         self.holder = holder
+        # A leadership given by the caller is shared (cadence serve: one leader for the engine
+        # loop, the scheduler and the dispatcher) and released by its owner, not on stop().
+        self._owns_leadership = leadership is None
         self.leadership = leadership or Leadership(core.engine, lock_id=SCHEDULER_LOCK_ID, role="scheduler")
         self.rules_poll_seconds = rules_poll_seconds
         self.snapshot = snapshot
         self.snapshot_seconds = snapshot_seconds
+        self.follow = follow
+        self.follow_seconds = follow_seconds
+        self.compact = compact
+        self.compact_seconds = compact_seconds
         apscheduler_log = logging.getLogger("apscheduler")
         if apscheduler_log.level == logging.NOTSET:
             # Its INFO lines ("Running job ...", every few seconds) would drown ours.
@@ -603,6 +615,20 @@ class SchedulerService:
         except Exception:
             log.exception("learner snapshot failed")
 
+    def _follow(self) -> None:
+        try:
+            if self.follow is not None and not self.leadership.acquire():
+                self.follow()
+        except Exception:
+            log.exception("refreshing from the leader's state failed")
+
+    def _compact(self) -> None:
+        try:
+            if self.compact is not None and self.leadership.acquire():
+                self.compact()
+        except Exception:
+            log.exception("compaction failed")
+
     def _watch(self) -> None:
         """Every few seconds: pick up rule changes, and (leader only) do what is owed.
 
@@ -639,13 +665,30 @@ class SchedulerService:
                 id="learner-snapshot",
                 name="learner snapshot",
             )
+        if self.follow is not None:
+            self.scheduler.add_job(
+                self._follow,
+                "interval",
+                seconds=self.follow_seconds,
+                id="follow",
+                name="reload the latest learner snapshot (processes that do not lead)",
+            )
+        if self.compact is not None:
+            self.scheduler.add_job(
+                self._compact,
+                "interval",
+                seconds=self.compact_seconds,
+                id="compact",
+                name="compact derived state",
+            )
         self.scheduler.start()
 
     def stop(self) -> None:
         """Stop the thread (a push in progress finishes its chunk first) and release leadership."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
-        self.leadership.release()
+        if self._owns_leadership:
+            self.leadership.release()
 
     def jobs(self) -> list[dict[str, Any]]:
         """The APScheduler jobs with their next run time."""

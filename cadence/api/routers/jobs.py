@@ -9,20 +9,27 @@ one holding the scheduler's advisory lock pushes.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import Counter, Gauge
+from sqlalchemy import func, select
 
 from cadence.api.security import Principal, Scope
 from cadence.dsl.explain import installed_channels
 from cadence.dsl.loader import RulesetHolder
 from cadence.engine.decision import Scorer
+from cadence.scheduler.compaction import compact_derived_state
+from cadence.scheduler.needs import needs_of_holder
 from cadence.scheduler.push import PushReport
 from cadence.scheduler.service import PushScheduler, SchedulerConfig, SchedulerService, list_jobs
+from cadence.store.schema.decisions import learner_snapshots
 
 router = APIRouter(prefix="/v1", tags=["scheduler"])
+log = logging.getLogger("cadence.scheduler")
 
 
 def _learners(app: FastAPI) -> Any:
@@ -91,6 +98,39 @@ def setup(app: FastAPI) -> None:
         with app.state.engine_loop._lock, runtime.engine.begin() as conn:
             learners.snapshot(conn, now_ms=runtime.clock.now_ms())
 
+    def follow() -> None:
+        # A process that does not lead serves decisions from the leader's latest snapshot.
+        loop = getattr(app.state, "engine_loop", None)
+        learners = _learners(app)
+        if loop is None or learners is None:
+            return
+        snaps = learner_snapshots.c
+        with runtime.engine.connect() as conn:
+            latest = conn.scalar(select(func.max(snaps.version)).where(snaps.name == learners.name))
+            pinned = conn.scalar(
+                select(snaps.version).where(snaps.name == learners.name, snaps.pinned.is_(True))
+            )
+        marker = (latest, pinned)
+        if marker != followed.get("marker"):
+            with loop._lock:
+                # Positions are reloaded with the snapshot, so taking over later replays from there.
+                loop._positions = None
+                loop.positions()
+            followed["marker"] = marker
+
+    followed: dict[str, Any] = {}
+
+    def compact() -> None:
+        report = compact_derived_state(
+            engine=runtime.engine,
+            clock=runtime.clock,
+            settings=settings,
+            needs=needs_of_holder(holder),
+        )
+        if report.total:
+            log.info("compaction: %s", report.summary())
+
+    loop = getattr(app.state, "engine_loop", None)
     core = PushScheduler(
         engine=runtime.engine,
         clock=runtime.clock,
@@ -106,6 +146,12 @@ def setup(app: FastAPI) -> None:
         holder=holder,
         rules_poll_seconds=settings.scheduler_rules_poll_seconds,
         snapshot=snapshot,
+        # One leader for everything: the engine loop's lock also gates the scheduler and dispatcher.
+        leadership=loop.leadership if loop is not None else None,
+        follow=follow,
+        follow_seconds=settings.learner_refresh_seconds,
+        compact=compact if settings.compaction_enabled else None,
+        compact_seconds=settings.compaction_interval_seconds,
     )
     app.state.scheduler = service
 
@@ -133,6 +179,7 @@ async def jobs(request: Request, _principal: Annotated[Principal, Scope("admin")
         return {
             "running": service.scheduler.running,
             "leader": service.leadership.held and service.scheduler.running,
+            "pid": os.getpid(),
             "campaigns": list_jobs(service.core.engine, holder.current, now_ms=now),
             "background": service.jobs() if service.scheduler.running else [],
         }

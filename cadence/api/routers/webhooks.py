@@ -41,6 +41,7 @@ from cadence.plugins.manager import (
     call_each,
     make_plugin_manager,
 )
+from cadence.scheduler.leading import AlwaysLeads, dispatch_while_leading
 from cadence.store.schema.core import identities, profiles
 from cadence.store.schema.sends import sends
 
@@ -340,11 +341,18 @@ def setup(app: FastAPI) -> None:
             clock=runtime.clock,
             before_round=loop.catch_up if loop is not None and app.state.settings.engine_enabled else None,
         )
-        await asyncio.to_thread(dispatcher.recover_stale, is_safe_to_retry=registry.safe_to_retry)
         stop = asyncio.Event()
         app.state.dispatcher = dispatcher
         app.state.dispatcher_stop = stop
-        app.state.dispatcher_task = asyncio.create_task(dispatcher.run(stop=stop))
+        # Only the leader (the process holding the engine loop's lock) dispatches.
+        app.state.dispatcher_task = asyncio.create_task(
+            dispatch_while_leading(
+                dispatcher,
+                leadership=loop.leadership if loop is not None else AlwaysLeads(),
+                stop=stop,
+                recover=lambda: dispatcher.recover_stale(is_safe_to_retry=registry.safe_to_retry),
+            )
+        )
 
     async def stop(app: FastAPI) -> None:
         task = getattr(app.state, "dispatcher_task", None)
