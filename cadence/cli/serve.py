@@ -1,4 +1,4 @@
-"""``cadence serve``: the API, the engine loop and the scheduler in one process."""
+"""``cadence serve``: the API, the engine loop and the scheduler; ``--workers N`` for N API processes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ def serve(
     ctx: typer.Context,
     host: str | None = typer.Option(None, help="Interface to bind (default from settings)."),
     port: int | None = typer.Option(None, help="Port to bind (default from settings)."),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        envvar="CADENCE_WORKERS",
+        help="API processes (PostgreSQL only): one leads and runs the engine loop, scheduler and "
+        "dispatcher; the others serve the API and take over if it dies.",
+    ),
 ) -> None:
     """Apply migrations, then run the API with the engine loop and the scheduler."""
     # Imported here: the web stack is heavy and other commands should start fast.
@@ -23,10 +30,12 @@ def serve(
 
     from cadence.api.app import create_app
     from cadence.api.security import KeyRing, create_key
+    from cadence.api.workers import check_workers, run_workers
     from cadence.logs import configure_logging
     from cadence.runtime import open_runtime
 
     settings = settings_from_cli(ctx, host=host, port=port)
+    check_workers(settings, workers)
     configure_logging(settings.log_level, json_logs=settings.log_json)
     runtime = open_runtime(settings, upgrade=True)
     if KeyRing(settings, runtime.engine).is_empty():
@@ -35,10 +44,15 @@ def serve(
             "[bold yellow]No API key was configured; created one with the admin scope "
             "(shown once, store it):[/]\n  " + key
         )
-    app = create_app(runtime=runtime)
     url = f"http://{settings.host}:{settings.port}"
-    console.print(f"cadence is serving on {url} - API docs at [bold]{url}/docs[/]")
     logging.getLogger("cadence").info("database %s", runtime.engine.url.render_as_string())
+    if workers > 1:
+        runtime.close()
+        console.print(f"cadence is serving on {url} with {workers} workers - API docs at [bold]{url}/docs[/]")
+        run_workers(settings, workers=workers)
+        return
+    app = create_app(runtime=runtime)
+    console.print(f"cadence is serving on {url} - API docs at [bold]{url}/docs[/]")
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
 
 

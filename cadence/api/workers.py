@@ -1,0 +1,163 @@
+"""``cadence serve --workers N``: N API processes on one socket, one of them the leader.
+
+The parent checks the port, then starts N worker processes (forked after importing the app once), each running
+the full app on its own ``SO_REUSEPORT`` socket of that port: the kernel spreads new
+connections between them.
+Every worker builds the engine loop, the scheduler and the dispatcher, but they share
+one leader lock (:class:`~cadence.engine.leader.Leadership`, a PostgreSQL advisory
+lock): exactly one worker runs them while the others serve the API, with decisions
+scored from the latest learner snapshot. When the leader dies, its database session
+ends, the lock comes free, and another worker takes over within a second or two; the
+parent starts a replacement worker. SQLite has one writer: there, one process does it all.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from cadence.errors import ConfigError
+from cadence.settings import Settings
+
+__all__ = ["check_workers", "run_workers"]
+
+log = logging.getLogger("cadence.workers")
+
+#: A worker that dies sooner than this after starting is restarted only after a pause.
+FAST_FAILURE_SECONDS = 5.0
+
+
+def check_workers(settings: Settings, workers: int) -> None:
+    """Refuse a worker count the database cannot serve (clear message naming the fix).
+
+    >>> check_workers(Settings(database_url="sqlite:///x.db"), 1)
+    >>> check_workers(Settings(database_url="sqlite:///x.db"), 2)
+    Traceback (most recent call last):
+    ...
+    cadence.errors.ConfigError: --workers 2 needs PostgreSQL: SQLite has a single writer, so one process runs the API, the engine loop and the scheduler (use --workers 1, or CADENCE_DATABASE_URL=postgresql://...)
+    """
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {workers}")
+    if workers > 1 and not settings.database_url.startswith(("postgresql", "postgres")):
+        raise ConfigError(
+            f"--workers {workers} needs PostgreSQL: SQLite has a single writer, so one process runs the API, "
+            "the engine loop and the scheduler (use --workers 1, or CADENCE_DATABASE_URL=postgresql://...)"
+        )
+
+
+def _bind(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A socket on ``host:port`` with ``SO_REUSEPORT``: each worker listens on its own, and the
+    kernel spreads new connections over them (one shared socket would wake the same worker)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(2048)
+    return sock
+
+
+def _worker(settings: Settings, index: int) -> None:
+    """One worker process: open the database, build the app, serve on its own socket of the port."""
+    import uvicorn
+
+    from cadence.api.app import create_app
+    from cadence.logs import configure_logging
+    from cadence.runtime import open_runtime
+
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+    runtime = open_runtime(settings)
+    try:
+        app = create_app(runtime=runtime)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None)
+        sock = _bind(settings.host, settings.port)
+        logging.getLogger("cadence.workers").info("worker %d serving", index)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        runtime.close()
+
+
+def _preload() -> None:
+    """Import what every worker needs, once, in the parent."""
+    import importlib
+
+    from cadence.api.app import ROUTERS
+    from cadence.engine.loop import SUBSCRIBER_FACTORIES
+
+    for name in (*ROUTERS, *(spec.partition(":")[0] for spec in SUBSCRIBER_FACTORIES)):
+        importlib.import_module(name)
+
+
+def run_workers(
+    settings: Settings,
+    *,
+    workers: int,
+    on_ready: Callable[[list[int]], None] | None = None,
+    target: Callable[..., Any] = _worker,
+) -> None:
+    """Serve with ``workers`` processes until SIGINT or SIGTERM; restart a worker that dies.
+
+    The database must already be migrated. ``on_ready`` receives the worker pids once started.
+    """
+    check_workers(settings, workers)
+    # Bound but not listening: holds the port (a clear error now if it is taken) and gets no connections.
+    sock = _bind(settings.host, settings.port, listen=False)
+    _preload()
+    # fork: workers start from the parent's imports (the web stack and the learners take
+    # seconds of CPU to import); the parent holds no thread and no database connection.
+    ctx = multiprocessing.get_context("fork")
+    stopping = False
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    procs: list[Any] = []
+    started: list[float] = []
+
+    def spawn(index: int) -> Any:
+        proc = ctx.Process(target=target, args=(settings, index), name=f"cadence-worker-{index}")
+        proc.start()
+        return proc
+
+    try:
+        for index in range(workers):
+            procs.append(spawn(index))
+            started.append(time.monotonic())
+        log.info("started %d workers: %s", workers, [p.pid for p in procs])
+        if on_ready is not None:
+            on_ready([p.pid for p in procs])
+        while not stopping:
+            for index, proc in enumerate(procs):
+                if proc.is_alive() or stopping:
+                    continue
+                lived = time.monotonic() - started[index]
+                log.warning(
+                    "worker %d (pid %s) exited with %s; starting another", index, proc.pid, proc.exitcode
+                )
+                if lived < FAST_FAILURE_SECONDS:
+                    time.sleep(FAST_FAILURE_SECONDS - lived)  # do not spin on a worker that cannot start
+                procs[index] = spawn(index)
+                started[index] = time.monotonic()
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: uvicorn finishes requests, the app releases the lock
+        deadline = time.monotonic() + 30
+        for proc in procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
