@@ -3,8 +3,10 @@
 :func:`push` walks the customers with a profile in id order, ``chunk_size`` at a time.
 For each chunk it reads, in a handful of range queries, only what the rules need: the
 profile rows (restricted in SQL to the time zones that are due, for customer-zone
-schedules), the per-event stats and day buckets of the events the ruleset reads
-(``CompiledRuleset.aggregates``, plus bounces), consent, and recent sends (for caps).
+schedules, and to the customers who meet the prefilter derived from the due
+campaigns' audiences and channels, :mod:`cadence.scheduler.prefilter`), the per-event
+stats and day buckets of the events the ruleset reads (``CompiledRuleset.aggregates``,
+plus bounces), consent, and recent sends (for caps).
 Every customer then goes through the same :func:`~cadence.engine.decide.decide` as an
 API decision, restricted to the campaigns due for them in this tick, so caps, quiet
 hours, holdouts and priority between campaigns firing together all apply; the winner
@@ -44,6 +46,7 @@ from cadence.engine.decision import PastSend, Scorer
 from cadence.engine.profiles import StoredProfile
 from cadence.engine.sendqueue import enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
+from cadence.scheduler.prefilter import SqlCondition, push_prefilter
 from cadence.store.fast import dialect_sql, dump_json, execute_many, fetch_in
 
 __all__ = ["DueCampaign", "LostRun", "PushProfile", "PushReport", "load_profiles", "push"]
@@ -123,12 +126,14 @@ def load_profiles(
     events: Collection[str] | None,
     zones: Collection[str] | None = None,
     include_unzoned: bool = True,
+    prefilter: SqlCondition | None = None,
 ) -> list[StoredProfile]:
     """The next ``limit`` profiles after customer id ``after``, with their aggregates and consent.
 
     :param events: only these events' stats and day buckets are read (None: all).
     :param zones: only customers whose stored zone is one of these (None: everyone);
         ``include_unzoned`` adds those with no zone (they fall back to the default zone).
+    :param prefilter: only customers meeting this condition (:mod:`cadence.scheduler.prefilter`).
     """
     where = "customer_id > ?"
     params: list[Any] = [after]
@@ -140,6 +145,9 @@ def load_profiles(
             parts.append("timezone IS NULL")
         where += " AND (" + (" OR ".join(parts) or "1 = 0") + ")"
         params.extend(zone_list)
+    if prefilter is not None:
+        where += f" AND {prefilter.sql}"
+        params.extend(prefilter.params)
     rows = conn.exec_driver_sql(
         dialect_sql(
             conn,
@@ -315,12 +323,15 @@ def push(
     scorer: Scorer | None = None,
     chunk_size: int = 2000,
     on_chunk: Callable[[PushReport], None] | None = None,
+    use_prefilter: bool = True,
 ) -> PushReport:
     """Push the campaigns in ``due`` (one tick, runs already claimed by ``owner``) to their audience.
 
     Returns when every customer is done (the runs are then ``done``); raises
     :class:`LostRun` when another process took a run over. ``on_chunk`` is called after
     each committed chunk (progress logs and metrics; tests use it to crash mid-push).
+    ``use_prefilter`` narrows the customers read with :func:`~cadence.scheduler.prefilter.push_prefilter`
+    (customers it leaves out could not have been sent anything; they are not counted as evaluated).
     """
     started = time.perf_counter()
     report = PushReport()
@@ -353,6 +364,9 @@ def push(
                     events=events,
                     zones=zones,
                     include_unzoned=include_unzoned,
+                    prefilter=push_prefilter([d.campaign for d in due], now_ms=now, dialect=conn.dialect.name)
+                    if use_prefilter
+                    else None,
                 )
                 if not profiles:
                     conn.exec_driver_sql(
