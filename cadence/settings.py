@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     scheduler_misfire_grace_seconds: float = Field(default=3600.0, ge=0)
     scheduler_lease_seconds: float = Field(default=120.0, gt=0)
     scheduler_chunk_size: int = Field(default=2000, ge=1)
+    # Narrow a push in SQL to the customers its campaigns' audiences and channels could accept.
+    scheduler_prefilter: bool = True
     scheduler_rules_poll_seconds: float = Field(default=5.0, gt=0)
     # Processes that do not lead reload the latest learner snapshot this often.
     learner_refresh_seconds: float = Field(default=30.0, gt=0)

@@ -70,6 +70,7 @@ class SchedulerConfig:
     grace_ms: int = 3_600_000
     lease_ms: int = 120_000
     chunk_size: int = 2000
+    prefilter: bool = True
 
     @classmethod
     def from_settings(cls, settings: Any) -> SchedulerConfig:
@@ -79,6 +80,7 @@ class SchedulerConfig:
             grace_ms=int(settings.scheduler_misfire_grace_seconds * 1000),
             lease_ms=int(settings.scheduler_lease_seconds * 1000),
             chunk_size=settings.scheduler_chunk_size,
+            prefilter=settings.scheduler_prefilter,
         )
 
 
@@ -367,6 +369,7 @@ class PushScheduler:
                     scorer=self.scorer() if self.scorer is not None else None,
                     chunk_size=self.config.chunk_size,
                     on_chunk=self.on_chunk,
+                    use_prefilter=self.config.prefilter,
                 )
             except LostRun as exc:
                 log.warning("push %s at %s taken over by another process: %s", names, iso(fire_ms), exc)
