@@ -113,7 +113,7 @@ def _walk(node: Any, needs: RuleNeeds) -> None:
         _walk(node.newer, needs)
         return
     if kind == "Call" and node.name in WINDOWED_CALLS:
-        arg = node.args[0] if node.args else None
+        arg: Any = node.args[0] if node.args else None
         inner = type(arg).__name__
         if not (inner == "Between" or (inner == "Binary" and arg.op == "within")):
             needs._read(_event_of(arg), None)  # all of history
