@@ -72,6 +72,9 @@ def _worker(settings: Settings, index: int) -> None:
     from cadence.logs import configure_logging
     from cadence.runtime import open_runtime
 
+    # Forked with the parent's handlers: until uvicorn installs its own, SIGTERM/SIGINT must stop us.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     configure_logging(settings.log_level, json_logs=settings.log_json)
     runtime = open_runtime(settings)
     try:
