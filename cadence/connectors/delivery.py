@@ -42,6 +42,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, and_, bindparam, case, or_, select, update
 
+from cadence.channels import CHANNELS
 from cadence.clock import Clock
 from cadence.connectors.base import Connector, OutgoingMessage, SendResult
 from cadence.engine.consent import consent_allows
@@ -437,6 +438,8 @@ class Dispatcher:
         default_rounds = 2 if engine.dialect.name == "postgresql" else 1
         self.parallel_rounds = max(1, parallel_rounds or default_rounds)
         self._row_attempts: dict[int, int] = {}
+        self._channels: set[str] = set(CHANNELS)
+        self._claim_lock = asyncio.Lock()
 
     def deliverer_for(self, connector: Connector) -> Deliverer:
         """The (cached) deliverer of ``connector``, its breaker persisted to ``connector_state``."""
@@ -484,45 +487,10 @@ class Dispatcher:
         now = self.clock.now_ms()
         report = DispatchReport()
         with self.engine.begin() as conn:
-            # The customer's traits, ids and whether any consent row exists come along in
-            # the same query: one round trip per claim, whatever the batch size.
-            # The first identity, user ids first, as "kind:value". Filtering on kind in SQL
-            # would let PostgreSQL (without statistics, e.g. right after a large push) AND in
-            # the whole primary-key range of that kind for every row.
-            first_identity = (
-                select(identities.c.kind + ":" + identities.c.value)
-                .where(identities.c.customer_id == sends.c.customer_id)
-                .order_by(
-                    case((identities.c.kind == "user", 0), else_=1),
-                    identities.c.first_seen_ms,
-                    identities.c.value,
-                )
-                .limit(1)
-                .scalar_subquery()
+            postgres = conn.dialect.name == "postgresql"
+            rows = (
+                self._claim_rows_postgres(conn, now, limit) if postgres else self._due_rows(conn, now, limit)
             )
-
-            has_consent = (
-                select(consent.c.customer_id).where(consent.c.customer_id == sends.c.customer_id).exists()
-            )
-            due = (
-                select(
-                    sends,
-                    profiles.c.traits.label("_traits"),
-                    first_identity.label("_identity"),
-                    has_consent.label("_has_consent"),
-                )
-                .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
-                .where(
-                    sends.c.status == "queued",
-                    sends.c.due_ms <= now,
-                    or_(sends.c.next_attempt_ms.is_(None), sends.c.next_attempt_ms <= now),
-                )
-                .order_by(sends.c.due_ms, sends.c.id)
-                .limit(limit)
-            )
-            if conn.dialect.name == "postgresql":
-                due = due.with_for_update(skip_locked=True, of=sends)
-            rows = conn.execute(due).mappings().all()
             if not rows:
                 return [], report
             report.claimed = len(rows)
@@ -544,7 +512,9 @@ class Dispatcher:
                     consents.setdefault(cid, {})[channel] = bool(granted)
             claimed: list[tuple[Connector, OutgoingMessage]] = []
             finals: list[dict[str, Any]] = []
+            rerouted: list[tuple[int, str]] = []  # claimed rows whose connector column is not yet right
             for row in rows:
+                self._channels.add(row["channel"])
                 connector = self.route(row["channel"], row["connector"])
                 if connector is None:
                     finals.append(
@@ -575,6 +545,8 @@ class Dispatcher:
                     )
                     report.failed += 1
                     continue
+                if row["connector"] != connector.name:
+                    rerouted.append((row["id"], connector.name))
                 self._row_attempts[row["id"]] = row["attempts"] + 1
                 claimed.append(
                     (
@@ -594,6 +566,28 @@ class Dispatcher:
                         ),
                     )
                 )
+            if postgres:
+                # The claim already marked every row ``sending``: settle the ones not sent after
+                # all (their attempt is given back), and name the connector where the claim could not.
+                if finals:
+                    conn.exec_driver_sql(
+                        "UPDATE sends SET status = v.st, last_error = v.err, attempts = sends.attempts - 1, "
+                        "updated_ms = %s FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS v(id, st, err) "
+                        "WHERE sends.id = v.id",
+                        (
+                            now,
+                            [f["sid"] for f in finals],
+                            [f["st"] for f in finals],
+                            [f["err"] for f in finals],
+                        ),
+                    )
+                if rerouted:
+                    conn.exec_driver_sql(
+                        "UPDATE sends SET connector = v.conn FROM unnest(%s::bigint[], %s::text[]) AS v(id, conn) "
+                        "WHERE sends.id = v.id",
+                        ([i for i, _ in rerouted], [c for _, c in rerouted]),
+                    )
+                return claimed, report
             if finals:
                 conn.execute(
                     update(sends)
@@ -601,21 +595,93 @@ class Dispatcher:
                     .values(status=bindparam("st"), last_error=bindparam("err"), updated_ms=now),
                     finals,
                 )
-            if claimed and conn.dialect.name == "postgresql":
-                # One statement for the whole claim: arrays unnested server-side.
-                conn.exec_driver_sql(
-                    "UPDATE sends SET status = 'sending', attempts = sends.attempts + 1, connector = v.conn, "
-                    "updated_ms = %s FROM unnest(%s::bigint[], %s::text[]) AS v(id, conn) "
-                    "WHERE sends.id = v.id",
-                    (now, [m.send_id for _, m in claimed], [c.name for c, _ in claimed]),
-                )
-            elif claimed:
+            if claimed:
                 conn.exec_driver_sql(
                     "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = ?, "
                     "updated_ms = ? WHERE id = ?",
                     [(c.name, now, m.send_id) for c, m in claimed],
                 )
         return claimed, report
+
+    def _routes(self) -> str:
+        """``{channel: connector}`` for rows that name no connector, as JSON (for the claim statement)."""
+        routes = {}
+        for channel in sorted(self._channels):
+            connector = self.route(channel, None)
+            if connector is not None:
+                routes[channel] = connector.name
+        return orjson.dumps(routes).decode()
+
+    def _claim_rows_postgres(self, conn: Connection, now: int, limit: int) -> list[dict[str, Any]]:
+        """Take due rows and mark them ``sending`` in one statement, with what the messages need.
+
+        ``FOR UPDATE SKIP LOCKED`` picks rows no other dispatcher holds; the ``UPDATE``
+        marks them ``sending`` (with the connector their channel routes to) and returns
+        them, joined to the customer's traits, first identity and whether any consent
+        row exists. One round trip per claim, whatever the batch size.
+        """
+        result = conn.exec_driver_sql(
+            "WITH picked AS ("
+            " SELECT id FROM sends WHERE status = 'queued' AND due_ms <= %(now)s"
+            " AND (next_attempt_ms IS NULL OR next_attempt_ms <= %(now)s)"
+            " ORDER BY due_ms, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+            "), claimed AS ("
+            " UPDATE sends SET status = 'sending', attempts = sends.attempts + 1, updated_ms = %(now)s,"
+            " connector = COALESCE(sends.connector, CAST(%(routes)s AS jsonb) ->> sends.channel)"
+            " FROM picked WHERE sends.id = picked.id"
+            " RETURNING sends.id, sends.idempotency_key, sends.decision_id, sends.campaign, sends.customer_id,"
+            " sends.channel, sends.connector, sends.template, sends.variables, sends.due_ms, sends.attempts - 1"
+            ") SELECT c.*, p.traits,"
+            " (SELECT i.kind || ':' || i.value FROM identities i WHERE i.customer_id = c.customer_id"
+            "  ORDER BY CASE WHEN i.kind = 'user' THEN 0 ELSE 1 END, i.first_seen_ms, i.value LIMIT 1),"
+            " EXISTS (SELECT 1 FROM consent k WHERE k.customer_id = c.customer_id)"
+            " FROM claimed c LEFT JOIN profiles p ON p.customer_id = c.customer_id",
+            {"now": now, "limit": limit, "routes": self._routes()},
+        )
+        names = (
+            "id", "idempotency_key", "decision_id", "campaign", "customer_id", "channel", "connector",
+            "template", "variables", "due_ms", "attempts", "_traits", "_identity", "_has_consent",
+        )  # fmt: skip
+        rows = [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+        rows.sort(key=lambda r: (r["due_ms"], r["id"]))
+        return rows
+
+    def _due_rows(self, conn: Connection, now: int, limit: int) -> list[Any]:
+        """Due ``queued`` rows with the customer's traits, first identity and consent flag (SQLite)."""
+        # The first identity, user ids first, as "kind:value". Filtering on kind in SQL
+        # would let PostgreSQL (without statistics, e.g. right after a large push) AND in
+        # the whole primary-key range of that kind for every row.
+        first_identity = (
+            select(identities.c.kind + ":" + identities.c.value)
+            .where(identities.c.customer_id == sends.c.customer_id)
+            .order_by(
+                case((identities.c.kind == "user", 0), else_=1),
+                identities.c.first_seen_ms,
+                identities.c.value,
+            )
+            .limit(1)
+            .scalar_subquery()
+        )
+        has_consent = (
+            select(consent.c.customer_id).where(consent.c.customer_id == sends.c.customer_id).exists()
+        )
+        due = (
+            select(
+                sends,
+                profiles.c.traits.label("_traits"),
+                first_identity.label("_identity"),
+                has_consent.label("_has_consent"),
+            )
+            .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
+            .where(
+                sends.c.status == "queued",
+                sends.c.due_ms <= now,
+                or_(sends.c.next_attempt_ms.is_(None), sends.c.next_attempt_ms <= now),
+            )
+            .order_by(sends.c.due_ms, sends.c.id)
+            .limit(limit)
+        )
+        return list(conn.execute(due).mappings().all())
 
     # -- recording ------------------------------------------------------------------
 
@@ -637,20 +703,14 @@ class Dispatcher:
             # Driver-level executemany: building thousands of parameter sets through the
             # SQL compiler costs more than the database work.
             if conn.dialect.name == "postgresql":
+                # The outcomes as one JSON document: cheaper to build than typed arrays.
                 conn.exec_driver_sql(
                     "UPDATE sends SET status = v.st, provider_message_id = v.pmid, last_error = v.err, "
                     "next_attempt_ms = v.nxt, attempts = sends.attempts - v.refund, updated_ms = %s "
-                    "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[]) "
-                    "AS v(id, st, pmid, err, nxt, refund) WHERE sends.id = v.id AND sends.status = 'sending'",
-                    (
-                        now,
-                        [p["sid"] for p in params],
-                        [p["st"] for p in params],
-                        [p["pmid"] for p in params],
-                        [p["err"] for p in params],
-                        [p["nxt"] for p in params],
-                        [p["refund"] for p in params],
-                    ),
+                    "FROM jsonb_to_recordset(%s::jsonb) "
+                    "AS v(sid bigint, st text, pmid text, err text, nxt bigint, refund int) "
+                    "WHERE sends.id = v.sid AND sends.status = 'sending'",
+                    (now, orjson.dumps(params).decode()),
                 )
             else:
                 conn.exec_driver_sql(
@@ -670,7 +730,15 @@ class Dispatcher:
 
     async def dispatch_once(self, *, limit: int | None = None) -> DispatchReport:
         """Claim up to ``limit`` due rows, deliver them, record every outcome."""
-        claimed, report = await asyncio.to_thread(self._claim, limit or self.batch_limit)
+        return await self._round(limit=limit, catch_up=False)
+
+    async def _round(self, *, limit: int | None, catch_up: bool) -> DispatchReport:
+        # One claim at a time: concurrent rounds then fall out of step, so one claims
+        # while another waits on the provider and a third records.
+        async with self._claim_lock:
+            if catch_up and self.before_round is not None:
+                await asyncio.to_thread(self.before_round)
+            claimed, report = await asyncio.to_thread(self._claim, limit or self.batch_limit)
         if not claimed:
             return report
         # One provider call carries one template: group by connector and template.
@@ -779,42 +847,62 @@ class Dispatcher:
 
     # -- loops and recovery ---------------------------------------------------------
 
-    async def _rounds(self) -> DispatchReport:
-        """``parallel_rounds`` rounds at once: one claims while another waits on the provider."""
-        if self.parallel_rounds == 1:
-            return await self.dispatch_once()
-        total = DispatchReport()
-        for report in await asyncio.gather(*(self.dispatch_once() for _ in range(self.parallel_rounds))):
-            total.add(report)
-        return total
-
     async def drain(self, *, max_rounds: int = 1_000_000) -> DispatchReport:
-        """Dispatch rounds until nothing due is left (deferred rows wait for their time)."""
+        """Dispatch rounds until nothing due is left (deferred rows wait for their time).
+
+        ``parallel_rounds`` rounds are in flight at once; each worker stops when its
+        claim finds nothing due.
+        """
         total = DispatchReport()
-        for _ in range(max_rounds):
-            report = await self._rounds()
-            total.add(report)
-            if report.claimed == 0:
-                break
+        budget = [max_rounds]
+
+        async def worker() -> None:
+            while budget[0] > 0:
+                budget[0] -= 1
+                report = await self._round(limit=None, catch_up=False)
+                total.add(report)
+                if report.claimed == 0:
+                    return
+
+        await asyncio.gather(*(worker() for _ in range(self.parallel_rounds)))
         return total
 
     async def run(self, *, stop: asyncio.Event, poll_seconds: float = 0.5) -> DispatchReport:
-        """Dispatch until ``stop`` is set. A round in flight when cancelled is finished first."""
+        """Dispatch until ``stop`` is set. Rounds in flight when cancelled are finished first.
+
+        ``parallel_rounds`` workers loop over rounds; a worker whose claim finds nothing
+        due waits ``poll_seconds`` (or until ``stop``). ``before_round`` runs before each claim.
+        """
         total = DispatchReport()
-        while not stop.is_set():
-            if self.before_round is not None:
-                await asyncio.to_thread(self.before_round)
-            task = asyncio.ensure_future(self._rounds())
-            try:
-                report = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # Let the provider calls already made be recorded, then stop.
-                await asyncio.wait({task})
-                raise
-            total.add(report)
-            if report.claimed == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll_seconds)
+        halt = asyncio.Event()
+        idle: set[asyncio.Task[Any]] = set()
+
+        async def worker() -> None:
+            me = asyncio.current_task()
+            assert me is not None
+            while not stop.is_set() and not halt.is_set():
+                report = await self._round(limit=None, catch_up=True)
+                total.add(report)
+                if report.claimed == 0:
+                    idle.add(me)
+                    try:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), poll_seconds)
+                    finally:
+                        idle.discard(me)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(self.parallel_rounds)]
+        try:
+            for outcome in await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True)):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        except asyncio.CancelledError:
+            # Let the provider calls already made be recorded, then stop; idle workers go at once.
+            halt.set()
+            for task in list(idle):
+                task.cancel()
+            await asyncio.wait(tasks)
+            raise
         return total
 
     def recover_stale(self, *, is_safe_to_retry: Callable[[str | None], bool]) -> tuple[int, int]:
