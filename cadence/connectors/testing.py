@@ -44,6 +44,7 @@ __all__ = [
     "SigningKey",
     "build_connector",
     "connector_config",
+    "google_oauth_config",
     "meta_request",
     "sendgrid_request",
     "twilio_request",
@@ -55,6 +56,9 @@ TWILIO_TOKEN = "twilio-auth-token"
 META_TOKEN = "meta-token"
 GOOGLE_TOKEN = "ya29.test"
 GOOGLE_DEV = "dev-token"
+GOOGLE_CLIENT_ID = "1234-test.apps.googleusercontent.com"
+GOOGLE_CLIENT_SECRET = "GOCSPX-test-secret"
+GOOGLE_REFRESH_TOKEN = "1//test-refresh-token"
 
 
 @dataclass
@@ -94,6 +98,14 @@ class FakeProviders:
         self.sendgrid_remaining = 600
         self.twilio_opted_out: set[str] = set()
         self.latency = 0.0
+        # Google OAuth: access tokens issued from the refresh token, with their expiry (epoch s).
+        self.google_tokens: dict[str, float] = {}
+        self.google_token_lifetime = 3599
+        self.google_refresh_revoked = False
+
+    def expire_google_tokens(self) -> None:
+        """Make every access token issued so far invalid now (as if its hour ran out early)."""
+        self.google_tokens = {token: 0.0 for token in self.google_tokens}
 
     def fail_next(
         self, provider: str, status: int, body: Any = None, headers: dict[str, str] | None = None
@@ -141,6 +153,8 @@ class FakeProviders:
         return response
 
     def _route(self, method: str, path: str) -> tuple[str, Any]:
+        if path == "/token":
+            return "google_oauth", self.google_oauth
         if path.endswith("/mail/send"):
             return "sendgrid", self.sendgrid
         if "/Accounts/" in path and path.endswith("/Messages.json"):
@@ -260,16 +274,49 @@ class FakeProviders:
 
     # -- Google Ads REST ---------------------------------------------------------------
 
+    def google_oauth(self, request: Request, path: str, headers: dict[str, str], body: Any) -> Response:
+        """Google's OAuth 2 token endpoint, refresh-token grant only (form-encoded in, JSON out)."""
+        form = body if isinstance(body, dict) else {}
+        if not headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            return JSONResponse({"error": "invalid_request", "error_description": "form body required"}, 400)
+        if form.get("grant_type") != "refresh_token":
+            return JSONResponse(
+                {"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}, 400
+            )
+        if form.get("client_id") != GOOGLE_CLIENT_ID or form.get("client_secret") != GOOGLE_CLIENT_SECRET:
+            return JSONResponse({"error": "invalid_client", "error_description": "Unauthorized"}, 401)
+        if form.get("refresh_token") != GOOGLE_REFRESH_TOKEN or self.google_refresh_revoked:
+            return JSONResponse(
+                {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}, 400
+            )
+        token = f"ya29.fake-{len(self.google_tokens) + 1}"
+        self.google_tokens[token] = time.time() + self.google_token_lifetime
+        return JSONResponse(
+            {
+                "access_token": token,
+                "expires_in": self.google_token_lifetime,
+                "scope": "https://www.googleapis.com/auth/adwords",
+                "token_type": "Bearer",
+            }
+        )
+
+    def _google_token_ok(self, authorization: str | None) -> bool:
+        token = (authorization or "").removeprefix("Bearer ")
+        if token == GOOGLE_TOKEN:  # the static token of the plain configuration
+            return True
+        return self.google_tokens.get(token, 0.0) > time.time()
+
     def google_ads(self, request: Request, path: str, headers: dict[str, str], body: Any) -> Response:
         if (
-            headers.get("authorization") != f"Bearer {GOOGLE_TOKEN}"
+            not self._google_token_ok(headers.get("authorization"))
             or headers.get("developer-token") != GOOGLE_DEV
         ):
             return JSONResponse(
                 {
                     "error": {
                         "code": 401,
-                        "message": "Request is missing required authentication",
+                        "message": "Request had invalid authentication credentials. Expected OAuth 2 access "
+                        "token, login cookie or other valid authentication credential.",
                         "status": "UNAUTHENTICATED",
                     }
                 },
@@ -478,6 +525,17 @@ def connector_config(name: str, base_url: str) -> dict[str, Any]:
             "burst": 100,
         },
     }[name]
+
+
+def google_oauth_config(base_url: str) -> dict[str, Any]:
+    """Google Ads settings that get access tokens from the fake token endpoint with a refresh token."""
+    config = {k: v for k, v in connector_config("google_ads", base_url).items() if k != "access_token"}
+    return config | {
+        "refresh_token": GOOGLE_REFRESH_TOKEN,
+        "client_id": GOOGLE_CLIENT_ID,
+        "client_secret": GOOGLE_CLIENT_SECRET,
+        "token_url": f"{base_url}/token",
+    }
 
 
 BUILTINS = ("outbox", "sendgrid", "sms", "facebook", "google_ads")
