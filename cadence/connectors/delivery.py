@@ -22,9 +22,11 @@ Idempotency: a row is claimed (``queued`` -> ``sending``) in one transaction bef
 any provider call, so two dispatchers never take the same row and a retry or restart
 never re-sends a ``sent`` row. A batch in flight when the dispatcher is cancelled is
 finished and recorded first (shielded). A row left ``sending`` by a crash is *in
-doubt*: :meth:`Dispatcher.recover_stale` re-queues it only for connectors whose provider
-drops repeated idempotency keys, and dead-letters it otherwise, so nothing is ever
-delivered twice and nothing disappears silently.
+doubt*: once its lease has run out, :meth:`Dispatcher.recover_in_doubt` asks its
+connector (:meth:`~cadence.connectors.base.Connector.check_in_doubt`) and re-queues it
+when sending again cannot deliver twice (the provider drops a repeated key, or has no
+record of it), records it as sent when the provider has it, and otherwise dead-letters
+it with ``last_error`` starting ``in_doubt:`` for an operator to check and re-queue.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, and_, bindparam, case, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, or_, select, update
 
 from cadence.channels import CHANNELS
 from cadence.clock import Clock
-from cadence.connectors.base import Connector, OutgoingMessage, SendResult
+from cadence.connectors.base import Connector, InDoubt, OutgoingMessage, SendResult
 from cadence.engine.consent import consent_allows
 from cadence.engine.events import NewEvent
 from cadence.engine.ingest import append_events
@@ -68,6 +70,9 @@ __all__ = [
     "Deliverer",
     "DispatchReport",
     "Dispatcher",
+    "IN_DOUBT_PREFIX",
+    "InDoubtReport",
+    "in_doubt_error",
     "TokenBucket",
     "backoff_delay",
 ]
@@ -891,7 +896,20 @@ class Dispatcher:
                     finally:
                         idle.discard(me)
 
+        async def recoverer() -> None:
+            # Rows a crashed dispatcher left ``sending`` are settled once their lease runs out.
+            while not stop.is_set():
+                try:
+                    await self.recover_in_doubt()
+                except Exception:  # noqa: BLE001 - recovery must not stop delivery
+                    log.exception("recovering in-doubt sends failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), max(1.0, self.lease_ms / 2000))
+
+        recovery = asyncio.ensure_future(recoverer())
+        idle.add(recovery)
         tasks = [asyncio.ensure_future(worker()) for _ in range(self.parallel_rounds)]
+        tasks.append(recovery)
         try:
             for outcome in await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True)):
                 if isinstance(outcome, BaseException):
@@ -905,40 +923,148 @@ class Dispatcher:
             raise
         return total
 
-    def recover_stale(self, *, is_safe_to_retry: Callable[[str | None], bool]) -> tuple[int, int]:
-        """Settle rows left ``sending`` by a crash; returns (re-queued, dead-lettered).
+    async def recover_in_doubt(self) -> InDoubtReport:
+        """Settle rows left ``sending`` longer than the lease (a crashed dispatcher's batch).
 
-        ``is_safe_to_retry(connector_name)`` says whether the provider drops repeated
-        idempotency keys; other in-doubt rows are dead-lettered, never re-sent.
+        Each such row is *in doubt*: the provider may or may not have it. Its connector's
+        :meth:`~cadence.connectors.base.Connector.check_in_doubt` decides: ``resend`` puts
+        it back on the queue (the provider drops a repeated key, or has no record of it),
+        ``sent`` records it as sent with the provider's id, ``unknown`` dead-letters it
+        with ``last_error`` starting ``in_doubt:`` for an operator (``cadence sends
+        in-doubt``, ``cadence sends requeue``). Rows are leased first, so two
+        dispatchers never settle the same row.
         """
+        report = InDoubtReport()
+        leased, stamp = await asyncio.to_thread(self._lease_stale)
+        if not leased:
+            return report
+        groups: dict[str | None, list[tuple[int, OutgoingMessage]]] = defaultdict(list)
+        for claimed_ms, message, connector_name in leased:
+            groups[connector_name].append((claimed_ms, message))
+        verdicts: list[tuple[int, InDoubt]] = []
+        for connector_name, items in groups.items():
+            channel = items[0][1].channel
+            connector = self.route(channel, connector_name)
+            if connector is None:
+                reason = f"connector {connector_name!r} is not installed"
+                verdicts += [(m.send_id, InDoubt("unknown", reason)) for _, m in items]
+                continue
+            claimed_ms = min(c for c, _ in items)
+            messages = [m for _, m in items]
+            try:
+                found = await connector.check_in_doubt(messages, claimed_ms=claimed_ms)
+                if len(found) != len(messages):
+                    raise ValueError(f"{len(found)} verdicts for {len(messages)} sends")
+            except Exception as exc:  # noqa: BLE001 - a failed check must leave the rows for an operator
+                log.exception("%s: checking in-doubt sends failed", connector.name)
+                found = [InDoubt("unknown", f"check failed: {exc!r}")] * len(messages)
+            verdicts += [(m.send_id, v) for m, v in zip(messages, found, strict=True)]
+        await asyncio.to_thread(self._settle_in_doubt, verdicts, stamp)
+        for _, verdict in verdicts:
+            if verdict.verdict == "resend":
+                report.requeued += 1
+            elif verdict.verdict == "sent":
+                report.confirmed_sent += 1
+            else:
+                report.dead_lettered += 1
+        if verdicts:
+            log.warning(
+                "in-doubt sends after an interrupted delivery: %d re-queued, %d confirmed sent, %d dead-lettered",
+                report.requeued,
+                report.confirmed_sent,
+                report.dead_lettered,
+            )
+        return report
+
+    def _lease_stale(self) -> tuple[list[tuple[int, OutgoingMessage, str | None]], int]:
+        """Take the rows ``sending`` for longer than the lease: stamp them so nobody else does."""
         now = self.clock.now_ms()
         cutoff = now - self.lease_ms
-        requeued = dead = 0
+        stamp = now
         with self.engine.begin() as conn:
-            stale = conn.execute(
-                select(sends.c.id, sends.c.connector).where(
-                    and_(sends.c.status == "sending", sends.c.updated_ms <= cutoff)
+            query = (
+                select(sends, profiles.c.traits.label("_traits"))
+                .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
+                .where(sends.c.status == "sending", sends.c.updated_ms <= cutoff)
+                .order_by(sends.c.id)
+                .limit(self.batch_limit)
+            )
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True, of=sends)
+            rows = conn.execute(query).mappings().all()
+            leased = []
+            for row in rows:
+                taken = conn.execute(
+                    update(sends)
+                    .where(sends.c.id == row["id"], sends.c.status == "sending", sends.c.updated_ms <= cutoff)
+                    .values(updated_ms=stamp)
+                ).rowcount
+                if not taken:
+                    continue
+                traits = dict(row["_traits"] or {})
+                message = OutgoingMessage(
+                    send_id=row["id"],
+                    idempotency_key=row["idempotency_key"],
+                    campaign=row["campaign"],
+                    channel=row["channel"],
+                    customer_id=row["customer_id"],
+                    decision_id=row["decision_id"],
+                    template=row["template"],
+                    variables=row["variables"] or {},
+                    recipient=traits,
                 )
-            ).all()
-            for send_id, connector_name in stale:
-                if is_safe_to_retry(connector_name):
-                    conn.execute(
-                        update(sends).where(sends.c.id == send_id).values(status="queued", updated_ms=now)
-                    )
-                    requeued += 1
+                leased.append((int(row["updated_ms"]), message, row["connector"]))
+        return leased, stamp
+
+    def _settle_in_doubt(self, verdicts: Sequence[tuple[int, InDoubt]], stamp: int) -> None:
+        now = self.clock.now_ms()
+        with self.engine.begin() as conn:
+            for send_id, verdict in verdicts:
+                values: dict[str, Any]
+                if verdict.verdict == "resend":
+                    values = {
+                        "status": "queued",
+                        "next_attempt_ms": None,
+                        "last_error": f"re-sent after an interrupted delivery: {verdict.reason}",
+                    }
+                elif verdict.verdict == "sent":
+                    values = {
+                        "status": "sent",
+                        "provider_message_id": verdict.provider_message_id,
+                        "last_error": None,
+                    }
                 else:
-                    conn.execute(
-                        update(sends)
-                        .where(sends.c.id == send_id)
-                        .values(
-                            status="failed",
-                            last_error="in doubt: interrupted during delivery; not re-sent to avoid a "
-                            "duplicate (re-queue by hand after checking the provider)",
-                            updated_ms=now,
-                        )
-                    )
-                    dead += 1
-        return requeued, dead
+                    values = {"status": "failed", "last_error": in_doubt_error(verdict.reason)}
+                conn.execute(
+                    update(sends)
+                    .where(sends.c.id == send_id, sends.c.status == "sending", sends.c.updated_ms == stamp)
+                    .values(updated_ms=now, **values)
+                )
+
+
+#: ``last_error`` of a send dead-lettered because it was in doubt after a crash starts with this.
+IN_DOUBT_PREFIX = "in_doubt:"
+
+
+def in_doubt_error(reason: str) -> str:
+    """The dead-letter text of an in-doubt send.
+
+    >>> in_doubt_error("sendgrid has no idempotency key and no lookup")[:60]
+    'in_doubt: interrupted during delivery and not re-sent, to av'
+    """
+    return (
+        f"{IN_DOUBT_PREFIX} interrupted during delivery and not re-sent, to avoid a duplicate ({reason}). "
+        "Check the provider's activity log, then `cadence sends requeue ID` to send it."
+    )
+
+
+@dataclass
+class InDoubtReport:
+    """What :meth:`Dispatcher.recover_in_doubt` did."""
+
+    requeued: int = 0
+    confirmed_sent: int = 0
+    dead_lettered: int = 0
 
 
 def _final(send_id: int, status: str, error: str) -> dict[str, Any]:

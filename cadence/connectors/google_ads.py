@@ -52,6 +52,9 @@ __all__ = [
     "row_errors",
 ]
 
+#: The row error Google gives a conversion it already has (same click and time): delivered before.
+ALREADY_UPLOADED = "CLICK_CONVERSION_ALREADY_EXISTS"
+
 #: Google's OAuth 2 token endpoint (``token_url`` overrides it).
 TOKEN_URL = "https://oauth2.googleapis.com/token"
 
@@ -284,6 +287,9 @@ class GoogleAds(Connector):
         return [results[m.idempotency_key] for m in batch]
 
     def _result(self, message: OutgoingMessage, errors: list[str] | None, provider_id: str) -> SendResult:
+        if errors and all(e.startswith(ALREADY_UPLOADED) for e in errors):
+            # Google already has this conversion (a resend after a crash or a lost answer): delivered.
+            return SendResult(message.idempotency_key, True, provider_message_id=provider_id)
         if errors:
             return SendResult(message.idempotency_key, False, error="; ".join(errors))
         return SendResult(message.idempotency_key, True, provider_message_id=provider_id)

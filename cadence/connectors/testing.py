@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -97,6 +98,9 @@ class FakeProviders:
         self.delivered: Counter[str] = Counter()  # provider-side delivery count per idempotency key
         self.sendgrid_remaining = 600
         self.twilio_opted_out: set[str] = set()
+        self.twilio_messages: list[dict[str, Any]] = []  # newest last
+        self.meta_seen: set[tuple[Any, Any]] = set()
+        self.google_conversions: set[tuple[Any, Any, Any]] = set()
         self.latency = 0.0
         # Google OAuth: access tokens issued from the refresh token, with their expiry (epoch s).
         self.google_tokens: dict[str, float] = {}
@@ -217,6 +221,13 @@ class FakeProviders:
         expected = "Basic " + base64.b64encode(f"{TWILIO_SID}:{TWILIO_TOKEN}".encode()).decode()
         if headers.get("authorization") != expected or f"/Accounts/{TWILIO_SID}/" not in path:
             return JSONResponse({"code": 20003, "message": "Authenticate", "status": 401}, 401)
+        if request.method == "GET":  # Read multiple Message resources: filters To, From; newest first
+            wanted = {k: request.query_params.get(k) for k in ("To", "From") if request.query_params.get(k)}
+            size = int(request.query_params.get("PageSize", "50"))
+            found = [
+                m for m in reversed(self.twilio_messages) if all(m[k.lower()] == v for k, v in wanted.items())
+            ]
+            return JSONResponse({"messages": found[:size], "page_size": size, "next_page_uri": None})
         to = body.get("To", "") if isinstance(body, dict) else ""
         if not re.fullmatch(r"\+\d{8,15}", to):
             return JSONResponse(
@@ -235,7 +246,16 @@ class FakeProviders:
         key = dict(parse_qsl((body.get("StatusCallback") or "?").split("?", 1)[1])).get("send_key", to)
         self.delivered[str(key)] += 1
         sid = f"SM{len(self.calls):032d}"
-        return JSONResponse({"sid": sid, "status": "queued", "to": to, "body": body["Body"]}, 201)
+        resource = {
+            "sid": sid,
+            "status": "queued",
+            "to": to,
+            "from": body.get("From"),
+            "body": body["Body"],
+            "date_created": formatdate(time.time(), usegmt=False).replace("-0000", "+0000"),
+        }
+        self.twilio_messages.append(resource)
+        return JSONResponse(resource, 201)
 
     # -- Meta Graph ------------------------------------------------------------------
 
@@ -269,6 +289,11 @@ class FakeProviders:
                 if key not in event:
                     return _graph_error(400, 100, f"Invalid parameter: {key} is required", "OAuthException")
         for event in data:
+            # Meta drops an event whose event_id and event_name it has already received.
+            key = (event.get("event_name"), event.get("event_id"))
+            if event.get("event_id") and key in self.meta_seen:
+                continue
+            self.meta_seen.add(key)
             self.delivered[event.get("event_id", "")] += 1
         return JSONResponse({"events_received": len(data), "messages": [], "fbtrace_id": "AbCdEf"})
 
@@ -357,6 +382,19 @@ class FakeProviders:
                         }
                     )
                     continue
+                seen = (gclid, conversion.get("conversionDateTime"), conversion.get("conversionAction"))
+                if seen in self.google_conversions:
+                    results.append({})
+                    errors.append(
+                        {
+                            "errorCode": {"conversionUploadError": "CLICK_CONVERSION_ALREADY_EXISTS"},
+                            "message": "The imported event has the same click and conversion_date_time as an "
+                            "existing conversion.",
+                            "location": {"fieldPathElements": [{"fieldName": "conversions", "index": index}]},
+                        }
+                    )
+                    continue
+                self.google_conversions.add(seen)
                 self.delivered[conversion.get("orderId", "")] += 1
                 results.append(
                     {

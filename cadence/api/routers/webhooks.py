@@ -340,7 +340,6 @@ def setup(app: FastAPI) -> None:
             clock=runtime.clock,
             before_round=loop.catch_up if loop is not None and app.state.settings.engine_enabled else None,
         )
-        await asyncio.to_thread(dispatcher.recover_stale, is_safe_to_retry=registry.safe_to_retry)
         stop = asyncio.Event()
         app.state.dispatcher = dispatcher
         app.state.dispatcher_stop = stop
