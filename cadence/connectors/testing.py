@@ -46,6 +46,7 @@ __all__ = [
     "build_connector",
     "connector_config",
     "google_oauth_config",
+    "run_dispatcher",
     "meta_request",
     "sendgrid_request",
     "twilio_request",
@@ -290,10 +291,10 @@ class FakeProviders:
                     return _graph_error(400, 100, f"Invalid parameter: {key} is required", "OAuthException")
         for event in data:
             # Meta drops an event whose event_id and event_name it has already received.
-            key = (event.get("event_name"), event.get("event_id"))
-            if event.get("event_id") and key in self.meta_seen:
+            seen = (event.get("event_name"), event.get("event_id"))
+            if event.get("event_id") and seen in self.meta_seen:
                 continue
-            self.meta_seen.add(key)
+            self.meta_seen.add(seen)
             self.delivered[event.get("event_id", "")] += 1
         return JSONResponse({"events_received": len(data), "messages": [], "fbtrace_id": "AbCdEf"})
 
@@ -574,6 +575,33 @@ def google_oauth_config(base_url: str) -> dict[str, Any]:
         "client_secret": GOOGLE_CLIENT_SECRET,
         "token_url": f"{base_url}/token",
     }
+
+
+def run_dispatcher(database_url: str, connectors_json: str) -> None:
+    """Run a dispatcher until the process is killed (crash tests start it in a subprocess).
+
+    ``connectors_json`` is ``settings.connectors`` as JSON. Prints ``ready`` once running.
+    """
+    import asyncio
+
+    from cadence.connectors.delivery import Dispatcher
+    from cadence.plugins.manager import build_connectors
+    from cadence.store.db import create_db_engine
+
+    async def main() -> None:
+        engine = create_db_engine(database_url)
+        settings = Settings(
+            disable_plugin_autoload=True, connectors=orjson.loads(connectors_json), _env_file=None
+        )  # type: ignore[call-arg]
+        async with httpx.AsyncClient(timeout=30) as client:
+            registry = build_connectors(
+                settings, pm=make_plugin_manager(settings), engine=engine, client=client
+            )
+            dispatcher = Dispatcher(engine=engine, route=registry.route, batch_limit=50)
+            print("ready", flush=True)
+            await dispatcher.run(stop=asyncio.Event(), poll_seconds=0.05)
+
+    asyncio.run(main())
 
 
 BUILTINS = ("outbox", "sendgrid", "sms", "facebook", "google_ads")
