@@ -9,6 +9,7 @@ message's status forward: a late ``sent`` after ``delivered`` is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -163,7 +164,13 @@ class TwilioSms(Connector):
         none means Twilio never accepted it, so it is safe to send again. A failed
         lookup leaves the message ``unknown``.
         """
-        return [await self._look_up(message, claimed_ms) for message in batch]
+        gate = asyncio.Semaphore(8)  # a few lookups at once: a crash may leave many messages in doubt
+
+        async def one(message: OutgoingMessage) -> InDoubt:
+            async with gate:
+                return await self._look_up(message, claimed_ms)
+
+        return list(await asyncio.gather(*(one(m) for m in batch)))
 
     async def _look_up(self, message: OutgoingMessage, claimed_ms: int) -> InDoubt:
         form = self.form_for(message)
