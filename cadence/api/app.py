@@ -35,6 +35,7 @@ ROUTERS = (
     "cadence.api.routers.attribution",
     "cadence.api.routers.decisions",
     "cadence.api.routers.jobs",
+    "cadence.api.routers.sends",
     "cadence.api.routers.ui",
 )
 

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "cadence.cli.plugins",
     "cadence.cli.attribution",
     "cadence.cli.jobs",
+    "cadence.cli.sends",
 )
 
 err_console = Console(stderr=True)

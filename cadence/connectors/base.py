@@ -40,6 +40,7 @@ from cadence.errors import (
 __all__ = [
     "Capabilities",
     "Connector",
+    "InDoubt",
     "OutgoingMessage",
     "ProviderEvent",
     "SendResult",
@@ -114,6 +115,21 @@ class SendResult:
     error: str | None = None
     retryable: bool = False
     opted_out: bool = False
+
+
+@dataclass(frozen=True)
+class InDoubt:
+    """A connector's verdict on a send interrupted mid-delivery (claimed, then the process died).
+
+    ``verdict`` is ``resend`` (sending again cannot deliver twice: the provider drops a
+    repeated key, or it has no record of the message), ``sent`` (the provider has it;
+    ``provider_message_id`` says which), or ``unknown`` (cannot tell: the send is
+    dead-lettered with reason ``in_doubt`` for an operator). ``reason`` says why.
+    """
+
+    verdict: str
+    reason: str
+    provider_message_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +226,20 @@ class Connector(ABC):
         Returns one result per message, in order. Raises a ConnectorError subclass
         when the whole request failed.
         """
+
+    async def check_in_doubt(self, batch: Sequence[OutgoingMessage], *, claimed_ms: int) -> list[InDoubt]:
+        """Decide, per message, what to do with sends a crash left in doubt (one result each, in order).
+
+        ``claimed_ms`` is when the dispatcher claimed them (the provider call came after).
+        The default: ``resend`` when ``capabilities.provider_deduplicates``, else
+        ``unknown``. A connector whose provider can be asked (a message list, a lookup by
+        our key) overrides this and answers ``sent`` or ``resend`` from the provider's records.
+        """
+        if self.capabilities.provider_deduplicates:
+            verdict = InDoubt("resend", f"{self.name} drops a repeated idempotency key")
+        else:
+            verdict = InDoubt("unknown", f"{self.name} has no idempotency key and no lookup")
+        return [verdict] * len(batch)
 
     def verify_webhook(self, request: WebhookRequest) -> None:
         """Check the request's signature on the raw body; raise :class:`WebhookRejected` if bad."""

@@ -24,6 +24,7 @@ from cadence.channels import Feedback
 from cadence.connectors.base import (
     Capabilities,
     Connector,
+    InDoubt,
     OutgoingMessage,
     ProviderEvent,
     SendResult,
@@ -45,6 +46,8 @@ from cadence.settings import Settings
 __all__ = ["Facebook", "cadence_register_connectors", "normalise_user_data"]
 
 SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
+#: Meta deduplicates events with the same event_id and event_name within this window.
+DEDUPE_WINDOW_HOURS = 48
 THROTTLE_CODES = {4, 17, 32, 613, 80004}
 AUTH_CODES = {190, 102}
 #: Our trait names -> Meta's user_data keys, for the fields Meta wants hashed.
@@ -163,6 +166,23 @@ class Facebook(Connector):
         if variables.get("event_source_url"):
             event["event_source_url"] = variables["event_source_url"]
         return event
+
+    async def check_in_doubt(self, batch: Sequence[OutgoingMessage], *, claimed_ms: int) -> list[InDoubt]:
+        """Resend within Meta's 48-hour ``event_id`` dedupe window; audience adds and removes always.
+
+        Meta drops a Conversions API event whose ``event_id`` and ``event_name`` it saw
+        in the last 48 hours; adding or removing an audience member twice changes nothing.
+        """
+        age_hours = (time.time() * 1000 - claimed_ms) / 3_600_000
+        results = []
+        for message in batch:
+            if message.variables.get("audience_id"):
+                results.append(InDoubt("resend", "custom audience add/remove is idempotent"))
+            elif age_hours < DEDUPE_WINDOW_HOURS:
+                results.append(InDoubt("resend", "meta drops a repeated event_id within 48 hours"))
+            else:
+                results.append(InDoubt("unknown", "older than meta's 48-hour event_id dedupe window"))
+        return results
 
     async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
         """Conversions API events in one request, audience changes in one request per audience."""

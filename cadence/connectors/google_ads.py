@@ -1,5 +1,14 @@
 """The ``google_ads`` connector: offline click conversions and Customer Match through the REST API.
 
+Authentication: with ``refresh_token``, ``client_id`` and ``client_secret`` set, the
+connector gets its OAuth 2 access token from Google's token endpoint
+(``grant_type=refresh_token``), caches it, refreshes it ``token_refresh_margin_seconds``
+before it expires, and once more when the API answers 401 ``UNAUTHENTICATED`` (a token
+revoked or expired early). A refresh token the endpoint refuses (``invalid_grant``:
+revoked, expired, or issued to another client) is :class:`OAuthRefreshRejected`: never
+retried, the batch is dead-lettered and the connector's circuit opens. Without a
+refresh token, a static ``access_token`` is used as it is.
+
 A send becomes a click conversion (``customers/{id}:uploadClickConversions`` with
 ``partialFailure: true``) whose ``orderId`` is derived from the send's idempotency key,
 so Google drops a repeat; row errors in ``partialFailureError`` are mapped back to the
@@ -10,8 +19,10 @@ identifiers, and run.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -28,11 +39,32 @@ from cadence.connectors.base import (
     sha256_normalised,
     transport_error,
 )
-from cadence.errors import ConnectorError, RateLimited
+from cadence.errors import AuthenticationFailure, ConnectorError, PermanentFailure, RateLimited
 from cadence.plugins.hookspecs import hookimpl
 from cadence.settings import Settings
 
-__all__ = ["GoogleAds", "cadence_register_connectors", "conversion_time", "row_errors"]
+__all__ = [
+    "GoogleAds",
+    "OAuthRefreshRejected",
+    "TOKEN_URL",
+    "cadence_register_connectors",
+    "conversion_time",
+    "row_errors",
+]
+
+#: The row error Google gives a conversion it already has (same click and time): delivered before.
+ALREADY_UPLOADED = "CLICK_CONVERSION_ALREADY_EXISTS"
+
+#: Google's OAuth 2 token endpoint (``token_url`` overrides it).
+TOKEN_URL = "https://oauth2.googleapis.com/token"
+
+
+class OAuthRefreshRejected(AuthenticationFailure, PermanentFailure):
+    """Google's token endpoint refused the refresh token or the client (``invalid_grant``, ``invalid_client``).
+
+    Permanent: the refresh token was revoked, expired, or belongs to another OAuth
+    client. Nothing is retried until an operator sets a new one.
+    """
 
 
 def conversion_time(ms: int) -> str:
@@ -94,7 +126,12 @@ class GoogleAds(Connector):
     )
     settings_help: ClassVar[dict[str, str]] = {
         "developer_token": "Google Ads API developer token (required)",
-        "access_token": "OAuth 2 access token with the adwords scope (required)",
+        "refresh_token": "OAuth 2 refresh token with the adwords scope (with client_id and client_secret)",
+        "client_id": "OAuth 2 client id the refresh token was issued to",
+        "client_secret": "OAuth 2 client secret",
+        "token_url": "OAuth 2 token endpoint (default https://oauth2.googleapis.com/token)",
+        "token_refresh_margin_seconds": "refresh the access token this long before it expires (default 300)",
+        "access_token": "static OAuth 2 access token, used only when no refresh_token is set",
         "customer_id": "account that owns the conversion actions, digits only (required)",
         "login_customer_id": "manager account id, when acting through one",
         "conversion_action": "default conversion action resource name (customers/X/conversionActions/Y)",
@@ -109,9 +146,93 @@ class GoogleAds(Connector):
         base = str(self.setting("base_url", "https://googleads.googleapis.com")).rstrip("/")
         return f"{base}/{self.setting('api_version', 'v18')}/{action}"
 
-    def _headers(self) -> dict[str, str]:
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._token: str | None = None
+        self._refresh_at = 0.0  # monotonic seconds: refresh the cached token from then on
+        self._token_lock = asyncio.Lock()
+        #: How many access tokens this connector obtained from the token endpoint.
+        self.refreshes = 0
+
+    @property
+    def uses_refresh_token(self) -> bool:
+        """True when access tokens come from a refresh token rather than a static setting."""
+        return bool(self.setting("refresh_token"))
+
+    async def access_token(self, *, rejected: str | None = None) -> str:
+        """A valid access token: the cached one, or a fresh one from the token endpoint.
+
+        ``rejected`` is a token the API just refused (401): it is replaced even if it
+        has not expired yet, unless another request already replaced it.
+        """
+        if not self.uses_refresh_token:
+            return str(self.setting("access_token", required=True))
+        async with self._token_lock:
+            fresh_enough = time.monotonic() < self._refresh_at
+            if self._token is not None and fresh_enough and self._token != rejected:
+                return self._token
+            token, lifetime = await self._refresh()
+            margin = min(float(self.setting("token_refresh_margin_seconds", 300)), lifetime / 2)
+            self._token = token
+            self._refresh_at = time.monotonic() + lifetime - margin
+            self.refreshes += 1
+            return token
+
+    async def _refresh(self) -> tuple[str, float]:
+        """POST the refresh token to the token endpoint; (access token, lifetime in seconds)."""
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": str(self.setting("refresh_token", required=True)),
+            "client_id": str(self.setting("client_id", required=True)),
+            "client_secret": str(self.setting("client_secret", required=True)),
+        }
+        url = str(self.setting("token_url", TOKEN_URL))
+        try:
+            response = await self.client.post(url, data=form)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, f"{self.name} token endpoint") from exc
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = response.text[:1000]
+        if response.status_code == 200 and isinstance(payload, dict) and payload.get("access_token"):
+            try:
+                lifetime = float(payload.get("expires_in", 3600))
+            except (TypeError, ValueError):
+                lifetime = 3600.0
+            return str(payload["access_token"]), lifetime
+        code = payload.get("error") if isinstance(payload, dict) else None
+        if response.status_code in (400, 401) and code in (
+            "invalid_grant",
+            "invalid_client",
+            "unauthorized_client",
+        ):
+            detail = payload.get("error_description", "") if isinstance(payload, dict) else ""
+            fix = "REFRESH_TOKEN" if code == "invalid_grant" else "CLIENT_ID and CLIENT_SECRET"
+            raise OAuthRefreshRejected(
+                f"google_ads: the OAuth token endpoint refused the refresh ({code}: {detail}); "
+                f"check CADENCE_CONNECTORS__GOOGLE_ADS__{fix}",
+                provider_error=payload,
+            )
+        if response.status_code == 200:
+            raise PermanentFailure(
+                "google_ads: the OAuth token endpoint answered without an access_token",
+                provider_error=payload,
+            )
+        error = classify_http_error(response, provider_error=payload)
+        if isinstance(error, (AuthenticationFailure, PermanentFailure)) and not isinstance(
+            error, RateLimited
+        ):
+            raise OAuthRefreshRejected(
+                f"google_ads: the OAuth token endpoint refused the request (HTTP {response.status_code}: "
+                f"{str(payload)[:300]})",
+                provider_error=payload,
+            )
+        raise error
+
+    def _headers(self, token: str) -> dict[str, str]:
         headers = {
-            "Authorization": f"Bearer {self.setting('access_token', required=True)}",
+            "Authorization": f"Bearer {token}",
             "developer-token": str(self.setting("developer_token", required=True)),
             "Content-Type": "application/json",
         }
@@ -166,6 +287,9 @@ class GoogleAds(Connector):
         return [results[m.idempotency_key] for m in batch]
 
     def _result(self, message: OutgoingMessage, errors: list[str] | None, provider_id: str) -> SendResult:
+        if errors and all(e.startswith(ALREADY_UPLOADED) for e in errors):
+            # Google already has this conversion (a resend after a crash or a lost answer): delivered.
+            return SendResult(message.idempotency_key, True, provider_message_id=provider_id)
         if errors:
             return SendResult(message.idempotency_key, False, error="; ".join(errors))
         return SendResult(message.idempotency_key, True, provider_message_id=provider_id)
@@ -205,12 +329,12 @@ class GoogleAds(Connector):
         return {m.idempotency_key: self._result(m, errors.get(i), resource) for i, m in enumerate(members)}
 
     async def _post(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await self.client.post(
-                self._url(action), content=orjson.dumps(body), headers=self._headers()
-            )
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.name) from exc
+        content = orjson.dumps(body)
+        token = await self.access_token()
+        response = await self._call(action, content, token)
+        if response.status_code == 401 and self.uses_refresh_token:
+            # The token expired or was revoked before we expected: refresh once and try again.
+            response = await self._call(action, content, await self.access_token(rejected=token))
         if response.status_code == 200:
             payload = response.json()
             return payload if isinstance(payload, dict) else {}
@@ -218,6 +342,12 @@ class GoogleAds(Connector):
         if isinstance(error, RateLimited) and "retry-after" not in response.headers:
             error.retry_after = _retry_delay(error.provider_error) or error.retry_after
         raise error
+
+    async def _call(self, action: str, content: bytes, token: str) -> httpx.Response:
+        try:
+            return await self.client.post(self._url(action), content=content, headers=self._headers(token))
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.name) from exc
 
 
 def _retry_delay(payload: Any) -> float | None:

@@ -92,34 +92,35 @@ class Outbox(Connector):
                 )
                 fresh = [r for r in rows if r["idempotency_key"] not in known]
             # Driver-level statements: the SQL compiler per row would cost more than the insert.
-            values = [
-                (
-                    r["idempotency_key"],
-                    r["send_id"],
-                    r["channel"],
-                    r["campaign"],
-                    r["decision_id"],
-                    r["customer_id"],
-                    orjson.dumps(r["message"]).decode(),
-                    r["created_ms"],
-                )
-                for r in fresh
-            ]
             columns = (
                 "idempotency_key, send_id, channel, campaign, decision_id, customer_id, message, created_ms"
             )
-            if values and conn.dialect.name == "postgresql":
+            if fresh and conn.dialect.name == "postgresql":
+                # The rows as one JSON document: cheaper to build than typed arrays.
                 conn.exec_driver_sql(
-                    f"INSERT INTO outbox ({columns}) SELECT k, s, ch, ca, d, cu, m::jsonb, t FROM unnest("
-                    "%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], "
-                    "%s::bigint[]) AS v(k, s, ch, ca, d, cu, m, t) ON CONFLICT (idempotency_key) DO NOTHING",
-                    tuple([list(column) for column in zip(*values, strict=True)]),
+                    f"INSERT INTO outbox ({columns}) SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS v("
+                    "idempotency_key text, send_id bigint, channel text, campaign text, decision_id text, "
+                    "customer_id bigint, message jsonb, created_ms bigint) "
+                    "ON CONFLICT (idempotency_key) DO NOTHING",
+                    (orjson.dumps(fresh).decode(),),
                 )
-            elif values:
+            elif fresh:
                 conn.exec_driver_sql(
                     f"INSERT INTO outbox ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (idempotency_key) DO NOTHING",
-                    values,
+                    [
+                        (
+                            r["idempotency_key"],
+                            r["send_id"],
+                            r["channel"],
+                            r["campaign"],
+                            r["decision_id"],
+                            r["customer_id"],
+                            orjson.dumps(r["message"]).decode(),
+                            r["created_ms"],
+                        )
+                        for r in fresh
+                    ],
                 )
         return fresh
 

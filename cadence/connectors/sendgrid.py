@@ -123,25 +123,23 @@ class SendGrid(Connector):
         template = batch[0].template
         personalizations = []
         for message in batch:
-            to: dict[str, Any] = {"email": message.recipient["email"]}
-            name = message.recipient.get("name") or " ".join(
-                str(p) for p in (message.recipient.get("first_name"), message.recipient.get("last_name")) if p
-            )
+            recipient = message.recipient
+            to: dict[str, Any] = {"email": recipient["email"]}
+            name = recipient.get("name")
+            if not name:
+                first, last = recipient.get("first_name"), recipient.get("last_name")
+                name = f"{first} {last}" if first and last else first or last
             if name:
-                to["name"] = name
+                to["name"] = str(name)
+            # Plain loop, not a comprehension over a dict: this runs for every message of a push.
+            custom_args = {"campaign": message.campaign, "send_key": message.idempotency_key}
+            if message.decision_id is not None:
+                custom_args["decision_id"] = message.decision_id
+            custom_args["customer_id"] = str(message.customer_id)
             item: dict[str, Any] = {
                 "to": [to],
                 "dynamic_template_data": dict(message.variables),
-                "custom_args": {
-                    k: str(v)
-                    for k, v in {
-                        "decision_id": message.decision_id,
-                        "campaign": message.campaign,
-                        "send_key": message.idempotency_key,
-                        "customer_id": message.customer_id,
-                    }.items()
-                    if v is not None
-                },
+                "custom_args": custom_args,
             }
             if message.send_at_ms is not None:
                 item["send_at"] = message.send_at_ms // 1000

@@ -9,11 +9,13 @@ message's status forward: a late ``sent`` after ``delivered`` is ignored.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import string
 from collections.abc import Mapping, Sequence
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,6 +28,7 @@ from cadence.clock import now_ms
 from cadence.connectors.base import (
     Capabilities,
     Connector,
+    InDoubt,
     OutgoingMessage,
     ProviderEvent,
     SendResult,
@@ -153,6 +156,55 @@ class TwilioSms(Connector):
             form["StatusCallback"] = f"{callback}{'&' if '?' in str(callback) else '?'}{query}"
         return form
 
+    async def check_in_doubt(self, batch: Sequence[OutgoingMessage], *, claimed_ms: int) -> list[InDoubt]:
+        """Ask Twilio's message list whether each interrupted message was created.
+
+        ``GET Messages.json?To=..&From=..`` (newest first): a message to the same number
+        with the same body created since the claim means it was sent (its SID is kept);
+        none means Twilio never accepted it, so it is safe to send again. A failed
+        lookup leaves the message ``unknown``.
+        """
+        gate = asyncio.Semaphore(8)  # a few lookups at once: a crash may leave many messages in doubt
+
+        async def one(message: OutgoingMessage) -> InDoubt:
+            async with gate:
+                return await self._look_up(message, claimed_ms)
+
+        return list(await asyncio.gather(*(one(m) for m in batch)))
+
+    async def _look_up(self, message: OutgoingMessage, claimed_ms: int) -> InDoubt:
+        form = self.form_for(message)
+        params = {"To": form["To"], "PageSize": "50"}
+        if "From" in form:
+            params["From"] = form["From"]
+        try:
+            response = await self.client.get(self._messages_url(), params=params, auth=self._auth())
+            payload = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as exc:
+            return InDoubt("unknown", f"twilio message lookup failed: {type(exc).__name__}: {exc}")
+        if not isinstance(payload, dict):
+            return InDoubt("unknown", f"twilio message lookup answered HTTP {response.status_code}")
+        since = claimed_ms / 1000 - 60  # clock skew between us and Twilio
+        for found in payload.get("messages") or []:
+            if not isinstance(found, dict) or found.get("body") != form["Body"]:
+                continue
+            try:
+                created = parsedate_to_datetime(str(found.get("date_created"))).timestamp()
+            except (TypeError, ValueError):
+                continue
+            if created >= since:
+                return InDoubt("sent", "twilio lists the message", provider_message_id=found.get("sid"))
+        return InDoubt("resend", "twilio lists no such message since the claim")
+
+    def _auth(self) -> tuple[str, str]:
+        user = self.setting("api_key_sid") or self.setting("account_sid", required=True)
+        secret = (
+            self.setting("api_key_secret")
+            if self.setting("api_key_sid")
+            else self.setting("auth_token", required=True)
+        )
+        return str(user), str(secret)
+
     async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
         """One request per message; 201 returns the message SID."""
         results = []
@@ -161,15 +213,9 @@ class TwilioSms(Connector):
         return results
 
     async def _send_one(self, message: OutgoingMessage) -> SendResult:
-        user = self.setting("api_key_sid") or self.setting("account_sid", required=True)
-        secret = (
-            self.setting("api_key_secret")
-            if self.setting("api_key_sid")
-            else self.setting("auth_token", required=True)
-        )
         try:
             response = await self.client.post(
-                self._messages_url(), data=self.form_for(message), auth=(str(user), str(secret))
+                self._messages_url(), data=self.form_for(message), auth=self._auth()
             )
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.name) from exc

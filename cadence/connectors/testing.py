@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -44,6 +45,8 @@ __all__ = [
     "SigningKey",
     "build_connector",
     "connector_config",
+    "google_oauth_config",
+    "run_dispatcher",
     "meta_request",
     "sendgrid_request",
     "twilio_request",
@@ -55,6 +58,9 @@ TWILIO_TOKEN = "twilio-auth-token"
 META_TOKEN = "meta-token"
 GOOGLE_TOKEN = "ya29.test"
 GOOGLE_DEV = "dev-token"
+GOOGLE_CLIENT_ID = "1234-test.apps.googleusercontent.com"
+GOOGLE_CLIENT_SECRET = "GOCSPX-test-secret"
+GOOGLE_REFRESH_TOKEN = "1//test-refresh-token"
 
 
 @dataclass
@@ -93,7 +99,18 @@ class FakeProviders:
         self.delivered: Counter[str] = Counter()  # provider-side delivery count per idempotency key
         self.sendgrid_remaining = 600
         self.twilio_opted_out: set[str] = set()
+        self.twilio_messages: list[dict[str, Any]] = []  # newest last
+        self.meta_seen: set[tuple[Any, Any]] = set()
+        self.google_conversions: set[tuple[Any, Any, Any]] = set()
         self.latency = 0.0
+        # Google OAuth: access tokens issued from the refresh token, with their expiry (epoch s).
+        self.google_tokens: dict[str, float] = {}
+        self.google_token_lifetime = 3599
+        self.google_refresh_revoked = False
+
+    def expire_google_tokens(self) -> None:
+        """Make every access token issued so far invalid now (as if its hour ran out early)."""
+        self.google_tokens = {token: 0.0 for token in self.google_tokens}
 
     def fail_next(
         self, provider: str, status: int, body: Any = None, headers: dict[str, str] | None = None
@@ -141,6 +158,8 @@ class FakeProviders:
         return response
 
     def _route(self, method: str, path: str) -> tuple[str, Any]:
+        if path == "/token":
+            return "google_oauth", self.google_oauth
         if path.endswith("/mail/send"):
             return "sendgrid", self.sendgrid
         if "/Accounts/" in path and path.endswith("/Messages.json"):
@@ -203,6 +222,13 @@ class FakeProviders:
         expected = "Basic " + base64.b64encode(f"{TWILIO_SID}:{TWILIO_TOKEN}".encode()).decode()
         if headers.get("authorization") != expected or f"/Accounts/{TWILIO_SID}/" not in path:
             return JSONResponse({"code": 20003, "message": "Authenticate", "status": 401}, 401)
+        if request.method == "GET":  # Read multiple Message resources: filters To, From; newest first
+            wanted = {k: request.query_params.get(k) for k in ("To", "From") if request.query_params.get(k)}
+            size = int(request.query_params.get("PageSize", "50"))
+            found = [
+                m for m in reversed(self.twilio_messages) if all(m[k.lower()] == v for k, v in wanted.items())
+            ]
+            return JSONResponse({"messages": found[:size], "page_size": size, "next_page_uri": None})
         to = body.get("To", "") if isinstance(body, dict) else ""
         if not re.fullmatch(r"\+\d{8,15}", to):
             return JSONResponse(
@@ -221,7 +247,16 @@ class FakeProviders:
         key = dict(parse_qsl((body.get("StatusCallback") or "?").split("?", 1)[1])).get("send_key", to)
         self.delivered[str(key)] += 1
         sid = f"SM{len(self.calls):032d}"
-        return JSONResponse({"sid": sid, "status": "queued", "to": to, "body": body["Body"]}, 201)
+        resource = {
+            "sid": sid,
+            "status": "queued",
+            "to": to,
+            "from": body.get("From"),
+            "body": body["Body"],
+            "date_created": formatdate(time.time(), usegmt=False).replace("-0000", "+0000"),
+        }
+        self.twilio_messages.append(resource)
+        return JSONResponse(resource, 201)
 
     # -- Meta Graph ------------------------------------------------------------------
 
@@ -255,21 +290,59 @@ class FakeProviders:
                 if key not in event:
                     return _graph_error(400, 100, f"Invalid parameter: {key} is required", "OAuthException")
         for event in data:
+            # Meta drops an event whose event_id and event_name it has already received.
+            seen = (event.get("event_name"), event.get("event_id"))
+            if event.get("event_id") and seen in self.meta_seen:
+                continue
+            self.meta_seen.add(seen)
             self.delivered[event.get("event_id", "")] += 1
         return JSONResponse({"events_received": len(data), "messages": [], "fbtrace_id": "AbCdEf"})
 
     # -- Google Ads REST ---------------------------------------------------------------
 
+    def google_oauth(self, request: Request, path: str, headers: dict[str, str], body: Any) -> Response:
+        """Google's OAuth 2 token endpoint, refresh-token grant only (form-encoded in, JSON out)."""
+        form = body if isinstance(body, dict) else {}
+        if not headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            return JSONResponse({"error": "invalid_request", "error_description": "form body required"}, 400)
+        if form.get("grant_type") != "refresh_token":
+            return JSONResponse(
+                {"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}, 400
+            )
+        if form.get("client_id") != GOOGLE_CLIENT_ID or form.get("client_secret") != GOOGLE_CLIENT_SECRET:
+            return JSONResponse({"error": "invalid_client", "error_description": "Unauthorized"}, 401)
+        if form.get("refresh_token") != GOOGLE_REFRESH_TOKEN or self.google_refresh_revoked:
+            return JSONResponse(
+                {"error": "invalid_grant", "error_description": "Token has been expired or revoked."}, 400
+            )
+        token = f"ya29.fake-{len(self.google_tokens) + 1}"
+        self.google_tokens[token] = time.time() + self.google_token_lifetime
+        return JSONResponse(
+            {
+                "access_token": token,
+                "expires_in": self.google_token_lifetime,
+                "scope": "https://www.googleapis.com/auth/adwords",
+                "token_type": "Bearer",
+            }
+        )
+
+    def _google_token_ok(self, authorization: str | None) -> bool:
+        token = (authorization or "").removeprefix("Bearer ")
+        if token == GOOGLE_TOKEN:  # the static token of the plain configuration
+            return True
+        return self.google_tokens.get(token, 0.0) > time.time()
+
     def google_ads(self, request: Request, path: str, headers: dict[str, str], body: Any) -> Response:
         if (
-            headers.get("authorization") != f"Bearer {GOOGLE_TOKEN}"
+            not self._google_token_ok(headers.get("authorization"))
             or headers.get("developer-token") != GOOGLE_DEV
         ):
             return JSONResponse(
                 {
                     "error": {
                         "code": 401,
-                        "message": "Request is missing required authentication",
+                        "message": "Request had invalid authentication credentials. Expected OAuth 2 access "
+                        "token, login cookie or other valid authentication credential.",
                         "status": "UNAUTHENTICATED",
                     }
                 },
@@ -310,6 +383,19 @@ class FakeProviders:
                         }
                     )
                     continue
+                seen = (gclid, conversion.get("conversionDateTime"), conversion.get("conversionAction"))
+                if seen in self.google_conversions:
+                    results.append({})
+                    errors.append(
+                        {
+                            "errorCode": {"conversionUploadError": "CLICK_CONVERSION_ALREADY_EXISTS"},
+                            "message": "The imported event has the same click and conversion_date_time as an "
+                            "existing conversion.",
+                            "location": {"fieldPathElements": [{"fieldName": "conversions", "index": index}]},
+                        }
+                    )
+                    continue
+                self.google_conversions.add(seen)
                 self.delivered[conversion.get("orderId", "")] += 1
                 results.append(
                     {
@@ -478,6 +564,44 @@ def connector_config(name: str, base_url: str) -> dict[str, Any]:
             "burst": 100,
         },
     }[name]
+
+
+def google_oauth_config(base_url: str) -> dict[str, Any]:
+    """Google Ads settings that get access tokens from the fake token endpoint with a refresh token."""
+    config = {k: v for k, v in connector_config("google_ads", base_url).items() if k != "access_token"}
+    return config | {
+        "refresh_token": GOOGLE_REFRESH_TOKEN,
+        "client_id": GOOGLE_CLIENT_ID,
+        "client_secret": GOOGLE_CLIENT_SECRET,
+        "token_url": f"{base_url}/token",
+    }
+
+
+def run_dispatcher(database_url: str, connectors_json: str) -> None:
+    """Run a dispatcher until the process is killed (crash tests start it in a subprocess).
+
+    ``connectors_json`` is ``settings.connectors`` as JSON. Prints ``ready`` once running.
+    """
+    import asyncio
+
+    from cadence.connectors.delivery import Dispatcher
+    from cadence.plugins.manager import build_connectors
+    from cadence.store.db import create_db_engine
+
+    async def main() -> None:
+        engine = create_db_engine(database_url)
+        settings = Settings(
+            disable_plugin_autoload=True, connectors=orjson.loads(connectors_json), _env_file=None
+        )  # type: ignore[call-arg]
+        async with httpx.AsyncClient(timeout=30) as client:
+            registry = build_connectors(
+                settings, pm=make_plugin_manager(settings), engine=engine, client=client
+            )
+            dispatcher = Dispatcher(engine=engine, route=registry.route, batch_limit=50)
+            print("ready", flush=True)
+            await dispatcher.run(stop=asyncio.Event(), poll_seconds=0.05)
+
+    asyncio.run(main())
 
 
 BUILTINS = ("outbox", "sendgrid", "sms", "facebook", "google_ads")

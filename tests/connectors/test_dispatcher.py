@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
-from cadence.connectors.delivery import Dispatcher
+from cadence.connectors.delivery import Dispatcher, InDoubtReport
 from cadence.connectors.testing import FakeProviders, connector_config
 from cadence.engine.sendqueue import enqueue_send
 from cadence.plugins.manager import ConnectorRegistry, build_connectors, make_plugin_manager
@@ -230,19 +230,19 @@ async def test_restart_mid_push_delivers_everything_exactly_once(
     partial = statuses(sqlite_engine)
     assert 0 < partial.get("sent", 0) < 3000 and "sending" not in partial
     second = Dispatcher(engine=sqlite_engine, route=connectors.route, batch_limit=300)
-    assert second.recover_stale(is_safe_to_retry=connectors.safe_to_retry) == (0, 0)
+    assert await second.recover_in_doubt() == InDoubtReport()
     await second.drain()
     assert statuses(sqlite_engine) == {"sent": 3000}
     assert len(fake.delivered) == 3000 and set(fake.delivered.values()) == {1}
 
 
-def test_rows_left_sending_by_a_crash_are_settled_without_duplicates(
-    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+async def test_rows_left_sending_by_a_crash_are_settled_without_duplicates(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
 ) -> None:
-    ids = seed(sqlite_engine, 4)
-    enqueue(sqlite_engine, ids[:2])
-    enqueue(sqlite_engine, ids[2:], channel="push")
-    with sqlite_engine.begin() as conn:
+    ids = seed(db_engine, 4)
+    enqueue(db_engine, ids[:2])
+    enqueue(db_engine, ids[2:], channel="push")
+    with db_engine.begin() as conn:
         conn.execute(
             update(sends)
             .where(sends.c.channel == "email")
@@ -253,14 +253,56 @@ def test_rows_left_sending_by_a_crash_are_settled_without_duplicates(
             .where(sends.c.channel == "push")
             .values(status="sending", connector="outbox", updated_ms=0)
         )
-    connectors = registry(fake, http, sqlite_engine)
-    dispatcher = Dispatcher(engine=sqlite_engine, route=connectors.route)
-    assert dispatcher.recover_stale(is_safe_to_retry=connectors.safe_to_retry) == (2, 2)
-    with sqlite_engine.connect() as conn:
+    connectors = registry(fake, http, db_engine)
+    dispatcher = Dispatcher(engine=db_engine, route=connectors.route)
+    assert await dispatcher.recover_in_doubt() == InDoubtReport(requeued=2, dead_lettered=2)
+    with db_engine.connect() as conn:
         rows = dict(conn.execute(select(sends.c.channel, sends.c.status)).all())
         errors = set(conn.scalars(select(sends.c.last_error).where(sends.c.status == "failed")))
     assert rows == {"email": "failed", "push": "queued"}
-    assert any("in doubt" in (e or "") for e in errors)
+    assert errors and all(e.startswith("in_doubt:") and "sendgrid" in e for e in errors)
+    # A second pass finds nothing: every row was settled once.
+    assert await dispatcher.recover_in_doubt() == InDoubtReport()
+
+
+async def test_rows_within_their_lease_are_left_alone(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    ids = seed(sqlite_engine, 1)
+    enqueue(sqlite_engine, ids)
+    now = Dispatcher(engine=sqlite_engine, route=lambda c, n: None).clock.now_ms()
+    with sqlite_engine.begin() as conn:  # another dispatcher is sending it right now
+        conn.execute(update(sends).values(status="sending", connector="sendgrid", updated_ms=now))
+    dispatcher = Dispatcher(engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route)
+    assert await dispatcher.recover_in_doubt() == InDoubtReport()
+    assert statuses(sqlite_engine) == {"sending": 1}
+
+
+async def test_in_doubt_sms_are_looked_up_at_twilio(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    ids = seed(db_engine, 3, sms_consent=True)
+    enqueue(db_engine, ids, channel="sms", template="Hello {first_name}")
+    connectors = registry(fake, http, db_engine)
+    sms = connectors.get("sms")
+    assert sms is not None
+    # Twilio accepted the first message before the crash; the other two never arrived.
+    first = Dispatcher(engine=db_engine, route=connectors.route, batch_limit=1)
+    await first.dispatch_once()
+    sid = fake.twilio_messages[0]["sid"]
+    with db_engine.begin() as conn:
+        conn.execute(
+            update(sends).values(status="sending", connector="sms", updated_ms=1, provider_message_id=None)
+        )
+    dispatcher = Dispatcher(engine=db_engine, route=connectors.route)
+    assert await dispatcher.recover_in_doubt() == InDoubtReport(requeued=2, confirmed_sent=1)
+    lookups = [c for c in fake.calls_to("twilio") if c.method == "GET"]
+    assert len(lookups) == 3
+    await dispatcher.drain()
+    assert statuses(db_engine) == {"sent": 3}
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(sends.c.provider_message_id).where(sends.c.customer_id == ids[0])) == sid
+    assert set(fake.delivered.values()) == {1} and len(fake.delivered) == 3
 
 
 async def test_two_dispatchers_never_take_the_same_row(
@@ -333,7 +375,7 @@ async def test_outbox_also_writes_json_lines_once_per_send(
     with sqlite_engine.begin() as conn:  # a crash left the rows in doubt; the outbox may safely resend
         conn.execute(update(sends).values(status="sending", updated_ms=0))
     dispatcher = Dispatcher(engine=sqlite_engine, route=connectors.route)
-    assert dispatcher.recover_stale(is_safe_to_retry=connectors.safe_to_retry) == (3, 0)
+    assert await dispatcher.recover_in_doubt() == InDoubtReport(requeued=3)
     await dispatcher.drain()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(line["idempotency_key"] for line in lines) == sorted(f"spring:{c}:1" for c in ids)

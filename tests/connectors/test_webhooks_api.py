@@ -303,3 +303,37 @@ def test_a_message_id_shared_by_a_whole_request_does_not_pick_a_customer(
     post(client, "sendgrid", sendgrid_request(items))
     [row] = logged(rt)
     assert row.user_id is None and row.anonymous_id.startswith("sendgrid:")
+
+
+def test_sends_routes_list_requeue_and_mark_in_doubt_sends(client: TestClient, rt: Runtime) -> None:
+    with rt.engine.begin() as conn:
+        cid = int(conn.execute(insert(customers).values(created_ms=0)).inserted_primary_key[0])
+        for key in ("a", "b", "c"):
+            enqueue_send(
+                conn, key=key, campaign="spring", customer_id=cid, channel="email", due_ms=0, now_ms=0
+            )
+        conn.execute(
+            sends.update().values(status="failed", connector="sendgrid", last_error="in_doubt: crash")
+        )
+        conn.execute(
+            sends.update().where(sends.c.idempotency_key == "c").values(status="sent", last_error=None)
+        )
+    assert client.get("/v1/sends/in-doubt").status_code == 401
+    headers = {"X-API-Key": create_key(rt.engine, name="ops", scopes=["admin"])}
+    listed = client.get("/v1/sends/in-doubt", headers=headers).json()["sends"]
+    ids = {row["idempotency_key"]: row["id"] for row in listed}
+    assert sorted(ids) == ["a", "b"] and all(r["connector"] == "sendgrid" for r in listed)
+    with rt.engine.connect() as conn:
+        sent_id = conn.scalar(select(sends.c.id).where(sends.c.idempotency_key == "c"))
+    answer = client.post("/v1/sends/requeue", json={"ids": [ids["a"], sent_id]}, headers=headers).json()
+    assert answer["done"] == [ids["a"]] and "only failed sends" in answer["refused"][str(sent_id)]
+    answer = client.post(
+        "/v1/sends/mark-sent", json={"ids": [ids["b"]], "provider_message_id": "sg-1"}, headers=headers
+    ).json()
+    assert answer == {"done": [ids["b"]], "refused": {}}
+    with rt.engine.connect() as conn:
+        rows = dict(conn.execute(select(sends.c.idempotency_key, sends.c.status)).all())
+        pmid = conn.scalar(select(sends.c.provider_message_id).where(sends.c.idempotency_key == "b"))
+    assert rows == {"a": "queued", "b": "sent", "c": "sent"} and pmid == "sg-1"
+    assert client.get("/v1/sends/in-doubt", headers=headers).json() == {"sends": []}
+    assert client.post("/v1/sends/requeue", json={"ids": []}, headers=headers).status_code == 422

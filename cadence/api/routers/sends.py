@@ -1,0 +1,63 @@
+"""``/v1/sends``: in-doubt sends for an operator, re-queue and mark sent (admin key)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from cadence.api.security import Principal, Scope
+from cadence.connectors.operator import list_in_doubt, mark_sent, requeue_sends
+
+router = APIRouter(prefix="/v1/sends", tags=["sends"])
+
+
+class SendIds(BaseModel):
+    """Send ids to act on."""
+
+    ids: list[int] = Field(min_length=1, max_length=10_000)
+    provider_message_id: str | None = None
+
+
+@router.get("/in-doubt")
+async def in_doubt(
+    request: Request,
+    _principal: Annotated[Principal, Scope("admin")],
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    campaign: str | None = None,
+) -> dict[str, Any]:
+    """Sends dead-lettered as in doubt after an interrupted delivery, oldest first."""
+    engine = request.app.state.runtime.engine
+    rows = await run_in_threadpool(list_in_doubt, engine, limit=limit, campaign=campaign)
+    return {"sends": rows}
+
+
+@router.post("/requeue")
+async def requeue(
+    request: Request, body: SendIds, _principal: Annotated[Principal, Scope("admin")]
+) -> dict[str, Any]:
+    """Put dead-lettered sends back on the queue; ``refused`` says why others were not."""
+    runtime = request.app.state.runtime
+    result = await run_in_threadpool(
+        lambda: requeue_sends(runtime.engine, ids=body.ids, now_ms=runtime.clock.now_ms())
+    )
+    return result.as_dict()
+
+
+@router.post("/mark-sent")
+async def mark_sent_route(
+    request: Request, body: SendIds, _principal: Annotated[Principal, Scope("admin")]
+) -> dict[str, Any]:
+    """Record in-doubt sends the provider turned out to have as sent."""
+    runtime = request.app.state.runtime
+    result = await run_in_threadpool(
+        lambda: mark_sent(
+            runtime.engine,
+            ids=body.ids,
+            now_ms=runtime.clock.now_ms(),
+            provider_message_id=body.provider_message_id,
+        )
+    )
+    return result.as_dict()

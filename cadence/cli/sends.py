@@ -1,0 +1,103 @@
+"""``cadence sends``: the operator's view of dead letters left in doubt by a crash."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cadence.cli import runtime_for
+from cadence.connectors.operator import ActionResult, list_in_doubt, mark_sent, requeue_sends
+
+sends_app = typer.Typer(help="The send queue: in-doubt sends, re-queue, mark sent.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@sends_app.command("in-doubt")
+def in_doubt(
+    ctx: typer.Context,
+    limit: int = typer.Option(100, "--limit", min=1, help="Show at most this many."),
+    campaign: str | None = typer.Option(None, "--campaign", help="Only this campaign's sends."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List sends dead-lettered as in doubt: claimed, then the dispatcher died mid-delivery."""
+    runtime = runtime_for(ctx)
+    rows = list_in_doubt(runtime.engine, limit=limit, campaign=campaign)
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if not rows:
+        console.print("no in-doubt sends")
+        return
+    table = Table("id", "campaign", "customer", "channel", "connector", "key", "since (UTC)")
+    for row in rows:
+        since = datetime.fromtimestamp(row["updated_ms"] / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(
+            str(row["id"]),
+            row["campaign"],
+            str(row["customer_id"]),
+            row["channel"],
+            row["connector"] or "-",
+            row["idempotency_key"],
+            since,
+        )
+    console.print(table)
+    console.print(
+        "Check each with the provider, then `cadence sends requeue ID...` to send it, "
+        "or `cadence sends mark-sent ID...` if the provider has it."
+    )
+
+
+def _report(result: ActionResult, verb: str, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(result.as_dict()).decode() + "\n")
+    else:
+        console.print(
+            f"{verb}: {len(result.done)}" + (f" ({', '.join(map(str, result.done))})" if result.done else "")
+        )
+        for send_id, reason in result.refused.items():
+            err_console.print(f"send {send_id}: {reason}", highlight=False)
+    if result.refused:
+        raise typer.Exit(1)
+
+
+@sends_app.command("requeue")
+def requeue(
+    ctx: typer.Context,
+    ids: list[int] = typer.Argument(None, help="Send ids (from `cadence sends in-doubt`)."),
+    all_in_doubt: bool = typer.Option(False, "--all-in-doubt", help="Re-queue every in-doubt send."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Put dead-lettered sends back on the queue (due now, attempts reset). Exits 1 if any was refused."""
+    runtime = runtime_for(ctx)
+    chosen = list(ids or [])
+    if all_in_doubt:
+        chosen += [row["id"] for row in list_in_doubt(runtime.engine, limit=1_000_000)]
+    if not chosen:
+        raise typer.BadParameter("give send ids or --all-in-doubt")
+    _report(requeue_sends(runtime.engine, ids=chosen, now_ms=runtime.clock.now_ms()), "re-queued", as_json)
+
+
+@sends_app.command("mark-sent")
+def mark_sent_command(
+    ctx: typer.Context,
+    ids: list[int] = typer.Argument(..., help="In-doubt send ids the provider turned out to have."),
+    provider_message_id: str | None = typer.Option(None, "--provider-id", help="The provider's message id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Record in-doubt sends as sent (nothing is sent again). Exits 1 if any was refused."""
+    runtime = runtime_for(ctx)
+    result = mark_sent(
+        runtime.engine, ids=ids, now_ms=runtime.clock.now_ms(), provider_message_id=provider_message_id
+    )
+    _report(result, "marked sent", as_json)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cadence sends`` to the root app."""
+    app.add_typer(sends_app, name="sends")

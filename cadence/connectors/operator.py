@@ -1,0 +1,137 @@
+"""Operator actions on the send queue's dead letters: list in-doubt sends, re-queue, mark sent.
+
+A send is *in doubt* when a dispatcher died after claiming it and its connector could
+not tell whether the provider got it (see
+:meth:`cadence.connectors.delivery.Dispatcher.recover_in_doubt`): it is dead-lettered
+(``failed``) with ``last_error`` starting ``in_doubt:``. After checking the provider's
+own records, an operator either re-queues it (:func:`requeue_sends`; any other dead
+letter can be re-queued the same way) or records that it went out (:func:`mark_sent`).
+Used by ``cadence sends`` and ``/v1/sends``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+
+from cadence.connectors.delivery import IN_DOUBT_PREFIX
+from cadence.errors import CadenceError
+from cadence.store.schema.sends import sends
+
+__all__ = ["ActionResult", "list_in_doubt", "mark_sent", "requeue_sends"]
+
+_COLUMNS = (
+    sends.c.id,
+    sends.c.idempotency_key,
+    sends.c.campaign,
+    sends.c.customer_id,
+    sends.c.channel,
+    sends.c.connector,
+    sends.c.decision_id,
+    sends.c.attempts,
+    sends.c.last_error,
+    sends.c.updated_ms,
+)
+
+
+@dataclass
+class ActionResult:
+    """Which sends an action changed, and why the others were left alone."""
+
+    done: list[int] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"done": [...], "refused": {"id": "reason"}}``."""
+        return {"done": self.done, "refused": {str(k): v for k, v in self.refused.items()}}
+
+
+def list_in_doubt(engine: Engine, *, limit: int = 100, campaign: str | None = None) -> list[dict[str, Any]]:
+    """Dead-lettered in-doubt sends, oldest first."""
+    query = select(*_COLUMNS).where(
+        sends.c.status == "failed", sends.c.last_error.startswith(IN_DOUBT_PREFIX)
+    )
+    if campaign is not None:
+        query = query.where(sends.c.campaign == campaign)
+    with engine.connect() as conn:
+        rows = conn.execute(query.order_by(sends.c.updated_ms, sends.c.id).limit(limit)).mappings()
+        return [{str(k): v for k, v in row.items()} for row in rows]
+
+
+def _ids(values: Iterable[Any]) -> list[int]:
+    ids = []
+    for value in values:
+        try:
+            ids.append(int(value))
+        except (TypeError, ValueError) as exc:
+            raise CadenceError(f"send id {value!r} is not an integer") from exc
+    return ids
+
+
+def requeue_sends(engine: Engine, *, ids: Iterable[Any], now_ms: int) -> ActionResult:
+    """Put dead-lettered (``failed``) sends back on the queue, due now, with a fresh attempt count.
+
+    Only ``failed`` rows move: a ``sent`` row is refused (re-queuing it would deliver
+    twice), as is one still queued or in flight. The old error is kept in ``last_error``.
+    """
+    result = ActionResult()
+    wanted = _ids(ids)
+    with engine.begin() as conn:
+        found = {
+            row.id: row
+            for row in conn.execute(
+                select(sends.c.id, sends.c.status, sends.c.last_error).where(sends.c.id.in_(wanted))
+            )
+        }
+        for send_id in wanted:
+            row = found.get(send_id)
+            if row is None:
+                result.refused[send_id] = "no such send"
+            elif row.status != "failed":
+                result.refused[send_id] = f"status is {row.status!r}; only failed sends can be re-queued"
+            else:
+                conn.execute(
+                    update(sends)
+                    .where(sends.c.id == send_id, sends.c.status == "failed")
+                    .values(
+                        status="queued",
+                        attempts=0,
+                        next_attempt_ms=None,
+                        due_ms=now_ms,
+                        last_error=f"re-queued by an operator; was: {(row.last_error or '')[:1000]}",
+                        updated_ms=now_ms,
+                    )
+                )
+                result.done.append(send_id)
+    return result
+
+
+def mark_sent(
+    engine: Engine, *, ids: Iterable[Any], now_ms: int, provider_message_id: str | None = None
+) -> ActionResult:
+    """Record in-doubt sends the provider turned out to have as ``sent`` (nothing is sent again)."""
+    result = ActionResult()
+    wanted = _ids(ids)
+    with engine.begin() as conn:
+        found = {
+            row.id: row
+            for row in conn.execute(
+                select(sends.c.id, sends.c.status, sends.c.last_error).where(sends.c.id.in_(wanted))
+            )
+        }
+        for send_id in wanted:
+            row = found.get(send_id)
+            if row is None:
+                result.refused[send_id] = "no such send"
+            elif row.status != "failed" or not (row.last_error or "").startswith(IN_DOUBT_PREFIX):
+                result.refused[send_id] = "not an in-doubt send"
+            else:
+                values: dict[str, Any] = {"status": "sent", "last_error": None, "updated_ms": now_ms}
+                if provider_message_id:
+                    values["provider_message_id"] = provider_message_id
+                conn.execute(update(sends).where(sends.c.id == send_id).values(**values))
+                result.done.append(send_id)
+    return result
