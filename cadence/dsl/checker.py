@@ -728,10 +728,10 @@ class Checker:
             return ERROR
         arg = args[0]
         if name == "has":
-            if isinstance(arg, ast.Path):
-                t = self.path(arg, _Env(env.scope, env.event_allowed, frozenset(), env.where))
-            else:
-                t = self.expr(arg, env)
+            # Whether a value can be missing does not depend on guards already passed:
+            # ``has(x) and has(x)`` is redundant, not wrong.
+            unguarded = _Env(env.scope, env.event_allowed, frozenset(), env.where)
+            t = self.path(arg, unguarded) if isinstance(arg, ast.Path) else self.expr(arg, unguarded)
             if t.kind != "error" and not t.optional:
                 self.at(
                     arg,

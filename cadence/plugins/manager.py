@@ -268,11 +268,6 @@ class ConnectorRegistry:
         """The object that verifies and parses ``POST /v1/webhooks/{name}``."""
         return self.connectors.get(name) or self.webhook_parsers.get(name)
 
-    def safe_to_retry(self, name: str | None) -> bool:
-        """Whether an in-doubt send through ``name`` may be retried (the provider dedupes)."""
-        connector = self.connectors.get(name or "")
-        return connector is not None and connector.capabilities.provider_deduplicates
-
     async def aclose(self) -> None:
         """Close every connector's own HTTP client."""
         for connector in self.connectors.values():

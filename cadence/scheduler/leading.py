@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any, Protocol
 
 __all__ = ["AlwaysLeads", "dispatch_while_leading"]
@@ -46,25 +45,19 @@ async def dispatch_while_leading(
     *,
     leadership: _Leads,
     stop: asyncio.Event,
-    recover: Callable[[], object] | None = None,
     poll_seconds: float = 1.0,
 ) -> None:
     """Run ``dispatcher`` while this process holds ``leadership``, until ``stop`` is set.
 
     A follower checks every ``poll_seconds`` whether the lock came free (the leader
-    died); on taking it over it first runs ``recover`` (settle the sends the old
-    leader left in flight), then dispatches. Losing the lock (its connection dropped)
+    died); on taking it over it dispatches (the dispatcher first settles the sends the
+    old leader left in doubt, see :meth:`Dispatcher.recover_in_doubt`). Losing the lock (its connection dropped)
     stops the dispatcher after its round in flight.
     """
     while not stop.is_set():
         if not await asyncio.to_thread(leadership.acquire):
             await _wait(stop, poll_seconds)
             continue
-        if recover is not None:
-            try:
-                await asyncio.to_thread(recover)
-            except Exception:  # noqa: BLE001 - recovery is retried when leadership is next taken
-                log.exception("recovering in-flight sends failed")
         leading = asyncio.Event()
 
         async def watch(leading: asyncio.Event = leading) -> None:

@@ -142,6 +142,16 @@ def test_has_narrows_only_on_the_right_of_and(load: Load) -> None:
     assert [(d.code, d.column) for d in result.errors] == [("E303", 13)]
 
 
+def test_a_repeated_guard_is_redundant_not_an_error(load: Load) -> None:
+    guarded = "has(last(purchased)) and last(purchased) > 1d ago"
+    pred = segment(load, f"({guarded}) and ({guarded})")
+    assert pred(ctx([("Order Completed", -2 * 3600_000, {})])) is True
+    assert pred(ctx([("Order Completed", -2 * DAY, {})])) is False
+    assert pred(ctx()) is False
+    result = load(HEADER + "segment s = has(customer.age) and has(customer.age)\n")
+    assert result.ok, [str(d) for d in result.diagnostics]
+
+
 def test_explain_gives_each_part_its_actual_value(load: Load) -> None:
     result = load(
         HEADER + "segment buyers = count(purchased) > 0\n"

@@ -344,13 +344,13 @@ def setup(app: FastAPI) -> None:
         stop = asyncio.Event()
         app.state.dispatcher = dispatcher
         app.state.dispatcher_stop = stop
-        # Only the leader (the process holding the engine loop's lock) dispatches.
+        # Only the leader (the process holding the engine loop's lock) dispatches; on taking
+        # over, the dispatcher first settles the sends a dead leader left in doubt.
         app.state.dispatcher_task = asyncio.create_task(
             dispatch_while_leading(
                 dispatcher,
                 leadership=loop.leadership if loop is not None else AlwaysLeads(),
                 stop=stop,
-                recover=lambda: dispatcher.recover_stale(is_safe_to_retry=registry.safe_to_retry),
             )
         )
 
