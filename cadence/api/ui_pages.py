@@ -320,7 +320,7 @@ def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, A
     """Funnel per campaign and channel, daily series, queue outcomes, exploration share."""
     since_day, until_day = _day(since), _day(until)
     with runtime.engine.connect() as conn:
-        stats = campaign_stats(conn, since_day=since_day, until_day=until_day)
+        stats = campaign_stats(conn, since_day=since_day, until_day=until_day, top_campaigns=8)
         outcomes = queue_outcomes(conn)
         attributed = query_attribution(
             conn,
