@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
 from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
 from cadence.engine.events import LoggedEvent
 from cadence.store.fast import dialect_sql, execute_many
 from cadence.store.schema.dashboard import FEEDBACK_KINDS
-from cadence.store.schema.sends import sends
+from cadence.store.schema.sends import UNSENT_WHERE
 
 __all__ = ["KINDS", "CampaignStats", "CampaignStatsSubscriber", "campaign_stats", "queue_outcomes"]
 
@@ -30,7 +30,7 @@ DAY_MS = 86_400_000
 #: Feedback kinds, one count column each.
 KINDS: tuple[str, ...] = FEEDBACK_KINDS
 #: Send-queue statuses that mean a message did not (yet) go out.
-UNSENT_STATUSES = ("queued", "failed", "suppressed", "expired")
+UNSENT_STATUSES = ("queued", "failed", "suppressed", "expired")  # as in UNSENT_WHERE
 
 _UPSERT = (
     f"INSERT INTO campaign_daily (day, campaign, channel, {', '.join(KINDS)}) "
@@ -165,14 +165,13 @@ def campaign_stats(
 def queue_outcomes(conn: Connection) -> dict[tuple[str, str], dict[str, int]]:
     """Send-queue rows that did not go out, per (campaign, channel) and status.
 
-    Reads only rows whose status is in :data:`UNSENT_STATUSES`, through the queue's
-    (status, due_ms) index.
+    Counted from the partial index ``ix_sends_unsent`` alone (rows whose status is in
+    :data:`UNSENT_STATUSES`): the sent rows, the bulk of the queue, are never read.
     """
     out: dict[tuple[str, str], dict[str, int]] = {}
-    rows = conn.execute(
-        select(sends.c.campaign, sends.c.channel, sends.c.status, func.count())
-        .where(sends.c.status.in_(UNSENT_STATUSES))
-        .group_by(sends.c.campaign, sends.c.channel, sends.c.status)
+    rows = conn.exec_driver_sql(
+        f"SELECT campaign, channel, status, COUNT(*) FROM sends WHERE {UNSENT_WHERE} "
+        "GROUP BY status, campaign, channel"
     )
     for campaign, channel, status, n in rows:
         out.setdefault((campaign, channel), {})[status] = int(n)
