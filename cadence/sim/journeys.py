@@ -316,7 +316,7 @@ def _iso(ms: npt.NDArray[np.int64]) -> list[str]:
 
 
 def write_files(result: SimResult, out_dir: Path) -> dict[str, Path]:
-    """Write ``T.csv``, ``C.csv``, ``truth.csv`` (and ``holdouts.csv`` if any) to ``out_dir``."""
+    """Write ``T.csv``, ``C.csv``, ``truth.csv`` (and ``holdouts.csv``, ``customers.csv`` if any) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     order = np.lexsort((result.touch_ms, result.touch_customer))
     names = np.array(result.channels)
@@ -348,6 +348,11 @@ def write_files(result: SimResult, out_dir: Path) -> dict[str, Path]:
         for c, v in result.truth.items():
             w.writerow([c, f"{v:.3f}", f"{result.removal[c]:.3f}"])
         w.writerow(["(baseline)", f"{result.baseline:.3f}", ""])
+    if result.first_seen_ms is not None:
+        paths["customers"] = out_dir / "customers.csv"
+        with paths["customers"].open("w", newline="") as f:
+            f.write("customer_id,first_seen\n")
+            f.writelines(f"c{i},{t}\n" for i, t in enumerate(_iso(result.first_seen_ms)))
     if result.holdout:
         paths["holdouts"] = out_dir / "holdouts.csv"
         with paths["holdouts"].open("w", newline="") as f:
