@@ -113,7 +113,7 @@ def attribution_page(
     window_days: int,
     since: date,
     until: date,
-    on_missing_fit: Callable[[], None] | None = None,
+    on_missing_fit: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Credit by channel for several models, conversions per day, interactions, holdout lift.
 
@@ -121,7 +121,7 @@ def attribution_page(
     ``shapley_ordered``, ``markov`` and ``causal`` read their materialised fits (all
     time, or the causal model's last 90 days), never solved here: a page costs the
     same at any number of stored touchpoints. A missing fit is reported, and
-    ``on_missing_fit`` is called (to wake the refresher).
+    ``on_missing_fit(spec, window_days)`` is called (to ask the refresher for it).
     """
     errors: list[str] = []
     models = [m for m in models if m in PAGE_MODELS] or ["last_touch"]
@@ -176,7 +176,7 @@ def attribution_page(
             "(or run `cadence attribution refresh`)"
         )
         if on_missing_fit is not None:
-            on_missing_fit()
+            on_missing_fit(spec, window_days)
     causal_fit = fits.get(("causal", window_days))
     causal = None
     if causal_fit is not None and causal_fit.rows:

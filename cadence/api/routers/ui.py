@@ -279,10 +279,10 @@ async def attribution(request: Request) -> Response:
     )
 
 
-def _wake_refresher(request: Request) -> Callable[[], None] | None:
-    """Wake the background refresher of materialised fits, when it runs in this process."""
+def _wake_refresher(request: Request) -> Callable[[str, int], None] | None:
+    """Ask the background refresher of materialised fits for a missing fit, when it runs in this process."""
     refresher = getattr(request.app.state, "attribution_refresher", None)
-    return refresher.wake if refresher is not None and refresher.running else None
+    return refresher.want if refresher is not None and refresher.running else None
 
 
 @router.get("/campaigns", response_class=HTMLResponse)

@@ -494,7 +494,8 @@ class FitRefresher:
 
     Every ``interval_s`` (or at once after :meth:`wake`), for every attribution block:
     if the event log has moved past the stored fits' position, refresh every window
-    that has a fit and :data:`DEFAULT_FIT_WINDOWS`.
+    that has a fit, :data:`DEFAULT_FIT_WINDOWS`, and the windows asked for through
+    :meth:`want`.
     """
 
     def __init__(self, runtime: Any, *, interval_s: float) -> None:
@@ -507,13 +508,15 @@ class FitRefresher:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.refreshes = 0
+        self._wanted: set[tuple[str, int]] = set()
 
     def refresh_once(self, *, force: bool = False) -> list[Fit]:
         """Refresh what is stale now (everything when ``force``); return the new fits."""
         out: list[Fit] = []
         for spec in specs_of(self.runtime):
+            wanted = {w for name, w in set(self._wanted) if name == spec.name}
             with self.engine.connect() as conn:
-                windows = sorted({*fitted_windows(conn, spec.name), *DEFAULT_FIT_WINDOWS})
+                windows = sorted({*fitted_windows(conn, spec.name), *DEFAULT_FIT_WINDOWS, *wanted})
                 current = _positions(conn)
                 position = min(
                     current.get("attribution", 0), current.get(EXPOSURES, current.get("attribution", 0))
@@ -526,6 +529,7 @@ class FitRefresher:
             )
             if stale:
                 out.extend(refresh_fits(self.engine, spec=spec, windows=windows))
+            self._wanted -= {(spec.name, w) for w in wanted}
         self.refreshes += 1
         return out
 
@@ -537,6 +541,11 @@ class FitRefresher:
     def wake(self) -> None:
         """Refresh at once (the thread's next turn)."""
         self._wake.set()
+
+    def want(self, spec: str, window_days: int) -> None:
+        """Fit ``spec`` at ``window_days`` too (from now on), at once: a page asked for it."""
+        self._wanted.add((spec, int(window_days)))
+        self.wake()
 
     def start(self) -> None:
         """Run in a daemon thread until :meth:`stop`."""

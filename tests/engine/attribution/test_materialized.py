@@ -156,3 +156,13 @@ def test_api_serves_causal_and_ordered_shapley_with_freshness(runtime: Runtime) 
     assert fresh["fits"]["causal"]["events_behind"] == 0
     by_day = client.get("/v1/attribution?model=causal&group_by=day", headers=auth)
     assert by_day.status_code == 422 and "channel" in by_day.json()["detail"]
+
+
+def test_a_window_asked_for_is_fitted_from_then_on(runtime: Runtime) -> None:
+    ingest(runtime, market(120, seed=4))
+    refresher = FitRefresher(runtime, interval_s=60)
+    assert {f.window_days for f in refresher.refresh_once()} == {30}
+    refresher.want("default", 7)  # the dashboard found no 7-day fit
+    assert {f.window_days for f in refresher.refresh_once()} == {7, 30}
+    with runtime.engine.connect() as conn:
+        assert set(read_fits(conn, spec="default", models=["causal"])) == {("causal", 7), ("causal", 30)}
