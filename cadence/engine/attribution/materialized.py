@@ -68,6 +68,8 @@ MATERIALIZED_MODELS = ("shapley", "shapley_ordered", "markov", "causal")
 FIT_DAYS = 90
 #: Windows refreshed even when nobody asked for them yet (the dashboard's default).
 DEFAULT_FIT_WINDOWS = (30,)
+#: Seconds the refresher waits after start-up before its first refresh.
+STARTUP_DELAY_S = 10.0
 #: The leader's advisory lock for refreshes (PostgreSQL).
 REFRESH_LOCK_ID = 0x0CADE9D0
 EXPOSURES = "attribution_exposures"
@@ -565,6 +567,9 @@ class FitRefresher:
         self.leadership.release()
 
     def _run(self) -> None:
+        # Let the process start serving first; a page or request asking for a fit wakes it early.
+        self._wake.wait(min(self.interval_s, STARTUP_DELAY_S))
+        self._wake.clear()
         while not self._stop.is_set():
             try:
                 if self.leadership.acquire():
