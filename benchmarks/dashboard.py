@@ -114,8 +114,8 @@ def fill(engine: Engine, *, touchpoints: int, today: int, seed: int = 3) -> dict
     )
     counts["identities"] = _insert(
         engine,
-        "INSERT INTO identities (kind, value, customer_id, first_seen_ms) VALUES ('user', ?, ?, ?)",
-        ((f"u{c}", c + 1, start_ms) for c in range(customers)),
+        "INSERT INTO identities (kind, value, customer_id, first_seen_ms) VALUES (?, ?, ?, ?)",
+        (("user", f"u{c}", c + 1, start_ms) for c in range(customers)),
     )
     # One profile (with day buckets for a year) for the customer the benchmark looks up.
     with engine.begin() as conn:
