@@ -189,7 +189,7 @@ def attribution_page(
             "customers": info.get("customers"),
             "from_ms": info.get("from_ms"),
             "to_ms": info.get("to_ms"),
-            "interactions": info.get("interactions", [])[:10],
+            "interactions": [p for p in info.get("interactions", []) if p["conversions"] >= 0.05][:10],
             "half_lives": info.get("half_life_days", {}),
         }
     freshness = [
