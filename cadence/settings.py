@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     engine_enabled: bool = True
     engine_batch_size: int = Field(default=2000, ge=1)
     engine_poll_seconds: float = Field(default=0.5, gt=0)
+    # How often the leader refreshes materialised attribution (causal, Shapley, Markov); 0: never.
+    attribution_refresh_seconds: float = Field(default=300.0, ge=0)
 
     scheduler_enabled: bool = True
     # A run missed while no process was up: "run_once" runs the latest one late, "skip" records it skipped.

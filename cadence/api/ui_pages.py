@@ -8,8 +8,7 @@ counts, one customer's profile rows), so their cost does not grow with the event
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,8 +22,9 @@ from cadence.dsl.loader import RulesetHolder, load_rules
 from cadence.dsl.testing import run_tests
 from cadence.engine.attribution.holdout import lift
 from cadence.engine.attribution.journeys import AttributionError
+from cadence.engine.attribution.materialized import MATERIALIZED_MODELS, read_fits
 from cadence.engine.attribution.online import (
-    ONLINE_MODELS,
+    RULE_MODELS,
     WINDOWS_DAYS,
     channel_interactions,
     query_attribution,
@@ -45,6 +45,8 @@ from cadence.store.schema.sends import sends
 __all__ = ["attribution_page", "campaigns_page", "customer_page", "preview_decision", "rules_page"]
 
 EPOCH = date(1970, 1, 1)
+#: Every model the attribution page can show.
+PAGE_MODELS = (*RULE_MODELS, *MATERIALIZED_MODELS)
 #: One colour per series, readable on white and distinct for the colour-blind (Okabe-Ito).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 FUNNEL = ("sent", "delivered", "opened", "clicked", "converted", "unsubscribed")
@@ -99,9 +101,8 @@ def _line_chart(labels: Sequence[str], series: Mapping[str, Sequence[float]]) ->
 # --------------------------------------------------------------------------- attribution
 
 
-#: How long Shapley and Markov credit (solved from all-time tallies and the open journeys)
-#: is reused before it is solved again.
-TALLY_MODELS_TTL_S = 300.0
+#: Models the attribution page shows unless others are picked.
+DEFAULT_PAGE_MODELS = ("last_touch", "linear", "position", "shapley_simplified", "causal")
 
 
 def attribution_page(
@@ -112,15 +113,18 @@ def attribution_page(
     window_days: int,
     since: date,
     until: date,
-    cache: MutableMapping[str, Any] | None = None,
+    on_missing_fit: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Credit by channel for several models, conversions per day, interactions, holdout lift.
 
-    Shapley and Markov credit is kept in ``cache`` for :data:`TALLY_MODELS_TTL_S`: it
-    covers all time, and solving it reads every open journey.
+    Rule-based models read the per-day credits of the range; ``shapley``,
+    ``shapley_ordered``, ``markov`` and ``causal`` read their materialised fits (all
+    time, or the causal model's last 90 days), never solved here: a page costs the
+    same at any number of stored touchpoints. A missing fit is reported, and
+    ``on_missing_fit(spec, window_days)`` is called (to ask the refresher for it).
     """
     errors: list[str] = []
-    models = [m for m in models if m in ONLINE_MODELS] or ["last_touch"]
+    models = [m for m in models if m in PAGE_MODELS] or ["last_touch"]
     if window_days not in WINDOWS_DAYS:
         errors.append(
             f"window {window_days}d is not kept; showing 30d (kept: {', '.join(map(str, WINDOWS_DAYS))})"
@@ -129,28 +133,28 @@ def attribution_page(
     since_day, until_day = _day(since), _day(until)
     with runtime.engine.connect() as conn:
         by_model: dict[str, list[dict[str, Any]]] = {}
-        for model in models:
-            key = f"tally:{spec}:{model}:{window_days}"
-            cached = (cache or {}).get(key)
-            if cached is not None and time.monotonic() - cached[0] < TALLY_MODELS_TTL_S:
-                by_model[model] = cached[1]
-                continue
-            try:
+        rule = [m for m in models if m not in MATERIALIZED_MODELS]
+        try:
+            if rule:
                 by_model.update(
                     query_attribution(
                         conn,
                         spec=spec,
-                        models=[model],
+                        models=rule,
                         window_days=window_days,
                         since_day=since_day,
                         until_day=until_day,
                     )
                 )
-            except AttributionError as exc:
-                errors.append(str(exc))
-                continue
-            if cache is not None and model in ("shapley", "markov"):
-                cache[key] = (time.monotonic(), by_model[model])
+        except AttributionError as exc:
+            errors.append(str(exc))
+        wanted = sorted({*[m for m in models if m in MATERIALIZED_MODELS], "causal"})
+        fits = read_fits(conn, spec=spec, models=wanted, window_days=window_days)
+        newest = int(conn.exec_driver_sql("SELECT MAX(id) FROM events").scalar() or 0)
+        missing = [m for m in models if m in MATERIALIZED_MODELS and (m, window_days) not in fits]
+        for m in models:
+            if m in MATERIALIZED_MODELS and (m, window_days) in fits:
+                by_model[m] = fits[(m, window_days)].rows
         per_day = query_attribution(
             conn,
             spec=spec,
@@ -165,6 +169,40 @@ def attribution_page(
             conn, spec=spec, window_days=window_days, since_day=since_day, until_day=until_day
         )
         lifts = holdout_lifts(conn, since_ms=since_day * 86_400_000, until_ms=(until_day + 1) * 86_400_000)
+    if missing or (("causal", window_days) not in fits):
+        errors.append(
+            f"not fitted yet for the {window_days}-day window: {', '.join(missing or ['causal'])}; "
+            "the leader refreshes materialised models in the background "
+            "(or run `cadence attribution refresh`)"
+        )
+        if on_missing_fit is not None:
+            on_missing_fit(spec, window_days)
+    causal_fit = fits.get(("causal", window_days))
+    causal = None
+    if causal_fit is not None and causal_fit.rows:
+        info = causal_fit.result
+        causal = {
+            "share_anyway": info.get("share_anyway"),
+            "baseline": info.get("baseline_conversions"),
+            "expected": info.get("expected_conversions"),
+            "observed": info.get("observed_conversions"),
+            "customers": info.get("customers"),
+            "from_ms": info.get("from_ms"),
+            "to_ms": info.get("to_ms"),
+            "interactions": [p for p in info.get("interactions", []) if p["conversions"] >= 0.05][:10],
+            "half_lives": info.get("half_life_days", {}),
+        }
+    freshness = [
+        {
+            "model": m,
+            "fitted_ms": f.fitted_ms,
+            "position": f.position,
+            "behind": max(0, newest - f.position),
+            "seconds": f.seconds,
+        }
+        for (m, _w), f in sorted(fits.items())
+        if m in models or m == "causal"
+    ]
     channels = sorted({row["key"] for rows in by_model.values() for row in rows})
     table = [
         {
@@ -186,8 +224,11 @@ def attribution_page(
     pairs = sorted(interactions["pairs"].items(), key=lambda kv: -kv[1])[:20]
     return {
         "spec": spec,
-        "models": list(by_model),
-        "all_models": ONLINE_MODELS,
+        "models": [m for m in models if m in by_model],
+        "all_models": PAGE_MODELS,
+        "materialized": MATERIALIZED_MODELS,
+        "causal": causal,
+        "freshness": freshness,
         "windows": WINDOWS_DAYS,
         "window": window_days,
         "table": table,
@@ -279,7 +320,7 @@ def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, A
     """Funnel per campaign and channel, daily series, queue outcomes, exploration share."""
     since_day, until_day = _day(since), _day(until)
     with runtime.engine.connect() as conn:
-        stats = campaign_stats(conn, since_day=since_day, until_day=until_day)
+        stats = campaign_stats(conn, since_day=since_day, until_day=until_day, top_campaigns=8)
         outcomes = queue_outcomes(conn)
         attributed = query_attribution(
             conn,

@@ -2,7 +2,8 @@
 
 ``run`` reads touchpoints and conversions CSV files, runs one or more models and
 writes the credit per channel; ``simulate`` writes journeys with known truth;
-``score`` compares credit files with that truth.
+``score`` compares credit files with that truth; ``refresh`` recomputes the
+materialised fits (causal, Shapley, ordered Shapley, Markov) the API and dashboard serve.
 """
 
 from __future__ import annotations
@@ -91,12 +92,17 @@ def run(
     interactions: bool = typer.Option(
         True, "--interactions/--no-interactions", help="causal: model channel-pair synergies."
     ),
+    customers: Path | None = typer.Option(
+        None,
+        "--customers",
+        help="CSV customer_id,first_seen: the causal model observes each customer from then (late arrivals).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
     """Run attribution models over touchpoint and conversion files."""
     from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-    from cadence.engine.attribution.files import load_holdouts, load_touch_log
+    from cadence.engine.attribution.files import load_first_seen, load_holdouts, load_touch_log
     from cadence.engine.attribution.holdout import calibration_factors, measure_lifts
     from cadence.engine.attribution.models import ModelResult, parse_models, run_model
 
@@ -112,6 +118,8 @@ def run(
     total = 3 + len(models) + (1 if holdouts else 0) + (1 if out else 0)
     with _progress(total) if progress else _null_progress() as step, threadpool_limits(1):
         log = load_touch_log(touchpoints, conversions, on_step=lambda name: step(f"read {name}"))
+        if customers is not None:
+            log = load_first_seen(customers, log)
         hold_data = None
         lifts = {}
         if holdouts:
@@ -350,3 +358,43 @@ def score_cmd(
 def register(app: typer.Typer) -> None:
     """Add ``cadence attribution`` to the root app."""
     app.add_typer(attribution_app, name="attribution")
+
+
+@attribution_app.command("refresh")
+def refresh_cmd(
+    ctx: typer.Context,
+    window: list[str] = typer.Option(
+        ["30d"], "--window", "-w", help="Windows to refit (repeatable), 1d to 90d."
+    ),
+    model: list[str] = typer.Option(
+        [], "--model", "-m", help="Models (repeatable or comma-separated; default: all materialised)."
+    ),
+    spec: str | None = typer.Option(None, "--spec", help="Attribution block (default: every block)."),
+) -> None:
+    """Refit the materialised models from the stored aggregates (what the leader does in the background)."""
+    from cadence.cli import runtime_for
+    from cadence.engine.attribution.materialized import MATERIALIZED_MODELS, refresh_fits
+    from cadence.engine.attribution.online import specs_of
+
+    runtime = runtime_for(ctx)
+    models = [m.strip() for v in model for m in v.split(",") if m.strip()] or list(MATERIALIZED_MODELS)
+    windows = [round(parse_window(w) / 86_400_000) for w in window]
+    specs = [s for s in specs_of(runtime) if spec is None or s.name == spec]
+    if not specs:
+        raise AttributionError(f"unknown attribution block {spec!r}")
+    table = Table("block", "model", "window", "position", "seconds", "credited", "would happen anyway")
+    for block in specs:
+        with err_console.status(f"refitting {block.name}"):
+            fits = refresh_fits(runtime.engine, spec=block, windows=windows, models=models)
+        for fit in fits:
+            anyway = fit.result.get("share_anyway")
+            table.add_row(
+                block.name,
+                fit.model,
+                f"{fit.window_days}d",
+                f"{fit.position:,}",
+                f"{fit.seconds:.2f}",
+                f"{sum(r['conversions'] for r in fit.rows):,.1f}",
+                "-" if anyway is None else f"{100 * anyway:.1f}%",
+            )
+    console.print(table)

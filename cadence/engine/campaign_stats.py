@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 
 from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
 from cadence.engine.events import LoggedEvent
 from cadence.store.fast import dialect_sql, execute_many
 from cadence.store.schema.dashboard import FEEDBACK_KINDS
-from cadence.store.schema.sends import sends
+from cadence.store.schema.sends import UNSENT_WHERE
 
 __all__ = ["KINDS", "CampaignStats", "CampaignStatsSubscriber", "campaign_stats", "queue_outcomes"]
 
@@ -30,7 +30,7 @@ DAY_MS = 86_400_000
 #: Feedback kinds, one count column each.
 KINDS: tuple[str, ...] = FEEDBACK_KINDS
 #: Send-queue statuses that mean a message did not (yet) go out.
-UNSENT_STATUSES = ("queued", "failed", "suppressed", "expired")
+UNSENT_STATUSES = ("queued", "failed", "suppressed", "expired")  # as in UNSENT_WHERE
 
 _UPSERT = (
     f"INSERT INTO campaign_daily (day, campaign, channel, {', '.join(KINDS)}) "
@@ -98,7 +98,7 @@ class CampaignStats:
     totals: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
     # kind -> day -> count, over every campaign
     daily: dict[str, dict[int, int]] = field(default_factory=dict)
-    # campaign -> day -> sent
+    # campaign -> day -> sent (only the top campaigns when ``campaign_stats`` is asked for them)
     sent_by_campaign: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def channel_totals(self) -> dict[str, dict[str, int]]:
@@ -111,45 +111,67 @@ class CampaignStats:
         return out
 
 
-def campaign_stats(conn: Connection, *, since_day: int, until_day: int) -> CampaignStats:
-    """Feedback counts per campaign and channel, and per day, for ``since_day..until_day`` (UTC days)."""
+def campaign_stats(
+    conn: Connection, *, since_day: int, until_day: int, top_campaigns: int | None = None
+) -> CampaignStats:
+    """Feedback counts per campaign and channel, and per day, for ``since_day..until_day`` (UTC days).
+
+    The database sums (three grouped range scans: per campaign and channel, per day,
+    and sends per campaign and day), so Python handles a few hundred rows however
+    long the range. ``top_campaigns`` keeps the per-day sends of only the campaigns
+    with the most sends in the range.
+    """
     if until_day < since_day:
         raise ValueError(f"the range ends (day {until_day}) before it starts (day {since_day})")
     stats = CampaignStats(days=list(range(since_day, until_day + 1)))
-    # One range scan in key order (the day leads the key), summed here: cheaper than
-    # three GROUP BYs, each of which would sort.
-    rows = conn.exec_driver_sql(
+    sums = ", ".join(f"SUM({k})" for k in KINDS)
+    where = "WHERE day >= ? AND day <= ?"
+    params = (since_day, until_day)
+    for campaign, channel, *counts in conn.exec_driver_sql(
         dialect_sql(
-            conn,
-            f"SELECT day, campaign, channel, {', '.join(KINDS)} FROM campaign_daily WHERE day >= ? AND day <= ?",
+            conn, f"SELECT campaign, channel, {sums} FROM campaign_daily {where} GROUP BY campaign, channel"
         ),
-        (since_day, until_day),
-    ).fetchall()
-    sent = KINDS.index(Feedback.SENT.value)
-    for day, campaign, channel, *counts in rows:
-        acc = stats.totals.setdefault((campaign, channel), dict.fromkeys(KINDS, 0))
+        params,
+    ):
+        stats.totals[(campaign, channel)] = {k: int(n or 0) for k, n in zip(KINDS, counts, strict=True)}
+    for day, *counts in conn.exec_driver_sql(
+        dialect_sql(conn, f"SELECT day, {sums} FROM campaign_daily {where} GROUP BY day"), params
+    ):
         for kind, n in zip(KINDS, counts, strict=True):
             if n:
-                acc[kind] += int(n)
-                per_day = stats.daily.setdefault(kind, {})
-                per_day[day] = per_day.get(day, 0) + int(n)
-        if counts[sent]:
-            by_day = stats.sent_by_campaign.setdefault(campaign, {})
-            by_day[day] = by_day.get(day, 0) + int(counts[sent])
+                stats.daily.setdefault(kind, {})[int(day)] = int(n)
+    sent = Feedback.SENT.value
+    by_campaign: dict[str, int] = {}
+    for (campaign, _channel), kinds in stats.totals.items():
+        if kinds[sent]:
+            by_campaign[campaign] = by_campaign.get(campaign, 0) + kinds[sent]
+    wanted = sorted(by_campaign, key=lambda c: (-by_campaign[c], c))
+    if top_campaigns is not None:
+        wanted = wanted[:top_campaigns]
+    if wanted:
+        marks = ", ".join("?" for _ in wanted)
+        for campaign, day, n in conn.exec_driver_sql(
+            dialect_sql(
+                conn,
+                f"SELECT campaign, day, SUM({sent}) FROM campaign_daily {where} AND campaign IN ({marks}) "
+                f"AND {sent} > 0 GROUP BY campaign, day",
+            ),
+            (*params, *wanted),
+        ):
+            stats.sent_by_campaign.setdefault(campaign, {})[int(day)] = int(n)
     return stats
 
 
 def queue_outcomes(conn: Connection) -> dict[tuple[str, str], dict[str, int]]:
     """Send-queue rows that did not go out, per (campaign, channel) and status.
 
-    Reads only rows whose status is in :data:`UNSENT_STATUSES`, through the queue's
-    (status, due_ms) index.
+    Counted from the partial index ``ix_sends_unsent`` alone (rows whose status is in
+    :data:`UNSENT_STATUSES`): the sent rows, the bulk of the queue, are never read.
     """
     out: dict[tuple[str, str], dict[str, int]] = {}
-    rows = conn.execute(
-        select(sends.c.campaign, sends.c.channel, sends.c.status, func.count())
-        .where(sends.c.status.in_(UNSENT_STATUSES))
-        .group_by(sends.c.campaign, sends.c.channel, sends.c.status)
+    rows = conn.exec_driver_sql(
+        f"SELECT campaign, channel, status, COUNT(*) FROM sends WHERE {UNSENT_WHERE} "
+        "GROUP BY status, campaign, channel"
     )
     for campaign, channel, status, n in rows:
         out.setdefault((campaign, channel), {})[status] = int(n)

@@ -77,6 +77,7 @@ SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.profiles:ProfilesSubscriber",
     "cadence.engine.consent:ConsentSubscriber",
     "cadence.engine.attribution.online:AttributionSubscriber",
+    "cadence.engine.attribution.materialized:ExposureSubscriber",
     "cadence.engine.campaign_stats:CampaignStatsSubscriber",
     "cadence.engine.learning:LearnerSubscriber",
 )

@@ -62,6 +62,9 @@ class Scenario:
     intent_sigma: float = 0.6
     synergies: Mapping[tuple[str, str], float] = field(default_factory=dict)
     days: int = 60
+    #: share of customers who arrive late (first seen at a uniform time in the period):
+    #: before it they have no touch, no conversion, and are not at risk
+    arrivals: float = 0.0
 
 
 _CHANNELS = (
@@ -93,7 +96,7 @@ def _intent() -> tuple[ChannelSim, ...]:
 #: Scenarios: ``simple`` (independent channels, two with no effect at all),
 #: ``synergy`` (plus pair synergies), ``targeted`` (display and email follow intent,
 #: with randomised holdouts on both), ``intent`` (direct visits caused by the coming
-#: conversion).
+#: conversion), ``late`` (``simple`` where 70% of customers are first seen part-way through).
 SCENARIOS: dict[str, Scenario] = {
     "simple": Scenario("simple", _CHANNELS),
     "synergy": Scenario(
@@ -101,6 +104,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "targeted": Scenario("targeted", _targeted(), synergies={("email", "sms"): 0.05}),
     "intent": Scenario("intent", _intent()),
+    "late": Scenario("late", _CHANNELS, arrivals=0.7),
 }
 
 
@@ -121,6 +125,7 @@ class SimResult:
     removal: dict[str, float]  # expected conversions lost when the channel is removed
     baseline: float  # expected conversions with no marketing
     expected: float  # expected conversions with everything
+    first_seen_ms: npt.NDArray[np.int64] | None = None  # per customer, when arrivals are simulated
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -178,9 +183,16 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
     coalition = np.zeros(1 << len(effective))
     baseline = expected = 0.0
     holdout = {c.name: rng.random(customers) < c.holdout for c in sc.channels if c.holdout > 0}
+    arrived: list[npt.NDArray[np.float64]] = []
     for lo in range(0, customers, chunk):
         n = min(chunk, customers - lo)
         intent = rng.lognormal(-(sc.intent_sigma**2) / 2, sc.intent_sigma, n)
+        # Arrival day per customer (0: there from the start); drawn only when simulated,
+        # so the other scenarios' random streams are unchanged.
+        arrival = np.zeros(n)
+        if sc.arrivals > 0:
+            arrival = np.where(rng.random(n) < sc.arrivals, rng.random(n) * sc.days, 0.0)
+        arrived.append(arrival)
         stocks = []
         touches = []
         for ch in sc.channels:
@@ -190,12 +202,16 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
             counts = rng.poisson(rate)
             who = np.repeat(np.arange(n, dtype=np.int64), counts)
             times = rng.random(who.shape[0]) * sc.days
+            if sc.arrivals > 0:
+                here = times >= arrival[who]
+                who, times = who[here], times[here]
             touches.append((who, times))
             stocks.append(_stock_grid(times, who, n, grid, ch.half_life_days) if ch.effect > 0 else None)
         base_rate = sc.baseline * intent
 
         # The hazard is linear in the stocks, so removal counterfactuals only need integrals.
-        h = np.broadcast_to(base_rate, (grid.shape[0], n)).copy()
+        h = np.where(grid[:, None] >= arrival[None, :], base_rate[None, :], 0.0)
+        at_risk_days = sc.days - arrival
         channel_int = np.zeros((k, n))
         for ci, ch in enumerate(sc.channels):
             s = stocks[ci]
@@ -213,7 +229,7 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
         del h
         p_full = 1.0 - np.exp(-full[-1])
         expected += float(p_full.sum())
-        baseline += float((1.0 - np.exp(-base_rate * sc.days)).sum())
+        baseline += float((1.0 - np.exp(-base_rate * at_risk_days)).sum())
         for ci in range(k):
             if stocks[ci] is not None:
                 without = full[-1] - channel_int[ci]
@@ -224,7 +240,7 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
         # Expected conversions of every coalition of effective channels (for Shapley).
         for m in range(1 << len(effective)):
             members = {effective[i] for i in range(len(effective)) if m >> i & 1}
-            h_end = base_rate * sc.days
+            h_end = base_rate * at_risk_days
             for ci in members:
                 h_end = h_end + channel_int[ci]
             for a, b, pi in pair_int:
@@ -269,6 +285,9 @@ def simulate(scenario: Scenario | str, *, customers: int, seed: int = 7, chunk: 
         removal={c: float(t) for c, t in zip(names, removal, strict=True)},
         baseline=baseline,
         expected=expected,
+        first_seen_ms=(EPOCH_MS + np.concatenate(arrived) * DAY_MS).astype(np.int64)
+        if sc.arrivals > 0
+        else None,
     )
 
 
@@ -297,7 +316,7 @@ def _iso(ms: npt.NDArray[np.int64]) -> list[str]:
 
 
 def write_files(result: SimResult, out_dir: Path) -> dict[str, Path]:
-    """Write ``T.csv``, ``C.csv``, ``truth.csv`` (and ``holdouts.csv`` if any) to ``out_dir``."""
+    """Write ``T.csv``, ``C.csv``, ``truth.csv`` (and ``holdouts.csv``, ``customers.csv`` if any) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     order = np.lexsort((result.touch_ms, result.touch_customer))
     names = np.array(result.channels)
@@ -329,6 +348,11 @@ def write_files(result: SimResult, out_dir: Path) -> dict[str, Path]:
         for c, v in result.truth.items():
             w.writerow([c, f"{v:.3f}", f"{result.removal[c]:.3f}"])
         w.writerow(["(baseline)", f"{result.baseline:.3f}", ""])
+    if result.first_seen_ms is not None:
+        paths["customers"] = out_dir / "customers.csv"
+        with paths["customers"].open("w", newline="") as f:
+            f.write("customer_id,first_seen\n")
+            f.writelines(f"c{i},{t}\n" for i, t in enumerate(_iso(result.first_seen_ms)))
     if result.holdout:
         paths["holdouts"] = out_dir / "holdouts.csv"
         with paths["holdouts"].open("w", newline="") as f:

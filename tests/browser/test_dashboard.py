@@ -79,6 +79,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory, serve_app: Any) -> Itera
         response = httpx.post(f"{url}/v1/batch", json={"batch": calls}, auth=(ingest, ""), timeout=30)
         assert response.status_code == 200, response.text
         app.state.engine_loop.catch_up()
+        app.state.attribution_refresher.refresh_once()  # what the leader does in the background
         yield Dashboard(
             url=url,
             runtime=runtime,
@@ -127,6 +128,11 @@ def test_every_page_renders_real_data_and_draws_its_charts(
         rows = page.locator("#credit-table tbody tr")
         assert rows.count() >= 2 and "paid_search" in page.inner_text("#credit-table")
         assert float(page.inner_text("#kpi-conversions").replace(",", "")) > 0
+        # The causal model side by side with the rule models, its baseline, and how fresh it is.
+        assert "causal" in page.inner_text("#credit-table thead")
+        anyway = page.inner_text("#kpi-anyway")
+        assert anyway.endswith("%") and 0 <= float(anyway[:-1]) <= 100
+        assert "causal" in page.inner_text("#freshness")
         page.goto(f"{dashboard.url}/ui/campaigns")
         table = page.inner_text("#campaign-table")
         assert "welcome" in table and "cart_rescue" in table

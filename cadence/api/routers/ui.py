@@ -33,6 +33,7 @@ from markupsafe import Markup
 from cadence.api.security import hash_key
 from cadence.api.ui_auth import SESSION_COOKIE, SESSION_SECONDS, Viewer, csrf_token, load_secret, sign, unsign
 from cadence.api.ui_pages import (
+    DEFAULT_PAGE_MODELS,
     attribution_page,
     campaigns_page,
     customer_page,
@@ -255,12 +256,7 @@ async def attribution(request: Request) -> Response:
     viewer = await viewer_of(request)
     since, until = _range(request)
     q = request.query_params
-    models = [m for m in q.getlist("model") if m] or [
-        "last_touch",
-        "linear",
-        "position",
-        "shapley_simplified",
-    ]
+    models = [m for m in q.getlist("model") if m] or list(DEFAULT_PAGE_MODELS)
     try:
         window = int(q.get("window", "30"))
     except ValueError:
@@ -275,12 +271,18 @@ async def attribution(request: Request) -> Response:
             window_days=window,
             since=since,
             until=until,
-            cache=request.app.state.ui_cache,
+            on_missing_fit=_wake_refresher(request),
         ),
     )
     return _render(
         request, "attribution.html", viewer=viewer, page="attribution", since=since, until=until, **data
     )
+
+
+def _wake_refresher(request: Request) -> Callable[[str, int], None] | None:
+    """Ask the background refresher of materialised fits for a missing fit, when it runs in this process."""
+    refresher = getattr(request.app.state, "attribution_refresher", None)
+    return refresher.want if refresher is not None and refresher.running else None
 
 
 @router.get("/campaigns", response_class=HTMLResponse)

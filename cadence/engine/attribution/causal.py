@@ -10,10 +10,11 @@ arrive over time*, on every customer, converters and non-converters alike:
 
 where each touch of channel ``c`` adds ``k_b(age) = 2 ** (-age / half_life_b)`` for a
 few fixed half-lives ``b`` (6 h to 10 d), up to the window. The non-negative mixture
-over ``b`` *is* the channel's learned decay. Every customer is at risk over the same
-observation period (the span of both files) until their conversion (or throughout, if
-customers convert more than once), so converters' and non-converters' windows are
-aligned by construction. The likelihood is a Poisson process's: the rate at each
+over ``b`` *is* the channel's learned decay. Every customer is at risk from when they
+were first seen (the period's start, or later for a late arrival:
+``TouchLog.observed_from_ms``) until their conversion (or throughout, if customers
+convert more than once), right-censored at the data's end, so converters' and
+non-converters' windows are aligned. The likelihood is a Poisson process's: the rate at each
 conversion against the integral of the rate over all at-risk time; both are sums of
 closed-form terms, so fitting touches only the conversions (a matrix) and one vector
 of integrals, by L-BFGS-B with non-negative parameters.
@@ -196,14 +197,15 @@ def fit_causal(
     upto = (np.minimum(ms + window_ms, seg_end) - t0_ms) / DAY_MS
     dur = np.clip(upto - t_days, 0.0, None) * at_risk
 
-    # Integrals of every feature over all at-risk time of the chosen customers.
-    period_days = (t1_ms - t0_ms) / DAY_MS
+    # Integrals of every feature over all at-risk time of the chosen customers, each
+    # from when they were first seen (late arrivals are not at risk before).
+    observed = log.observed_from()
     if repeat:
-        exposure0 = float(chosen.sum()) * period_days
+        exposure0 = float(((t1_ms - observed[chosen]) / DAY_MS).sum())
     else:
         first = np.full(n_cust, t1_ms, dtype=np.int64)
         np.minimum.at(first, log.conv_customer, log.conv_ms)
-        exposure0 = float(((first[chosen] - t0_ms) / DAY_MS).sum())
+        exposure0 = float(((first[chosen] - observed[chosen]) / DAY_MS).sum())
     n_pairs = k * (k - 1) // 2 if interactions else 0
     n_feat = 1 + k * n_b + n_pairs
     integral = np.zeros(n_feat)
@@ -355,8 +357,8 @@ def _customer_hazards(
         np.add.at(lam.reshape(-1), c_cust[li] * k + c_chan[li], val / 2)
         np.add.at(lam.reshape(-1), c_cust[ri] * k + c_chan[ri], val / 2)
         lo = hi
-    base = np.full(n_cust, fit.baseline_rate * (t1_ms - t0_ms) / DAY_MS)
-    return lam, base
+    base = fit.baseline_rate * (t1_ms - log.observed_from()) / DAY_MS
+    return lam, base.astype(np.float64)
 
 
 def default_min_lag(log: TouchLog) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv  # type: ignore[import-untyped]
 
 from cadence.engine.attribution.journeys import AttributionError, FloatArray, IntArray, TouchLog
 
-__all__ = ["Holdouts", "load_holdouts", "load_touch_log", "parse_timestamp", "read_table"]
+__all__ = ["Holdouts", "load_first_seen", "load_holdouts", "load_touch_log", "parse_timestamp", "read_table"]
 
 _ZONE = r"(Z|z|[+-]\d\d(:?\d\d)?)$"
 
@@ -239,6 +239,37 @@ def load_touch_log(
         conv_ms=c_ms,
         conv_value=c_val,
     )
+
+
+def load_first_seen(path: Path, log: TouchLog) -> TouchLog:
+    """Read ``customer_id,first_seen`` and return ``log`` observing each customer from then.
+
+    A customer first seen part-way through the period is not at risk of converting
+    before (the causal model aligns observation windows with it). Customers listed
+    here but in neither data file join the log with no touch and no conversion: they
+    were observed and did not convert. A customer missing here is observed from the
+    period's start.
+    """
+    cols = ("customer_id", "first_seen")
+    table = read_table(path, cols)
+    seen = _timestamps(path, cols, table["first_seen"])
+    ids = pc.utf8_trim_whitespace(table["customer_id"].combine_chunks().cast(pa.string()))
+    known = log.customer_ids
+    if isinstance(known, _LazyIds):
+        codes = known.index_of(ids)
+        values = known._values
+    else:
+        lookup = {c: i for i, c in enumerate(known)}
+        codes = np.array([lookup.get(str(c), -1) for c in ids.to_pylist()], dtype=np.int64)
+        values = pa.array([str(c) for c in known], type=pa.string())
+    unknown = codes < 0
+    n_new = int(unknown.sum())
+    codes[unknown] = log.n_customers + np.arange(n_new)
+    t0, _t1 = log.period()
+    first = np.full(log.n_customers + n_new, t0, dtype=np.int64)
+    first[codes] = seen
+    new_ids = pa.concat_arrays([values, ids.filter(pa.array(unknown))]) if n_new else values
+    return replace(log, customer_ids=_LazyIds(new_ids), observed_from_ms=first)
 
 
 class _LazyIds(Sequence[str]):

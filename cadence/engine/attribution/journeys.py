@@ -292,6 +292,10 @@ class TouchLog:
     conv_customer: IntArray
     conv_ms: IntArray
     conv_value: FloatArray
+    #: per customer: when they were first seen (observation starts), ms; None: the period's start
+    observed_from_ms: IntArray | None = None
+    #: the end of observation (the data's end), ms; None: the last timestamp seen
+    end_ms: int | None = None
 
     @property
     def n_customers(self) -> int:
@@ -299,10 +303,35 @@ class TouchLog:
         return len(self.customer_ids)
 
     def period(self) -> tuple[int, int]:
-        """The observation period: first and last timestamp over touches and conversions."""
+        """The observation period: first and last timestamp over touches and conversions
+        (the end is :attr:`end_ms` when given)."""
         lows = [int(a.min()) for a in (self.touch_ms, self.conv_ms) if a.size]
         highs = [int(a.max()) for a in (self.touch_ms, self.conv_ms) if a.size]
-        return (min(lows), max(highs)) if lows else (0, 0)
+        if not lows:
+            return (0, self.end_ms or 0)
+        end = max(highs) if self.end_ms is None else max(self.end_ms, max(highs))
+        return min(lows), end
+
+    def observed_from(self) -> IntArray:
+        """Per customer: the start of their observation window, ms.
+
+        A customer first seen after the period starts (a late arrival) is at risk only
+        from then; no customer starts later than their own first touch or conversion.
+
+        >>> log = TouchLog(channels=("a",), customer_ids=["x", "y"], touch_customer=np.array([0, 1]),
+        ...     touch_ms=np.array([5, 9]), touch_channel=np.array([0, 0]), conv_customer=np.array([1]),
+        ...     conv_ms=np.array([20]), conv_value=np.array([1.0]), observed_from_ms=np.array([0, 12]))
+        >>> log.observed_from().tolist()
+        [5, 9]
+        """
+        t0, _t1 = self.period()
+        start = np.full(self.n_customers, t0, dtype=np.int64)
+        if self.observed_from_ms is not None:
+            start = np.maximum(start, np.asarray(self.observed_from_ms, dtype=np.int64))
+        for who, ms in ((self.touch_customer, self.touch_ms), (self.conv_customer, self.conv_ms)):
+            if who.size:
+                np.minimum.at(start, who, ms)
+        return start
 
     def journeys(self, window_ms: int) -> Journeys:
         """Cut into journeys with :func:`build_journeys`."""

@@ -8,18 +8,27 @@ When a conversion arrives, every rule-based model's credit is added to
 journey's channel set to ``attribution_coalitions`` and its path to
 ``attribution_paths`` (Shapley and Markov are solved from those tallies at query
 time), and the journey is closed.
+
+Models that cannot be credited per event (the causal model, fitted on every
+customer's exposures; Shapley, ordered Shapley and Markov, solved from the tallies and
+the open journeys) are *materialised*: ``attribution_exposures`` keeps every touch and
+conversion of the last 90 days (the causal model's input), and the leader's refresh
+writes each model's credit to ``attribution_fits`` with the event-log position and the
+time it reflects (:mod:`cadence.engine.attribution.materialized`).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, String, Table
 
-from cadence.store.schema.base import Id, metadata
+from cadence.store.schema.base import Id, Json, metadata
 
 __all__ = [
     "attribution_channel_credits",
     "attribution_coalitions",
     "attribution_credits",
+    "attribution_exposures",
+    "attribution_fits",
     "attribution_paths",
     "attribution_touches",
 ]
@@ -81,4 +90,32 @@ attribution_paths = Table(
     Column("window_days", Integer, primary_key=True),
     Column("path", String(2000), primary_key=True),  # a converting journey's channels joined by ">"
     Column("conversions", Float, nullable=False, default=0.0),
+)
+
+#: Every touch and conversion of the last 90 days, per block: what a causal fit reads.
+attribution_exposures = Table(
+    "attribution_exposures",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("spec", String(100), nullable=False),
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("channel", String(64), nullable=False),  # "" for a conversion
+    Column("value", Float, nullable=False, default=0.0),  # a conversion's value
+    Index(None, "spec", "ts_ms"),
+    Index(None, "customer_id"),
+)
+
+#: Materialised model credit: one row per block, model and window, replaced at each refresh.
+attribution_fits = Table(
+    "attribution_fits",
+    metadata,
+    Column("spec", String(100), primary_key=True),
+    Column("model", String(32), primary_key=True),
+    Column("window_days", Integer, primary_key=True),
+    Column("position", BigInteger, nullable=False),  # the last event id the fit reflects
+    Column("fitted_ms", BigInteger, nullable=False),  # wall-clock time of the refresh
+    Column("data_end_ms", BigInteger, nullable=False),  # the newest event time it saw
+    Column("seconds", Float, nullable=False),  # how long the refresh took
+    Column("result", Json, nullable=False),
 )

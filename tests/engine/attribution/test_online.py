@@ -110,8 +110,9 @@ def test_api_serves_several_models_with_scopes(journeys: Runtime) -> None:
     body = r.json()
     assert set(body["models"]) == {"linear", "markov", "shapley"}
     assert body["notes"]
-    bad = client.get("/v1/attribution?model=causal", headers=auth)
-    assert bad.status_code == 422 and "offline" in bad.json()["detail"]
+    assert set(body["fits"]) == {"markov", "shapley"}
+    bad = client.get("/v1/attribution?model=causel", headers=auth)
+    assert bad.status_code == 422 and "causal" in bad.json()["detail"]
     assert client.get("/v1/attribution?window=200d", headers=auth).status_code == 422
     ranged = client.get(
         "/v1/attribution?model=last_touch&from=2026-01-05&to=2026-01-31&group_by=day", headers=auth
