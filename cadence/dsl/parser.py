@@ -14,20 +14,23 @@ with two mistakes reports two errors, not sixteen.
 from __future__ import annotations
 
 import difflib
+import gc
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, time
 from functools import cache
 from pathlib import Path as FilePath
 from typing import Any, TypedDict, cast
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from cadence.dsl import ast
 from cadence.dsl.diagnostics import UNIT_WORDS, Diagnostic, did_you_mean
 
-__all__ = ["KEYWORDS", "TOP_LEVEL", "ParsedModule", "grammar", "parse_text"]
+__all__ = ["KEYWORDS", "TOP_LEVEL", "ParsedModule", "gc_paused", "grammar", "parse_text"]
 
 GRAMMAR_FILE = FilePath(__file__).with_name("cadence.lark")
 
@@ -116,15 +119,108 @@ KEYWORDS: dict[str, str] = _grammar_text()[1] | {"QUANT": "every"}
 @cache
 def grammar() -> Lark:
     """The LALR parser (contextual lexer) with the AST builder embedded; built once."""
-    return Lark(
+    parser = Lark(
         _grammar_text()[0],
         parser="lalr",
         lexer="contextual",
-        transformer=_Builder(),
         maybe_placeholders=False,
         cache=True,
         **({"_plugins": _PLUGINS} if _PLUGINS else {}),
     )
+    _install_reductions(parser, _Builder())
+    return parser
+
+
+class _Reduction:
+    """A grammar rule as the LALR loop reads it (``origin.name``, ``len(expansion)``).
+
+    lark keys its reduction callbacks by its ``Rule`` objects, whose hash and equality
+    are Python methods called on every reduction; this stand-in hashes by identity.
+    """
+
+    __slots__ = ("expansion", "origin")
+
+    def __init__(self, origin: Any, expansion: tuple[Any, ...]) -> None:
+        self.origin = origin
+        self.expansion = expansion
+
+
+def _reduction_callback(rule: Any, builder: _Builder) -> Any:
+    """The function that turns one reduction's children into its AST value.
+
+    It does what lark's tree builder and an inline transformer would, in one call:
+    drops filtered tokens (``"{"``, ``_KEYWORD``), splices the lists built for the
+    grammar's ``(...)*`` helper rules, returns a ``?rule``'s only child as it is, and
+    calls the builder method named after the rule or its alias.
+    """
+    keep = [
+        (i, not sym.is_term and sym.name.startswith("_"))
+        for i, sym in enumerate(rule.expansion)
+        if rule.options.keep_all_tokens or not (sym.is_term and sym.filter_out)
+    ]
+    name = str(rule.alias or rule.options.template_source or rule.origin.name)
+    method = getattr(builder, name, None)
+    expand1 = bool(rule.options.expand1) and not rule.alias
+    if method is None:
+        if name.startswith("_"):
+            method = list  # an EBNF helper: its children are spliced into the parent
+        elif expand1 and len(keep) == 1 and not keep[0][1]:
+            index = keep[0][0]
+            return lambda s: s[index]
+        else:  # pragma: no cover - a grammar change without its builder method
+            raise AssertionError(f"no AST builder for grammar rule {name!r}")
+    fn = method
+    if any(expand for _, expand in keep):
+
+        def gather(s: list[Any]) -> list[Any]:
+            out: list[Any] = []
+            for i, expand in keep:
+                if expand:
+                    if out:
+                        out.extend(s[i])
+                    else:  # left recursion: keep growing the same list
+                        out = s[i]
+                else:
+                    out.append(s[i])
+            return out
+
+        if fn is list:
+            return gather
+        if expand1:
+            return lambda s: c[0] if len(c := gather(s)) == 1 else fn(*c)
+        return lambda s: fn(*gather(s))
+    indices = [i for i, _ in keep]
+    if fn is list:
+        return lambda s: [s[i] for i in indices]
+    if len(indices) == len(rule.expansion):
+        if expand1:
+            return lambda s: s[0] if len(s) == 1 else fn(*s)
+        return lambda s: fn(*s)
+    if expand1:
+        return lambda s: c[0] if len(c := [s[i] for i in indices]) == 1 else fn(*c)
+    return lambda s: fn(*[s[i] for i in indices])
+
+
+def _install_reductions(parser: Lark, builder: _Builder) -> None:
+    """Make the LALR loop build AST nodes directly (no parse tree, no per-reduction rule hashing)."""
+    from lark.parsers.lalr_analysis import Reduce
+
+    callbacks = parser._callbacks
+    table = parser.parser.parser._parse_table
+    fast: dict[int, _Reduction] = {}
+    new_callbacks: dict[Any, Any] = {}
+    for actions in table.states.values():
+        for terminal, (action, rule) in list(actions.items()):
+            if action is not Reduce:
+                continue
+            reduction = fast.get(id(rule))
+            if reduction is None:
+                reduction = fast[id(rule)] = _Reduction(rule.origin, rule.expansion)
+                new_callbacks[reduction] = _reduction_callback(rule, builder)
+            actions[terminal] = (action, reduction)
+    # the parser holds this very dict: refill it in place
+    callbacks.clear()
+    callbacks.update(new_callbacks)
 
 
 def _decode_string(raw: str) -> str:
@@ -193,49 +289,49 @@ def _strs(items: list[Any], kind: str) -> list[Token]:
     return [t for t in items if isinstance(t, TOKEN_TYPES) and t.type == kind]
 
 
-@v_args(inline=True)
-class _Builder(Transformer[Token, Any]):
-    """Turns parse events straight into AST nodes (embedded in the LALR parser)."""
+class _Builder:
+    """Turns each reduction straight into an AST node (called from the LALR loop)."""
 
     # ---- literals and atoms
     def number(self, tok: Token) -> ast.Lit:
-        return ast.Lit("number", float(str(tok)), str(tok), **_pos(tok))
+        return ast.Lit("number", float(str(tok)), str(tok), line=tok.line, column=tok.column)
 
     def duration(self, tok: Token) -> ast.Lit:
-        return ast.Lit("duration", duration_ms(str(tok)), str(tok), **_pos(tok))
+        return ast.Lit("duration", duration_ms(str(tok)), str(tok), line=tok.line, column=tok.column)
 
     def percent(self, tok: Token) -> ast.Lit:
-        return ast.Lit("percent", float(str(tok)[:-1]) / 100.0, str(tok), **_pos(tok))
+        return ast.Lit("percent", float(str(tok)[:-1]) / 100.0, str(tok), line=tok.line, column=tok.column)
 
     def money(self, tok: Token) -> ast.Lit:
-        return ast.Lit("money", float(str(tok)[1:]), str(tok), **_pos(tok))
+        return ast.Lit("money", float(str(tok)[1:]), str(tok), line=tok.line, column=tok.column)
 
     def timeofday(self, tok: Token) -> ast.Lit:
-        return ast.Lit("timeofday", _time_of_day(str(tok)), str(tok), **_pos(tok))
+        return ast.Lit("timeofday", _time_of_day(str(tok)), str(tok), line=tok.line, column=tok.column)
 
     def timestamp(self, tok: Token) -> ast.Lit:
-        return ast.Lit("timestamp", _timestamp(str(tok)), str(tok), **_pos(tok))
+        return ast.Lit("timestamp", _timestamp(str(tok)), str(tok), line=tok.line, column=tok.column)
 
     def string(self, tok: Token) -> ast.Lit:
-        return ast.Lit("string", _decode_string(str(tok)), str(tok), **_pos(tok))
+        return ast.Lit("string", _decode_string(str(tok)), str(tok), line=tok.line, column=tok.column)
 
     def true(self, tok: Token) -> ast.Lit:
-        return ast.Lit("bool", True, "true", **_pos(tok))
+        return ast.Lit("bool", True, "true", line=tok.line, column=tok.column)
 
     def false(self, tok: Token) -> ast.Lit:
-        return ast.Lit("bool", False, "false", **_pos(tok))
+        return ast.Lit("bool", False, "false", line=tok.line, column=tok.column)
 
     def now(self, tok: Token) -> ast.Lit:
-        return ast.Lit("now", None, "now", **_pos(tok))
+        return ast.Lit("now", None, "now", line=tok.line, column=tok.column)
 
     def path(self, *names: Token) -> ast.Path:
-        return ast.Path(tuple(str(n) for n in names), **_pos(names[0]))
+        first = names[0]
+        return ast.Path(tuple([n.value for n in names]), line=first.line, column=first.column)
 
     def call(self, name: Token, *args: Any) -> ast.Call:
-        return ast.Call(str(name), tuple(args), **_pos(name))
+        return ast.Call(str(name), tuple(args), line=name.line, column=name.column)
 
     def set_lit(self, bracket: Token, *items: Any) -> ast.SetLit:
-        return ast.SetLit(tuple(items), **_pos(bracket))
+        return ast.SetLit(tuple(items), line=bracket.line, column=bracket.column)
 
     # ---- operators: a flat operand/operator list, given its precedence here
     def eqop(self) -> Token:
@@ -257,7 +353,7 @@ class _Builder(Transformer[Token, Any]):
         return _climb(seq)
 
     def within(self, subject: Any, _kw: Token, window: Any) -> ast.Binary:
-        return ast.Binary("within", subject, window, **_pos(subject))
+        return ast.Binary("within", subject, window, line=subject.line, column=subject.column)
 
     def between(self, subject: Any, _kw: Token, older: Any, _and: Token, newer: Any) -> ast.Between:
         # "between 90d and 30d ago": the trailing "ago" parses as a postfix of the second bound
@@ -266,14 +362,14 @@ class _Builder(Transformer[Token, Any]):
             newer = newer.operand
         if isinstance(older, ast.Unary) and older.op == "ago":
             older = older.operand
-        return ast.Between(subject, older, newer, ago, **_pos(subject))
+        return ast.Between(subject, older, newer, ago, line=subject.line, column=subject.column)
 
     def ago(self, operand: Any, _kw: Token) -> ast.Unary:
-        return ast.Unary("ago", operand, **_pos(operand))
+        return ast.Unary("ago", operand, line=operand.line, column=operand.column)
 
     # ---- campaign clauses
     def _clause(self, kw: Token, **args: Any) -> ast.Clause:
-        return ast.Clause(str(kw), args, **_pos(kw))
+        return ast.Clause(str(kw), args, line=kw.line, column=kw.column)
 
     def audience(self, kw: Token, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
@@ -304,8 +400,14 @@ class _Builder(Transformer[Token, Any]):
 
     def event_name(self, *parts: Token) -> ast.Path | ast.Lit:
         if parts[0].type == "STRING":
-            return ast.Lit("string", _decode_string(str(parts[0])), str(parts[0]), **_pos(parts[0]))
-        return ast.Path(tuple(str(p) for p in parts), **_pos(parts[0]))
+            return ast.Lit(
+                "string",
+                _decode_string(str(parts[0])),
+                str(parts[0]),
+                line=parts[0].line,
+                column=parts[0].column,
+            )
+        return ast.Path(tuple(str(p) for p in parts), line=parts[0].line, column=parts[0].column)
 
     def trigger(self, kw: Token, event: Any, *rest: Any) -> ast.Clause:
         where = after = None
@@ -364,7 +466,11 @@ class _Builder(Transformer[Token, Any]):
 
     def arm(self, name: Token, share: Any, template: Token | None = None) -> ast.Arm:
         return ast.Arm(
-            str(name), share, _decode_string(str(template)) if template is not None else None, **_pos(name)
+            str(name),
+            share,
+            _decode_string(str(template)) if template is not None else None,
+            line=name.line,
+            column=name.column,
         )
 
     # ---- attribution clauses
@@ -384,7 +490,8 @@ class _Builder(Transformer[Token, Any]):
         return ast.Clause(
             "channel_rule",
             {"channel": str(name), "channel_pos": _pos(name), "when": list(matches)},
-            **_pos(kw),
+            line=kw.line,
+            column=kw.column,
         )
 
     def field_match(self, name: Token, *rest: Token) -> tuple[str, str, str, _Pos]:
@@ -414,10 +521,12 @@ class _Builder(Transformer[Token, Any]):
         return self._clause(kw, customer=list(fields))
 
     def given_events(self, kw: Token, _events: Token, *fixtures: ast.Fixture) -> ast.Clause:
-        return ast.Clause("given_events", {"events": list(fixtures)}, **_pos(kw))
+        return ast.Clause("given_events", {"events": list(fixtures)}, line=kw.line, column=kw.column)
 
     def fixture(self, event: Any, moment: ast.Moment, props: Any = None) -> ast.Fixture:
-        return ast.Fixture(event, moment, tuple((n, e) for n, e, _p in (props or [])), **_pos(event))
+        return ast.Fixture(
+            event, moment, tuple((n, e) for n, e, _p in (props or [])), line=event.line, column=event.column
+        )
 
     def props(self, *fields: Any) -> list[Any]:
         return list(fields)
@@ -425,12 +534,18 @@ class _Builder(Transformer[Token, Any]):
     def moment_abs(self, ts: Token, zone: Token | None = None) -> ast.Moment:
         text = str(ts) + (f" {zone}" if zone is not None else "")
         return ast.Moment(
-            absolute=str(ts), zone=str(zone) if zone is not None else None, text=text, **_pos(ts)
+            absolute=str(ts),
+            zone=str(zone) if zone is not None else None,
+            text=text,
+            line=ts.line,
+            column=ts.column,
         )
 
     def moment_rel(self, sign: Token, dur: Token) -> ast.Moment:
         ms = duration_ms(str(dur))
-        return ast.Moment(offset_ms=-ms if str(sign) == "-" else ms, text=f"{sign}{dur}", **_pos(sign))
+        return ast.Moment(
+            offset_ms=-ms if str(sign) == "-" else ms, text=f"{sign}{dur}", line=sign.line, column=sign.column
+        )
 
     def step(self, moment: ast.Moment, *rest: Any) -> ast.Step:
         items = list(rest)
@@ -438,7 +553,9 @@ class _Builder(Transformer[Token, Any]):
         if not (isinstance(items[0], TOKEN_TYPES) and items[0].type == "EXPECT"):
             event = items.pop(0)
             props = items.pop(0) if not isinstance(items[0], TOKEN_TYPES) else []
-            trigger = ast.Fixture(event, moment, tuple((n, e) for n, e, _p in props), **_pos(event))
+            trigger = ast.Fixture(
+                event, moment, tuple((n, e) for n, e, _p in props), line=event.line, column=event.column
+            )
         items.pop(0)  # EXPECT
         step: ast.Step = items[0]
         step.at = moment
@@ -478,28 +595,33 @@ class _Builder(Transformer[Token, Any]):
 
     # ---- blocks
     def import_decl(self, kw: Token, path: Token, alias: Token | None = None) -> ast.Import:
-        return ast.Import(_decode_string(str(path)), str(alias) if alias is not None else None, **_pos(kw))
+        return ast.Import(
+            _decode_string(str(path)),
+            str(alias) if alias is not None else None,
+            line=kw.line,
+            column=kw.column,
+        )
 
     def event_decl(self, kw: Token, name: Token, value: Token) -> ast.EventAlias:
-        return ast.EventAlias(str(name), _decode_string(str(value)), **_pos(kw))
+        return ast.EventAlias(str(name), _decode_string(str(value)), line=kw.line, column=kw.column)
 
     def segment_decl(self, kw: Token, name: Token, *rest: Any) -> ast.Segment:
         title = _decode_string(str(rest[0])) if len(rest) == 2 else None
-        return ast.Segment(str(name), title, rest[-1], **_pos(kw))
+        return ast.Segment(str(name), title, rest[-1], line=kw.line, column=kw.column)
 
     def campaign_decl(self, kw: Token, name: Token, *rest: Any) -> ast.Campaign:
         title, clauses = _title_and_clauses(rest)
-        return ast.Campaign(str(name), title, clauses, **_pos(kw))
+        return ast.Campaign(str(name), title, clauses, line=kw.line, column=kw.column)
 
     def attribution_decl(self, kw: Token, name: Token, *rest: Any) -> ast.Attribution:
         title, clauses = _title_and_clauses(rest)
-        return ast.Attribution(str(name), title, clauses, **_pos(kw))
+        return ast.Attribution(str(name), title, clauses, line=kw.line, column=kw.column)
 
     def settings_decl(self, kw: Token, *clauses: ast.Clause) -> ast.Settings:
-        return ast.Settings(list(clauses), **_pos(kw))
+        return ast.Settings(list(clauses), line=kw.line, column=kw.column)
 
     def test_decl(self, kw: Token, name: Token, *items: Any) -> ast.Test:
-        test = ast.Test(_decode_string(str(name)), **_pos(kw))
+        test = ast.Test(_decode_string(str(name)), line=kw.line, column=kw.column)
         customer: list[tuple[str, Any]] = []
         events: list[ast.Fixture] = []
         steps: list[ast.Step] = []
@@ -572,9 +694,9 @@ def _climb(seq: list[Any]) -> ast.Expr:
         if isinstance(item, TOKEN_TYPES):
             if item.type == "NOT":
                 operand = parse(NOT_PREC + 1)
-                return ast.Unary("not", operand, **_pos(item))
+                return ast.Unary("not", operand, line=item.line, column=item.column)
             operand = unary()
-            return ast.Unary("-", operand, **_pos(item))
+            return ast.Unary("-", operand, line=item.line, column=item.column)
         return item  # type: ignore[no-any-return]
 
     def parse(min_prec: int) -> ast.Expr:
@@ -728,8 +850,30 @@ def _diag(
     return Diagnostic(code, message, file, line, column, max(1, length), hint, "error", source)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a burst of short-lived objects is built.
+
+    Parsing and compiling allocate hundreds of thousands of small objects and free
+    nearly all of them by reference counting; the collector's passes over them cost
+    about a tenth of the time and find nothing. Re-entrant; restores the previous state.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def parse_text(text: str, file: str = "<string>") -> ParsedModule:
     """Parse a whole rule file; syntax errors become diagnostics, one per broken block."""
+    with gc_paused():
+        return _parse_text(text, file)
+
+
+def _parse_text(text: str, file: str) -> ParsedModule:
     module = ParsedModule(file=file, text=text)
     lines = text.split("\n")
     parser = grammar()
