@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, time
 from functools import cache
+from operator import itemgetter
 from pathlib import Path as FilePath
 from typing import Any, TypedDict, cast
 
@@ -161,16 +162,25 @@ def _reduction_callback(rule: Any, builder: _Builder) -> Any:
     name = str(rule.alias or rule.options.template_source or rule.origin.name)
     method = getattr(builder, name, None)
     expand1 = bool(rule.options.expand1) and not rule.alias
+    splices = any(expand for _, expand in keep)
+    indices = [i for i, _ in keep]
+    if expand1 and len(keep) == 1 and not splices:
+        return itemgetter(indices[0])  # a ?rule with one child: that child, without a Python call
     if method is None:
-        if name.startswith("_"):
-            method = list  # an EBNF helper: its children are spliced into the parent
-        elif expand1 and len(keep) == 1 and not keep[0][1]:
-            index = keep[0][0]
-            return lambda s: s[index]
-        else:  # pragma: no cover - a grammar change without its builder method
+        if not name.startswith("_"):  # pragma: no cover - a grammar change without its builder method
             raise AssertionError(f"no AST builder for grammar rule {name!r}")
+        method = list  # an EBNF helper: its children are spliced into the parent
     fn = method
-    if any(expand for _, expand in keep):
+    if splices:
+        if fn is list and [e for _, e in keep] == [True, False]:
+            first, second = indices
+
+            def grow(s: list[Any]) -> list[Any]:  # left recursion: keep growing the same list
+                out: list[Any] = s[first]
+                out.append(s[second])
+                return out
+
+            return grow
 
         def gather(s: list[Any]) -> list[Any]:
             out: list[Any] = []
@@ -178,7 +188,7 @@ def _reduction_callback(rule: Any, builder: _Builder) -> Any:
                 if expand:
                     if out:
                         out.extend(s[i])
-                    else:  # left recursion: keep growing the same list
+                    else:
                         out = s[i]
                 else:
                     out.append(s[i])
@@ -189,15 +199,13 @@ def _reduction_callback(rule: Any, builder: _Builder) -> Any:
         if expand1:
             return lambda s: c[0] if len(c := gather(s)) == 1 else fn(*c)
         return lambda s: fn(*gather(s))
-    indices = [i for i, _ in keep]
     if fn is list:
-        return lambda s: [s[i] for i in indices]
+        return list if len(indices) == len(rule.expansion) else lambda s: [s[i] for i in indices]
     if len(indices) == len(rule.expansion):
-        if expand1:
-            return lambda s: s[0] if len(s) == 1 else fn(*s)
         return lambda s: fn(*s)
-    if expand1:
-        return lambda s: c[0] if len(c := [s[i] for i in indices]) == 1 else fn(*c)
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda s: fn(s[index])
     return lambda s: fn(*[s[i] for i in indices])
 
 
@@ -879,9 +887,9 @@ def _parse_text(text: str, file: str) -> ParsedModule:
     parser = grammar()
     for start_line, block in split_blocks(text):
         offset = start_line - 1
-        for i, raw in enumerate(block.split("\n")):
+        for i, raw in enumerate(block.split("\n") if "#" in block else ()):
             # comments are kept by position for the formatter (strings never span lines)
-            pos = _comment_start(raw)
+            pos = _comment_start(raw) if "#" in raw else None
             if pos is not None:
                 module.comments.append((offset + i + 1, pos + 1, raw[pos:].rstrip()))
         if not block.strip() or all(
