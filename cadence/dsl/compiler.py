@@ -564,6 +564,11 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
             kw["trigger"] = Trigger(event=gen._event(a["event"]), where=where, delay_ms=delay)
         elif k == "send":
             template = _template(gen, a["template"], a["vars"])
+        elif k == "sync":
+            # an audience campaign: the scheduler syncs its members to the channel's audience
+            kw["kind"] = "audience"
+            template = _template(gen, "", a["vars"])
+            channels = ChannelPolicy((a["channel"][0],))
         elif k == "channel":
             channels = ChannelPolicy(
                 tuple(n for n, _p in a["channels"]), "best" if a["mode"] == "best" else "ordered"

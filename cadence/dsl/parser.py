@@ -434,6 +434,9 @@ class _Builder:
             kw, template=_decode_string(str(template)), template_pos=_pos(template), vars=list(variables)
         )
 
+    def sync(self, kw: Token, _audience: Token, channel: Token, *variables: Any) -> ast.Clause:
+        return self._clause(kw, channel=(str(channel), _pos(channel)), vars=list(variables))
+
     def var(self, name: Token, expr: Any) -> tuple[str, Any, _Pos]:
         return (str(name), expr, _pos(name))
 
@@ -951,6 +954,7 @@ CLAUSE_WORDS = frozenset(
         "split",
         "starts",
         "ends",
+        "sync",
         "conversion",
         "window",
         "model",
