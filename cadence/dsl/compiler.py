@@ -78,17 +78,18 @@ class CompiledPredicate:
     never pays for them.
     """
 
-    __slots__ = ("source", "pos", "_fn", "_parts", "_gen", "_explainers", "_file")
+    __slots__ = ("_source", "_node", "pos", "_fn", "_parts", "_gen", "_explainers", "_file")
 
     def __init__(
         self,
-        source: str,
+        source: str | ast.Expr,
         fn: Callable[[EvalContext], bool],
         parts: list[ast.Expr],
         gen: Codegen,
         pos: SourcePos | None,
     ) -> None:
-        self.source = source
+        # the canonical text is written on first use: loading a large ruleset need not format it
+        self._source, self._node = (source, None) if isinstance(source, str) else (None, source)
         self.pos = pos
         self._fn = fn
         self._parts = parts
@@ -100,6 +101,14 @@ class CompiledPredicate:
 
     def __call__(self, ctx: EvalContext) -> bool:
         return self._fn(ctx)
+
+    @property
+    def source(self) -> str:
+        """The condition as written, in canonical form."""
+        if self._source is None:
+            assert self._node is not None
+            self._source = format_expr(self._node)
+        return self._source
 
     def __repr__(self) -> str:
         return f"<predicate {self.source!r}>"
@@ -409,7 +418,7 @@ class Codegen:
 
         flatten(node)
         pred = CompiledPredicate(
-            format_expr(node), _unbuilt, parts, self, SourcePos(file, node.line, node.column)
+            node, _unbuilt, parts, self, SourcePos(file, node.line, node.column)
         )
 
         def ready(fn: Callable[..., Any]) -> None:
