@@ -89,7 +89,8 @@ class CompiledPredicate:
         pos: SourcePos | None,
     ) -> None:
         # the canonical text is written on first use: loading a large ruleset need not format it
-        self._source, self._node = (source, None) if isinstance(source, str) else (None, source)
+        self._source: str | None = source if isinstance(source, str) else None
+        self._node: ast.Expr | None = None if isinstance(source, str) else source
         self.pos = pos
         self._fn = fn
         self._parts = parts
@@ -109,6 +110,10 @@ class CompiledPredicate:
             assert self._node is not None
             self._source = format_expr(self._node)
         return self._source
+
+    @source.setter
+    def source(self, text: str) -> None:
+        self._source = text
 
     def __repr__(self) -> str:
         return f"<predicate {self.source!r}>"
@@ -417,9 +422,7 @@ class Codegen:
                 parts.append(n)
 
         flatten(node)
-        pred = CompiledPredicate(
-            node, _unbuilt, parts, self, SourcePos(file, node.line, node.column)
-        )
+        pred = CompiledPredicate(node, _unbuilt, parts, self, SourcePos(file, node.line, node.column))
 
         def ready(fn: Callable[..., Any]) -> None:
             pred._fn = fn

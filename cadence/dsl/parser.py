@@ -297,52 +297,56 @@ def _strs(items: list[Any], kind: str) -> list[Token]:
     return [t for t in items if isinstance(t, TOKEN_TYPES) and t.type == kind]
 
 
+#: A lexed token (lark's ``Token`` or lark_cython's): ``value``, ``type``, and int ``line``/``column``.
+_Tok = Any
+
+
 class _Builder:
     """Turns each reduction straight into an AST node (called from the LALR loop)."""
 
     # ---- literals and atoms
-    def number(self, tok: Token) -> ast.Lit:
+    def number(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("number", float(str(tok)), str(tok), line=tok.line, column=tok.column)
 
-    def duration(self, tok: Token) -> ast.Lit:
+    def duration(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("duration", duration_ms(str(tok)), str(tok), line=tok.line, column=tok.column)
 
-    def percent(self, tok: Token) -> ast.Lit:
+    def percent(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("percent", float(str(tok)[:-1]) / 100.0, str(tok), line=tok.line, column=tok.column)
 
-    def money(self, tok: Token) -> ast.Lit:
+    def money(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("money", float(str(tok)[1:]), str(tok), line=tok.line, column=tok.column)
 
-    def timeofday(self, tok: Token) -> ast.Lit:
+    def timeofday(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("timeofday", _time_of_day(str(tok)), str(tok), line=tok.line, column=tok.column)
 
-    def timestamp(self, tok: Token) -> ast.Lit:
+    def timestamp(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("timestamp", _timestamp(str(tok)), str(tok), line=tok.line, column=tok.column)
 
-    def string(self, tok: Token) -> ast.Lit:
+    def string(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("string", _decode_string(str(tok)), str(tok), line=tok.line, column=tok.column)
 
-    def true(self, tok: Token) -> ast.Lit:
+    def true(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("bool", True, "true", line=tok.line, column=tok.column)
 
-    def false(self, tok: Token) -> ast.Lit:
+    def false(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("bool", False, "false", line=tok.line, column=tok.column)
 
-    def now(self, tok: Token) -> ast.Lit:
+    def now(self, tok: _Tok) -> ast.Lit:
         return ast.Lit("now", None, "now", line=tok.line, column=tok.column)
 
-    def path(self, *names: Token) -> ast.Path:
+    def path(self, *names: _Tok) -> ast.Path:
         first = names[0]
         return ast.Path(tuple([n.value for n in names]), line=first.line, column=first.column)
 
-    def call(self, name: Token, *args: Any) -> ast.Call:
+    def call(self, name: _Tok, *args: Any) -> ast.Call:
         return ast.Call(str(name), tuple(args), line=name.line, column=name.column)
 
-    def set_lit(self, bracket: Token, *items: Any) -> ast.SetLit:
+    def set_lit(self, bracket: _Tok, *items: Any) -> ast.SetLit:
         return ast.SetLit(tuple(items), line=bracket.line, column=bracket.column)
 
     # ---- operators: a flat operand/operator list, given its precedence here
-    def eqop(self) -> Token:
+    def eqop(self) -> _Tok:
         return Token("EQEQ", "==")
 
     def item(self, *children: Any) -> _Prefixed:
@@ -360,10 +364,10 @@ class _Builder:
                 seq.append(child)
         return _climb(seq)
 
-    def within(self, subject: Any, _kw: Token, window: Any) -> ast.Binary:
+    def within(self, subject: Any, _kw: _Tok, window: Any) -> ast.Binary:
         return ast.Binary("within", subject, window, line=subject.line, column=subject.column)
 
-    def between(self, subject: Any, _kw: Token, older: Any, _and: Token, newer: Any) -> ast.Between:
+    def between(self, subject: Any, _kw: _Tok, older: Any, _and: _Tok, newer: Any) -> ast.Between:
         # "between 90d and 30d ago": the trailing "ago" parses as a postfix of the second bound
         ago = isinstance(newer, ast.Unary) and newer.op == "ago"
         if ago:
@@ -372,41 +376,41 @@ class _Builder:
             older = older.operand
         return ast.Between(subject, older, newer, ago, line=subject.line, column=subject.column)
 
-    def ago(self, operand: Any, _kw: Token) -> ast.Unary:
+    def ago(self, operand: Any, _kw: _Tok) -> ast.Unary:
         return ast.Unary("ago", operand, line=operand.line, column=operand.column)
 
     # ---- campaign clauses
-    def _clause(self, kw: Token, **args: Any) -> ast.Clause:
+    def _clause(self, kw: _Tok, **args: Any) -> ast.Clause:
         return ast.Clause(str(kw), args, line=kw.line, column=kw.column)
 
-    def audience(self, kw: Token, expr: Any) -> ast.Clause:
+    def audience(self, kw: _Tok, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
 
-    def unless(self, kw: Token, expr: Any) -> ast.Clause:
+    def unless(self, kw: _Tok, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
 
-    def priority(self, kw: Token, expr: Any) -> ast.Clause:
+    def priority(self, kw: _Tok, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
 
-    def starts(self, kw: Token, expr: Any) -> ast.Clause:
+    def starts(self, kw: _Tok, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
 
-    def ends(self, kw: Token, expr: Any) -> ast.Clause:
+    def ends(self, kw: _Tok, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
 
-    def window(self, kw: Token, expr: Any) -> ast.Clause:
+    def window(self, kw: _Tok, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
 
-    def spacing(self, kw: Token, expr: Any) -> ast.Clause:
+    def spacing(self, kw: _Tok, expr: Any) -> ast.Clause:
         return self._clause(kw, expr=expr)
 
-    def exclusive(self, kw: Token, group: Token) -> ast.Clause:
+    def exclusive(self, kw: _Tok, group: _Tok) -> ast.Clause:
         return self._clause(kw, group=_decode_string(str(group)))
 
-    def timezone(self, kw: Token, zone: Token) -> ast.Clause:
+    def timezone(self, kw: _Tok, zone: _Tok) -> ast.Clause:
         return self._clause(kw, zone=_decode_string(str(zone)), zone_pos=_pos(zone))
 
-    def event_name(self, *parts: Token) -> ast.Path | ast.Lit:
+    def event_name(self, *parts: _Tok) -> ast.Path | ast.Lit:
         if parts[0].type == "STRING":
             return ast.Lit(
                 "string",
@@ -417,7 +421,7 @@ class _Builder:
             )
         return ast.Path(tuple(str(p) for p in parts), line=parts[0].line, column=parts[0].column)
 
-    def trigger(self, kw: Token, event: Any, *rest: Any) -> ast.Clause:
+    def trigger(self, kw: _Tok, event: Any, *rest: Any) -> ast.Clause:
         where = after = None
         items = list(rest)
         while items:
@@ -429,28 +433,28 @@ class _Builder:
                 after = value
         return self._clause(kw, event=event, where=where, after=after)
 
-    def send(self, kw: Token, template: Token, *variables: Any) -> ast.Clause:
+    def send(self, kw: _Tok, template: _Tok, *variables: Any) -> ast.Clause:
         return self._clause(
             kw, template=_decode_string(str(template)), template_pos=_pos(template), vars=list(variables)
         )
 
-    def sync(self, kw: Token, _audience: Token, channel: Token, *variables: Any) -> ast.Clause:
+    def sync(self, kw: _Tok, _audience: _Tok, channel: _Tok, *variables: Any) -> ast.Clause:
         return self._clause(kw, channel=(str(channel), _pos(channel)), vars=list(variables))
 
-    def var(self, name: Token, expr: Any) -> tuple[str, Any, _Pos]:
+    def var(self, name: _Tok, expr: Any) -> tuple[str, Any, _Pos]:
         return (str(name), expr, _pos(name))
 
-    def channel_best(self, kw: Token, _best: Token, *names: Token) -> ast.Clause:
+    def channel_best(self, kw: _Tok, _best: _Tok, *names: _Tok) -> ast.Clause:
         return self._clause(kw, mode="best", channels=[(str(n), _pos(n)) for n in names])
 
-    def channel_ordered(self, kw: Token, *names: Token) -> ast.Clause:
+    def channel_ordered(self, kw: _Tok, *names: _Tok) -> ast.Clause:
         return self._clause(kw, mode="ordered", channels=[(str(n), _pos(n)) for n in names])
 
-    def cap(self, kw: Token, count: Any, window: Any, on: Token | None = None) -> ast.Clause:
+    def cap(self, kw: _Tok, count: Any, window: Any, on: _Tok | None = None) -> ast.Clause:
         channel = (str(on), _pos(on)) if on is not None else None
         return self._clause(kw, count=count, window=window, on=channel)
 
-    def quiet(self, kw: Token, start: Any, _dots: Token, end: Any, *rest: Any) -> ast.Clause:
+    def quiet(self, kw: _Tok, start: Any, _dots: _Tok, end: Any, *rest: Any) -> ast.Clause:
         zone = action = None
         items = list(rest)
         while items:
@@ -461,7 +465,7 @@ class _Builder:
                 action = (str(item), _pos(item))
         return self._clause(kw, start=start, end=end, zone=zone, action=action)
 
-    def schedule(self, kw: Token, _every: Token, unit: Token, *rest: Any) -> ast.Clause:
+    def schedule(self, kw: _Tok, _every: _Tok, unit: _Tok, *rest: Any) -> ast.Clause:
         at = zone = None
         items = list(rest)
         while items:
@@ -472,10 +476,10 @@ class _Builder:
                 at = item
         return self._clause(kw, every=(str(unit), _pos(unit)), at=at, zone=zone)
 
-    def split(self, kw: Token, *arms: ast.Arm) -> ast.Clause:
+    def split(self, kw: _Tok, *arms: ast.Arm) -> ast.Clause:
         return self._clause(kw, arms=list(arms))
 
-    def arm(self, name: Token, share: Any, template: Token | None = None) -> ast.Arm:
+    def arm(self, name: _Tok, share: Any, template: _Tok | None = None) -> ast.Arm:
         return ast.Arm(
             str(name),
             share,
@@ -485,19 +489,19 @@ class _Builder:
         )
 
     # ---- attribution clauses
-    def conversion(self, kw: Token, event: Any, *value: Token) -> ast.Clause:
+    def conversion(self, kw: _Tok, event: Any, *value: _Tok) -> ast.Clause:
         prop = None
         if value:
             prop = (str(value[0]), str(value[1]), _pos(value[0]))
         return self._clause(kw, event=event, value=prop)
 
-    def model(self, kw: Token, name: Token, *params: Any) -> ast.Clause:
+    def model(self, kw: _Tok, name: _Tok, *params: Any) -> ast.Clause:
         return self._clause(kw, name=str(name), name_pos=_pos(name), params=list(params))
 
-    def model_arg(self, name: Token, expr: Any) -> tuple[str, Any, _Pos]:
+    def model_arg(self, name: _Tok, expr: Any) -> tuple[str, Any, _Pos]:
         return (str(name), expr, _pos(name))
 
-    def channel_rule(self, kw: Token, name: Token, *matches: Any) -> ast.Clause:
+    def channel_rule(self, kw: _Tok, name: _Tok, *matches: Any) -> ast.Clause:
         return ast.Clause(
             "channel_rule",
             {"channel": str(name), "channel_pos": _pos(name), "when": list(matches)},
@@ -505,33 +509,33 @@ class _Builder:
             column=kw.column,
         )
 
-    def field_match(self, name: Token, *rest: Token) -> tuple[str, str, str, _Pos]:
+    def field_match(self, name: _Tok, *rest: _Tok) -> tuple[str, str, str, _Pos]:
         op = "matches" if rest[0].type == "MATCHES" else "="
         return (str(name), op, _decode_string(str(rest[-1])), _pos(name))
 
-    def credit(self, kw: Token, channel: Token, *rest: Any) -> ast.Clause:
+    def credit(self, kw: _Tok, channel: _Tok, *rest: Any) -> ast.Clause:
         value = rest[0] if kw.type != "EXCLUDE" and rest else None
         when = rest[-1] if rest and (kw.type == "EXCLUDE" or len(rest) == 2) else None
         return self._clause(kw, channel=str(channel), channel_pos=_pos(channel), value=value, when=when)
 
-    def tp_or(self, left: Any, _op: Token, right: Any) -> tuple[Any, ...]:
+    def tp_or(self, left: Any, _op: _Tok, right: Any) -> tuple[Any, ...]:
         return ("or", left, right)
 
-    def tp_and(self, left: Any, _op: Token, right: Any) -> tuple[Any, ...]:
+    def tp_and(self, left: Any, _op: _Tok, right: Any) -> tuple[Any, ...]:
         return ("and", left, right)
 
-    def tp_neg(self, _tok: Token, operand: Any) -> tuple[Any, ...]:
+    def tp_neg(self, _tok: _Tok, operand: Any) -> tuple[Any, ...]:
         return ("not", operand)
 
-    def tp_quant(self, quant: Token, field_: Token, *rest: Token) -> tuple[Any, ...]:
+    def tp_quant(self, quant: _Tok, field_: _Tok, *rest: _Tok) -> tuple[Any, ...]:
         op = str(rest[0]) if len(rest) == 2 else "=="
         return ("quant", str(quant), str(field_), op, _decode_string(str(rest[-1])), _pos(field_))
 
     # ---- tests
-    def given_customer(self, kw: Token, _customer: Token, *fields: Any) -> ast.Clause:
+    def given_customer(self, kw: _Tok, _customer: _Tok, *fields: Any) -> ast.Clause:
         return self._clause(kw, customer=list(fields))
 
-    def given_events(self, kw: Token, _events: Token, *fixtures: ast.Fixture) -> ast.Clause:
+    def given_events(self, kw: _Tok, _events: _Tok, *fixtures: ast.Fixture) -> ast.Clause:
         return ast.Clause("given_events", {"events": list(fixtures)}, line=kw.line, column=kw.column)
 
     def fixture(self, event: Any, moment: ast.Moment, props: Any = None) -> ast.Fixture:
@@ -542,7 +546,7 @@ class _Builder:
     def props(self, *fields: Any) -> list[Any]:
         return list(fields)
 
-    def moment_abs(self, ts: Token, zone: Token | None = None) -> ast.Moment:
+    def moment_abs(self, ts: _Tok, zone: _Tok | None = None) -> ast.Moment:
         text = str(ts) + (f" {zone}" if zone is not None else "")
         return ast.Moment(
             absolute=str(ts),
@@ -552,7 +556,7 @@ class _Builder:
             column=ts.column,
         )
 
-    def moment_rel(self, sign: Token, dur: Token) -> ast.Moment:
+    def moment_rel(self, sign: _Tok, dur: _Tok) -> ast.Moment:
         ms = duration_ms(str(dur))
         return ast.Moment(
             offset_ms=-ms if str(sign) == "-" else ms, text=f"{sign}{dur}", line=sign.line, column=sign.column
@@ -574,7 +578,7 @@ class _Builder:
         step.line, step.column = moment.line, moment.column
         return step
 
-    def expect_send(self, _send: Token, name: Token, channel: Token | None = None) -> ast.Step:
+    def expect_send(self, _send: _Tok, name: _Tok, channel: _Tok | None = None) -> ast.Step:
         return ast.Step(
             ast.Moment(),
             "send",
@@ -583,7 +587,7 @@ class _Builder:
             target_pos=_tp(name),
         )
 
-    def expect_no_send(self, _no: Token, _send: Token, *because: Token) -> ast.Step:
+    def expect_no_send(self, _no: _Tok, _send: _Tok, *because: _Tok) -> ast.Step:
         if because:
             return ast.Step(
                 ast.Moment(),
@@ -596,16 +600,16 @@ class _Builder:
             )
         return ast.Step(ast.Moment(), "no_send", None, target_pos=_tp(_send))
 
-    def expect_eligible(self, *toks: Token) -> ast.Step:
+    def expect_eligible(self, *toks: _Tok) -> ast.Step:
         kind = "not_eligible" if toks[0].type == "NOT" else "eligible"
         return ast.Step(ast.Moment(), kind, str(toks[-1]), target_pos=_tp(toks[-1]))
 
-    def expect_member(self, *toks: Token) -> ast.Step:
+    def expect_member(self, *toks: _Tok) -> ast.Step:
         kind = "not_member" if toks[0].type == "NOT" else "member"
         return ast.Step(ast.Moment(), kind, str(toks[-1]), target_pos=_tp(toks[-1]))
 
     # ---- blocks
-    def import_decl(self, kw: Token, path: Token, alias: Token | None = None) -> ast.Import:
+    def import_decl(self, kw: _Tok, path: _Tok, alias: _Tok | None = None) -> ast.Import:
         return ast.Import(
             _decode_string(str(path)),
             str(alias) if alias is not None else None,
@@ -613,25 +617,25 @@ class _Builder:
             column=kw.column,
         )
 
-    def event_decl(self, kw: Token, name: Token, value: Token) -> ast.EventAlias:
+    def event_decl(self, kw: _Tok, name: _Tok, value: _Tok) -> ast.EventAlias:
         return ast.EventAlias(str(name), _decode_string(str(value)), line=kw.line, column=kw.column)
 
-    def segment_decl(self, kw: Token, name: Token, *rest: Any) -> ast.Segment:
+    def segment_decl(self, kw: _Tok, name: _Tok, *rest: Any) -> ast.Segment:
         title = _decode_string(str(rest[0])) if len(rest) == 2 else None
         return ast.Segment(str(name), title, rest[-1], line=kw.line, column=kw.column)
 
-    def campaign_decl(self, kw: Token, name: Token, *rest: Any) -> ast.Campaign:
+    def campaign_decl(self, kw: _Tok, name: _Tok, *rest: Any) -> ast.Campaign:
         title, clauses = _title_and_clauses(rest)
         return ast.Campaign(str(name), title, clauses, line=kw.line, column=kw.column)
 
-    def attribution_decl(self, kw: Token, name: Token, *rest: Any) -> ast.Attribution:
+    def attribution_decl(self, kw: _Tok, name: _Tok, *rest: Any) -> ast.Attribution:
         title, clauses = _title_and_clauses(rest)
         return ast.Attribution(str(name), title, clauses, line=kw.line, column=kw.column)
 
-    def settings_decl(self, kw: Token, *clauses: ast.Clause) -> ast.Settings:
+    def settings_decl(self, kw: _Tok, *clauses: ast.Clause) -> ast.Settings:
         return ast.Settings(list(clauses), line=kw.line, column=kw.column)
 
-    def test_decl(self, kw: Token, name: Token, *items: Any) -> ast.Test:
+    def test_decl(self, kw: _Tok, name: _Tok, *items: Any) -> ast.Test:
         test = ast.Test(_decode_string(str(name)), line=kw.line, column=kw.column)
         customer: list[tuple[str, Any]] = []
         events: list[ast.Fixture] = []
@@ -705,9 +709,9 @@ def _climb(seq: list[Any]) -> ast.Expr:
         if isinstance(item, TOKEN_TYPES):
             if item.type == "NOT":
                 operand = parse(NOT_PREC + 1)
-                return ast.Unary("not", operand, line=item.line, column=item.column)
+                return ast.Unary("not", operand, line=item.line or 0, column=item.column or 0)
             operand = unary()
-            return ast.Unary("-", operand, line=item.line, column=item.column)
+            return ast.Unary("-", operand, line=item.line or 0, column=item.column or 0)
         return item  # type: ignore[no-any-return]
 
     def parse(min_prec: int) -> ast.Expr:
