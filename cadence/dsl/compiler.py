@@ -236,8 +236,10 @@ class Codegen:
         def local(m: re.Match[str]) -> str:
             return local_names.setdefault(m.group(0), f"_v{len(local_names)}")
 
-        shape = tuple(_CONSTANT.sub(constant, _LOCAL_VAR.sub(local, line)) for line in body)
-        return shape, tuple(values)
+        text = "\n".join(body)
+        if "_v" in text:
+            text = _LOCAL_VAR.sub(local, text)
+        return tuple(_CONSTANT.sub(constant, text).split("\n")), tuple(values)
 
     def build(self, filename: str) -> None:
         """``compile()`` the queued source once and hand each function to its owner."""
