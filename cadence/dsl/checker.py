@@ -21,9 +21,25 @@ from cadence.dsl.parser import ParsedModule
 from cadence.engine.attribution.spec import MODELS
 from cadence.engine.decision import SUPPRESSION_REASONS
 
-__all__ = ["FUNCTIONS", "Checker", "ModuleScope", "T", "feedback_event_name"]
+__all__ = ["FUNCTIONS", "Checker", "ModuleScope", "T", "audience_channels", "feedback_event_name"]
 
 DAY_MS = 86_400_000
+
+
+@cache
+def audience_channels() -> frozenset[str]:
+    """Channels whose connector keeps an ad audience in sync (Custom Audiences, Customer Match).
+
+    The connectors declare no capability for it: these are the channels of the two
+    built-in connectors that implement membership adds and removes. Imported on first
+    use, so checking rules without ``sync`` never loads the HTTP clients.
+    """
+    from cadence.connectors.facebook import Facebook
+    from cadence.connectors.google_ads import GoogleAds
+
+    return frozenset(Facebook.channels | GoogleAds.channels)
+
+
 FUNCTIONS = ("count", "sum", "last", "first", "has", "consent")
 SCHEDULE_UNITS = (
     "day",
@@ -846,8 +862,11 @@ class Checker:
         seen = self._clauses(block.clauses, ("cap",))
         trigger = seen.get("trigger")
         env = _Env(scope, event_allowed=trigger is not None)
+        sync = seen.get("sync")
+        if sync is not None:
+            self._sync_campaign(block, seen, scope)
         for keyword in ("send", "channel"):
-            if keyword not in seen and block.name not in scope.module.broken:
+            if sync is None and keyword not in seen and block.name not in scope.module.broken:
                 example = 'send template "NAME"' if keyword == "send" else "channel email"
                 self.at(
                     block,
@@ -866,7 +885,7 @@ class Checker:
                     self.bool_expr(args["where"], env, "where")
                 if args["after"] is not None:
                     self._duration(args["after"], env, "'after'", positive=False)
-            elif kw == "send":
+            elif kw in ("send", "sync"):
                 names = set()
                 for name, expr, pos in args["vars"]:
                     if name in names:
@@ -875,6 +894,8 @@ class Checker:
                     t = self.expr(expr, env)
                     if t.optional:
                         self._optional(expr)
+                if kw == "sync":
+                    self.audience_channel(*args["channel"])
             elif kw == "channel":
                 names = set()
                 for name, pos in args["channels"]:
@@ -911,6 +932,41 @@ class Checker:
                 and b.value <= a.value
             ):
                 self.at(b, "E402", "the campaign ends before it starts", len(b.text))
+
+    def _sync_campaign(self, block: ast.Campaign, seen: dict[str, ast.Clause], scope: ModuleScope) -> None:
+        """A campaign that syncs an ad audience sends no message and runs on its schedule."""
+        for keyword in ("send", "channel", "trigger", "split"):
+            clause = seen.get(keyword)
+            if clause is not None:
+                self.at(
+                    clause,
+                    "E406",
+                    f"'{keyword}' is not allowed in a campaign that syncs an audience (it sends no message)",
+                    len(keyword),
+                    "put messages in a campaign of their own",
+                )
+        if "schedule" not in seen and block.name not in scope.module.broken:
+            self.at(
+                block,
+                "E404",
+                f"campaign '{block.name}' syncs an audience but has no 'schedule' clause",
+                len("campaign"),
+                "add e.g. `schedule every day at 06:00`: each run syncs the membership changes",
+            )
+
+    def audience_channel(self, name: str, pos: Any) -> None:
+        """The channel of ``sync audience to``: installed, and its connector keeps audiences."""
+        if not self.channel_name(name, pos):
+            return
+        capable = audience_channels()
+        if name not in capable:
+            self.at(
+                pos,
+                "E202",
+                f"channel '{name}' cannot hold an audience",
+                len(name),
+                f"audiences can be synced to: {', '.join(sorted(capable))}",
+            )
 
     def quiet(self, clause: ast.Clause, env: _Env) -> None:
         """``quiet 21:00..08:00 in ZONE then defer|drop``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import re
+import types
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, time
 from typing import Any, Literal
@@ -46,6 +47,9 @@ __all__ = ["CompiledPredicate", "Codegen", "RUNTIME_ERRORS"]
 #: the condition is then false, and explain shows the value.
 RUNTIME_ERRORS = (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError, OverflowError)
 _EMPTY: Mapping[str, Any] = {}
+#: A constant in generated source: a ``_K[i]`` reference or a number literal (never part of a name).
+_CONSTANT = re.compile(r"_K\[(\d+)\]|(?<![\w.])(\d+(?:\.\d+)?(?:e[+-]?\d+)?)(?![\w.])")
+_LOCAL_VAR = re.compile(r"\b_v\d+\b")
 INLINE_LIMIT = 600  # segment conditions up to this much source are inlined where they are used
 WEEKDAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 
@@ -74,17 +78,19 @@ class CompiledPredicate:
     never pays for them.
     """
 
-    __slots__ = ("source", "pos", "_fn", "_parts", "_gen", "_explainers", "_file")
+    __slots__ = ("_source", "_node", "pos", "_fn", "_parts", "_gen", "_explainers", "_file")
 
     def __init__(
         self,
-        source: str,
+        source: str | ast.Expr,
         fn: Callable[[EvalContext], bool],
         parts: list[ast.Expr],
         gen: Codegen,
         pos: SourcePos | None,
     ) -> None:
-        self.source = source
+        # the canonical text is written on first use: loading a large ruleset need not format it
+        self._source: str | None = source if isinstance(source, str) else None
+        self._node: ast.Expr | None = None if isinstance(source, str) else source
         self.pos = pos
         self._fn = fn
         self._parts = parts
@@ -96,6 +102,18 @@ class CompiledPredicate:
 
     def __call__(self, ctx: EvalContext) -> bool:
         return self._fn(ctx)
+
+    @property
+    def source(self) -> str:
+        """The condition as written, in canonical form."""
+        if self._source is None:
+            assert self._node is not None
+            self._source = format_expr(self._node)
+        return self._source
+
+    @source.setter
+    def source(self, text: str) -> None:
+        self._source = text
 
     def __repr__(self) -> str:
         return f"<predicate {self.source!r}>"
@@ -133,6 +151,8 @@ class Codegen:
         self.segment_predicates: dict[str, CompiledPredicate] = {}
         self._pending: list[tuple[str, Callable[[Callable[..., Any]], None]]] = []
         self._bodies: dict[tuple[str, ...], str] = {}
+        self._shapes: dict[tuple[str, ...], str] = {}
+        self._instances: list[tuple[str, str, tuple[Any, ...]]] = []
         self.segment_ast: dict[str, ast.Expr] = {}
         self._segment_src: dict[str, str] = {}
         self._n = 0
@@ -168,29 +188,75 @@ class Codegen:
     def function(
         self, body: list[str], on_ready: Callable[[Callable[..., Any]], None], *, name: str | None = None
     ) -> str:
-        """Queue a function ``def NAME(ctx): BODY``; ``on_ready`` receives it after :meth:`build`."""
+        """Queue a function ``def NAME(ctx): BODY``; ``on_ready`` receives it after :meth:`build`.
+
+        Functions of the same *shape* (equal but for their constants) share one piece of
+        generated code: its constants become parameters with defaults (``_c0``, ``_c1``,
+        read as fast locals), and each function is that code with its own defaults. A
+        thousand campaigns that differ only in thresholds and names compile as a few
+        functions, not a thousand.
+        """
         key = tuple(body)
         if name is None and key in self._bodies:
-            # identical conditions share one function (content-addressed, so still one compile)
+            # identical conditions share one function
             self._pending.append((self._bodies[key], on_ready))
             return self._bodies[key]
         fname = name or self.fresh("_f")
         if name is None:
             self._bodies[key] = fname
-        self.lines.append(f"def {fname}(ctx):")
-        self.lines.extend("    " + line for line in body)
+        shape, values = self._shape(body)
+        base = self._shapes.get(shape)
+        if base is None:
+            base = self._shapes[shape] = self.fresh("_shape")
+            params = "".join(f", _c{i}=None" for i in range(len(values)))
+            self.lines.append(f"def {base}(ctx{params}):")
+            self.lines.extend("    " + line for line in shape)
+        self._instances.append((fname, base, values))
         self._pending.append((fname, on_ready))
         return fname
+
+    def _shape(self, body: list[str]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+        """``body`` with its constants replaced by parameters, and the constants' values.
+
+        >>> gen = Codegen()
+        >>> gen._shape([f"return (_p.count({gen.const('Order Completed')}, _n - 86400000, _u) > 2.0)"])
+        (('return (_p.count(_c0, _n - _c1, _u) > _c2)',), ('Order Completed', 86400000, 2.0))
+        """
+        values: list[Any] = []
+        local_names: dict[str, str] = {}
+
+        def constant(m: re.Match[str]) -> str:
+            if m.group(1) is not None:
+                values.append(self.consts[int(m.group(1))])
+            else:
+                text = m.group(2)
+                values.append(float(text) if "." in text or "e" in text else int(text))
+            return f"_c{len(values) - 1}"
+
+        def local(m: re.Match[str]) -> str:
+            return local_names.setdefault(m.group(0), f"_v{len(local_names)}")
+
+        text = "\n".join(body)
+        if "_v" in text:
+            text = _LOCAL_VAR.sub(local, text)
+        return tuple(_CONSTANT.sub(constant, text).split("\n")), tuple(values)
 
     def build(self, filename: str) -> None:
         """``compile()`` the queued source once and hand each function to its owner."""
         source = "\n".join(self.lines) + "\n"
         self.sources.append(source)
         code = compile(source, filename, "exec")
-        exec(code, self.namespace)  # noqa: S102 - compiler-generated source; user text only in _K
+        namespace = self.namespace
+        exec(code, namespace)  # noqa: S102 - compiler-generated source; user text only in constants
+        for fname, base, values in self._instances:
+            shared = namespace[base]
+            fn = types.FunctionType(shared.__code__, namespace, fname, values or None)
+            fn.__qualname__ = fname
+            namespace[fname] = fn
         for fname, on_ready in self._pending:
-            on_ready(self.namespace[fname])
+            on_ready(namespace[fname])
         self.lines.clear()
+        self._instances.clear()
         self._pending.clear()
 
     # ---- expressions
@@ -358,9 +424,7 @@ class Codegen:
                 parts.append(n)
 
         flatten(node)
-        pred = CompiledPredicate(
-            format_expr(node), _unbuilt, parts, self, SourcePos(file, node.line, node.column)
-        )
+        pred = CompiledPredicate(node, _unbuilt, parts, self, SourcePos(file, node.line, node.column))
 
         def ready(fn: Callable[..., Any]) -> None:
             pred._fn = fn
@@ -514,6 +578,11 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
             kw["trigger"] = Trigger(event=gen._event(a["event"]), where=where, delay_ms=delay)
         elif k == "send":
             template = _template(gen, a["template"], a["vars"])
+        elif k == "sync":
+            # an audience campaign: the scheduler syncs its members to the channel's audience
+            kw["kind"] = "audience"
+            template = _template(gen, "", a["vars"])
+            channels = ChannelPolicy((a["channel"][0],))
         elif k == "channel":
             channels = ChannelPolicy(
                 tuple(n for n, _p in a["channels"]), "best" if a["mode"] == "best" else "ordered"

@@ -192,6 +192,11 @@ def _clause(w: _Writer, clause: ast.Clause, width: int) -> None:  # noqa: C901 -
         if a["vars"]:
             text += " with { " + _vars(a["vars"]) + " }"
         w.line(anchor, head + text, 4)
+    elif kw == "sync":
+        text = f"audience to {a['channel'][0]}"
+        if a["vars"]:
+            text += " with { " + _vars(a["vars"]) + " }"
+        w.line(anchor, head + text, 4)
     elif kw == "channel":
         names = [n for n, _p in a["channels"]]
         text = "best of [" + ", ".join(names) + "]" if a["mode"] == "best" else ", fallback ".join(names)

@@ -31,7 +31,7 @@ from cadence.dsl.compiler import (
     compile_settings,
 )
 from cadence.dsl.diagnostics import Diagnostic, did_you_mean, sort_diagnostics
-from cadence.dsl.parser import ParsedModule, parse_text
+from cadence.dsl.parser import ParsedModule, gc_paused, parse_text
 from cadence.engine.campaign import CompiledRuleset
 from cadence.errors import RuleError
 
@@ -121,6 +121,24 @@ def load_rules(
     :param known_events: event names seen in the log; when given, other names are warned about.
     :param sources: in-memory texts by file name, used instead of reading the disk.
     """
+    with gc_paused():
+        return _load_rules(
+            paths,
+            available_channels=available_channels,
+            known_events=known_events,
+            default_zone=default_zone,
+            sources=sources,
+        )
+
+
+def _load_rules(
+    paths: Iterable[str | Path],
+    *,
+    available_channels: Collection[str],
+    known_events: Collection[str] | None,
+    default_zone: str,
+    sources: Mapping[str, str] | None,
+) -> LoadResult:
     texts: dict[str, str] = {}
     modules: dict[str, ParsedModule] = {}
     diagnostics: list[Diagnostic] = []

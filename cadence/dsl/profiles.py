@@ -11,7 +11,7 @@ the running totals, and ``sum(x.prop ...)`` from the event's value property what
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,16 +110,15 @@ class MemoryProfile:
         if not times:
             return 0
         # the usual window ends now, after the last event, and often starts before the first
-        hi = len(times) if times[-1] < until_ms else bisect.bisect_left(times, until_ms)
-        lo = 0 if since_ms <= times[0] else bisect.bisect_left(times, since_ms)
-        return hi - lo
+        hi = len(times) if times[-1] < until_ms else bisect_left(times, until_ms)
+        return hi if since_ms <= times[0] else hi - bisect_left(times, since_ms)
 
     def sum(self, event: str, prop: str, since_ms: int, until_ms: int) -> float:
         """The sum of a numeric property over ``event``s in ``[since_ms, until_ms)``."""
         times = self._times.get(event)
         if not times:
             return 0.0
-        lo, hi = bisect.bisect_left(times, since_ms), bisect.bisect_left(times, until_ms)
+        lo, hi = bisect_left(times, since_ms), bisect_left(times, until_ms)
         total = 0.0
         for props in self._values[event][lo:hi]:
             value = props.get(prop)

@@ -31,7 +31,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_examples_check_format_lint_and_test_clean() -> None:
     check = runner.invoke(app, ["check", str(RULES)])
     assert check.exit_code == 0, check.output
-    assert "ok: 8 file(s), 6 campaign(s)" in check.output
+    assert "ok: 9 file(s), 8 campaign(s)" in check.output
     fmt = runner.invoke(app, ["fmt", "--check", str(RULES)])
     assert fmt.exit_code == 0, fmt.output
     lint = runner.invoke(app, ["lint", str(RULES)])

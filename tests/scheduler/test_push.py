@@ -336,6 +336,40 @@ def test_audience_campaign_syncs_the_membership_difference(db_engine: Engine, se
     assert members == [1, 3, 50]
 
 
+SYNCED = """
+event opened = "Email Opened"
+campaign readers_fb "Readers, on Facebook" {
+    audience  count(opened within 30d) > 0
+    sync      audience to facebook with { audience_id: "aud-1" }
+    schedule  every day at 09:00 in "Europe/Berlin"
+}
+"""
+
+
+def test_a_compiled_sync_campaign_syncs_membership_through_the_push(db_engine: Engine, seed: Seed) -> None:
+    seed(readers(2) + customers(2, start=10))  # 2 readers, 2 who never opened
+    rules = Rules(SYNCED)
+    assert rules.current is not None and rules.current.campaigns["readers_fb"].kind == "audience"
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, rules, clock)
+    scheduler.tick()  # registers the job
+    clock.set(MONDAY + 8 * HOUR)
+    [report] = scheduler.tick()
+    assert (report.audience_added, report.audience_removed) == (2, 0)
+    first = send_rows(db_engine)
+    assert sorted((r.customer_id, r.channel, r.template) for r in first) == [
+        (1, "facebook", None),
+        (2, "facebook", None),
+    ]
+    assert [r.variables for r in first] == [{"audience_id": "aud-1", "operation": "add"}] * 2
+    # The next day nothing changed: nothing is queued again.
+    clock.set(MONDAY + DAY + 8 * HOUR)
+    scheduler.tick()
+    assert len(send_rows(db_engine)) == 2
+    with db_engine.connect() as conn:
+        assert sorted(conn.scalars(select(audience_members.c.customer_id))) == [1, 2]
+
+
 def test_enqueue_sends_counts_only_new_keys(db_engine: Engine, seed: Seed) -> None:
     from cadence.engine.sendqueue import enqueue_sends
 
