@@ -115,6 +115,16 @@ class CompiledPredicate:
     def source(self, text: str) -> None:
         self._source = text
 
+    @property
+    def parts(self) -> tuple[ast.Expr, ...]:
+        """The condition's top-level ``and`` parts, as checked syntax trees."""
+        return tuple(self._parts)
+
+    @property
+    def segments(self) -> dict[str, ast.Expr]:
+        """The syntax tree of every segment of the ruleset, by name (what the parts may refer to)."""
+        return dict(self._gen.segment_ast)
+
     def __repr__(self) -> str:
         return f"<predicate {self.source!r}>"
 

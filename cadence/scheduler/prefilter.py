@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cadence.dsl.compiler import CompiledPredicate
 from cadence.engine.campaign import DAY_MS, Campaign
 
 __all__ = ["SqlCondition", "audience_condition", "push_prefilter"]
@@ -243,12 +244,10 @@ def audience_condition(campaign: Campaign, *, now_ms: int, dialect: str) -> SqlC
     """A necessary condition, in SQL, for ``campaign`` to send to a customer now; None: no restriction."""
     cond = _channels_condition(campaign)
     audience = campaign.audience
-    parts: Sequence[Any] | None = getattr(audience, "_parts", None)
-    gen = getattr(audience, "_gen", None)
-    if audience is None or parts is None:
+    if not isinstance(audience, CompiledPredicate):  # a condition built in Python: no syntax to translate
         return cond
-    translator = _Translator(now_ms, dialect, dict(getattr(gen, "segment_ast", {}) or {}))
-    for part in parts:
+    translator = _Translator(now_ms, dialect, audience.segments)
+    for part in audience.parts:
         cond = _and(cond, translator.cond(part))
     return cond
 
