@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from sqlalchemy import Connection, Engine
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent
 from cadence.store.fast import is_postgres
+
+dumps = orjson.dumps
 
 __all__ = ["IngestResult", "Row", "append_events", "event_rows", "insert_rows", "record_events"]
 
@@ -115,8 +118,8 @@ def insert_rows(conn: Connection, rows: Sequence[Row]) -> int:
     if is_postgres(conn):
         result = conn.exec_driver_sql(PG_INSERT, (orjson.dumps(rows).decode(),))
         return max(result.rowcount, 0)
-    dumps = orjson.dumps
-    flat = [value for row in rows for value in (*row[:8], dumps(row[8]).decode())]
+    flat = list(chain.from_iterable(rows))
+    flat[8::9] = [dumps(payload).decode() for payload in flat[8::9]]
     accepted = 0
     start = 0
     for size in _sqlite_sizes(len(rows), _sqlite_most(conn)):
