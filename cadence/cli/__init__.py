@@ -57,6 +57,7 @@ COMMAND_HOMES = {
     "plugins": "cadence.cli.plugins",
     "attribution": "cadence.cli.attribution",
     "jobs": "cadence.cli.jobs",
+    "sends": "cadence.cli.sends",
 }
 
 err_console = Console(stderr=True)
