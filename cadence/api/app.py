@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cadence import __version__
 from cadence.api.metrics import Metrics
@@ -42,6 +43,33 @@ ROUTERS = (
 # Hooks run at startup and shutdown, in order, each given the app. Later parts (the
 # engine loop, the scheduler) register themselves here from their own modules.
 Lifecycle = Callable[[FastAPI], Awaitable[None] | None]
+
+
+class _Timing:
+    """Observe each request's latency by route and status (plain ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path: Any = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, str(status)).observe(time.perf_counter() - started)
 
 
 def create_app(
@@ -110,15 +138,5 @@ def create_app(
     async def _cadence_error(_request: Request, exc: CadenceError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"error": str(exc)})
 
-    @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path: Any = getattr(route, "path", "unmatched")
-        app.state.metrics.requests.labels(path, str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
-        return response
-
+    app.add_middleware(_Timing, metrics=app.state.metrics)
     return app

@@ -26,7 +26,7 @@ def import_command(
     ),
     default_type: str = typer.Option("track", "--type", help="Call type for lines without one."),
     rejects: Path | None = typer.Option(None, help="Where rejected lines go (default FILE.rejects.ndjson)."),
-    batch_size: int = typer.Option(1000, min=1, help="Events per committed batch."),
+    batch_size: int = typer.Option(10_000, min=1, help="Lines per committed batch."),
 ) -> None:
     """Import Segment-spec events; bad lines are reported and skipped, never fatal."""
     runtime = runtime_for(ctx, upgrade=True)

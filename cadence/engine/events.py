@@ -8,12 +8,11 @@ A malformed call raises :class:`~cadence.errors.EventError` naming the field.
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
 
-from cadence.clock import datetime_to_ms
 from cadence.errors import EventError
 
 __all__ = ["CALL_TYPES", "LoggedEvent", "NewEvent", "parse_call", "parse_timestamp"]
@@ -87,6 +86,32 @@ def _object(raw: dict[str, Any], name: str, prefix: str) -> dict[str, Any]:
     return value
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_fromisoformat = datetime.fromisoformat
+
+
+def _timestamp_ms(value: Any, where: str) -> int:
+    """``value`` (see :func:`parse_timestamp`) as integer ms since the epoch.
+
+    The common case, an ISO-8601 string, is parsed inline; anything else goes through
+    :func:`parse_timestamp`, which names ``where`` in its error.
+
+    >>> _timestamp_ms("2026-01-01T00:00:00.123Z", "timestamp")
+    1767225600123
+    """
+    if type(value) is str:
+        try:
+            parsed = _fromisoformat(value)
+        except ValueError:
+            parsed = parse_timestamp(value, where)  # surrounding blanks, or the error
+    else:
+        parsed = parse_timestamp(value, where)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return (parsed - _EPOCH) // _ONE_MS
+
+
 def corrected_timestamp(raw: dict[str, Any], *, received_ms: int, prefix: str = "") -> int:
     """The event time in ms, corrected for client clock skew as Segment does.
 
@@ -97,17 +122,20 @@ def corrected_timestamp(raw: dict[str, Any], *, received_ms: int, prefix: str = 
     ...     "sentAt": "2026-01-01T00:00:10Z"}, received_ms=1767225605000)
     1767225595000
     """
-    original = raw.get("originalTimestamp") or raw.get("timestamp")
-    sent_at = raw.get("sentAt")
+    get = raw.get
+    timestamp = get("timestamp")
+    original_ts = get("originalTimestamp")
+    original = original_ts or timestamp
+    sent_at = get("sentAt")
     if original is not None and sent_at is not None:
-        where = "originalTimestamp" if raw.get("originalTimestamp") else "timestamp"
-        original_ms = datetime_to_ms(parse_timestamp(original, prefix + where))
-        sent_ms = datetime_to_ms(parse_timestamp(sent_at, prefix + "sentAt"))
+        where = "originalTimestamp" if original_ts else "timestamp"
+        original_ms = _timestamp_ms(original, prefix + where)
+        sent_ms = _timestamp_ms(sent_at, prefix + "sentAt")
         return received_ms - (sent_ms - original_ms)
-    if raw.get("timestamp") is not None:
-        return datetime_to_ms(parse_timestamp(raw["timestamp"], prefix + "timestamp"))
+    if timestamp is not None:
+        return _timestamp_ms(timestamp, prefix + "timestamp")
     if original is not None:
-        return datetime_to_ms(parse_timestamp(original, prefix + "originalTimestamp"))
+        return _timestamp_ms(original, prefix + "originalTimestamp")
     return received_ms
 
 
@@ -137,54 +165,77 @@ def parse_call(
     >>> (e.type, e.event, e.user_id, e.ts_ms)
     ('track', 'Order Completed', 'u1', 1767225600000)
     """
-    if not isinstance(raw, dict):
+    if type(raw) is not dict and not isinstance(raw, dict):
         raise EventError(f"{prefix or 'body'}: expected a JSON object", field=prefix.rstrip(".") or None)
-    declared = raw.get("type")
-    kind = call_type or declared
-    if kind is None:
-        raise EventError(f"{prefix}type: required (one of {', '.join(CALL_TYPES)})", field=prefix + "type")
+    # Each check tests the common case inline and calls a helper only for the rest, which
+    # raises the error or normalises the value; the import and batch paths run this per event.
+    get = raw.get
+    kind = call_type or get("type")
     if kind not in CALL_TYPES:
+        if kind is None:
+            raise EventError(
+                f"{prefix}type: required (one of {', '.join(CALL_TYPES)})", field=prefix + "type"
+            )
         raise EventError(
             f"{prefix}type: {kind!r} is not a Segment call type ({', '.join(CALL_TYPES)})",
             field=prefix + "type",
         )
-    user_id = _optional_id(raw, "userId", prefix)
-    anonymous_id = _optional_id(raw, "anonymousId", prefix)
+    user_id = get("userId")
+    if user_id is not None and (type(user_id) is not str or not 0 < len(user_id) <= MAX_ID):
+        user_id = _optional_id(raw, "userId", prefix)
+    anonymous_id = get("anonymousId")
+    if anonymous_id is not None and (type(anonymous_id) is not str or not 0 < len(anonymous_id) <= MAX_ID):
+        anonymous_id = _optional_id(raw, "anonymousId", prefix)
     if user_id is None and anonymous_id is None:
         raise EventError(f"{prefix}userId: userId or anonymousId is required", field=prefix + "userId")
-    message_id = _optional_id(raw, "messageId", prefix, MAX_MESSAGE_ID) or _auto_message_id(raw)
+    message_id = get("messageId")
+    if type(message_id) is not str or not 0 < len(message_id) <= MAX_MESSAGE_ID:
+        message_id = _optional_id(raw, "messageId", prefix, MAX_MESSAGE_ID) or _auto_message_id(raw)
 
     event_name: str | None = None
     payload: dict[str, Any] = {}
-    context = _object(raw, "context", prefix)
+    context = get("context")
     if context:
+        if type(context) is not dict:
+            context = _object(raw, "context", prefix)
         payload["context"] = context
-    integrations = _object(raw, "integrations", prefix)
+    elif context is not None:
+        _object(raw, "context", prefix)  # a falsy non-object, e.g. [] or "": the error
+    integrations = get("integrations")
     if integrations:
+        if type(integrations) is not dict:
+            integrations = _object(raw, "integrations", prefix)
         payload["integrations"] = integrations
+    elif integrations is not None:
+        _object(raw, "integrations", prefix)
     if kind == "track":
-        event_name = raw.get("event")
-        if not isinstance(event_name, str) or not event_name.strip():
-            raise EventError(f"{prefix}event: required for track, a non-empty string", field=prefix + "event")
-        if len(event_name) > MAX_EVENT_NAME:
-            raise EventError(
-                f"{prefix}event: longer than {MAX_EVENT_NAME} characters", field=prefix + "event"
-            )
-        payload["properties"] = _object(raw, "properties", prefix)
+        event_name = get("event")
+        if type(event_name) is not str or not 0 < len(event_name) <= MAX_EVENT_NAME or event_name.isspace():
+            if not isinstance(event_name, str) or not event_name.strip():
+                raise EventError(
+                    f"{prefix}event: required for track, a non-empty string", field=prefix + "event"
+                )
+            if len(event_name) > MAX_EVENT_NAME:
+                raise EventError(
+                    f"{prefix}event: longer than {MAX_EVENT_NAME} characters", field=prefix + "event"
+                )
+        properties = get("properties")
+        payload["properties"] = properties if type(properties) is dict else _object(raw, "properties", prefix)
     elif kind in ("identify", "group"):
-        payload["traits"] = _object(raw, "traits", prefix)
+        traits = get("traits")
+        payload["traits"] = traits if type(traits) is dict else _object(raw, "traits", prefix)
         if kind == "group":
             group_id = _optional_id(raw, "groupId", prefix)
             if group_id is None:
                 raise EventError(f"{prefix}groupId: required for group", field=prefix + "groupId")
             payload["groupId"] = group_id
     elif kind in ("page", "screen"):
-        name = raw.get("name")
+        name = get("name")
         if name is not None and not isinstance(name, str):
             raise EventError(f"{prefix}name: expected a string", field=prefix + "name")
         event_name = name
         payload["properties"] = _object(raw, "properties", prefix)
-        if raw.get("category") is not None:
+        if get("category") is not None:
             payload["category"] = raw["category"]
     elif kind == "alias":
         previous = _optional_id(raw, "previousId", prefix)
@@ -193,21 +244,17 @@ def parse_call(
         if user_id is None:
             raise EventError(f"{prefix}userId: required for alias", field=prefix + "userId")
         payload["previousId"] = previous
-    if raw.get("channel") is not None:  # RudderStack's optional field
+    if get("channel") is not None:  # RudderStack's optional field
         payload["channel"] = raw["channel"]
 
     ts_ms = corrected_timestamp(raw, received_ms=received_ms, prefix=prefix)
-    return NewEvent(
-        message_id=message_id,
-        type=kind,
-        event=event_name,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        ts_ms=ts_ms,
-        payload=payload,
-        source=source,
-        received_ms=received_ms,
+    # Positional and without NewEvent.__new__: this runs once per ingested event.
+    return _new_event(
+        NewEvent, (message_id, kind, ts_ms, payload, event_name, user_id, anonymous_id, source, received_ms)
     )
+
+
+_new_event = tuple.__new__
 
 
 class LoggedEvent(NamedTuple):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from cadence.errors import StorageError
@@ -93,8 +96,61 @@ def _alembic_config(engine: Engine) -> Config:
     return config
 
 
+_REVISION = re.compile(r"^revision(?:\s*:\s*str)?\s*=\s*[\"']([^\"']+)[\"']\s*$", re.MULTILINE)
+_DOWN_REVISION = re.compile(r"^down_revision\b[^=]*=\s*(.+?)\s*$", re.MULTILINE)
+_DEPENDS_ON = re.compile(r"^depends_on\b[^=]*=\s*(.+?)\s*$", re.MULTILINE)
+
+
+def _script_heads() -> frozenset[str] | None:
+    """The heads of the migration scripts, read as text (importing Alembic takes a while).
+
+    None when a script does not look as expected; the caller then asks Alembic.
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted((MIGRATIONS / "versions").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        revision = _REVISION.search(text)
+        down = _DOWN_REVISION.search(text)
+        depends = _DEPENDS_ON.search(text)
+        if revision is None or down is None or (depends is not None and depends.group(1) != "None"):
+            return None
+        try:
+            value = ast.literal_eval(down.group(1))
+        except (ValueError, SyntaxError):
+            return None
+        if isinstance(value, str):
+            value = (value,)
+        if value is not None and not (
+            isinstance(value, tuple | list) and all(isinstance(v, str) for v in value)
+        ):
+            return None
+        revisions.add(revision.group(1))
+        parents.update(value or ())
+    return frozenset(revisions - parents) or None
+
+
+def _at_heads(engine: Engine) -> bool:
+    """True when the database is known to be at every head of the migration scripts.
+
+    A quick check without Alembic, so that a command on a current database starts fast;
+    False whenever it cannot tell (no version table yet, a script it cannot read).
+    """
+    heads = _script_heads()
+    if heads is None:
+        return False
+    try:
+        with engine.connect() as conn:
+            current = {row[0] for row in conn.exec_driver_sql("SELECT version_num FROM alembic_version")}
+    except SQLAlchemyError:
+        return False
+    return current == heads
+
+
 def migrate(engine: Engine, revision: str = "heads") -> None:
     """Apply Alembic migrations up to ``revision`` (all heads by default)."""
+    if revision == "heads" and _at_heads(engine):
+        return
     from alembic import command
 
     try:
@@ -105,6 +161,8 @@ def migrate(engine: Engine, revision: str = "heads") -> None:
 
 def pending_migrations(engine: Engine) -> list[str]:
     """Revisions not yet applied to the database behind ``engine``."""
+    if _at_heads(engine):
+        return []
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 

@@ -13,8 +13,6 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Table
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 __all__ = ["dialect_insert", "dialect_sql", "dump_json", "execute_many", "fetch_in", "is_postgres"]
 
@@ -45,7 +43,13 @@ def dump_json(value: Any) -> str:
 
 def dialect_insert(conn: Connection, table: Table) -> Any:
     """``INSERT`` for ``table`` in the connection's dialect, so ``on_conflict_do_*`` is available."""
-    return (pg_insert if is_postgres(conn) else sqlite_insert)(table)
+    if is_postgres(conn):  # dialect modules are imported on first use: CLI start-up stays short
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
 
 
 def execute_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:

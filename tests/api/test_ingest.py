@@ -116,3 +116,12 @@ def test_sent_at_corrects_client_clock_skew(client: TestClient, runtime: Runtime
     with runtime.engine.connect() as conn:
         ts_ms, received_ms = conn.execute(select(events.c.ts_ms, events.c.received_ms)).one()
     assert received_ms - ts_ms == 5000
+
+
+def test_request_latency_is_observed_by_route_and_status(client: TestClient, key: str) -> None:
+    batch = {"batch": [{"type": "track", "userId": "u1", "event": "A", "messageId": "lat"}]}
+    assert client.post("/v1/batch", json=batch, headers=basic(key)).status_code == 200
+    assert client.post("/v1/batch", json={"batch": [{}]}, headers=basic(key)).status_code == 400
+    text = client.get("/metrics").text
+    assert 'cadence_http_request_seconds_count{route="/v1/batch",status="200"} 1.0' in text
+    assert 'cadence_http_request_seconds_count{route="/v1/batch",status="400"} 1.0' in text
