@@ -385,6 +385,10 @@ def decide(
             plan.channel_rank[channel] = rank
             cap_times = []
             for cap in caps:
+                if not history:  # nothing to count: only a zero cap can block
+                    if cap.count <= 0 and _cap_times(cap, campaign, channel, history) is not None:
+                        cap_times.append((cap, []))
+                    continue
                 times = _cap_times(cap, campaign, channel, history)
                 if times is not None and (times or cap.count <= 0):
                     cap_times.append((cap, [day_of(x) for x in times] if cap.calendar else times))
