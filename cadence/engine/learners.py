@@ -70,6 +70,8 @@ N_CHANNELS = len(CHANNELS)
 CHANNEL_INDEX = {c: i for i, c in enumerate(CHANNELS)}
 TWO_PI = 2 * math.pi
 Effect = tuple[np.ndarray, int]
+#: Trait buckets by the traits' items (profiles repeat; hashing the values costs more than the lookup).
+_TRAIT_CACHE: dict[tuple[tuple[str, Any, type], ...], list[int]] = {}
 
 
 @lru_cache(maxsize=65536)
@@ -99,9 +101,9 @@ class FeatureLayout:
         self.arm = self.campaign_channel + CAMPAIGN_BUCKETS
         self.size = self.arm + ARM_BUCKETS * self.n_traits1
 
-    def prior_variance(self) -> np.ndarray:
-        """Prior variance per weight: wide on biases, narrow on the many crossed features."""
-        var = np.full(self.size, 0.02)
+    def prior_variance(self, crossed: float = 0.02) -> np.ndarray:
+        """Prior variance per weight: wide on biases, ``crossed`` on the many crossed features."""
+        var = np.full(self.size, crossed)
         for c in range(N_CHANNELS):
             var[self.channel + c * self.n_customer] = 0.3  # channel bias
             fatigue = self.channel + c * self.n_customer + 1 + TRAIT_BUCKETS
@@ -133,7 +135,8 @@ class LearnerConfig:
     hazard_strength: float = 300.0  # prior weight (in sends) of each fatigue-hazard cell
     hazard_load_slope: float = 0.3  # prior: each recent send raises the unsubscribe risk by this share
     explore_volume: bool = False  # True: a lucky draw may also send when the posterior mean says no
-    customer_channel_var: float = 0.1  # prior variance of a customer's own per-channel engagement effect
+    customer_channel_var: float = 0.1
+    crossed_prior_var: float = 0.02  # prior variance of the trait and hour x trait weights  # prior variance of a customer's own per-channel engagement effect
 
 
 class ProbitModel:
@@ -336,7 +339,7 @@ class DecisionLearner:
         self.config = config or LearnerConfig()
         self.layout = FeatureLayout()
         lay = self.layout
-        prior_var = lay.prior_variance()
+        prior_var = lay.prior_variance(self.config.crossed_prior_var)
         self.engagement = self._model(self.config.engagement_prior, prior_var)
         self.unsubscribe = self._model(self.config.unsubscribe_prior, prior_var * 0.5)
         self.hazard = self._hazard()
@@ -421,6 +424,21 @@ class DecisionLearner:
         return stats.effect
 
     def _trait_buckets(self, traits: Mapping[str, Any]) -> list[int]:
+        try:
+            key = tuple((k, v, type(v)) for k, v in traits.items())  # 1, 1.0 and True bucket apart
+            cached = _TRAIT_CACHE.get(key)
+        except TypeError:  # an unhashable trait value (a list, a dict)
+            key, cached = None, None
+        if cached is not None:
+            return cached
+        out = self._trait_buckets_uncached(traits)
+        if key is not None:
+            if len(_TRAIT_CACHE) >= 100_000:
+                _TRAIT_CACHE.clear()
+            _TRAIT_CACHE[key] = out
+        return out
+
+    def _trait_buckets_uncached(self, traits: Mapping[str, Any]) -> list[int]:
         out = []
         for key, value in traits.items():
             if isinstance(value, (str, bool)) or value is None:
