@@ -383,7 +383,7 @@ def decide(
         caps = campaign.caps + settings.caps
         for rank, channel in enumerate(usable):
             plan.channel_rank[channel] = rank
-            cap_times = []
+            cap_times: list[tuple[Cap, list[int]]] = []
             for cap in caps:
                 if not history:  # nothing to count: only a zero cap can block
                     if cap.count <= 0 and _cap_times(cap, campaign, channel, history) is not None:

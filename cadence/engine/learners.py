@@ -204,7 +204,7 @@ class ProbitModel:
 
     def sd(self) -> np.ndarray:
         """The posterior standard deviations (kept up to date by :meth:`learn`; do not modify)."""
-        sd = getattr(self, "_sd", None)
+        sd: np.ndarray | None = getattr(self, "_sd", None)
         if sd is None:
             sd = self._sd = np.sqrt(self.var)
         return sd
