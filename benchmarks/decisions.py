@@ -1,16 +1,27 @@
-"""Decision quality in the simulator, and in-process decide() latency.
+"""Decision quality in the simulator, in-process decide() latency, and decisions over HTTP.
 
 Quality: every policy on three differently shaped populations (balanced, email_heavy,
 mobile_first) and several seeds, 30 simulated days; numbers are means over the runs
 (clicks as a share of the oracle's are pooled). Latency: decide() with the learners
-for one customer with 10 eligible campaigns x 4 channels x 24 slots.
+for one customer with 10 eligible campaigns x 4 channels x 24 slots. HTTP: `cadence
+serve` (one uvicorn process, the repository's rules/) on loopback, driven by a load
+generator in another process at a fixed arrival rate (open loop: each request is
+timed from the moment it was due, so a server that falls behind shows it).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import time as dtime
+from pathlib import Path
+
+import orjson
 
 from cadence.engine.campaign import (
     DAY_MS,
@@ -61,8 +72,10 @@ def latency(n: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for label, scorer in (("learners", learner), ("no scorer", None)):
         times = []
+        cpu = []
         candidates = 0
         for i in range(n + 50):
+            c0 = time.thread_time()
             t0 = time.perf_counter()
             d = decide(
                 ruleset=ruleset,
@@ -75,21 +88,150 @@ def latency(n: int) -> dict[str, float]:
             )
             if i >= 50:
                 times.append((time.perf_counter() - t0) * 1000)
+                cpu.append((time.thread_time() - c0) * 1000)
             candidates = len(d.candidates)
         times.sort()
         out[f"{label} p50"] = statistics.median(times)
         out[f"{label} p99"] = times[int(len(times) * 0.99) - 1]
         out[f"{label} candidates"] = candidates
+        cpu.sort()
+        out[f"{label} cpu p50"] = statistics.median(cpu)
+        out[f"{label} cpu p99"] = cpu[int(len(cpu) * 0.99) - 1]
     return out
 
 
+LOAD_CLIENT = r"""
+import asyncio, sys, time, httpx, orjson
+port, key, rate, seconds, customers = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+lat, errors, statuses = [], [], {}
+async def one(client, i, due):
+    body = orjson.dumps({"customer_id": f"lt-{i % customers}", "mode": "preview"})
+    try:
+        r = await client.post("/v1/decisions", content=body, headers={"content-type": "application/json"})
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if r.status_code != 200:
+            errors.append(r.status_code)
+    except Exception as exc:  # noqa: BLE001 - every failure counts as an error
+        errors.append(type(exc).__name__)
+    lat.append((time.perf_counter() - due) * 1000)
+async def main():
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", auth=(key, ""), timeout=30, limits=limits) as c:
+        n = int(rate * seconds)
+        tasks = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            due = t0 + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(c, i, due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    lat.sort()
+    cpu = time.process_time()
+    print(orjson.dumps({"sent": n, "seconds": elapsed, "achieved": n / elapsed, "p50": lat[len(lat) // 2],
+                        "p99": lat[int(len(lat) * 0.99) - 1], "max": lat[-1], "errors": len(errors),
+                        "statuses": {str(k): v for k, v in statuses.items()}, "client_cpu": cpu}).decode())
+asyncio.run(main())
+"""
+
+
+def http_load(*, rate: float, seconds: float, customers: int) -> dict[str, object]:
+    """POST /v1/decisions (preview) at ``rate`` per second for ``seconds`` against `cadence serve`."""
+    from cadence.api.security import hash_key
+
+    key = "bench-decide-key-0123456789"
+    rules = Path(__file__).resolve().parent.parent / "rules"
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        env = {
+            **os.environ,
+            "CADENCE_DATABASE_URL": f"sqlite:///{tmp}/decisions-bench.db",
+            "CADENCE_API_KEYS": orjson.dumps(
+                [{"name": "b", "sha256": hash_key(key), "scopes": ["ingest", "decide"]}]
+            ).decode(),
+            "CADENCE_RULES_PATHS": orjson.dumps([str(rules)]).decode(),
+            "CADENCE_RATE_LIMIT_PER_SECOND": "1000000",
+            "CADENCE_RATE_LIMIT_BURST": "1000000",
+            "CADENCE_LOG_LEVEL": "WARNING",
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "cadence", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            import httpx
+
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            zones = ("Europe/Berlin", "America/New_York", "Asia/Tokyo", "Australia/Sydney")
+            calls: list[dict[str, object]] = []
+            for i in range(customers):
+                calls.append(
+                    {
+                        "type": "identify",
+                        "userId": f"lt-{i}",
+                        "traits": {"first_name": f"C{i}", "timezone": zones[i % 4]},
+                    }
+                )
+                calls.append(
+                    {"type": "track", "userId": f"lt-{i}", "event": "email.opened", "properties": {}}
+                )
+            with httpx.Client(base_url=base, auth=(key, ""), timeout=60) as client:
+                for k in range(0, len(calls), 500):
+                    client.post("/v1/batch", json={"batch": calls[k : k + 500]}).raise_for_status()
+                last = {"customer_id": f"lt-{customers - 1}", "mode": "preview"}
+                for _ in range(600):  # wait for the engine loop to build the profiles
+                    if client.post("/v1/decisions", json=last).status_code == 200:
+                        break
+                    time.sleep(0.2)
+            before = _cpu_of(server.pid)
+            out = subprocess.run(
+                [sys.executable, "-c", LOAD_CLIENT, str(port), key, str(rate), str(seconds), str(customers)],
+                capture_output=True,
+                check=True,
+                text=True,
+            )
+            result: dict[str, object] = orjson.loads(out.stdout)
+            result["server_cpu"] = _cpu_of(server.pid) - before
+            return result
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def run(*, quick: bool, postgres_url: str | None) -> str:
-    """Run both parts and return the Markdown section."""
+    """Run every part and return the Markdown section."""
     customers, days, seeds = (400, 10, (1,)) if quick else (10_000, 30, (1, 2))
+    load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    cpu0 = time.process_time()
     cmp = compare(customers=customers, days=days, seeds=seeds)
+    sim_cpu = time.process_time() - cpu0
     cad, base = cmp.policies["cadence"], cmp.policies["email 10:00"]
     heur = cmp.policies["heuristic"]
     lat = latency(300 if quick else 3000)
+    rate, seconds = (100.0, 5.0) if quick else (1000.0, 60.0)
+    http = http_load(rate=rate, seconds=seconds, customers=100 if quick else 1000)
+    load_after = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
 
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
@@ -120,6 +262,24 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
             mark(lat["learners p99"] < 1),
         ),
         (
+            "decide() CPU time per call, same, learners (thread time: less noisy on a shared machine)",
+            f"p99 {lat['learners cpu p99']:.2f} ms (p50 {lat['learners cpu p50']:.2f})",
+            "-",
+            "-",
+        ),
+        (
+            f"HTTP: POST /v1/decisions (preview) at {rate:,.0f}/s for {seconds:.0f} s, loopback",
+            f"achieved {http['achieved']:,.0f}/s, p50 {http['p50']:.1f} ms, p99 {http['p99']:.1f} ms, "
+            f"errors {http['errors']} (statuses {http['statuses']}); server CPU {http['server_cpu']:.1f} s, "
+            f"load generator CPU {http['client_cpu']:.1f} s",
+            f"{rate:,.0f}/s, p99 < 20 ms, no errors",
+            mark(
+                float(http["achieved"]) >= 0.98 * rate  # type: ignore[arg-type]
+                and float(http["p99"]) < 20  # type: ignore[arg-type]
+                and http["errors"] == 0
+            ),
+        ),
+        (
             "decide() p99, same, no scorer (1 slot each)",
             f"{lat['no scorer p99']:.2f} ms (p50 {lat['no scorer p50']:.2f})",
             "-",
@@ -127,7 +287,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         ),
     ]
     lines = [
-        "## Decisions: quality in the simulator and decide() latency",
+        "## Decisions: quality in the simulator, decide() latency, decisions over HTTP",
         "",
         f"{customers:,} customers x {days} days per run; populations {', '.join(cmp.shapes)}; "
         f"seeds {', '.join(map(str, seeds))} (a fresh population per seed). Policies: cadence (decide() + "
@@ -139,6 +299,11 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "pipeline with the learners.",
         "",
         markdown_table(cmp),
+        "",
+        f"Machine load average {load_before} before, {load_after} after (2 shared cores); simulator CPU "
+        f"time {sim_cpu:,.0f} s. The HTTP test runs `cadence serve` with the repository's rules/ on SQLite "
+        "and a separate load-generator process (httpx, asyncio, open loop at a fixed arrival rate; "
+        "latency counted from when each request was due).",
         "",
         "| goal | measured | target | |",
         "|---|---|---|---|",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -383,8 +383,12 @@ def decide(
         caps = campaign.caps + settings.caps
         for rank, channel in enumerate(usable):
             plan.channel_rank[channel] = rank
-            cap_times = []
+            cap_times: list[tuple[Cap, list[int]]] = []
             for cap in caps:
+                if not history:  # nothing to count: only a zero cap can block
+                    if cap.count <= 0 and _cap_times(cap, campaign, channel, history) is not None:
+                        cap_times.append((cap, []))
+                    continue
                 times = _cap_times(cap, campaign, channel, history)
                 if times is not None and (times or cap.count <= 0):
                     cap_times.append((cap, [day_of(x) for x in times] if cap.calendar else times))
@@ -567,9 +571,8 @@ def decide(
     )
 
 
-@dataclass(frozen=True)
-class OptionGroup:
-    """Send times of one (campaign, channel, variant) for a bulk scorer."""
+class OptionGroup(NamedTuple):
+    """Send times of one (campaign, channel, variant) for a bulk scorer (a tuple: cheap to make)."""
 
     campaign: Campaign
     channel: str

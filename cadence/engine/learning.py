@@ -293,12 +293,17 @@ class LearnerSubscriber:
         target.clicks += stats.clicks
         if stats.last_click_ms is not None:
             target.last_click_ms = max(target.last_click_ms or 0, stats.last_click_ms)
+        # The customer's own effect: the winner keeps what it learned, or takes the loser's.
+        if target.effect is None:
+            target.effect = stats.effect
         for p in self.learner.pending.values():
             if p.customer_id == loser:
                 p.customer_id = winner
 
     def erased(self, conn: Connection, customer_id: int) -> None:
-        """Forget the customer's stats and pending decisions (model weights hold no per-customer data)."""
+        """Forget the customer's stats (their own effects included) and pending decisions.
+
+        The shared model weights hold no per-customer data."""
         self.learner.customers.pop(customer_id, None)
         for key in [k for k, p in self.learner.pending.items() if p.customer_id == customer_id]:
             del self.learner.pending[key]
