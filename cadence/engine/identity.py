@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, select
 
 from cadence.engine.events import LoggedEvent
 from cadence.store.fast import execute_many, fetch_in
@@ -254,15 +254,15 @@ class IdentityResolver:
                 conn, "INSERT INTO customers (id, created_ms) VALUES (?, ?)", [(c, now_ms) for c in created]
             )
             real = dict(zip(roots, created, strict=True))
+        moves = []
         for winner, loser in merges:
             if loser < 0:
                 continue
             target = self._find(parent, winner)
-            target = real.get(target, target)
-            conn.execute(update(customers).where(customers.c.id == loser).values(merged_into=target))
-            conn.execute(
-                update(identities).where(identities.c.customer_id == loser).values(customer_id=target)
-            )
+            moves.append((real.get(target, target), loser))
+        # Losers are distinct and never a target (targets are roots): order does not matter.
+        execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
+        execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
         if new_keys:
             rows = []
             for (kind, value), cid in new_keys.items():
