@@ -108,13 +108,15 @@ class IdentityResolver:
             owner.update(((kind, value), cid) for value, cid in found)
         # Merges repoint identities to the surviving customer, so owners are roots.
         parent: dict[int, int] = {cid: cid for cid in owner.values()}
+        # By customer only: with ``kind = 'user'`` too, SQLite scans every user id instead.
         with_user: set[int] = {
             cid
-            for (cid,) in fetch_in(
+            for cid, kind in fetch_in(
                 conn,
-                "SELECT DISTINCT customer_id FROM identities WHERE kind = 'user' AND customer_id IN_VALUES",
+                "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
                 set(owner.values()),
             )
+            if kind == "user"
         }
 
         next_temp = -1

@@ -14,8 +14,11 @@ coalition tallies and Markov removal effects from path tallies (all time).
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -127,8 +130,20 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
         return own.strip(), label
     if not (fields["source"] or fields["medium"] or fields["referrer"]):
         return None
-    channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
+    try:
+        channel = _default_channel(
+            fields["source"], fields["medium"], fields["campaign"], fields["referrer"], fields["event"]
+        )
+    except TypeError:  # a field that is not a string nor a number (unhashable JSON): not cached
+        channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
     return (channel, label) if channel else None
+
+
+@lru_cache(maxsize=4096)
+def _default_channel(source: Any, medium: Any, campaign: Any, referrer: Any, event: Any) -> str | None:
+    """:func:`group_channel` over the default rules, remembered: a handful of UTM tuples recur."""
+    fields = {"source": source, "medium": medium, "campaign": campaign, "referrer": referrer, "event": event}
+    return group_channel(fields, DEFAULT_CHANNEL_RULES)
 
 
 def journey_credits(
@@ -154,10 +169,85 @@ def journey_credits(
         touches = [t for t in touches if t[1] not in gone]
     if not touches:
         return {m: [] for m in RULE_MODELS}
-    j = Journeys.from_paths(
+    if any(r.action != "exclude" for r in credit_rules):
+        credits = _model_arrays(touches, conv_ms, params)
+        j = _journey_of(touches, conv_ms)
+        shares = [apply_credit_rules(j, credits[m], credit_rules).tolist() for m in RULE_MODELS]
+    else:
+        shares = rule_shares(
+            [t[1] for t in touches],
+            [conv_ms - t[0] for t in touches],
+            half_life_ms=int(params.get("half_life_ms", 7 * DAY_MS)),
+            first=float(params.get("first", 0.4)),
+            last=float(params.get("last", 0.4)),
+        )
+    return {
+        m: [(t[1], t[2], float(c)) for t, c in zip(touches, share, strict=True)]
+        for m, share in zip(RULE_MODELS, shares, strict=True)
+    }
+
+
+def rule_shares(
+    channels: Sequence[str], ages_ms: Sequence[int], *, half_life_ms: int, first: float, last: float
+) -> list[list[float]]:
+    """Each :data:`RULE_MODELS` model's share per touch of one converting journey, in plain Python.
+
+    Bit for bit what the vectorised models in :mod:`~cadence.engine.attribution.heuristics`
+    give for a single journey (the same operations in the same order), without building
+    arrays: for the three or four touches of a typical journey numpy's per-call overhead
+    is most of the cost. ``ages_ms`` is how long before the conversion each touch was.
+
+    >>> rule_shares(["email", "direct"], [DAY_MS, 0], half_life_ms=DAY_MS, first=0.4, last=0.4)[1:3]
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+    if half_life_ms <= 0:
+        raise ValueError("half_life_ms must be positive")
+    if first < 0 or last < 0 or first + last > 1:
+        raise ValueError("position weights must be >= 0 and first + last <= 1")
+    n = len(channels)
+    first_touch = [0.0] * n
+    first_touch[0] = 1.0
+    last_touch = [0.0] * n
+    last_touch[-1] = 1.0
+    last_non_direct = last_touch
+    for i in range(n - 1, -1, -1):
+        if channels[i].lower() not in heuristics.DIRECT_CHANNELS:
+            last_non_direct = [0.0] * n
+            last_non_direct[i] = 1.0
+            break
+    linear = [1.0 / n] * n
+    weights = [math.exp2(-float(age) / half_life_ms) for age in ages_ms]
+    total = 0.0
+    for w in weights:
+        total += w
+    time_decay = [w / total for w in weights] if total > 0 else [0.0] * n
+    if n == 1:
+        position = [1.0]
+    elif n == 2:
+        position = [0.5, 0.5]
+    else:
+        middle = (1.0 - first - last) / max(float(n) - 2, 1.0)
+        position = [first, *([middle] * (n - 2)), last]
+    per_channel: dict[str, int] = {}
+    for c in channels:
+        per_channel[c] = per_channel.get(c, 0) + 1
+    distinct = len(per_channel)
+    shapley = [1.0 / distinct / per_channel[c] for c in channels]
+    return [first_touch, last_touch, last_non_direct, linear, time_decay, position, shapley]
+
+
+def _journey_of(touches: Sequence[tuple[int, str, str]], conv_ms: int) -> Journeys:
+    return Journeys.from_paths(
         [[t[1] for t in touches]], converted=[1.0], gaps_ms=[[conv_ms - t[0] for t in touches]]
     )
-    credits = {
+
+
+def _model_arrays(
+    touches: Sequence[tuple[int, str, str]], conv_ms: int, params: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """The vectorised models over one journey: the reference :func:`rule_shares` matches."""
+    j = _journey_of(touches, conv_ms)
+    return {
         "first_touch": heuristics.first_touch(j),
         "last_touch": heuristics.last_touch(j),
         "last_non_direct": heuristics.last_non_direct(j),
@@ -168,9 +258,6 @@ def journey_credits(
         ),
         "shapley_simplified": heuristics.shapley_simplified(j),
     }
-    if any(r.action != "exclude" for r in credit_rules):
-        credits = {m: apply_credit_rules(j, c, credit_rules) for m, c in credits.items()}
-    return {m: [(t[1], t[2], float(c[i])) for i, t in enumerate(touches)] for m, c in credits.items()}
 
 
 _UPSERT_CREDIT = (
@@ -196,6 +283,19 @@ _UPSERT_PATH = (
     "ON CONFLICT (spec, window_days, path) "
     "DO UPDATE SET conversions = attribution_paths.conversions + excluded.conversions"
 )
+
+
+#: The blocks that have open journeys, one index seek each (a "loose index scan": no
+#: database here skips through an index for ``SELECT DISTINCT`` by itself).
+_DISTINCT_SPECS = (
+    "WITH RECURSIVE s(spec) AS (SELECT MIN(spec) FROM attribution_touches UNION ALL "
+    "SELECT (SELECT MIN(spec) FROM attribution_touches WHERE spec > s.spec) FROM s WHERE s.spec IS NOT NULL) "
+    "SELECT spec FROM s WHERE spec IS NOT NULL"
+)
+
+
+def _ts(touch: tuple[int, str, str, int]) -> int:
+    return touch[0]
 
 
 @dataclass
@@ -227,11 +327,14 @@ class AttributionSubscriber:
 
     def _apply_spec(self, conn: Connection, spec: AttributionSpec, batch: Sequence[LoggedEvent]) -> None:
         relevant: list[tuple[LoggedEvent, tuple[str, str] | None]] = []
+        conversion = spec.conversion_event
         for e in batch:
-            is_conv = e.type == "track" and e.event == spec.conversion_event
-            touch = None if is_conv else touch_of(e, spec)
-            if is_conv or touch is not None:
-                relevant.append((e, touch))
+            if e.type == "track" and e.event == conversion:
+                relevant.append((e, None))
+            else:
+                touch = touch_of(e, spec)
+                if touch is not None:
+                    relevant.append((e, touch))
         if not relevant:
             return
         customers = sorted({e.customer_id for e, _ in relevant})
@@ -253,36 +356,43 @@ class AttributionSubscriber:
         for e, touch in relevant:
             touches = open_[e.customer_id]
             if touch is not None:
-                touches.append((e.ts_ms, touch[0], touch[1], e.id))
-                touches.sort()
+                insort(touches, (e.ts_ms, touch[0], touch[1], e.id))
                 continue
             value = _conversion_value(e, spec)
             day = e.ts_ms // DAY_MS
-            before = [t for t in touches if t[0] <= e.ts_ms]
+            # Touches are sorted by time: each window's journey is a suffix of those before
+            # the conversion, and windows that reach back to the same touch share its credits.
+            n_before = bisect_right(touches, e.ts_ms, key=_ts)
+            solved: dict[int, tuple[list[tuple[str, list[tuple[str, str, float]]]], str, str]] = {}
             for w in windows:
-                inside = [(t[0], t[1], t[2]) for t in before if e.ts_ms - t[0] <= w * DAY_MS]
-                per_model = journey_credits(
-                    inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
-                )
-                for model, rows in per_model.items():
+                k = bisect_left(touches, e.ts_ms - w * DAY_MS, 0, n_before, key=_ts)
+                if k not in solved:
+                    inside = [(t[0], t[1], t[2]) for t in touches[k:n_before]]
+                    per_model = journey_credits(
+                        inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
+                    )
+                    solved[k] = (
+                        list(per_model.items()),
+                        "+".join(sorted({t[1] for t in inside})) if inside else "",
+                        ">".join(t[1] for t in inside),
+                    )
+                per_model_rows, coalition, path = solved[k]
+                for model, rows in per_model_rows:
                     if not rows:
-                        key = (model, w, day, "", "")
-                        acc = credits.setdefault(key, [0.0, 0.0])
+                        acc = credits.setdefault((model, w, day, "", ""), [0.0, 0.0])
                         acc[0] += 1.0
                         acc[1] += value
                     for channel, campaign, credit in rows:
                         acc = credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
                         acc[0] += credit
                         acc[1] += credit * value
-                if inside:
-                    key_c = (w, "+".join(sorted({t[1] for t in inside})))
-                    tally = coalitions.setdefault(key_c, [0.0, 0.0])
+                if k < n_before:
+                    tally = coalitions.setdefault((w, coalition), [0.0, 0.0])
                     tally[0] += 1.0
                     tally[1] += 1.0
-                    key_p = (w, ">".join(t[1] for t in inside))
-                    paths[key_p] = paths.get(key_p, 0.0) + 1.0
+                    paths[(w, path)] = paths.get((w, path), 0.0) + 1.0
             # The journey is closed: later conversions start from scratch.
-            open_[e.customer_id] = [t for t in touches if t[0] > e.ts_ms]
+            open_[e.customer_id] = touches[n_before:]
         execute_many(
             conn,
             _UPSERT_CREDIT,
@@ -326,8 +436,17 @@ class AttributionSubscriber:
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """The loser's open journey becomes the winner's."""
+        self.merged_many(conn, [(winner, loser)])
+
+    def merged_many(self, conn: Connection, merges: Sequence[tuple[int, int]]) -> None:
+        """Every loser's open journeys become its winner's (each block's, through its index)."""
+        if not merges:
+            return
+        specs = [r[0] for r in conn.exec_driver_sql(_DISTINCT_SPECS).fetchall()]
         execute_many(
-            conn, "UPDATE attribution_touches SET customer_id = ? WHERE customer_id = ?", [(winner, loser)]
+            conn,
+            "UPDATE attribution_touches SET customer_id = ? WHERE spec = ? AND customer_id = ?",
+            [(winner, spec, loser) for spec in specs for winner, loser in merges],
         )
 
     def erased(self, conn: Connection, customer_id: int) -> None:
