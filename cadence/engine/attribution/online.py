@@ -34,7 +34,7 @@ from cadence.engine.attribution.shapley import MAX_EXACT_CHANNELS, coalition_sha
 from cadence.engine.attribution.spec import AttributionSpec, CreditRule, Touch
 from cadence.engine.events import LoggedEvent
 from cadence.engine.profiles import event_value
-from cadence.store.fast import execute_many, fetch_in
+from cadence.store.fast import execute_in, execute_many, fetch_in, write_rows
 
 __all__ = [
     "ONLINE_MODELS",
@@ -260,30 +260,52 @@ def _model_arrays(
     }
 
 
-_UPSERT_CREDIT = (
-    "INSERT INTO attribution_credits (spec, model, window_days, day, channel, campaign, conversions, value) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel, campaign) "
+_CREDIT_COLUMNS = (
+    ("spec", "text"),
+    ("model", "text"),
+    ("window_days", "integer"),
+    ("day", "integer"),
+    ("channel", "text"),
+    ("campaign", "text"),
+    ("conversions", "float8"),
+    ("value", "float8"),
+)
+_ADD_CREDIT = (
+    "ON CONFLICT (spec, model, window_days, day, channel, campaign) "
     "DO UPDATE SET conversions = attribution_credits.conversions + excluded.conversions, "
     "value = attribution_credits.value + excluded.value"
 )
-_UPSERT_CHANNEL_CREDIT = (
-    "INSERT INTO attribution_channel_credits (spec, model, window_days, day, channel, conversions, value) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel) "
+_CHANNEL_CREDIT_COLUMNS = tuple(c for c in _CREDIT_COLUMNS if c[0] != "campaign")
+_ADD_CHANNEL_CREDIT = (
+    "ON CONFLICT (spec, model, window_days, day, channel) "
     "DO UPDATE SET conversions = attribution_channel_credits.conversions + excluded.conversions, "
     "value = attribution_channel_credits.value + excluded.value"
 )
-_UPSERT_COALITION = (
-    "INSERT INTO attribution_coalitions (spec, window_days, channels, journeys, conversions) "
-    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (spec, window_days, channels) "
+_COALITION_COLUMNS = (
+    ("spec", "text"),
+    ("window_days", "integer"),
+    ("channels", "text"),
+    ("journeys", "float8"),
+    ("conversions", "float8"),
+)
+_ADD_COALITION = (
+    "ON CONFLICT (spec, window_days, channels) "
     "DO UPDATE SET journeys = attribution_coalitions.journeys + excluded.journeys, "
     "conversions = attribution_coalitions.conversions + excluded.conversions"
 )
-_UPSERT_PATH = (
-    "INSERT INTO attribution_paths (spec, window_days, path, conversions) VALUES (?, ?, ?, ?) "
+_PATH_COLUMNS = (("spec", "text"), ("window_days", "integer"), ("path", "text"), ("conversions", "float8"))
+_ADD_PATH = (
     "ON CONFLICT (spec, window_days, path) "
     "DO UPDATE SET conversions = attribution_paths.conversions + excluded.conversions"
 )
-
+_TOUCH_COLUMNS = (
+    ("spec", "text"),
+    ("customer_id", "bigint"),
+    ("ts_ms", "bigint"),
+    ("channel", "text"),
+    ("campaign", "text"),
+    ("event_id", "bigint"),
+)
 
 #: The blocks that have open journeys, one index seek each (a "loose index scan": no
 #: database here skips through an index for ``SELECT DISTINCT`` by itself).
@@ -339,17 +361,22 @@ class AttributionSubscriber:
             return
         customers = sorted({e.customer_id for e, _ in relevant})
         open_: dict[int, list[tuple[int, str, str, int]]] = {c: [] for c in customers}
+        stored: dict[int, int] = {}  # event id -> row id of the open touches already in the table
         for row in fetch_in(
             conn,
-            "SELECT customer_id, ts_ms, channel, campaign, event_id FROM attribution_touches "
+            "SELECT customer_id, ts_ms, channel, campaign, event_id, id FROM attribution_touches "
             "WHERE spec = ? AND customer_id IN_VALUES",
             customers,
             spec.name,
         ):
             open_[int(row[0])].append((int(row[1]), str(row[2]), str(row[3]), int(row[4])))
+            stored[int(row[4])] = int(row[5])
         for touches in open_.values():
             touches.sort()
         credits: dict[tuple[str, int, int, str, str], list[float]] = {}
+        # Conversions with no touch in a window credit no channel, for every model alike:
+        # (window, day) -> [conversions, value], spread over the models when written.
+        untouched: dict[tuple[int, int], list[float]] = {}
         coalitions: dict[tuple[int, str], list[float]] = {}
         paths: dict[tuple[int, str], float] = {}
         windows = self.windows(spec)
@@ -363,7 +390,7 @@ class AttributionSubscriber:
             # Touches are sorted by time: each window's journey is a suffix of those before
             # the conversion, and windows that reach back to the same touch share its credits.
             n_before = bisect_right(touches, e.ts_ms, key=_ts)
-            solved: dict[int, tuple[list[tuple[str, list[tuple[str, str, float]]]], str, str]] = {}
+            solved: dict[int, tuple[list[tuple[str, str, str, float, float]], str, str]] = {}
             for w in windows:
                 k = bisect_left(touches, e.ts_ms - w * DAY_MS, 0, n_before, key=_ts)
                 if k not in solved:
@@ -372,20 +399,23 @@ class AttributionSubscriber:
                         inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
                     )
                     solved[k] = (
-                        list(per_model.items()),
-                        "+".join(sorted({t[1] for t in inside})) if inside else "",
+                        [
+                            (model, channel, campaign, credit, credit * value)
+                            for model, rows in per_model.items()
+                            for channel, campaign, credit in rows
+                        ],
+                        "+".join(sorted({t[1] for t in inside})),
                         ">".join(t[1] for t in inside),
                     )
-                per_model_rows, coalition, path = solved[k]
-                for model, rows in per_model_rows:
-                    if not rows:
-                        acc = credits.setdefault((model, w, day, "", ""), [0.0, 0.0])
-                        acc[0] += 1.0
-                        acc[1] += value
-                    for channel, campaign, credit in rows:
-                        acc = credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
-                        acc[0] += credit
-                        acc[1] += credit * value
+                shares, coalition, path = solved[k]
+                if not shares:  # no touch in the window, or every one excluded
+                    acc = untouched.setdefault((w, day), [0.0, 0.0])
+                    acc[0] += 1.0
+                    acc[1] += value
+                for model, channel, campaign, credit, credit_value in shares:
+                    acc = credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
+                    acc[0] += credit
+                    acc[1] += credit_value
                 if k < n_before:
                     tally = coalitions.setdefault((w, coalition), [0.0, 0.0])
                     tally[0] += 1.0
@@ -393,46 +423,62 @@ class AttributionSubscriber:
                     paths[(w, path)] = paths.get((w, path), 0.0) + 1.0
             # The journey is closed: later conversions start from scratch.
             open_[e.customer_id] = touches[n_before:]
-        execute_many(
+        # Touches always have a channel, so these keys are never credited above.
+        for (w, day), acc in untouched.items():
+            for model in RULE_MODELS:
+                credits[(model, w, day, "", "")] = acc
+        name = spec.name
+        write_rows(
             conn,
-            _UPSERT_CREDIT,
-            [(spec.name, m, w, d, ch, cp, v[0], v[1]) for (m, w, d, ch, cp), v in credits.items()],
+            "attribution_credits",
+            _CREDIT_COLUMNS,
+            [(name, m, w, d, ch, cp, v[0], v[1]) for (m, w, d, ch, cp), v in credits.items()],
+            _ADD_CREDIT,
         )
         by_channel: dict[tuple[str, int, int, str], list[float]] = {}
         for (m, w, d, ch, _cp), v in credits.items():
             acc = by_channel.setdefault((m, w, d, ch), [0.0, 0.0])
             acc[0] += v[0]
             acc[1] += v[1]
-        execute_many(
+        write_rows(
             conn,
-            _UPSERT_CHANNEL_CREDIT,
-            [(spec.name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
+            "attribution_channel_credits",
+            _CHANNEL_CREDIT_COLUMNS,
+            [(name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
+            _ADD_CHANNEL_CREDIT,
         )
-        execute_many(
-            conn, _UPSERT_COALITION, [(spec.name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()]
+        write_rows(
+            conn,
+            "attribution_coalitions",
+            _COALITION_COLUMNS,
+            [(name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()],
+            _ADD_COALITION,
         )
-        execute_many(conn, _UPSERT_PATH, [(spec.name, w, k, v) for (w, k), v in paths.items()])
-        # Rewrite the open journeys of these customers (pruned to the longest window).
-        for chunk_start in range(0, len(customers), 500):
-            chunk = customers[chunk_start : chunk_start + 500]
-            execute_many(
-                conn,
-                "DELETE FROM attribution_touches WHERE spec = ? AND customer_id = ?",
-                [(spec.name, c) for c in chunk],
-            )
+        write_rows(
+            conn,
+            "attribution_paths",
+            _PATH_COLUMNS,
+            [(name, w, k, v) for (w, k), v in paths.items()],
+            _ADD_PATH,
+        )
+        # The open journeys of these customers, pruned to the longest window: rows of closed
+        # or expired touches go, new open touches come; the others stay as they are.
         newest = max(e.ts_ms for e, _ in relevant)
-        open_rows = [
-            (spec.name, c, t[0], t[1], t[2], t[3])
-            for c, touches in open_.items()
-            for t in touches
-            if newest - t[0] <= KEEP_MS
-        ]
-        execute_many(
+        kept: set[int] = set()
+        new_rows = []
+        for c, touches in open_.items():
+            for t in touches:
+                if newest - t[0] <= KEEP_MS:
+                    if t[3] in stored:
+                        kept.add(t[3])
+                    else:
+                        new_rows.append((name, c, t[0], t[1], t[2], t[3]))
+        execute_in(
             conn,
-            "INSERT INTO attribution_touches (spec, customer_id, ts_ms, channel, campaign, event_id) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            open_rows,
+            "DELETE FROM attribution_touches WHERE id IN_VALUES",
+            [row_id for event_id, row_id in stored.items() if event_id not in kept],
         )
+        write_rows(conn, "attribution_touches", _TOUCH_COLUMNS, new_rows)
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """The loser's open journey becomes the winner's."""
@@ -588,7 +634,8 @@ def _open_paths(conn: Connection, spec: str, window_days: int) -> list[list[str]
     rows = conn.exec_driver_sql(
         _placeholders(
             conn,
-            "SELECT customer_id, ts_ms, channel FROM attribution_touches WHERE spec = ? ORDER BY customer_id, ts_ms",
+            "SELECT customer_id, ts_ms, channel FROM attribution_touches WHERE spec = ? "
+            "ORDER BY customer_id, ts_ms, channel, campaign, event_id",
         ),
         (spec,),
     ).all()
