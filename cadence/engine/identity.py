@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import execute_many, fetch_in
+from cadence.store.fast import execute_many, fetch_in, write_rows
 from cadence.store.schema.core import customers, identities
 
 __all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
@@ -252,8 +252,11 @@ class IdentityResolver:
         real: dict[int, int] = {}
         if roots:
             created = _reserve_customer_ids(conn, len(roots))
-            execute_many(
-                conn, "INSERT INTO customers (id, created_ms) VALUES (?, ?)", [(c, now_ms) for c in created]
+            write_rows(
+                conn,
+                "customers",
+                (("id", "bigint"), ("created_ms", "bigint")),
+                [(c, now_ms) for c in created],
             )
             real = dict(zip(roots, created, strict=True))
         moves = []
@@ -270,9 +273,10 @@ class IdentityResolver:
             for (kind, value), cid in new_keys.items():
                 root = self._find(parent, cid)
                 rows.append((kind, value, real.get(root, root), now_ms))
-            execute_many(
+            write_rows(
                 conn,
-                "INSERT INTO identities (kind, value, customer_id, first_seen_ms) VALUES (?, ?, ?, ?)",
+                "identities",
+                (("kind", "text"), ("value", "text"), ("customer_id", "bigint"), ("first_seen_ms", "bigint")),
                 rows,
             )
         return real
