@@ -9,6 +9,7 @@ and a generic set that works for every channel otherwise; each carries
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 __all__ = ["CHANNELS", "FEEDBACK_EVENTS", "Feedback", "feedback_aggregate", "feedback_kind", "feedback_of"]
@@ -96,7 +97,7 @@ def feedback_aggregate(channel: str, kind: str) -> str:
     return f"{channel}.{kind}"
 
 
-def feedback_of(event: str | None, properties: dict[str, object]) -> tuple[str, Feedback] | None:
+def feedback_of(event: str | None, properties: Mapping[str, object]) -> tuple[str, Feedback] | None:
     """``(channel, kind)`` of a feedback event, or None when it is not feedback or names no channel.
 
     >>> feedback_of("Message Clicked", {"channel": "sms"})

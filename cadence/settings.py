@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     ui_secret: SecretStr | None = None
 
     engine_enabled: bool = True
-    engine_batch_size: int = Field(default=2000, ge=1)
+    engine_batch_size: int = Field(default=10_000, ge=1)
     engine_poll_seconds: float = Field(default=0.5, gt=0)
     # How often the leader refreshes materialised attribution (causal, Shapley, Markov); 0: never.
     attribution_refresh_seconds: float = Field(default=300.0, ge=0)

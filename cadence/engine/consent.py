@@ -23,7 +23,7 @@ from sqlalchemy import Connection, delete, select
 
 from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import dialect_insert
+from cadence.store.fast import execute_in, execute_many, fetch_in, write_rows
 from cadence.store.schema.core import consent
 
 __all__ = [
@@ -154,50 +154,86 @@ class ConsentSubscriber:
 
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
         latest: dict[tuple[int, str], tuple[bool | None, str, int, int]] = {}
+        clears: dict[tuple[int, str], int] = {}  # (customer, channel) -> new address event id
         for e in batch:
+            if e.type not in ("identify", "track"):
+                continue
             for channel, granted, source in consent_changes(e):
                 if channel.endswith(":bounce"):
                     base = channel.split(":", 1)[0]
                     prior = latest.get((e.customer_id, base))
                     if prior is None or prior[1].startswith("bounce:"):
-                        latest[(e.customer_id, f"{base}:clear-bounce")] = (None, source, e.ts_ms, e.id)
+                        clears[(e.customer_id, base)] = e.id
                     continue
                 latest[(e.customer_id, channel)] = (granted, source, e.ts_ms, e.id)
-        for (cid, channel), (granted, source, ts_ms, eid) in latest.items():
-            if channel.endswith(":clear-bounce"):
-                base = channel.split(":", 1)[0]
-                conn.execute(
-                    delete(consent).where(
-                        consent.c.customer_id == cid,
-                        consent.c.channel == base,
-                        consent.c.source.like("bounce:%"),
-                        consent.c.event_id < eid,
-                    )
-                )
-                continue
-            _upsert(conn, cid, channel, bool(granted), source, ts_ms, eid)
+        _upsert_many(
+            conn,
+            [
+                (cid, channel, bool(granted), source, ts_ms, eid)
+                for (cid, channel), (granted, source, ts_ms, eid) in latest.items()
+            ],
+        )
+        if clears:
+            # A new address lifts a bounce recorded before it (in this batch or earlier).
+            bounced = fetch_in(
+                conn,
+                "SELECT customer_id, channel, event_id FROM consent "
+                "WHERE source LIKE ? AND customer_id IN_VALUES",
+                {cid for cid, _channel in clears},
+                "bounce:%",
+            )
+            execute_many(
+                conn,
+                "DELETE FROM consent WHERE customer_id = ? AND channel = ?",
+                [(cid, ch) for cid, ch, eid in bounced if eid < clears.get((cid, ch), -1)],
+            )
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
-        rows = conn.execute(select(consent).where(consent.c.customer_id == loser)).all()
-        conn.execute(delete(consent).where(consent.c.customer_id == loser))
-        for r in rows:
-            _upsert(conn, winner, r.channel, r.granted, r.source, r.changed_ms, r.event_id)
+        self.merged_many(conn, [(winner, loser)])
+
+    def merged_many(self, conn: Connection, merges: Sequence[tuple[int, int]]) -> None:
+        """Move every loser's rows to its winner; per channel the latest event's row stays."""
+        if not merges:
+            return
+        order = {loser: i for i, (_w, loser) in enumerate(merges)}
+        winner_of = {loser: winner for winner, loser in merges}
+        rows = fetch_in(
+            conn,
+            "SELECT customer_id, channel, granted, source, changed_ms, event_id FROM consent "
+            "WHERE customer_id IN_VALUES",
+            order,
+        )
+        execute_in(conn, "DELETE FROM consent WHERE customer_id IN_VALUES", order)
+        moved: dict[tuple[int, str], tuple[Any, ...]] = {}
+        for cid, channel, granted, source, changed_ms, eid in sorted(rows, key=lambda r: order[r[0]]):
+            key = (winner_of[cid], channel)
+            if key not in moved or moved[key][5] < eid:  # as the upserts in merge order would leave it
+                moved[key] = (key[0], channel, bool(granted), source, changed_ms, eid)
+        _upsert_many(conn, list(moved.values()))
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         conn.execute(delete(consent).where(consent.c.customer_id == customer_id))
 
 
-def _upsert(
-    conn: Connection, cid: int, channel: str, granted: bool, source: str, ts_ms: int, eid: int
-) -> None:
-    """Write a consent row unless a later event already set this channel."""
-    stmt = dialect_insert(conn, consent).values(
-        customer_id=cid, channel=channel, granted=granted, source=source, changed_ms=ts_ms, event_id=eid
-    )
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["customer_id", "channel"],
-            set_={k: stmt.excluded[k] for k in ("granted", "source", "changed_ms", "event_id")},
-            where=consent.c.event_id < stmt.excluded.event_id,
-        )
+_CONSENT_COLUMNS = (
+    ("customer_id", "bigint"),
+    ("channel", "text"),
+    ("granted", "boolean"),
+    ("source", "text"),
+    ("changed_ms", "bigint"),
+    ("event_id", "bigint"),
+)
+
+
+def _upsert_many(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Write (customer, channel, granted, source, ts_ms, event_id) rows (unique keys), each
+    unless a later event already set its channel."""
+    write_rows(
+        conn,
+        "consent",
+        _CONSENT_COLUMNS,
+        rows,
+        "ON CONFLICT (customer_id, channel) DO UPDATE SET granted = excluded.granted,"
+        " source = excluded.source, changed_ms = excluded.changed_ms, event_id = excluded.event_id"
+        " WHERE consent.event_id < excluded.event_id",
     )

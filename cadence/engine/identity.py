@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, select
 
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import execute_many, fetch_in
+from cadence.store.fast import execute_many, fetch_in, write_rows
 from cadence.store.schema.core import customers, identities
 
 __all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
@@ -108,13 +108,15 @@ class IdentityResolver:
             owner.update(((kind, value), cid) for value, cid in found)
         # Merges repoint identities to the surviving customer, so owners are roots.
         parent: dict[int, int] = {cid: cid for cid in owner.values()}
+        # By customer only: with ``kind = 'user'`` too, SQLite scans every user id instead.
         with_user: set[int] = {
             cid
-            for (cid,) in fetch_in(
+            for cid, kind in fetch_in(
                 conn,
-                "SELECT DISTINCT customer_id FROM identities WHERE kind = 'user' AND customer_id IN_VALUES",
+                "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
                 set(owner.values()),
             )
+            if kind == "user"
         }
 
         next_temp = -1
@@ -250,27 +252,31 @@ class IdentityResolver:
         real: dict[int, int] = {}
         if roots:
             created = _reserve_customer_ids(conn, len(roots))
-            execute_many(
-                conn, "INSERT INTO customers (id, created_ms) VALUES (?, ?)", [(c, now_ms) for c in created]
+            write_rows(
+                conn,
+                "customers",
+                (("id", "bigint"), ("created_ms", "bigint")),
+                [(c, now_ms) for c in created],
             )
             real = dict(zip(roots, created, strict=True))
+        moves = []
         for winner, loser in merges:
             if loser < 0:
                 continue
             target = self._find(parent, winner)
-            target = real.get(target, target)
-            conn.execute(update(customers).where(customers.c.id == loser).values(merged_into=target))
-            conn.execute(
-                update(identities).where(identities.c.customer_id == loser).values(customer_id=target)
-            )
+            moves.append((real.get(target, target), loser))
+        # Losers are distinct and never a target (targets are roots): order does not matter.
+        execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
+        execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
         if new_keys:
             rows = []
             for (kind, value), cid in new_keys.items():
                 root = self._find(parent, cid)
                 rows.append((kind, value, real.get(root, root), now_ms))
-            execute_many(
+            write_rows(
                 conn,
-                "INSERT INTO identities (kind, value, customer_id, first_seen_ms) VALUES (?, ?, ?, ?)",
+                "identities",
+                (("kind", "text"), ("value", "text"), ("customer_id", "bigint"), ("first_seen_ms", "bigint")),
                 rows,
             )
         return real

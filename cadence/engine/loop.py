@@ -26,7 +26,7 @@ from sqlalchemy import Connection, func, select, text
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.leader import Leadership
-from cadence.store.fast import dialect_insert
+from cadence.store.fast import dialect_insert, fetch_rows
 from cadence.store.schema.core import checkpoints, events
 
 if TYPE_CHECKING:
@@ -63,6 +63,10 @@ class Subscriber(Protocol):
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """Customer ``loser`` was stitched into ``winner``: fold its state into the winner's."""
         ...
+
+    # Optional: ``merged_many(conn, merges)`` folds a batch's ``(winner, loser)`` merges at
+    # once, with the result of calling ``merged`` for each in order (the loop prefers it).
+    # In one batch every loser is distinct and no winner is also a loser.
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         """Customer ``customer_id`` was erased: remove or correct everything that counted them."""
@@ -180,9 +184,14 @@ class EngineLoop:
                     batch, merges = self.identity.resolve(
                         conn, rows, apply_after=positions[IDENTITY], now_ms=now
                     )
-                    for winner, loser in merges:
+                    if merges:
                         for sub in self.subscribers:
-                            sub.merged(conn, winner, loser)
+                            fold_all = getattr(sub, "merged_many", None)
+                            if fold_all is not None:
+                                fold_all(conn, merges)
+                            else:
+                                for winner, loser in merges:
+                                    sub.merged(conn, winner, loser)
                     last = rows[-1].id
                     new_positions = {IDENTITY: max(positions[IDENTITY], last)}
                     for sub in self.subscribers:
@@ -276,10 +285,11 @@ class _Row(NamedTuple):
 
 def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
     """Up to ``limit`` events with ids after ``after``, in order, payloads decoded."""
-    rows = conn.exec_driver_sql(
+    rows = fetch_rows(
+        conn,
         "SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, payload FROM events"
-        f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}"
-    ).fetchall()
+        f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}",
+    )
     loads = orjson.loads
     return [
         _Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8] if isinstance(r[8], dict) else loads(r[8]))

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 from sqlalchemy import Connection, delete, select
 
-from cadence.channels import feedback_aggregate, feedback_of
+from cadence.channels import FEEDBACK_EVENTS, feedback_aggregate, feedback_of
 from cadence.engine.consent import consent_of
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
-from cadence.store.fast import dump_json, execute_many, fetch_in
+from cadence.store.fast import dump_json, execute_in, fetch_in, write_rows
 from cadence.store.schema.core import profile_daily, profile_event_stats, profiles
 
 __all__ = ["ProfilesSubscriber", "StoredProfile", "event_name", "event_value", "load_profile"]
@@ -74,7 +75,7 @@ def counted_names(name: str, properties: Mapping[str, Any]) -> list[str]:
     >>> counted_names("Message Clicked", {"channel": "sms"}), counted_names("Order Completed", {})
     (['Message Clicked', 'sms.clicked'], ['Order Completed'])
     """
-    feedback = feedback_of(name, dict(properties))
+    feedback = feedback_of(name, properties)
     if feedback is None:
         return [name]
     return [name, feedback_aggregate(feedback[0], feedback[1].value)]
@@ -88,11 +89,16 @@ def valid_zone(name: Any) -> str | None:
     """
     if not isinstance(name, str) or not name:
         return None
+    return name if _zone_exists(name) else None
+
+
+@lru_cache(maxsize=1024)
+def _zone_exists(name: str) -> bool:
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        return None
-    return name
+        return False
+    return True
 
 
 def _json(value: Any) -> dict[str, Any]:
@@ -102,8 +108,83 @@ def _json(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else orjson.loads(value)
 
 
+_PROFILE_COLUMNS = (
+    ("customer_id", "bigint"),
+    ("first_seen_ms", "bigint"),
+    ("last_seen_ms", "bigint"),
+    ("event_count", "bigint"),
+    ("traits", "jsonb"),
+    ("trait_events", "jsonb"),
+    ("timezone", "text"),
+    ("updated_event_id", "bigint"),
+)
+_PROFILE_SELECT = (
+    "SELECT customer_id, first_seen_ms, last_seen_ms, event_count, traits, trait_events, timezone, "
+    "updated_event_id FROM profiles WHERE customer_id IN_VALUES"
+)
+#: A batch's summary added to a stored profile; traits untouched.
+_PROFILE_ADD = (
+    "ON CONFLICT (customer_id) DO UPDATE SET"
+    " first_seen_ms = CASE WHEN excluded.first_seen_ms < profiles.first_seen_ms"
+    " THEN excluded.first_seen_ms ELSE profiles.first_seen_ms END,"
+    " last_seen_ms = CASE WHEN excluded.last_seen_ms > profiles.last_seen_ms"
+    " THEN excluded.last_seen_ms ELSE profiles.last_seen_ms END,"
+    " event_count = profiles.event_count + excluded.event_count,"
+    " timezone = COALESCE(excluded.timezone, profiles.timezone),"
+    " updated_event_id = CASE WHEN excluded.updated_event_id > profiles.updated_event_id"
+    " THEN excluded.updated_event_id ELSE profiles.updated_event_id END"
+)
+#: The same, with traits already merged over the stored ones.
+_PROFILE_ADD_TRAITS = _PROFILE_ADD + ", traits = excluded.traits, trait_events = excluded.trait_events"
+#: A whole profile, computed in Python.
+_PROFILE_REPLACE = (
+    "ON CONFLICT (customer_id) DO UPDATE SET first_seen_ms = excluded.first_seen_ms,"
+    " last_seen_ms = excluded.last_seen_ms, event_count = excluded.event_count,"
+    " traits = excluded.traits, trait_events = excluded.trait_events, timezone = excluded.timezone,"
+    " updated_event_id = excluded.updated_event_id"
+)
+_STATS_COLUMNS = (
+    ("customer_id", "bigint"),
+    ("event", "text"),
+    ("count", "bigint"),
+    ("sum_value", "float8"),
+    ("first_ms", "bigint"),
+    ("last_ms", "bigint"),
+    ("last_value", "float8"),
+)
+_STATS_ADD = (
+    "ON CONFLICT (customer_id, event) DO UPDATE SET"
+    " count = profile_event_stats.count + excluded.count,"
+    " sum_value = profile_event_stats.sum_value + excluded.sum_value,"
+    " first_ms = CASE WHEN excluded.first_ms < profile_event_stats.first_ms"
+    " THEN excluded.first_ms ELSE profile_event_stats.first_ms END,"
+    " last_value = CASE WHEN excluded.last_ms >= profile_event_stats.last_ms"
+    " THEN excluded.last_value ELSE profile_event_stats.last_value END,"
+    " last_ms = CASE WHEN excluded.last_ms > profile_event_stats.last_ms"
+    " THEN excluded.last_ms ELSE profile_event_stats.last_ms END"
+)
+_DAILY_COLUMNS = (
+    ("customer_id", "bigint"),
+    ("event", "text"),
+    ("day", "integer"),
+    ("count", "bigint"),
+    ("sum_value", "float8"),
+)
+_DAILY_ADD = (
+    "ON CONFLICT (customer_id, event, day) DO UPDATE SET count = profile_daily.count + excluded.count,"
+    " sum_value = profile_daily.sum_value + excluded.sum_value"
+)
+_EMPTY = "{}"
+
+
 class ProfilesSubscriber:
-    """Keeps ``profiles``, ``profile_event_stats`` and ``profile_daily`` from the log."""
+    """Keeps ``profiles``, ``profile_event_stats`` and ``profile_daily`` from the log.
+
+    A batch is summed in memory first (one profile, one stats row per event name and one
+    day bucket per name and day, per customer), then written with one statement per
+    table whose upserts add the sums to the stored rows; only customers whose traits
+    changed have their stored profile read, to merge the traits.
+    """
 
     name = "profiles"
 
@@ -114,165 +195,187 @@ class ProfilesSubscriber:
         return checkpoint
 
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
-        summary: dict[int, dict[str, Any]] = {}
+        # customer -> [first, last, count, traits, trait_events, zone, last event id]
+        summary: dict[int, list[Any]] = {}
         stats: dict[tuple[int, str], list[Any]] = {}
-        daily: dict[tuple[int, str, int], list[float]] = {}
+        daily: dict[tuple[int, str, int], list[Any]] = {}
         for e in batch:
-            p = summary.get(e.customer_id)
+            cid, ts, payload, kind = e.customer_id, e.ts_ms, e.payload, e.type
+            p = summary.get(cid)
             if p is None:
-                p = summary[e.customer_id] = {
-                    "first": e.ts_ms,
-                    "last": e.ts_ms,
-                    "count": 0,
-                    "traits": {},
-                    "trait_events": {},
-                    "tz": None,
-                    "eid": e.id,
-                }
-            p["first"] = min(p["first"], e.ts_ms)
-            p["last"] = max(p["last"], e.ts_ms)
-            p["count"] += 1
-            p["eid"] = e.id
-            if e.type == "identify":
-                p["traits"].update(e.traits)
-                p["trait_events"].update(dict.fromkeys(e.traits, e.id))
-            zone = valid_zone(e.traits.get("timezone")) if e.type == "identify" else None
-            zone = zone or valid_zone(e.context.get("timezone"))
+                p = summary[cid] = [ts, ts, 0, None, None, None, e.id]
+            elif ts < p[0]:
+                p[0] = ts
+            elif ts > p[1]:
+                p[1] = ts
+            p[2] += 1
+            p[6] = e.id
+            context = payload.get("context") or {}
+            zone = None
+            if kind == "identify":
+                traits = e.traits
+                if traits:
+                    if p[3] is None:
+                        p[3], p[4] = {}, {}
+                    p[3].update(traits)
+                    p[4].update(dict.fromkeys(traits, e.id))
+                zone = valid_zone(traits.get("timezone"))
+            zone = zone or valid_zone(context.get("timezone"))
             if zone:
-                p["tz"] = zone
-            name = event_name(e)
+                p[5] = zone
+            if kind == "track":
+                name = e.event
+            elif kind == "page":
+                name = "Page Viewed"
+            elif kind == "screen":
+                name = "Screen Viewed"
+            else:
+                continue
             if name is None:
                 continue
-            value = event_value(e.properties) or 0.0
-            names = counted_names(name, e.properties)
-            for counted in names:
-                s = stats.get((e.customer_id, counted))
+            props = payload.get("properties") or {}
+            value = event_value(props) or 0.0
+            day = ts // DAY_MS
+            for counted in counted_names(name, props) if name in FEEDBACK_EVENTS else (name,):
+                s = stats.get((cid, counted))
                 if s is None:
-                    stats[(e.customer_id, counted)] = [1, value, e.ts_ms, e.ts_ms, value]
+                    stats[(cid, counted)] = [cid, counted, 1, value, ts, ts, value]
                 else:
-                    s[0] += 1
-                    s[1] += value
-                    s[2] = min(s[2], e.ts_ms)
-                    if e.ts_ms >= s[3]:
-                        s[3], s[4] = e.ts_ms, value
-                d = daily.setdefault((e.customer_id, counted, e.ts_ms // DAY_MS), [0, 0.0])
-                d[0] += 1
-                d[1] += value
+                    s[2] += 1
+                    s[3] += value
+                    if ts < s[4]:
+                        s[4] = ts
+                    if ts >= s[5]:
+                        s[5], s[6] = ts, value
+                d = daily.get((cid, counted, day))
+                if d is None:
+                    daily[(cid, counted, day)] = [cid, counted, day, 1, value]
+                else:
+                    d[3] += 1
+                    d[4] += value
         self._write_profiles(conn, summary)
-        self._add_stats(conn, [(c, n, *v) for (c, n), v in stats.items()])
-        self._add_daily(conn, [(c, n, day, d[0], d[1]) for (c, n, day), d in daily.items()])
+        self._add_stats(conn, list(stats.values()))
+        self._add_daily(conn, list(daily.values()))
 
-    def _write_profiles(self, conn: Connection, summary: dict[int, dict[str, Any]]) -> None:
-        if not summary:
-            return
-        existing = {
-            row[0]: row
-            for row in fetch_in(
-                conn,
-                "SELECT customer_id, first_seen_ms, last_seen_ms, event_count, traits, trait_events, timezone, "
-                "updated_event_id FROM profiles WHERE customer_id IN_VALUES",
-                summary,
-            )
-        }
-        rows = []
+    def _write_profiles(self, conn: Connection, summary: dict[int, list[Any]]) -> None:
+        """Add each customer's batch summary to their stored profile (created if new)."""
+        plain = []
+        with_traits: dict[int, list[Any]] = {}
         for cid, p in summary.items():
-            old = existing.get(cid)
-            if old is None:
-                first, last, count = p["first"], p["last"], p["count"]
-                traits, trait_events, zone, eid = p["traits"], p["trait_events"], p["tz"], p["eid"]
+            if p[3] is None:
+                plain.append((cid, p[0], p[1], p[2], _EMPTY, _EMPTY, p[5], p[6]))
             else:
-                first, last, count = min(old[1], p["first"]), max(old[2], p["last"]), old[3] + p["count"]
-                traits = {**_json(old[4]), **p["traits"]}
-                trait_events = {**_json(old[5]), **p["trait_events"]}
-                zone, eid = p["tz"] or old[6], max(old[7], p["eid"])
-            rows.append((cid, first, last, count, dump_json(traits), dump_json(trait_events), zone, eid))
-        execute_many(
-            conn,
-            "INSERT INTO profiles (customer_id, first_seen_ms, last_seen_ms, event_count, traits, trait_events,"
-            " timezone, updated_event_id) VALUES (?, ?, ?, ?, ?::json, ?::json, ?, ?)"
-            " ON CONFLICT (customer_id) DO UPDATE SET first_seen_ms = excluded.first_seen_ms,"
-            " last_seen_ms = excluded.last_seen_ms, event_count = excluded.event_count,"
-            " traits = excluded.traits, trait_events = excluded.trait_events, timezone = excluded.timezone,"
-            " updated_event_id = excluded.updated_event_id",
-            rows,
-        )
+                with_traits[cid] = p
+        write_rows(conn, "profiles", _PROFILE_COLUMNS, plain, _PROFILE_ADD)
+        if not with_traits:
+            return
+        # Traits merge key by key over the stored ones (the latest event wins): read those.
+        stored = {row[0]: row for row in fetch_in(conn, _PROFILE_SELECT, with_traits)}
+        rows = []
+        for cid, p in with_traits.items():
+            traits, trait_events = p[3], p[4]
+            old = stored.get(cid)
+            if old is not None:
+                traits = {**_json(old[4]), **traits}
+                trait_events = {**_json(old[5]), **trait_events}
+            rows.append((cid, p[0], p[1], p[2], dump_json(traits), dump_json(trait_events), p[5], p[6]))
+        write_rows(conn, "profiles", _PROFILE_COLUMNS, rows, _PROFILE_ADD_TRAITS)
 
     @staticmethod
-    def _add_stats(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        """Add (customer_id, event, count, sum, first_ms, last_ms, last_value) rows."""
-        execute_many(
-            conn,
-            "INSERT INTO profile_event_stats (customer_id, event, count, sum_value, first_ms, last_ms, last_value)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer_id, event) DO UPDATE SET"
-            " count = profile_event_stats.count + excluded.count,"
-            " sum_value = profile_event_stats.sum_value + excluded.sum_value,"
-            " first_ms = CASE WHEN excluded.first_ms < profile_event_stats.first_ms"
-            " THEN excluded.first_ms ELSE profile_event_stats.first_ms END,"
-            " last_value = CASE WHEN excluded.last_ms >= profile_event_stats.last_ms"
-            " THEN excluded.last_value ELSE profile_event_stats.last_value END,"
-            " last_ms = CASE WHEN excluded.last_ms > profile_event_stats.last_ms"
-            " THEN excluded.last_ms ELSE profile_event_stats.last_ms END",
-            rows,
-        )
+    def _add_stats(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        """Add (customer_id, event, count, sum, first_ms, last_ms, last_value) rows (unique keys)."""
+        write_rows(conn, "profile_event_stats", _STATS_COLUMNS, rows, _STATS_ADD)
 
     @staticmethod
-    def _add_daily(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        """Add (customer_id, event, day, count, sum) rows."""
-        execute_many(
-            conn,
-            "INSERT INTO profile_daily (customer_id, event, day, count, sum_value) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (customer_id, event, day) DO UPDATE SET count = profile_daily.count + excluded.count,"
-            " sum_value = profile_daily.sum_value + excluded.sum_value",
-            rows,
-        )
+    def _add_daily(conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        """Add (customer_id, event, day, count, sum) rows (unique keys)."""
+        write_rows(conn, "profile_daily", _DAILY_COLUMNS, rows, _DAILY_ADD)
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
-        stats_rows = [
-            dict(r._mapping)
-            for r in conn.execute(
-                select(profile_event_stats).where(profile_event_stats.c.customer_id == loser)
-            )
-        ]
-        daily_rows = [
-            dict(r._mapping)
-            for r in conn.execute(select(profile_daily).where(profile_daily.c.customer_id == loser))
-        ]
-        old = conn.execute(select(profiles).where(profiles.c.customer_id == loser)).first()
-        self.erased(conn, loser)
-        self._add_stats(
+        self.merged_many(conn, [(winner, loser)])
+
+    def merged_many(self, conn: Connection, merges: Sequence[tuple[int, int]]) -> None:
+        """Fold every loser's profile, stats and day buckets into its winner, in merge order.
+
+        The result is the one of folding the merges one by one: the same sums, and for a
+        tie on a time the later merge's value, as the upserts give when run in sequence.
+        """
+        if not merges:
+            return
+        order = {loser: i for i, (_w, loser) in enumerate(merges)}
+        winner_of = {loser: winner for winner, loser in merges}
+        losers = list(order)
+        stats: dict[tuple[int, str], list[Any]] = {}
+        stored = fetch_in(
             conn,
-            [
-                (winner, r["event"], r["count"], r["sum_value"], r["first_ms"], r["last_ms"], r["last_value"])
-                for r in stats_rows
-            ],
+            "SELECT customer_id, event, count, sum_value, first_ms, last_ms, last_value "
+            "FROM profile_event_stats WHERE customer_id IN_VALUES",
+            losers,
         )
-        self._add_daily(
-            conn, [(winner, r["event"], r["day"], r["count"], r["sum_value"]) for r in daily_rows]
+        for cid, event, count, total, first, last, last_value in sorted(stored, key=lambda r: order[r[0]]):
+            winner = winner_of[cid]
+            s = stats.get((winner, event))
+            if s is None:
+                stats[(winner, event)] = [winner, event, count, total, first, last, last_value]
+                continue
+            s[2] += count
+            s[3] += total
+            s[4] = min(s[4], first)
+            if last >= s[5]:
+                s[5], s[6] = last, last_value
+        daily: dict[tuple[int, str, int], list[Any]] = {}
+        stored = fetch_in(
+            conn,
+            "SELECT customer_id, event, day, count, sum_value FROM profile_daily WHERE customer_id IN_VALUES",
+            losers,
         )
-        if old is None:
-            return
-        mine = conn.execute(select(profiles).where(profiles.c.customer_id == winner)).first()
-        if mine is None:
-            conn.execute(profiles.insert().values(**{**old._mapping, "customer_id": winner}))
-            return
-        # Each trait keeps the value set by the latest event, as if one customer all along.
-        traits, trait_events = dict(mine.traits or {}), dict(mine.trait_events or {})
-        for key, eid in (old.trait_events or {}).items():
-            if eid > trait_events.get(key, -1):
-                traits[key], trait_events[key] = (old.traits or {}).get(key), eid
-        newer_zone = old.updated_event_id > mine.updated_event_id and old.timezone
-        conn.execute(
-            profiles.update()
-            .where(profiles.c.customer_id == winner)
-            .values(
-                first_seen_ms=min(mine.first_seen_ms, old.first_seen_ms),
-                last_seen_ms=max(mine.last_seen_ms, old.last_seen_ms),
-                event_count=mine.event_count + old.event_count,
-                traits=traits,
-                trait_events=trait_events,
-                timezone=old.timezone if newer_zone else (mine.timezone or old.timezone),
-                updated_event_id=max(mine.updated_event_id, old.updated_event_id),
-            )
+        for cid, event, day, count, total in sorted(stored, key=lambda r: order[r[0]]):
+            winner = winner_of[cid]
+            d = daily.get((winner, event, day))
+            if d is None:
+                daily[(winner, event, day)] = [winner, event, day, count, total]
+            else:
+                d[3] += count
+                d[4] += total
+        held = {
+            row[0]: [row[0], row[1], row[2], row[3], _json(row[4]), _json(row[5]), row[6], row[7]]
+            for row in fetch_in(conn, _PROFILE_SELECT, {*losers, *winner_of.values()})
+        }
+        changed: dict[int, list[Any]] = {}
+        for winner, loser in merges:
+            old = held.pop(loser, None)
+            if old is None:
+                continue
+            mine = held.get(winner)
+            if mine is None:
+                held[winner] = changed[winner] = [winner, *old[1:]]
+                continue
+            # Each trait keeps the value set by the latest event, as if one customer all along.
+            traits, trait_events = dict(mine[4]), dict(mine[5])
+            for key, eid in old[5].items():
+                if eid > trait_events.get(key, -1):
+                    traits[key], trait_events[key] = old[4].get(key), eid
+            newer_zone = old[7] > mine[7] and old[6]
+            held[winner] = changed[winner] = [
+                winner,
+                min(mine[1], old[1]),
+                max(mine[2], old[2]),
+                mine[3] + old[3],
+                traits,
+                trait_events,
+                old[6] if newer_zone else (mine[6] or old[6]),
+                max(mine[7], old[7]),
+            ]
+        for table in ("profile_daily", "profile_event_stats", "profiles"):
+            execute_in(conn, f"DELETE FROM {table} WHERE customer_id IN_VALUES", losers)
+        self._add_stats(conn, list(stats.values()))
+        self._add_daily(conn, list(daily.values()))
+        write_rows(
+            conn,
+            "profiles",
+            _PROFILE_COLUMNS,
+            [(*p[:4], dump_json(p[4]), dump_json(p[5]), p[6], p[7]) for p in changed.values()],
+            _PROFILE_REPLACE,
         )
 
     def erased(self, conn: Connection, customer_id: int) -> None:

@@ -14,7 +14,17 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Table
 
-__all__ = ["dialect_insert", "dialect_sql", "dump_json", "execute_many", "fetch_in", "is_postgres"]
+__all__ = [
+    "dialect_insert",
+    "dialect_sql",
+    "dump_json",
+    "execute_in",
+    "execute_many",
+    "fetch_in",
+    "fetch_rows",
+    "is_postgres",
+    "write_rows",
+]
 
 
 def is_postgres(conn: Connection) -> bool:
@@ -58,6 +68,12 @@ def execute_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> N
         conn.exec_driver_sql(dialect_sql(conn, sql), list(rows))
 
 
+def _in_values(conn: Connection, sql: str, values: list[Any]) -> tuple[str, Any]:
+    if is_postgres(conn):
+        return dialect_sql(conn, sql.replace("IN_VALUES", "= ANY(?)")), values
+    return sql.replace("IN_VALUES", "IN (SELECT value FROM json_each(?))"), dump_json(values)
+
+
 def fetch_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) -> list[Any]:
     """Run ``sql`` whose last condition is ``... IN_VALUES`` over ``values``.
 
@@ -67,10 +83,72 @@ def fetch_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) ->
     values = list(values)
     if not values:
         return []
-    if is_postgres(conn):
-        text = sql.replace("IN_VALUES", "= ANY(?)")
-        arg: Any = values
-    else:
-        text = sql.replace("IN_VALUES", "IN (SELECT value FROM json_each(?))")
-        arg = dump_json(values)
-    return list(conn.exec_driver_sql(dialect_sql(conn, text), (*params, arg)).fetchall())
+    text, arg = _in_values(conn, sql, values)
+    return fetch_rows(conn, text, (*params, arg), adapted=True)
+
+
+def execute_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) -> None:
+    """Run a statement (``DELETE``, ``UPDATE``) whose last condition is ``... IN_VALUES``, once.
+
+    The same marker as :func:`fetch_in`; nothing is run when ``values`` is empty.
+    """
+    values = list(values)
+    if values:
+        text, arg = _in_values(conn, sql, values)
+        conn.exec_driver_sql(text, (*params, arg))
+
+
+def fetch_rows(conn: Connection, sql: str, params: Sequence[Any] = (), *, adapted: bool = False) -> list[Any]:
+    """Run a query with ``?`` placeholders on the driver's cursor: plain tuples, no Row objects.
+
+    The loop reads thousands of rows per batch; SQLAlchemy's result rows cost more than
+    the query. The statement runs on the connection's transaction. ``adapted`` says the
+    placeholders are already the dialect's.
+    """
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(sql if adapted else dialect_sql(conn, sql), tuple(params))
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+#: PostgreSQL array element types for :func:`write_rows` columns; ``jsonb`` goes as text.
+_ARRAY_TYPES = {"jsonb": "text"}
+
+
+def write_rows(
+    conn: Connection,
+    into: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Sequence[Any]],
+    tail: str = "",
+) -> None:
+    """``INSERT INTO {into} (columns) ... {tail}`` for many rows, as cheaply as each dialect allows.
+
+    ``columns`` are ``(name, postgresql_type)`` pairs (``bigint``, ``integer``,
+    ``float8``, ``text``, ``boolean``, ``jsonb`` given as JSON text). ``tail`` is
+    what follows the rows (``ON CONFLICT ... DO UPDATE SET ... = excluded....``).
+    PostgreSQL gets one statement whose rows come from ``unnest`` of one array per
+    column (no per-row round trip, parse or bind); SQLite gets ``executemany``, which
+    runs in-process anyway. On PostgreSQL a conflict target must not repeat within
+    ``rows``: aggregate them first.
+    """
+    if not rows:
+        return
+    names = ", ".join(name for name, _ in columns)
+    if not is_postgres(conn):
+        marks = ", ".join("?" for _ in columns)
+        batch = rows if isinstance(rows, list) and isinstance(rows[0], tuple) else [tuple(r) for r in rows]
+        conn.exec_driver_sql(f"INSERT INTO {into} ({names}) VALUES ({marks}) {tail}", batch)
+        return
+    arrays = ", ".join(f"%s::{_ARRAY_TYPES.get(kind, kind)}[]" for _, kind in columns)
+    picks = ", ".join(f"r.{name}::jsonb" if kind == "jsonb" else f"r.{name}" for name, kind in columns)
+    sql = f"INSERT INTO {into} ({names}) SELECT {picks} FROM unnest({arrays}) AS r({names}) {tail}"
+    arrays_of = []
+    for (_, kind), column in zip(columns, zip(*rows, strict=True), strict=True):
+        # psycopg dumps a list with one element type: 0 and 2.5 in one float column must both be floats.
+        arrays_of.append(
+            [None if v is None else float(v) for v in column] if kind == "float8" else list(column)
+        )
+    conn.exec_driver_sql(sql, tuple(arrays_of))

@@ -14,8 +14,11 @@ coalition tallies and Markov removal effects from path tallies (all time).
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -31,7 +34,7 @@ from cadence.engine.attribution.shapley import MAX_EXACT_CHANNELS, coalition_sha
 from cadence.engine.attribution.spec import AttributionSpec, CreditRule, Touch
 from cadence.engine.events import LoggedEvent
 from cadence.engine.profiles import event_value
-from cadence.store.fast import execute_many, fetch_in
+from cadence.store.fast import execute_in, execute_many, fetch_in, write_rows
 
 __all__ = [
     "ONLINE_MODELS",
@@ -127,8 +130,20 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
         return own.strip(), label
     if not (fields["source"] or fields["medium"] or fields["referrer"]):
         return None
-    channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
+    try:
+        channel = _default_channel(
+            fields["source"], fields["medium"], fields["campaign"], fields["referrer"], fields["event"]
+        )
+    except TypeError:  # a field that is not a string nor a number (unhashable JSON): not cached
+        channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
     return (channel, label) if channel else None
+
+
+@lru_cache(maxsize=4096)
+def _default_channel(source: Any, medium: Any, campaign: Any, referrer: Any, event: Any) -> str | None:
+    """:func:`group_channel` over the default rules, remembered: a handful of UTM tuples recur."""
+    fields = {"source": source, "medium": medium, "campaign": campaign, "referrer": referrer, "event": event}
+    return group_channel(fields, DEFAULT_CHANNEL_RULES)
 
 
 def journey_credits(
@@ -154,10 +169,85 @@ def journey_credits(
         touches = [t for t in touches if t[1] not in gone]
     if not touches:
         return {m: [] for m in RULE_MODELS}
-    j = Journeys.from_paths(
+    if any(r.action != "exclude" for r in credit_rules):
+        credits = _model_arrays(touches, conv_ms, params)
+        j = _journey_of(touches, conv_ms)
+        shares = [apply_credit_rules(j, credits[m], credit_rules).tolist() for m in RULE_MODELS]
+    else:
+        shares = rule_shares(
+            [t[1] for t in touches],
+            [conv_ms - t[0] for t in touches],
+            half_life_ms=int(params.get("half_life_ms", 7 * DAY_MS)),
+            first=float(params.get("first", 0.4)),
+            last=float(params.get("last", 0.4)),
+        )
+    return {
+        m: [(t[1], t[2], float(c)) for t, c in zip(touches, share, strict=True)]
+        for m, share in zip(RULE_MODELS, shares, strict=True)
+    }
+
+
+def rule_shares(
+    channels: Sequence[str], ages_ms: Sequence[int], *, half_life_ms: int, first: float, last: float
+) -> list[list[float]]:
+    """Each :data:`RULE_MODELS` model's share per touch of one converting journey, in plain Python.
+
+    Bit for bit what the vectorised models in :mod:`~cadence.engine.attribution.heuristics`
+    give for a single journey (the same operations in the same order), without building
+    arrays: for the three or four touches of a typical journey numpy's per-call overhead
+    is most of the cost. ``ages_ms`` is how long before the conversion each touch was.
+
+    >>> rule_shares(["email", "direct"], [DAY_MS, 0], half_life_ms=DAY_MS, first=0.4, last=0.4)[1:3]
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+    if half_life_ms <= 0:
+        raise ValueError("half_life_ms must be positive")
+    if first < 0 or last < 0 or first + last > 1:
+        raise ValueError("position weights must be >= 0 and first + last <= 1")
+    n = len(channels)
+    first_touch = [0.0] * n
+    first_touch[0] = 1.0
+    last_touch = [0.0] * n
+    last_touch[-1] = 1.0
+    last_non_direct = last_touch
+    for i in range(n - 1, -1, -1):
+        if channels[i].lower() not in heuristics.DIRECT_CHANNELS:
+            last_non_direct = [0.0] * n
+            last_non_direct[i] = 1.0
+            break
+    linear = [1.0 / n] * n
+    weights = [math.exp2(-float(age) / half_life_ms) for age in ages_ms]
+    total = 0.0
+    for w in weights:
+        total += w
+    time_decay = [w / total for w in weights] if total > 0 else [0.0] * n
+    if n == 1:
+        position = [1.0]
+    elif n == 2:
+        position = [0.5, 0.5]
+    else:
+        middle = (1.0 - first - last) / max(float(n) - 2, 1.0)
+        position = [first, *([middle] * (n - 2)), last]
+    per_channel: dict[str, int] = {}
+    for c in channels:
+        per_channel[c] = per_channel.get(c, 0) + 1
+    distinct = len(per_channel)
+    shapley = [1.0 / distinct / per_channel[c] for c in channels]
+    return [first_touch, last_touch, last_non_direct, linear, time_decay, position, shapley]
+
+
+def _journey_of(touches: Sequence[tuple[int, str, str]], conv_ms: int) -> Journeys:
+    return Journeys.from_paths(
         [[t[1] for t in touches]], converted=[1.0], gaps_ms=[[conv_ms - t[0] for t in touches]]
     )
-    credits = {
+
+
+def _model_arrays(
+    touches: Sequence[tuple[int, str, str]], conv_ms: int, params: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """The vectorised models over one journey: the reference :func:`rule_shares` matches."""
+    j = _journey_of(touches, conv_ms)
+    return {
         "first_touch": heuristics.first_touch(j),
         "last_touch": heuristics.last_touch(j),
         "last_non_direct": heuristics.last_non_direct(j),
@@ -168,34 +258,66 @@ def journey_credits(
         ),
         "shapley_simplified": heuristics.shapley_simplified(j),
     }
-    if any(r.action != "exclude" for r in credit_rules):
-        credits = {m: apply_credit_rules(j, c, credit_rules) for m, c in credits.items()}
-    return {m: [(t[1], t[2], float(c[i])) for i, t in enumerate(touches)] for m, c in credits.items()}
 
 
-_UPSERT_CREDIT = (
-    "INSERT INTO attribution_credits (spec, model, window_days, day, channel, campaign, conversions, value) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel, campaign) "
+_CREDIT_COLUMNS = (
+    ("spec", "text"),
+    ("model", "text"),
+    ("window_days", "integer"),
+    ("day", "integer"),
+    ("channel", "text"),
+    ("campaign", "text"),
+    ("conversions", "float8"),
+    ("value", "float8"),
+)
+_ADD_CREDIT = (
+    "ON CONFLICT (spec, model, window_days, day, channel, campaign) "
     "DO UPDATE SET conversions = attribution_credits.conversions + excluded.conversions, "
     "value = attribution_credits.value + excluded.value"
 )
-_UPSERT_CHANNEL_CREDIT = (
-    "INSERT INTO attribution_channel_credits (spec, model, window_days, day, channel, conversions, value) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spec, model, window_days, day, channel) "
+_CHANNEL_CREDIT_COLUMNS = tuple(c for c in _CREDIT_COLUMNS if c[0] != "campaign")
+_ADD_CHANNEL_CREDIT = (
+    "ON CONFLICT (spec, model, window_days, day, channel) "
     "DO UPDATE SET conversions = attribution_channel_credits.conversions + excluded.conversions, "
     "value = attribution_channel_credits.value + excluded.value"
 )
-_UPSERT_COALITION = (
-    "INSERT INTO attribution_coalitions (spec, window_days, channels, journeys, conversions) "
-    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (spec, window_days, channels) "
+_COALITION_COLUMNS = (
+    ("spec", "text"),
+    ("window_days", "integer"),
+    ("channels", "text"),
+    ("journeys", "float8"),
+    ("conversions", "float8"),
+)
+_ADD_COALITION = (
+    "ON CONFLICT (spec, window_days, channels) "
     "DO UPDATE SET journeys = attribution_coalitions.journeys + excluded.journeys, "
     "conversions = attribution_coalitions.conversions + excluded.conversions"
 )
-_UPSERT_PATH = (
-    "INSERT INTO attribution_paths (spec, window_days, path, conversions) VALUES (?, ?, ?, ?) "
+_PATH_COLUMNS = (("spec", "text"), ("window_days", "integer"), ("path", "text"), ("conversions", "float8"))
+_ADD_PATH = (
     "ON CONFLICT (spec, window_days, path) "
     "DO UPDATE SET conversions = attribution_paths.conversions + excluded.conversions"
 )
+_TOUCH_COLUMNS = (
+    ("spec", "text"),
+    ("customer_id", "bigint"),
+    ("ts_ms", "bigint"),
+    ("channel", "text"),
+    ("campaign", "text"),
+    ("event_id", "bigint"),
+)
+
+#: The blocks that have open journeys, one index seek each (a "loose index scan": no
+#: database here skips through an index for ``SELECT DISTINCT`` by itself).
+_DISTINCT_SPECS = (
+    "WITH RECURSIVE s(spec) AS (SELECT MIN(spec) FROM attribution_touches UNION ALL "
+    "SELECT (SELECT MIN(spec) FROM attribution_touches WHERE spec > s.spec) FROM s WHERE s.spec IS NOT NULL) "
+    "SELECT spec FROM s WHERE spec IS NOT NULL"
+)
+
+
+def _ts(touch: tuple[int, str, str, int]) -> int:
+    return touch[0]
 
 
 @dataclass
@@ -227,107 +349,150 @@ class AttributionSubscriber:
 
     def _apply_spec(self, conn: Connection, spec: AttributionSpec, batch: Sequence[LoggedEvent]) -> None:
         relevant: list[tuple[LoggedEvent, tuple[str, str] | None]] = []
+        conversion = spec.conversion_event
         for e in batch:
-            is_conv = e.type == "track" and e.event == spec.conversion_event
-            touch = None if is_conv else touch_of(e, spec)
-            if is_conv or touch is not None:
-                relevant.append((e, touch))
+            if e.type == "track" and e.event == conversion:
+                relevant.append((e, None))
+            else:
+                touch = touch_of(e, spec)
+                if touch is not None:
+                    relevant.append((e, touch))
         if not relevant:
             return
         customers = sorted({e.customer_id for e, _ in relevant})
         open_: dict[int, list[tuple[int, str, str, int]]] = {c: [] for c in customers}
+        stored: dict[int, int] = {}  # event id -> row id of the open touches already in the table
         for row in fetch_in(
             conn,
-            "SELECT customer_id, ts_ms, channel, campaign, event_id FROM attribution_touches "
+            "SELECT customer_id, ts_ms, channel, campaign, event_id, id FROM attribution_touches "
             "WHERE spec = ? AND customer_id IN_VALUES",
             customers,
             spec.name,
         ):
             open_[int(row[0])].append((int(row[1]), str(row[2]), str(row[3]), int(row[4])))
+            stored[int(row[4])] = int(row[5])
         for touches in open_.values():
             touches.sort()
         credits: dict[tuple[str, int, int, str, str], list[float]] = {}
+        # Conversions with no touch in a window credit no channel, for every model alike:
+        # (window, day) -> [conversions, value], spread over the models when written.
+        untouched: dict[tuple[int, int], list[float]] = {}
         coalitions: dict[tuple[int, str], list[float]] = {}
         paths: dict[tuple[int, str], float] = {}
         windows = self.windows(spec)
         for e, touch in relevant:
             touches = open_[e.customer_id]
             if touch is not None:
-                touches.append((e.ts_ms, touch[0], touch[1], e.id))
-                touches.sort()
+                insort(touches, (e.ts_ms, touch[0], touch[1], e.id))
                 continue
             value = _conversion_value(e, spec)
             day = e.ts_ms // DAY_MS
-            before = [t for t in touches if t[0] <= e.ts_ms]
+            # Touches are sorted by time: each window's journey is a suffix of those before
+            # the conversion, and windows that reach back to the same touch share its credits.
+            n_before = bisect_right(touches, e.ts_ms, key=_ts)
+            solved: dict[int, tuple[list[tuple[str, str, str, float, float]], str, str]] = {}
             for w in windows:
-                inside = [(t[0], t[1], t[2]) for t in before if e.ts_ms - t[0] <= w * DAY_MS]
-                per_model = journey_credits(
-                    inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
-                )
-                for model, rows in per_model.items():
-                    if not rows:
-                        key = (model, w, day, "", "")
-                        acc = credits.setdefault(key, [0.0, 0.0])
-                        acc[0] += 1.0
-                        acc[1] += value
-                    for channel, campaign, credit in rows:
-                        acc = credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
-                        acc[0] += credit
-                        acc[1] += credit * value
-                if inside:
-                    key_c = (w, "+".join(sorted({t[1] for t in inside})))
-                    tally = coalitions.setdefault(key_c, [0.0, 0.0])
+                k = bisect_left(touches, e.ts_ms - w * DAY_MS, 0, n_before, key=_ts)
+                if k not in solved:
+                    inside = [(t[0], t[1], t[2]) for t in touches[k:n_before]]
+                    per_model = journey_credits(
+                        inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
+                    )
+                    solved[k] = (
+                        [
+                            (model, channel, campaign, credit, credit * value)
+                            for model, rows in per_model.items()
+                            for channel, campaign, credit in rows
+                        ],
+                        "+".join(sorted({t[1] for t in inside})),
+                        ">".join(t[1] for t in inside),
+                    )
+                shares, coalition, path = solved[k]
+                if not shares:  # no touch in the window, or every one excluded
+                    acc = untouched.setdefault((w, day), [0.0, 0.0])
+                    acc[0] += 1.0
+                    acc[1] += value
+                for model, channel, campaign, credit, credit_value in shares:
+                    acc = credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
+                    acc[0] += credit
+                    acc[1] += credit_value
+                if k < n_before:
+                    tally = coalitions.setdefault((w, coalition), [0.0, 0.0])
                     tally[0] += 1.0
                     tally[1] += 1.0
-                    key_p = (w, ">".join(t[1] for t in inside))
-                    paths[key_p] = paths.get(key_p, 0.0) + 1.0
+                    paths[(w, path)] = paths.get((w, path), 0.0) + 1.0
             # The journey is closed: later conversions start from scratch.
-            open_[e.customer_id] = [t for t in touches if t[0] > e.ts_ms]
-        execute_many(
+            open_[e.customer_id] = touches[n_before:]
+        # Touches always have a channel, so these keys are never credited above.
+        for (w, day), acc in untouched.items():
+            for model in RULE_MODELS:
+                credits[(model, w, day, "", "")] = acc
+        name = spec.name
+        write_rows(
             conn,
-            _UPSERT_CREDIT,
-            [(spec.name, m, w, d, ch, cp, v[0], v[1]) for (m, w, d, ch, cp), v in credits.items()],
+            "attribution_credits",
+            _CREDIT_COLUMNS,
+            [(name, m, w, d, ch, cp, v[0], v[1]) for (m, w, d, ch, cp), v in credits.items()],
+            _ADD_CREDIT,
         )
         by_channel: dict[tuple[str, int, int, str], list[float]] = {}
         for (m, w, d, ch, _cp), v in credits.items():
             acc = by_channel.setdefault((m, w, d, ch), [0.0, 0.0])
             acc[0] += v[0]
             acc[1] += v[1]
-        execute_many(
+        write_rows(
             conn,
-            _UPSERT_CHANNEL_CREDIT,
-            [(spec.name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
+            "attribution_channel_credits",
+            _CHANNEL_CREDIT_COLUMNS,
+            [(name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
+            _ADD_CHANNEL_CREDIT,
         )
-        execute_many(
-            conn, _UPSERT_COALITION, [(spec.name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()]
+        write_rows(
+            conn,
+            "attribution_coalitions",
+            _COALITION_COLUMNS,
+            [(name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()],
+            _ADD_COALITION,
         )
-        execute_many(conn, _UPSERT_PATH, [(spec.name, w, k, v) for (w, k), v in paths.items()])
-        # Rewrite the open journeys of these customers (pruned to the longest window).
-        for chunk_start in range(0, len(customers), 500):
-            chunk = customers[chunk_start : chunk_start + 500]
-            execute_many(
-                conn,
-                "DELETE FROM attribution_touches WHERE spec = ? AND customer_id = ?",
-                [(spec.name, c) for c in chunk],
-            )
+        write_rows(
+            conn,
+            "attribution_paths",
+            _PATH_COLUMNS,
+            [(name, w, k, v) for (w, k), v in paths.items()],
+            _ADD_PATH,
+        )
+        # The open journeys of these customers, pruned to the longest window: rows of closed
+        # or expired touches go, new open touches come; the others stay as they are.
         newest = max(e.ts_ms for e, _ in relevant)
-        open_rows = [
-            (spec.name, c, t[0], t[1], t[2], t[3])
-            for c, touches in open_.items()
-            for t in touches
-            if newest - t[0] <= KEEP_MS
-        ]
-        execute_many(
+        kept: set[int] = set()
+        new_rows = []
+        for c, touches in open_.items():
+            for t in touches:
+                if newest - t[0] <= KEEP_MS:
+                    if t[3] in stored:
+                        kept.add(t[3])
+                    else:
+                        new_rows.append((name, c, t[0], t[1], t[2], t[3]))
+        execute_in(
             conn,
-            "INSERT INTO attribution_touches (spec, customer_id, ts_ms, channel, campaign, event_id) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            open_rows,
+            "DELETE FROM attribution_touches WHERE id IN_VALUES",
+            [row_id for event_id, row_id in stored.items() if event_id not in kept],
         )
+        write_rows(conn, "attribution_touches", _TOUCH_COLUMNS, new_rows)
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """The loser's open journey becomes the winner's."""
+        self.merged_many(conn, [(winner, loser)])
+
+    def merged_many(self, conn: Connection, merges: Sequence[tuple[int, int]]) -> None:
+        """Every loser's open journeys become its winner's (each block's, through its index)."""
+        if not merges:
+            return
+        specs = [r[0] for r in conn.exec_driver_sql(_DISTINCT_SPECS).fetchall()]
         execute_many(
-            conn, "UPDATE attribution_touches SET customer_id = ? WHERE customer_id = ?", [(winner, loser)]
+            conn,
+            "UPDATE attribution_touches SET customer_id = ? WHERE spec = ? AND customer_id = ?",
+            [(winner, spec, loser) for spec in specs for winner, loser in merges],
         )
 
     def erased(self, conn: Connection, customer_id: int) -> None:
@@ -469,7 +634,8 @@ def _open_paths(conn: Connection, spec: str, window_days: int) -> list[list[str]
     rows = conn.exec_driver_sql(
         _placeholders(
             conn,
-            "SELECT customer_id, ts_ms, channel FROM attribution_touches WHERE spec = ? ORDER BY customer_id, ts_ms",
+            "SELECT customer_id, ts_ms, channel FROM attribution_touches WHERE spec = ? "
+            "ORDER BY customer_id, ts_ms, channel, campaign, event_id",
         ),
         (spec,),
     ).all()
