@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cadence import __version__
 from cadence.api.metrics import Metrics
 from cadence.api.security import KeyRing, RateLimiter
+from cadence.dsl.explain import installed_channels
 from cadence.errors import CadenceError, EventError, PayloadTooLarge
 from cadence.runtime import Runtime, open_runtime
 from cadence.settings import Settings, load_settings
@@ -116,6 +117,9 @@ def create_app(
     app.state.on_startup = []
     app.state.on_shutdown = []
     app.state.background = background
+    # the installed connectors do not change while the process runs: ask the plugins once,
+    # not per decision (building a plugin manager scans every package's entry points)
+    app.state.available_channels = installed_channels(settings)
 
     for name in ROUTERS:
         module = importlib.import_module(name)

@@ -16,7 +16,6 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from cadence.api.security import Principal, Scope
-from cadence.dsl.explain import installed_channels
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decisions_service import get_decision, make_decision
 from cadence.engine.learning import LearnerSubscriber
@@ -83,9 +82,7 @@ def _ruleset(request: Request) -> CompiledRuleset:
 def _decide_many(request: Request, items: list[DecisionRequest]) -> list[dict[str, Any]]:
     ruleset = _ruleset(request)
     learners = _learners(request)
-    channels = getattr(request.app.state, "available_channels", None) or installed_channels(
-        request.app.state.settings
-    )
+    channels = request.app.state.available_channels
     out: list[dict[str, Any]] = []
     engine = request.app.state.runtime.engine
     with engine.begin() as conn:

@@ -19,7 +19,6 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select
 
 from cadence.api.security import Principal, Scope
-from cadence.dsl.explain import installed_channels
 from cadence.dsl.loader import RulesetHolder
 from cadence.engine.decision import Scorer
 from cadence.scheduler.compaction import compact_derived_state
@@ -48,7 +47,7 @@ def setup(app: FastAPI) -> None:
         "rules",
         RulesetHolder(
             list(settings.rules_paths),
-            available_channels=installed_channels(settings),
+            available_channels=app.state.available_channels,
             default_zone=settings.default_timezone,
         ),
     )
@@ -135,7 +134,7 @@ def setup(app: FastAPI) -> None:
         engine=runtime.engine,
         clock=runtime.clock,
         rules=lambda: holder.current,
-        available_channels=installed_channels(settings),
+        available_channels=app.state.available_channels,
         config=SchedulerConfig.from_settings(settings),
         scorer=scorer,
         on_chunk=on_chunk,

@@ -21,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from cadence.api.security import Principal, Scope
 from cadence.clock import datetime_to_ms, now_ms
-from cadence.dsl.explain import explain_from_database, installed_channels
+from cadence.dsl.explain import explain_from_database
 from cadence.dsl.loader import LoadResult, RulesetHolder
 
 router = APIRouter(prefix="/v1", tags=["rules"])
@@ -35,7 +35,7 @@ def setup(app: FastAPI) -> None:
         "rules",
         RulesetHolder(
             list(settings.rules_paths),
-            available_channels=installed_channels(settings),
+            available_channels=app.state.available_channels,
             default_zone=settings.default_timezone,
         ),
     )
@@ -105,7 +105,7 @@ async def explain(
                 campaign=campaign,
                 customer=customer,
                 now_ms=when,
-                available_channels=installed_channels(request.app.state.settings),
+                available_channels=request.app.state.available_channels,
             )
 
     try:
