@@ -27,7 +27,7 @@ from typing import Any
 
 from cadence.engine.campaign import DAY_MS, CompiledRuleset
 
-__all__ = ["RuleNeeds", "needs_of_holder", "rule_needs"]
+__all__ = ["RuleNeeds", "duration_of", "event_of", "needs_of_holder", "rule_needs"]
 
 log = logging.getLogger("cadence.scheduler")
 
@@ -85,7 +85,8 @@ def _children(node: Any) -> Iterator[Any]:
         yield from node.values()
 
 
-def _event_of(node: Any) -> str | None:
+def event_of(node: Any) -> str | None:
+    """The event name a syntax node names (a string literal or an event path), else None."""
     kind = type(node).__name__
     if kind == "Lit" and node.kind == "string":
         return str(node.value)
@@ -95,7 +96,8 @@ def _event_of(node: Any) -> str | None:
     return None
 
 
-def _duration(node: Any) -> int | None:
+def duration_of(node: Any) -> int | None:
+    """The milliseconds of a duration literal node, else None."""
     if type(node).__name__ == "Lit" and node.kind == "duration":
         return int(node.value)
     return None
@@ -104,11 +106,11 @@ def _duration(node: Any) -> int | None:
 def _walk(node: Any, needs: RuleNeeds) -> None:
     kind = type(node).__name__
     if kind == "Binary" and node.op == "within":
-        needs._read(_event_of(node.left), _duration(node.right))
+        needs._read(event_of(node.left), duration_of(node.right))
         _walk(node.right, needs)
         return
     if kind == "Between":
-        needs._read(_event_of(node.subject), _duration(node.older))
+        needs._read(event_of(node.subject), duration_of(node.older))
         _walk(node.older, needs)
         _walk(node.newer, needs)
         return
@@ -116,7 +118,7 @@ def _walk(node: Any, needs: RuleNeeds) -> None:
         arg: Any = node.args[0] if node.args else None
         inner = type(arg).__name__
         if not (inner == "Between" or (inner == "Binary" and arg.op == "within")):
-            needs._read(_event_of(arg), None)  # all of history
+            needs._read(event_of(arg), None)  # all of history
     for child in _children(node):
         if child is not None and not isinstance(child, str | int | float | bool):
             _walk(child, needs)

@@ -34,6 +34,7 @@ from typing import Any
 
 from cadence.dsl.compiler import CompiledPredicate
 from cadence.engine.campaign import DAY_MS, Campaign
+from cadence.scheduler.needs import duration_of, event_of
 
 __all__ = ["SqlCondition", "audience_condition", "push_prefilter"]
 
@@ -69,22 +70,6 @@ def _has_event(event: str, since_ms: int | None) -> SqlCondition:
     if since_ms is None:
         return SqlCondition(sql + ")", [event])
     return SqlCondition(sql + " AND s.last_ms >= ?)", [event, since_ms])
-
-
-def _event_of(node: Any) -> str | None:
-    kind = type(node).__name__
-    if kind == "Lit" and node.kind == "string":
-        return str(node.value)
-    ref = getattr(node, "ref", None)
-    if kind == "Path" and isinstance(ref, tuple) and len(ref) >= 2 and ref[0] in ("event", "eventprop"):
-        return str(ref[1])
-    return None
-
-
-def _duration(node: Any) -> int | None:
-    if type(node).__name__ == "Lit" and node.kind == "duration":
-        return int(node.value)
-    return None
 
 
 def _number(node: Any) -> float | None:
@@ -123,16 +108,16 @@ class _Translator:
         """What ``count(arg) >= 1`` (or ``sum(arg) != 0``) needs."""
         kind = type(arg).__name__
         if kind == "Binary" and arg.op == "within":
-            event, window = _event_of(arg.left), _duration(arg.right)
+            event, window = event_of(arg.left), duration_of(arg.right)
             if event is None or window is None:
                 return None if event is None else _has_event(event, None)
             return _has_event(event, self.since(window))
         if kind == "Between":
-            event, older = _event_of(arg.subject), _duration(arg.older)
+            event, older = event_of(arg.subject), duration_of(arg.older)
             if event is None:
                 return None
             return _has_event(event, self.since(older))
-        event = _event_of(arg)
+        event = event_of(arg)
         return _has_event(event, None) if event is not None else None
 
     def compare(self, node: Any) -> SqlCondition | None:
@@ -147,8 +132,8 @@ class _Translator:
                 return self.windowed(left.args[0]) if needs_one else None
             if name == "last" and op in (">", ">=") and left.args:
                 ago = right if type(right).__name__ == "Unary" and right.op == "ago" else None
-                window = _duration(ago.operand) if ago is not None else None
-                event = _event_of(left.args[0])
+                window = duration_of(ago.operand) if ago is not None else None
+                event = event_of(left.args[0])
                 if event is not None and window is not None:
                     return _has_event(event, self.now_ms - window)
                 return None
