@@ -276,6 +276,11 @@ def online(quick: bool, tmp: Path) -> list[str]:
                     "conversions, value) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [("big", m, w, 20_454 + d, f"ch{c}", 20.0, 40.0) for d in range(days) for c in range(15)],
                 )
+                conn.exec_driver_sql(
+                    "INSERT INTO attribution_campaign_credits (spec, model, window_days, day, campaign, "
+                    "conversions, value) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [("big", m, w, 20_454 + d, f"cp{p}", 15.0, 30.0) for d in range(days) for p in range(20)],
+                )
     timings: dict[str, list[float]] = {"channel": [], "campaign": [], "day": []}
     with runtime.engine.connect() as conn:
         for i in range(60):
@@ -304,7 +309,7 @@ def online(quick: bool, tmp: Path) -> list[str]:
         f"| attribution subscriber, per event ({len(calls):,} events, SQLite) | {per_event_us:,.0f} us | |",
         f"| query p95 by channel or day, 2 models, half of {days} days ({n_rows:,} campaign-level rows: "
         f"{days} days x 15 channels x 20 campaigns x 7 models x 6 windows) | {p95:.1f} ms | < 50 ms |",
-        f"| query p95 by campaign, same | {p95_campaign:.1f} ms | |",
+        f"| query p95 by campaign, same | {p95_campaign:.1f} ms | < 50 ms |",
         f"| shapley + markov from tallies ({n_customers:,} customers' open journeys) | {tally_ms:.1f} ms | |",
     ]
 

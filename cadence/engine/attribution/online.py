@@ -6,7 +6,8 @@ to conversions (the attribution block's conversion event), for every
 :class:`AttributionSpec`. A customer's open journey lives in ``attribution_touches``;
 a conversion credits it at once with every rule-based model for every standard window
 (:data:`WINDOWS_DAYS`) into ``attribution_credits`` (and, without the campaign, into
-``attribution_channel_credits``, which channel and day queries read), adds the journey to the coalition
+``attribution_channel_credits``, which channel and day queries read; without the channel, into
+``attribution_campaign_credits``, which campaign queries read), adds the journey to the coalition
 and path tallies, and closes it. :func:`query_attribution` answers from those tables
 only: rule-based credit by channel, campaign or day over a date range; Shapley from
 coalition tallies and Markov removal effects from path tallies (all time).
@@ -281,6 +282,12 @@ _ADD_CHANNEL_CREDIT = (
     "DO UPDATE SET conversions = attribution_channel_credits.conversions + excluded.conversions, "
     "value = attribution_channel_credits.value + excluded.value"
 )
+_CAMPAIGN_CREDIT_COLUMNS = tuple(c for c in _CREDIT_COLUMNS if c[0] != "channel")
+_ADD_CAMPAIGN_CREDIT = (
+    "ON CONFLICT (spec, model, window_days, day, campaign) "
+    "DO UPDATE SET conversions = attribution_campaign_credits.conversions + excluded.conversions, "
+    "value = attribution_campaign_credits.value + excluded.value"
+)
 _COALITION_COLUMNS = (
     ("spec", "text"),
     ("window_days", "integer"),
@@ -447,6 +454,18 @@ class AttributionSubscriber:
             [(name, m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()],
             _ADD_CHANNEL_CREDIT,
         )
+        by_campaign: dict[tuple[str, int, int, str], list[float]] = {}
+        for (m, w, d, _ch, cp), v in credits.items():
+            acc = by_campaign.setdefault((m, w, d, cp), [0.0, 0.0])
+            acc[0] += v[0]
+            acc[1] += v[1]
+        write_rows(
+            conn,
+            "attribution_campaign_credits",
+            _CAMPAIGN_CREDIT_COLUMNS,
+            [(name, m, w, d, cp, v[0], v[1]) for (m, w, d, cp), v in by_campaign.items()],
+            _ADD_CAMPAIGN_CREDIT,
+        )
         write_rows(
             conn,
             "attribution_coalitions",
@@ -535,7 +554,9 @@ def query_attribution(
     open_paths: list[list[str]] | None = None  # read once for shapley and markov
     for model in models:
         if model in RULE_MODELS:
-            table = "attribution_credits" if group_by == "campaign" else "attribution_channel_credits"
+            table = (
+                "attribution_campaign_credits" if group_by == "campaign" else "attribution_channel_credits"
+            )
             sql = (
                 f"SELECT {GROUPS[group_by]}, SUM(conversions), SUM(value) FROM {table} "
                 "WHERE spec = ? AND model = ? AND window_days = ? AND day >= ? AND day <= ? "
@@ -614,7 +635,7 @@ def unattributed_share(
         _placeholders(
             conn,
             "SELECT SUM(CASE WHEN channel = '' THEN conversions ELSE 0 END), SUM(conversions) "
-            "FROM attribution_credits WHERE spec = ? AND model = 'last_touch' AND window_days = ? "
+            "FROM attribution_channel_credits WHERE spec = ? AND model = 'last_touch' AND window_days = ? "
             "AND day >= ? AND day <= ?",
         ),
         (spec, window_days, since_day or 0, until_day if until_day is not None else 10**9),

@@ -24,6 +24,7 @@ from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, St
 from cadence.store.schema.base import Id, Json, metadata
 
 __all__ = [
+    "attribution_campaign_credits",
     "attribution_channel_credits",
     "attribution_coalitions",
     "attribution_credits",
@@ -69,6 +70,20 @@ attribution_channel_credits = Table(
     Column("window_days", Integer, primary_key=True),
     Column("day", Integer, primary_key=True),
     Column("channel", String(64), primary_key=True),
+    Column("conversions", Float, nullable=False, default=0.0),
+    Column("value", Float, nullable=False, default=0.0),
+)
+
+#: The same credit without the channel: what campaign queries (the dashboard's campaigns
+#: page) read, so they do not group channels x campaigns rows per day.
+attribution_campaign_credits = Table(
+    "attribution_campaign_credits",
+    metadata,
+    Column("spec", String(100), primary_key=True),
+    Column("model", String(32), primary_key=True),
+    Column("window_days", Integer, primary_key=True),
+    Column("day", Integer, primary_key=True),
+    Column("campaign", String(200), primary_key=True),
     Column("conversions", Float, nullable=False, default=0.0),
     Column("value", Float, nullable=False, default=0.0),
 )

@@ -94,6 +94,18 @@ def test_conversions_are_credited_per_event_from_open_journeys(journeys: Runtime
             conn, spec="default", models=["last_touch"], window_days=30, group_by="campaign"
         )
         assert {r["key"] for r in by_campaign["last_touch"]} == {"brand", "spring"}
+        # the campaign rollup is the detailed credit summed over channels
+        detailed = conn.exec_driver_sql(
+            "SELECT model, window_days, day, campaign, SUM(conversions), SUM(value) FROM attribution_credits "
+            "GROUP BY model, window_days, day, campaign ORDER BY model, window_days, day, campaign"
+        ).all()
+        rollup = conn.exec_driver_sql(
+            "SELECT model, window_days, day, campaign, conversions, value FROM attribution_campaign_credits "
+            "ORDER BY model, window_days, day, campaign"
+        ).all()
+        assert len(rollup) == len(detailed) > 0
+        for a, b in zip(rollup, detailed, strict=True):
+            assert tuple(a[:4]) == tuple(b[:4]) and a[4:] == pytest.approx(tuple(b[4:]))
         tallies = query_attribution(conn, spec="default", models=["shapley", "markov"], window_days=30)
         for model in ("shapley", "markov"):
             total = sum(r["conversions"] for r in tallies[model])
