@@ -148,6 +148,7 @@ def fill(engine: Engine, *, touchpoints: int, today: int, seed: int = 3) -> dict
     per_day = max(10, min(120, touchpoints // 80_000))
 
     by_channel: dict[tuple[str, int, int, str], list[float]] = {}
+    by_campaign: dict[tuple[str, int, int, str], list[float]] = {}
 
     def credits() -> Iterator[tuple[object, ...]]:
         for day in range(today - 364, today + 1):
@@ -157,6 +158,9 @@ def fill(engine: Engine, *, touchpoints: int, today: int, seed: int = 3) -> dict
                     for ch, cp in [*todays, ("", "")]:
                         conv, value = rng.random() * (5 if ch else 3), rng.random() * (300 if ch else 100)
                         acc = by_channel.setdefault((model, w, day, ch), [0.0, 0.0])
+                        acc[0] += conv
+                        acc[1] += value
+                        acc = by_campaign.setdefault((model, w, day, cp), [0.0, 0.0])
                         acc[0] += conv
                         acc[1] += value
                         yield ("default", model, w, day, ch, cp, conv, value)
@@ -172,6 +176,12 @@ def fill(engine: Engine, *, touchpoints: int, today: int, seed: int = 3) -> dict
         "INSERT INTO attribution_channel_credits (spec, model, window_days, day, channel, conversions, value) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (("default", m, w, d, ch, v[0], v[1]) for (m, w, d, ch), v in by_channel.items()),
+    )
+    counts["attribution_campaign_credits"] = _insert(
+        engine,
+        "INSERT INTO attribution_campaign_credits (spec, model, window_days, day, campaign, conversions, value) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (("default", m, w, d, cp, v[0], v[1]) for (m, w, d, cp), v in by_campaign.items()),
     )
 
     def coalitions() -> Iterator[tuple[object, ...]]:
