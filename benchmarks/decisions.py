@@ -11,8 +11,6 @@ timed from the moment it was due, so a server that falls behind shows it).
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from benchmarks._serve import process_cpu, serving
 from cadence.engine.campaign import (
     DAY_MS,
     Campaign,
@@ -164,12 +163,8 @@ def http_load(*, rate: float, seconds: float, customers: int) -> dict[str, objec
 
     key = "bench-decide-key-0123456789"
     rules = Path(__file__).resolve().parent.parent / "rules"
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+    with tempfile.TemporaryDirectory() as tmp:
         env = {
-            **os.environ,
             "CADENCE_DATABASE_URL": f"sqlite:///{tmp}/decisions-bench.db",
             "CADENCE_API_KEYS": orjson.dumps(
                 [{"name": "b", "sha256": hash_key(key), "scopes": ["ingest", "decide"]}]
@@ -177,24 +172,11 @@ def http_load(*, rate: float, seconds: float, customers: int) -> dict[str, objec
             "CADENCE_RULES_PATHS": orjson.dumps([str(rules)]).decode(),
             "CADENCE_RATE_LIMIT_PER_SECOND": "1000000",
             "CADENCE_RATE_LIMIT_BURST": "1000000",
-            "CADENCE_LOG_LEVEL": "WARNING",
         }
-        server = subprocess.Popen(
-            [sys.executable, "-m", "cadence", "serve", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
+        with serving(env) as (server, port):
             import httpx
 
             base = f"http://127.0.0.1:{port}"
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
             zones = ("Europe/Berlin", "America/New_York", "Asia/Tokyo", "Australia/Sydney")
             calls: list[dict[str, object]] = []
             for i in range(customers):
@@ -216,7 +198,7 @@ def http_load(*, rate: float, seconds: float, customers: int) -> dict[str, objec
                     if client.post("/v1/decisions", json=last).status_code == 200:
                         break
                     time.sleep(0.2)
-            before = _cpu_of(server.pid)
+            before = process_cpu(server.pid)
             out = subprocess.run(
                 [sys.executable, "-c", LOAD_CLIENT, str(port), key, str(rate), str(seconds), str(customers)],
                 capture_output=True,
@@ -224,20 +206,8 @@ def http_load(*, rate: float, seconds: float, customers: int) -> dict[str, objec
                 text=True,
             )
             result: dict[str, object] = orjson.loads(out.stdout)
-            result["server_cpu"] = _cpu_of(server.pid) - before
+            result["server_cpu"] = process_cpu(server.pid) - before
             return result
-        finally:
-            server.terminate()
-            server.wait(10)
-
-
-def _cpu_of(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
 def run(*, quick: bool, postgres_url: str | None) -> str:

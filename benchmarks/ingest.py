@@ -11,7 +11,6 @@ import os
 import random
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import orjson
 from sqlalchemy import text
 
+from benchmarks._serve import process_cpu, serving
 from cadence.api.security import hash_key
 from cadence.engine.loop import EngineLoop
 from cadence.runtime import open_runtime
@@ -195,22 +195,9 @@ print(orjson.dumps({"seconds": time.perf_counter() - started, "errors": len(erro
 """
 
 
-def _process_cpu(pid: int) -> float:
-    """CPU seconds used so far by process ``pid`` (Linux), or NaN."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
 def bench_http(db: Database, calls: list[dict[str, object]], tmp: Path) -> tuple[float, int, float]:
     """(events/s, HTTP errors, server CPU s while the clients ran)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {
-        **os.environ,
         "CADENCE_DATABASE_URL": db.url,
         "CADENCE_API_KEYS": orjson.dumps(
             [{"name": "b", "sha256": hash_key(KEY), "scopes": ["ingest"]}]
@@ -218,38 +205,20 @@ def bench_http(db: Database, calls: list[dict[str, object]], tmp: Path) -> tuple
         "CADENCE_RATE_LIMIT_PER_SECOND": "1000000",
         "CADENCE_RATE_LIMIT_BURST": "1000000",
         "CADENCE_ENGINE_ENABLED": "false",
-        "CADENCE_LOG_LEVEL": "WARNING",
     }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cadence", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        import httpx
-
-        for _ in range(200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serving(env, ready_seconds=20) as (server, port):
         data = tmp / "http-calls.json"
         data.write_bytes(orjson.dumps(calls))
-        cpu = _process_cpu(server.pid)
+        cpu = process_cpu(server.pid)
         out = subprocess.run(
             [sys.executable, "-c", CLIENT, str(port), str(data), "4", KEY],
             capture_output=True,
             check=True,
             text=True,
         )
-        server_cpu = _process_cpu(server.pid) - cpu
+        server_cpu = process_cpu(server.pid) - cpu
         result = orjson.loads(out.stdout)
         return len(calls) / result["seconds"], int(result["errors"]), server_cpu
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def run(*, quick: bool, postgres_url: str | None) -> str:

@@ -1,0 +1,51 @@
+"""Shared by the benchmarks that drive `cadence serve` over loopback HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` (Linux), or NaN."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+@contextmanager
+def serving(
+    env: Mapping[str, str], *, ready_seconds: float = 60.0
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`cadence serve` on a free loopback port with ``env`` added; yields (process, port) once healthy."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cadence", "serve", "--port", str(port)],
+        env={**os.environ, "CADENCE_LOG_LEVEL": "WARNING", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + ready_seconds
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield server, port
+    finally:
+        server.terminate()
+        server.wait(10)
