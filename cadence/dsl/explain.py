@@ -250,22 +250,10 @@ def render_explain(record: Mapping[str, Any]) -> str:
 
 
 def installed_channels(settings: Any) -> tuple[str, ...]:
-    """Channels an installed connector offers.
+    """Channels an installed connector offers (``cadence.plugins.available_channels``)."""
+    from cadence.plugins import available_channels  # the plugin host imports the rule language
 
-    Asks ``cadence.plugins.available_channels(settings)`` when the plugin package
-    provides it; until then every channel in :data:`cadence.channels.CHANNELS` counts
-    as installed.
-    """
-    from cadence.channels import CHANNELS
-
-    try:
-        plugins = importlib.import_module("cadence.plugins")
-    except ImportError:
-        return CHANNELS
-    fn = getattr(plugins, "available_channels", None)
-    if callable(fn):
-        return tuple(fn(settings))
-    return CHANNELS
+    return available_channels(settings)
 
 
 def explain_from_database(
