@@ -842,9 +842,19 @@ class Checker:
         return False
 
     def cap(self, clause: ast.Clause, env: _Env, *, in_settings: bool) -> None:
-        """``cap N per DURATION [on CHANNEL]``."""
+        """``cap N per DURATION [on CHANNEL] [calendar]``."""
         self._number(clause.args["count"], env, "a cap's count", minimum=1)
         self._duration(clause.args["window"], env, "a cap's window")
+        window = clause.args["window"]
+        value = _lit_value(window) if isinstance(window, ast.Lit) and window.kind == "duration" else None
+        if clause.args.get("calendar") is not None and value is not None and (value <= 0 or value % DAY_MS):
+            self.at(
+                window,
+                "E402",
+                "a calendar cap counts whole local days; its window must be a number of days",
+                _len(window),
+                "write e.g. 1d or 7d",
+            )
         on = clause.args["on"]
         if on is not None:
             if in_settings:

@@ -598,7 +598,14 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
                 tuple(n for n, _p in a["channels"]), "best" if a["mode"] == "best" else "ordered"
             )
         elif k == "cap":
-            caps.append(Cap(int(_num(a["count"])), int(_num(a["window"])), "campaign"))
+            caps.append(
+                Cap(
+                    int(_num(a["count"])),
+                    int(_num(a["window"])),
+                    "campaign",
+                    calendar=bool(a.get("calendar")),
+                )
+            )
         elif k == "quiet":
             use_customer, fallback = _zone_of(a["zone"], default_zone)
             action: Literal["defer", "drop"] = "drop" if a["action"] and a["action"][0] == "drop" else "defer"
@@ -734,6 +741,7 @@ def compile_settings(blocks: list[ast.Settings], default_zone: str) -> GlobalSet
                         int(_num(a["window"])),
                         "channel" if on else "customer",
                         on[0] if on else None,
+                        calendar=bool(a.get("calendar")),
                     )
                 )
             elif clause.keyword == "spacing":

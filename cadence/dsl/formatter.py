@@ -205,6 +205,8 @@ def _clause(w: _Writer, clause: ast.Clause, width: int) -> None:  # noqa: C901 -
         text = f"{format_expr(a['count'], 5)} per {format_expr(a['window'], 5)}"
         if a["on"] is not None:
             text += f" on {a['on'][0]}"
+        if a.get("calendar") is not None:
+            text += " calendar"
         w.line(anchor, head + text, 4)
     elif kw == "quiet":
         text = f"{format_expr(a['start'], 5)}..{format_expr(a['end'], 5)}"

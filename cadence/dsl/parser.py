@@ -450,9 +450,14 @@ class _Builder:
     def channel_ordered(self, kw: _Tok, *names: _Tok) -> ast.Clause:
         return self._clause(kw, mode="ordered", channels=[(str(n), _pos(n)) for n in names])
 
-    def cap(self, kw: _Tok, count: Any, window: Any, on: _Tok | None = None) -> ast.Clause:
-        channel = (str(on), _pos(on)) if on is not None else None
-        return self._clause(kw, count=count, window=window, on=channel)
+    def cap(self, kw: _Tok, count: Any, window: Any, *rest: _Tok) -> ast.Clause:
+        channel = calendar = None
+        for tok in rest:
+            if tok.type == "CALENDAR":
+                calendar = _pos(tok)
+            else:
+                channel = (str(tok), _pos(tok))
+        return self._clause(kw, count=count, window=window, on=channel, calendar=calendar)
 
     def quiet(self, kw: _Tok, start: Any, _dots: _Tok, end: Any, *rest: Any) -> ast.Clause:
         zone = action = None

@@ -335,3 +335,45 @@ def test_content_hash_and_atomic_reload(tmp_path: Path) -> None:
     broken = holder.reload()
     assert not broken.ok and holder.current is second.ruleset
     assert load_rules([rules]).hash == broken.hash
+
+
+def test_calendar_caps_count_local_days_and_need_whole_days(load: Load) -> None:
+    from cadence.dsl.formatter import format_text
+
+    text = (
+        HEADER
+        + """settings {
+    cap 1 per 1d calendar
+    cap 2 per 7d on sms calendar
+    cap 5 per 7d
+}
+campaign daily "Daily" {
+    send      template "t"
+    channel   email
+    cap       1 per 2d calendar
+}
+"""
+    )
+    result = load(text)
+    assert result.ok, [str(d) for d in result.diagnostics]
+    caps = [
+        (c.scope, c.channel, c.count, c.window_ms // DAY, c.calendar) for c in result.ruleset.settings.caps
+    ]
+    assert caps == [
+        ("customer", None, 1, 1, True),
+        ("channel", "sms", 2, 7, True),
+        ("customer", None, 5, 7, False),
+    ]
+    campaign_cap = result.ruleset.campaigns["daily"].caps[0]
+    assert (campaign_cap.window_ms // DAY, campaign_cap.calendar) == (2, True)
+    # the formatter keeps the word, so formatting never changes what a cap means
+    formatted = format_text(text)
+    assert "cap       2 per 7d on sms calendar" in formatted and "cap       1 per 2d calendar" in formatted
+    assert load(formatted).ruleset.settings.caps == result.ruleset.settings.caps
+
+    bad = load(HEADER + "settings {\n    cap 1 per 36h calendar\n}\n")
+    assert not bad.ok
+    (diag,) = bad.diagnostics
+    assert diag.code == "E402" and "whole local days" in diag.message and (diag.line, diag.column) == (4, 15)
+    # 'calendar' stays an ordinary name everywhere else
+    assert load(HEADER + 'segment s = customer.calendar ?? "" == "x"\n').ok
