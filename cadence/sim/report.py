@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from cadence.sim.api import ApiPolicy, run_via_api
 from cadence.sim.policies import default_policies
 from cadence.sim.population import SHAPES, make_population
 from cadence.sim.world import RunResult, run_policy
@@ -83,8 +85,13 @@ def compare(
     shapes: Sequence[str] = tuple(SHAPES),
     policies: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    via_api: Callable[[str, int], AbstractContextManager[ApiPolicy]] | None = None,
 ) -> Comparison:
-    """Run every policy on every (shape, seed) population and summarise."""
+    """Run every policy on every (shape, seed) population and summarise.
+
+    ``via_api(shape, seed)``, when given, opens a fresh :class:`ApiPolicy` (cadence
+    driven through its HTTP API) that runs beside the in-process policies.
+    """
     summaries: dict[str, PolicySummary] = {}
     for shape in shapes:
         for seed in seeds:
@@ -97,6 +104,12 @@ def compare(
                 summaries.setdefault(name, PolicySummary(name)).runs.append(result)
                 if progress is not None:
                     progress(f"{shape} seed {seed}: {name} CTR {result.ctr:.2%}, clicks {result.clicks}")
+            if via_api is not None:
+                with via_api(shape, seed) as api_policy:
+                    result = run_via_api(api_policy, population, days=days, seed=seed, start=START)
+                summaries.setdefault(api_policy.name, PolicySummary(api_policy.name)).runs.append(result)
+                if progress is not None:
+                    progress(f"{shape} seed {seed}: {api_policy.name} CTR {result.ctr:.2%}")
     return Comparison(customers=customers, days=days, seeds=seeds, shapes=shapes, policies=summaries)
 
 

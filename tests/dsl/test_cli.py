@@ -41,6 +41,14 @@ def test_examples_check_format_lint_and_test_clean() -> None:
     assert " 0 failed, 0 skipped" in test.output and "coverage: 100% of rules" in test.output
 
 
+def test_simulator_rules_check_format_lint_and_test_clean() -> None:
+    rules = RULES.parent / "examples" / "simulate"
+    for command in (["check"], ["fmt", "--check"], ["lint"], ["test"]):
+        result = runner.invoke(app, [*command, str(rules)])
+        assert result.exit_code == 0, (command, result.output)
+    assert "3 passed, 0 failed" in result.output
+
+
 def test_check_exits_1_and_lists_every_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.cadence"
     bad.write_text(

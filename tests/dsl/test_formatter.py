@@ -10,7 +10,8 @@ import pytest
 from cadence.dsl.formatter import format_text
 from cadence.dsl.parser import parse_text
 
-RULES = sorted((Path(__file__).resolve().parents[2] / "rules").glob("*.cadence"))
+ROOT = Path(__file__).resolve().parents[2]
+RULES = sorted([*(ROOT / "rules").glob("*.cadence"), *(ROOT / "examples").glob("*/*.cadence")])
 
 MESSY = """# leading comment
 import "segments.cadence"   # shared names
