@@ -160,7 +160,21 @@ def make_decision(
             f"{s['campaign']}: {s['reason']} ({s['detail']})" for s in explanation["suppressions"]
         ]
     if mode == "commit":
-        inputs = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
+        inputs: dict[str, Any] = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
+        if decision.action == "send" and learners is not None:
+            assert decision.campaign and decision.channel and decision.send_at_ms is not None
+            # the learner's features as they are now, kept so a restart learns this decision exactly
+            inputs["features"] = learners.record(
+                decision_id=decision_id,
+                customer_id=customer_id,
+                traits=profile.traits,
+                zone=profile.timezone,
+                campaign=decision.campaign,
+                channel=decision.channel,
+                send_at_ms=decision.send_at_ms,
+                arm=decision.arm,
+                now_ms=now_ms,
+            )
         conn.execute(
             decisions.insert().values(
                 id=decision_id,
@@ -192,18 +206,6 @@ def make_decision(
                 variables=dict(body["variables"] or {}),
                 decision_id=decision_id,
             )
-            if learners is not None:
-                learners.record(
-                    decision_id=decision_id,
-                    customer_id=customer_id,
-                    traits=profile.traits,
-                    zone=profile.timezone,
-                    campaign=decision.campaign,
-                    channel=decision.channel,
-                    send_at_ms=decision.send_at_ms,
-                    arm=decision.arm,
-                    now_ms=now_ms,
-                )
     return body
 
 

@@ -35,6 +35,7 @@ default settings and ``LinUCBDisjoint`` is slow, so scoring is vectorised numpy.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import zlib
@@ -326,6 +327,41 @@ class Pending:
     unsubscribed: bool = False
     load: int = 0  # sends in the 7 days before the decision
 
+    def stored(self) -> dict[str, Any]:
+        """What the ``decisions`` row keeps, so a restart registers the decision exactly as it was made.
+
+        >>> p = Pending(7, np.array([0, 5]), np.array([1.0, 0.25]), 0, "email", "c", None, load=2)
+        >>> p.stored()
+        {'idx': [0, 5], 'val': [1.0, 0.25], 'load': 2}
+        >>> q = Pending.restored(p.stored(), customer_id=7, sent_ms=0, channel="email", campaign="c", arm=None)
+        >>> (q.idx.tolist(), q.val.tolist(), q.load)
+        ([0, 5], [1.0, 0.25], 2)
+        """
+        return {"idx": self.idx.tolist(), "val": self.val.tolist(), "load": self.load}
+
+    @classmethod
+    def restored(
+        cls,
+        stored: Mapping[str, Any],
+        *,
+        customer_id: int,
+        sent_ms: int,
+        channel: str,
+        campaign: str,
+        arm: str | None,
+    ) -> Pending:
+        """The pending decision :meth:`stored` described (float values round-trip exactly through JSON)."""
+        return cls(
+            customer_id=customer_id,
+            idx=np.asarray(stored["idx"], dtype=np.int64),
+            val=np.asarray(stored["val"], dtype=np.float64),
+            sent_ms=sent_ms,
+            channel=channel,
+            campaign=campaign,
+            arm=arm,
+            load=int(stored.get("load", 0)),
+        )
+
 
 class DecisionLearner:
     """Both models, the customer memory, the pending labels and the recent quality.
@@ -334,6 +370,9 @@ class DecisionLearner:
     ``score_options`` that :func:`~cadence.engine.decide.decide` prefers when present.
     Deterministic: the same calls in the same order (and seeds) give the same state.
     """
+
+    #: The latest time :meth:`advance` has reached (a class default, so older snapshots load).
+    clock_ms = 0
 
     def __init__(self, config: LearnerConfig | None = None) -> None:
         self.config = config or LearnerConfig()
@@ -353,7 +392,9 @@ class DecisionLearner:
             "engagement_logloss": utils.Rolling(metrics.LogLoss, window_size=self.config.quality_window),
             "unsubscribe_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),  # type: ignore[no-untyped-call]
         }
-        self._horizon: deque[tuple[int, str]] = deque()
+        # (horizon, decision id), a heap: labels are learned in horizon order, ties by id, so the
+        # order does not depend on when a decision was registered (at commit, or again after a restart)
+        self._horizon: list[tuple[int, str]] = []
         self._group_meta: dict[tuple[str, str, str | None], tuple[int, int, int, int]] = {}
         self._bank = _noise_bank(self.layout.size)
 
@@ -750,7 +791,7 @@ class DecisionLearner:
         send_at_ms: int,
         arm: str | None,
         now_ms: int,
-    ) -> None:
+    ) -> Pending:
         """Remember a committed decision's features so its feedback can be learned from."""
         idx, val = self.features(
             customer_id=customer_id,
@@ -762,7 +803,7 @@ class DecisionLearner:
             arm=arm,
             now_ms=now_ms,
         )
-        self.pending[decision_id] = Pending(
+        pending = Pending(
             customer_id=customer_id,
             idx=idx,
             val=val,
@@ -772,7 +813,19 @@ class DecisionLearner:
             arm=arm,
             load=self.recent_load(customer_id, now_ms),
         )
-        self._horizon.append((send_at_ms + self.config.horizon_ms, decision_id))
+        self.remember(decision_id, pending)
+        return pending
+
+    def _heap(self) -> list[tuple[int, str]]:
+        if not isinstance(self._horizon, list):  # a snapshot from before the heap kept a deque
+            self._horizon = list(self._horizon)
+            heapq.heapify(self._horizon)
+        return self._horizon
+
+    def remember(self, decision_id: str, pending: Pending) -> None:
+        """Register a decision whose features were computed when it was made (see :meth:`Pending.stored`)."""
+        self.pending[decision_id] = pending
+        heapq.heappush(self._heap(), (pending.sent_ms + self.config.horizon_ms, decision_id))
 
     def observe(self, *, decision_id: str, kind: Feedback, ts_ms: int, zone: str | None = None) -> None:
         """Learn from one feedback event joined to its decision (unknown decisions are ignored)."""
@@ -808,9 +861,11 @@ class DecisionLearner:
         the diagonal posterior then swung high, predicting about 0.55 for sends that were
         clicked 4.6% of the time.)
         """
-        horizon = self._horizon
+        if now_ms > self.clock_ms:
+            self.clock_ms = now_ms
+        horizon = self._heap()
         while horizon and horizon[0][0] <= now_ms:
-            _, decision_id = horizon.popleft()
+            _, decision_id = heapq.heappop(horizon)
             p = self.pending.pop(decision_id, None)
             if p is None:
                 continue

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 
 from cadence.channels import feedback_kind
-from cadence.engine.learners import DecisionLearner, LearnerConfig
+from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending
 from cadence.engine.loop import LoggedEvent
 from cadence.errors import CadenceError
 from cadence.store.schema.decisions import decisions, learner_snapshots
@@ -182,11 +182,13 @@ class LearnerSubscriber:
         config: LearnerConfig | None = None,
         snapshot_every: int = 10_000,
         snapshot_min_seconds: float = 30.0,
+        max_recall: int = 200_000,
     ) -> None:
         self.config = config
         self.learner = DecisionLearner(config)
         self.pinned: DecisionLearner | None = None
         self.snapshot_every = snapshot_every
+        self.max_recall = max_recall
         self._since_snapshot = 0
         # A snapshot pickles every customer's statistics (about a second at 20k customers):
         # on a fast replay, taking one every 10k events would cost more than the learning.
@@ -202,11 +204,86 @@ class LearnerSubscriber:
         latest = load_snapshot(conn, name=self.name)
         self.learner = latest if latest is not None else DecisionLearner(self.config)
         self.pinned = load_snapshot(conn, name=self.name, pinned=True)
+        self.recall(conn)
         return self.learner.position
 
-    def record(self, **decision: Any) -> None:
-        """Remember a committed decision (see :meth:`DecisionLearner.record_decision`)."""
-        self.learner.record_decision(**decision)
+    def recall(self, conn: Connection) -> int:
+        """Register again the sent decisions the snapshot does not know, whose labels are not yet due.
+
+        These were committed after the snapshot was taken (by this process before a
+        restart, or by another worker). Without this, a decision that never gets a
+        feedback event would never be learned as a "no" after a restart; decisions that
+        do get feedback are also re-registered by :meth:`_known`. Each is registered with
+        the features stored when it was made. Bounded to the ``max_recall`` latest decisions.
+        Returns how many were registered.
+        """
+        learner = self.learner
+        horizon = learner.config.horizon_ms
+        rows = conn.execute(
+            select(
+                decisions.c.id,
+                decisions.c.customer_id,
+                decisions.c.campaign,
+                decisions.c.channel,
+                decisions.c.send_at_ms,
+                decisions.c.arm,
+                decisions.c.decided_at_ms,
+                decisions.c.inputs,
+                decisions.c.outcome,
+            )
+            .where(
+                decisions.c.action == "send",
+                decisions.c.channel.is_not(None),
+                decisions.c.send_at_ms > learner.clock_ms - horizon,
+            )
+            .order_by(decisions.c.decided_at_ms.desc(), decisions.c.id.desc())
+            .limit(self.max_recall)
+        ).all()
+        count = 0
+        for row in reversed(rows):  # oldest first, as they were committed
+            outcome = row.outcome or {}
+            if row.id in learner.pending or "bounced" in outcome or "failed" in outcome:
+                continue
+            self._register(row)
+            count += 1
+        return count
+
+    def record(self, **decision: Any) -> dict[str, Any]:
+        """Remember a committed decision (see :meth:`DecisionLearner.record_decision`).
+
+        Returns its features as the ``decisions`` row's ``inputs["features"]`` keeps them, so
+        that a restart (or another worker's leader) registers the decision exactly as made.
+        """
+        return self.learner.record_decision(**decision).stored()
+
+    def _register(self, row: Any) -> None:
+        """Register a stored decision: its stored features, or (older rows) features computed now."""
+        inputs = row.inputs or {}
+        stored = inputs.get("features")
+        if isinstance(stored, dict):
+            self.learner.remember(
+                row.id,
+                Pending.restored(
+                    stored,
+                    customer_id=row.customer_id,
+                    sent_ms=row.send_at_ms,
+                    channel=row.channel,
+                    campaign=row.campaign,
+                    arm=row.arm,
+                ),
+            )
+            return
+        self.learner.record_decision(
+            decision_id=row.id,
+            customer_id=row.customer_id,
+            traits=inputs.get("traits") or {},
+            zone=inputs.get("zone"),
+            campaign=row.campaign,
+            channel=row.channel,
+            send_at_ms=row.send_at_ms,
+            arm=row.arm,
+            now_ms=row.decided_at_ms,
+        )
 
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
         """Learn from each feedback event in ``batch``; snapshot after ``snapshot_every`` events
@@ -233,6 +310,7 @@ class LearnerSubscriber:
         """
         row = conn.execute(
             select(
+                decisions.c.id,
                 decisions.c.customer_id,
                 decisions.c.campaign,
                 decisions.c.channel,
@@ -257,17 +335,7 @@ class LearnerSubscriber:
             and row.send_at_ms is not None
             and ts_ms < row.send_at_ms + self.learner.config.horizon_ms
         ):
-            self.learner.record_decision(
-                decision_id=decision_id,
-                customer_id=row.customer_id,
-                traits=inputs.get("traits") or {},
-                zone=zone,
-                campaign=row.campaign,
-                channel=row.channel,
-                send_at_ms=row.send_at_ms,
-                arm=row.arm,
-                now_ms=row.decided_at_ms,
-            )
+            self._register(row)
         return zone if isinstance(zone, str) else None
 
     def snapshot(self, conn: Connection, *, now_ms: int) -> int:

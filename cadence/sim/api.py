@@ -159,7 +159,9 @@ def run_via_api(
     """Identify the population, then drive ``policy`` through the simulated days."""
     first = datetime(start.year, start.month, start.day, tzinfo=UTC).timestamp() * 1000 - 86_400_000
     policy.prepare(customers, at_ms=int(first))
-    return run_policy(policy, customers, days=days, seed=seed, start=start)
+    result = run_policy(policy, customers, days=days, seed=seed, start=start)
+    policy.sync()  # the run ends when the server has read the last feedback
+    return result
 
 
 def wait_for_engine(client: httpx.Client, headers: Mapping[str, str], *, timeout_s: float = 120.0) -> None:
