@@ -13,8 +13,8 @@ import time
 from cadence.channels import CHANNELS
 from cadence.dsl.loader import load_source
 from cadence.dsl.parser import grammar, parse_text
-from cadence.dsl.profiles import MemoryProfile, ProfileEvent
 from cadence.engine.campaign import EvalContext
+from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
 
 DAY = 86_400_000
 NOW = 1_780_000_000_000

@@ -26,8 +26,8 @@ from cadence.dsl import ast
 from cadence.dsl.explain import eligibility, find_decide
 from cadence.dsl.loader import LoadResult
 from cadence.dsl.parser import _timestamp
-from cadence.dsl.profiles import MemoryProfile, ProfileEvent
 from cadence.engine.campaign import CompiledRuleset, EvalContext
+from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
 
 __all__ = ["Coverage", "StepResult", "TestReport", "run_tests"]
 

@@ -13,8 +13,8 @@ from cadence.dsl.diagnostics import Diagnostic, render
 from cadence.dsl.formatter import format_module
 from cadence.dsl.loader import load_source
 from cadence.dsl.parser import parse_text
-from cadence.dsl.profiles import MemoryProfile, ProfileEvent
 from cadence.engine.campaign import EvalContext
+from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 EXAMPLES = [p.read_text() for p in sorted(RULES.glob("*.cadence"))]

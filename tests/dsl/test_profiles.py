@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, insert
 
-from cadence.dsl.profiles import MemoryProfile, ProfileEvent
 from cadence.engine.profiles import load_profile
+from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
 from cadence.store.schema.core import consent, customers, profile_daily, profile_event_stats, profiles
 
 DAY = 86_400_000
