@@ -38,8 +38,10 @@ __all__ = [
     "build_connectors",
     "call_each",
     "connector_classes",
+    "enabled_connectors",
     "installed_channels",
     "make_plugin_manager",
+    "opt_in_channels",
 ]
 
 log = logging.getLogger("cadence.plugins")
@@ -222,6 +224,47 @@ def installed_channels(settings: Settings, *, pm: CadencePluginManager | None = 
     return frozenset(channels)
 
 
+def enabled_connectors(names: Iterable[str], settings: Settings) -> list[str]:
+    """The configured connectors among ``names``, in order: they serve their channels before the outbox.
+
+    >>> s = Settings(connectors={"sms": {"account_sid": "x"}, "sendgrid": {"enabled": "false"}},
+    ...              disable_plugin_autoload=True, _env_file=None)
+    >>> enabled_connectors(["outbox", "sendgrid", "sms"], s)
+    ['sms']
+    """
+    return [
+        name
+        for name in names
+        if name != "outbox"
+        and name in settings.connectors
+        and as_bool(settings.connectors[name].get("enabled", True))
+    ]
+
+
+def opt_in_channels(settings: Settings, *, pm: CadencePluginManager | None = None) -> frozenset[str]:
+    """The channels whose serving connector needs an explicit opt-in (``consent_required``).
+
+    A channel is served by the first configured connector offering it, else by the
+    outbox (see :class:`ConnectorRegistry`); decisions only choose such a channel for
+    customers whose consent for it is explicitly given, as the dispatcher would
+    suppress the send otherwise.
+
+    >>> sorted(opt_in_channels(Settings(disable_plugin_autoload=True, _env_file=None)))
+    []
+    >>> sorted(opt_in_channels(Settings(connectors={"sms": {"account_sid": "AC1"}},
+    ...                                 disable_plugin_autoload=True, _env_file=None)))
+    ['sms']
+    """
+    pm = pm or make_plugin_manager(settings)
+    classes = connector_classes(pm, settings)
+    serving: dict[str, type[Connector]] = {}
+    for name in [*enabled_connectors(classes, settings), "outbox"]:
+        cls = classes.get(name)
+        for channel in cls.channels if cls is not None else ():
+            serving.setdefault(channel, cls)  # type: ignore[arg-type]
+    return frozenset(ch for ch, cls in serving.items() if cls.capabilities.consent_required)
+
+
 def available_channels(settings: Settings) -> tuple[str, ...]:
     """:func:`installed_channels` in a stable order (known channels first), for the rule checker.
 
@@ -292,13 +335,7 @@ def build_connectors(
         except Exception as exc:  # noqa: BLE001 - one bad connector leaves the others working
             owner = _owner_of(pm, cls)
             pm.mark_failed(owner, exc)
-    enabled = [
-        name
-        for name in instances
-        if name != "outbox"
-        and name in settings.connectors
-        and as_bool(settings.connectors[name].get("enabled", True))
-    ]
+    enabled = enabled_connectors(instances, settings)
     parsers: dict[str, Any] = {}
     for plugin_name, receivers in call_each(pm, "cadence_register_webhook_parsers", settings=settings):
         for receiver in receivers:
