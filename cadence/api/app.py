@@ -120,6 +120,9 @@ def create_app(
     # the installed connectors do not change while the process runs: ask the plugins once,
     # not per decision (building a plugin manager scans every package's entry points)
     app.state.available_channels = installed_channels(settings)
+    from cadence.plugins.manager import opt_in_channels  # the plugin host imports the rule language
+
+    app.state.opt_in_channels = opt_in_channels(settings)
 
     for name in ROUTERS:
         module = importlib.import_module(name)

@@ -60,8 +60,11 @@ WINDOW_SLOTS = 24
 _CHANNEL_DETAIL = {
     "no_channel": "no installed connector offers {}",
     "consent": "opted out of {}",
+    "no_opt_in": "no opt-in for {} (its connector needs explicit consent)",
     "bounced": "{} address bounced",
 }
+#: The suppression reason of a channel block, where it is not the block's own name.
+_CHANNEL_REASON = {"no_opt_in": "consent"}
 
 #: Segment spec bounce events, by channel (a bounced address is never chosen).
 _BOUNCE_EVENTS = {"email": ("Email Bounced",), "push": ("Push Notification Bounced",)}
@@ -206,6 +209,7 @@ def decide(
     context: Mapping[str, Any] | None = None,
     seed: int = 0,
     explain: bool = True,
+    opt_in_channels: Collection[str] = (),
 ) -> Decision:
     """Decide what one customer gets now (or at a later slot), or nothing, and why.
 
@@ -213,7 +217,9 @@ def decide(
     result is deterministic: the earliest allowed send on the first usable channel
     of the highest-priority campaign (ties broken by name). ``explain=False`` leaves
     :attr:`Decision.conditions` empty (bulk pushes do not keep them); the decision
-    itself is the same.
+    itself is the same. A channel in ``opt_in_channels`` (its connector needs explicit
+    consent, e.g. SMS through Twilio) is chosen only when the customer's consent for it
+    is given, not merely not withdrawn.
 
     >>> from cadence.engine.campaign import ChannelPolicy, CompiledRuleset, GlobalSettings, TemplateSpec
     >>> from cadence.engine.profiles_memory import MemoryProfile
@@ -234,6 +240,7 @@ def decide(
     holdout: list[str] = []
     plans: list[_Plan] = []
     available = set(available_channels)
+    opt_in = set(opt_in_channels)
     all_opted_out = profile.consented("all") is False
     slot_count = WINDOW_SLOTS if scorer is not None else 1
     wanted = set(campaigns) if campaigns is not None else None
@@ -325,6 +332,8 @@ def decide(
                     blocked = "no_channel"
                 elif all_opted_out or profile.consented(channel) is False:
                     blocked = "consent"
+                elif channel in opt_in and profile.consented(channel) is not True:
+                    blocked = "no_opt_in"
                 elif _bounced(profile, channel):
                     blocked = "bounced"
                 else:
@@ -334,7 +343,12 @@ def decide(
                 usable.append(channel)
             else:
                 suppressions.append(
-                    Suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel)
+                    Suppression(
+                        name,
+                        _CHANNEL_REASON.get(blocked, blocked),
+                        _CHANNEL_DETAIL[blocked].format(channel),
+                        channel,
+                    )
                 )
         if not usable:
             if not any(s.campaign == name for s in suppressions):

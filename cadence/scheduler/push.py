@@ -322,6 +322,7 @@ def push(
     available_channels: Collection[str],
     scorer: Scorer | None = None,
     chunk_size: int = 2000,
+    opt_in_channels: Collection[str] = (),
     on_chunk: Callable[[PushReport], None] | None = None,
     use_prefilter: bool = True,
 ) -> PushReport:
@@ -414,6 +415,7 @@ def push(
                         now_ms=now,
                         history=histories.get(profile.customer_id, ()),
                         available_channels=available_channels,
+                        opt_in_channels=opt_in_channels,
                         scorer=scorer,
                         campaigns=wanted,
                         seed=_seed(profile.customer_id, first),

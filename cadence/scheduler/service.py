@@ -123,6 +123,7 @@ class PushScheduler:
         rules: Callable[[], CompiledRuleset | None],
         available_channels: Collection[str],
         config: SchedulerConfig | None = None,
+        opt_in_channels: Collection[str] = (),
         scorer: Callable[[], Scorer | None] | None = None,
         owner: str | None = None,
         on_chunk: Callable[[PushReport], None] | None = None,
@@ -132,6 +133,7 @@ class PushScheduler:
         self.clock = clock
         self.rules = rules
         self.available_channels = tuple(available_channels)
+        self.opt_in_channels = frozenset(opt_in_channels)
         self.config = config or SchedulerConfig()
         self.scorer = scorer
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -366,6 +368,7 @@ class PushScheduler:
                     owner=self.owner,
                     clock=self.clock,
                     available_channels=self.available_channels,
+                    opt_in_channels=self.opt_in_channels,
                     scorer=self.scorer() if self.scorer is not None else None,
                     chunk_size=self.config.chunk_size,
                     on_chunk=self.on_chunk,

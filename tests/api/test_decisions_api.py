@@ -146,3 +146,40 @@ def test_batch_and_unknown_customers(setup: tuple[TestClient, dict[str, dict[str
     )  # type: ignore[arg-type]
     assert naive.status_code == 422
     assert client.post("/v1/decisions", json={"customer_id": "u1"}, headers=keys["ingest"]).status_code == 403  # type: ignore[arg-type]
+
+
+def test_sms_through_twilio_needs_an_opt_in_before_a_decision_chooses_it(runtime: Runtime) -> None:
+    twilio = {"sms": {"account_sid": "AC1", "auth_token": "secret", "from_number": "+15550100"}}
+    runtime.settings = runtime.settings.model_copy(update={"connectors": twilio})
+    app = create_app(runtime=runtime, background=False)
+    assert app.state.opt_in_channels == frozenset({"sms"})
+    client = TestClient(app)
+    ingest = basic(create_key(runtime.engine, name="w", scopes=["ingest"]))
+    decide = basic(create_key(runtime.engine, name="d", scopes=["decide"]))
+    app.state.ruleset = CompiledRuleset(
+        hash="r",
+        campaigns={
+            "nudge": Campaign(
+                name="nudge",
+                title="Nudge",
+                priority=1,
+                audience=None,
+                template=TemplateSpec("t"),
+                channels=ChannelPolicy(("sms", "email")),
+            )
+        },
+        segments={},
+        settings=GlobalSettings(),
+        aggregates=frozenset(),
+    )
+
+    def channel_for(traits: dict[str, object]) -> tuple[str, list[str]]:
+        r = client.post("/v1/identify", json={"userId": "u2", "traits": traits}, headers=ingest)
+        assert r.status_code == 200, r.text
+        app.state.engine_loop.catch_up()
+        got = client.post("/v1/decisions", json={"customer_id": "u2"}, headers=decide).json()
+        return got["channel"], [s["detail"] for s in got["explanation"]["suppressions"]]
+
+    channel, details = channel_for({"phone": "+15550199"})
+    assert channel == "email" and any("no opt-in for sms" in d for d in details)
+    assert channel_for({"consent": {"sms": True}}) == ("sms", [])

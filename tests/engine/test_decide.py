@@ -162,6 +162,22 @@ def test_ordered_channels_fall_back_and_skip_opted_out_bounced_and_unoffered() -
     assert run(rules(c), p).action == "none"
 
 
+def test_a_channel_whose_connector_needs_an_opt_in_is_chosen_only_with_consent_given() -> None:
+    c = camp("c", channels=ChannelPolicy(("sms", "email")))
+    unknown = MemoryProfile(customer_id=1)
+    assert run(rules(c), unknown).channel == "sms"  # no connector asks for an opt-in: not withdrawn is enough
+    d = run(rules(c), unknown, opt_in_channels={"sms"})
+    assert d.channel == "email"
+    (s,) = [s for s in d.suppressions if s.channel == "sms"]
+    assert s.reason == "consent" and "no opt-in for sms" in s.detail
+    assert (
+        run(rules(c), MemoryProfile(customer_id=1, consent={"sms": True}), opt_in_channels={"sms"}).channel
+        == "sms"
+    )
+    both_withdrawn = MemoryProfile(customer_id=1, consent={"sms": True, "all": False})
+    assert run(rules(c), both_withdrawn, opt_in_channels={"sms"}).action == "none"
+
+
 def test_quiet_hours_defer_to_next_local_morning_and_drop_suppresses() -> None:
     quiet = QuietHours(start=time(21), end=time(8), fallback_zone="Europe/Berlin")
     p = MemoryProfile(customer_id=1, timezone=None)

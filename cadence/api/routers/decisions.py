@@ -100,6 +100,7 @@ def _decide_many(request: Request, items: list[DecisionRequest]) -> list[dict[st
                         customer_ref=item.customer_id,
                         now_ms=now,
                         available_channels=channels,
+                        opt_in_channels=getattr(request.app.state, "opt_in_channels", ()),
                         learners=learners,
                         mode=item.mode,
                         context=item.context,

@@ -135,6 +135,7 @@ def setup(app: FastAPI) -> None:
         clock=runtime.clock,
         rules=lambda: holder.current,
         available_channels=app.state.available_channels,
+        opt_in_channels=app.state.opt_in_channels,
         config=SchedulerConfig.from_settings(settings),
         scorer=scorer,
         on_chunk=on_chunk,
