@@ -20,6 +20,7 @@ from sqlalchemy import Connection, select
 from cadence.engine.campaign import DAY_MS, CompiledRuleset
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend
+from cadence.engine.explanation import summarise
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learning import LearnerSubscriber
 from cadence.engine.profiles import load_profile
@@ -73,8 +74,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def explain(decision: Decision, *, zone: str | None, fallback_zone: str) -> dict[str, Any]:
-    """The explanation as JSON: conditions with values, candidates with scores, suppressions, notes."""
+    """The explanation as JSON: a summary, conditions with values, candidates with scores, suppressions, notes."""
     return {
+        "summary": summarise(decision, zone=zone, fallback_zone=fallback_zone),
         "conditions": {
             name: [{"text": c.text, "value": _jsonable(c.value), "passed": c.passed} for c in parts]
             for name, parts in decision.conditions.items()

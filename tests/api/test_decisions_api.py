@@ -101,6 +101,11 @@ def test_preview_commit_read_back_and_feedback(
     assert {("held", "holdout"), ("winback", "consent")} <= reasons
     assert all(c["send_at"] >= "2026-03-05T08:00" for c in got["explanation"]["candidates"])
     assert got["explanation"]["holdout"] == ["held"] and got["ruleset_hash"] == "rules-v1"
+    summary = got["explanation"]["summary"]  # what a person reads first
+    assert (
+        summary.startswith("Send winback (template offer_x) by email on Thu 05 Mar ") and "+01:00" in summary
+    )
+    assert "sms (opted out of sms)" in summary and "held (" in summary
     assert client.get(f"/v1/decisions/{got['decision_id']}", headers=keys["decide"]).status_code == 404  # type: ignore[arg-type]
 
     committed = client.post("/v1/decisions", json={**body, "mode": "commit"}, headers=keys["decide"]).json()  # type: ignore[arg-type]

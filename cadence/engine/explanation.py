@@ -1,0 +1,92 @@
+"""One sentence a person reads first: what a decision does and the main reasons why.
+
+The structured explanation (every condition, candidate and suppression) stays beside
+it; :func:`summarise` picks from it what a marketer asks first: what is sent, where
+and when (local time), what the learners expect, what came second, and what held the
+other campaigns and channels back.
+"""
+
+from __future__ import annotations
+
+from cadence.engine.decision import Decision
+from cadence.engine.slots import local_datetime, zone_named
+
+__all__ = ["summarise"]
+
+
+def _when(ms: int, zone: str | None, fallback: str) -> str:
+    local = local_datetime(ms, zone_named(zone, fallback))
+    offset = local.strftime("%z")
+    return local.strftime("%a %d %b %H:%M ") + f"{offset[:3]}:{offset[3:]}"
+
+
+def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC") -> str:
+    """The decision in one or two sentences, in the customer's local time.
+
+    >>> from cadence.engine.decision import Candidate, Suppression
+    >>> d = Decision(action="send", ruleset_hash="h", customer_id=1, decided_at_ms=0, campaign="winback",
+    ...              channel="email", send_at_ms=1_772_701_200_000, template="offer_x",
+    ...              candidates=[Candidate("winback", "email", 1_772_701_200_000, 0.03, 0.052, 0.002),
+    ...                          Candidate("winback", "push", 1_772_708_400_000, 0.01, 0.021, 0.001)],
+    ...              suppressions=[Suppression("winback", "consent", "opted out of sms", "sms"),
+    ...                            Suppression("cart", "priority", "lost to winback on priority (5 > 3)")])
+    >>> summarise(d, zone="Europe/Berlin")  # doctest: +NORMALIZE_WHITESPACE
+    'Send winback (template offer_x) by email on Thu 05 Mar 10:00 +01:00: expected engagement 5.2%,
+     unsubscribe risk 0.20%; next best push at 12:00 (2.1%). Not chosen: sms (opted out of sms);
+     cart (lost to winback on priority (5 > 3)).'
+    >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0,
+    ...                    suppressions=[Suppression("winback", "cap", "campaign cap 2 per 7d reached")]),
+    ...           zone=None)
+    'Nothing to send. winback: campaign cap 2 per 7d reached.'
+    """
+    held: list[str] = []
+    seen: set[tuple[str, str | None]] = set()
+    for s in decision.suppressions:
+        if s.campaign == decision.campaign and s.channel is None and s.reason == "priority":
+            continue
+        key = (s.campaign, s.channel)
+        if key in seen:
+            continue
+        seen.add(key)
+        if decision.action == "send" and s.campaign == decision.campaign:
+            if s.channel is not None and s.channel != decision.channel:
+                held.append(f"{s.channel} ({s.detail})")
+        else:
+            held.append(
+                f"{s.campaign} ({s.detail})" if decision.action == "send" else f"{s.campaign}: {s.detail}"
+            )
+    if decision.action != "send" or decision.send_at_ms is None:
+        return "Nothing to send." + (" " + "; ".join(held) + "." if held else "")
+    text = f"Send {decision.campaign}"
+    if decision.template:
+        text += f" (template {decision.template})"
+    text += f" by {decision.channel} on {_when(decision.send_at_ms, zone, fallback_zone)}"
+    chosen = next(
+        (
+            c
+            for c in decision.candidates
+            if c.campaign == decision.campaign
+            and c.channel == decision.channel
+            and c.send_at_ms == decision.send_at_ms
+        ),
+        None,
+    )
+    if chosen is not None and (chosen.engagement or chosen.unsubscribe):
+        text += f": expected engagement {chosen.engagement:.1%}, unsubscribe risk {chosen.unsubscribe:.2%}"
+        if chosen.explored:
+            text += " (an exploratory choice: the learners are still unsure here)"
+        others = sorted(
+            (c for c in decision.candidates if c is not chosen and c.channel != decision.channel),
+            key=lambda c: -c.score,
+        )
+        if others:
+            best = others[0]
+            when = _when(best.send_at_ms, zone, fallback_zone)
+            name = (
+                best.channel if best.campaign == decision.campaign else f"{best.campaign} by {best.channel}"
+            )
+            text += f"; next best {name} at {when[-12:-7]} ({best.engagement:.1%})"
+    text += "."
+    if held:
+        text += " Not chosen: " + "; ".join(held) + "."
+    return text
