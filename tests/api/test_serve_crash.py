@@ -48,7 +48,9 @@ def start_server(url: str, port: int, tmp: Path) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 30
+    # a fresh `cadence serve` spends about 4 s of CPU before it is ready (river, scipy, migrations):
+    # allow for a machine that is busy with other test workers
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
