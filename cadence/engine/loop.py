@@ -14,10 +14,12 @@ loop replays the log after it.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -164,7 +166,7 @@ class EngineLoop:
         lock on PostgreSQL) and re-reads the stored checkpoints of database-backed
         subscribers inside it, so no event is ever applied twice.
         """
-        with self._lock:
+        with self._lock, _gc_paused():
             cached = self.positions()
             try:
                 with self.engine.begin() as conn:
@@ -269,6 +271,24 @@ class EngineLoop:
                 self._positions = None
             self._wake.wait(poll)
             self._wake.clear()
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cycle collector for one batch; restore its previous state after.
+
+    A batch builds hundreds of thousands of acyclic objects (decoded payloads, rows,
+    sums) that live until the batch ends and are then freed by reference counting; the
+    collector's passes over them found nothing and cost about a third of the loop's CPU
+    (measured). Cycles made meanwhile, by any thread, are collected once it resumes.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Row(NamedTuple):
