@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import execute_many, fetch_in, write_rows
+from cadence.store.fast import array_literal, execute_many, fetch_in, is_postgres, write_rows
 from cadence.store.schema.core import customers, identities
 
 __all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
@@ -266,8 +266,24 @@ class IdentityResolver:
             target = self._find(parent, winner)
             moves.append((real.get(target, target), loser))
         # Losers are distinct and never a target (targets are roots): order does not matter.
-        execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
-        execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
+        if moves and is_postgres(conn):  # one statement each, not one round trip per merge
+            pairs = (
+                array_literal("bigint", [w for w, _ in moves]),
+                array_literal("bigint", [lo for _, lo in moves]),
+            )
+            conn.exec_driver_sql(
+                "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                " WHERE customers.id = m.l",
+                pairs,
+            )
+            conn.exec_driver_sql(
+                "UPDATE identities SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                " WHERE identities.customer_id = m.l",
+                pairs,
+            )
+        else:
+            execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
+            execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
         if new_keys:
             rows = []
             for (kind, value), cid in new_keys.items():

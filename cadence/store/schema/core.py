@@ -77,10 +77,14 @@ identities = Table(
     Index(None, "customer_id"),
 )
 
+# The profile aggregates carry no foreign key to ``customers``: they are derived state that
+# the engine loop writes several rows of per event, and PostgreSQL's per-row key check cost
+# more than the write itself. Erasure deletes them explicitly (``ProfilesSubscriber.erased``)
+# under the loop's batch lock, and merges move them, so no row outlives its customer.
 profiles = Table(
     "profiles",
     metadata,
-    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True),
+    Column("customer_id", Id, primary_key=True),
     Column("first_seen_ms", BigInteger, nullable=False),
     Column("last_seen_ms", BigInteger, nullable=False),
     Column("event_count", BigInteger, nullable=False, default=0),
@@ -94,7 +98,7 @@ profiles = Table(
 profile_event_stats = Table(
     "profile_event_stats",
     metadata,
-    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("customer_id", Id, nullable=False),
     Column("event", String(200), nullable=False),
     Column("count", BigInteger, nullable=False),
     Column("sum_value", Float, nullable=False),
@@ -107,7 +111,7 @@ profile_event_stats = Table(
 profile_daily = Table(
     "profile_daily",
     metadata,
-    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("customer_id", Id, nullable=False),
     Column("event", String(200), nullable=False),
     Column("day", Integer, nullable=False),  # days since 1970-01-01 UTC
     Column("count", BigInteger, nullable=False),
