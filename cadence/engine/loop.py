@@ -167,50 +167,53 @@ class EngineLoop:
         subscribers inside it, so no event is ever applied twice.
         """
         with self._lock, _gc_paused():
-            cached = self.positions()
-            try:
-                with self.engine.begin() as conn:
-                    if conn.dialect.name == "postgresql":
-                        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
-                    stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
-                    positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+            # The batch's objects are freed when _run_batch returns, before the collector resumes.
+            return self._run_batch()
+
+    def _run_batch(self) -> int:
+        """:meth:`run_once` without the lock and the collector pause (the caller holds both)."""
+        cached = self.positions()
+        try:
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
+                stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
+                positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+                for sub in self.subscribers:
+                    in_memory = getattr(sub, "in_memory", False)
+                    positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
+                low = min(positions.values())
+                rows = read_events(conn, after=low, limit=self.batch_size)
+                if not rows:
+                    self._positions = positions
+                    return 0
+                now = self.runtime.clock.now_ms()
+                batch, merges = self.identity.resolve(conn, rows, apply_after=positions[IDENTITY], now_ms=now)
+                if merges:
                     for sub in self.subscribers:
-                        in_memory = getattr(sub, "in_memory", False)
-                        positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
-                    low = min(positions.values())
-                    rows = read_events(conn, after=low, limit=self.batch_size)
-                    if not rows:
-                        self._positions = positions
-                        return 0
-                    now = self.runtime.clock.now_ms()
-                    batch, merges = self.identity.resolve(
-                        conn, rows, apply_after=positions[IDENTITY], now_ms=now
-                    )
-                    if merges:
-                        for sub in self.subscribers:
-                            fold_all = getattr(sub, "merged_many", None)
-                            if fold_all is not None:
-                                fold_all(conn, merges)
-                            else:
-                                for winner, loser in merges:
-                                    sub.merged(conn, winner, loser)
-                    last = rows[-1].id
-                    new_positions = {IDENTITY: max(positions[IDENTITY], last)}
-                    for sub in self.subscribers:
-                        seen = positions[sub.name]
-                        unseen = [e for e in batch if e.id > seen]
-                        if unseen:
-                            sub.apply(conn, unseen)
-                        new_positions[sub.name] = max(seen, last)
-                    _store_positions(conn, new_positions, now)
-            except BaseException:
-                self._positions = None  # reload from the database: the transaction rolled back
-                raise
-            self._positions = new_positions
-            self.processed += len(rows)
-            for listener in self.on_batch:
-                listener(new_positions, len(rows))
-            return len(rows)
+                        fold_all = getattr(sub, "merged_many", None)
+                        if fold_all is not None:
+                            fold_all(conn, merges)
+                        else:
+                            for winner, loser in merges:
+                                sub.merged(conn, winner, loser)
+                last = rows[-1].id
+                new_positions = {IDENTITY: max(positions[IDENTITY], last)}
+                for sub in self.subscribers:
+                    seen = positions[sub.name]
+                    unseen = batch if not batch or batch[0].id > seen else [e for e in batch if e.id > seen]
+                    if unseen:
+                        sub.apply(conn, unseen)
+                    new_positions[sub.name] = max(seen, last)
+                _store_positions(conn, new_positions, now)
+        except BaseException:
+            self._positions = None  # reload from the database: the transaction rolled back
+            raise
+        self._positions = new_positions
+        self.processed += len(rows)
+        for listener in self.on_batch:
+            listener(new_positions, len(rows))
+        return len(rows)
 
     def catch_up(self) -> int:
         """Process batches until the log is drained; return how many events were read."""
