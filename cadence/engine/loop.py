@@ -308,9 +308,11 @@ class _Row(NamedTuple):
 
 def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
     """Up to ``limit`` events with ids after ``after``, in order, payloads decoded."""
+    # On PostgreSQL the payload comes as text for orjson: psycopg's jsonb loader is the stdlib's.
+    payload = "payload::text" if conn.dialect.name == "postgresql" else "payload"
     rows = fetch_rows(
         conn,
-        "SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, payload FROM events"
+        f"SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, {payload} FROM events"
         f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}",
     )
     loads = orjson.loads

@@ -71,6 +71,10 @@ def execute_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> N
 
 def _in_values(conn: Connection, sql: str, values: list[Any]) -> tuple[str, Any]:
     if is_postgres(conn):
+        kinds = set(map(type, values))
+        if kinds == {int} or kinds == {str}:  # one literal: psycopg dumps a list element by element
+            kind = "bigint" if kinds == {int} else "text"
+            return dialect_sql(conn, sql.replace("IN_VALUES", f"= ANY(?::{kind}[])")), array_literal(kind, values)
         return dialect_sql(conn, sql.replace("IN_VALUES", "= ANY(?)")), values
     return sql.replace("IN_VALUES", "IN (SELECT value FROM json_each(?))"), dump_json(values)
 
@@ -143,13 +147,22 @@ def array_literal(kind: str, values: Sequence[Any]) -> str:
     >>> array_literal("float8", [0, 2.5, None])
     '{0.0,2.5,NULL}'
     """
+    kinds = set(map(type, values))
     if kind in _INT_KINDS:
+        if kinds == {int}:  # the common case, joined at C speed
+            return "{" + ",".join(map(str, values)) + "}"
         items = ["NULL" if v is None else str(int(v)) for v in values]
     elif kind in _FLOAT_KINDS:
+        if kinds == {float}:
+            return "{" + ",".join(map(repr, values)) + "}"
         items = ["NULL" if v is None else repr(float(v)) for v in values]
     elif kind == "boolean":
         items = ["NULL" if v is None else ("t" if v else "f") for v in values]
     else:
+        if kinds == {str}:
+            joined = "\x00".join(values)  # PostgreSQL text holds no NUL: a safe separator when absent
+            if '"' not in joined and "\\" not in joined and joined.count("\x00") == len(values) - 1:
+                return '{"' + joined.replace("\x00", '","') + '"}'
         items = ["NULL" if v is None else _quoted(v) for v in values]
     return "{" + ",".join(items) + "}"
 

@@ -160,7 +160,10 @@ def test_the_collector_runs_again_after_a_batch(runtime: Runtime) -> None:
     ("kind", "values"),
     [
         ("text", ["plain", 'quo"te', "back\\slash", "NULL", "", "comma, {brace}", "ünï cødé ✓", None]),
+        ("text", ["plain", "NULL", "", "comma, {brace}", "ünï cødé ✓"]),  # the joined fast path
         ("bigint", [0, -1, 2**62, None]),
+        ("bigint", [0, -1, 2**62]),
+        ("float8", [0.1, -2.5, math.inf]),
         ("float8", [0.1, -2.5, 1e300, 5e-324, math.inf, -math.inf, None]),
         ("boolean", [True, False, None]),
     ],
