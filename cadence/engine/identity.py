@@ -211,22 +211,32 @@ class IdentityResolver:
             root = find(cid)
             return real_ids.get(root, root)
 
-        out = [
-            LoggedEvent(
-                id=r.id,
-                message_id=r.message_id,
-                type=r.type,
-                event=r.event,
-                user_id=r.user_id,
-                anonymous_id=r.anonymous_id,
-                customer_id=cust,
-                ts_ms=r.ts_ms,
-                source=r.source,
-                payload=r.payload,
+        # Positional and without LoggedEvent.__new__: this runs once per event.
+        new, finals = tuple.__new__, {}
+        out: list[LoggedEvent] = []
+        for r, cid in resolved:
+            if cid is None:
+                continue
+            cust = finals.get(cid)
+            if cust is None:
+                cust = finals[cid] = final(cid)
+            out.append(
+                new(
+                    LoggedEvent,
+                    (
+                        r.id,
+                        r.message_id,
+                        r.type,
+                        r.event,
+                        r.user_id,
+                        r.anonymous_id,
+                        cust,
+                        r.ts_ms,
+                        r.source,
+                        r.payload,
+                    ),
+                )
             )
-            for r, cid in resolved
-            if (cust := final(cid)) is not None
-        ]
         real_merges = [(final(w), loser) for w, loser in merges if loser > 0]
         return out, [(w, loser) for w, loser in real_merges if w is not None]
 

@@ -315,9 +315,9 @@ def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
         f"SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, {payload} FROM events"
         f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}",
     )
-    loads = orjson.loads
+    loads, new = orjson.loads, tuple.__new__
     return [
-        _Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8] if isinstance(r[8], dict) else loads(r[8]))
+        new(_Row, (*r[:8], r[8] if isinstance(r[8], dict) else loads(r[8])))  # type: ignore[type-var]
         for r in rows
     ]
 

@@ -74,7 +74,9 @@ def _in_values(conn: Connection, sql: str, values: list[Any]) -> tuple[str, Any]
         kinds = set(map(type, values))
         if kinds == {int} or kinds == {str}:  # one literal: psycopg dumps a list element by element
             kind = "bigint" if kinds == {int} else "text"
-            return dialect_sql(conn, sql.replace("IN_VALUES", f"= ANY(?::{kind}[])")), array_literal(kind, values)
+            return dialect_sql(conn, sql.replace("IN_VALUES", f"= ANY(?::{kind}[])")), array_literal(
+                kind, values
+            )
         return dialect_sql(conn, sql.replace("IN_VALUES", "= ANY(?)")), values
     return sql.replace("IN_VALUES", "IN (SELECT value FROM json_each(?))"), dump_json(values)
 
