@@ -26,6 +26,17 @@ from sqlalchemy import (
 
 from cadence.store.schema.base import Id, Json, metadata
 
+
+def Key(length: int) -> String:  # noqa: N802 - a column type, named like one
+    """A string compared byte by byte: ids and event names (``COLLATE "C"`` on PostgreSQL).
+
+    The engine loop inserts several keys per event into these primary keys; comparing
+    them under the database's locale (``C.UTF-8``, ``en_US.UTF-8``) cost PostgreSQL up to
+    40% of the insert. SQLite compares bytes anyway.
+    """
+    return String(length).with_variant(String(length, collation="C"), "postgresql")  # type: ignore[return-value]
+
+
 __all__ = [
     "api_keys",
     "checkpoints",
@@ -69,8 +80,8 @@ customers = Table(
 identities = Table(
     "identities",
     metadata,
-    Column("kind", String(16), nullable=False),  # "user" or "anonymous"
-    Column("value", String(200), nullable=False),
+    Column("kind", Key(16), nullable=False),  # "user" or "anonymous"
+    Column("value", Key(200), nullable=False),
     Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
     Column("first_seen_ms", BigInteger, nullable=False),
     PrimaryKeyConstraint("kind", "value"),
@@ -99,7 +110,7 @@ profile_event_stats = Table(
     "profile_event_stats",
     metadata,
     Column("customer_id", Id, nullable=False),
-    Column("event", String(200), nullable=False),
+    Column("event", Key(200), nullable=False),
     Column("count", BigInteger, nullable=False),
     Column("sum_value", Float, nullable=False),
     Column("first_ms", BigInteger, nullable=False),
@@ -112,7 +123,7 @@ profile_daily = Table(
     "profile_daily",
     metadata,
     Column("customer_id", Id, nullable=False),
-    Column("event", String(200), nullable=False),
+    Column("event", Key(200), nullable=False),
     Column("day", Integer, nullable=False),  # days since 1970-01-01 UTC
     Column("count", BigInteger, nullable=False),
     Column("sum_value", Float, nullable=False),
