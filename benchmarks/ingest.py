@@ -221,7 +221,36 @@ def bench_http(db: Database, calls: list[dict[str, object]], tmp: Path) -> tuple
         return len(calls) / result["seconds"], int(result["errors"]), server_cpu
 
 
+def run_loop_only(*, quick: bool, postgres_url: str | None) -> str:
+    """Only the engine loop (``CADENCE_BENCH_LOOP_ONLY=1``): for iterating on the loop (with ``--no-write``)."""
+    n = 5_000 if quick else 200_000
+    lines = [
+        f"## Engine loop only ({n:,} imported events)",
+        "",
+        "| database | profile path (events/s) | its CPU (s) | every subscriber (events/s) | its CPU (s) | load |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        path = tmp / "events.ndjson"
+        write_calls(path, n, seed=7)
+        for kind in ("sqlite", "postgres") if postgres_url else ("sqlite",):
+            db = Database(kind, postgres_url, tmp)
+            try:
+                bench_import(db, path, n)
+                looped = bench_loop(db)
+            finally:
+                db.drop()
+            lines.append(
+                f"| {kind} | {looped['profile_rate']:,.0f} | {looped['profile_cpu']:.1f} "
+                f"| {looped['all_rate']:,.0f} | {looped['all_cpu']:.1f} | {looped['load']:.1f} |"
+            )
+    return "\n".join([*lines, "| goal | 20,000 | | no goal | | |", ""])
+
+
 def run(*, quick: bool, postgres_url: str | None) -> str:
+    if os.environ.get("CADENCE_BENCH_LOOP_ONLY"):
+        return run_loop_only(quick=quick, postgres_url=postgres_url)
     n_import = 5_000 if quick else 200_000
     n_large = 20_000 if quick else 1_000_000
     n_http = 2_000 if quick else 100_000

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import execute_many, fetch_in, write_rows
+from cadence.store.fast import array_literal, execute_many, fetch_in, is_postgres, write_rows
 from cadence.store.schema.core import customers, identities
 
 __all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
@@ -211,22 +211,32 @@ class IdentityResolver:
             root = find(cid)
             return real_ids.get(root, root)
 
-        out = [
-            LoggedEvent(
-                id=r.id,
-                message_id=r.message_id,
-                type=r.type,
-                event=r.event,
-                user_id=r.user_id,
-                anonymous_id=r.anonymous_id,
-                customer_id=cust,
-                ts_ms=r.ts_ms,
-                source=r.source,
-                payload=r.payload,
+        # Positional and without LoggedEvent.__new__: this runs once per event.
+        new, finals = tuple.__new__, {}
+        out: list[LoggedEvent] = []
+        for r, cid in resolved:
+            if cid is None:
+                continue
+            cust = finals.get(cid)
+            if cust is None:
+                cust = finals[cid] = final(cid)
+            out.append(
+                new(
+                    LoggedEvent,
+                    (
+                        r.id,
+                        r.message_id,
+                        r.type,
+                        r.event,
+                        r.user_id,
+                        r.anonymous_id,
+                        cust,
+                        r.ts_ms,
+                        r.source,
+                        r.payload,
+                    ),
+                )
             )
-            for r, cid in resolved
-            if (cust := final(cid)) is not None
-        ]
         real_merges = [(final(w), loser) for w, loser in merges if loser > 0]
         return out, [(w, loser) for w, loser in real_merges if w is not None]
 
@@ -266,8 +276,24 @@ class IdentityResolver:
             target = self._find(parent, winner)
             moves.append((real.get(target, target), loser))
         # Losers are distinct and never a target (targets are roots): order does not matter.
-        execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
-        execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
+        if moves and is_postgres(conn):  # one statement each, not one round trip per merge
+            pairs = (
+                array_literal("bigint", [w for w, _ in moves]),
+                array_literal("bigint", [lo for _, lo in moves]),
+            )
+            conn.exec_driver_sql(
+                "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                " WHERE customers.id = m.l",
+                pairs,
+            )
+            conn.exec_driver_sql(
+                "UPDATE identities SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                " WHERE identities.customer_id = m.l",
+                pairs,
+            )
+        else:
+            execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
+            execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
         if new_keys:
             rows = []
             for (kind, value), cid in new_keys.items():
@@ -289,8 +315,11 @@ def _reserve_customer_ids(conn: Connection, count: int) -> list[int]:
     holds the write lock (``BEGIN IMMEDIATE``), so the ids after the maximum are free.
     """
     if conn.dialect.name == "postgresql":
+        # The sequence is looked up once, not per row (that lookup cost more than nextval).
         rows = conn.exec_driver_sql(
-            "SELECT nextval(pg_get_serial_sequence('customers', 'id')) FROM generate_series(1, %s)", (count,)
+            "WITH s AS MATERIALIZED (SELECT pg_get_serial_sequence('customers', 'id')::regclass AS seq)"
+            " SELECT nextval(s.seq) FROM s, generate_series(1, %s)",
+            (count,),
         )
         return [int(r[0]) for r in rows]
     start = int(conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM customers").scalar() or 0)

@@ -14,10 +14,12 @@ loop replays the log after it.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -164,51 +166,54 @@ class EngineLoop:
         lock on PostgreSQL) and re-reads the stored checkpoints of database-backed
         subscribers inside it, so no event is ever applied twice.
         """
-        with self._lock:
-            cached = self.positions()
-            try:
-                with self.engine.begin() as conn:
-                    if conn.dialect.name == "postgresql":
-                        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
-                    stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
-                    positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+        with self._lock, _gc_paused():
+            # The batch's objects are freed when _run_batch returns, before the collector resumes.
+            return self._run_batch()
+
+    def _run_batch(self) -> int:
+        """:meth:`run_once` without the lock and the collector pause (the caller holds both)."""
+        cached = self.positions()
+        try:
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
+                stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
+                positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+                for sub in self.subscribers:
+                    in_memory = getattr(sub, "in_memory", False)
+                    positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
+                low = min(positions.values())
+                rows = read_events(conn, after=low, limit=self.batch_size)
+                if not rows:
+                    self._positions = positions
+                    return 0
+                now = self.runtime.clock.now_ms()
+                batch, merges = self.identity.resolve(conn, rows, apply_after=positions[IDENTITY], now_ms=now)
+                if merges:
                     for sub in self.subscribers:
-                        in_memory = getattr(sub, "in_memory", False)
-                        positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
-                    low = min(positions.values())
-                    rows = read_events(conn, after=low, limit=self.batch_size)
-                    if not rows:
-                        self._positions = positions
-                        return 0
-                    now = self.runtime.clock.now_ms()
-                    batch, merges = self.identity.resolve(
-                        conn, rows, apply_after=positions[IDENTITY], now_ms=now
-                    )
-                    if merges:
-                        for sub in self.subscribers:
-                            fold_all = getattr(sub, "merged_many", None)
-                            if fold_all is not None:
-                                fold_all(conn, merges)
-                            else:
-                                for winner, loser in merges:
-                                    sub.merged(conn, winner, loser)
-                    last = rows[-1].id
-                    new_positions = {IDENTITY: max(positions[IDENTITY], last)}
-                    for sub in self.subscribers:
-                        seen = positions[sub.name]
-                        unseen = [e for e in batch if e.id > seen]
-                        if unseen:
-                            sub.apply(conn, unseen)
-                        new_positions[sub.name] = max(seen, last)
-                    _store_positions(conn, new_positions, now)
-            except BaseException:
-                self._positions = None  # reload from the database: the transaction rolled back
-                raise
-            self._positions = new_positions
-            self.processed += len(rows)
-            for listener in self.on_batch:
-                listener(new_positions, len(rows))
-            return len(rows)
+                        fold_all = getattr(sub, "merged_many", None)
+                        if fold_all is not None:
+                            fold_all(conn, merges)
+                        else:
+                            for winner, loser in merges:
+                                sub.merged(conn, winner, loser)
+                last = rows[-1].id
+                new_positions = {IDENTITY: max(positions[IDENTITY], last)}
+                for sub in self.subscribers:
+                    seen = positions[sub.name]
+                    unseen = batch if not batch or batch[0].id > seen else [e for e in batch if e.id > seen]
+                    if unseen:
+                        sub.apply(conn, unseen)
+                    new_positions[sub.name] = max(seen, last)
+                _store_positions(conn, new_positions, now)
+        except BaseException:
+            self._positions = None  # reload from the database: the transaction rolled back
+            raise
+        self._positions = new_positions
+        self.processed += len(rows)
+        for listener in self.on_batch:
+            listener(new_positions, len(rows))
+        return len(rows)
 
     def catch_up(self) -> int:
         """Process batches until the log is drained; return how many events were read."""
@@ -271,6 +276,24 @@ class EngineLoop:
             self._wake.clear()
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cycle collector for one batch; restore its previous state after.
+
+    A batch builds hundreds of thousands of acyclic objects (decoded payloads, rows,
+    sums) that live until the batch ends and are then freed by reference counting; the
+    collector's passes over them found nothing and cost about a third of the loop's CPU
+    (measured). Cycles made meanwhile, by any thread, are collected once it resumes.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _Row(NamedTuple):
     id: int
     message_id: str
@@ -285,14 +308,16 @@ class _Row(NamedTuple):
 
 def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
     """Up to ``limit`` events with ids after ``after``, in order, payloads decoded."""
+    # On PostgreSQL the payload comes as text for orjson: psycopg's jsonb loader is the stdlib's.
+    payload = "payload::text" if conn.dialect.name == "postgresql" else "payload"
     rows = fetch_rows(
         conn,
-        "SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, payload FROM events"
+        f"SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, {payload} FROM events"
         f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}",
     )
-    loads = orjson.loads
+    loads, new = orjson.loads, tuple.__new__
     return [
-        _Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8] if isinstance(r[8], dict) else loads(r[8]))
+        new(_Row, (*r[:8], r[8] if isinstance(r[8], dict) else loads(r[8])))  # type: ignore[type-var]
         for r in rows
     ]
 

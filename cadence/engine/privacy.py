@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, or_, select
+from sqlalchemy import Engine, delete, insert, or_, select, text
 
 from cadence.clock import now_ms
 from cadence.engine.consent import consent_of
 from cadence.engine.identity import identities_of, resolve_customer
-from cadence.engine.loop import EngineLoop
+from cadence.engine.loop import BATCH_LOCK_ID, EngineLoop
 from cadence.engine.profiles import load_profile
 from cadence.errors import IdentityError
 from cadence.runtime import Runtime
@@ -102,6 +102,10 @@ def erase_customer(
     """
     loop = loop or EngineLoop(runtime)
     with runtime.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Serialise with the loop's batches (SQLite's BEGIN IMMEDIATE already does): a batch
+            # committing a profile row for this customer meanwhile would outlive the erasure.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
         cid = resolve_customer(conn, ref)
         if cid is None:
             raise IdentityError(f"no customer with user or anonymous id {ref!r}")

@@ -26,6 +26,17 @@ from sqlalchemy import (
 
 from cadence.store.schema.base import Id, Json, metadata
 
+
+def Key(length: int) -> String:  # noqa: N802 - a column type, named like one
+    """A string compared byte by byte: ids and event names (``COLLATE "C"`` on PostgreSQL).
+
+    The engine loop inserts several keys per event into these primary keys; comparing
+    them under the database's locale (``C.UTF-8``, ``en_US.UTF-8``) cost PostgreSQL up to
+    40% of the insert. SQLite compares bytes anyway.
+    """
+    return String(length).with_variant(String(length, collation="C"), "postgresql")  # type: ignore[return-value]
+
+
 __all__ = [
     "api_keys",
     "checkpoints",
@@ -69,18 +80,22 @@ customers = Table(
 identities = Table(
     "identities",
     metadata,
-    Column("kind", String(16), nullable=False),  # "user" or "anonymous"
-    Column("value", String(200), nullable=False),
+    Column("kind", Key(16), nullable=False),  # "user" or "anonymous"
+    Column("value", Key(200), nullable=False),
     Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
     Column("first_seen_ms", BigInteger, nullable=False),
     PrimaryKeyConstraint("kind", "value"),
     Index(None, "customer_id"),
 )
 
+# The profile aggregates carry no foreign key to ``customers``: they are derived state that
+# the engine loop writes several rows of per event, and PostgreSQL's per-row key check cost
+# more than the write itself. Erasure deletes them explicitly (``ProfilesSubscriber.erased``)
+# under the loop's batch lock, and merges move them, so no row outlives its customer.
 profiles = Table(
     "profiles",
     metadata,
-    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True),
+    Column("customer_id", Id, primary_key=True),
     Column("first_seen_ms", BigInteger, nullable=False),
     Column("last_seen_ms", BigInteger, nullable=False),
     Column("event_count", BigInteger, nullable=False, default=0),
@@ -94,8 +109,8 @@ profiles = Table(
 profile_event_stats = Table(
     "profile_event_stats",
     metadata,
-    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
-    Column("event", String(200), nullable=False),
+    Column("customer_id", Id, nullable=False),
+    Column("event", Key(200), nullable=False),
     Column("count", BigInteger, nullable=False),
     Column("sum_value", Float, nullable=False),
     Column("first_ms", BigInteger, nullable=False),
@@ -107,8 +122,8 @@ profile_event_stats = Table(
 profile_daily = Table(
     "profile_daily",
     metadata,
-    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
-    Column("event", String(200), nullable=False),
+    Column("customer_id", Id, nullable=False),
+    Column("event", Key(200), nullable=False),
     Column("day", Integer, nullable=False),  # days since 1970-01-01 UTC
     Column("count", BigInteger, nullable=False),
     Column("sum_value", Float, nullable=False),
