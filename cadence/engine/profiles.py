@@ -158,7 +158,11 @@ _STATS_ADD = (
     " sum_value = profile_event_stats.sum_value + excluded.sum_value,"
     " first_ms = CASE WHEN excluded.first_ms < profile_event_stats.first_ms"
     " THEN excluded.first_ms ELSE profile_event_stats.first_ms END,"
-    " last_value = CASE WHEN excluded.last_ms >= profile_event_stats.last_ms"
+    # the latest event's value; on a tie in time the larger value, so that the result does not
+    # depend on the order events and merges are folded in (one by one, or a batch at once)
+    " last_value = CASE WHEN excluded.last_ms > profile_event_stats.last_ms"
+    " OR (excluded.last_ms = profile_event_stats.last_ms"
+    " AND COALESCE(excluded.last_value, 0) > COALESCE(profile_event_stats.last_value, 0))"
     " THEN excluded.last_value ELSE profile_event_stats.last_value END,"
     " last_ms = CASE WHEN excluded.last_ms > profile_event_stats.last_ms"
     " THEN excluded.last_ms ELSE profile_event_stats.last_ms END"
@@ -245,7 +249,7 @@ class ProfilesSubscriber:
                     s[3] += value
                     if ts < s[4]:
                         s[4] = ts
-                    if ts >= s[5]:
+                    if ts > s[5] or (ts == s[5] and value > s[6]):
                         s[5], s[6] = ts, value
                 d = daily.get((cid, counted, day))
                 if d is None:
@@ -298,7 +302,7 @@ class ProfilesSubscriber:
         """Fold every loser's profile, stats and day buckets into its winner, in merge order.
 
         The result is the one of folding the merges one by one: the same sums, and for a
-        tie on a time the later merge's value, as the upserts give when run in sequence.
+        tie on a time the larger last value, as the upserts give in any order.
         """
         if not merges:
             return
@@ -321,7 +325,7 @@ class ProfilesSubscriber:
             s[2] += count
             s[3] += total
             s[4] = min(s[4], first)
-            if last >= s[5]:
+            if last > s[5] or (last == s[5] and (last_value or 0.0) > (s[6] or 0.0)):
                 s[5], s[6] = last, last_value
         daily: dict[tuple[int, str, int], list[Any]] = {}
         stored = fetch_in(

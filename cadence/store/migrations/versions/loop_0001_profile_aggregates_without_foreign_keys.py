@@ -7,7 +7,7 @@ primary keys the loop inserts into, compare byte by byte (``COLLATE "C"``) on Po
 the database locale's comparisons cost up to 40% of an identity insert.
 
 Revision ID: loop_0001
-Revises: 0003
+Revises: attribution_0004
 Create Date: 2026-11-26 02:00:00
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 from sqlalchemy import String
 
 revision = "loop_0001"
-down_revision = "0003"
+down_revision = "attribution_0004"
 branch_labels = None
 depends_on = None
 
