@@ -1,9 +1,6 @@
-"""Decision quality in the simulator, in-process decide() latency, and decisions over HTTP.
+"""In-process decide() latency, and decisions over HTTP (quality is `benchmarks/decisions_quality.py`).
 
-Quality: every policy on three differently shaped populations (balanced, email_heavy,
-mobile_first) and several seeds, 30 simulated days; numbers are means over the runs
-(clicks as a share of the oracle's are pooled). Latency: decide() with the learners
-for one customer with 10 eligible campaigns x 4 channels x 24 slots. HTTP: `cadence
+Latency: decide() with the learners for one customer with 10 eligible campaigns x 4 channels x 24 slots. HTTP: `cadence
 serve` (one uvicorn process, the repository's rules/) on loopback, driven by a load
 generator in another process at a fixed arrival rate (open loop: each request is
 timed from the moment it was due, so a server that falls behind shows it).
@@ -35,7 +32,6 @@ from cadence.engine.campaign import (
 from cadence.engine.decide import decide
 from cadence.engine.learners import DecisionLearner
 from cadence.engine.profiles_memory import MemoryProfile
-from cadence.sim.report import compare, markdown_table
 
 CHANNELS4 = ("email", "sms", "push", "webhook")
 
@@ -211,14 +207,8 @@ def http_load(*, rate: float, seconds: float, customers: int) -> dict[str, objec
 
 
 def run(*, quick: bool, postgres_url: str | None) -> str:
-    """Run every part and return the Markdown section."""
-    customers, days, seeds = (400, 10, (1,)) if quick else (10_000, 30, (1, 2))
+    """Run both parts and return the Markdown section."""
     load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    cpu0 = time.process_time()
-    cmp = compare(customers=customers, days=days, seeds=seeds)
-    sim_cpu = time.process_time() - cpu0
-    cad, base = cmp.policies["cadence"], cmp.policies["email 10:00"]
-    heur = cmp.policies["heuristic"]
     lat = latency(300 if quick else 3000)
     rate, seconds = (100.0, 5.0) if quick else (1000.0, 60.0)
     http = http_load(rate=rate, seconds=seconds, customers=100 if quick else 1000)
@@ -227,25 +217,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    ctr_x = cad.ctr / base.ctr if base.ctr else 0.0
-    unsub_x = cad.unsubscribe_rate / base.unsubscribe_rate if base.unsubscribe_rate else 0.0
-    oracle_share = cmp.share_of_oracle("cadence")
     goals = [
-        ("CTR vs email 10:00", f"{ctr_x:.2f}x", ">= 3x", mark(ctr_x >= 3)),
-        ("customers unsubscribed vs email 10:00", f"{unsub_x:.2f}x", "<= 0.4x", mark(unsub_x <= 0.4)),
-        ("clicks, share of oracle", f"{oracle_share:.0%}", ">= 80%", mark(oracle_share >= 0.8)),
-        (
-            "clicks vs heuristic",
-            f"{cad.clicks:,.0f} vs {heur.clicks:,.0f}",
-            "more",
-            mark(cad.clicks > heur.clicks),
-        ),
-        (
-            "customers unsubscribed vs heuristic",
-            f"{cad.unsubscribe_rate:.1%} vs {heur.unsubscribe_rate:.1%}",
-            "fewer",
-            mark(cad.unsubscribe_rate < heur.unsubscribe_rate),
-        ),
         (
             "decide() p99, 10 campaigns x 4 channels x 24 slots, learners",
             f"{lat['learners p99']:.2f} ms (p50 {lat['learners p50']:.2f})",
@@ -278,23 +250,15 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         ),
     ]
     lines = [
-        "## Decisions: quality in the simulator, decide() latency, decisions over HTTP",
+        "## Decisions: decide() latency, decisions over HTTP",
         "",
-        f"{customers:,} customers x {days} days per run; populations {', '.join(cmp.shapes)}; "
-        f"seeds {', '.join(map(str, seeds))} (a fresh population per seed). Policies: cadence (decide() + "
-        "learners, one daily campaign, best of email/sms/push, quiet 21:00-08:00, 1 message per local "
-        "day), email at 10:00 local daily (no caps), random channel and hour, a heuristic (best past "
-        "channel at the usual click hour, at most 3 per 7 days) and an oracle that knows the hidden "
-        "preferences and fatigue. Unsubscribed = share of customers who opted out of at least one "
-        "channel. decisions/s is time inside the policy's decide; for cadence that is the whole "
-        "pipeline with the learners.",
+        "In-process decide() with the learners for one customer with 10 eligible campaigns x 4 channels "
+        "x 24 slots (wall clock and thread CPU time); `POST /v1/decisions` over HTTP on loopback. Quality "
+        "in the simulator is its own section (`benchmarks/decisions_quality.py`).",
         "",
-        markdown_table(cmp),
-        "",
-        f"Machine load average {load_before} before, {load_after} after (2 shared cores); simulator CPU "
-        f"time {sim_cpu:,.0f} s. The HTTP test runs `cadence serve` with the repository's rules/ on SQLite "
-        "and a separate load-generator process (httpx, asyncio, open loop at a fixed arrival rate; "
-        "latency counted from when each request was due).",
+        f"Machine load average {load_before} before, {load_after} after (2 shared cores). The HTTP test runs "
+        "`cadence serve` with the repository's rules/ on SQLite and a separate load-generator process (raw "
+        "asyncio HTTP/1.1, open loop at a fixed arrival rate; latency counted from when each request was due).",
         "",
         "| goal | measured | target | |",
         "|---|---|---|---|",
