@@ -58,6 +58,7 @@ __all__ = [
     "DecisionLearner",
     "FatigueHazard",
     "FeatureLayout",
+    "HourPreference",
     "LearnerConfig",
     "ProbitClassifier",
     "ProbitModel",
@@ -135,8 +136,20 @@ class LearnerConfig:
     hazard_strength: float = 300.0  # prior weight (in sends) of each fatigue-hazard cell
     hazard_load_slope: float = 0.3  # prior: each recent send raises the unsubscribe risk by this share
     explore_volume: bool = False  # True: a lucky draw may also send when the posterior mean says no
-    customer_channel_var: float = 0.1
-    crossed_prior_var: float = 0.02  # prior variance of the trait and hour x trait weights  # prior variance of a customer's own per-channel engagement effect
+    customer_channel_var: float = 0.1  # prior variance of a customer's own per-channel engagement effect
+    crossed_prior_var: float = 0.02  # prior variance of the trait and hour x trait weights
+    hour_model: bool = True  # each customer's preferred hour as a discrete posterior (HourPreference)
+    hour_width: float = 2.5  # hours: how fast engagement falls away from the preferred hour
+    hour_floor: float = 0.2  # engagement far from the preferred hour, as a share of the peak
+    hour_offset_scale: float = 0.5  # probit units per unit of log hour lift (~ dz/dlog p near p = 0.05)
+    hour_prior_power: float = 1.0  # sharpens the population's hour curve into the prior over preferred hours
+    hour_pop_strength: float = 20.0  # pseudo-sends pulling each trait's hour curve towards its overall rate
+    hour_miss_weight: float = 0.0  # weight of a send not clicked in a customer's hour likelihood
+    hour_pop_draw: bool = True  # draw the population's hour curves (Thompson at the population level)
+    hour_draw_scale: float = 0.35  # shrinks that draw's spread (the trait rows share their sends)
+    hour_explore: bool = False  # draw the preferred hour from its posterior (False: use the expected lift)
+    probit_hours: bool = True  # the probit's own hour x trait weights and hour match (besides HourPreference)
+    time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
 
 
 class ProbitModel:
@@ -162,24 +175,29 @@ class ProbitModel:
         self.beta = beta
         self.n = 0
 
-    def predict(self, idx: np.ndarray, val: np.ndarray, extra: Effect | None = None) -> float:
+    def predict(
+        self, idx: np.ndarray, val: np.ndarray, extra: Effect | None = None, offset: float = 0.0
+    ) -> float:
         """Posterior predictive probability of a positive label.
 
         ``extra`` is one more weight with feature value 1 kept outside the vector (a
         customer's own effect): ``(array of shape (2, n) holding means and variances, column)``.
+        ``offset`` is a known term added to the score (the hour preference's).
         """
-        s = float(self.mean[idx] @ val)
+        s = float(self.mean[idx] @ val) + offset
         v2 = float(self.var[idx] @ (val * val))
         if extra is not None:
             s += float(extra[0][0, extra[1]])
             v2 += float(extra[0][1, extra[1]])
         return float(ndtr(s / math.sqrt(self.beta**2 + v2)))
 
-    def learn(self, idx: np.ndarray, val: np.ndarray, label: bool, extra: Effect | None = None) -> None:
-        """One assumed-density-filtering update for one labelled example (and ``extra``, as in predict)."""
+    def learn(
+        self, idx: np.ndarray, val: np.ndarray, label: bool, extra: Effect | None = None, offset: float = 0.0
+    ) -> None:
+        """One assumed-density-filtering update for one labelled example (``extra``, ``offset`` as in predict)."""
         y = 1.0 if label else -1.0
         var = self.var[idx]
-        s = float(self.mean[idx] @ val)
+        s = float(self.mean[idx] @ val) + offset
         v2 = float(var @ (val * val))
         if extra is not None:
             s += float(extra[0][0, extra[1]])
@@ -295,6 +313,107 @@ class FatigueHazard:
         return self._rates
 
 
+class HourPreference:
+    """Each customer's preferred local hour as a discrete posterior over 24 hours, with a population prior.
+
+    The model: a message sent at local hour ``h`` to a customer whose preferred hour is ``m``
+    is engaged with ``q * F[h, m]``, where ``F = floor + (1 - floor) * exp(-d^2 / 2 width^2)``
+    for the circular distance ``d`` between ``h`` and ``m``, and ``q`` the customer's rate at
+    their preferred hour. Per customer, the log-likelihood of each ``m`` adds up over every
+    labelled send: a click at ``h`` favours the ``m`` near ``h``, a send not clicked at ``h``
+    (slightly) disfavours them. The prior over ``m`` comes from the population: for every
+    trait value, the click rate by local send hour (counts, smoothed over neighbouring hours
+    and towards that trait's overall rate); a customer's prior multiplies the lifts of their
+    trait values against everyone's (naive Bayes, as a log-linear model would). So a new
+    customer gets the hours that customers like them click at, and their own clicks and
+    silences move it from there. A draw of ``m`` from the posterior is the Thompson draw.
+
+    >>> hp = HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.0)
+    >>> ll = np.zeros(24)
+    >>> for h in (14, 14, 15):
+    ...     ll = hp.update(ll, h, True, 0.1)
+    >>> post = hp.posterior(ll, hp.log_prior([]))
+    >>> int(np.argmax(post)) in (14, 15)
+    True
+    >>> lift = hp.lift(post)
+    >>> bool(lift[14] > 2 * lift[3])
+    True
+    """
+
+    def __init__(
+        self, *, width: float, floor: float, strength: float, power: float, miss_weight: float = 1.0
+    ) -> None:
+        d = np.abs(np.arange(24)[:, None] - np.arange(24)[None, :])
+        d = np.minimum(d, 24 - d)
+        #: F[h, m]: the engagement at send hour h of a customer who prefers m, as a share of the peak.
+        self.F = floor + (1 - floor) * np.exp(-(d * d) / (2 * width * width))
+        #: Centred so a customer about whom nothing is known (a flat posterior) gets no offset.
+        self.reference = float(self.F.mean())
+        self.logF = np.log(self.F / self.reference)
+        self.smooth = np.exp(-(d * d) / 2.0)  # one-hour kernel for the population's counts
+        self.strength = strength
+        self.power = power
+        self.miss_weight = miss_weight
+        self.clicks = np.zeros((1 + TRAIT_BUCKETS, 24))  # row 0: everyone; 1 + b: trait bucket b
+        self.sends = np.zeros((1 + TRAIT_BUCKETS, 24))
+        self._lift_cache: dict[int, tuple[float, np.ndarray]] = {}
+
+    def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
+        """Count one labelled send at local ``hour`` for everyone and each of the customer's trait buckets."""
+        rows = [0, *(1 + b for b in buckets)]
+        self.sends[rows, hour] += 1
+        if clicked:
+            self.clicks[rows, hour] += 1
+
+    def _row_lift(self, row: int) -> np.ndarray:
+        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24))."""
+        cached = self._lift_cache.get(row)
+        sends = float(self.sends[row].sum())
+        # Recomputed once the row has 2% (at least 20) more sends than when last computed.
+        if cached is None or sends - cached[0] >= max(20.0, 0.02 * cached[0]):
+            c = self.smooth @ self.clicks[row]
+            n = self.smooth @ self.sends[row]
+            overall = (self.clicks[row].sum() + 1.0) / (self.sends[row].sum() + 30.0)
+            a = c + self.strength * overall
+            rate = a / (n + self.strength)
+            cached = self._lift_cache[row] = (sends, np.stack((np.log(rate / overall), 1 / np.sqrt(a))))
+        return cached[1]
+
+    def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:
+        """Log prior over the preferred hour of a customer with these trait buckets (unnormalised).
+
+        With ``noise`` (standard normals, 24 per row: everyone, then each bucket), one draw
+        of the population's curves from their (log-normal) posterior: hours the population
+        was rarely sent at are uncertain, so they get tried (Thompson sampling).
+        """
+        base = self._row_lift(0)
+        out = base[0].copy()
+        if noise is not None:
+            out += base[1] * noise[:24]
+        for k, b in enumerate(buckets):
+            row = self._row_lift(1 + b)
+            out += row[0] - base[0]
+            if noise is not None:
+                out += row[1] * noise[24 * (k + 1) : 24 * (k + 2)]
+        return self.power * out
+
+    def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
+        """The customer's log-likelihood over preferred hours after one labelled send at ``hour``."""
+        if clicked:
+            return loglik + self.logF[hour]
+        return loglik + self.miss_weight * np.log1p(-q * self.F[hour])  # F, not logF: centring cancels
+
+    def posterior(self, loglik: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
+        """The posterior over the preferred hour (sums to 1)."""
+        x = loglik + log_prior
+        x = np.exp(x - x.max())
+        return np.asarray(x / x.sum())
+
+    def lift(self, posterior: np.ndarray) -> np.ndarray:
+        """Expected engagement at each send hour (0..23) under ``posterior``, relative to a flat posterior's."""
+        return np.asarray(self.F @ posterior) / self.reference
+
+
 @dataclass
 class CustomerStats:
     """What the learner remembers about one customer (from feedback joined to its decisions)."""
@@ -309,6 +428,8 @@ class CustomerStats:
     #: The customer's own engagement effect per channel, shape (2, channels): posterior means
     #: and variances (None: still the prior). A class default, so older snapshots load.
     effect: np.ndarray | None = None
+    #: Log-likelihood of each preferred local hour 0..23 from the customer's labelled sends (None: no label yet).
+    hour_loglik: np.ndarray | None = None
 
 
 @dataclass
@@ -325,6 +446,10 @@ class Pending:
     engaged: bool = False
     unsubscribed: bool = False
     load: int = 0  # sends in the 7 days before the decision
+    hour: int = -1  # local hour of the send (0..23), for the hour preference
+    offset: float = 0.0  # the hour preference's term in the engagement score when decided
+    rate: float = 0.05  # the expected engagement at the customer's preferred hour when decided
+    buckets: tuple[int, ...] = ()  # the customer's trait buckets
 
 
 class DecisionLearner:
@@ -343,6 +468,7 @@ class DecisionLearner:
         self.engagement = self._model(self.config.engagement_prior, prior_var)
         self.unsubscribe = self._model(self.config.unsubscribe_prior, prior_var * 0.5)
         self.hazard = self._hazard()
+        self.hours = self._hours()
         self.customers: dict[int, CustomerStats] = {}
         self.pending: dict[str, Pending] = {}
         self.position = 0  # the last event id reflected (set by the loop subscriber)
@@ -363,6 +489,46 @@ class DecisionLearner:
             prior=cfg.unsubscribe_prior, strength=cfg.hazard_strength, slope=cfg.hazard_load_slope
         )
 
+    def _hours(self) -> HourPreference:
+        cfg = self.config
+        return HourPreference(
+            width=cfg.hour_width,
+            floor=cfg.hour_floor,
+            strength=cfg.hour_pop_strength,
+            power=cfg.hour_prior_power,
+            miss_weight=cfg.hour_miss_weight,
+        )
+
+    def hour_posterior(self, stats: CustomerStats, buckets: Sequence[int]) -> np.ndarray:
+        """The customer's posterior over their preferred local hour (0..23)."""
+        loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+        return self.hours.posterior(loglik, self.hours.log_prior(buckets))
+
+    def hour_offsets(
+        self,
+        stats: CustomerStats,
+        buckets: Sequence[int],
+        hours: np.ndarray,
+        uniform: float,
+        noise: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The hour preference's score terms at fractional local ``hours``: posterior mean and one draw.
+
+        The mean is ``scale * log E[F[h, m]]``; the draw takes one preferred hour ``m`` from
+        the posterior (``uniform`` in [0, 1) picks it) and uses ``scale * log F[h, m]``.
+        """
+        post = self.hour_posterior(stats, buckets)
+        h = hours.astype(np.int64) % 24
+        scale = self.config.hour_offset_scale
+        mean = scale * np.log(self.hours.lift(post))[h]
+        if self.config.hour_pop_draw and noise is not None:
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            post = self.hours.posterior(loglik, self.hours.log_prior(buckets, noise))
+        if not self.config.hour_explore:
+            return mean, scale * np.log(self.hours.lift(post))[h]
+        m = min(int(np.searchsorted(np.cumsum(post), uniform * post.sum())), 23)
+        return mean, scale * self.hours.logF[h, m]
+
     def __getstate__(self) -> dict[str, Any]:
         """What a snapshot keeps: not the bank of normals nor caches (remade on load)."""
         state = dict(self.__dict__)
@@ -375,6 +541,8 @@ class DecisionLearner:
         self.__dict__.update(state)
         if "hazard" not in state:
             self.hazard = self._hazard()
+        if "hours" not in state:
+            self.hours = self._hours()
         self._group_meta = {}
         if "_bank" not in state:
             self._bank = _noise_bank(self.layout.size)
@@ -513,7 +681,7 @@ class DecisionLearner:
             val.append(float(b[i]))
         local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
         hour = local.hour + local.minute / 60
-        harm = _time_code(hour, local.weekday() >= 5)
+        harm = _time_code(hour, local.weekday() >= 5) if self.config.probit_hours else ()
         for k, h in enumerate(harm):
             if h == 0.0:
                 continue
@@ -521,6 +689,8 @@ class DecisionLearner:
                 idx.append(lay.time + k * lay.n_traits1 + int(i))
                 val.append(h * float(t1[i]))
         for k, p in enumerate(self._personal(stats, channel, hour)):
+            if k == 1 and not self.config.probit_hours:
+                continue
             idx.append(lay.personal + k)
             val.append(p)
         idx.append(lay.campaign + _bucket(campaign, CAMPAIGN_BUCKETS))
@@ -618,18 +788,34 @@ class DecisionLearner:
         w[0, :hi] = eng.mean[:hi]
         np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1, :hi])
         w[1, :hi] += w[0, :hi]
+        if not cfg.time_draw:
+            w[1, lay.time : lay.personal] = w[0, lay.time : lay.personal]
         cols = np.concatenate((camp_idx, cc_idx))
         w[0, cols] = eng.mean[cols]
         w[1, cols] = eng.mean[cols] + eng.sd()[cols] * noise_e[cols]
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
-        time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
-        time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
         wp = w[:, lay.personal : lay.personal + lay.n_personal]
         vp = v[lay.personal : lay.personal + lay.n_personal]
-        time_w = time_w + wp[:, 1:2] * match
-        time_v = time_v + vp[1] * match * match
+        if cfg.probit_hours:
+            time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+            time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
+            time_w = time_w + wp[:, 1:2] * match
+            time_v = time_v + vp[1] * match * match
+        else:
+            time_w, time_v = np.zeros((2, len(hour_arr))), np.zeros(len(hour_arr))
+        if cfg.hour_model:
+            # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
+            buckets = self._trait_buckets(traits)
+            off_mean, off_draw = self.hour_offsets(
+                stats,
+                buckets,
+                hour_arr,
+                float(ndtr(noise_u[-1 - N_CHANNELS])),
+                cfg.hour_draw_scale * noise_u[64 : 64 + 24 * (1 + len(buckets))],
+            )
+            time_w = time_w + np.stack((off_mean, off_draw))
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
         per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]
         has_arm = arm_b >= 0
@@ -762,7 +948,7 @@ class DecisionLearner:
             arm=arm,
             now_ms=now_ms,
         )
-        self.pending[decision_id] = Pending(
+        pending = Pending(
             customer_id=customer_id,
             idx=idx,
             val=val,
@@ -772,6 +958,17 @@ class DecisionLearner:
             arm=arm,
             load=self.recent_load(customer_id, now_ms),
         )
+        if self.config.hour_model:
+            local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
+            stats = self.customer(customer_id)
+            buckets = tuple(self._trait_buckets(traits))
+            lift = float(self.hours.lift(self.hour_posterior(stats, buckets))[local.hour])
+            pending.hour, pending.buckets = local.hour, buckets
+            pending.offset = self.config.hour_offset_scale * math.log(lift)
+            extra = (self.effect(customer_id), CHANNEL_INDEX.get(channel, 0))
+            p = self.engagement.predict(idx, val, extra, pending.offset)
+            pending.rate = min(max(p / (lift * self.hours.reference), 1e-3), 0.5)
+        self.pending[decision_id] = pending
         self._horizon.append((send_at_ms + self.config.horizon_ms, decision_id))
 
     def observe(self, *, decision_id: str, kind: Feedback, ts_ms: int, zone: str | None = None) -> None:
@@ -828,10 +1025,15 @@ class DecisionLearner:
             self.labels += 1
             return
         extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
-        prob = model.predict(p.idx, p.val, extra)
+        prob = model.predict(p.idx, p.val, extra, p.offset)
         self.quality[f"{name}_auc"].update(label, prob)
         self.quality["engagement_logloss"].update(label, prob)
-        model.learn(p.idx, p.val, label, extra)
+        model.learn(p.idx, p.val, label, extra, p.offset)
+        if p.hour >= 0:
+            stats = self.customer(p.customer_id)
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            stats.hour_loglik = self.hours.update(loglik, p.hour, label, p.rate)
+            self.hours.learn(p.buckets, p.hour, label)
         self.labels += 1
 
     def recent_quality(self) -> dict[str, float]:
@@ -878,5 +1080,6 @@ def _erfcinv(y: float) -> float:
     return float(erfcinv(y))
 
 
+_ZERO24 = np.zeros(24)
 _NO_TEMPLATE = TemplateSpec("")
 _NO_CH = ChannelPolicy(())
