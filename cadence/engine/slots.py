@@ -7,6 +7,7 @@ on zone-aware local datetimes inside, so daylight-saving changes are handled by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,6 +20,7 @@ __all__ = [
     "is_quiet",
     "local_datetime",
     "local_day",
+    "local_ms",
     "next_allowed",
     "next_allowed_ms",
     "quiet_zone",
@@ -138,8 +140,36 @@ def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
 
 
 def _offset_ms(ms: int, zone: ZoneInfo) -> int:
+    if ms % HOUR_MS == 0:
+        return _hour_offset_ms(ms, zone)
     offset = local_datetime(ms, zone).utcoffset()
     return int(offset.total_seconds() * 1000) if offset is not None else 0
+
+
+@lru_cache(maxsize=65536)
+def _hour_offset_ms(ms: int, zone: ZoneInfo) -> int:
+    """The UTC offset of ``zone`` at one top-of-hour instant, memoised.
+
+    Decision windows are runs of top-of-hour instants, and consecutive decisions (and
+    customers in the same zone) share most of them; the offset of each instant is exact,
+    whatever DST changes the window holds.
+    """
+    offset = local_datetime(ms, zone).utcoffset()
+    return int(offset.total_seconds() * 1000) if offset is not None else 0
+
+
+def local_ms(times: Sequence[int], zone: ZoneInfo) -> list[int]:
+    """Each instant of ``times`` shifted by ``zone``'s UTC offset at that instant: local wall-clock ms.
+
+    ``local_ms // DAY_MS`` is the local day since 1970-01-01, ``local_ms % DAY_MS`` the local
+    time of day; exact across DST changes (each instant gets its own offset).
+
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> before, after = 1774742400000, 1774746000000  # 2026-03-29 00:00 and 01:00 UTC
+    >>> [(x % DAY_MS) // HOUR_MS for x in local_ms([before, after], berlin)]
+    [1, 3]
+    """
+    return [t + _offset_ms(t, zone) for t in times]
 
 
 def _time_ms(t: time) -> int:

@@ -1,0 +1,76 @@
+"""The caches behind decide() and the learners' scoring give what the uncached arithmetic gives."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cadence.engine.campaign import DAY_MS, HOUR_MS
+from cadence.engine.learners import _time_code, _time_rows
+from cadence.engine.slots import local_datetime, local_ms, zone_named
+
+ZONES = (
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Sydney",
+    "Australia/Lord_Howe",
+    "Asia/Kathmandu",
+    "UTC",
+)
+# 2026 DST changes: Europe 29 Mar / 25 Oct, US 8 Mar / 1 Nov, Australia 5 Apr / 4 Oct.
+DST_DAYS = [
+    datetime(2026, m, d, tzinfo=UTC) for m, d in ((3, 8), (3, 29), (4, 5), (10, 4), (10, 25), (11, 1))
+]
+
+
+def _window(earliest: int, count: int = 24) -> tuple[int, ...]:
+    first = (earliest // HOUR_MS + 1) * HOUR_MS
+    return (earliest, *(first + i * HOUR_MS for i in range(count - 1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
+    second=st.integers(min_value=0, max_value=59_999),
+)
+def test_local_ms_matches_zoneinfo_across_dst(zone: str, day: datetime, offset_min: int, second: int) -> None:
+    """Each instant of a window that holds a DST change gets its own offset, as zoneinfo says."""
+    tz = zone_named(zone, "UTC")
+    earliest = int(day.timestamp() * 1000) + offset_min * 60_000 + second
+    times = _window(earliest)
+    for _ in range(2):  # the second call is answered from the per-hour offset cache
+        got = local_ms(times, tz)
+        for t, loc in zip(times, got, strict=True):
+            local = local_datetime(t, tz)
+            assert loc // DAY_MS == local.date().toordinal() - datetime(1970, 1, 1).toordinal()
+            minutes = (loc % DAY_MS) // 60_000
+            assert (minutes // 60, minutes % 60) == (local.hour, local.minute)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
+)
+def test_time_rows_match_the_per_instant_features_across_dst(
+    zone: str, day: datetime, offset_min: int
+) -> None:
+    """The learners' time features of a slot window equal the features of each instant's local time."""
+    tz = zone_named(zone, "UTC")
+    times = _window(int(day.timestamp() * 1000) + offset_min * 60_000 + 1234)
+    harm, hours = _time_rows(zone, times)
+    again, _ = _time_rows(zone, times[1:])  # a shifted window shares the cached table rows
+    for i, t in enumerate(times):
+        local = local_datetime(t, tz)
+        hour = local.hour + local.minute / 60
+        assert hours[i] == hour
+        assert tuple(harm[i]) == _time_code(hour, local.weekday() >= 5)
+        assert harm[i][int(hour)] == 1.0 and math.isclose(harm[i][24], math.cos(2 * math.pi * hour / 24))
+        if i:
+            assert tuple(again[i - 1]) == tuple(harm[i])
