@@ -52,7 +52,7 @@ from cadence.channels import CHANNELS, Feedback
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
 from cadence.engine.decide import BulkScores, OptionGroup
 from cadence.engine.decision import Candidate
-from cadence.engine.slots import local_datetime, zone_named
+from cadence.engine.slots import local_datetime, local_ms, zone_named
 
 __all__ = [
     "DecisionLearner",
@@ -559,47 +559,58 @@ class DecisionLearner:
         t1 = self._traits1(traits)
         zone_key = zone_named(profile.timezone, "UTC").key
 
-        # Send times: one block per distinct time list (groups of a campaign share theirs).
+        # One pass over the groups: their block of send times (groups of a campaign, and usually
+        # every campaign, share one list) and their cached weight indices.
         list_start: dict[int, int] = {}
         harms: list[np.ndarray] = []
         hours_parts: list[np.ndarray] = []
         n_times = 0
-        lengths_l: list[int] = []
-        starts_l: list[int] = []
-        metas: list[tuple[int, int, int, int, int]] = []
+        rows: list[int] = []  # per group: channel, 3 weight indices, campaign id, start, length
         camp_ids: dict[str, int] = {}
         meta_cache = self._group_meta
+        any_arm = False
         for g in groups:
-            key_t = id(g.times)
-            start = list_start.get(key_t)
+            times = g.times
+            start = list_start.get(id(times))
             if start is None:
-                harm_g, hours_g = _time_rows(zone_key, tuple(g.times))
-                start = list_start[key_t] = n_times
+                harm_g, hours_g = _time_rows(zone_key, tuple(times))
+                start = list_start[id(times)] = n_times
                 n_times += len(hours_g)
                 harms.append(harm_g)
                 hours_parts.append(hours_g)
-            starts_l.append(start)
-            lengths_l.append(len(g.times))
             name = g.campaign.name
-            meta = meta_cache.get((name, g.channel, g.arm))
+            arm = g.arm
+            meta = meta_cache.get((name, g.channel, arm))
             if meta is None:
-                meta = meta_cache[(name, g.channel, g.arm)] = (
+                meta = meta_cache[(name, g.channel, arm)] = (
                     CHANNEL_INDEX.get(g.channel, 0),
                     lay.campaign + _bucket(name, CAMPAIGN_BUCKETS),
                     lay.campaign_channel + _bucket(f"{name}/{g.channel}", CAMPAIGN_BUCKETS),
-                    -1 if g.arm is None else _bucket(f"{name}/{g.arm}", ARM_BUCKETS),
+                    -1 if arm is None else _bucket(f"{name}/{arm}", ARM_BUCKETS),
                 )
-            metas.append((*meta, camp_ids.setdefault(name, len(camp_ids))))
-        harm = harms[0] if len(harms) == 1 else np.concatenate(harms)
-        hour_arr = hours_parts[0] if len(hours_parts) == 1 else np.concatenate(hours_parts)
-        meta_arr = np.array(metas, dtype=np.int64)
-        ch_global, camp_idx, cc_idx, arm_b, camp_of = meta_arr.T
-        lengths = np.array(lengths_l, dtype=np.int64)
-        bounds_arr = np.zeros(len(groups) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=bounds_arr[1:])
-        total = int(bounds_arr[-1])
-        group_of = np.repeat(np.arange(len(groups)), lengths)
-        ti = np.arange(total) - np.repeat(bounds_arr[:-1] - np.array(starts_l, dtype=np.int64), lengths)
+            if arm is not None:
+                any_arm = True
+            rows += meta
+            rows += (camp_ids.setdefault(name, len(camp_ids)), start, len(times))
+        n_groups = len(groups)
+        # A flat list converts to an array several times faster than a list of tuples.
+        ch_global, camp_idx, cc_idx, arm_b, camp_of, starts, lengths = (
+            np.array(rows, dtype=np.int64).reshape(n_groups, 7).T
+        )
+        # With one shared list, an option (group k, time j) sits at k * T + j: the flat arrays are
+        # a (groups x times) matrix, built by broadcasting; otherwise by gathering.
+        shared = len(harms) == 1
+        if shared:
+            harm, hour_arr = harms[0], hours_parts[0]
+            rep: Any = n_times
+            bounds_arr = np.arange(n_groups + 1, dtype=np.int64) * n_times
+        else:
+            harm, hour_arr = np.concatenate(harms), np.concatenate(hours_parts)
+            rep = lengths
+            bounds_arr = np.zeros(n_groups + 1, dtype=np.int64)
+            np.cumsum(lengths, out=bounds_arr[1:])
+            group_of = np.repeat(np.arange(n_groups), lengths)
+            ti = np.arange(int(bounds_arr[-1])) - np.repeat(bounds_arr[:-1] - starts, lengths)
         if stats.clicks:
             resultant = math.hypot(stats.hour_cos, stats.hour_sin) / stats.clicks
             mean_angle = math.atan2(stats.hour_sin, stats.hour_cos)
@@ -607,20 +618,21 @@ class DecisionLearner:
                 resultant * stats.clicks / (stats.clicks + 1)
             )
         else:
-            match = np.zeros(len(hour_arr))
+            match = None
         # Own click rate and experience per channel (indexed by channel).
         rate_exp = np.array([self._personal(stats, ch, 0.0)[::2] for ch in CHANNELS])[ch_global]
 
         # Weights: posterior mean and one draw (rows 0, 1), and the variances.
         eng = self.engagement
+        sd = eng.sd()
         hi = lay.personal + lay.n_personal  # channel, time and personal blocks are contiguous
         w = np.empty((2, lay.size))
         w[0, :hi] = eng.mean[:hi]
-        np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1, :hi])
+        np.multiply(sd[:hi], noise_e[:hi], out=w[1, :hi])
         w[1, :hi] += w[0, :hi]
         cols = np.concatenate((camp_idx, cc_idx))
         w[0, cols] = eng.mean[cols]
-        w[1, cols] = eng.mean[cols] + eng.sd()[cols] * noise_e[cols]
+        w[1, cols] = eng.mean[cols] + sd[cols] * noise_e[cols]
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
@@ -628,18 +640,19 @@ class DecisionLearner:
         time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
         wp = w[:, lay.personal : lay.personal + lay.n_personal]
         vp = v[lay.personal : lay.personal + lay.n_personal]
-        time_w = time_w + wp[:, 1:2] * match
-        time_v = time_v + vp[1] * match * match
+        if match is not None:  # (no clicks yet: the hour-match feature is 0)
+            time_w = time_w + wp[:, 1:2] * match
+            time_v = time_v + vp[1] * match * match
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
         per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]
-        has_arm = arm_b >= 0
-        if has_arm.any():
-            rows = np.maximum(arm_b, 0)
+        if any_arm:
+            has_arm = arm_b >= 0
+            arm_rows = np.maximum(arm_b, 0)
             arm_w = np.stack((eng.mean[lay.arm :], eng.sample(noise_e)[lay.arm :]))
             arm_w = arm_w.reshape(2, ARM_BUCKETS, lay.n_traits1) @ t1
             arm_v = v[lay.arm : lay.size].reshape(ARM_BUCKETS, lay.n_traits1) @ t1
-            per_group = per_group + np.where(has_arm, arm_w[:, rows], 0.0)
-            per_group_v = per_group_v + np.where(has_arm, arm_v[rows], 0.0)
+            per_group = per_group + np.where(has_arm, arm_w[:, arm_rows], 0.0)
+            per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
         # The customer's own effect on each channel: its mean, one draw, its variance.
         eff = stats.effect
         if eff is not None:
@@ -647,11 +660,15 @@ class DecisionLearner:
             per_group[0] += eff_mean
             per_group[1] += eff_mean + np.sqrt(eff_var) * noise_u[-1 - ch_global]
         else:
-            eff_var = np.full(len(groups), cfg.customer_channel_var)
+            eff_var = np.full(n_groups, cfg.customer_channel_var)
             per_group[1] += np.sqrt(eff_var) * noise_u[-1 - ch_global]
         per_group_v = per_group_v + eff_var
-        mean = per_group[:, group_of] + time_w[:, ti]
-        var = per_group_v[group_of] + time_v[ti]
+        if shared:
+            mean = (per_group[:, :, None] + time_w[:, None, :]).reshape(2, -1)
+            var = (per_group_v[:, None] + time_v[None, :]).reshape(-1)
+        else:
+            mean = per_group[:, group_of] + time_w[:, ti]
+            var = per_group_v[group_of] + time_v[ti]
         # Row 0: the predictive probability Phi(mean / sqrt(beta^2 + variance)); row 1: the draw's.
         scale = np.empty_like(mean)
         np.sqrt(cfg.beta**2 + var, out=scale[0])
@@ -664,26 +681,34 @@ class DecisionLearner:
         if cfg.explore_unsubscribe:
             seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
             spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
-            ch_draw = np.maximum(ch_rates + spread * noise_u[: len(groups)], 0.0)
+            ch_draw = np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
         else:
             ch_draw = ch_rates
-        p_uns = ch_rates[group_of]
-        score = cfg.click_value * probs[1] - cfg.unsubscribe_cost * ch_draw[group_of]
+        p_uns = np.repeat(ch_rates, rep)
+        score = cfg.click_value * probs[1] - np.repeat(cfg.unsubscribe_cost * ch_draw, rep)
         mean_score = cfg.click_value * p_eng - cfg.unsubscribe_cost * p_uns
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
-        score = np.where((score <= 0) & (mean_score > 0), mean_score * 1e-6, score)
+        worth = mean_score > 0
+        np.copyto(score, mean_score * 1e-6, where=(score <= 0) & worth)
         if not cfg.explore_volume:
             # Nor does a lucky draw make a send the posterior mean says is not worth it.
-            score = np.where(mean_score <= 0, np.minimum(score, 0.0), score)
+            np.minimum(score, 0.0, out=score, where=~worth)
 
         bounds = bounds_arr.tolist()
-        group_best = np.maximum.reduceat(mean_score, bounds_arr[:-1])
-        camp_best = np.full(len(camp_ids), -np.inf)
-        np.maximum.at(camp_best, camp_of, group_best)
-        explored = mean_score < camp_best[camp_of][group_of] - 1e-12
+        if shared:
+            group_best = mean_score.reshape(n_groups, n_times).max(axis=1)
+        else:
+            group_best = np.maximum.reduceat(mean_score, bounds_arr[:-1])
+        if len(camp_ids) == n_groups:  # one group per campaign: its best is the campaign's
+            camp_best_of = group_best
+        else:
+            camp_best = np.full(len(camp_ids), -np.inf)
+            np.maximum.at(camp_best, camp_of, group_best)
+            camp_best_of = camp_best[camp_of]
+        explored = mean_score < np.repeat(camp_best_of, rep) - 1e-12
         # Variants: with the campaign's minimum share, explore one variant picked at random.
-        if has_arm.any() and any(g.campaign.learn_variants for g in groups):
+        if any_arm and any(g.campaign.learn_variants for g in groups):
             pyrng = random.Random(seed)
             forced: dict[str, str] = {}
             for g in groups:
@@ -844,22 +869,33 @@ def _noise_bank(size: int) -> np.ndarray:
     return np.random.default_rng(20260101).standard_normal((509, size))
 
 
+#: Time features by local minute of the day and weekend flag (row ``minute * 2 + weekend``),
+#: filled from :func:`_time_code` as minutes are first seen; ``_TIME_SEEN`` marks the filled rows.
+_TIME_TABLE = np.zeros((24 * 60 * 2, 27))
+_TIME_SEEN = np.zeros(24 * 60 * 2, dtype=bool)
+#: The fractional local hour (hour + minute / 60) of each minute of the day.
+_MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
+
+
 @lru_cache(maxsize=8192)
 def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The time features (one row per send time) and the fractional local hours of ``times``.
 
     A decision's slots are the next hours, so consecutive decisions in a zone ask for
-    nearly the same instants: memoised (read-only arrays).
+    nearly the same instants: memoised (read-only arrays). Local times come from the
+    per-instant UTC offsets (exact across DST changes), and the rows from a table by
+    local minute of the day, so a new window costs a few array operations.
     """
-    tz = zone_named(zone, "UTC")
-    rows = []
-    hours = []
-    for t in times:
-        local = local_datetime(t, tz)
-        hour = local.hour + local.minute / 60
-        hours.append(hour)
-        rows.append(_time_code(hour, local.weekday() >= 5))
-    harm, hour_arr = np.array(rows), np.array(hours)
+    loc = np.array(local_ms(times, zone_named(zone, "UTC")), dtype=np.int64)
+    minute = (loc % DAY_MS) // 60_000
+    weekend = (loc // DAY_MS + 3) % 7 >= 5  # 1970-01-01 was a Thursday (weekday 3)
+    row = minute * 2 + weekend
+    missing = row[~_TIME_SEEN[row]]
+    for r in missing.tolist():
+        m = r // 2
+        _TIME_TABLE[r] = _time_code(m // 60 + (m % 60) / 60, bool(r % 2))
+        _TIME_SEEN[r] = True
+    harm, hour_arr = _TIME_TABLE[row], _MINUTE_HOURS[minute]
     harm.flags.writeable = False
     hour_arr.flags.writeable = False
     return harm, hour_arr
