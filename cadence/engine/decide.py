@@ -23,6 +23,7 @@ Every campaign that is not chosen carries at least one :class:`Suppression`.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -41,7 +42,14 @@ from cadence.engine.campaign import (
     SplitArm,
 )
 from cadence.engine.decision import Candidate, Decision, PastSend, Scorer, Suppression
-from cadence.engine.slots import candidate_slots, local_datetime, local_day, quiet_zone, zone_named
+from cadence.engine.slots import (
+    candidate_slots,
+    local_datetime,
+    local_day,
+    local_days,
+    quiet_zone,
+    zone_named,
+)
 
 __all__ = [
     "WINDOW_SLOTS",
@@ -137,6 +145,58 @@ def cap_allows(
     return _window_peak(times, t, max(1, cap.window_ms)) < cap.count
 
 
+def _cap_blocked(points: Sequence[int], values: Sequence[int], width: int, count: int) -> list[bool]:
+    """For each of ``values``: would one more send there put a window of ``width`` at ``count`` or over?
+
+    The same answer as ``_window_peak(points, t, width) >= count`` for every ``t``, from the
+    sorted ``points`` by bisection: the fullest window ``[s, s + width)`` holding ``t`` starts at
+    ``t - width + 1`` or just where a later point enters it, so the peak is the larger of the
+    count in ``[t - width + 1, t]`` and the counts of the windows ending at each point in
+    ``(t, t + width - 1]``.
+
+    >>> _cap_blocked([0, 5, 9], [4, 20], width=10, count=3)
+    [True, False]
+    """
+    ending = [bisect_right(points, x) - bisect_left(points, x - width + 1) for x in points]
+    out = []
+    for t in values:
+        lo = bisect_right(points, t)
+        peak = lo - bisect_left(points, t - width + 1)
+        hi = bisect_right(points, t + width - 1)
+        if hi > lo:
+            peak = max(peak, max(ending[lo:hi]))
+        out.append(peak >= count)
+    return out
+
+
+def _cap_key(cap: Cap, campaign: Campaign, channel: str) -> tuple[str, ...] | None:
+    """Which of the customer's sends ``cap`` counts for a candidate (see :func:`_cap_times`); None: not applicable."""
+    if cap.channel is not None and cap.channel != channel:
+        return None
+    if cap.scope == "campaign":
+        return ("cc", campaign.name, channel) if cap.channel is not None else ("c", campaign.name)
+    if cap.scope == "channel":
+        return ("ch", channel)
+    if cap.scope == "group":
+        return None if campaign.exclusive is None else ("g", campaign.exclusive)
+    return ("all",)
+
+
+def _index_history(history: Sequence[PastSend]) -> dict[tuple[str, ...], list[int]]:
+    """The send times of ``history`` under every key :func:`_cap_key` can ask for, sorted."""
+    out: dict[tuple[str, ...], list[int]] = {("all",): []}
+    for h in history:
+        ts = h.ts_ms
+        out[("all",)].append(ts)
+        for key in (("ch", h.channel), ("c", h.campaign), ("cc", h.campaign, h.channel)):
+            out.setdefault(key, []).append(ts)
+        if h.exclusive is not None:
+            out.setdefault(("g", h.exclusive), []).append(ts)
+    for times in out.values():
+        times.sort()
+    return out
+
+
 def _cap_times(cap: Cap, campaign: Campaign, channel: str, history: Sequence[PastSend]) -> list[int] | None:
     """The send times ``cap`` counts for a candidate, or None when it does not apply."""
     if cap.channel is not None and cap.channel != channel:
@@ -177,6 +237,42 @@ class _Plan:
     variants: tuple[SplitArm, ...]
     options: dict[str, list[int]] = field(default_factory=dict)  # channel -> allowed send times
     channel_rank: dict[str, int] = field(default_factory=dict)
+
+
+_new_object = object.__new__
+
+
+def _candidate(
+    campaign: str,
+    channel: str,
+    send_at_ms: int,
+    score: float,
+    engagement: float,
+    unsubscribe: float,
+    explored: bool,
+    arm: str | None,
+) -> Candidate:
+    """``Candidate(...)`` with every field given, made without the frozen dataclass's ``__init__``.
+
+    A frozen dataclass sets each field through ``object.__setattr__``; filling the instance's
+    ``__dict__`` at once makes the same object (equal, same hash and repr) in a fraction of the
+    time, and a decision materialises one per (campaign, channel, variant).
+
+    >>> _candidate("c", "email", 5, 0.5, 0.1, 0.01, False, None) == Candidate("c", "email", 5, 0.5, 0.1, 0.01)
+    True
+    """
+    c: Candidate = _new_object(Candidate)
+    c.__dict__.update(
+        campaign=campaign,
+        channel=channel,
+        send_at_ms=send_at_ms,
+        score=score,
+        engagement=engagement,
+        unsubscribe=unsubscribe,
+        explored=explored,
+        arm=arm,
+    )
+    return c
 
 
 def _bounced(profile: ProfileView, channel: str) -> bool:
@@ -238,14 +334,8 @@ def decide(
     slot_count = WINDOW_SLOTS if scorer is not None else 1
     wanted = set(campaigns) if campaigns is not None else None
     slot_cache: dict[tuple[int, Any, str, int | None], tuple[list[int], bool]] = {}
-    day_cache: dict[int, int] = {}
     channel_block: dict[str, str | None] = {}  # channel -> suppression reason, None when usable
-
-    def day_of(ms: int) -> int:
-        day = day_cache.get(ms)
-        if day is None:
-            day = day_cache[ms] = local_day(ms, customer_zone)
-        return day
+    checks: _Checks | None = None  # caps, spacing and groups over the history, made on first use
 
     for name in sorted(ruleset.campaigns):
         campaign = ruleset.campaigns[name]
@@ -380,43 +470,24 @@ def decide(
             continue
 
         plan = _Plan(campaign, arm, variants)
-        caps = campaign.caps + settings.caps
+        caps = campaign.caps + settings.caps if campaign.caps else settings.caps
         for rank, channel in enumerate(usable):
             plan.channel_rank[channel] = rank
-            cap_times: list[tuple[Cap, list[int]]] = []
-            for cap in caps:
-                if not history:  # nothing to count: only a zero cap can block
-                    if cap.count <= 0 and _cap_times(cap, campaign, channel, history) is not None:
-                        cap_times.append((cap, []))
-                    continue
-                times = _cap_times(cap, campaign, channel, history)
-                if times is not None and (times or cap.count <= 0):
-                    cap_times.append((cap, [day_of(x) for x in times] if cap.calendar else times))
             first_failure: tuple[str, str] | None = None
-            if not cap_times and not history:
-                kept_slots = slots  # nothing to collide with
-            else:
-                kept_slots = []
-                for t in slots:
-                    failure = _check(
-                        t=t,
-                        campaign=campaign,
-                        cap_times=cap_times,
-                        history=history,
-                        min_spacing_ms=settings.min_spacing_ms,
-                        zone=customer_zone,
-                        day_of=day_of,
-                    )
-                    if failure is None:
-                        kept_slots.append(t)
-                    elif first_failure is None:
-                        first_failure = failure
-            kept = len(kept_slots)
-            if kept:
+            if history:
+                if checks is None:
+                    checks = _Checks(history, settings.min_spacing_ms, customer_zone)
+                kept_slots, first_failure = checks.kept(campaign, channel, caps, slots)
+            else:  # nothing to count: only a zero cap can block
+                zero = next((c for c in caps if c.count <= 0 and _cap_key(c, campaign, channel)), None)
+                kept_slots = slots if zero is None else []
+                if zero is not None:
+                    first_failure = ("cap", f"{_describe_cap(zero)} reached")
+            if kept_slots:
                 plan.options[channel] = kept_slots
-            if kept == 0 and first_failure is not None:
+            elif first_failure is not None:
                 suppressions.append(Suppression(name, first_failure[0], first_failure[1], channel))
-            if kept and campaign.channels.mode == "ordered":
+            if kept_slots and campaign.channels.mode == "ordered":
                 break  # the first channel that works wins; the rest are fallbacks
         if plan.options:
             plans.append(plan)
@@ -432,39 +503,41 @@ def decide(
         return Decision(action="none", suppressions=tuple(suppressions), **base)  # type: ignore[arg-type]
 
     # Candidates, scored: in bulk when the scorer offers it, one Candidate each otherwise.
+    by_name = {p.campaign.name: p for p in plans}
     bulk = getattr(scorer, "score_options", None) if scorer is not None else None
     candidates: list[Candidate] = []
+    best: dict[str, Candidate] = {}
     if bulk is not None:
-        candidates = _score_in_bulk(bulk, plans, profile, now_ms, seed)
+        candidates, best = _score_in_bulk(bulk, plans, profile, now_ms, seed)
     else:
         for plan in plans:
             arms = plan.variants or (plan.arm,)
             for channel, times in plan.options.items():
                 for t, arm in ((t, arm) for t in times for arm in arms):
                     candidates.append(
-                        Candidate(
-                            campaign=plan.campaign.name,
-                            channel=channel,
-                            send_at_ms=t,
-                            score=0.0,
-                            arm=arm.name if arm is not None else None,
+                        _candidate(
+                            plan.campaign.name,
+                            channel,
+                            t,
+                            0.0,
+                            0.0,
+                            0.0,
+                            False,
+                            arm.name if arm is not None else None,
                         )
                     )
         if scorer is not None:
             candidates = list(scorer.score(profile=profile, candidates=candidates, now_ms=now_ms, seed=seed))
-
-    by_name = {p.campaign.name: p for p in plans}
-    best: dict[str, Candidate] = {}
-    for cand in candidates:
-        plan = by_name[cand.campaign]
-        current = best.get(cand.campaign)
-        key = (cand.score, -cand.send_at_ms, -plan.channel_rank.get(cand.channel, 0))
-        if current is None or key > (
-            current.score,
-            -current.send_at_ms,
-            -plan.channel_rank.get(current.channel, 0),
-        ):
-            best[cand.campaign] = cand
+        for cand in candidates:
+            plan = by_name[cand.campaign]
+            current = best.get(cand.campaign)
+            key = (cand.score, -cand.send_at_ms, -plan.channel_rank.get(cand.channel, 0))
+            if current is None or key > (
+                current.score,
+                -current.send_at_ms,
+                -plan.channel_rank.get(current.channel, 0),
+            ):
+                best[cand.campaign] = cand
 
     contenders = sorted(
         best.values(), key=lambda c: (-by_name[c.campaign].campaign.priority, -c.score, c.campaign)
@@ -606,81 +679,170 @@ class BulkScorer(Protocol):
 
 def _score_in_bulk(
     bulk: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
-) -> list[Candidate]:
+) -> tuple[list[Candidate], dict[str, Candidate]]:
     """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
 
     Materialising hundreds of frozen candidates would cost more than scoring them, so the
-    explanation lists each campaign's best send time per channel (and variant).
+    explanation lists each campaign's best send time per channel (and variant). Also returns
+    each campaign's best candidate: highest score, then earliest send, then channel order.
     """
     groups: list[OptionGroup] = []
+    ranks: list[int] = []
     for plan in plans:
         arm_names = (
             [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
         )
         for channel, times in plan.options.items():
+            rank = plan.channel_rank.get(channel, 0)
             for arm in arm_names:
                 groups.append(OptionGroup(plan.campaign, channel, arm, times))
+                ranks.append(rank)
     res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
-    starts = np.asarray(res.bounds[:-1], dtype=np.int64)
-    lengths = np.diff(np.asarray(res.bounds, dtype=np.int64)).astype(np.int64)
+    bounds = np.asarray(res.bounds, dtype=np.int64)
+    starts = bounds[:-1]
     seg_max = np.maximum.reduceat(res.score, starts)
-    at_max = np.flatnonzero(res.score >= np.repeat(seg_max, lengths))
+    at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(bounds)))
     # The first maximum of each group: the earliest of equally good times.
     best = at_max[np.searchsorted(at_max, starts)]
     score = res.score[best].tolist()
     engagement = res.engagement[best].tolist()
     unsubscribe = res.unsubscribe[best].tolist()
     explored = res.explored[best].tolist()
+    offset = (best - starts).tolist()
     out = []
+    top: dict[str, Candidate] = {}
+    top_key: dict[str, tuple[float, int, int]] = {}
     for k, group in enumerate(groups):
-        out.append(
-            Candidate(
-                campaign=group.campaign.name,
-                channel=group.channel,
-                send_at_ms=group.times[int(best[k]) - int(starts[k])],
-                score=score[k],
-                engagement=engagement[k],
-                unsubscribe=unsubscribe[k],
-                explored=explored[k],
-                arm=group.arm,
-            )
+        name = group.campaign.name
+        at = group.times[offset[k]]
+        cand = _candidate(
+            name, group.channel, at, score[k], engagement[k], unsubscribe[k], explored[k], group.arm
         )
-    return out
+        out.append(cand)
+        key = (score[k], -at, -ranks[k])
+        current = top_key.get(name)
+        if current is None or key > current:
+            top[name] = cand
+            top_key[name] = key
+    return out, top
 
 
-def _check(
-    *,
-    t: int,
-    campaign: Campaign,
-    cap_times: Sequence[tuple[Cap, list[int]]],
-    history: Sequence[PastSend],
-    min_spacing_ms: int,
-    zone: ZoneInfo,
-    day_of: Callable[[int], int],
-) -> tuple[str, str] | None:
-    """The first rule a send at ``t`` would break, as ``(reason, detail)``, or None."""
-    for cap, points in cap_times:
-        # Calendar caps come with their sends already turned into local day numbers.
-        if (
-            cap.count <= 0
-            or (
-                _window_peak(points, day_of(t), max(1, cap.window_ms // DAY_MS))
-                if cap.calendar
-                else _window_peak(points, t, max(1, cap.window_ms))
+class _Checks:
+    """Caps, minimum spacing and exclusive groups over one decision's history.
+
+    The history is indexed once (sorted send times per cap scope), and each rule's verdict on
+    a list of send times is worked out once per decision: campaigns that share their slots
+    (and global caps, which every campaign and channel share) reuse it.
+    """
+
+    def __init__(self, history: Sequence[PastSend], min_spacing_ms: int, zone: ZoneInfo) -> None:
+        self.history = history
+        self.min_spacing_ms = min_spacing_ms
+        self.zone = zone
+        self.times = _index_history(history)
+        self.days: dict[tuple[str, ...], list[int]] = {}
+        self.verdicts: dict[tuple[Any, ...], list[bool] | list[int]] = {}
+        self.slot_lists: dict[int, Sequence[int]] = {}  # keeps every slot list keyed by id alive
+
+    def _memo(self, key: tuple[Any, ...], slots: Sequence[int]) -> list[Any] | None:
+        self.slot_lists[id(slots)] = slots
+        return self.verdicts.get((*key, id(slots)))
+
+    def _slot_days(self, slots: Sequence[int]) -> list[int]:
+        got = self._memo(("days",), slots)
+        if got is None:
+            got = self.verdicts[("days", id(slots))] = local_days(slots, self.zone)
+        return got  # type: ignore[return-value]
+
+    def _cap(self, cap: Cap, key: tuple[str, ...], slots: Sequence[int]) -> list[bool] | None:
+        """Per slot, whether ``cap`` (count > 0) blocks it; None when the cap counts no send."""
+        points = self.times.get(key)
+        if not points:
+            return None
+        memo = ("cap", key, cap.window_ms, cap.calendar, cap.count)
+        got = self._memo(memo, slots)
+        if got is None:
+            if cap.calendar:
+                days = self.days.get(key)
+                if days is None:  # sorted again: a local day can step back at a DST change
+                    days = self.days[key] = sorted(local_days(points, self.zone))
+                got = _cap_blocked(days, self._slot_days(slots), max(1, cap.window_ms // DAY_MS), cap.count)
+            else:
+                got = _cap_blocked(points, slots, max(1, cap.window_ms), cap.count)
+            self.verdicts[(*memo, id(slots))] = got
+        return got
+
+    def _spacing(self, slots: Sequence[int]) -> list[int]:
+        """Per slot, the index in the history of the first send closer than the spacing, or -1."""
+        got = self._memo(("spacing",), slots)
+        if got is None:
+            gap = self.min_spacing_ms
+            points = self.times[("all",)]
+            got = []
+            for t in slots:
+                hit = -1
+                if bisect_right(points, t - gap) < bisect_left(points, t + gap):
+                    hit = next(i for i, h in enumerate(self.history) if abs(h.ts_ms - t) < gap)
+                got.append(hit)
+            self.verdicts[("spacing", id(slots))] = got
+        return got
+
+    def _exclusive(self, group: str, slots: Sequence[int]) -> list[int]:
+        """Per slot, the index in the history of the first send of ``group`` that local day, or -1."""
+        got = self._memo(("exclusive", group), slots)
+        if got is None:
+            sent = [i for i, h in enumerate(self.history) if h.exclusive == group]
+            sent_days = local_days([self.history[i].ts_ms for i in sent], self.zone)
+            first_on: dict[int, int] = {}
+            for i, day in zip(sent, sent_days, strict=True):
+                first_on.setdefault(day, i)
+            got = [first_on.get(day, -1) for day in self._slot_days(slots)] if first_on else []
+            self.verdicts[("exclusive", group, id(slots))] = got
+        return got
+
+    def kept(
+        self, campaign: Campaign, channel: str, caps: Sequence[Cap], slots: list[int]
+    ) -> tuple[list[int], tuple[str, str] | None]:
+        """The send times no rule blocks, and when none is left, the first rule the first time breaks.
+
+        Rules in order: the caps, the minimum spacing, the exclusive group (as ``decide`` documents).
+        """
+        rules: list[tuple[Sequence[Any] | None, Any]] = []  # (per-slot verdict or None = all, what)
+        for cap in caps:
+            key = _cap_key(cap, campaign, channel)
+            if key is None:
+                continue
+            if cap.count <= 0:
+                rules.append((None, cap))
+                continue
+            blocked = self._cap(cap, key, slots)
+            if blocked is not None and any(blocked):
+                rules.append((blocked, cap))
+        if self.min_spacing_ms > 0:
+            near = self._spacing(slots)
+            if any(i >= 0 for i in near):
+                rules.append(([i >= 0 for i in near], ("spacing", near)))
+        if campaign.exclusive is not None:
+            same_day = self._exclusive(campaign.exclusive, slots)
+            if any(i >= 0 for i in same_day):
+                rules.append(([i >= 0 for i in same_day], ("exclusive", same_day)))
+        if not rules:
+            return slots, None
+        if any(verdict is None for verdict, _ in rules):
+            kept: list[int] = []
+        else:
+            kept = [t for k, t in enumerate(slots) if not any(verdict[k] for verdict, _ in rules)]  # type: ignore[index]
+        if kept:
+            return kept, None
+        verdict, what = next((v, w) for v, w in rules if v is None or v[0])
+        if isinstance(what, Cap):
+            return kept, ("cap", f"{_describe_cap(what)} reached")
+        kind, hits = what
+        h = self.history[hits[0]]
+        if kind == "spacing":
+            return kept, (
+                "spacing",
+                f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, self.zone)} is within "
+                f"{self.min_spacing_ms / 3_600_000:g}h",
             )
-            >= cap.count
-        ):
-            return "cap", f"{_describe_cap(cap)} reached"
-    if min_spacing_ms > 0:
-        for h in history:
-            if abs(h.ts_ms - t) < min_spacing_ms:
-                return "spacing", (
-                    f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, zone)} is within "
-                    f"{min_spacing_ms / 3_600_000:g}h"
-                )
-    if campaign.exclusive is not None:
-        day = day_of(t)
-        for h in history:
-            if h.exclusive == campaign.exclusive and day_of(h.ts_ms) == day:
-                return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day"
-    return None
+        return kept, ("exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day")
