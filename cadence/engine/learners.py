@@ -622,17 +622,14 @@ class DecisionLearner:
         # Own click rate and experience per channel (indexed by channel).
         rate_exp = np.array([self._personal(stats, ch, 0.0)[::2] for ch in CHANNELS])[ch_global]
 
-        # Weights: posterior mean and one draw (rows 0, 1), and the variances.
+        # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
+        # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
         eng = self.engagement
-        sd = eng.sd()
-        hi = lay.personal + lay.n_personal  # channel, time and personal blocks are contiguous
-        w = np.empty((2, lay.size))
-        w[0, :hi] = eng.mean[:hi]
-        np.multiply(sd[:hi], noise_e[:hi], out=w[1, :hi])
-        w[1, :hi] += w[0, :hi]
-        cols = np.concatenate((camp_idx, cc_idx))
-        w[0, cols] = eng.mean[cols]
-        w[1, cols] = eng.mean[cols] + sd[cols] * noise_e[cols]
+        hi = lay.arm
+        w = np.empty((2, hi))
+        w[0] = eng.mean[:hi]
+        np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1])
+        w[1] += w[0]
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
@@ -659,16 +656,25 @@ class DecisionLearner:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
             per_group[1] += eff_mean + np.sqrt(eff_var) * noise_u[-1 - ch_global]
-        else:
-            eff_var = np.full(n_groups, cfg.customer_channel_var)
-            per_group[1] += np.sqrt(eff_var) * noise_u[-1 - ch_global]
-        per_group_v = per_group_v + eff_var
+            per_group_v = per_group_v + eff_var
+        else:  # still the prior: the same variance on every channel
+            per_group[1] += math.sqrt(cfg.customer_channel_var) * noise_u[-1 - ch_global]
+            per_group_v = per_group_v + cfg.customer_channel_var
+        # Options: a (groups x times) matrix when the groups share one list (per-group values
+        # broadcast along the times), else flat arrays (per-group values repeated per time).
         if shared:
-            mean = (per_group[:, :, None] + time_w[:, None, :]).reshape(2, -1)
-            var = (per_group_v[:, None] + time_v[None, :]).reshape(-1)
+            mean = per_group[:, :, None] + time_w[:, None, :]
+            var = per_group_v[:, None] + time_v[None, :]
+
+            def per_option(x: np.ndarray) -> np.ndarray:
+                return x[:, None]
         else:
             mean = per_group[:, group_of] + time_w[:, ti]
             var = per_group_v[group_of] + time_v[ti]
+
+            def per_option(x: np.ndarray) -> np.ndarray:
+                return np.repeat(x, lengths)
+
         # Row 0: the predictive probability Phi(mean / sqrt(beta^2 + variance)); row 1: the draw's.
         scale = np.empty_like(mean)
         np.sqrt(cfg.beta**2 + var, out=scale[0])
@@ -684,9 +690,9 @@ class DecisionLearner:
             ch_draw = np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
         else:
             ch_draw = ch_rates
-        p_uns = np.repeat(ch_rates, rep)
-        score = cfg.click_value * probs[1] - np.repeat(cfg.unsubscribe_cost * ch_draw, rep)
-        mean_score = cfg.click_value * p_eng - cfg.unsubscribe_cost * p_uns
+        value = cfg.click_value
+        score = (probs[1] if value == 1.0 else value * probs[1]) - per_option(cfg.unsubscribe_cost * ch_draw)
+        mean_score = (p_eng if value == 1.0 else value * p_eng) - per_option(cfg.unsubscribe_cost * ch_rates)
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
         worth = mean_score > 0
@@ -696,17 +702,16 @@ class DecisionLearner:
             np.minimum(score, 0.0, out=score, where=~worth)
 
         bounds = bounds_arr.tolist()
-        if shared:
-            group_best = mean_score.reshape(n_groups, n_times).max(axis=1)
-        else:
-            group_best = np.maximum.reduceat(mean_score, bounds_arr[:-1])
+        group_best = mean_score.max(axis=1) if shared else np.maximum.reduceat(mean_score, bounds_arr[:-1])
         if len(camp_ids) == n_groups:  # one group per campaign: its best is the campaign's
             camp_best_of = group_best
         else:
             camp_best = np.full(len(camp_ids), -np.inf)
             np.maximum.at(camp_best, camp_of, group_best)
             camp_best_of = camp_best[camp_of]
-        explored = mean_score < np.repeat(camp_best_of, rep) - 1e-12
+        explored = mean_score < per_option(camp_best_of) - 1e-12
+        p_uns = np.repeat(ch_rates, rep)
+        score, p_eng, explored = score.reshape(-1), p_eng.reshape(-1), explored.reshape(-1)
         # Variants: with the campaign's minimum share, explore one variant picked at random.
         if any_arm and any(g.campaign.learn_variants for g in groups):
             pyrng = random.Random(seed)
@@ -872,7 +877,7 @@ def _noise_bank(size: int) -> np.ndarray:
 #: Time features by local minute of the day and weekend flag (row ``minute * 2 + weekend``),
 #: filled from :func:`_time_code` as minutes are first seen; ``_TIME_SEEN`` marks the filled rows.
 _TIME_TABLE = np.zeros((24 * 60 * 2, 27))
-_TIME_SEEN = np.zeros(24 * 60 * 2, dtype=bool)
+_TIME_SEEN = [False] * (24 * 60 * 2)
 #: The fractional local hour (hour + minute / 60) of each minute of the day.
 _MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
 
@@ -886,16 +891,18 @@ def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
     per-instant UTC offsets (exact across DST changes), and the rows from a table by
     local minute of the day, so a new window costs a few array operations.
     """
-    loc = np.array(local_ms(times, zone_named(zone, "UTC")), dtype=np.int64)
-    minute = (loc % DAY_MS) // 60_000
-    weekend = (loc // DAY_MS + 3) % 7 >= 5  # 1970-01-01 was a Thursday (weekday 3)
-    row = minute * 2 + weekend
-    missing = row[~_TIME_SEEN[row]]
-    for r in missing.tolist():
-        m = r // 2
-        _TIME_TABLE[r] = _time_code(m // 60 + (m % 60) / 60, bool(r % 2))
-        _TIME_SEEN[r] = True
-    harm, hour_arr = _TIME_TABLE[row], _MINUTE_HOURS[minute]
+    rows = []
+    minutes = []
+    seen = _TIME_SEEN
+    for loc in local_ms(times, zone_named(zone, "UTC")):  # a few dozen: plain Python beats numpy here
+        minute = (loc % DAY_MS) // 60_000
+        row = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01 was a Thursday (weekday 3)
+        if not seen[row]:
+            _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
+            seen[row] = True
+        rows.append(row)
+        minutes.append(minute)
+    harm, hour_arr = _TIME_TABLE[rows], _MINUTE_HOURS[minutes]
     harm.flags.writeable = False
     hour_arr.flags.writeable = False
     return harm, hour_arr
