@@ -471,6 +471,7 @@ def decide(
 
         plan = _Plan(campaign, arm, variants)
         caps = campaign.caps + settings.caps if campaign.caps else settings.caps
+        zero_caps = [c for c in caps if c.count <= 0] if caps and not history else None
         for rank, channel in enumerate(usable):
             plan.channel_rank[channel] = rank
             first_failure: tuple[str, str] | None = None
@@ -478,8 +479,10 @@ def decide(
                 if checks is None:
                     checks = _Checks(history, settings.min_spacing_ms, customer_zone)
                 kept_slots, first_failure = checks.kept(campaign, channel, caps, slots)
-            else:  # nothing to count: only a zero cap can block
-                zero = next((c for c in caps if c.count <= 0 and _cap_key(c, campaign, channel)), None)
+            elif not zero_caps:  # nothing to count: only a zero cap can block
+                kept_slots = slots
+            else:
+                zero = next((c for c in zero_caps if _cap_key(c, campaign, channel)), None)
                 kept_slots = slots if zero is None else []
                 if zero is not None:
                     first_failure = ("cap", f"{_describe_cap(zero)} reached")
@@ -698,17 +701,27 @@ def _score_in_bulk(
                 groups.append(OptionGroup(plan.campaign, channel, arm, times))
                 ranks.append(rank)
     res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
-    bounds = np.asarray(res.bounds, dtype=np.int64)
-    starts = bounds[:-1]
-    seg_max = np.maximum.reduceat(res.score, starts)
-    at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(bounds)))
-    # The first maximum of each group: the earliest of equally good times.
-    best = at_max[np.searchsorted(at_max, starts)]
+    n_groups = len(groups)
+    total = int(res.bounds[-1])
+    width = total // n_groups if n_groups else 0
+    if n_groups and width * n_groups == total and list(res.bounds) == list(range(0, total + 1, width)):
+        # Every group has as many times (they usually share one list): a (groups x times) matrix,
+        # and argmax gives each row's first maximum, the earliest of equally good times.
+        at = res.score.reshape(n_groups, width).argmax(axis=1)
+        best = at + np.arange(0, total, width)
+        offset = at.tolist()
+    else:
+        bounds = np.asarray(res.bounds, dtype=np.int64)
+        starts = bounds[:-1]
+        seg_max = np.maximum.reduceat(res.score, starts)
+        at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(bounds)))
+        # The first maximum of each group: the earliest of equally good times.
+        best = at_max[np.searchsorted(at_max, starts)]
+        offset = (best - starts).tolist()
     score = res.score[best].tolist()
     engagement = res.engagement[best].tolist()
     unsubscribe = res.unsubscribe[best].tolist()
     explored = res.explored[best].tolist()
-    offset = (best - starts).tolist()
     out = []
     top: dict[str, Candidate] = {}
     top_key: dict[str, tuple[float, int, int]] = {}

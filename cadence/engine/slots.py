@@ -170,7 +170,8 @@ def local_ms(times: Sequence[int], zone: ZoneInfo) -> list[int]:
     >>> [(x % DAY_MS) // HOUR_MS for x in local_ms([before, after], berlin)]
     [1, 3]
     """
-    return [t + _offset_ms(t, zone) for t in times]
+    hourly = _hour_offset_ms
+    return [t + (hourly(t, zone) if t % HOUR_MS == 0 else _offset_ms(t, zone)) for t in times]
 
 
 _EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
@@ -184,7 +185,7 @@ def local_days(times: Sequence[int], zone: ZoneInfo) -> list[int]:
     >>> local_days([t], berlin) == [local_day(t, berlin)]
     True
     """
-    return [(t + _offset_ms(t, zone)) // DAY_MS + _EPOCH_ORDINAL for t in times]
+    return [loc // DAY_MS + _EPOCH_ORDINAL for loc in local_ms(times, zone)]
 
 
 def _time_ms(t: time) -> int:
