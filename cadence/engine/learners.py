@@ -603,12 +603,13 @@ class DecisionLearner:
         if shared:
             harm, hour_arr = harms[0], hours_parts[0]
             rep: Any = n_times
-            bounds_arr = np.arange(n_groups + 1, dtype=np.int64) * n_times
+            bounds = list(range(0, n_groups * n_times + 1, n_times)) if n_times else [0] * (n_groups + 1)
         else:
             harm, hour_arr = np.concatenate(harms), np.concatenate(hours_parts)
             rep = lengths
             bounds_arr = np.zeros(n_groups + 1, dtype=np.int64)
             np.cumsum(lengths, out=bounds_arr[1:])
+            bounds = bounds_arr.tolist()
             group_of = np.repeat(np.arange(n_groups), lengths)
             ti = np.arange(int(bounds_arr[-1])) - np.repeat(bounds_arr[:-1] - starts, lengths)
         if stats.clicks:
@@ -701,7 +702,6 @@ class DecisionLearner:
             # Nor does a lucky draw make a send the posterior mean says is not worth it.
             np.minimum(score, 0.0, out=score, where=~worth)
 
-        bounds = bounds_arr.tolist()
         group_best = mean_score.max(axis=1) if shared else np.maximum.reduceat(mean_score, bounds_arr[:-1])
         if len(camp_ids) == n_groups:  # one group per campaign: its best is the campaign's
             camp_best_of = group_best
@@ -902,7 +902,7 @@ def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
             seen[row] = True
         rows.append(row)
         minutes.append(minute)
-    harm, hour_arr = _TIME_TABLE[rows], _MINUTE_HOURS[minutes]
+    harm, hour_arr = _TIME_TABLE.take(rows, axis=0), _MINUTE_HOURS.take(minutes)  # take: no fancy-index path
     harm.flags.writeable = False
     hour_arr.flags.writeable = False
     return harm, hour_arr
