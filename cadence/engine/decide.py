@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
@@ -228,18 +228,21 @@ def _fmt(ms: int, zone: ZoneInfo) -> str:
     return local_datetime(ms, zone).strftime("%Y-%m-%d %H:%M %Z")
 
 
-@dataclass
 class _Plan:
     """One eligible campaign with its surviving (channel, send time) options."""
 
-    campaign: Campaign
-    arm: SplitArm | None
-    variants: tuple[SplitArm, ...]
-    options: dict[str, list[int]] = field(default_factory=dict)  # channel -> allowed send times
-    channel_rank: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("arm", "campaign", "channel_rank", "options", "variants")
+
+    def __init__(self, campaign: Campaign, arm: SplitArm | None, variants: tuple[SplitArm, ...]) -> None:
+        self.campaign = campaign
+        self.arm = arm
+        self.variants = variants
+        self.options: dict[str, list[int]] = {}  # channel -> allowed send times
+        self.channel_rank: dict[str, int] = {}
 
 
 _new_object = object.__new__
+_new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 def _candidate(
@@ -262,17 +265,31 @@ def _candidate(
     True
     """
     c: Candidate = _new_object(Candidate)
-    c.__dict__.update(
-        campaign=campaign,
-        channel=channel,
-        send_at_ms=send_at_ms,
-        score=score,
-        engagement=engagement,
-        unsubscribe=unsubscribe,
-        explored=explored,
-        arm=arm,
-    )
+    d = c.__dict__
+    d["campaign"] = campaign
+    d["channel"] = channel
+    d["send_at_ms"] = send_at_ms
+    d["score"] = score
+    d["engagement"] = engagement
+    d["unsubscribe"] = unsubscribe
+    d["explored"] = explored
+    d["arm"] = arm
     return c
+
+
+def _suppression(campaign: str, reason: str, detail: str, channel: str | None = None) -> Suppression:
+    """``Suppression(...)`` made as :func:`_candidate` makes candidates.
+
+    >>> _suppression("c", "cap", "full", "sms") == Suppression("c", "cap", "full", "sms")
+    True
+    """
+    s: Suppression = _new_object(Suppression)
+    d = s.__dict__
+    d["campaign"] = campaign
+    d["reason"] = reason
+    d["detail"] = detail
+    d["channel"] = channel
+    return s
 
 
 def _bounced(profile: ProfileView, channel: str) -> bool:
@@ -333,7 +350,7 @@ def decide(
     all_opted_out = profile.consented("all") is False
     slot_count = WINDOW_SLOTS if scorer is not None else 1
     wanted = set(campaigns) if campaigns is not None else None
-    slot_cache: dict[tuple[int, Any, str, int | None], tuple[list[int], bool]] = {}
+    slot_cache: dict[tuple[Any, ...], tuple[list[int], bool]] = {}
     channel_block: dict[str, str | None] = {}  # channel -> suppression reason, None when usable
     checks: _Checks | None = None  # caps, spacing and groups over the history, made on first use
 
@@ -344,10 +361,10 @@ def decide(
         parts: list[ConditionResult] = []
         conditions[name] = parts
         if campaign.starts_ms is not None and now_ms < campaign.starts_ms:
-            suppressions.append(Suppression(name, "not_started", f"starts at {campaign.starts_ms} ms"))
+            suppressions.append(_suppression(name, "not_started", f"starts at {campaign.starts_ms} ms"))
             continue
         if campaign.ends_ms is not None and now_ms >= campaign.ends_ms:
-            suppressions.append(Suppression(name, "ended", f"ended at {campaign.ends_ms} ms"))
+            suppressions.append(_suppression(name, "ended", f"ended at {campaign.ends_ms} ms"))
             continue
 
         earliest = now_ms
@@ -359,14 +376,14 @@ def decide(
                 detail = (
                     f"needs event {trigger.event!r}, got {got!r}" if got else f"needs event {trigger.event!r}"
                 )
-                suppressions.append(Suppression(name, "trigger", detail))
+                suppressions.append(_suppression(name, "trigger", detail))
                 continue
             if trigger.where is not None:
                 if explain:
                     parts.extend(_explain(trigger.where, ctx))
                 if not trigger.where(ctx):
                     suppressions.append(
-                        Suppression(name, "trigger", f"where {trigger.where.source} is false")
+                        _suppression(name, "trigger", f"where {trigger.where.source} is false")
                     )
                     continue
             event_ms = event.get("ts_ms") if event is not None else None
@@ -377,13 +394,13 @@ def decide(
             if explain:
                 parts.extend(_explain(campaign.audience, ctx))
             if not campaign.audience(ctx):
-                suppressions.append(Suppression(name, "audience", f"not in {campaign.audience.source}"))
+                suppressions.append(_suppression(name, "audience", f"not in {campaign.audience.source}"))
                 continue
         if campaign.unless is not None:
             if explain:
                 parts.extend(_explain(campaign.unless, ctx))
             if campaign.unless(ctx):
-                suppressions.append(Suppression(name, "unless", f"{campaign.unless.source} holds"))
+                suppressions.append(_suppression(name, "unless", f"{campaign.unless.source} holds"))
                 continue
 
         arm: SplitArm | None = None
@@ -393,7 +410,7 @@ def decide(
             if arm is not None and arm.holdout:
                 holdout.append(name)
                 suppressions.append(
-                    Suppression(name, "holdout", f"in holdout arm {arm.name!r} ({arm.share:.0%})")
+                    _suppression(name, "holdout", f"in holdout arm {arm.name!r} ({arm.share:.0%})")
                 )
                 continue
             if campaign.learn_variants:
@@ -424,16 +441,22 @@ def decide(
                 usable.append(channel)
             else:
                 suppressions.append(
-                    Suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel)
+                    _suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel)
                 )
         if not usable:
             if not any(s.campaign == name for s in suppressions):
-                suppressions.append(Suppression(name, "no_channel", "the campaign allows no channel"))
+                suppressions.append(_suppression(name, "no_channel", "the campaign allows no channel"))
             continue
 
         # Send-time slots, in the quiet-hours zone.
         zone = quiet_zone(campaign.quiet, profile.timezone) if campaign.quiet else customer_zone
-        slot_key = (earliest, campaign.quiet, zone.key, campaign.ends_ms)
+        quiet = campaign.quiet
+        # The fields the slots depend on (hashing the QuietHours dataclass costs more).
+        slot_key = (
+            (earliest, quiet.start, quiet.end, quiet.action, zone.key, campaign.ends_ms)
+            if quiet is not None
+            else (earliest, None, None, None, zone.key, campaign.ends_ms)
+        )
         cached = slot_cache.get(slot_key)
         if cached is None:
             cached = slot_cache[slot_key] = candidate_slots(
@@ -444,19 +467,18 @@ def decide(
                 until_ms=campaign.ends_ms,
             )
         slots, now_quiet = cached
-        quiet = campaign.quiet
         if quiet is not None and now_quiet:
             window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}"
             if quiet.action == "drop":
                 suppressions.append(
-                    Suppression(
+                    _suppression(
                         name, "quiet", f"{_fmt(earliest, zone)} is inside quiet hours {window}: dropped"
                     )
                 )
                 continue
             if slot_count == 1 and slots:
                 suppressions.append(
-                    Suppression(
+                    _suppression(
                         name,
                         "quiet",
                         f"{_fmt(earliest, zone)} is inside quiet hours {window}: "
@@ -465,7 +487,7 @@ def decide(
                 )
         if not slots:
             suppressions.append(
-                Suppression(name, "quiet", "no allowed send time left before the campaign ends")
+                _suppression(name, "quiet", "no allowed send time left before the campaign ends")
             )
             continue
 
@@ -489,7 +511,7 @@ def decide(
             if kept_slots:
                 plan.options[channel] = kept_slots
             elif first_failure is not None:
-                suppressions.append(Suppression(name, first_failure[0], first_failure[1], channel))
+                suppressions.append(_suppression(name, first_failure[0], first_failure[1], channel))
             if kept_slots and campaign.channels.mode == "ordered":
                 break  # the first channel that works wins; the rest are fallbacks
         if plan.options:
@@ -550,7 +572,7 @@ def decide(
         for c in contenders:
             if c.score <= 0:
                 suppressions.append(
-                    Suppression(
+                    _suppression(
                         c.campaign,
                         "score",
                         f"best expected value {c.score:.4f} <= 0 (engagement {c.engagement:.3f}, "
@@ -574,13 +596,13 @@ def decide(
         lcamp = by_name[loser.campaign].campaign
         if wcamp.exclusive is not None and lcamp.exclusive == wcamp.exclusive:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign, "exclusive", f"{wcamp.name} won exclusive group {wcamp.exclusive!r}"
                 )
             )
         elif lcamp.priority < wcamp.priority:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign,
                     "priority",
                     f"{wcamp.name} has priority {wcamp.priority} > {lcamp.priority}",
@@ -588,7 +610,7 @@ def decide(
             )
         elif loser.score < winner.score:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign,
                     "priority",
                     f"tie on priority {wcamp.priority}; "
@@ -597,7 +619,7 @@ def decide(
             )
         else:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign,
                     "priority",
                     f"tie on priority {wcamp.priority} and score; {wcamp.name} first by name",
@@ -698,7 +720,7 @@ def _score_in_bulk(
         for channel, times in plan.options.items():
             rank = plan.channel_rank.get(channel, 0)
             for arm in arm_names:
-                groups.append(OptionGroup(plan.campaign, channel, arm, times))
+                groups.append(_new_tuple(OptionGroup, (plan.campaign, channel, arm, times)))
                 ranks.append(rank)
     res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
     n_groups = len(groups)
