@@ -8,8 +8,20 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cadence.engine.campaign import DAY_MS, HOUR_MS
-from cadence.engine.learners import _time_code, _time_rows
+from cadence.engine.campaign import (
+    DAY_MS,
+    HOUR_MS,
+    Campaign,
+    Cap,
+    ChannelPolicy,
+    CompiledRuleset,
+    GlobalSettings,
+    TemplateSpec,
+)
+from cadence.engine.decide import _cap_blocked, _window_peak, decide
+from cadence.engine.decision import PastSend
+from cadence.engine.learners import DecisionLearner, _time_code, _time_rows
+from cadence.engine.profiles_memory import MemoryProfile
 from cadence.engine.slots import local_datetime, local_ms, zone_named
 
 ZONES = (
@@ -24,6 +36,9 @@ ZONES = (
 DST_DAYS = [
     datetime(2026, m, d, tzinfo=UTC) for m, d in ((3, 8), (3, 29), (4, 5), (10, 4), (10, 25), (11, 1))
 ]
+
+
+NOW = int(datetime(2026, 3, 28, 12, tzinfo=UTC).timestamp() * 1000)  # the day before Europe's DST change
 
 
 def _window(earliest: int, count: int = 24) -> tuple[int, ...]:
@@ -74,3 +89,59 @@ def test_time_rows_match_the_per_instant_features_across_dst(
         assert harm[i][int(hour)] == 1.0 and math.isclose(harm[i][24], math.cos(2 * math.pi * hour / 24))
         if i:
             assert tuple(again[i - 1]) == tuple(harm[i])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    points=st.lists(st.integers(min_value=0, max_value=60), max_size=12),
+    values=st.lists(st.integers(min_value=-5, max_value=70), min_size=1, max_size=10),
+    width=st.integers(min_value=1, max_value=20),
+    count=st.integers(min_value=1, max_value=5),
+)
+def test_cap_bisection_matches_the_window_scan(
+    points: list[int], values: list[int], width: int, count: int
+) -> None:
+    """The per-slot cap verdict from the sorted sends equals the scan over every window holding the slot."""
+    expected = [_window_peak(points, t, width) >= count for t in values]
+    assert _cap_blocked(sorted(points), values, width, count) == expected
+
+
+def test_rules_worked_out_once_per_slot_list_stay_per_cap_and_campaign() -> None:
+    """Campaigns sharing one slot list reuse a verdict only for the same rule: each cap still counts its own sends."""
+    sent = [PastSend(ts_ms=NOW - 60_000, campaign="a", channel="email")]
+    one_a_day = (Cap(count=1, window_ms=DAY_MS),)  # campaign scope: counts the campaign's own sends
+    ruleset = CompiledRuleset(
+        hash="h",
+        campaigns={
+            name: Campaign(
+                name=name,
+                title=name,
+                priority=1,
+                audience=None,
+                template=TemplateSpec("t"),
+                channels=ChannelPolicy(("email", "sms"), mode="best"),
+                caps=one_a_day,
+            )
+            for name in ("a", "b")
+        },
+        segments={},
+        settings=GlobalSettings(caps=(Cap(count=1, window_ms=DAY_MS, scope="channel", channel="sms"),)),
+        aggregates=frozenset(),
+    )
+    history = [*sent, PastSend(ts_ms=NOW - 120_000, campaign="x", channel="sms")]
+    d = decide(
+        ruleset=ruleset,
+        profile=MemoryProfile(customer_id=3, timezone="Europe/Berlin"),
+        now_ms=NOW,
+        history=history,
+        available_channels={"email", "sms"},
+        scorer=DecisionLearner(),
+    )
+    # a: its own cap blocks every channel until a day after its send; b: only sms is capped.
+    assert {(s.campaign, s.reason, s.channel) for s in d.suppressions if s.reason == "cap"} == {
+        ("a", "cap", "email"),
+        ("a", "cap", "sms"),
+        ("b", "cap", "sms"),
+    }
+    assert {c.campaign for c in d.candidates} == {"b"} and {c.channel for c in d.candidates} == {"email"}
+    assert all(c.send_at_ms >= NOW for c in d.candidates)
