@@ -869,9 +869,16 @@ class DecisionLearner:
         return {k: round(float(m.get()), 4) for k, m in self.quality.items()}
 
 
+@lru_cache(maxsize=4)
 def _noise_bank(size: int) -> np.ndarray:
-    """Standard normals for posterior draws, the same in every process (see ``_noise``)."""
-    return np.random.default_rng(20260101).standard_normal((509, size))
+    """Standard normals for posterior draws, the same in every process (see ``_noise``).
+
+    Made once per process and size (about 0.1 s) and shared, read-only, by every learner: a
+    snapshot loaded or rolled back in a running service does not make the next decision wait.
+    """
+    bank = np.random.default_rng(20260101).standard_normal((509, size))
+    bank.flags.writeable = False
+    return bank
 
 
 #: Time features by local minute of the day and weekend flag (row ``minute * 2 + weekend``),
