@@ -156,7 +156,14 @@ def _cap_blocked(points: Sequence[int], values: Sequence[int], width: int, count
 
     >>> _cap_blocked([0, 5, 9], [4, 20], width=10, count=3)
     [True, False]
+    >>> _cap_blocked([0, 5, 9], [4, 20], width=10, count=4)
+    [False, False]
     """
+    if not values:
+        return []
+    span_lo = bisect_left(points, min(values) - width + 1)
+    if bisect_right(points, max(values) + width - 1) - span_lo < count:
+        return [False] * len(values)  # fewer sends near the slots than the cap allows
     ending = [bisect_right(points, x) - bisect_left(points, x - width + 1) for x in points]
     out = []
     for t in values:
@@ -762,12 +769,26 @@ def _score_in_bulk(
     return out, top
 
 
+def _bits(flags: Sequence[bool]) -> int:
+    """``flags`` as an integer whose bit ``k`` is set when ``flags[k]`` is true.
+
+    >>> bin(_bits([True, False, True]))
+    '0b101'
+    """
+    out = 0
+    for k, flag in enumerate(flags):
+        if flag:
+            out |= 1 << k
+    return out
+
+
 class _Checks:
     """Caps, minimum spacing and exclusive groups over one decision's history.
 
     The history is indexed once (sorted send times per cap scope), and each rule's verdict on
     a list of send times is worked out once per decision: campaigns that share their slots
-    (and global caps, which every campaign and channel share) reuse it.
+    (and global caps, which every campaign and channel share) reuse it. A verdict is a bit
+    mask over the slots (bit ``k``: slot ``k`` is blocked), so combining rules is an ``or``.
     """
 
     def __init__(self, history: Sequence[PastSend], min_spacing_ms: int, zone: ZoneInfo) -> None:
@@ -776,63 +797,66 @@ class _Checks:
         self.zone = zone
         self.times = _index_history(history)
         self.days: dict[tuple[str, ...], list[int]] = {}
-        self.verdicts: dict[tuple[Any, ...], list[bool] | list[int]] = {}
+        self.verdicts: dict[tuple[Any, ...], Any] = {}
         self.slot_lists: dict[int, Sequence[int]] = {}  # keeps every slot list keyed by id alive
 
-    def _memo(self, key: tuple[Any, ...], slots: Sequence[int]) -> list[Any] | None:
-        self.slot_lists[id(slots)] = slots
-        return self.verdicts.get((*key, id(slots)))
-
     def _slot_days(self, slots: Sequence[int]) -> list[int]:
-        got = self._memo(("days",), slots)
+        key = ("days", id(slots))
+        got: list[int] | None = self.verdicts.get(key)
         if got is None:
-            got = self.verdicts[("days", id(slots))] = local_days(slots, self.zone)
-        return got  # type: ignore[return-value]
+            self.slot_lists[id(slots)] = slots
+            got = self.verdicts[key] = local_days(slots, self.zone)
+        return got
 
-    def _cap(self, cap: Cap, key: tuple[str, ...], slots: Sequence[int]) -> list[bool] | None:
-        """Per slot, whether ``cap`` (count > 0) blocks it; None when the cap counts no send."""
-        points = self.times.get(key)
-        if not points:
-            return None
-        memo = ("cap", key, cap.window_ms, cap.calendar, cap.count)
-        got = self._memo(memo, slots)
+    def _cap(self, cap: Cap, key: tuple[str, ...], slots: Sequence[int]) -> int:
+        """The slots ``cap`` (count > 0) blocks, as a bit mask (0 when it counts no send)."""
+        memo = (key, cap.window_ms, cap.calendar, cap.count, id(slots))
+        got: int | None = self.verdicts.get(memo)
         if got is None:
-            if cap.calendar:
+            self.slot_lists[id(slots)] = slots
+            points = self.times.get(key)
+            if not points:
+                got = 0
+            elif cap.calendar:
                 days = self.days.get(key)
                 if days is None:  # sorted again: a local day can step back at a DST change
                     days = self.days[key] = sorted(local_days(points, self.zone))
-                got = _cap_blocked(days, self._slot_days(slots), max(1, cap.window_ms // DAY_MS), cap.count)
+                width = max(1, cap.window_ms // DAY_MS)
+                got = _bits(_cap_blocked(days, self._slot_days(slots), width, cap.count))
             else:
-                got = _cap_blocked(points, slots, max(1, cap.window_ms), cap.count)
-            self.verdicts[(*memo, id(slots))] = got
+                got = _bits(_cap_blocked(points, slots, max(1, cap.window_ms), cap.count))
+            self.verdicts[memo] = got
         return got
 
-    def _spacing(self, slots: Sequence[int]) -> list[int]:
-        """Per slot, the index in the history of the first send closer than the spacing, or -1."""
-        got = self._memo(("spacing",), slots)
+    def _spacing(self, slots: Sequence[int]) -> tuple[int, list[int]]:
+        """The slots too close to a send (bit mask), and per slot the index in the history of the first such send."""
+        memo = ("spacing", id(slots))
+        got: tuple[int, list[int]] | None = self.verdicts.get(memo)
         if got is None:
+            self.slot_lists[id(slots)] = slots
             gap = self.min_spacing_ms
             points = self.times[("all",)]
-            got = []
+            hits = []
             for t in slots:
                 hit = -1
                 if bisect_right(points, t - gap) < bisect_left(points, t + gap):
                     hit = next(i for i, h in enumerate(self.history) if abs(h.ts_ms - t) < gap)
-                got.append(hit)
-            self.verdicts[("spacing", id(slots))] = got
+                hits.append(hit)
+            got = self.verdicts[memo] = (_bits([i >= 0 for i in hits]), hits)
         return got
 
-    def _exclusive(self, group: str, slots: Sequence[int]) -> list[int]:
-        """Per slot, the index in the history of the first send of ``group`` that local day, or -1."""
-        got = self._memo(("exclusive", group), slots)
+    def _exclusive(self, group: str, slots: Sequence[int]) -> tuple[int, list[int]]:
+        """The slots on a local day ``group`` already sent (bit mask), and per slot the index of that send."""
+        memo = ("exclusive", group, id(slots))
+        got: tuple[int, list[int]] | None = self.verdicts.get(memo)
         if got is None:
             sent = [i for i, h in enumerate(self.history) if h.exclusive == group]
             sent_days = local_days([self.history[i].ts_ms for i in sent], self.zone)
             first_on: dict[int, int] = {}
             for i, day in zip(sent, sent_days, strict=True):
                 first_on.setdefault(day, i)
-            got = [first_on.get(day, -1) for day in self._slot_days(slots)] if first_on else []
-            self.verdicts[("exclusive", group, id(slots))] = got
+            hits = [first_on.get(day, -1) for day in self._slot_days(slots)] if first_on else []
+            got = self.verdicts[memo] = (_bits([i >= 0 for i in hits]), hits)
         return got
 
     def kept(
@@ -842,42 +866,40 @@ class _Checks:
 
         Rules in order: the caps, the minimum spacing, the exclusive group (as ``decide`` documents).
         """
-        rules: list[tuple[Sequence[Any] | None, Any]] = []  # (per-slot verdict or None = all, what)
+        every = (1 << len(slots)) - 1
+        blocked = 0
+        rules: list[tuple[int, Any]] = []  # (bit mask of the slots it blocks, the rule)
         for cap in caps:
             key = _cap_key(cap, campaign, channel)
             if key is None:
                 continue
-            if cap.count <= 0:
-                rules.append((None, cap))
-                continue
-            blocked = self._cap(cap, key, slots)
-            if blocked is not None and any(blocked):
-                rules.append((blocked, cap))
+            mask = every if cap.count <= 0 else self._cap(cap, key, slots)
+            if mask:
+                blocked |= mask
+                rules.append((mask, cap))
         if self.min_spacing_ms > 0:
-            near = self._spacing(slots)
-            if any(i >= 0 for i in near):
-                rules.append(([i >= 0 for i in near], ("spacing", near)))
+            mask, hits = self._spacing(slots)
+            if mask:
+                blocked |= mask
+                rules.append((mask, ("spacing", hits)))
         if campaign.exclusive is not None:
-            same_day = self._exclusive(campaign.exclusive, slots)
-            if any(i >= 0 for i in same_day):
-                rules.append(([i >= 0 for i in same_day], ("exclusive", same_day)))
-        if not rules:
+            mask, hits = self._exclusive(campaign.exclusive, slots)
+            if mask:
+                blocked |= mask
+                rules.append((mask, ("exclusive", hits)))
+        if not blocked:
             return slots, None
-        if any(verdict is None for verdict, _ in rules):
-            kept: list[int] = []
-        else:
-            kept = [t for k, t in enumerate(slots) if not any(verdict[k] for verdict, _ in rules)]  # type: ignore[index]
-        if kept:
-            return kept, None
-        verdict, what = next((v, w) for v, w in rules if v is None or v[0])
+        if blocked != every:
+            return [t for k, t in enumerate(slots) if not blocked >> k & 1], None
+        what = next(w for mask, w in rules if mask & 1)  # every slot is blocked: the first slot's first rule
         if isinstance(what, Cap):
-            return kept, ("cap", f"{_describe_cap(what)} reached")
+            return [], ("cap", f"{_describe_cap(what)} reached")
         kind, hits = what
         h = self.history[hits[0]]
         if kind == "spacing":
-            return kept, (
+            return [], (
                 "spacing",
                 f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, self.zone)} is within "
                 f"{self.min_spacing_ms / 3_600_000:g}h",
             )
-        return kept, ("exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day")
+        return [], ("exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day")
