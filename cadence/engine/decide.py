@@ -890,7 +890,11 @@ class _Checks:
         if not blocked:
             return slots, None
         if blocked != every:
-            return [t for k, t in enumerate(slots) if not blocked >> k & 1], None
+            memo = ("kept", blocked, id(slots))
+            kept: list[int] | None = self.verdicts.get(memo)
+            if kept is None:  # channels and campaigns blocked alike share one list
+                kept = self.verdicts[memo] = [t for k, t in enumerate(slots) if not blocked >> k & 1]
+            return kept, None
         what = next(w for mask, w in rules if mask & 1)  # every slot is blocked: the first slot's first rule
         if isinstance(what, Cap):
             return [], ("cap", f"{_describe_cap(what)} reached")

@@ -143,6 +143,12 @@ def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
 def _offset_ms(ms: int, zone: ZoneInfo) -> int:
     if ms % HOUR_MS == 0:
         return _hour_offset_ms(ms, zone)
+    return _instant_offset_ms(ms, zone)
+
+
+@lru_cache(maxsize=1024)
+def _instant_offset_ms(ms: int, zone: ZoneInfo) -> int:
+    """The UTC offset at an instant off the hour (a decision's own time), asked for by several steps."""
     offset = local_datetime(ms, zone).utcoffset()
     return int(offset.total_seconds() * 1000) if offset is not None else 0
 
