@@ -569,8 +569,7 @@ class DecisionLearner:
         camp_ids: dict[str, int] = {}
         meta_cache = self._group_meta
         any_arm = False
-        for g in groups:
-            times = g.times
+        for campaign, channel, arm, times in groups:
             start = list_start.get(id(times))
             if start is None:
                 harm_g, hours_g = _time_rows(zone_key, tuple(times))
@@ -578,20 +577,22 @@ class DecisionLearner:
                 n_times += len(hours_g)
                 harms.append(harm_g)
                 hours_parts.append(hours_g)
-            name = g.campaign.name
-            arm = g.arm
-            meta = meta_cache.get((name, g.channel, arm))
+            name = campaign.name
+            meta = meta_cache.get((name, channel, arm))
             if meta is None:
-                meta = meta_cache[(name, g.channel, arm)] = (
-                    CHANNEL_INDEX.get(g.channel, 0),
+                meta = meta_cache[(name, channel, arm)] = (
+                    CHANNEL_INDEX.get(channel, 0),
                     lay.campaign + _bucket(name, CAMPAIGN_BUCKETS),
-                    lay.campaign_channel + _bucket(f"{name}/{g.channel}", CAMPAIGN_BUCKETS),
+                    lay.campaign_channel + _bucket(f"{name}/{channel}", CAMPAIGN_BUCKETS),
                     -1 if arm is None else _bucket(f"{name}/{arm}", ARM_BUCKETS),
                 )
             if arm is not None:
                 any_arm = True
+            camp_id = camp_ids.get(name)
+            if camp_id is None:
+                camp_id = camp_ids[name] = len(camp_ids)
             rows += meta
-            rows += (camp_ids.setdefault(name, len(camp_ids)), start, len(times))
+            rows += (camp_id, start, len(times))
         n_groups = len(groups)
         # A flat list converts to an array several times faster than a list of tuples.
         ch_global, camp_idx, cc_idx, arm_b, camp_of, starts, lengths = (
