@@ -865,28 +865,31 @@ class _Checks:
         """The send times no rule blocks, and when none is left, the first rule the first time breaks.
 
         Rules in order: the caps, the minimum spacing, the exclusive group (as ``decide`` documents).
+        The rules that do not look at the channel are combined once per campaign.
         """
         every = (1 << len(slots)) - 1
-        blocked = 0
-        rules: list[tuple[int, Any]] = []  # (bit mask of the slots it blocks, the rule)
-        for cap in caps:
+        memo = ("campaign", campaign.name, id(slots))
+        shared: tuple[int, list[Cap]] | None = self.verdicts.get(memo)
+        if shared is None:
+            mask = 0
+            per_channel: list[Cap] = []
+            for cap in caps:
+                if cap.channel is not None or cap.scope == "channel":
+                    per_channel.append(cap)
+                    continue
+                key = _cap_key(cap, campaign, channel)
+                if key is not None:
+                    mask |= every if cap.count <= 0 else self._cap(cap, key, slots)
+            if self.min_spacing_ms > 0:
+                mask |= self._spacing(slots)[0]
+            if campaign.exclusive is not None:
+                mask |= self._exclusive(campaign.exclusive, slots)[0]
+            shared = self.verdicts[memo] = (mask, per_channel)
+        blocked, per_channel = shared
+        for cap in per_channel:
             key = _cap_key(cap, campaign, channel)
-            if key is None:
-                continue
-            mask = every if cap.count <= 0 else self._cap(cap, key, slots)
-            if mask:
-                blocked |= mask
-                rules.append((mask, cap))
-        if self.min_spacing_ms > 0:
-            mask, hits = self._spacing(slots)
-            if mask:
-                blocked |= mask
-                rules.append((mask, ("spacing", hits)))
-        if campaign.exclusive is not None:
-            mask, hits = self._exclusive(campaign.exclusive, slots)
-            if mask:
-                blocked |= mask
-                rules.append((mask, ("exclusive", hits)))
+            if key is not None:
+                blocked |= every if cap.count <= 0 else self._cap(cap, key, slots)
         if not blocked:
             return slots, None
         if blocked != every:
@@ -895,15 +898,25 @@ class _Checks:
             if kept is None:  # channels and campaigns blocked alike share one list
                 kept = self.verdicts[memo] = [t for k, t in enumerate(slots) if not blocked >> k & 1]
             return kept, None
-        what = next(w for mask, w in rules if mask & 1)  # every slot is blocked: the first slot's first rule
-        if isinstance(what, Cap):
-            return [], ("cap", f"{_describe_cap(what)} reached")
-        kind, hits = what
-        h = self.history[hits[0]]
-        if kind == "spacing":
-            return [], (
-                "spacing",
-                f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, self.zone)} is within "
-                f"{self.min_spacing_ms / 3_600_000:g}h",
-            )
-        return [], ("exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day")
+        return [], self._first_failure(campaign, channel, caps, slots)
+
+    def _first_failure(
+        self, campaign: Campaign, channel: str, caps: Sequence[Cap], slots: list[int]
+    ) -> tuple[str, str]:
+        """The first rule, in order, that blocks the first send time (every time is blocked)."""
+        for cap in caps:
+            key = _cap_key(cap, campaign, channel)
+            if key is not None and (cap.count <= 0 or self._cap(cap, key, slots) & 1):
+                return "cap", f"{_describe_cap(cap)} reached"
+        if self.min_spacing_ms > 0:
+            mask, hits = self._spacing(slots)
+            if mask & 1:
+                h = self.history[hits[0]]
+                return (
+                    "spacing",
+                    f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, self.zone)} is within "
+                    f"{self.min_spacing_ms / 3_600_000:g}h",
+                )
+        assert campaign.exclusive is not None, "a blocked first slot has a rule that blocks it"
+        h = self.history[self._exclusive(campaign.exclusive, slots)[1][0]]
+        return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day"
