@@ -559,24 +559,18 @@ class DecisionLearner:
         t1 = self._traits1(traits)
         zone_key = zone_named(profile.timezone, "UTC").key
 
-        # One pass over the groups: their block of send times (groups of a campaign, and usually
-        # every campaign, share one list) and their cached weight indices.
-        list_start: dict[int, int] = {}
-        harms: list[np.ndarray] = []
-        hours_parts: list[np.ndarray] = []
-        n_times = 0
-        rows: list[int] = []  # per group: channel, 3 weight indices, campaign id, start, length
+        # One pass over the groups: their list of send times (groups of a campaign, and usually
+        # every campaign, share one) and their cached weight indices.
+        lists: dict[int, Sequence[int]] = {}
+        list_of: list[int] = []
+        rows: list[int] = []  # per group: channel, 3 weight indices, campaign id, number of times
         camp_ids: dict[str, int] = {}
         meta_cache = self._group_meta
         any_arm = False
         for campaign, channel, arm, times in groups:
-            start = list_start.get(id(times))
-            if start is None:
-                harm_g, hours_g = _time_rows(zone_key, tuple(times))
-                start = list_start[id(times)] = n_times
-                n_times += len(hours_g)
-                harms.append(harm_g)
-                hours_parts.append(hours_g)
+            if id(times) not in lists:
+                lists[id(times)] = times
+            list_of.append(id(times))
             name = campaign.name
             meta = meta_cache.get((name, channel, arm))
             if meta is None:
@@ -592,27 +586,39 @@ class DecisionLearner:
             if camp_id is None:
                 camp_id = camp_ids[name] = len(camp_ids)
             rows += meta
-            rows += (camp_id, start, len(times))
+            rows += (camp_id, len(times))
         n_groups = len(groups)
         # A flat list converts to an array several times faster than a list of tuples.
-        ch_global, camp_idx, cc_idx, arm_b, camp_of, starts, lengths = (
-            np.array(rows, dtype=np.int64).reshape(n_groups, 7).T
+        ch_global, camp_idx, cc_idx, arm_b, camp_of, lengths = (
+            np.array(rows, dtype=np.int64).reshape(n_groups, 6).T
         )
         # With one shared list, an option (group k, time j) sits at k * T + j: the flat arrays are
-        # a (groups x times) matrix, built by broadcasting; otherwise by gathering.
-        shared = len(harms) == 1
+        # a (groups x times) matrix, built by broadcasting. Otherwise the time features are made
+        # once for the distinct send times of every list, and each option gathers its own.
+        shared = len(lists) == 1
         if shared:
-            harm, hour_arr = harms[0], hours_parts[0]
+            only = next(iter(lists.values()))
+            harm, hour_arr = _time_rows(zone_key, tuple(only))
+            n_times = len(only)
             rep: Any = n_times
             bounds = list(range(0, n_groups * n_times + 1, n_times)) if n_times else [0] * (n_groups + 1)
         else:
-            harm, hour_arr = np.concatenate(harms), np.concatenate(hours_parts)
+            position: dict[int, int] = {}
+            for times in lists.values():
+                for t in times:
+                    if t not in position:
+                        position[t] = len(position)
+            harm, hour_arr = _time_rows(zone_key, tuple(position))
+            at = {key: [position[t] for t in times] for key, times in lists.items()}
+            ti_list: list[int] = []
+            for key in list_of:
+                ti_list += at[key]
+            ti = np.array(ti_list, dtype=np.int64)
             rep = lengths
             bounds_arr = np.zeros(n_groups + 1, dtype=np.int64)
             np.cumsum(lengths, out=bounds_arr[1:])
             bounds = bounds_arr.tolist()
             group_of = np.repeat(np.arange(n_groups), lengths)
-            ti = np.arange(int(bounds_arr[-1])) - np.repeat(bounds_arr[:-1] - starts, lengths)
         if stats.clicks:
             resultant = math.hypot(stats.hour_cos, stats.hour_sin) / stats.clicks
             mean_angle = math.atan2(stats.hour_sin, stats.hour_cos)
