@@ -235,6 +235,22 @@ def _memo_slots(
     return tuple(slots), now_is_quiet
 
 
+#: Where a quiet instant is deferred to, by (quiet start, quiet end, zone, instant): decision
+#: windows are runs of top-of-hour instants, so the same quiet instants come back call after call.
+_DEFERRED: dict[tuple[time, time, ZoneInfo, int], int] = {}
+
+
+def _deferred_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
+    """``next_allowed`` of a quiet instant in epoch ms, memoised (bounded: cleared when full)."""
+    key = (quiet.start, quiet.end, zone, ms)
+    got = _DEFERRED.get(key)
+    if got is None:
+        if len(_DEFERRED) >= 65536:
+            _DEFERRED.clear()
+        got = _DEFERRED[key] = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+    return got
+
+
 def _candidate_slots(
     *,
     earliest_ms: int,
@@ -290,7 +306,7 @@ def _candidate_slots(
                 )
                 target = deferred.get(key) if constant else None
                 if target is None:
-                    target = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+                    target = _deferred_ms(quiet, ms, zone)
                     if constant:
                         deferred[key] = target
                 ms = target

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from datetime import time as dtime
+from zoneinfo import ZoneInfo
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,13 +18,14 @@ from cadence.engine.campaign import (
     ChannelPolicy,
     CompiledRuleset,
     GlobalSettings,
+    QuietHours,
     TemplateSpec,
 )
 from cadence.engine.decide import _cap_blocked, _window_peak, decide
 from cadence.engine.decision import PastSend
 from cadence.engine.learners import DecisionLearner, _time_code, _time_rows
 from cadence.engine.profiles_memory import MemoryProfile
-from cadence.engine.slots import local_datetime, local_ms, zone_named
+from cadence.engine.slots import candidate_slots, is_quiet, local_datetime, local_ms, next_allowed, zone_named
 
 ZONES = (
     "Europe/Berlin",
@@ -145,3 +148,45 @@ def test_rules_worked_out_once_per_slot_list_stay_per_cap_and_campaign() -> None
     }
     assert {c.campaign for c in d.candidates} == {"b"} and {c.channel for c in d.candidates} == {"email"}
     assert all(c.send_at_ms >= NOW for c in d.candidates)
+
+
+def _slots_by_hand(earliest: int, quiet: QuietHours, zone: ZoneInfo) -> tuple[list[int], bool]:
+    """Each slot's local time through zoneinfo, quiet ones moved with next_allowed, duplicates dropped."""
+    out: list[int] = []
+    now_quiet = False
+    for i, t in enumerate(_window(earliest)):
+        local = local_datetime(t, zone)
+        if is_quiet(quiet, local.timetz().replace(tzinfo=None)):
+            now_quiet = now_quiet or i == 0
+            if quiet.action == "drop":
+                continue
+            t = int(round(next_allowed(quiet, local).timestamp() * 1000))
+        if t not in out:
+            out.append(t)
+    return out, now_quiet
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
+    start=st.integers(min_value=0, max_value=47),
+    length=st.integers(min_value=1, max_value=30),
+    drop=st.booleans(),
+)
+def test_memoised_slots_and_deferrals_match_zoneinfo_across_dst(
+    zone: str, day: datetime, offset_min: int, start: int, length: int, drop: bool
+) -> None:
+    """Slots (memoised per window, deferral targets memoised per instant) equal the slot-by-slot arithmetic."""
+    quiet = QuietHours(
+        start=dtime(start // 2, 30 * (start % 2)),
+        end=dtime((start + length) % 48 // 2, 30 * ((start + length) % 2)),
+        fallback_zone="UTC",
+        action="drop" if drop else "defer",
+    )
+    tz = zone_named(zone, "UTC")
+    earliest = int(day.timestamp() * 1000) + offset_min * 60_000 + 4321
+    expected = _slots_by_hand(earliest, quiet, tz)
+    for _ in range(2):  # the second call is answered from the caches
+        assert candidate_slots(earliest_ms=earliest, count=24, quiet=quiet, zone=tz) == expected
