@@ -177,7 +177,11 @@ def _cap_blocked(points: Sequence[int], values: Sequence[int], width: int, count
 
 
 def _cap_key(cap: Cap, campaign: Campaign, channel: str) -> tuple[str, ...] | None:
-    """Which of the customer's sends ``cap`` counts for a candidate (see :func:`_cap_times`); None: not applicable."""
+    """Which of the customer's sends ``cap`` counts for a candidate; None when it does not apply.
+
+    ``campaign``: this campaign's sends (on ``cap.channel`` if set); ``channel``: every send on the
+    candidate's channel; ``group``: the sends of the campaign's exclusive group; ``customer``: all.
+    """
     if cap.channel is not None and cap.channel != channel:
         return None
     if cap.scope == "campaign":
@@ -202,25 +206,6 @@ def _index_history(history: Sequence[PastSend]) -> dict[tuple[str, ...], list[in
     for times in out.values():
         times.sort()
     return out
-
-
-def _cap_times(cap: Cap, campaign: Campaign, channel: str, history: Sequence[PastSend]) -> list[int] | None:
-    """The send times ``cap`` counts for a candidate, or None when it does not apply."""
-    if cap.channel is not None and cap.channel != channel:
-        return None
-    if cap.scope == "campaign":
-        return (
-            [h.ts_ms for h in history if h.campaign == campaign.name and h.channel == channel]
-            if (cap.channel is not None)
-            else [h.ts_ms for h in history if h.campaign == campaign.name]
-        )
-    if cap.scope == "channel":
-        return [h.ts_ms for h in history if h.channel == channel]
-    if cap.scope == "group":
-        if campaign.exclusive is None:
-            return None
-        return [h.ts_ms for h in history if h.exclusive == campaign.exclusive]
-    return [h.ts_ms for h in history]  # customer
 
 
 def _describe_cap(cap: Cap) -> str:
