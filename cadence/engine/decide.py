@@ -721,9 +721,9 @@ def _score_in_bulk(
     if n_groups and width * n_groups == total and list(res.bounds) == list(range(0, total + 1, width)):
         # Every group has as many times (they usually share one list): a (groups x times) matrix,
         # and argmax gives each row's first maximum, the earliest of equally good times.
-        at = res.score.reshape(n_groups, width).argmax(axis=1)
-        best = at + np.arange(0, total, width)
-        offset = at.tolist()
+        first = res.score.reshape(n_groups, width).argmax(axis=1)
+        best = first + np.arange(0, total, width)
+        offset = first.tolist()
     else:
         bounds = np.asarray(res.bounds, dtype=np.int64)
         starts = bounds[:-1]
@@ -739,14 +739,14 @@ def _score_in_bulk(
     out = []
     top: dict[str, Candidate] = {}
     top_key: dict[str, tuple[float, int, int]] = {}
-    for k, group in enumerate(groups):
-        name = group.campaign.name
-        at = group.times[offset[k]]
-        cand = _candidate(
-            name, group.channel, at, score[k], engagement[k], unsubscribe[k], explored[k], group.arm
-        )
+    for (campaign, channel, arm, times), k, value, eng, uns, expl, rank in zip(
+        groups, offset, score, engagement, unsubscribe, explored, ranks, strict=True
+    ):
+        name = campaign.name
+        send_at = times[k]
+        cand = _candidate(name, channel, send_at, value, eng, uns, expl, arm)
         out.append(cand)
-        key = (score[k], -at, -ranks[k])
+        key = (value, -send_at, -rank)
         current = top_key.get(name)
         if current is None or key > current:
             top[name] = cand
