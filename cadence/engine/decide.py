@@ -878,10 +878,10 @@ class _Checks:
         if not blocked:
             return slots, None
         if blocked != every:
-            memo = ("kept", blocked, id(slots))
-            kept: list[int] | None = self.verdicts.get(memo)
+            kept_key = ("kept", blocked, id(slots))
+            kept: list[int] | None = self.verdicts.get(kept_key)
             if kept is None:  # channels and campaigns blocked alike share one list
-                kept = self.verdicts[memo] = [t for k, t in enumerate(slots) if not blocked >> k & 1]
+                kept = self.verdicts[kept_key] = [t for k, t in enumerate(slots) if not blocked >> k & 1]
             return kept, None
         return [], self._first_failure(campaign, channel, caps, slots)
 
