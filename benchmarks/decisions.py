@@ -95,6 +95,94 @@ def latency(n: int) -> dict[str, float]:
     return out
 
 
+def latency_warm(n: int) -> dict[str, float]:
+    """decide() percentiles (ms) for a customer the learners know, with a history of sends (same rules).
+
+    The learners have seen 2,000 labelled decisions (about 20 of them this customer's, with
+    clicks), and the customer got 10 messages in the last 9 days and has one queued: the caps
+    (3 per 7 days per campaign, 2 per calendar day per customer) count real sends. Successive
+    calls are 7 minutes apart, as decisions spread over a day in a service.
+    """
+    import random
+
+    from cadence.channels import Feedback
+    from cadence.engine.decision import PastSend
+
+    campaigns = {
+        f"c{i}": Campaign(
+            name=f"c{i}",
+            title=f"campaign {i}",
+            priority=i % 3,
+            audience=None,
+            template=TemplateSpec("t"),
+            channels=ChannelPolicy(CHANNELS4, mode="best"),
+            caps=(Cap(count=3, window_ms=7 * DAY_MS),),
+            quiet=QuietHours(start=dtime(3), end=dtime(3, 30), fallback_zone="Europe/Berlin"),
+        )
+        for i in range(10)
+    }
+    ruleset = CompiledRuleset(
+        hash="bench",
+        campaigns=campaigns,
+        segments={},
+        settings=GlobalSettings(caps=(Cap(count=2, window_ms=DAY_MS, scope="customer", calendar=True),)),
+        aggregates=frozenset(),
+    )
+    traits = {"plan": "pro", "age_band": "35+"}
+    profile = MemoryProfile(customer_id=7, timezone="America/New_York", traits=traits)
+    now = 1_780_000_000_000
+    hour = 3_600_000
+    learner = DecisionLearner()
+    rng = random.Random(1)
+    for i in range(2000):
+        customer = 7 if i % 100 == 0 else rng.randrange(8, 400)
+        t = now - 20 * DAY_MS + i * 800_000
+        learner.record_decision(
+            decision_id=f"w{i}",
+            customer_id=customer,
+            traits=traits,
+            zone="America/New_York",
+            campaign=f"c{rng.randrange(10)}",
+            channel=rng.choice(CHANNELS4),
+            send_at_ms=t,
+            arm=None,
+            now_ms=t,
+        )
+        learner.observe(decision_id=f"w{i}", kind=Feedback.DELIVERED, ts_ms=t)
+        if rng.random() < 0.2:
+            learner.observe(
+                decision_id=f"w{i}", kind=Feedback.CLICKED, ts_ms=t + 60_000, zone="America/New_York"
+            )
+    learner.advance(now)
+    sent = [(k * 21 * hour - 30 * 60_000, f"c{k}", CHANNELS4[k % 4]) for k in range(-1, 10)]
+    times, cpu = [], []
+    for i in range(n + 50):
+        at = now + i * 7 * 60_000
+        history = [PastSend(ts_ms=at - ago, campaign=c, channel=ch) for ago, c, ch in sent]
+        c0 = time.thread_time()
+        t0 = time.perf_counter()
+        decide(
+            ruleset=ruleset,
+            profile=profile,
+            now_ms=at,
+            history=history,
+            available_channels=CHANNELS4,
+            scorer=learner,
+            seed=i,
+        )
+        if i >= 50:
+            times.append((time.perf_counter() - t0) * 1000)
+            cpu.append((time.thread_time() - c0) * 1000)
+    times.sort()
+    cpu.sort()
+    return {
+        "p50": statistics.median(times),
+        "p99": times[int(len(times) * 0.99) - 1],
+        "cpu p50": statistics.median(cpu),
+        "cpu p99": cpu[int(len(cpu) * 0.99) - 1],
+    }
+
+
 LOAD_CLIENT = r"""
 # A small open-loop load generator on raw asyncio streams (HTTP/1.1 keep-alive): httpx's
 # client costs more CPU per request than the server under test, on the same two cores.

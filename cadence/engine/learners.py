@@ -52,7 +52,7 @@ from cadence.channels import CHANNELS, Feedback
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
 from cadence.engine.decide import BulkScores, OptionGroup
 from cadence.engine.decision import Candidate
-from cadence.engine.slots import local_datetime, zone_named
+from cadence.engine.slots import local_datetime, local_ms, zone_named
 
 __all__ = [
     "DecisionLearner",
@@ -729,47 +729,66 @@ class DecisionLearner:
         t1 = self._traits1(traits)
         zone_key = zone_named(profile.timezone, "UTC").key
 
-        # Send times: one block per distinct time list (groups of a campaign share theirs).
-        list_start: dict[int, int] = {}
-        harms: list[np.ndarray] = []
-        hours_parts: list[np.ndarray] = []
-        n_times = 0
-        lengths_l: list[int] = []
-        starts_l: list[int] = []
-        metas: list[tuple[int, int, int, int, int]] = []
+        # One pass over the groups: their list of send times (groups of a campaign, and usually
+        # every campaign, share one) and their cached weight indices.
+        lists: dict[int, Sequence[int]] = {}
+        list_of: list[int] = []
+        rows: list[int] = []  # per group: channel, 3 weight indices, campaign id, number of times
         camp_ids: dict[str, int] = {}
         meta_cache = self._group_meta
-        for g in groups:
-            key_t = id(g.times)
-            start = list_start.get(key_t)
-            if start is None:
-                harm_g, hours_g = _time_rows(zone_key, tuple(g.times))
-                start = list_start[key_t] = n_times
-                n_times += len(hours_g)
-                harms.append(harm_g)
-                hours_parts.append(hours_g)
-            starts_l.append(start)
-            lengths_l.append(len(g.times))
-            name = g.campaign.name
-            meta = meta_cache.get((name, g.channel, g.arm))
+        any_arm = False
+        for campaign, channel, arm, times in groups:
+            if id(times) not in lists:
+                lists[id(times)] = times
+            list_of.append(id(times))
+            name = campaign.name
+            meta = meta_cache.get((name, channel, arm))
             if meta is None:
-                meta = meta_cache[(name, g.channel, g.arm)] = (
-                    CHANNEL_INDEX.get(g.channel, 0),
+                meta = meta_cache[(name, channel, arm)] = (
+                    CHANNEL_INDEX.get(channel, 0),
                     lay.campaign + _bucket(name, CAMPAIGN_BUCKETS),
-                    lay.campaign_channel + _bucket(f"{name}/{g.channel}", CAMPAIGN_BUCKETS),
-                    -1 if g.arm is None else _bucket(f"{name}/{g.arm}", ARM_BUCKETS),
+                    lay.campaign_channel + _bucket(f"{name}/{channel}", CAMPAIGN_BUCKETS),
+                    -1 if arm is None else _bucket(f"{name}/{arm}", ARM_BUCKETS),
                 )
-            metas.append((*meta, camp_ids.setdefault(name, len(camp_ids))))
-        harm = harms[0] if len(harms) == 1 else np.concatenate(harms)
-        hour_arr = hours_parts[0] if len(hours_parts) == 1 else np.concatenate(hours_parts)
-        meta_arr = np.array(metas, dtype=np.int64)
-        ch_global, camp_idx, cc_idx, arm_b, camp_of = meta_arr.T
-        lengths = np.array(lengths_l, dtype=np.int64)
-        bounds_arr = np.zeros(len(groups) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=bounds_arr[1:])
-        total = int(bounds_arr[-1])
-        group_of = np.repeat(np.arange(len(groups)), lengths)
-        ti = np.arange(total) - np.repeat(bounds_arr[:-1] - np.array(starts_l, dtype=np.int64), lengths)
+            if arm is not None:
+                any_arm = True
+            camp_id = camp_ids.get(name)
+            if camp_id is None:
+                camp_id = camp_ids[name] = len(camp_ids)
+            rows += meta
+            rows += (camp_id, len(times))
+        n_groups = len(groups)
+        # A flat list converts to an array several times faster than a list of tuples.
+        ch_global, camp_idx, cc_idx, arm_b, camp_of, lengths = (
+            np.array(rows, dtype=np.int64).reshape(n_groups, 6).T
+        )
+        # With one shared list, an option (group k, time j) sits at k * T + j: the flat arrays are
+        # a (groups x times) matrix, built by broadcasting. Otherwise the time features are made
+        # once for the distinct send times of every list, and each option gathers its own.
+        shared = len(lists) == 1
+        if shared:
+            only = next(iter(lists.values()))
+            harm, hour_arr = _time_rows(zone_key, tuple(only))
+            n_times = len(only)
+            rep: Any = n_times
+            bounds = list(range(0, n_groups * n_times + 1, n_times)) if n_times else [0] * (n_groups + 1)
+        else:
+            position: dict[int, int] = {}
+            for times in lists.values():
+                for t in times:
+                    if t not in position:
+                        position[t] = len(position)
+            harm, hour_arr = _time_rows(zone_key, tuple(position))
+            at = {key: [position[t] for t in times] for key, times in lists.items()}
+            ti_list: list[int] = []
+            for key in list_of:
+                ti_list += at[key]
+            ti = np.array(ti_list, dtype=np.int64)
+            rep = lengths
+            bounds_arr = np.zeros(n_groups + 1, dtype=np.int64)
+            np.cumsum(lengths, out=bounds_arr[1:])
+            bounds = bounds_arr.tolist()
+            group_of = np.repeat(np.arange(n_groups), lengths)
         if stats.clicks:
             resultant = math.hypot(stats.hour_cos, stats.hour_sin) / stats.clicks
             mean_angle = math.atan2(stats.hour_sin, stats.hour_cos)
@@ -777,22 +796,20 @@ class DecisionLearner:
                 resultant * stats.clicks / (stats.clicks + 1)
             )
         else:
-            match = np.zeros(len(hour_arr))
+            match = None
         # Own click rate and experience per channel (indexed by channel).
         rate_exp = np.array([self._personal(stats, ch, 0.0)[::2] for ch in CHANNELS])[ch_global]
 
-        # Weights: posterior mean and one draw (rows 0, 1), and the variances.
+        # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
+        # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
         eng = self.engagement
-        hi = lay.personal + lay.n_personal  # channel, time and personal blocks are contiguous
-        w = np.empty((2, lay.size))
-        w[0, :hi] = eng.mean[:hi]
-        np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1, :hi])
-        w[1, :hi] += w[0, :hi]
+        hi = lay.arm
+        w = np.empty((2, hi))
+        w[0] = eng.mean[:hi]
+        np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1])
+        w[1] += w[0]
         if not cfg.time_draw:
             w[1, lay.time : lay.personal] = w[0, lay.time : lay.personal]
-        cols = np.concatenate((camp_idx, cc_idx))
-        w[0, cols] = eng.mean[cols]
-        w[1, cols] = eng.mean[cols] + eng.sd()[cols] * noise_e[cols]
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
@@ -801,8 +818,9 @@ class DecisionLearner:
         if cfg.probit_hours:
             time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
             time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
-            time_w = time_w + wp[:, 1:2] * match
-            time_v = time_v + vp[1] * match * match
+            if match is not None:  # (no clicks yet: the hour-match feature is 0)
+                time_w = time_w + wp[:, 1:2] * match
+                time_v = time_v + vp[1] * match * match
         else:
             time_w, time_v = np.zeros((2, len(hour_arr))), np.zeros(len(hour_arr))
         if cfg.hour_model:
@@ -818,26 +836,39 @@ class DecisionLearner:
             time_w = time_w + np.stack((off_mean, off_draw))
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
         per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]
-        has_arm = arm_b >= 0
-        if has_arm.any():
-            rows = np.maximum(arm_b, 0)
+        if any_arm:
+            has_arm = arm_b >= 0
+            arm_rows = np.maximum(arm_b, 0)
             arm_w = np.stack((eng.mean[lay.arm :], eng.sample(noise_e)[lay.arm :]))
             arm_w = arm_w.reshape(2, ARM_BUCKETS, lay.n_traits1) @ t1
             arm_v = v[lay.arm : lay.size].reshape(ARM_BUCKETS, lay.n_traits1) @ t1
-            per_group = per_group + np.where(has_arm, arm_w[:, rows], 0.0)
-            per_group_v = per_group_v + np.where(has_arm, arm_v[rows], 0.0)
+            per_group = per_group + np.where(has_arm, arm_w[:, arm_rows], 0.0)
+            per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
         # The customer's own effect on each channel: its mean, one draw, its variance.
         eff = stats.effect
         if eff is not None:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
             per_group[1] += eff_mean + np.sqrt(eff_var) * noise_u[-1 - ch_global]
+            per_group_v = per_group_v + eff_var
+        else:  # still the prior: the same variance on every channel
+            per_group[1] += math.sqrt(cfg.customer_channel_var) * noise_u[-1 - ch_global]
+            per_group_v = per_group_v + cfg.customer_channel_var
+        # Options: a (groups x times) matrix when the groups share one list (per-group values
+        # broadcast along the times), else flat arrays (per-group values repeated per time).
+        if shared:
+            mean = per_group[:, :, None] + time_w[:, None, :]
+            var = per_group_v[:, None] + time_v[None, :]
+
+            def per_option(x: np.ndarray) -> np.ndarray:
+                return x[:, None]
         else:
-            eff_var = np.full(len(groups), cfg.customer_channel_var)
-            per_group[1] += np.sqrt(eff_var) * noise_u[-1 - ch_global]
-        per_group_v = per_group_v + eff_var
-        mean = per_group[:, group_of] + time_w[:, ti]
-        var = per_group_v[group_of] + time_v[ti]
+            mean = per_group[:, group_of] + time_w[:, ti]
+            var = per_group_v[group_of] + time_v[ti]
+
+            def per_option(x: np.ndarray) -> np.ndarray:
+                return np.repeat(x, lengths)
+
         # Row 0: the predictive probability Phi(mean / sqrt(beta^2 + variance)); row 1: the draw's.
         scale = np.empty_like(mean)
         np.sqrt(cfg.beta**2 + var, out=scale[0])
@@ -850,26 +881,32 @@ class DecisionLearner:
         if cfg.explore_unsubscribe:
             seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
             spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
-            ch_draw = np.maximum(ch_rates + spread * noise_u[: len(groups)], 0.0)
+            ch_draw = np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
         else:
             ch_draw = ch_rates
-        p_uns = ch_rates[group_of]
-        score = cfg.click_value * probs[1] - cfg.unsubscribe_cost * ch_draw[group_of]
-        mean_score = cfg.click_value * p_eng - cfg.unsubscribe_cost * p_uns
+        value = cfg.click_value
+        score = (probs[1] if value == 1.0 else value * probs[1]) - per_option(cfg.unsubscribe_cost * ch_draw)
+        mean_score = (p_eng if value == 1.0 else value * p_eng) - per_option(cfg.unsubscribe_cost * ch_rates)
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
-        score = np.where((score <= 0) & (mean_score > 0), mean_score * 1e-6, score)
+        worth = mean_score > 0
+        np.copyto(score, mean_score * 1e-6, where=(score <= 0) & worth)
         if not cfg.explore_volume:
             # Nor does a lucky draw make a send the posterior mean says is not worth it.
-            score = np.where(mean_score <= 0, np.minimum(score, 0.0), score)
+            np.minimum(score, 0.0, out=score, where=~worth)
 
-        bounds = bounds_arr.tolist()
-        group_best = np.maximum.reduceat(mean_score, bounds_arr[:-1])
-        camp_best = np.full(len(camp_ids), -np.inf)
-        np.maximum.at(camp_best, camp_of, group_best)
-        explored = mean_score < camp_best[camp_of][group_of] - 1e-12
+        group_best = mean_score.max(axis=1) if shared else np.maximum.reduceat(mean_score, bounds_arr[:-1])
+        if len(camp_ids) == n_groups:  # one group per campaign: its best is the campaign's
+            camp_best_of = group_best
+        else:
+            camp_best = np.full(len(camp_ids), -np.inf)
+            np.maximum.at(camp_best, camp_of, group_best)
+            camp_best_of = camp_best[camp_of]
+        explored = mean_score < per_option(camp_best_of) - 1e-12
+        p_uns = np.repeat(ch_rates, rep)
+        score, p_eng, explored = score.reshape(-1), p_eng.reshape(-1), explored.reshape(-1)
         # Variants: with the campaign's minimum share, explore one variant picked at random.
-        if has_arm.any() and any(g.campaign.learn_variants for g in groups):
+        if any_arm and any(g.campaign.learn_variants for g in groups):
             pyrng = random.Random(seed)
             forced: dict[str, str] = {}
             for g in groups:
@@ -1041,9 +1078,24 @@ class DecisionLearner:
         return {k: round(float(m.get()), 4) for k, m in self.quality.items()}
 
 
+@lru_cache(maxsize=4)
 def _noise_bank(size: int) -> np.ndarray:
-    """Standard normals for posterior draws, the same in every process (see ``_noise``)."""
-    return np.random.default_rng(20260101).standard_normal((509, size))
+    """Standard normals for posterior draws, the same in every process (see ``_noise``).
+
+    Made once per process and size (about 0.1 s) and shared, read-only, by every learner: a
+    snapshot loaded or rolled back in a running service does not make the next decision wait.
+    """
+    bank = np.random.default_rng(20260101).standard_normal((509, size))
+    bank.flags.writeable = False
+    return bank
+
+
+#: Time features by local minute of the day and weekend flag (row ``minute * 2 + weekend``),
+#: filled from :func:`_time_code` as minutes are first seen; ``_TIME_SEEN`` marks the filled rows.
+_TIME_TABLE = np.zeros((24 * 60 * 2, 27))
+_TIME_SEEN = [False] * (24 * 60 * 2)
+#: The fractional local hour (hour + minute / 60) of each minute of the day.
+_MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
 
 
 @lru_cache(maxsize=8192)
@@ -1051,17 +1103,22 @@ def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
     """The time features (one row per send time) and the fractional local hours of ``times``.
 
     A decision's slots are the next hours, so consecutive decisions in a zone ask for
-    nearly the same instants: memoised (read-only arrays).
+    nearly the same instants: memoised (read-only arrays). Local times come from the
+    per-instant UTC offsets (exact across DST changes), and the rows from a table by
+    local minute of the day, so a new window costs a few array operations.
     """
-    tz = zone_named(zone, "UTC")
     rows = []
-    hours = []
-    for t in times:
-        local = local_datetime(t, tz)
-        hour = local.hour + local.minute / 60
-        hours.append(hour)
-        rows.append(_time_code(hour, local.weekday() >= 5))
-    harm, hour_arr = np.array(rows), np.array(hours)
+    minutes = []
+    seen = _TIME_SEEN
+    for loc in local_ms(times, zone_named(zone, "UTC")):  # a few dozen: plain Python beats numpy here
+        minute = (loc % DAY_MS) // 60_000
+        row = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01 was a Thursday (weekday 3)
+        if not seen[row]:
+            _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
+            seen[row] = True
+        rows.append(row)
+        minutes.append(minute)
+    harm, hour_arr = _TIME_TABLE.take(rows, axis=0), _MINUTE_HOURS.take(minutes)  # take: no fancy-index path
     harm.flags.writeable = False
     hour_arr.flags.writeable = False
     return harm, hour_arr
