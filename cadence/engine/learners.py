@@ -357,6 +357,13 @@ class HourPreference:
         self.clicks = np.zeros((1 + TRAIT_BUCKETS, 24))  # row 0: everyone; 1 + b: trait bucket b
         self.sends = np.zeros((1 + TRAIT_BUCKETS, 24))
         self._lift_cache: dict[int, tuple[float, np.ndarray]] = {}
+        self._prior_cache: dict[tuple[int, ...], tuple[list[np.ndarray], np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a snapshot keeps: not the per-bucket prior cache (remade on use)."""
+        state = dict(self.__dict__)
+        state.pop("_prior_cache", None)
+        return state
 
     def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
         """Count one labelled send at local ``hour`` for everyone and each of the customer's trait buckets."""
@@ -396,6 +403,33 @@ class HourPreference:
             if noise is not None:
                 out += row[1] * noise[24 * (k + 1) : 24 * (k + 2)]
         return self.power * out
+
+    def log_priors(self, buckets: Sequence[int], noise: np.ndarray) -> np.ndarray:
+        """:meth:`log_prior` without and with ``noise`` at once: rows 0 and 1 of a (2, 24) array.
+
+        The mean part and the rows' standard errors are kept per trait-bucket tuple while the
+        population's rows are unchanged, so a decision costs a few array operations.
+        """
+        rows = [self._row_lift(0), *(self._row_lift(1 + b) for b in buckets)]
+        key = tuple(buckets)
+        cache = self.__dict__.get("_prior_cache")
+        if cache is None:  # (a snapshot pickled without it)
+            cache = self._prior_cache = {}
+        got = cache.get(key)
+        if got is None or any(a is not b for a, b in zip(got[0], rows, strict=True)):
+            base = rows[0]
+            mean = base[0].copy()
+            for row in rows[1:]:
+                mean += row[0] - base[0]
+            if len(cache) >= 4096:
+                cache.clear()
+            got = cache[key] = (rows, mean, np.stack([row[1] for row in rows]))
+        _, mean, spread = got
+        out = np.empty((2, 24))
+        out[0] = mean
+        np.add(mean, (spread * noise[: 24 * len(rows)].reshape(len(rows), 24)).sum(axis=0), out=out[1])
+        out *= self.power
+        return out
 
     def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
         """The customer's log-likelihood over preferred hours after one labelled send at ``hour``."""
@@ -517,9 +551,20 @@ class DecisionLearner:
         The mean is ``scale * log E[F[h, m]]``; the draw takes one preferred hour ``m`` from
         the posterior (``uniform`` in [0, 1) picks it) and uses ``scale * log F[h, m]``.
         """
-        post = self.hour_posterior(stats, buckets)
         h = hours.astype(np.int64) % 24
         scale = self.config.hour_offset_scale
+        if self.config.hour_pop_draw and noise is not None and not self.config.hour_explore:
+            # Both posteriors (the mean prior's and the drawn prior's) in one pass of array operations.
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            x = self.hours.log_priors(buckets, noise)
+            x += loglik
+            x -= x.max(axis=1, keepdims=True)
+            np.exp(x, out=x)
+            x /= x.sum(axis=1, keepdims=True)
+            logs = np.log((x @ self.hours.F) / self.hours.reference)  # F is symmetric: row r is F @ post_r
+            logs *= scale
+            return logs[0, h], logs[1, h]
+        post = self.hour_posterior(stats, buckets)
         mean = scale * np.log(self.hours.lift(post))[h]
         if self.config.hour_pop_draw and noise is not None:
             loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
@@ -830,7 +875,7 @@ class DecisionLearner:
                 stats,
                 buckets,
                 hour_arr,
-                float(ndtr(noise_u[-1 - N_CHANNELS])),
+                float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,
                 cfg.hour_draw_scale * noise_u[64 : 64 + 24 * (1 + len(buckets))],
             )
             time_w = time_w + np.stack((off_mean, off_draw))
