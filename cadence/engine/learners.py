@@ -551,6 +551,18 @@ class DecisionLearner:
         The mean is ``scale * log E[F[h, m]]``; the draw takes one preferred hour ``m`` from
         the posterior (``uniform`` in [0, 1) picks it) and uses ``scale * log F[h, m]``.
         """
+        rows = self._hour_offset_rows(stats, buckets, hours, uniform, noise)
+        return rows[0], rows[1]
+
+    def _hour_offset_rows(
+        self,
+        stats: CustomerStats,
+        buckets: Sequence[int],
+        hours: np.ndarray,
+        uniform: float,
+        noise: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """:meth:`hour_offsets` as one (2, len(hours)) array: rows mean and draw."""
         h = hours.astype(np.int64) % 24
         scale = self.config.hour_offset_scale
         if self.config.hour_pop_draw and noise is not None and not self.config.hour_explore:
@@ -563,16 +575,16 @@ class DecisionLearner:
             x /= x.sum(axis=1, keepdims=True)
             logs = np.log((x @ self.hours.F) / self.hours.reference)  # F is symmetric: row r is F @ post_r
             logs *= scale
-            return logs[0, h], logs[1, h]
+            return logs[:, h]
         post = self.hour_posterior(stats, buckets)
         mean = scale * np.log(self.hours.lift(post))[h]
         if self.config.hour_pop_draw and noise is not None:
             loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
             post = self.hours.posterior(loglik, self.hours.log_prior(buckets, noise))
         if not self.config.hour_explore:
-            return mean, scale * np.log(self.hours.lift(post))[h]
+            return np.stack((mean, scale * np.log(self.hours.lift(post))[h]))
         m = min(int(np.searchsorted(np.cumsum(post), uniform * post.sum())), 23)
-        return mean, scale * self.hours.logF[h, m]
+        return np.stack((mean, scale * self.hours.logF[h, m]))
 
     def __getstate__(self) -> dict[str, Any]:
         """What a snapshot keeps: not the bank of normals nor caches (remade on load)."""
@@ -871,14 +883,13 @@ class DecisionLearner:
         if cfg.hour_model:
             # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
             buckets = self._trait_buckets(traits)
-            off_mean, off_draw = self.hour_offsets(
+            time_w = time_w + self._hour_offset_rows(
                 stats,
                 buckets,
                 hour_arr,
                 float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,
                 cfg.hour_draw_scale * noise_u[64 : 64 + 24 * (1 + len(buckets))],
             )
-            time_w = time_w + np.stack((off_mean, off_draw))
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
         per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]
         if any_arm:
