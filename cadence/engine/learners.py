@@ -372,10 +372,14 @@ class HourPreference:
         if clicked:
             self.clicks[rows, hour] += 1
 
-    def _row_lift(self, row: int) -> np.ndarray:
-        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24))."""
+    def _row_lift(self, row: int, sends: float | None = None) -> np.ndarray:
+        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24)).
+
+        ``sends``: the row's total sends, when the caller summed several rows at once.
+        """
         cached = self._lift_cache.get(row)
-        sends = float(self.sends[row].sum())
+        if sends is None:
+            sends = float(self.sends[row].sum())
         # Recomputed once the row has 2% (at least 20) more sends than when last computed.
         if cached is None or sends - cached[0] >= max(20.0, 0.02 * cached[0]):
             c = self.smooth @ self.clicks[row]
@@ -410,7 +414,9 @@ class HourPreference:
         The mean part and the rows' standard errors are kept per trait-bucket tuple while the
         population's rows are unchanged, so a decision costs a few array operations.
         """
-        rows = [self._row_lift(0), *(self._row_lift(1 + b) for b in buckets)]
+        index = [0, *(1 + b for b in buckets)]
+        totals = self.sends[index].sum(axis=1).tolist()  # one reduction for every row
+        rows = [self._row_lift(r, n) for r, n in zip(index, totals, strict=True)]
         key = tuple(buckets)
         cache = self.__dict__.get("_prior_cache")
         if cache is None:  # (a snapshot pickled without it)
