@@ -363,6 +363,7 @@ class HourPreference:
         """What a snapshot keeps: not the per-bucket prior cache (remade on use)."""
         state = dict(self.__dict__)
         state.pop("_prior_cache", None)
+        state.pop("_relative_F", None)
         return state
 
     def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
@@ -429,12 +430,12 @@ class HourPreference:
                 mean += row[0] - base[0]
             if len(cache) >= 4096:
                 cache.clear()
-            got = cache[key] = (rows, mean, np.stack([row[1] for row in rows]))
+            mean *= self.power
+            got = cache[key] = (rows, mean, self.power * np.stack([row[1] for row in rows]))
         _, mean, spread = got
         out = np.empty((2, 24))
         out[0] = mean
         np.add(mean, (spread * noise[: 24 * len(rows)].reshape(len(rows), 24)).sum(axis=0), out=out[1])
-        out *= self.power
         return out
 
     def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
@@ -448,6 +449,14 @@ class HourPreference:
         x = loglik + log_prior
         x = np.exp(x - x.max())
         return np.asarray(x / x.sum())
+
+    def relative_F(self) -> np.ndarray:  # noqa: N802 (the model's F)
+        """``F / reference`` (made once, read-only): :meth:`lift` as one product."""
+        rel: np.ndarray | None = self.__dict__.get("_relative_F")
+        if rel is None:
+            rel = self._relative_F = self.F / self.reference
+            rel.flags.writeable = False
+        return rel
 
     def lift(self, posterior: np.ndarray) -> np.ndarray:
         """Expected engagement at each send hour (0..23) under ``posterior``, relative to a flat posterior's."""
@@ -579,7 +588,7 @@ class DecisionLearner:
             x -= x.max(axis=1, keepdims=True)
             np.exp(x, out=x)
             x /= x.sum(axis=1, keepdims=True)
-            logs = np.log((x @ self.hours.F) / self.hours.reference)  # F is symmetric: row r is F @ post_r
+            logs = np.log(x @ self.hours.relative_F())  # F is symmetric: row r is F @ post_r / reference
             logs *= scale
             return logs[:, h]
         post = self.hour_posterior(stats, buckets)
@@ -879,7 +888,13 @@ class DecisionLearner:
         wp = w[:, lay.personal : lay.personal + lay.n_personal]
         vp = v[lay.personal : lay.personal + lay.n_personal]
         if cfg.probit_hours:
-            time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+            if cfg.time_draw:
+                time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+            else:  # both rows hold the posterior mean: one product, shown twice
+                time_w = np.broadcast_to(
+                    (w[0, lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm.T,
+                    (2, len(hour_arr)),
+                )
             time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
             if match is not None:  # (no clicks yet: the hour-match feature is 0)
                 time_w = time_w + wp[:, 1:2] * match
