@@ -880,8 +880,7 @@ class DecisionLearner:
         w[0] = eng.mean[:hi]
         np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1])
         w[1] += w[0]
-        if not cfg.time_draw:
-            w[1, lay.time : lay.personal] = w[0, lay.time : lay.personal]
+        # (Without time_draw, row 1 of the hour x trait block is never read: the time part uses row 0.)
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
