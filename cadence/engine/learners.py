@@ -357,11 +357,15 @@ class HourPreference:
         self.clicks = np.zeros((1 + TRAIT_BUCKETS, 24))  # row 0: everyone; 1 + b: trait bucket b
         self.sends = np.zeros((1 + TRAIT_BUCKETS, 24))
         self._lift_cache: dict[int, tuple[float, np.ndarray]] = {}
+        #: Per trait-bucket tuple: (sends when computed, log prior, its spread); refreshed like the rows.
+        self._prior_cache: dict[tuple[int, ...], tuple[float, np.ndarray, np.ndarray]] = {}
+        self._total = 0.0
 
     def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
         """Count one labelled send at local ``hour`` for everyone and each of the customer's trait buckets."""
         rows = [0, *(1 + b for b in buckets)]
         self.sends[rows, hour] += 1
+        self._total += 1
         if clicked:
             self.clicks[rows, hour] += 1
 
@@ -382,20 +386,27 @@ class HourPreference:
     def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:
         """Log prior over the preferred hour of a customer with these trait buckets (unnormalised).
 
-        With ``noise`` (standard normals, 24 per row: everyone, then each bucket), one draw
-        of the population's curves from their (log-normal) posterior: hours the population
+        With ``noise`` (24 standard normals), one draw of the population's curves from their
+        (log-normal) posterior, the rows' errors taken as independent: hours the population
         was rarely sent at are uncertain, so they get tried (Thompson sampling).
         """
-        base = self._row_lift(0)
-        out = base[0].copy()
-        if noise is not None:
-            out += base[1] * noise[:24]
-        for k, b in enumerate(buckets):
-            row = self._row_lift(1 + b)
-            out += row[0] - base[0]
-            if noise is not None:
-                out += row[1] * noise[24 * (k + 1) : 24 * (k + 2)]
-        return self.power * out
+        key = tuple(buckets)
+        total = self._total
+        cached = self._prior_cache.get(key)
+        if cached is None or total - cached[0] >= max(20.0, 0.02 * cached[0]):
+            if len(self._prior_cache) >= 10_000:
+                self._prior_cache.clear()
+            base = self._row_lift(0)
+            out = base[0].copy()
+            var = base[1] ** 2
+            for b in buckets:
+                row = self._row_lift(1 + b)
+                out += row[0] - base[0]
+                var += row[1] ** 2
+            cached = self._prior_cache[key] = (total, self.power * out, self.power * np.sqrt(var))
+        if noise is None:
+            return cached[1]
+        return cached[1] + cached[2] * noise
 
     def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
         """The customer's log-likelihood over preferred hours after one labelled send at ``hour``."""
@@ -517,17 +528,23 @@ class DecisionLearner:
         The mean is ``scale * log E[F[h, m]]``; the draw takes one preferred hour ``m`` from
         the posterior (``uniform`` in [0, 1) picks it) and uses ``scale * log F[h, m]``.
         """
-        post = self.hour_posterior(stats, buckets)
+        hp = self.hours
+        cfg = self.config
+        lp = hp.log_prior(buckets)
+        draw = hp.log_prior(buckets, noise) if cfg.hour_pop_draw and noise is not None else lp
+        # Rows: the posterior with the population's mean curve, and with its draw (one batch).
+        x = np.stack((lp, draw))
+        if stats.hour_loglik is not None:
+            x += stats.hour_loglik
+        x = np.exp(x - x.max())
+        lift = (x @ hp.F.T) / (x.sum(axis=1, keepdims=True) * hp.reference)
         h = hours.astype(np.int64) % 24
-        scale = self.config.hour_offset_scale
-        mean = scale * np.log(self.hours.lift(post))[h]
-        if self.config.hour_pop_draw and noise is not None:
-            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
-            post = self.hours.posterior(loglik, self.hours.log_prior(buckets, noise))
-        if not self.config.hour_explore:
-            return mean, scale * np.log(self.hours.lift(post))[h]
-        m = min(int(np.searchsorted(np.cumsum(post), uniform * post.sum())), 23)
-        return mean, scale * self.hours.logF[h, m]
+        off = cfg.hour_offset_scale * np.log(lift[:, h])
+        if not cfg.hour_explore:
+            return off[0], off[1]
+        post = x[1] / x[1].sum()
+        m = min(int(np.searchsorted(np.cumsum(post), uniform)), 23)
+        return off[0], cfg.hour_offset_scale * hp.logF[h, m]
 
     def __getstate__(self) -> dict[str, Any]:
         """What a snapshot keeps: not the bank of normals nor caches (remade on load)."""
@@ -831,7 +848,7 @@ class DecisionLearner:
                 buckets,
                 hour_arr,
                 float(ndtr(noise_u[-1 - N_CHANNELS])),
-                cfg.hour_draw_scale * noise_u[64 : 64 + 24 * (1 + len(buckets))],
+                cfg.hour_draw_scale * noise_u[64:88],
             )
             time_w = time_w + np.stack((off_mean, off_draw))
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
