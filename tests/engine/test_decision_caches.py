@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from datetime import time as dtime
 from zoneinfo import ZoneInfo
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,7 @@ from cadence.engine.campaign import (
 )
 from cadence.engine.decide import _cap_blocked, _window_peak, decide
 from cadence.engine.decision import PastSend
-from cadence.engine.learners import DecisionLearner, _time_code, _time_rows
+from cadence.engine.learners import DecisionLearner, HourPreference, _time_code, _time_rows
 from cadence.engine.profiles_memory import MemoryProfile
 from cadence.engine.slots import candidate_slots, is_quiet, local_datetime, local_ms, next_allowed, zone_named
 
@@ -190,3 +191,21 @@ def test_memoised_slots_and_deferrals_match_zoneinfo_across_dst(
     expected = _slots_by_hand(earliest, quiet, tz)
     for _ in range(2):  # the second call is answered from the caches
         assert candidate_slots(earliest_ms=earliest, count=24, quiet=quiet, zone=tz) == expected
+
+
+def test_hour_priors_kept_per_bucket_tuple_follow_the_population() -> None:
+    """The prior kept per trait-bucket tuple equals one computed afresh from the same counts, as the population moves."""
+    hours = HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.3)
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal(24)
+    for step in range(3):
+        fresh = HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.3)
+        fresh.clicks[:], fresh.sends[:] = hours.clicks, hours.sends
+        assert np.allclose(hours.log_prior([4, 9]), fresh.log_prior([4, 9]), rtol=0, atol=1e-12)
+        assert np.allclose(hours.log_prior([4, 9], noise), fresh.log_prior([4, 9], noise), rtol=0, atol=1e-12)
+        for k in range(400):  # enough sends that the cached prior and every row's lift are recomputed
+            hours.learn([4, 9] if step else [4], (14 + k) % 24 if k % 3 else 20, clicked=k % 5 == 0)
+    assert not np.allclose(
+        hours.log_prior([4, 9]),
+        HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.3).log_prior([4, 9]),
+    )
