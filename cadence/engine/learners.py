@@ -15,6 +15,10 @@ whatever the load, and the learners stopped sending on large populations.)
   ``click_value * P(engagement) - unsubscribe_cost * P(unsubscribe)``; a candidate worth
   nothing is not sent. Unseen campaigns, channels and variants have wide posteriors,
   so they are tried (cold start explores, it is not starved) until the data says no;
+- **the preferred hour** (:class:`HourPreference`): each customer's preferred local hour
+  is a discrete posterior over 24 hours whose prior is the population's click-rate curve
+  by hour for the customer's trait values; it enters the engagement score as a known
+  offset, and the population's curves are drawn for Thompson sampling;
 - **learning** is one closed-form update per label: engagement is positive when a
   click (or conversion) joined by ``decision_id`` arrives, negative when the
   configurable horizon passes without one; unsubscribe likewise.
