@@ -17,21 +17,28 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, select
 
-from cadence.engine.campaign import DAY_MS, CompiledRuleset
+from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend
+from cadence.engine.decision_state import HISTORY_MS, DecisionState
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learning import LearnerSubscriber
 from cadence.engine.profiles import load_profile
 from cadence.engine.sendqueue import enqueue_send, idempotency_key
 from cadence.engine.slots import zone_named
 from cadence.errors import IdentityError
+from cadence.store.schema.core import customers
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
 __all__ = ["decision_record", "explain", "get_decision", "history_of", "make_decision"]
 
-HISTORY_MS = 35 * DAY_MS
+
+def _lock_customer(conn: Connection, customer_ref: str) -> None:
+    """Lock (PostgreSQL ``FOR UPDATE``) the customer a reference resolves to, until the transaction ends."""
+    customer_id = resolve_customer(conn, customer_ref)
+    if customer_id is not None:
+        conn.execute(select(customers.c.id).where(customers.c.id == customer_id).with_for_update())
 
 
 def history_of(
@@ -103,7 +110,7 @@ def explain(decision: Decision, *, zone: str | None, fallback_zone: str) -> dict
 
 def make_decision(
     *,
-    conn: Connection,
+    conn: Connection | None,
     ruleset: CompiledRuleset,
     customer_ref: str,
     now_ms: int,
@@ -114,16 +121,38 @@ def make_decision(
     campaigns: Collection[str] | None = None,
     event: Mapping[str, Any] | None = None,
     decision_id: str | None = None,
+    state: DecisionState | None = None,
 ) -> dict[str, Any]:
     """Decide for the customer behind ``customer_ref`` (user or anonymous id); record it on commit.
 
+    ``conn`` is the transaction a commit writes in (required for ``commit``; a preview
+    given ``state`` may pass None and reads on the cache's own connection). With
+    ``state``, the profile comes from that per-process cache, checked against the
+    database in the same statement that reads the sends.
+
     Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
     """
-    customer_id = resolve_customer(conn, customer_ref)
-    if customer_id is None:
-        raise IdentityError(f"customer_id: no customer with user or anonymous id {customer_ref!r}")
-    profile = load_profile(conn, customer_id, now_ms=now_ms)
-    history = history_of(conn, customer_id=customer_id, ruleset=ruleset, now_ms=now_ms)
+    if mode == "commit":
+        if conn is None:
+            raise ValueError("make_decision: mode 'commit' needs conn, the transaction to record in")
+        if conn.dialect.name == "postgresql":
+            # One commit at a time per customer: the history read below then includes a send
+            # another worker's commit queued a moment ago (its transaction ends before ours reads).
+            _lock_customer(conn, customer_ref)
+    if state is not None:
+        inputs = state.inputs(customer_ref, now_ms=now_ms, ruleset=ruleset, conn=conn)
+        if inputs is None:
+            raise IdentityError(f"customer_id: no customer with user or anonymous id {customer_ref!r}")
+        customer_id, profile, history = inputs.customer_id, inputs.profile, inputs.history
+    else:
+        if conn is None:
+            raise ValueError("make_decision: give conn or state")
+        found = resolve_customer(conn, customer_ref)
+        if found is None:
+            raise IdentityError(f"customer_id: no customer with user or anonymous id {customer_ref!r}")
+        customer_id = found
+        profile = load_profile(conn, customer_id, now_ms=now_ms)
+        history = history_of(conn, customer_id=customer_id, ruleset=ruleset, now_ms=now_ms)
     decision_id = decision_id or uuid.uuid4().hex
     seed = int.from_bytes(hashlib.blake2b(decision_id.encode(), digest_size=4).digest(), "big")
     decision = decide(
@@ -160,7 +189,8 @@ def make_decision(
             f"{s['campaign']}: {s['reason']} ({s['detail']})" for s in explanation["suppressions"]
         ]
     if mode == "commit":
-        inputs = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
+        assert conn is not None
+        stored_inputs = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
         conn.execute(
             decisions.insert().values(
                 id=decision_id,
@@ -174,7 +204,7 @@ def make_decision(
                 arm=decision.arm,
                 ruleset_hash=decision.ruleset_hash,
                 explanation=explanation,
-                inputs=inputs,
+                inputs=stored_inputs,
                 outcome={},
             )
         )
