@@ -29,17 +29,18 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine
 
 from cadence.engine.campaign import DAY_MS, CompiledRuleset
 from cadence.engine.decision import PastSend
-from cadence.engine.identity import resolve_customer
-from cadence.engine.profiles import StoredProfile, load_profile
+from cadence.engine.profiles import StoredProfile
 
 __all__ = ["HISTORY_MS", "DecisionInputs", "DecisionState", "check_sql", "history_from_rows"]
 
@@ -130,7 +131,7 @@ class DecisionState:
         engine: Engine,
         *,
         max_entries: int = 100_000,
-        ttl_seconds: float = 60.0,
+        ttl_seconds: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
@@ -145,6 +146,8 @@ class DecisionState:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._raw: list[Any] = []
+        # An app dropped without a shutdown (tests, scripts) still closes the connections it opened.
+        self._finalizer = weakref.finalize(self, _close_all, self._raw)
 
     # -- connections
     def _own_connection(self) -> Any:
@@ -174,11 +177,8 @@ class DecisionState:
     def close(self) -> None:
         """Close the cache's own connections and forget every entry."""
         with self._lock:
-            raws, self._raw = self._raw, []
             self._entries.clear()
-        for raw in raws:
-            with contextlib.suppress(Exception):  # closing at shutdown; nothing to recover
-                raw.close()
+            _close_all(self._raw)
 
     def _check(self, raw: Any, customer_id: int, now_ms: int) -> list[Any]:
         cur = raw.cursor()
@@ -238,29 +238,102 @@ class DecisionState:
                     entry.customer_id, entry.profile, history_from_rows(rows, ruleset), True
                 )
         self.misses += 1
-        if conn is not None:
-            return self._load(conn, ref, now_ms, ruleset)
-        with self.engine.connect().execution_options(cadence_readonly=True) as own:
-            return self._load(own, ref, now_ms, ruleset)
+        if conn is not None:  # the caller's transaction: one snapshot (SQLite) or serialised (commit)
+            return self._load(raw, ref, now_ms, ruleset)
+        if self.postgres:
+            return self._load(raw, ref, now_ms, ruleset)
+        raw.execute("BEGIN")  # one snapshot for everything read (a deferred read: no write lock)
+        try:
+            return self._load(raw, ref, now_ms, ruleset)
+        finally:
+            raw.execute("COMMIT")
 
-    def _load(
-        self, conn: Connection, ref: str, now_ms: int, ruleset: CompiledRuleset
-    ) -> DecisionInputs | None:
+    def _query(self, raw: Any, sql: str, *params: Any) -> list[Any]:
+        cur = raw.cursor()
+        try:
+            cur.execute(sql.replace("?", "%s") if self.postgres else sql, params)
+            return list(cur.fetchall())
+        finally:
+            cur.close()
+
+    def _load(self, raw: Any, ref: str, now_ms: int, ruleset: CompiledRuleset) -> DecisionInputs | None:
+        """Resolve ``ref`` and load the profile with driver-level statements (as ``load_profile`` reads it)."""
         loaded = self.clock()
-        customer_id = resolve_customer(conn, ref)
+        found = dict(
+            self._query(
+                raw,
+                "SELECT kind, customer_id FROM identities WHERE value = ? AND kind IN ('user', 'anonymous')",
+                ref,
+            )
+        )
+        customer_id = found.get("user", found.get("anonymous"))
         if customer_id is None:
             self.forget(ref)
             return None
-        # The stamp first, then the profile it guards, on the same connection (one snapshot on
-        # SQLite; on PostgreSQL the profile is read after the stamp, so it is as new or newer):
-        # a change committed in between shows as a different stamp next time, never as a
-        # stale profile kept.
-        rows = self._check(conn.connection.dbapi_connection, customer_id, now_ms)
-        profile = load_profile(conn, customer_id, now_ms=now_ms)
+        # The stamp first, then the profile it guards (one snapshot on SQLite; on PostgreSQL the
+        # profile is read after the stamp, so as new or newer): a change committed in between
+        # shows as a different stamp next time, never as a stale profile kept.
+        rows = self._check(raw, customer_id, now_ms)
         stamp = _stamp_of(rows)
+        seen = {customer_id}
+        while stamp[2] is not None and stamp is not _ERASED:  # merged: follow to the customer it joined
+            nxt = int(stamp[2])
+            if nxt in seen:
+                break
+            seen.add(nxt)
+            customer_id = nxt
+            rows = self._check(raw, customer_id, now_ms)
+            stamp = _stamp_of(rows)
+        profile = self._profile(raw, customer_id)
         if stamp is not _ERASED:
             self._store(ref, _Entry(customer_id, profile, stamp, loaded))
         return DecisionInputs(customer_id, profile, history_from_rows(rows, ruleset), False)
+
+    def _profile(self, raw: Any, customer_id: int) -> StoredProfile:
+        row = self._query(
+            raw,
+            "SELECT traits, timezone, first_seen_ms, last_seen_ms FROM profiles WHERE customer_id = ?",
+            customer_id,
+        )
+        stats = {
+            event: (count, total, first, last, last_value)
+            for event, count, total, first, last, last_value in self._query(
+                raw,
+                "SELECT event, count, sum_value, first_ms, last_ms, last_value FROM profile_event_stats "
+                "WHERE customer_id = ?",
+                customer_id,
+            )
+        }
+        days: dict[str, dict[int, tuple[int, float]]] = {}
+        for event, day, count, total in self._query(
+            raw, "SELECT event, day, count, sum_value FROM profile_daily WHERE customer_id = ?", customer_id
+        ):
+            days.setdefault(event, {})[day] = (count, total)
+        consent = {
+            channel: bool(granted)
+            for channel, granted in self._query(
+                raw, "SELECT channel, granted FROM consent WHERE customer_id = ?", customer_id
+            )
+        }
+        traits: Any = row[0][0] if row else None
+        if isinstance(traits, str | bytes):
+            traits = orjson.loads(traits)
+        return StoredProfile(
+            customer_id=customer_id,
+            traits=dict(traits or {}),
+            timezone=row[0][1] if row else None,
+            stats=stats,
+            days=days,
+            consent=consent,
+            first_seen_ms=row[0][2] if row else None,
+            last_seen_ms=row[0][3] if row else None,
+        )
+
+
+def _close_all(raws: list[Any]) -> None:
+    while raws:
+        with contextlib.suppress(Exception):  # closing at shutdown; nothing to recover
+            raws.pop().close()
 
 
 def _is_disconnect(exc: BaseException) -> bool:

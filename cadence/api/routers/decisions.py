@@ -167,6 +167,7 @@ class PreviewFastPath:
             return None
         if item.mode != "preview":
             return None
+        scope["route"] = self._route or self._find_route()  # the request metrics' route label
         wait = app.state.rate_limiter.acquire(principal.name)
         if wait > 0:
             detail = {"detail": f"rate limit exceeded for key {principal.name!r}"}
@@ -176,11 +177,10 @@ class PreviewFastPath:
             decided = _decide_many(request, [item])[0]
         except Exception:  # noqa: BLE001 - the ordinary route answers (and reports) every failure
             return None
-        scope["route"] = self._route or self._find_route(app)  # the request metrics' route label
         return 200, orjson.dumps(decided), []
 
-    def _find_route(self, app: FastAPI) -> Any:
-        for route in app.routes:
+    def _find_route(self) -> Any:
+        for route in router.routes:
             if getattr(route, "path", None) == "/v1/decisions" and "POST" in getattr(route, "methods", ()):
                 self._route = route
         return self._route
