@@ -10,7 +10,7 @@ carrying ``properties.decision_id`` is learned from.
 from __future__ import annotations
 
 import hashlib
-import uuid
+import secrets
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -153,7 +153,7 @@ def make_decision(
         customer_id = found
         profile = load_profile(conn, customer_id, now_ms=now_ms)
         history = history_of(conn, customer_id=customer_id, ruleset=ruleset, now_ms=now_ms)
-    decision_id = decision_id or uuid.uuid4().hex
+    decision_id = decision_id or secrets.token_hex(16)  # 32 hex digits, as uuid4().hex (cheaper)
     seed = int.from_bytes(hashlib.blake2b(decision_id.encode(), digest_size=4).digest(), "big")
     decision = decide(
         ruleset=ruleset,

@@ -65,11 +65,16 @@ def _ms(at: datetime | None, request: Request) -> int:
 
 
 def _learners(request: Request) -> LearnerSubscriber | None:
-    loop = getattr(request.app.state, "engine_loop", None)
-    for sub in getattr(loop, "subscribers", ()) or ():
-        if isinstance(sub, LearnerSubscriber):
-            return sub
-    return None
+    state = request.app.state
+    loop = getattr(state, "engine_loop", None)
+    found = getattr(state, "_decision_learners", None)
+    if found is not None and found[0] is loop:  # the loop's subscribers are fixed once built
+        return found[1]  # type: ignore[no-any-return]
+    learners = next(
+        (s for s in getattr(loop, "subscribers", ()) or () if isinstance(s, LearnerSubscriber)), None
+    )
+    state._decision_learners = (loop, learners)
+    return learners
 
 
 def _ruleset(request: Request) -> CompiledRuleset:
