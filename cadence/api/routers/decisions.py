@@ -8,6 +8,7 @@ The ruleset is the loaded rule files' (``runtime.extensions["rules"]``, or
 
 from __future__ import annotations
 
+import base64
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -19,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
-from cadence.api.security import Principal, Scope, presented_key
+from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import get_decision, make_decision
@@ -56,16 +57,16 @@ class BatchDecisionRequest(BaseModel):
     requests: list[DecisionRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-def _ms(at: datetime | None, request: Request) -> int:
+def _ms(at: datetime | None, app: FastAPI) -> int:
     if at is None:
-        return int(request.app.state.runtime.clock.now_ms())
+        return int(app.state.runtime.clock.now_ms())
     if at.tzinfo is None:
         raise HTTPException(422, detail="at: give a time zone offset, e.g. 2026-03-05T08:00:00+01:00")
     return int(at.timestamp() * 1000)
 
 
-def _learners(request: Request) -> LearnerSubscriber | None:
-    state = request.app.state
+def _learners(app: FastAPI) -> LearnerSubscriber | None:
+    state = app.state
     loop = getattr(state, "engine_loop", None)
     found = getattr(state, "_decision_learners", None)
     if found is not None and found[0] is loop:  # the loop's subscribers are fixed once built
@@ -77,10 +78,10 @@ def _learners(request: Request) -> LearnerSubscriber | None:
     return learners
 
 
-def _ruleset(request: Request) -> CompiledRuleset:
-    ruleset = getattr(request.app.state, "ruleset", None)
+def _ruleset(app: FastAPI) -> CompiledRuleset:
+    ruleset = getattr(app.state, "ruleset", None)
     if ruleset is None:
-        holder = getattr(request.app.state.runtime, "extensions", {}).get("rules")
+        holder = getattr(app.state.runtime, "extensions", {}).get("rules")
         ruleset = getattr(holder, "current", None)
     if ruleset is None:
         raise HTTPException(
@@ -139,7 +140,7 @@ class PreviewFastPath:
         last = messages[-1]
         answer = None
         if last["type"] == "http.request" and not last.get("more_body", False):
-            answer = self._answer(scope, b"".join(m.get("body", b"") for m in messages))
+            answer = await self._answer(scope, b"".join(m.get("body", b"") for m in messages))
         if answer is None:
             await self.app(scope, _replay(messages, receive), send)
             return
@@ -157,12 +158,14 @@ class PreviewFastPath:
         )
         await send({"type": "http.response.body", "body": content})
 
-    def _answer(self, scope: ASGIScope, body: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
-        request = Request(scope)
-        app = request.app
-        if getattr(app.state, "decision_state", None) is None:
+    async def _answer(
+        self, scope: ASGIScope, body: bytes
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        app = scope["app"]
+        state = getattr(app.state, "decision_state", None)
+        if state is None:
             return None
-        key = presented_key(request)
+        key = _scope_key(scope)
         principal = app.state.keyring.cached(key) if key is not None else None
         if principal is None or ("decide" not in principal.scopes and "admin" not in principal.scopes):
             return None
@@ -177,9 +180,12 @@ class PreviewFastPath:
         if wait > 0:
             detail = {"detail": f"rate limit exceeded for key {principal.name!r}"}
             return 429, orjson.dumps(detail), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
-        request.state.principal = principal
         try:
-            decided = _decide_many(request, [item])[0]
+            if state.postgres:
+                # a round trip to the server: wait for it in a thread, not on the event loop
+                decided = (await run_in_threadpool(_decide_many, app, [item]))[0]
+            else:  # SQLite reads a local file in microseconds: a thread hand-off would cost more
+                decided = _decide_many(app, [item])[0]
         except Exception:  # noqa: BLE001 - the ordinary route answers (and reports) every failure
             return None
         return 200, orjson.dumps(decided), []
@@ -189,6 +195,33 @@ class PreviewFastPath:
             if getattr(route, "path", None) == "/v1/decisions" and "POST" in getattr(route, "methods", ()):
                 self._route = route
         return self._route
+
+
+def _scope_key(scope: ASGIScope) -> str | None:
+    """The key in the Authorization (Basic or Bearer) or X-API-Key header, as ``presented_key`` reads it.
+
+    None when there is none: the route then looks further (a ``key`` query parameter).
+
+    >>> _scope_key({"headers": [(b"authorization", b"Basic azE6")]})
+    'k1'
+    >>> _scope_key({"headers": [(b"x-api-key", b"k2")]}), _scope_key({"headers": []})
+    ('k2', None)
+    """
+    fallback = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, rest = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "basic" and rest:
+                try:
+                    user = base64.b64decode(rest).decode().partition(":")[0]
+                except (ValueError, UnicodeDecodeError):
+                    return None
+                return user or None
+            if scheme.lower() == "bearer" and rest:
+                return rest.strip()
+        elif name == b"x-api-key":
+            fallback = value.decode("latin-1") or None
+    return fallback
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
@@ -210,18 +243,18 @@ def _event_of(item: DecisionRequest, now: int) -> dict[str, Any] | None:
     return {"event": item.event.event, "ts_ms": ts, "properties": item.event.properties}
 
 
-def _decide_many(request: Request, items: list[DecisionRequest]) -> list[dict[str, Any]]:
+def _decide_many(app: FastAPI, items: list[DecisionRequest]) -> list[dict[str, Any]]:
     """Decide for each item: previews read through the cache; any commit writes in one transaction."""
-    ruleset = _ruleset(request)
-    learners = _learners(request)
-    channels = request.app.state.available_channels
-    state: DecisionState | None = getattr(request.app.state, "decision_state", None)
+    ruleset = _ruleset(app)
+    learners = _learners(app)
+    channels = app.state.available_channels
+    state: DecisionState | None = getattr(app.state, "decision_state", None)
     out: list[dict[str, Any]] = []
-    engine = request.app.state.runtime.engine
+    engine = app.state.runtime.engine
     writes = any(item.mode == "commit" for item in items)
     with engine.begin() if writes else nullcontext() as conn:
         for item in items:
-            now = _ms(item.at, request)
+            now = _ms(item.at, app)
             try:
                 out.append(
                     make_decision(
@@ -254,11 +287,13 @@ async def decide_one(
     body: DecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
 ) -> Response:
     """Decide which campaign, channel and time (or nothing) for one customer, with the explanation."""
-    if body.mode == "preview" and getattr(request.app.state, "decision_state", None) is not None:
-        # A preview reads one statement through the cache and writes nothing: decided on the
-        # event loop, without a thread hand-off (about 1 ms of CPU; a commit may wait for locks).
-        return _json(_decide_many(request, [body])[0])
-    return _json((await run_in_threadpool(_decide_many, request, [body]))[0])
+    state = getattr(request.app.state, "decision_state", None)
+    if body.mode == "preview" and state is not None and not state.postgres:
+        # A preview on SQLite reads one statement through the cache and writes nothing: decided on
+        # the event loop, without a thread hand-off (a commit may wait for locks, PostgreSQL answers
+        # over the network).
+        return _json(_decide_many(request.app, [body])[0])
+    return _json((await run_in_threadpool(_decide_many, request.app, [body]))[0])
 
 
 @router.post("/decisions/batch", response_model=None)
@@ -266,7 +301,7 @@ async def decide_batch(
     body: BatchDecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
 ) -> Response:
     """Decide for up to 1,000 customers; unknown customers get ``action: "error"`` in place."""
-    return _json({"decisions": await run_in_threadpool(_decide_many, request, body.requests)})
+    return _json({"decisions": await run_in_threadpool(_decide_many, request.app, body.requests)})
 
 
 @router.get("/decisions/{decision_id}")
