@@ -24,14 +24,20 @@ from cadence.engine.decision_state import HISTORY_MS, DecisionState
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learning import LearnerSubscriber
 from cadence.engine.profiles import load_profile
-from cadence.engine.sendqueue import enqueue_send, idempotency_key
+from cadence.engine.sendqueue import enqueue_sends, idempotency_key
 from cadence.engine.slots import zone_named
 from cadence.errors import IdentityError
+from cadence.store.fast import dialect_sql, dump_json
 from cadence.store.schema.core import customers
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
 __all__ = ["decision_record", "explain", "get_decision", "history_of", "make_decision"]
+
+_INSERT_DECISION = (
+    "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template, arm,"
+    " ruleset_hash, explanation, inputs, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::json, ?::json, ?::json)"
+)
 
 
 def _lock_customer(conn: Connection, customer_ref: str) -> None:
@@ -191,36 +197,45 @@ def make_decision(
     if mode == "commit":
         assert conn is not None
         stored_inputs = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
-        conn.execute(
-            decisions.insert().values(
-                id=decision_id,
-                customer_id=customer_id,
-                decided_at_ms=now_ms,
-                action=decision.action,
-                campaign=decision.campaign,
-                channel=decision.channel,
-                send_at_ms=decision.send_at_ms,
-                template=decision.template,
-                arm=decision.arm,
-                ruleset_hash=decision.ruleset_hash,
-                explanation=explanation,
-                inputs=stored_inputs,
-                outcome={},
-            )
+        # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key
+        conn.exec_driver_sql(
+            dialect_sql(conn, _INSERT_DECISION),
+            (
+                decision_id,
+                customer_id,
+                now_ms,
+                decision.action,
+                decision.campaign,
+                decision.channel,
+                decision.send_at_ms,
+                decision.template,
+                decision.arm,
+                decision.ruleset_hash,
+                dump_json(explanation),
+                dump_json(stored_inputs),
+                "{}",
+            ),
         )
         if decision.action == "send":
             assert decision.campaign and decision.channel and decision.send_at_ms is not None
-            body["queued"] = enqueue_send(
-                conn,
-                key=idempotency_key(decision.campaign, customer_id, decision_id),
-                campaign=decision.campaign,
-                customer_id=customer_id,
-                channel=decision.channel,
-                due_ms=decision.send_at_ms,
-                now_ms=now_ms,
-                template=decision.template,
-                variables=dict(body["variables"] or {}),
-                decision_id=decision_id,
+            body["queued"] = (
+                enqueue_sends(
+                    conn,
+                    [
+                        {
+                            "key": idempotency_key(decision.campaign, customer_id, decision_id),
+                            "campaign": decision.campaign,
+                            "customer_id": customer_id,
+                            "channel": decision.channel,
+                            "due_ms": decision.send_at_ms,
+                            "template": decision.template,
+                            "variables": dict(body["variables"] or {}),
+                            "decision_id": decision_id,
+                        }
+                    ],
+                    now_ms=now_ms,
+                )
+                == 1
             )
             if learners is not None:
                 learners.record(

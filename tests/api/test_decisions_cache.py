@@ -235,3 +235,11 @@ def test_the_fast_path_answers_like_the_route(api: Api) -> None:
     metrics = c.get("/metrics").text
     assert 'cadence_http_request_seconds_count{route="/v1/decisions",status="200"}' in metrics
     assert 'cadence_http_request_seconds_count{route="/v1/decisions",status="429"}' in metrics
+
+
+def test_a_request_the_fast_path_hands_on_is_charged_once(api: Api) -> None:
+    api.app.state.rate_limiter = RateLimiter(0.001, 3)
+    api.decide("nobody", status=404)  # the fast path declines (unknown customer), the route answers
+    api.decide("nobody", mode="commit", status=404)  # the same for a commit: nothing was recorded
+    assert api.decide("u1")["action"] == "send"  # the third of three tokens
+    api.decide("u1", status=429)

@@ -91,32 +91,34 @@ def _ruleset(app: FastAPI) -> CompiledRuleset:
 
 
 def setup(app: FastAPI) -> None:
-    """Give the app its per-process decision-state cache (closed at shutdown) and the preview fast path."""
+    """Give the app its per-process decision-state cache (closed at shutdown) and the fast path."""
     app.state.decision_state = DecisionState(app.state.runtime.engine)
 
     def close(app: FastAPI) -> None:
         app.state.decision_state.close()
 
     app.state.on_shutdown.append(close)
-    app.add_middleware(PreviewFastPath)
+    app.add_middleware(DecisionFastPath)
 
 
 #: Bodies larger than this take the ordinary route (a preview request is a few hundred bytes).
 FAST_PATH_MAX_BODY = 64 * 1024
 
 
-class PreviewFastPath:
-    """Answer ``POST /v1/decisions`` previews without the framework's routing and dependency machinery.
+class DecisionFastPath:
+    """Answer ``POST /v1/decisions`` without the framework's routing and dependency machinery.
 
     At a thousand decisions a second the framework's per-request work (route matching,
     dependency solving, response validation) costs as much CPU as the decision. This
     ASGI middleware answers the common case itself: a cached key holding the ``decide``
-    scope, a body that validates as :class:`DecisionRequest`, ``mode: "preview"``, a
-    decision that succeeds. It answers exactly what the route would (the same JSON
-    body; the rate limit's 429 with the same detail and ``Retry-After``). Anything else
-    (a commit, an unknown or uncached key, a body that does not validate, an unknown
-    customer, any error) is handed to the ordinary route with the body replayed: a
-    preview writes nothing, so deciding again there changes nothing.
+    scope, a body that validates as :class:`DecisionRequest`, a decision that succeeds.
+    It answers exactly what the route would (the same JSON body; the rate limit's 429
+    with the same detail and ``Retry-After``). Anything else (an unknown or uncached key,
+    a body that does not validate, an unknown customer, an ``at`` without offset, and
+    for previews any error) is handed to the ordinary route with the body replayed: a
+    preview writes nothing, and a commit that failed that way wrote nothing either (its
+    transaction rolled back before anything was recorded), so deciding again there
+    changes nothing. A commit's other errors propagate as the route's would.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -173,20 +175,24 @@ class PreviewFastPath:
             item = DecisionRequest.model_validate_json(body)
         except ValidationError:
             return None
-        if item.mode != "preview":
-            return None
         scope["route"] = self._route or self._find_route()  # the request metrics' route label
-        wait = app.state.rate_limiter.acquire(principal.name)
+        limiter = app.state.rate_limiter
+        wait = limiter.acquire(principal.name)
         if wait > 0:
             detail = {"detail": f"rate limit exceeded for key {principal.name!r}"}
             return 429, orjson.dumps(detail), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
         try:
-            if state.postgres:
-                # a round trip to the server: wait for it in a thread, not on the event loop
+            if item.mode == "commit" or state.postgres:
+                # A commit may wait for the write lock, PostgreSQL answers over the network: in a
+                # thread, not on the event loop. (A failed commit rolled back: nothing to undo.)
                 decided = (await run_in_threadpool(_decide_many, app, [item]))[0]
             else:  # SQLite reads a local file in microseconds: a thread hand-off would cost more
                 decided = _decide_many(app, [item])[0]
-        except Exception:  # noqa: BLE001 - the ordinary route answers (and reports) every failure
+        except Exception as exc:
+            if item.mode == "commit" and not isinstance(exc, HTTPException | IdentityError):
+                raise
+            # The route answers (and reports) it, charging the rate limit again: give this token back.
+            limiter.acquire(principal.name, cost=-1.0)
             return None
         return 200, orjson.dumps(decided), []
 
