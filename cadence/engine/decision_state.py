@@ -197,6 +197,11 @@ class DecisionState:
             else:
                 self._entries.pop(customer_ref, None)
 
+    def customer_of(self, customer_ref: str) -> int | None:
+        """The customer id cached for ``customer_ref`` (None if not cached); may be stale until checked."""
+        entry = self._entries.get(customer_ref)
+        return entry.customer_id if entry is not None else None
+
     def __len__(self) -> int:
         return len(self._entries)
 

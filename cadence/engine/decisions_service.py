@@ -28,7 +28,6 @@ from cadence.engine.sendqueue import enqueue_sends, idempotency_key
 from cadence.engine.slots import zone_named
 from cadence.errors import IdentityError
 from cadence.store.fast import dialect_sql, dump_json
-from cadence.store.schema.core import customers
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
@@ -44,7 +43,17 @@ def _lock_customer(conn: Connection, customer_ref: str) -> None:
     """Lock (PostgreSQL ``FOR UPDATE``) the customer a reference resolves to, until the transaction ends."""
     customer_id = resolve_customer(conn, customer_ref)
     if customer_id is not None:
-        conn.execute(select(customers.c.id).where(customers.c.id == customer_id).with_for_update())
+        _lock_row(conn, customer_id)
+
+
+def _lock_row(conn: Connection | None, customer_id: int) -> None:
+    """Lock one customer's row (PostgreSQL ``FOR UPDATE``) until the transaction ends."""
+    assert conn is not None
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        cur.execute("SELECT id FROM customers WHERE id = %s FOR UPDATE", (customer_id,))
+    finally:
+        cur.close()
 
 
 def history_of(
@@ -138,21 +147,28 @@ def make_decision(
 
     Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
     """
-    if mode == "commit":
-        if conn is None:
-            raise ValueError("make_decision: mode 'commit' needs conn, the transaction to record in")
-        if conn.dialect.name == "postgresql":
-            # One commit at a time per customer: the history read below then includes a send
-            # another worker's commit queued a moment ago (its transaction ends before ours reads).
-            _lock_customer(conn, customer_ref)
+    # On PostgreSQL a commit locks the customer's row before reading their sends: one commit at a
+    # time per customer, so the history read includes a send another worker's commit queued a
+    # moment ago (its transaction ends before ours reads). SQLite's write lock already does that.
+    lock = mode == "commit" and conn is not None and conn.dialect.name == "postgresql"
+    if mode == "commit" and conn is None:
+        raise ValueError("make_decision: mode 'commit' needs conn, the transaction to record in")
     if state is not None:
+        locked = state.customer_of(customer_ref) if lock else None
+        if locked is not None:
+            _lock_row(conn, locked)
         inputs = state.inputs(customer_ref, now_ms=now_ms, ruleset=ruleset, conn=conn)
+        if lock and inputs is not None and inputs.customer_id != locked:
+            _lock_row(conn, inputs.customer_id)  # not known before (or merged since): lock, then read again
+            inputs = state.inputs(customer_ref, now_ms=now_ms, ruleset=ruleset, conn=conn)
         if inputs is None:
             raise IdentityError(f"customer_id: no customer with user or anonymous id {customer_ref!r}")
         customer_id, profile, history = inputs.customer_id, inputs.profile, inputs.history
     else:
         if conn is None:
             raise ValueError("make_decision: give conn or state")
+        if lock:
+            _lock_customer(conn, customer_ref)
         found = resolve_customer(conn, customer_ref)
         if found is None:
             raise IdentityError(f"customer_id: no customer with user or anonymous id {customer_ref!r}")

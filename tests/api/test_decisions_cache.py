@@ -9,7 +9,9 @@ changed, a merge, an erasure) and check that the very next decision sees it.
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
@@ -243,3 +245,40 @@ def test_a_request_the_fast_path_hands_on_is_charged_once(api: Api) -> None:
     api.decide("nobody", mode="commit", status=404)  # the same for a commit: nothing was recorded
     assert api.decide("u1")["action"] == "send"  # the third of three tokens
     api.decide("u1", status=429)
+
+
+def test_concurrent_commits_for_one_customer_queue_one_send(api: Api, runtime: Runtime) -> None:
+    """Two workers committing for the same customer at once: the cap (1 a week) lets one send through."""
+    api.decide("u1")  # cached in this process; the workers below have their own caches
+
+    def commit(state: DecisionState, start: threading.Barrier) -> str:
+        start.wait()
+        with runtime.engine.begin() as conn:
+            return str(
+                make_decision(
+                    conn=conn,
+                    ruleset=RULES,
+                    customer_ref="u1",
+                    now_ms=AT_MS,
+                    available_channels=api.app.state.available_channels,
+                    learners=None,
+                    mode="commit",
+                    state=state,
+                )["action"]
+            )
+
+    for _ in range(3):
+        states = [DecisionState(runtime.engine), DecisionState(runtime.engine)]
+        for state in states:  # warm: the customer is known, as in a worker that decided before
+            assert state.inputs("u1", now_ms=AT_MS, ruleset=RULES) is not None
+        start = threading.Barrier(2)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                actions = sorted(pool.map(commit, states, [start, start]))
+        finally:
+            for state in states:
+                state.close()
+        assert actions.count("send") <= 1
+    with runtime.engine.connect() as conn:
+        queued = conn.exec_driver_sql("SELECT count(*) FROM sends WHERE campaign = 'daily'").scalar()
+    assert queued == 1
