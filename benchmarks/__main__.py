@@ -11,7 +11,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-ALL = ("ingest", "dsl", "connectors", "decisions", "attribution", "push", "dashboard")
+ALL = ("ingest", "dsl", "connectors", "decisions", "decisions_quality", "attribution", "push", "dashboard")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 

@@ -23,8 +23,9 @@ Every campaign that is not chosen carries at least one :class:`Suppression`.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
@@ -41,7 +42,14 @@ from cadence.engine.campaign import (
     SplitArm,
 )
 from cadence.engine.decision import Candidate, Decision, PastSend, Scorer, Suppression
-from cadence.engine.slots import candidate_slots, local_datetime, local_day, quiet_zone, zone_named
+from cadence.engine.slots import (
+    candidate_slots,
+    local_datetime,
+    local_day,
+    local_days,
+    quiet_zone,
+    zone_named,
+)
 
 __all__ = [
     "WINDOW_SLOTS",
@@ -137,23 +145,67 @@ def cap_allows(
     return _window_peak(times, t, max(1, cap.window_ms)) < cap.count
 
 
-def _cap_times(cap: Cap, campaign: Campaign, channel: str, history: Sequence[PastSend]) -> list[int] | None:
-    """The send times ``cap`` counts for a candidate, or None when it does not apply."""
+def _cap_blocked(points: Sequence[int], values: Sequence[int], width: int, count: int) -> list[bool]:
+    """For each of ``values``: would one more send there put a window of ``width`` at ``count`` or over?
+
+    The same answer as ``_window_peak(points, t, width) >= count`` for every ``t``, from the
+    sorted ``points`` by bisection: the fullest window ``[s, s + width)`` holding ``t`` starts at
+    ``t - width + 1`` or just where a later point enters it, so the peak is the larger of the
+    count in ``[t - width + 1, t]`` and the counts of the windows ending at each point in
+    ``(t, t + width - 1]``.
+
+    >>> _cap_blocked([0, 5, 9], [4, 20], width=10, count=3)
+    [True, False]
+    >>> _cap_blocked([0, 5, 9], [4, 20], width=10, count=4)
+    [False, False]
+    """
+    if not values:
+        return []
+    span_lo = bisect_left(points, min(values) - width + 1)
+    if bisect_right(points, max(values) + width - 1) - span_lo < count:
+        return [False] * len(values)  # fewer sends near the slots than the cap allows
+    ending = [bisect_right(points, x) - bisect_left(points, x - width + 1) for x in points]
+    out = []
+    for t in values:
+        lo = bisect_right(points, t)
+        peak = lo - bisect_left(points, t - width + 1)
+        hi = bisect_right(points, t + width - 1)
+        if hi > lo:
+            peak = max(peak, max(ending[lo:hi]))
+        out.append(peak >= count)
+    return out
+
+
+def _cap_key(cap: Cap, campaign: Campaign, channel: str) -> tuple[str, ...] | None:
+    """Which of the customer's sends ``cap`` counts for a candidate; None when it does not apply.
+
+    ``campaign``: this campaign's sends (on ``cap.channel`` if set); ``channel``: every send on the
+    candidate's channel; ``group``: the sends of the campaign's exclusive group; ``customer``: all.
+    """
     if cap.channel is not None and cap.channel != channel:
         return None
     if cap.scope == "campaign":
-        return (
-            [h.ts_ms for h in history if h.campaign == campaign.name and h.channel == channel]
-            if (cap.channel is not None)
-            else [h.ts_ms for h in history if h.campaign == campaign.name]
-        )
+        return ("cc", campaign.name, channel) if cap.channel is not None else ("c", campaign.name)
     if cap.scope == "channel":
-        return [h.ts_ms for h in history if h.channel == channel]
+        return ("ch", channel)
     if cap.scope == "group":
-        if campaign.exclusive is None:
-            return None
-        return [h.ts_ms for h in history if h.exclusive == campaign.exclusive]
-    return [h.ts_ms for h in history]  # customer
+        return None if campaign.exclusive is None else ("g", campaign.exclusive)
+    return ("all",)
+
+
+def _index_history(history: Sequence[PastSend]) -> dict[tuple[str, ...], list[int]]:
+    """The send times of ``history`` under every key :func:`_cap_key` can ask for, sorted."""
+    out: dict[tuple[str, ...], list[int]] = {("all",): []}
+    for h in history:
+        ts = h.ts_ms
+        out[("all",)].append(ts)
+        for key in (("ch", h.channel), ("c", h.campaign), ("cc", h.campaign, h.channel)):
+            out.setdefault(key, []).append(ts)
+        if h.exclusive is not None:
+            out.setdefault(("g", h.exclusive), []).append(ts)
+    for times in out.values():
+        times.sort()
+    return out
 
 
 def _describe_cap(cap: Cap) -> str:
@@ -168,15 +220,68 @@ def _fmt(ms: int, zone: ZoneInfo) -> str:
     return local_datetime(ms, zone).strftime("%Y-%m-%d %H:%M %Z")
 
 
-@dataclass
 class _Plan:
     """One eligible campaign with its surviving (channel, send time) options."""
 
-    campaign: Campaign
-    arm: SplitArm | None
-    variants: tuple[SplitArm, ...]
-    options: dict[str, list[int]] = field(default_factory=dict)  # channel -> allowed send times
-    channel_rank: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("arm", "campaign", "channel_rank", "options", "variants")
+
+    def __init__(self, campaign: Campaign, arm: SplitArm | None, variants: tuple[SplitArm, ...]) -> None:
+        self.campaign = campaign
+        self.arm = arm
+        self.variants = variants
+        self.options: dict[str, list[int]] = {}  # channel -> allowed send times
+        self.channel_rank: dict[str, int] = {}
+
+
+_new_object = object.__new__
+_new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
+
+
+def _candidate(
+    campaign: str,
+    channel: str,
+    send_at_ms: int,
+    score: float,
+    engagement: float,
+    unsubscribe: float,
+    explored: bool,
+    arm: str | None,
+) -> Candidate:
+    """``Candidate(...)`` with every field given, made without the frozen dataclass's ``__init__``.
+
+    A frozen dataclass sets each field through ``object.__setattr__``; filling the instance's
+    ``__dict__`` at once makes the same object (equal, same hash and repr) in a fraction of the
+    time, and a decision materialises one per (campaign, channel, variant).
+
+    >>> _candidate("c", "email", 5, 0.5, 0.1, 0.01, False, None) == Candidate("c", "email", 5, 0.5, 0.1, 0.01)
+    True
+    """
+    c: Candidate = _new_object(Candidate)
+    d = c.__dict__
+    d["campaign"] = campaign
+    d["channel"] = channel
+    d["send_at_ms"] = send_at_ms
+    d["score"] = score
+    d["engagement"] = engagement
+    d["unsubscribe"] = unsubscribe
+    d["explored"] = explored
+    d["arm"] = arm
+    return c
+
+
+def _suppression(campaign: str, reason: str, detail: str, channel: str | None = None) -> Suppression:
+    """``Suppression(...)`` made as :func:`_candidate` makes candidates.
+
+    >>> _suppression("c", "cap", "full", "sms") == Suppression("c", "cap", "full", "sms")
+    True
+    """
+    s: Suppression = _new_object(Suppression)
+    d = s.__dict__
+    d["campaign"] = campaign
+    d["reason"] = reason
+    d["detail"] = detail
+    d["channel"] = channel
+    return s
 
 
 def _bounced(profile: ProfileView, channel: str) -> bool:
@@ -237,15 +342,9 @@ def decide(
     all_opted_out = profile.consented("all") is False
     slot_count = WINDOW_SLOTS if scorer is not None else 1
     wanted = set(campaigns) if campaigns is not None else None
-    slot_cache: dict[tuple[int, Any, str, int | None], tuple[list[int], bool]] = {}
-    day_cache: dict[int, int] = {}
+    slot_cache: dict[tuple[Any, ...], tuple[list[int], bool]] = {}
     channel_block: dict[str, str | None] = {}  # channel -> suppression reason, None when usable
-
-    def day_of(ms: int) -> int:
-        day = day_cache.get(ms)
-        if day is None:
-            day = day_cache[ms] = local_day(ms, customer_zone)
-        return day
+    checks: _Checks | None = None  # caps, spacing and groups over the history, made on first use
 
     for name in sorted(ruleset.campaigns):
         campaign = ruleset.campaigns[name]
@@ -254,10 +353,10 @@ def decide(
         parts: list[ConditionResult] = []
         conditions[name] = parts
         if campaign.starts_ms is not None and now_ms < campaign.starts_ms:
-            suppressions.append(Suppression(name, "not_started", f"starts at {campaign.starts_ms} ms"))
+            suppressions.append(_suppression(name, "not_started", f"starts at {campaign.starts_ms} ms"))
             continue
         if campaign.ends_ms is not None and now_ms >= campaign.ends_ms:
-            suppressions.append(Suppression(name, "ended", f"ended at {campaign.ends_ms} ms"))
+            suppressions.append(_suppression(name, "ended", f"ended at {campaign.ends_ms} ms"))
             continue
 
         earliest = now_ms
@@ -269,14 +368,14 @@ def decide(
                 detail = (
                     f"needs event {trigger.event!r}, got {got!r}" if got else f"needs event {trigger.event!r}"
                 )
-                suppressions.append(Suppression(name, "trigger", detail))
+                suppressions.append(_suppression(name, "trigger", detail))
                 continue
             if trigger.where is not None:
                 if explain:
                     parts.extend(_explain(trigger.where, ctx))
                 if not trigger.where(ctx):
                     suppressions.append(
-                        Suppression(name, "trigger", f"where {trigger.where.source} is false")
+                        _suppression(name, "trigger", f"where {trigger.where.source} is false")
                     )
                     continue
             event_ms = event.get("ts_ms") if event is not None else None
@@ -287,13 +386,13 @@ def decide(
             if explain:
                 parts.extend(_explain(campaign.audience, ctx))
             if not campaign.audience(ctx):
-                suppressions.append(Suppression(name, "audience", f"not in {campaign.audience.source}"))
+                suppressions.append(_suppression(name, "audience", f"not in {campaign.audience.source}"))
                 continue
         if campaign.unless is not None:
             if explain:
                 parts.extend(_explain(campaign.unless, ctx))
             if campaign.unless(ctx):
-                suppressions.append(Suppression(name, "unless", f"{campaign.unless.source} holds"))
+                suppressions.append(_suppression(name, "unless", f"{campaign.unless.source} holds"))
                 continue
 
         arm: SplitArm | None = None
@@ -303,7 +402,7 @@ def decide(
             if arm is not None and arm.holdout:
                 holdout.append(name)
                 suppressions.append(
-                    Suppression(name, "holdout", f"in holdout arm {arm.name!r} ({arm.share:.0%})")
+                    _suppression(name, "holdout", f"in holdout arm {arm.name!r} ({arm.share:.0%})")
                 )
                 continue
             if campaign.learn_variants:
@@ -334,16 +433,22 @@ def decide(
                 usable.append(channel)
             else:
                 suppressions.append(
-                    Suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel)
+                    _suppression(name, blocked, _CHANNEL_DETAIL[blocked].format(channel), channel)
                 )
         if not usable:
             if not any(s.campaign == name for s in suppressions):
-                suppressions.append(Suppression(name, "no_channel", "the campaign allows no channel"))
+                suppressions.append(_suppression(name, "no_channel", "the campaign allows no channel"))
             continue
 
         # Send-time slots, in the quiet-hours zone.
         zone = quiet_zone(campaign.quiet, profile.timezone) if campaign.quiet else customer_zone
-        slot_key = (earliest, campaign.quiet, zone.key, campaign.ends_ms)
+        quiet = campaign.quiet
+        # The fields the slots depend on (hashing the QuietHours dataclass costs more).
+        slot_key = (
+            (earliest, quiet.start, quiet.end, quiet.action, zone.key, campaign.ends_ms)
+            if quiet is not None
+            else (earliest, None, None, None, zone.key, campaign.ends_ms)
+        )
         cached = slot_cache.get(slot_key)
         if cached is None:
             cached = slot_cache[slot_key] = candidate_slots(
@@ -354,19 +459,18 @@ def decide(
                 until_ms=campaign.ends_ms,
             )
         slots, now_quiet = cached
-        quiet = campaign.quiet
         if quiet is not None and now_quiet:
             window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}"
             if quiet.action == "drop":
                 suppressions.append(
-                    Suppression(
+                    _suppression(
                         name, "quiet", f"{_fmt(earliest, zone)} is inside quiet hours {window}: dropped"
                     )
                 )
                 continue
             if slot_count == 1 and slots:
                 suppressions.append(
-                    Suppression(
+                    _suppression(
                         name,
                         "quiet",
                         f"{_fmt(earliest, zone)} is inside quiet hours {window}: "
@@ -375,48 +479,32 @@ def decide(
                 )
         if not slots:
             suppressions.append(
-                Suppression(name, "quiet", "no allowed send time left before the campaign ends")
+                _suppression(name, "quiet", "no allowed send time left before the campaign ends")
             )
             continue
 
         plan = _Plan(campaign, arm, variants)
-        caps = campaign.caps + settings.caps
+        caps = campaign.caps + settings.caps if campaign.caps else settings.caps
+        zero_caps = [c for c in caps if c.count <= 0] if caps and not history else None
         for rank, channel in enumerate(usable):
             plan.channel_rank[channel] = rank
-            cap_times: list[tuple[Cap, list[int]]] = []
-            for cap in caps:
-                if not history:  # nothing to count: only a zero cap can block
-                    if cap.count <= 0 and _cap_times(cap, campaign, channel, history) is not None:
-                        cap_times.append((cap, []))
-                    continue
-                times = _cap_times(cap, campaign, channel, history)
-                if times is not None and (times or cap.count <= 0):
-                    cap_times.append((cap, [day_of(x) for x in times] if cap.calendar else times))
             first_failure: tuple[str, str] | None = None
-            if not cap_times and not history:
-                kept_slots = slots  # nothing to collide with
+            if history:
+                if checks is None:
+                    checks = _Checks(history, settings.min_spacing_ms, customer_zone)
+                kept_slots, first_failure = checks.kept(campaign, channel, caps, slots)
+            elif not zero_caps:  # nothing to count: only a zero cap can block
+                kept_slots = slots
             else:
-                kept_slots = []
-                for t in slots:
-                    failure = _check(
-                        t=t,
-                        campaign=campaign,
-                        cap_times=cap_times,
-                        history=history,
-                        min_spacing_ms=settings.min_spacing_ms,
-                        zone=customer_zone,
-                        day_of=day_of,
-                    )
-                    if failure is None:
-                        kept_slots.append(t)
-                    elif first_failure is None:
-                        first_failure = failure
-            kept = len(kept_slots)
-            if kept:
+                zero = next((c for c in zero_caps if _cap_key(c, campaign, channel)), None)
+                kept_slots = slots if zero is None else []
+                if zero is not None:
+                    first_failure = ("cap", f"{_describe_cap(zero)} reached")
+            if kept_slots:
                 plan.options[channel] = kept_slots
-            if kept == 0 and first_failure is not None:
-                suppressions.append(Suppression(name, first_failure[0], first_failure[1], channel))
-            if kept and campaign.channels.mode == "ordered":
+            elif first_failure is not None:
+                suppressions.append(_suppression(name, first_failure[0], first_failure[1], channel))
+            if kept_slots and campaign.channels.mode == "ordered":
                 break  # the first channel that works wins; the rest are fallbacks
         if plan.options:
             plans.append(plan)
@@ -432,39 +520,41 @@ def decide(
         return Decision(action="none", suppressions=tuple(suppressions), **base)  # type: ignore[arg-type]
 
     # Candidates, scored: in bulk when the scorer offers it, one Candidate each otherwise.
+    by_name = {p.campaign.name: p for p in plans}
     bulk = getattr(scorer, "score_options", None) if scorer is not None else None
     candidates: list[Candidate] = []
+    best: dict[str, Candidate] = {}
     if bulk is not None:
-        candidates = _score_in_bulk(bulk, plans, profile, now_ms, seed)
+        candidates, best = _score_in_bulk(bulk, plans, profile, now_ms, seed)
     else:
         for plan in plans:
             arms = plan.variants or (plan.arm,)
             for channel, times in plan.options.items():
                 for t, arm in ((t, arm) for t in times for arm in arms):
                     candidates.append(
-                        Candidate(
-                            campaign=plan.campaign.name,
-                            channel=channel,
-                            send_at_ms=t,
-                            score=0.0,
-                            arm=arm.name if arm is not None else None,
+                        _candidate(
+                            plan.campaign.name,
+                            channel,
+                            t,
+                            0.0,
+                            0.0,
+                            0.0,
+                            False,
+                            arm.name if arm is not None else None,
                         )
                     )
         if scorer is not None:
             candidates = list(scorer.score(profile=profile, candidates=candidates, now_ms=now_ms, seed=seed))
-
-    by_name = {p.campaign.name: p for p in plans}
-    best: dict[str, Candidate] = {}
-    for cand in candidates:
-        plan = by_name[cand.campaign]
-        current = best.get(cand.campaign)
-        key = (cand.score, -cand.send_at_ms, -plan.channel_rank.get(cand.channel, 0))
-        if current is None or key > (
-            current.score,
-            -current.send_at_ms,
-            -plan.channel_rank.get(current.channel, 0),
-        ):
-            best[cand.campaign] = cand
+        for cand in candidates:
+            plan = by_name[cand.campaign]
+            current = best.get(cand.campaign)
+            key = (cand.score, -cand.send_at_ms, -plan.channel_rank.get(cand.channel, 0))
+            if current is None or key > (
+                current.score,
+                -current.send_at_ms,
+                -plan.channel_rank.get(current.channel, 0),
+            ):
+                best[cand.campaign] = cand
 
     contenders = sorted(
         best.values(), key=lambda c: (-by_name[c.campaign].campaign.priority, -c.score, c.campaign)
@@ -474,7 +564,7 @@ def decide(
         for c in contenders:
             if c.score <= 0:
                 suppressions.append(
-                    Suppression(
+                    _suppression(
                         c.campaign,
                         "score",
                         f"best expected value {c.score:.4f} <= 0 (engagement {c.engagement:.3f}, "
@@ -498,13 +588,13 @@ def decide(
         lcamp = by_name[loser.campaign].campaign
         if wcamp.exclusive is not None and lcamp.exclusive == wcamp.exclusive:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign, "exclusive", f"{wcamp.name} won exclusive group {wcamp.exclusive!r}"
                 )
             )
         elif lcamp.priority < wcamp.priority:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign,
                     "priority",
                     f"{wcamp.name} has priority {wcamp.priority} > {lcamp.priority}",
@@ -512,7 +602,7 @@ def decide(
             )
         elif loser.score < winner.score:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign,
                     "priority",
                     f"tie on priority {wcamp.priority}; "
@@ -521,7 +611,7 @@ def decide(
             )
         else:
             suppressions.append(
-                Suppression(
+                _suppression(
                     loser.campaign,
                     "priority",
                     f"tie on priority {wcamp.priority} and score; {wcamp.name} first by name",
@@ -606,81 +696,212 @@ class BulkScorer(Protocol):
 
 def _score_in_bulk(
     bulk: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
-) -> list[Candidate]:
+) -> tuple[list[Candidate], dict[str, Candidate]]:
     """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
 
     Materialising hundreds of frozen candidates would cost more than scoring them, so the
-    explanation lists each campaign's best send time per channel (and variant).
+    explanation lists each campaign's best send time per channel (and variant). Also returns
+    each campaign's best candidate: highest score, then earliest send, then channel order.
     """
     groups: list[OptionGroup] = []
+    ranks: list[int] = []
     for plan in plans:
         arm_names = (
             [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
         )
         for channel, times in plan.options.items():
+            rank = plan.channel_rank.get(channel, 0)
             for arm in arm_names:
-                groups.append(OptionGroup(plan.campaign, channel, arm, times))
+                groups.append(_new_tuple(OptionGroup, (plan.campaign, channel, arm, times)))
+                ranks.append(rank)
     res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
-    starts = np.asarray(res.bounds[:-1], dtype=np.int64)
-    lengths = np.diff(np.asarray(res.bounds, dtype=np.int64)).astype(np.int64)
-    seg_max = np.maximum.reduceat(res.score, starts)
-    at_max = np.flatnonzero(res.score >= np.repeat(seg_max, lengths))
-    # The first maximum of each group: the earliest of equally good times.
-    best = at_max[np.searchsorted(at_max, starts)]
+    n_groups = len(groups)
+    total = int(res.bounds[-1])
+    width = total // n_groups if n_groups else 0
+    if n_groups and width * n_groups == total and list(res.bounds) == list(range(0, total + 1, width)):
+        # Every group has as many times (they usually share one list): a (groups x times) matrix,
+        # and argmax gives each row's first maximum, the earliest of equally good times.
+        first = res.score.reshape(n_groups, width).argmax(axis=1)
+        best = first + np.arange(0, total, width)
+        offset = first.tolist()
+    else:
+        bounds = np.asarray(res.bounds, dtype=np.int64)
+        starts = bounds[:-1]
+        seg_max = np.maximum.reduceat(res.score, starts)
+        at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(bounds)))
+        # The first maximum of each group: the earliest of equally good times.
+        best = at_max[np.searchsorted(at_max, starts)]
+        offset = (best - starts).tolist()
     score = res.score[best].tolist()
     engagement = res.engagement[best].tolist()
     unsubscribe = res.unsubscribe[best].tolist()
     explored = res.explored[best].tolist()
     out = []
-    for k, group in enumerate(groups):
-        out.append(
-            Candidate(
-                campaign=group.campaign.name,
-                channel=group.channel,
-                send_at_ms=group.times[int(best[k]) - int(starts[k])],
-                score=score[k],
-                engagement=engagement[k],
-                unsubscribe=unsubscribe[k],
-                explored=explored[k],
-                arm=group.arm,
-            )
-        )
+    top: dict[str, Candidate] = {}
+    top_key: dict[str, tuple[float, int, int]] = {}
+    for (campaign, channel, arm, times), k, value, eng, uns, expl, rank in zip(
+        groups, offset, score, engagement, unsubscribe, explored, ranks, strict=True
+    ):
+        name = campaign.name
+        send_at = times[k]
+        cand = _candidate(name, channel, send_at, value, eng, uns, expl, arm)
+        out.append(cand)
+        key = (value, -send_at, -rank)
+        current = top_key.get(name)
+        if current is None or key > current:
+            top[name] = cand
+            top_key[name] = key
+    return out, top
+
+
+def _bits(flags: Sequence[bool]) -> int:
+    """``flags`` as an integer whose bit ``k`` is set when ``flags[k]`` is true.
+
+    >>> bin(_bits([True, False, True]))
+    '0b101'
+    """
+    out = 0
+    for k, flag in enumerate(flags):
+        if flag:
+            out |= 1 << k
     return out
 
 
-def _check(
-    *,
-    t: int,
-    campaign: Campaign,
-    cap_times: Sequence[tuple[Cap, list[int]]],
-    history: Sequence[PastSend],
-    min_spacing_ms: int,
-    zone: ZoneInfo,
-    day_of: Callable[[int], int],
-) -> tuple[str, str] | None:
-    """The first rule a send at ``t`` would break, as ``(reason, detail)``, or None."""
-    for cap, points in cap_times:
-        # Calendar caps come with their sends already turned into local day numbers.
-        if (
-            cap.count <= 0
-            or (
-                _window_peak(points, day_of(t), max(1, cap.window_ms // DAY_MS))
-                if cap.calendar
-                else _window_peak(points, t, max(1, cap.window_ms))
-            )
-            >= cap.count
-        ):
-            return "cap", f"{_describe_cap(cap)} reached"
-    if min_spacing_ms > 0:
-        for h in history:
-            if abs(h.ts_ms - t) < min_spacing_ms:
-                return "spacing", (
-                    f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, zone)} is within "
-                    f"{min_spacing_ms / 3_600_000:g}h"
+class _Checks:
+    """Caps, minimum spacing and exclusive groups over one decision's history.
+
+    The history is indexed once (sorted send times per cap scope), and each rule's verdict on
+    a list of send times is worked out once per decision: campaigns that share their slots
+    (and global caps, which every campaign and channel share) reuse it. A verdict is a bit
+    mask over the slots (bit ``k``: slot ``k`` is blocked), so combining rules is an ``or``.
+    """
+
+    def __init__(self, history: Sequence[PastSend], min_spacing_ms: int, zone: ZoneInfo) -> None:
+        self.history = history
+        self.min_spacing_ms = min_spacing_ms
+        self.zone = zone
+        self.times = _index_history(history)
+        self.days: dict[tuple[str, ...], list[int]] = {}
+        self.verdicts: dict[tuple[Any, ...], Any] = {}
+        self.slot_lists: dict[int, Sequence[int]] = {}  # keeps every slot list keyed by id alive
+
+    def _slot_days(self, slots: Sequence[int]) -> list[int]:
+        key = ("days", id(slots))
+        got: list[int] | None = self.verdicts.get(key)
+        if got is None:
+            self.slot_lists[id(slots)] = slots
+            got = self.verdicts[key] = local_days(slots, self.zone)
+        return got
+
+    def _cap(self, cap: Cap, key: tuple[str, ...], slots: Sequence[int]) -> int:
+        """The slots ``cap`` (count > 0) blocks, as a bit mask (0 when it counts no send)."""
+        memo = (key, cap.window_ms, cap.calendar, cap.count, id(slots))
+        got: int | None = self.verdicts.get(memo)
+        if got is None:
+            self.slot_lists[id(slots)] = slots
+            points = self.times.get(key)
+            if not points:
+                got = 0
+            elif cap.calendar:
+                days = self.days.get(key)
+                if days is None:  # sorted again: a local day can step back at a DST change
+                    days = self.days[key] = sorted(local_days(points, self.zone))
+                width = max(1, cap.window_ms // DAY_MS)
+                got = _bits(_cap_blocked(days, self._slot_days(slots), width, cap.count))
+            else:
+                got = _bits(_cap_blocked(points, slots, max(1, cap.window_ms), cap.count))
+            self.verdicts[memo] = got
+        return got
+
+    def _spacing(self, slots: Sequence[int]) -> tuple[int, list[int]]:
+        """The slots too close to a send (bit mask), and per slot the index in the history of the first such send."""
+        memo = ("spacing", id(slots))
+        got: tuple[int, list[int]] | None = self.verdicts.get(memo)
+        if got is None:
+            self.slot_lists[id(slots)] = slots
+            gap = self.min_spacing_ms
+            points = self.times[("all",)]
+            hits = []
+            for t in slots:
+                hit = -1
+                if bisect_right(points, t - gap) < bisect_left(points, t + gap):
+                    hit = next(i for i, h in enumerate(self.history) if abs(h.ts_ms - t) < gap)
+                hits.append(hit)
+            got = self.verdicts[memo] = (_bits([i >= 0 for i in hits]), hits)
+        return got
+
+    def _exclusive(self, group: str, slots: Sequence[int]) -> tuple[int, list[int]]:
+        """The slots on a local day ``group`` already sent (bit mask), and per slot the index of that send."""
+        memo = ("exclusive", group, id(slots))
+        got: tuple[int, list[int]] | None = self.verdicts.get(memo)
+        if got is None:
+            sent = [i for i, h in enumerate(self.history) if h.exclusive == group]
+            sent_days = local_days([self.history[i].ts_ms for i in sent], self.zone)
+            first_on: dict[int, int] = {}
+            for i, day in zip(sent, sent_days, strict=True):
+                first_on.setdefault(day, i)
+            hits = [first_on.get(day, -1) for day in self._slot_days(slots)] if first_on else []
+            got = self.verdicts[memo] = (_bits([i >= 0 for i in hits]), hits)
+        return got
+
+    def kept(
+        self, campaign: Campaign, channel: str, caps: Sequence[Cap], slots: list[int]
+    ) -> tuple[list[int], tuple[str, str] | None]:
+        """The send times no rule blocks, and when none is left, the first rule the first time breaks.
+
+        Rules in order: the caps, the minimum spacing, the exclusive group (as ``decide`` documents).
+        The rules that do not look at the channel are combined once per campaign.
+        """
+        every = (1 << len(slots)) - 1
+        memo = ("campaign", campaign.name, id(slots))
+        shared: tuple[int, list[Cap]] | None = self.verdicts.get(memo)
+        if shared is None:
+            mask = 0
+            per_channel: list[Cap] = []
+            for cap in caps:
+                if cap.channel is not None or cap.scope == "channel":
+                    per_channel.append(cap)
+                    continue
+                key = _cap_key(cap, campaign, channel)
+                if key is not None:
+                    mask |= every if cap.count <= 0 else self._cap(cap, key, slots)
+            if self.min_spacing_ms > 0:
+                mask |= self._spacing(slots)[0]
+            if campaign.exclusive is not None:
+                mask |= self._exclusive(campaign.exclusive, slots)[0]
+            shared = self.verdicts[memo] = (mask, per_channel)
+        blocked, per_channel = shared
+        for cap in per_channel:
+            key = _cap_key(cap, campaign, channel)
+            if key is not None:
+                blocked |= every if cap.count <= 0 else self._cap(cap, key, slots)
+        if not blocked:
+            return slots, None
+        if blocked != every:
+            kept_key = ("kept", blocked, id(slots))
+            kept: list[int] | None = self.verdicts.get(kept_key)
+            if kept is None:  # channels and campaigns blocked alike share one list
+                kept = self.verdicts[kept_key] = [t for k, t in enumerate(slots) if not blocked >> k & 1]
+            return kept, None
+        return [], self._first_failure(campaign, channel, caps, slots)
+
+    def _first_failure(
+        self, campaign: Campaign, channel: str, caps: Sequence[Cap], slots: list[int]
+    ) -> tuple[str, str]:
+        """The first rule, in order, that blocks the first send time (every time is blocked)."""
+        for cap in caps:
+            key = _cap_key(cap, campaign, channel)
+            if key is not None and (cap.count <= 0 or self._cap(cap, key, slots) & 1):
+                return "cap", f"{_describe_cap(cap)} reached"
+        if self.min_spacing_ms > 0:
+            mask, hits = self._spacing(slots)
+            if mask & 1:
+                h = self.history[hits[0]]
+                return (
+                    "spacing",
+                    f"{h.campaign} via {h.channel} at {_fmt(h.ts_ms, self.zone)} is within "
+                    f"{self.min_spacing_ms / 3_600_000:g}h",
                 )
-    if campaign.exclusive is not None:
-        day = day_of(t)
-        for h in history:
-            if h.exclusive == campaign.exclusive and day_of(h.ts_ms) == day:
-                return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day"
-    return None
+        assert campaign.exclusive is not None, "a blocked first slot has a rule that blocks it"
+        h = self.history[self._exclusive(campaign.exclusive, slots)[1][0]]
+        return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day"

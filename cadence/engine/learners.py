@@ -52,12 +52,13 @@ from cadence.channels import CHANNELS, Feedback
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
 from cadence.engine.decide import BulkScores, OptionGroup
 from cadence.engine.decision import Candidate
-from cadence.engine.slots import local_datetime, zone_named
+from cadence.engine.slots import local_datetime, local_ms, zone_named
 
 __all__ = [
     "DecisionLearner",
     "FatigueHazard",
     "FeatureLayout",
+    "HourPreference",
     "LearnerConfig",
     "ProbitClassifier",
     "ProbitModel",
@@ -135,8 +136,20 @@ class LearnerConfig:
     hazard_strength: float = 300.0  # prior weight (in sends) of each fatigue-hazard cell
     hazard_load_slope: float = 0.3  # prior: each recent send raises the unsubscribe risk by this share
     explore_volume: bool = False  # True: a lucky draw may also send when the posterior mean says no
-    customer_channel_var: float = 0.1
-    crossed_prior_var: float = 0.02  # prior variance of the trait and hour x trait weights  # prior variance of a customer's own per-channel engagement effect
+    customer_channel_var: float = 0.1  # prior variance of a customer's own per-channel engagement effect
+    crossed_prior_var: float = 0.02  # prior variance of the trait and hour x trait weights
+    hour_model: bool = True  # each customer's preferred hour as a discrete posterior (HourPreference)
+    hour_width: float = 2.5  # hours: how fast engagement falls away from the preferred hour
+    hour_floor: float = 0.2  # engagement far from the preferred hour, as a share of the peak
+    hour_offset_scale: float = 0.5  # probit units per unit of log hour lift (~ dz/dlog p near p = 0.05)
+    hour_prior_power: float = 1.0  # sharpens the population's hour curve into the prior over preferred hours
+    hour_pop_strength: float = 20.0  # pseudo-sends pulling each trait's hour curve towards its overall rate
+    hour_miss_weight: float = 0.0  # weight of a send not clicked in a customer's hour likelihood
+    hour_pop_draw: bool = True  # draw the population's hour curves (Thompson at the population level)
+    hour_draw_scale: float = 0.35  # shrinks that draw's spread (the trait rows share their sends)
+    hour_explore: bool = False  # draw the preferred hour from its posterior (False: use the expected lift)
+    probit_hours: bool = True  # the probit's own hour x trait weights and hour match (besides HourPreference)
+    time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
 
 
 class ProbitModel:
@@ -162,24 +175,29 @@ class ProbitModel:
         self.beta = beta
         self.n = 0
 
-    def predict(self, idx: np.ndarray, val: np.ndarray, extra: Effect | None = None) -> float:
+    def predict(
+        self, idx: np.ndarray, val: np.ndarray, extra: Effect | None = None, offset: float = 0.0
+    ) -> float:
         """Posterior predictive probability of a positive label.
 
         ``extra`` is one more weight with feature value 1 kept outside the vector (a
         customer's own effect): ``(array of shape (2, n) holding means and variances, column)``.
+        ``offset`` is a known term added to the score (the hour preference's).
         """
-        s = float(self.mean[idx] @ val)
+        s = float(self.mean[idx] @ val) + offset
         v2 = float(self.var[idx] @ (val * val))
         if extra is not None:
             s += float(extra[0][0, extra[1]])
             v2 += float(extra[0][1, extra[1]])
         return float(ndtr(s / math.sqrt(self.beta**2 + v2)))
 
-    def learn(self, idx: np.ndarray, val: np.ndarray, label: bool, extra: Effect | None = None) -> None:
-        """One assumed-density-filtering update for one labelled example (and ``extra``, as in predict)."""
+    def learn(
+        self, idx: np.ndarray, val: np.ndarray, label: bool, extra: Effect | None = None, offset: float = 0.0
+    ) -> None:
+        """One assumed-density-filtering update for one labelled example (``extra``, ``offset`` as in predict)."""
         y = 1.0 if label else -1.0
         var = self.var[idx]
-        s = float(self.mean[idx] @ val)
+        s = float(self.mean[idx] @ val) + offset
         v2 = float(var @ (val * val))
         if extra is not None:
             s += float(extra[0][0, extra[1]])
@@ -295,6 +313,156 @@ class FatigueHazard:
         return self._rates
 
 
+class HourPreference:
+    """Each customer's preferred local hour as a discrete posterior over 24 hours, with a population prior.
+
+    The model: a message sent at local hour ``h`` to a customer whose preferred hour is ``m``
+    is engaged with ``q * F[h, m]``, where ``F = floor + (1 - floor) * exp(-d^2 / 2 width^2)``
+    for the circular distance ``d`` between ``h`` and ``m``, and ``q`` the customer's rate at
+    their preferred hour. Per customer, the log-likelihood of each ``m`` adds up over every
+    labelled send: a click at ``h`` favours the ``m`` near ``h``, a send not clicked at ``h``
+    (slightly) disfavours them. The prior over ``m`` comes from the population: for every
+    trait value, the click rate by local send hour (counts, smoothed over neighbouring hours
+    and towards that trait's overall rate); a customer's prior multiplies the lifts of their
+    trait values against everyone's (naive Bayes, as a log-linear model would). So a new
+    customer gets the hours that customers like them click at, and their own clicks and
+    silences move it from there. A draw of ``m`` from the posterior is the Thompson draw.
+
+    >>> hp = HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.0)
+    >>> ll = np.zeros(24)
+    >>> for h in (14, 14, 15):
+    ...     ll = hp.update(ll, h, True, 0.1)
+    >>> post = hp.posterior(ll, hp.log_prior([]))
+    >>> int(np.argmax(post)) in (14, 15)
+    True
+    >>> lift = hp.lift(post)
+    >>> bool(lift[14] > 2 * lift[3])
+    True
+    """
+
+    def __init__(
+        self, *, width: float, floor: float, strength: float, power: float, miss_weight: float = 1.0
+    ) -> None:
+        d = np.abs(np.arange(24)[:, None] - np.arange(24)[None, :])
+        d = np.minimum(d, 24 - d)
+        #: F[h, m]: the engagement at send hour h of a customer who prefers m, as a share of the peak.
+        self.F = floor + (1 - floor) * np.exp(-(d * d) / (2 * width * width))
+        #: Centred so a customer about whom nothing is known (a flat posterior) gets no offset.
+        self.reference = float(self.F.mean())
+        self.logF = np.log(self.F / self.reference)
+        self.smooth = np.exp(-(d * d) / 2.0)  # one-hour kernel for the population's counts
+        self.strength = strength
+        self.power = power
+        self.miss_weight = miss_weight
+        self.clicks = np.zeros((1 + TRAIT_BUCKETS, 24))  # row 0: everyone; 1 + b: trait bucket b
+        self.sends = np.zeros((1 + TRAIT_BUCKETS, 24))
+        self._lift_cache: dict[int, tuple[float, np.ndarray]] = {}
+        self._prior_cache: dict[tuple[int, ...], tuple[list[np.ndarray], np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a snapshot keeps: not the per-bucket prior cache (remade on use)."""
+        state = dict(self.__dict__)
+        state.pop("_prior_cache", None)
+        state.pop("_relative_F", None)
+        return state
+
+    def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
+        """Count one labelled send at local ``hour`` for everyone and each of the customer's trait buckets."""
+        rows = [0, *(1 + b for b in buckets)]
+        self.sends[rows, hour] += 1
+        if clicked:
+            self.clicks[rows, hour] += 1
+
+    def _row_lift(self, row: int, sends: float | None = None) -> np.ndarray:
+        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24)).
+
+        ``sends``: the row's total sends, when the caller summed several rows at once.
+        """
+        cached = self._lift_cache.get(row)
+        if sends is None:
+            sends = float(self.sends[row].sum())
+        # Recomputed once the row has 2% (at least 20) more sends than when last computed.
+        if cached is None or sends - cached[0] >= max(20.0, 0.02 * cached[0]):
+            c = self.smooth @ self.clicks[row]
+            n = self.smooth @ self.sends[row]
+            overall = (self.clicks[row].sum() + 1.0) / (self.sends[row].sum() + 30.0)
+            a = c + self.strength * overall
+            rate = a / (n + self.strength)
+            cached = self._lift_cache[row] = (sends, np.stack((np.log(rate / overall), 1 / np.sqrt(a))))
+        return cached[1]
+
+    def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:
+        """Log prior over the preferred hour of a customer with these trait buckets (unnormalised).
+
+        With ``noise`` (standard normals, 24 per row: everyone, then each bucket), one draw
+        of the population's curves from their (log-normal) posterior: hours the population
+        was rarely sent at are uncertain, so they get tried (Thompson sampling).
+        """
+        base = self._row_lift(0)
+        out = base[0].copy()
+        if noise is not None:
+            out += base[1] * noise[:24]
+        for k, b in enumerate(buckets):
+            row = self._row_lift(1 + b)
+            out += row[0] - base[0]
+            if noise is not None:
+                out += row[1] * noise[24 * (k + 1) : 24 * (k + 2)]
+        return self.power * out
+
+    def log_priors(self, buckets: Sequence[int], noise: np.ndarray) -> np.ndarray:
+        """:meth:`log_prior` without and with ``noise`` at once: rows 0 and 1 of a (2, 24) array.
+
+        The mean part and the rows' standard errors are kept per trait-bucket tuple while the
+        population's rows are unchanged, so a decision costs a few array operations.
+        """
+        index = [0, *(1 + b for b in buckets)]
+        totals = self.sends[index].sum(axis=1).tolist()  # one reduction for every row
+        rows = [self._row_lift(r, n) for r, n in zip(index, totals, strict=True)]
+        key = tuple(buckets)
+        cache = self.__dict__.get("_prior_cache")
+        if cache is None:  # (a snapshot pickled without it)
+            cache = self._prior_cache = {}
+        got = cache.get(key)
+        if got is None or any(a is not b for a, b in zip(got[0], rows, strict=True)):
+            base = rows[0]
+            mean = base[0].copy()
+            for row in rows[1:]:
+                mean += row[0] - base[0]
+            if len(cache) >= 4096:
+                cache.clear()
+            mean *= self.power
+            got = cache[key] = (rows, mean, self.power * np.stack([row[1] for row in rows]))
+        _, mean, spread = got
+        out = np.empty((2, 24))
+        out[0] = mean
+        np.add(mean, (spread * noise[: 24 * len(rows)].reshape(len(rows), 24)).sum(axis=0), out=out[1])
+        return out
+
+    def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
+        """The customer's log-likelihood over preferred hours after one labelled send at ``hour``."""
+        if clicked:
+            return loglik + self.logF[hour]
+        return loglik + self.miss_weight * np.log1p(-q * self.F[hour])  # F, not logF: centring cancels
+
+    def posterior(self, loglik: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
+        """The posterior over the preferred hour (sums to 1)."""
+        x = loglik + log_prior
+        x = np.exp(x - x.max())
+        return np.asarray(x / x.sum())
+
+    def relative_F(self) -> np.ndarray:  # noqa: N802 (the model's F)
+        """``F / reference`` (made once, read-only): :meth:`lift` as one product."""
+        rel: np.ndarray | None = self.__dict__.get("_relative_F")
+        if rel is None:
+            rel = self._relative_F = self.F / self.reference
+            rel.flags.writeable = False
+        return rel
+
+    def lift(self, posterior: np.ndarray) -> np.ndarray:
+        """Expected engagement at each send hour (0..23) under ``posterior``, relative to a flat posterior's."""
+        return np.asarray(self.F @ posterior) / self.reference
+
+
 @dataclass
 class CustomerStats:
     """What the learner remembers about one customer (from feedback joined to its decisions)."""
@@ -309,6 +477,8 @@ class CustomerStats:
     #: The customer's own engagement effect per channel, shape (2, channels): posterior means
     #: and variances (None: still the prior). A class default, so older snapshots load.
     effect: np.ndarray | None = None
+    #: Log-likelihood of each preferred local hour 0..23 from the customer's labelled sends (None: no label yet).
+    hour_loglik: np.ndarray | None = None
 
 
 @dataclass
@@ -325,6 +495,10 @@ class Pending:
     engaged: bool = False
     unsubscribed: bool = False
     load: int = 0  # sends in the 7 days before the decision
+    hour: int = -1  # local hour of the send (0..23), for the hour preference
+    offset: float = 0.0  # the hour preference's term in the engagement score when decided
+    rate: float = 0.05  # the expected engagement at the customer's preferred hour when decided
+    buckets: tuple[int, ...] = ()  # the customer's trait buckets
 
 
 class DecisionLearner:
@@ -343,6 +517,7 @@ class DecisionLearner:
         self.engagement = self._model(self.config.engagement_prior, prior_var)
         self.unsubscribe = self._model(self.config.unsubscribe_prior, prior_var * 0.5)
         self.hazard = self._hazard()
+        self.hours = self._hours()
         self.customers: dict[int, CustomerStats] = {}
         self.pending: dict[str, Pending] = {}
         self.position = 0  # the last event id reflected (set by the loop subscriber)
@@ -363,6 +538,69 @@ class DecisionLearner:
             prior=cfg.unsubscribe_prior, strength=cfg.hazard_strength, slope=cfg.hazard_load_slope
         )
 
+    def _hours(self) -> HourPreference:
+        cfg = self.config
+        return HourPreference(
+            width=cfg.hour_width,
+            floor=cfg.hour_floor,
+            strength=cfg.hour_pop_strength,
+            power=cfg.hour_prior_power,
+            miss_weight=cfg.hour_miss_weight,
+        )
+
+    def hour_posterior(self, stats: CustomerStats, buckets: Sequence[int]) -> np.ndarray:
+        """The customer's posterior over their preferred local hour (0..23)."""
+        loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+        return self.hours.posterior(loglik, self.hours.log_prior(buckets))
+
+    def hour_offsets(
+        self,
+        stats: CustomerStats,
+        buckets: Sequence[int],
+        hours: np.ndarray,
+        uniform: float,
+        noise: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The hour preference's score terms at fractional local ``hours``: posterior mean and one draw.
+
+        The mean is ``scale * log E[F[h, m]]``; the draw takes one preferred hour ``m`` from
+        the posterior (``uniform`` in [0, 1) picks it) and uses ``scale * log F[h, m]``.
+        """
+        rows = self._hour_offset_rows(stats, buckets, hours, uniform, noise)
+        return rows[0], rows[1]
+
+    def _hour_offset_rows(
+        self,
+        stats: CustomerStats,
+        buckets: Sequence[int],
+        hours: np.ndarray,
+        uniform: float,
+        noise: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """:meth:`hour_offsets` as one (2, len(hours)) array: rows mean and draw."""
+        h = hours.astype(np.int64) % 24
+        scale = self.config.hour_offset_scale
+        if self.config.hour_pop_draw and noise is not None and not self.config.hour_explore:
+            # Both posteriors (the mean prior's and the drawn prior's) in one pass of array operations.
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            x = self.hours.log_priors(buckets, noise)
+            x += loglik
+            x -= x.max(axis=1, keepdims=True)
+            np.exp(x, out=x)
+            x /= x.sum(axis=1, keepdims=True)
+            logs = np.log(x @ self.hours.relative_F())  # F is symmetric: row r is F @ post_r / reference
+            logs *= scale
+            return logs[:, h]
+        post = self.hour_posterior(stats, buckets)
+        mean = scale * np.log(self.hours.lift(post))[h]
+        if self.config.hour_pop_draw and noise is not None:
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            post = self.hours.posterior(loglik, self.hours.log_prior(buckets, noise))
+        if not self.config.hour_explore:
+            return np.stack((mean, scale * np.log(self.hours.lift(post))[h]))
+        m = min(int(np.searchsorted(np.cumsum(post), uniform * post.sum())), 23)
+        return np.stack((mean, scale * self.hours.logF[h, m]))
+
     def __getstate__(self) -> dict[str, Any]:
         """What a snapshot keeps: not the bank of normals nor caches (remade on load)."""
         state = dict(self.__dict__)
@@ -375,6 +613,8 @@ class DecisionLearner:
         self.__dict__.update(state)
         if "hazard" not in state:
             self.hazard = self._hazard()
+        if "hours" not in state:
+            self.hours = self._hours()
         self._group_meta = {}
         if "_bank" not in state:
             self._bank = _noise_bank(self.layout.size)
@@ -513,7 +753,7 @@ class DecisionLearner:
             val.append(float(b[i]))
         local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
         hour = local.hour + local.minute / 60
-        harm = _time_code(hour, local.weekday() >= 5)
+        harm = _time_code(hour, local.weekday() >= 5) if self.config.probit_hours else ()
         for k, h in enumerate(harm):
             if h == 0.0:
                 continue
@@ -521,6 +761,8 @@ class DecisionLearner:
                 idx.append(lay.time + k * lay.n_traits1 + int(i))
                 val.append(h * float(t1[i]))
         for k, p in enumerate(self._personal(stats, channel, hour)):
+            if k == 1 and not self.config.probit_hours:
+                continue
             idx.append(lay.personal + k)
             val.append(p)
         idx.append(lay.campaign + _bucket(campaign, CAMPAIGN_BUCKETS))
@@ -559,47 +801,66 @@ class DecisionLearner:
         t1 = self._traits1(traits)
         zone_key = zone_named(profile.timezone, "UTC").key
 
-        # Send times: one block per distinct time list (groups of a campaign share theirs).
-        list_start: dict[int, int] = {}
-        harms: list[np.ndarray] = []
-        hours_parts: list[np.ndarray] = []
-        n_times = 0
-        lengths_l: list[int] = []
-        starts_l: list[int] = []
-        metas: list[tuple[int, int, int, int, int]] = []
+        # One pass over the groups: their list of send times (groups of a campaign, and usually
+        # every campaign, share one) and their cached weight indices.
+        lists: dict[int, Sequence[int]] = {}
+        list_of: list[int] = []
+        rows: list[int] = []  # per group: channel, 3 weight indices, campaign id, number of times
         camp_ids: dict[str, int] = {}
         meta_cache = self._group_meta
-        for g in groups:
-            key_t = id(g.times)
-            start = list_start.get(key_t)
-            if start is None:
-                harm_g, hours_g = _time_rows(zone_key, tuple(g.times))
-                start = list_start[key_t] = n_times
-                n_times += len(hours_g)
-                harms.append(harm_g)
-                hours_parts.append(hours_g)
-            starts_l.append(start)
-            lengths_l.append(len(g.times))
-            name = g.campaign.name
-            meta = meta_cache.get((name, g.channel, g.arm))
+        any_arm = False
+        for campaign, channel, arm, times in groups:
+            if id(times) not in lists:
+                lists[id(times)] = times
+            list_of.append(id(times))
+            name = campaign.name
+            meta = meta_cache.get((name, channel, arm))
             if meta is None:
-                meta = meta_cache[(name, g.channel, g.arm)] = (
-                    CHANNEL_INDEX.get(g.channel, 0),
+                meta = meta_cache[(name, channel, arm)] = (
+                    CHANNEL_INDEX.get(channel, 0),
                     lay.campaign + _bucket(name, CAMPAIGN_BUCKETS),
-                    lay.campaign_channel + _bucket(f"{name}/{g.channel}", CAMPAIGN_BUCKETS),
-                    -1 if g.arm is None else _bucket(f"{name}/{g.arm}", ARM_BUCKETS),
+                    lay.campaign_channel + _bucket(f"{name}/{channel}", CAMPAIGN_BUCKETS),
+                    -1 if arm is None else _bucket(f"{name}/{arm}", ARM_BUCKETS),
                 )
-            metas.append((*meta, camp_ids.setdefault(name, len(camp_ids))))
-        harm = harms[0] if len(harms) == 1 else np.concatenate(harms)
-        hour_arr = hours_parts[0] if len(hours_parts) == 1 else np.concatenate(hours_parts)
-        meta_arr = np.array(metas, dtype=np.int64)
-        ch_global, camp_idx, cc_idx, arm_b, camp_of = meta_arr.T
-        lengths = np.array(lengths_l, dtype=np.int64)
-        bounds_arr = np.zeros(len(groups) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=bounds_arr[1:])
-        total = int(bounds_arr[-1])
-        group_of = np.repeat(np.arange(len(groups)), lengths)
-        ti = np.arange(total) - np.repeat(bounds_arr[:-1] - np.array(starts_l, dtype=np.int64), lengths)
+            if arm is not None:
+                any_arm = True
+            camp_id = camp_ids.get(name)
+            if camp_id is None:
+                camp_id = camp_ids[name] = len(camp_ids)
+            rows += meta
+            rows += (camp_id, len(times))
+        n_groups = len(groups)
+        # A flat list converts to an array several times faster than a list of tuples.
+        ch_global, camp_idx, cc_idx, arm_b, camp_of, lengths = (
+            np.array(rows, dtype=np.int64).reshape(n_groups, 6).T
+        )
+        # With one shared list, an option (group k, time j) sits at k * T + j: the flat arrays are
+        # a (groups x times) matrix, built by broadcasting. Otherwise the time features are made
+        # once for the distinct send times of every list, and each option gathers its own.
+        shared = len(lists) == 1
+        if shared:
+            only = next(iter(lists.values()))
+            harm, hour_arr = _time_rows(zone_key, tuple(only))
+            n_times = len(only)
+            rep: Any = n_times
+            bounds = list(range(0, n_groups * n_times + 1, n_times)) if n_times else [0] * (n_groups + 1)
+        else:
+            position: dict[int, int] = {}
+            for times in lists.values():
+                for t in times:
+                    if t not in position:
+                        position[t] = len(position)
+            harm, hour_arr = _time_rows(zone_key, tuple(position))
+            at = {key: [position[t] for t in times] for key, times in lists.items()}
+            ti_list: list[int] = []
+            for key in list_of:
+                ti_list += at[key]
+            ti = np.array(ti_list, dtype=np.int64)
+            rep = lengths
+            bounds_arr = np.zeros(n_groups + 1, dtype=np.int64)
+            np.cumsum(lengths, out=bounds_arr[1:])
+            bounds = bounds_arr.tolist()
+            group_of = np.repeat(np.arange(n_groups), lengths)
         if stats.clicks:
             resultant = math.hypot(stats.hour_cos, stats.hour_sin) / stats.clicks
             mean_angle = math.atan2(stats.hour_sin, stats.hour_cos)
@@ -607,51 +868,84 @@ class DecisionLearner:
                 resultant * stats.clicks / (stats.clicks + 1)
             )
         else:
-            match = np.zeros(len(hour_arr))
+            match = None
         # Own click rate and experience per channel (indexed by channel).
         rate_exp = np.array([self._personal(stats, ch, 0.0)[::2] for ch in CHANNELS])[ch_global]
 
-        # Weights: posterior mean and one draw (rows 0, 1), and the variances.
+        # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
+        # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
         eng = self.engagement
-        hi = lay.personal + lay.n_personal  # channel, time and personal blocks are contiguous
-        w = np.empty((2, lay.size))
-        w[0, :hi] = eng.mean[:hi]
-        np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1, :hi])
-        w[1, :hi] += w[0, :hi]
-        cols = np.concatenate((camp_idx, cc_idx))
-        w[0, cols] = eng.mean[cols]
-        w[1, cols] = eng.mean[cols] + eng.sd()[cols] * noise_e[cols]
+        hi = lay.arm
+        w = np.empty((2, hi))
+        w[0] = eng.mean[:hi]
+        np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1])
+        w[1] += w[0]
+        if not cfg.time_draw:
+            w[1, lay.time : lay.personal] = w[0, lay.time : lay.personal]
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
-        time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
-        time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
         wp = w[:, lay.personal : lay.personal + lay.n_personal]
         vp = v[lay.personal : lay.personal + lay.n_personal]
-        time_w = time_w + wp[:, 1:2] * match
-        time_v = time_v + vp[1] * match * match
+        if cfg.probit_hours:
+            if cfg.time_draw:
+                time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+            else:  # both rows hold the posterior mean: one product, shown twice
+                time_w = np.broadcast_to(
+                    (w[0, lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm.T,
+                    (2, len(hour_arr)),
+                )
+            time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
+            if match is not None:  # (no clicks yet: the hour-match feature is 0)
+                time_w = time_w + wp[:, 1:2] * match
+                time_v = time_v + vp[1] * match * match
+        else:
+            time_w, time_v = np.zeros((2, len(hour_arr))), np.zeros(len(hour_arr))
+        if cfg.hour_model:
+            # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
+            buckets = self._trait_buckets(traits)
+            time_w = time_w + self._hour_offset_rows(
+                stats,
+                buckets,
+                hour_arr,
+                float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,
+                cfg.hour_draw_scale * noise_u[64 : 64 + 24 * (1 + len(buckets))],
+            )
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
         per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]
-        has_arm = arm_b >= 0
-        if has_arm.any():
-            rows = np.maximum(arm_b, 0)
+        if any_arm:
+            has_arm = arm_b >= 0
+            arm_rows = np.maximum(arm_b, 0)
             arm_w = np.stack((eng.mean[lay.arm :], eng.sample(noise_e)[lay.arm :]))
             arm_w = arm_w.reshape(2, ARM_BUCKETS, lay.n_traits1) @ t1
             arm_v = v[lay.arm : lay.size].reshape(ARM_BUCKETS, lay.n_traits1) @ t1
-            per_group = per_group + np.where(has_arm, arm_w[:, rows], 0.0)
-            per_group_v = per_group_v + np.where(has_arm, arm_v[rows], 0.0)
+            per_group = per_group + np.where(has_arm, arm_w[:, arm_rows], 0.0)
+            per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
         # The customer's own effect on each channel: its mean, one draw, its variance.
         eff = stats.effect
         if eff is not None:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
             per_group[1] += eff_mean + np.sqrt(eff_var) * noise_u[-1 - ch_global]
+            per_group_v = per_group_v + eff_var
+        else:  # still the prior: the same variance on every channel
+            per_group[1] += math.sqrt(cfg.customer_channel_var) * noise_u[-1 - ch_global]
+            per_group_v = per_group_v + cfg.customer_channel_var
+        # Options: a (groups x times) matrix when the groups share one list (per-group values
+        # broadcast along the times), else flat arrays (per-group values repeated per time).
+        if shared:
+            mean = per_group[:, :, None] + time_w[:, None, :]
+            var = per_group_v[:, None] + time_v[None, :]
+
+            def per_option(x: np.ndarray) -> np.ndarray:
+                return x[:, None]
         else:
-            eff_var = np.full(len(groups), cfg.customer_channel_var)
-            per_group[1] += np.sqrt(eff_var) * noise_u[-1 - ch_global]
-        per_group_v = per_group_v + eff_var
-        mean = per_group[:, group_of] + time_w[:, ti]
-        var = per_group_v[group_of] + time_v[ti]
+            mean = per_group[:, group_of] + time_w[:, ti]
+            var = per_group_v[group_of] + time_v[ti]
+
+            def per_option(x: np.ndarray) -> np.ndarray:
+                return np.repeat(x, lengths)
+
         # Row 0: the predictive probability Phi(mean / sqrt(beta^2 + variance)); row 1: the draw's.
         scale = np.empty_like(mean)
         np.sqrt(cfg.beta**2 + var, out=scale[0])
@@ -664,26 +958,32 @@ class DecisionLearner:
         if cfg.explore_unsubscribe:
             seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
             spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
-            ch_draw = np.maximum(ch_rates + spread * noise_u[: len(groups)], 0.0)
+            ch_draw = np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
         else:
             ch_draw = ch_rates
-        p_uns = ch_rates[group_of]
-        score = cfg.click_value * probs[1] - cfg.unsubscribe_cost * ch_draw[group_of]
-        mean_score = cfg.click_value * p_eng - cfg.unsubscribe_cost * p_uns
+        value = cfg.click_value
+        score = (probs[1] if value == 1.0 else value * probs[1]) - per_option(cfg.unsubscribe_cost * ch_draw)
+        mean_score = (p_eng if value == 1.0 else value * p_eng) - per_option(cfg.unsubscribe_cost * ch_rates)
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
-        score = np.where((score <= 0) & (mean_score > 0), mean_score * 1e-6, score)
+        worth = mean_score > 0
+        np.copyto(score, mean_score * 1e-6, where=(score <= 0) & worth)
         if not cfg.explore_volume:
             # Nor does a lucky draw make a send the posterior mean says is not worth it.
-            score = np.where(mean_score <= 0, np.minimum(score, 0.0), score)
+            np.minimum(score, 0.0, out=score, where=~worth)
 
-        bounds = bounds_arr.tolist()
-        group_best = np.maximum.reduceat(mean_score, bounds_arr[:-1])
-        camp_best = np.full(len(camp_ids), -np.inf)
-        np.maximum.at(camp_best, camp_of, group_best)
-        explored = mean_score < camp_best[camp_of][group_of] - 1e-12
+        group_best = mean_score.max(axis=1) if shared else np.maximum.reduceat(mean_score, bounds_arr[:-1])
+        if len(camp_ids) == n_groups:  # one group per campaign: its best is the campaign's
+            camp_best_of = group_best
+        else:
+            camp_best = np.full(len(camp_ids), -np.inf)
+            np.maximum.at(camp_best, camp_of, group_best)
+            camp_best_of = camp_best[camp_of]
+        explored = mean_score < per_option(camp_best_of) - 1e-12
+        p_uns = np.repeat(ch_rates, rep)
+        score, p_eng, explored = score.reshape(-1), p_eng.reshape(-1), explored.reshape(-1)
         # Variants: with the campaign's minimum share, explore one variant picked at random.
-        if has_arm.any() and any(g.campaign.learn_variants for g in groups):
+        if any_arm and any(g.campaign.learn_variants for g in groups):
             pyrng = random.Random(seed)
             forced: dict[str, str] = {}
             for g in groups:
@@ -762,7 +1062,7 @@ class DecisionLearner:
             arm=arm,
             now_ms=now_ms,
         )
-        self.pending[decision_id] = Pending(
+        pending = Pending(
             customer_id=customer_id,
             idx=idx,
             val=val,
@@ -772,6 +1072,17 @@ class DecisionLearner:
             arm=arm,
             load=self.recent_load(customer_id, now_ms),
         )
+        if self.config.hour_model:
+            local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
+            stats = self.customer(customer_id)
+            buckets = tuple(self._trait_buckets(traits))
+            lift = float(self.hours.lift(self.hour_posterior(stats, buckets))[local.hour])
+            pending.hour, pending.buckets = local.hour, buckets
+            pending.offset = self.config.hour_offset_scale * math.log(lift)
+            extra = (self.effect(customer_id), CHANNEL_INDEX.get(channel, 0))
+            p = self.engagement.predict(idx, val, extra, pending.offset)
+            pending.rate = min(max(p / (lift * self.hours.reference), 1e-3), 0.5)
+        self.pending[decision_id] = pending
         self._horizon.append((send_at_ms + self.config.horizon_ms, decision_id))
 
     def observe(self, *, decision_id: str, kind: Feedback, ts_ms: int, zone: str | None = None) -> None:
@@ -828,10 +1139,15 @@ class DecisionLearner:
             self.labels += 1
             return
         extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
-        prob = model.predict(p.idx, p.val, extra)
+        prob = model.predict(p.idx, p.val, extra, p.offset)
         self.quality[f"{name}_auc"].update(label, prob)
         self.quality["engagement_logloss"].update(label, prob)
-        model.learn(p.idx, p.val, label, extra)
+        model.learn(p.idx, p.val, label, extra, p.offset)
+        if p.hour >= 0:
+            stats = self.customer(p.customer_id)
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            stats.hour_loglik = self.hours.update(loglik, p.hour, label, p.rate)
+            self.hours.learn(p.buckets, p.hour, label)
         self.labels += 1
 
     def recent_quality(self) -> dict[str, float]:
@@ -839,9 +1155,24 @@ class DecisionLearner:
         return {k: round(float(m.get()), 4) for k, m in self.quality.items()}
 
 
+@lru_cache(maxsize=4)
 def _noise_bank(size: int) -> np.ndarray:
-    """Standard normals for posterior draws, the same in every process (see ``_noise``)."""
-    return np.random.default_rng(20260101).standard_normal((509, size))
+    """Standard normals for posterior draws, the same in every process (see ``_noise``).
+
+    Made once per process and size (about 0.1 s) and shared, read-only, by every learner: a
+    snapshot loaded or rolled back in a running service does not make the next decision wait.
+    """
+    bank = np.random.default_rng(20260101).standard_normal((509, size))
+    bank.flags.writeable = False
+    return bank
+
+
+#: Time features by local minute of the day and weekend flag (row ``minute * 2 + weekend``),
+#: filled from :func:`_time_code` as minutes are first seen; ``_TIME_SEEN`` marks the filled rows.
+_TIME_TABLE = np.zeros((24 * 60 * 2, 27))
+_TIME_SEEN = [False] * (24 * 60 * 2)
+#: The fractional local hour (hour + minute / 60) of each minute of the day.
+_MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
 
 
 @lru_cache(maxsize=8192)
@@ -849,17 +1180,22 @@ def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
     """The time features (one row per send time) and the fractional local hours of ``times``.
 
     A decision's slots are the next hours, so consecutive decisions in a zone ask for
-    nearly the same instants: memoised (read-only arrays).
+    nearly the same instants: memoised (read-only arrays). Local times come from the
+    per-instant UTC offsets (exact across DST changes), and the rows from a table by
+    local minute of the day, so a new window costs a few array operations.
     """
-    tz = zone_named(zone, "UTC")
     rows = []
-    hours = []
-    for t in times:
-        local = local_datetime(t, tz)
-        hour = local.hour + local.minute / 60
-        hours.append(hour)
-        rows.append(_time_code(hour, local.weekday() >= 5))
-    harm, hour_arr = np.array(rows), np.array(hours)
+    minutes = []
+    seen = _TIME_SEEN
+    for loc in local_ms(times, zone_named(zone, "UTC")):  # a few dozen: plain Python beats numpy here
+        minute = (loc % DAY_MS) // 60_000
+        row = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01 was a Thursday (weekday 3)
+        if not seen[row]:
+            _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
+            seen[row] = True
+        rows.append(row)
+        minutes.append(minute)
+    harm, hour_arr = _TIME_TABLE.take(rows, axis=0), _MINUTE_HOURS.take(minutes)  # take: no fancy-index path
     harm.flags.writeable = False
     hour_arr.flags.writeable = False
     return harm, hour_arr
@@ -878,5 +1214,6 @@ def _erfcinv(y: float) -> float:
     return float(erfcinv(y))
 
 
+_ZERO24 = np.zeros(24)
 _NO_TEMPLATE = TemplateSpec("")
 _NO_CH = ChannelPolicy(())

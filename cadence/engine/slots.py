@@ -7,6 +7,7 @@ on zone-aware local datetimes inside, so daylight-saving changes are handled by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,6 +20,8 @@ __all__ = [
     "is_quiet",
     "local_datetime",
     "local_day",
+    "local_days",
+    "local_ms",
     "next_allowed",
     "next_allowed_ms",
     "quiet_zone",
@@ -138,8 +141,57 @@ def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
 
 
 def _offset_ms(ms: int, zone: ZoneInfo) -> int:
+    if ms % HOUR_MS == 0:
+        return _hour_offset_ms(ms, zone)
+    return _instant_offset_ms(ms, zone)
+
+
+@lru_cache(maxsize=1024)
+def _instant_offset_ms(ms: int, zone: ZoneInfo) -> int:
+    """The UTC offset at an instant off the hour (a decision's own time), asked for by several steps."""
     offset = local_datetime(ms, zone).utcoffset()
     return int(offset.total_seconds() * 1000) if offset is not None else 0
+
+
+@lru_cache(maxsize=65536)
+def _hour_offset_ms(ms: int, zone: ZoneInfo) -> int:
+    """The UTC offset of ``zone`` at one top-of-hour instant, memoised.
+
+    Decision windows are runs of top-of-hour instants, and consecutive decisions (and
+    customers in the same zone) share most of them; the offset of each instant is exact,
+    whatever DST changes the window holds.
+    """
+    offset = local_datetime(ms, zone).utcoffset()
+    return int(offset.total_seconds() * 1000) if offset is not None else 0
+
+
+def local_ms(times: Sequence[int], zone: ZoneInfo) -> list[int]:
+    """Each instant of ``times`` shifted by ``zone``'s UTC offset at that instant: local wall-clock ms.
+
+    ``local_ms // DAY_MS`` is the local day since 1970-01-01, ``local_ms % DAY_MS`` the local
+    time of day; exact across DST changes (each instant gets its own offset).
+
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> before, after = 1774742400000, 1774746000000  # 2026-03-29 00:00 and 01:00 UTC
+    >>> [(x % DAY_MS) // HOUR_MS for x in local_ms([before, after], berlin)]
+    [1, 3]
+    """
+    hourly = _hour_offset_ms
+    return [t + (hourly(t, zone) if t % HOUR_MS == 0 else _offset_ms(t, zone)) for t in times]
+
+
+_EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
+
+
+def local_days(times: Sequence[int], zone: ZoneInfo) -> list[int]:
+    """:func:`local_day` of each instant of ``times`` (from :func:`local_ms`: cached per hour).
+
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> t = _ms(datetime(2026, 3, 4, 23, 30, tzinfo=UTC))
+    >>> local_days([t], berlin) == [local_day(t, berlin)]
+    True
+    """
+    return [loc // DAY_MS + _EPOCH_ORDINAL for loc in local_ms(times, zone)]
 
 
 def _time_ms(t: time) -> int:
@@ -181,6 +233,22 @@ def _memo_slots(
         earliest_ms=earliest_ms, count=count, quiet=quiet, zone=zone, until_ms=until_ms
     )
     return tuple(slots), now_is_quiet
+
+
+#: Where a quiet instant is deferred to, by (quiet start, quiet end, zone, instant): decision
+#: windows are runs of top-of-hour instants, so the same quiet instants come back call after call.
+_DEFERRED: dict[tuple[time, time, ZoneInfo, int], int] = {}
+
+
+def _deferred_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
+    """``next_allowed`` of a quiet instant in epoch ms, memoised (bounded: cleared when full)."""
+    key = (quiet.start, quiet.end, zone, ms)
+    got = _DEFERRED.get(key)
+    if got is None:
+        if len(_DEFERRED) >= 65536:
+            _DEFERRED.clear()
+        got = _DEFERRED[key] = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+    return got
 
 
 def _candidate_slots(
@@ -238,7 +306,7 @@ def _candidate_slots(
                 )
                 target = deferred.get(key) if constant else None
                 if target is None:
-                    target = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+                    target = _deferred_ms(quiet, ms, zone)
                     if constant:
                         deferred[key] = target
                 ms = target

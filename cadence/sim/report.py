@@ -11,7 +11,16 @@ from cadence.sim.policies import default_policies
 from cadence.sim.population import SHAPES, make_population
 from cadence.sim.world import RunResult, run_policy
 
-__all__ = ["Comparison", "PolicySummary", "compare", "markdown_table", "rich_table", "write_chart"]
+__all__ = [
+    "Comparison",
+    "PolicySummary",
+    "compare",
+    "markdown_table",
+    "rich_table",
+    "run_population",
+    "summarise",
+    "write_chart",
+]
 
 START = date(2026, 3, 2)  # a Monday; the US (Mar 8) and EU (Mar 29) DST changes fall inside
 
@@ -75,6 +84,41 @@ class Comparison:
         return mine / oracle if oracle else 0.0
 
 
+def run_population(
+    shape: str,
+    seed: int,
+    *,
+    customers: int,
+    days: int,
+    policies: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[RunResult]:
+    """Every policy (or those named, and always the oracle) on one fresh ``shape`` population of ``seed``."""
+    population = make_population(shape, customers, seed)
+    out = []
+    for policy in default_policies(seed=seed):
+        name = policy.name  # type: ignore[attr-defined]
+        if policies is not None and name not in policies and name != "oracle":
+            continue
+        result = run_policy(policy, population, days=days, seed=seed, start=START)  # type: ignore[arg-type]
+        result.population = shape
+        result.seed = seed
+        out.append(result)
+        if progress is not None:
+            progress(f"{shape} seed {seed}: {name} CTR {result.ctr:.2%}, clicks {result.clicks}")
+    return out
+
+
+def summarise(
+    results: Sequence[RunResult], *, customers: int, days: int, seeds: Sequence[int], shapes: Sequence[str]
+) -> Comparison:
+    """Group runs by policy (in the order first seen) into a :class:`Comparison`."""
+    summaries: dict[str, PolicySummary] = {}
+    for result in results:
+        summaries.setdefault(result.policy, PolicySummary(result.policy)).runs.append(result)
+    return Comparison(customers=customers, days=days, seeds=seeds, shapes=shapes, policies=summaries)
+
+
 def compare(
     *,
     customers: int,
@@ -85,19 +129,15 @@ def compare(
     progress: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Run every policy on every (shape, seed) population and summarise."""
-    summaries: dict[str, PolicySummary] = {}
-    for shape in shapes:
-        for seed in seeds:
-            population = make_population(shape, customers, seed)
-            for policy in default_policies(seed=seed):
-                name = policy.name  # type: ignore[attr-defined]
-                if policies is not None and name not in policies and name != "oracle":
-                    continue
-                result = run_policy(policy, population, days=days, seed=seed, start=START)  # type: ignore[arg-type]
-                summaries.setdefault(name, PolicySummary(name)).runs.append(result)
-                if progress is not None:
-                    progress(f"{shape} seed {seed}: {name} CTR {result.ctr:.2%}, clicks {result.clicks}")
-    return Comparison(customers=customers, days=days, seeds=seeds, shapes=shapes, policies=summaries)
+    results = [
+        r
+        for shape in shapes
+        for seed in seeds
+        for r in run_population(
+            shape, seed, customers=customers, days=days, policies=policies, progress=progress
+        )
+    ]
+    return summarise(results, customers=customers, days=days, seeds=seeds, shapes=shapes)
 
 
 COLUMNS = (

@@ -98,6 +98,8 @@ class RunResult:
     policy: str
     customers: int
     days: int
+    population: str = ""  # the population's shape, once known
+    seed: int = 0
     sends: int = 0
     clicks: int = 0
     unsubscribes: int = 0

@@ -15,7 +15,7 @@ from cadence.engine.campaign import (
     SplitArm,
     TemplateSpec,
 )
-from cadence.engine.decide import decide
+from cadence.engine.decide import OptionGroup, decide
 from cadence.engine.learners import DecisionLearner, LearnerConfig
 from cadence.engine.profiles_memory import MemoryProfile
 
@@ -274,3 +274,99 @@ def test_each_customer_gets_their_own_channel_when_traits_are_the_same() -> None
 
     one, two = expected(1), expected(2)
     assert one["email"] > 2 * one["sms"] and two["sms"] > 2 * two["email"], (one, two)
+
+
+def test_finds_each_customers_hour_from_their_traits_and_their_own_clicks() -> None:
+    """Early birds click at 08:00-09:00 UTC, night owls at 18:00-19:00; nothing else tells them apart but a trait.
+
+    Thirty customers of each kind get one decision a day for 30 days; a newcomer of each kind
+    (no history of its own) must then be sent at its kind's hours: the population's hour
+    curve by trait is the prior. A customer whose trait says early bird but who clicks in
+    the evening must be moved to the evening by their own clicks.
+    """
+    learner = DecisionLearner()
+    rules = ruleset(best_of("email"))
+    import random
+
+    rng = random.Random(3)
+    kinds = {c: ("early" if c % 2 else "late") for c in range(60)}
+    kinds[60] = "early"  # trait says early ...
+    likes = {c: {"early": (8, 9), "late": (18, 19)}[k] for c, k in kinds.items()}
+    likes[60] = (18, 19)  # ... but clicked late the three times they were sent late
+    for day in range(3):
+        at = NOW - (day + 5) * 24 * HOUR_MS + 12 * HOUR_MS  # 18:00 UTC, before the run
+        learner.record_decision(
+            decision_id=f"60:old{day}",
+            customer_id=60,
+            traits={"rhythm": "early"},
+            zone="UTC",
+            campaign="promo",
+            channel="email",
+            send_at_ms=at,
+            arm=None,
+            now_ms=at,
+        )
+        learner.observe(decision_id=f"60:old{day}", kind=Feedback.CLICKED, ts_ms=at + 60_000)
+    learner.advance(NOW)
+    for day in range(30):
+        now = NOW + day * 24 * HOUR_MS + HOUR_MS  # 07:00 UTC
+        for customer, kind in kinds.items():
+            profile = MemoryProfile(customer_id=customer, timezone="UTC", traits={"rhythm": kind})
+            d = decide(
+                ruleset=rules,
+                profile=profile,
+                now_ms=now,
+                history=[],
+                available_channels={"email"},
+                scorer=learner,
+                seed=day * 100 + customer,
+            )
+            if d.action != "send":
+                continue
+            assert d.send_at_ms is not None and d.campaign and d.channel
+            did = f"{customer}:{day}"
+            learner.record_decision(
+                decision_id=did,
+                customer_id=customer,
+                traits=profile.traits,
+                zone="UTC",
+                campaign=d.campaign,
+                channel=d.channel,
+                send_at_ms=d.send_at_ms,
+                arm=None,
+                now_ms=now,
+            )
+            hour = datetime.fromtimestamp(d.send_at_ms / 1000, tz=UTC).hour
+            if hour in likes[customer] and rng.random() < 0.5:
+                learner.observe(decision_id=did, kind=Feedback.CLICKED, ts_ms=d.send_at_ms + 60_000)
+        learner.advance(now + 24 * HOUR_MS)
+
+    def by_hour(customer: int, kind: str) -> dict[int, float]:
+        d = decide(
+            ruleset=rules,
+            profile=MemoryProfile(customer_id=customer, timezone="UTC", traits={"rhythm": kind}),
+            now_ms=NOW + 40 * 24 * HOUR_MS + HOUR_MS,
+            history=[],
+            available_channels={"email"},
+            scorer=learner,
+        )
+        return {datetime.fromtimestamp(c.send_at_ms / 1000, tz=UTC).hour: c.engagement for c in d.candidates}
+
+    def best_hour(customer: int, kind: str) -> int:
+        hours = by_hour(customer, kind)
+        return max(hours, key=hours.__getitem__)
+
+    assert best_hour(1000, "early") in (7, 8, 9, 10), best_hour(1000, "early")
+    assert best_hour(1001, "late") in (17, 18, 19, 20), best_hour(1001, "late")
+
+    # The population's curve stays strong in the score, but the customer's own evening clicks
+    # raise their evening against their morning well above a newcomer's with the same trait.
+    def at_8_and_18(customer: int) -> tuple[float, float]:
+        day = NOW + 40 * 24 * HOUR_MS - 6 * HOUR_MS  # 00:00 UTC
+        group = OptionGroup(rules.campaigns["promo"], "email", None, (day + 8 * HOUR_MS, day + 18 * HOUR_MS))
+        profile = MemoryProfile(customer_id=customer, timezone="UTC", traits={"rhythm": "early"})
+        res = learner.score_options(profile=profile, groups=[group], now_ms=day, seed=1)
+        return float(res.engagement[0]), float(res.engagement[1])
+
+    (own8, own18), (new8, new18) = at_8_and_18(60), at_8_and_18(1000)
+    assert own18 / own8 > 2 * new18 / new8, (own8, own18, new8, new18)

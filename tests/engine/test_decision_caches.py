@@ -1,0 +1,206 @@
+"""The caches behind decide() and the learners' scoring give what the uncached arithmetic gives."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from datetime import time as dtime
+from zoneinfo import ZoneInfo
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cadence.engine.campaign import (
+    DAY_MS,
+    HOUR_MS,
+    Campaign,
+    Cap,
+    ChannelPolicy,
+    CompiledRuleset,
+    GlobalSettings,
+    QuietHours,
+    TemplateSpec,
+)
+from cadence.engine.decide import _cap_blocked, _window_peak, decide
+from cadence.engine.decision import PastSend
+from cadence.engine.learners import DecisionLearner, HourPreference, _time_code, _time_rows
+from cadence.engine.profiles_memory import MemoryProfile
+from cadence.engine.slots import candidate_slots, is_quiet, local_datetime, local_ms, next_allowed, zone_named
+
+ZONES = (
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Sydney",
+    "Australia/Lord_Howe",
+    "Asia/Kathmandu",
+    "UTC",
+)
+# 2026 DST changes: Europe 29 Mar / 25 Oct, US 8 Mar / 1 Nov, Australia 5 Apr / 4 Oct.
+DST_DAYS = [
+    datetime(2026, m, d, tzinfo=UTC) for m, d in ((3, 8), (3, 29), (4, 5), (10, 4), (10, 25), (11, 1))
+]
+
+
+NOW = int(datetime(2026, 3, 28, 12, tzinfo=UTC).timestamp() * 1000)  # the day before Europe's DST change
+
+
+def _window(earliest: int, count: int = 24) -> tuple[int, ...]:
+    first = (earliest // HOUR_MS + 1) * HOUR_MS
+    return (earliest, *(first + i * HOUR_MS for i in range(count - 1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
+    second=st.integers(min_value=0, max_value=59_999),
+)
+def test_local_ms_matches_zoneinfo_across_dst(zone: str, day: datetime, offset_min: int, second: int) -> None:
+    """Each instant of a window that holds a DST change gets its own offset, as zoneinfo says."""
+    tz = zone_named(zone, "UTC")
+    earliest = int(day.timestamp() * 1000) + offset_min * 60_000 + second
+    times = _window(earliest)
+    for _ in range(2):  # the second call is answered from the per-hour offset cache
+        got = local_ms(times, tz)
+        for t, loc in zip(times, got, strict=True):
+            local = local_datetime(t, tz)
+            assert loc // DAY_MS == local.date().toordinal() - datetime(1970, 1, 1).toordinal()
+            minutes = (loc % DAY_MS) // 60_000
+            assert (minutes // 60, minutes % 60) == (local.hour, local.minute)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
+)
+def test_time_rows_match_the_per_instant_features_across_dst(
+    zone: str, day: datetime, offset_min: int
+) -> None:
+    """The learners' time features of a slot window equal the features of each instant's local time."""
+    tz = zone_named(zone, "UTC")
+    times = _window(int(day.timestamp() * 1000) + offset_min * 60_000 + 1234)
+    harm, hours = _time_rows(zone, times)
+    again, _ = _time_rows(zone, times[1:])  # a shifted window shares the cached table rows
+    for i, t in enumerate(times):
+        local = local_datetime(t, tz)
+        hour = local.hour + local.minute / 60
+        assert hours[i] == hour
+        assert tuple(harm[i]) == _time_code(hour, local.weekday() >= 5)
+        assert harm[i][int(hour)] == 1.0 and math.isclose(harm[i][24], math.cos(2 * math.pi * hour / 24))
+        if i:
+            assert tuple(again[i - 1]) == tuple(harm[i])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    points=st.lists(st.integers(min_value=0, max_value=60), max_size=12),
+    values=st.lists(st.integers(min_value=-5, max_value=70), min_size=1, max_size=10),
+    width=st.integers(min_value=1, max_value=20),
+    count=st.integers(min_value=1, max_value=5),
+)
+def test_cap_bisection_matches_the_window_scan(
+    points: list[int], values: list[int], width: int, count: int
+) -> None:
+    """The per-slot cap verdict from the sorted sends equals the scan over every window holding the slot."""
+    expected = [_window_peak(points, t, width) >= count for t in values]
+    assert _cap_blocked(sorted(points), values, width, count) == expected
+
+
+def test_rules_worked_out_once_per_slot_list_stay_per_cap_and_campaign() -> None:
+    """Campaigns sharing one slot list reuse a verdict only for the same rule: each cap still counts its own sends."""
+    sent = [PastSend(ts_ms=NOW - 60_000, campaign="a", channel="email")]
+    one_a_day = (Cap(count=1, window_ms=DAY_MS),)  # campaign scope: counts the campaign's own sends
+    ruleset = CompiledRuleset(
+        hash="h",
+        campaigns={
+            name: Campaign(
+                name=name,
+                title=name,
+                priority=1,
+                audience=None,
+                template=TemplateSpec("t"),
+                channels=ChannelPolicy(("email", "sms"), mode="best"),
+                caps=one_a_day,
+            )
+            for name in ("a", "b")
+        },
+        segments={},
+        settings=GlobalSettings(caps=(Cap(count=1, window_ms=DAY_MS, scope="channel", channel="sms"),)),
+        aggregates=frozenset(),
+    )
+    history = [*sent, PastSend(ts_ms=NOW - 120_000, campaign="x", channel="sms")]
+    d = decide(
+        ruleset=ruleset,
+        profile=MemoryProfile(customer_id=3, timezone="Europe/Berlin"),
+        now_ms=NOW,
+        history=history,
+        available_channels={"email", "sms"},
+        scorer=DecisionLearner(),
+    )
+    # a: its own cap blocks every channel until a day after its send; b: only sms is capped.
+    assert {(s.campaign, s.reason, s.channel) for s in d.suppressions if s.reason == "cap"} == {
+        ("a", "cap", "email"),
+        ("a", "cap", "sms"),
+        ("b", "cap", "sms"),
+    }
+    assert {c.campaign for c in d.candidates} == {"b"} and {c.channel for c in d.candidates} == {"email"}
+    assert all(c.send_at_ms >= NOW for c in d.candidates)
+
+
+def _slots_by_hand(earliest: int, quiet: QuietHours, zone: ZoneInfo) -> tuple[list[int], bool]:
+    """Each slot's local time through zoneinfo, quiet ones moved with next_allowed, duplicates dropped."""
+    out: list[int] = []
+    now_quiet = False
+    for i, t in enumerate(_window(earliest)):
+        local = local_datetime(t, zone)
+        if is_quiet(quiet, local.timetz().replace(tzinfo=None)):
+            now_quiet = now_quiet or i == 0
+            if quiet.action == "drop":
+                continue
+            t = int(round(next_allowed(quiet, local).timestamp() * 1000))
+        if t not in out:
+            out.append(t)
+    return out, now_quiet
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    day=st.sampled_from(DST_DAYS),
+    offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
+    start=st.integers(min_value=0, max_value=47),
+    length=st.integers(min_value=1, max_value=30),
+    drop=st.booleans(),
+)
+def test_memoised_slots_and_deferrals_match_zoneinfo_across_dst(
+    zone: str, day: datetime, offset_min: int, start: int, length: int, drop: bool
+) -> None:
+    """Slots (memoised per window, deferral targets memoised per instant) equal the slot-by-slot arithmetic."""
+    quiet = QuietHours(
+        start=dtime(start // 2, 30 * (start % 2)),
+        end=dtime((start + length) % 48 // 2, 30 * ((start + length) % 2)),
+        fallback_zone="UTC",
+        action="drop" if drop else "defer",
+    )
+    tz = zone_named(zone, "UTC")
+    earliest = int(day.timestamp() * 1000) + offset_min * 60_000 + 4321
+    expected = _slots_by_hand(earliest, quiet, tz)
+    for _ in range(2):  # the second call is answered from the caches
+        assert candidate_slots(earliest_ms=earliest, count=24, quiet=quiet, zone=tz) == expected
+
+
+def test_hour_priors_kept_per_bucket_tuple_follow_the_population() -> None:
+    """Both hour priors at once equal log_prior without and with the draw, before and after the population moves."""
+    hours = HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.3)
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal(24 * 3)
+    for step in range(3):
+        both = hours.log_priors([4, 9], noise)
+        assert np.allclose(both[0], hours.log_prior([4, 9]), rtol=0, atol=1e-12)
+        assert np.allclose(both[1], hours.log_prior([4, 9], noise), rtol=0, atol=1e-12)
+        for k in range(400):  # enough sends that every row's lift is recomputed
+            hours.learn([4, 9] if step else [4], (14 + k) % 24 if k % 3 else 20, clicked=k % 5 == 0)
