@@ -410,13 +410,13 @@ class HourPreference:
             cached = self._prior_cache[key] = (total, self.power * out, self.power * np.sqrt(var))
         if noise is None:
             return cached[1]
-        return cached[1] + cached[2] * noise
+        return np.asarray(cached[1] + cached[2] * noise)
 
     def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
         """The customer's log-likelihood over preferred hours after one labelled send at ``hour``."""
         if clicked:
-            return loglik + self.logF[hour]
-        return loglik + self.miss_weight * np.log1p(-q * self.F[hour])  # F, not logF: centring cancels
+            return np.asarray(loglik + self.logF[hour])
+        return np.asarray(loglik + self.miss_weight * np.log1p(-q * self.F[hour]))  # F: centring cancels
 
     def posterior(self, loglik: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
         """The posterior over the preferred hour (sums to 1)."""
