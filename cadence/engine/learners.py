@@ -15,6 +15,10 @@ whatever the load, and the learners stopped sending on large populations.)
   ``click_value * P(engagement) - unsubscribe_cost * P(unsubscribe)``; a candidate worth
   nothing is not sent. Unseen campaigns, channels and variants have wide posteriors,
   so they are tried (cold start explores, it is not starved) until the data says no;
+- **the preferred hour** (:class:`HourPreference`): each customer's preferred local hour
+  is a discrete posterior over 24 hours whose prior is the population's click-rate curve
+  by hour for the customer's trait values; it enters the engagement score as a known
+  offset, and the population's curves are drawn for Thompson sampling;
 - **learning** is one closed-form update per label: engagement is positive when a
   click (or conversion) joined by ``decision_id`` arrives, negative when the
   configurable horizon passes without one; unsubscribe likewise.
@@ -357,30 +361,22 @@ class HourPreference:
         self.clicks = np.zeros((1 + TRAIT_BUCKETS, 24))  # row 0: everyone; 1 + b: trait bucket b
         self.sends = np.zeros((1 + TRAIT_BUCKETS, 24))
         self._lift_cache: dict[int, tuple[float, np.ndarray]] = {}
-        self._prior_cache: dict[tuple[int, ...], tuple[list[np.ndarray], np.ndarray, np.ndarray]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        """What a snapshot keeps: not the per-bucket prior cache (remade on use)."""
-        state = dict(self.__dict__)
-        state.pop("_prior_cache", None)
-        state.pop("_relative_F", None)
-        return state
+        #: Per trait-bucket tuple: (sends when computed, log prior, its spread); refreshed like the rows.
+        self._prior_cache: dict[tuple[int, ...], tuple[float, np.ndarray, np.ndarray]] = {}
+        self._total = 0.0
 
     def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
         """Count one labelled send at local ``hour`` for everyone and each of the customer's trait buckets."""
         rows = [0, *(1 + b for b in buckets)]
         self.sends[rows, hour] += 1
+        self._total += 1
         if clicked:
             self.clicks[rows, hour] += 1
 
-    def _row_lift(self, row: int, sends: float | None = None) -> np.ndarray:
-        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24)).
-
-        ``sends``: the row's total sends, when the caller summed several rows at once.
-        """
+    def _row_lift(self, row: int) -> np.ndarray:
+        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24))."""
         cached = self._lift_cache.get(row)
-        if sends is None:
-            sends = float(self.sends[row].sum())
+        sends = float(self.sends[row].sum())
         # Recomputed once the row has 2% (at least 20) more sends than when last computed.
         if cached is None or sends - cached[0] >= max(20.0, 0.02 * cached[0]):
             c = self.smooth @ self.clicks[row]
@@ -394,69 +390,39 @@ class HourPreference:
     def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:
         """Log prior over the preferred hour of a customer with these trait buckets (unnormalised).
 
-        With ``noise`` (standard normals, 24 per row: everyone, then each bucket), one draw
-        of the population's curves from their (log-normal) posterior: hours the population
+        With ``noise`` (24 standard normals), one draw of the population's curves from their
+        (log-normal) posterior, the rows' errors taken as independent: hours the population
         was rarely sent at are uncertain, so they get tried (Thompson sampling).
         """
-        base = self._row_lift(0)
-        out = base[0].copy()
-        if noise is not None:
-            out += base[1] * noise[:24]
-        for k, b in enumerate(buckets):
-            row = self._row_lift(1 + b)
-            out += row[0] - base[0]
-            if noise is not None:
-                out += row[1] * noise[24 * (k + 1) : 24 * (k + 2)]
-        return self.power * out
-
-    def log_priors(self, buckets: Sequence[int], noise: np.ndarray) -> np.ndarray:
-        """:meth:`log_prior` without and with ``noise`` at once: rows 0 and 1 of a (2, 24) array.
-
-        The mean part and the rows' standard errors are kept per trait-bucket tuple while the
-        population's rows are unchanged, so a decision costs a few array operations.
-        """
-        index = [0, *(1 + b for b in buckets)]
-        totals = self.sends[index].sum(axis=1).tolist()  # one reduction for every row
-        rows = [self._row_lift(r, n) for r, n in zip(index, totals, strict=True)]
         key = tuple(buckets)
-        cache = self.__dict__.get("_prior_cache")
-        if cache is None:  # (a snapshot pickled without it)
-            cache = self._prior_cache = {}
-        got = cache.get(key)
-        if got is None or any(a is not b for a, b in zip(got[0], rows, strict=True)):
-            base = rows[0]
-            mean = base[0].copy()
-            for row in rows[1:]:
-                mean += row[0] - base[0]
-            if len(cache) >= 4096:
-                cache.clear()
-            mean *= self.power
-            got = cache[key] = (rows, mean, self.power * np.stack([row[1] for row in rows]))
-        _, mean, spread = got
-        out = np.empty((2, 24))
-        out[0] = mean
-        np.add(mean, (spread * noise[: 24 * len(rows)].reshape(len(rows), 24)).sum(axis=0), out=out[1])
-        return out
+        total = self._total
+        cached = self._prior_cache.get(key)
+        if cached is None or total - cached[0] >= max(20.0, 0.02 * cached[0]):
+            if len(self._prior_cache) >= 10_000:
+                self._prior_cache.clear()
+            base = self._row_lift(0)
+            out = base[0].copy()
+            var = base[1] ** 2
+            for b in buckets:
+                row = self._row_lift(1 + b)
+                out += row[0] - base[0]
+                var += row[1] ** 2
+            cached = self._prior_cache[key] = (total, self.power * out, self.power * np.sqrt(var))
+        if noise is None:
+            return cached[1]
+        return np.asarray(cached[1] + cached[2] * noise)
 
     def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
         """The customer's log-likelihood over preferred hours after one labelled send at ``hour``."""
         if clicked:
-            return loglik + self.logF[hour]
-        return loglik + self.miss_weight * np.log1p(-q * self.F[hour])  # F, not logF: centring cancels
+            return np.asarray(loglik + self.logF[hour])
+        return np.asarray(loglik + self.miss_weight * np.log1p(-q * self.F[hour]))  # F: centring cancels
 
     def posterior(self, loglik: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
         """The posterior over the preferred hour (sums to 1)."""
         x = loglik + log_prior
         x = np.exp(x - x.max())
         return np.asarray(x / x.sum())
-
-    def relative_F(self) -> np.ndarray:  # noqa: N802 (the model's F)
-        """``F / reference`` (made once, read-only): :meth:`lift` as one product."""
-        rel: np.ndarray | None = self.__dict__.get("_relative_F")
-        if rel is None:
-            rel = self._relative_F = self.F / self.reference
-            rel.flags.writeable = False
-        return rel
 
     def lift(self, posterior: np.ndarray) -> np.ndarray:
         """Expected engagement at each send hour (0..23) under ``posterior``, relative to a flat posterior's."""
@@ -577,29 +543,25 @@ class DecisionLearner:
         uniform: float,
         noise: np.ndarray | None = None,
     ) -> np.ndarray:
-        """:meth:`hour_offsets` as one (2, len(hours)) array: rows mean and draw."""
+        """:meth:`hour_offsets` as one (2, len(hours)) array (rows: mean, draw), added to the time part at once."""
+        hp = self.hours
+        cfg = self.config
+        lp = hp.log_prior(buckets)
+        draw = hp.log_prior(buckets, noise) if cfg.hour_pop_draw and noise is not None else lp
+        # Rows: the posterior with the population's mean curve, and with its draw (one batch).
+        x = np.stack((lp, draw))
+        if stats.hour_loglik is not None:
+            x += stats.hour_loglik
+        x = np.exp(x - x.max())
+        lift = (x @ hp.F.T) / (x.sum(axis=1, keepdims=True) * hp.reference)
         h = hours.astype(np.int64) % 24
-        scale = self.config.hour_offset_scale
-        if self.config.hour_pop_draw and noise is not None and not self.config.hour_explore:
-            # Both posteriors (the mean prior's and the drawn prior's) in one pass of array operations.
-            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
-            x = self.hours.log_priors(buckets, noise)
-            x += loglik
-            x -= x.max(axis=1, keepdims=True)
-            np.exp(x, out=x)
-            x /= x.sum(axis=1, keepdims=True)
-            logs = np.log(x @ self.hours.relative_F())  # F is symmetric: row r is F @ post_r / reference
-            logs *= scale
-            return logs[:, h]
-        post = self.hour_posterior(stats, buckets)
-        mean = scale * np.log(self.hours.lift(post))[h]
-        if self.config.hour_pop_draw and noise is not None:
-            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
-            post = self.hours.posterior(loglik, self.hours.log_prior(buckets, noise))
-        if not self.config.hour_explore:
-            return np.stack((mean, scale * np.log(self.hours.lift(post))[h]))
-        m = min(int(np.searchsorted(np.cumsum(post), uniform * post.sum())), 23)
-        return np.stack((mean, scale * self.hours.logF[h, m]))
+        off: np.ndarray = cfg.hour_offset_scale * np.log(lift[:, h])
+        if not cfg.hour_explore:
+            return off
+        post = x[1] / x[1].sum()
+        m = min(int(np.searchsorted(np.cumsum(post), uniform)), 23)
+        off[1] = cfg.hour_offset_scale * hp.logF[h, m]
+        return off
 
     def __getstate__(self) -> dict[str, Any]:
         """What a snapshot keeps: not the bank of normals nor caches (remade on load)."""
@@ -880,8 +842,7 @@ class DecisionLearner:
         w[0] = eng.mean[:hi]
         np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1])
         w[1] += w[0]
-        if not cfg.time_draw:
-            w[1, lay.time : lay.personal] = w[0, lay.time : lay.personal]
+        # (Without time_draw, row 1 of the hour x trait block is never read: the time part uses row 0.)
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
@@ -904,12 +865,15 @@ class DecisionLearner:
         if cfg.hour_model:
             # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
             buckets = self._trait_buckets(traits)
-            time_w = time_w + self._hour_offset_rows(
-                stats,
-                buckets,
-                hour_arr,
-                float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,
-                cfg.hour_draw_scale * noise_u[64 : 64 + 24 * (1 + len(buckets))],
+            time_w = (
+                time_w
+                + self._hour_offset_rows(
+                    stats,
+                    buckets,
+                    hour_arr,
+                    float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,  # only read then
+                    cfg.hour_draw_scale * noise_u[64:88],
+                )
             )
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
         per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]

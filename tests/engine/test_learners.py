@@ -174,7 +174,7 @@ def test_variants_keep_a_minimum_exploration_share_and_explain_the_margin() -> N
                 learner.observe(decision_id=did, kind=Feedback.CLICKED, ts_ms=NOW + 1)
     learner.advance(NOW + 10 * 24 * HOUR_MS)
     arms_chosen: Counter[str | None] = Counter()
-    notes = []
+    notes: list[str] = []
     for i in range(400):
         d = decide(
             ruleset=rules,
