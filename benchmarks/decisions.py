@@ -246,7 +246,11 @@ uvloop.run(main())
 
 
 def _backends_cpu(url: str, database: str) -> dict[int, float]:
-    """CPU seconds so far of each PostgreSQL backend connected to ``database`` (same machine)."""
+    """CPU seconds so far of each PostgreSQL backend connected to ``database`` (same machine).
+
+    A backend whose connection closed during the run (a pool's overflow) is not counted:
+    an undercount when the server opens and closes connections, as under many commits.
+    """
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
