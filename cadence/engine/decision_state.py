@@ -156,6 +156,7 @@ class DecisionState:
         if raw is None:
             proxied = self.engine.raw_connection()
             raw = proxied.driver_connection
+            assert raw is not None
             proxied.detach()  # ours until close(): the pool neither resets nor hands it out
             if self.postgres:
                 raw.autocommit = True

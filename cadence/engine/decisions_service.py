@@ -49,7 +49,9 @@ def _lock_customer(conn: Connection, customer_ref: str) -> None:
 def _lock_row(conn: Connection | None, customer_id: int) -> None:
     """Lock one customer's row (PostgreSQL ``FOR UPDATE``) until the transaction ends."""
     assert conn is not None
-    cur = conn.connection.dbapi_connection.cursor()
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    cur = raw.cursor()
     try:
         cur.execute("SELECT id FROM customers WHERE id = %s FOR UPDATE", (customer_id,))
     finally:

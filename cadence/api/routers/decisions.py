@@ -214,12 +214,14 @@ def _scope_key(scope: ASGIScope) -> str | None:
     ('k2', None)
     """
     fallback = None
+    name: bytes
+    value: bytes
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, rest = value.decode("latin-1").partition(" ")
             if scheme.lower() == "basic" and rest:
                 try:
-                    user = base64.b64decode(rest).decode().partition(":")[0]
+                    user: str = base64.b64decode(rest).decode().partition(":")[0]
                 except (ValueError, UnicodeDecodeError):
                     return None
                 return user or None
