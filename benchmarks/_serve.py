@@ -21,18 +21,36 @@ def process_cpu(pid: int) -> float:
         return float("nan")
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and its live children (``serve --workers N``)."""
+    total = process_cpu(pid)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            total += process_cpu(int(entry.name))
+    return total
+
+
 @contextmanager
 def serving(
-    env: Mapping[str, str], *, ready_seconds: float = 60.0
+    env: Mapping[str, str], *, ready_seconds: float = 60.0, args: tuple[str, ...] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`cadence serve` on a free loopback port with ``env`` added; yields (process, port) once healthy."""
+    """`cadence serve` on a free loopback port with ``env`` added; yields (process, port) once healthy.
+
+    ``args`` are added to the command line (``--workers 2``).
+    """
     import httpx
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "cadence", "serve", "--port", str(port)],
+        [sys.executable, "-m", "cadence", "serve", "--port", str(port), *args],
         env={**os.environ, "CADENCE_LOG_LEVEL": "WARNING", **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -81,6 +81,18 @@ class KeyRing:
                     self._misses.add(digest)
             return found
 
+    def cached(self, key: str) -> Principal | None:
+        """The principal for ``key`` when the ring knows it and is fresh, else None (without I/O).
+
+        A None means "ask :meth:`lookup`", which may read the database; request handlers on
+        the event loop take this path first and hand only the rest to a thread.
+        """
+        digest = hash_key(key)
+        with self._lock:
+            if time.monotonic() - self._loaded_at > self._refresh_seconds:
+                return None
+            return self._keys.get(digest)
+
     def lookup_digest(self, digest: str) -> Principal | None:
         """The principal whose key hashes to ``digest`` (what a session cookie holds), or None.
 

@@ -8,9 +8,10 @@ body's ``writeKey``. Key storage and resolution live in :mod:`cadence.keys`.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from cadence.keys import KeyRing, Principal, RateLimiter, create_key, hash_key, revoke_key
 
@@ -41,8 +42,14 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or request.query_params.get("key")
 
 
-def check_key(request: Request, key: str | None, scope: str) -> Principal:
-    """The principal for ``key`` if it holds ``scope``; raises 401, 403 or 429 otherwise."""
+def check_key(
+    request: Request, key: str | None, scope: str, *, principal: Principal | None = None
+) -> Principal:
+    """The principal for ``key`` if it holds ``scope``; raises 401, 403 or 429 otherwise.
+
+    ``principal`` is the key's principal when the caller already found it in the key ring's
+    cache (:meth:`KeyRing.cached`); otherwise the key ring looks it up (possibly in the database).
+    """
     keyring: KeyRing = request.app.state.keyring
     if key is None:
         raise HTTPException(
@@ -50,7 +57,8 @@ def check_key(request: Request, key: str | None, scope: str) -> Principal:
             detail="missing API key: send it as HTTP Basic user name, Bearer token or X-API-Key",
             headers={"WWW-Authenticate": 'Basic realm="cadence"'},
         )
-    principal = keyring.lookup(key)
+    if principal is None:
+        principal = keyring.lookup(key)
     if principal is None:
         raise HTTPException(401, detail="unknown or revoked API key")
     if scope not in principal.scopes and "admin" not in principal.scopes:
@@ -66,11 +74,21 @@ def check_key(request: Request, key: str | None, scope: str) -> Principal:
     return principal
 
 
-def require_scope(scope: str) -> Callable[[Request], Principal]:
-    """A FastAPI dependency: the caller must hold ``scope`` (``admin`` holds all)."""
+def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    """A FastAPI dependency: the caller must hold ``scope`` (``admin`` holds all).
 
-    def dependency(request: Request) -> Principal:
-        return check_key(request, presented_key(request), scope)
+    Asynchronous, so that a key the key ring has cached is checked on the event loop (a
+    synchronous dependency costs every request a thread hand-off); a key it must look up
+    in the database is checked in a worker thread.
+    """
+
+    async def dependency(request: Request) -> Principal:
+        key = presented_key(request)
+        if key is not None:
+            cached = request.app.state.keyring.cached(key)
+            if cached is not None:
+                return check_key(request, key, scope, principal=cached)
+        return await run_in_threadpool(check_key, request, key, scope)
 
     return dependency
 

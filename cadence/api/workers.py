@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import time
@@ -25,7 +26,7 @@ from typing import Any
 from cadence.errors import ConfigError
 from cadence.settings import Settings
 
-__all__ = ["check_workers", "run_workers"]
+__all__ = ["access_log_enabled", "check_workers", "run_workers"]
 
 log = logging.getLogger("cadence.workers")
 
@@ -49,6 +50,15 @@ def check_workers(settings: Settings, workers: int) -> None:
             f"--workers {workers} needs PostgreSQL: SQLite has a single writer, so one process runs the API, "
             "the engine loop and the scheduler (use --workers 1, or CADENCE_DATABASE_URL=postgresql://...)"
         )
+
+
+def access_log_enabled() -> bool:
+    """Whether uvicorn logs each request: ``CADENCE_ACCESS_LOG`` (default on) and its logger at INFO.
+
+    Off when the access logger would drop the line anyway: uvicorn then skips formatting it.
+    """
+    wanted = os.environ.get("CADENCE_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no", "off")
+    return wanted and logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
 
 
 def _bind(host: str, port: int, *, listen: bool = True) -> socket.socket:
@@ -79,7 +89,9 @@ def _worker(settings: Settings, index: int) -> None:
     runtime = open_runtime(settings)
     try:
         app = create_app(runtime=runtime)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None, access_log=access_log_enabled()
+        )
         sock = _bind(settings.host, settings.port)
         logging.getLogger("cadence.workers").info("worker %d serving", index)
         uvicorn.Server(config).run(sockets=[sock])

@@ -79,8 +79,10 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            # IMMEDIATE takes the write lock up front: no deadlock-prone lock upgrades.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # IMMEDIATE takes the write lock up front: no deadlock-prone lock upgrades. A connection
+            # marked read-only (execution option ``cadence_readonly``) reads one snapshot without it.
+            readonly = conn.get_execution_options().get("cadence_readonly")
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
 

@@ -8,15 +8,21 @@ The ruleset is the loaded rule files' (``runtime.extensions["rules"]``, or
 
 from __future__ import annotations
 
+import base64
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+import orjson
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as ASGIScope
 
 from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
+from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import get_decision, make_decision
 from cadence.engine.learning import LearnerSubscriber
 from cadence.errors import IdentityError
@@ -51,26 +57,31 @@ class BatchDecisionRequest(BaseModel):
     requests: list[DecisionRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-def _ms(at: datetime | None, request: Request) -> int:
+def _ms(at: datetime | None, app: FastAPI) -> int:
     if at is None:
-        return int(request.app.state.runtime.clock.now_ms())
+        return int(app.state.runtime.clock.now_ms())
     if at.tzinfo is None:
         raise HTTPException(422, detail="at: give a time zone offset, e.g. 2026-03-05T08:00:00+01:00")
     return int(at.timestamp() * 1000)
 
 
-def _learners(request: Request) -> LearnerSubscriber | None:
-    loop = getattr(request.app.state, "engine_loop", None)
-    for sub in getattr(loop, "subscribers", ()) or ():
-        if isinstance(sub, LearnerSubscriber):
-            return sub
-    return None
+def _learners(app: FastAPI) -> LearnerSubscriber | None:
+    state = app.state
+    loop = getattr(state, "engine_loop", None)
+    found = getattr(state, "_decision_learners", None)
+    if found is not None and found[0] is loop:  # the loop's subscribers are fixed once built
+        return found[1]  # type: ignore[no-any-return]
+    learners = next(
+        (s for s in getattr(loop, "subscribers", ()) or () if isinstance(s, LearnerSubscriber)), None
+    )
+    state._decision_learners = (loop, learners)
+    return learners
 
 
-def _ruleset(request: Request) -> CompiledRuleset:
-    ruleset = getattr(request.app.state, "ruleset", None)
+def _ruleset(app: FastAPI) -> CompiledRuleset:
+    ruleset = getattr(app.state, "ruleset", None)
     if ruleset is None:
-        holder = getattr(request.app.state.runtime, "extensions", {}).get("rules")
+        holder = getattr(app.state.runtime, "extensions", {}).get("rules")
         ruleset = getattr(holder, "current", None)
     if ruleset is None:
         raise HTTPException(
@@ -79,19 +90,180 @@ def _ruleset(request: Request) -> CompiledRuleset:
     return ruleset  # type: ignore[no-any-return]
 
 
-def _decide_many(request: Request, items: list[DecisionRequest]) -> list[dict[str, Any]]:
-    ruleset = _ruleset(request)
-    learners = _learners(request)
-    channels = request.app.state.available_channels
+def setup(app: FastAPI) -> None:
+    """Give the app its per-process decision-state cache (closed at shutdown) and the fast path."""
+    app.state.decision_state = DecisionState(app.state.runtime.engine)
+
+    def close(app: FastAPI) -> None:
+        app.state.decision_state.close()
+
+    app.state.on_shutdown.append(close)
+    app.add_middleware(DecisionFastPath)
+
+
+#: Bodies larger than this take the ordinary route (a preview request is a few hundred bytes).
+FAST_PATH_MAX_BODY = 64 * 1024
+
+
+class DecisionFastPath:
+    """Answer ``POST /v1/decisions`` without the framework's routing and dependency machinery.
+
+    At a thousand decisions a second the framework's per-request work (route matching,
+    dependency solving, response validation) costs as much CPU as the decision. This
+    ASGI middleware answers the common case itself: a cached key holding the ``decide``
+    scope, a body that validates as :class:`DecisionRequest`, a decision that succeeds.
+    It answers exactly what the route would (the same JSON body; the rate limit's 429
+    with the same detail and ``Retry-After``). Anything else (an unknown or uncached key,
+    a body that does not validate, an unknown customer, an ``at`` without offset, and
+    for previews any error) is handed to the ordinary route with the body replayed: a
+    preview writes nothing, and a commit that failed that way wrote nothing either (its
+    transaction rolled back before anything was recorded), so deciding again there
+    changes nothing. A commit's other errors propagate as the route's would.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._route: Any = None
+
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/decisions" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > FAST_PATH_MAX_BODY or not message.get("more_body", False):
+                break
+        last = messages[-1]
+        answer = None
+        if last["type"] == "http.request" and not last.get("more_body", False):
+            answer = await self._answer(scope, b"".join(m.get("body", b"") for m in messages))
+        if answer is None:
+            await self.app(scope, _replay(messages, receive), send)
+            return
+        status, content, headers = answer
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-length", str(len(content)).encode()),
+                    (b"content-type", b"application/json"),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
+
+    async def _answer(
+        self, scope: ASGIScope, body: bytes
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        app = scope["app"]
+        state = getattr(app.state, "decision_state", None)
+        if state is None:
+            return None
+        key = _scope_key(scope)
+        principal = app.state.keyring.cached(key) if key is not None else None
+        if principal is None or ("decide" not in principal.scopes and "admin" not in principal.scopes):
+            return None
+        try:
+            item = DecisionRequest.model_validate_json(body)
+        except ValidationError:
+            return None
+        scope["route"] = self._route or self._find_route()  # the request metrics' route label
+        limiter = app.state.rate_limiter
+        wait = limiter.acquire(principal.name)
+        if wait > 0:
+            detail = {"detail": f"rate limit exceeded for key {principal.name!r}"}
+            return 429, orjson.dumps(detail), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
+        try:
+            if item.mode == "commit" or state.postgres:
+                # A commit may wait for the write lock, PostgreSQL answers over the network: in a
+                # thread, not on the event loop. (A failed commit rolled back: nothing to undo.)
+                decided = (await run_in_threadpool(_decide_many, app, [item]))[0]
+            else:  # SQLite reads a local file in microseconds: a thread hand-off would cost more
+                decided = _decide_many(app, [item])[0]
+        except Exception as exc:
+            if item.mode == "commit" and not isinstance(exc, HTTPException | IdentityError):
+                raise
+            # The route answers (and reports) it, charging the rate limit again: give this token back.
+            limiter.acquire(principal.name, cost=-1.0)
+            return None
+        return 200, orjson.dumps(decided), []
+
+    def _find_route(self) -> Any:
+        for route in router.routes:
+            if getattr(route, "path", None) == "/v1/decisions" and "POST" in getattr(route, "methods", ()):
+                self._route = route
+        return self._route
+
+
+def _scope_key(scope: ASGIScope) -> str | None:
+    """The key in the Authorization (Basic or Bearer) or X-API-Key header, as ``presented_key`` reads it.
+
+    None when there is none: the route then looks further (a ``key`` query parameter).
+
+    >>> _scope_key({"headers": [(b"authorization", b"Basic azE6")]})
+    'k1'
+    >>> _scope_key({"headers": [(b"x-api-key", b"k2")]}), _scope_key({"headers": []})
+    ('k2', None)
+    """
+    fallback = None
+    name: bytes
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, rest = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "basic" and rest:
+                try:
+                    user: str = base64.b64decode(rest).decode().partition(":")[0]
+                except (ValueError, UnicodeDecodeError):
+                    return None
+                return user or None
+            if scheme.lower() == "bearer" and rest:
+                return rest.strip()
+        elif name == b"x-api-key":
+            fallback = value.decode("latin-1") or None
+    return fallback
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that gives back ``messages`` already read, then reads on."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+def _event_of(item: DecisionRequest, now: int) -> dict[str, Any] | None:
+    if item.event is None:
+        return None
+    ts = int(item.event.timestamp.timestamp() * 1000) if item.event.timestamp else now
+    return {"event": item.event.event, "ts_ms": ts, "properties": item.event.properties}
+
+
+def _decide_many(app: FastAPI, items: list[DecisionRequest]) -> list[dict[str, Any]]:
+    """Decide for each item: previews read through the cache; any commit writes in one transaction."""
+    ruleset = _ruleset(app)
+    learners = _learners(app)
+    channels = app.state.available_channels
+    opt_in = getattr(app.state, "opt_in_channels", ())
+    state: DecisionState | None = getattr(app.state, "decision_state", None)
     out: list[dict[str, Any]] = []
-    engine = request.app.state.runtime.engine
-    with engine.begin() as conn:
+    engine = app.state.runtime.engine
+    writes = any(item.mode == "commit" for item in items)
+    with engine.begin() if writes else nullcontext() as conn:
         for item in items:
-            now = _ms(item.at, request)
-            event = None
-            if item.event is not None:
-                ts = int(item.event.timestamp.timestamp() * 1000) if item.event.timestamp else now
-                event = {"event": item.event.event, "ts_ms": ts, "properties": item.event.properties}
+            now = _ms(item.at, app)
             try:
                 out.append(
                     make_decision(
@@ -100,12 +272,13 @@ def _decide_many(request: Request, items: list[DecisionRequest]) -> list[dict[st
                         customer_ref=item.customer_id,
                         now_ms=now,
                         available_channels=channels,
-                        opt_in_channels=getattr(request.app.state, "opt_in_channels", ()),
+                        opt_in_channels=opt_in,
                         learners=learners,
                         mode=item.mode,
                         context=item.context,
                         campaigns=item.campaigns,
-                        event=event,
+                        event=_event_of(item, now),
+                        state=state,
                     )
                 )
             except IdentityError as exc:
@@ -115,20 +288,30 @@ def _decide_many(request: Request, items: list[DecisionRequest]) -> list[dict[st
     return out
 
 
-@router.post("/decisions")
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.post("/decisions", response_model=None)
 async def decide_one(
     body: DecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
-) -> dict[str, Any]:
+) -> Response:
     """Decide which campaign, channel and time (or nothing) for one customer, with the explanation."""
-    return (await run_in_threadpool(_decide_many, request, [body]))[0]
+    state = getattr(request.app.state, "decision_state", None)
+    if body.mode == "preview" and state is not None and not state.postgres:
+        # A preview on SQLite reads one statement through the cache and writes nothing: decided on
+        # the event loop, without a thread hand-off (a commit may wait for locks, PostgreSQL answers
+        # over the network).
+        return _json(_decide_many(request.app, [body])[0])
+    return _json((await run_in_threadpool(_decide_many, request.app, [body]))[0])
 
 
-@router.post("/decisions/batch")
+@router.post("/decisions/batch", response_model=None)
 async def decide_batch(
     body: BatchDecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
-) -> dict[str, Any]:
+) -> Response:
     """Decide for up to 1,000 customers; unknown customers get ``action: "error"`` in place."""
-    return {"decisions": await run_in_threadpool(_decide_many, request, body.requests)}
+    return _json({"decisions": await run_in_threadpool(_decide_many, request.app, body.requests)})
 
 
 @router.get("/decisions/{decision_id}")

@@ -1,0 +1,284 @@
+"""The decision-state cache and the preview fast path: what changed is seen by the next decision.
+
+Every test runs on SQLite and PostgreSQL. The cache keeps profiles per process and checks
+them, with the sends, in one statement per decision; these tests change the database
+under a warm cache (a send queued here or by another process, consent withdrawn, traits
+changed, a merge, an erasure) and check that the very next decision sees it.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from cadence.api.app import create_app
+from cadence.api.security import RateLimiter, create_key
+from cadence.engine.campaign import (
+    DAY_MS,
+    Campaign,
+    Cap,
+    ChannelPolicy,
+    CompiledRuleset,
+    GlobalSettings,
+    TemplateSpec,
+)
+from cadence.engine.decision_state import DecisionState
+from cadence.engine.decisions_service import make_decision
+from cadence.engine.profiles import load_profile
+from cadence.engine.sendqueue import enqueue_send
+from cadence.runtime import Runtime
+
+AT = "2026-03-04T10:30:00+01:00"
+AT_MS = int(datetime.fromisoformat(AT).timestamp() * 1000)
+
+RULES = CompiledRuleset(
+    hash="cache-v1",
+    campaigns={
+        "daily": Campaign(
+            name="daily",
+            title="Once a week at most",
+            priority=1,
+            audience=None,
+            template=TemplateSpec("t", variables=lambda ctx: {"name": ctx.profile.traits.get("name")}),
+            channels=ChannelPolicy(("email", "sms")),
+            caps=(Cap(count=1, window_ms=7 * DAY_MS),),
+        )
+    },
+    segments={},
+    settings=GlobalSettings(default_zone="Europe/Berlin"),
+    aggregates=frozenset(),
+)
+
+
+def basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+class Api:
+    """A test client with keys, the app and helpers for the calls these tests make."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.app: FastAPI = create_app(runtime=runtime, background=False)
+        self.app.state.ruleset = RULES
+        self.client = TestClient(self.app)
+        self.keys = {
+            scope: basic(create_key(runtime.engine, name=scope, scopes=[scope]))
+            for scope in ("ingest", "decide", "admin")
+        }
+        self.state: DecisionState = self.app.state.decision_state
+
+    def identify(self, **body: object) -> None:
+        r = self.client.post("/v1/identify", json=body, headers=self.keys["ingest"])
+        assert r.status_code == 200, r.text
+        self.app.state.engine_loop.catch_up()
+
+    def decide(self, ref: str, mode: str = "preview", status: int = 200) -> dict[str, object]:
+        r = self.client.post(
+            "/v1/decisions", json={"customer_id": ref, "at": AT, "mode": mode}, headers=self.keys["decide"]
+        )
+        assert r.status_code == status, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def api(runtime: Runtime) -> Iterator[Api]:
+    api = Api(runtime)
+    api.identify(userId="u1", traits={"name": "Ada", "timezone": "Europe/Berlin"})
+    yield api
+    api.state.close()
+
+
+def reasons(body: dict[str, object]) -> set[str]:
+    return {s["reason"] for s in body["explanation"]["suppressions"]}  # type: ignore[index]
+
+
+def test_a_send_queued_by_a_commit_is_seen_by_the_next_decision(api: Api) -> None:
+    first = api.decide("u1")
+    assert first["action"] == "send"
+    misses = api.state.misses
+    assert api.decide("u1")["action"] == "send" and api.state.misses == misses  # served from the cache
+    committed = api.decide("u1", mode="commit")
+    assert committed["queued"] is True
+    after = api.decide("u1")
+    assert after["action"] == "none" and "cap" in reasons(after)
+    assert api.decide("u1", mode="commit")["action"] == "none"  # a commit is capped too
+    assert api.state.misses == misses  # the profile did not change: still cached
+
+
+def test_a_send_queued_by_another_process_is_seen(api: Api, runtime: Runtime) -> None:
+    body = api.decide("u1")
+    assert body["action"] == "send"
+    # Another worker (its own cache, its own transaction) commits a decision for the same customer.
+    other = DecisionState(runtime.engine)
+    try:
+        with runtime.engine.begin() as conn:
+            made = make_decision(
+                conn=conn,
+                ruleset=RULES,
+                customer_ref="u1",
+                now_ms=AT_MS,
+                available_channels=api.app.state.available_channels,
+                learners=None,
+                mode="commit",
+                state=other,
+            )
+        assert made["queued"] is True
+    finally:
+        other.close()
+    after = api.decide("u1")
+    assert after["action"] == "none" and "cap" in reasons(after)
+    # ... and a send queued by anything else (an audience push, say) as well, for another customer.
+    api.identify(userId="u2", traits={"name": "Bo"})
+    cid = api.decide("u2")["customer_id"]
+    with runtime.engine.begin() as conn:
+        enqueue_send(
+            conn, key="push:x", campaign="daily", customer_id=cid, channel="email", due_ms=AT_MS, now_ms=AT_MS
+        )
+    assert api.decide("u2")["action"] == "none"
+
+
+def test_consent_withdrawn_and_traits_changed_are_seen(api: Api) -> None:
+    assert api.decide("u1")["channel"] == "email"
+    r = api.client.post(
+        "/v1/consent", json={"user_id": "u1", "channels": {"email": False}}, headers=api.keys["ingest"]
+    )
+    assert r.status_code == 200, r.text
+    after = api.decide("u1")
+    assert after["channel"] == "sms" and "consent" in reasons(after)
+    api.identify(userId="u1", traits={"name": "Grace"})
+    assert api.decide("u1")["variables"] == {"name": "Grace"}
+
+
+def test_erased_and_merged_customers(api: Api) -> None:
+    api.identify(anonymousId="a1", traits={"name": "Anon"})
+    anon = api.decide("a1")
+    user = api.decide("u1")
+    assert anon["customer_id"] != user["customer_id"]
+    # An event carrying both ids merges the two customers: the anonymous id now decides for the merged one.
+    api.identify(userId="u1", anonymousId="a1")
+    merged = api.decide("a1")
+    assert merged["customer_id"] == api.decide("u1")["customer_id"]
+    assert merged["variables"] == api.decide("u1")["variables"]
+    r = api.client.delete("/v1/customers/u1", headers=api.keys["admin"])
+    assert r.status_code == 200, r.text
+    api.decide("u1", status=404)
+    api.decide("a1", status=404)
+
+
+def test_the_cache_reads_the_profile_load_profile_reads(api: Api, runtime: Runtime) -> None:
+    api.identify(userId="u1", traits={"plan": "pro", "consent": {"sms": False}})
+    r = api.client.post(
+        "/v1/track",
+        json={"userId": "u1", "event": "Order Completed", "properties": {"revenue": 12.5}},
+        headers=api.keys["ingest"],
+    )
+    assert r.status_code == 200
+    api.app.state.engine_loop.catch_up()
+    state = DecisionState(runtime.engine)
+    try:
+        got = state.inputs("u1", now_ms=AT_MS, ruleset=RULES)
+        assert got is not None and not got.cached
+        with runtime.engine.connect() as conn:
+            expected = load_profile(conn, got.customer_id, now_ms=AT_MS)
+        assert got.profile == expected
+        assert expected.stats and expected.days and expected.consent == {"sms": False}
+        again = state.inputs("u1", now_ms=AT_MS, ruleset=RULES)
+        assert again is not None and again.cached and again.profile is got.profile
+        assert state.inputs("nobody", now_ms=AT_MS, ruleset=RULES) is None
+    finally:
+        state.close()
+
+
+def test_entries_expire_after_the_ttl(runtime: Runtime, api: Api) -> None:
+    now = [0.0]
+    state = DecisionState(runtime.engine, ttl_seconds=10, clock=lambda: now[0])
+    try:
+        assert not state.inputs("u1", now_ms=AT_MS, ruleset=RULES).cached  # type: ignore[union-attr]
+        now[0] = 9.0
+        assert state.inputs("u1", now_ms=AT_MS, ruleset=RULES).cached  # type: ignore[union-attr]
+        now[0] = 10.5
+        assert not state.inputs("u1", now_ms=AT_MS, ruleset=RULES).cached  # type: ignore[union-attr]
+        assert state.misses == 2 and state.hits == 1
+    finally:
+        state.close()
+
+
+def test_the_fast_path_answers_like_the_route(api: Api) -> None:
+    """Requests the fast path declines get the route's answers; its own answers match the route's."""
+    c, keys = api.client, api.keys
+    assert c.post("/v1/decisions", json={"customer_id": "u1"}).status_code == 401
+    assert c.post("/v1/decisions", json={"customer_id": "u1"}, headers=basic("wrong")).status_code == 401
+    assert c.post("/v1/decisions", json={"customer_id": "u1"}, headers=keys["ingest"]).status_code == 403
+    bad = c.post("/v1/decisions", json={"customer": "u1"}, headers=keys["decide"])
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "customer_id"]
+    assert c.post("/v1/decisions", content=b"{not json", headers=keys["decide"]).status_code == 422
+    assert "nobody" in api.decide("nobody", status=404)["detail"]  # type: ignore[operator]
+    # The same preview through the fast path and through the route (a batch of one) agree.
+    fast = api.decide("u1")
+    batch = c.post(
+        "/v1/decisions/batch", json={"requests": [{"customer_id": "u1", "at": AT}]}, headers=keys["decide"]
+    ).json()["decisions"][0]
+    for field in ("action", "campaign", "channel", "template", "variables", "customer_id", "ruleset_hash"):
+        assert fast[field] == batch[field]
+    # The rate limit answers 429 with Retry-After, as the route's key check does.
+    api.app.state.rate_limiter = RateLimiter(0.01, 1)
+    assert api.decide("u1")["action"] == "send"
+    limited = c.post("/v1/decisions", json={"customer_id": "u1"}, headers=keys["decide"])
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert "rate limit" in limited.json()["detail"]
+    # Fast-path requests are counted under the route in the request metrics.
+    metrics = c.get("/metrics").text
+    assert 'cadence_http_request_seconds_count{route="/v1/decisions",status="200"}' in metrics
+    assert 'cadence_http_request_seconds_count{route="/v1/decisions",status="429"}' in metrics
+
+
+def test_a_request_the_fast_path_hands_on_is_charged_once(api: Api) -> None:
+    api.app.state.rate_limiter = RateLimiter(0.001, 3)
+    api.decide("nobody", status=404)  # the fast path declines (unknown customer), the route answers
+    api.decide("nobody", mode="commit", status=404)  # the same for a commit: nothing was recorded
+    assert api.decide("u1")["action"] == "send"  # the third of three tokens
+    api.decide("u1", status=429)
+
+
+def test_concurrent_commits_for_one_customer_queue_one_send(api: Api, runtime: Runtime) -> None:
+    """Two workers committing for the same customer at once: the cap (1 a week) lets one send through."""
+    api.decide("u1")  # cached in this process; the workers below have their own caches
+
+    def commit(state: DecisionState, start: threading.Barrier) -> str:
+        start.wait()
+        with runtime.engine.begin() as conn:
+            return str(
+                make_decision(
+                    conn=conn,
+                    ruleset=RULES,
+                    customer_ref="u1",
+                    now_ms=AT_MS,
+                    available_channels=api.app.state.available_channels,
+                    learners=None,
+                    mode="commit",
+                    state=state,
+                )["action"]
+            )
+
+    for _ in range(3):
+        states = [DecisionState(runtime.engine), DecisionState(runtime.engine)]
+        for state in states:  # warm: the customer is known, as in a worker that decided before
+            assert state.inputs("u1", now_ms=AT_MS, ruleset=RULES) is not None
+        start = threading.Barrier(2)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                actions = sorted(pool.map(commit, states, [start, start]))
+        finally:
+            for state in states:
+                state.close()
+        assert actions.count("send") <= 1
+    with runtime.engine.connect() as conn:
+        queued = conn.exec_driver_sql("SELECT count(*) FROM sends WHERE campaign = 'daily'").scalar()
+    assert queued == 1
