@@ -532,6 +532,18 @@ class DecisionLearner:
         The mean is ``scale * log E[F[h, m]]``; the draw takes one preferred hour ``m`` from
         the posterior (``uniform`` in [0, 1) picks it) and uses ``scale * log F[h, m]``.
         """
+        rows = self._hour_offset_rows(stats, buckets, hours, uniform, noise)
+        return rows[0], rows[1]
+
+    def _hour_offset_rows(
+        self,
+        stats: CustomerStats,
+        buckets: Sequence[int],
+        hours: np.ndarray,
+        uniform: float,
+        noise: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """:meth:`hour_offsets` as one (2, len(hours)) array (rows: mean, draw), added to the time part at once."""
         hp = self.hours
         cfg = self.config
         lp = hp.log_prior(buckets)
@@ -543,12 +555,13 @@ class DecisionLearner:
         x = np.exp(x - x.max())
         lift = (x @ hp.F.T) / (x.sum(axis=1, keepdims=True) * hp.reference)
         h = hours.astype(np.int64) % 24
-        off = cfg.hour_offset_scale * np.log(lift[:, h])
+        off: np.ndarray = cfg.hour_offset_scale * np.log(lift[:, h])
         if not cfg.hour_explore:
-            return off[0], off[1]
+            return off
         post = x[1] / x[1].sum()
         m = min(int(np.searchsorted(np.cumsum(post), uniform)), 23)
-        return off[0], cfg.hour_offset_scale * hp.logF[h, m]
+        off[1] = cfg.hour_offset_scale * hp.logF[h, m]
+        return off
 
     def __getstate__(self) -> dict[str, Any]:
         """What a snapshot keeps: not the bank of normals nor caches (remade on load)."""
@@ -829,15 +842,20 @@ class DecisionLearner:
         w[0] = eng.mean[:hi]
         np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1])
         w[1] += w[0]
-        if not cfg.time_draw:
-            w[1, lay.time : lay.personal] = w[0, lay.time : lay.personal]
+        # (Without time_draw, row 1 of the hour x trait block is never read: the time part uses row 0.)
         v = eng.var
         chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
         wp = w[:, lay.personal : lay.personal + lay.n_personal]
         vp = v[lay.personal : lay.personal + lay.n_personal]
         if cfg.probit_hours:
-            time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+            if cfg.time_draw:
+                time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+            else:  # both rows hold the posterior mean: one product, shown twice
+                time_w = np.broadcast_to(
+                    (w[0, lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm.T,
+                    (2, len(hour_arr)),
+                )
             time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
             if match is not None:  # (no clicks yet: the hour-match feature is 0)
                 time_w = time_w + wp[:, 1:2] * match
@@ -847,14 +865,16 @@ class DecisionLearner:
         if cfg.hour_model:
             # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
             buckets = self._trait_buckets(traits)
-            off_mean, off_draw = self.hour_offsets(
-                stats,
-                buckets,
-                hour_arr,
-                float(ndtr(noise_u[-1 - N_CHANNELS])),
-                cfg.hour_draw_scale * noise_u[64:88],
+            time_w = (
+                time_w
+                + self._hour_offset_rows(
+                    stats,
+                    buckets,
+                    hour_arr,
+                    float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,  # only read then
+                    cfg.hour_draw_scale * noise_u[64:88],
+                )
             )
-            time_w = time_w + np.stack((off_mean, off_draw))
         per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
         per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]
         if any_arm:
