@@ -1,7 +1,7 @@
 """In-process decide() latency, and decisions over HTTP (quality is `benchmarks/decisions_quality.py`).
 
 Latency: decide() with the learners for one customer with 10 eligible campaigns x 4 channels x 24 slots. HTTP: `cadence
-serve` (one uvicorn process, the repository's rules/) on loopback, driven by a load
+serve` (one uvicorn process, examples/simulate's daily campaign) on loopback, driven by a load
 generator in another process at a fixed arrival rate (open loop: each request is
 timed from the moment it was due, so a server that falls behind shows it).
 """
@@ -301,7 +301,10 @@ def http_load(
     from cadence.api.security import hash_key
 
     key = "bench-decide-key-0123456789"
-    rules = Path(__file__).resolve().parent.parent / "rules"
+    # The simulator's campaign as rules: everyone is eligible, so every decision scores 3
+    # channels x 24 send times with the learners (the repository's rules/ send nothing to
+    # these customers, which measured only the "none" path).
+    rules = Path(__file__).resolve().parent.parent / "examples" / "simulate"
     with _database(postgres_url) as (url, pg_name):
         env = {
             "CADENCE_DATABASE_URL": url,
@@ -464,7 +467,9 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "in the simulator is its own section (`benchmarks/decisions_quality.py`).",
         "",
         f"Machine load average {load_before} before, {load_after} after (2 shared cores). The HTTP tests run "
-        "`cadence serve` with the repository's rules/ (SQLite, one process; PostgreSQL with two API processes "
+        "`cadence serve` with `examples/simulate/` (one campaign everyone is eligible for: every preview scores "
+        "3 channels x 24 send times with the learners; in commit mode the daily cap then holds most of them) "
+        f"on {n_customers:,} customers (SQLite, one process; PostgreSQL with two API processes "
         "when a server is given) and a separate load-generator process (raw HTTP/1.1 on asyncio and uvloop, "
         "64 keep-alive connections, open loop at a fixed arrival rate; latency counted from when each request "
         "was due), after one batch decision per customer has warmed the server's decision cache. CPU is per "
