@@ -14,10 +14,24 @@ from cadence.engine.slots import local_datetime, zone_named
 __all__ = ["summarise"]
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 def _when(ms: int, zone: str | None, fallback: str) -> str:
+    """``Thu 05 Mar 10:00 +01:00`` (English names whatever the locale; strftime is slow, too).
+
+    >>> _when(1_772_701_200_000, "Asia/Kolkata", "UTC")
+    'Thu 05 Mar 14:30 +05:30'
+    """
     local = local_datetime(ms, zone_named(zone, fallback))
-    offset = local.strftime("%z")
-    return local.strftime("%a %d %b %H:%M ") + f"{offset[:3]}:{offset[3:]}"
+    minutes = int(local.utcoffset().total_seconds()) // 60  # type: ignore[union-attr]
+    sign = "-" if minutes < 0 else "+"
+    hh, mm = divmod(abs(minutes), 60)
+    return (
+        f"{_DAYS[local.weekday()]} {local.day:02d} {_MONTHS[local.month - 1]} "
+        f"{local.hour:02d}:{local.minute:02d} {sign}{hh:02d}:{mm:02d}"
+    )
 
 
 def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC") -> str:
