@@ -19,38 +19,45 @@ numbers that overflow a double, nesting near the depth limit: msgspec's limit is
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final
 
 import msgspec
 from msgspec import Raw
 
-from cadence.engine.events import MAX_EVENT_NAME, MAX_ID, MAX_MESSAGE_ID, _timestamp_ms, corrected_timestamp
+from cadence.engine.events import MAX_EVENT_NAME, MAX_ID, MAX_MESSAGE_ID, corrected_timestamp
 from cadence.errors import EventError
 
-__all__ = ["TextRow", "text_row"]
+__all__ = ["TextRow", "text_row", "text_rows"]
 
 #: An ``events`` row in ``COLUMNS`` order with the payload as JSON text.
 TextRow = tuple[str, str, str | None, str | None, str | None, int, int, str, str]
 
 _ABSENT: Final = Raw()
-#: Classes of the bytes a JSON number is made of (all digits alike), everything else "x": a
-#: number that overflows a double (which orjson rejects and msgspec keeps as raw text) shows
-#: there as a digit, "e" and three digits, or as 309 digits in a row. That test is cheap; a
-#: line that passes it gets the exact one (:data:`_OVERFLOW`), and a line that fails both
-#: the general path (``"x1e234"`` in a string costs that line only speed).
+#: The bytes of a JSON number by class (every digit "0", the exponent mark "e", others "x";
+#: signs are deleted): a number that overflows a double (which orjson rejects, and msgspec
+#: keeps as raw text) shows there as "0e000" (a three-digit exponent) or as 309 digits in a
+#: row. That test is cheap; a line that passes it gets the exact one (:data:`_OVERFLOW`), and
+#: a line that fails both takes the general path (``"x1e234"`` in a string costs that line
+#: only speed).
 _NUMBER_CLASSES: Final = bytes(
-    ord("0") if 48 <= b <= 57 else b if b in b"eE" else ord("+") if b in b"+-" else ord("x")
-    for b in range(256)
-).replace(b"E", b"e")
+    ord("0") if 48 <= b <= 57 else ord("e") if b in b"eE" else ord("x") for b in range(256)
+)
+_SIGNS: Final = b"+-"
+_EXPONENT: Final = b"0e000"
 #: A number with a three-digit exponent, where JSON puts a value (after ``:``, ``,``, ``[`` or a blank).
 _OVERFLOW: Final = re.compile(rb"(?<=[:,\[\s])-?[0-9]+(?:\.[0-9]+)?[eE][-+]?[0-9]{3}")
 _LONG_DIGITS: Final = b"0" * 309
+#: A necessary condition for :data:`_LONG_DIGITS`, cheaper to look for (a long pattern costs
+#: the search its preparation on every line).
+_MANY_DIGITS: Final = b"0" * 20
 #: The NUL character, which PostgreSQL cannot store: the general path finds where it is.
 _NUL: Final = b"\\u0000"
 
 
 def _suspect(line: bytes) -> bool:
-    """Whether ``line`` may hold a number a double cannot hold, or a NUL character.
+    """Whether ``line`` may hold a number a double cannot hold, or a NUL character
+    (:func:`text_rows` has this inline).
 
     >>> [_suspect(b) for b in (b'{"a":1e400}', b'{"a":[2.5E-300]}', b'{"id":"1e234"}', b'{"a":1.5e30}')]
     [True, True, False, False]
@@ -59,10 +66,10 @@ def _suspect(line: bytes) -> bool:
     """
     if _NUL in line:
         return True
-    classes = line.translate(_NUMBER_CLASSES)
-    if b"0e" in classes and (b"0e000" in classes or b"0e+000" in classes):
-        return _OVERFLOW.search(line) is not None
-    return classes.count(b"0") >= 309 and _LONG_DIGITS in classes
+    classes = line.translate(_NUMBER_CLASSES, _SIGNS)
+    return (_EXPONENT in classes and _OVERFLOW.search(line) is not None) or (
+        _MANY_DIGITS in classes and _LONG_DIGITS in classes
+    )
 
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
@@ -91,36 +98,11 @@ class _Call(msgspec.Struct, gc=False):
 
 
 _decode = msgspec.json.Decoder(_Call).decode
+_fromisoformat = datetime.fromisoformat
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
 _OPEN: Final = ord("{")
 _NULL: Final = ord("n")  # the only JSON value that starts with "n"
-
-
-def _optional(raw: Raw) -> bytes | None:
-    """An object kept only when not empty (``context``, ``integrations``), as its JSON; None when
-    absent, null or empty; ValueError for anything else (an error the general path reports)."""
-    if not raw:
-        return None
-    text = bytes(raw)
-    first = text[0]
-    if first == _OPEN:
-        return text if len(text) > 2 and text[1:].strip() != b"}" else None
-    if first == _NULL:
-        return None
-    raise ValueError
-
-
-def _object(raw: Raw) -> bytes:
-    """An object always kept (``properties``, ``traits``), as its JSON: ``{}`` when absent or null;
-    ValueError for anything else."""
-    if not raw:
-        return b"{}"
-    text = bytes(raw)
-    first = text[0]
-    if first == _OPEN:
-        return text
-    if first == _NULL:
-        return b"{}"
-    raise ValueError
 
 
 def text_row(line: bytes, *, default_type: str, received_ms: int, source: str) -> TextRow | None:
@@ -135,64 +117,136 @@ def text_row(line: bytes, *, default_type: str, received_ms: int, source: str) -
     ...     default_type="track", received_ms=5, source="import") is None
     True
     """
-    if _suspect(line):
-        return None
-    if not line.isascii():
+    return text_rows([line], default_type=default_type, received_ms=received_ms, source=source)[0]
+
+
+def text_rows(
+    lines: list[bytes], *, default_type: str, received_ms: int, source: str
+) -> list[TextRow | None]:
+    """:func:`text_row` of each line (one call for a group: this loop runs once per imported event)."""
+    rows: list[TextRow | None] = []
+    append = rows.append
+    decode = _decode
+    nul = _NUL
+    number_classes = _NUMBER_CLASSES
+    signs = _SIGNS
+    exponent = _EXPONENT
+    overflow = _OVERFLOW.search
+    long_digits = _LONG_DIGITS
+    many_digits = _MANY_DIGITS
+    unset = msgspec.UNSET
+    decode_error = msgspec.DecodeError
+    fromisoformat = _fromisoformat
+    epoch = _EPOCH
+    one_ms = _ONE_MS
+    utc = UTC
+    for line in lines:
+        if nul in line:  # _suspect(line), inline
+            append(None)
+            continue
+        classes = line.translate(number_classes, signs)
+        if (exponent in classes and overflow(line) is not None) or (
+            many_digits in classes and long_digits in classes
+        ):
+            append(None)
+            continue
+        if not line.isascii():
+            try:
+                line.decode()  # strict UTF-8, as orjson requires
+            except UnicodeDecodeError:
+                append(None)
+                continue
         try:
-            line.decode()  # strict UTF-8, as orjson requires
-        except UnicodeDecodeError:
-            return None
-    try:
-        call = _decode(line)
-    except msgspec.DecodeError:  # also a ValidationError: a value of another type or size
-        return None
-    kind = default_type if call.type is msgspec.UNSET else call.type
-    user_id = call.userId
-    anonymous_id = call.anonymousId
-    if user_id is None and anonymous_id is None:
-        return None
-    try:
-        context = _optional(call.context)
-        parts = [b'{"context":', context] if context is not None else [b"{"]
-        integrations = _optional(call.integrations)
-        if integrations is not None:
-            parts += (b',"integrations":' if context is not None else b'"integrations":', integrations)
-        comma = b"," if len(parts) > 1 else b""
+            call = decode(line)
+        except decode_error:  # also a ValidationError: a value of another type or size
+            append(None)
+            continue
+        kind = default_type if call.type is unset else call.type
+        user_id = call.userId
+        anonymous_id = call.anonymousId
+        if user_id is None and anonymous_id is None:
+            append(None)
+            continue
+        # The first byte of a JSON value tells its type: "{" an object, "n" null.
+        parts: list[bytes]
+        raw = bytes(call.context)
+        if raw and raw[0] != _NULL:
+            if raw[0] != _OPEN:
+                append(None)
+                continue
+            # kept unless empty
+            parts = [b'{"context":', raw, b","] if len(raw) > 2 and raw[1:].strip() != b"}" else [b"{"]
+        else:
+            parts = [b"{"]
+        if call.integrations:
+            raw = bytes(call.integrations)
+            if raw[0] != _NULL:
+                if raw[0] != _OPEN:
+                    append(None)
+                    continue
+                if len(raw) > 2 and raw[1:].strip() != b"}":
+                    parts += (b'"integrations":', raw, b",")
         if kind == "track":
             event_name = call.event
             if event_name is None or event_name.isspace():
-                return None
-            parts += (comma, b'"properties":', _object(call.properties))
+                append(None)
+                continue
+            raw = bytes(call.properties) or b"{}"
+            key = b'"properties":'
         elif kind == "identify":
             event_name = None
-            parts += (comma, b'"traits":', _object(call.traits))
+            raw = bytes(call.traits) or b"{}"
+            key = b'"traits":'
         elif kind == "page" or kind == "screen":
             event_name = call.name
-            parts += (comma, b'"properties":', _object(call.properties))
-            if call.category and bytes(call.category)[0] != _NULL:
-                parts += (b',"category":', call.category)
+            raw = bytes(call.properties) or b"{}"
+            key = b'"properties":'
         else:  # alias, group, or not a call type
-            return None
+            append(None)
+            continue
+        if raw[0] != _OPEN:
+            if raw[0] != _NULL:
+                append(None)
+                continue
+            raw = b"{}"
+        parts += (key, raw)
+        if call.category and (kind == "page" or kind == "screen") and bytes(call.category)[0] != _NULL:
+            parts += (b',"category":', bytes(call.category))
         if call.channel and bytes(call.channel)[0] != _NULL:
-            parts += (b',"channel":', call.channel)
-    except ValueError:
-        return None
-    timestamp = call.timestamp
-    if call.originalTimestamp is None and call.sentAt is None and timestamp is not None:
+            parts += (b',"channel":', bytes(call.channel))
+        parts.append(b"}")
+        timestamp = call.timestamp
         try:
-            ts_ms = _timestamp_ms(timestamp, "timestamp")
-        except EventError:
-            return None
-    elif timestamp is None and call.originalTimestamp is None:
-        ts_ms = received_ms
-    else:
-        try:
-            ts_ms = corrected_timestamp(
-                {"timestamp": timestamp, "originalTimestamp": call.originalTimestamp, "sentAt": call.sentAt},
-                received_ms=received_ms,
+            if timestamp is not None and call.originalTimestamp is None and call.sentAt is None:
+                parsed = fromisoformat(timestamp)  # ValueError: the general path says why
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=utc)
+                ts_ms = (parsed - epoch) // one_ms
+            elif timestamp is None and call.originalTimestamp is None:
+                ts_ms = received_ms
+            else:
+                ts_ms = corrected_timestamp(
+                    {
+                        "timestamp": timestamp,
+                        "originalTimestamp": call.originalTimestamp,
+                        "sentAt": call.sentAt,
+                    },
+                    received_ms=received_ms,
+                )
+        except (ValueError, EventError):
+            append(None)
+            continue
+        append(
+            (
+                call.messageId,
+                kind,
+                event_name,
+                user_id,
+                anonymous_id,
+                ts_ms,
+                received_ms,
+                source,
+                b"".join(parts).decode(),
             )
-        except EventError:
-            return None
-    parts.append(b"}")
-    payload = b"".join(parts).decode()
-    return (call.messageId, kind, event_name, user_id, anonymous_id, ts_ms, received_ms, source, payload)
+        )
+    return rows

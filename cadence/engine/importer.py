@@ -18,10 +18,12 @@ from __future__ import annotations
 import csv
 import gc
 import io
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,7 +32,7 @@ from sqlalchemy import Engine
 
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
-from cadence.engine.fastcall import text_row
+from cadence.engine.fastcall import text_rows
 from cadence.engine.ingest import TextRow, copy_text_rows, insert_text_rows
 from cadence.errors import EventError
 from cadence.store.db import is_postgres
@@ -359,6 +361,7 @@ def import_file(
 
     postgres = is_postgres(engine)
     loads = orjson.loads
+    fast_options: dict[str, Any] = {"default_type": default_type, "received_ms": received, "source": source}
 
     def general(raw: bytes, parsed: Any) -> TextRow | None:
         """The general path: decode (NDJSON), validate, and the row; None for a blank line."""
@@ -394,7 +397,7 @@ def import_file(
             if fmt == "csv"
             else _ndjson_chunks(handle, batch_size)
         )
-        writer = _Writer(engine, threaded=postgres)
+        writer = _Writer(engine, threaded=postgres or bool(os.environ.get("IMP_THREAD")))
         collecting = gc.isenabled()
         # The groups are millions of short-lived, acyclic objects: reference counting frees
         # them, and the cycle collector would only rescan them (about a third of the CPU
@@ -404,12 +407,12 @@ def import_file(
             for chunk in chunks:
                 good: list[TextRow] = []
                 blank = 0
-                for number, raw, parsed in chunk:
-                    row = (
-                        text_row(raw, default_type=default_type, received_ms=received, source=source)
-                        if parsed is None
-                        else None
-                    )
+                fast = (
+                    text_rows([raw for _, raw, _ in chunk], **fast_options)
+                    if fmt == "ndjson"
+                    else repeat(None)
+                )
+                for (number, raw, parsed), row in zip(chunk, fast, strict=False):
                     if row is None:
                         try:
                             row = general(raw, parsed)
