@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import gc
 import io
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -220,14 +219,13 @@ def _csv_chunks(
 
 
 class _Writer:
-    """Appends row groups, each in its own transaction; on a thread of its own when ``threaded``.
+    """Appends row groups, each in its own transaction, on a thread of its own.
 
-    On PostgreSQL the server does the inserting, so a writer thread that waits on it
-    (psycopg releases the GIL) lets the next group be parsed meanwhile. On SQLite the
-    inserting is done in this process; a second thread measured slower there (more CPU
-    and more wall time on the shared 2-core machine), so the groups are written inline.
-    At most ``depth`` groups wait, so memory stays bounded; an error stops the import at
-    the next group.
+    The driver releases the GIL while the database works (PostgreSQL's server, SQLite's
+    B-trees and commits), so the next group is parsed meanwhile: on two cores the import
+    takes about as long as the larger of the two parts instead of their sum (the CPU time
+    is the same, measured). At most ``depth`` groups wait, so memory stays bounded; an
+    error stops the import at the next group.
 
     On PostgreSQL a group goes in with ``COPY`` (a third of the server's work of unpacking
     one JSON parameter); a message stored already makes ``COPY`` fail, and that group is
@@ -235,7 +233,7 @@ class _Writer:
     until one has no duplicate (a re-run of a file, or of its end after a crash).
     """
 
-    def __init__(self, engine: Engine, *, threaded: bool, depth: int = 2) -> None:
+    def __init__(self, engine: Engine, *, threaded: bool = True, depth: int = 2) -> None:
         self.engine = engine
         self.accepted = 0
         self.error: BaseException | None = None
@@ -252,11 +250,10 @@ class _Writer:
             self._write_postgres(rows)
             return
         with self.engine.begin() as conn:
-            if self._thread is None:
-                # Inserts land all over the three indexes of a growing table: a page cache of
-                # 128 MiB (the default is 2 MiB) saves re-reading their pages (1,000,000 events:
-                # 30 s of CPU instead of 34, 2/3 of the wall time, measured).
-                conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
+            # Inserts land all over the indexes of a growing table: a page cache of 128 MiB
+            # (the default is 2 MiB) saves re-reading their pages (1,000,000 events: 30 s of
+            # CPU instead of 34, 2/3 of the wall time, measured).
+            conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
             self.accepted += insert_text_rows(conn, rows)
 
     def _write_postgres(self, rows: list[TextRow]) -> None:
@@ -397,7 +394,7 @@ def import_file(
             if fmt == "csv"
             else _ndjson_chunks(handle, batch_size)
         )
-        writer = _Writer(engine, threaded=postgres or bool(os.environ.get("IMP_THREAD")))
+        writer = _Writer(engine)
         collecting = gc.isenabled()
         # The groups are millions of short-lived, acyclic objects: reference counting frees
         # them, and the cycle collector would only rescan them (about a third of the CPU
