@@ -233,6 +233,8 @@ def parse_call(
         name = get("name")
         if name is not None and not isinstance(name, str):
             raise EventError(f"{prefix}name: expected a string", field=prefix + "name")
+        if name is not None and len(name) > MAX_EVENT_NAME:  # the event column's width
+            raise EventError(f"{prefix}name: longer than {MAX_EVENT_NAME} characters", field=prefix + "name")
         event_name = name
         payload["properties"] = _object(raw, "properties", prefix)
         if get("category") is not None:

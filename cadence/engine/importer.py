@@ -1,10 +1,16 @@
 """File imports: NDJSON of Segment-spec calls, or CSV with a column mapping.
 
 Lines are read and validated in groups of ``batch_size``; each group's good lines are
-appended in one transaction by a writer thread while the next group is parsed. Bad
-lines are reported with their line number and reason and never stop the import. A
-re-run of the same file appends nothing twice (``messageId``, or the content hash
-of a line without one).
+appended in one transaction (on PostgreSQL by a writer thread while the next group is
+parsed). Bad lines are reported with their line number and reason and never stop the
+import. A re-run of the same file appends nothing twice (``messageId``, or the content
+hash of a line without one).
+
+An NDJSON line in the common shape takes the fast path of :mod:`cadence.engine.fastcall`
+(one typed decode, the payload kept as the line's JSON text); any other line, and every
+CSV row, goes through :func:`~cadence.engine.events.parse_call`, which names the field
+of an error. On PostgreSQL a group goes in with ``COPY`` when none of its messages is
+stored yet, else with ``INSERT ... ON CONFLICT DO NOTHING``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,7 +31,8 @@ from sqlalchemy import Engine
 
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
-from cadence.engine.ingest import Row, event_rows, insert_rows
+from cadence.engine.fastcall import text_rows
+from cadence.engine.ingest import TextRow, copy_text_rows, insert_text_rows
 from cadence.errors import EventError
 from cadence.store.db import is_postgres
 
@@ -125,26 +133,60 @@ def csv_row_to_call(row: dict[str, str], mapping: dict[str, str], default_type: 
 
 
 def _ndjson_chunks(handle: IO[bytes], size: int) -> Iterator[list[tuple[int, bytes, Any]]]:
-    """Lists of ``size`` (number, raw line, decoded JSON or its error); blank lines skipped."""
-    loads = orjson.loads
+    """Lists of ``size`` (number, raw line, None): the lines are decoded by the caller."""
     number = 0
     chunk: list[tuple[int, bytes, Any]] = []
     while True:
         lines = handle.readlines(1 << 20)  # whole lines, about 1 MiB: one read call
         if not lines:
             break
-        for raw in lines:
-            number += 1
-            try:
-                chunk.append((number, raw, loads(raw)))
-            except orjson.JSONDecodeError as exc:
-                if raw.strip():
-                    chunk.append((number, raw, EventError(f"not valid JSON: {exc}", field="line")))
+        chunk += [(n, raw, None) for n, raw in enumerate(lines, number + 1)]
+        number += len(lines)
         while len(chunk) >= size:
             yield chunk[:size]
             chunk = chunk[size:]
     if chunk:
         yield chunk
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    """The dotted path of the first text in ``value`` that holds a NUL character, if any.
+
+    >>> _nul_path({"properties": {"a": ["x", "y\\x00"]}}, "")
+    'properties.a.1'
+    """
+    if type(value) is str:
+        return path if "\x00" in value else None
+    if type(value) is dict:
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if "\x00" in key:
+                return where
+            found = _nul_path(item, where)
+            if found is not None:
+                return found
+    elif type(value) is list:
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
+def _storable(event: NewEvent) -> NewEvent:
+    """``event``, or the error for a NUL character, which PostgreSQL cannot store in text."""
+    columns = (
+        ("messageId", event.message_id),
+        ("event" if event.type == "track" else "name", event.event),
+        ("userId", event.user_id),
+        ("anonymousId", event.anonymous_id),
+    )
+    where = next((name for name, value in columns if value and "\x00" in value), None)
+    if where is None:
+        where = _nul_path(event.payload, "")
+    if where is not None:
+        raise EventError(f"{where}: the NUL character (\\u0000) cannot be stored", field=where)
+    return event
 
 
 def _csv_chunks(
@@ -177,34 +219,58 @@ def _csv_chunks(
 
 
 class _Writer:
-    """Appends row groups, each in its own transaction; on a thread of its own when ``threaded``.
+    """Appends row groups, each in its own transaction, on a thread of its own.
 
-    On PostgreSQL the server does the inserting, so a writer thread that waits on it
-    (psycopg releases the GIL) lets the next group be parsed meanwhile. On SQLite the
-    inserting is done in this process; a second thread measured slower there (more CPU
-    and more wall time on the shared 2-core machine), so the groups are written inline.
-    At most ``depth`` groups wait, so memory stays bounded; an error stops the import at
-    the next group.
+    The driver releases the GIL while the database works (PostgreSQL's server, SQLite's
+    B-trees and commits), so the next group is parsed meanwhile: on two cores the import
+    takes about as long as the larger of the two parts instead of their sum (the CPU time
+    is the same, measured). At most ``depth`` groups wait, so memory stays bounded; an
+    error stops the import at the next group.
+
+    On PostgreSQL a group goes in with ``COPY`` (a third of the server's work of unpacking
+    one JSON parameter); a message stored already makes ``COPY`` fail, and that group is
+    written again with ``INSERT ... ON CONFLICT DO NOTHING``, as are the groups after it
+    until one has no duplicate (a re-run of a file, or of its end after a crash).
     """
 
-    def __init__(self, engine: Engine, *, threaded: bool, depth: int = 2) -> None:
+    def __init__(self, engine: Engine, *, threaded: bool = True, depth: int = 2) -> None:
         self.engine = engine
         self.accepted = 0
         self.error: BaseException | None = None
-        self._queue: queue.Queue[list[Row] | None] = queue.Queue(maxsize=depth)
+        self._postgres = is_postgres(engine)
+        self._copy = self._postgres
+        self._queue: queue.Queue[list[TextRow] | None] = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
         if threaded:
             self._thread = threading.Thread(target=self._run, name="cadence-import-writer", daemon=True)
             self._thread.start()
 
-    def _write(self, rows: list[Row]) -> None:
+    def _write(self, rows: list[TextRow]) -> None:
+        if self._postgres:
+            self._write_postgres(rows)
+            return
         with self.engine.begin() as conn:
-            if self._thread is None and conn.dialect.name == "sqlite":
-                # Inserts land all over the three indexes of a growing table: a page cache of
-                # 128 MiB (the default is 2 MiB) saves re-reading their pages (1,000,000 events:
-                # 30 s of CPU instead of 34, 2/3 of the wall time, measured).
-                conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
-            self.accepted += insert_rows(conn, rows)
+            # Inserts land all over the indexes of a growing table: a page cache of 128 MiB
+            # (the default is 2 MiB) saves re-reading their pages (1,000,000 events: 30 s of
+            # CPU instead of 34, 2/3 of the wall time, measured).
+            conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
+            self.accepted += insert_text_rows(conn, rows)
+
+    def _write_postgres(self, rows: list[TextRow]) -> None:
+        from psycopg.errors import UniqueViolation
+
+        unique = _first_of_each(rows)
+        if self._copy:
+            try:
+                with self.engine.begin() as conn:
+                    self.accepted += copy_text_rows(conn, unique)
+                return
+            except UniqueViolation:
+                pass  # rolled back: some are stored already
+        with self.engine.begin() as conn:
+            accepted = insert_text_rows(conn, unique)
+        self.accepted += accepted
+        self._copy = accepted == len(unique)
 
     def _run(self) -> None:
         while (rows := self._queue.get()) is not None:
@@ -215,7 +281,7 @@ class _Writer:
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
                 self.error = exc
 
-    def put(self, rows: list[Row]) -> None:
+    def put(self, rows: list[TextRow]) -> None:
         """Write ``rows``, or queue them (blocks while ``depth`` groups wait); re-raise a writer error."""
         if self._thread is None:
             self._write(rows)
@@ -231,6 +297,18 @@ class _Writer:
             self._thread.join()
             if self.error is not None:
                 raise self.error
+
+
+def _first_of_each(rows: list[TextRow]) -> list[TextRow]:
+    """``rows`` without repeated ``message_id``s, the first of each kept (as the log would).
+
+    >>> [r[1] for r in _first_of_each([("m1", "a"), ("m2", "b"), ("m1", "c")])]  # type: ignore[list-item]
+    ['a', 'b']
+    """
+    if len({row[0] for row in rows}) == len(rows):
+        return rows
+    seen: set[str] = set()
+    return [row for row in rows if not (row[0] in seen or seen.add(row[0]))]  # type: ignore[func-returns-value]
 
 
 def import_file(
@@ -278,34 +356,73 @@ def import_file(
             + b"\n"
         )
 
+    postgres = is_postgres(engine)
+    loads = orjson.loads
+    fast_options: dict[str, Any] = {"default_type": default_type, "received_ms": received, "source": source}
+
+    def general(raw: bytes, parsed: Any) -> TextRow | None:
+        """The general path: decode (NDJSON), validate, and the row; None for a blank line."""
+        if parsed is None:
+            try:
+                parsed = loads(raw)
+            except orjson.JSONDecodeError as exc:
+                if not raw.strip():
+                    return None
+                raise EventError(f"not valid JSON: {exc}", field="line") from None
+        elif isinstance(parsed, EventError):
+            raise parsed
+        if type(parsed) is dict and "type" not in parsed:
+            parsed["type"] = default_type
+        event = parse_call(parsed, received_ms=received, source=source)
+        if postgres and (b"\\u0000" in raw or b"\x00" in raw):
+            _storable(event)
+        return (
+            event.message_id,
+            event.type,
+            event.event,
+            event.user_id,
+            event.anonymous_id,
+            event.ts_ms,
+            received,
+            source,
+            orjson.dumps(event.payload).decode(),
+        )
+
     with path.open("rb") as handle:
         chunks = (
             _csv_chunks(handle, mapping or {}, default_type, batch_size)
             if fmt == "csv"
             else _ndjson_chunks(handle, batch_size)
         )
-        writer = _Writer(engine, threaded=is_postgres(engine))
+        writer = _Writer(engine)
         collecting = gc.isenabled()
-        # The groups are millions of short-lived, acyclic objects (decoded JSON): reference
-        # counting frees them, and the cycle collector would only rescan them (about a third
-        # of the CPU time of an import, measured). Cycles made meanwhile are collected after.
+        # The groups are millions of short-lived, acyclic objects: reference counting frees
+        # them, and the cycle collector would only rescan them (about a third of the CPU
+        # time of an import, measured). Cycles made meanwhile are collected after.
         gc.disable()
         try:
             for chunk in chunks:
-                report.lines += len(chunk)
-                good: list[NewEvent] = []
-                for number, raw, parsed in chunk:
-                    try:
-                        if type(parsed) is dict:
-                            if "type" not in parsed:
-                                parsed["type"] = default_type
-                        elif isinstance(parsed, EventError):
-                            raise parsed
-                        good.append(parse_call(parsed, received_ms=received, source=source))
-                    except EventError as exc:
-                        reject(number, raw, exc)
+                good: list[TextRow] = []
+                blank = 0
+                fast = (
+                    text_rows([raw for _, raw, _ in chunk], **fast_options)
+                    if fmt == "ndjson"
+                    else repeat(None)
+                )
+                for (number, raw, parsed), row in zip(chunk, fast, strict=False):
+                    if row is None:
+                        try:
+                            row = general(raw, parsed)
+                        except EventError as exc:
+                            reject(number, raw, exc)
+                            continue
+                        if row is None:
+                            blank += 1
+                            continue
+                    good.append(row)
+                report.lines += len(chunk) - blank
                 if good:
-                    writer.put(event_rows(good, received))
+                    writer.put(good)
                 if progress is not None:
                     progress(handle.tell())
         finally:

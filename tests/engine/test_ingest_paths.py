@@ -34,6 +34,7 @@ BASE: dict[str, Any] = {"type": "track", "event": "Order Completed", "userId": "
         ({"timestamp": True}, "timestamp"),
         ({"originalTimestamp": "2026-01-01T00:00:00Z", "sentAt": "soon"}, "sentAt"),
         ({"type": "follow"}, "type"),
+        ({"type": "page", "name": "n" * 201}, "name"),  # wider than the event column
     ],
 )
 def test_odd_values_are_rejected_with_their_field(change: dict[str, Any], field: str) -> None:

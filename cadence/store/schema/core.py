@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    text,
 )
 
 from cadence.store.schema.base import Id, Json, metadata
@@ -64,8 +65,19 @@ events = Table(
     Column("source", String(64), nullable=False),
     Column("payload", Json, nullable=False),
     UniqueConstraint("message_id"),
-    Index(None, "user_id"),
-    Index(None, "anonymous_id"),
+    # Only where set: the privacy look-ups never look for NULL, and appends skip the entry.
+    Index(
+        "ix_events_user_id",
+        "user_id",
+        sqlite_where=text("user_id IS NOT NULL"),
+        postgresql_where=text("user_id IS NOT NULL"),
+    ),
+    Index(
+        "ix_events_anonymous_id",
+        "anonymous_id",
+        sqlite_where=text("anonymous_id IS NOT NULL"),
+        postgresql_where=text("anonymous_id IS NOT NULL"),
+    ),
 )
 
 customers = Table(
