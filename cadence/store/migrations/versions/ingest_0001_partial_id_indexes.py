@@ -6,7 +6,7 @@ out saves every append one or two index inserts (measured: 12% fewer instruction
 event on SQLite's insert, and less PostgreSQL server time) without changing a query plan.
 
 Revision ID: ingest_0001
-Revises: attribution_0004
+Revises: loop_0001
 Create Date: 2026-11-26 01:50:00
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "ingest_0001"
-down_revision = "attribution_0004"
+down_revision = "loop_0001"
 branch_labels = None
 depends_on = None
 
