@@ -165,6 +165,20 @@ def unpin(conn: Connection, *, name: str) -> None:
     conn.execute(update(learner_snapshots).where(learner_snapshots.c.name == name).values(pinned=False))
 
 
+#: The columns of a ``decisions`` row a learner registers a decision from.
+_REGISTERED = (
+    decisions.c.id,
+    decisions.c.customer_id,
+    decisions.c.campaign,
+    decisions.c.channel,
+    decisions.c.send_at_ms,
+    decisions.c.arm,
+    decisions.c.decided_at_ms,
+    decisions.c.inputs,
+    decisions.c.outcome,
+)
+
+
 class LearnerSubscriber:
     """The engine loop's learner: feedback in, snapshots out.
 
@@ -220,17 +234,7 @@ class LearnerSubscriber:
         learner = self.learner
         horizon = learner.config.horizon_ms
         rows = conn.execute(
-            select(
-                decisions.c.id,
-                decisions.c.customer_id,
-                decisions.c.campaign,
-                decisions.c.channel,
-                decisions.c.send_at_ms,
-                decisions.c.arm,
-                decisions.c.decided_at_ms,
-                decisions.c.inputs,
-                decisions.c.outcome,
-            )
+            select(*_REGISTERED)
             .where(
                 decisions.c.action == "send",
                 decisions.c.channel.is_not(None),
@@ -308,19 +312,7 @@ class LearnerSubscriber:
         only from the ``decisions`` table: they are recorded again from its stored inputs.
         Returns the customer's zone at decision time.
         """
-        row = conn.execute(
-            select(
-                decisions.c.id,
-                decisions.c.customer_id,
-                decisions.c.campaign,
-                decisions.c.channel,
-                decisions.c.send_at_ms,
-                decisions.c.arm,
-                decisions.c.decided_at_ms,
-                decisions.c.inputs,
-                decisions.c.outcome,
-            ).where(decisions.c.id == decision_id)
-        ).first()
+        row = conn.execute(select(*_REGISTERED).where(decisions.c.id == decision_id)).first()
         if row is None:
             return None
         outcome = dict(row.outcome or {})
