@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from cadence.connectors.delivery import IN_DOUBT_PREFIX
 from cadence.errors import CadenceError
@@ -71,6 +71,12 @@ def _ids(values: Iterable[Any]) -> list[int]:
     return ids
 
 
+def _rows_of(conn: Connection, wanted: list[int]) -> dict[int, Any]:
+    """The (id, status, last_error) rows of the sends asked for, by id."""
+    query = select(sends.c.id, sends.c.status, sends.c.last_error).where(sends.c.id.in_(wanted))
+    return {row.id: row for row in conn.execute(query)}
+
+
 def requeue_sends(engine: Engine, *, ids: Iterable[Any], now_ms: int) -> ActionResult:
     """Put dead-lettered (``failed``) sends back on the queue, due now, with a fresh attempt count.
 
@@ -80,12 +86,7 @@ def requeue_sends(engine: Engine, *, ids: Iterable[Any], now_ms: int) -> ActionR
     result = ActionResult()
     wanted = _ids(ids)
     with engine.begin() as conn:
-        found = {
-            row.id: row
-            for row in conn.execute(
-                select(sends.c.id, sends.c.status, sends.c.last_error).where(sends.c.id.in_(wanted))
-            )
-        }
+        found = _rows_of(conn, wanted)
         for send_id in wanted:
             row = found.get(send_id)
             if row is None:
@@ -116,12 +117,7 @@ def mark_sent(
     result = ActionResult()
     wanted = _ids(ids)
     with engine.begin() as conn:
-        found = {
-            row.id: row
-            for row in conn.execute(
-                select(sends.c.id, sends.c.status, sends.c.last_error).where(sends.c.id.in_(wanted))
-            )
-        }
+        found = _rows_of(conn, wanted)
         for send_id in wanted:
             row = found.get(send_id)
             if row is None:
