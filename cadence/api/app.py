@@ -16,7 +16,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cadence import __version__
 from cadence.api.metrics import Metrics
 from cadence.api.security import KeyRing, RateLimiter
-from cadence.dsl.explain import installed_channels
 from cadence.errors import CadenceError, EventError, PayloadTooLarge
 from cadence.runtime import Runtime, open_runtime
 from cadence.settings import Settings, load_settings
@@ -119,10 +118,12 @@ def create_app(
     app.state.background = background
     # the installed connectors do not change while the process runs: ask the plugins once,
     # not per decision (building a plugin manager scans every package's entry points)
-    app.state.available_channels = installed_channels(settings)
-    from cadence.plugins.manager import opt_in_channels  # the plugin host imports the rule language
+    # the plugin host imports the rule language: imported here, not at the top
+    from cadence.plugins.manager import available_channels, make_plugin_manager, opt_in_channels
 
-    app.state.opt_in_channels = opt_in_channels(settings)
+    plugins = make_plugin_manager(settings)  # one scan of the installed packages' entry points
+    app.state.available_channels = available_channels(settings, pm=plugins)
+    app.state.opt_in_channels = opt_in_channels(settings, pm=plugins)
 
     for name in ROUTERS:
         module = importlib.import_module(name)

@@ -8,7 +8,7 @@ counts, one customer's profile rows), so their cost does not grow with the event
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,7 +17,6 @@ from sqlalchemy import Connection, select
 
 from cadence.clock import datetime_to_ms, now_ms
 from cadence.connectors.delivery import circuit_states
-from cadence.dsl.explain import installed_channels
 from cadence.dsl.loader import RulesetHolder, load_rules
 from cadence.dsl.testing import run_tests
 from cadence.engine.attribution.holdout import lift
@@ -499,6 +498,7 @@ def preview_decision(
     at: str,
     zone: str,
     learners: LearnerSubscriber | None = None,
+    opt_in_channels: Collection[str] = (),
 ) -> dict[str, Any]:
     """A decision for ``customer`` at ``at`` (now when empty), computed and shown, never recorded.
 
@@ -524,7 +524,8 @@ def preview_decision(
                 ruleset=ruleset,
                 customer_ref=customer,
                 now_ms=when,
-                available_channels=installed_channels(runtime.settings),
+                available_channels=holder.available_channels,
+                opt_in_channels=opt_in_channels,
                 learners=learners,
                 mode="preview",
             )
@@ -593,7 +594,7 @@ def rules_page(
         "check": checked,
         "jobs": scheduled_jobs(runtime, ruleset, scheduler),
         "circuits": circuits,
-        "channels": installed_channels(runtime.settings),
+        "channels": holder.available_channels,
         "health": health,
     }
 
@@ -611,7 +612,7 @@ def _check_rules(runtime: Runtime, holder: RulesetHolder) -> dict[str, Any]:
     }
     if result.ok:
         try:
-            report = run_tests(result, available_channels=installed_channels(runtime.settings))
+            report = run_tests(result, available_channels=holder.available_channels)
         except CadenceError as exc:
             out["tests_error"] = str(exc)
         else:

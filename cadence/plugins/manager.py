@@ -265,13 +265,13 @@ def opt_in_channels(settings: Settings, *, pm: CadencePluginManager | None = Non
     return frozenset(ch for ch, cls in serving.items() if cls.capabilities.consent_required)
 
 
-def available_channels(settings: Settings) -> tuple[str, ...]:
+def available_channels(settings: Settings, *, pm: CadencePluginManager | None = None) -> tuple[str, ...]:
     """:func:`installed_channels` in a stable order (known channels first), for the rule checker.
 
     >>> available_channels(Settings(disable_plugin_autoload=True, _env_file=None))[:3]
     ('email', 'sms', 'push')
     """
-    offered = installed_channels(settings)
+    offered = installed_channels(settings, pm=pm)
     known = [c for c in CHANNELS if c in offered]
     return tuple(known + sorted(offered - set(known)))
 

@@ -349,6 +349,7 @@ async def preview(request: Request) -> Response:
             at=at_text,
             zone=zone,
             learners=_learners(request),
+            opt_in_channels=request.app.state.opt_in_channels,
         )
         return data
 
