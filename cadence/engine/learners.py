@@ -1252,6 +1252,11 @@ _TIME_TABLE = np.zeros((24 * 60 * 2, 27))
 _TIME_SEEN = [False] * (24 * 60 * 2)
 #: The fractional local hour (hour + minute / 60) of each minute of the day.
 _MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
+#: Per time-table row: the fractional local hour, and the whole local hour.
+_ROW_HOURS = np.repeat(_MINUTE_HOURS, 2)
+_ROW_WHOLE = np.repeat(np.arange(24 * 60, dtype=np.int64) // 60, 2)
+#: The time-table row of an instant, by (zone name, epoch ms); see :func:`_time_parts`.
+_INSTANT_ROW: dict[tuple[str, int], int] = {}
 
 
 @lru_cache(maxsize=8192)
@@ -1284,16 +1289,35 @@ def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
 def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_time_rows` with the rows squared and the whole local hours (0..23), read-only.
 
+    Each instant's table row is kept per zone, so a window shifted by an hour (the next
+    decision's) costs one new instant, not a new pass over every send time.
+
     >>> harm, sq, hours, whole = _time_parts("UTC", (0, 5_400_000))
     >>> whole.tolist(), hours.tolist(), bool((sq == harm * harm).all())
     ([0, 1], [0.0, 1.5], True)
+    >>> bool((harm == _time_rows("UTC", (0, 5_400_000))[0]).all())
+    True
     """
-    harm, hour_arr = _time_rows(zone, times)
+    rows = []
+    known = _INSTANT_ROW
+    for t in times:
+        row = known.get((zone, t))
+        if row is None:
+            if len(known) >= 200_000:
+                known.clear()
+            loc = local_ms((t,), zone_named(zone, "UTC"))[0]
+            minute = (loc % DAY_MS) // 60_000
+            row = known[(zone, t)] = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01: a Thursday
+            if not _TIME_SEEN[row]:
+                _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
+                _TIME_SEEN[row] = True
+        rows.append(row)
+    harm = _TIME_TABLE.take(rows, axis=0)  # take: no fancy-index path
     sq = harm * harm
-    whole = hour_arr.astype(np.int64) % 24
-    sq.flags.writeable = False
-    whole.flags.writeable = False
-    return harm, sq, hour_arr, whole
+    hours, whole = _ROW_HOURS.take(rows), _ROW_WHOLE.take(rows)
+    for arr in (harm, sq, hours, whole):
+        arr.flags.writeable = False
+    return harm, sq, hours, whole
 
 
 @lru_cache(maxsize=1024)
