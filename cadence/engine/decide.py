@@ -732,7 +732,16 @@ def _score_in_bulk(
     n_groups = len(groups)
     total = int(res.bounds[-1])
     width = total // n_groups if n_groups else 0
-    if n_groups and width * n_groups == total and list(res.bounds) == list(range(0, total + 1, width)):
+    bounds = res.bounds
+    if (
+        n_groups
+        and width * n_groups == total
+        and (
+            bounds == range(0, total + 1, width)
+            if type(bounds) is range  # the learners' answer when every group shares one list
+            else list(bounds) == list(range(0, total + 1, width))
+        )
+    ):
         # Every group has as many times (they usually share one list): a (groups x times) matrix,
         # and argmax gives each row's first maximum, the earliest of equally good times.
         first = res.score.reshape(n_groups, width).argmax(axis=1)

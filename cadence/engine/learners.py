@@ -623,9 +623,9 @@ class DecisionLearner:
             x[1] = lp
         if stats.hour_loglik is not None:
             x += stats.hour_loglik
-        x -= x.max()
+        x -= np.maximum.reduce(x, axis=None)  # (ndarray.max and .sum, without their Python wrappers)
         np.exp(x, out=x)
-        lift = (x @ hp.F.T) / (x.sum(axis=1, keepdims=True) * hp.reference)
+        lift = (x @ hp.F.T) / (np.add.reduce(x, axis=1, keepdims=True) * hp.reference)
         h = hours.astype(np.int64) % 24 if whole is None else whole
         if not cfg.hour_explore:
             # The log of the 24 hours' lifts, then each send time's: the same numbers as the log per time.
@@ -886,7 +886,9 @@ class DecisionLearner:
             harm, harm_sq, hour_arr, hour_int = _time_parts(zone_key, tuple(only))
             n_times = len(only)
             rep: Any = n_times
-            bounds = list(range(0, n_groups * n_times + 1, n_times)) if n_times else [0] * (n_groups + 1)
+            bounds: Sequence[int] = (
+                range(0, n_groups * n_times + 1, n_times) if n_times else [0] * (n_groups + 1)
+            )
         else:
             lists: dict[int, Sequence[int]] = {}
             for g in groups:
@@ -1038,7 +1040,11 @@ class DecisionLearner:
             # Nor does a lucky draw make a send the posterior mean says is not worth it.
             np.minimum(score, 0.0, out=score, where=~worth)
 
-        group_best = mean_score.max(axis=1) if shared else np.maximum.reduceat(mean_score, bounds_arr[:-1])
+        group_best = (
+            np.maximum.reduce(mean_score, axis=1)
+            if shared
+            else np.maximum.reduceat(mean_score, bounds_arr[:-1])
+        )
         if n_camps == n_groups:  # one group per campaign: its best is the campaign's
             camp_best_of = group_best
         else:
