@@ -78,7 +78,8 @@ TWO_PI = 2 * math.pi
 Effect = tuple[np.ndarray, int]
 #: Per group: channel, campaign and campaign-channel weight index, variant bucket (-1: none),
 #: campaign number; then the number of campaigns and whether any group has a variant.
-_GroupStruct = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool]
+#: Last, where each campaign's groups start when they are consecutive (None otherwise).
+_GroupStruct = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool, np.ndarray | None]
 #: Trait buckets by the traits' items (profiles repeat; hashing the values costs more than the lookup).
 _TRAIT_CACHE: dict[tuple[tuple[str, Any, type], ...], list[int]] = {}
 
@@ -832,6 +833,12 @@ class DecisionLearner:
         cols = np.array(rows, dtype=np.int64).reshape(len(sig), 5).T.copy()
         for col in cols:
             col.flags.writeable = False
+        camp_of = rows[4::5]
+        starts = None
+        if all(a <= b for a, b in zip(camp_of, camp_of[1:], strict=False)):  # ids follow first appearance
+            starts = np.array(
+                [k for k, c in enumerate(camp_of) if k == 0 or c != camp_of[k - 1]], dtype=np.int64
+            )
         return (
             cols[0],
             cols[1],
@@ -840,6 +847,7 @@ class DecisionLearner:
             cols[4],
             len(camp_ids),
             any(arm is not None for _, _, arm in sig),
+            starts,
         )
 
     def score_options(
@@ -874,7 +882,7 @@ class DecisionLearner:
             if len(self._group_meta) >= 4096:
                 self._group_meta.clear()
             struct = self._group_meta[sig] = self._group_struct(sig)
-        ch_global, camp_idx, cc_idx, arm_b, camp_of, n_camps, any_arm = struct
+        ch_global, camp_idx, cc_idx, arm_b, camp_of, n_camps, any_arm, camp_starts = struct
         # With one shared list of send times (groups of a campaign, and usually every campaign,
         # share one), an option (group k, time j) sits at k * T + j: the flat arrays are a
         # (groups x times) matrix, built by broadcasting. Otherwise the time features are made
@@ -1030,7 +1038,9 @@ class DecisionLearner:
             draw_risk = per_option(cfg.unsubscribe_cost * ch_draw)
         else:
             draw_risk = risk
-        score = (probs[1] if value == 1.0 else value * probs[1]) - draw_risk
+        score = (
+            np.subtract(probs[1], draw_risk, out=probs[1]) if value == 1.0 else value * probs[1] - draw_risk
+        )
         mean_score = (p_eng if value == 1.0 else value * p_eng) - risk
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
@@ -1047,6 +1057,8 @@ class DecisionLearner:
         )
         if n_camps == n_groups:  # one group per campaign: its best is the campaign's
             camp_best_of = group_best
+        elif camp_starts is not None:  # each campaign's groups in a row (decide's order)
+            camp_best_of = np.maximum.reduceat(group_best, camp_starts)[camp_of]
         else:
             camp_best = np.full(n_camps, -np.inf)
             np.maximum.at(camp_best, camp_of, group_best)
