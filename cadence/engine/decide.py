@@ -832,8 +832,22 @@ class _Checks:
                 width = max(1, cap.window_ms // DAY_MS)
                 got = _bits(_cap_blocked(days, self._slot_days(slots), width, cap.count))
             else:
-                got = _bits(_cap_blocked(points, slots, max(1, cap.window_ms), cap.count))
+                width = max(1, cap.window_ms)
+                lo, hi = self._span(slots)
+                if bisect_right(points, hi + width - 1) - bisect_left(points, lo - width + 1) < cap.count:
+                    got = 0  # fewer sends near the slots than the cap allows (as _cap_blocked finds)
+                else:
+                    got = _bits(_cap_blocked(points, slots, width, cap.count))
             self.verdicts[memo] = got
+        return got
+
+    def _span(self, slots: Sequence[int]) -> tuple[int, int]:
+        """The earliest and latest of ``slots`` (campaigns share slot lists: worked out once each)."""
+        key = ("span", id(slots))
+        got: tuple[int, int] | None = self.verdicts.get(key)
+        if got is None:
+            self.slot_lists[id(slots)] = slots
+            got = self.verdicts[key] = (min(slots), max(slots))
         return got
 
     def _spacing(self, slots: Sequence[int]) -> tuple[int, list[int]]:
