@@ -391,14 +391,20 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
     warm = latency_warm(300 if quick else 3000)
     rate, seconds = (100.0, 5.0) if quick else (1000.0, 60.0)
     n_customers = 100 if quick else 1000
-    http_runs = [
-        ("preview, SQLite, 1 process", http_load(rate=rate, seconds=seconds, customers=n_customers)),
-        (
-            "commit, SQLite, 1 process",
-            http_load(rate=rate, seconds=seconds, customers=n_customers, mode="commit"),
-        ),
-    ]
-    if postgres_url:
+    # CADENCE_BENCH_INPROC_ONLY=1: only the in-process rows (no server, no load generator).
+    inproc_only = os.environ.get("CADENCE_BENCH_INPROC_ONLY", "") not in ("", "0")
+    http_runs = (
+        []
+        if inproc_only
+        else [
+            ("preview, SQLite, 1 process", http_load(rate=rate, seconds=seconds, customers=n_customers)),
+            (
+                "commit, SQLite, 1 process",
+                http_load(rate=rate, seconds=seconds, customers=n_customers, mode="commit"),
+            ),
+        ]
+    )
+    if postgres_url and not inproc_only:
         for mode in ("preview", "commit"):
             http_runs.append(
                 (
