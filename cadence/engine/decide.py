@@ -748,10 +748,10 @@ def _score_in_bulk(
         best = first + np.arange(0, total, width)
         offset = first.tolist()
     else:
-        bounds = np.asarray(res.bounds, dtype=np.int64)
-        starts = bounds[:-1]
+        edges = np.asarray(res.bounds, dtype=np.int64)
+        starts = edges[:-1]
         seg_max = np.maximum.reduceat(res.score, starts)
-        at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(bounds)))
+        at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(edges)))
         # The first maximum of each group: the earliest of equally good times.
         best = at_max[np.searchsorted(at_max, starts)]
         offset = (best - starts).tolist()

@@ -632,7 +632,8 @@ class DecisionLearner:
             # The log of the 24 hours' lifts, then each send time's: the same numbers as the log per time.
             log_lift = np.log(lift, out=lift)
             log_lift *= cfg.hour_offset_scale
-            return log_lift.take(h, axis=1)
+            rows: np.ndarray = log_lift.take(h, axis=1)
+            return rows
         off: np.ndarray = cfg.hour_offset_scale * np.log(lift[:, h])
         post = x[1] / x[1].sum()
         m = min(int(np.searchsorted(np.cumsum(post), uniform)), 23)
