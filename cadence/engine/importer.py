@@ -14,6 +14,7 @@ stored yet, else with ``INSERT ... ON CONFLICT DO NOTHING``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import io
@@ -318,10 +319,8 @@ class _Writer:
                 self._write(*item)
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
                 self.error = exc
-                try:
+                with contextlib.suppress(BaseException):  # the first error is the one to report
                     self._abort()
-                except BaseException:  # noqa: BLE001, S110 - the first error is the one to report
-                    pass
 
     def put(self, rows: list[TextRow], *, end: bool) -> None:
         """Write ``rows`` (commit the group after them when ``end``), or queue them (blocks while

