@@ -48,8 +48,13 @@ PG_INSERT = (
 )
 #: The same for rows whose payload is JSON text already (file imports).
 PG_INSERT_TEXT = PG_INSERT.replace("r->8", "CAST(r->>8 AS JSONB)")
-#: PostgreSQL's bulk load: no conflict handling, so only for rows known to be new.
-PG_COPY = f"COPY events ({COLUMNS}) FROM STDIN"
+#: PostgreSQL's bulk load: no conflict handling, so only for rows known to be new. Binary:
+#: the server reads numbers and texts as they are instead of parsing and unescaping text
+#: (about a tenth of its work per event, measured).
+PG_COPY = f"COPY events ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
+#: The binary types of :data:`COLUMNS` for ``COPY``; ``jsonb``'s binary form is a version byte
+#: (1) and the JSON text, sent as ``bytea`` so that the bytes go as they are.
+PG_COPY_TYPES = ("varchar",) * 5 + ("int8", "int8", "varchar", "bytea")
 
 Row = tuple[str, str, str | None, str | None, str | None, int, int, str, dict[str, Any]]
 #: A row with the payload as JSON text.
@@ -197,9 +202,10 @@ def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         with cursor.copy(PG_COPY) as copy:
+            copy.set_types(PG_COPY_TYPES)
             write = copy.write_row
             for row in rows:
-                write(row)
+                write((*row[:8], b"\x01" + row[8].encode()))
         return max(cursor.rowcount, 0)
     finally:
         cursor.close()
