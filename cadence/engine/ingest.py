@@ -195,7 +195,8 @@ def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
     The cheapest way in for the server (no JSON array to unpack), but without conflict
     handling: when a ``message_id`` is stored already, or twice in ``rows``, it raises
     ``psycopg.errors.UniqueViolation`` and the transaction is lost; the caller then
-    rolls back and uses :func:`insert_text_rows`.
+    rolls back (to a savepoint taken before the call) and uses :func:`insert_text_rows`.
+    The data goes in ``COPY``'s binary format (:data:`PG_COPY_TYPES`).
     """
     if not rows:
         return 0
