@@ -42,8 +42,12 @@ __all__ = ["ImportReport", "import_file", "parse_mapping"]
 SQLITE_IMPORT_CACHE_KIB = 131_072
 #: Lines per committed group unless the caller says otherwise (``--batch-size``).
 DEFAULT_BATCH_SIZE = 100_000
-#: A group is parsed and handed to the writer in pieces of at most this many lines.
+#: A group is parsed and handed to the writer in pieces of at most this many lines ...
 PIECE_LINES = 10_000
+#: ... or in this many pieces, larger ones, for a very large group: on PostgreSQL each piece
+#: is a savepoint, and a transaction with more than 64 subtransactions slows every other
+#: session's snapshots.
+MAX_PIECES = 32
 
 SEGMENT_FIELDS = {
     "type",
@@ -474,7 +478,7 @@ def import_file(
         try:
             for group in chunks:
                 # A group is one transaction, parsed and written in pieces of about equal size.
-                step = -(-len(group) // -(-len(group) // PIECE_LINES))
+                step = -(-len(group) // min(-(-len(group) // PIECE_LINES), MAX_PIECES))
                 for start in range(0, len(group), step):
                     piece = group[start : start + step]
                     writer.put(good_rows(piece), end=start + step >= len(group))
