@@ -248,9 +248,50 @@ def run_loop_only(*, quick: bool, postgres_url: str | None) -> str:
     return "\n".join([*lines, "| goal | 20,000 | | no goal | | |", ""])
 
 
+def run_import_only(*, quick: bool, postgres_url: str | None) -> str:
+    """Only ``cadence import`` (``CADENCE_BENCH_IMPORT_ONLY=1``): for iterating on the import."""
+    n_import = 5_000 if quick else 200_000
+    n_large = 20_000 if quick else 1_000_000
+    lines = [
+        "## Import only",
+        "",
+        "`cadence import`, each a whole new process (start-up included), as in the Ingestion section; "
+        "CPU is the import process's user + system time; load is the 1-minute load average before each run.",
+        "",
+        f"| database | start-up (s, CPU s) | import {n_import:,} (events/s; wall s, CPU s; load) "
+        f"| import {n_large:,} (events/s; wall s, CPU s; load) |",
+        "|---|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        files = {"empty": (tmp / "empty.ndjson", 0), "small": (tmp / "events.ndjson", n_import)}
+        files["large"] = (tmp / "large.ndjson", n_large)
+        files["empty"][0].write_bytes(b"")
+        write_calls(files["small"][0], n_import, seed=7)
+        write_calls(files["large"][0], n_large, seed=8)
+        for kind in ("sqlite", "postgres") if postgres_url else ("sqlite",):
+            results = {}
+            for name, (path, n) in files.items():
+                db = Database(kind, postgres_url, tmp)
+                try:
+                    load = os.getloadavg()[0]
+                    results[name] = (*bench_import(db, path, n), load)
+                finally:
+                    db.drop()
+            _, start, start_cpu, _ = results["empty"]
+            cells = [f"{start:.2f}, {start_cpu:.2f}"] + [
+                f"{rate:,.0f}; {wall:.1f}, {cpu:.1f}; {load:.1f}"
+                for rate, wall, cpu, load in (results["small"], results["large"])
+            ]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "| goal | | 50,000 | 50,000 |", ""])
+
+
 def run(*, quick: bool, postgres_url: str | None) -> str:
     if os.environ.get("CADENCE_BENCH_LOOP_ONLY"):
         return run_loop_only(quick=quick, postgres_url=postgres_url)
+    if os.environ.get("CADENCE_BENCH_IMPORT_ONLY"):
+        return run_import_only(quick=quick, postgres_url=postgres_url)
     n_import = 5_000 if quick else 200_000
     n_large = 20_000 if quick else 1_000_000
     n_http = 2_000 if quick else 100_000

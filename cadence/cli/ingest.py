@@ -10,7 +10,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from cadence.cli import runtime_for
-from cadence.engine.importer import import_file, parse_mapping
+from cadence.engine.importer import DEFAULT_BATCH_SIZE, import_file, parse_mapping
 
 console = Console()
 
@@ -26,7 +26,9 @@ def import_command(
     ),
     default_type: str = typer.Option("track", "--type", help="Call type for lines without one."),
     rejects: Path | None = typer.Option(None, help="Where rejected lines go (default FILE.rejects.ndjson)."),
-    batch_size: int = typer.Option(10_000, min=1, help="Lines per committed batch."),
+    batch_size: int = typer.Option(
+        DEFAULT_BATCH_SIZE, min=1, help="Lines per committed batch (one transaction)."
+    ),
 ) -> None:
     """Import Segment-spec events; bad lines are reported and skipped, never fatal."""
     runtime = runtime_for(ctx, upgrade=True)

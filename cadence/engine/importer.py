@@ -1,8 +1,7 @@
 """File imports: NDJSON of Segment-spec calls, or CSV with a column mapping.
 
-Lines are read and validated in groups of ``batch_size``; each group's good lines are
-appended in one transaction (on PostgreSQL by a writer thread while the next group is
-parsed). Bad lines are reported with their line number and reason and never stop the
+Lines are read in groups of ``batch_size``; each group's good lines are appended in one
+transaction, written in pieces by a writer thread while the next piece is parsed. Bad lines are reported with their line number and reason and never stop the
 import. A re-run of the same file appends nothing twice (``messageId``, or the content
 hash of a line without one).
 
@@ -15,6 +14,7 @@ stored yet, else with ``INSERT ... ON CONFLICT DO NOTHING``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import io
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, RootTransaction
 
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
@@ -40,6 +40,14 @@ __all__ = ["ImportReport", "import_file", "parse_mapping"]
 
 #: SQLite page cache of the importing connection, in KiB (it stays with that pooled connection).
 SQLITE_IMPORT_CACHE_KIB = 131_072
+#: Lines per committed group unless the caller says otherwise (``--batch-size``).
+DEFAULT_BATCH_SIZE = 100_000
+#: A group is parsed and handed to the writer in pieces of at most this many lines ...
+PIECE_LINES = 10_000
+#: ... or in this many pieces, larger ones, for a very large group: on PostgreSQL each piece
+#: is a savepoint, and a transaction with more than 64 subtransactions slows every other
+#: session's snapshots.
+MAX_PIECES = 32
 
 SEGMENT_FIELDS = {
     "type",
@@ -219,84 +227,132 @@ def _csv_chunks(
 
 
 class _Writer:
-    """Appends row groups, each in its own transaction, on a thread of its own.
+    """Appends row pieces on a thread of its own; a group of pieces is one transaction.
 
     The driver releases the GIL while the database works (PostgreSQL's server, SQLite's
-    B-trees and commits), so the next group is parsed meanwhile: on two cores the import
-    takes about as long as the larger of the two parts instead of their sum (the CPU time
-    is the same, measured). At most ``depth`` groups wait, so memory stays bounded; an
-    error stops the import at the next group.
+    B-trees and commits), so the next piece is parsed meanwhile: on two cores the import
+    takes about as long as the larger of the two parts instead of their sum. At most
+    ``depth`` pieces wait, so memory stays bounded; an error rolls back the open group and
+    stops the import at the next piece.
 
-    On PostgreSQL a group goes in with ``COPY`` (a third of the server's work of unpacking
-    one JSON parameter); a message stored already makes ``COPY`` fail, and that group is
-    written again with ``INSERT ... ON CONFLICT DO NOTHING``, as are the groups after it
-    until one has no duplicate (a re-run of a file, or of its end after a crash).
+    A group (``--batch-size`` lines) is parsed and written in pieces of at most
+    :data:`PIECE_LINES`: the writer starts on a group before it is all parsed, and the
+    transaction is committed after its last piece. Large groups are cheaper per event
+    (every commit writes each touched index page once more, and the id indexes are touched
+    all over).
+
+    On PostgreSQL a piece goes in with ``COPY`` (a third of the server's work of unpacking
+    one JSON parameter) under a savepoint; a message stored already makes ``COPY`` fail,
+    and that piece is written again, after the savepoint is rolled back, with
+    ``INSERT ... ON CONFLICT DO NOTHING``, as are the pieces after it until one has no
+    duplicate (a re-run of a file, or of its end after a crash).
     """
 
-    def __init__(self, engine: Engine, *, threaded: bool = True, depth: int = 2) -> None:
+    def __init__(self, engine: Engine, *, threaded: bool = True, depth: int = 3) -> None:
         self.engine = engine
         self.accepted = 0
         self.error: BaseException | None = None
         self._postgres = is_postgres(engine)
         self._copy = self._postgres
-        self._queue: queue.Queue[list[TextRow] | None] = queue.Queue(maxsize=depth)
+        self._conn: Connection | None = None
+        self._transaction: RootTransaction | None = None
+        self._pending = 0
+        self._queue: queue.Queue[tuple[list[TextRow], bool] | None] = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
         if threaded:
             self._thread = threading.Thread(target=self._run, name="cadence-import-writer", daemon=True)
             self._thread.start()
 
-    def _write(self, rows: list[TextRow]) -> None:
-        if self._postgres:
-            self._write_postgres(rows)
-            return
-        with self.engine.begin() as conn:
-            # Inserts land all over the indexes of a growing table: a page cache of 128 MiB
-            # (the default is 2 MiB) saves re-reading their pages (1,000,000 events: 30 s of
-            # CPU instead of 34, 2/3 of the wall time, measured).
-            conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
-            self.accepted += insert_text_rows(conn, rows)
+    def _write(self, rows: list[TextRow], end: bool) -> None:
+        if self._conn is None:
+            self._conn = self.engine.connect()
+            if not self._postgres:
+                # Inserts land all over the indexes of a growing table: a page cache of 128 MiB
+                # (the default is 2 MiB) saves re-reading their pages (1,000,000 events: 30 s of
+                # CPU instead of 34, 2/3 of the wall time, measured).
+                self._conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
+                self._conn.commit()
+        conn = self._conn
+        if self._transaction is None:
+            self._transaction = conn.begin()
+        if rows:
+            if self._postgres:
+                self._pending += self._write_postgres(conn, rows)
+            else:
+                self._pending += insert_text_rows(conn, rows)
+        if end:
+            self._transaction.commit()
+            self._transaction = None
+            self.accepted += self._pending
+            self._pending = 0
 
-    def _write_postgres(self, rows: list[TextRow]) -> None:
+    def _write_postgres(self, conn: Connection, rows: list[TextRow]) -> int:
         from psycopg.errors import UniqueViolation
 
         unique = _first_of_each(rows)
         if self._copy:
+            savepoint = conn.begin_nested()
             try:
-                with self.engine.begin() as conn:
-                    self.accepted += copy_text_rows(conn, unique)
-                return
+                accepted = copy_text_rows(conn, unique)
             except UniqueViolation:
-                pass  # rolled back: some are stored already
-        with self.engine.begin() as conn:
-            accepted = insert_text_rows(conn, unique)
-        self.accepted += accepted
+                savepoint.rollback()  # some are stored already
+            else:
+                savepoint.commit()
+                return accepted
+        accepted = insert_text_rows(conn, unique)
         self._copy = accepted == len(unique)
+        return accepted
+
+    def _abort(self) -> None:
+        """Roll back the open group (if any) and give the connection back."""
+        try:
+            if self._transaction is not None:
+                self._transaction.rollback()
+        finally:
+            self._transaction = None
+            self._pending = 0
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _run(self) -> None:
-        while (rows := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
             if self.error is not None:
                 continue  # drain: the reader stops at its next put
             try:
-                self._write(rows)
+                self._write(*item)
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
                 self.error = exc
+                with contextlib.suppress(BaseException):  # the first error is the one to report
+                    self._abort()
 
-    def put(self, rows: list[TextRow]) -> None:
-        """Write ``rows``, or queue them (blocks while ``depth`` groups wait); re-raise a writer error."""
+    def put(self, rows: list[TextRow], *, end: bool) -> None:
+        """Write ``rows`` (commit the group after them when ``end``), or queue them (blocks while
+        ``depth`` pieces wait); re-raise a writer error."""
         if self._thread is None:
-            self._write(rows)
+            try:
+                self._write(rows, end)
+            except BaseException:
+                self._abort()
+                raise
             return
         if self.error is not None:
             raise self.error
-        self._queue.put(rows)
+        self._queue.put((rows, end))
 
     def close(self) -> None:
-        """Wait until every queued group is committed; re-raise a writer error."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            if self.error is not None:
-                raise self.error
+        """Wait until every queued piece is written and its group committed; re-raise a writer error.
+
+        A group left open (the reader stopped on an error) is rolled back.
+        """
+        try:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+                if self.error is not None:
+                    raise self.error
+        finally:
+            self._abort()
 
 
 def _first_of_each(rows: list[TextRow]) -> list[TextRow]:
@@ -319,14 +375,14 @@ def import_file(
     mapping: dict[str, str] | None = None,
     default_type: str = "track",
     rejects_path: Path | None = None,
-    batch_size: int = 10_000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     source: str = "import",
     progress: Callable[[int], None] | None = None,
 ) -> ImportReport:
     """Import ``path`` (``.ndjson``/``.jsonl`` or ``.csv``, or as ``fmt`` says).
 
     :param batch_size: lines per group; each group's good lines are committed together.
-    :param progress: called with the number of bytes read so far after each group.
+    :param progress: called with the number of bytes read so far after each piece of a group.
     """
     fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
     if fmt not in ("csv", "ndjson"):
@@ -388,6 +444,25 @@ def import_file(
             orjson.dumps(event.payload).decode(),
         )
 
+    def good_rows(piece: list[tuple[int, bytes, Any]]) -> list[TextRow]:
+        """The rows of ``piece``'s good lines; bad ones are rejected, blank ones skipped."""
+        good: list[TextRow] = []
+        blank = 0
+        fast = text_rows([raw for _, raw, _ in piece], **fast_options) if fmt == "ndjson" else repeat(None)
+        for (number, raw, parsed), row in zip(piece, fast, strict=False):
+            if row is None:
+                try:
+                    row = general(raw, parsed)
+                except EventError as exc:
+                    reject(number, raw, exc)
+                    continue
+                if row is None:
+                    blank += 1
+                    continue
+            good.append(row)
+        report.lines += len(piece) - blank
+        return good
+
     with path.open("rb") as handle:
         chunks = (
             _csv_chunks(handle, mapping or {}, default_type, batch_size)
@@ -401,30 +476,14 @@ def import_file(
         # time of an import, measured). Cycles made meanwhile are collected after.
         gc.disable()
         try:
-            for chunk in chunks:
-                good: list[TextRow] = []
-                blank = 0
-                fast = (
-                    text_rows([raw for _, raw, _ in chunk], **fast_options)
-                    if fmt == "ndjson"
-                    else repeat(None)
-                )
-                for (number, raw, parsed), row in zip(chunk, fast, strict=False):
-                    if row is None:
-                        try:
-                            row = general(raw, parsed)
-                        except EventError as exc:
-                            reject(number, raw, exc)
-                            continue
-                        if row is None:
-                            blank += 1
-                            continue
-                    good.append(row)
-                report.lines += len(chunk) - blank
-                if good:
-                    writer.put(good)
-                if progress is not None:
-                    progress(handle.tell())
+            for group in chunks:
+                # A group is one transaction, parsed and written in pieces of about equal size.
+                step = -(-len(group) // min(-(-len(group) // PIECE_LINES), MAX_PIECES))
+                for start in range(0, len(group), step):
+                    piece = group[start : start + step]
+                    writer.put(good_rows(piece), end=start + step >= len(group))
+                    if progress is not None:
+                        progress(handle.tell())
         finally:
             try:
                 writer.close()

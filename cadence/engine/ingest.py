@@ -48,8 +48,13 @@ PG_INSERT = (
 )
 #: The same for rows whose payload is JSON text already (file imports).
 PG_INSERT_TEXT = PG_INSERT.replace("r->8", "CAST(r->>8 AS JSONB)")
-#: PostgreSQL's bulk load: no conflict handling, so only for rows known to be new.
-PG_COPY = f"COPY events ({COLUMNS}) FROM STDIN"
+#: PostgreSQL's bulk load: no conflict handling, so only for rows known to be new. Binary:
+#: the server reads numbers and texts as they are instead of parsing and unescaping text
+#: (about a tenth of its work per event, measured).
+PG_COPY = f"COPY events ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
+#: The binary types of :data:`COLUMNS` for ``COPY``; ``jsonb``'s binary form is a version byte
+#: (1) and the JSON text, sent as ``bytea`` so that the bytes go as they are.
+PG_COPY_TYPES = ("varchar",) * 5 + ("int8", "int8", "varchar", "bytea")
 
 Row = tuple[str, str, str | None, str | None, str | None, int, int, str, dict[str, Any]]
 #: A row with the payload as JSON text.
@@ -104,8 +109,18 @@ def _sqlite_sizes(n: int, most: int) -> Iterator[int]:
 
 @functools.cache
 def _sqlite_insert(rows: int) -> str:
+    """A multi-row insert that skips stored ``message_id``s.
+
+    ``INSERT OR IGNORE``, not ``ON CONFLICT (message_id) DO NOTHING``: with the latter a
+    multi-row statement may still abort (a NOT NULL column), so SQLite keeps a statement
+    journal, a copy of every page the statement changes, in a temporary file: 2.7 GB
+    written for 1,000,000 events and a quarter of the insert's CPU time (measured). The
+    only conflict an event row can meet is the unique ``message_id`` (the id is assigned,
+    every NOT NULL column is set by :func:`event_rows` and the import, and the table has
+    no CHECK or foreign key), so ignoring it is the same as before.
+    """
     values = ",".join(["(?,?,?,?,?,?,?,?,?)"] * rows)
-    return f"INSERT INTO events ({COLUMNS}) VALUES {values} ON CONFLICT (message_id) DO NOTHING"
+    return f"INSERT OR IGNORE INTO events ({COLUMNS}) VALUES {values}"
 
 
 def _sqlite_most(conn: Connection) -> int:
@@ -123,7 +138,7 @@ def _sqlite_most(conn: Connection) -> int:
 def insert_rows(conn: Connection, rows: Sequence[Row]) -> int:
     """Insert ``rows`` inside the caller's transaction; return how many were new.
 
-    Duplicates are dropped by the unique index (``ON CONFLICT DO NOTHING``), so two
+    Duplicates are dropped by the unique index (``ON CONFLICT DO NOTHING``; ``OR IGNORE`` on SQLite), so two
     writers racing with the same message never store it twice; the count is the
     driver's row count. Rows go in few large statements (all of them as one JSON
     parameter on PostgreSQL, multi-row ``VALUES`` on SQLite), keeping the per-row
@@ -180,16 +195,18 @@ def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
     The cheapest way in for the server (no JSON array to unpack), but without conflict
     handling: when a ``message_id`` is stored already, or twice in ``rows``, it raises
     ``psycopg.errors.UniqueViolation`` and the transaction is lost; the caller then
-    rolls back and uses :func:`insert_text_rows`.
+    rolls back (to a savepoint taken before the call) and uses :func:`insert_text_rows`.
+    The data goes in ``COPY``'s binary format (:data:`PG_COPY_TYPES`).
     """
     if not rows:
         return 0
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         with cursor.copy(PG_COPY) as copy:
+            copy.set_types(PG_COPY_TYPES)
             write = copy.write_row
             for row in rows:
-                write(row)
+                write((*row[:8], b"\x01" + row[8].encode()))
         return max(cursor.rowcount, 0)
     finally:
         cursor.close()

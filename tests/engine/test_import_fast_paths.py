@@ -16,7 +16,7 @@ from sqlalchemy import Engine, func, select
 
 from cadence.engine.events import parse_call
 from cadence.engine.fastcall import text_rows
-from cadence.engine.importer import import_file
+from cadence.engine.importer import PIECE_LINES, import_file
 from cadence.errors import EventError
 from cadence.store.db import is_postgres
 from cadence.store.schema.core import events
@@ -162,6 +162,27 @@ def test_groups_with_duplicates_inside_or_against_the_log_store_each_message_onc
     again = import_file(engine=db_engine, path=path, batch_size=4)
     assert (again.accepted, again.duplicates) == (0, 14)
     assert len(stored_ids(db_engine)) == 12
+
+
+def test_a_group_written_in_pieces_keeps_order_and_skips_repeats_across_pieces(
+    tmp_path: Path, db_engine: Engine
+) -> None:
+    # One group (the default batch size) of three pieces: the second piece repeats a message
+    # of the first (on PostgreSQL its COPY fails and only that piece is written again, by
+    # INSERT ... ON CONFLICT, under the group's transaction), the third one stored before.
+    first = tmp_path / "first.ndjson"
+    write_lines(first, ["stored"])
+    import_file(engine=db_engine, path=first)
+    n = 2 * PIECE_LINES + 10
+    ids = [f"p{i}" for i in range(n)]
+    ids[PIECE_LINES + 5] = "p3"
+    ids[-1] = "stored"
+    path = tmp_path / "pieces.ndjson"
+    write_lines(path, ids)
+    report = import_file(engine=db_engine, path=path)
+    assert (report.lines, report.accepted, report.duplicates) == (n, n - 2, 2)
+    expected = ["stored"] + [m for i, m in enumerate(ids) if i not in (PIECE_LINES + 5, n - 1)]
+    assert stored_ids(db_engine) == expected
 
 
 def count(engine: Engine) -> int:
