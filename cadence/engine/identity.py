@@ -281,15 +281,16 @@ class IdentityResolver:
                 array_literal("bigint", [w for w, _ in moves]),
                 array_literal("bigint", [lo for _, lo in moves]),
             )
+            # ``= ANY(losers)`` as well: without it the planner joins by scanning the whole table.
             conn.exec_driver_sql(
                 "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
-                " WHERE customers.id = m.l",
-                pairs,
+                " WHERE customers.id = m.l AND customers.id = ANY(%s::bigint[])",
+                (*pairs, pairs[1]),
             )
             conn.exec_driver_sql(
                 "UPDATE identities SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
-                " WHERE identities.customer_id = m.l",
-                pairs,
+                " WHERE identities.customer_id = m.l AND identities.customer_id = ANY(%s::bigint[])",
+                (*pairs, pairs[1]),
             )
         else:
             execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
