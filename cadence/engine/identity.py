@@ -155,10 +155,16 @@ class IdentityResolver:
             return winner
 
         resolved: list[tuple[Any, int | None]] = []
+        owner_of, parent_of = owner.get, parent.get
         for r in rows:
             ukey: IdKey | None = ("user", r.user_id) if r.user_id else None
             akey: IdKey | None = ("anonymous", r.anonymous_id) if r.anonymous_id else None
-            cu, ca = lookup(ukey), lookup(akey)
+            # lookup(), inlined for the common case of an owner that is its own root
+            cu, ca = owner_of(ukey), owner_of(akey)  # type: ignore[arg-type]
+            if cu is not None and parent_of(cu, cu) != cu:
+                cu = find(cu)
+            if ca is not None and parent_of(ca, ca) != ca:
+                ca = find(ca)
             if r.id > apply_after:
                 if r.type == "alias" and ukey is not None and r.payload.get("previousId"):
                     prev = str(r.payload["previousId"])
