@@ -100,6 +100,8 @@ identities = Table(
     Column("first_seen_ms", BigInteger, nullable=False),
     PrimaryKeyConstraint("kind", "value"),
     Index(None, "customer_id"),
+    # The loop's look-ups and inserts by key walk one b-tree on SQLite, not the key's then the table's.
+    sqlite_with_rowid=False,
 )
 
 # The profile aggregates carry no foreign key to ``customers``: they are derived state that
@@ -131,6 +133,7 @@ profile_event_stats = Table(
     Column("last_ms", BigInteger, nullable=False),
     Column("last_value", Float),
     PrimaryKeyConstraint("customer_id", "event"),
+    sqlite_with_rowid=False,  # upserts by key walk one b-tree (see identities)
 )
 
 profile_daily = Table(
@@ -142,6 +145,7 @@ profile_daily = Table(
     Column("count", BigInteger, nullable=False),
     Column("sum_value", Float, nullable=False),
     PrimaryKeyConstraint("customer_id", "event", "day"),
+    sqlite_with_rowid=False,  # upserts by key walk one b-tree (see identities)
 )
 
 consent = Table(
