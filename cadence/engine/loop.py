@@ -133,7 +133,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.leadership = Leadership(self.engine, lock_id=LEADER_LOCK_ID, role="engine")
         self.processed = 0
-        # The next batch's events, read and decoded on a thread while this batch is written
+        # The next batch's events, read and decoded on a thread while this batch is worked on
         # (not with a single shared connection: in-memory SQLite).
         self._prefetch: _Prefetch | None = None
         self.prefetching = not isinstance(self.engine.pool, StaticPool)
@@ -191,6 +191,9 @@ class EngineLoop:
                 rows = self._prefetched(conn, low)
                 if rows is None:
                     rows = read_events(conn, after=low, limit=self.batch_size)
+                if self.prefetching and len(rows) == self.batch_size:  # more are probably waiting
+                    # read while this batch is worked on; valid if every subscriber reaches its end
+                    self._prefetch = _Prefetch(self.engine, after=rows[-1].id, limit=self.batch_size)
                 if not rows:
                     self._positions = positions
                     return 0
@@ -217,8 +220,6 @@ class EngineLoop:
             self._positions = None  # reload from the database: the transaction rolled back
             raise
         self._positions = new_positions
-        if self.prefetching and len(rows) == self.batch_size:  # more are probably waiting
-            self._prefetch = _Prefetch(self.engine, after=min(new_positions.values()), limit=self.batch_size)
         self.processed += len(rows)
         for listener in self.on_batch:
             listener(new_positions, len(rows))
@@ -320,8 +321,8 @@ def _gc_paused() -> Iterator[None]:
 class _Prefetch:
     """Reads and decodes the events after ``after`` on a thread, on its own connection.
 
-    While the loop writes one batch (the database works, the GIL is released) the next
-    batch's events are read and their payloads decoded. The last erasure's id is read
+    Started as soon as a full batch is read: while the loop works on it (and waits for the
+    database, the GIL released) the next batch's events are read and their payloads decoded. The last erasure's id is read
     first: :meth:`EngineLoop._prefetched` compares it, inside the batch's transaction, to
     discard a read-ahead that an erasure committed since may have overtaken.
     """
