@@ -108,16 +108,19 @@ class IdentityResolver:
             owner.update(((kind, value), cid) for value, cid in found)
         # Merges repoint identities to the surviving customer, so owners are roots.
         parent: dict[int, int] = {cid: cid for cid in owner.values()}
+        # Which customers already carry a user id: the owners of user ids found above, and of
+        # the other owners (of anonymous ids only) those with a user id stored.
         # By customer only: with ``kind = 'user'`` too, SQLite scans every user id instead.
-        with_user: set[int] = {
+        with_user: set[int] = {cid for (kind, _v), cid in owner.items() if kind == "user"}
+        with_user.update(
             cid
             for cid, kind in fetch_in(
                 conn,
                 "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
-                set(owner.values()),
+                set(owner.values()) - with_user,
             )
             if kind == "user"
-        }
+        )
 
         next_temp = -1
         new_keys: dict[IdKey, int] = {}

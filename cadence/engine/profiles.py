@@ -247,7 +247,8 @@ class ProfilesSubscriber:
             if name is None:
                 continue
             props = payload.get("properties") or {}
-            value = event_value(props) or 0.0
+            raw = props.get("revenue")  # event_value() for the common case of a numeric revenue
+            value = (float(raw) if type(raw) is int or type(raw) is float else event_value(props)) or 0.0
             day = ts // DAY_MS
             for counted in counted_names(name, props) if name in FEEDBACK_EVENTS else (name,):
                 s = stats.get((cid, counted))
