@@ -23,8 +23,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
-from sqlalchemy import Connection, Engine, func, select, text
-from sqlalchemy.pool import StaticPool
+from sqlalchemy import Connection, func, select, text
 
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
@@ -133,10 +132,6 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.leadership = Leadership(self.engine, lock_id=LEADER_LOCK_ID, role="engine")
         self.processed = 0
-        # The next batch's events, read and decoded on a thread while this batch is worked on
-        # (not with a single shared connection: in-memory SQLite).
-        self._prefetch: _Prefetch | None = None
-        self.prefetching = not isinstance(self.engine.pool, StaticPool)
         #: Called after each committed batch with the new positions and the batch size.
         self.on_batch: list[Callable[[dict[str, int], int], None]] = []
 
@@ -188,12 +183,7 @@ class EngineLoop:
                     in_memory = getattr(sub, "in_memory", False)
                     positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
                 low = min(positions.values())
-                rows = self._prefetched(conn, low)
-                if rows is None:
-                    rows = read_events(conn, after=low, limit=self.batch_size)
-                if self.prefetching and len(rows) == self.batch_size:  # more are probably waiting
-                    # read while this batch is worked on; valid if every subscriber reaches its end
-                    self._prefetch = _Prefetch(self.engine, after=rows[-1].id, limit=self.batch_size)
+                rows = read_events(conn, after=low, limit=self.batch_size)
                 if not rows:
                     self._positions = positions
                     return 0
@@ -224,20 +214,6 @@ class EngineLoop:
         for listener in self.on_batch:
             listener(new_positions, len(rows))
         return len(rows)
-
-    def _prefetched(self, conn: Connection, after: int) -> list[_Row] | None:
-        """The events after ``after`` read ahead by :class:`_Prefetch`, if still valid, else None.
-
-        Valid when read after the same position and no erasure has committed since (an
-        erasure deletes events: the read-ahead copy may hold some); otherwise discarded.
-        """
-        prefetch, self._prefetch = self._prefetch, None
-        if prefetch is None:
-            return None
-        rows = prefetch.result()
-        if rows is None or prefetch.after != after or prefetch.erasures != _last_erasure(conn):
-            return None
-        return rows
 
     def catch_up(self) -> int:
         """Process batches until the log is drained; return how many events were read."""
@@ -316,42 +292,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-class _Prefetch:
-    """Reads and decodes the events after ``after`` on a thread, on its own connection.
-
-    Started as soon as a full batch is read: while the loop works on it (and waits for the
-    database, the GIL released) the next batch's events are read and their payloads decoded. The last erasure's id is read
-    first: :meth:`EngineLoop._prefetched` compares it, inside the batch's transaction, to
-    discard a read-ahead that an erasure committed since may have overtaken.
-    """
-
-    def __init__(self, engine: Engine, *, after: int, limit: int) -> None:
-        self.after, self.limit, self.engine = after, limit, engine
-        self.erasures = -1
-        self.rows: list[_Row] | None = None
-        self._thread = threading.Thread(target=self._read, name="cadence-engine-prefetch", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            with self.engine.connect().execution_options(cadence_readonly=True) as conn, conn.begin():
-                self.erasures = _last_erasure(conn)
-                self.rows = read_events(conn, after=self.after, limit=self.limit)
-        except Exception:  # the loop reads the batch itself
-            log.debug("engine loop read-ahead failed", exc_info=True)
-            self.rows = None
-
-    def result(self) -> list[_Row] | None:
-        """The rows read, or None when the read failed."""
-        self._thread.join()
-        return self.rows
-
-
-def _last_erasure(conn: Connection) -> int:
-    """The id of the latest erasure (0 if none): erasures are never deleted, ids only grow."""
-    return int(conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM erasures").scalar() or 0)
 
 
 class _Row(NamedTuple):

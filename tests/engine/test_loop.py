@@ -232,27 +232,3 @@ def test_feedback_is_counted_under_the_name_rules_read(runtime: Runtime) -> None
     assert p.count("sms.clicked", T0 - DAY, T0 + DAY) == 1
     assert p.count("Message Clicked", T0 - DAY, T0 + DAY) == 2
 
-
-def test_a_read_ahead_overtaken_by_an_erasure_is_discarded(runtime: Runtime) -> None:
-    from cadence.engine.privacy import erase_customer
-
-    ingest(
-        runtime,
-        ev(1, event="Product Viewed", userId="u1"),
-        ev(2, event="Product Viewed", userId="u2"),
-        ev(3, event="Order Completed", userId="u2", properties={"revenue": 5}),
-        ev(4, event="Product Viewed", userId="u1"),
-    )
-    loop = EngineLoop(runtime, batch_size=2)
-    assert loop.prefetching
-    assert loop.run_once() == 2
-    # A full batch: the next one (events 3 and 4) is being read ahead; let that read finish first.
-    assert loop._prefetch is not None
-    assert [r.id for r in loop._prefetch.result() or []] == [3, 4]
-    erase_customer(runtime=runtime, ref="u2", requested_by="test", loop=loop)
-    assert loop.catch_up() == 1  # event 4 only: the read-ahead still held the erased event 3
-    u1 = customer(runtime, "u1")
-    with runtime.engine.connect() as conn:
-        assert resolve_customer(conn, "u2") is None
-        assert conn.scalar(select(profile_event_stats.c.count)) == 2
-        assert conn.execute(select(profiles.c.customer_id)).scalars().all() == [u1]
