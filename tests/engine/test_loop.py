@@ -231,4 +231,3 @@ def test_feedback_is_counted_under_the_name_rules_read(runtime: Runtime) -> None
     assert p.count("email.opened", T0 - DAY, T0 + DAY) == 2
     assert p.count("sms.clicked", T0 - DAY, T0 + DAY) == 1
     assert p.count("Message Clicked", T0 - DAY, T0 + DAY) == 2
-
