@@ -17,6 +17,7 @@ refuse it; a hard ``... Bounced`` marks the channel undeliverable until a new ad
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, delete, select
@@ -156,7 +157,12 @@ class ConsentSubscriber:
         latest: dict[tuple[int, str], tuple[bool | None, str, int, int]] = {}
         clears: dict[tuple[int, str], int] = {}  # (customer, channel) -> new address event id
         for e in batch:
-            if e.type not in ("identify", "track"):
+            kind = e.type
+            if kind == "track":
+                # Most tracks say nothing about consent: decided by name alone (cached per name).
+                if not _track_may_change_consent(e.event):
+                    continue
+            elif kind != "identify":
                 continue
             for channel, granted, source in consent_changes(e):
                 if channel.endswith(":bounce"):
@@ -213,6 +219,20 @@ class ConsentSubscriber:
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         conn.execute(delete(consent).where(consent.c.customer_id == customer_id))
+
+
+@lru_cache(maxsize=4096)
+def _track_may_change_consent(name: str | None) -> bool:
+    """Whether :func:`consent_changes` can find anything in a track event of this name.
+
+    >>> _track_may_change_consent("Email Bounced"), _track_may_change_consent("Order Completed")
+    (True, False)
+    """
+    return name == CONSENT_EVENT or feedback_kind(name) in (
+        Feedback.UNSUBSCRIBED,
+        Feedback.SPAM_REPORT,
+        Feedback.BOUNCED,
+    )
 
 
 _CONSENT_COLUMNS = (

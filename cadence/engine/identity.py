@@ -108,16 +108,19 @@ class IdentityResolver:
             owner.update(((kind, value), cid) for value, cid in found)
         # Merges repoint identities to the surviving customer, so owners are roots.
         parent: dict[int, int] = {cid: cid for cid in owner.values()}
+        # Which customers already carry a user id: the owners of user ids found above, and of
+        # the other owners (of anonymous ids only) those with a user id stored.
         # By customer only: with ``kind = 'user'`` too, SQLite scans every user id instead.
-        with_user: set[int] = {
+        with_user: set[int] = {cid for (kind, _v), cid in owner.items() if kind == "user"}
+        with_user.update(
             cid
             for cid, kind in fetch_in(
                 conn,
                 "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
-                set(owner.values()),
+                set(owner.values()) - with_user,
             )
             if kind == "user"
-        }
+        )
 
         next_temp = -1
         new_keys: dict[IdKey, int] = {}
@@ -155,10 +158,16 @@ class IdentityResolver:
             return winner
 
         resolved: list[tuple[Any, int | None]] = []
+        owner_of, parent_of = owner.get, parent.get
         for r in rows:
             ukey: IdKey | None = ("user", r.user_id) if r.user_id else None
             akey: IdKey | None = ("anonymous", r.anonymous_id) if r.anonymous_id else None
-            cu, ca = lookup(ukey), lookup(akey)
+            # lookup(), inlined for the common case of an owner that is its own root
+            cu, ca = owner_of(ukey), owner_of(akey)  # type: ignore[arg-type]
+            if cu is not None and parent_of(cu, cu) != cu:
+                cu = find(cu)
+            if ca is not None and parent_of(ca, ca) != ca:
+                ca = find(ca)
             if r.id > apply_after:
                 if r.type == "alias" and ukey is not None and r.payload.get("previousId"):
                     prev = str(r.payload["previousId"])
@@ -281,15 +290,16 @@ class IdentityResolver:
                 array_literal("bigint", [w for w, _ in moves]),
                 array_literal("bigint", [lo for _, lo in moves]),
             )
+            # ``= ANY(losers)`` as well: without it the planner joins by scanning the whole table.
             conn.exec_driver_sql(
                 "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
-                " WHERE customers.id = m.l",
-                pairs,
+                " WHERE customers.id = m.l AND customers.id = ANY(%s::bigint[])",
+                (*pairs, pairs[1]),
             )
             conn.exec_driver_sql(
                 "UPDATE identities SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
-                " WHERE identities.customer_id = m.l",
-                pairs,
+                " WHERE identities.customer_id = m.l AND identities.customer_id = ANY(%s::bigint[])",
+                (*pairs, pairs[1]),
             )
         else:
             execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)

@@ -27,7 +27,7 @@ from cadence.channels import FEEDBACK_EVENTS, feedback_aggregate, feedback_of
 from cadence.engine.consent import consent_of
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
-from cadence.store.fast import dump_json, execute_in, fetch_in, write_rows
+from cadence.store.fast import dump_json, execute_in, fetch_in, is_postgres, write_rows
 from cadence.store.schema.core import profile_daily, profile_event_stats, profiles
 
 __all__ = ["ProfilesSubscriber", "StoredProfile", "event_name", "event_value", "load_profile"]
@@ -136,6 +136,15 @@ _PROFILE_ADD = (
 )
 #: The same, with traits already merged over the stored ones.
 _PROFILE_ADD_TRAITS = _PROFILE_ADD + ", traits = excluded.traits, trait_events = excluded.trait_events"
+#: The same, merging the batch's traits over the stored ones in SQL, key by key (top level only):
+#: ``||`` on PostgreSQL; on SQLite ``json_patch``, which equals it while no value is null or an
+#: object (merge-patch deletes keys set to null and merges objects), so those rows take the read path.
+_PROFILE_MERGE_TRAITS = {
+    "postgresql": _PROFILE_ADD + ", traits = profiles.traits || excluded.traits,"
+    " trait_events = profiles.trait_events || excluded.trait_events",
+    "sqlite": _PROFILE_ADD + ", traits = json_patch(profiles.traits, excluded.traits),"
+    " trait_events = json_patch(profiles.trait_events, excluded.trait_events)",
+}
 #: A whole profile, computed in Python.
 _PROFILE_REPLACE = (
     "ON CONFLICT (customer_id) DO UPDATE SET first_seen_ms = excluded.first_seen_ms,"
@@ -238,7 +247,8 @@ class ProfilesSubscriber:
             if name is None:
                 continue
             props = payload.get("properties") or {}
-            value = event_value(props) or 0.0
+            raw = props.get("revenue")  # event_value() for the common case of a numeric revenue
+            value = (float(raw) if type(raw) is int or type(raw) is float else event_value(props)) or 0.0
             day = ts // DAY_MS
             for counted in counted_names(name, props) if name in FEEDBACK_EVENTS else (name,):
                 s = stats.get((cid, counted))
@@ -262,18 +272,26 @@ class ProfilesSubscriber:
         self._add_daily(conn, list(daily.values()))
 
     def _write_profiles(self, conn: Connection, summary: dict[int, list[Any]]) -> None:
-        """Add each customer's batch summary to their stored profile (created if new)."""
+        """Add each customer's batch summary to their stored profile (created if new).
+
+        Traits merge key by key over the stored ones (the latest event wins) inside the
+        upsert, without reading the stored profile; on SQLite a batch whose traits hold a
+        null or an object merges those customers' traits in Python after reading them.
+        """
+        postgres = is_postgres(conn)
         plain = []
         with_traits: dict[int, list[Any]] = {}
         for cid, p in summary.items():
-            if p[3] is None:
+            traits = p[3]
+            if traits is None:
                 plain.append((cid, p[0], p[1], p[2], _EMPTY, _EMPTY, p[5], p[6]))
+            elif postgres or not any(v is None or type(v) is dict for v in traits.values()):
+                plain.append((cid, p[0], p[1], p[2], dump_json(traits), dump_json(p[4]), p[5], p[6]))
             else:
                 with_traits[cid] = p
-        write_rows(conn, "profiles", _PROFILE_COLUMNS, plain, _PROFILE_ADD)
+        write_rows(conn, "profiles", _PROFILE_COLUMNS, plain, _PROFILE_MERGE_TRAITS[conn.dialect.name])
         if not with_traits:
             return
-        # Traits merge key by key over the stored ones (the latest event wins): read those.
         stored = {row[0]: row for row in fetch_in(conn, _PROFILE_SELECT, with_traits)}
         rows = []
         for cid, p in with_traits.items():

@@ -66,7 +66,19 @@ def calls(draw: st.DrawFn) -> list[dict[str, Any]]:
             traits = draw(
                 st.dictionaries(
                     st.sampled_from(["plan", "email", "timezone", "unsubscribed"]),
-                    st.sampled_from(["gold", "x@example.com", "Europe/Berlin", "Mars/Base", True, False]),
+                    # null and object values: SQLite's in-SQL merge (json_patch) would differ on them
+                    st.sampled_from(
+                        [
+                            "gold",
+                            "x@example.com",
+                            "Europe/Berlin",
+                            "Mars/Base",
+                            True,
+                            False,
+                            None,
+                            {"tier": 2},
+                        ]
+                    ),
                     max_size=3,
                 )
             )
