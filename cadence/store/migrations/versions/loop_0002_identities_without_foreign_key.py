@@ -12,7 +12,7 @@ look-ups and upserts by key walk one b-tree instead of the key's and then the ta
 (measured: 12% less CPU for the engine loop's profile path).
 
 Revision ID: loop_0002
-Revises: ingest_0001
+Revises: ingest_0002
 Create Date: 2026-11-26 04:25:00
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from alembic import op
 
 revision = "loop_0002"
-down_revision = "ingest_0001"
+down_revision = "ingest_0002"
 branch_labels = None
 depends_on = None
 
