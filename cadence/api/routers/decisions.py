@@ -8,11 +8,13 @@ The ruleset is the loaded rule files' (``runtime.extensions["rules"]``, or
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import orjson
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
@@ -213,8 +215,9 @@ class DecisionFastPath:
         try:
             if item.mode == "commit" or state.postgres:
                 # A commit may wait for the write lock, PostgreSQL answers over the network: in a
-                # thread, not on the event loop. (A failed commit rolled back: nothing to undo.)
-                decided = (await run_in_threadpool(_decide_many, app, [item]))[0]
+                # thread, not on the event loop, with the other requests waiting at the same moment
+                # (commits share one transaction: see DecisionGroups). A failed commit rolled back.
+                decided = await _groups(app).decide(item)
             else:  # SQLite reads a local file in microseconds: a thread hand-off would cost more
                 decided = _decide_many(app, [item])[0]
         except Exception as exc:
@@ -230,6 +233,103 @@ class DecisionFastPath:
             if getattr(route, "path", None) == "/v1/decisions" and "POST" in getattr(route, "methods", ()):
                 self._route = route
         return self._route
+
+
+def _groups(app: FastAPI) -> DecisionGroups:
+    groups: DecisionGroups | None = getattr(app.state, "decision_groups", None)
+    if groups is None:
+        groups = app.state.decision_groups = DecisionGroups(app)
+    return groups
+
+
+class DecisionGroups:
+    """Decide the requests that arrive together in one thread hand-off; commits in one transaction.
+
+    A request that must not run on the event loop (a commit, or any decision on PostgreSQL)
+    is queued; one worker thread at a time takes everything queued (up to ``max_group``),
+    decides it and answers each request, then takes what arrived meanwhile. Commits of a
+    group are recorded in **one** transaction (*group commit*), and each request is
+    answered only after that transaction committed. Within it, each decision reads the
+    customer's sends on the transaction's connection, so it counts the sends queued by the
+    group's earlier decisions: caps hold exactly as with one transaction per decision (on
+    SQLite the transaction holds the write lock; on PostgreSQL each customer's row is locked).
+    A request whose customer is unknown (or whose ``at`` lacks an offset) gets its error
+    without spoiling the rest; if the transaction fails otherwise (a deadlock between two
+    workers' groups, say), it rolled back and each request is decided again on its own.
+    Previews (PostgreSQL) share the thread hand-off and nothing else.
+    """
+
+    def __init__(self, app: FastAPI, *, max_group: int = 64) -> None:
+        self.app = app
+        self.max_group = max_group
+        self._pending: list[tuple[DecisionRequest, asyncio.Future[dict[str, Any]]]] = []
+        self._lock = threading.Lock()
+        self._draining = False
+        #: How many groups ran, and how many requests they held (the mean group size is their ratio).
+        self.groups = 0
+        self.requests = 0
+
+    async def decide(self, item: DecisionRequest) -> dict[str, Any]:
+        """The decision for ``item``, decided (and, for a commit, committed) in a worker thread."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        with self._lock:
+            self._pending.append((item, future))
+            start = not self._draining
+            self._draining = True
+        if start:
+            loop.run_in_executor(None, self._drain, loop)
+        return await future
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._lock:
+                group = self._pending[: self.max_group]
+                del self._pending[: self.max_group]
+                if not group:
+                    self._draining = False
+                    return
+            self.groups += 1
+            self.requests += len(group)
+            try:
+                results = self._run([item for item, _ in group])
+            except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
+                results = [exc] * len(group)
+            for (_, future), result in zip(group, results, strict=True):
+                loop.call_soon_threadsafe(_settle, future, result)
+
+    def _run(self, items: list[DecisionRequest]) -> list[dict[str, Any] | BaseException]:
+        previews = [item for item in items if item.mode != "commit"]
+        commits = [item for item in items if item.mode == "commit"]
+        done: dict[int, dict[str, Any] | BaseException] = {}
+        for item in previews:
+            done[id(item)] = _outcome(self.app, [item])
+        if len(commits) == 1:
+            done[id(commits[0])] = _outcome(self.app, commits)
+        elif commits:
+            try:
+                for item, result in zip(commits, _decide_many(self.app, commits, errors=True), strict=True):
+                    done[id(item)] = result
+            except Exception:  # noqa: BLE001 - rolled back: decide each again on its own
+                for item in commits:
+                    done[id(item)] = _outcome(self.app, [item])
+        return [done[id(item)] for item in items]
+
+
+def _outcome(app: FastAPI, items: list[DecisionRequest]) -> dict[str, Any] | BaseException:
+    try:
+        return _decide_many(app, items)[0]
+    except Exception as exc:  # noqa: BLE001 - handed to the waiting request
+        return exc
+
+
+def _settle(future: asyncio.Future[dict[str, Any]], result: dict[str, Any] | BaseException) -> None:
+    if future.done():  # the request went away
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _scope_key(scope: ASGIScope) -> str | None:
@@ -280,8 +380,22 @@ def _event_of(item: DecisionRequest, now: int) -> dict[str, Any] | None:
     return {"event": item.event.event, "ts_ms": ts, "properties": item.event.properties}
 
 
-def _decide_many(app: FastAPI, items: list[DecisionRequest]) -> list[dict[str, Any]]:
-    """Decide for each item: previews read through the cache; any commit writes in one transaction."""
+@overload
+def _decide_many(app: FastAPI, items: list[DecisionRequest]) -> list[dict[str, Any]]: ...
+
+
+@overload
+def _decide_many(
+    app: FastAPI, items: list[DecisionRequest], *, errors: Literal[True]
+) -> list[dict[str, Any] | BaseException]: ...
+
+
+def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = False) -> list[Any]:
+    """Decide for each item: previews read through the cache; any commit writes in one transaction.
+
+    An unknown customer is a 404 for a single item, an ``action: "error"`` entry in a batch,
+    and with ``errors`` the item's :class:`HTTPException` in place (as is an ``at`` without offset).
+    """
     ruleset = _ruleset(app)
     learners = _learners(app)
     channels = app.state.available_channels
@@ -292,7 +406,13 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest]) -> list[dict[str, A
     writes = any(item.mode == "commit" for item in items)
     with engine.begin() if writes else nullcontext() as conn:
         for item in items:
-            now = _ms(item.at, app)
+            try:
+                now = _ms(item.at, app)
+            except HTTPException as exc:
+                if not errors:
+                    raise
+                out.append(exc)
+                continue
             try:
                 out.append(
                     make_decision(
@@ -311,6 +431,9 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest]) -> list[dict[str, A
                     )
                 )
             except IdentityError as exc:
+                if errors:
+                    out.append(HTTPException(404, detail=str(exc)))
+                    continue
                 if len(items) == 1:
                     raise HTTPException(404, detail=str(exc)) from exc
                 out.append({"customer_id": item.customer_id, "action": "error", "error": str(exc)})
