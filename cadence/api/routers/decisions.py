@@ -246,8 +246,9 @@ class DecisionGroups:
     """Decide the requests that arrive together in one thread hand-off; commits in one transaction.
 
     A request that must not run on the event loop (a commit, or any decision on PostgreSQL)
-    is queued; one worker thread at a time takes everything queued (up to ``max_group``),
-    decides it and answers each request, then takes what arrived meanwhile. Commits of a
+    is queued; a worker thread takes everything queued (up to ``max_group``), decides it and
+    answers each request, then takes what arrived meanwhile (on PostgreSQL a backlog starts
+    more threads, up to four, so that database round trips overlap). Commits of a
     group are recorded in **one** transaction (*group commit*), and each request is
     answered only after that transaction committed. Within it, each decision reads the
     customer's sends on the transaction's connection, so it counts the sends queued by the
@@ -259,12 +260,16 @@ class DecisionGroups:
     Previews (PostgreSQL) share the thread hand-off and nothing else.
     """
 
-    def __init__(self, app: FastAPI, *, max_group: int = 64) -> None:
+    def __init__(self, app: FastAPI, *, max_group: int = 64, backlog: int = 8) -> None:
         self.app = app
         self.max_group = max_group
+        #: More requests than this waiting start another worker thread (PostgreSQL only: its round
+        #: trips overlap; SQLite has one writer, and its reads take microseconds).
+        self.backlog = backlog
+        self.max_threads = 4 if getattr(app.state.runtime.engine.dialect, "name", "") == "postgresql" else 1
         self._pending: list[tuple[DecisionRequest, asyncio.Future[dict[str, Any]]]] = []
         self._lock = threading.Lock()
-        self._draining = False
+        self._threads = 0
         #: How many groups ran, and how many requests they held (the mean group size is their ratio).
         self.groups = 0
         self.requests = 0
@@ -275,8 +280,11 @@ class DecisionGroups:
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         with self._lock:
             self._pending.append((item, future))
-            start = not self._draining
-            self._draining = True
+            start = self._threads == 0 or (
+                self._threads < self.max_threads and len(self._pending) > self.backlog
+            )
+            if start:
+                self._threads += 1
         if start:
             loop.run_in_executor(None, self._drain, loop)
         return await future
@@ -287,7 +295,7 @@ class DecisionGroups:
                 group = self._pending[: self.max_group]
                 del self._pending[: self.max_group]
                 if not group:
-                    self._draining = False
+                    self._threads -= 1
                     return
             self.groups += 1
             self.requests += len(group)
