@@ -328,3 +328,13 @@ def test_commits_arriving_together_share_a_transaction_and_keep_the_caps(api: Ap
     for body in by_ref["u1"]:
         r = api.client.get(f"/v1/decisions/{body['decision_id']}", headers=api.keys["decide"])
         assert r.status_code == 200 and r.json()["action"] == body["action"]
+
+
+def test_a_key_revoked_elsewhere_is_refused_once_the_key_ring_refreshes(api: Api, runtime: Runtime) -> None:
+    from cadence.api.security import revoke_key
+
+    assert api.decide("u1")["action"] == "send"
+    revoke_key(runtime.engine, name="decide")  # as another process would: this one's key ring is not told
+    api.decide("u1")  # still cached here, for at most the key ring's refresh interval
+    api.app.state.keyring.invalidate()  # the interval has passed
+    assert api.decide("u1", status=401)["detail"] == "unknown or revoked API key"

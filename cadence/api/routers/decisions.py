@@ -199,7 +199,9 @@ class DecisionFastPath:
         if state is None:
             return None
         key = _scope_key(scope)
-        principal = app.state.keyring.cached(key) if key is not None else None
+        # Refreshed here when stale (every few seconds): otherwise every request arriving while the
+        # route's thread reloads the keys would take the slow route.
+        principal = app.state.keyring.cached_or_refreshed(key) if key is not None else None
         if principal is None or ("decide" not in principal.scopes and "admin" not in principal.scopes):
             return None
         try:
