@@ -1,7 +1,7 @@
 """In-process decide() latency, and decisions over HTTP (quality is `benchmarks/decisions_quality.py`).
 
 Latency: decide() with the learners for one customer with 10 eligible campaigns x 4 channels x 24 slots. HTTP: `cadence
-serve` (one uvicorn process, examples/simulate's daily campaign) on loopback, driven by a load
+serve --workers 2` (SQLite, and PostgreSQL when given; examples/simulate's daily campaign) on loopback, driven by a load
 generator in another process at a fixed arrival rate (open loop: each request is
 timed from the moment it was due, so a server that falls behind shows it).
 """
@@ -496,10 +496,10 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         f"Machine load average {load_before} before, {load_after} after (2 shared cores). The HTTP tests run "
         "`cadence serve` with `examples/simulate/` (one campaign everyone is eligible for: every preview scores "
         "3 channels x 24 send times with the learners; in commit mode the daily cap then holds most of them) "
-        f"on {n_customers:,} customers (SQLite, one process; PostgreSQL with two API processes "
+        f"on {n_customers:,} customers (two API processes, `--workers 2`, on SQLite and on PostgreSQL "
         "when a server is given) and a separate load-generator process (raw HTTP/1.1 on asyncio and uvloop, "
         "64 keep-alive connections, open loop at a fixed arrival rate; latency counted from when each request "
-        "was due), after one batch decision per customer has warmed the server's decision cache. CPU is per "
+        "was due), after batch decisions for every customer have warmed each worker's decision cache. CPU is per "
         "decision sent: the server's processes, the PostgreSQL backends, and the load generator's; they share "
         "the machine's two cores.",
         "",
