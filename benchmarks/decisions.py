@@ -429,9 +429,13 @@ SQLITE_WORKERS = 2
 def _parts() -> set[str]:
     """The parts to run: all, or those ``CADENCE_BENCH_DECISIONS`` names (``http`` = every HTTP part).
 
+    ``CADENCE_BENCH_INPROC_ONLY=1`` runs only ``latency`` (no server, no load generator).
+
     ``CADENCE_BENCH_HTTP_RATE`` and ``CADENCE_BENCH_HTTP_SECONDS`` override the HTTP runs' rate and length.
     """
     wanted = os.environ.get("CADENCE_BENCH_DECISIONS", "").strip()
+    if os.environ.get("CADENCE_BENCH_INPROC_ONLY", "") not in ("", "0"):  # the older switch: no server
+        return {"latency"}
     if not wanted:
         return set(PARTS)
     out: set[str] = set()

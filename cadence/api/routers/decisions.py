@@ -134,6 +134,7 @@ class DecisionFastPath:
         #: Set when this runs before the middleware stack (a :class:`~cadence.api.app.CadenceAPI` fast
         #: path): the request metrics the stack's timing middleware would have recorded are ours to record.
         self.metrics = metrics
+        self._children: dict[int, Any] = {}
         self._route: Any = None
 
     async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
@@ -149,9 +150,15 @@ class DecisionFastPath:
             await self._serve(scope, receive, send, status)
         finally:
             if status[0] != 0:  # 0: handed to the stack, whose timing middleware recorded it
-                self.metrics.requests.labels("/v1/decisions", str(status[0])).observe(
-                    time.perf_counter() - started
-                )
+                self._histogram(status[0]).observe(time.perf_counter() - started)
+
+    def _histogram(self, status: int) -> Any:
+        """The request-latency histogram's child for this route and ``status`` (looked up once)."""
+        child = self._children.get(status)
+        if child is None:
+            assert self.metrics is not None
+            child = self._children[status] = self.metrics.requests.labels("/v1/decisions", str(status))
+        return child
 
     async def _serve(
         self, scope: ASGIScope, receive: Receive, send: Send, status: list[int] | None = None
@@ -295,21 +302,28 @@ class DecisionGroups:
         return await future
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            with self._lock:
-                group = self._pending[: self.max_group]
-                del self._pending[: self.max_group]
-                if not group:
+        done = False
+        try:
+            while True:
+                with self._lock:
+                    group = self._pending[: self.max_group]
+                    del self._pending[: self.max_group]
+                    if not group:  # checked and counted under the lock ``decide`` queues under
+                        self._threads -= 1
+                        done = True
+                        return
+                self.groups += 1
+                self.requests += len(group)
+                try:
+                    results = self._run([item for item, _ in group])
+                except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
+                    results = [exc] * len(group)
+                for (_, future), result in zip(group, results, strict=True):
+                    loop.call_soon_threadsafe(_settle, future, result)
+        finally:
+            if not done:  # the loop closed under us (shutdown): let a later request start a thread
+                with self._lock:
                     self._threads -= 1
-                    return
-            self.groups += 1
-            self.requests += len(group)
-            try:
-                results = self._run([item for item, _ in group])
-            except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
-                results = [exc] * len(group)
-            for (_, future), result in zip(group, results, strict=True):
-                loop.call_soon_threadsafe(_settle, future, result)
 
     def _run(self, items: list[DecisionRequest]) -> list[dict[str, Any] | BaseException]:
         previews = [item for item in items if item.mode != "commit"]
