@@ -265,7 +265,8 @@ class DecisionGroups:
     answered only after that transaction committed. Within it, each decision reads the
     customer's sends on the transaction's connection, so it counts the sends queued by the
     group's earlier decisions: caps hold exactly as with one transaction per decision (on
-    SQLite the transaction holds the write lock; on PostgreSQL each customer's row is locked).
+    SQLite the transaction holds the write lock; on PostgreSQL each customer's row is locked,
+    in customer id order so that two workers' groups wait for each other rather than deadlock).
     A request whose customer is unknown (or whose ``at`` lacks an offset) gets its error
     without spoiling the rest; if the transaction fails otherwise (a deadlock between two
     workers' groups, say), it rolled back and each request is decided again on its own.
@@ -334,6 +335,13 @@ class DecisionGroups:
         if len(commits) == 1:
             done[id(commits[0])] = _outcome(self.app, commits)
         elif commits:
+            # Customers in id order (a stable sort: one customer's commits keep their order): two
+            # workers' groups then lock the customers' rows (PostgreSQL) in the same order, so one
+            # waits for the other instead of both deadlocking until the server breaks it.
+            state: DecisionState | None = getattr(self.app.state, "decision_state", None)
+            if state is not None:
+                known = {item.customer_id: state.customer_of(item.customer_id) for item in commits}
+                commits.sort(key=lambda item: (known[item.customer_id] is None, known[item.customer_id] or 0))
             try:
                 for item, result in zip(commits, _decide_many(self.app, commits, errors=True), strict=True):
                     done[id(item)] = result
