@@ -732,17 +732,26 @@ def _score_in_bulk(
     n_groups = len(groups)
     total = int(res.bounds[-1])
     width = total // n_groups if n_groups else 0
-    if n_groups and width * n_groups == total and list(res.bounds) == list(range(0, total + 1, width)):
+    bounds = res.bounds
+    if (
+        n_groups
+        and width * n_groups == total
+        and (
+            bounds == range(0, total + 1, width)
+            if type(bounds) is range  # the learners' answer when every group shares one list
+            else list(bounds) == list(range(0, total + 1, width))
+        )
+    ):
         # Every group has as many times (they usually share one list): a (groups x times) matrix,
         # and argmax gives each row's first maximum, the earliest of equally good times.
         first = res.score.reshape(n_groups, width).argmax(axis=1)
         best = first + np.arange(0, total, width)
         offset = first.tolist()
     else:
-        bounds = np.asarray(res.bounds, dtype=np.int64)
-        starts = bounds[:-1]
+        edges = np.asarray(res.bounds, dtype=np.int64)
+        starts = edges[:-1]
         seg_max = np.maximum.reduceat(res.score, starts)
-        at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(bounds)))
+        at_max = np.flatnonzero(res.score >= np.repeat(seg_max, np.diff(edges)))
         # The first maximum of each group: the earliest of equally good times.
         best = at_max[np.searchsorted(at_max, starts)]
         offset = (best - starts).tolist()
@@ -823,8 +832,22 @@ class _Checks:
                 width = max(1, cap.window_ms // DAY_MS)
                 got = _bits(_cap_blocked(days, self._slot_days(slots), width, cap.count))
             else:
-                got = _bits(_cap_blocked(points, slots, max(1, cap.window_ms), cap.count))
+                width = max(1, cap.window_ms)
+                lo, hi = self._span(slots)
+                if bisect_right(points, hi + width - 1) - bisect_left(points, lo - width + 1) < cap.count:
+                    got = 0  # fewer sends near the slots than the cap allows (as _cap_blocked finds)
+                else:
+                    got = _bits(_cap_blocked(points, slots, width, cap.count))
             self.verdicts[memo] = got
+        return got
+
+    def _span(self, slots: Sequence[int]) -> tuple[int, int]:
+        """The earliest and latest of ``slots`` (campaigns share slot lists: worked out once each)."""
+        key = ("span", id(slots))
+        got: tuple[int, int] | None = self.verdicts.get(key)
+        if got is None:
+            self.slot_lists[id(slots)] = slots
+            got = self.verdicts[key] = (min(slots), max(slots))
         return got
 
     def _spacing(self, slots: Sequence[int]) -> tuple[int, list[int]]:

@@ -76,6 +76,10 @@ N_CHANNELS = len(CHANNELS)
 CHANNEL_INDEX = {c: i for i, c in enumerate(CHANNELS)}
 TWO_PI = 2 * math.pi
 Effect = tuple[np.ndarray, int]
+#: Per group: channel, campaign and campaign-channel weight index, variant bucket (-1: none),
+#: campaign number; then the number of campaigns and whether any group has a variant.
+#: Last, where each campaign's groups start when they are consecutive (None otherwise).
+_GroupStruct = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool, np.ndarray | None]
 #: Trait buckets by the traits' items (profiles repeat; hashing the values costs more than the lookup).
 _TRAIT_CACHE: dict[tuple[tuple[str, Any, type], ...], list[int]] = {}
 
@@ -388,13 +392,8 @@ class HourPreference:
             cached = self._lift_cache[row] = (sends, np.stack((np.log(rate / overall), 1 / np.sqrt(a))))
         return cached[1]
 
-    def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:
-        """Log prior over the preferred hour of a customer with these trait buckets (unnormalised).
-
-        With ``noise`` (24 standard normals), one draw of the population's curves from their
-        (log-normal) posterior, the rows' errors taken as independent: hours the population
-        was rarely sent at are uncertain, so they get tried (Thompson sampling).
-        """
+    def prior_parts(self, buckets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The log prior of :meth:`log_prior` and the spread of its draw (``log_prior + spread * noise``)."""
         key = tuple(buckets)
         total = self._total
         cached = self._prior_cache.get(key)
@@ -409,9 +408,19 @@ class HourPreference:
                 out += row[0] - base[0]
                 var += row[1] ** 2
             cached = self._prior_cache[key] = (total, self.power * out, self.power * np.sqrt(var))
+        return cached[1], cached[2]
+
+    def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:
+        """Log prior over the preferred hour of a customer with these trait buckets (unnormalised).
+
+        With ``noise`` (24 standard normals), one draw of the population's curves from their
+        (log-normal) posterior, the rows' errors taken as independent: hours the population
+        was rarely sent at are uncertain, so they get tried (Thompson sampling).
+        """
+        lp, spread = self.prior_parts(buckets)
         if noise is None:
-            return cached[1]
-        return np.asarray(cached[1] + cached[2] * noise)
+            return lp
+        return np.asarray(lp + spread * noise)
 
     def update(self, loglik: np.ndarray, hour: int, clicked: bool, q: float) -> np.ndarray:
         """The customer's log-likelihood over preferred hours after one labelled send at ``hour``."""
@@ -549,7 +558,7 @@ class DecisionLearner:
         # (horizon, decision id), a heap: labels are learned in horizon order, ties by id, so the
         # order does not depend on when a decision was registered (at commit, or again after a restart)
         self._horizon: list[tuple[int, str]] = []
-        self._group_meta: dict[tuple[str, str, str | None], tuple[int, int, int, int]] = {}
+        self._group_meta: dict[tuple[tuple[str, str, str | None], ...], _GroupStruct] = {}
         self._bank = _noise_bank(self.layout.size)
 
     def _hazard(self) -> FatigueHazard:
@@ -596,22 +605,36 @@ class DecisionLearner:
         hours: np.ndarray,
         uniform: float,
         noise: np.ndarray | None = None,
+        whole: np.ndarray | None = None,
     ) -> np.ndarray:
-        """:meth:`hour_offsets` as one (2, len(hours)) array (rows: mean, draw), added to the time part at once."""
+        """:meth:`hour_offsets` as one (2, len(hours)) array (rows: mean, draw), added to the time part at once.
+
+        ``whole``: the whole local hours of ``hours`` (``hours.astype(int) % 24``) when the caller has them.
+        """
         hp = self.hours
         cfg = self.config
-        lp = hp.log_prior(buckets)
-        draw = hp.log_prior(buckets, noise) if cfg.hour_pop_draw and noise is not None else lp
+        lp, spread = hp.prior_parts(buckets)
         # Rows: the posterior with the population's mean curve, and with its draw (one batch).
-        x = np.stack((lp, draw))
+        x = np.empty((2, 24))
+        x[0] = lp
+        if cfg.hour_pop_draw and noise is not None:
+            np.multiply(spread, noise, out=x[1])
+            x[1] += lp
+        else:
+            x[1] = lp
         if stats.hour_loglik is not None:
             x += stats.hour_loglik
-        x = np.exp(x - x.max())
-        lift = (x @ hp.F.T) / (x.sum(axis=1, keepdims=True) * hp.reference)
-        h = hours.astype(np.int64) % 24
-        off: np.ndarray = cfg.hour_offset_scale * np.log(lift[:, h])
+        x -= np.maximum.reduce(x, axis=None)  # (ndarray.max and .sum, without their Python wrappers)
+        np.exp(x, out=x)
+        lift = (x @ hp.F.T) / (np.add.reduce(x, axis=1, keepdims=True) * hp.reference)
+        h = hours.astype(np.int64) % 24 if whole is None else whole
         if not cfg.hour_explore:
-            return off
+            # The log of the 24 hours' lifts, then each send time's: the same numbers as the log per time.
+            log_lift = np.log(lift, out=lift)
+            log_lift *= cfg.hour_offset_scale
+            rows: np.ndarray = log_lift.take(h, axis=1)
+            return rows
+        off: np.ndarray = cfg.hour_offset_scale * np.log(lift[:, h])
         post = x[1] / x[1].sum()
         m = min(int(np.searchsorted(np.cumsum(post), uniform)), 23)
         off[1] = cfg.hour_offset_scale * hp.logF[h, m]
@@ -794,6 +817,40 @@ class DecisionLearner:
 
     # -- scoring --------------------------------------------------------------------------------
 
+    def _group_struct(self, sig: Sequence[tuple[str, str, str | None]]) -> _GroupStruct:
+        """Per group (``(campaign, channel, variant)`` names): channel, weight indices, campaign number."""
+        lay = self.layout
+        rows: list[int] = []
+        camp_ids: dict[str, int] = {}
+        for name, channel, arm in sig:
+            camp_id = camp_ids.setdefault(name, len(camp_ids))
+            rows += (
+                CHANNEL_INDEX.get(channel, 0),
+                lay.campaign + _bucket(name, CAMPAIGN_BUCKETS),
+                lay.campaign_channel + _bucket(f"{name}/{channel}", CAMPAIGN_BUCKETS),
+                -1 if arm is None else _bucket(f"{name}/{arm}", ARM_BUCKETS),
+                camp_id,
+            )
+        cols = np.array(rows, dtype=np.int64).reshape(len(sig), 5).T.copy()
+        for col in cols:
+            col.flags.writeable = False
+        camp_of = rows[4::5]
+        starts = None
+        if all(a <= b for a, b in zip(camp_of, camp_of[1:], strict=False)):  # ids follow first appearance
+            starts = np.array(
+                [k for k, c in enumerate(camp_of) if k == 0 or c != camp_of[k - 1]], dtype=np.int64
+            )
+        return (
+            cols[0],
+            cols[1],
+            cols[2],
+            cols[3],
+            cols[4],
+            len(camp_ids),
+            any(arm is not None for _, _, arm in sig),
+            starts,
+        )
+
     def score_options(
         self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int
     ) -> BulkScores:
@@ -817,61 +874,46 @@ class DecisionLearner:
         t1 = self._traits1(traits)
         zone_key = zone_named(profile.timezone, "UTC").key
 
-        # One pass over the groups: their list of send times (groups of a campaign, and usually
-        # every campaign, share one) and their cached weight indices.
-        lists: dict[int, Sequence[int]] = {}
-        list_of: list[int] = []
-        rows: list[int] = []  # per group: channel, 3 weight indices, campaign id, number of times
-        camp_ids: dict[str, int] = {}
-        meta_cache = self._group_meta
-        any_arm = False
-        for campaign, channel, arm, times in groups:
-            if id(times) not in lists:
-                lists[id(times)] = times
-            list_of.append(id(times))
-            name = campaign.name
-            meta = meta_cache.get((name, channel, arm))
-            if meta is None:
-                meta = meta_cache[(name, channel, arm)] = (
-                    CHANNEL_INDEX.get(channel, 0),
-                    lay.campaign + _bucket(name, CAMPAIGN_BUCKETS),
-                    lay.campaign_channel + _bucket(f"{name}/{channel}", CAMPAIGN_BUCKETS),
-                    -1 if arm is None else _bucket(f"{name}/{arm}", ARM_BUCKETS),
-                )
-            if arm is not None:
-                any_arm = True
-            camp_id = camp_ids.get(name)
-            if camp_id is None:
-                camp_id = camp_ids[name] = len(camp_ids)
-            rows += meta
-            rows += (camp_id, len(times))
+        # The groups' structure (channel, weight indices, campaign of each) depends only on their
+        # (campaign, channel, variant) names: worked out once per shape of decision and kept.
         n_groups = len(groups)
-        # A flat list converts to an array several times faster than a list of tuples.
-        ch_global, camp_idx, cc_idx, arm_b, camp_of, lengths = (
-            np.array(rows, dtype=np.int64).reshape(n_groups, 6).T
-        )
-        # With one shared list, an option (group k, time j) sits at k * T + j: the flat arrays are
-        # a (groups x times) matrix, built by broadcasting. Otherwise the time features are made
+        sig = tuple([(g[0].name, g[1], g[2]) for g in groups])
+        struct = self._group_meta.get(sig)
+        if struct is None:
+            if len(self._group_meta) >= 4096:
+                self._group_meta.clear()
+            struct = self._group_meta[sig] = self._group_struct(sig)
+        ch_global, camp_idx, cc_idx, arm_b, camp_of, n_camps, any_arm, camp_starts = struct
+        # With one shared list of send times (groups of a campaign, and usually every campaign,
+        # share one), an option (group k, time j) sits at k * T + j: the flat arrays are a
+        # (groups x times) matrix, built by broadcasting. Otherwise the time features are made
         # once for the distinct send times of every list, and each option gathers its own.
-        shared = len(lists) == 1
+        only = groups[0][3] if n_groups else None
+        shared = n_groups > 0 and all(g[3] is only for g in groups)
         if shared:
-            only = next(iter(lists.values()))
-            harm, hour_arr = _time_rows(zone_key, tuple(only))
+            assert only is not None
+            harm, harm_sq, hour_arr, hour_int = _time_parts(zone_key, tuple(only))
             n_times = len(only)
             rep: Any = n_times
-            bounds = list(range(0, n_groups * n_times + 1, n_times)) if n_times else [0] * (n_groups + 1)
+            bounds: Sequence[int] = (
+                range(0, n_groups * n_times + 1, n_times) if n_times else [0] * (n_groups + 1)
+            )
         else:
+            lists: dict[int, Sequence[int]] = {}
+            for g in groups:
+                lists.setdefault(id(g[3]), g[3])
             position: dict[int, int] = {}
             for times in lists.values():
                 for t in times:
                     if t not in position:
                         position[t] = len(position)
-            harm, hour_arr = _time_rows(zone_key, tuple(position))
+            harm, harm_sq, hour_arr, hour_int = _time_parts(zone_key, tuple(position))
             at = {key: [position[t] for t in times] for key, times in lists.items()}
             ti_list: list[int] = []
-            for key in list_of:
-                ti_list += at[key]
+            for g in groups:
+                ti_list += at[id(g[3])]
             ti = np.array(ti_list, dtype=np.int64)
+            lengths = np.array([len(g[3]) for g in groups], dtype=np.int64)
             rep = lengths
             bounds_arr = np.zeros(n_groups + 1, dtype=np.int64)
             np.cumsum(lengths, out=bounds_arr[1:])
@@ -885,8 +927,19 @@ class DecisionLearner:
             )
         else:
             match = None
-        # Own click rate and experience per channel (indexed by channel).
-        rate_exp = np.array([self._personal(stats, ch, 0.0)[::2] for ch in CHANNELS])[ch_global]
+        # Own click rate and experience per channel (what ``_personal`` gives, without the hour).
+        prior = cfg.engagement_prior
+        log_prior = math.log(prior)
+        rate_exp = np.array(
+            [
+                (
+                    math.log((stats.channel_clicks.get(ch, 0) + 3 * prior) / (n + 3)) - log_prior,
+                    math.log1p(n),
+                )
+                for ch in CHANNELS
+                for n in (stats.channel_sends.get(ch, 0),)
+            ]
+        )
 
         # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
         # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
@@ -898,19 +951,22 @@ class DecisionLearner:
         w[1] += w[0]
         # (Without time_draw, row 1 of the hour x trait block is never read: the time part uses row 0.)
         v = eng.var
-        chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
-        chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
         wp = w[:, lay.personal : lay.personal + lay.n_personal]
         vp = v[lay.personal : lay.personal + lay.n_personal]
+        # Per channel: the customer block and the own rate and experience (gathered per group below).
+        chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
+        chan_w += wp[:, ::2] @ rate_exp.T
+        chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
+        chan_v += (rate_exp * rate_exp) @ vp[::2]
         if cfg.probit_hours:
             if cfg.time_draw:
                 time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
             else:  # both rows hold the posterior mean: one product, shown twice
-                time_w = np.broadcast_to(
-                    (w[0, lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm.T,
-                    (2, len(hour_arr)),
-                )
-            time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ (harm * harm).T
+                row = (w[0, lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm.T
+                time_w = np.empty((2, len(hour_arr)))
+                time_w[0] = row
+                time_w[1] = row
+            time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm_sq.T
             if match is not None:  # (no clicks yet: the hour-match feature is 0)
                 time_w = time_w + wp[:, 1:2] * match
                 time_v = time_v + vp[1] * match * match
@@ -919,18 +975,16 @@ class DecisionLearner:
         if cfg.hour_model:
             # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
             buckets = self._trait_buckets(traits)
-            time_w = (
-                time_w
-                + self._hour_offset_rows(
-                    stats,
-                    buckets,
-                    hour_arr,
-                    float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,  # only read then
-                    cfg.hour_draw_scale * noise_u[64:88],
-                )
+            time_w += self._hour_offset_rows(
+                stats,
+                buckets,
+                hour_arr,
+                float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,  # only read then
+                cfg.hour_draw_scale * noise_u[64:88],
+                hour_int,
             )
-        per_group = chan_w[:, ch_global] + wp[:, ::2] @ rate_exp.T + w[:, camp_idx] + w[:, cc_idx]
-        per_group_v = chan_v[ch_global] + (rate_exp * rate_exp) @ vp[::2] + v[camp_idx] + v[cc_idx]
+        per_group = chan_w[:, ch_global] + w[:, camp_idx] + w[:, cc_idx]
+        per_group_v = chan_v[ch_global] + v[camp_idx] + v[cc_idx]
         if any_arm:
             has_arm = arm_b >= 0
             arm_rows = np.maximum(arm_b, 0)
@@ -945,10 +999,10 @@ class DecisionLearner:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
             per_group[1] += eff_mean + np.sqrt(eff_var) * noise_u[-1 - ch_global]
-            per_group_v = per_group_v + eff_var
+            per_group_v += eff_var
         else:  # still the prior: the same variance on every channel
             per_group[1] += math.sqrt(cfg.customer_channel_var) * noise_u[-1 - ch_global]
-            per_group_v = per_group_v + cfg.customer_channel_var
+            per_group_v += cfg.customer_channel_var
         # Options: a (groups x times) matrix when the groups share one list (per-group values
         # broadcast along the times), else flat arrays (per-group values repeated per time).
         if shared:
@@ -964,24 +1018,31 @@ class DecisionLearner:
             def per_option(x: np.ndarray) -> np.ndarray:
                 return np.repeat(x, lengths)
 
-        # Row 0: the predictive probability Phi(mean / sqrt(beta^2 + variance)); row 1: the draw's.
-        scale = np.empty_like(mean)
-        np.sqrt(cfg.beta**2 + var, out=scale[0])
-        scale[1] = cfg.beta
-        probs = ndtr(mean / scale)
+        # Row 0: the predictive probability Phi(mean / sqrt(beta^2 + variance)); row 1: the draw's,
+        # Phi(mean / beta). In place: these arrays are this call's own.
+        var += cfg.beta**2
+        np.sqrt(var, out=var)
+        np.divide(mean[0], var, out=mean[0])
+        if cfg.beta != 1.0:
+            mean[1] /= cfg.beta
+        probs = ndtr(mean, out=mean)
         p_eng = probs[0]
         # Unsubscribe: the fatigue hazard of each channel at the customer's recent load.
         cell = self.hazard.bucket(self.recent_load(profile.customer_id, now_ms))
         ch_rates = self.hazard.rates()[ch_global, cell]
+        value = cfg.click_value
+        risk = per_option(cfg.unsubscribe_cost * ch_rates)
         if cfg.explore_unsubscribe:
             seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
             spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
             ch_draw = np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
+            draw_risk = per_option(cfg.unsubscribe_cost * ch_draw)
         else:
-            ch_draw = ch_rates
-        value = cfg.click_value
-        score = (probs[1] if value == 1.0 else value * probs[1]) - per_option(cfg.unsubscribe_cost * ch_draw)
-        mean_score = (p_eng if value == 1.0 else value * p_eng) - per_option(cfg.unsubscribe_cost * ch_rates)
+            draw_risk = risk
+        score = (
+            np.subtract(probs[1], draw_risk, out=probs[1]) if value == 1.0 else value * probs[1] - draw_risk
+        )
+        mean_score = (p_eng if value == 1.0 else value * p_eng) - risk
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
         worth = mean_score > 0
@@ -990,11 +1051,17 @@ class DecisionLearner:
             # Nor does a lucky draw make a send the posterior mean says is not worth it.
             np.minimum(score, 0.0, out=score, where=~worth)
 
-        group_best = mean_score.max(axis=1) if shared else np.maximum.reduceat(mean_score, bounds_arr[:-1])
-        if len(camp_ids) == n_groups:  # one group per campaign: its best is the campaign's
+        group_best = (
+            np.maximum.reduce(mean_score, axis=1)
+            if shared
+            else np.maximum.reduceat(mean_score, bounds_arr[:-1])
+        )
+        if n_camps == n_groups:  # one group per campaign: its best is the campaign's
             camp_best_of = group_best
+        elif camp_starts is not None:  # each campaign's groups in a row (decide's order)
+            camp_best_of = np.maximum.reduceat(group_best, camp_starts)[camp_of]
         else:
-            camp_best = np.full(len(camp_ids), -np.inf)
+            camp_best = np.full(n_camps, -np.inf)
             np.maximum.at(camp_best, camp_of, group_best)
             camp_best_of = camp_best[camp_of]
         explored = mean_score < per_option(camp_best_of) - 1e-12
@@ -1204,6 +1271,11 @@ _TIME_TABLE = np.zeros((24 * 60 * 2, 27))
 _TIME_SEEN = [False] * (24 * 60 * 2)
 #: The fractional local hour (hour + minute / 60) of each minute of the day.
 _MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
+#: Per time-table row: the fractional local hour, and the whole local hour.
+_ROW_HOURS = np.repeat(_MINUTE_HOURS, 2)
+_ROW_WHOLE = np.repeat(np.arange(24 * 60, dtype=np.int64) // 60, 2)
+#: The time-table row of an instant, by (zone name, epoch ms); see :func:`_time_parts`.
+_INSTANT_ROW: dict[tuple[str, int], int] = {}
 
 
 @lru_cache(maxsize=8192)
@@ -1230,6 +1302,41 @@ def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
     harm.flags.writeable = False
     hour_arr.flags.writeable = False
     return harm, hour_arr
+
+
+@lru_cache(maxsize=8192)
+def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_time_rows` with the rows squared and the whole local hours (0..23), read-only.
+
+    Each instant's table row is kept per zone, so a window shifted by an hour (the next
+    decision's) costs one new instant, not a new pass over every send time.
+
+    >>> harm, sq, hours, whole = _time_parts("UTC", (0, 5_400_000))
+    >>> whole.tolist(), hours.tolist(), bool((sq == harm * harm).all())
+    ([0, 1], [0.0, 1.5], True)
+    >>> bool((harm == _time_rows("UTC", (0, 5_400_000))[0]).all())
+    True
+    """
+    rows = []
+    known = _INSTANT_ROW
+    for t in times:
+        row = known.get((zone, t))
+        if row is None:
+            if len(known) >= 200_000:
+                known.clear()
+            loc = local_ms((t,), zone_named(zone, "UTC"))[0]
+            minute = (loc % DAY_MS) // 60_000
+            row = known[(zone, t)] = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01: a Thursday
+            if not _TIME_SEEN[row]:
+                _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
+                _TIME_SEEN[row] = True
+        rows.append(row)
+    harm = _TIME_TABLE.take(rows, axis=0)  # take: no fancy-index path
+    sq = harm * harm
+    hours, whole = _ROW_HOURS.take(rows), _ROW_WHOLE.take(rows)
+    for arr in (harm, sq, hours, whole):
+        arr.flags.writeable = False
+    return harm, sq, hours, whole
 
 
 @lru_cache(maxsize=1024)

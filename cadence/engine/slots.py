@@ -141,8 +141,21 @@ def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
 
 
 def _offset_ms(ms: int, zone: ZoneInfo) -> int:
-    if ms % HOUR_MS == 0:
-        return _hour_offset_ms(ms, zone)
+    """The UTC offset of ``zone`` at ``ms``: from the memoised top-of-hour offsets where they agree.
+
+    An instant off the hour (a decision's own time, a past send) has the offset of the hours
+    around it when those two are equal (no change inside that hour; the same assumption as
+    the one-offset fast path of :func:`_candidate_slots`), else it is looked up itself.
+
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> change = 1774746000000  # 2026-03-29 01:00 UTC: Berlin moves from +01:00 to +02:00
+    >>> [_offset_ms(t, berlin) // HOUR_MS for t in (change - 1, change, change + 1)]
+    [1, 2, 2]
+    """
+    top = ms - ms % HOUR_MS
+    offset = _hour_offset_ms(top, zone)
+    if top == ms or offset == _hour_offset_ms(top + HOUR_MS, zone):
+        return offset
     return _instant_offset_ms(ms, zone)
 
 
