@@ -1,7 +1,7 @@
 """In-process decide() latency, and decisions over HTTP (quality is `benchmarks/decisions_quality.py`).
 
 Latency: decide() with the learners for one customer with 10 eligible campaigns x 4 channels x 24 slots. HTTP: `cadence
-serve` (one uvicorn process, examples/simulate's daily campaign) on loopback, driven by a load
+serve --workers 2` (SQLite, and PostgreSQL when given; examples/simulate's daily campaign) on loopback, driven by a load
 generator in another process at a fixed arrival rate (open loop: each request is
 timed from the moment it was due, so a server that falls behind shows it).
 """
@@ -384,47 +384,13 @@ def _http_row(label: str, http: dict[str, object], rate: float, seconds: float) 
     )
 
 
-def run(*, quick: bool, postgres_url: str | None) -> str:
-    """Run both parts and return the Markdown section."""
-    load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    lat = latency(300 if quick else 3000)
-    warm = latency_warm(300 if quick else 3000)
-    rate, seconds = (100.0, 5.0) if quick else (1000.0, 60.0)
-    n_customers = 100 if quick else 1000
-    # CADENCE_BENCH_INPROC_ONLY=1: only the in-process rows (no server, no load generator).
-    inproc_only = os.environ.get("CADENCE_BENCH_INPROC_ONLY", "") not in ("", "0")
-    http_runs = (
-        []
-        if inproc_only
-        else [
-            ("preview, SQLite, 1 process", http_load(rate=rate, seconds=seconds, customers=n_customers)),
-            (
-                "commit, SQLite, 1 process",
-                http_load(rate=rate, seconds=seconds, customers=n_customers, mode="commit"),
-            ),
-        ]
-    )
-    if postgres_url and not inproc_only:
-        for mode in ("preview", "commit"):
-            http_runs.append(
-                (
-                    f"{mode}, PostgreSQL, --workers 2",
-                    http_load(
-                        rate=rate,
-                        seconds=seconds,
-                        customers=n_customers,
-                        mode=mode,
-                        postgres_url=postgres_url,
-                        workers=2,
-                    ),
-                )
-            )
-    load_after = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+def _latency_rows(lat: dict[str, float], warm: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    """The in-process rows of the table."""
 
     def mark(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    goals = [
+    return [
         (
             "decide() p99, 10 campaigns x 4 channels x 24 slots, learners",
             f"{lat['learners p99']:.2f} ms (p50 {lat['learners p50']:.2f})",
@@ -437,7 +403,6 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
             "-",
             "-",
         ),
-        *[_http_row(label, http, rate, seconds) for label, http in http_runs],
         (
             "decide() p99, same rules, a customer the learners know, 11 past and queued sends (caps count them)",
             f"{warm['p99']:.2f} ms (p50 {warm['p50']:.2f}); CPU p99 {warm['cpu p99']:.2f} ms "
@@ -452,6 +417,79 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
             "-",
         ),
     ]
+
+
+#: The benchmark's parts; ``CADENCE_BENCH_DECISIONS`` (comma-separated) runs only some, e.g. ``sqlite-preview``.
+PARTS = ("latency", "sqlite-preview", "sqlite-commit", "postgresql-preview", "postgresql-commit")
+
+#: API processes for the SQLite runs (one writer at a time; readers run concurrently in WAL mode).
+SQLITE_WORKERS = 2
+
+
+def _parts() -> set[str]:
+    """The parts to run: all, or those ``CADENCE_BENCH_DECISIONS`` names (``http`` = every HTTP part).
+
+    ``CADENCE_BENCH_INPROC_ONLY=1`` runs only ``latency`` (no server, no load generator).
+
+    ``CADENCE_BENCH_HTTP_RATE`` and ``CADENCE_BENCH_HTTP_SECONDS`` override the HTTP runs' rate and length.
+    """
+    wanted = os.environ.get("CADENCE_BENCH_DECISIONS", "").strip()
+    if os.environ.get("CADENCE_BENCH_INPROC_ONLY", "") not in ("", "0"):  # the older switch: no server
+        return {"latency"}
+    if not wanted:
+        return set(PARTS)
+    out: set[str] = set()
+    for name in (w.strip() for w in wanted.split(",") if w.strip()):
+        if name == "http":
+            out.update(p for p in PARTS if p != "latency")
+        elif name in PARTS:
+            out.add(name)
+        else:
+            raise SystemExit(
+                f"CADENCE_BENCH_DECISIONS: unknown part {name!r} (one of http, {', '.join(PARTS)})"
+            )
+    return out
+
+
+def run(*, quick: bool, postgres_url: str | None) -> str:
+    """Run both parts and return the Markdown section."""
+    load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    parts = _parts()
+    in_process = "latency" in parts
+    lat = latency(300 if quick else 3000) if in_process else {}
+    warm = latency_warm(300 if quick else 3000) if in_process else {}
+    rate, seconds = (100.0, 5.0) if quick else (1000.0, 60.0)
+    rate = float(os.environ.get("CADENCE_BENCH_HTTP_RATE", rate))
+    seconds = float(os.environ.get("CADENCE_BENCH_HTTP_SECONDS", seconds))
+    n_customers = 100 if quick else 1000
+    http_runs = []
+    for database, workers in (("sqlite", SQLITE_WORKERS), ("postgresql", 2)):
+        url = postgres_url if database == "postgresql" else None
+        if database == "postgresql" and not postgres_url:
+            continue
+        for mode in ("preview", "commit"):
+            if f"{database}-{mode}" not in parts:
+                continue
+            label = "SQLite" if database == "sqlite" else "PostgreSQL"
+            procs = f"--workers {workers}" if workers > 1 else "1 process"
+            http_runs.append(
+                (
+                    f"{mode}, {label}, {procs}",
+                    http_load(
+                        rate=rate,
+                        seconds=seconds,
+                        customers=n_customers,
+                        mode=mode,
+                        postgres_url=url,
+                        workers=workers,
+                    ),
+                )
+            )
+    load_after = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    goals = [
+        *(_latency_rows(lat, warm) if in_process else []),
+        *[_http_row(label, http, rate, seconds) for label, http in http_runs],
+    ]
     lines = [
         "## Decisions: decide() latency, decisions over HTTP",
         "",
@@ -462,10 +500,10 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         f"Machine load average {load_before} before, {load_after} after (2 shared cores). The HTTP tests run "
         "`cadence serve` with `examples/simulate/` (one campaign everyone is eligible for: every preview scores "
         "3 channels x 24 send times with the learners; in commit mode the daily cap then holds most of them) "
-        f"on {n_customers:,} customers (SQLite, one process; PostgreSQL with two API processes "
+        f"on {n_customers:,} customers (two API processes, `--workers 2`, on SQLite and on PostgreSQL "
         "when a server is given) and a separate load-generator process (raw HTTP/1.1 on asyncio and uvloop, "
         "64 keep-alive connections, open loop at a fixed arrival rate; latency counted from when each request "
-        "was due), after one batch decision per customer has warmed the server's decision cache. CPU is per "
+        "was due), after batch decisions for every customer have warmed each worker's decision cache. CPU is per "
         "decision sent: the server's processes, the PostgreSQL backends, and the load generator's; they share "
         "the machine's two cores.",
         "",

@@ -93,6 +93,19 @@ class KeyRing:
                 return None
             return self._keys.get(digest)
 
+    def cached_or_refreshed(self, key: str) -> Principal | None:
+        """:meth:`cached`, reloading the keys first when the cache is only stale (one read per interval).
+
+        An unknown key is not looked up (that is :meth:`lookup`'s work, which remembers misses): a
+        caller on the event loop reads the database at most once per ``refresh_seconds`` here.
+        """
+        with self._lock:
+            if time.monotonic() - self._loaded_at > self._refresh_seconds:
+                self._keys = self._load()
+                self._misses = set()
+                self._loaded_at = time.monotonic()
+            return self._keys.get(hash_key(key))
+
     def lookup_digest(self, digest: str) -> Principal | None:
         """The principal whose key hashes to ``digest`` (what a session cookie holds), or None.
 

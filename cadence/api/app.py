@@ -20,7 +20,7 @@ from cadence.errors import CadenceError, EventError, PayloadTooLarge
 from cadence.runtime import Runtime, open_runtime
 from cadence.settings import Settings, load_settings
 
-__all__ = ["ROUTERS", "create_app"]
+__all__ = ["ROUTERS", "CadenceAPI", "create_app"]
 
 log = logging.getLogger("cadence.api")
 
@@ -72,6 +72,32 @@ class _Timing:
             self.metrics.requests.labels(path, str(status)).observe(time.perf_counter() - started)
 
 
+class CadenceAPI(FastAPI):
+    """FastAPI with *fast paths*: plain ASGI handlers for a few hot routes, tried before the middleware stack.
+
+    ``fast_paths`` maps a request path to a handler ``(scope, receive, send)`` that answers
+    the common case itself (and records its own request metrics) or hands the request to
+    :meth:`full_stack`, the ordinary app with every middleware, route and exception handler.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fast_paths: dict[str, ASGIApp] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self.fast_paths.get(scope["path"])
+            if handler is not None:
+                scope["app"] = self
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def full_stack(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app without its fast paths."""
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -102,7 +128,7 @@ def create_app(
                 if result is not None:
                     await result
 
-    app = FastAPI(
+    app = CadenceAPI(
         title="cadence",
         version=__version__,
         description="Decisions, events and attribution for marketing.",

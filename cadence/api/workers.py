@@ -8,7 +8,12 @@ one leader lock (:class:`~cadence.engine.leader.Leadership`, a PostgreSQL adviso
 lock): exactly one worker runs them while the others serve the API, with decisions
 scored from the latest learner snapshot. When the leader dies, its database session
 ends, the lock comes free, and another worker takes over within a second or two; the
-parent starts a replacement worker. SQLite has one writer: there, one process does it all.
+parent starts a replacement worker.
+
+On SQLite (a database file, WAL mode) the workers read concurrently and take turns to
+write (every write transaction begins ``IMMEDIATE``: a commit re-reads the customer's
+sends under the write lock, so caps hold across workers); the leader lock is a file
+lock beside the database (:func:`~cadence.engine.leader.sqlite_shared`).
 """
 
 from __future__ import annotations
@@ -37,18 +42,19 @@ FAST_FAILURE_SECONDS = 5.0
 def check_workers(settings: Settings, workers: int) -> None:
     """Refuse a worker count the database cannot serve (clear message naming the fix).
 
-    >>> check_workers(Settings(database_url="sqlite:///x.db"), 1)
     >>> check_workers(Settings(database_url="sqlite:///x.db"), 2)
+    >>> check_workers(Settings(database_url="sqlite:///:memory:"), 2)
     Traceback (most recent call last):
     ...
-    cadence.errors.ConfigError: --workers 2 needs PostgreSQL: SQLite has a single writer, so one process runs the API, the engine loop and the scheduler (use --workers 1, or CADENCE_DATABASE_URL=postgresql://...)
+    cadence.errors.ConfigError: --workers 2 needs a database the processes share: PostgreSQL or an SQLite file, not an in-memory SQLite database (use --workers 1)
     """
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {workers}")
-    if workers > 1 and not settings.database_url.startswith(("postgresql", "postgres")):
+    url = settings.database_url
+    if workers > 1 and url.startswith("sqlite") and url.rstrip("/").endswith((":memory:", "sqlite:")):
         raise ConfigError(
-            f"--workers {workers} needs PostgreSQL: SQLite has a single writer, so one process runs the API, "
-            "the engine loop and the scheduler (use --workers 1, or CADENCE_DATABASE_URL=postgresql://...)"
+            f"--workers {workers} needs a database the processes share: PostgreSQL or an SQLite file, "
+            "not an in-memory SQLite database (use --workers 1)"
         )
 
 
@@ -122,6 +128,8 @@ def run_workers(
     The database must already be migrated. ``on_ready`` receives the worker pids once started.
     """
     check_workers(settings, workers)
+    # Read by each worker's leader locks: on SQLite they become file locks (one leader among the workers).
+    os.environ["CADENCE_WORKERS"] = str(workers)
     # Bound but not listening: holds the port (a clear error now if it is taken) and gets no connections.
     sock = _bind(settings.host, settings.port, listen=False)
     _preload()

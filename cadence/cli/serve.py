@@ -21,8 +21,8 @@ def serve(
         1,
         "--workers",
         envvar="CADENCE_WORKERS",
-        help="API processes (PostgreSQL only): one leads and runs the engine loop, scheduler and "
-        "dispatcher; the others serve the API and take over if it dies.",
+        help="API processes (PostgreSQL, or an SQLite file in WAL mode): one leads and runs the engine "
+        "loop, scheduler and dispatcher; the others serve the API and take over if it dies.",
     ),
     access_log: bool = typer.Option(
         True,

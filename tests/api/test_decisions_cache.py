@@ -282,3 +282,59 @@ def test_concurrent_commits_for_one_customer_queue_one_send(api: Api, runtime: R
     with runtime.engine.connect() as conn:
         queued = conn.exec_driver_sql("SELECT count(*) FROM sends WHERE campaign = 'daily'").scalar()
     assert queued == 1
+
+
+def test_commits_arriving_together_share_a_transaction_and_keep_the_caps(api: Api, runtime: Runtime) -> None:
+    """Group commit: concurrent commits are recorded together, each answered after the commit, caps exact."""
+    import asyncio
+
+    import httpx
+
+    api.identify(userId="u2", traits={"name": "Bo"})
+    refs = ["u1", "u2", "nobody"] * 8  # two customers (cap: one send a week each) and an unknown id
+
+    async def commit_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cadence") as client:
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.post(
+                            "/v1/decisions",
+                            json={"customer_id": ref, "at": AT, "mode": "commit"},
+                            headers=api.keys["decide"],
+                        )
+                        for ref in refs
+                    )
+                )
+            )
+
+    answers = asyncio.run(commit_all())
+    by_ref: dict[str, list[dict[str, object]]] = {}
+    for ref, answer in zip(refs, answers, strict=True):
+        assert answer.status_code == (404 if ref == "nobody" else 200), answer.text
+        by_ref.setdefault(ref, []).append(answer.json())
+    for ref in ("u1", "u2"):
+        actions = sorted(str(body["action"]) for body in by_ref[ref])
+        assert actions == ["none"] * 7 + ["send"], (ref, actions)
+        assert all("cap" in reasons(body) for body in by_ref[ref] if body["action"] == "none")
+    groups = api.app.state.decision_groups
+    assert groups.requests == 24 and groups.groups < groups.requests  # some commits shared a transaction
+    # Every answered decision was committed: each is recorded, the sends queued once per customer.
+    with runtime.engine.connect() as conn:
+        recorded = conn.exec_driver_sql("SELECT COUNT(*) FROM decisions").scalar()
+        queued = conn.exec_driver_sql("SELECT COUNT(*) FROM sends").scalar()
+    assert recorded == 16 and queued == 2
+    for body in by_ref["u1"]:
+        r = api.client.get(f"/v1/decisions/{body['decision_id']}", headers=api.keys["decide"])
+        assert r.status_code == 200 and r.json()["action"] == body["action"]
+
+
+def test_a_key_revoked_elsewhere_is_refused_once_the_key_ring_refreshes(api: Api, runtime: Runtime) -> None:
+    from cadence.api.security import revoke_key
+
+    assert api.decide("u1")["action"] == "send"
+    revoke_key(runtime.engine, name="decide")  # as another process would: this one's key ring is not told
+    api.decide("u1")  # still cached here, for at most the key ring's refresh interval
+    api.app.state.keyring.invalidate()  # the interval has passed
+    assert api.decide("u1", status=401)["detail"] == "unknown or revoked API key"

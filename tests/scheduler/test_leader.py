@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, select
 
 from cadence.clock import FixedClock
@@ -33,7 +34,28 @@ def test_only_one_process_leads_on_postgres(db_engine: Engine) -> None:
             first.release()
             assert second.acquire() and second.held
         else:
-            assert second.acquire()  # SQLite: one process does it all
+            assert second.acquire()  # SQLite served by one process: it does it all
+    finally:
+        first.release()
+        second.release()
+        other_engine.dispose()
+
+
+def test_sqlite_shared_by_workers_has_one_leader_by_file_lock(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CADENCE_WORKERS", "2")  # what `cadence serve --workers 2` sets for its workers
+    first = Leadership(sqlite_engine, lock_id=LOCK, role="test")
+    other_engine = create_db_engine(str(sqlite_engine.url))
+    second = Leadership(other_engine, lock_id=LOCK, role="test")
+    try:
+        assert first.acquire() and first.held
+        assert not second.acquire() and not second.held
+        assert first.acquire()  # still ours
+        first.release()
+        assert not first.held
+        assert second.acquire() and second.held
+        assert not first.acquire()
     finally:
         first.release()
         second.release()
