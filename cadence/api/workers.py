@@ -85,6 +85,7 @@ def _worker(settings: Settings, index: int) -> None:
     import uvicorn
 
     from cadence.api.app import create_app
+    from cadence.api.httpproto import CorkedHttpToolsProtocol
     from cadence.logs import configure_logging
     from cadence.runtime import open_runtime
 
@@ -96,7 +97,12 @@ def _worker(settings: Settings, index: int) -> None:
     try:
         app = create_app(runtime=runtime)
         config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_config=None, access_log=access_log_enabled()
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=access_log_enabled(),
+            http=CorkedHttpToolsProtocol,
         )
         sock = _bind(settings.host, settings.port)
         logging.getLogger("cadence.workers").info("worker %d serving", index)
