@@ -296,6 +296,39 @@ def _bounced(profile: ProfileView, channel: str) -> bool:
     return any(profile.last_at(name) is not None for name in _BOUNCE_EVENTS.get(channel, ()))
 
 
+def _usable_channels(
+    allowed: Sequence[str],
+    channel_block: dict[str, str | None],
+    profile: ProfileView,
+    available: Collection[str],
+    opt_in: Collection[str],
+    all_opted_out: bool,
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The channels of ``allowed`` the customer can get (allowed, offered, consented, not bounced),
+    and each other channel with the reason it is blocked, in order; ``channel_block`` memoises per channel."""
+    usable: list[str] = []
+    blocks: list[tuple[str, str]] = []
+    for channel in allowed:
+        blocked = channel_block.get(channel, "")
+        if blocked == "":
+            if channel not in available:
+                blocked = "no_channel"
+            elif all_opted_out or profile.consented(channel) is False:
+                blocked = "consent"
+            elif channel in opt_in and profile.consented(channel) is not True:
+                blocked = "no_opt_in"
+            elif _bounced(profile, channel):
+                blocked = "bounced"
+            else:
+                blocked = None
+            channel_block[channel] = blocked
+        if blocked is None:
+            usable.append(channel)
+        else:
+            blocks.append((channel, blocked))
+    return usable, blocks
+
+
 def _explain(pred: Any, ctx: EvalContext) -> list[ConditionResult]:
     explain = getattr(pred, "explain", None)
     return list(explain(ctx)) if explain is not None else []
@@ -351,6 +384,7 @@ def decide(
     wanted = set(campaigns) if campaigns is not None else None
     slot_cache: dict[tuple[Any, ...], tuple[list[int], bool]] = {}
     channel_block: dict[str, str | None] = {}  # channel -> suppression reason, None when usable
+    usable_of: dict[tuple[str, ...], tuple[list[str], list[tuple[str, str]]]] = {}  # by channel list
     checks: _Checks | None = None  # caps, spacing and groups over the history, made on first use
 
     for name in sorted(ruleset.campaigns):
@@ -422,33 +456,24 @@ def decide(
                     )
                     variants = ()
 
-        # Channels: allowed, offered, consented, not bounced.
-        usable: list[str] = []
-        for channel in campaign.channels.channels:
-            blocked = channel_block.get(channel, "")
-            if blocked == "":
-                if channel not in available:
-                    blocked = "no_channel"
-                elif all_opted_out or profile.consented(channel) is False:
-                    blocked = "consent"
-                elif channel in opt_in and profile.consented(channel) is not True:
-                    blocked = "no_opt_in"
-                elif _bounced(profile, channel):
-                    blocked = "bounced"
-                else:
-                    blocked = None
-                channel_block[channel] = blocked
-            if blocked is None:
-                usable.append(channel)
-            else:
-                suppressions.append(
-                    _suppression(
-                        name,
-                        _CHANNEL_REASON.get(blocked, blocked),
-                        _CHANNEL_DETAIL[blocked].format(channel),
-                        channel,
-                    )
+        # Channels: allowed, offered, consented, not bounced (campaigns usually share one channel
+        # list: its verdict is worked out once per decision).
+        allowed = campaign.channels.channels
+        known = usable_of.get(allowed)
+        if known is None:
+            known = usable_of[allowed] = _usable_channels(
+                allowed, channel_block, profile, available, opt_in, all_opted_out
+            )
+        usable, blocks = known
+        for channel, blocked in blocks:
+            suppressions.append(
+                _suppression(
+                    name,
+                    _CHANNEL_REASON.get(blocked, blocked),
+                    _CHANNEL_DETAIL[blocked].format(channel),
+                    channel,
                 )
+            )
         if not usable:
             if not any(s.campaign == name for s in suppressions):
                 suppressions.append(_suppression(name, "no_channel", "the campaign allows no channel"))
@@ -500,6 +525,17 @@ def decide(
         plan = _Plan(campaign, arm, variants)
         caps = campaign.caps + settings.caps if campaign.caps else settings.caps
         zero_caps = [c for c in caps if c.count <= 0] if caps and not history else None
+        if not history and not zero_caps:
+            # Nothing to count and no zero cap: every usable channel keeps every slot (the loop
+            # below would find the same, channel by channel).
+            if campaign.channels.mode == "ordered":
+                plan.channel_rank[usable[0]] = 0
+                plan.options[usable[0]] = slots
+            else:
+                plan.channel_rank = {channel: rank for rank, channel in enumerate(usable)}
+                plan.options = dict.fromkeys(usable, slots)
+            plans.append(plan)
+            continue
         for rank, channel in enumerate(usable):
             plan.channel_rank[channel] = rank
             first_failure: tuple[str, str] | None = None

@@ -947,9 +947,18 @@ class DecisionLearner:
         hi = lay.arm
         w = np.empty((2, hi))
         w[0] = eng.mean[:hi]
-        np.multiply(eng.sd()[:hi], noise_e[:hi], out=w[1])
-        w[1] += w[0]
-        # (Without time_draw, row 1 of the hour x trait block is never read: the time part uses row 0.)
+        sd = eng.sd()
+        if cfg.time_draw or not cfg.probit_hours:
+            np.multiply(sd[:hi], noise_e[:hi], out=w[1])
+            w[1] += w[0]
+        else:
+            # Row 1 of the hour x trait block (three quarters of the weights) is never read without
+            # time_draw (the time part uses row 0): draw only the blocks before and after it.
+            lo, up = lay.time, lay.personal
+            np.multiply(sd[:lo], noise_e[:lo], out=w[1, :lo])
+            w[1, :lo] += w[0, :lo]
+            np.multiply(sd[up:hi], noise_e[up:hi], out=w[1, up:])
+            w[1, up:] += w[0, up:]
         v = eng.var
         wp = w[:, lay.personal : lay.personal + lay.n_personal]
         vp = v[lay.personal : lay.personal + lay.n_personal]
