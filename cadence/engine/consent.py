@@ -82,6 +82,7 @@ def consent_allows(rows: Mapping[str, bool], channel: str, *, require_opt_in: bo
 
 
 CONSENT_EVENT = "Consent Updated"
+BOUNCE = "bounce:"  # the source prefix of a bounce, a refusal by the address, not the customer
 
 
 def consent_changes(event: LoggedEvent) -> list[tuple[str, bool | None, str]]:
@@ -134,7 +135,7 @@ def consent_changes(event: LoggedEvent) -> list[tuple[str, bool | None, str]]:
         changes.append((str(channel), False, f"{kind.value}:{event.source}"))
     elif kind is Feedback.BOUNCED and props.get("bounce_type", "hard") != "soft":
         channel = props.get("channel") or IMPLIED_CHANNEL.get(event.event or "") or "email"
-        changes.append((str(channel), False, f"bounce:{event.source}"))
+        changes.append((str(channel), False, f"{BOUNCE}{event.source}"))
     return changes
 
 
@@ -171,7 +172,10 @@ class ConsentSubscriber:
                     if prior is None or prior[1].startswith("bounce:"):
                         clears[(e.customer_id, base)] = e.id
                     continue
-                latest[(e.customer_id, channel)] = (granted, source, e.ts_ms, e.id)
+                key = (e.customer_id, channel)
+                if source.startswith(BOUNCE) and _keeps_refusal(latest.get(key)):
+                    continue
+                latest[key] = (granted, source, e.ts_ms, e.id)
         _upsert_many(
             conn,
             [
@@ -213,12 +217,44 @@ class ConsentSubscriber:
         moved: dict[tuple[int, str], tuple[Any, ...]] = {}
         for cid, channel, granted, source, changed_ms, eid in sorted(rows, key=lambda r: order[r[0]]):
             key = (winner_of[cid], channel)
-            if key not in moved or moved[key][5] < eid:  # as the upserts in merge order would leave it
-                moved[key] = (key[0], channel, bool(granted), source, changed_ms, eid)
+            row = (key[0], channel, bool(granted), source, changed_ms, eid)
+            if key not in moved or _replaces(row, moved[key]):
+                moved[key] = row
         _upsert_many(conn, list(moved.values()))
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         conn.execute(delete(consent).where(consent.c.customer_id == customer_id))
+
+
+def _keeps_refusal(held: tuple[bool | None, str, int, int] | None) -> bool:
+    """Whether ``held`` (granted, source, ...) is a customer's refusal, which a bounce never replaces.
+
+    A bounce and an unsubscribe share the channel's one row; were the bounce to replace
+    the refusal, the next address would lift the bounce and, with it, the opt-out.
+    """
+    return held is not None and held[0] is False and not held[1].startswith(BOUNCE)
+
+
+def _replaces(row: tuple[Any, ...], held: tuple[Any, ...]) -> bool:
+    """Whether consent ``row`` replaces ``held`` for the same customer and channel on a merge.
+
+    (customer, channel, granted, source, changed_ms, event_id) rows: the later event wins,
+    except that between a bounce and a customer's refusal the refusal stays, whichever
+    came first (one by one, the bounce would not have replaced it either).
+
+    >>> unsub = (1, "email", False, "unsubscribed:api", 0, 5)
+    >>> bounce = (1, "email", False, "bounce:api", 0, 9)
+    >>> _replaces(bounce, unsub), _replaces(unsub, bounce)
+    (False, True)
+    >>> _replaces((1, "email", True, "identify", 0, 12), bounce)
+    True
+    """
+    row_bounce, held_bounce = row[3].startswith(BOUNCE), held[3].startswith(BOUNCE)
+    if row_bounce and not held_bounce and held[2] is False:
+        return False
+    if held_bounce and not row_bounce and row[2] is False:
+        return True
+    return bool(held[5] < row[5])
 
 
 @lru_cache(maxsize=4096)
@@ -255,5 +291,9 @@ def _upsert_many(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         rows,
         "ON CONFLICT (customer_id, channel) DO UPDATE SET granted = excluded.granted,"
         " source = excluded.source, changed_ms = excluded.changed_ms, event_id = excluded.event_id"
-        " WHERE consent.event_id < excluded.event_id",
+        " WHERE consent.event_id < excluded.event_id"
+        # a bounce never replaces a customer's refusal (see _keeps_refusal)
+        # (substr, not LIKE: a % would be a parameter mark to psycopg)
+        " AND NOT (substr(excluded.source, 1, 7) = 'bounce:' AND NOT consent.granted"
+        " AND substr(consent.source, 1, 7) <> 'bounce:')",
     )

@@ -162,6 +162,38 @@ def test_a_folded_batch_leaves_the_state_of_one_by_one_processing(
     assert replay(runtime, batch_size=cut) == one_by_one
 
 
+def _email_consent(runtime: Runtime) -> list[tuple[bool, str]]:
+    with runtime.engine.connect() as conn:
+        rows = conn.execute(select(consent.c.granted, consent.c.source).where(consent.c.channel == "email"))
+        return [(bool(g), str(src)) for g, src in rows]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["one customer", "merged later"])
+def test_an_unsubscribe_outlives_a_bounce_and_the_new_address_after_it(
+    runtime: Runtime, merged: bool
+) -> None:
+    """Found by the property test above: the bounce used to replace the unsubscribe in the
+    channel's one row, and the next address then lifted both."""
+    reset(runtime.engine)
+    bouncer = "u3" if merged else "u1"
+    stream: list[dict[str, Any]] = [
+        {"type": "track", "event": "Unsubscribed", "userId": "u1", "properties": {"channel": "email"}},
+        {"type": "alias", "userId": "u1", "previousId": "a2"},
+        {"type": "track", "event": "Email Bounced", "userId": bouncer, "properties": {}},
+        {"type": "identify", "userId": bouncer, "traits": {"email": "new@example.com"}},
+    ]
+    if merged:
+        stream.append({"type": "alias", "userId": "u3", "previousId": "a2"})
+    batch = [
+        parse_call({**c, "messageId": f"m{i}", "timestamp": (T0 + i * 1000) / 1000}, received_ms=T0)
+        for i, c in enumerate(stream)
+    ]
+    record_events(engine=runtime.engine, batch=batch)
+    for size in (1, 2, 10_000):
+        replay(runtime, batch_size=size)
+        assert _email_consent(runtime) == [(False, "unsubscribed:api")], f"batches of {size}"
+
+
 def test_the_collector_runs_again_after_a_batch(runtime: Runtime) -> None:
     import gc
 
