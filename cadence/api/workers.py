@@ -67,6 +67,19 @@ def access_log_enabled() -> bool:
     return wanted and logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How every ``cadence serve`` process runs uvicorn: address, logging, the corked protocol."""
+    from cadence.api.httpproto import CorkedHttpToolsProtocol
+
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": access_log_enabled(),
+        "http": CorkedHttpToolsProtocol,
+    }
+
+
 def _bind(host: str, port: int, *, listen: bool = True) -> socket.socket:
     """A socket on ``host:port`` with ``SO_REUSEPORT``: each worker listens on its own, and the
     kernel spreads new connections over them (one shared socket would wake the same worker)."""
@@ -85,7 +98,6 @@ def _worker(settings: Settings, index: int) -> None:
     import uvicorn
 
     from cadence.api.app import create_app
-    from cadence.api.httpproto import CorkedHttpToolsProtocol
     from cadence.logs import configure_logging
     from cadence.runtime import open_runtime
 
@@ -96,14 +108,7 @@ def _worker(settings: Settings, index: int) -> None:
     runtime = open_runtime(settings)
     try:
         app = create_app(runtime=runtime)
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=access_log_enabled(),
-            http=CorkedHttpToolsProtocol,
-        )
+        config = uvicorn.Config(app, **uvicorn_options(settings))
         sock = _bind(settings.host, settings.port)
         logging.getLogger("cadence.workers").info("worker %d serving", index)
         uvicorn.Server(config).run(sockets=[sock])

@@ -37,9 +37,8 @@ def serve(
     import uvicorn
 
     from cadence.api.app import create_app
-    from cadence.api.httpproto import CorkedHttpToolsProtocol
     from cadence.api.security import KeyRing, create_key
-    from cadence.api.workers import access_log_enabled, check_workers, run_workers
+    from cadence.api.workers import check_workers, run_workers, uvicorn_options
     from cadence.logs import configure_logging
     from cadence.runtime import open_runtime
 
@@ -63,14 +62,7 @@ def serve(
         return
     app = create_app(runtime=runtime)
     console.print(f"cadence is serving on {url} - API docs at [bold]{url}/docs[/]")
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=access_log_enabled(),
-        http=CorkedHttpToolsProtocol,
-    )
+    uvicorn.run(app, **uvicorn_options(settings))
 
 
 def register(app: typer.Typer) -> None:
