@@ -63,13 +63,17 @@ class KeyRing:
                 keys[digest] = Principal(name, frozenset(s for s in scopes.split(",") if s))
         return keys
 
+    def _refresh_if_stale(self) -> None:
+        """Reload the keys when the cache is older than ``refresh_seconds`` (call with the lock held)."""
+        if time.monotonic() - self._loaded_at > self._refresh_seconds:
+            self._keys = self._load()
+            self._misses = set()
+            self._loaded_at = time.monotonic()
+
     def lookup(self, key: str) -> Principal | None:
         """The principal for ``key``, or None for an unknown or revoked key."""
         with self._lock:
-            if time.monotonic() - self._loaded_at > self._refresh_seconds:
-                self._keys = self._load()
-                self._misses = set()
-                self._loaded_at = time.monotonic()
+            self._refresh_if_stale()
             digest = hash_key(key)
             found = self._keys.get(digest)
             if found is None and digest not in self._misses:
@@ -99,12 +103,7 @@ class KeyRing:
         An unknown key is not looked up (that is :meth:`lookup`'s work, which remembers misses): a
         caller on the event loop reads the database at most once per ``refresh_seconds`` here.
         """
-        with self._lock:
-            if time.monotonic() - self._loaded_at > self._refresh_seconds:
-                self._keys = self._load()
-                self._misses = set()
-                self._loaded_at = time.monotonic()
-            return self._keys.get(hash_key(key))
+        return self.lookup_digest(hash_key(key))
 
     def lookup_digest(self, digest: str) -> Principal | None:
         """The principal whose key hashes to ``digest`` (what a session cookie holds), or None.
@@ -112,10 +111,7 @@ class KeyRing:
         Revocations take effect at the next refresh, within ``refresh_seconds``.
         """
         with self._lock:
-            if time.monotonic() - self._loaded_at > self._refresh_seconds:
-                self._keys = self._load()
-                self._misses = set()
-                self._loaded_at = time.monotonic()
+            self._refresh_if_stale()
             return self._keys.get(digest)
 
     def invalidate(self) -> None:
