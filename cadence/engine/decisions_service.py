@@ -32,9 +32,10 @@ from cadence.store.fast import dialect_sql, dump_json
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
-__all__ = ["decision_record", "explain", "get_decision", "history_of", "make_decision"]
+__all__ = ["INSERT_DECISION", "decision_record", "explain", "get_decision", "history_of", "make_decision"]
 
-_INSERT_DECISION = (
+#: One decision row; a caller that may write the same decision again appends ``ON CONFLICT (id) DO NOTHING``.
+INSERT_DECISION = (
     "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template, arm,"
     " ruleset_hash, explanation, inputs, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::json, ?::json, ?::json)"
 )
@@ -250,7 +251,7 @@ def make_decision(
             )
         # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key
         conn.exec_driver_sql(
-            dialect_sql(conn, _INSERT_DECISION),
+            dialect_sql(conn, INSERT_DECISION),
             (
                 decision_id,
                 customer_id,

@@ -43,6 +43,7 @@ from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
 from cadence.engine.decide import decide
 from cadence.engine.decision import PastSend, Scorer
+from cadence.engine.decisions_service import INSERT_DECISION
 from cadence.engine.profiles import StoredProfile
 from cadence.engine.sendqueue import enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
@@ -270,13 +271,15 @@ def push_decision_id(key: str) -> str:
 
 
 def record_push_decisions(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Record pushed sends in ``decisions`` (the learners join feedback to them by id)."""
+    """Record pushed sends in ``decisions`` (the learners join feedback to them by id).
+
+    ``rows`` are decision rows without their action (``send``) and outcome (none yet); a
+    re-run of the push writes none twice.
+    """
     execute_many(
         conn,
-        "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template,"
-        " arm, ruleset_hash, explanation, inputs, outcome) VALUES (?, ?, ?, 'send', ?, ?, ?, ?, ?, ?, ?::json,"
-        " ?::json, '{}') ON CONFLICT (id) DO NOTHING",
-        rows,
+        INSERT_DECISION + " ON CONFLICT (id) DO NOTHING",
+        [(*row[:3], "send", *row[3:], "{}") for row in rows],
     )
 
 
