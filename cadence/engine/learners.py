@@ -1288,42 +1288,20 @@ _INSTANT_ROW: dict[tuple[str, int], int] = {}
 
 
 @lru_cache(maxsize=8192)
-def _time_rows(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The time features (one row per send time) and the fractional local hours of ``times``.
+def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The time features of ``times`` (one row per send time), those rows squared, and the
+    fractional and whole local hours (0..23), as read-only arrays.
 
     A decision's slots are the next hours, so consecutive decisions in a zone ask for
-    nearly the same instants: memoised (read-only arrays). Local times come from the
-    per-instant UTC offsets (exact across DST changes), and the rows from a table by
-    local minute of the day, so a new window costs a few array operations.
-    """
-    rows = []
-    minutes = []
-    seen = _TIME_SEEN
-    for loc in local_ms(times, zone_named(zone, "UTC")):  # a few dozen: plain Python beats numpy here
-        minute = (loc % DAY_MS) // 60_000
-        row = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01 was a Thursday (weekday 3)
-        if not seen[row]:
-            _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
-            seen[row] = True
-        rows.append(row)
-        minutes.append(minute)
-    harm, hour_arr = _TIME_TABLE.take(rows, axis=0), _MINUTE_HOURS.take(minutes)  # take: no fancy-index path
-    harm.flags.writeable = False
-    hour_arr.flags.writeable = False
-    return harm, hour_arr
-
-
-@lru_cache(maxsize=8192)
-def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_time_rows` with the rows squared and the whole local hours (0..23), read-only.
-
-    Each instant's table row is kept per zone, so a window shifted by an hour (the next
-    decision's) costs one new instant, not a new pass over every send time.
+    nearly the same instants: memoised, and each instant's table row is kept per zone, so
+    a window shifted by an hour (the next decision's) costs one new instant, not a new
+    pass over every send time. Local times come from the per-instant UTC offsets (exact
+    across DST changes), and the rows from a table by local minute of the day.
 
     >>> harm, sq, hours, whole = _time_parts("UTC", (0, 5_400_000))
     >>> whole.tolist(), hours.tolist(), bool((sq == harm * harm).all())
     ([0, 1], [0.0, 1.5], True)
-    >>> bool((harm == _time_rows("UTC", (0, 5_400_000))[0]).all())
+    >>> tuple(harm[1]) == _time_code(1.5, False)  # 1970-01-01 was a Thursday
     True
     """
     rows = []

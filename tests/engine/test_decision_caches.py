@@ -24,7 +24,7 @@ from cadence.engine.campaign import (
 )
 from cadence.engine.decide import _cap_blocked, _window_peak, decide
 from cadence.engine.decision import PastSend
-from cadence.engine.learners import DecisionLearner, HourPreference, _time_code, _time_rows
+from cadence.engine.learners import DecisionLearner, HourPreference, _time_code, _time_parts
 from cadence.engine.profiles_memory import MemoryProfile
 from cadence.engine.slots import candidate_slots, is_quiet, local_datetime, local_ms, next_allowed, zone_named
 
@@ -77,14 +77,14 @@ def test_local_ms_matches_zoneinfo_across_dst(zone: str, day: datetime, offset_m
     day=st.sampled_from(DST_DAYS),
     offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
 )
-def test_time_rows_match_the_per_instant_features_across_dst(
+def test_time_parts_match_the_per_instant_features_across_dst(
     zone: str, day: datetime, offset_min: int
 ) -> None:
     """The learners' time features of a slot window equal the features of each instant's local time."""
     tz = zone_named(zone, "UTC")
     times = _window(int(day.timestamp() * 1000) + offset_min * 60_000 + 1234)
-    harm, hours = _time_rows(zone, times)
-    again, _ = _time_rows(zone, times[1:])  # a shifted window shares the cached table rows
+    harm, _, hours, _ = _time_parts(zone, times)
+    again, _, _, _ = _time_parts(zone, times[1:])  # a shifted window shares the cached table rows
     for i, t in enumerate(times):
         local = local_datetime(t, tz)
         hour = local.hour + local.minute / 60
