@@ -1,9 +1,10 @@
 """File imports: NDJSON of Segment-spec calls, or CSV with a column mapping.
 
 Lines are read in groups of ``batch_size``; each group's good lines are appended in one
-transaction, written in pieces by a writer thread while the next piece is parsed. Bad lines are reported with their line number and reason and never stop the
-import. A re-run of the same file appends nothing twice (``messageId``, or the content
-hash of a line without one).
+transaction, written in pieces by a writer thread while the next piece is parsed. Bad
+lines are reported with their line number and reason and never stop the import. A
+re-run of the same file appends nothing twice (``messageId``, or the content hash of a
+line without one).
 
 An NDJSON line in the common shape takes the fast path of :mod:`cadence.engine.fastcall`
 (one typed decode, the payload kept as the line's JSON text); any other line, and every
@@ -18,6 +19,7 @@ import contextlib
 import csv
 import gc
 import io
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -478,7 +480,8 @@ def import_file(
         try:
             for group in chunks:
                 # A group is one transaction, parsed and written in pieces of about equal size.
-                step = -(-len(group) // min(-(-len(group) // PIECE_LINES), MAX_PIECES))
+                pieces = min(math.ceil(len(group) / PIECE_LINES), MAX_PIECES)
+                step = math.ceil(len(group) / pieces)
                 for start in range(0, len(group), step):
                     piece = group[start : start + step]
                     writer.put(good_rows(piece), end=start + step >= len(group))
