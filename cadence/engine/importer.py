@@ -379,9 +379,8 @@ class _PgWriters:
         self._group = -1  # the group being read (the next put's), -1 before the first
         self._open = False
         self._keys: dict[int, int] = {}  # group -> its announced lock key
-        #: message id -> group, for the groups not yet committed; their message ids by group
-        self._pending: dict[str, int] = {}
-        self._group_ids: dict[int, list[str]] = {}
+        #: The message ids of each group not yet committed (dicts as ordered sets).
+        self._uncommitted: dict[int, dict[str, None]] = {}
         self._done = threading.Condition()
         self._committed = -1  # every group up to this one is committed
         self._queues: list[queue.Queue[tuple[int, list[TextRow], Sequence[int], bool] | None]] = [
@@ -400,10 +399,7 @@ class _PgWriters:
         committed = self._committed
         for group in [g for g in self._keys if g <= committed]:
             self._reserver.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s)", (self._keys.pop(group),))
-            pending = self._pending
-            for message_id in self._group_ids.pop(group, ()):
-                if pending.get(message_id) == group:
-                    del pending[message_id]
+            self._uncommitted.pop(group, None)
 
     def _reserve(self, n: int) -> Sequence[int]:
         """``n`` new ids, ascending: a range unless another writer drew some meanwhile."""
@@ -416,120 +412,23 @@ class _PgWriters:
         ).one()
         return range(low, high + 1) if scattered is None else scattered
 
-    def put(self, rows: list[TextRow], *, end: bool) -> None:
-        """Write ``rows`` (commit the group after them when ``end``), or queue them (blocks while
-        ``depth`` pieces wait); re-raise a writer error."""
-        if self._thread is None:
-            try:
-                self._write(rows, end)
-            except BaseException:
-                self._abort()
-                raise
-            return
-        if self.error is not None:
-            raise self.error
-        self._queue.put((rows, end))
-
-    def close(self) -> None:
-        """Wait until every queued piece is written and its group committed; re-raise a writer error.
-
-        A group left open (the reader stopped on an error) is rolled back.
-        """
-        try:
-            if self._thread is not None:
-                self._queue.put(None)
-                self._thread.join()
-                if self.error is not None:
-                    raise self.error
-        finally:
-            self._abort()
-
-
-class _Stop(Exception):
-    """A writer gives up its group because another one failed (that error is reported)."""
-
-
-class _PgWriters:
-    """PostgreSQL: groups written by :data:`PG_WRITERS` connections at once, in file order.
-
-    The server's work per event (the JSONB payload, four index entries) is the import's
-    bound on PostgreSQL, and one connection is one server process: so group ``g`` goes to
-    connection ``g % PG_WRITERS``, each on a thread of its own (the driver releases the GIL
-    while the server works), while the reading thread parses on. Each group is still one
-    transaction, written in pieces as :class:`_Writer` does: binary ``COPY`` under a
-    savepoint, or, when a message of the piece is stored already, ``INSERT ... ON CONFLICT
-    DO NOTHING``, as for the pieces after it until one has no duplicate.
-
-    File order and the log's order, with two transactions in flight:
-
-    * Ids are reserved by the reading thread on a connection of its own, piece by piece in
-      file order (``nextval``), and written explicitly: ids follow the file.
-    * Before a group's first reservation that connection announces a lower bound of its
-      ids (a session advisory lock, :data:`~cadence.engine.ingest.PG_ANNOUNCE_SESSION`),
-      released only after the group's transaction has ended: the engine loop does not read
-      past an id that may still be committed (:func:`~cadence.engine.ingest.append_horizon`).
-    * Groups commit in file order (a writer waits for the group before its own), so the
-      committed lines are a prefix of the file: after a crash, running the import again
-      appends the rest, in order.
-    * A message that repeats one of a group not yet committed is dropped by the reading
-      thread (the first is kept), so the two transactions never insert the same key, and
-      neither ever waits for the other inside the server (which, with the commit order,
-      could deadlock). Messages of committed groups and earlier imports are found by the
-      unique index, as before.
-    """
-
-    def __init__(self, engine: Engine, *, writers: int = 0, depth: int = 6) -> None:
-        self.engine = engine
-        self.accepted = 0
-        self.error: BaseException | None = None
-        self._writers = writers or PG_WRITERS
-        self._reserver = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        self._group = -1  # the group being read (the next put's), -1 before the first
-        self._open = False
-        self._keys: dict[int, int] = {}  # group -> its announced lock key
-        #: message id -> group, for the groups not yet committed; their message ids by group
-        self._pending: dict[str, int] = {}
-        self._group_ids: dict[int, list[str]] = {}
-        self._done = threading.Condition()
-        self._committed = -1  # every group up to this one is committed
-        self._queues: list[queue.Queue[tuple[int, list[TextRow], Sequence[int], bool] | None]] = [
-            queue.Queue(maxsize=depth) for _ in range(self._writers)
-        ]
-        self._threads = [
-            threading.Thread(target=self._run, args=(q,), name=f"cadence-import-writer-{k}", daemon=True)
-            for k, q in enumerate(self._queues)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    # -- the reading thread
-    def _forget_committed(self) -> None:
-        """Release the announcements of committed groups and forget their message ids."""
-        committed = self._committed
-        for group in [g for g in self._keys if g <= committed]:
-            self._reserver.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s)", (self._keys.pop(group),))
-            pending = self._pending
-            for message_id in self._group_ids.pop(group, ()):
-                if pending.get(message_id) == group:
-                    del pending[message_id]
-
-    def _reserve(self, n: int) -> Sequence[int]:
-        """``n`` new ids, ascending: a range unless another writer drew some meanwhile."""
-        low, high = self._reserver.exec_driver_sql(
-            f"SELECT min(v), max(v) FROM (SELECT nextval('{PG_EVENT_ID_SEQUENCE}') AS v"
-            " FROM generate_series(1, %s)) AS drawn",
-            (n,),
-        ).one()
-        if high - low + 1 == n:
-            return range(low, high + 1)
-        # Interleaved with other appends: the ids drawn are the ones between, not taken by them.
-        return [
-            *self._reserver.exec_driver_sql(
-                "SELECT s FROM generate_series(%s::int8, %s::int8) AS s"
-                " WHERE NOT EXISTS (SELECT FROM events WHERE id = s)",
-                (low, high),
-            ).scalars()
-        ][:n]
+    def _first_of_each(self, rows: list[TextRow], group: int) -> list[TextRow]:
+        """``rows`` without a message repeated in them or in an uncommitted group (the first is
+        kept); their message ids are added to ``group``'s."""
+        message_ids = dict.fromkeys([row[0] for row in rows])
+        groups = self._uncommitted.values()
+        if len(message_ids) == len(rows) and all(ids.keys().isdisjoint(message_ids) for ids in groups):
+            unique = rows  # the common case, checked at C speed
+        else:
+            seen: set[str] = set()
+            unique = [
+                row
+                for row in rows
+                if not (row[0] in seen or seen.add(row[0]) or any(row[0] in ids for ids in groups))  # type: ignore[func-returns-value]
+            ]
+            message_ids = dict.fromkeys([row[0] for row in unique])
+        self._uncommitted.setdefault(group, {}).update(message_ids)
+        return unique
 
     def put(self, rows: list[TextRow], *, end: bool) -> None:
         """Queue ``rows`` (a piece of the current group; the group ends after it when ``end``).
@@ -545,9 +444,7 @@ class _PgWriters:
             key, _ = self._reserver.exec_driver_sql(PG_ANNOUNCE_SESSION).one()
             self._keys[self._group] = int(key)
         group = self._group
-        pending = self._pending
-        unique = [row for row in rows if not (row[0] in pending or pending.__setitem__(row[0], group))]  # type: ignore[func-returns-value]
-        self._group_ids.setdefault(group, []).extend(row[0] for row in unique)
+        unique = self._first_of_each(rows, group)
         ids = self._reserve(len(unique)) if unique else ()
         self._queues[group % self._writers].put((group, unique, ids, end))
         if end:
@@ -556,17 +453,15 @@ class _PgWriters:
     def close(self) -> None:
         """Wait until every queued piece is written and its group committed; re-raise a writer error.
 
-        A group left open (the reader stopped on an error) is rolled back, and so is every
-        group after one that failed.
+        A group left open (the reader stopped on an error) is rolled back (it is the last one
+        queued, so no writer waits for it), and so is every group after one that failed.
         """
         try:
-            if self._open:  # the reader stopped mid-group: that group must not commit
-                self._fail(_Stop("the import stopped"))
             for q in self._queues:
                 q.put(None)
             for thread in self._threads:
                 thread.join()
-            if self.error is not None and not isinstance(self.error, _Stop):
+            if self.error is not None:
                 raise self.error
         finally:
             with contextlib.suppress(BaseException):
