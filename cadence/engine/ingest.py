@@ -298,7 +298,7 @@ def copy_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Sequ
             write = copy.write_row
             for event_id, row in zip(ids, rows, strict=True):
                 write((event_id, *row[:8], b"\x01" + row[8].encode()))
-        return max(cursor.rowcount, 0)
+        return max(int(cursor.rowcount), 0)
     finally:
         cursor.close()
 

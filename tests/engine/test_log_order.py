@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, select
 
 from cadence.engine.events import LoggedEvent, parse_call
 from cadence.engine.importer import PIECE_LINES, _PgWriters, import_file
-from cadence.engine.ingest import append_events, record_events
+from cadence.engine.ingest import TextRow, append_events, record_events
 from cadence.engine.loop import EngineLoop
 from cadence.runtime import Runtime
 from cadence.store.db import is_postgres
@@ -89,7 +89,7 @@ def test_ids_an_import_has_reserved_hold_the_loop_until_their_group_commits(runt
     loop = EngineLoop(runtime, [recorder])
     writers = _PgWriters(runtime.engine)
     try:
-        rows = [
+        rows: list[TextRow] = [
             (f"i{k}", "track", "Viewed", "u1", None, T0, T0, "import", orjson.dumps({"k": k}).decode())
             for k in range(5)
         ]
