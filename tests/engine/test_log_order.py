@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, select
 
 from cadence.engine.events import LoggedEvent, parse_call
 from cadence.engine.importer import PIECE_LINES, _PgWriters, import_file
-from cadence.engine.ingest import TextRow, append_events, record_events
+from cadence.engine.ingest import PG_EVENT_ID_SEQUENCE, TextRow, append_events, record_events
 from cadence.engine.loop import EngineLoop
 from cadence.runtime import Runtime
 from cadence.store.db import is_postgres
@@ -146,3 +146,14 @@ def test_the_loop_running_during_an_import_and_appends_sees_every_event_once_in_
     ids = stored_ids(runtime.engine)
     assert len(ids) > n
     assert recorder.ids == ids  # every event, once, in id order
+
+
+def test_the_announced_bounds_read_the_sequence_behind_event_ids(db_engine: Engine) -> None:
+    postgres_only(db_engine)
+    with db_engine.connect() as conn:
+        sequence = conn.exec_driver_sql("SELECT pg_get_serial_sequence('events', 'id')").scalar_one()
+        cache = conn.exec_driver_sql(
+            "SELECT seqcache FROM pg_sequence WHERE seqrelid = %s::regclass", (sequence,)
+        ).scalar_one()
+    # A cache above 1 would let a session draw ids below the sequence's last value later.
+    assert (sequence, cache) == (f"public.{PG_EVENT_ID_SEQUENCE}", 1)
