@@ -23,6 +23,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -308,6 +309,9 @@ class _Writer:
                 with contextlib.suppress(BaseException):  # the first error is the one to report
                     self._abort()
 
+    def expect(self, lines: int) -> None:
+        """A piece of at most ``lines`` rows comes next (nothing to prepare on SQLite)."""
+
     def put(self, rows: list[TextRow], *, end: bool) -> None:
         """Write ``rows`` (commit the group after them when ``end``), or queue them (blocks while
         ``depth`` pieces wait); re-raise a writer error."""
@@ -354,8 +358,9 @@ class _PgWriters:
 
     File order and the log's order, with two transactions in flight:
 
-    * Ids are reserved by the reading thread on a connection of its own, piece by piece in
-      file order (``nextval``), and written explicitly: ids follow the file.
+    * Ids are reserved on a connection (and a thread) of their own, piece by piece in file
+      order (``nextval``, one for each line of the piece, while the reading thread parses
+      it), and written explicitly: ids follow the file.
     * Before a group's first reservation that connection announces a lower bound of its
       ids (a session advisory lock, :data:`~cadence.engine.ingest.PG_ANNOUNCE_SESSION`),
       released only after the group's transaction has ended: the engine loop does not read
@@ -376,9 +381,12 @@ class _PgWriters:
         self.error: BaseException | None = None
         self._writers = writers or PG_WRITERS
         self._reserver = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        #: Only this thread uses ``_reserver``, in submission order: announcements, reservations, releases.
+        self._ids_thread = ThreadPoolExecutor(1, thread_name_prefix="cadence-import-ids")
+        self._ids: Future[Sequence[int]] | None = None  # the next piece's reservation
         self._group = -1  # the group being read (the next put's), -1 before the first
         self._open = False
-        self._keys: dict[int, int] = {}  # group -> its announced lock key
+        self._keys: dict[int, Future[int]] = {}  # group -> its announced lock key
         #: The message ids of each group not yet committed (dicts as ordered sets).
         self._uncommitted: dict[int, dict[str, None]] = {}
         self._done = threading.Condition()
@@ -398,11 +406,20 @@ class _PgWriters:
         """Release the announcements of committed groups and forget their message ids."""
         committed = self._committed
         for group in [g for g in self._keys if g <= committed]:
-            self._reserver.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s)", (self._keys.pop(group),))
+            self._ids_thread.submit(self._release, self._keys.pop(group))
             self._uncommitted.pop(group, None)
+
+    def _announce(self) -> int:
+        key, _ = self._reserver.exec_driver_sql(PG_ANNOUNCE_SESSION).one()
+        return int(key)
+
+    def _release(self, key: Future[int]) -> None:
+        self._reserver.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s)", (key.result(),))
 
     def _reserve(self, n: int) -> Sequence[int]:
         """``n`` new ids, ascending: a range unless another writer drew some meanwhile."""
+        if n == 0:
+            return ()
         low, high, scattered = self._reserver.exec_driver_sql(
             f"WITH drawn AS MATERIALIZED (SELECT nextval('{PG_EVENT_ID_SEQUENCE}') AS v"
             " FROM generate_series(1, %s))"
@@ -411,6 +428,19 @@ class _PgWriters:
             (n,),
         ).one()
         return range(low, high + 1) if scattered is None else scattered
+
+    def expect(self, lines: int) -> None:
+        """A piece of at most ``lines`` rows comes next: reserve its ids while it is parsed.
+
+        (The server draws ids at about a microsecond each: off the reading thread's path.
+        Ids left over by rejected or repeated lines are gaps in the log.)
+        """
+        self._forget_committed()
+        if not self._open:
+            self._group += 1
+            self._open = True
+            self._keys[self._group] = self._ids_thread.submit(self._announce)
+        self._ids = self._ids_thread.submit(self._reserve, lines)
 
     def _first_of_each(self, rows: list[TextRow], group: int) -> list[TextRow]:
         """``rows`` without a message repeated in them or in an uncommitted group (the first is
@@ -437,16 +467,13 @@ class _PgWriters:
         """
         if self.error is not None:
             raise self.error
-        self._forget_committed()
-        if not self._open:
-            self._group += 1
-            self._open = True
-            key, _ = self._reserver.exec_driver_sql(PG_ANNOUNCE_SESSION).one()
-            self._keys[self._group] = int(key)
+        if self._ids is None:
+            self.expect(len(rows))
+        assert self._ids is not None
+        reserved, self._ids = self._ids.result(), None
         group = self._group
         unique = self._first_of_each(rows, group)
-        ids = self._reserve(len(unique)) if unique else ()
-        self._queues[group % self._writers].put((group, unique, ids, end))
+        self._queues[group % self._writers].put((group, unique, reserved[: len(unique)], end))
         if end:
             self._open = False
 
@@ -465,7 +492,10 @@ class _PgWriters:
                 raise self.error
         finally:
             with contextlib.suppress(BaseException):
-                self._reserver.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+                self._ids_thread.submit(
+                    self._reserver.exec_driver_sql, "SELECT pg_advisory_unlock_all()"
+                ).result()
+            self._ids_thread.shutdown()
             self._reserver.close()
 
     # -- the writing threads
@@ -654,6 +684,7 @@ def import_file(
                 step = math.ceil(len(group) / pieces)
                 for start in range(0, len(group), step):
                     piece = group[start : start + step]
+                    writer.expect(len(piece))  # PostgreSQL reserves its ids meanwhile
                     writer.put(good_rows(piece), end=start + step >= len(group))
                     if progress is not None:
                         progress(handle.tell())
