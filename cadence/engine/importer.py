@@ -10,7 +10,9 @@ An NDJSON line in the common shape takes the fast path of :mod:`cadence.engine.f
 (one typed decode, the payload kept as the line's JSON text); any other line, and every
 CSV row, goes through :func:`~cadence.engine.events.parse_call`, which names the field
 of an error. On PostgreSQL a group goes in with ``COPY`` when none of its messages is
-stored yet, else with ``INSERT ... ON CONFLICT DO NOTHING``.
+stored yet, else with ``INSERT ... ON CONFLICT DO NOTHING``, and two connections write
+alternate groups at once (:class:`_PgWriters`: ids reserved in file order, groups
+committed in file order, the engine loop held below ids not yet committed).
 """
 
 from __future__ import annotations
