@@ -10,7 +10,9 @@ An NDJSON line in the common shape takes the fast path of :mod:`cadence.engine.f
 (one typed decode, the payload kept as the line's JSON text); any other line, and every
 CSV row, goes through :func:`~cadence.engine.events.parse_call`, which names the field
 of an error. On PostgreSQL a group goes in with ``COPY`` when none of its messages is
-stored yet, else with ``INSERT ... ON CONFLICT DO NOTHING``.
+stored yet, else with ``INSERT ... ON CONFLICT DO NOTHING``, and two connections write
+alternate groups at once (:class:`_PgWriters`: ids reserved in file order, groups
+committed in file order, the engine loop held below ids not yet committed).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import io
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -34,7 +37,14 @@ from sqlalchemy import Connection, Engine, RootTransaction
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
 from cadence.engine.fastcall import text_rows
-from cadence.engine.ingest import TextRow, copy_text_rows, insert_text_rows
+from cadence.engine.ingest import (
+    PG_ANNOUNCE_SESSION,
+    PG_EVENT_ID_SEQUENCE,
+    TextRow,
+    copy_text_rows_with_ids,
+    insert_text_rows,
+    insert_text_rows_with_ids,
+)
 from cadence.errors import EventError
 from cadence.store.db import is_postgres
 
@@ -50,6 +60,8 @@ PIECE_LINES = 10_000
 #: is a savepoint, and a transaction with more than 64 subtransactions slows every other
 #: session's snapshots.
 MAX_PIECES = 32
+#: PostgreSQL: connections (server processes) writing groups at once (see :class:`_PgWriters`).
+PG_WRITERS = 2
 
 SEGMENT_FIELDS = {
     "type",
@@ -229,33 +241,25 @@ def _csv_chunks(
 
 
 class _Writer:
-    """Appends row pieces on a thread of its own; a group of pieces is one transaction.
+    """SQLite: appends row pieces on a thread of its own; a group of pieces is one transaction.
 
-    The driver releases the GIL while the database works (PostgreSQL's server, SQLite's
-    B-trees and commits), so the next piece is parsed meanwhile: on two cores the import
-    takes about as long as the larger of the two parts instead of their sum. At most
-    ``depth`` pieces wait, so memory stays bounded; an error rolls back the open group and
-    stops the import at the next piece.
+    The driver releases the GIL while the database works (SQLite's B-trees and commits),
+    so the next piece is parsed meanwhile: on two cores the import takes about as long as
+    the larger of the two parts instead of their sum. At most ``depth`` pieces wait, so
+    memory stays bounded; an error rolls back the open group and stops the import at the
+    next piece.
 
     A group (``--batch-size`` lines) is parsed and written in pieces of at most
     :data:`PIECE_LINES`: the writer starts on a group before it is all parsed, and the
     transaction is committed after its last piece. Large groups are cheaper per event
     (every commit writes each touched index page once more, and the id indexes are touched
     all over).
-
-    On PostgreSQL a piece goes in with ``COPY`` (a third of the server's work of unpacking
-    one JSON parameter) under a savepoint; a message stored already makes ``COPY`` fail,
-    and that piece is written again, after the savepoint is rolled back, with
-    ``INSERT ... ON CONFLICT DO NOTHING``, as are the pieces after it until one has no
-    duplicate (a re-run of a file, or of its end after a crash).
     """
 
     def __init__(self, engine: Engine, *, threaded: bool = True, depth: int = 3) -> None:
         self.engine = engine
         self.accepted = 0
         self.error: BaseException | None = None
-        self._postgres = is_postgres(engine)
-        self._copy = self._postgres
         self._conn: Connection | None = None
         self._transaction: RootTransaction | None = None
         self._pending = 0
@@ -268,42 +272,21 @@ class _Writer:
     def _write(self, rows: list[TextRow], end: bool) -> None:
         if self._conn is None:
             self._conn = self.engine.connect()
-            if not self._postgres:
-                # Inserts land all over the indexes of a growing table: a page cache of 128 MiB
-                # (the default is 2 MiB) saves re-reading their pages (1,000,000 events: 30 s of
-                # CPU instead of 34, 2/3 of the wall time, measured).
-                self._conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
-                self._conn.commit()
+            # Inserts land all over the indexes of a growing table: a page cache of 128 MiB
+            # (the default is 2 MiB) saves re-reading their pages (1,000,000 events: 30 s of
+            # CPU instead of 34, 2/3 of the wall time, measured).
+            self._conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
+            self._conn.commit()
         conn = self._conn
         if self._transaction is None:
             self._transaction = conn.begin()
         if rows:
-            if self._postgres:
-                self._pending += self._write_postgres(conn, rows)
-            else:
-                self._pending += insert_text_rows(conn, rows)
+            self._pending += insert_text_rows(conn, rows)
         if end:
             self._transaction.commit()
             self._transaction = None
             self.accepted += self._pending
             self._pending = 0
-
-    def _write_postgres(self, conn: Connection, rows: list[TextRow]) -> int:
-        from psycopg.errors import UniqueViolation
-
-        unique = _first_of_each(rows)
-        if self._copy:
-            savepoint = conn.begin_nested()
-            try:
-                accepted = copy_text_rows(conn, unique)
-            except UniqueViolation:
-                savepoint.rollback()  # some are stored already
-            else:
-                savepoint.commit()
-                return accepted
-        accepted = insert_text_rows(conn, unique)
-        self._copy = accepted == len(unique)
-        return accepted
 
     def _abort(self) -> None:
         """Roll back the open group (if any) and give the connection back."""
@@ -327,6 +310,9 @@ class _Writer:
                 self.error = exc
                 with contextlib.suppress(BaseException):  # the first error is the one to report
                     self._abort()
+
+    def expect(self, lines: int) -> None:
+        """A piece of at most ``lines`` rows comes next (nothing to prepare on SQLite)."""
 
     def put(self, rows: list[TextRow], *, end: bool) -> None:
         """Write ``rows`` (commit the group after them when ``end``), or queue them (blocks while
@@ -357,16 +343,232 @@ class _Writer:
             self._abort()
 
 
-def _first_of_each(rows: list[TextRow]) -> list[TextRow]:
-    """``rows`` without repeated ``message_id``s, the first of each kept (as the log would).
+class _Stop(Exception):
+    """A writer gives up its group because another one failed (that error is reported)."""
 
-    >>> [r[1] for r in _first_of_each([("m1", "a"), ("m2", "b"), ("m1", "c")])]  # type: ignore[list-item]
-    ['a', 'b']
+
+class _PgWriters:
+    """PostgreSQL: groups written by :data:`PG_WRITERS` connections at once, in file order.
+
+    The server's work per event (the JSONB payload, four index entries) is the import's
+    bound on PostgreSQL, and one connection is one server process: so group ``g`` goes to
+    connection ``g % PG_WRITERS``, each on a thread of its own (the driver releases the GIL
+    while the server works), while the reading thread parses on. Each group is still one
+    transaction, written in pieces as :class:`_Writer` does: binary ``COPY`` under a
+    savepoint, or, when a message of the piece is stored already, ``INSERT ... ON CONFLICT
+    DO NOTHING``, as for the pieces after it until one has no duplicate.
+
+    File order and the log's order, with two transactions in flight:
+
+    * Ids are reserved on a connection (and a thread) of their own, piece by piece in file
+      order (``nextval``, one for each line of the piece, while the reading thread parses
+      it), and written explicitly: ids follow the file.
+    * Before a group's first reservation that connection announces a lower bound of its
+      ids (a session advisory lock, :data:`~cadence.engine.ingest.PG_ANNOUNCE_SESSION`),
+      released only after the group's transaction has ended: the engine loop does not read
+      past an id that may still be committed (:func:`~cadence.engine.ingest.append_horizon`).
+    * Groups commit in file order (a writer waits for the group before its own), so the
+      committed lines are a prefix of the file: after a crash, running the import again
+      appends the rest, in order.
+    * A message that repeats one of a group not yet committed is dropped by the reading
+      thread (the first is kept), so the two transactions never insert the same key, and
+      neither ever waits for the other inside the server (which, with the commit order,
+      could deadlock). Messages of committed groups and earlier imports are found by the
+      unique index, as before.
     """
-    if len({row[0] for row in rows}) == len(rows):
-        return rows
-    seen: set[str] = set()
-    return [row for row in rows if not (row[0] in seen or seen.add(row[0]))]  # type: ignore[func-returns-value]
+
+    def __init__(self, engine: Engine, *, writers: int = 0, depth: int = 6) -> None:
+        self.engine = engine
+        self.accepted = 0
+        self.error: BaseException | None = None
+        self._writers = writers or PG_WRITERS
+        self._reserver = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        #: Only this thread uses ``_reserver``, in submission order: announcements, reservations, releases.
+        self._ids_thread = ThreadPoolExecutor(1, thread_name_prefix="cadence-import-ids")
+        self._ids: Future[Sequence[int]] | None = None  # the next piece's reservation
+        self._group = -1  # the group being read (the next put's), -1 before the first
+        self._open = False
+        self._keys: dict[int, Future[int]] = {}  # group -> its announced lock key
+        #: The message ids of each group not yet committed (dicts as ordered sets).
+        self._uncommitted: dict[int, dict[str, None]] = {}
+        self._done = threading.Condition()
+        self._committed = -1  # every group up to this one is committed
+        self._queues: list[queue.Queue[tuple[int, list[TextRow], Sequence[int], bool] | None]] = [
+            queue.Queue(maxsize=depth) for _ in range(self._writers)
+        ]
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"cadence-import-writer-{k}", daemon=True)
+            for k, q in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- the reading thread
+    def _forget_committed(self) -> None:
+        """Release the announcements of committed groups and forget their message ids."""
+        committed = self._committed
+        for group in [g for g in self._keys if g <= committed]:
+            self._ids_thread.submit(self._release, self._keys.pop(group))
+            self._uncommitted.pop(group, None)
+
+    def _announce(self) -> int:
+        key, _ = self._reserver.exec_driver_sql(PG_ANNOUNCE_SESSION).one()
+        return int(key)
+
+    def _release(self, key: Future[int]) -> None:
+        self._reserver.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s)", (key.result(),))
+
+    def _reserve(self, n: int) -> Sequence[int]:
+        """``n`` new ids, ascending: a range unless another writer drew some meanwhile."""
+        if n == 0:
+            return ()
+        low, high, scattered = self._reserver.exec_driver_sql(
+            f"WITH drawn AS MATERIALIZED (SELECT nextval('{PG_EVENT_ID_SEQUENCE}') AS v"
+            " FROM generate_series(1, %s))"
+            " SELECT min(v), max(v), CASE WHEN max(v) - min(v) + 1 = count(*) THEN NULL"
+            " ELSE array_agg(v ORDER BY v) END FROM drawn",
+            (n,),
+        ).one()
+        return range(low, high + 1) if scattered is None else scattered
+
+    def expect(self, lines: int) -> None:
+        """A piece of at most ``lines`` rows comes next: reserve its ids while it is parsed.
+
+        (The server draws ids at about a microsecond each: off the reading thread's path.
+        Ids left over by rejected or repeated lines are gaps in the log.)
+        """
+        self._forget_committed()
+        if not self._open:
+            self._group += 1
+            self._open = True
+            self._keys[self._group] = self._ids_thread.submit(self._announce)
+        self._ids = self._ids_thread.submit(self._reserve, lines)
+
+    def _first_of_each(self, rows: list[TextRow], group: int) -> list[TextRow]:
+        """``rows`` without a message repeated in them or in an uncommitted group (the first is
+        kept); their message ids are added to ``group``'s."""
+        message_ids = dict.fromkeys([row[0] for row in rows])
+        groups = self._uncommitted.values()
+        if len(message_ids) == len(rows) and all(ids.keys().isdisjoint(message_ids) for ids in groups):
+            unique = rows  # the common case, checked at C speed
+        else:
+            seen: set[str] = set()
+            unique = [
+                row
+                for row in rows
+                if not (row[0] in seen or seen.add(row[0]) or any(row[0] in ids for ids in groups))  # type: ignore[func-returns-value]
+            ]
+            message_ids = dict.fromkeys([row[0] for row in unique])
+        self._uncommitted.setdefault(group, {}).update(message_ids)
+        return unique
+
+    def put(self, rows: list[TextRow], *, end: bool) -> None:
+        """Queue ``rows`` (a piece of the current group; the group ends after it when ``end``).
+
+        Blocks while ``depth`` pieces wait for the group's connection; re-raises a writer error.
+        """
+        if self.error is not None:
+            raise self.error
+        if self._ids is None:
+            self.expect(len(rows))
+        assert self._ids is not None
+        reserved, self._ids = self._ids.result(), None
+        group = self._group
+        unique = self._first_of_each(rows, group)
+        self._queues[group % self._writers].put((group, unique, reserved[: len(unique)], end))
+        if end:
+            self._open = False
+
+    def close(self) -> None:
+        """Wait until every queued piece is written and its group committed; re-raise a writer error.
+
+        A group left open (the reader stopped on an error) is rolled back (it is the last one
+        queued, so no writer waits for it), and so is every group after one that failed.
+        """
+        try:
+            for q in self._queues:
+                q.put(None)
+            for thread in self._threads:
+                thread.join()
+            if self.error is not None:
+                raise self.error
+        finally:
+            with contextlib.suppress(BaseException):
+                self._ids_thread.submit(
+                    self._reserver.exec_driver_sql, "SELECT pg_advisory_unlock_all()"
+                ).result()
+            self._ids_thread.shutdown()
+            self._reserver.close()
+
+    # -- the writing threads
+    def _fail(self, exc: BaseException) -> None:
+        with self._done:
+            if self.error is None:
+                self.error = exc
+            self._done.notify_all()
+
+    def _run(self, jobs: queue.Queue[tuple[int, list[TextRow], Sequence[int], bool] | None]) -> None:
+        conn: Connection | None = None
+        transaction: RootTransaction | None = None
+        copy = True
+        written = 0
+        try:
+            while (item := jobs.get()) is not None:
+                if self.error is not None:
+                    continue  # drain: the reader stops at its next put
+                group, rows, ids, end = item
+                try:
+                    if conn is None:
+                        conn = self.engine.connect()
+                    if transaction is None:
+                        transaction = conn.begin()
+                    if rows:
+                        accepted, copy = _write_pg_piece(conn, rows, ids, copy=copy)
+                        written += accepted
+                    if end:
+                        with self._done:
+                            while self._committed != group - 1 and self.error is None:
+                                self._done.wait()
+                            if self.error is not None:
+                                raise _Stop("another group failed")
+                            transaction.commit()
+                            transaction = None
+                            self.accepted += written
+                            written = 0
+                            self._committed = group
+                            self._done.notify_all()
+                except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+                    self._fail(exc)
+                    with contextlib.suppress(BaseException):
+                        if transaction is not None:
+                            transaction.rollback()
+                    transaction = None
+        finally:
+            with contextlib.suppress(BaseException):
+                if transaction is not None:
+                    transaction.rollback()
+            if conn is not None:
+                conn.close()
+
+
+def _write_pg_piece(
+    conn: Connection, rows: list[TextRow], ids: Sequence[int], *, copy: bool
+) -> tuple[int, bool]:
+    """Append ``rows`` (no message twice) with ``ids``: by ``COPY`` when ``copy`` and none is stored
+    yet, else by ``INSERT ... ON CONFLICT DO NOTHING``; (how many were new, ``copy`` for the next piece)."""
+    from psycopg.errors import UniqueViolation
+
+    if copy:
+        savepoint = conn.begin_nested()
+        try:
+            accepted = copy_text_rows_with_ids(conn, rows, ids)
+        except UniqueViolation:
+            savepoint.rollback()  # some are stored already
+        else:
+            savepoint.commit()
+            return accepted, True
+    accepted = insert_text_rows_with_ids(conn, rows, ids)
+    return accepted, accepted == len(rows)
 
 
 def import_file(
@@ -471,7 +673,7 @@ def import_file(
             if fmt == "csv"
             else _ndjson_chunks(handle, batch_size)
         )
-        writer = _Writer(engine)
+        writer: _Writer | _PgWriters = _PgWriters(engine) if postgres else _Writer(engine)
         collecting = gc.isenabled()
         # The groups are millions of short-lived, acyclic objects: reference counting frees
         # them, and the cycle collector would only rescan them (about a third of the CPU
@@ -484,6 +686,7 @@ def import_file(
                 step = math.ceil(len(group) / pieces)
                 for start in range(0, len(group), step):
                     piece = group[start : start + step]
+                    writer.expect(len(piece))  # PostgreSQL reserves its ids meanwhile
                     writer.put(good_rows(piece), end=start + step >= len(group))
                     if progress is not None:
                         progress(handle.tell())

@@ -2,6 +2,16 @@
 
 :func:`record_events` is the only writer of the ``events`` table. It commits before it
 returns, so a caller that answers after it has made the event durable.
+
+Ordering on PostgreSQL: ids come from a sequence when a row is inserted, but become
+visible when its transaction commits, and concurrent transactions commit in any order.
+The engine loop reads the log in id order after a checkpoint, so a transaction that
+commits id 7 before another one commits id 5 could let it move past 5 for good. So every
+appending transaction first *announces* a lower bound of the ids it may take: a shared
+advisory lock whose key holds the sequence's last value + 1 (:data:`PG_ANNOUNCE`), held
+until it ends; the loop reads only ids below :func:`append_horizon`, the lowest announced
+bound (and above nothing not yet drawn from the sequence). On SQLite writers are
+serialised (``BEGIN IMMEDIATE``), so ids commit in order.
 """
 
 from __future__ import annotations
@@ -27,7 +37,10 @@ __all__ = [
     "Row",
     "TextRow",
     "append_events",
+    "append_horizon",
     "copy_text_rows",
+    "copy_text_rows_with_ids",
+    "insert_text_rows_with_ids",
     "event_rows",
     "insert_rows",
     "insert_text_rows",
@@ -55,6 +68,43 @@ PG_COPY = f"COPY events ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
 #: The binary types of :data:`COLUMNS` for ``COPY``; ``jsonb``'s binary form is a version byte
 #: (1) and the JSON text, sent as ``bytea`` so that the bytes go as they are.
 PG_COPY_TYPES = ("varchar",) * 5 + ("int8", "int8", "varchar", "bytea")
+
+#: The sequence behind ``events.id`` (PostgreSQL's ``BIGSERIAL``; its cache must stay 1, the
+#: default, so that its last value bounds every id a session has drawn).
+PG_EVENT_ID_SEQUENCE = "events_id_seq"
+#: Announced bounds are advisory-lock keys ``PG_APPEND_TAG + bound`` (bound < 2**48); pg_locks
+#: shows such a key's high 32 bits as ``classid`` and its low 32 bits as ``objid``.
+PG_APPEND_TAG = 0x0CAD << 48
+#: The lowest id this transaction's appends may take: the sequence's last value + 1, read
+#: before the lock is taken, and before any id is drawn (the caller's next statement).
+PG_ANNOUNCE = (
+    f"SELECT pg_advisory_xact_lock_shared({PG_APPEND_TAG}"
+    f" + coalesce(pg_sequence_last_value('{PG_EVENT_ID_SEQUENCE}'), 0) + 1)"
+)
+#: The same bound as a lock of the session (the import's id reservations; released explicitly).
+PG_ANNOUNCE_SESSION = (
+    f"SELECT k, pg_advisory_lock_shared(k) FROM (SELECT {PG_APPEND_TAG}"
+    f" + coalesce(pg_sequence_last_value('{PG_EVENT_ID_SEQUENCE}'), 0) + 1 AS k) AS bound"
+)
+PG_LAST_ID = f"SELECT coalesce(pg_sequence_last_value('{PG_EVENT_ID_SEQUENCE}'), 0)"
+#: The lowest bound announced by a transaction or session of this database still holding it.
+PG_ANNOUNCED = (
+    "SELECT min(((classid::int8 & 65535) << 32) | objid::int8) FROM pg_locks"
+    " WHERE locktype = 'advisory' AND objsubid = 1"
+    f" AND classid::int8 >> 16 = {PG_APPEND_TAG >> 48}"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+#: Rows with their ids given (the import reserves them in file order): COPY, and the insert
+#: that skips stored messages, with ``id`` as the first column.
+PG_COPY_IDS = f"COPY events (id, {COLUMNS}) FROM STDIN (FORMAT BINARY)"
+PG_COPY_IDS_TYPES = ("int8", *PG_COPY_TYPES)
+PG_INSERT_TEXT_IDS = (
+    f"INSERT INTO events (id, {COLUMNS})"
+    " SELECT (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4, r->>5, (r->>6)::bigint, (r->>7)::bigint, r->>8,"
+    " CAST(r->>9 AS JSONB) FROM jsonb_array_elements(CAST(%s AS JSONB)) AS rows(r)"
+    " ON CONFLICT (message_id) DO NOTHING"
+)
 
 Row = tuple[str, str, str | None, str | None, str | None, int, int, str, dict[str, Any]]
 #: A row with the payload as JSON text.
@@ -147,6 +197,7 @@ def insert_rows(conn: Connection, rows: Sequence[Row]) -> int:
     if not rows:
         return 0
     if is_postgres(conn):
+        conn.exec_driver_sql(PG_ANNOUNCE)
         result = conn.exec_driver_sql(PG_INSERT, (orjson.dumps(rows).decode(),))
         return max(result.rowcount, 0)
     flat = list(chain.from_iterable(rows))
@@ -159,6 +210,7 @@ def insert_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
     if not rows:
         return 0
     if is_postgres(conn):
+        conn.exec_driver_sql(PG_ANNOUNCE)
         result = conn.exec_driver_sql(PG_INSERT_TEXT, (orjson.dumps(rows).decode(),))
         return max(result.rowcount, 0)
     return _sqlite_insert_flat(conn, list(chain.from_iterable(rows)))
@@ -200,6 +252,7 @@ def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
     """
     if not rows:
         return 0
+    conn.exec_driver_sql(PG_ANNOUNCE)
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         with cursor.copy(PG_COPY) as copy:
@@ -210,6 +263,55 @@ def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
         return max(cursor.rowcount, 0)
     finally:
         cursor.close()
+
+
+def append_horizon(conn: Connection) -> int | None:
+    """PostgreSQL: every id below this is committed or never will be; None on SQLite.
+
+    The lowest bound announced by an appending transaction (or an import's reservation)
+    still in flight, or the sequence's last value + 1 when none is. The sequence is read
+    *before* the locks: an id drawn by then was drawn after its writer announced, so that
+    writer is seen holding its lock unless it has ended (and its rows are visible to a
+    statement that starts after this call, since PostgreSQL makes a commit visible before
+    it releases the transaction's locks).
+    """
+    if not is_postgres(conn):
+        return None
+    last = int(conn.exec_driver_sql(PG_LAST_ID).scalar_one())
+    announced = conn.exec_driver_sql(PG_ANNOUNCED).scalar_one()
+    horizon = last + 1
+    return horizon if announced is None else min(horizon, int(announced))
+
+
+def copy_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Sequence[int]) -> int:
+    """PostgreSQL only: :func:`copy_text_rows` with each row's id given (``ids[i]`` for ``rows[i]``).
+
+    Announces nothing: the caller holds an announced bound below ``ids`` (see the module
+    docstring) from before it drew them until this transaction has ended.
+    """
+    if not rows:
+        return 0
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(PG_COPY_IDS) as copy:
+            copy.set_types(PG_COPY_IDS_TYPES)
+            write = copy.write_row
+            for event_id, row in zip(ids, rows, strict=True):
+                write((event_id, *row[:8], b"\x01" + row[8].encode()))
+        return max(int(cursor.rowcount), 0)
+    finally:
+        cursor.close()
+
+
+def insert_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Sequence[int]) -> int:
+    """PostgreSQL only: :func:`insert_text_rows` (stored messages skipped) with each row's id given.
+
+    An id left unused by a skipped row is a gap in the log, as a rolled-back insert leaves.
+    """
+    if not rows:
+        return 0
+    data = orjson.dumps([(event_id, *row) for event_id, row in zip(ids, rows, strict=True)]).decode()
+    return max(conn.exec_driver_sql(PG_INSERT_TEXT_IDS, (data,)).rowcount, 0)
 
 
 def append_events(conn: Connection, batch: Sequence[NewEvent]) -> IngestResult:

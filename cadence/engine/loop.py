@@ -27,6 +27,7 @@ from sqlalchemy import Connection, func, select, text
 
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
+from cadence.engine.ingest import append_horizon
 from cadence.engine.leader import Leadership
 from cadence.store.fast import dialect_insert, fetch_rows
 from cadence.store.schema.core import checkpoints, events
@@ -183,7 +184,8 @@ class EngineLoop:
                     in_memory = getattr(sub, "in_memory", False)
                     positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
                 low = min(positions.values())
-                rows = read_events(conn, after=low, limit=self.batch_size)
+                # PostgreSQL: not past an id a transaction still in flight may commit (see ingest).
+                rows = read_events(conn, after=low, limit=self.batch_size, before=append_horizon(conn))
                 if not rows:
                     self._positions = positions
                     return 0
@@ -306,14 +308,15 @@ class _Row(NamedTuple):
     payload: dict[str, Any]
 
 
-def read_events(conn: Connection, *, after: int, limit: int) -> list[_Row]:
-    """Up to ``limit`` events with ids after ``after``, in order, payloads decoded."""
+def read_events(conn: Connection, *, after: int, limit: int, before: int | None = None) -> list[_Row]:
+    """Up to ``limit`` events with ids after ``after`` (and below ``before``), in order, payloads decoded."""
     # On PostgreSQL the payload comes as text for orjson: psycopg's jsonb loader is the stdlib's.
     payload = "payload::text" if conn.dialect.name == "postgresql" else "payload"
     rows = fetch_rows(
         conn,
         f"SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, {payload} FROM events"
-        f" WHERE id > {int(after)} ORDER BY id LIMIT {int(limit)}",
+        f" WHERE id > {int(after)}{'' if before is None else f' AND id < {int(before)}'}"
+        f" ORDER BY id LIMIT {int(limit)}",
     )
     loads, new = orjson.loads, tuple.__new__
     return [
