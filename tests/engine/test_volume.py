@@ -140,3 +140,18 @@ def test_volume_optimism_sends_to_an_uncertain_customer_the_posterior_mean_would
     action, p = _decide(hopeful)
     assert action == "send"
     assert p == pytest.approx(p_mean)  # what is reported and learned is still the posterior mean
+
+
+def test_the_fitted_hazard_survives_a_snapshot() -> None:
+    """A learner snapshot (pickle, as the engine loop stores it) keeps the fitted hazard's counts and fit."""
+    import pickle
+
+    learner = DecisionLearner(LearnerConfig(hazard_fit=True))
+    rng = random.Random(2)
+    for _ in range(3000):
+        learner.hazard.learn(rng.randrange(3), rng.randrange(8), rng.random() < 0.02, rng.uniform(-0.8, 0.8))
+    before = learner.hazard.rates().copy()
+    restored = pickle.loads(pickle.dumps(learner))
+    assert isinstance(restored.hazard, FittedHazard)
+    assert (restored.hazard.rates() == before).all()
+    assert restored.hazard.g == learner.hazard.g
