@@ -797,19 +797,39 @@ def _score_in_bulk(
     explored = res.explored[best].tolist()
     out = []
     top: dict[str, Candidate] = {}
-    top_key: dict[str, tuple[float, int, int]] = {}
+    # A campaign's groups are consecutive (one plan each): its best is kept in locals until the next
+    # campaign starts. Candidates are made as ``_candidate`` makes them, inline (one per group).
+    new = _new_object
+    top_name = ""
+    top_cand: Candidate | None = None
+    top_value, top_send, top_rank = 0.0, 0, 0
     for (campaign, channel, arm, times), k, value, eng, uns, expl, rank in zip(
         groups, offset, score, engagement, unsubscribe, explored, ranks, strict=True
     ):
         name = campaign.name
         send_at = times[k]
-        cand = _candidate(name, channel, send_at, value, eng, uns, expl, arm)
+        cand: Candidate = new(Candidate)
+        d = cand.__dict__
+        d["campaign"] = name
+        d["channel"] = channel
+        d["send_at_ms"] = send_at
+        d["score"] = value
+        d["engagement"] = eng
+        d["unsubscribe"] = uns
+        d["explored"] = expl
+        d["arm"] = arm
         out.append(cand)
-        key = (value, -send_at, -rank)
-        current = top_key.get(name)
-        if current is None or key > current:
-            top[name] = cand
-            top_key[name] = key
+        # Highest (score, -send time, -channel rank); the first of equals stays.
+        if name != top_name:
+            if top_cand is not None:
+                top[top_name] = top_cand
+            top_name, top_cand, top_value, top_send, top_rank = name, cand, value, send_at, rank
+        elif value > top_value or (
+            value == top_value and (send_at < top_send or (send_at == top_send and rank < top_rank))
+        ):
+            top_cand, top_value, top_send, top_rank = cand, value, send_at, rank
+    if top_cand is not None:
+        top[top_name] = top_cand
     return out, top
 
 

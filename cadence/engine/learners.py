@@ -78,8 +78,11 @@ TWO_PI = 2 * math.pi
 Effect = tuple[np.ndarray, int]
 #: Per group: channel, campaign and campaign-channel weight index, variant bucket (-1: none),
 #: campaign number; then the number of campaigns and whether any group has a variant.
-#: Last, where each campaign's groups start when they are consecutive (None otherwise).
-_GroupStruct = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool, np.ndarray | None]
+#: Then where each campaign's groups start when they are consecutive (None otherwise), and last
+#: each group's draw of the customer's channel effect, as an index into the unsubscribe noise.
+_GroupStruct = tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool, np.ndarray | None, np.ndarray
+]
 #: Trait buckets by the traits' items (profiles repeat; hashing the values costs more than the lookup).
 _TRAIT_CACHE: dict[tuple[tuple[str, Any, type], ...], list[int]] = {}
 
@@ -745,6 +748,7 @@ class DecisionLearner:
         state = dict(self.__dict__)
         state.pop("_bank", None)
         state.pop("_group_meta", None)
+        state.pop("_rate_exp_fresh", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -783,6 +787,32 @@ class DecisionLearner:
         rows = bank.shape[0]
         k = (seed * 2654435761) & 0xFFFFFFFF
         return bank[k % rows], bank[(k // rows + 7) % rows]
+
+    def _rate_exp(self, stats: CustomerStats) -> np.ndarray:
+        """Per channel (rows): the customer's own smoothed log click-rate lift and log experience.
+
+        What ``_personal`` gives, without the hour; a customer with no send yet (the same for all
+        of them) is worked out once per learner.
+        """
+        fresh = not stats.channel_sends and not stats.channel_clicks
+        if fresh:
+            known: np.ndarray | None = self.__dict__.get("_rate_exp_fresh")
+            if known is not None:
+                return known
+        prior = self.config.engagement_prior
+        log_prior = math.log(prior)
+        flat: list[float] = []
+        for ch in CHANNELS:
+            n = stats.channel_sends.get(ch, 0)
+            flat += (
+                math.log((stats.channel_clicks.get(ch, 0) + 3 * prior) / (n + 3)) - log_prior,
+                math.log1p(n),
+            )
+        out = np.array(flat).reshape(N_CHANNELS, 2)
+        if fresh:
+            out.flags.writeable = False
+            self.__dict__["_rate_exp_fresh"] = out
+        return out
 
     # -- features -------------------------------------------------------------------------------
 
@@ -949,6 +979,7 @@ class DecisionLearner:
             len(camp_ids),
             any(arm is not None for _, _, arm in sig),
             starts,
+            -1 - cols[0],
         )
 
     def score_options(
@@ -983,13 +1014,13 @@ class DecisionLearner:
             if len(self._group_meta) >= 4096:
                 self._group_meta.clear()
             struct = self._group_meta[sig] = self._group_struct(sig)
-        ch_global, camp_idx, cc_idx, arm_b, camp_of, n_camps, any_arm, camp_starts = struct
+        ch_global, camp_idx, cc_idx, arm_b, camp_of, n_camps, any_arm, camp_starts, effect_noise = struct
         # With one shared list of send times (groups of a campaign, and usually every campaign,
         # share one), an option (group k, time j) sits at k * T + j: the flat arrays are a
         # (groups x times) matrix, built by broadcasting. Otherwise the time features are made
         # once for the distinct send times of every list, and each option gathers its own.
         only = groups[0][3] if n_groups else None
-        shared = n_groups > 0 and all(g[3] is only for g in groups)
+        shared = n_groups > 0 and all([g[3] is only for g in groups])
         if shared:
             assert only is not None
             harm, harm_sq, hour_arr, hour_int = _time_parts(zone_key, tuple(only))
@@ -1028,18 +1059,7 @@ class DecisionLearner:
         else:
             match = None
         # Own click rate and experience per channel (what ``_personal`` gives, without the hour).
-        prior = cfg.engagement_prior
-        log_prior = math.log(prior)
-        rate_exp = np.array(
-            [
-                (
-                    math.log((stats.channel_clicks.get(ch, 0) + 3 * prior) / (n + 3)) - log_prior,
-                    math.log1p(n),
-                )
-                for ch in CHANNELS
-                for n in (stats.channel_sends.get(ch, 0),)
-            ]
-        )
+        rate_exp = self._rate_exp(stats)
 
         # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
         # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
@@ -1110,11 +1130,11 @@ class DecisionLearner:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
             eff_sd = np.sqrt(eff_var)
-            per_group[1] += eff_mean + eff_sd * noise_u[-1 - ch_global]
+            per_group[1] += eff_mean + eff_sd * noise_u[effect_noise]
             per_group_v += eff_var
         else:  # still the prior: the same variance on every channel
             eff_sd = math.sqrt(cfg.customer_channel_var)
-            per_group[1] += eff_sd * noise_u[-1 - ch_global]
+            per_group[1] += eff_sd * noise_u[effect_noise]
             per_group_v += cfg.customer_channel_var
         # Options: a (groups x times) matrix when the groups share one list (per-group values
         # broadcast along the times), else flat arrays (per-group values repeated per time).
@@ -1173,8 +1193,11 @@ class DecisionLearner:
         # (With volume_optimism: whether the value is positive with the customer's effect raised.)
         worth_value = mean_score if hopeful is None else (hopeful if value == 1.0 else value * hopeful) - risk
         worth = worth_value > 0
-        np.copyto(score, worth_value * 1e-6, where=(score <= 0) & worth)
-        if not cfg.explore_volume:
+        low = score <= 0
+        low &= worth
+        if np.logical_or.reduce(low, axis=None):  # (usually no option: skip the product and the copy)
+            np.copyto(score, worth_value * 1e-6, where=low)
+        if not cfg.explore_volume and not np.logical_and.reduce(worth, axis=None):
             # Nor does a lucky draw make a send the posterior mean says is not worth it.
             np.minimum(score, 0.0, out=score, where=~worth)
 
@@ -1402,8 +1425,8 @@ _MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
 #: Per time-table row: the fractional local hour, and the whole local hour.
 _ROW_HOURS = np.repeat(_MINUTE_HOURS, 2)
 _ROW_WHOLE = np.repeat(np.arange(24 * 60, dtype=np.int64) // 60, 2)
-#: The time-table row of an instant, by (zone name, epoch ms); see :func:`_time_parts`.
-_INSTANT_ROW: dict[tuple[str, int], int] = {}
+#: The time-table row of an instant, by zone name, then epoch ms; see :func:`_time_parts`.
+_INSTANT_ROW: dict[str, dict[int, int]] = {}
 
 
 @lru_cache(maxsize=8192)
@@ -1423,20 +1446,24 @@ def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
     >>> tuple(harm[1]) == _time_code(1.5, False)  # 1970-01-01 was a Thursday
     True
     """
-    rows = []
-    known = _INSTANT_ROW
-    for t in times:
-        row = known.get((zone, t))
-        if row is None:
+    known = _INSTANT_ROW.get(zone)
+    if known is None:
+        known = _INSTANT_ROW[zone] = {}
+    get = known.get
+    rows = [get(t, -1) for t in times]
+    if -1 in rows:
+        for k, t in enumerate(times):
+            if rows[k] >= 0:
+                continue
             if len(known) >= 200_000:
                 known.clear()
             loc = local_ms((t,), zone_named(zone, "UTC"))[0]
             minute = (loc % DAY_MS) // 60_000
-            row = known[(zone, t)] = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01: a Thursday
+            row = known[t] = minute * 2 + ((loc // DAY_MS + 3) % 7 >= 5)  # 1970-01-01: a Thursday
             if not _TIME_SEEN[row]:
                 _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
                 _TIME_SEEN[row] = True
-        rows.append(row)
+            rows[k] = row
     harm = _TIME_TABLE.take(rows, axis=0)  # take: no fancy-index path
     sq = harm * harm
     hours, whole = _ROW_HOURS.take(rows), _ROW_WHOLE.take(rows)
