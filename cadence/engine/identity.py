@@ -80,6 +80,10 @@ class IdentityResolver:
     repointed, so reads follow the chain and history moves with the person.
     """
 
+    def __init__(self) -> None:
+        #: The customers the last :meth:`resolve` created: no state anywhere counts them yet.
+        self.created: frozenset[int] = frozenset()
+
     def resolve(
         self, conn: Connection, rows: Sequence[Any], *, apply_after: int, now_ms: int
     ) -> tuple[list[LoggedEvent], list[tuple[int, int]]]:
@@ -102,7 +106,7 @@ class IdentityResolver:
             found = fetch_in(
                 conn,
                 "SELECT value, customer_id FROM identities WHERE kind = ? AND value IN_VALUES",
-                (v for k, v in keys if k == kind),
+                sorted(v for k, v in keys if k == kind),  # key order: see _persist
                 kind,
             )
             owner.update(((kind, value), cid) for value, cid in found)
@@ -117,7 +121,7 @@ class IdentityResolver:
             for cid, kind in fetch_in(
                 conn,
                 "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
-                set(owner.values()) - with_user,
+                sorted(set(owner.values()) - with_user),
             )
             if kind == "user"
         )
@@ -212,7 +216,9 @@ class IdentityResolver:
                         cu = merge(cu, ca)
             resolved.append((r, cu if cu is not None else ca))
 
+        self.created = frozenset()
         real_ids = self._persist(conn, parent, new_keys, merges, now_ms)
+        self.created = frozenset(real_ids.values())
 
         def final(cid: int | None) -> int | None:
             if cid is None:
@@ -309,6 +315,7 @@ class IdentityResolver:
             for (kind, value), cid in new_keys.items():
                 root = self._find(parent, cid)
                 rows.append((kind, value, real.get(root, root), now_ms))
+            rows.sort()  # in key order: the inserts walk the b-tree where the previous one left it
             write_rows(
                 conn,
                 "identities",
