@@ -89,8 +89,10 @@ class IdentityResolver:
     ) -> tuple[list[LoggedEvent], list[tuple[int, int]]]:
         """Resolve each row's customer, creating and merging for rows after ``apply_after``.
 
-        Returns the events with their canonical customer and the ``(winner, loser)``
-        merges of existing customers made in this batch.
+        ``rows`` are the loop's named tuples (id, message_id, type, event, user_id,
+        anonymous_id, ts_ms, source, payload), in that order. Returns the events with
+        their canonical customer and the ``(winner, loser)`` merges of existing customers
+        made in this batch.
         """
         keys: set[IdKey] = set()
         for r in rows:
@@ -239,16 +241,16 @@ class IdentityResolver:
                 new(
                     LoggedEvent,
                     (
-                        r.id,
-                        r.message_id,
-                        r.type,
-                        r.event,
-                        r.user_id,
-                        r.anonymous_id,
+                        r[0],  # by index: a third cheaper than by name, 200,000 times a batch
+                        r[1],
+                        r[2],
+                        r[3],
+                        r[4],
+                        r[5],
                         cust,
-                        r.ts_ms,
-                        r.source,
-                        r.payload,
+                        r[6],
+                        r[7],
+                        r[8],
                     ),
                 )
             )
