@@ -203,7 +203,8 @@ def _split(rows: list[Any], new: frozenset[int]) -> tuple[list[Any], list[Any]]:
     """
     if not new:
         return rows, []
-    old, fresh = [], []
+    old: list[Any] = []
+    fresh: list[Any] = []
     for row in rows:
         (fresh if row[0] in new else old).append(row)
     return old, fresh
@@ -322,7 +323,8 @@ class ProfilesSubscriber:
         Customers in ``new`` have no stored profile: theirs are plain inserts.
         """
         postgres = is_postgres(conn)
-        plain, fresh = [], []
+        plain: list[tuple[Any, ...]] = []
+        fresh: list[tuple[Any, ...]] = []
         with_traits: dict[int, list[Any]] = {}
         for cid, p in summary.items():
             traits = p[3]
