@@ -283,7 +283,7 @@ _CONSENT_COLUMNS = (
 
 def _upsert_many(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Write (customer, channel, granted, source, ts_ms, event_id) rows (unique keys), each
-    unless a later event already set its channel."""
+    unless a later event already set its channel (as :func:`_replaces` decides)."""
     write_rows(
         conn,
         "consent",
@@ -291,9 +291,13 @@ def _upsert_many(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         rows,
         "ON CONFLICT (customer_id, channel) DO UPDATE SET granted = excluded.granted,"
         " source = excluded.source, changed_ms = excluded.changed_ms, event_id = excluded.event_id"
-        " WHERE consent.event_id < excluded.event_id"
+        " WHERE (consent.event_id < excluded.event_id"
         # a bounce never replaces a customer's refusal (see _keeps_refusal)
         # (substr, not LIKE: a % would be a parameter mark to psycopg)
         " AND NOT (substr(excluded.source, 1, 7) = 'bounce:' AND NOT consent.granted"
-        " AND substr(consent.source, 1, 7) <> 'bounce:')",
+        " AND substr(consent.source, 1, 7) <> 'bounce:'))"
+        # and a refusal replaces a bounce even when older: a merge folds in a loser's refusal made
+        # before the winner's bounce, which would not have replaced it in one customer (_replaces)
+        " OR (substr(consent.source, 1, 7) = 'bounce:' AND substr(excluded.source, 1, 7) <> 'bounce:'"
+        " AND NOT excluded.granted)",
     )

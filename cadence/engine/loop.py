@@ -71,6 +71,11 @@ class Subscriber(Protocol):
     # once, with the result of calling ``merged`` for each in order (the loop prefers it).
     # In one batch every loser is distinct and no winner is also a loser.
 
+    # Optional: ``created(conn, customer_ids)`` is told, before every batch's ``apply`` (and
+    # before its merges), which customers that batch's identity stitching created: no stored
+    # state counts them yet, so their rows can be inserted without looking for earlier ones.
+    # Only the next ``apply`` may rely on it.
+
     def erased(self, conn: Connection, customer_id: int) -> None:
         """Customer ``customer_id`` was erased: remove or correct everything that counted them."""
         ...
@@ -191,6 +196,10 @@ class EngineLoop:
                     return 0
                 now = self.runtime.clock.now_ms()
                 batch, merges = self.identity.resolve(conn, rows, apply_after=positions[IDENTITY], now_ms=now)
+                for sub in self.subscribers:
+                    tell = getattr(sub, "created", None)
+                    if tell is not None:
+                        tell(conn, self.identity.created)
                 if merges:
                     for sub in self.subscribers:
                         fold_all = getattr(sub, "merged_many", None)

@@ -231,3 +231,42 @@ def test_feedback_is_counted_under_the_name_rules_read(runtime: Runtime) -> None
     assert p.count("email.opened", T0 - DAY, T0 + DAY) == 2
     assert p.count("sms.clicked", T0 - DAY, T0 + DAY) == 1
     assert p.count("Message Clicked", T0 - DAY, T0 + DAY) == 2
+
+
+class _Told:
+    """A subscriber that records what the loop tells it about created customers."""
+
+    name = "told"
+
+    def __init__(self) -> None:
+        self.told: list[frozenset[int]] = []
+
+    def start(self, conn: Connection, checkpoint: int) -> int:
+        return checkpoint
+
+    def created(self, conn: Connection, customer_ids: frozenset[int]) -> None:
+        self.told.append(customer_ids)
+
+    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
+        pass
+
+    def merged(self, conn: Connection, winner: int, loser: int) -> None:
+        pass
+
+    def erased(self, conn: Connection, customer_id: int) -> None:
+        pass
+
+
+def test_subscribers_are_told_which_customers_a_batch_created(runtime: Runtime) -> None:
+    told = _Told()
+    loop = EngineLoop(runtime, [told])
+    ingest(runtime, ev(1, event="Signed Up", userId="u1"), ev(2, event="Product Viewed", anonymousId="a9"))
+    loop.catch_up()
+    assert told.told == [frozenset({customer(runtime, "u1"), customer(runtime, "a9")})]
+    # a known id and a link of two known ones create nobody: their rows are upserts
+    ingest(runtime, ev(3, event="Order Completed", userId="u1"), ev(4, "alias", userId="u1", previousId="a9"))
+    loop.catch_up()
+    assert told.told[1] == frozenset()
+    ingest(runtime, ev(5, event="Signed Up", userId="u2"))
+    loop.catch_up()
+    assert told.told[2] == frozenset({customer(runtime, "u2")})

@@ -194,6 +194,27 @@ def test_an_unsubscribe_outlives_a_bounce_and_the_new_address_after_it(
         assert _email_consent(runtime) == [(False, "unsubscribed:api")], f"batches of {size}"
 
 
+def test_a_merge_keeps_the_losers_refusal_over_the_winners_later_bounce(runtime: Runtime) -> None:
+    """Found by the property test above: one by one, the merge folded u2's unsubscribe into
+    u1's row only when newer than u1's bounce, so the bounce stayed; in one customer all
+    along (and in one batch) the bounce never replaces the refusal."""
+    reset(runtime.engine)
+    stream: list[dict[str, Any]] = [
+        {"type": "alias", "userId": "u1", "previousId": "a4"},
+        {"type": "track", "event": "Unsubscribed", "userId": "u2", "properties": {"channel": "email"}},
+        {"type": "track", "event": "Email Bounced", "userId": "u1", "properties": {}},
+        {"type": "alias", "userId": "u2", "previousId": "a4"},
+    ]
+    batch = [
+        parse_call({**c, "messageId": f"m{i}", "timestamp": T0 / 1000}, received_ms=T0)
+        for i, c in enumerate(stream)
+    ]
+    record_events(engine=runtime.engine, batch=batch)
+    for size in (1, 2, 10_000):
+        replay(runtime, batch_size=size)
+        assert _email_consent(runtime) == [(False, "unsubscribed:api")], f"batches of {size}"
+
+
 def test_the_collector_runs_again_after_a_batch(runtime: Runtime) -> None:
     import gc
 
