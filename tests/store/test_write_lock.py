@@ -95,3 +95,35 @@ def test_threads_take_turns_and_every_write_lands(tmp_path: Path) -> None:
     lock.release()
     for engine in engines:
         engine.dispose()
+
+
+def test_checkpoints_run_in_the_background_once_the_wal_is_large(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/w.db"
+    _table(url)
+    engine = create_db_engine(url)
+    lock = SQLiteWriteLock.for_path(str(tmp_path / "w.db"))
+    lock.checkpoint_bytes = 1024 * 1024
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0  # not inside COMMIT
+    wal = tmp_path / "w.db-wal"
+    for i in range(10):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", (i,))
+    assert wal.stat().st_size < lock.checkpoint_bytes  # no checkpoint without a large WAL
+    assert lock.checkpoints == 0
+    blob = "x" * 40_000
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE b (v TEXT)")
+        for _ in range(40):
+            conn.exec_driver_sql("INSERT INTO b (v) VALUES (?)", (blob,))
+    deadline = time.monotonic() + 30
+    while lock.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock.checkpoints == 1
+    # Checkpointed: every frame of the WAL is in the database file, so the next writer starts it over.
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t (v) VALUES (0)")
+    assert wal.stat().st_size < lock.checkpoint_bytes
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM b").scalar() == 40
+    engine.dispose()
