@@ -70,12 +70,15 @@ class SQLiteWriteLock:
     ``wal_autocheckpoint=0`` (SQLite's automatic checkpoint runs inside the ``COMMIT``
     that crosses 1,000 pages, 30-130 ms measured for 4-8 MB on this kind of disk, while
     every other writer waits), and after each commit :meth:`committed` looks at the WAL's
-    size: past :attr:`checkpoint_bytes` a short-lived thread runs a ``PASSIVE`` checkpoint
-    on a connection of its own, which neither takes the write lock nor blocks writers.
+    size: past :attr:`checkpoint_bytes` it wakes a thread of its own (started on demand,
+    gone after half a minute without work) that runs a ``PASSIVE`` checkpoint on a
+    connection of its own, which neither takes the write lock nor blocks writers.
     """
 
     #: The WAL size that starts a background checkpoint (SQLite's automatic one: 1,000 pages of 4 KiB).
     checkpoint_bytes = 4 * 1024 * 1024
+    #: The checkpoint thread ends after this many seconds without work (a later commit starts another).
+    checkpointer_idle = 30.0
 
     _registry: dict[tuple[int, str], SQLiteWriteLock] = {}
     _registry_lock = threading.Lock()
@@ -88,6 +91,8 @@ class SQLiteWriteLock:
         self.database = path.removesuffix(".write-lock")
         self._checkpointing = False
         self._next_checkpoint = 0.0
+        self._wake = threading.Event()
+        self._checkpointer_running = False
         #: Background checkpoints run, and their total time (seconds).
         self.checkpoints = 0
         self.checkpoint_seconds = 0.0
@@ -131,8 +136,12 @@ class SQLiteWriteLock:
 
     def committed(self) -> None:
         """After a commit: start a background checkpoint if the WAL grew past :attr:`checkpoint_bytes`."""
-        if self._checkpointing or time.monotonic() < self._next_checkpoint:
+        now = time.monotonic()
+        if self._checkpointing or now < self._next_checkpoint:
             return
+        # The WAL's size at most every 50 ms: os.stat lets go of the GIL, and getting it back can take a
+        # switch interval (5 ms) when the event loop is busy.
+        self._next_checkpoint = now + 0.05
         try:
             size = os.stat(self.database + "-wal").st_size
         except OSError:
@@ -145,7 +154,23 @@ class SQLiteWriteLock:
             self._checkpointing = True
             # At most every 0.2 s: a checkpoint a reader kept from finishing leaves the WAL as large.
             self._next_checkpoint = time.monotonic() + 0.2
-        threading.Thread(target=self._checkpoint, name="cadence-wal-checkpoint", daemon=True).start()
+            self._wake.set()
+            start = not self._checkpointer_running
+            self._checkpointer_running = True
+        if start:  # Thread.start() waits for the thread to run: only when none is waiting for work
+            threading.Thread(target=self._checkpointer, name="cadence-wal-checkpoint", daemon=True).start()
+
+    def _checkpointer(self) -> None:
+        """Checkpoint whenever woken; end after :attr:`checkpointer_idle` seconds without work."""
+        while True:
+            if not self._wake.wait(timeout=self.checkpointer_idle):
+                with self._registry_lock:
+                    if not self._wake.is_set():
+                        self._checkpointer_running = False
+                        return
+                continue
+            self._wake.clear()
+            self._checkpoint()
 
     def _checkpoint(self) -> None:
         started = time.perf_counter()
