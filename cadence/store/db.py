@@ -88,6 +88,7 @@ class SQLiteWriteLock:
         self.timeout = timeout
         self._mutex = threading.Lock()
         self._fd: int | None = None
+        self.pid = os.getpid()
         self.database = path.removesuffix(".write-lock")
         self._checkpointing = False
         self._next_checkpoint = 0.0
@@ -204,8 +205,13 @@ class _LockingConnection(sqlite3.Connection):
 
     def lock_for_write(self) -> None:
         """Take the write lock (before ``BEGIN IMMEDIATE``), unless it is already held."""
-        if self.write_lock is not None and not self.holds_lock:
-            self.holds_lock = self.write_lock.acquire()
+        lock = self.write_lock
+        if lock is not None and not self.holds_lock:
+            if (
+                lock.pid != os.getpid()
+            ):  # a connection from before a fork: this process's lock, not the parent's
+                lock = self.write_lock = SQLiteWriteLock.for_path(lock.database)
+            self.holds_lock = lock.acquire()
 
     def unlock(self) -> None:
         """Release the write lock if this connection holds it."""
