@@ -449,7 +449,7 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = F
     channels = app.state.available_channels
     opt_in = getattr(app.state, "opt_in_channels", ())
     state: DecisionState | None = getattr(app.state, "decision_state", None)
-    out: list[dict[str, Any]] = []
+    out: list[Any] = []  # answers, and with ``errors`` an item's HTTPException in its place
     engine = app.state.runtime.engine
     writes = any(item.mode == "commit" for item in items)
     prepared: dict[int, PreparedDecision | HTTPException | IdentityError] = {}
@@ -482,7 +482,7 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = F
                     raise ready
                 now = _ms(item.at, app)
                 if ready is not None:
-                    assert state is not None
+                    assert state is not None and conn is not None
                     out.append(commit_prepared(conn, ready, state=state))
                     continue
                 out.append(
