@@ -142,6 +142,9 @@ class DecisionState:
         self.sql = check_sql(self.postgres)
         self.hits = 0
         self.misses = 0
+        #: Commits decided before their transaction: recorded as decided, or decided again in it.
+        self.revalidated = 0
+        self.redecided = 0
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest load first
         self._lock = threading.Lock()
         self._local = threading.local()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from cadence.engine.decision_state import HISTORY_MS, DecisionState
 from cadence.engine.explanation import summarise
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learning import LearnerSubscriber
-from cadence.engine.profiles import load_profile
+from cadence.engine.profiles import StoredProfile, load_profile
 from cadence.engine.sendqueue import enqueue_sends, idempotency_key
 from cadence.engine.slots import zone_named
 from cadence.errors import IdentityError
@@ -32,7 +33,18 @@ from cadence.store.fast import dialect_sql, dump_json
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
-__all__ = ["INSERT_DECISION", "decision_record", "explain", "get_decision", "history_of", "make_decision"]
+__all__ = [
+    "INSERT_DECISION",
+    "DecisionRequestSpec",
+    "PreparedDecision",
+    "commit_prepared",
+    "decision_record",
+    "explain",
+    "get_decision",
+    "history_of",
+    "make_decision",
+    "prepare_commit",
+]
 
 #: One decision row; a caller that may write the same decision again appends ``ON CONFLICT (id) DO NOTHING``.
 INSERT_DECISION = (
@@ -167,12 +179,131 @@ def make_decision(
 
     Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
     """
+    if mode == "commit" and conn is None:
+        raise ValueError("make_decision: mode 'commit' needs conn, the transaction to record in")
+    request = DecisionRequestSpec(
+        ruleset=ruleset,
+        customer_ref=customer_ref,
+        now_ms=now_ms,
+        available_channels=available_channels,
+        learners=learners,
+        opt_in_channels=opt_in_channels,
+        mode=mode,
+        context=context,
+        campaigns=campaigns,
+        event=event,
+    )
+    prepared = _prepare(request, conn=conn, state=state, decision_id=decision_id)
+    if mode == "commit":
+        assert conn is not None
+        _record(conn, prepared)
+    return prepared.body
+
+
+@dataclass(frozen=True)
+class DecisionRequestSpec:
+    """What one decision is asked for: the customer, the time, and what the caller allows."""
+
+    ruleset: CompiledRuleset
+    customer_ref: str
+    now_ms: int
+    available_channels: Collection[str]
+    learners: LearnerSubscriber | None
+    opt_in_channels: Collection[str] = ()
+    mode: Literal["preview", "commit"] = "preview"
+    context: Mapping[str, Any] | None = None
+    campaigns: Collection[str] | None = None
+    event: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PreparedDecision:
+    """A decision made (not yet recorded) and the inputs it was made from."""
+
+    request: DecisionRequestSpec
+    decision_id: str
+    customer_id: int
+    profile: StoredProfile
+    history: list[PastSend]
+    decision: Decision
+    explanation: dict[str, Any]
+    body: dict[str, Any]
+
+
+def prepare_commit(
+    request: DecisionRequestSpec, *, state: DecisionState, decision_id: str | None = None
+) -> PreparedDecision:
+    """Decide a commit from what the cache's own connection reads now, without a transaction.
+
+    The decision is recorded later by :func:`commit_prepared`, which checks under the
+    write lock that its inputs are still those it was made from (SQLite: so the write lock
+    is held for the check and the writes, not for deciding).
+
+    Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
+    """
+    return _prepare(request, conn=None, state=state, decision_id=decision_id)
+
+
+def commit_prepared(conn: Connection, prepared: PreparedDecision, *, state: DecisionState) -> dict[str, Any]:
+    """Record ``prepared`` in ``conn``'s transaction if its inputs still hold; else decide again in it.
+
+    The customer's sends and profile are read again on the transaction (which holds the
+    write lock on SQLite): when the customer, the profile and the counting sends are
+    exactly those the decision was made from, ``decide()`` would decide the same now (its
+    randomness is seeded by the decision id), and the decision is recorded as made;
+    otherwise (a send queued meanwhile, by this group or another worker, a profile
+    changed) it is decided again from what the transaction reads, under the same id.
+    Either way caps hold as with deciding in the transaction.
+    """
+    request = prepared.request
+    if conn.dialect.name == "postgresql":  # one commit at a time per customer, as in make_decision
+        _lock_row(conn, prepared.customer_id)
+    inputs = state.inputs(request.customer_ref, now_ms=request.now_ms, ruleset=request.ruleset, conn=conn)
+    if (
+        inputs is not None
+        and inputs.customer_id == prepared.customer_id
+        and (inputs.profile is prepared.profile or inputs.profile == prepared.profile)
+        and inputs.history == prepared.history
+    ):
+        state.revalidated += 1
+        _record(conn, prepared)
+        return prepared.body
+    state.redecided += 1
+    return make_decision(
+        conn=conn,
+        ruleset=request.ruleset,
+        customer_ref=request.customer_ref,
+        now_ms=request.now_ms,
+        available_channels=request.available_channels,
+        learners=request.learners,
+        opt_in_channels=request.opt_in_channels,
+        mode="commit",
+        context=request.context,
+        campaigns=request.campaigns,
+        event=request.event,
+        decision_id=prepared.decision_id,
+        state=state,
+    )
+
+
+def _prepare(
+    request: DecisionRequestSpec,
+    *,
+    conn: Connection | None,
+    state: DecisionState | None,
+    decision_id: str | None,
+) -> PreparedDecision:
+    """Read the customer's inputs (on ``conn`` or the cache's own connection) and decide."""
+    customer_ref, now_ms, ruleset, learners = (
+        request.customer_ref,
+        request.now_ms,
+        request.ruleset,
+        request.learners,
+    )
     # On PostgreSQL a commit locks the customer's row before reading their sends: one commit at a
     # time per customer, so the history read includes a send another worker's commit queued a
     # moment ago (its transaction ends before ours reads). SQLite's write lock already does that.
-    lock = mode == "commit" and conn is not None and conn.dialect.name == "postgresql"
-    if mode == "commit" and conn is None:
-        raise ValueError("make_decision: mode 'commit' needs conn, the transaction to record in")
+    lock = request.mode == "commit" and conn is not None and conn.dialect.name == "postgresql"
     if state is not None:
         locked = state.customer_of(customer_ref) if lock else None
         if locked is not None:
@@ -202,12 +333,12 @@ def make_decision(
         profile=profile,
         now_ms=now_ms,
         history=history,
-        available_channels=available_channels,
-        opt_in_channels=opt_in_channels,
+        available_channels=request.available_channels,
+        opt_in_channels=request.opt_in_channels,
         scorer=learners.scorer() if learners is not None else None,
-        event=event,
-        campaigns=campaigns,
-        context=context,
+        event=request.event,
+        campaigns=request.campaigns,
+        context=request.context,
         seed=seed,
     )
     fallback = ruleset.settings.default_zone
@@ -215,7 +346,7 @@ def make_decision(
     explanation = explain(decision, zone=profile.timezone, fallback_zone=fallback)
     body: dict[str, Any] = {
         "decision_id": decision_id,
-        "mode": mode,
+        "mode": request.mode,
         "action": decision.action,
         "customer_id": customer_id,
         "campaign": decision.campaign,
@@ -232,64 +363,78 @@ def make_decision(
         body["reasons"] = [
             f"{s['campaign']}: {s['reason']} ({s['detail']})" for s in explanation["suppressions"]
         ]
-    if mode == "commit":
-        assert conn is not None
-        stored_inputs: dict[str, Any] = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
-        if decision.action == "send" and learners is not None:
-            assert decision.campaign and decision.channel and decision.send_at_ms is not None
-            # the learner's features as they are now, kept so a restart learns this decision exactly
-            stored_inputs["features"] = learners.record(
-                decision_id=decision_id,
-                customer_id=customer_id,
-                traits=profile.traits,
-                zone=profile.timezone,
-                campaign=decision.campaign,
-                channel=decision.channel,
-                send_at_ms=decision.send_at_ms,
-                arm=decision.arm,
+    return PreparedDecision(
+        request=request,
+        decision_id=decision_id,
+        customer_id=customer_id,
+        profile=profile,
+        history=history,
+        decision=decision,
+        explanation=explanation,
+        body=body,
+    )
+
+
+def _record(conn: Connection, prepared: PreparedDecision) -> None:
+    """Write the decision row, queue its send and tell the learners (in ``conn``'s transaction)."""
+    decision, profile, body = prepared.decision, prepared.profile, prepared.body
+    decision_id, customer_id = prepared.decision_id, prepared.customer_id
+    learners, now_ms = prepared.request.learners, prepared.request.now_ms
+    stored_inputs: dict[str, Any] = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
+    if decision.action == "send" and learners is not None:
+        assert decision.campaign and decision.channel and decision.send_at_ms is not None
+        # the learner's features as they are now, kept so a restart learns this decision exactly
+        stored_inputs["features"] = learners.record(
+            decision_id=decision_id,
+            customer_id=customer_id,
+            traits=profile.traits,
+            zone=profile.timezone,
+            campaign=decision.campaign,
+            channel=decision.channel,
+            send_at_ms=decision.send_at_ms,
+            arm=decision.arm,
+            now_ms=now_ms,
+        )
+    # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key
+    conn.exec_driver_sql(
+        dialect_sql(conn, INSERT_DECISION),
+        (
+            decision_id,
+            customer_id,
+            now_ms,
+            decision.action,
+            decision.campaign,
+            decision.channel,
+            decision.send_at_ms,
+            decision.template,
+            decision.arm,
+            decision.ruleset_hash,
+            dump_json(prepared.explanation),
+            dump_json(stored_inputs),
+            "{}",
+        ),
+    )
+    if decision.action == "send":
+        assert decision.campaign and decision.channel and decision.send_at_ms is not None
+        body["queued"] = (
+            enqueue_sends(
+                conn,
+                [
+                    {
+                        "key": idempotency_key(decision.campaign, customer_id, decision_id),
+                        "campaign": decision.campaign,
+                        "customer_id": customer_id,
+                        "channel": decision.channel,
+                        "due_ms": decision.send_at_ms,
+                        "template": decision.template,
+                        "variables": dict(body["variables"] or {}),
+                        "decision_id": decision_id,
+                    }
+                ],
                 now_ms=now_ms,
             )
-        # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key
-        conn.exec_driver_sql(
-            dialect_sql(conn, INSERT_DECISION),
-            (
-                decision_id,
-                customer_id,
-                now_ms,
-                decision.action,
-                decision.campaign,
-                decision.channel,
-                decision.send_at_ms,
-                decision.template,
-                decision.arm,
-                decision.ruleset_hash,
-                dump_json(explanation),
-                dump_json(stored_inputs),
-                "{}",
-            ),
+            == 1
         )
-        if decision.action == "send":
-            assert decision.campaign and decision.channel and decision.send_at_ms is not None
-            body["queued"] = (
-                enqueue_sends(
-                    conn,
-                    [
-                        {
-                            "key": idempotency_key(decision.campaign, customer_id, decision_id),
-                            "campaign": decision.campaign,
-                            "customer_id": customer_id,
-                            "channel": decision.channel,
-                            "due_ms": decision.send_at_ms,
-                            "template": decision.template,
-                            "variables": dict(body["variables"] or {}),
-                            "decision_id": decision_id,
-                        }
-                    ],
-                    now_ms=now_ms,
-                )
-                == 1
-            )
-    return body
 
 
 def decision_record(row: Any, *, send_status: str | None, fallback_zone: str) -> dict[str, Any]:

@@ -338,3 +338,66 @@ def test_a_key_revoked_elsewhere_is_refused_once_the_key_ring_refreshes(api: Api
     api.decide("u1")  # still cached here, for at most the key ring's refresh interval
     api.app.state.keyring.invalidate()  # the interval has passed
     assert api.decide("u1", status=401)["detail"] == "unknown or revoked API key"
+
+
+def test_a_commit_decided_before_its_transaction_is_decided_again_when_its_inputs_changed(
+    api: Api, runtime: Runtime
+) -> None:
+    """prepare_commit decides outside the transaction; commit_prepared records it only if nothing changed."""
+    from cadence.engine.decisions_service import DecisionRequestSpec, commit_prepared, prepare_commit
+
+    api.identify(userId="u2", traits={"name": "Bo"})
+    channels = api.app.state.available_channels
+
+    def spec(ref: str) -> DecisionRequestSpec:
+        return DecisionRequestSpec(
+            ruleset=RULES,
+            customer_ref=ref,
+            now_ms=AT_MS,
+            available_channels=channels,
+            learners=None,
+            mode="commit",
+        )
+
+    # Nothing changed in between: recorded exactly as decided.
+    early = prepare_commit(spec("u2"), state=api.state)
+    assert early.body["action"] == "send"
+    with runtime.engine.begin() as conn:
+        body = commit_prepared(conn, early, state=api.state)
+    assert body is early.body and body["queued"] is True and api.state.revalidated == 1
+
+    # Another worker commits a send for u1 after this decision was made: decided again, capped.
+    late = prepare_commit(spec("u1"), state=api.state)
+    assert late.body["action"] == "send"
+    other = DecisionState(runtime.engine)
+    try:
+        with runtime.engine.begin() as conn:
+            made = make_decision(
+                conn=conn,
+                ruleset=RULES,
+                customer_ref="u1",
+                now_ms=AT_MS,
+                available_channels=channels,
+                learners=None,
+                mode="commit",
+                state=other,
+            )
+        assert made["queued"] is True
+    finally:
+        other.close()
+    with runtime.engine.begin() as conn:
+        again = commit_prepared(conn, late, state=api.state)
+    assert api.state.redecided == 1
+    assert again["decision_id"] == late.decision_id and again["action"] == "none" and "cap" in reasons(again)
+    with runtime.engine.connect() as conn:
+        sends_u1 = conn.exec_driver_sql(
+            "SELECT COUNT(*) FROM sends WHERE customer_id = ?".replace(
+                "?", "%s" if api.state.postgres else "?"
+            ),
+            (made["customer_id"],),
+        ).scalar()
+        row = conn.exec_driver_sql(
+            "SELECT action FROM decisions WHERE id = ?".replace("?", "%s" if api.state.postgres else "?"),
+            (late.decision_id,),
+        ).scalar()
+    assert sends_u1 == 1 and row == "none"

@@ -27,7 +27,14 @@ from cadence.api.metrics import Metrics
 from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
-from cadence.engine.decisions_service import get_decision, make_decision
+from cadence.engine.decisions_service import (
+    DecisionRequestSpec,
+    PreparedDecision,
+    commit_prepared,
+    get_decision,
+    make_decision,
+    prepare_commit,
+)
 from cadence.engine.learning import LearnerSubscriber
 from cadence.errors import IdentityError
 
@@ -428,6 +435,12 @@ def _decide_many(
 def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = False) -> list[Any]:
     """Decide for each item: previews read through the cache; any commit writes in one transaction.
 
+    On SQLite the commits are decided first, outside the transaction (the write lock is one
+    for the whole database: held while deciding, it serialises every worker's commits on
+    the CPU time of ``decide()``); the transaction then re-reads each customer's sends and
+    profile and records the decision if they are unchanged, or decides again in it (see
+    :func:`~cadence.engine.decisions_service.commit_prepared`), so caps hold as before.
+
     An unknown customer is a 404 for a single item, an ``action: "error"`` entry in a batch,
     and with ``errors`` the item's :class:`HTTPException` in place (as is an ``at`` without offset).
     """
@@ -436,19 +449,42 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = F
     channels = app.state.available_channels
     opt_in = getattr(app.state, "opt_in_channels", ())
     state: DecisionState | None = getattr(app.state, "decision_state", None)
-    out: list[dict[str, Any]] = []
+    out: list[Any] = []  # answers, and with ``errors`` an item's HTTPException in its place
     engine = app.state.runtime.engine
     writes = any(item.mode == "commit" for item in items)
-    with engine.begin() if writes else nullcontext() as conn:
-        for item in items:
-            try:
-                now = _ms(item.at, app)
-            except HTTPException as exc:
-                if not errors:
-                    raise
-                out.append(exc)
+    prepared: dict[int, PreparedDecision | HTTPException | IdentityError] = {}
+    if writes and state is not None and not state.postgres:
+        for index, item in enumerate(items):
+            if item.mode != "commit":
                 continue
             try:
+                now = _ms(item.at, app)
+                spec = DecisionRequestSpec(
+                    ruleset=ruleset,
+                    customer_ref=item.customer_id,
+                    now_ms=now,
+                    available_channels=channels,
+                    learners=learners,
+                    opt_in_channels=opt_in,
+                    mode="commit",
+                    context=item.context,
+                    campaigns=item.campaigns,
+                    event=_event_of(item, now),
+                )
+                prepared[index] = prepare_commit(spec, state=state)
+            except (HTTPException, IdentityError) as exc:
+                prepared[index] = exc
+    with engine.begin() if writes else nullcontext() as conn:
+        for index, item in enumerate(items):
+            ready = prepared.get(index)
+            try:
+                if isinstance(ready, HTTPException | IdentityError):
+                    raise ready
+                now = _ms(item.at, app)
+                if ready is not None:
+                    assert state is not None and conn is not None
+                    out.append(commit_prepared(conn, ready, state=state))
+                    continue
                 out.append(
                     make_decision(
                         conn=conn,
@@ -465,6 +501,10 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = F
                         state=state,
                     )
                 )
+            except HTTPException as exc:
+                if not errors:
+                    raise
+                out.append(exc)
             except IdentityError as exc:
                 if errors:
                     out.append(HTTPException(404, detail=str(exc)))
