@@ -159,6 +159,16 @@ class LearnerConfig:
     hour_explore: bool = False  # draw the preferred hour from its posterior (False: use the expected lift)
     probit_hours: bool = True  # the probit's own hour x trait weights and hour match (besides HourPreference)
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
+    #: Learn each send provisionally this long after it (no click by then: a no), and correct
+    #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
+    #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
+    label_delay_ms: int | None = None
+    #: How a customer's own per-channel engagement is learned: "probit" (a random effect in the
+    #: regression, prior variance ``customer_channel_var``) or "gamma" (a Gamma-Poisson rate
+    #: multiplier per channel: clicks against the population model's expected clicks, prior shape
+    #: ``customer_gamma_shape``; the regression then learns the population with it as an offset).
+    customer_model: str = "probit"
+    customer_gamma_shape: float = 2.5
 
 
 class ProbitModel:
@@ -455,6 +465,8 @@ class CustomerStats:
     effect: np.ndarray | None = None
     #: Log-likelihood of each preferred local hour 0..23 from the customer's labelled sends (None: no label yet).
     hour_loglik: np.ndarray | None = None
+    #: Per channel: clicks and expected clicks (the population model's), for ``customer_model="gamma"``.
+    gamma: np.ndarray | None = None
 
 
 @dataclass
@@ -475,6 +487,7 @@ class Pending:
     offset: float = 0.0  # the hour preference's term in the engagement score when decided
     rate: float = 0.05  # the expected engagement at the customer's preferred hour when decided
     buckets: tuple[int, ...] = ()  # the customer's trait buckets
+    learned: bool = False  # the provisional label was learned (``label_delay_ms``); kept until the horizon
 
     def stored(self) -> dict[str, Any]:
         """What the ``decisions`` row keeps, so a restart registers the decision exactly as it was made.
@@ -1004,7 +1017,12 @@ class DecisionLearner:
             per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
         # The customer's own effect on each channel: its mean, one draw, its variance.
         eff = stats.effect
-        if eff is not None:
+        if cfg.customer_model == "gamma":
+            g_mean, g_draw, g_var = self._gamma_terms(stats, ch_global, noise_u[-1 - ch_global])
+            per_group[0] += g_mean
+            per_group[1] += g_draw
+            per_group_v += g_var
+        elif eff is not None:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
             per_group[1] += eff_mean + np.sqrt(eff_var) * noise_u[-1 - ch_global]
@@ -1188,7 +1206,12 @@ class DecisionLearner:
     def remember(self, decision_id: str, pending: Pending) -> None:
         """Register a decision whose features were computed when it was made (see :meth:`Pending.stored`)."""
         self.pending[decision_id] = pending
-        heapq.heappush(self._heap(), (pending.sent_ms + self.config.horizon_ms, decision_id))
+        heapq.heappush(self._heap(), (pending.sent_ms + self._first_label_ms(), decision_id))
+
+    def _first_label_ms(self) -> int:
+        """How long after a send its first label is learned: the label delay, or the horizon."""
+        delay, horizon = self.config.label_delay_ms, self.config.horizon_ms
+        return horizon if delay is None or delay >= horizon else max(0, delay)
 
     def observe(self, *, decision_id: str, kind: Feedback, ts_ms: int, zone: str | None = None) -> None:
         """Learn from one feedback event joined to its decision (unknown decisions are ignored)."""
@@ -1203,6 +1226,8 @@ class DecisionLearner:
                 stats.channel_sends[p.channel] = stats.channel_sends.get(p.channel, 0) + 1
         elif kind in self.config.engagement_events and not p.engaged:
             p.engaged = True
+            if p.learned:
+                self._late(p, engaged=True)
             stats.channel_clicks[p.channel] = stats.channel_clicks.get(p.channel, 0) + 1
             local = local_datetime(p.sent_ms, zone_named(zone, "UTC"))
             angle = TWO_PI * (local.hour + local.minute / 60) / 24
@@ -1212,6 +1237,8 @@ class DecisionLearner:
             stats.last_click_ms = ts_ms
         elif kind in (Feedback.UNSUBSCRIBED, Feedback.SPAM_REPORT) and not p.unsubscribed:
             p.unsubscribed = True
+            if p.learned:
+                self._late(p, engaged=False)
         elif kind in (Feedback.BOUNCED, Feedback.FAILED):
             self.pending.pop(decision_id, None)  # never delivered: teaches nothing about the customer
 
@@ -1227,13 +1254,86 @@ class DecisionLearner:
         if now_ms > self.clock_ms:
             self.clock_ms = now_ms
         horizon = self._heap()
+        full = self.config.horizon_ms
         while horizon and horizon[0][0] <= now_ms:
-            _, decision_id = heapq.heappop(horizon)
-            p = self.pending.pop(decision_id, None)
+            due, decision_id = heapq.heappop(horizon)
+            p = self.pending.get(decision_id)
             if p is None:
+                continue
+            if p.learned:  # the horizon of a provisionally learned send: nothing more can change it
+                del self.pending[decision_id]
                 continue
             self._learn(self.engagement, "engagement", p, p.engaged)
             self._learn(self.unsubscribe, "unsubscribe", p, p.unsubscribed)
+            if due < p.sent_ms + full:  # learned at the label delay: late feedback may still correct it
+                p.learned = True
+                heapq.heappush(horizon, (p.sent_ms + full, decision_id))
+            else:
+                del self.pending[decision_id]
+
+    def _gamma_terms(
+        self, stats: CustomerStats, channels: np.ndarray, z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The Gamma-Poisson customer multiplier per channel, in probit units: E[log], one draw, variance.
+
+        The multiplier ``lam`` of the customer's click rate on a channel has the posterior
+        ``Gamma(a + clicks, a + expected clicks)``; its log is turned into probit units with
+        ``hour_offset_scale`` (dz/dlog p near p = 0.05). The draw uses the Wilson-Hilferty
+        transform of the standard normal ``z`` (one per channel).
+        """
+        cfg = self.config
+        a = cfg.customer_gamma_shape
+        if stats.gamma is None:
+            alpha = np.full(len(channels), a)
+            beta = alpha
+        else:
+            alpha = a + stats.gamma[0][channels]
+            beta = a + stats.gamma[1][channels]
+        scale = cfg.hour_offset_scale
+        c = 1.0 / (9.0 * alpha)
+        lam = np.maximum(1.0 - c + z * np.sqrt(c), 0.05) ** 3 * (alpha / beta)
+        log_mean = np.log(alpha / beta) - 0.5 / alpha
+        return scale * log_mean, scale * np.log(lam), scale * scale / alpha
+
+    def _gamma_offset(self, stats: CustomerStats, ci: int) -> float:
+        """The customer's posterior-mean multiplier on channel ``ci``, in probit units."""
+        a = self.config.customer_gamma_shape
+        if stats.gamma is None:
+            return 0.0
+        return self.config.hour_offset_scale * math.log((a + stats.gamma[0, ci]) / (a + stats.gamma[1, ci]))
+
+    def _late(self, p: Pending, *, engaged: bool) -> None:
+        """A click (``engaged``) or unsubscribe after the send's provisional "no" was learned.
+
+        The count models are corrected exactly (one more click or unsubscribe, no more
+        sends); the engagement regression learns the positive on top of the negative it
+        already learned (the "fake negative" scheme: it then sees ``p / (1 + p)`` for a rate
+        ``p``, a small bias at the rates of marketing messages, and only for late clicks).
+        """
+        if not engaged:
+            ci = CHANNEL_INDEX.get(p.channel, 0)
+            k = self.hazard.bucket(p.load)
+            self.hazard.unsubscribes[ci, k] += 1
+            self.hazard._rates = None
+            self.unsubscribe.learn(p.idx, p.val, True)
+            return
+        if self.config.customer_model == "gamma":
+            stats = self.customer(p.customer_id)
+            ci = CHANNEL_INDEX.get(p.channel, 0)
+            self.engagement.learn(p.idx, p.val, True, None, p.offset + self._gamma_offset(stats, ci))
+            if stats.gamma is not None:
+                stats.gamma[0, ci] += 1
+        else:
+            extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
+            self.engagement.learn(p.idx, p.val, True, extra, p.offset)
+        if p.hour >= 0:
+            stats = self.customer(p.customer_id)
+            hp = self.hours
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            # Undo the miss the provisional label counted, then count the click.
+            miss = hp.miss_weight * np.log1p(-p.rate * hp.F[p.hour])
+            stats.hour_loglik = np.asarray(hp.update(loglik, p.hour, True, p.rate) - miss)
+            hp.clicks[[0, *(1 + b for b in p.buckets)], p.hour] += 1
 
     def _learn(self, model: ProbitModel, name: str, p: Pending, label: bool) -> None:
         if name == "unsubscribe":
@@ -1245,11 +1345,25 @@ class DecisionLearner:
             model.learn(p.idx, p.val, label)
             self.labels += 1
             return
-        extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
-        prob = model.predict(p.idx, p.val, extra, p.offset)
-        self.quality[f"{name}_auc"].update(label, prob)
-        self.quality["engagement_logloss"].update(label, prob)
-        model.learn(p.idx, p.val, label, extra, p.offset)
+        if self.config.customer_model == "gamma":
+            stats = self.customer(p.customer_id)
+            ci = CHANNEL_INDEX.get(p.channel, 0)
+            offset = p.offset + self._gamma_offset(stats, ci)
+            prob = model.predict(p.idx, p.val, None, offset)
+            base = model.predict(p.idx, p.val, None, p.offset)  # the population's expectation
+            self.quality[f"{name}_auc"].update(label, prob)
+            self.quality["engagement_logloss"].update(label, prob)
+            model.learn(p.idx, p.val, label, None, offset)
+            if stats.gamma is None:
+                stats.gamma = np.zeros((2, N_CHANNELS))
+            stats.gamma[0, ci] += label
+            stats.gamma[1, ci] += base
+        else:
+            extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
+            prob = model.predict(p.idx, p.val, extra, p.offset)
+            self.quality[f"{name}_auc"].update(label, prob)
+            self.quality["engagement_logloss"].update(label, prob)
+            model.learn(p.idx, p.val, label, extra, p.offset)
         if p.hour >= 0:
             stats = self.customer(p.customer_id)
             loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24

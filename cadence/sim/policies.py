@@ -221,6 +221,8 @@ class CadencePolicy:
         self.history: dict[int, list[PastSend]] = {}
         self.decision_of: dict[tuple[int, int], str] = {}
         self.explored = 0
+        #: Shifts every decision's Thompson seed: the same world with other posterior draws.
+        self.draw_seed = 0
 
     def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
         """Run the real pipeline for this customer now."""
@@ -237,7 +239,7 @@ class CadencePolicy:
             profile.consent[ch] = False
         history = [h for h in self.history.get(c.id, ()) if h.ts_ms > now_ms - 8 * DAY_MS]
         self.history[c.id] = history
-        seed = (c.id * 1_000_003 + now_ms // 3_600_000) & 0x7FFFFFFF
+        seed = (c.id * 1_000_003 + now_ms // 3_600_000 + self.draw_seed * 7_919_999) & 0x7FFFFFFF
         d = decide(
             ruleset=self.ruleset,
             profile=profile,

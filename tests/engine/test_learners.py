@@ -370,3 +370,36 @@ def test_finds_each_customers_hour_from_their_traits_and_their_own_clicks() -> N
 
     (own8, own18), (new8, new18) = at_8_and_18(60), at_8_and_18(1000)
     assert own18 / own8 > 2 * new18 / new8, (own8, own18, new8, new18)
+
+
+def test_label_delay_learns_yesterdays_click_before_the_next_mornings_decision() -> None:
+    """With a 6 h label delay, a push clicked at 10:00 is learned by 07:00 the next day; a later
+    click (inside the 24 h horizon) corrects the provisional "no"; the horizon retires the send."""
+    args = dict(customer_id=1, traits={}, zone="UTC", campaign="c", arm=None, now_ms=NOW)
+    morning = NOW + 25 * HOUR_MS  # 07:00 UTC the next day
+    effect = {}
+    for delay in (None, 6 * HOUR_MS):
+        learner = DecisionLearner(LearnerConfig(horizon_ms=24 * HOUR_MS, label_delay_ms=delay))
+        sent = NOW + 4 * HOUR_MS  # 10:00 UTC
+        learner.record_decision(decision_id="a", channel="push", send_at_ms=sent, **args)  # type: ignore[arg-type]
+        learner.observe(decision_id="a", kind=Feedback.CLICKED, ts_ms=sent + HOUR_MS)
+        learner.advance(morning)
+        effect[delay] = float(learner.effect(1)[0, 2])  # CHANNELS: email, sms, push, ...
+    assert effect[None] == 0.0 and effect[6 * HOUR_MS] > 0.05, effect
+
+    learner = DecisionLearner(LearnerConfig(horizon_ms=24 * HOUR_MS, label_delay_ms=6 * HOUR_MS))
+    sent = NOW
+    learner.record_decision(decision_id="b", channel="sms", send_at_ms=sent, **args)  # type: ignore[arg-type]
+    p = learner.pending["b"]
+    learner.advance(sent + 6 * HOUR_MS)
+    assert learner.labels == 2 and "b" in learner.pending  # provisional "no", kept until the horizon
+    after_no = learner.engagement.predict(p.idx, p.val)
+    learner.observe(decision_id="b", kind=Feedback.CLICKED, ts_ms=sent + 10 * HOUR_MS)
+    learner.observe(decision_id="b", kind=Feedback.UNSUBSCRIBED, ts_ms=sent + 11 * HOUR_MS)
+    assert learner.engagement.predict(p.idx, p.val) > after_no
+    assert learner.hazard.sends.sum() == 1 and learner.hazard.unsubscribes.sum() == 1  # counts corrected
+    assert learner.hours.clicks[0].sum() == 1 and learner.hours.sends[0].sum() == 1
+    learner.advance(sent + 24 * HOUR_MS)
+    assert "b" not in learner.pending and learner.labels == 2
+    learner.observe(decision_id="b", kind=Feedback.CLICKED, ts_ms=sent + 30 * HOUR_MS)  # too late: ignored
+    assert learner.hours.clicks[0].sum() == 1
