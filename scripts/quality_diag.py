@@ -30,13 +30,14 @@ import sys
 import time
 from collections import defaultdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from cadence.channels import Feedback
 from cadence.engine.learners import LearnerConfig
 from cadence.sim.policies import ALLOWED_HOURS, CadencePolicy, HeuristicPolicy, OraclePolicy, _local_ms
-from cadence.sim.population import RHYTHMS, SHAPES, SIM_CHANNELS, Customer, make_population
+from cadence.sim.population import RHYTHMS, SHAPES, Customer, make_population
 from cadence.sim.report import START
 from cadence.sim.world import (
     UNSUB_LOAD,
@@ -208,7 +209,14 @@ def _ab_job(job: tuple[str, int, int, int, str, str, int]) -> dict[str, Any]:
     pol = _draw_policy(cfg, draw)
     cpu = time.process_time()
     r = run_policy(pol, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]
-    return {"shape": shape, "seed": seed, "arm": arm, "draw": draw, **_summ(r), "cpu": time.process_time() - cpu}
+    return {
+        "shape": shape,
+        "seed": seed,
+        "arm": arm,
+        "draw": draw,
+        **_summ(r),
+        "cpu": time.process_time() - cpu,
+    }
 
 
 def _draw_policy(cfg: LearnerConfig, draw: int) -> CadencePolicy:
@@ -228,6 +236,10 @@ def _oracle_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
     return out
 
 
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 def main() -> None:
     """Command line."""
     ap = argparse.ArgumentParser()
@@ -243,7 +255,7 @@ def main() -> None:
     a = ap.parse_args()
     shapes = a.shapes.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
-    load0 = open("/proc/loadavg").read().split()[0]
+    load0 = _load()
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     if a.mode == "trait":
@@ -268,10 +280,15 @@ def main() -> None:
         arms = [x.split("=", 1) for x in a.arm] or [["base", "{}"]]
         draws = [int(d) for d in a.draws.split(",")]
         base_jobs = [(s, seed, a.customers, a.days) for s in shapes for seed in seeds]
-        jobs = [(s, seed, c, d, arm, ov, dr) for (s, seed, c, d) in base_jobs for dr in draws for arm, ov in arms]
+        jobs = [
+            (s, seed, c, d, arm, ov, dr) for (s, seed, c, d) in base_jobs for dr in draws for arm, ov in arms
+        ]
         with ctx.Pool(a.workers) as pool:
             oracle = pool.map_async(_oracle_job, base_jobs, chunksize=1)
-            res = pool.map(_ab_job, jobs, chunksize=1)
+            res = []
+            for r in pool.imap_unordered(_ab_job, jobs, chunksize=1):
+                res.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)  # progress, one run a line
             orc = oracle.get()
         ref = {(o["shape"], o["seed"]): o for o in orc}
         by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -305,7 +322,9 @@ def main() -> None:
             for s in shapes:
                 for r in by[(arm, s)]:
                     o = ref[(s, r["seed"])]["oracle"]["clicks"]
-                    twin = next(x for x in by[(first, s)] if x["seed"] == r["seed"] and x["draw"] == r["draw"])
+                    twin = next(
+                        x for x in by[(first, s)] if x["seed"] == r["seed"] and x["draw"] == r["draw"]
+                    )
                     diffs.append((r["clicks"] - twin["clicks"]) / o)
                     shares_all.append(r["clicks"] / o)
             print(
@@ -316,7 +335,7 @@ def main() -> None:
             with open(a.out, "w") as f:
                 json.dump({"res": res, "oracle": orc}, f)
     print(
-        f"wall {time.perf_counter() - t0:.0f}s; load {load0} -> {open('/proc/loadavg').read().split()[0]}",
+        f"wall {time.perf_counter() - t0:.0f}s; load {load0} -> {_load()}",
         file=sys.stderr,
     )
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 from river import base, metrics, utils
-from scipy.special import erfcinv, ndtr  # type: ignore[import-untyped]
+from scipy.special import erfcinv, ndtr, ndtri  # type: ignore[import-untyped]
 
 from cadence.channels import CHANNELS, Feedback
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
@@ -162,7 +162,7 @@ class LearnerConfig:
     #: Learn each send provisionally this long after it (no click by then: a no), and correct
     #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
     #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
-    label_delay_ms: int | None = None
+    label_delay_ms: int | None = 6 * HOUR_MS
     #: How a customer's own per-channel engagement is learned: "probit" (a random effect in the
     #: regression, prior variance ``customer_channel_var``) or "gamma" (a Gamma-Poisson rate
     #: multiplier per channel: clicks against the population model's expected clicks, prior shape
@@ -1017,11 +1017,9 @@ class DecisionLearner:
             per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
         # The customer's own effect on each channel: its mean, one draw, its variance.
         eff = stats.effect
-        if cfg.customer_model == "gamma":
-            g_mean, g_draw, g_var = self._gamma_terms(stats, ch_global, noise_u[-1 - ch_global])
-            per_group[0] += g_mean
-            per_group[1] += g_draw
-            per_group_v += g_var
+        gamma = cfg.customer_model == "gamma"
+        if gamma:  # applied to the probabilities below
+            pass
         elif eff is not None:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
@@ -1053,6 +1051,11 @@ class DecisionLearner:
         if cfg.beta != 1.0:
             mean[1] /= cfg.beta
         probs = ndtr(mean, out=mean)
+        if gamma:
+            # The customer's multiplier of the population's rate, per channel: its mean and one draw.
+            lam = self._gamma_factors(stats, ch_global, noise_u[-1 - ch_global])
+            probs *= lam[:, :, None] if shared else lam[:, group_of]
+            np.minimum(probs, 0.999, out=probs)
         p_eng = probs[0]
         # Unsubscribe: the fatigue hazard of each channel at the customer's recent load.
         cell = self.hazard.bucket(self.recent_load(profile.customer_id, now_ms))
@@ -1271,36 +1274,35 @@ class DecisionLearner:
             else:
                 del self.pending[decision_id]
 
-    def _gamma_terms(
-        self, stats: CustomerStats, channels: np.ndarray, z: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The Gamma-Poisson customer multiplier per channel, in probit units: E[log], one draw, variance.
+    def _gamma_factors(self, stats: CustomerStats, channels: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The customer's Gamma-Poisson multiplier of the population's click rate, per channel: (mean, draw).
 
-        The multiplier ``lam`` of the customer's click rate on a channel has the posterior
-        ``Gamma(a + clicks, a + expected clicks)``; its log is turned into probit units with
-        ``hour_offset_scale`` (dz/dlog p near p = 0.05). The draw uses the Wilson-Hilferty
-        transform of the standard normal ``z`` (one per channel).
+        The multiplier ``lam`` on a channel has the posterior ``Gamma(a + clicks, a + expected
+        clicks)``, the expected clicks being the population model's for the customer's labelled
+        sends there. The draw is the Wilson-Hilferty transform of the standard normal ``z``
+        (one per channel). Shape (2, len(channels)).
         """
-        cfg = self.config
-        a = cfg.customer_gamma_shape
+        a = self.config.customer_gamma_shape
         if stats.gamma is None:
             alpha = np.full(len(channels), a)
             beta = alpha
         else:
             alpha = a + stats.gamma[0][channels]
             beta = a + stats.gamma[1][channels]
-        scale = cfg.hour_offset_scale
         c = 1.0 / (9.0 * alpha)
-        lam = np.maximum(1.0 - c + z * np.sqrt(c), 0.05) ** 3 * (alpha / beta)
-        log_mean = np.log(alpha / beta) - 0.5 / alpha
-        return scale * log_mean, scale * np.log(lam), scale * scale / alpha
+        out = np.empty((2, len(channels)))
+        np.divide(alpha, beta, out=out[0])
+        out[1] = np.maximum(1.0 - c + z * np.sqrt(c), 0.05) ** 3 * out[0]
+        return out
 
-    def _gamma_offset(self, stats: CustomerStats, ci: int) -> float:
-        """The customer's posterior-mean multiplier on channel ``ci``, in probit units."""
+    def _gamma_offset(self, stats: CustomerStats, ci: int, p_pop: float) -> float:
+        """The probit offset that turns the population's rate ``p_pop`` into the customer's (mean multiplier)."""
         a = self.config.customer_gamma_shape
         if stats.gamma is None:
             return 0.0
-        return self.config.hour_offset_scale * math.log((a + stats.gamma[0, ci]) / (a + stats.gamma[1, ci]))
+        lam = (a + stats.gamma[0, ci]) / (a + stats.gamma[1, ci])
+        p = min(max(p_pop, 1e-6), 0.999)
+        return float(_ndtri(min(lam * p, 0.999)) - _ndtri(p))
 
     def _late(self, p: Pending, *, engaged: bool) -> None:
         """A click (``engaged``) or unsubscribe after the send's provisional "no" was learned.
@@ -1320,7 +1322,8 @@ class DecisionLearner:
         if self.config.customer_model == "gamma":
             stats = self.customer(p.customer_id)
             ci = CHANNEL_INDEX.get(p.channel, 0)
-            self.engagement.learn(p.idx, p.val, True, None, p.offset + self._gamma_offset(stats, ci))
+            base = self.engagement.predict(p.idx, p.val, None, p.offset)
+            self.engagement.learn(p.idx, p.val, True, None, p.offset + self._gamma_offset(stats, ci, base))
             if stats.gamma is not None:
                 stats.gamma[0, ci] += 1
         else:
@@ -1348,9 +1351,9 @@ class DecisionLearner:
         if self.config.customer_model == "gamma":
             stats = self.customer(p.customer_id)
             ci = CHANNEL_INDEX.get(p.channel, 0)
-            offset = p.offset + self._gamma_offset(stats, ci)
-            prob = model.predict(p.idx, p.val, None, offset)
             base = model.predict(p.idx, p.val, None, p.offset)  # the population's expectation
+            offset = p.offset + self._gamma_offset(stats, ci, base)
+            prob = model.predict(p.idx, p.val, None, offset)
             self.quality[f"{name}_auc"].update(label, prob)
             self.quality["engagement_logloss"].update(label, prob)
             model.learn(p.idx, p.val, label, None, offset)
@@ -1451,6 +1454,10 @@ def _time_code(hour: float, weekend: bool) -> tuple[float, ...]:
 
 def _erfcinv(y: float) -> float:
     return float(erfcinv(y))
+
+
+def _ndtri(p: float) -> float:
+    return float(ndtri(p))
 
 
 _ZERO24 = np.zeros(24)
