@@ -36,7 +36,14 @@ from zoneinfo import ZoneInfo
 
 from cadence.channels import Feedback
 from cadence.engine.learners import LearnerConfig
-from cadence.sim.policies import ALLOWED_HOURS, CadencePolicy, HeuristicPolicy, OraclePolicy, _local_ms
+from cadence.sim.policies import (
+    ALLOWED_HOURS,
+    CadencePolicy,
+    HeuristicPolicy,
+    OraclePolicy,
+    _local_ms,
+    sim_learner_config,
+)
 from cadence.sim.population import RHYTHMS, SHAPES, Customer, make_population
 from cadence.sim.report import START
 from cadence.sim.world import (
@@ -188,7 +195,7 @@ def _trait_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
     shape, seed, customers, days = job
     pop = make_population(shape, customers, seed)
     out: dict[str, Any] = {"shape": shape, "seed": seed}
-    cfg = LearnerConfig(horizon_ms=HORIZON)
+    cfg = sim_learner_config()
     for pol in (
         OraclePolicy(10.0),
         TraitOracle(shape),
@@ -205,7 +212,7 @@ def _trait_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
 def _ab_job(job: tuple[str, int, int, int, str, str, int]) -> dict[str, Any]:
     shape, seed, customers, days, arm, overrides, draw = job
     pop = make_population(shape, customers, seed)
-    cfg = LearnerConfig(**{"horizon_ms": HORIZON, **json.loads(overrides)})
+    cfg = LearnerConfig(**{"horizon_ms": HORIZON, "label_delay_ms": None, **json.loads(overrides)})
     pol = _draw_policy(cfg, draw)
     cpu = time.process_time()
     r = run_policy(pol, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]

@@ -162,7 +162,7 @@ class LearnerConfig:
     #: Learn each send provisionally this long after it (no click by then: a no), and correct
     #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
     #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
-    label_delay_ms: int | None = 6 * HOUR_MS
+    label_delay_ms: int | None = None
     #: How a customer's own per-channel engagement is learned: "probit" (a random effect in the
     #: regression, prior variance ``customer_channel_var``) or "gamma" (a Gamma-Poisson rate
     #: multiplier per channel: clicks against the population model's expected clicks, prior shape

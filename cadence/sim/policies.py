@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from datetime import datetime, time
 from functools import lru_cache
 from zoneinfo import ZoneInfo
@@ -50,6 +51,7 @@ __all__ = [
     "OraclePolicy",
     "RandomPolicy",
     "default_policies",
+    "sim_learner_config",
     "sim_ruleset",
 ]
 
@@ -207,6 +209,15 @@ def sim_ruleset(*, daily_cap: int = 1) -> CompiledRuleset:
     )
 
 
+def sim_learner_config() -> LearnerConfig:
+    """The learners' configuration in the simulator: a 24 h horizon, labels learned 6 h after each send.
+
+    (Clicks arrive within 2 h in the simulated world and unsubscribes within 6 h; a later one
+    would still correct its provisional label until the horizon.)
+    """
+    return LearnerConfig(horizon_ms=24 * 3_600_000, label_delay_ms=6 * 3_600_000)
+
+
 class CadencePolicy:
     """cadence as configured: decide() with the learners, learning from every feedback event."""
 
@@ -215,7 +226,7 @@ class CadencePolicy:
     def __init__(
         self, *, config: LearnerConfig | None = None, ruleset: CompiledRuleset | None = None
     ) -> None:
-        self.learner = DecisionLearner(config or LearnerConfig(horizon_ms=24 * 3_600_000))
+        self.learner = DecisionLearner(config or sim_learner_config())
         self.ruleset = ruleset or sim_ruleset()
         self.profiles: dict[int, MemoryProfile] = {}
         self.history: dict[int, list[PastSend]] = {}
@@ -277,9 +288,9 @@ class CadencePolicy:
 
 def default_policies(*, seed: int, unsubscribe_cost: float | None = None) -> list[object]:
     """Every policy the simulator compares, fresh."""
-    config = LearnerConfig(horizon_ms=24 * 3_600_000)
+    config = sim_learner_config()
     if unsubscribe_cost is not None:
-        config = LearnerConfig(horizon_ms=24 * 3_600_000, unsubscribe_cost=unsubscribe_cost)
+        config = replace(config, unsubscribe_cost=unsubscribe_cost)
     return [
         CadencePolicy(config=config),
         EmailAtTen(),
