@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 from river import base, metrics, utils
-from scipy.special import erfcinv, ndtr  # type: ignore[import-untyped]
+from scipy.special import erfcinv, ndtr, ndtri  # type: ignore[import-untyped]
 
 from cadence.channels import CHANNELS, Feedback
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
@@ -164,6 +164,16 @@ class LearnerConfig:
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
     hazard_fit: bool = False  # FittedHazard (shared load slope and timing term) instead of cells per load
     volume_optimism: float = 0.0  # send when the value is positive with the customer's effect this many sd up
+    #: Learn each send provisionally this long after it (no click by then: a no), and correct
+    #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
+    #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
+    label_delay_ms: int | None = None
+    #: How a customer's own per-channel engagement is learned: "probit" (a random effect in the
+    #: regression, prior variance ``customer_channel_var``) or "gamma" (a Gamma-Poisson rate
+    #: multiplier per channel: clicks against the population model's expected clicks, prior shape
+    #: ``customer_gamma_shape``; the regression then learns the population with it as an offset).
+    customer_model: str = "probit"
+    customer_gamma_shape: float = 2.5
 
 
 class ProbitModel:
@@ -319,6 +329,11 @@ class FatigueHazard:
             self.unsubscribes[channel, k] += 1
         self._rates = None
 
+    def late_unsubscribe(self, channel: int, load: int, fit: float = 0.0) -> None:
+        """A send already counted as kept turned out to be an unsubscribe: count it, not the send again."""
+        self.unsubscribes[channel, self.bucket(load)] += 1
+        self._rates = None
+
     def rates(self) -> np.ndarray:
         """Posterior mean risk per (channel, load cell), non-decreasing in load."""
         if self._rates is None:
@@ -379,6 +394,12 @@ class FittedHazard(FatigueHazard):
         if unsubscribed:
             self.unsubscribes[channel, k] += 1
             self.fine_unsubs[channel, k, b] += 1
+
+    def late_unsubscribe(self, channel: int, load: int, fit: float = 0.0) -> None:
+        """As :meth:`FatigueHazard.late_unsubscribe`, in the send's timing bin too."""
+        k = self.bucket(load)
+        self.unsubscribes[channel, k] += 1
+        self.fine_unsubs[channel, k, int(np.searchsorted(self.edges, fit))] += 1
 
     def timing_factor(self, fit: float | np.ndarray) -> Any:
         """The risk multiplier of a send whose hour has log engagement lift ``fit`` (clipped to +-0.9)."""
@@ -558,6 +579,8 @@ class CustomerStats:
     effect: np.ndarray | None = None
     #: Log-likelihood of each preferred local hour 0..23 from the customer's labelled sends (None: no label yet).
     hour_loglik: np.ndarray | None = None
+    #: Per channel: clicks and expected clicks (the population model's), for ``customer_model="gamma"``.
+    gamma: np.ndarray | None = None
 
 
 @dataclass
@@ -578,6 +601,7 @@ class Pending:
     offset: float = 0.0  # the hour preference's term in the engagement score when decided
     rate: float = 0.05  # the expected engagement at the customer's preferred hour when decided
     buckets: tuple[int, ...] = ()  # the customer's trait buckets
+    learned: bool = False  # the provisional label was learned (``label_delay_ms``); kept until the horizon
 
     def stored(self) -> dict[str, Any]:
         """What the ``decisions`` row keeps, so a restart registers the decision exactly as it was made.
@@ -1126,7 +1150,10 @@ class DecisionLearner:
             per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
         # The customer's own effect on each channel: its mean, one draw, its variance.
         eff = stats.effect
-        if eff is not None:
+        gamma = cfg.customer_model == "gamma"
+        if gamma:  # applied to the probabilities below
+            pass
+        elif eff is not None:
             eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
             per_group[0] += eff_mean
             eff_sd = np.sqrt(eff_var)
@@ -1165,6 +1192,11 @@ class DecisionLearner:
         if cfg.beta != 1.0:
             mean[1] /= cfg.beta
         probs = ndtr(mean, out=mean)
+        if gamma:
+            # The customer's multiplier of the population's rate, per channel: its mean and one draw.
+            lam = self._gamma_factors(stats, ch_global, noise_u[-1 - ch_global])
+            probs *= lam[:, :, None] if shared else lam[:, group_of]
+            np.minimum(probs, 0.999, out=probs)
         p_eng = probs[0]
         # Unsubscribe: the fatigue hazard of each channel at the customer's recent load.
         cell = self.hazard.bucket(self.recent_load(profile.customer_id, now_ms))
@@ -1329,7 +1361,12 @@ class DecisionLearner:
     def remember(self, decision_id: str, pending: Pending) -> None:
         """Register a decision whose features were computed when it was made (see :meth:`Pending.stored`)."""
         self.pending[decision_id] = pending
-        heapq.heappush(self._heap(), (pending.sent_ms + self.config.horizon_ms, decision_id))
+        heapq.heappush(self._heap(), (pending.sent_ms + self._first_label_ms(), decision_id))
+
+    def _first_label_ms(self) -> int:
+        """How long after a send its first label is learned: the label delay, or the horizon."""
+        delay, horizon = self.config.label_delay_ms, self.config.horizon_ms
+        return horizon if delay is None or delay >= horizon else max(0, delay)
 
     def observe(self, *, decision_id: str, kind: Feedback, ts_ms: int, zone: str | None = None) -> None:
         """Learn from one feedback event joined to its decision (unknown decisions are ignored)."""
@@ -1344,6 +1381,8 @@ class DecisionLearner:
                 stats.channel_sends[p.channel] = stats.channel_sends.get(p.channel, 0) + 1
         elif kind in self.config.engagement_events and not p.engaged:
             p.engaged = True
+            if p.learned:
+                self._late(p, engaged=True)
             stats.channel_clicks[p.channel] = stats.channel_clicks.get(p.channel, 0) + 1
             local = local_datetime(p.sent_ms, zone_named(zone, "UTC"))
             angle = TWO_PI * (local.hour + local.minute / 60) / 24
@@ -1353,6 +1392,8 @@ class DecisionLearner:
             stats.last_click_ms = ts_ms
         elif kind in (Feedback.UNSUBSCRIBED, Feedback.SPAM_REPORT) and not p.unsubscribed:
             p.unsubscribed = True
+            if p.learned:
+                self._late(p, engaged=False)
         elif kind in (Feedback.BOUNCED, Feedback.FAILED):
             self.pending.pop(decision_id, None)  # never delivered: teaches nothing about the customer
 
@@ -1368,13 +1409,84 @@ class DecisionLearner:
         if now_ms > self.clock_ms:
             self.clock_ms = now_ms
         horizon = self._heap()
+        full = self.config.horizon_ms
         while horizon and horizon[0][0] <= now_ms:
-            _, decision_id = heapq.heappop(horizon)
-            p = self.pending.pop(decision_id, None)
+            due, decision_id = heapq.heappop(horizon)
+            p = self.pending.get(decision_id)
             if p is None:
+                continue
+            if p.learned:  # the horizon of a provisionally learned send: nothing more can change it
+                del self.pending[decision_id]
                 continue
             self._learn(self.engagement, "engagement", p, p.engaged)
             self._learn(self.unsubscribe, "unsubscribe", p, p.unsubscribed)
+            if due < p.sent_ms + full:  # learned at the label delay: late feedback may still correct it
+                p.learned = True
+                heapq.heappush(horizon, (p.sent_ms + full, decision_id))
+            else:
+                del self.pending[decision_id]
+
+    def _gamma_factors(self, stats: CustomerStats, channels: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The customer's Gamma-Poisson multiplier of the population's click rate, per channel: (mean, draw).
+
+        The multiplier ``lam`` on a channel has the posterior ``Gamma(a + clicks, a + expected
+        clicks)``, the expected clicks being the population model's for the customer's labelled
+        sends there. The draw is the Wilson-Hilferty transform of the standard normal ``z``
+        (one per channel). Shape (2, len(channels)).
+        """
+        a = self.config.customer_gamma_shape
+        if stats.gamma is None:
+            alpha = np.full(len(channels), a)
+            beta = alpha
+        else:
+            alpha = a + stats.gamma[0][channels]
+            beta = a + stats.gamma[1][channels]
+        c = 1.0 / (9.0 * alpha)
+        out = np.empty((2, len(channels)))
+        np.divide(alpha, beta, out=out[0])
+        out[1] = np.maximum(1.0 - c + z * np.sqrt(c), 0.05) ** 3 * out[0]
+        return out
+
+    def _gamma_offset(self, stats: CustomerStats, ci: int, p_pop: float) -> float:
+        """The probit offset that turns the population's rate ``p_pop`` into the customer's (mean multiplier)."""
+        a = self.config.customer_gamma_shape
+        if stats.gamma is None:
+            return 0.0
+        lam = (a + stats.gamma[0, ci]) / (a + stats.gamma[1, ci])
+        p = min(max(p_pop, 1e-6), 0.999)
+        return float(_ndtri(min(lam * p, 0.999)) - _ndtri(p))
+
+    def _late(self, p: Pending, *, engaged: bool) -> None:
+        """A click (``engaged``) or unsubscribe after the send's provisional "no" was learned.
+
+        The count models are corrected exactly (one more click or unsubscribe, no more
+        sends); the engagement regression learns the positive on top of the negative it
+        already learned (the "fake negative" scheme: it then sees ``p / (1 + p)`` for a rate
+        ``p``, a small bias at the rates of marketing messages, and only for late clicks).
+        """
+        if not engaged:
+            fit = p.offset / self.config.hour_offset_scale if p.hour >= 0 else 0.0
+            self.hazard.late_unsubscribe(CHANNEL_INDEX.get(p.channel, 0), p.load, fit)
+            self.unsubscribe.learn(p.idx, p.val, True)
+            return
+        if self.config.customer_model == "gamma":
+            stats = self.customer(p.customer_id)
+            ci = CHANNEL_INDEX.get(p.channel, 0)
+            base = self.engagement.predict(p.idx, p.val, None, p.offset)
+            self.engagement.learn(p.idx, p.val, True, None, p.offset + self._gamma_offset(stats, ci, base))
+            if stats.gamma is not None:
+                stats.gamma[0, ci] += 1
+        else:
+            extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
+            self.engagement.learn(p.idx, p.val, True, extra, p.offset)
+        if p.hour >= 0:
+            stats = self.customer(p.customer_id)
+            hp = self.hours
+            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+            # Undo the miss the provisional label counted, then count the click.
+            miss = hp.miss_weight * np.log1p(-p.rate * hp.F[p.hour])
+            stats.hour_loglik = np.asarray(hp.update(loglik, p.hour, True, p.rate) - miss)
+            hp.clicks[[0, *(1 + b for b in p.buckets)], p.hour] += 1
 
     def _learn(self, model: ProbitModel, name: str, p: Pending, label: bool) -> None:
         if name == "unsubscribe":
@@ -1387,11 +1499,25 @@ class DecisionLearner:
             model.learn(p.idx, p.val, label)
             self.labels += 1
             return
-        extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
-        prob = model.predict(p.idx, p.val, extra, p.offset)
-        self.quality[f"{name}_auc"].update(label, prob)
-        self.quality["engagement_logloss"].update(label, prob)
-        model.learn(p.idx, p.val, label, extra, p.offset)
+        if self.config.customer_model == "gamma":
+            stats = self.customer(p.customer_id)
+            ci = CHANNEL_INDEX.get(p.channel, 0)
+            base = model.predict(p.idx, p.val, None, p.offset)  # the population's expectation
+            offset = p.offset + self._gamma_offset(stats, ci, base)
+            prob = model.predict(p.idx, p.val, None, offset)
+            self.quality[f"{name}_auc"].update(label, prob)
+            self.quality["engagement_logloss"].update(label, prob)
+            model.learn(p.idx, p.val, label, None, offset)
+            if stats.gamma is None:
+                stats.gamma = np.zeros((2, N_CHANNELS))
+            stats.gamma[0, ci] += label
+            stats.gamma[1, ci] += base
+        else:
+            extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
+            prob = model.predict(p.idx, p.val, extra, p.offset)
+            self.quality[f"{name}_auc"].update(label, prob)
+            self.quality["engagement_logloss"].update(label, prob)
+            model.learn(p.idx, p.val, label, extra, p.offset)
         if p.hour >= 0:
             stats = self.customer(p.customer_id)
             loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
@@ -1483,6 +1609,10 @@ def _time_code(hour: float, weekend: bool) -> tuple[float, ...]:
 
 def _erfcinv(y: float) -> float:
     return float(erfcinv(y))
+
+
+def _ndtri(p: float) -> float:
+    return float(ndtri(p))
 
 
 _ZERO24 = np.zeros(24)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from datetime import datetime, time
 from functools import lru_cache
 from zoneinfo import ZoneInfo
@@ -50,6 +51,7 @@ __all__ = [
     "OraclePolicy",
     "RandomPolicy",
     "default_policies",
+    "sim_learner_config",
     "sim_ruleset",
 ]
 
@@ -207,6 +209,15 @@ def sim_ruleset(*, daily_cap: int = 1) -> CompiledRuleset:
     )
 
 
+def sim_learner_config() -> LearnerConfig:
+    """The learners' configuration in the simulator: a 24 h horizon, labels learned 6 h after each send.
+
+    (Clicks arrive within 2 h in the simulated world and unsubscribes within 6 h; a later one
+    would still correct its provisional label until the horizon.)
+    """
+    return LearnerConfig(horizon_ms=24 * 3_600_000, label_delay_ms=6 * 3_600_000)
+
+
 class CadencePolicy:
     """cadence as configured: decide() with the learners, learning from every feedback event."""
 
@@ -215,12 +226,14 @@ class CadencePolicy:
     def __init__(
         self, *, config: LearnerConfig | None = None, ruleset: CompiledRuleset | None = None
     ) -> None:
-        self.learner = DecisionLearner(config or LearnerConfig(horizon_ms=24 * 3_600_000))
+        self.learner = DecisionLearner(config or sim_learner_config())
         self.ruleset = ruleset or sim_ruleset()
         self.profiles: dict[int, MemoryProfile] = {}
         self.history: dict[int, list[PastSend]] = {}
         self.decision_of: dict[tuple[int, int], str] = {}
         self.explored = 0
+        #: Shifts every decision's Thompson seed: the same world with other posterior draws.
+        self.draw_seed = 0
 
     def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
         """Run the real pipeline for this customer now."""
@@ -237,7 +250,7 @@ class CadencePolicy:
             profile.consent[ch] = False
         history = [h for h in self.history.get(c.id, ()) if h.ts_ms > now_ms - 8 * DAY_MS]
         self.history[c.id] = history
-        seed = (c.id * 1_000_003 + now_ms // 3_600_000) & 0x7FFFFFFF
+        seed = (c.id * 1_000_003 + now_ms // 3_600_000 + self.draw_seed * 7_919_999) & 0x7FFFFFFF
         d = decide(
             ruleset=self.ruleset,
             profile=profile,
@@ -275,9 +288,9 @@ class CadencePolicy:
 
 def default_policies(*, seed: int, unsubscribe_cost: float | None = None) -> list[object]:
     """Every policy the simulator compares, fresh."""
-    config = LearnerConfig(horizon_ms=24 * 3_600_000)
+    config = sim_learner_config()
     if unsubscribe_cost is not None:
-        config = LearnerConfig(horizon_ms=24 * 3_600_000, unsubscribe_cost=unsubscribe_cost)
+        config = replace(config, unsubscribe_cost=unsubscribe_cost)
     return [
         CadencePolicy(config=config),
         EmailAtTen(),

@@ -155,3 +155,21 @@ def test_the_fitted_hazard_survives_a_snapshot() -> None:
     assert isinstance(restored.hazard, FittedHazard)
     assert (restored.hazard.rates() == before).all()
     assert restored.hazard.g == learner.hazard.g
+
+
+@pytest.mark.parametrize("kind", [FatigueHazard, FittedHazard])
+def test_a_late_unsubscribe_counts_as_if_it_had_been_known_at_once(kind: type[FatigueHazard]) -> None:
+    # With provisional labels (label_delay_ms) a send is first learned as kept; an unsubscribe
+    # arriving later must leave the hazard's counts where learning it at once would have.
+    at_once, late = kind(prior=0.002, strength=100, slope=0.3), kind(prior=0.002, strength=100, slope=0.3)
+    for h in (at_once, late):
+        for load in range(8):
+            for _ in range(50):
+                h.learn(1, load, False, fit=0.2)
+    at_once.learn(1, 4, True, fit=-0.5)
+    late.learn(1, 4, False, fit=-0.5)
+    late.late_unsubscribe(1, 4, fit=-0.5)
+    for name in ("sends", "unsubscribes", "fine_sends", "fine_unsubs"):
+        if hasattr(at_once, name):
+            assert (getattr(late, name) == getattr(at_once, name)).all(), name
+    assert late.rates()[1, 4] == pytest.approx(at_once.rates()[1, 4])

@@ -1,0 +1,363 @@
+"""Diagnostics for decision quality in the simulator (reads the world's hidden values: measuring only).
+
+Two things, both for ``cadence.sim`` populations:
+
+- ``trait``: a *trait oracle*, which knows the population-level expectations given the
+  observable traits (E[affinity | traits], E[hour factor | rhythm], E[fatigue],
+  E[unsubscribe]) but not each customer's own noise, and acts as the oracle does (the
+  best expected value net of the unsubscribe cost, sent when positive). Its share of
+  the oracle's clicks says how much population learning alone can give. Each policy's
+  chosen sends are traced per day: the true click probability of the send, and the
+  oracle's best for the same customer that day.
+- ``ab``: cadence under several ``LearnerConfig`` overrides, each over the same worlds
+  with several Thompson draw seeds (a paired design): shares of the oracle's clicks,
+  customers unsubscribed, messages per customer-day, and the mean true click and
+  unsubscribe probabilities of the sends made. Arms start from the simulator's horizon
+  with labels at the horizon (``label_delay_ms`` null); give every field that differs.
+
+    PYTHONPATH=$PWD python scripts/quality_diag.py trait --customers 3000 --days 20
+    PYTHONPATH=$PWD python scripts/quality_diag.py ab --customers 3000 --days 20 \
+        --arm base='{}' --arm fast='{"label_delay_ms": 14400000}' --draws 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from cadence.channels import Feedback
+from cadence.engine.learners import LearnerConfig
+from cadence.sim.policies import (
+    ALLOWED_HOURS,
+    CadencePolicy,
+    HeuristicPolicy,
+    OraclePolicy,
+    _local_ms,
+    sim_learner_config,
+)
+from cadence.sim.population import RHYTHMS, SHAPES, Customer, make_population
+from cadence.sim.report import START
+from cadence.sim.world import (
+    UNSUB_LOAD,
+    CustomerState,
+    RunResult,
+    click_probability,
+    local_hour,
+    run_policy,
+    unsubscribe_probability,
+)
+
+HORIZON = 24 * 3_600_000
+
+
+class TraitOracle:
+    """Acts as the oracle on the population's expectations given the traits (not the individual noise)."""
+
+    name = "trait oracle"
+
+    def __init__(self, shape: str, unsubscribe_cost: float = 10.0) -> None:
+        self.shape = SHAPES[shape]
+        self.cost = unsubscribe_cost
+        rng = random.Random(7)
+        # E[hour factor at local hour h | rhythm]: Monte Carlo over the preferred hour and width.
+        self.hf: dict[str, list[float]] = {}
+        for rhythm, mean in RHYTHMS.items():
+            acc = [0.0] * 24
+            n = 20_000
+            for _ in range(n):
+                m = (mean + rng.gauss(0, 1.5)) % 24
+                w = rng.uniform(1.5, 3.0)
+                for h in range(24):
+                    d = abs(h - m) % 24
+                    d = min(d, 24 - d)
+                    acc[h] += 0.2 + 0.8 * math.exp(-(d * d) / (2 * w * w))
+            self.hf[rhythm] = [a / n for a in acc]
+        # E[exp(-fatigue * load)] per load 0..30.
+        self.fat = [
+            statistics.fmean(
+                math.exp(-self.shape.fatigue * math.exp(g) * k)
+                for g in (random.Random(k * 31 + i).gauss(0, 0.5) for i in range(4000))
+            )
+            for k in range(31)
+        ]
+        self.unsub_mean = self.shape.unsubscribe * math.exp(0.6**2 / 2)
+
+    def expected_affinity(self, c: Customer, ch: str) -> float:
+        """E[affinity | traits, available channels] (the 0.6 cap ignored)."""
+        young = c.traits["age_band"] == "18-34"
+        device = c.traits["device"]
+        shift = {
+            "email": (-0.5 if young else 0.3) + (0.3 if device == "desktop" else 0.0),
+            "sms": (0.4 if young else -0.2),
+            "push": (0.5 if device == "mobile" else -0.4) + (0.2 if young else 0.0),
+        }[ch]
+        fav = 1 + 0.8 / len(c.available) if ch in c.available else 1.0
+        return self.shape.affinity[ch] * math.exp(shift + 0.6**2 / 2) * fav
+
+    def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
+        """The best expected value given the traits, when positive."""
+        c = state.customer
+        hf = self.hf[c.traits["rhythm"]]
+        local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(c.zone))
+        best: tuple[float, str, int] | None = None
+        mult = {"email": 1.0, "sms": 1.6, "push": 1.2}
+        for hour in ALLOWED_HOURS:
+            at = _local_ms(c.zone, local.year, local.month, local.day, hour)
+            load = state.load(at)
+            for ch in c.available:
+                if ch in c.opted_out:
+                    continue
+                p = self.expected_affinity(c, ch) * hf[hour] * self.fat[min(load, 30)]
+                u = self.unsub_mean * mult[ch] * (1 + UNSUB_LOAD * load) * (1.5 - hf[hour])
+                v = p - self.cost * u
+                if best is None or v > best[0]:
+                    best = (v, ch, at)
+        if best is None or best[0] <= 0:
+            return None
+        return best[1], best[2]
+
+    def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
+        """Learns nothing."""
+
+
+class Traced:
+    """Wraps a policy: per day, the true click probability of each chosen send and the oracle's best."""
+
+    def __init__(self, inner: Any, days: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.days = days
+        self.p_sent = [0.0] * days  # sum of the true click probability of sends, per day
+        self.u_sent = [0.0] * days  # sum of the true unsubscribe probability of sends, per day
+        self.n_sent = [0] * days
+        self.n_dec = [0] * days
+        self.best_ch = [0] * days  # sends on the customer's best available channel
+        self.hf = [0.0] * days
+        self.day0: dict[str, int] = {}
+
+    def _day(self, c: Customer, now_ms: int) -> int:
+        base = self.day0.get(c.zone)
+        if base is None:
+            base = self.day0[c.zone] = _local_ms(c.zone, START.year, START.month, START.day, 7)
+        return min(self.days - 1, max(0, round((now_ms - base) / 86_400_000)))
+
+    def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
+        """The inner policy's choice, traced."""
+        choice = self.inner.decide(state, now_ms)
+        c = state.customer
+        d = self._day(c, now_ms)
+        self.n_dec[d] += 1
+        if choice is not None:
+            ch, at = choice
+            h = local_hour(at, c.zone)
+            self.p_sent[d] += click_probability(c, ch, h, state.load(at))
+            self.u_sent[d] += unsubscribe_probability(c, ch, h, state.load(at))
+            self.n_sent[d] += 1
+            usable = [x for x in c.available if x not in c.opted_out]
+            self.best_ch[d] += ch == max(usable, key=lambda x: c.affinity[x])
+            dd = abs(h - c.preferred_hour) % 24
+            dd = min(dd, 24 - dd)
+            self.hf[d] += 0.2 + 0.8 * math.exp(-(dd * dd) / (2 * c.hour_width**2))
+        return choice
+
+    def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
+        """Passed on."""
+        self.inner.feedback(state, channel, kind, sent_ms, ts_ms)
+
+    def trace(self) -> dict[str, list[float]]:
+        """Per day: share of decisions sent, mean true p(click) of the sends, best channel, hour factor."""
+        n = [max(1, x) for x in self.n_sent]
+        return {
+            "sent": [s / max(1, k) for s, k in zip(self.n_sent, self.n_dec, strict=True)],
+            "p": [p / k for p, k in zip(self.p_sent, n, strict=True)],
+            "best": [b / k for b, k in zip(self.best_ch, n, strict=True)],
+            "hf": [h / k for h, k in zip(self.hf, n, strict=True)],
+        }
+
+
+def _summ(r: RunResult) -> dict[str, Any]:
+    return {
+        "clicks": r.clicks,
+        "sends": r.sends,
+        "unsub": r.unsubscribe_rate,
+        "mpd": r.sends / r.customers / r.days,
+        "ctr": r.ctr,
+    }
+
+
+def _trait_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
+    shape, seed, customers, days = job
+    pop = make_population(shape, customers, seed)
+    out: dict[str, Any] = {"shape": shape, "seed": seed}
+    cfg = sim_learner_config()
+    for pol in (
+        OraclePolicy(10.0),
+        TraitOracle(shape),
+        HeuristicPolicy(),
+        CadencePolicy(config=cfg),
+    ):
+        t = Traced(pol, days)
+        cpu = time.process_time()
+        r = run_policy(t, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]
+        out[pol.name] = {**_summ(r), "trace": t.trace(), "cpu": time.process_time() - cpu}
+    return out
+
+
+def _ab_job(job: tuple[str, int, int, int, str, str, int]) -> dict[str, Any]:
+    shape, seed, customers, days, arm, overrides, draw = job
+    pop = make_population(shape, customers, seed)
+    cfg = LearnerConfig(**{"horizon_ms": HORIZON, "label_delay_ms": None, **json.loads(overrides)})
+    pol = Traced(_draw_policy(cfg, draw), days)
+    cpu = time.process_time()
+    r = run_policy(pol, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]
+    sent = max(1, sum(pol.n_sent))
+    return {
+        "shape": shape,
+        "seed": seed,
+        "arm": arm,
+        "draw": draw,
+        **_summ(r),
+        "true_click": sum(pol.p_sent) / sent,  # mean true probabilities of the sends made
+        "true_unsub": sum(pol.u_sent) / sent,
+        "cpu": time.process_time() - cpu,
+    }
+
+
+def _draw_policy(cfg: LearnerConfig, draw: int) -> CadencePolicy:
+    pol = CadencePolicy(config=cfg)
+    if draw:
+        pol.draw_seed = draw  # type: ignore[attr-defined]
+    return pol
+
+
+def _oracle_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
+    shape, seed, customers, days = job
+    pop = make_population(shape, customers, seed)
+    out = {"shape": shape, "seed": seed}
+    for pol in (OraclePolicy(10.0), HeuristicPolicy()):
+        r = run_policy(pol, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]
+        out[pol.name] = _summ(r)  # type: ignore[assignment]
+    return out
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def main() -> None:
+    """Command line."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["trait", "ab"])
+    ap.add_argument("--customers", type=int, default=3000)
+    ap.add_argument("--days", type=int, default=20)
+    ap.add_argument("--shapes", default="balanced,email_heavy,mobile_first")
+    ap.add_argument("--seeds", default="1")
+    ap.add_argument("--draws", default="0,1,2")
+    ap.add_argument("--arm", action="append", default=[])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    shapes = a.shapes.split(",")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    load0 = _load()
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    if a.mode == "trait":
+        jobs = [(s, seed, a.customers, a.days) for s in shapes for seed in seeds]
+        with ctx.Pool(a.workers) as pool:
+            res = pool.map(_trait_job, jobs, chunksize=1)
+        for r in res:
+            o = r["oracle"]["clicks"]
+            print(f"== {r['shape']} seed {r['seed']} (oracle {o} clicks)")
+            for name in ("oracle", "trait oracle", "heuristic", "cadence"):
+                x = r[name]
+                print(
+                    f"  {name:13s} clicks {x['clicks']:6d} ({x['clicks'] / o:5.1%}) unsub {x['unsub']:.1%} "
+                    f"msgs/cust/day {x['mpd']:.3f} CTR {x['ctr']:.2%} cpu {x['cpu']:.0f}s"
+                )
+            for key in ("sent", "p", "best", "hf"):
+                print(f"  per day: {key}")
+                for name in ("oracle", "trait oracle", "cadence"):
+                    tr = r[name]["trace"][key]
+                    print(f"    {name:13s} " + " ".join(f"{v:.3f}" for v in tr))
+    else:
+        arms = [x.split("=", 1) for x in a.arm] or [["base", "{}"]]
+        draws = [int(d) for d in a.draws.split(",")]
+        base_jobs = [(s, seed, a.customers, a.days) for s in shapes for seed in seeds]
+        jobs = [
+            (s, seed, c, d, arm, ov, dr) for (s, seed, c, d) in base_jobs for dr in draws for arm, ov in arms
+        ]
+        with ctx.Pool(a.workers) as pool:
+            oracle = pool.map_async(_oracle_job, base_jobs, chunksize=1)
+            res = []
+            for r in pool.imap_unordered(_ab_job, jobs, chunksize=1):
+                res.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)  # progress, one run a line
+            orc = oracle.get()
+        ref = {(o["shape"], o["seed"]): o for o in orc}
+        by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in res:
+            by[(r["arm"], r["shape"])].append(r)
+        print(f"{a.customers} x {a.days}, seeds {seeds}, draws {draws}")
+        for s in shapes:
+            o = sum(ref[(s, seed)]["oracle"]["clicks"] for seed in seeds)
+            h = [ref[(s, seed)]["heuristic"] for seed in seeds]
+            print(
+                f"== {s}: oracle {o / len(seeds):.0f} clicks; heuristic "
+                f"{statistics.fmean(x['clicks'] for x in h) / o * len(seeds):.1%} "
+                f"unsub {statistics.fmean(x['unsub'] for x in h):.1%}"
+            )
+            for arm, _ in arms:
+                rs = by[(arm, s)]
+                shares = [r["clicks"] / ref[(s, r["seed"])]["oracle"]["clicks"] for r in rs]
+                print(
+                    f"  {arm:14s} share {statistics.fmean(shares):.1%} "
+                    f"(sd {statistics.pstdev(shares):.1%}; {' '.join(f'{x:.1%}' for x in shares)}) "
+                    f"unsub {statistics.fmean(r['unsub'] for r in rs):.1%} "
+                    f"mpd {statistics.fmean(r['mpd'] for r in rs):.3f} "
+                    f"ctr {statistics.fmean(r['ctr'] for r in rs):.2%} "
+                    f"true p(click) {statistics.fmean(r['true_click'] for r in rs):.3f} "
+                    f"p(unsub) {statistics.fmean(r['true_unsub'] for r in rs):.4f} "
+                    f"cpu {statistics.fmean(r['cpu'] for r in rs):.0f}s"
+                )
+        print("== pooled over populations (mean of per-population shares; paired diff vs first arm)")
+        first = arms[0][0]
+        for arm, _ in arms:
+            diffs = []
+            shares_all = []
+            for s in shapes:
+                for r in by[(arm, s)]:
+                    o = ref[(s, r["seed"])]["oracle"]["clicks"]
+                    twin = next(
+                        x for x in by[(first, s)] if x["seed"] == r["seed"] and x["draw"] == r["draw"]
+                    )
+                    diffs.append((r["clicks"] - twin["clicks"]) / o)
+                    shares_all.append(r["clicks"] / o)
+            print(
+                f"  {arm:14s} share {statistics.fmean(shares_all):.1%}  diff vs {first} "
+                f"{statistics.fmean(diffs):+.1%} (sd of diffs {statistics.pstdev(diffs):.1%}, n={len(diffs)})"
+            )
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"res": res, "oracle": orc}, f)
+    print(
+        f"wall {time.perf_counter() - t0:.0f}s; load {load0} -> {_load()}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
