@@ -215,7 +215,9 @@ def sim_learner_config() -> LearnerConfig:
     (Clicks arrive within 2 h in the simulated world and unsubscribes within 6 h; a later one
     would still correct its provisional label until the horizon.)
     """
-    return LearnerConfig(horizon_ms=24 * 3_600_000, label_delay_ms=6 * 3_600_000)
+    return LearnerConfig(
+        horizon_ms=24 * 3_600_000, label_delay_ms=6 * 3_600_000, hazard_fit=True, volume_optimism=0.25
+    )
 
 
 class CadencePolicy:
