@@ -213,7 +213,10 @@ def sim_learner_config() -> LearnerConfig:
     """The learners' configuration in the simulator: a 24 h horizon, labels learned 6 h after each send.
 
     (Clicks arrive within 2 h in the simulated world and unsubscribes within 6 h; a later one
-    would still correct its provisional label until the horizon.)
+    would still correct its provisional label until the horizon.) With the fitted unsubscribe
+    hazard and volume optimism 0.25: at 10,000 customers x 30 days (3 populations x 2 seeds)
+    67% of the oracle's clicks against 64% without them, 11.7% of customers unsubscribed
+    against 11.1%, every other quality goal met (docs/decisions.md).
     """
     return LearnerConfig(
         horizon_ms=24 * 3_600_000, label_delay_ms=6 * 3_600_000, hazard_fit=True, volume_optimism=0.25
