@@ -241,6 +241,8 @@ def prepare_commit(
 
     Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
     """
+    if request.mode != "commit":
+        raise ValueError("prepare_commit: the request's mode must be 'commit'")
     return _prepare(request, conn=None, state=state, decision_id=decision_id)
 
 
@@ -269,21 +271,9 @@ def commit_prepared(conn: Connection, prepared: PreparedDecision, *, state: Deci
         _record(conn, prepared)
         return prepared.body
     state.redecided += 1
-    return make_decision(
-        conn=conn,
-        ruleset=request.ruleset,
-        customer_ref=request.customer_ref,
-        now_ms=request.now_ms,
-        available_channels=request.available_channels,
-        learners=request.learners,
-        opt_in_channels=request.opt_in_channels,
-        mode="commit",
-        context=request.context,
-        campaigns=request.campaigns,
-        event=request.event,
-        decision_id=prepared.decision_id,
-        state=state,
-    )
+    again = _prepare(request, conn=conn, state=state, decision_id=prepared.decision_id)
+    _record(conn, again)
+    return again.body
 
 
 def _prepare(
