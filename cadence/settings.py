@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 from cadence.errors import ConfigError
 
-__all__ = ["ApiKeyConfig", "Scope", "Settings", "load_settings"]
+__all__ = ["ApiKeyConfig", "LearnerSettings", "Scope", "Settings", "load_settings"]
 
 Scope = Literal["ingest", "decide", "admin"]
 SCOPES: tuple[Scope, ...] = ("ingest", "decide", "admin")
@@ -35,6 +35,69 @@ class ApiKeyConfig(BaseModel):
     name: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
     scopes: list[Scope] = Field(default_factory=lambda: ["ingest"])
+
+
+EngagementKind = Literal["opened", "clicked", "converted"]
+
+
+class LearnerSettings(BaseModel):
+    """How the decision learners value a send and when they learn its outcome.
+
+    Set in ``cadence.toml`` under ``[learner]`` or as ``CADENCE_LEARNER__<NAME>``. The value of
+    a send is ``click_value * P(engagement) - unsubscribe_cost * P(unsubscribe)``. Values read
+    only when deciding (``click_value``, ``unsubscribe_cost``, ``volume_optimism``) apply to the stored learner at the next start; a change to one
+    that shapes what was learned (``horizon_hours``, ``label_delay_hours``,
+    ``engagement_events``) makes the learner learn again from the event log (docs/decisions.md).
+    """
+
+    model_config = {"extra": "forbid"}
+
+    click_value: float = Field(default=1.0, gt=0, description="worth of one engagement")
+    unsubscribe_cost: float = Field(default=10.0, ge=0, description="cost of one unsubscribe, in clicks")
+    horizon_hours: float = Field(
+        default=48.0, gt=0, le=24 * 90, description="after this long without engagement a send is a no"
+    )
+    label_delay_hours: float | None = Field(
+        default=6.0,
+        gt=0,
+        description="learn a send provisionally this long after it (None: wait for the horizon)",
+    )
+    engagement_events: list[EngagementKind] = Field(
+        default_factory=lambda: ["clicked", "converted"], min_length=1
+    )
+    volume_optimism: float = Field(
+        default=0.25,
+        ge=0,
+        le=3,
+        description="send when worth it with the customer's own effect this many sd up",
+    )
+
+    @model_validator(mode="after")
+    def _delay_inside_horizon(self) -> LearnerSettings:
+        if self.label_delay_hours is not None and self.label_delay_hours >= self.horizon_hours:
+            raise ValueError(
+                f"label_delay_hours ({self.label_delay_hours}) must be shorter than horizon_hours "
+                f"({self.horizon_hours})"
+            )
+        return self
+
+    def to_config(self) -> Any:
+        """The :class:`~cadence.engine.learners.LearnerConfig` these settings describe."""
+        from dataclasses import replace
+
+        from cadence.channels import Feedback
+        from cadence.engine.learners import HOUR_MS, LearnerConfig
+
+        delay = self.label_delay_hours
+        return replace(
+            LearnerConfig(),
+            click_value=self.click_value,
+            unsubscribe_cost=self.unsubscribe_cost,
+            horizon_ms=round(self.horizon_hours * HOUR_MS),
+            label_delay_ms=None if delay is None else round(delay * HOUR_MS),
+            engagement_events=frozenset(Feedback(kind) for kind in self.engagement_events),
+            volume_optimism=self.volume_optimism,
+        )
 
 
 class Settings(BaseSettings):
@@ -82,6 +145,7 @@ class Settings(BaseSettings):
     scheduler_rules_poll_seconds: float = Field(default=5.0, gt=0)
     # Processes that do not lead reload the latest learner snapshot this often.
     learner_refresh_seconds: float = Field(default=30.0, gt=0)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
 
     # Compaction of derived state (leader only; `cadence db compact` runs it by hand).
     compaction_enabled: bool = True

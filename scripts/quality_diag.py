@@ -12,8 +12,9 @@ Two things, both for ``cadence.sim`` populations:
 - ``ab``: cadence under several ``LearnerConfig`` overrides, each over the same worlds
   with several Thompson draw seeds (a paired design): shares of the oracle's clicks,
   customers unsubscribed, messages per customer-day, and the mean true click and
-  unsubscribe probabilities of the sends made. Arms start from the simulator's horizon
-  with labels at the horizon (``label_delay_ms`` null); give every field that differs.
+  unsubscribe probabilities of the sends made. Arms start from the simulator's
+  configuration (``sim_learner_config()``: the server's defaults with a 24 h horizon);
+  give every field that differs.
 
     PYTHONPATH=$PWD python scripts/quality_diag.py trait --customers 3000 --days 20
     PYTHONPATH=$PWD python scripts/quality_diag.py ab --customers 3000 --days 20 \
@@ -32,6 +33,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,8 +60,6 @@ from cadence.sim.world import (
     run_policy,
     unsubscribe_probability,
 )
-
-HORIZON = 24 * 3_600_000
 
 
 class TraitOracle:
@@ -218,7 +218,7 @@ def _trait_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
 def _ab_job(job: tuple[str, int, int, int, str, str, int]) -> dict[str, Any]:
     shape, seed, customers, days, arm, overrides, draw = job
     pop = make_population(shape, customers, seed)
-    cfg = LearnerConfig(**{"horizon_ms": HORIZON, "label_delay_ms": None, **json.loads(overrides)})
+    cfg = replace(sim_learner_config(), **json.loads(overrides))
     pol = Traced(_draw_policy(cfg, draw), days)
     cpu = time.process_time()
     r = run_policy(pol, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]

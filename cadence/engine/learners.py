@@ -45,7 +45,7 @@ import random
 import zlib
 from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
@@ -60,6 +60,7 @@ from cadence.engine.decision import Candidate
 from cadence.engine.slots import local_datetime, local_ms, zone_named
 
 __all__ = [
+    "DECISION_TIME_FIELDS",
     "DecisionLearner",
     "FatigueHazard",
     "FeatureLayout",
@@ -67,6 +68,7 @@ __all__ = [
     "LearnerConfig",
     "ProbitClassifier",
     "ProbitModel",
+    "learned_differences",
 ]
 
 TRAIT_BUCKETS = 64
@@ -133,6 +135,10 @@ class LearnerConfig:
     ``click_value`` and ``unsubscribe_cost`` are in the same unit (say, clicks): a send
     is worth ``click_value * P(engagement) - unsubscribe_cost * P(unsubscribe)``.
     ``horizon_ms``: how long after a send a missing click counts as no engagement.
+
+    The defaults are what a server runs (``cadence serve``; operators change the main ones
+    with the ``CADENCE_LEARNER__*`` settings, see :class:`cadence.settings.LearnerSettings`)
+    and what the simulator benchmark measures, apart from its 24 h horizon.
     """
 
     click_value: float = 1.0
@@ -143,7 +149,6 @@ class LearnerConfig:
     beta: float = 1.0
     engagement_events: frozenset[Feedback] = frozenset({Feedback.CLICKED, Feedback.CONVERTED})
     quality_window: int = 5000
-    min_explore: float = 0.1  # variant exploration share when a campaign does not say
     explore_unsubscribe: bool = False  # sample the risk too (False: value risk at its posterior mean)
     hazard_strength: float = 300.0  # prior weight (in sends) of each fatigue-hazard cell
     hazard_load_slope: float = 0.3  # prior: each recent send raises the unsubscribe risk by this share
@@ -162,18 +167,55 @@ class LearnerConfig:
     hour_explore: bool = False  # draw the preferred hour from its posterior (False: use the expected lift)
     probit_hours: bool = True  # the probit's own hour x trait weights and hour match (besides HourPreference)
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
-    hazard_fit: bool = False  # FittedHazard (shared load slope and timing term) instead of cells per load
-    volume_optimism: float = 0.0  # send when the value is positive with the customer's effect this many sd up
+    hazard_fit: bool = True  # FittedHazard (shared load slope and timing term) instead of cells per load
+    volume_optimism: float = (
+        0.25  # send when the value is positive with the customer's effect this many sd up
+    )
     #: Learn each send provisionally this long after it (no click by then: a no), and correct
     #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
     #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
-    label_delay_ms: int | None = None
+    label_delay_ms: int | None = 6 * HOUR_MS
     #: How a customer's own per-channel engagement is learned: "probit" (a random effect in the
     #: regression, prior variance ``customer_channel_var``) or "gamma" (a Gamma-Poisson rate
     #: multiplier per channel: clicks against the population model's expected clicks, prior shape
     #: ``customer_gamma_shape``; the regression then learns the population with it as an offset).
     customer_model: str = "probit"
     customer_gamma_shape: float = 2.5
+
+
+#: The :class:`LearnerConfig` fields read only when options are valued: a stored learner can
+#: take new values of these (:meth:`DecisionLearner.reconfigure`). Every other field shapes
+#: what the learner learned (priors, labels, the models' structure).
+DECISION_TIME_FIELDS = frozenset(
+    {
+        "click_value",
+        "unsubscribe_cost",
+        "volume_optimism",
+        "explore_unsubscribe",
+        "explore_volume",
+        "hour_explore",
+        "hour_pop_draw",
+        "hour_draw_scale",
+        "time_draw",
+    }
+)
+
+
+def learned_differences(stored: LearnerConfig, wanted: LearnerConfig) -> list[str]:
+    """The fields that shape learning where ``stored`` (say, a snapshot's) and ``wanted`` differ.
+
+    A config unpickled from an older snapshot reads a field it lacks as the class default.
+
+    >>> learned_differences(LearnerConfig(), LearnerConfig(unsubscribe_cost=3.0))
+    []
+    >>> learned_differences(LearnerConfig(), LearnerConfig(horizon_ms=HOUR_MS, hazard_fit=False))
+    ['horizon_ms', 'hazard_fit']
+    """
+    return [
+        f.name
+        for f in fields(LearnerConfig)
+        if f.name not in DECISION_TIME_FIELDS and getattr(stored, f.name) != getattr(wanted, f.name)
+    ]
 
 
 class ProbitModel:
@@ -786,6 +828,18 @@ class DecisionLearner:
         if "_bank" not in state:
             self._bank = _noise_bank(self.layout.size)
 
+    def reconfigure(self, config: LearnerConfig) -> None:
+        """Value options with ``config`` from now on (a stored learner taking new settings).
+
+        Only :data:`DECISION_TIME_FIELDS` may differ: raises ``ValueError`` naming the others,
+        which need a learner that learned with them.
+        """
+        changed = learned_differences(self.config, config)
+        if changed:
+            raise ValueError(f"the learner learned with other values of {', '.join(changed)}")
+        self.config = config
+        self._group_meta = {}
+
     def recent_load(self, customer_id: int, now_ms: int) -> int:
         """Sends to the customer in the 7 days before ``now_ms`` (as the learner has seen them)."""
         sends = self.customer(customer_id).sends
@@ -1183,7 +1237,7 @@ class DecisionLearner:
         var += cfg.beta**2
         np.sqrt(var, out=var)
         hopeful = None
-        if cfg.volume_optimism:
+        if cfg.volume_optimism and not gamma:
             # Whether to send: the value with the customer's own effect volume_optimism sd above its mean.
             up = per_group[0] + cfg.volume_optimism * eff_sd
             z_up = (up[:, None] + time_w[0]) if shared else (up[group_of] + time_w[0, ti])

@@ -15,6 +15,7 @@ live one.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 import zlib
@@ -25,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 
 from cadence.channels import feedback_kind
-from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending
+from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
 from cadence.errors import CadenceError
 from cadence.store.schema.decisions import decisions, learner_snapshots
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 SNAPSHOT_FORMAT = 1
+log = logging.getLogger("cadence.learners")
 
 
 class UnknownSnapshot(CadenceError):
@@ -198,8 +200,13 @@ class LearnerSubscriber:
         snapshot_min_seconds: float = 30.0,
         max_recall: int = 200_000,
     ) -> None:
-        self.config = config
-        self.learner = DecisionLearner(config)
+        settings = getattr(runtime, "settings", None)
+        if config is None and settings is not None:
+            config = settings.learner.to_config()
+        self.config = config or LearnerConfig()
+        # Relearning would lose what the retained log no longer holds.
+        self._log_complete = getattr(settings, "event_retention_days", None) is None
+        self.learner = DecisionLearner(self.config)
         self.pinned: DecisionLearner | None = None
         self.snapshot_every = snapshot_every
         self.max_recall = max_recall
@@ -208,18 +215,64 @@ class LearnerSubscriber:
         # on a fast replay, taking one every 10k events would cost more than the learning.
         self.snapshot_min_seconds = snapshot_min_seconds
         self._last_snapshot = time.monotonic()
+        # Learning from the start of the log: (decisions registered up to this decided_at_ms,
+        # the last one to register), see _backfill_decisions.
+        self._backfill: tuple[int, int] | None = None
 
     def scorer(self) -> DecisionLearner:
         """What decisions should be scored with: the pinned snapshot if any, else the live learner."""
         return self.pinned or self.learner
 
     def start(self, conn: Connection, checkpoint: int) -> int:
-        """Load the latest snapshot (and the pinned one); return the position it reflects."""
-        latest = load_snapshot(conn, name=self.name)
-        self.learner = latest if latest is not None else DecisionLearner(self.config)
-        self.pinned = load_snapshot(conn, name=self.name, pinned=True)
-        self.recall(conn)
+        """Load the latest snapshot (and the pinned one); return the position it reflects.
+
+        A snapshot takes the configured values of
+        :data:`~cadence.engine.learners.DECISION_TIME_FIELDS`. When it was
+        learned with other values of a field that shapes learning (the horizon, the label delay,
+        the engagement events, a model choice), the learner starts afresh and learns again
+        from the start of the event log, registering the stored decisions as the replay
+        reaches the time each was made; unless events were deleted by retention, when the
+        snapshot is kept as it is. A pinned snapshot is served as pinned either way.
+        """
+        latest = self._adopted(load_snapshot(conn, name=self.name), what="latest", relearn=self._log_complete)
+        self._backfill = None
+        if latest is None:
+            self.learner = DecisionLearner(self.config)
+            last = conn.scalar(
+                select(func.max(decisions.c.decided_at_ms)).where(decisions.c.action == "send")
+            )
+            if last is not None:
+                self._backfill = (-(2**62), int(last))
+        else:
+            self.learner = latest
+            self.recall(conn)
+        self.pinned = self._adopted(
+            load_snapshot(conn, name=self.name, pinned=True), what="pinned", relearn=False
+        )
         return self.learner.position
+
+    def _adopted(self, stored: DecisionLearner | None, *, what: str, relearn: bool) -> DecisionLearner | None:
+        """``stored`` with the configured decision-time values; None to learn again from the log."""
+        if stored is None:
+            return None
+        changed = learned_differences(stored.config, self.config)
+        if not changed:
+            stored.reconfigure(self.config)
+            return stored
+        if relearn:
+            log.warning(
+                "the %s learner snapshot was learned with other %s: learning again from the event log",
+                what,
+                ", ".join(changed),
+            )
+            return None
+        log.warning(
+            "the %s learner snapshot was learned with other %s; it is kept as learned (%s)",
+            what,
+            ", ".join(changed),
+            "pinned" if what == "pinned" else "events were deleted by retention, relearning would lose them",
+        )
+        return stored
 
     def recall(self, conn: Connection) -> int:
         """Register again the sent decisions the snapshot does not know, whose labels are not yet due.
@@ -292,6 +345,8 @@ class LearnerSubscriber:
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
         """Learn from each feedback event in ``batch``; snapshot after ``snapshot_every`` events
         and at least ``snapshot_min_seconds`` since the last snapshot."""
+        if self._backfill is not None and batch:
+            self._backfill_decisions(conn, batch[-1].ts_ms)
         for event in batch:
             self.learner.advance(event.ts_ms)
             kind = feedback_kind(event.event)
@@ -304,6 +359,33 @@ class LearnerSubscriber:
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         if batch and self._since_snapshot >= self.snapshot_every and due:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)
+
+    def _backfill_decisions(self, conn: Connection, until_ms: int) -> None:
+        """Register the stored decisions made up to ``until_ms`` while learning from the start of the log.
+
+        A learner that replays the log from its start meets the decisions as a live one did:
+        each is registered before the events of its time, so a send nobody clicked is
+        learned as a no (feedback events alone would teach only the yeses).
+        """
+        assert self._backfill is not None
+        done, last = self._backfill
+        upto = min(until_ms, last)
+        if upto > done:
+            rows = conn.execute(
+                select(*_REGISTERED)
+                .where(
+                    decisions.c.action == "send",
+                    decisions.c.channel.is_not(None),
+                    decisions.c.send_at_ms.is_not(None),
+                    decisions.c.decided_at_ms > done,
+                    decisions.c.decided_at_ms <= upto,
+                )
+                .order_by(decisions.c.decided_at_ms, decisions.c.id)
+            ).all()
+            for row in rows:
+                if row.id not in self.learner.pending:
+                    self._register(row)
+        self._backfill = None if until_ms >= last else (max(done, upto), last)
 
     def _known(self, conn: Connection, decision_id: str, kind: str, ts_ms: int) -> str | None:
         """Note the outcome on the stored decision; re-register it with the learner if it forgot it.

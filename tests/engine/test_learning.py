@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from typer.testing import CliRunner
 
+from cadence.channels import Feedback
 from cadence.cli import app
+from cadence.engine.learners import LearnerConfig
 from cadence.engine.learning import (
     LearnerSubscriber,
     UnknownSnapshot,
@@ -19,6 +24,10 @@ from cadence.engine.learning import (
     unpin,
 )
 from cadence.engine.loop import LoggedEvent
+from cadence.errors import ConfigError
+from cadence.settings import load_settings
+from cadence.store.schema.core import customers
+from cadence.store.schema.decisions import decisions
 
 T0 = 1_780_000_000_000
 HOUR = 3_600_000
@@ -151,3 +160,121 @@ def test_the_cli_names_the_learner_as_the_subscriber_does() -> None:
     from cadence.engine.learning import LearnerSubscriber
 
     assert LearnerSubscriber.name == NAME
+
+
+def _store_decisions(conn: Connection, sub: LearnerSubscriber, n: int) -> list[LoggedEvent]:
+    """n committed email decisions for customer 1 an hour apart, stored as the API stores them;
+    returns their feedback: every other one reported delivered (some providers never report it), every
+    third clicked."""
+    conn.execute(customers.insert().values(id=1, created_ms=T0))
+    events = []
+    for k in range(n):
+        did, ts = f"d{k}", T0 + k * HOUR
+        stored = sub.record(
+            decision_id=did,
+            customer_id=1,
+            traits={"plan": "pro"},
+            zone="UTC",
+            campaign="c",
+            channel="email",
+            send_at_ms=ts,
+            arm=None,
+            now_ms=ts,
+        )
+        conn.execute(
+            decisions.insert().values(
+                id=did,
+                customer_id=1,
+                decided_at_ms=ts,
+                action="send",
+                campaign="c",
+                channel="email",
+                send_at_ms=ts,
+                ruleset_hash="h",
+                explanation={},
+                inputs={"features": stored, "zone": "UTC", "traits": {"plan": "pro"}},
+                outcome={},
+            )
+        )
+        if k % 2 == 0:
+            events.append(feedback(2 * k + 1, "Email Delivered", did, ts + 1000))
+        if k % 3 == 0:
+            events.append(feedback(2 * k + 2, "Email Link Clicked", did, ts + 60_000))
+    # A last event two days on: every label is due.
+    events.append(feedback(2 * n + 1, "Page Viewed", "none", T0 + (n + 48) * HOUR))
+    return events
+
+
+def test_a_snapshot_takes_new_decision_values_and_relearns_for_a_new_horizon(db_engine: Engine) -> None:
+    sub = LearnerSubscriber(snapshot_every=10**9)
+    with db_engine.begin() as conn:
+        events = _store_decisions(conn, sub, 30)
+        sub.apply(conn, events)
+        sub.snapshot(conn, now_ms=T0)
+    learned = sub.learner
+    assert learned.labels == 60  # 30 sends, each an engagement and an unsubscribe label
+
+    # A value read only when deciding: the snapshot is kept, with the new value.
+    dearer = LearnerSubscriber(config=replace(LearnerConfig(), unsubscribe_cost=25.0))
+    with db_engine.begin() as conn:
+        assert dearer.start(conn, checkpoint=0) == events[-1].id
+    assert dearer.learner.config.unsubscribe_cost == 25.0
+    assert np.array_equal(dearer.learner.engagement.mean, learned.engagement.mean)
+
+    # A horizon shapes the labels: learn again from the log, the stored decisions included, so
+    # the 10 sends with no feedback event at all are learned as noes too.
+    config = replace(LearnerConfig(), horizon_ms=12 * HOUR, label_delay_ms=None)
+    relearn = LearnerSubscriber(config=config, snapshot_every=10**9)
+    with db_engine.begin() as conn:
+        assert relearn.start(conn, checkpoint=0) == 0
+        relearn.apply(conn, events)
+    assert relearn.learner.config.horizon_ms == 12 * HOUR and relearn.learner.labels == 60
+    # ... exactly as a learner with that configuration learns it live.
+    live = LearnerSubscriber(config=config, snapshot_every=10**9)
+    for k in range(30):
+        ts = T0 + k * HOUR
+        live.record(
+            decision_id=f"d{k}",
+            customer_id=1,
+            traits={"plan": "pro"},
+            zone="UTC",
+            campaign="c",
+            channel="email",
+            send_at_ms=ts,
+            arm=None,
+            now_ms=ts,
+        )
+    with db_engine.begin() as conn:
+        live.apply(conn, events)
+    assert np.allclose(relearn.learner.engagement.mean, live.learner.engagement.mean)
+    assert relearn.learner.customers[1].clicks == live.learner.customers[1].clicks == 10
+
+
+def test_learner_settings_reach_the_loops_learner(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CADENCE_LEARNER__UNSUBSCRIBE_COST", "4.5")
+    monkeypatch.setenv("CADENCE_LEARNER__HORIZON_HOURS", "72")
+    monkeypatch.setenv("CADENCE_LEARNER__ENGAGEMENT_EVENTS", '["opened", "clicked"]')
+    settings = load_settings(database_url="sqlite:///unused.db")
+    sub = LearnerSubscriber(SimpleNamespace(settings=settings))
+    assert sub.config.unsubscribe_cost == 4.5 and sub.config.horizon_ms == 72 * HOUR
+    assert sub.config.label_delay_ms == 6 * HOUR
+    assert sub.config.engagement_events == {Feedback.OPENED, Feedback.CLICKED}
+    # Everything not exposed stays as LearnerConfig's defaults.
+    assert sub.config.hazard_fit is LearnerConfig().hazard_fit
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "named"),
+    [
+        ("CADENCE_LEARNER__LABEL_DELAY_HOURS", "60", "label_delay_hours (60.0) must be shorter"),
+        ("CADENCE_LEARNER__UNSUBSCRIBE_COST", "-1", "CADENCE_LEARNER__UNSUBSCRIBE_COST"),
+        ("CADENCE_LEARNER__ENGAGEMENT_EVENTS", '["bounced"]', "CADENCE_LEARNER__ENGAGEMENT_EVENTS"),
+        ("CADENCE_LEARNER__PRIOR", "1", "CADENCE_LEARNER__PRIOR"),
+    ],
+)
+def test_bad_learner_settings_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_settings(database_url="sqlite:///unused.db")
