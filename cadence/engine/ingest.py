@@ -60,14 +60,14 @@ PG_INSERT = (
     " ON CONFLICT (message_id) DO NOTHING"
 )
 #: The same for rows whose payload is JSON text already (file imports).
-PG_INSERT_TEXT = PG_INSERT.replace("r->8", "CAST(r->>8 AS JSONB)")
+PG_INSERT_TEXT = PG_INSERT.replace("r->8", "CAST(r->>8 AS JSON)")
 #: PostgreSQL's bulk load: no conflict handling, so only for rows known to be new. Binary:
 #: the server reads numbers and texts as they are instead of parsing and unescaping text
 #: (about a tenth of its work per event, measured).
 PG_COPY = f"COPY events ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
-#: The binary types of :data:`COLUMNS` for ``COPY``; ``jsonb``'s binary form is a version byte
-#: (1) and the JSON text, sent as ``bytea`` so that the bytes go as they are.
-PG_COPY_TYPES = ("varchar",) * 5 + ("int8", "int8", "varchar", "bytea")
+#: The binary types of :data:`COLUMNS` for ``COPY``; the payload (``json``, migration
+#: ``ingest_0003``) goes as its text, which is ``json``'s binary form.
+PG_COPY_TYPES = ("varchar",) * 5 + ("int8", "int8", "varchar", "text")
 
 #: The sequence behind ``events.id`` (PostgreSQL's ``BIGSERIAL``; its cache must stay 1, the
 #: default, so that its last value bounds every id a session has drawn).
@@ -102,7 +102,7 @@ PG_COPY_IDS_TYPES = ("int8", *PG_COPY_TYPES)
 PG_INSERT_TEXT_IDS = (
     f"INSERT INTO events (id, {COLUMNS})"
     " SELECT (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4, r->>5, (r->>6)::bigint, (r->>7)::bigint, r->>8,"
-    " CAST(r->>9 AS JSONB) FROM jsonb_array_elements(CAST(%s AS JSONB)) AS rows(r)"
+    " CAST(r->>9 AS JSON) FROM jsonb_array_elements(CAST(%s AS JSONB)) AS rows(r)"
     " ON CONFLICT (message_id) DO NOTHING"
 )
 
@@ -259,7 +259,7 @@ def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
             copy.set_types(PG_COPY_TYPES)
             write = copy.write_row
             for row in rows:
-                write((*row[:8], b"\x01" + row[8].encode()))
+                write(row)
         return max(cursor.rowcount, 0)
     finally:
         cursor.close()
@@ -297,7 +297,7 @@ def copy_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Sequ
             copy.set_types(PG_COPY_IDS_TYPES)
             write = copy.write_row
             for event_id, row in zip(ids, rows, strict=True):
-                write((event_id, *row[:8], b"\x01" + row[8].encode()))
+                write((event_id, *row))
         return max(int(cursor.rowcount), 0)
     finally:
         cursor.close()
