@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Connection, Engine
 
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent
-from cadence.store.fast import is_postgres
+
+if TYPE_CHECKING:  # not imported at run time: ``cadence import`` writes through the driver alone
+    from sqlalchemy import Connection, Engine
 
 dumps = orjson.dumps
 
@@ -40,6 +41,9 @@ __all__ = [
     "append_horizon",
     "copy_text_rows",
     "copy_text_rows_with_ids",
+    "driver_copy_text_rows_with_ids",
+    "driver_insert_text_rows",
+    "driver_insert_text_rows_with_ids",
     "insert_text_rows_with_ids",
     "event_rows",
     "insert_rows",
@@ -111,6 +115,11 @@ Row = tuple[str, str, str | None, str | None, str | None, int, int, str, dict[st
 TextRow = tuple[str, str, str | None, str | None, str | None, int, int, str, str]
 
 
+def is_postgres(conn: Connection) -> bool:
+    """True on PostgreSQL."""
+    return conn.dialect.name == "postgresql"
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """What happened to a group of events: appended, or dropped as duplicates."""
@@ -173,8 +182,7 @@ def _sqlite_insert(rows: int) -> str:
     return f"INSERT OR IGNORE INTO events ({COLUMNS}) VALUES {values}"
 
 
-def _sqlite_most(conn: Connection) -> int:
-    dbapi = conn.connection.driver_connection
+def _sqlite_most(dbapi: Any) -> int:
     try:
         limit = int(dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))  # type: ignore[union-attr]
     except AttributeError:  # another driver: the smallest default
@@ -202,7 +210,7 @@ def insert_rows(conn: Connection, rows: Sequence[Row]) -> int:
         return max(result.rowcount, 0)
     flat = list(chain.from_iterable(rows))
     flat[8::9] = [dumps(payload).decode() for payload in flat[8::9]]
-    return _sqlite_insert_flat(conn, flat)
+    return _sqlalchemy_insert_flat(conn, flat)
 
 
 def insert_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
@@ -213,7 +221,18 @@ def insert_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
         conn.exec_driver_sql(PG_ANNOUNCE)
         result = conn.exec_driver_sql(PG_INSERT_TEXT, (orjson.dumps(rows).decode(),))
         return max(result.rowcount, 0)
-    return _sqlite_insert_flat(conn, list(chain.from_iterable(rows)))
+    return _sqlalchemy_insert_flat(conn, list(chain.from_iterable(rows)))
+
+
+def driver_insert_text_rows(dbapi: Any, rows: Sequence[TextRow]) -> int:
+    """SQLite only: :func:`insert_text_rows` on the driver's connection (inside its open transaction)."""
+    if not rows:
+        return 0
+    cursor = dbapi.cursor()
+    try:
+        return _sqlite_insert_flat(cursor.execute, _sqlite_most(dbapi), list(chain.from_iterable(rows)))
+    finally:
+        cursor.close()
 
 
 def _bind_none_directly() -> None:
@@ -230,15 +249,22 @@ def _bind_none_directly() -> None:
         sqlite3.register_adapter(type(None), {}.get)  # {}.get(x) is None: a C call
 
 
-def _sqlite_insert_flat(conn: Connection, flat: list[Any]) -> int:
+def _sqlite_insert_flat(execute: Callable[[str, tuple[Any, ...]], Any], most: int, flat: list[Any]) -> int:
+    """Insert the rows of ``flat`` (9 values a row) with ``execute`` (a statement and its
+    parameters -> a result with ``rowcount``), at most ``most`` rows a statement."""
     _bind_none_directly()
     accepted = 0
     start = 0
-    for size in _sqlite_sizes(len(flat) // 9, _sqlite_most(conn)):
-        result = conn.exec_driver_sql(_sqlite_insert(size), tuple(flat[start * 9 : (start + size) * 9]))
+    for size in _sqlite_sizes(len(flat) // 9, most):
+        result = execute(_sqlite_insert(size), tuple(flat[start * 9 : (start + size) * 9]))
         accepted += max(result.rowcount, 0)
         start += size
     return accepted
+
+
+def _sqlalchemy_insert_flat(conn: Connection, flat: list[Any]) -> int:
+    """:func:`_sqlite_insert_flat` through SQLAlchemy (its exceptions, as callers expect)."""
+    return _sqlite_insert_flat(conn.exec_driver_sql, _sqlite_most(conn.connection.driver_connection), flat)
 
 
 def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
@@ -289,9 +315,14 @@ def copy_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Sequ
     Announces nothing: the caller holds an announced bound below ``ids`` (see the module
     docstring) from before it drew them until this transaction has ended.
     """
+    return driver_copy_text_rows_with_ids(conn.connection.driver_connection, rows, ids)
+
+
+def driver_copy_text_rows_with_ids(dbapi: Any, rows: Sequence[TextRow], ids: Sequence[int]) -> int:
+    """:func:`copy_text_rows_with_ids` on the driver's (psycopg) connection, inside its open transaction."""
     if not rows:
         return 0
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor = dbapi.cursor()
     try:
         with cursor.copy(PG_COPY_IDS) as copy:
             copy.set_types(PG_COPY_IDS_TYPES)
@@ -308,10 +339,20 @@ def insert_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Se
 
     An id left unused by a skipped row is a gap in the log, as a rolled-back insert leaves.
     """
+    return driver_insert_text_rows_with_ids(conn.connection.driver_connection, rows, ids)
+
+
+def driver_insert_text_rows_with_ids(dbapi: Any, rows: Sequence[TextRow], ids: Sequence[int]) -> int:
+    """:func:`insert_text_rows_with_ids` on the driver's (psycopg) connection, inside its open transaction."""
     if not rows:
         return 0
     data = orjson.dumps([(event_id, *row) for event_id, row in zip(ids, rows, strict=True)]).decode()
-    return max(conn.exec_driver_sql(PG_INSERT_TEXT_IDS, (data,)).rowcount, 0)
+    cursor = dbapi.cursor()
+    try:
+        cursor.execute(PG_INSERT_TEXT_IDS, (data,))
+        return max(int(cursor.rowcount), 0)
+    finally:
+        cursor.close()
 
 
 def append_events(conn: Connection, batch: Sequence[NewEvent]) -> IngestResult:
