@@ -388,7 +388,7 @@ class _Stop(Exception):
 class _PgWriters:
     """PostgreSQL: groups written by :data:`PG_WRITERS` connections at once, in file order.
 
-    The server's work per event (the JSONB payload, four index entries) is the import's
+    The server's work per event (the payload, four index entries) is the import's
     bound on PostgreSQL, and one connection is one server process: so group ``g`` goes to
     connection ``g % PG_WRITERS``, each on a thread of its own (the driver releases the GIL
     while the server works), while the reading thread parses on. Each group is still one
