@@ -184,7 +184,7 @@ def _sqlite_insert(rows: int) -> str:
 
 def _sqlite_most(dbapi: Any) -> int:
     try:
-        limit = int(dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))  # type: ignore[union-attr]
+        limit = int(dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     except AttributeError:  # another driver: the smallest default
         limit = 999
     most = 1
