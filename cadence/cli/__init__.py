@@ -6,7 +6,8 @@ a one-line message on stderr and exit status 2 (1 is kept for "checks failed").
 
 Start-up is kept short: :func:`main` imports only the module of the command it runs
 when :data:`COMMAND_HOMES` knows it (``cadence import`` does not load FastAPI, numpy
-or the rule compiler); help, and any command not listed there, load every module.
+or the rule compiler, nor SQLAlchemy on a current database); help, and any command not
+listed there, load every module.
 ``cadence.cli.app`` is the root app with every command, built on first use.
 """
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from cadence.errors import CadenceError
-from cadence.runtime import Runtime, open_runtime
 from cadence.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # imported when a command opens one: it loads SQLAlchemy
+    from cadence.runtime import Runtime
 
 __all__ = ["COMMAND_HOMES", "COMMAND_MODULES", "app", "build_app", "main", "runtime_for", "settings_from_cli"]
 
@@ -76,6 +79,8 @@ def _root(
 
 def runtime_for(ctx: typer.Context, *, upgrade: bool = False, **overrides: Any) -> Runtime:
     """A runtime for one command; its database connections close when the command ends."""
+    from cadence.runtime import open_runtime
+
     runtime = open_runtime(settings_from_cli(ctx, **overrides), upgrade=upgrade)
     ctx.call_on_close(runtime.close)
     return runtime

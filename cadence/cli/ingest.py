@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from cadence.cli import runtime_for
+from cadence.cli import runtime_for, settings_from_cli
 from cadence.engine.importer import DEFAULT_BATCH_SIZE, import_file, parse_mapping
+from cadence.store.driver import driver_target
 
 console = Console()
 
@@ -31,7 +32,9 @@ def import_command(
     ),
 ) -> None:
     """Import Segment-spec events; bad lines are reported and skipped, never fatal."""
-    runtime = runtime_for(ctx, upgrade=True)
+    # A current database is written through its driver alone (no SQLAlchemy to load: a shorter
+    # start-up); any other goes through the runtime, which migrates it first and says what is wrong.
+    target = driver_target(settings_from_cli(ctx).database_url) or runtime_for(ctx, upgrade=True).engine
     try:
         column_map = parse_mapping(mapping)
     except ValueError as exc:
@@ -49,7 +52,7 @@ def import_command(
         task = progress.add_task(f"importing {path.name}", total=size)
         try:
             report = import_file(
-                engine=runtime.engine,
+                engine=target,
                 path=path,
                 fmt=fmt,
                 mapping=column_map,

@@ -29,10 +29,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Connection, Engine, RootTransaction
 
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
@@ -41,12 +40,15 @@ from cadence.engine.ingest import (
     PG_ANNOUNCE_SESSION,
     PG_EVENT_ID_SEQUENCE,
     TextRow,
-    copy_text_rows_with_ids,
-    insert_text_rows,
-    insert_text_rows_with_ids,
+    driver_copy_text_rows_with_ids,
+    driver_insert_text_rows,
+    driver_insert_text_rows_with_ids,
 )
 from cadence.errors import EventError
-from cadence.store.db import is_postgres
+from cadence.store.driver import DriverTarget, begin_sqlite_write
+
+if TYPE_CHECKING:  # not imported at run time: ``cadence import`` may run without SQLAlchemy
+    from sqlalchemy import Engine
 
 __all__ = ["ImportReport", "import_file", "parse_mapping"]
 
@@ -240,6 +242,41 @@ def _csv_chunks(
         text.detach()  # the caller owns ``handle``: do not let the wrapper close it
 
 
+class _Target:
+    """Where an import writes: new DB-API connections from an engine's pool or from the driver.
+
+    Writers work on the driver's own connection (``sqlite3`` or psycopg) through either: an
+    :class:`~sqlalchemy.Engine` (tests, the API process) or a
+    :class:`~cadence.store.driver.DriverTarget` (``cadence import``: no SQLAlchemy loaded).
+    """
+
+    def __init__(self, engine: Engine | DriverTarget) -> None:
+        if isinstance(engine, DriverTarget):
+            self.postgres = engine.postgres
+            self._connect: Callable[[], Any] = engine.connect
+        else:
+            self.postgres = engine.dialect.name == "postgresql"
+            self._connect = engine.raw_connection
+
+    def connect(self) -> tuple[Any, Any]:
+        """(a connection to close when done, the driver's connection inside it)."""
+        handle = self._connect()
+        return handle, getattr(handle, "driver_connection", None) or handle
+
+
+def _close(handle: Any, raw: Any, *, autocommit: bool = False) -> None:
+    """Give ``handle`` back (to its pool, or close it); one left in autocommit mode is put back in
+    transaction mode first, or not reused if that fails."""
+    try:
+        if autocommit:
+            raw.autocommit = False
+    except Exception:  # noqa: BLE001 - a broken connection: the pool must not hand it out again
+        invalidate = getattr(handle, "invalidate", None)
+        if invalidate is not None:
+            invalidate()
+    handle.close()
+
+
 class _Writer:
     """SQLite: appends row pieces on a thread of its own; a group of pieces is one transaction.
 
@@ -256,12 +293,12 @@ class _Writer:
     all over).
     """
 
-    def __init__(self, engine: Engine, *, threaded: bool = True, depth: int = 3) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine | DriverTarget, *, threaded: bool = True, depth: int = 3) -> None:
+        self.target = _Target(engine)
         self.accepted = 0
         self.error: BaseException | None = None
-        self._conn: Connection | None = None
-        self._transaction: RootTransaction | None = None
+        self._conn: tuple[Any, Any] | None = None  # (handle, the driver's connection)
+        self._open = False  # a group's transaction is open
         self._pending = 0
         self._queue: queue.Queue[tuple[list[TextRow], bool] | None] = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
@@ -271,34 +308,35 @@ class _Writer:
 
     def _write(self, rows: list[TextRow], end: bool) -> None:
         if self._conn is None:
-            self._conn = self.engine.connect()
+            self._conn = self.target.connect()
             # Inserts land all over the indexes of a growing table: a page cache of 128 MiB
             # (the default is 2 MiB) saves re-reading their pages (1,000,000 events: 30 s of
             # CPU instead of 34, 2/3 of the wall time, measured).
-            self._conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
-            self._conn.commit()
-        conn = self._conn
-        if self._transaction is None:
-            self._transaction = conn.begin()
+            self._conn[1].execute(f"PRAGMA cache_size = -{SQLITE_IMPORT_CACHE_KIB}")
+        raw = self._conn[1]
+        if not self._open:
+            begin_sqlite_write(raw)  # the write lock, then BEGIN IMMEDIATE
+            self._open = True
         if rows:
-            self._pending += insert_text_rows(conn, rows)
+            self._pending += driver_insert_text_rows(raw, rows)
         if end:
-            self._transaction.commit()
-            self._transaction = None
+            raw.commit()  # and lets the next writer in
+            self._open = False
             self.accepted += self._pending
             self._pending = 0
 
     def _abort(self) -> None:
         """Roll back the open group (if any) and give the connection back."""
         try:
-            if self._transaction is not None:
-                self._transaction.rollback()
+            if self._open and self._conn is not None:
+                self._conn[1].rollback()
         finally:
-            self._transaction = None
+            self._open = False
             self._pending = 0
             if self._conn is not None:
-                self._conn.close()
+                handle, raw = self._conn
                 self._conn = None
+                _close(handle, raw)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -350,7 +388,7 @@ class _Stop(Exception):
 class _PgWriters:
     """PostgreSQL: groups written by :data:`PG_WRITERS` connections at once, in file order.
 
-    The server's work per event (the JSONB payload, four index entries) is the import's
+    The server's work per event (the payload, four index entries) is the import's
     bound on PostgreSQL, and one connection is one server process: so group ``g`` goes to
     connection ``g % PG_WRITERS``, each on a thread of its own (the driver releases the GIL
     while the server works), while the reading thread parses on. Each group is still one
@@ -377,12 +415,13 @@ class _PgWriters:
       unique index, as before.
     """
 
-    def __init__(self, engine: Engine, *, writers: int = 0, depth: int = 6) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine | DriverTarget, *, writers: int = 0, depth: int = 6) -> None:
+        self.target = _Target(engine)
         self.accepted = 0
         self.error: BaseException | None = None
         self._writers = writers or PG_WRITERS
-        self._reserver = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._reserver_handle, self._reserver = self.target.connect()
+        self._reserver.autocommit = True
         #: Only this thread uses ``_reserver``, in submission order: announcements, reservations, releases.
         self._ids_thread = ThreadPoolExecutor(1, thread_name_prefix="cadence-import-ids")
         self._ids: Future[Sequence[int]] | None = None  # the next piece's reservation
@@ -412,23 +451,23 @@ class _PgWriters:
             self._uncommitted.pop(group, None)
 
     def _announce(self) -> int:
-        key, _ = self._reserver.exec_driver_sql(PG_ANNOUNCE_SESSION).one()
+        key, _ = self._reserver.execute(PG_ANNOUNCE_SESSION).fetchone()
         return int(key)
 
     def _release(self, key: Future[int]) -> None:
-        self._reserver.exec_driver_sql("SELECT pg_advisory_unlock_shared(%s)", (key.result(),))
+        self._reserver.execute("SELECT pg_advisory_unlock_shared(%s)", (key.result(),))
 
     def _reserve(self, n: int) -> Sequence[int]:
         """``n`` new ids, ascending: a range unless another writer drew some meanwhile."""
         if n == 0:
             return ()
-        low, high, scattered = self._reserver.exec_driver_sql(
+        low, high, scattered = self._reserver.execute(
             f"WITH drawn AS MATERIALIZED (SELECT nextval('{PG_EVENT_ID_SEQUENCE}') AS v"
             " FROM generate_series(1, %s))"
             " SELECT min(v), max(v), CASE WHEN max(v) - min(v) + 1 = count(*) THEN NULL"
             " ELSE array_agg(v ORDER BY v) END FROM drawn",
             (n,),
-        ).one()
+        ).fetchone()
         return range(low, high + 1) if scattered is None else scattered
 
     def expect(self, lines: int) -> None:
@@ -494,11 +533,9 @@ class _PgWriters:
                 raise self.error
         finally:
             with contextlib.suppress(BaseException):
-                self._ids_thread.submit(
-                    self._reserver.exec_driver_sql, "SELECT pg_advisory_unlock_all()"
-                ).result()
+                self._ids_thread.submit(self._reserver.execute, "SELECT pg_advisory_unlock_all()").result()
             self._ids_thread.shutdown()
-            self._reserver.close()
+            _close(self._reserver_handle, self._reserver, autocommit=True)
 
     # -- the writing threads
     def _fail(self, exc: BaseException) -> None:
@@ -508,8 +545,7 @@ class _PgWriters:
             self._done.notify_all()
 
     def _run(self, jobs: queue.Queue[tuple[int, list[TextRow], Sequence[int], bool] | None]) -> None:
-        conn: Connection | None = None
-        transaction: RootTransaction | None = None
+        conn: tuple[Any, Any] | None = None  # (handle, the driver's connection)
         copy = True
         written = 0
         try:
@@ -519,11 +555,10 @@ class _PgWriters:
                 group, rows, ids, end = item
                 try:
                     if conn is None:
-                        conn = self.engine.connect()
-                    if transaction is None:
-                        transaction = conn.begin()
+                        conn = self.target.connect()
+                    raw = conn[1]  # its transaction begins with the first statement
                     if rows:
-                        accepted, copy = _write_pg_piece(conn, rows, ids, copy=copy)
+                        accepted, copy = _write_pg_piece(raw, rows, ids, copy=copy)
                         written += accepted
                     if end:
                         with self._done:
@@ -531,8 +566,7 @@ class _PgWriters:
                                 self._done.wait()
                             if self.error is not None:
                                 raise _Stop("another group failed")
-                            transaction.commit()
-                            transaction = None
+                            raw.commit()
                             self.accepted += written
                             written = 0
                             self._committed = group
@@ -540,40 +574,37 @@ class _PgWriters:
                 except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
                     self._fail(exc)
                     with contextlib.suppress(BaseException):
-                        if transaction is not None:
-                            transaction.rollback()
-                    transaction = None
+                        if conn is not None:
+                            conn[1].rollback()
         finally:
-            with contextlib.suppress(BaseException):
-                if transaction is not None:
-                    transaction.rollback()
             if conn is not None:
-                conn.close()
+                with contextlib.suppress(BaseException):
+                    conn[1].rollback()
+                _close(*conn)
 
 
-def _write_pg_piece(
-    conn: Connection, rows: list[TextRow], ids: Sequence[int], *, copy: bool
-) -> tuple[int, bool]:
-    """Append ``rows`` (no message twice) with ``ids``: by ``COPY`` when ``copy`` and none is stored
-    yet, else by ``INSERT ... ON CONFLICT DO NOTHING``; (how many were new, ``copy`` for the next piece)."""
+def _write_pg_piece(raw: Any, rows: list[TextRow], ids: Sequence[int], *, copy: bool) -> tuple[int, bool]:
+    """Append ``rows`` (no message twice) with ``ids`` on the driver's connection ``raw``, in its open
+    transaction: by ``COPY`` when ``copy`` and none is stored yet, else by ``INSERT ... ON CONFLICT
+    DO NOTHING``; (how many were new, ``copy`` for the next piece)."""
     from psycopg.errors import UniqueViolation
 
     if copy:
-        savepoint = conn.begin_nested()
+        raw.execute("SAVEPOINT cadence_import_piece")
         try:
-            accepted = copy_text_rows_with_ids(conn, rows, ids)
+            accepted = driver_copy_text_rows_with_ids(raw, rows, ids)
         except UniqueViolation:
-            savepoint.rollback()  # some are stored already
+            raw.execute("ROLLBACK TO SAVEPOINT cadence_import_piece")  # some are stored already
         else:
-            savepoint.commit()
+            raw.execute("RELEASE SAVEPOINT cadence_import_piece")
             return accepted, True
-    accepted = insert_text_rows_with_ids(conn, rows, ids)
+    accepted = driver_insert_text_rows_with_ids(raw, rows, ids)
     return accepted, accepted == len(rows)
 
 
 def import_file(
     *,
-    engine: Engine,
+    engine: Engine | DriverTarget,
     path: Path,
     fmt: str | None = None,
     mapping: dict[str, str] | None = None,
@@ -616,7 +647,7 @@ def import_file(
             + b"\n"
         )
 
-    postgres = is_postgres(engine)
+    postgres = _Target(engine).postgres
     loads = orjson.loads
     fast_options: dict[str, Any] = {"default_type": default_type, "received_ms": received, "source": source}
 

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Connection, Engine
 
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent
-from cadence.store.fast import is_postgres
+
+if TYPE_CHECKING:  # not imported at run time: ``cadence import`` writes through the driver alone
+    from sqlalchemy import Connection, Engine
 
 dumps = orjson.dumps
 
@@ -40,6 +41,9 @@ __all__ = [
     "append_horizon",
     "copy_text_rows",
     "copy_text_rows_with_ids",
+    "driver_copy_text_rows_with_ids",
+    "driver_insert_text_rows",
+    "driver_insert_text_rows_with_ids",
     "insert_text_rows_with_ids",
     "event_rows",
     "insert_rows",
@@ -60,14 +64,14 @@ PG_INSERT = (
     " ON CONFLICT (message_id) DO NOTHING"
 )
 #: The same for rows whose payload is JSON text already (file imports).
-PG_INSERT_TEXT = PG_INSERT.replace("r->8", "CAST(r->>8 AS JSONB)")
+PG_INSERT_TEXT = PG_INSERT.replace("r->8", "CAST(r->>8 AS JSON)")
 #: PostgreSQL's bulk load: no conflict handling, so only for rows known to be new. Binary:
 #: the server reads numbers and texts as they are instead of parsing and unescaping text
 #: (about a tenth of its work per event, measured).
 PG_COPY = f"COPY events ({COLUMNS}) FROM STDIN (FORMAT BINARY)"
-#: The binary types of :data:`COLUMNS` for ``COPY``; ``jsonb``'s binary form is a version byte
-#: (1) and the JSON text, sent as ``bytea`` so that the bytes go as they are.
-PG_COPY_TYPES = ("varchar",) * 5 + ("int8", "int8", "varchar", "bytea")
+#: The binary types of :data:`COLUMNS` for ``COPY``; the payload (``json``, migration
+#: ``ingest_0003``) goes as its text, which is ``json``'s binary form.
+PG_COPY_TYPES = ("varchar",) * 5 + ("int8", "int8", "varchar", "text")
 
 #: The sequence behind ``events.id`` (PostgreSQL's ``BIGSERIAL``; its cache must stay 1, the
 #: default, so that its last value bounds every id a session has drawn).
@@ -102,13 +106,18 @@ PG_COPY_IDS_TYPES = ("int8", *PG_COPY_TYPES)
 PG_INSERT_TEXT_IDS = (
     f"INSERT INTO events (id, {COLUMNS})"
     " SELECT (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4, r->>5, (r->>6)::bigint, (r->>7)::bigint, r->>8,"
-    " CAST(r->>9 AS JSONB) FROM jsonb_array_elements(CAST(%s AS JSONB)) AS rows(r)"
+    " CAST(r->>9 AS JSON) FROM jsonb_array_elements(CAST(%s AS JSONB)) AS rows(r)"
     " ON CONFLICT (message_id) DO NOTHING"
 )
 
 Row = tuple[str, str, str | None, str | None, str | None, int, int, str, dict[str, Any]]
 #: A row with the payload as JSON text.
 TextRow = tuple[str, str, str | None, str | None, str | None, int, int, str, str]
+
+
+def is_postgres(conn: Connection) -> bool:
+    """True on PostgreSQL."""
+    return conn.dialect.name == "postgresql"
 
 
 @dataclass(frozen=True)
@@ -173,10 +182,9 @@ def _sqlite_insert(rows: int) -> str:
     return f"INSERT OR IGNORE INTO events ({COLUMNS}) VALUES {values}"
 
 
-def _sqlite_most(conn: Connection) -> int:
-    dbapi = conn.connection.driver_connection
+def _sqlite_most(dbapi: Any) -> int:
     try:
-        limit = int(dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))  # type: ignore[union-attr]
+        limit = int(dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     except AttributeError:  # another driver: the smallest default
         limit = 999
     most = 1
@@ -202,7 +210,7 @@ def insert_rows(conn: Connection, rows: Sequence[Row]) -> int:
         return max(result.rowcount, 0)
     flat = list(chain.from_iterable(rows))
     flat[8::9] = [dumps(payload).decode() for payload in flat[8::9]]
-    return _sqlite_insert_flat(conn, flat)
+    return _sqlalchemy_insert_flat(conn, flat)
 
 
 def insert_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
@@ -213,7 +221,18 @@ def insert_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
         conn.exec_driver_sql(PG_ANNOUNCE)
         result = conn.exec_driver_sql(PG_INSERT_TEXT, (orjson.dumps(rows).decode(),))
         return max(result.rowcount, 0)
-    return _sqlite_insert_flat(conn, list(chain.from_iterable(rows)))
+    return _sqlalchemy_insert_flat(conn, list(chain.from_iterable(rows)))
+
+
+def driver_insert_text_rows(dbapi: Any, rows: Sequence[TextRow]) -> int:
+    """SQLite only: :func:`insert_text_rows` on the driver's connection (inside its open transaction)."""
+    if not rows:
+        return 0
+    cursor = dbapi.cursor()
+    try:
+        return _sqlite_insert_flat(cursor.execute, _sqlite_most(dbapi), list(chain.from_iterable(rows)))
+    finally:
+        cursor.close()
 
 
 def _bind_none_directly() -> None:
@@ -230,15 +249,22 @@ def _bind_none_directly() -> None:
         sqlite3.register_adapter(type(None), {}.get)  # {}.get(x) is None: a C call
 
 
-def _sqlite_insert_flat(conn: Connection, flat: list[Any]) -> int:
+def _sqlite_insert_flat(execute: Callable[[str, tuple[Any, ...]], Any], most: int, flat: list[Any]) -> int:
+    """Insert the rows of ``flat`` (9 values a row) with ``execute`` (a statement and its
+    parameters -> a result with ``rowcount``), at most ``most`` rows a statement."""
     _bind_none_directly()
     accepted = 0
     start = 0
-    for size in _sqlite_sizes(len(flat) // 9, _sqlite_most(conn)):
-        result = conn.exec_driver_sql(_sqlite_insert(size), tuple(flat[start * 9 : (start + size) * 9]))
+    for size in _sqlite_sizes(len(flat) // 9, most):
+        result = execute(_sqlite_insert(size), tuple(flat[start * 9 : (start + size) * 9]))
         accepted += max(result.rowcount, 0)
         start += size
     return accepted
+
+
+def _sqlalchemy_insert_flat(conn: Connection, flat: list[Any]) -> int:
+    """:func:`_sqlite_insert_flat` through SQLAlchemy (its exceptions, as callers expect)."""
+    return _sqlite_insert_flat(conn.exec_driver_sql, _sqlite_most(conn.connection.driver_connection), flat)
 
 
 def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
@@ -259,7 +285,7 @@ def copy_text_rows(conn: Connection, rows: Sequence[TextRow]) -> int:
             copy.set_types(PG_COPY_TYPES)
             write = copy.write_row
             for row in rows:
-                write((*row[:8], b"\x01" + row[8].encode()))
+                write(row)
         return max(cursor.rowcount, 0)
     finally:
         cursor.close()
@@ -289,15 +315,20 @@ def copy_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Sequ
     Announces nothing: the caller holds an announced bound below ``ids`` (see the module
     docstring) from before it drew them until this transaction has ended.
     """
+    return driver_copy_text_rows_with_ids(conn.connection.driver_connection, rows, ids)
+
+
+def driver_copy_text_rows_with_ids(dbapi: Any, rows: Sequence[TextRow], ids: Sequence[int]) -> int:
+    """:func:`copy_text_rows_with_ids` on the driver's (psycopg) connection, inside its open transaction."""
     if not rows:
         return 0
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor = dbapi.cursor()
     try:
         with cursor.copy(PG_COPY_IDS) as copy:
             copy.set_types(PG_COPY_IDS_TYPES)
             write = copy.write_row
             for event_id, row in zip(ids, rows, strict=True):
-                write((event_id, *row[:8], b"\x01" + row[8].encode()))
+                write((event_id, *row))
         return max(int(cursor.rowcount), 0)
     finally:
         cursor.close()
@@ -308,10 +339,20 @@ def insert_text_rows_with_ids(conn: Connection, rows: Sequence[TextRow], ids: Se
 
     An id left unused by a skipped row is a gap in the log, as a rolled-back insert leaves.
     """
+    return driver_insert_text_rows_with_ids(conn.connection.driver_connection, rows, ids)
+
+
+def driver_insert_text_rows_with_ids(dbapi: Any, rows: Sequence[TextRow], ids: Sequence[int]) -> int:
+    """:func:`insert_text_rows_with_ids` on the driver's (psycopg) connection, inside its open transaction."""
     if not rows:
         return 0
     data = orjson.dumps([(event_id, *row) for event_id, row in zip(ids, rows, strict=True)]).decode()
-    return max(conn.exec_driver_sql(PG_INSERT_TEXT_IDS, (data,)).rowcount, 0)
+    cursor = dbapi.cursor()
+    try:
+        cursor.execute(PG_INSERT_TEXT_IDS, (data,))
+        return max(int(cursor.rowcount), 0)
+    finally:
+        cursor.close()
 
 
 def append_events(conn: Connection, batch: Sequence[NewEvent]) -> IngestResult:

@@ -19,7 +19,8 @@ def loaded_after(code: str) -> set[str]:
     probe = (
         "import sys\n"
         f"{code}\n"
-        "print('LOADED', *(m for m in ('fastapi', 'numpy', 'alembic', 'cadence.dsl') if m in sys.modules))"
+        "print('LOADED', *(m for m in ('fastapi', 'numpy', 'alembic', 'cadence.dsl', 'sqlalchemy')"
+        " if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
@@ -27,19 +28,35 @@ def loaded_after(code: str) -> set[str]:
     return set(next(line for line in out.splitlines() if line.startswith("LOADED")).split()[1:])
 
 
-def test_import_command_does_not_load_the_web_stack_or_alembic(tmp_path: Path) -> None:
+def import_code(url: str, path: Path) -> str:
+    return (
+        "from cadence.cli import main\n"
+        "try:\n"
+        f"    main(['--database-url', {url!r}, 'import', {str(path)!r}])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code"
+    )
+
+
+def test_import_command_does_not_load_the_web_stack_alembic_or_sqlalchemy(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/c.db"
     migrate(create_db_engine(url))
     empty = tmp_path / "empty.ndjson"
     empty.write_bytes(b"")
-    code = (
-        "from cadence.cli import main\n"
-        "try:\n"
-        f"    main(['--database-url', {url!r}, 'import', {str(empty)!r}])\n"
-        "except SystemExit as exc:\n"
-        "    assert not exc.code, exc.code"
-    )
-    assert loaded_after(code) == set()
+    assert loaded_after(import_code(url, empty)) == set()
+
+
+def test_import_into_a_database_behind_the_scripts_migrates_it_first(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = create_db_engine(url)
+    migrate(engine, "0002")
+    path = tmp_path / "one.ndjson"
+    path.write_bytes(b'{"type":"track","event":"E","userId":"u1","messageId":"m1"}\n')
+    assert {"alembic", "sqlalchemy"} <= loaded_after(import_code(url, path))  # the runtime's path
+    assert pending_migrations(engine) == []
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT message_id FROM events").scalars().all() == ["m1"]
+    engine.dispose()
 
 
 def test_help_still_lists_every_command() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, select
 
 from cadence.store.db import pending_migrations
 from cadence.store.schema import metadata
@@ -19,3 +19,43 @@ def test_migrations_match_metadata(db_engine: Engine) -> None:
 
 def test_every_table_exists(db_engine: Engine) -> None:
     assert set(metadata.tables) <= set(inspect(db_engine).get_table_names())
+
+
+def test_event_payloads_survive_the_json_migration_both_ways(db_engine: Engine) -> None:
+    """ingest_0003 (payload ``jsonb`` -> ``json`` on PostgreSQL) keeps every stored payload, and so does
+    its downgrade; appends work on either side."""
+    from alembic import command
+
+    from cadence.engine.events import parse_call
+    from cadence.engine.ingest import record_events
+    from cadence.store.db import _alembic_config, migrate
+    from cadence.store.schema.core import events
+
+    def call(n: int) -> dict[str, object]:
+        return {
+            "type": "track",
+            "event": "Order Completed",
+            "userId": f"u{n}",
+            "messageId": f"m{n}",
+            "properties": {"revenue": 12.5 * n, "items": [{"sku": "a"}, None, True], "note": "é\n"},
+        }
+
+    def stored() -> list[tuple[str, object]]:
+        with db_engine.connect() as conn:
+            return [
+                tuple(r)
+                for r in conn.execute(select(events.c.message_id, events.c.payload).order_by(events.c.id))
+            ]
+
+    command.downgrade(_alembic_config(db_engine), "loop_0002")
+    record_events(engine=db_engine, batch=[parse_call(call(1), received_ms=1)])
+    before = stored()
+    migrate(db_engine)
+    assert stored() == before
+    record_events(engine=db_engine, batch=[parse_call(call(2), received_ms=1)])
+    after = stored()
+    assert [m for m, _ in after] == ["m1", "m2"] and after[1][1] == parse_call(call(2), received_ms=1).payload
+    command.downgrade(_alembic_config(db_engine), "loop_0002")
+    assert stored() == after
+    migrate(db_engine)
+    assert pending_migrations(db_engine) == []

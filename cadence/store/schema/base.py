@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, BigInteger, Integer, MetaData
 from sqlalchemy.dialects.postgresql import JSONB
 
-__all__ = ["Id", "Json", "metadata"]
+__all__ = ["Id", "Json", "JsonText", "metadata"]
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -24,3 +24,6 @@ metadata = MetaData(naming_convention=NAMING)
 # A monotonically increasing 64-bit key; SQLite only auto-increments INTEGER PRIMARY KEY.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 Json = JSON().with_variant(JSONB(), "postgresql")
+#: JSON kept as its text on PostgreSQL too (``json``: validated, not converted): for a document
+#: that is only ever written and read whole, such as an event's payload (migration ``ingest_0003``).
+JsonText = JSON()

@@ -25,7 +25,7 @@ from sqlalchemy import (
     text,
 )
 
-from cadence.store.schema.base import Id, Json, metadata
+from cadence.store.schema.base import Id, Json, JsonText, metadata
 
 
 def Key(length: int) -> String:  # noqa: N802 - a column type, named like one
@@ -64,7 +64,8 @@ events = Table(
     Column("ts_ms", BigInteger, nullable=False),
     Column("received_ms", BigInteger, nullable=False),
     Column("source", String(64), nullable=False),
-    Column("payload", Json, nullable=False),
+    # Read whole, never queried inside: kept as its text (``json`` on PostgreSQL, not ``jsonb``).
+    Column("payload", JsonText, nullable=False),
     UniqueConstraint("message_id"),
     # Only where set: the privacy look-ups never look for NULL, and appends skip the entry.
     Index(
