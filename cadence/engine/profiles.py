@@ -278,7 +278,9 @@ class ProfilesSubscriber:
                     p[3].update(traits)
                     p[4].update(dict.fromkeys(traits, eid))
                 zone = valid_zone(traits.get("timezone"))
-            zone = zone or valid_zone(context.get("timezone"))
+            if not zone:
+                raw_zone = context.get("timezone")  # most events carry none: no call for them
+                zone = valid_zone(raw_zone) if raw_zone else None
             if zone:
                 p[5] = zone
             if kind == "track":
