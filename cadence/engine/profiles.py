@@ -119,6 +119,12 @@ _PROFILE_COLUMNS = (
     ("timezone", "text"),
     ("updated_event_id", "bigint"),
 )
+#: The same without the traits, for rows whose batch set none: :data:`_NO_TRAITS` when inserted.
+_PROFILE_BARE_COLUMNS = tuple(c for c in _PROFILE_COLUMNS if c[0] not in ("traits", "trait_events"))
+_NO_TRAITS = {
+    "postgresql": (("traits", "'{}'::jsonb"), ("trait_events", "'{}'::jsonb")),
+    "sqlite": (("traits", "'{}'"), ("trait_events", "'{}'")),
+}
 _PROFILE_SELECT = (
     "SELECT customer_id, first_seen_ms, last_seen_ms, event_count, traits, trait_events, timezone, "
     "updated_event_id FROM profiles WHERE customer_id IN_VALUES"
@@ -188,7 +194,6 @@ _DAILY_ADD = (
     "ON CONFLICT (customer_id, event, day) DO UPDATE SET count = profile_daily.count + excluded.count,"
     " sum_value = profile_daily.sum_value + excluded.sum_value"
 )
-_EMPTY = "{}"
 _FIRST = itemgetter(0)
 
 
@@ -273,7 +278,9 @@ class ProfilesSubscriber:
                     p[3].update(traits)
                     p[4].update(dict.fromkeys(traits, eid))
                 zone = valid_zone(traits.get("timezone"))
-            zone = zone or valid_zone(context.get("timezone"))
+            if not zone:
+                raw_zone = context.get("timezone")  # most events carry none: no call for them
+                zone = valid_zone(raw_zone) if raw_zone else None
             if zone:
                 p[5] = zone
             if kind == "track":
@@ -323,22 +330,30 @@ class ProfilesSubscriber:
         Customers in ``new`` have no stored profile: theirs are plain inserts.
         """
         postgres = is_postgres(conn)
+        # Most customers' events in a batch set no trait: their rows leave the stored traits as
+        # they are (no JSON to send, parse and merge per row) and insert empty ones when new.
+        bare: list[tuple[Any, ...]] = []
+        bare_fresh: list[tuple[Any, ...]] = []
         plain: list[tuple[Any, ...]] = []
         fresh: list[tuple[Any, ...]] = []
         with_traits: dict[int, list[Any]] = {}
         for cid, p in summary.items():
             traits = p[3]
             if traits is None:
-                row = (cid, p[0], p[1], p[2], _EMPTY, _EMPTY, p[5], p[6])
-            elif postgres or cid in new or not any(v is None or type(v) is dict for v in traits.values()):
+                (bare_fresh if cid in new else bare).append((cid, p[0], p[1], p[2], p[5], p[6]))
+                continue
+            if postgres or cid in new or not any(v is None or type(v) is dict for v in traits.values()):
                 row = (cid, p[0], p[1], p[2], dump_json(traits), dump_json(p[4]), p[5], p[6])
             else:
                 with_traits[cid] = p
                 continue
             (fresh if cid in new else plain).append(row)
-        plain.sort(key=_FIRST)
-        fresh.sort(key=_FIRST)
+        for rows in (bare, bare_fresh, plain, fresh):
+            rows.sort(key=_FIRST)
+        empty = _NO_TRAITS[conn.dialect.name]
+        write_rows(conn, "profiles", _PROFILE_BARE_COLUMNS, bare_fresh, fixed=empty)
         write_rows(conn, "profiles", _PROFILE_COLUMNS, fresh)
+        write_rows(conn, "profiles", _PROFILE_BARE_COLUMNS, bare, _PROFILE_ADD, fixed=empty)
         write_rows(conn, "profiles", _PROFILE_COLUMNS, plain, _PROFILE_MERGE_TRAITS[conn.dialect.name])
         if not with_traits:
             return

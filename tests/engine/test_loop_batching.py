@@ -232,6 +232,8 @@ def test_the_collector_runs_again_after_a_batch(runtime: Runtime) -> None:
     [
         ("text", ["plain", 'quo"te', "back\\slash", "NULL", "", "comma, {brace}", "ünï cødé ✓", None]),
         ("text", ["plain", "NULL", "", "comma, {brace}", "ünï cødé ✓"]),  # the joined fast path
+        ("text", ['{"a":"b\\\\c"}', "{}", 'say "hi"']),  # escaped all at once
+        ("text", [None, "Europe/Berlin", None, "", '{"k":1}', None]),  # escaped at once, nulls put back
         ("bigint", [0, -1, 2**62, None]),
         ("bigint", [0, -1, 2**62]),
         ("float8", [0.1, -2.5, math.inf]),
@@ -258,3 +260,65 @@ def test_array_literals_round_trip_through_the_database(
         got = [None if v is None else bool(v) for v in got]
     assert got == values
     assert array_literal(kind, []) == "{}"
+
+
+@pytest.mark.parametrize("open_transaction", [True, False], ids=["in a transaction", "autobegin"])
+def test_write_rows_sets_fixed_columns_and_applies_its_tail(
+    db_engine: Engine, open_transaction: bool
+) -> None:
+    """``fixed`` columns take their SQL expression in every row, inserted or not; ``tail`` still applies."""
+    columns = (("n", "integer"), ("v", "text"))
+    with db_engine.begin() as conn:
+        conn.execute(
+            text("CREATE TABLE probe (n INTEGER PRIMARY KEY, v VARCHAR(20), w VARCHAR(20) NOT NULL)")
+        )
+    upsert = "ON CONFLICT (n) DO UPDATE SET v = excluded.v"
+    try:
+        with db_engine.connect() as conn:
+            if open_transaction:
+                conn.execute(text("SELECT 1"))
+            assert conn.in_transaction() is open_transaction
+            write_rows(conn, "probe", columns, [(1, "a"), (2, None)], fixed=(("w", "'first'"),))
+            write_rows(conn, "probe", columns, [[2, "b"], [3, 'q"uote']], upsert, fixed=(("w", "'second'"),))
+            conn.commit()
+        with db_engine.connect() as conn:
+            got = conn.execute(text("SELECT n, v, w FROM probe ORDER BY n")).all()
+    finally:
+        with db_engine.begin() as conn:
+            conn.execute(text("DROP TABLE probe"))
+    # row 2 existed: the upsert changed v only, the fixed column kept its inserted value
+    assert [tuple(r) for r in got] == [(1, "a", "first"), (2, "b", "first"), (3, 'q"uote', "second")]
+
+
+def test_a_batch_without_traits_leaves_the_stored_traits_and_gives_new_customers_none(
+    runtime: Runtime,
+) -> None:
+    """Profile rows of customers whose batch set no trait do not touch the stored traits."""
+    reset(runtime.engine)
+    first = [
+        {"type": "identify", "userId": "u1", "traits": {"plan": "gold", "tier": {"n": 2}, "gone": None}},
+        {"type": "track", "event": "Order Completed", "userId": "u1", "properties": {"revenue": 5}},
+    ]
+    second = [
+        {"type": "track", "event": "Order Completed", "userId": "u1", "properties": {"revenue": 7}},
+        {"type": "page", "name": "Home", "anonymousId": "a9"},
+    ]
+    for offset, stream in ((0, first), (10, second)):
+        batch = [
+            parse_call(
+                {**c, "messageId": f"m{offset + i}", "timestamp": (T0 + (offset + i) * 1000) / 1000},
+                received_ms=T0,
+            )
+            for i, c in enumerate(stream)
+        ]
+        record_events(engine=runtime.engine, batch=batch)
+        subscribers = [s for s in make_subscribers(runtime) if s.name in PROFILE_PATH]
+        assert EngineLoop(runtime, subscribers).catch_up() == len(stream)
+    with runtime.engine.connect() as conn:
+        rows = {tuple(identities_of(conn, r.customer_id)): r for r in conn.execute(select(profiles))}
+    known = rows[(("user", "u1"),)]
+    assert known.traits == {"plan": "gold", "tier": {"n": 2}, "gone": None}
+    assert set(known.trait_events) == {"plan", "tier", "gone"}
+    assert (known.event_count, known.first_seen_ms, known.last_seen_ms) == (3, T0, T0 + 10_000)
+    new = rows[(("anonymous", "a9"),)]
+    assert (new.traits, new.trait_events, new.event_count) == ({}, {}, 1)
