@@ -55,9 +55,11 @@ __all__ = [
     "WINDOW_SLOTS",
     "BulkScorer",
     "BulkScores",
+    "GroupBests",
     "OptionGroup",
     "cap_allows",
     "decide",
+    "group_bests",
     "split_arm",
     "stable_share",
 ]
@@ -571,11 +573,11 @@ def decide(
 
     # Candidates, scored: in bulk when the scorer offers it, one Candidate each otherwise.
     by_name = {p.campaign.name: p for p in plans}
-    bulk = getattr(scorer, "score_options", None) if scorer is not None else None
+    bulk = scorer is not None and hasattr(scorer, "score_options")
     candidates: list[Candidate] = []
     best: dict[str, Candidate] = {}
-    if bulk is not None:
-        candidates, best = _score_in_bulk(bulk, plans, profile, now_ms, seed)
+    if bulk:
+        candidates, best = _score_in_bulk(scorer, plans, profile, now_ms, seed)
     else:
         for plan in plans:
             arms = plan.variants or (plan.arm,)
@@ -744,28 +746,19 @@ class BulkScorer(Protocol):
         ...
 
 
-def _score_in_bulk(
-    bulk: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
-) -> tuple[list[Candidate], dict[str, Candidate]]:
-    """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
+#: Each group's best option, as lists in group order: the offset of its send time in the
+#: group's list, its score, engagement, unsubscribe and exploration flag.
+GroupBests = tuple[list[int], list[float], list[float], list[float], list[bool]]
 
-    Materialising hundreds of frozen candidates would cost more than scoring them, so the
-    explanation lists each campaign's best send time per channel (and variant). Also returns
-    each campaign's best candidate: highest score, then earliest send, then channel order.
+
+def group_bests(res: BulkScores, n_groups: int) -> GroupBests:
+    """Each group's best option of a bulk scorer's answer: its highest score, the earliest of equals.
+
+    >>> res = BulkScores(bounds=range(0, 5, 2), score=np.array([0.1, 0.3, 0.2, 0.2]),
+    ...                  engagement=np.zeros(4), unsubscribe=np.zeros(4), explored=np.zeros(4, dtype=bool))
+    >>> group_bests(res, 2)[:2]
+    ([1, 0], [0.3, 0.2])
     """
-    groups: list[OptionGroup] = []
-    ranks: list[int] = []
-    for plan in plans:
-        arm_names = (
-            [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
-        )
-        for channel, times in plan.options.items():
-            rank = plan.channel_rank.get(channel, 0)
-            for arm in arm_names:
-                groups.append(_new_tuple(OptionGroup, (plan.campaign, channel, arm, times)))
-                ranks.append(rank)
-    res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
-    n_groups = len(groups)
     total = int(res.bounds[-1])
     width = total // n_groups if n_groups else 0
     bounds = res.bounds
@@ -791,10 +784,44 @@ def _score_in_bulk(
         # The first maximum of each group: the earliest of equally good times.
         best = at_max[np.searchsorted(at_max, starts)]
         offset = (best - starts).tolist()
-    score = res.score[best].tolist()
-    engagement = res.engagement[best].tolist()
-    unsubscribe = res.unsubscribe[best].tolist()
-    explored = res.explored[best].tolist()
+    return (
+        offset,
+        res.score[best].tolist(),
+        res.engagement[best].tolist(),
+        res.unsubscribe[best].tolist(),
+        res.explored[best].tolist(),
+    )
+
+
+def _score_in_bulk(
+    scorer: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
+) -> tuple[list[Candidate], dict[str, Candidate]]:
+    """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
+
+    Materialising hundreds of frozen candidates would cost more than scoring them, so the
+    explanation lists each campaign's best send time per channel (and variant). Also returns
+    each campaign's best candidate: highest score, then earliest send, then channel order.
+    A scorer with ``best_options`` (the learners) answers with each group's best directly;
+    otherwise ``score_options`` values every option and :func:`group_bests` picks.
+    """
+    groups: list[OptionGroup] = []
+    ranks: list[int] = []
+    for plan in plans:
+        arm_names = (
+            [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
+        )
+        for channel, times in plan.options.items():
+            rank = plan.channel_rank.get(channel, 0)
+            for arm in arm_names:
+                groups.append(_new_tuple(OptionGroup, (plan.campaign, channel, arm, times)))
+                ranks.append(rank)
+    best_options = getattr(scorer, "best_options", None)
+    if best_options is not None:
+        picked: GroupBests = best_options(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
+    else:
+        res = scorer.score_options(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
+        picked = group_bests(res, len(groups))
+    offset, score, engagement, unsubscribe, explored = picked
     out = []
     top: dict[str, Candidate] = {}
     # A campaign's groups are consecutive (one plan each): its best is kept in locals until the next
