@@ -289,6 +289,30 @@ def _suppression(campaign: str, reason: str, detail: str, channel: str | None = 
     return s
 
 
+#: Per campaign (by id, with the campaign and the global caps it was worked out with): its caps
+#: followed by the global caps, and those of them with a zero count.
+_CAMPAIGN_CAPS: dict[int, tuple[Campaign, tuple[Cap, ...], tuple[Cap, ...], list[Cap]]] = {}
+
+
+def _campaign_caps(campaign: Campaign, global_caps: tuple[Cap, ...]) -> tuple[tuple[Cap, ...], list[Cap]]:
+    """The caps a campaign's sends obey (its own, then the global ones) and those with a zero count, memoised.
+
+    >>> from cadence.engine.campaign import ChannelPolicy, TemplateSpec
+    >>> c = Campaign(name="c", title="c", priority=0, audience=None, template=TemplateSpec("t"),
+    ...              channels=ChannelPolicy(("email",)), caps=(Cap(count=0, window_ms=1),))
+    >>> caps, zero = _campaign_caps(c, (Cap(count=2, window_ms=DAY_MS),))
+    >>> len(caps), zero == [caps[0]]
+    (2, True)
+    """
+    got = _CAMPAIGN_CAPS.get(id(campaign))
+    if got is None or got[0] is not campaign or got[1] is not global_caps:
+        if len(_CAMPAIGN_CAPS) >= 4096:
+            _CAMPAIGN_CAPS.clear()
+        caps = campaign.caps + global_caps if campaign.caps else global_caps
+        got = _CAMPAIGN_CAPS[id(campaign)] = (campaign, global_caps, caps, [c for c in caps if c.count <= 0])
+    return got[2], got[3]
+
+
 def _bounced(profile: ProfileView, channel: str) -> bool:
     bounced = profile.traits.get("bounced")
     if bounced is True or (isinstance(bounced, (list, tuple, set, frozenset)) and channel in bounced):
@@ -388,6 +412,8 @@ def decide(
     channel_block: dict[str, str | None] = {}  # channel -> suppression reason, None when usable
     usable_of: dict[tuple[str, ...], tuple[list[str], list[tuple[str, str]]]] = {}  # by channel list
     checks: _Checks | None = None  # caps, spacing and groups over the history, made on first use
+    zones: dict[tuple[bool, str], ZoneInfo] = {}  # quiet-hours zone by (use_customer_zone, fallback)
+    ranks: dict[int, dict[str, int]] = {}  # channel rank by usable list (campaigns share them)
 
     for name in sorted(ruleset.campaigns):
         campaign = ruleset.campaigns[name]
@@ -482,8 +508,14 @@ def decide(
             continue
 
         # Send-time slots, in the quiet-hours zone.
-        zone = quiet_zone(campaign.quiet, profile.timezone) if campaign.quiet else customer_zone
         quiet = campaign.quiet
+        if quiet is not None:
+            zone_key = (quiet.use_customer_zone, quiet.fallback_zone)
+            zone = zones.get(zone_key)  # type: ignore[assignment]
+            if zone is None:
+                zone = zones[zone_key] = quiet_zone(quiet, profile.timezone)
+        else:
+            zone = customer_zone
         # The fields the slots depend on (hashing the QuietHours dataclass costs more).
         slot_key = (
             (earliest, quiet.start, quiet.end, quiet.action, zone.key, campaign.ends_ms)
@@ -525,8 +557,8 @@ def decide(
             continue
 
         plan = _Plan(campaign, arm, variants)
-        caps = campaign.caps + settings.caps if campaign.caps else settings.caps
-        zero_caps = [c for c in caps if c.count <= 0] if caps and not history else None
+        caps, all_zero_caps = _campaign_caps(campaign, settings.caps)
+        zero_caps = all_zero_caps if caps and not history else None
         if not history and not zero_caps:
             # Nothing to count and no zero cap: every usable channel keeps every slot (the loop
             # below would find the same, channel by channel).
@@ -534,7 +566,10 @@ def decide(
                 plan.channel_rank[usable[0]] = 0
                 plan.options[usable[0]] = slots
             else:
-                plan.channel_rank = {channel: rank for rank, channel in enumerate(usable)}
+                rank_of = ranks.get(id(usable))  # (usable lists live as long as usable_of)
+                if rank_of is None:
+                    rank_of = ranks[id(usable)] = {channel: rank for rank, channel in enumerate(usable)}
+                plan.channel_rank = rank_of  # shared, never changed
                 plan.options = dict.fromkeys(usable, slots)
             plans.append(plan)
             continue

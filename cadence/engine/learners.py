@@ -1749,9 +1749,10 @@ def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
                 _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
                 _TIME_SEEN[row] = True
             rows[k] = row
-    harm = _TIME_TABLE.take(rows, axis=0)  # take: no fancy-index path
+    at = np.array(rows, dtype=np.intp)  # (converted once for the three takes)
+    harm = _TIME_TABLE.take(at, axis=0)  # take: no fancy-index path
     sq = harm * harm
-    hours, whole = _ROW_HOURS.take(rows), _ROW_WHOLE.take(rows)
+    hours, whole = _ROW_HOURS.take(at), _ROW_WHOLE.take(at)
     for arr in (harm, sq, hours, whole):
         arr.flags.writeable = False
     return harm, sq, hours, whole
