@@ -772,7 +772,12 @@ class BulkScores:
 
 
 class BulkScorer(Protocol):
-    """A scorer that values many send times at once (the learners); decide() prefers it."""
+    """A scorer that values many send times at once (the learners); decide() prefers it.
+
+    A scorer may also offer ``best_options`` (same arguments), answering with each group's
+    best option as :func:`group_bests` would pick it from ``score_options``
+    (:data:`GroupBests`); decide() then calls that instead.
+    """
 
     def score_options(
         self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int

@@ -1361,7 +1361,7 @@ class DecisionLearner:
         if cfg.beta != 1.0:
             z[1] /= cfg.beta
         top = np.maximum.reduce(z, axis=2)  # (2, groups): the best mean and drawn score of each group
-        if not np.logical_and.reduce(top < 5.0, axis=None):  # (NaN fails too)
+        if not np.maximum.reduce(top, axis=None) < 5.0:  # (NaN fails too)
             return None
         near = z >= (top - 1e-6)[:, :, None]
         if np.count_nonzero(near[1]) != n_groups:
@@ -1372,10 +1372,7 @@ class DecisionLearner:
         first = z.argmax(axis=2)  # (2, groups): the first time with the best mean, and with the best draw
         at = first[1]
         flat = at + np.arange(0, n_groups * n_times, n_times)
-        args = np.empty(3 * n_groups)
-        args[:n_groups] = top[0]
-        args[n_groups : 2 * n_groups] = z[0].reshape(-1).take(flat)
-        args[2 * n_groups :] = top[1]
+        args = np.concatenate((top[0], z[0].reshape(-1).take(flat), top[1]))
         probs = ndtr(args, out=args)
         p_top, p_eng, p_draw = probs[:n_groups], probs[n_groups : 2 * n_groups], probs[2 * n_groups :]
         risk = cfg.unsubscribe_cost * ch_rates
