@@ -1026,8 +1026,9 @@ class DecisionLearner:
         The drawn value rises with the drawn probit score, so (with the same risk at every send
         time) a group's best time is where that score is highest: the normal CDF is needed only
         there, at the best posterior-mean score, and at any time within 1e-6 of either on the
-        probit scale. When that shortcut cannot prove it finds the same option (ties on the probit
-        scale, values near the "worth sending" threshold, a risk that depends on the send time,
+        probit scale. When that shortcut cannot prove it finds the same option (near-ties of the
+        draw on the probit scale, values near the "worth sending" threshold, a risk that depends on
+        the send time,
         variants, the gamma customer model, send times not shared by every group), every option
         is valued as :meth:`score_options` does.
         """
@@ -1338,8 +1339,10 @@ class DecisionLearner:
         the highest ``z1`` (the chosen time) and the highest ``z0`` (the group's best mean
         value). That is exact when every other time's score is more than 1e-6 below on the
         probit scale (below 5, a gap of 1e-6 is over 1e-12 in probability, far above rounding)
-        and the chosen time's drawn value is well above the score fix-ups' 1e-6 scale; any
-        group where that does not hold sends the whole call down the full path.
+        and the chosen time's drawn value is well above the score fix-ups' 1e-6 scale, or
+        every drawn value is at or below zero. Mean scores within 1e-6 of a group's best but
+        not equal to it (rounding in the time features) are all valued. Any group where that
+        does not hold sends the whole call down the full path.
         """
         cfg = self.config
         ch_global, _, _, _, camp_of, n_camps, _, camp_starts, _ = struct
@@ -1366,9 +1369,9 @@ class DecisionLearner:
         near = z >= (top - 1e-6)[:, :, None]
         if np.count_nonzero(near[1]) != n_groups:
             return None  # another time within 1e-6 of a group's best draw
-        near[0] &= z[0] != top[0][:, None]
-        if np.logical_or.reduce(near[0], axis=None):
-            return None  # a different mean score within 1e-6 of a group's best
+        # A different mean score within 1e-6 of a group's best (exact ties are the same number):
+        # then every mean score that near is valued (below).
+        mixed = np.logical_or.reduce(near[0] & (z[0] != top[0][:, None]), axis=None)
         first = z.argmax(axis=2)  # (2, groups): the first time with the best mean, and with the best draw
         at = first[1]
         flat = at + np.arange(0, n_groups * n_times, n_times)
@@ -1403,19 +1406,36 @@ class DecisionLearner:
         if not cfg.explore_volume:
             high &= worth_value > 0
         if cfg.volume_optimism:
-            if not np.logical_and.reduce(high, axis=None):
+            if mixed or not np.logical_and.reduce(high, axis=None):
                 return None
             low = None
         else:
             nonpos = score <= 0
             if not np.logical_and.reduce(high | nonpos, axis=None):
                 return None
+            if mixed:
+                # The mean scores near each group's best, valued: the best of them, and the first
+                # time with the best 1e-6 share of it (the score of a "low" group).
+                idx = np.flatnonzero(near[0])
+                rows = idx // n_times
+                p_near = ndtr(z[0].reshape(-1).take(idx))
+                ms_near = (p_near if value == 1.0 else value * p_near) - risk[rows]
+                starts = np.searchsorted(idx, np.arange(0, n_groups * n_times, n_times))
+                group_best = np.maximum.reduceat(ms_near, starts)
+                low_near = ms_near * 1e-6
+                hit = np.flatnonzero(low_near >= np.maximum.reduceat(low_near, starts)[rows])
+                pos = hit[np.searchsorted(hit, starts)]
+                best_at, best_low = idx[pos] - rows[pos] * n_times, low_near[pos]
+                best_p, best_mean = p_near[pos], ms_near[pos]
+            else:
+                best_at, best_low = first[0], group_best * 1e-6
+                best_p, best_mean = p_top, group_best
             low = nonpos & (group_best > 0)
             if np.logical_or.reduce(low, axis=None):
-                at = np.where(low, first[0], at)
-                score = np.where(low, group_best * 1e-6, score)
-                p_eng = np.where(low, p_top, p_eng)
-                mean_score = np.where(low, group_best, mean_score)
+                at = np.where(low, best_at, at)
+                score = np.where(low, best_low, score)
+                p_eng = np.where(low, best_p, p_eng)
+                mean_score = np.where(low, best_mean, mean_score)
         if n_camps == n_groups:  # one group per campaign: its best is the campaign's
             camp_best_of = group_best
         elif camp_starts is not None:  # each campaign's groups in a row (decide's order)
