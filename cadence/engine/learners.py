@@ -1028,9 +1028,8 @@ class DecisionLearner:
         there, at the best posterior-mean score, and at any time within 1e-6 of either on the
         probit scale. When that shortcut cannot prove it finds the same option (near-ties of the
         draw on the probit scale, values near the "worth sending" threshold, a risk that depends on
-        the send time,
-        variants, the gamma customer model, send times not shared by every group), every option
-        is valued as :meth:`score_options` does.
+        the send time, variants, the gamma customer model, send times not shared by every group),
+        every option is valued as :meth:`score_options` does.
         """
         res = self._score(profile=profile, groups=groups, now_ms=now_ms, seed=seed, best=True)
         return res if isinstance(res, tuple) else group_bests(res, len(groups))
