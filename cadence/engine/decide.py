@@ -55,9 +55,11 @@ __all__ = [
     "WINDOW_SLOTS",
     "BulkScorer",
     "BulkScores",
+    "GroupBests",
     "OptionGroup",
     "cap_allows",
     "decide",
+    "group_bests",
     "split_arm",
     "stable_share",
 ]
@@ -287,6 +289,30 @@ def _suppression(campaign: str, reason: str, detail: str, channel: str | None = 
     return s
 
 
+#: Per campaign (by id, with the campaign and the global caps it was worked out with): its caps
+#: followed by the global caps, and those of them with a zero count.
+_CAMPAIGN_CAPS: dict[int, tuple[Campaign, tuple[Cap, ...], tuple[Cap, ...], list[Cap]]] = {}
+
+
+def _campaign_caps(campaign: Campaign, global_caps: tuple[Cap, ...]) -> tuple[tuple[Cap, ...], list[Cap]]:
+    """The caps a campaign's sends obey (its own, then the global ones) and those with a zero count, memoised.
+
+    >>> from cadence.engine.campaign import ChannelPolicy, TemplateSpec
+    >>> c = Campaign(name="c", title="c", priority=0, audience=None, template=TemplateSpec("t"),
+    ...              channels=ChannelPolicy(("email",)), caps=(Cap(count=0, window_ms=1),))
+    >>> caps, zero = _campaign_caps(c, (Cap(count=2, window_ms=DAY_MS),))
+    >>> len(caps), zero == [caps[0]]
+    (2, True)
+    """
+    got = _CAMPAIGN_CAPS.get(id(campaign))
+    if got is None or got[0] is not campaign or got[1] is not global_caps:
+        if len(_CAMPAIGN_CAPS) >= 4096:
+            _CAMPAIGN_CAPS.clear()
+        caps = campaign.caps + global_caps if campaign.caps else global_caps
+        got = _CAMPAIGN_CAPS[id(campaign)] = (campaign, global_caps, caps, [c for c in caps if c.count <= 0])
+    return got[2], got[3]
+
+
 def _bounced(profile: ProfileView, channel: str) -> bool:
     bounced = profile.traits.get("bounced")
     if bounced is True or (isinstance(bounced, (list, tuple, set, frozenset)) and channel in bounced):
@@ -386,6 +412,8 @@ def decide(
     channel_block: dict[str, str | None] = {}  # channel -> suppression reason, None when usable
     usable_of: dict[tuple[str, ...], tuple[list[str], list[tuple[str, str]]]] = {}  # by channel list
     checks: _Checks | None = None  # caps, spacing and groups over the history, made on first use
+    zones: dict[tuple[bool, str], ZoneInfo] = {}  # quiet-hours zone by (use_customer_zone, fallback)
+    ranks: dict[int, dict[str, int]] = {}  # channel rank by usable list (campaigns share them)
 
     for name in sorted(ruleset.campaigns):
         campaign = ruleset.campaigns[name]
@@ -480,8 +508,14 @@ def decide(
             continue
 
         # Send-time slots, in the quiet-hours zone.
-        zone = quiet_zone(campaign.quiet, profile.timezone) if campaign.quiet else customer_zone
         quiet = campaign.quiet
+        if quiet is not None:
+            zone_key = (quiet.use_customer_zone, quiet.fallback_zone)
+            zone = zones.get(zone_key)  # type: ignore[assignment]
+            if zone is None:
+                zone = zones[zone_key] = quiet_zone(quiet, profile.timezone)
+        else:
+            zone = customer_zone
         # The fields the slots depend on (hashing the QuietHours dataclass costs more).
         slot_key = (
             (earliest, quiet.start, quiet.end, quiet.action, zone.key, campaign.ends_ms)
@@ -523,8 +557,8 @@ def decide(
             continue
 
         plan = _Plan(campaign, arm, variants)
-        caps = campaign.caps + settings.caps if campaign.caps else settings.caps
-        zero_caps = [c for c in caps if c.count <= 0] if caps and not history else None
+        caps, all_zero_caps = _campaign_caps(campaign, settings.caps)
+        zero_caps = all_zero_caps if caps and not history else None
         if not history and not zero_caps:
             # Nothing to count and no zero cap: every usable channel keeps every slot (the loop
             # below would find the same, channel by channel).
@@ -532,7 +566,10 @@ def decide(
                 plan.channel_rank[usable[0]] = 0
                 plan.options[usable[0]] = slots
             else:
-                plan.channel_rank = {channel: rank for rank, channel in enumerate(usable)}
+                rank_of = ranks.get(id(usable))  # (usable lists live as long as usable_of)
+                if rank_of is None:
+                    rank_of = ranks[id(usable)] = {channel: rank for rank, channel in enumerate(usable)}
+                plan.channel_rank = rank_of  # shared, never changed
                 plan.options = dict.fromkeys(usable, slots)
             plans.append(plan)
             continue
@@ -571,11 +608,11 @@ def decide(
 
     # Candidates, scored: in bulk when the scorer offers it, one Candidate each otherwise.
     by_name = {p.campaign.name: p for p in plans}
-    bulk = getattr(scorer, "score_options", None) if scorer is not None else None
+    bulk = scorer is not None and hasattr(scorer, "score_options")
     candidates: list[Candidate] = []
     best: dict[str, Candidate] = {}
-    if bulk is not None:
-        candidates, best = _score_in_bulk(bulk, plans, profile, now_ms, seed)
+    if bulk:
+        candidates, best = _score_in_bulk(scorer, plans, profile, now_ms, seed)
     else:
         for plan in plans:
             arms = plan.variants or (plan.arm,)
@@ -735,7 +772,12 @@ class BulkScores:
 
 
 class BulkScorer(Protocol):
-    """A scorer that values many send times at once (the learners); decide() prefers it."""
+    """A scorer that values many send times at once (the learners); decide() prefers it.
+
+    A scorer may also offer ``best_options`` (same arguments), answering with each group's
+    best option as :func:`group_bests` would pick it from ``score_options``
+    (:data:`GroupBests`); decide() then calls that instead.
+    """
 
     def score_options(
         self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int
@@ -744,28 +786,19 @@ class BulkScorer(Protocol):
         ...
 
 
-def _score_in_bulk(
-    bulk: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
-) -> tuple[list[Candidate], dict[str, Candidate]]:
-    """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
+#: Each group's best option, as lists in group order: the offset of its send time in the
+#: group's list, its score, engagement, unsubscribe and exploration flag.
+GroupBests = tuple[list[int], list[float], list[float], list[float], list[bool]]
 
-    Materialising hundreds of frozen candidates would cost more than scoring them, so the
-    explanation lists each campaign's best send time per channel (and variant). Also returns
-    each campaign's best candidate: highest score, then earliest send, then channel order.
+
+def group_bests(res: BulkScores, n_groups: int) -> GroupBests:
+    """Each group's best option of a bulk scorer's answer: its highest score, the earliest of equals.
+
+    >>> res = BulkScores(bounds=range(0, 5, 2), score=np.array([0.1, 0.3, 0.2, 0.2]),
+    ...                  engagement=np.zeros(4), unsubscribe=np.zeros(4), explored=np.zeros(4, dtype=bool))
+    >>> group_bests(res, 2)[:2]
+    ([1, 0], [0.3, 0.2])
     """
-    groups: list[OptionGroup] = []
-    ranks: list[int] = []
-    for plan in plans:
-        arm_names = (
-            [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
-        )
-        for channel, times in plan.options.items():
-            rank = plan.channel_rank.get(channel, 0)
-            for arm in arm_names:
-                groups.append(_new_tuple(OptionGroup, (plan.campaign, channel, arm, times)))
-                ranks.append(rank)
-    res: BulkScores = bulk(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
-    n_groups = len(groups)
     total = int(res.bounds[-1])
     width = total // n_groups if n_groups else 0
     bounds = res.bounds
@@ -791,10 +824,44 @@ def _score_in_bulk(
         # The first maximum of each group: the earliest of equally good times.
         best = at_max[np.searchsorted(at_max, starts)]
         offset = (best - starts).tolist()
-    score = res.score[best].tolist()
-    engagement = res.engagement[best].tolist()
-    unsubscribe = res.unsubscribe[best].tolist()
-    explored = res.explored[best].tolist()
+    return (
+        offset,
+        res.score[best].tolist(),
+        res.engagement[best].tolist(),
+        res.unsubscribe[best].tolist(),
+        res.explored[best].tolist(),
+    )
+
+
+def _score_in_bulk(
+    scorer: Any, plans: Sequence[_Plan], profile: ProfileView, now_ms: int, seed: int
+) -> tuple[list[Candidate], dict[str, Candidate]]:
+    """Score every option in one vectorised call; keep the best send time per (campaign, channel, arm).
+
+    Materialising hundreds of frozen candidates would cost more than scoring them, so the
+    explanation lists each campaign's best send time per channel (and variant). Also returns
+    each campaign's best candidate: highest score, then earliest send, then channel order.
+    A scorer with ``best_options`` (the learners) answers with each group's best directly;
+    otherwise ``score_options`` values every option and :func:`group_bests` picks.
+    """
+    groups: list[OptionGroup] = []
+    ranks: list[int] = []
+    for plan in plans:
+        arm_names = (
+            [a.name for a in plan.variants] if plan.variants else [plan.arm.name if plan.arm else None]
+        )
+        for channel, times in plan.options.items():
+            rank = plan.channel_rank.get(channel, 0)
+            for arm in arm_names:
+                groups.append(_new_tuple(OptionGroup, (plan.campaign, channel, arm, times)))
+                ranks.append(rank)
+    best_options = getattr(scorer, "best_options", None)
+    if best_options is not None:
+        picked: GroupBests = best_options(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
+    else:
+        res = scorer.score_options(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
+        picked = group_bests(res, len(groups))
+    offset, score, engagement, unsubscribe, explored = picked
     out = []
     top: dict[str, Candidate] = {}
     # A campaign's groups are consecutive (one plan each): its best is kept in locals until the next

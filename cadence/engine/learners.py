@@ -55,7 +55,7 @@ from scipy.special import erfcinv, ndtr, ndtri  # type: ignore[import-untyped]
 
 from cadence.channels import CHANNELS, Feedback
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
-from cadence.engine.decide import BulkScores, OptionGroup
+from cadence.engine.decide import BulkScores, GroupBests, OptionGroup, group_bests
 from cadence.engine.decision import Candidate
 from cadence.engine.slots import local_datetime, local_ms, zone_named
 
@@ -1065,6 +1065,34 @@ class DecisionLearner:
     ) -> BulkScores:
         """Value every send time of every (campaign, channel, variant) group with one posterior draw.
 
+        See :meth:`_score`.
+        """
+        res = self._score(profile=profile, groups=groups, now_ms=now_ms, seed=seed, best=False)
+        assert isinstance(res, BulkScores)
+        return res
+
+    def best_options(
+        self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int
+    ) -> GroupBests:
+        """Each group's best send time, as :func:`~cadence.engine.decide.group_bests` picks it from
+        :meth:`score_options` (the same numbers), mostly without valuing every option.
+
+        The drawn value rises with the drawn probit score, so (with the same risk at every send
+        time) a group's best time is where that score is highest: the normal CDF is needed only
+        there, at the best posterior-mean score, and at any time within 1e-6 of either on the
+        probit scale. When that shortcut cannot prove it finds the same option (near-ties of the
+        draw on the probit scale, values near the "worth sending" threshold, a risk that depends on
+        the send time, variants, the gamma customer model, send times not shared by every group),
+        every option is valued as :meth:`score_options` does.
+        """
+        res = self._score(profile=profile, groups=groups, now_ms=now_ms, seed=seed, best=True)
+        return res if isinstance(res, tuple) else group_bests(res, len(groups))
+
+    def _score(
+        self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int, best: bool
+    ) -> BulkScores | GroupBests:
+        """Value every send time of every (campaign, channel, variant) group with one posterior draw.
+
         Returns flat arrays over every group's times: the sampled value (what decide maximises),
         the posterior-mean engagement and unsubscribe probabilities, and whether the time is
         only chosen because of exploration (its mean value is below the campaign's best).
@@ -1217,6 +1245,21 @@ class DecisionLearner:
             eff_sd = math.sqrt(cfg.customer_channel_var)
             per_group[1] += eff_sd * noise_u[effect_noise]
             per_group_v += cfg.customer_channel_var
+        if best and shared and n_times and not any_arm and not gamma and _plain_config(cfg):
+            got = self._best_shared(
+                profile,
+                now_ms,
+                per_group,
+                per_group_v,
+                time_w,
+                time_v,
+                hour_rows,
+                struct,
+                noise_u,
+                cfg.volume_optimism and per_group[0] + cfg.volume_optimism * eff_sd,
+            )
+            if got is not None:
+                return got
         # Options: a (groups x times) matrix when the groups share one list (per-group values
         # broadcast along the times), else flat arrays (per-group values repeated per time).
         if shared:
@@ -1323,7 +1366,139 @@ class DecisionLearner:
                         score[lo:hi] = -np.inf
                     else:
                         explored[lo:hi] = True
-        return BulkScores(bounds=bounds, score=score, engagement=p_eng, unsubscribe=p_uns, explored=explored)
+        res = BulkScores(bounds=bounds, score=score, engagement=p_eng, unsubscribe=p_uns, explored=explored)
+        return group_bests(res, n_groups) if best else res
+
+    def _best_shared(
+        self,
+        profile: Any,
+        now_ms: int,
+        per_group: np.ndarray,
+        per_group_v: np.ndarray,
+        time_w: np.ndarray,
+        time_v: np.ndarray,
+        hour_rows: np.ndarray | None,
+        struct: _GroupStruct,
+        noise_u: np.ndarray,
+        up: Any,
+    ) -> GroupBests | None:
+        """:meth:`best_options` for groups sharing one list of send times; None when it cannot prove its answer.
+
+        Every option's probit scores are computed as in :meth:`_score` (row 0: the posterior
+        mean over its predictive spread, row 1: the draw), the same operations on the same
+        numbers, so the scores it evaluates are bit for bit those of the full path. With a
+        risk per group (not per send time) and a positive click value, a group's drawn value
+        ``Phi(z1) - risk`` rises with ``z1`` and its mean value with ``z0``; ``Phi`` is needed at
+        the highest ``z1`` (the chosen time) and the highest ``z0`` (the group's best mean
+        value). That is exact when every other time's score is more than 1e-6 below on the
+        probit scale (below 5, a gap of 1e-6 is over 1e-12 in probability, far above rounding)
+        and the chosen time's drawn value is well above the score fix-ups' 1e-6 scale, or
+        every drawn value is at or below zero. Mean scores within 1e-6 of a group's best but
+        not equal to it (rounding in the time features) are all valued. Any group where that
+        does not hold sends the whole call down the full path.
+        """
+        cfg = self.config
+        ch_global, _, _, _, camp_of, n_camps, _, camp_starts, _ = struct
+        # Unsubscribe: the fatigue hazard of each channel at the customer's recent load (as _score).
+        cell = self.hazard.bucket(self.recent_load(profile.customer_id, now_ms))
+        ch_rates = self.hazard.rates()[ch_global, cell]
+        value = cfg.click_value
+        if value <= 0 or (
+            hour_rows is not None and isinstance(self.hazard, FittedHazard) and self.hazard.g != 0.0
+        ):
+            return None  # a risk per send time, or a value that does not rise with the draw
+        n_groups = per_group.shape[1]
+        n_times = time_w.shape[1]
+        z = per_group[:, :, None] + time_w[:, None, :]
+        spread = per_group_v[:, None] + time_v[None, :]
+        spread += cfg.beta**2
+        np.sqrt(spread, out=spread)
+        np.divide(z[0], spread, out=z[0])
+        if cfg.beta != 1.0:
+            z[1] /= cfg.beta
+        top = np.maximum.reduce(z, axis=2)  # (2, groups): the best mean and drawn score of each group
+        if not np.maximum.reduce(top, axis=None) < 5.0:  # (NaN fails too)
+            return None
+        near = z >= (top - 1e-6)[:, :, None]
+        if np.count_nonzero(near[1]) != n_groups:
+            return None  # another time within 1e-6 of a group's best draw
+        # A different mean score within 1e-6 of a group's best (exact ties are the same number):
+        # then every mean score that near is valued (below).
+        mixed = np.logical_or.reduce(near[0] & (z[0] != top[0][:, None]), axis=None)
+        first = z.argmax(axis=2)  # (2, groups): the first time with the best mean, and with the best draw
+        at = first[1]
+        flat = at + np.arange(0, n_groups * n_times, n_times)
+        args = np.concatenate((top[0], z[0].reshape(-1).take(flat), top[1]))
+        probs = ndtr(args, out=args)
+        p_top, p_eng, p_draw = probs[:n_groups], probs[n_groups : 2 * n_groups], probs[2 * n_groups :]
+        risk = cfg.unsubscribe_cost * ch_rates
+        if cfg.explore_unsubscribe:
+            seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
+            spread_r = np.sqrt(ch_rates * (1 - ch_rates) / seen)
+            draw_risk = cfg.unsubscribe_cost * np.maximum(ch_rates + spread_r * noise_u[:n_groups], 0.0)
+        else:
+            draw_risk = risk
+        if value == 1.0:
+            score, mean_score, group_best = p_draw - draw_risk, p_eng - risk, p_top - risk
+        else:
+            score = value * p_draw - draw_risk
+            mean_score, group_best = value * p_eng - risk, value * p_top - risk
+        if cfg.volume_optimism:
+            z_up = (up + time_w[0].take(at)) / spread.reshape(-1).take(flat)
+            hopeful = ndtr(z_up, out=z_up)
+            worth_value = (hopeful if value == 1.0 else value * hopeful) - risk
+        else:
+            worth_value = mean_score
+        # Per group, one of three cases, else the full path:
+        # - the best draw's value is well above the fix-ups' scale (at most 1e-6 of a value no
+        #   larger than click_value) and worth sending (or explore_volume): it is the best;
+        # - every drawn value is at or below zero (without volume_optimism, whose "worth" is not
+        #   the mean value): the times worth sending score 1e-6 of their mean value, so the time
+        #   with the best mean wins when that is positive ("low"), and the best draw otherwise.
+        high = score > 2e-6 * max(1.0, value)
+        if not cfg.explore_volume:
+            high &= worth_value > 0
+        if cfg.volume_optimism:
+            if mixed or not np.logical_and.reduce(high, axis=None):
+                return None
+            low = None
+        else:
+            nonpos = score <= 0
+            if not np.logical_and.reduce(high | nonpos, axis=None):
+                return None
+            if mixed:
+                # The mean scores near each group's best, valued: the best of them, and the first
+                # time with the best 1e-6 share of it (the score of a "low" group).
+                idx = np.flatnonzero(near[0])
+                rows = idx // n_times
+                p_near = ndtr(z[0].reshape(-1).take(idx))
+                ms_near = (p_near if value == 1.0 else value * p_near) - risk[rows]
+                starts = np.searchsorted(idx, np.arange(0, n_groups * n_times, n_times))
+                group_best = np.maximum.reduceat(ms_near, starts)
+                low_near = ms_near * 1e-6
+                hit = np.flatnonzero(low_near >= np.maximum.reduceat(low_near, starts)[rows])
+                pos = hit[np.searchsorted(hit, starts)]
+                best_at, best_low = idx[pos] - rows[pos] * n_times, low_near[pos]
+                best_p, best_mean = p_near[pos], ms_near[pos]
+            else:
+                best_at, best_low = first[0], group_best * 1e-6
+                best_p, best_mean = p_top, group_best
+            low = nonpos & (group_best > 0)
+            if np.logical_or.reduce(low, axis=None):
+                at = np.where(low, best_at, at)
+                score = np.where(low, best_low, score)
+                p_eng = np.where(low, best_p, p_eng)
+                mean_score = np.where(low, best_mean, mean_score)
+        if n_camps == n_groups:  # one group per campaign: its best is the campaign's
+            camp_best_of = group_best
+        elif camp_starts is not None:  # each campaign's groups in a row (decide's order)
+            camp_best_of = np.maximum.reduceat(group_best, camp_starts)[camp_of]
+        else:
+            camp_best = np.full(n_camps, -np.inf)
+            np.maximum.at(camp_best, camp_of, group_best)
+            camp_best_of = camp_best[camp_of]
+        explored = mean_score < camp_best_of - 1e-12
+        return at.tolist(), score.tolist(), p_eng.tolist(), ch_rates.tolist(), explored.tolist()
 
     def score(
         self, *, profile: Any, candidates: Sequence[Candidate], now_ms: int, seed: int
@@ -1644,9 +1819,10 @@ def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
                 _TIME_TABLE[row] = _time_code(minute // 60 + (minute % 60) / 60, bool(row % 2))
                 _TIME_SEEN[row] = True
             rows[k] = row
-    harm = _TIME_TABLE.take(rows, axis=0)  # take: no fancy-index path
+    at = np.array(rows, dtype=np.intp)  # (converted once for the three takes)
+    harm = _TIME_TABLE.take(at, axis=0)  # take: no fancy-index path
     sq = harm * harm
-    hours, whole = _ROW_HOURS.take(rows), _ROW_WHOLE.take(rows)
+    hours, whole = _ROW_HOURS.take(at), _ROW_WHOLE.take(at)
     for arr in (harm, sq, hours, whole):
         arr.flags.writeable = False
     return harm, sq, hours, whole
@@ -1670,5 +1846,60 @@ def _ndtri(p: float) -> float:
 
 
 _ZERO24 = np.zeros(24)
+#: The LearnerConfig fields :meth:`DecisionLearner._best_shared` handles (whatever their values).
+_BEST_FIELDS = frozenset(
+    {
+        "click_value",
+        "unsubscribe_cost",
+        "horizon_ms",
+        "engagement_prior",
+        "unsubscribe_prior",
+        "beta",
+        "engagement_events",
+        "quality_window",
+        "min_explore",
+        "explore_unsubscribe",
+        "hazard_strength",
+        "hazard_load_slope",
+        "explore_volume",
+        "customer_channel_var",
+        "crossed_prior_var",
+        "hour_model",
+        "hour_width",
+        "hour_floor",
+        "hour_offset_scale",
+        "hour_prior_power",
+        "hour_pop_strength",
+        "hour_miss_weight",
+        "hour_pop_draw",
+        "hour_draw_scale",
+        "hour_explore",
+        "probit_hours",
+        "time_draw",
+        "hazard_fit",
+        "volume_optimism",
+        "label_delay_ms",
+        "customer_model",
+        "customer_gamma_shape",
+    }
+)
+
+
+@lru_cache(maxsize=64)
+def _plain_config(cfg: LearnerConfig) -> bool:
+    """Whether every field of ``cfg`` that :meth:`DecisionLearner._best_shared` does not know is at its default.
+
+    A field added later may change how options are valued; until the shortcut is checked
+    against it, a configuration that sets it is scored the full way.
+
+    >>> _plain_config(LearnerConfig()), _plain_config(LearnerConfig(click_value=2.0))
+    (True, True)
+    """
+    default = LearnerConfig()
+    return all(
+        getattr(cfg, f.name) == getattr(default, f.name) for f in fields(cfg) if f.name not in _BEST_FIELDS
+    )
+
+
 _NO_TEMPLATE = TemplateSpec("")
 _NO_CH = ChannelPolicy(())
