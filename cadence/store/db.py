@@ -23,7 +23,14 @@ from cadence.errors import StorageError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-__all__ = ["SQLiteWriteLock", "create_db_engine", "is_postgres", "migrate", "pending_migrations"]
+__all__ = [
+    "SQLiteWriteLock",
+    "begin_write",
+    "create_db_engine",
+    "is_postgres",
+    "migrate",
+    "pending_migrations",
+]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -314,6 +321,26 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
                 raise
 
     return engine
+
+
+def begin_write(raw: Any) -> None:
+    """Begin a write transaction on a DBAPI connection cadence's engine opened (outside SQLAlchemy).
+
+    On SQLite: the file's write lock, then ``BEGIN IMMEDIATE``, as every write transaction of
+    the engine begins; ``commit()`` or ``rollback()`` on the connection lets the next writer
+    in. On PostgreSQL (psycopg, not in autocommit) the first statement begins it: nothing to do.
+    """
+    if not isinstance(raw, sqlite3.Connection):
+        return
+    locking = isinstance(raw, _LockingConnection)
+    if locking:
+        raw.lock_for_write()
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+    except BaseException:
+        if locking:
+            raw.unlock()
+        raise
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -319,7 +319,9 @@ def test_commits_arriving_together_share_a_transaction_and_keep_the_caps(api: Ap
         assert actions == ["none"] * 7 + ["send"], (ref, actions)
         assert all("cap" in reasons(body) for body in by_ref[ref] if body["action"] == "none")
     groups = api.app.state.decision_groups
-    assert groups.requests == 24 and groups.groups < groups.requests  # some commits shared a transaction
+    # The 16 commits for known customers went to groups (the unknown ids got their 404 on the event loop,
+    # before any thread hand-off); some shared a transaction.
+    assert groups.requests == 16 and groups.groups < groups.requests
     # Every answered decision was committed: each is recorded, the sends queued once per customer.
     with runtime.engine.connect() as conn:
         recorded = conn.exec_driver_sql("SELECT COUNT(*) FROM decisions").scalar()
