@@ -45,6 +45,7 @@ __all__ = [
     "history_of",
     "make_decision",
     "prepare_commit",
+    "record_decision",
 ]
 
 #: One decision row; a caller that may write the same decision again appends ``ON CONFLICT (id) DO NOTHING``.
@@ -284,6 +285,23 @@ class PreparedDecision:
     decision: Decision
     explanation: dict[str, Any]
     body: dict[str, Any]
+
+
+def record_decision(
+    conn: Transaction, request: DecisionRequestSpec, *, state: DecisionState, decision_id: str | None = None
+) -> dict[str, Any]:
+    """Decide the commit ``request`` in ``conn``'s transaction and record it (as :func:`make_decision`).
+
+    On PostgreSQL the customer's row is locked before their sends are read. ``conn`` may be
+    a :class:`RawTransaction`.
+
+    Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
+    """
+    if request.mode != "commit":
+        raise ValueError("record_decision: the request's mode must be 'commit'")
+    prepared = _prepare(request, conn=conn, state=state, decision_id=decision_id)
+    _record(conn, prepared)
+    return prepared.body
 
 
 def prepare_commit(

@@ -37,6 +37,7 @@ from cadence.engine.decisions_service import (
     get_decision,
     make_decision,
     prepare_commit,
+    record_decision,
 )
 from cadence.engine.learning import LearnerSubscriber
 from cadence.errors import IdentityError
@@ -237,12 +238,14 @@ class DecisionFastPath:
             return 429, orjson.dumps(detail), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
         try:
             if item.mode == "commit":
-                # Decided here, on the event loop, as a preview is (one read through the cache); only
-                # the transaction, which may wait for the write lock or a customer's row lock, goes to
-                # a thread, with the other commits waiting at the same moment (one transaction: see
-                # DecisionGroups). It records the decision if its inputs still hold, or decides again.
-                # A failed commit rolled back.
-                prepared = _prepare_one(app, item)
+                # On SQLite decided here, on the event loop, as a preview is (one read through the cache);
+                # only the transaction, which may wait for the write lock, goes to a thread, with the
+                # other commits of this event-loop iteration (one transaction: see DecisionGroups). It
+                # records the decision if its inputs still hold, or decides again. A failed commit
+                # rolled back.
+                # On PostgreSQL a commit is decided in its transaction, after its customer's row is locked:
+                # deciding first would cost a second read per commit, and rows lock one customer only.
+                prepared = None if app.state.decision_state.postgres else _prepare_one(app, item)
                 decided = await _groups(app).decide(item, prepared)
             else:
                 # A preview reads one statement through the cache and writes nothing: SQLite answers
@@ -393,9 +396,9 @@ class DecisionGroups:
         for item in previews:
             done[id(item)] = _outcome(self.app, [item])
         state: DecisionState | None = getattr(self.app.state, "decision_state", None)
-        if commits and state is not None and all(id(item) in ready for item in commits):
-            # Decided on the event loop already: only the transaction is left, written on a DBAPI
-            # connection of our own (SQLAlchemy's layers cost as much as the writes).
+        if commits and state is not None:
+            # One transaction on a DBAPI connection of our own (SQLAlchemy's layers cost as much as the
+            # writes), customers in id order.
             for item, result in zip(commits, self._write(commits, ready, state), strict=True):
                 done[id(item)] = result
         elif len(commits) == 1:
@@ -427,23 +430,40 @@ class DecisionGroups:
     def _write(
         self, commits: list[DecisionRequest], ready: dict[int, PreparedDecision], state: DecisionState
     ) -> list[dict[str, Any] | BaseException]:
-        """Record prepared commits in one transaction, customers in id order; each answer or error in place.
+        """Record commits in one transaction, customers in id order; each answer or error in place.
 
-        A decision whose inputs changed is decided again in the transaction
-        (:func:`commit_prepared`). If the transaction fails (a deadlock, a broken connection),
-        it rolled back, its connection is dropped, and each commit is recorded on its own.
+        A commit in ``ready`` was decided already: it is recorded if its inputs still hold, or
+        decided again in the transaction (:func:`commit_prepared`); any other is decided in it
+        (on PostgreSQL after its customer's row is locked). Customers are taken in id order (a
+        stable sort: one customer's commits keep their order), so two workers' groups lock
+        rows in the same order and one waits for the other instead of both deadlocking. If the
+        transaction fails (a deadlock, a broken connection), it rolled back, its connection is
+        dropped, and each commit is decided and recorded again on its own.
         """
-        order = sorted(range(len(commits)), key=lambda i: ready[id(commits[i])].customer_id)
+
+        def customer(i: int) -> tuple[bool, int]:
+            made = ready.get(id(commits[i]))
+            known = made.customer_id if made is not None else state.customer_of(commits[i].customer_id)
+            return (known is None, known or 0)
+
+        order = sorted(range(len(commits)), key=customer)
         out: list[dict[str, Any] | BaseException] = [None] * len(commits)  # type: ignore[list-item]
         raw = self._take_writer()
         try:
             begin_write(raw)
             tx = RawTransaction(raw, postgres=state.postgres)
             for i in order:
+                item = commits[i]
                 try:
-                    out[i] = commit_prepared(tx, ready[id(commits[i])], state=state)
-                except IdentityError as exc:  # erased or merged away since it was decided
+                    made = ready.get(id(item))
+                    if made is not None:
+                        out[i] = commit_prepared(tx, made, state=state)
+                    else:
+                        out[i] = record_decision(tx, _spec(self.app, item), state=state)
+                except IdentityError as exc:  # unknown, or erased or merged away since it was decided
                     out[i] = HTTPException(404, detail=str(exc))
+                except HTTPException as exc:  # no ruleset, an ``at`` without offset
+                    out[i] = exc
             raw.commit()
         except Exception:  # noqa: BLE001 - rolled back: record each again on its own
             with contextlib.suppress(Exception):  # the connection may be broken: it is dropped either way
