@@ -332,14 +332,14 @@ def begin_write(raw: Any) -> None:
     """
     if not isinstance(raw, sqlite3.Connection):
         return
-    locking = isinstance(raw, _LockingConnection)
-    if locking:
-        raw.lock_for_write()
+    if not isinstance(raw, _LockingConnection):
+        raw.execute("BEGIN IMMEDIATE")
+        return
+    raw.lock_for_write()  # the kernel wakes us when the writer before us is done
     try:
         raw.execute("BEGIN IMMEDIATE")
     except BaseException:
-        if locking:
-            raw.unlock()
+        raw.unlock()
         raise
 
 
