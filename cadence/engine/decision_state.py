@@ -217,26 +217,34 @@ class DecisionState:
                 self._entries.popitem(last=False)
 
     def inputs(
-        self, customer_ref: str, *, now_ms: int, ruleset: CompiledRuleset, conn: Connection | None = None
+        self,
+        customer_ref: str,
+        *,
+        now_ms: int,
+        ruleset: CompiledRuleset,
+        conn: Connection | None = None,
+        transaction: Any = None,
     ) -> DecisionInputs | None:
         """The customer behind ``customer_ref`` with profile and sends, or None for an unknown id.
 
-        With ``conn`` (a transaction that will write, as a commit does) everything is read
-        on it; without, on the cache's own connection, retried once on a fresh connection if
-        that one broke.
+        With ``conn`` (a transaction that will write, as a commit does), or ``transaction``
+        (the DBAPI connection of one), everything is read on it; without, on the cache's own
+        connection, retried once on a fresh connection if that one broke.
         """
         if conn is not None:
-            return self._inputs(conn.connection.dbapi_connection, customer_ref, now_ms, ruleset, conn)
+            transaction = conn.connection.dbapi_connection
+        if transaction is not None:
+            return self._inputs(transaction, customer_ref, now_ms, ruleset, True)
         try:
-            return self._inputs(self._own_connection(), customer_ref, now_ms, ruleset, None)
+            return self._inputs(self._own_connection(), customer_ref, now_ms, ruleset, False)
         except Exception as exc:
             if not _is_disconnect(exc):
                 raise
             self._drop_own_connection()
-            return self._inputs(self._own_connection(), customer_ref, now_ms, ruleset, None)
+            return self._inputs(self._own_connection(), customer_ref, now_ms, ruleset, False)
 
     def _inputs(
-        self, raw: Any, ref: str, now_ms: int, ruleset: CompiledRuleset, conn: Connection | None
+        self, raw: Any, ref: str, now_ms: int, ruleset: CompiledRuleset, in_transaction: bool
     ) -> DecisionInputs | None:
         entry = self._entries.get(ref)
         if entry is not None and self.clock() - entry.loaded < self.ttl_seconds:
@@ -247,7 +255,7 @@ class DecisionState:
                     entry.customer_id, entry.profile, history_from_rows(rows, ruleset), True
                 )
         self.misses += 1
-        if conn is not None:  # the caller's transaction: one snapshot (SQLite) or serialised (commit)
+        if in_transaction:  # the caller's transaction: one snapshot (SQLite) or serialised (commit)
             return self._load(raw, ref, now_ms, ruleset)
         if self.postgres:
             return self._load(raw, ref, now_ms, ruleset)

@@ -11,7 +11,15 @@ from sqlalchemy import Connection
 from cadence.store.fast import dialect_insert, dialect_sql
 from cadence.store.schema.sends import sends
 
-__all__ = ["enqueue_send", "enqueue_sends", "idempotency_key"]
+__all__ = ["ENQUEUE_SENDS_SQL", "enqueue_params", "enqueue_send", "enqueue_sends", "idempotency_key"]
+
+#: What :func:`enqueue_sends` runs per row (``?`` placeholders, ``?::json`` a JSON parameter: see
+#: :func:`~cadence.store.fast.dialect_sql`), for a caller that writes on a DBAPI connection itself.
+ENQUEUE_SENDS_SQL = (
+    "INSERT INTO sends (idempotency_key, decision_id, campaign, customer_id, channel, connector, template,"
+    " variables, due_ms, status, attempts, created_ms, updated_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?::json, ?, 'queued', 0, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
+)
 
 
 def idempotency_key(campaign: str, customer_id: int, occurrence: str) -> str:
@@ -73,12 +81,18 @@ def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms
     """
     if not rows:
         return 0
-    sql = (
-        "INSERT INTO sends (idempotency_key, decision_id, campaign, customer_id, channel, connector, template,"
-        " variables, due_ms, status, attempts, created_ms, updated_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?::json, ?, 'queued', 0, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
-    )
-    params = [
+    params = enqueue_params(rows, now_ms=now_ms)
+    result = conn.exec_driver_sql(dialect_sql(conn, ENQUEUE_SENDS_SQL), params)
+    return max(int(result.rowcount), 0)
+
+
+def enqueue_params(rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> list[tuple[Any, ...]]:
+    """The parameters of :data:`ENQUEUE_SENDS_SQL` for each row (rows as :func:`enqueue_sends` takes them).
+
+    >>> enqueue_params([{"key": "k", "campaign": "c", "customer_id": 1, "channel": "email", "due_ms": 5}], now_ms=2)
+    [('k', None, 'c', 1, 'email', None, None, '{}', 5, 2, 2)]
+    """
+    return [
         (
             row["key"],
             row.get("decision_id"),
@@ -94,5 +108,3 @@ def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms
         )
         for row in rows
     ]
-    result = conn.exec_driver_sql(dialect_sql(conn, sql), params)
-    return max(int(result.rowcount), 0)

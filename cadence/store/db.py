@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -16,6 +17,7 @@ from cadence.store.driver import (
     WRITE_LOCK_TIMEOUT,
     SQLiteWriteLock,
     _LockingConnection,
+    begin_sqlite_write,
     configure_sqlite,
     script_heads,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "MIGRATIONS",
     "WRITE_LOCK_TIMEOUT",
     "SQLiteWriteLock",
+    "begin_write",
     "create_db_engine",
     "is_postgres",
     "migrate",
@@ -106,6 +109,17 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
                 raise
 
     return engine
+
+
+def begin_write(raw: Any) -> None:
+    """Begin a write transaction on a DBAPI connection cadence's engine opened (outside SQLAlchemy).
+
+    On SQLite: the file's write lock, then ``BEGIN IMMEDIATE``, as every write transaction of
+    the engine begins; ``commit()`` or ``rollback()`` on the connection lets the next writer
+    in. On PostgreSQL (psycopg, not in autocommit) the first statement begins it: nothing to do.
+    """
+    if isinstance(raw, sqlite3.Connection):
+        begin_sqlite_write(raw)
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import threading
 import time
+import weakref
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Annotated, Any, Literal, overload
@@ -30,13 +32,16 @@ from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import (
     DecisionRequestSpec,
     PreparedDecision,
+    RawTransaction,
     commit_prepared,
     get_decision,
     make_decision,
     prepare_commit,
+    record_decision,
 )
 from cadence.engine.learning import LearnerSubscriber
 from cadence.errors import IdentityError
+from cadence.store.db import begin_write
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
 
@@ -106,6 +111,9 @@ def setup(app: FastAPI) -> None:
     app.state.decision_state = DecisionState(app.state.runtime.engine)
 
     def close(app: FastAPI) -> None:
+        groups = getattr(app.state, "decision_groups", None)
+        if groups is not None:
+            groups.close()
         app.state.decision_state.close()
 
     app.state.on_shutdown.append(close)
@@ -230,10 +238,15 @@ class DecisionFastPath:
             return 429, orjson.dumps(detail), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
         try:
             if item.mode == "commit":
-                # A commit may wait for the write lock: in a thread, not on the event loop, with the
-                # other commits waiting at the same moment (one transaction: see DecisionGroups).
-                # A failed commit rolled back.
-                decided = await _groups(app).decide(item)
+                # On SQLite decided here, on the event loop, as a preview is (one read through the cache);
+                # only the transaction, which may wait for the write lock, goes to a thread, with the
+                # other commits of this event-loop iteration (one transaction: see DecisionGroups). It
+                # records the decision if its inputs still hold, or decides again. A failed commit
+                # rolled back.
+                # On PostgreSQL a commit is decided in its transaction, after its customer's row is locked:
+                # deciding first would cost a second read per commit, and rows lock one customer only.
+                prepared = None if app.state.decision_state.postgres else _prepare_one(app, item)
+                decided = await _groups(app).decide(item, prepared)
             else:
                 # A preview reads one statement through the cache and writes nothing: SQLite answers
                 # from a local file in microseconds, PostgreSQL in one loopback round trip, and a
@@ -287,27 +300,66 @@ class DecisionGroups:
         #: trips overlap; SQLite has one writer, and its reads take microseconds).
         self.backlog = backlog
         self.max_threads = 4 if getattr(app.state.runtime.engine.dialect, "name", "") == "postgresql" else 1
-        self._pending: list[tuple[DecisionRequest, asyncio.Future[dict[str, Any]]]] = []
+        self._pending: list[
+            tuple[DecisionRequest, asyncio.Future[dict[str, Any]], PreparedDecision | None]
+        ] = []
         self._lock = threading.Lock()
         self._threads = 0
         #: How many groups ran, and how many requests they held (the mean group size is their ratio).
         self.groups = 0
         self.requests = 0
+        #: DBAPI connections the groups of prepared commits write on, one per running thread (idle ones here).
+        self._writers: list[Any] = []
+        self._finalizer = weakref.finalize(self, _close_all, self._writers)
 
-    async def decide(self, item: DecisionRequest) -> dict[str, Any]:
-        """The decision for ``item``, decided (and, for a commit, committed) in a worker thread."""
+    def close(self) -> None:
+        """Close the idle writer connections (at shutdown)."""
+        with self._lock:
+            _close_all(self._writers)
+
+    def _take_writer(self) -> Any:
+        with self._lock:
+            if self._writers:
+                return self._writers.pop()
+        proxied = self.app.state.runtime.engine.raw_connection()
+        raw = proxied.driver_connection
+        proxied.detach()  # ours: the pool neither resets nor hands it out
+        return raw
+
+    def _give_back(self, raw: Any) -> None:
+        with self._lock:
+            self._writers.append(raw)
+
+    async def decide(self, item: DecisionRequest, prepared: PreparedDecision | None = None) -> dict[str, Any]:
+        """The decision for ``item``, decided (and, for a commit, committed) in a worker thread.
+
+        With ``prepared`` (a commit already decided, by :func:`prepare_commit`), the thread only
+        records it, in the group's transaction, if its inputs still hold (else decides it again there).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         with self._lock:
-            self._pending.append((item, future))
+            self._pending.append((item, future, prepared))
             start = self._threads == 0 or (
                 self._threads < self.max_threads and len(self._pending) > self.backlog
             )
             if start:
                 self._threads += 1
         if start:
-            loop.run_in_executor(None, self._drain, loop)
+            # At the end of this event-loop iteration: the other requests that arrived with this one
+            # are decided first (their tasks run in this iteration) and join the same group.
+            loop.call_soon(self._start, loop)
         return await future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_in_executor(None, self._drain, loop)
+        except RuntimeError as exc:  # the executor is shut down (the server is stopping): answer what waits
+            with self._lock:
+                self._threads -= 1
+                waiting, self._pending = self._pending, []
+            for _, future, _ in waiting:
+                _settle(future, exc)
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         done = False
@@ -323,44 +375,117 @@ class DecisionGroups:
                 self.groups += 1
                 self.requests += len(group)
                 try:
-                    results = self._run([item for item, _ in group])
+                    results = self._run([(item, prepared) for item, _, prepared in group])
                 except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
                     results = [exc] * len(group)
-                for (_, future), result in zip(group, results, strict=True):
+                for (_, future, _), result in zip(group, results, strict=True):
                     loop.call_soon_threadsafe(_settle, future, result)
         finally:
             if not done:  # the loop closed under us (shutdown): let a later request start a thread
                 with self._lock:
                     self._threads -= 1
 
-    def _run(self, items: list[DecisionRequest]) -> list[dict[str, Any] | BaseException]:
+    def _run(
+        self, entries: list[tuple[DecisionRequest, PreparedDecision | None]]
+    ) -> list[dict[str, Any] | BaseException]:
+        items = [item for item, _ in entries]
+        ready = {id(item): prepared for item, prepared in entries if prepared is not None}
         previews = [item for item in items if item.mode != "commit"]
         commits = [item for item in items if item.mode == "commit"]
         done: dict[int, dict[str, Any] | BaseException] = {}
         for item in previews:
             done[id(item)] = _outcome(self.app, [item])
-        if len(commits) == 1:
-            done[id(commits[0])] = _outcome(self.app, commits)
+        state: DecisionState | None = getattr(self.app.state, "decision_state", None)
+        if commits and state is not None:
+            # One transaction on a DBAPI connection of our own (SQLAlchemy's layers cost as much as the
+            # writes), customers in id order.
+            for item, result in zip(commits, self._write(commits, ready, state), strict=True):
+                done[id(item)] = result
+        elif len(commits) == 1:
+            done[id(commits[0])] = _outcome(self.app, commits, ready)
         elif commits:
             # Customers in id order (a stable sort: one customer's commits keep their order): two
             # workers' groups then lock the customers' rows (PostgreSQL) in the same order, so one
             # waits for the other instead of both deadlocking until the server breaks it.
-            state: DecisionState | None = getattr(self.app.state, "decision_state", None)
             if state is not None:
-                known = {item.customer_id: state.customer_of(item.customer_id) for item in commits}
-                commits.sort(key=lambda item: (known[item.customer_id] is None, known[item.customer_id] or 0))
+                known = {
+                    id(item): (
+                        ready[id(item)].customer_id
+                        if id(item) in ready
+                        else state.customer_of(item.customer_id)
+                    )
+                    for item in commits
+                }
+                commits.sort(key=lambda item: (known[id(item)] is None, known[id(item)] or 0))
             try:
-                for item, result in zip(commits, _decide_many(self.app, commits, errors=True), strict=True):
+                for item, result in zip(
+                    commits, _decide_many(self.app, commits, errors=True, ready=ready), strict=True
+                ):
                     done[id(item)] = result
             except Exception:  # noqa: BLE001 - rolled back: decide each again on its own
                 for item in commits:
-                    done[id(item)] = _outcome(self.app, [item])
+                    done[id(item)] = _outcome(self.app, [item], ready)
         return [done[id(item)] for item in items]
 
+    def _write(
+        self, commits: list[DecisionRequest], ready: dict[int, PreparedDecision], state: DecisionState
+    ) -> list[dict[str, Any] | BaseException]:
+        """Record commits in one transaction, customers in id order; each answer or error in place.
 
-def _outcome(app: FastAPI, items: list[DecisionRequest]) -> dict[str, Any] | BaseException:
+        A commit in ``ready`` was decided already: it is recorded if its inputs still hold, or
+        decided again in the transaction (:func:`commit_prepared`); any other is decided in it
+        (on PostgreSQL after its customer's row is locked). Customers are taken in id order (a
+        stable sort: one customer's commits keep their order), so two workers' groups lock
+        rows in the same order and one waits for the other instead of both deadlocking. If the
+        transaction fails (a deadlock, a broken connection), it rolled back, its connection is
+        dropped, and each commit is decided and recorded again on its own.
+        """
+
+        def customer(i: int) -> tuple[bool, int]:
+            made = ready.get(id(commits[i]))
+            known = made.customer_id if made is not None else state.customer_of(commits[i].customer_id)
+            return (known is None, known or 0)
+
+        order = sorted(range(len(commits)), key=customer)
+        out: list[dict[str, Any] | BaseException] = [None] * len(commits)  # type: ignore[list-item]
+        raw = self._take_writer()
+        try:
+            begin_write(raw)
+            tx = RawTransaction(raw, postgres=state.postgres)
+            for i in order:
+                item = commits[i]
+                try:
+                    made = ready.get(id(item))
+                    if made is not None:
+                        out[i] = commit_prepared(tx, made, state=state)
+                    else:
+                        out[i] = record_decision(tx, _spec(self.app, item), state=state)
+                except IdentityError as exc:  # unknown, or erased or merged away since it was decided
+                    out[i] = HTTPException(404, detail=str(exc))
+                except HTTPException as exc:  # no ruleset, an ``at`` without offset
+                    out[i] = exc
+            raw.commit()
+        except Exception:  # noqa: BLE001 - rolled back: record each again on its own
+            with contextlib.suppress(Exception):  # the connection may be broken: it is dropped either way
+                raw.rollback()
+            with contextlib.suppress(Exception):
+                raw.close()
+            return [_outcome(self.app, [item], ready) for item in commits]
+        self._give_back(raw)
+        return out
+
+
+def _close_all(raws: list[Any]) -> None:
+    while raws:
+        with contextlib.suppress(Exception):  # closing at shutdown; nothing to recover
+            raws.pop().close()
+
+
+def _outcome(
+    app: FastAPI, items: list[DecisionRequest], ready: dict[int, PreparedDecision] | None = None
+) -> dict[str, Any] | BaseException:
     try:
-        return _decide_many(app, items)[0]
+        return _decide_many(app, items, ready=ready)[0]
     except Exception as exc:  # noqa: BLE001 - handed to the waiting request
         return exc
 
@@ -422,17 +547,56 @@ def _event_of(item: DecisionRequest, now: int) -> dict[str, Any] | None:
     return {"event": item.event.event, "ts_ms": ts, "properties": item.event.properties}
 
 
-@overload
-def _decide_many(app: FastAPI, items: list[DecisionRequest]) -> list[dict[str, Any]]: ...
+def _spec(app: FastAPI, item: DecisionRequest) -> DecisionRequestSpec:
+    """What ``item`` asks for, with this process's ruleset, learners and channels."""
+    now = _ms(item.at, app)
+    return DecisionRequestSpec(
+        ruleset=_ruleset(app),
+        customer_ref=item.customer_id,
+        now_ms=now,
+        available_channels=app.state.available_channels,
+        learners=_learners(app),
+        opt_in_channels=getattr(app.state, "opt_in_channels", ()),
+        mode=item.mode,
+        context=item.context,
+        campaigns=item.campaigns,
+        event=_event_of(item, now),
+    )
+
+
+def _prepare_one(app: FastAPI, item: DecisionRequest) -> PreparedDecision:
+    """Decide the commit ``item`` from what the cache reads now, to be recorded by a transaction later.
+
+    Raises :class:`HTTPException` (no ruleset, ``at`` without offset) or
+    :class:`~cadence.errors.IdentityError` (unknown customer); nothing is written.
+    """
+    state: DecisionState = app.state.decision_state
+    return prepare_commit(_spec(app, item), state=state)
 
 
 @overload
 def _decide_many(
-    app: FastAPI, items: list[DecisionRequest], *, errors: Literal[True]
+    app: FastAPI, items: list[DecisionRequest], *, ready: dict[int, PreparedDecision] | None = None
+) -> list[dict[str, Any]]: ...
+
+
+@overload
+def _decide_many(
+    app: FastAPI,
+    items: list[DecisionRequest],
+    *,
+    errors: Literal[True],
+    ready: dict[int, PreparedDecision] | None = None,
 ) -> list[dict[str, Any] | BaseException]: ...
 
 
-def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = False) -> list[Any]:
+def _decide_many(
+    app: FastAPI,
+    items: list[DecisionRequest],
+    *,
+    errors: bool = False,
+    ready: dict[int, PreparedDecision] | None = None,
+) -> list[Any]:
     """Decide for each item: previews read through the cache; any commit writes in one transaction.
 
     On SQLite the commits are decided first, outside the transaction (the write lock is one
@@ -440,6 +604,8 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = F
     the CPU time of ``decide()``); the transaction then re-reads each customer's sends and
     profile and records the decision if they are unchanged, or decides again in it (see
     :func:`~cadence.engine.decisions_service.commit_prepared`), so caps hold as before.
+    ``ready`` gives commits decided that way already (on the event loop, any database), by
+    ``id()`` of their item.
 
     An unknown customer is a 404 for a single item, an ``action: "error"`` entry in a batch,
     and with ``errors`` the item's :class:`HTTPException` in place (as is an ``at`` without offset).
@@ -453,37 +619,27 @@ def _decide_many(app: FastAPI, items: list[DecisionRequest], *, errors: bool = F
     engine = app.state.runtime.engine
     writes = any(item.mode == "commit" for item in items)
     prepared: dict[int, PreparedDecision | HTTPException | IdentityError] = {}
+    for index, item in enumerate(items):
+        if ready is not None and id(item) in ready:
+            prepared[index] = ready[id(item)]
     if writes and state is not None and not state.postgres:
         for index, item in enumerate(items):
-            if item.mode != "commit":
+            if item.mode != "commit" or index in prepared:
                 continue
             try:
-                now = _ms(item.at, app)
-                spec = DecisionRequestSpec(
-                    ruleset=ruleset,
-                    customer_ref=item.customer_id,
-                    now_ms=now,
-                    available_channels=channels,
-                    learners=learners,
-                    opt_in_channels=opt_in,
-                    mode="commit",
-                    context=item.context,
-                    campaigns=item.campaigns,
-                    event=_event_of(item, now),
-                )
-                prepared[index] = prepare_commit(spec, state=state)
+                prepared[index] = prepare_commit(_spec(app, item), state=state)
             except (HTTPException, IdentityError) as exc:
                 prepared[index] = exc
     with engine.begin() if writes else nullcontext() as conn:
         for index, item in enumerate(items):
-            ready = prepared.get(index)
+            made = prepared.get(index)
             try:
-                if isinstance(ready, HTTPException | IdentityError):
-                    raise ready
+                if isinstance(made, HTTPException | IdentityError):
+                    raise made
                 now = _ms(item.at, app)
-                if ready is not None:
+                if made is not None:
                     assert state is not None and conn is not None
-                    out.append(commit_prepared(conn, ready, state=state))
+                    out.append(commit_prepared(conn, made, state=state))
                     continue
                 out.append(
                     make_decision(
