@@ -164,6 +164,10 @@ class LearnerConfig:
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
     hazard_fit: bool = False  # FittedHazard (shared load slope and timing term) instead of cells per load
     volume_optimism: float = 0.0  # send when the value is positive with the customer's effect this many sd up
+    #: The optimism shrinks with the customer's recent load: ``volume_optimism / (1 + this * load)``
+    #: (load = sends in the last 7 days): a hopeful extra send is cheap to a rested customer, and
+    #: the risk it buys grows with every message the customer got lately.
+    volume_optimism_load: float = 0.0
     #: Learn each send provisionally this long after it (no click by then: a no), and correct
     #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
     #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
@@ -1185,7 +1189,10 @@ class DecisionLearner:
         hopeful = None
         if cfg.volume_optimism:
             # Whether to send: the value with the customer's own effect volume_optimism sd above its mean.
-            up = per_group[0] + cfg.volume_optimism * eff_sd
+            k_up = cfg.volume_optimism
+            if cfg.volume_optimism_load:
+                k_up /= 1.0 + cfg.volume_optimism_load * self.recent_load(profile.customer_id, now_ms)
+            up = per_group[0] + k_up * eff_sd
             z_up = (up[:, None] + time_w[0]) if shared else (up[group_of] + time_w[0, ti])
             hopeful = ndtr(np.divide(z_up, var, out=z_up))
         np.divide(mean[0], var, out=mean[0])
