@@ -219,11 +219,7 @@ def sim_learner_config() -> LearnerConfig:
     against 11.1%, every other quality goal met (docs/decisions.md).
     """
     return LearnerConfig(
-        horizon_ms=24 * 3_600_000,
-        label_delay_ms=6 * 3_600_000,
-        hazard_fit=True,
-        volume_optimism=0.75,
-        volume_optimism_load=0.5,
+        horizon_ms=24 * 3_600_000, label_delay_ms=6 * 3_600_000, hazard_fit=True, volume_optimism=0.25
     )
 
 
