@@ -168,9 +168,13 @@ class LearnerConfig:
     probit_hours: bool = True  # the probit's own hour x trait weights and hour match (besides HourPreference)
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
     hazard_fit: bool = True  # FittedHazard (shared load slope and timing term) instead of cells per load
-    volume_optimism: float = (
-        0.25  # send when the value is positive with the customer's effect this many sd up
-    )
+    #: Send when the value is positive with the customer's effect this many sd up (the probit
+    #: customer model's effect; the gamma model sends on its posterior mean).
+    volume_optimism: float = 0.25
+    #: The optimism shrinks with the customer's recent load: ``volume_optimism / (1 + this * load)``
+    #: (load = sends in the last 7 days): a hopeful extra send is cheap to a rested customer, and
+    #: the risk it buys grows with every message the customer got lately.
+    volume_optimism_load: float = 0.0
     #: Learn each send provisionally this long after it (no click by then: a no), and correct
     #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
     #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
@@ -191,6 +195,7 @@ DECISION_TIME_FIELDS = frozenset(
         "click_value",
         "unsubscribe_cost",
         "volume_optimism",
+        "volume_optimism_load",
         "explore_unsubscribe",
         "explore_volume",
         "hour_explore",
@@ -1282,7 +1287,10 @@ class DecisionLearner:
         hopeful = None
         if cfg.volume_optimism and not gamma:
             # Whether to send: the value with the customer's own effect volume_optimism sd above its mean.
-            up = per_group[0] + cfg.volume_optimism * eff_sd
+            k_up = cfg.volume_optimism
+            if cfg.volume_optimism_load:
+                k_up /= 1.0 + cfg.volume_optimism_load * self.recent_load(profile.customer_id, now_ms)
+            up = per_group[0] + k_up * eff_sd
             z_up = (up[:, None] + time_w[0]) if shared else (up[group_of] + time_w[0, ti])
             hopeful = ndtr(np.divide(z_up, var, out=z_up))
         np.divide(mean[0], var, out=mean[0])
@@ -1335,14 +1343,7 @@ class DecisionLearner:
             if shared
             else np.maximum.reduceat(mean_score, bounds_arr[:-1])
         )
-        if n_camps == n_groups:  # one group per campaign: its best is the campaign's
-            camp_best_of = group_best
-        elif camp_starts is not None:  # each campaign's groups in a row (decide's order)
-            camp_best_of = np.maximum.reduceat(group_best, camp_starts)[camp_of]
-        else:
-            camp_best = np.full(n_camps, -np.inf)
-            np.maximum.at(camp_best, camp_of, group_best)
-            camp_best_of = camp_best[camp_of]
+        camp_best_of = _campaign_best_of(group_best, n_camps, camp_starts, camp_of)
         explored = mean_score < per_option(camp_best_of) - 1e-12
         p_uns = np.repeat(ch_rates, rep) if timing is None else (per_option(ch_rates) * timing).reshape(-1)
         score, p_eng, explored = score.reshape(-1), p_eng.reshape(-1), explored.reshape(-1)
@@ -1489,14 +1490,7 @@ class DecisionLearner:
                 score = np.where(low, best_low, score)
                 p_eng = np.where(low, best_p, p_eng)
                 mean_score = np.where(low, best_mean, mean_score)
-        if n_camps == n_groups:  # one group per campaign: its best is the campaign's
-            camp_best_of = group_best
-        elif camp_starts is not None:  # each campaign's groups in a row (decide's order)
-            camp_best_of = np.maximum.reduceat(group_best, camp_starts)[camp_of]
-        else:
-            camp_best = np.full(n_camps, -np.inf)
-            np.maximum.at(camp_best, camp_of, group_best)
-            camp_best_of = camp_best[camp_of]
+        camp_best_of = _campaign_best_of(group_best, n_camps, camp_starts, camp_of)
         explored = mean_score < camp_best_of - 1e-12
         return at.tolist(), score.tolist(), p_eng.tolist(), ch_rates.tolist(), explored.tolist()
 
@@ -1883,6 +1877,23 @@ _BEST_FIELDS = frozenset(
         "customer_gamma_shape",
     }
 )
+
+
+def _campaign_best_of(
+    group_best: np.ndarray, n_camps: int, camp_starts: np.ndarray | None, camp_of: np.ndarray
+) -> np.ndarray:
+    """Per group, the best mean value of any group of its campaign (its own when one group per campaign).
+
+    >>> _campaign_best_of(np.array([0.1, 0.3, 0.2]), 2, np.array([0, 2]), np.array([0, 0, 1])).tolist()
+    [0.3, 0.3, 0.2]
+    """
+    if n_camps == len(group_best):  # one group per campaign: its best is the campaign's
+        return group_best
+    if camp_starts is not None:  # each campaign's groups in a row (decide's order)
+        return np.maximum.reduceat(group_best, camp_starts)[camp_of]
+    camp_best = np.full(n_camps, -np.inf)
+    np.maximum.at(camp_best, camp_of, group_best)
+    return camp_best[camp_of]
 
 
 @lru_cache(maxsize=64)

@@ -97,16 +97,9 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
             if readonly:
                 conn.exec_driver_sql("BEGIN")
                 return
-            raw = conn.connection.dbapi_connection
-            locking = isinstance(raw, _LockingConnection)
-            if locking:
-                raw.lock_for_write()  # the kernel wakes us when the writer before us is done
-            try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            except BaseException:
-                if locking:
-                    raw.unlock()
-                raise
+            begin_sqlite_write(
+                conn.connection.dbapi_connection
+            )  # the file's write lock, then BEGIN IMMEDIATE
 
     return engine
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, time
 
 import pytest
@@ -173,3 +174,28 @@ def test_a_late_unsubscribe_counts_as_if_it_had_been_known_at_once(kind: type[Fa
         if hasattr(at_once, name):
             assert (getattr(late, name) == getattr(at_once, name)).all(), name
     assert late.rates()[1, 4] == pytest.approx(at_once.rates()[1, 4])
+
+
+def _decide_loaded(config: LearnerConfig, sends: int) -> tuple[str, float]:
+    """``_decide`` for a customer who got ``sends`` messages in the last days (as the learner saw them)."""
+    learner = DecisionLearner(config)
+    learner.customer(2).sends.extend(NOW - (sends - k) * DAY + HOUR_MS for k in range(sends))
+    return _decide(learner, customer=2)
+
+
+@pytest.mark.parametrize("sends", [0, 5])
+def test_volume_optimism_shrinks_with_the_customers_recent_load(sends: int) -> None:
+    """At a cost just above what the mean is worth, the hope sends to a rested customer, not to a loaded one.
+
+    Without ``volume_optimism_load`` the same optimism sends to both.
+    """
+    _, p_mean = _decide_loaded(LearnerConfig(), sends)
+    rate = float(DecisionLearner().hazard.rates()[0, sends])
+    cost = 1.2 * p_mean / rate  # the value at the posterior mean: p_mean - 1.2 p_mean < 0
+    assert _decide_loaded(LearnerConfig(unsubscribe_cost=cost), sends)[0] == "none"
+    flat = LearnerConfig(unsubscribe_cost=cost, volume_optimism=1.0)
+    assert _decide_loaded(flat, sends)[0] == "send"
+    shrinking = replace(flat, volume_optimism_load=1.0)
+    action, p = _decide_loaded(shrinking, sends)
+    assert action == ("send" if sends == 0 else "none")
+    assert p == pytest.approx(p_mean)
