@@ -403,20 +403,7 @@ class DecisionGroups:
                 done[id(item)] = result
         elif len(commits) == 1:
             done[id(commits[0])] = _outcome(self.app, commits, ready)
-        elif commits:
-            # Customers in id order (a stable sort: one customer's commits keep their order): two
-            # workers' groups then lock the customers' rows (PostgreSQL) in the same order, so one
-            # waits for the other instead of both deadlocking until the server breaks it.
-            if state is not None:
-                known = {
-                    id(item): (
-                        ready[id(item)].customer_id
-                        if id(item) in ready
-                        else state.customer_of(item.customer_id)
-                    )
-                    for item in commits
-                }
-                commits.sort(key=lambda item: (known[id(item)] is None, known[id(item)] or 0))
+        elif commits:  # (an app without the decision state: each commit through the engine)
             try:
                 for item, result in zip(
                     commits, _decide_many(self.app, commits, errors=True, ready=ready), strict=True
