@@ -6,6 +6,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,22 +49,27 @@ def feedback(i: int, event: str, decision_id: str, ts_ms: int) -> LoggedEvent:
     )
 
 
+def record(sub: LearnerSubscriber, decision_id: str, ts: int) -> dict[str, Any]:
+    """Commit an email decision for customer 1 at ``ts`` to the subscriber's learner."""
+    return sub.record(
+        decision_id=decision_id,
+        customer_id=1,
+        traits={"plan": "pro"},
+        zone="UTC",
+        campaign="c",
+        channel="email",
+        send_at_ms=ts,
+        arm=None,
+        now_ms=ts,
+    )
+
+
 def teach(sub: LearnerSubscriber, start: int, n: int) -> list[LoggedEvent]:
     events = []
     for k in range(n):
         did = f"d{start + k}"
         ts = T0 + (start + k) * HOUR
-        sub.record(
-            decision_id=did,
-            customer_id=1,
-            traits={"plan": "pro"},
-            zone="UTC",
-            campaign="c",
-            channel="email",
-            send_at_ms=ts,
-            arm=None,
-            now_ms=ts,
-        )
+        record(sub, did, ts)
         events.append(feedback(2 * (start + k) + 1, "Email Delivered", did, ts))
         if k % 2 == 0:
             events.append(feedback(2 * (start + k) + 2, "Email Link Clicked", did, ts + 60_000))
@@ -86,17 +92,7 @@ def test_snapshot_restart_replays_only_the_rest(db_engine: Engine) -> None:
         assert position == first[-1].id
         for k in range(20, 30):  # the decisions made after the snapshot are recorded again
             ts = T0 + k * HOUR
-            restarted.record(
-                decision_id=f"d{k}",
-                customer_id=1,
-                traits={"plan": "pro"},
-                zone="UTC",
-                campaign="c",
-                channel="email",
-                send_at_ms=ts,
-                arm=None,
-                now_ms=ts,
-            )
+            record(restarted, f"d{k}", ts)
         restarted.apply(conn, [e for e in rest if e.id > position])
     assert np.array_equal(restarted.learner.engagement.mean, sub.learner.engagement.mean)
     assert restarted.learner.customers[1].clicks == sub.learner.customers[1].clicks == 15
@@ -170,17 +166,7 @@ def _store_decisions(conn: Connection, sub: LearnerSubscriber, n: int) -> list[L
     events = []
     for k in range(n):
         did, ts = f"d{k}", T0 + k * HOUR
-        stored = sub.record(
-            decision_id=did,
-            customer_id=1,
-            traits={"plan": "pro"},
-            zone="UTC",
-            campaign="c",
-            channel="email",
-            send_at_ms=ts,
-            arm=None,
-            now_ms=ts,
-        )
+        stored = record(sub, did, ts)
         conn.execute(
             decisions.insert().values(
                 id=did,
@@ -233,17 +219,7 @@ def test_a_snapshot_takes_new_decision_values_and_relearns_for_a_new_horizon(db_
     live = LearnerSubscriber(config=config, snapshot_every=10**9)
     for k in range(30):
         ts = T0 + k * HOUR
-        live.record(
-            decision_id=f"d{k}",
-            customer_id=1,
-            traits={"plan": "pro"},
-            zone="UTC",
-            campaign="c",
-            channel="email",
-            send_at_ms=ts,
-            arm=None,
-            now_ms=ts,
-        )
+        record(live, f"d{k}", ts)
     with db_engine.begin() as conn:
         live.apply(conn, events)
     assert np.allclose(relearn.learner.engagement.mean, live.learner.engagement.mean)
