@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import time as dtime
 from pathlib import Path
@@ -33,6 +33,7 @@ from cadence.engine.campaign import (
     TemplateSpec,
 )
 from cadence.engine.decide import decide
+from cadence.engine.decision import PastSend
 from cadence.engine.learners import DecisionLearner
 from cadence.engine.profiles_memory import MemoryProfile
 
@@ -104,20 +105,16 @@ def latency(n: int) -> dict[str, float]:
     return out
 
 
-def latency_warm(n: int) -> dict[str, float]:
-    """decide() percentiles (ms) for a customer the learners know, with a history of sends (same rules).
+def warm_customer() -> tuple[DecisionLearner, MemoryProfile, int, Callable[[int], list[PastSend]]]:
+    """The known customer of :func:`latency_warm`: learner, profile, the time it starts, its history at a time.
 
     The learners have seen 2,000 labelled decisions (about 20 of them this customer's, with
-    clicks), and the customer got 10 messages in the last 9 days and has one queued: the caps
-    (3 per 7 days per campaign, 2 per calendar day per customer) count real sends. Successive
-    calls are 7 minutes apart, as decisions spread over a day in a service.
+    clicks), and the customer got 10 messages in the last 9 days and has one queued.
     """
     import random
 
     from cadence.channels import Feedback
-    from cadence.engine.decision import PastSend
 
-    ruleset = bench_ruleset()
     traits = {"plan": "pro", "age_band": "35+"}
     profile = MemoryProfile(customer_id=7, timezone="America/New_York", traits=traits)
     now = 1_780_000_000_000
@@ -145,10 +142,26 @@ def latency_warm(n: int) -> dict[str, float]:
             )
     learner.advance(now)
     sent = [(k * 21 * hour - 30 * 60_000, f"c{k}", CHANNELS4[k % 4]) for k in range(-1, 10)]
+
+    def history(at: int) -> list[PastSend]:
+        return [PastSend(ts_ms=at - ago, campaign=c, channel=ch) for ago, c, ch in sent]
+
+    return learner, profile, now, history
+
+
+def latency_warm(n: int) -> dict[str, float]:
+    """decide() percentiles (ms) for a customer the learners know, with a history of sends (same rules).
+
+    The customer is :func:`warm_customer`'s: the caps (3 per 7 days per campaign, 2 per calendar
+    day per customer) count real sends. Successive calls are 7 minutes apart, as decisions spread
+    over a day in a service.
+    """
+    ruleset = bench_ruleset()
+    learner, profile, now, warm_history = warm_customer()
     times, cpu = [], []
     for i in range(n + 50):
         at = now + i * 7 * 60_000
-        history = [PastSend(ts_ms=at - ago, campaign=c, channel=ch) for ago, c, ch in sent]
+        history = warm_history(at)
         c0 = time.thread_time()
         t0 = time.perf_counter()
         decide(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import cadence.sim.policies as pol
-from benchmarks.decisions import CHANNELS4, bench_ruleset
+from benchmarks.decisions import CHANNELS4, bench_ruleset, warm_customer
 from cadence.channels import Feedback
 from cadence.engine import decide as dmod
 from cadence.engine.campaign import (
@@ -73,6 +73,27 @@ def dump(d):
         list(d.notes),
         {k: [repr(x) for x in v] for k, v in d.conditions.items()},
     ]
+
+
+def sent(learner, d, did, cid, prof, now, history, camps):
+    """Register a send decision with the learner, add it to the customer's history, deliver it."""
+    learner.record_decision(
+        decision_id=did,
+        customer_id=cid,
+        traits=prof.traits,
+        zone=prof.timezone,
+        campaign=d.campaign,
+        channel=d.channel,
+        send_at_ms=d.send_at_ms,
+        arm=d.arm,
+        now_ms=now,
+    )
+    history.append(
+        PastSend(
+            ts_ms=d.send_at_ms, campaign=d.campaign, channel=d.channel, exclusive=camps[d.campaign].exclusive
+        )
+    )
+    learner.observe(decision_id=did, kind=Feedback.DELIVERED, ts_ms=d.send_at_ms)
 
 
 def wrapped(**kw):
@@ -169,26 +190,7 @@ for step in range(1500):
     recs.append(dump(d))
     if d.action == "send":
         did = f"d{step}"
-        learner.record_decision(
-            decision_id=did,
-            customer_id=cid,
-            traits=prof.traits,
-            zone=prof.timezone,
-            campaign=d.campaign,
-            channel=d.channel,
-            send_at_ms=d.send_at_ms,
-            arm=d.arm,
-            now_ms=now,
-        )
-        h.append(
-            PastSend(
-                ts_ms=d.send_at_ms,
-                campaign=d.campaign,
-                channel=d.channel,
-                exclusive=camps[d.campaign].exclusive,
-            )
-        )
-        learner.observe(decision_id=did, kind=Feedback.DELIVERED, ts_ms=d.send_at_ms)
+        sent(learner, d, did, cid, prof, now, h, camps)
         if rng.random() < 0.3:
             learner.observe(
                 decision_id=did, kind=Feedback.CLICKED, ts_ms=d.send_at_ms + 60_000, zone=prof.timezone
@@ -359,26 +361,7 @@ for cname, cfg in configs.items():
         recs.append(dump(d))
         if d.action == "send":
             did = f"e{step}"
-            learner.record_decision(
-                decision_id=did,
-                customer_id=cid,
-                traits=prof.traits,
-                zone=prof.timezone,
-                campaign=d.campaign,
-                channel=d.channel,
-                send_at_ms=d.send_at_ms,
-                arm=d.arm,
-                now_ms=now,
-            )
-            h.append(
-                PastSend(
-                    ts_ms=d.send_at_ms,
-                    campaign=d.campaign,
-                    channel=d.channel,
-                    exclusive=camps2[d.campaign].exclusive,
-                )
-            )
-            learner.observe(decision_id=did, kind=Feedback.DELIVERED, ts_ms=d.send_at_ms)
+            sent(learner, d, did, cid, prof, now, h, camps2)
             r = rng.random()
             if r < 0.35:
                 learner.observe(
@@ -390,36 +373,12 @@ for cname, cfg in configs.items():
         learner.advance(now)
     out[f"rich2-{cname}"] = {"decisions": recs}
 # warm: the benchmark's known customer with 11 past and queued sends
-
-wl = DecisionLearner()
-wrng = random.Random(1)
-wnow = 1_780_000_000_000
-wtraits = {"plan": "pro", "age_band": "35+"}
-for i in range(2000):
-    customer = 7 if i % 100 == 0 else wrng.randrange(8, 400)
-    t = wnow - 20 * DAY_MS + i * 800_000
-    wl.record_decision(
-        decision_id=f"w{i}",
-        customer_id=customer,
-        traits=wtraits,
-        zone="America/New_York",
-        campaign=f"c{wrng.randrange(10)}",
-        channel=wrng.choice(CHANNELS4),
-        send_at_ms=t,
-        arm=None,
-        now_ms=t,
-    )
-    wl.observe(decision_id=f"w{i}", kind=Feedback.DELIVERED, ts_ms=t)
-    if wrng.random() < 0.2:
-        wl.observe(decision_id=f"w{i}", kind=Feedback.CLICKED, ts_ms=t + 60_000, zone="America/New_York")
-wl.advance(wnow)
-wsent = [(k * 21 * 3_600_000 - 30 * 60_000, f"c{k}", CHANNELS4[k % 4]) for k in range(-1, 10)]
-wprofile = MemoryProfile(customer_id=7, timezone="America/New_York", traits=wtraits)
+wl, wprofile, wnow, whistory = warm_customer()
 
 
 def warm_call(i: int) -> Any:
     at = wnow + i * 7 * 60_000
-    history = [PastSend(ts_ms=at - ago, campaign=c, channel=ch) for ago, c, ch in wsent]
+    history = whistory(at)
     return real(
         ruleset=bench_ruleset(),
         profile=wprofile,

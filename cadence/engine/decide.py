@@ -865,8 +865,7 @@ def _score_in_bulk(
     out = []
     top: dict[str, Candidate] = {}
     # A campaign's groups are consecutive (one plan each): its best is kept in locals until the next
-    # campaign starts. Candidates are made as ``_candidate`` makes them, inline (one per group).
-    new = _new_object
+    # campaign starts.
     top_name = ""
     top_cand: Candidate | None = None
     top_value, top_send, top_rank = 0.0, 0, 0
@@ -875,16 +874,7 @@ def _score_in_bulk(
     ):
         name = campaign.name
         send_at = times[k]
-        cand: Candidate = new(Candidate)
-        d = cand.__dict__
-        d["campaign"] = name
-        d["channel"] = channel
-        d["send_at_ms"] = send_at
-        d["score"] = value
-        d["engagement"] = eng
-        d["unsubscribe"] = uns
-        d["explored"] = expl
-        d["arm"] = arm
+        cand = _candidate(name, channel, send_at, value, eng, uns, expl, arm)
         out.append(cand)
         # Highest (score, -send time, -channel rank); the first of equals stays.
         if name != top_name:
