@@ -29,7 +29,7 @@ from cadence.engine.profiles import StoredProfile, load_profile
 from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
 from cadence.engine.slots import zone_named
 from cadence.errors import IdentityError
-from cadence.store.fast import dialect_sql, dump_json
+from cadence.store.fast import dialect_sql, driver_sql, dump_json
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
@@ -83,18 +83,14 @@ _RAW_SQL: dict[tuple[str, bool], str] = {}
 
 
 def _raw_sql(sql: str, postgres: bool) -> str:
-    """``sql`` with the driver's placeholders (as :func:`~cadence.store.fast.dialect_sql` writes it).
+    """``sql`` with the driver's placeholders (:func:`~cadence.store.fast.driver_sql`, remembered).
 
     >>> _raw_sql("SELECT ?::json, ?", True), _raw_sql("SELECT ?::json, ?", False)
     ('SELECT CAST(%s AS JSONB), %s', 'SELECT ?, ?')
     """
     found = _RAW_SQL.get((sql, postgres))
     if found is None:
-        if postgres:
-            found = sql.replace("?::json", "CAST(%s AS JSONB)").replace("?", "%s")
-        else:
-            found = sql.replace("?::json", "?")
-        _RAW_SQL[(sql, postgres)] = found
+        found = _RAW_SQL[(sql, postgres)] = driver_sql(sql, postgres=postgres)
     return found
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "array_literal",
     "dialect_insert",
     "dialect_sql",
+    "driver_sql",
     "dump_json",
     "execute_in",
     "execute_many",
@@ -38,7 +39,16 @@ def dialect_sql(conn: Connection, sql: str) -> str:
 
     ``?::json`` marks a JSON parameter: ``CAST(%s AS JSONB)`` on PostgreSQL, plain on SQLite.
     """
-    if is_postgres(conn):
+    return driver_sql(sql, postgres=is_postgres(conn))
+
+
+def driver_sql(sql: str, *, postgres: bool) -> str:
+    """:func:`dialect_sql` for a driver connection: ``%s`` placeholders on PostgreSQL, ``?`` on SQLite.
+
+    >>> driver_sql("SELECT ?::json, ?", postgres=True), driver_sql("SELECT ?::json, ?", postgres=False)
+    ('SELECT CAST(%s AS JSONB), %s', 'SELECT ?, ?')
+    """
+    if postgres:
         return sql.replace("?::json", "CAST(%s AS JSONB)").replace("?", "%s")
     return sql.replace("?::json", "?")
 
