@@ -74,6 +74,8 @@ def _leader_locks(engine: Engine) -> int:
                 text(
                     "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
                     " AND ((classid::bigint << 32) | objid::bigint) = :k"
+                    # this test's database: another test's server may lead its own on the same cluster
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
                 ),
                 {"k": LEADER_LOCK_ID},
             )
