@@ -40,9 +40,10 @@ def knowledge(learner: DecisionLearner) -> tuple[object, ...]:
 class Recorder(ApiPolicy):
     """Keeps what the server answered and what the world reported, to check them afterwards."""
 
-    def __init__(self, inner: ApiPolicy, *, quitter: int, snapshot_at_ms: int) -> None:
+    def __init__(self, inner: ApiPolicy, *, quitter: int, clicker: int, snapshot_at_ms: int) -> None:
         super().__init__(inner.client, headers=inner.headers, sync=inner.sync)
         self.quitter = quitter
+        self.clicker = clicker
         self.snapshot_at_ms: int | None = snapshot_at_ms
         self.sent: list[tuple[int, str, int, int]] = []  # customer, channel, decided at, send at
         self.unsubscribed: dict[tuple[int, str], int] = {}
@@ -64,6 +65,11 @@ class Recorder(ApiPolicy):
             ):
                 # this customer unsubscribes from the first channel they get (a sure case to check)
                 self.feedback(state, choice[0], Feedback.UNSUBSCRIBED, choice[1], choice[1] + 60_000)
+            if state.customer.id == self.clicker and not self.clicked:
+                # and this one clicks its first message unless the world has clicked one already: the
+                # world's clicks follow the Thompson draws (seeded by random decision ids), and about
+                # one run in 16 makes 80 sends with 0-1 clicks
+                self.feedback(state, choice[0], Feedback.CLICKED, choice[1], choice[1] + 60_000)
         return choice
 
     def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
@@ -83,10 +89,11 @@ def test_simulated_customers_through_the_api_keep_the_rules_and_teach_the_learne
     customers = {c.id: c for c in population}
     url = db_engine.url.render_as_string(hide_password=False)
     with in_process_api(url) as api:
-        quitter = next(c.id for c in population if len(c.available) == 3)
-        policy = Recorder(api, quitter=quitter, snapshot_at_ms=int(START_MS + 1.5 * DAY_MS))
+        quitter, clicker = [c.id for c in population if len(c.available) == 3][:2]
+        policy = Recorder(api, quitter=quitter, clicker=clicker, snapshot_at_ms=int(START_MS + 1.5 * DAY_MS))
         result = run_via_api(policy, population, days=5, seed=3, start=START)
-        assert result.decisions == 40 * 5 and result.sends > 60 and result.clicks > 0
+        assert result.decisions == 40 * 5
+        assert result.sends > 60, (result.sends, result.clicks, result.unsubscribes)
 
         per_local_day = Counter()
         for cid, channel, decided_ms, send_at in policy.sent:
