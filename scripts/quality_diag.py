@@ -231,6 +231,7 @@ def _ab_job(job: tuple[str, int, int, int, str, str, int]) -> dict[str, Any]:
         **_summ(r),
         "true_click": sum(pol.p_sent) / sent,  # mean true probabilities of the sends made
         "true_unsub": sum(pol.u_sent) / sent,
+        "trace": pol.trace(),
         "cpu": time.process_time() - cpu,
     }
 
