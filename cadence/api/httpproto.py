@@ -155,6 +155,8 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
             or self.parser.should_upgrade()
         ):
             return None
+        if self.access_log and any(name == b"x-forwarded-for" for name, _ in self.headers):
+            return None  # uvicorn's proxy-headers middleware gives the access log the forwarded client
         url = httptools.parse_url(self.url)
         if url.query is not None or b"%" in url.path:
             return None
@@ -220,11 +222,11 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
         if self.access_log:
             self.access_logger.info(
                 '%s - "%s %s HTTP/%s" %d',
-                get_client_addr(target),
+                get_client_addr(target),  # type: ignore[arg-type]
                 "POST",
                 target["path"],
                 version,
-                status,  # type: ignore[arg-type]
+                status,
             )
         parts = [STATUS_LINE[status]]
         for name, value in (
