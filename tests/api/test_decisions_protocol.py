@@ -86,6 +86,10 @@ def test_previews_are_answered_by_the_protocol_as_the_app_answers_them(served: S
         assert committed.status_code == 200 and committed.json()["queued"] is True
         after = client.post("/v1/decisions", json=body, headers=keys["decide"]).json()
         assert after["action"] == "none"  # the cap (one a week) counts the send just queued
+        large = client.post(  # a body over 64 KB goes to uvicorn as it arrives, and the route answers it
+            "/v1/decisions", json={**body, "context": {"note": "x" * 70_000}}, headers=keys["decide"]
+        )
+        assert large.status_code == 200 and large.json()["action"] == "none"
         assert answered == [200, 200]  # only the two previews that succeeded
         metrics = client.get("/metrics").text
     assert 'cadence_http_request_seconds_count{route="/v1/decisions",status="200"}' in metrics
