@@ -78,11 +78,18 @@ class CadenceAPI(FastAPI):
     ``fast_paths`` maps a request path to a handler ``(scope, receive, send)`` that answers
     the common case itself (and records its own request metrics) or hands the request to
     :meth:`full_stack`, the ordinary app with every middleware, route and exception handler.
+
+    ``post_answers`` maps a path to a function ``(scope, body) -> (status, body, headers) | None``
+    that answers a complete ``POST`` at once, without an ASGI request at all: ``cadence serve``'s
+    protocol (:mod:`cadence.api.httpproto`) calls it and, on None, serves the request as usual.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fast_paths: dict[str, ASGIApp] = {}
+        self.post_answers: dict[
+            str, Callable[[Scope, bytes], tuple[int, bytes, list[tuple[bytes, bytes]]] | None]
+        ] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -8,14 +8,27 @@ until the next write (the body, normally in the same event-loop step) and sends 
 together; a head with no body following in the same step (HEAD, 204, ``100 Continue``, a
 streamed body not yet produced) goes out on the next loop iteration, and closing the
 transport sends what is held first, so nothing is reordered or lost.
+
+It also answers a ``POST`` whose path the app lists in ``post_answers``
+(:class:`~cadence.api.app.CadenceAPI`: ``POST /v1/decisions`` previews) without an ASGI
+request: the body is gathered in the parser's callbacks and the app's function answers it
+at once, with uvicorn's status line and default headers (``date``, ``server``), keep-alive
+and access log. uvicorn's per-request task, event, ASGI messages and middleware cost about
+as much CPU as the rest of such a request outside ``decide()``. When the function declines
+(None: a commit, an unknown key, a body that does not validate, ...), when the request
+waits behind another on the connection, expects ``100 Continue`` or has a large body, it
+is handed to uvicorn as if nothing had happened, body included.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import get_client_addr
 
 __all__ = ["CorkedHttpToolsProtocol", "CorkedTransport"]
 
@@ -84,9 +97,149 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
+#: Bodies larger than this are handed to uvicorn as they arrive (a decision request is a few hundred bytes).
+ANSWER_MAX_BODY = 64 * 1024
+
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
+
+
+def post_answers_of(app: Any) -> dict[str, Callable[[dict[str, Any], bytes], Answer | None]]:
+    """The ``post_answers`` of the first app in uvicorn's middleware chain that has them, or {}.
+
+    >>> class Inner: post_answers = {"/x": None}
+    >>> class Outer: app = Inner()
+    >>> post_answers_of(Outer()), post_answers_of(object())
+    ({'/x': None}, {})
+    """
+    for _ in range(8):
+        found = getattr(app, "post_answers", None)
+        if isinstance(found, dict):
+            return found
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return {}
+
+
 class CorkedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol writing each small response in one system call."""
+    """uvicorn's httptools protocol writing each small response in one system call (and the app's POST answers)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._answers = post_answers_of(self.app)
+        self._target: dict[str, Any] | None = None
+        #: The body of a request gathered for an answer (None: uvicorn's request cycle has it).
+        self._body: bytearray | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Wrap the transport before uvicorn keeps it."""
         super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def on_headers_complete(self) -> None:
+        """Gather the body of a POST the app answers itself; start uvicorn's request cycle for anything else."""
+        if self._answers and self.parser.get_method() == b"POST":
+            target = self._answerable()
+            if target is not None:
+                self._target = target
+                self._body = bytearray()
+                return
+        super().on_headers_complete()
+
+    def _answerable(self) -> dict[str, Any] | None:
+        """A scope for ``post_answers`` when this request may be answered at once, else None."""
+        if (
+            self.expect_100_continue
+            or self.root_path
+            or self.pipeline
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or self.parser.should_upgrade()
+        ):
+            return None
+        if self.access_log and any(name == b"x-forwarded-for" for name, _ in self.headers):
+            return None  # uvicorn's proxy-headers middleware gives the access log the forwarded client
+        url = httptools.parse_url(self.url)
+        if url.query is not None or b"%" in url.path:
+            return None
+        path = url.path.decode("ascii")
+        answer = self._answers.get(path)
+        if answer is None:
+            return None
+        app = self.app
+        while getattr(app, "post_answers", None) is not self._answers:
+            app = app.app
+        return {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "headers": self.headers,
+            "client": self.client,
+            "app": app,
+            "answer": answer,
+        }
+
+    def on_body(self, body: bytes) -> None:
+        """Gather a body for an answer (handed on when it grows large); else uvicorn's."""
+        if self._body is None:
+            super().on_body(body)
+            return
+        self._body += body
+        if len(self._body) > ANSWER_MAX_BODY:
+            self._hand_on(complete=False)
+
+    def on_message_complete(self) -> None:
+        """Answer a gathered request, or hand it on; else uvicorn's."""
+        if self._body is None:
+            super().on_message_complete()
+            return
+        target, body = self._target, bytes(self._body)
+        assert target is not None
+        try:
+            answer = target.pop("answer")(target, body)
+        except Exception:  # noqa: BLE001 - the app's ordinary path answers (and reports) it
+            answer = None
+        if answer is None:
+            self._hand_on(complete=True)
+            return
+        self._body = self._target = None
+        self._respond(target, *answer)
+
+    def _hand_on(self, *, complete: bool) -> None:
+        """Start uvicorn's request cycle for the current request with what was gathered of its body."""
+        body = self._body
+        self._body = self._target = None
+        super().on_headers_complete()  # the parser still holds this request's method, URL and version
+        if body:
+            super().on_body(bytes(body))
+        if complete:
+            super().on_message_complete()
+
+    def _respond(
+        self, target: dict[str, Any], status: int, content: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Write the answer as uvicorn writes a response (in one write), then finish the request as it does."""
+        version = self.parser.get_http_version()
+        keep_alive = version != "1.0" and self.parser.should_keep_alive()
+        if self.access_log:
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(target),  # type: ignore[arg-type]
+                "POST",
+                target["path"],
+                version,
+                status,
+            )
+        parts = [STATUS_LINE[status]]
+        for name, value in (
+            *self.server_state.default_headers,
+            (b"content-length", str(len(content)).encode()),
+            (b"content-type", b"application/json"),
+            *headers,
+        ):
+            parts += (name, b": ", value, b"\r\n")
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", content)
+        self.transport.write(b"".join(parts))
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()

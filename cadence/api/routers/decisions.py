@@ -119,7 +119,9 @@ def setup(app: FastAPI) -> None:
     app.state.on_shutdown.append(close)
     fast_paths = getattr(app, "fast_paths", None)
     if fast_paths is not None:  # a CadenceAPI: tried before the middleware stack
-        fast_paths["/v1/decisions"] = DecisionFastPath(app.full_stack, metrics=app.state.metrics)  # type: ignore[attr-defined]
+        handler = DecisionFastPath(app.full_stack, metrics=app.state.metrics)  # type: ignore[attr-defined]
+        fast_paths["/v1/decisions"] = handler
+        app.post_answers["/v1/decisions"] = handler.answer_preview  # type: ignore[attr-defined]
     else:
         app.add_middleware(DecisionFastPath)
 
@@ -216,6 +218,52 @@ class DecisionFastPath:
     async def _answer(
         self, scope: ASGIScope, body: bytes
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        checked = self._checked(scope, body)
+        if checked is None:
+            return None
+        app, principal, item = checked
+        if item.mode != "commit":
+            return self._preview(app, principal, item)
+        limiter = app.state.rate_limiter
+        wait = limiter.acquire(principal.name)
+        if wait > 0:
+            return _limited(principal.name, wait)
+        try:
+            # On SQLite decided here, on the event loop, as a preview is (one read through the cache);
+            # only the transaction, which may wait for the write lock, goes to a thread, with the
+            # other commits of this event-loop iteration (one transaction: see DecisionGroups). It
+            # records the decision if its inputs still hold, or decides again. A failed commit
+            # rolled back.
+            # On PostgreSQL a commit is decided in its transaction, after its customer's row is locked:
+            # deciding first would cost a second read per commit, and rows lock one customer only.
+            prepared = None if app.state.decision_state.postgres else _prepare_one(app, item)
+            decided = await _groups(app).decide(item, prepared)
+        except (HTTPException, IdentityError):
+            # The route answers (and reports) it, charging the rate limit again: give this token back.
+            limiter.acquire(principal.name, cost=-1.0)
+            return None
+        return 200, orjson.dumps(decided), []
+
+    def answer_preview(
+        self, scope: ASGIScope, body: bytes
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """Answer a preview at once, without an ASGI request (:mod:`cadence.api.httpproto`'s path).
+
+        ``scope`` needs ``app`` and ``headers``. Returns (status, body, extra headers) and
+        records the request metrics, or None for anything the ASGI path must answer (a
+        commit, a declined request: see the class): nothing was charged or recorded then.
+        """
+        started = time.perf_counter()
+        checked = self._checked(scope, body)
+        if checked is None or checked[2].mode == "commit":
+            return None
+        answer = self._preview(*checked)
+        if answer is not None and self.metrics is not None:
+            self._histogram(answer[0]).observe(time.perf_counter() - started)
+        return answer
+
+    def _checked(self, scope: ASGIScope, body: bytes) -> tuple[Any, Principal, DecisionRequest] | None:
+        """(app, principal, request) when the key may decide and the body validates; else None."""
         app = scope["app"]
         state = getattr(app.state, "decision_state", None)
         if state is None:
@@ -231,32 +279,23 @@ class DecisionFastPath:
         except ValidationError:
             return None
         scope["route"] = self._route or self._find_route()  # the request metrics' route label
+        return app, principal, item
+
+    def _preview(
+        self, app: Any, principal: Principal, item: DecisionRequest
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """Charge the rate limit and decide the preview ``item``; None (token given back) on any error."""
         limiter = app.state.rate_limiter
         wait = limiter.acquire(principal.name)
         if wait > 0:
-            detail = {"detail": f"rate limit exceeded for key {principal.name!r}"}
-            return 429, orjson.dumps(detail), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
+            return _limited(principal.name, wait)
         try:
-            if item.mode == "commit":
-                # On SQLite decided here, on the event loop, as a preview is (one read through the cache);
-                # only the transaction, which may wait for the write lock, goes to a thread, with the
-                # other commits of this event-loop iteration (one transaction: see DecisionGroups). It
-                # records the decision if its inputs still hold, or decides again. A failed commit
-                # rolled back.
-                # On PostgreSQL a commit is decided in its transaction, after its customer's row is locked:
-                # deciding first would cost a second read per commit, and rows lock one customer only.
-                prepared = None if app.state.decision_state.postgres else _prepare_one(app, item)
-                decided = await _groups(app).decide(item, prepared)
-            else:
-                # A preview reads one statement through the cache and writes nothing: SQLite answers
-                # from a local file in microseconds, PostgreSQL in one loopback round trip, and a
-                # thread hand-off costs more CPU than either (measured: 0.2 ms a decision).
-                decided = _decide_many(app, [item])[0]
-        except Exception as exc:
-            if item.mode == "commit" and not isinstance(exc, HTTPException | IdentityError):
-                raise
-            # The route answers (and reports) it, charging the rate limit again: give this token back.
-            limiter.acquire(principal.name, cost=-1.0)
+            # A preview reads one statement through the cache and writes nothing: SQLite answers
+            # from a local file in microseconds, PostgreSQL in one loopback round trip, and a
+            # thread hand-off costs more CPU than either (measured: 0.2 ms a decision).
+            decided = _decide_many(app, [item])[0]
+        except Exception:  # noqa: BLE001 - the route answers (and reports) it
+            limiter.acquire(principal.name, cost=-1.0)  # and charges it again: give this token back
             return None
         return 200, orjson.dumps(decided), []
 
@@ -265,6 +304,12 @@ class DecisionFastPath:
             if getattr(route, "path", None) == "/v1/decisions" and "POST" in getattr(route, "methods", ()):
                 self._route = route
         return self._route
+
+
+def _limited(name: str, wait: float) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The rate limit's 429, as the route's key check answers it."""
+    detail = {"detail": f"rate limit exceeded for key {name!r}"}
+    return 429, orjson.dumps(detail), [(b"retry-after", str(max(1, round(wait + 0.5))).encode())]
 
 
 def _groups(app: FastAPI) -> DecisionGroups:
