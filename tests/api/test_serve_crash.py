@@ -97,7 +97,10 @@ def test_sigkill_during_ingest_loses_nothing_and_counts_nothing_twice(
     stop = threading.Event()
     sender = threading.Thread(target=post_batches, args=(port, 0, acknowledged, stop))
     sender.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60  # the kill lands while batches stream in, however slow the machine
+    while len(acknowledged) < 300 and time.monotonic() < deadline and sender.is_alive():
+        time.sleep(0.05)
+    time.sleep(0.3)
     server.send_signal(signal.SIGKILL)
     server.wait()
     stop.set()
