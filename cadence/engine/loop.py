@@ -320,13 +320,26 @@ class _Row(NamedTuple):
 def read_events(conn: Connection, *, after: int, limit: int, before: int | None = None) -> list[_Row]:
     """Up to ``limit`` events with ids after ``after`` (and below ``before``), in order, payloads decoded."""
     # On PostgreSQL the payload comes as text for orjson: psycopg's jsonb loader is the stdlib's.
-    payload = "payload::text" if conn.dialect.name == "postgresql" else "payload"
-    rows = fetch_rows(
-        conn,
+    postgres = conn.dialect.name == "postgresql"
+    payload = "payload::text" if postgres else "payload"
+    query = (
         f"SELECT id, message_id, type, event, user_id, anonymous_id, ts_ms, source, {payload} FROM events"
         f" WHERE id > {int(after)}{'' if before is None else f' AND id < {int(before)}'}"
-        f" ORDER BY id LIMIT {int(limit)}",
+        f" ORDER BY id LIMIT {int(limit)}"
     )
+    if postgres:
+        # Only the primary key's order, walked from ``after``: when the table's statistics are older
+        # than a large import (autovacuum has not analysed it yet), the planner expects a few rows
+        # and reads every event after ``after`` in a bitmap scan, then sorts them for the first
+        # ``limit``: a catch-up read the log's tail once per batch (200,000 events: 3 s of the
+        # server's CPU against 0.3 s, measured).
+        conn.exec_driver_sql("SET LOCAL enable_sort = off")
+        try:
+            rows = fetch_rows(conn, query)
+        finally:
+            conn.exec_driver_sql("SET LOCAL enable_sort TO DEFAULT")
+    else:
+        rows = fetch_rows(conn, query)
     loads, new = orjson.loads, tuple.__new__
     return [
         new(_Row, (*r[:8], r[8] if isinstance(r[8], dict) else loads(r[8])))  # type: ignore[type-var]
