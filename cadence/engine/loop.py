@@ -233,6 +233,17 @@ class EngineLoop:
             total += n
         return total
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No batch runs in this process meanwhile (the lock :meth:`run_once` holds).
+
+        Take it *before* the database lock a batch takes inside: a caller that holds the batch
+        lock (PostgreSQL's advisory lock, SQLite's write lock) and then waits for this one
+        deadlocks with a batch that holds this one and waits for the batch lock.
+        """
+        with self._lock:
+            yield
+
     def erase(self, conn: Connection, customer_ids: Sequence[int]) -> None:
         """Tell every subscriber that these customers are being erased (in ``conn``'s transaction)."""
         with self._lock:

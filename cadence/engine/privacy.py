@@ -101,7 +101,8 @@ def erase_customer(
     one, a loop with the standard subscribers is built. Returns the counts recorded.
     """
     loop = loop or EngineLoop(runtime)
-    with runtime.engine.begin() as conn:
+    # The loop's lock first, then the batch lock, in the order a batch takes them.
+    with loop.held(), runtime.engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # Serialise with the loop's batches (SQLite's BEGIN IMMEDIATE already does): a batch
             # committing a profile row for this customer meanwhile would outlive the erasure.

@@ -270,3 +270,61 @@ def test_subscribers_are_told_which_customers_a_batch_created(runtime: Runtime) 
     ingest(runtime, ev(5, event="Signed Up", userId="u2"))
     loop.catch_up()
     assert told.told[2] == frozenset({customer(runtime, "u2")})
+
+
+def test_an_erasure_and_a_batch_at_once_do_not_deadlock(runtime: Runtime) -> None:
+    """The erasure takes the loop's lock before the batch lock, as a batch does (the other order hung)."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from cadence.engine.privacy import erase_customer
+
+    loop = EngineLoop(runtime)
+    ingest(runtime, ev(1, event="Viewed", userId="gone"), ev(2, event="Viewed", userId="stays"))
+    loop.catch_up()
+    ingest(runtime, ev(3, event="Viewed", userId="stays"))  # work for the batch below
+    holding, go = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def batch() -> None:
+        try:
+            with loop.held():  # a batch in this process has begun ...
+                holding.set()
+                go.wait(10)
+                loop.run_once()  # ... and now takes the batch lock
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def erase() -> None:
+        try:
+            erase_customer(runtime=runtime, ref="gone", requested_by="test", loop=loop)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    batcher, eraser = threading.Thread(target=batch), threading.Thread(target=erase)
+    batcher.start()
+    assert holding.wait(10)
+    eraser.start()
+    time.sleep(0.5)  # an erasure taking the batch lock first would hold it by now
+    go.set()
+    batcher.join(20)
+    hung = batcher.is_alive()
+    if hung and runtime.engine.dialect.name == "postgresql":  # unblock the batch so the test can end
+        with runtime.engine.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+    batcher.join(60)
+    eraser.join(60)
+    assert not hung, "the batch and the erasure waited for each other"
+    assert errors == []
+    assert not eraser.is_alive()
+    with runtime.engine.connect() as conn:
+        assert resolve_customer(conn, "gone") is None
+        stays = resolve_customer(conn, "stays")
+        assert conn.scalar(select(profiles.c.event_count).where(profiles.c.customer_id == stays)) == 2
