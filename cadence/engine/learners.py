@@ -1462,6 +1462,7 @@ class DecisionLearner:
             timed,
             drawn,
             cfg.explore_volume,
+            valuation.TABLE,
             at,
             score,
             eng,
