@@ -1415,10 +1415,10 @@ class DecisionLearner:
         cell = self.hazard.bucket(load)
         ch_rates = self.hazard.rates()[ch_global, cell]
         risk_g = cfg.unsubscribe_cost * ch_rates
-        timed = hour_rows is not None and isinstance(self.hazard, FittedHazard) and self.hazard.g != 0.0
-        if timed:
-            assert hour_rows is not None
-            timing = self.hazard.timing_factor(hour_rows[0] / cfg.hour_offset_scale)
+        hazard = self.hazard
+        timed = hour_rows is not None and isinstance(hazard, FittedHazard) and hazard.g != 0.0
+        if timed and hour_rows is not None and isinstance(hazard, FittedHazard):
+            timing = hazard.timing_factor(hour_rows[0] / cfg.hour_offset_scale)
         else:
             timing = _NOTHING
         drawn = cfg.explore_unsubscribe

@@ -329,7 +329,7 @@ _SIGNATURE = (
 
 def _build() -> Callable[..., Any]:
     """Import numba and compile (or load from its cache) the loop for its one signature."""
-    import llvmlite.binding as llvm
+    import llvmlite.binding as llvm  # type: ignore[import-untyped]
     import numba
     from numba.extending import get_cython_function_address
 
@@ -339,12 +339,14 @@ def _build() -> Callable[..., Any]:
     )
     global _ndtr, exact_option
     _ndtr = numba.types.ExternalFunction("cadence_scipy_ndtr", numba.types.float64(numba.types.float64))
-    exact_option = numba.njit(cache=True, nogil=True)(exact_option)
+    plain = exact_option
     try:
+        exact_option = numba.njit(cache=True, nogil=True)(plain)
         compiled = numba.njit(_SIGNATURE, cache=True, nogil=True)(best_of_groups)
     except RuntimeError:  # no writable cache location (numba's own or its user-wide one): in memory
+        exact_option = numba.njit(nogil=True)(plain)
         compiled = numba.njit(_SIGNATURE, nogil=True)(best_of_groups)
-    return compiled  # type: ignore[no-any-return]
+    return compiled
 
 
 def _warm() -> None:
