@@ -135,7 +135,7 @@ def test_compiled_valuation_follows_numpy_on_nan_and_ties() -> None:
     tw0 = np.zeros(n_times)
     tw1 = np.array([0.0, 0.2, 0.2, 0.1, 0.2, 0.0])  # ties of the draw at times 1, 2 and 4
     tv = np.full(n_times, 0.1)
-    pgv = np.array([0.2, np.nan, 0.2])  # group 1: every value NaN
+    pgv = np.array([0.2, np.nan, 0.2])  # group 1: every mean score NaN (never worth sending)
     rates = np.array([0.001, 0.002, 0.001])
     out = (
         np.empty(n_groups, dtype=np.int64),
@@ -157,6 +157,9 @@ def test_compiled_valuation_follows_numpy_on_nan_and_ties() -> None:
     score = np.where(worth & (score <= 0), mean_score * 1e-6, score)
     score = np.where(~worth, np.minimum(score, 0.0), score)
     first = score.argmax(axis=1)
-    assert out[0].tolist() == first.tolist() == [1, 0, 1]
-    assert out[1][[0, 2]].tolist() == score[[0, 2], first[[0, 2]]].tolist()
-    assert np.isnan(out[1][1])
+    rows = np.arange(n_groups)
+    assert out[0].tolist() == first.tolist() == [1, 0, 1]  # the first of tied draws; group 1 all 0
+    assert out[1].tolist() == score[rows, first].tolist()
+    assert np.array_equal(out[2], p0[rows, first], equal_nan=True)
+    camp_best = np.maximum.reduceat(np.maximum.reduce(mean_score, axis=1), [0, 2])[[0, 0, 1]]
+    assert out[4].tolist() == (mean_score[rows, first] < camp_best - 1e-12).tolist() == [False] * 3
