@@ -44,7 +44,7 @@ import math
 import random
 import zlib
 from collections import deque
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
@@ -54,6 +54,7 @@ from river import base, metrics, utils
 from scipy.special import erfcinv, ndtr, ndtri  # type: ignore[import-untyped]
 
 from cadence.channels import CHANNELS, Feedback
+from cadence.engine import valuation
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
 from cadence.engine.decide import BulkScores, GroupBests, OptionGroup, group_bests
 from cadence.engine.decision import Candidate
@@ -450,7 +451,7 @@ class FittedHazard(FatigueHazard):
 
     def timing_factor(self, fit: float | np.ndarray) -> Any:
         """The risk multiplier of a send whose hour has log engagement lift ``fit`` (clipped to +-0.9)."""
-        return np.exp(self.g * np.clip(fit, -0.9, 0.9))
+        return np.exp(self.g * np.minimum(np.maximum(fit, -0.9), 0.9))  # np.clip, without its wrapper
 
     def rates(self) -> np.ndarray:
         """Posterior mean risk per (channel, load cell) at an average hour (``fit`` 0)."""
@@ -1250,6 +1251,22 @@ class DecisionLearner:
             eff_sd = math.sqrt(cfg.customer_channel_var)
             per_group[1] += eff_sd * noise_u[effect_noise]
             per_group_v += cfg.customer_channel_var
+        if best and shared and n_times and not any_arm and not gamma:
+            kern = valuation.kernel()
+            if kern is not None:
+                return self._best_compiled(
+                    kern,
+                    profile,
+                    now_ms,
+                    per_group,
+                    per_group_v,
+                    time_w,
+                    time_v,
+                    hour_rows,
+                    struct,
+                    noise_u,
+                    eff_sd,
+                )
         if best and shared and n_times and not any_arm and not gamma and _plain_config(cfg):
             got = self._best_shared(
                 profile,
@@ -1369,6 +1386,90 @@ class DecisionLearner:
                         explored[lo:hi] = True
         res = BulkScores(bounds=bounds, score=score, engagement=p_eng, unsubscribe=p_uns, explored=explored)
         return group_bests(res, n_groups) if best else res
+
+    def _best_compiled(
+        self,
+        kern: Callable[..., Any],
+        profile: Any,
+        now_ms: int,
+        per_group: np.ndarray,
+        per_group_v: np.ndarray,
+        time_w: np.ndarray,
+        time_v: np.ndarray,
+        hour_rows: np.ndarray | None,
+        struct: _GroupStruct,
+        noise_u: np.ndarray,
+        eff_sd: Any,
+    ) -> GroupBests:
+        """:meth:`best_options` for groups sharing one list of send times, valued by the compiled loop.
+
+        The per-group and per-time parts are :meth:`_score`'s; :func:`cadence.engine.valuation.best_of_groups`
+        does the rest of the full valuation, option by option, with the same operations on the
+        same numbers (bit-identical to :func:`~cadence.engine.decide.group_bests` over
+        :meth:`score_options`).
+        """
+        cfg = self.config
+        ch_global, _, _, _, camp_of, n_camps, _, _, _ = struct
+        n_groups = per_group.shape[1]
+        load = self.recent_load(profile.customer_id, now_ms)
+        cell = self.hazard.bucket(load)
+        ch_rates = self.hazard.rates()[ch_global, cell]
+        risk_g = cfg.unsubscribe_cost * ch_rates
+        hazard = self.hazard
+        timed = hour_rows is not None and isinstance(hazard, FittedHazard) and hazard.g != 0.0
+        if timed and hour_rows is not None and isinstance(hazard, FittedHazard):
+            timing = hazard.timing_factor(hour_rows[0] / cfg.hour_offset_scale)
+        else:
+            timing = _NOTHING
+        drawn = cfg.explore_unsubscribe
+        if drawn:
+            seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
+            spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
+            draw_g = cfg.unsubscribe_cost * np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
+        else:
+            draw_g = _NOTHING
+        hope = bool(cfg.volume_optimism)
+        if hope:
+            k_up = cfg.volume_optimism
+            if cfg.volume_optimism_load:
+                k_up /= 1.0 + cfg.volume_optimism_load * load
+            up = per_group[0] + k_up * eff_sd
+        else:
+            up = _NOTHING
+        at = np.empty(n_groups, dtype=np.int64)
+        score = np.empty(n_groups)
+        eng = np.empty(n_groups)
+        uns = np.empty(n_groups)
+        explored = np.empty(n_groups, dtype=bool)
+        kern(
+            per_group[0],
+            per_group[1],
+            per_group_v,
+            time_w[0],
+            time_w[1],
+            time_v,
+            up,
+            risk_g,
+            timing,
+            draw_g,
+            ch_rates,
+            camp_of,
+            n_camps,
+            float(cfg.beta**2),
+            float(cfg.beta),
+            float(cfg.click_value),
+            hope,
+            timed,
+            drawn,
+            cfg.explore_volume,
+            valuation.TABLE,
+            at,
+            score,
+            eng,
+            uns,
+            explored,
+        )
+        return at.tolist(), score.tolist(), eng.tolist(), uns.tolist(), explored.tolist()
 
     def _best_shared(
         self,
@@ -1913,4 +2014,5 @@ def _plain_config(cfg: LearnerConfig) -> bool:
 
 
 _NO_TEMPLATE = TemplateSpec("")
+_NOTHING = np.empty(0)  # an unused array argument of the compiled valuation
 _NO_CH = ChannelPolicy(())

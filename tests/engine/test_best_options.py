@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
+from scipy.special import ndtr as ndtr_  # type: ignore[import-untyped]
 
 from cadence.channels import Feedback
+from cadence.engine import valuation
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
 from cadence.engine.decide import OptionGroup, group_bests
 from cadence.engine.learners import DecisionLearner, LearnerConfig
@@ -55,6 +59,19 @@ def _trained(config: LearnerConfig, labels: int) -> DecisionLearner:
     return learner
 
 
+@pytest.fixture(params=[False, True], ids=["numpy", "compiled"])
+def compiled(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """best_options valued by numpy (and its shortcut), or by the compiled loop of cadence.engine.valuation."""
+    if request.param:
+        pytest.importorskip("numba")
+        assert valuation.load_now() is not None
+    was = valuation.set_enabled(request.param)
+    try:
+        yield request.param
+    finally:
+        valuation.set_enabled(was)
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -62,12 +79,16 @@ def _trained(config: LearnerConfig, labels: int) -> DecisionLearner:
         LearnerConfig(explore_volume=True, unsubscribe_cost=25.0),
         LearnerConfig(click_value=2.0, beta=0.8),
         LearnerConfig(volume_optimism=0.25, explore_unsubscribe=True),
-        LearnerConfig(hazard_fit=True),
+        LearnerConfig(hazard_fit=False, volume_optimism=0.0, label_delay_ms=None),
+        LearnerConfig(volume_optimism_load=0.5, click_value=0.5, unsubscribe_cost=3.0),
     ],
-    ids=["default", "explore-volume", "value-beta", "optimism", "fitted-hazard"],
+    ids=["default", "explore-volume", "value-beta", "optimism", "plain", "optimism-load"],
 )
 @pytest.mark.parametrize("labels", [0, 600])
-def test_best_options_picks_what_score_options_values_highest(config: LearnerConfig, labels: int) -> None:
+def test_best_options_picks_what_score_options_values_highest(
+    config: LearnerConfig, labels: int, compiled: bool
+) -> None:
+    assert (valuation.kernel() is not None) == compiled
     learner = _trained(config, labels)
     groups = []
     for c in range(5):
@@ -82,7 +103,63 @@ def test_best_options_picks_what_score_options_values_highest(config: LearnerCon
         full = group_bests(
             learner.score_options(profile=profile, groups=shaped, now_ms=now, seed=i), len(shaped)
         )
+        valuation.set_enabled(compiled)  # the reference is numpy's full valuation either way
         got = learner.best_options(profile=profile, groups=shaped, now_ms=now, seed=i)
         assert got == full
         chosen.update(got[0])
     assert len(chosen) > 1  # the best time is not always the first: the draw and the hours matter
+
+
+def test_compiled_valuation_brackets_the_normal_cdf() -> None:
+    """The table's chord +- TABLE_EPS contains scipy's ndtr everywhere on the table's range."""
+    from scipy.special import ndtr
+
+    x = np.random.default_rng(3).uniform(valuation.TABLE_LO, -valuation.TABLE_LO, 200_000)
+    x = np.concatenate((x, valuation.TABLE_LO + (np.arange(valuation.TABLE_N) + 0.5) / valuation.TABLE_STEP))
+    t = (x - valuation.TABLE_LO) * valuation.TABLE_STEP
+    i = t.astype(np.int64)
+    chord = valuation.TABLE[i] + (t - i) * (valuation.TABLE[i + 1] - valuation.TABLE[i])
+    gap = np.abs(ndtr(x) - chord)
+    assert gap.max() < valuation.TABLE_EPS
+    assert gap.max() > valuation.TABLE_EPS / 2  # the bound is near what it must cover, not vacuous
+
+
+def test_compiled_valuation_follows_numpy_on_nan_and_ties() -> None:
+    """Equal scores give the first time, and a NaN score is chosen as argmax chooses it."""
+    pytest.importorskip("numba")
+    kern = valuation.load_now()
+    assert kern is not None
+    n_groups, n_times = 3, 6
+    pg0 = np.array([-1.5, -1.5, -1.6])
+    pg1 = np.array([-1.4, -1.4, -1.3])
+    tw0 = np.zeros(n_times)
+    tw1 = np.array([0.0, 0.2, 0.2, 0.1, 0.2, 0.0])  # ties of the draw at times 1, 2 and 4
+    tv = np.full(n_times, 0.1)
+    pgv = np.array([0.2, np.nan, 0.2])  # group 1: every mean score NaN (never worth sending)
+    rates = np.array([0.001, 0.002, 0.001])
+    out = (
+        np.empty(n_groups, dtype=np.int64),
+        np.empty(n_groups),
+        np.empty(n_groups),
+        np.empty(n_groups),
+        np.empty(n_groups, dtype=bool),
+    )
+    empty = np.empty(0)
+    kern(pg0, pg1, pgv, tw0, tw1, tv, empty, 10.0 * rates, empty, empty, rates,
+         np.array([0, 0, 1]), 2, 1.0, 1.0, 1.0, False, False, False, False, valuation.TABLE, *out)  # fmt: skip
+    # The numpy valuation of the same options (learners._score's arithmetic), and argmax.
+    spread = np.sqrt((pgv[:, None] + tv[None, :]) + 1.0)
+    p0 = ndtr_((pg0[:, None] + tw0[None, :]) / spread)
+    p1 = ndtr_(pg1[:, None] + tw1[None, :])
+    risk = (10.0 * rates)[:, None]
+    score, mean_score = p1 - risk, p0 - risk
+    worth = mean_score > 0
+    score = np.where(worth & (score <= 0), mean_score * 1e-6, score)
+    score = np.where(~worth, np.minimum(score, 0.0), score)
+    first = score.argmax(axis=1)
+    rows = np.arange(n_groups)
+    assert out[0].tolist() == first.tolist() == [1, 0, 1]  # the first of tied draws; group 1 all 0
+    assert out[1].tolist() == score[rows, first].tolist()
+    assert np.array_equal(out[2], p0[rows, first], equal_nan=True)
+    camp_best = np.maximum.reduceat(np.maximum.reduce(mean_score, axis=1), [0, 2])[[0, 0, 1]]
+    assert out[4].tolist() == (mean_score[rows, first] < camp_best - 1e-12).tolist() == [False] * 3
