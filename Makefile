@@ -10,12 +10,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# After installing, the learners' compiled valuation is built into numba's cache once, here,
+# rather than by the first server that makes 1,000 decisions (a background compile holds the GIL).
+WARM := $(PY) -c "from cadence.engine import valuation; valuation.load_now()"
+
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e .
+	$(WARM)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test]'
+	$(WARM)
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
