@@ -32,7 +32,7 @@ from typing import Any
 from cadence.errors import ConfigError
 from cadence.settings import Settings
 
-__all__ = ["access_log_enabled", "check_workers", "run_workers", "settle_heap"]
+__all__ = ["access_log_enabled", "check_workers", "prepare_serving", "run_workers", "settle_heap"]
 
 log = logging.getLogger("cadence.workers")
 
@@ -83,6 +83,21 @@ def settle_heap(_app: Any = None) -> None:
     gc.freeze()
 
 
+def prepare_serving(_app: Any = None) -> None:
+    """The last start-up hook of a ``cadence serve`` process: load what serving needs, then :func:`settle_heap`.
+
+    The learners' compiled valuation (:mod:`cadence.engine.valuation`) is loaded here, before
+    the first request, rather than by a background thread after the process's 1,000th
+    decision: loading it (about a second from numba's cache, which ``make`` fills when it
+    installs; a first compile takes longer) holds the interpreter lock, which would stall
+    the requests in flight, and its objects are then frozen with the rest.
+    """
+    from cadence.engine import valuation
+
+    valuation.load_now()  # None (the numpy path serves) when numba cannot be had
+    settle_heap()
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """How every ``cadence serve`` process runs uvicorn: address, logging, the corked protocol."""
     from cadence.api.httpproto import CorkedHttpToolsProtocol
@@ -124,7 +139,7 @@ def _worker(settings: Settings, index: int) -> None:
     runtime = open_runtime(settings)
     try:
         app = create_app(runtime=runtime)
-        app.state.on_startup.append(settle_heap)
+        app.state.on_startup.append(prepare_serving)
         config = uvicorn.Config(app, **uvicorn_options(settings))
         sock = _bind(settings.host, settings.port)
         logging.getLogger("cadence.workers").info("worker %d serving", index)

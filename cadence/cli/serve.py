@@ -38,7 +38,7 @@ def serve(
 
     from cadence.api.app import create_app
     from cadence.api.security import KeyRing, create_key
-    from cadence.api.workers import check_workers, run_workers, settle_heap, uvicorn_options
+    from cadence.api.workers import check_workers, prepare_serving, run_workers, uvicorn_options
     from cadence.logs import configure_logging
     from cadence.runtime import open_runtime
 
@@ -61,7 +61,7 @@ def serve(
         run_workers(settings, workers=workers)
         return
     app = create_app(runtime=runtime)
-    app.state.on_startup.append(settle_heap)
+    app.state.on_startup.append(prepare_serving)
     console.print(f"cadence is serving on {url} - API docs at [bold]{url}/docs[/]")
     uvicorn.run(app, **uvicorn_options(settings))
 

@@ -1,4 +1,4 @@
-"""``settle_heap``: the objects alive after a served process starts are out of the cycle collector's reach."""
+"""``settle_heap`` and ``prepare_serving``: what a served process does before its first request."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def test_settle_heap_freezes_what_is_alive_and_later_cycles_are_still_collected(
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()  # the rest of the suite runs with an ordinary heap
+
+
+def test_a_serving_process_has_the_compiled_valuation_before_its_first_request() -> None:
+    from cadence.api.workers import prepare_serving
+    from cadence.engine import valuation
+
+    try:
+        prepare_serving()
+        assert valuation.kernel() is not None  # loaded at start-up, not after 1,000 decisions
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
