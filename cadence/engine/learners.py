@@ -1267,21 +1267,21 @@ class DecisionLearner:
                     noise_u,
                     eff_sd,
                 )
-        if best and shared and n_times and not any_arm and not gamma and _plain_config(cfg):
-            got = self._best_shared(
-                profile,
-                now_ms,
-                per_group,
-                per_group_v,
-                time_w,
-                time_v,
-                hour_rows,
-                struct,
-                noise_u,
-                cfg.volume_optimism and per_group[0] + cfg.volume_optimism * eff_sd,
-            )
-            if got is not None:
-                return got
+            if _plain_config(cfg):
+                got = self._best_shared(
+                    profile,
+                    now_ms,
+                    per_group,
+                    per_group_v,
+                    time_w,
+                    time_v,
+                    hour_rows,
+                    struct,
+                    noise_u,
+                    cfg.volume_optimism and per_group[0] + cfg.volume_optimism * eff_sd,
+                )
+                if got is not None:
+                    return got
         # Options: a (groups x times) matrix when the groups share one list (per-group values
         # broadcast along the times), else flat arrays (per-group values repeated per time).
         if shared:

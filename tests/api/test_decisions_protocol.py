@@ -9,19 +9,16 @@ with ``Connection: close``. They run on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 
-from cadence.api.httpproto import CorkedHttpToolsProtocol
 from cadence.runtime import Runtime
 from tests.api.test_decisions_cache import AT, Api
+from tests.api.test_httpproto import serving
 
 Served = tuple[str, Api, list[int]]
 
@@ -40,21 +37,8 @@ def served(runtime: Runtime) -> Iterator[Served]:
         return out
 
     api.app.post_answers["/v1/decisions"] = counted  # type: ignore[attr-defined]
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(api.app, log_config=None, access_log=False, http=CorkedHttpToolsProtocol)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", api, answered
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(api.app) as url:
+        yield url, api, answered
     api.state.close()
 
 

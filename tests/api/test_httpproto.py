@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -45,25 +46,33 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture
-def server() -> Iterator[str]:
+@contextmanager
+def serving(asgi: Any, **config: Any) -> Iterator[str]:
+    """``asgi`` served by uvicorn with the corked protocol on a free loopback port, in a thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_config=None, access_log=False, http=CorkedHttpToolsProtocol, lifespan="off"
+    srv = uvicorn.Server(
+        uvicorn.Config(asgi, log_config=None, access_log=False, http=CorkedHttpToolsProtocol, **config)
     )
-    srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while not srv.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    with serving(app, lifespan="off") as url:
+        yield url
 
 
 def test_responses_arrive_whole_on_one_keep_alive_connection(server: str) -> None:
