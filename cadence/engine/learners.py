@@ -1252,34 +1252,13 @@ class DecisionLearner:
             per_group[1] += eff_sd * noise_u[effect_noise]
             per_group_v += cfg.customer_channel_var
         if best and shared and n_times and not any_arm and not gamma:
+            parts = (profile, now_ms, per_group, per_group_v, time_w, time_v, hour_rows, struct, noise_u)
             kern = valuation.kernel()
             if kern is not None:
-                return self._best_compiled(
-                    kern,
-                    profile,
-                    now_ms,
-                    per_group,
-                    per_group_v,
-                    time_w,
-                    time_v,
-                    hour_rows,
-                    struct,
-                    noise_u,
-                    eff_sd,
-                )
+                return self._best_compiled(kern, *parts, eff_sd)
             if _plain_config(cfg):
-                got = self._best_shared(
-                    profile,
-                    now_ms,
-                    per_group,
-                    per_group_v,
-                    time_w,
-                    time_v,
-                    hour_rows,
-                    struct,
-                    noise_u,
-                    cfg.volume_optimism and per_group[0] + cfg.volume_optimism * eff_sd,
-                )
+                hope = cfg.volume_optimism and per_group[0] + cfg.volume_optimism * eff_sd
+                got = self._best_shared(*parts, hope)
                 if got is not None:
                     return got
         # Options: a (groups x times) matrix when the groups share one list (per-group values
