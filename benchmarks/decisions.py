@@ -514,7 +514,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "",
         "In-process decide() with the learners for one customer with 10 eligible campaigns x 4 channels "
         "x 24 slots (wall clock and thread CPU time; the compiled valuation loaded first, as a running "
-        "server has it after its first 1,000 decisions); `POST /v1/decisions` over HTTP on loopback. Quality "
+        "server has it from start-up); `POST /v1/decisions` over HTTP on loopback. Quality "
         "in the simulator is its own section (`benchmarks/decisions_quality.py`).",
         "",
         f"Machine load average {load_before} before, {load_after} after (2 shared cores). The HTTP tests run "
