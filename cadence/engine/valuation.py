@@ -13,9 +13,10 @@ its C entry point).
 numba costs about a second to import and load, so the kernel is made off the caller's path:
 :func:`kernel` returns None until a background thread, started by the first call after
 :data:`WARM_AFTER` calls in the process, has it ready (short-lived processes such as tests and
-CLI commands never pay for it). Compiled code is cached on disk next to this module, or in
-numba's user-wide cache when the install is read-only; without a usable cache it compiles in
-memory. Without numba (or if loading it fails) the numpy path stays.
+CLI commands never pay for it); ``cadence serve`` loads it at start-up instead, with
+:func:`load_now`, through :func:`cadence.api.workers.prepare_serving`). Compiled code is
+cached on disk next to this module, or in numba's user-wide cache when the install is
+read-only; without a usable cache it compiles in memory. Without numba (or if loading it fails) the numpy path stays.
 """
 
 from __future__ import annotations
