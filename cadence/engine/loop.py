@@ -345,10 +345,9 @@ def read_events(conn: Connection, *, after: int, limit: int, before: int | None 
         # ``limit``: a catch-up read the log's tail once per batch (200,000 events: 3 s of the
         # server's CPU against 0.3 s, measured).
         conn.exec_driver_sql("SET LOCAL enable_sort = off")
-        try:
-            rows = fetch_rows(conn, query)
-        finally:
-            conn.exec_driver_sql("SET LOCAL enable_sort TO DEFAULT")
+        rows = fetch_rows(conn, query)
+        # The rest of the transaction plans as usual (after an error it is rolled back, setting and all).
+        conn.exec_driver_sql("SET LOCAL enable_sort TO DEFAULT")
     else:
         rows = fetch_rows(conn, query)
     loads, new = orjson.loads, tuple.__new__
