@@ -1,0 +1,109 @@
+"""The loop's deferred writes (PostgreSQL): a batch's writes run on a helper thread, in order,
+in the batch's transaction; a crash or a failing write rolls the whole batch back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from sqlalchemy import Connection, Engine, func, select
+
+from cadence.engine.consent import ConsentSubscriber
+from cadence.engine.events import LoggedEvent
+from cadence.engine.loop import EngineLoop
+from cadence.engine.profiles import ProfilesSubscriber
+from cadence.runtime import Runtime
+from cadence.store.fast import DeferredWrites, execute_in, fetch_rows, write_rows, writes_of
+from cadence.store.schema.core import checkpoints, consent, customers, events, identities, profiles
+from tests.engine.test_loop import Crashing, ingest, snapshot, stream
+
+_CUSTOMER_COLUMNS = (("id", "bigint"), ("created_ms", "bigint"))
+
+
+def test_reads_see_the_deferred_writes_before_them_in_order(db_engine: Engine) -> None:
+    writes = DeferredWrites()
+    with db_engine.begin() as conn, writes.attached(conn):
+        assert (writes_of(conn) is writes) == (db_engine.dialect.name == "postgresql")
+        write_rows(conn, "customers", _CUSTOMER_COLUMNS, [(900 + i, i) for i in range(50)])
+        execute_in(conn, "DELETE FROM customers WHERE id IN_VALUES", [900, 901])
+        # a driver read and a SQLAlchemy read both wait for the writes handed over before them
+        assert fetch_rows(conn, "SELECT count(*) FROM customers WHERE id >= 900")[0][0] == 48
+        write_rows(conn, "customers", _CUSTOMER_COLUMNS, [(900, 7)])
+        assert conn.scalar(select(customers.c.created_ms).where(customers.c.id == 900)) == 7
+    with db_engine.connect() as conn:
+        assert writes_of(conn) is None  # detached when the block ended (the pool hands out the same one)
+        assert conn.scalar(select(func.count()).where(customers.c.id >= 900)) == 49
+
+
+def test_a_crash_after_deferred_writes_restarts_to_the_uninterrupted_state(
+    runtime: Runtime, db_engine: Engine
+) -> None:
+    ingest(runtime, *stream())
+    # The crashing subscriber runs after profiles: that batch's profile writes are handed over first.
+    crashing = Crashing(fail_on=30)
+    loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), ConsentSubscriber(), crashing], batch_size=10)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.catch_up()
+    applied = loop.positions()["profiles"]
+    assert applied < 30
+    with db_engine.connect() as conn:  # nothing of the failed batch was committed
+        assert conn.scalar(select(func.sum(profiles.c.event_count))) == conn.scalar(
+            select(func.count()).where(events.c.id <= applied)
+        )
+    crashing.fail_on = -1
+    EngineLoop(
+        runtime, [ProfilesSubscriber(runtime), ConsentSubscriber(), crashing], batch_size=10
+    ).catch_up()
+    restarted = snapshot(runtime.engine)
+
+    with db_engine.begin() as conn:  # the same log from scratch, uninterrupted
+        for table in ("profile_daily", "profile_event_stats", "profiles"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+        for table in (consent, identities, checkpoints):
+            conn.execute(table.delete())
+        conn.execute(customers.update().values(merged_into=None))
+        conn.execute(customers.delete())
+    crashing.seen.clear()
+    EngineLoop(
+        runtime, [ProfilesSubscriber(runtime), ConsentSubscriber(), crashing], batch_size=10
+    ).catch_up()
+    assert snapshot(runtime.engine) == restarted
+
+
+class _BadWrite:
+    """Writes a duplicate key through the loop's bulk path, like a write the server refuses."""
+
+    name = "bad-write"
+
+    def __init__(self) -> None:
+        self.fail = True
+
+    def start(self, conn: Connection, checkpoint: int) -> int:
+        return checkpoint
+
+    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
+        if self.fail:
+            write_rows(conn, "customers", _CUSTOMER_COLUMNS, [(10**9, 0), (10**9, 0)])
+
+    def merged(self, conn: Connection, winner: int, loser: int) -> None:
+        pass
+
+    def erased(self, conn: Connection, customer_id: int) -> None:
+        pass
+
+
+def test_a_refused_deferred_write_fails_and_rolls_back_its_batch(runtime: Runtime, db_engine: Engine) -> None:
+    ingest(runtime, *stream()[:20])
+    bad = _BadWrite()
+    loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), bad])
+    with pytest.raises(Exception, match="(?i)unique|duplicate") as raised:
+        loop.run_once()
+    assert "simulated" not in str(raised.value)
+    assert loop.positions()["profiles"] == 0
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(profiles)) == 0
+        assert conn.scalar(select(func.count()).select_from(identities)) == 0
+    bad.fail = False  # the connection went back to the pool healthy: the next batch commits
+    assert loop.run_once() == 20
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(func.sum(profiles.c.event_count))) == 20
