@@ -29,7 +29,7 @@ from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.ingest import append_horizon
 from cadence.engine.leader import Leadership
-from cadence.store.fast import DeferredWrites, dialect_insert, fetch_rows
+from cadence.store.fast import dialect_insert, fetch_rows
 from cadence.store.schema.core import checkpoints, events
 
 if TYPE_CHECKING:
@@ -136,9 +136,6 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # PostgreSQL: a batch's writes go to the server from a helper thread while the loop builds
-        # the next ones (DeferredWrites); any other statement on the connection waits for them first.
-        self._writes = DeferredWrites()
         self.leadership = Leadership(self.engine, lock_id=LEADER_LOCK_ID, role="engine")
         self.processed = 0
         #: Called after each committed batch with the new positions and the batch size.
@@ -183,7 +180,7 @@ class EngineLoop:
         """:meth:`run_once` without the lock and the collector pause (the caller holds both)."""
         cached = self.positions()
         try:
-            with self.engine.begin() as conn, self._writes.attached(conn):
+            with self.engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
                 stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())

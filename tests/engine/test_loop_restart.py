@@ -1,5 +1,6 @@
-"""The loop's deferred writes (PostgreSQL): a batch's writes run on a helper thread, in order,
-in the batch's transaction; a crash or a failing write rolls the whole batch back."""
+"""A batch is one transaction whatever way its rows reach the server (``COPY``, updates then
+copies, upserts): a crash or a refused write rolls it back, and a restart ends in the state of
+an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,33 +14,18 @@ from cadence.engine.events import LoggedEvent
 from cadence.engine.loop import EngineLoop
 from cadence.engine.profiles import ProfilesSubscriber
 from cadence.runtime import Runtime
-from cadence.store.fast import DeferredWrites, execute_in, fetch_rows, write_rows, writes_of
+from cadence.store.fast import write_rows
 from cadence.store.schema.core import checkpoints, consent, customers, events, identities, profiles
 from tests.engine.test_loop import Crashing, ingest, snapshot, stream
 
 _CUSTOMER_COLUMNS = (("id", "bigint"), ("created_ms", "bigint"))
 
 
-def test_reads_see_the_deferred_writes_before_them_in_order(db_engine: Engine) -> None:
-    writes = DeferredWrites()
-    with db_engine.begin() as conn, writes.attached(conn):
-        assert (writes_of(conn) is writes) == (db_engine.dialect.name == "postgresql")
-        write_rows(conn, "customers", _CUSTOMER_COLUMNS, [(900 + i, i) for i in range(50)])
-        execute_in(conn, "DELETE FROM customers WHERE id IN_VALUES", [900, 901])
-        # a driver read and a SQLAlchemy read both wait for the writes handed over before them
-        assert fetch_rows(conn, "SELECT count(*) FROM customers WHERE id >= 900")[0][0] == 48
-        write_rows(conn, "customers", _CUSTOMER_COLUMNS, [(900, 7)])
-        assert conn.scalar(select(customers.c.created_ms).where(customers.c.id == 900)) == 7
-    with db_engine.connect() as conn:
-        assert writes_of(conn) is None  # detached when the block ended (the pool hands out the same one)
-        assert conn.scalar(select(func.count()).where(customers.c.id >= 900)) == 49
-
-
-def test_a_crash_after_deferred_writes_restarts_to_the_uninterrupted_state(
+def test_a_crash_after_a_batch_wrote_restarts_to_the_uninterrupted_state(
     runtime: Runtime, db_engine: Engine
 ) -> None:
     ingest(runtime, *stream())
-    # The crashing subscriber runs after profiles: that batch's profile writes are handed over first.
+    # The crashing subscriber runs after profiles: that batch's profile rows are written first.
     crashing = Crashing(fail_on=30)
     loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), ConsentSubscriber(), crashing], batch_size=10)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -92,7 +78,7 @@ class _BadWrite:
         pass
 
 
-def test_a_refused_deferred_write_fails_and_rolls_back_its_batch(runtime: Runtime, db_engine: Engine) -> None:
+def test_a_refused_bulk_write_fails_and_rolls_back_its_batch(runtime: Runtime, db_engine: Engine) -> None:
     ingest(runtime, *stream()[:20])
     bad = _BadWrite()
     loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), bad])
