@@ -359,6 +359,8 @@ def copy_rows(
         return
     data = copy_text(columns, rows, fixed=fixed)
     names = ", ".join([name for name, _ in columns] + [name for name, _ in fixed])
+    if not conn.in_transaction():
+        conn.begin()  # what SQLAlchemy's own execution does: the driver's cursor alone would not tell it
     cursor = conn.connection.driver_connection.cursor()
     try:
         with cursor.copy(f"COPY {into} ({names}) FROM STDIN") as copy:

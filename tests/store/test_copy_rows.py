@@ -87,3 +87,18 @@ def test_floats_keep_their_exact_values(db_engine: Engine) -> None:
     assert [last[i] for i in range(len(values))] == [
         None if i % 2 else float(v) for i, v in enumerate(values)
     ]
+
+
+def test_a_bulk_insert_on_a_connection_without_a_transaction_is_committed_by_commit(
+    db_engine: Engine,
+) -> None:
+    with db_engine.connect() as conn:
+        write_rows(
+            conn,
+            "identities",
+            (("kind", "text"), ("value", "text"), ("customer_id", "bigint"), ("first_seen_ms", "bigint")),
+            [("user", "late", 1, 1)],
+        )
+        conn.commit()
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(identities.c.customer_id).where(identities.c.value == "late")) == 1
