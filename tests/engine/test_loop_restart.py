@@ -1,6 +1,5 @@
-"""A batch is one transaction whatever way its rows reach the server (``COPY``, updates then
-copies, upserts): a crash or a refused write rolls it back, and a restart ends in the state of
-an uninterrupted run."""
+"""A batch is one transaction with its checkpoints: a crash or a write the database refuses rolls
+it back, and a restart ends in the state of an uninterrupted run."""
 
 from __future__ import annotations
 

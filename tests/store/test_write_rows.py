@@ -1,5 +1,5 @@
-"""Plain bulk inserts (``write_rows`` without a conflict clause): ``COPY`` on PostgreSQL,
-``executemany`` on SQLite; every value comes back as written."""
+"""Plain bulk inserts (``write_rows`` without a conflict clause: array literals and ``unnest`` on
+PostgreSQL, ``executemany`` on SQLite): every value comes back as written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import Engine, select
 from cadence.store.fast import write_rows
 from cadence.store.schema.core import identities, profile_event_stats, profiles
 
+# what a text encoding (array literal, COPY text) must escape
 AWKWARD = [
     "tab\there",
     "new\nline",
@@ -32,7 +33,7 @@ def test_text_with_copy_specials_and_nulls_comes_back_as_written(db_engine: Engi
             (("kind", "text"), ("value", "text"), ("customer_id", "bigint"), ("first_seen_ms", "bigint")),
             rows,
         )
-        # a nullable text column, JSON text holding escapes, and a constant column
+        # a nullable text column, JSON text holding escapes, and a column set by an SQL expression
         write_rows(
             conn,
             "profiles",
