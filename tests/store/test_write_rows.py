@@ -7,6 +7,7 @@ import math
 
 from sqlalchemy import Engine, select
 
+from cadence.engine.profiles import _STATS_COLUMNS
 from cadence.store.fast import write_rows
 from cadence.store.schema.core import identities, profile_event_stats, profiles
 
@@ -65,15 +66,7 @@ def test_floats_keep_their_exact_values(db_engine: Engine) -> None:
         write_rows(
             conn,
             "profile_event_stats",
-            (
-                ("customer_id", "bigint"),
-                ("event", "text"),
-                ("count", "bigint"),
-                ("sum_value", "float8"),
-                ("first_ms", "bigint"),
-                ("last_ms", "bigint"),
-                ("last_value", "float8"),
-            ),
+            _STATS_COLUMNS,  # the loop's own column types
             rows,
         )
     with db_engine.connect() as conn:
