@@ -15,10 +15,15 @@ Two things, both for ``cadence.sim`` populations:
   unsubscribe probabilities of the sends made. Arms start from the simulator's
   configuration (``sim_learner_config()``: the server's defaults with a 24 h horizon);
   give every field that differs.
+- ``calib``: cadence's calibration on the sends it made: the learners' predicted click and
+  unsubscribe probabilities of each chosen send (the candidate's posterior-mean parts)
+  against the world's true ones, by day, by recent load and by the send hour's true
+  factor (selected sends only: a send the learner held back is not in it).
 
     PYTHONPATH=$PWD python scripts/quality_diag.py trait --customers 3000 --days 20
     PYTHONPATH=$PWD python scripts/quality_diag.py ab --customers 3000 --days 20 \
         --arm base='{}' --arm fast='{"label_delay_ms": 14400000}' --draws 0,1,2
+    PYTHONPATH=$PWD python scripts/quality_diag.py calib --customers 1500 --days 15
 """
 
 from __future__ import annotations
@@ -187,6 +192,78 @@ class Traced:
         }
 
 
+class Calibrated:
+    """Wraps cadence: per chosen send, its predicted and true click and unsubscribe probabilities."""
+
+    def __init__(self, inner: CadencePolicy, days: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.traced = Traced(inner, days)
+        #: (day, load, true hour factor, predicted click, true click, predicted unsub, true unsub)
+        self.rows: list[tuple[int, int, float, float, float, float, float]] = []
+
+    def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
+        """The inner policy's choice, with the learners' predictions of it recorded."""
+        choice = self.inner.decide(state, now_ms)
+        d = self.inner.last_decision
+        if choice is None or d is None:
+            return choice
+        ch, at = choice
+        cand = next(x for x in d.candidates if x.channel == ch and x.send_at_ms == at)
+        c = state.customer
+        h = local_hour(at, c.zone)
+        load = state.load(at)
+        dd = abs(h - c.preferred_hour) % 24
+        dd = min(dd, 24 - dd)
+        hf = 0.2 + 0.8 * math.exp(-(dd * dd) / (2 * c.hour_width**2))
+        self.rows.append(
+            (
+                self.traced._day(c, now_ms),
+                load,
+                hf,
+                cand.engagement,
+                click_probability(c, ch, h, load),
+                cand.unsubscribe,
+                unsubscribe_probability(c, ch, h, load),
+            )
+        )
+        return choice
+
+    def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
+        """Passed on."""
+        self.inner.feedback(state, channel, kind, sent_ms, ts_ms)
+
+    def table(self) -> list[str]:
+        """Per day, load and hour factor: sends, mean predicted and true probabilities, their ratio."""
+        out = []
+        for name, pos, key in (
+            ("day", 0, lambda v: min(int(v), 28) // 2 * 2),
+            ("load", 1, lambda v: min(int(v), 7)),
+            ("hour factor", 2, lambda v: min(0.8, int(v * 5) / 5)),
+        ):
+            agg: dict[Any, list[float]] = defaultdict(lambda: [0.0] * 5)
+            for row in self.rows:
+                a = agg[key(row[pos])]
+                a[0] += 1
+                for i, x in enumerate(row[3:]):
+                    a[1 + i] += x
+            for k in sorted(agg):
+                n, pe, te, pu, tu = agg[k]
+                out.append(
+                    f"  {name} {k}: sends {int(n)} click pred {pe / n:.4f} true {te / n:.4f} "
+                    f"| unsub pred {pu / n:.5f} true {tu / n:.5f} (x{pu / max(tu, 1e-12):.2f})"
+                )
+        return out
+
+
+def _calib_job(job: tuple[str, int, int, int, str]) -> dict[str, Any]:
+    shape, seed, customers, days, overrides = job
+    pop = make_population(shape, customers, seed)
+    pol = Calibrated(CadencePolicy(config=replace(sim_learner_config(), **json.loads(overrides))), days)
+    r = run_policy(pol, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]
+    return {"shape": shape, "seed": seed, **_summ(r), "table": pol.table()}
+
+
 def _summ(r: RunResult) -> dict[str, Any]:
     return {
         "clicks": r.clicks,
@@ -260,7 +337,7 @@ def _load() -> str:
 def main() -> None:
     """Command line."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["trait", "ab"])
+    ap.add_argument("mode", choices=["trait", "ab", "calib"])
     ap.add_argument("--customers", type=int, default=3000)
     ap.add_argument("--days", type=int, default=20)
     ap.add_argument("--shapes", default="balanced,email_heavy,mobile_first")
@@ -275,7 +352,17 @@ def main() -> None:
     load0 = _load()
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    if a.mode == "trait":
+    if a.mode == "calib":
+        ov = a.arm[0].split("=", 1)[1] if a.arm else "{}"
+        jobs_c = [(s, seed, a.customers, a.days, ov) for s in shapes for seed in seeds]
+        with ctx.Pool(a.workers) as pool:
+            for r in pool.map(_calib_job, jobs_c, chunksize=1):
+                print(
+                    f"== {r['shape']} seed {r['seed']}: clicks {r['clicks']} unsub {r['unsub']:.1%} "
+                    f"msgs/cust/day {r['mpd']:.3f}"
+                )
+                print("\n".join(r["table"]))
+    elif a.mode == "trait":
         jobs = [(s, seed, a.customers, a.days) for s in shapes for seed in seeds]
         with ctx.Pool(a.workers) as pool:
             res = pool.map(_trait_job, jobs, chunksize=1)

@@ -32,7 +32,7 @@ from cadence.engine.campaign import (
     TemplateSpec,
 )
 from cadence.engine.decide import decide
-from cadence.engine.decision import PastSend
+from cadence.engine.decision import Decision, PastSend
 from cadence.engine.learners import DecisionLearner, LearnerConfig
 from cadence.engine.profiles_memory import MemoryProfile
 from cadence.sim.population import SIM_CHANNELS
@@ -238,6 +238,8 @@ class CadencePolicy:
         self.explored = 0
         #: Shifts every decision's Thompson seed: the same world with other posterior draws.
         self.draw_seed = 0
+        #: The last decision made (for diagnostics: its candidates carry the learners' predictions).
+        self.last_decision: Decision | None = None
 
     def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
         """Run the real pipeline for this customer now."""
@@ -264,6 +266,7 @@ class CadencePolicy:
             scorer=self.learner,
             seed=seed,
         )
+        self.last_decision = d
         if d.action != "send" or d.channel is None or d.send_at_ms is None or d.campaign is None:
             return None
         decision_id = f"{c.id}:{now_ms}"
