@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
 from cadence.api.metrics import Metrics
-from cadence.api.security import Principal, Scope
+from cadence.api.security import Principal, Scope, hash_key
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import (
@@ -153,6 +153,8 @@ class DecisionFastPath:
         self.metrics = metrics
         self._children: dict[int, Any] = {}
         self._route: Any = None
+        #: Each presented key's SHA-256 (the key ring's index), computed once per key, not per request.
+        self._digests: dict[str, str] = {}
 
     async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/decisions" or scope["method"] != "POST":
@@ -271,7 +273,14 @@ class DecisionFastPath:
         key = _scope_key(scope)
         # Refreshed here when stale (every few seconds): otherwise every request arriving while the
         # route's thread reloads the keys would take the slow route.
-        principal = app.state.keyring.cached_or_refreshed(key) if key is not None else None
+        principal = None
+        if key is not None:
+            digest = self._digests.get(key)
+            if digest is None:
+                if len(self._digests) >= 256:
+                    self._digests.clear()
+                digest = self._digests[key] = hash_key(key)
+            principal = app.state.keyring.lookup_digest(digest)  # what cached_or_refreshed(key) looks up
         if principal is None or ("decide" not in principal.scopes and "admin" not in principal.scopes):
             return None
         try:
