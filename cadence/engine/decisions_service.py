@@ -162,7 +162,19 @@ def _iso_in(ms: int | None, tz: tzinfo) -> str | None:
     """
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(timespec="seconds")
+    key = (ms, tz)
+    text = _ISO_MEMO.get(key)
+    if text is None:
+        if len(_ISO_MEMO) >= _ISO_MEMO_MAX:
+            _ISO_MEMO.clear()
+        text = _ISO_MEMO[key] = datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(timespec="seconds")
+    return text
+
+
+#: ``_iso_in``'s answers by (ms, zone): a decision formats each candidate's send time, and send times
+#: are whole hours shared by every customer of a zone (about 2 us each formatted, 0.1 us looked up).
+_ISO_MEMO: dict[tuple[int, tzinfo], str] = {}
+_ISO_MEMO_MAX = 8192
 
 
 def _jsonable(value: Any) -> Any:
@@ -419,7 +431,7 @@ def _prepare(
         "variables": _jsonable(decision.variables),
         "arm": decision.arm,
         "ruleset_hash": decision.ruleset_hash,
-        "decided_at": _iso_in(now_ms, tz),
+        "decided_at": _iso_in(now_ms - now_ms % 1000, tz),  # whole seconds: one memo entry a second
         "explanation": explanation,
     }
     if decision.action == "none":

@@ -24,6 +24,21 @@ def _when(ms: int, zone: str | None, fallback: str) -> str:
     >>> _when(1_772_701_200_000, "Asia/Kolkata", "UTC")
     'Thu 05 Mar 14:30 +05:30'
     """
+    key = (ms, zone, fallback)
+    text = _WHEN_MEMO.get(key)
+    if text is None:
+        if len(_WHEN_MEMO) >= _WHEN_MEMO_MAX:
+            _WHEN_MEMO.clear()
+        text = _WHEN_MEMO[key] = _format_when(ms, zone, fallback)
+    return text
+
+
+#: ``_when``'s answers: send times are whole hours shared by the customers of a zone.
+_WHEN_MEMO: dict[tuple[int, str | None, str], str] = {}
+_WHEN_MEMO_MAX = 8192
+
+
+def _format_when(ms: int, zone: str | None, fallback: str) -> str:
     local = local_datetime(ms, zone_named(zone, fallback))
     minutes = int(local.utcoffset().total_seconds()) // 60  # type: ignore[union-attr]
     sign = "-" if minutes < 0 else "+"

@@ -209,3 +209,28 @@ def test_hour_priors_kept_per_bucket_tuple_follow_the_population() -> None:
         hours.log_prior([4, 9]),
         HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.3).log_prior([4, 9]),
     )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    zone=st.sampled_from((*ZONES, "Not/AZone")),
+    day=st.sampled_from(DST_DAYS),
+    offset_min=st.integers(min_value=-36 * 60, max_value=36 * 60),
+    milli=st.integers(min_value=0, max_value=59_999),
+)
+def test_memoised_time_texts_match_formatting_them_across_dst(
+    zone: str, day: datetime, offset_min: int, milli: int
+) -> None:
+    """The explanation's and the answer's time texts, looked up by (ms, zone), are those formatted afresh."""
+    from cadence.engine.decisions_service import _iso_in
+    from cadence.engine.explanation import _format_when, _when
+
+    ms = int(day.timestamp() * 1000) + offset_min * 60_000 + milli
+    tz = zone_named(zone, "Europe/Berlin")
+    expected_iso = datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(timespec="seconds")
+    for _ in range(2):  # a first call formats and keeps the text; the second looks it up
+        assert _iso_in(ms, tz) == expected_iso
+        assert _iso_in(ms - ms % 1000, tz) == expected_iso  # whole seconds: how decided_at is looked up
+        assert _when(ms, zone, "Europe/Berlin") == _format_when(ms, zone, "Europe/Berlin")
+    local = datetime.fromtimestamp(ms / 1000, tz=tz)
+    assert _when(ms, zone, "Europe/Berlin")[-12:-7] == f"{local.hour:02d}:{local.minute:02d}"
