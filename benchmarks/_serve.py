@@ -21,6 +21,25 @@ def process_cpu(pid: int) -> float:
         return float("nan")
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's (stolen, total) CPU ticks so far, from ``/proc/stat`` (Linux), or (0, 0).
+
+    Steal is time the hypervisor gave this virtual machine's CPUs to someone else: on a shared
+    host it stalls every process at once, and shows in wall-clock tails that no code change moves.
+    """
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return fields[7], sum(fields)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time stolen between two :func:`cpu_ticks` readings (NaN if unknown)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else float("nan")
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds used so far by process ``pid`` and its live children (``serve --workers N``)."""
     total = process_cpu(pid)
