@@ -531,7 +531,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "the machine's two cores. *CPU stolen by the host* is the share of the machine's CPU time its "
         "hypervisor gave to other guests during the run (`/proc/stat`): it stalls every process at once (in one "
         "60 s SQLite preview run, each second's p99 and its steal correlated at r = 0.72: median p99 18 ms in "
-        "the seconds with over 15% steal, 6 ms in those under 5%).",
+        "the seconds with 7.5% steal or more, 6 ms in those under 2.5%).",
         "",
         "| goal | measured | target | |",
         "|---|---|---|---|",
