@@ -9,6 +9,7 @@ carrying ``properties.decision_id`` is learned from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Collection, Mapping, Sequence
@@ -160,21 +161,14 @@ def _iso_in(ms: int | None, tz: tzinfo) -> str | None:
     >>> _iso_in(1_772_701_200_000, ZoneInfo("Europe/Berlin")), _iso_in(None, ZoneInfo("UTC"))
     ('2026-03-05T10:00:00+01:00', None)
     """
-    if ms is None:
-        return None
-    key = (ms, tz)
-    text = _ISO_MEMO.get(key)
-    if text is None:
-        if len(_ISO_MEMO) >= _ISO_MEMO_MAX:
-            _ISO_MEMO.clear()
-        text = _ISO_MEMO[key] = datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(timespec="seconds")
-    return text
+    return None if ms is None else _iso_text(ms, tz)
 
 
-#: ``_iso_in``'s answers by (ms, zone): a decision formats each candidate's send time, and send times
-#: are whole hours shared by every customer of a zone (about 2 us each formatted, 0.1 us looked up).
-_ISO_MEMO: dict[tuple[int, tzinfo], str] = {}
-_ISO_MEMO_MAX = 8192
+@functools.lru_cache(maxsize=8192)
+def _iso_text(ms: int, tz: tzinfo) -> str:
+    """``_iso_in``'s text, kept: a decision formats each candidate's send time, and send times are
+    whole hours shared by every customer of a zone (about 2 us each formatted, 0.1 us looked up)."""
+    return datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(timespec="seconds")
 
 
 def _jsonable(value: Any) -> Any:

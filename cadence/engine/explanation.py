@@ -8,6 +8,8 @@ other campaigns and channels back.
 
 from __future__ import annotations
 
+import functools
+
 from cadence.engine.decision import Decision
 from cadence.engine.slots import local_datetime, zone_named
 
@@ -24,18 +26,7 @@ def _when(ms: int, zone: str | None, fallback: str) -> str:
     >>> _when(1_772_701_200_000, "Asia/Kolkata", "UTC")
     'Thu 05 Mar 14:30 +05:30'
     """
-    key = (ms, zone, fallback)
-    text = _WHEN_MEMO.get(key)
-    if text is None:
-        if len(_WHEN_MEMO) >= _WHEN_MEMO_MAX:
-            _WHEN_MEMO.clear()
-        text = _WHEN_MEMO[key] = _format_when(ms, zone, fallback)
-    return text
-
-
-#: ``_when``'s answers: send times are whole hours shared by the customers of a zone.
-_WHEN_MEMO: dict[tuple[int, str | None, str], str] = {}
-_WHEN_MEMO_MAX = 8192
+    return _when_text(ms, zone, fallback)
 
 
 def _format_when(ms: int, zone: str | None, fallback: str) -> str:
@@ -47,6 +38,10 @@ def _format_when(ms: int, zone: str | None, fallback: str) -> str:
         f"{_DAYS[local.weekday()]} {local.day:02d} {_MONTHS[local.month - 1]} "
         f"{local.hour:02d}:{local.minute:02d} {sign}{hh:02d}:{mm:02d}"
     )
+
+
+#: ``_when``'s texts, kept: send times are whole hours shared by the customers of a zone.
+_when_text = functools.lru_cache(maxsize=8192)(_format_when)
 
 
 def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC") -> str:
