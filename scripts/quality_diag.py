@@ -61,6 +61,7 @@ from cadence.sim.world import (
     CustomerState,
     RunResult,
     click_probability,
+    hour_factor,
     local_hour,
     run_policy,
     unsubscribe_probability,
@@ -172,9 +173,7 @@ class Traced:
             self.n_sent[d] += 1
             usable = [x for x in c.available if x not in c.opted_out]
             self.best_ch[d] += ch == max(usable, key=lambda x: c.affinity[x])
-            dd = abs(h - c.preferred_hour) % 24
-            dd = min(dd, 24 - dd)
-            self.hf[d] += 0.2 + 0.8 * math.exp(-(dd * dd) / (2 * c.hour_width**2))
+            self.hf[d] += hour_factor(c, h)
         return choice
 
     def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
@@ -213,9 +212,7 @@ class Calibrated:
         c = state.customer
         h = local_hour(at, c.zone)
         load = state.load(at)
-        dd = abs(h - c.preferred_hour) % 24
-        dd = min(dd, 24 - dd)
-        hf = 0.2 + 0.8 * math.exp(-(dd * dd) / (2 * c.hour_width**2))
+        hf = hour_factor(c, h)
         self.rows.append(
             (
                 self.traced._day(c, now_ms),
