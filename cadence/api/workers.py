@@ -68,6 +68,10 @@ def access_log_enabled() -> bool:
     return wanted and logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
 
 
+#: Net new container objects between young collections in a served process (Python's default: 700).
+YOUNG_THRESHOLD = 10_000
+
+
 def settle_heap(_app: Any = None) -> None:
     """Collect once, then freeze what is alive: the cycle collector's full passes skip it from now on.
 
@@ -78,9 +82,18 @@ def settle_heap(_app: Any = None) -> None:
     generation, which no collection visits; they are still freed by reference counting.
     Run as the last start-up hook of ``cadence serve`` (not in ``create_app``: a process
     that builds many apps, like the test suite, would keep their cycles forever).
+
+    The youngest generation is then collected every :data:`YOUNG_THRESHOLD` net new container
+    objects instead of Python's 700. A decision leaves a few objects alive (entries of the
+    send-time caches), so with 700 a young collection (about 0.15 ms) landed inside 1.2% of
+    ``decide()`` calls, right at their p99 (goal: under 1 ms); now about 0.07% of calls take
+    one, about 1.2-1.6 ms each. The collector's total work is about the same; no cycle is
+    kept longer than a few seconds of traffic.
     """
     gc.collect()
     gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, middle, oldest)
 
 
 def prepare_serving(_app: Any = None) -> None:
