@@ -176,11 +176,6 @@ class LearnerConfig:
     #: (load = sends in the last 7 days): a hopeful extra send is cheap to a rested customer, and
     #: the risk it buys grows with every message the customer got lately.
     volume_optimism_load: float = 0.0
-    #: An unsubscribe also costs the clicks the customer would have given on that channel: the
-    #: cost of one is ``unsubscribe_cost + this * click_value * p``, where ``p`` is the customer's
-    #: best posterior-mean engagement probability on the channel (over the decision's send
-    #: times) and this the number of future sends on it that an unsubscribe loses (0: a fixed cost).
-    unsubscribe_lost_sends: float = 0.0
     #: Learn each send provisionally this long after it (no click by then: a no), and correct
     #: a click or unsubscribe that arrives later, within ``horizon_ms``, by learning it then (the
     #: "fake negative" treatment of delayed feedback). None: every label waits for the horizon.
@@ -202,7 +197,6 @@ DECISION_TIME_FIELDS = frozenset(
         "unsubscribe_cost",
         "volume_optimism",
         "volume_optimism_load",
-        "unsubscribe_lost_sends",
         "explore_unsubscribe",
         "explore_volume",
         "hour_explore",
@@ -1309,13 +1303,7 @@ class DecisionLearner:
         cell = self.hazard.bucket(self.recent_load(profile.customer_id, now_ms))
         ch_rates = self.hazard.rates()[ch_global, cell]
         value = cfg.click_value
-        cost: Any = cfg.unsubscribe_cost
-        if cfg.unsubscribe_lost_sends:
-            p_best = (
-                np.maximum.reduce(p_eng, axis=1) if shared else np.maximum.reduceat(p_eng, bounds_arr[:-1])
-            )
-            cost = cfg.unsubscribe_cost + cfg.unsubscribe_lost_sends * value * p_best
-        risk = per_option(cost * ch_rates)
+        risk = per_option(cfg.unsubscribe_cost * ch_rates)
         timing = None
         if hour_rows is not None and isinstance(self.hazard, FittedHazard) and self.hazard.g != 0.0:
             # The risk of each send time: the hour's expected engagement lift scales it.
@@ -1326,7 +1314,7 @@ class DecisionLearner:
             seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
             spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
             ch_draw = np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
-            draw_risk = per_option(cost * ch_draw)
+            draw_risk = per_option(cfg.unsubscribe_cost * ch_draw)
         else:
             draw_risk = risk
         score = (
@@ -1405,14 +1393,7 @@ class DecisionLearner:
         load = self.recent_load(profile.customer_id, now_ms)
         cell = self.hazard.bucket(load)
         ch_rates = self.hazard.rates()[ch_global, cell]
-        cost: Any = cfg.unsubscribe_cost
-        if cfg.unsubscribe_lost_sends:
-            z0 = (per_group[0][:, None] + time_w[0][None, :]) / np.sqrt(
-                (per_group_v[:, None] + time_v[None, :]) + cfg.beta**2
-            )
-            p_best = ndtr(np.maximum.reduce(z0, axis=1))
-            cost = cfg.unsubscribe_cost + cfg.unsubscribe_lost_sends * cfg.click_value * p_best
-        risk_g = cost * ch_rates
+        risk_g = cfg.unsubscribe_cost * ch_rates
         hazard = self.hazard
         timed = hour_rows is not None and isinstance(hazard, FittedHazard) and hazard.g != 0.0
         if timed and hour_rows is not None and isinstance(hazard, FittedHazard):
@@ -1423,7 +1404,7 @@ class DecisionLearner:
         if drawn:
             seen = self.hazard.sends[ch_global, cell] + self.hazard.strength
             spread = np.sqrt(ch_rates * (1 - ch_rates) / seen)
-            draw_g = cost * np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
+            draw_g = cfg.unsubscribe_cost * np.maximum(ch_rates + spread * noise_u[:n_groups], 0.0)
         else:
             draw_g = _NOTHING
         hope = bool(cfg.volume_optimism)

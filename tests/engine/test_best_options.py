@@ -81,9 +81,8 @@ def compiled(request: pytest.FixtureRequest) -> Iterator[bool]:
         LearnerConfig(volume_optimism=0.25, explore_unsubscribe=True),
         LearnerConfig(hazard_fit=False, volume_optimism=0.0, label_delay_ms=None),
         LearnerConfig(volume_optimism_load=0.5, click_value=0.5, unsubscribe_cost=3.0),
-        LearnerConfig(unsubscribe_lost_sends=20.0, unsubscribe_cost=8.5, explore_unsubscribe=True),
     ],
-    ids=["default", "explore-volume", "value-beta", "optimism", "plain", "optimism-load", "lost-sends"],
+    ids=["default", "explore-volume", "value-beta", "optimism", "plain", "optimism-load"],
 )
 @pytest.mark.parametrize("labels", [0, 600])
 def test_best_options_picks_what_score_options_values_highest(
