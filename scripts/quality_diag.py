@@ -343,6 +343,12 @@ def main() -> None:
     ap.add_argument("--arm", action="append", default=[])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--prev",
+        action="append",
+        default=[],
+        help="ab: an earlier run's --out file; its runs of the same worlds, size, arms and draws are reused",
+    )
     a = ap.parse_args()
     shapes = a.shapes.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -381,16 +387,29 @@ def main() -> None:
         arms = [x.split("=", 1) for x in a.arm] or [["base", "{}"]]
         draws = [int(d) for d in a.draws.split(",")]
         base_jobs = [(s, seed, a.customers, a.days) for s in shapes for seed in seeds]
-        jobs = [
-            (s, seed, c, d, arm, ov, dr) for (s, seed, c, d) in base_jobs for dr in draws for arm, ov in arms
-        ]
-        with ctx.Pool(a.workers) as pool:
-            oracle = pool.map_async(_oracle_job, base_jobs, chunksize=1)
-            res = []
+        # Runs kept in earlier --out files: a run is deterministic per world, size, arm (by its name:
+        # give a changed arm a new name) and draw, so the same code need not run it again.
+        prev: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+        prev_orc: dict[tuple[str, int], dict[str, Any]] = {}
+        for path in a.prev:
+            with open(path) as f:
+                old = json.load(f)
+            if (old.get("customers"), old.get("days")) != (a.customers, a.days):
+                continue
+            prev.update({(r["shape"], r["seed"], r["arm"], r["draw"]): r for r in old["res"]})
+            prev_orc.update({(o["shape"], o["seed"]): o for o in old["oracle"]})
+        wanted = [(s, seed, arm, dr) for (s, seed, _, _) in base_jobs for dr in draws for arm, _ in arms]
+        res = [prev[k] for k in wanted if k in prev]
+        overrides = dict(arms)
+        jobs = [(s, seed, a.customers, a.days, arm, overrides[arm], dr) for (s, seed, arm, dr) in wanted]
+        jobs = [j for j in jobs if (j[0], j[1], j[4], j[6]) not in prev]
+        todo = [j for j in base_jobs if (j[0], j[1]) not in prev_orc]
+        with ctx.Pool(a.workers, maxtasksperchild=1) as pool:  # a fresh process per run
+            oracle = pool.map_async(_oracle_job, todo, chunksize=1)
             for r in pool.imap_unordered(_ab_job, jobs, chunksize=1):
                 res.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)  # progress, one run a line
-            orc = oracle.get()
+            orc = [*oracle.get(), *(prev_orc[(j[0], j[1])] for j in base_jobs if (j[0], j[1]) in prev_orc)]
         ref = {(o["shape"], o["seed"]): o for o in orc}
         by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in res:
@@ -436,7 +455,7 @@ def main() -> None:
             )
         if a.out:
             with open(a.out, "w") as f:
-                json.dump({"res": res, "oracle": orc}, f)
+                json.dump({"res": res, "oracle": orc, "customers": a.customers, "days": a.days}, f)
     print(
         f"wall {time.perf_counter() - t0:.0f}s; load {load0} -> {_load()}",
         file=sys.stderr,
