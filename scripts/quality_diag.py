@@ -6,9 +6,13 @@ Two things, both for ``cadence.sim`` populations:
   observable traits (E[affinity | traits], E[hour factor | rhythm], E[fatigue],
   E[unsubscribe]) but not each customer's own noise, and acts as the oracle does (the
   best expected value net of the unsubscribe cost, sent when positive). Its share of
-  the oracle's clicks says how much population learning alone can give. Each policy's
-  chosen sends are traced per day: the true click probability of the send, and the
-  oracle's best for the same customer that day.
+  the oracle's clicks says how much population learning alone can give. Two partial
+  oracles split the oracle's knowledge: ``knows taste`` (each customer's own affinities and
+  hour, with the population's fatigue and unsubscribe propensity) and ``knows risk`` (the
+  customer's own fatigue and unsubscribe propensity, with the traits' expected tastes).
+  Each policy's chosen sends are traced per day: the share of decisions sent, the true
+  click probability of the sends, the share on the best channel, the true hour factor.
+  ``--no-cadence`` leaves cadence out (the rest is fast).
 - ``ab``: cadence under several ``LearnerConfig`` overrides, each over the same worlds
   with several Thompson draw seeds (a paired design): shares of the oracle's clicks,
   customers unsubscribed, messages per customer-day, and the mean true click and
@@ -136,6 +140,46 @@ class TraitOracle:
 
     def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
         """Learns nothing."""
+
+
+class PartialOracle(TraitOracle):
+    """The oracle with only part of its knowledge: the rest at the population's expectation given the traits.
+
+    ``taste``: knows each customer's own channel affinities and hour curve (what clicks can
+    teach), with the population's fatigue and unsubscribe propensity; ``risk``: knows each
+    customer's own fatigue and unsubscribe propensity (what a policy can hardly learn: a
+    customer unsubscribes once a channel), with the traits' expected affinities and hours.
+    """
+
+    def __init__(self, shape: str, knows: str, unsubscribe_cost: float = 10.0) -> None:
+        super().__init__(shape, unsubscribe_cost)
+        self.knows = knows
+        self.name = f"knows {knows}"
+
+    def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
+        """The best value with the known part true and the rest expected, when positive."""
+        c = state.customer
+        taste = self.knows == "taste"
+        hf_pop = self.hf[c.traits["rhythm"]]
+        local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(c.zone))
+        best: tuple[float, str, int] | None = None
+        mult = {"email": 1.0, "sms": 1.6, "push": 1.2}
+        for hour in ALLOWED_HOURS:
+            at = _local_ms(c.zone, local.year, local.month, local.day, hour)
+            load = state.load(at)
+            hf = hour_factor(c, hour) if taste else hf_pop[hour]
+            fat = self.fat[min(load, 30)] if taste else math.exp(-c.fatigue * load)
+            for ch in c.available:
+                if ch in c.opted_out:
+                    continue
+                aff = c.affinity[ch] if taste else self.expected_affinity(c, ch)
+                base = self.unsub_mean * mult[ch] if taste else c.unsubscribe[ch]
+                v = aff * hf * fat - self.cost * min(1.0, base * (1 + UNSUB_LOAD * load) * (1.5 - hf))
+                if best is None or v > best[0]:
+                    best = (v, ch, at)
+        if best is None or best[0] <= 0:
+            return None
+        return best[1], best[2]
 
 
 class Traced:
@@ -271,16 +315,18 @@ def _summ(r: RunResult) -> dict[str, Any]:
     }
 
 
-def _trait_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
-    shape, seed, customers, days = job
+def _trait_job(job: tuple[str, int, int, int, bool]) -> dict[str, Any]:
+    shape, seed, customers, days, cadence = job
     pop = make_population(shape, customers, seed)
     out: dict[str, Any] = {"shape": shape, "seed": seed}
     cfg = sim_learner_config()
     for pol in (
         OraclePolicy(10.0),
         TraitOracle(shape),
+        PartialOracle(shape, "taste"),
+        PartialOracle(shape, "risk"),
         HeuristicPolicy(),
-        CadencePolicy(config=cfg),
+        *([CadencePolicy(config=cfg)] if cadence else []),
     ):
         t = Traced(pol, days)
         cpu = time.process_time()
@@ -343,6 +389,13 @@ def main() -> None:
     ap.add_argument("--arm", action="append", default=[])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="")
+    ap.add_argument("--no-cadence", action="store_true", help="trait: the oracles and the heuristic only")
+    ap.add_argument(
+        "--prev",
+        action="append",
+        default=[],
+        help="ab: an earlier run's --out file; its runs of the same worlds, size, arms and draws are reused",
+    )
     a = ap.parse_args()
     shapes = a.shapes.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -360,13 +413,14 @@ def main() -> None:
                 )
                 print("\n".join(r["table"]))
     elif a.mode == "trait":
-        jobs = [(s, seed, a.customers, a.days) for s in shapes for seed in seeds]
+        jobs_t = [(s, seed, a.customers, a.days, not a.no_cadence) for s in shapes for seed in seeds]
         with ctx.Pool(a.workers) as pool:
-            res = pool.map(_trait_job, jobs, chunksize=1)
+            res = pool.map(_trait_job, jobs_t, chunksize=1)
         for r in res:
             o = r["oracle"]["clicks"]
             print(f"== {r['shape']} seed {r['seed']} (oracle {o} clicks)")
-            for name in ("oracle", "trait oracle", "heuristic", "cadence"):
+            names = [n for n in r if n not in ("shape", "seed")]
+            for name in names:
                 x = r[name]
                 print(
                     f"  {name:13s} clicks {x['clicks']:6d} ({x['clicks'] / o:5.1%}) unsub {x['unsub']:.1%} "
@@ -374,23 +428,36 @@ def main() -> None:
                 )
             for key in ("sent", "p", "best", "hf"):
                 print(f"  per day: {key}")
-                for name in ("oracle", "trait oracle", "cadence"):
+                for name in names:
                     tr = r[name]["trace"][key]
                     print(f"    {name:13s} " + " ".join(f"{v:.3f}" for v in tr))
     else:
         arms = [x.split("=", 1) for x in a.arm] or [["base", "{}"]]
         draws = [int(d) for d in a.draws.split(",")]
         base_jobs = [(s, seed, a.customers, a.days) for s in shapes for seed in seeds]
-        jobs = [
-            (s, seed, c, d, arm, ov, dr) for (s, seed, c, d) in base_jobs for dr in draws for arm, ov in arms
-        ]
-        with ctx.Pool(a.workers) as pool:
-            oracle = pool.map_async(_oracle_job, base_jobs, chunksize=1)
-            res = []
+        # Runs kept in earlier --out files: a run is deterministic per world, size, arm (by its name:
+        # give a changed arm a new name) and draw, so the same code need not run it again.
+        prev: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+        prev_orc: dict[tuple[str, int], dict[str, Any]] = {}
+        for path in a.prev:
+            with open(path) as f:
+                old = json.load(f)
+            if (old.get("customers"), old.get("days")) != (a.customers, a.days):
+                continue
+            prev.update({(r["shape"], r["seed"], r["arm"], r["draw"]): r for r in old["res"]})
+            prev_orc.update({(o["shape"], o["seed"]): o for o in old["oracle"]})
+        wanted = [(s, seed, arm, dr) for (s, seed, _, _) in base_jobs for dr in draws for arm, _ in arms]
+        res = [prev[k] for k in wanted if k in prev]
+        overrides = dict(arms)
+        jobs = [(s, seed, a.customers, a.days, arm, overrides[arm], dr) for (s, seed, arm, dr) in wanted]
+        jobs = [j for j in jobs if (j[0], j[1], j[4], j[6]) not in prev]
+        todo = [j for j in base_jobs if (j[0], j[1]) not in prev_orc]
+        with ctx.Pool(a.workers, maxtasksperchild=1) as pool:  # a fresh process per run
+            oracle = pool.map_async(_oracle_job, todo, chunksize=1)
             for r in pool.imap_unordered(_ab_job, jobs, chunksize=1):
                 res.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)  # progress, one run a line
-            orc = oracle.get()
+            orc = [*oracle.get(), *(prev_orc[(j[0], j[1])] for j in base_jobs if (j[0], j[1]) in prev_orc)]
         ref = {(o["shape"], o["seed"]): o for o in orc}
         by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in res:
@@ -436,7 +503,7 @@ def main() -> None:
             )
         if a.out:
             with open(a.out, "w") as f:
-                json.dump({"res": res, "oracle": orc}, f)
+                json.dump({"res": res, "oracle": orc, "customers": a.customers, "days": a.days}, f)
     print(
         f"wall {time.perf_counter() - t0:.0f}s; load {load0} -> {_load()}",
         file=sys.stderr,
