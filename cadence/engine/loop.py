@@ -80,6 +80,10 @@ class Subscriber(Protocol):
         """Customer ``customer_id`` was erased: remove or correct everything that counted them."""
         ...
 
+    # Optional: ``prepare(batch)`` may compute, from the events alone (no database), what a later
+    # ``apply`` of the very same batch object will need; ``apply`` of any other batch must not
+    # use it. The loop calls it on the batch it stitched ahead (PostgreSQL).
+
 
 # --------------------------------------------------------------------------- the loop
 
@@ -282,6 +286,10 @@ class EngineLoop:
                 reader=side if fresh else None,
             )
             created = self.identity.created
+            for sub in self.subscribers:  # computed while the server executes this batch's writes
+                prepare = getattr(sub, "prepare", None)
+                if prepare is not None:
+                    prepare(batch)
         # The merges of the next events, folded after this batch's events, before theirs (as a
         # batch of its own would); the next batch finds them folded.
         self._fold(conn, merges)
