@@ -33,7 +33,9 @@ def _reset(engine: Engine) -> None:
 
 
 def _loop(runtime: Runtime, *extra: Any, look_ahead: bool = True, batch_size: int = 10) -> EngineLoop:
-    loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), ConsentSubscriber(), *extra], batch_size=batch_size)
+    loop = EngineLoop(
+        runtime, [ProfilesSubscriber(runtime), ConsentSubscriber(), *extra], batch_size=batch_size
+    )
     loop.look_ahead = look_ahead
     return loop
 
@@ -142,3 +144,29 @@ def test_an_erasure_between_batches_is_not_undone_by_the_stitched_next_batch(
             ).all()
         )
     assert counts == {"stays": 5}
+
+
+def test_the_collector_stays_paused_between_stitched_batches_for_a_bounded_time(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    import cadence.engine.loop as engine_loop
+
+    ingest(runtime, *stream())
+    monkeypatch.setattr(engine_loop, "GC_HOLD", 1)
+    loop = _loop(runtime)
+    assert gc.isenabled()
+    try:
+        assert loop.run_once() == 10
+        # PostgreSQL carries the next batch's events into the next batch: the collector waits for it.
+        assert gc.isenabled() is (runtime.engine.dialect.name != "postgresql")
+        assert loop.run_once() == 10
+        assert gc.isenabled(), "paused for at most GC_HOLD batches in a row"
+        loop.run_once()
+        loop.stop()  # stopping the loop resumes it too
+        assert gc.isenabled()
+        loop.catch_up()
+        assert gc.isenabled(), "a drained log leaves nothing carried"
+    finally:
+        gc.enable()
