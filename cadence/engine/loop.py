@@ -182,6 +182,10 @@ class EngineLoop:
         lock on PostgreSQL) and re-reads the stored checkpoints of database-backed
         subscribers inside it, so no event is ever applied twice.
         """
+        return self._run_once(hold=False)
+
+    def _run_once(self, *, hold: bool) -> int:
+        """:meth:`run_once`; ``hold``: the caller runs the next batch right away (see below)."""
         with self._lock:
             # The cycle collector is paused while a batch runs: a batch builds hundreds of thousands
             # of acyclic objects (decoded payloads, rows, sums), freed by reference counting when
@@ -194,14 +198,23 @@ class EngineLoop:
                 return self._run_batch()
             finally:
                 # A look-ahead's events and sums outlive the batch: a collection between two
-                # batches would walk them all (1.2 s of CPU per 200,000 events, measured). The
-                # collector stays paused into the next batch, for at most GC_HOLD batches in a row.
-                if enabled and self._ahead is not None and self._gc_held < GC_HOLD:
+                # batches would walk them all (1.2 s of CPU per 200,000 events, measured). A caller
+                # that runs the next batch at once (catch_up, the background thread) keeps the
+                # collector paused into it, for at most GC_HOLD batches in a row, and resumes it
+                # when it stops (_release_gc).
+                if hold and enabled and self._ahead is not None and self._gc_held < GC_HOLD:
                     self._gc_held += 1
                 else:
                     self._gc_held = 0
                     if enabled:
                         gc.enable()
+
+    def _release_gc(self) -> None:
+        """Resume the collector if the last batch left it paused for the next one."""
+        with self._lock:
+            if self._gc_held:
+                self._gc_held = 0
+                gc.enable()
 
     def _run_batch(self) -> int:
         """:meth:`run_once` without the lock and the collector pause (the caller holds both).
@@ -319,8 +332,11 @@ class EngineLoop:
     def catch_up(self) -> int:
         """Process batches until the log is drained; return how many events were read."""
         total = 0
-        while n := self.run_once():
-            total += n
+        try:
+            while n := self._run_once(hold=True):
+                total += n
+        finally:
+            self._release_gc()
         return total
 
     @contextmanager
@@ -367,10 +383,6 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._lock:
-            if self._gc_held:  # the last batch left the collector paused for the next one
-                self._gc_held = 0
-                gc.enable()
         self._release_leadership()
 
     def _is_leader(self) -> bool:
@@ -384,13 +396,15 @@ class EngineLoop:
         poll = self.runtime.settings.engine_poll_seconds
         while not self._stop.is_set():
             try:
-                if self._is_leader() and self.run_once():
+                if self._is_leader() and self._run_once(hold=True):
                     continue  # more may be waiting
             except Exception:
                 log.exception("engine loop batch failed; retrying")
                 self._positions = None
+            self._release_gc()
             self._wake.wait(poll)
             self._wake.clear()
+        self._release_gc()
 
 
 class _Ahead(NamedTuple):
