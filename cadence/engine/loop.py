@@ -243,7 +243,7 @@ class EngineLoop:
                 now = self.runtime.clock.now_ms()
                 erased = _erasure_mark(conn) if postgres else 0
                 if ahead is not None and ahead.positions == positions and ahead.erased == erased:
-                    batch, last, count, created = ahead.events, ahead.last, ahead.count, ahead.created
+                    batch, last, count, created = ahead.events, ahead.last, ahead.size, ahead.created
                     merges: list[tuple[int, int]] = []  # folded by the transaction that stitched them
                     stitched = False
                 else:
@@ -414,7 +414,7 @@ class _Ahead(NamedTuple):
     erased: int  # the last erasure recorded when it ran
     events: list[LoggedEvent]
     last: int  # the last event id read (events without a customer are not in ``events``)
-    count: int  # how many events were read
+    size: int  # how many events were read
     created: frozenset[int]
 
 
