@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import array_literal, execute_many, fetch_in, is_postgres, write_rows
+from cadence.store.fast import array_literal, execute_many, fetch_in, is_postgres, send, write_rows
 from cadence.store.schema.core import customers, identities
 
 __all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
@@ -89,15 +89,25 @@ class IdentityResolver:
         self.created: frozenset[int] = frozenset()
 
     def resolve(
-        self, conn: Connection, rows: Sequence[Any], *, apply_after: int, now_ms: int
+        self,
+        conn: Connection,
+        rows: Sequence[Any],
+        *,
+        apply_after: int,
+        now_ms: int,
+        reader: Connection | None = None,
     ) -> tuple[list[LoggedEvent], list[tuple[int, int]]]:
         """Resolve each row's customer, creating and merging for rows after ``apply_after``.
 
         ``rows`` are the loop's named tuples (id, message_id, type, event, user_id,
         anonymous_id, ts_ms, source, payload), in that order. Returns the events with
         their canonical customer and the ``(winner, loser)`` merges of existing customers
-        made in this batch.
+        made in this batch. Writes go to ``conn``; the look-ups (and on PostgreSQL the new
+        customers' ids) to ``reader`` when given: another connection that already sees
+        every identity ``conn``'s transaction could (the engine loop's look-ahead, which
+        reads while ``conn`` is still busy with earlier, pipelined writes).
         """
+        reader = conn if reader is None else reader
         # The ids to look up, per kind: sets built at C speed, not a key tuple per event.
         wanted = {"user": set(map(_USER_ID, rows)), "anonymous": set(map(_ANONYMOUS_ID, rows))}
         for ids in wanted.values():
@@ -111,7 +121,7 @@ class IdentityResolver:
         owner: dict[IdKey, int] = {}
         for kind, ids in wanted.items():
             found = fetch_in(
-                conn,
+                reader,
                 "SELECT value, customer_id FROM identities WHERE kind = ? AND value IN_VALUES",
                 sorted(ids),  # key order: see _persist
                 kind,
@@ -126,7 +136,7 @@ class IdentityResolver:
         with_user.update(
             cid
             for cid, kind in fetch_in(
-                conn,
+                reader,
                 "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
                 sorted(set(owner.values()) - with_user),
             )
@@ -224,7 +234,7 @@ class IdentityResolver:
             resolved.append((r, cu if cu is not None else ca))
 
         self.created = frozenset()
-        real_ids = self._persist(conn, parent, new_keys, merges, now_ms)
+        real_ids = self._persist(conn, parent, new_keys, merges, now_ms, reader)
         self.created = frozenset(real_ids.values())
 
         def final(cid: int | None) -> int | None:
@@ -278,12 +288,16 @@ class IdentityResolver:
         new_keys: dict[IdKey, int],
         merges: list[tuple[int, int]],
         now_ms: int,
+        reader: Connection | None = None,
     ) -> dict[int, int]:
         """Write new customers, identities and merges; map temporary ids to real ones."""
         roots = sorted({c for c in parent if c < 0 and self._find(parent, c) == c}, reverse=True)
         real: dict[int, int] = {}
         if roots:
-            created = _reserve_customer_ids(conn, len(roots))
+            # A sequence is outside transactions: on PostgreSQL the reader may draw the ids.
+            created = _reserve_customer_ids(
+                reader if reader is not None and is_postgres(conn) else conn, len(roots)
+            )
             write_rows(
                 conn,
                 "customers",
@@ -304,12 +318,14 @@ class IdentityResolver:
                 array_literal("bigint", [lo for _, lo in moves]),
             )
             # ``= ANY(losers)`` as well: without it the planner joins by scanning the whole table.
-            conn.exec_driver_sql(
+            send(
+                conn,
                 "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
                 " WHERE customers.id = m.l AND customers.id = ANY(%s::bigint[])",
                 (*pairs, pairs[1]),
             )
-            conn.exec_driver_sql(
+            send(
+                conn,
                 "UPDATE identities SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
                 " WHERE identities.customer_id = m.l AND identities.customer_id = ANY(%s::bigint[])",
                 (*pairs, pairs[1]),

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, event, func, select, text
 
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
@@ -80,6 +80,10 @@ class Subscriber(Protocol):
         """Customer ``customer_id`` was erased: remove or correct everything that counted them."""
         ...
 
+    # Optional: ``prepare(batch)`` may compute, from the events alone (no database), what a later
+    # ``apply`` of the very same batch object will need; ``apply`` of any other batch must not
+    # use it. The loop calls it on the batch it stitched ahead (PostgreSQL).
+
 
 # --------------------------------------------------------------------------- the loop
 
@@ -94,6 +98,8 @@ SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.learning:LearnerSubscriber",
 )
 
+#: The most batches in a row after which the collector stays paused (see EngineLoop.run_once).
+GC_HOLD = 16
 LEADER_LOCK_ID = 0x0CADE9CE  # pg advisory lock held by the process that runs the loop
 BATCH_LOCK_ID = 0x0CADE9CF  # pg transaction lock serialising batches across processes
 log = logging.getLogger("cadence.engine")
@@ -131,6 +137,10 @@ class EngineLoop:
             raise ValueError(f"subscriber names must be unique and not {IDENTITY!r}: {names}")
         self.batch_size = batch_size or runtime.settings.engine_batch_size
         self.identity = IdentityResolver()
+        #: PostgreSQL: stitch the next batch's identities in each batch (see :meth:`_run_batch`).
+        self.look_ahead = True
+        self._ahead: _Ahead | None = None
+        self._gc_held = 0  # batches in a row that left the collector paused (see run_once)
         self._positions: dict[str, int] | None = None
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -172,16 +182,57 @@ class EngineLoop:
         lock on PostgreSQL) and re-reads the stored checkpoints of database-backed
         subscribers inside it, so no event is ever applied twice.
         """
-        with self._lock, _gc_paused():
-            # The batch's objects are freed when _run_batch returns, before the collector resumes.
-            return self._run_batch()
+        return self._run_once(hold=False)
+
+    def _run_once(self, *, hold: bool) -> int:
+        """:meth:`run_once`; ``hold``: the caller runs the next batch right away (see below)."""
+        with self._lock:
+            # The cycle collector is paused while a batch runs: a batch builds hundreds of thousands
+            # of acyclic objects (decoded payloads, rows, sums), freed by reference counting when
+            # _run_batch returns; the collector's passes over them found nothing and cost about a
+            # third of the loop's CPU (measured). Cycles made meanwhile, by any thread, are
+            # collected once it resumes.
+            enabled = gc.isenabled() or self._gc_held > 0
+            gc.disable()
+            try:
+                return self._run_batch()
+            finally:
+                # A look-ahead's events and sums outlive the batch: a collection between two
+                # batches would walk them all (1.2 s of CPU per 200,000 events, measured). A caller
+                # that runs the next batch at once (catch_up, the background thread) keeps the
+                # collector paused into it, for at most GC_HOLD batches in a row, and resumes it
+                # when it stops (_release_gc).
+                if hold and enabled and self._ahead is not None and self._gc_held < GC_HOLD:
+                    self._gc_held += 1
+                else:
+                    self._gc_held = 0
+                    if enabled:
+                        gc.enable()
+
+    def _release_gc(self) -> None:
+        """Resume the collector if the last batch left it paused for the next one."""
+        with self._lock:
+            if self._gc_held:
+                self._gc_held = 0
+                gc.enable()
 
     def _run_batch(self) -> int:
-        """:meth:`run_once` without the lock and the collector pause (the caller holds both)."""
+        """:meth:`run_once` without the lock and the collector pause (the caller holds both).
+
+        On PostgreSQL a batch also stitches the *next* batch's identities (the look-ahead): the
+        batch applies the subscribers to events resolved by the previous transaction, then reads
+        and resolves the next events on a second connection while the server is still executing
+        this batch's writes (sent in pipeline mode, without waiting for each), writes their
+        identities and folds their merges, and commits all of it with the checkpoints (identity's
+        one batch ahead of the others'). The next batch applies those events if nothing changed in
+        between (the stored checkpoints are the ones this batch wrote and no erasure was recorded);
+        otherwise, as after a restart, it reads them again and only looks their customers up.
+        """
         cached = self.positions()
+        ahead, self._ahead = self._ahead, None
         try:
-            with self.engine.begin() as conn:
-                if conn.dialect.name == "postgresql":
+            with self.engine.begin() as conn, _pipelined(conn) as postgres:
+                if postgres:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
                 stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
                 positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
@@ -189,26 +240,25 @@ class EngineLoop:
                     in_memory = getattr(sub, "in_memory", False)
                     positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
                 low = min(positions.values())
-                # PostgreSQL: not past an id a transaction still in flight may commit (see ingest).
-                rows = read_events(conn, after=low, limit=self.batch_size, before=append_horizon(conn))
-                if not rows:
-                    self._positions = positions
-                    return 0
                 now = self.runtime.clock.now_ms()
-                batch, merges = self.identity.resolve(conn, rows, apply_after=positions[IDENTITY], now_ms=now)
-                for sub in self.subscribers:
-                    tell = getattr(sub, "created", None)
-                    if tell is not None:
-                        tell(conn, self.identity.created)
-                if merges:
-                    for sub in self.subscribers:
-                        fold_all = getattr(sub, "merged_many", None)
-                        if fold_all is not None:
-                            fold_all(conn, merges)
-                        else:
-                            for winner, loser in merges:
-                                sub.merged(conn, winner, loser)
-                last = rows[-1].id
+                erased = _erasure_mark(conn) if postgres else 0
+                if ahead is not None and ahead.positions == positions and ahead.erased == erased:
+                    batch, last, count, created = ahead.events, ahead.last, ahead.size, ahead.created
+                    merges: list[tuple[int, int]] = []  # folded by the transaction that stitched them
+                    stitched = False
+                else:
+                    # PostgreSQL: not past an id a transaction still in flight may commit (see ingest).
+                    rows = read_events(conn, after=low, limit=self.batch_size, before=append_horizon(conn))
+                    if not rows:
+                        self._positions = positions
+                        return 0
+                    batch, merges = self.identity.resolve(
+                        conn, rows, apply_after=positions[IDENTITY], now_ms=now
+                    )
+                    last, count, created = rows[-1].id, len(rows), self.identity.created
+                    stitched = True
+                self._tell_created(conn, created)
+                self._fold(conn, merges)
                 new_positions = {IDENTITY: max(positions[IDENTITY], last)}
                 for sub in self.subscribers:
                     seen = positions[sub.name]
@@ -216,21 +266,77 @@ class EngineLoop:
                     if unseen:
                         sub.apply(conn, unseen)
                     new_positions[sub.name] = max(seen, last)
+                if postgres and self.look_ahead:
+                    self._ahead = self._stitch_ahead(
+                        conn, new_positions, last, now, erased, fresh=not stitched
+                    )
                 _store_positions(conn, new_positions, now)
         except BaseException:
             self._positions = None  # reload from the database: the transaction rolled back
+            self._ahead = None
             raise
         self._positions = new_positions
-        self.processed += len(rows)
+        self.processed += count
         for listener in self.on_batch:
-            listener(new_positions, len(rows))
-        return len(rows)
+            listener(new_positions, count)
+        return count
+
+    def _tell_created(self, conn: Connection, created: frozenset[int]) -> None:
+        for sub in self.subscribers:
+            tell = getattr(sub, "created", None)
+            if tell is not None:
+                tell(conn, created)
+
+    def _fold(self, conn: Connection, merges: list[tuple[int, int]]) -> None:
+        if not merges:
+            return
+        for sub in self.subscribers:
+            fold_all = getattr(sub, "merged_many", None)
+            if fold_all is not None:
+                fold_all(conn, merges)
+            else:
+                for winner, loser in merges:
+                    sub.merged(conn, winner, loser)
+
+    def _stitch_ahead(
+        self, conn: Connection, positions: dict[str, int], after: int, now: int, erased: int, *, fresh: bool
+    ) -> _Ahead | None:
+        """Stitch the events after ``after`` in ``conn``'s transaction; advance ``positions`` (identity).
+
+        ``fresh``: this transaction wrote no identity yet, so a second connection sees every
+        identity it could, and reads there without waiting for ``conn``'s pipelined writes.
+        """
+        with self.engine.connect() as side:
+            reader = side if fresh else conn
+            rows = read_events(reader, after=after, limit=self.batch_size, before=append_horizon(reader))
+            if not rows:
+                return None
+            batch, merges = self.identity.resolve(
+                conn,
+                rows,
+                apply_after=positions[IDENTITY],
+                now_ms=now,
+                reader=side if fresh else None,
+            )
+            created = self.identity.created
+            for sub in self.subscribers:  # computed while the server executes this batch's writes
+                prepare = getattr(sub, "prepare", None)
+                if prepare is not None:
+                    prepare(batch)
+        # The merges of the next events, folded after this batch's events, before theirs (as a
+        # batch of its own would); the next batch finds them folded.
+        self._fold(conn, merges)
+        positions[IDENTITY] = max(positions[IDENTITY], rows[-1].id)
+        return _Ahead(dict(positions), erased, batch, rows[-1].id, len(rows), created)
 
     def catch_up(self) -> int:
         """Process batches until the log is drained; return how many events were read."""
         total = 0
-        while n := self.run_once():
-            total += n
+        try:
+            while n := self._run_once(hold=True):
+                total += n
+        finally:
+            self._release_gc()
         return total
 
     @contextmanager
@@ -247,6 +353,7 @@ class EngineLoop:
     def erase(self, conn: Connection, customer_ids: Sequence[int]) -> None:
         """Tell every subscriber that these customers are being erased (in ``conn``'s transaction)."""
         with self._lock:
+            self._ahead = None  # its events and customers may be the erased ones
             for cid in customer_ids:
                 for sub in self.subscribers:
                     sub.erased(conn, cid)
@@ -289,31 +396,56 @@ class EngineLoop:
         poll = self.runtime.settings.engine_poll_seconds
         while not self._stop.is_set():
             try:
-                if self._is_leader() and self.run_once():
+                if self._is_leader() and self._run_once(hold=True):
                     continue  # more may be waiting
             except Exception:
                 log.exception("engine loop batch failed; retrying")
                 self._positions = None
+            self._release_gc()
             self._wake.wait(poll)
             self._wake.clear()
+        self._release_gc()
+
+
+class _Ahead(NamedTuple):
+    """The next batch, stitched by the transaction that committed ``positions``."""
+
+    positions: dict[str, int]  # the checkpoints that transaction stored
+    erased: int  # the last erasure recorded when it ran
+    events: list[LoggedEvent]
+    last: int  # the last event id read (events without a customer are not in ``events``)
+    size: int  # how many events were read
+    created: frozenset[int]
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cycle collector for one batch; restore its previous state after.
+def _pipelined(conn: Connection) -> Iterator[bool]:
+    """On PostgreSQL, run the block in psycopg's pipeline mode; yield whether it is PostgreSQL.
 
-    A batch builds hundreds of thousands of acyclic objects (decoded payloads, rows,
-    sums) that live until the batch ends and are then freed by reference counting; the
-    collector's passes over them found nothing and cost about a third of the loop's CPU
-    (measured). Cycles made meanwhile, by any thread, are collected once it resumes.
+    Statements whose results nobody reads are sent without waiting for them: the server
+    executes the batch's writes while the loop goes on computing. A read waits for every
+    statement sent before it; an error surfaces at the next read or at the block's end, and
+    fails the batch (its transaction rolls back). The block ends before the commit.
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    if conn.dialect.name != "postgresql":
+        yield False
+        return
+    with conn.connection.driver_connection.pipeline() as pipeline:  # type: ignore[union-attr]
+        # SQLAlchemy's own statements wait for their results (it reads a result's columns as
+        # soon as the statement returns); only :func:`cadence.store.fast.send`'s do not.
+        def wait(*_args: Any) -> None:
+            pipeline.sync()
+
+        event.listen(conn, "after_cursor_execute", wait)
+        try:
+            yield True
+        finally:
+            event.remove(conn, "after_cursor_execute", wait)
+
+
+def _erasure_mark(conn: Connection) -> int:
+    """The id of the last recorded erasure (0 if none): a look-ahead made before a later one is stale."""
+    return int(conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM erasures").scalar() or 0)
 
 
 class _Row(NamedTuple):

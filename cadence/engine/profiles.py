@@ -243,6 +243,7 @@ class ProfilesSubscriber:
     def __init__(self, runtime: Runtime | None = None) -> None:
         self.runtime = runtime
         self._new: frozenset[int] = frozenset()
+        self._prepared: tuple[Sequence[LoggedEvent], Any] | None = None
 
     def start(self, conn: Connection, checkpoint: int) -> int:
         return checkpoint
@@ -251,7 +252,31 @@ class ProfilesSubscriber:
         """Customers the coming batch created: their rows are plain inserts (see :meth:`apply`)."""
         self._new = customer_ids
 
+    def prepare(self, batch: Sequence[LoggedEvent]) -> None:
+        """Sum ``batch`` now, for an :meth:`apply` of this same batch later (the loop's look-ahead).
+
+        The sums depend on the events alone, so the loop computes them while the server is
+        still executing the previous batch's writes. An :meth:`apply` of any other batch
+        sums its own.
+        """
+        self._prepared = (batch, self._summarise(batch))
+
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is batch:
+            summary, stats, daily = prepared[1]
+        else:
+            summary, stats, daily = self._summarise(batch)
+        new, self._new = self._new, frozenset()
+        self._write_profiles(conn, summary, new)
+        self._add_stats(conn, *_split(_by_customer(stats.values()), new))
+        self._add_daily(conn, *_split(_by_customer(daily.values()), new))
+
+    @staticmethod
+    def _summarise(
+        batch: Sequence[LoggedEvent],
+    ) -> tuple[dict[int, list[Any]], dict[Any, list[Any]], dict[Any, list[Any]]]:
+        """One batch in memory: per customer, per (customer, name), per (customer, name, day)."""
         # customer -> [first, last, count, traits, trait_events, zone, last event id]
         summary: dict[int, list[Any]] = {}
         stats: dict[tuple[int, str], list[Any]] = {}
@@ -314,10 +339,7 @@ class ProfilesSubscriber:
                 else:
                     d[3] += 1
                     d[4] += value
-        new, self._new = self._new, frozenset()
-        self._write_profiles(conn, summary, new)
-        self._add_stats(conn, *_split(_by_customer(stats.values()), new))
-        self._add_daily(conn, *_split(_by_customer(daily.values()), new))
+        return summary, stats, daily
 
     def _write_profiles(
         self, conn: Connection, summary: dict[int, list[Any]], new: frozenset[int] = frozenset()

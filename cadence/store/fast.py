@@ -25,6 +25,7 @@ __all__ = [
     "fetch_in",
     "fetch_rows",
     "is_postgres",
+    "send",
     "write_rows",
 ]
 
@@ -73,10 +74,31 @@ def dialect_insert(conn: Connection, table: Table) -> Any:
     return sqlite_insert(table)
 
 
+def send(conn: Connection, sql: str, params: Any = (), *, many: bool = False) -> None:
+    """Run a statement (``%s`` placeholders on PostgreSQL) whose result nobody reads.
+
+    Inside a transaction it goes straight to the driver's cursor, past SQLAlchemy's result
+    handling: in psycopg's pipeline mode (the engine loop's batches) it is sent without
+    waiting for the server, and an error surfaces at the next read or at the commit.
+    ``many``: ``params`` is a sequence of parameter rows (``executemany``).
+    """
+    if not conn.in_transaction():
+        conn.exec_driver_sql(sql, list(params) if many else params)
+        return
+    cursor = conn.connection.cursor()
+    try:
+        if many:
+            cursor.executemany(sql, params)
+        else:
+            cursor.execute(sql, params)
+    finally:
+        cursor.close()
+
+
 def execute_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     """Run ``sql`` (with ``?`` placeholders) once per row, in one round of the driver."""
     if rows:
-        conn.exec_driver_sql(dialect_sql(conn, sql), list(rows))
+        send(conn, dialect_sql(conn, sql), list(rows), many=True)
 
 
 def _in_values(conn: Connection, sql: str, values: list[Any]) -> tuple[str, Any]:
@@ -112,7 +134,7 @@ def execute_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) 
     values = list(values)
     if values:
         text, arg = _in_values(conn, sql, values)
-        conn.exec_driver_sql(text, (*params, arg))
+        send(conn, text, (*params, arg))
 
 
 def fetch_rows(conn: Connection, sql: str, params: Sequence[Any] = (), *, adapted: bool = False) -> list[Any]:
@@ -229,7 +251,7 @@ def write_rows(
         array_literal(kind, column)
         for (_, kind), column in zip(columns, zip(*rows, strict=True), strict=True)
     )
-    conn.exec_driver_sql(sql, literals)
+    send(conn, sql, literals)
 
 
 def _sqlite_write_rows(
