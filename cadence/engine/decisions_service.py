@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend
-from cadence.engine.decision_state import HISTORY_MS, DecisionState
+from cadence.engine.decision_state import HISTORY_MS, DecisionInputs, DecisionState
 from cadence.engine.explanation import summarise
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learning import LearnerSubscriber
@@ -46,6 +46,7 @@ __all__ = [
     "history_of",
     "make_decision",
     "prepare_commit",
+    "preview_from",
     "record_decision",
 ]
 
@@ -322,6 +323,16 @@ def prepare_commit(
     return _prepare(request, conn=None, state=state, decision_id=decision_id)
 
 
+def preview_from(request: DecisionRequestSpec, *, inputs: DecisionInputs) -> dict[str, Any]:
+    """Decide the preview ``request`` from ``inputs`` read already (a batched check); nothing is written.
+
+    The same answer :func:`make_decision` gives for the preview when its own check reads these inputs.
+    """
+    if request.mode != "preview":
+        raise ValueError("preview_from: the request's mode must be 'preview'")
+    return _prepare(request, conn=None, state=None, decision_id=None, inputs=inputs).body
+
+
 def commit_prepared(conn: Transaction, prepared: PreparedDecision, *, state: DecisionState) -> dict[str, Any]:
     """Record ``prepared`` in ``conn``'s transaction if its inputs still hold; else decide again in it.
 
@@ -360,8 +371,9 @@ def _prepare(
     conn: Transaction | None,
     state: DecisionState | None,
     decision_id: str | None,
+    inputs: DecisionInputs | None = None,
 ) -> PreparedDecision:
-    """Read the customer's inputs (on ``conn`` or the cache's own connection) and decide."""
+    """Read the customer's inputs (on ``conn`` or the cache's own connection), unless given, and decide."""
     customer_ref, now_ms, ruleset, learners = (
         request.customer_ref,
         request.now_ms,
@@ -372,7 +384,9 @@ def _prepare(
     # time per customer, so the history read includes a send another worker's commit queued a
     # moment ago (its transaction ends before ours reads). SQLite's write lock already does that.
     lock = request.mode == "commit" and conn is not None and _is_postgres(conn)
-    if state is not None:
+    if inputs is not None:
+        customer_id, profile, history = inputs.customer_id, inputs.profile, inputs.history
+    elif state is not None:
         locked = state.customer_of(customer_ref) if lock else None
         if locked is not None:
             _lock_row(conn, locked)

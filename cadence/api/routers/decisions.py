@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import threading
 import time
 import weakref
@@ -25,7 +26,9 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
+from cadence.api.httpproto import DEFERRED
 from cadence.api.metrics import Metrics
+from cadence.api.previewbatch import PreviewBatcher
 from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
@@ -37,6 +40,7 @@ from cadence.engine.decisions_service import (
     get_decision,
     make_decision,
     prepare_commit,
+    preview_from,
     record_decision,
 )
 from cadence.engine.learning import LearnerSubscriber
@@ -44,6 +48,8 @@ from cadence.errors import IdentityError
 from cadence.store.db import begin_write
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
+
+log = logging.getLogger("cadence.api.decisions")
 
 MAX_BATCH = 1000
 
@@ -114,6 +120,9 @@ def setup(app: FastAPI) -> None:
         groups = getattr(app.state, "decision_groups", None)
         if groups is not None:
             groups.close()
+        batcher = getattr(app.state, "preview_batcher", None)
+        if batcher is not None:
+            batcher.close()
         app.state.decision_state.close()
 
     app.state.on_shutdown.append(close)
@@ -257,6 +266,11 @@ class DecisionFastPath:
         checked = self._checked(scope, body)
         if checked is None or checked[2].mode == "commit":
             return None
+        reply = scope.get("reply")
+        if reply is not None and checked[0].state.decision_state.postgres:
+            deferred = self._batched(*checked, reply, started)
+            if deferred is not None:
+                return deferred
         answer = self._preview(*checked)
         if answer is not None and self.metrics is not None:
             self._histogram(answer[0]).observe(time.perf_counter() - started)
@@ -298,6 +312,62 @@ class DecisionFastPath:
             limiter.acquire(principal.name, cost=-1.0)  # and charges it again: give this token back
             return None
         return 200, orjson.dumps(decided), []
+
+    def _batched(
+        self, app: Any, principal: Principal, item: DecisionRequest, reply: Any, started: float
+    ) -> Any:
+        """Queue a PostgreSQL preview for a batched check (:mod:`cadence.api.previewbatch`).
+
+        Returns :data:`~cadence.api.httpproto.DEFERRED` (``reply`` gets the answer later), a 429
+        answer, or None when the request cannot be batched (its customer is not cached, no
+        ruleset, an ``at`` without offset): then nothing was charged and it takes the usual path.
+        """
+        state: DecisionState = app.state.decision_state
+        batcher: PreviewBatcher | None = getattr(app.state, "preview_batcher", None)
+        if batcher is None:
+            batcher = app.state.preview_batcher = PreviewBatcher(state)
+        customer = batcher.customer_of(item.customer_id)
+        if customer is None:
+            return None
+        try:
+            spec = _spec(app, item)
+        except HTTPException:
+            return None
+        limiter = app.state.rate_limiter
+        wait = limiter.acquire(principal.name)
+        if wait > 0:
+            return _limited(principal.name, wait)
+
+        def finish(rows: dict[int, list[Any]] | None) -> None:
+            try:
+                answer = self._finish_batched(state, spec, rows)
+            except Exception:  # noqa: BLE001 - the route would answer a 500 too; the batch goes on
+                log.exception("preview of %r failed", spec.customer_ref)
+                answer = 500, orjson.dumps({"detail": "Internal Server Error"}), []
+            if self.metrics is not None:
+                self._histogram(answer[0]).observe(time.perf_counter() - started)
+            try:
+                reply(answer)
+            except Exception:  # noqa: BLE001 - one connection's failure must not stop the batch
+                log.exception("answering a preview failed")
+
+        batcher.submit(customer, spec.now_ms, finish)
+        return DEFERRED
+
+    @staticmethod
+    def _finish_batched(
+        state: DecisionState, spec: DecisionRequestSpec, rows: dict[int, list[Any]] | None
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """The answer of a batched preview: from the batch's rows, else read the usual way (as the route)."""
+        inputs = None
+        if rows is not None:
+            inputs = state.inputs_from(spec.customer_ref, rows, now_ms=spec.now_ms, ruleset=spec.ruleset)
+        if inputs is None:  # the entry changed (or the statement failed): read (and reload) as usual
+            inputs = state.inputs(spec.customer_ref, now_ms=spec.now_ms, ruleset=spec.ruleset)
+        if inputs is None:
+            detail = f"customer_id: no customer with user or anonymous id {spec.customer_ref!r}"
+            return 404, orjson.dumps({"detail": detail}), []
+        return 200, orjson.dumps(preview_from(spec, inputs=inputs)), []
 
     def _find_route(self) -> Any:
         for route in router.routes:
