@@ -229,6 +229,7 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
         except Exception:  # noqa: BLE001 - the app's ordinary path answers (and reports) it
             answer = None
         if answer is None:
+            waiting.response_complete = True  # a reply that comes anyway (after a failure) is dropped
             self._hand_on(complete=True)
             return
         self._body = self._target = None

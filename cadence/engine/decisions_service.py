@@ -323,14 +323,16 @@ def prepare_commit(
     return _prepare(request, conn=None, state=state, decision_id=decision_id)
 
 
-def preview_from(request: DecisionRequestSpec, *, inputs: DecisionInputs) -> dict[str, Any]:
+def preview_from(
+    request: DecisionRequestSpec, *, inputs: DecisionInputs, decision_id: str | None = None
+) -> dict[str, Any]:
     """Decide the preview ``request`` from ``inputs`` read already (a batched check); nothing is written.
 
     The same answer :func:`make_decision` gives for the preview when its own check reads these inputs.
     """
     if request.mode != "preview":
         raise ValueError("preview_from: the request's mode must be 'preview'")
-    return _prepare(request, conn=None, state=None, decision_id=None, inputs=inputs).body
+    return _prepare(request, conn=None, state=None, decision_id=decision_id, inputs=inputs).body
 
 
 def commit_prepared(conn: Transaction, prepared: PreparedDecision, *, state: DecisionState) -> dict[str, Any]:
