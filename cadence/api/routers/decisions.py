@@ -42,6 +42,7 @@ from cadence.engine.decisions_service import (
     prepare_commit,
     preview_from,
     record_decision,
+    record_decisions,
 )
 from cadence.engine.learning import LearnerSubscriber
 from cadence.errors import IdentityError
@@ -554,6 +555,21 @@ class DecisionGroups:
         try:
             begin_write(raw)
             tx = RawTransaction(raw, postgres=state.postgres)
+            if state.postgres and not ready:  # a few statements for the whole group (see record_decisions)
+                specs: list[tuple[int, DecisionRequestSpec]] = []
+                for i in order:
+                    try:
+                        specs.append((i, _spec(self.app, commits[i])))
+                    except HTTPException as exc:  # no ruleset, an ``at`` without offset
+                        out[i] = exc
+                results = record_decisions(tx, [spec for _, spec in specs], state=state)
+                for (i, _), result in zip(specs, results, strict=True):
+                    out[i] = (
+                        HTTPException(404, detail=str(result))
+                        if isinstance(result, IdentityError)
+                        else result
+                    )
+                order = []
             for i in order:
                 item = commits[i]
                 try:
