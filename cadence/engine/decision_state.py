@@ -155,6 +155,8 @@ class DecisionState:
         #: Commits decided before their transaction: recorded as decided, or decided again in it.
         self.revalidated = 0
         self.redecided = 0
+        #: Commits recorded by a group's shared statements (``record_decisions`` on PostgreSQL).
+        self.grouped = 0
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest load first
         self._lock = threading.Lock()
         self._local = threading.local()

@@ -603,6 +603,7 @@ def record_decisions(
                 raise GroupWriteError(f"{len(sends) - cur.rowcount} of {len(sends)} sends were not queued")
             for body in queued:
                 body["queued"] = True
+        state.grouped += len(rows)
         return out
     finally:
         cur.close()
