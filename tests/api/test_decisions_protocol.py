@@ -127,3 +127,35 @@ def test_pipelined_requests_and_connection_close_get_whole_answers_in_order(serv
     assert statuses == [200, 404, 200, 200]
     assert b"connection: close" in received.rsplit(b"HTTP/1.1", 1)[1].lower()
     assert answered.count(200) >= 1
+
+
+def test_a_commit_answered_later_keeps_the_connection_in_order(served: Served) -> None:
+    """A commit is answered once its group committed; a request pipelined behind it waits, then sees it."""
+    base, api, answered = served
+    port = int(base.rsplit(":", 1)[1])
+    auth = api.keys["decide"]["Authorization"]
+
+    def request(payload: dict[str, Any]) -> bytes:
+        data = orjson.dumps(payload)
+        head = (
+            f"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        return head.encode() + data
+
+    preview = {"customer_id": "u1", "at": AT}
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            request({**preview, "mode": "commit"}) + request(preview) + request({**preview, "mode": "commit"})
+        )
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 3 or not received.endswith(b"}"):
+            chunk = conn.recv(65536)
+            assert chunk, received
+            received += chunk
+    bodies = [orjson.loads(part[part.index(b"\r\n\r\n") + 4 :]) for part in received.split(b"HTTP/1.1 ")[1:]]
+    assert [b["mode"] for b in bodies] == ["commit", "preview", "commit"]
+    # The first commit queued a send; the preview and the second commit behind it count it (cap: one a week).
+    assert [b["action"] for b in bodies] == ["send", "none", "none"]
+    assert bodies[0]["queued"] is True
+    assert 200 in answered  # the first commit was answered by the protocol, not uvicorn's request cycle
