@@ -85,6 +85,9 @@ class PreviewBatcher:
             proxied.detach()  # ours until closed: the pool neither resets nor hands it out
             conn.autocommit = True
             pgconn = conn.pgconn
+            # A plan for each batch's own size: a generic plan (chosen after five runs) cannot see how
+            # many customers the array holds and may scan every profile for a batch of one.
+            conn.execute("SET plan_cache_mode = force_custom_plan")
             res = pgconn.prepare(_STATEMENT, CHECK_MANY_PG.encode())
             if res.status != ExecStatus.COMMAND_OK:
                 with contextlib.suppress(Exception):
