@@ -17,7 +17,10 @@ and access log. uvicorn's per-request task, event, ASGI messages and middleware 
 as much CPU as the rest of such a request outside ``decide()``. When the function declines
 (None: a commit, an unknown key, a body that does not validate, ...), when the request
 waits behind another on the connection, expects ``100 Continue`` or has a large body, it
-is handed to uvicorn as if nothing had happened, body included.
+is handed to uvicorn as if nothing had happened, body included. The function may also
+answer later: it returns :data:`DEFERRED` and calls ``scope["reply"]`` with the answer
+(once, on the event loop); until then the connection's next request waits, as uvicorn
+queues a pipelined request behind one in progress.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_client_addr
 
-__all__ = ["CorkedHttpToolsProtocol", "CorkedTransport"]
+__all__ = ["DEFERRED", "CorkedHttpToolsProtocol", "CorkedTransport"]
 
 
 class CorkedTransport:
@@ -101,6 +104,21 @@ class CorkedTransport:
 ANSWER_MAX_BODY = 64 * 1024
 
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
+
+#: What a ``post_answers`` function returns when it will call ``scope["reply"]`` with the answer later.
+DEFERRED: Any = object()
+
+
+class _Waiting:
+    """Stands in for uvicorn's request cycle while an answer is deferred (the attributes uvicorn reads)."""
+
+    __slots__ = ("disconnected", "keep_alive", "message_event", "response_complete")
+
+    def __init__(self) -> None:
+        self.response_complete = False
+        self.keep_alive = True
+        self.disconnected = False
+        self.message_event = asyncio.Event()
 
 
 def post_answers_of(app: Any) -> dict[str, Callable[[dict[str, Any], bytes], Answer | None]]:
@@ -193,15 +211,35 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
             return
         target, body = self._target, bytes(self._body)
         assert target is not None
+        version = self.parser.get_http_version()
+        keep_alive = version != "1.0" and self.parser.should_keep_alive()
+        waiting = _Waiting()
+
+        def reply(answer: Answer) -> None:
+            if waiting.response_complete:
+                return
+            waiting.response_complete = True
+            if waiting.disconnected or self.transport.is_closing():
+                return
+            self._respond(target, *answer, version=version, keep_alive=keep_alive and waiting.keep_alive)
+
+        target["reply"] = reply
         try:
             answer = target.pop("answer")(target, body)
         except Exception:  # noqa: BLE001 - the app's ordinary path answers (and reports) it
             answer = None
         if answer is None:
+            waiting.response_complete = True  # a reply that comes anyway (after a failure) is dropped
             self._hand_on(complete=True)
             return
         self._body = self._target = None
-        self._respond(target, *answer)
+        if answer is DEFERRED:
+            # A request arriving on this connection meanwhile is queued behind this one (uvicorn's
+            # pipeline), and the server's shutdown waits for it (``keep_alive`` cleared: closed after).
+            self.cycle = waiting  # type: ignore[assignment]
+            return
+        waiting.response_complete = True
+        self._respond(target, *answer, version=version, keep_alive=keep_alive)
 
     def _hand_on(self, *, complete: bool) -> None:
         """Start uvicorn's request cycle for the current request with what was gathered of its body."""
@@ -214,11 +252,16 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def _respond(
-        self, target: dict[str, Any], status: int, content: bytes, headers: list[tuple[bytes, bytes]]
+        self,
+        target: dict[str, Any],
+        status: int,
+        content: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        version: str,
+        keep_alive: bool,
     ) -> None:
         """Write the answer as uvicorn writes a response (in one write), then finish the request as it does."""
-        version = self.parser.get_http_version()
-        keep_alive = version != "1.0" and self.parser.should_keep_alive()
         if self.access_log:
             self.access_logger.info(
                 '%s - "%s %s HTTP/%s" %d',

@@ -42,7 +42,7 @@ from cadence.engine.campaign import DAY_MS, CompiledRuleset
 from cadence.engine.decision import PastSend
 from cadence.engine.profiles import StoredProfile
 
-__all__ = ["HISTORY_MS", "DecisionInputs", "DecisionState", "check_sql", "history_from_rows"]
+__all__ = ["CHECK_MANY_PG", "HISTORY_MS", "DecisionInputs", "DecisionState", "check_sql", "history_from_rows"]
 
 #: How far back sends count as history (the longest cap window the language allows is 30 days).
 HISTORY_MS = 35 * DAY_MS
@@ -54,6 +54,16 @@ _CHECK = (
     "UNION ALL "
     "SELECT 1, p.event_count, CAST(p.updated_event_id AS VARCHAR(24)), CAST(c.merged_into AS VARCHAR(24)) "
     "FROM customers c LEFT JOIN profiles p ON p.customer_id = c.id WHERE c.id = ?"
+)
+
+#: The check for many customers in one statement (PostgreSQL, libpq's ``$n`` placeholders: the
+#: customer ids as an array, the oldest send time that counts); each row leads with its customer id.
+CHECK_MANY_PG = (
+    "SELECT customer_id, 0, due_ms, campaign, channel FROM sends "
+    "WHERE customer_id = ANY($1::bigint[]) AND status IN ('queued', 'sending', 'sent') AND due_ms > $2::bigint "
+    "UNION ALL "
+    "SELECT c.id, 1, p.event_count, CAST(p.updated_event_id AS VARCHAR(24)), CAST(c.merged_into AS VARCHAR(24)) "
+    "FROM customers c LEFT JOIN profiles p ON p.customer_id = c.id WHERE c.id = ANY($1::bigint[])"
 )
 
 Stamp = tuple[Any, Any, Any]  # (event_count, updated_event_id, merged_into); None when erased
@@ -145,6 +155,8 @@ class DecisionState:
         #: Commits decided before their transaction: recorded as decided, or decided again in it.
         self.revalidated = 0
         self.redecided = 0
+        #: Commits recorded by a group's shared statements (``record_decisions`` on PostgreSQL).
+        self.grouped = 0
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest load first
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -205,6 +217,42 @@ class DecisionState:
         """The customer id cached for ``customer_ref`` (None if not cached); may be stale until checked."""
         entry = self._entries.get(customer_ref)
         return entry.customer_id if entry is not None else None
+
+    def fresh_customer_of(self, customer_ref: str) -> int | None:
+        """The customer id of a cached entry younger than the TTL (what a batched check needs), else None."""
+        entry = self._entries.get(customer_ref)
+        if entry is None or entry.stamp is _ERASED or self.clock() - entry.loaded >= self.ttl_seconds:
+            return None
+        return entry.customer_id
+
+    def inputs_from(
+        self,
+        customer_ref: str,
+        rows_by_customer: dict[int, list[Any]],
+        *,
+        now_ms: int,
+        ruleset: CompiledRuleset,
+    ) -> DecisionInputs | None:
+        """The cached inputs of ``customer_ref`` checked against rows a batched check read, else None.
+
+        ``rows_by_customer`` holds each customer's check rows (``(kind, a, b, c)``, as the single
+        check's) read by :data:`CHECK_MANY_PG` with an oldest send time at or before this
+        request's own (``now_ms - HISTORY_MS``): sends older than that are dropped here, so the
+        history is the one the single check would read. None when the entry is gone, too old,
+        or its stamp differs (the caller then reads through :meth:`inputs`, which reloads).
+        """
+        entry = self._entries.get(customer_ref)
+        if entry is None or entry.stamp is _ERASED or self.clock() - entry.loaded >= self.ttl_seconds:
+            return None
+        rows = rows_by_customer.get(entry.customer_id)
+        if rows is None:
+            return None
+        since = now_ms - HISTORY_MS
+        mine = [row for row in rows if row[0] == 1 or row[1] > since]
+        if _stamp_of(mine) != entry.stamp:
+            return None
+        self.hits += 1
+        return DecisionInputs(entry.customer_id, entry.profile, history_from_rows(mine, ruleset), True)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from cadence.api.httpproto import DEFERRED
 from cadence.runtime import Runtime
 from tests.api.test_decisions_cache import AT, Api
 from tests.api.test_httpproto import serving
@@ -31,8 +32,16 @@ def served(runtime: Runtime) -> Iterator[Served]:
     answer = api.app.post_answers["/v1/decisions"]  # type: ignore[attr-defined]
 
     def counted(scope: dict[str, Any], body: bytes) -> Any:
+        reply = scope.get("reply")
+        if reply is not None:  # an answer given later (a PostgreSQL preview checked in a batch)
+
+            def counting(later: Any) -> None:
+                answered.append(later[0])
+                reply(later)
+
+            scope["reply"] = counting
         out = answer(scope, body)
-        if out is not None:
+        if out is not None and out is not DEFERRED:
             answered.append(out[0])
         return out
 
@@ -74,7 +83,7 @@ def test_previews_are_answered_by_the_protocol_as_the_app_answers_them(served: S
             "/v1/decisions", json={**body, "context": {"note": "x" * 70_000}}, headers=keys["decide"]
         )
         assert large.status_code == 200 and large.json()["action"] == "none"
-        assert answered == [200, 200]  # only the two previews that succeeded
+        assert answered == [200, 200, 200]  # the two previews that succeeded and the commit
         metrics = client.get("/metrics").text
     assert 'cadence_http_request_seconds_count{route="/v1/decisions",status="200"}' in metrics
 
@@ -118,3 +127,35 @@ def test_pipelined_requests_and_connection_close_get_whole_answers_in_order(serv
     assert statuses == [200, 404, 200, 200]
     assert b"connection: close" in received.rsplit(b"HTTP/1.1", 1)[1].lower()
     assert answered.count(200) >= 1
+
+
+def test_a_commit_answered_later_keeps_the_connection_in_order(served: Served) -> None:
+    """A commit is answered once its group committed; a request pipelined behind it waits, then sees it."""
+    base, api, answered = served
+    port = int(base.rsplit(":", 1)[1])
+    auth = api.keys["decide"]["Authorization"]
+
+    def request(payload: dict[str, Any]) -> bytes:
+        data = orjson.dumps(payload)
+        head = (
+            f"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        return head.encode() + data
+
+    preview = {"customer_id": "u1", "at": AT}
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            request({**preview, "mode": "commit"}) + request(preview) + request({**preview, "mode": "commit"})
+        )
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 3 or not received.endswith(b"}"):
+            chunk = conn.recv(65536)
+            assert chunk, received
+            received += chunk
+    bodies = [orjson.loads(part[part.index(b"\r\n\r\n") + 4 :]) for part in received.split(b"HTTP/1.1 ")[1:]]
+    assert [b["mode"] for b in bodies] == ["commit", "preview", "commit"]
+    # The first commit queued a send; the preview and the second commit behind it count it (cap: one a week).
+    assert [b["action"] for b in bodies] == ["send", "none", "none"]
+    assert bodies[0]["queued"] is True
+    assert 200 in answered  # the first commit was answered by the protocol, not uvicorn's request cycle

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Annotated, Any, Literal, overload
@@ -25,7 +28,9 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
+from cadence.api.httpproto import DEFERRED
 from cadence.api.metrics import Metrics
+from cadence.api.previewbatch import PreviewBatcher
 from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
@@ -37,7 +42,9 @@ from cadence.engine.decisions_service import (
     get_decision,
     make_decision,
     prepare_commit,
+    preview_from,
     record_decision,
+    record_decisions,
 )
 from cadence.engine.learning import LearnerSubscriber
 from cadence.errors import IdentityError
@@ -45,7 +52,12 @@ from cadence.store.db import begin_write
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
 
+log = logging.getLogger("cadence.api.decisions")
+
 MAX_BATCH = 1000
+
+#: How a queued request gets its answer (or exception) back on the event loop.
+Settle = Callable[[Any], None]
 
 
 class TriggerEvent(BaseModel):
@@ -114,6 +126,9 @@ def setup(app: FastAPI) -> None:
         groups = getattr(app.state, "decision_groups", None)
         if groups is not None:
             groups.close()
+        batcher = getattr(app.state, "preview_batcher", None)
+        if batcher is not None:
+            batcher.close()
         app.state.decision_state.close()
 
     app.state.on_shutdown.append(close)
@@ -247,16 +262,26 @@ class DecisionFastPath:
     def answer_preview(
         self, scope: ASGIScope, body: bytes
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
-        """Answer a preview at once, without an ASGI request (:mod:`cadence.api.httpproto`'s path).
+        """Answer a preview or commit without an ASGI request (:mod:`cadence.api.httpproto`'s path).
 
         ``scope`` needs ``app`` and ``headers``. Returns (status, body, extra headers) and
         records the request metrics, or None for anything the ASGI path must answer (a
-        commit, a declined request: see the class): nothing was charged or recorded then.
+        declined request: see the class): nothing was charged or recorded then. With
+        ``scope["reply"]`` (the protocol's), a commit, and on PostgreSQL a preview of a cached
+        customer, is answered later through it (:data:`~cadence.api.httpproto.DEFERRED`): a
+        commit once its group's transaction committed, a preview once its batch's check returned.
         """
         started = time.perf_counter()
         checked = self._checked(scope, body)
-        if checked is None or checked[2].mode == "commit":
+        if checked is None:
             return None
+        reply = scope.get("reply")
+        if checked[2].mode == "commit":
+            return None if reply is None else self._commit_later(*checked, reply, started)
+        if reply is not None and checked[0].state.decision_state.postgres:
+            deferred = self._batched(*checked, reply, started)
+            if deferred is not None:
+                return deferred
         answer = self._preview(*checked)
         if answer is not None and self.metrics is not None:
             self._histogram(answer[0]).observe(time.perf_counter() - started)
@@ -298,6 +323,102 @@ class DecisionFastPath:
             limiter.acquire(principal.name, cost=-1.0)  # and charges it again: give this token back
             return None
         return 200, orjson.dumps(decided), []
+
+    def _commit_later(
+        self, app: Any, principal: Principal, item: DecisionRequest, reply: Any, started: float
+    ) -> Any:
+        """Queue a commit for its group (as :meth:`_answer` does) and answer it through ``reply`` once committed.
+
+        Returns :data:`~cadence.api.httpproto.DEFERRED`, a 429 answer, or None (nothing charged or
+        written: the route answers it) when deciding it on arrival (SQLite) failed.
+        """
+        limiter = app.state.rate_limiter
+        wait = limiter.acquire(principal.name)
+        if wait > 0:
+            return _limited(principal.name, wait)
+        try:
+            prepared = None if app.state.decision_state.postgres else _prepare_one(app, item)
+        except (HTTPException, IdentityError):
+            limiter.acquire(principal.name, cost=-1.0)  # the route charges it again: give this token back
+            return None
+
+        def settle(result: Any) -> None:
+            if isinstance(result, HTTPException):  # a customer unknown in the transaction: as the route says
+                answer = (
+                    result.status_code,
+                    orjson.dumps({"detail": result.detail}),
+                    list(_header_items(result.headers)),
+                )
+            elif isinstance(result, BaseException):
+                log.error("commit for %r failed", item.customer_id, exc_info=result)
+                answer = 500, orjson.dumps({"detail": "Internal Server Error"}), []
+            else:
+                answer = 200, orjson.dumps(result), []
+            if self.metrics is not None:
+                self._histogram(answer[0]).observe(time.perf_counter() - started)
+            try:
+                reply(answer)
+            except Exception:  # noqa: BLE001 - the connection's failure is its own
+                log.exception("answering a commit failed")
+
+        _groups(app).submit(item, prepared, settle, asyncio.get_running_loop())
+        return DEFERRED
+
+    def _batched(
+        self, app: Any, principal: Principal, item: DecisionRequest, reply: Any, started: float
+    ) -> Any:
+        """Queue a PostgreSQL preview for a batched check (:mod:`cadence.api.previewbatch`).
+
+        Returns :data:`~cadence.api.httpproto.DEFERRED` (``reply`` gets the answer later), a 429
+        answer, or None when the request cannot be batched (its customer is not cached, no
+        ruleset, an ``at`` without offset): then nothing was charged and it takes the usual path.
+        """
+        state: DecisionState = app.state.decision_state
+        batcher: PreviewBatcher | None = getattr(app.state, "preview_batcher", None)
+        if batcher is None:
+            batcher = app.state.preview_batcher = PreviewBatcher(state)
+        customer = batcher.customer_of(item.customer_id)
+        if customer is None:
+            return None
+        try:
+            spec = _spec(app, item)
+        except HTTPException:
+            return None
+        limiter = app.state.rate_limiter
+        wait = limiter.acquire(principal.name)
+        if wait > 0:
+            return _limited(principal.name, wait)
+
+        def finish(rows: dict[int, list[Any]] | None) -> None:
+            try:
+                answer = self._finish_batched(state, spec, rows)
+            except Exception:  # noqa: BLE001 - the route would answer a 500 too; the batch goes on
+                log.exception("preview of %r failed", spec.customer_ref)
+                answer = 500, orjson.dumps({"detail": "Internal Server Error"}), []
+            if self.metrics is not None:
+                self._histogram(answer[0]).observe(time.perf_counter() - started)
+            try:
+                reply(answer)
+            except Exception:  # noqa: BLE001 - one connection's failure must not stop the batch
+                log.exception("answering a preview failed")
+
+        batcher.submit(customer, spec.now_ms, finish)
+        return DEFERRED
+
+    @staticmethod
+    def _finish_batched(
+        state: DecisionState, spec: DecisionRequestSpec, rows: dict[int, list[Any]] | None
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """The answer of a batched preview: from the batch's rows, else read the usual way (as the route)."""
+        inputs = None
+        if rows is not None:
+            inputs = state.inputs_from(spec.customer_ref, rows, now_ms=spec.now_ms, ruleset=spec.ruleset)
+        if inputs is None:  # the entry changed (or the statement failed): read (and reload) as usual
+            inputs = state.inputs(spec.customer_ref, now_ms=spec.now_ms, ruleset=spec.ruleset)
+        if inputs is None:
+            detail = f"customer_id: no customer with user or anonymous id {spec.customer_ref!r}"
+            return 404, orjson.dumps({"detail": detail}), []
+        return 200, orjson.dumps(preview_from(spec, inputs=inputs)), []
 
     def _find_route(self) -> Any:
         for route in router.routes:
@@ -345,9 +466,8 @@ class DecisionGroups:
         #: trips overlap; SQLite has one writer, and its reads take microseconds).
         self.backlog = backlog
         self.max_threads = 4 if getattr(app.state.runtime.engine.dialect, "name", "") == "postgresql" else 1
-        self._pending: list[
-            tuple[DecisionRequest, asyncio.Future[dict[str, Any]], PreparedDecision | None]
-        ] = []
+        #: (request, what gets its result on the event loop, the commit decided already or None)
+        self._pending: list[tuple[DecisionRequest, Settle, PreparedDecision | None]] = []
         self._lock = threading.Lock()
         self._threads = 0
         #: How many groups ran, and how many requests they held (the mean group size is their ratio).
@@ -383,8 +503,19 @@ class DecisionGroups:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.submit(item, prepared, functools.partial(_settle, future), loop)
+        return await future
+
+    def submit(
+        self,
+        item: DecisionRequest,
+        prepared: PreparedDecision | None,
+        settle: Settle,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Queue ``item`` for a group; ``settle`` gets its answer or exception, on ``loop``, once."""
         with self._lock:
-            self._pending.append((item, future, prepared))
+            self._pending.append((item, settle, prepared))
             start = self._threads == 0 or (
                 self._threads < self.max_threads and len(self._pending) > self.backlog
             )
@@ -394,7 +525,6 @@ class DecisionGroups:
             # At the end of this event-loop iteration: the other requests that arrived with this one
             # are decided first (their tasks run in this iteration) and join the same group.
             loop.call_soon(self._start, loop)
-        return await future
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -403,8 +533,8 @@ class DecisionGroups:
             with self._lock:
                 self._threads -= 1
                 waiting, self._pending = self._pending, []
-            for _, future, _ in waiting:
-                _settle(future, exc)
+            for _, settle, _ in waiting:
+                settle(exc)
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         done = False
@@ -423,8 +553,8 @@ class DecisionGroups:
                     results = self._run([(item, prepared) for item, _, prepared in group])
                 except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
                     results = [exc] * len(group)
-                for (_, future, _), result in zip(group, results, strict=True):
-                    loop.call_soon_threadsafe(_settle, future, result)
+                for (_, settle, _), result in zip(group, results, strict=True):
+                    loop.call_soon_threadsafe(settle, result)
         finally:
             if not done:  # the loop closed under us (shutdown): let a later request start a thread
                 with self._lock:
@@ -484,6 +614,21 @@ class DecisionGroups:
         try:
             begin_write(raw)
             tx = RawTransaction(raw, postgres=state.postgres)
+            if state.postgres and not ready:  # a few statements for the whole group (see record_decisions)
+                specs: list[tuple[int, DecisionRequestSpec]] = []
+                for i in order:
+                    try:
+                        specs.append((i, _spec(self.app, commits[i])))
+                    except HTTPException as exc:  # no ruleset, an ``at`` without offset
+                        out[i] = exc
+                results = record_decisions(tx, [spec for _, spec in specs], state=state)
+                for (i, _), result in zip(specs, results, strict=True):
+                    out[i] = (
+                        HTTPException(404, detail=str(result))
+                        if isinstance(result, IdentityError)
+                        else result
+                    )
+                order = []
             for i in order:
                 item = commits[i]
                 try:
@@ -520,6 +665,15 @@ def _outcome(
         return _decide_many(app, items, ready=ready)[0]
     except Exception as exc:  # noqa: BLE001 - handed to the waiting request
         return exc
+
+
+def _header_items(headers: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+    """An exception's extra headers as the protocol writes them.
+
+    >>> _header_items({"Retry-After": "2"}), _header_items(None)
+    ([(b'retry-after', b'2')], [])
+    """
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
 
 
 def _settle(future: asyncio.Future[dict[str, Any]], result: dict[str, Any] | BaseException) -> None:

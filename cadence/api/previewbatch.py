@@ -1,0 +1,204 @@
+"""PostgreSQL previews checked in batches, without blocking the event loop.
+
+A preview's one database read (:class:`~cadence.engine.decision_state.DecisionState`'s
+check: the customer's counting sends and the profile's stamp) is a loopback round trip on
+PostgreSQL. Made synchronously on the event loop, it blocks the worker for the round trip
+and the backend's scheduling (py-spy: half of a worker's samples in psycopg's wait), and
+every preview pays one statement. :class:`PreviewBatcher` instead queues the previews of
+cached customers, sends **one** statement for all of them
+(:data:`~cadence.engine.decision_state.CHECK_MANY_PG`, ``customer_id = ANY(...)``) on a
+connection of its own in libpq's non-blocking mode, and goes on serving; when the answer
+arrives (the socket is watched by the event loop) it sends the statement for what queued
+meanwhile, then decides and answers each request of the batch. At most one statement is
+in flight: the busier the worker, the larger the batch.
+
+A request whose cached entry no longer matches the stamp read, or whose customer is not
+cached, is read the ordinary way (:meth:`DecisionState.inputs`, synchronous, which
+reloads): the answers are the ones the unbatched path gives. If the statement fails (a
+broken connection, say), each request of the batch is answered through that path too, and
+the connection is opened again for the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from cadence.engine.decision_state import CHECK_MANY_PG, HISTORY_MS, DecisionState
+
+__all__ = ["PreviewBatcher"]
+
+log = logging.getLogger("cadence.api.previews")
+
+_STATEMENT = b"cadence_check_many"
+
+#: What a queued preview is answered with: called with its inputs' customer rows (or None: read them
+#: the ordinary way).
+Finish = Callable[[dict[int, list[Any]] | None], None]
+
+
+class PreviewBatcher:
+    """Queue PostgreSQL previews and check their customers with one statement per batch (see the module)."""
+
+    def __init__(self, state: DecisionState, *, max_batch: int = 256) -> None:
+        self.state = state
+        self.max_batch = max_batch
+        #: How many statements were sent and how many previews they served (mean batch = their ratio).
+        self.batches = 0
+        self.previews = 0
+        self._pending: list[tuple[int, int, Finish]] = []  # (customer id, oldest send time, finish)
+        self._inflight: list[tuple[int, int, Finish]] | None = None
+        self._scheduled = False
+        self._conn: Any = None  # a psycopg Connection of our own, used through its libpq handle only
+        self._loop: Any = None
+        self._fd = -1
+
+    def customer_of(self, customer_ref: str) -> int | None:
+        """The customer a batched check can serve ``customer_ref`` for (cached and fresh), else None."""
+        return self.state.fresh_customer_of(customer_ref)
+
+    def submit(self, customer_id: int, now_ms: int, finish: Finish) -> None:
+        """Queue a check of ``customer_id``'s sends after ``now_ms - HISTORY_MS``; ``finish`` gets the rows.
+
+        ``finish`` is called on the event loop, with every customer's rows of the batch (or None
+        when the statement failed), and must answer its request itself.
+        """
+        self._pending.append((customer_id, now_ms - HISTORY_MS, finish))
+        if self._inflight is None and not self._scheduled:
+            self._scheduled = True
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            # At the end of this event-loop iteration: the previews that arrived with this one join it.
+            loop.call_soon(self._send)
+
+    # -- the connection
+    def _connection(self) -> Any:
+        if self._conn is None:
+            from psycopg.pq import ExecStatus
+
+            proxied = self.state.engine.raw_connection()
+            conn = proxied.driver_connection
+            proxied.detach()  # ours until closed: the pool neither resets nor hands it out
+            conn.autocommit = True
+            pgconn = conn.pgconn
+            # A plan for each batch's own size: a generic plan (chosen after five runs) cannot see how
+            # many customers the array holds and may scan every profile for a batch of one.
+            conn.execute("SET plan_cache_mode = force_custom_plan")
+            res = pgconn.prepare(_STATEMENT, CHECK_MANY_PG.encode())
+            if res.status != ExecStatus.COMMAND_OK:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise RuntimeError(f"preparing the batched check failed: {res.error_message!r}")
+            pgconn.nonblocking = 1
+            self._conn = conn
+            self._fd = pgconn.socket
+        return self._conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if self._fd >= 0 and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
+                self._loop.remove_writer(self._fd)
+        self._fd = -1
+        if conn is not None:
+            with contextlib.suppress(Exception):  # broken already, most likely; we only let it go
+                conn.close()
+
+    def close(self) -> None:
+        """Close the connection (at shutdown); queued previews are answered the ordinary way."""
+        waiting = (self._inflight or []) + self._pending
+        self._inflight, self._pending = None, []
+        self._drop()
+        for _, _, finish in waiting:
+            finish(None)
+
+    # -- one statement per batch
+    def _send(self) -> None:
+        self._scheduled = False
+        if self._inflight is not None or not self._pending:
+            return
+        batch = self._pending[: self.max_batch]
+        del self._pending[: self.max_batch]
+        self._inflight = batch
+        try:
+            pgconn = self._connection().pgconn
+            ids = sorted({customer for customer, _, _ in batch})
+            since = min(oldest for _, oldest, _ in batch)
+            pgconn.send_query_prepared(
+                _STATEMENT, [("{" + ",".join(map(str, ids)) + "}").encode(), str(since).encode()]
+            )
+            self.batches += 1
+            self.previews += len(batch)
+            if pgconn.flush():  # not all sent yet (a full socket buffer): finish when writable
+                self._loop.add_writer(self._fd, self._flush)
+            self._loop.add_reader(self._fd, self._readable)
+        except Exception:  # noqa: BLE001 - answered the ordinary way; the next batch reconnects
+            log.warning("batched preview check failed to send; reading each the ordinary way", exc_info=True)
+            self._fail()
+
+    def _flush(self) -> None:
+        try:
+            if not self._conn.pgconn.flush():
+                self._loop.remove_writer(self._fd)
+        except Exception:  # noqa: BLE001
+            log.warning("batched preview check failed to send", exc_info=True)
+            self._fail()
+
+    def _readable(self) -> None:
+        from psycopg.pq import ExecStatus
+
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            pgconn = conn.pgconn
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                return  # more of the answer to come
+            result = None
+            while True:
+                res = pgconn.get_result()
+                if res is None:
+                    break
+                result = res
+            self._loop.remove_reader(self._fd)
+            if result is None or result.status != ExecStatus.TUPLES_OK:
+                message = result.error_message if result is not None else b"no result"
+                raise RuntimeError(f"batched preview check failed: {message!r}")
+            rows = _rows(conn, result)
+        except Exception:  # noqa: BLE001 - answered the ordinary way; the next batch reconnects
+            log.warning("batched preview check failed; reading each the ordinary way", exc_info=True)
+            self._fail()
+            return
+        batch, self._inflight = self._inflight or [], None
+        by_customer: dict[int, list[Any]] = {}
+        for customer, *rest in rows:
+            by_customer.setdefault(customer, []).append(rest)
+        # The next batch's statement first (what queued during this round trip), so that PostgreSQL
+        # reads it while this worker decides the batch it got.
+        self._send()
+        for _, _, finish in batch:
+            finish(by_customer)
+
+    def _fail(self) -> None:
+        batch, self._inflight = self._inflight or [], None
+        self._drop()
+        for _, _, finish in batch:
+            finish(None)
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._send)
+
+
+def _rows(conn: Any, result: Any) -> list[tuple[Any, ...]]:
+    """The result's rows as a psycopg cursor returns them (the same Python types, by column type)."""
+    from psycopg.adapt import Transformer
+
+    tx = Transformer(conn)
+    tx.set_pgresult(result)
+    return list(tx.load_rows(0, result.ntuples, tuple))
