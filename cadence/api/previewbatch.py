@@ -85,9 +85,18 @@ class PreviewBatcher:
             proxied.detach()  # ours until closed: the pool neither resets nor hands it out
             conn.autocommit = True
             pgconn = conn.pgconn
-            # A plan for each batch's own size: a generic plan (chosen after five runs) cannot see how
-            # many customers the array holds and may scan every profile for a batch of one.
-            conn.execute("SET plan_cache_mode = force_custom_plan")
+            # One plan, made once, of index look-ups per customer, whatever the batch's size. Left to
+            # itself the planner re-planned each batch (a custom plan: about 0.3 ms of the server's
+            # CPU, more than the check) or, generic, guessed ten customers and read every profile
+            # and every counting send of a small table. The connection runs this statement only.
+            # Measured per statement of one customer: 0.16 ms of the server's CPU against 0.46-0.49
+            # (custom plans) and 0.18-0.34 for the single check; of four: 0.31-0.33 against 0.8-0.9.
+            for setting in (
+                "plan_cache_mode = force_generic_plan",
+                "enable_seqscan = off",
+                "enable_bitmapscan = off",
+            ):
+                conn.execute(f"SET {setting}")
             res = pgconn.prepare(_STATEMENT, CHECK_MANY_PG.encode())
             if res.status != ExecStatus.COMMAND_OK:
                 with contextlib.suppress(Exception):

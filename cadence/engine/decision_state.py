@@ -33,6 +33,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -81,7 +82,9 @@ def check_sql(postgres: bool) -> str:
 
 
 def history_from_rows(rows: Sequence[Sequence[Any]], ruleset: CompiledRuleset) -> list[PastSend]:
-    """The sends of the check's kind-0 rows as :class:`PastSend` (with the campaign's exclusive group).
+    """The sends of the check's kind-0 rows as :class:`PastSend` (with the campaign's exclusive group),
+    oldest first: the statements have no ``ORDER BY`` (the rows come in whatever order the plan
+    reads them), and an explanation names the first send in the history that blocks a time.
 
     >>> from cadence.engine.campaign import GlobalSettings
     >>> rules = CompiledRuleset(hash="h", campaigns={}, segments={}, settings=GlobalSettings(),
@@ -102,6 +105,7 @@ def history_from_rows(rows: Sequence[Sequence[Any]], ruleset: CompiledRuleset) -
                     exclusive=known.exclusive if known else None,
                 )
             )
+    out.sort(key=attrgetter("ts_ms", "campaign", "channel"))
     return out
 
 
