@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from cadence.engine.decision_state import CHECK_MANY_PG, HISTORY_MS, DecisionState
+from cadence.engine.decision_state import CHECK_MANY_PG, CHECK_SESSION_PG, HISTORY_MS, DecisionState
 
 __all__ = ["PreviewBatcher"]
 
@@ -85,17 +85,7 @@ class PreviewBatcher:
             proxied.detach()  # ours until closed: the pool neither resets nor hands it out
             conn.autocommit = True
             pgconn = conn.pgconn
-            # One plan, made once, of index look-ups per customer, whatever the batch's size. Left to
-            # itself the planner re-planned each batch (a custom plan: about 0.3 ms of the server's
-            # CPU, more than the check) or, generic, guessed ten customers and read every profile
-            # and every counting send of a small table. The connection runs this statement only.
-            # Measured per statement of one customer: 0.16 ms of the server's CPU against 0.46-0.49
-            # (custom plans) and 0.18-0.34 for the single check; of four: 0.31-0.33 against 0.8-0.9.
-            for setting in (
-                "plan_cache_mode = force_generic_plan",
-                "enable_seqscan = off",
-                "enable_bitmapscan = off",
-            ):
+            for setting in CHECK_SESSION_PG:  # one generic plan of index look-ups (see there)
                 conn.execute(f"SET {setting}")
             res = pgconn.prepare(_STATEMENT, CHECK_MANY_PG.encode())
             if res.status != ExecStatus.COMMAND_OK:
