@@ -109,6 +109,8 @@ def history_from_rows(rows: Sequence[Sequence[Any]], ruleset: CompiledRuleset) -
     ...                         aggregates=frozenset())
     >>> history_from_rows([(0, 5, "gone", "email"), (1, 3, "7", None)], rules)
     [PastSend(ts_ms=5, campaign='gone', channel='email', exclusive=None)]
+    >>> [h.ts_ms for h in history_from_rows([(0, 9, "b", "sms"), (1, 3, "7", None), (0, 5, "a", "email")], rules)]
+    [5, 9]
     """
     campaigns = ruleset.campaigns
     out = []
