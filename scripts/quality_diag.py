@@ -76,6 +76,8 @@ class TraitOracle:
     """Acts as the oracle on the population's expectations given the traits (not the individual noise)."""
 
     name = "trait oracle"
+    #: What it knows of each customer beyond the traits: nothing, "taste" or "risk" (see PartialOracle).
+    knows = ""
 
     def __init__(self, shape: str, unsubscribe_cost: float = 10.0) -> None:
         self.shape = SHAPES[shape]
@@ -117,21 +119,24 @@ class TraitOracle:
         return self.shape.affinity[ch] * math.exp(shift + 0.6**2 / 2) * fav
 
     def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
-        """The best expected value given the traits, when positive."""
+        """The best value, when positive: what :attr:`knows` true, the rest expected given the traits."""
         c = state.customer
-        hf = self.hf[c.traits["rhythm"]]
+        taste, risk = self.knows == "taste", self.knows == "risk"
+        hf_pop = self.hf[c.traits["rhythm"]]
         local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(c.zone))
         best: tuple[float, str, int] | None = None
         mult = {"email": 1.0, "sms": 1.6, "push": 1.2}
         for hour in ALLOWED_HOURS:
             at = _local_ms(c.zone, local.year, local.month, local.day, hour)
             load = state.load(at)
+            hf = hour_factor(c, hour) if taste else hf_pop[hour]
+            fat = math.exp(-c.fatigue * load) if risk else self.fat[min(load, 30)]
             for ch in c.available:
                 if ch in c.opted_out:
                     continue
-                p = self.expected_affinity(c, ch) * hf[hour] * self.fat[min(load, 30)]
-                u = self.unsub_mean * mult[ch] * (1 + UNSUB_LOAD * load) * (1.5 - hf[hour])
-                v = p - self.cost * u
+                aff = c.affinity[ch] if taste else self.expected_affinity(c, ch)
+                base = c.unsubscribe[ch] if risk else self.unsub_mean * mult[ch]
+                v = aff * hf * fat - self.cost * min(1.0, base * (1 + UNSUB_LOAD * load) * (1.5 - hf))
                 if best is None or v > best[0]:
                     best = (v, ch, at)
         if best is None or best[0] <= 0:
@@ -155,31 +160,6 @@ class PartialOracle(TraitOracle):
         super().__init__(shape, unsubscribe_cost)
         self.knows = knows
         self.name = f"knows {knows}"
-
-    def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
-        """The best value with the known part true and the rest expected, when positive."""
-        c = state.customer
-        taste = self.knows == "taste"
-        hf_pop = self.hf[c.traits["rhythm"]]
-        local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(c.zone))
-        best: tuple[float, str, int] | None = None
-        mult = {"email": 1.0, "sms": 1.6, "push": 1.2}
-        for hour in ALLOWED_HOURS:
-            at = _local_ms(c.zone, local.year, local.month, local.day, hour)
-            load = state.load(at)
-            hf = hour_factor(c, hour) if taste else hf_pop[hour]
-            fat = self.fat[min(load, 30)] if taste else math.exp(-c.fatigue * load)
-            for ch in c.available:
-                if ch in c.opted_out:
-                    continue
-                aff = c.affinity[ch] if taste else self.expected_affinity(c, ch)
-                base = self.unsub_mean * mult[ch] if taste else c.unsubscribe[ch]
-                v = aff * hf * fat - self.cost * min(1.0, base * (1 + UNSUB_LOAD * load) * (1.5 - hf))
-                if best is None or v > best[0]:
-                    best = (v, ch, at)
-        if best is None or best[0] <= 0:
-            return None
-        return best[1], best[2]
 
 
 class Traced:
