@@ -15,7 +15,7 @@ request: the body is gathered in the parser's callbacks and the app's function a
 at once, with uvicorn's status line and default headers (``date``, ``server``), keep-alive
 and access log. uvicorn's per-request task, event, ASGI messages and middleware cost about
 as much CPU as the rest of such a request outside ``decide()``. When the function declines
-(None: a commit, an unknown key, a body that does not validate, ...), when the request
+(None: an unknown key, a body that does not validate, ...), when the request
 waits behind another on the connection, expects ``100 Continue`` or has a large body, it
 is handed to uvicorn as if nothing had happened, body included. The function may also
 answer later: it returns :data:`DEFERRED` and calls ``scope["reply"]`` with the answer

@@ -19,7 +19,7 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -306,17 +306,13 @@ class EngineLoop:
         ``fresh``: this transaction wrote no identity yet, so a second connection sees every
         identity it could, and reads there without waiting for ``conn``'s pipelined writes.
         """
-        with self.engine.connect() as side:
-            reader = side if fresh else conn
+        # (A batch that stitched its own events reads on ``conn``: no second connection checked out.)
+        with self.engine.connect() if fresh else nullcontext(conn) as reader:
             rows = read_events(reader, after=after, limit=self.batch_size, before=append_horizon(reader))
             if not rows:
                 return None
             batch, merges = self.identity.resolve(
-                conn,
-                rows,
-                apply_after=positions[IDENTITY],
-                now_ms=now,
-                reader=side if fresh else None,
+                conn, rows, apply_after=positions[IDENTITY], now_ms=now, reader=reader
             )
             created = self.identity.created
             for sub in self.subscribers:  # computed while the server executes this batch's writes
