@@ -9,12 +9,10 @@ recorded on its own. PostgreSQL only (SQLite commits are decided before their tr
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -22,7 +20,7 @@ from sqlalchemy import text
 
 from cadence.api.app import create_app
 from cadence.runtime import Runtime
-from tests.api.test_decisions_cache import AT, RULES, Api, reasons
+from tests.api.test_decisions_cache import AT, RULES, Api, post_commits, reasons
 
 USERS = [f"u{i}" for i in range(5)]
 
@@ -47,25 +45,7 @@ def warm(app: FastAPI, api: Api) -> None:
 
 
 def commit_all(app: FastAPI, api: Api, refs: list[str], start: threading.Barrier | None = None) -> list[dict]:
-    async def run() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://cadence") as client:
-            if start is not None:
-                start.wait()
-            return list(
-                await asyncio.gather(
-                    *(
-                        client.post(
-                            "/v1/decisions",
-                            json={"customer_id": ref, "at": AT, "mode": "commit"},
-                            headers=api.keys["decide"],
-                        )
-                        for ref in refs
-                    )
-                )
-            )
-
-    answers = asyncio.run(run())
+    answers = post_commits(app, api, refs, start)
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     return [a.json() for a in answers]
 

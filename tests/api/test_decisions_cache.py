@@ -8,12 +8,14 @@ changed, a merge, an erasure) and check that the very next decision sees it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -97,6 +99,35 @@ def api(runtime: Runtime) -> Iterator[Api]:
 
 def reasons(body: dict[str, object]) -> set[str]:
     return {s["reason"] for s in body["explanation"]["suppressions"]}  # type: ignore[index]
+
+
+def post_commits(
+    app: FastAPI, api: Api, refs: list[str], start: threading.Barrier | None = None
+) -> list[httpx.Response]:
+    """POST a commit at :data:`AT` for each of ``refs`` to ``app``, all at once on one event loop.
+
+    ``start``: wait for it first (so that two apps' commits arrive together).
+    """
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cadence") as client:
+            if start is not None:
+                start.wait()
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.post(
+                            "/v1/decisions",
+                            json={"customer_id": ref, "at": AT, "mode": "commit"},
+                            headers=api.keys["decide"],
+                        )
+                        for ref in refs
+                    )
+                )
+            )
+
+    return asyncio.run(run())
 
 
 def test_a_send_queued_by_a_commit_is_seen_by_the_next_decision(api: Api) -> None:
@@ -286,30 +317,9 @@ def test_concurrent_commits_for_one_customer_queue_one_send(api: Api, runtime: R
 
 def test_commits_arriving_together_share_a_transaction_and_keep_the_caps(api: Api, runtime: Runtime) -> None:
     """Group commit: concurrent commits are recorded together, each answered after the commit, caps exact."""
-    import asyncio
-
-    import httpx
-
     api.identify(userId="u2", traits={"name": "Bo"})
     refs = ["u1", "u2", "nobody"] * 8  # two customers (cap: one send a week each) and an unknown id
-
-    async def commit_all() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=api.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://cadence") as client:
-            return list(
-                await asyncio.gather(
-                    *(
-                        client.post(
-                            "/v1/decisions",
-                            json={"customer_id": ref, "at": AT, "mode": "commit"},
-                            headers=api.keys["decide"],
-                        )
-                        for ref in refs
-                    )
-                )
-            )
-
-    answers = asyncio.run(commit_all())
+    answers = post_commits(api.app, api, refs)
     by_ref: dict[str, list[dict[str, object]]] = {}
     for ref, answer in zip(refs, answers, strict=True):
         assert answer.status_code == (404 if ref == "nobody" else 200), answer.text
@@ -339,10 +349,6 @@ def test_two_workers_grouped_commits_for_one_customer_keep_a_cap_of_one(api: Api
     Each app has its own decision cache and its own group writer (as each ``--workers`` process
     has); six commits arrive together at each, so each process records them in one transaction.
     """
-    import asyncio
-
-    import httpx
-
     other = create_app(runtime=runtime, background=False)
     other.state.ruleset = RULES
     apps = [api.app, other]
@@ -353,24 +359,7 @@ def test_two_workers_grouped_commits_for_one_customer_keep_a_cap_of_one(api: Api
     start = threading.Barrier(2)
 
     def commit_six(app: FastAPI) -> list[dict[str, object]]:
-        async def run() -> list[httpx.Response]:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://cadence") as client:
-                start.wait()
-                return list(
-                    await asyncio.gather(
-                        *(
-                            client.post(
-                                "/v1/decisions",
-                                json={"customer_id": "u1", "at": AT, "mode": "commit"},
-                                headers=api.keys["decide"],
-                            )
-                            for _ in range(6)
-                        )
-                    )
-                )
-
-        answers = asyncio.run(run())
+        answers = post_commits(app, api, ["u1"] * 6, start)
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         return [a.json() for a in answers]
 

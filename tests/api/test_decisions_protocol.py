@@ -88,27 +88,29 @@ def test_previews_are_answered_by_the_protocol_as_the_app_answers_them(served: S
     assert 'cadence_http_request_seconds_count{route="/v1/decisions",status="200"}' in metrics
 
 
+def _raw_post(auth: str, payload: dict[str, Any], extra_headers: str = "") -> bytes:
+    """``POST /v1/decisions`` with ``payload`` as raw HTTP/1.1 bytes (``extra_headers``: lines ending in CRLF)."""
+    data = orjson.dumps(payload)
+    head = (
+        f"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra_headers}\r\n"
+    )
+    return head.encode() + data
+
+
 def test_pipelined_requests_and_connection_close_get_whole_answers_in_order(served: Served) -> None:
     base, api, answered = served
     port = int(base.rsplit(":", 1)[1])
     auth = api.keys["decide"]["Authorization"]
 
-    def request(payload: dict[str, Any], extra: str = "") -> bytes:
-        data = orjson.dumps(payload)
-        head = (
-            f"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
-        )
-        return head.encode() + data
-
     preview = {"customer_id": "u1", "at": AT}
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         # a preview, an unknown customer (handed on), a preview, then one that asks to close
         conn.sendall(
-            request(preview)
-            + request({"customer_id": "nobody", "at": AT})
-            + request(preview)
-            + request(preview, "Connection: close\r\n")
+            _raw_post(auth, preview)
+            + _raw_post(auth, {"customer_id": "nobody", "at": AT})
+            + _raw_post(auth, preview)
+            + _raw_post(auth, preview, "Connection: close\r\n")
         )
         received = b""
         while chunk := conn.recv(65536):
@@ -135,18 +137,12 @@ def test_a_commit_answered_later_keeps_the_connection_in_order(served: Served) -
     port = int(base.rsplit(":", 1)[1])
     auth = api.keys["decide"]["Authorization"]
 
-    def request(payload: dict[str, Any]) -> bytes:
-        data = orjson.dumps(payload)
-        head = (
-            f"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-        )
-        return head.encode() + data
-
     preview = {"customer_id": "u1", "at": AT}
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(
-            request({**preview, "mode": "commit"}) + request(preview) + request({**preview, "mode": "commit"})
+            _raw_post(auth, {**preview, "mode": "commit"})
+            + _raw_post(auth, preview)
+            + _raw_post(auth, {**preview, "mode": "commit"})
         )
         received = b""
         while received.count(b"HTTP/1.1 ") < 3 or not received.endswith(b"}"):

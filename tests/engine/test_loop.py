@@ -15,7 +15,16 @@ from cadence.engine.ingest import record_events
 from cadence.engine.loop import EngineLoop
 from cadence.engine.profiles import load_profile
 from cadence.runtime import Runtime
-from cadence.store.schema.core import customers, profile_daily, profile_event_stats, profiles
+from cadence.store.fast import write_rows
+from cadence.store.schema.core import (
+    checkpoints,
+    consent,
+    customers,
+    identities,
+    profile_daily,
+    profile_event_stats,
+    profiles,
+)
 
 DAY = 86_400_000
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -193,6 +202,41 @@ class Crashing:
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         pass
+
+
+class RefusedWrite:
+    """Writes a duplicate key through the loop's bulk path while ``fail`` is set: a write the server refuses."""
+
+    name = "refused-write"
+
+    def __init__(self, *, fail: bool = True) -> None:
+        self.fail = fail
+
+    def start(self, conn: Connection, checkpoint: int) -> int:
+        return checkpoint
+
+    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
+        if self.fail:
+            write_rows(
+                conn, "customers", (("id", "bigint"), ("created_ms", "bigint")), [(10**9, 0), (10**9, 0)]
+            )
+
+    def merged(self, conn: Connection, winner: int, loser: int) -> None:
+        pass
+
+    def erased(self, conn: Connection, customer_id: int) -> None:
+        pass
+
+
+def forget_derived_state(engine: Engine) -> None:
+    """Delete every state the loop derives from the log: the next loop replays it from scratch."""
+    with engine.begin() as conn:
+        for table in ("profile_daily", "profile_event_stats", "profiles"):
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+        for table in (consent, identities, checkpoints):
+            conn.execute(table.delete())
+        conn.execute(customers.update().values(merged_into=None))
+        conn.execute(customers.delete())
 
 
 def test_crash_mid_batch_rolls_back_state_and_checkpoint_together(runtime: Runtime) -> None:

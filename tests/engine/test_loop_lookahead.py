@@ -4,32 +4,18 @@ still end in the state of an uninterrupted run (on SQLite these run the plain pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Engine, func, select
 
 from cadence.engine.consent import ConsentSubscriber
-from cadence.engine.events import LoggedEvent
 from cadence.engine.loop import IDENTITY, EngineLoop
 from cadence.engine.privacy import erase_customer
 from cadence.engine.profiles import ProfilesSubscriber
 from cadence.runtime import Runtime
-from cadence.store.fast import write_rows
-from cadence.store.schema.core import checkpoints, consent, customers, identities, profiles
-from tests.engine.test_loop import Crashing, ev, ingest, snapshot, stream
-
-
-def _reset(engine: Engine) -> None:
-    """Forget every derived state: the next loop replays the log from scratch."""
-    with engine.begin() as conn:
-        for table in ("profile_daily", "profile_event_stats", "profiles"):
-            conn.exec_driver_sql(f"DELETE FROM {table}")
-        for table in (consent, identities, checkpoints):
-            conn.execute(table.delete())
-        conn.execute(customers.update().values(merged_into=None))
-        conn.execute(customers.delete())
+from cadence.store.schema.core import checkpoints, identities, profiles
+from tests.engine.test_loop import Crashing, RefusedWrite, ev, forget_derived_state, ingest, snapshot, stream
 
 
 def _loop(runtime: Runtime, *extra: Any, look_ahead: bool = True, batch_size: int = 10) -> EngineLoop:
@@ -49,7 +35,7 @@ def test_look_ahead_gives_the_state_of_batches_without_it(runtime: Runtime, db_e
     ingest(runtime, *stream())
     _loop(runtime, look_ahead=False, batch_size=7).catch_up()
     plain = snapshot(runtime.engine)
-    _reset(db_engine)
+    forget_derived_state(db_engine)
     loop = _loop(runtime, batch_size=7)
     assert loop.catch_up() == 60
     assert snapshot(runtime.engine) == plain
@@ -62,7 +48,7 @@ def test_a_restart_after_a_batch_that_stitched_ahead_ends_in_the_uninterrupted_s
     ingest(runtime, *stream())
     _loop(runtime).catch_up()
     uninterrupted = snapshot(runtime.engine)
-    _reset(db_engine)
+    forget_derived_state(db_engine)
     first = _loop(runtime)
     assert first.run_once() == 10
     stored = _stored(db_engine)
@@ -76,37 +62,14 @@ def test_a_restart_after_a_batch_that_stitched_ahead_ends_in_the_uninterrupted_s
     assert snapshot(runtime.engine) == uninterrupted
 
 
-class _Refused:
-    """Sends a write the server refuses (a duplicate key) when told to: an error of a pipelined statement."""
-
-    name = "refused"
-
-    def __init__(self) -> None:
-        self.fail = False
-
-    def start(self, conn: Connection, checkpoint: int) -> int:
-        return checkpoint
-
-    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
-        if self.fail:
-            rows = [(10**9, 0), (10**9, 0)]
-            write_rows(conn, "customers", (("id", "bigint"), ("created_ms", "bigint")), rows)
-
-    def merged(self, conn: Connection, winner: int, loser: int) -> None:
-        pass
-
-    def erased(self, conn: Connection, customer_id: int) -> None:
-        pass
-
-
 def test_a_refused_pipelined_write_rolls_back_the_batch_and_its_look_ahead(
     runtime: Runtime, db_engine: Engine
 ) -> None:
     ingest(runtime, *stream())
-    _loop(runtime, _Refused()).catch_up()
+    _loop(runtime, RefusedWrite(fail=False)).catch_up()
     uninterrupted = snapshot(runtime.engine)
-    _reset(db_engine)
-    refused = _Refused()
+    forget_derived_state(db_engine)
+    refused = RefusedWrite(fail=False)
     loop = _loop(runtime, refused)
     assert loop.run_once() == 10
     before = _stored(db_engine)

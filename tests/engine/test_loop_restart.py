@@ -3,21 +3,15 @@ it back, and a restart ends in the state of an uninterrupted run."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Engine, func, select
 
 from cadence.engine.consent import ConsentSubscriber
-from cadence.engine.events import LoggedEvent
 from cadence.engine.loop import EngineLoop
 from cadence.engine.profiles import ProfilesSubscriber
 from cadence.runtime import Runtime
-from cadence.store.fast import write_rows
-from cadence.store.schema.core import checkpoints, consent, customers, events, identities, profiles
-from tests.engine.test_loop import Crashing, ingest, snapshot, stream
-
-_CUSTOMER_COLUMNS = (("id", "bigint"), ("created_ms", "bigint"))
+from cadence.store.schema.core import events, identities, profiles
+from tests.engine.test_loop import Crashing, RefusedWrite, forget_derived_state, ingest, snapshot, stream
 
 
 def test_a_crash_after_a_batch_wrote_restarts_to_the_uninterrupted_state(
@@ -41,13 +35,7 @@ def test_a_crash_after_a_batch_wrote_restarts_to_the_uninterrupted_state(
     ).catch_up()
     restarted = snapshot(runtime.engine)
 
-    with db_engine.begin() as conn:  # the same log from scratch, uninterrupted
-        for table in ("profile_daily", "profile_event_stats", "profiles"):
-            conn.exec_driver_sql(f"DELETE FROM {table}")
-        for table in (consent, identities, checkpoints):
-            conn.execute(table.delete())
-        conn.execute(customers.update().values(merged_into=None))
-        conn.execute(customers.delete())
+    forget_derived_state(db_engine)  # the same log from scratch, uninterrupted
     crashing.seen.clear()
     EngineLoop(
         runtime, [ProfilesSubscriber(runtime), ConsentSubscriber(), crashing], batch_size=10
@@ -55,31 +43,9 @@ def test_a_crash_after_a_batch_wrote_restarts_to_the_uninterrupted_state(
     assert snapshot(runtime.engine) == restarted
 
 
-class _BadWrite:
-    """Writes a duplicate key through the loop's bulk path, like a write the server refuses."""
-
-    name = "bad-write"
-
-    def __init__(self) -> None:
-        self.fail = True
-
-    def start(self, conn: Connection, checkpoint: int) -> int:
-        return checkpoint
-
-    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
-        if self.fail:
-            write_rows(conn, "customers", _CUSTOMER_COLUMNS, [(10**9, 0), (10**9, 0)])
-
-    def merged(self, conn: Connection, winner: int, loser: int) -> None:
-        pass
-
-    def erased(self, conn: Connection, customer_id: int) -> None:
-        pass
-
-
 def test_a_refused_bulk_write_fails_and_rolls_back_its_batch(runtime: Runtime, db_engine: Engine) -> None:
     ingest(runtime, *stream()[:20])
-    bad = _BadWrite()
+    bad = RefusedWrite()
     loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), bad])
     with pytest.raises(Exception, match="(?i)unique|duplicate") as raised:
         loop.run_once()
