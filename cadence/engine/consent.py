@@ -24,7 +24,15 @@ from sqlalchemy import Connection, delete, select
 
 from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import execute_in, execute_many, fetch_in, write_rows
+from cadence.store.fast import (
+    array_literal,
+    execute_in,
+    execute_many,
+    fetch_in,
+    is_postgres,
+    send,
+    write_rows,
+)
 from cadence.store.schema.core import consent
 
 __all__ = [
@@ -183,20 +191,41 @@ class ConsentSubscriber:
                 for (cid, channel), (granted, source, ts_ms, eid) in latest.items()
             ],
         )
-        if clears:
-            # A new address lifts a bounce recorded before it (in this batch or earlier).
-            bounced = fetch_in(
+        if not clears:
+            return
+        # A new address lifts a bounce recorded before it (in this batch or earlier).
+        if is_postgres(conn):
+            # One statement, nothing read back: in the engine loop's pipeline a read waits for every
+            # write sent before it (this batch's profiles), and the loop with it (measured).
+            keys = sorted(clears)
+            customer_ids = array_literal("bigint", [cid for cid, _ch in keys])
+            send(
                 conn,
-                "SELECT customer_id, channel, event_id FROM consent "
-                "WHERE source LIKE ? AND customer_id IN_VALUES",
-                {cid for cid, _channel in clears},
-                "bounce:%",
+                "DELETE FROM consent USING unnest(%s::bigint[], %s::text[], %s::bigint[]) AS c(cid, ch, eid)"
+                " WHERE consent.customer_id = c.cid AND consent.channel = c.ch"
+                " AND substr(consent.source, 1, 7) = 'bounce:' AND consent.event_id < c.eid"
+                # ``= ANY``: without it the planner may join by scanning the whole table (see identity)
+                " AND consent.customer_id = ANY(%s::bigint[])",
+                (
+                    customer_ids,
+                    array_literal("text", [ch for _cid, ch in keys]),
+                    array_literal("bigint", [clears[key] for key in keys]),
+                    customer_ids,
+                ),
             )
-            execute_many(
-                conn,
-                "DELETE FROM consent WHERE customer_id = ? AND channel = ?",
-                [(cid, ch) for cid, ch, eid in bounced if eid < clears.get((cid, ch), -1)],
-            )
+            return
+        bounced = fetch_in(
+            conn,
+            "SELECT customer_id, channel, event_id FROM consent "
+            "WHERE source LIKE ? AND customer_id IN_VALUES",
+            {cid for cid, _channel in clears},
+            "bounce:%",
+        )
+        execute_many(
+            conn,
+            "DELETE FROM consent WHERE customer_id = ? AND channel = ?",
+            [(cid, ch) for cid, ch, eid in bounced if eid < clears.get((cid, ch), -1)],
+        )
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         self.merged_many(conn, [(winner, loser)])
