@@ -29,6 +29,7 @@ from cadence.store.fast import (
     execute_in,
     execute_many,
     fetch_in,
+    index_scans,
     is_postgres,
     send,
     write_rows,
@@ -199,20 +200,21 @@ class ConsentSubscriber:
             # write sent before it (this batch's profiles), and the loop with it (measured).
             keys = sorted(clears)
             customer_ids = array_literal("bigint", [cid for cid, _ch in keys])
-            send(
-                conn,
-                "DELETE FROM consent USING unnest(%s::bigint[], %s::text[], %s::bigint[]) AS c(cid, ch, eid)"
-                " WHERE consent.customer_id = c.cid AND consent.channel = c.ch"
-                " AND substr(consent.source, 1, 7) = 'bounce:' AND consent.event_id < c.eid"
-                # ``= ANY``: without it the planner may join by scanning the whole table (see identity)
-                " AND consent.customer_id = ANY(%s::bigint[])",
-                (
-                    customer_ids,
-                    array_literal("text", [ch for _cid, ch in keys]),
-                    array_literal("bigint", [clears[key] for key in keys]),
-                    customer_ids,
-                ),
-            )
+            with index_scans(conn):  # the table may have outgrown its statistics
+                send(
+                    conn,
+                    "DELETE FROM consent USING unnest(%s::bigint[], %s::text[], %s::bigint[]) AS c(cid, ch, eid)"
+                    " WHERE consent.customer_id = c.cid AND consent.channel = c.ch"
+                    " AND substr(consent.source, 1, 7) = 'bounce:' AND consent.event_id < c.eid"
+                    # ``= ANY``: without it the planner may join by scanning the whole table (see identity)
+                    " AND consent.customer_id = ANY(%s::bigint[])",
+                    (
+                        customer_ids,
+                        array_literal("text", [ch for _cid, ch in keys]),
+                        array_literal("bigint", [clears[key] for key in keys]),
+                        customer_ids,
+                    ),
+                )
             return
         bounced = fetch_in(
             conn,
@@ -236,13 +238,14 @@ class ConsentSubscriber:
             return
         order = {loser: i for i, (_w, loser) in enumerate(merges)}
         winner_of = {loser: winner for winner, loser in merges}
-        rows = fetch_in(
-            conn,
-            "SELECT customer_id, channel, granted, source, changed_ms, event_id FROM consent "
-            "WHERE customer_id IN_VALUES",
-            order,
-        )
-        execute_in(conn, "DELETE FROM consent WHERE customer_id IN_VALUES", order)
+        with index_scans(conn):  # the table may have outgrown its statistics
+            rows = fetch_in(
+                conn,
+                "SELECT customer_id, channel, granted, source, changed_ms, event_id FROM consent "
+                "WHERE customer_id IN_VALUES",
+                order,
+            )
+            execute_in(conn, "DELETE FROM consent WHERE customer_id IN_VALUES", order)
         moved: dict[tuple[int, str], tuple[Any, ...]] = {}
         for cid, channel, granted, source, changed_ms, eid in sorted(rows, key=lambda r: order[r[0]]):
             key = (winner_of[cid], channel)

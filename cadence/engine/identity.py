@@ -14,7 +14,15 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from cadence.engine.events import LoggedEvent
-from cadence.store.fast import array_literal, execute_many, fetch_in, is_postgres, send, write_rows
+from cadence.store.fast import (
+    array_literal,
+    execute_many,
+    fetch_in,
+    index_scans,
+    is_postgres,
+    send,
+    write_rows,
+)
 from cadence.store.schema.core import customers, identities
 
 __all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
@@ -119,29 +127,30 @@ class IdentityResolver:
                 wanted["user"].add(prev)
                 wanted["anonymous"].add(prev)
         owner: dict[IdKey, int] = {}
-        for kind, ids in wanted.items():
-            found = fetch_in(
-                reader,
-                "SELECT value, customer_id FROM identities WHERE kind = ? AND value IN_VALUES",
-                sorted(ids),  # key order: see _persist
-                kind,
+        with index_scans(reader):  # the tables may have outgrown their statistics
+            for kind, ids in wanted.items():
+                found = fetch_in(
+                    reader,
+                    "SELECT value, customer_id FROM identities WHERE kind = ? AND value IN_VALUES",
+                    sorted(ids),  # key order: see _persist
+                    kind,
+                )
+                owner.update(((kind, value), cid) for value, cid in found)
+            # Merges repoint identities to the surviving customer, so owners are roots.
+            parent: dict[int, int] = {cid: cid for cid in owner.values()}
+            # Which customers already carry a user id: the owners of user ids found above, and of
+            # the other owners (of anonymous ids only) those with a user id stored.
+            # By customer only: with ``kind = 'user'`` too, SQLite scans every user id instead.
+            with_user: set[int] = {cid for (kind, _v), cid in owner.items() if kind == "user"}
+            with_user.update(
+                cid
+                for cid, kind in fetch_in(
+                    reader,
+                    "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
+                    sorted(set(owner.values()) - with_user),
+                )
+                if kind == "user"
             )
-            owner.update(((kind, value), cid) for value, cid in found)
-        # Merges repoint identities to the surviving customer, so owners are roots.
-        parent: dict[int, int] = {cid: cid for cid in owner.values()}
-        # Which customers already carry a user id: the owners of user ids found above, and of
-        # the other owners (of anonymous ids only) those with a user id stored.
-        # By customer only: with ``kind = 'user'`` too, SQLite scans every user id instead.
-        with_user: set[int] = {cid for (kind, _v), cid in owner.items() if kind == "user"}
-        with_user.update(
-            cid
-            for cid, kind in fetch_in(
-                reader,
-                "SELECT customer_id, kind FROM identities WHERE customer_id IN_VALUES",
-                sorted(set(owner.values()) - with_user),
-            )
-            if kind == "user"
-        )
 
         next_temp = -1
         new_keys: dict[IdKey, int] = {}
@@ -317,19 +326,21 @@ class IdentityResolver:
                 array_literal("bigint", [w for w, _ in moves]),
                 array_literal("bigint", [lo for _, lo in moves]),
             )
-            # ``= ANY(losers)`` as well: without it the planner joins by scanning the whole table.
-            send(
-                conn,
-                "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
-                " WHERE customers.id = m.l AND customers.id = ANY(%s::bigint[])",
-                (*pairs, pairs[1]),
-            )
-            send(
-                conn,
-                "UPDATE identities SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
-                " WHERE identities.customer_id = m.l AND identities.customer_id = ANY(%s::bigint[])",
-                (*pairs, pairs[1]),
-            )
+            # ``= ANY(losers)`` as well: without it the planner joins by scanning the whole table,
+            # and no sequential scan even so: the tables may have outgrown their statistics.
+            with index_scans(conn):
+                send(
+                    conn,
+                    "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                    " WHERE customers.id = m.l AND customers.id = ANY(%s::bigint[])",
+                    (*pairs, pairs[1]),
+                )
+                send(
+                    conn,
+                    "UPDATE identities SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                    " WHERE identities.customer_id = m.l AND identities.customer_id = ANY(%s::bigint[])",
+                    (*pairs, pairs[1]),
+                )
         else:
             execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
             execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)

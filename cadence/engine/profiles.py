@@ -28,7 +28,7 @@ from cadence.channels import FEEDBACK_EVENTS, feedback_aggregate, feedback_of
 from cadence.engine.consent import consent_of
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
-from cadence.store.fast import dump_json, execute_in, fetch_in, is_postgres, write_rows
+from cadence.store.fast import dump_json, execute_in, fetch_in, index_scans, is_postgres, write_rows
 from cadence.store.schema.core import profile_daily, profile_event_stats, profiles
 
 __all__ = ["ProfilesSubscriber", "StoredProfile", "event_name", "event_value", "load_profile"]
@@ -416,8 +416,12 @@ class ProfilesSubscriber:
         The result is the one of folding the merges one by one: the same sums, and for a
         tie on a time the larger last value, as the upserts give in any order.
         """
-        if not merges:
-            return
+        if merges:
+            with index_scans(conn):  # the tables may have outgrown their statistics
+                self._fold(conn, merges)
+
+    def _fold(self, conn: Connection, merges: Sequence[tuple[int, int]]) -> None:
+        """:meth:`merged_many` of at least one merge."""
         order = {loser: i for i, (_w, loser) in enumerate(merges)}
         winner_of = {loser: winner for winner, loser in merges}
         losers = list(order)
