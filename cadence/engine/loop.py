@@ -223,10 +223,11 @@ class EngineLoop:
 
         On PostgreSQL a batch also stitches the *next* batch's identities (the look-ahead): the
         batch applies the subscribers to events resolved by the previous transaction, then reads
-        and resolves the next events on a second connection while the server is still executing
-        this batch's writes (sent in pipeline mode, without waiting for each), writes their
-        identities and folds their merges, and commits all of it with the checkpoints (identity's
-        one batch ahead of the others'). The next batch applies those events if nothing changed in
+        (asked for when the batch began) and resolves the next events on a second connection
+        while the server is still executing this batch's writes (sent in pipeline mode, without
+        waiting for each; a read in a subscriber's ``apply`` would wait for all of them, and the
+        look-ahead with it), writes their identities and folds their merges, and commits all of
+        it with the checkpoints (identity's one batch ahead of the others'). The next batch applies those events if nothing changed in
         between (the stored checkpoints are the ones this batch wrote and no erasure was recorded);
         otherwise, as after a restart, it reads them again and only looks their customers up.
         """
