@@ -23,13 +23,13 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
-from sqlalchemy import Connection, event, func, select, text
+from sqlalchemy import Connection, event, func, select
 
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.ingest import append_horizon
 from cadence.engine.leader import Leadership
-from cadence.store.fast import dialect_insert, fetch_rows, send
+from cadence.store.fast import fetch_rows, send, write_rows
 from cadence.store.schema.core import checkpoints, events
 
 if TYPE_CHECKING:
@@ -235,8 +235,12 @@ class EngineLoop:
         ahead, self._ahead = self._ahead, None
         try:
             with self.engine.begin() as conn, _pipelined(conn) as postgres, ExitStack() as held:
+                marked = None
                 if postgres:
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
+                    # Sent together: the checkpoints' read below waits once for all three.
+                    send(conn, f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
+                    marked = conn.connection.cursor()
+                    marked.execute(_ERASURE_MARK)
                 stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
                 positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
                 for sub in self.subscribers:
@@ -244,7 +248,7 @@ class EngineLoop:
                     positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
                 low = min(positions.values())
                 now = self.runtime.clock.now_ms()
-                erased = _erasure_mark(conn) if postgres else 0
+                erased = _erasure_mark(marked) if marked is not None else 0
                 reader: Connection | None = None
                 pending: Any = None
                 if ahead is not None and ahead.positions == positions and ahead.erased == erased:
@@ -479,9 +483,19 @@ def _pipelined(conn: Connection) -> Iterator[bool]:
             event.remove(conn, "after_cursor_execute", wait)
 
 
-def _erasure_mark(conn: Connection) -> int:
-    """The id of the last recorded erasure (0 if none): a look-ahead made before a later one is stale."""
-    return int(conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM erasures").scalar() or 0)
+_ERASURE_MARK = "SELECT coalesce(max(id), 0) FROM erasures"
+
+
+def _erasure_mark(asked: Any) -> int:
+    """The id of the last recorded erasure (0 if none), from a cursor that ran :data:`_ERASURE_MARK`.
+
+    A look-ahead made before a later erasure is stale.
+    """
+    try:
+        row = asked.fetchone()
+    finally:
+        asked.close()
+    return int(row[0] or 0) if row else 0
 
 
 class _Row(NamedTuple):
@@ -548,11 +562,11 @@ def _decoded(source: Any) -> list[_Row]:
 
 
 def _store_positions(conn: Connection, positions: dict[str, int], now_ms: int) -> None:
-    stmt = dialect_insert(conn, checkpoints)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["name"],
-            set_={"position": stmt.excluded.position, "updated_ms": stmt.excluded.updated_ms},
-        ),
-        [{"name": name, "position": pos, "updated_ms": now_ms} for name, pos in positions.items()],
+    # Nothing read back: on PostgreSQL it goes with the batch's pipelined writes, without a wait.
+    write_rows(
+        conn,
+        "checkpoints",
+        (("name", "text"), ("position", "bigint"), ("updated_ms", "bigint")),
+        [(name, pos, now_ms) for name, pos in sorted(positions.items())],
+        "ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_ms = excluded.updated_ms",
     )
