@@ -28,7 +28,16 @@ from cadence.channels import FEEDBACK_EVENTS, feedback_aggregate, feedback_of
 from cadence.engine.consent import consent_of
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
-from cadence.store.fast import dump_json, execute_in, fetch_in, index_scans, is_postgres, write_rows
+from cadence.store.fast import (
+    ask_in,
+    dump_json,
+    execute_in,
+    fetch_in,
+    index_scans,
+    is_postgres,
+    rows_of,
+    write_rows,
+)
 from cadence.store.schema.core import profile_daily, profile_event_stats, profiles
 
 __all__ = ["ProfilesSubscriber", "StoredProfile", "event_name", "event_value", "load_profile"]
@@ -425,13 +434,21 @@ class ProfilesSubscriber:
         order = {loser: i for i, (_w, loser) in enumerate(merges)}
         winner_of = {loser: winner for winner, loser in merges}
         losers = list(order)
-        stats: dict[tuple[int, str], list[Any]] = {}
-        stored = fetch_in(
+        # The three reads asked at once: one wait for the server (pipeline mode), not three.
+        stats_asked = ask_in(
             conn,
             "SELECT customer_id, event, count, sum_value, first_ms, last_ms, last_value "
             "FROM profile_event_stats WHERE customer_id IN_VALUES",
             losers,
         )
+        daily_asked = ask_in(
+            conn,
+            "SELECT customer_id, event, day, count, sum_value FROM profile_daily WHERE customer_id IN_VALUES",
+            losers,
+        )
+        profiles_asked = ask_in(conn, _PROFILE_SELECT, {*losers, *winner_of.values()})
+        stats: dict[tuple[int, str], list[Any]] = {}
+        stored = rows_of(stats_asked)
         for cid, event, count, total, first, last, last_value in sorted(stored, key=lambda r: order[r[0]]):
             winner = winner_of[cid]
             s = stats.get((winner, event))
@@ -444,11 +461,7 @@ class ProfilesSubscriber:
             if last > s[5] or (last == s[5] and (last_value or 0.0) > (s[6] or 0.0)):
                 s[5], s[6] = last, last_value
         daily: dict[tuple[int, str, int], list[Any]] = {}
-        stored = fetch_in(
-            conn,
-            "SELECT customer_id, event, day, count, sum_value FROM profile_daily WHERE customer_id IN_VALUES",
-            losers,
-        )
+        stored = rows_of(daily_asked)
         for cid, event, day, count, total in sorted(stored, key=lambda r: order[r[0]]):
             winner = winner_of[cid]
             d = daily.get((winner, event, day))
@@ -459,7 +472,7 @@ class ProfilesSubscriber:
                 d[4] += total
         held = {
             row[0]: [row[0], row[1], row[2], row[3], _json(row[4]), _json(row[5]), row[6], row[7]]
-            for row in fetch_in(conn, _PROFILE_SELECT, {*losers, *winner_of.values()})
+            for row in rows_of(profiles_asked)
         }
         changed: dict[int, list[Any]] = {}
         for winner, loser in merges:

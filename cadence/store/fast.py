@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Table
 
 __all__ = [
     "array_literal",
+    "ask_in",
     "dialect_insert",
     "dialect_sql",
     "driver_sql",
@@ -27,6 +28,7 @@ __all__ = [
     "fetch_rows",
     "index_scans",
     "is_postgres",
+    "rows_of",
     "send",
     "write_rows",
 ]
@@ -145,6 +147,31 @@ def fetch_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) ->
         return []
     text, arg = _in_values(conn, sql, values)
     return fetch_rows(conn, text, (*params, arg), adapted=True)
+
+
+def ask_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) -> Any:
+    """:func:`fetch_in` in two steps: send the query now, take its rows later with :func:`rows_of`.
+
+    On PostgreSQL in psycopg's pipeline mode nothing waits here, so queries asked one after the
+    other cost their caller one wait, not one each. On SQLite the rows are read at once.
+    """
+    values = list(values)
+    if not values or not is_postgres(conn):
+        return fetch_in(conn, sql, values, *params)
+    text, arg = _in_values(conn, sql, values)
+    cursor = conn.connection.cursor()
+    cursor.execute(text, (*params, arg))
+    return cursor
+
+
+def rows_of(asked: Any) -> list[Any]:
+    """The rows of a query :func:`ask_in` sent (waiting for them if need be)."""
+    if isinstance(asked, list):
+        return asked
+    try:
+        return list(asked.fetchall())
+    finally:
+        asked.close()
 
 
 def execute_in(conn: Connection, sql: str, values: Iterable[Any], *params: Any) -> None:
