@@ -35,6 +35,7 @@ from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import (
+    AfterCommit,
     DecisionRequestSpec,
     PreparedDecision,
     RawTransaction,
@@ -641,7 +642,7 @@ class DecisionGroups:
                     out[i] = HTTPException(404, detail=str(exc))
                 except HTTPException as exc:  # no ruleset, an ``at`` without offset
                     out[i] = exc
-            raw.commit()
+            tx.commit()  # then tells the learners about the decisions it recorded
         except Exception:  # noqa: BLE001 - rolled back: record each again on its own
             with contextlib.suppress(Exception):  # the connection may be broken: it is dropped either way
                 raw.rollback()
@@ -804,6 +805,7 @@ def _decide_many(
     out: list[Any] = []  # answers, and with ``errors`` an item's HTTPException in its place
     engine = app.state.runtime.engine
     writes = any(item.mode == "commit" for item in items)
+    after_commit: AfterCommit = []  # tells the learners about the decisions recorded, once committed
     prepared: dict[int, PreparedDecision | HTTPException | IdentityError] = {}
     for index, item in enumerate(items):
         if ready is not None and id(item) in ready:
@@ -825,7 +827,7 @@ def _decide_many(
                 now = _ms(item.at, app)
                 if made is not None:
                     assert state is not None and conn is not None
-                    out.append(commit_prepared(conn, made, state=state))
+                    out.append(commit_prepared(conn, made, state=state, after_commit=after_commit))
                     continue
                 out.append(
                     make_decision(
@@ -841,6 +843,7 @@ def _decide_many(
                         campaigns=item.campaigns,
                         event=_event_of(item, now),
                         state=state,
+                        after_commit=after_commit,
                     )
                 )
             except HTTPException as exc:
@@ -854,6 +857,8 @@ def _decide_many(
                 if len(items) == 1:
                     raise HTTPException(404, detail=str(exc)) from exc
                 out.append({"customer_id": item.customer_id, "action": "error", "error": str(exc)})
+    for hook in after_commit:  # the transaction committed
+        hook()
     return out
 
 
