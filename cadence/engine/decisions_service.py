@@ -30,7 +30,7 @@ from cadence.engine.profiles import StoredProfile, load_profile
 from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
 from cadence.engine.slots import zone_named
 from cadence.errors import IdentityError
-from cadence.store.fast import dialect_sql, driver_sql, dump_json
+from cadence.store.fast import driver_sql, dump_json
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
@@ -112,12 +112,18 @@ _CHECK_MANY_PSYCOPG = CHECK_MANY_PG.replace("$1", "%(ids)s").replace("$2", "%(si
 def _raw_sql(sql: str, postgres: bool) -> str:
     """``sql`` with the driver's placeholders (:func:`~cadence.store.fast.driver_sql`, remembered).
 
+    The decision row's documents are ``json`` columns (migration decisions_0003): cast to
+    ``json``, not ``jsonb`` (the server would build the binary form only to turn it back).
+
     >>> _raw_sql("SELECT ?::json, ?", True), _raw_sql("SELECT ?::json, ?", False)
     ('SELECT CAST(%s AS JSONB), %s', 'SELECT ?, ?')
+    >>> _raw_sql(INSERT_DECISION, True).count("CAST(%s AS JSON)"), _raw_sql(INSERT_DECISION, False).count("CAST")
+    (3, 0)
     """
     found = _RAW_SQL.get((sql, postgres))
     if found is None:
-        found = _RAW_SQL[(sql, postgres)] = driver_sql(sql, postgres=postgres)
+        text = sql.replace("?::json", "CAST(? AS JSON)") if postgres and sql == INSERT_DECISION else sql
+        found = _RAW_SQL[(sql, postgres)] = driver_sql(text, postgres=postgres)
     return found
 
 
@@ -530,7 +536,7 @@ def _record(conn: Transaction, prepared: PreparedDecision, after_commit: AfterCo
     if isinstance(conn, RawTransaction):
         conn.execute(INSERT_DECISION, row)
     else:
-        conn.exec_driver_sql(dialect_sql(conn, INSERT_DECISION), row)
+        conn.exec_driver_sql(_raw_sql(INSERT_DECISION, _is_postgres(conn)), row)
     if send is not None:
         if isinstance(conn, RawTransaction):
             queued = conn.execute(
