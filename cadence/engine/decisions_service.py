@@ -22,7 +22,7 @@ from sqlalchemy import Connection, event, select
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend
-from cadence.engine.decision_state import CHECK_MANY_PG, HISTORY_MS, DecisionInputs, DecisionState
+from cadence.engine.decision_state import CHECK_GROUP_PG, HISTORY_MS, DecisionInputs, DecisionState
 from cadence.engine.explanation import summarise
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learning import LearnerSubscriber
@@ -105,8 +105,8 @@ class RawTransaction:
 
 _RAW_SQL: dict[tuple[str, bool], str] = {}
 
-#: :data:`~cadence.engine.decision_state.CHECK_MANY_PG` with psycopg's named placeholders.
-_CHECK_MANY_PSYCOPG = CHECK_MANY_PG.replace("$1", "%(ids)s").replace("$2", "%(since)s")
+#: :data:`~cadence.engine.decision_state.CHECK_GROUP_PG` with psycopg's named placeholders.
+_CHECK_MANY_PSYCOPG = CHECK_GROUP_PG.replace("$1", "%(ids)s").replace("$2", "%(since)s")
 
 
 def _raw_sql(sql: str, postgres: bool) -> str:
