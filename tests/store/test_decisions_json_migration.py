@@ -47,6 +47,22 @@ def column_types(engine: Engine) -> set[str]:
         }
 
 
+def compression(engine: Engine) -> tuple[bool, set[str]]:
+    """Whether the server has lz4, and the columns' compression methods ('l': lz4, '': the default)."""
+    with engine.connect() as conn:
+        enumvals = conn.exec_driver_sql(
+            "SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'"
+        ).scalar()
+        found = {
+            str(c)
+            for (c,) in conn.exec_driver_sql(
+                "SELECT attcompression FROM pg_attribute WHERE attrelid = 'decisions'::regclass"
+                " AND attname IN ('explanation', 'inputs', 'outcome')"
+            )
+        }
+    return "lz4" in (enumvals or []), found
+
+
 def test_decision_documents_survive_the_json_migration_both_ways(db_engine: Engine) -> None:
     def stored() -> list[tuple[Any, ...]]:
         with db_engine.connect() as conn:
@@ -65,11 +81,16 @@ def test_decision_documents_survive_the_json_migration_both_ways(db_engine: Engi
     before = stored()
     migrate(db_engine)
     assert column_types(db_engine) == ({"json"} if postgres else set())
+    if postgres:
+        lz4, methods = compression(db_engine)
+        assert methods == ({"l"} if lz4 else {""})
     assert stored() == before and before[0][10] == row(1, 0)["explanation"]
     add(3)
     after = stored()
     assert [r[0] for r in after] == ["d1", "d2", "d3"] and after[2][12] == row(3, 0)["outcome"]
     command.downgrade(_alembic_config(db_engine), "ingest_0003")
     assert stored() == after
+    if postgres:
+        assert compression(db_engine)[1] == {""}
     migrate(db_engine)
     assert pending_migrations(db_engine) == []
