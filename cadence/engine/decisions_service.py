@@ -144,7 +144,8 @@ def _hooks(conn: Transaction, after_commit: AfterCommit | None) -> AfterCommit:
 
     ``after_commit`` when the caller gives one (and runs it after its commit); else the
     :class:`RawTransaction`'s own list, or for a SQLAlchemy connection a list run by its
-    transaction's ``commit`` event (a transaction rolled back never runs it).
+    transaction's ``commit`` event (as the commit is issued; a transaction rolled back never
+    runs it). The served paths give a list or a :class:`RawTransaction`.
     """
     if after_commit is not None:
         return after_commit
