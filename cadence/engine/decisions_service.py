@@ -3,8 +3,8 @@
 The I/O edge around the pure :func:`~cadence.engine.decide.decide`: it resolves the
 customer, loads the profile the engine loop keeps, reads recent sends from the send
 queue as history, and, in ``commit`` mode, writes a ``decisions`` row, queues the send
-(idempotently, keyed by the decision id) and tells the learners so that feedback
-carrying ``properties.decision_id`` is learned from.
+(idempotently, keyed by the decision id) and, once the transaction committed, tells the
+learners so that feedback carrying ``properties.decision_id`` is learned from.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any, Literal
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, event, select
 
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend
-from cadence.engine.decision_state import CHECK_MANY_PG, HISTORY_MS, DecisionInputs, DecisionState
+from cadence.engine.decision_state import CHECK_GROUP_PG, HISTORY_MS, DecisionInputs, DecisionState
 from cadence.engine.explanation import summarise
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learning import LearnerSubscriber
@@ -30,11 +30,12 @@ from cadence.engine.profiles import StoredProfile, load_profile
 from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
 from cadence.engine.slots import zone_named
 from cadence.errors import IdentityError
-from cadence.store.fast import dialect_sql, driver_sql, dump_json
+from cadence.store.fast import driver_sql, dump_json
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
 __all__ = [
+    "AfterCommit",
     "INSERT_DECISION",
     "DecisionRequestSpec",
     "GroupWriteError",
@@ -59,19 +60,38 @@ INSERT_DECISION = (
 )
 
 
+#: What runs once a transaction committed (telling the learners about a decision it recorded).
+AfterCommit = list[Callable[[], None]]
+
+
 class RawTransaction:
     """A DBAPI connection (sqlite3 or psycopg) in a write transaction its caller began and ends.
 
     :func:`commit_prepared` writes through it with the driver's own cursors: SQLAlchemy's
     execution layer costs about 50 us a statement and 0.1-0.2 ms a transaction, as much
-    as the writes of a commit themselves.
+    as the writes of a commit themselves. The caller ends it with :meth:`commit` (which
+    then tells the learners about the decisions recorded) or :meth:`rollback`.
     """
 
-    __slots__ = ("postgres", "raw")
+    __slots__ = ("after_commit", "postgres", "raw")
 
     def __init__(self, raw: Any, *, postgres: bool) -> None:
         self.raw = raw
         self.postgres = postgres
+        #: Run by :meth:`commit` after the DBAPI commit succeeded; dropped by :meth:`rollback`.
+        self.after_commit: AfterCommit = []
+
+    def commit(self) -> None:
+        """Commit; then tell the learners about the decisions it recorded (not if the commit failed)."""
+        self.raw.commit()
+        hooks, self.after_commit = self.after_commit, []
+        for hook in hooks:
+            hook()
+
+    def rollback(self) -> None:
+        """Roll back: the decisions recorded are forgotten, and the learners never hear of them."""
+        self.after_commit = []
+        self.raw.rollback()
 
     def execute(self, sql: str, params: Sequence[Any]) -> int:
         """Run ``sql`` (``?`` placeholders, ``?::json`` markers as ``dialect_sql`` reads them); the row count."""
@@ -85,19 +105,25 @@ class RawTransaction:
 
 _RAW_SQL: dict[tuple[str, bool], str] = {}
 
-#: :data:`~cadence.engine.decision_state.CHECK_MANY_PG` with psycopg's named placeholders.
-_CHECK_MANY_PSYCOPG = CHECK_MANY_PG.replace("$1", "%(ids)s").replace("$2", "%(since)s")
+#: :data:`~cadence.engine.decision_state.CHECK_GROUP_PG` with psycopg's named placeholders.
+_CHECK_MANY_PSYCOPG = CHECK_GROUP_PG.replace("$1", "%(ids)s").replace("$2", "%(since)s")
 
 
 def _raw_sql(sql: str, postgres: bool) -> str:
     """``sql`` with the driver's placeholders (:func:`~cadence.store.fast.driver_sql`, remembered).
 
+    The decision row's documents are ``json`` columns (migration decisions_0003): cast to
+    ``json``, not ``jsonb`` (the server would build the binary form only to turn it back).
+
     >>> _raw_sql("SELECT ?::json, ?", True), _raw_sql("SELECT ?::json, ?", False)
     ('SELECT CAST(%s AS JSONB), %s', 'SELECT ?, ?')
+    >>> _raw_sql(INSERT_DECISION, True).count("CAST(%s AS JSON)"), _raw_sql(INSERT_DECISION, False).count("CAST")
+    (3, 0)
     """
     found = _RAW_SQL.get((sql, postgres))
     if found is None:
-        found = _RAW_SQL[(sql, postgres)] = driver_sql(sql, postgres=postgres)
+        text = sql.replace("?::json", "CAST(? AS JSON)") if postgres and sql == INSERT_DECISION else sql
+        found = _RAW_SQL[(sql, postgres)] = driver_sql(text, postgres=postgres)
     return found
 
 
@@ -111,6 +137,28 @@ def _dbapi(conn: Transaction) -> Any:
 
 def _is_postgres(conn: Transaction) -> bool:
     return conn.postgres if isinstance(conn, RawTransaction) else conn.dialect.name == "postgresql"
+
+
+def _hooks(conn: Transaction, after_commit: AfterCommit | None) -> AfterCommit:
+    """Where a decision recorded in ``conn`` leaves what must run once it committed.
+
+    ``after_commit`` when the caller gives one (and runs it after its commit); else the
+    :class:`RawTransaction`'s own list, or for a SQLAlchemy connection a list run by its
+    transaction's ``commit`` event (as the commit is issued; a transaction rolled back never
+    runs it). The served paths give a list or a :class:`RawTransaction`.
+    """
+    if after_commit is not None:
+        return after_commit
+    if isinstance(conn, RawTransaction):
+        return conn.after_commit
+    hooks: AfterCommit = []
+
+    def run(_conn: Connection) -> None:
+        for hook in hooks:
+            hook()
+
+    event.listen(conn, "commit", run, once=True)
+    return hooks
 
 
 def _lock_customer(conn: Connection, customer_ref: str) -> None:
@@ -234,13 +282,17 @@ def make_decision(
     event: Mapping[str, Any] | None = None,
     decision_id: str | None = None,
     state: DecisionState | None = None,
+    after_commit: AfterCommit | None = None,
 ) -> dict[str, Any]:
     """Decide for the customer behind ``customer_ref`` (user or anonymous id); record it on commit.
 
     ``conn`` is the transaction a commit writes in (required for ``commit``; a preview
     given ``state`` may pass None and reads on the cache's own connection). With
     ``state``, the profile comes from that per-process cache, checked against the
-    database in the same statement that reads the sends.
+    database in the same statement that reads the sends. A committed decision is told
+    to the learners only once ``conn``'s transaction commits: by the callables appended to
+    ``after_commit``, which the caller runs after its commit, or (without it) by the
+    transaction's commit.
 
     Raises :class:`~cadence.errors.IdentityError` when no customer has that id.
     """
@@ -261,7 +313,7 @@ def make_decision(
     prepared = _prepare(request, conn=conn, state=state, decision_id=decision_id)
     if mode == "commit":
         assert conn is not None
-        _record(conn, prepared)
+        _record(conn, prepared, _hooks(conn, after_commit))
     return prepared.body
 
 
@@ -296,9 +348,15 @@ class PreparedDecision:
 
 
 def record_decision(
-    conn: Transaction, request: DecisionRequestSpec, *, state: DecisionState, decision_id: str | None = None
+    conn: Transaction,
+    request: DecisionRequestSpec,
+    *,
+    state: DecisionState,
+    decision_id: str | None = None,
+    after_commit: AfterCommit | None = None,
 ) -> dict[str, Any]:
-    """Decide the commit ``request`` in ``conn``'s transaction and record it (as :func:`make_decision`).
+    """Decide the commit ``request`` in ``conn``'s transaction and record it (as :func:`make_decision`,
+    ``after_commit`` included).
 
     On PostgreSQL the customer's row is locked before their sends are read. ``conn`` may be
     a :class:`RawTransaction`.
@@ -308,7 +366,7 @@ def record_decision(
     if request.mode != "commit":
         raise ValueError("record_decision: the request's mode must be 'commit'")
     prepared = _prepare(request, conn=conn, state=state, decision_id=decision_id)
-    _record(conn, prepared)
+    _record(conn, prepared, _hooks(conn, after_commit))
     return prepared.body
 
 
@@ -340,8 +398,15 @@ def preview_from(
     return _prepare(request, conn=None, state=None, decision_id=decision_id, inputs=inputs).body
 
 
-def commit_prepared(conn: Transaction, prepared: PreparedDecision, *, state: DecisionState) -> dict[str, Any]:
-    """Record ``prepared`` in ``conn``'s transaction if its inputs still hold; else decide again in it.
+def commit_prepared(
+    conn: Transaction,
+    prepared: PreparedDecision,
+    *,
+    state: DecisionState,
+    after_commit: AfterCommit | None = None,
+) -> dict[str, Any]:
+    """Record ``prepared`` in ``conn``'s transaction if its inputs still hold; else decide again in it
+    (the learners hear of it once committed, as with :func:`make_decision`).
 
     The customer's sends and profile are read again on the transaction (which holds the
     write lock on SQLite): when the customer, the profile and the counting sends are
@@ -364,11 +429,11 @@ def commit_prepared(conn: Transaction, prepared: PreparedDecision, *, state: Dec
         and inputs.history == prepared.history
     ):
         state.revalidated += 1
-        _record(conn, prepared)
+        _record(conn, prepared, _hooks(conn, after_commit))
         return prepared.body
     state.redecided += 1
     again = _prepare(request, conn=conn, state=state, decision_id=prepared.decision_id)
-    _record(conn, again)
+    _record(conn, again, _hooks(conn, after_commit))
     return again.body
 
 
@@ -465,13 +530,14 @@ def _prepare(
     )
 
 
-def _record(conn: Transaction, prepared: PreparedDecision) -> None:
-    """Write the decision row, queue its send and tell the learners (in ``conn``'s transaction)."""
-    row, send = _record_rows(prepared)
+def _record(conn: Transaction, prepared: PreparedDecision, after_commit: AfterCommit) -> None:
+    """Write the decision row and queue its send (in ``conn``'s transaction); telling the learners
+    is left in ``after_commit``."""
+    row, send = _record_rows(prepared, after_commit)
     if isinstance(conn, RawTransaction):
         conn.execute(INSERT_DECISION, row)
     else:
-        conn.exec_driver_sql(dialect_sql(conn, INSERT_DECISION), row)
+        conn.exec_driver_sql(_raw_sql(INSERT_DECISION, _is_postgres(conn)), row)
     if send is not None:
         if isinstance(conn, RawTransaction):
             queued = conn.execute(
@@ -482,17 +548,20 @@ def _record(conn: Transaction, prepared: PreparedDecision) -> None:
         prepared.body["queued"] = queued == 1
 
 
-def _record_rows(prepared: PreparedDecision) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
-    """The decision's row and its send (None unless it sends), telling the learners about it."""
+def _record_rows(
+    prepared: PreparedDecision, after_commit: AfterCommit
+) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
+    """The decision's row and its send (None unless it sends); what tells the learners about it
+    once committed goes in ``after_commit``."""
     decision, profile, body = prepared.decision, prepared.profile, prepared.body
     decision_id, customer_id = prepared.decision_id, prepared.customer_id
     learners, now_ms = prepared.request.learners, prepared.request.now_ms
     stored_inputs: dict[str, Any] = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
     if decision.action == "send" and learners is not None:
         assert decision.campaign and decision.channel and decision.send_at_ms is not None
-        # the learner's features as they are now, kept so a restart learns this decision exactly
-        stored_inputs["features"] = learners.record(
-            decision_id=decision_id,
+        # the learner's features as they are now, kept so a restart learns this decision exactly; the
+        # learner remembers it only once committed (a rolled-back decision must not become a label)
+        pending = learners.pending_decision(
             customer_id=customer_id,
             traits=profile.traits,
             zone=profile.timezone,
@@ -502,6 +571,8 @@ def _record_rows(prepared: PreparedDecision) -> tuple[tuple[Any, ...], dict[str,
             arm=decision.arm,
             now_ms=now_ms,
         )
+        stored_inputs["features"] = pending.stored()
+        after_commit.append(functools.partial(learners.remember, decision_id, pending))
     # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key
     row = (
         decision_id,
@@ -543,7 +614,11 @@ class GroupWriteError(RuntimeError):
 
 
 def record_decisions(
-    conn: RawTransaction, requests: Sequence[DecisionRequestSpec], *, state: DecisionState
+    conn: RawTransaction,
+    requests: Sequence[DecisionRequestSpec],
+    *,
+    state: DecisionState,
+    after_commit: AfterCommit | None = None,
 ) -> list[dict[str, Any] | IdentityError]:
     """Decide and record a group of commits in ``conn``'s transaction; each answer, or its error, in place.
 
@@ -556,11 +631,13 @@ def record_decisions(
     decided and recorded on its own (:func:`record_decision`, which reloads it). Otherwise
     (SQLite, an uncached or repeated customer) each request is recorded on its own, in order.
     Raises when the transaction must roll back (a statement failed, a send was not queued).
+    The learners hear of the decisions once committed (``after_commit``, as :func:`make_decision`).
     """
+    hooks = _hooks(conn, after_commit)
 
     def alone(request: DecisionRequestSpec) -> dict[str, Any] | IdentityError:
         try:
-            return record_decision(conn, request, state=state)
+            return record_decision(conn, request, state=state, after_commit=hooks)
         except IdentityError as exc:
             return exc
 
@@ -589,7 +666,7 @@ def record_decisions(
                 out.append(alone(request))
                 continue
             prepared = _prepare(request, conn=None, state=None, decision_id=None, inputs=inputs)
-            row, send = _record_rows(prepared)
+            row, send = _record_rows(prepared, hooks)
             rows.append(row)
             if send is not None:
                 sends.append(enqueue_params([send], now_ms=request.now_ms)[0])

@@ -1622,6 +1622,36 @@ class DecisionLearner:
         now_ms: int,
     ) -> Pending:
         """Remember a committed decision's features so its feedback can be learned from."""
+        pending = self.pending_decision(
+            customer_id=customer_id,
+            traits=traits,
+            zone=zone,
+            campaign=campaign,
+            channel=channel,
+            send_at_ms=send_at_ms,
+            arm=arm,
+            now_ms=now_ms,
+        )
+        self.remember(decision_id, pending)
+        return pending
+
+    def pending_decision(
+        self,
+        *,
+        customer_id: int,
+        traits: Mapping[str, Any],
+        zone: str | None,
+        campaign: str,
+        channel: str,
+        send_at_ms: int,
+        arm: str | None,
+        now_ms: int,
+    ) -> Pending:
+        """A decision's features as :meth:`record_decision` remembers them, not remembered yet.
+
+        A caller that records the decision in a transaction remembers it (:meth:`remember`)
+        only once that transaction committed: a rolled-back decision leaves no pending label.
+        """
         idx, val = self.features(
             customer_id=customer_id,
             traits=traits,
@@ -1652,7 +1682,6 @@ class DecisionLearner:
             extra = (self.effect(customer_id), CHANNEL_INDEX.get(channel, 0))
             p = self.engagement.predict(idx, val, extra, pending.offset)
             pending.rate = min(max(p / (lift * self.hours.reference), 1e-3), 0.5)
-        self.remember(decision_id, pending)
         return pending
 
     def _heap(self) -> list[tuple[int, str]]:

@@ -313,6 +313,18 @@ class LearnerSubscriber:
         """
         return self.learner.record_decision(**decision).stored()
 
+    def pending_decision(self, **decision: Any) -> Pending:
+        """A decision's features, as :meth:`record` computes them, without remembering it yet.
+
+        ``decision`` as :meth:`DecisionLearner.pending_decision` takes it (no ``decision_id``).
+        The caller hands the result to :meth:`remember` once the decision is committed.
+        """
+        return self.learner.pending_decision(**decision)
+
+    def remember(self, decision_id: str, pending: Pending) -> None:
+        """Register a committed decision from :meth:`pending_decision` (with the learner in use now)."""
+        self.learner.remember(decision_id, pending)
+
     def _register(self, row: Any) -> None:
         """Register a stored decision: its stored features, or (older rows) features computed now."""
         inputs = row.inputs or {}

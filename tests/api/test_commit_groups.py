@@ -107,3 +107,36 @@ def test_a_failed_group_records_nothing_and_each_request_is_recorded_alone(
     again = commit_all(api.app, api, USERS)  # a new writer: grouped again, capped by the sends above
     assert all(b["action"] == "none" and "cap" in reasons(b) for b in again)
     assert api.state.grouped > 0
+
+
+def test_the_group_check_reads_the_rows_of_the_batched_check(api: Api, runtime: Runtime) -> None:
+    """CHECK_GROUP_PG (each customer looked up by index, whatever the plan) reads what CHECK_MANY_PG reads."""
+    from cadence.engine.decision_state import CHECK_GROUP_PG, CHECK_MANY_PG
+
+    warm(api.app, api)
+    commit_all(api.app, api, USERS[:3])  # sends queued for three of them
+    ids = sorted(c for c in (api.state.customer_of(u) for u in USERS) if c is not None)
+    with runtime.engine.connect() as conn:
+        conn.exec_driver_sql("DELETE FROM profiles WHERE customer_id = %s", (ids[-1],))  # a profile not built
+        conn.commit()
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+
+        def rows(sql: str) -> list[tuple[object, ...]]:
+            cur = raw.cursor()
+            try:
+                cur.execute(
+                    sql.replace("$1", "%(ids)s").replace("$2", "%(since)s"),
+                    {"ids": [*ids, 10**9], "since": 0},
+                )
+                return sorted(tuple(r) for r in cur.fetchall())
+            finally:
+                cur.close()
+
+        many, group = rows(CHECK_MANY_PG), rows(CHECK_GROUP_PG)
+    assert group == many
+    assert sum(1 for r in group if r[1] == 0) == 3  # the three sends
+    assert (
+        sorted(r[0] for r in group if r[1] == 1) == ids
+    )  # a stamp row per existing customer, none for 10**9
+    assert [r[2] for r in group if r[1] == 1 and r[0] == ids[-1]] == [None]  # no profile: an empty stamp

@@ -35,6 +35,7 @@ from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import (
+    AfterCommit,
     DecisionRequestSpec,
     PreparedDecision,
     RawTransaction,
@@ -239,23 +240,14 @@ class DecisionFastPath:
         app, principal, item = checked
         if item.mode != "commit":
             return self._preview(app, principal, item)
-        limiter = app.state.rate_limiter
-        wait = limiter.acquire(principal.name)
-        if wait > 0:
-            return _limited(principal.name, wait)
+        admitted = _admit_commit(app, principal, item)
+        if not isinstance(admitted, _Admitted):
+            return admitted
         try:
-            # On SQLite decided here, on the event loop, as a preview is (one read through the cache);
-            # only the transaction, which may wait for the write lock, goes to a thread, with the
-            # other commits of this event-loop iteration (one transaction: see DecisionGroups). It
-            # records the decision if its inputs still hold, or decides again. A failed commit
-            # rolled back.
-            # On PostgreSQL a commit is decided in its transaction, after its customer's row is locked:
-            # deciding first would cost a second read per commit, and rows lock one customer only.
-            prepared = None if app.state.decision_state.postgres else _prepare_one(app, item)
-            decided = await _groups(app).decide(item, prepared)
+            decided = await _groups(app).decide(item, admitted.prepared)
         except (HTTPException, IdentityError):
             # The route answers (and reports) it, charging the rate limit again: give this token back.
-            limiter.acquire(principal.name, cost=-1.0)
+            app.state.rate_limiter.acquire(principal.name, cost=-1.0)
             return None
         return 200, orjson.dumps(decided), []
 
@@ -332,15 +324,9 @@ class DecisionFastPath:
         Returns :data:`~cadence.api.httpproto.DEFERRED`, a 429 answer, or None (nothing charged or
         written: the route answers it) when deciding it on arrival (SQLite) failed.
         """
-        limiter = app.state.rate_limiter
-        wait = limiter.acquire(principal.name)
-        if wait > 0:
-            return _limited(principal.name, wait)
-        try:
-            prepared = None if app.state.decision_state.postgres else _prepare_one(app, item)
-        except (HTTPException, IdentityError):
-            limiter.acquire(principal.name, cost=-1.0)  # the route charges it again: give this token back
-            return None
+        admitted = _admit_commit(app, principal, item)
+        if not isinstance(admitted, _Admitted):
+            return admitted
 
         def settle(result: Any) -> None:
             if isinstance(result, HTTPException):  # a customer unknown in the transaction: as the route says
@@ -361,7 +347,7 @@ class DecisionFastPath:
             except Exception:  # noqa: BLE001 - the connection's failure is its own
                 log.exception("answering a commit failed")
 
-        _groups(app).submit(item, prepared, settle, asyncio.get_running_loop())
+        _groups(app).submit(item, admitted.prepared, settle, asyncio.get_running_loop())
         return DEFERRED
 
     def _batched(
@@ -425,6 +411,41 @@ class DecisionFastPath:
             if getattr(route, "path", None) == "/v1/decisions" and "POST" in getattr(route, "methods", ()):
                 self._route = route
         return self._route
+
+
+class _Admitted:
+    """A commit charged to its key's rate limit, decided already (SQLite) or not (PostgreSQL: None)."""
+
+    __slots__ = ("prepared",)
+
+    def __init__(self, prepared: PreparedDecision | None) -> None:
+        self.prepared = prepared
+
+
+def _admit_commit(
+    app: Any, principal: Principal, item: DecisionRequest
+) -> _Admitted | tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+    """Charge the rate limit for the commit ``item`` and, on SQLite, decide it now (both entry points).
+
+    A 429 answer when the key is over its limit; None (the token given back: the route charges
+    it again) when deciding it failed (no ruleset, an ``at`` without offset, an unknown customer).
+
+    On SQLite a commit is decided here, on the event loop, as a preview is (one read through the
+    cache); only the transaction, which may wait for the write lock, goes to a thread, with the
+    other commits of this event-loop iteration (one transaction: see :class:`DecisionGroups`). It
+    records the decision if its inputs still hold, or decides again. On PostgreSQL a commit is
+    decided in its transaction, after its customer's row is locked: deciding first would cost a
+    second read per commit, and rows lock one customer only.
+    """
+    limiter = app.state.rate_limiter
+    wait = limiter.acquire(principal.name)
+    if wait > 0:
+        return _limited(principal.name, wait)
+    try:
+        return _Admitted(None if app.state.decision_state.postgres else _prepare_one(app, item))
+    except (HTTPException, IdentityError):
+        limiter.acquire(principal.name, cost=-1.0)
+        return None
 
 
 def _limited(name: str, wait: float) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -641,7 +662,7 @@ class DecisionGroups:
                     out[i] = HTTPException(404, detail=str(exc))
                 except HTTPException as exc:  # no ruleset, an ``at`` without offset
                     out[i] = exc
-            raw.commit()
+            tx.commit()  # then tells the learners about the decisions it recorded
         except Exception:  # noqa: BLE001 - rolled back: record each again on its own
             with contextlib.suppress(Exception):  # the connection may be broken: it is dropped either way
                 raw.rollback()
@@ -804,6 +825,7 @@ def _decide_many(
     out: list[Any] = []  # answers, and with ``errors`` an item's HTTPException in its place
     engine = app.state.runtime.engine
     writes = any(item.mode == "commit" for item in items)
+    after_commit: AfterCommit = []  # tells the learners about the decisions recorded, once committed
     prepared: dict[int, PreparedDecision | HTTPException | IdentityError] = {}
     for index, item in enumerate(items):
         if ready is not None and id(item) in ready:
@@ -825,7 +847,7 @@ def _decide_many(
                 now = _ms(item.at, app)
                 if made is not None:
                     assert state is not None and conn is not None
-                    out.append(commit_prepared(conn, made, state=state))
+                    out.append(commit_prepared(conn, made, state=state, after_commit=after_commit))
                     continue
                 out.append(
                     make_decision(
@@ -841,6 +863,7 @@ def _decide_many(
                         campaigns=item.campaigns,
                         event=_event_of(item, now),
                         state=state,
+                        after_commit=after_commit,
                     )
                 )
             except HTTPException as exc:
@@ -854,6 +877,8 @@ def _decide_many(
                 if len(items) == 1:
                     raise HTTPException(404, detail=str(exc)) from exc
                 out.append({"customer_id": item.customer_id, "action": "error", "error": str(exc)})
+    for hook in after_commit:  # the transaction committed
+        hook()
     return out
 
 

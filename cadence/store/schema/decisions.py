@@ -23,7 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from cadence.store.schema.base import Id, Json, metadata
+from cadence.store.schema.base import Id, Json, JsonText, metadata
 
 __all__ = ["decisions", "learner_snapshots"]
 
@@ -59,8 +59,10 @@ decisions = Table(
     Column("template", String(200)),
     Column("arm", String(200)),
     Column("ruleset_hash", String(128), nullable=False),
-    Column("explanation", Json, nullable=False),
-    Column("inputs", Json, nullable=False),  # traits and zone at decision time
-    Column("outcome", Json, nullable=False),
+    # Read and written whole, never queried inside: kept as text (``json`` on PostgreSQL, compressed
+    # with lz4 where the server has it: migration decisions_0003).
+    Column("explanation", JsonText, nullable=False),
+    Column("inputs", JsonText, nullable=False),  # traits and zone at decision time
+    Column("outcome", JsonText, nullable=False),
     Index(None, "customer_id", "decided_at_ms"),
 )
