@@ -56,7 +56,7 @@ __all__ = [
 #: One decision row; a caller that may write the same decision again appends ``ON CONFLICT (id) DO NOTHING``.
 INSERT_DECISION = (
     "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template, arm,"
-    " ruleset_hash, explanation, inputs, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::json, ?::json, ?::json)"
+    " ruleset_hash, explanation, inputs, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsontext, ?::jsontext, ?::jsontext)"
 )
 
 
@@ -115,15 +115,12 @@ def _raw_sql(sql: str, postgres: bool) -> str:
     The decision row's documents are ``json`` columns (migration decisions_0003): cast to
     ``json``, not ``jsonb`` (the server would build the binary form only to turn it back).
 
-    >>> _raw_sql("SELECT ?::json, ?", True), _raw_sql("SELECT ?::json, ?", False)
-    ('SELECT CAST(%s AS JSONB), %s', 'SELECT ?, ?')
     >>> _raw_sql(INSERT_DECISION, True).count("CAST(%s AS JSON)"), _raw_sql(INSERT_DECISION, False).count("CAST")
     (3, 0)
     """
     found = _RAW_SQL.get((sql, postgres))
     if found is None:
-        text = sql.replace("?::json", "CAST(? AS JSON)") if postgres and sql == INSERT_DECISION else sql
-        found = _RAW_SQL[(sql, postgres)] = driver_sql(text, postgres=postgres)
+        found = _RAW_SQL[(sql, postgres)] = driver_sql(sql, postgres=postgres)
     return found
 
 

@@ -42,7 +42,8 @@ def is_postgres(conn: Connection) -> bool:
 def dialect_sql(conn: Connection, sql: str) -> str:
     """Write statements with ``?`` and ``:json`` markers; adapt them to the dialect.
 
-    ``?::json`` marks a JSON parameter: ``CAST(%s AS JSONB)`` on PostgreSQL, plain on SQLite.
+    ``?::json`` marks a JSON parameter of a ``jsonb`` column: ``CAST(%s AS JSONB)`` on PostgreSQL,
+    plain on SQLite; ``?::jsontext`` one of a ``json`` column (kept as its text): ``CAST(%s AS JSON)``.
     """
     return driver_sql(sql, postgres=is_postgres(conn))
 
@@ -50,12 +51,18 @@ def dialect_sql(conn: Connection, sql: str) -> str:
 def driver_sql(sql: str, *, postgres: bool) -> str:
     """:func:`dialect_sql` for a driver connection: ``%s`` placeholders on PostgreSQL, ``?`` on SQLite.
 
-    >>> driver_sql("SELECT ?::json, ?", postgres=True), driver_sql("SELECT ?::json, ?", postgres=False)
-    ('SELECT CAST(%s AS JSONB), %s', 'SELECT ?, ?')
+    >>> driver_sql("SELECT ?::json, ?::jsontext, ?", postgres=True)
+    'SELECT CAST(%s AS JSONB), CAST(%s AS JSON), %s'
+    >>> driver_sql("SELECT ?::json, ?::jsontext, ?", postgres=False)
+    'SELECT ?, ?, ?'
     """
     if postgres:
-        return sql.replace("?::json", "CAST(%s AS JSONB)").replace("?", "%s")
-    return sql.replace("?::json", "?")
+        return (
+            sql.replace("?::jsontext", "CAST(%s AS JSON)")
+            .replace("?::json", "CAST(%s AS JSONB)")
+            .replace("?", "%s")
+        )
+    return sql.replace("?::jsontext", "?").replace("?::json", "?")
 
 
 def dump_json(value: Any) -> str:
