@@ -15,7 +15,6 @@ coalition tallies and Markov removal effects from path tallies (all time).
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -217,7 +216,9 @@ def rule_shares(
             last_non_direct[i] = 1.0
             break
     linear = [1.0 / n] * n
-    weights = [math.exp2(-float(age) / half_life_ms) for age in ages_ms]
+    # numpy's exp2, not math.exp2: on a CPU with AVX-512 numpy has its own exp2, which can
+    # differ from the C library's in the last bit, and the shares must be the vectorised ones.
+    weights = np.exp2(-np.array(ages_ms, dtype=np.float64) / half_life_ms).tolist()
     total = 0.0
     for w in weights:
         total += w
