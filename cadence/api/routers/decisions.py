@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
+from cadence.api.commitpipe import CommitPipeline
 from cadence.api.httpproto import DEFERRED
 from cadence.api.metrics import Metrics
 from cadence.api.previewbatch import PreviewBatcher
@@ -130,6 +131,9 @@ def setup(app: FastAPI) -> None:
         batcher = getattr(app.state, "preview_batcher", None)
         if batcher is not None:
             batcher.close()
+        pipeline = getattr(app.state, "commit_pipeline", None)
+        if pipeline is not None:
+            pipeline.close()
         app.state.decision_state.close()
 
     app.state.on_shutdown.append(close)
@@ -321,12 +325,11 @@ class DecisionFastPath:
     ) -> Any:
         """Queue a commit for its group (as :meth:`_answer` does) and answer it through ``reply`` once committed.
 
-        Returns :data:`~cadence.api.httpproto.DEFERRED`, a 429 answer, or None (nothing charged or
-        written: the route answers it) when deciding it on arrival (SQLite) failed.
+        On PostgreSQL a commit of a cached customer is recorded by a group on the event loop
+        (:meth:`_pipelined`); any other by :class:`DecisionGroups`' threads. Returns
+        :data:`~cadence.api.httpproto.DEFERRED`, a 429 answer, or None (nothing charged or written:
+        the route answers it) when deciding it on arrival (SQLite) failed.
         """
-        admitted = _admit_commit(app, principal, item)
-        if not isinstance(admitted, _Admitted):
-            return admitted
 
         def settle(result: Any) -> None:
             if isinstance(result, HTTPException):  # a customer unknown in the transaction: as the route says
@@ -347,7 +350,45 @@ class DecisionFastPath:
             except Exception:  # noqa: BLE001 - the connection's failure is its own
                 log.exception("answering a commit failed")
 
-        _groups(app).submit(item, admitted.prepared, settle, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        pipelined = self._pipelined(app, principal, item, settle, loop)
+        if pipelined is not None:
+            return pipelined
+        admitted = _admit_commit(app, principal, item)
+        if not isinstance(admitted, _Admitted):
+            return admitted
+        _groups(app).submit(item, admitted.prepared, settle, loop)
+        return DEFERRED
+
+    @staticmethod
+    def _pipelined(
+        app: Any, principal: Principal, item: DecisionRequest, settle: Settle, loop: asyncio.AbstractEventLoop
+    ) -> Any:
+        """Queue a PostgreSQL commit of a cached customer for a group on the event loop (:mod:`cadence.api.commitpipe`).
+
+        Returns :data:`~cadence.api.httpproto.DEFERRED`, a 429 answer, or None when it takes the thread
+        path instead (SQLite, a customer not cached, no ruleset, an ``at`` without offset): then
+        nothing was charged. A commit the group hands back (its cached entry changed, its group
+        failed before committing) is queued for the thread path then, charged once.
+        """
+        state: DecisionState = app.state.decision_state
+        if not state.postgres or not getattr(app.state, "pipeline_commits", True):
+            return None
+        pipeline: CommitPipeline | None = getattr(app.state, "commit_pipeline", None)
+        if pipeline is None:
+            pipeline = app.state.commit_pipeline = CommitPipeline(state)
+        customer = pipeline.customer_of(item.customer_id)
+        if customer is None:
+            return None
+        try:
+            spec = _spec(app, item)
+        except HTTPException:
+            return None
+        wait = app.state.rate_limiter.acquire(principal.name)
+        if wait > 0:
+            return _limited(principal.name, wait)
+        groups = _groups(app)
+        pipeline.submit(customer, spec, settle, functools.partial(groups.submit, item, None, settle, loop))
         return DEFERRED
 
     def _batched(
