@@ -196,7 +196,7 @@ class SQLiteWriteLock:
             self._checkpointing = False
 
     def release(self) -> None:
-        """Let the next writer in (by the thread that acquired it, or one it handed the transaction to)."""
+        """Let the next writer in (only by the thread that acquired it)."""
         try:
             if self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -2,7 +2,7 @@
 
 A thread writing a group held SQLite's write lock through a wait for the interpreter lock at
 each statement; the event loop now writes the group itself once its writer holds the write
-lock (taken at once when free, else waited for by a thread that hands the writer back). These
+lock (only tried: while another writer holds it, tried again a moment later). These
 tests check where the group is written, that caps hold and each commit is recorded once when
 the lock is busy at first, and that a failed group is recorded again commit by commit. SQLite
 only (PostgreSQL commits take ``cadence.api.commitpipe`` or the threads).
@@ -10,6 +10,7 @@ only (PostgreSQL commits take ``cadence.api.commitpipe`` or the threads).
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -80,7 +81,7 @@ def test_a_group_is_written_on_the_event_loop_and_caps_hold(
     assert set(learners.learner.pending) == sent  # told once committed, and only of the sends
 
 
-def test_a_busy_write_lock_is_waited_for_by_a_thread_then_written_on_the_loop(
+def test_a_busy_write_lock_is_tried_again_and_the_group_written_on_the_loop(
     api: Api, runtime: Runtime, writers: list[str]
 ) -> None:
     held = threading.Event()
@@ -130,3 +131,25 @@ def test_a_failed_group_on_the_loop_is_recorded_again_commit_by_commit(
     learners = _learners(api.app)
     assert learners is not None
     assert set(learners.learner.pending) == {b["decision_id"] for b in bodies}
+
+
+def test_the_key_ring_reloads_without_the_write_lock(
+    api: Api, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key ring reloads on the event loop: it must not wait for another writer (nor deadlock with the loop's group)."""
+    from cadence.keys import KeyRing
+    from cadence.store import driver
+
+    ring = KeyRing(runtime.settings, runtime.engine, refresh_seconds=0.0)
+    taken: list[str] = []
+    acquire = driver.SQLiteWriteLock.acquire
+
+    def counted(self: driver.SQLiteWriteLock) -> bool:
+        taken.append(self.path)
+        return acquire(self)
+
+    monkeypatch.setattr(driver.SQLiteWriteLock, "acquire", counted)
+    key = api.keys["decide"]["Authorization"]
+    presented = base64.b64decode(key.split(" ", 1)[1]).decode().partition(":")[0]
+    assert ring.cached_or_refreshed(presented) is not None  # reloaded (stale at once), and found
+    assert taken == []

@@ -605,18 +605,26 @@ class DecisionGroups:
                 settle(exc)
 
     # -- SQLite: groups of prepared commits written on the event loop
+    #: While another writer holds SQLite's write lock, the loop tries again after this many seconds,
+    #: doubling up to :attr:`lock_retry_max` (a writer's transaction takes a few milliseconds).
+    lock_retry = 0.0005
+    lock_retry_max = 0.004
+
     def _next_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Write the next group on the event loop, once its writer holds the write lock (SQLite).
 
         Each SQLite statement lets go of the interpreter lock, and a thread that wants it back
         waits for the busy event loop to give it up: up to a switch interval (5 ms) each time. A
         group written by a thread held the write lock for a dozen of those waits (p50 5-7 ms, p90
-        25-30 ms, p99 55-100 ms for a median group of six commits, session 11's trace), and the
-        other workers' groups waited for it. Written by the event loop itself, the group holds it
-        for its statements. The lock is taken without waiting when it is free; otherwise a thread
-        waits for it (blocked in the kernel, not on the interpreter lock) and hands the locked
-        writer back to the loop. A group with anything but prepared commits, or one whose lock
-        could not be had, is run by a thread as before; so is the per-commit redo of a failed group.
+        20-30 ms, p99 55-100 ms for a median group of six to eight commits, session 11's trace), and
+        the other workers' groups waited for it. Written by the event loop itself, the group holds
+        it for its statements. The lock is only ever *tried* here (never waited for: the loop must
+        not block): while another writer holds it, the loop tries again a moment later (see
+        :attr:`lock_retry`), serving requests meanwhile; the group grows with what arrives. A
+        group with anything but prepared commits is run by a thread as before; so is the per-commit
+        redo of a failed group. (A thread that took the lock for the loop and handed it over
+        deadlocked with any read on the loop that takes the write lock, as SQLAlchemy's
+        ``engine.connect()`` does on SQLite: tried and dropped.)
         """
         with self._lock:
             group = self._pending[: self.max_group]
@@ -625,30 +633,44 @@ class DecisionGroups:
                 self._threads -= 1
                 return
         if any(prepared is None or item.mode != "commit" for item, _, prepared in group):
-            self._in_thread(loop, group, None)
+            self._in_thread(loop, group)
             return
-        raw = self._take_writer()
+        self._try_write(loop, group, self.lock_retry)
+
+    def _try_write(self, loop: asyncio.AbstractEventLoop, group: list[Any], retry: float) -> None:
+        """Write ``group`` on the loop if the write lock is free now, else try again in ``retry`` seconds."""
+        try:
+            raw = self._take_writer()
+        except Exception as exc:  # noqa: BLE001 - no connection: every waiting request must be answered
+            self._settle_all(loop, group, [exc] * len(group))
+            return
         try_lock = getattr(raw, "try_lock_for_write", None)
-        if try_lock is None:  # not cadence's SQLite connection (no write lock of ours to wait on)
+        if try_lock is None:  # not cadence's SQLite connection (no write lock of ours to try)
             self._give_back(raw)
-            self._in_thread(loop, group, None)
+            self._in_thread(loop, group)
         elif try_lock():
             self._write_on_loop(loop, group, raw)
         else:
-            self._in_thread(loop, group, raw)
+            self._give_back(raw)
+            # The prepared commits that arrived meanwhile join the group when it is retried (up to max_group).
+            with self._lock:
+                room = self.max_group - len(group)
+                joining = 0
+                while (
+                    joining < min(room, len(self._pending))
+                    and self._pending[joining][2] is not None
+                    and self._pending[joining][0].mode == "commit"
+                ):
+                    joining += 1
+                if joining:
+                    group = group + self._pending[:joining]
+                    del self._pending[:joining]
+            loop.call_later(retry, self._try_write, loop, group, min(2 * retry, self.lock_retry_max))
 
-    def _in_thread(self, loop: asyncio.AbstractEventLoop, group: list[Any], raw: Any) -> None:
-        """Hand ``group`` to a thread: it waits for ``raw``'s write lock (given) and gives the group back
-        to the loop, or runs it itself (no ``raw``, or the lock not had); then the loop takes the next group."""
+    def _in_thread(self, loop: asyncio.AbstractEventLoop, group: list[Any]) -> None:
+        """Run ``group`` in a thread, as every group ran before; then the loop takes the next group."""
 
         def run() -> None:
-            writer = raw
-            if writer is not None:
-                writer.lock_for_write()
-                if writer.holds_lock:
-                    loop.call_soon_threadsafe(self._write_on_loop, loop, group, writer)
-                    return
-                self._give_back(writer)
             self.groups += 1
             self.requests += len(group)
             try:
@@ -660,8 +682,6 @@ class DecisionGroups:
         try:
             loop.run_in_executor(None, run)
         except RuntimeError as exc:  # the executor is shut down (the server is stopping)
-            if raw is not None:
-                self._give_back(raw)
             with self._lock:
                 self._threads -= 1
                 waiting, self._pending = self._pending, []
