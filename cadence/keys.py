@@ -53,7 +53,9 @@ class KeyRing:
 
     def _load(self) -> dict[str, Principal]:
         keys = {k.sha256: Principal(k.name, frozenset(k.scopes)) for k in self._settings.api_keys}
-        with self._engine.connect() as conn:
+        # Read-only: on SQLite a plain connection's transaction takes the write lock, and this runs on
+        # the event loop (every ``refresh_seconds``), which must not wait for another process's writes.
+        with self._engine.connect().execution_options(cadence_readonly=True) as conn:
             rows = conn.execute(
                 select(api_keys.c.name, api_keys.c.sha256, api_keys.c.scopes).where(
                     api_keys.c.revoked_ms.is_(None)

@@ -36,12 +36,14 @@ from cadence.store.schema.sends import sends
 
 __all__ = [
     "AfterCommit",
+    "DecidedGroup",
     "INSERT_DECISION",
     "DecisionRequestSpec",
     "GroupWriteError",
     "PreparedDecision",
     "RawTransaction",
     "commit_prepared",
+    "decide_group",
     "decision_record",
     "explain",
     "get_decision",
@@ -651,36 +653,75 @@ def record_decisions(
         by_customer: dict[int, list[Any]] = {}
         for customer, *rest in cur.fetchall():
             by_customer.setdefault(customer, []).append(rest)
-        out: list[dict[str, Any] | IdentityError] = []
-        rows: list[tuple[Any, ...]] = []
-        sends: list[tuple[Any, ...]] = []
-        queued: list[dict[str, Any]] = []
-        for request in requests:
-            inputs = state.inputs_from(
-                request.customer_ref, by_customer, now_ms=request.now_ms, ruleset=request.ruleset
-            )
-            if inputs is None:  # changed since cached (or merged, erased): decided and recorded on its own
-                out.append(alone(request))
-                continue
-            prepared = _prepare(request, conn=None, state=None, decision_id=None, inputs=inputs)
-            row, send = _record_rows(prepared, hooks)
-            rows.append(row)
-            if send is not None:
-                sends.append(enqueue_params([send], now_ms=request.now_ms)[0])
-                queued.append(prepared.body)
-            out.append(prepared.body)
-        if rows:
-            cur.executemany(_raw_sql(INSERT_DECISION, True), rows)
-        if sends:
-            cur.executemany(_raw_sql(ENQUEUE_SENDS_SQL, True), sends)
-            if cur.rowcount != len(sends):  # a send key taken already: each decided alone tells which
-                raise GroupWriteError(f"{len(sends) - cur.rowcount} of {len(sends)} sends were not queued")
-            for body in queued:
-                body["queued"] = True
-        state.grouped += len(rows)
+        group = decide_group(requests, by_customer, state=state, after_commit=hooks)
+        out: list[dict[str, Any] | IdentityError] = [
+            body if body is not None else alone(request)
+            for request, body in zip(requests, group.bodies, strict=True)
+        ]
+        if group.rows:
+            cur.executemany(_raw_sql(INSERT_DECISION, True), group.rows)
+        if group.sends:
+            cur.executemany(_raw_sql(ENQUEUE_SENDS_SQL, True), group.sends)
+            if cur.rowcount != len(group.sends):  # a send key taken already: each decided alone tells which
+                raise GroupWriteError(
+                    f"{len(group.sends) - cur.rowcount} of {len(group.sends)} sends were not queued"
+                )
+            group.mark_queued()
+        state.grouped += len(group.rows)
         return out
     finally:
         cur.close()
+
+
+@dataclass
+class DecidedGroup:
+    """A group of commits decided from one batched check, not yet written (see :func:`decide_group`)."""
+
+    #: Each request's answer, or None: its cached inputs did not match the check (decide it on its own).
+    bodies: list[dict[str, Any] | None]
+    #: The decision rows (:data:`INSERT_DECISION`'s parameters) and the sends (:data:`ENQUEUE_SENDS_SQL`'s).
+    rows: list[tuple[Any, ...]]
+    sends: list[tuple[Any, ...]]
+    #: The answers of the decisions that send, whose ``queued`` is set once their sends are written.
+    queued: list[dict[str, Any]]
+
+    def mark_queued(self) -> None:
+        """Every send was written (one row each): say so in the answers."""
+        for body in self.queued:
+            body["queued"] = True
+
+
+def decide_group(
+    requests: Sequence[DecisionRequestSpec],
+    rows_by_customer: dict[int, list[Any]],
+    *,
+    state: DecisionState,
+    after_commit: AfterCommit,
+) -> DecidedGroup:
+    """Decide a group of commits (distinct cached customers) from the rows of one check, nothing written.
+
+    ``rows_by_customer`` is what :data:`~cadence.engine.decision_state.CHECK_GROUP_PG` read for the
+    group's customers, after their rows were locked, with an oldest send time at or before every
+    request's own. A request whose cached inputs still match it is decided now (its rows and send
+    returned, telling the learners left in ``after_commit``); any other gets None in ``bodies``
+    and must be decided and recorded on its own (its profile reloaded).
+    """
+    group = DecidedGroup(bodies=[], rows=[], sends=[], queued=[])
+    for request in requests:
+        inputs = state.inputs_from(
+            request.customer_ref, rows_by_customer, now_ms=request.now_ms, ruleset=request.ruleset
+        )
+        if inputs is None:  # changed since cached (or merged, erased)
+            group.bodies.append(None)
+            continue
+        prepared = _prepare(request, conn=None, state=None, decision_id=None, inputs=inputs)
+        row, send = _record_rows(prepared, after_commit)
+        group.rows.append(row)
+        if send is not None:
+            group.sends.append(enqueue_params([send], now_ms=request.now_ms)[0])
+            group.queued.append(prepared.body)
+        group.bodies.append(prepared.body)
+    return group
 
 
 def decision_record(row: Any, *, send_status: str | None, fallback_zone: str) -> dict[str, Any]:

@@ -129,6 +129,19 @@ class SQLiteWriteLock:
             return False
         return True
 
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now, without waiting; False when another writer holds it."""
+        if not self._mutex.acquire(blocking=False):
+            return False
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held by another process
+            self._mutex.release()
+            return False
+        return True
+
     def committed(self) -> None:
         """After a commit: start a background checkpoint if the WAL grew past :attr:`checkpoint_bytes`."""
         now = time.monotonic()
@@ -206,6 +219,17 @@ class _LockingConnection(sqlite3.Connection):
             ):  # a connection from before a fork: this process's lock, not the parent's
                 lock = self.write_lock = SQLiteWriteLock.for_path(lock.database)
             self.holds_lock = lock.acquire()
+
+    def try_lock_for_write(self) -> bool:
+        """Take the write lock if it is free now (or already held); False when another writer holds it."""
+        lock = self.write_lock
+        if lock is None:
+            return False
+        if not self.holds_lock:
+            if lock.pid != os.getpid():  # a connection from before a fork
+                lock = self.write_lock = SQLiteWriteLock.for_path(lock.database)
+            self.holds_lock = lock.try_acquire()
+        return self.holds_lock
 
     def unlock(self) -> None:
         """Release the write lock if this connection holds it."""
