@@ -86,3 +86,19 @@ def runtime(db_engine: Engine, settings: Settings) -> Iterator[Runtime]:
     """A runtime on ``db_engine`` (both databases)."""
     rt = open_runtime(settings.model_copy(update={"database_url": str(db_engine.url)}), engine=db_engine)
     yield rt
+
+
+@pytest.fixture
+def write_locks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every acquisition of cadence's SQLite write lock from here on (the database file each names)."""
+    from cadence.store import driver
+
+    taken: list[str] = []
+    acquire = driver.SQLiteWriteLock.acquire
+
+    def counted(self: driver.SQLiteWriteLock) -> bool:
+        taken.append(self.path)
+        return acquire(self)
+
+    monkeypatch.setattr(driver.SQLiteWriteLock, "acquire", counted)
+    return taken

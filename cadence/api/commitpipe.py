@@ -33,13 +33,12 @@ answered with the error, not recorded again.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cadence.api.loopconn import LoopConnection
 from cadence.engine.decision_state import CHECK_GROUP_PG, HISTORY_MS, DecisionState
 from cadence.engine.decisions_service import (
     INSERT_DECISION,
@@ -130,11 +129,15 @@ class _Group:
     hooks: AfterCommit = field(default_factory=list)
 
 
-class CommitPipeline:
+class CommitPipeline(LoopConnection):
     """Record PostgreSQL commits of cached customers in groups on the event loop (see the module)."""
 
+    statements = (_LOCK, _CHECK, _DECISION, _SEND)
+    pipeline = True
+    what = "a commit group"
+
     def __init__(self, state: DecisionState, *, max_group: int = 64) -> None:
-        self.state = state
+        super().__init__(state)
         self.max_group = max_group
         #: Groups committed, commits they recorded, and commits handed to the thread path.
         self.groups = 0
@@ -142,14 +145,6 @@ class CommitPipeline:
         self.redone = 0
         self._pending: list[_Commit] = []
         self._inflight: _Group | None = None
-        self._scheduled = False
-        self._conn: Any = None  # a psycopg Connection of our own, used through its libpq handle only
-        self._loop: Any = None
-        self._fd = -1
-
-    def customer_of(self, customer_ref: str) -> int | None:
-        """The customer a group can commit for (cached and fresh), else None (take the thread path)."""
-        return self.state.fresh_customer_of(customer_ref)
 
     def submit(self, customer_id: int, spec: DecisionRequestSpec, settle: Settle, redo: Redo) -> None:
         """Queue the commit ``spec`` of ``customer_id``; ``settle`` gets its answer once committed.
@@ -157,48 +152,7 @@ class CommitPipeline:
         Called on the event loop; ``settle`` is called there (with the decision's body, or an
         exception), or ``redo`` instead (see the module), exactly once.
         """
-        self._pending.append(_Commit(customer_id, spec, settle, redo))
-        if self._inflight is None and not self._scheduled:
-            self._scheduled = True
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            # At the end of this event-loop iteration: the commits that arrived with this one join it.
-            loop.call_soon(self._send)
-
-    # -- the connection
-    def _connection(self) -> Any:
-        if self._conn is None:
-            from psycopg.pq import ExecStatus
-
-            proxied = self.state.engine.raw_connection()
-            conn = proxied.driver_connection
-            proxied.detach()  # ours until closed: the pool neither resets nor hands it out
-            conn.autocommit = True  # psycopg's layer stays idle; the group's statements BEGIN and COMMIT
-            pgconn = conn.pgconn
-            for name, sql in (_LOCK, _CHECK, _DECISION, _SEND):
-                res = pgconn.prepare(name, sql.encode())
-                if res.status != ExecStatus.COMMAND_OK:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                    raise RuntimeError(f"preparing {name!r} failed: {res.error_message!r}")
-            pgconn.nonblocking = 1
-            pgconn.enter_pipeline_mode()
-            self._conn = conn
-            self._fd = pgconn.socket
-        return self._conn
-
-    def _drop(self) -> None:
-        """Close the connection (a transaction left open rolls back on the server)."""
-        conn, self._conn = self._conn, None
-        if self._fd >= 0 and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._fd)
-                self._loop.remove_writer(self._fd)
-        self._fd = -1
-        if conn is not None:
-            with contextlib.suppress(Exception):  # broken already, most likely; we only let it go
-                conn.close()
+        self._queue(_Commit(customer_id, spec, settle, redo))
 
     def close(self) -> None:
         """Close the connection (at shutdown): queued commits and an unsent group go to the thread path."""
@@ -241,19 +195,6 @@ class CommitPipeline:
             self._watch(pgconn)
         except Exception:  # noqa: BLE001 - nothing was written: each commit goes the thread path
             log.warning("a commit group failed to send; recording each on its own", exc_info=True)
-            self._fail()
-
-    def _watch(self, pgconn: Any) -> None:
-        if pgconn.flush():  # not all sent yet (a full socket buffer): finish when writable
-            self._loop.add_writer(self._fd, self._flush)
-        self._loop.add_reader(self._fd, self._readable)
-
-    def _flush(self) -> None:
-        try:
-            if not self._conn.pgconn.flush():
-                self._loop.remove_writer(self._fd)
-        except Exception:  # noqa: BLE001
-            log.warning("a commit group failed to send", exc_info=True)
             self._fail()
 
     def _readable(self) -> None:
@@ -367,9 +308,7 @@ class CommitPipeline:
         self._drop()
         if group is not None:
             self._abandon(group, in_doubt=group.phase == 2)
-        if self._pending and not self._scheduled and self._loop is not None:
-            self._scheduled = True
-            self._loop.call_soon(self._send)
+        self._send_later()
 
     def _abandon(self, group: _Group, *, in_doubt: bool) -> None:
         """A group that did not commit goes to the thread path; one that may have committed is answered an error."""

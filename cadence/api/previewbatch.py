@@ -21,12 +21,11 @@ the connection is opened again for the next batch.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from cadence.api.loopconn import LoopConnection
 from cadence.engine.decision_state import CHECK_MANY_PG, CHECK_SESSION_PG, HISTORY_MS, DecisionState
 
 __all__ = ["PreviewBatcher"]
@@ -40,25 +39,21 @@ _STATEMENT = b"cadence_check_many"
 Finish = Callable[[dict[int, list[Any]] | None], None]
 
 
-class PreviewBatcher:
+class PreviewBatcher(LoopConnection):
     """Queue PostgreSQL previews and check their customers with one statement per batch (see the module)."""
 
+    statements = ((_STATEMENT, CHECK_MANY_PG),)
+    settings = CHECK_SESSION_PG  # one generic plan of index look-ups (see there)
+    what = "a batched preview check"
+
     def __init__(self, state: DecisionState, *, max_batch: int = 256) -> None:
-        self.state = state
+        super().__init__(state)
         self.max_batch = max_batch
         #: How many statements were sent and how many previews they served (mean batch = their ratio).
         self.batches = 0
         self.previews = 0
         self._pending: list[tuple[int, int, Finish]] = []  # (customer id, oldest send time, finish)
         self._inflight: list[tuple[int, int, Finish]] | None = None
-        self._scheduled = False
-        self._conn: Any = None  # a psycopg Connection of our own, used through its libpq handle only
-        self._loop: Any = None
-        self._fd = -1
-
-    def customer_of(self, customer_ref: str) -> int | None:
-        """The customer a batched check can serve ``customer_ref`` for (cached and fresh), else None."""
-        return self.state.fresh_customer_of(customer_ref)
 
     def submit(self, customer_id: int, now_ms: int, finish: Finish) -> None:
         """Queue a check of ``customer_id``'s sends after ``now_ms - HISTORY_MS``; ``finish`` gets the rows.
@@ -66,47 +61,7 @@ class PreviewBatcher:
         ``finish`` is called on the event loop, with every customer's rows of the batch (or None
         when the statement failed), and must answer its request itself.
         """
-        self._pending.append((customer_id, now_ms - HISTORY_MS, finish))
-        if self._inflight is None and not self._scheduled:
-            self._scheduled = True
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            # At the end of this event-loop iteration: the previews that arrived with this one join it.
-            loop.call_soon(self._send)
-
-    # -- the connection
-    def _connection(self) -> Any:
-        if self._conn is None:
-            from psycopg.pq import ExecStatus
-
-            proxied = self.state.engine.raw_connection()
-            conn = proxied.driver_connection
-            proxied.detach()  # ours until closed: the pool neither resets nor hands it out
-            conn.autocommit = True
-            pgconn = conn.pgconn
-            for setting in CHECK_SESSION_PG:  # one generic plan of index look-ups (see there)
-                conn.execute(f"SET {setting}")
-            res = pgconn.prepare(_STATEMENT, CHECK_MANY_PG.encode())
-            if res.status != ExecStatus.COMMAND_OK:
-                with contextlib.suppress(Exception):
-                    conn.close()
-                raise RuntimeError(f"preparing the batched check failed: {res.error_message!r}")
-            pgconn.nonblocking = 1
-            self._conn = conn
-            self._fd = pgconn.socket
-        return self._conn
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if self._fd >= 0 and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._fd)
-                self._loop.remove_writer(self._fd)
-        self._fd = -1
-        if conn is not None:
-            with contextlib.suppress(Exception):  # broken already, most likely; we only let it go
-                conn.close()
+        self._queue((customer_id, now_ms - HISTORY_MS, finish))
 
     def close(self) -> None:
         """Close the connection (at shutdown); queued previews are answered the ordinary way."""
@@ -133,19 +88,9 @@ class PreviewBatcher:
             )
             self.batches += 1
             self.previews += len(batch)
-            if pgconn.flush():  # not all sent yet (a full socket buffer): finish when writable
-                self._loop.add_writer(self._fd, self._flush)
-            self._loop.add_reader(self._fd, self._readable)
+            self._watch(pgconn)
         except Exception:  # noqa: BLE001 - answered the ordinary way; the next batch reconnects
             log.warning("batched preview check failed to send; reading each the ordinary way", exc_info=True)
-            self._fail()
-
-    def _flush(self) -> None:
-        try:
-            if not self._conn.pgconn.flush():
-                self._loop.remove_writer(self._fd)
-        except Exception:  # noqa: BLE001
-            log.warning("batched preview check failed to send", exc_info=True)
             self._fail()
 
     def _readable(self) -> None:
@@ -189,9 +134,7 @@ class PreviewBatcher:
         self._drop()
         for _, _, finish in batch:
             finish(None)
-        if self._pending and not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._send)
+        self._send_later()
 
 
 def _rows(conn: Any, result: Any) -> list[tuple[Any, ...]]:

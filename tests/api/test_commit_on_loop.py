@@ -134,21 +134,13 @@ def test_a_failed_group_on_the_loop_is_recorded_again_commit_by_commit(
 
 
 def test_the_key_ring_reloads_without_the_write_lock(
-    api: Api, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    api: Api, runtime: Runtime, write_locks: list[str]
 ) -> None:
     """The key ring reloads on the event loop: it must not wait for another writer (nor deadlock with the loop's group)."""
     from cadence.keys import KeyRing
-    from cadence.store import driver
 
     ring = KeyRing(runtime.settings, runtime.engine, refresh_seconds=0.0)
-    taken: list[str] = []
-    acquire = driver.SQLiteWriteLock.acquire
-
-    def counted(self: driver.SQLiteWriteLock) -> bool:
-        taken.append(self.path)
-        return acquire(self)
-
-    monkeypatch.setattr(driver.SQLiteWriteLock, "acquire", counted)
+    taken = write_locks
     key = api.keys["decide"]["Authorization"]
     presented = base64.b64decode(key.split(" ", 1)[1]).decode().partition(":")[0]
     assert ring.cached_or_refreshed(presented) is not None  # reloaded (stale at once), and found

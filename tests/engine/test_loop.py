@@ -377,24 +377,14 @@ def test_an_erasure_and_a_batch_at_once_do_not_deadlock(runtime: Runtime) -> Non
         assert conn.scalar(select(profiles.c.event_count).where(profiles.c.customer_id == stays)) == 2
 
 
-def test_positions_are_loaded_without_the_write_lock(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_positions_are_loaded_without_the_write_lock(runtime: Runtime, write_locks: list[str]) -> None:
     """Reloading the positions (and the learners' snapshot) must not hold up every writer (SQLite's lock)."""
-    from cadence.store import driver
-
     ingest(runtime, ev(1, "identify", userId="u1", traits={"name": "Ada"}))
     loop = EngineLoop(runtime)
     loop.catch_up()
     expected = loop.positions()
-    taken: list[str] = []
-    acquire = driver.SQLiteWriteLock.acquire
-
-    def counted(self: driver.SQLiteWriteLock) -> bool:
-        taken.append(self.path)
-        return acquire(self)
-
-    monkeypatch.setattr(driver.SQLiteWriteLock, "acquire", counted)
+    write_locks.clear()
+    taken = write_locks
     loop._positions = None  # as a worker following the leader's snapshots reloads them
     # (the learners start again from their snapshot, none taken here: position 0)
     assert {k: v for k, v in loop.positions().items() if k != "learners"} == {

@@ -30,6 +30,7 @@ from starlette.types import Scope as ASGIScope
 
 from cadence.api.commitpipe import CommitPipeline
 from cadence.api.httpproto import DEFERRED
+from cadence.api.loopconn import LoopConnection
 from cadence.api.metrics import Metrics
 from cadence.api.previewbatch import PreviewBatcher
 from cadence.api.security import Principal, Scope
@@ -374,16 +375,10 @@ class DecisionFastPath:
         state: DecisionState = app.state.decision_state
         if not state.postgres or not getattr(app.state, "pipeline_commits", True):
             return None
-        pipeline: CommitPipeline | None = getattr(app.state, "commit_pipeline", None)
-        if pipeline is None:
-            pipeline = app.state.commit_pipeline = CommitPipeline(state)
-        customer = pipeline.customer_of(item.customer_id)
-        if customer is None:
+        found = _on_loop(app, "commit_pipeline", CommitPipeline, item)
+        if found is None:
             return None
-        try:
-            spec = _spec(app, item)
-        except HTTPException:
-            return None
+        pipeline, customer, spec = found
         wait = app.state.rate_limiter.acquire(principal.name)
         if wait > 0:
             return _limited(principal.name, wait)
@@ -401,16 +396,10 @@ class DecisionFastPath:
         ruleset, an ``at`` without offset): then nothing was charged and it takes the usual path.
         """
         state: DecisionState = app.state.decision_state
-        batcher: PreviewBatcher | None = getattr(app.state, "preview_batcher", None)
-        if batcher is None:
-            batcher = app.state.preview_batcher = PreviewBatcher(state)
-        customer = batcher.customer_of(item.customer_id)
-        if customer is None:
+        found = _on_loop(app, "preview_batcher", PreviewBatcher, item)
+        if found is None:
             return None
-        try:
-            spec = _spec(app, item)
-        except HTTPException:
-            return None
+        batcher, customer, spec = found
         limiter = app.state.rate_limiter
         wait = limiter.acquire(principal.name)
         if wait > 0:
@@ -461,6 +450,27 @@ class _Admitted:
 
     def __init__(self, prepared: PreparedDecision | None) -> None:
         self.prepared = prepared
+
+
+def _on_loop(
+    app: Any, attr: str, make: Callable[[DecisionState], LoopConnection], item: DecisionRequest
+) -> tuple[Any, int, DecisionRequestSpec] | None:
+    """The event loop's path for ``item`` (``app.state.<attr>``, made on first use), its customer and spec.
+
+    None when the request takes the usual path instead: its customer is not cached, no ruleset,
+    an ``at`` without offset (nothing charged yet).
+    """
+    path = getattr(app.state, attr, None)
+    if path is None:
+        path = make(app.state.decision_state)
+        setattr(app.state, attr, path)
+    customer = path.customer_of(item.customer_id)
+    if customer is None:
+        return None
+    try:
+        return path, customer, _spec(app, item)
+    except HTTPException:
+        return None
 
 
 def _admit_commit(
@@ -671,13 +681,7 @@ class DecisionGroups:
         """Run ``group`` in a thread, as every group ran before; then the loop takes the next group."""
 
         def run() -> None:
-            self.groups += 1
-            self.requests += len(group)
-            try:
-                results = self._run([(item, prepared) for item, _, prepared in group])
-            except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
-                results = [exc] * len(group)
-            loop.call_soon_threadsafe(self._settle_all, loop, group, results)
+            loop.call_soon_threadsafe(self._settle_all, loop, group, self._run_group(group))
 
         try:
             loop.run_in_executor(None, run)
@@ -687,6 +691,15 @@ class DecisionGroups:
                 waiting, self._pending = self._pending, []
             for _, settle, _ in group + waiting:
                 settle(exc)
+
+    def _run_group(self, group: list[Any]) -> list[Any]:
+        """Run ``group``'s transaction (in a thread) and count it: each answer, or the error for all."""
+        self.groups += 1
+        self.requests += len(group)
+        try:
+            return self._run([(item, prepared) for item, _, prepared in group])
+        except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
+            return [exc] * len(group)
 
     def _write_on_loop(self, loop: asyncio.AbstractEventLoop, group: list[Any], raw: Any) -> None:
         """Record the prepared commits of ``group`` in one transaction on ``raw`` (write lock held), on the loop."""
@@ -732,12 +745,7 @@ class DecisionGroups:
                         self._threads -= 1
                         done = True
                         return
-                self.groups += 1
-                self.requests += len(group)
-                try:
-                    results = self._run([(item, prepared) for item, _, prepared in group])
-                except BaseException as exc:  # noqa: BLE001 - every waiting request must be answered
-                    results = [exc] * len(group)
+                results = self._run_group(group)
                 for (_, settle, _), result in zip(group, results, strict=True):
                     loop.call_soon_threadsafe(settle, result)
         finally:
