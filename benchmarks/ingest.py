@@ -252,7 +252,7 @@ def run_loop_only(*, quick: bool, postgres_url: str | None) -> str:
     lines = [
         f"## Engine loop only ({n:,} imported events)",
         "",
-        "| database | profile path (events/s, median of 3) | its CPU (s) | every subscriber (events/s) | its CPU (s) | load |",
+        f"| database | profile path (events/s, median of {PROFILE_RUNS}) | its CPU (s) | every subscriber (events/s) | its CPU (s) | load |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -389,7 +389,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
     lines += [
         "| goal | | 50,000 | 50,000 | 10,000 | 0 |",
         "",
-        "| database | engine loop, profile path (events/s, median of 3) | its CPU (s) "
+        f"| database | engine loop, profile path (events/s, median of {PROFILE_RUNS}) | its CPU (s) "
         "| engine loop, every subscriber (events/s) | its CPU (s) | load average at loop start |",
         "|---|---:|---:|---:|---:|---:|",
     ]

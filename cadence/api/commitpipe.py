@@ -48,7 +48,7 @@ from cadence.engine.decisions_service import (
     decide_group,
 )
 from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL
-from cadence.store.fast import driver_sql
+from cadence.store.fast import array_literal, driver_sql
 
 __all__ = ["CommitPipeline", "InDoubtError"]
 
@@ -105,10 +105,6 @@ def _param(value: Any) -> bytes | None:
     if isinstance(value, str):
         return value.encode()
     return str(value).encode()
-
-
-def _array(ids: list[int]) -> bytes:
-    return ("{" + ",".join(map(str, ids)) + "}").encode()
 
 
 @dataclass
@@ -186,7 +182,7 @@ class CommitPipeline(LoopConnection):
         self._inflight = group
         try:
             pgconn = self._connection().pgconn
-            ids = _array(sorted(c.customer_id for c in group.commits))
+            ids = array_literal("bigint", sorted(c.customer_id for c in group.commits)).encode()
             since = min(c.spec.now_ms for c in group.commits) - HISTORY_MS
             pgconn.send_query_params(b"BEGIN", None)
             pgconn.send_query_prepared(_LOCK[0], [ids])
@@ -229,8 +225,6 @@ class CommitPipeline(LoopConnection):
         """The locks are held and the check read: decide the group, send its writes and ``COMMIT``."""
         from psycopg.pq import ExecStatus
 
-        from cadence.api.previewbatch import _rows
-
         try:
             begin, locked, checked = group.results
             if begin.status != ExecStatus.COMMAND_OK or locked.status != ExecStatus.TUPLES_OK:
@@ -239,9 +233,7 @@ class CommitPipeline(LoopConnection):
                 )
             if checked.status != ExecStatus.TUPLES_OK:
                 raise RuntimeError(f"checking a commit group failed: {checked.error_message!r}")
-            by_customer: dict[int, list[Any]] = {}
-            for customer, *rest in _rows(self._conn, checked):
-                by_customer.setdefault(customer, []).append(rest)
+            by_customer = self._by_customer(checked)
             decided = group.decided = decide_group(
                 [c.spec for c in group.commits], by_customer, state=self.state, after_commit=group.hooks
             )

@@ -109,6 +109,20 @@ class LoopConnection:
             log.warning("%s failed to send", self.what, exc_info=True)
             self._fail()
 
+    def _by_customer(self, result: Any) -> dict[int, list[Any]]:
+        """A check's result (its first column the customer) as each customer's rows, the rest of each.
+
+        Loaded as a psycopg cursor would (the same Python types, by column type).
+        """
+        from psycopg.adapt import Transformer
+
+        tx = Transformer(self._conn)
+        tx.set_pgresult(result)
+        by_customer: dict[int, list[Any]] = {}
+        for customer, *rest in tx.load_rows(0, result.ntuples, tuple):
+            by_customer.setdefault(customer, []).append(rest)
+        return by_customer
+
     def _send_later(self) -> None:
         """After a failure: what queued meanwhile goes out at the end of this iteration (on a new connection)."""
         if self._pending and not self._scheduled and self._loop is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from cadence.api.loopconn import LoopConnection
 from cadence.engine.decision_state import CHECK_MANY_PG, CHECK_SESSION_PG, HISTORY_MS, DecisionState
+from cadence.store.fast import array_literal
 
 __all__ = ["PreviewBatcher"]
 
@@ -84,7 +85,7 @@ class PreviewBatcher(LoopConnection):
             ids = sorted({customer for customer, _, _ in batch})
             since = min(oldest for _, oldest, _ in batch)
             pgconn.send_query_prepared(
-                _STATEMENT, [("{" + ",".join(map(str, ids)) + "}").encode(), str(since).encode()]
+                _STATEMENT, [array_literal("bigint", ids).encode(), str(since).encode()]
             )
             self.batches += 1
             self.previews += len(batch)
@@ -114,15 +115,12 @@ class PreviewBatcher(LoopConnection):
             if result is None or result.status != ExecStatus.TUPLES_OK:
                 message = result.error_message if result is not None else b"no result"
                 raise RuntimeError(f"batched preview check failed: {message!r}")
-            rows = _rows(conn, result)
+            by_customer = self._by_customer(result)
         except Exception:  # noqa: BLE001 - answered the ordinary way; the next batch reconnects
             log.warning("batched preview check failed; reading each the ordinary way", exc_info=True)
             self._fail()
             return
         batch, self._inflight = self._inflight or [], None
-        by_customer: dict[int, list[Any]] = {}
-        for customer, *rest in rows:
-            by_customer.setdefault(customer, []).append(rest)
         # The next batch's statement first (what queued during this round trip), so that PostgreSQL
         # reads it while this worker decides the batch it got.
         self._send()
@@ -135,12 +133,3 @@ class PreviewBatcher(LoopConnection):
         for _, _, finish in batch:
             finish(None)
         self._send_later()
-
-
-def _rows(conn: Any, result: Any) -> list[tuple[Any, ...]]:
-    """The result's rows as a psycopg cursor returns them (the same Python types, by column type)."""
-    from psycopg.adapt import Transformer
-
-    tx = Transformer(conn)
-    tx.set_pgresult(result)
-    return list(tx.load_rows(0, result.ntuples, tuple))

@@ -29,7 +29,7 @@ from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.ingest import append_horizon
 from cadence.engine.leader import Leadership
-from cadence.store.fast import fetch_rows, send, write_rows
+from cadence.store.fast import fetch_rows, rows_of, send, write_rows
 from cadence.store.schema.core import checkpoints, events
 
 if TYPE_CHECKING:
@@ -554,13 +554,7 @@ def _ask_events(conn: Connection, *, after: int, limit: int, before: int | None)
 
 def _decoded(source: Any) -> list[_Row]:
     """The rows of :func:`read_events` (a cursor, or rows fetched), payloads decoded."""
-    if isinstance(source, list):
-        rows = source
-    else:
-        try:
-            rows = list(source.fetchall())
-        finally:
-            source.close()
+    rows = rows_of(source)
     loads, new = orjson.loads, tuple.__new__
     return [
         new(_Row, (*r[:8], r[8] if isinstance(r[8], dict) else loads(r[8])))  # type: ignore[type-var]
