@@ -249,7 +249,7 @@ def _backends_cpu(url: str, database: str) -> dict[int, float]:
     """CPU seconds so far of each PostgreSQL backend connected to ``database`` (same machine).
 
     A backend whose connection closed during the run (a pool's overflow) is not counted:
-    an undercount when the server opens and closes connections, as under many commits.
+    :func:`_server_counters` counts those too.
     """
     import psycopg
 
@@ -258,6 +258,31 @@ def _backends_cpu(url: str, database: str) -> dict[int, float]:
             r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
         ]
     return {pid: process_cpu(pid) for pid in pids}
+
+
+def _server_counters(url: str, database: str) -> tuple[float, int, int]:
+    """(CPU seconds, transactions committed, sessions opened) of the PostgreSQL server so far (same machine).
+
+    The CPU is the whole server's: the postmaster and every process it started, the ones that
+    exited too (their CPU is in the postmaster's children's times once it reaped them), the
+    background writers and autovacuum included. The counts are ``database``'s: a transaction
+    count close to the number of commits sent says the groups held one commit each, and
+    sessions opened during a run would be a pool that reconnects.
+    """
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+        counts = conn.execute(
+            "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = %s", (database,)
+        ).fetchone()
+    assert backend is not None and counts is not None
+    postmaster = int(Path(f"/proc/{backend[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime, stime, and the reaped children's cutime, cstime
+    cpu = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    cpu += tree_cpu(postmaster) - process_cpu(postmaster)  # the live children
+    return cpu, int(counts[0]), int(counts[1])
 
 
 @contextmanager
@@ -348,6 +373,7 @@ def http_load(
                     with httpx.Client(base_url=base, auth=(key, ""), timeout=120) as fresh:
                         fresh.post("/v1/decisions/batch", json={"requests": everyone}).raise_for_status()
             db_before = _backends_cpu(postgres_url, pg_name) if postgres_url and pg_name else {}
+            server_before = _server_counters(postgres_url, pg_name) if postgres_url and pg_name else None
             before = tree_cpu(server.pid)
             ticks = cpu_ticks()
             load = Path("/proc/loadavg").read_text().split()[0]
@@ -373,6 +399,11 @@ def http_load(
             if postgres_url and pg_name:
                 after = _backends_cpu(postgres_url, pg_name)
                 result["db_cpu"] = sum(cpu - db_before.get(pid, 0.0) for pid, cpu in after.items())
+                assert server_before is not None
+                server_after = _server_counters(postgres_url, pg_name)
+                result["db_server_cpu"] = server_after[0] - server_before[0]
+                result["db_transactions"] = server_after[1] - server_before[1]
+                result["db_sessions"] = server_after[2] - server_before[2]
             result["load_before"] = load
             result["load_after"] = Path("/proc/loadavg").read_text().split()[0]
             return result
@@ -383,6 +414,12 @@ def _http_row(label: str, http: dict[str, object], rate: float, seconds: float) 
     cpu = f"server CPU {float(http['server_cpu']) * 1000 / sent:.2f} ms/decision"  # type: ignore[arg-type]
     if "db_cpu" in http:
         cpu += f" + PostgreSQL {float(http['db_cpu']) * 1000 / sent:.2f} ms"  # type: ignore[arg-type]
+    if "db_server_cpu" in http:
+        cpu += (
+            f" (the whole PostgreSQL server {float(http['db_server_cpu']) * 1000 / sent:.2f} ms; "  # type: ignore[arg-type]
+            f"{int(http['db_transactions']) / sent:.2f} transactions a decision, "  # type: ignore[call-overload]
+            f"{http['db_sessions']} sessions opened)"
+        )
     met = (
         float(http["achieved"]) >= 0.98 * rate  # type: ignore[arg-type]
         and float(http["p99"]) < 20  # type: ignore[arg-type]
