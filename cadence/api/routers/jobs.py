@@ -104,7 +104,8 @@ def setup(app: FastAPI) -> None:
         if loop is None or learners is None:
             return
         snaps = learner_snapshots.c
-        with runtime.engine.connect() as conn:
+        # Read-only: on SQLite a plain connection's transaction takes the write lock every commit waits for.
+        with runtime.engine.connect().execution_options(cadence_readonly=True) as conn:
             latest = conn.scalar(select(func.max(snaps.version)).where(snaps.name == learners.name))
             pinned = conn.scalar(
                 select(snaps.version).where(snaps.name == learners.name, snaps.pinned.is_(True))
