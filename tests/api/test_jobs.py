@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
 from cadence.api.app import create_app
 from cadence.engine.learning import LearnerSubscriber, save_snapshot
+from cadence.engine.loop import EngineLoop
 from cadence.runtime import Runtime
 
 
@@ -34,3 +36,23 @@ def test_a_follower_reloads_the_learners_only_when_another_snapshot_was_stored(
     assert len(loads) == 1
     follow()
     assert len(loads) == 1
+
+
+def test_a_serving_process_loads_the_learners_before_its_first_request(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower decides with the stored learners from the start, and its first follow job finds them loaded."""
+    app = create_app(runtime=runtime, background=True)
+    loads: list[int] = []
+    start = LearnerSubscriber.start
+
+    def counted(self: LearnerSubscriber, conn: object, checkpoint: int) -> int:
+        loads.append(checkpoint)
+        return start(self, conn, checkpoint)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LearnerSubscriber, "start", counted)
+    monkeypatch.setattr(EngineLoop, "_is_leader", lambda _self: False)  # another process leads
+    with TestClient(app):
+        assert len(loads) == 1
+        app.state.scheduler.follow()
+        assert len(loads) == 1
