@@ -145,6 +145,14 @@ def load_snapshot(
     return _load(bytes(blob))
 
 
+def snapshot_marker(conn: Connection, *, name: str) -> tuple[int | None, int | None]:
+    """The latest and the pinned version of ``name`` (None where there is none): which snapshots a load finds."""
+    snaps = learner_snapshots.c
+    latest = conn.scalar(select(func.max(snaps.version)).where(snaps.name == name))
+    pinned = conn.scalar(select(snaps.version).where(snaps.name == name, snaps.pinned.is_(True)))
+    return latest, pinned
+
+
 def pin_snapshot(conn: Connection, *, name: str, version: int) -> None:
     """Serve ``version`` of ``name`` (frozen) until unpinned; rolling back is pinning an older version."""
     exists = conn.execute(
@@ -218,6 +226,8 @@ class LearnerSubscriber:
         # Learning from the start of the log: (decisions registered up to this decided_at_ms,
         # the last one to register), see _backfill_decisions.
         self._backfill: tuple[int, int] | None = None
+        #: The snapshots :meth:`start` loaded, as :func:`snapshot_marker` gives them (None: not started).
+        self.loaded_marker: tuple[int | None, int | None] | None = None
 
     def scorer(self) -> DecisionLearner:
         """What decisions should be scored with: the pinned snapshot if any, else the live learner."""
@@ -234,6 +244,9 @@ class LearnerSubscriber:
         reaches the time each was made; unless events were deleted by retention, when the
         snapshot is kept as it is. A pinned snapshot is served as pinned either way.
         """
+        # Read in the transaction that loads them: a follower compares it with the stored one (see
+        # cadence.api.routers.jobs) and reloads only when the leader stored or pinned another since.
+        self.loaded_marker = snapshot_marker(conn, name=self.name)
         latest = self._adopted(load_snapshot(conn, name=self.name), what="latest", relearn=self._log_complete)
         self._backfill = None
         if latest is None:

@@ -179,7 +179,7 @@ class EngineLoop:
     def lag(self) -> int:
         """How many events are in the log after the slowest subscriber's position."""
         low = min(self.positions().values())
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(cadence_readonly=True) as conn:
             return int(conn.scalar(select(func.count()).select_from(events).where(events.c.id > low)) or 0)
 
     # -- processing
@@ -239,6 +239,8 @@ class EngineLoop:
         otherwise, as after a restart, it reads them again and only looks their customers up.
         """
         cached = self.positions()
+        if self._ahead is None and self.engine.dialect.name == "sqlite" and self._drained(cached):
+            return 0
         ahead, self._ahead = self._ahead, None
         try:
             with self.engine.begin() as conn, _pipelined(conn) as postgres, ExitStack() as held:
@@ -316,6 +318,30 @@ class EngineLoop:
         for listener in self.on_batch:
             listener(new_positions, count)
         return count
+
+    def _drained(self, cached: dict[str, int]) -> bool:
+        """SQLite: True (positions reloaded) when no subscriber has an event left to apply, read without the write lock.
+
+        A batch begins by taking the database's write lock (``BEGIN IMMEDIATE``), and the loop
+        looks at the log every poll and before every dispatcher round, mostly to find nothing
+        new: each look held the lock that every decision commit of every worker waits for, for
+        a few reads in a thread that waits for the interpreter lock between them (p50 0.9 ms,
+        p99 5 ms, session 12's trace). This reads the same checkpoints and asks for one event
+        after the lowest of them in a read-only transaction; when there is one, the batch reads
+        it all again under the write lock, as before. An event committed after this read is
+        picked up by the next look (as one committed after a batch's read always was).
+        """
+        with self.engine.connect().execution_options(cadence_readonly=True) as conn, conn.begin():
+            stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
+            positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+            for sub in self.subscribers:
+                in_memory = getattr(sub, "in_memory", False)
+                positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
+            low = min(positions.values())
+            if conn.execute(select(events.c.id).where(events.c.id > low).limit(1)).first() is not None:
+                return False
+        self._positions = positions
+        return True
 
     def _tell_created(self, conn: Connection, created: frozenset[int]) -> None:
         for sub in self.subscribers:

@@ -380,3 +380,29 @@ async def test_outbox_also_writes_json_lines_once_per_send(
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(line["idempotency_key"] for line in lines) == sorted(f"spring:{c}:1" for c in ids)
     assert lines[0]["channel"] == "push" and lines[0]["campaign"] == "spring"
+
+
+async def test_a_round_with_nothing_due_leaves_the_sqlite_write_lock_alone(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle dispatcher's claims are reads: every decision commit waits for a write transaction."""
+    from cadence.store.driver import SQLiteWriteLock
+
+    ids = seed(sqlite_engine, 2)
+    dispatcher = Dispatcher(engine=sqlite_engine, route=registry(fake, http, sqlite_engine).route)
+    taken: list[str] = []
+    acquire = SQLiteWriteLock.acquire
+
+    def counted(self: SQLiteWriteLock) -> bool:
+        taken.append(self.path)
+        return acquire(self)
+
+    monkeypatch.setattr(SQLiteWriteLock, "acquire", counted)
+    report = await dispatcher.dispatch_once()
+    assert report.claimed == 0 and taken == []
+    monkeypatch.setattr(SQLiteWriteLock, "acquire", acquire)
+    enqueue(sqlite_engine, ids)  # now something is due: the round claims it under the lock, as before
+    monkeypatch.setattr(SQLiteWriteLock, "acquire", counted)
+    report = await dispatcher.dispatch_once()
+    assert (report.claimed, report.sent) == (2, 2) and taken
+    assert statuses(sqlite_engine) == {"sent": 2}

@@ -58,3 +58,38 @@ def test_a_refused_bulk_write_fails_and_rolls_back_its_batch(runtime: Runtime, d
     assert loop.run_once() == 20
     with db_engine.connect() as conn:
         assert conn.scalar(select(func.sum(profiles.c.event_count))) == 20
+
+
+def test_a_drained_log_is_looked_at_without_the_sqlite_write_lock(
+    runtime: Runtime, db_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looking at a log with nothing new is a read: every decision commit waits for SQLite's write lock."""
+    if db_engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's write lock")
+    from cadence.store.driver import SQLiteWriteLock
+
+    calls = stream()
+    ingest(runtime, *calls[:20])
+    loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), ConsentSubscriber()], batch_size=10)
+    assert loop.catch_up() == 20
+    taken: list[object] = []
+    acquire = SQLiteWriteLock.acquire
+
+    def counted(self: SQLiteWriteLock) -> bool:
+        taken.append(self)
+        return acquire(self)
+
+    monkeypatch.setattr(SQLiteWriteLock, "acquire", counted)
+    assert loop.run_once() == 0 and taken == []
+    ingest(runtime, *calls[20:30])
+    taken.clear()
+    assert loop.run_once() == 10 and taken  # a batch writes under the lock, as before
+    # Another process's loop applies the next events; this one finds them applied (its positions
+    # follow the stored checkpoints) without taking the lock.
+    ingest(runtime, *calls[30:40])
+    EngineLoop(runtime, [ProfilesSubscriber(runtime), ConsentSubscriber()], batch_size=10).catch_up()
+    taken.clear()
+    assert loop.run_once() == 0 and taken == []
+    assert loop.positions()["profiles"] == loop.positions()["identity"] == 40
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(func.sum(profiles.c.event_count))) == 40

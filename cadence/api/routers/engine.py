@@ -25,7 +25,8 @@ def setup(app: FastAPI) -> None:
     def record(positions: dict[str, int], _count: int) -> None:
         low = min(positions.values())
         metrics.engine_position.set(low)
-        with app.state.runtime.engine.connect() as conn:
+        # Read-only: on SQLite a plain connection's transaction takes the write lock every commit waits for.
+        with app.state.runtime.engine.connect().execution_options(cadence_readonly=True) as conn:
             newest = conn.scalar(select(func.max(events.c.id))) or 0
         metrics.engine_lag.set(max(0, newest - low))
 
@@ -33,6 +34,10 @@ def setup(app: FastAPI) -> None:
 
     def start(app: FastAPI) -> None:
         if app.state.background and app.state.settings.engine_enabled:
+            # Loaded before serving, in the leader and in the followers alike: a follower otherwise
+            # decided with empty learners until its first follow job (30 s), which then unpickled
+            # the snapshot in a thread while requests waited for the interpreter lock (66-127 ms).
+            loop.positions()
             loop.start()
 
     def stop(app: FastAPI) -> None:

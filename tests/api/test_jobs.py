@@ -1,0 +1,58 @@
+"""The scheduler's jobs inside the API process."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cadence.api.app import create_app
+from cadence.engine.learning import LearnerSubscriber, save_snapshot
+from cadence.engine.loop import EngineLoop
+from cadence.runtime import Runtime
+
+
+def test_a_follower_reloads_the_learners_only_when_another_snapshot_was_stored(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reloading unpickles the whole learner while requests wait: not for the snapshot already loaded."""
+    app = create_app(runtime=runtime, background=False)
+    loop = app.state.engine_loop
+    learners = next(s for s in loop.subscribers if isinstance(s, LearnerSubscriber))
+    loop.positions()  # what a serving process loads at start-up
+    loads: list[int] = []
+    start = LearnerSubscriber.start
+
+    def counted(self: LearnerSubscriber, conn: object, checkpoint: int) -> int:
+        loads.append(checkpoint)
+        return start(self, conn, checkpoint)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LearnerSubscriber, "start", counted)
+    follow = app.state.scheduler.follow
+    follow()
+    assert loads == []
+    with runtime.engine.begin() as conn:  # the leader stores a snapshot
+        save_snapshot(conn, name=learners.name, learner=learners.learner, now_ms=0)
+    follow()
+    assert len(loads) == 1
+    follow()
+    assert len(loads) == 1
+
+
+def test_a_serving_process_loads_the_learners_before_its_first_request(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower decides with the stored learners from the start, and its first follow job finds them loaded."""
+    app = create_app(runtime=runtime, background=True)
+    loads: list[int] = []
+    start = LearnerSubscriber.start
+
+    def counted(self: LearnerSubscriber, conn: object, checkpoint: int) -> int:
+        loads.append(checkpoint)
+        return start(self, conn, checkpoint)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LearnerSubscriber, "start", counted)
+    monkeypatch.setattr(EngineLoop, "_is_leader", lambda _self: False)  # another process leads
+    with TestClient(app):
+        assert len(loads) == 1
+        app.state.scheduler.follow()
+        assert len(loads) == 1
