@@ -306,6 +306,45 @@ def _database(postgres_url: str | None) -> Iterator[tuple[str, str | None]]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def _cache_entries(metrics: str) -> float:
+    """A worker's ``cadence_decision_cache_entries`` in its ``/metrics`` text (0 when absent).
+
+    >>> _cache_entries("# HELP x\\ncadence_decision_cache_entries 1000.0\\n")
+    1000.0
+    """
+    for line in metrics.splitlines():
+        if line.startswith("cadence_decision_cache_entries "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _warm_every_worker(base: str, key: str, customers: int, workers: int) -> None:
+    """Decide for every customer once (a batch of previews) in every worker, so that each caches them all.
+
+    The kernel gives each new connection to a worker at random: a fixed number of fresh
+    connections left one of two workers cold in about one run in thirty (six connections), and
+    a cold worker sends each commit through the thread path, which reads the customer's profile:
+    a stall of seconds at the start of the run (session 12). So each fresh connection asks its
+    worker how many customers it caches (``/metrics``, on the same connection) and warms it if
+    needed, until ``16 x workers`` fresh connections in a row found their worker warm (the chance
+    that a worker was never reached is then below one in 10^9 for two workers).
+    """
+    import httpx
+
+    everyone = [{"customer_id": f"lt-{i}", "mode": "preview"} for i in range(customers)]
+    warm_in_a_row = 0
+    for _ in range(1000):
+        with httpx.Client(base_url=base, auth=(key, ""), timeout=120) as fresh:  # one connection, one worker
+            if _cache_entries(fresh.get("/metrics").text) >= customers:
+                warm_in_a_row += 1
+                if warm_in_a_row >= 16 * workers:
+                    return
+                continue
+            warm_in_a_row = 0
+            fresh.post("/v1/decisions/batch", json={"requests": everyone}).raise_for_status()
+    raise RuntimeError("could not warm every worker's decision cache")
+
+
 def http_load(
     *,
     rate: float,
@@ -366,12 +405,7 @@ def http_load(
                     if client.post("/v1/decisions", json=last).status_code == 200:
                         break
                     time.sleep(0.2)
-                # Warm every process's cache. The kernel spreads new connections over the workers at
-                # random: three fresh connections per worker reach each one with 97% or more.
-                everyone = [{"customer_id": f"lt-{i}", "mode": "preview"} for i in range(customers)]
-                for _ in range(1 if workers == 1 else 3 * workers):
-                    with httpx.Client(base_url=base, auth=(key, ""), timeout=120) as fresh:
-                        fresh.post("/v1/decisions/batch", json={"requests": everyone}).raise_for_status()
+                _warm_every_worker(base, key, customers, workers)
             db_before = _backends_cpu(postgres_url, pg_name) if postgres_url and pg_name else {}
             server_before = _server_counters(postgres_url, pg_name) if postgres_url and pg_name else None
             before = tree_cpu(server.pid)

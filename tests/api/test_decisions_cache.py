@@ -451,3 +451,20 @@ def test_a_commit_decided_before_its_transaction_is_decided_again_when_its_input
             (late.decision_id,),
         ).scalar()
     assert sends_u1 == 1 and row == "none"
+
+
+def cache_entries(api: Api) -> float:
+    """This process's ``cadence_decision_cache_entries`` from ``/metrics``."""
+    for line in api.client.get("/metrics").text.splitlines():
+        if line.startswith("cadence_decision_cache_entries "):
+            return float(line.split()[1])
+    raise AssertionError("no cadence_decision_cache_entries in /metrics")
+
+
+def test_metrics_count_the_customers_cached(api: Api) -> None:
+    # A worker with a cold cache sends its commits through the slower thread path: visible here.
+    assert cache_entries(api) == 0
+    api.decide("u1")
+    assert cache_entries(api) == 1
+    api.state.forget()
+    assert cache_entries(api) == 0
