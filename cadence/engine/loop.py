@@ -250,11 +250,7 @@ class EngineLoop:
                     send(conn, f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
                     marked = conn.connection.cursor()
                     marked.execute(_ERASURE_MARK)
-                stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
-                positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
-                for sub in self.subscribers:
-                    in_memory = getattr(sub, "in_memory", False)
-                    positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
+                positions = self._stored_positions(conn, cached)
                 low = min(positions.values())
                 now = self.runtime.clock.now_ms()
                 erased = _erasure_mark(marked) if marked is not None else 0
@@ -332,16 +328,21 @@ class EngineLoop:
         picked up by the next look (as one committed after a batch's read always was).
         """
         with self.engine.connect().execution_options(cadence_readonly=True) as conn, conn.begin():
-            stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
-            positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
-            for sub in self.subscribers:
-                in_memory = getattr(sub, "in_memory", False)
-                positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
+            positions = self._stored_positions(conn, cached)
             low = min(positions.values())
             if conn.execute(select(events.c.id).where(events.c.id > low).limit(1)).first() is not None:
                 return False
         self._positions = positions
         return True
+
+    def _stored_positions(self, conn: Connection, cached: dict[str, int]) -> dict[str, int]:
+        """Each subscriber's position: its stored checkpoint, or ``cached`` for one kept in memory."""
+        stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
+        positions = {IDENTITY: int(stored.get(IDENTITY, 0))}
+        for sub in self.subscribers:
+            in_memory = getattr(sub, "in_memory", False)
+            positions[sub.name] = cached[sub.name] if in_memory else int(stored.get(sub.name, 0))
+        return positions
 
     def _tell_created(self, conn: Connection, created: frozenset[int]) -> None:
         for sub in self.subscribers:

@@ -11,14 +11,8 @@ from cadence.engine.loop import EngineLoop
 from cadence.runtime import Runtime
 
 
-def test_a_follower_reloads_the_learners_only_when_another_snapshot_was_stored(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Reloading unpickles the whole learner while requests wait: not for the snapshot already loaded."""
-    app = create_app(runtime=runtime, background=False)
-    loop = app.state.engine_loop
-    learners = next(s for s in loop.subscribers if isinstance(s, LearnerSubscriber))
-    loop.positions()  # what a serving process loads at start-up
+def _count_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The checkpoints the learners are loaded from from now on (a list that grows with each load)."""
     loads: list[int] = []
     start = LearnerSubscriber.start
 
@@ -27,6 +21,18 @@ def test_a_follower_reloads_the_learners_only_when_another_snapshot_was_stored(
         return start(self, conn, checkpoint)  # type: ignore[arg-type]
 
     monkeypatch.setattr(LearnerSubscriber, "start", counted)
+    return loads
+
+
+def test_a_follower_reloads_the_learners_only_when_another_snapshot_was_stored(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reloading unpickles the whole learner while requests wait: not for the snapshot already loaded."""
+    app = create_app(runtime=runtime, background=False)
+    loop = app.state.engine_loop
+    learners = next(s for s in loop.subscribers if isinstance(s, LearnerSubscriber))
+    loop.positions()  # what a serving process loads at start-up
+    loads = _count_loads(monkeypatch)
     follow = app.state.scheduler.follow
     follow()
     assert loads == []
@@ -43,14 +49,7 @@ def test_a_serving_process_loads_the_learners_before_its_first_request(
 ) -> None:
     """A follower decides with the stored learners from the start, and its first follow job finds them loaded."""
     app = create_app(runtime=runtime, background=True)
-    loads: list[int] = []
-    start = LearnerSubscriber.start
-
-    def counted(self: LearnerSubscriber, conn: object, checkpoint: int) -> int:
-        loads.append(checkpoint)
-        return start(self, conn, checkpoint)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(LearnerSubscriber, "start", counted)
+    loads = _count_loads(monkeypatch)
     monkeypatch.setattr(EngineLoop, "_is_leader", lambda _self: False)  # another process leads
     with TestClient(app):
         assert len(loads) == 1
