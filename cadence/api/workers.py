@@ -1,8 +1,11 @@
 """``cadence serve --workers N``: N API processes on one socket, one of them the leader.
 
-The parent checks the port, then starts N worker processes (forked after importing the app once), each running
-the full app on its own ``SO_REUSEPORT`` socket of that port: the kernel spreads new
-connections between them.
+The parent listens on the port and starts N worker processes (forked after importing the app once),
+each running the full app. The parent accepts each connection and hands it to the workers in
+turn (over a Unix socket pair per worker, ``SCM_RIGHTS``), as Node's ``cluster`` module does by
+default: the kernel's own spreading (one ``SO_REUSEPORT`` socket per worker) hashes each
+connection to a worker, which split a client's 64 keep-alive connections as unevenly as 42 to
+22, and the worker with more carried two thirds of the load (session 12).
 Every worker builds the engine loop, the scheduler and the dispatcher, but they share
 one leader lock (:class:`~cadence.engine.leader.Leadership`, a PostgreSQL advisory
 lock): exactly one worker runs them while the others serve the API, with decisions
@@ -22,6 +25,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import time
@@ -124,21 +128,79 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _bind(host: str, port: int, *, listen: bool = True) -> socket.socket:
-    """A socket on ``host:port`` with ``SO_REUSEPORT``: each worker listens on its own, and the
-    kernel spreads new connections over them (one shared socket would wake the same worker)."""
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket on ``host:port`` (non-blocking: the parent accepts what is waiting)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    if listen:
-        sock.listen(2048)
+    sock.listen(2048)
+    sock.setblocking(False)
     return sock
 
 
-def _worker(settings: Settings, index: int) -> None:
-    """One worker process: open the database, build the app, serve on its own socket of the port."""
+#: Connections a worker takes from one read of its hand-off socket, at most.
+HANDED_PER_READ = 64
+
+
+def _handed_server(config: Any, handoff: socket.socket) -> Any:
+    """A uvicorn server that listens on nothing and serves the connections the parent hands over ``handoff``.
+
+    When the parent is gone (``handoff`` reads end-of-file), no connection can come any more:
+    the worker finishes its requests and exits, as on SIGTERM.
+    """
+    import asyncio
+
+    import uvicorn
+
+    class HandedServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=[])  # listens on nothing
+            if self.should_exit:
+                return
+            loop = asyncio.get_running_loop()
+            state = self.lifespan.state
+
+            def protocol() -> asyncio.Protocol:
+                return config.http_protocol_class(
+                    config=config, server_state=self.server_state, app_state=state, _loop=loop
+                )
+
+            def receive() -> None:
+                try:
+                    _, fds, _, _ = socket.recv_fds(handoff, HANDED_PER_READ, HANDED_PER_READ)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    fds = []
+                if not fds:  # the parent closed its end: nothing more will come
+                    loop.remove_reader(handoff.fileno())
+                    self.should_exit = True
+                    return
+                for fd in fds:
+                    conn = socket.socket(fileno=fd)
+                    conn.setblocking(False)
+                    loop.create_task(loop.connect_accepted_socket(protocol, conn))
+
+            handoff.setblocking(False)
+            loop.add_reader(handoff.fileno(), receive)
+
+    return HandedServer(config)
+
+
+def _child(target: Callable[..., Any], inherited: list[socket.socket], *args: Any) -> None:
+    """A forked worker's start: close the parent's sockets it inherited, then run ``target(*args)``.
+
+    The listening socket is the parent's to accept on; and a worker holding another worker's
+    hand-off end would keep it open after the parent died, so that worker would never learn it.
+    """
+    for sock in inherited:
+        sock.close()
+    target(*args)
+
+
+def _worker(settings: Settings, index: int, handoff: socket.socket | None = None) -> None:
+    """One worker process: open the database, build the app, serve the connections the parent hands it."""
     import uvicorn
 
     from cadence.api.app import create_app
@@ -154,11 +216,62 @@ def _worker(settings: Settings, index: int) -> None:
         app = create_app(runtime=runtime)
         app.state.on_startup.append(prepare_serving)
         config = uvicorn.Config(app, **uvicorn_options(settings))
-        sock = _bind(settings.host, settings.port)
         logging.getLogger("cadence.workers").info("worker %d serving", index)
-        uvicorn.Server(config).run(sockets=[sock])
+        assert handoff is not None
+        _handed_server(config, handoff).run()
     finally:
         runtime.close()
+
+
+class _Handoff:
+    """The parent's side: each accepted connection goes to the next live worker, in turn."""
+
+    def __init__(self) -> None:
+        self.ends: dict[int, socket.socket] = {}  # worker index -> the parent's end of its pair
+        self._next = 0
+
+    def pair(self, index: int) -> socket.socket:
+        """A new socket pair for worker ``index``: the parent keeps one end; returns the worker's."""
+        old = self.ends.pop(index, None)
+        if old is not None:
+            old.close()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ends[index] = mine
+        return theirs
+
+    def hand(self, conn: socket.socket) -> bool:
+        """Pass ``conn`` to a worker (the parent's copy is closed either way); False when none took it."""
+        try:
+            order = sorted(self.ends)
+            for k in range(len(order)):
+                index = order[(self._next + k) % len(order)]
+                try:
+                    socket.send_fds(self.ends[index], [b"c"], [conn.fileno()])
+                except OSError:  # that worker is gone (its replacement gets a new pair)
+                    continue
+                self._next = (self._next + k + 1) % len(order)
+                return True
+            return False
+        finally:
+            conn.close()
+
+    def accept_all(self, sock: socket.socket) -> None:
+        """Hand over every connection waiting on ``sock``."""
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of descriptors: try again at the next wake-up
+                log.warning("accepting a connection failed: %s", exc)
+                return
+            if not self.hand(conn):
+                log.warning("no worker could take a connection; it was closed")
+
+    def close(self) -> None:
+        for end in self.ends.values():
+            end.close()
+        self.ends.clear()
 
 
 def _preload() -> None:
@@ -186,8 +299,10 @@ def run_workers(
     check_workers(settings, workers)
     # Read by each worker's leader locks: on SQLite they become file locks (one leader among the workers).
     os.environ["CADENCE_WORKERS"] = str(workers)
-    # Bound but not listening: holds the port (a clear error now if it is taken) and gets no connections.
-    sock = _bind(settings.host, settings.port, listen=False)
+    # Listening from now on (a clear error now if the port is taken); connections wait in the backlog
+    # until the workers are up.
+    sock = _bind(settings.host, settings.port)
+    handoff = _Handoff()
     _preload()
     # fork: workers start from the parent's imports (the web stack and the learners take
     # seconds of CPU to import); the parent holds no thread and no database connection.
@@ -203,8 +318,13 @@ def run_workers(
     started: list[float] = []
 
     def spawn(index: int) -> Any:
-        proc = ctx.Process(target=target, args=(settings, index), name=f"cadence-worker-{index}")
+        theirs = handoff.pair(index)
+        inherited = [sock, *handoff.ends.values()]
+        proc = ctx.Process(
+            target=_child, args=(target, inherited, settings, index, theirs), name=f"cadence-worker-{index}"
+        )
         proc.start()
+        theirs.close()  # the worker has its copy
         return proc
 
     try:
@@ -226,8 +346,13 @@ def run_workers(
                     time.sleep(FAST_FAILURE_SECONDS - lived)  # do not spin on a worker that cannot start
                 procs[index] = spawn(index)
                 started[index] = time.monotonic()
-            time.sleep(0.2)
+            # Accept while watching the workers: wake for a connection, or every 0.2 s.
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if ready:
+                handoff.accept_all(sock)
     finally:
+        sock.close()  # no new connection; the workers finish the ones they have
+        handoff.close()
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: uvicorn finishes requests, the app releases the lock
@@ -237,6 +362,5 @@ def run_workers(
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
