@@ -236,6 +236,8 @@ class _Handoff:
         if old is not None:
             old.close()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A worker that does not read (still starting, or stuck) must not stop the parent.
+        mine.setblocking(False)
         self.ends[index] = mine
         return theirs
 
@@ -247,7 +249,7 @@ class _Handoff:
                 index = order[(self._next + k) % len(order)]
                 try:
                     socket.send_fds(self.ends[index], [b"c"], [conn.fileno()])
-                except OSError:  # that worker is gone (its replacement gets a new pair)
+                except OSError:  # that worker is gone (its replacement gets a new pair), or its queue is full
                     continue
                 self._next = (self._next + k + 1) % len(order)
                 return True
