@@ -180,8 +180,11 @@ def _handed_server(config: Any, handoff: socket.socket) -> Any:
                 for fd in fds:
                     conn = socket.socket(fileno=fd)
                     conn.setblocking(False)
-                    loop.create_task(loop.connect_accepted_socket(protocol, conn))
+                    task = loop.create_task(loop.connect_accepted_socket(protocol, conn))
+                    connecting.add(task)  # the loop keeps only weak references to its tasks
+                    task.add_done_callback(connecting.discard)
 
+            connecting: set[asyncio.Task[Any]] = set()
             handoff.setblocking(False)
             loop.add_reader(handoff.fileno(), receive)
 
@@ -199,7 +202,7 @@ def _child(target: Callable[..., Any], inherited: list[socket.socket], *args: An
     target(*args)
 
 
-def _worker(settings: Settings, index: int, handoff: socket.socket | None = None) -> None:
+def _worker(settings: Settings, index: int, handoff: socket.socket) -> None:
     """One worker process: open the database, build the app, serve the connections the parent hands it."""
     import uvicorn
 
@@ -217,7 +220,6 @@ def _worker(settings: Settings, index: int, handoff: socket.socket | None = None
         app.state.on_startup.append(prepare_serving)
         config = uvicorn.Config(app, **uvicorn_options(settings))
         logging.getLogger("cadence.workers").info("worker %d serving", index)
-        assert handoff is not None
         _handed_server(config, handoff).run()
     finally:
         runtime.close()

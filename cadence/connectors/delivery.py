@@ -405,6 +405,15 @@ class _Outcome:
 RouteFn = Callable[[str, str | None], Connector | None]
 
 
+def _due(now: int) -> tuple[Any, ...]:
+    """The conditions of a send due at ``now``: queued, its time come, and no retry pending later."""
+    return (
+        sends.c.status == "queued",
+        sends.c.due_ms <= now,
+        or_(sends.c.next_attempt_ms.is_(None), sends.c.next_attempt_ms <= now),
+    )
+
+
 class Dispatcher:
     """Takes due sends off the queue and delivers them through their connectors.
 
@@ -619,17 +628,8 @@ class Dispatcher:
         thread that waits for the interpreter lock between them (p50 2-3 ms, up to 17 ms in
         session 12's trace). A row that becomes due after this read is claimed by a later round.
         """
-        due = (
-            select(sends.c.id)
-            .where(
-                sends.c.status == "queued",
-                sends.c.due_ms <= now,
-                or_(sends.c.next_attempt_ms.is_(None), sends.c.next_attempt_ms <= now),
-            )
-            .limit(1)
-        )
         with self.engine.connect().execution_options(cadence_readonly=True) as conn:
-            return conn.execute(due).first() is not None
+            return conn.execute(select(sends.c.id).where(*_due(now)).limit(1)).first() is not None
 
     def _routes(self) -> str:
         """``{channel: connector}`` for rows that name no connector, as JSON (for the claim statement)."""
@@ -701,11 +701,7 @@ class Dispatcher:
                 has_consent.label("_has_consent"),
             )
             .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
-            .where(
-                sends.c.status == "queued",
-                sends.c.due_ms <= now,
-                or_(sends.c.next_attempt_ms.is_(None), sends.c.next_attempt_ms <= now),
-            )
+            .where(*_due(now))
             .order_by(sends.c.due_ms, sends.c.id)
             .limit(limit)
         )
