@@ -104,20 +104,28 @@ def _stored_jobs(conn: Connection) -> dict[str, Any]:
     return {r.campaign: r for r in conn.execute(select(scheduled_jobs))}
 
 
-def _jobs_differ(stored: dict[str, Any], wanted: dict[str, Campaign], now: int) -> bool:
-    """Whether :meth:`PushScheduler.sync_jobs` has anything to write: its conditions, without the writes."""
+def _job_changes(stored: dict[str, Any], wanted: dict[str, Campaign], now: int) -> list[tuple[str, str]]:
+    """What :meth:`PushScheduler.sync_jobs` writes, as ``(kind, campaign)``; empty when in step.
+
+    ``added``: a scheduled campaign with no row; ``changed``: its schedule changed, or it came
+    back to the rules; ``next``: only its next run moved; ``removed``: gone from the rules.
+    Asked of a read-only snapshot first, then again under the write lock.
+    """
+    out = []
     for name, campaign in wanted.items():
         schedule = campaign.schedule
         assert schedule is not None
         row = stored.get(name)
-        if (
-            row is None
-            or (row.cron, row.zone) != (schedule.cron, schedule.zone)
-            or row.removed_ms is not None
-            or row.next_run_ms != _next_run(schedule, now)
-        ):
-            return True
-    return any(name not in wanted and row.removed_ms is None for name, row in stored.items())
+        if row is None:
+            out.append(("added", name))
+        elif (row.cron, row.zone) != (schedule.cron, schedule.zone) or row.removed_ms is not None:
+            out.append(("changed", name))
+        elif row.next_run_ms != _next_run(schedule, now):
+            out.append(("next", name))
+    out.extend(
+        ("removed", name) for name, row in stored.items() if name not in wanted and row.removed_ms is None
+    )
+    return out
 
 
 @dataclass
@@ -177,16 +185,24 @@ class PushScheduler:
         wanted = scheduled_campaigns(ruleset)
         changes = JobChanges()
         with read_connection(self.engine) as conn:
-            if not _jobs_differ(_stored_jobs(conn), wanted, now):
+            if not _job_changes(_stored_jobs(conn), wanted, now):
                 return changes
         with self.engine.begin() as conn:
             stored = _stored_jobs(conn)
-            for name, campaign in wanted.items():
-                schedule = campaign.schedule
+            for kind, name in _job_changes(stored, wanted, now):
+                row = stored.get(name)
+                if kind == "removed":
+                    conn.execute(
+                        update(scheduled_jobs)
+                        .where(scheduled_jobs.c.campaign == name)
+                        .values(removed_ms=now, next_run_ms=None, updated_ms=now)
+                    )
+                    changes.removed.append(name)
+                    continue
+                schedule = wanted[name].schedule
                 assert schedule is not None
                 nxt = _next_run(schedule, now)
-                row = stored.get(name)
-                if row is None:
+                if kind == "added":
                     conn.execute(
                         dialect_insert(conn, scheduled_jobs)
                         .values(
@@ -202,7 +218,7 @@ class PushScheduler:
                         .on_conflict_do_nothing(index_elements=["campaign"])
                     )
                     changes.added.append(name)
-                elif (row.cron, row.zone) != (schedule.cron, schedule.zone) or row.removed_ms is not None:
+                elif kind == "changed":
                     # A new schedule owes nothing from before it was seen.
                     conn.execute(
                         update(scheduled_jobs)
@@ -218,20 +234,12 @@ class PushScheduler:
                         )
                     )
                     changes.changed.append(name)
-                elif row.next_run_ms != nxt:
+                else:
                     conn.execute(
                         update(scheduled_jobs)
                         .where(scheduled_jobs.c.campaign == name)
                         .values(next_run_ms=nxt, schedule=schedule.text, updated_ms=now)
                     )
-            for name, row in stored.items():
-                if name not in wanted and row.removed_ms is None:
-                    conn.execute(
-                        update(scheduled_jobs)
-                        .where(scheduled_jobs.c.campaign == name)
-                        .values(removed_ms=now, next_run_ms=None, updated_ms=now)
-                    )
-                    changes.removed.append(name)
             for name in changes.removed + changes.changed:
                 conn.execute(
                     update(scheduled_runs)
