@@ -245,6 +245,68 @@ uvloop.run(main())
 """
 
 
+READ_CLIENT = r"""
+# Polls read routes while the load runs (CADENCE_BENCH_READERS): one request at a time per route,
+# open loop at a fixed total rate, round robin over the routes; latency counted from when each was due.
+import asyncio, base64, sys, time, orjson, uvloop
+port, key, rate, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+routes = orjson.loads(sys.argv[5])
+auth = base64.b64encode(f"{key}:".encode()).decode()
+lat = {r: [] for r in routes}
+errors = {}
+async def ask(reader, writer, route):
+    writer.write((f"GET {route} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n\r\n").encode())
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return status
+async def poll(route, offset):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    every = len(routes) / rate
+    t0 = start + offset
+    i = 0
+    while (due := t0 + i * every) < start + seconds:
+        i += 1
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            status = await ask(reader, writer, route.replace("{i}", str(i)))
+            if status != 200:
+                errors[route] = errors.get(route, 0) + 1
+        except Exception as exc:  # noqa: BLE001 - every failure counts as an error
+            errors[route] = errors.get(route, 0) + 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        lat[route].append((time.perf_counter() - due) * 1000)
+    writer.close()
+async def main():
+    global start
+    start = time.perf_counter()
+    await asyncio.gather(*(poll(r, k / rate) for k, r in enumerate(routes)))
+    out = {}
+    lat["all"] = [x for xs in lat.values() for x in xs]
+    errors["all"] = sum(errors.values())
+    for r, xs in lat.items():
+        xs.sort()
+        out[r] = {"n": len(xs), "p50": xs[len(xs) // 2], "p99": xs[max(0, int(len(xs) * 0.99) - 1)],
+                  "max": xs[-1], "errors": errors.get(r, 0)}
+    print(orjson.dumps(out).decode())
+uvloop.run(main())
+"""
+
+#: What the side reader polls (``{decision}``: a committed decision's id; ``{i}``: the request's number).
+READ_ROUTES = (
+    "/v1/decisions/{decision}",
+    "/v1/attribution?model=last_touch&model=linear",
+    "/v1/customers/lt-{i}",
+    "/v1/jobs",
+    "/readyz",
+)
+
+
 def _backends_cpu(url: str, database: str) -> dict[int, float]:
     """CPU seconds so far of each PostgreSQL backend connected to ``database`` (same machine).
 
@@ -353,6 +415,7 @@ def http_load(
     mode: str = "preview",
     postgres_url: str | None = None,
     workers: int = 1,
+    readers: float = 0.0,
 ) -> dict[str, object]:
     """POST /v1/decisions at ``rate`` per second for ``seconds`` against `cadence serve`.
 
@@ -360,11 +423,14 @@ def http_load(
     API processes). Every customer is decided for once (a batch) before the clock starts,
     as a server that has been running would have them cached. Returns the load
     generator's numbers plus the CPU seconds of the server processes and, on
-    PostgreSQL, of the database's backends.
+    PostgreSQL, of the database's backends. With ``readers`` (requests a second), a side
+    process polls :data:`READ_ROUTES` meanwhile (with an admin key); its latencies per
+    route are under ``"readers"``.
     """
     from cadence.api.security import hash_key
 
     key = "bench-decide-key-0123456789"
+    read_key = "bench-admin-key-0123456789"
     # The simulator's campaign as rules: everyone is eligible, so every decision scores 3
     # channels x 24 send times with the learners (the repository's rules/ send nothing to
     # these customers, which measured only the "none" path).
@@ -373,7 +439,10 @@ def http_load(
         env = {
             "CADENCE_DATABASE_URL": url,
             "CADENCE_API_KEYS": orjson.dumps(
-                [{"name": "b", "sha256": hash_key(key), "scopes": ["ingest", "decide"]}]
+                [
+                    {"name": "b", "sha256": hash_key(key), "scopes": ["ingest", "decide"]},
+                    {"name": "r", "sha256": hash_key(read_key), "scopes": ["admin"]},
+                ]
             ).decode(),
             "CADENCE_RULES_PATHS": orjson.dumps([str(rules)]).decode(),
             "CADENCE_RATE_LIMIT_PER_SECOND": "1000000",
@@ -406,11 +475,26 @@ def http_load(
                         break
                     time.sleep(0.2)
                 _warm_every_worker(base, key, customers, workers)
+                routes: list[str] = []
+                if readers > 0:
+                    committed = {"customer_id": "lt-0", "mode": "commit"}
+                    decision = client.post("/v1/decisions", json=committed).json()["decision_id"]
+                    routes = [r.replace("{decision}", decision) for r in READ_ROUTES]
             db_before = _backends_cpu(postgres_url, pg_name) if postgres_url and pg_name else {}
             server_before = _server_counters(postgres_url, pg_name) if postgres_url and pg_name else None
             before = tree_cpu(server.pid)
             ticks = cpu_ticks()
             load = Path("/proc/loadavg").read_text().split()[0]
+            side = (
+                subprocess.Popen(
+                    [sys.executable, "-c", READ_CLIENT, str(port), read_key, str(readers), str(seconds)]
+                    + [orjson.dumps(routes).decode()],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                if routes
+                else None
+            )
             out = subprocess.run(
                 [
                     sys.executable,
@@ -429,6 +513,11 @@ def http_load(
             )
             result: dict[str, object] = orjson.loads(out.stdout)
             result["server_cpu"] = tree_cpu(server.pid) - before
+            if side is not None:
+                read_out, _ = side.communicate(timeout=seconds + 120)
+                if side.returncode != 0:
+                    raise RuntimeError("the side reader failed")
+                result["readers"] = orjson.loads(read_out)
             result["steal"] = steal_share(ticks, cpu_ticks())
             if postgres_url and pg_name:
                 after = _backends_cpu(postgres_url, pg_name)
@@ -441,6 +530,11 @@ def http_load(
             result["load_before"] = load
             result["load_after"] = Path("/proc/loadavg").read_text().split()[0]
             return result
+
+
+def _route_label(route: str) -> str:
+    path = route.split("?")[0]
+    return "/v1/decisions/{id}" if path.startswith("/v1/decisions/") else path
 
 
 def _http_row(label: str, http: dict[str, object], rate: float, seconds: float) -> tuple[str, str, str, str]:
@@ -459,6 +553,12 @@ def _http_row(label: str, http: dict[str, object], rate: float, seconds: float) 
         and float(http["p99"]) < 20  # type: ignore[arg-type]
         and http["errors"] == 0
     )
+    if "readers" in http:
+        cpu += "; meanwhile GET " + ", ".join(
+            f"{_route_label(route)} p50 {v['p50']:.1f} / p99 {v['p99']:.1f} / max {v['max']:.1f} ms"
+            f" ({v['n']}, {v['errors']} errors)"
+            for route, v in http["readers"].items()  # type: ignore[attr-defined]
+        )
     return (
         f"HTTP: POST /v1/decisions ({label}) at {rate:,.0f}/s for {seconds:.0f} s, loopback",
         f"achieved {float(http['achieved']):,.0f}/s, p50 {float(http['p50']):.1f} ms, "  # type: ignore[arg-type]
@@ -518,7 +618,8 @@ def _parts() -> set[str]:
 
     ``CADENCE_BENCH_INPROC_ONLY=1`` runs only ``latency`` (no server, no load generator).
 
-    ``CADENCE_BENCH_HTTP_RATE`` and ``CADENCE_BENCH_HTTP_SECONDS`` override the HTTP runs' rate and length.
+    ``CADENCE_BENCH_HTTP_RATE`` and ``CADENCE_BENCH_HTTP_SECONDS`` override the HTTP runs' rate and length;
+    ``CADENCE_BENCH_READERS=20`` polls read routes at 20 requests a second meanwhile (see :func:`http_load`).
     """
     wanted = os.environ.get("CADENCE_BENCH_DECISIONS", "").strip()
     if os.environ.get("CADENCE_BENCH_INPROC_ONLY", "") not in ("", "0"):  # the older switch: no server
@@ -575,6 +676,7 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
                         mode=mode,
                         postgres_url=url,
                         workers=workers,
+                        readers=float(os.environ.get("CADENCE_BENCH_READERS", 0)),
                     ),
                 )
             )

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from cadence.clock import now_ms
 from cadence.settings import SCOPES, Settings
+from cadence.store.db import read_connection
 from cadence.store.schema.core import api_keys
 
 __all__ = ["KeyRing", "Principal", "RateLimiter", "create_key", "hash_key", "revoke_key"]
@@ -55,7 +56,7 @@ class KeyRing:
         keys = {k.sha256: Principal(k.name, frozenset(k.scopes)) for k in self._settings.api_keys}
         # Read-only: on SQLite a plain connection's transaction takes the write lock, and this runs on
         # the event loop (every ``refresh_seconds``), which must not wait for another process's writes.
-        with self._engine.connect().execution_options(cadence_readonly=True) as conn:
+        with read_connection(self._engine) as conn:
             rows = conn.execute(
                 select(api_keys.c.name, api_keys.c.sha256, api_keys.c.scopes).where(
                     api_keys.c.revoked_ms.is_(None)

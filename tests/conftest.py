@@ -7,7 +7,9 @@ throw-away cluster and sets it). Without it the variant is skipped, unless
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 
@@ -102,3 +104,20 @@ def write_locks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(driver.SQLiteWriteLock, "acquire", counted)
     return taken
+
+
+@contextlib.contextmanager
+def holding_write_lock(engine: Engine) -> Iterator[None]:
+    """Another connection holds SQLite's write lock (``BEGIN IMMEDIATE``, open) for the block.
+
+    A transaction of cadence's that wants the write lock meanwhile waits for SQLite's busy
+    timeout (30 s) and fails with "database is locked"; one that reads a snapshot does not wait.
+    """
+    assert engine.dialect.name == "sqlite" and engine.url.database
+    holder = sqlite3.connect(engine.url.database, timeout=0, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()

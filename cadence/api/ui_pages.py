@@ -37,6 +37,7 @@ from cadence.engine.profiles import load_profile
 from cadence.errors import CadenceError, IdentityError
 from cadence.runtime import Runtime
 from cadence.scheduler.service import SchedulerService, list_jobs
+from cadence.store.db import read_connection
 from cadence.store.schema.core import customers, profile_event_stats
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
@@ -130,7 +131,7 @@ def attribution_page(
         )
         window_days = 30
     since_day, until_day = _day(since), _day(until)
-    with runtime.engine.connect() as conn:
+    with read_connection(runtime.engine) as conn:
         by_model: dict[str, list[dict[str, Any]]] = {}
         rule = [m for m in models if m not in MATERIALIZED_MODELS]
         try:
@@ -318,7 +319,7 @@ def holdout_lifts(
 def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, Any]:
     """Funnel per campaign and channel, daily series, queue outcomes, exploration share."""
     since_day, until_day = _day(since), _day(until)
-    with runtime.engine.connect() as conn:
+    with read_connection(runtime.engine) as conn:
         stats = campaign_stats(conn, since_day=since_day, until_day=until_day, top_campaigns=8)
         outcomes = queue_outcomes(conn)
         attributed = query_attribution(
@@ -425,7 +426,7 @@ def customer_page(runtime: Runtime, *, customer: str) -> dict[str, Any]:
     if not customer:
         return {"found": None}
     now = now_ms()
-    with runtime.engine.connect() as conn:
+    with read_connection(runtime.engine) as conn:
         cid = _customer_id(conn, customer)
         if cid is None:
             return {"found": False}
@@ -517,7 +518,7 @@ def preview_decision(
         when = _parse_at(at, zone)
     except CadenceError as exc:
         return {"error": str(exc)}
-    with runtime.engine.connect() as conn:
+    with read_connection(runtime.engine) as conn:
         try:
             return make_decision(
                 conn=conn,
@@ -571,7 +572,7 @@ def rules_page(
                     "where": str(c.pos) if c.pos is not None else None,
                 }
             )
-    with runtime.engine.connect() as conn:
+    with read_connection(runtime.engine) as conn:
         circuits = circuit_states(conn)
         today = now_ms() // 86_400_000
         week = campaign_stats(conn, since_day=today - 6, until_day=today).channel_totals()

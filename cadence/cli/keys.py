@@ -11,6 +11,7 @@ from cadence.cli import runtime_for
 from cadence.clock import ms_to_datetime
 from cadence.keys import create_key, revoke_key
 from cadence.settings import SCOPES
+from cadence.store.db import read_connection
 from cadence.store.schema.core import api_keys
 
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -37,7 +38,7 @@ def list_keys(ctx: typer.Context) -> None:
     """List stored keys (names, scopes, dates; never the keys)."""
     runtime = runtime_for(ctx)
     table = Table("name", "scopes", "created", "revoked")
-    with runtime.engine.connect() as conn:
+    with read_connection(runtime.engine) as conn:
         for row in conn.execute(select(api_keys).order_by(api_keys.c.id)):
             revoked = ms_to_datetime(row.revoked_ms).isoformat() if row.revoked_ms else ""
             table.add_row(row.name, row.scopes, ms_to_datetime(row.created_ms).isoformat(), revoked)

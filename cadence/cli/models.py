@@ -10,7 +10,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from cadence.cli import settings_from_cli
-from cadence.store.db import create_db_engine
+from cadence.store.db import create_db_engine, read_connection
 
 models_app = typer.Typer(help="Learner snapshots: list, pin, roll back.", no_args_is_help=True)
 console = Console()
@@ -32,7 +32,7 @@ def list_models(ctx: typer.Context, name: str = typer.Option(NAME, "--name", hel
     from cadence.engine.learning import list_snapshots
 
     engine = _engine(ctx)
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         snaps = list_snapshots(conn, name=name)
     if not snaps:
         console.print(f"no snapshots of learner {name!r} yet")

@@ -70,12 +70,12 @@ def _known_events(ctx: typer.Context, settings: Settings | None) -> Collection[s
     url = settings.database_url
     if not explicit and (not url.startswith("sqlite:///") or not Path(url[len("sqlite:///") :]).exists()):
         return None
-    from cadence.store.db import create_db_engine
+    from cadence.store.db import create_db_engine, read_connection
     from cadence.store.schema.core import events
 
     try:
         engine = create_db_engine(url)
-        with engine.connect() as conn:
+        with read_connection(engine) as conn:
             names = {row[0] for row in conn.execute(select(events.c.event).distinct()) if row[0]}
         engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any driver error: the check still runs, without the warning
@@ -250,6 +250,7 @@ def explain(
 ) -> None:
     """Show every condition of CAMPAIGN for one customer with its actual value, and why it did not fire."""
     from cadence.runtime import open_runtime
+    from cadence.store.db import read_connection
 
     settings = settings_from_cli(ctx)
     result = _load(ctx, rules, with_events=False)
@@ -261,7 +262,7 @@ def explain(
     when = _parse_at(at)
     runtime = open_runtime(settings)
     try:
-        with runtime.engine.connect() as conn:
+        with read_connection(runtime.engine) as conn:
             record = explain_from_database(
                 conn,
                 ruleset=ruleset,

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, select, update
 
 from cadence.connectors.delivery import IN_DOUBT_PREFIX
 from cadence.errors import CadenceError
+from cadence.store.db import read_connection
 from cadence.store.schema.sends import sends
 
 __all__ = ["ActionResult", "list_in_doubt", "mark_sent", "requeue_sends"]
@@ -56,7 +57,7 @@ def list_in_doubt(engine: Engine, *, limit: int = 100, campaign: str | None = No
     )
     if campaign is not None:
         query = query.where(sends.c.campaign == campaign)
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         rows = conn.execute(query.order_by(sends.c.updated_ms, sends.c.id).limit(limit)).mappings()
         return [{str(k): v for k, v in row.items()} for row in rows]
 

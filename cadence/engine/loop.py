@@ -29,6 +29,7 @@ from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.ingest import append_horizon
 from cadence.engine.leader import Leadership
+from cadence.store.db import read_connection
 from cadence.store.fast import fetch_rows, rows_of, send, write_rows
 from cadence.store.schema.core import checkpoints, events
 
@@ -172,14 +173,14 @@ class EngineLoop:
         """
         with self._lock:
             if self._positions is None:
-                with self.engine.connect().execution_options(cadence_readonly=True) as conn, conn.begin():
+                with read_connection(self.engine) as conn, conn.begin():
                     self._positions = self._load_positions(conn)
             return dict(self._positions)
 
     def lag(self) -> int:
         """How many events are in the log after the slowest subscriber's position."""
         low = min(self.positions().values())
-        with self.engine.connect().execution_options(cadence_readonly=True) as conn:
+        with read_connection(self.engine) as conn:
             return int(conn.scalar(select(func.count()).select_from(events).where(events.c.id > low)) or 0)
 
     # -- processing
@@ -327,7 +328,7 @@ class EngineLoop:
         it all again under the write lock, as before. An event committed after this read is
         picked up by the next look (as one committed after a batch's read always was).
         """
-        with self.engine.connect().execution_options(cadence_readonly=True) as conn, conn.begin():
+        with read_connection(self.engine) as conn, conn.begin():
             positions = self._stored_positions(conn, cached)
             low = min(positions.values())
             if conn.execute(select(events.c.id).where(events.c.id > low).limit(1)).first() is not None:

@@ -19,6 +19,7 @@ from cadence.engine.loop import BATCH_LOCK_ID, EngineLoop
 from cadence.engine.profiles import load_profile
 from cadence.errors import IdentityError
 from cadence.runtime import Runtime
+from cadence.store.db import read_connection
 from cadence.store.schema.core import customers, erasures, events, identities
 from cadence.store.schema.sends import sends
 
@@ -49,7 +50,7 @@ def export_customer(*, engine: Engine, ref: str, now: int | None = None) -> dict
     Raises :class:`IdentityError` when no customer has that id.
     """
     now = now or now_ms()
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         cid = resolve_customer(conn, ref)
         if cid is None:
             raise IdentityError(f"no customer with user or anonymous id {ref!r}")

@@ -48,6 +48,7 @@ from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS
 from cadence.engine.loop import BATCH_LOCK_ID
 from cadence.scheduler.needs import RuleNeeds
+from cadence.store.db import read_connection
 from cadence.store.fast import dialect_sql
 
 __all__ = ["CompactionPolicy", "CompactionReport", "compact_derived_state"]
@@ -129,7 +130,7 @@ def _in_chunks(
     engine: Engine, table: str, key: str, step: Callable[[Connection, int, int], int], chunk: int
 ) -> int:
     """Run ``step(conn, lo, hi)`` over ``key`` ranges of ``table``, one locked transaction each."""
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         bounds = conn.exec_driver_sql(f"SELECT MIN({key}), MAX({key}) FROM {table}").one()
     if bounds[0] is None:
         return 0
@@ -261,7 +262,7 @@ def _events(engine: Engine, policy: CompactionPolicy, now_ms: int, report: Compa
     if policy.event_retention_days is None:
         return 0
     cutoff = now_ms - policy.event_retention_days * DAY_MS
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         applied = conn.exec_driver_sql("SELECT MIN(position) FROM checkpoints").scalar()
         # A restart loads the latest snapshot of each learner and replays the log after it.
         snapshot = conn.exec_driver_sql(

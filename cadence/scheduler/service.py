@@ -50,6 +50,7 @@ from cadence.scheduler.occurrences import (
     trigger_for,
 )
 from cadence.scheduler.push import DueCampaign, LostRun, PushReport, push
+from cadence.store.db import read_connection
 from cadence.store.fast import dialect_insert
 from cadence.store.schema.core import profiles
 from cadence.store.schema.scheduler import scheduled_jobs, scheduled_runs
@@ -98,6 +99,35 @@ def scheduled_campaigns(ruleset: CompiledRuleset | None) -> dict[str, Campaign]:
     return {name: c for name, c in sorted(ruleset.campaigns.items()) if c.schedule is not None}
 
 
+def _stored_jobs(conn: Connection) -> dict[str, Any]:
+    """The rows of ``scheduled_jobs``, by campaign."""
+    return {r.campaign: r for r in conn.execute(select(scheduled_jobs))}
+
+
+def _job_changes(stored: dict[str, Any], wanted: dict[str, Campaign], now: int) -> list[tuple[str, str]]:
+    """What :meth:`PushScheduler.sync_jobs` writes, as ``(kind, campaign)``; empty when in step.
+
+    ``added``: a scheduled campaign with no row; ``changed``: its schedule changed, or it came
+    back to the rules; ``next``: only its next run moved; ``removed``: gone from the rules.
+    Asked of a read-only snapshot first, then again under the write lock.
+    """
+    out = []
+    for name, campaign in wanted.items():
+        schedule = campaign.schedule
+        assert schedule is not None
+        row = stored.get(name)
+        if row is None:
+            out.append(("added", name))
+        elif (row.cron, row.zone) != (schedule.cron, schedule.zone) or row.removed_ms is not None:
+            out.append(("changed", name))
+        elif row.next_run_ms != _next_run(schedule, now):
+            out.append(("next", name))
+    out.extend(
+        ("removed", name) for name, row in stored.items() if name not in wanted and row.removed_ms is None
+    )
+    return out
+
+
 @dataclass
 class JobChanges:
     """What :meth:`PushScheduler.sync_jobs` changed."""
@@ -144,18 +174,35 @@ class PushScheduler:
     # -- jobs ------------------------------------------------------------------------
 
     def sync_jobs(self, ruleset: CompiledRuleset | None, *, now_ms: int | None = None) -> JobChanges:
-        """Mirror the ruleset's scheduled campaigns into ``scheduled_jobs``."""
+        """Mirror the ruleset's scheduled campaigns into ``scheduled_jobs``.
+
+        Looks first in a read-only snapshot (:func:`~cadence.store.db.read_connection`): when
+        the table already mirrors the rules, as on almost every tick, no write transaction
+        is begun (on SQLite it would hold the write lock every decision commit waits for).
+        Otherwise the rows are read again and changed under the lock.
+        """
         now = self.clock.now_ms() if now_ms is None else now_ms
         wanted = scheduled_campaigns(ruleset)
         changes = JobChanges()
+        with read_connection(self.engine) as conn:
+            if not _job_changes(_stored_jobs(conn), wanted, now):
+                return changes
         with self.engine.begin() as conn:
-            stored = {r.campaign: r for r in conn.execute(select(scheduled_jobs))}
-            for name, campaign in wanted.items():
-                schedule = campaign.schedule
+            stored = _stored_jobs(conn)
+            for kind, name in _job_changes(stored, wanted, now):
+                row = stored.get(name)
+                if kind == "removed":
+                    conn.execute(
+                        update(scheduled_jobs)
+                        .where(scheduled_jobs.c.campaign == name)
+                        .values(removed_ms=now, next_run_ms=None, updated_ms=now)
+                    )
+                    changes.removed.append(name)
+                    continue
+                schedule = wanted[name].schedule
                 assert schedule is not None
                 nxt = _next_run(schedule, now)
-                row = stored.get(name)
-                if row is None:
+                if kind == "added":
                     conn.execute(
                         dialect_insert(conn, scheduled_jobs)
                         .values(
@@ -171,7 +218,7 @@ class PushScheduler:
                         .on_conflict_do_nothing(index_elements=["campaign"])
                     )
                     changes.added.append(name)
-                elif (row.cron, row.zone) != (schedule.cron, schedule.zone) or row.removed_ms is not None:
+                elif kind == "changed":
                     # A new schedule owes nothing from before it was seen.
                     conn.execute(
                         update(scheduled_jobs)
@@ -187,20 +234,12 @@ class PushScheduler:
                         )
                     )
                     changes.changed.append(name)
-                elif row.next_run_ms != nxt:
+                else:
                     conn.execute(
                         update(scheduled_jobs)
                         .where(scheduled_jobs.c.campaign == name)
                         .values(next_run_ms=nxt, schedule=schedule.text, updated_ms=now)
                     )
-            for name, row in stored.items():
-                if name not in wanted and row.removed_ms is None:
-                    conn.execute(
-                        update(scheduled_jobs)
-                        .where(scheduled_jobs.c.campaign == name)
-                        .values(removed_ms=now, next_run_ms=None, updated_ms=now)
-                    )
-                    changes.removed.append(name)
             for name in changes.removed + changes.changed:
                 conn.execute(
                     update(scheduled_runs)
@@ -218,32 +257,51 @@ class PushScheduler:
         found = {z for (z,) in conn.execute(select(profiles.c.timezone).distinct()) if z}
         return found | {default_zone}
 
+    def _owed(
+        self, conn: Connection, wanted: dict[str, Campaign], now: int
+    ) -> list[tuple[Any, Schedule, list[Any]]]:
+        """(job row, schedule, occurrences) of each job with occurrences owed up to ``now``."""
+        owed = []
+        for job in conn.execute(select(scheduled_jobs).where(scheduled_jobs.c.removed_ms.is_(None))):
+            campaign = wanted.get(job.campaign)
+            if campaign is None or campaign.schedule is None:
+                continue
+            plan = plan_occurrences(
+                schedule=campaign.schedule,
+                after_ms=job.last_fire_ms,
+                now_ms=now,
+                grace_ms=self.config.grace_ms,
+                misfire=self.config.misfire,
+            )
+            if plan:
+                owed.append((job, campaign.schedule, plan))
+        return owed
+
     def plan(self, ruleset: CompiledRuleset, *, now_ms: int | None = None) -> int:
-        """Insert the runs owed up to now (pending or skipped); returns how many runs are pending."""
+        """Insert the runs owed up to now (pending or skipped); returns how many runs are pending.
+
+        What is owed is looked at first in a read-only snapshot: a tick between fire times
+        begins no write transaction (on SQLite: does not take the write lock). When something
+        is owed, the customers' zones (a scan of the profiles, for schedules in the customer's
+        zone) are read there too, and the jobs are read again under the lock, so two
+        schedulers never plan an occurrence twice (the rows are unique as well).
+        """
         now = self.clock.now_ms() if now_ms is None else now_ms
         wanted = scheduled_campaigns(ruleset)
         created = 0
+        zones: set[str] | None = None
+        with read_connection(self.engine) as conn:
+            owed = self._owed(conn, wanted, now)
+            if not owed:
+                return 0
+            if any(schedule.zone == CUSTOMER_ZONE for _job, schedule, _plan in owed):
+                zones = self._zones(conn, ruleset.settings.default_zone)
         with self.engine.begin() as conn:
-            jobs = conn.execute(select(scheduled_jobs).where(scheduled_jobs.c.removed_ms.is_(None))).all()
-            zones: set[str] | None = None
-            for job in jobs:
-                campaign = wanted.get(job.campaign)
-                if campaign is None or campaign.schedule is None:
-                    continue
-                schedule = campaign.schedule
-                plan = plan_occurrences(
-                    schedule=schedule,
-                    after_ms=job.last_fire_ms,
-                    now_ms=now,
-                    grace_ms=self.config.grace_ms,
-                    misfire=self.config.misfire,
-                )
-                if not plan:
-                    continue
+            for job, schedule, plan in self._owed(conn, wanted, now):
                 rows = []
                 for occ in plan:
                     if schedule.zone == CUSTOMER_ZONE:
-                        if zones is None:
+                        if zones is None:  # a job owed since the look
                             zones = self._zones(conn, ruleset.settings.default_zone)
                         if not due_zones(schedule, occ.fire_ms, zones):
                             continue  # nobody lives where it is time now
@@ -289,16 +347,22 @@ class PushScheduler:
 
     # -- running ---------------------------------------------------------------------
 
-    def _claim(self, run_id: int, fire_ms: int, now: int) -> bool:
+    def _claimable(self, now: int) -> Any:
+        """The condition of a run to claim at ``now``: pending, or running for an owner whose lease lapsed.
+
+        The one place that says it: :meth:`run_due` looks for such runs in a read-only
+        snapshot, and :meth:`_claim` asks it again of the row under the write lock.
+        """
         stale = now - self.config.lease_ms
+        return (scheduled_runs.c.status == "pending") | (
+            (scheduled_runs.c.status == "running") & (scheduled_runs.c.heartbeat_ms < stale)
+        )
+
+    def _claim(self, run_id: int, fire_ms: int, now: int) -> bool:
         with self.engine.begin() as conn:
             claimed = conn.execute(
                 update(scheduled_runs)
-                .where(
-                    scheduled_runs.c.id == run_id,
-                    (scheduled_runs.c.status == "pending")
-                    | ((scheduled_runs.c.status == "running") & (scheduled_runs.c.heartbeat_ms < stale)),
-                )
+                .where(scheduled_runs.c.id == run_id, self._claimable(now))
                 .values(
                     status="running",
                     owner=self.owner,
@@ -318,16 +382,17 @@ class PushScheduler:
             )
 
     def run_due(self, ruleset: CompiledRuleset) -> list[PushReport]:
-        """Claim and push every run that is pending or abandoned, one tick (fire time) at a time."""
+        """Claim and push every run that is pending or abandoned, one tick (fire time) at a time.
+
+        The candidates are read in a read-only snapshot (with none, no write transaction is
+        begun); each is claimed by its own write transaction that checks the row again, so
+        of two schedulers racing for a run exactly one gets it.
+        """
         now = self.clock.now_ms()
-        stale = now - self.config.lease_ms
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             candidates = conn.execute(
                 select(scheduled_runs.c.id, scheduled_runs.c.campaign, scheduled_runs.c.fire_ms)
-                .where(
-                    (scheduled_runs.c.status == "pending")
-                    | ((scheduled_runs.c.status == "running") & (scheduled_runs.c.heartbeat_ms < stale))
-                )
+                .where(self._claimable(now))
                 .order_by(scheduled_runs.c.fire_ms, scheduled_runs.c.campaign)
             ).all()
         ticks: dict[int, list[tuple[int, str]]] = {}
@@ -347,7 +412,7 @@ class PushScheduler:
                     continue
                 if schedule.zone == CUSTOMER_ZONE:
                     if zones is None:
-                        with self.engine.connect() as conn:
+                        with read_connection(self.engine) as conn:
                             zones = self._zones(conn, ruleset.settings.default_zone)
                     due.append(
                         DueCampaign(campaign, run_id, fire_ms, zones=due_zones(schedule, fire_ms, zones))
@@ -427,10 +492,14 @@ class PushScheduler:
         ended = [c.name for c in ruleset.campaigns.values() if c.ends_ms is not None and c.ends_ms <= now]
         if not ended:
             return 0
+        expiring = (sends.c.status == "queued", sends.c.campaign.in_(ended))
+        with read_connection(self.engine) as conn:  # an ended campaign stays in the rules: mostly none left
+            if conn.execute(select(sends.c.id).where(*expiring).limit(1)).first() is None:
+                return 0
         with self.engine.begin() as conn:
             count = conn.execute(
                 update(sends)
-                .where(sends.c.status == "queued", sends.c.campaign.in_(ended))
+                .where(*expiring)
                 .values(
                     status="expired", last_error="the campaign ended before the send went out", updated_ms=now
                 )
@@ -447,8 +516,8 @@ def list_jobs(engine: Engine, ruleset: CompiledRuleset | None, *, now_ms: int) -
     longer schedule are listed with ``removed`` set.
     """
     wanted = scheduled_campaigns(ruleset)
-    with engine.connect() as conn:
-        stored = {r.campaign: r for r in conn.execute(select(scheduled_jobs))}
+    with read_connection(engine) as conn:
+        stored = _stored_jobs(conn)
         default_zone = ruleset.settings.default_zone if ruleset is not None else "UTC"
         zones = {z for (z,) in conn.execute(select(profiles.c.timezone).distinct()) if z} | {default_zone}
         last_runs: dict[str, Any] = {}

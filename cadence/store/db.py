@@ -6,7 +6,7 @@ import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -34,6 +34,7 @@ __all__ = [
     "is_postgres",
     "migrate",
     "pending_migrations",
+    "read_connection",
 ]
 
 #: The scripts' heads read as text (kept under its old name: tests and tools use it).
@@ -113,6 +114,19 @@ def begin_write(raw: Any) -> None:
     """
     if isinstance(raw, sqlite3.Connection):
         begin_sqlite_write(raw)
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection of ``engine`` for reading only: on SQLite, without the database's write lock.
+
+    Every transaction cadence begins on SQLite takes the write lock first (``BEGIN
+    IMMEDIATE``), which every decision commit of every worker waits for; a transaction of
+    this connection begins with a plain ``BEGIN`` instead and reads one snapshot of the
+    database (WAL: neither waits for a writer nor holds one up). It must not write: a write
+    would bypass cadence's lock and meet SQLite's busy handler. On PostgreSQL it is an
+    ordinary connection. Use it as ``with read_connection(engine) as conn: ...``.
+    """
+    return engine.connect().execution_options(cadence_readonly=True)
 
 
 def is_postgres(engine: Engine) -> bool:

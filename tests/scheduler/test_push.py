@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, select
@@ -15,6 +17,7 @@ from cadence.scheduler.seed import SeedCustomer
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.scheduler import audience_members, scheduled_jobs
 from cadence.store.schema.sends import sends
+from tests.conftest import holding_write_lock
 from tests.scheduler.conftest import MONDAY, Rules, customers, make_scheduler, runs, send_rows, sent_keys
 
 HOUR = 3_600_000
@@ -389,3 +392,88 @@ def test_enqueue_sends_counts_only_new_keys(db_engine: Engine, seed: Seed) -> No
         assert enqueue_sends(conn, rows[:2], now_ms=MONDAY) == 2
         assert enqueue_sends(conn, rows, now_ms=MONDAY) == 1
     assert [r.variables for r in send_rows(db_engine)] == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+
+def test_two_schedulers_that_both_saw_a_due_run_claim_it_once(db_engine: Engine, seed: Seed) -> None:
+    """The candidates are read without the lock: both see the run; the claim under the lock decides."""
+    seed(readers(60))
+    rules = Rules(DAILY)
+    clock = FixedClock(MONDAY)
+    make_scheduler(db_engine, rules, clock).tick()
+    clock.set(MONDAY + 8 * HOUR)
+    other_engine = (
+        create_engine(db_engine.url, poolclass=None) if db_engine.dialect.name == "postgresql" else db_engine
+    )
+    a = make_scheduler(db_engine, rules, clock, owner="a", chunk_size=25)
+    b = make_scheduler(other_engine, rules, clock, owner="b", chunk_size=25)
+    both_looked = threading.Barrier(2, timeout=60)
+    won: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+
+    def claim_after_both_looked(s: Any) -> Callable[[int, int, int], bool]:
+        claim = s._claim
+
+        def wrapped(run_id: int, fire_ms: int, now: int) -> bool:
+            both_looked.wait()  # each read the run as pending before either claims it
+            got = claim(run_id, fire_ms, now)
+            won.append((s.owner, got))
+            return got
+
+        return wrapped
+
+    def run(s: Any) -> None:
+        try:
+            s._claim = claim_after_both_looked(s)
+            s.tick()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if other_engine is not db_engine:
+        other_engine.dispose()
+    assert not errors
+    assert sorted(got for _, got in won) == [False, True]  # both tried; exactly one claimed
+    winner = next(owner for owner, got in won if got)
+    keys = sent_keys(db_engine)
+    assert len(keys) == len(set(keys)) == 60
+    [run_row] = runs(db_engine)
+    assert (run_row.status, run_row.owner, run_row.evaluated) == ("done", winner, 60)
+
+
+def test_an_idle_tick_reads_without_the_write_lock(
+    db_engine: Engine, seed: Seed, write_locks: list[str]
+) -> None:
+    """Between fire times a tick (jobs, plan, due runs) and the expiry of ended campaigns only read.
+
+    On SQLite they neither take the write lock nor wait for it: another connection holds it
+    (``BEGIN IMMEDIATE``) while they run. A fire time still claims and pushes under it.
+    """
+    seed(readers(3))
+    text = DAILY.replace("channel email", "channel email\n    ends 2026-03-09T00:00")
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, Rules(text), clock)
+    scheduler.tick()  # registers the job
+    clock.set(MONDAY + 2 * HOUR)
+    write_locks.clear()
+    holding = (
+        holding_write_lock(db_engine) if db_engine.dialect.name == "sqlite" else contextlib.nullcontext()
+    )
+    with holding:
+        assert scheduler.tick() == []
+        assert scheduler.expire_sends() == 0  # not ended yet
+        clock.set(MONDAY + 7 * DAY + HOUR)
+        assert scheduler.expire_sends() == 0  # ended, with nothing queued
+        clock.set(MONDAY + 2 * HOUR)
+    assert write_locks == []
+    assert runs(db_engine) == []
+    clock.set(MONDAY + 8 * HOUR)
+    [report] = scheduler.tick()
+    assert report.total_enqueued == 3 and (write_locks or db_engine.dialect.name != "sqlite")
+    assert [(r.status, r.owner) for r in runs(db_engine)] == [("done", "a")]
+    clock.set(MONDAY + 9 * HOUR)
+    write_locks.clear()
+    assert scheduler.tick() == [] and write_locks == []

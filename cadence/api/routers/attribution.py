@@ -25,6 +25,7 @@ from cadence.engine.attribution.materialized import (
     refresh_fits,
 )
 from cadence.engine.attribution.online import RULE_MODELS, query_attribution, specs_of
+from cadence.store.db import read_connection
 from cadence.store.fast import dialect_sql
 
 router = APIRouter(prefix="/v1", tags=["attribution"])
@@ -128,7 +129,7 @@ async def get_attribution(
 
     def run() -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
         rule = [m for m in models if m in RULE_MODELS]
-        with engine.connect() as conn:
+        with read_connection(engine) as conn:
             result = (
                 query_attribution(
                     conn,
@@ -150,7 +151,7 @@ async def get_attribution(
             todo = materialized if refresh else missing
             for fit in refresh_fits(engine, spec=specs[block], windows=[window_days], models=todo):
                 fits[(fit.model, fit.window_days)] = fit
-        with engine.connect() as conn:
+        with read_connection(engine) as conn:
             newest = int(conn.exec_driver_sql(dialect_sql(conn, "SELECT MAX(id) FROM events")).scalar() or 0)
         reports = {}
         for m in materialized:

@@ -19,6 +19,7 @@ from cadence.engine.ingest import record_events
 from cadence.engine.loop import EngineLoop
 from cadence.engine.privacy import erase_customer, export_customer
 from cadence.errors import IdentityError
+from cadence.store.db import read_connection
 
 router = APIRouter(prefix="/v1", tags=["customers"])
 
@@ -101,7 +102,7 @@ async def set_consent(
     await run_in_threadpool(loop.catch_up)
 
     def read() -> ConsentResponse:
-        with runtime.engine.connect() as conn:
+        with read_connection(runtime.engine) as conn:
             cid = resolve_customer(conn, body.user_id or body.anonymous_id or "")
             assert cid is not None  # the loop just created or found them
             return ConsentResponse(customer_id=cid, consent=consent_of(conn, cid))

@@ -52,7 +52,7 @@ from cadence.engine.decisions_service import (
 )
 from cadence.engine.learning import LearnerSubscriber
 from cadence.errors import IdentityError
-from cadence.store.db import begin_write
+from cadence.store.db import begin_write, read_connection
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
 
@@ -1111,7 +1111,7 @@ async def read_decision(
     def load() -> dict[str, Any] | None:
         fallback = getattr(getattr(request.app.state, "ruleset", None), "settings", None)
         zone = fallback.default_zone if fallback is not None else "UTC"
-        with request.app.state.runtime.engine.connect() as conn:
+        with read_connection(request.app.state.runtime.engine) as conn:
             return get_decision(conn, decision_id=decision_id, fallback_zone=zone)
 
     found = await run_in_threadpool(load)

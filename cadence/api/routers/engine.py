@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from cadence.api.security import Principal, Scope
 from cadence.engine.loop import EngineLoop
+from cadence.store.db import read_connection
 from cadence.store.schema.core import events
 
 router = APIRouter(prefix="/v1", tags=["engine"])
@@ -26,7 +27,7 @@ def setup(app: FastAPI) -> None:
         low = min(positions.values())
         metrics.engine_position.set(low)
         # Read-only: on SQLite a plain connection's transaction takes the write lock every commit waits for.
-        with app.state.runtime.engine.connect().execution_options(cadence_readonly=True) as conn:
+        with read_connection(app.state.runtime.engine) as conn:
             newest = conn.scalar(select(func.max(events.c.id))) or 0
         metrics.engine_lag.set(max(0, newest - low))
 

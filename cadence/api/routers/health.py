@@ -7,6 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from cadence.store.db import read_connection
+
 router = APIRouter(tags=["health"])
 
 
@@ -20,7 +22,7 @@ def healthz() -> dict[str, str]:
 def readyz(request: Request) -> JSONResponse:
     """The database answers; 503 otherwise."""
     try:
-        with request.app.state.runtime.engine.connect() as conn:
+        with read_connection(request.app.state.runtime.engine) as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure
         return JSONResponse(status_code=503, content={"status": "unavailable", "error": str(exc)})

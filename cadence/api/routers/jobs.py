@@ -25,6 +25,7 @@ from cadence.scheduler.compaction import compact_derived_state
 from cadence.scheduler.needs import needs_of_holder
 from cadence.scheduler.push import PushReport
 from cadence.scheduler.service import PushScheduler, SchedulerConfig, SchedulerService, list_jobs
+from cadence.store.db import read_connection
 
 router = APIRouter(prefix="/v1", tags=["scheduler"])
 log = logging.getLogger("cadence.scheduler")
@@ -103,7 +104,7 @@ def setup(app: FastAPI) -> None:
         if loop is None or learners is None:
             return
         # Read-only: on SQLite a plain connection's transaction takes the write lock every commit waits for.
-        with runtime.engine.connect().execution_options(cadence_readonly=True) as conn:
+        with read_connection(runtime.engine) as conn:
             marker = snapshot_marker(conn, name=learners.name)
         # Compared with the snapshots the learners last loaded (not with this job's last look): the
         # first look after start-up found the snapshot loaded at start-up and reloaded it all the

@@ -23,6 +23,7 @@ from cadence.api.security import Principal, Scope
 from cadence.clock import datetime_to_ms, now_ms
 from cadence.dsl.explain import explain_from_database
 from cadence.dsl.loader import LoadResult, RulesetHolder
+from cadence.store.db import read_connection
 
 router = APIRouter(prefix="/v1", tags=["rules"])
 
@@ -98,7 +99,7 @@ async def explain(
         holder, _result = _holder(request)
         if holder.current is None:
             raise HTTPException(409, detail="the rules do not compile: see GET /v1/rules")
-        with request.app.state.runtime.engine.connect() as conn:
+        with read_connection(request.app.state.runtime.engine) as conn:
             return explain_from_database(
                 conn,
                 ruleset=holder.current,

@@ -42,6 +42,7 @@ from cadence.plugins.manager import (
     make_plugin_manager,
 )
 from cadence.scheduler.leading import AlwaysLeads, dispatch_while_leading
+from cadence.store.db import read_connection
 from cadence.store.schema.core import identities, profiles
 from cadence.store.schema.sends import sends
 
@@ -111,7 +112,7 @@ def _link_all(engine: Engine, items: Sequence[ProviderEvent]) -> list[_Link]:
     """
     decisions = sorted({i.decision_id for i in items if i.decision_id})
     message_ids = sorted({i.provider_message_id for i in items if i.provider_message_id})
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         by_decision: dict[str, tuple[int, str]] = {}
         for start in range(0, len(decisions), 500):
             rows = conn.execute(

@@ -48,6 +48,7 @@ from cadence.engine.attribution.online import (
 from cadence.engine.attribution.spec import AttributionSpec
 from cadence.engine.events import LoggedEvent
 from cadence.engine.leader import Leadership
+from cadence.store.db import read_connection
 from cadence.store.fast import dialect_sql, dump_json, execute_many
 
 __all__ = [
@@ -517,7 +518,7 @@ class FitRefresher:
         out: list[Fit] = []
         for spec in specs_of(self.runtime):
             wanted = {w for name, w in set(self._wanted) if name == spec.name}
-            with self.engine.connect() as conn:
+            with read_connection(self.engine) as conn:
                 windows = sorted({*fitted_windows(conn, spec.name), *DEFAULT_FIT_WINDOWS, *wanted})
                 current = _positions(conn)
                 position = min(
