@@ -25,6 +25,7 @@ from cadence.engine.decision import Decision, PastSend
 from cadence.engine.decision_state import CHECK_GROUP_PG, HISTORY_MS, DecisionInputs, DecisionState
 from cadence.engine.explanation import summarise
 from cadence.engine.identity import resolve_customer
+from cadence.engine.learners import Pending
 from cadence.engine.learning import LearnerSubscriber
 from cadence.engine.profiles import StoredProfile, load_profile
 from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
@@ -344,6 +345,10 @@ class PreparedDecision:
     decision: Decision
     explanation: dict[str, Any]
     body: dict[str, Any]
+    #: A sending commit's learner features, computed as it was decided (:func:`prepare_commit`); None:
+    #: computed as it is recorded. Kept with the decision, so recording it again (its group rolled
+    #: back) stores and registers the same features; told to the learners only once committed.
+    pending: Pending | None = None
 
 
 def record_decision(
@@ -382,7 +387,7 @@ def prepare_commit(
     """
     if request.mode != "commit":
         raise ValueError("prepare_commit: the request's mode must be 'commit'")
-    return _prepare(request, conn=None, state=state, decision_id=decision_id)
+    return _prepare(request, conn=None, state=state, decision_id=decision_id, features=True)
 
 
 def preview_from(
@@ -443,8 +448,13 @@ def _prepare(
     state: DecisionState | None,
     decision_id: str | None,
     inputs: DecisionInputs | None = None,
+    features: bool = False,
 ) -> PreparedDecision:
-    """Read the customer's inputs (on ``conn`` or the cache's own connection), unless given, and decide."""
+    """Read the customer's inputs (on ``conn`` or the cache's own connection), unless given, and decide.
+
+    With ``features``, a decision that sends also gets its learner features now (``pending``),
+    right after the scoring that read the same learner state (see :func:`_pending`).
+    """
     customer_ref, now_ms, ruleset, learners = (
         request.customer_ref,
         request.now_ms,
@@ -526,6 +536,31 @@ def _prepare(
         decision=decision,
         explanation=explanation,
         body=body,
+        pending=_pending(learners, decision, profile, customer_id, now_ms) if features else None,
+    )
+
+
+def _pending(
+    learners: LearnerSubscriber | None,
+    decision: Decision,
+    profile: StoredProfile,
+    customer_id: int,
+    now_ms: int,
+) -> Pending | None:
+    """The learner's features of a decision that sends (None for any other, or without learners),
+    as they are now; remembered by the learner only once the decision is committed."""
+    if decision.action != "send" or learners is None:
+        return None
+    assert decision.campaign and decision.channel and decision.send_at_ms is not None
+    return learners.pending_decision(
+        customer_id=customer_id,
+        traits=profile.traits,
+        zone=profile.timezone,
+        campaign=decision.campaign,
+        channel=decision.channel,
+        send_at_ms=decision.send_at_ms,
+        arm=decision.arm,
+        now_ms=now_ms,
     )
 
 
@@ -556,20 +591,13 @@ def _record_rows(
     decision_id, customer_id = prepared.decision_id, prepared.customer_id
     learners, now_ms = prepared.request.learners, prepared.request.now_ms
     stored_inputs: dict[str, Any] = {"traits": _jsonable(profile.traits), "zone": profile.timezone}
-    if decision.action == "send" and learners is not None:
-        assert decision.campaign and decision.channel and decision.send_at_ms is not None
-        # the learner's features as they are now, kept so a restart learns this decision exactly; the
-        # learner remembers it only once committed (a rolled-back decision must not become a label)
-        pending = learners.pending_decision(
-            customer_id=customer_id,
-            traits=profile.traits,
-            zone=profile.timezone,
-            campaign=decision.campaign,
-            channel=decision.channel,
-            send_at_ms=decision.send_at_ms,
-            arm=decision.arm,
-            now_ms=now_ms,
-        )
+    # the learner's features (computed as it was decided, or now), kept so a restart learns this decision
+    # exactly; the learner remembers it only once committed (a rolled-back decision must not become a label)
+    pending = prepared.pending
+    if pending is None:
+        pending = _pending(learners, decision, profile, customer_id, now_ms)
+    if pending is not None:
+        assert learners is not None
         stored_inputs["features"] = pending.stored()
         after_commit.append(functools.partial(learners.remember, decision_id, pending))
     # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key

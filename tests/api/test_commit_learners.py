@@ -17,7 +17,9 @@ from cadence.api.routers.decisions import _learners
 from cadence.engine.decisions_service import (
     DecisionRequestSpec,
     RawTransaction,
+    commit_prepared,
     make_decision,
+    prepare_commit,
     record_decisions,
 )
 from cadence.engine.learning import LearnerSubscriber
@@ -136,3 +138,56 @@ def test_a_commit_over_http_is_remembered_once_committed(api: Api) -> None:
     pending = pending_state(learners)
     assert api.decide("u2", mode="commit")["action"] == "none"  # capped: nothing to learn from
     assert pending_state(learners) == pending
+
+
+def stored_features(runtime: Runtime, decision_id: str) -> dict[str, Any]:
+    with runtime.engine.connect() as conn:
+        rows = dict(conn.exec_driver_sql("SELECT id, inputs FROM decisions").all())
+    stored = rows[decision_id]
+    return dict((stored if isinstance(stored, dict) else orjson.loads(stored))["features"])
+
+
+def test_a_commit_decided_ahead_keeps_its_features_through_a_rolled_back_group(
+    api: Api, runtime: Runtime
+) -> None:
+    """A sending commit decided before its transaction (SQLite's path) gets its learner features as it
+    is decided; recorded again after its group rolled back, it stores and registers those same ones,
+    whatever the learner learned about the customer in between."""
+    learners = learners_of(api)
+    made = prepare_commit(specs(api, learners)[0], state=api.state)
+    assert made.body["action"] == "send" and made.pending is not None
+    decided_with = made.pending.stored()
+    assert (
+        decided_with
+        == learners.pending_decision(
+            customer_id=made.customer_id,
+            traits=made.profile.traits,
+            zone=made.profile.timezone,
+            campaign=made.decision.campaign,
+            channel=made.decision.channel,
+            send_at_ms=made.decision.send_at_ms,
+            arm=made.decision.arm,
+            now_ms=AT_MS,
+        ).stored()
+    )
+    before = pending_state(learners)
+    tx = transaction(runtime)
+    try:
+        assert commit_prepared(tx, made, state=api.state)["action"] == "send"
+        tx.rollback()  # its group failed
+    finally:
+        tx.raw.close()
+    assert pending_state(learners) == before
+    # The learner hears of a send to the customer meanwhile (their load and fatigue features change).
+    learners.learner.customer(made.customer_id).sends.append(AT_MS - 60_000)
+    tx = transaction(runtime)
+    try:
+        body = commit_prepared(tx, made, state=api.state)  # recorded again on its own
+        assert made.decision_id not in learners.learner.pending  # not before the commit
+        tx.commit()
+    finally:
+        tx.raw.close()
+    assert body["decision_id"] == made.decision_id and body["queued"] is True
+    assert learners.learner.pending[made.decision_id] is made.pending
+    assert stored_features(runtime, made.decision_id) == decided_with == made.pending.stored()
+    assert made.pending.load == 0  # as decided: the send learned of later is not in it
