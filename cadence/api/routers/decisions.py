@@ -134,6 +134,18 @@ def setup(app: FastAPI) -> None:
         "Customers whose decision inputs this process has cached",
         registry=app.state.metrics.registry,
     ).set_function(lambda: len(state))
+    # PostgreSQL: previews answered without the check (their customer clean since its last check, the
+    # listener connected) and the notifications of changed customers heard (cadence.engine.decision_state).
+    Gauge(
+        "cadence_decision_previews_unchecked",
+        "Previews this process answered from clean cached inputs, without a database check",
+        registry=app.state.metrics.registry,
+    ).set_function(lambda: state.listened)
+    Gauge(
+        "cadence_decision_change_notifications",
+        "Notifications of changed customers this process's decision cache heard",
+        registry=app.state.metrics.registry,
+    ).set_function(lambda: state.notified)
 
     def close(app: FastAPI) -> None:
         groups = getattr(app.state, "decision_groups", None)
