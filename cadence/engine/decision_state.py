@@ -22,6 +22,31 @@ statement that also reads the sends, so a cached decision costs one round trip:
 The check runs on a connection of the caller's transaction (commit mode) or, for
 previews, on a connection of the cache's own, detached from the pool and reading in
 autocommit (SQLite in WAL mode and PostgreSQL never block such reads).
+
+**PostgreSQL previews without the check** (``listen=True``, as the API's cache is). On SQLite
+the check is an in-process read; on PostgreSQL it is a round trip per preview, and on a
+small machine the backend it wakes competes with the workers. So there a cache that listens
+keeps a thread with one connection that listens (``LISTEN``) on :data:`CHANNEL`, where the triggers of
+migration notify13_0004 notify, once a transaction commits, the customer ids whose counting
+sends (inserted, deleted, entering or leaving ``queued``/``sending``/``sent``, due time,
+campaign or channel changed), profile stamp (``event_count``, ``updated_event_id``: the
+engine loop), ``merged_into`` (merges, erasure) or row (erasure) it changed, whoever wrote
+them (``*`` for a statement of more than 2,000 customers: everyone). The rows a check of a
+customer read (single, batched, or loading) are kept as the customer's *clean* inputs if
+nothing was notified for the customer between the moment before the check was read and
+now, and the listener was connected all along; a notification for the customer (or a
+commit of this process that queued it a send) forgets them. A preview whose entry is
+within ``ttl_seconds``, whose customer is clean and whose stamp matches is answered from
+them without a round trip. Listener lost: everything clean is forgotten and every preview
+checks, as before, until it is back (reconnecting every second); only what is checked after
+it reconnected is clean again. Commits are unchanged: they check inside their transaction.
+
+The semantic change: **on PostgreSQL a preview sees another process's (or connection's)
+change once its notification has arrived**, not strictly at the next decision. The delay
+is the notification's delivery (measured: about 0.1-0.3 ms after the commit returns on a
+quiet loopback, a few ms under load: docs/measurements.md, session 13). A preview after a
+commit of this process's sees that commit (it forgets the customer synchronously);
+:meth:`DecisionState.sync` waits until every change committed before it was heard.
 """
 
 from __future__ import annotations
@@ -280,6 +305,14 @@ class DecisionState:
 
     def close(self) -> None:
         """Close the cache's own connections (the listener's too) and forget every entry."""
+        self.stop_listening()
+        with self._lock:
+            self._entries.clear()
+            _close_all(self._raw)
+
+    def stop_listening(self) -> None:
+        """Stop the listener for good: from now on every preview checks its customer."""
+        self.listen = False
         self._stop.set()
         listener, self._listener = self._listener, None
         if listener is not None and listener is not threading.current_thread():
@@ -287,8 +320,6 @@ class DecisionState:
         with self._lock:
             self._listening = False
             self._clean.clear()
-            self._entries.clear()
-            _close_all(self._raw)
 
     # -- the listener (PostgreSQL): which customers changed, told by the triggers of notify13_0004
     def start_listening(self) -> None:

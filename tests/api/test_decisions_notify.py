@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from sqlalchemy import text
 
 from cadence.engine.sendqueue import enqueue_send
 from cadence.runtime import Runtime
-from tests.api.test_decisions_cache import AT_MS, Api, reasons
+from tests.api.test_decisions_cache import AT, AT_MS, Api, reasons
+from tests.api.test_httpproto import serving
 
 
 @pytest.fixture
@@ -117,6 +119,26 @@ def test_a_commit_of_this_process_is_seen_by_the_next_preview_without_waiting(ap
     assert api.decide("u1", mode="commit")["queued"] is True
     after = api.decide("u1")  # no sync: the commit itself told this process's cache
     assert after["action"] == "none" and "cap" in reasons(after)
+
+
+def test_over_http_a_batched_check_makes_the_customer_clean(api: Api, runtime: Runtime) -> None:
+    """Served (the event loop's paths): a changed customer is checked in a batch, then answered clean."""
+    listening(api)
+    cid = clean_preview(api, "u1")["customer_id"]
+    with runtime.engine.begin() as conn:
+        enqueue_send(
+            conn, key="push:u1", campaign="daily", customer_id=cid, channel="email", due_ms=AT_MS, now_ms=AT_MS
+        )
+    assert api.state.sync()
+    listened = api.state.listened
+    with serving(api.app) as url, httpx.Client(base_url=url) as client:
+        answers = [
+            client.post("/v1/decisions", json={"customer_id": "u1", "at": AT}, headers=api.keys["decide"])
+            for _ in range(3)
+        ]
+    assert all(a.status_code == 200 and a.json()["action"] == "none" for a in answers)
+    assert api.app.state.preview_batcher.previews == 1  # the first: checked in a batch
+    assert api.state.listened == listened + 2  # the others: clean
 
 
 def test_a_lost_listener_sends_every_preview_back_to_the_check(api: Api, runtime: Runtime) -> None:
