@@ -2,7 +2,8 @@
 
 The check reads a customer's counting sends (``queued``, ``sending``, ``sent``: due time,
 campaign, channel) and the profile's stamp (``event_count``, ``updated_event_id``,
-``customers.merged_into``). Each change below is committed on one connection and what the
+``customers.merged_into``): sends and customers notify through triggers, profiles through
+their writers (``cadence.engine.profiles.notify_inputs``). Each change below is committed on one connection and what the
 channel ``cadence_inputs`` carried is read on another, up to a notification of the test's own
 (notifications arrive in commit order). PostgreSQL only: SQLite has no triggers here.
 """
@@ -83,18 +84,26 @@ def test_sends_inserted_updated_and_deleted(listener: Listener) -> None:
     assert ids(listener.heard("DELETE FROM sends WHERE customer_id = 3")) == {3}
 
 
-def test_profiles_and_customers(listener: Listener) -> None:
-    profile = (
-        "INSERT INTO profiles (customer_id, first_seen_ms, last_seen_ms, event_count, traits, trait_events, "
-        "updated_event_id) VALUES ({c}, 0, 0, 1, '{{}}', '{{}}', 5)"
-    )
-    assert ids(listener.heard(profile.format(c=7))) == {7}
-    assert ids(listener.heard("UPDATE profiles SET event_count = 2, updated_event_id = 6 WHERE customer_id = 7")) == {7}
-    assert listener.heard("UPDATE profiles SET last_seen_ms = 9 WHERE customer_id = 7") == []  # the stamp is the same
+def test_customers_merged_and_deleted(listener: Listener) -> None:
     assert ids(listener.heard("UPDATE customers SET merged_into = 8 WHERE id = 7")) == {7, 8}
     assert listener.heard("UPDATE customers SET created_ms = 1 WHERE id = 9") == []
-    assert ids(listener.heard("DELETE FROM profiles WHERE customer_id = 7")) == {7}
     assert ids(listener.heard("DELETE FROM customers WHERE id IN (7, 9)")) == {7, 9}
+
+
+def test_profile_writers_notify_what_they_wrote(listener: Listener, db_engine: Engine) -> None:
+    """Profiles have no trigger (it cost the engine loop too much): their writers call notify_inputs."""
+    from cadence.engine.profiles import notify_inputs
+
+    with db_engine.begin() as conn:
+        notify_inputs(conn, [12, 11, 12])
+    assert ids(listener.heard("SELECT 1")) == {11, 12}
+    with db_engine.connect() as conn:  # rolled back: nothing
+        notify_inputs(conn, [13])
+        conn.rollback()
+    assert listener.heard("SELECT 1") == []
+    with db_engine.begin() as conn:
+        notify_inputs(conn, range(1, 2502))
+    assert listener.heard("SELECT 1") == ["*"]
 
 
 def test_many_customers_in_chunks_and_too_many_as_everyone(listener: Listener) -> None:

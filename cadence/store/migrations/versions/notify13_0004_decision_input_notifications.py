@@ -8,13 +8,20 @@ the customer ids it changed, once it commits, and a worker that LISTENs may answ
 preview of a customer nothing was notified for without the check
 (:mod:`cadence.engine.decision_state`).
 
-Statement-level triggers with transition tables, whatever writes (the decision commits and
-pushes, delivery, the operator, the scheduler, the engine loop, identity merges, erasure,
+Sends and customers: statement-level triggers with transition tables, whatever writes (the
+decision commits and pushes, delivery, the operator, the scheduler, identity merges, erasure,
 compaction): one ``pg_notify`` per statement with the distinct ids, in chunks of 350 (under
 the 8,000-byte payload limit), or ``*`` (everyone) when a statement changed more than 2,000
-customers. A send's update notifies only when it enters or leaves the counting statuses or
-changes what the check reads of it; a profile's only when its stamp changed. SQLite has no
-triggers here: it checks every decision, in process.
+customers (``cadence_notify_inputs``). A send's update notifies only when it enters or leaves
+the counting statuses or changes what the check reads of it.
+
+Profiles: no trigger. Their writers (the engine loop's profile subscriber: batches, merges,
+erasure; the scheduler's seed) call ``cadence_notify_inputs`` with the customers they wrote
+(``cadence.engine.profiles.notify_inputs``). Triggers on ``profiles`` (insert and update, with
+transition tables) were measured first: the engine loop's profile path fell from 21,692
+events/s (median of 3; runs 19,443 / 21,692 / 24,266) to 18,985 (18,985 / 18,622 / 19,541),
+under its 20,000 goal: the transition tables copy every written profile row whole, traits
+included. SQLite has neither: it checks every decision, in process.
 
 Revision ID: notify13_0004
 Revises: decisions_0003
@@ -79,29 +86,6 @@ TRIGGERS = (
         "DELETE",
         "OLD TABLE AS cadence_old",
         f"SELECT DISTINCT customer_id FROM cadence_old WHERE status IN {COUNTING}",
-    ),
-    (
-        "cadence_inputs_profiles_ins",
-        "profiles",
-        "INSERT",
-        "NEW TABLE AS cadence_new",
-        "SELECT DISTINCT customer_id FROM cadence_new",
-    ),
-    (
-        "cadence_inputs_profiles_upd",
-        "profiles",
-        "UPDATE",
-        "OLD TABLE AS cadence_old NEW TABLE AS cadence_new",
-        "SELECT DISTINCT c FROM cadence_old o JOIN cadence_new n ON n.customer_id = o.customer_id, "
-        "LATERAL (VALUES (o.customer_id), (n.customer_id)) AS v(c) "
-        "WHERE (o.event_count, o.updated_event_id) IS DISTINCT FROM (n.event_count, n.updated_event_id)",
-    ),
-    (
-        "cadence_inputs_profiles_del",
-        "profiles",
-        "DELETE",
-        "OLD TABLE AS cadence_old",
-        "SELECT DISTINCT customer_id FROM cadence_old",
     ),
     (
         "cadence_inputs_customers_upd",
