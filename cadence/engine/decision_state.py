@@ -366,8 +366,9 @@ class DecisionState:
                         self._notified(notify.payload)
             except Exception:  # noqa: BLE001 - previews check their customers until we are back
                 if not self._stop.is_set():
-                    log.warning("decision cache: the listener failed; previews check until it is back",
-                                exc_info=True)
+                    log.warning(
+                        "decision cache: the listener failed; previews check until it is back", exc_info=True
+                    )
             finally:
                 with self._lock:
                     self._listening = False

@@ -73,7 +73,13 @@ def test_a_status_change_that_stops_a_send_counting_is_seen(api: Api, runtime: R
     cid = clean_preview(api, "u1")["customer_id"]
     with runtime.engine.begin() as conn:
         enqueue_send(
-            conn, key="push:u1", campaign="daily", customer_id=cid, channel="email", due_ms=AT_MS, now_ms=AT_MS
+            conn,
+            key="push:u1",
+            campaign="daily",
+            customer_id=cid,
+            channel="email",
+            due_ms=AT_MS,
+            now_ms=AT_MS,
         )
     assert api.state.sync()
     assert api.decide("u1")["action"] == "none"
@@ -127,7 +133,13 @@ def test_over_http_a_batched_check_makes_the_customer_clean(api: Api, runtime: R
     cid = clean_preview(api, "u1")["customer_id"]
     with runtime.engine.begin() as conn:
         enqueue_send(
-            conn, key="push:u1", campaign="daily", customer_id=cid, channel="email", due_ms=AT_MS, now_ms=AT_MS
+            conn,
+            key="push:u1",
+            campaign="daily",
+            customer_id=cid,
+            channel="email",
+            due_ms=AT_MS,
+            now_ms=AT_MS,
         )
     assert api.state.sync()
     listened = api.state.listened
@@ -151,7 +163,13 @@ def test_a_lost_listener_sends_every_preview_back_to_the_check(api: Api, runtime
     # A change whose notification nobody hears: the next preview checks, and sees it.
     with runtime.engine.begin() as conn:
         enqueue_send(
-            conn, key="push:u1", campaign="daily", customer_id=cid, channel="email", due_ms=AT_MS, now_ms=AT_MS
+            conn,
+            key="push:u1",
+            campaign="daily",
+            customer_id=cid,
+            channel="email",
+            due_ms=AT_MS,
+            now_ms=AT_MS,
         )
     listened = api.state.listened
     after = api.decide("u1")

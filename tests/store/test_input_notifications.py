@@ -55,7 +55,9 @@ def listener(db_engine: Engine) -> Iterator[Listener]:
         pytest.skip("PostgreSQL's triggers")
     listener = Listener(db_engine)
     with db_engine.begin() as conn:
-        conn.execute(text("INSERT INTO customers (id, created_ms) SELECT g, 0 FROM generate_series(1, 3000) g"))
+        conn.execute(
+            text("INSERT INTO customers (id, created_ms) SELECT g, 0 FROM generate_series(1, 3000) g")
+        )
     yield listener
     listener.conn.close()
 
@@ -77,7 +79,9 @@ def test_sends_inserted_updated_and_deleted(listener: Listener) -> None:
     assert listener.heard("UPDATE sends SET status = 'sending', attempts = 1 WHERE customer_id = 1") == []
     assert listener.heard("UPDATE sends SET status = 'sent' WHERE customer_id = 1") == []
     assert ids(listener.heard("UPDATE sends SET status = 'failed' WHERE customer_id = 1")) == {1}
-    assert ids(listener.heard("UPDATE sends SET status = 'queued' WHERE customer_id = 3")) == {3}  # counts now
+    assert ids(listener.heard("UPDATE sends SET status = 'queued' WHERE customer_id = 3")) == {
+        3
+    }  # counts now
     assert ids(listener.heard("UPDATE sends SET due_ms = 2000 WHERE customer_id = 2")) == {2}
     assert ids(listener.heard("UPDATE sends SET customer_id = 4 WHERE customer_id = 2")) == {2, 4}
     assert listener.heard("DELETE FROM sends WHERE customer_id = 1") == []  # failed: did not count
@@ -107,9 +111,7 @@ def test_profile_writers_notify_what_they_wrote(listener: Listener, db_engine: E
 
 
 def test_many_customers_in_chunks_and_too_many_as_everyone(listener: Listener) -> None:
-    payloads = listener.heard(
-        SEND + ", ".join(send_values(c) for c in range(1, 1001))
-    )
+    payloads = listener.heard(SEND + ", ".join(send_values(c) for c in range(1, 1001)))
     assert len(payloads) == 3 and all(len(p) < 8000 for p in payloads)  # 350 ids a notification
     assert ids(payloads) == set(range(1, 1001))
     assert listener.heard("UPDATE sends SET status = 'cancelled' WHERE customer_id <= 1000") != ["*"]
