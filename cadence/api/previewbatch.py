@@ -55,6 +55,10 @@ class PreviewBatcher(LoopConnection):
         self.previews = 0
         self._pending: list[tuple[int, int, Finish]] = []  # (customer id, oldest send time, finish)
         self._inflight: list[tuple[int, int, Finish]] | None = None
+        # The listener's mark before the statement in flight was sent, and its oldest send time: what
+        # it read is clean unless notified since (DecisionState.trust_batch).
+        self._mark: tuple[int, int] | None = None
+        self._since = 0
 
     def submit(self, customer_id: int, now_ms: int, finish: Finish) -> None:
         """Queue a check of ``customer_id``'s sends after ``now_ms - HISTORY_MS``; ``finish`` gets the rows.
@@ -84,6 +88,7 @@ class PreviewBatcher(LoopConnection):
             pgconn = self._connection().pgconn
             ids = sorted({customer for customer, _, _ in batch})
             since = min(oldest for _, oldest, _ in batch)
+            self._mark, self._since = self.state.mark(), since
             pgconn.send_query_prepared(
                 _STATEMENT, [array_literal("bigint", ids).encode(), str(since).encode()]
             )
@@ -121,6 +126,7 @@ class PreviewBatcher(LoopConnection):
             self._fail()
             return
         batch, self._inflight = self._inflight or [], None
+        self.state.trust_batch(by_customer, self._since, self._mark)
         # The next batch's statement first (what queued during this round trip), so that PostgreSQL
         # reads it while this worker decides the batch it got.
         self._send()

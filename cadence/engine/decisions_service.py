@@ -22,7 +22,13 @@ from sqlalchemy import Connection, event, select
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend
-from cadence.engine.decision_state import CHECK_GROUP_PG, HISTORY_MS, DecisionInputs, DecisionState
+from cadence.engine.decision_state import (
+    CHECK_GROUP_PG,
+    HISTORY_MS,
+    DecisionInputs,
+    DecisionState,
+    committed_sends,
+)
 from cadence.engine.explanation import summarise
 from cadence.engine.identity import resolve_customer
 from cadence.engine.learners import Pending
@@ -629,6 +635,8 @@ def _record_rows(
         "variables": dict(body["variables"] or {}),
         "decision_id": decision_id,
     }
+    # Once committed, this process's previews check the customer again (not waiting for the notification).
+    after_commit.append(functools.partial(committed_sends, customer_id))
     return row, send
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from cadence.engine.campaign import DAY_MS
+from cadence.engine.profiles import notify_inputs
 from cadence.store.fast import dump_json, execute_many
 
 __all__ = ["SeedCustomer", "seed_customers"]
@@ -54,6 +55,7 @@ def seed_customers(engine: Engine, customers: Sequence[SeedCustomer], *, now_ms:
                 for c in customers
             ],
         )
+        notify_inputs(conn, [c.id for c in customers])  # the decision caches that listen (PostgreSQL)
         stats: list[tuple[Any, ...]] = []
         daily: list[tuple[Any, ...]] = []
         for c in customers:
