@@ -328,57 +328,52 @@ class DecisionState:
             if self._listener is not None and self._listener.is_alive():
                 return
             self._listener = threading.Thread(
-                target=self._listen_forever, name="cadence-decision-listener", daemon=True
+                target=_listen_forever,
+                args=(weakref.ref(self), self._stop),
+                name="cadence-decision-listener",
+                daemon=True,
             )
             self._listener.start()
 
-    def _listen_forever(self) -> None:
-        while not self._stop.is_set():
-            conn = None
-            try:
-                proxied = self.engine.raw_connection()
-                conn = proxied.driver_connection
-                proxied.detach()  # ours until closed
-                conn.autocommit = True
-                conn.execute(f"LISTEN {CHANNEL}")
-                found = conn.execute(
-                    "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(%s) AND NOT tgisinternal",
-                    [list(TRIGGERS)],
-                ).fetchone()[0]
-                if found < len(TRIGGERS):
-                    log.warning(
-                        "decision cache: the change triggers (migration notify13_0004) are missing; "
-                        "every preview checks its customer"
-                    )
-                    self._stop.wait(60.0)
-                    continue
-                # Listening from here: whatever commits from now on is notified. Only what is checked
-                # (or loaded) from now on is trusted.
-                self.listener_pid = conn.info.backend_pid
-                with self._lock:
-                    self._epoch += 1
-                    self._clean.clear()
-                    self._listening = True
-                self.lost.clear()
-                self.listening.set()
-                while not self._stop.is_set():
-                    for notify in conn.notifies(timeout=0.5):
-                        self._notified(notify.payload)
-            except Exception:  # noqa: BLE001 - previews check their customers until we are back
-                if not self._stop.is_set():
-                    log.warning(
-                        "decision cache: the listener failed; previews check until it is back", exc_info=True
-                    )
-            finally:
-                with self._lock:
-                    self._listening = False
-                    self._clean.clear()
-                self.listening.clear()
-                self.lost.set()
-                if conn is not None:
-                    with contextlib.suppress(Exception):  # broken already, most likely
-                        conn.close()
-            self._stop.wait(1.0)
+    def _connect_listener(self) -> Any:
+        """A connection of our own that LISTENs, or None when the triggers it relies on are missing."""
+        proxied = self.engine.raw_connection()
+        conn = proxied.driver_connection
+        proxied.detach()  # ours until closed
+        try:
+            conn.autocommit = True
+            conn.execute(f"LISTEN {CHANNEL}")
+            found = conn.execute(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(%s) AND NOT tgisinternal",
+                [list(TRIGGERS)],
+            ).fetchone()[0]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        if found < len(TRIGGERS):
+            conn.close()
+            return None
+        # Listening from here: whatever commits from now on is notified. Only what is checked (or
+        # loaded) from now on is trusted.
+        self.listener_pid = conn.info.backend_pid
+        with self._lock:
+            self._epoch += 1
+            self._clean.clear()
+            self._listening = True
+        self.lost.clear()
+        self.listening.set()
+        return conn
+
+    def _listener_lost(self, conn: Any) -> None:
+        with self._lock:
+            self._listening = False
+            self._clean.clear()
+        self.listening.clear()
+        self.lost.set()
+        if conn is not None:
+            with contextlib.suppress(Exception):  # broken already, most likely
+                conn.close()
 
     def sync(self, timeout: float = 10.0) -> bool:
         """Wait until the listener heard every change committed before this call; False if not listening.
@@ -696,6 +691,59 @@ class DecisionState:
 
 
 _STATES: weakref.WeakSet[DecisionState] = weakref.WeakSet()
+
+
+def _listen_forever(ref: weakref.ref[DecisionState], stop: threading.Event) -> None:
+    """The listener thread of the cache ``ref`` names: until stopped, or the cache is gone.
+
+    It holds the cache only while it handles a notification, so a cache dropped without
+    :meth:`DecisionState.close` (an app never shut down) is collected and its thread ends.
+    A failure (the server restarted, the network) is logged once per outage; the thread
+    tries again after 1 s, doubling to 30 s while it keeps failing.
+    """
+    failures = 0
+    while not stop.is_set():
+        state, conn = ref(), None
+        if state is None:
+            return
+        try:
+            conn = state._connect_listener()
+            if conn is None:
+                log.warning(
+                    "decision cache: the change triggers (migration notify13_0004) are missing; "
+                    "every preview checks its customer"
+                )
+                del state
+                stop.wait(60.0)
+                continue
+            if failures:
+                log.warning(
+                    "decision cache: the listener is back; previews of unchanged customers skip the check"
+                )
+            failures = 0
+            del state
+            while not stop.is_set() and ref() is not None:
+                for notify in conn.notifies(timeout=0.5):  # each as it arrives; every 0.5 s at least
+                    state = ref()
+                    if state is None:
+                        break
+                    state._notified(notify.payload)
+                    del state
+        except Exception:  # noqa: BLE001 - previews check their customers until we are back
+            failures += 1
+            if failures == 1 and not stop.is_set():
+                log.warning(
+                    "decision cache: the listener failed; previews check until it is back", exc_info=True
+                )
+        finally:
+            state = ref()
+            if state is not None:
+                state._listener_lost(conn)
+            elif conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            del state
+        stop.wait(min(30.0, 2.0 ** max(failures - 1, 0)))
 
 
 def committed_sends(customer_id: int) -> None:

@@ -10,12 +10,15 @@ that a lost listener sends every preview back to the check; and that SQLite is a
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from sqlalchemy import text
 
+from cadence.engine.decision_state import DecisionState
 from cadence.engine.sendqueue import enqueue_send
 from cadence.runtime import Runtime
 from tests.api.test_decisions_cache import AT, AT_MS, Api, reasons
@@ -179,6 +182,31 @@ def test_a_lost_listener_sends_every_preview_back_to_the_check(api: Api, runtime
     assert api.state.listening.wait(10)
     assert api.state.listener_pid != pid
     clean_preview(api, "u1")
+
+
+def test_a_cache_dropped_without_close_ends_its_listener(runtime: Runtime) -> None:
+    """An app never shut down (a script, a test) must not leave a thread listening for ever."""
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    state = DecisionState(runtime.engine, listen=True)
+    state.start_listening()
+    assert state.listening.wait(10)
+    thread, pid = state._listener, state.listener_pid
+    assert thread is not None and thread.is_alive()
+    del state
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+    deadline = time.monotonic() + 10  # and its connection closed (the backend exits soon after)
+    while True:
+        with runtime.engine.connect() as conn:
+            left = conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
+            ).scalar()
+        if left == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == 0
 
 
 def test_sqlite_previews_always_check(api: Api, runtime: Runtime) -> None:
