@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -41,6 +42,20 @@ def listening(api: Api) -> Api:
     return api
 
 
+def queue_send(runtime: Runtime, customer_id: Any) -> None:
+    """Queue u1 a send of the daily campaign, in a transaction of its own (not this process's commit path)."""
+    with runtime.engine.begin() as conn:
+        enqueue_send(
+            conn,
+            key="push:u1",
+            campaign="daily",
+            customer_id=customer_id,
+            channel="email",
+            due_ms=AT_MS,
+            now_ms=AT_MS,
+        )
+
+
 def clean_preview(api: Api, ref: str) -> dict[str, object]:
     """A preview of ``ref`` checked, then one answered without the check (asserted)."""
     api.decide(ref)
@@ -55,16 +70,7 @@ def test_a_send_inserted_by_another_connection_is_seen_once_notified(api: Api, r
     body = clean_preview(api, "u1")
     assert body["action"] == "send"
     notified = api.state.notified
-    with runtime.engine.begin() as conn:
-        enqueue_send(
-            conn,
-            key="push:u1",
-            campaign="daily",
-            customer_id=body["customer_id"],
-            channel="email",
-            due_ms=AT_MS,
-            now_ms=AT_MS,
-        )
+    queue_send(runtime, body["customer_id"])  # from another connection
     assert api.state.sync()
     assert api.state.notified > notified
     after = api.decide("u1")
@@ -74,16 +80,7 @@ def test_a_send_inserted_by_another_connection_is_seen_once_notified(api: Api, r
 def test_a_status_change_that_stops_a_send_counting_is_seen(api: Api, runtime: Runtime) -> None:
     listening(api)
     cid = clean_preview(api, "u1")["customer_id"]
-    with runtime.engine.begin() as conn:
-        enqueue_send(
-            conn,
-            key="push:u1",
-            campaign="daily",
-            customer_id=cid,
-            channel="email",
-            due_ms=AT_MS,
-            now_ms=AT_MS,
-        )
+    queue_send(runtime, cid)  # from another connection
     assert api.state.sync()
     assert api.decide("u1")["action"] == "none"
     clean_preview(api, "u1")  # clean again, with the send counted
@@ -134,16 +131,7 @@ def test_over_http_a_batched_check_makes_the_customer_clean(api: Api, runtime: R
     """Served (the event loop's paths): a changed customer is checked in a batch, then answered clean."""
     listening(api)
     cid = clean_preview(api, "u1")["customer_id"]
-    with runtime.engine.begin() as conn:
-        enqueue_send(
-            conn,
-            key="push:u1",
-            campaign="daily",
-            customer_id=cid,
-            channel="email",
-            due_ms=AT_MS,
-            now_ms=AT_MS,
-        )
+    queue_send(runtime, cid)  # from another connection
     assert api.state.sync()
     listened = api.state.listened
     with serving(api.app) as url, httpx.Client(base_url=url) as client:
@@ -164,16 +152,7 @@ def test_a_lost_listener_sends_every_preview_back_to_the_check(api: Api, runtime
         conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
     assert api.state.lost.wait(10)
     # A change whose notification nobody hears: the next preview checks, and sees it.
-    with runtime.engine.begin() as conn:
-        enqueue_send(
-            conn,
-            key="push:u1",
-            campaign="daily",
-            customer_id=cid,
-            channel="email",
-            due_ms=AT_MS,
-            now_ms=AT_MS,
-        )
+    queue_send(runtime, cid)  # from another connection
     listened = api.state.listened
     after = api.decide("u1")
     assert after["action"] == "none" and "cap" in reasons(after)
@@ -215,15 +194,6 @@ def test_sqlite_previews_always_check(api: Api, runtime: Runtime) -> None:
     api.state.start_listening()  # nothing to listen to: a no-op
     assert not api.state.listen and not api.state.listening.is_set()
     body = api.decide("u1")
-    with runtime.engine.begin() as conn:
-        enqueue_send(
-            conn,
-            key="push:u1",
-            campaign="daily",
-            customer_id=body["customer_id"],
-            channel="email",
-            due_ms=AT_MS,
-            now_ms=AT_MS,
-        )
+    queue_send(runtime, body["customer_id"])  # from another connection
     assert api.decide("u1")["action"] == "none"  # the very next preview, no waiting
     assert api.state.listened == 0

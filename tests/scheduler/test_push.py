@@ -144,8 +144,15 @@ def test_a_process_that_lost_its_run_stops_and_nothing_is_sent_twice(db_engine: 
     assert (run.status, run.owner) == ("done", "fast")
 
 
-def test_two_processes_racing_never_double_send(db_engine: Engine, seed: Seed) -> None:
-    seed(readers(300))
+def race_two_schedulers(
+    db_engine: Engine, seed: Seed, customers: int, *, before_tick: Callable[[Any], None]
+) -> None:
+    """Two schedulers (owners ``a`` and ``b``, on two engines on PostgreSQL) tick at once for a due run.
+
+    ``customers`` readers are seeded and the daily run planned; each scheduler's thread calls
+    ``before_tick(scheduler)`` and then ticks; neither may fail.
+    """
+    seed(readers(customers))
     rules = Rules(DAILY)
     clock = FixedClock(MONDAY)
     make_scheduler(db_engine, rules, clock).tick()
@@ -155,13 +162,12 @@ def test_two_processes_racing_never_double_send(db_engine: Engine, seed: Seed) -
     )
     a = make_scheduler(db_engine, rules, clock, owner="a", chunk_size=25)
     b = make_scheduler(other_engine, rules, clock, owner="b", chunk_size=25)
-    barrier = threading.Barrier(2)
     errors: list[BaseException] = []
 
-    def run(s: object) -> None:
+    def run(s: Any) -> None:
         try:
-            barrier.wait()
-            s.tick()  # type: ignore[attr-defined]
+            before_tick(s)
+            s.tick()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -169,10 +175,15 @@ def test_two_processes_racing_never_double_send(db_engine: Engine, seed: Seed) -
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(120)
     if other_engine is not db_engine:
         other_engine.dispose()
     assert not errors
+
+
+def test_two_processes_racing_never_double_send(db_engine: Engine, seed: Seed) -> None:
+    barrier = threading.Barrier(2)
+    race_two_schedulers(db_engine, seed, 300, before_tick=lambda _s: barrier.wait())
     keys = sent_keys(db_engine)
     assert len(keys) == len(set(keys)) == 300
     [run_row] = runs(db_engine)
@@ -396,19 +407,8 @@ def test_enqueue_sends_counts_only_new_keys(db_engine: Engine, seed: Seed) -> No
 
 def test_two_schedulers_that_both_saw_a_due_run_claim_it_once(db_engine: Engine, seed: Seed) -> None:
     """The candidates are read without the lock: both see the run; the claim under the lock decides."""
-    seed(readers(60))
-    rules = Rules(DAILY)
-    clock = FixedClock(MONDAY)
-    make_scheduler(db_engine, rules, clock).tick()
-    clock.set(MONDAY + 8 * HOUR)
-    other_engine = (
-        create_engine(db_engine.url, poolclass=None) if db_engine.dialect.name == "postgresql" else db_engine
-    )
-    a = make_scheduler(db_engine, rules, clock, owner="a", chunk_size=25)
-    b = make_scheduler(other_engine, rules, clock, owner="b", chunk_size=25)
     both_looked = threading.Barrier(2, timeout=60)
     won: list[tuple[str, bool]] = []
-    errors: list[BaseException] = []
 
     def claim_after_both_looked(s: Any) -> Callable[[int, int, int], bool]:
         claim = s._claim
@@ -421,21 +421,9 @@ def test_two_schedulers_that_both_saw_a_due_run_claim_it_once(db_engine: Engine,
 
         return wrapped
 
-    def run(s: Any) -> None:
-        try:
-            s._claim = claim_after_both_looked(s)
-            s.tick()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    if other_engine is not db_engine:
-        other_engine.dispose()
-    assert not errors
+    race_two_schedulers(
+        db_engine, seed, 60, before_tick=lambda s: setattr(s, "_claim", claim_after_both_looked(s))
+    )
     assert sorted(got for _, got in won) == [False, True]  # both tried; exactly one claimed
     winner = next(owner for owner, got in won if got)
     keys = sent_keys(db_engine)
