@@ -42,13 +42,14 @@ from sqlalchemy import Connection, Engine
 from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
 from cadence.engine.decide import decide
-from cadence.engine.decision import PastSend, Scorer
+from cadence.engine.decision import Decision, PastSend, Scorer
 from cadence.engine.decisions_service import INSERT_DECISION
 from cadence.engine.profiles import StoredProfile
 from cadence.engine.sendqueue import enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
 from cadence.scheduler.prefilter import SqlCondition, push_prefilter
-from cadence.store.fast import dialect_sql, dump_json, execute_many, fetch_in
+from cadence.store.db import read_connection
+from cadence.store.fast import dialect_sql, dump_json, execute_many, fetch_in, is_postgres
 
 __all__ = ["DueCampaign", "LostRun", "PushProfile", "PushReport", "load_profiles", "push"]
 
@@ -95,6 +96,8 @@ class PushReport:
     enqueued: dict[str, int] = field(default_factory=dict)
     audience_added: int = 0
     audience_removed: int = 0
+    #: Customers decided again under the lock: their sends changed after the chunk's snapshot.
+    redecided: int = 0
     seconds: float = 0.0
     cursor: int = 0
 
@@ -241,22 +244,62 @@ class PushProfile(StoredProfile):
         return float(sums[hi] - sums[lo]) if hi > lo else 0.0
 
 
-def _histories(
-    conn: Connection, lo: int, hi: int, now_ms: int, ruleset: CompiledRuleset
-) -> dict[int, list[PastSend]]:
-    out: dict[int, list[PastSend]] = {}
+#: A customer's counting sends as read: (due_ms, campaign, channel), sorted (compared between two reads).
+HistoryRows = list[tuple[int, str, str]]
+
+_COUNTING = "status IN ('queued', 'sending', 'sent') AND due_ms > ?"
+
+
+def _history_rows(conn: Connection, lo: int, hi: int, now_ms: int) -> dict[int, HistoryRows]:
+    """The counting sends (the last 35 days, and any still due) of the customers ``lo``..``hi``."""
+    out: dict[int, HistoryRows] = {}
     for cid, due_ms, campaign, channel in conn.exec_driver_sql(
         dialect_sql(
             conn,
-            "SELECT customer_id, due_ms, campaign, channel FROM sends WHERE customer_id BETWEEN ? AND ?"
-            " AND status IN ('queued', 'sending', 'sent') AND due_ms > ?",
+            f"SELECT customer_id, due_ms, campaign, channel FROM sends WHERE customer_id BETWEEN ? AND ? AND {_COUNTING}",
         ),
         (lo, hi, now_ms - HISTORY_MS),
     ):
+        out.setdefault(cid, []).append((due_ms, campaign, channel))
+    for rows in out.values():
+        rows.sort()
+    return out
+
+
+def _recheck(
+    conn: Connection, customer_ids: Sequence[int], now_ms: int
+) -> tuple[set[int], dict[int, HistoryRows]]:
+    """Under the write transaction: which of ``customer_ids`` still exist, and their counting sends.
+
+    One statement. On PostgreSQL the customers' rows are locked first (``FOR UPDATE``, in id
+    order, as every commit group of the API locks them, so the two wait for each other instead
+    of deadlocking): a commit that queues a send for one of them afterwards reads ours.
+    """
+    if is_postgres(conn):
+        fetch_in(conn, "SELECT id FROM customers WHERE id IN_VALUES ORDER BY id FOR UPDATE", customer_ids)
+    found: set[int] = set()
+    out: dict[int, HistoryRows] = {}
+    for cid, due_ms, campaign, channel in fetch_in(
+        conn,
+        "SELECT c.id, s.due_ms, s.campaign, s.channel FROM customers c LEFT JOIN sends s"
+        " ON s.customer_id = c.id AND s.status IN ('queued', 'sending', 'sent') AND s.due_ms > ?"
+        " WHERE c.id IN_VALUES",
+        customer_ids,
+        now_ms - HISTORY_MS,
+    ):
+        found.add(cid)
+        if due_ms is not None:
+            out.setdefault(cid, []).append((due_ms, campaign, channel))
+    for rows in out.values():
+        rows.sort()
+    return found, out
+
+
+def _past_sends(rows: HistoryRows, ruleset: CompiledRuleset) -> list[PastSend]:
+    out = []
+    for due_ms, campaign, channel in rows:
         known = ruleset.campaigns.get(campaign)
-        out.setdefault(cid, []).append(
-            PastSend(due_ms, campaign, channel, known.exclusive if known else None)
-        )
+        out.append(PastSend(due_ms, campaign, channel, known.exclusive if known else None))
     return out
 
 
@@ -315,6 +358,16 @@ def _claim_chunk(conn: Connection, run_ids: Sequence[int], owner: str, now_ms: i
     return min(int(c[0]) for c in cursors)
 
 
+def _read_cursor(conn: Connection, run_ids: Sequence[int], owner: str) -> int:
+    """The cursor to continue from, read in the chunk's snapshot; :class:`LostRun` when a run is not ours."""
+    rows = fetch_in(
+        conn, "SELECT cursor, owner, status FROM scheduled_runs WHERE id IN_VALUES", list(run_ids)
+    )
+    if len(rows) != len(run_ids) or any(o != owner or st != "running" for _c, o, st in rows):
+        raise LostRun(f"runs {list(run_ids)} are no longer owned by {owner}")
+    return min(int(c) for c, _o, _st in rows)
+
+
 def push(
     *,
     engine: Engine,
@@ -352,27 +405,57 @@ def push(
             zones.update(d.zones or {})
         include_unzoned = default_zone in zones
     names = ", ".join(d.campaign.name for d in due)
+
+    def decide_one(
+        profile: StoredProfile, wanted: dict[str, tuple[str, int]], rows: HistoryRows, now: int
+    ) -> Decision:
+        """decide() for one customer among the campaigns due for them, with these sends as history."""
+        return decide(
+            ruleset=ruleset,
+            profile=profile,
+            now_ms=now,
+            history=_past_sends(rows, ruleset),
+            available_channels=available_channels,
+            opt_in_channels=opt_in_channels,
+            scorer=scorer,
+            campaigns=wanted,
+            seed=_seed(profile.customer_id, next(iter(wanted.values()))[0]),
+            explain=False,
+        )
+
     # A push allocates millions of short-lived objects; without this every full collection
     # would also walk the whole long-lived heap of the server (about half the push's time).
     gc.freeze()
     try:
         while True:
             now = clock.now_ms()
-            with engine.begin() as conn:
-                cursor = _claim_chunk(conn, run_ids, owner, now)
+            prefilter = (
+                push_prefilter([d.campaign for d in due], now_ms=now, dialect=engine.dialect.name)
+                if use_prefilter
+                else None
+            )
+            # 1. Read the chunk in one snapshot, without the write lock (SQLite) or row locks.
+            with read_connection(engine) as rconn:
+                cursor = _read_cursor(rconn, run_ids, owner)
                 profiles = load_profiles(
-                    conn,
+                    rconn,
                     after=cursor,
                     limit=chunk_size,
                     now_ms=now,
                     events=events,
                     zones=zones,
                     include_unzoned=include_unzoned,
-                    prefilter=push_prefilter([d.campaign for d in due], now_ms=now, dialect=conn.dialect.name)
-                    if use_prefilter
-                    else None,
+                    prefilter=prefilter,
                 )
-                if not profiles:
+                seen = (
+                    _history_rows(rconn, profiles[0].customer_id, profiles[-1].customer_id, now)
+                    if profiles
+                    else {}
+                )
+            if not profiles:
+                with engine.begin() as conn:
+                    if _claim_chunk(conn, run_ids, owner, now) != cursor:
+                        continue  # not ours to finish from this snapshot (see below): read again
                     conn.exec_driver_sql(
                         dialect_sql(
                             conn,
@@ -381,62 +464,80 @@ def push(
                         ),
                         [(now, now, run_id, owner) for run_id in run_ids],
                     )
-                    break
-                lo, hi = profiles[0].customer_id, profiles[-1].customer_id
-                histories = _histories(conn, lo, hi, now, ruleset)
+                break
+            hi = profiles[-1].customer_id
+            # 2. Decide every customer of the chunk from that snapshot, holding nothing.
+            evaluated = 0
+            per_run: dict[int, list[int]] = {run_id: [0, 0] for run_id in run_ids}  # evaluated, enqueued
+            adds: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+            outs: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+            chosen: dict[int, tuple[StoredProfile, dict[str, tuple[str, int]], Decision]] = {}
+
+            for profile in profiles:
+                zone = profile.timezone or default_zone
+                wanted: dict[str, tuple[str, int]] = {}
+                for d in messages:
+                    occurrence = d.occurrence_for(zone)
+                    if occurrence is not None:
+                        wanted[d.campaign.name] = (occurrence, d.run_id)
+                        per_run[d.run_id][0] += 1
+                for d in audiences:
+                    occurrence = d.occurrence_for(zone)
+                    if occurrence is None:
+                        continue
+                    per_run[d.run_id][0] += 1
+                    name = d.campaign.name
+                    target = adds if _in_audience(d.campaign, profile, now) else outs
+                    variables = d.campaign.template.variables(EvalContext(profile=profile, now_ms=now))
+                    target.setdefault(name, []).append(
+                        (profile.customer_id, occurrence, _jsonable(variables))
+                    )
+                if not wanted:
+                    continue
+                evaluated += 1
+                decision = decide_one(profile, wanted, seen.get(profile.customer_id, []), now)
+                if decision.action == "send" and decision.campaign in wanted:
+                    chosen[profile.customer_id] = (profile, wanted, decision)
+            # 3. Write under the lock, briefly: ownership, the sending customers' sends read again
+            #    (locked first on PostgreSQL) and those whose sends changed decided again, the writes.
+            redecided = 0
+            with engine.begin() as conn:
+                if _claim_chunk(conn, run_ids, owner, now) != cursor:
+                    # Only this owner moves the cursor; should it have moved anyway, the chunk was
+                    # decided from a stale position: drop it and read again (nothing written).
+                    continue
+                if chosen:
+                    found, fresh = _recheck(conn, sorted(chosen), now)
+                    for cid in list(chosen):
+                        if cid not in found:  # erased meanwhile: nobody to send to
+                            del chosen[cid]
+                            continue
+                        rows = fresh.get(cid, [])
+                        if rows == seen.get(cid, []):
+                            continue
+                        # A send queued meanwhile (an API commit, say): decide again from what is there now.
+                        redecided += 1
+                        profile, wanted, _old = chosen[cid]
+                        decision = decide_one(profile, wanted, rows, now)
+                        if decision.action == "send" and decision.campaign in wanted:
+                            chosen[cid] = (profile, wanted, decision)
+                        else:
+                            del chosen[cid]
                 queued: list[dict[str, Any]] = []
                 decided: list[tuple[Any, ...]] = []
-                per_run: dict[int, list[int]] = {run_id: [0, 0] for run_id in run_ids}  # evaluated, enqueued
-                adds: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
-                outs: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
-                for profile in profiles:
-                    zone = profile.timezone or default_zone
-                    wanted: dict[str, tuple[str, int]] = {}
-                    for d in messages:
-                        occurrence = d.occurrence_for(zone)
-                        if occurrence is not None:
-                            wanted[d.campaign.name] = (occurrence, d.run_id)
-                            per_run[d.run_id][0] += 1
-                    for d in audiences:
-                        occurrence = d.occurrence_for(zone)
-                        if occurrence is None:
-                            continue
-                        per_run[d.run_id][0] += 1
-                        name = d.campaign.name
-                        target = adds if _in_audience(d.campaign, profile, now) else outs
-                        variables = d.campaign.template.variables(EvalContext(profile=profile, now_ms=now))
-                        target.setdefault(name, []).append(
-                            (profile.customer_id, occurrence, _jsonable(variables))
-                        )
-                    if not wanted:
-                        continue
-                    report.evaluated += 1
-                    first = next(iter(wanted.values()))[0]
-                    decision = decide(
-                        ruleset=ruleset,
-                        profile=profile,
-                        now_ms=now,
-                        history=histories.get(profile.customer_id, ()),
-                        available_channels=available_channels,
-                        opt_in_channels=opt_in_channels,
-                        scorer=scorer,
-                        campaigns=wanted,
-                        seed=_seed(profile.customer_id, first),
-                        explain=False,
-                    )
-                    if decision.action != "send" or decision.campaign not in wanted:
-                        continue
+                for cid, (profile, wanted, decision) in chosen.items():
+                    assert decision.campaign is not None
                     assert decision.channel is not None and decision.send_at_ms is not None
                     occurrence, run_id = wanted[decision.campaign]
                     per_run[run_id][1] += 1
-                    key = idempotency_key(decision.campaign, profile.customer_id, occurrence)
+                    key = idempotency_key(decision.campaign, cid, occurrence)
                     decision_id = push_decision_id(key)
                     queued.append(
                         {
                             "key": key,
                             "decision_id": decision_id,
                             "campaign": decision.campaign,
-                            "customer_id": profile.customer_id,
+                            "customer_id": cid,
                             "channel": decision.channel,
                             "due_ms": decision.send_at_ms,
                             "template": decision.template,
@@ -446,7 +547,7 @@ def push(
                     decided.append(
                         (
                             decision_id,
-                            profile.customer_id,
+                            cid,
                             now,
                             decision.campaign,
                             decision.channel,
@@ -460,12 +561,13 @@ def push(
                     )
                 record_push_decisions(conn, decided)
                 new = enqueue_sends(conn, queued, now_ms=now)
+                added_total = removed_total = 0
                 for d in audiences:
                     added, removed = _sync_audience(
                         conn, d, adds.get(d.campaign.name, []), outs.get(d.campaign.name, []), now
                     )
-                    report.audience_added += added
-                    report.audience_removed += removed
+                    added_total += added
+                    removed_total += removed
                     per_run[d.run_id][1] += added + removed
                 conn.exec_driver_sql(
                     dialect_sql(
@@ -475,6 +577,10 @@ def push(
                     ),
                     [(hi, ev, enq, now, run_id, owner) for run_id, (ev, enq) in per_run.items()],
                 )
+            report.evaluated += evaluated
+            report.redecided += redecided
+            report.audience_added += added_total
+            report.audience_removed += removed_total
             for d in due:
                 report.enqueued[d.campaign.name] = (
                     report.enqueued.get(d.campaign.name, 0) + per_run[d.run_id][1]
@@ -483,11 +589,13 @@ def push(
             report.cursor = hi
             report.seconds = time.perf_counter() - started
             log.info(
-                "push %s: %d customers evaluated, %d sends queued (%d new in this chunk), up to customer %d",
+                "push %s: %d customers evaluated, %d sends queued (%d new in this chunk, %d decided again),"
+                " up to customer %d",
                 names,
                 report.evaluated,
                 report.total_enqueued,
                 new,
+                redecided,
                 hi,
             )
             if on_chunk is not None:
