@@ -45,7 +45,7 @@ from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend, Scorer
 from cadence.engine.decisions_service import INSERT_DECISION
 from cadence.engine.profiles import StoredProfile
-from cadence.engine.sendqueue import enqueue_sends, idempotency_key
+from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
 from cadence.scheduler.prefilter import SqlCondition, push_prefilter
 from cadence.store.db import read_connection
@@ -319,11 +319,7 @@ def record_push_decisions(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> 
     ``rows`` are decision rows without their action (``send``) and outcome (none yet); a
     re-run of the push writes none twice.
     """
-    execute_many(
-        conn,
-        INSERT_DECISION + " ON CONFLICT (id) DO NOTHING",
-        [(*row[:3], "send", *row[3:], "{}") for row in rows],
-    )
+    execute_many(conn, _INSERT_PUSH_DECISION, [(*row[:3], "send", *row[3:], "{}") for row in rows])
 
 
 def _seed(customer_id: int, occurrence: str) -> int:
@@ -356,6 +352,64 @@ def _claim_chunk(conn: Connection, run_ids: Sequence[int], owner: str, now_ms: i
             raise LostRun(f"run {run_id} is no longer owned by {owner}")
     cursors = fetch_in(conn, "SELECT cursor FROM scheduled_runs WHERE id IN_VALUES", list(run_ids))
     return min(int(c[0]) for c in cursors)
+
+
+#: A pushed decision's row: :data:`~cadence.engine.decisions_service.INSERT_DECISION` once per id.
+_INSERT_PUSH_DECISION = INSERT_DECISION + " ON CONFLICT (id) DO NOTHING"
+
+
+def _push_rows(
+    customer_id: int,
+    profile: StoredProfile,
+    wanted: Mapping[str, tuple[str, int]],
+    decision: Decision,
+    now_ms: int,
+) -> tuple[int, tuple[Any, ...], tuple[Any, ...]]:
+    """A pushed send's run id, decision row and send row (:data:`ENQUEUE_SENDS_SQL`'s parameters)."""
+    assert decision.campaign is not None
+    assert decision.channel is not None and decision.send_at_ms is not None
+    occurrence, run_id = wanted[decision.campaign]
+    key = idempotency_key(decision.campaign, customer_id, occurrence)
+    decision_id = push_decision_id(key)
+    decided = (
+        decision_id,
+        customer_id,
+        now_ms,
+        "send",
+        decision.campaign,
+        decision.channel,
+        decision.send_at_ms,
+        decision.template,
+        decision.arm,
+        decision.ruleset_hash,
+        dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
+        dump_json({"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}),
+        "{}",
+    )
+    [send] = enqueue_params(
+        [
+            {
+                "key": key,
+                "decision_id": decision_id,
+                "campaign": decision.campaign,
+                "customer_id": customer_id,
+                "channel": decision.channel,
+                "due_ms": decision.send_at_ms,
+                "template": decision.template,
+                "variables": _jsonable(decision.variables),
+            }
+        ],
+        now_ms=now_ms,
+    )
+    return run_id, decided, send
+
+
+def _insert_sends(conn: Connection, params: Sequence[tuple[Any, ...]]) -> int:
+    """:func:`~cadence.engine.sendqueue.enqueue_sends` with its parameters built already; how many were new."""
+    if not params:
+        return 0
+    result = conn.exec_driver_sql(dialect_sql(conn, ENQUEUE_SENDS_SQL), list(params))
+    return max(int(result.rowcount), 0)
 
 
 def _read_cursor(conn: Connection, run_ids: Sequence[int], owner: str) -> int:
@@ -498,8 +552,11 @@ def push(
                 decision = decide_one(profile, wanted, seen.get(profile.customer_id, []), now)
                 if decision.action == "send" and decision.campaign in wanted:
                     chosen[profile.customer_id] = (profile, wanted, decision)
+            # The rows to write, built before the lock (JSON and all); those decided again are rebuilt.
+            rows_of = {cid: _push_rows(cid, *chosen[cid], now) for cid in chosen}
             # 3. Write under the lock, briefly: ownership, the sending customers' sends read again
             #    (locked first on PostgreSQL) and those whose sends changed decided again, the writes.
+            redone: list[int] = []
             redecided = 0
             with engine.begin() as conn:
                 if _claim_chunk(conn, run_ids, owner, now) != cursor:
@@ -511,56 +568,29 @@ def push(
                     for cid in list(chosen):
                         if cid not in found:  # erased meanwhile: nobody to send to
                             del chosen[cid]
+                            redone.append(cid)
                             continue
                         rows = fresh.get(cid, [])
                         if rows == seen.get(cid, []):
                             continue
                         # A send queued meanwhile (an API commit, say): decide again from what is there now.
                         redecided += 1
+                        redone.append(cid)
                         profile, wanted, _old = chosen[cid]
                         decision = decide_one(profile, wanted, rows, now)
                         if decision.action == "send" and decision.campaign in wanted:
                             chosen[cid] = (profile, wanted, decision)
                         else:
                             del chosen[cid]
-                queued: list[dict[str, Any]] = []
-                decided: list[tuple[Any, ...]] = []
-                for cid, (profile, wanted, decision) in chosen.items():
-                    assert decision.campaign is not None
-                    assert decision.channel is not None and decision.send_at_ms is not None
-                    occurrence, run_id = wanted[decision.campaign]
+                for cid in redone:
+                    if cid in chosen:
+                        rows_of[cid] = _push_rows(cid, *chosen[cid], now)
+                    else:
+                        del rows_of[cid]
+                execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
+                new = _insert_sends(conn, [r[2] for r in rows_of.values()])
+                for run_id, _decision, _send in rows_of.values():
                     per_run[run_id][1] += 1
-                    key = idempotency_key(decision.campaign, cid, occurrence)
-                    decision_id = push_decision_id(key)
-                    queued.append(
-                        {
-                            "key": key,
-                            "decision_id": decision_id,
-                            "campaign": decision.campaign,
-                            "customer_id": cid,
-                            "channel": decision.channel,
-                            "due_ms": decision.send_at_ms,
-                            "template": decision.template,
-                            "variables": _jsonable(decision.variables),
-                        }
-                    )
-                    decided.append(
-                        (
-                            decision_id,
-                            cid,
-                            now,
-                            decision.campaign,
-                            decision.channel,
-                            decision.send_at_ms,
-                            decision.template,
-                            decision.arm,
-                            decision.ruleset_hash,
-                            dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
-                            dump_json({"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}),
-                        )
-                    )
-                record_push_decisions(conn, decided)
-                new = enqueue_sends(conn, queued, now_ms=now)
                 added_total = removed_total = 0
                 for d in audiences:
                     added, removed = _sync_audience(
