@@ -13,10 +13,23 @@ hours, holdouts and priority between campaigns firing together all apply; the wi
 is queued with :func:`~cadence.engine.sendqueue.enqueue_sends` under the key
 ``campaign:customer:occurrence`` (the occurrence is the local wall-clock fire time).
 
-Each chunk is one transaction that first re-asserts ownership of the run (so a
-process that lost it stops), then queues the chunk's sends and advances the run's
-cursor. A crash loses at most the chunk in flight, which the next owner redoes; the
-idempotency keys make any overlap harmless.
+Each chunk is read in one snapshot (:func:`~cadence.store.db.read_connection`: on SQLite
+without the database's write lock) and decided holding nothing; then one short write
+transaction re-asserts ownership of the run (so a process that lost it stops), queues the
+chunk's sends and advances the run's cursor. A crash loses at most the chunk in flight,
+which the next owner redoes; the idempotency keys make any overlap harmless.
+
+Pushes and API commits (``POST /v1/decisions``, ``mode=commit``) share caps, spacing and
+exclusive groups: before writing, the chunk locks the rows of the customers who got a send
+(PostgreSQL: ``SELECT ... FOR UPDATE`` in id order, as the API's commit groups lock them, so
+neither deadlocks the other; SQLite: the write transaction itself, ``BEGIN IMMEDIATE``,
+serializes with every commit), reads their counting sends again in one statement, and
+decides again each customer whose sends changed since the snapshot (a commit queued one
+meanwhile). A commit that comes after waits for the lock and counts the push's send. Before
+session 14 a chunk decided inside its write transaction: on SQLite every API commit waited
+for the whole chunk (0.33-0.40 s p50 a chunk of 2,000), and on PostgreSQL, which locked
+nothing, a commit landing between the chunk's read and its insert gave a customer two
+sends where the cap allowed one.
 
 Audience-type campaigns (``Campaign.kind == "audience"``) send no message: the
 members are compared with ``audience_members`` and each change is queued as an
@@ -38,6 +51,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
@@ -57,6 +71,10 @@ log = logging.getLogger("cadence.scheduler")
 
 HISTORY_MS = 35 * DAY_MS
 HORIZON_DAYS = 400
+#: PostgreSQL's SQLSTATE for a transaction it rolled back to break a lock cycle.
+DEADLOCK = "40P01"
+#: How many times in a row a push decides a chunk again after its write deadlocked, before it fails.
+MAX_DEADLOCK_RETRIES = 3
 #: Events decide() reads whatever the rules say (a bounced address is never chosen).
 ALWAYS_READ = ("Email Bounced", "Push Notification Bounced")
 
@@ -480,6 +498,7 @@ def push(
     # A push allocates millions of short-lived objects; without this every full collection
     # would also walk the whole long-lived heap of the server (about half the push's time).
     gc.freeze()
+    deadlocks = 0
     try:
         while True:
             now = clock.now_ms()
@@ -558,55 +577,65 @@ def push(
             #    (locked first on PostgreSQL) and those whose sends changed decided again, the writes.
             redone: list[int] = []
             redecided = 0
-            with engine.begin() as conn:
-                if _claim_chunk(conn, run_ids, owner, now) != cursor:
-                    # Only this owner moves the cursor; should it have moved anyway, the chunk was
-                    # decided from a stale position: drop it and read again (nothing written).
-                    continue
-                if chosen:
-                    found, fresh = _recheck(conn, sorted(chosen), now)
-                    for cid in list(chosen):
-                        if cid not in found:  # erased meanwhile: nobody to send to
-                            del chosen[cid]
+            try:
+                with engine.begin() as conn:
+                    if _claim_chunk(conn, run_ids, owner, now) != cursor:
+                        # Only this owner moves the cursor; should it have moved anyway, the chunk was
+                        # decided from a stale position: drop it and read again (nothing written).
+                        continue
+                    if chosen:
+                        found, fresh = _recheck(conn, sorted(chosen), now)
+                        for cid in list(chosen):
+                            if cid not in found:  # erased meanwhile: nobody to send to
+                                del chosen[cid]
+                                redone.append(cid)
+                                continue
+                            rows = fresh.get(cid, [])
+                            if rows == seen.get(cid, []):
+                                continue
+                            # A send queued meanwhile (an API commit, say): decide again from what is there now.
+                            redecided += 1
                             redone.append(cid)
-                            continue
-                        rows = fresh.get(cid, [])
-                        if rows == seen.get(cid, []):
-                            continue
-                        # A send queued meanwhile (an API commit, say): decide again from what is there now.
-                        redecided += 1
-                        redone.append(cid)
-                        profile, wanted, _old = chosen[cid]
-                        decision = decide_one(profile, wanted, rows, now)
-                        if decision.action == "send" and decision.campaign in wanted:
-                            chosen[cid] = (profile, wanted, decision)
+                            profile, wanted, _old = chosen[cid]
+                            decision = decide_one(profile, wanted, rows, now)
+                            if decision.action == "send" and decision.campaign in wanted:
+                                chosen[cid] = (profile, wanted, decision)
+                            else:
+                                del chosen[cid]
+                    for cid in redone:
+                        if cid in chosen:
+                            rows_of[cid] = _push_rows(cid, *chosen[cid], now)
                         else:
-                            del chosen[cid]
-                for cid in redone:
-                    if cid in chosen:
-                        rows_of[cid] = _push_rows(cid, *chosen[cid], now)
-                    else:
-                        del rows_of[cid]
-                execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
-                new = _insert_sends(conn, [r[2] for r in rows_of.values()])
-                for run_id, _decision, _send in rows_of.values():
-                    per_run[run_id][1] += 1
-                added_total = removed_total = 0
-                for d in audiences:
-                    added, removed = _sync_audience(
-                        conn, d, adds.get(d.campaign.name, []), outs.get(d.campaign.name, []), now
+                            del rows_of[cid]
+                    execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
+                    new = _insert_sends(conn, [r[2] for r in rows_of.values()])
+                    for run_id, _decision, _send in rows_of.values():
+                        per_run[run_id][1] += 1
+                    added_total = removed_total = 0
+                    for d in audiences:
+                        added, removed = _sync_audience(
+                            conn, d, adds.get(d.campaign.name, []), outs.get(d.campaign.name, []), now
+                        )
+                        added_total += added
+                        removed_total += removed
+                        per_run[d.run_id][1] += added + removed
+                    conn.exec_driver_sql(
+                        dialect_sql(
+                            conn,
+                            "UPDATE scheduled_runs SET cursor = ?, evaluated = evaluated + ?, enqueued = enqueued + ?,"
+                            " heartbeat_ms = ? WHERE id = ? AND owner = ?",
+                        ),
+                        [(hi, ev, enq, now, run_id, owner) for run_id, (ev, enq) in per_run.items()],
                     )
-                    added_total += added
-                    removed_total += removed
-                    per_run[d.run_id][1] += added + removed
-                conn.exec_driver_sql(
-                    dialect_sql(
-                        conn,
-                        "UPDATE scheduled_runs SET cursor = ?, evaluated = evaluated + ?, enqueued = enqueued + ?,"
-                        " heartbeat_ms = ? WHERE id = ? AND owner = ?",
-                    ),
-                    [(hi, ev, enq, now, run_id, owner) for run_id, (ev, enq) in per_run.items()],
-                )
+            except DBAPIError as exc:
+                # PostgreSQL broke a lock cycle (another writer locked a customer of the chunk, then
+                # one we hold) and rolled the chunk back: nothing was written, so read and decide it again.
+                if getattr(exc.orig, "sqlstate", None) != DEADLOCK or deadlocks >= MAX_DEADLOCK_RETRIES:
+                    raise
+                deadlocks += 1
+                log.warning("push %s: chunk after customer %d deadlocked; deciding it again", names, cursor)
+                continue
+            deadlocks = 0
             report.evaluated += evaluated
             report.redecided += redecided
             report.audience_added += added_total

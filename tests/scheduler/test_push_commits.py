@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import DBAPIError
 
 from cadence.channels import CHANNELS
 from cadence.clock import FixedClock
@@ -165,3 +166,34 @@ def test_another_writer_takes_the_sqlite_write_lock_while_the_push_decides(
     [report] = scheduler.tick()
     assert took == [True]
     assert report.total_enqueued == 30
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"  # as psycopg's DeadlockDetected carries it
+
+
+def test_a_chunk_whose_write_deadlocked_is_decided_again(
+    db_engine: Engine, seed: Seed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL rolls back one side of a lock cycle: the push reads and decides the chunk again."""
+    seed(readers(30))
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, Rules(CAPPED), clock, chunk_size=10)
+    scheduler.tick()
+    clock.set(AT_9)
+    recheck = push_module._recheck
+    calls: list[int] = []
+
+    def deadlock_once(conn: Any, customer_ids: Sequence[int], now_ms: int) -> Any:
+        calls.append(customer_ids[0])
+        if len(calls) == 2:  # the second chunk's first try
+            raise DBAPIError("SELECT ... FOR UPDATE", None, _Deadlock("deadlock detected"))
+        return recheck(conn, customer_ids, now_ms)
+
+    monkeypatch.setattr(push_module, "_recheck", deadlock_once)
+    [report] = scheduler.tick()
+    assert calls == [1, 11, 11, 21]
+    assert report.total_enqueued == 30 and report.evaluated == 30 and report.chunks == 3
+    assert sorted(r.customer_id for r in send_rows(db_engine)) == list(range(1, 31))
+    [run] = runs(db_engine)
+    assert (run.status, run.evaluated, run.enqueued) == ("done", 30, 30)
