@@ -27,7 +27,7 @@ serializes with every commit), reads their counting sends again in one statement
 decides again each customer whose sends changed since the snapshot (a commit queued one
 meanwhile). A commit that comes after waits for the lock and counts the push's send. Before
 session 14 a chunk decided inside its write transaction: on SQLite every API commit waited
-for the whole chunk (0.33-0.40 s p50 a chunk of 2,000), and on PostgreSQL, which locked
+for the whole chunk (0.33-0.71 s p50 a chunk of 2,000, measured), and on PostgreSQL, which locked
 nothing, a commit landing between the chunk's read and its insert gave a customer two
 sends where the cap allowed one.
 
