@@ -13,10 +13,23 @@ hours, holdouts and priority between campaigns firing together all apply; the wi
 is queued with :func:`~cadence.engine.sendqueue.enqueue_sends` under the key
 ``campaign:customer:occurrence`` (the occurrence is the local wall-clock fire time).
 
-Each chunk is one transaction that first re-asserts ownership of the run (so a
-process that lost it stops), then queues the chunk's sends and advances the run's
-cursor. A crash loses at most the chunk in flight, which the next owner redoes; the
-idempotency keys make any overlap harmless.
+Each chunk is read in one snapshot (:func:`~cadence.store.db.read_connection`: on SQLite
+without the database's write lock) and decided holding nothing; then one short write
+transaction re-asserts ownership of the run (so a process that lost it stops), queues the
+chunk's sends and advances the run's cursor. A crash loses at most the chunk in flight,
+which the next owner redoes; the idempotency keys make any overlap harmless.
+
+Pushes and API commits (``POST /v1/decisions``, ``mode=commit``) share caps, spacing and
+exclusive groups: before writing, the chunk locks the rows of the customers who got a send
+(PostgreSQL: ``SELECT ... FOR UPDATE`` in id order, as the API's commit groups lock them, so
+neither deadlocks the other; SQLite: the write transaction itself, ``BEGIN IMMEDIATE``,
+serializes with every commit), reads their counting sends again in one statement, and
+decides again each customer whose sends changed since the snapshot (a commit queued one
+meanwhile). A commit that comes after waits for the lock and counts the push's send. Before
+session 14 a chunk decided inside its write transaction: on SQLite every API commit waited
+for the whole chunk (0.33-0.71 s p50 a chunk of 2,000, measured), and on PostgreSQL, which locked
+nothing, a commit landing between the chunk's read and its insert gave a customer two
+sends where the cap allowed one.
 
 Audience-type campaigns (``Campaign.kind == "audience"``) send no message: the
 members are compared with ``audience_members`` and each change is queued as an
@@ -38,17 +51,19 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
 from cadence.engine.decide import decide
-from cadence.engine.decision import PastSend, Scorer
+from cadence.engine.decision import Decision, PastSend, Scorer
 from cadence.engine.decisions_service import INSERT_DECISION
 from cadence.engine.profiles import StoredProfile
-from cadence.engine.sendqueue import enqueue_sends, idempotency_key
+from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
 from cadence.scheduler.prefilter import SqlCondition, push_prefilter
-from cadence.store.fast import dialect_sql, dump_json, execute_many, fetch_in
+from cadence.store.db import read_connection
+from cadence.store.fast import dialect_sql, dump_json, execute_many, fetch_in, is_postgres
 
 __all__ = ["DueCampaign", "LostRun", "PushProfile", "PushReport", "load_profiles", "push"]
 
@@ -56,6 +71,10 @@ log = logging.getLogger("cadence.scheduler")
 
 HISTORY_MS = 35 * DAY_MS
 HORIZON_DAYS = 400
+#: PostgreSQL's SQLSTATE for a transaction it rolled back to break a lock cycle.
+DEADLOCK = "40P01"
+#: How many times in a row a push decides a chunk again after its write deadlocked, before it fails.
+MAX_DEADLOCK_RETRIES = 3
 #: Events decide() reads whatever the rules say (a bounced address is never chosen).
 ALWAYS_READ = ("Email Bounced", "Push Notification Bounced")
 
@@ -95,6 +114,8 @@ class PushReport:
     enqueued: dict[str, int] = field(default_factory=dict)
     audience_added: int = 0
     audience_removed: int = 0
+    #: Customers decided again under the lock: their sends changed after the chunk's snapshot.
+    redecided: int = 0
     seconds: float = 0.0
     cursor: int = 0
 
@@ -241,22 +262,62 @@ class PushProfile(StoredProfile):
         return float(sums[hi] - sums[lo]) if hi > lo else 0.0
 
 
-def _histories(
-    conn: Connection, lo: int, hi: int, now_ms: int, ruleset: CompiledRuleset
-) -> dict[int, list[PastSend]]:
-    out: dict[int, list[PastSend]] = {}
+#: A customer's counting sends as read: (due_ms, campaign, channel), sorted (compared between two reads).
+HistoryRows = list[tuple[int, str, str]]
+
+_COUNTING = "status IN ('queued', 'sending', 'sent') AND due_ms > ?"
+
+
+def _history_rows(conn: Connection, lo: int, hi: int, now_ms: int) -> dict[int, HistoryRows]:
+    """The counting sends (the last 35 days, and any still due) of the customers ``lo``..``hi``."""
+    out: dict[int, HistoryRows] = {}
     for cid, due_ms, campaign, channel in conn.exec_driver_sql(
         dialect_sql(
             conn,
-            "SELECT customer_id, due_ms, campaign, channel FROM sends WHERE customer_id BETWEEN ? AND ?"
-            " AND status IN ('queued', 'sending', 'sent') AND due_ms > ?",
+            f"SELECT customer_id, due_ms, campaign, channel FROM sends WHERE customer_id BETWEEN ? AND ? AND {_COUNTING}",
         ),
         (lo, hi, now_ms - HISTORY_MS),
     ):
+        out.setdefault(cid, []).append((due_ms, campaign, channel))
+    for rows in out.values():
+        rows.sort()
+    return out
+
+
+def _recheck(
+    conn: Connection, customer_ids: Sequence[int], now_ms: int
+) -> tuple[set[int], dict[int, HistoryRows]]:
+    """Under the write transaction: which of ``customer_ids`` still exist, and their counting sends.
+
+    One statement. On PostgreSQL the customers' rows are locked first (``FOR UPDATE``, in id
+    order, as every commit group of the API locks them, so the two wait for each other instead
+    of deadlocking): a commit that queues a send for one of them afterwards reads ours.
+    """
+    if is_postgres(conn):
+        fetch_in(conn, "SELECT id FROM customers WHERE id IN_VALUES ORDER BY id FOR UPDATE", customer_ids)
+    found: set[int] = set()
+    out: dict[int, HistoryRows] = {}
+    for cid, due_ms, campaign, channel in fetch_in(
+        conn,
+        "SELECT c.id, s.due_ms, s.campaign, s.channel FROM customers c LEFT JOIN sends s"
+        " ON s.customer_id = c.id AND s.status IN ('queued', 'sending', 'sent') AND s.due_ms > ?"
+        " WHERE c.id IN_VALUES",
+        customer_ids,
+        now_ms - HISTORY_MS,
+    ):
+        found.add(cid)
+        if due_ms is not None:
+            out.setdefault(cid, []).append((due_ms, campaign, channel))
+    for rows in out.values():
+        rows.sort()
+    return found, out
+
+
+def _past_sends(rows: HistoryRows, ruleset: CompiledRuleset) -> list[PastSend]:
+    out = []
+    for due_ms, campaign, channel in rows:
         known = ruleset.campaigns.get(campaign)
-        out.setdefault(cid, []).append(
-            PastSend(due_ms, campaign, channel, known.exclusive if known else None)
-        )
+        out.append(PastSend(due_ms, campaign, channel, known.exclusive if known else None))
     return out
 
 
@@ -276,11 +337,7 @@ def record_push_decisions(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> 
     ``rows`` are decision rows without their action (``send``) and outcome (none yet); a
     re-run of the push writes none twice.
     """
-    execute_many(
-        conn,
-        INSERT_DECISION + " ON CONFLICT (id) DO NOTHING",
-        [(*row[:3], "send", *row[3:], "{}") for row in rows],
-    )
+    execute_many(conn, _INSERT_PUSH_DECISION, [(*row[:3], "send", *row[3:], "{}") for row in rows])
 
 
 def _seed(customer_id: int, occurrence: str) -> int:
@@ -313,6 +370,74 @@ def _claim_chunk(conn: Connection, run_ids: Sequence[int], owner: str, now_ms: i
             raise LostRun(f"run {run_id} is no longer owned by {owner}")
     cursors = fetch_in(conn, "SELECT cursor FROM scheduled_runs WHERE id IN_VALUES", list(run_ids))
     return min(int(c[0]) for c in cursors)
+
+
+#: A pushed decision's row: :data:`~cadence.engine.decisions_service.INSERT_DECISION` once per id.
+_INSERT_PUSH_DECISION = INSERT_DECISION + " ON CONFLICT (id) DO NOTHING"
+
+
+def _push_rows(
+    customer_id: int,
+    profile: StoredProfile,
+    wanted: Mapping[str, tuple[str, int]],
+    decision: Decision,
+    now_ms: int,
+) -> tuple[int, tuple[Any, ...], tuple[Any, ...]]:
+    """A pushed send's run id, decision row and send row (:data:`ENQUEUE_SENDS_SQL`'s parameters)."""
+    assert decision.campaign is not None
+    assert decision.channel is not None and decision.send_at_ms is not None
+    occurrence, run_id = wanted[decision.campaign]
+    key = idempotency_key(decision.campaign, customer_id, occurrence)
+    decision_id = push_decision_id(key)
+    decided = (
+        decision_id,
+        customer_id,
+        now_ms,
+        "send",
+        decision.campaign,
+        decision.channel,
+        decision.send_at_ms,
+        decision.template,
+        decision.arm,
+        decision.ruleset_hash,
+        dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
+        dump_json({"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}),
+        "{}",
+    )
+    [send] = enqueue_params(
+        [
+            {
+                "key": key,
+                "decision_id": decision_id,
+                "campaign": decision.campaign,
+                "customer_id": customer_id,
+                "channel": decision.channel,
+                "due_ms": decision.send_at_ms,
+                "template": decision.template,
+                "variables": _jsonable(decision.variables),
+            }
+        ],
+        now_ms=now_ms,
+    )
+    return run_id, decided, send
+
+
+def _insert_sends(conn: Connection, params: Sequence[tuple[Any, ...]]) -> int:
+    """:func:`~cadence.engine.sendqueue.enqueue_sends` with its parameters built already; how many were new."""
+    if not params:
+        return 0
+    result = conn.exec_driver_sql(dialect_sql(conn, ENQUEUE_SENDS_SQL), list(params))
+    return max(int(result.rowcount), 0)
+
+
+def _read_cursor(conn: Connection, run_ids: Sequence[int], owner: str) -> int:
+    """The cursor to continue from, read in the chunk's snapshot; :class:`LostRun` when a run is not ours."""
+    rows = fetch_in(
+        conn, "SELECT cursor, owner, status FROM scheduled_runs WHERE id IN_VALUES", list(run_ids)
+    )
+    if len(rows) != len(run_ids) or any(o != owner or st != "running" for _c, o, st in rows):
+        raise LostRun(f"runs {list(run_ids)} are no longer owned by {owner}")
+    return min(int(c) for c, _o, _st in rows)
 
 
 def push(
@@ -352,27 +477,58 @@ def push(
             zones.update(d.zones or {})
         include_unzoned = default_zone in zones
     names = ", ".join(d.campaign.name for d in due)
+
+    def decide_one(
+        profile: StoredProfile, wanted: dict[str, tuple[str, int]], rows: HistoryRows, now: int
+    ) -> Decision:
+        """decide() for one customer among the campaigns due for them, with these sends as history."""
+        return decide(
+            ruleset=ruleset,
+            profile=profile,
+            now_ms=now,
+            history=_past_sends(rows, ruleset),
+            available_channels=available_channels,
+            opt_in_channels=opt_in_channels,
+            scorer=scorer,
+            campaigns=wanted,
+            seed=_seed(profile.customer_id, next(iter(wanted.values()))[0]),
+            explain=False,
+        )
+
     # A push allocates millions of short-lived objects; without this every full collection
     # would also walk the whole long-lived heap of the server (about half the push's time).
     gc.freeze()
+    deadlocks = 0
     try:
         while True:
             now = clock.now_ms()
-            with engine.begin() as conn:
-                cursor = _claim_chunk(conn, run_ids, owner, now)
+            prefilter = (
+                push_prefilter([d.campaign for d in due], now_ms=now, dialect=engine.dialect.name)
+                if use_prefilter
+                else None
+            )
+            # 1. Read the chunk in one snapshot, without the write lock (SQLite) or row locks.
+            with read_connection(engine) as rconn:
+                cursor = _read_cursor(rconn, run_ids, owner)
                 profiles = load_profiles(
-                    conn,
+                    rconn,
                     after=cursor,
                     limit=chunk_size,
                     now_ms=now,
                     events=events,
                     zones=zones,
                     include_unzoned=include_unzoned,
-                    prefilter=push_prefilter([d.campaign for d in due], now_ms=now, dialect=conn.dialect.name)
-                    if use_prefilter
-                    else None,
+                    prefilter=prefilter,
                 )
-                if not profiles:
+                seen = (
+                    _history_rows(rconn, profiles[0].customer_id, profiles[-1].customer_id, now)
+                    if profiles
+                    else {}
+                )
+            if not profiles:
+                with engine.begin() as conn:
+                    if _claim_chunk(conn, run_ids, owner, now) != cursor:
+                        continue  # not ours to finish from this snapshot (see below): read again
                     conn.exec_driver_sql(
                         dialect_sql(
                             conn,
@@ -381,100 +537,109 @@ def push(
                         ),
                         [(now, now, run_id, owner) for run_id in run_ids],
                     )
-                    break
-                lo, hi = profiles[0].customer_id, profiles[-1].customer_id
-                histories = _histories(conn, lo, hi, now, ruleset)
-                queued: list[dict[str, Any]] = []
-                decided: list[tuple[Any, ...]] = []
-                per_run: dict[int, list[int]] = {run_id: [0, 0] for run_id in run_ids}  # evaluated, enqueued
-                adds: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
-                outs: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
-                for profile in profiles:
-                    zone = profile.timezone or default_zone
-                    wanted: dict[str, tuple[str, int]] = {}
-                    for d in messages:
-                        occurrence = d.occurrence_for(zone)
-                        if occurrence is not None:
-                            wanted[d.campaign.name] = (occurrence, d.run_id)
-                            per_run[d.run_id][0] += 1
-                    for d in audiences:
-                        occurrence = d.occurrence_for(zone)
-                        if occurrence is None:
-                            continue
+                break
+            hi = profiles[-1].customer_id
+            # 2. Decide every customer of the chunk from that snapshot, holding nothing.
+            evaluated = 0
+            per_run: dict[int, list[int]] = {run_id: [0, 0] for run_id in run_ids}  # evaluated, enqueued
+            adds: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+            outs: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+            chosen: dict[int, tuple[StoredProfile, dict[str, tuple[str, int]], Decision]] = {}
+
+            for profile in profiles:
+                zone = profile.timezone or default_zone
+                wanted: dict[str, tuple[str, int]] = {}
+                for d in messages:
+                    occurrence = d.occurrence_for(zone)
+                    if occurrence is not None:
+                        wanted[d.campaign.name] = (occurrence, d.run_id)
                         per_run[d.run_id][0] += 1
-                        name = d.campaign.name
-                        target = adds if _in_audience(d.campaign, profile, now) else outs
-                        variables = d.campaign.template.variables(EvalContext(profile=profile, now_ms=now))
-                        target.setdefault(name, []).append(
-                            (profile.customer_id, occurrence, _jsonable(variables))
-                        )
-                    if not wanted:
-                        continue
-                    report.evaluated += 1
-                    first = next(iter(wanted.values()))[0]
-                    decision = decide(
-                        ruleset=ruleset,
-                        profile=profile,
-                        now_ms=now,
-                        history=histories.get(profile.customer_id, ()),
-                        available_channels=available_channels,
-                        opt_in_channels=opt_in_channels,
-                        scorer=scorer,
-                        campaigns=wanted,
-                        seed=_seed(profile.customer_id, first),
-                        explain=False,
-                    )
-                    if decision.action != "send" or decision.campaign not in wanted:
-                        continue
-                    assert decision.channel is not None and decision.send_at_ms is not None
-                    occurrence, run_id = wanted[decision.campaign]
-                    per_run[run_id][1] += 1
-                    key = idempotency_key(decision.campaign, profile.customer_id, occurrence)
-                    decision_id = push_decision_id(key)
-                    queued.append(
-                        {
-                            "key": key,
-                            "decision_id": decision_id,
-                            "campaign": decision.campaign,
-                            "customer_id": profile.customer_id,
-                            "channel": decision.channel,
-                            "due_ms": decision.send_at_ms,
-                            "template": decision.template,
-                            "variables": _jsonable(decision.variables),
-                        }
-                    )
-                    decided.append(
-                        (
-                            decision_id,
-                            profile.customer_id,
-                            now,
-                            decision.campaign,
-                            decision.channel,
-                            decision.send_at_ms,
-                            decision.template,
-                            decision.arm,
-                            decision.ruleset_hash,
-                            dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
-                            dump_json({"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}),
-                        )
-                    )
-                record_push_decisions(conn, decided)
-                new = enqueue_sends(conn, queued, now_ms=now)
                 for d in audiences:
-                    added, removed = _sync_audience(
-                        conn, d, adds.get(d.campaign.name, []), outs.get(d.campaign.name, []), now
+                    occurrence = d.occurrence_for(zone)
+                    if occurrence is None:
+                        continue
+                    per_run[d.run_id][0] += 1
+                    name = d.campaign.name
+                    target = adds if _in_audience(d.campaign, profile, now) else outs
+                    variables = d.campaign.template.variables(EvalContext(profile=profile, now_ms=now))
+                    target.setdefault(name, []).append(
+                        (profile.customer_id, occurrence, _jsonable(variables))
                     )
-                    report.audience_added += added
-                    report.audience_removed += removed
-                    per_run[d.run_id][1] += added + removed
-                conn.exec_driver_sql(
-                    dialect_sql(
-                        conn,
-                        "UPDATE scheduled_runs SET cursor = ?, evaluated = evaluated + ?, enqueued = enqueued + ?,"
-                        " heartbeat_ms = ? WHERE id = ? AND owner = ?",
-                    ),
-                    [(hi, ev, enq, now, run_id, owner) for run_id, (ev, enq) in per_run.items()],
-                )
+                if not wanted:
+                    continue
+                evaluated += 1
+                decision = decide_one(profile, wanted, seen.get(profile.customer_id, []), now)
+                if decision.action == "send" and decision.campaign in wanted:
+                    chosen[profile.customer_id] = (profile, wanted, decision)
+            # The rows to write, built before the lock (JSON and all); those decided again are rebuilt.
+            rows_of = {cid: _push_rows(cid, *chosen[cid], now) for cid in chosen}
+            # 3. Write under the lock, briefly: ownership, the sending customers' sends read again
+            #    (locked first on PostgreSQL) and those whose sends changed decided again, the writes.
+            redone: list[int] = []
+            redecided = 0
+            try:
+                with engine.begin() as conn:
+                    if _claim_chunk(conn, run_ids, owner, now) != cursor:
+                        # Only this owner moves the cursor; should it have moved anyway, the chunk was
+                        # decided from a stale position: drop it and read again (nothing written).
+                        continue
+                    if chosen:
+                        found, fresh = _recheck(conn, sorted(chosen), now)
+                        for cid in list(chosen):
+                            if cid not in found:  # erased meanwhile: nobody to send to
+                                del chosen[cid]
+                                redone.append(cid)
+                                continue
+                            rows = fresh.get(cid, [])
+                            if rows == seen.get(cid, []):
+                                continue
+                            # A send queued meanwhile (an API commit, say): decide again from what is there now.
+                            redecided += 1
+                            redone.append(cid)
+                            profile, wanted, _old = chosen[cid]
+                            decision = decide_one(profile, wanted, rows, now)
+                            if decision.action == "send" and decision.campaign in wanted:
+                                chosen[cid] = (profile, wanted, decision)
+                            else:
+                                del chosen[cid]
+                    for cid in redone:
+                        if cid in chosen:
+                            rows_of[cid] = _push_rows(cid, *chosen[cid], now)
+                        else:
+                            del rows_of[cid]
+                    execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
+                    new = _insert_sends(conn, [r[2] for r in rows_of.values()])
+                    for run_id, _decision, _send in rows_of.values():
+                        per_run[run_id][1] += 1
+                    added_total = removed_total = 0
+                    for d in audiences:
+                        added, removed = _sync_audience(
+                            conn, d, adds.get(d.campaign.name, []), outs.get(d.campaign.name, []), now
+                        )
+                        added_total += added
+                        removed_total += removed
+                        per_run[d.run_id][1] += added + removed
+                    conn.exec_driver_sql(
+                        dialect_sql(
+                            conn,
+                            "UPDATE scheduled_runs SET cursor = ?, evaluated = evaluated + ?, enqueued = enqueued + ?,"
+                            " heartbeat_ms = ? WHERE id = ? AND owner = ?",
+                        ),
+                        [(hi, ev, enq, now, run_id, owner) for run_id, (ev, enq) in per_run.items()],
+                    )
+            except DBAPIError as exc:
+                # PostgreSQL broke a lock cycle (another writer locked a customer of the chunk, then
+                # one we hold) and rolled the chunk back: nothing was written, so read and decide it again.
+                if getattr(exc.orig, "sqlstate", None) != DEADLOCK or deadlocks >= MAX_DEADLOCK_RETRIES:
+                    raise
+                deadlocks += 1
+                log.warning("push %s: chunk after customer %d deadlocked; deciding it again", names, cursor)
+                continue
+            deadlocks = 0
+            report.evaluated += evaluated
+            report.redecided += redecided
+            report.audience_added += added_total
+            report.audience_removed += removed_total
             for d in due:
                 report.enqueued[d.campaign.name] = (
                     report.enqueued.get(d.campaign.name, 0) + per_run[d.run_id][1]
@@ -483,11 +648,13 @@ def push(
             report.cursor = hi
             report.seconds = time.perf_counter() - started
             log.info(
-                "push %s: %d customers evaluated, %d sends queued (%d new in this chunk), up to customer %d",
+                "push %s: %d customers evaluated, %d sends queued (%d new in this chunk, %d decided again),"
+                " up to customer %d",
                 names,
                 report.evaluated,
                 report.total_enqueued,
                 new,
+                redecided,
                 hi,
             )
             if on_chunk is not None:
