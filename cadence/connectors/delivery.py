@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, bindparam, case, or_, select, update
+from sqlalchemy import Connection, Engine, case, or_, select, update
 
 from cadence.channels import CHANNELS
 from cadence.clock import Clock
@@ -406,6 +406,10 @@ class _Outcome:
 RouteFn = Callable[[str, str | None], Connector | None]
 
 
+class _Changed(Exception):
+    """A row claimed from a snapshot changed before the write lock was taken (nothing is marked)."""
+
+
 def _due(now: int) -> tuple[Any, ...]:
     """The conditions of a send due at ``now``: queued, its time come, and no retry pending later."""
     return (
@@ -500,89 +504,20 @@ class Dispatcher:
 
     def _claim(self, limit: int) -> tuple[list[tuple[Connector, OutgoingMessage]], DispatchReport]:
         now = self.clock.now_ms()
-        report = DispatchReport()
-        if self.engine.dialect.name == "sqlite" and not self._any_due(now):
-            return [], report
+        if self.engine.dialect.name == "sqlite":
+            if not self._any_due(now):
+                return [], DispatchReport()
+            found = self._claim_sqlite(now, limit)
+            if found is not None:
+                return found
         with self.engine.begin() as conn:
             postgres = conn.dialect.name == "postgresql"
             rows = (
                 self._claim_rows_postgres(conn, now, limit) if postgres else self._due_rows(conn, now, limit)
             )
             if not rows:
-                return [], report
-            report.claimed = len(rows)
-            traits = {r["customer_id"]: dict(r["_traits"] or {}) for r in rows}
-            user_ids = {
-                r["customer_id"]: r["_identity"][len("user:") :]
-                for r in rows
-                if (r["_identity"] or "").startswith("user:")
-            }
-            with_consent_rows = {r["customer_id"] for r in rows if r["_has_consent"]}
-            # Everyone's consent rows in one query: a query per row would dominate a large push.
-            consents: dict[int, dict[str, bool]] = {}
-            if with_consent_rows:
-                for cid, channel, granted in conn.execute(
-                    select(consent.c.customer_id, consent.c.channel, consent.c.granted).where(
-                        consent.c.customer_id.in_(sorted(with_consent_rows))
-                    )
-                ):
-                    consents.setdefault(cid, {})[channel] = bool(granted)
-            claimed: list[tuple[Connector, OutgoingMessage]] = []
-            finals: list[dict[str, Any]] = []
-            rerouted: list[tuple[int, str]] = []  # claimed rows whose connector column is not yet right
-            for row in rows:
-                self._channels.add(row["channel"])
-                connector = self.route(row["channel"], row["connector"])
-                if connector is None:
-                    finals.append(
-                        _final(row["id"], "failed", f"no connector offers channel {row['channel']!r}")
-                    )
-                    report.failed += 1
-                    continue
-                caps = connector.capabilities
-                customer = row["customer_id"]
-                allowed = (
-                    consent_allows(
-                        consents.get(customer, {}), row["channel"], require_opt_in=caps.consent_required
-                    )
-                    if customer in with_consent_rows or caps.consent_required
-                    else True
-                )
-                if not allowed:
-                    finals.append(
-                        _final(row["id"], "suppressed", f"customer has no consent for {row['channel']}")
-                    )
-                    report.suppressed += 1
-                    continue
-                recipient = traits.get(customer, {})
-                missing = [f for f in caps.required_fields if not recipient.get(f)]
-                if missing:
-                    finals.append(
-                        _final(row["id"], "failed", f"customer {customer} has no {', '.join(missing)} trait")
-                    )
-                    report.failed += 1
-                    continue
-                if row["connector"] != connector.name:
-                    rerouted.append((row["id"], connector.name))
-                self._row_attempts[row["id"]] = row["attempts"] + 1
-                claimed.append(
-                    (
-                        connector,
-                        OutgoingMessage(
-                            send_id=row["id"],
-                            idempotency_key=row["idempotency_key"],
-                            campaign=row["campaign"],
-                            channel=row["channel"],
-                            customer_id=customer,
-                            decision_id=row["decision_id"],
-                            user_id=user_ids.get(customer),
-                            template=row["template"],
-                            variables=row["variables"] or {},
-                            recipient=recipient,
-                            send_at_ms=row["due_ms"] if row["due_ms"] > now else None,
-                        ),
-                    )
-                )
+                return [], DispatchReport()
+            claimed, finals, rerouted, report = self._prepare(rows, self._consents(conn, rows), now)
             if postgres:
                 # The claim already marked every row ``sending``: settle the ones not sent after
                 # all (their attempt is given back), and name the connector where the claim could not.
@@ -605,20 +540,168 @@ class Dispatcher:
                         ([i for i, _ in rerouted], [c for _, c in rerouted]),
                     )
                 return claimed, report
-            if finals:
-                conn.execute(
-                    update(sends)
-                    .where(sends.c.id == bindparam("sid"))
-                    .values(status=bindparam("st"), last_error=bindparam("err"), updated_ms=now),
-                    finals,
-                )
-            if claimed:
-                conn.exec_driver_sql(
-                    "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = ?, "
-                    "updated_ms = ? WHERE id = ?",
-                    [(c.name, now, m.send_id) for c, m in claimed],
-                )
+            self._mark_sqlite(conn, now, claimed, finals, versions=None)
         return claimed, report
+
+    def _claim_sqlite(
+        self, now: int, limit: int
+    ) -> tuple[list[tuple[Connector, OutgoingMessage]], DispatchReport] | None:
+        """SQLite: read and prepare the due rows in a snapshot, then mark them under the write lock.
+
+        The write transaction is two statements (the rows' new states as one JSON parameter),
+        each marking a row only if it is still ``queued`` with the ``updated_ms`` read. Before,
+        the whole claim (the rows read with their traits, identities and consent, the messages
+        built, a statement per row) held the write lock, in a thread that gives up the
+        interpreter lock at every row it reads or writes: with a push deciding in the same
+        process each such hand-off could wait a switch interval, and every decision commit
+        of every worker waited behind it. None when a row changed between the read and the
+        lock (nothing was marked): the caller claims under the lock as before.
+        """
+        with read_connection(self.engine) as conn:
+            rows = self._due_rows(conn, now, limit)
+            if not rows:
+                return [], DispatchReport()
+            consents = self._consents(conn, rows)
+        claimed, finals, _rerouted, report = self._prepare(rows, consents, now)
+        versions = {r["id"]: r["updated_ms"] for r in rows}
+        try:
+            with self.engine.begin() as conn:
+                self._mark_sqlite(conn, now, claimed, finals, versions=versions)
+        except _Changed:
+            for _connector, message in claimed:
+                self._row_attempts.pop(message.send_id, None)
+            return None
+        return claimed, report
+
+    @staticmethod
+    def _consents(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, bool]]:
+        """Everyone's consent rows in one query (a query per row would dominate a large push)."""
+        with_consent_rows = sorted({r["customer_id"] for r in rows if r["_has_consent"]})
+        consents: dict[int, dict[str, bool]] = {}
+        if with_consent_rows:
+            for cid, channel, granted in conn.execute(
+                select(consent.c.customer_id, consent.c.channel, consent.c.granted).where(
+                    consent.c.customer_id.in_(with_consent_rows)
+                )
+            ):
+                consents.setdefault(cid, {})[channel] = bool(granted)
+        return consents
+
+    def _prepare(
+        self, rows: Sequence[Mapping[str, Any]], consents: Mapping[int, dict[str, bool]], now: int
+    ) -> tuple[
+        list[tuple[Connector, OutgoingMessage]], list[dict[str, Any]], list[tuple[int, str]], DispatchReport
+    ]:
+        """The claimed rows' messages, the rows settled without a provider call, the rows to re-route."""
+        report = DispatchReport(claimed=len(rows))
+        traits = {r["customer_id"]: dict(r["_traits"] or {}) for r in rows}
+        user_ids = {
+            r["customer_id"]: r["_identity"][len("user:") :]
+            for r in rows
+            if (r["_identity"] or "").startswith("user:")
+        }
+        with_consent_rows = {r["customer_id"] for r in rows if r["_has_consent"]}
+        claimed: list[tuple[Connector, OutgoingMessage]] = []
+        finals: list[dict[str, Any]] = []
+        rerouted: list[tuple[int, str]] = []  # claimed rows whose connector column is not yet right
+        for row in rows:
+            self._channels.add(row["channel"])
+            connector = self.route(row["channel"], row["connector"])
+            if connector is None:
+                finals.append(_final(row["id"], "failed", f"no connector offers channel {row['channel']!r}"))
+                report.failed += 1
+                continue
+            caps = connector.capabilities
+            customer = row["customer_id"]
+            allowed = (
+                consent_allows(
+                    consents.get(customer, {}), row["channel"], require_opt_in=caps.consent_required
+                )
+                if customer in with_consent_rows or caps.consent_required
+                else True
+            )
+            if not allowed:
+                finals.append(
+                    _final(row["id"], "suppressed", f"customer has no consent for {row['channel']}")
+                )
+                report.suppressed += 1
+                continue
+            recipient = traits.get(customer, {})
+            missing = [f for f in caps.required_fields if not recipient.get(f)]
+            if missing:
+                finals.append(
+                    _final(row["id"], "failed", f"customer {customer} has no {', '.join(missing)} trait")
+                )
+                report.failed += 1
+                continue
+            if row["connector"] != connector.name:
+                rerouted.append((row["id"], connector.name))
+            self._row_attempts[row["id"]] = row["attempts"] + 1
+            claimed.append(
+                (
+                    connector,
+                    OutgoingMessage(
+                        send_id=row["id"],
+                        idempotency_key=row["idempotency_key"],
+                        campaign=row["campaign"],
+                        channel=row["channel"],
+                        customer_id=customer,
+                        decision_id=row["decision_id"],
+                        user_id=user_ids.get(customer),
+                        template=row["template"],
+                        variables=row["variables"] or {},
+                        recipient=recipient,
+                        send_at_ms=row["due_ms"] if row["due_ms"] > now else None,
+                    ),
+                )
+            )
+        return claimed, finals, rerouted, report
+
+    @staticmethod
+    def _mark_sqlite(
+        conn: Connection,
+        now: int,
+        claimed: Sequence[tuple[Connector, OutgoingMessage]],
+        finals: Sequence[Mapping[str, Any]],
+        *,
+        versions: Mapping[int, int] | None,
+    ) -> None:
+        """SQLite: the claimed rows ``sending`` (with their connector), the others settled; one statement each.
+
+        With ``versions`` (``{send id: updated_ms}`` as read outside the lock), a row is marked
+        only if it is still ``queued`` at that version, and :class:`_Changed` is raised (the
+        transaction then rolls back) unless every row was.
+        """
+        guard = " AND sends.status = 'queued'"
+        if versions is not None:
+            guard += " AND sends.updated_ms = json_extract(v.value, '$[3]')"
+        marked = 0
+        if finals:
+            marked += conn.exec_driver_sql(
+                "UPDATE sends SET status = json_extract(v.value, '$[1]'), last_error = json_extract(v.value, '$[2]'),"
+                " updated_ms = ? FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$[0]')"
+                + guard,
+                (
+                    now,
+                    orjson.dumps(
+                        [[f["sid"], f["st"], f["err"], (versions or {}).get(f["sid"])] for f in finals]
+                    ).decode(),
+                ),
+            ).rowcount
+        if claimed:
+            marked += conn.exec_driver_sql(
+                "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = json_extract(v.value, '$[1]'),"
+                " updated_ms = ? FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$[0]')"
+                + guard,
+                (
+                    now,
+                    orjson.dumps(
+                        [[m.send_id, c.name, None, (versions or {}).get(m.send_id)] for c, m in claimed]
+                    ).decode(),
+                ),
+            ).rowcount
+        if versions is not None and marked != len(finals) + len(claimed):
+            raise _Changed
 
     def _any_due(self, now: int) -> bool:
         """SQLite: whether any ``queued`` row is due, read without the write lock.
@@ -738,11 +821,16 @@ class Dispatcher:
                     (now, orjson.dumps(params).decode()),
                 )
             else:
+                # One statement, not one per row: under SQLite's write lock each statement run
+                # gives up the interpreter lock, which a busy thread of this process may keep
+                # for a switch interval before the next row.
                 conn.exec_driver_sql(
-                    "UPDATE sends SET status = ?, provider_message_id = ?, last_error = ?, "
-                    "next_attempt_ms = ?, attempts = attempts - ?, updated_ms = ? "
-                    "WHERE id = ? AND status = 'sending'",
-                    [(p["st"], p["pmid"], p["err"], p["nxt"], p["refund"], now, p["sid"]) for p in params],
+                    "UPDATE sends SET status = json_extract(v.value, '$.st'), "
+                    "provider_message_id = json_extract(v.value, '$.pmid'), "
+                    "last_error = json_extract(v.value, '$.err'), next_attempt_ms = json_extract(v.value, '$.nxt'), "
+                    "attempts = attempts - json_extract(v.value, '$.refund'), updated_ms = ? "
+                    "FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$.sid') AND sends.status = 'sending'",
+                    (now, orjson.dumps(params).decode()),
                 )
             if opt_outs:
                 append_events(

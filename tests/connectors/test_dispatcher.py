@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from typing import Any
 
 import httpx
@@ -406,3 +407,63 @@ async def test_a_round_with_nothing_due_leaves_the_sqlite_write_lock_alone(
     report = await dispatcher.dispatch_once()
     assert (report.claimed, report.sent) == (2, 2) and taken
     assert statuses(sqlite_engine) == {"sent": 2}
+
+
+def _writer(engine: Engine) -> sqlite3.Connection:
+    """A connection of its own that fails at once when another holds SQLite's write lock."""
+    assert engine.url.database
+    return sqlite3.connect(engine.url.database, timeout=0, isolation_level=None, check_same_thread=False)
+
+
+async def test_a_claim_reads_and_prepares_its_rows_without_the_sqlite_write_lock(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    """While a claim routes its rows (reading traits, consent, building the messages), others can write.
+
+    Before, the whole claim held the write lock, in a thread that waits for the interpreter
+    lock between rows: every decision commit waited for it.
+    """
+    ids = seed(sqlite_engine, 3)
+    enqueue(sqlite_engine, ids)
+    route = registry(fake, http, sqlite_engine).route
+    writer = _writer(sqlite_engine)
+    wrote: list[str] = []
+
+    def routing(channel: str, name: str | None) -> Any:
+        writer.execute("BEGIN IMMEDIATE")  # raises "database is locked" if the claim held it
+        writer.execute("ROLLBACK")
+        wrote.append(channel)
+        return route(channel, name)
+
+    report = await Dispatcher(engine=sqlite_engine, route=routing).drain()
+    writer.close()
+    assert report.sent == 3 and len(wrote) >= 3
+    assert statuses(sqlite_engine) == {"sent": 3}
+
+
+async def test_a_row_that_changed_after_the_claims_read_is_claimed_from_what_is_there_now(
+    fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
+) -> None:
+    """A send expired between the claim's snapshot and its write is not sent; nothing else is lost."""
+    ids = seed(sqlite_engine, 3)
+    enqueue(sqlite_engine, ids)
+    route = registry(fake, http, sqlite_engine).route
+    writer = _writer(sqlite_engine)
+    gone = ids[1]
+
+    def routing(channel: str, name: str | None) -> Any:
+        if not writer.execute("SELECT 1 FROM sends WHERE status = 'expired'").fetchall():
+            writer.execute(
+                "UPDATE sends SET status = 'expired', last_error = 'ended', updated_ms = 5 WHERE customer_id = ?",
+                (gone,),
+            )
+        return route(channel, name)
+
+    report = await Dispatcher(engine=sqlite_engine, route=routing).drain()
+    writer.close()
+    assert report.sent == 2
+    assert statuses(sqlite_engine) == {"sent": 2, "expired": 1}
+    assert sorted(fake.delivered) == sorted(f"spring:{c}:1" for c in ids if c != gone)
+    with sqlite_engine.connect() as conn:
+        attempts = dict(conn.execute(select(sends.c.customer_id, sends.c.attempts)).all())
+    assert attempts == {ids[0]: 1, gone: 0, ids[2]: 1}
