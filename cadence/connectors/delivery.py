@@ -406,6 +406,31 @@ class _Outcome:
 RouteFn = Callable[[str, str | None], Connector | None]
 
 
+#: SQLite: a round's rows marked in one statement each, their new states one JSON array parameter
+#: (each statement run under the write lock gives up the interpreter lock, which a busy thread
+#: of this process may keep for a switch interval: a statement per row made the lock wait for
+#: that many). Each row is found by its key; ``+status`` keeps the planner off the status index,
+#: which would join every queued (or sending) row to the whole array.
+_MARK_FINALS_SQLITE = (
+    "UPDATE sends SET status = json_extract(v.value, '$[1]'), last_error = json_extract(v.value, '$[2]'),"
+    " updated_ms = ? FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$[0]')"
+    " AND +sends.status = 'queued'"
+)
+_MARK_CLAIMED_SQLITE = (
+    "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = json_extract(v.value, '$[1]'),"
+    " updated_ms = ? FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$[0]')"
+    " AND +sends.status = 'queued'"
+)
+#: A row read outside the lock is marked only at the version read (its ``updated_ms``, the array's 4th item).
+_VERSION_GUARD = " AND sends.updated_ms = json_extract(v.value, '$[3]')"
+_RECORD_SQLITE = (
+    "UPDATE sends SET status = json_extract(v.value, '$.st'), provider_message_id = json_extract(v.value, '$.pmid'),"
+    " last_error = json_extract(v.value, '$.err'), next_attempt_ms = json_extract(v.value, '$.nxt'),"
+    " attempts = attempts - json_extract(v.value, '$.refund'), updated_ms = ?"
+    " FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$.sid') AND +sends.status = 'sending'"
+)
+
+
 class _Changed(Exception):
     """A row claimed from a snapshot changed before the write lock was taken (nothing is marked)."""
 
@@ -672,33 +697,17 @@ class Dispatcher:
         only if it is still ``queued`` at that version, and :class:`_Changed` is raised (the
         transaction then rolls back) unless every row was.
         """
-        guard = " AND sends.status = 'queued'"
-        if versions is not None:
-            guard += " AND sends.updated_ms = json_extract(v.value, '$[3]')"
+        guard = _VERSION_GUARD if versions is not None else ""
         marked = 0
         if finals:
+            rows = [[f["sid"], f["st"], f["err"], (versions or {}).get(f["sid"])] for f in finals]
             marked += conn.exec_driver_sql(
-                "UPDATE sends SET status = json_extract(v.value, '$[1]'), last_error = json_extract(v.value, '$[2]'),"
-                " updated_ms = ? FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$[0]')"
-                + guard,
-                (
-                    now,
-                    orjson.dumps(
-                        [[f["sid"], f["st"], f["err"], (versions or {}).get(f["sid"])] for f in finals]
-                    ).decode(),
-                ),
+                _MARK_FINALS_SQLITE + guard, (now, orjson.dumps(rows).decode())
             ).rowcount
         if claimed:
+            rows = [[m.send_id, c.name, None, (versions or {}).get(m.send_id)] for c, m in claimed]
             marked += conn.exec_driver_sql(
-                "UPDATE sends SET status = 'sending', attempts = attempts + 1, connector = json_extract(v.value, '$[1]'),"
-                " updated_ms = ? FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$[0]')"
-                + guard,
-                (
-                    now,
-                    orjson.dumps(
-                        [[m.send_id, c.name, None, (versions or {}).get(m.send_id)] for c, m in claimed]
-                    ).decode(),
-                ),
+                _MARK_CLAIMED_SQLITE + guard, (now, orjson.dumps(rows).decode())
             ).rowcount
         if versions is not None and marked != len(finals) + len(claimed):
             raise _Changed
@@ -821,17 +830,7 @@ class Dispatcher:
                     (now, orjson.dumps(params).decode()),
                 )
             else:
-                # One statement, not one per row: under SQLite's write lock each statement run
-                # gives up the interpreter lock, which a busy thread of this process may keep
-                # for a switch interval before the next row.
-                conn.exec_driver_sql(
-                    "UPDATE sends SET status = json_extract(v.value, '$.st'), "
-                    "provider_message_id = json_extract(v.value, '$.pmid'), "
-                    "last_error = json_extract(v.value, '$.err'), next_attempt_ms = json_extract(v.value, '$.nxt'), "
-                    "attempts = attempts - json_extract(v.value, '$.refund'), updated_ms = ? "
-                    "FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$.sid') AND sends.status = 'sending'",
-                    (now, orjson.dumps(params).decode()),
-                )
+                conn.exec_driver_sql(_RECORD_SQLITE, (now, orjson.dumps(params).decode()))
             if opt_outs:
                 append_events(
                     conn, [_opt_out_event(m, now, _anonymous_id(conn, m.customer_id)) for m in opt_outs]
