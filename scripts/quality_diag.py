@@ -1,6 +1,6 @@
 """Diagnostics for decision quality in the simulator (reads the world's hidden values: measuring only).
 
-Two things, both for ``cadence.sim`` populations:
+Four modes, all for ``cadence.sim`` populations:
 
 - ``trait``: a *trait oracle*, which knows the population-level expectations given the
   observable traits (E[affinity | traits], E[hour factor | rhythm], E[fatigue],
@@ -23,11 +23,20 @@ Two things, both for ``cadence.sim`` populations:
   unsubscribe probabilities of each chosen send (the candidate's posterior-mean parts)
   against the world's true ones, by day, by recent load and by the send hour's true
   factor (selected sends only: a send the learner held back is not in it).
+- ``shadow``: the oracle, the Bayes learner of ``scripts/bayes_bound.py`` (``mean``) and cadence
+  on the same world, traced per day (share sent, true click probability of the sends, clicks a
+  customer-day, best channel, best allowed hour, true hour factor, unsubscribes); then cadence's
+  run again with the Bayes learner shadowing it (fed the same feedback, deciding on the same
+  state): per decision, whether both, one or neither would send, and for each side's option
+  cadence's posterior-mean click and unsubscribe predictions (``learner.score`` over every
+  channel and allowed hour), the Bayes posterior's and the truth. ``--out P`` writes each
+  run's rows to ``P.<shape>.<seed>.<draw>.json``.
 
     PYTHONPATH=$PWD python scripts/quality_diag.py trait --customers 3000 --days 20
     PYTHONPATH=$PWD python scripts/quality_diag.py ab --customers 3000 --days 20 \
         --arm base='{}' --arm fast='{"label_delay_ms": 14400000}' --draws 0,1,2
     PYTHONPATH=$PWD python scripts/quality_diag.py calib --customers 1500 --days 15
+    PYTHONPATH=$PWD python scripts/quality_diag.py shadow --customers 3000 --days 20 --shapes mobile_first
 """
 
 from __future__ import annotations
@@ -175,6 +184,8 @@ class Traced:
         self.n_dec = [0] * days
         self.best_ch = [0] * days  # sends on the customer's best available channel
         self.hf = [0.0] * days
+        self.best_hour = [0] * days  # sends at the allowed hour the customer likes best
+        self.unsubs = [0] * days  # unsubscribes, by the day of the send that caused them
         self.day0: dict[str, int] = {}
 
     def _day(self, c: Customer, now_ms: int) -> int:
@@ -198,10 +209,16 @@ class Traced:
             usable = [x for x in c.available if x not in c.opted_out]
             self.best_ch[d] += ch == max(usable, key=lambda x: c.affinity[x])
             self.hf[d] += hour_factor(c, h)
+            self.best_hour[d] += hour_factor(c, h) >= max(hour_factor(c, x) for x in ALLOWED_HOURS) - 1e-9
         return choice
 
     def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
-        """Passed on."""
+        """Passed on (unsubscribes counted by the day of their send)."""
+        if kind is Feedback.UNSUBSCRIBED:
+            c = state.customer
+            self._day(c, sent_ms)
+            day = int((sent_ms - self.day0[c.zone]) // 86_400_000)
+            self.unsubs[min(self.days - 1, max(0, day))] += 1
         self.inner.feedback(state, channel, kind, sent_ms, ts_ms)
 
     def trace(self) -> dict[str, list[float]]:
@@ -212,6 +229,9 @@ class Traced:
             "p": [p / k for p, k in zip(self.p_sent, n, strict=True)],
             "best": [b / k for b, k in zip(self.best_ch, n, strict=True)],
             "hf": [h / k for h, k in zip(self.hf, n, strict=True)],
+            "best_hour": [h / k for h, k in zip(self.best_hour, n, strict=True)],
+            "unsub": [u / max(1, k) for u, k in zip(self.unsubs, self.n_dec, strict=True)],
+            "clicks_pcd": [p / max(1, k) for p, k in zip(self.p_sent, self.n_dec, strict=True)],
         }
 
 
@@ -275,6 +295,201 @@ class Calibrated:
                     f"| unsub pred {pu / n:.5f} true {tu / n:.5f} (x{pu / max(tu, 1e-12):.2f})"
                 )
         return out
+
+
+class Shadow:
+    """Cadence on its own trajectory, with the Bayes ``mean`` learner shadowing it on the same state.
+
+    The shadow learns from cadence's sends (its posterior update holds for any policy's data) and,
+    at every decision, says what it would do; cadence's posterior-mean predictions (``learner.score``
+    over every channel and allowed hour) and the world's true values are recorded for both choices.
+    One row per decision: (day, cadence's (channel, hour) or None, Bayes's, and per choice the
+    cadence-predicted click and unsubscribe, Bayes-predicted, true).
+    """
+
+    def __init__(self, inner: CadencePolicy, shape: str, days: int, particles: int = 400) -> None:
+        from bayes_bound import BayesLearner
+
+        self.inner = inner
+        self.name = inner.name
+        self.bayes = BayesLearner(shape, particles=particles)
+        self.traced = Traced(inner, days)
+        self.rows: list[dict[str, Any]] = []
+
+    def _cadence_preds(self, state: CustomerState, now_ms: int) -> dict[tuple[str, int], tuple[float, float]]:
+        from cadence.engine.decision import Candidate
+
+        c = state.customer
+        profile = self.inner.profiles[c.id]
+        local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(c.zone))
+        cands = [
+            Candidate("daily_pick", ch, _local_ms(c.zone, local.year, local.month, local.day, h), 0.0)
+            for ch in c.available
+            if ch not in c.opted_out
+            for h in ALLOWED_HOURS
+        ]
+        if not cands:
+            return {}
+        scored = self.inner.learner.score(profile=profile, candidates=cands, now_ms=now_ms, seed=1)
+        return {
+            (x.channel, round(local_hour(x.send_at_ms, c.zone))): (x.engagement, x.unsubscribe)
+            for x in scored
+        }
+
+    def _bayes_preds(self, state: CustomerState, now_ms: int, ch: str, at: int) -> tuple[float, float]:
+        import numpy as np
+        from bayes_bound import CH_INDEX, UNSUB_MULT
+
+        post = self.bayes._posterior(state.customer)
+        h = local_hour(at, state.customer.zone)
+        load = state.load(at)
+        hf = post.hour_factor(np.array([h]))[:, 0]
+        i = CH_INDEX[ch]
+        p = post.aff[:, i] * hf * np.exp(-post.fat * load)
+        u = np.minimum(1.0, post.unsub * UNSUB_MULT[i] * (1 + UNSUB_LOAD * load) * (1.5 - hf))
+        w = post.weights()
+        return float(w @ p), float(w @ u)
+
+    def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
+        """Cadence's choice (traced); the shadow's choice and both sides' predictions recorded."""
+        choice = self.traced.decide(state, now_ms)
+        b = self.bayes.decide(state, now_ms)
+        c = state.customer
+        row: dict[str, Any] = {"day": self.traced._day(c, now_ms)}
+        if choice is not None or b is not None:
+            preds = self._cadence_preds(state, now_ms)
+            # Cadence's own best option by its posterior-mean value, and what it knows of the customer.
+            if preds:
+                (bch, bh), (bp, bu) = max(preds.items(), key=lambda kv: kv[1][0] - 10 * kv[1][1])
+                st = self.inner.learner.customer(c.id)
+                eff = st.effect
+                row["cad_best"] = {
+                    "ch": bch,
+                    "hour": bh,
+                    "cad": (bp, bu),
+                    "true": (click_probability(c, bch, bh, state.load(now_ms)), 0.0),
+                    "sends": dict(st.channel_sends),
+                    "clicks": dict(st.channel_clicks),
+                    "effect": None if eff is None else [float(x) for x in eff[0][:3]],
+                }
+            for key, ch_at in (("cad", choice), ("bay", b)):
+                if ch_at is None:
+                    row[key] = None
+                    continue
+                ch, at = ch_at
+                h = local_hour(at, c.zone)
+                load = state.load(at)
+                row[key] = {
+                    "ch": ch,
+                    "hour": h,
+                    "load": load,
+                    "cad": preds.get((ch, round(h)), (math.nan, math.nan)),
+                    "bay": self._bayes_preds(state, now_ms, ch, at),
+                    "true": (click_probability(c, ch, h, load), unsubscribe_probability(c, ch, h, load)),
+                    "best_ch": ch
+                    == max((x for x in c.available if x not in c.opted_out), key=lambda x: c.affinity[x]),
+                    "hf": hour_factor(c, h),
+                }
+        else:
+            row["cad"] = row["bay"] = None
+        self.rows.append(row)
+        return choice
+
+    def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
+        """Both learn from cadence's sends."""
+        self.traced.feedback(state, channel, kind, sent_ms, ts_ms)
+        self.bayes.feedback(state, channel, kind, sent_ms, ts_ms)
+
+
+def _shadow_job(job: tuple[str, int, int, int, int]) -> dict[str, Any]:
+    shape, seed, customers, days, draw = job
+    from bayes_bound import BayesLearner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    pop = make_population(shape, customers, seed)
+    out: dict[str, Any] = {"shape": shape, "seed": seed, "draw": draw}
+    r = run_policy(OraclePolicy(10.0), pop, days=days, seed=seed, start=START)
+    out["oracle"] = {**_summ(r)}
+    t = Traced(BayesLearner(shape), days)
+    r = run_policy(t, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]
+    out["bayes"] = {**_summ(r), "trace": t.trace()}
+    sh = Shadow(_draw_policy(sim_learner_config(), draw), shape, days)
+    r = run_policy(sh, pop, days=days, seed=seed, start=START)  # type: ignore[arg-type]
+    out["cadence"] = {**_summ(r), "trace": sh.traced.trace()}
+    out["rows"] = sh.rows
+    return out
+
+
+def _shadow_report(r: dict[str, Any], days: int) -> list[str]:
+    """Per-day traces of both policies on their own runs, then cadence's decisions against the shadow's."""
+    o = r["oracle"]["clicks"]
+    out = [
+        f"== {r['shape']} seed {r['seed']} draw {r['draw']} (oracle {o} clicks, unsub {r['oracle']['unsub']:.1%})"
+    ]
+    for name in ("bayes", "cadence"):
+        x = r[name]
+        out.append(
+            f"  {name:8s} clicks {x['clicks']:6d} ({x['clicks'] / o:5.1%}) unsub {x['unsub']:.1%} "
+            f"msgs/cust/day {x['mpd']:.3f} CTR {x['ctr']:.2%}"
+        )
+    for key in ("sent", "p", "clicks_pcd", "best", "best_hour", "hf", "unsub"):
+        out.append(f"  per day: {key}")
+        for name in ("bayes", "cadence"):
+            out.append(f"    {name:8s} " + " ".join(f"{v:.3f}" for v in r[name]["trace"][key]))
+    out.append("  on cadence's run, per decision: cadence (C) vs the Bayes shadow (B); value = p - 10u")
+
+    def val(pu: Any) -> float:
+        return pu[0] - 10 * pu[1]
+
+    for lo, hi in ((0, 1), (1, 3), (3, 7), (7, 14), (14, days)):
+        rows = [x for x in r["rows"] if lo <= x["day"] < hi]
+        n = max(1, len(rows))
+        cats: dict[str, list[dict[str, Any]]] = {"both": [], "C only": [], "B only": [], "neither": []}
+        for x in rows:
+            k = (
+                "both"
+                if x["cad"] and x["bay"]
+                else "C only"
+                if x["cad"]
+                else "B only"
+                if x["bay"]
+                else "neither"
+            )
+            cats[k].append(x)
+        out.append(
+            f"  days {lo}-{hi - 1}: decisions {len(rows)}; "
+            + ", ".join(f"{k} {len(v) / n:.1%}" for k, v in cats.items())
+        )
+        both = cats["both"]
+        if both:
+            same_ch = statistics.fmean(x["cad"]["ch"] == x["bay"]["ch"] for x in both)
+            same_h = statistics.fmean(abs(x["cad"]["hour"] - x["bay"]["hour"]) < 0.5 for x in both)
+            out.append(
+                f"    both: same channel {same_ch:.1%}, same hour {same_h:.1%}; true value C "
+                f"{statistics.fmean(val(x['cad']['true']) for x in both):+.4f} B {statistics.fmean(val(x['bay']['true']) for x in both):+.4f}; "
+                f"true p C {statistics.fmean(x['cad']['true'][0] for x in both):.4f} B {statistics.fmean(x['bay']['true'][0] for x in both):.4f}; "
+                f"best ch C {statistics.fmean(x['cad']['best_ch'] for x in both):.1%} B {statistics.fmean(x['bay']['best_ch'] for x in both):.1%}; "
+                f"hf C {statistics.fmean(x['cad']['hf'] for x in both):.3f} B {statistics.fmean(x['bay']['hf'] for x in both):.3f}"
+            )
+            for who in ("cad", "bay"):
+                xs = [x[who] for x in both]
+                out.append(
+                    f"      {who}'s option: p pred C {statistics.fmean(v['cad'][0] for v in xs):.4f} B {statistics.fmean(v['bay'][0] for v in xs):.4f} true {statistics.fmean(v['true'][0] for v in xs):.4f}"
+                    f" | u pred C {statistics.fmean(v['cad'][1] for v in xs):.5f} B {statistics.fmean(v['bay'][1] for v in xs):.5f} true {statistics.fmean(v['true'][1] for v in xs):.5f}"
+                )
+        for k, who in (("C only", "cad"), ("B only", "bay")):
+            xs = [x[who] for x in cats[k]]
+            if not xs:
+                continue
+            out.append(
+                f"    {k} ({len(xs)}), the option sent: p pred C {statistics.fmean(v['cad'][0] for v in xs):.4f} "
+                f"B {statistics.fmean(v['bay'][0] for v in xs):.4f} true {statistics.fmean(v['true'][0] for v in xs):.4f}"
+                f" | u pred C {statistics.fmean(v['cad'][1] for v in xs):.5f} B {statistics.fmean(v['bay'][1] for v in xs):.5f} "
+                f"true {statistics.fmean(v['true'][1] for v in xs):.5f} | true value {statistics.fmean(val(v['true']) for v in xs):+.4f} "
+                f"C-pred value {statistics.fmean(val(v['cad']) for v in xs):+.4f} B-pred value {statistics.fmean(val(v['bay']) for v in xs):+.4f} "
+                f"load {statistics.fmean(v['load'] for v in xs):.2f}"
+            )
+    return out
 
 
 def _calib_job(job: tuple[str, int, int, int, str]) -> dict[str, Any]:
@@ -360,7 +575,7 @@ def _load() -> str:
 def main() -> None:
     """Command line."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["trait", "ab", "calib"])
+    ap.add_argument("mode", choices=["trait", "ab", "calib", "shadow"])
     ap.add_argument("--customers", type=int, default=3000)
     ap.add_argument("--days", type=int, default=20)
     ap.add_argument("--shapes", default="balanced,email_heavy,mobile_first")
@@ -382,7 +597,16 @@ def main() -> None:
     load0 = _load()
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    if a.mode == "calib":
+    if a.mode == "shadow":
+        draws = [int(d) for d in a.draws.split(",")]
+        jobs_s = [(s, seed, a.customers, a.days, dr) for s in shapes for seed in seeds for dr in draws]
+        with ctx.Pool(a.workers, maxtasksperchild=1) as pool:
+            for r in pool.imap(_shadow_job, jobs_s, chunksize=1):
+                print("\n".join(_shadow_report(r, a.days)), flush=True)
+                if a.out:
+                    with open(f"{a.out}.{r['shape']}.{r['seed']}.{r['draw']}.json", "w") as f:
+                        json.dump(r, f)
+    elif a.mode == "calib":
         ov = a.arm[0].split("=", 1)[1] if a.arm else "{}"
         jobs_c = [(s, seed, a.customers, a.days, ov) for s in shapes for seed in seeds]
         with ctx.Pool(a.workers) as pool:

@@ -167,6 +167,9 @@ class LearnerConfig:
     hour_draw_scale: float = 0.35  # shrinks that draw's spread (the trait rows share their sends)
     hour_explore: bool = False  # draw the preferred hour from its posterior (False: use the expected lift)
     probit_hours: bool = True  # the probit's own hour x trait weights and hour match (besides HourPreference)
+    #: The probit's hour x trait block includes a one-hot hour of day (False: only the smooth daily
+    #: cycle, cos and sin of the hour, and the weekend flag, per trait).
+    hour_onehot: bool = True
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
     hazard_fit: bool = True  # FittedHazard (shared load slope and timing term) instead of cells per load
     #: Send when the value is positive with the customer's effect this many sd up (the probit
@@ -1007,8 +1010,9 @@ class DecisionLearner:
         local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
         hour = local.hour + local.minute / 60
         harm = _time_code(hour, local.weekday() >= 5) if self.config.probit_hours else ()
+        first = 0 if self.config.hour_onehot else 24  # without the one-hot hour: the cycle and weekend only
         for k, h in enumerate(harm):
-            if h == 0.0:
+            if h == 0.0 or k < first:
                 continue
             for i in np.flatnonzero(t1):
                 idx.append(lay.time + k * lay.n_traits1 + int(i))
@@ -1200,14 +1204,19 @@ class DecisionLearner:
         chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
         chan_v += (rate_exp * rate_exp) @ vp[::2]
         if cfg.probit_hours:
+            if cfg.hour_onehot:
+                t_lo, t_harm, t_sq = lay.time, harm, harm_sq
+            else:  # the one-hot hour's weights are never learned: leave them (and their prior variance) out
+                t_lo, t_harm, t_sq = lay.time + 24 * lay.n_traits1, harm[:, 24:], harm_sq[:, 24:]
+            n_t = (lay.personal - t_lo) // lay.n_traits1
             if cfg.time_draw:
-                time_w = (w[:, lay.time : lay.personal].reshape(2, lay.n_time, lay.n_traits1) @ t1) @ harm.T
+                time_w = (w[:, t_lo : lay.personal].reshape(2, n_t, lay.n_traits1) @ t1) @ t_harm.T
             else:  # both rows hold the posterior mean: one product, shown twice
-                row = (w[0, lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm.T
+                row = (w[0, t_lo : lay.personal].reshape(n_t, lay.n_traits1) @ t1) @ t_harm.T
                 time_w = np.empty((2, len(hour_arr)))
                 time_w[0] = row
                 time_w[1] = row
-            time_v = (v[lay.time : lay.personal].reshape(lay.n_time, lay.n_traits1) @ t1) @ harm_sq.T
+            time_v = (v[t_lo : lay.personal].reshape(n_t, lay.n_traits1) @ t1) @ t_sq.T
             if match is not None:  # (no clicks yet: the hour-match feature is 0)
                 time_w = time_w + wp[:, 1:2] * match
                 time_v = time_v + vp[1] * match * match
@@ -1978,6 +1987,7 @@ _BEST_FIELDS = frozenset(
         "hour_draw_scale",
         "hour_explore",
         "probit_hours",
+        "hour_onehot",
         "time_draw",
         "hazard_fit",
         "volume_optimism",
