@@ -69,6 +69,28 @@ INSERT_DECISION = (
 )
 
 
+def decision_row(
+    decision_id: str, customer_id: int, now_ms: int, decision: Decision, explanation: str, inputs: str
+) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT_DECISION` for ``decision`` (``explanation`` and ``inputs`` as JSON text;
+    no outcome yet)."""
+    return (
+        decision_id,
+        customer_id,
+        now_ms,
+        decision.action,
+        decision.campaign,
+        decision.channel,
+        decision.send_at_ms,
+        decision.template,
+        decision.arm,
+        decision.ruleset_hash,
+        explanation,
+        inputs,
+        "{}",
+    )
+
+
 #: What runs once a transaction committed (telling the learners about a decision it recorded).
 AfterCommit = list[Callable[[], None]]
 
@@ -607,20 +629,8 @@ def _record_rows(
         stored_inputs["features"] = pending.stored()
         after_commit.append(functools.partial(learners.remember, decision_id, pending))
     # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key
-    row = (
-        decision_id,
-        customer_id,
-        now_ms,
-        decision.action,
-        decision.campaign,
-        decision.channel,
-        decision.send_at_ms,
-        decision.template,
-        decision.arm,
-        decision.ruleset_hash,
-        dump_json(prepared.explanation),
-        dump_json(stored_inputs),
-        "{}",
+    row = decision_row(
+        decision_id, customer_id, now_ms, decision, dump_json(prepared.explanation), dump_json(stored_inputs)
     )
     if decision.action != "send":
         return row, None

@@ -57,7 +57,7 @@ from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend, Scorer
-from cadence.engine.decisions_service import INSERT_DECISION
+from cadence.engine.decisions_service import INSERT_DECISION, decision_row
 from cadence.engine.profiles import StoredProfile
 from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
@@ -331,15 +331,6 @@ def push_decision_id(key: str) -> str:
     return "push-" + hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
-def record_push_decisions(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Record pushed sends in ``decisions`` (the learners join feedback to them by id).
-
-    ``rows`` are decision rows without their action (``send``) and outcome (none yet); a
-    re-run of the push writes none twice.
-    """
-    execute_many(conn, _INSERT_PUSH_DECISION, [(*row[:3], "send", *row[3:], "{}") for row in rows])
-
-
 def _seed(customer_id: int, occurrence: str) -> int:
     digest = hashlib.blake2b(f"{customer_id}\x00{occurrence}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big")
@@ -389,20 +380,13 @@ def _push_rows(
     occurrence, run_id = wanted[decision.campaign]
     key = idempotency_key(decision.campaign, customer_id, occurrence)
     decision_id = push_decision_id(key)
-    decided = (
+    decided = decision_row(
         decision_id,
         customer_id,
         now_ms,
-        "send",
-        decision.campaign,
-        decision.channel,
-        decision.send_at_ms,
-        decision.template,
-        decision.arm,
-        decision.ruleset_hash,
+        decision,
         dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
         dump_json({"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}),
-        "{}",
     )
     [send] = enqueue_params(
         [
