@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import httpx
-import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -92,14 +90,6 @@ class Api:
         )
         assert r.status_code == status, r.text
         return r.json()  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def api(runtime: Runtime) -> Iterator[Api]:
-    api = Api(runtime)
-    api.identify(userId="u1", traits={"name": "Ada", "timezone": "Europe/Berlin"})
-    yield api
-    api.state.close()
 
 
 def reasons(body: dict[str, object]) -> set[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -24,14 +23,6 @@ from cadence.engine.sendqueue import enqueue_send
 from cadence.runtime import Runtime
 from tests.api.test_decisions_cache import AT, AT_MS, Api, reasons
 from tests.api.test_httpproto import serving
-
-
-@pytest.fixture
-def api(runtime: Runtime) -> Iterator[Api]:
-    api = Api(runtime)
-    api.identify(userId="u1", traits={"name": "Ada", "timezone": "Europe/Berlin"})
-    yield api
-    api.state.close()
 
 
 def listening(api: Api) -> Api:
