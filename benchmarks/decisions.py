@@ -193,7 +193,7 @@ import asyncio, base64, sys, time, orjson, uvloop
 port, key, rate, seconds, customers, mode = (int(sys.argv[1]), sys.argv[2], float(sys.argv[3]),
                                              float(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
 auth = base64.b64encode(f"{key}:".encode()).decode()
-lat, errors, statuses = [], [], {}
+lat, errors, statuses, by_second = [], [], {}, {}
 async def connection(queue):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     while True:
@@ -220,8 +220,11 @@ async def connection(queue):
         except Exception as exc:  # noqa: BLE001 - every failure counts as an error
             errors.append(type(exc).__name__)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        lat.append((time.perf_counter() - due) * 1000)
+        ms = (time.perf_counter() - due) * 1000
+        lat.append(ms)
+        by_second.setdefault(int(due - t0), []).append(ms)
 async def main():
+    global t0
     queue = asyncio.Queue()
     workers = [asyncio.create_task(connection(queue)) for _ in range(64)]
     n = int(rate * seconds)
@@ -238,7 +241,11 @@ async def main():
     elapsed = time.perf_counter() - t0
     lat.sort()
     cpu = time.process_time()
-    print(orjson.dumps({"sent": n, "seconds": elapsed, "achieved": len(lat) / elapsed, "p50": lat[len(lat) // 2],
+    p99s = [sorted(v)[max(int(len(v) * 0.99) - 1, 0)] for _, v in sorted(by_second.items())]
+    later = sorted(ms for second, v in by_second.items() if second >= 2 for ms in v)
+    print(orjson.dumps({"p99_by_second": p99s,
+                        "p99_from_2s": later[int(len(later) * 0.99) - 1] if later else None,
+                        "sent": n, "seconds": elapsed, "achieved": len(lat) / elapsed, "p50": lat[len(lat) // 2],
                         "p99": lat[int(len(lat) * 0.99) - 1], "max": lat[-1], "errors": len(errors),
                         "statuses": {str(k): v for k, v in statuses.items()}, "client_cpu": cpu}).decode())
 uvloop.run(main())
@@ -537,6 +544,21 @@ def _route_label(route: str) -> str:
     return "/v1/decisions/{id}" if path.startswith("/v1/decisions/") else path
 
 
+def _seconds_note(http: dict[str, object]) -> str:
+    """Where in the run the tail was: the worst second's p99, and the p99 without the first two seconds.
+
+    >>> _seconds_note({"p99_by_second": [30.0, 12.5, 4.0, 6.1], "p99_from_2s": 5.9})
+    'worst second 0 (p99 30.0 ms), p99 from second 2 on 5.9 ms; '
+    >>> _seconds_note({})
+    ''
+    """
+    p99s = http.get("p99_by_second")
+    if not p99s:
+        return ""
+    worst = max(range(len(p99s)), key=p99s.__getitem__)  # type: ignore[arg-type]
+    return f"worst second {worst} (p99 {p99s[worst]:.1f} ms), p99 from second 2 on {http['p99_from_2s']:.1f} ms; "  # type: ignore[index]
+
+
 def _http_row(label: str, http: dict[str, object], rate: float, seconds: float) -> tuple[str, str, str, str]:
     sent = float(http["sent"])  # type: ignore[arg-type]
     cpu = f"server CPU {float(http['server_cpu']) * 1000 / sent:.2f} ms/decision"  # type: ignore[arg-type]
@@ -563,6 +585,7 @@ def _http_row(label: str, http: dict[str, object], rate: float, seconds: float) 
         f"HTTP: POST /v1/decisions ({label}) at {rate:,.0f}/s for {seconds:.0f} s, loopback",
         f"achieved {float(http['achieved']):,.0f}/s, p50 {float(http['p50']):.1f} ms, "  # type: ignore[arg-type]
         f"p99 {float(http['p99']):.1f} ms, errors {http['errors']} (statuses {http['statuses']}); {cpu}; "  # type: ignore[arg-type]
+        f"{_seconds_note(http)}"
         f"load generator {float(http['client_cpu']) * 1000 / sent:.2f} ms/request; "  # type: ignore[arg-type]
         f"load average {http['load_before']} -> {http['load_after']}; "
         f"CPU stolen by the host {float(http['steal']):.1%}",  # type: ignore[arg-type]
