@@ -171,11 +171,12 @@ class LearnerConfig:
     #: cycle, cos and sin of the hour, and the weekend flag, per trait).
     hour_onehot: bool = True
     #: Value the one-hot hour weights partially pooled (learning stays on the raw weights): each
-    #: trait row's 24 weights as a shared level plus hour deviations of prior variance
-    #: ``hour_pool_var``, so an hour never sent at is valued at the level the hours that were sent
-    #: at took up, not at the prior's 0 (:meth:`DecisionLearner._pooled_time_block`).
+    #: trait row's 24 weights as a shared level plus hour deviations, the level taking
+    #: ``hour_pool_share`` of each weight's prior variance, so an hour never sent at is valued at
+    #: the level the hours that were sent at took up, not at the prior's 0
+    #: (:meth:`DecisionLearner._pooled_time_block`).
     hour_pool: bool = False
-    hour_pool_var: float = 0.02
+    hour_pool_share: float = 0.75
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
     hazard_fit: bool = True  # FittedHazard (shared load slope and timing term) instead of cells per load
     #: Send when the value is positive with the customer's effect this many sd up (the probit
@@ -212,7 +213,7 @@ DECISION_TIME_FIELDS = frozenset(
         "hour_pop_draw",
         "hour_draw_scale",
         "hour_pool",
-        "hour_pool_var",
+        "hour_pool_share",
         "time_draw",
     }
 )
@@ -1083,19 +1084,20 @@ class DecisionLearner:
     def _pooled_time_block(self) -> tuple[np.ndarray, np.ndarray]:
         """The engagement model's hour x trait block as options are valued with ``hour_pool``: means, variances.
 
-        Each trait row's 24 one-hot hour weights are read as ``w_h = mu + d_h``: a level ``mu``
-        (prior N(0, 1)) and hour deviations ``d_h ~ N(0, hour_pool_var)``. The diagonal posterior
-        holds, per weight, the prior N(0, prior_var_h) times the evidence's Gaussian message,
-        precision ``lam_h = 1/var_h - 1/prior_var_h`` and precision-weighted mean
-        ``eta_h = mean_h / var_h``; the 24 messages give ``mu``'s posterior in closed form, and each
-        hour's weight then has the mean ``(E[mu]/tau2 + eta_h) / (1/tau2 + lam_h)`` (an hour never
-        sent at: ``E[mu]``; a well-sent hour: about its own evidence) and the variance
-        ``1 / (1/tau2 + lam_h)``, given the level at its posterior mean. The level's own uncertainty
-        is left out: in the full model it trades off against the channel bias (prior variance 0.3),
-        which already carries it, and counted again on every trait row it would multiply a new
-        learner's predicted engagement (with ``tau2`` the block's prior variance, a learner that has
-        learned nothing values options exactly as without pooling). The other rows (the daily
-        cycle's cos and sin, weekend) are the posterior's own. Worked out once per learned label, kept.
+        The learning's prior holds each one-hot hour weight independent, N(0, p) (``p`` the crossed
+        prior variance). Valued pooled, each trait row's 24 weights are ``w_h = mu + d_h``: a level
+        ``mu ~ N(0, s2)`` and hour deviations ``d_h ~ N(0, tau2)``, ``s2 = share * p`` and
+        ``tau2 = p - s2`` (``share`` = ``hour_pool_share``): each weight's prior is the same, the
+        hours now correlated through the level. The diagonal posterior holds, per weight, the prior
+        times the evidence's Gaussian message, precision ``lam_h = 1/var_h - 1/p`` and
+        precision-weighted mean ``eta_h = mean_h / var_h``. The 24 messages give the level's
+        posterior in closed form (precision ``1/s2 + sum lam_h a_h``, mean ``sum eta_h a_h`` over it,
+        ``a_h = 1 / (1 + tau2 lam_h)``), and each hour's weight the mean
+        ``(E[mu]/tau2 + eta_h) / (1/tau2 + lam_h)`` (an hour never sent at: ``E[mu]``; a well-sent
+        hour: about its own evidence) and the variance ``1/(1/tau2 + lam_h)`` plus the level's
+        variance seen through it. A learner that learned nothing values options as without pooling.
+        The other rows (the daily cycle's cos and sin, weekend) are the posterior's own. Worked out
+        once per learned label, kept.
 
         >>> learner = DecisionLearner(LearnerConfig(hour_pool=True))
         >>> mean, var = learner._pooled_time_block()
@@ -1109,20 +1111,23 @@ class DecisionLearner:
         if kept is not None and kept[0] == key:
             return kept[1], kept[2]
         lay = self.layout
-        n1, tau2 = lay.n_traits1, self.config.hour_pool_var
+        n1 = lay.n_traits1
         lo, hi = lay.time, lay.time + 24 * n1
+        prior = eng.prior_var[lo:hi].reshape(24, n1)
+        s2 = self.config.hour_pool_share * prior[0]  # (per trait row)
+        tau2 = prior - s2
         m = eng.mean[lo:hi].reshape(24, n1)
         v = eng.var[lo:hi].reshape(24, n1)
-        lam = np.maximum(1.0 / v - 1.0 / eng.prior_var[lo:hi].reshape(24, n1), 0.0)
+        lam = np.maximum(1.0 / v - 1.0 / prior, 0.0)
         eta = m / v  # (the block's prior mean is 0)
         shrink = 1.0 / (1.0 + tau2 * lam)  # each message seen through the hour's own deviation
-        level_prec = 1.0 + (lam * shrink).sum(axis=0)
-        level = (eta * shrink).sum(axis=0) / level_prec
+        level_var = 1.0 / (1.0 / s2 + (lam * shrink).sum(axis=0))
+        level = (eta * shrink).sum(axis=0) * level_var
         prec = 1.0 / tau2 + lam
         mean = eng.mean[lo : lay.personal].copy()
         var = eng.var[lo : lay.personal].copy()
         mean[: hi - lo] = ((level / tau2 + eta) / prec).reshape(-1)
-        var[: hi - lo] = (1.0 / prec).reshape(-1)
+        var[: hi - lo] = (1.0 / prec + (1.0 / (tau2 * prec)) ** 2 * level_var).reshape(-1)
         for arr in (mean, var):
             arr.flags.writeable = False
         self.__dict__["_time_pool"] = (key, mean, var)
@@ -2056,7 +2061,7 @@ _BEST_FIELDS = frozenset(
         "probit_hours",
         "hour_onehot",
         "hour_pool",
-        "hour_pool_var",
+        "hour_pool_share",
         "time_draw",
         "hazard_fit",
         "volume_optimism",
