@@ -578,4 +578,12 @@ def test_hour_pool_values_an_hour_never_sent_at_at_the_level_the_sent_hours_took
     level = pooled._pooled_time_block()[0].reshape(27, lay.n_traits1)[16, 0]
     assert weights[16] == 0.0 and min(weights[10], weights[22]) < level < max(weights[10], weights[22])
     lift = {h: p[True][h] / p[False][h] for h in (10, 16, 22)}
+    # A decision-time field: the unpooled learner takes it (and a pickled copy keeps no stale cache).
+    import pickle
+
+    again = pickle.loads(pickle.dumps(pooled))
+    raw.reconfigure(pooled.config)
+    for other in (raw, again):
+        res = other.score_options(profile=newcomer, groups=[group], now_ms=midnight + 7 * HOUR_MS, seed=1)
+        assert [float(x) for x in res.engagement] == list(p[True].values())
     assert lift[16] > 1.05 and lift[16] > max(lift[10], lift[22]), (p, lift)
