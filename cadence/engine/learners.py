@@ -174,7 +174,7 @@ class LearnerConfig:
     #: trait row's 24 weights as a shared level plus hour deviations, the level taking
     #: ``hour_pool_share`` of each weight's prior variance, so an hour never sent at is valued at
     #: the level the hours that were sent at took up, not at the prior's 0
-    #: (:meth:`DecisionLearner._pooled_time_block`). Off: in the simulator it lost clicks (session 15,
+    #: (:meth:`DecisionLearner._pooled_time_block`). Off: no gain shown in the simulator (session 15,
     #: docs/measurements.md).
     hour_pool: bool = False
     hour_pool_share: float = 0.75
