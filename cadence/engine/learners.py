@@ -170,6 +170,14 @@ class LearnerConfig:
     #: The probit's hour x trait block includes a one-hot hour of day (False: only the smooth daily
     #: cycle, cos and sin of the hour, and the weekend flag, per trait).
     hour_onehot: bool = True
+    #: Value the one-hot hour weights partially pooled (learning stays on the raw weights): each
+    #: trait row's 24 weights as a shared level plus hour deviations, the level taking
+    #: ``hour_pool_share`` of each weight's prior variance, so an hour never sent at is valued at
+    #: the level the hours that were sent at took up, not at the prior's 0
+    #: (:meth:`DecisionLearner._pooled_time_block`). Off: no gain shown in the simulator (session 15,
+    #: docs/measurements.md).
+    hour_pool: bool = False
+    hour_pool_share: float = 0.75
     time_draw: bool = False  # draw the hour x trait weights too (False: their posterior mean)
     hazard_fit: bool = True  # FittedHazard (shared load slope and timing term) instead of cells per load
     #: Send when the value is positive with the customer's effect this many sd up (the probit
@@ -205,6 +213,8 @@ DECISION_TIME_FIELDS = frozenset(
         "hour_explore",
         "hour_pop_draw",
         "hour_draw_scale",
+        "hour_pool",
+        "hour_pool_share",
         "time_draw",
     }
 )
@@ -824,6 +834,7 @@ class DecisionLearner:
         state.pop("_bank", None)
         state.pop("_group_meta", None)
         state.pop("_rate_exp_fresh", None)
+        state.pop("_time_pool", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -848,6 +859,7 @@ class DecisionLearner:
             raise ValueError(f"the learner learned with other values of {', '.join(changed)}")
         self.config = config
         self._group_meta = {}
+        self.__dict__.pop("_time_pool", None)
 
     def recent_load(self, customer_id: int, now_ms: int) -> int:
         """Sends to the customer in the 7 days before ``now_ms`` (as the learner has seen them)."""
@@ -1070,6 +1082,58 @@ class DecisionLearner:
             -1 - cols[0],
         )
 
+    def _pooled_time_block(self) -> tuple[np.ndarray, np.ndarray]:
+        """The engagement model's hour x trait block as options are valued with ``hour_pool``: means, variances.
+
+        The learning's prior holds each one-hot hour weight independent, N(0, p) (``p`` the crossed
+        prior variance). Valued pooled, each trait row's 24 weights are ``w_h = mu + d_h``: a level
+        ``mu ~ N(0, s2)`` and hour deviations ``d_h ~ N(0, tau2)``, ``s2 = share * p`` and
+        ``tau2 = p - s2`` (``share`` = ``hour_pool_share``): each weight's prior is the same, the
+        hours now correlated through the level. The diagonal posterior holds, per weight, the prior
+        times the evidence's Gaussian message, precision ``lam_h = 1/var_h - 1/p`` and
+        precision-weighted mean ``eta_h = mean_h / var_h``. The 24 messages give the level's
+        posterior in closed form (precision ``1/s2 + sum lam_h a_h``, mean ``sum eta_h a_h`` over it,
+        ``a_h = 1 / (1 + tau2 lam_h)``), and each hour's weight the mean
+        ``(E[mu]/tau2 + eta_h) / (1/tau2 + lam_h)`` (an hour never sent at: ``E[mu]``; a well-sent
+        hour: about its own evidence) and the variance ``1/(1/tau2 + lam_h)`` plus the level's
+        variance seen through it. A learner that learned nothing values options as without pooling.
+        The other rows (the daily cycle's cos and sin, weekend) are the posterior's own. Worked out
+        once per learned label, kept.
+
+        >>> learner = DecisionLearner(LearnerConfig(hour_pool=True))
+        >>> mean, var = learner._pooled_time_block()
+        >>> block = learner.engagement.var[learner.layout.time : learner.layout.personal]
+        >>> bool((mean == 0).all()), bool(np.allclose(var, block))
+        (True, True)
+        """
+        eng = self.engagement
+        key = (id(eng), eng.n)
+        kept = self.__dict__.get("_time_pool")
+        if kept is not None and kept[0] == key:
+            return kept[1], kept[2]
+        lay = self.layout
+        n1 = lay.n_traits1
+        lo, hi = lay.time, lay.time + 24 * n1
+        prior = eng.prior_var[lo:hi].reshape(24, n1)
+        s2 = self.config.hour_pool_share * prior[0]  # (per trait row)
+        tau2 = prior - s2
+        m = eng.mean[lo:hi].reshape(24, n1)
+        v = eng.var[lo:hi].reshape(24, n1)
+        lam = np.maximum(1.0 / v - 1.0 / prior, 0.0)
+        eta = m / v  # (the block's prior mean is 0)
+        shrink = 1.0 / (1.0 + tau2 * lam)  # each message seen through the hour's own deviation
+        level_var = 1.0 / (1.0 / s2 + (lam * shrink).sum(axis=0))
+        level = (eta * shrink).sum(axis=0) * level_var
+        prec = 1.0 / tau2 + lam
+        mean = eng.mean[lo : lay.personal].copy()
+        var = eng.var[lo : lay.personal].copy()
+        mean[: hi - lo] = ((level / tau2 + eta) / prec).reshape(-1)
+        var[: hi - lo] = (1.0 / prec + (1.0 / (tau2 * prec)) ** 2 * level_var).reshape(-1)
+        for arr in (mean, var):
+            arr.flags.writeable = False
+        self.__dict__["_time_pool"] = (key, mean, var)
+        return mean, var
+
     def score_options(
         self, *, profile: Any, groups: Sequence[OptionGroup], now_ms: int, seed: int
     ) -> BulkScores:
@@ -1209,14 +1273,23 @@ class DecisionLearner:
             else:  # the one-hot hour's weights are never learned: leave them (and their prior variance) out
                 t_lo, t_harm, t_sq = lay.time + 24 * lay.n_traits1, harm[:, 24:], harm_sq[:, 24:]
             n_t = (lay.personal - t_lo) // lay.n_traits1
+            if cfg.hour_pool and cfg.hour_onehot:
+                # The one-hot hour weights partially pooled per trait row (the raw ones stay learned).
+                t_mean, t_var = self._pooled_time_block()
+                t_w: np.ndarray = t_mean
+                if cfg.time_draw:
+                    t_w = np.stack((t_mean, t_mean + np.sqrt(t_var) * noise_e[t_lo : lay.personal]))
+            else:
+                t_w = w[:, t_lo : lay.personal] if cfg.time_draw else w[0, t_lo : lay.personal]
+                t_var = v[t_lo : lay.personal]
             if cfg.time_draw:
-                time_w = (w[:, t_lo : lay.personal].reshape(2, n_t, lay.n_traits1) @ t1) @ t_harm.T
+                time_w = (t_w.reshape(2, n_t, lay.n_traits1) @ t1) @ t_harm.T
             else:  # both rows hold the posterior mean: one product, shown twice
-                row = (w[0, t_lo : lay.personal].reshape(n_t, lay.n_traits1) @ t1) @ t_harm.T
+                row = (t_w.reshape(n_t, lay.n_traits1) @ t1) @ t_harm.T
                 time_w = np.empty((2, len(hour_arr)))
                 time_w[0] = row
                 time_w[1] = row
-            time_v = (v[t_lo : lay.personal].reshape(n_t, lay.n_traits1) @ t1) @ t_sq.T
+            time_v = (t_var.reshape(n_t, lay.n_traits1) @ t1) @ t_sq.T
             if match is not None:  # (no clicks yet: the hour-match feature is 0)
                 time_w = time_w + wp[:, 1:2] * match
                 time_v = time_v + vp[1] * match * match
@@ -1988,6 +2061,8 @@ _BEST_FIELDS = frozenset(
         "hour_explore",
         "probit_hours",
         "hour_onehot",
+        "hour_pool",
+        "hour_pool_share",
         "time_draw",
         "hazard_fit",
         "volume_optimism",

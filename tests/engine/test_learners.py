@@ -530,3 +530,60 @@ def test_a_customer_who_clicks_only_push_in_the_evening_gets_push_in_the_evening
     # The hour is learned firmly; the channel half the time (email is the population's strong
     # channel, and the customer's Gamma prior is worth 2.5 expected clicks).
     assert evening >= 16 and push >= 8 and morning_email >= 14, (own, newcomer)
+
+
+def test_hour_pool_values_an_hour_never_sent_at_at_the_level_the_sent_hours_took_up() -> None:
+    """Forty customers (one trait) get email at 10:00 or 22:00 UTC for 20 days, 12% of them clicked.
+
+    The one-hot hour weights of 10:00 and 22:00 take up part of the engagement's level; 16:00,
+    never sent at, keeps its prior 0 and is valued below the level (session 14: the hours not tried
+    look too poor to send). With ``hour_pool`` each trait row's 24 weights are valued as a shared
+    level plus hour deviations: 16:00's weights get the level (between 10:00's and 22:00's), its
+    predicted engagement rises by more than 5% (8% here), more than the sent hours' (which keep about their
+    own evidence), and the raw weights, which the learning updates, are the same as without it.
+    ``hour_model=False``: the probit alone (the hour preference has its own population curve).
+    """
+    import random
+
+    import numpy as np
+
+    rules = ruleset(best_of("email"))
+    traits = {"rhythm": "office"}
+    p: dict[bool, dict[int, float]] = {}
+    learners = {}
+    for pool in (False, True):
+        learner = learners[pool] = DecisionLearner(LearnerConfig(hour_pool=pool, hour_model=False))
+        rng = random.Random(4)
+        for day in range(20):
+            midnight = NOW + day * 24 * HOUR_MS - 6 * HOUR_MS  # 00:00 UTC
+            for customer in range(40):
+                at, did = midnight + (10 if (customer + day) % 2 else 22) * HOUR_MS, f"{customer}:{day}"
+                learner.record_decision(
+                    decision_id=did, customer_id=customer, traits=traits, zone="UTC", campaign="promo",
+                    channel="email", send_at_ms=at, arm=None, now_ms=midnight + 7 * HOUR_MS,
+                )  # fmt: skip
+                if rng.random() < 0.12:
+                    learner.observe(decision_id=did, kind=Feedback.CLICKED, ts_ms=at + 60_000)
+            learner.advance(midnight + 24 * HOUR_MS)
+        midnight = NOW + 25 * 24 * HOUR_MS - 6 * HOUR_MS
+        times = tuple(midnight + h * HOUR_MS for h in (10, 16, 22))
+        group = OptionGroup(rules.campaigns["promo"], "email", None, times)
+        newcomer = MemoryProfile(customer_id=1000, timezone="UTC", traits=traits)
+        res = learner.score_options(profile=newcomer, groups=[group], now_ms=midnight + 7 * HOUR_MS, seed=1)
+        p[pool] = dict(zip((10, 16, 22), (float(x) for x in res.engagement), strict=True))
+    raw, pooled = learners[False], learners[True]
+    assert np.array_equal(raw.engagement.mean, pooled.engagement.mean)  # read when valuing, not learned
+    lay = raw.layout
+    weights = raw.engagement.mean[lay.time : lay.personal].reshape(27, lay.n_traits1)[:, 0]  # intercept row
+    level = pooled._pooled_time_block()[0].reshape(27, lay.n_traits1)[16, 0]
+    assert weights[16] == 0.0 and min(weights[10], weights[22]) < level < max(weights[10], weights[22])
+    lift = {h: p[True][h] / p[False][h] for h in (10, 16, 22)}
+    # A decision-time field: the unpooled learner takes it (and a pickled copy keeps no stale cache).
+    import pickle
+
+    again = pickle.loads(pickle.dumps(pooled))
+    raw.reconfigure(pooled.config)
+    for other in (raw, again):
+        res = other.score_options(profile=newcomer, groups=[group], now_ms=midnight + 7 * HOUR_MS, seed=1)
+        assert [float(x) for x in res.engagement] == list(p[True].values())
+    assert lift[16] > 1.05 and lift[16] > max(lift[10], lift[22]), (p, lift)
