@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cadence.api.loopconn import LoopConnection
-from cadence.engine.decision_state import CHECK_GROUP_PG, HISTORY_MS, DecisionState
+from cadence.engine.decision_state import CHECK_GROUP_PG, CHECK_SESSION_PG, HISTORY_MS, DecisionState
 from cadence.engine.decisions_service import (
     INSERT_DECISION,
     AfterCommit,
@@ -129,6 +129,11 @@ class CommitPipeline(LoopConnection):
     """Record PostgreSQL commits of cached customers in groups on the event loop (see the module)."""
 
     statements = (_LOCK, _CHECK, _DECISION, _SEND)
+    # Generic plans, as the preview batcher's: left to itself, the plan cache plans the check anew at
+    # every group wherever its custom plans look cheaper than the generic one (on the benchmark's own
+    # data at the end of a run: 0.29-0.35 ms of PostgreSQL's CPU an execution against 0.07-0.17 ms
+    # generic); whether it does depended on the statistics when the connection made its first plans.
+    settings = CHECK_SESSION_PG
     pipeline = True
     what = "a commit group"
 

@@ -147,8 +147,10 @@ CHECK_GROUP_PG = (
 #: custom plan: about 0.3 ms of the server's CPU, more than the check) or, generic, guessed ten
 #: customers and read every profile and every counting send of a small table. Measured per
 #: statement of one customer: 0.16 ms of the server's CPU against 0.46-0.49 ms (custom plans) and
-#: 0.18-0.34 ms for the single check; of four: 0.31-0.33 ms against 0.8-0.9 ms. (The same
-#: settings on the commit groups' writers left PostgreSQL's CPU per commit as it was, 0.59-0.60 ms.)
+#: 0.18-0.34 ms for the single check; of four: 0.31-0.33 ms against 0.8-0.9 ms. The commit
+#: pipeline's connection takes them too (:data:`CHECK_GROUP_PG`; session 15: in the benchmark its
+#: connections had reached the generic plan by themselves, but a fresh one on the benchmark's data
+#: planned the check anew at each execution, 0.29-0.35 ms against 0.07-0.17 ms).
 CHECK_SESSION_PG = ("plan_cache_mode = force_generic_plan", "enable_seqscan = off", "enable_bitmapscan = off")
 
 Stamp = tuple[Any, Any, Any]  # (event_count, updated_event_id, merged_into); None when erased

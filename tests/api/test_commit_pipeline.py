@@ -240,3 +240,48 @@ def test_two_workers_committing_over_http_for_the_same_customers_keep_a_cap_of_o
     decisions, sends = stored(runtime)
     assert len(decisions) == 4 * len(USERS) and sum(sends.values()) == len(USERS)
     assert set(decisions) == {b["decision_id"] for b in bodies}
+
+
+def test_the_pipeline_plans_its_statements_once_generic(api: Api) -> None:
+    """Left to the plan cache, the first five executions of each statement are planned anew (custom
+    plans), and the check stays so wherever its custom plans look cheaper: the connection forces generic
+    plans (``CHECK_SESSION_PG``), so no statement is planned again per group."""
+    from psycopg.pq import ExecStatus
+
+    pipeline = CommitPipeline(api.state)
+
+    async def main() -> list[tuple[bytes, ...]]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for _ in range(7):  # one customer's commits: seven groups, one after the other
+            future: asyncio.Future[Any] = loop.create_future()
+            pipeline.submit(
+                pipeline.customer_of("u0") or 0,
+                spec(api, "u0"),
+                lambda result, f=future: f.set_result(result),
+                lambda f=future: f.set_result(None),
+            )
+            futures.append(future)
+        answers = await asyncio.wait_for(asyncio.gather(*futures), 20)
+        assert all(a is not None and not isinstance(a, Exception) for a in answers)
+        pgconn = pipeline._conn.pgconn  # idle between groups: ask on the pipeline's own session
+        pgconn.nonblocking = 0
+        pgconn.send_query_params(
+            b"SELECT name, generic_plans, custom_plans FROM pg_prepared_statements ORDER BY name", None
+        )
+        pgconn.pipeline_sync()
+        rows: list[tuple[bytes, ...]] = []
+        while (res := pgconn.get_result()) is None or res.status != ExecStatus.PIPELINE_SYNC:
+            if res is not None and res.status == ExecStatus.TUPLES_OK:
+                rows = [tuple(res.get_value(i, j) for j in range(3)) for i in range(res.ntuples)]
+        return rows
+
+    try:
+        rows = asyncio.run(main())
+    finally:
+        pipeline.close()
+    assert pipeline.groups == 7 and pipeline.redone == 0
+    plans = {name.decode(): (int(generic), int(custom)) for name, generic, custom in rows}
+    assert plans["cadence_commit_check"] == (7, 0)
+    assert plans["cadence_commit_lock"] == (7, 0)
+    assert plans["cadence_commit_decision"] == (7, 0)
