@@ -11,7 +11,14 @@ from sqlalchemy import Connection
 from cadence.store.fast import dialect_insert, dialect_sql
 from cadence.store.schema.sends import sends
 
-__all__ = ["ENQUEUE_SENDS_SQL", "enqueue_params", "enqueue_send", "enqueue_sends", "idempotency_key"]
+__all__ = [
+    "ENQUEUE_SENDS_SQL",
+    "enqueue_params",
+    "enqueue_prepared",
+    "enqueue_send",
+    "enqueue_sends",
+    "idempotency_key",
+]
 
 #: What :func:`enqueue_sends` runs per row (``?`` placeholders, ``?::json`` a JSON parameter: see
 #: :func:`~cadence.store.fast.dialect_sql`), for a caller that writes on a DBAPI connection itself.
@@ -81,8 +88,14 @@ def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms
     """
     if not rows:
         return 0
-    params = enqueue_params(rows, now_ms=now_ms)
-    result = conn.exec_driver_sql(dialect_sql(conn, ENQUEUE_SENDS_SQL), params)
+    return enqueue_prepared(conn, enqueue_params(rows, now_ms=now_ms))
+
+
+def enqueue_prepared(conn: Connection, params: Sequence[tuple[Any, ...]]) -> int:
+    """:func:`enqueue_sends` with its parameters built already (:func:`enqueue_params`); how many were new."""
+    if not params:
+        return 0
+    result = conn.exec_driver_sql(dialect_sql(conn, ENQUEUE_SENDS_SQL), list(params))
     return max(int(result.rowcount), 0)
 
 

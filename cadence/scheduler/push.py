@@ -59,7 +59,7 @@ from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend, Scorer
 from cadence.engine.decisions_service import INSERT_DECISION, decision_row
 from cadence.engine.profiles import StoredProfile
-from cadence.engine.sendqueue import ENQUEUE_SENDS_SQL, enqueue_params, enqueue_sends, idempotency_key
+from cadence.engine.sendqueue import enqueue_params, enqueue_prepared, enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
 from cadence.scheduler.prefilter import SqlCondition, push_prefilter
 from cadence.store.db import read_connection
@@ -279,9 +279,14 @@ def _history_rows(conn: Connection, lo: int, hi: int, now_ms: int) -> dict[int, 
         (lo, hi, now_ms - HISTORY_MS),
     ):
         out.setdefault(cid, []).append((due_ms, campaign, channel))
-    for rows in out.values():
+    return _sorted(out)
+
+
+def _sorted(by_customer: dict[int, HistoryRows]) -> dict[int, HistoryRows]:
+    """Each customer's rows in order, so that two reads of the same sends compare equal."""
+    for rows in by_customer.values():
         rows.sort()
-    return out
+    return by_customer
 
 
 def _recheck(
@@ -308,9 +313,7 @@ def _recheck(
         found.add(cid)
         if due_ms is not None:
             out.setdefault(cid, []).append((due_ms, campaign, channel))
-    for rows in out.values():
-        rows.sort()
-    return found, out
+    return found, _sorted(out)
 
 
 def _past_sends(rows: HistoryRows, ruleset: CompiledRuleset) -> list[PastSend]:
@@ -374,7 +377,7 @@ def _push_rows(
     decision: Decision,
     now_ms: int,
 ) -> tuple[int, tuple[Any, ...], tuple[Any, ...]]:
-    """A pushed send's run id, decision row and send row (:data:`ENQUEUE_SENDS_SQL`'s parameters)."""
+    """A pushed send's run id, decision row and send row (:func:`~cadence.engine.sendqueue.enqueue_params`' shape)."""
     assert decision.campaign is not None
     assert decision.channel is not None and decision.send_at_ms is not None
     occurrence, run_id = wanted[decision.campaign]
@@ -404,14 +407,6 @@ def _push_rows(
         now_ms=now_ms,
     )
     return run_id, decided, send
-
-
-def _insert_sends(conn: Connection, params: Sequence[tuple[Any, ...]]) -> int:
-    """:func:`~cadence.engine.sendqueue.enqueue_sends` with its parameters built already; how many were new."""
-    if not params:
-        return 0
-    result = conn.exec_driver_sql(dialect_sql(conn, ENQUEUE_SENDS_SQL), list(params))
-    return max(int(result.rowcount), 0)
 
 
 def _read_cursor(conn: Connection, run_ids: Sequence[int], owner: str) -> int:
@@ -592,7 +587,7 @@ def push(
                         else:
                             del rows_of[cid]
                     execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
-                    new = _insert_sends(conn, [r[2] for r in rows_of.values()])
+                    new = enqueue_prepared(conn, [r[2] for r in rows_of.values()])
                     for run_id, _decision, _send in rows_of.values():
                         per_run[run_id][1] += 1
                     added_total = removed_total = 0
