@@ -982,8 +982,16 @@ class Dispatcher:
     async def run(self, *, stop: asyncio.Event, poll_seconds: float = 0.5) -> DispatchReport:
         """Dispatch until ``stop`` is set. Rounds in flight when cancelled are finished first.
 
-        ``parallel_rounds`` workers loop over rounds; a worker whose claim finds nothing
-        due waits ``poll_seconds`` (or until ``stop``). ``before_round`` runs before each claim.
+        ``parallel_rounds`` workers loop over rounds; a worker whose claim took less than a
+        full batch (it emptied the queue of due rows) waits ``poll_seconds`` (or until ``stop``)
+        before its next round, as one that found nothing does; only a full batch (a backlog)
+        goes round again at once. So a send that falls due while the queue is worked down waits
+        at most ``poll_seconds``, as one that falls due while it is idle always did, and a stream
+        of decisions that queue sends due now (each customer's first commit, at hundreds a second)
+        is delivered a few times a second in batches, not by rounds of a handful of rows back to
+        back (each round's catch-up, claim and record: the leader's threads and PostgreSQL's
+        transactions, taken from the decisions being answered; docs/measurements.md, session 16).
+        ``before_round`` runs before each claim.
         """
         total = DispatchReport()
         halt = asyncio.Event()
@@ -995,7 +1003,7 @@ class Dispatcher:
             while not stop.is_set() and not halt.is_set():
                 report = await self._round(limit=None, catch_up=True)
                 total.add(report)
-                if report.claimed == 0:
+                if report.claimed < self.batch_limit:
                     idle.add(me)
                     try:
                         with contextlib.suppress(TimeoutError):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
-from cadence.connectors.delivery import Dispatcher, InDoubtReport
+from cadence.connectors.delivery import Dispatcher, DispatchReport, InDoubtReport
 from cadence.connectors.testing import FakeProviders, connector_config
 from cadence.engine.sendqueue import enqueue_send
 from cadence.plugins.manager import ConnectorRegistry, build_connectors, make_plugin_manager
@@ -318,6 +318,50 @@ async def test_two_dispatchers_never_take_the_same_row(
     assert ra.sent + rb.sent == 1200 and ra.sent > 0 and rb.sent > 0
     assert len(fake.delivered) == 1200 and set(fake.delivered.values()) == {1}
     assert statuses(db_engine) == {"sent": 1200}
+
+
+async def test_a_running_dispatcher_batches_sends_that_fall_due_while_it_works(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    # A round that took less than a full batch emptied the queue: the next one waits the poll
+    # interval, so sends queued meanwhile go out together, not in a round each.
+    ids = seed(db_engine, 8)
+    enqueue(db_engine, ids[:3])
+    rounds: list[int] = []
+    connectors = registry(fake, http, db_engine)
+    dispatcher = Dispatcher(
+        engine=db_engine,
+        route=connectors.route,
+        parallel_rounds=1,
+        before_round=lambda: rounds.append(len(fake.delivered)),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop=stop, poll_seconds=30))
+    while statuses(db_engine) != {"sent": 3}:
+        await asyncio.sleep(0.01)
+    enqueue(db_engine, ids[3:])  # due now, queued while the dispatcher runs
+    await asyncio.sleep(0.3)
+    stop.set()
+    report = await asyncio.wait_for(task, 10)
+    assert (report.claimed, report.sent, rounds) == (3, 3, [0])
+    assert statuses(db_engine) == {"sent": 3, "queued": 5}
+    assert await dispatcher.drain() == DispatchReport(claimed=5, sent=5)  # one round takes them all
+
+
+async def test_a_running_dispatcher_works_a_backlog_down_without_waiting(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    ids = seed(db_engine, 5)
+    enqueue(db_engine, ids)
+    connectors = registry(fake, http, db_engine)
+    dispatcher = Dispatcher(engine=db_engine, route=connectors.route, batch_limit=2, parallel_rounds=1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop=stop, poll_seconds=30))
+    while statuses(db_engine) != {"sent": 5}:  # full batches of 2, 2, then 1: no poll wait between
+        await asyncio.sleep(0.01)
+    stop.set()
+    report = await asyncio.wait_for(task, 10)
+    assert (report.claimed, report.sent) == (5, 5)
 
 
 async def test_unconfigured_channels_go_to_the_outbox(
