@@ -189,7 +189,7 @@ def latency_warm(n: int) -> dict[str, float]:
 LOAD_CLIENT = r"""
 # A small open-loop load generator on raw asyncio streams (HTTP/1.1 keep-alive) over uvloop:
 # httpx's client costs more CPU per request than the server under test, on the same two cores.
-import asyncio, base64, sys, time, orjson, uvloop
+import asyncio, base64, bisect, sys, time, orjson, uvloop
 port, key, rate, seconds, customers, mode = (int(sys.argv[1]), sys.argv[2], float(sys.argv[3]),
                                              float(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
 auth = base64.b64encode(f"{key}:".encode()).decode()
@@ -247,6 +247,7 @@ async def main():
                         "p99_from_2s": later[int(len(later) * 0.99) - 1] if later else None,
                         "sent": n, "seconds": elapsed, "achieved": len(lat) / elapsed, "p50": lat[len(lat) // 2],
                         "p99": lat[int(len(lat) * 0.99) - 1], "max": lat[-1], "errors": len(errors),
+                        "over_20ms": len(lat) - bisect.bisect_right(lat, 20.0),
                         "statuses": {str(k): v for k, v in statuses.items()}, "client_cpu": cpu}).decode())
 uvloop.run(main())
 """
@@ -545,10 +546,11 @@ def _route_label(route: str) -> str:
 
 
 def _seconds_note(http: dict[str, object]) -> str:
-    """Where in the run the tail was: the worst second's p99, and the p99 without the first two seconds.
+    """Where in the run the tail was: the worst second's p99, the p99 without the first two seconds, and
+    how many requests took longer than the goal's 20 ms (the p99 meets it while they are under 1%).
 
-    >>> _seconds_note({"p99_by_second": [30.0, 12.5, 4.0, 6.1], "p99_from_2s": 5.9})
-    'worst second 0 (p99 30.0 ms), p99 from second 2 on 5.9 ms; '
+    >>> _seconds_note({"p99_by_second": [30.0, 12.5, 4.0, 6.1], "p99_from_2s": 5.9, "over_20ms": 12, "sent": 4000})
+    'worst second 0 (p99 30.0 ms), p99 from second 2 on 5.9 ms, 12 requests over 20 ms (0.30%); '
     >>> _seconds_note({})
     ''
     """
@@ -556,7 +558,13 @@ def _seconds_note(http: dict[str, object]) -> str:
     if not p99s:
         return ""
     worst = max(range(len(p99s)), key=p99s.__getitem__)  # type: ignore[arg-type]
-    return f"worst second {worst} (p99 {p99s[worst]:.1f} ms), p99 from second 2 on {http['p99_from_2s']:.1f} ms; "  # type: ignore[index]
+    note = (
+        f"worst second {worst} (p99 {p99s[worst]:.1f} ms), p99 from second 2 on {http['p99_from_2s']:.1f} ms"  # type: ignore[index]
+    )
+    if "over_20ms" in http:
+        over = int(http["over_20ms"])  # type: ignore[call-overload]
+        note += f", {over:,} requests over 20 ms ({over / float(http['sent']):.2%})"  # type: ignore[arg-type]
+    return note + "; "
 
 
 def _http_row(label: str, http: dict[str, object], rate: float, seconds: float) -> tuple[str, str, str, str]:
@@ -724,9 +732,11 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "when a server is given) and a separate load-generator process (raw HTTP/1.1 on asyncio and uvloop, "
         "64 keep-alive connections, open loop at a fixed arrival rate; latency counted from when each request "
         "was due), after batch decisions for every customer have warmed each worker's decision cache. In commit "
-        "mode only a customer's first commit of the run can queue a send (the daily cap holds the later ones), so "
-        "the run's sending commits all come in its first second; each row names its worst second and the p99 without the first two (the goal is the "
-        "whole run's p99). CPU is per "
+        "mode only a customer's first two commits of the run can queue a send (the cap allows one a local calendar "
+        "day, and the 24 send times ahead span two days; it holds every later commit), so the run's sending commits "
+        "all come in its first two seconds; each row names its worst second, the p99 without the first two seconds "
+        "and how many requests took longer than 20 ms (the goal is the whole run's p99: met while they are under "
+        "1%). CPU is per "
         "decision sent: the server's processes, the PostgreSQL backends, and the load generator's; they share "
         "the machine's two cores. *CPU stolen by the host* is the share of the machine's CPU time its "
         "hypervisor gave to other guests during the run (`/proc/stat`): it stalls every process at once (in one "
