@@ -1013,12 +1013,13 @@ class DecisionLearner:
         b = self._customer_vector(stats, traits, now_ms)
         t1 = self._traits1(traits)
         ci = CHANNEL_INDEX.get(channel, 0)
-        idx: list[int] = []
-        val: list[float] = []
-        base_off = lay.channel + ci * lay.n_customer
-        for i in np.flatnonzero(b):
-            idx.append(base_off + int(i))
-            val.append(float(b[i]))
+        # The nonzero entries as Python numbers, once (a sending commit computes these on the event loop).
+        nz_b = np.flatnonzero(b)
+        idx: list[int] = (nz_b + (lay.channel + ci * lay.n_customer)).tolist()
+        val: list[float] = b[nz_b].tolist()
+        nz_t = np.flatnonzero(t1)
+        t_idx: list[int] = nz_t.tolist()
+        t_val: list[float] = t1[nz_t].tolist()
         local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
         hour = local.hour + local.minute / 60
         harm = _time_code(hour, local.weekday() >= 5) if self.config.probit_hours else ()
@@ -1026,9 +1027,9 @@ class DecisionLearner:
         for k, h in enumerate(harm):
             if h == 0.0 or k < first:
                 continue
-            for i in np.flatnonzero(t1):
-                idx.append(lay.time + k * lay.n_traits1 + int(i))
-                val.append(h * float(t1[i]))
+            row = lay.time + k * lay.n_traits1
+            idx += [row + i for i in t_idx]
+            val += [h * x for x in t_val]
         for k, p in enumerate(self._personal(stats, channel, hour)):
             if k == 1 and not self.config.probit_hours:
                 continue
@@ -1039,10 +1040,9 @@ class DecisionLearner:
         idx.append(lay.campaign_channel + _bucket(f"{campaign}/{channel}", CAMPAIGN_BUCKETS))
         val.append(1.0)
         if arm is not None:
-            ab = _bucket(f"{campaign}/{arm}", ARM_BUCKETS)
-            for i in np.flatnonzero(t1):
-                idx.append(lay.arm + ab * lay.n_traits1 + int(i))
-                val.append(float(t1[i]))
+            row = lay.arm + _bucket(f"{campaign}/{arm}", ARM_BUCKETS) * lay.n_traits1
+            idx += [row + i for i in t_idx]
+            val += t_val
         return np.array(idx, dtype=np.int64), np.array(val)
 
     # -- scoring --------------------------------------------------------------------------------
