@@ -100,6 +100,11 @@ def statuses(engine: Engine) -> dict[str, int]:
         return dict(conn.execute(select(sends.c.status, func.count()).group_by(sends.c.status)).all())
 
 
+async def until_statuses(engine: Engine, expected: dict[str, int]) -> None:
+    while statuses(engine) != expected:
+        await asyncio.sleep(0.01)
+
+
 async def test_batches_of_1000_per_request(
     fake: FakeProviders, http: httpx.AsyncClient, sqlite_engine: Engine
 ) -> None:
@@ -337,8 +342,7 @@ async def test_a_running_dispatcher_batches_sends_that_fall_due_while_it_works(
     )
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop=stop, poll_seconds=30))
-    while statuses(db_engine) != {"sent": 3}:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(until_statuses(db_engine, {"sent": 3}), 10)
     enqueue(db_engine, ids[3:])  # due now, queued while the dispatcher runs
     await asyncio.sleep(0.3)
     stop.set()
@@ -357,8 +361,8 @@ async def test_a_running_dispatcher_works_a_backlog_down_without_waiting(
     dispatcher = Dispatcher(engine=db_engine, route=connectors.route, batch_limit=2, parallel_rounds=1)
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop=stop, poll_seconds=30))
-    while statuses(db_engine) != {"sent": 5}:  # full batches of 2, 2, then 1: no poll wait between
-        await asyncio.sleep(0.01)
+    # Full batches of 2, 2, then 1: no poll wait between them (a wait would take 30 s each).
+    await asyncio.wait_for(until_statuses(db_engine, {"sent": 5}), 10)
     stop.set()
     report = await asyncio.wait_for(task, 10)
     assert (report.claimed, report.sent) == (5, 5)
