@@ -987,7 +987,7 @@ class Dispatcher:
         before its next round, as one that found nothing does; only a full batch (a backlog)
         goes round again at once. So a send that falls due while the queue is worked down waits
         at most ``poll_seconds``, as one that falls due while it is idle always did, and a stream
-        of decisions that queue sends due now (each customer's first commit, at hundreds a second)
+        of decisions that queue sends due now (sending commits, at hundreds a second)
         is delivered a few times a second in batches, not by rounds of a handful of rows back to
         back (each round's catch-up, claim and record: the leader's threads and PostgreSQL's
         transactions, taken from the decisions being answered; docs/measurements.md, session 16).
