@@ -103,7 +103,7 @@ def settle_heap(_app: Any = None) -> None:
 def prepare_serving(_app: Any = None) -> None:
     """The last start-up hook of a ``cadence serve`` process: load what serving needs, then :func:`settle_heap`.
 
-    The learners' compiled valuation (:mod:`cadence.engine.valuation`) is loaded here, before
+    The learners' compiled valuation and score parts (:mod:`cadence.engine.valuation`) are loaded here, before
     the first request, rather than by a background thread after the process's 1,000th
     decision: loading it (about a second from numba's cache, which ``make`` fills when it
     installs; a first compile takes longer) holds the interpreter lock, which would stall
@@ -111,7 +111,7 @@ def prepare_serving(_app: Any = None) -> None:
     """
     from cadence.engine import valuation
 
-    valuation.load_now()  # None (the numpy path serves) when numba cannot be had
+    valuation.load_now(parts=True)  # None (the numpy path serves) when numba cannot be had
     settle_heap()
 
 

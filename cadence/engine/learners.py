@@ -1176,7 +1176,6 @@ class DecisionLearner:
         and the options are their sums: two small matrix products per decision, not one per
         candidate.
         """
-        lay = self.layout
         cfg = self.config
         noise_e, noise_u = self._noise(seed)
         stats = self.customer(profile.customer_id)
@@ -1233,106 +1232,25 @@ class DecisionLearner:
         if stats.clicks:
             resultant = math.hypot(stats.hour_cos, stats.hour_sin) / stats.clicks
             mean_angle = math.atan2(stats.hour_sin, stats.hour_cos)
-            match = np.cos(TWO_PI * hour_arr / 24 - mean_angle) * (
-                resultant * stats.clicks / (stats.clicks + 1)
-            )
+            match_scale = resultant * stats.clicks / (stats.clicks + 1)
         else:
-            match = None
+            mean_angle = match_scale = 0.0
         # Own click rate and experience per channel (what ``_personal`` gives, without the hour).
         rate_exp = self._rate_exp(stats)
+        parts_kern = valuation.parts_kernel()
+        if parts_kern is not None and not any_arm and _parts_config(cfg):
+            per_group, per_group_v, eff_sd, time_w, time_v, hour_rows = self._parts_compiled(
+                parts_kern, stats, traits, b, t1, (harm, harm_sq, hour_arr, hour_int), rate_exp,
+                (mean_angle, match_scale), struct, noise_e, noise_u,
+            )  # fmt: skip
+            gamma = False
+        else:
+            per_group, per_group_v, eff_sd, time_w, time_v, hour_rows = self._parts_numpy(
+                stats, traits, b, t1, (harm, harm_sq, hour_arr, hour_int), rate_exp,
+                (mean_angle, match_scale), struct, noise_e, noise_u,
+            )  # fmt: skip
+            gamma = cfg.customer_model == "gamma"
 
-        # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
-        # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
-        eng = self.engagement
-        hi = lay.arm
-        w = np.empty((2, hi))
-        w[0] = eng.mean[:hi]
-        sd = eng.sd()
-        if cfg.time_draw or not cfg.probit_hours:
-            np.multiply(sd[:hi], noise_e[:hi], out=w[1])
-            w[1] += w[0]
-        else:
-            # Row 1 of the hour x trait block (three quarters of the weights) is never read without
-            # time_draw (the time part uses row 0): draw only the blocks before and after it.
-            lo, up = lay.time, lay.personal
-            np.multiply(sd[:lo], noise_e[:lo], out=w[1, :lo])
-            w[1, :lo] += w[0, :lo]
-            np.multiply(sd[up:hi], noise_e[up:hi], out=w[1, up:])
-            w[1, up:] += w[0, up:]
-        v = eng.var
-        wp = w[:, lay.personal : lay.personal + lay.n_personal]
-        vp = v[lay.personal : lay.personal + lay.n_personal]
-        # Per channel: the customer block and the own rate and experience (gathered per group below).
-        chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
-        chan_w += wp[:, ::2] @ rate_exp.T
-        chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
-        chan_v += (rate_exp * rate_exp) @ vp[::2]
-        if cfg.probit_hours:
-            if cfg.hour_onehot:
-                t_lo, t_harm, t_sq = lay.time, harm, harm_sq
-            else:  # the one-hot hour's weights are never learned: leave them (and their prior variance) out
-                t_lo, t_harm, t_sq = lay.time + 24 * lay.n_traits1, harm[:, 24:], harm_sq[:, 24:]
-            n_t = (lay.personal - t_lo) // lay.n_traits1
-            if cfg.hour_pool and cfg.hour_onehot:
-                # The one-hot hour weights partially pooled per trait row (the raw ones stay learned).
-                t_mean, t_var = self._pooled_time_block()
-                t_w: np.ndarray = t_mean
-                if cfg.time_draw:
-                    t_w = np.stack((t_mean, t_mean + np.sqrt(t_var) * noise_e[t_lo : lay.personal]))
-            else:
-                t_w = w[:, t_lo : lay.personal] if cfg.time_draw else w[0, t_lo : lay.personal]
-                t_var = v[t_lo : lay.personal]
-            if cfg.time_draw:
-                time_w = (t_w.reshape(2, n_t, lay.n_traits1) @ t1) @ t_harm.T
-            else:  # both rows hold the posterior mean: one product, shown twice
-                row = (t_w.reshape(n_t, lay.n_traits1) @ t1) @ t_harm.T
-                time_w = np.empty((2, len(hour_arr)))
-                time_w[0] = row
-                time_w[1] = row
-            time_v = (t_var.reshape(n_t, lay.n_traits1) @ t1) @ t_sq.T
-            if match is not None:  # (no clicks yet: the hour-match feature is 0)
-                time_w = time_w + wp[:, 1:2] * match
-                time_v = time_v + vp[1] * match * match
-        else:
-            time_w, time_v = np.zeros((2, len(hour_arr))), np.zeros(len(hour_arr))
-        hour_rows = None
-        if cfg.hour_model:
-            # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
-            buckets = self._trait_buckets(traits)
-            hour_rows = self._hour_offset_rows(
-                stats,
-                buckets,
-                hour_arr,
-                float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,  # only read then
-                cfg.hour_draw_scale * noise_u[64:88],
-                hour_int,
-            )
-            time_w += hour_rows
-        per_group = chan_w[:, ch_global] + w[:, camp_idx] + w[:, cc_idx]
-        per_group_v = chan_v[ch_global] + v[camp_idx] + v[cc_idx]
-        if any_arm:
-            has_arm = arm_b >= 0
-            arm_rows = np.maximum(arm_b, 0)
-            arm_w = np.stack((eng.mean[lay.arm :], eng.sample(noise_e)[lay.arm :]))
-            arm_w = arm_w.reshape(2, ARM_BUCKETS, lay.n_traits1) @ t1
-            arm_v = v[lay.arm : lay.size].reshape(ARM_BUCKETS, lay.n_traits1) @ t1
-            per_group = per_group + np.where(has_arm, arm_w[:, arm_rows], 0.0)
-            per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
-        # The customer's own effect on each channel: its mean, one draw, its variance.
-        eff = stats.effect
-        gamma = cfg.customer_model == "gamma"
-        if gamma:  # applied to the probabilities below
-            pass
-        elif eff is not None:
-            eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
-            per_group[0] += eff_mean
-            eff_sd = np.sqrt(eff_var)
-            per_group[1] += eff_mean + eff_sd * noise_u[effect_noise]
-            per_group_v += eff_var
-        else:  # still the prior: the same variance on every channel
-            eff_sd = math.sqrt(cfg.customer_channel_var)
-            per_group[1] += eff_sd * noise_u[effect_noise]
-            per_group_v += cfg.customer_channel_var
         if best and shared and n_times and not any_arm and not gamma:
             parts = (profile, now_ms, per_group, per_group_v, time_w, time_v, hour_rows, struct, noise_u)
             kern = valuation.kernel()
@@ -1447,6 +1365,177 @@ class DecisionLearner:
                         explored[lo:hi] = True
         res = BulkScores(bounds=bounds, score=score, engagement=p_eng, unsubscribe=p_uns, explored=explored)
         return group_bests(res, n_groups) if best else res
+
+    def _parts_numpy(
+        self,
+        stats: CustomerStats,
+        traits: Mapping[str, Any],
+        b: np.ndarray,
+        t1: np.ndarray,
+        times: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        rate_exp: np.ndarray,
+        match_parts: tuple[float, float],
+        struct: _GroupStruct,
+        noise_e: np.ndarray,
+        noise_u: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The score's per-group and per-time parts, with numpy: see :meth:`_score`.
+
+        Returns the groups' posterior-mean and drawn linear scores (2 x groups) and variances,
+        the sd of the customer's own effect in the draw (per group, or one number at the prior;
+        None with the gamma customer model, applied to the probabilities instead), the send
+        times' part (2 x times: mean, draw) and variance, and the hour preference's rows (None
+        without ``hour_model``).
+        """
+        lay = self.layout
+        cfg = self.config
+        harm, harm_sq, hour_arr, hour_int = times
+        ch_global, camp_idx, cc_idx, arm_b, _, _, any_arm, _, effect_noise = struct
+        mean_angle, match_scale = match_parts
+        match = np.cos(TWO_PI * hour_arr / 24 - mean_angle) * match_scale if stats.clicks else None
+        # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
+        # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
+        eng = self.engagement
+        hi = lay.arm
+        w = np.empty((2, hi))
+        w[0] = eng.mean[:hi]
+        sd = eng.sd()
+        if cfg.time_draw or not cfg.probit_hours:
+            np.multiply(sd[:hi], noise_e[:hi], out=w[1])
+            w[1] += w[0]
+        else:
+            # Row 1 of the hour x trait block (three quarters of the weights) is never read without
+            # time_draw (the time part uses row 0): draw only the blocks before and after it.
+            lo, up = lay.time, lay.personal
+            np.multiply(sd[:lo], noise_e[:lo], out=w[1, :lo])
+            w[1, :lo] += w[0, :lo]
+            np.multiply(sd[up:hi], noise_e[up:hi], out=w[1, up:])
+            w[1, up:] += w[0, up:]
+        v = eng.var
+        wp = w[:, lay.personal : lay.personal + lay.n_personal]
+        vp = v[lay.personal : lay.personal + lay.n_personal]
+        # Per channel: the customer block and the own rate and experience (gathered per group below).
+        chan_w = w[:, lay.channel : lay.time].reshape(2, N_CHANNELS, lay.n_customer) @ b
+        chan_w += wp[:, ::2] @ rate_exp.T
+        chan_v = v[lay.channel : lay.time].reshape(N_CHANNELS, lay.n_customer) @ (b * b)
+        chan_v += (rate_exp * rate_exp) @ vp[::2]
+        if cfg.probit_hours:
+            if cfg.hour_onehot:
+                t_lo, t_harm, t_sq = lay.time, harm, harm_sq
+            else:  # the one-hot hour's weights are never learned: leave them (and their prior variance) out
+                t_lo, t_harm, t_sq = lay.time + 24 * lay.n_traits1, harm[:, 24:], harm_sq[:, 24:]
+            n_t = (lay.personal - t_lo) // lay.n_traits1
+            if cfg.hour_pool and cfg.hour_onehot:
+                # The one-hot hour weights partially pooled per trait row (the raw ones stay learned).
+                t_mean, t_var = self._pooled_time_block()
+                t_w: np.ndarray = t_mean
+                if cfg.time_draw:
+                    t_w = np.stack((t_mean, t_mean + np.sqrt(t_var) * noise_e[t_lo : lay.personal]))
+            else:
+                t_w = w[:, t_lo : lay.personal] if cfg.time_draw else w[0, t_lo : lay.personal]
+                t_var = v[t_lo : lay.personal]
+            if cfg.time_draw:
+                time_w = (t_w.reshape(2, n_t, lay.n_traits1) @ t1) @ t_harm.T
+            else:  # both rows hold the posterior mean: one product, shown twice
+                row = (t_w.reshape(n_t, lay.n_traits1) @ t1) @ t_harm.T
+                time_w = np.empty((2, len(hour_arr)))
+                time_w[0] = row
+                time_w[1] = row
+            time_v = (t_var.reshape(n_t, lay.n_traits1) @ t1) @ t_sq.T
+            if match is not None:  # (no clicks yet: the hour-match feature is 0)
+                time_w = time_w + wp[:, 1:2] * match
+                time_v = time_v + vp[1] * match * match
+        else:
+            time_w, time_v = np.zeros((2, len(hour_arr))), np.zeros(len(hour_arr))
+        hour_rows = None
+        if cfg.hour_model:
+            # The customer's preferred hour: the posterior's expected lift, and one draw of the hour.
+            buckets = self._trait_buckets(traits)
+            hour_rows = self._hour_offset_rows(
+                stats,
+                buckets,
+                hour_arr,
+                float(ndtr(noise_u[-1 - N_CHANNELS])) if cfg.hour_explore else 0.0,  # only read then
+                cfg.hour_draw_scale * noise_u[64:88],
+                hour_int,
+            )
+            time_w += hour_rows
+        per_group = chan_w[:, ch_global] + w[:, camp_idx] + w[:, cc_idx]
+        per_group_v = chan_v[ch_global] + v[camp_idx] + v[cc_idx]
+        if any_arm:
+            has_arm = arm_b >= 0
+            arm_rows = np.maximum(arm_b, 0)
+            arm_w = np.stack((eng.mean[lay.arm :], eng.sample(noise_e)[lay.arm :]))
+            arm_w = arm_w.reshape(2, ARM_BUCKETS, lay.n_traits1) @ t1
+            arm_v = v[lay.arm : lay.size].reshape(ARM_BUCKETS, lay.n_traits1) @ t1
+            per_group = per_group + np.where(has_arm, arm_w[:, arm_rows], 0.0)
+            per_group_v = per_group_v + np.where(has_arm, arm_v[arm_rows], 0.0)
+        # The customer's own effect on each channel: its mean, one draw, its variance.
+        eff = stats.effect
+        gamma = cfg.customer_model == "gamma"
+        if gamma:  # applied to the probabilities below
+            pass
+        elif eff is not None:
+            eff_mean, eff_var = eff[0][ch_global], eff[1][ch_global]
+            per_group[0] += eff_mean
+            eff_sd = np.sqrt(eff_var)
+            per_group[1] += eff_mean + eff_sd * noise_u[effect_noise]
+            per_group_v += eff_var
+        else:  # still the prior: the same variance on every channel
+            eff_sd = math.sqrt(cfg.customer_channel_var)
+            per_group[1] += eff_sd * noise_u[effect_noise]
+            per_group_v += cfg.customer_channel_var
+        return per_group, per_group_v, (None if gamma else eff_sd), time_w, time_v, hour_rows
+
+    def _parts_compiled(
+        self,
+        kern: Callable[..., Any],
+        stats: CustomerStats,
+        traits: Mapping[str, Any],
+        b: np.ndarray,
+        t1: np.ndarray,
+        times: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        rate_exp: np.ndarray,
+        match_parts: tuple[float, float],
+        struct: _GroupStruct,
+        noise_e: np.ndarray,
+        noise_u: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`_parts_numpy` by the compiled :func:`cadence.engine.valuation.score_parts`.
+
+        For the configurations :func:`_parts_config` accepts and groups without variants; the
+        same formulas, its sums in another order (the last bits can differ from numpy's).
+        """
+        cfg = self.config
+        eng = self.engagement
+        harm, harm_sq, hour_arr, hour_int = times
+        ch_global, camp_idx, cc_idx, _, _, _, _, _, effect_noise = struct
+        n_groups, n_times = len(ch_global), len(hour_arr)
+        hp = self.hours
+        if cfg.hour_model:
+            lp, spread = hp.prior_parts(self._trait_buckets(traits))
+            hour_rows = np.empty((2, n_times))
+        else:
+            lp = spread = _ZERO24
+            hour_rows = _NO_ROWS
+        loglik = stats.hour_loglik if stats.hour_loglik is not None else _NOTHING
+        eff = stats.effect if stats.effect is not None else _NO_EFFECT
+        per_group = np.empty((2, n_groups))
+        per_group_v = np.empty(n_groups)
+        eff_sd = np.empty(n_groups)
+        time_w = np.empty((2, n_times))
+        time_v = np.empty(n_times)
+        kern(
+            eng.mean, eng.sd(), eng.var, noise_e, noise_u,
+            b, t1, harm, harm_sq, 0 if cfg.hour_onehot else 24, rate_exp,
+            hour_arr, *match_parts,
+            lp, spread, float(cfg.hour_draw_scale), loglik, cfg.hour_pop_draw, hp.F.T, hp.reference,
+            hour_int, float(cfg.hour_offset_scale),
+            ch_global, camp_idx, cc_idx, effect_noise, eff, float(cfg.customer_channel_var),
+            _LAYOUT_ARRAY,
+            per_group, per_group_v, eff_sd, time_w, time_v, hour_rows,
+        )  # fmt: skip
+        return per_group, per_group_v, eff_sd, time_w, time_v, (hour_rows if cfg.hour_model else None)
 
     def _best_compiled(
         self,
@@ -2108,4 +2197,40 @@ def _plain_config(cfg: LearnerConfig) -> bool:
 
 _NO_TEMPLATE = TemplateSpec("")
 _NOTHING = np.empty(0)  # an unused array argument of the compiled valuation
+_NO_ROWS = np.empty((2, 0))  # the compiled score parts' hour rows without the hour preference
+_NO_EFFECT = np.empty((0, 0))  # the compiled score parts' customer effect while it is the prior
+#: The weight vector's channel, time and personal offsets and customer and trait block sizes.
+_LAYOUT_ARRAY = np.array(
+    [
+        FeatureLayout().channel,
+        FeatureLayout().time,
+        FeatureLayout().personal,
+        FeatureLayout.n_customer,
+        FeatureLayout.n_traits1,
+    ],
+    dtype=np.int64,
+)
+
+
+@lru_cache(maxsize=64)
+def _parts_config(cfg: LearnerConfig) -> bool:
+    """Whether :func:`cadence.engine.valuation.score_parts` computes the score parts for ``cfg``.
+
+    It does for the probit's hour x trait block at its posterior mean (not pooled, not drawn),
+    the hour preference's expected lift (not a drawn hour) or none, and the probit customer
+    model; and, as :func:`_plain_config`, for no field added since it was checked.
+
+    >>> _parts_config(LearnerConfig()), _parts_config(LearnerConfig(time_draw=True))
+    (True, False)
+    """
+    return (
+        cfg.probit_hours
+        and not cfg.hour_pool
+        and not cfg.time_draw
+        and not cfg.hour_explore
+        and cfg.customer_model == "probit"
+        and _plain_config(cfg)
+    )
+
+
 _NO_CH = ChannelPolicy(())

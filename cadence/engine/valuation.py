@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 #: Calls of :func:`kernel` after which the compiled loop is prepared in the background.
 WARM_AFTER = 1000
 
-_state: dict[str, Any] = {"calls": 0, "kernel": None, "thread": None, "failed": False, "off": False}
+_state: dict[str, Any] = {
+    "calls": 0,
+    "kernel": None,
+    "parts": None,
+    "parts_on": False,
+    "thread": None,
+    "failed": False,
+    "off": False,
+}
 _lock = threading.Lock()
 _building = threading.Lock()
 #: scipy's ndtr as a numba external function (set by :func:`_build` before compiling).
@@ -325,6 +333,183 @@ def best_of_groups(
         explored[k] = best_mean[k] < camp_best[camp_of[k]] - 1e-12
 
 
+def score_parts(
+    mean: Any,
+    sd: Any,
+    var: Any,
+    noise_e: Any,
+    noise_u: Any,
+    b: Any,
+    t1: Any,
+    harm: Any,
+    harm_sq: Any,
+    t_col: int,
+    rate_exp: Any,
+    hours: Any,
+    match_angle: float,
+    match_scale: float,
+    lp: Any,
+    spread: Any,
+    hour_scale: float,
+    loglik: Any,
+    pop_draw: bool,
+    f_t: Any,
+    reference: float,
+    whole: Any,
+    offset_scale: float,
+    ch_global: Any,
+    camp_idx: Any,
+    cc_idx: Any,
+    effect_noise: Any,
+    eff: Any,
+    channel_var: float,
+    layout: Any,
+    per_group: Any,
+    per_group_v: Any,
+    eff_sd: Any,
+    time_w: Any,
+    time_v: Any,
+    hour_rows: Any,
+) -> None:
+    """The learners' per-group and per-time score parts (compiled by :func:`_build`).
+
+    What :meth:`cadence.engine.learners.DecisionLearner._score` computes with numpy before
+    valuing the options, for the configuration a server runs (the probit's hour x trait block
+    at its posterior mean, the hour preference's expected lift, no variants, the probit
+    customer effect): the posterior-mean and drawn score of each group ``per_group`` (2 x
+    groups), its variance ``per_group_v`` and its customer-effect sd ``eff_sd``; the time part
+    ``time_w`` (2 x times: mean, draw) and its variance ``time_v``; the hour preference's
+    ``hour_rows`` (2 x times). The same formulas in the same order, but sums of products in
+    loops rather than numpy's BLAS calls, so the results can differ from numpy's in the last
+    bits: :func:`load_now` with ``parts=True`` turns it on for a whole process (a served one),
+    never halfway through a run.
+
+    Arguments: the engagement model's ``mean``, ``sd`` and ``var``; the posterior draw's normals
+    ``noise_e`` and ``noise_u``; the customer vector ``b`` and traits ``t1``; the send times' features
+    ``harm`` and their squares (the block starts at column ``t_col``), fractional local
+    ``hours`` (for the hour match: ``match_scale`` 0 when the customer has no click) and
+    whole ones ``whole``; the customer's own rate and experience per channel ``rate_exp``; the
+    hour preference's log prior ``lp``, its draw's ``spread`` and scale ``hour_scale`` (of
+    ``noise_u[64:88]``), the customer's
+    ``loglik`` over preferred hours, ``f_t`` (its ``F`` transposed) and ``reference``; the groups'
+    channel, campaign and campaign-channel indices and effect-noise index; ``eff`` (2 x
+    channels, empty while the customer's effect is the prior ``channel_var``); ``layout``: the
+    weight vector's channel, time, personal and campaign-bias offsets and block sizes.
+    """
+    ch0, tlo, personal, n_cust, n_tr = layout[0], layout[1], layout[2], layout[3], layout[4]
+    n_ch = rate_exp.shape[0]
+    n_times = harm.shape[0]
+    n_groups = ch_global.shape[0]
+    # The drawn weights that are read: the personal block and, per group, the biases.
+    wp0 = np.empty(3)
+    wp1 = np.empty(3)
+    for i in range(3):
+        wp0[i] = mean[personal + i]
+        wp1[i] = sd[personal + i] * noise_e[personal + i] + mean[personal + i]
+    # Per channel: the customer block, then the own rate and experience.
+    chan0 = np.empty(n_ch)
+    chan1 = np.empty(n_ch)
+    chan_v = np.empty(n_ch)
+    for c in range(n_ch):
+        base = ch0 + c * n_cust
+        s0 = 0.0
+        s1 = 0.0
+        sv = 0.0
+        for k in range(n_cust):
+            x = b[k]
+            if x != 0.0:
+                i = base + k
+                s0 += mean[i] * x
+                s1 += (sd[i] * noise_e[i] + mean[i]) * x
+                sv += var[i] * (x * x)
+        r, e = rate_exp[c, 0], rate_exp[c, 1]
+        chan0[c] = s0 + (wp0[0] * r + wp0[2] * e)
+        chan1[c] = s1 + (wp1[0] * r + wp1[2] * e)
+        chan_v[c] = sv + (r * r * var[personal] + e * e * var[personal + 2])
+    # The hour x trait block at its posterior mean, then per send time.
+    t_lo = tlo + t_col * n_tr
+    n_t = (personal - t_lo) // n_tr
+    u = np.zeros(n_t)
+    uv = np.zeros(n_t)
+    for f in range(n_t):
+        at = t_lo + f * n_tr
+        for k in range(n_tr):
+            x = t1[k]
+            if x != 0.0:
+                u[f] += mean[at + k] * x
+                uv[f] += var[at + k] * x
+    two_pi = 2.0 * math.pi
+    for j in range(n_times):
+        s = 0.0
+        sv = 0.0
+        for f in range(n_t):
+            s += u[f] * harm[j, t_col + f]
+            sv += uv[f] * harm_sq[j, t_col + f]
+        time_w[0, j] = s
+        time_w[1, j] = s
+        time_v[j] = sv
+        if match_scale != 0.0:
+            m = math.cos(two_pi * hours[j] / 24 - match_angle) * match_scale
+            time_w[0, j] += wp0[1] * m
+            time_w[1, j] += wp1[1] * m
+            time_v[j] += var[personal + 1] * m * m
+    # The hour preference: the posterior over the preferred hour with the population's mean
+    # curve (row 0) and its draw (row 1), and the log of each send hour's expected lift.
+    if hour_rows.shape[1] > 0:
+        x = np.empty((2, 24))
+        top = -np.inf
+        for h in range(24):
+            x[0, h] = lp[h]
+            x[1, h] = spread[h] * (hour_scale * noise_u[64 + h]) + lp[h] if pop_draw else lp[h]
+            if loglik.shape[0] > 0:
+                x[0, h] += loglik[h]
+                x[1, h] += loglik[h]
+            top = max(top, x[0, h], x[1, h])
+        lift = np.empty((2, 24))
+        for r in range(2):
+            total = 0.0
+            for h in range(24):
+                x[r, h] = math.exp(x[r, h] - top)
+                total += x[r, h]
+            for h in range(24):
+                acc = 0.0
+                for m in range(24):
+                    acc += x[r, m] * f_t[m, h]
+                lift[r, h] = math.log(acc / (total * reference)) * offset_scale
+        for j in range(n_times):
+            h = whole[j]
+            for r in range(2):
+                hour_rows[r, j] = lift[r, h]
+                time_w[r, j] += lift[r, h]
+    # Per group: its channel's part, the campaign and campaign-channel biases, the customer's effect.
+    has_eff = eff.shape[0] > 0
+    n_u = noise_u.shape[0]
+    for g in range(n_groups):
+        c = ch_global[g]
+        i, k = camp_idx[g], cc_idx[g]
+        w1i = sd[i] * noise_e[i] + mean[i]
+        w1k = sd[k] * noise_e[k] + mean[k]
+        p0 = chan0[c] + mean[i] + mean[k]
+        p1 = chan1[c] + w1i + w1k
+        pv = chan_v[c] + var[i] + var[k]
+        z = effect_noise[g]
+        z = z + n_u if z < 0 else z
+        if has_eff:
+            em, ev = eff[0, c], eff[1, c]
+            es = math.sqrt(ev)
+            p0 += em
+            p1 += em + es * noise_u[z]
+            pv += ev
+        else:
+            es = math.sqrt(channel_var)
+            p1 += es * noise_u[z]
+            pv += channel_var
+        per_group[0, g] = p0
+        per_group[1, g] = p1
+        per_group_v[g] = pv
+        eff_sd[g] = es
+
+
 _F = "float64[:]"  # any stride: (groups,) rows of the learners' (2 x groups) arrays are not contiguous
 _SIGNATURE = (
     f"void({_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, int64[:], int64,"
@@ -333,8 +518,29 @@ _SIGNATURE = (
 )
 
 
-def _build() -> Callable[..., Any]:
-    """Import numba and compile (or load from its cache) the loop for its one signature."""
+def _parts_signature() -> Any:
+    """:func:`score_parts`'s one signature (inputs read-only, any layout where a view may come)."""
+    from numba import types as t
+
+    f64, i64 = t.float64, t.int64
+
+    def arr(dtype: Any, ndim: int, layout: str = "A", readonly: bool = True) -> Any:
+        return t.Array(dtype, ndim, layout, readonly=readonly)
+
+    v, m, iv = arr(f64, 1), arr(f64, 2), arr(i64, 1)
+    out1, out2 = arr(f64, 1, "C", False), arr(f64, 2, "C", False)
+    return t.void(
+        v, v, v, v, v,  # mean, sd, var, noise_e, noise_u
+        v, v, m, m, i64, m,  # b, t1, harm, harm_sq, t_col, rate_exp
+        v, f64, f64,  # hours, match_angle, match_scale
+        v, v, f64, v, t.boolean, m, f64, iv, f64,  # lp, spread, hour_scale, loglik, pop_draw, f_t, reference, whole, offset_scale
+        iv, iv, iv, iv, m, f64, iv,  # ch_global, camp_idx, cc_idx, effect_noise, eff, channel_var, layout
+        out2, out1, out1, out2, out1, out2,  # per_group, per_group_v, eff_sd, time_w, time_v, hour_rows
+    )  # fmt: skip
+
+
+def _build() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Import numba and compile (or load from its cache) :func:`best_of_groups` and :func:`score_parts`."""
     import llvmlite.binding as llvm  # type: ignore[import-untyped]
     import numba
     from numba.extending import get_cython_function_address
@@ -350,11 +556,13 @@ def _build() -> Callable[..., Any]:
         exact_option = numba.njit(cache=True, nogil=True)(plain_option)
         chord = numba.njit(cache=True, nogil=True)(plain_chord)
         compiled = numba.njit(_SIGNATURE, cache=True, nogil=True)(best_of_groups)
+        parts = numba.njit(_parts_signature(), cache=True, nogil=True)(score_parts)
     except RuntimeError:  # no writable cache location (numba's own or its user-wide one): in memory
         exact_option = numba.njit(nogil=True)(plain_option)
         chord = numba.njit(nogil=True)(plain_chord)
         compiled = numba.njit(_SIGNATURE, nogil=True)(best_of_groups)
-    return compiled
+        parts = numba.njit(_parts_signature(), nogil=True)(score_parts)
+    return compiled, parts
 
 
 def _warm() -> None:
@@ -363,11 +571,12 @@ def _warm() -> None:
         if _state["kernel"] is not None or _state["failed"]:
             return
         try:
-            built = _build()
+            built, parts = _build()
         except Exception:  # noqa: BLE001 - numba missing or broken: the numpy valuation gives the same answer
             log.info("compiled valuation unavailable; options are valued with numpy", exc_info=True)
             _state["failed"] = True
             return
+        _state["parts"] = parts
         _state["kernel"] = built
 
 
@@ -391,10 +600,37 @@ def kernel() -> Callable[..., Any] | None:
     return None
 
 
-def load_now() -> Callable[..., Any] | None:
-    """Prepare the kernel in this thread and return it (None when numba cannot be had)."""
+def load_now(*, parts: bool = False) -> Callable[..., Any] | None:
+    """Prepare the kernel in this thread and return it (None when numba cannot be had).
+
+    ``parts``: from now on this process also computes the score parts with the compiled
+    :func:`score_parts` (see :func:`parts_kernel`). A served process does, from its start
+    (:func:`cadence.api.workers.prepare_serving`).
+    """
     _warm()
+    if parts:
+        _state["parts_on"] = True
     return _state["kernel"]  # type: ignore[no-any-return]
+
+
+def parts_kernel() -> Callable[..., Any] | None:
+    """The compiled :func:`score_parts` when this process turned it on (``load_now(parts=True)``), else None.
+
+    Unlike :func:`best_of_groups`, it is not bit for bit numpy's (its sums of products run in
+    another order), so it is never switched on halfway through a process's work by the
+    background thread: a simulation or a test run values every option one way from start to
+    end, and a served process the compiled way from its first request.
+    """
+    if _state["off"] or not _state["parts_on"]:
+        return None
+    return _state["parts"]  # type: ignore[no-any-return]
+
+
+def set_parts(enabled: bool) -> bool:
+    """Switch the compiled score parts on or off for this process (tests and A/B runs); returns the old value."""
+    old = bool(_state["parts_on"])
+    _state["parts_on"] = enabled
+    return old
 
 
 def set_enabled(enabled: bool) -> bool:

@@ -163,3 +163,107 @@ def test_compiled_valuation_follows_numpy_on_nan_and_ties() -> None:
     assert np.array_equal(out[2], p0[rows, first], equal_nan=True)
     camp_best = np.maximum.reduceat(np.maximum.reduce(mean_score, axis=1), [0, 2])[[0, 0, 1]]
     assert out[4].tolist() == (mean_score[rows, first] < camp_best - 1e-12).tolist() == [False] * 3
+
+
+@pytest.fixture
+def parts_on() -> Iterator[None]:
+    """The compiled score parts switched on for one test (a served process's way), then back off."""
+    pytest.importorskip("numba")
+    assert valuation.load_now() is not None
+    was = valuation.set_parts(True)
+    try:
+        yield
+    finally:
+        valuation.set_parts(was)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LearnerConfig(),
+        LearnerConfig(hour_onehot=False, hour_pop_draw=False, customer_channel_var=0.3),
+        LearnerConfig(hour_model=False, hour_offset_scale=0.8, hour_draw_scale=1.0),
+    ],
+    ids=["default", "smooth-hours", "no-hour-model"],
+)
+def test_compiled_score_parts_are_numpys_to_rounding(config: LearnerConfig, parts_on: None) -> None:
+    """valuation.score_parts gives what the numpy parts give, for known and new customers and shapes."""
+    learner = _trained(config, 600)
+    rng = random.Random(11)
+    checked = {"effect": 0, "prior": 0, "match": 0}
+    for i in range(60):
+        now = NOW + i * 3_700_000
+        n_times = rng.choice([1, 5, 24])
+        times = [now + k * HOUR_MS for k in range(n_times)]
+        channels = rng.sample(CHANNELS, rng.randrange(1, 5))
+        groups = [OptionGroup(_campaign(f"c{c}"), ch, None, times) for c in range(3) for ch in channels]
+        customer = 1 + (i * 7) % 70  # 1-59 had sends, 60-70 are new
+        stats = learner.customer(customer)
+        traits = TRAITS if i % 3 else {"plan": "free", "visits": i}
+        sig = tuple((g[0].name, g[1], g[2]) for g in groups)
+        struct = learner._group_struct(sig)
+        b = learner._customer_vector(stats, traits, now)
+        t1 = learner._traits1(traits)
+        from cadence.engine.learners import _time_parts
+
+        parts = _time_parts("Europe/Berlin", tuple(times))
+        noise_e, noise_u = learner._noise(i)
+        angle, scale = (0.7, 0.4) if stats.clicks else (0.0, 0.0)
+        args = (
+            stats,
+            traits,
+            b,
+            t1,
+            parts,
+            learner._rate_exp(stats),
+            (angle, scale),
+            struct,
+            noise_e,
+            noise_u,
+        )
+        want = learner._parts_numpy(*args)
+        got = learner._parts_compiled(valuation.parts_kernel(), *args)
+        checked["effect" if stats.effect is not None else "prior"] += 1
+        checked["match"] += bool(stats.clicks)
+        for name, w, g in zip(
+            ("per_group", "per_group_v", "eff_sd", "time_w", "time_v", "hour_rows"), want, got, strict=True
+        ):
+            if w is None:
+                assert g is None, name
+                continue
+            w = np.broadcast_to(w, np.shape(g))
+            assert np.allclose(g, w, rtol=1e-12, atol=1e-12), name
+    assert min(checked.values()) > 5  # known customers with an effect, new ones at the prior, hour matches
+
+
+def test_decisions_with_compiled_score_parts_pick_what_numpy_picks(parts_on: None) -> None:
+    """best_options and score_options agree with each other with the compiled parts, and with numpy's picks."""
+    learner = _trained(LearnerConfig(), 600)
+    groups = [OptionGroup(_campaign(f"c{c}"), ch, None, ()) for c in range(5) for ch in CHANNELS]
+    for i in range(40):
+        now = NOW + i * 5_100_000
+        times = [now, *((now // HOUR_MS + 1 + k) * HOUR_MS for k in range(23))]
+        shaped = [g._replace(times=times) for g in groups]
+        profile = MemoryProfile(customer_id=1 + i % 7, timezone="America/New_York", traits=TRAITS)
+        got = learner.best_options(profile=profile, groups=shaped, now_ms=now, seed=i)
+        assert got == group_bests(
+            learner.score_options(profile=profile, groups=shaped, now_ms=now, seed=i), len(shaped)
+        )
+        valuation.set_parts(False)
+        numpy_pick = learner.best_options(profile=profile, groups=shaped, now_ms=now, seed=i)
+        valuation.set_parts(True)
+        assert got[0] == numpy_pick[0]
+        assert np.allclose(got[1], numpy_pick[1], rtol=1e-12, atol=1e-15)
+
+
+def test_compiled_score_parts_wait_for_a_served_process() -> None:
+    """The background load gives the bit-identical valuation only; the parts need load_now(parts=True)."""
+    pytest.importorskip("numba")
+    was = valuation.set_parts(False)
+    try:
+        assert valuation.load_now() is not None
+        assert valuation.parts_kernel() is None
+        assert valuation.load_now(parts=True) is not None
+        assert valuation.parts_kernel() is not None
+    finally:
+        valuation.set_parts(was)
