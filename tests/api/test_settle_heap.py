@@ -37,10 +37,13 @@ def test_a_serving_process_has_the_compiled_valuation_before_its_first_request()
     from cadence.engine import valuation
 
     threshold = gc.get_threshold()
+    parts = valuation.set_parts(False)
     try:
         prepare_serving()
         assert valuation.kernel() is not None  # loaded at start-up, not after 1,000 decisions
+        assert valuation.parts_kernel() is not None  # and the score parts with it, from the first request
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+        valuation.set_parts(parts)
