@@ -279,29 +279,30 @@ class DecisionState:
 
     # -- connections
     def _own_connection(self) -> Any:
-        """This thread's DBAPI connection for preview reads (autocommit, detached from the pool)."""
-        raw = getattr(self._local, "raw", None)
-        if raw is None:
+        """This thread's DBAPI connection for preview reads (autocommit, detached from the pool).
+
+        Held in the thread's local storage: when the thread ends (a server's idle worker thread
+        is stopped after a while and a new one started when needed), the storage goes and the
+        connection is closed with it, so threads that come and go do not pile connections up.
+        """
+        held: _ThreadConnection | None = getattr(self._local, "held", None)
+        if held is None:
             proxied = self.engine.raw_connection()
             raw = proxied.driver_connection
             assert raw is not None
             proxied.detach()  # ours until close(): the pool neither resets nor hands it out
             if self.postgres:
                 raw.autocommit = True
-            self._local.raw = raw
             with self._lock:
                 self._raw.append(raw)
-        return raw
+            held = self._local.held = _ThreadConnection(raw, self._raw, self._lock)
+        return held.raw
 
     def _drop_own_connection(self) -> None:
-        raw = getattr(self._local, "raw", None)
-        self._local.raw = None
-        if raw is not None:
-            with self._lock:
-                if raw in self._raw:
-                    self._raw.remove(raw)
-            with contextlib.suppress(Exception):  # it is broken already; we only let it go
-                raw.close()
+        held: _ThreadConnection | None = getattr(self._local, "held", None)
+        self._local.held = None
+        if held is not None:
+            held.release()  # it is broken already; we only let it go
 
     def close(self) -> None:
         """Close the cache's own connections (the listener's too) and forget every entry."""
@@ -764,6 +765,29 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+class _ThreadConnection:
+    """One thread's own connection, closed when this (kept only in the thread's local storage) goes."""
+
+    __slots__ = ("__weakref__", "raw", "release")
+
+    def __init__(self, raw: Any, raws: list[Any], lock: threading.Lock) -> None:
+        self.raw = raw
+        #: Closes the connection once (now, or when this object is collected): not self, so the
+        #: cache itself is not kept alive by a thread that used it.
+        self.release = weakref.finalize(self, _release, raws, lock, raw)
+
+
+def _release(raws: list[Any], lock: threading.Lock, raw: Any) -> None:
+    """Close ``raw`` and forget it, unless the cache closed it (with every other) already."""
+    with lock:
+        try:
+            raws.remove(raw)
+        except ValueError:
+            return
+    with contextlib.suppress(Exception):  # a broken connection, or one closing at shutdown
+        raw.close()
 
 
 def _close_all(raws: list[Any]) -> None:

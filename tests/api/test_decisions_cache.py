@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -19,6 +20,7 @@ from datetime import datetime
 import httpx
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from cadence.api.app import create_app
 from cadence.api.security import RateLimiter, create_key
@@ -465,3 +467,52 @@ def test_metrics_count_the_customers_cached(api: Api) -> None:
     assert cache_entries(api) == 1
     api.state.forget()
     assert cache_entries(api) == 0
+
+
+def _backends(runtime: Runtime) -> int:
+    """PostgreSQL: this database's server processes (connections); SQLite: 0."""
+    if runtime.engine.dialect.name != "postgresql":
+        return 0
+    with runtime.engine.connect() as conn:
+        return int(
+            conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"))
+        )
+
+
+def test_threads_that_come_and_go_do_not_pile_up_cache_connections(api: Api, runtime: Runtime) -> None:
+    """Reads off a transaction use the calling thread's own connection; a thread that ends lets it go.
+
+    A server's worker threads come and go (anyio stops one idle for 10 s): each new one opens a
+    connection, and every connection of a thread that ended used to stay open until shutdown,
+    until PostgreSQL refused new clients.
+    """
+    api.identify(userId="t1", traits={"name": "T", "timezone": "Europe/Berlin"})
+    state = api.state
+    assert state.inputs("t1", now_ms=AT_MS, ruleset=RULES) is not None  # this thread's connection
+    before, backends = len(state._raw), _backends(runtime)
+    opened: list[object] = []
+
+    def read() -> None:
+        assert state.inputs("t1", now_ms=AT_MS, ruleset=RULES) is not None
+        opened.append(state._local.held.raw)
+
+    for _ in range(12):
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    assert len({id(raw) for raw in opened}) == 12  # each thread read on a connection of its own
+    assert len(state._raw) == before  # ... and each was let go when its thread ended
+    assert all(_closed(raw) for raw in opened)
+    assert _backends(runtime) <= backends
+    assert state.inputs("t1", now_ms=AT_MS, ruleset=RULES) is not None  # this thread's is still open
+
+
+def _closed(raw: object) -> bool:
+    closed = getattr(raw, "closed", None)  # psycopg
+    if closed is not None:
+        return bool(closed)
+    try:  # sqlite3
+        raw.total_changes  # type: ignore[attr-defined]  # noqa: B018
+    except sqlite3.ProgrammingError:
+        return True
+    return False
