@@ -2058,16 +2058,20 @@ _ROW_WHOLE = np.repeat(np.arange(24 * 60, dtype=np.int64) // 60, 2)
 _INSTANT_ROW: dict[str, dict[int, int]] = {}
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1024)
 def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The time features of ``times`` (one row per send time), those rows squared, and the
     fractional and whole local hours (0..23), as read-only arrays.
 
     A decision's slots are the next hours, so consecutive decisions in a zone ask for
-    nearly the same instants: memoised, and each instant's table row is kept per zone, so
-    a window shifted by an hour (the next decision's) costs one new instant, not a new
-    pass over every send time. Local times come from the per-instant UTC offsets (exact
-    across DST changes), and the rows from a table by local minute of the day.
+    nearly the same instants: each instant's table row is kept per zone, so a window shifted
+    by an hour (the next decision's) costs one new instant, not a new pass over every send
+    time. Whole answers are memoised too, for decisions at one instant (a push, a simulated
+    hour: one window per zone); a decision at its own time (the first send time is the
+    decision's instant) never asks for the same window twice, so the memo is kept small
+    (about 11 KB an entry: at 8,192 entries it held 100 MB of a served process).
+    Local times come from the per-instant UTC offsets (exact across DST changes), and the
+    rows from a table by local minute of the day.
 
     >>> harm, sq, hours, whole = _time_parts("UTC", (0, 5_400_000))
     >>> whole.tolist(), hours.tolist(), bool((sq == harm * harm).all())
