@@ -24,7 +24,7 @@ from cadence.engine.campaign import (
 )
 from cadence.engine.decide import _cap_blocked, _window_peak, decide
 from cadence.engine.decision import PastSend
-from cadence.engine.learners import DecisionLearner, HourPreference, _time_code, _time_parts
+from cadence.engine.learners import _INSTANT_ROW, DecisionLearner, HourPreference, _time_code, _time_parts
 from cadence.engine.profiles_memory import MemoryProfile
 from cadence.engine.slots import candidate_slots, is_quiet, local_datetime, local_ms, next_allowed, zone_named
 
@@ -93,6 +93,22 @@ def test_time_parts_match_the_per_instant_features_across_dst(
         assert harm[i][int(hour)] == 1.0 and math.isclose(harm[i][24], math.cos(2 * math.pi * hour / 24))
         if i:
             assert tuple(again[i - 1]) == tuple(harm[i])
+
+
+def test_time_rows_keep_send_times_not_each_decisions_own_instant() -> None:
+    """Every decision's window starts at its own instant: those are worked out, not kept (the
+    per-zone memo grew by one entry a decision); the top-of-hour send times are kept."""
+    zone = "Pacific/Chatham"  # (+12:45/+13:45: no other test fills its memo)
+    start = int(datetime(2026, 4, 5, 12, 0, tzinfo=UTC).timestamp() * 1000)  # DST ends that day
+    for i in range(500):
+        times = _window(start + i * 61_001)
+        harm, _, hours, _ = _time_parts(zone, times)
+        local = local_datetime(times[0], zone_named(zone, "UTC"))
+        assert hours[0] == local.hour + local.minute / 60  # the own instant's features, still right
+        assert tuple(harm[0]) == _time_code(hours[0], local.weekday() >= 5)
+    kept = _INSTANT_ROW[zone]
+    assert all(t % HOUR_MS == 0 for t in kept)
+    assert len(kept) < 40  # the hours of 500 decisions' windows over 8.5 hours, not 500 own instants
 
 
 @settings(max_examples=200, deadline=None)
