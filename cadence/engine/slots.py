@@ -316,13 +316,16 @@ _DEFERRED: dict[tuple[time, time, ZoneInfo, int], int] = {}
 
 
 def _deferred_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
-    """``next_allowed`` of a quiet instant in epoch ms, memoised (bounded: cleared when full)."""
+    """``next_allowed`` of a quiet instant in epoch ms, memoised for top-of-hour instants (bounded:
+    cleared when full). A decision's own instant, new every time, is worked out and not kept."""
     key = (quiet.start, quiet.end, zone, ms)
     got = _DEFERRED.get(key)
     if got is None:
-        if len(_DEFERRED) >= 65536:
-            _DEFERRED.clear()
-        got = _DEFERRED[key] = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+        got = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+        if ms % HOUR_MS == 0:
+            if len(_DEFERRED) >= 65536:
+                _DEFERRED.clear()
+            _DEFERRED[key] = got
     return got
 
 

@@ -26,7 +26,16 @@ from cadence.engine.decide import _cap_blocked, _window_peak, decide
 from cadence.engine.decision import PastSend
 from cadence.engine.learners import _INSTANT_ROW, DecisionLearner, HourPreference, _time_code, _time_parts
 from cadence.engine.profiles_memory import MemoryProfile
-from cadence.engine.slots import candidate_slots, is_quiet, local_datetime, local_ms, next_allowed, zone_named
+from cadence.engine.slots import (
+    _DEFERRED,
+    _candidate_slots,
+    candidate_slots,
+    is_quiet,
+    local_datetime,
+    local_ms,
+    next_allowed,
+    zone_named,
+)
 
 ZONES = (
     "Europe/Berlin",
@@ -109,6 +118,20 @@ def test_time_rows_keep_send_times_not_each_decisions_own_instant() -> None:
     kept = _INSTANT_ROW[zone]
     assert all(t % HOUR_MS == 0 for t in kept)
     assert len(kept) < 40  # the hours of 500 decisions' windows over 8.5 hours, not 500 own instants
+
+
+def test_deferrals_keep_send_times_not_each_decisions_own_instant() -> None:
+    """A decision made inside quiet hours defers its own instant: worked out, not kept."""
+    quiet = QuietHours(start=dtime(21, 17), end=dtime(8, 43), fallback_zone="UTC")  # (no other test's)
+    zone = ZoneInfo("Europe/Berlin")
+    start = int(datetime(2026, 3, 28, 21, 30, tzinfo=UTC).timestamp() * 1000)  # DST starts that night
+    for i in range(300):
+        earliest = start + i * 61_001
+        got = candidate_slots(earliest_ms=earliest, count=24, quiet=quiet, zone=zone)
+        assert got == _candidate_slots(earliest_ms=earliest, count=24, quiet=quiet, zone=zone)
+        assert got[1]  # the decision's own instant is quiet (each of these five hours)
+    kept = [key[3] for key in _DEFERRED if key[:3] == (quiet.start, quiet.end, zone)]
+    assert kept and all(ms % HOUR_MS == 0 for ms in kept)
 
 
 @settings(max_examples=200, deadline=None)
