@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from river import base, metrics, utils
@@ -86,6 +86,27 @@ Effect = tuple[np.ndarray, int]
 _GroupStruct = tuple[
     np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool, np.ndarray | None, np.ndarray
 ]
+
+
+class _ScoreInputs(NamedTuple):
+    """What :meth:`DecisionLearner._score` hands to the computation of the score's parts (numpy or compiled)."""
+
+    stats: CustomerStats
+    traits: Mapping[str, Any]
+    b: np.ndarray  # the customer vector
+    t1: np.ndarray  # bias and trait buckets
+    harm: np.ndarray  # the send times' features (times x 27), and squared
+    harm_sq: np.ndarray
+    hours: np.ndarray  # fractional and whole local hours of the send times
+    whole: np.ndarray
+    rate_exp: np.ndarray  # the customer's own click rate and experience per channel
+    match_angle: float  # the customer's mean click hour as an angle, and the hour match's weight
+    match_scale: float
+    struct: _GroupStruct
+    noise_e: np.ndarray  # the posterior draw's normals
+    noise_u: np.ndarray
+
+
 #: Trait buckets by the traits' items (profiles repeat; hashing the values costs more than the lookup).
 _TRAIT_CACHE: dict[tuple[tuple[str, Any, type], ...], list[int]] = {}
 
@@ -1237,18 +1258,18 @@ class DecisionLearner:
             mean_angle = match_scale = 0.0
         # Own click rate and experience per channel (what ``_personal`` gives, without the hour).
         rate_exp = self._rate_exp(stats)
+        inputs = _ScoreInputs(
+            stats, traits, b, t1, harm, harm_sq, hour_arr, hour_int, rate_exp, mean_angle, match_scale,
+            struct, noise_e, noise_u,
+        )  # fmt: skip
         parts_kern = valuation.parts_kernel()
         if parts_kern is not None and not any_arm and _parts_config(cfg):
             per_group, per_group_v, eff_sd, time_w, time_v, hour_rows = self._parts_compiled(
-                parts_kern, stats, traits, b, t1, (harm, harm_sq, hour_arr, hour_int), rate_exp,
-                (mean_angle, match_scale), struct, noise_e, noise_u,
-            )  # fmt: skip
+                parts_kern, inputs
+            )
             gamma = False
         else:
-            per_group, per_group_v, eff_sd, time_w, time_v, hour_rows = self._parts_numpy(
-                stats, traits, b, t1, (harm, harm_sq, hour_arr, hour_int), rate_exp,
-                (mean_angle, match_scale), struct, noise_e, noise_u,
-            )  # fmt: skip
+            per_group, per_group_v, eff_sd, time_w, time_v, hour_rows = self._parts_numpy(inputs)
             gamma = cfg.customer_model == "gamma"
 
         if best and shared and n_times and not any_arm and not gamma:
@@ -1367,17 +1388,7 @@ class DecisionLearner:
         return group_bests(res, n_groups) if best else res
 
     def _parts_numpy(
-        self,
-        stats: CustomerStats,
-        traits: Mapping[str, Any],
-        b: np.ndarray,
-        t1: np.ndarray,
-        times: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-        rate_exp: np.ndarray,
-        match_parts: tuple[float, float],
-        struct: _GroupStruct,
-        noise_e: np.ndarray,
-        noise_u: np.ndarray,
+        self, inputs: _ScoreInputs
     ) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray, np.ndarray, np.ndarray | None]:
         """The score's per-group and per-time parts, with numpy: see :meth:`_score`.
 
@@ -1389,9 +1400,9 @@ class DecisionLearner:
         """
         lay = self.layout
         cfg = self.config
-        harm, harm_sq, hour_arr, hour_int = times
+        stats, traits, b, t1, harm, harm_sq, hour_arr, hour_int, rate_exp = inputs[:9]
+        mean_angle, match_scale, struct, noise_e, noise_u = inputs[9:]
         ch_global, camp_idx, cc_idx, arm_b, _, _, any_arm, _, effect_noise = struct
-        mean_angle, match_scale = match_parts
         match = np.cos(TWO_PI * hour_arr / 24 - mean_angle) * match_scale if stats.clicks else None
         # Weights: posterior mean and one draw (rows 0, 1), and the variances. The channel, time,
         # personal, campaign and campaign-channel blocks are contiguous: one draw covers them.
@@ -1488,18 +1499,7 @@ class DecisionLearner:
         return per_group, per_group_v, (None if gamma else eff_sd), time_w, time_v, hour_rows
 
     def _parts_compiled(
-        self,
-        kern: Callable[..., Any],
-        stats: CustomerStats,
-        traits: Mapping[str, Any],
-        b: np.ndarray,
-        t1: np.ndarray,
-        times: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-        rate_exp: np.ndarray,
-        match_parts: tuple[float, float],
-        struct: _GroupStruct,
-        noise_e: np.ndarray,
-        noise_u: np.ndarray,
+        self, kern: Callable[..., Any], inputs: _ScoreInputs
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """:meth:`_parts_numpy` by the compiled :func:`cadence.engine.valuation.score_parts`.
 
@@ -1508,7 +1508,8 @@ class DecisionLearner:
         """
         cfg = self.config
         eng = self.engagement
-        harm, harm_sq, hour_arr, hour_int = times
+        stats, traits, b, t1, harm, harm_sq, hour_arr, hour_int, rate_exp = inputs[:9]
+        mean_angle, match_scale, struct, noise_e, noise_u = inputs[9:]
         ch_global, camp_idx, cc_idx, _, _, _, _, _, effect_noise = struct
         n_groups, n_times = len(ch_global), len(hour_arr)
         hp = self.hours
@@ -1528,7 +1529,7 @@ class DecisionLearner:
         kern(
             eng.mean, eng.sd(), eng.var, noise_e, noise_u,
             b, t1, harm, harm_sq, 0 if cfg.hour_onehot else 24, rate_exp,
-            hour_arr, *match_parts,
+            hour_arr, mean_angle, match_scale,
             lp, spread, float(cfg.hour_draw_scale), loglik, cfg.hour_pop_draw, hp.F.T, hp.reference,
             hour_int, float(cfg.hour_offset_scale),
             ch_global, camp_idx, cc_idx, effect_noise, eff, float(cfg.customer_channel_var),

@@ -13,7 +13,7 @@ from cadence.channels import Feedback
 from cadence.engine import valuation
 from cadence.engine.campaign import DAY_MS, HOUR_MS, Campaign, ChannelPolicy, TemplateSpec
 from cadence.engine.decide import OptionGroup, group_bests
-from cadence.engine.learners import DecisionLearner, LearnerConfig
+from cadence.engine.learners import DecisionLearner, LearnerConfig, _ScoreInputs, _time_parts
 from cadence.engine.profiles_memory import MemoryProfile
 
 NOW = 1_780_000_000_000
@@ -204,25 +204,15 @@ def test_compiled_score_parts_are_numpys_to_rounding(config: LearnerConfig, part
         struct = learner._group_struct(sig)
         b = learner._customer_vector(stats, traits, now)
         t1 = learner._traits1(traits)
-        from cadence.engine.learners import _time_parts
-
-        parts = _time_parts("Europe/Berlin", tuple(times))
+        harm, harm_sq, hours, whole = _time_parts("Europe/Berlin", tuple(times))
         noise_e, noise_u = learner._noise(i)
         angle, scale = (0.7, 0.4) if stats.clicks else (0.0, 0.0)
-        args = (
-            stats,
-            traits,
-            b,
-            t1,
-            parts,
-            learner._rate_exp(stats),
-            (angle, scale),
-            struct,
-            noise_e,
-            noise_u,
-        )
-        want = learner._parts_numpy(*args)
-        got = learner._parts_compiled(valuation.parts_kernel(), *args)
+        inputs = _ScoreInputs(
+            stats, traits, b, t1, harm, harm_sq, hours, whole, learner._rate_exp(stats), angle, scale,
+            struct, noise_e, noise_u,
+        )  # fmt: skip
+        want = learner._parts_numpy(inputs)
+        got = learner._parts_compiled(valuation.parts_kernel(), inputs)
         checked["effect" if stats.effect is not None else "prior"] += 1
         checked["match"] += bool(stats.clicks)
         for name, w, g in zip(
