@@ -103,11 +103,13 @@ def settle_heap(_app: Any = None) -> None:
 def prepare_serving(_app: Any = None) -> None:
     """The last start-up hook of a ``cadence serve`` process: load what serving needs, then :func:`settle_heap`.
 
-    The learners' compiled valuation and score parts (:mod:`cadence.engine.valuation`) are loaded here, before
-    the first request, rather than by a background thread after the process's 1,000th
-    decision: loading it (about a second from numba's cache, which ``make`` fills when it
-    installs; a first compile takes longer) holds the interpreter lock, which would stall
-    the requests in flight, and its objects are then frozen with the rest.
+    The learners' compiled valuation and score parts (:mod:`cadence.engine.valuation`) are
+    loaded here, before the first request, rather than by a background thread after the
+    process's 1,000th decision: loading them (about a second from numba's cache, which ``make``
+    fills when it installs; a first compile takes longer) holds the interpreter lock, which
+    would stall the requests in flight, and their objects are then frozen with the rest. The
+    score parts are on from the first request, for the whole process (see
+    :func:`cadence.engine.valuation.parts_kernel`).
     """
     from cadence.engine import valuation
 

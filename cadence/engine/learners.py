@@ -2068,10 +2068,10 @@ def _time_parts(zone: str, times: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
     nearly the same instants: each top-of-hour instant's table row is kept per zone, so a
     window shifted by an hour (the next decision's) costs one new instant, not a new pass
     over every send time. (A decision's own instant, new every time, is worked out and not
-    kept: kept, they grew a process by 13 MB a zone every 100,000 decisions.) Whole answers are memoised too, for decisions at one instant (a push, a simulated
-    hour: one window per zone); a decision at its own time (the first send time is the
-    decision's instant) never asks for the same window twice, so the memo is kept small
-    (about 11 KB an entry: at 8,192 entries it held 100 MB of a served process).
+    kept: kept, they grew a process by 13 MB a zone every 100,000 decisions.) Whole answers
+    are memoised too, for decisions at one instant (a push, a simulated hour: one window per
+    zone); a decision at its own time never asks for the same window twice, so that memo is
+    kept small (about 11 KB an entry: at 8,192 entries it held 100 MB of a served process).
     Local times come from the per-instant UTC offsets (exact across DST changes), and the
     rows from a table by local minute of the day.
 
@@ -2209,14 +2209,7 @@ _NO_ROWS = np.empty((2, 0))  # the compiled score parts' hour rows without the h
 _NO_EFFECT = np.empty((0, 0))  # the compiled score parts' customer effect while it is the prior
 #: The weight vector's channel, time and personal offsets and customer and trait block sizes.
 _LAYOUT_ARRAY = np.array(
-    [
-        FeatureLayout().channel,
-        FeatureLayout().time,
-        FeatureLayout().personal,
-        FeatureLayout.n_customer,
-        FeatureLayout.n_traits1,
-    ],
-    dtype=np.int64,
+    [(lay := FeatureLayout()).channel, lay.time, lay.personal, lay.n_customer, lay.n_traits1], dtype=np.int64
 )
 
 

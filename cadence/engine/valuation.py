@@ -384,17 +384,19 @@ def score_parts(
     bits: :func:`load_now` with ``parts=True`` turns it on for a whole process (a served one),
     never halfway through a run.
 
-    Arguments: the engagement model's ``mean``, ``sd`` and ``var``; the posterior draw's normals
-    ``noise_e`` and ``noise_u``; the customer vector ``b`` and traits ``t1``; the send times' features
-    ``harm`` and their squares (the block starts at column ``t_col``), fractional local
-    ``hours`` (for the hour match: ``match_scale`` 0 when the customer has no click) and
-    whole ones ``whole``; the customer's own rate and experience per channel ``rate_exp``; the
-    hour preference's log prior ``lp``, its draw's ``spread`` and scale ``hour_scale`` (of
-    ``noise_u[64:88]``), the customer's
-    ``loglik`` over preferred hours, ``f_t`` (its ``F`` transposed) and ``reference``; the groups'
-    channel, campaign and campaign-channel indices and effect-noise index; ``eff`` (2 x
-    channels, empty while the customer's effect is the prior ``channel_var``); ``layout``: the
-    weight vector's channel, time, personal and campaign-bias offsets and block sizes.
+    Arguments: the engagement model's ``mean``, ``sd`` and ``var``; the posterior draw's
+    normals ``noise_e`` and ``noise_u``; the customer vector ``b`` and traits ``t1``; the send
+    times' features ``harm`` and their squares (the block starts at column ``t_col``); the
+    customer's own rate and experience per channel ``rate_exp``; the send times' fractional
+    local ``hours`` with the hour match's angle and scale (``match_scale`` 0 when the customer
+    has no click); the hour preference's log prior ``lp``, its draw's ``spread`` and scale
+    ``hour_scale`` (of ``noise_u[64:88]``), the customer's ``loglik`` over preferred hours
+    (empty: none yet), the pop-draw switch, ``f_t`` (its ``F`` transposed) and ``reference``, the
+    send times' ``whole`` local hours and the offset scale; the groups' channel, campaign and
+    campaign-channel weight indices and effect-noise index; ``eff`` (2 x channels, empty while
+    the customer's effect is the prior ``channel_var``); ``layout``: the weight vector's channel,
+    time and personal offsets and its customer and trait block sizes. ``hour_rows`` with no
+    column: no hour preference.
     """
     ch0, tlo, personal, n_cust, n_tr = layout[0], layout[1], layout[2], layout[3], layout[4]
     n_ch = rate_exp.shape[0]
