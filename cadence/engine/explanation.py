@@ -62,23 +62,34 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     ...                    suppressions=[Suppression("winback", "cap", "campaign cap 2 per 7d reached")]),
     ...           zone=None)
     'Nothing to send. winback: campaign cap 2 per 7d reached.'
+    >>> capped = [Suppression("daily", "cap", "customer cap 1 per 1d reached", ch) for ch in ("email", "sms")]
+    >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0,
+    ...                    suppressions=capped), zone=None)
+    'Nothing to send. daily: customer cap 1 per 1d reached (email, sms).'
     """
-    held: list[str] = []
-    seen: set[tuple[str, str | None]] = set()
+    # One phrase per (campaign, reason): a cap that holds every channel of a campaign is said
+    # once, naming the channels, not once per channel.
+    channels_of: dict[tuple[str, str], list[str]] = {}
     for s in decision.suppressions:
         if s.campaign == decision.campaign and s.channel is None and s.reason == "priority":
             continue
-        key = (s.campaign, s.channel)
-        if key in seen:
+        if (
+            decision.action == "send"
+            and s.campaign == decision.campaign
+            and (s.channel is None or s.channel == decision.channel)
+        ):
             continue
-        seen.add(key)
-        if decision.action == "send" and s.campaign == decision.campaign:
-            if s.channel is not None and s.channel != decision.channel:
-                held.append(f"{s.channel} ({s.detail})")
+        named = channels_of.setdefault((s.campaign, s.detail), [])
+        if s.channel is not None and s.channel not in named:
+            named.append(s.channel)
+    held: list[str] = []
+    for (campaign, detail), channels in channels_of.items():
+        if decision.action == "send" and campaign == decision.campaign:
+            held.append(f"{', '.join(channels)} ({detail})")
+        elif decision.action == "send":
+            held.append(f"{campaign} ({detail})")
         else:
-            held.append(
-                f"{s.campaign} ({s.detail})" if decision.action == "send" else f"{s.campaign}: {s.detail}"
-            )
+            held.append(f"{campaign}: {detail}" + (f" ({', '.join(channels)})" if len(channels) > 1 else ""))
     if decision.action != "send" or decision.send_at_ms is None:
         return "Nothing to send." + (" " + "; ".join(held) + "." if held else "")
     text = f"Send {decision.campaign}"
