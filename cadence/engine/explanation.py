@@ -47,6 +47,7 @@ _when_text = functools.lru_cache(maxsize=8192)(_format_when)
 def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC") -> str:
     """The decision in one or two sentences, in the customer's local time.
 
+    >>> from dataclasses import replace
     >>> from cadence.engine.decision import Candidate, Suppression
     >>> d = Decision(action="send", ruleset_hash="h", customer_id=1, decided_at_ms=0, campaign="winback",
     ...              channel="email", send_at_ms=1_772_701_200_000, template="offer_x",
@@ -66,9 +67,12 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0,
     ...                    suppressions=capped), zone=None)
     'Nothing to send. daily: customer cap 1 per 1d reached (email, sms).'
+    >>> lost = [Suppression(c, "priority", "lost to winback on priority (5 > 3)") for c in ("cart", "news")]
+    >>> summarise(replace(d, suppressions=lost), zone="UTC").split("Not chosen: ")[1]
+    'cart, news (lost to winback on priority (5 > 3)).'
     """
-    # One phrase per (campaign, reason): a cap that holds every channel of a campaign is said
-    # once, naming the channels, not once per channel.
+    # One phrase per reason: a cap that holds every channel of a campaign is said once, naming
+    # the channels, and the campaigns a send outranked for one reason are named together.
     channels_of: dict[tuple[str, str], list[str]] = {}
     for s in decision.suppressions:
         if s.campaign == decision.campaign and s.channel is None and s.reason == "priority":
@@ -83,13 +87,15 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
         if s.channel is not None and s.channel not in named:
             named.append(s.channel)
     held: list[str] = []
+    campaigns_of: dict[str, list[str]] = {}  # other campaigns held back, by reason (a send)
     for (campaign, detail), channels in channels_of.items():
         if decision.action == "send" and campaign == decision.campaign:
             held.append(f"{', '.join(channels)} ({detail})")
         elif decision.action == "send":
-            held.append(f"{campaign} ({detail})")
+            campaigns_of.setdefault(detail, []).append(campaign)
         else:
             held.append(f"{campaign}: {detail}" + (f" ({', '.join(channels)})" if len(channels) > 1 else ""))
+    held += [f"{', '.join(names)} ({detail})" for detail, names in campaigns_of.items()]
     if decision.action != "send" or decision.send_at_ms is None:
         return "Nothing to send." + (" " + "; ".join(held) + "." if held else "")
     text = f"Send {decision.campaign}"
