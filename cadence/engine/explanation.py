@@ -67,6 +67,10 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0,
     ...                    suppressions=capped), zone=None)
     'Nothing to send. daily: customer cap 1 per 1d reached (email, sms).'
+    >>> waiting = [Suppression(c, "trigger", "needs event 'Signed Up'") for c in ("welcome", "tips")]
+    >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0,
+    ...                    suppressions=waiting), zone=None)
+    "Nothing to send. welcome, tips: needs event 'Signed Up'."
     >>> lost = [Suppression(c, "priority", "lost to winback on priority (5 > 3)") for c in ("cart", "news")]
     >>> summarise(replace(d, suppressions=lost), zone="UTC").split("Not chosen: ")[1]
     'cart, news (lost to winback on priority (5 > 3)).'
@@ -87,17 +91,17 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
         if s.channel is not None and s.channel not in named:
             named.append(s.channel)
     held: list[str] = []
-    campaigns_of: dict[str, list[str]] = {}  # other campaigns held back, by reason (a send)
+    campaigns_of: dict[str, list[str]] = {}  # other campaigns held back, by reason (and channels)
     for (campaign, detail), channels in channels_of.items():
         if decision.action == "send" and campaign == decision.campaign:
             held.append(f"{', '.join(channels)} ({detail})")
-        elif decision.action == "send":
-            campaigns_of.setdefault(detail, []).append(campaign)
         else:
-            held.append(f"{campaign}: {detail}" + (f" ({', '.join(channels)})" if len(channels) > 1 else ""))
-    held += [f"{', '.join(names)} ({detail})" for detail, names in campaigns_of.items()]
+            why = detail + (f" ({', '.join(channels)})" if len(channels) > 1 else "")
+            campaigns_of.setdefault(why, []).append(campaign)
     if decision.action != "send" or decision.send_at_ms is None:
+        held = [f"{', '.join(names)}: {why}" for why, names in campaigns_of.items()]
         return "Nothing to send." + (" " + "; ".join(held) + "." if held else "")
+    held += [f"{', '.join(names)} ({why})" for why, names in campaigns_of.items()]
     text = f"Send {decision.campaign}"
     if decision.template:
         text += f" (template {decision.template})"
