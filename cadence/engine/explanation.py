@@ -74,12 +74,20 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     >>> lost = [Suppression(c, "priority", "lost to winback on priority (5 > 3)") for c in ("cart", "news")]
     >>> summarise(replace(d, suppressions=lost), zone="UTC").split("Not chosen: ")[1]
     'cart, news (lost to winback on priority (5 > 3)).'
+    >>> later = Suppression("cart", "quiet", "23:10 is inside quiet hours 22:00..08:00: deferred to 08:00")
+    >>> summarise(replace(d, suppressions=[later, *lost]), zone="UTC").split("Not chosen: ")[1]
+    'cart, news (lost to winback on priority (5 > 3)).'
     """
     # One phrase per reason: a cap that holds every channel of a campaign is said once, naming
     # the channels, and the campaigns a send outranked for one reason are named together.
+    # A deferral out of quiet hours is noted as a "quiet" suppression; it says why a campaign was
+    # not chosen only when nothing else held that campaign back.
+    others = {s.campaign for s in decision.suppressions if s.reason != "quiet"}
     channels_of: dict[tuple[str, str], list[str]] = {}
     for s in decision.suppressions:
         if s.campaign == decision.campaign and s.channel is None and s.reason == "priority":
+            continue
+        if s.reason == "quiet" and s.campaign in others:
             continue
         if (
             decision.action == "send"
