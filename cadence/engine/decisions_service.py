@@ -553,7 +553,8 @@ def _prepare(
     }
     if decision.action == "none":
         body["reasons"] = [
-            f"{s['campaign']}: {s['reason']} ({s['detail']})" for s in explanation["suppressions"]
+            f"{s['campaign']}: {s['reason']}{' on ' + s['channel'] if s['channel'] else ''} ({s['detail']})"
+            for s in explanation["suppressions"]
         ]
     return PreparedDecision(
         request=request,

@@ -136,6 +136,10 @@ def test_a_send_queued_by_a_commit_is_seen_by_the_next_decision(api: Api) -> Non
     assert committed["queued"] is True
     after = api.decide("u1")
     assert after["action"] == "none" and "cap" in reasons(after)
+    assert after["reasons"] == [  # one line a suppression, naming its channel
+        "daily: cap on email (campaign cap 1 per 7d reached)",
+        "daily: cap on sms (campaign cap 1 per 7d reached)",
+    ]
     assert api.decide("u1", mode="commit")["action"] == "none"  # a commit is capped too
     assert api.state.misses == misses  # the profile did not change: still cached
 
