@@ -77,6 +77,9 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     >>> later = Suppression("cart", "quiet", "23:10 is inside quiet hours 22:00..08:00: deferred to 08:00")
     >>> summarise(replace(d, suppressions=[later, *lost]), zone="UTC").split("Not chosen: ")[1]
     'cart, news (lost to winback on priority (5 > 3)).'
+    >>> "on Thu 05 Mar 09:00 +00:00 (deferred out of quiet hours): expected" in summarise(
+    ...     replace(d, suppressions=[replace(later, campaign="winback")]), zone="UTC")
+    True
     """
     # One phrase per reason: a cap that holds every channel of a campaign is said once, naming
     # the channels, and the campaigns a send outranked for one reason are named together.
@@ -114,6 +117,8 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     if decision.template:
         text += f" (template {decision.template})"
     text += f" by {decision.channel} on {_when(decision.send_at_ms, zone, fallback_zone)}"
+    if any(s.campaign == decision.campaign and s.reason == "quiet" for s in decision.suppressions):
+        text += " (deferred out of quiet hours)"
     chosen = next(
         (
             c
