@@ -34,7 +34,8 @@ river is used for what it does well here: :class:`ProbitClassifier` follows rive
 ``Classifier`` contract for one-off use, and the recent quality of each model is a
 rolling ``river.metrics`` ROC AUC (``RollingROCAUC``) and log loss. (river 0.26.1's ``LogisticRegression``
 has no posterior to sample, ``bandit.ThompsonSampling`` fails on its first pull with
-default settings and ``LinUCBDisjoint`` is slow, so scoring is vectorised numpy.)
+default settings and ``LinUCBDisjoint`` is slow, so scoring is vectorised numpy, with its
+hot parts compiled by numba where that is loaded: :mod:`cadence.engine.valuation`.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Each group's best send time in one compiled loop (numba), the same numbers as the numpy valuation.
+"""The learners' scoring in compiled loops (numba): each group's best send time, and the score's parts.
 
 :meth:`cadence.engine.learners.DecisionLearner.best_options` values every (group, send time)
 option of a decision whose groups share one list of send times: the posterior-mean and drawn
@@ -9,6 +9,12 @@ and the score fix-ups, then each group's first best. In numpy that is some 30 ca
 float64 numbers, in the same order, one option at a time, so its answer is bit for bit the
 numpy path's (IEEE arithmetic without fused multiply-adds, and scipy's own ``ndtr`` through
 its C entry point).
+
+Before that, :func:`score_parts` computes what the options' scores are made of (each group's
+linear score and variance, each send time's, the hour preference's rows), which numpy does in
+about 40 small array operations. Its sums of products run in another order than numpy's, so
+it is not bit for bit numpy's: it is used only in a process that turned it on from its start
+(:func:`load_now` with ``parts=True``: a served one), see :func:`parts_kernel`.
 
 numba costs about a second to import and load, so the kernel is made off the caller's path:
 :func:`kernel` returns None until a background thread, started by the first call after
