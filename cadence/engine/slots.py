@@ -237,8 +237,9 @@ def candidate_slots(
     The earliest instant (usually the decision's own time, new on every call) is worked out
     (and memoised) apart from the top-of-hour instants after it, each of which is looked up
     where quiet hours put it (:func:`_hourly_slots`: consecutive decisions share all but one
-    of them), then they are joined as :func:`_candidate_slots` joins them (the earliest
-    first, a later slot equal to it dropped).
+    of them, and every decision within the same hour all of them: memoised whole), then they
+    are joined as :func:`_candidate_slots` joins them (the earliest first, a later slot equal
+    to it dropped).
 
     >>> q = QuietHours(start=time(22), end=time(7), fallback_zone="UTC")
     >>> utc = ZoneInfo("UTC")
@@ -253,7 +254,7 @@ def candidate_slots(
         slots, now_is_quiet = _memo_slots(earliest_ms, count, quiet, zone, until_ms)
         return list(slots), now_is_quiet
     head, now_is_quiet = _memo_slots(earliest_ms, 1, quiet, zone, until_ms)
-    tail = _hourly_slots((earliest_ms // HOUR_MS + 1) * HOUR_MS, count - 1, quiet, zone, until_ms)
+    tail = list(_memo_hourly((earliest_ms // HOUR_MS + 1) * HOUR_MS, count - 1, quiet, zone, until_ms))
     if not head:
         return tail, now_is_quiet
     first = head[0]
@@ -298,6 +299,14 @@ def _hourly_slots(
         seen.add(got)
         out.append(got)
     return out
+
+
+@lru_cache(maxsize=4096)
+def _memo_hourly(
+    first_ms: int, count: int, quiet: QuietHours | None, zone: ZoneInfo, until_ms: int | None
+) -> tuple[int, ...]:
+    """:func:`_hourly_slots`, memoised whole: every decision within an hour, in a zone, shares them."""
+    return tuple(_hourly_slots(first_ms, count, quiet, zone, until_ms))
 
 
 @lru_cache(maxsize=4096)
