@@ -110,7 +110,7 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
             why = detail + (f" ({', '.join(channels)})" if len(channels) > 1 else "")
             campaigns_of.setdefault(why, []).append(campaign)
     if decision.action != "send" or decision.send_at_ms is None:
-        held = [f"{', '.join(names)}: {why}" for why, names in campaigns_of.items()]
+        held += [f"{', '.join(names)}: {why}" for why, names in campaigns_of.items()]
         return "Nothing to send." + (" " + "; ".join(held) + "." if held else "")
     held += [f"{', '.join(names)} ({why})" for why, names in campaigns_of.items()]
     text = f"Send {decision.campaign}"

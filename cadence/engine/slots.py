@@ -254,7 +254,7 @@ def candidate_slots(
         slots, now_is_quiet = _memo_slots(earliest_ms, count, quiet, zone, until_ms)
         return list(slots), now_is_quiet
     head, now_is_quiet = _memo_slots(earliest_ms, 1, quiet, zone, until_ms)
-    tail = list(_memo_hourly((earliest_ms // HOUR_MS + 1) * HOUR_MS, count - 1, quiet, zone, until_ms))
+    tail = list(_hourly_slots((earliest_ms // HOUR_MS + 1) * HOUR_MS, count - 1, quiet, zone, until_ms))
     if not head:
         return tail, now_is_quiet
     first = head[0]
@@ -270,13 +270,16 @@ _HOURLY: dict[tuple[Any, ...], dict[int, int | None]] = {}
 _UNKNOWN = object()
 
 
+@lru_cache(maxsize=4096)
 def _hourly_slots(
     first_ms: int, count: int, quiet: QuietHours | None, zone: ZoneInfo, until_ms: int | None
-) -> list[int]:
+) -> tuple[int, ...]:
     """The slots of ``count`` top-of-hour instants from ``first_ms``, as :func:`_candidate_slots` finds them.
 
-    Each instant's own slot (itself, deferred or dropped) is memoised, and the list is
-    filtered by ``until_ms`` and freed of duplicates in order.
+    Memoised whole (every decision within an hour, in a zone, asks for the same ones; the
+    caller copies the tuple), and each instant's own slot (itself, deferred or dropped) too, so
+    a window shifted by an hour looks up one new instant. The list is filtered by ``until_ms``
+    and freed of duplicates in order.
     """
     key = (quiet.start, quiet.end, quiet.action, zone) if quiet is not None else (None, None, None, zone)
     known = _HOURLY.get(key)
@@ -298,15 +301,7 @@ def _hourly_slots(
             continue
         seen.add(got)
         out.append(got)
-    return out
-
-
-@lru_cache(maxsize=4096)
-def _memo_hourly(
-    first_ms: int, count: int, quiet: QuietHours | None, zone: ZoneInfo, until_ms: int | None
-) -> tuple[int, ...]:
-    """:func:`_hourly_slots`, memoised whole: every decision within an hour, in a zone, shares them."""
-    return tuple(_hourly_slots(first_ms, count, quiet, zone, until_ms))
+    return tuple(out)
 
 
 @lru_cache(maxsize=4096)
