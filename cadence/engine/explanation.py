@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from cadence.engine.decision import Decision
+from cadence.engine.decision import Candidate, Decision
 from cadence.engine.slots import local_datetime, zone_named
 
 __all__ = ["summarise"]
@@ -44,6 +44,17 @@ def _format_when(ms: int, zone: str | None, fallback: str) -> str:
 _when_text = functools.lru_cache(maxsize=8192)(_format_when)
 
 
+def _alike(a: Candidate, b: Candidate) -> bool:
+    """The learners' expectations of ``a`` and ``b`` read the same in the summary (to its precision).
+
+    >>> _alike(Candidate("c", "email", 0, 0.3, 0.0685, 0.002), Candidate("c", "sms", 0, 0.1, 0.0687, 0.002))
+    True
+    >>> _alike(Candidate("c", "email", 0, 0.3, 0.0685, 0.002), Candidate("c", "sms", 0, 0.1, 0.052, 0.002))
+    False
+    """
+    return f"{a.engagement:.1%} {a.unsubscribe:.2%}" == f"{b.engagement:.1%} {b.unsubscribe:.2%}"
+
+
 def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC") -> str:
     """The decision in one or two sentences, in the customer's local time.
 
@@ -59,6 +70,10 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     'Send winback (template offer_x) by email on Thu 05 Mar 10:00 +01:00: expected engagement 5.2%,
      unsubscribe risk 0.20%; next best push at 12:00 (2.1%). Not chosen: sms (opted out of sms);
      cart (lost to winback on priority (5 > 3)).'
+    >>> tie = [Candidate("winback", "email", 1_772_701_200_000, 0.32, 0.0685, 0.002),
+    ...        Candidate("winback", "sms", 1_772_701_200_000, 0.31, 0.0685, 0.002)]
+    >>> summarise(replace(d, candidates=tie, suppressions=[]), zone="UTC").split("; ")[1]
+    "next best sms at 09:00 (6.9%, valued alike: this decision's exploration draw chose)."
     >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0,
     ...                    suppressions=[Suppression("winback", "cap", "campaign cap 2 per 7d reached")]),
     ...           zone=None)
@@ -143,7 +158,11 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
             name = (
                 best.channel if best.campaign == decision.campaign else f"{best.campaign} by {best.channel}"
             )
-            text += f"; next best {name} at {when[-12:-7]} ({best.engagement:.1%})"
+            text += f"; next best {name} at {when[-12:-7]} ({best.engagement:.1%}"
+            if not chosen.explored and _alike(chosen, best):
+                # A new learner values every channel alike: the pick is the draw's, not a preference.
+                text += ", valued alike: this decision's exploration draw chose"
+            text += ")"
     text += "."
     if held:
         text += " Not chosen: " + "; ".join(held) + "."
