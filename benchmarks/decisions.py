@@ -785,9 +785,14 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         "day, and the 24 send times ahead span two days; it holds every later commit), so the run's sending commits "
         "all come in its first two seconds; each row names its worst second, the p99 without the first two seconds "
         "and how many requests took longer than 20 ms (the goal is the whole run's p99: met while they are under "
-        f"1%). Each HTTP part runs {repeats} time{'s' if repeats > 1 else ''}, back to back, each on a fresh "
-        "server and database; a row gives every run's p99, then the median run in full, and is met only if "
-        "every run met the goal. CPU is per "
+        "1%). "
+        + (
+            f"Each HTTP part runs {repeats} times, back to back, each on a fresh server and database; a row "
+            "gives every run's p99, then the median run in full, and is met only if every run met the goal. "
+            if repeats > 1
+            else "Each HTTP part runs once. "
+        )
+        + "CPU is per "
         "decision sent: the server's processes, the PostgreSQL backends, and the load generator's; they share "
         "the machine's two cores. *CPU stolen by the host* is the share of the machine's CPU time its "
         "hypervisor gave to other guests during the run (`/proc/stat`): it stalls every process at once (in one "
