@@ -74,6 +74,9 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     ...        Candidate("winback", "sms", 1_772_701_200_000, 0.31, 0.0685, 0.002)]
     >>> summarise(replace(d, candidates=tie, suppressions=[]), zone="UTC").split("; ")[1]
     "next best sms at 09:00 (6.9%, valued alike: this decision's exploration draw chose)."
+    >>> other = [tie[0], Candidate("cart", "sms", 1_772_701_200_000, 0.31, 0.0685, 0.002)]
+    >>> summarise(replace(d, candidates=other, suppressions=[]), zone="UTC").split("; ")[1]
+    'next best cart by sms at 09:00 (6.9%).'
     >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0,
     ...                    suppressions=[Suppression("winback", "cap", "campaign cap 2 per 7d reached")]),
     ...           zone=None)
@@ -159,8 +162,9 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
                 best.channel if best.campaign == decision.campaign else f"{best.campaign} by {best.channel}"
             )
             text += f"; next best {name} at {when[-12:-7]} ({best.engagement:.1%}"
-            if not chosen.explored and _alike(chosen, best):
+            if best.campaign == decision.campaign and not chosen.explored and _alike(chosen, best):
                 # A new learner values every channel alike: the pick is the draw's, not a preference.
+                # (Between campaigns, priority may have decided instead.)
                 text += ", valued alike: this decision's exploration draw chose"
             text += ")"
     text += "."
