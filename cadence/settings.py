@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     engine_enabled: bool = True
     engine_batch_size: int = Field(default=10_000, ge=1)
     engine_poll_seconds: float = Field(default=0.5, gt=0)
+    # How long a ``fresh`` decision (one with ``at``, or ``fresh: true``) waits for the engine loop
+    # to apply the events accepted before it; past it the decision answers 503.
+    decision_fresh_timeout_seconds: float = Field(default=10.0, gt=0)
     # How often the leader refreshes materialised attribution (causal, Shapley, Markov); 0: never.
     attribution_refresh_seconds: float = Field(default=300.0, ge=0)
 

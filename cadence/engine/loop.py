@@ -18,6 +18,7 @@ import gc
 import importlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -29,6 +30,7 @@ from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.ingest import append_horizon
 from cadence.engine.leader import Leadership
+from cadence.errors import CadenceError
 from cadence.store.db import read_connection
 from cadence.store.fast import fetch_rows, rows_of, send, write_rows
 from cadence.store.schema.core import checkpoints, events
@@ -36,9 +38,20 @@ from cadence.store.schema.core import checkpoints, events
 if TYPE_CHECKING:
     from cadence.runtime import Runtime
 
-__all__ = ["EngineLoop", "LoggedEvent", "Subscriber", "make_subscribers"]
+__all__ = ["EngineBehindError", "EngineLoop", "LoggedEvent", "Subscriber", "make_subscribers"]
 
 IDENTITY = "identity"
+
+
+class EngineBehindError(CadenceError):
+    """The engine loop did not apply the log up to a position within the time allowed."""
+
+    def __init__(self, head: int, applied: int, timeout: float) -> None:
+        self.head, self.applied, self.timeout = head, applied, timeout
+        super().__init__(
+            f"the engine loop has not applied the events accepted before this request within {timeout:g} s "
+            f"(log at event {head}, applied up to {applied})"
+        )
 
 
 class Subscriber(Protocol):
@@ -181,7 +194,76 @@ class EngineLoop:
         """How many events are in the log after the slowest subscriber's position."""
         low = min(self.positions().values())
         with read_connection(self.engine) as conn:
-            return int(conn.scalar(select(func.count()).select_from(events).where(events.c.id > low)) or 0)
+            return _events_after(conn, low)
+
+    def status(self) -> dict[str, Any]:
+        """Positions, lag and role, as ``GET /v1/engine`` reports them.
+
+        ``positions``: the database-backed subscribers' stored checkpoints, and this process's
+        in-memory ones (a follower's learners: the snapshot it loaded). ``lag``: the events
+        after :meth:`applied`, those a decision here does not see yet. ``leader``: whether this
+        process's loop applies the log (a follower's positions move only as the leader's do).
+        """
+        cached = self.positions()
+        with read_connection(self.engine) as conn, conn.begin():
+            positions = self._stored_positions(conn, cached)
+            lag = _events_after(conn, self.applied(conn))
+        return {
+            "positions": positions,
+            "lag": lag,
+            "running": self.running,
+            "leader": self.running and self.leadership.held,
+        }
+
+    def applied(self, conn: Connection) -> int:
+        """The last event id whose effects a decision in this process reads.
+
+        The database-backed subscribers' stored checkpoints (identity, profiles, consent, ...), and
+        the in-memory ones' (the learners) where this process's background loop applies the
+        log to them (it leads). A follower's learners follow the leader's snapshots instead,
+        and are not waited for.
+        """
+        stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
+        low = int(stored.get(IDENTITY, 0))
+        cached = self._positions if self._thread is not None and self.leadership.held else None
+        for sub in self.subscribers:
+            if getattr(sub, "in_memory", False):
+                if cached is not None and sub.name in cached:
+                    low = min(low, cached[sub.name])
+            else:
+                low = min(low, int(stored.get(sub.name, 0)))
+        return low
+
+    def wait_applied(self, *, timeout: float, inline: bool = False) -> None:
+        """Return once the log as it is now (every event accepted so far) is applied; see :meth:`applied`.
+
+        A request that must see the events its client sent before it (``fresh`` decisions)
+        calls this. ``inline``: no background loop runs in this process (an app made without
+        background work): apply the log here instead of waiting. Otherwise the loop is woken
+        and polled; :class:`EngineBehindError` after ``timeout`` seconds. Another process's
+        ingestion does not wake this process's loop, which then looks at the log at its next
+        poll (``engine_poll_seconds``).
+        """
+        if inline:
+            self.catch_up()
+            return
+        with read_connection(self.engine) as conn, conn.begin():
+            head = int(conn.scalar(select(func.max(events.c.id))) or 0)
+            at = self.applied(conn)
+        if at >= head:
+            return
+        self.wake()
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            with read_connection(self.engine) as conn, conn.begin():
+                at = self.applied(conn)
+            if at >= head:
+                return
+            if time.monotonic() >= deadline:
+                raise EngineBehindError(head, at, timeout)
 
     # -- processing
     def run_once(self) -> int:
@@ -480,6 +562,11 @@ class EngineLoop:
             self._wake.wait(poll)
             self._wake.clear()
         self._release_gc()
+
+
+def _events_after(conn: Connection, position: int) -> int:
+    """How many events the log holds after ``position``."""
+    return int(conn.scalar(select(func.count()).select_from(events).where(events.c.id > position)) or 0)
 
 
 class _Ahead(NamedTuple):

@@ -40,7 +40,9 @@ def warm(app: FastAPI, api: Api) -> None:
     """Each process knows the customers (as a worker that decided for them before)."""
     client = TestClient(app)  # (not entered: its shutdown would close the cache)
     for user in USERS:
-        r = client.post("/v1/decisions", json={"customer_id": user, "at": AT}, headers=api.keys["decide"])
+        r = client.post(
+            "/v1/decisions", json={"customer_id": user, "at": AT, "fresh": False}, headers=api.keys["decide"]
+        )
         assert r.status_code == 200 and r.json()["action"] == "send", r.text
 
 

@@ -193,7 +193,7 @@ def post_commits(url: str, api: Api, refs: list[str], start: threading.Barrier |
                 *(
                     client.post(
                         "/v1/decisions",
-                        json={"customer_id": ref, "at": AT, "mode": "commit"},
+                        json={"customer_id": ref, "at": AT, "fresh": False, "mode": "commit"},
                         headers=api.keys["decide"],
                     )
                     for ref in refs
@@ -219,7 +219,9 @@ def test_two_workers_committing_over_http_for_the_same_customers_keep_a_cap_of_o
                 with httpx.Client(base_url=url) as client:
                     for user in USERS:
                         r = client.post(
-                            "/v1/decisions", json={"customer_id": user, "at": AT}, headers=api.keys["decide"]
+                            "/v1/decisions",
+                            json={"customer_id": user, "at": AT, "fresh": False},
+                            headers=api.keys["decide"],
                         )
                         assert r.status_code == 200 and r.json()["action"] == "send"
             orders = [USERS * 2, list(reversed(USERS)) * 2]

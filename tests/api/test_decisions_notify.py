@@ -127,7 +127,11 @@ def test_over_http_a_batched_check_makes_the_customer_clean(api: Api, runtime: R
     listened = api.state.listened
     with serving(api.app) as url, httpx.Client(base_url=url) as client:
         answers = [
-            client.post("/v1/decisions", json={"customer_id": "u1", "at": AT}, headers=api.keys["decide"])
+            client.post(
+                "/v1/decisions",
+                json={"customer_id": "u1", "at": AT, "fresh": False},
+                headers=api.keys["decide"],
+            )
             for _ in range(3)
         ]
     assert all(a.status_code == 200 and a.json()["action"] == "none" for a in answers)

@@ -54,7 +54,7 @@ def served(runtime: Runtime) -> Iterator[Served]:
 def test_previews_are_answered_by_the_protocol_as_the_app_answers_them(served: Served) -> None:
     base, api, answered = served
     keys = api.keys
-    body = {"customer_id": "u1", "at": AT}
+    body = {"customer_id": "u1", "at": AT, "fresh": False}
     in_process = api.client.post("/v1/decisions", json=body, headers=keys["decide"]).json()
     with httpx.Client(base_url=base) as client:
         over_http = client.post("/v1/decisions", json=body, headers=keys["decide"])
@@ -70,7 +70,7 @@ def test_previews_are_answered_by_the_protocol_as_the_app_answers_them(served: S
             ({}, body, 401),
             (keys["ingest"], body, 403),
             (keys["decide"], {"customer": "u1"}, 422),
-            (keys["decide"], {"customer_id": "nobody", "at": AT}, 404),
+            (keys["decide"], {"customer_id": "nobody", "at": AT, "fresh": False}, 404),
         ):
             r = client.post("/v1/decisions", json=payload, headers=headers)
             assert r.status_code == status, r.text
@@ -103,12 +103,12 @@ def test_pipelined_requests_and_connection_close_get_whole_answers_in_order(serv
     port = int(base.rsplit(":", 1)[1])
     auth = api.keys["decide"]["Authorization"]
 
-    preview = {"customer_id": "u1", "at": AT}
+    preview = {"customer_id": "u1", "at": AT, "fresh": False}
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         # a preview, an unknown customer (handed on), a preview, then one that asks to close
         conn.sendall(
             _raw_post(auth, preview)
-            + _raw_post(auth, {"customer_id": "nobody", "at": AT})
+            + _raw_post(auth, {"customer_id": "nobody", "at": AT, "fresh": False})
             + _raw_post(auth, preview)
             + _raw_post(auth, preview, "Connection: close\r\n")
         )
@@ -137,7 +137,7 @@ def test_a_commit_answered_later_keeps_the_connection_in_order(served: Served) -
     port = int(base.rsplit(":", 1)[1])
     auth = api.keys["decide"]["Authorization"]
 
-    preview = {"customer_id": "u1", "at": AT}
+    preview = {"customer_id": "u1", "at": AT, "fresh": False}
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(
             _raw_post(auth, {**preview, "mode": "commit"})

@@ -157,7 +157,9 @@ def test_a_failed_statement_answers_every_request_of_the_batch_with_none(api: Ap
 def test_previews_over_http_are_checked_in_batches_and_answer_as_the_app(api: Api) -> None:
     api.state.stop_listening()  # every preview checks (none is answered clean: test_decisions_notify.py)
     keys = api.keys["decide"]
-    bodies = [{"customer_id": user, "at": AT} for user in USERS * 4] + [{"customer_id": "nobody", "at": AT}]
+    bodies = [{"customer_id": user, "at": AT, "fresh": False} for user in USERS * 4] + [
+        {"customer_id": "nobody", "at": AT, "fresh": False}
+    ]
     expected = [api.client.post("/v1/decisions", json=b, headers=keys) for b in bodies]
     with serving(api.app) as url:
 

@@ -51,6 +51,7 @@ from cadence.engine.decisions_service import (
     record_decisions,
 )
 from cadence.engine.learning import LearnerSubscriber
+from cadence.engine.loop import EngineBehindError
 from cadence.errors import IdentityError
 from cadence.store.db import begin_write, read_connection
 
@@ -81,6 +82,16 @@ class DecisionRequest(BaseModel):
     at: datetime | None = Field(default=None, description="decide as of this time (simulation, replay)")
     mode: Literal["preview", "commit"] = "preview"
     event: TriggerEvent | None = None
+    fresh: bool | None = Field(
+        default=None,
+        description="wait until the engine has applied every event accepted before this request "
+        "(default: yes when `at` is given)",
+    )
+
+    @property
+    def waits(self) -> bool:
+        """Whether this decision waits for the events accepted before it (see ``fresh``)."""
+        return self.fresh if self.fresh is not None else self.at is not None
 
 
 class BatchDecisionRequest(BaseModel):
@@ -321,6 +332,8 @@ class DecisionFastPath:
         try:
             item = DecisionRequest.model_validate_json(body)
         except ValidationError:
+            return None
+        if item.waits:  # the route waits for the engine loop, off the event loop
             return None
         scope["route"] = self._route or self._find_route()  # the request metrics' route label
         return app, principal, item
@@ -1100,6 +1113,26 @@ def _decide_many(
     return out
 
 
+async def _caught_up(app: FastAPI) -> None:
+    """Wait until the engine loop has applied every event accepted so far (a ``fresh`` decision).
+
+    A client that reports feedback and then asks for a decision (a simulation driving
+    simulated time, an app right after an ``Unsubscribed``) gets one that reads it: the
+    consent, profile and caps it set, and this process's learners where its loop leads.
+    """
+    loop = app.state.engine_loop
+    try:
+        await run_in_threadpool(
+            loop.wait_applied,
+            timeout=app.state.settings.decision_fresh_timeout_seconds,
+            inline=not app.state.background,
+        )
+    except EngineBehindError as exc:
+        raise HTTPException(
+            503, detail=f"{exc}; retry, or ask with fresh: false", headers={"Retry-After": "1"}
+        ) from exc
+
+
 def _json(body: Any) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
@@ -1109,6 +1142,8 @@ async def decide_one(
     body: DecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
 ) -> Response:
     """Decide which campaign, channel and time (or nothing) for one customer, with the explanation."""
+    if body.waits:
+        await _caught_up(request.app)
     state = getattr(request.app.state, "decision_state", None)
     if body.mode == "preview" and state is not None and not state.postgres:
         # A preview on SQLite reads one statement through the cache and writes nothing: decided on
@@ -1123,6 +1158,8 @@ async def decide_batch(
     body: BatchDecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
 ) -> Response:
     """Decide for up to 1,000 customers; unknown customers get ``action: "error"`` in place."""
+    if any(item.waits for item in body.requests):
+        await _caught_up(request.app)
     return _json({"decisions": await run_in_threadpool(_decide_many, request.app, body.requests)})
 
 

@@ -50,11 +50,10 @@ def setup(app: FastAPI) -> None:
 
 @router.get("/engine")
 async def engine_status(request: Request, _p: Annotated[Principal, Scope("admin")]) -> dict[str, Any]:
-    """Each subscriber's position in the event log, and how far the slowest one lags."""
+    """Each subscriber's position in the event log, and how many events decisions here have yet to see."""
     loop: EngineLoop = request.app.state.engine_loop
 
     def status() -> dict[str, Any]:
-        positions = loop.positions()
-        return {"positions": positions, "lag": loop.lag(), "running": loop.running}
+        return loop.status()
 
     return await run_in_threadpool(status)

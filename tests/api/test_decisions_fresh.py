@@ -1,0 +1,189 @@
+"""Fresh decisions: a decision with ``at`` (or ``fresh: true``) sees the events accepted before it.
+
+The engine loop applies the event log after ingestion answered, so a client that reports an
+``Unsubscribed`` and asks for a decision at once could be answered from the consent as it was.
+A fresh decision waits for the loop instead (both databases; with the loop running in the
+background, driven in-process, and led by another process).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cadence.api.app import create_app
+from cadence.api.security import create_key
+from cadence.engine.campaign import Campaign, ChannelPolicy, CompiledRuleset, GlobalSettings, TemplateSpec
+from cadence.runtime import Runtime, open_runtime
+
+RULES = CompiledRuleset(
+    hash="fresh-v1",
+    campaigns={
+        "news": Campaign(
+            name="news",
+            title="News",
+            priority=1,
+            audience=None,
+            template=TemplateSpec("news"),
+            channels=ChannelPolicy(("email",)),
+        )
+    },
+    segments={},
+    settings=GlobalSettings(default_zone="Europe/Berlin"),
+    aggregates=frozenset(),
+)
+AT = "2026-03-05T10:00:00+01:00"
+
+
+def basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+def _runtime(runtime: Runtime, **update: Any) -> Runtime:
+    return open_runtime(runtime.settings.model_copy(update=update), engine=runtime.engine)
+
+
+def _keys(runtime: Runtime) -> dict[str, dict[str, str]]:
+    return {
+        scope: basic(create_key(runtime.engine, name=f"{scope}-{time.monotonic_ns()}", scopes=[scope]))
+        for scope in ("ingest", "decide", "admin")
+    }
+
+
+def _caught_up(client: TestClient, keys: dict[str, dict[str, str]], timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get("/v1/engine", headers=keys["admin"]).json()
+        if status["lag"] == 0:
+            return status  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+
+
+def _unsubscribe(client: TestClient, keys: dict[str, dict[str, str]], user: str) -> None:
+    r = client.post(
+        "/v1/track",
+        json={"userId": user, "event": "Unsubscribed", "properties": {"channel": "email"}},
+        headers=keys["ingest"],
+    )
+    assert r.status_code == 200, r.text
+
+
+def _identify(client: TestClient, keys: dict[str, dict[str, str]], user: str) -> None:
+    r = client.post(
+        "/v1/identify", json={"userId": user, "traits": {"timezone": "Europe/Berlin"}}, headers=keys["ingest"]
+    )
+    assert r.status_code == 200, r.text
+
+
+def _opted_out(answer: dict[str, Any]) -> bool:
+    """The answer sends nothing, and says the customer opted out of email."""
+    reasons = {(s["campaign"], s["reason"], s.get("channel")) for s in answer["explanation"]["suppressions"]}
+    return answer["action"] == "none" and ("news", "consent", "email") in reasons
+
+
+def test_a_decision_with_at_sees_the_unsubscribe_posted_just_before(runtime: Runtime) -> None:
+    app = create_app(runtime=runtime, background=False)  # the loop runs only when driven
+    client = TestClient(app)
+    keys = _keys(runtime)
+    app.state.ruleset = RULES
+    _identify(client, keys, "u1")
+    app.state.engine_loop.catch_up()
+    _unsubscribe(client, keys, "u1")
+
+    # Not fresh: decided from the consent the loop has applied, which does not have the unsubscribe yet.
+    stale = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": AT, "fresh": False}, headers=keys["decide"]
+    )
+    assert stale.status_code == 200 and stale.json()["channel"] == "email"
+    assert client.get("/v1/engine", headers=keys["admin"]).json()["lag"] == 1
+    # With ``at`` a decision is fresh by default: without a background loop it applies the log itself.
+    fresh = client.post("/v1/decisions", json={"customer_id": "u1", "at": AT}, headers=keys["decide"])
+    assert fresh.status_code == 200 and _opted_out(fresh.json()), fresh.text
+    assert client.get("/v1/engine", headers=keys["admin"]).json()["lag"] == 0
+
+    # A commit and a batch item alike.
+    _identify(client, keys, "u2")
+    app.state.engine_loop.catch_up()
+    _unsubscribe(client, keys, "u2")
+    committed = client.post(
+        "/v1/decisions/batch",
+        json={"requests": [{"customer_id": "u2", "mode": "commit", "fresh": True}]},
+        headers=keys["decide"],
+    )
+    assert committed.status_code == 200 and _opted_out(committed.json()["decisions"][0]), committed.text
+
+
+def test_a_fresh_decision_waits_for_the_background_loop(runtime: Runtime) -> None:
+    app = create_app(runtime=runtime, background=True)
+    with TestClient(app) as client:
+        keys = _keys(runtime)
+        app.state.ruleset = RULES
+        _identify(client, keys, "u1")
+        assert _caught_up(client, keys)["leader"] is True
+        for mode in ("preview", "commit"):
+            _unsubscribe(client, keys, "u1")  # the second time the loop has nothing new to set
+            answer = client.post(
+                "/v1/decisions",
+                json={"customer_id": "u1", "mode": mode, "fresh": True},
+                headers=keys["decide"],
+            )
+            assert answer.status_code == 200 and _opted_out(answer.json()), answer.text
+
+
+def test_a_fresh_decision_answers_503_when_the_loop_does_not_catch_up(runtime: Runtime) -> None:
+    # The engine loop disabled in this process (and no other process runs it): nothing applies the log.
+    stalled = _runtime(runtime, engine_enabled=False, decision_fresh_timeout_seconds=0.2)
+    app = create_app(runtime=stalled, background=True)
+    with TestClient(app) as client:
+        keys = _keys(stalled)
+        app.state.ruleset = RULES
+        _identify(client, keys, "u1")
+        started = time.monotonic()
+        r = client.post("/v1/decisions", json={"customer_id": "u1", "fresh": True}, headers=keys["decide"])
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        detail = r.json()["detail"]
+        assert (
+            "within 0.2 s" in detail
+            and "log at event 1, applied up to 0" in detail
+            and "fresh: false" in detail
+        )
+        assert time.monotonic() - started < 5
+        # Without waiting, the customer is not known yet (identity comes from the log): a 404, not a wait.
+        r = client.post("/v1/decisions", json={"customer_id": "u1", "fresh": False}, headers=keys["decide"])
+        assert r.status_code == 404
+
+
+@pytest.fixture
+def two_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Processes share the database as `serve --workers 2` does: one leads the engine loop."""
+    monkeypatch.setenv("CADENCE_WORKERS", "2")
+    yield
+
+
+def test_a_follower_waits_for_the_leaders_loop_and_reports_its_lag(
+    runtime: Runtime, two_workers: None
+) -> None:
+    fast = _runtime(runtime, engine_poll_seconds=0.05)
+    leader_app = create_app(runtime=fast, background=True)
+    with TestClient(leader_app) as leader:
+        keys = _keys(fast)
+        _identify(leader, keys, "u1")
+        assert _caught_up(leader, keys)["leader"] is True
+        follower_app = create_app(runtime=_runtime(runtime, engine_poll_seconds=0.05), background=True)
+        with TestClient(follower_app) as follower:
+            follower_app.state.ruleset = RULES
+            # Ingested through the follower: its own loop does not lead, the leader's next look applies it.
+            _unsubscribe(follower, keys, "u1")
+            answer = follower.post(
+                "/v1/decisions", json={"customer_id": "u1", "at": AT}, headers=keys["decide"]
+            )
+            assert answer.status_code == 200 and _opted_out(answer.json()), answer.text
+            status = _caught_up(follower, keys)
+            # The follower reports the database's positions, not the ones it loaded at start.
+            assert status["leader"] is False and status["positions"]["consent"] == 2
