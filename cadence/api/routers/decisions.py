@@ -193,7 +193,8 @@ class DecisionFastPath:
     scope, a body that validates as :class:`DecisionRequest`, a decision that succeeds.
     It answers exactly what the route would (the same JSON body; the rate limit's 429
     with the same detail and ``Retry-After``). Anything else (an unknown or uncached key,
-    a body that does not validate, an unknown customer, an ``at`` without offset, and
+    a body that does not validate, a fresh decision, which waits for the engine loop in a
+    thread, an unknown customer, an ``at`` without offset, and
     for previews any error) is handed to the ordinary route with the body replayed: a
     preview writes nothing, and a commit that failed that way wrote nothing either (its
     transaction rolled back before anything was recorded), so deciding again there
