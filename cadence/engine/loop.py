@@ -234,6 +234,13 @@ class EngineLoop:
                 low = min(low, int(stored.get(sub.name, 0)))
         return low
 
+    def behind(self) -> tuple[int, int] | None:
+        """``(the log's last event id, :meth:`applied`)`` when the second is behind, else None."""
+        with read_connection(self.engine) as conn, conn.begin():
+            head = int(conn.scalar(select(func.max(events.c.id))) or 0)
+            at = self.applied(conn)
+        return (head, at) if at < head else None
+
     def wait_applied(self, *, timeout: float, inline: bool = False) -> None:
         """Return once the log as it is now (every event accepted so far) is applied; see :meth:`applied`.
 
@@ -247,11 +254,10 @@ class EngineLoop:
         if inline:
             self.catch_up()
             return
-        with read_connection(self.engine) as conn, conn.begin():
-            head = int(conn.scalar(select(func.max(events.c.id))) or 0)
-            at = self.applied(conn)
-        if at >= head:
+        behind = self.behind()
+        if behind is None:
             return
+        head, at = behind
         self.wake()
         deadline = time.monotonic() + timeout
         pause = 0.002
