@@ -14,9 +14,14 @@ loop replays the log after it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import hashlib
 import importlib
 import logging
+import os
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +34,7 @@ from sqlalchemy import Connection, event, func, select
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.ingest import append_horizon
-from cadence.engine.leader import Leadership
+from cadence.engine.leader import Leadership, sqlite_shared
 from cadence.errors import CadenceError
 from cadence.store.db import read_connection
 from cadence.store.fast import fetch_rows, rows_of, send, write_rows
@@ -52,6 +57,86 @@ class EngineBehindError(CadenceError):
             f"the engine loop has not applied the events accepted before this request within {timeout:g} s "
             f"(log at event {head}, applied up to {applied})"
         )
+
+
+class _Doorbell:
+    """Wakes the leading process's loop from the other processes of one ``cadence serve --workers N``.
+
+    Only the leader applies the log, and an event ingested by another worker otherwise waits
+    for the leader's next poll (``engine_poll_seconds``). The workers share the machine: the
+    leader listens on a Unix datagram socket named after the database, in the temporary
+    directory, and a worker that ingested events sends it a byte (a non-blocking ``sendto``;
+    nothing happens when no one listens). Off unless ``CADENCE_WORKERS`` is above 1.
+    """
+
+    def __init__(self, url: str, on_ring: Callable[[], None]) -> None:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        self.path = os.path.join(tempfile.gettempdir(), f"cadence-{digest}.wake") if sqlite_shared() else None
+        self.on_ring = on_ring
+        self._inbox: socket.socket | None = None
+        self._inode = 0
+        self._outbox: socket.socket | None = None
+        self._shut = False
+
+    def listen(self) -> None:
+        """Take the socket's name (this process leads); a name left by an earlier leader is replaced."""
+        if self.path is None or self._inbox is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            sock.bind(self.path)
+            self._inode = os.stat(self.path).st_ino
+        except OSError:
+            log.warning("cannot listen for other workers' wake-ups at %s", self.path, exc_info=True)
+            sock.close()
+            return
+        sock.settimeout(1.0)
+        self._inbox = sock
+        threading.Thread(
+            target=self._serve, args=(sock,), name="cadence-engine-doorbell", daemon=True
+        ).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        while self._inbox is sock:
+            try:
+                sock.recv(16)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.on_ring()
+
+    def ring(self) -> None:
+        """Wake the leader, unless this process leads (its own loop was woken already)."""
+        if self.path is None or self._inbox is not None or self._shut:
+            return
+        try:
+            if self._outbox is None:
+                self._outbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._outbox.setblocking(False)
+            self._outbox.sendto(b"w", self.path)
+        except OSError:
+            pass  # no leader listening (yet), or its queue is full: it looks at its next poll
+
+    def close(self) -> None:
+        """Stop listening; the name is removed unless another leader took it since."""
+        sock, self._inbox = self._inbox, None
+        if sock is None:
+            return
+        sock.close()
+        with contextlib.suppress(OSError):
+            if self.path is not None and os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+    def shutdown(self) -> None:
+        """Stop listening and close the socket the rings go out on (the loop stops)."""
+        self._shut = True
+        self.close()
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            outbox.close()
 
 
 class Subscriber(Protocol):
@@ -164,6 +249,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.leadership = Leadership(self.engine, lock_id=LEADER_LOCK_ID, role="engine")
+        self._doorbell = _Doorbell(str(self.engine.url), self._wake.set)
         self.processed = 0
         #: Called after each committed batch with the new positions and the batch size.
         self.on_batch: list[Callable[[dict[str, int], int], None]] = []
@@ -528,14 +614,16 @@ class EngineLoop:
         return self._thread is not None
 
     def wake(self) -> None:
-        """Ask the background thread to look at the log now."""
+        """Ask the background thread to look at the log now (the leader's, when another process leads)."""
         self._wake.set()
+        self._doorbell.ring()
 
     def start(self) -> None:
         """Run in a daemon thread until :meth:`stop` (only while holding leadership on PostgreSQL)."""
         if self._thread is not None:
             return
         self._stop.clear()
+        self._doorbell = _Doorbell(str(self.engine.url), self._wake.set)  # (a stopped one stays shut)
         self._thread = threading.Thread(target=self._run, name="cadence-engine-loop", daemon=True)
         self._thread.start()
 
@@ -553,13 +641,19 @@ class EngineLoop:
         return self.leadership.acquire()
 
     def _release_leadership(self) -> None:
+        self._doorbell.shutdown()
         self.leadership.release()
 
     def _run(self) -> None:
         poll = self.runtime.settings.engine_poll_seconds
         while not self._stop.is_set():
             try:
-                if self._is_leader() and self._run_once(hold=True):
+                leads = self._is_leader()
+                if leads:
+                    self._doorbell.listen()
+                else:
+                    self._doorbell.close()
+                if leads and self._run_once(hold=True):
                     continue  # more may be waiting
             except Exception:
                 log.exception("engine loop batch failed; retrying")

@@ -166,24 +166,25 @@ def two_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def test_a_follower_waits_for_the_leaders_loop_and_reports_its_lag(
-    runtime: Runtime, two_workers: None
-) -> None:
-    fast = _runtime(runtime, engine_poll_seconds=0.05)
-    leader_app = create_app(runtime=fast, background=True)
+def test_a_follower_wakes_the_leaders_loop_and_reports_its_lag(runtime: Runtime, two_workers: None) -> None:
+    # The loops look at the log on their own only every 30 s: only the follower's wake-up can make
+    # the leader apply the follower's event before the fresh decision's 10 s run out.
+    slow = _runtime(runtime, engine_poll_seconds=30.0)
+    leader_app = create_app(runtime=slow, background=True)
     with TestClient(leader_app) as leader:
-        keys = _keys(fast)
-        _identify(leader, keys, "u1")
+        keys = _keys(slow)
+        _identify(leader, keys, "u1")  # the leader's own ingestion wakes its loop
         assert _caught_up(leader, keys)["leader"] is True
-        follower_app = create_app(runtime=_runtime(runtime, engine_poll_seconds=0.05), background=True)
+        follower_app = create_app(runtime=_runtime(runtime, engine_poll_seconds=30.0), background=True)
         with TestClient(follower_app) as follower:
             follower_app.state.ruleset = RULES
-            # Ingested through the follower: its own loop does not lead, the leader's next look applies it.
-            _unsubscribe(follower, keys, "u1")
+            _unsubscribe(follower, keys, "u1")  # ingested by the follower, whose loop does not lead
+            started = time.monotonic()
             answer = follower.post(
                 "/v1/decisions", json={"customer_id": "u1", "at": AT}, headers=keys["decide"]
             )
             assert answer.status_code == 200 and _opted_out(answer.json()), answer.text
-            status = _caught_up(follower, keys)
+            assert time.monotonic() - started < 5
+            status = _caught_up(follower, keys, timeout=1.0)
             # The follower reports the database's positions, not the ones it loaded at start.
             assert status["leader"] is False and status["positions"]["consent"] == 2
