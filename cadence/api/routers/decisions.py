@@ -1121,13 +1121,9 @@ async def _caught_up(app: FastAPI) -> None:
     simulated time, an app right after an ``Unsubscribed``) gets one that reads it: the
     consent, profile and caps it set, and this process's learners where its loop leads.
     """
-    loop = app.state.engine_loop
-    state = getattr(app.state, "decision_state", None)
-    if app.state.background and state is not None and not state.postgres and loop.behind() is None:
-        return  # SQLite answers these two reads from the local file in microseconds: no thread hand-off
     try:
         await run_in_threadpool(
-            loop.wait_applied,
+            app.state.engine_loop.wait_applied,
             timeout=app.state.settings.decision_fresh_timeout_seconds,
             inline=not app.state.background,
         )
