@@ -141,7 +141,9 @@ class CompiledPredicate:
                 if inner is not None and inner is not self:
                     for part in inner.explain(ctx):
                         results.append(
-                            ConditionResult(f"{text} > {part.text}", part.value, part.passed, part.pos)
+                            ConditionResult(
+                                f"{text} > {part.text}", part.value, part.passed, part.pos, nested=True
+                            )
                         )
         return results
 

@@ -89,6 +89,7 @@ class ConditionResult:
     value: Any
     passed: bool
     pos: SourcePos | None = None
+    nested: bool = False  # a part of a segment a top-level condition names (``seg > part``)
 
 
 class Predicate(Protocol):

@@ -355,6 +355,34 @@ def _usable_channels(
     return usable, blocks
 
 
+def _audience_detail(source: str, parts: Sequence[ConditionResult]) -> str:
+    """Why a customer is not in a campaign's audience: the top-level conditions that failed, with their values.
+
+    Without explained parts (``explain=False``) the audience as written.
+
+    >>> _audience_detail("vip and count(purchased) > 2", [
+    ...     ConditionResult("vip", True, True), ConditionResult("vip > tier == 'gold'", False, False, nested=True),
+    ...     ConditionResult("count(purchased) > 2", 1, False)])
+    'audience not met: count(purchased) > 2 is false (value 1)'
+    >>> _audience_detail("a and b", [ConditionResult("a", False, False), ConditionResult("b", None, False)])
+    'audience not met: a is false, b is false (value null)'
+    >>> _audience_detail("a or b", [])
+    'audience not met: a or b'
+    """
+    failed = [p for p in parts if not p.passed and not p.nested]
+    if not failed:
+        return f"audience not met: {source}"
+    said = []
+    for p in failed:
+        value = p.value
+        if isinstance(value, bool):
+            said.append(f"{p.text} is false")
+        else:
+            shown = "null" if value is None else (f"{value!r}" if isinstance(value, str) else f"{value}")
+            said.append(f"{p.text} is false (value {shown})")
+    return "audience not met: " + ", ".join(said)
+
+
 def _explain(pred: Any, ctx: EvalContext) -> list[ConditionResult]:
     explain = getattr(pred, "explain", None)
     return list(explain(ctx)) if explain is not None else []
@@ -422,10 +450,12 @@ def decide(
         parts: list[ConditionResult] = []
         conditions[name] = parts
         if campaign.starts_ms is not None and now_ms < campaign.starts_ms:
-            suppressions.append(_suppression(name, "not_started", f"starts at {campaign.starts_ms} ms"))
+            suppressions.append(
+                _suppression(name, "not_started", f"starts {_fmt(campaign.starts_ms, customer_zone)}")
+            )
             continue
         if campaign.ends_ms is not None and now_ms >= campaign.ends_ms:
-            suppressions.append(_suppression(name, "ended", f"ended at {campaign.ends_ms} ms"))
+            suppressions.append(_suppression(name, "ended", f"ended {_fmt(campaign.ends_ms, customer_zone)}"))
             continue
 
         earliest = now_ms
@@ -452,10 +482,15 @@ def decide(
             earliest = max(now_ms, event_at + trigger.delay_ms)
 
         if campaign.audience is not None:
+            first_part = len(parts)
             if explain:
                 parts.extend(_explain(campaign.audience, ctx))
             if not campaign.audience(ctx):
-                suppressions.append(_suppression(name, "audience", f"not in {campaign.audience.source}"))
+                suppressions.append(
+                    _suppression(
+                        name, "audience", _audience_detail(campaign.audience.source, parts[first_part:])
+                    )
+                )
                 continue
         if campaign.unless is not None:
             if explain:

@@ -118,6 +118,37 @@ def test_every_suppression_reason_is_a_known_one() -> None:
     assert d.conditions["a"][0].value is False
 
 
+def test_suppressions_say_which_condition_failed_and_when_in_words() -> None:
+    """A person reads the detail: the audience's failed top-level conditions with their values (a
+    segment's inner parts stay in the conditions list), and dates as local times, not epoch ms."""
+    from cadence.dsl.loader import load_source
+
+    loaded = load_source(
+        'event purchased = "Order Completed"\n'
+        "segment buyers = count(purchased) > 2\n"
+        'campaign vip "VIP" {\n    audience  buyers and customer.tier ?? "none" == "gold"\n    send      template "t"\n'
+        "    channel   email\n}\n"
+        'campaign later "Later" {\n    send      template "t"\n    channel   email\n    starts    2099-03-01\n}\n'
+    )
+    assert not loaded.errors, loaded.errors
+    d = decide(
+        ruleset=loaded.ruleset,
+        profile=MemoryProfile(customer_id=1, traits={"tier": "silver"}, timezone="Asia/Tokyo"),
+        now_ms=NOW,
+        history=[],
+        available_channels=["email"],
+    )
+    detail = {s.campaign: s.detail for s in d.suppressions}
+    assert detail["vip"] == (
+        'audience not met: buyers is false, customer.tier ?? "none" == "gold" is false (value \'silver\')'
+    )
+    assert [(c.text, c.value, c.nested) for c in d.conditions["vip"]][:2] == [
+        ("buyers", False, False),
+        ("buyers > count(purchased) > 2", 0, True),
+    ]
+    assert detail["later"] == "starts 2099-03-01 09:00 JST"  # midnight UTC (the ruleset's zone), in Tokyo
+
+
 def test_trigger_delay_and_where() -> None:
     c = camp(
         "cart",
