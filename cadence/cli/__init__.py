@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "cadence.cli.attribution",
     "cadence.cli.jobs",
     "cadence.cli.sends",
+    "cadence.cli.engine",
 )
 
 #: The module that registers each top-level command; a command missing here still
@@ -62,6 +63,7 @@ COMMAND_HOMES = {
     "attribution": "cadence.cli.attribution",
     "jobs": "cadence.cli.jobs",
     "sends": "cadence.cli.sends",
+    "engine": "cadence.cli.engine",
 }
 
 err_console = Console(stderr=True)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from cadence.cli import runtime_for
+from cadence.cli.engine import apply_pending
 from cadence.engine.privacy import erase_customer, export_customer
 
 customers_app = typer.Typer(help="Customer data requests.", no_args_is_help=True)
@@ -19,6 +20,7 @@ console = Console(stderr=True)
 def export(ctx: typer.Context, ref: str = typer.Argument(..., help="A user id or anonymous id.")) -> None:
     """Print everything held about a customer as JSON."""
     runtime = runtime_for(ctx)
+    apply_pending(runtime)  # the export reads identities and profiles the log may not have reached yet
     data = export_customer(engine=runtime.engine, ref=ref)
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -34,6 +36,7 @@ def erase(
     if not yes:
         typer.confirm(f"Erase everything about {ref!r}? This cannot be undone", abort=True)
     runtime = runtime_for(ctx)
+    apply_pending(runtime)  # every identity the log links to the customer, and their derived state
     counts = erase_customer(runtime=runtime, ref=ref, requested_by=f"cli:{operator}")
     console.print(f"erased: {counts['events_removed']} events, {counts['identities_removed']} identities")
 

@@ -249,6 +249,7 @@ def explain(
     as_json: bool = typer.Option(False, "--json", help="Print the explain record as JSON."),
 ) -> None:
     """Show every condition of CAMPAIGN for one customer with its actual value, and why it did not fire."""
+    from cadence.cli.engine import apply_pending
     from cadence.runtime import open_runtime
     from cadence.store.db import read_connection
 
@@ -262,6 +263,7 @@ def explain(
     when = _parse_at(at)
     runtime = open_runtime(settings)
     try:
+        apply_pending(runtime)  # the profile as of every event logged, not as of the last server run
         with read_connection(runtime.engine) as conn:
             record = explain_from_database(
                 conn,

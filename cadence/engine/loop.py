@@ -214,6 +214,19 @@ def make_subscribers(runtime: Runtime) -> list[Subscriber]:
     return built
 
 
+def stored_state_loop(runtime: Runtime) -> EngineLoop:
+    """A loop over the subscribers whose state is in the database (identity, profiles, consent,
+    attribution, ...), not the learners, whose state lives in the serving process.
+
+    What a one-off command applies before it reads derived state (``cadence engine catch-up``,
+    ``cadence explain``, ``cadence customers``): with no ``cadence serve`` running, nothing else
+    applies the events an import or an API call logged. Safe beside a running server: batches
+    run under the database-wide lock. The learners catch up from their snapshot when a server
+    starts.
+    """
+    return EngineLoop(runtime, [s for s in make_subscribers(runtime) if not getattr(s, "in_memory", False)])
+
+
 class EngineLoop:
     """Applies the event log to every subscriber, in order, with checkpoints.
 

@@ -88,8 +88,9 @@ def export_customer(*, engine: Engine, ref: str, now: int | None = None) -> dict
                 name: {"count": s[0], "sum_value": s[1], "first_ms": s[2], "last_ms": s[3]}
                 for name, s in sorted(profile.stats.items())
             },
-            "events": [dict(r._mapping) for r in rows],
-            "sends": [dict(r._mapping) for r in queued],
+            # str(): a column named like a keyword ("type") is a quoted_name, which orjson refuses as a key
+            "events": [{str(k): v for k, v in r._mapping.items()} for r in rows],
+            "sends": [{str(k): v for k, v in r._mapping.items()} for r in queued],
         }
 
 

@@ -188,3 +188,23 @@ def test_a_follower_wakes_the_leaders_loop_and_reports_its_lag(runtime: Runtime,
             status = _caught_up(follower, keys, timeout=1.0)
             # The follower reports the database's positions, not the ones it loaded at start.
             assert status["leader"] is False and status["positions"]["consent"] == 2
+
+
+def test_a_data_request_finds_the_customer_an_identify_just_created(runtime: Runtime) -> None:
+    # Export and erasure wait for the log like a fresh decision: the customer and every identity
+    # linked so far come from it. Without a background loop the request applies it itself.
+    keys = _keys(runtime)
+    stalled = _runtime(runtime, engine_enabled=False, decision_fresh_timeout_seconds=0.2)
+    with TestClient(create_app(runtime=stalled, background=True)) as client:
+        _identify(client, keys, "u1")
+        refused = client.delete("/v1/customers/u1", headers=keys["admin"])
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert refused.json()["detail"].endswith("; retry")
+        assert client.get("/v1/engine", headers=keys["admin"]).json()["lag"] == 1  # u1's identify kept
+
+    client = TestClient(create_app(runtime=runtime, background=False))
+    exported = client.get("/v1/customers/u1", headers=keys["admin"])
+    assert exported.status_code == 200 and exported.json()["timezone"] == "Europe/Berlin", exported.text
+    _identify(client, keys, "u2")
+    erased = client.delete("/v1/customers/u2", headers=keys["admin"])
+    assert erased.status_code == 200 and erased.json()["events_removed"] == 1, erased.text

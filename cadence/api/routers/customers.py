@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from cadence.api.routers.engine import caught_up
 from cadence.api.security import Principal, Scope
 from cadence.channels import CHANNELS
 from cadence.clock import now_ms
@@ -45,6 +46,7 @@ class ConsentResponse(BaseModel):
 @router.get("/customers/{ref}")
 async def export(ref: str, request: Request, _p: Annotated[Principal, Scope("admin")]) -> dict[str, Any]:
     """Everything cadence holds about a customer (by user or anonymous id), for a data request."""
+    await caught_up(request.app)  # a customer an identify just created, and every identity linked since
     try:
         return await run_in_threadpool(export_customer, engine=request.app.state.runtime.engine, ref=ref)
     except IdentityError as exc:
@@ -56,6 +58,7 @@ async def erase(
     ref: str, request: Request, principal: Annotated[Principal, Scope("admin")]
 ) -> dict[str, int]:
     """Erase a customer's events, identities and traits, and correct every derived state."""
+    await caught_up(request.app)  # every identity the events accepted so far link to the customer
     try:
         return await run_in_threadpool(
             erase_customer,

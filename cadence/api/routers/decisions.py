@@ -34,6 +34,7 @@ from cadence.api.httpproto import DEFERRED
 from cadence.api.loopconn import LoopConnection
 from cadence.api.metrics import Metrics
 from cadence.api.previewbatch import PreviewBatcher
+from cadence.api.routers.engine import caught_up
 from cadence.api.security import Principal, Scope
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
@@ -51,7 +52,6 @@ from cadence.engine.decisions_service import (
     record_decisions,
 )
 from cadence.engine.learning import LearnerSubscriber
-from cadence.engine.loop import EngineBehindError
 from cadence.errors import IdentityError
 from cadence.store.db import begin_write, read_connection
 
@@ -1114,25 +1114,6 @@ def _decide_many(
     return out
 
 
-async def _caught_up(app: FastAPI) -> None:
-    """Wait until the engine loop has applied every event accepted so far (a ``fresh`` decision).
-
-    A client that reports feedback and then asks for a decision (a simulation driving
-    simulated time, an app right after an ``Unsubscribed``) gets one that reads it: the
-    consent, profile and caps it set, and this process's learners where its loop leads.
-    """
-    try:
-        await run_in_threadpool(
-            app.state.engine_loop.wait_applied,
-            timeout=app.state.settings.decision_fresh_timeout_seconds,
-            inline=not app.state.background,
-        )
-    except EngineBehindError as exc:
-        raise HTTPException(
-            503, detail=f"{exc}; retry, or ask with fresh: false", headers={"Retry-After": "1"}
-        ) from exc
-
-
 def _json(body: Any) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
@@ -1143,7 +1124,7 @@ async def decide_one(
 ) -> Response:
     """Decide which campaign, channel and time (or nothing) for one customer, with the explanation."""
     if body.waits:
-        await _caught_up(request.app)
+        await caught_up(request.app, hint="retry, or ask with fresh: false")
     state = getattr(request.app.state, "decision_state", None)
     if body.mode == "preview" and state is not None and not state.postgres:
         # A preview on SQLite reads one statement through the cache and writes nothing: decided on
@@ -1159,7 +1140,7 @@ async def decide_batch(
 ) -> Response:
     """Decide for up to 1,000 customers; unknown customers get ``action: "error"`` in place."""
     if any(item.waits for item in body.requests):
-        await _caught_up(request.app)
+        await caught_up(request.app, hint="retry, or ask with fresh: false")
     return _json({"decisions": await run_in_threadpool(_decide_many, request.app, body.requests)})
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
 from cadence.api.security import Principal, Scope
-from cadence.engine.loop import EngineLoop
+from cadence.engine.loop import EngineBehindError, EngineLoop
 from cadence.store.db import read_connection
 from cadence.store.schema.core import events
 
@@ -46,6 +46,25 @@ def setup(app: FastAPI) -> None:
 
     app.state.on_startup.append(start)
     app.state.on_shutdown.append(stop)
+
+
+async def caught_up(app: FastAPI, *, hint: str = "retry") -> None:
+    """Wait until the engine loop has applied every event accepted so far; 503 after the fresh timeout.
+
+    A request that must read what its client sent just before it calls this: a ``fresh``
+    decision (a simulation driving simulated time, an app right after an ``Unsubscribed``)
+    reads the consent, profile and caps those events set, and this process's learners where
+    its loop leads; a data request (export, erasure) finds the customer an ``identify`` just
+    created and every identity linked since. ``hint`` ends the 503's detail.
+    """
+    try:
+        await run_in_threadpool(
+            app.state.engine_loop.wait_applied,
+            timeout=app.state.settings.decision_fresh_timeout_seconds,
+            inline=not app.state.background,
+        )
+    except EngineBehindError as exc:
+        raise HTTPException(503, detail=f"{exc}; {hint}", headers={"Retry-After": "1"}) from exc
 
 
 @router.get("/engine")
