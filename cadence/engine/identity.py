@@ -363,7 +363,8 @@ def _reserve_customer_ids(conn: Connection, count: int) -> list[int]:
     """``count`` fresh customer ids, without a round trip per row.
 
     PostgreSQL draws them from the column's sequence; on SQLite the loop's batch
-    holds the write lock (``BEGIN IMMEDIATE``), so the ids after the maximum are free.
+    holds the write lock (``BEGIN IMMEDIATE``), so the ids after the maximum are free: the
+    maximum of the table and of the last erasure's ``customer_ids_to``.
     """
     if conn.dialect.name == "postgresql":
         # The sequence is looked up once, not per row (that lookup cost more than nextval).
@@ -373,5 +374,12 @@ def _reserve_customer_ids(conn: Connection, count: int) -> list[int]:
             (count,),
         )
         return [int(r[0]) for r in rows]
-    start = int(conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM customers").scalar() or 0)
+    # Not below an erased customer's id either (erasure deletes the row that held the maximum).
+    start = int(
+        conn.exec_driver_sql(
+            "SELECT max(COALESCE((SELECT MAX(id) FROM customers), 0),"
+            " COALESCE((SELECT customer_ids_to FROM erasures ORDER BY id DESC LIMIT 1), 0))"
+        ).scalar()
+        or 0
+    )
     return list(range(start + 1, start + count + 1))

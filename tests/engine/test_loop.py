@@ -20,6 +20,7 @@ from cadence.store.schema.core import (
     checkpoints,
     consent,
     customers,
+    events,
     identities,
     profile_daily,
     profile_event_stats,
@@ -395,3 +396,32 @@ def test_positions_are_loaded_without_the_write_lock(runtime: Runtime, write_loc
         with runtime.engine.begin():
             pass
         assert len(taken) == 1  # a write transaction does take it
+
+
+def test_ids_freed_by_an_erasure_are_never_given_again(runtime: Runtime) -> None:
+    """Erasing the newest customer deletes the log's newest events and the highest customer id.
+
+    SQLite gives a table's next row the highest id + 1: a new event took an id the loop had
+    already passed (and was never applied), and a new customer took the erased one's id.
+    """
+    from cadence.engine.privacy import erase_customer
+
+    loop = EngineLoop(runtime)
+    ingest(runtime, ev(1, event="Viewed", userId="stays"), ev(2, event="Viewed", userId="gone"))
+    ingest(runtime, ev(3, event="Viewed", userId="gone"))
+    loop.catch_up()
+    with runtime.engine.connect() as conn:
+        gone = resolve_customer(conn, "gone")
+    erase_customer(runtime=runtime, ref="gone", requested_by="test", loop=loop)
+
+    ingest(runtime, ev(4, event="Viewed", userId="new"), ev(5, event="Viewed", userId="stays"))
+    loop.catch_up()
+    with runtime.engine.connect() as conn:
+        ids = conn.execute(select(events.c.id).order_by(events.c.id)).scalars().all()
+        new = resolve_customer(conn, "new")
+        stays = resolve_customer(conn, "stays")
+        assert ids[1:] == [4, 5]  # after the erased 2 and 3, not again 2 and 3
+        assert new is not None and new != gone
+        assert (
+            stays is not None and load_profile(conn, stays, now_ms=T0 + DAY).count("Viewed", 0, T0 + DAY) == 2
+        )

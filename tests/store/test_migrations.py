@@ -59,3 +59,49 @@ def test_event_payloads_survive_the_json_migration_both_ways(db_engine: Engine) 
     assert stored() == after
     migrate(db_engine)
     assert pending_migrations(db_engine) == []
+
+
+def test_ids_0001_starts_event_ids_after_any_id_given_and_keeps_the_partial_indexes(
+    db_engine: Engine,
+) -> None:
+    """On a database where an erasure already freed the newest event ids (the loop's position is past
+    the log's end), the next event after ids_0001 gets an id above that position; down and up again
+    keep every event."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from cadence.engine.events import parse_call
+    from cadence.engine.ingest import record_events
+    from cadence.store.db import _alembic_config, migrate
+    from cadence.store.schema.core import checkpoints, events
+
+    def append(*names: str) -> None:
+        calls = [{"type": "track", "event": "E", "userId": n, "messageId": n} for n in names]
+        record_events(engine=db_engine, batch=[parse_call(c, received_ms=1) for c in calls])
+
+    def ids() -> list[tuple[int, str]]:
+        with db_engine.connect() as conn:
+            return [
+                tuple(r) for r in conn.execute(select(events.c.id, events.c.message_id).order_by(events.c.id))
+            ]
+
+    command.downgrade(_alembic_config(db_engine), "notify13_0004")
+    append("m1", "m2", "m3")
+    with db_engine.begin() as conn:
+        conn.execute(checkpoints.insert().values(name="identity", position=3, updated_ms=0))
+        conn.execute(events.delete().where(events.c.id > 1))  # what an erasure of the newest did
+    migrate(db_engine)
+    append("m4")
+    assert ids() == [(1, "m1"), (4, "m4")]
+    command.downgrade(_alembic_config(db_engine), "notify13_0004")
+    assert ids() == [(1, "m1"), (4, "m4")]
+    migrate(db_engine)
+    append("m5")
+    assert ids()[-1] == (5, "m5")
+    if db_engine.dialect.name == "sqlite":
+        with db_engine.connect() as conn:
+            index_sql = conn.execute(
+                text("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'ix_events_user_id'")
+            ).scalar_one()
+            table_sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'events'")).scalar_one()
+        assert "WHERE user_id IS NOT NULL" in index_sql and "AUTOINCREMENT" in table_sql

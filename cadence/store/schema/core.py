@@ -80,6 +80,9 @@ events = Table(
         sqlite_where=text("anonymous_id IS NOT NULL"),
         postgresql_where=text("anonymous_id IS NOT NULL"),
     ),
+    # Ids are never given twice (an erasure deletes the newest events; SQLite would reuse
+    # their ids, below the loop's position): migration ids_0001.
+    sqlite_autoincrement=True,
 )
 
 customers = Table(
@@ -178,6 +181,8 @@ erasures = Table(
     Column("events_removed", Integer, nullable=False),
     Column("identities_removed", Integer, nullable=False),
     Column("requested_by", String(100), nullable=False),
+    # The highest customer id when it ran: SQLite's new customer ids start after it (ids_0001).
+    Column("customer_ids_to", BigInteger),
 )
 
 api_keys = Table(
