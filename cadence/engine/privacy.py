@@ -1,16 +1,18 @@
 """Data-subject requests: export everything about a customer, or erase it.
 
 Erasure removes the customer's events from the log, their identities, traits,
-profiles, consent rows and queued sends, and lets every engine-loop subscriber correct
-the derived state that counted them, all in one transaction. It is recorded in
+profiles, consent rows, sends, decisions, dry-run outbox messages and ad-audience
+memberships, and lets every engine-loop subscriber correct the derived state that counted
+them, all in one transaction. It is recorded in
 ``erasures`` with counts and the operator's name, never with the erased ids.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, or_, select, text
+from sqlalchemy import Engine, delete, func, insert, or_, select, text
 
 from cadence.clock import now_ms
 from cadence.engine.consent import consent_of
@@ -20,8 +22,12 @@ from cadence.engine.profiles import load_profile
 from cadence.errors import IdentityError
 from cadence.runtime import Runtime
 from cadence.store.db import read_connection
+from cadence.store.schema.connectors import outbox
 from cadence.store.schema.core import customers, erasures, events, identities
+from cadence.store.schema.scheduler import audience_members
 from cadence.store.schema.sends import sends
+
+log = logging.getLogger("cadence.privacy")
 
 __all__ = ["erase_customer", "export_customer"]
 
@@ -113,12 +119,37 @@ def erase_customer(
         if cid is None:
             raise IdentityError(f"no customer with user or anonymous id {ref!r}")
         members = _members(conn, cid)
+        # Before the rows go: SQLite's next customer ids start after it (identity._reserve_customer_ids).
+        ids_to = max(
+            int(conn.scalar(select(func.max(customers.c.id))) or 0),
+            int(conn.scalar(select(erasures.c.customer_ids_to).order_by(erasures.c.id.desc()).limit(1)) or 0),
+        )
         ids = identities_of(conn, cid)
         loop.erase(conn, members)
         removed = conn.execute(delete(events).where(_event_filter(ids))).rowcount
         n_ids = conn.execute(delete(identities).where(identities.c.customer_id.in_(members))).rowcount
+        # Tables keyed by customer without a cascading key: the dry-run outbox's messages (addresses,
+        # rendered variables) and the ad audiences the customer was synced to.
+        conn.execute(delete(outbox).where(outbox.c.customer_id.in_(members)))
+        audiences = sorted(
+            conn.execute(
+                delete(audience_members)
+                .where(audience_members.c.customer_id.in_(members))
+                .returning(audience_members.c.campaign)
+            ).scalars()
+        )
+        if audiences:
+            log.warning(
+                "the erased customer was in the ad audiences of %s: cadence cannot remove them there"
+                " without the identifiers it just erased; remove them with the platform's own tools",
+                ", ".join(audiences),
+            )
         conn.execute(customers.update().where(customers.c.id.in_(members)).values(merged_into=None))
         conn.execute(delete(customers).where(customers.c.id.in_(members)))
         counts = {"events_removed": int(removed), "identities_removed": int(n_ids)}
-        conn.execute(insert(erasures).values(requested_ms=now_ms(), requested_by=requested_by, **counts))
+        conn.execute(
+            insert(erasures).values(
+                requested_ms=now_ms(), requested_by=requested_by, customer_ids_to=ids_to, **counts
+            )
+        )
     return counts

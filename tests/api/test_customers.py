@@ -11,7 +11,9 @@ from sqlalchemy import func, select
 from cadence.api.app import create_app
 from cadence.api.security import create_key
 from cadence.runtime import Runtime
+from cadence.store.schema.connectors import outbox
 from cadence.store.schema.core import erasures, events, identities, profile_event_stats
+from cadence.store.schema.scheduler import audience_members
 
 
 @pytest.fixture
@@ -74,10 +76,26 @@ def test_export_then_erase_removes_everything_and_records_no_ids(
     assert data["traits"]["email"] == "erin@example.com"
     assert len(data["events"]) == 3 and set(data["aggregates"]) == {"Product Viewed", "Order Completed"}
     assert client.delete("/v1/customers/erin", headers=ingest).status_code == 403
+    # What connectors kept of the customer (no cascading key): a dry-run message and an ad-audience
+    # membership; the other customer's stay.
+    erin, other = data["customer_id"], client.get("/v1/customers/other", headers=admin).json()["customer_id"]
+    with runtime.engine.begin() as conn:
+        for cid in (erin, other):
+            conn.execute(
+                outbox.insert().values(
+                    idempotency_key=f"k{cid}", channel="email", campaign="c", customer_id=cid,
+                    message={"to": "erin@example.com" if cid == erin else "x"}, created_ms=0,
+                )
+            )  # fmt: skip
+            conn.execute(audience_members.insert().values(campaign="ads", customer_id=cid, added_ms=0))
     erased = client.delete("/v1/customers/erin", headers=admin)
     assert erased.json() == {"events_removed": 3, "identities_removed": 2}
     assert total(runtime, events) == 1 and total(runtime, identities) == 1
     assert total(runtime, profile_event_stats) == 1
+    assert total(runtime, outbox) == 1 and total(runtime, audience_members) == 1
+    with runtime.engine.connect() as conn:
+        assert conn.scalar(select(outbox.c.customer_id)) == other
+        assert conn.scalar(select(audience_members.c.customer_id)) == other
     assert client.get("/v1/customers/erin", headers=admin).status_code == 404
     with runtime.engine.connect() as conn:
         record = conn.execute(select(erasures)).one()
