@@ -197,7 +197,11 @@ def in_process_api(database_url: str, *, rules: Path = SIM_RULES) -> Iterator[Ap
     The app runs without background threads; ``sync`` drains the engine loop, so the run
     is repeatable. The database must be empty (or hold an earlier simulation).
     """
-    from fastapi.testclient import TestClient
+    import warnings
+
+    with warnings.catch_warnings():  # starlette >= 1 nudges towards httpx2; httpx is what cadence ships with
+        warnings.filterwarnings("ignore", message="Using .httpx. with .starlette.testclient. is deprecated")
+        from fastapi.testclient import TestClient
 
     from cadence.api.app import create_app
     from cadence.keys import create_key
