@@ -150,6 +150,27 @@ def test_batch_and_unknown_customers(setup: tuple[TestClient, dict[str, dict[str
         "/v1/decisions", json={"customer_id": "u1", "at": "2026-03-05T10:00:00"}, headers=keys["decide"]
     )  # type: ignore[arg-type]
     assert naive.status_code == 422
+    # A campaign filter with a typo decided nothing, silently: it names the campaign (every path,
+    # previews, commits, batches), and a known name still filters.
+    for body in (
+        {"customer_id": "u1", "campaigns": ["winbak"]},
+        {"customer_id": "u1", "campaigns": ["winbak"], "mode": "commit"},
+    ):
+        typo = client.post("/v1/decisions", json=body, headers=keys["decide"])  # type: ignore[arg-type]
+        assert typo.status_code == 422, typo.text
+        assert (
+            typo.json()["detail"]
+            == "campaigns: no campaign 'winbak' (did you mean 'winback'?) in the loaded rules"
+        )
+    batch = client.post(
+        "/v1/decisions/batch", json={"requests": [{"customer_id": "u1", "campaigns": ["held", "nope"]}]},
+        headers=keys["decide"],  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert batch.status_code == 422 and "'nope'" in batch.text
+    only = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "campaigns": ["held"]}, headers=keys["decide"]
+    )  # type: ignore[arg-type]
+    assert only.status_code == 200 and only.json()["action"] == "none"
     assert client.post("/v1/decisions", json={"customer_id": "u1"}, headers=keys["ingest"]).status_code == 403  # type: ignore[arg-type]
 
 

@@ -36,6 +36,7 @@ from cadence.api.metrics import Metrics
 from cadence.api.previewbatch import PreviewBatcher
 from cadence.api.routers.engine import caught_up
 from cadence.api.security import Principal, Scope
+from cadence.dsl.diagnostics import did_you_mean
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import (
@@ -106,6 +107,32 @@ def _ms(at: datetime | None, app: FastAPI) -> int:
     if at.tzinfo is None:
         raise HTTPException(422, detail="at: give a time zone offset, e.g. 2026-03-05T08:00:00+01:00")
     return int(at.timestamp() * 1000)
+
+
+def _campaigns(item: DecisionRequest, ruleset: CompiledRuleset) -> list[str] | None:
+    """``item``'s campaign filter, every name a campaign of ``ruleset`` (a typo would decide nothing, silently).
+
+    >>> from cadence.engine.campaign import GlobalSettings
+    >>> rules = CompiledRuleset(hash="h", campaigns={"winback": None}, segments={}, settings=GlobalSettings(),
+    ...                         aggregates=frozenset())
+    >>> _campaigns(DecisionRequest(customer_id="u", campaigns=["winback"]), rules)
+    ['winback']
+    >>> _campaigns(DecisionRequest(customer_id="u", campaigns=["winbak", "zzz"]), rules)
+    Traceback (most recent call last):
+    ...
+    fastapi.exceptions.HTTPException: 422: campaigns: no campaign 'winbak' (did you mean 'winback'?), no campaign 'zzz' in the loaded rules
+    """
+    wanted = item.campaigns
+    if wanted is None:
+        return None
+    unknown = [name for name in wanted if name not in ruleset.campaigns]
+    if unknown:
+        said = []
+        for name in unknown:
+            hint = did_you_mean(name, ruleset.campaigns)
+            said.append(f"no campaign {name!r}" + (f" ({hint})" if hint else ""))
+        raise HTTPException(422, detail="campaigns: " + ", ".join(said) + " in the loaded rules")
+    return wanted
 
 
 def _learners(app: FastAPI) -> LearnerSubscriber | None:
@@ -989,8 +1016,9 @@ def _event_of(item: DecisionRequest, now: int) -> dict[str, Any] | None:
 def _spec(app: FastAPI, item: DecisionRequest) -> DecisionRequestSpec:
     """What ``item`` asks for, with this process's ruleset, learners and channels."""
     now = _ms(item.at, app)
+    ruleset = _ruleset(app)
     return DecisionRequestSpec(
-        ruleset=_ruleset(app),
+        ruleset=ruleset,
         customer_ref=item.customer_id,
         now_ms=now,
         available_channels=app.state.available_channels,
@@ -998,7 +1026,7 @@ def _spec(app: FastAPI, item: DecisionRequest) -> DecisionRequestSpec:
         opt_in_channels=getattr(app.state, "opt_in_channels", ()),
         mode=item.mode,
         context=item.context,
-        campaigns=item.campaigns,
+        campaigns=_campaigns(item, ruleset),
         event=_event_of(item, now),
     )
 
@@ -1092,7 +1120,7 @@ def _decide_many(
                         learners=learners,
                         mode=item.mode,
                         context=item.context,
-                        campaigns=item.campaigns,
+                        campaigns=_campaigns(item, ruleset),
                         event=_event_of(item, now),
                         state=state,
                         after_commit=after_commit,
