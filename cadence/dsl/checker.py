@@ -411,7 +411,7 @@ class Checker:
         """The type of ``node``; reports problems."""
         if isinstance(node, ast.Lit):
             if node.kind in ("timeofday", "timestamp") and node.value is None:
-                self.at(node, "E105", f"'{node.text}' is not a valid {KIND_NAMES[node.kind]}", len(node.text))
+                self.at(node, "E105", f"'{node.text}' is not {KIND_NAMES[node.kind]}", len(node.text))
                 return ERROR
             if node.kind == "now":
                 return T("timestamp")
