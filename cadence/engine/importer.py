@@ -231,6 +231,10 @@ def _csv_chunks(
                 chunk.append(
                     (reader.line_num, raw, EventError("more cells than header columns", field="line"))
                 )
+            elif None in row.values():  # DictReader fills a short row's missing cells with None
+                cells = sum(v is not None for v in row.values())
+                error = EventError(f"{cells} cells where the header has {len(row)} columns", field="line")
+                chunk.append((reader.line_num, raw, error))
             else:
                 chunk.append((reader.line_num, raw, csv_row_to_call(row, mapping, default_type)))
             if len(chunk) >= size:

@@ -45,6 +45,8 @@ def test_csv_import_with_column_mapping_via_cli(tmp_path: Path, db_engine: Engin
         ",2026-01-02 11:00:00,3,B\n"
         "c2,not-a-date,4,C\n"
         "c3,2026-01-03T09:00:00Z,7,D\n"
+        "c4,2026-01-03T09:00:00Z,8\n"  # a cell short: reported, not a crash of the whole import
+        "c5,2026-01-03T09:00:00Z,9,E,extra\n"
     )
     url = db_engine.url.render_as_string(hide_password=False)
     result = CliRunner().invoke(
@@ -65,7 +67,7 @@ def test_csv_import_with_column_mapping_via_cli(tmp_path: Path, db_engine: Engin
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "2 rejected" in result.output
+    assert "4 rejected" in result.output
     with db_engine.connect() as conn:
         rows = conn.execute(
             select(events.c.user_id, events.c.event, events.c.payload).order_by(events.c.id)
@@ -76,6 +78,7 @@ def test_csv_import_with_column_mapping_via_cli(tmp_path: Path, db_engine: Engin
     ]
     rejects = (tmp_path / "orders.csv.rejects.ndjson").read_text()
     assert '"field":"userId"' in rejects and '"field":"timestamp"' in rejects
+    assert "3 cells where the header has 4 columns" in rejects and "more cells than header columns" in rejects
 
 
 def test_mapping_to_a_missing_column_is_a_clear_error(tmp_path: Path, sqlite_engine: Engine) -> None:
