@@ -17,6 +17,7 @@ committed in file order, the engine loop held below ids not yet committed).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gc
@@ -164,6 +165,8 @@ def _ndjson_chunks(handle: IO[bytes], size: int) -> Iterator[list[tuple[int, byt
         lines = handle.readlines(1 << 20)  # whole lines, about 1 MiB: one read call
         if not lines:
             break
+        if number == 0 and lines[0].startswith(codecs.BOM_UTF8):  # as editors on Windows save UTF-8
+            lines[0] = lines[0][len(codecs.BOM_UTF8) :]
         chunk += [(n, raw, None) for n, raw in enumerate(lines, number + 1)]
         number += len(lines)
         while len(chunk) >= size:
@@ -216,7 +219,8 @@ def _storable(event: NewEvent) -> NewEvent:
 def _csv_chunks(
     handle: IO[bytes], mapping: dict[str, str], default_type: str, size: int
 ) -> Iterator[list[tuple[int, bytes, Any]]]:
-    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    # utf-8-sig: a byte order mark (Excel's "CSV UTF-8") is not part of the first column's name
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
     try:
         reader = csv.DictReader(text)
         if reader.fieldnames is None:

@@ -88,3 +88,19 @@ def test_mapping_to_a_missing_column_is_a_clear_error(tmp_path: Path, sqlite_eng
     result = CliRunner().invoke(app, ["--database-url", url, "import", str(path), "--map", "user=userId"])
     assert result.exit_code == 2
     assert "user" in result.output and "not in the CSV header" in result.output
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line_or_column(tmp_path: Path, db_engine: Engine) -> None:
+    """Excel's "CSV UTF-8" and editors on Windows start the file with one: the first column's name
+    (then unknown to --map) and the first NDJSON line (then not JSON) must not carry it."""
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbfuser,event\nu1,Order Completed\n")
+    ndjson_path = tmp_path / "windows.ndjson"
+    ndjson_path.write_bytes(b'\xef\xbb\xbf{"type":"track","userId":"u2","event":"A","messageId":"w1"}\n')
+    url = db_engine.url.render_as_string(hide_password=False)
+    result = CliRunner().invoke(app, ["--database-url", url, "import", str(csv_path), "--map", "user=userId"])
+    assert result.exit_code == 0, result.output
+    assert import_file(engine=db_engine, path=ndjson_path).accepted == 1
+    with db_engine.connect() as conn:
+        rows = conn.execute(select(events.c.user_id, events.c.event).order_by(events.c.id)).all()
+    assert [tuple(r) for r in rows] == [("u1", "Order Completed"), ("u2", "A")]
