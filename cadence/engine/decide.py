@@ -768,6 +768,13 @@ def decide(
         notes.append(
             "send time/channel chosen by exploration: the posterior draw favoured a less-known option"
         )
+    if customer_zone.key != profile.timezone:
+        said = f"time zone {profile.timezone!r} is unknown" if profile.timezone else "time zone is not known"
+        quiet_in = f", quiet hours {quiet_zone(wcamp.quiet, None).key}" if wcamp.quiet is not None else ""
+        notes.append(
+            f"the customer's {said}: local times and calendar caps use {customer_zone.key} (the ruleset's zone)"
+            f"{quiet_in}; an identify with traits.timezone sets it"
+        )
     return Decision(
         action="send",
         campaign=wcamp.name,

@@ -94,6 +94,46 @@ def test_batch_keeps_good_items_and_names_bad_ones(client: TestClient, runtime: 
     assert count(runtime) == 2
 
 
+def test_a_time_zone_the_profile_cannot_use_is_accepted_with_a_warning(
+    client: TestClient, runtime: Runtime, key: str
+) -> None:
+    """The event is stored (its other traits count), the answer names the field, and a zone spelled
+    in the wrong case is taken as the zone it names."""
+    from cadence.engine.loop import EngineLoop
+    from cadence.engine.profiles import load_profile
+
+    bad = {"userId": "u1", "traits": {"timezone": "Mars/Olympus", "plan": "pro"}}
+    r = client.post("/v1/identify", json=bad, headers=basic(key))
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    assert r.json()["warnings"] == [
+        {
+            "field": "traits.timezone",
+            "warning": "'Mars/Olympus' is not an IANA time zone (such as Europe/Berlin): "
+            "the customer's zone is left as it was",
+        }
+    ]
+    batch = {
+        "batch": [
+            {"type": "track", "userId": "u2", "event": "A", "context": {"timezone": "europe/berlin"}},
+            {"type": "track", "userId": "u3", "event": "A", "context": {"timezone": "+05:30"}},
+        ]
+    }
+    r = client.post("/v1/batch", json=batch, headers=basic(key))
+    assert r.status_code == 200 and r.json()["accepted"] == 2
+    assert [(w["index"], w["field"]) for w in r.json()["warnings"]] == [(1, "batch.1.context.timezone")]
+    fine = client.post("/v1/track", json={"userId": "u1", "event": "A"}, headers=basic(key))
+    assert "warnings" not in fine.json()
+    EngineLoop(runtime).catch_up()
+    with runtime.engine.connect() as conn:
+        from cadence.engine.identity import resolve_customer
+
+        zones = {
+            u: load_profile(conn, resolve_customer(conn, u), now_ms=0).timezone for u in ("u1", "u2", "u3")
+        }  # type: ignore[arg-type]
+        plan = load_profile(conn, resolve_customer(conn, "u1"), now_ms=0).traits["plan"]  # type: ignore[arg-type]
+    assert zones == {"u1": None, "u2": "Europe/Berlin", "u3": None} and plan == "pro"
+
+
 def test_oversized_batch_is_refused(client: TestClient, runtime: Runtime, key: str) -> None:
     big = {
         "batch": [{"type": "track", "userId": "u", "event": "x" * 100, "properties": {"p": "y" * 1000}}] * 600

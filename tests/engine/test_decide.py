@@ -149,6 +149,19 @@ def test_suppressions_say_which_condition_failed_and_when_in_words() -> None:
     assert detail["later"] == "starts 2099-03-01 09:00 JST"  # midnight UTC (the ruleset's zone), in Tokyo
 
 
+def test_a_send_to_a_customer_without_a_known_zone_says_which_zone_it_used() -> None:
+    c = camp("news", quiet=QuietHours(start=time(21), end=time(8), fallback_zone="Europe/Berlin"))
+    r = rules(c, default_zone="America/New_York")
+    unknown = run(r, MemoryProfile(customer_id=1, timezone="Mars/Olympus"))
+    assert unknown.action == "send"
+    assert unknown.notes == (
+        "the customer's time zone 'Mars/Olympus' is unknown: local times and calendar caps use "
+        "America/New_York (the ruleset's zone), quiet hours Europe/Berlin; an identify with traits.timezone sets it",
+    )
+    assert "not known" in run(r, MemoryProfile(customer_id=1)).notes[0]
+    assert run(r, MemoryProfile(customer_id=1, timezone="Asia/Tokyo")).notes == ()
+
+
 def test_trigger_delay_and_where() -> None:
     c = camp(
         "cart",

@@ -22,6 +22,7 @@ from cadence.api.security import Principal, check_key, presented_key
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
 from cadence.engine.ingest import IngestResult, record_events
+from cadence.engine.profiles import zone_warnings
 from cadence.errors import EventError, PayloadTooLarge
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
@@ -57,12 +58,21 @@ async def ingest_principal(request: Request) -> Principal:
 IngestPrincipal = Annotated[Principal, Depends(ingest_principal)]
 
 
+class IngestWarning(BaseModel):
+    """Something in an accepted call that cadence could not use (the event is stored all the same)."""
+
+    index: int | None = None  # the batch item's (batch only)
+    field: str
+    warning: str
+
+
 class IngestResponse(BaseModel):
     """What the log made of the request."""
 
     success: bool = True
     accepted: int
     duplicates: int
+    warnings: list[IngestWarning] | None = None  # only when there are any
 
 
 class Rejected(BaseModel):
@@ -100,7 +110,8 @@ def _single(call_type: str) -> Any:
         body = await _body(request, request.app.state.settings.max_call_bytes)
         event = parse_call(body, received_ms=now_ms(), call_type=call_type)
         result = await _store(request, [event], "api")
-        return IngestResponse(accepted=result.accepted, duplicates=result.duplicates)
+        warned = [IngestWarning(field=f, warning=w) for f, w in zone_warnings(body, call_type)]
+        return IngestResponse(accepted=result.accepted, duplicates=result.duplicates, warnings=warned or None)
 
     endpoint.__name__ = f"ingest_{call_type}"
     endpoint.__doc__ = f"Record one Segment `{call_type}` call."
@@ -108,7 +119,13 @@ def _single(call_type: str) -> Any:
 
 
 for _call in ("track", "identify", "alias", "page", "screen", "group"):
-    router.add_api_route(f"/{_call}", _single(_call), methods=["POST"], response_model=IngestResponse)
+    router.add_api_route(
+        f"/{_call}",
+        _single(_call),
+        methods=["POST"],
+        response_model=IngestResponse,
+        response_model_exclude_none=True,
+    )
 
 
 @router.post("/batch", response_model=IngestResponse, responses={400: {"model": Rejected}})
@@ -132,6 +149,7 @@ async def ingest_batch(request: Request, _principal: IngestPrincipal) -> JSONRes
     received = now_ms()
     good: list[NewEvent] = []
     rejected: list[dict[str, Any]] = []
+    warned: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         if shared_context and isinstance(item, dict):
             item = {**item, "context": {**shared_context, **(item.get("context") or {})}}
@@ -139,12 +157,17 @@ async def ingest_batch(request: Request, _principal: IngestPrincipal) -> JSONRes
             good.append(parse_call(item, received_ms=received, prefix=f"batch.{index}."))
         except EventError as exc:
             rejected.append({"index": index, "field": exc.field, "error": str(exc)})
+            continue
+        for where, warning in zone_warnings(item, str(item.get("type"))):
+            warned.append({"index": index, "field": f"batch.{index}.{where}", "warning": warning})
     result = await _store(request, good, "api")
     content: dict[str, Any] = {
         "success": not rejected,
         "accepted": result.accepted,
         "duplicates": result.duplicates,
     }
+    if warned:
+        content["warnings"] = warned
     if rejected:
         request.app.state.metrics.events_rejected.labels("api").inc(len(rejected))
         content["rejected"] = rejected
