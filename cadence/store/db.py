@@ -185,8 +185,6 @@ def pending_migrations(engine: Engine) -> list[str]:
     heads = set(script.get_heads())
     if heads <= current:
         return []
-    pending = []
-    for rev in script.walk_revisions():
-        if rev.revision not in current:
-            pending.append(rev.revision)
-    return pending
+    # Applied: the current revisions and everything they build on (not only the current ones).
+    applied = {rev.revision for rev in script.iterate_revisions(tuple(current), "base")} if current else set()
+    return [rev.revision for rev in script.walk_revisions() if rev.revision not in applied]

@@ -105,3 +105,18 @@ def test_ids_0001_starts_event_ids_after_any_id_given_and_keeps_the_partial_inde
             ).scalar_one()
             table_sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'events'")).scalar_one()
         assert "WHERE user_id IS NOT NULL" in index_sql and "AUTOINCREMENT" in table_sql
+
+
+def test_pending_migrations_are_those_after_the_database_revision(db_engine: Engine) -> None:
+    """A database one migration behind names that one (it used to name every revision but its own)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from cadence.store.db import _alembic_config, migrate
+
+    config = _alembic_config(db_engine)
+    newest = next(ScriptDirectory.from_config(config).walk_revisions())  # a head
+    command.downgrade(config, str(newest.down_revision))
+    assert pending_migrations(db_engine) == [newest.revision]
+    migrate(db_engine)
+    assert pending_migrations(db_engine) == []
