@@ -2,10 +2,12 @@
 
 :class:`ApiPolicy` is a simulator policy that knows nothing of cadence's internals:
 each customer is announced with ``POST /v1/identify`` (traits, time zone, consent for
-the channels they cannot receive), every daily opportunity is ``POST /v1/decisions``
-with ``at`` (the simulated time) and ``mode: "commit"``, and every outcome is
-``POST /v1/track`` with the generic feedback names (``Message Delivered``,
-``Message Clicked``, ``Unsubscribed``) carrying ``decision_id`` and ``channel``. The
+the channels they cannot receive), the daily opportunities of the customers due at one
+instant are ``POST /v1/decisions/batch`` (1,000 a call) with ``at`` (the simulated time)
+and ``mode: "commit"``, and the outcomes are tracked with the generic feedback names
+(``Message Delivered``, ``Message Clicked``, ``Unsubscribed``) carrying ``decision_id``
+and ``channel``, held back and sent in order with ``POST /v1/batch`` before the next
+decisions. The
 decisions come from the server's rules (``examples/simulate/daily_pick.cadence`` is
 the simulator's campaign as rules) and its learners, which learn from the event log
 through the engine loop.
@@ -46,6 +48,11 @@ FEEDBACK_NAMES = {
 }
 
 
+#: Customers per ``POST /v1/decisions/batch`` (the route's limit) and feedback events per ``POST /v1/batch``.
+DECISION_BATCH = 1000
+FEEDBACK_BATCH = 500
+
+
 class SimulationApiError(CadenceError):
     """The server answered a simulator request with an error."""
 
@@ -76,12 +83,24 @@ class ApiPolicy:
         self.client = client
         self.prefix = prefix
         self.headers = dict(headers)
-        self.sync = sync
+        self._sync_server = sync
         self.campaigns = campaigns
+        self._feedback: list[dict[str, object]] = []  # tracked at the next decision or sync, in one batch
         self.decision_of: dict[tuple[int, int], str] = {}
         self.requests = 0
         self._pending = False  # feedback posted since the last sync
         self._synced_ms = 0
+
+    def sync(self) -> None:
+        """Send the feedback held back, then wait until the server has read everything."""
+        self._flush()
+        self._sync_server()
+
+    def _flush(self) -> None:
+        """Post the feedback reported since the last flush with ``POST /v1/batch`` (in order)."""
+        held, self._feedback = self._feedback, []
+        for start in range(0, len(held), FEEDBACK_BATCH):
+            self._post("/v1/batch", {"batch": held[start : start + FEEDBACK_BATCH]})
 
     def _user_id(self, customer: Customer) -> str:
         return f"{self.prefix}-{customer.id}"
@@ -114,10 +133,32 @@ class ApiPolicy:
 
     def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
         """Ask the server what this customer gets now, committing the answer."""
+        self._before_deciding(now_ms)
+        return self._choice(state, self._post("/v1/decisions", self._request(state, now_ms)))
+
+    def decide_many(self, states: list[CustomerState], now_ms: int) -> list[tuple[str, int] | None]:
+        """:meth:`decide` for every customer due at ``now_ms``: ``POST /v1/decisions/batch``, 1,000 a call."""
+        self._before_deciding(now_ms)
+        out: list[tuple[str, int] | None] = []
+        for start in range(0, len(states), DECISION_BATCH):
+            chunk = states[start : start + DECISION_BATCH]
+            answer = self._post(
+                "/v1/decisions/batch", {"requests": [self._request(s, now_ms) for s in chunk]}
+            )
+            decisions = answer["decisions"]
+            assert isinstance(decisions, list)
+            out += [self._choice(s, d) for s, d in zip(chunk, decisions, strict=True)]
+        return out
+
+    def _before_deciding(self, now_ms: int) -> None:
+        """Post the feedback held back; once simulated time has moved past it, wait for the server to read it."""
+        self._flush()
         if self._pending and now_ms > self._synced_ms:
             self.sync()
             self._pending = False
             self._synced_ms = now_ms
+
+    def _request(self, state: CustomerState, now_ms: int) -> dict[str, object]:
         c = state.customer
         body: dict[str, object] = {
             "customer_id": self._user_id(c),
@@ -126,12 +167,17 @@ class ApiPolicy:
         }
         if self.campaigns:
             body["campaigns"] = self.campaigns
-        answer = self._post("/v1/decisions", body)
+        return body
+
+    def _choice(self, state: CustomerState, answer: dict[str, object]) -> tuple[str, int] | None:
+        """The (channel, send time) of the server's answer for ``state``'s customer, or None."""
+        if answer.get("action") == "error":
+            raise SimulationApiError(f"deciding for {self._user_id(state.customer)}: {answer.get('error')}")
         if answer.get("action") != "send":
             return None
         channel = str(answer["channel"])
         send_at = int(datetime.fromisoformat(str(answer["send_at"])).timestamp() * 1000)
-        self.decision_of[(c.id, send_at)] = str(answer["decision_id"])
+        self.decision_of[(state.customer.id, send_at)] = str(answer["decision_id"])
         return channel, send_at
 
     def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
@@ -140,15 +186,15 @@ class ApiPolicy:
         decision_id = self.decision_of.get((state.customer.id, sent_ms))
         if name is None or decision_id is None:
             return
-        self._post(
-            "/v1/track",
+        self._feedback.append(
             {
+                "type": "track",
                 "userId": self._user_id(state.customer),
                 "event": name,
                 "properties": {"decision_id": decision_id, "channel": channel},
                 "timestamp": _iso(ts_ms, "UTC"),
                 "messageId": f"{self.prefix}-{kind}-{decision_id}",
-            },
+            }
         )
         self._pending = True
 

@@ -180,14 +180,23 @@ def run_policy(policy: Policy, customers: list[Customer], *, days: int, seed: in
         if kind == "decide":
             if ts >= end_ms:
                 continue
+            # A policy that decides in batches (over the API: one request for up to 1,000 customers)
+            # gets every customer due at this instant at once; what comes after (sends, feedback) is
+            # queued behind them either way, so the run is the same.
+            many = getattr(policy, "decide_many", None)
+            group = [cid]
+            if many is not None:
+                while queue and queue[0][0] == ts and queue[0][3] == "decide":
+                    group.append(heapq.heappop(queue)[2])
             t0 = wallclock.perf_counter()
-            choice = policy.decide(state, ts)
+            choices = many([states[c] for c in group], ts) if many is not None else [policy.decide(state, ts)]
             result.decide_seconds += wallclock.perf_counter() - t0
-            result.decisions += 1
-            if choice is not None:
-                ch, at = choice
-                order += 1
-                heapq.heappush(queue, (max(at, ts), order, cid, "send", ch, 0))
+            result.decisions += len(group)
+            for who, choice in zip(group, choices, strict=True):
+                if choice is not None:
+                    ch, at = choice
+                    order += 1
+                    heapq.heappush(queue, (max(at, ts), order, who, "send", ch, 0))
         elif kind == "send":
             if channel in customer.opted_out or channel not in customer.available or ts >= end_ms:
                 continue

@@ -49,7 +49,7 @@ class Recorder(ApiPolicy):
         self.unsubscribed: dict[tuple[int, str], int] = {}
         self.clicked: list[str] = []
 
-    def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
+    def decide_many(self, states: list[CustomerState], now_ms: int) -> list[tuple[str, int] | None]:
         if self.snapshot_at_ms is not None and now_ms >= self.snapshot_at_ms:
             # what the server does every 10,000 events: a learner snapshot mid-run
             self.sync()
@@ -57,7 +57,12 @@ class Recorder(ApiPolicy):
             with app.state.runtime.engine.begin() as conn:
                 learners_of(app).snapshot(conn, now_ms=now_ms)
             self.snapshot_at_ms = None
-        choice = super().decide(state, now_ms)
+        choices = super().decide_many(states, now_ms)
+        for state, choice in zip(states, choices, strict=True):
+            self._record(state, now_ms, choice)
+        return choices
+
+    def _record(self, state: CustomerState, now_ms: int, choice: tuple[str, int] | None) -> None:
         if choice is not None:
             self.sent.append((state.customer.id, choice[0], now_ms, choice[1]))
             if state.customer.id == self.quitter and not any(
@@ -70,7 +75,6 @@ class Recorder(ApiPolicy):
                 # world's clicks follow the Thompson draws (seeded by random decision ids), and about
                 # one run in 16 makes 80 sends with 0-1 clicks
                 self.feedback(state, choice[0], Feedback.CLICKED, choice[1], choice[1] + 60_000)
-        return choice
 
     def feedback(self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int) -> None:
         if kind is Feedback.DELIVERED and state.customer.id % 3 == 0:
@@ -93,6 +97,8 @@ def test_simulated_customers_through_the_api_keep_the_rules_and_teach_the_learne
         policy = Recorder(api, quitter=quitter, clicker=clicker, snapshot_at_ms=int(START_MS + 1.5 * DAY_MS))
         result = run_via_api(policy, population, days=5, seed=3, start=START)
         assert result.decisions == 40 * 5
+        # the customers due at one instant were decided in one batch call, feedback sent in batches
+        assert policy.requests < result.decisions, policy.requests
         assert result.sends > 60, (result.sends, result.clicks, result.unsubscribes)
 
         per_local_day = Counter()
