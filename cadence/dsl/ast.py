@@ -164,6 +164,8 @@ class Step(Node):
     reason_campaign: str | None = None
     trigger: Fixture | None = None
     target_pos: tuple[int, int] = field(default=(0, 0), compare=False)
+    send_time: str | None = None  # ``expect send c at HH:MM``: the send's local time of day
+    send_time_pos: tuple[int, int] = field(default=(0, 0), compare=False)
 
 
 # ---- blocks -------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 from cadence.channels import CHANNELS, Feedback, feedback_aggregate
 from cadence.dsl import ast
 from cadence.dsl.diagnostics import UNIT_WORDS, Diagnostic, did_you_mean
-from cadence.dsl.parser import ParsedModule
+from cadence.dsl.parser import ParsedModule, _time_of_day
 from cadence.engine.attribution.spec import MODELS
 from cadence.engine.decision import SUPPRESSION_REASONS
 
@@ -1270,6 +1270,13 @@ class Checker:
                 )
             if step.channel is not None:
                 self.channel_name(step.channel, step.target_pos)
+            if step.send_time is not None and _time_of_day(step.send_time) is None:
+                self.at(
+                    step.send_time_pos,
+                    "E105",
+                    f"'{step.send_time}' is not a time of day",
+                    len(step.send_time),
+                )
             if step.reason is not None:
                 if step.reason not in SUPPRESSION_REASONS:
                     self.at(

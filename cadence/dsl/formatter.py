@@ -269,7 +269,11 @@ def _fixture(f: ast.Fixture) -> str:
 
 def _expectation(s: ast.Step) -> str:
     if s.expect == "send":
-        return f"send {s.target}" + (f" via {s.channel}" if s.channel else "")
+        return (
+            f"send {s.target}"
+            + (f" via {s.channel}" if s.channel else "")
+            + (f" at {s.send_time}" if s.send_time else "")
+        )
     if s.expect == "no_send":
         return "no send" + (f" because {s.reason}({s.reason_campaign})" if s.reason else "")
     return {

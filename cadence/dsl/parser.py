@@ -583,14 +583,21 @@ class _Builder:
         step.line, step.column = moment.line, moment.column
         return step
 
-    def expect_send(self, _send: _Tok, name: _Tok, channel: _Tok | None = None) -> ast.Step:
-        return ast.Step(
+    def expect_send(self, _send: _Tok, name: _Tok, *rest: _Tok) -> ast.Step:
+        channel = next((t for t in rest if t.type == "NAME"), None)
+        when = next((t for t in rest if t.type == "SEND_TIME"), None)
+        step = ast.Step(
             ast.Moment(),
             "send",
             str(name),
             str(channel) if channel is not None else None,
             target_pos=_tp(name),
         )
+        if when is not None:
+            text = str(when)
+            step.send_time = text[2:].strip()  # after "at"
+            step.send_time_pos = (when.line or 0, (when.column or 0) + len(text) - len(step.send_time))
+        return step
 
     def expect_no_send(self, _no: _Tok, _send: _Tok, *because: _Tok) -> ast.Step:
         if because:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -28,6 +28,7 @@ from cadence.dsl.loader import LoadResult
 from cadence.dsl.parser import _timestamp
 from cadence.engine.campaign import CompiledRuleset, EvalContext
 from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
+from cadence.engine.slots import zone_named
 
 __all__ = ["Coverage", "StepResult", "TestReport", "run_tests"]
 
@@ -253,12 +254,18 @@ def _run_one(  # noqa: C901 - one loop over the steps
                 decision.send_at_ms is None or decision.send_at_ms <= on_time
             )
             if step.expect == "send":
+                # ``at HH:MM``: the send's time, the first such local time (in the customer's zone) from
+                # now on, deferred or not; without it the send must go now (or at the trigger's delay)
+                local_zone = zone_named(profile.timezone, ruleset.settings.default_zone)
+                due = _next_local(now, step.send_time, local_zone) if step.send_time else None
+                when_ok = sent_now if due is None else decision.send_at_ms == due
                 if not (
-                    sent_now
+                    decision.action == "send"
+                    and when_ok
                     and decision.campaign == step.target
                     and (step.channel is None or decision.channel == step.channel)
                 ):
-                    res.status, res.message = "failed", _decision_text(decision, on_time, step)
+                    res.status, res.message = "failed", _decision_text(decision, on_time, step, local_zone)
             else:
                 deferred = decision.action == "send" and not sent_now
                 if sent_now:
@@ -306,12 +313,38 @@ def _describe(step: ast.Step) -> str:
     return f"at {_moment(step.at)} expect {_expectation(step)}"
 
 
-def _decision_text(decision: Any, now: int, step: ast.Step) -> str:
+def _next_local(now_ms: int, hhmm: str, zone: ZoneInfo) -> int:
+    """The first instant at or after ``now_ms`` whose local time in ``zone`` is ``hhmm`` (a local time
+    a DST change skips is taken as the time the clocks show after it).
+
+    >>> from zoneinfo import ZoneInfo
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> at = lambda ms: datetime.fromtimestamp(ms / 1000, tz=berlin).isoformat()
+    >>> at(_next_local(int(datetime(2026, 3, 29, 1, 30, tzinfo=berlin).timestamp() * 1000), "08:00", berlin))
+    '2026-03-29T08:00:00+02:00'
+    >>> at(_next_local(int(datetime(2026, 3, 28, 22, 0, tzinfo=berlin).timestamp() * 1000), "02:30", berlin))
+    '2026-03-29T03:30:00+02:00'
+    >>> at(_next_local(int(datetime(2026, 3, 5, 9, 0, tzinfo=berlin).timestamp() * 1000), "09:00", berlin))
+    '2026-03-05T09:00:00+01:00'
+    """
+    hours, minutes = (int(x) for x in hhmm.split(":"))
+    local = datetime.fromtimestamp(now_ms / 1000, tz=zone)
+    for days in range(3):
+        day = (local + timedelta(days=days)).date()
+        wall = datetime(day.year, day.month, day.day, hours % 24, minutes, tzinfo=zone)
+        # A wall time in a DST gap does not exist: read it with the offset before the gap, then normalise.
+        ms = int(wall.astimezone(UTC).timestamp() * 1000)
+        if ms >= now_ms:
+            return ms
+    raise AssertionError("unreachable: a local time of day recurs within two days")
+
+
+def _decision_text(decision: Any, now: int, step: ast.Step, zone: ZoneInfo | None = None) -> str:
     if decision.action == "send":
         when = (
             "now"
             if not decision.send_at_ms or decision.send_at_ms <= now
-            else (datetime.fromtimestamp(decision.send_at_ms / 1000, tz=UTC).isoformat())
+            else (datetime.fromtimestamp(decision.send_at_ms / 1000, tz=zone or UTC).isoformat())
         )
         text = f"decided: send {decision.campaign} via {decision.channel} {when}"
     else:

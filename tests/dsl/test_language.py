@@ -377,3 +377,37 @@ campaign daily "Daily" {
     assert diag.code == "E402" and "whole local days" in diag.message and (diag.line, diag.column) == (4, 15)
     # 'calendar' stays an ordinary name everywhere else
     assert load(HEADER + 'segment s = customer.calendar ?? "" == "x"\n').ok
+
+
+def test_a_send_expectation_can_name_the_local_time_of_a_deferred_send(load: Load) -> None:
+    """``expect send c at HH:MM``: the send goes at the first such local time from the step on (here
+    08:00 summer time, the night the clocks go forward), deferred or not; the next step's ``at``
+    still starts a step; the formatter keeps it; a time of day that is not one is E105."""
+    from cadence.dsl.formatter import format_text
+    from cadence.dsl.testing import run_tests
+    from cadence.engine.decide import decide
+
+    text = (
+        'event purchased = "Order Completed"\n\n'
+        'campaign promo "Promo" {\n'
+        "    audience  count(purchased within 30d) >= 1\n"
+        '    send      template "promo"\n'
+        "    channel   email\n"
+        '    quiet     21:00..08:00 in customer.timezone ?? "UTC" then defer\n'
+        "}\n\n"
+        'test "night" {\n'
+        '    given customer { id: "c1", timezone: "Europe/Berlin", consent: [email] }\n'
+        "    given events { purchased at -1d }\n"
+        "    at 2026-03-29 01:30 Europe/Berlin expect send promo via email at 08:00\n"
+        "    at 2026-03-30 01:30 Europe/Berlin expect send promo at 09:00\n"
+        "    at 2026-03-31 10:00 Europe/Berlin expect send promo at 10:00\n"
+        "}\n"
+    )
+    loaded = load(text)
+    assert not loaded.errors, loaded.errors
+    assert format_text(text) == text
+    report = run_tests(loaded, available_channels=["email"], decide=decide)
+    assert [s.status for s in report.results] == ["passed", "failed", "passed"]
+    assert "2026-03-30T08:00:00+02:00" in report.results[1].message  # said in the customer's zone
+    bad = load(text.replace("at 10:00", "at 24:30"))
+    assert [(d.code, d.line, d.column) for d in bad.errors] == [("E105", 15, 60)]
