@@ -205,10 +205,18 @@ BATCH_LOCK_ID = 0x0CADE9CF  # pg transaction lock serialising batches across pro
 log = logging.getLogger("cadence.engine")
 
 
-def make_subscribers(runtime: Runtime) -> list[Subscriber]:
-    """Instantiate every subscriber in :data:`SUBSCRIBER_FACTORIES` for ``runtime``."""
+#: Those of :data:`SUBSCRIBER_FACTORIES` whose state lives in the serving process (``in_memory``),
+#: named here too so that a loop without them does not import them (the learners load river and scipy).
+IN_MEMORY_FACTORIES: frozenset[str] = frozenset({"cadence.engine.learning:LearnerSubscriber"})
+
+
+def make_subscribers(runtime: Runtime, *, in_memory: bool = True) -> list[Subscriber]:
+    """Instantiate every subscriber in :data:`SUBSCRIBER_FACTORIES` for ``runtime`` (without
+    :data:`IN_MEMORY_FACTORIES` unless ``in_memory``)."""
     built = []
     for spec in SUBSCRIBER_FACTORIES:
+        if not in_memory and spec in IN_MEMORY_FACTORIES:
+            continue
         module, _, attr = spec.partition(":")
         built.append(getattr(importlib.import_module(module), attr)(runtime))
     return built
@@ -224,7 +232,7 @@ def stored_state_loop(runtime: Runtime) -> EngineLoop:
     run under the database-wide lock. The learners catch up from their snapshot when a server
     starts.
     """
-    return EngineLoop(runtime, [s for s in make_subscribers(runtime) if not getattr(s, "in_memory", False)])
+    return EngineLoop(runtime, make_subscribers(runtime, in_memory=False))
 
 
 class EngineLoop:

@@ -425,3 +425,14 @@ def test_ids_freed_by_an_erasure_are_never_given_again(runtime: Runtime) -> None
         assert (
             stays is not None and load_profile(conn, stays, now_ms=T0 + DAY).count("Viewed", 0, T0 + DAY) == 2
         )
+
+
+def test_the_in_memory_subscribers_are_named_as_such(runtime: Runtime) -> None:
+    """A loop over the stored state leaves out exactly the subscribers whose state is in memory."""
+    from cadence.engine.loop import make_subscribers, stored_state_loop
+
+    every = make_subscribers(runtime)
+    assert {s.name for s in every if getattr(s, "in_memory", False)} == {"learners"}
+    assert [s.name for s in stored_state_loop(runtime).subscribers] == [
+        s.name for s in every if not getattr(s, "in_memory", False)
+    ]
