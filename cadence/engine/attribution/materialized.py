@@ -42,6 +42,7 @@ from cadence.engine.attribution.models import run_model
 from cadence.engine.attribution.online import (
     _conversion_value,
     _tally_model,
+    kept_windows,
     specs_of,
     touch_of,
 )
@@ -55,9 +56,11 @@ __all__ = [
     "DEFAULT_FIT_WINDOWS",
     "FIT_DAYS",
     "MATERIALIZED_MODELS",
+    "TALLY_MODELS",
     "ExposureSubscriber",
     "Fit",
     "FitRefresher",
+    "fittable",
     "ordered_shapley_credit",
     "read_fits",
     "refresh_fits",
@@ -65,6 +68,8 @@ __all__ = [
 
 #: Models served from ``attribution_fits``.
 MATERIALIZED_MODELS = ("shapley", "shapley_ordered", "markov", "causal")
+#: Materialised models solved from the coalition and path tallies: only at the windows they are kept for.
+TALLY_MODELS = ("shapley", "shapley_ordered", "markov")
 #: Days of exposures kept, and the causal model's observation period.
 FIT_DAYS = 90
 #: Windows refreshed even when nobody asked for them yet (the dashboard's default).
@@ -366,6 +371,17 @@ def _positions(conn: Connection) -> dict[str, int]:
     return {str(n): int(p) for n, p in rows}
 
 
+def fittable(spec: AttributionSpec, window_days: int, models: Sequence[str] = MATERIALIZED_MODELS) -> list[str]:
+    """Those of ``models`` that can be fitted for ``spec`` at ``window_days``.
+
+    ``causal`` is fitted from the exposures at any window; the tally models only at the
+    windows whose tallies the engine loop keeps (:func:`~cadence.engine.attribution.online.kept_windows`):
+    at another window they would be solved from the open journeys alone.
+    """
+    kept = int(window_days) in kept_windows(spec)
+    return [m for m in models if kept or m not in TALLY_MODELS]
+
+
 def refresh_fits(
     engine: Engine,
     *,
@@ -376,6 +392,7 @@ def refresh_fits(
 ) -> list[Fit]:
     """Solve ``models`` for ``spec`` at every window from the stored aggregates; store and return the fits.
 
+    The tally models are solved only at the windows whose tallies are kept (:func:`fittable`).
     Everything is read in one transaction, so a fit reflects one event-log position
     (the lower of the tallies' and the exposures' checkpoints).
     """
@@ -400,7 +417,7 @@ def refresh_fits(
         touches = _open_touches(conn, spec.name) if tally_models else {}
         for w in sorted({int(x) for x in windows}):
             open_paths = _open_paths(touches, w)
-            for model in tally_models:
+            for model in fittable(spec, w, tally_models):
                 started = time.perf_counter()
                 if model == "shapley_ordered":
                     rows = _ordered_rows(conn, spec.name, w, open_paths)
@@ -527,8 +544,8 @@ class FitRefresher:
                 stored = read_fits(conn, spec=spec.name, models=MATERIALIZED_MODELS)
             stale = force or any(
                 (m, w) not in stored or stored[(m, w)].position < position
-                for m in MATERIALIZED_MODELS
                 for w in windows
+                for m in fittable(spec, w)
             )
             if stale:
                 out.extend(refresh_fits(self.engine, spec=spec, windows=windows))

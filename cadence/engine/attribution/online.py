@@ -43,6 +43,7 @@ __all__ = [
     "channel_interactions",
     "default_specs",
     "journey_credits",
+    "kept_windows",
     "query_attribution",
     "specs_of",
     "touch_of",
@@ -72,6 +73,16 @@ def specs_of(runtime: Any) -> list[AttributionSpec]:
     ruleset = getattr(holder, "current", None)
     blocks = getattr(ruleset, "attribution", None) or {}
     return list(blocks.values()) or default_specs()
+
+
+def kept_windows(spec: AttributionSpec) -> list[int]:
+    """Windows (days) whose credits and tallies are kept for ``spec``: :data:`WINDOWS_DAYS` and its own.
+
+    >>> kept_windows(AttributionSpec(name="b", title="", conversion_event="x", window_ms=45 * DAY_MS))
+    [1, 7, 14, 30, 45, 60, 90]
+    """
+    own = max(1, min(90, round(spec.window_ms / DAY_MS)))
+    return sorted({*WINDOWS_DAYS, own})
 
 
 def default_specs() -> list[AttributionSpec]:
@@ -343,8 +354,7 @@ class AttributionSubscriber:
 
     def windows(self, spec: AttributionSpec) -> list[int]:
         """Windows (days) kept for ``spec``."""
-        own = max(1, min(90, round(spec.window_ms / DAY_MS)))
-        return sorted({*WINDOWS_DAYS, own})
+        return kept_windows(spec)
 
     def start(self, conn: Connection, checkpoint: int) -> int:
         """State is in the database: resume from the stored checkpoint."""

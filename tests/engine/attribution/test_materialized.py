@@ -166,3 +166,26 @@ def test_a_window_asked_for_is_fitted_from_then_on(runtime: Runtime) -> None:
     assert {f.window_days for f in refresher.refresh_once()} == {7, 30}
     with runtime.engine.connect() as conn:
         assert set(read_fits(conn, spec="default", models=["causal"])) == {("causal", 7), ("causal", 30)}
+
+
+def test_tally_models_are_fitted_only_at_the_windows_their_tallies_are_kept(runtime: Runtime) -> None:
+    # Shapley and Markov tallies exist for 1, 7, 14, 30, 60, 90 days and the block's own
+    # window: at 45 days they were solved from the open journeys alone (0 credit each).
+    ingest(runtime, market(150, seed=5))
+    spec = default_specs()[0]
+    fits = refresh_fits(runtime.engine, spec=spec, windows=[45, 30])
+    assert {(f.model, f.window_days) for f in fits} == {
+        ("causal", 45),
+        *((m, 30) for m in ("shapley", "shapley_ordered", "markov", "causal")),
+    }
+    causal45 = next(f for f in fits if f.window_days == 45)
+    assert sum(r["conversions"] for r in causal45.rows) > 0
+    # The refresher does not take the never-stored 45-day tally fits for stale ones.
+    refresher = FitRefresher(runtime, interval_s=60)
+    assert refresher.refresh_once() == []
+    client = TestClient(create_app(runtime=runtime, background=False))
+    key = create_key(runtime.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    assert client.get("/v1/attribution?model=causal&window=45d", headers=auth).status_code == 200
+    bad = client.get("/v1/attribution?model=causal,markov&window=45d", headers=auth)
+    assert bad.status_code == 422 and "markov" in bad.json()["detail"]

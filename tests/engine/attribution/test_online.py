@@ -132,6 +132,33 @@ def test_api_serves_several_models_with_scopes(journeys: Runtime) -> None:
     assert [row["key"] for row in ranged.json()["models"]["last_touch"]] == ["2026-01-11", "2026-01-12"]
 
 
+def test_api_names_the_parameter_it_cannot_answer_instead_of_an_empty_answer(journeys: Runtime) -> None:
+    client = TestClient(create_app(runtime=journeys, background=False))
+    key = create_key(journeys.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+    def detail(query: str) -> str:
+        r = client.get(f"/v1/attribution?{query}", headers=auth)
+        assert r.status_code == 422, (query, r.status_code, r.text)
+        return str(r.json()["detail"])
+
+    # A range that ends before it starts is a typo, not a range without conversions.
+    assert "from" in detail("model=last_touch&from=2026-01-31&to=2026-01-01")
+    # No block of that name: the tally and rule models answered nothing, the fits 422.
+    assert "spec" in detail("model=last_touch&spec=nope") and "default" in detail("model=linear&spec=nope")
+    # Credits and tallies are kept for 1, 7, 14, 30, 60, 90 days and the block's own window:
+    # another window has none, so rule models answered empty and Shapley/Markov solved
+    # from the open journeys alone (every channel 0).
+    for model in ("last_touch", "markov", "shapley", "shapley_ordered"):
+        text = detail(f"model={model}&window=45d")
+        assert "window" in text and "30d" in text, text
+    # Windows are whole days: 36h was rounded to 2d without a word.
+    assert "whole" in detail("model=last_touch&window=36h")
+    assert client.get("/v1/attribution?model=linear&window=24h", headers=auth).status_code == 200
+    ok = client.get("/v1/attribution?model=linear&from=2026-01-03&to=2026-01-03", headers=auth)
+    assert ok.status_code == 200 and ok.json()["models"]["linear"]
+
+
 def test_the_blocks_credit_rules_apply_online(runtime: Runtime) -> None:
     from cadence.engine.attribution.online import AttributionSubscriber
     from cadence.engine.attribution.spec import AttributionSpec, CreditRule
