@@ -15,6 +15,7 @@ coalition tallies and Markov removal effects from path tallies (all time).
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,12 +68,49 @@ ONLINE_MODELS = (*RULE_MODELS, "shapley", "markov")
 KEEP_MS = 90 * DAY_MS
 
 
+#: Seconds between two attempts to load rules that did not load (missing or not compiling).
+RULES_RETRY_S = 5.0
+
+
 def specs_of(runtime: Any) -> list[AttributionSpec]:
-    """The ``attribution`` blocks of the runtime's loaded rules, else :func:`default_specs`."""
-    holder = getattr(runtime, "extensions", {}).get("rules") if runtime is not None else None
+    """The ``attribution`` blocks of the runtime's rules, else :func:`default_specs`.
+
+    The rules are loaded here when nothing has loaded them yet: the engine loop may apply
+    the log before the scheduler or a request loads them (``cadence serve`` at start-up,
+    ``cadence engine catch-up``), and a conversion credited to ``default`` then would stay
+    there. A runtime without a rules holder (the CLI's) gets one of its own.
+    """
+    holder = _rules_holder(runtime)
     ruleset = getattr(holder, "current", None)
     blocks = getattr(ruleset, "attribution", None) or {}
     return list(blocks.values()) or default_specs()
+
+
+def _rules_holder(runtime: Any) -> Any:
+    extensions = getattr(runtime, "extensions", None) if runtime is not None else None
+    if extensions is None:
+        return None
+    holder = extensions.get("rules") or extensions.get("attribution.rules")
+    settings = getattr(runtime, "settings", None)
+    if holder is None and getattr(settings, "rules_paths", None):
+        from cadence.dsl.explain import installed_channels
+        from cadence.dsl.loader import RulesetHolder
+
+        holder = extensions.setdefault(
+            "attribution.rules",
+            RulesetHolder(
+                list(settings.rules_paths),
+                available_channels=installed_channels(settings),
+                default_zone=settings.default_timezone,
+            ),
+        )
+    if holder is not None and getattr(holder, "current", None) is None and hasattr(holder, "reload"):
+        now = time.monotonic()
+        tried = extensions.get("attribution.rules_tried")
+        if tried is None or now - tried >= RULES_RETRY_S:
+            extensions["attribution.rules_tried"] = now
+            holder.reload()
+    return holder
 
 
 def kept_windows(spec: AttributionSpec) -> list[int]:

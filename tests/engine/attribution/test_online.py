@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -157,6 +158,42 @@ def test_api_names_the_parameter_it_cannot_answer_instead_of_an_empty_answer(jou
     assert client.get("/v1/attribution?model=linear&window=24h", headers=auth).status_code == 200
     ok = client.get("/v1/attribution?model=linear&from=2026-01-03&to=2026-01-03", headers=auth)
     assert ok.status_code == 200 and ok.json()["models"]["linear"]
+
+
+SHOP_RULES = """event purchased = "Order Completed"
+
+attribution shop "Orders, linear" {
+    conversion  purchased value event.revenue
+    window      30d
+    model       linear
+}
+"""
+
+
+@pytest.mark.parametrize("with_app", [False, True])
+def test_the_rules_blocks_are_credited_before_anything_else_loads_the_rules(
+    runtime: Runtime, tmp_path: Path, with_app: bool
+) -> None:
+    # `cadence import` then `cadence serve` (or `cadence engine catch-up`): the engine loop
+    # applied the log before the scheduler or a request had loaded the rules, so every
+    # conversion was credited to the block "default", which the API and dashboard do not
+    # show once the rules are loaded; and the checkpoint had moved past them for good.
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "shop.cadence").write_text(SHOP_RULES)
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+    calls = [click(1, "a", 0, "email"), order(2, "a", 1, 30.0)]
+    record_events(engine=runtime.engine, batch=[parse_call(c, received_ms=T0) for c in calls])
+    if with_app:
+        app = create_app(runtime=runtime, background=False)
+        app.state.engine_loop.catch_up()
+    else:
+        EngineLoop(runtime).catch_up()
+    with runtime.engine.connect() as conn:
+        specs = {r[0] for r in conn.exec_driver_sql("SELECT DISTINCT spec FROM attribution_channel_credits")}
+        assert specs == {"shop"}
+        got = query_attribution(conn, spec="shop", models=["linear"], window_days=30)
+    assert [(r["key"], r["conversions"], r["value"]) for r in got["linear"]] == [("email", 1.0, 30.0)]
 
 
 def test_the_blocks_credit_rules_apply_online(runtime: Runtime) -> None:
