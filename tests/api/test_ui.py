@@ -240,3 +240,15 @@ def test_rules_page_shows_an_open_circuit(client: TestClient) -> None:
     circuits = page[page.index('id="circuits"') :]
     assert '<td>sendgrid</td><td class="bad">open</td><td class="n">5</td>' in circuits
     assert "401 unauthorized" in circuits
+
+
+def test_attribution_page_opens_on_the_first_block_of_the_rules(client: TestClient) -> None:
+    # The example rules define the blocks fair_search and first_and_last and no "default":
+    # the page opened on "default", which the engine loop never credits, so it was empty.
+    key = create_key(client.app.state.runtime.engine, name="viewer", scopes=["ingest"])
+    page = client.get("/ui/attribution", params={"key": key})
+    assert page.status_code == 200
+    assert "· fair_search ·" in page.text, re.findall(r"<h1>.*?</h1>", page.text)
+    assert '<option value="first_and_last"' in page.text
+    unknown = client.get("/ui/attribution", params={"key": key, "spec": "nope"}).text
+    assert "unknown attribution block" in unknown and "fair_search" in unknown

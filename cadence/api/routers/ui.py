@@ -261,7 +261,7 @@ async def attribution(request: Request) -> Response:
         window = int(q.get("window", "30"))
     except ValueError:
         window = 30
-    spec = q.get("spec") or "default"
+    spec = q.get("spec") or None  # None: the first block of the loaded rules
     data = await run_in_threadpool(
         _timed,
         lambda: attribution_page(
