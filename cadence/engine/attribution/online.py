@@ -15,6 +15,7 @@ coalition tallies and Markov removal effects from path tallies (all time).
 
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
@@ -569,14 +570,18 @@ class AttributionSubscriber:
 
 
 def _conversion_value(event: LoggedEvent, spec: AttributionSpec) -> float:
+    """The conversion's value: a number or a numeric string, else 0 (NaN and infinities too:
+    one would turn every sum it joins into NaN)."""
     props = event.properties
     if spec.value_prop:
         raw = props.get(spec.value_prop)
         try:
-            return float(raw) if raw is not None and not isinstance(raw, bool) else 0.0
+            value = float(raw) if raw is not None and not isinstance(raw, bool) else 0.0
         except (TypeError, ValueError):
             return 0.0
-    return event_value(props) or 0.0
+    else:
+        value = event_value(props) or 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 GROUPS = {"channel": "channel", "campaign": "campaign", "day": "day"}

@@ -224,3 +224,28 @@ def test_the_blocks_credit_rules_apply_online(runtime: Runtime) -> None:
         got = query_attribution(conn, spec="ruled", models=["linear"], window_days=30)
     # sms is excluded; email's half is tripled then renormalised: 0.75 / 0.25.
     assert {r["key"]: r["conversions"] for r in got["linear"]} == {"email": 0.75, "paid_search": 0.25}
+
+
+def test_a_revenue_that_is_not_a_finite_number_credits_no_value(runtime: Runtime) -> None:
+    # float("NaN") and float("Infinity") parse: one such order made every later sum of its
+    # day NaN (PostgreSQL) or broke the NOT NULL value column (SQLite stores NaN as NULL).
+    from cadence.engine.attribution.materialized import ExposureSubscriber
+    from cadence.engine.attribution.online import AttributionSubscriber
+
+    calls = [
+        click(1, "a", 0, "email"),
+        order(2, "a", 1, "NaN"),  # type: ignore[arg-type]
+        click(3, "b", 0, "email"),
+        order(4, "b", 1, "-Infinity"),  # type: ignore[arg-type]
+        click(5, "c", 0, "email"),
+        order(6, "c", 1, "12.5"),  # type: ignore[arg-type]
+    ]
+    record_events(engine=runtime.engine, batch=[parse_call(c, received_ms=T0) for c in calls])
+    subscribers = [AttributionSubscriber(runtime), ExposureSubscriber(runtime)]
+    EngineLoop(runtime, subscribers=subscribers).catch_up()
+    client = TestClient(create_app(runtime=runtime, background=False))
+    key = create_key(runtime.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    r = client.get("/v1/attribution?model=linear,causal&refresh=true", headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["models"]["linear"] == [{"key": "email", "conversions": 3.0, "value": 12.5}]
