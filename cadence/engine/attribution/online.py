@@ -19,7 +19,7 @@ import math
 import time
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -220,9 +220,17 @@ def journey_credits(
     if not touches:
         return {m: [] for m in RULE_MODELS}
     if any(r.action != "exclude" for r in credit_rules):
+        # Conditions are decided here, on the touches with their campaigns: the journey
+        # arrays below hold channels and times only.
+        seen = [Touch(ts_ms=t[0], channel=t[1], campaign=t[2] or None) for t in touches]
+        holding = [
+            replace(r, when=None)
+            for r in credit_rules
+            if r.action != "exclude" and (r.when is None or r.when(seen))
+        ]
         credits = _model_arrays(touches, conv_ms, params)
         j = _journey_of(touches, conv_ms)
-        shares = [apply_credit_rules(j, credits[m], credit_rules).tolist() for m in RULE_MODELS]
+        shares = [apply_credit_rules(j, credits[m], holding).tolist() for m in RULE_MODELS]
     else:
         shares = rule_shares(
             [t[1] for t in touches],

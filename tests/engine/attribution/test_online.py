@@ -249,3 +249,42 @@ def test_a_revenue_that_is_not_a_finite_number_credits_no_value(runtime: Runtime
     r = client.get("/v1/attribution?model=linear,causal&refresh=true", headers=auth)
     assert r.status_code == 200, r.text
     assert r.json()["models"]["linear"] == [{"key": "email", "conversions": 3.0, "value": 12.5}]
+
+
+BRAND_RULES = """event purchased = "Order Completed"
+
+attribution fair "No credit for brand-only search" {
+    conversion  purchased value event.revenue
+    window      30d
+    model       linear
+    credit      paid_search 0 when every touch.campaign matches "brand*"
+}
+"""
+
+
+def test_credit_rule_conditions_see_each_touchs_campaign_online(runtime: Runtime, tmp_path: Path) -> None:
+    # The example rules' "credit paid_search 0 when every touch.campaign matches 'brand*'"
+    # never fired: the condition was evaluated on touches rebuilt without their campaign.
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "fair.cadence").write_text(BRAND_RULES)
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+
+    def search(n: int, user: str, day: float, campaign: str) -> dict[str, Any]:
+        v = visit(n, user, day, "google", "cpc")
+        v["context"]["campaign"]["name"] = campaign
+        return v
+
+    ingest(
+        runtime,
+        search(1, "a", 0, "brand_de"),
+        search(2, "a", 0.5, "brand_at"),
+        order(3, "a", 1, 10.0),  # brand only: no credit for search
+        search(4, "b", 0, "brand_de"),
+        search(5, "b", 0.5, "generic"),
+        order(6, "b", 1, 10.0),  # not every touch is brand: credited
+    )
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="fair", models=["linear", "last_touch"], window_days=30)
+    for model in ("linear", "last_touch"):
+        assert {r["key"]: r["conversions"] for r in got[model]} == {"paid_search": 1.0}, model
