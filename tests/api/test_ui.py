@@ -252,3 +252,15 @@ def test_attribution_page_opens_on_the_first_block_of_the_rules(client: TestClie
     assert '<option value="first_and_last"' in page.text
     unknown = client.get("/ui/attribution", params={"key": key, "spec": "nope"}).text
     assert "unknown attribution block" in unknown and "fair_search" in unknown
+
+
+def test_date_ranges_at_the_calendars_ends_or_spanning_centuries_are_bounded(client: TestClient) -> None:
+    # to=0001-01-01: the default start (29 days earlier) overflowed: 500. from=0001-01-01:
+    # a chart point for each of 739,000 days, a 12 MB attribution page and 37 MB campaigns page.
+    key = create_key(client.app.state.runtime.engine, name="viewer", scopes=["ingest"])
+    for page in ("/ui/attribution", "/ui/campaigns"):
+        early = client.get(page, params={"key": key, "to": "0001-01-01"})
+        assert early.status_code == 200, (page, early.status_code)
+        wide = client.get(page, params={"key": key, "from": "0001-01-01", "to": "2026-11-27"})
+        assert wide.status_code == 200 and len(wide.text) < 2_000_000, (page, len(wide.text))
+        assert 'name="from" value="2024-11-27"' in wide.text, page
