@@ -398,7 +398,9 @@ def refresh_cmd(
                     "causal fits any window"
                 )
             if skipped:
-                err_console.print(f"{block.name}: {', '.join(skipped)} not refitted at {w}d (no tallies kept)")
+                err_console.print(
+                    f"{block.name}: {', '.join(skipped)} not refitted at {w}d (no tallies kept)"
+                )
     table = Table("block", "model", "window", "position", "seconds", "credited", "would happen anyway")
     for block in specs:
         with err_console.status(f"refitting {block.name}"):

@@ -371,7 +371,9 @@ def _positions(conn: Connection) -> dict[str, int]:
     return {str(n): int(p) for n, p in rows}
 
 
-def fittable(spec: AttributionSpec, window_days: int, models: Sequence[str] = MATERIALIZED_MODELS) -> list[str]:
+def fittable(
+    spec: AttributionSpec, window_days: int, models: Sequence[str] = MATERIALIZED_MODELS
+) -> list[str]:
     """Those of ``models`` that can be fitted for ``spec`` at ``window_days``.
 
     ``causal`` is fitted from the exposures at any window; the tally models only at the

@@ -101,5 +101,7 @@ def test_a_value_that_is_not_a_finite_number_is_a_bad_row(tmp_path: Path, bad: s
     c = write(
         tmp_path / "C.csv", f"customer_id,ts,value\na,2026-01-02T00:00:00,1\na,2026-01-03T00:00:00,{bad}\n"
     )
-    with pytest.raises(AttributionError, match=rf"C\.csv:3: column 3 \(value\): '{bad}' is not a finite number"):
+    with pytest.raises(
+        AttributionError, match=rf"C\.csv:3: column 3 \(value\): '{bad}' is not a finite number"
+    ):
         load_touch_log(t, c)
