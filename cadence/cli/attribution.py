@@ -108,8 +108,11 @@ def run(
 
     models = parse_models(model)
     window_ms = parse_window(window)
+    half_life_ms = parse_duration(half_life)
+    if half_life_ms <= 0:
+        raise AttributionError(f"--half-life {half_life}: the half-life must be longer than 0")
     params: dict[str, Any] = {
-        "half_life_ms": parse_duration(half_life),
+        "half_life_ms": half_life_ms,
         "order": markov_order,
         "min_lag_ms": None if causal_min_lag is None else parse_duration(causal_min_lag, default_unit="s"),
         "interactions": interactions,

@@ -165,3 +165,11 @@ def test_refresh_refits_the_kept_windows_and_names_a_window_without_tallies(
     assert "45d" in err and "markov" in err, err
     assert cli(*db, "attribution", "refresh", "--window", "36h", "--model", "causal") == 2
     assert "whole days" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_half_life_of_zero_is_an_error_not_a_traceback(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("attribution", "run", "-t", str(data / "T.csv"), "-c", str(data / "C.csv"), "--no-progress")
+    assert cli(*args, "-m", "time_decay", "--half-life", "0d") == 2
+    assert "--half-life" in " ".join(capsys.readouterr().err.split())
