@@ -424,6 +424,9 @@ class AttributionSubscriber:
                     relevant.append((e, touch))
         if not relevant:
             return
+        # In time order, not log order: a file may log a conversion before the touches that
+        # preceded it; at the same millisecond, touches first (they count before it).
+        relevant.sort(key=lambda et: (et[0].ts_ms, et[1] is None, et[0].id))
         customers = sorted({e.customer_id for e, _ in relevant})
         open_: dict[int, list[tuple[int, str, str, int]]] = {c: [] for c in customers}
         stored: dict[int, int] = {}  # event id -> row id of the open touches already in the table

@@ -288,3 +288,29 @@ def test_credit_rule_conditions_see_each_touchs_campaign_online(runtime: Runtime
         got = query_attribution(conn, spec="fair", models=["linear", "last_touch"], window_days=30)
     for model in ("linear", "last_touch"):
         assert {r["key"]: r["conversions"] for r in got[model]} == {"paid_search": 1.0}, model
+
+
+def test_a_batch_is_credited_in_time_order_not_log_order(runtime: Runtime) -> None:
+    # A file exported per customer (or orders before clicks) logs a conversion before the
+    # touch that preceded it: the conversion was credited to no channel, and the touch
+    # stayed open and was credited to the customer's next conversion.
+    ingest(
+        runtime,
+        order(1, "a", 2, 10.0),
+        click(2, "a", 1, "email"),
+        order(3, "b", 2, 10.0),
+        click(4, "b", 1, "sms"),
+        click(5, "b", 2, "push"),  # the same millisecond as the order: counts before it
+        order(6, "b", 5, 10.0),  # nothing since the first order: no channel
+    )
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["linear"], window_days=30, group_by="day")
+        by_channel = query_attribution(conn, spec="default", models=["linear"], window_days=30)
+        open_touches = conn.exec_driver_sql("SELECT COUNT(*) FROM attribution_touches").scalar()
+    assert {r["key"]: r["conversions"] for r in by_channel["linear"]} == {
+        "email": 1.0,
+        "sms": 0.5,
+        "push": 0.5,
+    }
+    assert [(r["key"], r["conversions"]) for r in got["linear"]] == [("2026-01-03", 2.0), ("2026-01-06", 1.0)]
+    assert open_touches == 0
