@@ -79,7 +79,8 @@ def specs_of(runtime: Any) -> list[AttributionSpec]:
     The rules are loaded here when nothing has loaded them yet: the engine loop may apply
     the log before the scheduler or a request loads them (``cadence serve`` at start-up,
     ``cadence engine catch-up``), and a conversion credited to ``default`` then would stay
-    there. A runtime without a rules holder (the CLI's) gets one of its own.
+    there. Until the runtime's own holder has rules (and in the CLI, which has none),
+    attribution reads the rule files through a holder of its own.
     """
     holder = _rules_holder(runtime)
     ruleset = getattr(holder, "current", None)
@@ -88,30 +89,41 @@ def specs_of(runtime: Any) -> list[AttributionSpec]:
 
 
 def _rules_holder(runtime: Any) -> Any:
+    """The runtime's rules holder once it holds rules, else one of attribution's own.
+
+    The shared holder is never reloaded from here: what the decisions API sees (no
+    ruleset yet: 503) stays as it was.
+    """
     extensions = getattr(runtime, "extensions", None) if runtime is not None else None
     if extensions is None:
         return None
-    holder = extensions.get("rules") or extensions.get("attribution.rules")
+    shared = extensions.get("rules")
+    if getattr(shared, "current", None) is not None:
+        return shared
     settings = getattr(runtime, "settings", None)
-    if holder is None and getattr(settings, "rules_paths", None):
-        from cadence.dsl.explain import installed_channels
+    paths = list(getattr(shared, "paths", None) or getattr(settings, "rules_paths", None) or [])
+    if not paths:
+        return shared
+    own = extensions.get("attribution.rules")
+    if own is None:
         from cadence.dsl.loader import RulesetHolder
 
-        holder = extensions.setdefault(
-            "attribution.rules",
-            RulesetHolder(
-                list(settings.rules_paths),
-                available_channels=installed_channels(settings),
-                default_zone=settings.default_timezone,
-            ),
+        if shared is not None:
+            channels, zone = shared.available_channels, shared.default_zone
+        else:
+            from cadence.dsl.explain import installed_channels
+
+            channels, zone = installed_channels(settings), settings.default_timezone
+        own = extensions.setdefault(
+            "attribution.rules", RulesetHolder(paths, available_channels=channels, default_zone=zone)
         )
-    if holder is not None and getattr(holder, "current", None) is None and hasattr(holder, "reload"):
+    if own.current is None:
         now = time.monotonic()
         tried = extensions.get("attribution.rules_tried")
         if tried is None or now - tried >= RULES_RETRY_S:
             extensions["attribution.rules_tried"] = now
-            holder.reload()
-    return holder
+            own.reload()
+    return own
 
 
 def kept_windows(spec: AttributionSpec) -> list[int]:
