@@ -377,3 +377,30 @@ campaign daily "Daily" {
     assert diag.code == "E402" and "whole local days" in diag.message and (diag.line, diag.column) == (4, 15)
     # 'calendar' stays an ordinary name everywhere else
     assert load(HEADER + 'segment s = customer.calendar ?? "" == "x"\n').ok
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("time_decay(half_life: 0d)", "'half_life' must be longer than 0"),
+        ("position(first: 90%, last: 40%)", "first + last must be at most 100%"),
+    ],
+)
+def test_attribution_model_parameters_the_engine_cannot_use_are_errors(
+    load: Load, model: str, message: str
+) -> None:
+    # Both compiled, then every conversion raised in the engine loop, which retried the
+    # batch for ever: no profile, decision or credit moved again.
+    result = load(
+        HEADER
+        + f"""
+attribution fair "Fair" {{
+    conversion  purchased value event.revenue
+    model       {model}
+}}
+"""
+    )
+    assert not result.ok
+    assert any(d.code == "E402" and message in d.message for d in result.diagnostics), [
+        str(d) for d in result.diagnostics
+    ]
