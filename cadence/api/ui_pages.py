@@ -180,7 +180,12 @@ def attribution_page(
         untouched, total = unattributed_share(
             conn, spec=spec, window_days=window_days, since_day=since_day, until_day=until_day
         )
-        lifts = holdout_lifts(conn, since_ms=since_day * 86_400_000, until_ms=(until_day + 1) * 86_400_000)
+        lifts = holdout_lifts(
+            conn,
+            since_ms=since_day * 86_400_000,
+            until_ms=(until_day + 1) * 86_400_000,
+            conversion_event=blocks[spec].conversion_event,
+        )
     if missing or (("causal", window_days) not in fits):
         errors.append(
             f"not fitted yet for the {window_days}-day window: {', '.join(missing or ['causal'])}; "

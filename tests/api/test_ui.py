@@ -264,3 +264,36 @@ def test_date_ranges_at_the_calendars_ends_or_spanning_centuries_are_bounded(cli
         wide = client.get(page, params={"key": key, "from": "0001-01-01", "to": "2026-11-27"})
         assert wide.status_code == 200 and len(wide.text) < 2_000_000, (page, len(wide.text))
         assert 'name="from" value="2024-11-27"' in wide.text, page
+
+
+def test_holdout_lift_counts_the_blocks_conversion_event(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lift table counted "Order Completed" whatever the shown block converts on.
+    from datetime import date
+
+    from cadence.api import ui_pages
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "signup.cadence").write_text(
+        'event signed_up = "Signed Up"\n\nattribution signups "Sign-ups" {\n    conversion  signed_up\n}\n'
+    )
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+    seen: list[str] = []
+    real = ui_pages.holdout_lifts
+
+    def spy(conn: object, **kw: object) -> object:
+        seen.append(str(kw.get("conversion_event")))
+        return real(conn, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ui_pages, "holdout_lifts", spy)
+    page = ui_pages.attribution_page(
+        runtime,
+        spec=None,
+        models=["last_touch"],
+        window_days=30,
+        since=date(2026, 1, 1),
+        until=date(2026, 1, 31),
+    )
+    assert page["spec"] == "signups" and seen == ["Signed Up"]
