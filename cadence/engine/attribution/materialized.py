@@ -421,11 +421,15 @@ def refresh_fits(
             open_paths = _open_paths(touches, w)
             for model in fittable(spec, w, tally_models):
                 started = time.perf_counter()
-                if model == "shapley_ordered":
-                    rows = _ordered_rows(conn, spec.name, w, open_paths)
-                else:
-                    rows = _tally_model(conn, spec.name, model, w, open_paths)
-                solved.append((model, w, {"rows": rows}, time.perf_counter() - started))
+                result: dict[str, Any]
+                try:
+                    if model == "shapley_ordered":
+                        result = {"rows": _ordered_rows(conn, spec.name, w, open_paths)}
+                    else:
+                        result = {"rows": _tally_model(conn, spec.name, model, w, open_paths)}
+                except AttributionError as exc:  # too many channels for exact Shapley: the others still fit
+                    result = {"rows": [], "note": str(exc)}
+                solved.append((model, w, result, time.perf_counter() - started))
         if "causal" in models:
             started = time.perf_counter()
             exposure_log = _exposure_log(conn, spec.name)
@@ -435,7 +439,7 @@ def refresh_fits(
         for w in sorted({int(x) for x in windows}):
             started = time.perf_counter()
             if exposure_log is None or exposure_log.conv_ms.size == 0:
-                result: dict[str, Any] = {"rows": [], "note": "no conversions among the stored exposures"}
+                result = {"rows": [], "note": "no conversions among the stored exposures"}
             else:
                 result = _causal_result(exposure_log, spec, w)
             solved.append(("causal", w, result, time.perf_counter() - started + read_s))

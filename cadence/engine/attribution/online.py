@@ -764,7 +764,10 @@ def _tally_model(
             tallies.setdefault(key, [0.0, 0.0])[0] += 1.0
         channels = sorted({c for k in tallies for c in k.split("+") if c})
         if len(channels) > MAX_EXACT_CHANNELS:
-            raise AttributionError(f"exact Shapley handles at most {MAX_EXACT_CHANNELS} channels")
+            raise AttributionError(
+                f"exact Shapley handles at most {MAX_EXACT_CHANNELS} channels, got {len(channels)}: "
+                "group channels first (channel rules of the attribution block)"
+            )
         code = {c: i for i, c in enumerate(channels)}
 
         def mask(key: str) -> int:

@@ -189,3 +189,25 @@ def test_tally_models_are_fitted_only_at_the_windows_their_tallies_are_kept(runt
     assert client.get("/v1/attribution?model=causal&window=45d", headers=auth).status_code == 200
     bad = client.get("/v1/attribution?model=causal,markov&window=45d", headers=auth)
     assert bad.status_code == 422 and "markov" in bad.json()["detail"]
+
+
+def test_too_many_channels_for_exact_shapley_leaves_the_other_fits_alone(runtime: Runtime) -> None:
+    # Sixteen channels (the fourteen default groups plus our own sends' channels get there):
+    # exact Shapley refused, and the exception aborted the whole refresh, so Markov,
+    # ordered Shapley and causal were never fitted either, in the background for ever.
+    calls: list[dict[str, Any]] = []
+    for c in range(16):
+        calls.append(click(2 * c, f"u{c}", 1, f"ch{c:02d}"))
+        calls.append(order(2 * c + 1, f"u{c}", 2, 10.0))
+    ingest(runtime, calls)
+    refresher = FitRefresher(runtime, interval_s=60)
+    fits = {f.model: f for f in refresher.refresh_once()}
+    assert set(fits) == {"shapley", "shapley_ordered", "markov", "causal"}
+    assert fits["shapley"].rows == [] and "got 16" in fits["shapley"].result["note"]
+    assert sum(r["conversions"] for r in fits["markov"].rows) == pytest.approx(16.0)
+    client = TestClient(create_app(runtime=runtime, background=False))
+    key = create_key(runtime.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    r = client.get("/v1/attribution?model=shapley,markov", headers=auth)
+    assert r.status_code == 200, r.text
+    assert "got 16" in r.json()["fits"]["shapley"]["note"]
