@@ -126,6 +126,9 @@ def attribution_page(
     ``spec`` None is the first attribution block of the loaded rules (``default`` without any).
     """
     errors: list[str] = []
+    unknown = [m for m in models if m not in PAGE_MODELS]
+    if unknown:
+        errors.append(f"unknown model {', '.join(map(repr, unknown))} (choose from {', '.join(PAGE_MODELS)})")
     models = [m for m in models if m in PAGE_MODELS] or ["last_touch"]
     blocks = {s.name: s for s in specs_of(runtime)}
     if spec is not None and spec not in blocks:

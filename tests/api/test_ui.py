@@ -252,6 +252,8 @@ def test_attribution_page_opens_on_the_first_block_of_the_rules(client: TestClie
     assert '<option value="first_and_last"' in page.text
     unknown = client.get("/ui/attribution", params={"key": key, "spec": "nope"}).text
     assert "unknown attribution block" in unknown and "fair_search" in unknown
+    typo = client.get("/ui/attribution", params={"key": key, "model": "markof"}).text
+    assert "unknown model &#39;markof&#39;" in typo
 
 
 def test_date_ranges_at_the_calendars_ends_or_spanning_centuries_are_bounded(client: TestClient) -> None:
