@@ -650,6 +650,22 @@ def query_attribution(
                 for r in rows
                 if group_by == "day" or r[0] != ""
             ]
+            blank = next((r for r in rows if r[0] == ""), None)
+            if group_by == "campaign" and blank is not None:
+                # The empty campaign holds the conversions with no touch (no channel either)
+                # and the credit of touches without a campaign: keep the latter as "(none)".
+                untouched = conn.exec_driver_sql(
+                    _placeholders(
+                        conn,
+                        "SELECT SUM(conversions), SUM(value) FROM attribution_channel_credits WHERE spec = ? "
+                        "AND model = ? AND window_days = ? AND day >= ? AND day <= ? AND channel = ''",
+                    ),
+                    params,
+                ).one()
+                conversions = float(blank[1]) - float(untouched[0] or 0.0)
+                if conversions > 1e-9:
+                    value = float(blank[2]) - float(untouched[1] or 0.0)
+                    out[model].insert(0, {"key": "(none)", "conversions": conversions, "value": value})
         elif model in ("shapley", "markov"):
             if group_by != "channel":
                 raise AttributionError(f"{model} is solved from all-time tallies: group_by must be channel")

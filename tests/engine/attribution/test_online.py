@@ -314,3 +314,22 @@ def test_a_batch_is_credited_in_time_order_not_log_order(runtime: Runtime) -> No
     }
     assert [(r["key"], r["conversions"]) for r in got["linear"]] == [("2026-01-03", 2.0), ("2026-01-06", 1.0)]
     assert open_touches == 0
+
+
+def test_credit_to_touches_without_a_campaign_is_not_lost_by_campaign(runtime: Runtime) -> None:
+    # group_by=campaign dropped the empty campaign to hide conversions with no touch, and
+    # with them the credit of every touch without a campaign (referrals, organic search,
+    # sends without one): the campaign view summed to less than the channel view.
+    ingest(
+        runtime,
+        click(1, "a", 0, "email", campaign="spring"),
+        click(2, "a", 0.5, "sms", campaign=""),
+        order(3, "a", 1, 10.0),
+        order(4, "b", 1, 5.0),  # no touch: no channel, no campaign
+    )
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["linear"], window_days=30, group_by="campaign")
+        channels = query_attribution(conn, spec="default", models=["linear"], window_days=30)
+    rows = {r["key"]: (r["conversions"], r["value"]) for r in got["linear"]}
+    assert rows == {"spring": (0.5, 5.0), "(none)": (0.5, 5.0)}
+    assert sum(r["conversions"] for r in channels["linear"]) == pytest.approx(1.0)
