@@ -24,9 +24,10 @@ from cadence.engine.attribution.journeys import AttributionError
 from cadence.engine.attribution.materialized import MATERIALIZED_MODELS, read_fits
 from cadence.engine.attribution.online import (
     RULE_MODELS,
-    WINDOWS_DAYS,
     channel_interactions,
+    kept_windows,
     query_attribution,
+    specs_of,
     unattributed_share,
 )
 from cadence.engine.campaign_stats import KINDS, campaign_stats, queue_outcomes
@@ -108,7 +109,7 @@ DEFAULT_PAGE_MODELS = ("last_touch", "linear", "position", "shapley_simplified",
 def attribution_page(
     runtime: Runtime,
     *,
-    spec: str,
+    spec: str | None,
     models: Sequence[str],
     window_days: int,
     since: date,
@@ -122,14 +123,28 @@ def attribution_page(
     time, or the causal model's last 90 days), never solved here: a page costs the
     same at any number of stored touchpoints. A missing fit is reported, and
     ``on_missing_fit(spec, window_days)`` is called (to ask the refresher for it).
+    ``spec`` None is the first attribution block of the loaded rules (``default`` without any).
     """
     errors: list[str] = []
+    unknown = [m for m in models if m not in PAGE_MODELS]
+    if unknown:
+        errors.append(f"unknown model {', '.join(map(repr, unknown))} (choose from {', '.join(PAGE_MODELS)})")
     models = [m for m in models if m in PAGE_MODELS] or ["last_touch"]
-    if window_days not in WINDOWS_DAYS:
+    blocks = {s.name: s for s in specs_of(runtime)}
+    if spec is not None and spec not in blocks:
         errors.append(
-            f"window {window_days}d is not kept; showing 30d (kept: {', '.join(map(str, WINDOWS_DAYS))})"
+            f"unknown attribution block {spec!r}; showing {next(iter(blocks))} (known: {', '.join(blocks)})"
         )
-        window_days = 30
+        spec = None
+    if spec is None:
+        spec = next(iter(blocks))
+    windows = kept_windows(blocks[spec])
+    if window_days not in windows:
+        default = 30 if 30 in windows else windows[-1]
+        errors.append(
+            f"window {window_days}d is not kept; showing {default}d (kept: {', '.join(map(str, windows))})"
+        )
+        window_days = default
     since_day, until_day = _day(since), _day(until)
     with read_connection(runtime.engine) as conn:
         by_model: dict[str, list[dict[str, Any]]] = {}
@@ -168,7 +183,12 @@ def attribution_page(
         untouched, total = unattributed_share(
             conn, spec=spec, window_days=window_days, since_day=since_day, until_day=until_day
         )
-        lifts = holdout_lifts(conn, since_ms=since_day * 86_400_000, until_ms=(until_day + 1) * 86_400_000)
+        lifts = holdout_lifts(
+            conn,
+            since_ms=since_day * 86_400_000,
+            until_ms=(until_day + 1) * 86_400_000,
+            conversion_event=blocks[spec].conversion_event,
+        )
     if missing or (("causal", window_days) not in fits):
         errors.append(
             f"not fitted yet for the {window_days}-day window: {', '.join(missing or ['causal'])}; "
@@ -229,8 +249,9 @@ def attribution_page(
         "materialized": MATERIALIZED_MODELS,
         "causal": causal,
         "freshness": freshness,
-        "windows": WINDOWS_DAYS,
+        "windows": windows,
         "window": window_days,
+        "blocks": list(blocks),
         "table": table,
         "total_conversions": total,
         "untouched": untouched,
@@ -324,7 +345,7 @@ def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, A
         outcomes = queue_outcomes(conn)
         attributed = query_attribution(
             conn,
-            spec="default",
+            spec=specs_of(runtime)[0].name,
             models=["last_touch"],
             window_days=30,
             since_day=since_day,

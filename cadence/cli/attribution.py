@@ -108,8 +108,11 @@ def run(
 
     models = parse_models(model)
     window_ms = parse_window(window)
+    half_life_ms = parse_duration(half_life)
+    if half_life_ms <= 0:
+        raise AttributionError(f"--half-life {half_life}: the half-life must be longer than 0")
     params: dict[str, Any] = {
-        "half_life_ms": parse_duration(half_life),
+        "half_life_ms": half_life_ms,
         "order": markov_order,
         "min_lag_ms": None if causal_min_lag is None else parse_duration(causal_min_lag, default_unit="s"),
         "interactions": interactions,
@@ -373,15 +376,34 @@ def refresh_cmd(
 ) -> None:
     """Refit the materialised models from the stored aggregates (what the leader does in the background)."""
     from cadence.cli import runtime_for
-    from cadence.engine.attribution.materialized import MATERIALIZED_MODELS, refresh_fits
-    from cadence.engine.attribution.online import specs_of
+    from cadence.engine.attribution.materialized import MATERIALIZED_MODELS, fittable, refresh_fits
+    from cadence.engine.attribution.online import kept_windows, specs_of
 
     runtime = runtime_for(ctx)
-    models = [m.strip() for v in model for m in v.split(",") if m.strip()] or list(MATERIALIZED_MODELS)
-    windows = [round(parse_window(w) / 86_400_000) for w in window]
+    asked = [m.strip() for v in model for m in v.split(",") if m.strip()]
+    models = asked or list(MATERIALIZED_MODELS)
+    windows = []
+    for w in window:
+        ms = parse_window(w)
+        if ms % 86_400_000:
+            raise AttributionError(f"window {w}: windows are whole days (1d to 90d)")
+        windows.append(ms // 86_400_000)
     specs = [s for s in specs_of(runtime) if spec is None or s.name == spec]
     if not specs:
         raise AttributionError(f"unknown attribution block {spec!r}")
+    for block in specs:
+        for w in windows:
+            skipped = [m for m in models if m not in fittable(block, w, models)]
+            if skipped and asked:
+                kept = ", ".join(f"{d}d" for d in kept_windows(block))
+                raise AttributionError(
+                    f"window {w}d: {', '.join(skipped)} tallies are kept for {kept} only ({block.name}); "
+                    "causal fits any window"
+                )
+            if skipped:
+                err_console.print(
+                    f"{block.name}: {', '.join(skipped)} not refitted at {w}d (no tallies kept)"
+                )
     table = Table("block", "model", "window", "position", "seconds", "credited", "would happen anyway")
     for block in specs:
         with err_console.status(f"refitting {block.name}"):

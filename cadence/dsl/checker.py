@@ -1201,14 +1201,25 @@ class Checker:
             )
             return
         allowed = MODEL_PARAMS.get(name, {})
+        shares: dict[str, tuple[float, ast.Expr]] = {}
         for pname, expr, pos in clause.args["params"]:
             if pname not in allowed:
                 hint = did_you_mean(pname, allowed) if allowed else f"'{name}' takes no parameters"
                 self.at(pos, "E206", f"'{name}' has no parameter '{pname}'", len(pname), hint)
                 continue
             t = self.expr(expr, env)
-            if self._want(expr, t, allowed[pname], f"'{pname}'"):
-                self._literal(expr, f"'{pname}'", t)
+            if self._want(expr, t, allowed[pname], f"'{pname}'") and self._literal(expr, f"'{pname}'", t):
+                # Values the models cannot use: the engine loop would fail on every conversion.
+                value = _lit_value(expr)
+                if value is not None and allowed[pname] == "duration" and value <= 0:
+                    self.at(expr, "E402", f"'{pname}' must be longer than 0", _len(expr))
+                elif value is not None and allowed[pname] == "percent":
+                    shares[pname] = (float(value), expr)
+        first = shares["first"][0] if "first" in shares else 0.4
+        last = shares["last"][0] if "last" in shares else 0.4
+        if shares and first + last > 1 + 1e-9:
+            node = (shares.get("last") or shares["first"])[1]
+            self.at(node, "E402", "first + last must be at most 100%", _len(node))
 
     def settings(self, block: ast.Settings, scope: ModuleScope) -> None:
         """Global settings."""

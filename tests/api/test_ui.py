@@ -240,3 +240,62 @@ def test_rules_page_shows_an_open_circuit(client: TestClient) -> None:
     circuits = page[page.index('id="circuits"') :]
     assert '<td>sendgrid</td><td class="bad">open</td><td class="n">5</td>' in circuits
     assert "401 unauthorized" in circuits
+
+
+def test_attribution_page_opens_on_the_first_block_of_the_rules(client: TestClient) -> None:
+    # The example rules define the blocks fair_search and first_and_last and no "default":
+    # the page opened on "default", which the engine loop never credits, so it was empty.
+    key = create_key(client.app.state.runtime.engine, name="viewer", scopes=["ingest"])
+    page = client.get("/ui/attribution", params={"key": key})
+    assert page.status_code == 200
+    assert "· fair_search ·" in page.text, re.findall(r"<h1>.*?</h1>", page.text)
+    assert '<option value="first_and_last"' in page.text
+    unknown = client.get("/ui/attribution", params={"key": key, "spec": "nope"}).text
+    assert "unknown attribution block" in unknown and "fair_search" in unknown
+    typo = client.get("/ui/attribution", params={"key": key, "model": "markof"}).text
+    assert "unknown model &#39;markof&#39;" in typo
+
+
+def test_date_ranges_at_the_calendars_ends_or_spanning_centuries_are_bounded(client: TestClient) -> None:
+    # to=0001-01-01: the default start (29 days earlier) overflowed: 500. from=0001-01-01:
+    # a chart point for each of 739,000 days, a 12 MB attribution page and 37 MB campaigns page.
+    key = create_key(client.app.state.runtime.engine, name="viewer", scopes=["ingest"])
+    for page in ("/ui/attribution", "/ui/campaigns"):
+        early = client.get(page, params={"key": key, "to": "0001-01-01"})
+        assert early.status_code == 200, (page, early.status_code)
+        wide = client.get(page, params={"key": key, "from": "0001-01-01", "to": "2026-11-27"})
+        assert wide.status_code == 200 and len(wide.text) < 2_000_000, (page, len(wide.text))
+        assert 'name="from" value="2024-11-27"' in wide.text, page
+
+
+def test_holdout_lift_counts_the_blocks_conversion_event(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lift table counted "Order Completed" whatever the shown block converts on.
+    from datetime import date
+
+    from cadence.api import ui_pages
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "signup.cadence").write_text(
+        'event signed_up = "Signed Up"\n\nattribution signups "Sign-ups" {\n    conversion  signed_up\n}\n'
+    )
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+    seen: list[str] = []
+    real = ui_pages.holdout_lifts
+
+    def spy(conn: object, **kw: object) -> object:
+        seen.append(str(kw.get("conversion_event")))
+        return real(conn, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ui_pages, "holdout_lifts", spy)
+    page = ui_pages.attribution_page(
+        runtime,
+        spec=None,
+        models=["last_touch"],
+        window_days=30,
+        since=date(2026, 1, 1),
+        until=date(2026, 1, 31),
+    )
+    assert page["spec"] == "signups" and seen == ["Signed Up"]

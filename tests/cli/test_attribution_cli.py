@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from cadence.cli import main
 from cadence.engine.attribution.spec import MODELS
@@ -138,3 +139,37 @@ def test_customers_file_aligns_late_arrivals(tmp_path: Path) -> None:
     true_total = sum(v for k, v in truth.items() if not k.startswith("("))
     assert abs(credited["aligned"] - true_total) < abs(credited["whole"] - true_total)
     assert credited["aligned"] < credited["whole"]
+
+
+def test_refresh_refits_the_kept_windows_and_names_a_window_without_tallies(
+    db_engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cadence.engine.events import parse_call
+    from cadence.engine.ingest import record_events
+
+    day, t0 = 86_400_000, 1_767_225_600_000
+    calls = [
+        {"type": "track", "userId": "a", "messageId": "c1", "timestamp": t0 / 1000,
+         "event": "Message Clicked", "properties": {"channel": "email"}},
+        {"type": "track", "userId": "a", "messageId": "o1", "timestamp": (t0 + day) / 1000,
+         "event": "Order Completed", "properties": {"revenue": 10}},
+    ]  # fmt: skip
+    record_events(engine=db_engine, batch=[parse_call(c, received_ms=t0) for c in calls])
+    db = ["--database-url", db_engine.url.render_as_string(hide_password=False)]
+    assert cli(*db, "attribution", "refresh", "--window", "7d", "--model", "markov,causal") == 0
+    out = capsys.readouterr().out
+    assert "markov" in out and "7d" in out
+    # Markov at 45 days has no tallies: it was "refitted" from the open journeys alone.
+    assert cli(*db, "attribution", "refresh", "--window", "45d", "--model", "markov") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "45d" in err and "markov" in err, err
+    assert cli(*db, "attribution", "refresh", "--window", "36h", "--model", "causal") == 2
+    assert "whole days" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_half_life_of_zero_is_an_error_not_a_traceback(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("attribution", "run", "-t", str(data / "T.csv"), "-c", str(data / "C.csv"), "--no-progress")
+    assert cli(*args, "-m", "time_decay", "--half-life", "0d") == 2
+    assert "--half-life" in " ".join(capsys.readouterr().err.split())

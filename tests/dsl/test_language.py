@@ -411,3 +411,30 @@ def test_a_send_expectation_can_name_the_local_time_of_a_deferred_send(load: Loa
     assert "2026-03-30T08:00:00+02:00" in report.results[1].message  # said in the customer's zone
     bad = load(text.replace("at 10:00", "at 24:30"))
     assert [(d.code, d.line, d.column) for d in bad.errors] == [("E105", 15, 60)]
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("time_decay(half_life: 0d)", "'half_life' must be longer than 0"),
+        ("position(first: 90%, last: 40%)", "first + last must be at most 100%"),
+    ],
+)
+def test_attribution_model_parameters_the_engine_cannot_use_are_errors(
+    load: Load, model: str, message: str
+) -> None:
+    # Both compiled, then every conversion raised in the engine loop, which retried the
+    # batch for ever: no profile, decision or credit moved again.
+    result = load(
+        HEADER
+        + f"""
+attribution fair "Fair" {{
+    conversion  purchased value event.revenue
+    model       {model}
+}}
+"""
+    )
+    assert not result.ok
+    assert any(d.code == "E402" and message in d.message for d in result.diagnostics), [
+        str(d) for d in result.diagnostics
+    ]

@@ -24,7 +24,7 @@ from cadence.engine.attribution.materialized import (
     read_fits,
     refresh_fits,
 )
-from cadence.engine.attribution.online import RULE_MODELS, query_attribution, specs_of
+from cadence.engine.attribution.online import RULE_MODELS, kept_windows, query_attribution, specs_of
 from cadence.store.db import read_connection
 from cadence.store.fast import dialect_sql
 
@@ -105,9 +105,14 @@ async def get_attribution(
 ) -> dict[str, Any]:
     """Credit per model from incrementally maintained aggregates and materialised fits (no history scan)."""
     try:
-        window_days = round(parse_window(window) / DAY_MS)
+        window_ms = parse_window(window)
     except AttributionError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
+    if window_ms % DAY_MS:
+        raise HTTPException(status_code=422, detail=f"window {window}: windows are whole days (1d to 90d)")
+    window_days = window_ms // DAY_MS
+    if since is not None and until is not None and since > until:
+        raise HTTPException(status_code=422, detail=f"from {since} is after to {until}")
     models = [m.strip() for value in (model or ["last_touch"]) for m in value.split(",") if m.strip()]
     unknown = [m for m in models if m not in API_MODELS]
     if unknown:
@@ -125,7 +130,20 @@ async def get_attribution(
     specs = {s.name: s for s in specs_of(runtime)}
     if spec is None:
         spec = next(iter(specs))
+    elif spec not in specs:
+        raise HTTPException(
+            status_code=422, detail=f"spec: unknown attribution block {spec!r} (known: {', '.join(specs)})"
+        )
     block = spec
+    # Rule credits and Shapley/Markov tallies exist only for the kept windows; causal fits any.
+    unkept = [m for m in models if m != "causal" and window_days not in kept_windows(specs[block])]
+    if unkept:
+        kept = ", ".join(f"{w}d" for w in kept_windows(specs[block]))
+        raise HTTPException(
+            status_code=422,
+            detail=f"window {window_days}d: {', '.join(unkept)} credit is kept for the windows {kept} only "
+            "(causal fits any window from 1d to 90d)",
+        )
 
     def run() -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
         rule = [m for m in models if m in RULE_MODELS]

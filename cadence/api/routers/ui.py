@@ -233,12 +233,22 @@ def _parse_day(text: str | None, default: date) -> date:
         return default
 
 
+#: The longest range a page shows (days): its charts have a point per day.
+MAX_RANGE_DAYS = 731
+
+
 def _range(request: Request, days: int = 30) -> tuple[date, date]:
+    """From and to (UTC days) of the query, swapped when reversed; the last 30 days by
+    default; at most :data:`MAX_RANGE_DAYS` long, ending at ``to``."""
     today = datetime.now(UTC).date()
     until = _parse_day(request.query_params.get("to"), today)
-    since = _parse_day(request.query_params.get("from"), until - timedelta(days=days - 1))
+    since = _parse_day(
+        request.query_params.get("from"), until - timedelta(days=min(days - 1, until.toordinal() - 1))
+    )
     if since > until:
         since, until = until, since
+    if (until - since).days >= MAX_RANGE_DAYS:
+        since = until - timedelta(days=MAX_RANGE_DAYS - 1)
     return since, until
 
 
@@ -261,7 +271,7 @@ async def attribution(request: Request) -> Response:
         window = int(q.get("window", "30"))
     except ValueError:
         window = 30
-    spec = q.get("spec") or "default"
+    spec = q.get("spec") or None  # None: the first block of the loaded rules
     data = await run_in_threadpool(
         _timed,
         lambda: attribution_page(

@@ -9,6 +9,7 @@ module to name the exact line and column of the first bad value.
 from __future__ import annotations
 
 import csv
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -45,7 +46,8 @@ def parse_timestamp(text: str) -> int:
 
 
 def _check_number(text: str) -> None:
-    float(text)
+    if not math.isfinite(float(text)):  # "nan", "inf": float() and Arrow parse them
+        raise ValueError(text)
 
 
 _CHECKS: dict[str, Callable[[str], object]] = {"ts": parse_timestamp, "value": _check_number}
@@ -80,7 +82,7 @@ def _locate(path: Path, columns: Sequence[str], problem: str) -> AttributionErro
                         try:
                             check(text)
                         except (ValueError, OverflowError):
-                            kind = "an ISO-8601 timestamp" if name == "ts" else "a number"
+                            kind = "an ISO-8601 timestamp" if name == "ts" else "a finite number"
                             return AttributionError(f"{where}: {text!r} is not {kind}")
     except UnicodeDecodeError as exc:
         return AttributionError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
@@ -202,6 +204,8 @@ def load_touch_log(
     convs = convs if convs is not None else read_table(conversions, c_cols)
     c_ms = _timestamps(conversions, c_cols, convs["ts"])
     c_val = _floats(conversions, c_cols, convs["value"])
+    if not np.isfinite(c_val).all():
+        raise _locate(conversions, c_cols, "a value is not a finite number")
     step("conversions")
     ids = pa.chunked_array(touches["customer_id"].chunks + convs["customer_id"].chunks, type=pa.string())
     encoded = ids.dictionary_encode().combine_chunks()

@@ -19,10 +19,16 @@ from cadence.engine.attribution.spec import ChannelRule
 
 __all__ = ["DEFAULT_CHANNEL_RULES", "group_channel", "matches"]
 
-_SEARCH = "google|bing|yahoo|baidu|duckduckgo|yandex|ecosia|naver|*search*|*.google.*|*.bing.*"
+# Bare names match UTM sources; ``name.*`` and ``*.name.*`` match referrer hosts
+# (``google.com``, ``www.google.co.uk`` once ``www.`` is dropped: ``google.co.uk``).
+_SEARCH = (
+    "google|bing|yahoo|baidu|duckduckgo|yandex|ecosia|naver|*search*"
+    "|google.*|*.google.*|bing.*|*.bing.*|yahoo.*|*.yahoo.*|baidu.*|duckduckgo.*|yandex.*|ecosia.*|naver.*"
+)
 _SOCIAL = (
     "facebook|fb|instagram|ig|twitter|t.co|x|linkedin|lnkd.in|pinterest|reddit|tiktok|snapchat"
     "|youtube|*.facebook.*|*facebook.com|*instagram.com|*linkedin.com|*reddit.com|*tiktok.com"
+    "|twitter.com|*.twitter.com|x.com|*.x.com|pinterest.*|*.pinterest.*|*snapchat.com"
 )
 _VIDEO = "youtube|vimeo|twitch|*youtube.com|*vimeo.com"
 _PAID = "cpc|ppc|paid*|*cp*|retargeting|paidsearch"
@@ -46,6 +52,7 @@ DEFAULT_CHANNEL_RULES: tuple[ChannelRule, ...] = (
     ChannelRule("organic_social", {"medium": "social|social-network|social-media|sm|social network"}),
     ChannelRule("organic_search", {"medium": "organic"}),
     ChannelRule("organic_search", {"source": _SEARCH}),
+    ChannelRule("organic_video", {"referrer": _VIDEO}),
     ChannelRule("organic_social", {"referrer": _SOCIAL}),
     ChannelRule("organic_search", {"referrer": _SEARCH}),
     ChannelRule("referral", {"medium": "referral|app|link"}),

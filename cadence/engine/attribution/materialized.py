@@ -42,6 +42,7 @@ from cadence.engine.attribution.models import run_model
 from cadence.engine.attribution.online import (
     _conversion_value,
     _tally_model,
+    kept_windows,
     specs_of,
     touch_of,
 )
@@ -55,9 +56,11 @@ __all__ = [
     "DEFAULT_FIT_WINDOWS",
     "FIT_DAYS",
     "MATERIALIZED_MODELS",
+    "TALLY_MODELS",
     "ExposureSubscriber",
     "Fit",
     "FitRefresher",
+    "fittable",
     "ordered_shapley_credit",
     "read_fits",
     "refresh_fits",
@@ -65,6 +68,8 @@ __all__ = [
 
 #: Models served from ``attribution_fits``.
 MATERIALIZED_MODELS = ("shapley", "shapley_ordered", "markov", "causal")
+#: Materialised models solved from the coalition and path tallies: only at the windows they are kept for.
+TALLY_MODELS = ("shapley", "shapley_ordered", "markov")
 #: Days of exposures kept, and the causal model's observation period.
 FIT_DAYS = 90
 #: Windows refreshed even when nobody asked for them yet (the dashboard's default).
@@ -366,6 +371,19 @@ def _positions(conn: Connection) -> dict[str, int]:
     return {str(n): int(p) for n, p in rows}
 
 
+def fittable(
+    spec: AttributionSpec, window_days: int, models: Sequence[str] = MATERIALIZED_MODELS
+) -> list[str]:
+    """Those of ``models`` that can be fitted for ``spec`` at ``window_days``.
+
+    ``causal`` is fitted from the exposures at any window; the tally models only at the
+    windows whose tallies the engine loop keeps (:func:`~cadence.engine.attribution.online.kept_windows`):
+    at another window they would be solved from the open journeys alone.
+    """
+    kept = int(window_days) in kept_windows(spec)
+    return [m for m in models if kept or m not in TALLY_MODELS]
+
+
 def refresh_fits(
     engine: Engine,
     *,
@@ -376,6 +394,7 @@ def refresh_fits(
 ) -> list[Fit]:
     """Solve ``models`` for ``spec`` at every window from the stored aggregates; store and return the fits.
 
+    The tally models are solved only at the windows whose tallies are kept (:func:`fittable`).
     Everything is read in one transaction, so a fit reflects one event-log position
     (the lower of the tallies' and the exposures' checkpoints).
     """
@@ -400,13 +419,17 @@ def refresh_fits(
         touches = _open_touches(conn, spec.name) if tally_models else {}
         for w in sorted({int(x) for x in windows}):
             open_paths = _open_paths(touches, w)
-            for model in tally_models:
+            for model in fittable(spec, w, tally_models):
                 started = time.perf_counter()
-                if model == "shapley_ordered":
-                    rows = _ordered_rows(conn, spec.name, w, open_paths)
-                else:
-                    rows = _tally_model(conn, spec.name, model, w, open_paths)
-                solved.append((model, w, {"rows": rows}, time.perf_counter() - started))
+                result: dict[str, Any]
+                try:
+                    if model == "shapley_ordered":
+                        result = {"rows": _ordered_rows(conn, spec.name, w, open_paths)}
+                    else:
+                        result = {"rows": _tally_model(conn, spec.name, model, w, open_paths)}
+                except AttributionError as exc:  # too many channels for exact Shapley: the others still fit
+                    result = {"rows": [], "note": str(exc)}
+                solved.append((model, w, result, time.perf_counter() - started))
         if "causal" in models:
             started = time.perf_counter()
             exposure_log = _exposure_log(conn, spec.name)
@@ -416,7 +439,7 @@ def refresh_fits(
         for w in sorted({int(x) for x in windows}):
             started = time.perf_counter()
             if exposure_log is None or exposure_log.conv_ms.size == 0:
-                result: dict[str, Any] = {"rows": [], "note": "no conversions among the stored exposures"}
+                result = {"rows": [], "note": "no conversions among the stored exposures"}
             else:
                 result = _causal_result(exposure_log, spec, w)
             solved.append(("causal", w, result, time.perf_counter() - started + read_s))
@@ -527,8 +550,8 @@ class FitRefresher:
                 stored = read_fits(conn, spec=spec.name, models=MATERIALIZED_MODELS)
             stale = force or any(
                 (m, w) not in stored or stored[(m, w)].position < position
-                for m in MATERIALIZED_MODELS
                 for w in windows
+                for m in fittable(spec, w)
             )
             if stale:
                 out.extend(refresh_fits(self.engine, spec=spec, windows=windows))

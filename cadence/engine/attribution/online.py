@@ -15,9 +15,11 @@ coalition tallies and Markov removal effects from path tallies (all time).
 
 from __future__ import annotations
 
+import math
+import time
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "channel_interactions",
     "default_specs",
     "journey_credits",
+    "kept_windows",
     "query_attribution",
     "specs_of",
     "touch_of",
@@ -66,12 +69,71 @@ ONLINE_MODELS = (*RULE_MODELS, "shapley", "markov")
 KEEP_MS = 90 * DAY_MS
 
 
+#: Seconds between two attempts to load rules that did not load (missing or not compiling).
+RULES_RETRY_S = 5.0
+
+
 def specs_of(runtime: Any) -> list[AttributionSpec]:
-    """The ``attribution`` blocks of the runtime's loaded rules, else :func:`default_specs`."""
-    holder = getattr(runtime, "extensions", {}).get("rules") if runtime is not None else None
+    """The ``attribution`` blocks of the runtime's rules, else :func:`default_specs`.
+
+    The rules are loaded here when nothing has loaded them yet: the engine loop may apply
+    the log before the scheduler or a request loads them (``cadence serve`` at start-up,
+    ``cadence engine catch-up``), and a conversion credited to ``default`` then would stay
+    there. Until the runtime's own holder has rules (and in the CLI, which has none),
+    attribution reads the rule files through a holder of its own.
+    """
+    holder = _rules_holder(runtime)
     ruleset = getattr(holder, "current", None)
     blocks = getattr(ruleset, "attribution", None) or {}
     return list(blocks.values()) or default_specs()
+
+
+def _rules_holder(runtime: Any) -> Any:
+    """The runtime's rules holder once it holds rules, else one of attribution's own.
+
+    The shared holder is never reloaded from here: what the decisions API sees (no
+    ruleset yet: 503) stays as it was.
+    """
+    extensions = getattr(runtime, "extensions", None) if runtime is not None else None
+    if extensions is None:
+        return None
+    shared = extensions.get("rules")
+    if getattr(shared, "current", None) is not None:
+        return shared
+    settings = getattr(runtime, "settings", None)
+    paths = list(getattr(shared, "paths", None) or getattr(settings, "rules_paths", None) or [])
+    if not paths:
+        return shared
+    own = extensions.get("attribution.rules")
+    if own is None:
+        from cadence.dsl.loader import RulesetHolder
+
+        if shared is not None:
+            channels, zone = shared.available_channels, shared.default_zone
+        else:
+            from cadence.dsl.explain import installed_channels
+
+            channels, zone = installed_channels(settings), settings.default_timezone
+        own = extensions.setdefault(
+            "attribution.rules", RulesetHolder(paths, available_channels=channels, default_zone=zone)
+        )
+    if own.current is None:
+        now = time.monotonic()
+        tried = extensions.get("attribution.rules_tried")
+        if tried is None or now - tried >= RULES_RETRY_S:
+            extensions["attribution.rules_tried"] = now
+            own.reload()
+    return own
+
+
+def kept_windows(spec: AttributionSpec) -> list[int]:
+    """Windows (days) whose credits and tallies are kept for ``spec``: :data:`WINDOWS_DAYS` and its own.
+
+    >>> kept_windows(AttributionSpec(name="b", title="", conversion_event="x", window_ms=45 * DAY_MS))
+    [1, 7, 14, 30, 45, 60, 90]
+    """
+    own = max(1, min(90, round(spec.window_ms / DAY_MS)))
+    return sorted({*WINDOWS_DAYS, own})
 
 
 def default_specs() -> list[AttributionSpec]:
@@ -170,9 +232,17 @@ def journey_credits(
     if not touches:
         return {m: [] for m in RULE_MODELS}
     if any(r.action != "exclude" for r in credit_rules):
+        # Conditions are decided here, on the touches with their campaigns: the journey
+        # arrays below hold channels and times only.
+        seen = [Touch(ts_ms=t[0], channel=t[1], campaign=t[2] or None) for t in touches]
+        holding = [
+            replace(r, when=None)
+            for r in credit_rules
+            if r.action != "exclude" and (r.when is None or r.when(seen))
+        ]
         credits = _model_arrays(touches, conv_ms, params)
         j = _journey_of(touches, conv_ms)
-        shares = [apply_credit_rules(j, credits[m], credit_rules).tolist() for m in RULE_MODELS]
+        shares = [apply_credit_rules(j, credits[m], holding).tolist() for m in RULE_MODELS]
     else:
         shares = rule_shares(
             [t[1] for t in touches],
@@ -343,8 +413,7 @@ class AttributionSubscriber:
 
     def windows(self, spec: AttributionSpec) -> list[int]:
         """Windows (days) kept for ``spec``."""
-        own = max(1, min(90, round(spec.window_ms / DAY_MS)))
-        return sorted({*WINDOWS_DAYS, own})
+        return kept_windows(spec)
 
     def start(self, conn: Connection, checkpoint: int) -> int:
         """State is in the database: resume from the stored checkpoint."""
@@ -367,6 +436,9 @@ class AttributionSubscriber:
                     relevant.append((e, touch))
         if not relevant:
             return
+        # In time order, not log order: a file may log a conversion before the touches that
+        # preceded it; at the same millisecond, touches first (they count before it).
+        relevant.sort(key=lambda et: (et[0].ts_ms, et[1] is None, et[0].id))
         customers = sorted({e.customer_id for e, _ in relevant})
         open_: dict[int, list[tuple[int, str, str, int]]] = {c: [] for c in customers}
         stored: dict[int, int] = {}  # event id -> row id of the open touches already in the table
@@ -521,14 +593,18 @@ class AttributionSubscriber:
 
 
 def _conversion_value(event: LoggedEvent, spec: AttributionSpec) -> float:
+    """The conversion's value: a number or a numeric string, else 0 (NaN and infinities too:
+    one would turn every sum it joins into NaN)."""
     props = event.properties
     if spec.value_prop:
         raw = props.get(spec.value_prop)
         try:
-            return float(raw) if raw is not None and not isinstance(raw, bool) else 0.0
+            value = float(raw) if raw is not None and not isinstance(raw, bool) else 0.0
         except (TypeError, ValueError):
             return 0.0
-    return event_value(props) or 0.0
+    else:
+        value = event_value(props) or 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 GROUPS = {"channel": "channel", "campaign": "campaign", "day": "day"}
@@ -574,6 +650,22 @@ def query_attribution(
                 for r in rows
                 if group_by == "day" or r[0] != ""
             ]
+            blank = next((r for r in rows if r[0] == ""), None)
+            if group_by == "campaign" and blank is not None:
+                # The empty campaign holds the conversions with no touch (no channel either)
+                # and the credit of touches without a campaign: keep the latter as "(none)".
+                untouched = conn.exec_driver_sql(
+                    _placeholders(
+                        conn,
+                        "SELECT SUM(conversions), SUM(value) FROM attribution_channel_credits WHERE spec = ? "
+                        "AND model = ? AND window_days = ? AND day >= ? AND day <= ? AND channel = ''",
+                    ),
+                    params,
+                ).one()
+                conversions = float(blank[1]) - float(untouched[0] or 0.0)
+                if conversions > 1e-9:
+                    value = float(blank[2]) - float(untouched[1] or 0.0)
+                    out[model].insert(0, {"key": "(none)", "conversions": conversions, "value": value})
         elif model in ("shapley", "markov"):
             if group_by != "channel":
                 raise AttributionError(f"{model} is solved from all-time tallies: group_by must be channel")
@@ -688,7 +780,10 @@ def _tally_model(
             tallies.setdefault(key, [0.0, 0.0])[0] += 1.0
         channels = sorted({c for k in tallies for c in k.split("+") if c})
         if len(channels) > MAX_EXACT_CHANNELS:
-            raise AttributionError(f"exact Shapley handles at most {MAX_EXACT_CHANNELS} channels")
+            raise AttributionError(
+                f"exact Shapley handles at most {MAX_EXACT_CHANNELS} channels, got {len(channels)}: "
+                "group channels first (channel rules of the attribution block)"
+            )
         code = {c: i for i, c in enumerate(channels)}
 
         def mask(key: str) -> int:

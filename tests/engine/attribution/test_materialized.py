@@ -166,3 +166,48 @@ def test_a_window_asked_for_is_fitted_from_then_on(runtime: Runtime) -> None:
     assert {f.window_days for f in refresher.refresh_once()} == {7, 30}
     with runtime.engine.connect() as conn:
         assert set(read_fits(conn, spec="default", models=["causal"])) == {("causal", 7), ("causal", 30)}
+
+
+def test_tally_models_are_fitted_only_at_the_windows_their_tallies_are_kept(runtime: Runtime) -> None:
+    # Shapley and Markov tallies exist for 1, 7, 14, 30, 60, 90 days and the block's own
+    # window: at 45 days they were solved from the open journeys alone (0 credit each).
+    ingest(runtime, market(150, seed=5))
+    spec = default_specs()[0]
+    fits = refresh_fits(runtime.engine, spec=spec, windows=[45, 30])
+    assert {(f.model, f.window_days) for f in fits} == {
+        ("causal", 45),
+        *((m, 30) for m in ("shapley", "shapley_ordered", "markov", "causal")),
+    }
+    causal45 = next(f for f in fits if f.window_days == 45)
+    assert sum(r["conversions"] for r in causal45.rows) > 0
+    # The refresher does not take the never-stored 45-day tally fits for stale ones.
+    refresher = FitRefresher(runtime, interval_s=60)
+    assert refresher.refresh_once() == []
+    client = TestClient(create_app(runtime=runtime, background=False))
+    key = create_key(runtime.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    assert client.get("/v1/attribution?model=causal&window=45d", headers=auth).status_code == 200
+    bad = client.get("/v1/attribution?model=causal,markov&window=45d", headers=auth)
+    assert bad.status_code == 422 and "markov" in bad.json()["detail"]
+
+
+def test_too_many_channels_for_exact_shapley_leaves_the_other_fits_alone(runtime: Runtime) -> None:
+    # Sixteen channels (the fourteen default groups plus our own sends' channels get there):
+    # exact Shapley refused, and the exception aborted the whole refresh, so Markov,
+    # ordered Shapley and causal were never fitted either, in the background for ever.
+    calls: list[dict[str, Any]] = []
+    for c in range(16):
+        calls.append(click(2 * c, f"u{c}", 1, f"ch{c:02d}"))
+        calls.append(order(2 * c + 1, f"u{c}", 2, 10.0))
+    ingest(runtime, calls)
+    refresher = FitRefresher(runtime, interval_s=60)
+    fits = {f.model: f for f in refresher.refresh_once()}
+    assert set(fits) == {"shapley", "shapley_ordered", "markov", "causal"}
+    assert fits["shapley"].rows == [] and "got 16" in fits["shapley"].result["note"]
+    assert sum(r["conversions"] for r in fits["markov"].rows) == pytest.approx(16.0)
+    client = TestClient(create_app(runtime=runtime, background=False))
+    key = create_key(runtime.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    r = client.get("/v1/attribution?model=shapley,markov", headers=auth)
+    assert r.status_code == 200, r.text
+    assert "got 16" in r.json()["fits"]["shapley"]["note"]

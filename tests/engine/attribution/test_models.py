@@ -254,3 +254,28 @@ def test_every_model_survives_empty_touches_or_conversions(n_touch: int, n_conv:
     for model in MODELS:
         credit = run_model(model, log=log, journeys=j, window_ms=30 * DAY_MS).by_channel()
         assert all(v == 0.0 for v in credit.values()), model
+
+
+@pytest.mark.parametrize(
+    ("referrer", "channel"),
+    [
+        ("https://www.google.com/search?q=shoes", "organic_search"),
+        ("https://www.google.co.uk/", "organic_search"),
+        ("https://www.bing.com/search?q=x", "organic_search"),
+        ("https://duckduckgo.com/", "organic_search"),
+        ("https://search.yahoo.com/search?p=x", "organic_search"),
+        ("https://yandex.ru/search/?text=x", "organic_search"),
+        ("https://www.facebook.com/", "organic_social"),
+        ("https://twitter.com/someone", "organic_social"),
+        ("https://x.com/someone/status/1", "organic_social"),
+        ("https://www.youtube.com/watch?v=1", "organic_video"),
+        ("https://blog.example.org/post", "referral"),
+        ("https://www.xbox.com/", "referral"),
+    ],
+)
+def test_a_referrer_is_grouped_by_its_host_as_analytics_tools_do(referrer: str, channel: str) -> None:
+    # A visit from Google's result page is organic search, not a referral: the host is
+    # "google.com" once "www." is dropped, which a bare "google" pattern never matched.
+    from cadence.engine.attribution.grouping import group_channel
+
+    assert group_channel({"referrer": referrer}) == channel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,6 +133,69 @@ def test_api_serves_several_models_with_scopes(journeys: Runtime) -> None:
     assert [row["key"] for row in ranged.json()["models"]["last_touch"]] == ["2026-01-11", "2026-01-12"]
 
 
+def test_api_names_the_parameter_it_cannot_answer_instead_of_an_empty_answer(journeys: Runtime) -> None:
+    client = TestClient(create_app(runtime=journeys, background=False))
+    key = create_key(journeys.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+    def detail(query: str) -> str:
+        r = client.get(f"/v1/attribution?{query}", headers=auth)
+        assert r.status_code == 422, (query, r.status_code, r.text)
+        return str(r.json()["detail"])
+
+    # A range that ends before it starts is a typo, not a range without conversions.
+    assert "from" in detail("model=last_touch&from=2026-01-31&to=2026-01-01")
+    # No block of that name: the tally and rule models answered nothing, the fits 422.
+    assert "spec" in detail("model=last_touch&spec=nope") and "default" in detail("model=linear&spec=nope")
+    # Credits and tallies are kept for 1, 7, 14, 30, 60, 90 days and the block's own window:
+    # another window has none, so rule models answered empty and Shapley/Markov solved
+    # from the open journeys alone (every channel 0).
+    for model in ("last_touch", "markov", "shapley", "shapley_ordered"):
+        text = detail(f"model={model}&window=45d")
+        assert "window" in text and "30d" in text, text
+    # Windows are whole days: 36h was rounded to 2d without a word.
+    assert "whole" in detail("model=last_touch&window=36h")
+    assert client.get("/v1/attribution?model=linear&window=24h", headers=auth).status_code == 200
+    ok = client.get("/v1/attribution?model=linear&from=2026-01-03&to=2026-01-03", headers=auth)
+    assert ok.status_code == 200 and ok.json()["models"]["linear"]
+
+
+SHOP_RULES = """event purchased = "Order Completed"
+
+attribution shop "Orders, linear" {
+    conversion  purchased value event.revenue
+    window      30d
+    model       linear
+}
+"""
+
+
+@pytest.mark.parametrize("with_app", [False, True])
+def test_the_rules_blocks_are_credited_before_anything_else_loads_the_rules(
+    runtime: Runtime, tmp_path: Path, with_app: bool
+) -> None:
+    # `cadence import` then `cadence serve` (or `cadence engine catch-up`): the engine loop
+    # applied the log before the scheduler or a request had loaded the rules, so every
+    # conversion was credited to the block "default", which the API and dashboard do not
+    # show once the rules are loaded; and the checkpoint had moved past them for good.
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "shop.cadence").write_text(SHOP_RULES)
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+    calls = [click(1, "a", 0, "email"), order(2, "a", 1, 30.0)]
+    record_events(engine=runtime.engine, batch=[parse_call(c, received_ms=T0) for c in calls])
+    if with_app:
+        app = create_app(runtime=runtime, background=False)
+        app.state.engine_loop.catch_up()
+    else:
+        EngineLoop(runtime).catch_up()
+    with runtime.engine.connect() as conn:
+        specs = {r[0] for r in conn.exec_driver_sql("SELECT DISTINCT spec FROM attribution_channel_credits")}
+        assert specs == {"shop"}
+        got = query_attribution(conn, spec="shop", models=["linear"], window_days=30)
+    assert [(r["key"], r["conversions"], r["value"]) for r in got["linear"]] == [("email", 1.0, 30.0)]
+
+
 def test_the_blocks_credit_rules_apply_online(runtime: Runtime) -> None:
     from cadence.engine.attribution.online import AttributionSubscriber
     from cadence.engine.attribution.spec import AttributionSpec, CreditRule
@@ -160,3 +224,112 @@ def test_the_blocks_credit_rules_apply_online(runtime: Runtime) -> None:
         got = query_attribution(conn, spec="ruled", models=["linear"], window_days=30)
     # sms is excluded; email's half is tripled then renormalised: 0.75 / 0.25.
     assert {r["key"]: r["conversions"] for r in got["linear"]} == {"email": 0.75, "paid_search": 0.25}
+
+
+def test_a_revenue_that_is_not_a_finite_number_credits_no_value(runtime: Runtime) -> None:
+    # float("NaN") and float("Infinity") parse: one such order made every later sum of its
+    # day NaN (PostgreSQL) or broke the NOT NULL value column (SQLite stores NaN as NULL).
+    from cadence.engine.attribution.materialized import ExposureSubscriber
+    from cadence.engine.attribution.online import AttributionSubscriber
+
+    calls = [
+        click(1, "a", 0, "email"),
+        order(2, "a", 1, "NaN"),  # type: ignore[arg-type]
+        click(3, "b", 0, "email"),
+        order(4, "b", 1, "-Infinity"),  # type: ignore[arg-type]
+        click(5, "c", 0, "email"),
+        order(6, "c", 1, "12.5"),  # type: ignore[arg-type]
+    ]
+    record_events(engine=runtime.engine, batch=[parse_call(c, received_ms=T0) for c in calls])
+    subscribers = [AttributionSubscriber(runtime), ExposureSubscriber(runtime)]
+    EngineLoop(runtime, subscribers=subscribers).catch_up()
+    client = TestClient(create_app(runtime=runtime, background=False))
+    key = create_key(runtime.engine, name="analyst", scopes=["admin"])
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    r = client.get("/v1/attribution?model=linear,causal&refresh=true", headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["models"]["linear"] == [{"key": "email", "conversions": 3.0, "value": 12.5}]
+
+
+BRAND_RULES = """event purchased = "Order Completed"
+
+attribution fair "No credit for brand-only search" {
+    conversion  purchased value event.revenue
+    window      30d
+    model       linear
+    credit      paid_search 0 when every touch.campaign matches "brand*"
+}
+"""
+
+
+def test_credit_rule_conditions_see_each_touchs_campaign_online(runtime: Runtime, tmp_path: Path) -> None:
+    # The example rules' "credit paid_search 0 when every touch.campaign matches 'brand*'"
+    # never fired: the condition was evaluated on touches rebuilt without their campaign.
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "fair.cadence").write_text(BRAND_RULES)
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+
+    def search(n: int, user: str, day: float, campaign: str) -> dict[str, Any]:
+        v = visit(n, user, day, "google", "cpc")
+        v["context"]["campaign"]["name"] = campaign
+        return v
+
+    ingest(
+        runtime,
+        search(1, "a", 0, "brand_de"),
+        search(2, "a", 0.5, "brand_at"),
+        order(3, "a", 1, 10.0),  # brand only: no credit for search
+        search(4, "b", 0, "brand_de"),
+        search(5, "b", 0.5, "generic"),
+        order(6, "b", 1, 10.0),  # not every touch is brand: credited
+    )
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="fair", models=["linear", "last_touch"], window_days=30)
+    for model in ("linear", "last_touch"):
+        assert {r["key"]: r["conversions"] for r in got[model]} == {"paid_search": 1.0}, model
+
+
+def test_a_batch_is_credited_in_time_order_not_log_order(runtime: Runtime) -> None:
+    # A file exported per customer (or orders before clicks) logs a conversion before the
+    # touch that preceded it: the conversion was credited to no channel, and the touch
+    # stayed open and was credited to the customer's next conversion.
+    ingest(
+        runtime,
+        order(1, "a", 2, 10.0),
+        click(2, "a", 1, "email"),
+        order(3, "b", 2, 10.0),
+        click(4, "b", 1, "sms"),
+        click(5, "b", 2, "push"),  # the same millisecond as the order: counts before it
+        order(6, "b", 5, 10.0),  # nothing since the first order: no channel
+    )
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["linear"], window_days=30, group_by="day")
+        by_channel = query_attribution(conn, spec="default", models=["linear"], window_days=30)
+        open_touches = conn.exec_driver_sql("SELECT COUNT(*) FROM attribution_touches").scalar()
+    assert {r["key"]: r["conversions"] for r in by_channel["linear"]} == {
+        "email": 1.0,
+        "sms": 0.5,
+        "push": 0.5,
+    }
+    assert [(r["key"], r["conversions"]) for r in got["linear"]] == [("2026-01-03", 2.0), ("2026-01-06", 1.0)]
+    assert open_touches == 0
+
+
+def test_credit_to_touches_without_a_campaign_is_not_lost_by_campaign(runtime: Runtime) -> None:
+    # group_by=campaign dropped the empty campaign to hide conversions with no touch, and
+    # with them the credit of every touch without a campaign (referrals, organic search,
+    # sends without one): the campaign view summed to less than the channel view.
+    ingest(
+        runtime,
+        click(1, "a", 0, "email", campaign="spring"),
+        click(2, "a", 0.5, "sms", campaign=""),
+        order(3, "a", 1, 10.0),
+        order(4, "b", 1, 5.0),  # no touch: no channel, no campaign
+    )
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["linear"], window_days=30, group_by="campaign")
+        channels = query_attribution(conn, spec="default", models=["linear"], window_days=30)
+    rows = {r["key"]: (r["conversions"], r["value"]) for r in got["linear"]}
+    assert rows == {"spring": (0.5, 5.0), "(none)": (0.5, 5.0)}
+    assert sum(r["conversions"] for r in channels["linear"]) == pytest.approx(1.0)
