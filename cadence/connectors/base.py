@@ -31,6 +31,7 @@ from cadence.errors import (
     AuthenticationFailure,
     ConfigError,
     ConnectorError,
+    DeliveryInDoubt,
     PermanentFailure,
     RateLimited,
     TransientFailure,
@@ -362,9 +363,30 @@ def sha256_normalised(value: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: Transport errors raised before any byte of the request reached the provider.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
+             httpx.LocalProtocolError, httpx.ProxyError)  # fmt: skip
+
+
 def transport_error(exc: httpx.HTTPError, name: str) -> TransientFailure:
-    """A timeout or connection error as a retryable failure."""
-    return TransientFailure(f"{name}: {type(exc).__name__}: {exc}", provider_error=str(exc))
+    """A timeout or connection error as a retryable failure.
+
+    A connection that could not be made (refused, connect or pool timeout) means the
+    provider never saw the request: :class:`~cadence.errors.TransientFailure`. Anything
+    later (a read timeout, a connection dropped before the answer) means it may have
+    accepted it: :class:`~cadence.errors.DeliveryInDoubt`, which the delivery layer
+    retries only for a provider that drops a repeated idempotency key.
+
+    >>> request = httpx.Request("POST", "https://api.example/send")
+    >>> type(transport_error(httpx.ConnectError("refused", request=request), "x")).__name__
+    'TransientFailure'
+    >>> type(transport_error(httpx.ReadTimeout("slow", request=request), "x")).__name__
+    'DeliveryInDoubt'
+    """
+    text = f"{name}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _NOT_SENT):
+        return TransientFailure(text, provider_error=str(exc))
+    return DeliveryInDoubt(text, provider_error=str(exc))
 
 
 def as_dict_list(value: Any) -> list[dict[str, Any]]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
+import time
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
+from cadence.clock import FixedClock
 from cadence.connectors.delivery import Dispatcher, DispatchReport, InDoubtReport
 from cadence.connectors.testing import FakeProviders, connector_config
 from cadence.engine.sendqueue import enqueue_send
@@ -528,3 +531,81 @@ def test_the_sqlite_marks_find_each_row_by_its_key(sqlite_engine: Engine, statem
         plan = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (0, "[]"))]
     assert any("sends USING INTEGER PRIMARY KEY" in step for step in plan), plan
     assert not any("ix_sends_status" in step for step in plan), plan
+
+
+async def until_delivered(fake: FakeProviders, count: int) -> None:
+    """Wait for the fake to finish the requests our client gave up on (it answers them late)."""
+    for _ in range(500):
+        if sum(fake.delivered.values()) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_timed_out_sendgrid_request_is_not_sent_again(fake: FakeProviders, db_engine: Engine) -> None:
+    # The provider got the request but answered after our timeout: SendGrid has no idempotency
+    # key, so sending again would mail everyone twice (before: once per retry, up to 32 times).
+    ids = seed(db_engine, 3)
+    enqueue(db_engine, ids)
+    clock = FixedClock(int(time.time() * 1000))
+    async with httpx.AsyncClient(timeout=0.2) as slow_client:
+        connectors = registry(fake, slow_client, db_engine, sendgrid={"backoff_base_seconds": 0.01})
+        dispatcher = Dispatcher(engine=db_engine, route=connectors.route, clock=clock)
+        fake.latency = 0.5
+        report = await dispatcher.drain()
+        await until_delivered(fake, 3)
+        fake.latency = 0.0
+        assert (report.sent, report.in_doubt) == (0, 3)
+        assert len(fake.calls_to("sendgrid")) == 1
+        assert statuses(db_engine) == {"sending": 3}  # in doubt, as after a crash
+        assert (await dispatcher.drain()).claimed == 0
+        # Once the lease has run out, SendGrid's in-doubt policy applies: dead-letter for an operator.
+        clock.advance(dispatcher.lease_ms + 1)
+        assert await dispatcher.recover_in_doubt() == InDoubtReport(dead_lettered=3)
+        await dispatcher.drain()
+    assert statuses(db_engine) == {"failed": 3}
+    with db_engine.connect() as conn:
+        assert all(e.startswith("in_doubt:") for e in conn.scalars(select(sends.c.last_error)))
+    assert set(fake.delivered.values()) == {1} and len(fake.delivered) == 3
+
+
+async def test_a_timed_out_twilio_request_is_looked_up_not_sent_again(
+    fake: FakeProviders, db_engine: Engine
+) -> None:
+    ids = seed(db_engine, 1, sms_consent=True)
+    enqueue(db_engine, ids, channel="sms", template="Hello")
+    clock = FixedClock(int(time.time() * 1000))
+    async with httpx.AsyncClient(timeout=0.2) as slow_client:
+        connectors = registry(fake, slow_client, db_engine)
+        dispatcher = Dispatcher(engine=db_engine, route=connectors.route, clock=clock)
+        fake.latency = 0.5
+        assert (await dispatcher.drain()).in_doubt == 1
+        await until_delivered(fake, 1)
+        fake.latency = 0.0
+        clock.advance(dispatcher.lease_ms + 1)
+        assert await dispatcher.recover_in_doubt() == InDoubtReport(confirmed_sent=1)
+        await dispatcher.drain()
+    assert statuses(db_engine) == {"sent": 1}
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(sends.c.provider_message_id)) == fake.twilio_messages[0]["sid"]
+    assert list(fake.delivered.values()) == [1]
+
+
+async def test_a_refused_connection_is_retried_later(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    # Nothing reached the provider: sending again is safe for every connector.
+    ids = seed(db_engine, 1)
+    enqueue(db_engine, ids)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    connectors = registry(
+        fake,
+        http,
+        db_engine,
+        sendgrid={"base_url": f"http://127.0.0.1:{port}", "max_attempts": 1, "backoff_base_seconds": 0.01},
+    )
+    report = await Dispatcher(engine=db_engine, route=connectors.route).dispatch_once()
+    assert (report.deferred, report.in_doubt) == (1, 0)
+    assert statuses(db_engine) == {"queued": 1}
