@@ -181,6 +181,8 @@ class Connector(ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: Setting names this connector reads, with a one-line description (shown in docs and ``plugins list``).
     settings_help: ClassVar[Mapping[str, str]] = {}
+    #: Settings it cannot send without (see :meth:`missing_settings`).
+    required_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -216,9 +218,20 @@ class Connector(ABC):
         """One of this connector's settings; a missing required one is a :class:`ConfigError`."""
         value = self.config.get(key, default)
         if required and (value is None or value == ""):
-            variable = f"CADENCE_CONNECTORS__{self.name.upper()}__{key.upper()}"
-            raise ConfigError(f"{variable}: required by the {self.name} connector")
+            raise ConfigError(f"{self.variable(key)}: required by the {self.name} connector")
         return value
+
+    def variable(self, key: str) -> str:
+        """The environment variable of setting ``key`` (``CADENCE_CONNECTORS__SENDGRID__API_KEY``)."""
+        return f"CADENCE_CONNECTORS__{self.name.upper()}__{key.upper()}"
+
+    def missing_settings(self) -> list[str]:
+        """The environment variables of required settings that are not set (checked at start).
+
+        The default checks :attr:`required_settings`; a connector whose settings are
+        alternatives (an auth token or an API key pair) overrides this.
+        """
+        return [self.variable(key) for key in self.required_settings if self.config.get(key) in (None, "")]
 
     @abstractmethod
     async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:

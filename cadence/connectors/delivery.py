@@ -365,8 +365,8 @@ class Deliverer:
                 log.info("%s transient failure (%s), retry in %.2fs", self.connector.name, exc, delay)
                 await self.sleep(delay)
                 continue
-            except AuthenticationFailure as exc:
-                # Bad credentials will not fix themselves: pause the connector at once.
+            except (AuthenticationFailure, ConfigError) as exc:
+                # Bad credentials or a missing setting will not fix themselves: pause the connector at once.
                 self.breaker.failures = self.breaker.failure_threshold - 1
                 self.breaker.record_failure(str(exc))
                 raise
@@ -926,6 +926,9 @@ class Dispatcher:
             return [_Outcome(m.send_id, "sending", error=_error_text(exc)) for m in batch]
         except ConnectorError as exc:
             return self._failed_outcomes(exc, batch, deliverer, now)
+        except ConfigError as exc:  # a setting the connector cannot send without: dead letters that say which
+            log.error("%s cannot send: %s", name, exc)
+            return [_Outcome(m.send_id, "failed", error=f"ConfigError: {exc}") for m in batch]
         except Exception as exc:  # noqa: BLE001 - a plugin bug must not kill the dispatcher
             log.exception("%s raised an unexpected error", name)
             return [_Outcome(m.send_id, "failed", error=f"connector bug: {exc!r}") for m in batch]

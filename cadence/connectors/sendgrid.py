@@ -101,6 +101,7 @@ class SendGrid(Connector):
         provider_deduplicates=False,
         concurrency=4,
     )
+    required_settings: ClassVar[tuple[str, ...]] = ("api_key", "from_email")
     settings_help: ClassVar[dict[str, str]] = {
         "api_key": "SendGrid API key with Mail Send permission (required)",
         "from_email": "sender address (required)",

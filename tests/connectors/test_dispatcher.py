@@ -609,3 +609,28 @@ async def test_a_refused_connection_is_retried_later(
     report = await Dispatcher(engine=db_engine, route=connectors.route).dispatch_once()
     assert (report.deferred, report.in_doubt) == (1, 0)
     assert statuses(db_engine) == {"queued": 1}
+
+
+async def test_a_connector_missing_a_setting_says_which_and_pauses(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    ids = seed(db_engine, 2)
+    enqueue(db_engine, ids[:1])
+    connectors = registry(fake, http, db_engine, sendgrid={"api_key": ""})
+    sendgrid = connectors.get("sendgrid")
+    assert sendgrid is not None and sendgrid.missing_settings() == ["CADENCE_CONNECTORS__SENDGRID__API_KEY"]
+    dispatcher = Dispatcher(engine=db_engine, route=connectors.route)
+    assert (await dispatcher.dispatch_once()).failed == 1
+    with db_engine.connect() as conn:
+        error = conn.scalar(select(sends.c.last_error))
+    # The setting, in the operator's words; not "connector bug".
+    assert error == "ConfigError: CADENCE_CONNECTORS__SENDGRID__API_KEY: required by the sendgrid connector"
+    # Like bad credentials, it will not fix itself: the connector is paused, the next sends wait.
+    assert dispatcher.deliverer_for(sendgrid).breaker.state == "open"  # type: ignore[union-attr]
+    with db_engine.begin() as conn:
+        enqueue_send(
+            conn, key="later", campaign="spring", customer_id=ids[1], channel="email", due_ms=0, now_ms=0
+        )
+    report = await dispatcher.dispatch_once()
+    assert (report.failed, report.deferred) == (0, 1)
+    assert fake.calls_to("sendgrid") == []
