@@ -220,6 +220,10 @@ class SendGrid(Connector):
             kind = EVENT_KINDS.get(item["event"])
             if kind is None:
                 continue
+            if kind is Feedback.BOUNCED and item.get("type") == "blocked":
+                # A block: a receiving server refused this message (sender reputation, content),
+                # not an address that does not exist; the address stays deliverable.
+                kind = Feedback.FAILED
             try:
                 ts_ms = int(float(item.get("timestamp", time.time())) * 1000)
             except (TypeError, ValueError) as exc:
