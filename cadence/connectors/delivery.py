@@ -642,11 +642,14 @@ class Dispatcher:
                 continue
             caps = connector.capabilities
             customer = row["customer_id"]
+            # Taking a customer out of an ad audience honours an opt-out (the audience sync queues
+            # it for one); suppressed like a message, it left them in the platform's audience.
+            removal = (row["variables"] or {}).get("operation") == "remove"
             allowed = (
                 consent_allows(
                     consents.get(customer, {}), row["channel"], require_opt_in=caps.consent_required
                 )
-                if customer in with_consent_rows or caps.consent_required
+                if (customer in with_consent_rows or caps.consent_required) and not removal
                 else True
             )
             if not allowed:

@@ -634,3 +634,40 @@ async def test_a_connector_missing_a_setting_says_which_and_pauses(
     report = await dispatcher.dispatch_once()
     assert (report.failed, report.deferred) == (0, 1)
     assert fake.calls_to("sendgrid") == []
+
+
+async def test_an_opted_out_customer_is_still_removed_from_an_ad_audience(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    # The audience sync queues a removal because the customer opted out; suppressing it for
+    # that same opt-out (as a message would be) left them in the platform's audience for good.
+    settings = Settings(
+        disable_plugin_autoload=True,
+        connectors={"facebook": connector_config("facebook", fake.base_url)},
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    connectors = build_connectors(settings, pm=make_plugin_manager(settings), engine=db_engine, client=http)
+    [cid] = seed(db_engine, 1)
+    with db_engine.begin() as conn:
+        conn.execute(
+            insert(consent).values(
+                customer_id=cid, channel="all", granted=False, source="test", changed_ms=0, event_id=0
+            )
+        )
+        for op in ("add", "remove"):
+            enqueue_send(
+                conn,
+                key=f"lapsed:{cid}:1:{op}",
+                campaign="lapsed",
+                customer_id=cid,
+                channel="facebook",
+                due_ms=0,
+                now_ms=0,
+                variables={"audience_id": "1200", "operation": op},
+            )
+    report = await Dispatcher(engine=db_engine, route=connectors.route).drain()
+    assert (report.sent, report.suppressed) == (1, 1)
+    with db_engine.connect() as conn:
+        done = dict(conn.execute(select(sends.c.idempotency_key, sends.c.status)).all())
+    assert done == {f"lapsed:{cid}:1:add": "suppressed", f"lapsed:{cid}:1:remove": "sent"}
+    assert [c.method for c in fake.calls_to("facebook")] == ["DELETE"]
