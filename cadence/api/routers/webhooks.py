@@ -329,7 +329,7 @@ def setup(app: FastAPI) -> None:
         if missing:
             log.error(
                 "connector %s is configured but cannot send without %s: its sends are dead-lettered "
-                "until that is set (then `cadence sends requeue`)",
+                "until that is set (then `cadence sends requeue --failed-with ConfigError`)",
                 name,
                 ", ".join(missing),
             )
