@@ -66,7 +66,7 @@ class Capabilities:
     :param required_fields: customer traits a message needs (``email``, ``phone``).
     :param consent_required: the channel needs an explicit opt-in, not just no opt-out.
     :param provider_deduplicates: the provider drops a repeated idempotency key (so an
-        interrupted send may safely be retried after a crash).
+        interrupted send may safely be retried after a crash or a timeout).
     :param concurrency: requests in flight at once for this connector.
     """
 

@@ -27,6 +27,9 @@ connector (:meth:`~cadence.connectors.base.Connector.check_in_doubt`) and re-que
 when sending again cannot deliver twice (the provider drops a repeated key, or has no
 record of it), records it as sent when the provider has it, and otherwise dead-letters
 it with ``last_error`` starting ``in_doubt:`` for an operator to check and re-queue.
+A provider call that timed out after the request went out
+(:class:`~cadence.errors.DeliveryInDoubt`) leaves its rows ``sending`` the same way,
+unless the provider drops a repeated key, in which case it is retried.
 """
 
 from __future__ import annotations
