@@ -671,3 +671,28 @@ async def test_an_opted_out_customer_is_still_removed_from_an_ad_audience(
         done = dict(conn.execute(select(sends.c.idempotency_key, sends.c.status)).all())
     assert done == {f"lapsed:{cid}:1:add": "suppressed", f"lapsed:{cid}:1:remove": "sent"}
     assert [c.method for c in fake.calls_to("facebook")] == ["DELETE"]
+
+
+async def test_one_bad_address_does_not_dead_letter_the_whole_sendgrid_batch(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    # SendGrid refuses a whole request for one invalid address, naming it (personalizations.N.to):
+    # that one is dead-lettered with SendGrid's words, the others go out in the next round.
+    ids = seed(db_engine, 3)
+    with db_engine.begin() as conn:
+        conn.execute(
+            update(profiles).where(profiles.c.customer_id == ids[1]).values(traits={"email": "nobody"})
+        )
+    enqueue(db_engine, ids)
+    dispatcher = Dispatcher(engine=db_engine, route=registry(fake, http, db_engine).route)
+    first = await dispatcher.dispatch_once()
+    assert (first.sent, first.failed, first.deferred) == (0, 1, 2)
+    with db_engine.begin() as conn:  # the retry is due in a second: make it due now
+        conn.execute(update(sends).where(sends.c.status == "queued").values(next_attempt_ms=None))
+    await dispatcher.drain()
+    with db_engine.connect() as conn:
+        rows = dict(conn.execute(select(sends.c.customer_id, sends.c.status)).all())
+        error = conn.scalar(select(sends.c.last_error).where(sends.c.status == "failed"))
+    assert rows == {ids[0]: "sent", ids[1]: "failed", ids[2]: "sent"}
+    assert error is not None and "Does not contain a valid address" in error
+    assert sorted(fake.delivered) == [f"spring:{ids[0]}:1", f"spring:{ids[2]}:1"]
