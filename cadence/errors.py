@@ -30,6 +30,7 @@ __all__ = [
     "CadenceError",
     "ConfigError",
     "ConnectorError",
+    "DeliveryInDoubt",
     "EventError",
     "IdentityError",
     "PayloadTooLarge",
@@ -132,6 +133,15 @@ class TransientFailure(ConnectorError):
     """5xx, timeout or connection error: worth retrying."""
 
     retryable = True
+
+
+class DeliveryInDoubt(TransientFailure):
+    """The request may have reached the provider: a timeout or lost connection after it was sent.
+
+    Retried only by connectors whose provider drops a repeated idempotency key
+    (``provider_deduplicates``); for the others the sends are left in doubt, as after a
+    crash, and settled by the connector's ``check_in_doubt`` once their lease runs out.
+    """
 
 
 class PermanentFailure(ConnectorError):

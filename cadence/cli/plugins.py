@@ -39,10 +39,13 @@ def list_plugins(
             "scheduling": c.capabilities.supports_scheduling,
             "required_fields": list(c.capabilities.required_fields),
             "consent_required": c.capabilities.consent_required,
+            # Only a connector that would be used is checked: an unconfigured one is not chosen.
+            "missing_settings": c.missing_settings() if c.name in registry.enabled else [],
         }
         for c in registry.connectors.values()
     ]
     failed = [info for info in pm.infos if info.error]
+    incomplete = [c for c in connectors if c["missing_settings"]]
     if as_json:
         payload = {"plugins": [i.as_dict() for i in pm.infos], "connectors": connectors}
         typer.echo(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
@@ -67,7 +70,13 @@ def list_plugins(
             ctable.add_row(
                 str(c["name"]),
                 ", ".join(c["channels"]),
-                "yes" if c["enabled"] else "no (not configured)",
+                (
+                    f"[red]yes, but missing {', '.join(c['missing_settings'])}[/]"
+                    if c["missing_settings"]
+                    else "yes"
+                    if c["enabled"]
+                    else "no (not configured)"
+                ),
                 str(c["max_batch_size"]),
                 str(c["rate_limit_per_second"] or "-"),
                 "yes" if c["scheduling"] else "no",
@@ -75,11 +84,17 @@ def list_plugins(
                 "yes" if c["consent_required"] else "no",
             )
         console.print(ctable)
-    if failed:
-        for info in failed:
-            err_console.print(
-                f"[bold red]plugin {info.name} ({info.module}) failed:[/] {info.error}", highlight=False
-            )
+    for info in failed:
+        err_console.print(
+            f"[bold red]plugin {info.name} ({info.module}) failed:[/] {info.error}", highlight=False
+        )
+    for c in incomplete:
+        err_console.print(
+            f"[bold red]connector {c['name']} is configured but cannot send without:[/] "
+            f"{', '.join(c['missing_settings'])}",
+            highlight=False,
+        )
+    if failed or incomplete:
         raise typer.Exit(1)
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cadence.cli import runtime_for
-from cadence.connectors.operator import ActionResult, list_in_doubt, mark_sent, requeue_sends
+from cadence.connectors.operator import ActionResult, list_failed, list_in_doubt, mark_sent, requeue_sends
 
 sends_app = typer.Typer(help="The send queue: in-doubt sends, re-queue, mark sent.", no_args_is_help=True)
 console = Console()
@@ -71,15 +71,29 @@ def requeue(
     ctx: typer.Context,
     ids: list[int] = typer.Argument(None, help="Send ids (from `cadence sends in-doubt`)."),
     all_in_doubt: bool = typer.Option(False, "--all-in-doubt", help="Re-queue every in-doubt send."),
+    failed_with: str | None = typer.Option(
+        None,
+        "--failed-with",
+        help="Re-queue every dead letter whose error starts with this (e.g. ConfigError, AuthenticationFailure).",
+    ),
+    campaign: str | None = typer.Option(
+        None, "--campaign", help="With --all-in-doubt or --failed-with: only this campaign."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Put dead-lettered sends back on the queue (due now, attempts reset). Exits 1 if any was refused."""
     runtime = runtime_for(ctx)
     chosen = list(ids or [])
     if all_in_doubt:
-        chosen += [row["id"] for row in list_in_doubt(runtime.engine, limit=1_000_000)]
+        chosen += [row["id"] for row in list_in_doubt(runtime.engine, limit=1_000_000, campaign=campaign)]
+    if failed_with:
+        rows = list_failed(runtime.engine, error_prefix=failed_with, limit=1_000_000, campaign=campaign)
+        chosen += [row["id"] for row in rows if row["id"] not in chosen]
     if not chosen:
-        raise typer.BadParameter("give send ids or --all-in-doubt")
+        if all_in_doubt or failed_with:  # nothing matched: nothing to do, not a mistake
+            _report(ActionResult(), "re-queued", as_json)
+            return
+        raise typer.BadParameter("give send ids, --all-in-doubt or --failed-with")
     _report(requeue_sends(runtime.engine, ids=chosen, now_ms=runtime.clock.now_ms()), "re-queued", as_json)
 
 

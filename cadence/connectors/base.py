@@ -31,6 +31,7 @@ from cadence.errors import (
     AuthenticationFailure,
     ConfigError,
     ConnectorError,
+    DeliveryInDoubt,
     PermanentFailure,
     RateLimited,
     TransientFailure,
@@ -65,7 +66,7 @@ class Capabilities:
     :param required_fields: customer traits a message needs (``email``, ``phone``).
     :param consent_required: the channel needs an explicit opt-in, not just no opt-out.
     :param provider_deduplicates: the provider drops a repeated idempotency key (so an
-        interrupted send may safely be retried after a crash).
+        interrupted send may safely be retried after a crash or a timeout).
     :param concurrency: requests in flight at once for this connector.
     """
 
@@ -180,6 +181,8 @@ class Connector(ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: Setting names this connector reads, with a one-line description (shown in docs and ``plugins list``).
     settings_help: ClassVar[Mapping[str, str]] = {}
+    #: Settings it cannot send without (see :meth:`missing_settings`).
+    required_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -215,9 +218,20 @@ class Connector(ABC):
         """One of this connector's settings; a missing required one is a :class:`ConfigError`."""
         value = self.config.get(key, default)
         if required and (value is None or value == ""):
-            variable = f"CADENCE_CONNECTORS__{self.name.upper()}__{key.upper()}"
-            raise ConfigError(f"{variable}: required by the {self.name} connector")
+            raise ConfigError(f"{self.variable(key)}: required by the {self.name} connector")
         return value
+
+    def variable(self, key: str) -> str:
+        """The environment variable of setting ``key`` (``CADENCE_CONNECTORS__SENDGRID__API_KEY``)."""
+        return f"CADENCE_CONNECTORS__{self.name.upper()}__{key.upper()}"
+
+    def missing_settings(self) -> list[str]:
+        """The environment variables of required settings that are not set (checked at start).
+
+        The default checks :attr:`required_settings`; a connector whose settings are
+        alternatives (an auth token or an API key pair) overrides this.
+        """
+        return [self.variable(key) for key in self.required_settings if self.config.get(key) in (None, "")]
 
     @abstractmethod
     async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
@@ -362,9 +376,30 @@ def sha256_normalised(value: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: Transport errors raised before any byte of the request reached the provider.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
+             httpx.LocalProtocolError, httpx.ProxyError)  # fmt: skip
+
+
 def transport_error(exc: httpx.HTTPError, name: str) -> TransientFailure:
-    """A timeout or connection error as a retryable failure."""
-    return TransientFailure(f"{name}: {type(exc).__name__}: {exc}", provider_error=str(exc))
+    """A timeout or connection error as a retryable failure.
+
+    A connection that could not be made (refused, connect or pool timeout) means the
+    provider never saw the request: :class:`~cadence.errors.TransientFailure`. Anything
+    later (a read timeout, a connection dropped before the answer) means it may have
+    accepted it: :class:`~cadence.errors.DeliveryInDoubt`, which the delivery layer
+    retries only for a provider that drops a repeated idempotency key.
+
+    >>> request = httpx.Request("POST", "https://api.example/send")
+    >>> type(transport_error(httpx.ConnectError("refused", request=request), "x")).__name__
+    'TransientFailure'
+    >>> type(transport_error(httpx.ReadTimeout("slow", request=request), "x")).__name__
+    'DeliveryInDoubt'
+    """
+    text = f"{name}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _NOT_SENT):
+        return TransientFailure(text, provider_error=str(exc))
+    return DeliveryInDoubt(text, provider_error=str(exc))
 
 
 def as_dict_list(value: Any) -> list[dict[str, Any]]:

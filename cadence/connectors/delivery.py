@@ -27,6 +27,9 @@ connector (:meth:`~cadence.connectors.base.Connector.check_in_doubt`) and re-que
 when sending again cannot deliver twice (the provider drops a repeated key, or has no
 record of it), records it as sent when the provider has it, and otherwise dead-letters
 it with ``last_error`` starting ``in_doubt:`` for an operator to check and re-queue.
+A provider call that timed out after the request went out
+(:class:`~cadence.errors.DeliveryInDoubt`) leaves its rows ``sending`` the same way,
+unless the provider drops a repeated key, in which case it is retried.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from cadence.errors import (
     AuthenticationFailure,
     ConfigError,
     ConnectorError,
+    DeliveryInDoubt,
     PermanentFailure,
     RateLimited,
     TransientFailure,
@@ -353,6 +357,8 @@ class Deliverer:
                 attempt += 1
                 if attempt >= self.policy.max_attempts or self.breaker.state == "open":
                     raise
+                if isinstance(exc, DeliveryInDoubt) and not self.connector.capabilities.provider_deduplicates:
+                    raise  # the provider may have it: sending again could deliver twice
                 delay = backoff_delay(
                     attempt - 1,
                     base=self.policy.backoff_base_seconds,
@@ -362,8 +368,8 @@ class Deliverer:
                 log.info("%s transient failure (%s), retry in %.2fs", self.connector.name, exc, delay)
                 await self.sleep(delay)
                 continue
-            except AuthenticationFailure as exc:
-                # Bad credentials will not fix themselves: pause the connector at once.
+            except (AuthenticationFailure, ConfigError) as exc:
+                # Bad credentials or a missing setting will not fix themselves: pause the connector at once.
                 self.breaker.failures = self.breaker.failure_threshold - 1
                 self.breaker.record_failure(str(exc))
                 raise
@@ -385,17 +391,18 @@ class DispatchReport:
     suppressed: int = 0
     deferred: int = 0
     opted_out: int = 0
+    in_doubt: int = 0  # left ``sending``: the provider may have them (see DeliveryInDoubt)
 
     def add(self, other: DispatchReport) -> None:
         """Accumulate another round's counts."""
-        for name in ("claimed", "sent", "failed", "suppressed", "deferred", "opted_out"):
+        for name in ("claimed", "sent", "failed", "suppressed", "deferred", "opted_out", "in_doubt"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass(frozen=True)
 class _Outcome:
     send_id: int
-    status: str  # sent | failed | queued
+    status: str  # sent | failed | queued | sending (in doubt: not recorded, settled after the lease)
     provider_message_id: str | None = None
     error: str | None = None
     next_attempt_ms: int | None = None
@@ -638,11 +645,14 @@ class Dispatcher:
                 continue
             caps = connector.capabilities
             customer = row["customer_id"]
+            # Taking a customer out of an ad audience honours an opt-out (the audience sync queues
+            # it for one); suppressed like a message, it left them in the platform's audience.
+            removal = (row["variables"] or {}).get("operation") == "remove"
             allowed = (
                 consent_allows(
                     consents.get(customer, {}), row["channel"], require_opt_in=caps.consent_required
                 )
-                if customer in with_consent_rows or caps.consent_required
+                if (customer in with_consent_rows or caps.consent_required) and not removal
                 else True
             )
             if not allowed:
@@ -814,6 +824,8 @@ class Dispatcher:
                 "refund": 1 if o.refund_attempt else 0,
             }
             for o in outcomes
+            # In doubt: left as claimed, so the lease (and Twilio's lookup window) counts from the claim.
+            if o.status != "sending"
         ]
         opt_outs = [messages[o.send_id] for o in outcomes if o.opted_out]
         with self.engine.begin() as conn:
@@ -874,6 +886,8 @@ class Dispatcher:
                 report.sent += 1
             elif o.status == "failed":
                 report.failed += 1
+            elif o.status == "sending":
+                report.in_doubt += 1
             else:
                 report.deferred += 1
             report.opted_out += int(o.opted_out)
@@ -903,30 +917,62 @@ class Dispatcher:
                 )
                 for m in batch
             ]
+        except DeliveryInDoubt as exc:
+            if deliverer.connector.capabilities.provider_deduplicates:
+                return self._failed_outcomes(exc, batch, deliverer, now)
+            # The provider may have accepted the batch: leave its rows ``sending``, as a crash
+            # would, so that once their lease runs out ``recover_in_doubt`` applies the
+            # connector's own policy (Twilio's lookup; SendGrid's dead letter for an operator).
+            log.warning(
+                "%s: batch of %d may have been delivered (%s): left in doubt, settled after the lease",
+                name,
+                len(batch),
+                exc,
+            )
+            return [_Outcome(m.send_id, "sending", error=_error_text(exc)) for m in batch]
         except ConnectorError as exc:
-            outcomes = []
-            for m in batch:
-                if exc.retryable and self._attempts_left(m, deliverer.policy):
-                    delay = backoff_delay(
-                        self._row_attempts.get(m.send_id, 1),
-                        base=deliverer.policy.backoff_base_seconds * 5,
-                        cap=300.0,
-                    )
-                    outcomes.append(
-                        _Outcome(
-                            m.send_id,
-                            "queued",
-                            error=_error_text(exc),
-                            next_attempt_ms=now + int(delay * 1000),
-                        )
-                    )
-                else:
-                    outcomes.append(_Outcome(m.send_id, "failed", error=_error_text(exc)))
-            log.warning("%s: batch of %d failed: %s", name, len(batch), exc)
-            return outcomes
+            return self._failed_outcomes(exc, batch, deliverer, now)
+        except ConfigError as exc:  # a setting the connector cannot send without: dead letters that say which
+            log.error("%s cannot send: %s", name, exc)
+            return [_Outcome(m.send_id, "failed", error=f"ConfigError: {exc}") for m in batch]
         except Exception as exc:  # noqa: BLE001 - a plugin bug must not kill the dispatcher
             log.exception("%s raised an unexpected error", name)
             return [_Outcome(m.send_id, "failed", error=f"connector bug: {exc!r}") for m in batch]
+        return self._result_outcomes(batch, results, deliverer, now)
+
+    def _failed_outcomes(
+        self, exc: ConnectorError, batch: Sequence[OutgoingMessage], deliverer: Deliverer, now: int
+    ) -> list[_Outcome]:
+        """A batch the provider refused or could not take: retried later while attempts last."""
+        outcomes = []
+        for m in batch:
+            if exc.retryable and self._attempts_left(m, deliverer.policy):
+                delay = backoff_delay(
+                    self._row_attempts.get(m.send_id, 1),
+                    base=deliverer.policy.backoff_base_seconds * 5,
+                    cap=300.0,
+                )
+                outcomes.append(
+                    _Outcome(
+                        m.send_id,
+                        "queued",
+                        error=_error_text(exc),
+                        next_attempt_ms=now + int(delay * 1000),
+                    )
+                )
+            else:
+                outcomes.append(_Outcome(m.send_id, "failed", error=_error_text(exc)))
+        log.warning("%s: batch of %d failed: %s", deliverer.connector.name, len(batch), exc)
+        return outcomes
+
+    def _result_outcomes(
+        self,
+        batch: Sequence[OutgoingMessage],
+        results: Sequence[SendResult],
+        deliverer: Deliverer,
+        now: int,
+    ) -> list[_Outcome]:
+        """Each message's outcome from the results of an accepted call."""
         outcomes = []
         for message, result in zip(batch, results, strict=True):
             if result.ok:

@@ -130,6 +130,7 @@ class Facebook(Connector):
         provider_deduplicates=True,
         concurrency=4,
     )
+    required_settings: ClassVar[tuple[str, ...]] = ("access_token",)  # pixel_id only for events
     settings_help: ClassVar[dict[str, str]] = {
         "access_token": "system-user access token (required for sends)",
         "pixel_id": "dataset / pixel id that receives Conversions API events",

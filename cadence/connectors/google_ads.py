@@ -154,6 +154,13 @@ class GoogleAds(Connector):
         #: How many access tokens this connector obtained from the token endpoint.
         self.refreshes = 0
 
+    def missing_settings(self) -> list[str]:
+        """Developer token and account; a refresh token with its client, or a static access token."""
+        wanted = ["developer_token"]
+        wanted += ["client_id", "client_secret"] if self.uses_refresh_token else ["access_token"]
+        wanted.append("customer_id")
+        return [self.variable(key) for key in wanted if self.config.get(key) in (None, "")]
+
     @property
     def uses_refresh_token(self) -> bool:
         """True when access tokens come from a refresh token rather than a static setting."""

@@ -22,7 +22,7 @@ from cadence.errors import CadenceError
 from cadence.store.db import read_connection
 from cadence.store.schema.sends import sends
 
-__all__ = ["ActionResult", "list_in_doubt", "mark_sent", "requeue_sends"]
+__all__ = ["ActionResult", "list_failed", "list_in_doubt", "mark_sent", "requeue_sends"]
 
 _COLUMNS = (
     sends.c.id,
@@ -52,9 +52,14 @@ class ActionResult:
 
 def list_in_doubt(engine: Engine, *, limit: int = 100, campaign: str | None = None) -> list[dict[str, Any]]:
     """Dead-lettered in-doubt sends, oldest first."""
-    query = select(*_COLUMNS).where(
-        sends.c.status == "failed", sends.c.last_error.startswith(IN_DOUBT_PREFIX)
-    )
+    return list_failed(engine, error_prefix=IN_DOUBT_PREFIX, limit=limit, campaign=campaign)
+
+
+def list_failed(
+    engine: Engine, *, error_prefix: str, limit: int = 100, campaign: str | None = None
+) -> list[dict[str, Any]]:
+    """Dead-lettered sends whose ``last_error`` starts with ``error_prefix`` (one cause), oldest first."""
+    query = select(*_COLUMNS).where(sends.c.status == "failed", sends.c.last_error.startswith(error_prefix))
     if campaign is not None:
         query = query.where(sends.c.campaign == campaign)
     with read_connection(engine) as conn:

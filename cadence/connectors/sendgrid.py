@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -101,6 +102,7 @@ class SendGrid(Connector):
         provider_deduplicates=False,
         concurrency=4,
     )
+    required_settings: ClassVar[tuple[str, ...]] = ("api_key", "from_email")
     settings_help: ClassVar[dict[str, str]] = {
         "api_key": "SendGrid API key with Mail Send permission (required)",
         "from_email": "sender address (required)",
@@ -176,6 +178,20 @@ class SendGrid(Connector):
             response = await self.client.post(self._url(), content=content, headers=headers)
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.name) from exc
+        if response.status_code == 400:
+            refused = _refused_recipients(response, len(batch))
+            if refused:
+                return [
+                    SendResult(m.idempotency_key, False, error=f"HTTP 400 from SendGrid: {refused[i]}")
+                    if i in refused
+                    else SendResult(
+                        m.idempotency_key,
+                        False,
+                        error="not sent: SendGrid refused the request for another recipient's address",
+                        retryable=True,
+                    )
+                    for i, m in enumerate(batch)
+                ]
         if response.status_code not in (200, 202):
             raise classify_http_error(response)
         message_id = response.headers.get("x-message-id")
@@ -219,6 +235,10 @@ class SendGrid(Connector):
             kind = EVENT_KINDS.get(item["event"])
             if kind is None:
                 continue
+            if kind is Feedback.BOUNCED and item.get("type") == "blocked":
+                # A block: a receiving server refused this message (sender reputation, content),
+                # not an address that does not exist; the address stays deliverable.
+                kind = Feedback.FAILED
             try:
                 ts_ms = int(float(item.get("timestamp", time.time())) * 1000)
             except (TypeError, ValueError) as exc:
@@ -246,6 +266,41 @@ class SendGrid(Connector):
                 )
             )
         return found
+
+
+_PERSONALIZATION_FIELD = re.compile(r"personalizations\.(\d+)\.")
+
+
+def _refused_recipients(response: httpx.Response, size: int) -> dict[int, str]:
+    """A 400 that names only recipients (``personalizations.N....`` fields): their errors, by index.
+
+    SendGrid refuses a whole request for one bad address; when every error names a
+    recipient, the batch's others can go again without it. Empty when any error is
+    about the request itself (then the whole batch failed, as before).
+
+    >>> r = httpx.Response(400, json={"errors": [{"field": "personalizations.1.to.0.email",
+    ...     "message": "Does not contain a valid address."}]})
+    >>> _refused_recipients(r, 3)
+    {1: 'Does not contain a valid address. (personalizations.1.to.0.email)'}
+    >>> _refused_recipients(httpx.Response(400, json={"errors": [{"field": "from.email", "message": "x"}]}), 3)
+    {}
+    """
+    try:
+        errors = response.json().get("errors")
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(errors, list) or not errors:
+        return {}
+    refused: dict[int, str] = {}
+    for error in errors:
+        field = str(error.get("field") or "") if isinstance(error, dict) else ""
+        found = _PERSONALIZATION_FIELD.match(field + ".")
+        if found is None or int(found.group(1)) >= size:
+            return {}
+        index = int(found.group(1))
+        text = f"{error.get('message')} ({field})"
+        refused[index] = f"{refused[index]}; {text}" if index in refused else text
+    return refused
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -128,6 +128,19 @@ class TwilioSms(Connector):
         "webhook_url": "URL Twilio signs, if it differs from status_callback_url (behind a proxy)",
     }
 
+    def missing_settings(self) -> list[str]:
+        """The Account SID; the Auth Token or an API key pair; a sender number or a Messaging Service."""
+
+        def unset(key: str) -> bool:
+            return self.config.get(key) in (None, "")
+
+        wanted = ["account_sid"]
+        if unset("api_key_sid") or unset("api_key_secret"):
+            wanted.append("auth_token")
+        if unset("messaging_service_sid"):
+            wanted.append("from_number")
+        return [self.variable(key) for key in wanted if unset(key)]
+
     def _messages_url(self) -> str:
         base = str(self.setting("base_url", "https://api.twilio.com")).rstrip("/")
         sid = self.setting("account_sid", required=True)

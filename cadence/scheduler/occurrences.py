@@ -170,8 +170,13 @@ def fire_times(schedule: Schedule, *, after_ms: int, until_ms: int, limit: int =
             break
         out.append(int(nxt.timestamp() * 1000))
         previous = nxt
-        cursor = nxt + timedelta(seconds=1)
+        # In UTC: local arithmetic drops ``fold``, so on a fall-back day ``01:30 EST + 1 s`` became
+        # ``01:30:01 EDT``, an hour back, and the same fire time came again forever (a hang).
+        cursor = nxt.astimezone(UTC) + timedelta(seconds=1)
     return out[-limit:]
+
+
+_LOOK_BACK_MS = 75 * 60 * 1000  # a tick (15 min) and the longest daylight-saving gap (an hour)
 
 
 def matches_local(schedule: Schedule, fire_ms: int, zone: str) -> bool:
@@ -183,10 +188,25 @@ def matches_local(schedule: Schedule, fire_ms: int, zone: str) -> bool:
     >>> matches_local(s, ms("2026-03-05T03:30"), "Asia/Kolkata")
     True
     """
-    trigger = _cron(schedule.cron, zone)
     at = datetime.fromtimestamp(fire_ms / 1000, tz=UTC)
-    nxt = trigger.get_next_fire_time(None, at)
-    return nxt is not None and int(nxt.timestamp() * 1000) == fire_ms
+    nxt = _cron(schedule.cron, zone).get_next_fire_time(None, at)
+    if nxt is not None and int(nxt.timestamp() * 1000) == fire_ms:
+        return True
+    # A time in a spring-forward gap (02:30 in New York on its change day) fires an hour later in
+    # a campaign-zone schedule; asked "what fires next from this tick", it is tomorrow's, and those
+    # customers skipped the day. Where the offset changed since just before the previous tick,
+    # the tick matches when it is one of the zone's own fire times, looked up from before the gap.
+    local = ZoneInfo(zone)
+    before = at - timedelta(milliseconds=_LOOK_BACK_MS)
+    if at.astimezone(local).utcoffset() == before.astimezone(local).utcoffset():
+        return False
+    times = fire_times(
+        Schedule(schedule.cron, zone, schedule.text),
+        after_ms=fire_ms - _LOOK_BACK_MS,
+        until_ms=fire_ms,
+        limit=8,
+    )
+    return bool(times) and times[-1] == fire_ms
 
 
 def due_zones(schedule: Schedule, fire_ms: int, zones: Iterable[str]) -> dict[str, str]:

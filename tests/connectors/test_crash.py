@@ -176,3 +176,38 @@ def test_requeue_refuses_sends_that_are_not_dead_letters(
     assert f"status is '{status}'" in result.output and "no such send" in result.output
     with sqlite_engine.connect() as conn:
         assert conn.scalar(select(sends.c.status)) == status
+
+
+def test_dead_letters_of_one_cause_are_requeued_together(db_engine: Engine) -> None:
+    # After fixing a setting (or a revoked token), the sends it dead-lettered go back in one
+    # command, without the ones that failed for another reason.
+    with db_engine.begin() as conn:
+        conn.execute(insert(customers).values(id=1, created_ms=0))
+        for n, error in enumerate(
+            [
+                "ConfigError: CADENCE_CONNECTORS__SENDGRID__API_KEY: required by the sendgrid connector",
+                "ConfigError: CADENCE_CONNECTORS__SENDGRID__API_KEY: required by the sendgrid connector",
+                "PermanentFailure: HTTP 400 from api.sendgrid.com: invalid address",
+            ]
+        ):
+            enqueue_send(conn, key=f"k{n}", campaign="c", customer_id=1, channel="email", due_ms=0, now_ms=0)
+            conn.execute(
+                sends.update()
+                .where(sends.c.idempotency_key == f"k{n}")
+                .values(status="failed", last_error=error)
+            )
+    url = db_engine.url.render_as_string(hide_password=False)
+    env_db = {"CADENCE_DATABASE_URL": url, "CADENCE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    result = CliRunner().invoke(
+        app, ["sends", "requeue", "--failed-with", "ConfigError", "--json"], env=env_db
+    )
+    assert result.exit_code == 0, result.output
+    assert len(orjson.loads(result.stdout)["done"]) == 2
+    with db_engine.connect() as conn:
+        assert dict(conn.execute(select(sends.c.idempotency_key, sends.c.status)).all()) == {
+            "k0": "queued",
+            "k1": "queued",
+            "k2": "failed",
+        }
+    nothing = CliRunner().invoke(app, ["sends", "requeue", "--failed-with", "ConfigError"], env=env_db)
+    assert nothing.exit_code == 0 and "re-queued: 0" in nothing.output

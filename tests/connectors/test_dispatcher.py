@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
+import time
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
+from cadence.clock import FixedClock
 from cadence.connectors.delivery import Dispatcher, DispatchReport, InDoubtReport
 from cadence.connectors.testing import FakeProviders, connector_config
 from cadence.engine.sendqueue import enqueue_send
@@ -528,3 +531,168 @@ def test_the_sqlite_marks_find_each_row_by_its_key(sqlite_engine: Engine, statem
         plan = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (0, "[]"))]
     assert any("sends USING INTEGER PRIMARY KEY" in step for step in plan), plan
     assert not any("ix_sends_status" in step for step in plan), plan
+
+
+async def until_delivered(fake: FakeProviders, count: int) -> None:
+    """Wait for the fake to finish the requests our client gave up on (it answers them late)."""
+    for _ in range(500):
+        if sum(fake.delivered.values()) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_timed_out_sendgrid_request_is_not_sent_again(fake: FakeProviders, db_engine: Engine) -> None:
+    # The provider got the request but answered after our timeout: SendGrid has no idempotency
+    # key, so sending again would mail everyone twice (before: once per retry, up to 32 times).
+    ids = seed(db_engine, 3)
+    enqueue(db_engine, ids)
+    clock = FixedClock(int(time.time() * 1000))
+    async with httpx.AsyncClient(timeout=0.2) as slow_client:
+        connectors = registry(fake, slow_client, db_engine, sendgrid={"backoff_base_seconds": 0.01})
+        dispatcher = Dispatcher(engine=db_engine, route=connectors.route, clock=clock)
+        fake.latency = 0.5
+        report = await dispatcher.drain()
+        await until_delivered(fake, 3)
+        fake.latency = 0.0
+        assert (report.sent, report.in_doubt) == (0, 3)
+        assert len(fake.calls_to("sendgrid")) == 1
+        assert statuses(db_engine) == {"sending": 3}  # in doubt, as after a crash
+        assert (await dispatcher.drain()).claimed == 0
+        # Once the lease has run out, SendGrid's in-doubt policy applies: dead-letter for an operator.
+        clock.advance(dispatcher.lease_ms + 1)
+        assert await dispatcher.recover_in_doubt() == InDoubtReport(dead_lettered=3)
+        await dispatcher.drain()
+    assert statuses(db_engine) == {"failed": 3}
+    with db_engine.connect() as conn:
+        assert all(e.startswith("in_doubt:") for e in conn.scalars(select(sends.c.last_error)))
+    assert set(fake.delivered.values()) == {1} and len(fake.delivered) == 3
+
+
+async def test_a_timed_out_twilio_request_is_looked_up_not_sent_again(
+    fake: FakeProviders, db_engine: Engine
+) -> None:
+    ids = seed(db_engine, 1, sms_consent=True)
+    enqueue(db_engine, ids, channel="sms", template="Hello")
+    clock = FixedClock(int(time.time() * 1000))
+    async with httpx.AsyncClient(timeout=0.2) as slow_client:
+        connectors = registry(fake, slow_client, db_engine)
+        dispatcher = Dispatcher(engine=db_engine, route=connectors.route, clock=clock)
+        fake.latency = 0.5
+        assert (await dispatcher.drain()).in_doubt == 1
+        await until_delivered(fake, 1)
+        fake.latency = 0.0
+        clock.advance(dispatcher.lease_ms + 1)
+        assert await dispatcher.recover_in_doubt() == InDoubtReport(confirmed_sent=1)
+        await dispatcher.drain()
+    assert statuses(db_engine) == {"sent": 1}
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(sends.c.provider_message_id)) == fake.twilio_messages[0]["sid"]
+    assert list(fake.delivered.values()) == [1]
+
+
+async def test_a_refused_connection_is_retried_later(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    # Nothing reached the provider: sending again is safe for every connector.
+    ids = seed(db_engine, 1)
+    enqueue(db_engine, ids)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    connectors = registry(
+        fake,
+        http,
+        db_engine,
+        sendgrid={"base_url": f"http://127.0.0.1:{port}", "max_attempts": 1, "backoff_base_seconds": 0.01},
+    )
+    report = await Dispatcher(engine=db_engine, route=connectors.route).dispatch_once()
+    assert (report.deferred, report.in_doubt) == (1, 0)
+    assert statuses(db_engine) == {"queued": 1}
+
+
+async def test_a_connector_missing_a_setting_says_which_and_pauses(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    ids = seed(db_engine, 2)
+    enqueue(db_engine, ids[:1])
+    connectors = registry(fake, http, db_engine, sendgrid={"api_key": ""})
+    sendgrid = connectors.get("sendgrid")
+    assert sendgrid is not None and sendgrid.missing_settings() == ["CADENCE_CONNECTORS__SENDGRID__API_KEY"]
+    dispatcher = Dispatcher(engine=db_engine, route=connectors.route)
+    assert (await dispatcher.dispatch_once()).failed == 1
+    with db_engine.connect() as conn:
+        error = conn.scalar(select(sends.c.last_error))
+    # The setting, in the operator's words; not "connector bug".
+    assert error == "ConfigError: CADENCE_CONNECTORS__SENDGRID__API_KEY: required by the sendgrid connector"
+    # Like bad credentials, it will not fix itself: the connector is paused, the next sends wait.
+    assert dispatcher.deliverer_for(sendgrid).breaker.state == "open"  # type: ignore[union-attr]
+    with db_engine.begin() as conn:
+        enqueue_send(
+            conn, key="later", campaign="spring", customer_id=ids[1], channel="email", due_ms=0, now_ms=0
+        )
+    report = await dispatcher.dispatch_once()
+    assert (report.failed, report.deferred) == (0, 1)
+    assert fake.calls_to("sendgrid") == []
+
+
+async def test_an_opted_out_customer_is_still_removed_from_an_ad_audience(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    # The audience sync queues a removal because the customer opted out; suppressing it for
+    # that same opt-out (as a message would be) left them in the platform's audience for good.
+    settings = Settings(
+        disable_plugin_autoload=True,
+        connectors={"facebook": connector_config("facebook", fake.base_url)},
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    connectors = build_connectors(settings, pm=make_plugin_manager(settings), engine=db_engine, client=http)
+    [cid] = seed(db_engine, 1)
+    with db_engine.begin() as conn:
+        conn.execute(
+            insert(consent).values(
+                customer_id=cid, channel="all", granted=False, source="test", changed_ms=0, event_id=0
+            )
+        )
+        for op in ("add", "remove"):
+            enqueue_send(
+                conn,
+                key=f"lapsed:{cid}:1:{op}",
+                campaign="lapsed",
+                customer_id=cid,
+                channel="facebook",
+                due_ms=0,
+                now_ms=0,
+                variables={"audience_id": "1200", "operation": op},
+            )
+    report = await Dispatcher(engine=db_engine, route=connectors.route).drain()
+    assert (report.sent, report.suppressed) == (1, 1)
+    with db_engine.connect() as conn:
+        done = dict(conn.execute(select(sends.c.idempotency_key, sends.c.status)).all())
+    assert done == {f"lapsed:{cid}:1:add": "suppressed", f"lapsed:{cid}:1:remove": "sent"}
+    assert [c.method for c in fake.calls_to("facebook")] == ["DELETE"]
+
+
+async def test_one_bad_address_does_not_dead_letter_the_whole_sendgrid_batch(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    # SendGrid refuses a whole request for one invalid address, naming it (personalizations.N.to):
+    # that one is dead-lettered with SendGrid's words, the others go out in the next round.
+    ids = seed(db_engine, 3)
+    with db_engine.begin() as conn:
+        conn.execute(
+            update(profiles).where(profiles.c.customer_id == ids[1]).values(traits={"email": "nobody"})
+        )
+    enqueue(db_engine, ids)
+    dispatcher = Dispatcher(engine=db_engine, route=registry(fake, http, db_engine).route)
+    first = await dispatcher.dispatch_once()
+    assert (first.sent, first.failed, first.deferred) == (0, 1, 2)
+    with db_engine.begin() as conn:  # the retry is due in a second: make it due now
+        conn.execute(update(sends).where(sends.c.status == "queued").values(next_attempt_ms=None))
+    await dispatcher.drain()
+    with db_engine.connect() as conn:
+        rows = dict(conn.execute(select(sends.c.customer_id, sends.c.status)).all())
+        error = conn.scalar(select(sends.c.last_error).where(sends.c.status == "failed"))
+    assert rows == {ids[0]: "sent", ids[1]: "failed", ids[2]: "sent"}
+    assert error is not None and "Does not contain a valid address" in error
+    assert sorted(fake.delivered) == [f"spring:{ids[0]}:1", f"spring:{ids[2]}:1"]

@@ -10,8 +10,9 @@ import orjson
 import pytest
 from sqlalchemy import Engine, select
 
+from cadence.api.routers.webhooks import event_name
 from cadence.channels import Feedback
-from cadence.connectors.base import OutgoingMessage, WebhookRequest, retry_after_seconds
+from cadence.connectors.base import OutgoingMessage, ProviderEvent, WebhookRequest, retry_after_seconds
 from cadence.connectors.facebook import normalise_user_data
 from cadence.connectors.sendgrid import load_public_key, verify_signature
 from cadence.connectors.sms import twilio_signature
@@ -22,6 +23,8 @@ from cadence.connectors.testing import (
     sendgrid_request,
     twilio_request,
 )
+from cadence.engine.consent import consent_changes
+from cadence.engine.events import LoggedEvent
 from cadence.errors import RateLimited, WebhookRejected
 from cadence.store.schema.connectors import provider_messages
 
@@ -135,6 +138,47 @@ def test_sendgrid_events_map_to_feedback(http: httpx.AsyncClient) -> None:
         Feedback.UNSUBSCRIBED,
         Feedback.UNSUBSCRIBED,
     ]
+
+
+def test_a_sendgrid_block_is_a_failed_message_not_a_bounced_address(http: httpx.AsyncClient) -> None:
+    # SendGrid reports both as event "bounce": type "bounce" is the address refusing mail for
+    # good, type "blocked" a receiving server refusing this message (sender reputation,
+    # content). A block recorded as "Email Bounced" made the address undeliverable
+    # (consent refused with source bounce:, and decisions skip a bounced channel).
+    connector = build_connector("sendgrid", "http://127.0.0.1:9", http, None)
+    request = sendgrid_request(
+        [
+            {
+                "event": "bounce",
+                "type": "bounce",
+                "sg_event_id": "b1",
+                "timestamp": 1,
+                "reason": "550 no user",
+            },
+            {
+                "event": "bounce",
+                "type": "blocked",
+                "sg_event_id": "b2",
+                "timestamp": 1,
+                "reason": "421 try later",
+            },
+        ]
+    )
+    hard, block = connector.parse_webhook(request)
+    assert (hard.kind, hard.properties["type"]) == (Feedback.BOUNCED, "bounce")
+    assert (block.kind, block.properties["type"]) == (Feedback.FAILED, "blocked")
+    assert block.properties["provider_event"] == "bounce"
+    assert consent_changes(feedback_event(hard)) == [("email", False, "bounce:webhook:sendgrid")]
+    assert consent_changes(feedback_event(block)) == []
+
+
+def feedback_event(item: ProviderEvent) -> LoggedEvent:
+    """The stored event the webhook router makes of a provider event, as the consent code sees it."""
+    name = event_name(item.kind, item.channel)
+    properties = {**item.properties, "channel": item.channel}
+    return LoggedEvent(
+        1, item.event_id, "track", name, "u1", None, 1, 0, "webhook:sendgrid", {"properties": properties}
+    )
 
 
 def message(i: int, **variables: object) -> OutgoingMessage:

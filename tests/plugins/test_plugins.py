@@ -243,6 +243,15 @@ def test_cli_lists_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, site
         "facebook",
         "google_ads",
     }
+    # A configured connector missing a setting it cannot send without: named, and exit 1.
+    monkeypatch.setenv("CADENCE_CONNECTORS__SENDGRID__FROM_EMAIL", "news@shop.example")
+    incomplete = runner.invoke(cli_app, ["plugins", "list", "--json"])
+    assert incomplete.exit_code == 1
+    [sendgrid] = [c for c in json.loads(incomplete.stdout)["connectors"] if c["name"] == "sendgrid"]
+    assert sendgrid["missing_settings"] == ["CADENCE_CONNECTORS__SENDGRID__API_KEY"]
+    table = runner.invoke(cli_app, ["plugins", "list"])
+    assert table.exit_code == 1 and "CADENCE_CONNECTORS__SENDGRID__API_KEY" in table.output
+    monkeypatch.delenv("CADENCE_CONNECTORS__SENDGRID__FROM_EMAIL")
     monkeypatch.setenv("CADENCE_DISABLE_PLUGIN_AUTOLOAD", "0")
     broken = runner.invoke(cli_app, ["plugins", "list"])
     assert broken.exit_code == 1  # a plugin failed to load: scripts notice

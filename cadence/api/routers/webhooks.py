@@ -324,6 +324,15 @@ def setup(app: FastAPI) -> None:
     pm = make_plugin_manager(settings)
     app.state.plugin_manager = pm
     app.state.connectors = build_connectors(settings, pm=pm, engine=runtime.engine)
+    for name in app.state.connectors.enabled:
+        missing = app.state.connectors.connectors[name].missing_settings()
+        if missing:
+            log.error(
+                "connector %s is configured but cannot send without %s: its sends are dead-lettered "
+                "until that is set (then `cadence sends requeue --failed-with ConfigError`)",
+                name,
+                ", ".join(missing),
+            )
     for plugin_name, routers in call_each(pm, "cadence_register_routers", settings=settings):
         for extra in routers:
             try:
