@@ -14,6 +14,7 @@ rules read (:func:`cadence.channels.feedback_aggregate`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -63,19 +64,24 @@ def event_name(event: LoggedEvent) -> str | None:
 
 
 def event_value(properties: Mapping[str, Any]) -> float | None:
-    """The monetary or numeric value of an event, if it has one.
+    """The monetary or numeric value of an event, if it has one (a finite number: ``"NaN"`` and
+    ``"Infinity"`` parse as floats, and one such sum broke every later batch of the engine loop).
 
     >>> event_value({"revenue": "12.5"}), event_value({"total": 3}), event_value({"x": 1})
     (12.5, 3.0, None)
+    >>> event_value({"revenue": "NaN", "value": 4}), event_value({"revenue": "-Infinity"}), event_value({"price": 1e999})
+    (4.0, None, None)
     """
     for key in VALUE_PROPERTIES:
         raw = properties.get(key)
         if raw is None or isinstance(raw, bool):
             continue
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
             continue
+        if math.isfinite(value):
+            return value
     return None
 
 

@@ -436,3 +436,22 @@ def test_the_in_memory_subscribers_are_named_as_such(runtime: Runtime) -> None:
     assert [s.name for s in stored_state_loop(runtime).subscribers] == [
         s.name for s in every if not getattr(s, "in_memory", False)
     ]
+
+
+def test_a_value_that_is_not_a_finite_number_counts_as_none_and_the_loop_goes_on(runtime: Runtime) -> None:
+    """``"revenue": "NaN"`` parsed as a float: on SQLite its sum broke every later batch (NOT NULL on
+    the NaN), on PostgreSQL it made every later sum NaN."""
+    loop = EngineLoop(runtime)
+    ingest(
+        runtime,
+        ev(1, event="Order Completed", userId="u", properties={"revenue": "NaN"}),
+        ev(2, event="Order Completed", userId="u", properties={"revenue": "Infinity", "total": 5}),
+        ev(3, event="Order Completed", userId="u", properties={"revenue": 20}),
+    )
+    assert loop.catch_up() == 3
+    with runtime.engine.connect() as conn:
+        customer = resolve_customer(conn, "u")
+        assert customer is not None
+        profile = load_profile(conn, customer, now_ms=T0 + DAY)
+    assert profile.count("Order Completed", 0, T0 + DAY) == 3
+    assert profile.sum("Order Completed", "revenue", 0, T0 + DAY) == 25.0
