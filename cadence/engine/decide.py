@@ -76,10 +76,6 @@ _CHANNEL_DETAIL = {
 #: The suppression reason of a channel block, where it is not the block's own name.
 _CHANNEL_REASON = {"no_opt_in": "consent"}
 
-#: Segment spec bounce events, by channel (a bounced address is never chosen).
-_BOUNCE_EVENTS = {"email": ("Email Bounced",), "push": ("Push Notification Bounced",)}
-
-
 def stable_share(customer_id: int, salt: str) -> float:
     """A number in [0, 1) fixed for a (customer, salt) pair: the basis of splits and holdouts.
 
@@ -314,12 +310,17 @@ def _campaign_caps(campaign: Campaign, global_caps: tuple[Cap, ...]) -> tuple[tu
 
 
 def _bounced(profile: ProfileView, channel: str) -> bool:
+    """A ``bounced`` trait naming ``channel`` (set by the customer's own systems).
+
+    A bounce reported as an event (``Email Bounced``) is the consent's business
+    (:mod:`cadence.engine.consent`): a hard one refuses the channel until an identify brings a
+    new address, a soft one does not. (Any bounce event ever, soft or lifted, used to block the
+    channel here for good.)
+    """
     bounced = profile.traits.get("bounced")
     if bounced is True or (isinstance(bounced, (list, tuple, set, frozenset)) and channel in bounced):
         return True
-    if isinstance(bounced, Mapping) and bounced.get(channel):
-        return True
-    return any(profile.last_at(name) is not None for name in _BOUNCE_EVENTS.get(channel, ()))
+    return isinstance(bounced, Mapping) and bool(bounced.get(channel))
 
 
 def _usable_channels(

@@ -455,3 +455,36 @@ def test_a_value_that_is_not_a_finite_number_counts_as_none_and_the_loop_goes_on
         profile = load_profile(conn, customer, now_ms=T0 + DAY)
     assert profile.count("Order Completed", 0, T0 + DAY) == 3
     assert profile.sum("Order Completed", "revenue", 0, T0 + DAY) == 25.0
+
+
+def test_a_decision_follows_the_bounce_rules_of_consent(runtime: Runtime) -> None:
+    """A soft bounce does not stop email, a hard one does until a new address: decisions read
+    the consent, not "any Email Bounced ever" (which blocked email for good)."""
+    from cadence.engine.campaign import Campaign as C
+    from cadence.engine.campaign import ChannelPolicy, CompiledRuleset, GlobalSettings, TemplateSpec
+    from cadence.engine.decide import decide
+
+    rules = CompiledRuleset(
+        hash="h",
+        campaigns={"news": C(name="news", title="n", priority=1, audience=None, template=TemplateSpec("t"),
+                             channels=ChannelPolicy(("email",)))},
+        segments={}, settings=GlobalSettings(), aggregates=frozenset(),
+    )  # fmt: skip
+    loop = EngineLoop(runtime)
+
+    def channel_now(n: int) -> str | None:
+        loop.catch_up()
+        with runtime.engine.connect() as conn:
+            profile = load_profile(conn, customer(runtime, "u1"), now_ms=T0 + n * 60_000)
+        d = decide(
+            ruleset=rules, profile=profile, now_ms=T0 + n * 60_000, history=[], available_channels={"email"}
+        )
+        return d.channel
+
+    ingest(runtime, ev(1, "identify", userId="u1", traits={"email": "a@example.com"}))
+    ingest(runtime, ev(2, event="Email Bounced", userId="u1", properties={"bounce_type": "soft"}))
+    assert channel_now(3) == "email"
+    ingest(runtime, ev(4, event="Email Bounced", userId="u1"))
+    assert channel_now(5) is None
+    ingest(runtime, ev(6, "identify", userId="u1", traits={"email": "b@example.com"}))
+    assert channel_now(7) == "email"
