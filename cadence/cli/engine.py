@@ -48,8 +48,8 @@ def status(
     """Each subscriber's position in the event log and how many events are not applied yet."""
     loop = stored_state_loop(runtime_for(ctx))
     report = loop.status()
-    report.pop("running", None)
-    report.pop("leader", None)
+    for key in ("running", "leader", "failing"):  # a server's own (GET /v1/engine); none run here
+        report.pop(key, None)
     if as_json:
         sys.stdout.write(orjson.dumps(report).decode() + "\n")
         return

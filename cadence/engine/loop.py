@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
@@ -51,12 +53,38 @@ IDENTITY = "identity"
 class EngineBehindError(CadenceError):
     """The engine loop did not apply the log up to a position within the time allowed."""
 
-    def __init__(self, head: int, applied: int, timeout: float) -> None:
+    def __init__(self, head: int, applied: int, timeout: float, failing: str | None = None) -> None:
         self.head, self.applied, self.timeout = head, applied, timeout
         super().__init__(
             f"the engine loop has not applied the events accepted before this request within {timeout:g} s "
             f"(log at event {head}, applied up to {applied})"
+            + (f"; its batches are failing: {failing}" if failing else "")
         )
+
+
+@dataclass
+class LoopFailure:
+    """The engine loop's batches failing in a row (cleared by the next batch that commits)."""
+
+    error: str  # the exception, one line
+    since_ms: int
+    attempts: int
+    after_event: int  # the position the failing batch starts after (the lowest subscriber's)
+    next_attempt_s: float  # monotonic time of the next try (the retries back off)
+    logged_s: float  # monotonic time it was last logged
+
+    def report(self) -> dict[str, Any]:
+        """As ``GET /v1/engine`` and ``cadence engine status`` show it."""
+        return {
+            "error": self.error,
+            "since": datetime.fromtimestamp(self.since_ms / 1000, tz=UTC).isoformat(timespec="seconds"),
+            "attempts": self.attempts,
+            "after_event": self.after_event,
+        }
+
+
+#: The longest pause between two tries of a failing batch (it doubles from the poll interval).
+MAX_RETRY_SECONDS = 30.0
 
 
 class _Doorbell:
@@ -274,6 +302,8 @@ class EngineLoop:
         self.processed = 0
         #: Called after each committed batch with the new positions and the batch size.
         self.on_batch: list[Callable[[dict[str, int], int], None]] = []
+        #: Set while the background loop's batches fail (see :meth:`_run`), None otherwise.
+        self.failure: LoopFailure | None = None
 
     # -- positions
     def _load_positions(self, conn: Connection) -> dict[str, int]:
@@ -320,6 +350,7 @@ class EngineLoop:
             "lag": lag,
             "running": self.running,
             "leader": self.running and self.leadership.held,
+            "failing": self.failure.report() if self.failure is not None else None,
         }
 
     def applied(self, conn: Connection) -> int:
@@ -376,7 +407,7 @@ class EngineLoop:
             if at >= head:
                 return
             if time.monotonic() >= deadline:
-                raise EngineBehindError(head, at, timeout)
+                raise EngineBehindError(head, at, timeout, self.failure.error if self.failure else None)
 
     # -- processing
     def run_once(self) -> int:
@@ -668,6 +699,13 @@ class EngineLoop:
     def _run(self) -> None:
         poll = self.runtime.settings.engine_poll_seconds
         while not self._stop.is_set():
+            failing = self.failure
+            if failing is not None and time.monotonic() < failing.next_attempt_s:
+                # A failing batch fails again on every try (reading and decoding it each time): wake-ups
+                # do not shorten the pause, which doubles up to MAX_RETRY_SECONDS.
+                self._wake.wait(min(poll, max(0.0, failing.next_attempt_s - time.monotonic())))
+                self._wake.clear()
+                continue
             try:
                 leads = self._is_leader()
                 if leads:
@@ -675,14 +713,55 @@ class EngineLoop:
                 else:
                     self._doorbell.close()
                 if leads and self._run_once(hold=True):
+                    self._recovered()
                     continue  # more may be waiting
-            except Exception:
-                log.exception("engine loop batch failed; retrying")
+                if leads:
+                    self._recovered()
+            except Exception as exc:  # noqa: BLE001 - reported, retried; the loop must go on
+                self._failed(exc, poll)
                 self._positions = None
             self._release_gc()
             self._wake.wait(poll)
             self._wake.clear()
         self._release_gc()
+
+    def _failed(self, exc: Exception, poll: float) -> None:
+        """Note a failed batch: the traceback the first time (or when the error changes), then one line
+        a minute at most; the next try after a pause that doubles from ``poll`` up to MAX_RETRY_SECONDS."""
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        now = time.monotonic()
+        failing = self.failure
+        if failing is None or failing.error != error:
+            try:
+                after = min(self._positions.values()) if self._positions else self._lowest_position()
+            except Exception:  # noqa: BLE001 - the database may be what fails
+                after = -1
+            self.failure = failing = LoopFailure(error, int(time.time() * 1000), 0, after, now, now)
+            log.exception("engine loop batch after event %d failed; retrying with a growing pause", after)
+        elif now - failing.logged_s >= 60:
+            failing.logged_s = now
+            log.error(
+                "engine loop batch after event %d still failing (%d tries since %s): %s",
+                failing.after_event,
+                failing.attempts + 1,
+                failing.report()["since"],
+                error,
+            )
+        failing.attempts += 1
+        failing.next_attempt_s = now + min(MAX_RETRY_SECONDS, poll * 2 ** min(failing.attempts, 16))
+
+    def _recovered(self) -> None:
+        if self.failure is not None:
+            log.warning(
+                "engine loop batches commit again after %d failed tries (%s)",
+                self.failure.attempts,
+                self.failure.error,
+            )
+            self.failure = None
+
+    def _lowest_position(self) -> int:
+        with read_connection(self.engine) as conn:
+            return int(conn.scalar(select(func.min(checkpoints.c.position))) or 0)
 
 
 def _events_after(conn: Connection, position: int) -> int:

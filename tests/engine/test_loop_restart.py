@@ -93,3 +93,44 @@ def test_a_drained_log_is_looked_at_without_the_sqlite_write_lock(
     assert loop.positions()["profiles"] == loop.positions()["identity"] == 40
     with db_engine.connect() as conn:
         assert conn.scalar(select(func.sum(profiles.c.event_count))) == 40
+
+
+def test_a_batch_that_keeps_failing_is_reported_retried_with_a_pause_and_recovers(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber failing on one event stops the log there (nothing after it is applied out of
+    order): the background loop reports it (``failing`` in the status, the error in a fresh wait's
+    message), logs the traceback once, retries with a growing pause, and clears it once it commits."""
+    import time
+
+    from cadence.engine.loop import EngineBehindError
+    from cadence.runtime import open_runtime
+
+    quick = open_runtime(
+        runtime.settings.model_copy(update={"engine_poll_seconds": 0.02}), engine=runtime.engine
+    )
+    ingest(quick, *stream()[:20])
+    crashing = Crashing(fail_on=12)
+    loop = EngineLoop(quick, [ProfilesSubscriber(quick), crashing], batch_size=5)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 20
+        while (loop.failure is None or loop.failure.attempts < 3) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        failing = loop.status()["failing"]
+        assert failing is not None and failing["error"] == "RuntimeError: simulated crash"
+        assert failing["after_event"] == 10 and failing["attempts"] >= 3
+        assert (
+            loop.failure is not None and loop.failure.next_attempt_s - time.monotonic() > 0.02
+        )  # backing off
+        tracebacks = [
+            r for r in caplog.records if r.exc_info is not None and "after event 10" in r.getMessage()
+        ]
+        assert len(tracebacks) == 1
+        with pytest.raises(EngineBehindError, match="its batches are failing: RuntimeError: simulated crash"):
+            loop.wait_applied(timeout=0.2)
+        crashing.fail_on = -1
+        loop.wait_applied(timeout=20)  # the next try commits, however long the pause had grown
+        assert loop.status()["failing"] is None and max(crashing.seen) == 20
+    finally:
+        loop.stop()
