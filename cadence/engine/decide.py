@@ -552,17 +552,20 @@ def decide(
                 zone = zones[zone_key] = quiet_zone(quiet, profile.timezone)
         else:
             zone = customer_zone
+        # A triggered campaign goes when its trigger says (the event's time plus the delay, out of
+        # quiet hours): the learners pick its channel, not another hour of the next day.
+        count = 1 if trigger is not None else slot_count
         # The fields the slots depend on (hashing the QuietHours dataclass costs more).
         slot_key = (
-            (earliest, quiet.start, quiet.end, quiet.action, zone.key, campaign.ends_ms)
+            (earliest, quiet.start, quiet.end, quiet.action, zone.key, campaign.ends_ms, count)
             if quiet is not None
-            else (earliest, None, None, None, zone.key, campaign.ends_ms)
+            else (earliest, None, None, None, zone.key, campaign.ends_ms, count)
         )
         cached = slot_cache.get(slot_key)
         if cached is None:
             cached = slot_cache[slot_key] = candidate_slots(
                 earliest_ms=earliest,
-                count=slot_count,
+                count=count,
                 quiet=campaign.quiet,
                 zone=zone,
                 until_ms=campaign.ends_ms,
@@ -577,7 +580,7 @@ def decide(
                     )
                 )
                 continue
-            if slot_count == 1 and slots:
+            if count == 1 and slots:
                 suppressions.append(
                     _suppression(
                         name,

@@ -180,6 +180,36 @@ def test_trigger_delay_and_where() -> None:
     assert d.template == "t_cart"
 
 
+def test_with_learners_a_triggered_campaign_keeps_its_time_and_the_learners_pick_the_channel() -> None:
+    """'after 10m' is when the marketer wants it: the scorer may choose the channel, not move the send to
+    another hour (an untriggered campaign gets the 24 hourly slots); out of quiet hours it is deferred."""
+    welcome = camp(
+        "welcome",
+        trigger=Trigger("Signed Up", delay_ms=10 * 60_000),
+        channels=ChannelPolicy(("email", "sms", "push"), mode="best"),
+        quiet=QuietHours(start=time(21), end=time(8), fallback_zone="UTC"),
+    )
+    night = NOW - 11 * HOUR_MS  # 01:00 UTC: quiet until 08:00
+    times, channels = set(), set()
+    for seed in range(30):
+        day = run(
+            rules(welcome), event={"event": "Signed Up", "ts_ms": NOW}, scorer=RandomScorer(), seed=seed
+        )
+        times.add(day.send_at_ms)
+        channels.add(day.channel)
+        deferred = run(
+            rules(welcome),
+            now_ms=night,
+            event={"event": "Signed Up", "ts_ms": night},
+            scorer=RandomScorer(),
+            seed=seed,
+        )
+        assert deferred.send_at_ms == ms("2026-03-04T08:00")
+    assert times == {NOW + 10 * 60_000} and len(channels) > 1
+    untriggered = {run(rules(camp("news")), scorer=RandomScorer(), seed=s).send_at_ms for s in range(30)}
+    assert len(untriggered) > 1
+
+
 def test_priority_then_name_breaks_ties_and_losers_are_explained() -> None:
     d = run(
         rules(
