@@ -613,6 +613,7 @@ class SchedulerService:
         self._owns_leadership = leadership is None
         self.leadership = leadership or Leadership(core.engine, lock_id=SCHEDULER_LOCK_ID, role="scheduler")
         self.rules_poll_seconds = rules_poll_seconds
+        self._said: str | None = None  # the rules error last logged
         self.snapshot = snapshot
         self.snapshot_seconds = snapshot_seconds
         self.follow = follow
@@ -638,8 +639,10 @@ class SchedulerService:
             if self.holder.current is None or signature != self._signature:
                 self._signature = signature
                 result = self.holder.reload()
-                if not result.ok:
-                    log.error("rules do not compile; keeping the current jobs: %s", result.errors[:1])
+                said = str(result.errors[:1]) if not result.ok else None
+                if said is not None and said != self._said:  # once per error: this runs every few seconds
+                    log.error("rules do not compile; keeping the current jobs: %s", said)
+                self._said = said
             ruleset = self.holder.current
             digest = ruleset.hash if ruleset is not None else None
             if digest == self._synced_hash:

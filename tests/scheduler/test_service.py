@@ -106,3 +106,23 @@ def test_cadence_jobs_lists_next_runs(
     assert row["campaign"] == "daily" and row["schedule"] == 'every day at 09:00 in "Europe/Berlin"'
     assert row["next_run"] is not None and row["next_run"].endswith(("07:00:00+00:00", "08:00:00+00:00"))
     assert row["last_run"] is None
+
+
+def test_rules_that_do_not_load_are_logged_once_not_every_poll(
+    runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = tmp_path / "rules"  # not there yet: `cadence serve` started where there are no rules
+    runtime.settings = runtime.settings.model_copy(
+        update={"rules_paths": [rules], "scheduler_rules_poll_seconds": 0.05, "engine_enabled": False}
+    )
+    app = create_app(runtime=runtime, background=True)
+    with TestClient(app):
+        service: SchedulerService = app.state.scheduler
+        for _ in range(5):
+            service.refresh()
+        time.sleep(0.3)
+        said = [r for r in caplog.records if "rules do not compile" in r.getMessage()]
+        assert len(said) == 1 and "cannot read rule file" in said[0].getMessage()
+        rules.mkdir()
+        write(rules / "daily.cadence", RULE, 0)
+        wait_for(lambda: service.scheduler.get_job("campaign:daily") is not None)  # still looked for
