@@ -76,6 +76,7 @@ _CHANNEL_DETAIL = {
 #: The suppression reason of a channel block, where it is not the block's own name.
 _CHANNEL_REASON = {"no_opt_in": "consent"}
 
+
 def stable_share(customer_id: int, salt: str) -> float:
     """A number in [0, 1) fixed for a (customer, salt) pair: the basis of splits and holdouts.
 
