@@ -74,7 +74,7 @@ class LoopFailure:
     logged_s: float  # monotonic time it was last logged
 
     def report(self) -> dict[str, Any]:
-        """As ``GET /v1/engine`` and ``cadence engine status`` show it."""
+        """As ``GET /v1/engine`` shows it (``failing``)."""
         return {
             "error": self.error,
             "since": datetime.fromtimestamp(self.since_ms / 1000, tz=UTC).isoformat(timespec="seconds"),
@@ -340,6 +340,7 @@ class EngineLoop:
         in-memory ones (a follower's learners: the snapshot it loaded). ``lag``: the events
         after :meth:`applied`, those a decision here does not see yet. ``leader``: whether this
         process's loop applies the log (a follower's positions move only as the leader's do).
+        ``failing``: while this process's batches fail, :meth:`LoopFailure.report`; else None.
         """
         cached = self.positions()
         with read_connection(self.engine) as conn, conn.begin():
