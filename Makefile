@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench lint install install-test clean
+.PHONY: run test bench lint install install-test install-bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(WARM)
 	touch $(VENV)/.installed $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-bench: $(VENV)/.installed-bench
 
 ## Set up, migrate the embedded SQLite database and serve on http://127.0.0.1:8000
 run: install
@@ -42,7 +47,7 @@ test: install-test
 	  $(PY) -m pytest -q tests/browser $(PYTEST_ARGS)'
 
 ## Run the benchmarks and write docs/benchmarks.md
-bench: install-test
+bench: install-bench
 	scripts/with-postgres.sh $(PY) -m benchmarks $(BENCH_ARGS)
 
 lint: install-test
