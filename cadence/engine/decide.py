@@ -342,7 +342,9 @@ def _usable_channels(
             if channel not in available:
                 blocked = "no_channel"
             elif all_opted_out or profile.consented(channel) is False:
-                blocked = "consent"
+                # a refusal a hard bounce recorded (the address), not the customer's own
+                bounced = channel in getattr(profile, "undeliverable", ()) and not all_opted_out
+                blocked = "bounced" if bounced else "consent"
             elif channel in opt_in and profile.consented(channel) is not True:
                 blocked = "no_opt_in"
             elif _bounced(profile, channel):

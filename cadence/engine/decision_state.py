@@ -68,6 +68,7 @@ import orjson
 from sqlalchemy import Connection, Engine
 
 from cadence.engine.campaign import DAY_MS, CompiledRuleset
+from cadence.engine.consent import BOUNCE
 from cadence.engine.decision import PastSend
 from cadence.engine.profiles import StoredProfile
 
@@ -672,12 +673,15 @@ class DecisionState:
             raw, "SELECT event, day, count, sum_value FROM profile_daily WHERE customer_id = ?", customer_id
         ):
             days.setdefault(event, {})[day] = (count, total)
-        consent = {
-            channel: bool(granted)
-            for channel, granted in self._query(
-                raw, "SELECT channel, granted FROM consent WHERE customer_id = ?", customer_id
-            )
-        }
+        consent_rows = self._query(
+            raw, "SELECT channel, granted, source FROM consent WHERE customer_id = ?", customer_id
+        )
+        consent = {channel: bool(granted) for channel, granted, _source in consent_rows}
+        bounced = frozenset(
+            channel
+            for channel, granted, source in consent_rows
+            if not granted and str(source).startswith(BOUNCE)
+        )
         traits: Any = row[0][0] if row else None
         if isinstance(traits, str | bytes):
             traits = orjson.loads(traits)
@@ -690,6 +694,7 @@ class DecisionState:
             consent=consent,
             first_seen_ms=row[0][2] if row else None,
             last_seen_ms=row[0][3] if row else None,
+            undeliverable=bounced,
         )
 
 

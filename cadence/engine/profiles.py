@@ -26,7 +26,7 @@ import orjson
 from sqlalchemy import Connection, delete, select
 
 from cadence.channels import FEEDBACK_EVENTS, feedback_aggregate, feedback_of
-from cadence.engine.consent import consent_of
+from cadence.engine.consent import BOUNCE, consent_of
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
 from cadence.store.fast import (
@@ -591,6 +591,9 @@ class StoredProfile:
     consent: dict[str, bool] = field(default_factory=dict)
     first_seen_ms: int | None = None
     last_seen_ms: int | None = None
+    #: Channels refused by a bounce (consent source ``bounce:...``), not by the customer: decisions
+    #: say "address bounced" for them, not "opted out".
+    undeliverable: frozenset[str] = frozenset()
 
     def _whole_history(self, event: str, since_ms: int, until_ms: int) -> bool:
         s = self.stats.get(event)
@@ -647,7 +650,11 @@ def load_profile(
         query = query.where(profile_daily.c.day >= now_ms // DAY_MS - horizon_days)
     for r in conn.execute(query):
         days.setdefault(r.event, {})[r.day] = (r.count, r.sum_value)
-    consent = {ch: bool(v["granted"]) for ch, v in consent_of(conn, customer_id).items()}
+    rows = consent_of(conn, customer_id)
+    consent = {ch: bool(v["granted"]) for ch, v in rows.items()}
+    bounced = frozenset(
+        ch for ch, v in rows.items() if not v["granted"] and str(v["source"]).startswith(BOUNCE)
+    )
     return StoredProfile(
         customer_id=customer_id,
         traits=dict(row.traits or {}) if row else {},
@@ -657,4 +664,5 @@ def load_profile(
         consent=consent,
         first_seen_ms=row.first_seen_ms if row else None,
         last_seen_ms=row.last_seen_ms if row else None,
+        undeliverable=bounced,
     )

@@ -209,3 +209,21 @@ def test_sms_through_twilio_needs_an_opt_in_before_a_decision_chooses_it(runtime
     channel, details = channel_for({"phone": "+15550199"})
     assert channel == "email" and any("no opt-in for sms" in d for d in details)
     assert channel_for({"consent": {"sms": True}}) == ("sms", [])
+
+
+def test_a_hard_bounce_is_said_as_a_bounced_address_not_an_opt_out(
+    setup: tuple[TestClient, dict[str, dict[str, str]], object],
+) -> None:
+    client, keys, app = setup
+    app.state.ruleset = RULES  # type: ignore[attr-defined]
+    bounce = {"userId": "u1", "event": "Email Bounced", "properties": {"bounce_type": "hard"}}
+    assert client.post("/v1/track", json=bounce, headers=keys["ingest"]).status_code == 200  # type: ignore[arg-type]
+    for mode in ("preview", "commit"):  # the cached read (preview) and the commit's own read
+        r = client.post(
+            "/v1/decisions",
+            json={"customer_id": "u1", "campaigns": ["winback"], "mode": mode, "fresh": True},
+            headers=keys["decide"],  # type: ignore[arg-type]
+        )
+        assert r.status_code == 200, r.text
+        held = {(s["reason"], s["channel"]) for s in r.json()["explanation"]["suppressions"]}
+        assert r.json()["action"] == "none" and held == {("consent", "sms"), ("bounced", "email")}, held

@@ -486,5 +486,9 @@ def test_a_decision_follows_the_bounce_rules_of_consent(runtime: Runtime) -> Non
     assert channel_now(3) == "email"
     ingest(runtime, ev(4, event="Email Bounced", userId="u1"))
     assert channel_now(5) is None
+    with runtime.engine.connect() as conn:  # said as a bounced address, not an opt-out
+        profile = load_profile(conn, customer(runtime, "u1"), now_ms=T0)
+    held = decide(ruleset=rules, profile=profile, now_ms=T0, history=[], available_channels={"email"})
+    assert [(s.reason, s.detail) for s in held.suppressions] == [("bounced", "email address bounced")]
     ingest(runtime, ev(6, "identify", userId="u1", traits={"email": "b@example.com"}))
     assert channel_now(7) == "email"
