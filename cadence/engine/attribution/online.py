@@ -20,7 +20,6 @@ import time
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -184,7 +183,7 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     label = str(fields["campaign"] or "")
     if spec.channel_rules:
         # The block's own rules first: they may name events ("Ad Clicked" -> display).
-        channel = _block_channel(spec.channel_rules, fields)
+        channel = _grouped_channel(spec.channel_rules, fields)
         if channel:
             return channel, label
     own = props.get("channel")
@@ -192,43 +191,31 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
         return own.strip(), label
     if not (fields["source"] or fields["medium"] or fields["referrer"]):
         return None
-    try:
-        channel = _default_channel(
-            fields["source"], fields["medium"], fields["campaign"], fields["referrer"], fields["event"]
-        )
-    except TypeError:  # a field that is not a string nor a number (unhashable JSON): not cached
-        channel = group_channel(fields, DEFAULT_CHANNEL_RULES)
+    channel = _grouped_channel(DEFAULT_CHANNEL_RULES, fields)
     return (channel, label) if channel else None
 
 
-#: :func:`_block_channel`'s answers: (id of the rules, the fields) -> (the rules, the channel).
-_BLOCK_CHANNELS: dict[tuple[int, tuple[Any, ...]], tuple[Any, str | None]] = {}
+#: :func:`_grouped_channel`'s answers: (id of the rules, the fields) -> (the rules, the channel).
+_GROUPED: dict[tuple[int, tuple[Any, ...]], tuple[Any, str | None]] = {}
 
 
-def _block_channel(rules: Sequence[Any], fields: Mapping[str, Any]) -> str | None:
-    """:func:`group_channel` over a block's own rules, remembered as :func:`_default_channel` is:
-    matching every glob of every rule for each touch cost most of the loop's attribution time with
-    the example rules' two blocks (a handful of UTM tuples recur)."""
+def _grouped_channel(rules: Sequence[Any], fields: Mapping[str, Any]) -> str | None:
+    """:func:`group_channel`, remembered per rules and UTM tuple (a handful of tuples recur, and matching
+    every glob of every rule for each touch cost most of the loop's attribution time): the default
+    rules and a block's own alike."""
     values = (fields["source"], fields["medium"], fields["campaign"], fields["referrer"], fields["event"])
     try:
         key = (id(rules), values)
-        hit = _BLOCK_CHANNELS.get(key)
+        hit = _GROUPED.get(key)
     except TypeError:  # a field that is not a string nor a number (unhashable JSON): not remembered
         return group_channel(fields, rules)
     if hit is not None and hit[0] is rules:  # the same rules object, not a later one at the same address
         return hit[1]
-    if len(_BLOCK_CHANNELS) >= 16_384:
-        _BLOCK_CHANNELS.clear()
+    if len(_GROUPED) >= 16_384:
+        _GROUPED.clear()
     channel = group_channel(fields, rules)
-    _BLOCK_CHANNELS[key] = (rules, channel)
+    _GROUPED[key] = (rules, channel)
     return channel
-
-
-@lru_cache(maxsize=4096)
-def _default_channel(source: Any, medium: Any, campaign: Any, referrer: Any, event: Any) -> str | None:
-    """:func:`group_channel` over the default rules, remembered: a handful of UTM tuples recur."""
-    fields = {"source": source, "medium": medium, "campaign": campaign, "referrer": referrer, "event": event}
-    return group_channel(fields, DEFAULT_CHANNEL_RULES)
 
 
 def journey_credits(
