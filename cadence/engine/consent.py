@@ -16,7 +16,7 @@ refuse it; a hard ``... Bounced`` marks the channel undeliverable until a new ad
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -256,6 +256,16 @@ class ConsentSubscriber:
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         conn.execute(delete(consent).where(consent.c.customer_id == customer_id))
+
+
+def undeliverable(rows: Iterable[tuple[str, Any, Any]]) -> frozenset[str]:
+    """The channels of consent rows ``(channel, granted, source)`` that a bounce refused: the
+    address, not the customer (decisions say "address bounced" for them, not "opted out").
+
+    >>> sorted(undeliverable([("email", False, "bounce:webhook:sendgrid"), ("sms", False, "api"), ("push", True, "x")]))
+    ['email']
+    """
+    return frozenset(ch for ch, granted, source in rows if not granted and str(source).startswith(BOUNCE))
 
 
 def _keeps_refusal(held: tuple[bool | None, str, int, int] | None) -> bool:

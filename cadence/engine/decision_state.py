@@ -68,7 +68,7 @@ import orjson
 from sqlalchemy import Connection, Engine
 
 from cadence.engine.campaign import DAY_MS, CompiledRuleset
-from cadence.engine.consent import BOUNCE
+from cadence.engine.consent import undeliverable
 from cadence.engine.decision import PastSend
 from cadence.engine.profiles import StoredProfile
 
@@ -677,11 +677,7 @@ class DecisionState:
             raw, "SELECT channel, granted, source FROM consent WHERE customer_id = ?", customer_id
         )
         consent = {channel: bool(granted) for channel, granted, _source in consent_rows}
-        bounced = frozenset(
-            channel
-            for channel, granted, source in consent_rows
-            if not granted and str(source).startswith(BOUNCE)
-        )
+        bounced = undeliverable(consent_rows)
         traits: Any = row[0][0] if row else None
         if isinstance(traits, str | bytes):
             traits = orjson.loads(traits)

@@ -26,7 +26,7 @@ import orjson
 from sqlalchemy import Connection, delete, select
 
 from cadence.channels import FEEDBACK_EVENTS, feedback_aggregate, feedback_of
-from cadence.engine.consent import BOUNCE, consent_of
+from cadence.engine.consent import consent_of, undeliverable
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
 from cadence.store.fast import (
@@ -652,9 +652,7 @@ def load_profile(
         days.setdefault(r.event, {})[r.day] = (r.count, r.sum_value)
     rows = consent_of(conn, customer_id)
     consent = {ch: bool(v["granted"]) for ch, v in rows.items()}
-    bounced = frozenset(
-        ch for ch, v in rows.items() if not v["granted"] and str(v["source"]).startswith(BOUNCE)
-    )
+    bounced = undeliverable((ch, v["granted"], v["source"]) for ch, v in rows.items())
     return StoredProfile(
         customer_id=customer_id,
         traits=dict(row.traits or {}) if row else {},
