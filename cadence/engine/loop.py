@@ -711,13 +711,12 @@ class EngineLoop:
                 leads = self._is_leader()
                 if leads:
                     self._doorbell.listen()
+                    more = self._run_once(hold=True)
+                    self._recovered()
+                    if more:
+                        continue  # more may be waiting
                 else:
                     self._doorbell.close()
-                if leads and self._run_once(hold=True):
-                    self._recovered()
-                    continue  # more may be waiting
-                if leads:
-                    self._recovered()
             except Exception as exc:  # noqa: BLE001 - reported, retried; the loop must go on
                 self._failed(exc, poll)
                 self._positions = None
