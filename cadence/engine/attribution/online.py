@@ -8,7 +8,9 @@ a conversion credits it at once with every rule-based model for every standard w
 (:data:`WINDOWS_DAYS`) into ``attribution_credits`` (and, without the campaign, into
 ``attribution_channel_credits``, which channel and day queries read; without the channel, into
 ``attribution_campaign_credits``, which campaign queries read), adds the journey to the coalition
-and path tallies, and closes it. :func:`query_attribution` answers from those tables
+and path tallies, and closes it into ``attribution_history``, from where an event logged
+late (one that sorts before a conversion already credited) credits that conversion again.
+:func:`query_attribution` answers from those tables
 only: rule-based credit by channel, campaign or day over a date range; Shapley from
 coalition tallies and Markov removal effects from path tallies (all time).
 """
@@ -17,9 +19,9 @@ from __future__ import annotations
 
 import math
 import time
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,7 @@ from cadence.engine.attribution.shapley import MAX_EXACT_CHANNELS, coalition_sha
 from cadence.engine.attribution.spec import AttributionSpec, CreditRule, Touch
 from cadence.engine.events import LoggedEvent
 from cadence.engine.profiles import event_value
-from cadence.store.fast import execute_in, execute_many, fetch_in, write_rows
+from cadence.store.fast import ask_in, execute_in, execute_many, fetch_in, rows_of, write_rows
 
 __all__ = [
     "ONLINE_MODELS",
@@ -66,6 +68,10 @@ RULE_MODELS = (
 #: Models the query API serves (the others are offline: ``cadence attribution run``).
 ONLINE_MODELS = (*RULE_MODELS, "shapley", "markov")
 KEEP_MS = 90 * DAY_MS
+#: How long conversions stay open to credit again when an earlier event is logged late (before
+#: the newest event the block has seen); their journeys' touches are kept a window longer.
+RECREDIT_MS = 90 * DAY_MS
+HISTORY_KEEP_MS = RECREDIT_MS + KEEP_MS
 
 
 #: Seconds between two attempts to load rules that did not load (missing or not compiling).
@@ -394,130 +400,65 @@ _TOUCH_COLUMNS = (
     ("campaign", "text"),
     ("event_id", "bigint"),
 )
+_HISTORY_COLUMNS = (*_TOUCH_COLUMNS[:5], ("value", "float8"), ("event_id", "bigint"), ("closed_by", "bigint"))
 
 #: The blocks that have open journeys, one index seek each (a "loose index scan": no
 #: database here skips through an index for ``SELECT DISTINCT`` by itself).
 _DISTINCT_SPECS = (
-    "WITH RECURSIVE s(spec) AS (SELECT MIN(spec) FROM attribution_touches UNION ALL "
-    "SELECT (SELECT MIN(spec) FROM attribution_touches WHERE spec > s.spec) FROM s WHERE s.spec IS NOT NULL) "
+    "WITH RECURSIVE s(spec) AS (SELECT MIN(spec) FROM {table} UNION ALL "
+    "SELECT (SELECT MIN(spec) FROM {table} WHERE spec > s.spec) FROM s WHERE s.spec IS NOT NULL) "
     "SELECT spec FROM s WHERE spec IS NOT NULL"
 )
 
 
-def _ts(touch: tuple[int, str, str, int]) -> int:
-    return touch[0]
+def _ts(touch: tuple[Any, ...]) -> int:
+    return int(touch[0])
+
+
+#: One event of a customer's timeline: ``(ts_ms, kind, channel, campaign, event_id, value)``,
+#: kind 0 a touch, 1 a conversion (channel and campaign ""). Sorted as tuples, touches come
+#: before a conversion at the same millisecond (they count before it), by channel and
+#: campaign among themselves; conversions in log order.
+_Entry = tuple[int, int, str, str, int, float]
 
 
 @dataclass
-class AttributionSubscriber:
-    """The engine-loop subscriber keeping attribution aggregates for every block."""
+class _Tallies:
+    """What conversions add to the aggregates, before it is written."""
 
-    runtime: Any = None
-    specs: Sequence[AttributionSpec] | None = None
-    name: str = "attribution"
+    #: (model, window, day, channel, campaign) -> [conversions, value]
+    credits: dict[tuple[str, int, int, str, str], list[float]] = field(default_factory=dict)
+    #: Conversions with no touch in a window credit no channel, for every model alike:
+    #: (window, day) -> [conversions, value], spread over the models when written.
+    untouched: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    coalitions: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+    paths: dict[tuple[int, str], float] = field(default_factory=dict)
 
-    def current_specs(self) -> list[AttributionSpec]:
-        """The blocks to keep: given ones, else the loaded rules' ``attribution`` blocks,
-        else :func:`default_specs`."""
-        return list(self.specs) if self.specs is not None else specs_of(self.runtime)
-
-    def windows(self, spec: AttributionSpec) -> list[int]:
-        """Windows (days) kept for ``spec``."""
-        return kept_windows(spec)
-
-    def start(self, conn: Connection, checkpoint: int) -> int:
-        """State is in the database: resume from the stored checkpoint."""
-        return checkpoint
-
-    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
-        """Record touches, credit conversions, close journeys."""
-        for spec in self.current_specs():
-            self._apply_spec(conn, spec, batch)
-
-    def _apply_spec(self, conn: Connection, spec: AttributionSpec, batch: Sequence[LoggedEvent]) -> None:
-        relevant: list[tuple[LoggedEvent, tuple[str, str] | None]] = []
-        conversion = spec.conversion_event
-        for e in batch:
-            if e.type == "track" and e.event == conversion:
-                relevant.append((e, None))
-            else:
-                touch = touch_of(e, spec)
-                if touch is not None:
-                    relevant.append((e, touch))
-        if not relevant:
-            return
-        # In time order, not log order: a file may log a conversion before the touches that
-        # preceded it; at the same millisecond, touches first (they count before it).
-        relevant.sort(key=lambda et: (et[0].ts_ms, et[1] is None, et[0].id))
-        customers = sorted({e.customer_id for e, _ in relevant})
-        open_: dict[int, list[tuple[int, str, str, int]]] = {c: [] for c in customers}
-        stored: dict[int, int] = {}  # event id -> row id of the open touches already in the table
-        for row in fetch_in(
-            conn,
-            "SELECT customer_id, ts_ms, channel, campaign, event_id, id FROM attribution_touches "
-            "WHERE spec = ? AND customer_id IN_VALUES",
-            customers,
-            spec.name,
+    def add_difference(self, added: _Tallies, removed: _Tallies) -> None:
+        """Add ``added - removed`` (conversions credited again); keys that did not change are left out."""
+        for mine, plus, minus in (
+            (self.credits, added.credits, removed.credits),
+            (self.untouched, added.untouched, removed.untouched),
+            (self.coalitions, added.coalitions, removed.coalitions),
         ):
-            open_[int(row[0])].append((int(row[1]), str(row[2]), str(row[3]), int(row[4])))
-            stored[int(row[4])] = int(row[5])
-        for touches in open_.values():
-            touches.sort()
-        credits: dict[tuple[str, int, int, str, str], list[float]] = {}
-        # Conversions with no touch in a window credit no channel, for every model alike:
-        # (window, day) -> [conversions, value], spread over the models when written.
-        untouched: dict[tuple[int, int], list[float]] = {}
-        coalitions: dict[tuple[int, str], list[float]] = {}
-        paths: dict[tuple[int, str], float] = {}
-        windows = self.windows(spec)
-        for e, touch in relevant:
-            touches = open_[e.customer_id]
-            if touch is not None:
-                insort(touches, (e.ts_ms, touch[0], touch[1], e.id))
-                continue
-            value = _conversion_value(e, spec)
-            day = e.ts_ms // DAY_MS
-            # Touches are sorted by time: each window's journey is a suffix of those before
-            # the conversion, and windows that reach back to the same touch share its credits.
-            n_before = bisect_right(touches, e.ts_ms, key=_ts)
-            solved: dict[int, tuple[list[tuple[str, str, str, float, float]], str, str]] = {}
-            for w in windows:
-                k = bisect_left(touches, e.ts_ms - w * DAY_MS, 0, n_before, key=_ts)
-                if k not in solved:
-                    inside = [(t[0], t[1], t[2]) for t in touches[k:n_before]]
-                    per_model = journey_credits(
-                        inside, e.ts_ms, params=spec.params, credit_rules=spec.credit_rules
-                    )
-                    solved[k] = (
-                        [
-                            (model, channel, campaign, credit, credit * value)
-                            for model, rows in per_model.items()
-                            for channel, campaign, credit in rows
-                        ],
-                        "+".join(sorted({t[1] for t in inside})),
-                        ">".join(t[1] for t in inside),
-                    )
-                shares, coalition, path = solved[k]
-                if not shares:  # no touch in the window, or every one excluded
-                    acc = untouched.setdefault((w, day), [0.0, 0.0])
-                    acc[0] += 1.0
-                    acc[1] += value
-                for model, channel, campaign, credit, credit_value in shares:
-                    acc = credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
-                    acc[0] += credit
-                    acc[1] += credit_value
-                if k < n_before:
-                    tally = coalitions.setdefault((w, coalition), [0.0, 0.0])
-                    tally[0] += 1.0
-                    tally[1] += 1.0
-                    paths[(w, path)] = paths.get((w, path), 0.0) + 1.0
-            # The journey is closed: later conversions start from scratch.
-            open_[e.customer_id] = touches[n_before:]
-        # Touches always have a channel, so these keys are never credited above.
-        for (w, day), acc in untouched.items():
+            for key in plus.keys() | minus.keys():
+                a, b = plus.get(key, (0.0, 0.0)), minus.get(key, (0.0, 0.0))
+                if a[0] != b[0] or a[1] != b[1]:
+                    acc = mine.setdefault(key, [0.0, 0.0])  # type: ignore[arg-type]
+                    acc[0] += a[0] - b[0]
+                    acc[1] += a[1] - b[1]
+        for key in added.paths.keys() | removed.paths.keys():
+            d = added.paths.get(key, 0.0) - removed.paths.get(key, 0.0)
+            if d:
+                self.paths[key] = self.paths.get(key, 0.0) + d
+
+    def write(self, conn: Connection, name: str) -> None:
+        """Add these tallies to the block's aggregate tables."""
+        credits = dict(self.credits)
+        # Touches always have a channel, so these keys are never credited by a touch.
+        for (w, day), acc in self.untouched.items():
             for model in RULE_MODELS:
                 credits[(model, w, day, "", "")] = acc
-        name = spec.name
         write_rows(
             conn,
             "attribution_credits",
@@ -553,28 +494,250 @@ class AttributionSubscriber:
             conn,
             "attribution_coalitions",
             _COALITION_COLUMNS,
-            [(name, w, k, v[0], v[1]) for (w, k), v in coalitions.items()],
+            [(name, w, k, v[0], v[1]) for (w, k), v in self.coalitions.items()],
             _ADD_COALITION,
         )
         write_rows(
             conn,
             "attribution_paths",
             _PATH_COLUMNS,
-            [(name, w, k, v) for (w, k), v in paths.items()],
+            [(name, w, k, v) for (w, k), v in self.paths.items()],
             _ADD_PATH,
         )
+
+
+def _credit_timeline(
+    timeline: Sequence[_Entry],
+    since: _Entry,
+    spec: AttributionSpec,
+    windows: Sequence[int],
+    out: _Tallies,
+) -> tuple[list[_Entry], list[tuple[_Entry, int]]]:
+    """Credit the conversions of one customer's sorted ``timeline`` that sort at or after
+    ``since`` into ``out``; return the open touches (after the last conversion) and the
+    closed entries (the rest), each with the event id of the conversion that closed it (a
+    conversion's own).
+
+    Each conversion closes the journey of the touches since the one before it; each
+    window's journey is a suffix of those, and windows that reach back to the same touch
+    share its credits.
+    """
+    touches: list[_Entry] = []
+    closed: list[tuple[_Entry, int]] = []
+    for entry in timeline:
+        if entry[1] == 0:
+            touches.append(entry)
+            continue
+        if entry >= since:
+            _credit_conversion(touches, entry, spec, windows, out)
+        closed.extend((t, entry[4]) for t in touches)
+        closed.append((entry, entry[4]))
+        touches = []
+    return touches, closed
+
+
+def _credit_conversion(
+    touches: Sequence[_Entry],
+    conversion: _Entry,
+    spec: AttributionSpec,
+    windows: Sequence[int],
+    out: _Tallies,
+) -> None:
+    ts_ms, value = conversion[0], conversion[5]
+    day = ts_ms // DAY_MS
+    n = len(touches)
+    solved: dict[int, tuple[list[tuple[str, str, str, float, float]], str, str]] = {}
+    for w in windows:
+        k = bisect_left(touches, ts_ms - w * DAY_MS, 0, n, key=_ts)
+        if k not in solved:
+            inside = [(t[0], t[2], t[3]) for t in touches[k:]]
+            per_model = journey_credits(inside, ts_ms, params=spec.params, credit_rules=spec.credit_rules)
+            solved[k] = (
+                [
+                    (model, channel, campaign, credit, credit * value)
+                    for model, rows in per_model.items()
+                    for channel, campaign, credit in rows
+                ],
+                "+".join(sorted({t[1] for t in inside})),
+                ">".join(t[1] for t in inside),
+            )
+        shares, coalition, path = solved[k]
+        if not shares:  # no touch in the window, or every one excluded
+            acc = out.untouched.setdefault((w, day), [0.0, 0.0])
+            acc[0] += 1.0
+            acc[1] += value
+        for model, channel, campaign, credit, credit_value in shares:
+            acc = out.credits.setdefault((model, w, day, channel, campaign), [0.0, 0.0])
+            acc[0] += credit
+            acc[1] += credit_value
+        if k < n:
+            tally = out.coalitions.setdefault((w, coalition), [0.0, 0.0])
+            tally[0] += 1.0
+            tally[1] += 1.0
+            out.paths[(w, path)] = out.paths.get((w, path), 0.0) + 1.0
+
+
+@dataclass
+class AttributionSubscriber:
+    """The engine-loop subscriber keeping attribution aggregates for every block."""
+
+    runtime: Any = None
+    specs: Sequence[AttributionSpec] | None = None
+    name: str = "attribution"
+    _pruned_day: dict[str, int] = field(default_factory=dict)
+
+    def current_specs(self) -> list[AttributionSpec]:
+        """The blocks to keep: given ones, else the loaded rules' ``attribution`` blocks,
+        else :func:`default_specs`."""
+        return list(self.specs) if self.specs is not None else specs_of(self.runtime)
+
+    def windows(self, spec: AttributionSpec) -> list[int]:
+        """Windows (days) kept for ``spec``."""
+        return kept_windows(spec)
+
+    def start(self, conn: Connection, checkpoint: int) -> int:
+        """State is in the database: resume from the stored checkpoint."""
+        return checkpoint
+
+    def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
+        """Record touches, credit conversions, close journeys."""
+        for spec in self.current_specs():
+            self._apply_spec(conn, spec, batch)
+
+    def _apply_spec(self, conn: Connection, spec: AttributionSpec, batch: Sequence[LoggedEvent]) -> None:
+        conversion = spec.conversion_event
+        arrived: dict[int, list[_Entry]] = {}
+        for e in batch:
+            if e.type == "track" and e.event == conversion:
+                entry: _Entry = (e.ts_ms, 1, "", "", e.id, _conversion_value(e, spec))
+            else:
+                touch = touch_of(e, spec)
+                if touch is None:
+                    continue
+                entry = (e.ts_ms, 0, touch[0], touch[1], e.id, 0.0)
+            arrived.setdefault(e.customer_id, []).append(entry)
+        if not arrived:
+            return
+        name = spec.name
+        customers = sorted(arrived)
+        asked_open = ask_in(
+            conn,
+            "SELECT customer_id, ts_ms, channel, campaign, event_id, id FROM attribution_touches "
+            "WHERE spec = ? AND customer_id IN_VALUES",
+            customers,
+            name,
+        )
+        asked_last = ask_in(
+            conn,
+            "SELECT customer_id, MAX(ts_ms) FROM attribution_history "
+            "WHERE spec = ? AND channel = '' AND customer_id IN_VALUES GROUP BY customer_id",
+            customers,
+            name,
+        )
+        stored_open: dict[int, list[_Entry]] = {}
+        stored: dict[int, int] = {}  # event id -> row id of the open touches already in the table
+        for row in rows_of(asked_open):
+            stored_open.setdefault(int(row[0]), []).append(
+                (int(row[1]), 0, str(row[2]), str(row[3]), int(row[4]), 0.0)
+            )
+            stored[int(row[4])] = int(row[5])
+        windows = self.windows(spec)
+        # A customer whose batch holds an event that sorts before their last credited
+        # conversion is *late*: the conversions from that event on are credited again.
+        late: dict[int, _Entry] = {}
+        for cid, last_ms in rows_of(asked_last):
+            first = min(arrived[int(cid)])
+            if last_ms is not None and (first[0] < last_ms or (first[0] == last_ms and first[1] == 0)):
+                late[int(cid)] = first
+        # The late customers' history from the longest window before their first late event:
+        # the conversions to credit again, and the journeys they were credited with.
+        history: dict[int, list[_Entry]] = {}
+        journeys: dict[int, list[_Entry]] = {}  # conversion's event id -> the touches it closed
+        closers: dict[int, int] = {}  # a stored touch's event id -> the conversion's that closed it
+        history_ids: list[int] = []
+        newest = max(entry[0] for entries in arrived.values() for entry in entries)
+        day = newest // DAY_MS
+        prune = self._pruned_day.get(name) != day
+        horizon: _Entry = (0, 0, "", "", 0, 0.0)
+        if late or prune:
+            seen = conn.exec_driver_sql(
+                _placeholders(conn, "SELECT MAX(ts_ms) FROM attribution_history WHERE spec = ?"), (name,)
+            ).scalar()
+            newest_seen = max(newest, int(seen or 0))
+            # Conversions older than this are final: they close journeys but keep their credit.
+            horizon = (newest_seen - RECREDIT_MS, 0, "", "", 0, 0.0)
+        if late:
+            since_ms = min(first[0] for first in late.values()) - max(windows) * DAY_MS
+            for row in fetch_in(
+                conn,
+                "SELECT customer_id, ts_ms, channel, campaign, event_id, value, closed_by, id "
+                "FROM attribution_history WHERE spec = ? AND ts_ms >= ? AND customer_id IN_VALUES",
+                sorted(late),
+                name,
+                since_ms,
+            ):
+                kind = 1 if row[2] == "" else 0
+                entry = (int(row[1]), kind, str(row[2]), str(row[3]), int(row[4]), float(row[5]))
+                history.setdefault(int(row[0]), []).append(entry)
+                if kind == 0:
+                    journeys.setdefault(int(row[6]), []).append(entry)
+                    closers[entry[4]] = int(row[6])
+                history_ids.append(int(row[7]))
+        tallies = _Tallies()
+        added, removed = _Tallies(), _Tallies()
+        open_: dict[int, list[_Entry]] = {}
+        closed_rows: list[tuple[Any, ...]] = []
+        for cid in customers:
+            now = sorted(history.get(cid, []) + stored_open.get(cid, []) + arrived[cid])
+            first = late.get(cid)
+            if first is not None:
+                first = max(first, horizon)
+            if first is None:
+                # Nothing credited after this batch's events: only its conversions are new.
+                open_[cid], closed = _credit_timeline(now, now[0], spec, windows, tallies)
+            else:
+                # Take back what the conversions from the late event on were credited with,
+                # and credit them again on the whole timeline (of the merged customer, too).
+                for entry in history[cid]:
+                    if entry[1] == 1 and entry >= first:
+                        _credit_conversion(sorted(journeys.get(entry[4], [])), entry, spec, windows, removed)
+                open_[cid], closed = _credit_timeline(now, first, spec, windows, added)
+                # A conversion before the late event was not credited again: its touches keep
+                # the conversion they were credited to (after a merge, the timeline interleaves
+                # two customers' journeys).
+                credited_again = {e[4] for e in now if e[1] == 1 and e >= first}
+                closed = [(e, c if c in credited_again else closers.get(e[4], c)) for e, c in closed]
+            # Conversions and the touches they closed go to the history (a late customer's
+            # loaded rows are written again: a touch may now be closed by another conversion).
+            closed_rows.extend(
+                (name, cid, entry[0], entry[2], entry[3], entry[5], entry[4], closer)
+                for entry, closer in closed
+                if newest - entry[0] <= HISTORY_KEEP_MS
+            )
+        if late:
+            tallies.add_difference(added, removed)
+        tallies.write(conn, name)
+        execute_in(conn, "DELETE FROM attribution_history WHERE id IN_VALUES", history_ids)
+        write_rows(conn, "attribution_history", _HISTORY_COLUMNS, closed_rows)
+        # Prune the history once per day of event time (the delete walks the (spec, ts) index).
+        if prune:
+            execute_many(
+                conn,
+                "DELETE FROM attribution_history WHERE spec = ? AND ts_ms < ?",
+                [(name, horizon[0] - KEEP_MS)],
+            )
+            self._pruned_day[name] = day
         # The open journeys of these customers, pruned to the longest window: rows of closed
         # or expired touches go, new open touches come; the others stay as they are.
-        newest = max(e.ts_ms for e, _ in relevant)
         kept: set[int] = set()
         new_rows = []
         for c, touches in open_.items():
             for t in touches:
                 if newest - t[0] <= KEEP_MS:
-                    if t[3] in stored:
-                        kept.add(t[3])
+                    if t[4] in stored:
+                        kept.add(t[4])
                     else:
-                        new_rows.append((name, c, t[0], t[1], t[2], t[3]))
+                        new_rows.append((name, c, t[0], t[2], t[3], t[4]))
         execute_in(
             conn,
             "DELETE FROM attribution_touches WHERE id IN_VALUES",
@@ -590,16 +753,18 @@ class AttributionSubscriber:
         """Every loser's open journeys become its winner's (each block's, through its index)."""
         if not merges:
             return
-        specs = [r[0] for r in conn.exec_driver_sql(_DISTINCT_SPECS).fetchall()]
-        execute_many(
-            conn,
-            "UPDATE attribution_touches SET customer_id = ? WHERE spec = ? AND customer_id = ?",
-            [(winner, spec, loser) for spec in specs for winner, loser in merges],
-        )
+        for table in ("attribution_touches", "attribution_history"):
+            specs = [r[0] for r in conn.exec_driver_sql(_DISTINCT_SPECS.format(table=table)).fetchall()]
+            execute_many(
+                conn,
+                f"UPDATE {table} SET customer_id = ? WHERE spec = ? AND customer_id = ?",
+                [(winner, spec, loser) for spec in specs for winner, loser in merges],
+            )
 
     def erased(self, conn: Connection, customer_id: int) -> None:
-        """Forget the customer's open journey (credited aggregates hold no customer)."""
+        """Forget the customer's journeys (credited aggregates hold no customer)."""
         execute_many(conn, "DELETE FROM attribution_touches WHERE customer_id = ?", [(customer_id,)])
+        execute_many(conn, "DELETE FROM attribution_history WHERE customer_id = ?", [(customer_id,)])
 
 
 def _conversion_value(event: LoggedEvent, spec: AttributionSpec) -> float:
@@ -658,7 +823,8 @@ def query_attribution(
                     "value": float(r[2]),
                 }
                 for r in rows
-                if group_by == "day" or r[0] != ""
+                # A key whose credit moved to another (an event logged late) sums to zero.
+                if (group_by == "day" or r[0] != "") and (abs(r[1]) > 1e-9 or abs(r[2]) > 1e-9)
             ]
             blank = next((r for r in rows if r[0] == ""), None)
             if group_by == "campaign" and blank is not None:

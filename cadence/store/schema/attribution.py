@@ -3,6 +3,8 @@
 ``attribution_touches`` holds each customer's *open* journey per attribution block
 (touches since their last conversion, at most 90 days old): it is all a conversion
 needs to be credited, so no query and no conversion ever rescans the event log.
+``attribution_history`` keeps the conversions and the touches they closed for 180 days, so
+that an event logged after a later conversion re-credits what it changes.
 When a conversion arrives, every rule-based model's credit is added to
 ``attribution_credits`` (per block, model, window, UTC day, channel and campaign), the
 journey's channel set to ``attribution_coalitions`` and its path to
@@ -30,6 +32,7 @@ __all__ = [
     "attribution_credits",
     "attribution_exposures",
     "attribution_fits",
+    "attribution_history",
     "attribution_paths",
     "attribution_touches",
 ]
@@ -45,6 +48,27 @@ attribution_touches = Table(
     Column("campaign", String(200), nullable=False, default=""),
     Column("event_id", BigInteger, nullable=False),
     Index(None, "spec", "customer_id", "ts_ms"),
+)
+
+#: Each customer's credited conversions and the touches they closed, the last 180 days, per
+#: block: what re-credits those conversions when an earlier touch (or conversion) is logged
+#: after them (webhooks that arrive late, clicks imported after the orders).
+attribution_history = Table(
+    "attribution_history",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("spec", String(100), nullable=False),
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("channel", String(64), nullable=False),  # "" for a conversion
+    Column("campaign", String(200), nullable=False, default=""),
+    Column("value", Float, nullable=False, default=0.0),  # a conversion's value
+    Column("event_id", BigInteger, nullable=False),
+    # The event id of the conversion that closed the touch (a conversion's own): the journey
+    # it was credited with, whatever merges happened since.
+    Column("closed_by", BigInteger, nullable=False),
+    Index(None, "spec", "customer_id", "ts_ms"),
+    Index(None, "spec", "ts_ms"),
 )
 
 attribution_credits = Table(

@@ -333,3 +333,166 @@ def test_credit_to_touches_without_a_campaign_is_not_lost_by_campaign(runtime: R
     rows = {r["key"]: (r["conversions"], r["value"]) for r in got["linear"]}
     assert rows == {"spring": (0.5, 5.0), "(none)": (0.5, 5.0)}
     assert sum(r["conversions"] for r in channels["linear"]) == pytest.approx(1.0)
+
+
+def test_a_touch_logged_after_the_conversion_it_preceded_is_credited_for_it(runtime: Runtime) -> None:
+    # A provider's click webhook that arrives after the order (or clicks imported after the
+    # orders): the journey was closed, so the click went to the customer's next conversion.
+    ingest(runtime, visit(1, "a", 0, "google", "cpc"), order(2, "a", 2, 100.0))
+    ingest(runtime, click(3, "a", 1, "email"), order(4, "a", 9, 10.0))
+    with runtime.engine.connect() as conn:
+        linear = query_attribution(conn, spec="default", models=["linear", "last_touch"], window_days=30)
+        by_day = query_attribution(conn, spec="default", models=["linear"], window_days=30, group_by="day")
+        by_campaign = query_attribution(
+            conn, spec="default", models=["linear"], window_days=30, group_by="campaign"
+        )
+        open_touches = conn.exec_driver_sql("SELECT COUNT(*) FROM attribution_touches").scalar()
+    # The second order has nothing since the first: no channel.
+    assert {r["key"]: (r["conversions"], r["value"]) for r in linear["linear"]} == {
+        "paid_search": (0.5, 50.0),
+        "email": (0.5, 50.0),
+    }
+    assert {r["key"]: r["conversions"] for r in linear["last_touch"]} == {"email": 1.0}
+    assert {r["key"]: r["conversions"] for r in by_campaign["linear"] if r["key"] != "(none)"} == {
+        "brand": 0.5,
+        "spring": 0.5,
+    }
+    assert sum(r["conversions"] for r in by_day["linear"]) == pytest.approx(2.0)
+    assert open_touches == 0
+
+
+def test_a_conversion_logged_late_splits_the_journey_it_fell_in(runtime: Runtime) -> None:
+    ingest(runtime, click(1, "a", 0, "email"), click(2, "a", 2, "sms"), order(3, "a", 3, 30.0))
+    # An order at day 1 was logged later: it takes the email click, the day-3 order keeps the text.
+    ingest(runtime, order(4, "a", 1, 10.0))
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["linear"], window_days=30)
+        tallies = query_attribution(conn, spec="default", models=["shapley"], window_days=30)
+    assert {r["key"]: (r["conversions"], r["value"]) for r in got["linear"]} == {
+        "email": (1.0, 10.0),
+        "sms": (1.0, 30.0),
+    }
+    assert {r["key"]: r["conversions"] for r in tallies["shapley"]} == pytest.approx(
+        {"email": 1.0, "sms": 1.0}
+    )
+
+
+_TABLES = {
+    "attribution_credits": "model, window_days, day, channel, campaign",
+    "attribution_channel_credits": "model, window_days, day, channel",
+    "attribution_campaign_credits": "model, window_days, day, campaign",
+    "attribution_coalitions": "window_days, channels",
+    "attribution_paths": "window_days, path",
+}
+
+
+def _aggregates(runtime: Runtime) -> dict[str, dict[tuple[Any, ...], tuple[float, ...]]]:
+    out: dict[str, dict[tuple[Any, ...], tuple[float, ...]]] = {}
+    with runtime.engine.connect() as conn:
+        for table, keys in _TABLES.items():
+            rows = conn.exec_driver_sql(f"SELECT * FROM {table}").mappings().all()
+            n = len(keys.split(", "))
+            out[table] = {}
+            for row in rows:
+                values = list(row.values())[1:]  # without the block's name
+                numbers = tuple(float(v) for v in values[n:])
+                if any(abs(v) > 1e-9 for v in numbers):  # a key whose credit moved and came back
+                    out[table][tuple(values[:n])] = numbers
+        out["open"] = {
+            tuple(r): (1.0,)
+            for r in conn.exec_driver_sql(
+                "SELECT ts_ms, channel, campaign FROM attribution_touches ORDER BY ts_ms, channel"
+            ).all()
+        }
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_credit_does_not_depend_on_how_late_the_events_were_logged(
+    runtime: Runtime, tmp_path: Path, seed: int
+) -> None:
+    # The same events, logged in one batch in time order and in shuffled batches (each applied
+    # before the next is logged), leave the same aggregates and open journeys.
+    import random
+
+    from cadence.runtime import open_runtime
+    from cadence.settings import Settings
+    from cadence.store.db import create_db_engine, migrate
+
+    rng = random.Random(seed)
+    calls: list[dict[str, Any]] = []
+    channels = [("email", "spring"), ("sms", "spring"), ("push", "summer"), ("email", "summer")]
+    for n in range(60):
+        user = f"u{rng.randrange(4)}"
+        day = rng.randrange(40 * 24) / 24  # hourly, so that some events share a millisecond
+        kind = rng.random()
+        if kind < 0.3:
+            calls.append(order(n, user, day, float(rng.randrange(1, 100))))
+        elif kind < 0.45:
+            calls.append(
+                visit(n, user, day, rng.choice(["google", "facebook"]), rng.choice(["cpc", "social"]))
+            )
+        else:
+            ch, cp = rng.choice(channels)
+            calls.append(click(n, user, day, ch, cp))
+    reference_engine = create_db_engine(f"sqlite:///{tmp_path}/reference.db")
+    migrate(reference_engine)
+    reference = open_runtime(
+        Settings(
+            database_url=str(reference_engine.url),
+            rules_paths=[],
+            disable_plugin_autoload=True,
+            _env_file=None,  # type: ignore[call-arg]
+        ),
+        engine=reference_engine,
+    )
+    ingest(reference, *sorted(calls, key=lambda c: c["timestamp"]))
+    shuffled = calls[:]
+    rng.shuffle(shuffled)
+    cuts = sorted(rng.sample(range(1, len(shuffled)), 6))
+    for lo, hi in zip([0, *cuts], [*cuts, len(shuffled)], strict=True):
+        ingest(runtime, *shuffled[lo:hi])
+    want, got = _aggregates(reference), _aggregates(runtime)
+    reference_engine.dispose()
+    for table in want:
+        assert got[table].keys() == want[table].keys(), table
+        for key, numbers in want[table].items():
+            assert got[table][key] == pytest.approx(numbers, abs=1e-9), (table, key)
+
+
+def test_a_merged_customers_credited_conversions_are_credited_again_for_a_late_touch(
+    runtime: Runtime,
+) -> None:
+    ingest(runtime, visit(1, "a", 0, "google", "cpc"), order(2, "a", 2, 40.0), click(5, "u", 0.5, "sms"))
+    ingest(  # two customers become one
+        runtime,
+        {
+            "type": "alias",
+            "messageId": "m3",
+            "userId": "u",
+            "previousId": "a",
+            "timestamp": (T0 + 3 * DAY) / 1000,
+        },
+    )
+    # The merged customer's click from before the order arrives late, under the user id.
+    ingest(runtime, click(4, "u", 1, "email"))
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["last_touch"], window_days=30)
+    assert {r["key"]: r["value"] for r in got["last_touch"]} == {"email": 40.0}
+    with runtime.engine.connect() as conn:
+        assert (
+            conn.exec_driver_sql("SELECT COUNT(DISTINCT customer_id) FROM attribution_history").scalar() == 1
+        )
+
+
+def test_a_conversion_older_than_90_days_before_the_newest_event_keeps_its_credit(runtime: Runtime) -> None:
+    ingest(runtime, order(1, "a", 0, 10.0), click(2, "a", 95, "sms"), order(3, "a", 100, 20.0))
+    # Too late for the first order (final after 90 days), and not the second order's either.
+    ingest(runtime, click(4, "a", -1, "email"))
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["linear"], window_days=90, group_by="day")
+        by_channel = query_attribution(conn, spec="default", models=["linear"], window_days=90)
+        open_touches = conn.exec_driver_sql("SELECT COUNT(*) FROM attribution_touches").scalar()
+    assert {r["key"]: r["value"] for r in by_channel["linear"]} == {"sms": 20.0}
+    assert [(r["key"], r["conversions"]) for r in got["linear"]] == [("2026-01-01", 1.0), ("2026-04-11", 1.0)]
+    assert open_touches == 0
