@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     engine_enabled: bool = True
     engine_batch_size: int = Field(default=10_000, ge=1)
     engine_poll_seconds: float = Field(default=0.5, gt=0)
+    #: Failed tries of one engine-loop batch after which the loop finds the event it cannot apply and
+    #: sets it aside (``engine_quarantine``) to go on; 0: never, the batch is retried until it commits.
+    engine_quarantine_after: int = Field(default=3, ge=0)
     # How long a ``fresh`` decision (one with ``at``, or ``fresh: true``) waits for the engine loop
     # to apply the events accepted before it; past it the decision answers 503.
     decision_fresh_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cadence.cli import runtime_for
-from cadence.engine.loop import stored_state_loop
+from cadence.engine.loop import is_data_error, stored_state_loop
+from cadence.errors import CadenceError
 from cadence.runtime import Runtime
 
 engine_app = typer.Typer(help="The event log's state: how far it is applied, and applying the rest.")
@@ -58,19 +59,82 @@ def status(
         table.add_row(name, f"{position:,}")
     out.print(table)
     out.print(f"{report['lag']:,} events not applied yet")
+    quarantined = report["quarantined"]
+    if quarantined["count"]:
+        aside = Table("event", "subscriber", "set aside", "error", title="events set aside")
+        for row in quarantined["recent"]:
+            aside.add_row(str(row["event_id"]), row["subscriber"], row["at"], row["error"])
+        out.print(aside)
+        out.print(
+            f"{quarantined['count']:,} set aside in all; `cadence engine retry EVENT` applies one again "
+            "once the cause is fixed"
+        )
 
 
 @engine_app.command("catch-up")
-def catch_up(ctx: typer.Context) -> None:
+def catch_up(
+    ctx: typer.Context,
+    set_aside: bool = typer.Option(
+        False,
+        "--set-aside",
+        help="When an event cannot be applied, set it aside for the subscribers it fails in and go on "
+        "(as `cadence serve` does after repeated failures); `retry` applies it again.",
+    ),
+) -> None:
     """Apply every event in the log to identity, profiles, consent and attribution (not the learners)."""
     runtime = runtime_for(ctx)
+    loop = stored_state_loop(runtime)
     started = time.perf_counter()
-    read = apply_pending(runtime, quiet=True)
+    read = 0
+    while True:
+        try:
+            read += loop.catch_up()
+            break
+        except Exception as exc:  # noqa: BLE001 - said in one line, with what to do
+            after = min(loop.positions().values())
+            err.print(
+                f"error: applying the events after event {after:,} failed: {type(exc).__name__}: {exc}",
+                soft_wrap=True,
+            )
+            if not is_data_error(exc):
+                raise typer.Exit(1) from None
+            if not set_aside:
+                err.print(
+                    "`cadence engine catch-up --set-aside` sets the event that fails aside and goes on",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(1) from None
+            event_id = loop.set_aside_failing()
+            if event_id is None:
+                err.print(
+                    "the events applied one at a time did not fail: the error is not one event's",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(1) from None
+            err.print(f"set event {event_id:,} aside (see `cadence engine status`); going on", soft_wrap=True)
     elapsed = time.perf_counter() - started
     if read:
         out.print(f"applied {read:,} events in {elapsed:.1f} s")
     else:
         out.print("nothing to apply: the log is applied")
+
+
+@engine_app.command("retry")
+def retry(
+    ctx: typer.Context, event_id: int = typer.Argument(..., help="The id of an event set aside.")
+) -> None:
+    """Apply an event the engine loop set aside (see `status`) again, to the subscribers it failed in."""
+    runtime = runtime_for(ctx)
+    loop = stored_state_loop(runtime)
+    try:
+        names = loop.retry(event_id)
+    except CadenceError as exc:
+        err.print(f"error: {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - the subscriber's own error: the event stays set aside
+        err.print(f"error: event {event_id} still fails: {type(exc).__name__}: {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    out.print(f"applied event {event_id} to {', '.join(names)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -40,12 +40,19 @@ from cadence.engine.leader import Leadership, sqlite_shared
 from cadence.errors import CadenceError
 from cadence.store.db import read_connection
 from cadence.store.fast import fetch_rows, rows_of, send, write_rows
-from cadence.store.schema.core import checkpoints, events
+from cadence.store.schema.core import checkpoints, engine_quarantine, events
 
 if TYPE_CHECKING:
     from cadence.runtime import Runtime
 
-__all__ = ["EngineBehindError", "EngineLoop", "LoggedEvent", "Subscriber", "make_subscribers"]
+__all__ = [
+    "EngineBehindError",
+    "EngineLoop",
+    "LoggedEvent",
+    "Subscriber",
+    "is_data_error",
+    "make_subscribers",
+]
 
 IDENTITY = "identity"
 
@@ -346,12 +353,14 @@ class EngineLoop:
         with read_connection(self.engine) as conn, conn.begin():
             positions = self._stored_positions(conn, cached)
             lag = _events_after(conn, self.applied(conn))
+            quarantined = self.quarantined(conn)
         return {
             "positions": positions,
             "lag": lag,
             "running": self.running,
             "leader": self.running and self.leadership.held,
             "failing": self.failure.report() if self.failure is not None else None,
+            "quarantined": quarantined,
         }
 
     def applied(self, conn: Connection) -> int:
@@ -453,8 +462,12 @@ class EngineLoop:
                 self._gc_held = 0
                 gc.enable()
 
-    def _run_batch(self) -> int:
+    def _run_batch(self, *, limit: int | None = None, only: frozenset[str] | None = None) -> int:
         """:meth:`run_once` without the lock and the collector pause (the caller holds both).
+
+        ``limit``: read at most this many events (not ``batch_size``); ``only``: apply them to these
+        subscribers alone (the others' positions stay where they are; identity resolves them
+        anyway). Either turns the look-ahead off for this batch (see :meth:`set_aside_failing`).
 
         On PostgreSQL a batch also stitches the *next* batch's identities (the look-ahead): the
         batch applies the subscribers to events resolved by the previous transaction, then reads
@@ -467,6 +480,9 @@ class EngineLoop:
         otherwise, as after a restart, it reads them again and only looks their customers up.
         """
         cached = self.positions()
+        narrow = limit is not None or only is not None
+        if narrow:
+            self._ahead = None
         if self._ahead is None and self.engine.dialect.name == "sqlite" and self._drained(cached):
             return 0
         ahead, self._ahead = self._ahead, None
@@ -499,7 +515,9 @@ class EngineLoop:
                         )
                 else:
                     # PostgreSQL: not past an id a transaction still in flight may commit (see ingest).
-                    rows = read_events(conn, after=low, limit=self.batch_size, before=append_horizon(conn))
+                    rows = read_events(
+                        conn, after=low, limit=limit or self.batch_size, before=append_horizon(conn)
+                    )
                     if not rows:
                         self._positions = positions
                         return 0
@@ -513,6 +531,9 @@ class EngineLoop:
                 new_positions = {IDENTITY: max(positions[IDENTITY], last)}
                 for sub in self.subscribers:
                     seen = positions[sub.name]
+                    if only is not None and sub.name not in only:
+                        new_positions[sub.name] = seen
+                        continue
                     unseen = batch if not batch or batch[0].id > seen else [e for e in batch if e.id > seen]
                     if unseen:
                         sub.apply(conn, unseen)
@@ -520,7 +541,7 @@ class EngineLoop:
                 # Freeing a batch's events (their decoded payloads: about 13 ms of CPU per 10,000) after
                 # its commit kept the server idle; here the server is busy with this batch's writes.
                 self._spent = None
-                if postgres and self.look_ahead:
+                if postgres and self.look_ahead and not narrow:
                     self._ahead = self._stitch_ahead(
                         conn,
                         new_positions,
@@ -720,6 +741,16 @@ class EngineLoop:
             except Exception as exc:  # noqa: BLE001 - reported, retried; the loop must go on
                 self._failed(exc, poll)
                 self._positions = None
+                failing = self.failure
+                after = self.runtime.settings.engine_quarantine_after
+                if after and failing is not None and failing.attempts >= after and is_data_error(exc):
+                    try:
+                        if self.set_aside_failing() is not None:
+                            self._recovered()
+                            continue
+                    except Exception:  # noqa: BLE001 - the batch stays failing, retried as before
+                        log.exception("engine loop could not set the failing event aside")
+                        self._positions = None
             self._release_gc()
             self._wake.wait(poll)
             self._wake.clear()
@@ -749,6 +780,155 @@ class EngineLoop:
             )
         failing.attempts += 1
         failing.next_attempt_s = now + min(MAX_RETRY_SECONDS, poll * 2 ** min(failing.attempts, 16))
+
+    def set_aside_failing(self) -> int | None:
+        """Set aside the event a failing batch cannot get past; return its id (None if none failed alone).
+
+        The batch's events are applied one at a time, each in its own transaction (those before
+        the bad one are applied and kept). The event that fails alone is then applied to each
+        subscriber on its own: those it fails in (all of them when identity fails) record it in
+        ``engine_quarantine`` with the error and move past it; the others apply it. An error of
+        the database or the machine (a lost connection, a locked or full disk) is not the
+        event's: it is raised, and the batch stays failing.
+        """
+        with self._lock:
+            for _ in range(self.batch_size):
+                try:
+                    if not self._run_batch(limit=1):
+                        return None
+                except Exception as exc:
+                    if not is_data_error(exc):
+                        raise
+                    break
+            else:
+                return None  # a whole batch's events applied one by one: the failure was not one event's
+            with read_connection(self.engine) as conn, conn.begin():
+                low = min(self._stored_positions(conn, self.positions()).values())
+                event_id = conn.scalar(select(func.min(events.c.id)).where(events.c.id > low))
+            if event_id is None:
+                return None
+            failed: dict[str, str] = {}
+            try:
+                self._run_batch(limit=1, only=frozenset())  # identity (and merges) alone
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                failed = dict.fromkeys([IDENTITY, *(s.name for s in self.subscribers)], _one_line(exc))
+            else:
+                for sub in self.subscribers:
+                    try:
+                        self._run_batch(limit=1, only=frozenset({sub.name}))
+                    except Exception as exc:
+                        if not is_data_error(exc):
+                            raise
+                        failed[sub.name] = _one_line(exc)
+            if failed:
+                self._quarantine(int(event_id), failed)
+            return int(event_id)
+
+    def _quarantine(self, event_id: int, failed: dict[str, str]) -> None:
+        """Record ``event_id`` as set aside for the subscribers in ``failed`` (name -> error) and move
+        their positions past it."""
+        now = self.runtime.clock.now_ms()
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
+            positions = self._stored_positions(conn, self.positions())
+            moved = {
+                name: error for name, error in failed.items() if positions.get(name, event_id) < event_id
+            }
+            if not moved:
+                return
+            conn.execute(
+                engine_quarantine.insert(),
+                [
+                    {"event_id": event_id, "subscriber": name, "error": error, "quarantined_ms": now}
+                    for name, error in moved.items()
+                ],
+            )
+            for name in moved:
+                positions[name] = event_id
+            _store_positions(conn, positions, now)
+        self._positions = positions
+        log.error(
+            "engine loop set event %d aside for %s: %s (see `cadence engine status`; "
+            "`cadence engine retry %d` applies it again once the cause is fixed)",
+            event_id,
+            ", ".join(sorted(moved)),
+            next(iter(moved.values())),
+            event_id,
+        )
+
+    def quarantined(self, conn: Connection, *, limit: int = 20) -> dict[str, Any]:
+        """How many events are set aside, and the newest ``limit`` (event, subscriber, error, when)."""
+        count = int(conn.scalar(select(func.count()).select_from(engine_quarantine)) or 0)
+        rows = conn.execute(
+            select(
+                engine_quarantine.c.event_id,
+                engine_quarantine.c.subscriber,
+                engine_quarantine.c.error,
+                engine_quarantine.c.quarantined_ms,
+            )
+            .order_by(engine_quarantine.c.id.desc())
+            .limit(limit)
+        ).all()
+        return {
+            "count": count,
+            "recent": [
+                {
+                    "event_id": int(r.event_id),
+                    "subscriber": r.subscriber,
+                    "error": r.error,
+                    "at": datetime.fromtimestamp(r.quarantined_ms / 1000, tz=UTC).isoformat(
+                        timespec="seconds"
+                    ),
+                }
+                for r in rows
+            ],
+        }
+
+    def retry(self, event_id: int) -> list[str]:
+        """Apply a set-aside event again to the database-backed subscribers it was set aside for;
+        return their names (its quarantine rows go). Raises what the subscriber raises (the rows stay).
+
+        The event is applied late, after events that came after it: attribution credits it where it
+        belongs; profile counters and consent take it as any event imported late.
+        """
+        with self._lock, self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
+            names = {
+                r[0]
+                for r in conn.execute(
+                    select(engine_quarantine.c.subscriber).where(engine_quarantine.c.event_id == event_id)
+                )
+            }
+            if not names:
+                raise CadenceError(f"event {event_id} is not set aside (see `cadence engine status`)")
+            by_name = {s.name: s for s in self.subscribers}
+            memory = sorted(n for n in names if n in by_name and getattr(by_name[n], "in_memory", False))
+            if memory:
+                raise CadenceError(
+                    f"event {event_id} is set aside for {', '.join(memory)}, whose state lives in the "
+                    "serving process: it cannot be applied again from here"
+                )
+            positions = self._stored_positions(conn, self.positions())
+            rows = read_events(conn, after=event_id - 1, limit=1)
+            if not rows or rows[0].id != event_id:
+                raise CadenceError(f"event {event_id} is no longer in the log (erased?)")
+            now = self.runtime.clock.now_ms()
+            if IDENTITY in names:
+                batch, merges = self.identity.resolve(conn, rows, apply_after=event_id - 1, now_ms=now)
+                self._tell_created(conn, self.identity.created)
+                self._fold(conn, merges)
+            else:
+                batch, _ = self.identity.resolve(conn, rows, apply_after=positions[IDENTITY], now_ms=now)
+            applied = sorted(n for n in names if n in by_name)
+            for name in applied:
+                by_name[name].apply(conn, batch)
+            conn.execute(engine_quarantine.delete().where(engine_quarantine.c.event_id == event_id))
+        self._positions = None
+        return sorted(names)
 
     def _recovered(self) -> None:
         if self.failure is not None:
@@ -875,6 +1055,28 @@ def _decoded(source: Any) -> list[_Row]:
         new(_Row, (*r[:8], r[8] if isinstance(r[8], dict) else loads(r[8])))  # type: ignore[type-var]
         for r in rows
     ]
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when ``exc`` says an event cannot be applied, not that the database or the machine failed
+    (those are retried, never a reason to set an event aside)."""
+    import sqlalchemy.exc as sa_exc
+
+    infrastructure = (
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        sa_exc.DisconnectionError,
+        OSError,
+        MemoryError,
+    )
+    if isinstance(exc, infrastructure):
+        return False
+    return not (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
 
 
 def _store_positions(conn: Connection, positions: dict[str, int], now_ms: int) -> None:

@@ -91,3 +91,43 @@ def test_status_catch_up_and_the_readers_apply_the_log_first(db_engine: Engine) 
     erased = runner.invoke(app, [*db, "customers", "erase", "u-1", "--yes"])
     assert erased.exit_code == 0, erased.output
     assert "erased: 4 events" in erased.output
+
+
+def test_catch_up_sets_an_event_that_fails_aside_when_asked_and_retry_applies_it(
+    db_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cadence.engine.consent import ConsentSubscriber
+
+    _logged_only(db_engine)
+    db = ["--database-url", db_engine.url.render_as_string(hide_password=False)]
+    apply = ConsentSubscriber.apply
+
+    def broken(self: ConsentSubscriber, conn: object, batch: list) -> None:  # type: ignore[type-arg]
+        if any(e.type == "track" and e.event == "Order Completed" for e in batch):
+            raise ValueError("cannot read this order")
+        apply(self, conn, batch)
+
+    monkeypatch.setattr(ConsentSubscriber, "apply", broken)
+    refused = runner.invoke(app, [*db, "engine", "catch-up"])
+    assert refused.exit_code == 1
+    assert "ValueError: cannot read this order" in refused.output and "--set-aside" in refused.output
+
+    went_on = runner.invoke(app, [*db, "engine", "catch-up", "--set-aside"])
+    assert went_on.exit_code == 0, went_on.output
+    assert "set event 2 aside" in went_on.output
+    report = orjson.loads(runner.invoke(app, [*db, "engine", "status", "--json"]).output)
+    assert report["lag"] == 0
+    assert [(r["event_id"], r["subscriber"]) for r in report["quarantined"]["recent"]] == [(2, "consent")]
+    shown = runner.invoke(app, [*db, "engine", "status"])
+    assert "events set aside" in shown.output and "ValueError: cannot read" in shown.output
+
+    still = runner.invoke(app, [*db, "engine", "retry", "2"])
+    assert still.exit_code == 1 and "still fails" in still.output
+    monkeypatch.setattr(ConsentSubscriber, "apply", apply)
+    fixed = runner.invoke(app, [*db, "engine", "retry", "2"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "applied event 2 to consent" in fixed.output
+    report = orjson.loads(runner.invoke(app, [*db, "engine", "status", "--json"]).output)
+    assert report["quarantined"]["count"] == 0
+    gone = runner.invoke(app, [*db, "engine", "retry", "2"])
+    assert gone.exit_code == 1 and "not set aside" in gone.output

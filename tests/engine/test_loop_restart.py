@@ -3,6 +3,8 @@ it back, and a restart ends in the state of an uninterrupted run."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import Engine, func, select
 
@@ -107,7 +109,8 @@ def test_a_batch_that_keeps_failing_is_reported_retried_with_a_pause_and_recover
     from cadence.runtime import open_runtime
 
     quick = open_runtime(
-        runtime.settings.model_copy(update={"engine_poll_seconds": 0.02}), engine=runtime.engine
+        runtime.settings.model_copy(update={"engine_poll_seconds": 0.02, "engine_quarantine_after": 0}),
+        engine=runtime.engine,
     )
     ingest(quick, *stream()[:20])
     crashing = Crashing(fail_on=12)
@@ -134,3 +137,89 @@ def test_a_batch_that_keeps_failing_is_reported_retried_with_a_pause_and_recover
         assert loop.status()["failing"] is None and max(crashing.seen) == 20
     finally:
         loop.stop()
+
+
+def test_an_event_no_batch_gets_past_is_set_aside_and_the_loop_goes_on(
+    runtime: Runtime, db_engine: Engine
+) -> None:
+    """After ``engine_quarantine_after`` failed tries the loop applies the batch's events one by one,
+    sets aside the one that fails for the subscriber it fails in (the others apply it), and goes on;
+    ``retry`` applies it again once the cause is gone."""
+    from cadence.runtime import open_runtime
+
+    quick = open_runtime(
+        runtime.settings.model_copy(update={"engine_poll_seconds": 0.02, "engine_quarantine_after": 2}),
+        engine=runtime.engine,
+    )
+    ingest(quick, *stream()[:20])
+    crashing = Crashing(fail_on=12)
+    loop = EngineLoop(quick, [ProfilesSubscriber(quick), crashing], batch_size=5)
+    loop.start()
+    try:
+        loop.wait_applied(timeout=30)
+        status = loop.status()
+    finally:
+        loop.stop()
+    assert status["failing"] is None
+    assert status["quarantined"]["count"] == 1
+    (aside,) = status["quarantined"]["recent"]
+    assert (aside["event_id"], aside["subscriber"], aside["error"]) == (
+        12,
+        "crashing",
+        "RuntimeError: simulated crash",
+    )
+    assert sorted(crashing.seen) == [i for i in range(1, 21) if i != 12]
+    with db_engine.connect() as conn:  # profiles applied every event, the set-aside one included
+        assert conn.scalar(select(func.sum(profiles.c.event_count))) == 20
+    crashing.fail_on = -1
+    assert EngineLoop(quick, [ProfilesSubscriber(quick), crashing], batch_size=5).retry(12) == ["crashing"]
+    assert sorted(crashing.seen) == list(range(1, 21))
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(func.sum(profiles.c.event_count))) == 20  # not applied twice
+    assert EngineLoop(quick, [crashing]).status()["quarantined"]["count"] == 0
+
+
+def test_erasing_a_customer_removes_their_set_aside_events(runtime: Runtime, db_engine: Engine) -> None:
+    from cadence.engine.privacy import erase_customer
+
+    ingest(runtime, *stream()[:20])
+    loop = EngineLoop(runtime, [ProfilesSubscriber(runtime), Crashing(fail_on=12)], batch_size=5)
+    with pytest.raises(RuntimeError):
+        loop.catch_up()
+    assert loop.set_aside_failing() == 12
+    with db_engine.connect() as conn:
+        owner = conn.execute(select(events.c.user_id, events.c.anonymous_id).where(events.c.id == 12)).one()
+    erase_customer(runtime=runtime, ref=owner.user_id or owner.anonymous_id, requested_by="test", loop=loop)
+    assert loop.status()["quarantined"]["count"] == 0
+
+
+def test_a_database_error_never_sets_an_event_aside(runtime: Runtime) -> None:
+    import time
+
+    import sqlalchemy.exc
+
+    from cadence.runtime import open_runtime
+
+    class Locked(Crashing):
+        def apply(self, conn: Any, batch: Any) -> None:
+            if any(e.id == self.fail_on for e in batch):
+                raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+            super().apply(conn, batch)
+
+    quick = open_runtime(
+        runtime.settings.model_copy(update={"engine_poll_seconds": 0.01, "engine_quarantine_after": 1}),
+        engine=runtime.engine,
+    )
+    ingest(quick, *stream()[:10])
+    locked = Locked(fail_on=7)
+    loop = EngineLoop(quick, [locked], batch_size=5)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 20
+        while (loop.failure is None or loop.failure.attempts < 3) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status = loop.status()
+    finally:
+        loop.stop()
+    assert status["failing"] is not None and status["quarantined"]["count"] == 0
+    assert max(locked.seen) == 5  # stopped before the failing batch, nothing skipped
