@@ -337,3 +337,43 @@ def test_sends_routes_list_requeue_and_mark_in_doubt_sends(client: TestClient, r
     assert rows == {"a": "queued", "b": "sent", "c": "sent"} and pmid == "sg-1"
     assert client.get("/v1/sends/in-doubt", headers=headers).json() == {"sends": []}
     assert client.post("/v1/sends/requeue", json={"ids": []}, headers=headers).status_code == 422
+
+
+def test_a_click_webhook_that_arrives_after_the_order_is_credited_for_it(rt: Runtime) -> None:
+    # SendGrid posts its events in batches, often after the shop's order reached cadence:
+    # the click that led to the order is still that order's touch.
+    from cadence.engine.attribution.online import query_attribution
+    from cadence.engine.events import parse_call
+    from cadence.engine.ingest import record_events
+    from cadence.engine.loop import EngineLoop
+
+    rt = open_runtime(rt.settings.model_copy(update={"rules_paths": []}), engine=rt.engine)  # block "default"
+    client = TestClient(create_app(runtime=rt, background=False))
+    customer_with_send(rt)
+    now = int(time.time())
+    order = {
+        "type": "track",
+        "userId": "ada",
+        "event": "Order Completed",
+        "messageId": "o-1",
+        "timestamp": now,
+        "properties": {"revenue": 80},
+    }
+    record_events(engine=rt.engine, batch=[parse_call(order, received_ms=now * 1000)])
+    EngineLoop(rt).catch_up()
+    click = {
+        "email": "ada@example.com",
+        "event": "click",
+        "sg_event_id": "c1",
+        "timestamp": now - 120,
+        "decision_id": "dec-1",
+        "campaign": "spring",
+        "url": "https://shop.example/spring",
+    }
+    assert post(client, "sendgrid", sendgrid_request([click])).json()["accepted"] == 1
+    EngineLoop(rt).catch_up()
+    with rt.engine.connect() as conn:
+        got = query_attribution(
+            conn, spec="default", models=["last_touch"], window_days=30, group_by="campaign"
+        )
+    assert [(r["key"], r["value"]) for r in got["last_touch"]] == [("spring", 80.0)]
