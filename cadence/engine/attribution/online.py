@@ -512,11 +512,14 @@ def _credit_timeline(
     spec: AttributionSpec,
     windows: Sequence[int],
     out: _Tallies,
+    final_but_new: frozenset[int] = frozenset(),
 ) -> tuple[list[_Entry], list[tuple[_Entry, int]]]:
     """Credit the conversions of one customer's sorted ``timeline`` that sort at or after
     ``since`` into ``out``; return the open touches (after the last conversion) and the
     closed entries (the rest), each with the event id of the conversion that closed it (a
-    conversion's own).
+    conversion's own). A conversion before ``since`` whose event id is in ``final_but_new`` (logged
+    for the first time, but older than the conversions that can be credited again) counts
+    with no touch: it still counts once, and takes no credit from conversions already final.
 
     Each conversion closes the journey of the touches since the one before it; each
     window's journey is a suffix of those, and windows that reach back to the same touch
@@ -530,6 +533,8 @@ def _credit_timeline(
             continue
         if entry >= since:
             _credit_conversion(touches, entry, spec, windows, out)
+        elif entry[4] in final_but_new:
+            _credit_conversion([], entry, spec, windows, out)
         closed.extend((t, entry[4]) for t in touches)
         closed.append((entry, entry[4]))
         touches = []
@@ -701,7 +706,8 @@ class AttributionSubscriber:
                 for entry in history[cid]:
                     if entry[1] == 1 and entry >= first:
                         _credit_conversion(sorted(journeys.get(entry[4], [])), entry, spec, windows, removed)
-                open_[cid], closed = _credit_timeline(now, first, spec, windows, added)
+                new_conversions = frozenset(e[4] for e in arrived[cid] if e[1] == 1)
+                open_[cid], closed = _credit_timeline(now, first, spec, windows, added, new_conversions)
                 # A conversion before the late event was not credited again: its touches keep
                 # the conversion they were credited to (after a merge, the timeline interleaves
                 # two customers' journeys).

@@ -496,3 +496,10 @@ def test_a_conversion_older_than_90_days_before_the_newest_event_keeps_its_credi
     assert {r["key"]: r["value"] for r in by_channel["linear"]} == {"sms": 20.0}
     assert [(r["key"], r["conversions"]) for r in got["linear"]] == [("2026-01-01", 1.0), ("2026-04-11", 1.0)]
     assert open_touches == 0
+    # An order from before then, logged only now, still counts (with no channel).
+    ingest(runtime, order(5, "a", -2, 5.0))
+    with runtime.engine.connect() as conn:
+        got = query_attribution(conn, spec="default", models=["linear"], window_days=90, group_by="day")
+        by_channel = query_attribution(conn, spec="default", models=["linear"], window_days=90)
+    assert [r["key"] for r in got["linear"]] == ["2025-12-30", "2026-01-01", "2026-04-11"]
+    assert {r["key"]: r["value"] for r in by_channel["linear"]} == {"sms": 20.0}
