@@ -11,9 +11,16 @@ from sqlalchemy import Engine, func, select
 from cadence.engine.consent import ConsentSubscriber
 from cadence.engine.loop import EngineLoop
 from cadence.engine.profiles import ProfilesSubscriber
-from cadence.runtime import Runtime
+from cadence.runtime import Runtime, open_runtime
 from cadence.store.schema.core import events, identities, profiles
 from tests.engine.test_loop import Crashing, RefusedWrite, forget_derived_state, ingest, snapshot, stream
+
+
+def retrying(runtime: Runtime, *, poll: float, quarantine_after: int) -> Runtime:
+    """``runtime`` with a background loop that polls every ``poll`` s and sets an event aside after
+    ``quarantine_after`` failed tries of its batch (0: never)."""
+    update = {"engine_poll_seconds": poll, "engine_quarantine_after": quarantine_after}
+    return open_runtime(runtime.settings.model_copy(update=update), engine=runtime.engine)
 
 
 def test_a_crash_after_a_batch_wrote_restarts_to_the_uninterrupted_state(
@@ -106,12 +113,8 @@ def test_a_batch_that_keeps_failing_is_reported_retried_with_a_pause_and_recover
     import time
 
     from cadence.engine.loop import EngineBehindError
-    from cadence.runtime import open_runtime
 
-    quick = open_runtime(
-        runtime.settings.model_copy(update={"engine_poll_seconds": 0.02, "engine_quarantine_after": 0}),
-        engine=runtime.engine,
-    )
+    quick = retrying(runtime, poll=0.02, quarantine_after=0)
     ingest(quick, *stream()[:20])
     crashing = Crashing(fail_on=12)
     loop = EngineLoop(quick, [ProfilesSubscriber(quick), crashing], batch_size=5)
@@ -145,12 +148,7 @@ def test_an_event_no_batch_gets_past_is_set_aside_and_the_loop_goes_on(
     """After ``engine_quarantine_after`` failed tries the loop applies the batch's events one by one,
     sets aside the one that fails for the subscriber it fails in (the others apply it), and goes on;
     ``retry`` applies it again once the cause is gone."""
-    from cadence.runtime import open_runtime
-
-    quick = open_runtime(
-        runtime.settings.model_copy(update={"engine_poll_seconds": 0.02, "engine_quarantine_after": 2}),
-        engine=runtime.engine,
-    )
+    quick = retrying(runtime, poll=0.02, quarantine_after=2)
     ingest(quick, *stream()[:20])
     crashing = Crashing(fail_on=12)
     loop = EngineLoop(quick, [ProfilesSubscriber(quick), crashing], batch_size=5)
@@ -198,18 +196,13 @@ def test_a_database_error_never_sets_an_event_aside(runtime: Runtime) -> None:
 
     import sqlalchemy.exc
 
-    from cadence.runtime import open_runtime
-
     class Locked(Crashing):
         def apply(self, conn: Any, batch: Any) -> None:
             if any(e.id == self.fail_on for e in batch):
                 raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("database is locked"))
             super().apply(conn, batch)
 
-    quick = open_runtime(
-        runtime.settings.model_copy(update={"engine_poll_seconds": 0.01, "engine_quarantine_after": 1}),
-        engine=runtime.engine,
-    )
+    quick = retrying(runtime, poll=0.01, quarantine_after=1)
     ingest(quick, *stream()[:10])
     locked = Locked(fail_on=7)
     loop = EngineLoop(quick, [locked], batch_size=5)
