@@ -50,3 +50,13 @@ class Metrics:
             "Events in the log not yet processed",
             registry=self.registry,
         )
+        self.engine_failing = Gauge(
+            "cadence_engine_failing",
+            "1 while this process's engine-loop batches fail (GET /v1/engine: failing), else 0",
+            registry=self.registry,
+        )
+        self.engine_set_aside = Gauge(
+            "cadence_engine_events_set_aside",
+            "Events the engine loop set aside because they failed (cadence engine status)",
+            registry=self.registry,
+        )

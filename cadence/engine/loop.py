@@ -462,12 +462,15 @@ class EngineLoop:
                 self._gc_held = 0
                 gc.enable()
 
-    def _run_batch(self, *, limit: int | None = None, only: frozenset[str] | None = None) -> int:
+    def _run_batch(
+        self, *, limit: int | None = None, until: int | None = None, only: frozenset[str] | None = None
+    ) -> int:
         """:meth:`run_once` without the lock and the collector pause (the caller holds both).
 
-        ``limit``: read at most this many events (not ``batch_size``); ``only``: apply them to these
-        subscribers alone (the others' positions stay where they are; identity resolves them
-        anyway). Either turns the look-ahead off for this batch (see :meth:`set_aside_failing`).
+        ``limit``: read at most this many events (not ``batch_size``); ``until``: none after this id;
+        ``only``: apply them to these subscribers alone (the others' positions stay where they are;
+        identity resolves them anyway). Each turns the look-ahead off for this batch (see
+        :meth:`set_aside_failing`).
 
         On PostgreSQL a batch also stitches the *next* batch's identities (the look-ahead): the
         batch applies the subscribers to events resolved by the previous transaction, then reads
@@ -480,7 +483,7 @@ class EngineLoop:
         otherwise, as after a restart, it reads them again and only looks their customers up.
         """
         cached = self.positions()
-        narrow = limit is not None or only is not None
+        narrow = limit is not None or until is not None or only is not None
         if narrow:
             self._ahead = None
         if self._ahead is None and self.engine.dialect.name == "sqlite" and self._drained(cached):
@@ -515,9 +518,10 @@ class EngineLoop:
                         )
                 else:
                     # PostgreSQL: not past an id a transaction still in flight may commit (see ingest).
-                    rows = read_events(
-                        conn, after=low, limit=limit or self.batch_size, before=append_horizon(conn)
-                    )
+                    horizon = append_horizon(conn)
+                    if until is not None:
+                        horizon = until + 1 if horizon is None else min(horizon, until + 1)
+                    rows = read_events(conn, after=low, limit=limit or self.batch_size, before=horizon)
                     if not rows:
                         self._positions = positions
                         return 0
@@ -793,6 +797,7 @@ class EngineLoop:
         """
         with self._lock:
             for _ in range(self.batch_size):
+                low = min(self.positions().values())
                 try:
                     if not self._run_batch(limit=1):
                         return None
@@ -802,14 +807,14 @@ class EngineLoop:
                     break
             else:
                 return None  # a whole batch's events applied one by one: the failure was not one event's
-            with read_connection(self.engine) as conn, conn.begin():
-                low = min(self._stored_positions(conn, self.positions()).values())
+            with read_connection(self.engine) as conn:
                 event_id = conn.scalar(select(func.min(events.c.id)).where(events.c.id > low))
             if event_id is None:
                 return None
+            event_id = int(event_id)
             failed: dict[str, str] = {}
             try:
-                self._run_batch(limit=1, only=frozenset())  # identity (and merges) alone
+                self._apply_alone(event_id, frozenset())  # identity (and merges) alone
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -817,14 +822,24 @@ class EngineLoop:
             else:
                 for sub in self.subscribers:
                     try:
-                        self._run_batch(limit=1, only=frozenset({sub.name}))
+                        self._apply_alone(event_id, frozenset({sub.name}))
                     except Exception as exc:
                         if not is_data_error(exc):
                             raise
                         failed[sub.name] = _one_line(exc)
             if failed:
-                self._quarantine(int(event_id), failed)
-            return int(event_id)
+                self._quarantine(event_id, failed)
+            return event_id
+
+    def _apply_alone(self, event_id: int, only: frozenset[str]) -> None:
+        """Apply the log up to ``event_id`` to the subscribers in ``only`` (identity alone when empty):
+        the events before it first (a learner that reloaded its snapshot after the failed batch
+        replays them), then the event in a transaction of its own."""
+        name = next(iter(only), IDENTITY)
+        while self.positions()[name] < event_id - 1:
+            if not self._run_batch(until=event_id - 1, only=only):
+                break
+        self._run_batch(until=event_id, only=only)
 
     def _quarantine(self, event_id: int, failed: dict[str, str]) -> None:
         """Record ``event_id`` as set aside for the subscribers in ``failed`` (name -> error) and move

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from cadence.api.security import Principal, Scope
 from cadence.engine.loop import EngineBehindError, EngineLoop
 from cadence.store.db import read_connection
-from cadence.store.schema.core import events
+from cadence.store.schema.core import engine_quarantine, events
 
 router = APIRouter(prefix="/v1", tags=["engine"])
 
@@ -32,6 +32,13 @@ def setup(app: FastAPI) -> None:
         metrics.engine_lag.set(max(0, newest - low))
 
     loop.on_batch.append(record)
+    metrics.engine_failing.set_function(lambda: 0.0 if loop.failure is None else 1.0)
+
+    def set_aside() -> float:
+        with read_connection(app.state.runtime.engine) as conn:
+            return float(conn.scalar(select(func.count()).select_from(engine_quarantine)) or 0)
+
+    metrics.engine_set_aside.set_function(set_aside)
 
     def start(app: FastAPI) -> None:
         if app.state.background and app.state.settings.engine_enabled:
