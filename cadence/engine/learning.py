@@ -39,6 +39,8 @@ __all__ = [
     "load_snapshot",
     "pin_snapshot",
     "save_snapshot",
+    "snapshot_marker",
+    "snapshot_position",
     "unpin",
 ]
 
@@ -153,6 +155,15 @@ def snapshot_marker(conn: Connection, *, name: str) -> tuple[int | None, int | N
     return latest, pinned
 
 
+def snapshot_position(conn: Connection, *, name: str, version: int | None) -> int | None:
+    """The event-log position ``version`` of ``name`` reflects (None without that snapshot)."""
+    if version is None:
+        return None
+    snaps = learner_snapshots.c
+    position = conn.scalar(select(snaps.position).where(snaps.name == name, snaps.version == version))
+    return None if position is None else int(position)
+
+
 def pin_snapshot(conn: Connection, *, name: str, version: int) -> None:
     """Serve ``version`` of ``name`` (frozen) until unpinned; rolling back is pinning an older version."""
     exists = conn.execute(
@@ -228,6 +239,9 @@ class LearnerSubscriber:
         self._backfill: tuple[int, int] | None = None
         #: The snapshots :meth:`start` loaded, as :func:`snapshot_marker` gives them (None: not started).
         self.loaded_marker: tuple[int | None, int | None] | None = None
+        #: True while a process whose loop does not lead applies the log to these learners
+        #: (:meth:`~cadence.engine.loop.EngineLoop.follow_in_memory`): snapshots are the leader's.
+        self.following = False
 
     def scorer(self) -> DecisionLearner:
         """What decisions should be scored with: the pinned snapshot if any, else the live learner."""
@@ -382,7 +396,7 @@ class LearnerSubscriber:
             self.learner.position = event.id
             self._since_snapshot += 1
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
-        if batch and self._since_snapshot >= self.snapshot_every and due:
+        if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)
 
     def _backfill_decisions(self, conn: Connection, until_ms: int) -> None:

@@ -188,6 +188,8 @@ def test_a_follower_wakes_the_leaders_loop_and_reports_its_lag(runtime: Runtime,
             status = _caught_up(follower, keys, timeout=1.0)
             # The follower reports the database's positions, not the ones it loaded at start.
             assert status["leader"] is False and status["positions"]["consent"] == 2
+            # Its learners applied the log after the leader (not only its snapshots, of which none exist).
+            assert status["positions"]["learners"] == 2
 
 
 def test_a_data_request_finds_the_customer_an_identify_just_created(runtime: Runtime) -> None:

@@ -27,7 +27,8 @@ def _count_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_follower_reloads_the_learners_only_when_another_snapshot_was_stored(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reloading unpickles the whole learner while requests wait: not for the snapshot already loaded."""
+    """Reloading unpickles the whole learner while requests wait: not for the snapshot already loaded,
+    nor for one no further in the log than the learners this process follows the log with."""
     app = create_app(runtime=runtime, background=False)
     loop = app.state.engine_loop
     learners = next(s for s in loop.subscribers if isinstance(s, LearnerSubscriber))
@@ -36,10 +37,16 @@ def test_a_follower_reloads_the_learners_only_when_another_snapshot_was_stored(
     follow = app.state.scheduler.follow
     follow()
     assert loads == []
-    with runtime.engine.begin() as conn:  # the leader stores a snapshot
+    with runtime.engine.begin() as conn:  # the leader stores a snapshot where these learners are
         save_snapshot(conn, name=learners.name, learner=learners.learner, now_ms=0)
     follow()
-    assert len(loads) == 1
+    assert loads == []
+    learners.learner.position = 7
+    with runtime.engine.begin() as conn:  # and one further on
+        save_snapshot(conn, name=learners.name, learner=learners.learner, now_ms=0)
+    learners.learner.position = 0
+    follow()
+    assert len(loads) == 1 and loop.positions()[learners.name] == 7
     follow()
     assert len(loads) == 1
 

@@ -98,6 +98,18 @@ def test_snapshot_restart_replays_only_the_rest(db_engine: Engine) -> None:
     assert restarted.learner.customers[1].clicks == sub.learner.customers[1].clicks == 15
 
 
+def test_a_following_process_takes_no_snapshot(db_engine: Engine) -> None:
+    sub = LearnerSubscriber(snapshot_every=1, snapshot_min_seconds=0)
+    sub.following = True  # as EngineLoop.follow_in_memory sets it: the leader's snapshots are the stored ones
+    with db_engine.begin() as conn:
+        sub.apply(conn, teach(sub, 0, 3))
+        assert list_snapshots(conn, name=sub.name) == []
+    sub.following = False
+    with db_engine.begin() as conn:
+        sub.apply(conn, teach(sub, 3, 1))
+        assert len(list_snapshots(conn, name=sub.name)) == 1
+
+
 def test_pin_rollback_and_list(db_engine: Engine) -> None:
     sub = LearnerSubscriber()
     with db_engine.begin() as conn:

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge
 from cadence.api.security import Principal, Scope
 from cadence.dsl.loader import RulesetHolder
 from cadence.engine.decision import Scorer
-from cadence.engine.learning import snapshot_marker
+from cadence.engine.learning import snapshot_marker, snapshot_position
 from cadence.scheduler.compaction import compact_derived_state
 from cadence.scheduler.needs import needs_of_holder
 from cadence.scheduler.push import PushReport
@@ -106,14 +106,22 @@ def setup(app: FastAPI) -> None:
         # Read-only: on SQLite a plain connection's transaction takes the write lock every commit waits for.
         with read_connection(runtime.engine) as conn:
             marker = snapshot_marker(conn, name=learners.name)
+            latest = snapshot_position(conn, name=learners.name, version=marker[0])
         # Compared with the snapshots the learners last loaded (not with this job's last look): the
         # first look after start-up found the snapshot loaded at start-up and reloaded it all the
         # same, 130 ms of unpickling that held the interpreter lock under the event loop (session 12).
-        if marker != getattr(learners, "loaded_marker", None):
+        loaded = getattr(learners, "loaded_marker", None)
+        if marker != loaded:
             with loop._lock:
-                # Positions are reloaded with the snapshot, so taking over later replays from there.
-                loop._positions = None
-                loop.positions()
+                # The loop applies the log to this process's learners after the leader (follow_in_memory):
+                # a newer snapshot is loaded only when it is ahead of them, or when another is pinned.
+                ahead = latest is not None and latest > loop.positions()[learners.name]
+                if loaded is None or marker[1] != loaded[1] or ahead:
+                    # Positions are reloaded with the snapshot, so taking over later replays from there.
+                    loop._positions = None
+                    loop.positions()
+                else:
+                    learners.loaded_marker = marker
 
     def compact() -> None:
         report = compact_derived_state(
