@@ -735,6 +735,7 @@ class EngineLoop:
                 self._wake.wait(min(poll, max(0.0, failing.next_attempt_s - time.monotonic())))
                 self._wake.clear()
                 continue
+            leads = False
             try:
                 leads = self._is_leader()
                 if leads:
@@ -751,7 +752,14 @@ class EngineLoop:
                 self._positions = None
                 failing = self.failure
                 after = self.runtime.settings.engine_quarantine_after
-                if after and failing is not None and failing.attempts >= after and is_data_error(exc):
+                # Only the leading loop applies batches (a follower's failure is in following the log).
+                if (
+                    leads
+                    and after
+                    and failing is not None
+                    and failing.attempts >= after
+                    and is_data_error(exc)
+                ):
                     try:
                         if self.set_aside_failing() is not None:
                             self._recovered()
@@ -823,9 +831,18 @@ class EngineLoop:
                     batch, _ = self.identity.resolve(
                         conn, rows, apply_after=upto, now_ms=self.runtime.clock.now_ms()
                     )
+                    # What the leader set aside for a subscriber is not applied here either.
+                    aside = {
+                        (int(event_id), name)
+                        for event_id, name in conn.execute(
+                            select(engine_quarantine.c.event_id, engine_quarantine.c.subscriber).where(
+                                engine_quarantine.c.event_id > low, engine_quarantine.c.event_id <= upto
+                            )
+                        )
+                    }
                     for sub in memory:
                         seen = cached[sub.name]
-                        unseen = [e for e in batch if e.id > seen]
+                        unseen = [e for e in batch if e.id > seen and (e.id, sub.name) not in aside]
                         if unseen:
                             sub.following = True  # type: ignore[attr-defined]
                             try:

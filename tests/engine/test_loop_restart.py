@@ -216,3 +216,37 @@ def test_a_database_error_never_sets_an_event_aside(runtime: Runtime) -> None:
         loop.stop()
     assert status["failing"] is not None and status["quarantined"]["count"] == 0
     assert max(locked.seen) == 5  # stopped before the failing batch, nothing skipped
+
+
+class InMemoryCrashing(Crashing):
+    """:class:`Crashing` whose state lives in memory, as the learners' does (its position is its own)."""
+
+    name = "memory"
+    in_memory = True
+
+    def start(self, conn: Any, checkpoint: int) -> int:
+        return max(self.seen, default=0)
+
+
+def test_a_follower_applies_the_log_to_its_in_memory_state_reading_only(
+    runtime: Runtime, db_engine: Engine
+) -> None:
+    """A process whose loop does not lead applies the leader's applied events to its in-memory
+    subscribers, without the event the leader set aside for them, and writes nothing."""
+    ingest(runtime, *stream()[:10])
+    leader = EngineLoop(runtime, [ProfilesSubscriber(runtime), InMemoryCrashing(fail_on=4)], batch_size=5)
+    with pytest.raises(RuntimeError):
+        leader.catch_up()
+    assert leader.set_aside_failing() == 4
+    leader.catch_up()
+    with db_engine.connect() as conn:
+        counted = conn.scalar(select(func.sum(profiles.c.event_count)))
+    follower_memory = InMemoryCrashing(fail_on=4)
+    follower = EngineLoop(runtime, [ProfilesSubscriber(runtime), follower_memory], batch_size=3)
+    assert follower.follow_in_memory() == 10
+    assert follower_memory.seen == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+    assert follower.follow_in_memory() == 0
+    with db_engine.connect() as conn:
+        assert conn.scalar(select(func.sum(profiles.c.event_count))) == counted
+    ingest(runtime, *stream()[10:12])  # logged, not applied by the leader yet: not followed
+    assert follower.follow_in_memory() == 0
