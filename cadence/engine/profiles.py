@@ -14,6 +14,7 @@ rules read (:func:`cadence.channels.feedback_aggregate`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from cadence.store.fast import (
 from cadence.store.schema.core import profile_daily, profile_event_stats, profiles
 
 __all__ = ["ProfilesSubscriber", "StoredProfile", "event_name", "event_value", "load_profile"]
+
+log = logging.getLogger("cadence.profiles")
 
 DAY_MS = 86_400_000
 VALUE_PROPERTIES = ("revenue", "value", "total", "price")
@@ -276,6 +279,26 @@ def _by_customer(rows: Any) -> list[Any]:
     return ordered
 
 
+#: The time-zone values already reported as unusable (a bounded set: each is logged once per process).
+_REPORTED_ZONES: set[str] = set()
+
+
+def _unusable_zone(event_id: int, field_name: str, value: Any) -> None:
+    """Log, once per value, that an event's time zone is not one (the API's answer says it at once;
+    an import or the engine loop only here)."""
+    key = repr(value)[:100]
+    if key in _REPORTED_ZONES or len(_REPORTED_ZONES) >= 1000:
+        return
+    _REPORTED_ZONES.add(key)
+    log.warning(
+        "event %d: %s %s is not an IANA time zone (such as Europe/Berlin): the customer's zone is left "
+        "as it was (said once per value)",
+        event_id,
+        field_name,
+        key,
+    )
+
+
 class ProfilesSubscriber:
     """Keeps ``profiles``, ``profile_event_stats`` and ``profile_daily`` from the log.
 
@@ -349,10 +372,15 @@ class ProfilesSubscriber:
                         p[3], p[4] = {}, {}
                     p[3].update(traits)
                     p[4].update(dict.fromkeys(traits, eid))
-                zone = valid_zone(traits.get("timezone"))
+                raw_zone = traits.get("timezone")
+                zone = valid_zone(raw_zone)
+                if zone is None and raw_zone is not None:
+                    _unusable_zone(eid, "traits.timezone", raw_zone)
             if not zone:
                 raw_zone = context.get("timezone")  # most events carry none: no call for them
                 zone = valid_zone(raw_zone) if raw_zone else None
+                if zone is None and raw_zone:
+                    _unusable_zone(eid, "context.timezone", raw_zone)
             if zone:
                 p[5] = zone
             if kind == "track":

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import orjson
+import pytest
 from sqlalchemy import Engine, func, select
 from typer.testing import CliRunner
 
 from cadence.cli import app
 from cadence.engine.importer import import_file
+from cadence.engine.loop import EngineLoop
+from cadence.runtime import Runtime
 from cadence.store.schema.core import events
 
 
@@ -104,3 +108,35 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line_or_column(tmp_path: Pat
     with db_engine.connect() as conn:
         rows = conn.execute(select(events.c.user_id, events.c.event).order_by(events.c.id)).all()
     assert [tuple(r) for r in rows] == [("u1", "Order Completed"), ("u2", "A")]
+
+
+def test_an_imported_time_zone_that_is_not_one_is_reported_when_the_log_is_applied(
+    tmp_path: Path, runtime: Runtime, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The API answers such a call with `warnings`; an import has no answer per line, so the engine
+    # loop names the event and the field when it meets the value (once per value and process).
+    from cadence.engine import profiles
+
+    monkeypatch.setattr(profiles, "_REPORTED_ZONES", set())
+    path = tmp_path / "people.ndjson"
+    calls = [
+        {"type": "identify", "userId": f"u{i}", "messageId": f"i{i}", "traits": {"timezone": "Pluto/Base"}}
+        for i in range(3)
+    ]
+    calls.append(
+        {
+            "type": "track",
+            "userId": "u0",
+            "event": "Seen",
+            "messageId": "t0",
+            "context": {"timezone": "+05:30"},
+        }
+    )
+    path.write_text("\n".join(json.dumps(c) for c in calls) + "\n")
+    assert import_file(engine=runtime.engine, path=path).accepted == 4
+    with caplog.at_level(logging.WARNING, logger="cadence.profiles"):
+        EngineLoop(runtime).catch_up()
+    said = [r.getMessage() for r in caplog.records if r.name == "cadence.profiles"]
+    assert len(said) == 2
+    assert "event 1: traits.timezone 'Pluto/Base' is not an IANA time zone" in said[0]
+    assert "event 4: context.timezone '+05:30'" in said[1]
