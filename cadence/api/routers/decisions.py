@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, overload
 
 import orjson
@@ -102,8 +102,8 @@ class BatchDecisionRequest(BaseModel):
 
 
 #: The range of ``at``: a decision looks 35 days back and days ahead, in local times.
-AT_FIRST = datetime(1970, 1, 1, tzinfo=timezone.utc)
-AT_END = datetime(9000, 1, 1, tzinfo=timezone.utc)
+AT_FIRST = datetime(1970, 1, 1, tzinfo=UTC)
+AT_END = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def _ms(at: datetime | None, app: FastAPI) -> int:
@@ -1175,6 +1175,15 @@ async def decide_batch(
     body: BatchDecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
 ) -> Response:
     """Decide for up to 1,000 customers; unknown customers get ``action: "error"`` in place."""
+    ruleset = getattr(request.app.state, "ruleset", None)
+    for index, item in enumerate(body.requests):
+        # a request the whole batch is refused for is named, as pydantic names its own errors
+        try:
+            _ms(item.at, request.app)
+            if ruleset is not None:
+                _campaigns(item, ruleset)
+        except HTTPException as exc:
+            raise HTTPException(exc.status_code, detail=f"requests.{index}.{exc.detail}") from exc
     if any(item.waits for item in body.requests):
         await caught_up(request.app, hint="retry, or ask with fresh: false")
     return _json({"decisions": await run_in_threadpool(_decide_many, request.app, body.requests)})
