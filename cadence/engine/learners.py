@@ -591,27 +591,35 @@ class HourPreference:
         cache = self._lift_cache
         for row in rows:
             cached = cache.get(row)
-            if cached is None or float(self.sends[row].sum()) - cached[0] >= max(20.0, 0.02 * cached[0]):
+            done = 0.0 if cached is None else cached[0]  # a row not computed yet stands as its empty counts
+            if float(self.sends[row].sum()) - done >= max(20.0, 0.02 * done):
                 self._compute_row(row)
 
-    def _compute_row(self, row: int, *, keep: bool = True) -> np.ndarray:
-        sends = float(self.sends[row].sum())
-        c = self.smooth @ self.clicks[row]
-        n = self.smooth @ self.sends[row]
-        overall = (self.clicks[row].sum() + 1.0) / (sends + 30.0)
+    def _compute_row(self, row: int, *, empty: bool = False) -> np.ndarray:
+        """Row ``row``'s lift from its counts now, kept (``empty``: from no counts, not kept)."""
+        clicks = np.zeros(24) if empty else self.clicks[row]
+        sends_h = np.zeros(24) if empty else self.sends[row]
+        sends = float(sends_h.sum())
+        c = self.smooth @ clicks
+        n = self.smooth @ sends_h
+        overall = (clicks.sum() + 1.0) / (sends + 30.0)
         a = c + self.strength * overall
         rate = a / (n + self.strength)
         lift = np.stack((np.log(rate / overall), 1 / np.sqrt(a)))
-        if keep:
+        if not empty:
             self._lift_cache[row] = (sends, lift)
         return lift
 
     def _row_lift(self, row: int) -> np.ndarray:
         """Log click-rate lift by hour of one row, and its standard error (shape (2, 24)), as last
-        refreshed by :meth:`learn` (a row never learned is computed from its empty counts)."""
+        refreshed by :meth:`learn` (a row with fewer than 20 sends stands as its empty counts, as a row
+        first read before its first send did until it had 20)."""
         cached = self._lift_cache.get(row)
-        if cached is None:  # nothing learned for it: its counts are empty (not kept: only learn refreshes)
-            return self._compute_row(row, keep=False)
+        if cached is None:
+            empty = self.__dict__.get("_empty_lift")
+            if empty is None:
+                empty = self.__dict__["_empty_lift"] = self._compute_row(row, empty=True)
+            return empty
         return cached[1]
 
     def prior_parts(self, buckets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
