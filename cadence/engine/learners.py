@@ -577,8 +577,10 @@ class HourPreference:
         #: function of the labels learned, so a learner that replayed the same labels (a restart)
         #: values every option as the one that served meanwhile did.
         self._lift_cache: dict[int, tuple[float, np.ndarray]] = {}
-        #: Per trait-bucket tuple: (its rows' ``_lift_cache`` stamps, log prior, its spread).
-        self._prior_cache: dict[tuple[int, ...], tuple[object, np.ndarray, np.ndarray]] = {}
+        #: Per trait-bucket tuple: (its rows' ``_lift_cache`` stamps, log prior, its spread, the
+        #: ``_lift_version`` it was last checked at: until a row is refreshed, no stamp is compared).
+        self._prior_cache: dict[tuple[int, ...], tuple[object, np.ndarray, np.ndarray, int]] = {}
+        self._lift_version = 0
         self._total = 0.0
 
     def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
@@ -608,6 +610,7 @@ class HourPreference:
         lift = np.stack((np.log(rate / overall), 1 / np.sqrt(a)))
         if not empty:
             self._lift_cache[row] = (sends, lift)
+            self._lift_version = self.__dict__.get("_lift_version", 0) + 1
         return lift
 
     def _row_lift(self, row: int) -> np.ndarray:
@@ -625,11 +628,16 @@ class HourPreference:
     def prior_parts(self, buckets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The log prior of :meth:`log_prior` and the spread of its draw (``log_prior + spread * noise``)."""
         key = tuple(buckets)
+        version = self.__dict__.get("_lift_version", 0)
+        cached = self._prior_cache.get(key)
+        if cached is not None and len(cached) == 4 and cached[3] == version:  # no row refreshed since
+            return cached[1], cached[2]
         cache = self._lift_cache
         # the rows' stamps: recomputed exactly when one of its rows was refreshed
         stamp = tuple(cache[r][0] if r in cache else -1.0 for r in (0, *(1 + b for b in key)))
-        cached = self._prior_cache.get(key)
-        if cached is None or cached[0] != stamp:
+        if cached is not None and cached[0] == stamp:
+            self._prior_cache[key] = (stamp, cached[1], cached[2], version)
+        else:
             if len(self._prior_cache) >= 10_000:
                 self._prior_cache.clear()
             base = self._row_lift(0)
@@ -639,7 +647,7 @@ class HourPreference:
                 row = self._row_lift(1 + b)
                 out += row[0] - base[0]
                 var += row[1] ** 2
-            cached = self._prior_cache[key] = (stamp, self.power * out, self.power * np.sqrt(var))
+            cached = self._prior_cache[key] = (stamp, self.power * out, self.power * np.sqrt(var), version)
         return cached[1], cached[2]
 
     def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:
