@@ -74,6 +74,10 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     ...        Candidate("winback", "sms", 1_772_701_200_000, 0.31, 0.0685, 0.002)]
     >>> summarise(replace(d, candidates=tie, suppressions=[]), zone="UTC").split("; ")[1]
     "next best sms at 09:00 (6.9%, valued alike: this decision's exploration draw chose)."
+    >>> riskier = [Candidate("winback", "push", 1_772_701_200_000, 0.01, 0.048, 0.0049),
+    ...            Candidate("winback", "email", 1_772_701_200_000, 0.0, 0.081, 0.0087)]
+    >>> summarise(replace(d, channel="push", candidates=riskier, suppressions=[]), zone="UTC").split("; ")[1]
+    'next best email at 09:00 (8.1%, unsubscribe risk 0.87%).'
     >>> other = [tie[0], Candidate("cart", "sms", 1_772_701_200_000, 0.31, 0.0685, 0.002)]
     >>> summarise(replace(d, candidates=other, suppressions=[]), zone="UTC").split("; ")[1]
     'next best cart by sms at 09:00 (6.9%).'
@@ -162,6 +166,9 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
                 best.channel if best.campaign == decision.campaign else f"{best.campaign} by {best.channel}"
             )
             text += f"; next best {name} at {when[-12:-7]} ({best.engagement:.1%}"
+            if best.engagement > chosen.engagement and best.unsubscribe > chosen.unsubscribe:
+                # it would engage more: what held it back is its unsubscribe risk, so say it
+                text += f", unsubscribe risk {best.unsubscribe:.2%}"
             if best.campaign == decision.campaign and not chosen.explored and _alike(chosen, best):
                 # A new learner values every channel alike: the pick is the draw's, not a preference.
                 # (Between campaigns, priority may have decided instead.)

@@ -572,9 +572,15 @@ class HourPreference:
         self.miss_weight = miss_weight
         self.clicks = np.zeros((1 + TRAIT_BUCKETS, 24))  # row 0: everyone; 1 + b: trait bucket b
         self.sends = np.zeros((1 + TRAIT_BUCKETS, 24))
+        #: Per row: (sends when computed, log lift and its spread by hour). Refreshed by :meth:`learn`
+        #: once the row has 2% (at least 20) more sends, never by a read: what a read answers is a
+        #: function of the labels learned, so a learner that replayed the same labels (a restart)
+        #: values every option as the one that served meanwhile did.
         self._lift_cache: dict[int, tuple[float, np.ndarray]] = {}
-        #: Per trait-bucket tuple: (sends when computed, log prior, its spread); refreshed like the rows.
-        self._prior_cache: dict[tuple[int, ...], tuple[float, np.ndarray, np.ndarray]] = {}
+        #: Per trait-bucket tuple: (its rows' ``_lift_cache`` stamps, log prior, its spread, the
+        #: ``_lift_version`` it was last checked at: until a row is refreshed, no stamp is compared).
+        self._prior_cache: dict[tuple[int, ...], tuple[object, np.ndarray, np.ndarray, int]] = {}
+        self._lift_version = 0
         self._total = 0.0
 
     def learn(self, buckets: Sequence[int], hour: int, clicked: bool) -> None:
@@ -584,27 +590,54 @@ class HourPreference:
         self._total += 1
         if clicked:
             self.clicks[rows, hour] += 1
+        cache = self._lift_cache
+        for row in rows:
+            cached = cache.get(row)
+            done = 0.0 if cached is None else cached[0]  # a row not computed yet stands as its empty counts
+            if float(self.sends[row].sum()) - done >= max(20.0, 0.02 * done):
+                self._compute_row(row)
+
+    def _compute_row(self, row: int, *, empty: bool = False) -> np.ndarray:
+        """Row ``row``'s lift from its counts now, kept (``empty``: from no counts, not kept)."""
+        clicks = np.zeros(24) if empty else self.clicks[row]
+        sends_h = np.zeros(24) if empty else self.sends[row]
+        sends = float(sends_h.sum())
+        c = self.smooth @ clicks
+        n = self.smooth @ sends_h
+        overall = (clicks.sum() + 1.0) / (sends + 30.0)
+        a = c + self.strength * overall
+        rate = a / (n + self.strength)
+        lift = np.stack((np.log(rate / overall), 1 / np.sqrt(a)))
+        if not empty:
+            self._lift_cache[row] = (sends, lift)
+            self._lift_version = self.__dict__.get("_lift_version", 0) + 1
+        return lift
 
     def _row_lift(self, row: int) -> np.ndarray:
-        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24))."""
+        """Log click-rate lift by hour of one row, and its standard error (shape (2, 24)), as last
+        refreshed by :meth:`learn` (a row with fewer than 20 sends stands as its empty counts, as a row
+        first read before its first send did until it had 20)."""
         cached = self._lift_cache.get(row)
-        sends = float(self.sends[row].sum())
-        # Recomputed once the row has 2% (at least 20) more sends than when last computed.
-        if cached is None or sends - cached[0] >= max(20.0, 0.02 * cached[0]):
-            c = self.smooth @ self.clicks[row]
-            n = self.smooth @ self.sends[row]
-            overall = (self.clicks[row].sum() + 1.0) / (self.sends[row].sum() + 30.0)
-            a = c + self.strength * overall
-            rate = a / (n + self.strength)
-            cached = self._lift_cache[row] = (sends, np.stack((np.log(rate / overall), 1 / np.sqrt(a))))
+        if cached is None:
+            empty = self.__dict__.get("_empty_lift")
+            if empty is None:
+                empty = self.__dict__["_empty_lift"] = self._compute_row(row, empty=True)
+            return empty
         return cached[1]
 
     def prior_parts(self, buckets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The log prior of :meth:`log_prior` and the spread of its draw (``log_prior + spread * noise``)."""
         key = tuple(buckets)
-        total = self._total
+        version = self.__dict__.get("_lift_version", 0)
         cached = self._prior_cache.get(key)
-        if cached is None or total - cached[0] >= max(20.0, 0.02 * cached[0]):
+        if cached is not None and len(cached) == 4 and cached[3] == version:  # no row refreshed since
+            return cached[1], cached[2]
+        cache = self._lift_cache
+        # the rows' stamps: recomputed exactly when one of its rows was refreshed
+        stamp = tuple(cache[r][0] if r in cache else -1.0 for r in (0, *(1 + b for b in key)))
+        if cached is not None and cached[0] == stamp:
+            self._prior_cache[key] = (stamp, cached[1], cached[2], version)
+        else:
             if len(self._prior_cache) >= 10_000:
                 self._prior_cache.clear()
             base = self._row_lift(0)
@@ -614,7 +647,7 @@ class HourPreference:
                 row = self._row_lift(1 + b)
                 out += row[0] - base[0]
                 var += row[1] ** 2
-            cached = self._prior_cache[key] = (total, self.power * out, self.power * np.sqrt(var))
+            cached = self._prior_cache[key] = (stamp, self.power * out, self.power * np.sqrt(var), version)
         return cached[1], cached[2]
 
     def log_prior(self, buckets: Sequence[int], noise: np.ndarray | None = None) -> np.ndarray:

@@ -32,9 +32,12 @@ def learners_of(app: object) -> LearnerSubscriber:
 
 
 def knowledge(learner: DecisionLearner) -> tuple[object, ...]:
-    """What the learners know: the posterior, the labels, the decisions awaiting labels, each customer."""
+    """What the learners know: the posterior, the labels, the decisions awaiting labels, each customer,
+    and the preferred-hour prior they value a customer with each pending decision's traits by."""
     customers = {k: (c.clicks, list(c.sends), dict(c.channel_clicks)) for k, c in learner.customers.items()}
-    return (learner.engagement.mean.tolist(), learner.labels, sorted(learner.pending), customers)
+    buckets = sorted({tuple(p.buckets) for p in learner.pending.values()})
+    priors = [learner.hours.prior_parts(b)[0].tolist() for b in buckets]
+    return (learner.engagement.mean.tolist(), learner.labels, sorted(learner.pending), customers, priors)
 
 
 class Recorder(ApiPolicy):

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, overload
 
 import orjson
@@ -101,11 +101,19 @@ class BatchDecisionRequest(BaseModel):
     requests: list[DecisionRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+#: The range of ``at``: a decision looks 35 days back and days ahead, in local times.
+AT_FIRST = datetime(1970, 1, 1, tzinfo=UTC)
+AT_END = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def _ms(at: datetime | None, app: FastAPI) -> int:
     if at is None:
         return int(app.state.runtime.clock.now_ms())
     if at.tzinfo is None:
         raise HTTPException(422, detail="at: give a time zone offset, e.g. 2026-03-05T08:00:00+01:00")
+    if not AT_FIRST <= at < AT_END:
+        # the send times, quiet hours and calendar days around it must be datetimes too (year 1..9999)
+        raise HTTPException(422, detail="at: a time between 1970-01-01 and 8999-12-31 (UTC)")
     return int(at.timestamp() * 1000)
 
 
@@ -1167,6 +1175,15 @@ async def decide_batch(
     body: BatchDecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
 ) -> Response:
     """Decide for up to 1,000 customers; unknown customers get ``action: "error"`` in place."""
+    ruleset = getattr(request.app.state, "ruleset", None)
+    for index, item in enumerate(body.requests):
+        # a request the whole batch is refused for is named, as pydantic names its own errors
+        try:
+            _ms(item.at, request.app)
+            if ruleset is not None:
+                _campaigns(item, ruleset)
+        except HTTPException as exc:
+            raise HTTPException(exc.status_code, detail=f"requests.{index}.{exc.detail}") from exc
     if any(item.waits for item in body.requests):
         await caught_up(request.app, hint="retry, or ask with fresh: false")
     return _json({"decisions": await run_in_threadpool(_decide_many, request.app, body.requests)})
