@@ -6,6 +6,7 @@ rules check (``Dispatcher(rules=None)``, as before) each of these sends would go
 
 from __future__ import annotations
 
+import base64
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -344,3 +345,47 @@ def test_the_server_dispatcher_reads_the_rule_files(tmp_path: Any) -> None:
         assert found is not None and "night_defer" in found.campaigns
     finally:
         runtime.close()
+
+
+async def test_an_operator_sees_why_a_send_waits(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    """`cadence sends list --reason quiet:` and `GET /v1/sends?reason=quiet:` show the deferred send."""
+    import orjson
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from cadence.api.app import create_app
+    from cadence.api.security import create_key
+    from cadence.cli import app
+
+    cid = customer(db_engine, "ada")
+    now = at("2026-03-28T23:10")
+    queue(db_engine, cid, "night_defer", now - 60_000)
+    queue(db_engine, cid, "gone", now - 60_000)
+    await dispatcher(fake, http, db_engine, FixedClock(now), ruleset(RULES)).drain()
+
+    url = db_engine.url.render_as_string(hide_password=False)
+    env = {"CADENCE_DATABASE_URL": url, "CADENCE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    listed = CliRunner().invoke(app, ["sends", "list", "--reason", "quiet:", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    (row,) = orjson.loads(listed.output)
+    assert (row["campaign"], row["status"], row["attempts"]) == ("night_defer", "queued", 0)
+    assert "deferred to 2026-03-29 08:00 CEST" in row["last_error"]
+    table = CliRunner().invoke(app, ["sends", "list", "--status", "sent"], env=env)
+    assert table.exit_code == 0 and "gone" in table.output and "night_defer" not in table.output
+
+    settings = Settings(database_url=url, disable_plugin_autoload=True, _env_file=None)  # type: ignore[call-arg]
+    web = create_app(runtime=open_runtime(settings, engine=db_engine), background=False)
+    key = create_key(db_engine, name="admin", scopes=["admin"])
+    headers = {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+    with TestClient(web) as client:
+        answer = client.get(
+            "/v1/sends", params={"reason": "quiet:", "campaign": "night_defer"}, headers=headers
+        )
+        assert answer.status_code == 200, answer.text
+        assert [r["last_error"] for r in answer.json()["sends"]] == [row["last_error"]]
+        assert (
+            client.get("/v1/sends", params={"status": "sent"}, headers=headers).json()["sends"][0]["campaign"]
+            == "gone"
+        )
