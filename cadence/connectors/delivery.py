@@ -13,10 +13,12 @@ The pieces, from the inside out:
   SendGrid's ``X-RateLimit-Reset``), permanent 4xx and auth failures are not.
 - :class:`Dispatcher` - takes due ``queued`` rows of the ``sends`` table (``FOR UPDATE
   SKIP LOCKED`` on PostgreSQL), re-checks consent with
-  :func:`cadence.engine.consent.may_send`, batches them per connector, delivers, and
-  records each outcome: ``sent`` with the provider's id, ``failed`` (the dead letter,
-  with the provider's error), ``suppressed`` (opted out), or back to ``queued`` with a
-  later ``next_attempt_ms``.
+  :func:`cadence.engine.consent.may_send` and the campaign rules (quiet hours, global caps
+  and spacing: :mod:`cadence.connectors.dispatch_rules`) as the customer it now is (merges
+  followed), batches them per connector, delivers, and records each outcome: ``sent`` with
+  the provider's id, ``failed`` (the dead letter, with the provider's error), ``suppressed``
+  (opted out, dropped or capped), or back to ``queued`` with a later ``next_attempt_ms``
+  (or, held by quiet hours or spacing, a later ``due_ms``).
 
 Idempotency: a row is claimed (``queued`` -> ``sending``) in one transaction before
 any provider call, so two dispatchers never take the same row and a retry or restart
