@@ -47,12 +47,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, case, or_, select, update
+from sqlalchemy import Connection, Engine, case, or_, select, text, update
 
 from cadence.channels import CHANNELS
 from cadence.clock import Clock
 from cadence.connectors.base import Connector, InDoubt, OutgoingMessage, SendResult
-from cadence.connectors.dispatch_rules import Held, RulesCheck, canonical_of, history_horizon_ms, members_of
+from cadence.connectors.dispatch_rules import Held, RulesCheck, canonical_of, history_horizon_ms
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.consent import consent_allows
 from cadence.engine.events import NewEvent
@@ -450,6 +450,20 @@ _RECORD_SQLITE = (
     " last_error = json_extract(v.value, '$.err'), next_attempt_ms = json_extract(v.value, '$.nxt'),"
     " attempts = attempts - json_extract(v.value, '$.refund'), updated_ms = ?"
     " FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$.sid') AND +sends.status = 'sending'"
+)
+
+
+#: The sends the global caps and spacing count for a round's customers ({ids}: a query of their ids):
+#: those ``sent`` or ``sending`` (not this round's own, which PostgreSQL's claim marked ``sending``
+#: at ``now``), of each customer and, recursively, every customer merged into them, by the
+#: customer they are now (``owner``).
+_HISTORY_SQL = (
+    "WITH RECURSIVE members(id, owner) AS ("
+    " SELECT id, id FROM customers WHERE id IN ({ids})"
+    " UNION ALL SELECT c.id, m.owner FROM customers c JOIN members m ON c.merged_into = m.id"
+    ") SELECT s.id, m.owner, s.channel, s.due_ms FROM sends s JOIN members m ON s.customer_id = m.id"
+    " WHERE s.status IN ('sent', 'sending') AND s.due_ms > %(since)s"
+    " AND (s.status = 'sent' OR s.updated_ms <> %(now)s)"
 )
 
 
@@ -954,36 +968,21 @@ class Dispatcher:
         if horizon is None:
             return check
         wanted = sorted({int(r["customer_id"]) for r in rows})
-        children: dict[int, list[int]] = {}
-        frontier = wanted
-        known = set(wanted)
-        while frontier:
-            found = []
-            for start in range(0, len(frontier), 500):
-                found += conn.execute(
-                    select(customers.c.id, customers.c.merged_into).where(
-                        customers.c.merged_into.in_(frontier[start : start + 500])
-                    )
-                ).all()
-            frontier = []
-            for cid, parent in found:
-                children.setdefault(int(parent), []).append(int(cid))
-                if int(cid) not in known:
-                    known.add(int(cid))
-                    frontier.append(int(cid))
-        owner = {m: c for c in wanted for m in members_of(children, c)}
         mine = {r["id"] for r in rows}
-        members = sorted(owner)
-        for start in range(0, len(members), 500):
-            for send_id, cid, channel, at in conn.execute(
-                select(sends.c.id, sends.c.customer_id, sends.c.channel, sends.c.due_ms).where(
-                    sends.c.customer_id.in_(members[start : start + 500]),
-                    sends.c.status.in_(("sent", "sending")),
-                    sends.c.due_ms > now - horizon,
-                )
-            ):
-                if send_id not in mine:
-                    check.history.setdefault(owner[int(cid)], []).append((channel, int(at)))
+        postgres = conn.dialect.name == "postgresql"
+        # The customers as one parameter (an array, a JSON list): a bound parameter per id cost
+        # more to send than the query.
+        sql = _HISTORY_SQL.format(
+            ids="SELECT unnest(%(ids)s::bigint[])" if postgres else "SELECT value FROM json_each(:ids)"
+        )
+        if not postgres:
+            sql = sql.replace("%(since)s", ":since").replace("%(now)s", ":now")
+        ids: Any = wanted if postgres else orjson.dumps(wanted).decode()
+        params = {"ids": ids, "since": now - horizon, "now": now}
+        result = conn.exec_driver_sql(sql, params) if postgres else conn.execute(text(sql), params)
+        for send_id, owner, channel, due in result:
+            if send_id not in mine:
+                check.history.setdefault(int(owner), []).append((channel, int(due)))
         return check
 
     # -- recording ------------------------------------------------------------------

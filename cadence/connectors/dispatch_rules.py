@@ -31,7 +31,7 @@ customer case can break them, and the decision that queued each send counted the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -99,12 +99,20 @@ class RulesCheck:
     ruleset: CompiledRuleset
     now: int
     history: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    #: Quiet-hours verdicts by (campaign, customer zone): every send of a round is checked at one ``now``.
+    _quiet_seen: dict[tuple[str, str | None], Held | None] = field(default_factory=dict)
 
     def check(
         self, *, campaign: str, channel: str, customer_id: int, timezone: str | None, removal: bool = False
     ) -> Held | None:
         """None when the send may go now (and it is counted), else what to do with it."""
-        held = self._quiet(campaign, timezone) if not removal else None
+        held = None
+        if not removal:
+            key = (campaign, timezone)
+            if key in self._quiet_seen:
+                held = self._quiet_seen[key]
+            else:
+                held = self._quiet_seen[key] = self._quiet(campaign, timezone)
         if held is None and not removal:
             held = self._caps(campaign, channel, customer_id, timezone)
         if held is None:
@@ -173,16 +181,3 @@ def canonical_of(parents: Mapping[int, int | None], customer_id: int) -> int:
         seen.add(nxt)
         customer_id = nxt
     return customer_id
-
-
-def members_of(children: Mapping[int, Sequence[int]], customer_id: int) -> list[int]:
-    """``customer_id`` and every customer merged into it, directly or not.
-
-    >>> members_of({1: [2], 2: [3]}, 1)
-    [1, 2, 3]
-    """
-    out, frontier = [customer_id], [customer_id]
-    while frontier:
-        frontier = [c for p in frontier for c in children.get(p, ()) if c not in out]
-        out += frontier
-    return out

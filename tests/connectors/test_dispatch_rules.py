@@ -279,6 +279,10 @@ async def test_merged_customers_keep_the_daily_cap(
     assert nxt.sent == 1
     sent_to = [c.body["personalizations"][0]["to"][0]["email"] for c in fake.calls_to("sendgrid")]
     assert sent_to[-1] == "ada@work.example"  # the latest identify's email, now the merged customer's
+    # That send is still the merged-away customer's row: it counts against the merged customer's own.
+    queue(db_engine, known, "spring", at("2026-03-05T15:00"), key="spring:next")
+    own = await dispatcher(fake, http, db_engine, FixedClock(at("2026-03-05T15:00")), ruleset(CAPS)).drain()
+    assert own.suppressed == 1 and rows(db_engine)["spring:next"]["last_error"].startswith("cap:")
 
 
 async def test_merged_customers_keep_the_spacing(
