@@ -461,7 +461,7 @@ _HISTORY_SQL = (
     "WITH RECURSIVE members(id, owner) AS ("
     " SELECT id, id FROM customers WHERE id IN ({ids})"
     " UNION ALL SELECT c.id, m.owner FROM customers c JOIN members m ON c.merged_into = m.id"
-    ") SELECT s.id, m.owner, s.channel, s.due_ms FROM sends s JOIN members m ON s.customer_id = m.id"
+    ") SELECT s.id, m.owner, s.channel, s.due_ms, s.campaign FROM sends s JOIN members m ON s.customer_id = m.id"
     " WHERE s.status IN ('sent', 'sending') AND s.due_ms > %(since)s"
     " AND (s.status = 'sent' OR s.updated_ms <> %(now)s)"
 )
@@ -720,7 +720,7 @@ class Dispatcher:
                     channel=row["channel"],
                     customer_id=customer,
                     timezone=row["_timezone"],
-                    removal=removal,
+                    membership=removal or (row["variables"] or {}).get("operation") == "add",
                 )
             if held is not None:
                 finals.append(_final(row["id"], held.status, held.reason, due_ms=held.due_ms))
@@ -980,8 +980,8 @@ class Dispatcher:
         ids: Any = wanted if postgres else orjson.dumps(wanted).decode()
         params = {"ids": ids, "since": now - horizon, "now": now}
         result = conn.exec_driver_sql(sql, params) if postgres else conn.execute(text(sql), params)
-        for send_id, owner, channel, due in result:
-            if send_id not in mine:
+        for send_id, owner, channel, due, campaign in result:
+            if send_id not in mine and not check.is_sync(campaign):
                 check.history.setdefault(int(owner), []).append((channel, int(due)))
         return check
 

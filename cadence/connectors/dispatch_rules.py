@@ -103,21 +103,30 @@ class RulesCheck:
     _quiet_seen: dict[tuple[str, str | None], Held | None] = field(default_factory=dict)
 
     def check(
-        self, *, campaign: str, channel: str, customer_id: int, timezone: str | None, removal: bool = False
+        self, *, campaign: str, channel: str, customer_id: int, timezone: str | None, membership: bool = False
     ) -> Held | None:
-        """None when the send may go now (and it is counted), else what to do with it."""
-        held = None
-        if not removal:
-            key = (campaign, timezone)
-            if key in self._quiet_seen:
-                held = self._quiet_seen[key]
-            else:
-                held = self._quiet_seen[key] = self._quiet(campaign, timezone)
-        if held is None and not removal:
+        """None when the send may go now (and it is counted), else what to do with it.
+
+        An ad-audience change (``membership``: an ``add`` or ``remove`` operation, or any send of
+        an audience sync campaign) is no message: never held, never counted.
+        """
+        if membership or self.is_sync(campaign):
+            return None
+        key = (campaign, timezone)
+        if key in self._quiet_seen:
+            held = self._quiet_seen[key]
+        else:
+            held = self._quiet_seen[key] = self._quiet(campaign, timezone)
+        if held is None:
             held = self._caps(campaign, channel, customer_id, timezone)
         if held is None:
             self.history.setdefault(customer_id, []).append((channel, self.now))
         return held
+
+    def is_sync(self, name: str) -> bool:
+        """Whether ``name`` is an audience sync in the loaded rules (its sends are membership changes)."""
+        campaign = self.ruleset.campaigns.get(name)
+        return campaign is not None and campaign.kind != "message"
 
     def _quiet(self, name: str, timezone: str | None) -> Held | None:
         campaign = self.ruleset.campaigns.get(name)

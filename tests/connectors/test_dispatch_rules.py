@@ -393,3 +393,26 @@ async def test_an_operator_sees_why_a_send_waits(
             client.get("/v1/sends", params={"status": "sent"}, headers=headers).json()["sends"][0]["campaign"]
             == "gone"
         )
+
+
+async def test_ad_audience_changes_are_neither_capped_nor_counted(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    """An audience sync's add is no message: the daily cap neither holds it nor counts it."""
+    cid = customer(db_engine, "ada")
+    now = at("2026-03-04T12:00")
+    with db_engine.begin() as conn:
+        enqueue_send(
+            conn,
+            key=f"retarget:{cid}:add",
+            campaign="retarget",
+            customer_id=cid,
+            channel="email",  # routed like the message: what matters is the operation
+            due_ms=now - 120_000,
+            now_ms=now - 120_000,
+            template="d-retarget",
+            variables={"operation": "add"},
+        )
+    queue(db_engine, cid, "spring", now - 60_000)
+    report = await dispatcher(fake, http, db_engine, FixedClock(now), ruleset(CAPS)).drain()
+    assert (report.sent, report.suppressed) == (2, 0)
