@@ -11,9 +11,67 @@ from rich.console import Console
 from rich.table import Table
 
 from cadence.cli import runtime_for
-from cadence.connectors.operator import ActionResult, list_failed, list_in_doubt, mark_sent, requeue_sends
+from cadence.connectors.operator import (
+    ActionResult,
+    list_failed,
+    list_in_doubt,
+    list_sends,
+    mark_sent,
+    requeue_sends,
+)
 
-sends_app = typer.Typer(help="The send queue: in-doubt sends, re-queue, mark sent.", no_args_is_help=True)
+sends_app = typer.Typer(
+    help="The send queue: list sends and why they wait, in-doubt sends, re-queue, mark sent.",
+    no_args_is_help=True,
+)
+
+
+def _when(ms: int | None) -> str:
+    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@sends_app.command("list")
+def list_command(
+    ctx: typer.Context,
+    status: str | None = typer.Option(
+        None, "--status", help="queued, sending, sent, failed, suppressed or expired."
+    ),
+    campaign: str | None = typer.Option(None, "--campaign", help="Only this campaign's sends."),
+    reason: str | None = typer.Option(
+        None,
+        "--reason",
+        help="Only sends whose last error starts with this: quiet: (held by quiet hours), cap:, spacing:, ...",
+    ),
+    customer: int | None = typer.Option(None, "--customer", help="Only this customer id's sends."),
+    limit: int = typer.Option(100, "--limit", min=1, help="Show at most this many."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List sends, latest change first, with why each is where it is (deferred, dropped, capped, failed)."""
+    runtime = runtime_for(ctx)
+    rows = list_sends(
+        runtime.engine, status=status, campaign=campaign, reason=reason, customer_id=customer, limit=limit
+    )
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if not rows:
+        console.print("no sends")
+        return
+    table = Table("id", "campaign", "customer", "channel", "status", "due (UTC)", "attempts", "why")
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            row["campaign"],
+            str(row["customer_id"]),
+            row["channel"],
+            row["status"],
+            _when(row["due_ms"]),
+            str(row["attempts"]),
+            row["last_error"] or "",
+        )
+    console.print(table)
+
+
 console = Console()
 err_console = Console(stderr=True)
 

@@ -13,10 +13,12 @@ The pieces, from the inside out:
   SendGrid's ``X-RateLimit-Reset``), permanent 4xx and auth failures are not.
 - :class:`Dispatcher` - takes due ``queued`` rows of the ``sends`` table (``FOR UPDATE
   SKIP LOCKED`` on PostgreSQL), re-checks consent with
-  :func:`cadence.engine.consent.may_send`, batches them per connector, delivers, and
-  records each outcome: ``sent`` with the provider's id, ``failed`` (the dead letter,
-  with the provider's error), ``suppressed`` (opted out), or back to ``queued`` with a
-  later ``next_attempt_ms``.
+  :func:`cadence.engine.consent.may_send` and the campaign rules (quiet hours, global caps
+  and spacing: :mod:`cadence.connectors.dispatch_rules`) as the customer it now is (merges
+  followed), batches them per connector, delivers, and records each outcome: ``sent`` with
+  the provider's id, ``failed`` (the dead letter, with the provider's error), ``suppressed``
+  (opted out, dropped or capped), or back to ``queued`` with a later ``next_attempt_ms``
+  (or, held by quiet hours or spacing, a later ``due_ms``).
 
 Idempotency: a row is claimed (``queued`` -> ``sending``) in one transaction before
 any provider call, so two dispatchers never take the same row and a retry or restart
@@ -45,11 +47,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, case, or_, select, update
+from sqlalchemy import Connection, Engine, case, or_, select, text, update
 
 from cadence.channels import CHANNELS
 from cadence.clock import Clock
 from cadence.connectors.base import Connector, InDoubt, OutgoingMessage, SendResult
+from cadence.connectors.dispatch_rules import Held, RulesCheck, canonical_of, history_horizon_ms
+from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.consent import consent_allows
 from cadence.engine.events import NewEvent
 from cadence.engine.ingest import append_events
@@ -64,7 +68,7 @@ from cadence.errors import (
 )
 from cadence.store.db import read_connection
 from cadence.store.schema.connectors import connector_state
-from cadence.store.schema.core import consent, identities, profiles
+from cadence.store.schema.core import consent, customers, identities, profiles
 from cadence.store.schema.sends import sends
 
 __all__ = [
@@ -389,13 +393,23 @@ class DispatchReport:
     sent: int = 0
     failed: int = 0
     suppressed: int = 0
-    deferred: int = 0
+    deferred: int = 0  # back on the queue for later: a retry, or held by quiet hours or spacing
+    expired: int = 0  # quiet hours held it until after its campaign's end
     opted_out: int = 0
     in_doubt: int = 0  # left ``sending``: the provider may have them (see DeliveryInDoubt)
 
     def add(self, other: DispatchReport) -> None:
         """Accumulate another round's counts."""
-        for name in ("claimed", "sent", "failed", "suppressed", "deferred", "opted_out", "in_doubt"):
+        for name in (
+            "claimed",
+            "sent",
+            "failed",
+            "suppressed",
+            "deferred",
+            "expired",
+            "opted_out",
+            "in_doubt",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -420,6 +434,7 @@ RouteFn = Callable[[str, str | None], Connector | None]
 #: which would join every queued (or sending) row to the whole array.
 _MARK_FINALS_SQLITE = (
     "UPDATE sends SET status = json_extract(v.value, '$[1]'), last_error = json_extract(v.value, '$[2]'),"
+    " due_ms = COALESCE(json_extract(v.value, '$[4]'), sends.due_ms),"
     " updated_ms = ? FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$[0]')"
     " AND +sends.status = 'queued'"
 )
@@ -435,6 +450,20 @@ _RECORD_SQLITE = (
     " last_error = json_extract(v.value, '$.err'), next_attempt_ms = json_extract(v.value, '$.nxt'),"
     " attempts = attempts - json_extract(v.value, '$.refund'), updated_ms = ?"
     " FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$.sid') AND +sends.status = 'sending'"
+)
+
+
+#: The sends the global caps and spacing count for a round's customers ({ids}: a query of their ids):
+#: those ``sent`` or ``sending`` (not this round's own, which PostgreSQL's claim marked ``sending``
+#: at ``now``), of each customer and, recursively, every customer merged into them, by the
+#: customer they are now (``owner``).
+_HISTORY_SQL = (
+    "WITH RECURSIVE members(id, owner) AS ("
+    " SELECT id, id FROM customers WHERE id IN ({ids})"
+    " UNION ALL SELECT c.id, m.owner FROM customers c JOIN members m ON c.merged_into = m.id"
+    ") SELECT s.id, m.owner, s.channel, s.due_ms, s.campaign FROM sends s JOIN members m ON s.customer_id = m.id"
+    " WHERE s.status IN ('sent', 'sending') AND s.due_ms > %(since)s"
+    " AND (s.status = 'sent' OR s.updated_ms <> %(now)s)"
 )
 
 
@@ -464,6 +493,9 @@ class Dispatcher:
     :param before_round: run (in a thread) before each round: ``cadence serve`` passes the
         engine loop's ``catch_up``, so an opt-out already in the event log is applied to
         consent before any send is claimed.
+    :param rules: ``rules() -> CompiledRuleset | None``, the loaded rules, asked once per claim:
+        each claimed send is checked against its campaign's quiet hours and the global caps
+        and spacing (:mod:`cadence.connectors.dispatch_rules`). Without rules, nothing is.
     """
 
     def __init__(
@@ -477,9 +509,11 @@ class Dispatcher:
         deliverers: dict[str, Deliverer] | None = None,
         parallel_rounds: int | None = None,
         before_round: Callable[[], object] | None = None,
+        rules: Callable[[], CompiledRuleset | None] | None = None,
     ) -> None:
         self.engine = engine
         self.before_round = before_round
+        self.rules = rules
         self.route = route
         self.clock = clock or Clock()
         self.batch_limit = batch_limit
@@ -549,20 +583,24 @@ class Dispatcher:
             )
             if not rows:
                 return [], DispatchReport()
-            claimed, finals, rerouted, report = self._prepare(rows, self._consents(conn, rows), now)
+            rows = self._canonical(conn, rows)
+            check = self._rules_check(conn, rows, now)
+            claimed, finals, rerouted, report = self._prepare(rows, self._consents(conn, rows), now, check)
             if postgres:
                 # The claim already marked every row ``sending``: settle the ones not sent after
                 # all (their attempt is given back), and name the connector where the claim could not.
                 if finals:
                     conn.exec_driver_sql(
                         "UPDATE sends SET status = v.st, last_error = v.err, attempts = sends.attempts - 1, "
-                        "updated_ms = %s FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS v(id, st, err) "
+                        "due_ms = COALESCE(v.due, sends.due_ms), updated_ms = %s "
+                        "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[]) AS v(id, st, err, due) "
                         "WHERE sends.id = v.id",
                         (
                             now,
                             [f["sid"] for f in finals],
                             [f["st"] for f in finals],
                             [f["err"] for f in finals],
+                            [f.get("due") for f in finals],
                         ),
                     )
                 if rerouted:
@@ -593,8 +631,10 @@ class Dispatcher:
             rows = self._due_rows(conn, now, limit)
             if not rows:
                 return [], DispatchReport()
+            rows = self._canonical(conn, rows)
             consents = self._consents(conn, rows)
-        claimed, finals, _rerouted, report = self._prepare(rows, consents, now)
+            check = self._rules_check(conn, rows, now)
+        claimed, finals, _rerouted, report = self._prepare(rows, consents, now, check)
         versions = {r["id"]: r["updated_ms"] for r in rows}
         try:
             with self.engine.begin() as conn:
@@ -620,7 +660,11 @@ class Dispatcher:
         return consents
 
     def _prepare(
-        self, rows: Sequence[Mapping[str, Any]], consents: Mapping[int, dict[str, bool]], now: int
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        consents: Mapping[int, dict[str, bool]],
+        now: int,
+        check: RulesCheck | None = None,
     ) -> tuple[
         list[tuple[Connector, OutgoingMessage]], list[dict[str, Any]], list[tuple[int, str]], DispatchReport
     ]:
@@ -669,6 +713,24 @@ class Dispatcher:
                 )
                 report.failed += 1
                 continue
+            held: Held | None = None
+            if check is not None:
+                held = check.check(
+                    campaign=row["campaign"],
+                    channel=row["channel"],
+                    customer_id=customer,
+                    timezone=row["_timezone"],
+                    membership=removal or (row["variables"] or {}).get("operation") == "add",
+                )
+            if held is not None:
+                finals.append(_final(row["id"], held.status, held.reason, due_ms=held.due_ms))
+                if held.status == "queued":
+                    report.deferred += 1
+                elif held.status == "expired":
+                    report.expired += 1
+                else:
+                    report.suppressed += 1
+                continue
             if row["connector"] != connector.name:
                 rerouted.append((row["id"], connector.name))
             self._row_attempts[row["id"]] = row["attempts"] + 1
@@ -710,7 +772,9 @@ class Dispatcher:
         guard = _VERSION_GUARD if versions is not None else ""
         marked = 0
         if finals:
-            rows = [[f["sid"], f["st"], f["err"], (versions or {}).get(f["sid"])] for f in finals]
+            rows = [
+                [f["sid"], f["st"], f["err"], (versions or {}).get(f["sid"]), f.get("due")] for f in finals
+            ]
             marked += conn.exec_driver_sql(
                 _MARK_FINALS_SQLITE + guard, (now, orjson.dumps(rows).decode())
             ).rowcount
@@ -765,13 +829,15 @@ class Dispatcher:
             ") SELECT c.*, p.traits,"
             " (SELECT i.kind || ':' || i.value FROM identities i WHERE i.customer_id = c.customer_id"
             "  ORDER BY CASE WHEN i.kind = 'user' THEN 0 ELSE 1 END, i.first_seen_ms, i.value LIMIT 1),"
-            " EXISTS (SELECT 1 FROM consent k WHERE k.customer_id = c.customer_id)"
+            " EXISTS (SELECT 1 FROM consent k WHERE k.customer_id = c.customer_id),"
+            " p.timezone, (SELECT m.merged_into FROM customers m WHERE m.id = c.customer_id)"
             " FROM claimed c LEFT JOIN profiles p ON p.customer_id = c.customer_id",
             {"now": now, "limit": limit, "routes": self._routes()},
         )
         names = (
             "id", "idempotency_key", "decision_id", "campaign", "customer_id", "channel", "connector",
             "template", "variables", "due_ms", "attempts", "_traits", "_identity", "_has_consent",
+            "_timezone", "_merged_into",
         )  # fmt: skip
         rows = [dict(zip(names, row, strict=True)) for row in result.fetchall()]
         rows.sort(key=lambda r: (r["due_ms"], r["id"]))
@@ -796,12 +862,15 @@ class Dispatcher:
         has_consent = (
             select(consent.c.customer_id).where(consent.c.customer_id == sends.c.customer_id).exists()
         )
+        merged_into = select(customers.c.merged_into).where(customers.c.id == sends.c.customer_id)
         due = (
             select(
                 sends,
                 profiles.c.traits.label("_traits"),
                 first_identity.label("_identity"),
                 has_consent.label("_has_consent"),
+                profiles.c.timezone.label("_timezone"),
+                merged_into.scalar_subquery().label("_merged_into"),
             )
             .select_from(sends.outerjoin(profiles, profiles.c.customer_id == sends.c.customer_id))
             .where(*_due(now))
@@ -809,6 +878,112 @@ class Dispatcher:
             .limit(limit)
         )
         return list(conn.execute(due).mappings().all())
+
+    # -- merged customers and the rules -----------------------------------------------
+
+    @staticmethod
+    def _canonical(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+        """The rows, those of a customer since merged into another as the customer it now is.
+
+        A merge folds the customer's profile, identities and consent into the customer it was
+        merged into, but leaves the send rows where they were: such a send is delivered to (and
+        checked against the consent, traits, zone and caps of) the customer it now belongs to.
+        """
+        merged = {r["customer_id"] for r in rows if r["_merged_into"] is not None}
+        if not merged:
+            return rows
+        parents: dict[int, int | None] = {}
+        frontier = set(merged)
+        while frontier:
+            found = conn.execute(
+                select(customers.c.id, customers.c.merged_into).where(customers.c.id.in_(sorted(frontier)))
+            ).all()
+            parents.update({int(cid): parent for cid, parent in found})
+            frontier = {int(p) for _c, p in found if p is not None and int(p) not in parents}
+        target = {cid: canonical_of(parents, cid) for cid in merged}
+        first_identity = (
+            select(identities.c.kind + ":" + identities.c.value)
+            .where(identities.c.customer_id == customers.c.id)
+            .order_by(
+                case((identities.c.kind == "user", 0), else_=1),
+                identities.c.first_seen_ms,
+                identities.c.value,
+            )
+            .limit(1)
+            .scalar_subquery()
+        )
+        has_consent = select(consent.c.customer_id).where(consent.c.customer_id == customers.c.id).exists()
+        now_as = {
+            int(row[0]): tuple(row)
+            for row in conn.execute(
+                select(customers.c.id, profiles.c.traits, first_identity, has_consent, profiles.c.timezone)
+                .select_from(customers.outerjoin(profiles, profiles.c.customer_id == customers.c.id))
+                .where(customers.c.id.in_(sorted(set(target.values()))))
+            )
+        }
+        out: list[Mapping[str, Any]] = []
+        for row in rows:
+            to = target.get(row["customer_id"])
+            if to is None:
+                out.append(row)
+                continue
+            _id, traits, identity, any_consent, zone = now_as.get(to, (to, None, None, False, None))
+            out.append(
+                {
+                    **row,
+                    "customer_id": to,
+                    "_traits": traits,
+                    "_identity": identity,
+                    "_has_consent": bool(any_consent),
+                    "_timezone": zone,
+                    "_merged_into": None,
+                }
+            )
+        return out
+
+    def _ruleset(self) -> CompiledRuleset | None:
+        if self.rules is None:
+            return None
+        try:
+            return self.rules()
+        except Exception:  # noqa: BLE001 - rules that cannot be read must not stop delivery
+            log.exception("could not read the rules: sends are not checked against them this round")
+            return None
+
+    def _rules_check(
+        self, conn: Connection, rows: Sequence[Mapping[str, Any]], now: int
+    ) -> RulesCheck | None:
+        """The rules of this round, with the customers' sends the global caps and spacing count.
+
+        Those are the sends of each customer (and of every customer merged into them) that
+        went out or are going out (``sent`` or ``sending``, other than this round's own), at
+        their due time as decisions count them (a deferral moves it), within the longest cap
+        window or spacing.
+        """
+        ruleset = self._ruleset()
+        if ruleset is None:
+            return None
+        check = RulesCheck(ruleset, now)
+        horizon = history_horizon_ms(ruleset)
+        if horizon is None:
+            return check
+        wanted = sorted({int(r["customer_id"]) for r in rows})
+        mine = {r["id"] for r in rows}
+        postgres = conn.dialect.name == "postgresql"
+        # The customers as one parameter (an array, a JSON list): a bound parameter per id cost
+        # more to send than the query.
+        sql = _HISTORY_SQL.format(
+            ids="SELECT unnest(%(ids)s::bigint[])" if postgres else "SELECT value FROM json_each(:ids)"
+        )
+        if not postgres:
+            sql = sql.replace("%(since)s", ":since").replace("%(now)s", ":now")
+        ids: Any = wanted if postgres else orjson.dumps(wanted).decode()
+        params = {"ids": ids, "since": now - horizon, "now": now}
+        result = conn.exec_driver_sql(sql, params) if postgres else conn.execute(text(sql), params)
+        for send_id, owner, channel, due, campaign in result:
+            if send_id not in mine and not check.is_sync(campaign):
+                check.history.setdefault(int(owner), []).append((channel, int(due)))
+        return check
 
     # -- recording ------------------------------------------------------------------
 
@@ -1228,8 +1403,8 @@ class InDoubtReport:
     dead_lettered: int = 0
 
 
-def _final(send_id: int, status: str, error: str) -> dict[str, Any]:
-    return {"sid": send_id, "st": status, "err": error}
+def _final(send_id: int, status: str, error: str, *, due_ms: int | None = None) -> dict[str, Any]:
+    return {"sid": send_id, "st": status, "err": error, "due": due_ms}
 
 
 def _error_text(exc: ConnectorError) -> str:

@@ -22,7 +22,7 @@ from cadence.errors import CadenceError
 from cadence.store.db import read_connection
 from cadence.store.schema.sends import sends
 
-__all__ = ["ActionResult", "list_failed", "list_in_doubt", "mark_sent", "requeue_sends"]
+__all__ = ["ActionResult", "list_failed", "list_in_doubt", "list_sends", "mark_sent", "requeue_sends"]
 
 _COLUMNS = (
     sends.c.id,
@@ -36,6 +36,8 @@ _COLUMNS = (
     sends.c.last_error,
     sends.c.updated_ms,
 )
+#: What :func:`list_sends` shows: the columns above, with the status and due time.
+_LIST_COLUMNS = (*_COLUMNS, sends.c.status, sends.c.due_ms)
 
 
 @dataclass
@@ -64,6 +66,37 @@ def list_failed(
         query = query.where(sends.c.campaign == campaign)
     with read_connection(engine) as conn:
         rows = conn.execute(query.order_by(sends.c.updated_ms, sends.c.id).limit(limit)).mappings()
+        return [{str(k): v for k, v in row.items()} for row in rows]
+
+
+def list_sends(
+    engine: Engine,
+    *,
+    status: str | None = None,
+    campaign: str | None = None,
+    reason: str | None = None,
+    customer_id: int | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Sends by status, campaign, customer and ``last_error`` prefix (the reason), latest change first.
+
+    ``reason="quiet:"`` lists the sends the dispatcher held back by quiet hours (deferred:
+    ``queued``; dropped: ``suppressed``; ``expired``), ``"cap:"`` and ``"spacing:"`` those held
+    by the global caps and spacing (see :mod:`cadence.connectors.dispatch_rules`).
+    """
+    query = select(*_LIST_COLUMNS)
+    if status is not None:
+        query = query.where(sends.c.status == status)
+    if campaign is not None:
+        query = query.where(sends.c.campaign == campaign)
+    if reason is not None:
+        query = query.where(sends.c.last_error.startswith(reason))
+    if customer_id is not None:
+        query = query.where(sends.c.customer_id == customer_id)
+    with read_connection(engine) as conn:
+        rows = conn.execute(
+            query.order_by(sends.c.updated_ms.desc(), sends.c.id.desc()).limit(limit)
+        ).mappings()
         return [{str(k): v for k, v in row.items()} for row in rows]
 
 

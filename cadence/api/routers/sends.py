@@ -1,4 +1,4 @@
-"""``/v1/sends``: in-doubt sends for an operator, re-queue and mark sent (admin key)."""
+"""``/v1/sends``: the send queue for an operator (why a send waits), in-doubt sends, re-queue and mark sent (admin key)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from cadence.api.security import Principal, Scope
-from cadence.connectors.operator import list_in_doubt, mark_sent, requeue_sends
+from cadence.connectors.operator import list_in_doubt, list_sends, mark_sent, requeue_sends
 
 router = APIRouter(prefix="/v1/sends", tags=["sends"])
 
@@ -19,6 +19,26 @@ class SendIds(BaseModel):
 
     ids: list[int] = Field(min_length=1, max_length=10_000)
     provider_message_id: str | None = None
+
+
+@router.get("")
+async def list_route(
+    request: Request,
+    _principal: Annotated[Principal, Scope("admin")],
+    status: str | None = None,
+    campaign: str | None = None,
+    reason: str | None = None,
+    customer_id: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> dict[str, Any]:
+    """Sends, latest change first; ``reason`` is a ``last_error`` prefix (``quiet:``, ``cap:``, ``spacing:``)."""
+    engine = request.app.state.runtime.engine
+    rows = await run_in_threadpool(
+        lambda: list_sends(
+            engine, status=status, campaign=campaign, reason=reason, customer_id=customer_id, limit=limit
+        )
+    )
+    return {"sends": rows}
 
 
 @router.get("/in-doubt")

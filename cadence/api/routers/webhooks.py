@@ -317,6 +317,18 @@ def list_plugins(request: Request, _principal: Annotated[Principal, Scope("admin
     }
 
 
+def dispatch_rules_of(runtime: Any) -> Any:
+    """The rules the dispatcher checks sends against: the runtime's loaded ruleset.
+
+    Until the runtime's own holder has rules (the scheduler or a request loads them), the rule
+    files are read through attribution's holder, which retries a failed load every so often:
+    a send due at start-up is checked too. None when no rules can be loaded.
+    """
+    from cadence.engine.attribution.online import _rules_holder  # noqa: PLC0415 - one holder logic
+
+    return getattr(_rules_holder(runtime), "current", None)
+
+
 def setup(app: FastAPI) -> None:
     """Build the plugins and connectors for ``app``; mount plugin routers; run the dispatcher."""
     runtime = app.state.runtime
@@ -350,6 +362,7 @@ def setup(app: FastAPI) -> None:
             route=registry.route,
             clock=runtime.clock,
             before_round=loop.catch_up if loop is not None and app.state.settings.engine_enabled else None,
+            rules=lambda: dispatch_rules_of(runtime),
         )
         stop = asyncio.Event()
         app.state.dispatcher = dispatcher
