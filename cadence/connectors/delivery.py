@@ -467,6 +467,30 @@ _HISTORY_SQL = (
 )
 
 
+def _first_identity(customer_id: Any) -> Any:
+    """The customer's first identity, user ids first, as "kind:value" (a scalar subquery on ``customer_id``).
+
+    Filtering on kind in SQL would let PostgreSQL (without statistics, e.g. right after a large
+    push) AND in the whole primary-key range of that kind for every row.
+    """
+    return (
+        select(identities.c.kind + ":" + identities.c.value)
+        .where(identities.c.customer_id == customer_id)
+        .order_by(
+            case((identities.c.kind == "user", 0), else_=1),
+            identities.c.first_seen_ms,
+            identities.c.value,
+        )
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _has_consent(customer_id: Any) -> Any:
+    """Whether the customer has any consent row (an ``EXISTS`` on ``customer_id``)."""
+    return select(consent.c.customer_id).where(consent.c.customer_id == customer_id).exists()
+
+
 class _Changed(Exception):
     """A row claimed from a snapshot changed before the write lock was taken (nothing is marked)."""
 
@@ -845,23 +869,8 @@ class Dispatcher:
 
     def _due_rows(self, conn: Connection, now: int, limit: int) -> list[Any]:
         """Due ``queued`` rows with the customer's traits, first identity and consent flag (SQLite)."""
-        # The first identity, user ids first, as "kind:value". Filtering on kind in SQL
-        # would let PostgreSQL (without statistics, e.g. right after a large push) AND in
-        # the whole primary-key range of that kind for every row.
-        first_identity = (
-            select(identities.c.kind + ":" + identities.c.value)
-            .where(identities.c.customer_id == sends.c.customer_id)
-            .order_by(
-                case((identities.c.kind == "user", 0), else_=1),
-                identities.c.first_seen_ms,
-                identities.c.value,
-            )
-            .limit(1)
-            .scalar_subquery()
-        )
-        has_consent = (
-            select(consent.c.customer_id).where(consent.c.customer_id == sends.c.customer_id).exists()
-        )
+        first_identity = _first_identity(sends.c.customer_id)
+        has_consent = _has_consent(sends.c.customer_id)
         merged_into = select(customers.c.merged_into).where(customers.c.id == sends.c.customer_id)
         due = (
             select(
@@ -901,18 +910,8 @@ class Dispatcher:
             parents.update({int(cid): parent for cid, parent in found})
             frontier = {int(p) for _c, p in found if p is not None and int(p) not in parents}
         target = {cid: canonical_of(parents, cid) for cid in merged}
-        first_identity = (
-            select(identities.c.kind + ":" + identities.c.value)
-            .where(identities.c.customer_id == customers.c.id)
-            .order_by(
-                case((identities.c.kind == "user", 0), else_=1),
-                identities.c.first_seen_ms,
-                identities.c.value,
-            )
-            .limit(1)
-            .scalar_subquery()
-        )
-        has_consent = select(consent.c.customer_id).where(consent.c.customer_id == customers.c.id).exists()
+        first_identity = _first_identity(customers.c.id)
+        has_consent = _has_consent(customers.c.id)
         now_as = {
             int(row[0]): tuple(row)
             for row in conn.execute(
