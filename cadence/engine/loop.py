@@ -372,14 +372,21 @@ class EngineLoop:
         positions (:meth:`follow_in_memory`): :meth:`wait_applied` brings them up to date once
         these positions are reached.
         """
+        low = self._stored_applied(conn)
+        cached = self._positions if self._thread is not None and self.leadership.held else None
+        if cached is not None:
+            for sub in self.subscribers:
+                if getattr(sub, "in_memory", False) and sub.name in cached:
+                    low = min(low, cached[sub.name])
+        return low
+
+    def _stored_applied(self, conn: Connection) -> int:
+        """The lowest stored checkpoint of identity and the database-backed subscribers: how far the
+        leading loop has applied the log to the state kept in the database."""
         stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
         low = int(stored.get(IDENTITY, 0))
-        cached = self._positions if self._thread is not None and self.leadership.held else None
         for sub in self.subscribers:
-            if getattr(sub, "in_memory", False):
-                if cached is not None and sub.name in cached:
-                    low = min(low, cached[sub.name])
-            else:
+            if not getattr(sub, "in_memory", False):
                 low = min(low, int(stored.get(sub.name, 0)))
         return low
 
@@ -814,15 +821,13 @@ class EngineLoop:
         memory = [s for s in self.subscribers if getattr(s, "in_memory", False)]
         if not memory:
             return 0
-        stored_names = [IDENTITY, *(s.name for s in self.subscribers if not getattr(s, "in_memory", False))]
         total = 0
         with self._lock:
             while True:
                 cached = self.positions()
                 low = min(cached[s.name] for s in memory)
                 with read_connection(self.engine) as conn, conn.begin():
-                    stored = dict(conn.execute(select(checkpoints.c.name, checkpoints.c.position)).all())
-                    upto = min(int(stored.get(name, 0)) for name in stored_names)
+                    upto = self._stored_applied(conn)
                     if low >= upto:
                         return total
                     rows = read_events(conn, after=low, limit=self.batch_size, before=upto + 1)
