@@ -25,11 +25,13 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, update
 
-from cadence.channels import feedback_kind
+from cadence.channels import Feedback, feedback_kind
 from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
+from cadence.engine.sendqueue import REACHED, settle_reached
 from cadence.errors import CadenceError
 from cadence.store.schema.decisions import decisions, learner_snapshots
+from cadence.store.schema.sends import sends
 
 __all__ = [
     "LearnerSubscriber",
@@ -197,6 +199,15 @@ _REGISTERED = (
     decisions.c.decided_at_ms,
     decisions.c.inputs,
     decisions.c.outcome,
+)
+#: Whether a send of the decision is still queued (a feedback event's look-up reads it with the row).
+_QUEUED = (
+    select(sends.c.id)
+    .where(sends.c.decision_id == decisions.c.id, sends.c.status == "queued")
+    .limit(1)
+    .correlate(decisions)
+    .exists()
+    .label("queued")
 )
 
 
@@ -391,7 +402,7 @@ class LearnerSubscriber:
             kind = feedback_kind(event.event)
             decision_id = event.properties.get("decision_id")
             if kind is not None and isinstance(decision_id, str):
-                zone = self._known(conn, decision_id, kind.value, event.ts_ms)
+                zone = self._known(conn, decision_id, kind, event.ts_ms, event.event or kind.value)
                 self.learner.observe(decision_id=decision_id, kind=kind, ts_ms=event.ts_ms, zone=zone)
             self.learner.position = event.id
             self._since_snapshot += 1
@@ -426,20 +437,27 @@ class LearnerSubscriber:
                     self._register(row)
         self._backfill = None if until_ms >= last else (max(done, upto), last)
 
-    def _known(self, conn: Connection, decision_id: str, kind: str, ts_ms: int) -> str | None:
+    def _known(
+        self, conn: Connection, decision_id: str, feedback: Feedback, ts_ms: int, event: str
+    ) -> str | None:
         """Note the outcome on the stored decision; re-register it with the learner if it forgot it.
 
         After a restart from a snapshot, decisions committed after the snapshot are known
         only from the ``decisions`` table: they are recorded again from its stored inputs.
-        Returns the customer's zone at decision time.
+        Feedback that says the message reached the customer settles a send of the decision
+        still queued (:func:`~cadence.engine.sendqueue.settle_reached`). Returns the customer's
+        zone at decision time.
         """
-        row = conn.execute(select(*_REGISTERED).where(decisions.c.id == decision_id)).first()
+        row = conn.execute(select(*_REGISTERED, _QUEUED).where(decisions.c.id == decision_id)).first()
         if row is None:
             return None
+        kind = feedback.value
         outcome = dict(row.outcome or {})
         if kind not in outcome:
             outcome[kind] = ts_ms
             conn.execute(update(decisions).where(decisions.c.id == decision_id).values(outcome=outcome))
+        if row.queued and feedback in REACHED:
+            settle_reached(conn, decision_id, event=event, ts_ms=ts_ms)
         inputs = row.inputs or {}
         zone = inputs.get("zone")
         if (

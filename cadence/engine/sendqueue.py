@@ -8,8 +8,25 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection
 
+from cadence.channels import Feedback
 from cadence.store.fast import dialect_insert, dialect_sql
 from cadence.store.schema.sends import sends
+
+#: Feedback that says the message reached the customer. When it names a decision whose send is
+#: still ``queued``, the message went out some other way (the app delivered it itself, or a
+#: simulation or replay with ``at`` ran ahead of the dispatcher's wall clock): the send is
+#: settled ``sent`` rather than sent again or suppressed by the opt-out its own feedback caused.
+REACHED = frozenset(
+    {
+        Feedback.SENT,
+        Feedback.DELIVERED,
+        Feedback.OPENED,
+        Feedback.CLICKED,
+        Feedback.CONVERTED,
+        Feedback.UNSUBSCRIBED,
+        Feedback.SPAM_REPORT,
+    }
+)
 
 __all__ = [
     "ENQUEUE_SENDS_SQL",
@@ -18,6 +35,8 @@ __all__ = [
     "enqueue_send",
     "enqueue_sends",
     "idempotency_key",
+    "REACHED",
+    "settle_reached",
 ]
 
 #: What :func:`enqueue_sends` runs per row (``?`` placeholders, ``?::json`` a JSON parameter: see
@@ -121,3 +140,21 @@ def enqueue_params(rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> list[tu
         )
         for row in rows
     ]
+
+
+def settle_reached(conn: Connection, decision_id: str, *, event: str, ts_ms: int) -> int:
+    """Mark the decision's still-``queued`` send as ``sent``: its feedback (``event``) came first.
+
+    Such a send still counts for caps and spacing at its due time, as one the dispatcher sent
+    would, and is not delivered a second time. The row says why in ``last_error``. Returns the
+    number of rows settled (0 when the dispatcher already took it).
+    """
+    return conn.execute(
+        sends.update()
+        .where(sends.c.decision_id == decision_id, sends.c.status == "queued")
+        .values(
+            status="sent",
+            updated_ms=ts_ms,
+            last_error=f"settled: {event} arrived before cadence sent it (delivered elsewhere); not sent again",
+        )
+    ).rowcount

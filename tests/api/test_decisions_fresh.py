@@ -8,18 +8,32 @@ background, driven in-process, and led by another process).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from cadence.api.app import create_app
 from cadence.api.security import create_key
-from cadence.engine.campaign import Campaign, ChannelPolicy, CompiledRuleset, GlobalSettings, TemplateSpec
+from cadence.connectors.delivery import Dispatcher
+from cadence.engine.campaign import (
+    DAY_MS,
+    Campaign,
+    Cap,
+    ChannelPolicy,
+    CompiledRuleset,
+    GlobalSettings,
+    TemplateSpec,
+)
+from cadence.plugins.manager import build_connectors, make_plugin_manager
 from cadence.runtime import Runtime, open_runtime
+from cadence.store.schema.sends import sends
 
 RULES = CompiledRuleset(
     hash="fresh-v1",
@@ -210,3 +224,85 @@ def test_a_data_request_finds_the_customer_an_identify_just_created(runtime: Run
     _identify(client, keys, "u2")
     erased = client.delete("/v1/customers/u2", headers=keys["admin"])
     assert erased.status_code == 200 and erased.json()["events_removed"] == 1, erased.text
+
+
+CAPPED = CompiledRuleset(
+    hash="fresh-capped-v1",
+    campaigns={
+        "news": Campaign(
+            name="news",
+            title="News",
+            priority=1,
+            audience=None,
+            template=TemplateSpec("news"),
+            channels=ChannelPolicy(("email", "sms")),
+        )
+    },
+    segments={},
+    settings=GlobalSettings(
+        default_zone="Europe/Berlin", caps=(Cap(count=1, window_ms=7 * DAY_MS, scope="customer"),)
+    ),
+    aggregates=frozenset(),
+)
+
+
+def test_a_sends_own_feedback_settles_it_so_it_still_counts_for_the_caps(runtime: Runtime) -> None:
+    """Feedback naming a decision whose send is still queued says the message reached the customer.
+
+    In a run in simulated time (decisions with ``at`` in the past) the dispatcher's wall clock is
+    behind: the send's own ``Unsubscribed`` used to reach the dispatcher first, which suppressed
+    the send as opted out; it then no longer counted, and the next decision that day broke the cap.
+    """
+    app = create_app(runtime=runtime, background=False)
+    client = TestClient(app)
+    keys = _keys(runtime)
+    app.state.ruleset = CAPPED
+    r = client.post(
+        "/v1/identify",
+        json={
+            "userId": "u1",
+            "traits": {"timezone": "Europe/Berlin", "email": "u1@example.com", "phone": "+14155550101"},
+        },
+        headers=keys["ingest"],
+    )
+    assert r.status_code == 200, r.text
+    first = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": AT, "mode": "commit"}, headers=keys["decide"]
+    ).json()
+    assert first["action"] == "send", first
+    feedback = {"decision_id": first["decision_id"], "channel": first["channel"]}
+    send_at = datetime.fromisoformat(first["send_at"])
+    r = client.post(
+        "/v1/track",
+        json={
+            "userId": "u1",
+            "event": "Unsubscribed",
+            "properties": feedback,
+            "timestamp": (send_at + timedelta(minutes=5)).isoformat(),
+        },
+        headers=keys["ingest"],
+    )
+    assert r.status_code == 200, r.text
+    app.state.engine_loop.catch_up()
+
+    with runtime.engine.connect() as conn:
+        status, why = conn.execute(
+            select(sends.c.status, sends.c.last_error).where(sends.c.decision_id == first["decision_id"])
+        ).one()
+    assert status == "sent" and why.startswith("settled: Unsubscribed arrived before cadence sent it"), why
+    # The dispatcher does not deliver it again, nor suppress it.
+    registry = build_connectors(
+        runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
+    )
+    report = asyncio.run(Dispatcher(engine=runtime.engine, route=registry.route).drain())
+    assert report.sent == 0 and report.suppressed == 0, report
+    with runtime.engine.connect() as conn:
+        assert conn.execute(select(sends.c.status)).scalars().all() == ["sent"]
+
+    # An hour after it went out, on the channel left: the customer cap (1 a week) still counts it.
+    later = (send_at + timedelta(hours=1)).isoformat()
+    second = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": later, "mode": "commit"}, headers=keys["decide"]
+    ).json()
+    assert second["action"] == "none", second
+    assert any(s["reason"] == "cap" for s in second["explanation"]["suppressions"]), second["explanation"]

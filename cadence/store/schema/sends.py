@@ -8,7 +8,8 @@ so enqueuing the same send twice is a no-op and a restart never sends twice.
 Statuses: ``queued`` -> ``sending`` -> ``sent`` | ``failed`` (dead letter, with the
 provider's error) | ``suppressed`` (opted out, capped, or inside ``then drop`` quiet hours at
 dispatch time) | ``expired`` (campaign ended before it was due, or before quiet hours let it
-go). A send the dispatcher defers (quiet hours, spacing) stays ``queued`` with a later
+go). A queued send whose own feedback (delivered, clicked, unsubscribed...) arrives first is
+settled ``sent`` without being sent (:func:`cadence.engine.sendqueue.settle_reached`). A send the dispatcher defers (quiet hours, spacing) stays ``queued`` with a later
 ``due_ms``; ``last_error`` says why (see :mod:`cadence.connectors.dispatch_rules`).
 """
 
