@@ -9,10 +9,22 @@ and a generic set that works for every channel otherwise; each carries
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
-__all__ = ["CHANNELS", "FEEDBACK_EVENTS", "Feedback", "feedback_aggregate", "feedback_kind", "feedback_of"]
+__all__ = [
+    "CHANNELS",
+    "FEEDBACK_EVENTS",
+    "Feedback",
+    "decision_id_problem",
+    "feedback_aggregate",
+    "feedback_channel",
+    "feedback_kind",
+    "feedback_of",
+    "feedback_warnings",
+]
 
 #: Every channel name the language accepts; a ruleset may only use those an
 #: installed connector offers.
@@ -110,7 +122,109 @@ def feedback_of(event: str | None, properties: Mapping[str, object]) -> tuple[st
     kind = feedback_kind(event)
     if kind is None:
         return None
-    channel = properties.get("channel") or IMPLIED_CHANNEL.get(event or "")
-    if not isinstance(channel, str) or not channel:
+    channel = feedback_channel(event, properties)
+    if channel is None:
         return None
     return channel, kind
+
+
+def feedback_channel(event: str | None, properties: Mapping[str, object]) -> str | None:
+    """The channel a feedback event names: ``properties.channel`` when it is a string, else the event name's.
+
+    A channel of another type (a number, a list) is read as no channel, as
+    :func:`feedback_warnings` tells the sender, rather than as its text.
+
+    >>> feedback_channel("Email Opened", {"channel": ["sms"]}), feedback_channel("Message Opened", {"channel": "sms"})
+    ('email', 'sms')
+    >>> feedback_channel("Unsubscribed", {"channel": 5}) is None
+    True
+    """
+    channel = properties.get("channel")
+    if isinstance(channel, str) and channel:
+        return channel
+    return IMPLIED_CHANNEL.get(event or "")
+
+
+#: The shapes of the decision ids cadence makes: 32 hex digits (``POST /v1/decisions``,
+#: :func:`cadence.engine.decisions_service.make_decision`) or ``push-`` and 24 (a pushed send,
+#: :func:`cadence.scheduler.push.push_decision_id`).
+_DECISION_ID = re.compile(r"(?:push-[0-9a-f]{24}|[0-9a-f]{32})")
+
+
+def _kind_of(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+
+
+def decision_id_problem(value: object) -> str | None:
+    """What keeps ``properties.decision_id`` from naming a decision, or None when it has a decision id's shape.
+
+    Only the shape: whether such a decision exists is known when the engine loop joins the
+    feedback (:class:`cadence.engine.learning.LearnerSubscriber` logs it), never on the ingest path.
+
+    >>> decision_id_problem("5f0c1e2d3c4b5a69788796a5b4c3d2e1") is None
+    True
+    >>> decision_id_problem(12345)
+    'a number (12345), not a decision id: decision ids are strings of 32 hex digits, as POST /v1/decisions answers'
+    >>> decision_id_problem("d-1")
+    "'d-1' is not a decision id: decision ids are 32 hex digits, as POST /v1/decisions answers"
+    """
+    if isinstance(value, str):
+        if _DECISION_ID.fullmatch(value):
+            return None
+        return f"{value[:80]!r} is not a decision id: decision ids are 32 hex digits, as POST /v1/decisions answers"
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return (
+        f"{_kind_of(value)} ({shown}), not a decision id: decision ids are strings of 32 hex digits, "
+        "as POST /v1/decisions answers"
+    )
+
+
+def feedback_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[str, str]]:
+    """``(field, warning)`` for each feedback field a track call gives that cadence cannot use.
+
+    A feedback event (:data:`FEEDBACK_EVENTS`) is joined to its decision by a string
+    ``properties.decision_id`` and counted per channel by a string ``properties.channel``;
+    anything else was stored and silently taught nothing. The event is stored all the same:
+    this says what it will not do.
+
+    >>> feedback_warnings({"event": "Message Clicked", "properties": {"decision_id": 12345}}, "track")
+    [('properties.decision_id', 'a number (12345), not a decision id: decision ids are strings of 32 hex digits, as POST /v1/decisions answers; the feedback is stored but joins no decision, so the learners do not learn from it')]
+    >>> feedback_warnings({"event": "Message Clicked", "properties": {"channel": ["sms"]}}, "track")
+    [('properties.channel', "an array (['sms']), not a channel name such as 'email': the event is stored and read as naming no channel")]
+    >>> feedback_warnings({"event": "Order Completed", "properties": {"decision_id": 12345}}, "track")
+    []
+    """
+    if call_type != "track":
+        return []
+    event = payload.get("event")
+    properties = payload.get("properties")
+    if not isinstance(event, str) or event not in FEEDBACK_EVENTS or not isinstance(properties, Mapping):
+        return []
+    found: list[tuple[str, str]] = []
+    decision_id = properties.get("decision_id")
+    if decision_id is not None:
+        problem = decision_id_problem(decision_id)
+        if problem is not None:
+            found.append(
+                (
+                    "properties.decision_id",
+                    f"{problem}; the feedback is stored but joins no decision, so the learners do not learn from it",
+                )
+            )
+    channel = properties.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        shown = repr(channel)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        found.append(
+            (
+                "properties.channel",
+                f"{_kind_of(channel)} ({shown}), not a channel name such as 'email': "
+                "the event is stored and read as naming no channel",
+            )
+        )
+    return found

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
+from cadence.channels import Feedback, feedback_channel, feedback_kind
 from cadence.engine.events import LoggedEvent
 from cadence.store.fast import dialect_sql, execute_many
 from cadence.store.schema.dashboard import FEEDBACK_KINDS
@@ -55,7 +55,7 @@ def feedback_key(event: LoggedEvent) -> tuple[str, str, int, str] | None:
     if kind is None:
         return None
     props = event.properties
-    channel = props.get("channel") or IMPLIED_CHANNEL.get(event.event or "") or ""
+    channel = feedback_channel(event.event, props) or ""
     campaign = props.get("campaign") or ""
     return str(campaign)[:200], str(channel)[:32], event.ts_ms // DAY_MS, kind.value
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, select
 
-from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
+from cadence.channels import Feedback, feedback_channel, feedback_kind
 from cadence.engine.events import LoggedEvent
 from cadence.store.fast import (
     array_literal,
@@ -140,11 +140,11 @@ def consent_changes(event: LoggedEvent) -> list[tuple[str, bool | None, str]]:
         return changes
     kind = feedback_kind(event.event)
     if kind in (Feedback.UNSUBSCRIBED, Feedback.SPAM_REPORT):
-        channel = props.get("channel") or IMPLIED_CHANNEL.get(event.event or "") or "all"
-        changes.append((str(channel), False, f"{kind.value}:{event.source}"))
+        channel = feedback_channel(event.event, props) or "all"
+        changes.append((channel, False, f"{kind.value}:{event.source}"))
     elif kind is Feedback.BOUNCED and props.get("bounce_type", "hard") != "soft":
-        channel = props.get("channel") or IMPLIED_CHANNEL.get(event.event or "") or "email"
-        changes.append((str(channel), False, f"{BOUNCE}{event.source}"))
+        channel = feedback_channel(event.event, props) or "email"
+        changes.append((channel, False, f"{BOUNCE}{event.source}"))
     return changes
 
 

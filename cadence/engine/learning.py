@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, update
 
-from cadence.channels import Feedback, feedback_kind
+from cadence.channels import Feedback, decision_id_problem, feedback_kind
 from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
 from cadence.engine.sendqueue import REACHED, settle_reached
@@ -209,6 +209,26 @@ _QUEUED = (
     .exists()
     .label("queued")
 )
+
+
+#: The decision ids already reported as joining no decision (bounded: each is logged once per process).
+_REPORTED_IDS: set[str] = set()
+
+
+def _unjoined(event_id: int, decision_id: object, why: str) -> None:
+    """Log, once per value, that a feedback event's ``properties.decision_id`` joins no decision
+    (the API's answer already warned about a wrong shape; an import or a webhook only here)."""
+    key = repr(decision_id)[:100]
+    if key in _REPORTED_IDS or len(_REPORTED_IDS) >= 1000:
+        return
+    _REPORTED_IDS.add(key)
+    log.warning(
+        "event %d: properties.decision_id %s joins no decision (%s): the learners do not learn from it "
+        "(said once per value)",
+        event_id,
+        key,
+        why,
+    )
 
 
 class LearnerSubscriber:
@@ -402,8 +422,10 @@ class LearnerSubscriber:
             kind = feedback_kind(event.event)
             decision_id = event.properties.get("decision_id")
             if kind is not None and isinstance(decision_id, str):
-                zone = self._known(conn, decision_id, kind, event.ts_ms, event.event or kind.value)
+                zone = self._known(conn, decision_id, kind, event.ts_ms, event.event or kind.value, event.id)
                 self.learner.observe(decision_id=decision_id, kind=kind, ts_ms=event.ts_ms, zone=zone)
+            elif kind is not None and decision_id is not None:
+                _unjoined(event.id, decision_id, decision_id_problem(decision_id) or "not a string")
             self.learner.position = event.id
             self._since_snapshot += 1
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
@@ -438,7 +460,7 @@ class LearnerSubscriber:
         self._backfill = None if until_ms >= last else (max(done, upto), last)
 
     def _known(
-        self, conn: Connection, decision_id: str, feedback: Feedback, ts_ms: int, event: str
+        self, conn: Connection, decision_id: str, feedback: Feedback, ts_ms: int, event: str, event_id: int
     ) -> str | None:
         """Note the outcome on the stored decision; re-register it with the learner if it forgot it.
 
@@ -450,6 +472,11 @@ class LearnerSubscriber:
         """
         row = conn.execute(select(*_REGISTERED, _QUEUED).where(decisions.c.id == decision_id)).first()
         if row is None:
+            # (a preview's id, another server's, a typo): the API could not tell at ingest
+            # without a query per event, so it is said here, where the query is made anyway
+            _unjoined(
+                event_id, decision_id, decision_id_problem(decision_id) or "no committed decision has this id"
+            )
             return None
         kind = feedback.value
         outcome = dict(row.outcome or {})

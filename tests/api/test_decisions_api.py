@@ -257,3 +257,55 @@ def test_a_hard_bounce_is_said_as_a_bounced_address_not_an_opt_out(
         assert r.status_code == 200, r.text
         held = {(s["reason"], s["channel"]) for s in r.json()["explanation"]["suppressions"]}
         assert r.json()["action"] == "none" and held == {("consent", "sms"), ("bounced", "email")}, held
+
+
+def test_feedback_whose_decision_id_cannot_join_a_decision_is_accepted_with_a_warning(
+    setup: tuple[TestClient, dict[str, dict[str, str]], object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decision id of the wrong type or shape is named in the answer (the event is stored all the
+    same); a well-shaped id no decision has is said by the engine loop, which looks it up anyway."""
+    client, keys, app = setup
+    app.state.ruleset = RULES  # type: ignore[attr-defined]
+    body = {"customer_id": "u1", "at": "2026-03-04T22:30:00+01:00", "mode": "commit"}
+    committed = client.post("/v1/decisions", json=body, headers=keys["decide"]).json()  # type: ignore[arg-type]
+    did = committed["decision_id"]
+
+    def clicked(decision_id: object, channel: object = "email", **extra: object) -> dict[str, object]:
+        props = {"decision_id": decision_id, "channel": channel}
+        at = committed["send_at"]
+        return {"userId": "u1", "event": "Email Link Clicked", "properties": props, "timestamp": at, **extra}
+
+    r = client.post("/v1/track", json=clicked(12345), headers=keys["ingest"])  # type: ignore[arg-type]
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    [warning] = r.json()["warnings"]
+    assert warning["field"] == "properties.decision_id"
+    assert warning["warning"].startswith("a number (12345), not a decision id: decision ids are strings")
+    assert "the learners do not learn from it" in warning["warning"]
+    batch = {
+        "batch": [
+            {"type": "track", **clicked(did)},
+            {"type": "track", **clicked(did[:8])},
+            {"type": "track", **clicked(did, channel=["sms"], messageId="list-channel")},
+            {"type": "track", **clicked(7), "event": "Order Completed"},  # not feedback: no warning
+        ]
+    }
+    r = client.post("/v1/batch", json=batch, headers=keys["ingest"])  # type: ignore[arg-type]
+    assert r.status_code == 200 and r.json()["accepted"] == 4
+    assert [(w["index"], w["field"]) for w in r.json()["warnings"]] == [
+        (1, "batch.1.properties.decision_id"),
+        (2, "batch.2.properties.channel"),
+    ]
+    assert f"{did[:8]!r} is not a decision id" in r.json()["warnings"][0]["warning"]
+    # Well shaped but no decision's: no query on the ingest path, so no warning there ...
+    unknown = "0" * 32
+    r = client.post("/v1/track", json=clicked(unknown), headers=keys["ingest"])  # type: ignore[arg-type]
+    assert r.status_code == 200 and "warnings" not in r.json()
+    with caplog.at_level("WARNING", logger="cadence.learners"):
+        app.state.engine_loop.catch_up()  # type: ignore[attr-defined]
+    # ... the engine loop names it (and the wrong-typed one, as it would an imported event's)
+    said = [m for m in caplog.messages if "joins no decision" in m]
+    assert any(f"'{unknown}' joins no decision (no committed decision has this id)" in m for m in said)
+    assert any("decision_id 12345 joins no decision (a number (12345)" in m for m in said)
+    learners = next(s for s in app.state.engine_loop.subscribers if isinstance(s, LearnerSubscriber))  # type: ignore[attr-defined]
+    assert learners.learner.pending[did].engaged  # the well-formed one joined
+    assert "12345" not in learners.learner.pending and 12345 not in learners.learner.pending

@@ -138,6 +138,21 @@ def test_consent_from_traits_events_and_unsubscribes(runtime: Runtime) -> None:
         assert may_send(conn, cid, "sms") is False
 
 
+def test_an_unsubscribe_whose_channel_is_not_a_name_refuses_every_channel(runtime: Runtime) -> None:
+    """A channel of another type is read as no channel (the API's answer warns), so the customer's
+    refusal holds everywhere, not for a channel named "['sms']" that nothing sends on."""
+    ingest(
+        runtime,
+        ev(1, "identify", userId="u1", traits={"consent": {"email": True, "sms": True}}),
+        ev(2, event="Unsubscribed", userId="u1", properties={"channel": ["sms"]}),
+    )
+    EngineLoop(runtime).catch_up()
+    cid = customer(runtime, "u1")
+    with runtime.engine.connect() as conn:
+        assert may_send(conn, cid, "sms") is False and may_send(conn, cid, "email") is False
+        assert set(consent_of(conn, cid)) == {"all", "email", "sms"}
+
+
 def stream() -> list[dict[str, Any]]:
     calls = []
     for i in range(60):

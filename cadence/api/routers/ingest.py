@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from cadence.api.cors import PathCORS
 from cadence.api.security import Principal, check_key, presented_key
+from cadence.channels import feedback_warnings
 from cadence.clock import now_ms
 from cadence.engine.events import NewEvent, parse_call
 from cadence.engine.ingest import IngestResult, record_events
@@ -83,6 +84,12 @@ class Rejected(BaseModel):
     error: str
 
 
+def _warnings(payload: Any, call_type: str) -> list[tuple[str, str]]:
+    """``(field, warning)`` for what an accepted call gives that cadence cannot use: a time zone
+    the profile cannot read, a feedback event's decision id or channel of the wrong shape."""
+    return zone_warnings(payload, call_type) + feedback_warnings(payload, call_type)
+
+
 async def _body(request: Request, limit: int) -> Any:
     raw = await request.body()
     if len(raw) > limit:
@@ -110,7 +117,7 @@ def _single(call_type: str) -> Any:
         body = await _body(request, request.app.state.settings.max_call_bytes)
         event = parse_call(body, received_ms=now_ms(), call_type=call_type)
         result = await _store(request, [event], "api")
-        warned = [IngestWarning(field=f, warning=w) for f, w in zone_warnings(body, call_type)]
+        warned = [IngestWarning(field=f, warning=w) for f, w in _warnings(body, call_type)]
         return IngestResponse(accepted=result.accepted, duplicates=result.duplicates, warnings=warned or None)
 
     endpoint.__name__ = f"ingest_{call_type}"
@@ -158,7 +165,7 @@ async def ingest_batch(request: Request, _principal: IngestPrincipal) -> JSONRes
         except EventError as exc:
             rejected.append({"index": index, "field": exc.field, "error": str(exc)})
             continue
-        for where, warning in zone_warnings(item, str(item.get("type"))):
+        for where, warning in _warnings(item, str(item.get("type"))):
             warned.append({"index": index, "field": f"batch.{index}.{where}", "warning": warning})
     result = await _store(request, good, "api")
     content: dict[str, Any] = {

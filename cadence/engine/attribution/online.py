@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection
 
-from cadence.channels import IMPLIED_CHANNEL, Feedback, feedback_kind
+from cadence.channels import Feedback, feedback_channel, feedback_kind
 from cadence.engine.attribution import heuristics
 from cadence.engine.attribution.grouping import DEFAULT_CHANNEL_RULES, group_channel
 from cadence.engine.attribution.journeys import DAY_MS, AttributionError, Journeys
@@ -171,7 +171,7 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     props = event.properties
     kind = feedback_kind(event.event) if event.type == "track" else None
     if kind in (Feedback.SENT, Feedback.CLICKED):
-        channel = props.get("channel") or IMPLIED_CHANNEL.get(event.event or "")
+        channel = feedback_channel(event.event, props)
         if isinstance(channel, str) and channel:
             return channel, str(props.get("campaign") or "")
         return None
