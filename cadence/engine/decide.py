@@ -23,6 +23,7 @@ Every campaign that is not chosen carries at least one :class:`Suppression`.
 from __future__ import annotations
 
 import hashlib
+import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -248,6 +249,8 @@ def _candidate(
     unsubscribe: float,
     explored: bool,
     arm: str | None,
+    draw: float | None = None,
+    mean: float | None = None,
 ) -> Candidate:
     """``Candidate(...)`` with every field given, made without the frozen dataclass's ``__init__``.
 
@@ -268,7 +271,33 @@ def _candidate(
     d["unsubscribe"] = unsubscribe
     d["explored"] = explored
     d["arm"] = arm
+    d["draw"] = draw
+    d["mean"] = mean
     return c
+
+
+def _expected(c: Candidate) -> float:
+    """The candidate's value at the posterior mean when the scorer said it, else its score."""
+    return c.score if c.mean is None else c.mean
+
+
+def _score_said(c: Candidate) -> str:
+    """A candidate's score as a person compares it: the drawn value, or what the learners ranked it by instead.
+
+    >>> _score_said(Candidate("c", "email", 0, 0.0123, draw=0.0123, mean=0.02))
+    '0.0123'
+    >>> _score_said(Candidate("c", "email", 0, 3.7e-8, draw=-0.0104, mean=0.037))
+    'a draw of -0.0104 at or below zero (expected value 0.0370)'
+    >>> _score_said(Candidate("c", "email", 0, 0.0, draw=0.012, mean=-0.003))
+    '0 (a draw of 0.0120; expected value -0.0030 is not worth a send)'
+    """
+    if c.draw is None or c.mean is None or c.score == c.draw:
+        return f"{c.score:.4f}"
+    if c.score == -math.inf:
+        return f"held back (a draw of {c.draw:.4f}, expected value {c.mean:.4f})"
+    if c.score > 0:
+        return f"a draw of {c.draw:.4f} at or below zero (expected value {c.mean:.4f})"
+    return f"{c.score:.4g} (a draw of {c.draw:.4f}; expected value {c.mean:.4f} is not worth a send)"
 
 
 def _suppression(campaign: str, reason: str, detail: str, channel: str | None = None) -> Suppression:
@@ -696,8 +725,8 @@ def decide(
                     _suppression(
                         c.campaign,
                         "score",
-                        f"best expected value {c.score:.4f} <= 0 (engagement {c.engagement:.3f}, "
-                        f"unsubscribe {c.unsubscribe:.4f})",
+                        f"best expected value {c.score if c.mean is None else c.mean:.4f} <= 0 "
+                        f"(engagement {c.engagement:.3f}, unsubscribe {c.unsubscribe:.4f})",
                         c.channel,
                     )
                 )
@@ -735,7 +764,7 @@ def decide(
                     loser.campaign,
                     "priority",
                     f"tie on priority {wcamp.priority}; "
-                    f"{wcamp.name} scored {winner.score:.4f} > {loser.score:.4f}",
+                    f"{wcamp.name} scored {_score_said(winner)} > {_score_said(loser)}",
                 )
             )
         else:
@@ -754,21 +783,23 @@ def decide(
     variables = wcamp.template.variables(ctx)
     notes: list[str] = []
     if wplan.variants:
+        # Variants compared by expected value (the posterior mean's), as "explored" is decided: a
+        # variant the minimum exploration share held back scores -inf, and draws are this decision's.
         per_arm: dict[str, Candidate] = {}
         for c in candidates:
             if (
                 c.campaign == wcamp.name
                 and c.arm is not None
-                and (c.arm not in per_arm or c.score > per_arm[c.arm].score)
+                and (c.arm not in per_arm or _expected(c) > _expected(per_arm[c.arm]))
             ):
                 per_arm[c.arm] = c
-        ranked = sorted(per_arm.values(), key=lambda c: -c.score)
+        ranked = sorted(per_arm.values(), key=lambda c: -_expected(c))
         if len(ranked) > 1:
             first, second = ranked[0], ranked[1]
             how = "explored (minimum exploration share or posterior draw)" if winner.explored else "exploited"
             notes.append(
                 f"variant {winner.arm!r} {how}; best variant {first.arm!r} "
-                f"by {first.score - second.score:.4f} "
+                f"by {_expected(first) - _expected(second):.4f}{' in expected value' if first.mean is not None else ''} "
                 f"over {second.arm!r} (expected engagement {first.engagement:.3f} vs {second.engagement:.3f})"
             )
     if winner.explored and not wplan.variants:
@@ -818,6 +849,10 @@ class BulkScores:
     engagement: np.ndarray
     unsubscribe: np.ndarray
     explored: np.ndarray
+    #: The drawn values and the values at the posterior mean, when ``score`` is made from them
+    #: (see :class:`~cadence.engine.decision.Candidate`); None: not known.
+    draw: np.ndarray | None = None
+    mean: np.ndarray | None = None
 
 
 class BulkScorer(Protocol):
@@ -836,17 +871,29 @@ class BulkScorer(Protocol):
 
 
 #: Each group's best option, as lists in group order: the offset of its send time in the
-#: group's list, its score, engagement, unsubscribe and exploration flag.
-GroupBests = tuple[list[int], list[float], list[float], list[float], list[bool]]
+#: group's list, its score, engagement, unsubscribe, exploration flag, drawn value and value at
+#: the posterior mean (Nones when the scorer does not say). A scorer's ``best_options`` may
+#: answer with the first five only.
+GroupBests = tuple[
+    list[int], list[float], list[float], list[float], list[bool], list[float | None], list[float | None]
+]
 
 
 def group_bests(res: BulkScores, n_groups: int) -> GroupBests:
     """Each group's best option of a bulk scorer's answer: its highest score, the earliest of equals.
 
+    A group scored -inf throughout (a variant the minimum exploration share held back) is shown
+    at its best drawn value, where it would have been sent.
+
     >>> res = BulkScores(bounds=range(0, 5, 2), score=np.array([0.1, 0.3, 0.2, 0.2]),
     ...                  engagement=np.zeros(4), unsubscribe=np.zeros(4), explored=np.zeros(4, dtype=bool))
     >>> group_bests(res, 2)[:2]
     ([1, 0], [0.3, 0.2])
+    >>> held = BulkScores(bounds=range(0, 5, 2), score=np.array([0.1, 0.3, -np.inf, -np.inf]),
+    ...                   engagement=np.zeros(4), unsubscribe=np.zeros(4), explored=np.zeros(4, dtype=bool),
+    ...                   draw=np.array([0.1, 0.3, 0.1, 0.4]), mean=np.array([0.2, 0.2, 0.25, 0.3]))
+    >>> group_bests(held, 2)[0], group_bests(held, 2)[5:]
+    ([1, 1], ([0.3, 0.4], [0.2, 0.3]))
     """
     total = int(res.bounds[-1])
     width = total // n_groups if n_groups else 0
@@ -873,12 +920,21 @@ def group_bests(res: BulkScores, n_groups: int) -> GroupBests:
         # The first maximum of each group: the earliest of equally good times.
         best = at_max[np.searchsorted(at_max, starts)]
         offset = (best - starts).tolist()
+    draw = res.draw
+    if draw is not None and n_groups:
+        for k in np.flatnonzero(res.score[best] == -np.inf).tolist():
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            j = int(np.argmax(draw[lo:hi]))
+            best[k], offset[k] = lo + j, j
+    none: list[float | None] = [None] * n_groups
     return (
         offset,
         res.score[best].tolist(),
         res.engagement[best].tolist(),
         res.unsubscribe[best].tolist(),
         res.explored[best].tolist(),
+        none if draw is None else draw[best].tolist(),
+        none if res.mean is None else res.mean[best].tolist(),
     )
 
 
@@ -910,7 +966,8 @@ def _score_in_bulk(
     else:
         res = scorer.score_options(profile=profile, groups=groups, now_ms=now_ms, seed=seed)
         picked = group_bests(res, len(groups))
-    offset, score, engagement, unsubscribe, explored = picked
+    offset, score, engagement, unsubscribe, explored = picked[:5]
+    draws, means = (picked[5], picked[6]) if len(picked) > 5 else ([None] * len(groups),) * 2
     out = []
     top: dict[str, Candidate] = {}
     # A campaign's groups are consecutive (one plan each): its best is kept in locals until the next
@@ -918,12 +975,12 @@ def _score_in_bulk(
     top_name = ""
     top_cand: Candidate | None = None
     top_value, top_send, top_rank = 0.0, 0, 0
-    for (campaign, channel, arm, times), k, value, eng, uns, expl, rank in zip(
-        groups, offset, score, engagement, unsubscribe, explored, ranks, strict=True
+    for (campaign, channel, arm, times), k, value, eng, uns, expl, drawn, mean, rank in zip(
+        groups, offset, score, engagement, unsubscribe, explored, draws, means, ranks, strict=True
     ):
         name = campaign.name
         send_at = times[k]
-        cand = _candidate(name, channel, send_at, value, eng, uns, expl, arm)
+        cand = _candidate(name, channel, send_at, value, eng, uns, expl, arm, drawn, mean)
         out.append(cand)
         # Highest (score, -send time, -channel rank); the first of equals stays.
         if name != top_name:

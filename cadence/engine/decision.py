@@ -84,6 +84,13 @@ class Candidate:
     unsubscribe: float = 0.0  # expected unsubscribe probability
     explored: bool = False  # chosen by exploration rather than exploitation
     arm: str | None = None  # split arm / variant
+    # What the score was made from (None without the learners). ``score`` is the drawn value,
+    # except where the learners rank by something else: a draw at or below zero of an option
+    # worth sending scores a millionth of its value (above every option not worth it, below every
+    # positive draw), a positive draw of one not worth sending scores 0, a variant held back by
+    # the minimum exploration share scores -inf. These say what the learners saw there.
+    draw: float | None = None  # the posterior draw's value: click value x drawn P(engagement) - risk
+    mean: float | None = None  # the value at the posterior mean: click value x engagement - risk
 
 
 class Scorer(Protocol):

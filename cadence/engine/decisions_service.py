@@ -283,6 +283,9 @@ def explain(decision: Decision, *, zone: str | None, fallback_zone: str) -> dict
                 "unsubscribe": round(float(c.unsubscribe), 6),
                 "explored": c.explored,
                 "arm": c.arm,
+                # what the score was made from (null without the learners): see Candidate
+                "draw": None if c.draw is None else round(float(c.draw), 6),
+                "mean": None if c.mean is None else round(float(c.mean), 6),
             }
             for c in sorted(decision.candidates, key=lambda c: -c.score)
         ],

@@ -1366,6 +1366,7 @@ class DecisionLearner:
             np.subtract(probs[1], draw_risk, out=probs[1]) if value == 1.0 else value * probs[1] - draw_risk
         )
         mean_score = (p_eng if value == 1.0 else value * p_eng) - risk
+        drawn = score.copy()  # what the explanation shows beside the score the fix-ups below make
         # Whether to send at all: a draw below zero only holds a send back when the posterior
         # mean agrees; otherwise a new campaign would be withheld at random while it is unknown.
         # (With volume_optimism: whether the value is positive with the customer's effect raised.)
@@ -1388,6 +1389,7 @@ class DecisionLearner:
         explored = mean_score < per_option(camp_best_of) - 1e-12
         p_uns = np.repeat(ch_rates, rep) if timing is None else (per_option(ch_rates) * timing).reshape(-1)
         score, p_eng, explored = score.reshape(-1), p_eng.reshape(-1), explored.reshape(-1)
+        drawn, mean_score = drawn.reshape(-1), mean_score.reshape(-1)
         # Variants: with the campaign's minimum share, explore one variant picked at random.
         if any_arm and any(g.campaign.learn_variants for g in groups):
             pyrng = random.Random(seed)
@@ -1408,7 +1410,15 @@ class DecisionLearner:
                         score[lo:hi] = -np.inf
                     else:
                         explored[lo:hi] = True
-        res = BulkScores(bounds=bounds, score=score, engagement=p_eng, unsubscribe=p_uns, explored=explored)
+        res = BulkScores(
+            bounds=bounds,
+            score=score,
+            engagement=p_eng,
+            unsubscribe=p_uns,
+            explored=explored,
+            draw=drawn,
+            mean=mean_score,
+        )
         return group_bests(res, n_groups) if best else res
 
     def _parts_numpy(
@@ -1616,6 +1626,8 @@ class DecisionLearner:
         eng = np.empty(n_groups)
         uns = np.empty(n_groups)
         explored = np.empty(n_groups, dtype=bool)
+        draws = np.empty(n_groups)
+        means = np.empty(n_groups)
         kern(
             per_group[0],
             per_group[1],
@@ -1643,8 +1655,18 @@ class DecisionLearner:
             eng,
             uns,
             explored,
+            draws,
+            means,
         )
-        return at.tolist(), score.tolist(), eng.tolist(), uns.tolist(), explored.tolist()
+        return (
+            at.tolist(),
+            score.tolist(),
+            eng.tolist(),
+            uns.tolist(),
+            explored.tolist(),
+            draws.tolist(),
+            means.tolist(),
+        )
 
     def _best_shared(
         self,
@@ -1732,6 +1754,7 @@ class DecisionLearner:
         # - every drawn value is at or below zero (without volume_optimism, whose "worth" is not
         #   the mean value): the times worth sending score 1e-6 of their mean value, so the time
         #   with the best mean wins when that is positive ("low"), and the best draw otherwise.
+        drawn = None
         high = score > 2e-6 * max(1.0, value)
         if not cfg.explore_volume:
             high &= worth_value > 0
@@ -1762,13 +1785,26 @@ class DecisionLearner:
                 best_p, best_mean = p_top, group_best
             low = nonpos & (group_best > 0)
             if np.logical_or.reduce(low, axis=None):
+                # A low group is sent at its best mean value's time: its drawn value there, too.
+                rows = np.flatnonzero(low)
+                p_low = ndtr(z[1].reshape(-1).take(rows * n_times + best_at[rows]))
+                drawn = score.copy()
+                drawn[rows] = (p_low if value == 1.0 else value * p_low) - draw_risk[rows]
                 at = np.where(low, best_at, at)
                 score = np.where(low, best_low, score)
                 p_eng = np.where(low, best_p, p_eng)
                 mean_score = np.where(low, best_mean, mean_score)
         camp_best_of = _campaign_best_of(group_best, n_camps, camp_starts, camp_of)
         explored = mean_score < camp_best_of - 1e-12
-        return at.tolist(), score.tolist(), p_eng.tolist(), ch_rates.tolist(), explored.tolist()
+        return (
+            at.tolist(),
+            score.tolist(),
+            p_eng.tolist(),
+            ch_rates.tolist(),
+            explored.tolist(),
+            (score if drawn is None else drawn).tolist(),
+            mean_score.tolist(),
+        )
 
     def score(
         self, *, profile: Any, candidates: Sequence[Candidate], now_ms: int, seed: int
@@ -1798,6 +1834,8 @@ class DecisionLearner:
                 engagement=float(res.engagement[i]),
                 unsubscribe=float(res.unsubscribe[i]),
                 explored=bool(res.explored[i]),
+                draw=None if res.draw is None else float(res.draw[i]),
+                mean=None if res.mean is None else float(res.mean[i]),
             )
             for i, c in enumerate(candidates)
         ]

@@ -138,6 +138,8 @@ def best_of_groups(
     eng: Any,
     uns: Any,
     explored: Any,
+    draws: Any,
+    means: Any,
 ) -> None:
     """Each group's best option, as the numpy valuation picks it (compiled by :func:`_build`).
 
@@ -147,7 +149,8 @@ def best_of_groups(
     the channel's rate) and ``timing`` (per time; used when ``timed``); ``draw_g`` (per group, the
     drawn risk; used when ``drawn``, which is never ``timed``); ``rates_g`` (the channel rates,
     for the reported unsubscribe probability); ``camp_of`` (each group's campaign number);
-    scalars; :data:`TABLE`. Fills ``at``, ``score``, ``eng``, ``uns``, ``explored`` per group.
+    scalars; :data:`TABLE`. Fills ``at``, ``score``, ``eng``, ``uns``, ``explored``, and the chosen
+    option's drawn value and value at the posterior mean (``draws``, ``means``) per group.
 
     Every option's probit scores and risks are computed as in numpy; the normal CDF, about 150
     instructions a value, is first bracketed from :data:`TABLE` (``ndtr`` rises with its
@@ -327,6 +330,10 @@ def best_of_groups(
         uns[k] = rates_g[k] * timing[best_j] if timed else rates_g[k]
         group_best[k] = gb
         best_mean[k] = xm[best_j]
+        means[k] = xm[best_j]
+        # The drawn value before the score's fix-ups (one ndtr a group: the explanation shows it).
+        p1 = _ndtr(z1[best_j])
+        draws[k] = (p1 if value == 1.0 else value * p1) - draw[best_j]
     # Each campaign's best mean value (the groups' maximum, NaN propagating); explored when
     # the chosen option's mean value is below it.
     camp_best = np.full(n_camps, -np.inf)
@@ -522,7 +529,7 @@ _F = "float64[:]"  # any stride: (groups,) rows of the learners' (2 x groups) ar
 _SIGNATURE = (
     f"void({_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_F}, int64[:], int64,"
     " float64, float64, float64, boolean, boolean, boolean, boolean, float64[::1],"
-    " int64[::1], float64[::1], float64[::1], float64[::1], boolean[::1])"
+    " int64[::1], float64[::1], float64[::1], float64[::1], boolean[::1], float64[::1], float64[::1])"
 )
 
 

@@ -309,3 +309,58 @@ def test_feedback_whose_decision_id_cannot_join_a_decision_is_accepted_with_a_wa
     learners = next(s for s in app.state.engine_loop.subscribers if isinstance(s, LearnerSubscriber))  # type: ignore[attr-defined]
     assert learners.learner.pending[did].engaged  # the well-formed one joined
     assert "12345" not in learners.learner.pending and 12345 not in learners.learner.pending
+
+
+def test_candidates_show_the_draw_and_mean_value_behind_a_score_the_learners_replaced(
+    runtime: Runtime,
+) -> None:
+    """A draw at or below zero of an option worth sending ranks at a millionth of its value (shown
+    as 0.0), and a variant the minimum exploration share held back at -inf (null): the explanation
+    says what the learners drew and expected there, and compares variants by expected value."""
+    app = create_app(runtime=runtime, background=False)
+    app.state.ruleset = CompiledRuleset(
+        hash="variants",
+        campaigns={
+            "v": Campaign(
+                name="v",
+                title="Variants",
+                priority=1,
+                audience=None,
+                template=TemplateSpec("t"),
+                channels=ChannelPolicy(("email",)),
+                split=(SplitArm("x", 0.5, template="x"), SplitArm("y", 0.5, template="y")),
+                learn_variants=True,
+                min_explore=1.0,  # always hold one variant back
+            )
+        },
+        segments={},
+        settings=GlobalSettings(default_zone="Europe/Berlin"),
+        aggregates=frozenset(),
+    )
+    client = TestClient(app)
+    ingest = basic(create_key(runtime.engine, name="w", scopes=["ingest"]))
+    decide = basic(create_key(runtime.engine, name="d", scopes=["decide"]))
+    traits = {"timezone": "Europe/Berlin", "consent": {"email": True}}
+    assert (
+        client.post("/v1/identify", json={"userId": "u1", "traits": traits}, headers=ingest).status_code
+        == 200
+    )
+    app.state.engine_loop.catch_up()  # type: ignore[attr-defined]
+    low = None
+    for day in range(1, 29):
+        body = {"customer_id": "u1", "at": f"2026-03-{day:02d}T10:00:00+01:00"}
+        got = client.post("/v1/decisions", json=body, headers=decide).json()
+        explained = got["explanation"]
+        [held] = [c for c in explained["candidates"] if c["arm"] != got["arm"]]
+        assert held["score"] is None  # -inf: never chosen
+        assert isinstance(held["draw"], float) and held["mean"] == pytest.approx(0.037, abs=0.01)
+        assert "inf" not in explained["notes"][0] and " in expected value over " in explained["notes"][0]
+        for c in explained["candidates"]:
+            if c["score"] is not None and c["score"] == c["draw"]:
+                continue
+            if c["score"] is not None:
+                low = c
+        if low is not None:
+            break
+    assert low is not None, "no draw at or below zero in 28 decisions"
+    assert low["score"] == 0.0 and low["draw"] <= 0 < low["mean"]

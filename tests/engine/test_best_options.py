@@ -143,6 +143,8 @@ def test_compiled_valuation_follows_numpy_on_nan_and_ties() -> None:
         np.empty(n_groups),
         np.empty(n_groups),
         np.empty(n_groups, dtype=bool),
+        np.empty(n_groups),
+        np.empty(n_groups),
     )
     empty = np.empty(0)
     kern(pg0, pg1, pgv, tw0, tw1, tv, empty, 10.0 * rates, empty, empty, rates,
@@ -153,6 +155,7 @@ def test_compiled_valuation_follows_numpy_on_nan_and_ties() -> None:
     p1 = ndtr_(pg1[:, None] + tw1[None, :])
     risk = (10.0 * rates)[:, None]
     score, mean_score = p1 - risk, p0 - risk
+    drawn = score.copy()
     worth = mean_score > 0
     score = np.where(worth & (score <= 0), mean_score * 1e-6, score)
     score = np.where(~worth, np.minimum(score, 0.0), score)
@@ -163,6 +166,9 @@ def test_compiled_valuation_follows_numpy_on_nan_and_ties() -> None:
     assert np.array_equal(out[2], p0[rows, first], equal_nan=True)
     camp_best = np.maximum.reduceat(np.maximum.reduce(mean_score, axis=1), [0, 2])[[0, 0, 1]]
     assert out[4].tolist() == (mean_score[rows, first] < camp_best - 1e-12).tolist() == [False] * 3
+    # What the explanation shows: the drawn value (before the fix-ups) and the mean value there.
+    assert out[5].tolist() == drawn[rows, first].tolist()
+    assert np.array_equal(out[6], mean_score[rows, first], equal_nan=True)
 
 
 @pytest.fixture
