@@ -300,6 +300,21 @@ def _score_said(c: Candidate) -> str:
     return f"{c.score:.4g} (a draw of {c.draw:.4f}; expected value {c.mean:.4f} is not worth a send)"
 
 
+def _compared(winner: Candidate, loser: Candidate) -> str:
+    """Why ``winner`` scored higher, in the numbers a person compares.
+
+    >>> _compared(Candidate("w", "sms", 0, 0.03, draw=0.03, mean=0.02), Candidate("l", "sms", 0, 0.01))
+    '0.0300 > 0.0100'
+    >>> _compared(Candidate("w", "sms", 0, 3.7e-8, draw=-0.02, mean=0.037),
+    ...           Candidate("l", "sms", 0, 3.5e-8, draw=-0.01, mean=0.035))
+    'both draws at or below zero: expected value 0.0370 > 0.0350'
+    """
+    low = [c.draw is not None and c.mean is not None and c.draw <= 0 < c.score for c in (winner, loser)]
+    if all(low):
+        return f"both draws at or below zero: expected value {winner.mean:.4f} > {loser.mean:.4f}"
+    return f"{_score_said(winner)} > {_score_said(loser)}"
+
+
 def _suppression(campaign: str, reason: str, detail: str, channel: str | None = None) -> Suppression:
     """``Suppression(...)`` made as :func:`_candidate` makes candidates.
 
@@ -763,8 +778,7 @@ def decide(
                 _suppression(
                     loser.campaign,
                     "priority",
-                    f"tie on priority {wcamp.priority}; "
-                    f"{wcamp.name} scored {_score_said(winner)} > {_score_said(loser)}",
+                    f"tie on priority {wcamp.priority}; {wcamp.name} scored higher ({_compared(winner, loser)})",
                 )
             )
         else:

@@ -9,8 +9,9 @@ other campaigns and channels back.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
-from cadence.engine.decision import Candidate, Decision
+from cadence.engine.decision import Candidate, Decision, Suppression
 from cadence.engine.slots import local_datetime, zone_named
 
 __all__ = ["summarise"]
@@ -53,6 +54,73 @@ def _alike(a: Candidate, b: Candidate) -> bool:
     False
     """
     return f"{a.engagement:.1%} {a.unsubscribe:.2%}" == f"{b.engagement:.1%} {b.unsubscribe:.2%}"
+
+
+#: At most this many campaigns are named for one reason; the rest are counted.
+_NAMED = 6
+
+
+def _common(s: Suppression) -> str:
+    """What ``s`` says that the same cause says for other candidates: their own numbers left out.
+
+    >>> _common(Suppression("c", "score", "best expected value -0.0030 <= 0 (engagement 0.041, unsubscribe 0.0020)"))
+    'best expected value <= 0'
+    >>> _common(Suppression("c", "priority", "tie on priority 1; v scored higher (0.0263 > 0.0110)"))
+    'tie on priority 1; v scored higher'
+    >>> _common(Suppression("c", "cap", "campaign cap 1 per 7d reached", "sms"))
+    'campaign cap 1 per 7d reached'
+    """
+    if s.reason == "score":
+        return "best expected value <= 0"
+    if s.reason == "priority" and " scored higher (" in s.detail:
+        return s.detail.partition(" (")[0]
+    return s.detail
+
+
+def _names(names: list[str]) -> str:
+    """``a, b, c``, or the first few and how many more.
+
+    >>> _names([f"c{i}" for i in range(1, 10)])
+    'c1, c2, c3, c4, c5, c6 and 3 more'
+    """
+    if len(names) <= _NAMED:
+        return ", ".join(names)
+    return f"{', '.join(names[:_NAMED])} and {len(names) - _NAMED} more"
+
+
+@dataclass
+class _Held:
+    """Everything one reason held back: the chosen campaign's channels, other campaigns (with theirs)."""
+
+    channels: list[str] = field(default_factory=list)
+    campaigns: dict[str, list[str]] = field(default_factory=dict)
+    details: dict[str, None] = field(default_factory=dict)  # the distinct details, in order
+
+    def said(self, common: str, *, sending: bool) -> str:
+        """The reason once, with what it held: ``sms and c, v (detail)``, or ``c, v: detail (email, sms)``."""
+        detail = next(iter(self.details)) if len(self.details) == 1 else common
+        sets = {tuple(chs) for chs in self.campaigns.values()}
+        if len(sets) <= 1:
+            # The same channels for every campaign: named once, after the reason (one channel
+            # is left out: the detail usually names it, "opted out of sms").
+            who = _names(list(self.campaigns))
+            shared = next(iter(sets), ())
+            why = detail + (f" ({', '.join(shared)})" if len(shared) > 1 else "")
+        else:
+            by_channels: dict[tuple[str, ...], list[str]] = {}
+            for campaign, chs in self.campaigns.items():
+                by_channels.setdefault(tuple(chs), []).append(campaign)
+            who = ", ".join(
+                f"{_names(names)} ({', '.join(chs)})" if chs else _names(names)
+                for chs, names in by_channels.items()
+            )
+            why = detail
+        if not sending:
+            return f"{who}: {why}"
+        if not self.channels:
+            return f"{who} ({why})"
+        own = ", ".join(self.channels)
+        return f"{own} and {who} ({why})" if self.campaigns else f"{own} ({detail})"
 
 
 def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC") -> str:
@@ -102,13 +170,31 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     >>> "on Thu 05 Mar 09:00 +00:00 (deferred out of quiet hours): expected" in summarise(
     ...     replace(d, suppressions=[replace(later, campaign="winback")]), zone="UTC")
     True
+
+    A reason that held the chosen campaign's channel and other campaigns is said once; so is a
+    cause whose details differ only in each candidate's numbers:
+
+    >>> pushcap = [Suppression(c, "cap", "channel cap 1 per 1d on push reached", "push") for c in ("winback", "c", "v")]
+    >>> ties = [Suppression(c, "priority", f"tie on priority 1; winback scored higher (0.0300 > 0.0{n}00)")
+    ...         for n, c in ((2, "c"), (1, "v"))]
+    >>> summarise(replace(d, suppressions=[*pushcap, *ties]), zone="UTC").split("Not chosen: ")[1]
+    'push and c, v (channel cap 1 per 1d on push reached); c, v (tie on priority 1; winback scored higher).'
+    >>> low = [Suppression(c, "score", f"best expected value -0.00{n} <= 0 (engagement 0.01{n}, unsubscribe 0.0030)", ch)
+    ...        for n, (c, ch) in enumerate((("a", "email"), ("b", "email"), ("c", "sms")))]
+    >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0, suppressions=low), zone=None)
+    'Nothing to send. a, b (email), c (sms): best expected value <= 0.'
+    >>> many = [Suppression(f"c{i}", "trigger", "needs event 'Signed Up'") for i in range(1, 10)]
+    >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0, suppressions=many), zone=None)
+    "Nothing to send. c1, c2, c3, c4, c5, c6 and 3 more: needs event 'Signed Up'."
     """
     # One phrase per reason: a cap that holds every channel of a campaign is said once, naming
-    # the channels, and the campaigns a send outranked for one reason are named together.
+    # the channels, and the campaigns (and the chosen campaign's channels) a reason held are named
+    # together; reasons that differ only in one candidate's numbers are said once, without them.
     # A deferral out of quiet hours is noted as a "quiet" suppression; it says why a campaign was
     # not chosen only when nothing else held that campaign back.
+    sending = decision.action == "send" and decision.send_at_ms is not None
     others = {s.campaign for s in decision.suppressions if s.reason != "quiet"}
-    channels_of: dict[tuple[str, str], list[str]] = {}
+    reasons: dict[str, _Held] = {}
     for s in decision.suppressions:
         if s.campaign == decision.campaign and s.channel is None and s.reason == "priority":
             continue
@@ -120,21 +206,20 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
             and (s.channel is None or s.channel == decision.channel)
         ):
             continue
-        named = channels_of.setdefault((s.campaign, s.detail), [])
+        held_by = reasons.setdefault(_common(s), _Held())
+        held_by.details.setdefault(s.detail)
+        if sending and s.campaign == decision.campaign:
+            named = held_by.channels
+        else:
+            named = held_by.campaigns.setdefault(s.campaign, [])
         if s.channel is not None and s.channel not in named:
             named.append(s.channel)
-    held: list[str] = []
-    campaigns_of: dict[str, list[str]] = {}  # other campaigns held back, by reason (and channels)
-    for (campaign, detail), channels in channels_of.items():
-        if decision.action == "send" and campaign == decision.campaign:
-            held.append(f"{', '.join(channels)} ({detail})")
-        else:
-            why = detail + (f" ({', '.join(channels)})" if len(channels) > 1 else "")
-            campaigns_of.setdefault(why, []).append(campaign)
-    if decision.action != "send" or decision.send_at_ms is None:
-        held += [f"{', '.join(names)}: {why}" for why, names in campaigns_of.items()]
+    # The chosen campaign's own channels first, as a reader looks there first.
+    ordered = sorted(reasons.items(), key=lambda item: not item[1].channels)
+    held = [held_by.said(common, sending=sending) for common, held_by in ordered]
+    if not sending:
         return "Nothing to send." + (" " + "; ".join(held) + "." if held else "")
-    held += [f"{', '.join(names)} ({why})" for why, names in campaigns_of.items()]
+    assert decision.send_at_ms is not None
     text = f"Send {decision.campaign}"
     if decision.template:
         text += f" (template {decision.template})"

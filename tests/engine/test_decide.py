@@ -226,6 +226,34 @@ def test_priority_then_name_breaks_ties_and_losers_are_explained() -> None:
     assert "by name" in next(s.detail for s in d2.suppressions if s.campaign == "b")
 
 
+def test_the_summary_says_each_reason_once_and_the_record_keeps_every_suppression() -> None:
+    """A global push cap holds the winner's push and two other campaigns' push; they also lose on
+    priority; another campaign's own cap holds all its channels: each reason is said once."""
+    from cadence.engine.explanation import summarise
+
+    channels = ChannelPolicy(("push", "email"))
+    own_cap = (Cap(count=1, window_ms=7 * DAY_MS),)
+    ruleset = rules(
+        camp("a", priority=3, channels=channels),
+        camp("b", priority=2, channels=channels, caps=own_cap),
+        camp("c", channels=channels),
+        camp("v", channels=channels),
+        caps=(Cap(count=1, window_ms=DAY_MS, scope="channel", channel="push"),),
+    )
+    history = [PastSend(NOW - HOUR_MS, "b", "push")]
+    d = run(ruleset, history=history)
+    assert (d.campaign, d.channel) == ("a", "email")
+    pushcap = {(s.campaign, s.reason, s.channel) for s in d.suppressions if "on push" in s.detail}
+    assert pushcap == {("a", "cap", "push"), ("c", "cap", "push"), ("v", "cap", "push")}  # all kept
+    said = summarise(d, zone="UTC")
+    for detail in {s.detail for s in d.suppressions}:
+        assert said.count(detail) <= 1, (detail, said)
+    assert said.endswith(
+        "Not chosen: push and c, v (channel cap 1 per 1d on push reached); "
+        "b (campaign cap 1 per 7d reached (push, email)); c, v (a has priority 3 > 1)."
+    )
+
+
 def test_ordered_channels_fall_back_and_skip_opted_out_bounced_and_unoffered() -> None:
     c = camp("c", channels=ChannelPolicy(("sms", "push", "email", "webhook")))
     p = MemoryProfile(customer_id=1, consent={"sms": False}, traits={"bounced": ["push"]})
