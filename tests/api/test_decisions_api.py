@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from datetime import datetime, time
 
 import pytest
@@ -275,11 +276,13 @@ def test_feedback_whose_decision_id_cannot_join_a_decision_is_accepted_with_a_wa
         at = committed["send_at"]
         return {"userId": "u1", "event": "Email Link Clicked", "properties": props, "timestamp": at, **extra}
 
-    r = client.post("/v1/track", json=clicked(12345), headers=keys["ingest"])  # type: ignore[arg-type]
+    # (values of this run: the loop logs each value once per process, and both databases run here)
+    number, unknown = uuid.uuid4().int % 10**9, uuid.uuid4().hex
+    r = client.post("/v1/track", json=clicked(number), headers=keys["ingest"])  # type: ignore[arg-type]
     assert r.status_code == 200 and r.json()["accepted"] == 1
     [warning] = r.json()["warnings"]
     assert warning["field"] == "properties.decision_id"
-    assert warning["warning"].startswith("a number (12345), not a decision id: decision ids are strings")
+    assert warning["warning"].startswith(f"a number ({number}), not a decision id: decision ids are strings")
     assert "the learners do not learn from it" in warning["warning"]
     batch = {
         "batch": [
@@ -297,7 +300,6 @@ def test_feedback_whose_decision_id_cannot_join_a_decision_is_accepted_with_a_wa
     ]
     assert f"{did[:8]!r} is not a decision id" in r.json()["warnings"][0]["warning"]
     # Well shaped but no decision's: no query on the ingest path, so no warning there ...
-    unknown = "0" * 32
     r = client.post("/v1/track", json=clicked(unknown), headers=keys["ingest"])  # type: ignore[arg-type]
     assert r.status_code == 200 and "warnings" not in r.json()
     with caplog.at_level("WARNING", logger="cadence.learners"):
@@ -305,10 +307,10 @@ def test_feedback_whose_decision_id_cannot_join_a_decision_is_accepted_with_a_wa
     # ... the engine loop names it (and the wrong-typed one, as it would an imported event's)
     said = [m for m in caplog.messages if "joins no decision" in m]
     assert any(f"'{unknown}' joins no decision (no committed decision has this id)" in m for m in said)
-    assert any("decision_id 12345 joins no decision (a number (12345)" in m for m in said)
+    assert any(f"decision_id {number} joins no decision (a number ({number})" in m for m in said)
     learners = next(s for s in app.state.engine_loop.subscribers if isinstance(s, LearnerSubscriber))  # type: ignore[attr-defined]
     assert learners.learner.pending[did].engaged  # the well-formed one joined
-    assert "12345" not in learners.learner.pending and 12345 not in learners.learner.pending
+    assert str(number) not in learners.learner.pending and number not in learners.learner.pending
 
 
 def test_candidates_show_the_draw_and_mean_value_behind_a_score_the_learners_replaced(
