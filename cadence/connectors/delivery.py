@@ -961,25 +961,27 @@ class Dispatcher:
                     }
                 else:
                     values["status"] = "sending"
-                    self._row_attempts[-row["id"]] = row["attempts"] + 1
-                    claimed.append(
-                        (
-                            connector,
-                            OutgoingMessage(
-                                send_id=-row["id"],
-                                idempotency_key=f"erasure-removal:{row['id']}",
-                                campaign=row["campaign"],
-                                channel=row["channel"],
-                                customer_id=0,
-                                variables=row["variables"] or {},
-                                hashed_identifiers=row["identifiers"] or {},
-                            ),
-                        )
-                    )
-                conn.execute(
+                taken = conn.execute(
                     update(audience_removals)
                     .where(audience_removals.c.id == row["id"], audience_removals.c.status == "queued")
                     .values(**values)
+                ).rowcount
+                if not taken or connector is None:
+                    continue  # another dispatcher took it first, or it is dead-lettered
+                self._row_attempts[-row["id"]] = row["attempts"] + 1
+                claimed.append(
+                    (
+                        connector,
+                        OutgoingMessage(
+                            send_id=-row["id"],
+                            idempotency_key=f"erasure-removal:{row['id']}",
+                            campaign=row["campaign"],
+                            channel=row["channel"],
+                            customer_id=0,
+                            variables=row["variables"] or {},
+                            hashed_identifiers=row["identifiers"] or {},
+                        ),
+                    )
                 )
         return claimed
 

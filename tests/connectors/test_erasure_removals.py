@@ -29,7 +29,7 @@ from cadence.runtime import Runtime, open_runtime
 from cadence.scheduler.seed import SeedCustomer, seed_customers
 from cadence.settings import Settings
 from cadence.store.schema.base import metadata
-from cadence.store.schema.core import identities
+from cadence.store.schema.core import customers, identities
 from cadence.store.schema.sends import audience_removals, sends
 from tests.scheduler.conftest import MONDAY, Rules, make_scheduler
 
@@ -321,3 +321,19 @@ async def test_a_running_dispatcher_delivers_removals_queued_while_it_runs(
         not ERIN_META & fake.audiences["meta:aud-1"]
         and not ERIN_GOOGLE & fake.audiences[f"google:{USER_LIST}"]
     )
+
+
+async def test_a_customer_merged_into_the_erased_one_leaves_the_audiences_too(
+    ads_runtime: Runtime, fake: FakeProviders, http: httpx.AsyncClient
+) -> None:
+    """Olaf was merged into Erin after both were synced: erasing Erin removes both sets of hashes."""
+    synced(ads_runtime)
+    dispatcher = Dispatcher(engine=ads_runtime.engine, route=registry(ads_runtime, http).route)
+    await dispatcher.drain()
+    with ads_runtime.engine.begin() as conn:
+        conn.execute(update(customers).where(customers.c.id == 2).values(merged_into=1))
+    assert (
+        erase_customer(runtime=ads_runtime, ref="erin", requested_by="test")["audience_removals_queued"] == 4
+    )
+    assert (await dispatcher.drain()).audience_removals == 4
+    assert fake.audiences["meta:aud-1"] == set() and fake.audiences[f"google:{USER_LIST}"] == set()
