@@ -39,6 +39,11 @@ def erase(
     apply_pending(runtime)  # every identity the log links to the customer, and their derived state
     counts = erase_customer(runtime=runtime, ref=ref, requested_by=f"cli:{operator}")
     console.print(f"erased: {counts['events_removed']} events, {counts['identities_removed']} identities")
+    console.print(
+        f"{counts['audience_removals_queued']} removals from remote ad audiences queued"
+        " (listed by `cadence sends removals` until the platforms accept them)",
+        soft_wrap=True,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""``cadence sends``: the operator's view of dead letters left in doubt by a crash."""
+"""``cadence sends``: the operator's view of dead letters left in doubt by a crash, and of erased
+customers' removals from ad audiences."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from cadence.connectors.operator import (
     ActionResult,
     list_failed,
     list_in_doubt,
+    list_removals,
     list_sends,
     mark_sent,
+    requeue_removals,
     requeue_sends,
 )
 
@@ -168,6 +171,59 @@ def mark_sent_command(
         runtime.engine, ids=ids, now_ms=runtime.clock.now_ms(), provider_message_id=provider_message_id
     )
     _report(result, "marked sent", as_json)
+
+
+@sends_app.command("removals")
+def removals_command(
+    ctx: typer.Context,
+    status: str | None = typer.Option(None, "--status", help="queued, sending or failed."),
+    limit: int = typer.Option(100, "--limit", min=1, help="Show at most this many."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List erased customers' removals from ad audiences not yet accepted by the platform (no hashes shown)."""
+    runtime = runtime_for(ctx)
+    rows = list_removals(runtime.engine, status=status, limit=limit)
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if not rows:
+        console.print("no pending audience removals")
+        return
+    table = Table("id", "erasure", "campaign", "connector", "audience", "status", "attempts", "why")
+    for row in rows:
+        variables = row["variables"] or {}
+        table.add_row(
+            str(row["id"]),
+            str(row["erasure_id"]),
+            row["campaign"],
+            row["connector"],
+            str(variables.get("audience_id") or variables.get("user_list") or "-"),
+            row["status"],
+            str(row["attempts"]),
+            row["last_error"] or "",
+        )
+    console.print(table)
+
+
+@sends_app.command("requeue-removals")
+def requeue_removals_command(
+    ctx: typer.Context,
+    ids: list[int] = typer.Argument(None, help="Removal ids (from `cadence sends removals`)."),
+    all_failed: bool = typer.Option(False, "--all-failed", help="Re-queue every failed removal."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Put dead-lettered audience removals back on the queue. Exits 1 if any was refused."""
+    runtime = runtime_for(ctx)
+    chosen = list(ids or [])
+    if all_failed:
+        failed = list_removals(runtime.engine, status="failed", limit=1_000_000)
+        chosen += [row["id"] for row in failed if row["id"] not in chosen]
+    if not chosen:
+        if all_failed:
+            _report(ActionResult(), "re-queued", as_json)
+            return
+        raise typer.BadParameter("give removal ids or --all-failed")
+    _report(requeue_removals(runtime.engine, ids=chosen, now_ms=runtime.clock.now_ms()), "re-queued", as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "ProviderEvent",
     "SendResult",
     "WebhookRequest",
+    "AUDIENCE_TARGET_KEYS",
     "as_bool",
     "as_list",
     "classify_http_error",
@@ -86,6 +87,11 @@ class OutgoingMessage:
 
     ``recipient`` holds the customer's traits (email, phone, first_name, ...) and
     ``user_id`` their user id, so connectors never read the database.
+
+    An erased customer's removal from an ad audience has no customer left: ``send_id`` is
+    the negative id of its ``audience_removals`` row, ``customer_id`` is 0, ``recipient``
+    is empty and ``hashed_identifiers`` holds what the connector's own
+    :meth:`Connector.audience_identifiers` computed at erasure.
     """
 
     send_id: int
@@ -99,6 +105,13 @@ class OutgoingMessage:
     variables: Mapping[str, Any] = field(default_factory=dict)
     recipient: Mapping[str, Any] = field(default_factory=dict)
     send_at_ms: int | None = None
+    hashed_identifiers: Mapping[str, str] = field(default_factory=dict)
+
+
+#: The variables of an audience campaign that name the platform's audience (``sync audience to
+#: facebook with { audience_id: ... }``, ``google_ads`` ``user_list``): all an erased customer's
+#: removal keeps of them.
+AUDIENCE_TARGET_KEYS = ("audience_id", "user_list")
 
 
 @dataclass(frozen=True)
@@ -254,6 +267,23 @@ class Connector(ABC):
         else:
             verdict = InDoubt("unknown", f"{self.name} has no idempotency key and no lookup")
         return [verdict] * len(batch)
+
+    @classmethod
+    def audience_identifiers(cls, recipient: Mapping[str, Any]) -> dict[str, str] | None:
+        """The customer's hashed ad-audience identifiers, as this connector sends them; None: no audiences.
+
+        The one place a connector that syncs ad audiences normalises and hashes a
+        customer's traits: its membership calls use it, and erasure calls it before the
+        traits go, to store what the platform needs to remove the customer (and nothing
+        else). An empty dict: the customer has nothing the platform could match.
+        """
+        return None
+
+    def identifiers_of(self, message: OutgoingMessage) -> dict[str, str]:
+        """A membership message's hashed identifiers: stored at erasure, else from its recipient."""
+        if message.hashed_identifiers:
+            return dict(message.hashed_identifiers)
+        return self.audience_identifiers(message.recipient) or {}
 
     def verify_webhook(self, request: WebhookRequest) -> None:
         """Check the request's signature on the raw body; raise :class:`WebhookRejected` if bad."""

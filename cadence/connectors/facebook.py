@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
@@ -48,8 +48,12 @@ __all__ = ["Facebook", "cadence_register_connectors", "normalise_user_data"]
 SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
 #: Meta deduplicates events with the same event_id and event_name within this window.
 DEDUPE_WINDOW_HOURS = 48
-THROTTLE_CODES = {4, 17, 32, 613, 80004}
+#: Graph rate limits: application, user, page, call-type, and the business-use-case limits of
+#: custom audiences (80003) and ads management (80004).
+THROTTLE_CODES = {4, 17, 32, 613, 80003, 80004}
 AUTH_CODES = {190, 102}
+#: The custom-audience schema our membership rows use, in column order.
+AUDIENCE_SCHEMA = ("EMAIL_SHA256", "PHONE_SHA256")
 #: Our trait names -> Meta's user_data keys, for the fields Meta wants hashed.
 HASHED_FIELDS = {
     "email": "em",
@@ -143,6 +147,23 @@ class Facebook(Connector):
         "throttle_wait_seconds": "wait after a Graph throttling error (default 60)",
     }
 
+    @classmethod
+    def audience_identifiers(cls, recipient: Mapping[str, Any]) -> dict[str, str]:
+        """``EMAIL_SHA256`` (trimmed, lower-case) and ``PHONE_SHA256`` (digits only), for the traits given.
+
+        >>> import hashlib
+        >>> ids = Facebook.audience_identifiers({"email": " Jo@X.com", "phone": "+1 (650) 555-1212"})
+        >>> ids == {"EMAIL_SHA256": hashlib.sha256(b"jo@x.com").hexdigest(),
+        ...         "PHONE_SHA256": hashlib.sha256(b"16505551212").hexdigest()}
+        True
+        """
+        found = {}
+        if recipient.get("email"):
+            found["EMAIL_SHA256"] = sha256_normalised(str(recipient["email"]))
+        if recipient.get("phone"):
+            found["PHONE_SHA256"] = sha256_normalised(_normalise("ph", str(recipient["phone"])))
+        return found
+
     def _url(self, node: str, edge: str) -> str:
         base = str(self.setting("base_url", "https://graph.facebook.com")).rstrip("/")
         return f"{base}/{self.setting('api_version', 'v21.0')}/{node}/{edge}"
@@ -218,8 +239,8 @@ class Facebook(Connector):
                     message.idempotency_key, True, provider_message_id=trace
                 )
         for (audience, op), members in audiences.items():
-            rows, schema = _audience_rows(members)
-            payload = {"payload": {"schema": schema, "data": rows}}
+            rows = [[self.identifiers_of(m).get(key, "") for key in AUDIENCE_SCHEMA] for m in members]
+            payload = {"payload": {"schema": list(AUDIENCE_SCHEMA), "data": rows}}
             answer = await self._call(
                 "DELETE" if op == "remove" else "POST", self._url(audience, "users"), payload
             )
@@ -325,21 +346,6 @@ class Facebook(Connector):
                     )
                 )
         return found
-
-
-def _audience_rows(members: Sequence[OutgoingMessage]) -> tuple[list[list[str]], list[str]]:
-    schema = ["EMAIL_SHA256", "PHONE_SHA256"]
-    rows = []
-    for message in members:
-        email = message.recipient.get("email")
-        phone = message.recipient.get("phone")
-        rows.append(
-            [
-                sha256_normalised(str(email)) if email else "",
-                sha256_normalised(_normalise("ph", str(phone))) if phone else "",
-            ]
-        )
-    return rows, schema
 
 
 @hookimpl

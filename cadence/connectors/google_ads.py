@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -141,6 +141,23 @@ class GoogleAds(Connector):
         "validate_only": "validate uploads without applying them (default false)",
         "ad_user_data_consent": "consent.adUserData sent with conversions (GRANTED, DENIED; default unset)",
     }
+
+    @classmethod
+    def audience_identifiers(cls, recipient: Mapping[str, Any]) -> dict[str, str]:
+        """``hashedEmail`` (trimmed, lower-case) and ``hashedPhoneNumber`` (E.164: ``+`` and digits).
+
+        >>> import hashlib
+        >>> ids = GoogleAds.audience_identifiers({"email": "Jo@X.com ", "phone": "1 (650) 555-1212"})
+        >>> ids == {"hashedEmail": hashlib.sha256(b"jo@x.com").hexdigest(),
+        ...         "hashedPhoneNumber": hashlib.sha256(b"+16505551212").hexdigest()}
+        True
+        """
+        found = {}
+        if recipient.get("email"):
+            found["hashedEmail"] = sha256_normalised(str(recipient["email"]))
+        if recipient.get("phone"):
+            found["hashedPhoneNumber"] = sha256_normalised("+" + _digits(recipient["phone"]))
+        return found
 
     def _url(self, action: str) -> str:
         base = str(self.setting("base_url", "https://googleads.googleapis.com")).rstrip("/")
@@ -287,10 +304,13 @@ class GoogleAds(Connector):
                 results[message.idempotency_key] = self._result(
                     message, errors.get(index), f"order:{_order_id(message.idempotency_key)}"
                 )
-        for op in ("add", "remove"):
-            members = [m for m in matches if m.variables.get("operation") == op]
-            if members:
-                results.update(await self._customer_match(customer, op, members))
+        # One job per operation and user list: a batch may hold several campaigns' lists.
+        jobs: dict[tuple[str, str], list[OutgoingMessage]] = {}
+        for message in matches:
+            user_list = str(message.variables.get("user_list") or self.setting("user_list", required=True))
+            jobs.setdefault((str(message.variables["operation"]), user_list), []).append(message)
+        for (op, user_list), members in sorted(jobs.items()):
+            results.update(await self._customer_match(customer, op, user_list, members))
         return [results[m.idempotency_key] for m in batch]
 
     def _result(self, message: OutgoingMessage, errors: list[str] | None, provider_id: str) -> SendResult:
@@ -302,9 +322,8 @@ class GoogleAds(Connector):
         return SendResult(message.idempotency_key, True, provider_message_id=provider_id)
 
     async def _customer_match(
-        self, customer: str, op: str, members: Sequence[OutgoingMessage]
+        self, customer: str, op: str, user_list: str, members: Sequence[OutgoingMessage]
     ) -> dict[str, SendResult]:
-        user_list = members[0].variables.get("user_list") or self.setting("user_list", required=True)
         job = await self._post(
             f"customers/{customer}/offlineUserDataJobs:create",
             {
@@ -321,12 +340,7 @@ class GoogleAds(Connector):
             )
         operations = []
         for message in members:
-            identifiers = []
-            if message.recipient.get("email"):
-                identifiers.append({"hashedEmail": sha256_normalised(str(message.recipient["email"]))})
-            if message.recipient.get("phone"):
-                phone = "+" + _digits(message.recipient["phone"])
-                identifiers.append({"hashedPhoneNumber": sha256_normalised(phone)})
+            identifiers = [{key: value} for key, value in self.identifiers_of(message).items()]
             operations.append({"create" if op == "add" else "remove": {"userIdentifiers": identifiers}})
         answer = await self._post(
             f"{resource}:addOperations", {"operations": operations, "enablePartialFailure": True}

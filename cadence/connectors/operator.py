@@ -7,6 +7,10 @@ not tell whether the provider got it (see
 own records, an operator either re-queues it (:func:`requeue_sends`; any other dead
 letter can be re-queued the same way) or records that it went out (:func:`mark_sent`).
 Used by ``cadence sends`` and ``/v1/sends``.
+
+An erased customer's pending removals from ad audiences (``audience_removals``) are listed
+by :func:`list_removals` (never with their hashes) and re-queued, once dead-lettered, by
+:func:`requeue_removals`.
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ from sqlalchemy import Connection, Engine, select, update
 from cadence.connectors.delivery import IN_DOUBT_PREFIX
 from cadence.errors import CadenceError
 from cadence.store.db import read_connection
-from cadence.store.schema.sends import sends
+from cadence.store.schema.sends import REMOVAL_STATUSES, audience_removals, sends
 
-__all__ = ["ActionResult", "list_failed", "list_in_doubt", "list_sends", "mark_sent", "requeue_sends"]
+__all__ = [
+    "ActionResult",
+    "list_failed",
+    "list_in_doubt",
+    "list_removals",
+    "list_sends",
+    "mark_sent",
+    "requeue_removals",
+    "requeue_sends",
+]
 
 _COLUMNS = (
     sends.c.id,
@@ -169,4 +182,62 @@ def mark_sent(
                     values["provider_message_id"] = provider_message_id
                 conn.execute(update(sends).where(sends.c.id == send_id).values(**values))
                 result.done.append(send_id)
+    return result
+
+
+#: What :func:`list_removals` shows of a removal: everything but the hashed identifiers.
+_REMOVAL_COLUMNS = tuple(c for c in audience_removals.c if c.name != "identifiers")
+
+
+def list_removals(engine: Engine, *, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Erased customers' pending removals from ad audiences, oldest first, without their hashes.
+
+    ``status``: ``queued`` (waiting for the dispatcher or a retry), ``sending`` (in flight) or
+    ``failed`` (dead-lettered with the platform's error: :func:`requeue_removals` once fixed).
+    A removal the platform accepted is deleted, so an empty list means every one went out.
+    """
+    if status is not None and status not in REMOVAL_STATUSES:
+        raise CadenceError(f"removal status {status!r} is not one of {', '.join(REMOVAL_STATUSES)}")
+    query = select(*_REMOVAL_COLUMNS)
+    if status is not None:
+        query = query.where(audience_removals.c.status == status)
+    with read_connection(engine) as conn:
+        rows = conn.execute(query.order_by(audience_removals.c.id).limit(limit)).mappings()
+        return [{str(k): v for k, v in row.items()} for row in rows]
+
+
+def requeue_removals(engine: Engine, *, ids: Iterable[Any], now_ms: int) -> ActionResult:
+    """Put dead-lettered (``failed``) audience removals back on the queue, due now, attempts reset."""
+    result = ActionResult()
+    wanted = _ids(ids)
+    with engine.begin() as conn:
+        found = {
+            row.id: row
+            for row in conn.execute(
+                select(
+                    audience_removals.c.id, audience_removals.c.status, audience_removals.c.last_error
+                ).where(audience_removals.c.id.in_(wanted))
+            )
+        }
+        for removal_id in wanted:
+            row = found.get(removal_id)
+            if row is None:
+                result.refused[removal_id] = "no such removal (one the platform accepted is deleted)"
+            elif row.status != "failed":
+                result.refused[removal_id] = (
+                    f"status is {row.status!r}; only failed removals can be re-queued"
+                )
+            else:
+                conn.execute(
+                    update(audience_removals)
+                    .where(audience_removals.c.id == removal_id, audience_removals.c.status == "failed")
+                    .values(
+                        status="queued",
+                        attempts=0,
+                        next_attempt_ms=None,
+                        last_error=f"re-queued by an operator; was: {(row.last_error or '')[:1000]}",
+                        updated_ms=now_ms,
+                    )
+                )
+                result.done.append(removal_id)
     return result

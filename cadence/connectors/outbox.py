@@ -4,13 +4,18 @@ Each would-be send is recorded in the ``outbox`` table (unique by idempotency ke
 retried dry run records once) and, when ``settings.connectors.outbox.jsonl_path`` is
 set, appended to that file as one JSON object per line. It needs no credentials, so a
 fresh install decides and "sends" end to end.
+
+Ad-audience campaigns whose channel has no configured connector land here too; so does an
+erased customer's removal from such an audience (customer 0, its variables say
+``operation: remove``), recorded with the names of the identifiers it carried, never
+their hashes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +24,13 @@ from sqlalchemy import select
 
 from cadence.channels import CHANNELS
 from cadence.clock import now_ms
-from cadence.connectors.base import Capabilities, Connector, OutgoingMessage, SendResult
+from cadence.connectors.base import (
+    Capabilities,
+    Connector,
+    OutgoingMessage,
+    SendResult,
+    sha256_normalised,
+)
 from cadence.plugins.hookspecs import hookimpl
 from cadence.settings import Settings
 from cadence.store.schema.connectors import outbox
@@ -46,6 +57,19 @@ class Outbox(Connector):
         super().__init__(**kwargs)
         self.memory: list[dict[str, Any]] = []  # used when no database is given
 
+    @classmethod
+    def audience_identifiers(cls, recipient: Mapping[str, Any]) -> dict[str, str]:
+        """Trimmed, lower-cased SHA-256 of email and phone: a dry run of an ad platform's identifiers.
+
+        >>> sorted(Outbox.audience_identifiers({"email": "a@b.c", "first_name": "A"}))
+        ['email_sha256']
+        """
+        return {
+            f"{trait}_sha256": sha256_normalised(str(recipient[trait]))
+            for trait in ("email", "phone")
+            if recipient.get(trait)
+        }
+
     async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
         """Record ``batch``; every message succeeds with id ``outbox-<hash of key>``."""
         rows = [self._row(m) for m in batch]
@@ -69,6 +93,7 @@ class Outbox(Connector):
                 "variables": dict(message.variables),
                 "user_id": message.user_id,
                 "send_at_ms": message.send_at_ms,
+                **({"identifiers": sorted(message.hashed_identifiers)} if message.hashed_identifiers else {}),
             },
             "created_ms": now_ms(),
         }

@@ -102,6 +102,11 @@ class FakeProviders:
         self.twilio_messages: list[dict[str, Any]] = []  # newest last
         self.meta_seen: set[tuple[Any, Any]] = set()
         self.google_conversions: set[tuple[Any, Any, Any]] = set()
+        # Ad audiences as the platforms hold them: "meta:<audience id>" or "google:<user list>"
+        # -> the (identifier, hash) pairs of their members.
+        self.audiences: defaultdict[str, set[tuple[str, str]]] = defaultdict(set)
+        # Google offline user data jobs by resource name: user list, operations, whether run.
+        self.google_jobs: dict[str, dict[str, Any]] = {}
         self.latency = 0.0
         # Google OAuth: access tokens issued from the refresh token, with their expiry (epoch s).
         self.google_tokens: dict[str, float] = {}
@@ -269,6 +274,14 @@ class FakeProviders:
             if not payload.get("schema") or len(rows) > 10000:
                 return _graph_error(400, 100, "Invalid parameter", "OAuthException")
             audience = path.split("/")[-2]
+            members = self.audiences[f"meta:{audience}"]
+            for row in rows:
+                pairs = {(key, value) for key, value in zip(payload["schema"], row, strict=False) if value}
+                # POST adds the users, DELETE removes them (Marketing API, custom audience users).
+                if request.method == "DELETE":
+                    members.difference_update(pairs)
+                else:
+                    members.update(pairs)
             return JSONResponse(
                 {
                     "audience_id": audience,
@@ -421,9 +434,22 @@ class FakeProviders:
             return JSONResponse(answer)
         if path.endswith("offlineUserDataJobs:create"):
             customer = re.search(r"/customers/(\d+)", path).group(1)  # type: ignore[union-attr]
-            return JSONResponse({"resourceName": f"customers/{customer}/offlineUserDataJobs/77"})
+            resource = f"customers/{customer}/offlineUserDataJobs/{77 + len(self.google_jobs)}"
+            metadata = ((body or {}).get("job") or {}).get("customerMatchUserListMetadata") or {}
+            self.google_jobs[resource] = {
+                "user_list": metadata.get("userList"),
+                "operations": [],
+                "run": False,
+            }
+            return JSONResponse({"resourceName": resource})
         if path.endswith(":addOperations"):
             operations = (body or {}).get("operations") or []
+            job = self.google_jobs.get(path.split("/", 2)[-1].removesuffix(":addOperations"))
+            if job is None or job["run"]:
+                # Operations go to a created job that has not run yet (OfflineUserDataJobService).
+                status = "NOT_FOUND" if job is None else "FAILED_PRECONDITION"
+                return JSONResponse({"error": {"code": 400, "message": "bad job", "status": status}}, 400)
+            job["operations"].extend(operations)
             errors = []
             for index, op in enumerate(operations):
                 ids = (op.get("create") or op.get("remove") or {}).get("userIdentifiers") or []
@@ -440,6 +466,16 @@ class FakeProviders:
                 answer["partialFailureError"] = {"code": 3, "message": "x", "details": [{"errors": errors}]}
             return JSONResponse(answer)
         if path.endswith(":run"):
+            job = self.google_jobs.get(path.split("/", 2)[-1].removesuffix(":run"))
+            if job is None or job["run"]:
+                status = "NOT_FOUND" if job is None else "FAILED_PRECONDITION"
+                return JSONResponse({"error": {"code": 400, "message": "bad job", "status": status}}, 400)
+            job["run"] = True
+            members = self.audiences[f"google:{job['user_list']}"]
+            for op in job["operations"]:
+                for change, apply in (("create", members.update), ("remove", members.difference_update)):
+                    ids = (op.get(change) or {}).get("userIdentifiers") or []
+                    apply({(key, value) for identifier in ids for key, value in identifier.items()})
             return JSONResponse({"name": "operations/1"})
         return JSONResponse({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}, 404)
 

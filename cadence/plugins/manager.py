@@ -42,6 +42,7 @@ __all__ = [
     "installed_channels",
     "make_plugin_manager",
     "opt_in_channels",
+    "serving_classes",
 ]
 
 log = logging.getLogger("cadence.plugins")
@@ -255,6 +256,21 @@ def opt_in_channels(settings: Settings, *, pm: CadencePluginManager | None = Non
     ...                                 disable_plugin_autoload=True, _env_file=None)))
     ['sms']
     """
+    serving = serving_classes(settings, pm=pm)
+    return frozenset(ch for ch, cls in serving.items() if cls.capabilities.consent_required)
+
+
+def serving_classes(
+    settings: Settings, *, pm: CadencePluginManager | None = None
+) -> dict[str, type[Connector]]:
+    """The connector class serving each channel, as :meth:`ConnectorRegistry.route` picks it.
+
+    The first configured connector offering the channel, else the outbox; for code that
+    needs a connector's class methods without building (and connecting) the instances.
+
+    >>> serving_classes(Settings(disable_plugin_autoload=True, _env_file=None))["facebook"].name
+    'outbox'
+    """
     pm = pm or make_plugin_manager(settings)
     classes = connector_classes(pm, settings)
     serving: dict[str, type[Connector]] = {}
@@ -262,7 +278,7 @@ def opt_in_channels(settings: Settings, *, pm: CadencePluginManager | None = Non
         cls = classes.get(name)
         for channel in cls.channels if cls is not None else ():
             serving.setdefault(channel, cls)  # type: ignore[arg-type]
-    return frozenset(ch for ch, cls in serving.items() if cls.capabilities.consent_required)
+    return serving
 
 
 def available_channels(settings: Settings, *, pm: CadencePluginManager | None = None) -> tuple[str, ...]:

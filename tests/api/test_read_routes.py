@@ -60,6 +60,7 @@ def served(runtime: Runtime, tmp_path: Path) -> tuple[TestClient, dict[str, str]
         "/v1/attribution?model=last_touch&model=linear&group_by=campaign",
         "/v1/customers/u1",
         "/v1/sends/in-doubt",
+        "/v1/sends/removals",
         "/v1/jobs",
         "/v1/engine",
         "/v1/explain/winback?customer=u1&at=2026-03-04T12:00:00%2B01:00",

@@ -91,6 +91,7 @@ def test_status_catch_up_and_the_readers_apply_the_log_first(db_engine: Engine) 
     erased = runner.invoke(app, [*db, "customers", "erase", "u-1", "--yes"])
     assert erased.exit_code == 0, erased.output
     assert "erased: 4 events" in erased.output
+    assert "0 removals from remote ad audiences queued" in erased.output
 
 
 def test_catch_up_sets_an_event_that_fails_aside_when_asked_and_retry_applies_it(

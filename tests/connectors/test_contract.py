@@ -2,15 +2,17 @@
 
 Each connector is built through the plugin manager (as in production), pointed at the
 loopback fakes, and checked for: the request it sends (mapping), 429 then success,
-5xx retried, 4xx not retried, idempotent delivery through the send queue, and its
-webhooks accepted when signed and refused when forged or malformed.
+5xx retried, 4xx not retried, idempotent delivery through the send queue, the same
+audience request from stored hashes as from the customer's traits, and its webhooks
+accepted when signed and refused when forged or malformed.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -240,6 +242,37 @@ async def test_4xx_is_not_retried(name: str, fake: FakeProviders, http: httpx.As
         await worker.deliver([message(name, 0)])
     assert len(fake.calls_to(PROVIDER[name])) == 1 and sleeps.waits == []
     assert caught.value.provider_error  # the provider's own words are kept for the dead letter
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+async def test_an_audience_removal_from_stored_hashes_sends_what_the_traits_would(
+    name: str, fake: FakeProviders, http: httpx.AsyncClient
+) -> None:
+    """What erasure stores (``audience_identifiers``) is all the connector needs to remove the customer."""
+    connector = build_connector(name, fake.base_url, http, None)
+    traits = {"email": " Jo@Example.com", "phone": "+1 (650) 555-1212", "first_name": "Jo"}
+    hashed = type(connector).audience_identifiers(traits)
+    if hashed is None:  # keeps no audiences
+        assert name in ("sendgrid", "sms")
+        return
+    assert hashed and all(re.fullmatch(r"[0-9a-f]{64}", v) for v in hashed.values())
+    variables = {"operation": "remove", "audience_id": "aud-9", "user_list": "customers/1/userLists/2"}
+    live = OutgoingMessage(
+        send_id=1, idempotency_key="k1", campaign="c", channel=name, customer_id=1,
+        variables=variables, recipient=traits,
+    )  # fmt: skip
+    stored = replace(
+        live, send_id=-1, idempotency_key="k2", customer_id=0, recipient={}, hashed_identifiers=hashed
+    )
+    requests = []
+    for msg in (live, stored):
+        fake.calls.clear()
+        [result] = await connector.send([msg])
+        assert result.ok, result.error
+        requests.append([(c.method, c.body) for c in fake.calls])
+    assert requests[0] == requests[1]
+    if name != "outbox":
+        assert requests[0] and any(c.method == "DELETE" or "remove" in str(c.body) for c in fake.calls)
 
 
 def seed_customer(engine: Engine, user_id: str, traits: dict[str, Any], *, sms_opt_in: bool = True) -> int:

@@ -1,15 +1,24 @@
-"""``/v1/sends``: the send queue for an operator (why a send waits), in-doubt sends, re-queue and mark sent (admin key)."""
+"""``/v1/sends``: the send queue for an operator (why a send waits), in-doubt sends, re-queue and mark sent,
+and erased customers' pending removals from ad audiences (admin key)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from cadence.api.security import Principal, Scope
-from cadence.connectors.operator import list_in_doubt, list_sends, mark_sent, requeue_sends
+from cadence.connectors.operator import (
+    list_in_doubt,
+    list_removals,
+    list_sends,
+    mark_sent,
+    requeue_removals,
+    requeue_sends,
+)
+from cadence.errors import CadenceError
 
 router = APIRouter(prefix="/v1/sends", tags=["sends"])
 
@@ -79,5 +88,33 @@ async def mark_sent_route(
             now_ms=runtime.clock.now_ms(),
             provider_message_id=body.provider_message_id,
         )
+    )
+    return result.as_dict()
+
+
+@router.get("/removals")
+async def removals(
+    request: Request,
+    _principal: Annotated[Principal, Scope("admin")],
+    status: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> dict[str, Any]:
+    """Erased customers' removals from ad audiences the platform has not accepted yet, without hashes."""
+    engine = request.app.state.runtime.engine
+    try:
+        rows = await run_in_threadpool(lambda: list_removals(engine, status=status, limit=limit))
+    except CadenceError as exc:
+        raise HTTPException(422, detail=str(exc)) from exc
+    return {"removals": rows}
+
+
+@router.post("/removals/requeue")
+async def requeue_removals_route(
+    request: Request, body: SendIds, _principal: Annotated[Principal, Scope("admin")]
+) -> dict[str, Any]:
+    """Put dead-lettered audience removals back on the queue; ``refused`` says why others were not."""
+    runtime = request.app.state.runtime
+    result = await run_in_threadpool(
+        lambda: requeue_removals(runtime.engine, ids=body.ids, now_ms=runtime.clock.now_ms())
     )
     return result.as_dict()

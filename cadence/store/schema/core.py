@@ -198,6 +198,8 @@ erasures = Table(
     Column("requested_by", String(100), nullable=False),
     # The highest customer id when it ran: SQLite's new customer ids start after it (ids_0001).
     Column("customer_ids_to", BigInteger),
+    # Removals from remote ad audiences it queued (``audience_removals``); 0 before erasure_0001.
+    Column("audience_removals_queued", Integer, nullable=False, server_default="0"),
 )
 
 api_keys = Table(

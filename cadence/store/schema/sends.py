@@ -30,7 +30,7 @@ from sqlalchemy import (
 
 from cadence.store.schema.base import Id, Json, metadata
 
-__all__ = ["SEND_STATUSES", "sends"]
+__all__ = ["REMOVAL_STATUSES", "SEND_STATUSES", "audience_removals", "sends"]
 
 SEND_STATUSES = ("queued", "sending", "sent", "failed", "suppressed", "expired")
 #: The rows that did not (yet) go out, as SQL (the partial index's predicate).
@@ -70,4 +70,33 @@ sends = Table(
         sqlite_where=text(UNSENT_WHERE),
         postgresql_where=text(UNSENT_WHERE),
     ),
+)
+
+#: ``queued`` (due at ``next_attempt_ms``, or now) -> ``sending`` -> deleted once the platform
+#: accepted it, or ``failed`` (the dead letter, with the platform's error).
+REMOVAL_STATUSES = ("queued", "sending", "failed")
+
+#: An erased customer's pending removal from an ad audience. The customer's rows (and their
+#: sends, by the cascade) are gone: a row holds only what the platform needs, the hashed
+#: identifiers in the connector's own names (``Connector.audience_identifiers``), the
+#: connector and channel, the audience (``variables``: ``operation: remove`` and the
+#: ``audience_id`` or ``user_list``), and the delivery bookkeeping; no customer id, no address.
+#: The dispatcher delivers it like a send and deletes it once the platform accepted it.
+audience_removals = Table(
+    "audience_removals",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("erasure_id", BigInteger, nullable=False),
+    Column("campaign", String(200), nullable=False),
+    Column("channel", String(32), nullable=False),
+    Column("connector", String(64), nullable=False),
+    Column("variables", Json, nullable=False),
+    Column("identifiers", Json, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_ms", BigInteger),
+    Column("last_error", Text),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Index(None, "status", "next_attempt_ms"),
 )
