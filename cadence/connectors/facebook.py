@@ -52,8 +52,12 @@ DEDUPE_WINDOW_HOURS = 48
 #: custom audiences (80003) and ads management (80004).
 THROTTLE_CODES = {4, 17, 32, 613, 80003, 80004}
 AUTH_CODES = {190, 102}
-#: The custom-audience schema our membership rows use, in column order.
-AUDIENCE_SCHEMA = ("EMAIL_SHA256", "PHONE_SHA256")
+#: The custom-audience schema our membership rows use, in column order: a multi-key payload, whose
+#: columns take Meta's multi-key names (``EMAIL``, ``PHONE``: SHA-256 hashes, as every key but
+#: ``EXTERN_ID``); ``EMAIL_SHA256``/``PHONE_SHA256`` name a single-key payload only (its ``schema`` a
+#: string, not a list), as the Marketing API's custom-audience users edge and Meta's business SDK
+#: (``CustomAudience.Schema`` against ``CustomAudience.Schema.MultiKeySchema``) define them.
+AUDIENCE_SCHEMA = ("EMAIL", "PHONE")
 #: Our trait names -> Meta's user_data keys, for the fields Meta wants hashed.
 HASHED_FIELDS = {
     "email": "em",
@@ -149,19 +153,19 @@ class Facebook(Connector):
 
     @classmethod
     def audience_identifiers(cls, recipient: Mapping[str, Any]) -> dict[str, str]:
-        """``EMAIL_SHA256`` (trimmed, lower-case) and ``PHONE_SHA256`` (digits only), for the traits given.
+        """``EMAIL`` (trimmed, lower-case) and ``PHONE`` (digits only), SHA-256, for the traits given.
 
         >>> import hashlib
         >>> ids = Facebook.audience_identifiers({"email": " Jo@X.com", "phone": "+1 (650) 555-1212"})
-        >>> ids == {"EMAIL_SHA256": hashlib.sha256(b"jo@x.com").hexdigest(),
-        ...         "PHONE_SHA256": hashlib.sha256(b"16505551212").hexdigest()}
+        >>> ids == {"EMAIL": hashlib.sha256(b"jo@x.com").hexdigest(),
+        ...         "PHONE": hashlib.sha256(b"16505551212").hexdigest()}
         True
         """
         found = {}
         if recipient.get("email"):
-            found["EMAIL_SHA256"] = sha256_normalised(str(recipient["email"]))
+            found["EMAIL"] = sha256_normalised(str(recipient["email"]))
         if recipient.get("phone"):
-            found["PHONE_SHA256"] = sha256_normalised(_normalise("ph", str(recipient["phone"])))
+            found["PHONE"] = sha256_normalised(_normalise("ph", str(recipient["phone"])))
         return found
 
     def _url(self, node: str, edge: str) -> str:

@@ -56,6 +56,12 @@ SENDGRID_KEY = "SG.test-key"
 TWILIO_SID = "AC0123456789abcdef0123456789abcdef"
 TWILIO_TOKEN = "twilio-auth-token"
 META_TOKEN = "meta-token"
+#: Custom audience users schemas (Meta's business SDK: CustomAudience.Schema and its MultiKeySchema).
+META_SINGLE_KEYS = frozenset({"UID", "EMAIL_SHA256", "PHONE_SHA256", "MOBILE_ADVERTISER_ID"})
+META_MULTI_KEYS = frozenset(
+    {"EXTERN_ID", "EMAIL", "PHONE", "GEN", "DOBY", "DOBM", "DOBD", "LN", "FN", "FI", "CT", "ST", "ZIP"}
+    | {"MADID", "COUNTRY", "APPUID"}
+)
 GOOGLE_TOKEN = "ya29.test"
 GOOGLE_DEV = "dev-token"
 GOOGLE_CLIENT_ID = "1234-test.apps.googleusercontent.com"
@@ -271,12 +277,21 @@ class FakeProviders:
         if path.endswith("/users"):
             payload = (body or {}).get("payload") or {}
             rows = payload.get("data") or []
-            if not payload.get("schema") or len(rows) > 10000:
+            schema = payload.get("schema")
+            if not schema or len(rows) > 10000:
                 return _graph_error(400, 100, "Invalid parameter", "OAuthException")
+            # A list is a multi-key schema, whose keys are MultiKeySchema's (EMAIL, PHONE, FN...);
+            # the *_SHA256 names are single-key schemas, a string with a flat list of values.
+            if isinstance(schema, str):
+                if schema not in META_SINGLE_KEYS:
+                    return _graph_error(400, 100, f"Invalid schema: {schema}", "OAuthException")
+                schema, rows = [schema], [[value] for value in rows]
+            elif any(key not in META_MULTI_KEYS for key in schema):
+                return _graph_error(400, 100, f"Invalid multi-key schema: {schema}", "OAuthException")
             audience = path.split("/")[-2]
             members = self.audiences[f"meta:{audience}"]
             for row in rows:
-                pairs = {(key, value) for key, value in zip(payload["schema"], row, strict=False) if value}
+                pairs = {(key, value) for key, value in zip(schema, row, strict=False) if value}
                 # POST adds the users, DELETE removes them (Marketing API, custom audience users).
                 if request.method == "DELETE":
                     members.difference_update(pairs)

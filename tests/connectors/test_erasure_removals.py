@@ -59,7 +59,7 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-ERIN_META = {("EMAIL_SHA256", sha("erin@example.com")), ("PHONE_SHA256", sha("14155550101"))}
+ERIN_META = {("EMAIL", sha("erin@example.com")), ("PHONE", sha("14155550101"))}
 ERIN_GOOGLE = {("hashedEmail", sha("erin@example.com")), ("hashedPhoneNumber", sha("+14155550101"))}
 
 
@@ -161,7 +161,7 @@ async def test_an_erased_customer_is_removed_from_the_meta_and_google_audiences(
     meta = [c for c in fake.calls_to("facebook") if c.method == "DELETE"]
     assert [c.status for c in meta] == [400, 200] and meta[-1].path == "/v21.0/aud-1/users"
     assert meta[-1].body["payload"] == {
-        "schema": ["EMAIL_SHA256", "PHONE_SHA256"],
+        "schema": ["EMAIL", "PHONE"],
         "data": [[sha("erin@example.com"), sha("14155550101")]],
     }
     google = fake.calls_to("google_ads")
@@ -182,7 +182,7 @@ async def test_an_erased_customer_is_removed_from_the_meta_and_google_audiences(
         not ERIN_META & fake.audiences["meta:aud-1"]
         and not ERIN_GOOGLE & fake.audiences[f"google:{USER_LIST}"]
     )
-    assert ("EMAIL_SHA256", sha("olaf@example.com")) in fake.audiences["meta:aud-1"]
+    assert ("EMAIL", sha("olaf@example.com")) in fake.audiences["meta:aud-1"]
     assert list_removals(ads_runtime.engine) == []
     text = database_text(ads_runtime.engine)
     assert sha("erin@example.com") not in text and sha("14155550101") not in text

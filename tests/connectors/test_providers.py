@@ -307,7 +307,7 @@ async def test_meta_custom_audience_add_and_remove(fake: FakeProviders, http: ht
     assert all(r.ok for r in results)
     add, remove = fake.calls_to("facebook")
     assert (add.method, add.path, remove.method) == ("POST", "/v21.0/aud9/users", "DELETE")
-    assert add.body["payload"]["schema"] == ["EMAIL_SHA256", "PHONE_SHA256"]
+    assert add.body["payload"]["schema"] == ["EMAIL", "PHONE"]
     assert add.body["payload"]["data"][0][0] == hashlib.sha256(b"p1@example.com").hexdigest()
 
 
