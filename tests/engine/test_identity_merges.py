@@ -10,13 +10,17 @@ sends more than the cap allows over all the sends of the customers it is made of
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, select, text
 
 from cadence.dsl.loader import load_source
+from cadence.engine import decisions_service
 from cadence.engine.decision_state import DecisionState
 from cadence.engine.decisions_service import make_decision
 from cadence.engine.events import parse_call
@@ -165,3 +169,90 @@ def test_no_commit_exceeds_the_cap_over_the_merged_customers_sends(
                 assert {s["reason"] for s in body["explanation"]["suppressions"]} == {"cap"}
     finally:
         state.close()
+
+
+def test_a_commit_that_waited_for_a_merge_locks_the_customer_it_joined(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: a commit for the visitor read their customer while the merge into Ada was not yet
+    committed, and waited for the visitor's row lock; once it has it, it reads Ada's customer. Another
+    commit for Ada holds Ada's row and has queued her a send: the visitor's commit must lock Ada's row
+    too (and so wait for that commit and count its send), not decide from what it read before.
+
+    Ada has one send; the cap allows two. Before, the visitor's commit sent a third.
+    """
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's (SQLite's write lock serialises every commit)")
+    loop = EngineLoop(runtime)
+    calls = [
+        {"type": "identify", "userId": "ada", "messageId": "i1"},
+        {"type": "identify", "anonymousId": "visitor", "messageId": "i2"},
+    ]
+    record_events(engine=runtime.engine, batch=[parse_call(c, received_ms=T0) for c in calls])
+    loop.catch_up()
+    with runtime.engine.connect() as conn:
+        ada, visitor = resolve_customer(conn, "ada"), resolve_customer(conn, "visitor")
+    assert ada is not None and visitor is not None and ada < visitor
+
+    def commit(ref: str, state: DecisionState, conn: Connection) -> dict[str, Any]:
+        return make_decision(
+            conn=conn,
+            ruleset=RULES,
+            customer_ref=ref,
+            now_ms=T0 + HOUR,
+            available_channels=("email",),
+            learners=None,
+            mode="commit",
+            state=state,
+        )
+
+    states = [DecisionState(runtime.engine) for _ in range(3)]
+    with runtime.engine.begin() as conn:
+        assert commit("ada", states[0], conn)["action"] == "send"
+    alias = {"type": "alias", "previousId": "visitor", "userId": "ada", "messageId": "a1"}
+    record_events(engine=runtime.engine, batch=[parse_call(alias, received_ms=T0)])
+
+    adas_commit_holds = threading.Event()
+    release_adas_commit = threading.Event()
+    answers: dict[str, Any] = {}
+
+    def adas_commit() -> None:
+        with runtime.engine.begin() as conn:
+            answers["ada"] = commit("ada", states[1], conn)
+            adas_commit_holds.set()
+            release_adas_commit.wait(30)
+
+    lock_row = decisions_service._lock_row
+    other = threading.Thread(target=adas_commit)
+
+    def merge_first(conn: Any, customer_id: int) -> None:
+        # The visitor's commit read the visitor's customer; the merge commits before it locks the row.
+        if customer_id == visitor and not other.is_alive():
+            loop.catch_up()
+            other.start()
+            assert adas_commit_holds.wait(30)
+        lock_row(conn, customer_id)
+
+    monkeypatch.setattr(decisions_service, "_lock_row", merge_first)
+
+    def visitors_commit() -> None:
+        with runtime.engine.begin() as conn:
+            answers["visitor"] = commit("visitor", states[2], conn)
+
+    mine = threading.Thread(target=visitors_commit)
+    mine.start()
+    with runtime.engine.connect() as conn:  # until the visitor's commit waits for Ada's commit's lock
+        deadline = time.monotonic() + 30
+        while not conn.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+            assert time.monotonic() < deadline, "the visitor's commit never waited for a lock"
+            time.sleep(0.02)
+    release_adas_commit.set()
+    mine.join(30)
+    other.join(30)
+    for state in states:
+        state.close()
+    assert answers["ada"]["action"] == "send"
+    assert answers["visitor"]["customer_id"] == ada
+    assert answers["visitor"]["action"] == "none", answers["visitor"]["explanation"]
+    with runtime.engine.connect() as conn:
+        assert counting_sends(conn, [ada, visitor]) == CAP
