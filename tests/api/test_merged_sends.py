@@ -50,6 +50,10 @@ def test_the_visitors_send_caps_the_user_they_log_in_as(api: Api, how: str) -> N
     assert committed["action"] == "none" and committed.get("queued") is not True
     details = cap_details(committed)
     assert details and all("1 per 7d" in d for d in details), committed["explanation"]
+    assert (
+        committed["explanation"]["summary"]
+        == "Nothing to send. daily: campaign cap 1 per 7d reached (email, sms)."
+    )
     # The anonymous id decides for the merged customer, with the same history.
     assert api.decide("a1", mode="commit")["action"] == "none"
 
