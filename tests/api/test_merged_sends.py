@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from cadence.runtime import Runtime
+from cadence.store.schema.sends import sends
 from tests.api.test_decisions_cache import Api, reasons
 from tests.api.test_decisions_notify import clean_preview, listening
 
@@ -77,3 +79,16 @@ def test_a_clean_preview_hears_of_the_sends_a_merge_moved(api: Api, runtime: Run
     assert clean_preview(api, "u1")["action"] == "send"  # a1's send is not u1's yet
     stitch(api, "identify")
     assert api.decide("u1")["action"] == "none"
+
+
+def test_export_and_erasure_take_the_moved_sends_with_the_person(api: Api, runtime: Runtime) -> None:
+    assert api.decide("u1", mode="commit")["queued"] is True
+    api.identify(anonymousId="a1", traits={"name": "Anon"})
+    assert api.decide("a1", mode="commit")["queued"] is True
+    stitch(api, "alias")
+    exported = api.client.get("/v1/customers/u1", headers=api.keys["admin"])
+    assert exported.status_code == 200, exported.text
+    assert len(exported.json()["sends"]) == 2
+    assert api.client.delete("/v1/customers/a1", headers=api.keys["admin"]).status_code == 200
+    with runtime.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(sends)) == 0
