@@ -467,8 +467,8 @@ _RECORD_SQLITE = (
 
 #: The sends the global caps and spacing count for a round's customers ({ids}: a query of their ids):
 #: those ``sent`` or ``sending`` (not this round's own, which PostgreSQL's claim marked ``sending``
-#: at ``now``), of each customer and, recursively, every customer merged into them, by the
-#: customer they are now (``owner``).
+#: at ``now``), of each customer and, recursively, every customer merged into them (rows queued
+#: before merges moved sends to the customer merged into), by the customer they are now (``owner``).
 _HISTORY_SQL = (
     "WITH RECURSIVE members(id, owner) AS ("
     " SELECT id, id FROM customers WHERE id IN ({ids})"
@@ -1036,9 +1036,11 @@ class Dispatcher:
     def _canonical(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
         """The rows, those of a customer since merged into another as the customer it now is.
 
-        A merge folds the customer's profile, identities and consent into the customer it was
-        merged into, but leaves the send rows where they were: such a send is delivered to (and
-        checked against the consent, traits, zone and caps of) the customer it now belongs to.
+        A merge folds the customer's profile, identities, consent and sends into the customer it
+        was merged into (:mod:`cadence.engine.identity`); a send row still under the merged-away
+        customer was queued before merges moved sends (an older version's database). It is
+        delivered to (and checked against the consent, traits, zone and caps of) the customer it
+        now belongs to.
         """
         merged = {r["customer_id"] for r in rows if r["_merged_into"] is not None}
         if not merged:

@@ -4,7 +4,8 @@ A decision places a send outside its campaign's quiet hours and within the custo
 and minimum spacing. The send can still go out later than planned (a provider's 429 or
 ``Retry-After``, a retry after a failure, a dispatcher that was down, a connector's rate limit,
 ``cadence sends requeue``), or next to a send the decision did not know about (two customers,
-each with a send queued, stitched into one by an alias or identify). So the dispatcher checks
+each with a send queued, stitched into one by an alias or identify: the merge moves the sends
+to one customer, but each was decided alone). So the dispatcher checks
 each send it claims once more, at the moment it would go out, against the rules it holds:
 
 - **Quiet hours** of the send's campaign, in the customer's zone (the campaign's fallback zone

@@ -504,8 +504,13 @@ def _prepare(
             _lock_row(conn, locked)
         raw = _dbapi(conn) if conn is not None else None
         inputs = state.inputs(customer_ref, now_ms=now_ms, ruleset=ruleset, transaction=raw)
-        if lock and inputs is not None and inputs.customer_id != locked:
-            _lock_row(conn, inputs.customer_id)  # not known before (or merged since): lock, then read again
+        held = {locked}
+        while lock and inputs is not None and inputs.customer_id not in held:
+            # Not known before (or merged since): lock, then read again, until the customer read is
+            # one locked: a merge that committed while the lock waited for it leads to the customer
+            # it joined (and moved the sends to), whose commits must wait for this one too.
+            _lock_row(conn, inputs.customer_id)
+            held.add(inputs.customer_id)
             inputs = state.inputs(customer_ref, now_ms=now_ms, ruleset=ruleset, transaction=raw)
         if inputs is None:
             raise IdentityError(f"customer_id: no customer with user or anonymous id {customer_ref!r}")

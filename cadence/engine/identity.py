@@ -89,7 +89,10 @@ class IdentityResolver:
     * ``alias(previousId, userId)`` always merges: it is an explicit statement.
 
     Merged customers keep their row with ``merged_into`` set and their identities
-    repointed, so reads follow the chain and history moves with the person.
+    repointed, so reads follow the chain and history moves with the person. Their sends
+    move too, in the same transaction: caps, spacing and exclusive groups count the sends
+    stored under the customer's own id (every decision, every push), so a send an anonymous
+    visitor got counts for the user they turn out to be, and no decision walks merge chains.
     """
 
     def __init__(self) -> None:
@@ -299,7 +302,13 @@ class IdentityResolver:
         now_ms: int,
         reader: Connection | None = None,
     ) -> dict[int, int]:
-        """Write new customers, identities and merges; map temporary ids to real ones."""
+        """Write new customers, identities and merges; map temporary ids to real ones.
+
+        A merge repoints the loser's identities and sends to the winner (see the class). The
+        sends keep their idempotency keys (the loser's id in one is never read back, and a
+        provider that deduplicates may have seen it) and ``updated_ms`` (the dispatcher reads it
+        as the version of a row it claims, and as the time a round claimed it).
+        """
         roots = sorted({c for c in parent if c < 0 and self._find(parent, c) == c}, reverse=True)
         real: dict[int, int] = {}
         if roots:
@@ -321,6 +330,9 @@ class IdentityResolver:
             target = self._find(parent, winner)
             moves.append((real.get(target, target), loser))
         # Losers are distinct and never a target (targets are roots): order does not matter.
+        # The sends' move comes after ``merged_into``'s: on PostgreSQL that update locks the loser's
+        # row, which a commit deciding for the loser holds (FOR UPDATE) until its send is committed,
+        # so the move, a later statement, sees that send. Nothing runs without merges.
         if moves and is_postgres(conn):  # one statement each, not one round trip per merge
             pairs = (
                 array_literal("bigint", [w for w, _ in moves]),
@@ -341,9 +353,16 @@ class IdentityResolver:
                     " WHERE identities.customer_id = m.l AND identities.customer_id = ANY(%s::bigint[])",
                     (*pairs, pairs[1]),
                 )
+                send(
+                    conn,
+                    "UPDATE sends SET customer_id = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                    " WHERE sends.customer_id = m.l AND sends.customer_id = ANY(%s::bigint[])",
+                    (*pairs, pairs[1]),
+                )
         else:
             execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
             execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
+            execute_many(conn, "UPDATE sends SET customer_id = ? WHERE customer_id = ?", moves)
         if new_keys:
             rows = []
             for (kind, value), cid in new_keys.items():

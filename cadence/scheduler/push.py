@@ -292,11 +292,14 @@ def _sorted(by_customer: dict[int, HistoryRows]) -> dict[int, HistoryRows]:
 def _recheck(
     conn: Connection, customer_ids: Sequence[int], now_ms: int
 ) -> tuple[set[int], dict[int, HistoryRows]]:
-    """Under the write transaction: which of ``customer_ids`` still exist, and their counting sends.
+    """Under the write transaction: which of ``customer_ids`` are still customers of their own, and
+    their counting sends.
 
     One statement. On PostgreSQL the customers' rows are locked first (``FOR UPDATE``, in id
     order, as every commit group of the API locks them, so the two wait for each other instead
-    of deadlocking): a commit that queues a send for one of them afterwards reads ours.
+    of deadlocking): a commit that queues a send for one of them afterwards reads ours. A
+    customer erased or merged into another since the chunk's snapshot is not: the merge moved
+    their sends to the customer they became, whom the push decides (or decided) as such.
     """
     if is_postgres(conn):
         fetch_in(conn, "SELECT id FROM customers WHERE id IN_VALUES ORDER BY id FOR UPDATE", customer_ids)
@@ -306,7 +309,7 @@ def _recheck(
         conn,
         "SELECT c.id, s.due_ms, s.campaign, s.channel FROM customers c LEFT JOIN sends s"
         " ON s.customer_id = c.id AND s.status IN ('queued', 'sending', 'sent') AND s.due_ms > ?"
-        " WHERE c.id IN_VALUES",
+        " WHERE c.merged_into IS NULL AND c.id IN_VALUES",
         customer_ids,
         now_ms - HISTORY_MS,
     ):
@@ -565,7 +568,7 @@ def push(
                     if chosen:
                         found, fresh = _recheck(conn, sorted(chosen), now)
                         for cid in list(chosen):
-                            if cid not in found:  # erased meanwhile: nobody to send to
+                            if cid not in found:  # erased or merged meanwhile: nobody to send to
                                 del chosen[cid]
                                 redone.append(cid)
                                 continue
