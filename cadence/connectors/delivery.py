@@ -1037,8 +1037,9 @@ class Dispatcher:
         """The rows, those of a customer since merged into another as the customer it now is.
 
         A merge folds the customer's profile, identities, consent and sends into the customer it
-        was merged into (:mod:`cadence.engine.identity`); a send row still under the merged-away
-        customer was queued before merges moved sends (an older version's database). It is
+        was merged into (:mod:`cadence.engine.identity`), and migration ``merge_0001`` moved the
+        sends stored before merges did; a row still under a merged-away customer is a safeguard's
+        case. It is
         delivered to (and checked against the consent, traits, zone and caps of) the customer it
         now belongs to.
         """
