@@ -637,6 +637,7 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
                 SplitArm(arm.name, _num(arm.share), arm.template, holdout=arm.name == "holdout")
                 for arm in a["arms"]
             )
+            kw["learn_variants"] = bool(a.get("learned"))
         elif k in ("starts", "ends"):
             kw[f"{k}_ms"] = gen.timestamp_ms(a["expr"].value)
     priority = kw.pop("priority_", 0)

@@ -231,7 +231,7 @@ def _clause(w: _Writer, clause: ast.Clause, width: int) -> None:  # noqa: C901 -
                 f"{arm.name} {format_expr(arm.share, 5)}"
                 + (f" template {_quote(arm.template)}" if arm.template is not None else "")
             )
-        w.line(anchor, head + ", ".join(arms), 4)
+        w.line(anchor, head + ("learned " if a.get("learned") else "") + ", ".join(arms), 4)
     elif kw == "conversion":
         text = format_expr(a["event"])
         if a["value"] is not None:

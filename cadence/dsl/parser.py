@@ -481,8 +481,9 @@ class _Builder:
                 at = item
         return self._clause(kw, every=(str(unit), _pos(unit)), at=at, zone=zone)
 
-    def split(self, kw: _Tok, *arms: ast.Arm) -> ast.Clause:
-        return self._clause(kw, arms=list(arms))
+    def split(self, kw: _Tok, *items: Any) -> ast.Clause:
+        learned = bool(items) and isinstance(items[0], TOKEN_TYPES)  # `split learned a 50%, ...`
+        return self._clause(kw, arms=list(items[1:] if learned else items), learned=learned)
 
     def arm(self, name: _Tok, share: Any, template: _Tok | None = None) -> ast.Arm:
         return ast.Arm(

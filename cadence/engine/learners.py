@@ -1390,15 +1390,24 @@ class DecisionLearner:
         p_uns = np.repeat(ch_rates, rep) if timing is None else (per_option(ch_rates) * timing).reshape(-1)
         score, p_eng, explored = score.reshape(-1), p_eng.reshape(-1), explored.reshape(-1)
         drawn, mean_score = drawn.reshape(-1), mean_score.reshape(-1)
-        # Variants: with the campaign's minimum share, explore one variant picked at random.
+        # Variants: with the campaign's minimum share, explore one variant picked at random, among
+        # those with an option worth sending: forcing one that has none withheld the campaign from
+        # a customer another variant suited, and taught nothing (no send, no label).
         if any_arm and any(g.campaign.learn_variants for g in groups):
             pyrng = random.Random(seed)
             forced: dict[str, str] = {}
+            worth_at = worth.reshape(-1)
             for g in groups:
                 camp = g.campaign
                 if camp.learn_variants and camp.name not in forced:
                     names = sorted(
-                        {x.arm for x in groups if x.campaign.name == camp.name and x.arm is not None}
+                        {
+                            x.arm
+                            for k, x in enumerate(groups)
+                            if x.campaign.name == camp.name
+                            and x.arm is not None
+                            and worth_at[bounds[k] : bounds[k + 1]].any()
+                        }
                     )
                     explore = len(names) > 1 and pyrng.random() < camp.min_explore
                     forced[camp.name] = pyrng.choice(names) if explore else ""

@@ -28,7 +28,7 @@ from sqlalchemy import Connection, func, select, update
 from cadence.channels import Feedback, decision_id_problem, feedback_kind
 from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
-from cadence.engine.sendqueue import REACHED, settle_reached
+from cadence.engine.sendqueue import REACHED, UNSENT, settle_reached
 from cadence.errors import CadenceError
 from cadence.store.schema.decisions import decisions, learner_snapshots
 from cadence.store.schema.sends import sends
@@ -200,14 +200,15 @@ _REGISTERED = (
     decisions.c.inputs,
     decisions.c.outcome,
 )
-#: Whether a send of the decision is still queued (a feedback event's look-up reads it with the row).
-_QUEUED = (
+#: Whether a send of the decision is not sent (queued, or held back by the dispatcher; a feedback
+#: event's look-up reads it with the row).
+_UNSENT = (
     select(sends.c.id)
-    .where(sends.c.decision_id == decisions.c.id, sends.c.status == "queued")
+    .where(sends.c.decision_id == decisions.c.id, sends.c.status.in_(UNSENT))
     .limit(1)
     .correlate(decisions)
     .exists()
-    .label("queued")
+    .label("unsent")
 )
 
 
@@ -467,10 +468,10 @@ class LearnerSubscriber:
         After a restart from a snapshot, decisions committed after the snapshot are known
         only from the ``decisions`` table: they are recorded again from its stored inputs.
         Feedback that says the message reached the customer settles a send of the decision
-        still queued (:func:`~cadence.engine.sendqueue.settle_reached`). Returns the customer's
+        cadence has not sent (:func:`~cadence.engine.sendqueue.settle_reached`). Returns the customer's
         zone at decision time.
         """
-        row = conn.execute(select(*_REGISTERED, _QUEUED).where(decisions.c.id == decision_id)).first()
+        row = conn.execute(select(*_REGISTERED, _UNSENT).where(decisions.c.id == decision_id)).first()
         if row is None:
             # (a preview's id, another server's, a typo): the API could not tell at ingest
             # without a query per event, so it is said here, where the query is made anyway
@@ -483,7 +484,7 @@ class LearnerSubscriber:
         if kind not in outcome:
             outcome[kind] = ts_ms
             conn.execute(update(decisions).where(decisions.c.id == decision_id).values(outcome=outcome))
-        if row.queued and feedback in REACHED:
+        if row.unsent and feedback in REACHED:
             settle_reached(conn, decision_id, event=event, ts_ms=ts_ms)
         inputs = row.inputs or {}
         zone = inputs.get("zone")

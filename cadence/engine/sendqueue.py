@@ -6,16 +6,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection
+from sqlalchemy import Connection, case
 
 from cadence.channels import Feedback
 from cadence.store.fast import dialect_insert, dialect_sql
 from cadence.store.schema.sends import sends
 
-#: Feedback that says the message reached the customer. When it names a decision whose send is
-#: still ``queued``, the message went out some other way (the app delivered it itself, or a
-#: simulation or replay with ``at`` ran ahead of the dispatcher's wall clock): the send is
-#: settled ``sent`` rather than sent again or suppressed by the opt-out its own feedback caused.
+#: Feedback that says the message reached the customer. When it names a decision whose send
+#: cadence has not sent (:data:`UNSENT`), the message went out some other way (the app delivered
+#: it itself, or a simulation or replay with ``at`` ran ahead of, or behind, the dispatcher's wall
+#: clock): the send is settled ``sent`` rather than sent again or suppressed by the opt-out its own
+#: feedback caused.
 REACHED = frozenset(
     {
         Feedback.SENT,
@@ -28,6 +29,11 @@ REACHED = frozenset(
     }
 )
 
+#: The statuses of a send cadence has not sent: still ``queued``, or held back by the dispatcher's
+#: checks at its own clock (``suppressed``: quiet hours ``then drop``, a cap, no consent by then;
+#: ``expired``). Its own feedback saying the message reached the customer settles it.
+UNSENT = ("queued", "suppressed", "expired")
+
 __all__ = [
     "ENQUEUE_SENDS_SQL",
     "enqueue_params",
@@ -36,6 +42,7 @@ __all__ = [
     "enqueue_sends",
     "idempotency_key",
     "REACHED",
+    "UNSENT",
     "settle_reached",
 ]
 
@@ -143,17 +150,22 @@ def enqueue_params(rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> list[tu
 
 
 def settle_reached(conn: Connection, decision_id: str, *, event: str, ts_ms: int) -> int:
-    """Mark the decision's still-``queued`` send as ``sent``: its feedback (``event``) came first.
+    """Mark the decision's unsent send (:data:`UNSENT`) as ``sent``: its feedback (``event``) says it reached the customer.
 
-    Such a send still counts for caps and spacing at its due time, as one the dispatcher sent
-    would, and is not delivered a second time. The row says why in ``last_error``. Returns the
-    number of rows settled (0 when the dispatcher already took it).
+    Such a send counts for caps and spacing as one the dispatcher sent would, from when it reached
+    the customer: its due time, or the feedback's time ``ts_ms`` when that is earlier. A decision
+    with ``at`` in the past queues a send the dispatcher judges at its own wall clock, which can
+    defer it to that clock's next morning (moving the due time out of the simulated days) or drop
+    it; counted there, or not at all, it let the next decisions of the simulated day break a cap.
+    It is not delivered a second time. The row says why in ``last_error``. Returns the number of
+    rows settled (0 when the dispatcher already sent it).
     """
     return conn.execute(
         sends.update()
-        .where(sends.c.decision_id == decision_id, sends.c.status == "queued")
+        .where(sends.c.decision_id == decision_id, sends.c.status.in_(UNSENT))
         .values(
             status="sent",
+            due_ms=case((sends.c.due_ms > ts_ms, ts_ms), else_=sends.c.due_ms),
             updated_ms=ts_ms,
             last_error=f"settled: {event} arrived before cadence sent it (delivered elsewhere); not sent again",
         )

@@ -12,7 +12,9 @@ import asyncio
 import base64
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
+from datetime import time as clock_time
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from sqlalchemy import select
 
 from cadence.api.app import create_app
 from cadence.api.security import create_key
+from cadence.clock import FixedClock, datetime_to_ms
 from cadence.connectors.delivery import Dispatcher
 from cadence.engine.campaign import (
     DAY_MS,
@@ -29,6 +32,7 @@ from cadence.engine.campaign import (
     ChannelPolicy,
     CompiledRuleset,
     GlobalSettings,
+    QuietHours,
     TemplateSpec,
 )
 from cadence.plugins.manager import build_connectors, make_plugin_manager
@@ -306,3 +310,85 @@ def test_a_sends_own_feedback_settles_it_so_it_still_counts_for_the_caps(runtime
     ).json()
     assert second["action"] == "none", second
     assert any(s["reason"] == "cap" for s in second["explanation"]["suppressions"]), second["explanation"]
+
+
+@pytest.mark.parametrize("action", ["defer", "drop"])
+def test_a_send_the_dispatcher_held_by_its_wall_clock_counts_where_its_feedback_puts_it(
+    runtime: Runtime, action: str
+) -> None:
+    """A decision with ``at`` in the past (a simulation, a replay) queues a send that is due at once.
+
+    The dispatcher judges it by its own clock: at a wall-clock night in the customer's zone it
+    deferred the send to that night's morning, moving its due time out of the simulated days (or
+    dropped it, with ``then drop``), so it no longer counted where the decision placed it, and a
+    second decision of the simulated day broke the cap (seen by the session 22 checker). The send's
+    own feedback says it reached the customer: it is settled sent, counted from the feedback's time.
+    """
+    quiet = QuietHours(start=clock_time(21), end=clock_time(8), fallback_zone="Europe/Berlin", action=action)  # type: ignore[arg-type]
+    ruleset = replace(
+        CAPPED,
+        hash=f"fresh-capped-quiet-{action}",
+        campaigns={"news": replace(CAPPED.campaigns["news"], quiet=quiet)},
+    )
+    app = create_app(runtime=runtime, background=False)
+    client = TestClient(app)
+    keys = _keys(runtime)
+    app.state.ruleset = ruleset
+    r = client.post(
+        "/v1/identify",
+        json={
+            "userId": "u1",
+            "traits": {"timezone": "Europe/Berlin", "email": "u1@example.com", "phone": "+14155550101"},
+        },
+        headers=keys["ingest"],
+    )
+    assert r.status_code == 200, r.text
+    first = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": AT, "mode": "commit"}, headers=keys["decide"]
+    ).json()
+    assert first["action"] == "send", first
+    send_at = datetime.fromisoformat(first["send_at"])
+
+    # The dispatcher runs at a later wall-clock night, in the quiet hours of the customer's zone.
+    night = FixedClock(datetime_to_ms(datetime.fromisoformat("2026-03-20T23:30:00+01:00")))
+    registry = build_connectors(
+        runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
+    )
+    asyncio.run(
+        Dispatcher(engine=runtime.engine, route=registry.route, clock=night, rules=lambda: ruleset).drain()
+    )
+    with runtime.engine.connect() as conn:
+        status, due = conn.execute(
+            select(sends.c.status, sends.c.due_ms).where(sends.c.decision_id == first["decision_id"])
+        ).one()
+    held = {"defer": "queued", "drop": "suppressed"}[action]
+    assert status == held and (action == "drop" or due > night.now_ms()), (status, due)
+
+    # The simulation delivered it at its time, and says so.
+    r = client.post(
+        "/v1/track",
+        json={
+            "userId": "u1",
+            "event": "Message Delivered",
+            "properties": {"decision_id": first["decision_id"], "channel": first["channel"]},
+            "timestamp": send_at.isoformat(),
+        },
+        headers=keys["ingest"],
+    )
+    assert r.status_code == 200, r.text
+    app.state.engine_loop.catch_up()
+    with runtime.engine.connect() as conn:
+        status, due, why = conn.execute(
+            select(sends.c.status, sends.c.due_ms, sends.c.last_error).where(
+                sends.c.decision_id == first["decision_id"]
+            )
+        ).one()
+    assert status == "sent" and due == datetime_to_ms(send_at), (status, due, why)
+    assert why.startswith("settled: Message Delivered"), why
+
+    # The same simulated day: the cap (1 per 7d) holds.
+    later = (datetime.fromisoformat(AT) + timedelta(hours=2)).isoformat()
+    second = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": later, "mode": "commit"}, headers=keys["decide"]
+    ).json()
+    assert second["action"] == "none", second["explanation"]["summary"]

@@ -95,6 +95,15 @@ def test_parentheses_only_where_needed() -> None:
     assert out == "segment s = (a within 1d or b within 1d) and not c within 1d and (1 + 2) * 3 > 4\n"
 
 
+def test_a_learned_split_keeps_its_word() -> None:
+    text = (
+        'campaign c {\n  send template "t"\n  channel email\n  split learned a 50%,b 50% template "t2"\n}\n'
+    )
+    out = format_text(text)
+    assert '    split     learned a 50%, b 50% template "t2"\n' in out
+    assert format_text(out) == out and _strip_positions(out) == _strip_positions(text)
+
+
 def test_syntax_errors_are_refused() -> None:
     with pytest.raises(ValueError, match="syntax errors"):
         format_text("segment s = (\n")

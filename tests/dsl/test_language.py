@@ -244,6 +244,45 @@ campaign cart "Cart" {
         c.priority = 1  # type: ignore[misc]
 
 
+def test_a_learned_split_lets_the_learner_choose_the_variant(load: Load) -> None:
+    """`split learned ...` is how a rule asks the learners to pick the arm's template per customer."""
+    from cadence.engine.decide import decide, stable_share
+    from cadence.engine.learners import DecisionLearner
+
+    text = """
+campaign offer "Offer" {
+    send      template "offer"
+    channel   best of [email, push]
+    split     %s holdout 10%%, a 45%% template "t_a", b 45%% template "t_b"
+}
+"""
+    learned, hashed = load(text % "learned"), load(text % "")
+    assert learned.ok and hashed.ok, [str(d) for d in (*learned.diagnostics, *hashed.diagnostics)]
+    assert learned.ruleset.campaigns["offer"].learn_variants
+    assert not hashed.ruleset.campaigns["offer"].learn_variants
+    assert [(a.name, a.share, a.holdout) for a in learned.ruleset.campaigns["offer"].split] == [
+        ("holdout", 0.1, True),
+        ("a", 0.45, False),
+        ("b", 0.45, False),
+    ]
+    customer = next(i for i in range(100) if stable_share(i, "offer") >= 0.1)  # not in the holdout
+
+    def arms(result: LoadResult) -> set[str | None]:
+        d = decide(
+            ruleset=result.ruleset,
+            profile=MemoryProfile(customer_id=customer),
+            now_ms=1_780_000_000_000,
+            history=[],
+            available_channels=frozenset({"email", "push"}),
+            scorer=DecisionLearner(),
+        )
+        assert d.action == "send" and d.template in {"t_a", "t_b"}
+        return {c.arm for c in d.candidates}
+
+    assert arms(learned) == {"a", "b"}  # each variant valued
+    assert len(arms(hashed)) == 1  # the customer's stable arm only
+
+
 def test_attribution_spec(load: Load) -> None:
     from cadence.engine.attribution.spec import Touch
 

@@ -350,12 +350,27 @@ def test_split_arms_choose_template_and_learn_variants_offer_each_variant() -> N
 
 # -- properties -------------------------------------------------------------------------------------
 
-ZONES = ["Europe/Berlin", "America/New_York", "Australia/Sydney", "Asia/Kolkata", "UTC", None]
-# Around the 2026 DST changes in Europe, the US and Australia.
+ZONES = [
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Sydney",
+    "Asia/Kolkata",
+    "UTC",
+    None,
+    # Lord Howe moves its clocks by half an hour; Santiago at local midnight, so the day it
+    # springs forward has no 00:00 and a calendar day starts at 01:00.
+    "Australia/Lord_Howe",
+    "America/Santiago",
+]
+# Around the 2026 DST changes in Europe, the US, Australia (Lord Howe on the same days as Sydney)
+# and Chile (2026-04-05 back, 2026-09-06 forward).
 DST_DAYS = [
     ms("2026-03-08T00:00"),
     ms("2026-03-29T00:00"),
+    ms("2026-04-04T12:00"),
     ms("2026-04-05T00:00"),
+    ms("2026-09-05T12:00"),
+    ms("2026-10-03T12:00"),
     ms("2026-10-25T00:00"),
     ms("2026-11-01T00:00"),
 ]
