@@ -67,6 +67,7 @@ from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.consent import consent_allows
 from cadence.engine.events import NewEvent
 from cadence.engine.ingest import append_events
+from cadence.engine.sendqueue import is_replay
 from cadence.errors import (
     AuthenticationFailure,
     ConfigError,
@@ -780,7 +781,9 @@ class Dispatcher:
                 report.failed += 1
                 continue
             held: Held | None = None
-            if check is not None:
+            # A send decided as of the past (``at``: a simulation, a replay) is not late by the
+            # decision's clock: judged by this one, a real night deferred it out of its timeline.
+            if check is not None and not is_replay(row["created_ms"], row["queued_ms"]):
                 held = check.check(
                     campaign=row["campaign"],
                     channel=row["channel"],
@@ -891,7 +894,8 @@ class Dispatcher:
             " connector = COALESCE(sends.connector, CAST(%(routes)s AS jsonb) ->> sends.channel)"
             " FROM picked WHERE sends.id = picked.id"
             " RETURNING sends.id, sends.idempotency_key, sends.decision_id, sends.campaign, sends.customer_id,"
-            " sends.channel, sends.connector, sends.template, sends.variables, sends.due_ms, sends.attempts - 1"
+            " sends.channel, sends.connector, sends.template, sends.variables, sends.due_ms, sends.attempts - 1,"
+            " sends.created_ms, sends.queued_ms"
             ") SELECT c.*, p.traits,"
             " (SELECT i.kind || ':' || i.value FROM identities i WHERE i.customer_id = c.customer_id"
             "  ORDER BY CASE WHEN i.kind = 'user' THEN 0 ELSE 1 END, i.first_seen_ms, i.value LIMIT 1),"
@@ -902,7 +906,8 @@ class Dispatcher:
         )
         names = (
             "id", "idempotency_key", "decision_id", "campaign", "customer_id", "channel", "connector",
-            "template", "variables", "due_ms", "attempts", "_traits", "_identity", "_has_consent",
+            "template", "variables", "due_ms", "attempts", "created_ms", "queued_ms", "_traits", "_identity",
+            "_has_consent",
             "_timezone", "_merged_into",
         )  # fmt: skip
         rows = [dict(zip(names, row, strict=True)) for row in result.fetchall()]

@@ -6,7 +6,9 @@ and minimum spacing. The send can still go out later than planned (a provider's 
 ``cadence sends requeue``), or next to a send the decision did not know about (two customers,
 each with a send queued, stitched into one by an alias or identify: the merge moves the sends
 to one customer, but each was decided alone). So the dispatcher checks
-each send it claims once more, at the moment it would go out, against the rules it holds:
+each send it claims once more, at the moment it would go out, against the rules it holds (but
+a send decided as of the past, :func:`cadence.engine.sendqueue.is_replay`, whose timeline is not
+the dispatcher's clock):
 
 - **Quiet hours** of the send's campaign, in the customer's zone (the campaign's fallback zone
   without one), as decisions read them (:mod:`cadence.engine.slots`). Inside them a

@@ -9,6 +9,7 @@ import orjson
 from sqlalchemy import Connection, case
 
 from cadence.channels import Feedback
+from cadence.clock import now_ms as wall_ms
 from cadence.store.fast import dialect_insert, dialect_sql
 from cadence.store.schema.sends import sends
 
@@ -40,6 +41,8 @@ __all__ = [
     "enqueue_prepared",
     "enqueue_send",
     "enqueue_sends",
+    "is_replay",
+    "REPLAY_MS",
     "idempotency_key",
     "REACHED",
     "UNSENT",
@@ -50,9 +53,27 @@ __all__ = [
 #: :func:`~cadence.store.fast.dialect_sql`), for a caller that writes on a DBAPI connection itself.
 ENQUEUE_SENDS_SQL = (
     "INSERT INTO sends (idempotency_key, decision_id, campaign, customer_id, channel, connector, template,"
-    " variables, due_ms, status, attempts, created_ms, updated_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?::json, ?, 'queued', 0, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
+    " variables, due_ms, status, attempts, created_ms, updated_ms, queued_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?::json, ?, 'queued', 0, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING"
 )
+
+#: A send decided as of a time more than this before it was queued (``created_ms``, the deciding
+#: clock, against ``queued_ms``, the wall clock) was decided in the past: ``at`` in a simulation or
+#: replay. The dispatcher does not judge such a send's quiet hours, caps and spacing again by its
+#: own clock: the decision placed it in its own timeline, where it cannot be late, and a real
+#: night in the customer's zone deferred it out of the simulated days (or dropped it), so the
+#: decisions after it no longer counted it. An hour: a push's chunks, decided at the run's start,
+#: are queued within minutes of it.
+REPLAY_MS = 3_600_000
+
+
+def is_replay(created_ms: int, queued_ms: int | None) -> bool:
+    """Whether a send was decided as of a time well before it was queued (see :data:`REPLAY_MS`).
+
+    >>> is_replay(1_000, 1_000 + REPLAY_MS + 1), is_replay(1_000, 2_000), is_replay(1_000, None)
+    (True, False, False)
+    """
+    return queued_ms is not None and created_ms < queued_ms - REPLAY_MS
 
 
 def idempotency_key(campaign: str, customer_id: int, occurrence: str) -> str:
@@ -80,8 +101,13 @@ def enqueue_send(
     variables: dict[str, Any] | None = None,
     decision_id: str | None = None,
     connector: str | None = None,
+    queued_ms: int | None = None,
 ) -> bool:
-    """Queue a send inside the caller's transaction; False if ``key`` was already queued."""
+    """Queue a send inside the caller's transaction; False if ``key`` was already queued.
+
+    ``now_ms`` is the deciding clock's time; ``queued_ms`` the dispatcher's (the wall clock when
+    None): see :func:`is_replay`.
+    """
     result = conn.execute(
         dialect_insert(conn, sends)
         .values(
@@ -98,13 +124,16 @@ def enqueue_send(
             attempts=0,
             created_ms=now_ms,
             updated_ms=now_ms,
+            queued_ms=wall_ms() if queued_ms is None else queued_ms,
         )
         .on_conflict_do_nothing(index_elements=["idempotency_key"])
     )
     return bool(result.rowcount)
 
 
-def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> int:
+def enqueue_sends(
+    conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms: int, queued_ms: int | None = None
+) -> int:
     """Queue many sends in one driver-level statement (audience pushes); returns how many were new.
 
     Each row has the keyword arguments of :func:`enqueue_send` but ``now_ms``
@@ -114,7 +143,7 @@ def enqueue_sends(conn: Connection, rows: Sequence[Mapping[str, Any]], *, now_ms
     """
     if not rows:
         return 0
-    return enqueue_prepared(conn, enqueue_params(rows, now_ms=now_ms))
+    return enqueue_prepared(conn, enqueue_params(rows, now_ms=now_ms, queued_ms=queued_ms))
 
 
 def enqueue_prepared(conn: Connection, params: Sequence[tuple[Any, ...]]) -> int:
@@ -125,12 +154,16 @@ def enqueue_prepared(conn: Connection, params: Sequence[tuple[Any, ...]]) -> int
     return max(int(result.rowcount), 0)
 
 
-def enqueue_params(rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> list[tuple[Any, ...]]:
+def enqueue_params(
+    rows: Sequence[Mapping[str, Any]], *, now_ms: int, queued_ms: int | None = None
+) -> list[tuple[Any, ...]]:
     """The parameters of :data:`ENQUEUE_SENDS_SQL` for each row (rows as :func:`enqueue_sends` takes them).
 
-    >>> enqueue_params([{"key": "k", "campaign": "c", "customer_id": 1, "channel": "email", "due_ms": 5}], now_ms=2)
-    [('k', None, 'c', 1, 'email', None, None, '{}', 5, 2, 2)]
+    >>> row = {"key": "k", "campaign": "c", "customer_id": 1, "channel": "email", "due_ms": 5}
+    >>> enqueue_params([row], now_ms=2)[0][:-1], enqueue_params([row], now_ms=2)[0][-1] > 2
+    (('k', None, 'c', 1, 'email', None, None, '{}', 5, 2, 2), True)
     """
+    queued = wall_ms() if queued_ms is None else queued_ms
     return [
         (
             row["key"],
@@ -144,6 +177,7 @@ def enqueue_params(rows: Sequence[Mapping[str, Any]], *, now_ms: int) -> list[tu
             row["due_ms"],
             now_ms,
             now_ms,
+            queued,
         )
         for row in rows
     ]

@@ -13,9 +13,10 @@ import base64
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from fastapi.testclient import TestClient
@@ -316,13 +317,12 @@ def test_a_sends_own_feedback_settles_it_so_it_still_counts_for_the_caps(runtime
 def test_a_send_the_dispatcher_held_by_its_wall_clock_counts_where_its_feedback_puts_it(
     runtime: Runtime, action: str
 ) -> None:
-    """A decision with ``at`` in the past (a simulation, a replay) queues a send that is due at once.
+    """A send the dispatcher held back by its own clock, whose feedback then says it reached the customer.
 
-    The dispatcher judges it by its own clock: at a wall-clock night in the customer's zone it
-    deferred the send to that night's morning, moving its due time out of the simulated days (or
-    dropped it, with ``then drop``), so it no longer counted where the decision placed it, and a
-    second decision of the simulated day broke the cap (seen by the session 22 checker). The send's
-    own feedback says it reached the customer: it is settled sent, counted from the feedback's time.
+    The dispatcher, running late, judges the send at its own clock: at a night in the customer's
+    zone it defers it to the morning (or drops it, with ``then drop``), so it no longer counts where
+    the decision placed it. Its own feedback (the app delivered it, a simulation's clock ran ahead)
+    settles it sent, counted from the feedback's time, and a second decision of that day is capped.
     """
     quiet = QuietHours(start=clock_time(21), end=clock_time(8), fallback_zone="Europe/Berlin", action=action)  # type: ignore[arg-type]
     ruleset = replace(
@@ -343,14 +343,22 @@ def test_a_send_the_dispatcher_held_by_its_wall_clock_counts_where_its_feedback_
         headers=keys["ingest"],
     )
     assert r.status_code == 200, r.text
+    # Decided for tomorrow (a send decided in the past is not judged again by the dispatcher's clock: the
+    # test above), so the dispatcher that runs late, at night, holds it back.
+    now = (datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(days=1)).replace(
+        hour=10, minute=0, second=0, microsecond=0
+    )  # tomorrow morning: outside the quiet hours, and not in the past
     first = client.post(
-        "/v1/decisions", json={"customer_id": "u1", "at": AT, "mode": "commit"}, headers=keys["decide"]
+        "/v1/decisions",
+        json={"customer_id": "u1", "at": now.isoformat(), "mode": "commit"},
+        headers=keys["decide"],
     ).json()
     assert first["action"] == "send", first
     send_at = datetime.fromisoformat(first["send_at"])
 
-    # The dispatcher runs at a later wall-clock night, in the quiet hours of the customer's zone.
-    night = FixedClock(datetime_to_ms(datetime.fromisoformat("2026-03-20T23:30:00+01:00")))
+    # The dispatcher runs late, at the night after the send was due, in the customer's quiet hours.
+    local = send_at.astimezone(ZoneInfo("Europe/Berlin"))
+    night = FixedClock(datetime_to_ms(local.replace(hour=23, minute=30)))
     registry = build_connectors(
         runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
     )
@@ -386,9 +394,87 @@ def test_a_send_the_dispatcher_held_by_its_wall_clock_counts_where_its_feedback_
     assert status == "sent" and due == datetime_to_ms(send_at), (status, due, why)
     assert why.startswith("settled: Message Delivered"), why
 
-    # The same simulated day: the cap (1 per 7d) holds.
-    later = (datetime.fromisoformat(AT) + timedelta(hours=2)).isoformat()
+    # Two hours after it went out: the cap (1 per 7d) holds.
+    later = (send_at + timedelta(hours=2)).isoformat()
     second = client.post(
         "/v1/decisions", json={"customer_id": "u1", "at": later, "mode": "commit"}, headers=keys["decide"]
     ).json()
     assert second["action"] == "none", second["explanation"]["summary"]
+
+
+def _a_zone_at_night_now() -> str:
+    """A fixed-offset zone where the wall clock reads 03:00-04:00 now (the dispatcher's night)."""
+    hour = datetime.now(UTC).hour
+    offset = (3 - hour + 12) % 24 - 12  # -12..11: local hour 3 at UTC+offset
+    return "UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"  # Etc/GMT's sign is POSIX's: GMT-5 is UTC+5
+
+
+def test_a_send_decided_in_the_past_is_not_judged_again_by_the_dispatchers_clock(runtime: Runtime) -> None:
+    """A decision with ``at`` in the past queues a send due at once; the dispatcher sends it as decided.
+
+    Judged by the wall clock, a real night in the customer's zone deferred it to the next real
+    morning, out of the simulated days, so the next simulated decision did not count it and sent
+    past a cap (an outside checker's run in the past: 22 decisions over a calendar cap, 49 inside
+    the spacing).
+    """
+    zone = _a_zone_at_night_now()
+    rules = CompiledRuleset(
+        hash="replay-v1",
+        campaigns={
+            "news": Campaign(
+                name="news",
+                title="News",
+                priority=1,
+                audience=None,
+                template=TemplateSpec("news"),
+                channels=ChannelPolicy(("email",)),
+                quiet=QuietHours(
+                    start=clock_time(21), end=clock_time(8), fallback_zone="UTC", action="defer"
+                ),
+            )
+        },
+        segments={},
+        settings=GlobalSettings(
+            default_zone="UTC", caps=(Cap(count=1, window_ms=7 * DAY_MS, scope="customer"),)
+        ),
+        aggregates=frozenset(),
+    )
+    app = create_app(runtime=runtime, background=False)
+    client = TestClient(app)
+    keys = _keys(runtime)
+    app.state.ruleset = rules
+    r = client.post(
+        "/v1/identify",
+        json={"userId": "u1", "traits": {"timezone": zone, "email": "u1@example.com"}},
+        headers=keys["ingest"],
+    )
+    assert r.status_code == 200, r.text
+    at = datetime(2026, 3, 5, 10, 0, tzinfo=ZoneInfo(zone))
+    first = client.post(
+        "/v1/decisions",
+        json={"customer_id": "u1", "at": at.isoformat(), "mode": "commit"},
+        headers=keys["decide"],
+    ).json()
+    assert first["action"] == "send", first
+    with runtime.engine.connect() as conn:
+        due = conn.execute(select(sends.c.due_ms)).scalar_one()
+
+    registry = build_connectors(
+        runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
+    )
+    dispatcher = Dispatcher(engine=runtime.engine, route=registry.route, rules=lambda: rules)
+    report = asyncio.run(dispatcher.drain())
+    with runtime.engine.connect() as conn:
+        status, due_after, why = conn.execute(
+            select(sends.c.status, sends.c.due_ms, sends.c.last_error)
+        ).one()
+    assert (status, due_after) == ("sent", due), (status, due_after, why, report)
+
+    later = datetime.fromisoformat(first["send_at"]) + timedelta(hours=1)
+    second = client.post(
+        "/v1/decisions",
+        json={"customer_id": "u1", "at": later.isoformat(), "mode": "commit"},
+        headers=keys["decide"],
+    ).json()
+    assert second["action"] == "none", second
+    assert any(s["reason"] == "cap" for s in second["explanation"]["suppressions"]), second["explanation"]

@@ -115,6 +115,7 @@ def queue(engine: Engine, cid: int, campaign: str, due_ms: int, key: str | None 
             channel="email",
             due_ms=due_ms,
             now_ms=due_ms,
+            queued_ms=due_ms,  # queued when decided, in the test's time (not a replay of the past)
             template=f"d-{campaign}",
             decision_id=f"dec-{campaign}-{cid}",
         )
@@ -410,6 +411,7 @@ async def test_ad_audience_changes_are_neither_capped_nor_counted(
             channel="email",  # routed like the message: what matters is the operation
             due_ms=now - 120_000,
             now_ms=now - 120_000,
+            queued_ms=now - 120_000,
             template="d-retarget",
             variables={"operation": "add"},
         )

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from alembic import command
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, text
 
-from cadence.engine.sendqueue import enqueue_sends
 from cadence.store.db import _alembic_config, migrate
 from cadence.store.schema.core import customers
 from cadence.store.schema.sends import sends
@@ -21,20 +20,13 @@ def test_sends_of_customers_merged_before_the_migration_move_to_the_end_of_the_c
         for cid in (3, 5, 2, 1, 4):
             into = {1: 2, 2: 3, 4: 3}.get(cid)
             conn.execute(insert(customers).values(id=cid, created_ms=1, merged_into=into))
-        enqueue_sends(
-            conn,
-            [
-                {
-                    "key": f"daily:{cid}:{n}",
-                    "campaign": "daily",
-                    "customer_id": cid,
-                    "channel": "email",
-                    "due_ms": n,
-                }
-                for cid in (1, 2, 3, 4, 5)
-                for n in (10, 20)
-            ],
-            now_ms=5,
+        # The columns sends had at erasure_0001 (no queued_ms yet).
+        conn.execute(
+            text(
+                "INSERT INTO sends (idempotency_key, campaign, customer_id, channel, variables, due_ms, status,"
+                " attempts, created_ms, updated_ms) VALUES (:key, 'daily', :cid, 'email', '{}', :n, 'queued', 0, 5, 5)"
+            ),
+            [{"key": f"daily:{cid}:{n}", "cid": cid, "n": n} for cid in (1, 2, 3, 4, 5) for n in (10, 20)],
         )
     migrate(db_engine)
     with db_engine.connect() as conn:

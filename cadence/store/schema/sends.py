@@ -54,8 +54,12 @@ sends = Table(
     Column("next_attempt_ms", BigInteger),
     Column("provider_message_id", String(200)),
     Column("last_error", Text),
-    Column("created_ms", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),  # by the deciding clock: a decision's ``at``
     Column("updated_ms", BigInteger, nullable=False),
+    # By the wall clock (NULL for rows queued before replay_0001): a send decided as of a time well
+    # before it (``at`` in the past: a simulation or replay) is not judged again by the
+    # dispatcher's clock (:data:`cadence.engine.sendqueue.REPLAY_MS`).
+    Column("queued_ms", BigInteger),
     UniqueConstraint("idempotency_key"),
     Index(None, "status", "due_ms"),
     Index(None, "customer_id", "created_ms"),
