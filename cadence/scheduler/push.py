@@ -305,14 +305,19 @@ def _recheck(
         fetch_in(conn, "SELECT id FROM customers WHERE id IN_VALUES ORDER BY id FOR UPDATE", customer_ids)
     found: set[int] = set()
     out: dict[int, HistoryRows] = {}
-    for cid, due_ms, campaign, channel in fetch_in(
+    # ``merged_into`` is read, not filtered on: ``WHERE merged_into IS NULL`` let PostgreSQL's
+    # planner walk the merged_into index (every unmerged customer) instead of the ids' primary key,
+    # which made the 100,000-customer push 20% slower (67.6 s against 56.0 s, session 22).
+    for cid, merged_into, due_ms, campaign, channel in fetch_in(
         conn,
-        "SELECT c.id, s.due_ms, s.campaign, s.channel FROM customers c LEFT JOIN sends s"
+        "SELECT c.id, c.merged_into, s.due_ms, s.campaign, s.channel FROM customers c LEFT JOIN sends s"
         " ON s.customer_id = c.id AND s.status IN ('queued', 'sending', 'sent') AND s.due_ms > ?"
-        " WHERE c.merged_into IS NULL AND c.id IN_VALUES",
+        " WHERE c.id IN_VALUES",
         customer_ids,
         now_ms - HISTORY_MS,
     ):
+        if merged_into is not None:
+            continue
         found.add(cid)
         if due_ms is not None:
             out.setdefault(cid, []).append((due_ms, campaign, channel))
