@@ -19,7 +19,7 @@ import logging
 import pickle
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, lea
 from cadence.engine.loop import LoggedEvent
 from cadence.engine.sendqueue import REACHED, UNSENT, settle_reached
 from cadence.errors import CadenceError
+from cadence.store.schema.core import customers
 from cadence.store.schema.decisions import decisions, learner_snapshots
 from cadence.store.schema.sends import sends
 
@@ -305,6 +306,9 @@ class LearnerSubscriber:
         else:
             self.learner = latest
             self.recall(conn)
+        # Merges the snapshot does not reflect (made after it, or by the leader while this process
+        # followed): the live learner folded them when they happened.
+        self.fold_merged(conn)
         self.pinned = self._adopted(
             load_snapshot(conn, name=self.name, pinned=True), what="pinned", relearn=False
         )
@@ -504,7 +508,10 @@ class LearnerSubscriber:
         return save_snapshot(conn, name=self.name, learner=self.learner, now_ms=now_ms)
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
-        """Fold the loser's customer stats into the winner's."""
+        """Fold the loser's customer stats and pending decisions into the winner's."""
+        for p in self.learner.pending.values():
+            if p.customer_id == loser:
+                p.customer_id = winner
         stats = self.learner.customers.pop(loser, None)
         if stats is None:
             return
@@ -523,9 +530,56 @@ class LearnerSubscriber:
         # The customer's own effect: the winner keeps what it learned, or takes the loser's.
         if target.effect is None:
             target.effect = stats.effect
-        for p in self.learner.pending.values():
-            if p.customer_id == loser:
-                p.customer_id = winner
+
+    def fold_merged(self, conn: Connection, into: Iterable[int] | None = None) -> int:
+        """Fold the stats and pending decisions of customers since merged into others; how many.
+
+        The engine loop tells :meth:`merged` of each merge as it applies it, but a learner that
+        did not see that moment kept the merged-away customer apart: one loaded from a snapshot
+        taken before the merge (the recalled decisions and the replayed feedback then went to the
+        merged-away customer), and a follower's (``serve --workers N``), which applies the log
+        the leader resolved, merges included, without being told of them. So the same option of
+        a merged customer was valued differently across a restart (0.707 against 0.636 in an
+        outside check) and between two workers (0.349 against 0.666). Folding is sums and the
+        union of sends, so folding late gives what folding on time gave. ``into``: only the
+        customers merged into these (and, down the chains, into those); None: every merged one.
+        """
+        learner = self.learner
+        if into is None:
+            parents = {
+                int(cid): int(parent)
+                for cid, parent in conn.execute(
+                    select(customers.c.id, customers.c.merged_into).where(
+                        customers.c.merged_into.is_not(None)
+                    )
+                )
+            }
+        else:
+            parents, frontier = {}, {int(c) for c in into}
+            while frontier:
+                found = {
+                    int(cid): int(parent)
+                    for cid, parent in conn.execute(
+                        select(customers.c.id, customers.c.merged_into).where(
+                            customers.c.merged_into.in_(sorted(frontier))
+                        )
+                    )
+                    if int(cid) not in parents
+                }
+                parents.update(found)
+                frontier = set(found)
+        known = set(learner.customers) | {p.customer_id for p in learner.pending.values()}
+        folded = 0
+        for loser in sorted(parents):
+            if loser not in known:
+                continue
+            root, seen = parents[loser], {loser}
+            while root in parents and root not in seen:
+                seen.add(root)
+                root = parents[root]
+            self.merged(conn, root, loser)
+            folded += 1
+        return folded
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         """Forget the customer's stats (their own effects included) and pending decisions.
