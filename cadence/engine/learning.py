@@ -263,6 +263,10 @@ class LearnerSubscriber:
         self.snapshot_every = snapshot_every
         self.max_recall = max_recall
         self._since_snapshot = 0
+        #: Merged-away customer -> the customer it joined, as far as this learner knows
+        #: (:meth:`fold_merged`, :meth:`merged`): a stored decision registered again (a restart's
+        #: recall and replay, a late feedback) is the customer's it now belongs to.
+        self._parents: dict[int, int] = {}
         # A snapshot pickles every customer's statistics (about a second at 20k customers):
         # on a fast replay, taking one every 10k events would cost more than the learning.
         self.snapshot_min_seconds = snapshot_min_seconds
@@ -392,12 +396,13 @@ class LearnerSubscriber:
         """Register a stored decision: its stored features, or (older rows) features computed now."""
         inputs = row.inputs or {}
         stored = inputs.get("features")
+        customer_id = self._root(row.customer_id)
         if isinstance(stored, dict):
             self.learner.remember(
                 row.id,
                 Pending.restored(
                     stored,
-                    customer_id=row.customer_id,
+                    customer_id=customer_id,
                     sent_ms=row.send_at_ms,
                     channel=row.channel,
                     campaign=row.campaign,
@@ -407,7 +412,7 @@ class LearnerSubscriber:
             return
         self.learner.record_decision(
             decision_id=row.id,
-            customer_id=row.customer_id,
+            customer_id=customer_id,
             traits=inputs.get("traits") or {},
             zone=inputs.get("zone"),
             campaign=row.campaign,
@@ -509,6 +514,7 @@ class LearnerSubscriber:
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """Fold the loser's customer stats and pending decisions into the winner's."""
+        self._parents[loser] = winner
         for p in self.learner.pending.values():
             if p.customer_id == loser:
                 p.customer_id = winner
@@ -568,6 +574,7 @@ class LearnerSubscriber:
                 }
                 parents.update(found)
                 frontier = set(found)
+        self._parents.update(parents)
         known = set(learner.customers) | {p.customer_id for p in learner.pending.values()}
         folded = 0
         for loser in sorted(parents):
@@ -580,6 +587,16 @@ class LearnerSubscriber:
             self.merged(conn, root, loser)
             folded += 1
         return folded
+
+    def _root(self, customer_id: int) -> int:
+        """The customer ``customer_id`` now belongs to, following the merges this learner knows."""
+        seen = {customer_id}
+        while customer_id in self._parents:
+            customer_id = self._parents[customer_id]
+            if customer_id in seen:  # a cycle cannot be stored; stop at one anyway
+                break
+            seen.add(customer_id)
+        return customer_id
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         """Forget the customer's stats (their own effects included) and pending decisions.

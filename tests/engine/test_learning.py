@@ -323,3 +323,24 @@ def test_a_restart_folds_the_merges_the_snapshot_does_not_reflect(db_engine: Eng
         want.channel_clicks,
         sorted(want.sends),
     )
+
+
+def test_stored_decisions_registered_again_belong_to_the_customer_their_customer_joined(
+    db_engine: Engine,
+) -> None:
+    """A restart without a snapshot learns from the log and registers the stored decisions as it goes.
+
+    Decision rows keep the customer they were made for; one merged since is registered for the
+    customer it joined, so its feedback teaches that customer, as it did the live learner.
+    """
+    sub = LearnerSubscriber(snapshot_every=10**9)
+    with db_engine.begin() as conn:
+        events = _store_decisions(conn, sub, 6)  # customer 1's
+        conn.execute(customers.insert().values(id=2, created_ms=T0))
+        conn.execute(customers.update().where(customers.c.id == 1).values(merged_into=2))
+    restarted = LearnerSubscriber(snapshot_every=10**9)
+    with db_engine.begin() as conn:
+        assert restarted.start(conn, checkpoint=0) == 0
+        restarted.apply(conn, events)
+    assert {p.customer_id for p in restarted.learner.pending.values()} <= {2}
+    assert 1 not in restarted.learner.customers and restarted.learner.customers[2].clicks == 2
