@@ -515,12 +515,12 @@ class LearnerSubscriber:
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """Fold the loser's customer stats and pending decisions into the winner's."""
         self._parents[loser] = winner
-        for p in self.learner.pending.values():
-            if p.customer_id == loser:
-                p.customer_id = winner
         stats = self.learner.customers.pop(loser, None)
         if stats is None:
+            # A decision recorded live gives its customer stats, so no pending one is the loser's:
+            # no walk over every pending decision (up to max_recall) for each merge the loop applies.
             return
+        self._repoint(loser, winner)
         target = self.learner.customer(winner)
         target.sends.extend(stats.sends)
         target.sends = type(target.sends)(sorted(target.sends))
@@ -584,9 +584,15 @@ class LearnerSubscriber:
             while root in parents and root not in seen:
                 seen.add(root)
                 root = parents[root]
+            self._repoint(loser, root)  # a decision restored from a snapshot may have no stats beside it
             self.merged(conn, root, loser)
             folded += 1
         return folded
+
+    def _repoint(self, loser: int, winner: int) -> None:
+        for p in self.learner.pending.values():
+            if p.customer_id == loser:
+                p.customer_id = winner
 
     def _root(self, customer_id: int) -> int:
         """The customer ``customer_id`` now belongs to, following the merges this learner knows."""
