@@ -62,10 +62,11 @@ from sqlalchemy import Connection, Engine, case, delete, or_, select, text, upda
 from cadence.channels import CHANNELS
 from cadence.clock import Clock
 from cadence.connectors.base import Connector, InDoubt, OutgoingMessage, SendResult
-from cadence.connectors.dispatch_rules import Held, RulesCheck, canonical_of, history_horizon_ms
+from cadence.connectors.dispatch_rules import Held, RulesCheck, history_horizon_ms
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.consent import consent_allows
 from cadence.engine.events import NewEvent
+from cadence.engine.identity import canonical_of
 from cadence.engine.ingest import append_events
 from cadence.engine.sendqueue import is_replay
 from cadence.errors import (

@@ -34,7 +34,6 @@ customer case can break them, and the decision that queued each send counted the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -180,16 +179,3 @@ class RulesCheck:
                     later,
                 )
         return None
-
-
-def canonical_of(parents: Mapping[int, int | None], customer_id: int) -> int:
-    """Follow ``parents`` (``customer -> merged_into``) to the customer that ``customer_id`` now is.
-
-    >>> canonical_of({3: 2, 2: 1, 1: None}, 3)
-    1
-    """
-    seen = {customer_id}
-    while (nxt := parents.get(customer_id)) is not None and nxt not in seen:
-        seen.add(nxt)
-        customer_id = nxt
-    return customer_id

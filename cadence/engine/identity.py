@@ -7,7 +7,7 @@ history at read time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -25,7 +25,20 @@ from cadence.store.fast import (
 )
 from cadence.store.schema.core import customers, identities
 
-__all__ = ["IdentityResolver", "canonical", "identities_of", "resolve_customer"]
+__all__ = ["IdentityResolver", "canonical", "canonical_of", "identities_of", "resolve_customer"]
+
+
+def canonical_of(parents: Mapping[int, int | None], customer_id: int) -> int:
+    """Follow ``parents`` (``customer -> merged_into``) to the customer that ``customer_id`` now is.
+
+    >>> canonical_of({3: 2, 2: 1, 1: None}, 3)
+    1
+    """
+    seen = {customer_id}
+    while (nxt := parents.get(customer_id)) is not None and nxt not in seen:
+        seen.add(nxt)
+        customer_id = nxt
+    return customer_id
 
 
 def canonical(conn: Connection, customer_id: int) -> int:

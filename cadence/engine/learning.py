@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 
 from cadence.channels import Feedback, decision_id_problem, feedback_kind
+from cadence.engine.identity import canonical_of
 from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
 from cadence.engine.sendqueue import REACHED, UNSENT, settle_reached
@@ -580,10 +581,7 @@ class LearnerSubscriber:
         for loser in sorted(parents):
             if loser not in known:
                 continue
-            root, seen = parents[loser], {loser}
-            while root in parents and root not in seen:
-                seen.add(root)
-                root = parents[root]
+            root = self._root(loser)
             self._repoint(loser, root)  # a decision restored from a snapshot may have no stats beside it
             self.merged(conn, root, loser)
             folded += 1
@@ -596,13 +594,7 @@ class LearnerSubscriber:
 
     def _root(self, customer_id: int) -> int:
         """The customer ``customer_id`` now belongs to, following the merges this learner knows."""
-        seen = {customer_id}
-        while customer_id in self._parents:
-            customer_id = self._parents[customer_id]
-            if customer_id in seen:  # a cycle cannot be stored; stop at one anyway
-                break
-            seen.add(customer_id)
-        return customer_id
+        return canonical_of(self._parents, customer_id)
 
     def erased(self, conn: Connection, customer_id: int) -> None:
         """Forget the customer's stats (their own effects included) and pending decisions.

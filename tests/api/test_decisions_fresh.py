@@ -25,7 +25,7 @@ from sqlalchemy import select
 from cadence.api.app import create_app
 from cadence.api.security import create_key
 from cadence.clock import FixedClock, datetime_to_ms
-from cadence.connectors.delivery import Dispatcher
+from cadence.connectors.delivery import Dispatcher, DispatchReport
 from cadence.engine.campaign import (
     DAY_MS,
     Campaign,
@@ -93,11 +93,21 @@ def _unsubscribe(client: TestClient, keys: dict[str, dict[str, str]], user: str)
     assert r.status_code == 200, r.text
 
 
-def _identify(client: TestClient, keys: dict[str, dict[str, str]], user: str) -> None:
+def _identify(client: TestClient, keys: dict[str, dict[str, str]], user: str, **traits: str) -> None:
     r = client.post(
-        "/v1/identify", json={"userId": user, "traits": {"timezone": "Europe/Berlin"}}, headers=keys["ingest"]
+        "/v1/identify",
+        json={"userId": user, "traits": {"timezone": "Europe/Berlin", **traits}},
+        headers=keys["ingest"],
     )
     assert r.status_code == 200, r.text
+
+
+def _drain(runtime: Runtime, **options: Any) -> DispatchReport:
+    """Run the dispatcher (the runtime's connectors: the dry-run outbox) until nothing is due."""
+    registry = build_connectors(
+        runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
+    )
+    return asyncio.run(Dispatcher(engine=runtime.engine, route=registry.route, **options).drain())
 
 
 def _opted_out(answer: dict[str, Any]) -> bool:
@@ -262,15 +272,7 @@ def test_a_sends_own_feedback_settles_it_so_it_still_counts_for_the_caps(runtime
     client = TestClient(app)
     keys = _keys(runtime)
     app.state.ruleset = CAPPED
-    r = client.post(
-        "/v1/identify",
-        json={
-            "userId": "u1",
-            "traits": {"timezone": "Europe/Berlin", "email": "u1@example.com", "phone": "+14155550101"},
-        },
-        headers=keys["ingest"],
-    )
-    assert r.status_code == 200, r.text
+    _identify(client, keys, "u1", email="u1@example.com", phone="+14155550101")
     first = client.post(
         "/v1/decisions", json={"customer_id": "u1", "at": AT, "mode": "commit"}, headers=keys["decide"]
     ).json()
@@ -296,10 +298,7 @@ def test_a_sends_own_feedback_settles_it_so_it_still_counts_for_the_caps(runtime
         ).one()
     assert status == "sent" and why.startswith("settled: Unsubscribed arrived before cadence sent it"), why
     # The dispatcher does not deliver it again, nor suppress it.
-    registry = build_connectors(
-        runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
-    )
-    report = asyncio.run(Dispatcher(engine=runtime.engine, route=registry.route).drain())
+    report = _drain(runtime)
     assert report.sent == 0 and report.suppressed == 0, report
     with runtime.engine.connect() as conn:
         assert conn.execute(select(sends.c.status)).scalars().all() == ["sent"]
@@ -334,15 +333,7 @@ def test_a_send_the_dispatcher_held_by_its_wall_clock_counts_where_its_feedback_
     client = TestClient(app)
     keys = _keys(runtime)
     app.state.ruleset = ruleset
-    r = client.post(
-        "/v1/identify",
-        json={
-            "userId": "u1",
-            "traits": {"timezone": "Europe/Berlin", "email": "u1@example.com", "phone": "+14155550101"},
-        },
-        headers=keys["ingest"],
-    )
-    assert r.status_code == 200, r.text
+    _identify(client, keys, "u1", email="u1@example.com", phone="+14155550101")
     # Decided for tomorrow (a send decided in the past is not judged again by the dispatcher's clock: the
     # test above), so the dispatcher that runs late, at night, holds it back.
     now = (datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(days=1)).replace(
@@ -359,12 +350,7 @@ def test_a_send_the_dispatcher_held_by_its_wall_clock_counts_where_its_feedback_
     # The dispatcher runs late, at the night after the send was due, in the customer's quiet hours.
     local = send_at.astimezone(ZoneInfo("Europe/Berlin"))
     night = FixedClock(datetime_to_ms(local.replace(hour=23, minute=30)))
-    registry = build_connectors(
-        runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
-    )
-    asyncio.run(
-        Dispatcher(engine=runtime.engine, route=registry.route, clock=night, rules=lambda: ruleset).drain()
-    )
+    _drain(runtime, clock=night, rules=lambda: ruleset)
     with runtime.engine.connect() as conn:
         status, due = conn.execute(
             select(sends.c.status, sends.c.due_ms).where(sends.c.decision_id == first["decision_id"])
@@ -443,12 +429,7 @@ def test_a_send_decided_in_the_past_is_not_judged_again_by_the_dispatchers_clock
     client = TestClient(app)
     keys = _keys(runtime)
     app.state.ruleset = rules
-    r = client.post(
-        "/v1/identify",
-        json={"userId": "u1", "traits": {"timezone": zone, "email": "u1@example.com"}},
-        headers=keys["ingest"],
-    )
-    assert r.status_code == 200, r.text
+    _identify(client, keys, "u1", timezone=zone, email="u1@example.com")
     at = datetime(2026, 3, 5, 10, 0, tzinfo=ZoneInfo(zone))
     first = client.post(
         "/v1/decisions",
@@ -459,11 +440,7 @@ def test_a_send_decided_in_the_past_is_not_judged_again_by_the_dispatchers_clock
     with runtime.engine.connect() as conn:
         due = conn.execute(select(sends.c.due_ms)).scalar_one()
 
-    registry = build_connectors(
-        runtime.settings, pm=make_plugin_manager(runtime.settings), engine=runtime.engine
-    )
-    dispatcher = Dispatcher(engine=runtime.engine, route=registry.route, rules=lambda: rules)
-    report = asyncio.run(dispatcher.drain())
+    report = _drain(runtime, rules=lambda: rules)
     with runtime.engine.connect() as conn:
         status, due_after, why = conn.execute(
             select(sends.c.status, sends.c.due_ms, sends.c.last_error)
