@@ -170,7 +170,7 @@ class IdentityResolver:
 
         next_temp = -1
         new_keys: dict[IdKey, int] = {}
-        merges: list[tuple[int, int]] = []
+        merges: list[tuple[int, int, int]] = []  # (winner, loser, the event that merged them)
 
         def find(cid: int) -> int:
             return self._find(parent, cid)
@@ -194,13 +194,13 @@ class IdentityResolver:
             if key[0] == "user":
                 with_user.add(find(cid))
 
-        def merge(a: int, b: int) -> int:
+        def merge(a: int, b: int, event_id: int) -> int:
             # The older customer (a real id before a new one, then the smaller id) survives.
             winner, loser = sorted((a, b), key=lambda c: (c < 0, abs(c)))
             parent[loser] = winner
             if loser in with_user:
                 with_user.add(winner)
-            merges.append((winner, loser))
+            merges.append((winner, loser, event_id))
             return winner
 
         resolved: list[tuple[Any, int | None]] = []
@@ -231,7 +231,7 @@ class IdentityResolver:
                     elif cp is None:
                         attach(pkey, cu)
                     elif cu != cp:
-                        cu = merge(cu, cp)
+                        cu = merge(cu, cp, r.id)
                     ca = lookup(akey)
                     if akey is not None and ca is None:
                         attach(akey, cu)  # type: ignore[arg-type]
@@ -255,7 +255,7 @@ class IdentityResolver:
                         attach(akey, cu)  # type: ignore[arg-type]
                         ca = cu
                     elif cu is not None and ca is not None and cu != ca and ca not in with_user:
-                        cu = merge(cu, ca)
+                        cu = merge(cu, ca, r.id)
             resolved.append((r, cu if cu is not None else ca))
 
         self.created = frozenset()
@@ -294,7 +294,7 @@ class IdentityResolver:
                     ),
                 )
             )
-        real_merges = [(final(w), loser) for w, loser in merges if loser > 0]
+        real_merges = [(final(w), loser) for w, loser, _event in merges if loser > 0]
         return out, [(w, loser) for w, loser in real_merges if w is not None]
 
     @staticmethod
@@ -311,13 +311,14 @@ class IdentityResolver:
         conn: Connection,
         parent: dict[int, int],
         new_keys: dict[IdKey, int],
-        merges: list[tuple[int, int]],
+        merges: list[tuple[int, int, int]],
         now_ms: int,
         reader: Connection | None = None,
     ) -> dict[int, int]:
         """Write new customers, identities and merges; map temporary ids to real ones.
 
-        A merge repoints the loser's identities and sends to the winner (see the class). The
+        A merge repoints the loser's identities and sends to the winner (see the class) and
+        records the event that made it (``merged_at_event``, where the learners fold it). The
         sends keep their idempotency keys (the loser's id in one is never read back, and a
         provider that deduplicates may have seen it) and ``updated_ms`` (the dispatcher reads it
         as the version of a row it claims, and as the time a round claimed it).
@@ -337,28 +338,29 @@ class IdentityResolver:
             )
             real = dict(zip(roots, created, strict=True))
         moves = []
-        for winner, loser in merges:
+        for winner, loser, event_id in merges:
             if loser < 0:
                 continue
             target = self._find(parent, winner)
-            moves.append((real.get(target, target), loser))
+            moves.append((real.get(target, target), loser, event_id))
         # Losers are distinct and never a target (targets are roots): order does not matter.
         # The sends' move comes after ``merged_into``'s: on PostgreSQL that update locks the loser's
         # row, which a commit deciding for the loser holds (FOR UPDATE) until its send is committed,
         # so the move, a later statement, sees that send. Nothing runs without merges.
         if moves and is_postgres(conn):  # one statement each, not one round trip per merge
             pairs = (
-                array_literal("bigint", [w for w, _ in moves]),
-                array_literal("bigint", [lo for _, lo in moves]),
+                array_literal("bigint", [w for w, _, _ in moves]),
+                array_literal("bigint", [lo for _, lo, _ in moves]),
             )
             # ``= ANY(losers)`` as well: without it the planner joins by scanning the whole table,
             # and no sequential scan even so: the tables may have outgrown their statistics.
             with index_scans(conn):
                 send(
                     conn,
-                    "UPDATE customers SET merged_into = m.w FROM unnest(%s::bigint[], %s::bigint[]) AS m(w, l)"
+                    "UPDATE customers SET merged_into = m.w, merged_at_event = m.e"
+                    " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS m(w, l, e)"
                     " WHERE customers.id = m.l AND customers.id = ANY(%s::bigint[])",
-                    (*pairs, pairs[1]),
+                    (*pairs, array_literal("bigint", [e for _, _, e in moves]), pairs[1]),
                 )
                 send(
                     conn,
@@ -373,9 +375,14 @@ class IdentityResolver:
                     (*pairs, pairs[1]),
                 )
         else:
-            execute_many(conn, "UPDATE customers SET merged_into = ? WHERE id = ?", moves)
-            execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", moves)
-            execute_many(conn, "UPDATE sends SET customer_id = ? WHERE customer_id = ?", moves)
+            execute_many(
+                conn,
+                "UPDATE customers SET merged_into = ?, merged_at_event = ? WHERE id = ?",
+                [(w, e, lo) for w, lo, e in moves],
+            )
+            repoint = [(w, lo) for w, lo, _ in moves]
+            execute_many(conn, "UPDATE identities SET customer_id = ? WHERE customer_id = ?", repoint)
+            execute_many(conn, "UPDATE sends SET customer_id = ? WHERE customer_id = ?", repoint)
         if new_keys:
             rows = []
             for (kind, value), cid in new_keys.items():

@@ -986,6 +986,52 @@ class DecisionLearner:
             )
         return stats.effect
 
+    def absorb(self, winner: int, loser: int) -> bool:
+        """Fold ``loser``'s stats and pending decisions into ``winner``'s (a merge); False if it had none.
+
+        Both customers' feedback is the same person's evidence, so it is combined, not chosen:
+        counts and send times add up, the preferred-hour log-likelihoods add (each is a sum over
+        the customer's labelled sends), and the two engagement effects, each a Gaussian posterior
+        from the same prior, combine as their product over that prior (precisions add, less the
+        prior's once). Before, the winner kept its own effect and hours and lost the loser's.
+        """
+        stats = self.customers.pop(loser, None)
+        if stats is None:
+            # Every pending decision's customer has stats (see remember): no walk over every
+            # pending decision (up to max_recall) for each merge of a customer with nothing learned.
+            return False
+        for p in self.pending.values():
+            if p.customer_id == loser:
+                p.customer_id = winner
+        target = self.customer(winner)
+        target.sends = type(target.sends)(sorted([*target.sends, *stats.sends]))
+        for ch, n in stats.channel_sends.items():
+            target.channel_sends[ch] = target.channel_sends.get(ch, 0) + n
+        for ch, n in stats.channel_clicks.items():
+            target.channel_clicks[ch] = target.channel_clicks.get(ch, 0) + n
+        target.hour_cos += stats.hour_cos
+        target.hour_sin += stats.hour_sin
+        target.clicks += stats.clicks
+        if stats.last_click_ms is not None:
+            target.last_click_ms = max(target.last_click_ms or 0, stats.last_click_ms)
+        if stats.hour_loglik is not None:
+            mine = target.hour_loglik
+            target.hour_loglik = stats.hour_loglik.copy() if mine is None else mine + stats.hour_loglik
+        if stats.gamma is not None:
+            target.gamma = stats.gamma.copy() if target.gamma is None else target.gamma + stats.gamma
+        if stats.effect is not None:
+            if target.effect is None:
+                target.effect = stats.effect.copy()
+            else:
+                prior = 1.0 / self.config.customer_channel_var
+                p1, p2 = 1.0 / target.effect[1], 1.0 / stats.effect[1]
+                # Never less certain than either side (an approximate update could leave a
+                # variance above the prior's).
+                precision = np.maximum(p1 + p2 - prior, np.maximum(p1, p2))
+                mean = (target.effect[0] * p1 + stats.effect[0] * p2) / precision
+                target.effect = np.array([mean, 1.0 / precision])
+        return True
+
     def _trait_buckets(self, traits: Mapping[str, Any]) -> list[int]:
         try:
             key = tuple((k, v, type(v)) for k, v in traits.items())  # 1, 1.0 and True bucket apart
@@ -1936,6 +1982,7 @@ class DecisionLearner:
     def remember(self, decision_id: str, pending: Pending) -> None:
         """Register a decision whose features were computed when it was made (see :meth:`Pending.stored`)."""
         self.pending[decision_id] = pending
+        self.customer(pending.customer_id)  # a customer with a pending decision has stats: see absorb
         heapq.heappush(self._heap(), (pending.sent_ms + self._first_label_ms(), decision_id))
 
     def _first_label_ms(self) -> int:

@@ -19,7 +19,7 @@ import logging
 import pickle
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,7 +265,7 @@ class LearnerSubscriber:
         self.max_recall = max_recall
         self._since_snapshot = 0
         #: Merged-away customer -> the customer it joined, as far as this learner knows
-        #: (:meth:`fold_merged`, :meth:`merged`): a stored decision registered again (a restart's
+        #: (:meth:`fold_merged`, :meth:`apply`): a stored decision registered again (a restart's
         #: recall and replay, a late feedback) is the customer's it now belongs to.
         self._parents: dict[int, int] = {}
         # A snapshot pickles every customer's statistics (about a second at 20k customers):
@@ -428,7 +428,11 @@ class LearnerSubscriber:
         and at least ``snapshot_min_seconds`` since the last snapshot."""
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
+        merges = self._merges_in(conn, batch) if batch else []
         for event in batch:
+            while merges and merges[0][0] < event.id:
+                _at, loser, parent = merges.pop(0)
+                self._fold([(loser, parent)])
             self.learner.advance(event.ts_ms)
             kind = feedback_kind(event.event)
             decision_id = event.properties.get("decision_id")
@@ -439,6 +443,7 @@ class LearnerSubscriber:
                 _unjoined(event.id, decision_id, decision_id_problem(decision_id) or "not a string")
             self.learner.position = event.id
             self._since_snapshot += 1
+        self._fold([(loser, parent) for _at, loser, parent in merges])
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)
@@ -514,83 +519,60 @@ class LearnerSubscriber:
         return save_snapshot(conn, name=self.name, learner=self.learner, now_ms=now_ms)
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
-        """Fold the loser's customer stats and pending decisions into the winner's."""
-        self._parents[loser] = winner
-        stats = self.learner.customers.pop(loser, None)
-        if stats is None:
-            # A decision recorded live gives its customer stats, so no pending one is the loser's:
-            # no walk over every pending decision (up to max_recall) for each merge the loop applies.
-            return
-        self._repoint(loser, winner)
-        target = self.learner.customer(winner)
-        target.sends.extend(stats.sends)
-        target.sends = type(target.sends)(sorted(target.sends))
-        for ch, n in stats.channel_sends.items():
-            target.channel_sends[ch] = target.channel_sends.get(ch, 0) + n
-        for ch, n in stats.channel_clicks.items():
-            target.channel_clicks[ch] = target.channel_clicks.get(ch, 0) + n
-        target.hour_cos += stats.hour_cos
-        target.hour_sin += stats.hour_sin
-        target.clicks += stats.clicks
-        if stats.last_click_ms is not None:
-            target.last_click_ms = max(target.last_click_ms or 0, stats.last_click_ms)
-        # The customer's own effect: the winner keeps what it learned, or takes the loser's.
-        if target.effect is None:
-            target.effect = stats.effect
+        """Nothing yet: :meth:`apply` folds a merge when it reaches the event that made it.
 
-    def fold_merged(self, conn: Connection, into: Iterable[int] | None = None) -> int:
-        """Fold the stats and pending decisions of customers since merged into others; how many.
-
-        The engine loop tells :meth:`merged` of each merge as it applies it, but a learner that
-        did not see that moment kept the merged-away customer apart: one loaded from a snapshot
-        taken before the merge (the recalled decisions and the replayed feedback then went to the
-        merged-away customer), and a follower's (``serve --workers N``), which applies the log
-        the leader resolved, merges included, without being told of them. So the same option of
-        a merged customer was valued differently across a restart (0.707 against 0.636 in an
-        outside check) and between two workers (0.349 against 0.666). Folding is sums and the
-        union of sends, so folding late gives what folding on time gave. ``into``: only the
-        customers merged into these (and, down the chains, into those); None: every merged one.
+        The loop tells its subscribers of a batch's merges before the batch's events, and (with
+        the look-ahead) a batch early. Folding then taught the joined customer feedback that
+        came before the merge, which a replay after a restart taught the merged-away one; so the
+        learners fold where the log made the merge (``customers.merged_at_event``), live, in a
+        replay and in a follower alike.
         """
-        learner = self.learner
-        if into is None:
-            parents = {
-                int(cid): int(parent)
-                for cid, parent in conn.execute(
-                    select(customers.c.id, customers.c.merged_into).where(
-                        customers.c.merged_into.is_not(None)
-                    )
-                )
-            }
-        else:
-            parents, frontier = {}, {int(c) for c in into}
-            while frontier:
-                found = {
-                    int(cid): int(parent)
-                    for cid, parent in conn.execute(
-                        select(customers.c.id, customers.c.merged_into).where(
-                            customers.c.merged_into.in_(sorted(frontier))
-                        )
-                    )
-                    if int(cid) not in parents
-                }
-                parents.update(found)
-                frontier = set(found)
-        self._parents.update(parents)
-        known = set(learner.customers) | {p.customer_id for p in learner.pending.values()}
+
+    def fold_merged(self, conn: Connection) -> int:
+        """Fold the customers merged at or before this learner's position into the ones they joined; how many.
+
+        A learner loaded from a snapshot does not know the merges made since it was taken, nor
+        (this process being new) which customers those before it merged: both are read here.
+        Merges after the position are folded by :meth:`apply` as the replay reaches them;
+        those stored before merge positions were (``merged_at_event`` NULL) are folded now.
+        Folding the stats of a customer the snapshot already folded finds none: only the
+        chain is learned, so a decision registered again (recall, a late feedback) belongs to
+        the customer it now does.
+        """
+        position = self.learner.position
+        rows = conn.execute(
+            select(customers.c.id, customers.c.merged_into).where(
+                customers.c.merged_into.is_not(None),
+                (customers.c.merged_at_event <= position) | customers.c.merged_at_event.is_(None),
+            )
+        ).all()
+        return self._fold([(int(loser), int(parent)) for loser, parent in rows])
+
+    def _fold(self, merges: Sequence[tuple[int, int]]) -> int:
+        """Fold each ``(loser, the customer it was merged into)``, in order; how many had stats."""
+        self._parents.update(merges)
         folded = 0
-        for loser in sorted(parents):
-            if loser not in known:
-                continue
-            root = self._root(loser)
-            self._repoint(loser, root)  # a decision restored from a snapshot may have no stats beside it
-            self.merged(conn, root, loser)
-            folded += 1
+        for loser, _parent in merges:
+            folded += self.learner.absorb(self._root(loser), loser)
         return folded
 
-    def _repoint(self, loser: int, winner: int) -> None:
-        for p in self.learner.pending.values():
-            if p.customer_id == loser:
-                p.customer_id = winner
+    def _merges_in(self, conn: Connection, batch: Sequence[LoggedEvent]) -> list[tuple[int, int, int]]:
+        """The merges made by events after this learner's position, up to the batch's last:
+        ``(event id, loser, merged into)`` in log order. No read unless an event could have
+        merged (an alias, or an event carrying both ids): on PostgreSQL a read in ``apply``
+        waits for the loop's pipelined writes."""
+        if not any(e.type == "alias" or (e.user_id and e.anonymous_id) for e in batch):
+            return []
+        rows = conn.execute(
+            select(customers.c.merged_at_event, customers.c.id, customers.c.merged_into)
+            .where(
+                customers.c.merged_at_event > self.learner.position,
+                customers.c.merged_at_event <= batch[-1].id,
+                customers.c.merged_into.is_not(None),
+            )
+            .order_by(customers.c.merged_at_event, customers.c.id)
+        ).all()
+        return [(int(e), int(loser), int(parent)) for e, loser, parent in rows]
 
     def _root(self, customer_id: int) -> int:
         """The customer ``customer_id`` now belongs to, following the merges this learner knows."""

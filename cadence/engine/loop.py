@@ -851,12 +851,7 @@ class EngineLoop:
                         if unseen:
                             sub.following = True  # type: ignore[attr-defined]
                             try:
-                                sub.apply(conn, unseen)
-                                # The leader's merges (only identify and alias merge): fold them too.
-                                fold = getattr(sub, "fold_merged", None)
-                                stitched = {e.customer_id for e in unseen if e.type in ("identify", "alias")}
-                                if fold is not None and stitched:
-                                    fold(conn, stitched)
+                                sub.apply(conn, unseen)  # the leader's merges too (the learners fold them)
                             finally:
                                 sub.following = False  # type: ignore[attr-defined]
                         cached[sub.name] = max(seen, rows[-1].id)

@@ -296,8 +296,8 @@ def test_a_restart_folds_the_merges_the_snapshot_does_not_reflect(db_engine: Eng
     with db_engine.begin() as conn:
         live.apply(conn, before)
         live.snapshot(conn, now_ms=T0)
-        conn.execute(customers.update().where(customers.c.id == 2).values(merged_into=1))
-        live.merged(conn, 1, 2)  # what the loop does when it applies the alias
+        # what the loop's identity stitching writes when it resolves the alias (event 100)
+        conn.execute(customers.update().where(customers.c.id == 2).values(merged_into=1, merged_at_event=100))
     for k in range(10, 14):
         decide(live, k, cid=1)
     after = [event(100, "alias", "", 1, T0 + 8 * HOUR, kind="alias")]

@@ -93,6 +93,15 @@ customers = Table(
     Column("created_ms", BigInteger, nullable=False),
     # Set when this customer was stitched into another one; reads follow the chain.
     Column("merged_into", Id, ForeignKey("customers.id", ondelete="SET NULL")),
+    # The event whose stitching merged it (NULL: not merged, or merged before stitch_0001): the
+    # learners fold a merge where the log made it, so a replay learns what the live learner did.
+    Column("merged_at_event", BigInteger),
+    Index(
+        "ix_customers_merged_at_event",
+        "merged_at_event",
+        sqlite_where=text("merged_at_event IS NOT NULL"),
+        postgresql_where=text("merged_at_event IS NOT NULL"),
+    ),
 )
 
 identities = Table(
