@@ -19,6 +19,7 @@ from cadence.store.driver import (
     _LockingConnection,
     begin_sqlite_write,
     configure_sqlite,
+    postgres_connect_args,
     script_heads,
 )
 
@@ -82,6 +83,8 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
         options["pool_pre_ping"] = True
         options["pool_size"] = 10
         options["max_overflow"] = 20
+        if parsed.get_backend_name() == "postgresql":
+            options["connect_args"] = postgres_connect_args(parsed.query)
     options.update(kwargs)
     engine = create_engine(url, **options)
     if parsed.get_backend_name() == "sqlite":
