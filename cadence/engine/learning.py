@@ -429,10 +429,12 @@ class LearnerSubscriber:
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
         merges = self._merges_in(conn, batch) if batch else []
+        folded = 0  # merges[:folded] are folded: each before the first event after the one that made it
         for event in batch:
-            while merges and merges[0][0] < event.id:
-                _at, loser, parent = merges.pop(0)
+            while folded < len(merges) and merges[folded][0] < event.id:
+                _at, loser, parent = merges[folded]
                 self._fold([(loser, parent)])
+                folded += 1
             self.learner.advance(event.ts_ms)
             kind = feedback_kind(event.event)
             decision_id = event.properties.get("decision_id")
@@ -443,7 +445,7 @@ class LearnerSubscriber:
                 _unjoined(event.id, decision_id, decision_id_problem(decision_id) or "not a string")
             self.learner.position = event.id
             self._since_snapshot += 1
-        self._fold([(loser, parent) for _at, loser, parent in merges])
+        self._fold([(loser, parent) for _at, loser, parent in merges[folded:]])
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)
