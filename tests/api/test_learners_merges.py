@@ -11,13 +11,18 @@ before a restart, 0.660 after). The learners now fold a merge where the log made
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
-from cadence.engine.learners import DecisionLearner
+from cadence.engine.learners import CustomerStats, DecisionLearner
 from cadence.sim.api import ApiPolicy, in_process_api
 from cadence.store.schema.core import customers
 from tests.api.test_simulate_api import learners_of
@@ -30,19 +35,32 @@ def iso(at: datetime) -> str:
 
 
 def knowledge(learner: DecisionLearner) -> dict[str, Any]:
-    """Everything the learners know of each customer, their own effects included, and the shared posterior."""
+    """Everything the learners know of each customer, their own effects included, and the shared posterior.
+
+    An effect still at its prior is the same knowledge as none (valuing a live decision creates it),
+    and so is a customer whose stats are all empty."""
+    prior = learner.effect(-1).copy()
+    learner.customers.pop(-1)
+
+    def effect(value: np.ndarray | None) -> list[list[float]] | None:
+        if value is None or np.array_equal(value, prior):
+            return None
+        return np.round(value, 12).tolist()  # type: ignore[no-any-return]
+
+    def stats(c: CustomerStats) -> tuple[Any, ...]:
+        loglik = None if c.hour_loglik is None else np.round(c.hour_loglik, 12).tolist()
+        return (
+            c.clicks,
+            sorted(c.sends),
+            dict(c.channel_sends),
+            dict(c.channel_clicks),
+            effect(c.effect),
+            loglik,
+        )
+
+    empty = (0, [], {}, {}, None, None)
     return {
-        "customers": {
-            cid: (
-                c.clicks,
-                sorted(c.sends),
-                dict(c.channel_sends),
-                dict(c.channel_clicks),
-                None if c.effect is None else np.round(c.effect, 12).tolist(),
-                None if c.hour_loglik is None else np.round(c.hour_loglik, 12).tolist(),
-            )
-            for cid, c in learner.customers.items()
-        },
+        "customers": {cid: stats(c) for cid, c in learner.customers.items() if stats(c) != empty},
         "pending": sorted((k, p.customer_id) for k, p in learner.pending.items()),
         "labels": learner.labels,
         "engagement": np.round(learner.engagement.mean, 12).tolist(),
@@ -138,4 +156,111 @@ def test_a_restart_knows_what_the_live_learners_knew_of_a_customer_merged_after_
 
     with in_process_api(url) as restarted:
         restarted.sync()
-        assert knowledge(learners_of(restarted.client.app).learner) == before  # type: ignore[attr-defined]
+        after = knowledge(learners_of(restarted.client.app).learner)  # type: ignore[attr-defined]
+        assert after == before
+
+
+USERS = st.sampled_from(["u0", "u1"])
+ANONS = st.sampled_from(["a0", "a1", "a2"])
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("decide"), st.one_of(USERS, ANONS)),
+        st.tuples(
+            st.just("feedback"), st.sampled_from(["Message Delivered", "Message Clicked"]), st.integers(0, 9)
+        ),
+        st.tuples(st.just("identify"), USERS, ANONS),  # links them (merges, unless a shared device)
+        st.tuples(st.just("alias"), ANONS, USERS),  # always merges
+        st.tuples(st.just("snapshot")),
+        st.tuples(st.just("later"), st.integers(6, 40)),  # hours pass: labels fall due
+    ),
+    min_size=4,
+    max_size=18,
+)
+_EXAMPLES = itertools.count()
+
+
+@pytest.fixture
+def live(db_engine: Engine) -> Iterator[tuple[Engine, Run]]:
+    url = db_engine.url.render_as_string(hide_password=False)
+    with in_process_api(url) as api:
+        yield db_engine, Run(api)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+@example(  # clicks learned after a snapshot, then the visitor logs in
+    ops=[
+        ("decide", "u0"),
+        ("decide", "a0"),
+        ("feedback", "Message Clicked", 1),
+        ("snapshot",),
+        ("later", 30),
+        ("identify", "u0", "a0"),
+        ("decide", "a0"),
+        ("later", 30),
+    ]
+)
+def test_a_restart_after_any_interleaving_of_decisions_feedback_and_merges_knows_what_the_live_learners_knew(
+    live: tuple[Engine, Run], ops: list[tuple[Any, ...]]
+) -> None:
+    """Decisions, their feedback, identifies and aliases (which merge), snapshots and time passing, in any
+    order: an app started afresh on the database (the snapshot, then the log after it) knows what the
+    live app's learners know, merged customers included. One database for every example (each with ids
+    of its own, later in simulated time): the restarted app replays them all."""
+    engine, run = live
+    n = next(_EXAMPLES)
+    prefix = f"x{n}-"
+    clock = [DAY0 + timedelta(days=10 * n, hours=9)]
+    answers: list[tuple[dict[str, str], dict[str, Any]]] = []
+
+    def ref(name: str) -> dict[str, str]:
+        return {"userId" if name.startswith("u") else "anonymousId": prefix + name}
+
+    def event(body: dict[str, Any]) -> None:
+        run.post("/v1/batch", {"batch": [{**body, "timestamp": iso(clock[0])}]})
+        run.api.sync()
+
+    for op in ops:
+        clock[0] += timedelta(minutes=10)
+        kind = op[0]
+        if kind == "decide":
+            event({"type": "identify", **ref(op[1]), "traits": {"timezone": "UTC"}})
+            answer = run.post(
+                "/v1/decisions", {"customer_id": prefix + op[1], "at": iso(clock[0]), "mode": "commit"}
+            )
+            if answer["action"] == "send":
+                answers.append((ref(op[1]), answer))
+        elif kind == "feedback" and answers:
+            who, answer = answers[op[2] % len(answers)]
+            run.feedback(who, answer, op[1], timedelta(minutes=5))
+            run.batch[-1]["timestamp"] = iso(
+                clock[0]
+            )  # in the order of the ops, after the send is due or not
+            run.flush()
+        elif kind == "identify":
+            event({"type": "identify", **ref(op[1]), **ref(op[2])})
+        elif kind == "alias":
+            event({"type": "alias", "previousId": prefix + op[1], "userId": prefix + op[2]})
+        elif kind == "snapshot":
+            with engine.begin() as conn:
+                learners_of(run.api.client.app).snapshot(conn, now_ms=int(clock[0].timestamp() * 1000))  # type: ignore[attr-defined]
+        elif kind == "later":
+            clock[0] += timedelta(hours=op[1])
+            event({"type": "track", "userId": prefix + "clock", "event": "Page Viewed"})
+    before = knowledge(learners_of(run.api.client.app).learner)  # type: ignore[attr-defined]
+    url = engine.url.render_as_string(hide_password=False)
+    with in_process_api(url) as restarted:
+        restarted.sync()
+        after = knowledge(learners_of(restarted.client.app).learner)  # type: ignore[attr-defined]
+        import os
+
+        if os.environ.get("DBG") and after != before:
+            for k in before:
+                if before[k] != after[k]:
+                    if k == "customers":
+                        for c in set(before[k]) | set(after[k]):
+                            if before[k].get(c) != after[k].get(c):
+                                print("customer", c, before[k].get(c), after[k].get(c))
+                    else:
+                        print(k, before[k], after[k])
+        assert after == before
