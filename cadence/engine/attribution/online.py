@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection
 
-from cadence.channels import Feedback, feedback_channel, feedback_kind
+from cadence.channels import Feedback, feedback_campaign, feedback_channel, feedback_kind
 from cadence.engine.attribution import heuristics
 from cadence.engine.attribution.grouping import DEFAULT_CHANNEL_RULES, group_channel
 from cadence.engine.attribution.journeys import DAY_MS, AttributionError, Journeys
@@ -173,7 +173,7 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     if kind in (Feedback.SENT, Feedback.CLICKED):
         channel = feedback_channel(event.event, props)
         if isinstance(channel, str) and channel:
-            return channel, str(props.get("campaign") or "")
+            return channel, feedback_campaign(props)
         return None
     if kind is not None or event.type not in ("track", "page", "screen"):
         return None
