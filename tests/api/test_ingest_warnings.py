@@ -143,3 +143,30 @@ def test_what_the_engine_makes_of_such_values_is_sane(
     with runtime.engine.connect() as conn:
         daily = conn.execute(text("SELECT campaign, channel, sent FROM campaign_daily WHERE sent > 0")).all()
     assert [tuple(row) for row in daily] == [("", "sms", 1)]
+
+
+def test_context_parts_that_are_not_objects_are_said_and_no_longer_stop_the_engine_loop(
+    client: TestClient, runtime: Runtime, headers: dict[str, str]
+) -> None:
+    """``context.traits``, ``context.campaign`` and ``context.page`` are objects in the Segment spec;
+    sent as a list or a string they were stored and then stopped the loop's profiles or attribution
+    (retried, then set aside: the event's traits and touch lost). So was a number as a UTM field."""
+    calls = [
+        ("identify", {"userId": "u1", "context": {"traits": ["vip"]}, "traits": {"plan": "pro"}}),
+        ("page", {"userId": "u1", "context": {"campaign": "spring", "page": "/home"}}),
+        ("track", {"userId": "u1", "event": "Ad Clicked", "properties": {"utm_source": 5, "utm_medium": "cpc"}}),
+    ]  # fmt: skip
+    said = []
+    for call, body in calls:
+        r = client.post(f"/v1/{call}", json=body, headers=headers)
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        said += [w["field"] for w in r.json().get("warnings", [])]
+    assert said == ["context.traits", "context.campaign", "context.page"]
+    loop = EngineLoop(runtime)
+    loop.catch_up()
+    with runtime.engine.connect() as conn:
+        assert loop.quarantined(conn)["count"] == 0
+        from cadence.engine.profiles import load_profile
+
+        cid = resolve_customer(conn, "u1")
+        assert cid is not None and load_profile(conn, cid, now_ms=0).traits["plan"] == "pro"
