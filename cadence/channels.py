@@ -269,6 +269,8 @@ def feedback_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[
     [('properties.channel', "an array (['sms']), not a channel name such as 'email': the event is stored and read as naming no channel")]
     >>> feedback_warnings({"event": "Unsubscribed", "properties": {"channel": "Email", "campaign": 7}}, "track")
     [('properties.channel', "'Email' is read as 'email': channel names are lower case"), ('properties.campaign', 'a number (7), not a campaign name: the event is stored and counted under no campaign')]
+    >>> feedback_warnings({"event": "Message Clicked", "properties": {"channel": ""}}, "track")
+    [('properties.channel', "'' is not a channel cadence knows (email, sms, push, facebook, google_ads, webhook): the event is stored and read as naming no channel")]
     >>> feedback_warnings({"event": "Order Completed", "properties": {"decision_id": 12345}}, "track")
     []
     """
@@ -295,7 +297,7 @@ def feedback_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[
         problem = channel_problem(channel, CONSENT_CHANNELS if refusal else CHANNELS)
         if problem is None:
             pass
-        elif not isinstance(channel, str):
+        elif not isinstance(channel, str) or not channel:  # "" names none, as feedback_channel reads it
             found.append(
                 ("properties.channel", f"{problem}: the event is stored and read as naming no channel")
             )
