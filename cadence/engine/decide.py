@@ -436,14 +436,18 @@ def _explain(pred: Any, ctx: EvalContext, stage: str) -> list[ConditionResult]:
 
     An ``unless`` part passes when it does *not* hold: ``unless X`` with X false let the campaign
     through, and a person reading ``passed: false`` beside a campaign that was sent was misled
-    (``cadence explain`` has always read it so).
+    (``cadence explain`` has always read it so). Compiled predicates mark their parts so
+    themselves (:class:`cadence.dsl.compiler.CompiledPredicate`); only other parts (a segment
+    named as the audience, a hand-written predicate) are made again here.
     """
     explain = getattr(pred, "explain", None)
     if explain is None:
         return []
     flip = stage == "unless"
     return [
-        ConditionResult(p.text, p.value, bool(p.passed) is not flip, p.pos, p.nested, stage)
+        p
+        if p.stage == stage
+        else ConditionResult(p.text, p.value, bool(p.passed) is not flip, p.pos, p.nested, stage)
         for p in explain(ctx)
     ]
 

@@ -16,6 +16,7 @@ from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
 
 RULES = """\
 event purchased = "Order Completed"
+segment pros = customer.plan ?? "free" == "pro"
 
 campaign nightly "Late offer, never at night" {
     send      template "offer"
@@ -32,7 +33,7 @@ campaign later "Deferred to the morning" {
 }
 
 campaign news "News, unless they just bought" {
-    audience  customer.plan ?? "free" == "pro"
+    audience  pros
     unless    purchased within 2d
     send      template "news"
     channel   email
@@ -95,7 +96,7 @@ def test_a_deferral_is_still_left_out_when_something_else_held_the_campaign() ->
 def test_an_unless_that_does_not_hold_reads_as_passed_with_its_value() -> None:
     """``unless purchased within 2d`` with no purchase let ``news`` through: passed, value false;
     with a purchase it held the campaign back: not passed, value true. The audience reads as
-    before, and each part says its clause."""
+    before, and each part says its clause (a segment named as the audience too)."""
     pro = MemoryProfile(customer_id=1, timezone="Europe/Berlin", traits={"plan": "pro"})
     d = decided(pro, "news")
     assert (d.action, d.campaign) == ("send", "news")
