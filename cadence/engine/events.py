@@ -324,10 +324,14 @@ def context_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[s
     [('context.campaign', "a string ('spring'), not an object: read as no campaign (the UTM campaign attribution reads)")]
     """
     context = payload.get("context")
-    if not isinstance(context, Mapping):
+    if type(context) is not dict:  # parsed JSON (on every accepted call: kept cheap)
         return []
-    return [
-        (f"context.{part}", f"{describe_value(value)}, not an object: read as no {part} ({what})")
-        for part, what in _CONTEXT_OBJECTS.items()
-        if (value := context.get(part)) is not None and not isinstance(value, Mapping)
-    ]
+    found: list[tuple[str, str]] = []
+    for part in _CONTEXT_OBJECTS:
+        value = context.get(part)
+        if value is not None and type(value) is not dict:
+            what = _CONTEXT_OBJECTS[part]
+            found.append(
+                (f"context.{part}", f"{describe_value(value)}, not an object: read as no {part} ({what})")
+            )
+    return found
