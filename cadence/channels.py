@@ -16,10 +16,15 @@ from typing import Any
 
 __all__ = [
     "CHANNELS",
+    "CONSENT_CHANNELS",
     "FEEDBACK_EVENTS",
     "Feedback",
+    "channel_named",
+    "channel_problem",
     "decision_id_problem",
+    "describe_value",
     "feedback_aggregate",
+    "feedback_campaign",
     "feedback_channel",
     "feedback_kind",
     "feedback_of",
@@ -29,6 +34,9 @@ __all__ = [
 #: Every channel name the language accepts; a ruleset may only use those an
 #: installed connector offers.
 CHANNELS = ("email", "sms", "push", "facebook", "google_ads", "webhook")
+#: What a consent row may name: a channel, or ``all`` (every channel).
+CONSENT_CHANNELS = (*CHANNELS, "all")
+_KNOWN = frozenset(CONSENT_CHANNELS)
 
 
 class Feedback(StrEnum):
@@ -141,8 +149,71 @@ def feedback_channel(event: str | None, properties: Mapping[str, object]) -> str
     """
     channel = properties.get("channel")
     if isinstance(channel, str) and channel:
-        return channel
+        return channel if channel in _KNOWN else channel_named(channel)
     return IMPLIED_CHANNEL.get(event or "")
+
+
+def channel_named(name: str) -> str:
+    """The channel (or ``all``) ``name`` spells in another case or with spaces around, else ``name``.
+
+    Rules, consent and the learners name channels in lower case; ``"SMS"`` from a sender
+    means ``sms``, and kept as given it would count nowhere (an ``Unsubscribed`` with
+    ``channel: "Email"`` used to refuse a channel no campaign sends on).
+
+    >>> channel_named("SMS"), channel_named(" Email "), channel_named("ALL"), channel_named("WhatsApp")
+    ('sms', 'email', 'all', 'WhatsApp')
+    """
+    folded = name.strip().lower()
+    return folded if folded in _KNOWN else name
+
+
+def describe_value(value: object) -> str:
+    """A JSON value's kind and (shortened) text, for warnings: ``a number (12345)``.
+
+    >>> describe_value(["sms"]), describe_value(True), describe_value({"a": "x" * 50})
+    ("an array (['sms'])", 'a boolean (True)', "an object ({'a': 'xxxxxxxxxxxxxxxxxxxxxxxxxxxx...)")
+    """
+    if value is None:
+        return "null"
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"{_kind_of(value)} ({shown})"
+
+
+def channel_problem(value: object, known: tuple[str, ...] = CHANNELS) -> str | None:
+    """What keeps a sender's channel name from naming one of ``known`` as written, or None.
+
+    A name in another case is read as the channel it spells (:func:`channel_named`), and said;
+    any other name is kept as given and counts on no channel cadence sends on.
+
+    >>> channel_problem("sms") is None, channel_problem("SMS")
+    (True, "'SMS' is read as 'sms': channel names are lower case")
+    >>> channel_problem("e-mail")
+    "'e-mail' is not a channel cadence knows (email, sms, push, facebook, google_ads, webhook)"
+    >>> channel_problem(["sms"])
+    "an array (['sms']), not a channel name such as 'email'"
+    """
+    if not isinstance(value, str):
+        return f"{describe_value(value)}, not a channel name such as 'email'"
+    if value in known:
+        return None
+    named = channel_named(value)
+    if named in known:
+        return f"{value[:80]!r} is read as {named!r}: channel names are lower case"
+    return f"{value[:80]!r} is not a channel cadence knows ({', '.join(known)})"
+
+
+def feedback_campaign(properties: Mapping[str, object]) -> str:
+    """The campaign a feedback event names: ``properties.campaign`` when it is a string, else none ('').
+
+    A campaign of another type is counted under no campaign (:func:`feedback_warnings` tells
+    the sender), never under its text: ``str(["spring"])`` is no campaign's name.
+
+    >>> feedback_campaign({"campaign": "spring"}), feedback_campaign({"campaign": ["spring"]}), feedback_campaign({})
+    ('spring', '', '')
+    """
+    campaign = properties.get("campaign")
+    return campaign if isinstance(campaign, str) else ""
 
 
 #: The shapes of the decision ids cadence makes: 32 hex digits (``POST /v1/decisions``,
@@ -156,7 +227,7 @@ def _kind_of(value: object) -> str:
         return "a boolean"
     if isinstance(value, (int, float)):
         return "a number"
-    return {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def decision_id_problem(value: object) -> str | None:
@@ -176,26 +247,30 @@ def decision_id_problem(value: object) -> str | None:
         if _DECISION_ID.fullmatch(value):
             return None
         return f"{value[:80]!r} is not a decision id: decision ids are 32 hex digits, as POST /v1/decisions answers"
-    shown = repr(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
     return (
-        f"{_kind_of(value)} ({shown}), not a decision id: decision ids are strings of 32 hex digits, "
+        f"{describe_value(value)}, not a decision id: decision ids are strings of 32 hex digits, "
         "as POST /v1/decisions answers"
     )
 
 
 def feedback_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[str, str]]:
-    """``(field, warning)`` for each feedback field a track call gives that cadence cannot use.
+    """``(field, warning)`` for each feedback field a track call gives that cadence cannot use as sent.
 
     A feedback event (:data:`FEEDBACK_EVENTS`) is joined to its decision by a string
-    ``properties.decision_id`` and counted per channel by a string ``properties.channel``;
-    anything else was stored and silently taught nothing. The event is stored all the same:
-    this says what it will not do.
+    ``properties.decision_id``, counted per channel by a string ``properties.channel`` naming
+    one of :data:`CHANNELS` (``all`` too for a refusal) and per campaign by a string
+    ``properties.campaign``; anything else was stored and silently taught or counted nothing
+    (or under the wrong name). The event is stored all the same: this says what it will not do,
+    and a channel name in another case, read as the channel it spells, is said too.
 
     >>> feedback_warnings({"event": "Message Clicked", "properties": {"decision_id": 12345}}, "track")
     [('properties.decision_id', 'a number (12345), not a decision id: decision ids are strings of 32 hex digits, as POST /v1/decisions answers; the feedback is stored but joins no decision, so the learners do not learn from it')]
     >>> feedback_warnings({"event": "Message Clicked", "properties": {"channel": ["sms"]}}, "track")
     [('properties.channel', "an array (['sms']), not a channel name such as 'email': the event is stored and read as naming no channel")]
+    >>> feedback_warnings({"event": "Unsubscribed", "properties": {"channel": "Email", "campaign": 7}}, "track")
+    [('properties.channel', "'Email' is read as 'email': channel names are lower case"), ('properties.campaign', 'a number (7), not a campaign name: the event is stored and counted under no campaign')]
+    >>> feedback_warnings({"event": "Message Clicked", "properties": {"channel": ""}}, "track")
+    [('properties.channel', "'' is not a channel cadence knows (email, sms, push, facebook, google_ads, webhook): the event is stored and read as naming no channel")]
     >>> feedback_warnings({"event": "Order Completed", "properties": {"decision_id": 12345}}, "track")
     []
     """
@@ -217,14 +292,40 @@ def feedback_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[
                 )
             )
     channel = properties.get("channel")
-    if channel is not None and not isinstance(channel, str):
-        shown = repr(channel)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    if channel is not None:
+        refusal = FEEDBACK_EVENTS[event] in (Feedback.UNSUBSCRIBED, Feedback.SPAM_REPORT)
+        problem = channel_problem(channel, CONSENT_CHANNELS if refusal else CHANNELS)
+        if problem is None:
+            pass
+        elif not isinstance(channel, str) or not channel:  # "" names none, as feedback_channel reads it
+            found.append(
+                ("properties.channel", f"{problem}: the event is stored and read as naming no channel")
+            )
+        elif channel_named(channel) != channel:
+            found.append(("properties.channel", problem))
+        elif refusal:
+            found.append(
+                (
+                    "properties.channel",
+                    f"{problem}: the event is stored but refuses no channel cadence sends on "
+                    "(without properties.channel it refuses every channel)",
+                )
+            )
+        else:
+            found.append(
+                (
+                    "properties.channel",
+                    f"{problem}: the event is stored and counted under {channel[:80]!r}, "
+                    "which no campaign sends on",
+                )
+            )
+    campaign = properties.get("campaign")
+    if campaign is not None and not isinstance(campaign, str):
         found.append(
             (
-                "properties.channel",
-                f"{_kind_of(channel)} ({shown}), not a channel name such as 'email': "
-                "the event is stored and read as naming no channel",
+                "properties.campaign",
+                f"{describe_value(campaign)}, not a campaign name: the event is stored and counted "
+                "under no campaign",
             )
         )
     return found

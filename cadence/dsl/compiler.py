@@ -78,7 +78,7 @@ class CompiledPredicate:
     never pays for them.
     """
 
-    __slots__ = ("_source", "_node", "pos", "_fn", "_parts", "_gen", "_explainers", "_file")
+    __slots__ = ("_source", "_node", "pos", "_fn", "_parts", "_gen", "_explainers", "_file", "stage")
 
     def __init__(
         self,
@@ -96,6 +96,9 @@ class CompiledPredicate:
         self._parts = parts
         self._gen = gen
         self._file = pos.file if pos is not None else "<rules>"
+        # the campaign clause it is ("audience", "where", "unless"), which its explained parts say;
+        # None for a segment's, unless a campaign names the segment as its audience
+        self.stage: str | None = None
         self._explainers: (
             list[tuple[str, Callable[[EvalContext], tuple[Any, bool]], SourcePos | None, str | None]] | None
         ) = None
@@ -129,20 +132,30 @@ class CompiledPredicate:
         return f"<predicate {self.source!r}>"
 
     def explain(self, ctx: EvalContext) -> list[ConditionResult]:
-        """Every top-level condition with its actual value; segment references are opened up."""
+        """Every top-level condition with its actual value; segment references are opened up.
+
+        Each part says its clause (:attr:`stage`); an ``unless`` part passes when it does not
+        hold, as it then let the campaign through.
+        """
         if self._explainers is None:
             self._explainers = self._gen.explainers(self._parts, self._file)
         results: list[ConditionResult] = []
+        flip = self.stage == "unless"
         for text, fn, pos, segment in self._explainers:
             value, passed = fn(ctx)
-            results.append(ConditionResult(text, value, passed, pos))
+            results.append(ConditionResult(text, value, passed is not flip, pos, stage=self.stage))
             if segment is not None:
                 inner = self._gen.segment_predicates.get(segment)
                 if inner is not None and inner is not self:
                     for part in inner.explain(ctx):
                         results.append(
                             ConditionResult(
-                                f"{text} > {part.text}", part.value, part.passed, part.pos, nested=True
+                                f"{text} > {part.text}",
+                                part.value,
+                                part.passed is not flip,
+                                part.pos,
+                                nested=True,
+                                stage=self.stage,
                             )
                         )
         return results
@@ -582,10 +595,16 @@ def compile_campaign(gen: Codegen, block: ast.Campaign, file: str, default_zone:
                 audience = gen.segment_predicates[expr.ref[1]]
             else:
                 audience = gen.predicate(expr, file)
+            # A segment's predicate is shared, but only ever an audience when read on its own
+            # (other conditions open it up as nested parts, marked with their own clause).
+            audience.stage = "audience"
         elif k == "unless":
             kw["unless"] = gen.predicate(a["expr"], file)
+            kw["unless"].stage = "unless"
         elif k == "trigger":
             where = gen.predicate(a["where"], file) if a["where"] is not None else None
+            if where is not None:
+                where.stage = "where"
             delay = int(_num(a["after"])) if isinstance(a["after"], ast.Lit) else 0
             kw["trigger"] = Trigger(event=gen._event(a["event"]), where=where, delay_ms=delay)
         elif k == "send":

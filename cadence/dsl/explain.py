@@ -115,9 +115,16 @@ def eligibility(campaign: Campaign, ctx: EvalContext, *, detail: bool = True) ->
     if campaign.unless is not None:
         held = campaign.unless(ctx)
         if detail:
+            # compiled unless parts pass when they do not hold; another predicate's say whether they hold
             out.checks.extend(
-                Check("unless", c.text, c.value, not c.passed, c.at)
-                for c in _checks("unless", campaign.unless.explain(ctx))
+                Check(
+                    "unless",
+                    r.text,
+                    r.value,
+                    r.passed if r.stage == "unless" else not r.passed,
+                    str(r.pos) if r.pos else None,
+                )
+                for r in campaign.unless.explain(ctx)
             )
         else:
             out.checks.append(Check("unless", campaign.unless.source, held, not held))

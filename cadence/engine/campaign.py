@@ -90,6 +90,10 @@ class ConditionResult:
     passed: bool
     pos: SourcePos | None = None
     nested: bool = False  # a part of a segment a top-level condition names (``seg > part``)
+    # the campaign clause it belongs to: "audience", "where" (a trigger's) or "unless"; None for the
+    # parts of a segment no campaign names as its audience. ``passed`` is whether the part let the campaign through: for an
+    # ``unless`` part, that it does *not* hold (``unless X`` with X false passes, value false).
+    stage: str | None = None
 
 
 class Predicate(Protocol):

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from cadence.channels import Feedback, feedback_channel, feedback_kind
+from cadence.channels import Feedback, feedback_campaign, feedback_channel, feedback_kind
 from cadence.engine.events import LoggedEvent
 from cadence.store.fast import dialect_sql, execute_many
 from cadence.store.schema.dashboard import FEEDBACK_KINDS
@@ -48,6 +48,9 @@ def feedback_key(event: LoggedEvent) -> tuple[str, str, int, str] | None:
     ('spring', 'email', 3, 'opened')
     >>> feedback_key(LoggedEvent(2, "m", "track", "Order Completed", "u", None, 1, 0, "api", {})) is None
     True
+    >>> feedback_key(LoggedEvent(3, "m", "track", "Message Sent", "u", None, 1, 0, "api",
+    ...                          {"properties": {"campaign": ["spring"], "channel": "SMS"}}))
+    ('', 'sms', 0, 'sent')
     """
     if event.type != "track":
         return None
@@ -56,8 +59,7 @@ def feedback_key(event: LoggedEvent) -> tuple[str, str, int, str] | None:
         return None
     props = event.properties
     channel = feedback_channel(event.event, props) or ""
-    campaign = props.get("campaign") or ""
-    return str(campaign)[:200], str(channel)[:32], event.ts_ms // DAY_MS, kind.value
+    return feedback_campaign(props)[:200], channel[:32], event.ts_ms // DAY_MS, kind.value
 
 
 @dataclass

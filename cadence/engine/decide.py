@@ -431,9 +431,25 @@ def _audience_detail(source: str, parts: Sequence[ConditionResult]) -> str:
     return "audience not met: " + ", ".join(said)
 
 
-def _explain(pred: Any, ctx: EvalContext) -> list[ConditionResult]:
+def _explain(pred: Any, ctx: EvalContext, stage: str) -> list[ConditionResult]:
+    """Every part of ``pred`` with its value, marked with its clause (``audience``, ``where``, ``unless``).
+
+    An ``unless`` part passes when it does *not* hold: ``unless X`` with X false let the campaign
+    through, and a person reading ``passed: false`` beside a campaign that was sent was misled
+    (``cadence explain`` has always read it so). Compiled predicates mark their parts so
+    themselves (:class:`cadence.dsl.compiler.CompiledPredicate`); only other parts (a segment
+    named as the audience, a hand-written predicate) are made again here.
+    """
     explain = getattr(pred, "explain", None)
-    return list(explain(ctx)) if explain is not None else []
+    if explain is None:
+        return []
+    flip = stage == "unless"
+    return [
+        p
+        if p.stage == stage
+        else ConditionResult(p.text, p.value, bool(p.passed) is not flip, p.pos, p.nested, stage)
+        for p in explain(ctx)
+    ]
 
 
 def decide(
@@ -519,7 +535,7 @@ def decide(
                 continue
             if trigger.where is not None:
                 if explain:
-                    parts.extend(_explain(trigger.where, ctx))
+                    parts.extend(_explain(trigger.where, ctx, "where"))
                 if not trigger.where(ctx):
                     suppressions.append(
                         _suppression(name, "trigger", f"where {trigger.where.source} is false")
@@ -532,7 +548,7 @@ def decide(
         if campaign.audience is not None:
             first_part = len(parts)
             if explain:
-                parts.extend(_explain(campaign.audience, ctx))
+                parts.extend(_explain(campaign.audience, ctx, "audience"))
             if not campaign.audience(ctx):
                 suppressions.append(
                     _suppression(
@@ -542,7 +558,7 @@ def decide(
                 continue
         if campaign.unless is not None:
             if explain:
-                parts.extend(_explain(campaign.unless, ctx))
+                parts.extend(_explain(campaign.unless, ctx, "unless"))
             if campaign.unless(ctx):
                 suppressions.append(_suppression(name, "unless", f"{campaign.unless.source} holds"))
                 continue

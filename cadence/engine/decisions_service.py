@@ -269,7 +269,10 @@ def explain(decision: Decision, *, zone: str | None, fallback_zone: str) -> dict
     return {
         "summary": summarise(decision, zone=zone, fallback_zone=fallback_zone),
         "conditions": {
-            name: [{"text": c.text, "value": _jsonable(c.value), "passed": c.passed} for c in parts]
+            name: [
+                {"text": c.text, "value": _jsonable(c.value), "passed": c.passed, "stage": c.stage}
+                for c in parts
+            ]
             for name, parts in decision.conditions.items()
         },
         "candidates": [

@@ -8,14 +8,16 @@ A malformed call raises :class:`~cadence.errors.EventError` naming the field.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
 
+from cadence.channels import describe_value
 from cadence.errors import EventError
 
-__all__ = ["CALL_TYPES", "LoggedEvent", "NewEvent", "parse_call", "parse_timestamp"]
+__all__ = ["CALL_TYPES", "LoggedEvent", "NewEvent", "context_warnings", "parse_call", "parse_timestamp"]
 
 CALL_TYPES = ("track", "identify", "alias", "page", "screen", "group")
 MAX_ID = 200
@@ -284,11 +286,52 @@ class LoggedEvent(NamedTuple):
 
     @property
     def traits(self) -> dict[str, Any]:
-        """``payload["traits"]`` (identify, group) merged over ``context.traits``."""
+        """``payload["traits"]`` (identify, group) merged over ``context.traits``.
+
+        A ``context.traits`` that is not an object counts as none (the API said so in its
+        ``warnings``, :func:`context_warnings`): merged as it was, a list stopped the engine
+        loop's profiles until the event was set aside.
+
+        >>> LoggedEvent(1, "m", "identify", None, "u", None, 1, 0, "api",
+        ...             {"context": {"traits": ["vip"]}, "traits": {"plan": "pro"}}).traits
+        {'plan': 'pro'}
+        """
         context = self.payload.get("context") or {}
-        return {**(context.get("traits") or {}), **(self.payload.get("traits") or {})}
+        shared = context.get("traits")
+        return {**(shared if isinstance(shared, dict) else {}), **(self.payload.get("traits") or {})}
 
     @property
     def context(self) -> dict[str, Any]:
         """``payload["context"]``, else empty."""
         return self.payload.get("context") or {}
+
+
+#: The parts of ``context`` the Segment spec makes objects, and what cadence reads from each.
+_CONTEXT_OBJECTS = {
+    "traits": "the customer's traits",
+    "campaign": "the UTM campaign attribution reads",
+    "page": "the page (its referrer) attribution reads",
+}
+
+
+def context_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[str, str]]:
+    """``(field, warning)`` for each part of ``context`` that the spec makes an object and a call sent otherwise.
+
+    Such a call is stored (``context`` itself is checked by :func:`parse_call`); the part is read
+    as absent, and this says so.
+
+    >>> context_warnings({"context": {"campaign": "spring", "page": {"url": "/"}}}, "page")
+    [('context.campaign', "a string ('spring'), not an object: read as no campaign (the UTM campaign attribution reads)")]
+    """
+    context = payload.get("context")
+    if type(context) is not dict:  # parsed JSON (on every accepted call: kept cheap)
+        return []
+    found: list[tuple[str, str]] = []
+    for part in _CONTEXT_OBJECTS:
+        value = context.get(part)
+        if value is not None and type(value) is not dict:
+            what = _CONTEXT_OBJECTS[part]
+            found.append(
+                (f"context.{part}", f"{describe_value(value)}, not an object: read as no {part} ({what})")
+            )
+    return found

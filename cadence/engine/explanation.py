@@ -77,6 +77,20 @@ def _common(s: Suppression) -> str:
     return s.detail
 
 
+def _deferral(s: Suppression) -> bool:
+    """Whether ``s`` only notes that quiet hours moved a send later (``then defer``).
+
+    A deferral is not why a campaign was not sent, so it is left out when something else held
+    the campaign; a ``then drop`` (or no allowed time left) is, and is always said.
+
+    >>> _deferral(Suppression("c", "quiet", "23:10 is inside quiet hours 22:00..08:00 UTC: deferred to 08:00"))
+    True
+    >>> _deferral(Suppression("c", "quiet", "23:10 is inside quiet hours 22:00..08:00 UTC: dropped"))
+    False
+    """
+    return s.reason == "quiet" and ": deferred to " in s.detail
+
+
 def _names(names: list[str]) -> str:
     """``a, b, c``, or the first few and how many more.
 
@@ -191,14 +205,16 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     # the channels, and the campaigns (and the chosen campaign's channels) a reason held are named
     # together; reasons that differ only in one candidate's numbers are said once, without them.
     # A deferral out of quiet hours is noted as a "quiet" suppression; it says why a campaign was
-    # not chosen only when nothing else held that campaign back.
+    # not chosen only when nothing else held that campaign back. A quiet-hours drop is always
+    # said: it is what took the campaign's last channels away (a consent on one channel, say,
+    # left the others to it).
     sending = decision.action == "send" and decision.send_at_ms is not None
-    others = {s.campaign for s in decision.suppressions if s.reason != "quiet"}
+    others = {s.campaign for s in decision.suppressions if not _deferral(s)}
     reasons: dict[str, _Held] = {}
     for s in decision.suppressions:
         if s.campaign == decision.campaign and s.channel is None and s.reason == "priority":
             continue
-        if s.reason == "quiet" and s.campaign in others:
+        if _deferral(s) and s.campaign in others:
             continue
         if (
             decision.action == "send"
@@ -224,7 +240,7 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     if decision.template:
         text += f" (template {decision.template})"
     text += f" by {decision.channel} on {_when(decision.send_at_ms, zone, fallback_zone)}"
-    if any(s.campaign == decision.campaign and s.reason == "quiet" for s in decision.suppressions):
+    if any(s.campaign == decision.campaign and _deferral(s) for s in decision.suppressions):
         text += " (deferred out of quiet hours)"
     chosen = next(
         (

@@ -21,7 +21,8 @@ from cadence.api.cors import PathCORS
 from cadence.api.security import Principal, check_key, presented_key
 from cadence.channels import feedback_warnings
 from cadence.clock import now_ms
-from cadence.engine.events import NewEvent, parse_call
+from cadence.engine.consent import consent_warnings
+from cadence.engine.events import NewEvent, context_warnings, parse_call
 from cadence.engine.ingest import IngestResult, record_events
 from cadence.engine.profiles import zone_warnings
 from cadence.errors import EventError, PayloadTooLarge
@@ -85,9 +86,16 @@ class Rejected(BaseModel):
 
 
 def _warnings(payload: Any, call_type: str) -> list[tuple[str, str]]:
-    """``(field, warning)`` for what an accepted call gives that cadence cannot use: a time zone
-    the profile cannot read, a feedback event's decision id or channel of the wrong shape."""
-    return zone_warnings(payload, call_type) + feedback_warnings(payload, call_type)
+    """``(field, warning)`` for what an accepted call gives that cadence cannot use as sent: a time
+    zone the profile cannot read, a feedback event's decision id, channel or campaign of the wrong
+    shape, a consent field or bounce type of the wrong type, a channel name cadence does not know,
+    a part of ``context`` the spec makes an object sent as something else."""
+    return (
+        context_warnings(payload, call_type)
+        + zone_warnings(payload, call_type)
+        + feedback_warnings(payload, call_type)
+        + consent_warnings(payload, call_type)
+    )
 
 
 async def _body(request: Request, limit: int) -> Any:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection
 
-from cadence.channels import Feedback, feedback_channel, feedback_kind
+from cadence.channels import Feedback, feedback_campaign, feedback_channel, feedback_kind
 from cadence.engine.attribution import heuristics
 from cadence.engine.attribution.grouping import DEFAULT_CHANNEL_RULES, group_channel
 from cadence.engine.attribution.journeys import DAY_MS, AttributionError, Journeys
@@ -165,6 +165,9 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     ('display', '')
     >>> touch_of(E(4, "m", "track", "Order Completed", "u", None, 1, 0, "api", {}), spec) is None
     True
+    >>> touch_of(E(5, "m", "page", None, "u", None, 1, 0, "api",
+    ...     {"context": {"campaign": "spring"}, "properties": {"utm_source": 5, "utm_medium": "cpc"}}), spec)
+    ('paid_other', '')
     """
     if event.type == "track" and event.event == spec.conversion_event:
         return None
@@ -173,20 +176,27 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
     if kind in (Feedback.SENT, Feedback.CLICKED):
         channel = feedback_channel(event.event, props)
         if isinstance(channel, str) and channel:
-            return channel, str(props.get("campaign") or "")
+            return channel, feedback_campaign(props)
         return None
     if kind is not None or event.type not in ("track", "page", "screen"):
         return None
-    campaign = event.context.get("campaign") or {}
-    page = event.context.get("page") or {}
+    # Only text is matched and shown (a number as its text): a list or an object is no source or
+    # campaign, and a number given to the glob matcher, or a context.campaign that is not an
+    # object, stopped the engine loop's attribution until the event was set aside.
+    campaign = event.context.get("campaign")
+    campaign = campaign if isinstance(campaign, dict) else {}
+    page = event.context.get("page")
+    page = page if isinstance(page, dict) else {}
     fields = {
-        "source": campaign.get("source") or props.get("utm_source"),
-        "medium": campaign.get("medium") or props.get("utm_medium"),
-        "campaign": campaign.get("name") or props.get("utm_campaign") or props.get("campaign"),
-        "referrer": page.get("referrer") or props.get("referrer"),
+        "source": _text(campaign.get("source")) or _text(props.get("utm_source")),
+        "medium": _text(campaign.get("medium")) or _text(props.get("utm_medium")),
+        "campaign": _text(campaign.get("name"))
+        or _text(props.get("utm_campaign"))
+        or _text(props.get("campaign")),
+        "referrer": _text(page.get("referrer")) or _text(props.get("referrer")),
         "event": event.event,
     }
-    label = str(fields["campaign"] or "")
+    label = fields["campaign"] or ""
     if spec.channel_rules:
         # The block's own rules first: they may name events ("Ad Clicked" -> display).
         channel = _grouped_channel(spec.channel_rules, fields)
@@ -199,6 +209,19 @@ def touch_of(event: LoggedEvent, spec: AttributionSpec) -> tuple[str, str] | Non
         return None
     channel = _grouped_channel(DEFAULT_CHANNEL_RULES, fields)
     return (channel, label) if channel else None
+
+
+def _text(value: object) -> str | None:
+    """A UTM field as text: a string as it is, a number as its text, anything else none.
+
+    >>> _text("cpc"), _text(2024), _text(["cpc"]), _text(True), _text("")
+    ('cpc', '2024', None, None, None)
+    """
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 #: :func:`_grouped_channel`'s answers: (id of the rules, the fields) -> (the rules, the channel).

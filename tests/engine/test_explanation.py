@@ -1,0 +1,127 @@
+"""What a person reads of a decision: the summary and the conditions, from rule files."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from cadence.dsl.explain import explain_campaign
+from cadence.dsl.loader import load_source
+from cadence.engine.campaign import CompiledRuleset
+from cadence.engine.decide import decide
+from cadence.engine.decision import Decision
+from cadence.engine.decisions_service import explain
+from cadence.engine.explanation import summarise
+from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
+
+RULES = """\
+event purchased = "Order Completed"
+segment pros = customer.plan ?? "free" == "pro"
+
+campaign nightly "Late offer, never at night" {
+    send      template "offer"
+    channel   sms, fallback email
+    quiet     21:00..08:00 in customer.timezone ?? "Europe/Berlin" then drop
+    priority  5
+}
+
+campaign later "Deferred to the morning" {
+    send      template "later"
+    channel   email
+    quiet     21:00..08:00 in customer.timezone ?? "Europe/Berlin" then defer
+    priority  1
+}
+
+campaign news "News, unless they just bought" {
+    audience  pros
+    unless    purchased within 2d
+    send      template "news"
+    channel   email
+    priority  3
+}
+"""
+
+BERLIN = ZoneInfo("Europe/Berlin")
+NIGHT = int(datetime(2026, 3, 4, 22, 30, tzinfo=BERLIN).timestamp() * 1000)  # 22:30 in Berlin
+
+
+def ruleset() -> CompiledRuleset:
+    loaded = load_source(RULES)
+    assert not loaded.errors, loaded.errors
+    return loaded.ruleset
+
+
+def decided(profile: MemoryProfile, *campaigns: str, now_ms: int = NIGHT) -> Decision:
+    return decide(
+        ruleset=ruleset(),
+        profile=profile,
+        now_ms=now_ms,
+        history=[],
+        available_channels=["email", "sms"],
+        campaigns=campaigns or None,
+    )
+
+
+def test_a_quiet_hours_drop_is_said_even_when_another_reason_held_one_of_the_channels() -> None:
+    """The sms opt-out held one channel; the drop at 22:30 took the campaign's last one: both are
+    in the summary (the drop used to hide behind the opt-out, the one reason named)."""
+    profile = MemoryProfile(customer_id=1, timezone="Europe/Berlin", consent={"sms": False})
+    d = decided(profile, "nightly")
+    assert d.action == "none"
+    said = summarise(d, zone="Europe/Berlin")
+    assert said == (
+        "Nothing to send. nightly: opted out of sms; "
+        "nightly: 2026-03-04 22:30 CET is inside quiet hours 21:00..08:00 Europe/Berlin: dropped."
+    )
+    # Beside a send, too: the deferred campaign goes at 08:00, the dropped one is named.
+    d = decided(profile, "nightly", "later")
+    assert (d.action, d.campaign) == ("send", "later")
+    said = summarise(d, zone="Europe/Berlin")
+    assert "(deferred out of quiet hours)" in said
+    assert said.endswith(
+        "Not chosen: nightly (opted out of sms); "
+        "nightly (2026-03-04 22:30 CET is inside quiet hours 21:00..08:00 Europe/Berlin: dropped)."
+    )
+
+
+def test_a_deferral_is_still_left_out_when_something_else_held_the_campaign() -> None:
+    """A deferral out of quiet hours is not why a campaign lost: priority is said, the deferral not."""
+    profile = MemoryProfile(customer_id=1, timezone="Europe/Berlin", traits={"plan": "pro"})
+    d = decided(profile, "news", "later")
+    assert (d.action, d.campaign) == ("send", "news")
+    said = summarise(d, zone="Europe/Berlin")
+    assert "later (news has priority 3 > 1)" in said and "deferred to" not in said
+
+
+def test_an_unless_that_does_not_hold_reads_as_passed_with_its_value() -> None:
+    """``unless purchased within 2d`` with no purchase let ``news`` through: passed, value false;
+    with a purchase it held the campaign back: not passed, value true. The audience reads as
+    before, and each part says its clause (a segment named as the audience too)."""
+    pro = MemoryProfile(customer_id=1, timezone="Europe/Berlin", traits={"plan": "pro"})
+    d = decided(pro, "news")
+    assert (d.action, d.campaign) == ("send", "news")
+    conditions = explain(d, zone="Europe/Berlin", fallback_zone="UTC")["conditions"]["news"]
+    assert conditions == [
+        {"text": 'customer.plan ?? "free" == "pro"', "value": "pro", "passed": True, "stage": "audience"},
+        {"text": "purchased within 2d", "value": False, "passed": True, "stage": "unless"},
+    ]
+
+    bought = MemoryProfile(
+        customer_id=2,
+        timezone="Europe/Berlin",
+        traits={"plan": "pro"},
+        events=[ProfileEvent("Order Completed", NIGHT - 3_600_000, {"revenue": 80.0})],
+    )
+    d = decided(bought, "news")
+    assert d.action == "none" and d.suppressed("news", "unless")
+    [audience, unless] = explain(d, zone="Europe/Berlin", fallback_zone="UTC")["conditions"]["news"]
+    assert (unless["value"], unless["passed"], unless["stage"]) == (True, False, "unless")
+    assert audience["passed"] is True
+    # ``cadence explain`` reads the unless the same way.
+    record = explain_campaign(
+        ruleset=ruleset(), campaign="news", profile=pro, now_ms=NIGHT, available_channels=["email"]
+    )
+    assert [(c["stage"], c["value"], c["passed"]) for c in record["checks"]] == [
+        ("audience", "pro", True),
+        ("unless", False, True),
+    ]
