@@ -41,6 +41,11 @@ def test_consent_route_takes_effect_before_it_answers(client: TestClient, runtim
     assert consent["email"]["granted"] is True and consent["sms"]["granted"] is False
     bad = client.post("/v1/consent", json={"user_id": "u1", "channels": {"pigeon": True}}, headers=headers)
     assert bad.status_code == 422 and "pigeon" in bad.text
+    # A channel in another case is the channel it spells, as ingest reads it; "yes" is not true.
+    cased = client.post("/v1/consent", json={"user_id": "u1", "channels": {"SMS": True}}, headers=headers)
+    assert cased.status_code == 200 and cased.json()["consent"]["sms"]["granted"] is True, cased.text
+    loose = client.post("/v1/consent", json={"user_id": "u1", "channels": {"email": "yes"}}, headers=headers)
+    assert loose.status_code == 422 and "channels.email" in loose.text.replace('","', "."), loose.text
 
 
 def test_export_then_erase_removes_everything_and_records_no_ids(

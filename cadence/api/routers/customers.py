@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from cadence.api.routers.engine import caught_up
 from cadence.api.security import Principal, Scope
-from cadence.channels import CHANNELS
+from cadence.channels import CHANNELS, channel_named
 from cadence.clock import now_ms
 from cadence.engine.consent import CONSENT_EVENT, consent_of
 from cadence.engine.events import NewEvent
@@ -30,8 +30,8 @@ class ConsentRequest(BaseModel):
 
     user_id: str | None = Field(default=None, max_length=200)
     anonymous_id: str | None = Field(default=None, max_length=200)
-    channels: dict[str, bool] = Field(
-        description='e.g. {"email": true, "sms": false}; "all" for every channel'
+    channels: dict[str, StrictBool] = Field(
+        description='e.g. {"email": true, "sms": false}; "all" for every channel; names in any case'
     )
     source: str = Field(default="api", max_length=64, description="where the consent was given")
 
@@ -82,7 +82,9 @@ async def set_consent(
     """
     if not body.user_id and not body.anonymous_id:
         raise HTTPException(422, detail="user_id or anonymous_id is required")
-    unknown = sorted(set(body.channels) - set(CHANNELS) - {"all"})
+    # As ingest reads them (cadence.channels.channel_named): "Email" is email.
+    channels = {channel_named(name): granted for name, granted in body.channels.items()}
+    unknown = sorted(set(channels) - set(CHANNELS) - {"all"})
     if unknown:
         raise HTTPException(
             422, detail=f"unknown channel(s) {', '.join(unknown)}; known: {', '.join(CHANNELS)}"
@@ -95,7 +97,7 @@ async def set_consent(
         user_id=body.user_id,
         anonymous_id=body.anonymous_id,
         ts_ms=now,
-        payload={"properties": {"channels": body.channels, "source": body.source}},
+        payload={"properties": {"channels": channels, "source": body.source}},
         source="api",
         received_ms=now,
     )
