@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from cadence.channels import channel_named
 from cadence.engine.campaign import (
     DAY_MS,
     Campaign,
@@ -363,9 +364,17 @@ def _bounced(profile: ProfileView, channel: str) -> bool:
     channel here for good.)
     """
     bounced = profile.traits.get("bounced")
-    if bounced is True or (isinstance(bounced, (list, tuple, set, frozenset)) and channel in bounced):
+    if bounced is None or bounced is False:
+        return False
+    if bounced is True:
         return True
-    return isinstance(bounced, Mapping) and bool(bounced.get(channel))
+    # Channel names in any case, as ingest reads them (cadence.channels.channel_named): ["Email"] is email.
+    if isinstance(bounced, (list, tuple, set, frozenset)):
+        return any(isinstance(name, str) and channel_named(name) == channel for name in bounced)
+    return isinstance(bounced, Mapping) and any(
+        isinstance(name, str) and channel_named(name) == channel and bool(flag)
+        for name, flag in bounced.items()
+    )
 
 
 def _usable_channels(

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -262,6 +263,14 @@ def test_ordered_channels_fall_back_and_skip_opted_out_bounced_and_unoffered() -
     assert d.suppressed("c", "consent") and d.suppressed("c", "bounced") and d.suppressed("c", "no_channel")
     p.consent["all"] = False
     assert run(rules(c), p).action == "none"
+
+
+@pytest.mark.parametrize("bounced", [["Push", "EMAIL"], {"PUSH": True, " email ": 1, "sms": False}])
+def test_a_bounced_trait_names_channels_in_any_case(bounced: object) -> None:
+    """The customer's own systems may write ``"Email"``: it is email, as ingest reads channel names."""
+    c = camp("c", channels=ChannelPolicy(("push", "email", "sms")))
+    d = run(rules(c), MemoryProfile(customer_id=1, traits={"bounced": bounced}))
+    assert d.channel == "sms" and d.suppressed("c", "bounced")
 
 
 def test_a_channel_whose_connector_needs_an_opt_in_is_chosen_only_with_consent_given() -> None:
