@@ -39,5 +39,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_customers_merged_at_event", table_name="customers")
-    with op.batch_alter_table("customers", schema=None) as batch_op:
-        batch_op.drop_column("merged_at_event")
+    # Not a batch (a copy of the table) on SQLite: dropping the old ``customers`` would cascade to
+    # every table whose rows reference a customer. SQLite drops a plain column in place (3.35+).
+    op.execute("ALTER TABLE customers DROP COLUMN merged_at_event")
