@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from sqlalchemy import Connection, Engine
@@ -65,7 +65,10 @@ from cadence.scheduler.prefilter import SqlCondition, push_prefilter
 from cadence.store.db import read_connection
 from cadence.store.fast import dialect_sql, dump_json, execute_many, fetch_in, is_postgres
 
-__all__ = ["DueCampaign", "LostRun", "PushProfile", "PushReport", "load_profiles", "push"]
+if TYPE_CHECKING:  # only named in annotations: the learners' module loads numpy's model code
+    from cadence.engine.learners import Pending
+
+__all__ = ["DueCampaign", "LostRun", "PushLearners", "PushProfile", "PushReport", "load_profiles", "push"]
 
 log = logging.getLogger("cadence.scheduler")
 
@@ -77,6 +80,15 @@ DEADLOCK = "40P01"
 MAX_DEADLOCK_RETRIES = 3
 #: Events decide() reads whatever the rules say (a bounced address is never chosen).
 ALWAYS_READ = ("Email Bounced", "Push Notification Bounced")
+
+
+class PushLearners(Protocol):
+    """What a push tells the learners (:class:`~cadence.engine.learning.LearnerSubscriber`): each send's
+    features as decided, remembered once its chunk committed, as an API commit does."""
+
+    def pending_decision(self, **decision: Any) -> Pending: ...
+
+    def remember(self, decision_id: str, pending: Pending) -> None: ...
 
 
 class LostRun(CadenceError):
@@ -384,20 +396,41 @@ def _push_rows(
     wanted: Mapping[str, tuple[str, int]],
     decision: Decision,
     now_ms: int,
-) -> tuple[int, tuple[Any, ...], tuple[Any, ...]]:
-    """A pushed send's run id, decision row and send row (:func:`~cadence.engine.sendqueue.enqueue_params`' shape)."""
+    learners: PushLearners | None = None,
+) -> tuple[int, tuple[Any, ...], tuple[Any, ...], tuple[str, Pending] | None]:
+    """A pushed send's run id, decision row, send row (:func:`~cadence.engine.sendqueue.enqueue_params`'
+    shape) and, with learners, its decision id and features for the learners to remember once committed.
+
+    The features are stored with the decision, as an API commit stores them, so a restart
+    registers the send exactly as it was made.
+    """
     assert decision.campaign is not None
     assert decision.channel is not None and decision.send_at_ms is not None
     occurrence, run_id = wanted[decision.campaign]
     key = idempotency_key(decision.campaign, customer_id, occurrence)
     decision_id = push_decision_id(key)
+    inputs: dict[str, Any] = {"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}
+    learned: tuple[str, Pending] | None = None
+    if learners is not None:
+        pending = learners.pending_decision(
+            customer_id=customer_id,
+            traits=profile.traits,
+            zone=profile.timezone,
+            campaign=decision.campaign,
+            channel=decision.channel,
+            send_at_ms=decision.send_at_ms,
+            arm=decision.arm,
+            now_ms=now_ms,
+        )
+        inputs["features"] = pending.stored()
+        learned = (decision_id, pending)
     decided = decision_row(
         decision_id,
         customer_id,
         now_ms,
         decision,
         dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
-        dump_json({"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}),
+        dump_json(inputs),
     )
     [send] = enqueue_params(
         [
@@ -414,7 +447,7 @@ def _push_rows(
         ],
         now_ms=now_ms,
     )
-    return run_id, decided, send
+    return run_id, decided, send, learned
 
 
 def _read_cursor(conn: Connection, run_ids: Sequence[int], owner: str) -> int:
@@ -436,6 +469,7 @@ def push(
     clock: Clock,
     available_channels: Collection[str],
     scorer: Scorer | None = None,
+    learners: PushLearners | None = None,
     chunk_size: int = 2000,
     opt_in_channels: Collection[str] = (),
     on_chunk: Callable[[PushReport], None] | None = None,
@@ -448,6 +482,10 @@ def push(
     each committed chunk (progress logs and metrics; tests use it to crash mid-push).
     ``use_prefilter`` narrows the customers read with :func:`~cadence.scheduler.prefilter.push_prefilter`
     (customers it leaves out could not have been sent anything; they are not counted as evaluated).
+    ``learners`` remember each send once its chunk committed, so a send nobody answers is
+    learned as a no at its horizon, as one an API commit queued is (before, the live learners
+    knew a pushed send only once feedback joined it, and learned only the answered ones; a
+    restart registered them all from the stored decisions).
     """
     started = time.perf_counter()
     report = PushReport()
@@ -559,7 +597,7 @@ def push(
                 if decision.action == "send" and decision.campaign in wanted:
                     chosen[profile.customer_id] = (profile, wanted, decision)
             # The rows to write, built before the lock (JSON and all); those decided again are rebuilt.
-            rows_of = {cid: _push_rows(cid, *chosen[cid], now) for cid in chosen}
+            rows_of = {cid: _push_rows(cid, *chosen[cid], now, learners) for cid in chosen}
             # 3. Write under the lock, briefly: ownership, the sending customers' sends read again
             #    (locked first on PostgreSQL) and those whose sends changed decided again, the writes.
             redone: list[int] = []
@@ -591,12 +629,12 @@ def push(
                                 del chosen[cid]
                     for cid in redone:
                         if cid in chosen:
-                            rows_of[cid] = _push_rows(cid, *chosen[cid], now)
+                            rows_of[cid] = _push_rows(cid, *chosen[cid], now, learners)
                         else:
                             del rows_of[cid]
                     execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
                     new = enqueue_prepared(conn, [r[2] for r in rows_of.values()])
-                    for run_id, _decision, _send in rows_of.values():
+                    for run_id, _decision, _send, _learned in rows_of.values():
                         per_run[run_id][1] += 1
                     added_total = removed_total = 0
                     for d in audiences:
@@ -623,6 +661,10 @@ def push(
                 log.warning("push %s: chunk after customer %d deadlocked; deciding it again", names, cursor)
                 continue
             deadlocks = 0
+            if learners is not None:  # committed: the learners may now count these sends
+                for _run, _decision, _send, learned in rows_of.values():
+                    if learned is not None:
+                        learners.remember(*learned)
             report.evaluated += evaluated
             report.redecided += redecided
             report.audience_added += added_total

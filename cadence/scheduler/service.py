@@ -49,7 +49,7 @@ from cadence.scheduler.occurrences import (
     plan_occurrences,
     trigger_for,
 )
-from cadence.scheduler.push import DueCampaign, LostRun, PushReport, push
+from cadence.scheduler.push import DueCampaign, LostRun, PushLearners, PushReport, push
 from cadence.store.db import read_connection
 from cadence.store.fast import dialect_insert
 from cadence.store.schema.core import profiles
@@ -142,6 +142,7 @@ class PushScheduler:
 
     :param rules: returns the current ruleset (None while the rules do not compile).
     :param scorer: returns the learners' scorer, or None for deterministic decisions.
+    :param learners: returns the learners that remember each pushed send (None: none do).
     :param owner: names this process in ``scheduled_runs.owner``; unique by default.
     """
 
@@ -155,6 +156,7 @@ class PushScheduler:
         config: SchedulerConfig | None = None,
         opt_in_channels: Collection[str] = (),
         scorer: Callable[[], Scorer | None] | None = None,
+        learners: Callable[[], PushLearners | None] | None = None,
         owner: str | None = None,
         on_chunk: Callable[[PushReport], None] | None = None,
         on_run: Callable[[str, str, PushReport | None], None] | None = None,
@@ -166,6 +168,7 @@ class PushScheduler:
         self.opt_in_channels = frozenset(opt_in_channels)
         self.config = config or SchedulerConfig()
         self.scorer = scorer
+        self.learners = learners
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.on_chunk = on_chunk
         self.on_run = on_run
@@ -435,6 +438,7 @@ class PushScheduler:
                     available_channels=self.available_channels,
                     opt_in_channels=self.opt_in_channels,
                     scorer=self.scorer() if self.scorer is not None else None,
+                    learners=self.learners() if self.learners is not None else None,
                     chunk_size=self.config.chunk_size,
                     on_chunk=self.on_chunk,
                     use_prefilter=self.config.prefilter,

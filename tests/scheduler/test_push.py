@@ -8,12 +8,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine, create_engine, select
 
+from cadence.channels import CHANNELS
 from cadence.clock import FixedClock
+from cadence.engine.learning import LearnerSubscriber
 from cadence.scheduler.push import PushReport
 from cadence.scheduler.seed import SeedCustomer
+from cadence.scheduler.service import PushScheduler
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.scheduler import audience_members, scheduled_jobs
 from cadence.store.schema.sends import sends
@@ -81,6 +85,46 @@ def test_pushed_sends_are_recorded_decisions_that_feedback_can_join(db_engine: E
     for decision_id, customer_id, channel in queued:
         assert decision_id is not None
         assert (recorded[decision_id].customer_id, recorded[decision_id].channel) == (customer_id, channel)
+
+
+def test_the_learners_remember_pushed_sends_as_a_restart_registers_them(
+    db_engine: Engine, seed: Seed
+) -> None:
+    """A pushed send nobody answers is learned as a no, live as after a restart (before, the live
+    learners knew a pushed send only once feedback joined it: they learned the clicked ones alone,
+    and a restart, which registers every stored decision, moved every value)."""
+    seed(readers(4))
+    live = LearnerSubscriber()
+    with db_engine.begin() as conn:
+        live.start(conn, 0)
+        live.snapshot(conn, now_ms=MONDAY)  # a restart then registers the later decisions from the table
+    clock = FixedClock(MONDAY)
+    scheduler = PushScheduler(
+        engine=db_engine,
+        clock=clock,
+        rules=lambda: Rules(DAILY).current,
+        available_channels=CHANNELS,
+        scorer=live.scorer,
+        learners=lambda: live,
+    )
+    scheduler.tick()  # registers the job
+    clock.set(MONDAY + 8 * HOUR)
+    scheduler.tick()
+    with db_engine.connect() as conn:
+        pushed = list(conn.scalars(select(sends.c.decision_id)))
+    assert len(pushed) == 4
+    assert set(pushed) <= set(live.learner.pending)
+
+    restarted = LearnerSubscriber()
+    with db_engine.begin() as conn:
+        restarted.start(conn, 0)
+    for decision_id in pushed:
+        assert restarted.learner.pending[decision_id].stored() == live.learner.pending[decision_id].stored()
+    for learner in (live.learner, restarted.learner):
+        learner.advance(MONDAY + 7 * DAY)  # past every horizon: four noes
+    assert live.learner.labels == restarted.learner.labels > 0
+    assert not live.learner.pending and not restarted.learner.pending
+    assert np.array_equal(live.learner.engagement.mean, restarted.learner.engagement.mean)
 
 
 def test_a_restart_mid_push_finishes_without_duplicates_or_gaps(db_engine: Engine, seed: Seed) -> None:

@@ -142,6 +142,7 @@ def setup(app: FastAPI) -> None:
         opt_in_channels=app.state.opt_in_channels,
         config=SchedulerConfig.from_settings(settings),
         scorer=scorer,
+        learners=lambda: _learners(app),
         on_chunk=on_chunk,
         on_run=on_run,
     )
