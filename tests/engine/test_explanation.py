@@ -125,3 +125,20 @@ def test_an_unless_that_does_not_hold_reads_as_passed_with_its_value() -> None:
         ("audience", "pro", True),
         ("unless", False, True),
     ]
+
+
+def test_the_summary_of_a_split_send_speaks_of_the_arm_sent() -> None:
+    """The arms of a learned split share campaign, channel and time: the summary takes the chosen arm's numbers."""
+    from cadence.engine.decision import Candidate
+
+    at = int(datetime(2026, 3, 2, 10, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
+    arms = [
+        Candidate("alpha", "email", at, 0.05, engagement=0.058, unsubscribe=0.001, explored=True, arm="x"),
+        Candidate("alpha", "email", at, 0.06, engagement=0.059, unsubscribe=0.001, arm="y"),
+    ]
+    sent = Decision(
+        action="send", ruleset_hash="h", customer_id=1, decided_at_ms=at, campaign="alpha", channel="email",
+        send_at_ms=at, template="alpha_y", arm="y", candidates=arms,
+    )  # fmt: skip
+    said = summarise(sent, zone="UTC")
+    assert "expected engagement 5.9%" in said and "exploratory" not in said, said
