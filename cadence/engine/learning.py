@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 
 from cadence.channels import Feedback, decision_id_problem, feedback_kind
+from cadence.clock import now_ms as wall_ms
 from cadence.engine.identity import canonical_of
 from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
@@ -191,6 +192,11 @@ def unpin(conn: Connection, *, name: str) -> None:
 
 
 #: The columns of a ``decisions`` row a learner registers a decision from.
+#: How far before its previous look (wall clock) a learner looks for the sends other processes
+#: queued: a send's ``queued_ms`` is taken before its transaction commits (a commit group, a
+#: push's chunk), so a row can become visible a little after a look that began later.
+OTHERS_OVERLAP_MS = 10_000
+
 _REGISTERED = (
     decisions.c.id,
     decisions.c.customer_id,
@@ -252,6 +258,7 @@ class LearnerSubscriber:
         snapshot_every: int = 10_000,
         snapshot_min_seconds: float = 30.0,
         max_recall: int = 200_000,
+        others_every: float = 1.0,
     ) -> None:
         settings = getattr(runtime, "settings", None)
         if config is None and settings is not None:
@@ -268,6 +275,13 @@ class LearnerSubscriber:
         #: (:meth:`fold_merged`, :meth:`apply`): a stored decision registered again (a restart's
         #: recall and replay, a late feedback) is the customer's it now belongs to.
         self._parents: dict[int, int] = {}
+        #: Seconds between looks for the sends other processes queued (:meth:`_others`).
+        self.others_every = others_every
+        self._others_at = -float("inf")  # monotonic time of the last look
+        self._others_ms: int | None = None  # its wall-clock time
+        #: Decision id -> wall ms when this learner registered it (its own commits, recall, the
+        #: looks), for as long as a look may still read its send: registered once, learned once.
+        self._seen: dict[str, int] = {}
         # A snapshot pickles every customer's statistics (about a second at 20k customers):
         # on a fast replay, taking one every 10k events would cost more than the learning.
         self.snapshot_min_seconds = snapshot_min_seconds
@@ -314,6 +328,7 @@ class LearnerSubscriber:
         # Merges the snapshot does not reflect (made after it, or by the leader while this process
         # followed): the live learner folded them when they happened.
         self.fold_merged(conn)
+        self._others_ms = wall_ms()  # what was queued before is recall's (or the backfill's)
         self.pinned = self._adopted(
             load_snapshot(conn, name=self.name, pinned=True), what="pinned", relearn=False
         )
@@ -379,6 +394,7 @@ class LearnerSubscriber:
         Returns its features as the ``decisions`` row's ``inputs["features"]`` keeps them, so
         that a restart (or another worker's leader) registers the decision exactly as made.
         """
+        self._seen[decision["decision_id"]] = wall_ms()  # before its row is written: no look read it
         return self.learner.record_decision(**decision).stored()
 
     def pending_decision(self, **decision: Any) -> Pending:
@@ -391,10 +407,14 @@ class LearnerSubscriber:
 
     def remember(self, decision_id: str, pending: Pending) -> None:
         """Register a committed decision from :meth:`pending_decision` (with the learner in use now)."""
+        if decision_id in self._seen:  # a look registered it first, from the stored features (see _others)
+            return
+        self._seen[decision_id] = wall_ms()
         self.learner.remember(decision_id, pending)
 
     def _register(self, row: Any) -> None:
         """Register a stored decision: its stored features, or (older rows) features computed now."""
+        self._seen[row.id] = wall_ms()
         inputs = row.inputs or {}
         stored = inputs.get("features")
         customer_id = self._root(row.customer_id)
@@ -428,6 +448,8 @@ class LearnerSubscriber:
         and at least ``snapshot_min_seconds`` since the last snapshot."""
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
+        elif batch:
+            self._others(conn)
         merges = self._merges_in(conn, batch) if batch else []
         folded = 0  # merges[:folded] are folded: each before the first event after the one that made it
         for event in batch:
@@ -449,6 +471,60 @@ class LearnerSubscriber:
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)
+
+    def _others(self, conn: Connection) -> int:
+        """Register the send decisions other processes committed since the last look; how many.
+
+        Each ``serve --workers N`` process registers the decisions it commits (and a push its
+        sends) with its own learners, and the others met them only when feedback named them:
+        a send nobody answered was learned as a no by the process that made it alone, every
+        answered one by all, so the other workers' learners leaned towards yes (an outside
+        check: mean engagement 0.70 on the other worker against 0.32 on the committing one,
+        equal again after a restart, whose recall registers them all). So every
+        ``others_every`` seconds a learner reads the sends queued since its last look (by
+        ``queued_ms``, the wall clock, from :data:`OTHERS_OVERLAP_MS` before it) and registers
+        their decisions from the features stored with them, as :meth:`recall` does and with its
+        rules: not one it registered already, nor one whose horizon has passed by the learner's
+        clock (learned already, or, in a replay, by the snapshot), nor a bounced or failed one.
+        """
+        now = time.monotonic()
+        if now - self._others_at < self.others_every:
+            return 0
+        self._others_at = now
+        wall = wall_ms()
+        since = (wall if self._others_ms is None else self._others_ms) - OTHERS_OVERLAP_MS
+        self._others_ms = wall
+        queued = conn.execute(
+            select(sends.c.decision_id).where(sends.c.queued_ms > since, sends.c.decision_id.is_not(None))
+        ).scalars()
+        seen, pending = self._seen, self.learner.pending
+        fresh = sorted({d for d in queued if d not in seen and d not in pending})
+        horizon = self.learner.clock_ms - self.learner.config.horizon_ms
+        count = 0
+        for start in range(0, len(fresh), 500):
+            rows = conn.execute(
+                select(*_REGISTERED)
+                .where(
+                    decisions.c.id.in_(fresh[start : start + 500]),
+                    decisions.c.action == "send",
+                    decisions.c.channel.is_not(None),
+                    decisions.c.send_at_ms > horizon,
+                )
+                .order_by(decisions.c.decided_at_ms, decisions.c.id)
+            ).all()
+            for row in rows:
+                outcome = row.outcome or {}
+                if row.id in pending or "bounced" in outcome or "failed" in outcome:
+                    continue
+                self._register(row)
+                count += 1
+        for decision_id in fresh:  # those not registered too: read once
+            seen.setdefault(decision_id, wall)
+        # A decision registered before the next look's reach is never read again by it.
+        old = since - OTHERS_OVERLAP_MS
+        for decision_id in [d for d, at in seen.items() if at < old]:
+            del seen[decision_id]
+        return count
 
     def _backfill_decisions(self, conn: Connection, until_ms: int) -> None:
         """Register the stored decisions made up to ``until_ms`` while learning from the start of the log.

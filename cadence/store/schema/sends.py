@@ -64,6 +64,9 @@ sends = Table(
     Index(None, "status", "due_ms"),
     Index(None, "customer_id", "created_ms"),
     Index(None, "decision_id"),
+    # The learners of every process read the sends queued lately by the others (their decisions),
+    # by the time they were queued (cadence.engine.learning.LearnerSubscriber): migration stitch_0001.
+    Index("ix_sends_queued_ms", "queued_ms"),
     # Rows that did not go out, by campaign and channel: the dashboard counts them from
     # this small partial index alone (sent rows, the bulk of the queue, are not in it).
     Index(

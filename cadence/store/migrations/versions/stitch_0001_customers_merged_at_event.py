@@ -1,4 +1,4 @@
-"""stitch: each merged customer remembers the event that merged it
+"""stitch: each merged customer remembers the event that merged it; sends are indexed by the time queued
 
 The learners keep a customer's statistics in memory and fold a merged-away customer into the
 customer it joined. A live learner folded a merge when the engine loop applied it; one restarted
@@ -25,6 +25,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # The learners of each ``serve --workers N`` process read the sends the others queued lately,
+    # to learn their decisions too (a worker learned only its own sends' silences, and every
+    # answered one: its learners leaned towards yes, 0.70 against 0.32 in an outside check).
+    op.create_index("ix_sends_queued_ms", "sends", ["queued_ms"], unique=False)
     # A plain ADD COLUMN and a partial index of the merged rows only: no table copy.
     op.add_column("customers", sa.Column("merged_at_event", sa.BigInteger(), nullable=True))
     op.create_index(
@@ -38,6 +42,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_sends_queued_ms", table_name="sends")
     op.drop_index("ix_customers_merged_at_event", table_name="customers")
     # Not a batch (a copy of the table) on SQLite: dropping the old ``customers`` would cascade to
     # every table whose rows reference a customer. SQLite drops a plain column in place (3.35+).
