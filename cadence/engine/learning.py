@@ -27,6 +27,7 @@ from sqlalchemy import Connection, func, select, update
 
 from cadence.channels import Feedback, decision_id_problem, feedback_kind
 from cadence.clock import now_ms as wall_ms
+from cadence.engine.campaign import HOUR_MS
 from cadence.engine.identity import canonical_of
 from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
@@ -328,7 +329,19 @@ class LearnerSubscriber:
         # Merges the snapshot does not reflect (made after it, or by the leader while this process
         # followed): the live learner folded them when they happened.
         self.fold_merged(conn)
-        self._others_ms = wall_ms()  # what was queued before is recall's (or the backfill's)
+        # What was queued before is recall's (or the backfill's, or the snapshot's, learned): the
+        # sends a look would read again, visible now, are not registered by the looks.
+        self._others_ms = wall = wall_ms()
+        self._seen.update(
+            dict.fromkeys(
+                conn.execute(
+                    select(sends.c.decision_id).where(
+                        sends.c.queued_ms > wall - OTHERS_OVERLAP_MS, sends.c.decision_id.is_not(None)
+                    )
+                ).scalars(),
+                wall,
+            )
+        )
         self.pinned = self._adopted(
             load_snapshot(conn, name=self.name, pinned=True), what="pinned", relearn=False
         )
@@ -449,7 +462,7 @@ class LearnerSubscriber:
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
         elif batch:
-            self._others(conn)
+            self._others(conn, batch[-1].ts_ms)
         merges = self._merges_in(conn, batch) if batch else []
         folded = 0  # merges[:folded] are folded: each before the first event after the one that made it
         for event in batch:
@@ -472,7 +485,7 @@ class LearnerSubscriber:
         if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)
 
-    def _others(self, conn: Connection) -> int:
+    def _others(self, conn: Connection, until_ms: int) -> int:
         """Register the send decisions other processes committed since the last look; how many.
 
         Each ``serve --workers N`` process registers the decisions it commits (and a push its
@@ -483,12 +496,15 @@ class LearnerSubscriber:
         equal again after a restart, whose recall registers them all). So every
         ``others_every`` seconds a learner reads the sends queued since its last look (by
         ``queued_ms``, the wall clock, from :data:`OTHERS_OVERLAP_MS` before it) and registers
-        their decisions from the features stored with them, as :meth:`recall` does and with its
-        rules: not one it registered already, nor one whose horizon has passed by the learner's
-        clock (learned already, or, in a replay, by the snapshot), nor a bounced or failed one.
+        their decisions from the features stored with them, as :meth:`recall` does: not one it
+        registered already, nor a bounced or failed one. One whose label is due already is
+        learned at the next event, a little later than by the process that made it. It looks
+        sooner when ``until_ms``, the batch's last event, would move the learner's clock an hour
+        or more (a simulation with ``at``, a replay): the decisions made meanwhile are registered
+        before the clock passes their labels' times, as the process that made them did.
         """
         now = time.monotonic()
-        if now - self._others_at < self.others_every:
+        if now - self._others_at < self.others_every and until_ms < self.learner.clock_ms + HOUR_MS:
             return 0
         self._others_at = now
         wall = wall_ms()
@@ -499,7 +515,6 @@ class LearnerSubscriber:
         ).scalars()
         seen, pending = self._seen, self.learner.pending
         fresh = sorted({d for d in queued if d not in seen and d not in pending})
-        horizon = self.learner.clock_ms - self.learner.config.horizon_ms
         count = 0
         for start in range(0, len(fresh), 500):
             rows = conn.execute(
@@ -508,7 +523,7 @@ class LearnerSubscriber:
                     decisions.c.id.in_(fresh[start : start + 500]),
                     decisions.c.action == "send",
                     decisions.c.channel.is_not(None),
-                    decisions.c.send_at_ms > horizon,
+                    decisions.c.send_at_ms.is_not(None),
                 )
                 .order_by(decisions.c.decided_at_ms, decisions.c.id)
             ).all()
