@@ -221,7 +221,18 @@ def _describe_cap(cap: Cap) -> str:
 
 
 def _fmt(ms: int, zone: ZoneInfo) -> str:
-    return local_datetime(ms, zone).strftime("%Y-%m-%d %H:%M %Z")
+    """``2026-03-04 22:30 CET``; a zone without a name by its offset as the summary writes them
+    (``+05:45``, not the database's ``+0545``).
+
+    >>> _fmt(1_772_659_800_000, ZoneInfo("Europe/Berlin")), _fmt(1_772_659_800_000, ZoneInfo("Asia/Kathmandu"))
+    ('2026-03-04 22:30 CET', '2026-03-05 03:15 +05:45')
+    """
+    local = local_datetime(ms, zone)
+    name = local.tzname() or ""
+    if not name[:1].isalpha():
+        offset = local.strftime("%z")
+        name = f"{offset[:3]}:{offset[3:]}"
+    return local.strftime("%Y-%m-%d %H:%M ") + name
 
 
 class _Plan:
@@ -1199,4 +1210,4 @@ class _Checks:
                 )
         assert campaign.exclusive is not None, "a blocked first slot has a rule that blocks it"
         h = self.history[self._exclusive(campaign.exclusive, slots)[1][0]]
-        return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent that day"
+        return "exclusive", f"{h.campaign} of group {campaign.exclusive!r} already sent or queued that day"

@@ -266,7 +266,9 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
             name = (
                 best.channel if best.campaign == decision.campaign else f"{best.campaign} by {best.channel}"
             )
-            text += f"; next best {name} at {when[-12:-7]} ({best.engagement:.1%}"
+            # The time alone on the chosen send's local day; with the day when it falls on another.
+            same_day = when[:10] == _when(decision.send_at_ms, zone, fallback_zone)[:10]
+            text += f"; next best {name} at {when[-12:-7] if same_day else when[:-7]} ({best.engagement:.1%}"
             if best.engagement > chosen.engagement and best.unsubscribe > chosen.unsubscribe:
                 # it would engage more: what held it back is its unsubscribe risk, so say it
                 text += f", unsubscribe risk {best.unsubscribe:.2%}"

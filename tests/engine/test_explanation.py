@@ -142,3 +142,22 @@ def test_the_summary_of_a_split_send_speaks_of_the_arm_sent() -> None:
     )  # fmt: skip
     said = summarise(sent, zone="UTC")
     assert "expected engagement 5.9%" in said and "exploratory" not in said, said
+
+
+def test_a_next_best_option_on_another_day_is_said_with_its_day() -> None:
+    from cadence.engine.decision import Candidate
+
+    at = int(datetime(2026, 3, 2, 10, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
+    later = int(datetime(2026, 3, 3, 7, 45, tzinfo=ZoneInfo("UTC")).timestamp() * 1000)
+    options = [
+        Candidate("alpha", "email", at, 0.06, engagement=0.06, unsubscribe=0.001),
+        Candidate("alpha", "sms", later, 0.04, engagement=0.04, unsubscribe=0.001),
+        Candidate("alpha", "push", at + 3_600_000, 0.03, engagement=0.03, unsubscribe=0.001),
+    ]
+    sent = Decision(
+        action="send", ruleset_hash="h", customer_id=1, decided_at_ms=at, campaign="alpha", channel="email",
+        send_at_ms=at, candidates=options,
+    )  # fmt: skip
+    assert "next best sms at Tue 03 Mar 07:45 (4.0%" in summarise(sent, zone="UTC")
+    sooner = Decision(**{**sent.__dict__, "candidates": [options[0], options[2]]})
+    assert "next best push at 11:00 (3.0%" in summarise(sooner, zone="UTC")
