@@ -125,7 +125,9 @@ def test_simulated_customers_through_the_api_keep_the_rules_and_teach_the_learne
         learners = learners_of(api.client.app)  # type: ignore[attr-defined]
         assert learners.learner.labels > result.sends // 3
         before = knowledge(learners.learner)
-        assert len(before[2]) > 10  # decisions still waiting for their labels, some without any feedback
+        # decisions still waiting for their labels, some without any feedback (7 to 105 over runs:
+        # the decision ids, random, seed the draws)
+        assert len(before[2]) >= 5
 
     # A restart loads the mid-run snapshot, registers the decisions committed after it again and
     # replays the log: the learners know exactly what they knew.
