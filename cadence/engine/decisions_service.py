@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import Connection, event, select
 
@@ -51,6 +51,7 @@ __all__ = [
     "RawTransaction",
     "commit_prepared",
     "decide_group",
+    "decision_features",
     "decision_record",
     "explain",
     "get_decision",
@@ -576,19 +577,26 @@ def _prepare(
         decision=decision,
         explanation=explanation,
         body=body,
-        pending=_pending(learners, decision, profile, customer_id, now_ms) if features else None,
+        pending=decision_features(learners, decision, profile, customer_id, now_ms) if features else None,
     )
 
 
-def _pending(
-    learners: LearnerSubscriber | None,
+class FeatureSource(Protocol):
+    """What computes a decision's features for the learners (:class:`~cadence.engine.learning.LearnerSubscriber`)."""
+
+    def pending_decision(self, **decision: Any) -> Pending: ...
+
+
+def decision_features(
+    learners: FeatureSource | None,
     decision: Decision,
-    profile: StoredProfile,
+    profile: Any,
     customer_id: int,
     now_ms: int,
 ) -> Pending | None:
     """The learner's features of a decision that sends (None for any other, or without learners),
-    as they are now; remembered by the learner only once the decision is committed."""
+    as they are now; remembered by the learner only once the decision is committed (an API
+    commit's, a scheduled push's). ``profile``: what the decision read (its traits and zone)."""
     if decision.action != "send" or learners is None:
         return None
     assert decision.campaign and decision.channel and decision.send_at_ms is not None
@@ -635,7 +643,7 @@ def _record_rows(
     # exactly; the learner remembers it only once committed (a rolled-back decision must not become a label)
     pending = prepared.pending
     if pending is None:
-        pending = _pending(learners, decision, profile, customer_id, now_ms)
+        pending = decision_features(learners, decision, profile, customer_id, now_ms)
     if pending is not None:
         assert learners is not None
         stored_inputs["features"] = pending.stored()

@@ -57,7 +57,7 @@ from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend, Scorer
-from cadence.engine.decisions_service import INSERT_DECISION, decision_row
+from cadence.engine.decisions_service import INSERT_DECISION, decision_features, decision_row
 from cadence.engine.profiles import StoredProfile
 from cadence.engine.sendqueue import enqueue_params, enqueue_prepared, enqueue_sends, idempotency_key
 from cadence.errors import CadenceError
@@ -411,17 +411,8 @@ def _push_rows(
     decision_id = push_decision_id(key)
     inputs: dict[str, Any] = {"traits": _jsonable(dict(profile.traits)), "zone": profile.timezone}
     learned: tuple[str, Pending] | None = None
-    if learners is not None:
-        pending = learners.pending_decision(
-            customer_id=customer_id,
-            traits=profile.traits,
-            zone=profile.timezone,
-            campaign=decision.campaign,
-            channel=decision.channel,
-            send_at_ms=decision.send_at_ms,
-            arm=decision.arm,
-            now_ms=now_ms,
-        )
+    pending = decision_features(learners, decision, profile, customer_id, now_ms)
+    if pending is not None:
         inputs["features"] = pending.stored()
         learned = (decision_id, pending)
     decided = decision_row(
