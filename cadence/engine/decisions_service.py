@@ -791,8 +791,26 @@ def decide_group(
 
 
 def decision_record(row: Any, *, send_status: str | None, fallback_zone: str) -> dict[str, Any]:
-    """A stored decision row as the API returns it."""
+    """A stored decision row as the API returns it.
+
+    A scheduled push stores no per-customer explanation (``{"push": {occurrence, run_id}}``):
+    it gets a summary that says so, as an API decision's explanation has one.
+    """
     zone = (row.inputs or {}).get("zone")
+    explanation = row.explanation
+    if (
+        isinstance(explanation, dict)
+        and isinstance(explanation.get("push"), dict)
+        and "summary" not in explanation
+    ):
+        push = explanation["push"]
+        explanation = {
+            "summary": f"Send {row.campaign} by {row.channel} on {_iso(row.send_at_ms, zone, fallback_zone)}:"
+            f" chosen by the scheduled push of {push.get('occurrence')} (run {push.get('run_id')}), which"
+            f" keeps no explanation per customer (`cadence explain {row.campaign} --customer ID` gives one"
+            " as of now).",
+            **explanation,
+        }
     return {
         "decision_id": row.id,
         "action": row.action,
@@ -804,7 +822,7 @@ def decision_record(row: Any, *, send_status: str | None, fallback_zone: str) ->
         "arm": row.arm,
         "ruleset_hash": row.ruleset_hash,
         "decided_at": _iso(row.decided_at_ms, zone, fallback_zone),
-        "explanation": row.explanation,
+        "explanation": explanation,
         "outcome": {
             "send_status": send_status,
             **{k: _iso(v, zone, fallback_zone) for k, v in (row.outcome or {}).items()},

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, select
 
 from cadence.channels import CHANNELS
 from cadence.clock import FixedClock
+from cadence.engine.decisions_service import get_decision
 from cadence.engine.learning import LearnerSubscriber
 from cadence.scheduler.push import PushReport
 from cadence.scheduler.seed import SeedCustomer
@@ -85,6 +86,13 @@ def test_pushed_sends_are_recorded_decisions_that_feedback_can_join(db_engine: E
     for decision_id, customer_id, channel in queued:
         assert decision_id is not None
         assert (recorded[decision_id].customer_id, recorded[decision_id].channel) == (customer_id, channel)
+    # As GET /v1/decisions/{id} reads it: a summary that says the push chose it, beside what it stored.
+    with db_engine.connect() as conn:
+        read = get_decision(conn, decision_id=queued[0].decision_id)
+    assert read is not None and read["explanation"]["summary"].startswith(
+        f"Sent daily by {queued[0].channel} on "
+    )
+    assert "scheduled push" in read["explanation"]["summary"] and "occurrence" in read["explanation"]["push"]
 
 
 def test_the_learners_remember_pushed_sends_as_a_restart_registers_them(
