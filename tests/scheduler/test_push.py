@@ -90,7 +90,7 @@ def test_pushed_sends_are_recorded_decisions_that_feedback_can_join(db_engine: E
     with db_engine.connect() as conn:
         read = get_decision(conn, decision_id=queued[0].decision_id)
     assert read is not None and read["explanation"]["summary"].startswith(
-        f"Sent daily by {queued[0].channel} on "
+        f"Send daily by {queued[0].channel} on "
     )
     assert "scheduled push" in read["explanation"]["summary"] and "occurrence" in read["explanation"]["push"]
 
