@@ -110,8 +110,9 @@ class _Held:
     campaigns: dict[str, list[str]] = field(default_factory=dict)
     details: dict[str, None] = field(default_factory=dict)  # the distinct details, in order
 
-    def said(self, common: str, *, sending: bool) -> str:
-        """The reason once, with what it held: ``sms and c, v (detail)``, or ``c, v: detail (email, sms)``."""
+    def said(self, common: str, *, sending: bool, chosen: str | None = None) -> str:
+        """The reason once, with what it held: ``winback by sms, and c, v (detail)`` (``chosen``: the
+        campaign sent, whose other channels it held), or ``c, v: detail (email, sms)``."""
         detail = next(iter(self.details)) if len(self.details) == 1 else common
         sets = {tuple(chs) for chs in self.campaigns.values()}
         if len(sets) <= 1:
@@ -133,8 +134,8 @@ class _Held:
             return f"{who}: {why}"
         if not self.channels:
             return f"{who} ({why})"
-        own = ", ".join(self.channels)
-        return f"{own} and {who} ({why})" if self.campaigns else f"{own} ({detail})"
+        own = f"{chosen} by {', '.join(self.channels)}" if chosen else ", ".join(self.channels)
+        return f"{own}, and {who} ({why})" if self.campaigns else f"{own} ({detail})"
 
 
 def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC") -> str:
@@ -150,7 +151,7 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     ...                            Suppression("cart", "priority", "lost to winback on priority (5 > 3)")])
     >>> summarise(d, zone="Europe/Berlin")  # doctest: +NORMALIZE_WHITESPACE
     'Send winback (template offer_x) by email on Thu 05 Mar 10:00 +01:00: expected engagement 5.2%,
-     unsubscribe risk 0.20%; next best push at 12:00 (2.1%). Not chosen: sms (opted out of sms);
+     unsubscribe risk 0.20%; next best push at 12:00 (2.1%). Not chosen: winback by sms (opted out of sms);
      cart (lost to winback on priority (5 > 3)).'
     >>> tie = [Candidate("winback", "email", 1_772_701_200_000, 0.32, 0.0685, 0.002),
     ...        Candidate("winback", "sms", 1_772_701_200_000, 0.31, 0.0685, 0.002)]
@@ -192,7 +193,7 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     >>> ties = [Suppression(c, "priority", f"tie on priority 1; winback scored higher (0.0300 > 0.0{n}00)")
     ...         for n, c in ((2, "c"), (1, "v"))]
     >>> summarise(replace(d, suppressions=[*pushcap, *ties]), zone="UTC").split("Not chosen: ")[1]
-    'push and c, v (channel cap 1 per 1d on push reached); c, v (tie on priority 1; winback scored higher).'
+    'winback by push, and c, v (channel cap 1 per 1d on push reached); c, v (tie on priority 1; winback scored higher).'
     >>> low = [Suppression(c, "score", f"best expected value -0.00{n} <= 0 (engagement 0.01{n}, unsubscribe 0.0030)", ch)
     ...        for n, (c, ch) in enumerate((("a", "email"), ("b", "email"), ("c", "sms")))]
     >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0, suppressions=low), zone=None)
@@ -232,7 +233,7 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
             named.append(s.channel)
     # The chosen campaign's own channels first, as a reader looks there first.
     ordered = sorted(reasons.items(), key=lambda item: not item[1].channels)
-    held = [held_by.said(common, sending=sending) for common, held_by in ordered]
+    held = [held_by.said(common, sending=sending, chosen=decision.campaign) for common, held_by in ordered]
     if not sending:
         return "Nothing to send." + (" " + "; ".join(held) + "." if held else "")
     assert decision.send_at_ms is not None

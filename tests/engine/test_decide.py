@@ -250,7 +250,7 @@ def test_the_summary_says_each_reason_once_and_the_record_keeps_every_suppressio
     for detail in {s.detail for s in d.suppressions}:
         assert said.count(detail) <= 1, (detail, said)
     assert said.endswith(
-        "Not chosen: push and c, v (channel cap 1 per 1d on push reached); "
+        "Not chosen: a by push, and c, v (channel cap 1 per 1d on push reached); "
         "b (campaign cap 1 per 7d reached (push, email)); c, v (a has priority 3 > 1)."
     )
 
