@@ -252,15 +252,4 @@ def test_a_restart_after_any_interleaving_of_decisions_feedback_and_merges_knows
     with in_process_api(url) as restarted:
         restarted.sync()
         after = knowledge(learners_of(restarted.client.app).learner)  # type: ignore[attr-defined]
-        import os
-
-        if os.environ.get("DBG") and after != before:
-            for k in before:
-                if before[k] != after[k]:
-                    if k == "customers":
-                        for c in set(before[k]) | set(after[k]):
-                            if before[k].get(c) != after[k].get(c):
-                                print("customer", c, before[k].get(c), after[k].get(c))
-                    else:
-                        print(k, before[k], after[k])
         assert after == before
