@@ -404,26 +404,14 @@ def test_a_send_decided_in_the_past_is_not_judged_again_by_the_dispatchers_clock
     the spacing).
     """
     zone = _a_zone_at_night_now()
-    rules = CompiledRuleset(
+    quiet = QuietHours(start=clock_time(21), end=clock_time(8), fallback_zone="UTC", action="defer")
+    rules = replace(
+        RULES,
         hash="replay-v1",
-        campaigns={
-            "news": Campaign(
-                name="news",
-                title="News",
-                priority=1,
-                audience=None,
-                template=TemplateSpec("news"),
-                channels=ChannelPolicy(("email",)),
-                quiet=QuietHours(
-                    start=clock_time(21), end=clock_time(8), fallback_zone="UTC", action="defer"
-                ),
-            )
-        },
-        segments={},
+        campaigns={"news": replace(RULES.campaigns["news"], quiet=quiet)},
         settings=GlobalSettings(
             default_zone="UTC", caps=(Cap(count=1, window_ms=7 * DAY_MS, scope="customer"),)
         ),
-        aggregates=frozenset(),
     )
     app = create_app(runtime=runtime, background=False)
     client = TestClient(app)
