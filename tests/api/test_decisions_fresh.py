@@ -241,23 +241,13 @@ def test_a_data_request_finds_the_customer_an_identify_just_created(runtime: Run
     assert erased.status_code == 200 and erased.json()["events_removed"] == 1, erased.text
 
 
-CAPPED = CompiledRuleset(
+CAPPED = replace(
+    RULES,
     hash="fresh-capped-v1",
-    campaigns={
-        "news": Campaign(
-            name="news",
-            title="News",
-            priority=1,
-            audience=None,
-            template=TemplateSpec("news"),
-            channels=ChannelPolicy(("email", "sms")),
-        )
-    },
-    segments={},
+    campaigns={"news": replace(RULES.campaigns["news"], channels=ChannelPolicy(("email", "sms")))},
     settings=GlobalSettings(
         default_zone="Europe/Berlin", caps=(Cap(count=1, window_ms=7 * DAY_MS, scope="customer"),)
     ),
-    aggregates=frozenset(),
 )
 
 

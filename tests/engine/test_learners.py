@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, time
 
@@ -20,6 +21,7 @@ from cadence.engine.campaign import (
     TemplateSpec,
 )
 from cadence.engine.decide import OptionGroup, decide
+from cadence.engine.decision import Decision
 from cadence.engine.learners import DecisionLearner, LearnerConfig
 from cadence.engine.profiles_memory import MemoryProfile
 
@@ -175,16 +177,10 @@ def _taught_a_not_b(learner: DecisionLearner) -> None:
     learner.advance(NOW + 10 * 24 * HOUR_MS)
 
 
-def test_variants_keep_a_minimum_exploration_share_and_explain_the_margin() -> None:
-    arms = (SplitArm("a", 0.5, "t_a"), SplitArm("b", 0.5, "t_b"))
-    campaign = best_of("email", split=arms, learn_variants=True, min_explore=0.3)
-    learner = DecisionLearner()
-    rules = ruleset(campaign)
-    _taught_a_not_b(learner)
-    arms_chosen: Counter[str | None] = Counter()
-    notes: list[str] = []
-    for i in range(400):
-        d = decide(
+def _new_customers_decided(rules: CompiledRuleset, learner: DecisionLearner, n: int) -> Iterator[Decision]:
+    """Decisions on day 11 for ``n`` customers the learner has never seen, each with its own seed."""
+    for i in range(n):
+        yield decide(
             ruleset=rules,
             profile=MemoryProfile(customer_id=1000 + i),
             now_ms=NOW + 11 * 24 * HOUR_MS,
@@ -193,6 +189,17 @@ def test_variants_keep_a_minimum_exploration_share_and_explain_the_margin() -> N
             scorer=learner,
             seed=i,
         )
+
+
+def test_variants_keep_a_minimum_exploration_share_and_explain_the_margin() -> None:
+    arms = (SplitArm("a", 0.5, "t_a"), SplitArm("b", 0.5, "t_b"))
+    campaign = best_of("email", split=arms, learn_variants=True, min_explore=0.3)
+    learner = DecisionLearner()
+    rules = ruleset(campaign)
+    _taught_a_not_b(learner)
+    arms_chosen: Counter[str | None] = Counter()
+    notes: list[str] = []
+    for d in _new_customers_decided(rules, learner, 400):
         arms_chosen[d.arm] += 1
         notes.extend(d.notes)
     assert arms_chosen["a"] > arms_chosen["b"] >= 0.3 * 400 / 2 * 0.6, arms_chosen
@@ -210,21 +217,7 @@ def test_a_forced_variant_is_one_worth_sending() -> None:
     rules = ruleset(best_of("email", split=arms, learn_variants=True, min_explore=0.3))
     learner = DecisionLearner(LearnerConfig(unsubscribe_cost=200.0))
     _taught_a_not_b(learner)
-    outcomes = Counter(
-        (d.action, d.arm)
-        for d in (
-            decide(
-                ruleset=rules,
-                profile=MemoryProfile(customer_id=1000 + i),
-                now_ms=NOW + 11 * 24 * HOUR_MS,
-                history=[],
-                available_channels={"email"},
-                scorer=learner,
-                seed=i,
-            )
-            for i in range(200)
-        )
-    )
+    outcomes = Counter((d.action, d.arm) for d in _new_customers_decided(rules, learner, 200))
     assert outcomes == {("send", "a"): 200}, outcomes
 
 
