@@ -66,15 +66,22 @@ __all__ = [
 #: One decision row; a caller that may write the same decision again appends ``ON CONFLICT (id) DO NOTHING``.
 INSERT_DECISION = (
     "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template, arm,"
-    " ruleset_hash, explanation, inputs, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsontext, ?::jsontext, ?::jsontext)"
+    " ruleset_hash, explanation, inputs, outcome, learner_position)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsontext, ?::jsontext, ?::jsontext, ?)"
 )
 
 
 def decision_row(
-    decision_id: str, customer_id: int, now_ms: int, decision: Decision, explanation: str, inputs: str
+    decision_id: str,
+    customer_id: int,
+    now_ms: int,
+    decision: Decision,
+    explanation: str,
+    inputs: str,
+    pending: Pending | None,
 ) -> tuple[Any, ...]:
     """The parameters of :data:`INSERT_DECISION` for ``decision`` (``explanation`` and ``inputs`` as JSON text;
-    no outcome yet)."""
+    no outcome yet; ``pending``: its features for the learners, which say how far they had read the log)."""
     return (
         decision_id,
         customer_id,
@@ -89,6 +96,7 @@ def decision_row(
         explanation,
         inputs,
         "{}",
+        None if pending is None else pending.position,
     )
 
 
@@ -650,7 +658,13 @@ def _record_rows(
         after_commit.append(functools.partial(learners.remember, decision_id, pending))
     # driver-level: SQLAlchemy's insert().values() spends about 0.6 ms building a cache key
     row = decision_row(
-        decision_id, customer_id, now_ms, decision, dump_json(prepared.explanation), dump_json(stored_inputs)
+        decision_id,
+        customer_id,
+        now_ms,
+        decision,
+        dump_json(prepared.explanation),
+        dump_json(stored_inputs),
+        pending,
     )
     if decision.action != "send":
         return row, None

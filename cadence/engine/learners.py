@@ -718,6 +718,9 @@ class Pending:
     rate: float = 0.05  # the expected engagement at the customer's preferred hour when decided
     buckets: tuple[int, ...] = ()  # the customer's trait buckets
     learned: bool = False  # the provisional label was learned (``label_delay_ms``); kept until the horizon
+    #: How far the learner had read the event log when it computed these features (None: not known):
+    #: stored with the decision (``decisions.learner_position``) so that a replay registers it there.
+    position: int | None = None
 
     def stored(self) -> dict[str, Any]:
         """What the ``decisions`` row keeps, so a restart registers the decision exactly as it was made.
@@ -1985,6 +1988,7 @@ class DecisionLearner:
             campaign=campaign,
             arm=arm,
             load=self.recent_load(customer_id, now_ms),
+            position=self.position,
         )
         if self.config.hour_model:
             local = local_datetime(send_at_ms, zone_named(zone, "UTC"))

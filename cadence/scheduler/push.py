@@ -422,6 +422,7 @@ def _push_rows(
         decision,
         dump_json({"push": {"occurrence": occurrence, "run_id": run_id}}),
         dump_json(inputs),
+        pending,
     )
     [send] = enqueue_params(
         [

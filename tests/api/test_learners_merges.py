@@ -165,6 +165,9 @@ ANONS = st.sampled_from(["a0", "a1", "a2"])
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("decide"), st.one_of(USERS, ANONS)),
+        # decided as of hours before the events already logged (a simulator whose customers keep
+        # clocks of their own): its labels may be due already
+        st.tuples(st.just("back"), st.one_of(USERS, ANONS), st.integers(1, 60)),
         st.tuples(
             st.just("feedback"), st.sampled_from(["Message Delivered", "Message Clicked"]), st.integers(0, 9)
         ),
@@ -200,11 +203,23 @@ def live(db_engine: Engine) -> Iterator[tuple[Engine, Run]]:
         ("later", 30),
     ]
 )
+@example(  # decisions as of before the clock: the live learners register them after later events
+    ops=[
+        ("decide", "u0"),
+        ("feedback", "Message Clicked", 0),
+        ("later", 30),
+        ("back", "u0", 40),
+        ("feedback", "Message Clicked", 1),
+        ("decide", "u1"),
+        ("back", "u1", 50),
+        ("later", 30),
+    ]
+)
 def test_a_restart_after_any_interleaving_of_decisions_feedback_and_merges_knows_what_the_live_learners_knew(
     live: tuple[Engine, Run], ops: list[tuple[Any, ...]]
 ) -> None:
-    """Decisions, their feedback, identifies and aliases (which merge), snapshots and time passing, in any
-    order: an app started afresh on the database (the snapshot, then the log after it) knows what the
+    """Decisions (some as of hours before the events already logged), their feedback, identifies and
+    aliases (which merge), snapshots and time passing, in any order: an app started afresh on the database (the snapshot, then the log after it) knows what the
     live app's learners know, merged customers included. One database for every example (each with ids
     of its own, later in simulated time): the restarted app replays them all."""
     engine, run = live
@@ -223,10 +238,11 @@ def test_a_restart_after_any_interleaving_of_decisions_feedback_and_merges_knows
     for op in ops:
         clock[0] += timedelta(minutes=10)
         kind = op[0]
-        if kind == "decide":
+        if kind in ("decide", "back"):
             event({"type": "identify", **ref(op[1]), "traits": {"timezone": "UTC"}})
+            at = clock[0] - timedelta(hours=op[2] if kind == "back" else 0)
             answer = run.post(
-                "/v1/decisions", {"customer_id": prefix + op[1], "at": iso(clock[0]), "mode": "commit"}
+                "/v1/decisions", {"customer_id": prefix + op[1], "at": iso(at), "mode": "commit"}
             )
             if answer["action"] == "send":
                 answers.append((ref(op[1]), answer))

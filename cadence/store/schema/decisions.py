@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    text,
 )
 
 from cadence.store.schema.base import Id, Json, JsonText, metadata
@@ -64,5 +65,15 @@ decisions = Table(
     Column("explanation", JsonText, nullable=False),
     Column("inputs", JsonText, nullable=False),  # traits and zone at decision time
     Column("outcome", JsonText, nullable=False),
+    # How far the deciding process's learners had read the event log when they computed the
+    # decision's features (NULL: made before position_0001, or it sends nothing): a replay registers
+    # the decision there, as the live learners did, whatever its ``decided_at_ms``.
+    Column("learner_position", BigInteger),
     Index(None, "customer_id", "decided_at_ms"),
+    Index(
+        "ix_decisions_learner_position",
+        "learner_position",
+        sqlite_where=text("learner_position IS NOT NULL"),
+        postgresql_where=text("learner_position IS NOT NULL"),
+    ),
 )
