@@ -10,6 +10,7 @@ from rich.console import Console
 
 from cadence.cli import runtime_for
 from cadence.cli.engine import apply_pending
+from cadence.engine.learning import scrub_snapshots
 from cadence.engine.privacy import erase_customer, export_customer
 
 customers_app = typer.Typer(help="Customer data requests.", no_args_is_help=True)
@@ -39,6 +40,9 @@ def erase(
     apply_pending(runtime)  # every identity the log links to the customer, and their derived state
     counts = erase_customer(runtime=runtime, ref=ref, requested_by=f"cli:{operator}")
     console.print(f"erased: {counts['events_removed']} events, {counts['identities_removed']} identities")
+    # No server may be running to do it: the stored learner snapshots forget the customer now.
+    _customers, rewritten = scrub_snapshots(runtime.engine)
+    console.print(f"{rewritten} learner snapshots rewritten without the customer")
     console.print(
         f"{counts['audience_removals_queued']} removals from remote ad audiences queued"
         " (listed by `cadence sends removals` until the platforms accept them)",

@@ -1043,6 +1043,18 @@ class DecisionLearner:
                 target.effect = np.array([mean, 1.0 / precision])
         return True
 
+    def forget(self, customer_id: int) -> int:
+        """Forget a customer who is being erased: their statistics (their own effects included) and
+        pending decisions; returns how many of those. The shared weights hold no customer."""
+        self.customers.pop(customer_id, None)
+        forgotten = 0
+        for key in self._pending_ids().pop(customer_id, ()):
+            p = self.pending.get(key)
+            if p is not None and p.customer_id == customer_id:  # (not learned and dropped since)
+                del self.pending[key]
+                forgotten += 1
+        return forgotten
+
     def _pending_ids(self) -> dict[int, list[str]]:
         """Customer -> the ids of its pending decisions (and of some since learned: check ``pending``).
 

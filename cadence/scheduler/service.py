@@ -607,6 +607,8 @@ class SchedulerService:
         follow_seconds: float = 30.0,
         compact: Callable[[], Any] | None = None,
         compact_seconds: float = 3600.0,
+        scrub: Callable[[], Any] | None = None,
+        scrub_seconds: float = 10.0,
     ) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]  # no stubs
 
@@ -624,6 +626,8 @@ class SchedulerService:
         self.follow_seconds = follow_seconds
         self.compact = compact
         self.compact_seconds = compact_seconds
+        self.scrub = scrub
+        self.scrub_seconds = scrub_seconds
         apscheduler_log = logging.getLogger("apscheduler")
         if apscheduler_log.level == logging.NOTSET:
             # Its INFO lines ("Running job ...", every few seconds) would drown ours.
@@ -697,6 +701,13 @@ class SchedulerService:
         except Exception:
             log.exception("learner snapshot failed")
 
+    def _scrub(self) -> None:
+        try:
+            if self.scrub is not None and self.leadership.acquire():
+                self.scrub()
+        except Exception:
+            log.exception("scrubbing erased customers from the learner snapshots failed")
+
     def _follow(self) -> None:
         try:
             if self.follow is not None and not self.leadership.acquire():
@@ -754,6 +765,14 @@ class SchedulerService:
                 seconds=self.follow_seconds,
                 id="follow",
                 name="reload the latest learner snapshot (processes that do not lead)",
+            )
+        if self.scrub is not None:
+            self.scheduler.add_job(
+                self._scrub,
+                "interval",
+                seconds=self.scrub_seconds,
+                id="scrub",
+                name="take erased customers out of the stored learner snapshots",
             )
         if self.compact is not None:
             self.scheduler.add_job(

@@ -20,7 +20,8 @@ from prometheus_client import Counter, Gauge
 from cadence.api.security import Principal, Scope
 from cadence.dsl.loader import RulesetHolder
 from cadence.engine.decision import Scorer
-from cadence.engine.learning import snapshot_marker, snapshot_position
+from cadence.engine.learning import scrub_snapshots, snapshot_marker, snapshot_position
+from cadence.engine.loop import BATCH_LOCK_ID
 from cadence.scheduler.compaction import compact_derived_state
 from cadence.scheduler.needs import needs_of_holder
 from cadence.scheduler.push import PushReport
@@ -95,6 +96,10 @@ def setup(app: FastAPI) -> None:
         if learners is None:
             return
         with app.state.engine_loop._lock, runtime.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Serialised with erasures in other processes, as a batch is (SQLite's BEGIN IMMEDIATE
+                # already is): one committed meanwhile is seen by the snapshot (see _forget_erased).
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
             learners.snapshot(conn, now_ms=runtime.clock.now_ms())
 
     def follow() -> None:
@@ -122,6 +127,10 @@ def setup(app: FastAPI) -> None:
                     loop.positions()
                 else:
                     learners.loaded_marker = marker
+
+    def scrub() -> None:
+        # Erased customers out of the stored learner snapshots (see LearnerSubscriber.erased).
+        scrub_snapshots(runtime.engine)
 
     def compact() -> None:
         report = compact_derived_state(
@@ -156,6 +165,7 @@ def setup(app: FastAPI) -> None:
         follow=follow,
         follow_seconds=settings.learner_refresh_seconds,
         compact=compact if settings.compaction_enabled else None,
+        scrub=scrub,
         compact_seconds=settings.compaction_interval_seconds,
     )
     app.state.scheduler = service

@@ -44,6 +44,16 @@ learner_snapshots = Table(
     Index(None, "name", "pinned"),
 )
 
+#: Customers an erasure took out of the learners whose stored snapshots may still hold them: the
+#: scrub job (:func:`cadence.engine.learning.scrub_snapshots`) rewrites the snapshots, then deletes
+#: the row. The internal id alone (the customer row is gone).
+learner_scrubs = Table(
+    "learner_scrubs",
+    metadata,
+    Column("customer_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("erased_ms", BigInteger, nullable=False),
+)
+
 #: Committed decisions (``POST /v1/decisions`` with ``mode=commit``): what was decided,
 #: the explanation, the inputs the learners need to learn from its feedback, and the
 #: outcome so far (feedback kind -> first time seen), kept by the learner subscriber.

@@ -1,0 +1,134 @@
+"""An erased customer leaves nothing in the learners: not in memory, not in any stored snapshot.
+
+A snapshot keeps each customer's statistics (their sends' times, clicks and click hours, their
+own effects) and pending decisions. An erasure used to correct the live learners of the process
+that ran it and no stored snapshot: the latest, the pinned one and the older ones kept for
+rolling back all still held the customer, and a restart loaded them back. Now the erasure notes
+the customer and the leader's scrub job (or ``cadence customers erase`` itself) rewrites the
+snapshots. Both databases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from typer.testing import CliRunner
+
+from cadence.cli import app as cli
+from cadence.engine.learners import DecisionLearner
+from cadence.engine.learning import load_snapshot, pin_snapshot, scrub_snapshots
+from cadence.sim.api import ApiPolicy, in_process_api
+from cadence.store.schema.decisions import learner_scrubs, learner_snapshots
+from tests.api.test_learners_merges import Run
+from tests.api.test_simulate_api import learners_of
+
+DAY0 = datetime(2026, 3, 2, 9, tzinfo=UTC)
+
+
+def held(learner: DecisionLearner, customer_id: int) -> bool:
+    """Whether ``learner`` keeps anything of the customer."""
+    return customer_id in learner.customers or any(
+        p.customer_id == customer_id for p in learner.pending.values()
+    )
+
+
+def stored(engine: Engine) -> list[DecisionLearner]:
+    with engine.connect() as conn:
+        versions = conn.execute(select(learner_snapshots.c.version)).scalars().all()
+        return [s for v in versions if (s := load_snapshot(conn, name="learners", version=v)) is not None]
+
+
+@pytest.fixture
+def run(db_engine: Engine) -> Iterator[tuple[Engine, ApiPolicy, Run]]:
+    url = db_engine.url.render_as_string(hide_password=False)
+    with in_process_api(url) as api:
+        yield db_engine, api, Run(api)
+
+
+def learn_both(engine: Engine, api: ApiPolicy, run: Run) -> dict[str, int]:
+    """Two customers with sends, clicks and pending decisions, in three stored snapshots (one pinned)."""
+    ids: dict[str, int] = {}
+    for who in ("erin", "other"):
+        run.post(
+            "/v1/identify", {"userId": who, "traits": {"timezone": "UTC"}, "timestamp": DAY0.isoformat()}
+        )
+    api.sync()
+    app: Any = api.client.app
+    for day in range(3):
+        at = DAY0 + timedelta(days=day)
+        for who in ("erin", "other"):
+            answer = run.decide(who, at)
+            run.feedback({"userId": who}, answer, "Message Delivered", timedelta(minutes=1))
+            run.feedback({"userId": who}, answer, "Message Clicked", timedelta(minutes=5))
+        run.flush()
+        with engine.begin() as conn:
+            version = learners_of(app).snapshot(conn, now_ms=int(at.timestamp() * 1000))
+            if day == 0:
+                pin_snapshot(conn, name="learners", version=version)
+                # served from now on, as the server's follow job reloads it
+                learners_of(app).pinned = load_snapshot(conn, name="learners", pinned=True)
+    for who in ("erin", "other"):
+        ids[who] = int(api.client.get(f"/v1/customers/{who}", headers=api.headers).json()["customer_id"])
+    return ids
+
+
+def notes(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(learner_scrubs.c.customer_id)).scalars())
+
+
+def test_an_erasure_forgets_at_once_and_the_scrub_takes_the_customer_out_of_every_stored_snapshot(
+    run: tuple[Engine, ApiPolicy, Run],
+) -> None:
+    engine, api, driver = run
+    ids = learn_both(engine, api, driver)
+    learners = learners_of(api.client.app)
+    snapshots = stored(engine)
+    assert len(snapshots) == 3 and all(held(s, ids["erin"]) and held(s, ids["other"]) for s in snapshots)
+    assert held(learners.learner, ids["erin"]) and learners.pinned is not None
+
+    erased = api.client.delete("/v1/customers/erin", headers=api.headers)
+    assert erased.status_code == 200, erased.text
+    assert not held(learners.learner, ids["erin"]) and held(learners.learner, ids["other"])
+    assert not held(learners.pinned, ids["erin"])
+    assert notes(engine) == [ids["erin"]]
+    url = engine.url.render_as_string(hide_password=False)
+    with in_process_api(url) as restarted:  # before the scrub: a start forgets the noted customers
+        restarted.sync()
+        again = learners_of(restarted.client.app)
+        assert again.pinned is not None
+        assert not held(again.learner, ids["erin"]) and not held(again.pinned, ids["erin"])
+        assert held(again.learner, ids["other"])
+
+    assert scrub_snapshots(engine) == (1, 3)  # the leader's job, every 10 s
+    snapshots = stored(engine)
+    assert len(snapshots) == 3
+    assert not any(held(s, ids["erin"]) for s in snapshots)
+    assert all(held(s, ids["other"]) for s in snapshots)  # the others' are kept as they were
+    assert notes(engine) == [] and scrub_snapshots(engine) == (0, 0)
+
+
+def test_the_cli_erasure_beside_a_running_server_leaves_the_customer_in_no_snapshot(
+    run: tuple[Engine, ApiPolicy, Run],
+) -> None:
+    """``cadence customers erase`` scrubs the stored snapshots itself; the server's learners, not
+    told, forget the customer before they write their next snapshot."""
+    engine, api, driver = run
+    ids = learn_both(engine, api, driver)
+    learners = learners_of(api.client.app)
+    url = engine.url.render_as_string(hide_password=False)
+    erased = CliRunner().invoke(cli, ["--database-url", url, "customers", "erase", "erin", "--yes"])
+    assert erased.exit_code == 0, erased.output
+    assert "3 learner snapshots rewritten without the customer" in erased.output
+    assert not any(held(s, ids["erin"]) for s in stored(engine)) and notes(engine) == []
+    assert held(learners.learner, ids["erin"])  # this process was not told
+
+    with engine.begin() as conn:
+        version = learners.snapshot(conn, now_ms=int((DAY0 + timedelta(days=4)).timestamp() * 1000))
+        latest = load_snapshot(conn, name="learners", version=version)
+    assert latest is not None and not held(latest, ids["erin"]) and held(latest, ids["other"])
+    assert not held(learners.learner, ids["erin"])
