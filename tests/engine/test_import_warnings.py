@@ -45,10 +45,12 @@ CALLS: list[dict[str, Any]] = [
     {"type": "identify", "userId": "u1", "traits": {"consent": {"email": True}}},
 ]  # fmt: skip
 
-#: Lines as a client may write them: an escaped key, blanks around the colon.
+#: Lines as a client may write them: an escaped key, blanks around the colon, zones of other types.
 WRITTEN = [
     b'{"type":"track","userId":"u1","event":"Email Bounced","properties":{"bounce\\u005ftype":["soft"]}}',
     b'{"type": "track", "userId": "u1", "event": "Viewed", "context": {"campaign" : "spring"}}',
+    b'{"type":"identify","userId":"u1","traits":{"timezone" : 5},"context":{"timezone":""}}',
+    b'{"type":"track","userId":"u1","event":"Viewed","context":{"timezone":"Europe/Berlin","x":{"timezone":"Mars"}}}',
 ]
 
 
@@ -91,7 +93,7 @@ def test_an_import_reports_the_apis_warnings_with_line_and_field(
         "properties.decision_id",
         "context.page",
     } <= fields
-    assert {w["line"] for w in want} == set(range(1, 14)) | {len(CALLS) + 1, len(CALLS) + 2}
+    assert {w["line"] for w in want} == set(range(1, 14)) | {len(CALLS) + 1, len(CALLS) + 2, len(CALLS) + 3}
 
     report = import_file(engine=db_engine, path=path, batch_size=5)
     # (without message ids the escaped line is the first one's content again: a duplicate, warned of as the API would)
