@@ -15,12 +15,15 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "BOUNCE_TYPES",
     "CHANNELS",
     "CONSENT_CHANNELS",
+    "CONSENT_EVENT",
     "FEEDBACK_EVENTS",
     "Feedback",
     "channel_named",
     "channel_problem",
+    "consent_warnings",
     "decision_id_problem",
     "describe_value",
     "feedback_aggregate",
@@ -37,6 +40,10 @@ CHANNELS = ("email", "sms", "push", "facebook", "google_ads", "webhook")
 #: What a consent row may name: a channel, or ``all`` (every channel).
 CONSENT_CHANNELS = (*CHANNELS, "all")
 _KNOWN = frozenset(CONSENT_CHANNELS)
+#: The event that grants or refuses channels (``POST /v1/consent`` appends one; clients may send it).
+CONSENT_EVENT = "Consent Updated"
+#: The ``bounce_type`` values cadence reads (in any case); absent means ``hard``.
+BOUNCE_TYPES = ("hard", "soft")
 
 
 class Feedback(StrEnum):
@@ -329,3 +336,119 @@ def feedback_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[
             )
         )
     return found
+
+
+def consent_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[str, str]]:
+    """``(field, warning)`` for each consent field of an accepted call that cadence cannot read as sent.
+
+    What :func:`~cadence.engine.consent.consent_changes` reads: an identify's ``traits.consent`` (an object of true/false
+    per channel, or a list of channel names) and ``traits.unsubscribed`` (true/false), also under
+    ``context.traits``; a ``Consent Updated`` event's ``properties.channels``/``consent``,
+    ``channel`` with ``granted``, and ``source``; a bounce's ``properties.bounce_type``. A value
+    of the wrong type changes nothing and was ignored without a word; the event is stored all
+    the same, and this says what it will not do. Channel names are checked by
+    :func:`cadence.channels.channel_problem` (another case is read as the channel it spells).
+
+    >>> consent_warnings({"traits": {"consent": {"email": "no"}, "unsubscribed": "true"}}, "identify")
+    [('traits.consent.email', "a string ('no'), not true or false: consent for email is left as it was"), ('traits.unsubscribed', "a string ('true'), not true or false: consent is left as it was")]
+    >>> consent_warnings({"event": "Email Bounced", "properties": {"bounce_type": ["soft"]}}, "track")
+    [('properties.bounce_type', "an array (['soft']), not 'hard' or 'soft': read as a hard bounce, which marks the address undeliverable until a new one")]
+    >>> consent_warnings({"traits": {"consent": {"email": True}}}, "identify")
+    []
+    """
+    found: list[tuple[str, str]] = []
+    if call_type == "identify":
+        context = payload.get("context")
+        for where, traits in (
+            ("context.traits", context.get("traits") if isinstance(context, Mapping) else None),
+            ("traits", payload.get("traits")),
+        ):
+            if isinstance(traits, Mapping):
+                found += _granted_warnings(f"{where}.consent", traits.get("consent"), lists=True)
+                unsubscribed = traits.get("unsubscribed")
+                if unsubscribed is not None and not isinstance(unsubscribed, bool):
+                    found.append(
+                        (
+                            f"{where}.unsubscribed",
+                            f"{describe_value(unsubscribed)}, not true or false: consent is left as it was",
+                        )
+                    )
+        return found
+    properties = payload.get("properties")
+    if call_type != "track" or not isinstance(properties, Mapping):
+        return found
+    event = payload.get("event")
+    if event == CONSENT_EVENT:
+        for key in ("channels", "consent"):
+            found += _granted_warnings(f"properties.{key}", properties.get(key), lists=False)
+        channel, granted = properties.get("channel"), properties.get("granted")
+        if channel is not None or granted is not None:
+            found += _channel_warning("properties.channel", channel, _LEFT)
+            if not isinstance(granted, bool):
+                found.append(("properties.granted", f"{describe_value(granted)}, not true or false: {_LEFT}"))
+        source = properties.get("source")
+        if source is not None and not isinstance(source, str):
+            found.append(
+                (
+                    "properties.source",
+                    f"{describe_value(source)}, not a text: the change is recorded with the event's source",
+                )
+            )
+    elif isinstance(event, str) and feedback_kind(event) is Feedback.BOUNCED:
+        bounce_type = properties.get("bounce_type")
+        if bounce_type is not None and (
+            not isinstance(bounce_type, str) or bounce_type.strip().lower() not in BOUNCE_TYPES
+        ):
+            shown = (
+                describe_value(bounce_type) + ","
+                if not isinstance(bounce_type, str)
+                else f"{bounce_type[:80]!r} is"
+            )
+            found.append(
+                (
+                    "properties.bounce_type",
+                    f"{shown} not 'hard' or 'soft': read as a hard bounce, which marks the address "
+                    "undeliverable until a new one",
+                )
+            )
+    return found
+
+
+_LEFT = "properties.channel and properties.granted change nothing"
+
+
+def _granted_warnings(field: str, value: object, *, lists: bool) -> list[tuple[str, str]]:
+    """Warnings for a consent object (``{channel: true|false}``), or with ``lists`` also a list of channels."""
+    if value is None:
+        return []
+    found: list[tuple[str, str]] = []
+    if isinstance(value, Mapping):
+        for channel, granted in value.items():
+            found += _channel_warning(f"{field}.{channel}", channel, "ignored")
+            if not isinstance(granted, bool):
+                found.append(
+                    (
+                        f"{field}.{channel}",
+                        f"{describe_value(granted)}, not true or false: consent for "
+                        f"{channel_named(channel)} is left as it was",
+                    )
+                )
+        return found
+    if lists and isinstance(value, list):
+        for index, channel in enumerate(value):
+            found += _channel_warning(f"{field}.{index}", channel, "ignored")
+        return found
+    shape = 'an object such as {"email": true}' + (' or a list such as ["email"]' if lists else "")
+    return [(field, f"{describe_value(value)}, not {shape}: consent is left as it was")]
+
+
+def _channel_warning(field: str, channel: object, ignored: str) -> list[tuple[str, str]]:
+    """The warning for a channel name given for consent, if any: ``ignored`` says what a non-text does."""
+    problem = channel_problem(channel, CONSENT_CHANNELS)
+    if problem is None:
+        return []
+    if not isinstance(channel, str) or not channel:
+        return [(field, f"{problem}: {ignored}")]
+    if channel_named(channel) != channel:
+        return [(field, problem)]  # read as the channel it spells, and said
+    return [(field, f"{problem}: it refuses or allows no channel cadence sends on")]

@@ -32,14 +32,14 @@ from cadence.engine.attribution.online import (
 )
 from cadence.engine.campaign_stats import KINDS, campaign_stats, queue_outcomes
 from cadence.engine.decisions_service import decision_record, make_decision
-from cadence.engine.identity import canonical, identities_of, resolve_customer
+from cadence.engine.identity import customer_by_ref, identities_of
 from cadence.engine.learning import LearnerSubscriber
 from cadence.engine.profiles import load_profile
 from cadence.errors import CadenceError, IdentityError
 from cadence.runtime import Runtime
 from cadence.scheduler.service import SchedulerService, list_jobs
 from cadence.store.db import read_connection
-from cadence.store.schema.core import customers, profile_event_stats
+from cadence.store.schema.core import profile_event_stats
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
@@ -434,21 +434,13 @@ def decision_mix(conn: Connection, *, since_ms: int, until_ms: int, limit: int =
 # --------------------------------------------------------------------------- decisions
 
 
-def _customer_id(conn: Connection, ref: str) -> int | None:
-    found = resolve_customer(conn, ref)
-    if found is None and ref.isdigit():
-        row = conn.scalar(select(customers.c.id).where(customers.c.id == int(ref)))
-        found = canonical(conn, row) if row is not None else None
-    return found
-
-
 def customer_page(runtime: Runtime, *, customer: str) -> dict[str, Any]:
     """One customer's profile aggregates, consent, identities and last decisions."""
     if not customer:
         return {"found": None}
     now = now_ms()
     with read_connection(runtime.engine) as conn:
-        cid = _customer_id(conn, customer)
+        cid = customer_by_ref(conn, customer)
         if cid is None:
             return {"found": False}
         profile = load_profile(conn, cid, now_ms=now, horizon_days=90)

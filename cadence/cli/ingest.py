@@ -27,11 +27,19 @@ def import_command(
     ),
     default_type: str = typer.Option("track", "--type", help="Call type for lines without one."),
     rejects: Path | None = typer.Option(None, help="Where rejected lines go (default FILE.rejects.ndjson)."),
+    warnings: Path | None = typer.Option(
+        None,
+        help="Where the warnings on stored lines go, each with its line and field (default FILE.warnings.ndjson).",
+    ),
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, min=1, help="Lines per committed batch (one transaction)."
     ),
 ) -> None:
-    """Import Segment-spec events; bad lines are reported and skipped, never fatal."""
+    """Import Segment-spec events; bad lines are reported and skipped, never fatal.
+
+    Fields of stored lines that cadence cannot use as sent are reported as ``POST /v1/batch``
+    warns of them: the first ones with their line and field, every one in the warnings file.
+    """
     # A current database is written through its driver alone (no SQLAlchemy to load: a shorter
     # start-up); any other goes through the runtime, which migrates it first and says what is wrong.
     target = driver_target(settings_from_cli(ctx).database_url) or runtime_for(ctx, upgrade=True).engine
@@ -58,6 +66,7 @@ def import_command(
                 mapping=column_map,
                 default_type=default_type,
                 rejects_path=rejects,
+                warnings_path=warnings,
                 batch_size=batch_size,
                 progress=lambda done: progress.update(task, completed=done),
             )
@@ -72,6 +81,19 @@ def import_command(
         reasons = ", ".join(f"{field}: {n}" for field, n in sorted(report.reasons.items()))
         console.print(
             f"[yellow]{report.rejected} rejected line(s) ({reasons}) written to {report.rejects_path}[/]"
+        )
+    if report.warned:
+        for shown in report.first_warnings:
+            console.print(
+                f"line {shown.line}: {shown.field}: {shown.warning}", highlight=False, soft_wrap=True
+            )
+        fields = ", ".join(f"{field}: {n}" for field, n in sorted(report.warning_fields.items()))
+        more = report.warned - len(report.first_warnings)
+        console.print(
+            f"[yellow]{report.warned} warning(s) on stored lines ({fields})"
+            + (f", {more} not shown above," if more else "")
+            + f" written to {report.warnings_path}[/]",
+            soft_wrap=True,
         )
 
 

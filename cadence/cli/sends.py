@@ -45,14 +45,18 @@ def list_command(
         "--reason",
         help="Only sends whose last error starts with this: quiet: (held by quiet hours), cap:, spacing:, ...",
     ),
-    customer: int | None = typer.Option(None, "--customer", help="Only this customer id's sends."),
+    customer: str | None = typer.Option(
+        None,
+        "--customer",
+        help="Only this customer's sends: a user id, an anonymous id or a customer number.",
+    ),
     limit: int = typer.Option(100, "--limit", min=1, help="Show at most this many."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List sends, latest change first, with why each is where it is (deferred, dropped, capped, failed)."""
     runtime = runtime_for(ctx)
     rows = list_sends(
-        runtime.engine, status=status, campaign=campaign, reason=reason, customer_id=customer, limit=limit
+        runtime.engine, status=status, campaign=campaign, reason=reason, customer=customer, limit=limit
     )
     if as_json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -22,7 +22,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select, update
 
 from cadence.connectors.delivery import IN_DOUBT_PREFIX
-from cadence.errors import CadenceError
+from cadence.engine.identity import customer_by_ref
+from cadence.errors import CadenceError, IdentityError
 from cadence.store.db import read_connection
 from cadence.store.schema.sends import REMOVAL_STATUSES, audience_removals, sends
 
@@ -88,7 +89,7 @@ def list_sends(
     status: str | None = None,
     campaign: str | None = None,
     reason: str | None = None,
-    customer_id: int | None = None,
+    customer: str | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """Sends by status, campaign, customer and ``last_error`` prefix (the reason), latest change first.
@@ -96,6 +97,11 @@ def list_sends(
     ``reason="quiet:"`` lists the sends the dispatcher held back by quiet hours (deferred:
     ``queued``; dropped: ``suppressed``; ``expired``), ``"cap:"`` and ``"spacing:"`` those held
     by the global caps and spacing (see :mod:`cadence.connectors.dispatch_rules`).
+
+    :param customer: a user id, an anonymous id or a customer number
+        (:func:`~cadence.engine.identity.customer_by_ref`); a merged customer's sends are the
+        customer's it joined, where the merge moved them.
+    :raises IdentityError: when no customer has that id.
     """
     query = select(*_LIST_COLUMNS)
     if status is not None:
@@ -104,9 +110,14 @@ def list_sends(
         query = query.where(sends.c.campaign == campaign)
     if reason is not None:
         query = query.where(sends.c.last_error.startswith(reason))
-    if customer_id is not None:
-        query = query.where(sends.c.customer_id == customer_id)
     with read_connection(engine) as conn:
+        if customer is not None:
+            customer_id = customer_by_ref(conn, customer)
+            if customer_id is None:
+                raise IdentityError(
+                    f"customer_id: no customer with user id, anonymous id or customer number {customer!r}"
+                )
+            query = query.where(sends.c.customer_id == customer_id)
         rows = conn.execute(
             query.order_by(sends.c.updated_ms.desc(), sends.c.id.desc()).limit(limit)
         ).mappings()

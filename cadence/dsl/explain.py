@@ -282,18 +282,14 @@ def explain_from_database(
 
     from cadence.dsl.diagnostics import did_you_mean
     from cadence.engine.decision import PastSend
-    from cadence.engine.identity import canonical, resolve_customer
+    from cadence.engine.identity import customer_by_ref
     from cadence.engine.profiles import load_profile
-    from cadence.store.schema.core import customers
     from cadence.store.schema.sends import sends
 
     if campaign not in ruleset.campaigns:
         hint = did_you_mean(campaign, ruleset.campaigns)
         raise LookupError(f"no campaign named {campaign!r}" + (f"; {hint}" if hint else ""))
-    customer_id = resolve_customer(conn, customer)
-    if customer_id is None and customer.isdigit():
-        found = conn.scalar(select(customers.c.id).where(customers.c.id == int(customer)))
-        customer_id = canonical(conn, found) if found is not None else None
+    customer_id = customer_by_ref(conn, customer)
     if customer_id is None:
         raise LookupError(f"no customer with the id {customer!r}")
     profile = load_profile(conn, customer_id, now_ms=now_ms)

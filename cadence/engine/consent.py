@@ -23,11 +23,9 @@ from typing import Any
 from sqlalchemy import Connection, delete, select
 
 from cadence.channels import (
-    CONSENT_CHANNELS,
+    CONSENT_EVENT,
     Feedback,
     channel_named,
-    channel_problem,
-    describe_value,
     feedback_channel,
     feedback_kind,
 )
@@ -50,7 +48,6 @@ __all__ = [
     "consent_allows",
     "consent_changes",
     "consent_of",
-    "consent_warnings",
     "hard_bounce",
     "may_send",
 ]
@@ -100,7 +97,6 @@ def consent_allows(rows: Mapping[str, bool], channel: str, *, require_opt_in: bo
     return True
 
 
-CONSENT_EVENT = "Consent Updated"
 BOUNCE = "bounce:"  # the source prefix of a bounce, a refusal by the address, not the customer
 
 
@@ -120,7 +116,7 @@ def consent_changes(event: LoggedEvent) -> list[tuple[str, bool | None, str]]:
     [('email', False, 'bounce:webhook:sendgrid')]
 
     Channel names in another case are the channels they spell; values of the wrong type change
-    nothing (:func:`consent_warnings` names them to the sender), never a channel named ``"5"``:
+    nothing (:func:`~cadence.channels.consent_warnings` names them to the sender), never a channel named ``"5"``:
 
     >>> consent_changes(E(4, "m4", "identify", None, "u", None, 1, 0, "api",
     ...     {"traits": {"consent": ["Email", 5, ["sms"]], "unsubscribed": "true"}}))
@@ -176,137 +172,17 @@ def consent_changes(event: LoggedEvent) -> list[tuple[str, bool | None, str]]:
     return changes
 
 
-#: The ``bounce_type`` values cadence reads (in any case); absent means ``hard``.
-BOUNCE_TYPES = ("hard", "soft")
-
-
 def hard_bounce(bounce_type: object) -> bool:
     """Whether a bounce with this ``properties.bounce_type`` marks the address undeliverable.
 
     Only ``"soft"`` (in any case) does not. Absent, another word, or not a string at all, it
-    is read as hard, as a bounce without one always was (:func:`consent_warnings` names the
+    is read as hard, as a bounce without one always was (:func:`~cadence.channels.consent_warnings` names the
     unreadable ones to the sender): ``["soft"]`` is not a soft bounce's type.
 
     >>> hard_bounce(None), hard_bounce("hard"), hard_bounce("Soft"), hard_bounce(["soft"])
     (True, True, False, True)
     """
     return not (isinstance(bounce_type, str) and bounce_type.strip().lower() == "soft")
-
-
-def consent_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[str, str]]:
-    """``(field, warning)`` for each consent field of an accepted call that cadence cannot read as sent.
-
-    What :func:`consent_changes` reads: an identify's ``traits.consent`` (an object of true/false
-    per channel, or a list of channel names) and ``traits.unsubscribed`` (true/false), also under
-    ``context.traits``; a ``Consent Updated`` event's ``properties.channels``/``consent``,
-    ``channel`` with ``granted``, and ``source``; a bounce's ``properties.bounce_type``. A value
-    of the wrong type changes nothing and was ignored without a word; the event is stored all
-    the same, and this says what it will not do. Channel names are checked by
-    :func:`cadence.channels.channel_problem` (another case is read as the channel it spells).
-
-    >>> consent_warnings({"traits": {"consent": {"email": "no"}, "unsubscribed": "true"}}, "identify")
-    [('traits.consent.email', "a string ('no'), not true or false: consent for email is left as it was"), ('traits.unsubscribed', "a string ('true'), not true or false: consent is left as it was")]
-    >>> consent_warnings({"event": "Email Bounced", "properties": {"bounce_type": ["soft"]}}, "track")
-    [('properties.bounce_type', "an array (['soft']), not 'hard' or 'soft': read as a hard bounce, which marks the address undeliverable until a new one")]
-    >>> consent_warnings({"traits": {"consent": {"email": True}}}, "identify")
-    []
-    """
-    found: list[tuple[str, str]] = []
-    if call_type == "identify":
-        context = payload.get("context")
-        for where, traits in (
-            ("context.traits", context.get("traits") if isinstance(context, Mapping) else None),
-            ("traits", payload.get("traits")),
-        ):
-            if isinstance(traits, Mapping):
-                found += _granted_warnings(f"{where}.consent", traits.get("consent"), lists=True)
-                unsubscribed = traits.get("unsubscribed")
-                if unsubscribed is not None and not isinstance(unsubscribed, bool):
-                    found.append(
-                        (
-                            f"{where}.unsubscribed",
-                            f"{describe_value(unsubscribed)}, not true or false: consent is left as it was",
-                        )
-                    )
-        return found
-    properties = payload.get("properties")
-    if call_type != "track" or not isinstance(properties, Mapping):
-        return found
-    event = payload.get("event")
-    if event == CONSENT_EVENT:
-        for key in ("channels", "consent"):
-            found += _granted_warnings(f"properties.{key}", properties.get(key), lists=False)
-        channel, granted = properties.get("channel"), properties.get("granted")
-        if channel is not None or granted is not None:
-            found += _channel_warning("properties.channel", channel, _LEFT)
-            if not isinstance(granted, bool):
-                found.append(("properties.granted", f"{describe_value(granted)}, not true or false: {_LEFT}"))
-        source = properties.get("source")
-        if source is not None and not isinstance(source, str):
-            found.append(
-                (
-                    "properties.source",
-                    f"{describe_value(source)}, not a text: the change is recorded with the event's source",
-                )
-            )
-    elif isinstance(event, str) and feedback_kind(event) is Feedback.BOUNCED:
-        bounce_type = properties.get("bounce_type")
-        if bounce_type is not None and (
-            not isinstance(bounce_type, str) or bounce_type.strip().lower() not in BOUNCE_TYPES
-        ):
-            shown = (
-                describe_value(bounce_type) + ","
-                if not isinstance(bounce_type, str)
-                else f"{bounce_type[:80]!r} is"
-            )
-            found.append(
-                (
-                    "properties.bounce_type",
-                    f"{shown} not 'hard' or 'soft': read as a hard bounce, which marks the address "
-                    "undeliverable until a new one",
-                )
-            )
-    return found
-
-
-_LEFT = "properties.channel and properties.granted change nothing"
-
-
-def _granted_warnings(field: str, value: object, *, lists: bool) -> list[tuple[str, str]]:
-    """Warnings for a consent object (``{channel: true|false}``), or with ``lists`` also a list of channels."""
-    if value is None:
-        return []
-    found: list[tuple[str, str]] = []
-    if isinstance(value, Mapping):
-        for channel, granted in value.items():
-            found += _channel_warning(f"{field}.{channel}", channel, "ignored")
-            if not isinstance(granted, bool):
-                found.append(
-                    (
-                        f"{field}.{channel}",
-                        f"{describe_value(granted)}, not true or false: consent for "
-                        f"{channel_named(channel)} is left as it was",
-                    )
-                )
-        return found
-    if lists and isinstance(value, list):
-        for index, channel in enumerate(value):
-            found += _channel_warning(f"{field}.{index}", channel, "ignored")
-        return found
-    shape = 'an object such as {"email": true}' + (' or a list such as ["email"]' if lists else "")
-    return [(field, f"{describe_value(value)}, not {shape}: consent is left as it was")]
-
-
-def _channel_warning(field: str, channel: object, ignored: str) -> list[tuple[str, str]]:
-    """The warning for a channel name given for consent, if any: ``ignored`` says what a non-text does."""
-    problem = channel_problem(channel, CONSENT_CHANNELS)
-    if problem is None:
-        return []
-    if not isinstance(channel, str) or not channel:
-        return [(field, f"{problem}: {ignored}")]
-    if channel_named(channel) != channel:
-        return [(field, problem)]  # read as the channel it spells, and said
-    return [(field, f"{problem}: it refuses or allows no channel cadence sends on")]
 
 
 class ConsentSubscriber:

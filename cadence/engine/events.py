@@ -8,16 +8,35 @@ A malformed call raises :class:`~cadence.errors.EventError` naming the field.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 
-from cadence.channels import describe_value
+from cadence.channels import (
+    CONSENT_EVENT,
+    FEEDBACK_EVENTS,
+    consent_warnings,
+    describe_value,
+    feedback_warnings,
+)
+from cadence.clock import valid_zone, zone_warnings
 from cadence.errors import EventError
 
-__all__ = ["CALL_TYPES", "LoggedEvent", "NewEvent", "context_warnings", "parse_call", "parse_timestamp"]
+__all__ = [
+    "CALL_TYPES",
+    "LoggedEvent",
+    "NewEvent",
+    "call_warnings",
+    "context_warnings",
+    "may_warn",
+    "parse_call",
+    "parse_timestamp",
+]
 
 CALL_TYPES = ("track", "identify", "alias", "page", "screen", "group")
 MAX_ID = 200
@@ -335,3 +354,110 @@ def context_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[s
                 (f"context.{part}", f"{describe_value(value)}, not an object: read as no {part} ({what})")
             )
     return found
+
+
+def call_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[str, str]]:
+    """``(field, warning)`` for what an accepted call gives that cadence cannot use as sent.
+
+    A time zone the profile cannot read, a feedback event's decision id, channel or campaign of
+    the wrong shape, a consent field or bounce type of the wrong type, a channel name cadence does
+    not know, a part of ``context`` the spec makes an object sent as something else. The call is
+    stored all the same; ``POST /v1/track`` and the other calls, ``/v1/batch`` and ``cadence
+    import`` say each of these to the sender, naming the field.
+
+    >>> call_warnings({"event": "Email Bounced", "properties": {"bounce_type": "Hard", "campaign": 7},
+    ...                "context": {"timezone": "Mars/Olympus"}}, "track")  # doctest: +NORMALIZE_WHITESPACE
+    [('context.timezone', "'Mars/Olympus' is not an IANA time zone (such as Europe/Berlin): the customer's zone is left as it was"),
+     ('properties.campaign', 'a number (7), not a campaign name: the event is stored and counted under no campaign')]
+    """
+    return (
+        context_warnings(payload, call_type)
+        + zone_warnings(payload, call_type)
+        + feedback_warnings(payload, call_type)
+        + consent_warnings(payload, call_type)
+    )
+
+
+#: Track events whose properties :func:`call_warnings` reads (feedback, consent).
+_PROPERTIES_READ = frozenset(FEEDBACK_EVENTS) | {CONSENT_EVENT}
+#: A part of ``context`` :func:`context_warnings` reads, given something other than an object or
+#: null (a key of that name elsewhere matches too: the test only has to miss nothing).
+_CONTEXT_PART_NOT_OBJECT = re.compile(r'"(?:traits|campaign|page)"\s*:\s*[^{n\s]')
+
+
+#: A ``timezone`` key and its value when it is a text or null (an escape in the text has sent the
+#: line to the full check already, so a text ends at the next quote).
+_ZONE = re.compile(r'"timezone"\s*:\s*("[^"]*"|null)?')
+
+
+def _unreadable_zone(text: str) -> bool:
+    """Whether a ``timezone`` in ``text`` is not a zone :func:`~cadence.clock.valid_zone` reads.
+
+    Browser libraries give ``context.timezone`` on every call: a valid one must not cost the
+    line a full check.
+
+    >>> _unreadable_zone('{"context":{"timezone":"Europe/Berlin"}}'), _unreadable_zone('{"timezone":5}')
+    (False, True)
+    """
+    start = text.find('"timezone":"') + 12
+    if start > 11 and text.count('"timezone"') == 1:  # the common case, read without a regex
+        return _unreadable_zone_value(text[start - 1 : text.find('"', start) + 1])
+    return any(_unreadable_zone_value(match.group(1)) for match in _ZONE.finditer(text))
+
+
+@lru_cache(maxsize=1024)
+def _unreadable_zone_value(value: str | None) -> bool:
+    """Whether a ``timezone`` value as :data:`_ZONE` captures it (None: neither text nor null) warns."""
+    return value is None or (value != "null" and valid_zone(value[1:-1]) is None)
+
+
+class _Properties(msgspec.Struct, gc=False):
+    """A payload's ``properties`` as its JSON text (the rest skipped, not decoded)."""
+
+    properties: msgspec.Raw = msgspec.Raw()
+
+
+_properties_of = msgspec.json.Decoder(_Properties).decode
+
+
+def may_warn(payload_json: str, call_type: str, event: str | None) -> bool:
+    """False when :func:`call_warnings` surely finds nothing in the call stored as ``payload_json``.
+
+    A test on the stored payload's JSON text for every key a warning reads (an escape in the text
+    could spell any of them), a fourth of the cost of decoding it and checking: an import asks it
+    of every line it took the fast path for, and decodes and checks only the lines it lets
+    through. A feedback event's keys are looked for in its ``properties`` alone (a context's
+    ``campaign`` is not the feedback's), and a time zone is read (a valid one warns of nothing). A warning added to :func:`call_warnings` adds its key
+    here; ``tests/engine/test_import_warnings.py`` imports a line for each warning.
+
+    >>> may_warn('{"context":{"campaign":{"name":"spring"}},"properties":{"revenue":5}}', "track", "Email Opened")
+    False
+    >>> may_warn('{"context":{"campaign":"spring"},"properties":{}}', "track", "Order Completed")
+    True
+    >>> may_warn('{"properties":{"channel":"Email"}}', "track", "Message Clicked")
+    True
+    """
+    if "\\" in payload_json:
+        return True
+    if '"timezone"' in payload_json and _unreadable_zone(payload_json):
+        return True
+    if _CONTEXT_PART_NOT_OBJECT.search(payload_json):
+        return True
+    if call_type == "identify":
+        return '"consent"' in payload_json or '"unsubscribed"' in payload_json
+    if call_type != "track" or event not in _PROPERTIES_READ:
+        return False
+    if event == CONSENT_EVENT:
+        return True
+    if not _has_feedback_key(payload_json):
+        return False
+    try:
+        properties = _properties_of(payload_json).properties
+    except msgspec.DecodeError:
+        return True
+    return _has_feedback_key(bytes(properties).decode())
+
+
+def _has_feedback_key(text: str) -> bool:
+    """Whether ``text`` holds a key a feedback warning reads (written out: the import calls it per line)."""
+    return '"campaign"' in text or '"channel"' in text or '"decision_id"' in text or '"bounce_type"' in text

@@ -25,7 +25,14 @@ from cadence.store.fast import (
 )
 from cadence.store.schema.core import customers, identities
 
-__all__ = ["IdentityResolver", "canonical", "canonical_of", "identities_of", "resolve_customer"]
+__all__ = [
+    "IdentityResolver",
+    "canonical",
+    "canonical_of",
+    "customer_by_ref",
+    "identities_of",
+    "resolve_customer",
+]
 
 
 def canonical_of(parents: Mapping[int, int | None], customer_id: int) -> int:
@@ -61,6 +68,21 @@ def resolve_customer(conn: Connection, ref: str) -> int | None:
         if found is not None:
             return canonical(conn, found)
     return None
+
+
+def customer_by_ref(conn: Connection, ref: str) -> int | None:
+    """The customer behind a user id, an anonymous id or a customer number, or None.
+
+    What an operator types (the dashboard, ``cadence explain --customer``, ``GET /v1/sends``):
+    the ids :func:`resolve_customer` reads for ``POST /v1/decisions`` first, so a user id made
+    of digits means that user, then the number cadence gave the customer (``customer_id`` in
+    the decisions' answers). A merged customer is followed to the one it joined.
+    """
+    found = resolve_customer(conn, ref)
+    if found is None and ref.isdigit():
+        row = conn.scalar(select(customers.c.id).where(customers.c.id == int(ref)))
+        found = canonical(conn, row) if row is not None else None
+    return found
 
 
 def identities_of(conn: Connection, customer_id: int) -> list[tuple[str, str]]:

@@ -4,7 +4,10 @@ Lines are read in groups of ``batch_size``; each group's good lines are appended
 transaction, written in pieces by a writer thread while the next piece is parsed. Bad
 lines are reported with their line number and reason and never stop the import. A
 re-run of the same file appends nothing twice (``messageId``, or the content hash of a
-line without one).
+line without one). A good line that gives a field cadence cannot use as sent (an unusable
+``bounce_type``, a consent value of the wrong type, a channel name in another case, ...) is
+stored and reported with its line number and field, as the API's ``warnings`` say them
+(:func:`~cadence.engine.events.call_warnings`).
 
 An NDJSON line in the common shape takes the fast path of :mod:`cadence.engine.fastcall`
 (one typed decode, the payload kept as the line's JSON text); any other line, and every
@@ -30,12 +33,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from cadence.clock import now_ms
-from cadence.engine.events import NewEvent, parse_call
+from cadence.engine.events import NewEvent, call_warnings, may_warn, parse_call
 from cadence.engine.fastcall import text_rows
 from cadence.engine.ingest import (
     PG_ANNOUNCE_SESSION,
@@ -51,7 +54,7 @@ from cadence.store.driver import DriverTarget, begin_sqlite_write
 if TYPE_CHECKING:  # not imported at run time: ``cadence import`` may run without SQLAlchemy
     from sqlalchemy import Engine
 
-__all__ = ["ImportReport", "import_file", "parse_mapping"]
+__all__ = ["ImportReport", "ImportWarning", "import_file", "parse_mapping"]
 
 #: SQLite page cache of the importing connection, in KiB (it stays with that pooled connection).
 SQLITE_IMPORT_CACHE_KIB = 131_072
@@ -65,6 +68,8 @@ PIECE_LINES = 10_000
 MAX_PIECES = 32
 #: PostgreSQL: connections (server processes) writing groups at once (see :class:`_PgWriters`).
 PG_WRITERS = 2
+#: Warnings an :class:`ImportReport` keeps to show; every one is in the warnings file.
+SHOWN_WARNINGS = 20
 
 SEGMENT_FIELDS = {
     "type",
@@ -82,6 +87,14 @@ SEGMENT_FIELDS = {
 }
 
 
+class ImportWarning(NamedTuple):
+    """A field of a stored line that cadence cannot use as sent (the API's ``warnings``)."""
+
+    line: int  # the file's line (NDJSON) or record's first line (CSV)
+    field: str
+    warning: str
+
+
 @dataclass
 class ImportReport:
     """What an import did."""
@@ -92,6 +105,10 @@ class ImportReport:
     rejected: int = 0
     rejects_path: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    warned: int = 0  # warnings, on lines that were stored (a line may have several)
+    warnings_path: Path | None = None  # every warning, one JSON object a line
+    warning_fields: dict[str, int] = field(default_factory=dict)  # warnings by field
+    first_warnings: list[ImportWarning] = field(default_factory=list)  # the first SHOWN_WARNINGS
 
 
 def parse_mapping(pairs: list[str]) -> dict[str, str]:
@@ -618,20 +635,28 @@ def import_file(
     mapping: dict[str, str] | None = None,
     default_type: str = "track",
     rejects_path: Path | None = None,
+    warnings_path: Path | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     source: str = "import",
     progress: Callable[[int], None] | None = None,
 ) -> ImportReport:
     """Import ``path`` (``.ndjson``/``.jsonl`` or ``.csv``, or as ``fmt`` says).
 
+    :param rejects_path: where rejected lines go (default ``FILE.rejects.ndjson``; written only if any).
+    :param warnings_path: where the warnings on stored lines go (default ``FILE.warnings.ndjson``;
+        written only if any), each with its line number and field.
     :param batch_size: lines per group; each group's good lines are committed together.
     :param progress: called with the number of bytes read so far after each piece of a group.
     """
     fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
     if fmt not in ("csv", "ndjson"):
         raise ValueError(f"unknown format {fmt!r}: use csv or ndjson")
-    report = ImportReport(rejects_path=rejects_path or path.with_name(path.name + ".rejects.ndjson"))
+    report = ImportReport(
+        rejects_path=rejects_path or path.with_name(path.name + ".rejects.ndjson"),
+        warnings_path=warnings_path or path.with_name(path.name + ".warnings.ndjson"),
+    )
     rejects: IO[bytes] | None = None
+    warnings_file: IO[bytes] | None = None
     received = now_ms()
     reasons = report.reasons
 
@@ -655,12 +680,29 @@ def import_file(
             + b"\n"
         )
 
+    def warn(number: int, payload: Any, call_type: str) -> None:
+        """Report what ``payload``, stored from line ``number``, gives that cadence cannot use."""
+        nonlocal warnings_file
+        found = call_warnings(payload, call_type)
+        if not found:
+            return
+        if warnings_file is None:
+            assert report.warnings_path is not None
+            warnings_file = report.warnings_path.open("wb")
+        fields = report.warning_fields
+        for where, warning in found:
+            report.warned += 1
+            fields[where] = fields.get(where, 0) + 1
+            if len(report.first_warnings) < SHOWN_WARNINGS:
+                report.first_warnings.append(ImportWarning(number, where, warning))
+            warnings_file.write(orjson.dumps({"line": number, "field": where, "warning": warning}) + b"\n")
+
     postgres = _Target(engine).postgres
     loads = orjson.loads
     fast_options: dict[str, Any] = {"default_type": default_type, "received_ms": received, "source": source}
 
-    def general(raw: bytes, parsed: Any) -> TextRow | None:
-        """The general path: decode (NDJSON), validate, and the row; None for a blank line."""
+    def general(number: int, raw: bytes, parsed: Any) -> TextRow | None:
+        """The general path: decode (NDJSON), validate, warn, and the row; None for a blank line."""
         if parsed is None:
             try:
                 parsed = loads(raw)
@@ -675,6 +717,7 @@ def import_file(
         event = parse_call(parsed, received_ms=received, source=source)
         if postgres and (b"\\u0000" in raw or b"\x00" in raw):
             _storable(event)
+        warn(number, parsed, event.type)
         return (
             event.message_id,
             event.type,
@@ -695,13 +738,15 @@ def import_file(
         for (number, raw, parsed), row in zip(piece, fast, strict=False):
             if row is None:
                 try:
-                    row = general(raw, parsed)
+                    row = general(number, raw, parsed)
                 except EventError as exc:
                     reject(number, raw, exc)
                     continue
                 if row is None:
                     blank += 1
                     continue
+            elif may_warn(row[8], row[1], row[2]):  # the fast path decoded no payload: only these are
+                warn(number, {**loads(row[8]), "event": row[2]}, row[1])
             good.append(row)
         report.lines += len(piece) - blank
         return good
@@ -737,8 +782,12 @@ def import_file(
                     gc.enable()
                 if rejects is not None:
                     rejects.close()
+                if warnings_file is not None:
+                    warnings_file.close()
     report.accepted = writer.accepted
     report.duplicates = report.lines - report.rejected - report.accepted
     if report.rejected == 0:
         report.rejects_path = None
+    if report.warned == 0:
+        report.warnings_path = None
     return report

@@ -18,15 +18,14 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from operator import itemgetter
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import orjson
 from sqlalchemy import Connection, delete, select
 
 from cadence.channels import FEEDBACK_EVENTS, feedback_aggregate, feedback_of
+from cadence.clock import valid_zone
 from cadence.engine.consent import consent_of, undeliverable
 from cadence.engine.events import LoggedEvent
 from cadence.runtime import Runtime
@@ -98,58 +97,6 @@ def counted_names(name: str, properties: Mapping[str, Any]) -> list[str]:
     if feedback is None:
         return [name]
     return [name, feedback_aggregate(feedback[0], feedback[1].value)]
-
-
-def valid_zone(name: Any) -> str | None:
-    """``name`` as an IANA time zone, spelled as the database spells it (whatever the case), else None.
-
-    >>> valid_zone("Europe/Berlin"), valid_zone("america/new_york"), valid_zone("Mars/Olympus")
-    ('Europe/Berlin', 'America/New_York', None)
-    """
-    if not isinstance(name, str) or not name:
-        return None
-    if _zone_exists(name):
-        return name
-    return _zones_by_lower().get(name.strip().lower())
-
-
-@lru_cache(maxsize=1)
-def _zones_by_lower() -> dict[str, str]:
-    return {zone.lower(): zone for zone in available_timezones()}
-
-
-def zone_warnings(payload: Mapping[str, Any], call_type: str) -> list[tuple[str, str]]:
-    """``(field, warning)`` for each time zone a call gives that the profile cannot use (it keeps its zone).
-
-    What the profile reads: an identify's ``traits.timezone``, any call's ``context.timezone``.
-
-    >>> zone_warnings({"traits": {"timezone": "Mars/Olympus"}, "context": {"timezone": "UTC"}}, "identify")
-    [('traits.timezone', "'Mars/Olympus' is not an IANA time zone (such as Europe/Berlin): the customer's zone is left as it was")]
-    >>> zone_warnings({"context": {"timezone": "europe/berlin"}}, "track")
-    []
-    """
-    found: list[tuple[str, str]] = []
-    for field_name, bag in (("traits", payload.get("traits")), ("context", payload.get("context"))):
-        if field_name == "traits" and call_type != "identify":
-            continue
-        zone = bag.get("timezone") if isinstance(bag, Mapping) else None
-        if zone is not None and valid_zone(zone) is None:
-            found.append(
-                (
-                    f"{field_name}.timezone",
-                    f"{zone!r} is not an IANA time zone (such as Europe/Berlin): the customer's zone is left as it was",
-                )
-            )
-    return found
-
-
-@lru_cache(maxsize=1024)
-def _zone_exists(name: str) -> bool:
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
 
 
 def _json(value: Any) -> dict[str, Any]:

@@ -92,3 +92,30 @@ def test_export_and_erasure_take_the_moved_sends_with_the_person(api: Api, runti
     assert api.client.delete("/v1/customers/a1", headers=api.keys["admin"]).status_code == 200
     with runtime.engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(sends)) == 0
+
+
+def test_the_sends_listing_takes_the_ids_decisions_take(api: Api) -> None:
+    """``GET /v1/sends?customer_id=`` took only the customer number; a user or anonymous id, which
+    ``POST /v1/decisions`` takes, was a 422. It resolves them alike, and follows a merge."""
+
+    def listed(ref: str, status: int = 200) -> Any:
+        r = api.client.get("/v1/sends", params={"customer_id": ref}, headers=api.keys["admin"])
+        assert r.status_code == status, (ref, r.text)
+        return r.json()
+
+    api.identify(anonymousId="a1", traits={"name": "Anon"})
+    sent = api.decide("a1", mode="commit")
+    visitor = sent["customer_id"]
+    (row,) = listed("a1")["sends"]
+    assert (row["campaign"], row["customer_id"]) == (sent["campaign"], visitor)
+    assert listed(str(visitor))["sends"] == [row]  # the number still works
+    user = api.decide("u1")["customer_id"]
+    assert listed("u1")["sends"] == []
+    stitch(api, "identify")
+    # The merge moved the send to u1: every id of the customer, and the visitor's old number, list it.
+    for ref in ("u1", "a1", str(user), str(visitor)):
+        assert [(r["id"], r["customer_id"]) for r in listed(ref)["sends"]] == [(row["id"], user)], ref
+    for unknown in ("nobody", "987654"):
+        assert listed(unknown, 404)["detail"] == (
+            f"customer_id: no customer with user id, anonymous id or customer number {unknown!r}"
+        )

@@ -299,3 +299,62 @@ def test_holdout_lift_counts_the_blocks_conversion_event(
         until=date(2026, 1, 31),
     )
     assert page["spec"] == "signups" and seen == ["Signed Up"]
+
+
+RESCUE = """
+campaign rescue "Rescue big carts" {
+    trigger   on "Cart Abandoned" where event.value ?? 0 >= 50
+    audience  count("Cart Abandoned") >= 0
+    unless    "Order Completed" within 1h
+    send      template "cart_reminder"
+    channel   email
+}
+"""
+
+
+def test_decisions_page_names_each_conditions_clause(runtime: Runtime, tmp_path: Path) -> None:
+    # The explanation's conditions carry their clause ("stage"); the page showed every condition
+    # alike, so "yes: "Order Completed" within 1h = False" read as if the purchase were required.
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rescue.cadence").write_text(RESCUE)
+    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
+    app = create_app(runtime=runtime, background=False)
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
+        shopper = {
+            "type": "identify",
+            "userId": "shopper",
+            "messageId": "s1",
+            "traits": {"email": "s@example.com"},
+        }
+        assert client.post("/v1/batch", json={"batch": [shopper]}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+        runtime.extensions["rules"].reload().raise_for_errors()
+        decide = {"X-API-Key": create_key(engine, name="decide", scopes=["decide"])}
+        body = {
+            "customer_id": "shopper",
+            "mode": "commit",
+            "event": {"event": "Cart Abandoned", "properties": {"value": 80}},
+        }
+        decided = client.post("/v1/decisions", json=body, headers=decide)
+        assert decided.status_code == 200 and decided.json()["action"] == "send", decided.text
+        stages = [c["stage"] for c in decided.json()["explanation"]["conditions"]["rescue"]]
+        assert set(stages) == {"where", "audience", "unless"}, stages
+
+        page = client.get(
+            "/ui/decisions",
+            params={"key": create_key(engine, name="v", scopes=["ingest"]), "customer": "shopper"},
+        )
+        assert page.status_code == 200
+        conditions = page.text[page.text.index('class="conditions"') :]
+        for words, text in (
+            ("trigger condition", "event.value ?? 0 &gt;= 50"),
+            ("audience", "count(&#34;Cart Abandoned&#34;) &gt;= 0"),
+            ("unless", "&#34;Order Completed&#34; within 1h"),
+        ):
+            assert re.search(
+                rf'yes: <span class="pill clause" title="[^"]+">{words}</span> <code>{re.escape(text)}</code>',
+                conditions,
+            ), (words, conditions[:2000])

@@ -363,6 +363,7 @@ async def test_an_operator_sees_why_a_send_waits(
     from cadence.api.app import create_app
     from cadence.api.security import create_key
     from cadence.cli import app
+    from cadence.errors import IdentityError
 
     cid = customer(db_engine, "ada")
     now = at("2026-03-28T23:10")
@@ -379,6 +380,13 @@ async def test_an_operator_sees_why_a_send_waits(
     assert "deferred to 2026-03-29 08:00 CEST" in row["last_error"]
     table = CliRunner().invoke(app, ["sends", "list", "--status", "sent"], env=env)
     assert table.exit_code == 0 and "gone" in table.output and "night_defer" not in table.output
+    # --customer takes the user id, as POST /v1/decisions does, or the customer number.
+    for ref in ("ada", str(cid)):
+        mine = CliRunner().invoke(app, ["sends", "list", "--customer", ref, "--json"], env=env)
+        assert mine.exit_code == 0, mine.output
+        assert sorted(r["campaign"] for r in orjson.loads(mine.output)) == ["gone", "night_defer"]
+    nobody = CliRunner().invoke(app, ["sends", "list", "--customer", "nobody"], env=env)
+    assert isinstance(nobody.exception, IdentityError) and "'nobody'" in str(nobody.exception)
 
     settings = Settings(database_url=url, disable_plugin_autoload=True, _env_file=None)  # type: ignore[call-arg]
     web = create_app(runtime=open_runtime(settings, engine=db_engine), background=False)

@@ -19,12 +19,9 @@ from pydantic import BaseModel
 
 from cadence.api.cors import PathCORS
 from cadence.api.security import Principal, check_key, presented_key
-from cadence.channels import feedback_warnings
 from cadence.clock import now_ms
-from cadence.engine.consent import consent_warnings
-from cadence.engine.events import NewEvent, context_warnings, parse_call
+from cadence.engine.events import NewEvent, call_warnings, parse_call
 from cadence.engine.ingest import IngestResult, record_events
-from cadence.engine.profiles import zone_warnings
 from cadence.errors import EventError, PayloadTooLarge
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
@@ -85,19 +82,6 @@ class Rejected(BaseModel):
     error: str
 
 
-def _warnings(payload: Any, call_type: str) -> list[tuple[str, str]]:
-    """``(field, warning)`` for what an accepted call gives that cadence cannot use as sent: a time
-    zone the profile cannot read, a feedback event's decision id, channel or campaign of the wrong
-    shape, a consent field or bounce type of the wrong type, a channel name cadence does not know,
-    a part of ``context`` the spec makes an object sent as something else."""
-    return (
-        context_warnings(payload, call_type)
-        + zone_warnings(payload, call_type)
-        + feedback_warnings(payload, call_type)
-        + consent_warnings(payload, call_type)
-    )
-
-
 async def _body(request: Request, limit: int) -> Any:
     raw = await request.body()
     if len(raw) > limit:
@@ -125,7 +109,7 @@ def _single(call_type: str) -> Any:
         body = await _body(request, request.app.state.settings.max_call_bytes)
         event = parse_call(body, received_ms=now_ms(), call_type=call_type)
         result = await _store(request, [event], "api")
-        warned = [IngestWarning(field=f, warning=w) for f, w in _warnings(body, call_type)]
+        warned = [IngestWarning(field=f, warning=w) for f, w in call_warnings(body, call_type)]
         return IngestResponse(accepted=result.accepted, duplicates=result.duplicates, warnings=warned or None)
 
     endpoint.__name__ = f"ingest_{call_type}"
@@ -173,7 +157,7 @@ async def ingest_batch(request: Request, _principal: IngestPrincipal) -> JSONRes
         except EventError as exc:
             rejected.append({"index": index, "field": exc.field, "error": str(exc)})
             continue
-        for where, warning in _warnings(item, str(item.get("type"))):
+        for where, warning in call_warnings(item, str(item.get("type"))):
             warned.append({"index": index, "field": f"batch.{index}.{where}", "warning": warning})
     result = await _store(request, good, "api")
     content: dict[str, Any] = {

@@ -18,7 +18,7 @@ from cadence.connectors.operator import (
     requeue_removals,
     requeue_sends,
 )
-from cadence.errors import CadenceError
+from cadence.errors import CadenceError, IdentityError
 
 router = APIRouter(prefix="/v1/sends", tags=["sends"])
 
@@ -37,16 +37,23 @@ async def list_route(
     status: str | None = None,
     campaign: str | None = None,
     reason: str | None = None,
-    customer_id: int | None = None,
+    customer_id: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> dict[str, Any]:
-    """Sends, latest change first; ``reason`` is a ``last_error`` prefix (``quiet:``, ``cap:``, ``spacing:``)."""
+    """Sends, latest change first; ``reason`` is a ``last_error`` prefix (``quiet:``, ``cap:``, ``spacing:``).
+
+    ``customer_id`` is a user id or an anonymous id, as ``POST /v1/decisions`` takes, or the
+    customer number its answers give; 404 when no customer has it.
+    """
     engine = request.app.state.runtime.engine
-    rows = await run_in_threadpool(
-        lambda: list_sends(
-            engine, status=status, campaign=campaign, reason=reason, customer_id=customer_id, limit=limit
+    try:
+        rows = await run_in_threadpool(
+            lambda: list_sends(
+                engine, status=status, campaign=campaign, reason=reason, customer=customer_id, limit=limit
+            )
         )
-    )
+    except IdentityError as exc:
+        raise HTTPException(404, detail=str(exc)) from exc
     return {"sends": rows}
 
 

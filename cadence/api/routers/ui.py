@@ -64,6 +64,18 @@ SECURITY_HEADERS = {
 }
 
 
+#: How a condition's clause (an explanation's ``stage``, see docs/decisions.md) is named on the pages, with
+#: the hint shown on hover: in the words of the rule language, which is what the marketer wrote.
+CLAUSES = {
+    "audience": ("audience", "the campaign's audience: who may receive it"),
+    "where": ("trigger condition", "the where of the campaign's trigger: what the triggering event must be"),
+    "unless": (
+        "unless",
+        "holds the campaign back when it holds: it lets the campaign through (yes) when it is false",
+    ),
+}
+
+
 class _LoginRequired(Exception):
     def __init__(self, response: Response) -> None:
         self.response = response
@@ -105,6 +117,7 @@ def setup(app: FastAPI) -> None:
     env.filters["ms"] = _fmt_ms
     env.filters["num"] = _num
     env.filters["pct"] = _pct
+    env.globals["clauses"] = CLAUSES
     app.state.ui_templates = env
     app.state.ui_secret = None
     app.state.ui_cache = {}
