@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cadence.api.app import create_app
@@ -164,12 +165,18 @@ campaign promo "Spring promo" {
 """
 
 
-def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) -> None:
+def app_with_rules(runtime: Runtime, tmp_path: Path, **files: str) -> FastAPI:
+    """An app serving ``files`` (name -> rule text) as its rules."""
     rules = tmp_path / "rules"
     rules.mkdir()
-    (rules / "promo.cadence").write_text(PROMO)
+    for name, text in files.items():
+        (rules / f"{name}.cadence").write_text(text)
     runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
-    app = create_app(runtime=runtime, background=False)
+    return create_app(runtime=runtime, background=False)
+
+
+def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) -> None:
+    app = app_with_rules(runtime, tmp_path, promo=PROMO)
     with TestClient(app) as client:
         engine = runtime.engine
         ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
@@ -315,11 +322,7 @@ campaign rescue "Rescue big carts" {
 def test_decisions_page_names_each_conditions_clause(runtime: Runtime, tmp_path: Path) -> None:
     # The explanation's conditions carry their clause ("stage"); the page showed every condition
     # alike, so "yes: "Order Completed" within 1h = False" read as if the purchase were required.
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "rescue.cadence").write_text(RESCUE)
-    runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
-    app = create_app(runtime=runtime, background=False)
+    app = app_with_rules(runtime, tmp_path, rescue=RESCUE)
     with TestClient(app) as client:
         engine = runtime.engine
         ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
