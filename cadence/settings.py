@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     scheduler_prefilter: bool = True
     scheduler_rules_poll_seconds: float = Field(default=5.0, gt=0)
     # Processes that do not lead reload the latest learner snapshot this often.
-    learner_refresh_seconds: float = Field(default=30.0, gt=0)
+    learner_refresh_seconds: float = Field(default=10.0, gt=0)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
 
     # Compaction of derived state (leader only; `cadence db compact` runs it by hand).

@@ -377,6 +377,35 @@ class LearnerSubscriber:
                     learner.forget(customer_id)
         return self.learner.position
 
+    def refresh_pinned(self, conn: Connection) -> bool:
+        """Serve the snapshot pinned now, or the live learner if none is; whether that changed.
+
+        ``cadence models pin``, ``rollback`` and ``unpin`` write the pin in the database. A process
+        that does not lead loaded it with the rest (:meth:`start`); the one that leads, whose live
+        learner must not be reloaded, takes only the pin (the ``follow`` job). Before, the leading
+        process, the only one of a default ``cadence serve``, served a rollback only after a restart.
+        """
+        marker = snapshot_marker(conn, name=self.name)
+        loaded = self.loaded_marker
+        if loaded is not None and marker[1] == loaded[1]:
+            return False
+        pinned = None
+        if marker[1] is not None:
+            pinned = self._adopted(
+                load_snapshot(conn, name=self.name, pinned=True), what="pinned", relearn=False
+            )
+            if pinned is not None:  # erased customers the scrub job has not taken out of it yet
+                for customer_id in conn.execute(select(learner_scrubs.c.customer_id)).scalars():
+                    pinned.forget(customer_id)
+        self.pinned = pinned
+        self.loaded_marker = (marker[0] if loaded is None else loaded[0], marker[1])
+        log.info(
+            "learner %r: serving %s",
+            self.name,
+            f"the pinned snapshot {marker[1]}" if pinned is not None else "the live learner",
+        )
+        return True
+
     def _adopted(self, stored: DecisionLearner | None, *, what: str, relearn: bool) -> DecisionLearner | None:
         """``stored`` with the configured decision-time values; None to learn again from the log."""
         if stored is None:

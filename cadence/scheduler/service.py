@@ -591,7 +591,7 @@ class SchedulerService:
     :meth:`PushScheduler.tick`, which does whatever is owed), ``rules`` (reload the
     rule files when they change and re-sync the jobs), ``expire-sends``, ``compact``
     (compaction of derived state) and, when the learners run in this process,
-    ``learner-snapshot`` (the leader) and ``follow`` (the others reload the latest snapshot).
+    ``learner-snapshot`` (the leader) and ``follow`` (every process serves the pinned snapshot; the others reload the latest).
     """
 
     def __init__(
@@ -603,8 +603,8 @@ class SchedulerService:
         rules_poll_seconds: float = 5.0,
         snapshot: Callable[[], Any] | None = None,
         snapshot_seconds: float = 3600.0,
-        follow: Callable[[], Any] | None = None,
-        follow_seconds: float = 30.0,
+        follow: Callable[[bool], Any] | None = None,
+        follow_seconds: float = 10.0,
         compact: Callable[[], Any] | None = None,
         compact_seconds: float = 3600.0,
         scrub: Callable[[], Any] | None = None,
@@ -710,8 +710,8 @@ class SchedulerService:
 
     def _follow(self) -> None:
         try:
-            if self.follow is not None and not self.leadership.acquire():
-                self.follow()
+            if self.follow is not None:
+                self.follow(self.leadership.acquire())
         except Exception:
             log.exception("refreshing from the leader's state failed")
 
@@ -764,7 +764,7 @@ class SchedulerService:
                 "interval",
                 seconds=self.follow_seconds,
                 id="follow",
-                name="reload the latest learner snapshot (processes that do not lead)",
+                name="serve the pinned learner snapshot; reload the latest (processes that do not lead)",
             )
         if self.scrub is not None:
             self.scheduler.add_job(

@@ -102,11 +102,16 @@ def setup(app: FastAPI) -> None:
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
             learners.snapshot(conn, now_ms=runtime.clock.now_ms())
 
-    def follow() -> None:
-        # A process that does not lead serves decisions from the leader's latest snapshot.
+    def follow(leading: bool) -> None:
+        # A process that does not lead serves decisions from the leader's latest snapshot; every
+        # process serves the pinned one (cadence models pin / rollback / unpin).
         loop = getattr(app.state, "engine_loop", None)
         learners = _learners(app)
         if loop is None or learners is None:
+            return
+        if leading:
+            with read_connection(runtime.engine) as conn, loop._lock:
+                learners.refresh_pinned(conn)
             return
         # Read-only: on SQLite a plain connection's transaction takes the write lock every commit waits for.
         with read_connection(runtime.engine) as conn:
