@@ -215,6 +215,9 @@ class Subscriber(Protocol):
         """Customer ``customer_id`` was erased: remove or correct everything that counted them."""
         ...
 
+    # Optional: ``erasure_done(conn)`` is called once an erasure told ``erased`` of each of its
+    # customers (several when merges joined them), in the same transaction.
+
     # Optional: ``prepare(batch)`` may compute, from the events alone (no database), what a later
     # ``apply`` of the very same batch object will need; ``apply`` of any other batch must not
     # use it. The loop calls it on the batch it stitched ahead (PostgreSQL).
@@ -694,6 +697,10 @@ class EngineLoop:
             for cid in customer_ids:
                 for sub in self.subscribers:
                     sub.erased(conn, cid)
+            for sub in self.subscribers:
+                done = getattr(sub, "erasure_done", None)
+                if done is not None:
+                    done(conn)
 
     # -- background
     @property
