@@ -353,7 +353,7 @@ class LearnerSubscriber:
         self.fold_merged(conn)
         if self._replay is not None:  # those the live learners registered where the snapshot was taken
             for row in self._replayed(conn, position):
-                self._register_again(row)
+                self._register_again(row, replayed=True)
         # What was queued before is recall's (or the backfill's, or the snapshot's, learned): the
         # sends a look would read again, visible now, are not registered by the looks.
         self._others_ms = wall = wall_ms()
@@ -459,11 +459,15 @@ class LearnerSubscriber:
             count += self._register_again(row)
         return count
 
-    def _register_again(self, row: Any) -> bool:
-        """Register a stored decision this learner does not know (nor one that bounced or failed,
-        which teaches nothing); whether it did."""
+    def _register_again(self, row: Any, *, replayed: bool = False) -> bool:
+        """Register a stored decision this learner does not know; whether it did.
+
+        Not one that bounced or failed, which teaches nothing, unless ``replayed``: a replay
+        registers each decision as the live learners did, when it was made, and meets its bounce
+        in the log as they did (a provisional label may have been learned before it).
+        """
         outcome = row.outcome or {}
-        if row.id in self.learner.pending or "bounced" in outcome or "failed" in outcome:
+        if row.id in self.learner.pending or (not replayed and ("bounced" in outcome or "failed" in outcome)):
             return False
         self._register(row)
         return True
@@ -572,7 +576,7 @@ class LearnerSubscriber:
                 self._fold([(loser, parent)])
                 folded += 1
             while replayed and replayed[0].learner_position < event.id:
-                self._register_again(replayed.popleft())
+                self._register_again(replayed.popleft(), replayed=True)
             self.learner.advance(event.ts_ms)
             kind = feedback_kind(event.event)
             decision_id = event.properties.get("decision_id")
@@ -585,7 +589,7 @@ class LearnerSubscriber:
             self._since_snapshot += 1
         self._fold([(loser, parent) for _at, loser, parent in merges[folded:]])
         for row in replayed:
-            self._register_again(row)
+            self._register_again(row, replayed=True)
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
             self.snapshot(conn, now_ms=batch[-1].ts_ms)

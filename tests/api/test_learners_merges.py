@@ -169,7 +169,9 @@ OPS = st.lists(
         # clocks of their own): its labels may be due already
         st.tuples(st.just("back"), st.one_of(USERS, ANONS), st.integers(1, 60)),
         st.tuples(
-            st.just("feedback"), st.sampled_from(["Message Delivered", "Message Clicked"]), st.integers(0, 9)
+            st.just("feedback"),
+            st.sampled_from(["Message Delivered", "Message Clicked", "Message Bounced"]),
+            st.integers(0, 9),
         ),
         st.tuples(st.just("identify"), USERS, ANONS),  # links them (merges, unless a shared device)
         st.tuples(st.just("alias"), ANONS, USERS),  # always merges
@@ -212,6 +214,17 @@ def live(db_engine: Engine) -> Iterator[tuple[Engine, Run]]:
         ("feedback", "Message Clicked", 1),
         ("decide", "u1"),
         ("back", "u1", 50),
+        ("later", 30),
+    ]
+)
+@example(  # provisional labels learned before one send bounced: the replay must learn them in that order
+    ops=[
+        ("decide", "u0"),
+        ("later", 7),
+        ("decide", "a0"),
+        ("feedback", "Message Clicked", 1),
+        ("later", 30),
+        ("feedback", "Message Bounced", 0),
         ("later", 30),
     ]
 )
