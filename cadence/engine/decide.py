@@ -377,7 +377,8 @@ def _variant_note(winner: Candidate, candidates: Sequence[Candidate]) -> tuple[s
             f"{_expected(best) - _expected(mine):.4f} above {winner.arm!r}{unit} "
             f"(expected engagement {best.engagement:.1%} vs {mine.engagement:.1%})"
         ), True
-    # The winner's option is its variant's best: any exploration flagged was between variants alike.
+    # The winner's variant is the best or alike: an exploration flagged on its variant's best option
+    # was the draw's choice between variants alike; on another option, it was of channel or time.
     own_best = _expected(winner) >= _expected(mine)
     alike = [c.arm for c in ranked if f"{_expected(c):.4f}" == top and c.arm != winner.arm]
     if alike:
