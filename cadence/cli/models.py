@@ -26,6 +26,18 @@ def _engine(ctx: typer.Context) -> Engine:
     return engine
 
 
+def _measure(value: float | None, digits: int) -> str:
+    """A quality measure, or ``-`` where it is not defined yet (stored as null).
+
+    An AUC needs a positive and a negative label in its window: with no click (or no unsubscribe)
+    among the recent labels it has no value, and 0.000 would read as a perfectly wrong model.
+
+    >>> _measure(0.61234, 3), _measure(None, 3)
+    ('0.612', '-')
+    """
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 @models_app.command("list")
 def list_models(ctx: typer.Context, name: str = typer.Option(NAME, "--name", help="Learner name.")) -> None:
     """Every snapshot, newest first, with the log position, labels and recent quality."""
@@ -58,9 +70,9 @@ def list_models(ctx: typer.Context, name: str = typer.Option(NAME, "--name", hel
             datetime.fromtimestamp(s.created_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M"),
             str(s.position),
             f"{s.labels:,}",
-            f"{q.get('engagement_auc', 0):.3f}",
-            f"{q.get('engagement_logloss', 0):.4f}",
-            f"{q.get('unsubscribe_auc', 0):.3f}",
+            _measure(q.get("engagement_auc"), 3),
+            _measure(q.get("engagement_logloss"), 4),
+            _measure(q.get("unsubscribe_auc"), 3),
             f"{s.size_bytes / 1024:.0f} KiB",
         )
     console.print(table)

@@ -327,6 +327,74 @@ def _compared(winner: Candidate, loser: Candidate) -> str:
     return f"{_score_said(winner)} > {_score_said(loser)}"
 
 
+def _variant_note(winner: Candidate, candidates: Sequence[Candidate]) -> tuple[str, bool]:
+    """How the winner's variant was chosen and how the variants compare, in one truthful sentence;
+    and whether that accounts for ``winner.explored`` (else the exploration was in its channel or time).
+
+    Variants are compared by expected value (the posterior mean's, as ``explored`` is decided;
+    draws are this decision's, and a variant the minimum exploration share held back scores
+    -inf), each at its best option; two that read the same to the fourth decimal are alike. The
+    chosen variant was explored when the minimum exploration share forced it (every other variant
+    held back) or when another is better: then the posterior draw favoured it.
+
+    >>> def c(arm, mean, eng, score=0.01):
+    ...     return Candidate("c", "email", 0, score, eng, 0.001, arm=arm, draw=score, mean=mean)
+    >>> _variant_note(c("b", 0.02, 0.052), [c("a", 0.0126, 0.041), c("b", 0.02, 0.052)])[0]
+    "variant 'b' exploited: the best variant, 0.0074 above 'a' in expected value (expected engagement 5.2% vs 4.1%)"
+    >>> _variant_note(c("b", 0.0126, 0.041), [c("a", 0.02, 0.052), c("b", 0.0126, 0.041)])
+    ("variant 'b' explored (the posterior draw favoured it); best variant 'a', 0.0074 above 'b' in expected value (expected engagement 5.2% vs 4.1%)", True)
+    >>> _variant_note(c("b", 0.02, 0.069), [c("a", 0.02, 0.069), c("b", 0.02, 0.069)])[0]
+    "variant 'b' exploited: valued alike with 'a' (expected value 0.0200, expected engagement 6.9%); this decision's posterior draw chose"
+    >>> forced = [c("a", 0.02, 0.052, -math.inf), c("b", 0.0126, 0.041)]
+    >>> _variant_note(forced[1], forced)[0]
+    "variant 'b' explored (minimum exploration share); best variant 'a', 0.0074 above 'b' in expected value (expected engagement 5.2% vs 4.1%)"
+    >>> forced = [c("a", 0.0126, 0.041, -math.inf), c("b", 0.02, 0.052)]
+    >>> _variant_note(forced[1], forced)[0]
+    "variant 'b' explored (minimum exploration share), the best variant too: 0.0074 above 'a' in expected value (expected engagement 5.2% vs 4.1%)"
+    """
+    per_arm: dict[str, Candidate] = {}
+    held = False  # another variant held back by the minimum exploration share
+    for c in candidates:
+        if c.campaign != winner.campaign or c.arm is None:
+            continue
+        if c.arm != winner.arm and c.score == -math.inf:
+            held = True
+        if c.arm not in per_arm or _expected(c) > _expected(per_arm[c.arm]):
+            per_arm[c.arm] = c
+    how = "explored (minimum exploration share)" if held else "exploited"
+    ranked = sorted(per_arm.values(), key=lambda c: -_expected(c))
+    if len(ranked) < 2 or winner.arm not in per_arm:
+        return f"variant {winner.arm!r} {how}", held
+    unit = " in expected value" if ranked[0].mean is not None else ""
+    mine = per_arm[winner.arm]
+    top = f"{_expected(ranked[0]):.4f}"
+    if f"{_expected(mine):.4f}" != top:
+        best = ranked[0]
+        if not held:
+            how = "explored (the posterior draw favoured it)"
+        return (
+            f"variant {winner.arm!r} {how}; best variant {best.arm!r}, "
+            f"{_expected(best) - _expected(mine):.4f} above {winner.arm!r}{unit} "
+            f"(expected engagement {best.engagement:.1%} vs {mine.engagement:.1%})"
+        ), True
+    # The winner's variant is the best or alike: an exploration flagged on its variant's best option
+    # was the draw's choice between variants alike; on another option, it was of channel or time.
+    own_best = _expected(winner) >= _expected(mine)
+    alike = [c.arm for c in ranked if f"{_expected(c):.4f}" == top and c.arm != winner.arm]
+    if alike:
+        return (
+            f"variant {winner.arm!r} {how}: valued alike with {', '.join(map(repr, alike))} "
+            f"(expected value {top}, expected engagement {mine.engagement:.1%})"
+            + ("" if held else "; this decision's posterior draw chose")
+        ), held or own_best
+    second = ranked[1]
+    return (
+        f"variant {winner.arm!r} {how}{', the best variant too:' if held else ': the best variant,'} "
+        f"{_expected(mine) - _expected(second):.4f} above {second.arm!r}{unit} "
+        f"(expected engagement {mine.engagement:.1%} vs {second.engagement:.1%})"
+    ), held
+
+
 def _suppression(campaign: str, reason: str, detail: str, channel: str | None = None) -> Suppression:
     """``Suppression(...)`` made as :func:`_candidate` makes candidates.
 
@@ -526,6 +594,8 @@ def decide(
     checks: _Checks | None = None  # caps, spacing and groups over the history, made on first use
     zones: dict[tuple[bool, str], ZoneInfo] = {}  # quiet-hours zone by (use_customer_zone, fallback)
     ranks: dict[int, dict[str, int]] = {}  # channel rank by usable list (campaigns share them)
+    # Scored campaigns whose earliest moment is quiet: (earliest, its deferred slot, window, zone).
+    deferred: dict[str, tuple[int, int, str, ZoneInfo]] = {}
 
     for name in sorted(ruleset.campaigns):
         campaign = ruleset.campaigns[name]
@@ -672,6 +742,10 @@ def decide(
                         f"deferred to {_fmt(slots[0], zone)}",
                     )
                 )
+            elif slots:
+                # With a scorer the deferred immediate send is one of many times: it is said only
+                # when it is the one chosen (below), and its text is made only then.
+                deferred[name] = (earliest, slots[0], window, zone)
         if not slots:
             suppressions.append(
                 _suppression(name, "quiet", "no allowed send time left before the campaign ends")
@@ -777,7 +851,7 @@ def decide(
                         c.campaign,
                         "score",
                         f"best expected value {c.score if c.mean is None else c.mean:.4f} <= 0 "
-                        f"(engagement {c.engagement:.3f}, unsubscribe {c.unsubscribe:.4f})",
+                        f"(expected engagement {c.engagement:.1%}, unsubscribe risk {c.unsubscribe:.2%})",
                         c.channel,
                     )
                 )
@@ -831,28 +905,23 @@ def decide(
         arm = next((a for a in wcamp.split if a.name == winner.arm), arm)
     template = (arm.template if arm is not None and arm.template else None) or wcamp.template.name
     variables = wcamp.template.variables(ctx)
-    notes: list[str] = []
-    if wplan.variants:
-        # Variants compared by expected value (the posterior mean's), as "explored" is decided: a
-        # variant the minimum exploration share held back scores -inf, and draws are this decision's.
-        per_arm: dict[str, Candidate] = {}
-        for c in candidates:
-            if (
-                c.campaign == wcamp.name
-                and c.arm is not None
-                and (c.arm not in per_arm or _expected(c) > _expected(per_arm[c.arm]))
-            ):
-                per_arm[c.arm] = c
-        ranked = sorted(per_arm.values(), key=lambda c: -_expected(c))
-        if len(ranked) > 1:
-            first, second = ranked[0], ranked[1]
-            how = "explored (minimum exploration share or posterior draw)" if winner.explored else "exploited"
-            notes.append(
-                f"variant {winner.arm!r} {how}; best variant {first.arm!r} "
-                f"by {_expected(first) - _expected(second):.4f}{' in expected value' if first.mean is not None else ''} "
-                f"over {second.arm!r} (expected engagement {first.engagement:.3f} vs {second.engagement:.3f})"
+    when = deferred.get(wcamp.name)
+    if when is not None and winner.send_at_ms == when[1]:
+        # The chosen time is the immediate send, deferred out of quiet hours (as without a scorer).
+        earliest, slot, window, zone = when
+        suppressions.append(
+            _suppression(
+                wcamp.name,
+                "quiet",
+                f"{_fmt(earliest, zone)} is inside quiet hours {window}: deferred to {_fmt(slot, zone)}",
             )
-    if winner.explored and not wplan.variants:
+        )
+    notes: list[str] = []
+    explained = False  # whether the variant note accounts for the winner's exploration
+    if wplan.variants:
+        note, explained = _variant_note(winner, candidates)
+        notes.append(note)
+    if winner.explored and not explained:
         notes.append(
             "send time/channel chosen by exploration: the posterior draw favoured a less-known option"
         )

@@ -63,7 +63,7 @@ _NAMED = 6
 def _common(s: Suppression) -> str:
     """What ``s`` says that the same cause says for other candidates: their own numbers left out.
 
-    >>> _common(Suppression("c", "score", "best expected value -0.0030 <= 0 (engagement 0.041, unsubscribe 0.0020)"))
+    >>> _common(Suppression("c", "score", "best expected value -0.0030 <= 0 (expected engagement 4.1%, unsubscribe risk 0.20%)"))
     'best expected value <= 0'
     >>> _common(Suppression("c", "priority", "tie on priority 1; v scored higher (0.0263 > 0.0110)"))
     'tie on priority 1; v scored higher'
@@ -194,7 +194,7 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     ...         for n, c in ((2, "c"), (1, "v"))]
     >>> summarise(replace(d, suppressions=[*pushcap, *ties]), zone="UTC").split("Not chosen: ")[1]
     'winback by push, and c, v (channel cap 1 per 1d on push reached); c, v (tie on priority 1; winback scored higher).'
-    >>> low = [Suppression(c, "score", f"best expected value -0.00{n} <= 0 (engagement 0.01{n}, unsubscribe 0.0030)", ch)
+    >>> low = [Suppression(c, "score", f"best expected value -0.00{n} <= 0 (expected engagement 1.{n}%, unsubscribe risk 0.30%)", ch)
     ...        for n, (c, ch) in enumerate((("a", "email"), ("b", "email"), ("c", "sms")))]
     >>> summarise(Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0, suppressions=low), zone=None)
     'Nothing to send. a, b (email), c (sms): best expected value <= 0.'

@@ -801,6 +801,11 @@ class DecisionLearner:
             "engagement_logloss": utils.Rolling(metrics.LogLoss, window_size=self.config.quality_window),
             "unsubscribe_auc": metrics.RollingROCAUC(window_size=self.config.quality_window),  # type: ignore[no-untyped-call]
         }
+        # The labels in each AUC's window: river reads 0.0 where the AUC is undefined (no positive
+        # or no negative label in the window), which read as a perfectly wrong model.
+        self.quality_labels: dict[str, deque[bool]] | None = {
+            key: deque(maxlen=self.config.quality_window) for key in ("engagement_auc", "unsubscribe_auc")
+        }
         # (horizon, decision id), a heap: labels are learned in horizon order, ties by id, so the
         # order does not depend on when a decision was registered (at commit, or again after a restart)
         self._horizon: list[tuple[int, str]] = []
@@ -904,6 +909,8 @@ class DecisionLearner:
             self.hazard = self._hazard()
         if "hours" not in state:
             self.hours = self._hours()
+        if "quality_labels" not in state:
+            self.quality_labels = None  # written before they were kept: see recent_quality
         self._group_meta = {}
         if "_bank" not in state:
             self._bank = _noise_bank(self.layout.size)
@@ -2162,7 +2169,7 @@ class DecisionLearner:
             prob = float(self.hazard.rates()[ci, self.hazard.bucket(p.load)])
             fit = p.offset / self.config.hour_offset_scale if p.hour >= 0 else 0.0
             self.hazard.learn(ci, p.load, label, fit)
-            self.quality["unsubscribe_auc"].update(label, prob)
+            self._quality_auc("unsubscribe_auc", label, prob)
             model.learn(p.idx, p.val, label)
             self.labels += 1
             return
@@ -2172,7 +2179,7 @@ class DecisionLearner:
             base = model.predict(p.idx, p.val, None, p.offset)  # the population's expectation
             offset = p.offset + self._gamma_offset(stats, ci, base)
             prob = model.predict(p.idx, p.val, None, offset)
-            self.quality[f"{name}_auc"].update(label, prob)
+            self._quality_auc(f"{name}_auc", label, prob)
             self.quality["engagement_logloss"].update(label, prob)
             model.learn(p.idx, p.val, label, None, offset)
             if stats.gamma is None:
@@ -2182,7 +2189,7 @@ class DecisionLearner:
         else:
             extra = (self.effect(p.customer_id), CHANNEL_INDEX.get(p.channel, 0))
             prob = model.predict(p.idx, p.val, extra, p.offset)
-            self.quality[f"{name}_auc"].update(label, prob)
+            self._quality_auc(f"{name}_auc", label, prob)
             self.quality["engagement_logloss"].update(label, prob)
             model.learn(p.idx, p.val, label, extra, p.offset)
         if p.hour >= 0:
@@ -2192,9 +2199,33 @@ class DecisionLearner:
             self.hours.learn(p.buckets, p.hour, label)
         self.labels += 1
 
-    def recent_quality(self) -> dict[str, float]:
-        """Rolling ROC AUC and log loss over the last ``quality_window`` labels."""
-        return {k: round(float(m.get()), 4) for k, m in self.quality.items()}
+    def _quality_auc(self, key: str, label: bool, prob: float) -> None:
+        self.quality[key].update(label, prob)
+        if self.quality_labels is not None:
+            self.quality_labels[key].append(label)
+
+    def recent_quality(self) -> dict[str, float | None]:
+        """Rolling ROC AUC and log loss over the last ``quality_window`` labels; None where undefined.
+
+        An AUC is undefined until its window holds a positive and a negative label (river reads
+        0.0 there), a log loss until it holds a label. A learner stored before the windows' labels
+        were kept reads an AUC of exactly 0.0 as undefined.
+
+        >>> DecisionLearner().recent_quality()
+        {'engagement_auc': None, 'engagement_logloss': None, 'unsubscribe_auc': None}
+        """
+        out: dict[str, float | None] = {}
+        kept = self.quality_labels
+        for key, metric in self.quality.items():
+            value: float | None = round(float(metric.get()), 4)
+            if key.endswith("_auc"):
+                labels = kept[key] if kept is not None else None
+                if (value == 0.0) if labels is None else not 0 < sum(labels) < len(labels):
+                    value = None
+            elif (not kept["engagement_auc"]) if kept is not None else not self.labels:
+                value = None
+            out[key] = value
+        return out
 
 
 @lru_cache(maxsize=4)

@@ -70,7 +70,7 @@ class SnapshotInfo:
     position: int
     created_ms: int
     labels: int
-    quality: dict[str, float]
+    quality: dict[str, float | None]  # None: not defined yet (an AUC without both labels)
     pinned: bool
     size_bytes: int
 
@@ -88,7 +88,12 @@ def _load(blob: bytes) -> DecisionLearner:
 
 
 def save_snapshot(conn: Connection, *, name: str, learner: DecisionLearner, now_ms: int) -> int:
-    """Store ``learner`` as the next version of ``name``; returns the version."""
+    """Store ``learner`` as the next version of ``name``; returns the version.
+
+    ``now_ms`` is when the snapshot is made (the wall clock: ``created_ms``, which `cadence models
+    list` shows), not the time of the last event learned. ``quality`` stores ``null`` for a
+    measure not defined yet (see :meth:`DecisionLearner.recent_quality`).
+    """
     latest = conn.execute(
         select(func.max(learner_snapshots.c.version)).where(learner_snapshots.c.name == name)
     ).scalar()
@@ -592,7 +597,9 @@ class LearnerSubscriber:
             self._register_again(row, replayed=True)
         due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
-            self.snapshot(conn, now_ms=batch[-1].ts_ms)
+            # When it was made (the wall clock), not the learner's clock: a simulation's events
+            # carry simulated times, and `cadence models list` read them as the snapshot's date.
+            self.snapshot(conn, now_ms=wall_ms())
 
     def _others(self, conn: Connection, until_ms: int) -> int:
         """Register the send decisions other processes committed since the last look; how many.
@@ -716,7 +723,7 @@ class LearnerSubscriber:
         return zone if isinstance(zone, str) else None
 
     def snapshot(self, conn: Connection, *, now_ms: int) -> int:
-        """Write a snapshot now; returns its version."""
+        """Write a snapshot now (``now_ms``: the wall clock's time); returns its version."""
         self._forget_erased(conn)
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()

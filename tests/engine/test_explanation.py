@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -9,7 +11,7 @@ from cadence.dsl.explain import explain_campaign
 from cadence.dsl.loader import load_source
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decide import decide
-from cadence.engine.decision import Decision
+from cadence.engine.decision import Candidate, Decision
 from cadence.engine.decisions_service import explain
 from cadence.engine.explanation import summarise
 from cadence.engine.profiles_memory import MemoryProfile, ProfileEvent
@@ -161,3 +163,36 @@ def test_a_next_best_option_on_another_day_is_said_with_its_day() -> None:
     assert "next best sms at Tue 03 Mar 07:45 (4.0%" in summarise(sent, zone="UTC")
     sooner = Decision(**{**sent.__dict__, "candidates": [options[0], options[2]]})
     assert "next best push at 11:00 (3.0%" in summarise(sooner, zone="UTC")
+
+
+class ByCampaign:
+    """Values every option of a campaign alike: ``values[campaign]``."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+
+    def score(
+        self, *, profile: object, candidates: Sequence[Candidate], now_ms: int, seed: int
+    ) -> list[Candidate]:
+        return [replace(c, score=self.values[c.campaign] - c.send_at_ms / 1e18) for c in candidates]
+
+
+def test_the_chosen_option_is_listed_first_then_the_rest_by_score() -> None:
+    """news wins on priority (3 > 1) with a lower score than later's: a reader takes the first row
+    for the choice, so it comes first (an outside check found the chosen option below another in
+    55 of 327 sends), then the rest best first."""
+    profile = MemoryProfile(customer_id=1, timezone="Europe/Berlin", traits={"plan": "pro"})
+    d = decide(
+        ruleset=ruleset(),
+        profile=profile,
+        now_ms=NIGHT + 12 * 3_600_000,
+        history=[],
+        available_channels=["email", "sms"],
+        campaigns=["news", "later"],
+        scorer=ByCampaign({"news": 0.01, "later": 0.2}),
+    )
+    assert (d.action, d.campaign) == ("send", "news")
+    listed = explain(d, zone="Europe/Berlin", fallback_zone="UTC")["candidates"]
+    assert (listed[0]["campaign"], listed[0]["send_at"]) == ("news", "2026-03-05T10:30:00+01:00")
+    rest = [c["score"] for c in listed[1:]]
+    assert rest == sorted(rest, reverse=True) and rest[0] > listed[0]["score"]

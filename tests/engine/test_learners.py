@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -204,6 +205,52 @@ def test_variants_keep_a_minimum_exploration_share_and_explain_the_margin() -> N
         notes.extend(d.notes)
     assert arms_chosen["a"] > arms_chosen["b"] >= 0.3 * 400 / 2 * 0.6, arms_chosen
     assert any("best variant 'a'" in n for n in notes)
+
+
+def _variant_note_agrees(d: Decision) -> None:
+    """``d``'s variant note says what its candidates show: explored when the minimum exploration share
+    held the other variants back or another variant is better by expected value, exploited otherwise;
+    a variant alike (to the fourth decimal) is said to be so, a better one named as the best."""
+    values: dict[str, float] = {}
+    held = False
+    for c in d.candidates:
+        assert c.arm is not None and c.mean is not None
+        values[c.arm] = max(values.get(c.arm, -math.inf), c.mean)
+        held |= c.arm != d.arm and c.score == -math.inf
+    assert d.arm is not None
+    top = max(values.values())
+    note = d.notes[0]
+    if held:
+        assert note.startswith(f"variant {d.arm!r} explored (minimum exploration share)"), note
+    elif f"{values[d.arm]:.4f}" == f"{top:.4f}":
+        assert note.startswith(f"variant {d.arm!r} exploited"), note
+    else:
+        assert note.startswith(f"variant {d.arm!r} explored (the posterior draw favoured it)"), note
+    alike = [a for a, v in values.items() if a != d.arm and f"{v:.4f}" == f"{values[d.arm]:.4f}"]
+    if alike:
+        assert "valued alike with " in note and "best variant" not in note, note
+    elif f"{values[d.arm]:.4f}" != f"{top:.4f}":
+        assert f"best variant {max(values, key=values.__getitem__)!r}" in note, note
+
+
+def test_variant_notes_agree_with_the_values_new_and_taught() -> None:
+    """Over email and sms: a new learner values both variants alike (a tie, where the note said
+    "exploited; best variant 'a' by 0.0000" of b), a taught one prefers a; the channel or time is
+    often explored where the variant is the best (the note said "explored" of the best variant)."""
+    arms = (SplitArm("a", 0.5, "t_a"), SplitArm("b", 0.5, "t_b"))
+    rules = ruleset(best_of("email", "sms", split=arms, learn_variants=True, min_explore=0.2))
+    taught = DecisionLearner()
+    _taught_a_not_b(taught)
+    said: Counter[str] = Counter()
+    for learner in (DecisionLearner(), taught):
+        for d in _new_customers_decided(rules, learner, 150):
+            assert d.action == "send"
+            _variant_note_agrees(d)
+            note = d.notes[0]
+            said["explored" if " explored (" in note else "exploited"] += 1
+            said["alike"] += "valued alike" in note
+            said["time or channel explored"] += any(n.startswith("send time/channel chosen") for n in d.notes)
+    assert min(said.values()) >= 5, said
 
 
 def test_a_forced_variant_is_one_worth_sending() -> None:

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from cadence.channels import Feedback
 from cadence.cli import app
+from cadence.clock import ms_to_datetime
+from cadence.clock import now_ms as wall_ms
 from cadence.engine.learners import LearnerConfig
 from cadence.engine.learning import (
     LearnerSubscriber,
@@ -149,6 +151,32 @@ def test_models_cli(sqlite_engine: Engine) -> None:
     assert out.exit_code == 0 and "rolled back to version 1" in out.output
     out = runner.invoke(app, ["--database-url", url, "models", "pin", "7"])
     assert out.exit_code != 0
+
+
+def test_models_list_says_when_each_snapshot_was_made_and_an_auc_not_defined_yet(db_engine: Engine) -> None:
+    """Sends nobody clicked: the engagement AUC has no positive label to rank, nor the unsubscribe
+    AUC an unsubscribe, so both read ``-`` (not 0.000, a perfectly wrong model); and the snapshot the
+    loop takes is dated when it was made, not at its events' (here simulated, in 2026-05) times."""
+    sub = LearnerSubscriber(snapshot_every=12, snapshot_min_seconds=0)
+    silent = [e for e in teach(sub, 0, 12) if e.event == "Email Delivered"]
+    with db_engine.begin() as conn:
+        sub.apply(conn, silent[:-1])
+        sub.learner.advance(T0 + 1000 * HOUR)
+        assert sub.learner.labels >= 11
+        before = wall_ms()
+        sub.apply(conn, silent[-1:])  # the 12th event: the loop's snapshot
+        [snap] = list_snapshots(conn, name=sub.name)
+    assert before <= snap.created_ms <= wall_ms()
+    assert snap.quality["engagement_auc"] is None and snap.quality["unsubscribe_auc"] is None
+    assert snap.quality["engagement_logloss"] is not None
+    url = db_engine.url.render_as_string(hide_password=False)
+    out = CliRunner().invoke(app, ["--database-url", url, "models", "list"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    [row] = [line for line in out.output.splitlines() if re.match(r"\W+1\W", line)]
+    cells = [cell.strip() for cell in re.split(r"[│┃|]", row) if cell.strip()]
+    # version, created (UTC), log position, labels, engagement AUC, log loss, unsub AUC, size
+    assert cells[1] == ms_to_datetime(snap.created_ms).strftime("%Y-%m-%d %H:%M")
+    assert (cells[4], cells[6]) == ("-", "-") and cells[5] != "-"
 
 
 def test_simulate_cli_writes_a_chart(tmp_path: Path) -> None:
