@@ -198,6 +198,9 @@ def test_batch_and_unknown_customers(setup: tuple[TestClient, dict[str, dict[str
     assert batch.status_code == 422 and batch.json()["detail"].startswith(
         "requests.0.campaigns: no campaign 'nope'"
     )
+    # An empty filter answered "Nothing to send." with no reason.
+    empty = client.post("/v1/decisions", json={"customer_id": "u1", "campaigns": []}, headers=keys["decide"])  # type: ignore[arg-type]
+    assert empty.status_code == 422 and "an empty list selects no campaign" in empty.text, empty.text
     only = client.post(
         "/v1/decisions", json={"customer_id": "u1", "campaigns": ["held"]}, headers=keys["decide"]
     )  # type: ignore[arg-type]

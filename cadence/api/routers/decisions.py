@@ -129,10 +129,19 @@ def _campaigns(item: DecisionRequest, ruleset: CompiledRuleset) -> list[str] | N
     Traceback (most recent call last):
     ...
     fastapi.exceptions.HTTPException: 422: campaigns: no campaign 'winbak' (did you mean 'winback'?), no campaign 'zzz' in the loaded rules
+    >>> _campaigns(DecisionRequest(customer_id="u", campaigns=[]), rules)
+    Traceback (most recent call last):
+    ...
+    fastapi.exceptions.HTTPException: 422: campaigns: an empty list selects no campaign (leave it out to consider every campaign)
     """
     wanted = item.campaigns
     if wanted is None:
         return None
+    if not wanted:  # it answered "Nothing to send." with no reason
+        raise HTTPException(
+            422,
+            detail="campaigns: an empty list selects no campaign (leave it out to consider every campaign)",
+        )
     unknown = [name for name in wanted if name not in ruleset.campaigns]
     if unknown:
         said = []
