@@ -409,6 +409,10 @@ campaign daily "Daily" {
     formatted = format_text(text)
     assert "cap       2 per 7d on sms calendar" in formatted and "cap       1 per 2d calendar" in formatted
     assert load(formatted).ruleset.settings.caps == result.ruleset.settings.caps
+    # 'calendar' before 'on' reads the same (it was a parse error, "unexpected 'on'", with no hint)
+    swapped = load(text.replace("cap 2 per 7d on sms calendar", "cap 2 per 7d calendar on sms"))
+    assert swapped.ok and swapped.ruleset.settings.caps == result.ruleset.settings.caps
+    assert "cap       2 per 7d on sms calendar" in format_text(text.replace("on sms calendar", "calendar on sms"))
 
     bad = load(HEADER + "settings {\n    cap 1 per 36h calendar\n}\n")
     assert not bad.ok
