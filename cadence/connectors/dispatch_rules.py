@@ -139,11 +139,15 @@ class RulesCheck:
         now = self.now
         if not is_quiet(quiet, local_datetime(now, zone).time()):
             return None
-        window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}"
+        window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}" + (
+            " (the whole day)" if quiet.whole_day else ""
+        )
         said = f"{QUIET_PREFIX} {_fmt(now, zone)} is inside quiet hours {window} of campaign {name!r}"
         if quiet.action == "drop":
             return Held("suppressed", f"{said} (then drop): dropped")
         later = next_allowed_ms(quiet, now, zone)
+        if later is None:  # the whole day is quiet: waiting would never end
+            return Held("suppressed", f"{said}: dropped")
         if campaign.ends_ms is not None and later >= campaign.ends_ms:
             return Held(
                 "expired", f"{said}: the next allowed time {_fmt(later, zone)} is after the campaign ends"

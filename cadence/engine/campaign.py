@@ -140,7 +140,8 @@ class QuietHours:
 
     The zone is ``profile.timezone`` when ``use_customer_zone`` and the customer has
     one, else ``fallback_zone``. ``action`` says whether a send that falls inside is
-    deferred to the next allowed time or dropped.
+    deferred to the next allowed time or dropped. Equal ends (``08:00..08:00``) cover the
+    whole day: the campaign never sends (what the linter's W505 tells the marketer).
     """
 
     start: time
@@ -148,6 +149,11 @@ class QuietHours:
     fallback_zone: str
     use_customer_zone: bool = True
     action: Literal["defer", "drop"] = "defer"
+
+    @property
+    def whole_day(self) -> bool:
+        """Whether the range covers every local time, so that no send time is ever allowed."""
+        return self.start == self.end
 
 
 @dataclass(frozen=True)

@@ -726,7 +726,9 @@ def decide(
         slots, now_quiet = cached
         if quiet is not None and now_quiet:
             window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}"
-            if quiet.action == "drop":
+            if quiet.whole_day:  # nothing to defer to: dropped whatever the rule says
+                window += " (the whole day)"
+            if quiet.action == "drop" or quiet.whole_day:
                 suppressions.append(
                     _suppression(
                         name, "quiet", f"{_fmt(earliest, zone)} is inside quiet hours {window}: dropped"

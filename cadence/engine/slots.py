@@ -8,7 +8,7 @@ on zone-aware local datetimes inside, so daylight-saving changes are handled by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime, time
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -79,7 +79,7 @@ def local_day(ms: int, zone: ZoneInfo) -> int:
 
     >>> from datetime import date
     >>> berlin = ZoneInfo("Europe/Berlin")
-    >>> local_day(_ms(datetime(2026, 3, 4, 23, 30, tzinfo=UTC)), berlin) - date(2026, 3, 4).toordinal()
+    >>> local_day(_ms(datetime(2026, 3, 4, 23, 30, tzinfo=ZoneInfo("UTC"))), berlin) - date(2026, 3, 4).toordinal()
     1
     """
     return local_datetime(ms, zone).date().toordinal()
@@ -88,25 +88,27 @@ def local_day(ms: int, zone: ZoneInfo) -> int:
 def is_quiet(quiet: QuietHours, local: time) -> bool:
     """True when the wall-clock time ``local`` falls inside the quiet range.
 
-    The range is ``[start, end)`` and may wrap midnight; ``start == end`` is empty.
+    The range is ``[start, end)`` and may wrap midnight; ``start == end`` is the whole day
+    (the linter's W505: the campaign can never send).
 
     >>> q = QuietHours(start=time(21), end=time(8), fallback_zone="UTC")
     >>> is_quiet(q, time(22, 30)), is_quiet(q, time(7, 59)), is_quiet(q, time(8))
     (True, True, False)
+    >>> is_quiet(QuietHours(start=time(8), end=time(8), fallback_zone="UTC"), time(13))
+    True
     """
     start, end = quiet.start, quiet.end
-    if start == end:
-        return False
     if start < end:
         return start <= local < end
-    return local >= start or local < end
+    return local >= start or local < end  # wraps midnight; equal ends: every time
 
 
-def next_allowed(quiet: QuietHours, local: datetime) -> datetime:
-    """The first instant at or after ``local`` (zone-aware) outside the quiet hours.
+def next_allowed(quiet: QuietHours, local: datetime) -> datetime | None:
+    """The first instant at or after ``local`` (in a ``ZoneInfo`` zone) outside the quiet hours.
 
-    Built on the wall clock of the right day, then normalised through UTC, so a quiet
-    range that ends inside a spring-forward gap ends at the first real instant after it.
+    None when the quiet hours cover the whole day (no instant is ever allowed). The
+    instant comes from :func:`next_allowed_ms`: first in real (UTC) order, whatever the
+    wall clock does in between.
 
     >>> q = QuietHours(start=time(21), end=time(8), fallback_zone="UTC")
     >>> berlin = ZoneInfo("Europe/Berlin")
@@ -118,27 +120,72 @@ def next_allowed(quiet: QuietHours, local: datetime) -> datetime:
     wall = local.timetz().replace(tzinfo=None)
     if not is_quiet(quiet, wall):
         return local
-    day = local.date()
-    if quiet.start > quiet.end and wall >= quiet.start:
-        day = day + timedelta(days=1)
     zone = local.tzinfo
-    assert zone is not None, "next_allowed needs a zone-aware datetime"
-    target = datetime.combine(day, quiet.end, tzinfo=zone)
-    # Round-trip through UTC: a wall time inside a DST gap becomes the real instant after it.
-    normalised = target.astimezone(UTC).astimezone(zone)
-    return normalised
+    if not isinstance(zone, ZoneInfo):
+        raise TypeError(f"next_allowed needs a datetime in a ZoneInfo zone, got {local!r}")
+    allowed = next_allowed_ms(quiet, _ms(local), zone)
+    return None if allowed is None else local_datetime(allowed, zone)
 
 
-def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
-    """:func:`next_allowed` on epoch milliseconds.
+def next_allowed_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int | None:
+    """The first instant at or after ``ms`` whose wall-clock time in ``zone`` is outside the quiet hours.
+
+    None when they cover the whole day. The wall clock runs evenly between two changes of the
+    zone's UTC offset, so from a quiet instant the answer is where the clock next shows the
+    quiet end at the current offset, unless the offset changes first: then the search goes on
+    from the change. So a range that ends inside a spring-forward gap ends at the change (the
+    first real instant after the gap), and one that ends inside the repeated hour of a fall-back
+    night ends at the first pass of the end for an instant in the first pass, at the second for
+    one in the second (never before ``ms``: a send is not deferred into the past).
 
     >>> q = QuietHours(start=time(22), end=time(7), fallback_zone="UTC")
     >>> next_allowed_ms(q, 23 * 3_600_000, ZoneInfo("UTC")) == 31 * 3_600_000
     True
+    >>> ny = ZoneInfo("America/New_York")  # 2026-11-01: 01:00-01:59 happens twice
+    >>> q = QuietHours(start=time(0), end=time(1, 30), fallback_zone="UTC")
+    >>> second_0110 = _ms(datetime(2026, 11, 1, 1, 10, fold=1, tzinfo=ny))
+    >>> local_datetime(next_allowed_ms(q, second_0110, ny), ny).isoformat()
+    '2026-11-01T01:30:00-05:00'
     """
-    local = local_datetime(ms, zone)
-    allowed = next_allowed(quiet, local)
-    return ms if allowed is local else _ms(allowed)
+    if quiet.whole_day:
+        return None
+    start, end = _time_ms(quiet.start), _time_ms(quiet.end)
+    t = ms
+    # Ends after a handful of rounds: each one returns or moves ``t`` to a change of offset,
+    # and a quiet range that is not the whole day ends within a day of wall-clock time.
+    while True:
+        offset = _offset_ms(t, zone)
+        tod = (t + offset) % DAY_MS
+        if not (start <= tod < end if start < end else tod >= start or tod < end):
+            return t
+        target = t + (end - tod) % DAY_MS
+        if _offset_ms(target, zone) == offset:
+            return target
+        t = _offset_change(t, target, zone)
+
+
+def _offset_change(after_ms: int, by_ms: int, zone: ZoneInfo) -> int:
+    """The first instant in ``(after_ms, by_ms]`` with another UTC offset than ``after_ms`` (there is one).
+
+    >>> berlin = ZoneInfo("Europe/Berlin")
+    >>> _offset_change(1774742400000, 1774749600000, berlin)  # 2026-03-29 00:00..02:00 UTC
+    1774746000000
+    """
+    offset = _offset_ms(after_ms, zone)
+    lo, hi = after_ms, by_ms
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _exact_offset_ms(mid, zone) == offset:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _exact_offset_ms(ms: int, zone: ZoneInfo) -> int:
+    """The UTC offset of ``zone`` at ``ms``, looked up (the cached lookups below start here)."""
+    offset = local_datetime(ms, zone).utcoffset()
+    return int(offset.total_seconds() * 1000) if offset is not None else 0
 
 
 def _offset_ms(ms: int, zone: ZoneInfo) -> int:
@@ -163,8 +210,7 @@ def _offset_ms(ms: int, zone: ZoneInfo) -> int:
 @lru_cache(maxsize=1024)
 def _instant_offset_ms(ms: int, zone: ZoneInfo) -> int:
     """The UTC offset at an instant off the hour (a decision's own time), asked for by several steps."""
-    offset = local_datetime(ms, zone).utcoffset()
-    return int(offset.total_seconds() * 1000) if offset is not None else 0
+    return _exact_offset_ms(ms, zone)
 
 
 @lru_cache(maxsize=65536)
@@ -175,8 +221,7 @@ def _hour_offset_ms(ms: int, zone: ZoneInfo) -> int:
     customers in the same zone) share most of them; the offset of each instant is exact,
     whatever DST changes the window holds.
     """
-    offset = local_datetime(ms, zone).utcoffset()
-    return int(offset.total_seconds() * 1000) if offset is not None else 0
+    return _exact_offset_ms(ms, zone)
 
 
 def local_ms(times: Sequence[int], zone: ZoneInfo) -> list[int]:
@@ -201,7 +246,7 @@ def local_days(times: Sequence[int], zone: ZoneInfo) -> list[int]:
     """:func:`local_day` of each instant of ``times`` (from :func:`local_ms`: cached per hour).
 
     >>> berlin = ZoneInfo("Europe/Berlin")
-    >>> t = _ms(datetime(2026, 3, 4, 23, 30, tzinfo=UTC))
+    >>> t = _ms(datetime(2026, 3, 4, 23, 30, tzinfo=ZoneInfo("UTC")))
     >>> local_days([t], berlin) == [local_day(t, berlin)]
     True
     """
@@ -325,7 +370,9 @@ def _deferred_ms(quiet: QuietHours, ms: int, zone: ZoneInfo) -> int:
     key = (quiet.start, quiet.end, zone, ms)
     got = _DEFERRED.get(key)
     if got is None:
-        got = _ms(next_allowed(quiet, local_datetime(ms, zone)))
+        allowed = next_allowed_ms(quiet, ms, zone)
+        assert allowed is not None, "a whole-day quiet range defers nothing: the caller drops the slot"
+        got = allowed
         if ms % HOUR_MS == 0:
             if len(_DEFERRED) >= 65536:
                 _DEFERRED.clear()
@@ -370,17 +417,14 @@ def _candidate_slots(
         if quiet is not None:
             if constant:
                 tod = (ms + offset) % DAY_MS
-                inside = (
-                    False
-                    if start_ms == end_ms
-                    else (start_ms <= tod < end_ms if start_ms < end_ms else tod >= start_ms or tod < end_ms)
-                )
+                # (equal ends wrap: the whole day is quiet)
+                inside = start_ms <= tod < end_ms if start_ms < end_ms else tod >= start_ms or tod < end_ms
             else:
                 inside = is_quiet(quiet, local_datetime(ms, zone).timetz().replace(tzinfo=None))
             if inside:
                 if i == 0:
                     now_is_quiet = True
-                if quiet.action == "drop":
+                if quiet.action == "drop" or quiet.whole_day:
                     continue
                 # Every slot of one quiet stretch defers to the same instant: compute it once.
                 key = (ms + offset) // DAY_MS * 2 + (

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
+import time as clock
 import uuid
+from dataclasses import replace
 from datetime import datetime, time
 
 import pytest
@@ -19,6 +22,7 @@ from cadence.engine.campaign import (
     QuietHours,
     SplitArm,
     TemplateSpec,
+    Trigger,
 )
 from cadence.engine.learning import LearnerSubscriber
 from cadence.runtime import Runtime
@@ -206,6 +210,57 @@ def test_batch_and_unknown_customers(setup: tuple[TestClient, dict[str, dict[str
     )  # type: ignore[arg-type]
     assert only.status_code == 200 and only.json()["action"] == "none"
     assert client.post("/v1/decisions", json={"customer_id": "u1"}, headers=keys["ingest"]).status_code == 403  # type: ignore[arg-type]
+
+
+def test_a_trigger_event_timestamp_is_checked_as_at_is_and_without_offset_is_utc(
+    setup: tuple[TestClient, dict[str, dict[str, str]], object],
+) -> None:
+    """An outside checker (D4): a trigger ``event.timestamp`` in year 9999 was a 500 (an overflow in the
+    local times), and in a batch lost every other item with no index named; one without offset was read
+    in the server process's zone. Now it is range-checked as ``at`` is (422 naming the field, the batch
+    item's index), and one without offset is UTC, as the ingestion API reads event times."""
+    client, keys, app = setup
+    rescue = Campaign(
+        name="rescue",
+        title="Cart rescue",
+        priority=1,
+        audience=None,
+        template=TemplateSpec("r"),
+        channels=ChannelPolicy(("email",)),
+        trigger=Trigger("Cart Abandoned", delay_ms=30 * 60_000),
+    )
+    app.state.ruleset = replace(RULES, campaigns={**RULES.campaigns, "rescue": rescue})  # type: ignore[attr-defined]
+
+    def item(stamp: str, **kw: object) -> dict[str, object]:
+        event = {"event": "Cart Abandoned", "timestamp": stamp}
+        return {"customer_id": "u1", "campaigns": ["rescue"], "event": event, **kw}
+
+    said = "event.timestamp: a time between 1970-01-01 and 8999-12-31 (UTC)"
+    for stamp in ("9999-12-31T23:00:00Z", "1969-12-31T23:00:00Z"):
+        for mode in ("preview", "commit"):
+            r = client.post("/v1/decisions", json=item(stamp, mode=mode), headers=keys["decide"])  # type: ignore[arg-type]
+            assert r.status_code == 422 and r.json()["detail"] == said, r.text
+    ok = item("2026-03-05T10:00:00Z", mode="commit")
+    batch = {"requests": [ok, item("9999-12-31T23:00:00Z", mode="commit"), ok]}
+    r = client.post("/v1/decisions/batch", json=batch, headers=keys["decide"])  # type: ignore[arg-type]
+    assert r.status_code == 422 and r.json()["detail"] == f"requests.1.{said}", r.text
+
+    # Without offset: UTC, whatever zone the server process runs in.
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    clock.tzset()
+    try:
+        at = {"at": "2027-03-10T12:00:00Z"}
+        naive = client.post("/v1/decisions", json=item("2027-03-10T12:00:00", **at), headers=keys["decide"])  # type: ignore[arg-type]
+        utc = client.post("/v1/decisions", json=item("2027-03-10T12:00:00Z", **at), headers=keys["decide"])  # type: ignore[arg-type]
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        clock.tzset()
+    assert naive.status_code == 200 and utc.status_code == 200, (naive.text, utc.text)
+    assert naive.json()["send_at"] == utc.json()["send_at"] == "2027-03-10T13:30:00+01:00"
 
 
 def test_sms_through_twilio_needs_an_opt_in_before_a_decision_chooses_it(runtime: Runtime) -> None:

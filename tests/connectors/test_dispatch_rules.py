@@ -200,6 +200,61 @@ async def test_drop_campaigns_and_campaigns_that_end_first_do_not_wait(
     assert list(fake.delivered) == [f"gone:{cid}:1"]
 
 
+FOLD = """
+settings {
+    timezone  "America/New_York"
+}
+
+campaign nightly "Quiet until the repeated hour" {
+    audience  true
+    send      template "d-nightly"
+    channel   email
+    quiet     00:00..01:30 then defer
+}
+
+campaign never "Quiet the whole day" {
+    audience  true
+    send      template "d-never"
+    channel   email
+    quiet     08:00..08:00 then defer
+}
+"""
+
+
+async def test_a_send_held_in_the_second_pass_of_a_repeated_hour_waits_for_the_second_quiet_end(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    """New York, 2026-11-01, quiet until 01:30: at the second 01:10 (EST) the send waits for 01:30 EST,
+    a due time 20 minutes ahead (until session 24 it was re-queued every round for 01:30 EDT, 40 minutes
+    in the past, with that reason); at 01:30 EST it goes."""
+    cid = customer(db_engine, "ada", timezone="America/New_York")
+    now = int(datetime(2026, 11, 1, 6, 10, tzinfo=UTC).timestamp() * 1000)  # 01:10 EST
+    queue(db_engine, cid, "nightly", now - 60_000)
+    clock = FixedClock(now)
+    rules = ruleset(FOLD)
+    # one round: a deferral into the past would be claimed again and again by drain()
+    report = await dispatcher(fake, http, db_engine, clock, rules).dispatch_once()
+    row = rows(db_engine)[f"nightly:{cid}:1"]
+    assert report.deferred == 1 and not fake.delivered
+    assert row["due_ms"] == now + 20 * 60_000 and "deferred to 2026-11-01 01:30 EST" in row["last_error"]
+    clock.set(now + 20 * 60_000)
+    assert (await dispatcher(fake, http, db_engine, clock, rules).drain()).sent == 1
+
+
+async def test_a_send_of_a_campaign_quiet_the_whole_day_is_dropped_not_sent(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
+) -> None:
+    """``quiet 08:00..08:00`` covers the whole day (the linter's W505): a queued send never goes, and
+    waiting would never end, so it is suppressed (until session 24 it went out at any hour)."""
+    cid = customer(db_engine, "ada", timezone="America/New_York")
+    now = int(datetime(2026, 12, 1, 15, 0, tzinfo=UTC).timestamp() * 1000)  # 10:00 in New York
+    queue(db_engine, cid, "never", now - 60_000)
+    report = await dispatcher(fake, http, db_engine, FixedClock(now), ruleset(FOLD)).drain()
+    row = rows(db_engine)[f"never:{cid}:1"]
+    assert report.suppressed == 1 and not fake.delivered and row["status"] == "suppressed"
+    assert "quiet hours 08:00..08:00 America/New_York (the whole day)" in row["last_error"]
+
+
 async def test_without_rules_the_night_send_goes_out(
     fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine
 ) -> None:

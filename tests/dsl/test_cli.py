@@ -91,6 +91,28 @@ def test_lint_findings(tmp_path: Path) -> None:
     assert codes == ["W502", "W503", "W503", "W505", "W504", "W506"], result.output
 
 
+def test_quiet_hours_with_equal_ends_never_send_as_the_linter_says(tmp_path: Path) -> None:
+    """W505 says ``quiet 08:00..08:00`` covers the whole day and the campaign can never send; the rule
+    file's own tests agree, at night and at noon, with ``drop`` and ``defer`` (until session 24 the
+    range was empty and the campaign sent at every hour: an outside checker's D5)."""
+    (tmp_path / "e.cadence").write_text(
+        'campaign e "E" {\n    send      template "e"\n    channel   email\n'
+        "    quiet     08:00..08:00 then drop\n}\n\n"
+        'campaign w "W" {\n    send      template "w"\n    channel   email\n'
+        "    quiet     22:00..22:00 then defer\n}\n\n"
+        'test "the linter says these campaigns can never send" {\n'
+        '    given customer { id: "x1", timezone: "UTC", consent: [email] }\n'
+        "    at 2026-12-01 03:00 UTC expect no send because quiet(e)\n"
+        "    at 2026-12-01 12:00 UTC expect no send because quiet(w)\n"
+        "}\n"
+    )
+    lint = runner.invoke(app, ["lint", str(tmp_path)])
+    assert "W505: quiet hours 08:00..08:00 cover the whole day: campaign 'e' can never send" in lint.output
+    result = runner.invoke(app, ["test", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "2 passed, 0 failed" in result.output, result.output
+
+
 def test_failing_rule_test_exits_1_with_the_reason(tmp_path: Path) -> None:
     for f in RULES.glob("*.cadence"):
         shutil.copy(f, tmp_path / f.name)

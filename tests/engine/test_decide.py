@@ -6,7 +6,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, time
+from datetime import datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -302,6 +302,78 @@ def test_quiet_hours_defer_to_next_local_morning_and_drop_suppresses() -> None:
     # The customer's own zone wins over the fallback: 22:30 Berlin is 16:30 in New York.
     p.timezone = "America/New_York"
     assert run(rules(camp("w", quiet=quiet)), p, now_ms=now).send_at_ms == now
+
+
+def test_quiet_hours_ending_in_the_repeated_hour_defer_forward_not_into_the_past() -> None:
+    """New York, 2026-11-01: 01:00-01:59 happens twice. At the second 01:10 the quiet end 01:30 still
+    to come is the second one (an outside checker's D1: the send was dated at the first, 40 minutes
+    before its decision); at the first 01:10, the first one."""
+    ny = ZoneInfo("America/New_York")
+    p = MemoryProfile(customer_id=1, timezone="America/New_York")
+    nightly = camp("nightly", quiet=QuietHours(start=time(0), end=time(1, 30), fallback_zone="UTC"))
+    second, first = ms("2026-11-01T06:10"), ms("2026-11-01T05:10")  # 01:10 EST, 01:10 EDT
+    d = run(rules(nightly), p, now_ms=second)
+    assert local_datetime(d.send_at_ms, ny).isoformat() == "2026-11-01T01:30:00-05:00"
+    assert "deferred to 2026-11-01 01:30 EST" in d.suppressions[0].detail
+    assert local_datetime(run(rules(nightly), p, now_ms=first).send_at_ms, ny).isoformat() == (
+        "2026-11-01T01:30:00-04:00"
+    )
+    for seed in range(5):
+        scored = run(rules(nightly), p, now_ms=second, scorer=RandomScorer(), seed=seed)
+        assert scored.send_at_ms >= second
+    # Triggered: the event at the second 01:00 plus 5 minutes is deferred to the second 01:30.
+    rescue = camp(
+        "rescue",
+        trigger=Trigger("Cart Abandoned", delay_ms=5 * 60_000),
+        channels=ChannelPolicy(("email", "push"), mode="best"),
+        quiet=QuietHours(start=time(23), end=time(1, 30), fallback_zone="UTC"),
+    )
+    event = {"event": "Cart Abandoned", "ts_ms": ms("2026-11-01T06:00")}
+    for scorer in (None, RandomScorer()):
+        d = run(rules(rescue), p, now_ms=ms("2026-11-01T06:00"), event=event, scorer=scorer)
+        assert local_datetime(d.send_at_ms, ny).isoformat() == "2026-11-01T01:30:00-05:00"
+    # St John's (-02:30 summer, -03:30 winter), a learner-chosen slot: at the second 01:25, 01:45 then.
+    johns = ZoneInfo("America/St_Johns")
+    q = camp("q", quiet=QuietHours(start=time(1), end=time(1, 45), fallback_zone="UTC"))
+    now = ms("2026-11-01T01:25", "America/St_Johns") + HOUR_MS  # the fold=0 01:25 is the first
+    assert local_datetime(now, johns).isoformat() == "2026-11-01T01:25:00-03:30"
+    for seed in range(5):
+        d = run(
+            rules(q),
+            MemoryProfile(customer_id=1, timezone="America/St_Johns"),
+            now_ms=now,
+            scorer=RandomScorer(),
+            seed=seed,
+        )
+        assert d.send_at_ms >= now
+    d = run(rules(q), MemoryProfile(customer_id=1, timezone="America/St_Johns"), now_ms=now)
+    assert local_datetime(d.send_at_ms, johns).isoformat() == "2026-11-01T01:45:00-03:30"
+
+
+def test_quiet_hours_ending_in_a_spring_forward_gap_end_when_the_clock_jumps_past_them() -> None:
+    """Berlin, 2026-03-29: 02:00 becomes 03:00. Quiet until 02:30 ends at 03:00 summer time, the
+    first instant the clock shows an allowed time (until session 24: 03:30)."""
+    quiet = QuietHours(start=time(21), end=time(2, 30), fallback_zone="Europe/Berlin")
+    d = run(
+        rules(camp("w", quiet=quiet)),
+        MemoryProfile(customer_id=1),
+        now_ms=ms("2026-03-28T22:30", "Europe/Berlin"),
+    )
+    assert local_datetime(d.send_at_ms, ZoneInfo("Europe/Berlin")).isoformat() == "2026-03-29T03:00:00+02:00"
+
+
+@pytest.mark.parametrize("action", ["defer", "drop"])
+def test_quiet_hours_with_equal_ends_cover_the_whole_day(action: str) -> None:
+    """``quiet 08:00..08:00``: what the linter's W505 says (the campaign can never send), at any hour,
+    deferred or dropped alike (until session 24 the range was empty and it sent at every hour)."""
+    quiet = QuietHours(start=time(8), end=time(8), fallback_zone="UTC", action=action)  # type: ignore[arg-type]
+    for hour in (0, 3, 8, 12, 23):
+        for scorer in (None, RandomScorer()):
+            d = run(rules(camp("e", quiet=quiet)), now_ms=ms(f"2026-12-01T{hour:02}:30"), scorer=scorer)
+            assert d.action == "none" and d.suppressed("e", "quiet")
+            assert d.suppressions[0].detail.endswith(
+                "inside quiet hours 08:00..08:00 UTC (the whole day): dropped"
+            )
 
 
 def test_spacing_and_calendar_cap_in_customer_zone() -> None:
@@ -626,6 +698,33 @@ def test_no_decision_breaks_a_cap(
             assert not _peak_violated(counted, t, cap.window_ms, cap.count), cap
 
 
+def _first_allowed_by_minute(quiet: QuietHours, now: int, tz: ZoneInfo) -> int | None:
+    """Independent oracle: ``now`` when its wall clock is allowed, else the first whole minute after it
+    that is (quiet ends and every zone's changes of offset fall on whole minutes), in real order."""
+    if not is_quiet(quiet, local_datetime(now, tz).time()):
+        return now
+    t = (now // 60_000 + 1) * 60_000
+    for _ in range(2 * 24 * 60):
+        if not is_quiet(quiet, local_datetime(t, tz).time()):
+            return t
+        t += 60_000
+    return None
+
+
+def _check_quiet_decision(d: Decision, quiet: QuietHours, tz: ZoneInfo, now: int, scored: bool) -> None:
+    """No send inside quiet hours, none before its decision; unscored, exactly the first allowed instant."""
+    local_now = local_datetime(now, tz)
+    if d.action == "send":
+        assert d.send_at_ms is not None and d.send_at_ms >= now, (local_now, quiet)
+        local = local_datetime(d.send_at_ms, tz)
+        assert not is_quiet(quiet, local.time()), (local, quiet)
+        if not scored:
+            assert d.send_at_ms == _first_allowed_by_minute(quiet, now, tz), (local_now, local, quiet)
+    else:
+        assert is_quiet(quiet, local_now.time()) and d.suppressed("q", "quiet")
+        assert quiet.action == "drop" or quiet.whole_day, (local_now, quiet)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     zone=st.sampled_from(ZONES),
@@ -633,42 +732,99 @@ def test_no_decision_breaks_a_cap(
     minute=st.integers(0, 48 * 60),
     start=st.integers(0, 23),
     end=st.integers(0, 23),
+    start_minute=st.sampled_from([0, 10, 30, 45]),
+    end_minute=st.sampled_from([0, 10, 30, 45]),
     action=st.sampled_from(["defer", "drop"]),
     scored=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_no_send_inside_quiet_hours_across_dst(
-    zone: str | None, day: int, minute: int, start: int, end: int, action: str, scored: bool, seed: int
+    zone: str | None,
+    day: int,
+    minute: int,
+    start: int,
+    end: int,
+    start_minute: int,
+    end_minute: int,
+    action: str,
+    scored: bool,
+    seed: int,
 ) -> None:
     quiet = QuietHours(
-        start=time(start, 30 if start == 2 else 0),
-        end=time(end, 30 if end == 2 else 0),
+        start=time(start, start_minute),
+        end=time(end, end_minute),
         fallback_zone="America/New_York",
         action=action,
     )  # type: ignore[arg-type]
     now = day + minute * 60_000
-    profile = MemoryProfile(customer_id=seed, timezone=zone)
     d = run(
         rules(camp("q", quiet=quiet)),
-        profile,
+        MemoryProfile(customer_id=seed, timezone=zone),
         now_ms=now,
         scorer=RandomScorer() if scored else None,
         seed=seed,
     )
-    tz = ZoneInfo(zone or "America/New_York")
-    local_now = local_datetime(now, tz)
-    if d.action == "send":
-        assert d.send_at_ms is not None and d.send_at_ms >= now
-        local = local_datetime(d.send_at_ms, tz)
-        assert not is_quiet(quiet, local.time()), (local, quiet)
-        if not scored:
-            # Deterministic: now, unless quiet; then the first allowed minute after it.
-            if is_quiet(quiet, local_now.time()):
-                assert local.time().replace(second=0) >= quiet.end or local.astimezone(UTC) > local_now
-            else:
-                assert d.send_at_ms == now
-    else:
-        assert action == "drop" and is_quiet(quiet, local_now.time()) and d.suppressed("q", "quiet")
+    _check_quiet_decision(d, quiet, ZoneInfo(zone or "America/New_York"), now, scored)
+
+
+#: Zones and a UTC instant before their 2026 fall-back change (Lord Howe's is half an hour;
+#: Santiago's repeats 23:00-23:59; St John's is 3:30 behind UTC in winter).
+FALL_BACKS = [
+    ("Europe/Berlin", ms("2026-10-25T00:00")),
+    ("America/New_York", ms("2026-11-01T00:00")),
+    ("America/St_Johns", ms("2026-11-01T00:00")),
+    ("Australia/Sydney", ms("2026-04-04T00:00")),
+    ("Australia/Lord_Howe", ms("2026-04-04T00:00")),
+    ("America/Santiago", ms("2026-04-04T12:00")),
+]
+
+
+def _fall_back(zone: str, after: int) -> tuple[int, time, int]:
+    """(the change, the first repeated wall-clock time, minutes repeated), found minute by minute."""
+    tz = ZoneInfo(zone)
+    t = after
+    while local_datetime(t + 60_000, tz).utcoffset() == local_datetime(t, tz).utcoffset():
+        t += 60_000
+    change = t + 60_000
+    before, after_change = local_datetime(t, tz).utcoffset(), local_datetime(change, tz).utcoffset()
+    assert before is not None and after_change is not None and after_change < before
+    return change, local_datetime(change, tz).time(), int((before - after_change).total_seconds()) // 60
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    place=st.sampled_from(FALL_BACKS),
+    end_into=st.floats(0, 1, exclude_max=True),
+    start=st.integers(0, 24 * 60 - 1),
+    around=st.integers(-100 * 60, 100 * 60),
+    action=st.sampled_from(["defer", "drop"]),
+    scored=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_quiet_hours_ending_in_a_repeated_hour_defer_forward_in_real_time(
+    place: tuple[str, int], end_into: float, start: int, around: int, action: str, scored: bool, seed: int
+) -> None:
+    """A quiet range that ends inside the hour a fall-back night passes twice, decided around the change
+    (seconds apart): the send is the first allowed instant in real order, never before the decision. Until
+    session 24 a time in the second pass deferred to the end's *first* pass (outside checker, D1)."""
+    zone, after = place
+    change, repeated, minutes = _fall_back(zone, after)
+    end_minute = repeated.hour * 60 + repeated.minute + int(end_into * minutes)
+    quiet = QuietHours(
+        start=time(start // 60, start % 60),
+        end=time(end_minute // 60, end_minute % 60),
+        fallback_zone="UTC",
+        action=action,
+    )  # type: ignore[arg-type]
+    now = change + around * 1000
+    d = run(
+        rules(camp("q", quiet=quiet)),
+        MemoryProfile(customer_id=seed, timezone=zone),
+        now_ms=now,
+        scorer=RandomScorer() if scored else None,
+        seed=seed,
+    )
+    _check_quiet_decision(d, quiet, ZoneInfo(zone), now, scored)
 
 
 @settings(max_examples=60, deadline=None)

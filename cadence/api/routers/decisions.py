@@ -111,10 +111,21 @@ def _ms(at: datetime | None, app: FastAPI) -> int:
         return int(app.state.runtime.clock.now_ms())
     if at.tzinfo is None:
         raise HTTPException(422, detail="at: give a time zone offset, e.g. 2026-03-05T08:00:00+01:00")
-    if not AT_FIRST <= at < AT_END:
+    return _ranged_ms(at, "at")
+
+
+def _ranged_ms(when: datetime, field: str) -> int:
+    """``when`` (zone-aware) in epoch ms, or a 422 naming ``field`` when it is outside :data:`AT_FIRST`..:data:`AT_END`.
+
+    >>> _ranged_ms(datetime(9999, 12, 31, 23, tzinfo=UTC), "event.timestamp")
+    Traceback (most recent call last):
+    ...
+    fastapi.exceptions.HTTPException: 422: event.timestamp: a time between 1970-01-01 and 8999-12-31 (UTC)
+    """
+    if not AT_FIRST <= when < AT_END:
         # the send times, quiet hours and calendar days around it must be datetimes too (year 1..9999)
-        raise HTTPException(422, detail="at: a time between 1970-01-01 and 8999-12-31 (UTC)")
-    return int(at.timestamp() * 1000)
+        raise HTTPException(422, detail=f"{field}: a time between 1970-01-01 and 8999-12-31 (UTC)")
+    return int(when.timestamp() * 1000)
 
 
 def _campaigns(item: DecisionRequest, ruleset: CompiledRuleset) -> list[str] | None:
@@ -1024,9 +1035,22 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 def _event_of(item: DecisionRequest, now: int) -> dict[str, Any] | None:
+    """The trigger event of ``item`` as ``decide()`` reads it; a 422 naming ``event.timestamp`` out of range.
+
+    A timestamp without offset is UTC, as the ingestion API reads event times (events.md), not the
+    server's own zone; without a timestamp the event happens at the decision's time.
+
+    >>> item = DecisionRequest(customer_id="u", event={"event": "Cart Abandoned", "timestamp": "2027-03-10T12:00:00"})
+    >>> _event_of(item, 0)["ts_ms"] == datetime(2027, 3, 10, 12, tzinfo=UTC).timestamp() * 1000
+    True
+    """
     if item.event is None:
         return None
-    ts = int(item.event.timestamp.timestamp() * 1000) if item.event.timestamp else now
+    stamp = item.event.timestamp
+    if stamp is None:
+        ts = now
+    else:
+        ts = _ranged_ms(stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC), "event.timestamp")
     return {"event": item.event.event, "ts_ms": ts, "properties": item.event.properties}
 
 
@@ -1188,7 +1212,7 @@ async def decide_batch(
     for index, item in enumerate(body.requests):
         # a request the whole batch is refused for is named, as pydantic names its own errors
         try:
-            _ms(item.at, request.app)
+            _event_of(item, _ms(item.at, request.app))
             if ruleset is not None:
                 _campaigns(item, ruleset)
         except HTTPException as exc:
