@@ -412,7 +412,9 @@ campaign daily "Daily" {
     # 'calendar' before 'on' reads the same (it was a parse error, "unexpected 'on'", with no hint)
     swapped = load(text.replace("cap 2 per 7d on sms calendar", "cap 2 per 7d calendar on sms"))
     assert swapped.ok and swapped.ruleset.settings.caps == result.ruleset.settings.caps
-    assert "cap       2 per 7d on sms calendar" in format_text(text.replace("on sms calendar", "calendar on sms"))
+    assert "cap       2 per 7d on sms calendar" in format_text(
+        text.replace("on sms calendar", "calendar on sms")
+    )
 
     bad = load(HEADER + "settings {\n    cap 1 per 36h calendar\n}\n")
     assert not bad.ok
