@@ -331,9 +331,8 @@ class LearnerSubscriber:
         # Read in the transaction that loads them: a follower compares it with the stored one (see
         # cadence.api.routers.jobs) and reloads only when the leader stored or pinned another since.
         self.loaded_marker = snapshot_marker(conn, name=self.name)
-        self._erasures = _erasure_mark(
-            conn
-        )  # the snapshots loaded forget every customer erased so far (below)
+        # The snapshots loaded forget every customer erased so far (below).
+        self._erasures = _erasure_mark(conn)
         latest = self._adopted(load_snapshot(conn, name=self.name), what="latest", relearn=self._log_complete)
         self._backfill = None
         if latest is None:
