@@ -28,6 +28,7 @@ from cadence.engine.attribution.online import (
     channel_interactions,
     kept_windows,
     query_attribution,
+    ruleset_of,
     specs_of,
     unattributed_share,
 )
@@ -185,11 +186,17 @@ def attribution_page(
         untouched, total = unattributed_share(
             conn, spec=spec, window_days=window_days, since_day=since_day, until_day=until_day
         )
+        ruleset = ruleset_of(runtime)
         lifts = holdout_lifts(
             conn,
             since_ms=since_day * 86_400_000,
             until_ms=(until_day + 1) * 86_400_000,
             conversion_event=blocks[spec].conversion_event,
+            campaigns=[
+                name
+                for name, campaign in (ruleset.campaigns.items() if ruleset is not None else ())
+                if any(arm.holdout for arm in campaign.split)
+            ],
         )
     if missing or (("causal", window_days) not in fits):
         errors.append(
@@ -280,7 +287,12 @@ def attribution_page(
 
 
 def holdout_lifts(
-    conn: Connection, *, since_ms: int, until_ms: int, conversion_event: str = "Order Completed"
+    conn: Connection,
+    *,
+    since_ms: int,
+    until_ms: int,
+    conversion_event: str = "Order Completed",
+    campaigns: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Measured lift per campaign with a holdout arm: customers by assigned arm, intent to treat.
 
@@ -295,33 +307,31 @@ def holdout_lifts(
     and before ``until_ms``. The arms are independent samples of customers, so the
     interval is the one of a difference of two proportions.
 
-    Reads one explanation per customer (their first decision in the range; all of their
-    decisions in the range only when that one drew no arm of a campaign), then the
+    ``campaigns`` are those known to have a holdout arm (the loaded rules'); any other
+    campaign some decision read held a customer out of is measured too. Reads one
+    explanation per customer (their first decision in the range; all of their decisions
+    in the range only when that one drew no arm of such a campaign), then the
     customers' conversion day buckets and stats (:func:`converted_after`): the cost grows
     with the customers decided for, not with their decisions or the event log.
     """
-    # (customer, decided ms, campaigns held out of, campaigns assigned an arm of) per decision read
-    read: list[tuple[int, int, frozenset[str], frozenset[str]]] = []
+    # (customer, decided ms, campaigns held out of, campaigns it drew an arm of) per decision read:
+    # tuples of strings, which the garbage collector stops tracking (thousands of live parsed
+    # explanations, or sets, made its passes cost more than the parsing).
+    read: list[tuple[int, int, tuple[str, ...], tuple[str, ...]]] = []
     exhausted: set[int] = set()  # customers whose every decision in the range has been read
 
-    def take(rows: Sequence[tuple[int, int, Any]]) -> None:
-        for customer_id, decided_ms, explanation in rows:
-            info = orjson.loads(explanation)  # as text: psycopg's own json loader is the stdlib's
-            held = frozenset(info.get("holdout") or ())
+    def take(rows: Sequence[tuple[int, int, str]]) -> None:
+        for customer_id, decided_ms, text in rows:
+            info = orjson.loads(text)  # as text: psycopg's own json loader is the stdlib's
             early = {
                 s["campaign"] for s in info.get("suppressions", ()) if s["reason"] in BEFORE_SPLIT_REASONS
             }
-            read.append(
-                (
-                    customer_id,
-                    decided_ms,
-                    held,
-                    frozenset(c for c in info.get("conditions", ()) if c not in early),
-                )
-            )
+            # A campaign missing from the conditions was not decided about (a request naming others).
+            drawn = tuple(c for c in info.get("conditions") or () if c not in early)
+            read.append((customer_id, decided_ms, tuple(info.get("holdout") or ()), drawn))
 
-    # Most customers are assigned every arm by their first decision in the range: read those
-    # first (one explanation per customer), then all of the range's decisions of the others.
+    # Most customers draw every arm in their first decision of the range: read those first
+    # (one explanation per customer), then all of the range's decisions of the others.
     take(
         fetch_rows(
             conn,
@@ -333,11 +343,13 @@ def holdout_lifts(
         )
     )
     while True:
-        experiments = frozenset().union(*(held for _c, _ms, held, _a in read))
-        covered: dict[int, set[str]] = {}
-        for customer_id, _ms, _held, assigned in read:
-            covered.setdefault(customer_id, set()).update(assigned & experiments)
-        pending = [c for c, got in covered.items() if c not in exhausted and len(got) < len(experiments)]
+        experiments = sorted({*campaigns, *(c for _c, _ms, held, _drawn in read for c in held)})
+        first = _first_assignments(read, experiments)
+        pending = [
+            c
+            for c in {customer_id for customer_id, _ms, _held, _drawn in read}
+            if c not in exhausted and any(c not in first[campaign] for campaign in experiments)
+        ]
         if not pending:
             break
         exhausted.update(pending)
@@ -351,14 +363,7 @@ def holdout_lifts(
                 until_ms,
             )
         )
-    first: dict[str, dict[int, tuple[int, bool]]] = {c: {} for c in experiments}  # customer -> (ms, held)
-    for customer_id, decided_ms, held, assigned in read:
-        for campaign in assigned & experiments:
-            arms = first[campaign]
-            seen = arms.get(customer_id)
-            if seen is None or decided_ms < seen[0]:
-                arms[customer_id] = (decided_ms, campaign in held)
-    assigned = {c: first[c] for c in sorted(experiments)}
+    assigned = {c: first[c] for c in experiments}
     converted = converted_after(
         conn,
         {(customer, ms) for arms in assigned.values() for customer, (ms, _held) in arms.items()},
@@ -390,6 +395,24 @@ def holdout_lifts(
                 }
             )
     return out
+
+
+def _first_assignments(
+    read: Sequence[tuple[int, int, tuple[str, ...], tuple[str, ...]]], campaigns: Sequence[str]
+) -> dict[str, dict[int, tuple[int, bool]]]:
+    """Per campaign, each customer's first decision of ``read`` (customer, decided ms, campaigns
+    held out of, campaigns it drew an arm of) that drew them an arm of it: customer ->
+    (decided ms, True when that arm is the holdout)."""
+    first: dict[str, dict[int, tuple[int, bool]]] = {c: {} for c in campaigns}
+    for customer_id, decided_ms, held, drawn in read:
+        for campaign in campaigns:
+            if campaign not in drawn:
+                continue
+            arms = first[campaign]
+            seen = arms.get(customer_id)
+            if seen is None or decided_ms < seen[0]:
+                arms[customer_id] = (decided_ms, campaign in held)
+    return first
 
 
 def converted_after(

@@ -524,3 +524,77 @@ def test_conversions_count_from_the_first_assignment_to_the_ranges_end(
             conversion_event="Order Completed",
         )
     assert sorted(name for name, cid in ids.items() if (cid, t) in got) == ["b", "d", "e"]
+
+
+GATED = """
+campaign gated "Gated" {
+    send      template "gated"
+    channel   email
+    audience  count("Page Viewed") >= 1
+    split     holdout 50%, main 50%
+}
+"""
+
+
+def test_holdout_lift_starts_at_the_decision_that_drew_the_arm(runtime: Runtime, tmp_path: Path) -> None:
+    # Out of the audience on day 0, nobody draws an arm; everyone views a page and orders on
+    # day 1, then is decided for (and assigned) on day 2: the orders came before their
+    # assignment and count for no arm.
+    from cadence.api import ui_pages
+
+    app = app_with_rules(runtime, tmp_path, gated=GATED)
+    start = (now_ms() // 86_400_000 - 12) * 86_400_000
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
+        decide = {"X-API-Key": create_key(engine, name="decide", scopes=["decide"])}
+        runtime.extensions["rules"].reload().raise_for_errors()
+
+        def track(event: str, i: int, ms: int) -> dict[str, Any]:
+            return {
+                "type": "track",
+                "event": event,
+                "userId": f"g{i}",
+                "messageId": f"{event}{i}",
+                "timestamp": ms_to_iso(ms),
+            }
+
+        people = [
+            {
+                "type": "identify",
+                "userId": f"g{i}",
+                "messageId": f"g{i}",
+                "traits": {"consent": {"email": True}},
+            }
+            for i in range(40)
+        ]
+        assert client.post("/v1/batch", json={"batch": people}, headers=ingest).status_code == 200
+        held = {}
+        for day in (0, 2):
+            if day == 2:
+                later = [track("Page Viewed", i, start + 86_400_000) for i in range(40)]
+                later += [track("Order Completed", i, start + 86_400_000 + 3_600_000) for i in range(40)]
+                assert client.post("/v1/batch", json={"batch": later}, headers=ingest).status_code == 200
+                app.state.engine_loop.catch_up()
+            at = ms_to_iso(start + day * 86_400_000 + 36_000_000)
+            requests = [{"customer_id": f"g{i}", "at": at, "mode": "commit"} for i in range(40)]
+            answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
+            assert answer.status_code == 200, answer.text
+            for i, d in enumerate(answer.json()["decisions"]):
+                if day == 0:
+                    assert [s["reason"] for s in d["explanation"]["suppressions"]] == ["audience"]
+                held[i] = "gated" in d["explanation"]["holdout"]
+        with engine.connect() as conn:
+            (row,) = ui_pages.holdout_lifts(
+                conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000, campaigns=["gated"]
+            )
+        key = create_key(engine, name="viewer", scopes=["ingest"])
+        page = client.get("/ui/attribution", params={"key": key}).text
+    n_held = sum(held.values())
+    assert (row["treated"], row["held_out"]) == (40 - n_held, n_held)
+    assert row["treated_rate"] == row["held_out_rate"] == 0.0
+    # The page knows the campaign has a holdout arm from the rules.
+    cells = (
+        f'<td>gated</td><td class="n">{40 - n_held}</td><td class="n">{n_held}</td><td class="n">0.0%</td>'
+    )
+    assert cells in page
