@@ -308,62 +308,18 @@ def holdout_lifts(
     interval is the one of a difference of two proportions.
 
     ``campaigns`` are those known to have a holdout arm (the loaded rules'); any other
-    campaign some decision read held a customer out of is measured too. Reads one
-    explanation per customer (their first decision in the range; all of their decisions
-    in the range only when that one drew no arm of such a campaign), then the
-    customers' conversion day buckets and stats (:func:`converted_after`): the cost grows
-    with the customers decided for, not with their decisions or the event log.
+    campaign a decision held a customer out of is measured too (the range is read twice
+    then). Parses one explanation per customer when their first decision in the range drew
+    every arm, more only for customers a campaign's earlier checks (``audience``,
+    ``unless``, trigger) kept out of its split; then reads the customers' conversion day
+    buckets and stats (:func:`converted_after`), never the whole event log.
     """
-    # (customer, decided ms, campaigns held out of, campaigns it drew an arm of) per decision read:
-    # tuples of strings, which the garbage collector stops tracking (thousands of live parsed
-    # explanations, or sets, made its passes cost more than the parsing).
-    read: list[tuple[int, int, tuple[str, ...], tuple[str, ...]]] = []
-    exhausted: set[int] = set()  # customers whose every decision in the range has been read
-
-    def take(rows: Sequence[tuple[int, int, str]]) -> None:
-        for customer_id, decided_ms, text in rows:
-            info = orjson.loads(text)  # as text: psycopg's own json loader is the stdlib's
-            early = {
-                s["campaign"] for s in info.get("suppressions", ()) if s["reason"] in BEFORE_SPLIT_REASONS
-            }
-            # A campaign missing from the conditions was not decided about (a request naming others).
-            drawn = tuple(c for c in info.get("conditions") or () if c not in early)
-            read.append((customer_id, decided_ms, tuple(info.get("holdout") or ()), drawn))
-
-    # Most customers draw every arm in their first decision of the range: read those first
-    # (one explanation per customer), then all of the range's decisions of the others.
-    take(
-        fetch_rows(
-            conn,
-            "SELECT d.customer_id, d.decided_at_ms, CAST(d.explanation AS TEXT) FROM decisions d JOIN ("
-            "SELECT customer_id, MIN(decided_at_ms) AS first_ms FROM decisions "
-            "WHERE decided_at_ms >= ? AND decided_at_ms < ? GROUP BY customer_id"
-            ") f ON d.customer_id = f.customer_id AND d.decided_at_ms = f.first_ms",
-            (since_ms, until_ms),
+    first, found = _first_assignments(conn, since_ms=since_ms, until_ms=until_ms, campaigns=campaigns)
+    if found:  # held-out campaigns the first reading did not know of: read again, looking for them too
+        first, _found = _first_assignments(
+            conn, since_ms=since_ms, until_ms=until_ms, campaigns={*campaigns, *found}
         )
-    )
-    while True:
-        experiments = sorted({*campaigns, *(c for _c, _ms, held, _drawn in read for c in held)})
-        first = _first_assignments(read, experiments)
-        pending = [
-            c
-            for c in {customer_id for customer_id, _ms, _held, _drawn in read}
-            if c not in exhausted and any(c not in first[campaign] for campaign in experiments)
-        ]
-        if not pending:
-            break
-        exhausted.update(pending)
-        take(
-            fetch_in(
-                conn,
-                "SELECT customer_id, decided_at_ms, CAST(explanation AS TEXT) FROM decisions "
-                "WHERE decided_at_ms >= ? AND decided_at_ms < ? AND customer_id IN_VALUES",
-                pending,
-                since_ms,
-                until_ms,
-            )
-        )
-    assigned = {c: first[c] for c in experiments}
+    assigned = {c: first[c] for c in sorted(first)}
     converted = converted_after(
         conn,
         {(customer, ms) for arms in assigned.values() for customer, (ms, _held) in arms.items()},
@@ -398,21 +354,52 @@ def holdout_lifts(
 
 
 def _first_assignments(
-    read: Sequence[tuple[int, int, tuple[str, ...], tuple[str, ...]]], campaigns: Sequence[str]
-) -> dict[str, dict[int, tuple[int, bool]]]:
-    """Per campaign, each customer's first decision of ``read`` (customer, decided ms, campaigns
-    held out of, campaigns it drew an arm of) that drew them an arm of it: customer ->
-    (decided ms, True when that arm is the holdout)."""
+    conn: Connection, *, since_ms: int, until_ms: int, campaigns: Collection[str]
+) -> tuple[dict[str, dict[int, tuple[int, bool]]], set[str]]:
+    """Per campaign of ``campaigns``, each customer's first decision in the range that drew
+    them an arm of it: customer -> (decided ms, True when that arm is the holdout); and the
+    campaigns the decisions held customers out of that ``campaigns`` lacks.
+
+    The decisions come in time order, and a customer's explanation is parsed only until
+    they have an arm of every campaign: with the loaded rules' holdout campaigns known,
+    one explanation per customer when their first decision drew every arm. A campaign
+    found on the way was not looked for in the decisions read before: the caller reads
+    again, knowing it.
+    """
     first: dict[str, dict[int, tuple[int, bool]]] = {c: {} for c in campaigns}
-    for customer_id, decided_ms, held, drawn in read:
-        for campaign in campaigns:
-            if campaign not in drawn:
+    found: set[str] = set()
+    done: set[int] = set()  # customers with an arm of every campaign of ``first``
+    for customer_id, decided_ms, text in fetch_rows(
+        conn,
+        # As text: psycopg's own json loader is the stdlib's.
+        "SELECT customer_id, decided_at_ms, CAST(explanation AS TEXT) FROM decisions "
+        "WHERE decided_at_ms >= ? AND decided_at_ms < ? ORDER BY decided_at_ms",
+        (since_ms, until_ms),
+    ):
+        if customer_id in done:
+            continue
+        info = orjson.loads(text)
+        held = info.get("holdout") or ()
+        for campaign in held:
+            if campaign not in first:
+                found.add(campaign)
+                first[campaign] = {}
+        # A campaign missing from the conditions was not decided about (a request naming others).
+        considered = info.get("conditions") or {}
+        early = {s["campaign"] for s in info.get("suppressions", ()) if s["reason"] in BEFORE_SPLIT_REASONS}
+        missing = False
+        for campaign, arms in first.items():
+            if customer_id in arms:
                 continue
-            arms = first[campaign]
-            seen = arms.get(customer_id)
-            if seen is None or decided_ms < seen[0]:
-                arms[customer_id] = (decided_ms, campaign in held)
-    return first
+            if campaign in held:
+                arms[customer_id] = (decided_ms, True)
+            elif campaign in considered and campaign not in early:
+                arms[customer_id] = (decided_ms, False)
+            else:
+                missing = True
+        if not missing:
+            done.add(customer_id)
+    return first, found
 
 
 def converted_after(
