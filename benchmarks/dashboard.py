@@ -6,7 +6,9 @@ would have derived from them at that scale (attribution credits for every model 
 window per day, channel and campaign, and per day and channel; coalition and path
 tallies; the open journeys of the last 90 days; the last 90 days of exposures the
 causal model is fitted on; campaign day counts; the send queue with its sent and
-suppressed rows; identities and one profile per looked-up customer). Rows are written
+suppressed rows; identities and one profile per looked-up customer; the decisions committed
+in the last 30 days, N/20 of them, and the decided customers' orders, which the holdout lift
+reads). Rows are written
 in bulk (COPY on PostgreSQL) rather than through the engine loop, which has its own
 benchmark. The materialised fits (``shapley``, ``shapley_ordered``, ``markov``,
 ``causal``) are then computed by the leader's refresh, timed: that is the background
@@ -271,6 +273,143 @@ def fill(engine: Engine, *, touchpoints: int, today: int, seed: int = 3) -> dict
         "created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         queue(),
     )
+    counts.update(_fill_decisions(engine, rng, customers=customers, decisions=touchpoints // 20, today=today))
+    return counts
+
+
+#: The example rules' campaign with a holdout arm (10%), whose lift the attribution page measures,
+#: and the other message campaigns every decision considers.
+HOLDOUT_CAMPAIGN = "winback"
+OTHER_CAMPAIGNS = ("welcome", "welcome_tips", "cart_rescue", "newsletter", "reengage")
+
+
+def _fill_decisions(
+    engine: Engine, rng: random.Random, *, customers: int, decisions: int, today: int
+) -> dict[str, int]:
+    """Decisions committed over the last 30 days, and the orders of 8% of the decided customers in
+    those days (day buckets and last-order stats, as the profile subscriber keeps them): what the
+    holdout lift reads. Each decision considers the example rules' message campaigns; half the
+    customers are outside ``HOLDOUT_CAMPAIGN``'s audience (never drawn an arm: the lift reads
+    all their decisions), the others are in its holdout arm (10%) or a sending arm."""
+    from cadence.engine.campaign import SplitArm
+    from cadence.engine.decide import split_arm, stable_share
+
+    arms = (SplitArm("holdout", 0.1, holdout=True), SplitArm("offer_x", 0.45), SplitArm("offer_y", 0.45))
+    start_ms = (today - 29) * DAY_MS
+    decided: set[int] = set()
+
+    def condition(stage: str, passed: bool) -> dict[str, object]:
+        return {
+            "text": 'count("Order Completed") >= 1',
+            "value": int(passed),
+            "passed": passed,
+            "stage": stage,
+        }
+
+    def rows() -> Iterator[tuple[object, ...]]:
+        for i in range(decisions):
+            customer = 2 + rng.randrange(customers - 1)  # customer 1 has a hand-made profile
+            decided.add(customer)
+            ts = start_ms + (i * 30 * DAY_MS) // decisions
+            eligible = stable_share(customer, "lapsed") < 0.5
+            arm = split_arm(arms, stable_share(customer, HOLDOUT_CAMPAIGN)) if eligible else None
+            held = arm is not None and arm.holdout
+            sent = HOLDOUT_CAMPAIGN if arm is not None and not held and i % 2 else OTHER_CAMPAIGNS[i % 5]
+            suppressions = [
+                {"campaign": c, "reason": "audience", "detail": "count(...) is 0", "channel": None}
+                for c in OTHER_CAMPAIGNS
+                if c != sent
+            ]
+            if arm is None:
+                suppressions.append(
+                    {
+                        "campaign": HOLDOUT_CAMPAIGN,
+                        "reason": "audience",
+                        "detail": "not lapsed",
+                        "channel": None,
+                    }
+                )
+            elif held:
+                suppressions.append(
+                    {
+                        "campaign": HOLDOUT_CAMPAIGN,
+                        "reason": "holdout",
+                        "detail": "in holdout arm 'holdout' (10%)",
+                        "channel": None,
+                    }
+                )
+            elif sent != HOLDOUT_CAMPAIGN:
+                suppressions.append(
+                    {
+                        "campaign": HOLDOUT_CAMPAIGN,
+                        "reason": "cap",
+                        "detail": "1 per 7d reached",
+                        "channel": "push",
+                    }
+                )
+            explanation = {
+                "summary": f"Send {sent} by email",
+                "conditions": {
+                    c: [condition("audience", c == sent or (c == HOLDOUT_CAMPAIGN and arm is not None))]
+                    for c in (HOLDOUT_CAMPAIGN, *OTHER_CAMPAIGNS)
+                },
+                "candidates": [
+                    {"campaign": sent, "channel": "email", "send_at": None, "score": 0.1, "arm": None}
+                ],
+                "suppressions": suppressions,
+                "holdout": [HOLDOUT_CAMPAIGN] if held else [],
+                "notes": [],
+            }
+            yield (
+                f"d{i}",
+                customer,
+                ts,
+                "send",
+                sent,
+                "email",
+                ts,
+                "t",
+                None,
+                "h",
+                orjson.dumps(explanation).decode(),
+                "{}",
+                "{}",
+                None,
+            )
+
+    counts = {
+        "decisions": _insert(
+            engine,
+            "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template, "
+            "arm, ruleset_hash, explanation, inputs, outcome, learner_position) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows(),
+        )
+    }
+    buyers = sorted(c for c in decided if rng.random() < 0.08)
+    days = {c: sorted({today - rng.randrange(30) for _ in range(rng.randint(1, 3))}) for c in buyers}
+    counts["profile_daily"] = _insert(
+        engine,
+        "INSERT INTO profile_daily (customer_id, event, day, count, sum_value) VALUES (?, ?, ?, ?, ?)",
+        ((c, "Order Completed", d, 1, 50.0) for c in buyers for d in days[c]),
+    )
+    _insert(
+        engine,
+        "INSERT INTO profile_event_stats (customer_id, event, count, sum_value, first_ms, last_ms, last_value) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            (
+                c,
+                "Order Completed",
+                len(days[c]),
+                50.0 * len(days[c]),
+                days[c][0] * DAY_MS,
+                days[c][-1] * DAY_MS + 3_600_000,
+                50.0,
+            )
+            for c in buyers
+        ),
+    )
     return counts
 
 
@@ -412,7 +551,8 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         f"per channel), {counts['attribution_touches']:,} open-journey touches, {counts['attribution_paths']:,} "
         f"path tallies, {counts['attribution_exposures']:,} exposures of the last 90 days, "
         f"{counts['campaign_daily']:,} campaign day counts, {counts['sends']:,} send-queue rows, "
-        f"{counts['identities']:,} identities. Each page through the app in-process (auth, queries, "
+        f"{counts['identities']:,} identities, {counts['decisions']:,} decisions committed in the last 30 days "
+        f"(one campaign with a 10% holdout arm, whose lift the attribution page measures). Each page through the app in-process (auth, queries, "
         f"rendering): server time, p50 and p95 of {runs} requests after a warm-up. Pages read stored "
         "aggregates and materialised fits only; the fits are refreshed by the leader in the background "
         f"(its cost is below). Load average {load:.1f} at the start.",

@@ -54,6 +54,7 @@ from cadence.engine.slots import (
 )
 
 __all__ = [
+    "BEFORE_SPLIT_REASONS",
     "WINDOW_SLOTS",
     "BulkScorer",
     "BulkScores",
@@ -77,6 +78,12 @@ _CHANNEL_DETAIL = {
 }
 #: The suppression reason of a channel block, where it is not the block's own name.
 _CHANNEL_REASON = {"no_opt_in": "consent"}
+
+
+#: Suppression reasons :func:`decide` gives a campaign before it draws the campaign's split arm:
+#: a decision suppressing a campaign for one of them assigned the customer no arm of it (for any
+#: other outcome, sent or not, the customer was assigned one: what a holdout lift counts).
+BEFORE_SPLIT_REASONS = frozenset({"not_started", "ended", "trigger", "audience", "unless"})
 
 
 def stable_share(customer_id: int, salt: str) -> float:

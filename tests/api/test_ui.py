@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -19,6 +21,11 @@ from cadence.engine.decisions_service import make_decision
 from cadence.runtime import Runtime
 from cadence.sim.demo import demo_events
 from cadence.store.schema.connectors import connector_state
+
+
+def ms_to_iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
+
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 PAGES = ("/ui/attribution", "/ui/campaigns", "/ui/decisions", "/ui/rules")
@@ -185,7 +192,7 @@ def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) ->
         assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
         app.state.engine_loop.catch_up()
         ruleset = runtime.extensions["rules"].reload().raise_for_errors()
-        held = treated = held_buyers = treated_buyers = 0
+        held = treated = sent = held_buyers = treated_buyers = 0
         with engine.begin() as conn:
             for i in range(40):
                 body = make_decision(
@@ -197,12 +204,16 @@ def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) ->
                     learners=None,
                     mode="commit",
                 )
-                held += "promo" in body["explanation"]["holdout"]
-                treated += body["action"] == "send"
+                # The lift counts customers by the arm they were assigned (intent to treat),
+                # sent or not: a few demo customers unsubscribed and are never sent.
+                in_holdout = "promo" in body["explanation"]["holdout"]
+                held += in_holdout
+                treated += not in_holdout
+                sent += body["action"] == "send"
                 if i < 10:  # these buy after the decision, below
-                    held_buyers += "promo" in body["explanation"]["holdout"]
-                    treated_buyers += body["action"] == "send"
-        assert held > 0 and treated > 0  # (a few demo customers unsubscribed: neither)
+                    held_buyers += in_holdout
+                    treated_buyers += not in_holdout
+        assert held > 0 and treated > sent > 0
         # Conversions after the decisions: every demo customer with an index below 10 buys.
         orders = [
             {
@@ -219,7 +230,7 @@ def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) ->
 
         key = create_key(engine, name="viewer", scopes=["ingest"])
         campaigns = client.get("/ui/campaigns", params={"key": key}).text
-        assert f"0 explored, {treated} exploited" in campaigns  # no learner: every send exploits
+        assert f"0 explored, {sent} exploited" in campaigns  # no learner: every send exploits
         assert '<td>holdout</td><td class="n">' + str(held) + "</td>" in campaigns
         attribution = client.get("/ui/attribution", params={"key": key}).text
         assert 'id="lifts"' in attribution and "<td>promo</td>" in attribution
@@ -361,3 +372,229 @@ def test_decisions_page_names_each_conditions_clause(runtime: Runtime, tmp_path:
                 rf'yes: <span class="pill clause" title="[^"]+">{words}</span> <code>{re.escape(text)}</code>',
                 conditions,
             ), (words, conditions[:2000])
+
+
+OFFER = """
+campaign offer "Offer" {
+    send      template "offer"
+    channel   email
+    cap       1 per 7d
+    split     holdout 50%, main 50%
+}
+"""
+
+
+def _lift_experiment(
+    runtime: Runtime, tmp_path: Path, buys: Callable[[int, bool], list[int]]
+) -> tuple[dict[str, Any], dict[int, bool], str]:
+    """60 customers (10 without email consent) decided for the campaign ``offer`` once a day for 7 days.
+
+    ``buys(i, held_out)`` gives the days (relative to the first decision) customer ``i``
+    orders on, at 12:00 UTC (the decisions are at 10:00). Returns the page's lift row for
+    ``offer``, each customer's arm (True: held out) and the attribution page's text.
+    """
+    from cadence.api import ui_pages
+
+    app = app_with_rules(runtime, tmp_path, offer=OFFER)
+    start = (now_ms() // 86_400_000 - 12) * 86_400_000
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
+        decide = {"X-API-Key": create_key(engine, name="decide", scopes=["decide"])}
+        runtime.extensions["rules"].reload().raise_for_errors()
+        people = [
+            {
+                "type": "identify",
+                "userId": f"h{i}",
+                "messageId": f"h{i}",
+                "traits": {"timezone": "UTC", "consent": {"email": i >= 10}},
+                "timestamp": ms_to_iso(start - 3 * 86_400_000),
+            }
+            for i in range(60)
+        ]
+        assert client.post("/v1/batch", json={"batch": people}, headers=ingest).status_code == 200
+        held: dict[int, bool] = {}
+        for day in range(7):
+            at = ms_to_iso(start + day * 86_400_000 + 36_000_000)
+            requests = [{"customer_id": f"h{i}", "at": at, "mode": "commit"} for i in range(60)]
+            answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
+            assert answer.status_code == 200, answer.text
+            for i, d in enumerate(answer.json()["decisions"]):
+                held.setdefault(i, "offer" in d["explanation"]["holdout"])
+        orders = [
+            {
+                "type": "track",
+                "event": "Order Completed",
+                "userId": f"h{i}",
+                "messageId": f"o{i}-{day}",
+                "properties": {"revenue": 10},
+                "timestamp": ms_to_iso(start + day * 86_400_000 + 43_200_000),
+            }
+            for i in range(60)
+            for day in buys(i, held[i])
+        ]
+        if orders:
+            assert client.post("/v1/batch", json={"batch": orders}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+        with engine.connect() as conn:
+            lifts = ui_pages.holdout_lifts(
+                conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000
+            )
+        key = create_key(engine, name="viewer", scopes=["ingest"])
+        page = client.get("/ui/attribution", params={"key": key}).text
+    (row,) = lifts
+    return row, held, page
+
+
+def test_holdout_lift_of_a_campaign_without_effect_contains_zero(runtime: Runtime, tmp_path: Path) -> None:
+    # The outside checker's case: every customer orders once (day 3), whatever they were
+    # sent. The page showed treated 31 (sends), held out 203 (decisions), 100% / 57.1%
+    # (a customer "converted" when their last order was after the decision) and a
+    # "significant" lift of 42.86%.
+    row, held, page = _lift_experiment(runtime, tmp_path, lambda i, held_out: [3])
+    n_held = sum(held.values())
+    # Per customer, by assigned arm: those without consent (never sent) count in theirs.
+    assert (row["treated"], row["held_out"]) == (60 - n_held, n_held)
+    assert 0 < n_held < 60
+    assert row["treated_rate"] == row["held_out_rate"] == 1.0
+    # Every customer converted in both arms: the interval still has a width (a normal
+    # approximation would give 0 to 0, as certain as a lift can look).
+    assert row["low"] < -0.05 and row["high"] > 0.05 and row["incremental"] == 0.0
+    assert f'<td>offer</td><td class="n">{60 - n_held}</td><td class="n">{n_held}</td>' in page
+    assert "Customers by the arm they were assigned" in page
+
+
+def test_holdout_lift_shows_a_real_effect(runtime: Runtime, tmp_path: Path) -> None:
+    # Half the treated arm orders after the first decision (day 2); the held-out customers
+    # order only before it (day -2), which does not count, and so do the treated ones
+    # without consent (never sent).
+    def buys(i: int, held_out: bool) -> list[int]:
+        return [-2] if held_out or i < 10 else ([-2, 2] if i % 2 else [-2])
+
+    row, held, _page = _lift_experiment(runtime, tmp_path, buys)
+    treated = [i for i in range(60) if not held[i]]
+    buyers = [i for i in treated if i >= 10 and i % 2]
+    assert (row["treated"], row["held_out"]) == (len(treated), 60 - len(treated))
+    assert row["treated_rate"] == pytest.approx(len(buyers) / len(treated))
+    assert row["held_out_rate"] == 0.0
+    assert row["low"] > 0.0 and row["incremental"] == pytest.approx(len(buyers))
+
+
+def test_conversions_count_from_the_first_assignment_to_the_ranges_end(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # The day of the assignment is split at its time: from the last conversion when that is
+    # on the day, else from the customer's events.
+    from cadence.api.ui_pages import converted_after
+    from cadence.engine.identity import customer_by_ref
+
+    day = now_ms() // 86_400_000 - 20
+    t = day * 86_400_000 + 36_000_000  # 10:00 on that day
+    at = {"early": 32_400_000, "late": 43_200_000, "next": 86_400_000 + 43_200_000, "after": 9 * 86_400_000}
+    orders = {
+        "a": ["early"],  # before the assignment only: no
+        "b": ["late"],  # after it, the same day: yes
+        "c": ["early", "after"],  # before it, and after the range: no (read from the events)
+        "d": ["late", "after"],  # yes (read from the events)
+        "e": ["next"],  # the next day: yes
+        "f": ["after"],  # after the range only: no
+    }
+    calls = [
+        {
+            "type": "track",
+            "event": "Order Completed",
+            "userId": name,
+            "messageId": f"{name}-{when}",
+            "timestamp": ms_to_iso(day * 86_400_000 + at[when]),
+        }
+        for name, whens in orders.items()
+        for when in whens
+    ]
+    app = app_with_rules(runtime, tmp_path, offer=OFFER)
+    with TestClient(app) as client:
+        ingest = {"X-API-Key": create_key(runtime.engine, name="ingest", scopes=["ingest"])}
+        assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+    with runtime.engine.connect() as conn:
+        ids = {name: customer_by_ref(conn, name) for name in orders}
+        got = converted_after(
+            conn,
+            {(cid, t) for cid in ids.values()},
+            until_ms=(day + 5) * 86_400_000,
+            conversion_event="Order Completed",
+        )
+    assert sorted(name for name, cid in ids.items() if (cid, t) in got) == ["b", "d", "e"]
+
+
+GATED = """
+campaign gated "Gated" {
+    send      template "gated"
+    channel   email
+    audience  count("Page Viewed") >= 1
+    split     holdout 50%, main 50%
+}
+"""
+
+
+def test_holdout_lift_starts_at_the_decision_that_drew_the_arm(runtime: Runtime, tmp_path: Path) -> None:
+    # Out of the audience on day 0, nobody draws an arm; everyone views a page and orders on
+    # day 1, then is decided for (and assigned) on day 2: the orders came before their
+    # assignment and count for no arm.
+    from cadence.api import ui_pages
+
+    app = app_with_rules(runtime, tmp_path, gated=GATED)
+    start = (now_ms() // 86_400_000 - 12) * 86_400_000
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
+        decide = {"X-API-Key": create_key(engine, name="decide", scopes=["decide"])}
+        runtime.extensions["rules"].reload().raise_for_errors()
+
+        def track(event: str, i: int, ms: int) -> dict[str, Any]:
+            return {
+                "type": "track",
+                "event": event,
+                "userId": f"g{i}",
+                "messageId": f"{event}{i}",
+                "timestamp": ms_to_iso(ms),
+            }
+
+        people = [
+            {
+                "type": "identify",
+                "userId": f"g{i}",
+                "messageId": f"g{i}",
+                "traits": {"consent": {"email": True}},
+            }
+            for i in range(40)
+        ]
+        assert client.post("/v1/batch", json={"batch": people}, headers=ingest).status_code == 200
+        held = {}
+        for day in (0, 2):
+            if day == 2:
+                later = [track("Page Viewed", i, start + 86_400_000) for i in range(40)]
+                later += [track("Order Completed", i, start + 86_400_000 + 3_600_000) for i in range(40)]
+                assert client.post("/v1/batch", json={"batch": later}, headers=ingest).status_code == 200
+                app.state.engine_loop.catch_up()
+            at = ms_to_iso(start + day * 86_400_000 + 36_000_000)
+            requests = [{"customer_id": f"g{i}", "at": at, "mode": "commit"} for i in range(40)]
+            answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
+            assert answer.status_code == 200, answer.text
+            for i, d in enumerate(answer.json()["decisions"]):
+                if day == 0:
+                    assert [s["reason"] for s in d["explanation"]["suppressions"]] == ["audience"]
+                held[i] = "gated" in d["explanation"]["holdout"]
+        with engine.connect() as conn:
+            (row,) = ui_pages.holdout_lifts(
+                conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000, campaigns=["gated"]
+            )
+        key = create_key(engine, name="viewer", scopes=["ingest"])
+        page = client.get("/ui/attribution", params={"key": key}).text
+    n_held = sum(held.values())
+    assert (row["treated"], row["held_out"]) == (40 - n_held, n_held)
+    assert row["treated_rate"] == row["held_out_rate"] == 0.0
+    # The page knows the campaign has a holdout arm from the rules.
+    cells = (
+        f'<td>gated</td><td class="n">{40 - n_held}</td><td class="n">{n_held}</td><td class="n">0.0%</td>'
+    )
+    assert cells in page

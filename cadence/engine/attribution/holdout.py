@@ -4,7 +4,8 @@ A campaign with a holdout arm withholds a channel from a random share of custome
 The difference in conversion rate between the treated and the held-out customers is
 an unbiased estimate of what the channel caused among the treated; with the size of
 the treated group it is a number of incremental conversions, with a confidence
-interval (normal approximation to the difference of two proportions).
+interval (Newcombe's hybrid score interval for the difference of two independent
+proportions).
 
 Observational models can be compared with it on the same customers, and the causal
 model's credit for the channel can be scaled to match it (:func:`calibration_factors`).
@@ -63,19 +64,41 @@ def lift(
     held_out_conv: int,
     confidence: float = 0.95,
 ) -> Lift:
-    """Difference of conversion rates with a normal-approximation confidence interval.
+    """Difference of conversion rates of two independent groups, with its confidence interval.
+
+    The interval is Newcombe's (hybrid score, from each rate's Wilson interval): the
+    plain normal approximation shrinks to nothing at a rate of 0% or 100%, so a handful
+    of customers who all converted would read as a certain lift. With large groups the
+    two agree.
 
     >>> l = lift("email", treated=10_000, treated_conv=1_200, held_out=10_000, held_out_conv=1_000)
     >>> round(l.difference, 4), round(l.low, 4), round(l.high, 4), round(l.incremental)
     (0.02, 0.0113, 0.0287, 200)
+    >>> l = lift("email", treated=31, treated_conv=31, held_out=29, held_out_conv=29)
+    >>> round(l.difference, 3), round(l.low, 3), round(l.high, 3)
+    (0.0, -0.11, 0.117)
+    >>> l = lift("email", treated=70, treated_conv=56, held_out=80, held_out_conv=48)  # Newcombe (1998)
+    >>> round(l.low, 4), round(l.high, 4)
+    (0.0524, 0.3339)
     """
     if treated <= 0 or held_out <= 0:
         raise ValueError("both arms need customers")
-    p_t, p_h = treated_conv / treated, held_out_conv / held_out
-    se = math.sqrt(p_t * (1 - p_t) / treated + p_h * (1 - p_h) / held_out)
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p_t, p_h = treated_conv / treated, held_out_conv / held_out
+    low_t, high_t = _wilson(p_t, treated, z)
+    low_h, high_h = _wilson(p_h, held_out, z)
     d = p_t - p_h
-    return Lift(channel, treated, held_out, p_t, p_h, d, d - z * se, d + z * se)
+    low = d - math.sqrt((p_t - low_t) ** 2 + (high_h - p_h) ** 2)
+    high = d + math.sqrt((high_t - p_t) ** 2 + (p_h - low_h) ** 2)
+    return Lift(channel, treated, held_out, p_t, p_h, d, low, high)
+
+
+def _wilson(p: float, n: int, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` observed in ``n`` trials."""
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z / den * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
 
 
 def measure_lifts(log: TouchLog, holdouts: Holdouts, *, confidence: float = 0.95) -> dict[str, Lift]:

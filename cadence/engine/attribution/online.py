@@ -48,6 +48,7 @@ __all__ = [
     "journey_credits",
     "kept_windows",
     "query_attribution",
+    "ruleset_of",
     "specs_of",
     "touch_of",
     "unattributed_share",
@@ -87,10 +88,13 @@ def specs_of(runtime: Any) -> list[AttributionSpec]:
     there. Until the runtime's own holder has rules (and in the CLI, which has none),
     attribution reads the rule files through a holder of its own.
     """
-    holder = _rules_holder(runtime)
-    ruleset = getattr(holder, "current", None)
-    blocks = getattr(ruleset, "attribution", None) or {}
+    blocks = getattr(ruleset_of(runtime), "attribution", None) or {}
     return list(blocks.values()) or default_specs()
+
+
+def ruleset_of(runtime: Any) -> Any:
+    """The runtime's current ruleset as attribution reads it (see :func:`specs_of`), or None."""
+    return getattr(_rules_holder(runtime), "current", None)
 
 
 def _rules_holder(runtime: Any) -> Any:
