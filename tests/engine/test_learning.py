@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
 from sqlalchemy import Connection, Engine
 from typer.testing import CliRunner
 
@@ -153,7 +154,9 @@ def test_models_cli(sqlite_engine: Engine) -> None:
     assert out.exit_code != 0
 
 
-def test_models_list_says_when_each_snapshot_was_made_and_an_auc_not_defined_yet(db_engine: Engine) -> None:
+def test_models_list_says_when_each_snapshot_was_made_and_an_auc_not_defined_yet(
+    db_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Sends nobody clicked: the engagement AUC has no positive label to rank, nor the unsubscribe
     AUC an unsubscribe, so both read ``-`` (not 0.000, a perfectly wrong model); and the snapshot the
     loop takes is dated when it was made, not at its events' (here simulated, in 2026-05) times."""
@@ -170,7 +173,9 @@ def test_models_list_says_when_each_snapshot_was_made_and_an_auc_not_defined_yet
     assert snap.quality["engagement_auc"] is None and snap.quality["unsubscribe_auc"] is None
     assert snap.quality["engagement_logloss"] is not None
     url = db_engine.url.render_as_string(hide_password=False)
-    out = CliRunner().invoke(app, ["--database-url", url, "models", "list"], env={"COLUMNS": "200"})
+    # The CLI's console took its width when first imported (80 columns under the whole suite).
+    monkeypatch.setattr("cadence.cli.models.console", Console(width=200))
+    out = CliRunner().invoke(app, ["--database-url", url, "models", "list"])
     assert out.exit_code == 0, out.output
     [row] = [line for line in out.output.splitlines() if re.match(r"\W+1\W", line)]
     cells = [cell.strip() for cell in re.split(r"[│┃|]", row) if cell.strip()]
