@@ -711,6 +711,18 @@ def _first_allowed_by_minute(quiet: QuietHours, now: int, tz: ZoneInfo) -> int |
     return None
 
 
+def _decide_in_quiet_hours(quiet: QuietHours, zone: str | None, now: int, scored: bool, seed: int) -> None:
+    """Decide for a customer in ``zone`` (None: the campaign's fallback) at ``now`` and check the answer."""
+    d = run(
+        rules(camp("q", quiet=quiet)),
+        MemoryProfile(customer_id=seed, timezone=zone),
+        now_ms=now,
+        scorer=RandomScorer() if scored else None,
+        seed=seed,
+    )
+    _check_quiet_decision(d, quiet, ZoneInfo(zone or quiet.fallback_zone), now, scored)
+
+
 def _check_quiet_decision(d: Decision, quiet: QuietHours, tz: ZoneInfo, now: int, scored: bool) -> None:
     """No send inside quiet hours, none before its decision; unscored, exactly the first allowed instant."""
     local_now = local_datetime(now, tz)
@@ -756,15 +768,7 @@ def test_no_send_inside_quiet_hours_across_dst(
         fallback_zone="America/New_York",
         action=action,
     )  # type: ignore[arg-type]
-    now = day + minute * 60_000
-    d = run(
-        rules(camp("q", quiet=quiet)),
-        MemoryProfile(customer_id=seed, timezone=zone),
-        now_ms=now,
-        scorer=RandomScorer() if scored else None,
-        seed=seed,
-    )
-    _check_quiet_decision(d, quiet, ZoneInfo(zone or "America/New_York"), now, scored)
+    _decide_in_quiet_hours(quiet, zone, day + minute * 60_000, scored, seed)
 
 
 #: Zones and a UTC instant before their 2026 fall-back change (Lord Howe's is half an hour;
@@ -816,15 +820,7 @@ def test_quiet_hours_ending_in_a_repeated_hour_defer_forward_in_real_time(
         fallback_zone="UTC",
         action=action,
     )  # type: ignore[arg-type]
-    now = change + around * 1000
-    d = run(
-        rules(camp("q", quiet=quiet)),
-        MemoryProfile(customer_id=seed, timezone=zone),
-        now_ms=now,
-        scorer=RandomScorer() if scored else None,
-        seed=seed,
-    )
-    _check_quiet_decision(d, quiet, ZoneInfo(zone), now, scored)
+    _decide_in_quiet_hours(quiet, zone, change + around * 1000, scored, seed)
 
 
 @settings(max_examples=60, deadline=None)
