@@ -389,9 +389,11 @@ class LearnerSubscriber:
         learner must not be reloaded, takes only the pin (the ``follow`` job). Before, the leading
         process, the only one of a default ``cadence serve``, served a rollback only after a restart.
         """
-        marker = snapshot_marker(conn, name=self.name)
         loaded = self.loaded_marker
-        if loaded is not None and marker[1] == loaded[1]:
+        if loaded is None:  # not started: start() loads the pin with the rest
+            return False
+        marker = snapshot_marker(conn, name=self.name)
+        if marker[1] == loaded[1]:
             return False
         pinned = None
         if marker[1] is not None:
@@ -402,7 +404,7 @@ class LearnerSubscriber:
                 for customer_id in conn.execute(select(learner_scrubs.c.customer_id)).scalars():
                     pinned.forget(customer_id)
         self.pinned = pinned
-        self.loaded_marker = (marker[0] if loaded is None else loaded[0], marker[1])
+        self.loaded_marker = (loaded[0], marker[1])
         log.info(
             "learner %r: serving %s",
             self.name,
