@@ -139,10 +139,7 @@ class RulesCheck:
         now = self.now
         if not is_quiet(quiet, local_datetime(now, zone).time()):
             return None
-        window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}" + (
-            " (the whole day)" if quiet.whole_day else ""
-        )
-        said = f"{QUIET_PREFIX} {_fmt(now, zone)} is inside quiet hours {window} of campaign {name!r}"
+        said = f"{QUIET_PREFIX} {_fmt(now, zone)} is inside quiet hours {quiet.said(zone.key)} of campaign {name!r}"
         if quiet.action == "drop":
             return Held("suppressed", f"{said} (then drop): dropped")
         later = next_allowed_ms(quiet, now, zone)

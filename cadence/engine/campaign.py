@@ -155,6 +155,16 @@ class QuietHours:
         """Whether the range covers every local time, so that no send time is ever allowed."""
         return self.start == self.end
 
+    def said(self, zone: str) -> str:
+        """The range as explanations and the dispatcher write it, in ``zone`` (the zone it was read in).
+
+        >>> QuietHours(start=time(21), end=time(8), fallback_zone="UTC").said("Europe/Berlin")
+        '21:00..08:00 Europe/Berlin'
+        >>> QuietHours(start=time(8), end=time(8), fallback_zone="UTC").said("UTC")
+        '08:00..08:00 UTC (the whole day)'
+        """
+        return f"{self.start:%H:%M}..{self.end:%H:%M} {zone}" + (" (the whole day)" if self.whole_day else "")
+
 
 @dataclass(frozen=True)
 class ChannelPolicy:

@@ -402,6 +402,15 @@ def _variant_note(winner: Candidate, candidates: Sequence[Candidate]) -> tuple[s
     ), held
 
 
+def _deferral(campaign: str, earliest: int, slot: int, window: str, zone: ZoneInfo) -> Suppression:
+    """The ``quiet`` suppression of a campaign's immediate send, deferred to ``slot`` (its window said)."""
+    return _suppression(
+        campaign,
+        "quiet",
+        f"{_fmt(earliest, zone)} is inside quiet hours {window}: deferred to {_fmt(slot, zone)}",
+    )
+
+
 def _suppression(campaign: str, reason: str, detail: str, channel: str | None = None) -> Suppression:
     """``Suppression(...)`` made as :func:`_candidate` makes candidates.
 
@@ -732,10 +741,8 @@ def decide(
             )
         slots, now_quiet = cached
         if quiet is not None and now_quiet:
-            window = f"{quiet.start:%H:%M}..{quiet.end:%H:%M} {zone.key}"
-            if quiet.whole_day:  # nothing to defer to: dropped whatever the rule says
-                window += " (the whole day)"
-            if quiet.action == "drop" or quiet.whole_day:
+            window = quiet.said(zone.key)
+            if quiet.action == "drop" or quiet.whole_day:  # whole day: nothing to defer to
                 suppressions.append(
                     _suppression(
                         name, "quiet", f"{_fmt(earliest, zone)} is inside quiet hours {window}: dropped"
@@ -743,14 +750,7 @@ def decide(
                 )
                 continue
             if count == 1 and slots:
-                suppressions.append(
-                    _suppression(
-                        name,
-                        "quiet",
-                        f"{_fmt(earliest, zone)} is inside quiet hours {window}: "
-                        f"deferred to {_fmt(slots[0], zone)}",
-                    )
-                )
+                suppressions.append(_deferral(name, earliest, slots[0], window, zone))
             elif slots:
                 # With a scorer the deferred immediate send is one of many times: it is said only
                 # when it is the one chosen (below), and its text is made only then.
@@ -917,14 +917,7 @@ def decide(
     when = deferred.get(wcamp.name)
     if when is not None and winner.send_at_ms == when[1]:
         # The chosen time is the immediate send, deferred out of quiet hours (as without a scorer).
-        earliest, slot, window, zone = when
-        suppressions.append(
-            _suppression(
-                wcamp.name,
-                "quiet",
-                f"{_fmt(earliest, zone)} is inside quiet hours {window}: deferred to {_fmt(slot, zone)}",
-            )
-        )
+        suppressions.append(_deferral(wcamp.name, *when))
     notes: list[str] = []
     explained = False  # whether the variant note accounts for the winner's exploration
     if wplan.variants:
