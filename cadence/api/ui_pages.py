@@ -8,7 +8,7 @@ counts, one customer's profile rows), so their cost does not grow with the event
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -42,7 +42,7 @@ from cadence.errors import CadenceError, IdentityError
 from cadence.runtime import Runtime
 from cadence.scheduler.service import SchedulerService, list_jobs
 from cadence.store.db import read_connection
-from cadence.store.fast import dialect_sql, fetch_in, fetch_rows
+from cadence.store.fast import fetch_in, fetch_rows, iter_rows
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
@@ -369,7 +369,7 @@ def _first_assignments(
     first: dict[str, dict[int, tuple[int, bool]]] = {c: {} for c in campaigns}
     found: set[str] = set()
     done: set[int] = set()  # customers with an arm of every campaign of ``first``
-    for customer_id, decided_ms, text in _stream_rows(
+    for customer_id, decided_ms, text in iter_rows(
         conn,
         # As text: psycopg's own json loader is the stdlib's.
         "SELECT customer_id, decided_at_ms, CAST(explanation AS TEXT) FROM decisions "
@@ -400,18 +400,6 @@ def _first_assignments(
         if not missing:
             done.add(customer_id)
     return first, found
-
-
-def _stream_rows(conn: Connection, sql: str, params: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
-    """:func:`~cadence.store.fast.fetch_rows`, a few thousand rows at a time: a range's
-    explanations are a kilobyte or more each, and never all needed at once."""
-    cursor = conn.connection.cursor()
-    try:
-        cursor.execute(dialect_sql(conn, sql), tuple(params))
-        while rows := cursor.fetchmany(5_000):
-            yield from rows
-    finally:
-        cursor.close()
 
 
 def converted_after(

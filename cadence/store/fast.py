@@ -207,6 +207,21 @@ def fetch_rows(conn: Connection, sql: str, params: Sequence[Any] = (), *, adapte
         cursor.close()
 
 
+def iter_rows(conn: Connection, sql: str, params: Sequence[Any] = (), *, chunk: int = 5_000) -> Iterator[Any]:
+    """:func:`fetch_rows`, handed out ``chunk`` rows at a time, for results read once and then dropped.
+
+    SQLite's cursor steps through the result as it is read; psycopg's client-side cursor holds
+    the whole result, so on PostgreSQL only the Python tuples are made a chunk at a time.
+    """
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(dialect_sql(conn, sql), tuple(params))
+        while rows := cursor.fetchmany(chunk):
+            yield from rows
+    finally:
+        cursor.close()
+
+
 #: PostgreSQL array element types for :func:`write_rows` columns; ``jsonb`` goes as text.
 _ARRAY_TYPES = {"jsonb": "text"}
 _INT_KINDS = frozenset({"bigint", "integer", "smallint"})
