@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
 from cadence.api.app import create_app
 from cadence.api.security import KeyRing, create_key, revoke_key
@@ -41,7 +42,7 @@ def client(runtime: Runtime, tmp_path: Path) -> Iterator[TestClient]:
     # Revocations are seen at the key ring's next refresh; make that every request here.
     app.state.keyring = KeyRing(runtime.settings, runtime.engine, refresh_seconds=0)
     with TestClient(app) as c:
-        ingest = {"X-API-Key": create_key(runtime.engine, name="ingest", scopes=["ingest"])}
+        ingest = api_key(runtime.engine, "ingest")
         calls = demo_events(now_ms=now_ms(), customers=30, days=10)
         stored = c.post("/v1/batch", json={"batch": calls}, headers=ingest)
         assert stored.status_code == 200, stored.text
@@ -172,6 +173,11 @@ campaign promo "Spring promo" {
 """
 
 
+def api_key(engine: Engine, scope: str) -> dict[str, str]:
+    """The header of a new key with ``scope`` alone."""
+    return {"X-API-Key": create_key(engine, name=scope, scopes=[scope])}
+
+
 def app_with_rules(runtime: Runtime, tmp_path: Path, **files: str) -> FastAPI:
     """An app serving ``files`` (name -> rule text) as its rules."""
     rules = tmp_path / "rules"
@@ -186,7 +192,7 @@ def test_committed_decisions_feed_the_pages(runtime: Runtime, tmp_path: Path) ->
     app = app_with_rules(runtime, tmp_path, promo=PROMO)
     with TestClient(app) as client:
         engine = runtime.engine
-        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
+        ingest = api_key(engine, "ingest")
         now = now_ms()
         calls = demo_events(now_ms=now - 3_600_000, customers=40, days=5)
         assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
@@ -336,7 +342,7 @@ def test_decisions_page_names_each_conditions_clause(runtime: Runtime, tmp_path:
     app = app_with_rules(runtime, tmp_path, rescue=RESCUE)
     with TestClient(app) as client:
         engine = runtime.engine
-        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
+        ingest = api_key(engine, "ingest")
         shopper = {
             "type": "identify",
             "userId": "shopper",
@@ -346,7 +352,7 @@ def test_decisions_page_names_each_conditions_clause(runtime: Runtime, tmp_path:
         assert client.post("/v1/batch", json={"batch": [shopper]}, headers=ingest).status_code == 200
         app.state.engine_loop.catch_up()
         runtime.extensions["rules"].reload().raise_for_errors()
-        decide = {"X-API-Key": create_key(engine, name="decide", scopes=["decide"])}
+        decide = api_key(engine, "decide")
         body = {
             "customer_id": "shopper",
             "mode": "commit",
@@ -399,8 +405,8 @@ def _lift_experiment(
     start = (now_ms() // 86_400_000 - 12) * 86_400_000
     with TestClient(app) as client:
         engine = runtime.engine
-        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
-        decide = {"X-API-Key": create_key(engine, name="decide", scopes=["decide"])}
+        ingest = api_key(engine, "ingest")
+        decide = api_key(engine, "decide")
         runtime.extensions["rules"].reload().raise_for_errors()
         people = [
             {
@@ -512,7 +518,7 @@ def test_conversions_count_from_the_first_assignment_to_the_ranges_end(
     ]
     app = app_with_rules(runtime, tmp_path, offer=OFFER)
     with TestClient(app) as client:
-        ingest = {"X-API-Key": create_key(runtime.engine, name="ingest", scopes=["ingest"])}
+        ingest = api_key(runtime.engine, "ingest")
         assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
         app.state.engine_loop.catch_up()
     with runtime.engine.connect() as conn:
@@ -546,8 +552,8 @@ def test_holdout_lift_starts_at_the_decision_that_drew_the_arm(runtime: Runtime,
     start = (now_ms() // 86_400_000 - 12) * 86_400_000
     with TestClient(app) as client:
         engine = runtime.engine
-        ingest = {"X-API-Key": create_key(engine, name="ingest", scopes=["ingest"])}
-        decide = {"X-API-Key": create_key(engine, name="decide", scopes=["decide"])}
+        ingest = api_key(engine, "ingest")
+        decide = api_key(engine, "decide")
         runtime.extensions["rules"].reload().raise_for_errors()
 
         def track(event: str, i: int, ms: int) -> dict[str, Any]:
