@@ -243,6 +243,13 @@ BATCH_LOCK_ID = 0x0CADE9CF  # pg transaction lock serialising batches across pro
 log = logging.getLogger("cadence.engine")
 
 
+def lock_batches(conn: Connection) -> None:
+    """Serialise ``conn``'s transaction with the engine loop's batches in every process: PostgreSQL's
+    transaction lock :data:`BATCH_LOCK_ID` (on SQLite ``BEGIN IMMEDIATE`` already holds the write lock)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
+
+
 #: Those of :data:`SUBSCRIBER_FACTORIES` whose state lives in the serving process (``in_memory``),
 #: named here too so that a loop without them does not import them (the learners load river and scipy).
 IN_MEMORY_FACTORIES: frozenset[str] = frozenset({"cadence.engine.learning:LearnerSubscriber"})
@@ -927,8 +934,7 @@ class EngineLoop:
         their positions past it."""
         now = self.runtime.clock.now_ms()
         with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
+            lock_batches(conn)
             positions = self._stored_positions(conn, self.positions())
             moved = {
                 name: error for name, error in failed.items() if positions.get(name, event_id) < event_id
@@ -991,8 +997,7 @@ class EngineLoop:
         belongs; profile counters and consent take it as any event imported late.
         """
         with self._lock, self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
+            lock_batches(conn)
             names = {
                 r[0]
                 for r in conn.execute(

@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, or_, select, text
+from sqlalchemy import Engine, delete, func, insert, or_, select
 
 from cadence.clock import now_ms
 from cadence.connectors.base import AUDIENCE_TARGET_KEYS, Connector
 from cadence.engine.campaign import EvalContext
 from cadence.engine.consent import consent_of
 from cadence.engine.identity import identities_of, resolve_customer
-from cadence.engine.loop import BATCH_LOCK_ID, EngineLoop
+from cadence.engine.loop import EngineLoop, lock_batches
 from cadence.engine.profiles import load_profile
 from cadence.errors import IdentityError
 from cadence.runtime import Runtime
@@ -123,10 +123,9 @@ def erase_customer(
     loop = loop or EngineLoop(runtime)
     # The loop's lock first, then the batch lock, in the order a batch takes them.
     with loop.held(), runtime.engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # Serialise with the loop's batches (SQLite's BEGIN IMMEDIATE already does): a batch
-            # committing a profile row for this customer meanwhile would outlive the erasure.
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
+        # Serialised with the loop's batches: a batch committing a profile row for this customer
+        # meanwhile would outlive the erasure.
+        lock_batches(conn)
         cid = resolve_customer(conn, ref)
         if cid is None:
             raise IdentityError(f"no customer with user or anonymous id {ref!r}")

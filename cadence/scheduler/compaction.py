@@ -42,11 +42,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
 from cadence.clock import Clock
 from cadence.engine.campaign import DAY_MS
-from cadence.engine.loop import BATCH_LOCK_ID
+from cadence.engine.loop import lock_batches
 from cadence.scheduler.needs import RuleNeeds
 from cadence.store.db import read_connection
 from cadence.store.fast import dialect_sql
@@ -110,12 +110,6 @@ class CompactionReport:
         return " ".join(f"{table}={count}" for table, count in self.deleted.items())
 
 
-def _lock(conn: Connection) -> None:
-    """Serialise with engine-loop batches (SQLite: ``BEGIN IMMEDIATE`` already holds the write lock)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BATCH_LOCK_ID})
-
-
 def _run(conn: Connection, sql: str, params: Sequence[Any], *, dry_run: bool) -> int:
     """Delete (or count, in a dry run) the rows ``DELETE FROM table WHERE ...`` names."""
     if dry_run:
@@ -139,7 +133,7 @@ def _in_chunks(
     while lo <= int(bounds[1]):
         hi = lo + chunk - 1
         with engine.begin() as conn:
-            _lock(conn)
+            lock_batches(conn)
             total += step(conn, lo, hi)
         lo = hi + 1
     return total
@@ -226,14 +220,14 @@ def _runs(
         " GROUP BY campaign) l ON r.campaign = l.campaign AND r.fire_ms = l.latest)"
     )
     with engine.begin() as conn:
-        _lock(conn)
+        lock_batches(conn)
         return _run(conn, sql, (*FINISHED_RUNS, cutoff), dry_run=report.dry_run)
 
 
 def _snapshots(engine: Engine, policy: CompactionPolicy, report: CompactionReport) -> int:
     total = 0
     with engine.begin() as conn:
-        _lock(conn)
+        lock_batches(conn)
         names = [r[0] for r in conn.exec_driver_sql("SELECT DISTINCT name FROM learner_snapshots")]
         for name in names:
             versions = [

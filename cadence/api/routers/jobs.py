@@ -21,7 +21,7 @@ from cadence.api.security import Principal, Scope
 from cadence.dsl.loader import RulesetHolder
 from cadence.engine.decision import Scorer
 from cadence.engine.learning import scrub_snapshots, snapshot_marker, snapshot_position
-from cadence.engine.loop import BATCH_LOCK_ID
+from cadence.engine.loop import lock_batches
 from cadence.scheduler.compaction import compact_derived_state
 from cadence.scheduler.needs import needs_of_holder
 from cadence.scheduler.push import PushReport
@@ -96,10 +96,9 @@ def setup(app: FastAPI) -> None:
         if learners is None:
             return
         with app.state.engine_loop._lock, runtime.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # Serialised with erasures in other processes, as a batch is (SQLite's BEGIN IMMEDIATE
-                # already is): one committed meanwhile is seen by the snapshot (see _forget_erased).
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(BATCH_LOCK_ID)})")
+            # Serialised with erasures in other processes, as a batch is: one committed meanwhile
+            # is seen by the snapshot (see _forget_erased).
+            lock_batches(conn)
             learners.snapshot(conn, now_ms=runtime.clock.now_ms())
 
     def follow(leading: bool) -> None:
