@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, select, update
 
 from cadence.channels import Feedback, decision_id_problem, feedback_kind
 from cadence.clock import now_ms as wall_ms
@@ -35,6 +35,7 @@ from cadence.engine.loop import LoggedEvent
 from cadence.engine.sendqueue import REACHED, UNSENT, settle_reached
 from cadence.errors import CadenceError
 from cadence.store.db import read_connection
+from cadence.store.fast import dialect_insert
 from cadence.store.schema.core import customers, erasures
 from cadence.store.schema.decisions import decisions, learner_scrubs, learner_snapshots
 from cadence.store.schema.sends import sends
@@ -374,11 +375,7 @@ class LearnerSubscriber:
         self.pinned = self._adopted(
             load_snapshot(conn, name=self.name, pinned=True), what="pinned", relearn=False
         )
-        # Erased customers the scrub job has not taken out of the stored snapshots yet.
-        for customer_id in conn.execute(select(learner_scrubs.c.customer_id)).scalars():
-            for learner in (self.learner, self.pinned):
-                if learner is not None:
-                    learner.forget(customer_id)
+        _forget_noted(conn, self.learner, self.pinned)
         return self.learner.position
 
     def refresh_pinned(self, conn: Connection) -> bool:
@@ -400,9 +397,7 @@ class LearnerSubscriber:
             pinned = self._adopted(
                 load_snapshot(conn, name=self.name, pinned=True), what="pinned", relearn=False
             )
-            if pinned is not None:  # erased customers the scrub job has not taken out of it yet
-                for customer_id in conn.execute(select(learner_scrubs.c.customer_id)).scalars():
-                    pinned.forget(customer_id)
+            _forget_noted(conn, pinned)
         self.pinned = pinned
         self.loaded_marker = (loaded[0], marker[1])
         log.info(
@@ -813,13 +808,11 @@ class LearnerSubscriber:
         for learner in (self.learner, self.pinned):
             if learner is not None:
                 learner.forget(customer_id)
-        if (
-            conn.scalar(
-                select(learner_scrubs.c.customer_id).where(learner_scrubs.c.customer_id == customer_id)
-            )
-            is None
-        ):
-            conn.execute(insert(learner_scrubs).values(customer_id=customer_id, erased_ms=wall_ms()))
+        conn.execute(
+            dialect_insert(conn, learner_scrubs)
+            .values(customer_id=customer_id, erased_ms=wall_ms())
+            .on_conflict_do_nothing()
+        )
 
     def erasure_done(self, conn: Connection) -> None:
         """Snapshot the learners as the erasure left them, when they are this process's leading ones.
@@ -858,6 +851,15 @@ class LearnerSubscriber:
             for learner in learners:
                 learner.forget(cid)
         return len(gone)
+
+
+def _forget_noted(conn: Connection, *learners: DecisionLearner | None) -> None:
+    """Forget in ``learners`` (a None is skipped) the erased customers the scrub job has not yet
+    taken out of the stored snapshots they were loaded from (``learner_scrubs``)."""
+    for customer_id in conn.execute(select(learner_scrubs.c.customer_id)).scalars():
+        for learner in learners:
+            if learner is not None:
+                learner.forget(customer_id)
 
 
 def _erasure_mark(conn: Connection) -> int:
