@@ -7,8 +7,8 @@ window per day, channel and campaign, and per day and channel; coalition and pat
 tallies; the open journeys of the last 90 days; the last 90 days of exposures the
 causal model is fitted on; campaign day counts; the send queue with its sent and
 suppressed rows; identities and one profile per looked-up customer; the decisions committed
-in the last 30 days, N/20 of them, and the decided customers' orders, which the holdout lift
-reads). Rows are written
+in the last 30 days, N/20 of them, with the holdout-arm assignments their commits write, and
+the decided customers' orders, which the holdout lift reads). Rows are written
 in bulk (COPY on PostgreSQL) rather than through the engine loop, which has its own
 benchmark. The materialised fits (``shapley``, ``shapley_ordered``, ``markov``,
 ``causal``) are then computed by the leader's refresh, timed: that is the background
@@ -297,6 +297,9 @@ def _fill_decisions(
     arms = (SplitArm("holdout", 0.1, holdout=True), SplitArm("offer_x", 0.45), SplitArm("offer_y", 0.45))
     start_ms = (today - 29) * DAY_MS
     decided: set[int] = set()
+    first_arm: dict[
+        int, tuple[int, bool]
+    ] = {}  # customer -> (first decided ms, held): the commits' assignments
 
     def condition(stage: str, passed: bool) -> dict[str, object]:
         return {
@@ -314,6 +317,8 @@ def _fill_decisions(
             eligible = stable_share(customer, "lapsed") < 0.5
             arm = split_arm(arms, stable_share(customer, HOLDOUT_CAMPAIGN)) if eligible else None
             held = arm is not None and arm.holdout
+            if arm is not None:
+                first_arm.setdefault(customer, (ts, held))
             sent = HOLDOUT_CAMPAIGN if arm is not None and not held and i % 2 else OTHER_CAMPAIGNS[i % 5]
             suppressions = [
                 {"campaign": c, "reason": "audience", "detail": "count(...) is 0", "channel": None}
@@ -375,17 +380,24 @@ def _fill_decisions(
                 "{}",
                 "{}",
                 None,
+                False,
+                " ".join(str(x["reason"]) for x in suppressions),
             )
 
     counts = {
         "decisions": _insert(
             engine,
             "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template, "
-            "arm, ruleset_hash, explanation, inputs, outcome, learner_position) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "arm, ruleset_hash, explanation, inputs, outcome, learner_position, explored, suppressed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows(),
         )
     }
+    counts["arm_assignments"] = _insert(
+        engine,
+        "INSERT INTO arm_assignments (campaign, customer_id, first_ms, held) VALUES (?, ?, ?, ?)",
+        ((HOLDOUT_CAMPAIGN, c, ms, held) for c, (ms, held) in sorted(first_arm.items())),
+    )
     buyers = sorted(c for c in decided if rng.random() < 0.08)
     days = {c: sorted({today - rng.randrange(30) for _ in range(rng.randint(1, 3))}) for c in buyers}
     counts["profile_daily"] = _insert(
@@ -552,7 +564,8 @@ def run(*, quick: bool, postgres_url: str | None) -> str:
         f"path tallies, {counts['attribution_exposures']:,} exposures of the last 90 days, "
         f"{counts['campaign_daily']:,} campaign day counts, {counts['sends']:,} send-queue rows, "
         f"{counts['identities']:,} identities, {counts['decisions']:,} decisions committed in the last 30 days "
-        f"(one campaign with a 10% holdout arm, whose lift the attribution page measures). Each page through the app in-process (auth, queries, "
+        f"(one campaign with a 10% holdout arm, whose lift the attribution page measures: "
+        f"{counts['arm_assignments']:,} customers assigned an arm of it). Each page through the app in-process (auth, queries, "
         f"rendering): server time, p50 and p95 of {runs} requests after a warm-up. Pages read stored "
         "aggregates and materialised fits only; the fits are refreshed by the leader in the background "
         f"(its cost is below). Load average {load:.1f} at the start.",

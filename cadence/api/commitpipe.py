@@ -14,8 +14,8 @@ non-blocking modes, its socket watched by the loop. A group takes two round trip
    and profile stamps read in one statement after the locks (a send another worker's
    transaction queued for one of them meanwhile is counted);
 2. the decisions, made on the loop from those rows (:func:`~cadence.engine.decisions_service.decide_group`),
-   written as one prepared ``INSERT`` each, their sends likewise, and ``COMMIT``, all sent
-   together.
+   written as one prepared ``INSERT`` each, their sends and holdout-arm assignments likewise,
+   and ``COMMIT``, all sent together.
 
 The learners hear of the decisions, and each request is answered, only once ``COMMIT`` returned.
 A group holds one commit per customer (a later commit of a customer waits for the next group,
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cadence.api.loopconn import LoopConnection
+from cadence.engine.assignments import ASSIGN_ARMS
 from cadence.engine.decision_state import CHECK_GROUP_PG, CHECK_SESSION_PG, HISTORY_MS, DecisionState
 from cadence.engine.decisions_service import (
     INSERT_DECISION,
@@ -79,6 +80,7 @@ def _numbered(sql: str) -> str:
 
 
 _DECISION = (b"cadence_commit_decision", _numbered(driver_sql(INSERT_DECISION, postgres=True)))
+_ARM = (b"cadence_commit_arm", _numbered(driver_sql(ASSIGN_ARMS, postgres=True)))
 # Without ON CONFLICT: a send whose key is taken fails the group's transaction (which then rolls back
 # and each commit is recorded on its own), instead of committing a decision without its send.
 assert ENQUEUE_SENDS_SQL.endswith(_ON_CONFLICT)
@@ -128,7 +130,7 @@ class _Group:
 class CommitPipeline(LoopConnection):
     """Record PostgreSQL commits of cached customers in groups on the event loop (see the module)."""
 
-    statements = (_LOCK, _CHECK, _DECISION, _SEND)
+    statements = (_LOCK, _CHECK, _DECISION, _SEND, _ARM)
     # Generic plans, as the preview batcher's: left to itself, the plan cache plans the check anew at
     # every group wherever its custom plans look cheaper than the generic one (on the benchmark's own
     # data at the end of a run: 0.29-0.35 ms of PostgreSQL's CPU an execution against 0.07-0.17 ms
@@ -248,6 +250,8 @@ class CommitPipeline(LoopConnection):
                 pgconn.send_query_prepared(_DECISION[0], [_param(v) for v in row])
             for send in decided.sends:
                 pgconn.send_query_prepared(_SEND[0], [_param(v) for v in send])
+            for arm in decided.arms:
+                pgconn.send_query_prepared(_ARM[0], [_param(v) for v in arm])
             pgconn.send_query_params(b"COMMIT", None)
             group.phase = 2  # from here the server may commit whatever we hear back
             pgconn.pipeline_sync()
@@ -265,10 +269,10 @@ class CommitPipeline(LoopConnection):
         assert decided is not None
         *writes, commit = group.results
         failed = [r for r in writes if r.status != ExecStatus.COMMAND_OK]
-        sends = writes[len(decided.rows) :]
+        sends = writes[len(decided.rows) : len(decided.rows) + len(decided.sends)]
         if (
             failed
-            or len(writes) != len(decided.rows) + len(decided.sends)
+            or len(writes) != len(decided.rows) + len(decided.sends) + len(decided.arms)
             or any(r.command_tuples != 1 for r in sends)
             or commit.status != ExecStatus.COMMAND_OK
             or commit.command_status != b"COMMIT"

@@ -20,20 +20,18 @@ from cadence.clock import datetime_to_ms, now_ms
 from cadence.connectors.delivery import circuit_states
 from cadence.dsl.loader import RulesetHolder, load_rules
 from cadence.dsl.testing import run_tests
-from cadence.engine.attribution.holdout import lift
-from cadence.engine.attribution.journeys import DAY_MS, AttributionError
+from cadence.engine.assignments import holdout_lifts
+from cadence.engine.attribution.journeys import AttributionError
 from cadence.engine.attribution.materialized import MATERIALIZED_MODELS, read_fits
 from cadence.engine.attribution.online import (
     RULE_MODELS,
     channel_interactions,
     kept_windows,
     query_attribution,
-    ruleset_of,
     specs_of,
     unattributed_share,
 )
 from cadence.engine.campaign_stats import KINDS, campaign_stats, queue_outcomes
-from cadence.engine.decide import BEFORE_SPLIT_REASONS
 from cadence.engine.decisions_service import decision_record, make_decision
 from cadence.engine.identity import customer_by_ref, identities_of
 from cadence.engine.learning import LearnerSubscriber
@@ -42,7 +40,7 @@ from cadence.errors import CadenceError, IdentityError
 from cadence.runtime import Runtime
 from cadence.scheduler.service import SchedulerService, list_jobs
 from cadence.store.db import read_connection
-from cadence.store.fast import fetch_in, fetch_rows, iter_rows
+from cadence.store.fast import fetch_rows, iter_rows
 from cadence.store.schema.decisions import decisions
 from cadence.store.schema.sends import sends
 
@@ -186,17 +184,11 @@ def attribution_page(
         untouched, total = unattributed_share(
             conn, spec=spec, window_days=window_days, since_day=since_day, until_day=until_day
         )
-        ruleset = ruleset_of(runtime)
         lifts = holdout_lifts(
             conn,
             since_ms=since_day * 86_400_000,
             until_ms=(until_day + 1) * 86_400_000,
             conversion_event=blocks[spec].conversion_event,
-            campaigns=[
-                name
-                for name, campaign in (ruleset.campaigns.items() if ruleset is not None else ())
-                if any(arm.holdout for arm in campaign.split)
-            ],
         )
     if missing or (("causal", window_days) not in fits):
         errors.append(
@@ -286,191 +278,6 @@ def attribution_page(
     }
 
 
-def holdout_lifts(
-    conn: Connection,
-    *,
-    since_ms: int,
-    until_ms: int,
-    conversion_event: str = "Order Completed",
-    campaigns: Collection[str] = (),
-) -> list[dict[str, Any]]:
-    """Measured lift per campaign with a holdout arm: customers by assigned arm, intent to treat.
-
-    A committed decision in ``[since_ms, until_ms)`` *assigns* a customer an arm of every
-    campaign it drew a split arm for (its explanation lists the campaign under ``holdout``,
-    or the campaign was considered and not suppressed before the split: sent, capped,
-    out-bid or without consent alike). The stable hash fixes the arm, so whether the
-    message went says nothing about the arm's customers: counting only those sent would
-    compare the customers the caps and the priority chose with the whole holdout arm.
-    Each customer counts once, in the arm of their first assignment in the range, and
-    *converted* when they have a ``conversion_event`` at or after that first assignment
-    and before ``until_ms``. The arms are independent samples of customers, so the
-    interval is the one of a difference of two proportions.
-
-    ``campaigns`` are those known to have a holdout arm (the loaded rules'); any other
-    campaign a decision held a customer out of is measured too (the range is read twice
-    then). Parses one explanation per customer when their first decision in the range drew
-    every arm, more only for customers a campaign's earlier checks (``audience``,
-    ``unless``, trigger) kept out of its split; then reads the customers' conversion day
-    buckets and stats (:func:`converted_after`), never the whole event log.
-    """
-    first, found = _first_assignments(conn, since_ms=since_ms, until_ms=until_ms, campaigns=campaigns)
-    if found:  # held-out campaigns the first reading did not know of: read again, looking for them too
-        first, _found = _first_assignments(
-            conn, since_ms=since_ms, until_ms=until_ms, campaigns={*campaigns, *found}
-        )
-    assigned = {c: first[c] for c in sorted(first)}
-    converted = converted_after(
-        conn,
-        {(customer, ms) for arms in assigned.values() for customer, (ms, _held) in arms.items()},
-        until_ms=until_ms,
-        conversion_event=conversion_event,
-    )
-    out = []
-    for campaign, arms in assigned.items():
-        n_t = c_t = n_h = c_h = 0
-        for customer, (ms, held) in arms.items():
-            hit = (customer, ms) in converted
-            if held:
-                n_h, c_h = n_h + 1, c_h + hit
-            else:
-                n_t, c_t = n_t + 1, c_t + hit
-        if n_t and n_h:
-            measured = lift(campaign, treated=n_t, treated_conv=c_t, held_out=n_h, held_out_conv=c_h)
-            out.append(
-                {
-                    "campaign": campaign,
-                    "treated": n_t,
-                    "held_out": n_h,
-                    "treated_rate": measured.treated_rate,
-                    "held_out_rate": measured.held_out_rate,
-                    "difference": measured.difference,
-                    "low": measured.low,
-                    "high": measured.high,
-                    "incremental": measured.incremental,
-                }
-            )
-    return out
-
-
-def _first_assignments(
-    conn: Connection, *, since_ms: int, until_ms: int, campaigns: Collection[str]
-) -> tuple[dict[str, dict[int, tuple[int, bool]]], set[str]]:
-    """Per campaign of ``campaigns``, each customer's first decision in the range that drew
-    them an arm of it: customer -> (decided ms, True when that arm is the holdout); and the
-    campaigns the decisions held customers out of that ``campaigns`` lacks.
-
-    The decisions come in time order, and a customer's explanation is parsed only until
-    they have an arm of every campaign: with the loaded rules' holdout campaigns known,
-    one explanation per customer when their first decision drew every arm. A campaign
-    found on the way was not looked for in the decisions read before: the caller reads
-    again, knowing it.
-    """
-    first: dict[str, dict[int, tuple[int, bool]]] = {c: {} for c in campaigns}
-    found: set[str] = set()
-    done: set[int] = set()  # customers with an arm of every campaign of ``first``
-    for customer_id, decided_ms, text in iter_rows(
-        conn,
-        # As text: psycopg's own json loader is the stdlib's.
-        "SELECT customer_id, decided_at_ms, CAST(explanation AS TEXT) FROM decisions "
-        "WHERE decided_at_ms >= ? AND decided_at_ms < ? ORDER BY decided_at_ms",
-        (since_ms, until_ms),
-    ):
-        if customer_id in done:
-            continue
-        info = orjson.loads(text)
-        held = info.get("holdout") or ()
-        for campaign in held:
-            if campaign not in first:
-                found.add(campaign)
-                first[campaign] = {}
-        # A campaign missing from the conditions was not decided about (a request naming others).
-        considered = info.get("conditions") or {}
-        early = {s["campaign"] for s in info.get("suppressions", ()) if s["reason"] in BEFORE_SPLIT_REASONS}
-        missing = False
-        for campaign, arms in first.items():
-            if customer_id in arms:
-                continue
-            if campaign in held:
-                arms[customer_id] = (decided_ms, True)
-            elif campaign in considered and campaign not in early:
-                arms[customer_id] = (decided_ms, False)
-            else:
-                missing = True
-        if not missing:
-            done.add(customer_id)
-    return first, found
-
-
-def converted_after(
-    conn: Connection, starts: Collection[tuple[int, int]], *, until_ms: int, conversion_event: str
-) -> set[tuple[int, int]]:
-    """The (customer, start ms) pairs of ``starts`` with a ``conversion_event`` in ``[start, until_ms)``.
-
-    A customer's day buckets (``profile_daily``) answer for the days after the start's
-    day; on the start's day itself, the customer's last conversion ever (``profile_event_stats``)
-    does when it falls on that day. What is left (a conversion on the start's day, and the
-    last one after ``until_ms``) is read from the customer's events.
-    """
-    if not starts:
-        return set()
-    customers = sorted({customer for customer, _ms in starts})
-    first_day = min(ms for _c, ms in starts) // DAY_MS
-    until_day = (until_ms - 1) // DAY_MS
-    days: dict[int, list[int]] = {}
-    for customer, day in fetch_in(
-        conn,
-        "SELECT customer_id, day FROM profile_daily WHERE event = ? AND day >= ? AND day <= ? "
-        "AND count > 0 AND customer_id IN_VALUES",
-        customers,
-        conversion_event,
-        first_day,
-        until_day,
-    ):
-        days.setdefault(customer, []).append(day)
-    if not days:
-        return set()
-    last = dict(
-        fetch_in(
-            conn,
-            "SELECT customer_id, last_ms FROM profile_event_stats WHERE event = ? AND customer_id IN_VALUES",
-            list(days),
-            conversion_event,
-        )
-    )
-    out: set[tuple[int, int]] = set()
-    for customer, ms in starts:
-        bought = days.get(customer)
-        if not bought:
-            continue
-        day = ms // DAY_MS
-        if any(day < d for d in bought):  # a later day of the range
-            out.add((customer, ms))
-        elif day in bought:
-            last_ms = last.get(customer, 0)
-            if last_ms // DAY_MS == day:
-                if ms <= last_ms < until_ms:
-                    out.add((customer, ms))
-            elif _converted_in(conn, customer, conversion_event, ms, min(until_ms, (day + 1) * DAY_MS)):
-                out.add((customer, ms))
-    return out
-
-
-def _converted_in(conn: Connection, customer_id: int, event: str, since_ms: int, until_ms: int) -> bool:
-    """Whether the customer's events (every id they go by) hold ``event`` in ``[since_ms, until_ms)``."""
-    for kind, value in identities_of(conn, customer_id):
-        column = "user_id" if kind == "user" else "anonymous_id"
-        found = fetch_rows(
-            conn,
-            f"SELECT 1 FROM events WHERE {column} = ? AND type = 'track' AND event = ? "  # noqa: S608 (a column name of two)
-            "AND ts_ms >= ? AND ts_ms < ? LIMIT 1",
-            (value, event, since_ms, until_ms),
-        )
-        if found:
-            return True
-    return False
-
-
 # --------------------------------------------------------------------------- campaigns
 
 
@@ -530,34 +337,61 @@ def campaigns_page(runtime: Runtime, *, since: date, until: date) -> dict[str, A
 def decision_mix(conn: Connection, *, since_ms: int, until_ms: int, limit: int = 50_000) -> dict[str, Any]:
     """Exploration vs exploitation, and suppressions by reason, over committed decisions.
 
-    Reads at most ``limit`` decisions of the range (the newest).
+    Reads at most ``limit`` decisions of the range (the newest), grouped by their
+    ``explored`` and ``suppressed`` columns; a decision recorded before those columns
+    (migration arms_0001) is read from its explanation.
     """
-    rows = conn.execute(
-        select(decisions.c.action, decisions.c.campaign, decisions.c.channel, decisions.c.explanation)
-        .where(decisions.c.decided_at_ms >= since_ms, decisions.c.decided_at_ms < until_ms)
-        .order_by(decisions.c.decided_at_ms.desc())
-        .limit(limit)
-    )
+
+    def newest(columns: str) -> str:
+        return (
+            f"(SELECT {columns} FROM decisions WHERE decided_at_ms >= ? AND decided_at_ms < ?"  # noqa: S608 (no input in it)
+            " ORDER BY decided_at_ms DESC LIMIT ?) newest"
+        )
+
     total = sends = explored = 0
     reasons: dict[str, int] = {}
-    for action, campaign, channel, explanation in rows:
-        total += 1
-        explanation = explanation or {}
-        for s in explanation.get("suppressions", []):
-            reasons[s.get("reason", "?")] = reasons.get(s.get("reason", "?"), 0) + 1
-        if action != "send":
+    legacy = 0
+    for action, was_explored, suppressed, n in fetch_rows(
+        conn,
+        "SELECT action, explored, suppressed, COUNT(*) FROM "
+        + newest("action, explored, suppressed")
+        + " GROUP BY action, explored, suppressed",
+        (since_ms, until_ms, limit),
+    ):
+        if suppressed is None:
+            legacy += n
             continue
-        sends += 1
-        chosen = next(
-            (
-                c
-                for c in explanation.get("candidates", [])
-                if c.get("campaign") == campaign and c.get("channel") == channel
-            ),
-            None,
-        )
-        if chosen is not None and chosen.get("explored"):
-            explored += 1
+        total += n
+        sends += n if action == "send" else 0
+        explored += n if was_explored else 0
+        for reason in suppressed.split():
+            reasons[reason] = reasons.get(reason, 0) + n
+    if legacy:
+        for action, campaign, channel, text in iter_rows(
+            conn,
+            # As text: psycopg's own json loader is the stdlib's.
+            "SELECT action, campaign, channel, CAST(explanation AS TEXT) FROM "
+            + newest("action, campaign, channel, explanation, suppressed")
+            + " WHERE suppressed IS NULL",
+            (since_ms, until_ms, limit),
+        ):
+            total += 1
+            explanation = orjson.loads(text) or {}
+            for s in explanation.get("suppressions", []):
+                reasons[s.get("reason", "?")] = reasons.get(s.get("reason", "?"), 0) + 1
+            if action != "send":
+                continue
+            sends += 1
+            chosen = next(
+                (
+                    c
+                    for c in explanation.get("candidates", [])
+                    if c.get("campaign") == campaign and c.get("channel") == channel
+                ),
+                None,
+            )
+            if chosen is not None and chosen.get("explored"):
+                explored += 1
     return {
         "decisions": total,
         "sends": sends,

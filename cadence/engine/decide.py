@@ -54,7 +54,6 @@ from cadence.engine.slots import (
 )
 
 __all__ = [
-    "BEFORE_SPLIT_REASONS",
     "WINDOW_SLOTS",
     "BulkScorer",
     "BulkScores",
@@ -78,12 +77,6 @@ _CHANNEL_DETAIL = {
 }
 #: The suppression reason of a channel block, where it is not the block's own name.
 _CHANNEL_REASON = {"no_opt_in": "consent"}
-
-
-#: Suppression reasons :func:`decide` gives a campaign before it draws the campaign's split arm:
-#: a decision suppressing a campaign for one of them assigned the customer no arm of it (for any
-#: other outcome, sent or not, the customer was assigned one: what a holdout lift counts).
-BEFORE_SPLIT_REASONS = frozenset({"not_started", "ended", "trigger", "audience", "unless"})
 
 
 def stable_share(customer_id: int, salt: str) -> float:
@@ -598,6 +591,7 @@ def decide(
     suppressions: list[Suppression] = []
     conditions: dict[str, list[ConditionResult]] = {}
     holdout: list[str] = []
+    assigned: list[str] = []  # sending arms of campaigns with a holdout arm
     plans: list[_Plan] = []
     available = set(available_channels)
     opt_in = set(opt_in_channels)
@@ -679,6 +673,8 @@ def decide(
                     _suppression(name, "holdout", f"in holdout arm {arm.name!r} ({arm.share:.0%})")
                 )
                 continue
+            if any(a.holdout for a in campaign.split):
+                assigned.append(name)
             if campaign.learn_variants:
                 variants = tuple(a for a in campaign.split if not a.holdout)
                 if scorer is None and variants:
@@ -807,6 +803,7 @@ def decide(
         decided_at_ms=now_ms,
         conditions=conditions,
         holdout=tuple(holdout),
+        assigned=tuple(assigned),
     )
     if not plans:
         return Decision(action="none", suppressions=tuple(suppressions), **base)  # type: ignore[arg-type]

@@ -122,6 +122,24 @@ class Decision:
     suppressions: Sequence[Suppression] = ()
     holdout: Sequence[str] = ()  # campaigns this customer is held out of (recorded for lift)
     notes: Sequence[str] = ()  # further explanation, e.g. the winning variant's margin
+    #: Campaigns with a holdout arm that drew this customer a sending arm (sent or not: capped,
+    #: out-bid, without consent). With :attr:`holdout`, the arms a holdout lift counts.
+    assigned: Sequence[str] = ()
+
+    def chosen(self) -> Candidate | None:
+        """The candidate that was chosen (None when nothing is sent, or it was not scored)."""
+        if self.action != "send":
+            return None
+        return next(
+            (
+                c
+                for c in self.candidates
+                if c.campaign == self.campaign
+                and c.channel == self.channel
+                and c.send_at_ms == self.send_at_ms
+            ),
+            None,
+        )
 
     def suppressed(self, campaign: str, reason: str | None = None) -> bool:
         """True when ``campaign`` was suppressed (for ``reason``, if given)."""

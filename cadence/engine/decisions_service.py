@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 from sqlalchemy import Connection, event, select
 
+from cadence.engine.assignments import ASSIGN_ARMS, arm_rows
 from cadence.engine.campaign import CompiledRuleset
 from cadence.engine.decide import decide
 from cadence.engine.decision import Candidate, Decision, PastSend
@@ -66,8 +67,8 @@ __all__ = [
 #: One decision row; a caller that may write the same decision again appends ``ON CONFLICT (id) DO NOTHING``.
 INSERT_DECISION = (
     "INSERT INTO decisions (id, customer_id, decided_at_ms, action, campaign, channel, send_at_ms, template, arm,"
-    " ruleset_hash, explanation, inputs, outcome, learner_position)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsontext, ?::jsontext, ?::jsontext, ?)"
+    " ruleset_hash, explanation, inputs, outcome, learner_position, explored, suppressed)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsontext, ?::jsontext, ?::jsontext, ?, ?, ?)"
 )
 
 
@@ -81,7 +82,12 @@ def decision_row(
     pending: Pending | None,
 ) -> tuple[Any, ...]:
     """The parameters of :data:`INSERT_DECISION` for ``decision`` (``explanation`` and ``inputs`` as JSON text;
-    no outcome yet; ``pending``: its features for the learners, which say how far they had read the log)."""
+    no outcome yet; ``pending``: its features for the learners, which say how far they had read the log).
+
+    What the dashboard's decision mix counts is kept beside the explanation: whether the chosen
+    candidate was explored, and the suppressions' reasons (space-separated, in order).
+    """
+    chosen = decision.chosen()
     return (
         decision_id,
         customer_id,
@@ -97,6 +103,8 @@ def decision_row(
         inputs,
         "{}",
         None if pending is None else pending.position,
+        chosen is not None and chosen.explored,
+        " ".join(x.reason for x in decision.suppressions),
     )
 
 
@@ -653,10 +661,16 @@ def _record(conn: Transaction, prepared: PreparedDecision, after_commit: AfterCo
     """Write the decision row and queue its send (in ``conn``'s transaction); telling the learners
     is left in ``after_commit``."""
     row, send = _record_rows(prepared, after_commit)
+    arms = arm_rows(prepared.decision, prepared.customer_id, prepared.request.now_ms)
     if isinstance(conn, RawTransaction):
         conn.execute(INSERT_DECISION, row)
+        for arm in arms:
+            conn.execute(ASSIGN_ARMS, arm)
     else:
-        conn.exec_driver_sql(_raw_sql(INSERT_DECISION, _is_postgres(conn)), row)
+        postgres = _is_postgres(conn)
+        conn.exec_driver_sql(_raw_sql(INSERT_DECISION, postgres), row)
+        if arms:
+            conn.exec_driver_sql(_raw_sql(ASSIGN_ARMS, postgres), arms)
     if send is not None:
         if isinstance(conn, RawTransaction):
             queued = conn.execute(
@@ -769,6 +783,8 @@ def record_decisions(
         ]
         if group.rows:
             cur.executemany(_raw_sql(INSERT_DECISION, True), group.rows)
+        if group.arms:
+            cur.executemany(_raw_sql(ASSIGN_ARMS, True), group.arms)
         if group.sends:
             cur.executemany(_raw_sql(ENQUEUE_SENDS_SQL, True), group.sends)
             if cur.rowcount != len(group.sends):  # a send key taken already: each decided alone tells which
@@ -791,6 +807,8 @@ class DecidedGroup:
     #: The decision rows (:data:`INSERT_DECISION`'s parameters) and the sends (:data:`ENQUEUE_SENDS_SQL`'s).
     rows: list[tuple[Any, ...]]
     sends: list[tuple[Any, ...]]
+    #: The holdout-arm assignments the decisions drew (:data:`~cadence.engine.assignments.ASSIGN_ARMS`').
+    arms: list[tuple[Any, ...]]
     #: The answers of the decisions that send, whose ``queued`` is set once their sends are written.
     queued: list[dict[str, Any]]
 
@@ -815,7 +833,7 @@ def decide_group(
     returned, telling the learners left in ``after_commit``); any other gets None in ``bodies``
     and must be decided and recorded on its own (its profile reloaded).
     """
-    group = DecidedGroup(bodies=[], rows=[], sends=[], queued=[])
+    group = DecidedGroup(bodies=[], rows=[], sends=[], arms=[], queued=[])
     for request in requests:
         inputs = state.inputs_from(
             request.customer_ref, rows_by_customer, now_ms=request.now_ms, ruleset=request.ruleset
@@ -826,6 +844,7 @@ def decide_group(
         prepared = _prepare(request, conn=None, state=None, decision_id=None, inputs=inputs)
         row, send = _record_rows(prepared, after_commit)
         group.rows.append(row)
+        group.arms.extend(arm_rows(prepared.decision, prepared.customer_id, request.now_ms))
         if send is not None:
             group.sends.append(enqueue_params([send], now_ms=request.now_ms)[0])
             group.queued.append(prepared.body)

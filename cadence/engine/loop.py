@@ -233,6 +233,7 @@ SUBSCRIBER_FACTORIES: tuple[str, ...] = (
     "cadence.engine.attribution.online:AttributionSubscriber",
     "cadence.engine.attribution.materialized:ExposureSubscriber",
     "cadence.engine.campaign_stats:CampaignStatsSubscriber",
+    "cadence.engine.assignments:AssignmentsSubscriber",
     "cadence.engine.learning:LearnerSubscriber",
 )
 

@@ -54,6 +54,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from cadence.clock import Clock
+from cadence.engine.assignments import ASSIGN_ARMS, arm_rows
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend, Scorer
@@ -562,6 +563,7 @@ def push(
             adds: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
             outs: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
             chosen: dict[int, tuple[StoredProfile, dict[str, tuple[str, int]], Decision]] = {}
+            arms: list[tuple[str, int, bool, int]] = []
 
             for profile in profiles:
                 zone = profile.timezone or default_zone
@@ -586,6 +588,8 @@ def push(
                     continue
                 evaluated += 1
                 decision = decide_one(profile, wanted, seen.get(profile.customer_id, []), now)
+                # Held out or not, sent or not: the arms drawn are what a holdout lift counts.
+                arms.extend(arm_rows(decision, profile.customer_id, now))
                 if decision.action == "send" and decision.campaign in wanted:
                     chosen[profile.customer_id] = (profile, wanted, decision)
             # The rows to write, built before the lock (JSON and all); those decided again are rebuilt.
@@ -626,6 +630,7 @@ def push(
                             del rows_of[cid]
                     execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
                     new = enqueue_prepared(conn, [r[2] for r in rows_of.values()])
+                    execute_many(conn, ASSIGN_ARMS, arms)
                     for run_id, _decision, _send, _learned in rows_of.values():
                         per_run[run_id][1] += 1
                     added_total = removed_total = 0

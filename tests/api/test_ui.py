@@ -491,7 +491,7 @@ def test_conversions_count_from_the_first_assignment_to_the_ranges_end(
 ) -> None:
     # The day of the assignment is split at its time: from the last conversion when that is
     # on the day, else from the customer's events.
-    from cadence.api.ui_pages import converted_after
+    from cadence.engine.assignments import converted_after
     from cadence.engine.identity import customer_by_ref
 
     day = now_ms() // 86_400_000 - 20
@@ -592,7 +592,7 @@ def test_holdout_lift_starts_at_the_decision_that_drew_the_arm(runtime: Runtime,
                 held[i] = "gated" in d["explanation"]["holdout"]
         with engine.connect() as conn:
             (row,) = ui_pages.holdout_lifts(
-                conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000, campaigns=["gated"]
+                conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000
             )
         key = create_key(engine, name="viewer", scopes=["ingest"])
         page = client.get("/ui/attribution", params={"key": key}).text
@@ -604,3 +604,153 @@ def test_holdout_lift_starts_at_the_decision_that_drew_the_arm(runtime: Runtime,
         f'<td>gated</td><td class="n">{40 - n_held}</td><td class="n">{n_held}</td><td class="n">0.0%</td>'
     )
     assert cells in page
+
+
+def test_holdout_lift_counts_each_customer_in_the_range_they_entered(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # A customer belongs to the cohort of their first assignment ever: decided on day 6 and
+    # then on day 1 (an ``at`` before the first commit), they entered on day 1, and a range
+    # starting on day 3 has nobody in it.
+    from cadence.api import ui_pages
+    from cadence.store.schema.decisions import arm_assignments
+
+    app = app_with_rules(runtime, tmp_path, offer=OFFER)
+    start = (now_ms() // 86_400_000 - 12) * 86_400_000
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = api_key(engine, "ingest")
+        decide = api_key(engine, "decide")
+        runtime.extensions["rules"].reload().raise_for_errors()
+        people = [
+            {
+                "type": "identify",
+                "userId": f"k{i}",
+                "messageId": f"k{i}",
+                "traits": {"timezone": "UTC", "consent": {"email": True}},
+                "timestamp": ms_to_iso(start - 86_400_000),
+            }
+            for i in range(30)
+        ]
+        assert client.post("/v1/batch", json={"batch": people}, headers=ingest).status_code == 200
+        for day in (6, 1):
+            at = ms_to_iso(start + day * 86_400_000 + 36_000_000)
+            requests = [{"customer_id": f"k{i}", "at": at, "mode": "commit"} for i in range(30)]
+            answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
+            assert answer.status_code == 200, answer.text
+        with engine.connect() as conn:
+            firsts = {r.first_ms for r in conn.execute(arm_assignments.select())}
+            whole = ui_pages.holdout_lifts(conn, since_ms=start, until_ms=start + 10 * 86_400_000)
+            later = ui_pages.holdout_lifts(
+                conn, since_ms=start + 3 * 86_400_000, until_ms=start + 10 * 86_400_000
+            )
+    assert firsts == {start + 86_400_000 + 36_000_000}
+    assert [r["treated"] + r["held_out"] for r in whole] == [30]
+    assert later == []
+
+
+def test_the_decision_mix_reads_its_columns_as_the_explanations_say(runtime: Runtime, tmp_path: Path) -> None:
+    # The mix is counted from two columns written with each decision; decisions recorded
+    # before them are read from their explanations. Both must give the same numbers.
+    from cadence.api.ui_pages import decision_mix
+    from cadence.store.schema.decisions import decisions
+
+    app = app_with_rules(runtime, tmp_path, promo=PROMO, offer=OFFER)
+    now = now_ms()
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = api_key(engine, "ingest")
+        decide = api_key(engine, "decide")
+        calls = demo_events(now_ms=now - 3_600_000, customers=40, days=5)
+        assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+        runtime.extensions["rules"].reload().raise_for_errors()
+        requests = [{"customer_id": f"demo-{i}", "mode": "commit"} for i in range(40)]
+        for _ in range(2):  # the second round is capped: suppressions of several reasons
+            answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
+            assert answer.status_code == 200, answer.text
+        with engine.connect() as conn:
+            stored = [(r.action, r.explored, r.suppressed) for r in conn.execute(decisions.select())]
+            fresh = decision_mix(conn, since_ms=now - 86_400_000, until_ms=now + 86_400_000)
+        with engine.begin() as conn:
+            conn.execute(decisions.update().values(explored=None, suppressed=None))
+        with engine.connect() as conn:
+            legacy = decision_mix(conn, since_ms=now - 86_400_000, until_ms=now + 86_400_000)
+    assert all(s is not None for _a, _e, s in stored) and len(stored) == 80
+    assert fresh == legacy
+    assert fresh["decisions"] == 80 and fresh["sends"] == sum(a == "send" for a, _e, _s in stored) > 0
+    assert {"holdout", "cap"} <= set(fresh["suppressions"])
+
+
+def test_a_decision_row_says_whether_its_chosen_candidate_was_explored() -> None:
+    from cadence.engine.decision import Candidate, Decision, Suppression
+    from cadence.engine.decisions_service import INSERT_DECISION, decision_row
+
+    columns = INSERT_DECISION.split("(", 1)[1].split(")", 1)[0].replace(" ", "").split(",")
+    other = Candidate("promo", "sms", 1_000, 0.9, explored=False)
+    chosen = Candidate("promo", "email", 2_000, 0.2, explored=True)
+    capped = Suppression("offer", "cap", "1 per 7d reached")
+    for explored in (True, False):
+        decision = Decision(
+            action="send",
+            ruleset_hash="h",
+            customer_id=1,
+            decided_at_ms=0,
+            campaign="promo",
+            channel="email",
+            send_at_ms=2_000,
+            candidates=(other, Candidate("promo", "email", 2_000, 0.2, explored=explored)),
+            suppressions=(capped, Suppression("promo", "quiet", "22:00..08:00")),
+        )
+        row = dict(zip(columns, decision_row("d", 1, 0, decision, "{}", "{}", None), strict=True))
+        assert (row["explored"], row["suppressed"]) == (explored, "cap quiet")
+    nothing = Decision(action="none", ruleset_hash="h", customer_id=1, decided_at_ms=0, candidates=(chosen,))
+    row = dict(zip(columns, decision_row("d", 1, 0, nothing, "{}", "{}", None), strict=True))
+    assert (row["explored"], row["suppressed"]) == (False, "")
+
+
+def test_a_merged_visitors_assignment_goes_with_them(runtime: Runtime, tmp_path: Path) -> None:
+    # Decided for as an anonymous visitor, then identified: the earliest assignment, with its
+    # arm, belongs to the customer the visitor joined, whose conversions the lift reads.
+    from cadence.store.schema.core import customers
+    from cadence.store.schema.decisions import arm_assignments
+
+    app = app_with_rules(runtime, tmp_path, promo=PROMO)
+    now = now_ms()
+    with TestClient(app) as client:
+        engine = runtime.engine
+        ingest = api_key(engine, "ingest")
+        decide = api_key(engine, "decide")
+        runtime.extensions["rules"].reload().raise_for_errors()
+        visits = [
+            {"type": "track", "event": "Page Viewed", "anonymousId": f"anon-{i}", "messageId": f"v{i}"}
+            for i in range(12)
+        ] + [{"type": "identify", "userId": f"user-{i}", "messageId": f"u{i}"} for i in range(12)]
+        assert client.post("/v1/batch", json={"batch": visits}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+        for ref, at in (("anon", now - 7_200_000), ("user", now - 3_600_000)):
+            requests = [
+                {"customer_id": f"{ref}-{i}", "at": ms_to_iso(at), "mode": "commit"} for i in range(12)
+            ]
+            answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
+            assert answer.status_code == 200, answer.text
+        with engine.connect() as conn:
+            before = {(r.customer_id, r.first_ms, r.held) for r in conn.execute(arm_assignments.select())}
+        joins = [
+            {"type": "identify", "userId": f"user-{i}", "anonymousId": f"anon-{i}", "messageId": f"j{i}"}
+            for i in range(12)
+        ]
+        assert client.post("/v1/batch", json={"batch": joins}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+        with engine.connect() as conn:
+            after = {(r.customer_id, r.first_ms, r.held) for r in conn.execute(arm_assignments.select())}
+            merged = dict(
+                conn.execute(
+                    customers.select().with_only_columns(customers.c.id, customers.c.merged_into)
+                ).all()
+            )
+    assert len(before) == 24
+    first = {(c, ms, held) for c, ms, held in before if ms == now - 7_200_000}
+    assert len(after) == 12
+    assert after == {(merged[c] if merged[c] is not None else c, ms, held) for c, ms, held in first}
+    assert all(merged[c] is None for c, _ms, _held in after)

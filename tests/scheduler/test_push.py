@@ -517,3 +517,44 @@ def test_an_idle_tick_reads_without_the_write_lock(
     clock.set(MONDAY + 9 * HOUR)
     write_locks.clear()
     assert scheduler.tick() == [] and write_locks == []
+
+
+HELD = """
+event opened = "Email Opened"
+campaign held "Held back" {
+    audience count(opened within 30d) > 0
+    send template "digest"
+    channel email
+    split holdout 30%, main 70%
+    schedule every day at 09:00 in "Europe/Berlin"
+}
+"""
+
+
+def test_a_push_records_the_arm_of_every_customer_it_split_held_out_or_sent(
+    db_engine: Engine, seed: Seed
+) -> None:
+    # A push records a decision for each send only: its held-out customers were in no lift.
+    from cadence.engine.assignments import holdout_lifts
+    from cadence.engine.decide import split_arm, stable_share
+    from cadence.store.schema.decisions import arm_assignments
+
+    seed(readers(40) + customers(5, start=100))  # 5 outside the audience draw no arm
+    clock = FixedClock(MONDAY)
+    scheduler = make_scheduler(db_engine, Rules(HELD), clock)
+    scheduler.tick()  # registers the job
+    for day in range(2):  # two days' pushes: the first assignment stays
+        clock.set(MONDAY + day * DAY + 8 * HOUR)
+        scheduler.tick()
+    campaign = Rules(HELD).current.campaigns["held"]  # type: ignore[union-attr]
+    expected = {c: bool(split_arm(campaign.split, stable_share(c, "held")).holdout) for c in range(1, 41)}
+    with db_engine.connect() as conn:
+        got = {r.customer_id: (r.held, r.first_ms) for r in conn.execute(select(arm_assignments))}
+        sent = set(conn.scalars(select(sends.c.customer_id)))
+        lifts = holdout_lifts(conn, since_ms=MONDAY, until_ms=MONDAY + 3 * DAY)
+    assert {c: held for c, (held, _ms) in got.items()} == expected
+    assert {ms for _held, ms in got.values()} == {MONDAY + 8 * HOUR}  # the first day's push
+    assert sent == {c for c, held in expected.items() if not held}
+    n_held = sum(expected.values())
+    assert 0 < n_held < 40
+    assert [(r["campaign"], r["treated"], r["held_out"]) for r in lifts] == [("held", 40 - n_held, n_held)]

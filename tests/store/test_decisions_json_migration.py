@@ -63,8 +63,9 @@ def compression(engine: Engine) -> tuple[bool, set[str]]:
     return "lz4" in (enumvals or []), found
 
 
-#: The decisions table's columns at ``ingest_0003`` (``learner_position`` came with position_0001).
-COLUMNS_THEN = [c for c in decisions.c if c.name != "learner_position"]
+#: The decisions table's columns at ``ingest_0003`` (``learner_position`` came with position_0001,
+#: ``explored`` and ``suppressed`` with arms_0001).
+COLUMNS_THEN = [c for c in decisions.c if c.name not in {"learner_position", "explored", "suppressed"}]
 
 
 def test_decision_documents_survive_the_json_migration_both_ways(db_engine: Engine) -> None:

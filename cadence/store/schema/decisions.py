@@ -20,13 +20,14 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Table,
+    Text,
     UniqueConstraint,
     text,
 )
 
 from cadence.store.schema.base import Id, Json, JsonText, metadata
 
-__all__ = ["decisions", "learner_snapshots"]
+__all__ = ["arm_assignments", "decisions", "learner_snapshots"]
 
 learner_snapshots = Table(
     "learner_snapshots",
@@ -79,6 +80,11 @@ decisions = Table(
     # decision's features (NULL: made before position_0001, or it sends nothing): a replay registers
     # the decision there, as the live learners did, whatever its ``decided_at_ms``.
     Column("learner_position", BigInteger),
+    # What the dashboard's decision mix counts, so it reads two short columns rather than the
+    # explanation (NULL: recorded before arms_0001, read from the explanation then): whether the
+    # chosen candidate was explored, and the reasons of the suppressions, space-separated.
+    Column("explored", Boolean),
+    Column("suppressed", Text),
     Index(None, "customer_id", "decided_at_ms"),
     Index(
         "ix_decisions_learner_position",
@@ -86,4 +92,20 @@ decisions = Table(
         sqlite_where=text("learner_position IS NOT NULL"),
         postgresql_where=text("learner_position IS NOT NULL"),
     ),
+)
+
+#: Each customer's first assignment to an arm of each campaign with a holdout arm: the customer
+#: (by the stable hash) is in the holdout arm (``held``) or a sending one, from ``first_ms`` (the
+#: decision's time) on, whether or not a message went. Written with the decision that assigned it
+#: (an API commit, a scheduled push); what a holdout lift counts (:mod:`cadence.engine.assignments`).
+arm_assignments = Table(
+    "arm_assignments",
+    metadata,
+    Column("campaign", String(200), primary_key=True),
+    Column("customer_id", Id, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True),
+    Column("first_ms", BigInteger, nullable=False),
+    Column("held", Boolean, nullable=False),
+    # A range's arms are counted by (campaign, arm) through this index alone.
+    Index(None, "campaign", "held", "first_ms"),
+    Index(None, "customer_id"),
 )
