@@ -446,6 +446,12 @@ RouteFn = Callable[[str, str | None], Connector | None]
 #: of this process may keep for a switch interval: a statement per row made the lock wait for
 #: that many). Each row is found by its key; ``+status`` keeps the planner off the status index,
 #: which would join every queued (or sending) row to the whole array.
+#: How long a send the rules defer waits when the deferral names no time after now (a rule's
+#: bug: quiet hours deferred into the past in the repeated hour of a fall-back night until
+#: session 24): it is checked again then. Left due, it was claimed and deferred again by every
+#: round, and ``drain`` went round back to back until its budget of rounds ran out.
+_HOLD_RECHECK_MS = 60_000
+
 _MARK_FINALS_SQLITE = (
     "UPDATE sends SET status = json_extract(v.value, '$[1]'), last_error = json_extract(v.value, '$[2]'),"
     " due_ms = COALESCE(json_extract(v.value, '$[4]'), sends.due_ms),"
@@ -748,6 +754,7 @@ class Dispatcher:
         claimed: list[tuple[Connector, OutgoingMessage]] = []
         finals: list[dict[str, Any]] = []
         rerouted: list[tuple[int, str]] = []  # claimed rows whose connector column is not yet right
+        overdue: list[Held] = []  # deferrals to no time after now (see _HOLD_RECHECK_MS)
         for row in rows:
             self._channels.add(row["channel"])
             connector = self.route(row["channel"], row["connector"])
@@ -793,7 +800,11 @@ class Dispatcher:
                     membership=removal or (row["variables"] or {}).get("operation") == "add",
                 )
             if held is not None:
-                finals.append(_final(row["id"], held.status, held.reason, due_ms=held.due_ms))
+                due = held.due_ms
+                if held.status == "queued" and (due is None or due <= now):
+                    overdue.append(held)
+                    due = now + _HOLD_RECHECK_MS
+                finals.append(_final(row["id"], held.status, held.reason, due_ms=due))
                 if held.status == "queued":
                     report.deferred += 1
                 elif held.status == "expired":
@@ -821,6 +832,13 @@ class Dispatcher:
                         send_at_ms=row["due_ms"] if row["due_ms"] > now else None,
                     ),
                 )
+            )
+        if overdue:
+            log.warning(
+                "%d sends deferred by the rules to no time after now (%s): checked again in %d s",
+                len(overdue),
+                overdue[0].reason,
+                _HOLD_RECHECK_MS // 1000,
             )
         return claimed, finals, rerouted, report
 
@@ -1349,7 +1367,9 @@ class Dispatcher:
         """Dispatch rounds until nothing due is left (deferred rows wait for their time).
 
         ``parallel_rounds`` rounds are in flight at once; each worker stops when its
-        claim finds nothing due.
+        claim finds nothing due. Every row a round claims leaves it settled or due later
+        (a deferral the rules date at or before now waits ``_HOLD_RECHECK_MS``), so the
+        rounds end.
         """
         total = DispatchReport()
         budget = [max_rounds]

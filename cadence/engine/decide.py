@@ -926,7 +926,14 @@ def decide(
         )
     if customer_zone.key != profile.timezone:
         said = f"time zone {profile.timezone!r} is unknown" if profile.timezone else "time zone is not known"
-        quiet_in = f", quiet hours {quiet_zone(wcamp.quiet, None).key}" if wcamp.quiet is not None else ""
+        # The chosen campaign's quiet hours fall back to a zone of its own (another campaign's may
+        # to another), so the zone is said as the campaign's, not as if it were the customer's; a
+        # campaign whose quiet hours name a fixed zone did not fall back at all.
+        quiet_in = (
+            f", {wcamp.name}'s quiet hours {quiet_zone(wcamp.quiet, None).key} (the campaign's fallback zone)"
+            if wcamp.quiet is not None and wcamp.quiet.use_customer_zone
+            else ""
+        )
         notes.append(
             f"the customer's {said}: local times and calendar caps use {customer_zone.key} (the ruleset's zone)"
             f"{quiet_in}; an identify with traits.timezone sets it"

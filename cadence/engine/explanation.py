@@ -91,6 +91,26 @@ def _deferral(s: Suppression) -> bool:
     return s.reason == "quiet" and ": deferred to " in s.detail
 
 
+def _outranked(decision: Decision, campaign: str) -> Suppression | None:
+    """Why ``campaign`` lost to the chosen one whatever its score: the chosen campaign's priority,
+    an exclusive group it won, or a tie broken on score or name (None: something else held it).
+
+    >>> d = Decision(action="send", ruleset_hash="h", customer_id=1, decided_at_ms=0, campaign="vip",
+    ...              suppressions=[Suppression("promo", "consent", "opted out of sms", "sms"),
+    ...                            Suppression("promo", "priority", "vip has priority 5 > 3")])
+    >>> _outranked(d, "promo").detail, _outranked(d, "news")
+    ('vip has priority 5 > 3', None)
+    """
+    return next(
+        (
+            s
+            for s in decision.suppressions
+            if s.campaign == campaign and s.channel is None and s.reason in ("priority", "exclusive")
+        ),
+        None,
+    )
+
+
 def _names(names: list[str]) -> str:
     """``a, b, c``, or the first few and how many more.
 
@@ -210,10 +230,36 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     # said: it is what took the campaign's last channels away (a consent on one channel, say,
     # left the others to it).
     sending = decision.action == "send" and decision.send_at_ms is not None
+    # The chosen option; of a split's arms (the same campaign, channel and time) the chosen arm's:
+    # another arm's engagement and "exploratory" note were said of 94 of 609 sends in an outside check.
+    same = [
+        c
+        for c in decision.candidates
+        if c.campaign == decision.campaign
+        and c.channel == decision.channel
+        and c.send_at_ms == decision.send_at_ms
+    ]
+    chosen = next((c for c in same if c.arm == decision.arm), same[0] if same else None)
+    runner_up = None
+    if sending and chosen is not None and (chosen.engagement or chosen.unsubscribe):
+        runner_up = max(
+            (c for c in decision.candidates if c is not chosen and c.channel != decision.channel),
+            key=lambda c: c.score,
+            default=None,
+        )
+    # A runner-up of another campaign that lost on priority or an exclusive group (and may engage
+    # more than the chosen one) says so beside its numbers, and that reason is not said again below.
+    outranked = (
+        _outranked(decision, runner_up.campaign)
+        if runner_up is not None and runner_up.campaign != decision.campaign
+        else None
+    )
     others = {s.campaign for s in decision.suppressions if not _deferral(s)}
     reasons: dict[str, _Held] = {}
     for s in decision.suppressions:
         if s.campaign == decision.campaign and s.channel is None and s.reason == "priority":
+            continue
+        if s is outranked:
             continue
         if _deferral(s) and s.campaign in others:
             continue
@@ -243,26 +289,12 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     text += f" by {decision.channel} on {_when(decision.send_at_ms, zone, fallback_zone)}"
     if any(s.campaign == decision.campaign and _deferral(s) for s in decision.suppressions):
         text += " (deferred out of quiet hours)"
-    # The chosen option; of a split's arms (the same campaign, channel and time) the chosen arm's:
-    # another arm's engagement and "exploratory" note were said of 94 of 609 sends in an outside check.
-    same = [
-        c
-        for c in decision.candidates
-        if c.campaign == decision.campaign
-        and c.channel == decision.channel
-        and c.send_at_ms == decision.send_at_ms
-    ]
-    chosen = next((c for c in same if c.arm == decision.arm), same[0] if same else None)
     if chosen is not None and (chosen.engagement or chosen.unsubscribe):
         text += f": expected engagement {chosen.engagement:.1%}, unsubscribe risk {chosen.unsubscribe:.2%}"
         if chosen.explored:
             text += " (an exploratory choice: the learners are still unsure here)"
-        others = sorted(
-            (c for c in decision.candidates if c is not chosen and c.channel != decision.channel),
-            key=lambda c: -c.score,
-        )
-        if others:
-            best = others[0]
+        if runner_up is not None:
+            best = runner_up
             when = _when(best.send_at_ms, zone, fallback_zone)
             name = (
                 best.channel if best.campaign == decision.campaign else f"{best.campaign} by {best.channel}"
@@ -277,6 +309,9 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
                 # A new learner values every channel alike: the pick is the draw's, not a preference.
                 # (Between campaigns, priority may have decided instead.)
                 text += ", valued alike: this decision's exploration draw chose"
+            if outranked is not None:
+                # an outside check read "(6.9%)" beside a chosen 6.4% as a worse choice
+                text += f", out-ranked: {_common(outranked)}"
             text += ")"
     text += "."
     if held:

@@ -591,11 +591,25 @@ class LearnerSubscriber:
         self._fold([(loser, parent) for _at, loser, parent in merges[folded:]])
         for row in replayed:
             self._register_again(row, replayed=True)
-        due = time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
-        if batch and self._since_snapshot >= self.snapshot_every and due and not self.following:
+        if batch and self.snapshot_owed():
             # When it was made (the wall clock), not the learner's clock: a simulation's events
             # carry simulated times, and `cadence models list` read them as the snapshot's date.
             self.snapshot(conn, now_ms=wall_ms())
+
+    def snapshot_owed(self) -> bool:
+        """Whether these learners owe a snapshot: ``snapshot_every`` events learned since the last one,
+        at least ``snapshot_min_seconds`` ago, and not :attr:`following` (the leader's are the ones stored).
+
+        :meth:`apply` asks after each batch, and the engine loop while the log is idle
+        (:meth:`~cadence.engine.loop.EngineLoop.snapshot_in_memory`): a burst learned within
+        ``snapshot_min_seconds`` of the last snapshot (or of the start) is snapshotted once that
+        time has passed, not only when a later event arrives (an outside check).
+        """
+        return (
+            self._since_snapshot >= self.snapshot_every
+            and not self.following
+            and time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
+        )
 
     def _others(self, conn: Connection, until_ms: int) -> int:
         """Register the send decisions other processes committed since the last look; how many.

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import orjson
 from sqlalchemy import Connection, event, func, select
 
+from cadence.clock import now_ms as wall_ms
 from cadence.engine.events import LoggedEvent
 from cadence.engine.identity import IdentityResolver
 from cadence.engine.ingest import append_horizon
@@ -217,6 +218,10 @@ class Subscriber(Protocol):
 
     # Optional: ``erasure_done(conn)`` is called once an erasure told ``erased`` of each of its
     # customers (several when merges joined them), in the same transaction.
+
+    # Optional, for ``in_memory`` subscribers: ``snapshot_owed()`` says (from memory, cheaply)
+    # whether ``snapshot(conn, now_ms=...)`` should store their state now; the loop asks while the
+    # log is idle (see EngineLoop.snapshot_in_memory), as ``apply`` does after a batch.
 
     # Optional: ``prepare(batch)`` may compute, from the events alone (no database), what a later
     # ``apply`` of the very same batch object will need; ``apply`` of any other batch must not
@@ -710,6 +715,32 @@ class EngineLoop:
                 if done is not None:
                     done(conn)
 
+    def snapshot_in_memory(self, *, owed_only: bool) -> int:
+        """Snapshot the in-memory subscribers (the learners) that owe one (``owed_only``), or all;
+        return how many were taken.
+
+        No batch runs meanwhile, and the transaction takes the batches' lock, so an erasure
+        committed by another process is seen by the snapshot. With ``owed_only`` nothing is opened
+        unless one is owed: the idle loop asks every poll.
+        """
+        in_memory: list[Any] = [sub for sub in self.subscribers if getattr(sub, "in_memory", False)]
+        owing = [
+            sub
+            for sub in in_memory
+            if hasattr(sub, "snapshot_owed") and (not owed_only or sub.snapshot_owed())
+        ]
+        if not owing:
+            return 0
+        taken = 0
+        with self._lock, self.engine.begin() as conn:
+            lock_batches(conn)
+            for sub in owing:
+                if not owed_only or sub.snapshot_owed():  # asked again: a batch may have taken it meanwhile
+                    # Dated by the wall clock, as apply's: a simulation's clock is not when it was made.
+                    sub.snapshot(conn, now_ms=wall_ms())
+                    taken += 1
+        return taken
+
     # -- background
     @property
     def running(self) -> bool:
@@ -766,6 +797,7 @@ class EngineLoop:
                     self._recovered()
                     if more:
                         continue  # more may be waiting
+                    self._snapshot_owed()
                 else:
                     self._doorbell.close()
                     self.follow_in_memory()
@@ -793,6 +825,14 @@ class EngineLoop:
             self._wake.wait(poll)
             self._wake.clear()
         self._release_gc()
+
+    def _snapshot_owed(self) -> None:
+        """While the log is idle: the snapshots the learners owe (a burst's, whose batches came too
+        soon after the last one); a failure is logged, not a failing batch."""
+        try:
+            self.snapshot_in_memory(owed_only=True)
+        except Exception:  # noqa: BLE001 - the loop must go on; the next idle poll tries again
+            log.exception("engine loop: a learner snapshot owed while idle failed")
 
     def _failed(self, exc: Exception, poll: float) -> None:
         """Note a failed batch: the traceback the first time (or when the error changes), then one line

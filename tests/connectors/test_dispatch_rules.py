@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -16,7 +17,9 @@ import httpx
 from sqlalchemy import Engine, select, update
 
 from cadence.clock import FixedClock
+from cadence.connectors import delivery
 from cadence.connectors.delivery import Dispatcher
+from cadence.connectors.dispatch_rules import Held, RulesCheck
 from cadence.connectors.testing import FakeProviders, connector_config
 from cadence.dsl.loader import load_source
 from cadence.engine.campaign import CompiledRuleset
@@ -481,3 +484,33 @@ async def test_ad_audience_changes_are_neither_capped_nor_counted(
     queue(db_engine, cid, "spring", now - 60_000)
     report = await dispatcher(fake, http, db_engine, FixedClock(now), ruleset(CAPS)).drain()
     assert (report.sent, report.suppressed) == (2, 0)
+
+
+class DefersIntoThePast(RulesCheck):
+    """Quiet hours with session 24's repeated-hour bug: a deferral 40 minutes before now."""
+
+    def _quiet(self, name: str, timezone: str | None) -> Held | None:
+        held = super()._quiet(name, timezone)
+        if held is None or held.status != "queued":
+            return held
+        return replace(held, due_ms=self.now - 40 * 60_000)
+
+
+async def test_a_deferral_dated_before_now_waits_instead_of_being_claimed_every_round(
+    fake: FakeProviders, http: httpx.AsyncClient, db_engine: Engine, monkeypatch: Any
+) -> None:
+    """No rule defers to the past now, but the repeated-hour bug did: the row stayed due, and
+    drain() claimed and deferred it round after round until its budget ran out. Such a hold is
+    checked again a minute later: one round defers it, still unsent, and drain() ends."""
+    monkeypatch.setattr(delivery, "RulesCheck", DefersIntoThePast)
+    cid = customer(db_engine, "ada")
+    now = at("2026-03-28T23:10")
+    queue(db_engine, cid, "night_defer", now - 60_000)
+    clock = FixedClock(now)
+    report = await dispatcher(fake, http, db_engine, clock, ruleset(RULES)).drain(max_rounds=20)
+    row = rows(db_engine)[f"night_defer:{cid}:1"]
+    assert (report.claimed, report.deferred, report.sent) == (1, 1, 0) and not fake.delivered
+    assert (row["status"], row["due_ms"], row["attempts"]) == ("queued", now + 60_000, 0)
+    assert row["last_error"].startswith("quiet:")
+    clock.set(now + 60_000)  # checked again: still the night, still held
+    assert (await dispatcher(fake, http, db_engine, clock, ruleset(RULES)).drain(max_rounds=20)).claimed == 1

@@ -158,10 +158,25 @@ def test_a_send_to_a_customer_without_a_known_zone_says_which_zone_it_used() -> 
     assert unknown.action == "send"
     assert unknown.notes == (
         "the customer's time zone 'Mars/Olympus' is unknown: local times and calendar caps use "
-        "America/New_York (the ruleset's zone), quiet hours Europe/Berlin; an identify with traits.timezone sets it",
+        "America/New_York (the ruleset's zone), news's quiet hours Europe/Berlin (the campaign's fallback zone); "
+        "an identify with traits.timezone sets it",
     )
     assert "not known" in run(r, MemoryProfile(customer_id=1)).notes[0]
     assert run(r, MemoryProfile(customer_id=1, timezone="Asia/Tokyo")).notes == ()
+
+
+def test_a_quiet_zone_said_for_an_unknown_customer_zone_is_the_campaigns_not_the_customers() -> None:
+    """An outside check read "quiet hours America/New_York" as the customer's zone while the same
+    summary dropped another campaign inside quiet hours in Europe/Berlin: each campaign falls back to
+    its own zone, so the note names the chosen campaign's, and says nothing of a fixed zone."""
+    fixed = QuietHours(start=time(21), end=time(8), fallback_zone="Asia/Tokyo", use_customer_zone=False)
+    r = rules(camp("news", quiet=fixed), default_zone="America/New_York")
+    note = run(r, MemoryProfile(customer_id=1, timezone="Mars/Olympus")).notes[0]
+    assert "quiet hours" not in note, note  # Tokyo is the campaign's zone whatever the customer's
+    own = QuietHours(start=time(21), end=time(8), fallback_zone="America/Chicago")
+    r = rules(camp("news", quiet=own), default_zone="America/New_York")
+    note = run(r, MemoryProfile(customer_id=1)).notes[0]
+    assert "news's quiet hours America/Chicago (the campaign's fallback zone)" in note, note
 
 
 def test_trigger_delay_and_where() -> None:

@@ -196,3 +196,64 @@ def test_the_chosen_option_is_listed_first_then_the_rest_by_score() -> None:
     assert (listed[0]["campaign"], listed[0]["send_at"]) == ("news", "2026-03-05T10:30:00+01:00")
     rest = [c["score"] for c in listed[1:]]
     assert rest == sorted(rest, reverse=True) and rest[0] > listed[0]["score"]
+
+
+class Engaging:
+    """Values every option of a campaign alike, its expected engagement the value: ``values[campaign]``."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+
+    def score(
+        self, *, profile: object, candidates: Sequence[Candidate], now_ms: int, seed: int
+    ) -> list[Candidate]:
+        return [
+            replace(c, score=self.values[c.campaign], engagement=self.values[c.campaign], unsubscribe=0.002)
+            for c in candidates
+        ]
+
+
+OUTRANKED = """\
+campaign vip "VIP" {
+    send      template "vip"
+    channel   email
+    priority  5
+    exclusive "offers"
+}
+
+campaign promo "Promo" {
+    send      template "promo"
+    channel   sms
+    priority  3
+    exclusive "%s"
+}
+
+campaign news "News" {
+    send      template "news"
+    channel   sms
+    priority  1
+}
+"""
+
+
+def test_a_runner_up_that_engages_more_says_what_out_ranked_it() -> None:
+    """An outside check read "next best promo by push at 10:00 (6.9%)" beside a chosen vip at 6.4% as
+    a worse choice: the runner-up says what decided (priority, or the exclusive group), and that reason
+    is not said again under "Not chosen" (another campaign it held still is)."""
+    profile = MemoryProfile(customer_id=1, timezone="Europe/Berlin")
+    scorer = Engaging({"vip": 0.064, "promo": 0.069, "news": 0.05})
+    for group, why in (("others", "vip has priority 5 > 3"), ("offers", "vip won exclusive group 'offers'")):
+        loaded = load_source(OUTRANKED % group)
+        assert not loaded.errors, loaded.errors
+        d = decide(
+            ruleset=loaded.ruleset,
+            profile=profile,
+            now_ms=NIGHT,
+            history=[],
+            available_channels=["email", "sms"],
+            scorer=scorer,
+        )
+        assert (d.action, d.campaign) == ("send", "vip")
+        said = summarise(d, zone="Europe/Berlin")
+        assert f"next best promo by sms at 22:30 (6.9%, out-ranked: {why})." in said, said
+        assert said.endswith(" Not chosen: news (vip has priority 5 > 1)."), said

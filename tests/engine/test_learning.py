@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,17 +22,21 @@ from cadence.clock import now_ms as wall_ms
 from cadence.engine.learners import LearnerConfig
 from cadence.engine.learning import (
     LearnerSubscriber,
+    SnapshotInfo,
     UnknownSnapshot,
     list_snapshots,
     load_snapshot,
     pin_snapshot,
     unpin,
 )
-from cadence.engine.loop import LoggedEvent
+from cadence.engine.loop import EngineLoop, LoggedEvent
 from cadence.errors import ConfigError
+from cadence.runtime import Runtime
 from cadence.settings import load_settings
 from cadence.store.schema.core import customers
 from cadence.store.schema.decisions import decisions
+from tests.engine.test_loop import ingest, stream
+from tests.engine.test_loop_restart import retrying
 
 T0 = 1_780_000_000_000
 HOUR = 3_600_000
@@ -377,3 +382,31 @@ def test_stored_decisions_registered_again_belong_to_the_customer_their_customer
         restarted.apply(conn, events)
     assert {p.customer_id for p in restarted.learner.pending.values()} <= {2}
     assert 1 not in restarted.learner.customers and restarted.learner.customers[2].clicks == 2
+
+
+def test_a_burst_soon_after_the_start_is_snapshotted_while_the_log_is_idle(runtime: Runtime) -> None:
+    """Snapshots were owed only when a batch arrived: a burst of ``snapshot_every`` events within
+    ``snapshot_min_seconds`` of the start (an outside check: 10,000 in the first 30 s) took none
+    until the next event, or the hourly job. The idle loop takes it once the time has passed."""
+    quick = retrying(runtime, poll=0.02, quarantine_after=0)
+    ingest(quick, *stream()[:20])
+    learners = LearnerSubscriber(quick, snapshot_every=10, snapshot_min_seconds=1.0)
+    loop = EngineLoop(quick, [learners])
+    started = time.monotonic()
+    loop.start()
+    try:
+        loop.wait_applied(timeout=20)
+        with runtime.engine.connect() as conn:
+            early = list_snapshots(conn, name=learners.name)
+        if time.monotonic() - started < 1.0:  # (a slow machine may have applied it later)
+            assert early == [], "the burst came too soon after the start for a snapshot"
+        deadline = time.monotonic() + 10
+        taken: list[SnapshotInfo] = []
+        while not taken and time.monotonic() < deadline:
+            time.sleep(0.05)
+            with runtime.engine.connect() as conn:
+                taken = list_snapshots(conn, name=learners.name)
+    finally:
+        loop.stop()
+    assert [(s.version, s.position) for s in taken] == [(1, 20)]
+    assert learners.snapshot_owed() is False

@@ -21,7 +21,6 @@ from cadence.api.security import Principal, Scope
 from cadence.dsl.loader import RulesetHolder
 from cadence.engine.decision import Scorer
 from cadence.engine.learning import scrub_snapshots, snapshot_marker, snapshot_position
-from cadence.engine.loop import lock_batches
 from cadence.scheduler.compaction import compact_derived_state
 from cadence.scheduler.needs import needs_of_holder
 from cadence.scheduler.push import PushReport
@@ -92,14 +91,9 @@ def setup(app: FastAPI) -> None:
         return learners.scorer() if learners is not None else None
 
     def snapshot() -> None:
-        learners = _learners(app)
-        if learners is None:
-            return
-        with app.state.engine_loop._lock, runtime.engine.begin() as conn:
-            # Serialised with erasures in other processes, as a batch is: one committed meanwhile
-            # is seen by the snapshot (see _forget_erased).
-            lock_batches(conn)
-            learners.snapshot(conn, now_ms=runtime.clock.now_ms())
+        loop = getattr(app.state, "engine_loop", None)
+        if loop is not None:
+            loop.snapshot_in_memory(owed_only=False)
 
     def follow(leading: bool) -> None:
         # A process that does not lead serves decisions from the leader's latest snapshot; every
