@@ -243,7 +243,13 @@ def summarise(decision: Decision, *, zone: str | None, fallback_zone: str = "UTC
     runner_up = None
     if sending and chosen is not None and (chosen.engagement or chosen.unsubscribe):
         runner_up = max(
-            (c for c in decision.candidates if c is not chosen and c.channel != decision.channel),
+            # Another channel of the chosen campaign, or any option of another campaign (its times
+            # on the chosen channel too: another campaign by email is an alternative to this email).
+            (
+                c
+                for c in decision.candidates
+                if c is not chosen and (c.channel != decision.channel or c.campaign != decision.campaign)
+            ),
             key=lambda c: c.score,
             default=None,
         )

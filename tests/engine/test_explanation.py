@@ -257,3 +257,25 @@ def test_a_runner_up_that_engages_more_says_what_out_ranked_it() -> None:
         said = summarise(d, zone="Europe/Berlin")
         assert f"next best promo by sms at 22:30 (6.9%, out-ranked: {why})." in said, said
         assert said.endswith(" Not chosen: news (vip has priority 5 > 1)."), said
+
+
+def test_another_campaign_on_the_chosen_channel_can_be_the_runner_up() -> None:
+    """ "Next best" looked only at other channels: a campaign on the chosen channel that engages more
+    and lost on priority was never named beside the send."""
+    profile = MemoryProfile(customer_id=1, timezone="Europe/Berlin")
+    scorer = Engaging({"vip": 0.064, "promo": 0.069, "news": 0.05})
+    loaded = load_source(
+        (OUTRANKED % "others").replace("channel   sms\n    priority  3", "channel   email\n    priority  3")
+    )
+    assert not loaded.errors, loaded.errors
+    d = decide(
+        ruleset=loaded.ruleset,
+        profile=profile,
+        now_ms=NIGHT,
+        history=[],
+        available_channels=["email", "sms"],
+        scorer=scorer,
+    )
+    assert (d.action, d.campaign, d.channel) == ("send", "vip", "email")
+    said = summarise(d, zone="Europe/Berlin")
+    assert "next best promo by email at 22:30 (6.9%, out-ranked: vip has priority 5 > 3)." in said, said
