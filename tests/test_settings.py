@@ -51,3 +51,15 @@ def test_the_cli_reports_a_wrong_setting_without_a_traceback(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "CADENCE_PORT" in err and "Traceback" not in err
+
+
+def test_learner_snapshot_thresholds_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from cadence.engine.learning import LearnerSubscriber
+
+    monkeypatch.setenv("CADENCE_LEARNER_SNAPSHOT_EVENTS", "500")
+    monkeypatch.setenv("CADENCE_LEARNER_SNAPSHOT_SECONDS", "2.5")
+    learners = LearnerSubscriber(SimpleNamespace(settings=load_settings()))
+    assert (learners.snapshot_every, learners.snapshot_min_seconds) == (500, 2.5)
+    assert LearnerSubscriber(snapshot_every=7).snapshot_every == 7

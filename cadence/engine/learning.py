@@ -265,8 +265,8 @@ class LearnerSubscriber:
         runtime: Any = None,
         *,
         config: LearnerConfig | None = None,
-        snapshot_every: int = 10_000,
-        snapshot_min_seconds: float = 30.0,
+        snapshot_every: int | None = None,
+        snapshot_min_seconds: float | None = None,
         max_recall: int = 200_000,
         others_every: float = 1.0,
     ) -> None:
@@ -278,7 +278,12 @@ class LearnerSubscriber:
         self._log_complete = getattr(settings, "event_retention_days", None) is None
         self.learner = DecisionLearner(self.config)
         self.pinned: DecisionLearner | None = None
-        self.snapshot_every = snapshot_every
+        # Given here (tests), else the settings' (CADENCE_LEARNER_SNAPSHOT_EVENTS, _SECONDS).
+        self.snapshot_every = (
+            snapshot_every
+            if snapshot_every is not None
+            else getattr(settings, "learner_snapshot_events", 10_000)
+        )
         self.max_recall = max_recall
         self._since_snapshot = 0
         #: Merged-away customer -> the customer it joined, as far as this learner knows
@@ -294,7 +299,11 @@ class LearnerSubscriber:
         self._seen: dict[str, int] = {}
         # A snapshot pickles every customer's statistics (about a second at 20k customers):
         # on a fast replay, taking one every 10k events would cost more than the learning.
-        self.snapshot_min_seconds = snapshot_min_seconds
+        self.snapshot_min_seconds = (
+            snapshot_min_seconds
+            if snapshot_min_seconds is not None
+            else getattr(settings, "learner_snapshot_seconds", 30.0)
+        )
         self._last_snapshot = time.monotonic()
         # Learning from the start of the log: (decisions registered up to this decided_at_ms,
         # the last one to register), see _backfill_decisions.
