@@ -12,6 +12,7 @@ PostgreSQL only (SQLite commits take the write lock, in a thread).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from cadence.api import commitpipe
 from cadence.api.app import create_app
 from cadence.api.commitpipe import CommitPipeline
 from cadence.api.routers.decisions import _learners
+from cadence.engine.campaign import CompiledRuleset, SplitArm
 from cadence.engine.decisions_service import DecidedGroup, DecisionRequestSpec
 from cadence.runtime import Runtime
 from tests.api.test_decisions_cache import AT, AT_MS, RULES, Api, reasons
@@ -46,9 +48,9 @@ def api(runtime: Runtime) -> Iterator[Api]:
     api.state.close()
 
 
-def spec(api: Api, ref: str) -> DecisionRequestSpec:
+def spec(api: Api, ref: str, ruleset: CompiledRuleset = RULES) -> DecisionRequestSpec:
     return DecisionRequestSpec(
-        ruleset=RULES,
+        ruleset=ruleset,
         customer_ref=ref,
         now_ms=AT_MS,
         available_channels=api.app.state.available_channels,
@@ -57,7 +59,9 @@ def spec(api: Api, ref: str) -> DecisionRequestSpec:
     )
 
 
-def pipelined(pipeline: CommitPipeline, api: Api, refs: list[str]) -> list[tuple[str, Any]]:
+def pipelined(
+    pipeline: CommitPipeline, api: Api, refs: list[str], ruleset: CompiledRuleset = RULES
+) -> list[tuple[str, Any]]:
     """Submit a commit for each of ``refs`` in one event-loop iteration: ("settled", answer) or ("redo", None)."""
 
     async def main() -> list[tuple[str, Any]]:
@@ -69,7 +73,7 @@ def pipelined(pipeline: CommitPipeline, api: Api, refs: list[str]) -> list[tuple
             future: asyncio.Future[tuple[str, Any]] = loop.create_future()
             pipeline.submit(
                 customer,
-                spec(api, ref),
+                spec(api, ref, ruleset),
                 lambda result, f=future: f.set_result(("settled", result)),
                 lambda f=future: f.set_result(("redo", None)),
             )
@@ -123,6 +127,25 @@ def test_a_group_records_each_commit_once_and_tells_the_learners_once_committed(
     again = pipelined(CommitPipeline(api.state), api, USERS)
     assert all(kind == "settled" and b["action"] == "none" and "cap" in reasons(b) for kind, b in again)
     assert len(learners.learner.pending) == len(USERS)
+
+
+def test_a_group_writes_the_holdout_arms_its_decisions_drew(api: Api, runtime: Runtime) -> None:
+    # The arms a holdout lift counts go with the group's other writes, held-out customers included.
+    daily = RULES.campaigns["daily"]
+    split = (SplitArm("holdout", 0.5, holdout=True), SplitArm("main", 0.5))
+    held = dataclasses.replace(RULES, campaigns={"daily": dataclasses.replace(daily, split=split)})
+    pipeline = CommitPipeline(api.state)
+    results = pipelined(pipeline, api, USERS, held)
+    assert pipeline.groups == 1 and pipeline.redone == 0
+    bodies = [body for kind, body in results]
+    expected = {(b["customer_id"], "daily" in b["explanation"]["holdout"]) for b in bodies}
+    with runtime.engine.connect() as conn:
+        arms = {
+            (c, bool(h), ms)
+            for c, h, ms in conn.exec_driver_sql("SELECT customer_id, held, first_ms FROM arm_assignments")
+        }
+    assert {(c, h) for c, h, _ms in arms} == expected and {ms for _c, _h, ms in arms} == {AT_MS}
+    assert 0 < sum(h for _c, h in expected) < len(USERS)  # both arms drawn
 
 
 def test_a_customers_second_commit_waits_for_the_next_group_and_is_capped(api: Api, runtime: Runtime) -> None:
