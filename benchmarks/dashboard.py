@@ -422,6 +422,20 @@ def _fill_decisions(
             for c in buyers
         ),
     )
+    # The orders as each attribution block's conversion history holds them: the lift's conversions.
+    from cadence.dsl.loader import load_rules
+
+    blocks = list(load_rules([ROOT / "rules"]).raise_for_errors().attribution) or ["default"]
+    counts["attribution_history"] = _insert(
+        engine,
+        "INSERT INTO attribution_history (spec, customer_id, ts_ms, channel, campaign, value, event_id, closed_by) "
+        "VALUES (?, ?, ?, '', '', 50.0, ?, ?)",
+        (
+            (spec, c, d * DAY_MS + 3_600_000, n, n)
+            for spec in blocks
+            for n, (c, d) in enumerate(((c, d) for c in buyers for d in days[c]), start=1)
+        ),
+    )
     return counts
 
 

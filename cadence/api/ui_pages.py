@@ -188,6 +188,7 @@ def attribution_page(
             conn,
             since_ms=since_day * 86_400_000,
             until_ms=(until_day + 1) * 86_400_000,
+            spec=spec,
             conversion_event=blocks[spec].conversion_event,
         )
     if missing or (("causal", window_days) not in fits):

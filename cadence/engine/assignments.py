@@ -23,7 +23,9 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from cadence.clock import now_ms
 from cadence.engine.attribution.holdout import lift
+from cadence.engine.attribution.online import KEEP_MS
 from cadence.engine.decision import Decision
 from cadence.engine.identity import identities_of
 from cadence.store.fast import execute_many, fetch_in, fetch_rows
@@ -109,8 +111,18 @@ _SIZES = (
     "SELECT campaign, held, COUNT(*) FROM arm_assignments WHERE first_ms >= ? AND first_ms < ?"
     " GROUP BY campaign, held"
 )
-# Integer division on both databases: the day of the first assignment.
+_NEWEST_HISTORY = "SELECT MAX(ts_ms) FROM attribution_history WHERE spec = ?"
+# The block's conversions in the range (by its (spec, ts_ms) index), each joined to the
+# customer's assignments made at or before it; a customer counted once per campaign.
 _CONVERTED = (
+    "SELECT a.campaign, a.held, COUNT(DISTINCT a.customer_id) FROM attribution_history h"
+    " JOIN arm_assignments a ON a.customer_id = h.customer_id AND a.first_ms <= h.ts_ms"
+    " WHERE h.spec = ? AND h.channel = '' AND h.ts_ms >= ? AND h.ts_ms < ?"
+    " AND a.first_ms >= ? AND a.first_ms < ?"
+    " GROUP BY a.campaign, a.held"
+)
+# Integer division on both databases: the day of the first assignment.
+_CONVERTED_BY_DAYS = (
     "SELECT a.campaign, a.customer_id, a.first_ms, a.held, MAX(d.day) FROM arm_assignments a"
     " JOIN profile_daily d ON d.customer_id = a.customer_id AND d.event = ?"
     " AND d.day >= a.first_ms / 86400000 AND d.day <= ? AND d.count > 0"
@@ -120,41 +132,46 @@ _CONVERTED = (
 
 
 def holdout_lifts(
-    conn: Connection, *, since_ms: int, until_ms: int, conversion_event: str = "Order Completed"
+    conn: Connection,
+    *,
+    since_ms: int,
+    until_ms: int,
+    spec: str = "default",
+    conversion_event: str = "Order Completed",
 ) -> list[dict[str, Any]]:
     """Measured lift per campaign with a holdout arm, over the customers first assigned in ``[since_ms, until_ms)``.
 
     Each customer counts once, in the arm of their first assignment ever (a customer who
     entered the split before ``since_ms`` belongs to an earlier range's cohort), and is
-    *converted* with a ``conversion_event`` at or after it and before ``until_ms``. The arms are
-    independent samples of customers, so the interval is the one of a difference of two
-    proportions (:func:`~cadence.engine.attribution.holdout.lift`). A campaign with customers in
-    one arm only has no row.
+    *converted* with a conversion of the attribution block ``spec`` (its ``conversion_event``)
+    at or after it and before ``until_ms``. The arms are independent samples of customers, so
+    the interval is the one of a difference of two proportions
+    (:func:`~cadence.engine.attribution.holdout.lift`). A campaign with customers in one arm
+    only has no row.
+
+    The conversions come from the block's ``attribution_history`` (indexed by time: the range's
+    conversions, each joined to the customer's assignments), which holds every conversion of at
+    least its last :data:`~cadence.engine.attribution.online.KEEP_MS` (90 days); customers
+    assigned before that are looked up in their conversion day buckets (:func:`converted_after`).
     """
     sizes: dict[tuple[str, bool], int] = {}
     for campaign, held, n in fetch_rows(conn, _SIZES, (since_ms, until_ms)):
         sizes[(campaign, bool(held))] = int(n)
     if not sizes:
         return []
-    until_day = (until_ms - 1) // DAY_MS
     converted: dict[tuple[str, bool], int] = {}
-    same_day: list[tuple[str, bool, int, int]] = []  # converted on the assignment's day only: which side?
-    for campaign, customer, first_ms, held, last_day in fetch_rows(
-        conn, _CONVERTED, (conversion_event, until_day, since_ms, until_ms)
-    ):
-        if last_day > first_ms // DAY_MS:
-            converted[(campaign, bool(held))] = converted.get((campaign, bool(held)), 0) + 1
-        else:
-            same_day.append((campaign, bool(held), customer, first_ms))
-    hits = converted_after(
-        conn,
-        {(customer, ms) for _c, _h, customer, ms in same_day},
-        until_ms=until_ms,
-        conversion_event=conversion_event,
-    )
-    for campaign, held, customer, ms in same_day:
-        if (customer, ms) in hits:
-            converted[(campaign, held)] = converted.get((campaign, held), 0) + 1
+    (newest,) = fetch_rows(conn, _NEWEST_HISTORY, (spec,))[0]
+    # The history holds every conversion from KEEP_MS before the later of now and its newest row
+    # (it is pruned HISTORY_KEEP_MS behind the newest event the block saw: a margin of RECREDIT_MS
+    # for events logged up to that far ahead of both).
+    kept_since = until_ms if newest is None else max(since_ms, max(now_ms(), int(newest)) - KEEP_MS)
+    if kept_since < until_ms:
+        for campaign, held, n in fetch_rows(
+            conn, _CONVERTED, (spec, kept_since, until_ms, kept_since, until_ms)
+        ):
+            converted[(campaign, bool(held))] = int(n)
+    if since_ms < kept_since:  # assigned before the history's reach (or with no history): their day buckets
+        _converted_by_days(conn, converted, since_ms, min(kept_since, until_ms), until_ms, conversion_event)
     out = []
     for campaign in sorted({c for c, _held in sizes}):
         n_t, n_h = sizes.get((campaign, False), 0), sizes.get((campaign, True), 0)
@@ -181,6 +198,36 @@ def holdout_lifts(
             }
         )
     return out
+
+
+def _converted_by_days(
+    conn: Connection,
+    converted: dict[tuple[str, bool], int],
+    since_ms: int,
+    assigned_until_ms: int,
+    until_ms: int,
+    conversion_event: str,
+) -> None:
+    """Add to ``converted`` the customers first assigned in ``[since_ms, assigned_until_ms)`` with a
+    ``conversion_event`` from their assignment to ``until_ms``, read from their day buckets."""
+    until_day = (until_ms - 1) // DAY_MS
+    same_day: list[tuple[str, bool, int, int]] = []  # converted on the assignment's day only: which side?
+    for campaign, customer, first_ms, held, last_day in fetch_rows(
+        conn, _CONVERTED_BY_DAYS, (conversion_event, until_day, since_ms, assigned_until_ms)
+    ):
+        if last_day > first_ms // DAY_MS:
+            converted[(campaign, bool(held))] = converted.get((campaign, bool(held)), 0) + 1
+        else:
+            same_day.append((campaign, bool(held), customer, first_ms))
+    hits = converted_after(
+        conn,
+        {(customer, ms) for _c, _h, customer, ms in same_day},
+        until_ms=until_ms,
+        conversion_event=conversion_event,
+    )
+    for campaign, held, customer, ms in same_day:
+        if (customer, ms) in hits:
+            converted[(campaign, held)] = converted.get((campaign, held), 0) + 1
 
 
 def converted_after(
