@@ -20,7 +20,7 @@ from cadence.clock import datetime_to_ms, now_ms
 from cadence.connectors.delivery import circuit_states
 from cadence.dsl.loader import RulesetHolder, load_rules
 from cadence.dsl.testing import run_tests
-from cadence.engine.assignments import holdout_lifts
+from cadence.engine.assignments import block_lifts
 from cadence.engine.attribution.journeys import AttributionError
 from cadence.engine.attribution.materialized import MATERIALIZED_MODELS, read_fits
 from cadence.engine.attribution.online import (
@@ -184,13 +184,7 @@ def attribution_page(
         untouched, total = unattributed_share(
             conn, spec=spec, window_days=window_days, since_day=since_day, until_day=until_day
         )
-        lifts = holdout_lifts(
-            conn,
-            since_ms=since_day * 86_400_000,
-            until_ms=(until_day + 1) * 86_400_000,
-            spec=spec,
-            conversion_event=blocks[spec].conversion_event,
-        )
+        lifts = block_lifts(conn, blocks[spec], since_day=since_day, until_day=until_day)
     if missing or (("causal", window_days) not in fits):
         errors.append(
             f"not fitted yet for the {window_days}-day window: {', '.join(missing or ['causal'])}; "

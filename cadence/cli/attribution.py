@@ -3,15 +3,18 @@
 ``run`` reads touchpoints and conversions CSV files, runs one or more models and
 writes the credit per channel; ``simulate`` writes journeys with known truth;
 ``score`` compares credit files with that truth; ``refresh`` recomputes the
-materialised fits (causal, Shapley, ordered Shapley, Markov) the API and dashboard serve.
+materialised fits (causal, Shapley, ordered Shapley, Markov) the API and dashboard serve;
+``lift`` measures each holdout campaign's lift from the recorded arm assignments.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -419,4 +422,80 @@ def refresh_cmd(
                 f"{sum(r['conversions'] for r in fit.rows):,.1f}",
                 "-" if anyway is None else f"{100 * anyway:.1f}%",
             )
+    console.print(table)
+
+
+def _utc_day(text: str | None, option: str) -> date | None:
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise AttributionError(f"{option} {text!r}: not a date (YYYY-MM-DD)") from None
+
+
+@attribution_app.command("lift")
+def lift_cmd(
+    ctx: typer.Context,
+    since: str | None = typer.Option(
+        None, "--from", help="First UTC day, YYYY-MM-DD (default: 29 days before --to)."
+    ),
+    until: str | None = typer.Option(None, "--to", help="Last UTC day, YYYY-MM-DD (default: today)."),
+    spec: str | None = typer.Option(
+        None, "--spec", help="Attribution block whose conversions count (default: the first)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Measured lift of each campaign with a holdout arm: the customers who entered its split in the range, by arm."""
+    import orjson
+
+    from cadence.cli import runtime_for
+    from cadence.engine.assignments import block_lifts
+    from cadence.engine.attribution.online import block_named
+    from cadence.store.db import read_connection
+
+    last = _utc_day(until, "--to") or datetime.now(UTC).date()
+    first = _utc_day(since, "--from") or last - timedelta(days=29)
+    if first > last:
+        raise AttributionError(f"--from {first} is after --to {last}")
+    runtime = runtime_for(ctx)
+    block = block_named(runtime, spec)
+    epoch = date(1970, 1, 1)
+    with read_connection(runtime.engine) as conn:
+        rows = block_lifts(conn, block, since_day=(first - epoch).days, until_day=(last - epoch).days)
+    if as_json:
+        out = {
+            "spec": block.name,
+            "conversion_event": block.conversion_event,
+            "since": str(first),
+            "until": str(last),
+            "lifts": rows,
+        }
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if not rows:
+        console.print(
+            f"no campaign with customers in both a sending and a holdout arm from {first} to {last}"
+        )
+        return
+    table = Table(
+        "campaign",
+        "treated",
+        "held out",
+        "treated rate",
+        "held-out rate",
+        "difference (95% interval)",
+        "incremental",
+        title=f"{block.name}: {block.conversion_event} from each customer's first assignment, {first} to {last}",
+    )
+    for r in rows:
+        table.add_row(
+            r["campaign"],
+            f"{r['treated']:,}",
+            f"{r['held_out']:,}",
+            f"{100 * r['treated_rate']:.2f}%",
+            f"{100 * r['held_out_rate']:.2f}%",
+            f"{100 * r['difference']:+.2f} ({100 * r['low']:+.2f} to {100 * r['high']:+.2f}) points",
+            f"{r['incremental']:,.1f}",
+        )
     console.print(table)

@@ -26,11 +26,19 @@ from sqlalchemy import Connection
 from cadence.clock import now_ms
 from cadence.engine.attribution.holdout import lift
 from cadence.engine.attribution.online import KEEP_MS
+from cadence.engine.attribution.spec import AttributionSpec
 from cadence.engine.decision import Decision
 from cadence.engine.identity import identities_of
 from cadence.store.fast import execute_many, fetch_in, fetch_rows
 
-__all__ = ["ASSIGN_ARMS", "AssignmentsSubscriber", "arm_rows", "converted_after", "holdout_lifts"]
+__all__ = [
+    "ASSIGN_ARMS",
+    "AssignmentsSubscriber",
+    "arm_rows",
+    "block_lifts",
+    "converted_after",
+    "holdout_lifts",
+]
 
 DAY_MS = 86_400_000
 
@@ -198,6 +206,21 @@ def holdout_lifts(
             }
         )
     return out
+
+
+def block_lifts(
+    conn: Connection, block: AttributionSpec, *, since_day: int, until_day: int
+) -> list[dict[str, Any]]:
+    """:func:`holdout_lifts` of the customers who entered a split on UTC days ``since_day`` to
+    ``until_day`` (inclusive), converting by the attribution block ``block``: what the dashboard,
+    ``GET /v1/attribution/lift`` and ``cadence attribution lift`` show."""
+    return holdout_lifts(
+        conn,
+        since_ms=since_day * DAY_MS,
+        until_ms=(until_day + 1) * DAY_MS,
+        spec=block.name,
+        conversion_event=block.conversion_event,
+    )
 
 
 def _converted_by_days(

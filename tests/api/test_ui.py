@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -18,6 +19,7 @@ from cadence.api.app import create_app
 from cadence.api.security import KeyRing, create_key, revoke_key
 from cadence.api.ui_auth import SESSION_COOKIE
 from cadence.clock import now_ms
+from cadence.engine.assignments import holdout_lifts
 from cadence.engine.decisions_service import make_decision
 from cadence.runtime import Runtime
 from cadence.sim.demo import demo_events
@@ -307,13 +309,13 @@ def test_holdout_lift_counts_the_blocks_conversion_event(
     )
     runtime.settings = runtime.settings.model_copy(update={"rules_paths": [rules]})
     seen: list[str] = []
-    real = ui_pages.holdout_lifts
+    real = ui_pages.block_lifts
 
-    def spy(conn: object, **kw: object) -> object:
-        seen.append(str(kw.get("conversion_event")))
-        return real(conn, **kw)  # type: ignore[arg-type]
+    def spy(conn: object, block: Any, **kw: object) -> object:
+        seen.append(block.conversion_event)
+        return real(conn, block, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ui_pages, "holdout_lifts", spy)
+    monkeypatch.setattr(ui_pages, "block_lifts", spy)
     page = ui_pages.attribution_page(
         runtime,
         spec=None,
@@ -399,7 +401,6 @@ def _lift_experiment(
     orders on, at 12:00 UTC (the decisions are at 10:00). Returns the page's lift row for
     ``offer``, each customer's arm (True: held out) and the attribution page's text.
     """
-    from cadence.api import ui_pages
 
     app = app_with_rules(runtime, tmp_path, offer=OFFER)
     start = (now_ms() // 86_400_000 - 12) * 86_400_000
@@ -443,9 +444,7 @@ def _lift_experiment(
             assert client.post("/v1/batch", json={"batch": orders}, headers=ingest).status_code == 200
         app.state.engine_loop.catch_up()
         with engine.connect() as conn:
-            lifts = ui_pages.holdout_lifts(
-                conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000
-            )
+            lifts = holdout_lifts(conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000)
         key = create_key(engine, name="viewer", scopes=["ingest"])
         page = client.get("/ui/attribution", params={"key": key}).text
     (row,) = lifts
@@ -486,17 +485,62 @@ def test_holdout_lift_shows_a_real_effect(runtime: Runtime, tmp_path: Path) -> N
     assert row["low"] > 0.0 and row["incremental"] == pytest.approx(len(buyers))
     # Read from the block's conversion history (above); customers assigned before the history's
     # reach are read from their day buckets: without the history, the same answer.
-    from cadence.api import ui_pages
 
     with runtime.engine.begin() as conn:
         (first,) = conn.exec_driver_sql("SELECT MIN(first_ms) FROM arm_assignments").one()
         since, until = first - 36_000_000 - 86_400_000, first - 36_000_000 + 10 * 86_400_000
-        assert [r["campaign"] for r in ui_pages.holdout_lifts(conn, since_ms=since, until_ms=until)] == [
-            "offer"
-        ]
-        assert ui_pages.holdout_lifts(conn, since_ms=since, until_ms=until)[0] == row
+        assert [r["campaign"] for r in holdout_lifts(conn, since_ms=since, until_ms=until)] == ["offer"]
+        assert holdout_lifts(conn, since_ms=since, until_ms=until)[0] == row
         assert conn.exec_driver_sql("DELETE FROM attribution_history WHERE spec = 'default'").rowcount > 0
-        assert ui_pages.holdout_lifts(conn, since_ms=since, until_ms=until)[0] == row
+        assert holdout_lifts(conn, since_ms=since, until_ms=until)[0] == row
+
+
+def test_the_lift_is_served_by_the_api_and_the_cli_as_the_page_shows_it(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import timedelta
+
+    from typer.testing import CliRunner
+
+    from cadence.cli import app as cli
+    from cadence.cli import main
+
+    row, _held, _page = _lift_experiment(runtime, tmp_path, lambda i, held_out: [] if held_out else [2])
+    with runtime.engine.connect() as conn:
+        (first,) = conn.exec_driver_sql("SELECT MIN(first_ms) FROM arm_assignments").one()
+    start = datetime.fromtimestamp(first / 1000, tz=UTC).date()
+    since, until = str(start - timedelta(days=1)), str(start + timedelta(days=9))
+    app = create_app(runtime=runtime, background=False)
+    with TestClient(app) as client:
+        admin = {"X-API-Key": create_key(runtime.engine, name="analyst", scopes=["admin"])}
+        answer = client.get("/v1/attribution/lift", params={"from": since, "to": until}, headers=admin)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert (body["spec"], body["conversion_event"], body["lifts"]) == (
+            "default",
+            "Order Completed",
+            [row],
+        )
+        wrong = client.get("/v1/attribution/lift", params={"from": until, "to": since}, headers=admin)
+        assert wrong.status_code == 422 and "is after" in wrong.json()["detail"]
+        unknown = client.get("/v1/attribution/lift", params={"spec": "nope"}, headers=admin)
+        assert unknown.status_code == 422 and "unknown attribution block 'nope'" in unknown.json()["detail"]
+        # Outside the range the customers entered in, nobody.
+        later = client.get(
+            "/v1/attribution/lift", params={"from": str(start + timedelta(days=1))}, headers=admin
+        )
+        assert later.status_code == 200 and later.json()["lifts"] == []
+    monkeypatch.setenv("CADENCE_DATABASE_URL", runtime.engine.url.render_as_string(hide_password=False))
+    monkeypatch.setenv("CADENCE_RULES_PATHS", orjson.dumps([str(tmp_path / "rules")]).decode())
+    runner = CliRunner()
+    printed = runner.invoke(cli, ["attribution", "lift", "--from", since, "--to", until, "--json"])
+    assert printed.exit_code == 0, printed.output
+    assert orjson.loads(printed.output)["lifts"] == [row]
+    table = runner.invoke(cli, ["attribution", "lift", "--from", since, "--to", until])
+    assert table.exit_code == 0 and "offer" in table.output and f"{row['treated']:,}" in table.output
+    with pytest.raises(SystemExit) as bad:  # as the shell runs it: the error said on stderr, exit 2
+        main(["attribution", "lift", "--from", "yesterday"])
+    assert bad.value.code == 2 and "--from 'yesterday': not a date (YYYY-MM-DD)" in capsys.readouterr().err
 
 
 def test_conversions_count_from_the_first_assignment_to_the_ranges_end(
@@ -559,7 +603,6 @@ def test_holdout_lift_starts_at_the_decision_that_drew_the_arm(runtime: Runtime,
     # Out of the audience on day 0, nobody draws an arm; everyone views a page and orders on
     # day 1, then is decided for (and assigned) on day 2: the orders came before their
     # assignment and count for no arm.
-    from cadence.api import ui_pages
 
     app = app_with_rules(runtime, tmp_path, gated=GATED)
     start = (now_ms() // 86_400_000 - 12) * 86_400_000
@@ -604,9 +647,7 @@ def test_holdout_lift_starts_at_the_decision_that_drew_the_arm(runtime: Runtime,
                     assert [s["reason"] for s in d["explanation"]["suppressions"]] == ["audience"]
                 held[i] = "gated" in d["explanation"]["holdout"]
         with engine.connect() as conn:
-            (row,) = ui_pages.holdout_lifts(
-                conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000
-            )
+            (row,) = holdout_lifts(conn, since_ms=start - 86_400_000, until_ms=start + 10 * 86_400_000)
         key = create_key(engine, name="viewer", scopes=["ingest"])
         page = client.get("/ui/attribution", params={"key": key}).text
     n_held = sum(held.values())
@@ -625,7 +666,6 @@ def test_holdout_lift_counts_each_customer_in_the_range_they_entered(
     # A customer belongs to the cohort of their first assignment ever: decided on day 6 and
     # then on day 1 (an ``at`` before the first commit), they entered on day 1, and a range
     # starting on day 3 has nobody in it.
-    from cadence.api import ui_pages
     from cadence.store.schema.decisions import arm_assignments
 
     app = app_with_rules(runtime, tmp_path, offer=OFFER)
@@ -653,10 +693,8 @@ def test_holdout_lift_counts_each_customer_in_the_range_they_entered(
             assert answer.status_code == 200, answer.text
         with engine.connect() as conn:
             firsts = {r.first_ms for r in conn.execute(arm_assignments.select())}
-            whole = ui_pages.holdout_lifts(conn, since_ms=start, until_ms=start + 10 * 86_400_000)
-            later = ui_pages.holdout_lifts(
-                conn, since_ms=start + 3 * 86_400_000, until_ms=start + 10 * 86_400_000
-            )
+            whole = holdout_lifts(conn, since_ms=start, until_ms=start + 10 * 86_400_000)
+            later = holdout_lifts(conn, since_ms=start + 3 * 86_400_000, until_ms=start + 10 * 86_400_000)
     assert firsts == {start + 86_400_000 + 36_000_000}
     assert [r["treated"] + r["held_out"] for r in whole] == [30]
     assert later == []

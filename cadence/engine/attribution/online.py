@@ -43,6 +43,7 @@ __all__ = [
     "ONLINE_MODELS",
     "WINDOWS_DAYS",
     "AttributionSubscriber",
+    "block_named",
     "channel_interactions",
     "default_specs",
     "journey_credits",
@@ -90,6 +91,16 @@ def specs_of(runtime: Any) -> list[AttributionSpec]:
     """
     blocks = getattr(ruleset_of(runtime), "attribution", None) or {}
     return list(blocks.values()) or default_specs()
+
+
+def block_named(runtime: Any, name: str | None) -> AttributionSpec:
+    """The attribution block ``name`` of :func:`specs_of` (None: the first); an error names the known ones."""
+    specs = {s.name: s for s in specs_of(runtime)}
+    if name is None:
+        return next(iter(specs.values()))
+    if name not in specs:
+        raise AttributionError(f"spec: unknown attribution block {name!r} (known: {', '.join(specs)})")
+    return specs[name]
 
 
 def ruleset_of(runtime: Any) -> Any:
