@@ -805,3 +805,10 @@ def test_a_merged_visitors_assignment_goes_with_them(runtime: Runtime, tmp_path:
     assert len(after) == 12
     assert after == {(merged[c] if merged[c] is not None else c, ms, held) for c, ms, held in first}
     assert all(merged[c] is None for c, _ms, _held in after)
+    # An erasure takes the customer's assignment with it: no lift counts them any longer.
+    with TestClient(app) as client:
+        admin = {"X-API-Key": create_key(runtime.engine, name="dpo", scopes=["admin"])}
+        assert client.delete("/v1/customers/user-0", headers=admin).status_code == 200
+    with engine.connect() as conn:
+        left = {r.customer_id for r in conn.execute(arm_assignments.select())}
+    assert len(left) == 11 and left < {c for c, _ms, _held in after}
