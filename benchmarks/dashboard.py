@@ -429,9 +429,9 @@ def _fill_decisions(
     counts["attribution_history"] = _insert(
         engine,
         "INSERT INTO attribution_history (spec, customer_id, ts_ms, channel, campaign, value, event_id, closed_by) "
-        "VALUES (?, ?, ?, '', '', 50.0, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            (spec, c, d * DAY_MS + 3_600_000, n, n)
+            (spec, c, d * DAY_MS + 3_600_000, "", "", 50.0, n, n)
             for spec in blocks
             for n, (c, d) in enumerate(((c, d) for c in buyers for d in days[c]), start=1)
         ),
