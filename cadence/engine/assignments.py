@@ -29,7 +29,7 @@ from cadence.engine.attribution.online import KEEP_MS
 from cadence.engine.attribution.spec import AttributionSpec
 from cadence.engine.decision import Decision
 from cadence.engine.identity import identities_of
-from cadence.store.fast import execute_many, fetch_in, fetch_rows
+from cadence.store.fast import array_literal, execute_many, fetch_in, fetch_rows, is_postgres, send
 
 __all__ = [
     "ASSIGN_ARMS",
@@ -38,6 +38,7 @@ __all__ = [
     "block_lifts",
     "converted_after",
     "holdout_lifts",
+    "write_arms",
 ]
 
 DAY_MS = 86_400_000
@@ -58,6 +59,41 @@ def arm_rows(decision: Decision, customer_id: int, decided_ms: int) -> list[tupl
     return [(c, decided_ms, True, customer_id) for c in decision.holdout] + [
         (c, decided_ms, False, customer_id) for c in decision.assigned
     ]
+
+
+# Many at once on PostgreSQL: one statement, one array per column (a scheduled push's chunk).
+_ASSIGN_MANY_PG = (
+    "INSERT INTO arm_assignments (campaign, customer_id, first_ms, held)"
+    " SELECT r.campaign, c.id, r.first_ms, r.held"
+    " FROM unnest(%s::text[], %s::bigint[], %s::boolean[], %s::bigint[]) AS r(campaign, first_ms, held, customer_id)"
+    " JOIN customers c ON c.id = r.customer_id"
+    " ON CONFLICT (campaign, customer_id) DO UPDATE SET first_ms = excluded.first_ms, held = excluded.held"
+    " WHERE excluded.first_ms < arm_assignments.first_ms"
+)
+
+
+def write_arms(conn: Connection, rows: Sequence[tuple[str, int, bool, int]]) -> None:
+    """Write many :func:`arm_rows` (one per campaign and customer) as :data:`ASSIGN_ARMS` would, one by one.
+
+    PostgreSQL gets one statement (a push's chunk of 2,000 customers took about 50 us a row as
+    ``executemany``); SQLite runs ``executemany`` in-process anyway.
+    """
+    if not rows:
+        return
+    if not is_postgres(conn):
+        execute_many(conn, ASSIGN_ARMS, rows)
+        return
+    # One row per (campaign, customer): a statement may not update a row twice. The earliest stays.
+    first: dict[tuple[str, int], tuple[str, int, bool, int]] = {}
+    for row in sorted(rows, key=lambda r: r[1]):
+        first.setdefault((row[0], row[3]), row)
+    rows = list(first.values())
+    kinds = ("text", "bigint", "boolean", "bigint")
+    send(
+        conn,
+        _ASSIGN_MANY_PG,
+        tuple(array_literal(k, list(c)) for k, c in zip(kinds, zip(*rows, strict=True), strict=True)),
+    )
 
 
 #: A merged-away customer's assignments become the customer they joined's, the earliest staying:

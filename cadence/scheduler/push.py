@@ -54,7 +54,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from cadence.clock import Clock
-from cadence.engine.assignments import ASSIGN_ARMS, arm_rows
+from cadence.engine.assignments import arm_rows, write_arms
 from cadence.engine.campaign import DAY_MS, Campaign, CompiledRuleset, EvalContext
 from cadence.engine.decide import decide
 from cadence.engine.decision import Decision, PastSend, Scorer
@@ -630,7 +630,7 @@ def push(
                             del rows_of[cid]
                     execute_many(conn, _INSERT_PUSH_DECISION, [r[1] for r in rows_of.values()])
                     new = enqueue_prepared(conn, [r[2] for r in rows_of.values()])
-                    execute_many(conn, ASSIGN_ARMS, arms)
+                    write_arms(conn, arms)
                     for run_id, _decision, _send, _learned in rows_of.values():
                         per_run[run_id][1] += 1
                     added_total = removed_total = 0
