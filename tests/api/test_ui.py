@@ -30,6 +30,22 @@ def ms_to_iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
 
 
+def people(
+    prefix: str, n: int, *, at_ms: int | None = None, email: Callable[[int], bool] | None = None
+) -> list[dict[str, Any]]:
+    """Identify calls for users ``{prefix}0`` to ``{prefix}{n-1}`` in UTC, consenting to email (or as ``email(i)`` says)."""
+    return [
+        {
+            "type": "identify",
+            "userId": f"{prefix}{i}",
+            "messageId": f"{prefix}{i}",
+            "traits": {"timezone": "UTC", "consent": {"email": True if email is None else email(i)}},
+            **({"timestamp": ms_to_iso(at_ms)} if at_ms is not None else {}),
+        }
+        for i in range(n)
+    ]
+
+
 RULES = Path(__file__).resolve().parents[2] / "rules"
 PAGES = ("/ui/attribution", "/ui/campaigns", "/ui/decisions", "/ui/rules")
 
@@ -401,7 +417,6 @@ def _lift_experiment(
     orders on, at 12:00 UTC (the decisions are at 10:00). Returns the page's lift row for
     ``offer``, each customer's arm (True: held out) and the attribution page's text.
     """
-
     app = app_with_rules(runtime, tmp_path, offer=OFFER)
     start = (now_ms() // 86_400_000 - 12) * 86_400_000
     with TestClient(app) as client:
@@ -409,17 +424,8 @@ def _lift_experiment(
         ingest = api_key(engine, "ingest")
         decide = api_key(engine, "decide")
         runtime.extensions["rules"].reload().raise_for_errors()
-        people = [
-            {
-                "type": "identify",
-                "userId": f"h{i}",
-                "messageId": f"h{i}",
-                "traits": {"timezone": "UTC", "consent": {"email": i >= 10}},
-                "timestamp": ms_to_iso(start - 3 * 86_400_000),
-            }
-            for i in range(60)
-        ]
-        assert client.post("/v1/batch", json={"batch": people}, headers=ingest).status_code == 200
+        calls = people("h", 60, at_ms=start - 3 * 86_400_000, email=lambda i: i >= 10)
+        assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
         held: dict[int, bool] = {}
         for day in range(7):
             at = ms_to_iso(start + day * 86_400_000 + 36_000_000)
@@ -675,17 +681,8 @@ def test_holdout_lift_counts_each_customer_in_the_range_they_entered(
         ingest = api_key(engine, "ingest")
         decide = api_key(engine, "decide")
         runtime.extensions["rules"].reload().raise_for_errors()
-        people = [
-            {
-                "type": "identify",
-                "userId": f"k{i}",
-                "messageId": f"k{i}",
-                "traits": {"timezone": "UTC", "consent": {"email": True}},
-                "timestamp": ms_to_iso(start - 86_400_000),
-            }
-            for i in range(30)
-        ]
-        assert client.post("/v1/batch", json={"batch": people}, headers=ingest).status_code == 200
+        calls = people("k", 30, at_ms=start - 86_400_000)
+        assert client.post("/v1/batch", json={"batch": calls}, headers=ingest).status_code == 200
         for day in (6, 1):
             at = ms_to_iso(start + day * 86_400_000 + 36_000_000)
             requests = [{"customer_id": f"k{i}", "at": at, "mode": "commit"} for i in range(30)]
