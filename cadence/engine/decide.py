@@ -106,6 +106,25 @@ def split_arm(arms: Sequence[SplitArm], share: float) -> SplitArm | None:
     return None
 
 
+def _first_arm(arms: Sequence[SplitArm], held: bool, customer_id: int, campaign: str) -> SplitArm | None:
+    """The arm of ``arms`` that keeps a customer in the side (held out or not) they were first assigned.
+
+    A holdout arm when ``held``; else a sending arm drawn by the stable hash in proportion to the
+    sending arms' shares (None when there is none).
+
+    >>> arms = (SplitArm("holdout", 0.5, holdout=True), SplitArm("a", 0.25), SplitArm("b", 0.25))
+    >>> _first_arm(arms, True, 7, "promo").name, _first_arm(arms, False, 7, "promo").name in {"a", "b"}
+    ('holdout', True)
+    """
+    side = [a for a in arms if a.holdout == held]
+    if not side:
+        return None
+    return (
+        split_arm(side, stable_share(customer_id, campaign + "/first") * sum(a.share for a in side))
+        or side[-1]
+    )
+
+
 def _window_peak(times: Sequence[int], t: int, width: int) -> int:
     """The most of ``times`` inside any half-open window ``[s, s + width)`` that contains ``t``."""
     near = [x for x in times if t - width < x < t + width]
@@ -592,6 +611,9 @@ def decide(
     conditions: dict[str, list[ConditionResult]] = {}
     holdout: list[str] = []
     assigned: list[str] = []  # sending arms of campaigns with a holdout arm
+    # The arms the customer was first assigned (StoredProfile.arms): a merged visitor's may differ
+    # from what their new id's hash draws, and the first one holds (a holdout never receives).
+    first_arms: Mapping[str, bool] = getattr(profile, "arms", None) or {}
     plans: list[_Plan] = []
     available = set(available_channels)
     opt_in = set(opt_in_channels)
@@ -667,11 +689,16 @@ def decide(
         variants: tuple[SplitArm, ...] = ()
         if campaign.split:
             arm = split_arm(campaign.split, stable_share(profile.customer_id, name))
+            first = first_arms.get(name)
+            kept = first is not None and (arm is not None and arm.holdout) != first
+            if kept:
+                arm = _first_arm(campaign.split, bool(first), profile.customer_id, name)
             if arm is not None and arm.holdout:
                 holdout.append(name)
-                suppressions.append(
-                    _suppression(name, "holdout", f"in holdout arm {arm.name!r} ({arm.share:.0%})")
-                )
+                why = f"in holdout arm {arm.name!r} ({arm.share:.0%})"
+                if kept:
+                    why += ", where the customer was first assigned (under an id since merged into this one)"
+                suppressions.append(_suppression(name, "holdout", why))
                 continue
             if any(a.holdout for a in campaign.split):
                 assigned.append(name)

@@ -678,6 +678,12 @@ class DecisionState:
         )
         consent = {channel: bool(granted) for channel, granted, _source in consent_rows}
         bounced = undeliverable(consent_rows)
+        arms = {
+            campaign: bool(held)
+            for campaign, held in self._query(
+                raw, "SELECT campaign, held FROM arm_assignments WHERE customer_id = ?", customer_id
+            )
+        }
         traits: Any = row[0][0] if row else None
         if isinstance(traits, str | bytes):
             traits = orjson.loads(traits)
@@ -691,6 +697,7 @@ class DecisionState:
             first_seen_ms=row[0][2] if row else None,
             last_seen_ms=row[0][3] if row else None,
             undeliverable=bounced,
+            arms=arms,
         )
 
 

@@ -40,6 +40,7 @@ from cadence.store.fast import (
     write_rows,
 )
 from cadence.store.schema.core import profile_daily, profile_event_stats, profiles
+from cadence.store.schema.decisions import arm_assignments
 
 __all__ = ["ProfilesSubscriber", "StoredProfile", "event_name", "event_value", "load_profile"]
 
@@ -569,6 +570,10 @@ class StoredProfile:
     #: Channels refused by a bounce (consent source ``bounce:...``), not by the customer: decisions
     #: say "address bounced" for them, not "opted out".
     undeliverable: frozenset[str] = frozenset()
+    #: The customer's first arm of each campaign with a holdout arm (True: held out), as stored in
+    #: ``arm_assignments``: a visitor held out under their own id and then merged keeps that arm, where
+    #: the stable hash of the id they joined may draw another (see :func:`~cadence.engine.decide.decide`).
+    arms: Mapping[str, bool] = field(default_factory=dict)
 
     def _whole_history(self, event: str, since_ms: int, until_ms: int) -> bool:
         s = self.stats.get(event)
@@ -628,6 +633,14 @@ def load_profile(
     rows = consent_of(conn, customer_id)
     consent = {ch: bool(v["granted"]) for ch, v in rows.items()}
     bounced = undeliverable((ch, v["granted"], v["source"]) for ch, v in rows.items())
+    arms = {
+        campaign: bool(held)
+        for campaign, held in conn.execute(
+            select(arm_assignments.c.campaign, arm_assignments.c.held).where(
+                arm_assignments.c.customer_id == customer_id
+            )
+        )
+    }
     return StoredProfile(
         customer_id=customer_id,
         traits=dict(row.traits or {}) if row else {},
@@ -638,4 +651,5 @@ def load_profile(
         first_seen_ms=row.first_seen_ms if row else None,
         last_seen_ms=row.last_seen_ms if row else None,
         undeliverable=bounced,
+        arms=arms,
     )

@@ -226,6 +226,14 @@ def load_profiles(
         (lo, hi),
     ):
         consent.setdefault(cid, {})[channel] = bool(granted)
+    arms: dict[int, dict[str, bool]] = {}
+    for cid, campaign, held in conn.exec_driver_sql(
+        dialect_sql(
+            conn, "SELECT customer_id, campaign, held FROM arm_assignments WHERE customer_id BETWEEN ? AND ?"
+        ),
+        (lo, hi),
+    ):
+        arms.setdefault(cid, {})[campaign] = bool(held)
     return [
         PushProfile(
             customer_id=cid,
@@ -236,6 +244,7 @@ def load_profiles(
             consent=consent.get(cid, {}),
             first_seen_ms=first,
             last_seen_ms=last,
+            arms=arms.get(cid, {}),
         )
         for cid, traits, zone, first, last in rows
     ]

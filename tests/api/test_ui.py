@@ -765,20 +765,23 @@ def test_a_merged_visitors_assignment_goes_with_them(runtime: Runtime, tmp_path:
 
     app = app_with_rules(runtime, tmp_path, promo=PROMO)
     now = now_ms()
+    N = 24
     with TestClient(app) as client:
         engine = runtime.engine
         ingest = api_key(engine, "ingest")
         decide = api_key(engine, "decide")
         runtime.extensions["rules"].reload().raise_for_errors()
-        visits = [
+        # The users first: the older customer is the one a merge keeps, so the visitors' arms must
+        # outlive their own ids (the hash of the user's id may draw the other arm).
+        visits = [{"type": "identify", "userId": f"user-{i}", "messageId": f"u{i}"} for i in range(N)] + [
             {"type": "track", "event": "Page Viewed", "anonymousId": f"anon-{i}", "messageId": f"v{i}"}
-            for i in range(12)
-        ] + [{"type": "identify", "userId": f"user-{i}", "messageId": f"u{i}"} for i in range(12)]
+            for i in range(N)
+        ]
         assert client.post("/v1/batch", json={"batch": visits}, headers=ingest).status_code == 200
         app.state.engine_loop.catch_up()
         for ref, at in (("anon", now - 7_200_000), ("user", now - 3_600_000)):
             requests = [
-                {"customer_id": f"{ref}-{i}", "at": ms_to_iso(at), "mode": "commit"} for i in range(12)
+                {"customer_id": f"{ref}-{i}", "at": ms_to_iso(at), "mode": "commit"} for i in range(N)
             ]
             answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
             assert answer.status_code == 200, answer.text
@@ -786,7 +789,7 @@ def test_a_merged_visitors_assignment_goes_with_them(runtime: Runtime, tmp_path:
             before = {(r.customer_id, r.first_ms, r.held) for r in conn.execute(arm_assignments.select())}
         joins = [
             {"type": "identify", "userId": f"user-{i}", "anonymousId": f"anon-{i}", "messageId": f"j{i}"}
-            for i in range(12)
+            for i in range(N)
         ]
         assert client.post("/v1/batch", json={"batch": joins}, headers=ingest).status_code == 200
         app.state.engine_loop.catch_up()
@@ -797,15 +800,26 @@ def test_a_merged_visitors_assignment_goes_with_them(runtime: Runtime, tmp_path:
                     customers.select().with_only_columns(customers.c.id, customers.c.merged_into)
                 ).all()
             )
-    assert len(before) == 24
+    assert len(before) == 2 * N
     first = {(c, ms, held) for c, ms, held in before if ms == now - 7_200_000}
-    assert len(after) == 12
+    assert len(after) == N
     assert after == {(merged[c] if merged[c] is not None else c, ms, held) for c, ms, held in first}
     assert all(merged[c] is None for c, _ms, _held in after)
+    # Decided again after the merge, each keeps the arm they were first assigned, whatever the
+    # hash of the id they joined draws: a visitor held out is never sent the campaign.
+    arm_of = {c: held for c, _ms, held in after}
+    with TestClient(app) as client:
+        requests = [{"customer_id": f"user-{i}", "mode": "commit"} for i in range(N)]
+        answer = client.post("/v1/decisions/batch", json={"requests": requests}, headers=decide)
+        assert answer.status_code == 200, answer.text
+    decided = answer.json()["decisions"]
+    assert {d["customer_id"]: "promo" in d["explanation"]["holdout"] for d in decided} == arm_of
+    assert not any(d["campaign"] == "promo" for d in decided if arm_of[d["customer_id"]])
+    assert any(d["campaign"] == "promo" for d in decided if not arm_of[d["customer_id"]])
     # An erasure takes the customer's assignment with it: no lift counts them any longer.
     with TestClient(app) as client:
         admin = {"X-API-Key": create_key(runtime.engine, name="dpo", scopes=["admin"])}
         assert client.delete("/v1/customers/user-0", headers=admin).status_code == 200
     with engine.connect() as conn:
         left = {r.customer_id for r in conn.execute(arm_assignments.select())}
-    assert len(left) == 11 and left < {c for c, _ms, _held in after}
+    assert len(left) == N - 1 and left < {c for c, _ms, _held in after}
