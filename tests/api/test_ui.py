@@ -823,3 +823,29 @@ def test_a_merged_visitors_assignment_goes_with_them(runtime: Runtime, tmp_path:
     with engine.connect() as conn:
         left = {r.customer_id for r in conn.execute(arm_assignments.select())}
     assert len(left) == N - 1 and left < {c for c, _ms, _held in after}
+
+
+def test_a_recorded_decision_reads_back_in_the_zone_it_was_decided_in(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    # A customer without a zone is decided in the ruleset's zone; reading the decision back gave
+    # its times in UTC (the server's default), beside a summary in the ruleset's zone.
+    rules = 'settings {\n    timezone  "Europe/Berlin"\n}\n\ncampaign hello "Hello" {\n    send  template "hello"\n    channel  email\n}\n'
+    app = app_with_rules(runtime, tmp_path, hello=rules)
+    with TestClient(app) as client:
+        ingest = api_key(runtime.engine, "ingest")
+        decide = api_key(runtime.engine, "decide")
+        runtime.extensions["rules"].reload().raise_for_errors()
+        nobody = {
+            "type": "identify",
+            "userId": "z1",
+            "messageId": "z1",
+            "traits": {"consent": {"email": True}},
+        }
+        assert client.post("/v1/batch", json={"batch": [nobody]}, headers=ingest).status_code == 200
+        app.state.engine_loop.catch_up()
+        body = {"customer_id": "z1", "at": "2026-07-01T08:00:00Z", "mode": "commit"}
+        posted = client.post("/v1/decisions", json=body, headers=decide).json()
+        read = client.get(f"/v1/decisions/{posted['decision_id']}", headers=decide).json()
+    assert posted["action"] == "send" and posted["send_at"] == "2026-07-01T10:00:00+02:00"
+    assert (read["send_at"], read["decided_at"]) == (posted["send_at"], "2026-07-01T10:00:00+02:00")

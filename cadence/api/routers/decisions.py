@@ -176,11 +176,17 @@ def _learners(app: FastAPI) -> LearnerSubscriber | None:
     return learners
 
 
-def _ruleset(app: FastAPI) -> CompiledRuleset:
+def _loaded(app: FastAPI) -> CompiledRuleset | None:
+    """The ruleset decisions use: ``app.state.ruleset`` when set, else the rules holder's (None: none loaded)."""
     ruleset = getattr(app.state, "ruleset", None)
     if ruleset is None:
         holder = getattr(app.state.runtime, "extensions", {}).get("rules")
         ruleset = getattr(holder, "current", None)
+    return ruleset
+
+
+def _ruleset(app: FastAPI) -> CompiledRuleset:
+    ruleset = _loaded(app)
     if ruleset is None:
         raise HTTPException(
             503, detail="no ruleset is loaded: add rule files and restart (or reload) cadence"
@@ -1208,7 +1214,7 @@ async def decide_batch(
     body: BatchDecisionRequest, request: Request, _p: Annotated[Principal, Scope("decide")]
 ) -> Response:
     """Decide for up to 1,000 customers; unknown customers get ``action: "error"`` in place."""
-    ruleset = getattr(request.app.state, "ruleset", None)
+    ruleset = _loaded(request.app)
     for index, item in enumerate(body.requests):
         # a request the whole batch is refused for is named, as pydantic names its own errors
         try:
@@ -1229,8 +1235,9 @@ async def read_decision(
     """A committed decision with its outcome so far (send status, delivered/clicked/... times)."""
 
     def load() -> dict[str, Any] | None:
-        fallback = getattr(getattr(request.app.state, "ruleset", None), "settings", None)
-        zone = fallback.default_zone if fallback is not None else "UTC"
+        # A customer without a (known) zone was decided in the ruleset's zone: answered in it again.
+        ruleset = _loaded(request.app)
+        zone = ruleset.settings.default_zone if ruleset is not None else "UTC"
         with read_connection(request.app.state.runtime.engine) as conn:
             return get_decision(conn, decision_id=decision_id, fallback_zone=zone)
 
