@@ -426,3 +426,28 @@ def test_candidates_show_the_draw_and_mean_value_behind_a_score_the_learners_rep
             break
     assert low is not None, "no draw at or below zero in 28 decisions"
     assert low["score"] == 0.0 and low["draw"] <= 0 < low["mean"]
+
+
+def test_unknown_fields_and_a_numeric_at_are_refused_by_name(
+    setup: tuple[TestClient, dict[str, dict[str, str]], object],
+) -> None:
+    # An outside check: "modes": "commit" was answered 200 as a preview (nothing recorded), and
+    # "at": 1790000000 was read as epoch seconds.
+    client, keys, app = setup
+    app.state.ruleset = RULES  # type: ignore[attr-defined]
+    typo = client.post("/v1/decisions", json={"customer_id": "u1", "modes": "commit"}, headers=keys["decide"])  # type: ignore[arg-type]
+    assert typo.status_code == 422 and "modes" in typo.text, typo.text
+    number = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": 1790000000}, headers=keys["decide"]
+    )  # type: ignore[arg-type]
+    assert number.status_code == 422 and "at" in number.text and "offset" in number.text, number.text
+    batch = client.post(
+        "/v1/decisions/batch",
+        json={"requests": [{"customer_id": "u1"}, {"customer_id": "u1", "campaign": ["winback"]}]},
+        headers=keys["decide"],  # type: ignore[arg-type]
+    )
+    assert batch.status_code == 422 and "campaign" in batch.text, batch.text
+    fine = client.post(
+        "/v1/decisions", json={"customer_id": "u1", "at": "2026-03-04T22:30:00+01:00"}, headers=keys["decide"]
+    )  # type: ignore[arg-type]
+    assert fine.status_code == 200

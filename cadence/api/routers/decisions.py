@@ -25,7 +25,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import Gauge
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
@@ -69,13 +69,21 @@ Settle = Callable[[Any], None]
 class TriggerEvent(BaseModel):
     """The event a triggered campaign reacts to."""
 
+    model_config = ConfigDict(extra="forbid")
+
     event: str = Field(max_length=200)
     properties: dict[str, Any] = Field(default_factory=dict)
     timestamp: datetime | None = None
 
 
 class DecisionRequest(BaseModel):
-    """Decide for one customer."""
+    """Decide for one customer.
+
+    A field it does not know is a 422 naming it: a misspelt ``"modes": "commit"`` was answered as
+    a preview, recording nothing (an outside check).
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     customer_id: str = Field(min_length=1, max_length=200, description="user id or anonymous id")
     context: dict[str, Any] = Field(default_factory=dict)
@@ -89,6 +97,14 @@ class DecisionRequest(BaseModel):
         "(default: yes when `at` is given)",
     )
 
+    @field_validator("at", mode="before")
+    @classmethod
+    def _at_is_text(cls, value: Any) -> Any:
+        # A number would be read as epoch seconds or milliseconds, by its size: say what is wanted.
+        if value is not None and not isinstance(value, str):
+            raise ValueError("give an ISO-8601 time with an offset, e.g. 2026-03-05T08:00:00+01:00")
+        return value
+
     @property
     def waits(self) -> bool:
         """Whether this decision waits for the events accepted before it (see ``fresh``)."""
@@ -97,6 +113,8 @@ class DecisionRequest(BaseModel):
 
 class BatchDecisionRequest(BaseModel):
     """Decide for up to 1,000 customers in one call."""
+
+    model_config = ConfigDict(extra="forbid")
 
     requests: list[DecisionRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
