@@ -346,8 +346,9 @@ def _server_counters(url: str, database: str) -> tuple[float, int, int]:
         counts = conn.execute(
             "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = %s", (database,)
         ).fetchone()
-    assert backend is not None and counts is not None
-    postmaster = int(Path(f"/proc/{backend[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert backend is not None and counts is not None
+        # Read while the connection is open: its backend exits with it.
+        postmaster = int(Path(f"/proc/{backend[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
     fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
     # utime, stime, and the reaped children's cutime, cstime
     cpu = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
