@@ -88,17 +88,37 @@ def _load(blob: bytes) -> DecisionLearner:
     return learner
 
 
-def save_snapshot(conn: Connection, *, name: str, learner: DecisionLearner, now_ms: int) -> int:
+def save_snapshot(
+    conn: Connection, *, name: str, learner: DecisionLearner, now_ms: int, same_position: bool = False
+) -> int:
     """Store ``learner`` as the next version of ``name``; returns the version.
 
     ``now_ms`` is when the snapshot is made (the wall clock: ``created_ms``, which `cadence models
     list` shows), not the time of the last event learned. ``quality`` stores ``null`` for a
     measure not defined yet (see :meth:`DecisionLearner.recent_quality`).
+    ``same_position``: when the newest snapshot is at the learner's log position and not pinned,
+    rewrite it instead (an erasure's: a batch of erasures took one snapshot each at one position,
+    and compaction, which keeps the newest few, then dropped every earlier one, every rollback point).
     """
-    latest = conn.execute(
-        select(func.max(learner_snapshots.c.version)).where(learner_snapshots.c.name == name)
-    ).scalar()
-    version = int(latest or 0) + 1
+    newest = conn.execute(
+        select(learner_snapshots.c.version, learner_snapshots.c.position, learner_snapshots.c.pinned)
+        .where(learner_snapshots.c.name == name)
+        .order_by(learner_snapshots.c.version.desc())
+        .limit(1)
+    ).first()
+    if same_position and newest is not None and newest.position == learner.position and not newest.pinned:
+        conn.execute(
+            learner_snapshots.update()
+            .where(learner_snapshots.c.name == name, learner_snapshots.c.version == newest.version)
+            .values(
+                created_ms=now_ms,
+                labels=learner.labels,
+                quality=learner.recent_quality(),
+                state=_dump(learner),
+            )
+        )
+        return int(newest.version)
+    version = int(newest.version if newest is not None else 0) + 1
     conn.execute(
         learner_snapshots.insert().values(
             name=name,
@@ -741,12 +761,15 @@ class LearnerSubscriber:
             self._register(row)
         return zone if isinstance(zone, str) else None
 
-    def snapshot(self, conn: Connection, *, now_ms: int) -> int:
-        """Write a snapshot now (``now_ms``: the wall clock's time); returns its version."""
+    def snapshot(self, conn: Connection, *, now_ms: int, same_position: bool = False) -> int:
+        """Write a snapshot now (``now_ms``: the wall clock's time); returns its version
+        (``same_position``: see :func:`save_snapshot`)."""
         self._forget_erased(conn)
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
-        return save_snapshot(conn, name=self.name, learner=self.learner, now_ms=now_ms)
+        return save_snapshot(
+            conn, name=self.name, learner=self.learner, now_ms=now_ms, same_position=same_position
+        )
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """Nothing yet: :meth:`apply` folds a merge when it reaches the event that made it.
@@ -848,7 +871,9 @@ class LearnerSubscriber:
         """
         if self.loaded_marker is None or self.following:
             return
-        self.snapshot(conn, now_ms=wall_ms())
+        # Erasures one after another, with nothing learned between, rewrite one snapshot: one each
+        # filled the kept ones with copies of one state and compaction dropped the rollback points.
+        self.snapshot(conn, now_ms=wall_ms(), same_position=True)
 
     def _forget_erased(self, conn: Connection) -> int:
         """Forget the customers erased by another process since this one last looked; how many.

@@ -104,12 +104,45 @@ def test_an_erasure_forgets_at_once_and_the_scrub_takes_the_customer_out_of_ever
         assert not held(again.learner, ids["erin"]) and not held(again.pinned, ids["erin"])
         assert held(again.learner, ids["other"])
 
-    assert scrub_snapshots(engine) == (1, 3)  # the leader's job, every 10 s; the erasure's own is clean
+    # The leader's job, every 10 s. The erasure's own snapshot is clean: nothing was learned since
+    # the newest, so it was rewritten in place rather than added (erasures one after another
+    # filled the kept snapshots with copies of one state, and compaction dropped the older ones).
+    assert scrub_snapshots(engine) == (1, 2)
     snapshots = stored(engine)
-    assert len(snapshots) == 4
+    assert len(snapshots) == 3
     assert not any(held(s, ids["erin"]) for s in snapshots)
     assert all(held(s, ids["other"]) for s in snapshots)  # the others' are kept as they were
     assert notes(engine) == [] and scrub_snapshots(engine) == (0, 0)
+
+
+def test_erasures_with_nothing_learned_between_take_one_snapshot_not_one_each(
+    run: tuple[Engine, ApiPolicy, Run],
+) -> None:
+    """An outside check: 25 erasures in a row left 25 snapshots at one log position, and the hourly
+    compaction (it keeps the newest five unpinned) deleted every earlier one: nothing to roll back to."""
+    engine, api, driver = run
+    learn_both(engine, api, driver)
+    for who in ("gone-1", "gone-2", "gone-3"):
+        driver.post("/v1/identify", {"userId": who, "timestamp": DAY0.isoformat()})
+    api.sync()
+    with engine.connect() as conn:
+        before = conn.execute(
+            select(learner_snapshots.c.version, learner_snapshots.c.position).order_by(
+                learner_snapshots.c.version
+            )
+        ).all()
+    for who in ("gone-1", "gone-2", "gone-3", "erin"):
+        assert api.client.delete(f"/v1/customers/{who}", headers=api.headers).status_code == 200
+    with engine.connect() as conn:
+        after = conn.execute(
+            select(learner_snapshots.c.version, learner_snapshots.c.position).order_by(
+                learner_snapshots.c.version
+            )
+        ).all()
+    # One snapshot for the four, at the position the identifies moved the learners to (the older
+    # ones, the rollback points, are kept as they were).
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    assert after[-1][1] > before[-1][1]
 
 
 def test_the_cli_erasure_beside_a_running_server_leaves_the_customer_in_no_snapshot(
