@@ -697,7 +697,8 @@ def decide(
                 holdout.append(name)
                 why = f"in holdout arm {arm.name!r} ({arm.share:.0%})"
                 if kept:
-                    why += ", where the customer was first assigned (under an id since merged into this one)"
+                    # after an identity merge (their first id hashed otherwise) or a changed split
+                    why += ", the arm the customer was first assigned"
                 suppressions.append(_suppression(name, "holdout", why))
                 continue
             if any(a.holdout for a in campaign.split):
