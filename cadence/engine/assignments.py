@@ -43,14 +43,19 @@ __all__ = [
 
 DAY_MS = 86_400_000
 
+#: What every write of assignments ends with: a customer's earliest assignment of a campaign stays.
+_KEEP_EARLIEST = (
+    " ON CONFLICT (campaign, customer_id) DO UPDATE SET first_ms = excluded.first_ms, held = excluded.held"
+    " WHERE excluded.first_ms < arm_assignments.first_ms"
+)
+
 #: One assignment (``?`` placeholders: campaign, decided ms, held, customer). The earliest stays,
 #: whichever order decisions made ``at`` different times commit in; nothing is written for a
 #: customer erased meanwhile (a push's held-out customers are not locked as its senders are).
 ASSIGN_ARMS = (
     "INSERT INTO arm_assignments (campaign, customer_id, first_ms, held)"
     " SELECT CAST(? AS VARCHAR(200)), id, CAST(? AS BIGINT), CAST(? AS BOOLEAN) FROM customers WHERE id = ?"
-    " ON CONFLICT (campaign, customer_id) DO UPDATE SET first_ms = excluded.first_ms, held = excluded.held"
-    " WHERE excluded.first_ms < arm_assignments.first_ms"
+    + _KEEP_EARLIEST
 )
 
 
@@ -66,9 +71,7 @@ _ASSIGN_MANY_PG = (
     "INSERT INTO arm_assignments (campaign, customer_id, first_ms, held)"
     " SELECT r.campaign, c.id, r.first_ms, r.held"
     " FROM unnest(%s::text[], %s::bigint[], %s::boolean[], %s::bigint[]) AS r(campaign, first_ms, held, customer_id)"
-    " JOIN customers c ON c.id = r.customer_id"
-    " ON CONFLICT (campaign, customer_id) DO UPDATE SET first_ms = excluded.first_ms, held = excluded.held"
-    " WHERE excluded.first_ms < arm_assignments.first_ms"
+    " JOIN customers c ON c.id = r.customer_id" + _KEEP_EARLIEST
 )
 
 
@@ -100,9 +103,7 @@ def write_arms(conn: Connection, rows: Sequence[tuple[str, int, bool, int]]) -> 
 #: the first exposure fixes the arm (intent to treat), whichever id it was made under.
 _FOLD = (
     "INSERT INTO arm_assignments (campaign, customer_id, first_ms, held)"
-    " SELECT campaign, ?, first_ms, held FROM arm_assignments WHERE customer_id = ?"
-    " ON CONFLICT (campaign, customer_id) DO UPDATE SET first_ms = excluded.first_ms, held = excluded.held"
-    " WHERE excluded.first_ms < arm_assignments.first_ms"
+    " SELECT campaign, ?, first_ms, held FROM arm_assignments WHERE customer_id = ?" + _KEEP_EARLIEST
 )
 
 
