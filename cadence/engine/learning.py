@@ -28,7 +28,6 @@ from sqlalchemy import Connection, Engine, delete, func, select, update
 
 from cadence.channels import Feedback, decision_id_problem, feedback_kind
 from cadence.clock import now_ms as wall_ms
-from cadence.engine.campaign import HOUR_MS
 from cadence.engine.identity import canonical_of
 from cadence.engine.learners import DecisionLearner, LearnerConfig, Pending, learned_differences
 from cadence.engine.loop import LoggedEvent
@@ -250,6 +249,16 @@ _UNSENT = (
 )
 
 
+def _position(row: Any) -> int:
+    """The log position a stored decision's features were computed at (-1: not stored, an older row)."""
+    return -1 if row.learner_position is None else int(row.learner_position)
+
+
+def _waiting_order(row: Any) -> tuple[int, int, str]:
+    """The order a learner registers the decisions a look read: by position, then as they were made."""
+    return _position(row), int(row.decided_at_ms), str(row.id)
+
+
 #: The decision ids already reported as joining no decision (bounded: each is logged once per process).
 _REPORTED_IDS: set[str] = set()
 
@@ -314,9 +323,13 @@ class LearnerSubscriber:
         self.others_every = others_every
         self._others_at = -float("inf")  # monotonic time of the last look
         self._others_ms: int | None = None  # its wall-clock time
+        self._others_id: int | None = None  # the last ``sends.id`` a look read (None: not started)
         #: Decision id -> wall ms when this learner registered it (its own commits, recall, the
         #: looks), for as long as a look may still read its send: registered once, learned once.
         self._seen: dict[str, int] = {}
+        #: The decisions a look read that wait for the log position their features were computed
+        #: at (``decisions.learner_position``), in that order: see :meth:`_others`.
+        self._waiting: deque[Any] = deque()
         # A snapshot pickles every customer's statistics (about a second at 20k customers):
         # on a fast replay, taking one every 10k events would cost more than the learning.
         self.snapshot_min_seconds = (
@@ -365,6 +378,7 @@ class LearnerSubscriber:
         self._erasures = _erasure_mark(conn)
         latest = self._adopted(load_snapshot(conn, name=self.name), what="latest", relearn=self._log_complete)
         self._backfill = None
+        self._waiting.clear()
         if latest is None:
             self.learner = DecisionLearner(self.config)
             last = conn.scalar(
@@ -391,6 +405,7 @@ class LearnerSubscriber:
         # What was queued before is recall's (or the backfill's, or the snapshot's, learned): the
         # sends a look would read again, visible now, are not registered by the looks.
         self._others_ms = wall = wall_ms()
+        self._others_id = int(conn.scalar(select(func.coalesce(func.max(sends.c.id), 0))) or 0)
         self._seen.update(
             dict.fromkeys(
                 conn.execute(
@@ -596,7 +611,8 @@ class LearnerSubscriber:
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
         elif batch:
-            self._others(conn, batch[-1].ts_ms)
+            self._others(conn)
+        waiting = self._waiting
         replayed = self._replayed(conn, batch[-1].id) if batch and self._replay is not None else deque()
         merges = self._merges_in(conn, batch) if batch else []
         folded = 0  # merges[:folded] are folded: each before the first event after the one that made it
@@ -607,6 +623,8 @@ class LearnerSubscriber:
                 folded += 1
             while replayed and replayed[0].learner_position < event.id:
                 self._register_again(replayed.popleft(), replayed=True)
+            while waiting and _position(waiting[0]) < event.id:
+                self._register_again(waiting.popleft())
             self.learner.advance(event.ts_ms)
             kind = feedback_kind(event.event)
             decision_id = event.properties.get("decision_id")
@@ -620,6 +638,8 @@ class LearnerSubscriber:
         self._fold([(loser, parent) for _at, loser, parent in merges[folded:]])
         for row in replayed:
             self._register_again(row, replayed=True)
+        while waiting and _position(waiting[0]) <= self.learner.position:
+            self._register_again(waiting.popleft())
         if batch and self.snapshot_owed():
             # When it was made (the wall clock), not the learner's clock: a simulation's events
             # carry simulated times, and `cadence models list` read them as the snapshot's date.
@@ -640,61 +660,73 @@ class LearnerSubscriber:
             and time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         )
 
-    def _others(self, conn: Connection, until_ms: int) -> int:
-        """Register the send decisions other processes committed since the last look; how many.
+    def _others(self, conn: Connection) -> int:
+        """Read the send decisions other processes committed since the last look; how many it read.
 
         Each ``serve --workers N`` process registers the decisions it commits (and a push its
         sends) with its own learners, and the others met them only when feedback named them:
         a send nobody answered was learned as a no by the process that made it alone, every
         answered one by all, so the other workers' learners leaned towards yes (an outside
         check: mean engagement 0.70 on the other worker against 0.32 on the committing one,
-        equal again after a restart, whose recall registers them all). So every
-        ``others_every`` seconds a learner reads the sends queued since its last look (by
-        ``queued_ms``, the wall clock, from :data:`OTHERS_OVERLAP_MS` before it) and registers
-        their decisions from the features stored with them, as :meth:`recall` does: not one it
-        registered already, nor a bounced or failed one. One whose label is due already is
-        learned at the next event, a little later than by the process that made it. It looks
-        sooner when ``until_ms``, the batch's last event, would move the learner's clock an hour
-        or more (a simulation with ``at``, a replay): the decisions made meanwhile are registered
-        before the clock passes their labels' times, as the process that made them did.
+        equal again after a restart, whose recall registers them all). So before each batch a
+        learner reads the sends queued since the last batch (by ``sends.id``: only the new rows)
+        and, every ``others_every`` seconds, those queued since its last such look by
+        ``queued_ms`` (the wall clock, from :data:`OTHERS_OVERLAP_MS` before it: a transaction
+        may commit a lower id after a higher one), and registers their decisions from the
+        features stored with them, as :meth:`recall` does: not one it registered already, nor a
+        bounced or failed one.
+
+        Each decision read waits in :attr:`_waiting` for the log position its features were
+        computed at (``decisions.learner_position``) and is registered before the first event
+        after it, as a replay registers it (:meth:`_replayed`): where the process that made it
+        had read the log when it registered it, so that its labels reach the models in the same
+        order in every process. Until session 25 the learners looked once a second, or first
+        when a batch's last event moved the clock an hour or more: quiet hours defer a night's
+        sends to the morning, a batch of the morning's clicks passed the evening's label times
+        while its last event did not move the clock an hour, and the other worker learned those
+        labels a batch or more later, in another order (an outside check: with ``serve --workers
+        2`` the two workers valued 40 of 40 options differently, and a restart moved one's to the
+        other's).
         """
         now = time.monotonic()
-        if now - self._others_at < self.others_every and until_ms < self.learner.clock_ms + HOUR_MS:
-            return 0
-        self._others_at = now
         wall = wall_ms()
-        since = (wall if self._others_ms is None else self._others_ms) - OTHERS_OVERLAP_MS
-        self._others_ms = wall
-        queued = conn.execute(
-            select(sends.c.decision_id).where(sends.c.queued_ms > since, sends.c.decision_id.is_not(None))
-        ).scalars()
+        timed = now - self._others_at >= self.others_every or self._others_id is None
+        if timed:
+            since = (wall if self._others_ms is None else self._others_ms) - OTHERS_OVERLAP_MS
+            self._others_at, self._others_ms = now, wall
+            query = select(sends.c.id, sends.c.decision_id).where(
+                sends.c.queued_ms > since, sends.c.decision_id.is_not(None)
+            )
+        else:  # every row past the last one read, an audience sync's too: none is read twice
+            query = select(sends.c.id, sends.c.decision_id).where(sends.c.id > self._others_id)
+        queued = conn.execute(query).all()
+        if queued:
+            self._others_id = max(self._others_id or 0, max(int(q.id) for q in queued))
         seen, pending = self._seen, self.learner.pending
-        fresh = sorted({d for d in queued if d not in seen and d not in pending})
-        count = 0
+        fresh = sorted({q.decision_id for q in queued if q.decision_id} - seen.keys() - pending.keys())
+        read: list[Any] = []
         for start in range(0, len(fresh), 500):
             rows = conn.execute(
-                select(*_REGISTERED)
-                .where(
+                select(*_REGISTERED, decisions.c.learner_position).where(
                     decisions.c.id.in_(fresh[start : start + 500]),
                     decisions.c.action == "send",
                     decisions.c.channel.is_not(None),
                     decisions.c.send_at_ms.is_not(None),
                 )
-                .order_by(decisions.c.decided_at_ms, decisions.c.id)
             ).all()
             for row in rows:
                 outcome = row.outcome or {}
-                if row.id in pending or "bounced" in outcome or "failed" in outcome:
-                    continue
-                self._register(row)
-                count += 1
+                if "bounced" not in outcome and "failed" not in outcome:
+                    read.append(row)
         for decision_id in fresh:  # those not registered too: read once
             seen.setdefault(decision_id, wall)
-        # A decision registered before the next look's reach is never read again by it.
-        old = since - OTHERS_OVERLAP_MS
-        for decision_id in [d for d, at in seen.items() if at < old]:
-            del seen[decision_id]
-        return count
+        if read:
+            self._waiting = deque(sorted([*self._waiting, *read], key=_waiting_order))
+        if timed:  # a decision registered before the next timed look's reach is never read again by it
+            old = since - OTHERS_OVERLAP_MS
+            for decision_id in [d for d, at in seen.items() if at < old]:
+                del seen[decision_id]
+        return len(read)
 
     def _backfill_decisions(self, conn: Connection, until_ms: int) -> None:
         """Register the stored decisions made up to ``until_ms`` while learning from the start of the log.
@@ -854,6 +886,7 @@ class LearnerSubscriber:
         for learner in (self.learner, self.pinned):
             if learner is not None:
                 learner.forget(customer_id)
+        self._waiting = deque(r for r in self._waiting if self._root(r.customer_id) != customer_id)
         conn.execute(
             dialect_insert(conn, learner_scrubs)
             .values(customer_id=customer_id, erased_ms=wall_ms())

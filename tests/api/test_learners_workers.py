@@ -10,7 +10,8 @@ other processes queued (``LearnerSubscriber._others``).
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -56,4 +57,92 @@ def test_a_worker_learns_the_silences_of_the_sends_another_worker_committed(db_e
         mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
         theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
     assert sent >= 12 and mine["labels"] >= sent - 6  # the silences of days 0 and 1 are learned
+    assert theirs == mine
+
+
+#: A campaign sent when asked for, at once, or at 07:30 when asked for in the quiet night.
+QUIET_RULES = """
+settings {
+    timezone  "UTC"
+}
+
+campaign evening "Sent when asked for, or in the morning when asked for in the quiet night" {
+    trigger   on "Evening"
+    send      template "evening"
+    channel   best of [email, push]
+    quiet     22:00..07:30
+}
+"""
+
+
+def test_a_worker_learns_the_labels_of_another_workers_deferred_sends_when_they_fall_due(
+    db_engine: Engine, tmp_path: Path
+) -> None:
+    """Quiet hours defer a night's sends to 07:30, so a batch of the morning's clicks passes the label
+    times (send + 6 h) of the evening's sends while its last event moves the clock less than an hour.
+    The other worker used to look for the committed decisions only then (or a second later), learned
+    those labels a batch later and in another order, and every option's value differed between the
+    two workers of ``serve --workers 2`` (an outside check: 40 of 40)."""
+    url = db_engine.url.render_as_string(hide_password=False)
+    (tmp_path / "quiet.cadence").write_text(QUIET_RULES)
+    with in_process_api(url, rules=tmp_path) as first, in_process_api(url, rules=tmp_path) as second:
+        committing, other = Run(first), Run(second)
+        for run in (committing, other):
+            # No look on the wall clock's second here: only those the log's times call for.
+            learners_of(run.api.client.app).others_every = 3600  # type: ignore[attr-defined]
+        users = [f"u{i}" for i in range(8)]
+        for user in users:
+            committing.batch.append(
+                {"type": "identify", "userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)}
+            )
+        evening = DAY0 + timedelta(hours=18)
+        committing.batch.append(
+            {"type": "track", "userId": "clock", "event": "Page Viewed", "timestamp": iso(evening)}
+        )
+        committing.flush()
+        other.api.sync()
+        # Four sent at once (18:00 to 20:00), four decided in the quiet night (22:30 to 00:30).
+        minutes = [0, 40, 80, 120, 270, 310, 350, 390]
+        answers = [
+            committing.post(
+                "/v1/decisions",
+                {
+                    "customer_id": user,
+                    "at": iso(evening + timedelta(minutes=m)),
+                    "mode": "commit",
+                    "event": {"event": "Evening"},
+                },
+            )
+            for user, m in zip(users, minutes, strict=True)
+        ]
+        morning = DAY0 + timedelta(days=1, hours=7, minutes=30)
+        deferred = [a for a in answers if datetime.fromisoformat(a["send_at"]) == morning]
+        assert len(deferred) == 4  # those decided from 22:30 on
+        # In the order the users clicked: the morning's click (past the evening's labels) before the
+        # evening's (within the hour of the clock, which the old look waited for).
+        committing.feedback({"userId": "u5"}, answers[5], "Message Clicked", timedelta(minutes=10))
+        committing.feedback({"userId": "u1"}, answers[1], "Message Clicked", timedelta(minutes=10))
+        committing.flush()
+        other.api.sync()
+        mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
+        theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
+        assert mine["labels"] == 8  # the evening's four sends, learned at the morning's click
+        # The same labels learned in the same order (the morning's other sends are read later, before
+        # their own labels fall due: the decisions awaiting labels differ until then).
+        assert {k: v for k, v in theirs.items() if k != "pending"} == {
+            k: v for k, v in mine.items() if k != "pending"
+        }
+        committing.batch.append(
+            {
+                "type": "track",
+                "userId": "clock",
+                "event": "Page Viewed",
+                "timestamp": iso(DAY0 + timedelta(days=4)),
+            }
+        )
+        committing.flush()
+        other.api.sync()
+        mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
+        theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
+    assert mine["labels"] == 16 and not mine["pending"]
     assert theirs == mine
