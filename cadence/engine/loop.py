@@ -220,8 +220,9 @@ class Subscriber(Protocol):
     # customers (several when merges joined them), in the same transaction.
 
     # Optional, for ``in_memory`` subscribers: ``snapshot_owed()`` says (from memory, cheaply)
-    # whether ``snapshot(conn, now_ms=...)`` should store their state now; the loop asks while the
-    # log is idle (see EngineLoop.snapshot_in_memory), as ``apply`` does after a batch.
+    # whether their state should be stored now; the loop asks while the log is idle and then calls
+    # ``write_snapshot(engine, prepare_snapshot(engine), now_ms=...)`` (see EngineLoop.snapshot_in_memory),
+    # as ``apply`` snapshots after a batch.
 
     # Optional: ``prepare(batch)`` may compute, from the events alone (no database), what a later
     # ``apply`` of the very same batch object will need; ``apply`` of any other batch must not
@@ -719,9 +720,10 @@ class EngineLoop:
         """Snapshot the in-memory subscribers (the learners) that owe one (``owed_only``), or all;
         return how many were taken.
 
-        No batch runs meanwhile, and the transaction takes the batches' lock, so an erasure
-        committed by another process is seen by the snapshot. With ``owed_only`` nothing is opened
-        unless one is owed: the idle loop asks every poll.
+        No batch runs meanwhile; the learners are pickled outside any write transaction and
+        written in a short one that takes the batches' lock, so an erasure committed by another
+        process is seen by the snapshot. With ``owed_only`` nothing is opened unless one is owed:
+        the idle loop asks every poll.
         """
         in_memory: list[Any] = [sub for sub in self.subscribers if getattr(sub, "in_memory", False)]
         owing = [
@@ -732,12 +734,12 @@ class EngineLoop:
         if not owing:
             return 0
         taken = 0
-        with self._lock, self.engine.begin() as conn:
-            lock_batches(conn)
+        with self._lock:
             for sub in owing:
                 if not owed_only or sub.snapshot_owed():  # asked again: a batch may have taken it meanwhile
-                    # Dated by the wall clock, as apply's: a simulation's clock is not when it was made.
-                    sub.snapshot(conn, now_ms=wall_ms())
+                    # Pickled outside the write transaction, written in a short one (see
+                    # LearnerSubscriber.prepare_snapshot); dated by the wall clock, as apply's.
+                    sub.write_snapshot(self.engine, sub.prepare_snapshot(self.engine), now_ms=wall_ms())
                     taken += 1
         return taken
 

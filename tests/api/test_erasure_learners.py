@@ -188,3 +188,30 @@ def test_a_restart_after_an_erasure_knows_what_the_live_learners_knew(
     with in_process_api(url) as restarted:
         restarted.sync()
         assert knowledge(learners_of(restarted.client.app).learner) == before
+
+
+def test_a_snapshot_pickled_before_an_erasure_is_written_without_the_customer(
+    run: tuple[Engine, ApiPolicy, Run],
+) -> None:
+    """The idle loop pickles the learners outside the write transaction (about a second at 20,000
+    customers, which held SQLite's write lock and every commit); an erasure committed between the
+    pickling and the write must still leave the customer out of what is written."""
+    engine, api, driver = run
+    ids = learn_both(engine, api, driver)
+    learners = learners_of(api.client.app)
+    prepared = learners.prepare_snapshot(engine)
+    url = engine.url.render_as_string(hide_password=False)
+    erased = CliRunner().invoke(cli, ["--database-url", url, "customers", "erase", "erin", "--yes"])
+    assert erased.exit_code == 0, erased.output
+    version = learners.write_snapshot(engine, prepared, now_ms=int(DAY0.timestamp() * 1000))
+    with engine.connect() as conn:
+        written = load_snapshot(conn, name="learners", version=version)
+    assert written is not None and not held(written, ids["erin"]) and held(written, ids["other"])
+    # With nothing erased meanwhile, what was pickled is what is written.
+    again = learners.prepare_snapshot(engine)
+    version = learners.write_snapshot(engine, again, now_ms=int(DAY0.timestamp() * 1000))
+    with engine.connect() as conn:
+        (state,) = conn.execute(
+            select(learner_snapshots.c.state).where(learner_snapshots.c.version == version)
+        ).one()
+    assert state == again[1]
