@@ -801,19 +801,28 @@ class LearnerSubscriber:
             self._register(row)
         return zone if isinstance(zone, str) else None
 
-    def snapshot(self, conn: Connection, *, now_ms: int, same_position: bool = False) -> int:
+    def snapshot(
+        self, conn: Connection, *, now_ms: int, same_position: bool = False, state: bytes | None = None
+    ) -> int:
         """Write a snapshot now (``now_ms``: the wall clock's time); returns its version
-        (``same_position``: see :func:`save_snapshot`)."""
-        self._forget_erased(conn)
+        (``same_position``: see :func:`save_snapshot`; ``state``: the learners pickled before,
+        pickled again when an erasure met here took a customer out of them)."""
+        if self._forget_erased(conn):
+            state = None
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
         return save_snapshot(
-            conn, name=self.name, learner=self.learner, now_ms=now_ms, same_position=same_position
+            conn,
+            name=self.name,
+            learner=self.learner,
+            now_ms=now_ms,
+            same_position=same_position,
+            state=state,
         )
 
-    def prepare_snapshot(self, engine: Engine) -> tuple[int, bytes]:
+    def prepare_snapshot(self, engine: Engine) -> bytes:
         """The first half of :meth:`write_snapshot`: forget the customers erased elsewhere (read
-        without the write lock), then pickle the learners; returns (erasure mark, pickled state).
+        without the write lock), then pickle the learners.
 
         Pickling takes about a second at 20,000 customers. Inside the write transaction, as
         :meth:`snapshot` does it for a batch, it held SQLite's write lock that long and every
@@ -823,24 +832,18 @@ class LearnerSubscriber:
         """
         with read_connection(engine) as conn:
             self._forget_erased(conn)
-        return self._erasures, _dump(self.learner)
+        return _dump(self.learner)
 
-    def write_snapshot(self, engine: Engine, prepared: tuple[int, bytes], *, now_ms: int) -> int:
+    def write_snapshot(self, engine: Engine, prepared: bytes, *, now_ms: int) -> int:
         """Store what :meth:`prepare_snapshot` pickled, in a short write transaction; its version.
 
         The transaction takes the batches' lock, as a batch does: an erasure committed since the
-        pickling (the mark moved) is forgotten and the learners pickled again there, so the
-        snapshot never holds a customer erased before it was written.
+        pickling that took a customer out of these learners makes :meth:`snapshot` pickle them
+        again there, so the snapshot never holds a customer erased before it was written.
         """
-        mark, state = prepared
         with engine.begin() as conn:
             lock_batches(conn)
-            if _erasure_mark(conn) != mark:
-                self._forget_erased(conn)
-                state = _dump(self.learner)
-            self._since_snapshot = 0
-            self._last_snapshot = time.monotonic()
-            return save_snapshot(conn, name=self.name, learner=self.learner, now_ms=now_ms, state=state)
+            return self.snapshot(conn, now_ms=now_ms, state=prepared)
 
     def merged(self, conn: Connection, winner: int, loser: int) -> None:
         """Nothing yet: :meth:`apply` folds a merge when it reaches the event that made it.

@@ -214,4 +214,4 @@ def test_a_snapshot_pickled_before_an_erasure_is_written_without_the_customer(
         (state,) = conn.execute(
             select(learner_snapshots.c.state).where(learner_snapshots.c.version == version)
         ).one()
-    assert state == again[1]
+    assert state == again

@@ -196,8 +196,6 @@ async def get_attribution(
             fits = read_fits(conn, spec=block, models=materialized, window_days=window_days)
         missing = [m for m in materialized if (m, window_days) not in fits]
         if materialized and (refresh or missing):
-            if block not in specs:
-                raise AttributionError(f"unknown attribution block {block!r} (known: {', '.join(specs)})")
             todo = materialized if refresh else missing
             for fit in refresh_fits(engine, spec=specs[block], windows=[window_days], models=todo):
                 fits[(fit.model, fit.window_days)] = fit
