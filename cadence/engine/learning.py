@@ -614,8 +614,11 @@ class LearnerSubscriber:
         )
 
     def apply(self, conn: Connection, batch: Sequence[LoggedEvent]) -> None:
-        """Learn from each feedback event in ``batch``; snapshot after ``snapshot_every`` events
-        and at least ``snapshot_min_seconds`` since the last snapshot."""
+        """Learn from each feedback event in ``batch``.
+
+        After ``snapshot_every`` events, at least ``snapshot_min_seconds`` since the last snapshot,
+        a snapshot is owed (:meth:`snapshot_owed`): the engine loop takes it once the batch has
+        committed, outside its transaction (:meth:`prepare_snapshot`)."""
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
         elif batch:
@@ -648,16 +651,12 @@ class LearnerSubscriber:
             self._register_again(row, replayed=True)
         while waiting and _position(waiting[0]) <= self.learner.position:
             self._register_again(waiting.popleft())
-        if batch and self.snapshot_owed():
-            # When it was made (the wall clock), not the learner's clock: a simulation's events
-            # carry simulated times, and `cadence models list` read them as the snapshot's date.
-            self.snapshot(conn, now_ms=wall_ms())
 
     def snapshot_owed(self) -> bool:
         """Whether these learners owe a snapshot: ``snapshot_every`` events learned since the last one,
         at least ``snapshot_min_seconds`` ago, and not :attr:`following` (the leader's are the ones stored).
 
-        :meth:`apply` asks after each batch, and the engine loop while the log is idle
+        The engine loop asks after each batch it committed and while the log is idle
         (:meth:`~cadence.engine.loop.EngineLoop.snapshot_in_memory`): a burst learned within
         ``snapshot_min_seconds`` of the last snapshot (or of the start) is snapshotted once that
         time has passed, not only when a later event arrives (an outside check).
@@ -824,11 +823,11 @@ class LearnerSubscriber:
         """The first half of :meth:`write_snapshot`: forget the customers erased elsewhere (read
         without the write lock), then pickle the learners.
 
-        Pickling takes about a second at 20,000 customers. Inside the write transaction, as
-        :meth:`snapshot` does it for a batch, it held SQLite's write lock that long and every
-        commit waited (the HTTP benchmark's worst second: p99 283 ms, when the idle loop took a
-        burst's snapshot mid-run). The caller holds the engine loop's lock, so no batch changes
-        the learners meanwhile.
+        Pickling takes about a second at 20,000 customers. Inside a write transaction (a batch's,
+        where :meth:`apply` used to take its snapshot) it held SQLite's write lock that long and
+        every commit waited (the HTTP benchmark's worst second: p99 283 ms, when the idle loop
+        took a burst's snapshot mid-run). The caller holds the engine loop's lock, so no batch
+        changes the learners meanwhile.
         """
         with read_connection(engine) as conn:
             self._forget_erased(conn)

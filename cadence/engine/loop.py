@@ -220,9 +220,9 @@ class Subscriber(Protocol):
     # customers (several when merges joined them), in the same transaction.
 
     # Optional, for ``in_memory`` subscribers: ``snapshot_owed()`` says (from memory, cheaply)
-    # whether their state should be stored now; the loop asks while the log is idle and then calls
-    # ``write_snapshot(engine, prepare_snapshot(engine), now_ms=...)`` (see EngineLoop.snapshot_in_memory),
-    # as ``apply`` snapshots after a batch.
+    # whether their state should be stored now; the loop asks after each batch it committed and
+    # while the log is idle, and then calls ``write_snapshot(engine, prepare_snapshot(engine),
+    # now_ms=...)`` (see EngineLoop.snapshot_in_memory). ``apply`` itself stores none.
 
     # Optional: ``prepare(batch)`` may compute, from the events alone (no database), what a later
     # ``apply`` of the very same batch object will need; ``apply`` of any other batch must not
@@ -468,7 +468,7 @@ class EngineLoop:
             enabled = gc.isenabled() or self._gc_held > 0
             gc.disable()
             try:
-                return self._run_batch()
+                count = self._run_batch()
             finally:
                 # A look-ahead's events and sums outlive the batch: a collection between two
                 # batches would walk them all (1.2 s of CPU per 200,000 events, measured). A caller
@@ -481,6 +481,12 @@ class EngineLoop:
                     self._gc_held = 0
                     if enabled:
                         gc.enable()
+            if count:
+                # After the batch's commit, not inside it: pickling the learners takes about a
+                # second at 20,000 customers, and inside the batch's transaction it held SQLite's
+                # write lock (every decision commit waited) and the batches' lock that long.
+                self._snapshot_owed()
+            return count
 
     def _release_gc(self) -> None:
         """Resume the collector if the last batch left it paused for the next one."""
@@ -738,7 +744,9 @@ class EngineLoop:
             for sub in owing:
                 if not owed_only or sub.snapshot_owed():  # asked again: a batch may have taken it meanwhile
                     # Pickled outside the write transaction, written in a short one (see
-                    # LearnerSubscriber.prepare_snapshot); dated by the wall clock, as apply's.
+                    # LearnerSubscriber.prepare_snapshot). Dated by the wall clock, not the
+                    # learner's: a simulation's events carry simulated times, and `cadence models
+                    # list` read them as the snapshot's date.
                     sub.write_snapshot(self.engine, sub.prepare_snapshot(self.engine), now_ms=wall_ms())
                     taken += 1
         return taken
@@ -829,8 +837,9 @@ class EngineLoop:
         self._release_gc()
 
     def _snapshot_owed(self) -> None:
-        """While the log is idle: the snapshots the learners owe (a burst's, whose batches came too
-        soon after the last one); a failure is logged, not a failing batch."""
+        """The snapshots the learners owe, after a batch or while the log is idle (a burst's, whose
+        batches came too soon after the last one); a failure is logged, not a failing batch (the
+        next batch or idle poll tries again)."""
         try:
             self.snapshot_in_memory(owed_only=True)
         except Exception:  # noqa: BLE001 - the loop must go on; the next idle poll tries again

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 from rich.console import Console
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy import event as sa_event
 from typer.testing import CliRunner
 
 from cadence.channels import Feedback
@@ -33,7 +34,8 @@ from cadence.engine.loop import EngineLoop, LoggedEvent
 from cadence.errors import ConfigError
 from cadence.runtime import Runtime
 from cadence.settings import load_settings
-from cadence.store.schema.core import customers
+from cadence.store.db import read_connection
+from cadence.store.schema.core import checkpoints, customers
 from cadence.store.schema.decisions import decisions
 from tests.engine.test_loop import ingest, stream
 from tests.engine.test_loop_restart import retrying
@@ -106,16 +108,46 @@ def test_snapshot_restart_replays_only_the_rest(db_engine: Engine) -> None:
     assert restarted.learner.customers[1].clicks == sub.learner.customers[1].clicks == 15
 
 
-def test_a_following_process_takes_no_snapshot(db_engine: Engine) -> None:
+def test_a_following_process_owes_no_snapshot(db_engine: Engine) -> None:
     sub = LearnerSubscriber(snapshot_every=1, snapshot_min_seconds=0)
     sub.following = True  # as EngineLoop.follow_in_memory sets it: the leader's snapshots are the stored ones
     with db_engine.begin() as conn:
         sub.apply(conn, teach(sub, 0, 3))
-        assert list_snapshots(conn, name=sub.name) == []
+    assert not sub.snapshot_owed()
     sub.following = False
     with db_engine.begin() as conn:
         sub.apply(conn, teach(sub, 3, 1))
-        assert len(list_snapshots(conn, name=sub.name)) == 1
+        assert list_snapshots(conn, name=sub.name) == []  # apply stores none: the loop does, after the commit
+    assert sub.snapshot_owed()
+
+
+def test_a_batch_snapshot_is_written_after_the_batch_commits_not_inside_it(runtime: Runtime) -> None:
+    """Pickling the learners takes about a second at 20,000 customers; inside the batch's
+    transaction it held SQLite's write lock (every decision commit waited) and the batches' lock.
+    The loop stores the snapshot a batch made owed in a transaction of its own, after the batch's:
+    when the snapshot is written, another connection already sees the batch committed."""
+    ingest(runtime, *stream()[:20])
+    learners = LearnerSubscriber(runtime, snapshot_every=10, snapshot_min_seconds=0)
+    loop = EngineLoop(runtime, [learners])
+    committed_then: list[int] = []
+
+    def executed(_conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO learner_snapshots"):
+            with read_connection(runtime.engine) as other, other.begin():
+                stored = other.execute(
+                    select(checkpoints.c.position).where(checkpoints.c.name == "identity")
+                ).scalar()
+            committed_then.append(stored or 0)
+
+    sa_event.listen(runtime.engine, "before_cursor_execute", executed)
+    try:
+        loop.catch_up()
+    finally:
+        sa_event.remove(runtime.engine, "before_cursor_execute", executed)
+    assert committed_then == [20], "the snapshot was written inside the batch's transaction"
+    with runtime.engine.connect() as conn:
+        [snap] = list_snapshots(conn, name=learners.name)
+    assert snap.position == loop.positions()["learners"] == 20 and not learners.snapshot_owed()
 
 
 def test_pin_rollback_and_list(db_engine: Engine) -> None:
@@ -160,19 +192,24 @@ def test_models_cli(sqlite_engine: Engine) -> None:
 
 
 def test_models_list_says_when_each_snapshot_was_made_and_an_auc_not_defined_yet(
-    db_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sends nobody clicked: the engagement AUC has no positive label to rank, nor the unsubscribe
     AUC an unsubscribe, so both read ``-`` (not 0.000, a perfectly wrong model); and the snapshot the
     loop takes is dated when it was made, not at its events' (here simulated, in 2026-05) times."""
+    db_engine = runtime.engine
     sub = LearnerSubscriber(snapshot_every=12, snapshot_min_seconds=0)
     silent = [e for e in teach(sub, 0, 12) if e.event == "Email Delivered"]
     with db_engine.begin() as conn:
         sub.apply(conn, silent[:-1])
         sub.learner.advance(T0 + 1000 * HOUR)
         assert sub.learner.labels >= 11
-        before = wall_ms()
-        sub.apply(conn, silent[-1:])  # the 12th event: the loop's snapshot
+        sub.apply(conn, silent[-1:])  # the 12th event: a snapshot is owed
+    assert sub.snapshot_owed()
+    before = wall_ms()
+    loop = EngineLoop(runtime, [sub])
+    assert loop.snapshot_in_memory(owed_only=True) == 1  # as the loop takes it after the batch
+    with db_engine.connect() as conn:
         [snap] = list_snapshots(conn, name=sub.name)
     assert before <= snap.created_ms <= wall_ms()
     assert snap.quality["engagement_auc"] is None and snap.quality["unsubscribe_auc"] is None
