@@ -133,6 +133,23 @@ def test_preview_commit_read_back_and_feedback(
     assert learners.learner.pending[did].engaged
 
 
+def test_an_immediate_send_is_never_shown_before_its_at(
+    setup: tuple[TestClient, dict[str, dict[str, str]], object],
+) -> None:
+    """``send_at`` was cut to the second: an immediate send due at ``at`` = 10:20:00.250 read
+    10:20:00, a quarter of a second before the decision (an outside check)."""
+    client, keys, app = setup
+    app.state.ruleset = RULES  # type: ignore[attr-defined]
+    at = "2026-03-05T10:20:00.250+01:00"
+    body = {"customer_id": "u1", "at": at, "mode": "commit"}
+    got = client.post("/v1/decisions", json=body, headers=keys["decide"]).json()  # type: ignore[arg-type]
+    assert got["action"] == "send" and got["send_at"] == got["decided_at"] == at
+    read = client.get(f"/v1/decisions/{got['decision_id']}", headers=keys["decide"]).json()  # type: ignore[arg-type]
+    assert (read["send_at"], read["decided_at"]) == (at, at)
+    whole = {**body, "at": "2026-03-05T10:20:00+01:00"}
+    assert client.post("/v1/decisions", json=whole, headers=keys["decide"]).json()["send_at"] == whole["at"]  # type: ignore[arg-type]
+
+
 def test_batch_and_unknown_customers(setup: tuple[TestClient, dict[str, dict[str, str]], object]) -> None:
     client, keys, app = setup
     app.state.ruleset = RULES  # type: ignore[attr-defined]

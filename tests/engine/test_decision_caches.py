@@ -287,10 +287,14 @@ def test_memoised_time_texts_match_formatting_them_across_dst(
 
     ms = int(day.timestamp() * 1000) + offset_min * 60_000 + milli
     tz = zone_named(zone, "Europe/Berlin")
-    expected_iso = datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(timespec="seconds")
+    whole = datetime.fromtimestamp(ms // 1000, tz=tz).isoformat(timespec="seconds")
+    # To the millisecond when there are any (an immediate send is due at ``at``, never before it).
+    expected_iso = datetime.fromtimestamp(ms / 1000, tz=tz).isoformat(
+        timespec="milliseconds" if ms % 1000 else "seconds"
+    )
     for _ in range(2):  # a first call formats and keeps the text; the second looks it up
         assert _iso_in(ms, tz) == expected_iso
-        assert _iso_in(ms - ms % 1000, tz) == expected_iso  # whole seconds: how decided_at is looked up
+        assert _iso_in(ms - ms % 1000, tz) == whole
         assert _when(ms, zone, "Europe/Berlin") == _format_when(ms, zone, "Europe/Berlin")
     local = datetime.fromtimestamp(ms / 1000, tz=tz)
     assert _when(ms, zone, "Europe/Berlin")[-12:-7] == f"{local.hour:02d}:{local.minute:02d}"
