@@ -618,7 +618,14 @@ class LearnerSubscriber:
 
         After ``snapshot_every`` events, at least ``snapshot_min_seconds`` since the last snapshot,
         a snapshot is owed (:meth:`snapshot_owed`): the engine loop takes it once the batch has
-        committed, outside its transaction (:meth:`prepare_snapshot`)."""
+        committed, outside its transaction (:meth:`prepare_snapshot`).
+
+        Before the batch, the learners forget the customers another process erased since they last
+        looked (:meth:`_forget_erased`): where that process's learners forgot them, before any later
+        event (see :meth:`~cadence.engine.loop.EngineLoop.erase`). A follower's are loaded again
+        instead (:meth:`erasure_unmet`)."""
+        if batch and not self.following:
+            self._forget_erased(conn)
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
         elif batch:
@@ -935,13 +942,16 @@ class LearnerSubscriber:
         )
 
     def erasure_done(self, conn: Connection) -> None:
-        """Snapshot the learners as the erasure left them, when they are this process's leading ones.
+        """Snapshot the learners as the erasure left them, where the leader's learners stand.
 
         The shared weights keep what the erased customers' labels taught the live learners; a
         restart from an older snapshot replays a log without their events and so learned
         otherwise: every other customer's values moved across the restart (an outside check: 64
         of 64 options, none without the erasure). From this snapshot a restart knows what the
-        live learners know. Not for learners this process never loaded (a CLI's) nor a follower's.
+        live learners know, and so does a process that does not lead, which loads it when it meets
+        the erasure (:meth:`erasure_unmet`). A worker that does not lead takes it too, having first
+        applied the log as far as the leader has (:meth:`~cadence.engine.loop.EngineLoop.erase`).
+        Not for learners this process never loaded (a CLI's) nor while they follow the leader's log.
         """
         if self.loaded_marker is None or self.following:
             return
@@ -949,13 +959,28 @@ class LearnerSubscriber:
         # filled the kept ones with copies of one state and compaction dropped the rollback points.
         self.snapshot(conn, now_ms=wall_ms(), same_position=True)
 
+    def erasure_unmet(self, conn: Connection) -> bool:
+        """Whether another process recorded an erasure these learners have not met.
+
+        A process that does not lead asks before it applies more of the log
+        (:meth:`~cadence.engine.loop.EngineLoop.follow_in_memory`), and is loaded again if so: it may
+        be behind the position where the leader's learners forgot the customers (a poll behind), and
+        nothing stored says which position that was; the newest snapshot, taken by the erasing process
+        in the erasure's transaction (:meth:`erasure_done`), is there.
+        """
+        return _erasure_mark(conn) != self._erasures
+
     def _forget_erased(self, conn: Connection) -> int:
         """Forget the customers erased by another process since this one last looked; how many.
 
         An erasure in another process (``cadence customers erase`` beside a running server, another
         worker) scrubs the stored snapshots but not these learners, which would write the
-        customer's statistics into their next snapshot. So before writing one, a learner that sees
-        an erasure it has not met forgets every customer it knows who is no longer stored.
+        customer's statistics into their next snapshot, and learn the labels of the customer's
+        pending decisions as they fall due, which the erasing process's learners never learn. So
+        before each batch and before writing a snapshot, a learner that sees an erasure it has not
+        met forgets every customer it knows who is no longer stored. Until session 26 only before
+        a snapshot (a follower's: never), and once time passed the two workers of ``serve --workers
+        2`` valued nearly every option differently until a restart (a reproduction: 178 of 199).
         """
         mark = _erasure_mark(conn)
         if mark == self._erasures:

@@ -219,6 +219,10 @@ class Subscriber(Protocol):
     # Optional: ``erasure_done(conn)`` is called once an erasure told ``erased`` of each of its
     # customers (several when merges joined them), in the same transaction.
 
+    # Optional, for ``in_memory`` subscribers: ``erasure_unmet(conn)`` says whether another process
+    # recorded an erasure they have not met; a process that does not lead then loads them again
+    # (``start``) before it follows the log further (see EngineLoop.follow_in_memory).
+
     # Optional, for ``in_memory`` subscribers: ``snapshot_owed()`` says (from memory, cheaply)
     # whether their state should be stored now; the loop asks after each batch it committed and
     # while the log is idle, and then calls ``write_snapshot(engine, prepare_snapshot(engine),
@@ -711,8 +715,15 @@ class EngineLoop:
             yield
 
     def erase(self, conn: Connection, customer_ids: Sequence[int]) -> None:
-        """Tell every subscriber that these customers are being erased (in ``conn``'s transaction)."""
+        """Tell every subscriber that these customers are being erased (in ``conn``'s transaction).
+
+        In a process that does not lead, the in-memory subscribers (the learners) first apply the log
+        as far as the leader has: the caller holds the batches' lock, so that is where the leader's
+        learners stand, and where every process's learners forget the customers (those of the other
+        processes before their next batch: ``LearnerSubscriber.apply``).
+        """
         with self._lock:
+            self._follow_if_following()
             self._ahead = None  # its events and customers may be the erased ones
             for cid in customer_ids:
                 for sub in self.subscribers:
@@ -893,6 +904,10 @@ class EngineLoop:
                 cached = self.positions()
                 low = min(cached[s.name] for s in memory)
                 with read_connection(self.engine) as conn, conn.begin():
+                    if any(s.erasure_unmet(conn) for s in memory if hasattr(s, "erasure_unmet")):
+                        # Another process's erasure: the newest snapshot and the log after it.
+                        self._positions = None
+                        continue
                     upto = self._stored_applied(conn)
                     if low >= upto:
                         return total

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, or_, select
+from sqlalchemy import Engine, delete, func, insert, or_, select, update
 
 from cadence.clock import now_ms
 from cadence.connectors.base import AUDIENCE_TARGET_KEYS, Connector
@@ -139,6 +139,19 @@ def erase_customer(
         now = now_ms()
         # Before the traits and sends go: what the ad platforms need to take the customer out.
         removals = _remote_removals(conn, runtime, cid, members, now)
+        # Recorded before the subscribers are told (its counts after): the learners' snapshot in
+        # the erasure's transaction then counts it as met, and this process's learners are not
+        # loaded again for an erasure of their own (LearnerSubscriber.erasure_unmet).
+        erasure_id = conn.execute(
+            insert(erasures).values(
+                requested_ms=now,
+                requested_by=requested_by,
+                customer_ids_to=ids_to,
+                events_removed=0,
+                identities_removed=0,
+                audience_removals_queued=0,
+            )
+        ).inserted_primary_key[0]
         loop.erase(conn, members)
         removed = conn.execute(delete(events).where(_event_filter(ids))).rowcount
         n_ids = conn.execute(delete(identities).where(identities.c.customer_id.in_(members))).rowcount
@@ -153,11 +166,7 @@ def erase_customer(
             "identities_removed": int(n_ids),
             "audience_removals_queued": len(removals),
         }
-        erasure_id = conn.execute(
-            insert(erasures).values(
-                requested_ms=now, requested_by=requested_by, customer_ids_to=ids_to, **counts
-            )
-        ).inserted_primary_key[0]
+        conn.execute(update(erasures).where(erasures.c.id == erasure_id).values(**counts))
         if removals:
             conn.execute(insert(audience_removals), [{**r, "erasure_id": erasure_id} for r in removals])
     return counts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -145,4 +146,122 @@ def test_a_worker_learns_the_labels_of_another_workers_deferred_sends_when_they_
         mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
         theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
     assert mine["labels"] == 16 and not mine["pending"]
+    assert theirs == mine
+
+
+#: A campaign sent when asked for, at once: the labels fall due at known times (no slot is drawn).
+NOW_RULES = """
+settings {
+    timezone  "UTC"
+}
+
+campaign now "Sent when asked for" {
+    trigger   on "Now"
+    send      template "now"
+    channel   best of [email, push]
+}
+"""
+
+
+def decided_now(run: Run, users: list[str], at: datetime) -> None:
+    """A send to each of ``users`` at ``at``; every other one clicked 20 minutes later."""
+    for i, user in enumerate(users):
+        answer = run.post(
+            "/v1/decisions",
+            {"customer_id": user, "at": iso(at), "mode": "commit", "event": {"event": "Now"}},
+        )
+        assert answer["action"] == "send" and answer["send_at"] == iso(at), answer
+        if i % 2:
+            run.feedback({"userId": user}, answer, "Message Clicked", timedelta(minutes=20))
+    run.flush()
+
+
+def test_a_worker_forgets_a_customer_another_worker_erased_where_that_worker_did(
+    db_engine: Engine, tmp_path: Path
+) -> None:
+    """An erasure made by one worker: the other worker's learners must not learn the erased customer's
+    labels that fall due after it, which the erasing worker's learners (and a restart) never learn.
+
+    The erasing process forgot the customer at once and snapshotted; another process forgot them only
+    before writing its own next snapshot (a follower: never), so when time passed the erased
+    customer's pending sends were learned as silences there alone, and every option's value differed
+    between the two workers of ``serve --workers 2`` until a restart (a reproduction with erasures and
+    time passing after them: 178 of 199 options)."""
+    url = db_engine.url.render_as_string(hide_password=False)
+    (tmp_path / "now.cadence").write_text(NOW_RULES)
+    with in_process_api(url, rules=tmp_path) as first, in_process_api(url, rules=tmp_path) as second:
+        erasing, other = Run(first), Run(second)
+        for run in (erasing, other):
+            learners_of(run.api.client.app).others_every = 0  # type: ignore[attr-defined]  # look at every batch
+        users = [f"u{i}" for i in range(4)]
+        for user in users:
+            erasing.post(
+                "/v1/identify", {"userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)}
+            )
+        at = DAY0 + timedelta(hours=9)
+        decided_now(erasing, users, at)
+        other.api.sync()
+        r = first.client.delete("/v1/customers/u0", headers=first.headers)
+        assert r.status_code == 200, r.text
+        # Time passes: the sends' labels fall due, the erased customer's among them.
+        erasing.batch.append(
+            {
+                "type": "track",
+                "userId": "clock",
+                "event": "Page Viewed",
+                "timestamp": iso(at + timedelta(days=4)),
+            }
+        )
+        erasing.flush()
+        other.api.sync()
+        mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
+        theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
+        with in_process_api(url, rules=tmp_path) as restarted:
+            restarted.sync()
+            after = knowledge(learners_of(restarted.client.app).learner)  # type: ignore[attr-defined]
+    # Two labels for each of the others' sends, none for the erased customer's.
+    assert not mine["pending"] and mine["labels"] == 6
+    assert theirs == mine
+    assert after == mine
+
+
+def test_a_follower_behind_the_leader_when_it_erased_knows_what_the_leader_knows(
+    db_engine: Engine, tmp_path: Path
+) -> None:
+    """A worker that does not lead follows the leader's log a poll behind. Forgetting an erased customer
+    where it stood when it met the erasure, it would not learn the customer's labels the leader
+    learned before the erasure: it loads the erasing process's snapshot instead, taken where the
+    leader's learners forgot the customer, and follows the log from there."""
+    url = db_engine.url.render_as_string(hide_password=False)
+    (tmp_path / "now.cadence").write_text(NOW_RULES)
+    with in_process_api(url, rules=tmp_path) as first, in_process_api(url, rules=tmp_path) as second:
+        leader = Run(first)
+        follower: Any = second.client.app.state.engine_loop  # type: ignore[attr-defined]
+        for app in (first.client.app, second.client.app):
+            learners_of(app).others_every = 0  # type: ignore[attr-defined]  # look at every batch
+        users = [f"u{i}" for i in range(4)]
+        for user in users:
+            leader.post(
+                "/v1/identify", {"userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)}
+            )
+        at = DAY0 + timedelta(hours=9)
+        decided_now(leader, users, at)
+        follower.follow_in_memory()
+        # The leader learns every send's labels, the erased customer's among them, then erases them;
+        # the follower has not looked since.
+        leader.batch.append(
+            {
+                "type": "track",
+                "userId": "clock",
+                "event": "Page Viewed",
+                "timestamp": iso(at + timedelta(days=4)),
+            }
+        )
+        leader.flush()
+        r = first.client.delete("/v1/customers/u0", headers=first.headers)
+        assert r.status_code == 200, r.text
+        follower.follow_in_memory()
+        mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
+        theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
+    assert not mine["pending"] and mine["labels"] == 8  # the erased customer's learned before the erasure
     assert theirs == mine
