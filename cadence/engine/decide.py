@@ -216,6 +216,20 @@ def _cap_key(cap: Cap, campaign: Campaign, channel: str) -> tuple[str, ...] | No
     return ("all",)
 
 
+def _recent_load(history: Sequence[PastSend], now_ms: int) -> str:
+    """The customer's messages in the 7 days before ``now_ms``, said after an option not worth sending.
+
+    The learners' risk of an unsubscribe and their fatigue rise with that load, and a reader of
+    "best expected value <= 0" could not tell that it was the customer's recent messages (an
+    outside check: a whole audience held back for a week after two sends each).
+
+    >>> _recent_load([PastSend(ts_ms=-DAY_MS, campaign="c", channel="email")], 0), _recent_load([], 0)
+    ('; 1 message in the last 7 days', '')
+    """
+    n = sum(1 for h in history if now_ms - 7 * DAY_MS <= h.ts_ms < now_ms)
+    return "" if n == 0 else f"; {n} message{'s' if n != 1 else ''} in the last 7 days"
+
+
 def _index_history(history: Sequence[PastSend]) -> dict[tuple[str, ...], list[int]]:
     """The send times of ``history`` under every key :func:`_cap_key` can ask for, sorted."""
     out: dict[tuple[str, ...], list[int]] = {("all",): []}
@@ -878,14 +892,18 @@ def decide(
     )
     if scorer is not None:
         worth = [c for c in contenders if c.score > 0]
+        load = None
         for c in contenders:
             if c.score <= 0:
+                if load is None:
+                    load = _recent_load(history, now_ms)
                 suppressions.append(
                     _suppression(
                         c.campaign,
                         "score",
                         f"best expected value {c.score if c.mean is None else c.mean:.4f} <= 0 "
-                        f"(expected engagement {c.engagement:.1%}, unsubscribe risk {c.unsubscribe:.2%})",
+                        f"(expected engagement {c.engagement:.1%}, unsubscribe risk {c.unsubscribe:.2%}"
+                        f"{load})",
                         c.channel,
                     )
                 )

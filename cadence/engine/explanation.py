@@ -65,13 +65,16 @@ def _common(s: Suppression) -> str:
 
     >>> _common(Suppression("c", "score", "best expected value -0.0030 <= 0 (expected engagement 4.1%, unsubscribe risk 0.20%)"))
     'best expected value <= 0'
+    >>> _common(Suppression("c", "score", "best expected value -0.0030 <= 0 (expected engagement 4.1%, unsubscribe risk 0.20%; 2 messages in the last 7 days)"))
+    'best expected value <= 0 (2 messages in the last 7 days)'
     >>> _common(Suppression("c", "priority", "tie on priority 1; v scored higher (0.0263 > 0.0110)"))
     'tie on priority 1; v scored higher'
     >>> _common(Suppression("c", "cap", "campaign cap 1 per 7d reached", "sms"))
     'campaign cap 1 per 7d reached'
     """
     if s.reason == "score":
-        return "best expected value <= 0"
+        _numbers, load, last = s.detail.rpartition("; ")
+        return f"best expected value <= 0 ({last}" if load else "best expected value <= 0"
     if s.reason == "priority" and " scored higher (" in s.detail:
         return s.detail.partition(" (")[0]
     return s.detail

@@ -488,6 +488,24 @@ def test_a_held_back_campaign_says_its_chances_in_percent() -> None:
     assert (
         held.detail == "best expected value -0.1345 <= 0 (expected engagement 0.7%, unsubscribe risk 1.42%)"
     )
+    # The customer's recent messages are said: the learners' fatigue and risk rise with them, and
+    # an outside check's whole audience, held back for a week after two sends each, read the same
+    # bare "best expected value <= 0" everywhere. A send 8 days back and one still queued do not count.
+    history = [
+        PastSend(ts_ms=NOW - 8 * DAY_MS, campaign="c", channel="email"),
+        PastSend(ts_ms=NOW - 2 * DAY_MS, campaign="c", channel="email"),
+        PastSend(ts_ms=NOW - 6 * DAY_MS, campaign="x", channel="sms"),
+        PastSend(ts_ms=NOW + HOUR_MS, campaign="x", channel="sms"),
+    ]
+    both = run(rules(camp("c"), camp("d")), scorer=Low(), history=history)
+    details = {s.campaign: s.detail for s in both.suppressions if s.reason == "score"}
+    assert details["c"].endswith("unsubscribe risk 1.42%; 2 messages in the last 7 days)")
+    from cadence.engine.explanation import summarise
+
+    assert summarise(both, zone="UTC").endswith(
+        "c, d: best expected value -0.1345 <= 0 (expected engagement 0.7%, unsubscribe risk 1.42%; "
+        "2 messages in the last 7 days)."
+    )
 
 
 class ArmValues:
