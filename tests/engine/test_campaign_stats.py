@@ -1,0 +1,61 @@
+"""The campaigns page's counts: messages sent are known from sent or delivered reports (both databases)."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from cadence.api.ui_pages import campaigns_page
+from cadence.engine.campaign_stats import campaign_stats
+from cadence.engine.loop import EngineLoop
+from cadence.runtime import Runtime
+from tests.engine.test_loop import ingest
+
+DAY = date(2026, 10, 20)
+DAY_NO = (DAY - date(1970, 1, 1)).days
+
+
+def feedback(n: int, event: str, campaign: str, channel: str, hour: int = 10) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": f"u{n % 5}",
+        "event": event,
+        "messageId": f"m{n}",
+        "timestamp": f"{DAY.isoformat()}T{hour:02d}:00:00Z",
+        "properties": {"campaign": campaign, "channel": channel, "decision_id": f"d{n}"},
+    }
+
+
+def test_sent_is_known_from_deliveries_when_no_sent_report_came(runtime: Runtime) -> None:
+    """An app that reports deliveries only (as ``simulate --via-api`` does) read "Sent 0" and no open
+    or click rate beside thousands of deliveries and clicks (an outside check). A delivered message
+    was sent: the larger of the two reports counts, per day, campaign and channel, never their sum."""
+    calls = [feedback(n, "Message Delivered", "daily", "push") for n in range(8)]
+    calls += [feedback(100 + n, "Push Notification Tapped", "daily", "push") for n in range(2)]
+    calls += [feedback(200 + n, "Message Sent", "promo", "email") for n in range(5)]
+    calls += [feedback(300 + n, "Email Delivered", "promo", "email") for n in range(4)]
+    calls += [feedback(400 + n, "Email Opened", "promo", "email") for n in range(2)]
+    # The next day, a provider that reports more sends than deliveries, and one only deliveries.
+    calls += [
+        {**feedback(500 + n, "Message Sent", "daily", "push"), "timestamp": "2026-10-21T09:00:00Z"}
+        for n in range(3)
+    ]
+    calls += [
+        {**feedback(600 + n, "Message Delivered", "daily", "push"), "timestamp": "2026-10-21T09:00:00Z"}
+        for n in range(1)
+    ]
+    ingest(runtime, *calls)
+    EngineLoop(runtime).catch_up()
+    with runtime.engine.connect() as conn:
+        stats = campaign_stats(conn, since_day=DAY_NO, until_day=DAY_NO + 1)
+    assert stats.totals[("daily", "push")]["sent"] == 8 + 3  # 8 delivered on day one, 3 sent on day two
+    assert stats.totals[("daily", "push")]["delivered"] == 9
+    assert stats.totals[("promo", "email")]["sent"] == 5
+    assert stats.daily["sent"] == {DAY_NO: 13, DAY_NO + 1: 3}
+    assert stats.sent_by_campaign["daily"] == {DAY_NO: 8, DAY_NO + 1: 3}
+    page = campaigns_page(runtime, since=DAY, until=date(2026, 10, 21))
+    rows = {(r["campaign"], r["channel"]): r for r in page["rows"]}
+    assert rows[("daily", "push")]["counts"]["sent"] == 11
+    assert rows[("daily", "push")]["click_rate"] == 2 / 11
+    assert rows[("promo", "email")]["open_rate"] == 2 / 5
+    assert page["channel_totals"]["push"]["sent"] == 11
