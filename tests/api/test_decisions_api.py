@@ -139,8 +139,11 @@ def test_an_immediate_send_is_never_shown_before_its_at(
     """``send_at`` was cut to the second: an immediate send due at ``at`` = 10:20:00.250 read
     10:20:00, a quarter of a second before the decision (an outside check)."""
     client, keys, app = setup
-    app.state.ruleset = RULES  # type: ignore[attr-defined]
     at = "2026-03-05T10:20:00.250+01:00"
+    # The campaign ends within the hour: the immediate send is its one send time.
+    ends = int(datetime.fromisoformat("2026-03-05T10:50:00+01:00").timestamp() * 1000)
+    winback = replace(RULES.campaigns["winback"], ends_ms=ends)
+    app.state.ruleset = replace(RULES, campaigns={**RULES.campaigns, "winback": winback})  # type: ignore[attr-defined]
     body = {"customer_id": "u1", "at": at, "mode": "commit"}
     got = client.post("/v1/decisions", json=body, headers=keys["decide"]).json()  # type: ignore[arg-type]
     assert got["action"] == "send" and got["send_at"] == got["decided_at"] == at
