@@ -853,8 +853,10 @@ class EngineLoop:
         next batch or idle poll tries again)."""
         try:
             self.snapshot_in_memory(owed_only=True)
-        except Exception:  # noqa: BLE001 - the loop must go on; the next idle poll tries again
-            log.exception("engine loop: a learner snapshot owed while idle failed")
+        except Exception:  # noqa: BLE001 - the loop must go on; the next batch or idle poll tries again
+            log.exception(
+                "engine loop: a learner snapshot it owed failed (tried again after the next batch or idle poll)"
+            )
 
     def _failed(self, exc: Exception, poll: float) -> None:
         """Note a failed batch: the traceback the first time (or when the error changes), then one line
