@@ -45,15 +45,7 @@ def test_a_worker_learns_the_silences_of_the_sends_another_worker_committed(db_e
                         committing.feedback(
                             {"userId": user}, answer, "Message Clicked", timedelta(minutes=20)
                         )
-            committing.batch.append(
-                {
-                    "type": "track",
-                    "userId": "clock",
-                    "event": "Page Viewed",
-                    "timestamp": iso(at + timedelta(hours=20)),
-                }
-            )
-            committing.flush()
+            tick(committing, at + timedelta(hours=20))
             other.api.sync()
         mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
         theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
@@ -97,10 +89,7 @@ def test_a_worker_learns_the_labels_of_another_workers_deferred_sends_when_they_
                 {"type": "identify", "userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)}
             )
         evening = DAY0 + timedelta(hours=18)
-        committing.batch.append(
-            {"type": "track", "userId": "clock", "event": "Page Viewed", "timestamp": iso(evening)}
-        )
-        committing.flush()
+        tick(committing, evening)
         other.api.sync()
         # Four sent at once (18:00 to 20:00), four decided in the quiet night (22:30 to 00:30).
         minutes = [0, 40, 80, 120, 270, 310, 350, 390]
@@ -133,15 +122,7 @@ def test_a_worker_learns_the_labels_of_another_workers_deferred_sends_when_they_
         assert {k: v for k, v in theirs.items() if k != "pending"} == {
             k: v for k, v in mine.items() if k != "pending"
         }
-        committing.batch.append(
-            {
-                "type": "track",
-                "userId": "clock",
-                "event": "Page Viewed",
-                "timestamp": iso(DAY0 + timedelta(days=4)),
-            }
-        )
-        committing.flush()
+        tick(committing, DAY0 + timedelta(days=4))
         other.api.sync()
         mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
         theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
@@ -161,6 +142,12 @@ campaign now "Sent when asked for" {
     channel   best of [email, push]
 }
 """
+
+
+def tick(run: Run, at: datetime) -> None:
+    """Move the log's clock to ``at``: an event of nobody's, whose time lets labels fall due."""
+    run.batch.append({"type": "track", "userId": "clock", "event": "Page Viewed", "timestamp": iso(at)})
+    run.flush()
 
 
 def decided_now(run: Run, users: list[str], at: datetime) -> None:
@@ -204,15 +191,7 @@ def test_a_worker_forgets_a_customer_another_worker_erased_where_that_worker_did
         r = first.client.delete("/v1/customers/u0", headers=first.headers)
         assert r.status_code == 200, r.text
         # Time passes: the sends' labels fall due, the erased customer's among them.
-        erasing.batch.append(
-            {
-                "type": "track",
-                "userId": "clock",
-                "event": "Page Viewed",
-                "timestamp": iso(at + timedelta(days=4)),
-            }
-        )
-        erasing.flush()
+        tick(erasing, at + timedelta(days=4))
         other.api.sync()
         mine = knowledge(learners_of(first.client.app).learner)  # type: ignore[attr-defined]
         theirs = knowledge(learners_of(second.client.app).learner)  # type: ignore[attr-defined]
@@ -249,15 +228,7 @@ def test_a_follower_behind_the_leader_when_it_erased_knows_what_the_leader_knows
         follower.follow_in_memory()
         # The leader learns every send's labels, the erased customer's among them, then erases them;
         # the follower has not looked since.
-        leader.batch.append(
-            {
-                "type": "track",
-                "userId": "clock",
-                "event": "Page Viewed",
-                "timestamp": iso(at + timedelta(days=4)),
-            }
-        )
-        leader.flush()
+        tick(leader, at + timedelta(days=4))
         r = first.client.delete("/v1/customers/u0", headers=first.headers)
         assert r.status_code == 200, r.text
         follower.follow_in_memory()
