@@ -64,6 +64,7 @@ from cadence.clock import Clock
 from cadence.connectors.base import Connector, InDoubt, OutgoingMessage, SendResult
 from cadence.connectors.dispatch_rules import Held, RulesCheck, history_horizon_ms
 from cadence.engine.campaign import CompiledRuleset
+from cadence.engine.campaign_stats import count_dispatched
 from cadence.engine.consent import consent_allows
 from cadence.engine.events import NewEvent
 from cadence.engine.identity import canonical_of
@@ -470,6 +471,7 @@ _RECORD_SQLITE = (
     " last_error = json_extract(v.value, '$.err'), next_attempt_ms = json_extract(v.value, '$.nxt'),"
     " attempts = attempts - json_extract(v.value, '$.refund'), updated_ms = ?"
     " FROM json_each(?) AS v WHERE sends.id = json_extract(v.value, '$.sid') AND +sends.status = 'sending'"
+    " RETURNING sends.status, sends.campaign, sends.channel"
 )
 
 
@@ -1185,16 +1187,19 @@ class Dispatcher:
             # SQL compiler costs more than the database work.
             if conn.dialect.name == "postgresql":
                 # The outcomes as one JSON document: cheaper to build than typed arrays.
-                conn.exec_driver_sql(
+                marked = conn.exec_driver_sql(
                     "UPDATE sends SET status = v.st, provider_message_id = v.pmid, last_error = v.err, "
                     "next_attempt_ms = v.nxt, attempts = sends.attempts - v.refund, updated_ms = %s "
                     "FROM jsonb_to_recordset(%s::jsonb) "
                     "AS v(sid bigint, st text, pmid text, err text, nxt bigint, refund int) "
-                    "WHERE sends.id = v.sid AND sends.status = 'sending'",
+                    "WHERE sends.id = v.sid AND sends.status = 'sending' "
+                    "RETURNING sends.status, sends.campaign, sends.channel",
                     (now, orjson.dumps(params).decode()),
                 )
             else:
-                conn.exec_driver_sql(_RECORD_SQLITE, (now, orjson.dumps(params).decode()))
+                marked = conn.exec_driver_sql(_RECORD_SQLITE, (now, orjson.dumps(params).decode()))
+            # The campaigns page's count of messages sent, from the rows this transaction marked.
+            count_dispatched(conn, now, [(c, ch) for st, c, ch in marked if st == "sent"])
             if opt_outs:
                 append_events(
                     conn, [_opt_out_event(m, now, _anonymous_id(conn, m.customer_id)) for m in opt_outs]
@@ -1557,11 +1562,14 @@ class Dispatcher:
                     }
                 else:
                     values = {"status": "failed", "last_error": in_doubt_error(verdict.reason)}
-                conn.execute(
+                marked = conn.execute(
                     update(sends)
                     .where(sends.c.id == send_id, sends.c.status == "sending", sends.c.updated_ms == stamp)
                     .values(updated_ms=now, **values)
-                )
+                    .returning(sends.c.campaign, sends.c.channel)
+                ).all()
+                if values["status"] == "sent":
+                    count_dispatched(conn, now, [(c, ch) for c, ch in marked])
 
 
 #: ``last_error`` of a send dead-lettered because it was in doubt after a crash starts with this.

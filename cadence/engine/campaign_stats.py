@@ -3,7 +3,7 @@
 :class:`CampaignStatsSubscriber` counts every feedback event (``Message Sent``,
 ``Email Opened``, ``Unsubscribed``, ... see :data:`cadence.channels.FEEDBACK_EVENTS`)
 by UTC day, ``properties.campaign`` and channel into ``campaign_daily`` (a count
-column per kind).
+column per kind); the dispatcher adds the messages it sent (:func:`count_dispatched`).
 :func:`campaign_stats` reads those counts back for a date range, and
 :func:`queue_outcomes` counts the send queue's rows that did not go out (suppressed at
 dispatch, failed, expired, still queued), by campaign and channel: the sent rows,
@@ -12,7 +12,8 @@ which are the bulk of the queue, are never read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,14 @@ from cadence.store.fast import dialect_sql, execute_many
 from cadence.store.schema.dashboard import FEEDBACK_KINDS
 from cadence.store.schema.sends import UNSENT_WHERE
 
-__all__ = ["KINDS", "CampaignStats", "CampaignStatsSubscriber", "campaign_stats", "queue_outcomes"]
+__all__ = [
+    "KINDS",
+    "CampaignStats",
+    "CampaignStatsSubscriber",
+    "campaign_stats",
+    "count_dispatched",
+    "queue_outcomes",
+]
 
 DAY_MS = 86_400_000
 #: Feedback kinds, one count column each.
@@ -113,11 +121,32 @@ class CampaignStats:
         return out
 
 
-#: Messages known to have gone out, per day, campaign and channel: the ``Message Sent`` reports, or
-#: the deliveries when more were reported (a message delivered was sent). Many apps and providers
-#: report deliveries only (cadence's own ``simulate --via-api`` does): counting the sent reports
-#: alone showed "Sent 0" and no rates beside thousands of deliveries and clicks (an outside check).
-_SENT = "CASE WHEN delivered > sent THEN delivered ELSE sent END"
+#: Messages known to have gone out, per day, campaign and channel: the largest of the ``Message Sent``
+#: reports, the deliveries reported (a message delivered was sent) and the messages cadence's
+#: dispatcher handed to a connector (``dispatched``). Many apps and providers report deliveries
+#: only (cadence's own ``simulate --via-api`` does), and the dry-run outbox reports nothing:
+#: counting the sent reports alone showed "Sent 0" and no rates beside thousands of deliveries and
+#: clicks (an outside check). The largest, not the sum: the reports are mostly of the same messages.
+_SENT = (
+    "CASE WHEN dispatched >= sent AND dispatched >= delivered THEN dispatched "
+    "WHEN delivered > sent THEN delivered ELSE sent END"
+)
+
+_UPSERT_DISPATCHED = (
+    f"INSERT INTO campaign_daily (day, campaign, channel, {', '.join(KINDS)}, dispatched) "
+    f"VALUES (?, ?, ?, {', '.join('0' for _ in KINDS)}, ?) ON CONFLICT (day, campaign, channel) "
+    "DO UPDATE SET dispatched = campaign_daily.dispatched + excluded.dispatched"
+)
+
+
+def count_dispatched(conn: Connection, now_ms: int, sent: Iterable[tuple[str, str]]) -> None:
+    """Count the messages the dispatcher recorded as sent at ``now_ms``, each a (campaign, channel).
+
+    Called in the transaction that records them, so a count is never lost nor doubled.
+    """
+    counts = Counter((campaign[:200], channel[:32]) for campaign, channel in sent)
+    day = now_ms // DAY_MS
+    execute_many(conn, _UPSERT_DISPATCHED, [(day, c, ch, n) for (c, ch), n in sorted(counts.items())])
 
 
 def campaign_stats(

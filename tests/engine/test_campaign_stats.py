@@ -1,14 +1,19 @@
-"""The campaigns page's counts: messages sent are known from sent or delivered reports (both databases)."""
+"""The campaigns page's counts: messages sent are known from sent or delivered reports, or from the dispatcher (both databases)."""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
 from cadence.api.ui_pages import campaigns_page
+from cadence.clock import FixedClock
+from cadence.connectors.delivery import Dispatcher
+from cadence.connectors.outbox import Outbox
 from cadence.engine.campaign_stats import campaign_stats
 from cadence.engine.loop import EngineLoop
+from cadence.engine.sendqueue import enqueue_send
 from cadence.runtime import Runtime
+from tests.connectors.test_dispatcher import seed
 from tests.engine.test_loop import ingest
 
 DAY = date(2026, 10, 20)
@@ -59,3 +64,36 @@ def test_sent_is_known_from_deliveries_when_no_sent_report_came(runtime: Runtime
     assert rows[("daily", "push")]["click_rate"] == 2 / 11
     assert rows[("promo", "email")]["open_rate"] == 2 / 5
     assert page["channel_totals"]["push"]["sent"] == 11
+
+
+async def test_messages_the_dispatcher_sent_count_as_sent_with_no_report(runtime: Runtime) -> None:
+    """The dry-run outbox (a fresh install's connector) reports no ``Message Sent`` and no delivery:
+    its campaigns read "Sent 0" and no rates beside the queue's sent rows. Each message a connector
+    took now counts as sent on the day the dispatcher recorded it; a report of the same messages
+    does not add to it, a failed send does not count."""
+    clock = FixedClock(int(datetime(2026, 10, 20, 9, tzinfo=UTC).timestamp() * 1000))
+    ids = seed(runtime.engine, 4)
+    with runtime.engine.begin() as conn:
+        for c in ids:
+            enqueue_send(
+                conn, key=f"spring:{c}", campaign="spring", customer_id=c, channel="push", due_ms=0, now_ms=0
+            )
+        # One more the dispatcher cannot send: no connector offers the channel.
+        enqueue_send(conn, key="x", campaign="spring", customer_id=ids[0], channel="fax", due_ms=0, now_ms=0)
+    outbox = Outbox(engine=runtime.engine)
+    report = await Dispatcher(
+        engine=runtime.engine, route=lambda ch, _was=None: outbox if ch == "push" else None, clock=clock
+    ).drain()
+    assert report.sent == 4
+    # The app reports two of them delivered, and a tap.
+    ingest(runtime, *(feedback(n, "Message Delivered", "spring", "push") for n in range(2)))
+    ingest(runtime, feedback(9, "Push Notification Tapped", "spring", "push"))
+    EngineLoop(runtime).catch_up()
+    with runtime.engine.connect() as conn:
+        stats = campaign_stats(conn, since_day=DAY_NO, until_day=DAY_NO)
+    assert stats.totals[("spring", "push")]["sent"] == 4
+    assert stats.totals[("spring", "push")]["delivered"] == 2
+    assert ("spring", "fax") not in stats.totals
+    page = campaigns_page(runtime, since=DAY, until=DAY)
+    row = {(r["campaign"], r["channel"]): r for r in page["rows"]}[("spring", "push")]
+    assert row["counts"]["sent"] == 4 and row["click_rate"] == 1 / 4

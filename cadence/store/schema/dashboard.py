@@ -3,14 +3,15 @@
 ``campaign_daily`` is kept by :class:`~cadence.engine.campaign_stats.CampaignStatsSubscriber`
 in the engine loop: one row per UTC day, campaign and channel with a count per feedback
 kind (``sent``, ``delivered``, ``opened``, ``clicked``, ``bounced``, ``failed``,
-``unsubscribed``, ``spam_report``, ``converted``), so the campaigns page reads a few
+``unsubscribed``, ``spam_report``, ``converted``), and the messages cadence's dispatcher sent
+(``dispatched``, counted by the dispatcher as it records them), so the campaigns page reads a few
 rows per campaign and day instead of the event log. ``ui_secrets`` holds the key that signs session cookies when
 the settings give none.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text, text
 
 from cadence.store.schema.base import metadata
 from cadence.store.schema.core import customers
@@ -40,6 +41,9 @@ campaign_daily = Table(
     Column("channel", String(32), primary_key=True),
     # One count per feedback kind (cadence.channels.Feedback), so a day is one row per campaign.
     *(Column(kind, BigInteger, nullable=False, default=0) for kind in FEEDBACK_KINDS),
+    # Messages cadence's dispatcher handed to a connector that took them (the outbox included),
+    # by the UTC day it did: written with the send's outcome, not by the engine loop.
+    Column("dispatched", BigInteger, nullable=False, server_default=text("0")),
     sqlite_with_rowid=False,  # clustered on the key: a range of days is one sequential read
 )
 
