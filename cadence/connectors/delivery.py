@@ -1198,12 +1198,14 @@ class Dispatcher:
                 )
             else:
                 marked = conn.exec_driver_sql(_RECORD_SQLITE, (now, orjson.dumps(params).decode()))
-            # The campaigns page's count of messages sent, from the rows this transaction marked.
-            count_dispatched(conn, now, [(c, ch) for st, c, ch in marked if st == "sent"])
+            sent = [(c, ch) for st, c, ch in marked if st == "sent"]
             if opt_outs:
                 append_events(
                     conn, [_opt_out_event(m, now, _anonymous_id(conn, m.customer_id)) for m in opt_outs]
                 )
+            # The campaigns page's count of messages sent, from the rows this transaction marked;
+            # last, so the counters the engine loop also adds to are held until the commit only.
+            count_dispatched(conn, now, sent)
         for o in outcomes:
             self._row_attempts.pop(o.send_id, None)
 

@@ -22,6 +22,7 @@ down_revision = "arms_0001"
 branch_labels = None
 depends_on = None
 
+#: campaign_daily's count columns at this revision (a migration does not follow the schema module).
 _KINDS = (
     "sent",
     "delivered",
