@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, func, insert, select, text, update
 
 from cadence.clock import FixedClock
 from cadence.connectors.delivery import Dispatcher, DispatchReport, InDoubtReport
@@ -96,6 +96,12 @@ def enqueue(engine: Engine, ids: list[int], channel: str = "email", template: st
                 template=template,
                 decision_id=f"dec-{c}",
             )
+
+
+def dispatched(engine: Engine) -> int:
+    """The messages the campaigns page counts as sent by the dispatcher (every day, campaign and channel)."""
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT COALESCE(SUM(dispatched), 0) FROM campaign_daily")).scalar_one())
 
 
 def statuses(engine: Engine) -> dict[str, int]:
@@ -243,6 +249,7 @@ async def test_restart_mid_push_delivers_everything_exactly_once(
     await second.drain()
     assert statuses(sqlite_engine) == {"sent": 3000}
     assert len(fake.delivered) == 3000 and set(fake.delivered.values()) == {1}
+    assert dispatched(sqlite_engine) == 3000  # each counted once, by the transaction that recorded it
 
 
 async def test_rows_left_sending_by_a_crash_are_settled_without_duplicates(
@@ -303,8 +310,12 @@ async def test_in_doubt_sms_are_looked_up_at_twilio(
         conn.execute(
             update(sends).values(status="sending", connector="sms", updated_ms=1, provider_message_id=None)
         )
+        conn.execute(
+            text("UPDATE campaign_daily SET dispatched = 0")
+        )  # (its record, count included, never happened)
     dispatcher = Dispatcher(engine=db_engine, route=connectors.route)
     assert await dispatcher.recover_in_doubt() == InDoubtReport(requeued=2, confirmed_sent=1)
+    assert dispatched(db_engine) == 1  # the one Twilio had, confirmed
     lookups = [c for c in fake.calls_to("twilio") if c.method == "GET"]
     assert len(lookups) == 3
     await dispatcher.drain()
@@ -312,6 +323,7 @@ async def test_in_doubt_sms_are_looked_up_at_twilio(
     with db_engine.connect() as conn:
         assert conn.scalar(select(sends.c.provider_message_id).where(sends.c.customer_id == ids[0])) == sid
     assert set(fake.delivered.values()) == {1} and len(fake.delivered) == 3
+    assert dispatched(db_engine) == 3
 
 
 async def test_two_dispatchers_never_take_the_same_row(
