@@ -25,13 +25,8 @@ def test_a_worker_learns_the_silences_of_the_sends_another_worker_committed(db_e
     url = db_engine.url.render_as_string(hide_password=False)
     with in_process_api(url) as first, in_process_api(url) as second:
         committing, other = Run(first), Run(second)
-        for run in (committing, other):
-            learners_of(run.api.client.app).others_every = 0  # type: ignore[attr-defined]  # look at every batch
-        users = [f"u{i}" for i in range(6)]
-        for user in users:
-            committing.post(
-                "/v1/identify", {"userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)}
-            )
+        look_every_batch(first, second)
+        users = utc_customers(committing, 6)
         sent = 0
         for day in range(3):
             at = DAY0 + timedelta(days=day, hours=9)
@@ -144,6 +139,20 @@ campaign now "Sent when asked for" {
 """
 
 
+def look_every_batch(*apis: Any) -> None:
+    """Each process's learners look for the sends the others committed before every batch."""
+    for api in apis:
+        learners_of(api.client.app).others_every = 0
+
+
+def utc_customers(run: Run, n: int) -> list[str]:
+    """``n`` customers (``u0``, ``u1``, ...) identified in UTC on ``DAY0``; their user ids."""
+    users = [f"u{i}" for i in range(n)]
+    for user in users:
+        run.post("/v1/identify", {"userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)})
+    return users
+
+
 def tick(run: Run, at: datetime) -> None:
     """Move the log's clock to ``at``: an event of nobody's, whose time lets labels fall due."""
     run.batch.append({"type": "track", "userId": "clock", "event": "Page Viewed", "timestamp": iso(at)})
@@ -178,13 +187,8 @@ def test_a_worker_forgets_a_customer_another_worker_erased_where_that_worker_did
     (tmp_path / "now.cadence").write_text(NOW_RULES)
     with in_process_api(url, rules=tmp_path) as first, in_process_api(url, rules=tmp_path) as second:
         erasing, other = Run(first), Run(second)
-        for run in (erasing, other):
-            learners_of(run.api.client.app).others_every = 0  # type: ignore[attr-defined]  # look at every batch
-        users = [f"u{i}" for i in range(4)]
-        for user in users:
-            erasing.post(
-                "/v1/identify", {"userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)}
-            )
+        look_every_batch(first, second)
+        users = utc_customers(erasing, 4)
         at = DAY0 + timedelta(hours=9)
         decided_now(erasing, users, at)
         other.api.sync()
@@ -216,13 +220,8 @@ def test_a_follower_behind_the_leader_when_it_erased_knows_what_the_leader_knows
     with in_process_api(url, rules=tmp_path) as first, in_process_api(url, rules=tmp_path) as second:
         leader = Run(first)
         follower: Any = second.client.app.state.engine_loop  # type: ignore[attr-defined]
-        for app in (first.client.app, second.client.app):
-            learners_of(app).others_every = 0  # type: ignore[attr-defined]  # look at every batch
-        users = [f"u{i}" for i in range(4)]
-        for user in users:
-            leader.post(
-                "/v1/identify", {"userId": user, "traits": {"timezone": "UTC"}, "timestamp": iso(DAY0)}
-            )
+        look_every_batch(first, second)
+        users = utc_customers(leader, 4)
         at = DAY0 + timedelta(hours=9)
         decided_now(leader, users, at)
         follower.follow_in_memory()
