@@ -47,7 +47,7 @@ class LearnerSettings(BaseModel):
     a send is ``click_value * P(engagement) - unsubscribe_cost * P(unsubscribe)``. Values read
     only when deciding (``click_value``, ``unsubscribe_cost``, ``volume_optimism``) apply to the stored learner at the next start; a change to one
     that shapes what was learned (``horizon_hours``, ``label_delay_hours``,
-    ``engagement_events``) makes the learner learn again from the event log (docs/decisions.md).
+    ``engagement_events``, ``ignore_traits``) makes the learner learn again from the event log (docs/decisions.md).
     """
 
     model_config = {"extra": "forbid"}
@@ -72,6 +72,11 @@ class LearnerSettings(BaseModel):
         description="send when worth it with the customer's own effect this many sd up",
     )
 
+    ignore_traits: list[str] = Field(
+        default_factory=list,
+        description="trait names that are not features, besides those that identify a person (email, phone, ...)",
+    )
+
     @model_validator(mode="after")
     def _delay_inside_horizon(self) -> LearnerSettings:
         if self.label_delay_hours is not None and self.label_delay_hours >= self.horizon_hours:
@@ -86,7 +91,7 @@ class LearnerSettings(BaseModel):
         from dataclasses import replace
 
         from cadence.channels import Feedback
-        from cadence.engine.learners import HOUR_MS, LearnerConfig
+        from cadence.engine.learners import HOUR_MS, IDENTIFYING_TRAITS, LearnerConfig
 
         delay = self.label_delay_hours
         return replace(
@@ -97,6 +102,7 @@ class LearnerSettings(BaseModel):
             label_delay_ms=None if delay is None else round(delay * HOUR_MS),
             engagement_events=frozenset(Feedback(kind) for kind in self.engagement_events),
             volume_optimism=self.volume_optimism,
+            ignored_traits=IDENTIFYING_TRAITS | set(self.ignore_traits),
         )
 
 

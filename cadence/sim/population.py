@@ -5,7 +5,8 @@ time zone, a fatigue sensitivity (each recent message lowers the next one's clic
 chance) and per-channel unsubscribe propensities that grow with recent volume. The
 traits a marketer would see (age band, device, app installed, daily rhythm) are
 correlated with the hidden values, so a model can generalise across customers, but
-never determine them.
+never determine them. Their email address and phone number are traits too, as apps
+send them with identify; they tell nothing.
 
 Shapes (:data:`SHAPES`) change the mix, so results are not tuned to one world.
 """
@@ -146,6 +147,9 @@ def make_population(shape: PopulationShape | str, n: int, seed: int) -> list[Cus
                     "device": device,
                     "app": app,
                     "rhythm": rhythm,
+                    # Contact details, as apps identify customers: they say nothing about them.
+                    "email": f"customer{i}@example.test",
+                    **({"phone": f"+1555{i:07d}"} if phone else {}),
                 },
                 available=available,
                 affinity=affinity,

@@ -660,3 +660,81 @@ def test_hour_pool_values_an_hour_never_sent_at_at_the_level_the_sent_hours_took
         res = other.score_options(profile=newcomer, groups=[group], now_ms=midnight + 7 * HOUR_MS, seed=1)
         assert [float(x) for x in res.engagement] == list(p[True].values())
     assert lift[16] > 1.05 and lift[16] > max(lift[10], lift[22]), (p, lift)
+
+
+def _contact(customer: int, keys: tuple[str, ...]) -> dict[str, object]:
+    """Traits that name one person, as apps send them with identify."""
+    every = {
+        "email": f"c{customer}@example.test",
+        "phone": f"+1555{customer:07d}",
+        "created_at": f"2026-0{1 + customer % 9}-1{customer % 10}T08:00:00Z",
+        "crm_ref": f"{customer:08x}-4c57-9e61-1f0a2b3c4d5e",  # not a known name: its value's shape
+        "first_name": f"Name{customer}",  # known by its name only
+    }
+    return {k: every[k] for k in keys}
+
+
+SHAPED = ("email", "phone", "created_at", "crm_ref")
+
+
+@pytest.mark.parametrize(
+    ("ignored", "keys", "alike"),
+    [
+        (None, (*SHAPED, "first_name"), True),  # the default: by name and by the value's shape
+        (frozenset(), SHAPED, True),  # by the value's shape alone
+        (frozenset(), (*SHAPED, "first_name"), False),  # what is left when neither applies
+    ],
+)
+def test_contact_details_are_not_features(
+    ignored: frozenset[str] | None, keys: tuple[str, ...], alike: bool
+) -> None:
+    """Customers' devices decide their channel; their email, phone and ids say nothing about it.
+
+    Unique values hashed into trait buckets land on other traits' weights: two new customers
+    alike in everything but their contact details would be valued apart.
+    """
+    learner = DecisionLearner(LearnerConfig() if ignored is None else LearnerConfig(ignored_traits=ignored))
+    import random
+
+    rng = random.Random(3)
+    rates = {"mobile": {"sms": 0.3, "email": 0.02}, "desktop": {"email": 0.3, "sms": 0.02}}
+    for customer in range(400):
+        device = "mobile" if customer % 2 else "desktop"
+        traits = {"device": device, **_contact(customer, keys)}
+        at = NOW + customer * HOUR_MS
+        for ch in ("email", "sms"):
+            did = f"{customer}:{ch}"
+            learner.record_decision(
+                decision_id=did,
+                customer_id=customer,
+                traits=traits,
+                zone="UTC",
+                campaign="promo",
+                channel=ch,
+                send_at_ms=at,
+                arm=None,
+                now_ms=at,
+            )
+            if rng.random() < rates[device][ch]:
+                learner.observe(decision_id=did, kind=Feedback.CLICKED, ts_ms=at + 60_000)
+        learner.advance(at + 60_000)
+    later = NOW + 500 * HOUR_MS
+    learner.advance(later)
+
+    def expected(customer: int) -> dict[str, float]:
+        d = decide(
+            ruleset=ruleset(best_of("email", "sms")),
+            profile=MemoryProfile(
+                customer_id=customer, timezone="UTC", traits={"device": "mobile", **_contact(customer, keys)}
+            ),
+            now_ms=later,
+            history=[],
+            available_channels={"email", "sms"},
+            scorer=learner,
+            seed=7,
+        )
+        return {c.channel: c.engagement for c in d.candidates}
+
+    one, two = expected(1001), expected(1002)
+    assert one["sms"] > 3 * one["email"], one  # the device is learned either way
+    assert (one == two) is alike, (one, two)

@@ -317,11 +317,18 @@ def test_learner_settings_reach_the_loops_learner(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CADENCE_LEARNER__UNSUBSCRIBE_COST", "4.5")
     monkeypatch.setenv("CADENCE_LEARNER__HORIZON_HOURS", "72")
     monkeypatch.setenv("CADENCE_LEARNER__ENGAGEMENT_EVENTS", '["opened", "clicked"]')
+    monkeypatch.setenv("CADENCE_LEARNER__IGNORE_TRAITS", '["city"]')
     settings = load_settings(database_url="sqlite:///unused.db")
     sub = LearnerSubscriber(SimpleNamespace(settings=settings))
     assert sub.config.unsubscribe_cost == 4.5 and sub.config.horizon_ms == 72 * HOUR
     assert sub.config.label_delay_ms == 6 * HOUR
     assert sub.config.engagement_events == {Feedback.OPENED, Feedback.CLICKED}
+    # The names given are ignored besides those that identify a person.
+    assert {
+        "city",
+        "email",
+        "phone",
+    } <= sub.config.ignored_traits and "device" not in sub.config.ignored_traits
     # Everything not exposed stays as LearnerConfig's defaults.
     assert sub.config.hazard_fit is LearnerConfig().hazard_fit
 
