@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -55,8 +56,6 @@ def simulate(
     learner: DecisionLearner, rules: CompiledRuleset, clicks: dict[str, float], rounds: int
 ) -> Counter[str]:
     """Customers click email with probability clicks['email'], etc.; returns the channels chosen late on."""
-    import random
-
     rng = random.Random(1)
     late: Counter[str] = Counter()
     now = NOW
@@ -364,8 +363,6 @@ def test_finds_each_customers_hour_from_their_traits_and_their_own_clicks() -> N
     """
     learner = DecisionLearner()
     rules = ruleset(best_of("email"))
-    import random
-
     rng = random.Random(3)
     kinds = {c: ("early" if c % 2 else "late") for c in range(60)}
     kinds[60] = "early"  # trait says early ...
@@ -462,8 +459,6 @@ def test_an_hour_never_sent_at_is_valued_from_the_hours_around_it() -> None:
     simulator the hours a trait was first sent at keep looking best and the others too poor to send
     (docs/measurements.md, session 14).
     """
-    import random
-
     learner = DecisionLearner(LearnerConfig(hour_onehot=False))
     rules = ruleset(best_of("email"))
     rng = random.Random(4)
@@ -539,8 +534,6 @@ def test_a_customer_who_clicks_only_push_in_the_evening_gets_push_in_the_evening
     the morning. (With the probit's hour x trait weights, the default, the population's hours
     outweigh the customer's own clicks and customer 99 keeps getting email at 09:00.)
     """
-    import random
-
     learner = DecisionLearner(replace(config, horizon_ms=24 * HOUR_MS, label_delay_ms=6 * HOUR_MS))
     camp = best_of("email", "sms", "push", quiet=QuietHours(start=time(21), end=time(8), fallback_zone="UTC"))
     rules = ruleset(camp)
@@ -616,8 +609,6 @@ def test_hour_pool_values_an_hour_never_sent_at_at_the_level_the_sent_hours_took
     own evidence), and the raw weights, which the learning updates, are the same as without it.
     ``hour_model=False``: the probit alone (the hour preference has its own population curve).
     """
-    import random
-
     import numpy as np
 
     rules = ruleset(best_of("email"))
@@ -694,8 +685,6 @@ def test_contact_details_are_not_features(
     alike in everything but their contact details would be valued apart.
     """
     learner = DecisionLearner(LearnerConfig() if ignored is None else LearnerConfig(ignored_traits=ignored))
-    import random
-
     rng = random.Random(3)
     rates = {"mobile": {"sms": 0.3, "email": 0.02}, "desktop": {"email": 0.3, "sms": 0.02}}
     for customer in range(400):

@@ -324,11 +324,8 @@ def test_learner_settings_reach_the_loops_learner(monkeypatch: pytest.MonkeyPatc
     assert sub.config.label_delay_ms == 6 * HOUR
     assert sub.config.engagement_events == {Feedback.OPENED, Feedback.CLICKED}
     # The names given are ignored besides those that identify a person.
-    assert {
-        "city",
-        "email",
-        "phone",
-    } <= sub.config.ignored_traits and "device" not in sub.config.ignored_traits
+    assert {"city", "email", "phone"} <= sub.config.ignored_traits
+    assert "device" not in sub.config.ignored_traits
     # Everything not exposed stays as LearnerConfig's defaults.
     assert sub.config.hazard_fit is LearnerConfig().hazard_fit
 
