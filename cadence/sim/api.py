@@ -115,8 +115,7 @@ class ApiPolicy:
     def prepare(self, customers: list[Customer], *, at_ms: int) -> None:
         """Identify every customer (traits, time zone, consent) before the first decision."""
         for c in customers:
-            traits: dict[str, object] = dict(c.traits)
-            traits["timezone"] = c.zone
+            traits: dict[str, object] = dict(c.traits)  # the time zone among them
             blocked = [ch for ch in SIM_CHANNELS if ch not in c.available]
             if blocked:
                 traits["consent"] = dict.fromkeys(blocked, False)

@@ -5,8 +5,8 @@ time zone, a fatigue sensitivity (each recent message lowers the next one's clic
 chance) and per-channel unsubscribe propensities that grow with recent volume. The
 traits a marketer would see (age band, device, app installed, daily rhythm) are
 correlated with the hidden values, so a model can generalise across customers, but
-never determine them. Their email address and phone number are traits too, as apps
-send them with identify; they tell nothing.
+never determine them. Their time zone, email address and phone number are traits too,
+as apps send them with identify (the zone sets the customer's zone); they tell nothing.
 
 Shapes (:data:`SHAPES`) change the mix, so results are not tuned to one world.
 """
@@ -138,16 +138,19 @@ def make_population(shape: PopulationShape | str, n: int, seed: int) -> list[Cus
             "sms": base_unsub * 1.6,  # a text feels more intrusive
             "push": base_unsub * 1.2,
         }
+        zone = _pick(rng, ZONES)
         out.append(
             Customer(
                 id=i,
-                zone=_pick(rng, ZONES),
+                zone=zone,
                 traits={
                     "age_band": "18-34" if young else "35+",
                     "device": device,
                     "app": app,
                     "rhythm": rhythm,
-                    # Contact details, as apps identify customers: they say nothing about them.
+                    # As apps identify customers: the zone (which sets it, and says nothing
+                    # about what they want here) and contact details (which say nothing at all).
+                    "timezone": zone,
                     "email": f"customer{i}@example.test",
                     **({"phone": f"+1555{i:07d}"} if phone else {}),
                 },
