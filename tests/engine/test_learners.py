@@ -94,6 +94,23 @@ def simulate(
     return late
 
 
+def record_promo(
+    learner: DecisionLearner, did: str, customer: int, traits: dict[str, object], channel: str, at: int
+) -> None:
+    """Record a decision of campaign ``promo`` to send on ``channel`` at ``at`` (made then, UTC)."""
+    learner.record_decision(
+        decision_id=did,
+        customer_id=customer,
+        traits=traits,
+        zone="UTC",
+        campaign="promo",
+        channel=channel,
+        send_at_ms=at,
+        arm=None,
+        now_ms=at,
+    )
+
+
 def test_learns_the_channel_that_gets_clicks() -> None:
     learner = DecisionLearner()
     late = simulate(learner, ruleset(best_of("email", "sms")), {"email": 0.3, "sms": 0.01}, 1200)
@@ -321,17 +338,7 @@ def test_each_customer_gets_their_own_channel_when_traits_are_the_same(customer_
             for ch in ("email", "sms"):
                 did = f"{customer}:{day}:{ch}"
                 at = NOW + day * 24 * HOUR_MS
-                learner.record_decision(
-                    decision_id=did,
-                    customer_id=customer,
-                    traits={"plan": "pro"},
-                    zone="UTC",
-                    campaign="promo",
-                    channel=ch,
-                    send_at_ms=at,
-                    arm=None,
-                    now_ms=at,
-                )
+                record_promo(learner, did, customer, {"plan": "pro"}, ch, at)
                 k += 1
                 if ch == channel and day % 2 == 0:
                     learner.observe(decision_id=did, kind=Feedback.CLICKED, ts_ms=at + 60_000)
@@ -693,17 +700,7 @@ def test_contact_details_are_not_features(
         at = NOW + customer * HOUR_MS
         for ch in ("email", "sms"):
             did = f"{customer}:{ch}"
-            learner.record_decision(
-                decision_id=did,
-                customer_id=customer,
-                traits=traits,
-                zone="UTC",
-                campaign="promo",
-                channel=ch,
-                send_at_ms=at,
-                arm=None,
-                now_ms=at,
-            )
+            record_promo(learner, did, customer, traits, ch, at)
             if rng.random() < rates[device][ch]:
                 learner.observe(decision_id=did, kind=Feedback.CLICKED, ts_ms=at + 60_000)
         learner.advance(at + 60_000)
