@@ -148,7 +148,7 @@ _TRAIT_CACHE: dict[tuple[tuple[str, Any, type], ...], list[int]] = {}
 _IDENTIFYING_VALUE = re.compile(
     r"[^@\s]+@[^@\s]+"
     r"|\+\d[\d\s().\-]{6,}|\d{7,}|\(?\d{3}\)?[\s.\-]\d{3}[\s.\-]\d{4}"
-    r"|https?://.*|\d{4}-\d\d-\d\d.*|[0-9a-fA-F\-]{16,}",
+    r"|https?://.*|\d{4}-\d\d-\d\d.*|\d{1,2}[./]\d{1,2}[./]\d{4}.*|[0-9a-fA-F\-]{16,}",
     re.DOTALL,
 )
 
@@ -156,10 +156,10 @@ _IDENTIFYING_VALUE = re.compile(
 def identifying_value(value: str) -> bool:
     """Whether a text trait's value looks like it names one person or moment (not a feature).
 
-    >>> [identifying_value(v) for v in ["a@b.test", "+1 (555) 010-2030", "555-010-2030", "2026-11-28"]]
-    [True, True, True, True]
-    >>> [identifying_value(v) for v in ["18-29", "10000-50000", "1990-1999", "mobile", "Europe/Berlin"]]
-    [False, False, False, False, False]
+    >>> [identifying_value(v) for v in ["a@b.test", "+1 (555) 010-2030", "555-010-2030", "2026-11-28", "11/28/2026"]]
+    [True, True, True, True, True]
+    >>> [identifying_value(v) for v in ["18-29", "10000-50000", "1990-1999", "2026-01", "4.12.10", "Europe/Berlin"]]
+    [False, False, False, False, False, False]
     >>> identifying_value("3f2b8c1e-0d9a-4c57-9e61-1f0a2b3c4d5e"), identifying_value("x" * 65)
     (True, True)
     """
