@@ -8,7 +8,10 @@ the setting); never at import time.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,6 +21,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -234,3 +238,34 @@ def load_settings(**overrides: Any) -> Settings:
             name = "CADENCE_" + "__".join(str(part).upper() for part in err["loc"])
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from exc
+    except SettingsError as exc:
+        # a nested list that is not JSON: pydantic-settings' own error names no variable
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_not_json(exc))) from exc
+
+
+def _not_json(exc: SettingsError) -> list[str]:
+    """The ``CADENCE_<FIELD>__<NAME>`` variables of list settings whose value is not JSON.
+
+    ``<FIELD>`` is the one ``exc`` names (pydantic-settings names no variable). Each is said with
+    the list it was probably meant to be: ``city, referrer`` is written ``["city", "referrer"]``.
+    """
+    found = re.search(r'field "(\w+)"', str(exc))
+    field = Settings.model_fields.get(found.group(1)) if found else None
+    model = field.annotation if field is not None else None
+    problems = []
+    if found and isinstance(model, type) and issubclass(model, BaseModel):
+        prefix = f"CADENCE_{found.group(1).upper()}__"
+        for name, value in sorted(os.environ.items()):
+            sub = (
+                model.model_fields.get(name[len(prefix) :].lower())
+                if name.upper().startswith(prefix)
+                else None
+            )
+            if sub is None or typing.get_origin(sub.annotation) is not list:
+                continue
+            try:
+                json.loads(value)
+            except ValueError:
+                example = json.dumps([part.strip() for part in value.split(",")])
+                problems.append(f"{name}: not JSON ({value!r}); a list is written {example}")
+    return problems or [str(exc)]
