@@ -244,28 +244,44 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def _not_json(exc: SettingsError) -> list[str]:
-    """The ``CADENCE_<FIELD>__<NAME>`` variables of list settings whose value is not JSON.
+    """The variables of list and table settings whose value is not JSON, each with what to write.
 
-    ``<FIELD>`` is the one ``exc`` names (pydantic-settings names no variable). Each is said with
-    the list it was probably meant to be: ``city, referrer`` is written ``["city", "referrer"]``.
+    The setting is the one ``exc`` names (pydantic-settings names no variable): ``CADENCE_<FIELD>``
+    itself, or ``CADENCE_<FIELD>__<NAME>`` for a list inside a table (``[learner]``). ``city,
+    referrer`` for a list is said to be written ``["city", "referrer"]``.
     """
     found = re.search(r'field "(\w+)"', str(exc))
     field = Settings.model_fields.get(found.group(1)) if found else None
-    model = field.annotation if field is not None else None
+    if found is None or field is None:
+        return [str(exc)]
+    top = f"CADENCE_{found.group(1).upper()}"
+    table = (
+        field.annotation
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        else None
+    )
     problems = []
-    if found and isinstance(model, type) and issubclass(model, BaseModel):
-        prefix = f"CADENCE_{found.group(1).upper()}__"
-        for name, value in sorted(os.environ.items()):
-            sub = (
-                model.model_fields.get(name[len(prefix) :].lower())
-                if name.upper().startswith(prefix)
-                else None
-            )
-            if sub is None or typing.get_origin(sub.annotation) is not list:
-                continue
-            try:
-                json.loads(value)
-            except ValueError:
-                example = json.dumps([part.strip() for part in value.split(",")])
-                problems.append(f"{name}: not JSON ({value!r}); a list is written {example}")
+    for name, value in sorted(os.environ.items()):
+        upper = name.upper()
+        if upper == top:
+            annotation = field.annotation
+        elif table is not None and upper.startswith(top + "__"):
+            sub = table.model_fields.get(upper[len(top) + 2 :].lower())
+            annotation = sub.annotation if sub is not None else None
+        else:
+            continue
+        is_list = list in (
+            typing.get_origin(annotation),
+            *map(typing.get_origin, typing.get_args(annotation)),
+        )
+        if not is_list and annotation is not field.annotation:
+            continue  # a scalar inside a table: never parsed as JSON
+        try:
+            json.loads(value)
+        except ValueError:
+            if is_list:
+                written = "a list is written " + json.dumps([part.strip() for part in value.split(",")])
+            else:
+                written = 'a table is written as a JSON object, e.g. {"name": "value"}'
+            problems.append(f"{name}: not JSON ({value!r}); {written}")
     return problems or [str(exc)]

@@ -30,6 +30,23 @@ def test_environment_overrides_the_toml_file(tmp_path: Path, monkeypatch: pytest
         ("CADENCE_PORT", "70000", "CADENCE_PORT: Input should be less than or equal to 65535"),
         ("CADENCE_DEFAULT_TIMEZONE", "Mars/Olympus", "unknown time zone 'Mars/Olympus'"),
         ("CADENCE_DATABASE_URL", "mysql://x", "unsupported database 'mysql'"),
+        # Lists and tables not written as JSON: pydantic-settings' own error named no variable.
+        (
+            "CADENCE_RULES_PATHS",
+            "rules",
+            """CADENCE_RULES_PATHS: not JSON ('rules'); a list is written ["rules"]""",
+        ),
+        (
+            "CADENCE_CONNECTORS",
+            "{bad",
+            "CADENCE_CONNECTORS: not JSON ('{bad'); a table is written as a JSON object",
+        ),
+        (
+            "CADENCE_LEARNER__ENGAGEMENT_EVENTS",
+            "clicked, converted",
+            """not JSON ('clicked, converted'); a list is written ["clicked", "converted"]""",
+        ),
+        ("CADENCE_LEARNER__IGNORE_TRAITS", "city", """not JSON ('city'); a list is written ["city"]"""),
     ],
 )
 def test_a_wrong_setting_is_named(

@@ -337,17 +337,6 @@ def test_learner_settings_reach_the_loops_learner(monkeypatch: pytest.MonkeyPatc
         ("CADENCE_LEARNER__UNSUBSCRIBE_COST", "-1", "CADENCE_LEARNER__UNSUBSCRIBE_COST"),
         ("CADENCE_LEARNER__ENGAGEMENT_EVENTS", '["bounced"]', "CADENCE_LEARNER__ENGAGEMENT_EVENTS"),
         ("CADENCE_LEARNER__PRIOR", "1", "CADENCE_LEARNER__PRIOR"),
-        # A list not written as JSON: pydantic-settings' own error named no variable.
-        (
-            "CADENCE_LEARNER__ENGAGEMENT_EVENTS",
-            "clicked,converted",
-            'CADENCE_LEARNER__ENGAGEMENT_EVENTS: not JSON (\'clicked,converted\'); a list is written ["clicked", "converted"]',
-        ),
-        (
-            "CADENCE_LEARNER__IGNORE_TRAITS",
-            "city",
-            "CADENCE_LEARNER__IGNORE_TRAITS: not JSON ('city'); a list is written [\"city\"]",
-        ),
     ],
 )
 def test_bad_learner_settings_name_the_setting(
