@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -270,10 +269,7 @@ def _not_json(exc: SettingsError) -> list[str]:
             annotation = sub.annotation if sub is not None else None
         else:
             continue
-        is_list = list in (
-            typing.get_origin(annotation),
-            *map(typing.get_origin, typing.get_args(annotation)),
-        )
+        is_list = list in (get_origin(annotation), *map(get_origin, get_args(annotation)))
         if not is_list and annotation is not field.annotation:
             continue  # a scalar inside a table: never parsed as JSON
         try:

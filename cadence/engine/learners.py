@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 TRAIT_BUCKETS = 64
-#: Traits that name one person (Segment's identify traits that identify, and their snake_case
+#: Traits that name one person (Segment's reserved identify traits that do, and their snake_case
 #: spellings): a value nobody else shares teaches nothing about anyone else, and hashed into a
 #: trait bucket it lands on another trait's weights (``device=mobile``'s, say). Not features,
 #: nor is any text value shaped like one (:func:`identifying_value`). In the simulator, an email
