@@ -168,6 +168,7 @@ class OraclePolicy:
         c = state.customer
         best: tuple[float, str, int] | None = None
         local = datetime.fromtimestamp(now_ms / 1000, tz=ZoneInfo(c.zone))
+        weekend = local.weekday() >= 5  # (every slot is on this local day)
         slots = []
         for hour in ALLOWED_HOURS:
             at = _local_ms(c.zone, local.year, local.month, local.day, hour)
@@ -175,8 +176,8 @@ class OraclePolicy:
         for channel in _usable(state):
             for hour, at, load in slots:
                 value = click_probability(
-                    c, channel, hour, load
-                ) - self.unsubscribe_cost * unsubscribe_probability(c, channel, hour, load)
+                    c, channel, hour, load, weekend
+                ) - self.unsubscribe_cost * unsubscribe_probability(c, channel, hour, load, weekend)
                 if best is None or value > best[0]:
                     best = (value, channel, at)
         if best is None or best[0] <= 0:

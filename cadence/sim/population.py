@@ -1,7 +1,7 @@
 """Synthetic customers: hidden preferences, and observable traits that hint at them.
 
-Each customer has hidden per-channel click affinities, a preferred local hour, a
-time zone, a fatigue sensitivity (each recent message lowers the next one's click
+Each customer has hidden per-channel click affinities, a preferred local hour (in
+some populations another one at weekends), a time zone, a fatigue sensitivity (each recent message lowers the next one's click
 chance) and per-channel unsubscribe propensities that grow with recent volume. The
 traits a marketer would see (age band, device, app installed, daily rhythm) are
 correlated with the hidden values, so a model can generalise across customers, but
@@ -35,6 +35,10 @@ ZONES = (
 
 #: Daily rhythm trait -> mean preferred local hour.
 RHYTHMS = {"early_bird": 8.0, "office": 12.5, "afternoon": 16.0, "evening": 19.5}
+#: Daily rhythm trait -> mean preferred local hour at weekends, for the customers whose
+#: weekends differ (:attr:`PopulationShape.weekend_share`): early birds sleep in, office
+#: readers read in the evening.
+WEEKEND_RHYTHMS = {"early_bird": 10.5, "office": 19.0, "afternoon": 14.0, "evening": 19.5}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class PopulationShape:
     young_share: float = 0.4
     fatigue: float = 0.16  # median fatigue sensitivity
     unsubscribe: float = 0.0035  # median base unsubscribe probability per message
+    weekend_share: float = 0.0  # customers whose preferred hour at weekends is their rhythm's weekend one
     description: str = ""
 
 
@@ -70,6 +75,12 @@ SHAPES: dict[str, PopulationShape] = {
         fatigue=0.2,
         description="young app users, more fatigue-sensitive",
     ),
+    "weekender": PopulationShape(
+        "weekender",
+        {"email": 0.06, "sms": 0.07, "push": 0.07},
+        weekend_share=0.8,
+        description="most read at other hours at weekends (early birds sleep in, office readers read at night)",
+    ),
 }
 
 
@@ -86,6 +97,7 @@ class Customer:
     hour_width: float  # hidden
     fatigue: float  # hidden
     unsubscribe: dict[str, float]  # hidden, per message at zero load
+    weekend_hour: float | None = None  # hidden, local: the preferred hour at weekends (None: the same)
     opted_out: set[str] = field(default_factory=set)
 
 
@@ -139,6 +151,11 @@ def make_population(shape: PopulationShape | str, n: int, seed: int) -> list[Cus
             "push": base_unsub * 1.2,
         }
         zone = _pick(rng, ZONES)
+        weekend_hour = None
+        if (
+            shape.weekend_share and rng.random() < shape.weekend_share
+        ):  # (no draw otherwise: other shapes unchanged)
+            weekend_hour = (WEEKEND_RHYTHMS[rhythm] + rng.gauss(0, 1.5)) % 24
         out.append(
             Customer(
                 id=i,
@@ -160,6 +177,7 @@ def make_population(shape: PopulationShape | str, n: int, seed: int) -> list[Cus
                 hour_width=rng.uniform(1.5, 3.0),
                 fatigue=fatigue,
                 unsubscribe=unsubscribe,
+                weekend_hour=weekend_hour,
             )
         )
     return out

@@ -38,14 +38,26 @@ LOAD_WINDOW_MS = 7 * DAY_MS
 UNSUB_LOAD = 0.6
 
 
-def hour_factor(customer: Customer, local_hour: float) -> float:
-    """How much the send hour helps: 1 at the preferred hour, 0.2 far from it."""
-    d = abs(local_hour - customer.preferred_hour) % 24
+def hour_factor(customer: Customer, local_hour: float, weekend: bool = False) -> float:
+    """How much the send hour helps: 1 at the preferred hour (at weekends, the customer's
+    weekend one where they have one), 0.2 far from it.
+
+    >>> from cadence.sim.population import make_population
+    >>> c = next(c for c in make_population("weekender", 20, seed=1) if c.weekend_hour is not None)
+    >>> hour_factor(c, c.weekend_hour, weekend=True), hour_factor(c, c.weekend_hour) < 0.9
+    (1.0, True)
+    """
+    preferred = (
+        customer.weekend_hour if weekend and customer.weekend_hour is not None else customer.preferred_hour
+    )
+    d = abs(local_hour - preferred) % 24
     d = min(d, 24 - d)
     return 0.2 + 0.8 * math.exp(-(d * d) / (2 * customer.hour_width**2))
 
 
-def click_probability(customer: Customer, channel: str, local_hour: float, load: int) -> float:
+def click_probability(
+    customer: Customer, channel: str, local_hour: float, load: int, weekend: bool = False
+) -> float:
     """The true chance that a message is clicked.
 
     >>> from cadence.sim.population import make_population
@@ -54,14 +66,22 @@ def click_probability(customer: Customer, channel: str, local_hour: float, load:
     >>> fresh > click_probability(c, "email", c.preferred_hour, 5)
     True
     """
-    return customer.affinity[channel] * hour_factor(customer, local_hour) * math.exp(-customer.fatigue * load)
+    return (
+        customer.affinity[channel]
+        * hour_factor(customer, local_hour, weekend)
+        * math.exp(-customer.fatigue * load)
+    )
 
 
-def unsubscribe_probability(customer: Customer, channel: str, local_hour: float, load: int) -> float:
+def unsubscribe_probability(
+    customer: Customer, channel: str, local_hour: float, load: int, weekend: bool = False
+) -> float:
     """The true chance that a message makes the customer opt out of its channel."""
     return min(
         1.0,
-        customer.unsubscribe[channel] * (1 + UNSUB_LOAD * load) * (1.5 - hour_factor(customer, local_hour)),
+        customer.unsubscribe[channel]
+        * (1 + UNSUB_LOAD * load)
+        * (1.5 - hour_factor(customer, local_hour, weekend)),
     )
 
 
@@ -153,6 +173,11 @@ def local_hour(ms: int, zone: str) -> float:
     return local.hour + local.minute / 60
 
 
+def local_weekend(ms: int, zone: str) -> bool:
+    """Whether ``ms`` falls on a Saturday or Sunday, local time."""
+    return datetime.fromtimestamp(ms / 1000, tz=ZoneInfo(zone)).weekday() >= 5
+
+
 def run_policy(policy: Policy, customers: list[Customer], *, days: int, seed: int, start: date) -> RunResult:
     """Drive ``policy`` through ``days`` simulated days; customers are copied, never changed."""
     rng = random.Random(f"world:{seed}")
@@ -201,9 +226,10 @@ def run_policy(policy: Policy, customers: list[Customer], *, days: int, seed: in
             if channel in customer.opted_out or channel not in customer.available or ts >= end_ms:
                 continue
             hour = local_hour(ts, customer.zone)
+            weekend = customer.weekend_hour is not None and local_weekend(ts, customer.zone)
             load = state.load(ts)
-            p_click = click_probability(customer, channel, hour, load)
-            p_unsub = unsubscribe_probability(customer, channel, hour, load)
+            p_click = click_probability(customer, channel, hour, load, weekend)
+            p_unsub = unsubscribe_probability(customer, channel, hour, load, weekend)
             state.sends.append(ts)
             while state.sends and state.sends[0] < ts - 30 * DAY_MS:
                 state.sends.popleft()

@@ -238,6 +238,41 @@ def test_simulate_cli_writes_a_chart(tmp_path: Path) -> None:
     assert bad.exit_code != 0
 
 
+def test_the_weekender_world_reads_at_its_weekend_hour_at_weekends() -> None:
+    """In the ``weekender`` population a customer with a weekend hour clicks a message sent at that
+    hour far more on Saturdays and Sundays than on weekdays; the other populations have no weekends."""
+    from datetime import date
+
+    from cadence.sim.population import make_population
+    from cadence.sim.world import CustomerState, local_weekend, run_policy
+
+    people = [c for c in make_population("weekender", 2000, seed=2) if c.weekend_hour is not None]
+    people = [c for c in people if 10 <= c.weekend_hour <= 20 and abs(c.weekend_hour - c.preferred_hour) > 4]
+    assert len(people) > 300 and not any(c.weekend_hour for c in make_population("balanced", 600, seed=2))
+    clicks = {False: 0, True: 0}
+    sends = {False: 0, True: 0}
+
+    class AtTheWeekendHour:
+        name = "weekend hour"
+
+        def decide(self, state: CustomerState, now_ms: int) -> tuple[str, int] | None:
+            c = state.customer
+            at = now_ms + round((c.weekend_hour - 7) * HOUR)  # decided at 07:00 local
+            sends[local_weekend(at, c.zone)] += 1
+            return "email", at
+
+        def feedback(
+            self, state: CustomerState, channel: str, kind: Feedback, sent_ms: int, ts_ms: int
+        ) -> None:
+            if kind is Feedback.CLICKED:
+                clicks[local_weekend(sent_ms, state.customer.zone)] += 1
+
+    people = [replace(c, id=i) for i, c in enumerate(people)]
+    run_policy(AtTheWeekendHour(), people, days=28, seed=1, start=date(2026, 3, 2))
+    weekday, weekend = clicks[False] / sends[False], clicks[True] / sends[True]
+    assert weekend > 1.6 * weekday, (clicks, sends)
+
+
 def test_the_cli_names_the_learner_as_the_subscriber_does() -> None:
     from cadence.cli.models import NAME
     from cadence.engine.learning import LearnerSubscriber
