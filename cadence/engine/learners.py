@@ -25,8 +25,7 @@ whatever the load, and the learners stopped sending on large populations.)
 
 Features (see :class:`FeatureLayout`): per channel, the customer's traits (hashed),
 fatigue (sends in the last 1/7/30 days), recency of their last click; the local
-hour-of-week (a one-hot hour of day, daily harmonics, a weekend flag and the weekend's own
-daily harmonics) crossed with traits; the customer's
+hour-of-week (daily harmonics and a weekend flag) crossed with traits; the customer's
 own smoothed click rate on the channel and how close the hour is to the hours they
 usually click at; campaign and campaign-channel biases; variant biases crossed with
 traits (the contextual bandit over a campaign's template variants).
@@ -110,8 +109,6 @@ IDENTIFYING_TRAITS = frozenset(
 CAMPAIGN_BUCKETS = 64
 ARM_BUCKETS = 32
 N_CHANNELS = len(CHANNELS)
-#: The time features :func:`_time_code` gives (a layout reads the first ``n_time`` of them).
-TIME_FEATURES = 31
 CHANNEL_INDEX = {c: i for i, c in enumerate(CHANNELS)}
 TWO_PI = 2 * math.pi
 Effect = tuple[np.ndarray, int]
@@ -183,15 +180,11 @@ class FeatureLayout:
     """
 
     n_customer = 1 + TRAIT_BUCKETS + 5  # bias, traits, fatigue 1/7/30d, recency, never clicked
-    #: One-hot hour of day, cos h, sin h, weekend (the first columns of :func:`_time_code`): a
-    #: class default for the layouts pickled before ``weekend_cycle``, which set none of their own.
-    n_time = 27
+    n_time = 27  # one-hot hour of day, cos h, sin h, weekend
     n_traits1 = 1 + TRAIT_BUCKETS
     n_personal = 3  # own click rate on channel, hour match, experience on channel
 
-    def __init__(self, weekend_cycle: bool = True) -> None:
-        if weekend_cycle:  # and weekend x cos h, sin h, cos 2h, sin 2h
-            self.n_time = TIME_FEATURES
+    def __init__(self) -> None:
         self.channel = 0
         self.time = self.channel + N_CHANNELS * self.n_customer
         self.personal = self.time + self.n_time * self.n_traits1
@@ -199,17 +192,6 @@ class FeatureLayout:
         self.campaign_channel = self.campaign + CAMPAIGN_BUCKETS
         self.arm = self.campaign_channel + CAMPAIGN_BUCKETS
         self.size = self.arm + ARM_BUCKETS * self.n_traits1
-
-    def offsets(self) -> np.ndarray:
-        """The channel, time and personal offsets and the customer and trait block sizes, as the
-        compiled :func:`cadence.engine.valuation.score_parts` reads them.
-
-        >>> FeatureLayout().offsets().tolist()[1:3], FeatureLayout(weekend_cycle=False).offsets().tolist()[1:3]
-        ([420, 2435], [420, 2175])
-        """
-        return np.array(
-            [self.channel, self.time, self.personal, self.n_customer, self.n_traits1], dtype=np.int64
-        )
 
     def prior_variance(self, crossed: float = 0.02) -> np.ndarray:
         """Prior variance per weight: wide on biases, ``crossed`` on the many crossed features."""
@@ -293,11 +275,6 @@ class LearnerConfig:
     customer_gamma_shape: float = 2.5
     #: Trait names that are not features (the default: :data:`IDENTIFYING_TRAITS`).
     ignored_traits: frozenset[str] = IDENTIFYING_TRAITS
-    #: The probit's hour x trait block includes the daily cycle on weekends (weekend x cos and
-    #: sin of the hour and of twice the hour), so a population's weekend hours can differ from
-    #: its weekdays' in shape, not only in level (False: one weekend shift; snapshots written
-    #: before this existed load with False).
-    weekend_cycle: bool = True
 
     def __post_init__(self) -> None:
         # Given as a list (settings, JSON): kept as a set, which a config (a cache key) must be.
@@ -867,8 +844,7 @@ class DecisionLearner:
 
     def __init__(self, config: LearnerConfig | None = None) -> None:
         self.config = config or LearnerConfig()
-        self.layout = FeatureLayout(self.config.weekend_cycle)
-        self._offsets = self.layout.offsets()
+        self.layout = FeatureLayout()
         lay = self.layout
         prior_var = lay.prior_variance(self.config.crossed_prior_var)
         self.engagement = self._model(self.config.engagement_prior, prior_var)
@@ -984,15 +960,11 @@ class DecisionLearner:
         state.pop("_time_pool", None)
         state.pop("_pending_of", None)
         state.pop("_pending_of_size", None)
-        state.pop("_offsets", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Load a snapshot; one written before the fatigue hazard existed starts it from its prior."""
         self.__dict__.update(state)
-        if "n_time" not in self.layout.__dict__:  # learned before weekend_cycle: the 27 time features
-            self.config = replace(self.config, weekend_cycle=False)
-        self._offsets = self.layout.offsets()
         if "hazard" not in state:
             self.hazard = self._hazard()
         if "hours" not in state:
@@ -1253,7 +1225,7 @@ class DecisionLearner:
                 val.append(x)
         local = local_datetime(send_at_ms, zone_named(zone, "UTC"))
         hour = local.hour + local.minute / 60
-        harm = _time_code(hour, local.weekday() >= 5)[: lay.n_time] if self.config.probit_hours else ()
+        harm = _time_code(hour, local.weekday() >= 5) if self.config.probit_hours else ()
         first = 0 if self.config.hour_onehot else 24  # without the one-hot hour: the cycle and weekend only
         for k, h in enumerate(harm):
             if h == 0.0 or k < first:
@@ -1661,10 +1633,9 @@ class DecisionLearner:
         chan_v += (rate_exp * rate_exp) @ vp[::2]
         if cfg.probit_hours:
             if cfg.hour_onehot:
-                t_lo, t_harm, t_sq = lay.time, harm[:, : lay.n_time], harm_sq[:, : lay.n_time]
+                t_lo, t_harm, t_sq = lay.time, harm, harm_sq
             else:  # the one-hot hour's weights are never learned: leave them (and their prior variance) out
-                t_lo = lay.time + 24 * lay.n_traits1
-                t_harm, t_sq = harm[:, 24 : lay.n_time], harm_sq[:, 24 : lay.n_time]
+                t_lo, t_harm, t_sq = lay.time + 24 * lay.n_traits1, harm[:, 24:], harm_sq[:, 24:]
             n_t = (lay.personal - t_lo) // lay.n_traits1
             if cfg.hour_pool and cfg.hour_onehot:
                 # The one-hot hour weights partially pooled per trait row (the raw ones stay learned).
@@ -1763,7 +1734,7 @@ class DecisionLearner:
             lp, spread, float(cfg.hour_draw_scale), loglik, cfg.hour_pop_draw, hp.F.T, hp.reference,
             hour_int, float(cfg.hour_offset_scale),
             ch_global, camp_idx, cc_idx, effect_noise, eff, float(cfg.customer_channel_var),
-            self._offsets,
+            _LAYOUT_ARRAY,
             per_group, per_group_v, eff_sd, time_w, time_v, hour_rows,
         )  # fmt: skip
         return per_group, per_group_v, eff_sd, time_w, time_v, (hour_rows if cfg.hour_model else None)
@@ -2336,7 +2307,7 @@ def _noise_bank(size: int) -> np.ndarray:
 
 #: Time features by local minute of the day and weekend flag (row ``minute * 2 + weekend``),
 #: filled from :func:`_time_code` as minutes are first seen; ``_TIME_SEEN`` marks the filled rows.
-_TIME_TABLE = np.zeros((24 * 60 * 2, TIME_FEATURES))
+_TIME_TABLE = np.zeros((24 * 60 * 2, 27))
 _TIME_SEEN = [False] * (24 * 60 * 2)
 #: The fractional local hour (hour + minute / 60) of each minute of the day.
 _MINUTE_HOURS = np.array([m // 60 + (m % 60) / 60 for m in range(24 * 60)])
@@ -2415,20 +2386,11 @@ def _activity(stats: CustomerStats, now_ms: int) -> tuple[float, float, float, f
 
 @lru_cache(maxsize=1024)
 def _time_code(hour: float, weekend: bool) -> tuple[float, ...]:
-    """The local hour of the week as features: a one-hot hour of day, a smooth daily cycle, weekend,
-    then the weekend's own daily cycle (its first two harmonics; a layout without
-    ``weekend_cycle`` reads the first 27).
-
-    >>> len(_time_code(19.5, True)), _time_code(19.5, False)[27:], _time_code(0.0, True)[26:]
-    (31, (0.0, 0.0, 0.0, 0.0), (1.0, 1.0, 0.0, 1.0, 0.0))
-    """
+    """The local hour of the week as features: a one-hot hour of day, a smooth daily cycle, weekend."""
     a = TWO_PI * hour / 24
     onehot = [0.0] * 24
     onehot[int(hour) % 24] = 1.0
-    if not weekend:
-        return (*onehot, math.cos(a), math.sin(a), 0.0, 0.0, 0.0, 0.0, 0.0)
-    c1, s1 = math.cos(a), math.sin(a)
-    return (*onehot, c1, s1, 1.0, c1, s1, math.cos(2 * a), math.sin(2 * a))
+    return (*onehot, math.cos(a), math.sin(a), 1.0 if weekend else 0.0)
 
 
 def _erfcinv(y: float) -> float:
@@ -2479,7 +2441,6 @@ _BEST_FIELDS = frozenset(
         "customer_model",
         "customer_gamma_shape",
         "ignored_traits",
-        "weekend_cycle",
     }
 )
 
@@ -2521,6 +2482,10 @@ _NO_TEMPLATE = TemplateSpec("")
 _NOTHING = np.empty(0)  # an unused array argument of the compiled valuation
 _NO_ROWS = np.empty((2, 0))  # the compiled score parts' hour rows without the hour preference
 _NO_EFFECT = np.empty((0, 0))  # the compiled score parts' customer effect while it is the prior
+#: The weight vector's channel, time and personal offsets and customer and trait block sizes.
+_LAYOUT_ARRAY = np.array(
+    [(lay := FeatureLayout()).channel, lay.time, lay.personal, lay.n_customer, lay.n_traits1], dtype=np.int64
+)
 
 
 @lru_cache(maxsize=64)

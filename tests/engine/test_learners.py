@@ -360,20 +360,17 @@ def test_each_customer_gets_their_own_channel_when_traits_are_the_same(customer_
     assert one["email"] > 2 * one["sms"] and two["sms"] > 2 * two["email"], (one, two)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_finds_each_customers_hour_from_their_traits_and_their_own_clicks(seed: int) -> None:
+def test_finds_each_customers_hour_from_their_traits_and_their_own_clicks() -> None:
     """Early birds click at 08:00-09:00 UTC, night owls at 18:00-19:00; nothing else tells them apart but a trait.
 
     Thirty customers of each kind get one decision a day for 30 days; a newcomer of each kind
     (no history of its own) must then be sent at its kind's hours: the population's hour
     curve by trait is the prior. A customer whose trait says early bird but who clicks in
-    the evening must be moved to the evening by their own clicks. (Three runs: how far one
-    run moves that customer depends on its draws, from 1.5x to 2.8x a newcomer's evening
-    against the morning over eight seeds.)
+    the evening must be moved to the evening by their own clicks.
     """
     learner = DecisionLearner()
     rules = ruleset(best_of("email"))
-    rng = random.Random(seed)
+    rng = random.Random(3)
     kinds = {c: ("early" if c % 2 else "late") for c in range(60)}
     kinds[60] = "early"  # trait says early ...
     likes = {c: {"early": (8, 9), "late": (18, 19)}[k] for c, k in kinds.items()}
@@ -454,7 +451,7 @@ def test_finds_each_customers_hour_from_their_traits_and_their_own_clicks(seed: 
         return float(res.engagement[0]), float(res.engagement[1])
 
     (own8, own18), (new8, new18) = at_8_and_18(60), at_8_and_18(1000)
-    assert own18 / own8 > 1.3 * new18 / new8, (own8, own18, new8, new18)
+    assert own18 / own8 > 2 * new18 / new8, (own8, own18, new8, new18)
 
 
 def test_an_hour_never_sent_at_is_valued_from_the_hours_around_it() -> None:
@@ -648,9 +645,8 @@ def test_hour_pool_values_an_hour_never_sent_at_at_the_level_the_sent_hours_took
     raw, pooled = learners[False], learners[True]
     assert np.array_equal(raw.engagement.mean, pooled.engagement.mean)  # read when valuing, not learned
     lay = raw.layout
-    block = raw.engagement.mean[lay.time : lay.personal]
-    weights = block.reshape(lay.n_time, lay.n_traits1)[:, 0]  # intercept row
-    level = pooled._pooled_time_block()[0].reshape(lay.n_time, lay.n_traits1)[16, 0]
+    weights = raw.engagement.mean[lay.time : lay.personal].reshape(27, lay.n_traits1)[:, 0]  # intercept row
+    level = pooled._pooled_time_block()[0].reshape(27, lay.n_traits1)[16, 0]
     assert weights[16] == 0.0 and min(weights[10], weights[22]) < level < max(weights[10], weights[22])
     lift = {h: p[True][h] / p[False][h] for h in (10, 16, 22)}
     # A decision-time field: the unpooled learner takes it (and a pickled copy keeps no stale cache).
@@ -662,78 +658,6 @@ def test_hour_pool_values_an_hour_never_sent_at_at_the_level_the_sent_hours_took
         res = other.score_options(profile=newcomer, groups=[group], now_ms=midnight + 7 * HOUR_MS, seed=1)
         assert [float(x) for x in res.engagement] == list(p[True].values())
     assert lift[16] > 1.05 and lift[16] > max(lift[10], lift[22]), (p, lift)
-
-
-def _weekend_world(config: LearnerConfig) -> dict[tuple[bool, int], float]:
-    """Sixty customers are sent email at 09:00 or 19:00 UTC on alternate days for four weeks; they
-    click 15% of the 09:00 sends on weekdays and of the 19:00 ones at weekends, 3% of the others.
-    Returns a newcomer's valued engagement by (weekend, hour) in the fifth week."""
-    rules = ruleset(best_of("email"))
-    traits = {"plan": "pro"}
-    learner = DecisionLearner(config)
-    rng = random.Random(5)
-    for day in range(28):
-        midnight = NOW + day * 24 * HOUR_MS - 6 * HOUR_MS  # 00:00 UTC; day 0 a Monday
-        weekend = day % 7 >= 5
-        for customer in range(60):
-            hour = 9 if (customer + day) % 2 else 19
-            at, did = midnight + hour * HOUR_MS, f"{customer}:{day}"
-            learner.record_decision(
-                decision_id=did, customer_id=customer, traits=traits, zone="UTC", campaign="promo",
-                channel="email", send_at_ms=at, arm=None, now_ms=midnight + 7 * HOUR_MS,
-            )  # fmt: skip
-            liked = (hour == 19) if weekend else (hour == 9)
-            if rng.random() < (0.15 if liked else 0.03):
-                learner.observe(decision_id=did, kind=Feedback.CLICKED, ts_ms=at + 60_000)
-        learner.advance(midnight + 24 * HOUR_MS)
-    newcomer = MemoryProfile(customer_id=1000, timezone="UTC", traits=traits)
-    out = {}
-    for weekend, day in ((False, 30), (True, 33)):  # a Wednesday, a Saturday
-        midnight = NOW + day * 24 * HOUR_MS - 6 * HOUR_MS
-        group = OptionGroup(
-            rules.campaigns["promo"], "email", None, (midnight + 9 * HOUR_MS, midnight + 19 * HOUR_MS)
-        )
-        res = learner.score_options(profile=newcomer, groups=[group], now_ms=midnight + 7 * HOUR_MS, seed=1)
-        out[weekend, 9], out[weekend, 19] = (float(x) for x in res.engagement)
-    return out
-
-
-def test_weekend_hours_are_learned_apart_from_the_weekdays() -> None:
-    """A population that reads mornings on weekdays and evenings at weekends is sent at its
-    morning on a Wednesday and at its evening on a Saturday; with one weekend shift for
-    every hour (``weekend_cycle=False``) the morning wins on both."""
-    p = _weekend_world(LearnerConfig())
-    assert p[False, 9] > 1.5 * p[False, 19] and p[True, 19] > 1.5 * p[True, 9], p
-    flat = _weekend_world(LearnerConfig(weekend_cycle=False))
-    assert flat[True, 9] > flat[True, 19], flat
-
-
-def test_a_snapshot_learned_before_the_weekend_cycle_loads_with_its_own_layout() -> None:
-    """A learner pickled before ``weekend_cycle`` existed (27 time features, no such field in its
-    config) loads as ``weekend_cycle=False``, values options as it did, and is known to differ
-    from a new learner, which the learning service learns again from the log."""
-    import pickle
-
-    from cadence.engine.learners import learned_differences
-
-    old = DecisionLearner(LearnerConfig(weekend_cycle=False))
-    record_promo(old, "d1", 1, {"plan": "pro"}, "email", NOW)
-    old.observe(decision_id="d1", kind=Feedback.CLICKED, ts_ms=NOW + 60_000)
-    old.advance(NOW + 2 * 24 * HOUR_MS)
-    object.__delattr__(old.config, "weekend_cycle")  # as a config pickled before the field existed
-    assert "n_time" not in old.layout.__dict__ and old.config.weekend_cycle  # (the class default)
-    loaded = pickle.loads(pickle.dumps(old))
-    assert loaded.config.weekend_cycle is False and loaded.layout.n_time == 27
-    assert learned_differences(loaded.config, LearnerConfig()) == ["weekend_cycle"]
-    rules = ruleset(best_of("email"))
-    saturday = NOW + 5 * 24 * HOUR_MS
-    group = OptionGroup(
-        rules.campaigns["promo"], "email", None, tuple(saturday + h * HOUR_MS for h in (3, 8, 13))
-    )
-    profile = MemoryProfile(customer_id=1, timezone="UTC", traits={"plan": "pro"})
-    before = old.score_options(profile=profile, groups=[group], now_ms=saturday, seed=7)
-    after = loaded.score_options(profile=profile, groups=[group], now_ms=saturday, seed=7)
-    assert after.engagement.tolist() == before.engagement.tolist()
 
 
 def _contact(customer: int, keys: tuple[str, ...]) -> dict[str, object]:

@@ -348,23 +348,6 @@ def test_a_snapshot_takes_new_decision_values_and_relearns_for_a_new_horizon(db_
     assert relearn.learner.customers[1].clicks == live.learner.customers[1].clicks == 10
 
 
-def test_a_snapshot_from_before_the_weekend_cycle_is_learned_again(db_engine: Engine) -> None:
-    """A snapshot pickled before ``weekend_cycle`` existed (27 time features) is learned again from
-    the log by a learner with the new layout, as for any field that shapes learning."""
-    old = LearnerSubscriber(config=replace(LearnerConfig(), weekend_cycle=False), snapshot_every=10**9)
-    with db_engine.begin() as conn:
-        events = _store_decisions(conn, old, 30)
-        old.apply(conn, events)
-        object.__delattr__(old.learner.config, "weekend_cycle")  # as pickled before the field existed
-        old.snapshot(conn, now_ms=T0)
-    new = LearnerSubscriber(snapshot_every=10**9)
-    with db_engine.begin() as conn:
-        assert new.start(conn, checkpoint=0) == 0  # from the start of the log
-        new.apply(conn, events)
-    assert new.learner.config.weekend_cycle and new.learner.layout.n_time == 31
-    assert new.learner.labels == old.learner.labels == 60
-
-
 def test_learner_settings_reach_the_loops_learner(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CADENCE_LEARNER__UNSUBSCRIBE_COST", "4.5")
     monkeypatch.setenv("CADENCE_LEARNER__HORIZON_HOURS", "72")
