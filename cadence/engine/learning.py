@@ -356,6 +356,8 @@ class LearnerSubscriber:
         self.loaded_marker: tuple[int | None, int | None] | None = None
         #: The last erasure these learners know of (see :meth:`_forget_erased`).
         self._erasures = 0
+        #: A batch's learners forgot customers another process erased: snapshot them after it.
+        self._erasure_owed = False
         #: True while a process whose loop does not lead applies the log to these learners
         #: (:meth:`~cadence.engine.loop.EngineLoop.follow_in_memory`): snapshots are the leader's.
         self.following = False
@@ -623,9 +625,12 @@ class LearnerSubscriber:
         Before the batch, the learners forget the customers another process erased since they last
         looked (:meth:`_forget_erased`): where that process's learners forgot them, before any later
         event (see :meth:`~cadence.engine.loop.EngineLoop.erase`). A follower's are loaded again
-        instead (:meth:`erasure_unmet`)."""
-        if batch and not self.following:
-            self._forget_erased(conn)
+        instead (:meth:`erasure_unmet`). Having forgotten any, they owe a snapshot at once, as the
+        erasing process's learners take one (:meth:`erasure_done`): a restart before the next one
+        loaded the snapshot before the erasure and replayed a log without the customer's events, and
+        knew otherwise than the live learners (``cadence customers erase`` beside a running server)."""
+        if batch and not self.following and self._forget_erased(conn):
+            self._erasure_owed = True
         if self._backfill is not None and batch:
             self._backfill_decisions(conn, batch[-1].ts_ms)
         elif batch:
@@ -661,16 +666,20 @@ class LearnerSubscriber:
 
     def snapshot_owed(self) -> bool:
         """Whether these learners owe a snapshot: ``snapshot_every`` events learned since the last one,
-        at least ``snapshot_min_seconds`` ago, and not :attr:`following` (the leader's are the ones stored).
+        at least ``snapshot_min_seconds`` ago, or a batch that forgot customers another process erased
+        (:meth:`apply`); and not :attr:`following` (the leader's are the ones stored).
 
         The engine loop asks after each batch it committed and while the log is idle
         (:meth:`~cadence.engine.loop.EngineLoop.snapshot_in_memory`): a burst learned within
         ``snapshot_min_seconds`` of the last snapshot (or of the start) is snapshotted once that
         time has passed, not only when a later event arrives (an outside check).
         """
+        if self.following:
+            return False
+        if self._erasure_owed:  # (see apply)
+            return True
         return (
             self._since_snapshot >= self.snapshot_every
-            and not self.following
             and time.monotonic() - self._last_snapshot >= self.snapshot_min_seconds
         )
 
@@ -816,6 +825,7 @@ class LearnerSubscriber:
         if self._forget_erased(conn):
             state = None
         self._since_snapshot = 0
+        self._erasure_owed = False
         self._last_snapshot = time.monotonic()
         return save_snapshot(
             conn,

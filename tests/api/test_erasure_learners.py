@@ -190,6 +190,35 @@ def test_a_restart_after_an_erasure_knows_what_the_live_learners_knew(
         assert knowledge(learners_of(restarted.client.app).learner) == before
 
 
+def test_a_restart_after_a_cli_erasure_beside_the_server_knows_what_the_live_learners_knew(
+    run: tuple[Engine, ApiPolicy, Run],
+) -> None:
+    """``cadence customers erase`` runs in its own process: the server's learners forget the customer
+    before their next batch, and that batch's learners are snapshotted at once, so a restart
+    knows what they knew (before, the next snapshot came 10,000 events later, and a restart
+    meanwhile replayed a log without the customer's events from the snapshot before)."""
+    engine, api, driver = run
+    learn_both(engine, api, driver)
+    for day in range(3, 6):  # labels learned after the last snapshot, from both customers
+        at = DAY0 + timedelta(days=day)
+        for who in ("erin", "other"):
+            answer = driver.decide(who, at)
+            driver.feedback({"userId": who}, answer, "Message Clicked", timedelta(minutes=5))
+        driver.flush()
+    learners = learners_of(api.client.app)
+    url = engine.url.render_as_string(hide_password=False)
+    erased = CliRunner().invoke(cli, ["--database-url", url, "customers", "erase", "erin", "--yes"])
+    assert erased.exit_code == 0, erased.output
+    at = DAY0 + timedelta(days=6)  # the next batch: another customer's feedback
+    answer = driver.decide("other", at)
+    driver.feedback({"userId": "other"}, answer, "Message Clicked", timedelta(minutes=5))
+    driver.flush()
+    before = knowledge(learners.learner)
+    with in_process_api(url) as restarted:
+        restarted.sync()
+        assert knowledge(learners_of(restarted.client.app).learner) == before
+
+
 def test_a_snapshot_pickled_before_an_erasure_is_written_without_the_customer(
     run: tuple[Engine, ApiPolicy, Run],
 ) -> None:
