@@ -10,7 +10,7 @@ snapshots. Both databases.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,6 +74,16 @@ def learn_both(engine: Engine, api: ApiPolicy, run: Run) -> dict[str, int]:
     for who in ("erin", "other"):
         ids[who] = int(api.client.get(f"/v1/customers/{who}", headers=api.headers).json()["customer_id"])
     return ids
+
+
+def clicked(run: Run, days: Iterable[int], who: Sequence[str]) -> None:
+    """A decision for each of ``who`` on each of ``days`` (from DAY0), each clicked, posted day by day."""
+    for day in days:
+        at = DAY0 + timedelta(days=day)
+        for customer in who:
+            answer = run.decide(customer, at)
+            run.feedback({"userId": customer}, answer, "Message Clicked", timedelta(minutes=5))
+        run.flush()
 
 
 def notes(engine: Engine) -> list[int]:
@@ -175,12 +185,7 @@ def test_a_restart_after_an_erasure_knows_what_the_live_learners_knew(
     customer's values moved (an outside check: 64 of 64 options). The erasure now snapshots them."""
     engine, api, driver = run
     learn_both(engine, api, driver)
-    for day in range(3, 6):  # labels learned after the last snapshot, from both customers
-        at = DAY0 + timedelta(days=day)
-        for who in ("erin", "other"):
-            answer = driver.decide(who, at)
-            driver.feedback({"userId": who}, answer, "Message Clicked", timedelta(minutes=5))
-        driver.flush()
+    clicked(driver, range(3, 6), ("erin", "other"))  # labels learned after the last snapshot
     learners = learners_of(api.client.app)
     assert api.client.delete("/v1/customers/erin", headers=api.headers).status_code == 200
     before = knowledge(learners.learner)
@@ -199,20 +204,12 @@ def test_a_restart_after_a_cli_erasure_beside_the_server_knows_what_the_live_lea
     meanwhile replayed a log without the customer's events from the snapshot before)."""
     engine, api, driver = run
     learn_both(engine, api, driver)
-    for day in range(3, 6):  # labels learned after the last snapshot, from both customers
-        at = DAY0 + timedelta(days=day)
-        for who in ("erin", "other"):
-            answer = driver.decide(who, at)
-            driver.feedback({"userId": who}, answer, "Message Clicked", timedelta(minutes=5))
-        driver.flush()
+    clicked(driver, range(3, 6), ("erin", "other"))  # labels learned after the last snapshot
     learners = learners_of(api.client.app)
     url = engine.url.render_as_string(hide_password=False)
     erased = CliRunner().invoke(cli, ["--database-url", url, "customers", "erase", "erin", "--yes"])
     assert erased.exit_code == 0, erased.output
-    at = DAY0 + timedelta(days=6)  # the next batch: another customer's feedback
-    answer = driver.decide("other", at)
-    driver.feedback({"userId": "other"}, answer, "Message Clicked", timedelta(minutes=5))
-    driver.flush()
+    clicked(driver, [6], ("other",))  # the next batch: another customer's feedback
     before = knowledge(learners.learner)
     with in_process_api(url) as restarted:
         restarted.sync()
