@@ -1,11 +1,11 @@
 """Synthetic customers: hidden preferences, and observable traits that hint at them.
 
 Each customer has hidden per-channel click affinities, a preferred local hour (in
-some populations another one at weekends), a time zone, a fatigue sensitivity (each recent message lowers the next one's click
-chance) and per-channel unsubscribe propensities that grow with recent volume. The
-traits a marketer would see (age band, device, app installed, daily rhythm) are
-correlated with the hidden values, so a model can generalise across customers, but
-never determine them. Their time zone, email address and phone number are traits too,
+some populations another one at weekends), a time zone, a fatigue sensitivity (each
+recent message lowers the next one's click chance) and per-channel unsubscribe
+propensities that grow with recent volume. The traits a marketer would see (age band,
+device, app installed, daily rhythm) are correlated with the hidden values, so a model
+can generalise across customers, but never determine them. Their time zone, email address and phone number are traits too,
 as apps send them with identify (the zone sets the customer's zone); they tell nothing.
 
 Shapes (:data:`SHAPES`) change the mix, so results are not tuned to one world.
@@ -152,9 +152,8 @@ def make_population(shape: PopulationShape | str, n: int, seed: int) -> list[Cus
         }
         zone = _pick(rng, ZONES)
         weekend_hour = None
-        if (
-            shape.weekend_share and rng.random() < shape.weekend_share
-        ):  # (no draw otherwise: other shapes unchanged)
+        # No draw in a shape without weekend hours: their populations stay as they were.
+        if shape.weekend_share and rng.random() < shape.weekend_share:
             weekend_hour = (WEEKEND_RHYTHMS[rhythm] + rng.gauss(0, 1.5)) % 24
         out.append(
             Customer(

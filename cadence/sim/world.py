@@ -6,7 +6,8 @@ at that time and draws the response from the hidden truth:
 
 - ``P(click) = affinity[channel] * hour_factor * exp(-fatigue * load)``, where
   ``hour_factor = 0.2 + 0.8 * exp(-d^2 / 2w^2)`` for the distance ``d`` in hours between
-  the local send hour and the preferred hour, and ``load`` is the number of messages in
+  the local send hour and the preferred hour (on the customer's local Saturdays and Sundays,
+  their weekend one where they have one), and ``load`` is the number of messages in
   the previous 7 days;
 - ``P(unsubscribe from that channel) = unsubscribe[channel] * (1 + 0.6 * load) * (1.5 - hour_factor)``.
 
