@@ -664,6 +664,22 @@ class LearnerSubscriber:
         while waiting and _position(waiting[0]) <= self.learner.position:
             self._register_again(waiting.popleft())
 
+    def erasures_while_idle(self, engine: Engine) -> bool:
+        """While the log is idle, forget the customers another process erased (one read of the
+        erasures' last id) and owe a snapshot if any, as a batch would (:meth:`apply`); whether any.
+
+        Without it a ``cadence customers erase`` beside an idle server waited for the next event:
+        until then a restart replayed from the snapshot before the erasure and knew otherwise.
+        Not for a follower's learners nor ones never loaded (a CLI's).
+        """
+        if self.following or self.loaded_marker is None:
+            return False
+        with read_connection(engine) as conn:
+            if not self._forget_erased(conn):
+                return False
+        self._erasure_owed = True
+        return True
+
     def snapshot_owed(self) -> bool:
         """Whether these learners owe a snapshot: ``snapshot_every`` events learned since the last one,
         at least ``snapshot_min_seconds`` ago, or a batch that forgot customers another process erased

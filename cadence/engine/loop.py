@@ -223,6 +223,9 @@ class Subscriber(Protocol):
     # recorded an erasure they have not met; a process that does not lead then loads them again
     # (``start``) before it follows the log further (see EngineLoop.follow_in_memory).
 
+    # Optional: ``erasures_while_idle(engine)`` lets a subscriber meet, while the log is idle, an
+    # erasure another process made (the leader's loop calls it each idle poll, no batch running).
+
     # Optional, for ``in_memory`` subscribers: ``snapshot_owed()`` says (from memory, cheaply)
     # whether their state should be stored now; the loop asks after each batch it committed and
     # while the log is idle, and then calls ``write_snapshot(engine, prepare_snapshot(engine),
@@ -818,7 +821,7 @@ class EngineLoop:
                     self._recovered()
                     if more:
                         continue  # more may be waiting
-                    self._snapshot_owed()
+                    self.idle()
                 else:
                     self._doorbell.close()
                     self.follow_in_memory()
@@ -846,6 +849,17 @@ class EngineLoop:
             self._wake.wait(poll)
             self._wake.clear()
         self._release_gc()
+
+    def idle(self) -> None:
+        """What the leading loop does on each poll that found nothing to read: let the subscribers
+        meet an erasure another process made (``erasures_while_idle(engine)``, no batch running
+        meanwhile), then take the snapshots owed (a burst's, or that erasure's)."""
+        idle = [sub for sub in self.subscribers if hasattr(sub, "erasures_while_idle")]
+        if idle:
+            with self._lock:
+                for sub in idle:
+                    sub.erasures_while_idle(self.engine)
+        self._snapshot_owed()
 
     def _snapshot_owed(self) -> None:
         """The snapshots the learners owe, after a batch or while the log is idle (a burst's, whose

@@ -216,6 +216,29 @@ def test_a_restart_after_a_cli_erasure_beside_the_server_knows_what_the_live_lea
         assert knowledge(learners_of(restarted.client.app).learner) == before
 
 
+def test_a_cli_erasure_beside_an_idle_server_is_snapshotted_without_waiting_for_an_event(
+    run: tuple[Engine, ApiPolicy, Run],
+) -> None:
+    """With no event after ``cadence customers erase``, the server's idle loop meets the erasure: its
+    learners forget the customer and are snapshotted, and a restart knows what they knew. (The
+    in-process server runs no loop thread: the test polls as the thread would.)"""
+    engine, api, driver = run
+    ids = learn_both(engine, api, driver)
+    clicked(driver, range(3, 6), ("erin", "other"))  # labels learned after the last snapshot
+    learners = learners_of(api.client.app)
+    url = engine.url.render_as_string(hide_password=False)
+    count = len(stored(engine))
+    erased = CliRunner().invoke(cli, ["--database-url", url, "customers", "erase", "erin", "--yes"])
+    assert erased.exit_code == 0, erased.output
+    assert held(learners.learner, ids["erin"])
+    api.client.app.state.engine_loop.idle()  # a poll of the server's loop that found no event
+    assert not held(learners.learner, ids["erin"]) and len(stored(engine)) == count + 1
+    before = knowledge(learners.learner)
+    with in_process_api(url) as restarted:
+        restarted.sync()
+        assert knowledge(learners_of(restarted.client.app).learner) == before
+
+
 def test_a_snapshot_pickled_before_an_erasure_is_written_without_the_customer(
     run: tuple[Engine, ApiPolicy, Run],
 ) -> None:
