@@ -356,7 +356,8 @@ class LearnerSubscriber:
         self.loaded_marker: tuple[int | None, int | None] | None = None
         #: The last erasure these learners know of (see :meth:`_forget_erased`).
         self._erasures = 0
-        #: A batch's learners forgot customers another process erased: snapshot them after it.
+        #: The learners forgot customers another process erased (before a batch, or on an idle
+        #: poll): a snapshot is owed at once.
         self._erasure_owed = False
         #: True while a process whose loop does not lead applies the log to these learners
         #: (:meth:`~cadence.engine.loop.EngineLoop.follow_in_memory`): snapshots are the leader's.
@@ -682,8 +683,9 @@ class LearnerSubscriber:
 
     def snapshot_owed(self) -> bool:
         """Whether these learners owe a snapshot: ``snapshot_every`` events learned since the last one,
-        at least ``snapshot_min_seconds`` ago, or a batch that forgot customers another process erased
-        (:meth:`apply`); and not :attr:`following` (the leader's are the ones stored).
+        at least ``snapshot_min_seconds`` ago, or customers another process erased forgotten since the
+        last one (:meth:`apply`, :meth:`erasures_while_idle`); and not :attr:`following` (the leader's
+        are the ones stored).
 
         The engine loop asks after each batch it committed and while the log is idle
         (:meth:`~cadence.engine.loop.EngineLoop.snapshot_in_memory`): a burst learned within

@@ -855,10 +855,15 @@ class EngineLoop:
         meet an erasure another process made (``erasures_while_idle(engine)``, no batch running
         meanwhile), then take the snapshots owed (a burst's, or that erasure's)."""
         idle = [sub for sub in self.subscribers if hasattr(sub, "erasures_while_idle")]
-        if idle:
-            with self._lock:
-                for sub in idle:
-                    sub.erasures_while_idle(self.engine)
+        try:
+            if idle:
+                with self._lock:
+                    for sub in idle:
+                        sub.erasures_while_idle(self.engine)
+        except Exception:  # noqa: BLE001 - not a failing batch: the next poll looks again
+            log.exception(
+                "engine loop: looking for erasures made elsewhere failed (the next poll looks again)"
+            )
         self._snapshot_owed()
 
     def _snapshot_owed(self) -> None:
