@@ -195,33 +195,15 @@ def test_a_restart_after_an_erasure_knows_what_the_live_learners_knew(
         assert knowledge(learners_of(restarted.client.app).learner) == before
 
 
+@pytest.mark.parametrize("then", ["a batch", "an idle poll"])
 def test_a_restart_after_a_cli_erasure_beside_the_server_knows_what_the_live_learners_knew(
-    run: tuple[Engine, ApiPolicy, Run],
+    run: tuple[Engine, ApiPolicy, Run], then: str
 ) -> None:
     """``cadence customers erase`` runs in its own process: the server's learners forget the customer
-    before their next batch, and that batch's learners are snapshotted at once, so a restart
-    knows what they knew (before, the next snapshot came 10,000 events later, and a restart
-    meanwhile replayed a log without the customer's events from the snapshot before)."""
-    engine, api, driver = run
-    learn_both(engine, api, driver)
-    clicked(driver, range(3, 6), ("erin", "other"))  # labels learned after the last snapshot
-    learners = learners_of(api.client.app)
-    url = engine.url.render_as_string(hide_password=False)
-    erased = CliRunner().invoke(cli, ["--database-url", url, "customers", "erase", "erin", "--yes"])
-    assert erased.exit_code == 0, erased.output
-    clicked(driver, [6], ("other",))  # the next batch: another customer's feedback
-    before = knowledge(learners.learner)
-    with in_process_api(url) as restarted:
-        restarted.sync()
-        assert knowledge(learners_of(restarted.client.app).learner) == before
-
-
-def test_a_cli_erasure_beside_an_idle_server_is_snapshotted_without_waiting_for_an_event(
-    run: tuple[Engine, ApiPolicy, Run],
-) -> None:
-    """With no event after ``cadence customers erase``, the server's idle loop meets the erasure: its
-    learners forget the customer and are snapshotted, and a restart knows what they knew. (The
-    in-process server runs no loop thread: the test polls as the thread would.)"""
+    before their next batch, or on the loop's next poll while the log is idle, and are snapshotted
+    at once, so a restart knows what they knew (before, the next snapshot came 10,000 events later,
+    and a restart meanwhile replayed a log without the customer's events from the snapshot before).
+    (The in-process server runs no loop thread: the test polls as the thread would.)"""
     engine, api, driver = run
     ids = learn_both(engine, api, driver)
     clicked(driver, range(3, 6), ("erin", "other"))  # labels learned after the last snapshot
@@ -231,7 +213,10 @@ def test_a_cli_erasure_beside_an_idle_server_is_snapshotted_without_waiting_for_
     erased = CliRunner().invoke(cli, ["--database-url", url, "customers", "erase", "erin", "--yes"])
     assert erased.exit_code == 0, erased.output
     assert held(learners.learner, ids["erin"])
-    api.client.app.state.engine_loop.idle()  # a poll of the server's loop that found no event
+    if then == "a batch":
+        clicked(driver, [6], ("other",))  # another customer's feedback
+    else:
+        api.client.app.state.engine_loop.idle()  # a poll of the server's loop that found no event
     assert not held(learners.learner, ids["erin"]) and len(stored(engine)) == count + 1
     before = knowledge(learners.learner)
     with in_process_api(url) as restarted:
