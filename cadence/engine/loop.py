@@ -854,11 +854,11 @@ class EngineLoop:
         """What the leading loop does on each poll that found nothing to read: let the subscribers
         meet an erasure another process made (``erasures_while_idle(engine)``, no batch running
         meanwhile), then take the snapshots owed (a burst's, or that erasure's)."""
-        idle = [sub for sub in self.subscribers if hasattr(sub, "erasures_while_idle")]
+        looking = [sub for sub in self.subscribers if hasattr(sub, "erasures_while_idle")]
         try:
-            if idle:
+            if looking:
                 with self._lock:
-                    for sub in idle:
+                    for sub in looking:
                         sub.erasures_while_idle(self.engine)
         except Exception:  # noqa: BLE001 - not a failing batch: the next poll looks again
             log.exception(

@@ -5,8 +5,9 @@ some populations another one at weekends), a time zone, a fatigue sensitivity (e
 recent message lowers the next one's click chance) and per-channel unsubscribe
 propensities that grow with recent volume. The traits a marketer would see (age band,
 device, app installed, daily rhythm) are correlated with the hidden values, so a model
-can generalise across customers, but never determine them. Their time zone, email address and phone number are traits too,
-as apps send them with identify (the zone sets the customer's zone); they tell nothing.
+can generalise across customers, but never determine them. Their time zone, email address
+and phone number are traits too, as apps send them with identify (the zone sets the
+customer's zone); they tell nothing.
 
 Shapes (:data:`SHAPES`) change the mix, so results are not tuned to one world.
 """
