@@ -48,9 +48,10 @@ class LearnerSettings(BaseModel):
 
     Set in ``cadence.toml`` under ``[learner]`` or as ``CADENCE_LEARNER__<NAME>``. The value of
     a send is ``click_value * P(engagement) - unsubscribe_cost * P(unsubscribe)``. Values read
-    only when deciding (``click_value``, ``unsubscribe_cost``, ``volume_optimism``) apply to the stored learner at the next start; a change to one
-    that shapes what was learned (``horizon_hours``, ``label_delay_hours``,
-    ``engagement_events``, ``ignore_traits``) makes the learner learn again from the event log (docs/decisions.md).
+    only when deciding (``click_value``, ``unsubscribe_cost``, ``volume_optimism``) apply to the
+    stored learner at the next start; a change to one that shapes what was learned
+    (``horizon_hours``, ``label_delay_hours``, ``engagement_events``, ``hour_open_weight``,
+    ``ignore_traits``) makes the learner learn again from the event log (docs/decisions.md).
     """
 
     model_config = {"extra": "forbid"}
@@ -67,6 +68,12 @@ class LearnerSettings(BaseModel):
     )
     engagement_events: list[EngagementKind] = Field(
         default_factory=lambda: ["clicked", "converted"], min_length=1
+    )
+    hour_open_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="weight of the customer's opens in the hour they read (0: the hour from clicks alone)",
     )
     volume_optimism: float = Field(
         default=0.25,
@@ -105,6 +112,7 @@ class LearnerSettings(BaseModel):
             label_delay_ms=None if delay is None else round(delay * HOUR_MS),
             engagement_events=frozenset(Feedback(kind) for kind in self.engagement_events),
             volume_optimism=self.volume_optimism,
+            hour_open_weight=self.hour_open_weight,
             ignored_traits=IDENTIFYING_TRAITS | set(self.ignore_traits),
         )
 

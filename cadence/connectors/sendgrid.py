@@ -252,6 +252,9 @@ class SendGrid(Connector):
             for extra in ("url", "reason", "type", "asm_group_id", "useragent"):
                 if item.get(extra) is not None:
                     properties[extra] = item[extra]
+            if item.get("sg_machine_open") is True:
+                # Apple Mail Privacy Protection fetched the message, not the reader (SendGrid's flag).
+                properties["machine_open"] = True
             found.append(
                 ProviderEvent(
                     event_id=str(event_id),

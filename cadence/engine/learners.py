@@ -239,6 +239,11 @@ class LearnerConfig:
     hour_prior_power: float = 1.0  # sharpens the population's hour curve into the prior over preferred hours
     hour_pop_strength: float = 20.0  # pseudo-sends pulling each trait's hour curve towards its overall rate
     hour_miss_weight: float = 0.0  # weight of a send not clicked in a customer's hour likelihood
+    #: Weight of the customer's opens in their hour likelihood (:meth:`HourPreference.open_loglik`):
+    #: an open says when the customer reads, and an email is opened several times as often as it is
+    #: clicked. Opens a mail client's privacy proxy made (``properties.machine_open``) are not
+    #: learned. 0: the hour is learned from clicks alone.
+    hour_open_weight: float = 1.0
     hour_pop_draw: bool = True  # draw the population's hour curves (Thompson at the population level)
     hour_draw_scale: float = 0.35  # shrinks that draw's spread (the trait rows share their sends)
     hour_explore: bool = False  # draw the preferred hour from its posterior (False: use the expected lift)
@@ -589,6 +594,10 @@ class FittedHazard(FatigueHazard):
         self._rates = np.maximum.accumulate(cells, axis=1)
 
 
+#: The grid of open rates (at the preferred hour) a customer's opens are weighed over, each as likely.
+OPEN_RATES = np.array([0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
+
+
 class HourPreference:
     """Each customer's preferred local hour as a discrete posterior over 24 hours, with a population prior.
 
@@ -728,6 +737,40 @@ class HourPreference:
             return np.asarray(loglik + self.logF[hour])
         return np.asarray(loglik + self.miss_weight * np.log1p(-q * self.F[hour]))  # F: centring cancels
 
+    def open_loglik(self, counts: np.ndarray) -> np.ndarray:
+        """The log-likelihood over preferred hours of a customer's opens (centred on its mean).
+
+        ``counts``: per local send hour, the sends on channels that report opens and how many of
+        them were opened (shape (2, 24)). A send at ``h`` to a customer who prefers ``m`` is
+        opened with ``q * F[h, m]``; unlike clicks, the sends not opened count too (opens are
+        frequent enough that counting only them would find the hours the customer was sent at),
+        and the customer's open rate ``q`` is not known: the likelihood is summed over a grid of
+        rates with a flat prior (:data:`OPEN_RATES`). A customer who opens at every hour alike,
+        or never, is told little about their hour.
+
+        >>> hp = HourPreference(width=2.5, floor=0.2, strength=20.0, power=1.0)
+        >>> counts = np.zeros((2, 24))
+        >>> counts[0, [9, 19]] = 6
+        >>> counts[1, 19] = 4  # opened 4 of 6 at 19:00, none of 6 at 09:00
+        >>> ll = hp.open_loglik(counts)
+        >>> int(np.argmax(ll)), bool(ll[19] - ll[9] > 3)
+        (19, True)
+        >>> counts[1, 9] = 4  # as often at 09:00
+        >>> bool(abs(hp.open_loglik(counts)[19] - hp.open_loglik(counts)[9]) < 1e-9)
+        True
+        """
+        tables = self.__dict__.get("_open_tables")
+        if tables is None:  # lazily: a snapshot from before opens were learned lacks them
+            q = OPEN_RATES[:, None, None]
+            tables = self.__dict__["_open_tables"] = (np.log(q * self.F), np.log1p(-q * self.F))
+        hit, miss = tables
+        # (rates, m): sum over send hours h of opened * log(q F[h, m]) + not opened * log(1 - q F[h, m])
+        ll = np.tensordot(counts[1], hit, axes=([0], [1]))
+        ll += np.tensordot(counts[0] - counts[1], miss, axes=([0], [1]))
+        top = float(ll.max())
+        out = np.log(np.exp(ll - top).sum(axis=0)) + top
+        return np.asarray(out - out.mean())
+
     def posterior(self, loglik: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
         """The posterior over the preferred hour (sums to 1)."""
         x = loglik + log_prior
@@ -757,6 +800,10 @@ class CustomerStats:
     hour_loglik: np.ndarray | None = None
     #: Per channel: clicks and expected clicks (the population model's), for ``customer_model="gamma"``.
     gamma: np.ndarray | None = None
+    #: Per local send hour: labelled sends on channels that report opens, and how many were opened
+    #: (shape (2, 24), float32; None: none yet). ``hour_loglik`` includes the part they make
+    #: (:meth:`DecisionLearner._open_part`).
+    open_counts: np.ndarray | None = None
 
 
 @dataclass
@@ -772,6 +819,8 @@ class Pending:
     arm: str | None
     engaged: bool = False
     unsubscribed: bool = False
+    opened: bool = False  # an open was observed (evidence of the hour: ``hour_open_weight``)
+    open_counted: bool = False  # counted in the customer's ``open_counts`` when labelled
     load: int = 0  # sends in the 7 days before the decision
     hour: int = -1  # local hour of the send (0..23), for the hour preference
     offset: float = 0.0  # the hour preference's term in the engagement score when decided
@@ -1095,6 +1144,14 @@ class DecisionLearner:
         if stats.hour_loglik is not None:
             mine = target.hour_loglik
             target.hour_loglik = stats.hour_loglik.copy() if mine is None else mine + stats.hour_loglik
+        if stats.open_counts is not None and target.hour_loglik is not None:
+            # Both opens' parts were added above: one part, from the counts together, stands for them.
+            mine = target.open_counts
+            loglik = target.hour_loglik - self._open_part(stats.open_counts)
+            if mine is not None:
+                loglik -= self._open_part(mine)
+            target.open_counts = stats.open_counts.copy() if mine is None else mine + stats.open_counts
+            target.hour_loglik = np.asarray(loglik + self._open_part(target.open_counts))
         if stats.gamma is not None:
             target.gamma = stats.gamma.copy() if target.gamma is None else target.gamma + stats.gamma
         if stats.effect is not None:
@@ -2129,6 +2186,13 @@ class DecisionLearner:
             stats.hour_sin += math.sin(angle)
             stats.clicks += 1
             stats.last_click_ms = ts_ms
+        elif kind is Feedback.OPENED and not p.opened:
+            p.opened = True
+            self.__dict__.setdefault("open_channels", set()).add(p.channel)
+            if p.open_counted:  # after the provisional label, which counted the send as not opened
+                if p.engaged:  # its click counted where the customer read: the open says it now
+                    stats.hour_loglik = np.asarray(stats.hour_loglik - self.hours.logF[p.hour])
+                self._count_open(p, sent=0, opened=1)
         elif kind in (Feedback.UNSUBSCRIBED, Feedback.SPAM_REPORT) and not p.unsubscribed:
             p.unsubscribed = True
             if p.learned:
@@ -2222,9 +2286,13 @@ class DecisionLearner:
             stats = self.customer(p.customer_id)
             hp = self.hours
             loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
-            # Undo the miss the provisional label counted, then count the click.
+            # Undo the miss the provisional label counted, then count the click (unless its open,
+            # counted, already says where the customer read).
             miss = hp.miss_weight * np.log1p(-p.rate * hp.F[p.hour])
-            stats.hour_loglik = np.asarray(hp.update(loglik, p.hour, True, p.rate) - miss)
+            if p.open_counted and p.opened:
+                stats.hour_loglik = np.asarray(loglik - miss)
+            else:
+                stats.hour_loglik = np.asarray(hp.update(loglik, p.hour, True, p.rate) - miss)
             hp.clicks[[0, *(1 + b for b in p.buckets)], p.hour] += 1
 
     def _learn(self, model: ProbitModel, name: str, p: Pending, label: bool) -> None:
@@ -2259,10 +2327,46 @@ class DecisionLearner:
             model.learn(p.idx, p.val, label, extra, p.offset)
         if p.hour >= 0:
             stats = self.customer(p.customer_id)
-            loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
-            stats.hour_loglik = self.hours.update(loglik, p.hour, label, p.rate)
+            counted = self._opens_counted(p)
+            if not (label and counted and p.opened):  # an open counted says what its click would
+                loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+                stats.hour_loglik = self.hours.update(loglik, p.hour, label, p.rate)
             self.hours.learn(p.buckets, p.hour, label)
+            if counted:
+                p.open_counted = True
+                self._count_open(p, sent=1, opened=int(p.opened))
         self.labels += 1
+
+    def _opens_counted(self, p: Pending) -> bool:
+        """True when ``p``'s send counts in its customer's opens: its channel reports opens, and they are weighed."""
+        return bool(self.config.hour_open_weight) and p.channel in self.__dict__.get("open_channels", ())
+
+    def _count_open(self, p: Pending, *, sent: int, opened: int) -> None:
+        """Count a labelled send of ``p`` (``sent``) and its open (``opened``) in its customer's hour likelihood.
+
+        Only sends on a channel some customer has opened a message on count (the channels that
+        report opens), from the first open there on. Opens say when the customer reads, not what
+        a send is worth: the engagement models learn clicks, and the population's hour curves
+        count clicks.
+        """
+        weight = self.config.hour_open_weight
+        if p.hour < 0 or not weight:
+            return
+        stats = self.customer(p.customer_id)
+        counts = stats.open_counts
+        loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
+        if counts is None:
+            counts = stats.open_counts = np.zeros((2, 24), dtype=np.float32)
+        else:
+            loglik = loglik - self._open_part(counts)
+        counts[0, p.hour] += sent
+        counts[1, p.hour] += opened
+        stats.hour_loglik = np.asarray(loglik + self._open_part(counts))
+
+    def _open_part(self, counts: np.ndarray) -> np.ndarray:
+        """The part of a customer's ``hour_loglik`` their ``open_counts`` make (the same numbers
+        for the same counts, so that it can be taken out again exactly when they change)."""
+        return np.asarray(self.config.hour_open_weight * self.hours.open_loglik(counts))
 
     def _quality_auc(self, key: str, label: bool, prob: float) -> None:
         self.quality[key].update(label, prob)
@@ -2427,6 +2531,7 @@ _BEST_FIELDS = frozenset(
         "hour_prior_power",
         "hour_pop_strength",
         "hour_miss_weight",
+        "hour_open_weight",
         "hour_pop_draw",
         "hour_draw_scale",
         "hour_explore",

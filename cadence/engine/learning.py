@@ -651,6 +651,8 @@ class LearnerSubscriber:
                 self._register_again(waiting.popleft())
             self.learner.advance(event.ts_ms)
             kind = feedback_kind(event.event)
+            if kind is Feedback.OPENED and event.properties.get("machine_open") is True:
+                kind = None  # a privacy proxy's open (Apple Mail's): says nothing of the customer
             decision_id = event.properties.get("decision_id")
             if kind is not None and isinstance(decision_id, str):
                 zone = self._known(conn, decision_id, kind, event.ts_ms, event.event or kind.value, event.id)

@@ -140,6 +140,21 @@ def test_sendgrid_events_map_to_feedback(http: httpx.AsyncClient) -> None:
     ]
 
 
+def test_a_sendgrid_machine_open_is_marked_so_the_learners_skip_it(http: httpx.AsyncClient) -> None:
+    """SendGrid flags the opens Apple Mail Privacy Protection made (``sg_machine_open``): the open
+    is kept (it counts in the funnel) and marked ``machine_open``, which the learners skip."""
+    connector = build_connector("sendgrid", "http://127.0.0.1:9", http, None)
+    request = sendgrid_request(
+        [
+            {"event": "open", "sg_event_id": "e1", "timestamp": 1, "sg_machine_open": True},
+            {"event": "open", "sg_event_id": "e2", "timestamp": 1, "sg_machine_open": False},
+        ]
+    )
+    machine, person = connector.parse_webhook(request)
+    assert machine.kind is person.kind is Feedback.OPENED
+    assert machine.properties.get("machine_open") is True and "machine_open" not in person.properties
+
+
 def test_a_sendgrid_block_is_a_failed_message_not_a_bounced_address(http: httpx.AsyncClient) -> None:
     # SendGrid reports both as event "bounce": type "bounce" is the address refusing mail for
     # good, type "blocked" a receiving server refusing this message (sender reputation,

@@ -108,6 +108,62 @@ def test_snapshot_restart_replays_only_the_rest(db_engine: Engine) -> None:
     assert restarted.learner.customers[1].clicks == sub.learner.customers[1].clicks == 15
 
 
+def test_an_open_teaches_the_hour_and_a_privacy_proxys_open_does_not(db_engine: Engine) -> None:
+    """An ``Email Opened`` joined to a decision moves the customer's hour likelihood; one marked
+    ``machine_open`` (Apple Mail's proxy fetched it; SendGrid's ``sg_machine_open``) does not."""
+    learned = {}
+    for machine in (False, True):
+        sub = LearnerSubscriber(snapshot_every=10**9)
+        record(sub, "d0", T0)
+        opened = feedback(2, "Email Opened", "d0", T0 + 60_000)
+        if machine:
+            opened.payload["properties"]["machine_open"] = True
+        with db_engine.begin() as conn:
+            sub.apply(conn, [feedback(1, "Email Delivered", "d0", T0), opened])
+        sub.learner.advance(T0 + 30 * HOUR)
+        stats = sub.learner.customers[1]
+        assert stats.clicks == 0
+        learned[machine] = stats.hour_loglik
+    assert learned[False] is not None and learned[True] is not None
+    assert float(learned[False].max() - learned[False].min()) > 1.0  # the open's hour stands out
+    assert float(np.abs(learned[True]).max()) == 0.0  # a silence, as far as the hour is concerned
+
+
+def test_a_restart_knows_the_opens_the_live_learner_knew(db_engine: Engine) -> None:
+    """Opens before and after a snapshot: the restarted learner's hour likelihood and open
+    counts are the live one's (which channels report opens is in the snapshot)."""
+
+    def opens(start: int, n: int, sub: LearnerSubscriber) -> list[LoggedEvent]:
+        events = []
+        for k in range(start, start + n):
+            ts = T0 + k * 5 * HOUR
+            record(sub, f"d{k}", ts)
+            events.append(feedback(3 * k + 1, "Email Delivered", f"d{k}", ts))
+            if k % 3 != 1:
+                events.append(feedback(3 * k + 2, "Email Opened", f"d{k}", ts + 60_000))
+        return events
+
+    sub = LearnerSubscriber(snapshot_every=10**9)
+    first = opens(0, 12, sub)
+    with db_engine.begin() as conn:
+        sub.apply(conn, first)
+        assert sub.snapshot(conn, now_ms=T0) == 1
+    rest = opens(12, 12, sub)
+    with db_engine.begin() as conn:
+        sub.apply(conn, rest)
+    restarted = LearnerSubscriber()
+    with db_engine.begin() as conn:
+        position = restarted.start(conn, checkpoint=0)
+        for k in range(12, 24):
+            record(restarted, f"d{k}", T0 + k * 5 * HOUR)
+        restarted.apply(conn, [e for e in rest if e.id > position])
+    live, again = sub.learner.customers[1], restarted.learner.customers[1]
+    assert live.open_counts is not None and live.open_counts[1].sum() >= 10
+    assert again.open_counts is not None and np.array_equal(again.open_counts, live.open_counts)
+    assert again.hour_loglik is not None and live.hour_loglik is not None
+    assert np.array_equal(again.hour_loglik, live.hour_loglik)
+
+
 def test_a_following_process_owes_no_snapshot(db_engine: Engine) -> None:
     sub = LearnerSubscriber(snapshot_every=1, snapshot_min_seconds=0)
     sub.following = True  # as EngineLoop.follow_in_memory sets it: the leader's snapshots are the stored ones
@@ -353,9 +409,11 @@ def test_learner_settings_reach_the_loops_learner(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CADENCE_LEARNER__HORIZON_HOURS", "72")
     monkeypatch.setenv("CADENCE_LEARNER__ENGAGEMENT_EVENTS", '["opened", "clicked"]')
     monkeypatch.setenv("CADENCE_LEARNER__IGNORE_TRAITS", '["city"]')
+    monkeypatch.setenv("CADENCE_LEARNER__HOUR_OPEN_WEIGHT", "0.5")
     settings = load_settings(database_url="sqlite:///unused.db")
     sub = LearnerSubscriber(SimpleNamespace(settings=settings))
     assert sub.config.unsubscribe_cost == 4.5 and sub.config.horizon_ms == 72 * HOUR
+    assert sub.config.hour_open_weight == 0.5
     assert sub.config.label_delay_ms == 6 * HOUR
     assert sub.config.engagement_events == {Feedback.OPENED, Feedback.CLICKED}
     # The names given are ignored besides those that identify a person.
