@@ -2186,7 +2186,7 @@ class DecisionLearner:
             stats.hour_sin += math.sin(angle)
             stats.clicks += 1
             stats.last_click_ms = ts_ms
-        elif kind is Feedback.OPENED and not p.opened:
+        elif kind is Feedback.OPENED and not p.opened and kind not in self.config.engagement_events:
             p.opened = True
             self.__dict__.setdefault("open_channels", set()).add(p.channel)
             if p.open_counted:  # after the provisional label, which counted the send as not opened
@@ -2338,7 +2338,8 @@ class DecisionLearner:
         self.labels += 1
 
     def _opens_counted(self, p: Pending) -> bool:
-        """True when ``p``'s send counts in its customer's opens: its channel reports opens, and they are weighed."""
+        """True when ``p``'s send counts in its customer's opens: its channel reports opens, and they
+        are weighed (not where opens are engagement, counted as clicks are)."""
         return bool(self.config.hour_open_weight) and p.channel in self.__dict__.get("open_channels", ())
 
     def _count_open(self, p: Pending, *, sent: int, opened: int) -> None:

@@ -817,6 +817,23 @@ def test_an_open_counts_once_whenever_it_arrives() -> None:
     learner.advance(NOW + 30 * HOUR_MS)
     assert learner.customer(1).open_counts is None
 
+    # Where opens are engagement, an open is counted as a click is, and once.
+    engaged_by_opens = replace(config, engagement_events=frozenset({Feedback.OPENED, Feedback.CLICKED}))
+
+    def engaged(*events: Feedback) -> list[float]:
+        learner = DecisionLearner(engaged_by_opens)
+        record_promo(learner, "a", 1, {}, "email", NOW)
+        for k, kind in enumerate(events):
+            learner.observe(decision_id="a", kind=kind, ts_ms=NOW + (k + 1) * HOUR_MS)
+        learner.advance(NOW + 30 * HOUR_MS)
+        stats = learner.customer(1)
+        assert stats.open_counts is None and stats.hour_loglik is not None
+        return [round(float(x), 9) for x in stats.hour_loglik]
+
+    as_click = engaged(Feedback.CLICKED)
+    assert engaged(Feedback.OPENED) == as_click and engaged(Feedback.CLICKED, Feedback.OPENED) == as_click
+    assert as_click != engaged(Feedback.DELIVERED)
+
 
 def test_a_merge_counts_both_customers_opens_as_one_persons() -> None:
     """Merged, two customers' opens give the hour likelihood one customer with all their sends has."""
