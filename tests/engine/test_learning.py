@@ -131,7 +131,8 @@ def test_an_open_teaches_the_hour_and_a_privacy_proxys_open_does_not(db_engine: 
 
 def test_a_restart_knows_the_opens_the_live_learner_knew(db_engine: Engine) -> None:
     """Opens before and after a snapshot: the restarted learner's hour likelihood and open
-    counts are the live one's (which channels report opens is in the snapshot)."""
+    counts are the live one's. Which channels report opens is in the snapshot: the first send
+    after it is labelled before any open of the replay, and counts."""
 
     def opens(start: int, n: int, sub: LearnerSubscriber) -> list[LoggedEvent]:
         events = []
@@ -139,7 +140,7 @@ def test_a_restart_knows_the_opens_the_live_learner_knew(db_engine: Engine) -> N
             ts = T0 + k * 5 * HOUR
             record(sub, f"d{k}", ts)
             events.append(feedback(3 * k + 1, "Email Delivered", f"d{k}", ts))
-            if k % 3 != 1:
+            if k % 3 != 1 and k not in (12, 13):  # the first sends after the snapshot: not opened
                 events.append(feedback(3 * k + 2, "Email Opened", f"d{k}", ts + 60_000))
         return events
 
