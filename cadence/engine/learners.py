@@ -918,6 +918,8 @@ class DecisionLearner:
         # (horizon, decision id), a heap: labels are learned in horizon order, ties by id, so the
         # order does not depend on when a decision was registered (at commit, or again after a restart)
         self._horizon: list[tuple[int, str]] = []
+        #: The channels some customer has opened a message on: their sends count in the opens.
+        self.open_channels: set[str] = set()
         self._group_meta: dict[tuple[tuple[str, str, str | None], ...], _GroupStruct] = {}
         self._bank = _noise_bank(self.layout.size)
 
@@ -1020,6 +1022,8 @@ class DecisionLearner:
             self.hours = self._hours()
         if "quality_labels" not in state:
             self.quality_labels = None  # written before they were kept: see recent_quality
+        if "open_channels" not in state:
+            self.open_channels = set()  # written before opens were learned
         self._group_meta = {}
         if "_bank" not in state:
             self._bank = _noise_bank(self.layout.size)
@@ -2188,7 +2192,7 @@ class DecisionLearner:
             stats.last_click_ms = ts_ms
         elif kind is Feedback.OPENED and not p.opened and kind not in self.config.engagement_events:
             p.opened = True
-            self.__dict__.setdefault("open_channels", set()).add(p.channel)
+            self.open_channels.add(p.channel)
             if p.open_counted:  # after the provisional label, which counted the send as not opened
                 if p.engaged:  # its click counted where the customer read: the open says it now
                     stats.hour_loglik = np.asarray(stats.hour_loglik - self.hours.logF[p.hour])
@@ -2340,19 +2344,17 @@ class DecisionLearner:
     def _opens_counted(self, p: Pending) -> bool:
         """True when ``p``'s send counts in its customer's opens: its channel reports opens, and they
         are weighed (not where opens are engagement, counted as clicks are)."""
-        return bool(self.config.hour_open_weight) and p.channel in self.__dict__.get("open_channels", ())
+        return bool(self.config.hour_open_weight) and p.channel in self.open_channels
 
     def _count_open(self, p: Pending, *, sent: int, opened: int) -> None:
-        """Count a labelled send of ``p`` (``sent``) and its open (``opened``) in its customer's hour likelihood.
+        """Count a labelled send of ``p`` (``sent``) and its open (``opened``) in its customer's hour
+        likelihood (``p`` is one :meth:`_opens_counted` admitted, sent at a known hour).
 
         Only sends on a channel some customer has opened a message on count (the channels that
         report opens), from the first open there on. Opens say when the customer reads, not what
         a send is worth: the engagement models learn clicks, and the population's hour curves
         count clicks.
         """
-        weight = self.config.hour_open_weight
-        if p.hour < 0 or not weight:
-            return
         stats = self.customer(p.customer_id)
         counts = stats.open_counts
         loglik = stats.hour_loglik if stats.hour_loglik is not None else _ZERO24
